@@ -1,0 +1,502 @@
+"""Build ServerOptions from command-line flags and an optional TOML file.
+
+The file given with ``mailgate serve --config FILE`` holds every setting in one
+``[server]`` table. Its keys are the long flag names without the leading dashes and with
+``_`` in place of ``-``; the one exception is ``--auth-user``, which may be repeated and so
+becomes the list ``auth_users``::
+
+    [server]
+    listen = ["0.0.0.0:25", "[::]:25"]      # a list, or one string
+    smtps_listen = ["0.0.0.0:465"]
+    hostname = "mx.example.com"
+    maildir = "/var/mail/incoming"          # or mbox = "/var/mail/all.mbox", or sink = true
+    state_dir = "/var/lib/mailgate"
+    tls_cert = "/etc/mailgate/cert.pem"
+    tls_key = "/etc/mailgate/key.pem"
+    auth_users = ["alice:secret"]
+    allow_insecure_auth = false
+    max_size = "25M"                        # bytes, or a string with a K/M/G/KB/MB/GB suffix
+    max_recipients = 100
+    max_clients = 1000
+    max_clients_per_ip = 20
+    idle_timeout = 300                      # seconds, integer or float
+    data_timeout = 600
+    close_timeout = 30
+    lmtp = false
+    proxy_protocol = ["10.0.0.0/8"]         # a list, or one comma-separated string
+    trusted_networks = ["192.168.0.0/16"]
+    workers = 4
+    no_received_header = false
+    bare_newline = "reject"                 # reject | strict | normalize
+    log_format = "json"                     # text | json
+    verbose = false                         # or quiet = true
+
+Rules:
+
+* A flag given on the command line replaces the file's value for that key; lists are
+  replaced, not merged. ``--maildir``/``--mbox``/``--sink`` replace whichever of the
+  three the file chose, and ``-v``/``-q`` likewise replace ``verbose``/``quiet``.
+* Relative paths in the file are relative to the file's directory (so the file works the
+  same from any working directory); ``~`` is expanded. Relative paths given as flags are
+  relative to the working directory, as usual.
+* When neither ``listen`` nor ``smtps_listen`` is set anywhere, the server listens on
+  127.0.0.1:2525. Setting only ``smtps_listen`` gives an implicit-TLS-only server.
+* Unknown keys and tables are errors, as are values of the wrong type.
+
+Every problem is reported as a ConfigError whose message is one line naming where the
+bad value came from (the flag, or the file and key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import functools
+import ipaddress
+import math
+import re
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal, TypeVar, cast
+
+from mailgate.protocol.config import BareNewline
+from mailgate.server.options import ListenAddress, Network, ServerOptions
+from mailgate.server.tls import TLSConfigError, create_server_context
+
+T = TypeVar("T")
+
+DEFAULTS = ServerOptions()
+DEFAULT_LISTEN = DEFAULTS.listen
+BARE_NEWLINE_CHOICES = tuple(member.value for member in BareNewline)
+LOG_FORMAT_CHOICES = ("text", "json")
+
+#: Every key of the ``[server]`` table; each is also the argparse ``dest`` of its flag.
+KEYS: tuple[str, ...] = (
+    "listen",
+    "smtps_listen",
+    "hostname",
+    "maildir",
+    "mbox",
+    "sink",
+    "state_dir",
+    "tls_cert",
+    "tls_key",
+    "auth_users",
+    "allow_insecure_auth",
+    "max_size",
+    "max_recipients",
+    "max_clients",
+    "max_clients_per_ip",
+    "idle_timeout",
+    "data_timeout",
+    "close_timeout",
+    "lmtp",
+    "proxy_protocol",
+    "trusted_networks",
+    "workers",
+    "no_received_header",
+    "bare_newline",
+    "log_format",
+    "verbose",
+    "quiet",
+)
+
+_FLAG_NAMES = {"auth_users": "--auth-user"}
+# Keys of which at most one may be chosen; a flag for one of them overrides the file's.
+_EXCLUSIVE: tuple[tuple[str, ...], ...] = (("maildir", "mbox", "sink"), ("verbose", "quiet"))
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "ki": 1024,
+    "kib": 1024,
+    "m": 1024**2,
+    "mi": 1024**2,
+    "mib": 1024**2,
+    "g": 1024**3,
+    "gi": 1024**3,
+    "gib": 1024**3,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+}
+_SIZE_RE = re.compile(r"\s*(\d+)\s*([a-z]*)\s*", re.IGNORECASE)
+# Letters, digits, hyphens and (seen in container and Windows names) underscores.
+_LABEL_RE = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?", re.IGNORECASE)
+
+
+class ConfigError(Exception):
+    """A configuration problem, described in one line meant for the user."""
+
+
+def flag_name(key: str) -> str:
+    """The command-line flag for a config key, e.g. ``max_size`` -> ``--max-size``."""
+    return _FLAG_NAMES.get(key, "--" + key.replace("_", "-"))
+
+
+@dataclass(frozen=True, slots=True)
+class _Value:
+    raw: object
+    #: Where the value came from, for messages: "--max-size" or "mailgate.toml: max_size".
+    where: str
+    #: Directory that relative paths are resolved against; None for flags (the cwd).
+    base: Path | None = None
+
+    def error(self, problem: str) -> ConfigError:
+        return ConfigError(f"{self.where}: {problem}")
+
+
+def build_options(args: argparse.Namespace) -> ServerOptions:
+    """ServerOptions from parsed ``mailgate serve`` arguments and the file in ``args.config``.
+
+    Attributes of ``args`` named like the keys in KEYS hold flag values, None when the flag
+    was not given; flag values are unparsed strings (lists for repeatable flags, True for
+    switches) so that flags and file go through the same checks.
+    """
+    values: dict[str, _Value] = {}
+    config = getattr(args, "config", None)
+    if config is not None:
+        values.update(load_config_file(Path(config)))
+    flags = {
+        key: _Value(raw, flag_name(key))
+        for key in KEYS
+        if (raw := getattr(args, key, None)) is not None
+    }
+    for group in _EXCLUSIVE:
+        if any(key in flags for key in group):
+            for key in group:
+                values.pop(key, None)
+    values.update(flags)
+    return _assemble(values)
+
+
+def load_config_file(path: Path) -> dict[str, _Value]:
+    """The raw settings of a TOML file, checked for unknown keys but not yet converted."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    try:
+        document = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except tomllib.TOMLDecodeError as exc:
+        # The message already carries "(at line L, column C)".
+        raise ConfigError(f"{path}: TOML syntax error: {exc}") from None
+
+    for name, item in document.items():
+        if name == "server":
+            continue
+        if isinstance(item, dict):
+            raise ConfigError(f"{path}: unknown table [{name}]; settings go in [server]")
+        raise ConfigError(f"{path}: unknown key {name!r} at top level; settings go in [server]")
+    table = document.get("server", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: 'server' must be a table ([server])")
+
+    for key in table:
+        if key not in KEYS:
+            close = difflib.get_close_matches(key, KEYS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{path}: unknown key {key!r} in [server]{hint}")
+    values = {key: _Value(raw, f"{path}: {key}", path.parent) for key, raw in table.items()}
+
+    for group in _EXCLUSIVE:
+        chosen = [key for key in group if key in values and values[key].raw is not False]
+        if len(chosen) > 1:
+            raise ConfigError(f"{path}: {' and '.join(chosen)} exclude each other; keep one")
+    return values
+
+
+def _assemble(values: Mapping[str, _Value]) -> ServerOptions:
+    def get(key: str, convert: Callable[[_Value], T], default: T) -> T:
+        value = values.get(key)
+        return default if value is None else convert(value)
+
+    tls_cert = get("tls_cert", _path, None)
+    tls_key = get("tls_key", _path, None)
+    _check_tls(tls_cert, tls_key)
+
+    delivery: Literal["maildir", "mbox", "sink"] = "maildir"
+    maildir = get("maildir", _path, DEFAULTS.maildir)
+    mbox = get("mbox", _path, None)
+    if mbox is not None:
+        delivery = "mbox"
+    elif get("sink", _bool, False):
+        delivery = "sink"
+
+    log_level = DEFAULTS.log_level
+    if get("verbose", _bool, False):
+        log_level = "DEBUG"
+    elif get("quiet", _bool, False):
+        log_level = "WARNING"
+
+    bare_newline = get("bare_newline", _choice(BARE_NEWLINE_CHOICES), DEFAULTS.bare_newline.value)
+    log_format = get("log_format", _choice(LOG_FORMAT_CHOICES), str(DEFAULTS.log_format))
+
+    return ServerOptions(
+        listen=_listen_addresses(values),
+        hostname=get("hostname", _hostname, None) or machine_fqdn(),
+        delivery=delivery,
+        maildir=maildir,
+        mbox=mbox,
+        state_dir=get("state_dir", _path, DEFAULTS.state_dir),
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        auth_users=get("auth_users", _auth_users, ()),
+        allow_insecure_auth=get("allow_insecure_auth", _bool, DEFAULTS.allow_insecure_auth),
+        max_size=get("max_size", _size, DEFAULTS.max_size),
+        max_recipients=get("max_recipients", _count, DEFAULTS.max_recipients),
+        max_clients=get("max_clients", _count, DEFAULTS.max_clients),
+        max_clients_per_ip=get("max_clients_per_ip", _count, DEFAULTS.max_clients_per_ip),
+        idle_timeout=get("idle_timeout", _seconds, DEFAULTS.idle_timeout),
+        data_timeout=get("data_timeout", _seconds, DEFAULTS.data_timeout),
+        close_timeout=get("close_timeout", _seconds, DEFAULTS.close_timeout),
+        lmtp=get("lmtp", _bool, DEFAULTS.lmtp),
+        proxy_protocol=get("proxy_protocol", _networks, DEFAULTS.proxy_protocol),
+        trusted_networks=get("trusted_networks", _networks, DEFAULTS.trusted_networks),
+        workers=get("workers", _count, DEFAULTS.workers),
+        received_header=not get("no_received_header", _bool, False),
+        bare_newline=BareNewline(bare_newline),
+        log_format=cast(Literal["text", "json"], log_format),
+        log_level=log_level,
+    )
+
+
+@functools.cache
+def machine_fqdn() -> str:
+    """This machine's fully qualified name; looked up once, as it may query DNS."""
+    return socket.getfqdn() or "localhost"
+
+
+# -- listen addresses ---------------------------------------------------------------------
+
+
+def _listen_addresses(values: Mapping[str, _Value]) -> tuple[ListenAddress, ...]:
+    plain = values.get("listen")
+    implicit_tls = values.get("smtps_listen")
+    if plain is None and implicit_tls is None:
+        return DEFAULT_LISTEN
+    addresses: list[ListenAddress] = []
+    seen: dict[tuple[str, int], str] = {}
+    for value, tls in ((plain, False), (implicit_tls, True)):
+        if value is None:
+            continue
+        for text in _string_list(value):
+            address = replace(parse_listen_address(text, value), implicit_tls=tls)
+            endpoint = (address.host, address.port)
+            if endpoint in seen:
+                raise value.error(f"{address} is already given (in {seen[endpoint]})")
+            seen[endpoint] = value.where
+            addresses.append(address)
+    if not addresses:
+        raise ConfigError("no address to listen on: listen and smtps_listen are both empty")
+    return tuple(addresses)
+
+
+def parse_listen_address(text: str, value: _Value | None = None) -> ListenAddress:
+    """``HOST:PORT`` or ``[IPv6]:PORT`` -> ListenAddress (plain SMTP; IPv6 without brackets)."""
+    where = value or _Value(text, "listen address")
+    text = text.strip()
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or not text[end + 1 :].startswith(":"):
+            raise where.error(f"{text!r} is not [IPv6]:PORT")
+        host, port_text = text[1:end], text[end + 2 :]
+        try:
+            host = str(ipaddress.IPv6Address(host))
+        except ValueError:
+            raise where.error(f"{host!r} in {text!r} is not an IPv6 address") from None
+    else:
+        host, colon, port_text = text.rpartition(":")
+        if not colon:
+            raise where.error(
+                f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:2525, [::1]:2525, 0.0.0.0:25)"
+            )
+        if ":" in host:
+            raise where.error(f"{text!r}: put an IPv6 address in brackets, e.g. [::1]:2525")
+        if not host:
+            raise where.error(f"{text!r} has no host; use 0.0.0.0 or [::] for all addresses")
+        if not _is_host_name(host):
+            raise where.error(f"{host!r} in {text!r} is neither an IP address nor a host name")
+    if not port_text.isascii() or not port_text.isdigit():
+        raise where.error(f"{text!r} has no valid port number")
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise where.error(f"port {port} in {text!r} is out of range (1-65535)")
+    return ListenAddress(host, port)
+
+
+def _is_host_name(name: str) -> bool:
+    labels = name.removesuffix(".").split(".")
+    if all(label.isdigit() for label in labels):
+        # Looks like an IPv4 address, so it has to be a valid one.
+        try:
+            ipaddress.IPv4Address(name)
+        except ValueError:
+            return False
+        return True
+    return (
+        name.isascii() and len(name) <= 253 and all(_LABEL_RE.fullmatch(label) for label in labels)
+    )
+
+
+# -- converters: each takes a raw value from a flag or the file ---------------------------
+
+
+def _string(value: _Value) -> str:
+    if not isinstance(value.raw, str):
+        raise value.error(f"expected a string, got {_toml_type(value.raw)}")
+    return value.raw
+
+
+def _string_list(value: _Value) -> list[str]:
+    raw = value.raw
+    if isinstance(raw, str):
+        return [raw]
+    if isinstance(raw, list) and all(isinstance(item, str) for item in raw):
+        return cast(list[str], raw)
+    raise value.error(f"expected a list of strings, got {_toml_type(raw)}")
+
+
+def _path(value: _Value) -> Path:
+    text = _string(value)
+    if not text.strip():
+        raise value.error("empty path")
+    path = Path(text)
+    if value.base is not None:
+        path = value.base / path.expanduser()
+    return path
+
+
+def _bool(value: _Value) -> bool:
+    if not isinstance(value.raw, bool):
+        raise value.error(f"expected true or false, got {_toml_type(value.raw)}")
+    return value.raw
+
+
+def _hostname(value: _Value) -> str:
+    name = _string(value).strip()
+    if not name or not _is_host_name(name):
+        raise value.error(f"{name!r} is not a valid host name")
+    return name
+
+
+def _number(value: _Value, parse: Callable[[str], T], kinds: tuple[type, ...], what: str) -> T:
+    raw = value.raw
+    if isinstance(raw, str):
+        try:
+            return parse(raw.strip())
+        except ValueError:
+            raise value.error(f"{raw!r} is not {what}") from None
+    if isinstance(raw, bool) or not isinstance(raw, kinds):
+        raise value.error(f"expected {what}, got {_toml_type(raw)}")
+    return cast(T, raw)
+
+
+def _count(value: _Value) -> int:
+    number = _number(value, int, (int,), "a whole number")
+    if number < 1:
+        raise value.error(f"must be at least 1, got {number}")
+    return number
+
+
+def _seconds(value: _Value) -> float:
+    seconds = float(_number(value, float, (int, float), "a number of seconds"))
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise value.error(f"must be a positive number of seconds, got {value.raw}")
+    return seconds
+
+
+def _size(value: _Value) -> int:
+    raw = value.raw
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        size = raw
+    elif isinstance(raw, str):
+        match = _SIZE_RE.fullmatch(raw)
+        if raw.strip().startswith("-"):
+            raise value.error(f"must not be negative, got {raw.strip()}")
+        if not match or match.group(2).lower() not in _SIZE_UNITS:
+            raise value.error(
+                f"{raw!r} is not a size; use bytes or a suffix: K, M, G (1024-based) "
+                "or KB, MB, GB (1000-based)"
+            )
+        size = int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    else:
+        raise value.error(f"expected a number of bytes, got {_toml_type(raw)}")
+    if size < 0:
+        raise value.error(f"must not be negative, got {size}")
+    return size
+
+
+def _choice(allowed: tuple[str, ...]) -> Callable[[_Value], str]:
+    def convert(value: _Value) -> str:
+        text = _string(value).strip().lower()
+        if text not in allowed:
+            raise value.error(f"{value.raw!r} is not one of {', '.join(allowed)}")
+        return text
+
+    return convert
+
+
+def _networks(value: _Value) -> tuple[Network, ...]:
+    networks: list[Network] = []
+    for text in _string_list(value):
+        for item in text.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            try:
+                networks.append(ipaddress.ip_network(item))
+            except ValueError as exc:
+                if "host bits set" in str(exc):
+                    meant = ipaddress.ip_network(item, strict=False)
+                    raise value.error(f"{item} has host bits set; did you mean {meant}?") from None
+                raise value.error(f"{item!r} is not a network in CIDR notation") from None
+    return tuple(networks)
+
+
+def _auth_users(value: _Value) -> tuple[tuple[str, str], ...]:
+    users: dict[str, str] = {}
+    for entry in _string_list(value):
+        user, colon, password = entry.partition(":")
+        # Never echo the entry: it contains the password.
+        if not colon or not user:
+            raise value.error("expected USER:PASSWORD")
+        if not password:
+            raise value.error(f"empty password for user {user!r}")
+        if user in users:
+            raise value.error(f"user {user!r} is given twice")
+        users[user] = password
+    return tuple(users.items())
+
+
+def _check_tls(cert: Path | None, key: Path | None) -> None:
+    if (cert is None) != (key is None):
+        given, missing = ("--tls-cert", "--tls-key") if key is None else ("--tls-key", "--tls-cert")
+        raise ConfigError(
+            f"{given} needs {missing} as well (or tls_cert and tls_key in the config file)"
+        )
+    if cert is not None and key is not None:
+        try:
+            create_server_context(cert, key)
+        except TLSConfigError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+def _toml_type(raw: Any) -> str:
+    if isinstance(raw, bool):
+        return "a boolean"
+    if isinstance(raw, int | float):
+        return f"the number {raw}"
+    if isinstance(raw, str):
+        return f"the string {raw!r}"
+    if isinstance(raw, list):
+        return "a list"
+    if isinstance(raw, dict):
+        return "a table"
+    return type(raw).__name__

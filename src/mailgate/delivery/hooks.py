@@ -1,0 +1,45 @@
+"""Local deliveries as message hooks: the blocking, fsyncing work runs in a thread."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from mailgate.hooks import HookError, Message, Session
+
+from .maildir import MaildirStore
+from .mbox import MboxStore
+
+
+class MaildirDelivery:
+    """Deliver into a Maildir. Spooled files already in its tmp/ are hard-linked (no copy)."""
+
+    name = "maildir"
+
+    def __init__(self, root: Path) -> None:
+        self.store = MaildirStore(root)
+
+    async def on_message(self, session: Session, message: Message) -> None:
+        if message.path is None:
+            raise HookError("Maildir delivery needs spooled message bytes")
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.store.deliver_spooled, message.path)
+
+
+class MboxDelivery:
+    """Append to an mbox file (mboxrd), locked with fcntl and a dotlock, fsynced."""
+
+    name = "mbox"
+
+    def __init__(self, path: Path) -> None:
+        self.store = MboxStore(path)
+
+    async def on_message(self, session: Session, message: Message) -> None:
+        if message.path is None:
+            raise HookError("mbox delivery needs spooled message bytes")
+        loop = asyncio.get_running_loop()
+        sender = message.envelope.sender or None
+        await loop.run_in_executor(
+            None,
+            lambda: self.store.deliver_spooled(message.path, sender=sender, received_at=message.received_at),  # type: ignore[arg-type]
+        )

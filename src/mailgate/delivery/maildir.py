@@ -1,0 +1,160 @@
+"""Maildir delivery (cr.yp.to/proto/maildir.html) that is durable before it returns.
+
+A message is complete in ``tmp/`` and fsynced, then hard-linked into ``new/`` and
+``new/`` is fsynced: once ``deliver_*`` returns, a crash or power loss cannot lose it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from mailgate.server.spool import SpoolFile, unique_name
+
+__all__ = ["MaildirStore", "fsync_directory"]
+
+log = logging.getLogger(__name__)
+
+_LINK_ATTEMPTS = 16
+_COPY_BLOCK = 1024 * 1024
+# Filesystems without hard links (some FUSE, SMB, vfat) answer these; rename still works
+# and the unique name makes overwriting another message practically impossible.
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
+
+
+def fsync_directory(path: Path) -> None:
+    """Make the entries of a directory (a new name, a removed name) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class MaildirStore:
+    """One Maildir (no sub-folders); safe to share between threads and processes."""
+
+    root: Path
+    tmp_dir: Path
+    new_dir: Path
+    cur_dir: Path
+
+    def __init__(self, root: Path, *, create: bool = True) -> None:
+        self.root = Path(root)
+        self.tmp_dir = self.root / "tmp"
+        self.new_dir = self.root / "new"
+        self.cur_dir = self.root / "cur"
+        if create:
+            self._create()
+        else:
+            for directory in (self.tmp_dir, self.new_dir, self.cur_dir):
+                if not directory.is_dir():
+                    raise FileNotFoundError(
+                        errno.ENOENT, "not a Maildir (missing tmp/, new/ or cur/)", str(directory)
+                    )
+
+    def _create(self) -> None:
+        created_root = False
+        if not self.root.is_dir():
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            created_root = True
+        created_sub = False
+        for directory in (self.tmp_dir, self.new_dir, self.cur_dir):
+            try:
+                directory.mkdir(mode=0o700)
+            except FileExistsError:
+                continue
+            created_sub = True
+        # A Maildir whose new/ vanishes on power loss would lose the first deliveries.
+        if created_sub or created_root:
+            fsync_directory(self.root)
+        if created_root:
+            fsync_directory(self.root.parent)
+
+    def deliver_spooled(self, spool: SpoolFile | Path) -> str:
+        """Deliver a finished spool file into ``new/``; returns the message's file name.
+
+        A spool in ``tmp/`` is linked, not copied, and its tmp name is removed (a
+        ``SpoolFile``'s ``discard()`` is then a no-op). A spool elsewhere is copied and
+        left in place. A plain ``Path`` is fsynced here since its state is unknown.
+        """
+        if isinstance(spool, SpoolFile):
+            if not spool.finished or spool.discarded:
+                raise ValueError(f"{spool!r} must be finished (fsynced) before delivery")
+            source = spool.path
+        else:
+            source = Path(spool)
+            _fsync_file(source)
+        if self._in_tmp(source):
+            return self._publish(source)
+        return self._copy_and_publish(source)
+
+    def deliver_bytes(self, data: bytes) -> str:
+        """Deliver a message held in memory, as durably as ``deliver_spooled``."""
+        spool = SpoolFile(self.tmp_dir)
+        try:
+            spool.write(data)
+            spool.finish()
+            return self._publish(spool.path)
+        finally:
+            spool.discard()
+
+    def _in_tmp(self, source: Path) -> bool:
+        try:
+            here = os.stat(source.parent)
+            tmp = os.stat(self.tmp_dir)
+        except FileNotFoundError:
+            return False
+        return (here.st_dev, here.st_ino) == (tmp.st_dev, tmp.st_ino)
+
+    def _copy_and_publish(self, source: Path) -> str:
+        copy = SpoolFile(self.tmp_dir)
+        try:
+            with open(source, "rb") as reader:
+                shutil.copyfileobj(reader, copy, _COPY_BLOCK)
+            copy.finish()
+            return self._publish(copy.path)
+        finally:
+            copy.discard()
+
+    def _publish(self, tmp_path: Path) -> str:
+        """Link a durable file from tmp/ into new/, drop the tmp name, fsync new/."""
+        name = tmp_path.name
+        for _ in range(_LINK_ATTEMPTS):
+            target = self.new_dir / name
+            try:
+                os.link(tmp_path, target)
+            except FileExistsError:
+                name = unique_name()
+                continue
+            except OSError as exc:
+                if exc.errno not in _NO_HARD_LINKS:
+                    raise
+                if target.exists():
+                    name = unique_name()
+                    continue
+                os.rename(tmp_path, target)
+            break
+        else:
+            raise FileExistsError(errno.EEXIST, "no free unique name in new/", str(self.new_dir))
+        try:
+            os.unlink(tmp_path)
+        except FileNotFoundError:
+            pass  # the rename fallback already moved it
+        except OSError as exc:
+            # The message is in new/ already; failing now would make the client send it
+            # again. A stale tmp/ name is what Maildir readers clean up anyway.
+            log.warning("delivered %s but could not remove %s: %s", name, tmp_path, exc)
+        fsync_directory(self.new_dir)
+        return name

@@ -1,0 +1,1 @@
+"""Policy plugins: each uses only mailgate.hooks."""

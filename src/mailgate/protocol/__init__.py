@@ -1,0 +1,70 @@
+"""Sans-IO SMTP/LMTP: bytes in, events and replies out. No sockets, no asyncio, no policy.
+
+Start with :class:`ServerConnection`; see :mod:`mailgate.protocol.connection` for the rules
+and :mod:`mailgate.protocol.events` for what comes out.
+"""
+
+from .address import Address, AddressError
+from .config import BareNewline, ProtocolConfig
+from .connection import RULES, ProtocolError, ServerConnection, State
+from .events import (
+    NEED_DATA,
+    PAUSED,
+    AuthCredentials,
+    CommandRejected,
+    ConnectionClosed,
+    DataChunk,
+    DataComplete,
+    DataDiscarded,
+    DataStart,
+    DiscardReason,
+    Event,
+    Greeting,
+    Hello,
+    Limit,
+    LimitExceeded,
+    MailFrom,
+    PolicyPoint,
+    RcptTo,
+    StartTLS,
+    TransactionReset,
+    Verify,
+    Xclient,
+    Xforward,
+)
+from .replies import Reply
+
+__all__ = [
+    "NEED_DATA",
+    "PAUSED",
+    "RULES",
+    "Address",
+    "AddressError",
+    "AuthCredentials",
+    "BareNewline",
+    "CommandRejected",
+    "ConnectionClosed",
+    "DataChunk",
+    "DataComplete",
+    "DataDiscarded",
+    "DataStart",
+    "DiscardReason",
+    "Event",
+    "Greeting",
+    "Hello",
+    "Limit",
+    "LimitExceeded",
+    "MailFrom",
+    "PolicyPoint",
+    "ProtocolConfig",
+    "ProtocolError",
+    "RcptTo",
+    "Reply",
+    "ServerConnection",
+    "StartTLS",
+    "State",
+    "TransactionReset",
+    "Verify",
+    "Xclient",
+    "Xforward",
+]

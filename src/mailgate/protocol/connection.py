@@ -1,0 +1,1067 @@
+"""The SMTP/LMTP server connection: a sans-IO state machine in the style of h11.
+
+How to drive it::
+
+    conn = ServerConnection(config)
+    conn.receive_data(bytes_from_socket)      # b"" when the peer closed
+    while True:
+        event = conn.next_event()
+        if event is NEED_DATA: break           # flush data_to_send(), read more
+        if event is PAUSED: ...                # a policy point is waiting for respond()
+        if isinstance(event, PolicyPoint): conn.respond(reply_or_None)
+        ...
+    socket.write(conn.data_to_send())
+
+The rules, in the order they are applied to every command line:
+
+1. The line must fit ``max_command_line`` (AUTH lines: ``max_auth_line``)  -> 500 5.5.2
+2. The verb must be one this mode knows (LMTP: LHLO, not HELO/EHLO)          -> 500 5.5.2
+3. The verb's extension must be offered to this connection right now         -> 502 5.5.1
+4. The argument must match the verb's grammar (paths, BDAT size, ...)        -> 501
+5. The current state must be one the verb's row in ``RULES`` allows, and the
+   row's guard (not yet authenticated, TLS not yet active, ...) must hold     -> 503 5.5.1
+6. ESMTP parameters must be known, offered and valid                          -> 555 5.5.4
+7. What is left is policy: the caller answers the event.
+
+Every transition is in ``RULES`` below: the states a verb is accepted in and the state
+a successful answer moves to. Errors never change the state, except the limits that
+close the connection (too many unknown or bad commands, too many failed AUTHs).
+
+Replies always leave in the order the commands arrived: while a policy point waits for
+:meth:`ServerConnection.respond`, nothing after it is parsed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+from . import replies as R
+from .address import (
+    Address,
+    AddressError,
+    parse_forward_path,
+    parse_reverse_path,
+    split_path_and_params,
+)
+from .config import ProtocolConfig
+from .data import BdatReader, DotReader
+from .events import (
+    NEED_DATA,
+    PAUSED,
+    AuthCredentials,
+    CommandRejected,
+    ConnectionClosed,
+    DataChunk,
+    DataComplete,
+    DataDiscarded,
+    DataStart,
+    DiscardReason,
+    Event,
+    Greeting,
+    Hello,
+    Limit,
+    LimitExceeded,
+    MailFrom,
+    PolicyPoint,
+    RcptTo,
+    StartTLS,
+    TransactionReset,
+    Verify,
+    Xclient,
+    Xforward,
+)
+from .params import ParamContext, ParamError, parse_params, split_params
+from .replies import Reply
+from .sasl import (
+    MECHANISMS,
+    Challenge,
+    Mechanism,
+    SaslError,
+    decode_response,
+    encode_challenge,
+    xoauth2_error_challenge,
+)
+from .xclient import XclientError, parse_xclient, parse_xforward
+
+
+class State(Enum):
+    GREETING = "greeting"  # banner not sent yet
+    CONNECTED = "connected"  # banner sent; HELO/EHLO/LHLO not yet accepted
+    READY = "ready"  # greeted; no mail transaction
+    MAIL = "mail"  # MAIL accepted, no recipient yet
+    RCPT = "rcpt"  # at least one recipient accepted
+    DATA = "data"  # reading a DATA body
+    BDAT = "bdat"  # reading a BDAT chunk
+    BDAT_OPEN = "bdat-open"  # between the chunks of a BDAT transaction
+    AUTH = "auth"  # inside a SASL exchange
+    TLS_PENDING = "tls-pending"  # 220 sent to STARTTLS; waiting for the handshake
+    REFUSED = "refused"  # the greeting was 554: only QUIT is served (RFC 5321 3.1)
+    CLOSED = "closed"
+
+
+S = State
+_SESSION = frozenset({S.CONNECTED, S.READY, S.MAIL, S.RCPT, S.BDAT_OPEN})
+_OUTSIDE_TRANSACTION = frozenset({S.CONNECTED, S.READY})
+
+
+class Arg(Enum):
+    NONE = "none"  # the verb takes no argument
+    OPTIONAL = "optional"
+    REQUIRED = "required"
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One row of the state table."""
+
+    verb: str
+    allowed: frozenset[State]
+    #: State after a successful answer (None: stays; handlers decide for the rest).
+    success: State | None
+    arg: Arg
+    #: Name of the extension that must be offered for the verb to exist (step 3).
+    extension: str | None = None
+    #: Extra sequence condition checked with the state (step 5), and its reply.
+    guard: str | None = None
+
+
+# fmt: off
+RULES: dict[str, Rule] = {r.verb: r for r in (
+    #    verb        accepted in                         moves to     argument      extension   guard
+    Rule("HELO",     _SESSION,                           S.READY,     Arg.REQUIRED, "SMTP"),
+    Rule("EHLO",     _SESSION,                           S.READY,     Arg.REQUIRED, "SMTP"),
+    Rule("LHLO",     _SESSION,                           S.READY,     Arg.REQUIRED, "LMTP"),
+    Rule("MAIL",     frozenset({S.READY}),               S.MAIL,      Arg.REQUIRED),
+    Rule("RCPT",     frozenset({S.MAIL, S.RCPT}),        S.RCPT,      Arg.REQUIRED),
+    Rule("DATA",     frozenset({S.RCPT}),                S.DATA,      Arg.NONE,     None,       "not-binarymime"),
+    Rule("BDAT",     frozenset({S.RCPT, S.BDAT_OPEN}),   S.BDAT,      Arg.REQUIRED, "CHUNKING"),
+    Rule("RSET",     _SESSION,                           None,        Arg.NONE),
+    Rule("NOOP",     _SESSION,                           None,        Arg.OPTIONAL),
+    Rule("QUIT",     _SESSION | {S.REFUSED},             S.CLOSED,    Arg.NONE),
+    Rule("HELP",     _SESSION,                           None,        Arg.OPTIONAL),
+    Rule("VRFY",     _SESSION,                           None,        Arg.REQUIRED, "VRFY"),
+    Rule("EXPN",     _SESSION,                           None,        Arg.REQUIRED, "EXPN"),
+    Rule("STARTTLS", _OUTSIDE_TRANSACTION,               S.TLS_PENDING, Arg.NONE,   "STARTTLS", "tls-inactive"),
+    Rule("AUTH",     frozenset({S.READY}),               S.READY,     Arg.REQUIRED, "AUTH",     "not-authenticated"),
+    Rule("XCLIENT",  _OUTSIDE_TRANSACTION,               S.CONNECTED, Arg.REQUIRED, "XCLIENT"),
+    Rule("XFORWARD", _OUTSIDE_TRANSACTION,               None,        Arg.REQUIRED, "XFORWARD"),
+)}
+# fmt: on
+
+_GUARD_REPLIES = {
+    "not-binarymime": Reply(503, "5.5.1", ("BODY=BINARYMIME requires BDAT, not DATA",)),
+    "tls-inactive": Reply(503, "5.5.1", ("TLS already active",)),
+    "not-authenticated": R.AUTH_ALREADY,
+}
+_SEQUENCE_TEXT = {
+    S.CONNECTED: "Send HELO/EHLO first",
+    S.READY: "Send MAIL first",
+    S.MAIL: "Send RCPT first",
+    S.REFUSED: "Service refused; only QUIT is accepted",
+}
+_BDAT_MAX_DIGITS = 18
+
+#: _take_line's answer for a line that was too long and has been answered already.
+_ANSWERED = b"<answered>"
+
+_XCLIENT_CAPS = "XCLIENT NAME ADDR PORT PROTO HELO LOGIN DESTADDR DESTPORT"
+_XFORWARD_CAPS = "XFORWARD NAME ADDR PORT PROTO HELO IDENT SOURCE"
+
+
+@dataclass(slots=True)
+class Transaction:
+    """The envelope being built between MAIL and the end of data."""
+
+    sender: Address | None
+    params: dict[str, str | None]
+    smtputf8: bool
+    recipients: list[Address]
+    bdat_size: int = 0
+    used_bdat: bool = False
+
+
+class ProtocolError(Exception):
+    """Misuse of the API by the caller (answering when nothing is pending, ...)."""
+
+
+class ServerConnection:
+    """One server-side SMTP or LMTP session. See the module docstring."""
+
+    def __init__(
+        self,
+        config: ProtocolConfig,
+        *,
+        tls_active: bool = False,
+        peer_trusted: bool = False,
+    ) -> None:
+        self.config = config
+        self.tls_active = tls_active
+        self.peer_trusted = peer_trusted
+        self.state = State.GREETING
+        self.esmtp = False
+        self.helo_name: str | None = None
+        self.authenticated_as: str | None = None
+        self.transaction: Transaction | None = None
+
+        self._buf = bytearray()
+        self._pos = 0
+        self._eof = False
+        self._out = bytearray()
+        self._events: deque[Event] = deque()
+        self._pending: PolicyPoint | None = Greeting()
+        self._events.append(self._pending)
+        self._pending_line = b""
+
+        self._unknown_commands = 0
+        self._bad_commands = 0
+        self._auth_failures = 0
+        self._skipping_long_line = False
+
+        self._dot: DotReader | None = None
+        self._bdat: BdatReader | None = None
+        self._bdat_last = False
+        self._bdat_pending_size = 0
+        self._bdat_chunk_size = 0
+        self._bdat_resume = State.READY
+        self._extensions: frozenset[str] = frozenset()
+        #: While a BDAT chunk is read only to be thrown away: the reply owed after it.
+        self._bdat_discard_reply: Reply | None = None
+        self._bdat_discard_reason = DiscardReason.REJECTED
+        self._sasl: Mechanism | None = None
+        self._sasl_final_reply: Reply | None = None
+
+    # --- public API ------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the peer; ``b""`` means the peer closed its side."""
+        if not data:
+            self._eof = True
+            return
+        if self.state in (State.TLS_PENDING, State.CLOSED):
+            return  # plaintext after STARTTLS is an injection attempt; after close, noise
+        if self._pos:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    def next_event(self) -> Event:
+        """The next event, ``NEED_DATA`` or ``PAUSED``."""
+        while True:
+            if self._events:
+                return self._events.popleft()
+            if self._pending is not None:
+                return PAUSED
+            if self.state is State.CLOSED:
+                return NEED_DATA
+            if not self._step():
+                if self._eof:
+                    # _step() found nothing more to parse; the peer's close ends the session.
+                    self._peer_closed()
+                    continue
+                return NEED_DATA
+
+    def respond(self, reply: Reply | Sequence[Reply] | None = None) -> None:
+        """Answer the policy point last returned by :meth:`next_event`.
+
+        ``None`` gives the default success reply. For LMTP ``DataComplete`` a sequence
+        gives one reply per recipient; a single reply is used for all of them.
+        """
+        point = self._pending
+        if point is None:
+            raise ProtocolError("respond() called with no policy point pending")
+        if any(event is point for event in self._events):
+            raise ProtocolError("respond() called before the policy point was taken")
+        self._pending = None
+        if isinstance(reply, Reply) or reply is None:
+            single = reply
+        elif isinstance(point, DataComplete):
+            self._complete_data(point, list(reply))
+            return
+        else:
+            raise ProtocolError("a sequence of replies is only valid for LMTP DataComplete")
+        handler = self._ANSWERS[type(point)]
+        handler(self, point, single)
+
+    def data_to_send(self) -> bytes:
+        """Bytes to write to the peer; call after handling events. Empty if none."""
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def close(self, reply: Reply | None = R.SHUTTING_DOWN) -> None:
+        """Close from the server side (idle timeout, shutdown): queue ``reply`` (421)."""
+        if self.state is State.CLOSED:
+            return
+        if reply is not None:
+            self._send(reply)
+        self._enter_closed("server")
+
+    def tls_established(self) -> None:
+        """The caller finished the TLS handshake after STARTTLS: the session starts over
+        (RFC 3207 4.2) and the client must send EHLO again."""
+        if self.state is not State.TLS_PENDING:
+            raise ProtocolError("tls_established() outside a STARTTLS upgrade")
+        self.tls_active = True
+        self._buf.clear()
+        self._pos = 0
+        self._reset_session()
+        self.state = State.CONNECTED
+
+    @property
+    def extensions(self) -> frozenset[str]:
+        """EHLO keywords this connection offers right now (what ESMTP params may use)."""
+        return self._extensions
+
+    @property
+    def buffered(self) -> int:
+        """Received bytes not yet parsed (for back-pressure decisions)."""
+        return len(self._buf) - self._pos
+
+    # --- the parser ----------------------------------------------------------------------
+
+    def _step(self) -> bool:
+        """Parse one unit of input. Returns False when more data is needed."""
+        state = self.state
+        if state is State.DATA:
+            return self._step_data()
+        if state is State.BDAT:
+            return self._step_bdat()
+        line = self._take_line()
+        if line is None:
+            return False
+        if line is _ANSWERED:
+            return True
+        if state is State.AUTH:
+            self._auth_line(line)
+        else:
+            self._command(line)
+        return True
+
+    def _take_line(self) -> bytes | None:
+        """The next line without its line end; None if incomplete; _ANSWERED if the line
+        was too long and has been answered already."""
+        buf, pos = self._buf, self._pos
+        end = buf.find(b"\n", pos)
+        if end < 0:
+            if len(buf) - pos > self._line_limit(pos, len(buf) - pos):
+                # Too long already: answer once, then drop bytes up to the next LF.
+                if not self._skipping_long_line:
+                    self._skipping_long_line = True
+                    self._line_too_long()
+                self._pos = len(buf)
+                return _ANSWERED
+            return None
+        self._pos = end + 1
+        if self._skipping_long_line:
+            self._skipping_long_line = False
+            return _ANSWERED
+        if end - pos + 1 > self._line_limit(pos, end - pos + 1):
+            self._line_too_long()
+            return _ANSWERED
+        stop = end - 1 if end > pos and buf[end - 1] == 13 else end
+        return bytes(buf[pos:stop])
+
+    def _line_limit(self, start: int, length: int) -> int:
+        """The longest line allowed for the line at ``start``. AUTH lines may be longer
+        (RFC 4954 4)."""
+        cfg = self.config
+        if self.state is State.AUTH:
+            return cfg.max_auth_line
+        if length > cfg.max_command_line and self._buf[start : start + 5].upper() == b"AUTH ":
+            return max(cfg.max_command_line, cfg.max_auth_line)
+        return cfg.max_command_line
+
+    def _line_too_long(self) -> None:
+        in_auth = self.state is State.AUTH
+        if in_auth:
+            self._sasl = None
+            self._sasl_final_reply = None
+            self.state = State.READY
+        self._events.append(LimitExceeded(Limit.COMMAND_LINE_LENGTH, closing=False))
+        self._reject(b"", R.AUTH_LINE_TOO_LONG if in_auth else R.LINE_TOO_LONG, bad=True)
+
+    def _command(self, line: bytes) -> None:
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            self._reject(line, Reply(500, "5.5.2", ("Invalid UTF-8 in command",)), unknown=True)
+            return
+        verb, _, arg = text.partition(" ")
+        verb = verb.upper()
+        rule = RULES.get(verb)
+        if rule is None or not verb.isascii() or not self._verb_in_mode(rule):
+            self._reject(line, R.UNKNOWN_COMMAND, unknown=True)
+            return
+        if not self._offered(rule):
+            self._reject(line, R.NOT_IMPLEMENTED, bad=True)
+            return
+        if _has_control(text):
+            self._reject(line, Reply(501, "5.5.2", ("Control characters not allowed",)), bad=True)
+            return
+        arg = arg.strip(" ")
+        if rule.arg is Arg.NONE and arg:
+            self._reject(line, Reply(501, "5.5.4", (f"{verb} takes no argument",)), bad=True)
+            return
+        if rule.arg is Arg.REQUIRED and not arg:
+            self._reject(line, Reply(501, "5.5.4", (f"{verb} requires an argument",)), bad=True)
+            return
+        handler = self._COMMANDS[verb]
+        handler(self, rule, line, arg)
+
+    def _verb_in_mode(self, rule: Rule) -> bool:
+        if rule.extension == "SMTP":
+            return not self.config.lmtp
+        if rule.extension == "LMTP":
+            return self.config.lmtp
+        return True
+
+    def _offered(self, rule: Rule) -> bool:
+        ext = rule.extension
+        cfg = self.config
+        if rule.verb in cfg.disabled_commands:
+            return False
+        if ext is None or ext in ("SMTP", "LMTP"):
+            return True
+        if ext == "CHUNKING":
+            return cfg.chunking
+        if ext == "VRFY":
+            return cfg.vrfy
+        if ext == "EXPN":
+            return cfg.expn
+        if ext == "STARTTLS":
+            # Still "offered" once TLS is on, so a second STARTTLS is a sequence error.
+            return cfg.starttls
+        if ext == "AUTH":
+            return bool(cfg.auth_mechanisms)
+        if ext == "XCLIENT":
+            return cfg.xclient and self.peer_trusted
+        if ext == "XFORWARD":
+            return cfg.xforward and self.peer_trusted
+        return False  # pragma: no cover - every extension is listed above
+
+    def _sequence_ok(self, rule: Rule, line: bytes) -> bool:
+        """Step 5: answer 503 and return False if the verb is out of sequence."""
+        error = self._sequence_error(rule)
+        if error is not None:
+            self._reject(line, error, bad=True)
+        return error is None
+
+    def _sequence_error(self, rule: Rule) -> Reply | None:
+        state = self.state
+        if state not in rule.allowed:
+            text = _SEQUENCE_TEXT.get(state, "Bad sequence of commands")
+            in_transaction = state in (S.MAIL, S.RCPT, S.BDAT_OPEN)
+            if rule.verb == "MAIL" and in_transaction:
+                text = "Sender already specified"
+            elif rule.verb == "DATA" and state is S.BDAT_OPEN:
+                text = "DATA cannot be mixed with BDAT"
+            elif rule.verb in ("STARTTLS", "AUTH", "XCLIENT", "XFORWARD") and in_transaction:
+                text = f"{rule.verb} is not allowed inside a mail transaction"
+            return Reply(503, "5.5.1", (text,))
+        guard = rule.guard
+        if guard is not None and not self._guard_holds(guard):
+            return _GUARD_REPLIES[guard]
+        return None
+
+    def _guard_holds(self, guard: str) -> bool:
+        if guard == "tls-inactive":
+            return not self.tls_active
+        if guard == "not-authenticated":
+            return self.authenticated_as is None
+        if guard == "not-binarymime":
+            tx = self.transaction
+            return tx is None or tx.params.get("BODY") != "BINARYMIME"
+        return True  # pragma: no cover
+
+    # --- command handlers --------------------------------------------------------------
+
+    def _cmd_hello(self, rule: Rule, line: bytes, arg: str) -> None:
+        if " " in arg or "\t" in arg:
+            self._reject(line, Reply(501, "5.5.4", (f"Syntax: {rule.verb} hostname",)), bad=True)
+            return
+        if not self._sequence_ok(rule, line):
+            return
+        self._pause(Hello(rule.verb, arg), line)
+
+    def _cmd_mail(self, rule: Rule, line: bytes, arg: str) -> None:
+        if arg[:5].upper() != "FROM:":
+            self._reject(line, Reply(501, "5.5.4", ("Syntax: MAIL FROM:<address>",)), bad=True)
+            return
+        try:
+            path, rest = split_path_and_params(arg[5:])
+            address = parse_reverse_path(path, smtputf8=True)
+            pairs = split_params(rest)
+        except (AddressError, ParamError) as exc:
+            self._reject(line, exc.reply, bad=True)
+            return
+        if not self._sequence_ok(rule, line):
+            return
+        try:
+            params = parse_params(
+                pairs, ParamContext("MAIL", self.extensions, self._max_size())
+            )
+        except ParamError as exc:
+            self._reject(line, exc.reply, bad=True)
+            return
+        smtputf8 = "SMTPUTF8" in params
+        if address is not None and address.is_utf8 and not smtputf8:
+            self._reject(line, R.SMTPUTF8_REQUIRED, bad=True)
+            return
+        self._pause(MailFrom(address, params), line)
+
+    def _cmd_rcpt(self, rule: Rule, line: bytes, arg: str) -> None:
+        if arg[:3].upper() != "TO:":
+            self._reject(line, Reply(501, "5.5.4", ("Syntax: RCPT TO:<address>",)), bad=True)
+            return
+        try:
+            path, rest = split_path_and_params(arg[3:])
+            address = parse_forward_path(path, smtputf8=True)
+            pairs = split_params(rest)
+        except (AddressError, ParamError) as exc:
+            self._reject(line, exc.reply, bad=True)
+            return
+        if not self._sequence_ok(rule, line):
+            return
+        tx = self.transaction
+        assert tx is not None
+        try:
+            params = parse_params(
+                pairs,
+                ParamContext("RCPT", self.extensions, self._max_size(), smtputf8=tx.smtputf8),
+            )
+        except ParamError as exc:
+            self._reject(line, exc.reply, bad=True)
+            return
+        if address.is_utf8 and not tx.smtputf8:
+            self._reject(line, R.SMTPUTF8_REQUIRED, bad=True)
+            return
+        if len(tx.recipients) >= self.config.max_recipients:
+            self._events.append(LimitExceeded(Limit.RECIPIENTS, closing=False))
+            self._send(R.TOO_MANY_RECIPIENTS)
+            return
+        self._pause(RcptTo(address, params), line)
+
+    def _cmd_data(self, rule: Rule, line: bytes, arg: str) -> None:
+        if not self._sequence_ok(rule, line):
+            return
+        self._pause(DataStart(bdat=False), line)
+
+    def _cmd_bdat(self, rule: Rule, line: bytes, arg: str) -> None:
+        words = arg.split(" ")
+        if (
+            len(words) > 2
+            or not words[0].isdigit()
+            or not words[0].isascii()
+            or len(words[0]) > _BDAT_MAX_DIGITS
+            or (len(words) == 2 and words[1].upper() != "LAST")
+        ):
+            self._reject(line, Reply(501, "5.5.4", ("Syntax: BDAT size [LAST]",)), bad=True)
+            return
+        size = int(words[0])
+        error = self._sequence_error(rule)
+        if error is not None:
+            # RFC 3030: a failed BDAT still consumes its chunk; the reply follows the chunk.
+            self._reject(line, error, bad=True, send=False)
+            self._discard_chunk(size, error, DiscardReason.REJECTED)
+            return
+        self._bdat_last = len(words) == 2
+        if self.state is State.RCPT:
+            self._bdat_pending_size = size
+            self._pause(DataStart(bdat=True), line)
+        else:
+            self._start_chunk(size)
+
+    def _cmd_rset(self, rule: Rule, line: bytes, arg: str) -> None:
+        if not self._sequence_ok(rule, line):
+            return
+        self._abort_transaction()
+        self._send(R.RESET_OK)
+
+    def _cmd_noop(self, rule: Rule, line: bytes, arg: str) -> None:
+        if not self._sequence_ok(rule, line):
+            return
+        self._send(R.NOOP_OK)
+
+    def _cmd_quit(self, rule: Rule, line: bytes, arg: str) -> None:
+        if not self._sequence_ok(rule, line):
+            return
+        self._send(R.BYE)
+        self._enter_closed("quit")
+
+    def _cmd_help(self, rule: Rule, line: bytes, arg: str) -> None:
+        if not self._sequence_ok(rule, line):
+            return
+        verbs = sorted(v for v, r in RULES.items() if self._verb_in_mode(r) and self._offered(r))
+        self._send(Reply(214, "2.0.0", ("Commands: " + " ".join(verbs), "End of HELP")))
+
+    def _cmd_verify(self, rule: Rule, line: bytes, arg: str) -> None:
+        if not self._sequence_ok(rule, line):
+            return
+        self._pause(Verify(arg, expand=rule.verb == "EXPN"), line)
+
+    def _cmd_starttls(self, rule: Rule, line: bytes, arg: str) -> None:
+        if not self._sequence_ok(rule, line):
+            return
+        self._pause(StartTLS(), line)
+
+    def _cmd_auth(self, rule: Rule, line: bytes, arg: str) -> None:
+        words = arg.split(" ")
+        if len(words) > 2 or not words[0]:
+            self._reject(line, Reply(501, "5.5.4", ("Syntax: AUTH mechanism [initial-response]",)), bad=True)
+            return
+        if not self._sequence_ok(rule, line):
+            return
+        name = words[0].upper()
+        mechanism = MECHANISMS.get(name)
+        if mechanism is None or name not in self.config.auth_mechanisms:
+            self._reject(line, R.AUTH_UNKNOWN_MECHANISM, bad=True)
+            return
+        if not self._auth_allowed_now(mechanism):
+            self._reject(line, R.AUTH_REQUIRES_TLS, bad=True)
+            return
+        try:
+            initial = (
+                decode_response(words[1].encode("ascii", "replace"), allow_empty_marker=True)
+                if len(words) == 2
+                else None
+            )
+            self._sasl = mechanism(self.config.hostname)
+            result = self._sasl.start(initial)
+        except SaslError as exc:
+            self._sasl = None
+            self._reject(line, exc.reply, bad=True)
+            return
+        self._sasl_result(result, line)
+
+    def _cmd_xclient(self, rule: Rule, line: bytes, arg: str) -> None:
+        try:
+            attributes = parse_xclient(arg)
+        except XclientError as exc:
+            self._reject(line, exc.reply, bad=True)
+            return
+        if not self._sequence_ok(rule, line):
+            return
+        self._pause(Xclient(attributes), line)
+
+    def _cmd_xforward(self, rule: Rule, line: bytes, arg: str) -> None:
+        try:
+            attributes = parse_xforward(arg)
+        except XclientError as exc:
+            self._reject(line, exc.reply, bad=True)
+            return
+        if not self._sequence_ok(rule, line):
+            return
+        self._pause(Xforward(attributes), line)
+
+    _COMMANDS: dict[str, Callable[[ServerConnection, Rule, bytes, str], None]] = {
+        "HELO": _cmd_hello,
+        "EHLO": _cmd_hello,
+        "LHLO": _cmd_hello,
+        "MAIL": _cmd_mail,
+        "RCPT": _cmd_rcpt,
+        "DATA": _cmd_data,
+        "BDAT": _cmd_bdat,
+        "RSET": _cmd_rset,
+        "NOOP": _cmd_noop,
+        "QUIT": _cmd_quit,
+        "HELP": _cmd_help,
+        "VRFY": _cmd_verify,
+        "EXPN": _cmd_verify,
+        "STARTTLS": _cmd_starttls,
+        "AUTH": _cmd_auth,
+        "XCLIENT": _cmd_xclient,
+        "XFORWARD": _cmd_xforward,
+    }
+
+    # --- answers to policy points --------------------------------------------------------
+
+    def _answer_greeting(self, point: Greeting, reply: Reply | None) -> None:
+        if reply is None:
+            kind = "LMTP" if self.config.lmtp else "ESMTP"
+            reply = Reply(220, None, (f"{self.config.hostname} {kind} {self.config.software}",))
+        self._out += reply.render(enhanced=False)
+        if reply.code == 220:
+            self.state = State.CONNECTED
+        elif reply.code == 421:
+            self._enter_closed("refused")
+        else:
+            self.state = State.REFUSED
+
+    def _answer_hello(self, point: Hello, reply: Reply | None) -> None:
+        if reply is not None and not reply.is_positive:
+            self._send(reply)
+            return
+        self._abort_transaction()
+        self.helo_name = point.domain
+        self.esmtp = point.verb != "HELO"
+        self.state = State.READY
+        capabilities = self._capabilities() if self.esmtp else []
+        self._extensions = frozenset(c.split(" ", 1)[0] for c in capabilities)
+        if reply is None:
+            first = f"{self.config.hostname} Hello {point.domain}"
+            lines = (first, *capabilities)
+            reply = Reply(250, None, lines)
+        self._out += reply.render(enhanced=False)
+
+    def _answer_mail(self, point: MailFrom, reply: Reply | None) -> None:
+        reply = reply or R.SENDER_OK
+        if reply.is_positive:
+            self.transaction = Transaction(
+                sender=point.address,
+                params=point.params,
+                smtputf8="SMTPUTF8" in point.params,
+                recipients=[],
+            )
+            self.state = State.MAIL
+        self._send(reply)
+
+    def _answer_rcpt(self, point: RcptTo, reply: Reply | None) -> None:
+        reply = reply or R.RECIPIENT_OK
+        if reply.is_positive and self.transaction is not None:
+            self.transaction.recipients.append(point.address)
+            self.state = State.RCPT
+        self._send(reply)
+
+    def _answer_data_start(self, point: DataStart, reply: Reply | None) -> None:
+        tx = self.transaction
+        assert tx is not None
+        if point.bdat:
+            size = self._bdat_pending_size
+            if reply is not None and not reply.is_positive:
+                self._abort_transaction()
+                self._discard_chunk(size, reply, DiscardReason.REJECTED)
+                return
+            tx.used_bdat = True
+            self._start_chunk(size)
+            return
+        reply = reply or R.START_DATA
+        if reply.code != 354:
+            self._send(reply)
+            return
+        self._out += reply.render(enhanced=False)
+        cfg = self.config
+        self._dot = DotReader(
+            max_size=self._max_size(),
+            max_line=cfg.max_data_line,
+            bare_newline=cfg.bare_newline,
+        )
+        self.state = State.DATA
+
+    def _answer_data_complete(self, point: DataComplete, reply: Reply | None) -> None:
+        self._complete_data(point, [reply or R.MESSAGE_ACCEPTED])
+
+    def _complete_data(self, point: DataComplete, answers: list[Reply]) -> None:
+        if self.config.lmtp:
+            count = len(point.recipients)
+            if len(answers) == 1:
+                answers = answers * count
+            elif len(answers) != count:
+                raise ProtocolError(f"LMTP needs {count} replies, got {len(answers)}")
+        elif len(answers) != 1:
+            raise ProtocolError("SMTP DataComplete takes a single reply")
+        for answer in answers:
+            self._send(answer or R.MESSAGE_ACCEPTED)
+        self.transaction = None
+        self.state = State.READY
+
+    def _answer_auth(self, point: AuthCredentials, reply: Reply | None) -> None:
+        if reply is None or reply.is_positive:
+            self.authenticated_as = point.username
+            self._sasl = None
+            self.state = State.READY
+            self._send(reply or R.AUTH_OK)
+            return
+        if point.mechanism == "XOAUTH2" and reply.is_permanent:
+            # The client must see the JSON error and answer it before the final reply.
+            self._sasl_final_reply = reply
+            self._out += b"334 " + encode_challenge(xoauth2_error_challenge()) + b"\r\n"
+            self.state = State.AUTH
+            return
+        self._auth_failed(reply)
+
+    def _answer_starttls(self, point: StartTLS, reply: Reply | None) -> None:
+        reply = reply or R.READY_FOR_TLS
+        self._send(reply)
+        if reply.code == 220:
+            # CVE-2024-34083 class: whatever followed STARTTLS in plaintext is dropped.
+            self._buf.clear()
+            self._pos = 0
+            self.state = State.TLS_PENDING
+
+    def _answer_verify(self, point: Verify, reply: Reply | None) -> None:
+        self._send(reply or (R.EXPN_DEFAULT if point.expand else R.VRFY_DEFAULT))
+
+    def _answer_xclient(self, point: Xclient, reply: Reply | None) -> None:
+        if reply is not None and not reply.is_positive:
+            self._send(reply)
+            return
+        self._reset_session()
+        self.state = State.CONNECTED
+        if reply is None:
+            kind = "LMTP" if self.config.lmtp else "ESMTP"
+            reply = Reply(220, None, (f"{self.config.hostname} {kind} {self.config.software}",))
+        self._out += reply.render(enhanced=False)
+
+    def _answer_xforward(self, point: Xforward, reply: Reply | None) -> None:
+        self._send(reply or R.OK)
+
+    _ANSWERS: dict[type[PolicyPoint], Callable[..., None]] = {
+        Greeting: _answer_greeting,
+        Hello: _answer_hello,
+        MailFrom: _answer_mail,
+        RcptTo: _answer_rcpt,
+        DataStart: _answer_data_start,
+        DataComplete: _answer_data_complete,
+        AuthCredentials: _answer_auth,
+        StartTLS: _answer_starttls,
+        Verify: _answer_verify,
+        Xclient: _answer_xclient,
+        Xforward: _answer_xforward,
+    }
+
+    # --- DATA and BDAT ---------------------------------------------------------------------
+
+    def _step_data(self) -> bool:
+        reader = self._dot
+        assert reader is not None
+        chunks, end, done = reader.feed(self._buf, self._pos)
+        consumed = end != self._pos
+        self._pos = end
+        for chunk in chunks:
+            self._events.append(DataChunk(chunk))
+        if not done:
+            return consumed or bool(chunks)
+        self._dot = None
+        tx = self.transaction
+        assert tx is not None
+        if reader.error is not None:
+            reply = reader.error_reply or R.MESSAGE_TOO_BIG
+            self._send(reply)
+            self._events.append(DataDiscarded(reader.error, reply))
+            self.transaction = None
+            self.state = State.READY
+            return True
+        self.state = State.READY  # provisional: DataComplete's answer ends the transaction
+        self._pending = DataComplete(reader.size, tuple(tx.recipients))
+        self._events.append(self._pending)
+        return True
+
+    def _start_chunk(self, size: int) -> None:
+        tx = self.transaction
+        assert tx is not None
+        limit = self._max_size()
+        if limit and tx.bdat_size + size > limit:
+            # RFC 3030: the oversized chunk is read and dropped, then answered 552.
+            tx.bdat_size += size
+            self._abort_transaction(notify=False)
+            self._discard_chunk(size, R.MESSAGE_TOO_BIG, DiscardReason.TOO_BIG)
+            return
+        tx.bdat_size += size
+        tx.used_bdat = True
+        self._bdat = BdatReader(size)
+        self._bdat_chunk_size = size
+        self.state = State.BDAT
+        self._bdat_discard_reply = None
+
+    def _discard_chunk(self, size: int, reply: Reply, reason: DiscardReason) -> None:
+        self._bdat = BdatReader(size)
+        self._bdat_discard_reply = reply
+        self._bdat_discard_reason = reason
+        self._bdat_resume = self.state if self.state is not State.BDAT else State.READY
+        self.state = State.BDAT
+
+    def _step_bdat(self) -> bool:
+        reader = self._bdat
+        assert reader is not None
+        chunk, end, done = reader.feed(self._buf, self._pos)
+        consumed = end != self._pos
+        self._pos = end
+        discard = self._bdat_discard_reply
+        if chunk and discard is None:
+            self._events.append(DataChunk(chunk))
+        if not done:
+            return consumed
+        self._bdat = None
+        if discard is not None:
+            self._bdat_discard_reply = None
+            self.state = self._bdat_resume
+            if self._bdat_discard_reason is DiscardReason.TOO_BIG:
+                self._events.append(DataDiscarded(DiscardReason.TOO_BIG, discard))
+                self.state = State.READY
+            self._send(discard)
+            return True
+        tx = self.transaction
+        assert tx is not None
+        if not self._bdat_last:
+            self.state = State.BDAT_OPEN
+            self._send(Reply(250, "2.0.0", (f"{self._bdat_chunk_size} octets received",)))
+            return True
+        self.state = State.READY
+        self._pending = DataComplete(tx.bdat_size, tuple(tx.recipients))
+        self._events.append(self._pending)
+        return True
+
+    # --- AUTH ------------------------------------------------------------------------------
+
+    def _auth_allowed_now(self, mechanism: type[Mechanism]) -> bool:
+        return self.tls_active or not self.config.auth_requires_tls
+
+    def _auth_line(self, line: bytes) -> None:
+        if self._sasl_final_reply is not None:
+            # The client's answer to the XOAUTH2 error challenge; its content is ignored.
+            final, self._sasl_final_reply = self._sasl_final_reply, None
+            self._auth_failed(final)
+            return
+        mechanism = self._sasl
+        assert mechanism is not None
+        try:
+            result = mechanism.step(decode_response(line, allow_empty_marker=False))
+        except SaslError as exc:
+            self._sasl = None
+            self.state = State.READY
+            self._send(exc.reply)
+            return
+        self._sasl_result(result, line)
+
+    def _sasl_result(self, result: Challenge | AuthCredentials, line: bytes) -> None:
+        if isinstance(result, Challenge):
+            self.state = State.AUTH
+            self._out += b"334 " + encode_challenge(result.data) + b"\r\n"
+            return
+        self.state = State.READY
+        self._pause(result, line)
+
+    def _auth_failed(self, reply: Reply) -> None:
+        self._sasl = None
+        self.state = State.READY
+        self._auth_failures += 1
+        self._send(reply)
+        if self._auth_failures >= self.config.max_auth_failures:
+            self._events.append(LimitExceeded(Limit.AUTH_FAILURES, closing=True))
+            self._send(R.TOO_MANY_ERRORS)
+            self._enter_closed("too-many-auth-failures")
+
+    # --- capabilities ----------------------------------------------------------------------
+
+    def _capabilities(self) -> list[str]:
+        cfg = self.config
+        caps: list[str] = []
+        if cfg.pipelining:
+            caps.append("PIPELINING")
+        size = self._max_size()
+        caps.append(f"SIZE {size}" if size else "SIZE")
+        if cfg.eightbitmime:
+            caps.append("8BITMIME")
+        if cfg.smtputf8:
+            caps.append("SMTPUTF8")
+        if cfg.enhanced_status_codes:
+            caps.append("ENHANCEDSTATUSCODES")
+        if cfg.chunking:
+            caps.append("CHUNKING")
+            if cfg.binarymime:
+                caps.append("BINARYMIME")
+        if cfg.dsn:
+            caps.append("DSN")
+        if cfg.starttls and not self.tls_active and "STARTTLS" not in cfg.disabled_commands:
+            caps.append("STARTTLS")
+        if cfg.requiretls and self.tls_active:
+            caps.append("REQUIRETLS")
+        auth_now = self.tls_active or not cfg.auth_requires_tls
+        if cfg.auth_mechanisms and auth_now and "AUTH" not in cfg.disabled_commands:
+            caps.append("AUTH " + " ".join(cfg.auth_mechanisms))
+        if cfg.xclient and self.peer_trusted:
+            caps.append(_XCLIENT_CAPS)
+        if cfg.xforward and self.peer_trusted:
+            caps.append(_XFORWARD_CAPS)
+        if cfg.vrfy and "VRFY" not in cfg.disabled_commands:
+            caps.append("VRFY")
+        caps.append("HELP")
+        return caps
+
+    def _max_size(self) -> int | None:
+        return self.config.max_message_size or None
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def _send(self, reply: Reply) -> None:
+        self._out += reply.render(self.config.enhanced_status_codes)
+
+    def _pause(self, point: PolicyPoint, line: bytes) -> None:
+        self._pending = point
+        self._pending_line = line
+        self._events.append(point)
+
+    def _reject(
+        self,
+        line: bytes,
+        reply: Reply,
+        *,
+        unknown: bool = False,
+        bad: bool = False,
+        send: bool = True,
+    ) -> None:
+        if send:
+            self._send(reply)
+        self._events.append(CommandRejected(line, reply))
+        if unknown:
+            self._unknown_commands += 1
+            if self._unknown_commands > self.config.max_unknown_commands:
+                self._too_many(Limit.UNKNOWN_COMMANDS)
+        elif bad:
+            self._bad_commands += 1
+            if self._bad_commands > self.config.max_bad_commands:
+                self._too_many(Limit.BAD_COMMANDS)
+
+    def _too_many(self, limit: Limit) -> None:
+        self._events.append(LimitExceeded(limit, closing=True))
+        self._send(R.TOO_MANY_ERRORS)
+        self._enter_closed(limit.value)
+
+    def _abort_transaction(self, *, notify: bool = True) -> None:
+        if self.transaction is not None:
+            self.transaction = None
+            if notify:
+                self._events.append(TransactionReset())
+        if self.state in (S.MAIL, S.RCPT, S.BDAT_OPEN):
+            self.state = S.READY
+
+    def _reset_session(self) -> None:
+        self._abort_transaction()
+        self.esmtp = False
+        self._extensions = frozenset()
+        self.helo_name = None
+        self.authenticated_as = None
+
+    def _enter_closed(self, reason: str) -> None:
+        if self.state in (S.DATA, S.BDAT) or self.transaction is not None:
+            self.transaction = None
+            self._events.append(TransactionReset())
+        self.state = State.CLOSED
+        self._pending = None
+        self._events.append(ConnectionClosed(reason))
+
+    def _peer_closed(self) -> None:
+        self._enter_closed("peer-closed")
+
+
+#: C0 controls (TAB aside), DEL and C1 controls: never valid in a command line.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def _has_control(text: str) -> bool:
+    return _CONTROL.search(text) is not None
+
+
+__all__ = [
+    "RULES",
+    "Arg",
+    "ProtocolError",
+    "Rule",
+    "ServerConnection",
+    "State",
+    "Transaction",
+]

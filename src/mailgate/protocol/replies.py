@@ -1,0 +1,131 @@
+"""SMTP replies as values: a code, an optional enhanced status code, and text lines.
+
+Replies are immutable so the standard ones below can be shared between connections.
+Rendering follows RFC 5321 4.2.1 (``250-`` on every line but the last) and RFC 2034:
+when enhanced status codes are in use, every line of a 2xx/4xx/5xx reply carries the
+code, except the greeting and the EHLO reply (callers pass ``enhanced=False`` there).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
+
+
+class ReplyError(ValueError):
+    """Raised when a Reply is built with values that cannot be sent on the wire."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One SMTP reply.
+
+    ``code`` is the three-digit basic code, ``status`` the RFC 3463 enhanced code
+    (``"5.1.1"``) or ``None``, ``lines`` the human-readable text, one entry per line.
+    """
+
+    code: int
+    status: str | None = None
+    lines: tuple[str, ...] = ("",)
+
+    def __post_init__(self) -> None:
+        if not 200 <= self.code <= 599:
+            raise ReplyError(f"reply code out of range: {self.code}")
+        if self.status is not None:
+            if not _ENHANCED.match(self.status):
+                raise ReplyError(f"malformed enhanced status code: {self.status!r}")
+            if self.status[0] != str(self.code)[0]:
+                raise ReplyError(
+                    f"enhanced status {self.status} does not match reply class {self.code}"
+                )
+        if isinstance(self.lines, str):
+            object.__setattr__(self, "lines", (self.lines,))
+        if not self.lines:
+            object.__setattr__(self, "lines", ("",))
+        for line in self.lines:
+            if "\r" in line or "\n" in line:
+                raise ReplyError("reply text must not contain CR or LF")
+
+    @classmethod
+    def of(cls, code: int, status: str | None, *lines: str) -> Reply:
+        return cls(code, status, tuple(lines) or ("",))
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    @property
+    def is_positive(self) -> bool:
+        return self.code < 400
+
+    @property
+    def is_transient(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def is_permanent(self) -> bool:
+        return self.code >= 500
+
+    def render(self, enhanced: bool = True) -> bytes:
+        """The wire form: every line CRLF-terminated, ``-`` after the code on all but
+        the last. The enhanced code is written when ``enhanced`` and the reply has one,
+        and never on 3xx intermediate replies (RFC 2034 covers 2xx, 4xx and 5xx only)."""
+        prefix_status = enhanced and self.status is not None and self.code // 100 != 3
+        code = str(self.code)
+        last = len(self.lines) - 1
+        out = []
+        for i, line in enumerate(self.lines):
+            sep = " " if i == last else "-"
+            if prefix_status:
+                body = f"{self.status} {line}" if line else str(self.status)
+            else:
+                body = line
+            out.append(f"{code}{sep}{body}".rstrip(" ") + "\r\n")
+        # Text is ASCII in practice; UTF-8 keeps SMTPUTF8 sessions able to echo addresses.
+        return "".join(out).encode("utf-8")
+
+    def __str__(self) -> str:
+        return self.render().decode("utf-8", "replace").rstrip("\r\n")
+
+
+# Standard replies. Texts are mailgate's own.
+OK = Reply(250, "2.0.0", ("OK",))
+SENDER_OK = Reply(250, "2.1.0", ("Sender OK",))
+RECIPIENT_OK = Reply(250, "2.1.5", ("Recipient OK",))
+MESSAGE_ACCEPTED = Reply(250, "2.0.0", ("Message accepted",))
+RESET_OK = Reply(250, "2.0.0", ("Reset OK",))
+NOOP_OK = Reply(250, "2.0.0", ("OK",))
+START_DATA = Reply(354, None, ("End data with <CR><LF>.<CR><LF>",))
+BYE = Reply(221, "2.0.0", ("Bye",))
+READY_FOR_TLS = Reply(220, "2.0.0", ("Ready to start TLS",))
+AUTH_OK = Reply(235, "2.7.0", ("Authentication succeeded",))
+VRFY_DEFAULT = Reply(252, "2.5.0", ("Cannot verify the user; send mail to try delivery",))
+EXPN_DEFAULT = Reply(502, "5.5.1", ("EXPN is not available",))
+
+UNKNOWN_COMMAND = Reply(500, "5.5.2", ("Command not recognized",))
+LINE_TOO_LONG = Reply(500, "5.5.2", ("Line too long",))
+AUTH_LINE_TOO_LONG = Reply(500, "5.5.6", ("Authentication exchange line is too long",))
+SYNTAX_ERROR = Reply(501, "5.5.2", ("Syntax error",))
+NOT_IMPLEMENTED = Reply(502, "5.5.1", ("Command not implemented",))
+BAD_SEQUENCE = Reply(503, "5.5.1", ("Bad sequence of commands",))
+BAD_PARAMETER = Reply(555, "5.5.4", ("Unknown or invalid parameter",))
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", ("Too many recipients",))
+MESSAGE_TOO_BIG = Reply(552, "5.3.4", ("Message size exceeds fixed maximum message size",))
+AUTH_FAILED = Reply(535, "5.7.8", ("Authentication credentials invalid",))
+AUTH_CANCELLED = Reply(501, "5.7.0", ("Authentication cancelled",))
+AUTH_BAD_BASE64 = Reply(501, "5.5.2", ("Cannot decode base64 response",))
+AUTH_UNKNOWN_MECHANISM = Reply(504, "5.5.4", ("Unrecognized authentication mechanism",))
+AUTH_ALREADY = Reply(503, "5.5.1", ("Already authenticated",))
+AUTH_REQUIRES_TLS = Reply(538, "5.7.11", ("Encryption required for requested authentication mechanism",))
+SMTPUTF8_REQUIRED = Reply(553, "5.6.7", ("Non-ASCII address requires SMTPUTF8",))
+BAD_ADDRESS = Reply(553, "5.1.3", ("Address syntax or characters not allowed",))
+TOO_MANY_ERRORS = Reply(421, "4.7.0", ("Too many errors, closing connection",))
+SHUTTING_DOWN = Reply(421, "4.3.2", ("Service shutting down, closing connection",))
+IDLE_TIMEOUT = Reply(421, "4.4.2", ("Idle timeout, closing connection",))
+BARE_NEWLINE = Reply(
+    554, "5.5.2", ("Message refused: bare CR or LF followed by '.' (see SMTP smuggling)",)
+)
+BARE_NEWLINE_STRICT = Reply(554, "5.5.2", ("Message refused: bare CR or LF in message data",))
+DATA_LINE_TOO_LONG = Reply(554, "5.6.0", ("Message refused: a line exceeds the length limit",))

@@ -1,0 +1,615 @@
+"""One client connection: an asyncio.Protocol that drives a protocol.ServerConnection.
+
+The hot path stays synchronous: when no hook is registered for a stage, the policy point is
+answered inline and every reply to a pipelined batch goes out in one ``transport.write``.
+Only real work (hooks, fsync, TLS handshakes) leaves the callback for a task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from typing import TYPE_CHECKING, Any
+
+from mailgate import hooks as H
+from mailgate.protocol import (
+    NEED_DATA,
+    PAUSED,
+    AuthCredentials,
+    ConnectionClosed,
+    DataChunk,
+    DataComplete,
+    DataDiscarded,
+    DataStart,
+    Greeting,
+    Hello,
+    LimitExceeded,
+    MailFrom,
+    PolicyPoint,
+    RcptTo,
+    Reply,
+    ServerConnection,
+    StartTLS,
+    State,
+    TransactionReset,
+    Verify,
+    Xclient,
+    Xforward,
+)
+from mailgate.protocol import replies as R
+from mailgate.protocol.proxy import ProxyError, ProxyHeader, parse_proxy_header
+
+from .received import received_header, with_protocol
+from .spool import SpoolFile
+
+if TYPE_CHECKING:
+    from .app import Server
+
+log = logging.getLogger("mailgate.session")
+
+_STAGE_OF: dict[type[PolicyPoint], str] = {
+    Greeting: "connect",
+    Hello: "helo",
+    AuthCredentials: "auth",
+    MailFrom: "mail",
+    RcptTo: "rcpt",
+    DataStart: "data_start",
+    DataComplete: "message",
+}
+_IN_TRANSACTION = frozenset({State.MAIL, State.RCPT, State.DATA, State.BDAT, State.BDAT_OPEN})
+_EARLY_TALKER = Reply(554, "5.5.1", ("Protocol error: data sent before the greeting",))
+_PROXY_REFUSED = Reply(421, "4.7.0", ("PROXY header missing or invalid",))
+_LOCAL_ERROR = Reply(451, "4.3.0", ("Local error in processing, try again later",))
+_AUTH_UNAVAILABLE = Reply(454, "4.7.0", ("Temporary authentication failure",))
+_TLS_UNAVAILABLE = Reply(454, "4.7.0", ("TLS not available",))
+#: Read no more while this much unparsed input waits for a slow hook.
+_MAX_BUFFERED = 256 * 1024
+
+
+class SMTPConnection(asyncio.Protocol):
+    def __init__(self, server: Server, *, implicit_tls: bool = False, expect_proxy: bool = False) -> None:
+        self.server = server
+        self.loop = server.loop
+        self.implicit_tls = implicit_tls
+        self.expect_proxy = expect_proxy
+        self.transport: asyncio.Transport | None = None
+        self.conn: ServerConnection | None = None
+        self.session: H.Session | None = None
+        self.envelope = H.Envelope()
+        self.spool: SpoolFile | None = None
+        self.message_id = ""
+        self.peer_ip = ""
+        self._admitted = False
+        self._task: asyncio.Task[None] | None = None
+        self._greeted = False
+        self._proxy_buf = bytearray()
+        self._read_paused = False
+        self._write_paused = False
+        self._closing = False  # graceful shutdown requested
+        self._last_activity = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    # --- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername") or ("", 0)
+        local = transport.get_extra_info("sockname") or ("", 0)
+        self.peer_ip = str(peer[0])
+        refusal = self.server.admit(self)
+        if refusal is not None:
+            transport.write(refusal.render(False))
+            transport.close()
+            return
+        self._admitted = True
+        self.session = H.Session(
+            id=self.server.new_id(),
+            peer_host=self.peer_ip,
+            peer_port=int(peer[1]),
+            local_host=str(local[0]),
+            local_port=int(local[1]),
+        )
+        if self.implicit_tls:
+            self.session.tls = _tls_info(transport)
+        self._last_activity = self.loop.time()
+        self._arm_timer(self.server.options.proxy_timeout if self.expect_proxy else None)
+        if not self.expect_proxy:
+            self._start_session()
+
+    def data_received(self, data: bytes) -> None:
+        self._last_activity = self.loop.time()
+        conn = self.conn
+        if conn is None:
+            if self.expect_proxy and not self._greeted:
+                self._proxy_data(data)
+            return
+        if not self._greeted:
+            # Bytes before our banner: a client that does not wait its turn (often spam).
+            self._refuse(_EARLY_TALKER)
+            return
+        conn.receive_data(data)
+        if self._task is None:
+            self._process()
+        elif conn.buffered > _MAX_BUFFERED:
+            self._pause_reading()
+
+    def eof_received(self) -> bool | None:
+        if self.conn is not None:
+            self.conn.receive_data(b"")
+            if self._task is None:
+                self._process()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self._drop_spool()
+        if self._admitted:
+            self._admitted = False
+            self.server.release(self)
+            if self.session is not None:
+                self.server.hooks_close(self.session)
+        self.transport = None
+
+    def pause_writing(self) -> None:
+        # The client does not read its replies: stop reading its commands too.
+        self._write_paused = True
+        self._pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._task is None:
+            self._resume_reading()
+
+    # --- session start -----------------------------------------------------------------------
+
+    def _proxy_data(self, data: bytes) -> None:
+        self._proxy_buf += data
+        try:
+            parsed = parse_proxy_header(self._proxy_buf)
+        except ProxyError as exc:
+            log.info("session %s: bad PROXY header from %s: %s", self._sid(), self.peer_ip, exc)
+            self._refuse(_PROXY_REFUSED)
+            return
+        if parsed is None:
+            return
+        header, used = parsed
+        rest = bytes(self._proxy_buf[used:])
+        self._proxy_buf = bytearray()
+        self._apply_proxy(header)
+        self._start_session()
+        if rest and self.conn is not None:
+            if not self._greeted:
+                self._refuse(_EARLY_TALKER)
+                return
+            self.conn.receive_data(rest)
+            self._process()
+
+    def _apply_proxy(self, header: ProxyHeader) -> None:
+        session = self.session
+        assert session is not None
+        if header.command == "PROXY" and header.source_address and header.family in ("TCP4", "TCP6"):
+            session.peer_host = header.source_address
+            session.peer_port = header.source_port or 0
+            session.local_host = header.destination_address or session.local_host
+            session.local_port = header.destination_port or session.local_port
+            session.forwarded = True
+            self.server.rebind_ip(self, header.source_address)
+            self.peer_ip = header.source_address
+
+    def _start_session(self) -> None:
+        assert self.session is not None
+        self.conn = ServerConnection(
+            self.server.protocol_config,
+            tls_active=self.implicit_tls,
+            peer_trusted=self.server.is_trusted(self.session.peer_host),
+        )
+        self._arm_timer(None)
+        self._process()
+
+    # --- the event loop of one connection ----------------------------------------------------
+
+    def _process(self) -> None:
+        conn = self.conn
+        if conn is None:
+            return
+        while True:
+            event = conn.next_event()
+            if event is NEED_DATA or event is PAUSED:
+                break
+            cls = type(event)
+            if cls is DataChunk:
+                spool = self.spool
+                if spool is not None:
+                    spool.write(event.data)  # type: ignore[attr-defined]
+                continue
+            if isinstance(event, PolicyPoint):
+                if not self._answer_inline(event):
+                    self._task = self.loop.create_task(self._answer_async(event))
+                    break
+                continue
+            if cls is ConnectionClosed:
+                self._flush()
+                self._close_transport()
+                return
+            if cls is TransactionReset:
+                self._drop_spool()
+                self.envelope = H.Envelope()
+            elif cls is DataDiscarded:
+                self._drop_spool()
+                self.envelope = H.Envelope()
+                log.info("session %s: message refused: %s", self._sid(), event.reason.value)  # type: ignore[attr-defined]
+            elif cls is LimitExceeded:
+                log.info("session %s: limit exceeded: %s", self._sid(), event.limit.value)  # type: ignore[attr-defined]
+        self._flush()
+
+    def _answer_inline(self, point: PolicyPoint) -> bool:
+        """Answer a policy point without awaiting, when nothing needs to run. Returns False
+        when the answer needs a task (hooks, disk sync, TLS)."""
+        conn = self.conn
+        assert conn is not None
+        cls = type(point)
+        stage = _STAGE_OF.get(cls)
+        if stage is not None and self.server.hooks.has(stage):
+            return False
+        if cls is Greeting:
+            self._greeted = True
+            conn.respond(None)
+        elif cls is Hello:
+            self._note_hello(point)  # type: ignore[arg-type]
+            conn.respond(None)
+        elif cls is MailFrom:
+            self.envelope = H.Envelope(point.address, point.params)  # type: ignore[attr-defined]
+            conn.respond(None)
+        elif cls is RcptTo:
+            self.envelope.rcpt_to.append(point.address)  # type: ignore[attr-defined]
+            self.envelope.rcpt_params.append(point.params)  # type: ignore[attr-defined]
+            conn.respond(None)
+        elif cls is DataStart:
+            error = self._open_spool()
+            conn.respond(error)
+        elif cls is DataComplete:
+            if self.server.spooling:
+                return False  # fsync and delivery happen in a task
+            self._finish_message_count()
+            conn.respond(None)
+            self._after_message()
+        elif cls is AuthCredentials:
+            conn.respond(R.AUTH_FAILED)
+        elif cls is StartTLS:
+            if self.server.ssl_context is None:
+                conn.respond(_TLS_UNAVAILABLE)
+            else:
+                return False
+        elif cls in (Verify, Xforward):
+            if cls is Xforward and self.session is not None:
+                self.session.xforward = dict(point.attributes)  # type: ignore[attr-defined]
+            conn.respond(None)
+        elif cls is Xclient:
+            self._apply_xclient(point.attributes)  # type: ignore[attr-defined]
+            conn.respond(None)
+        else:  # pragma: no cover - every policy point is handled above
+            conn.respond(None)
+        return True
+
+    async def _answer_async(self, point: PolicyPoint) -> None:
+        conn = self.conn
+        session = self.session
+        assert conn is not None and session is not None
+        try:
+            if isinstance(point, StartTLS):
+                await self._starttls()
+            else:
+                reply = await self._policy(point, session)
+                if conn.state is not State.CLOSED:
+                    conn.respond(reply)
+                if isinstance(point, Greeting):
+                    self._greeted = True
+                elif isinstance(point, DataComplete):
+                    self._after_message()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("session %s: internal error answering %s", self._sid(), type(point).__name__)
+            if conn.state is not State.CLOSED:
+                try:
+                    conn.respond(_LOCAL_ERROR if not isinstance(point, Greeting) else R.SHUTTING_DOWN)
+                except Exception:  # the point may have been answered already
+                    conn.close(R.SHUTTING_DOWN)
+        finally:
+            self._task = None
+        if self.transport is None:
+            return
+        if not self._write_paused:
+            self._resume_reading()
+        self._process()
+
+    async def _policy(self, point: PolicyPoint, session: H.Session) -> Reply | None:
+        """Run the hooks for a policy point and turn their verdict into the reply."""
+        hooks = self.server.hooks
+        if isinstance(point, Greeting):
+            result = await hooks.run("connect", session)
+            return _as_reply(result, None)
+        if isinstance(point, Hello):
+            result = await hooks.run("helo", session, point.domain)
+            reply = _as_reply(result, None)
+            if reply is None or reply.is_positive:
+                self._note_hello(point)
+            return reply
+        if isinstance(point, MailFrom):
+            envelope = H.Envelope(point.address, point.params)
+            result = await hooks.run("mail", session, envelope)
+            reply = _as_reply(result, R.SENDER_OK)
+            if reply is None or reply.is_positive:
+                self.envelope = envelope
+            return reply
+        if isinstance(point, RcptTo):
+            result = await hooks.run("rcpt", session, self.envelope, point.address, point.params)
+            reply = _as_reply(result, R.RECIPIENT_OK)
+            if reply is None or reply.is_positive:
+                self.envelope.rcpt_to.append(point.address)
+                self.envelope.rcpt_params.append(point.params)
+            return reply
+        if isinstance(point, DataStart):
+            result = await hooks.run("data_start", session, self.envelope)
+            reply = _as_reply(result, R.START_DATA if not point.bdat else None)
+            if reply is None or reply.is_positive:
+                return self._open_spool() or (None if point.bdat else reply)
+            return reply
+        if isinstance(point, DataComplete):
+            return await self._complete_message(point, session)
+        if isinstance(point, AuthCredentials):
+            if not hooks.has("auth"):
+                return R.AUTH_FAILED
+            result = await hooks.run("auth", session, point)
+            if isinstance(result, H.Accept):
+                session.user = point.username
+                return _as_reply(result, R.AUTH_OK)
+            if isinstance(result, Reply):
+                return result
+            return R.AUTH_FAILED
+        return None  # pragma: no cover
+
+    async def _complete_message(self, point: DataComplete, session: H.Session) -> Reply | list[Reply]:
+        spool = self.spool
+        if spool is not None:
+            await self.loop.run_in_executor(None, spool.finish)
+        message = H.Message(
+            id=self.message_id,
+            session=session,
+            envelope=self.envelope,
+            size=point.size,
+            path=spool.path if spool is not None else None,
+            received_at=time.time(),
+        )
+        try:
+            result = await self.server.hooks.run("message", session, message)
+        finally:
+            self._drop_spool()
+        accepted = Reply(250, "2.0.0", (f"Message accepted as {self.message_id}",))
+        reply = _as_reply(result, accepted) or accepted
+        if reply.is_positive:
+            self._finish_message_count()
+            log.info(
+                "session %s: accepted %s from=<%s> rcpts=%d size=%d",
+                session.id, self.message_id, self.envelope.sender, len(self.envelope.rcpt_to), point.size,
+            )
+        return reply
+
+    def _after_message(self) -> None:
+        self.envelope = H.Envelope()
+        if self._closing:
+            self._shutdown_now()
+
+    def _finish_message_count(self) -> None:
+        assert self.session is not None
+        self.session.messages += 1
+        self.server.messages_accepted += 1
+
+    # --- STARTTLS ----------------------------------------------------------------------------
+
+    async def _starttls(self) -> None:
+        conn = self.conn
+        transport = self.transport
+        context = self.server.ssl_context
+        assert conn is not None and transport is not None and context is not None
+        conn.respond(None)  # queues the 220 and drops anything pipelined after STARTTLS
+        self._flush()
+        try:
+            new_transport = await self.loop.start_tls(
+                transport, self, context, server_side=True, ssl_handshake_timeout=30.0
+            )
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
+            log.info("session %s: TLS handshake failed: %s", self._sid(), exc)
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        if new_transport is None:  # pragma: no cover - closed during handshake
+            return
+        self.transport = new_transport  # type: ignore[assignment]
+        conn.tls_established()
+        assert self.session is not None
+        self.session.tls = _tls_info(new_transport)
+        self.session.helo = None
+        self.session.user = None
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def _note_hello(self, point: Hello) -> None:
+        assert self.session is not None
+        self.session.helo = point.domain
+        self.session.esmtp = point.verb != "HELO"
+        self.envelope = H.Envelope()
+
+    def _apply_xclient(self, attributes: dict[str, str | None]) -> None:
+        session = self.session
+        assert session is not None
+        if attributes.get("ADDR"):
+            session.peer_host = str(attributes["ADDR"])
+            session.forwarded = True
+        if attributes.get("PORT"):
+            session.peer_port = int(str(attributes["PORT"]))
+        if "LOGIN" in attributes:
+            session.user = attributes["LOGIN"]
+        session.helo = attributes.get("HELO") or None
+
+    def _open_spool(self) -> Reply | None:
+        """Open the spool file for a new message and write the trace header."""
+        self.message_id = self.server.new_id()
+        if not self.server.spooling:
+            return None
+        try:
+            spool = SpoolFile(self.server.spool_dir)
+            if self.server.options.received_header:
+                spool.write(self._received())
+        except OSError as exc:
+            log.error("session %s: cannot create spool file: %s", self._sid(), exc)
+            return _LOCAL_ERROR
+        self.spool = spool
+        return None
+
+    def _received(self) -> bytes:
+        session = self.session
+        conn = self.conn
+        assert session is not None and conn is not None
+        tls = session.tls
+        rcpts = self.envelope.rcpt_to
+        protocol = with_protocol(
+            lmtp=self.server.options.lmtp,
+            esmtp=session.esmtp,
+            tls=tls is not None,
+            auth=session.user is not None,
+            utf8="SMTPUTF8" in self.envelope.mail_params,
+        )
+        return received_header(
+            helo=session.helo,
+            peer_host=None,
+            peer_ip=session.peer_host,
+            peer_port=session.peer_port,
+            by_host=self.server.options.hostname,
+            protocol=protocol,
+            tls=f"{tls.version} {tls.cipher}" if tls is not None else None,
+            queue_id=self.message_id,
+            recipient=str(rcpts[0]) if len(rcpts) == 1 else None,
+        )
+
+    def _drop_spool(self) -> None:
+        spool = self.spool
+        if spool is not None:
+            self.spool = None
+            spool.discard()
+
+    def _flush(self) -> None:
+        conn = self.conn
+        transport = self.transport
+        if conn is None or transport is None:
+            return
+        out = conn.data_to_send()
+        if out:
+            transport.write(out)
+
+    def _refuse(self, reply: Reply) -> None:
+        transport = self.transport
+        if transport is not None:
+            transport.write(reply.render(False))
+            self._close_transport()
+
+    def _close_transport(self) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.close()
+
+    def _pause_reading(self) -> None:
+        if not self._read_paused and self.transport is not None:
+            self._read_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._read_paused and self.transport is not None:
+            self._read_paused = False
+            self.transport.resume_reading()
+
+    def _sid(self) -> str:
+        return self.session.id if self.session is not None else "-"
+
+    # --- timeouts and shutdown -------------------------------------------------------------------
+
+    def _arm_timer(self, timeout: float | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(timeout or self._timeout(), self._check_idle)
+
+    def _timeout(self) -> float:
+        options = self.server.options
+        conn = self.conn
+        if conn is not None and conn.state in (State.DATA, State.BDAT):
+            return options.data_timeout
+        return options.idle_timeout
+
+    def _check_idle(self) -> None:
+        self._timer = None
+        if self.transport is None:
+            return
+        if self.conn is None:  # still waiting for the PROXY header
+            log.info("session %s: no PROXY header in time from %s", self._sid(), self.peer_ip)
+            self._refuse(_PROXY_REFUSED)
+            return
+        if self._task is not None:
+            # Our own work (a slow hook, fsync) is not the client's idleness.
+            self._arm_timer(None)
+            return
+        timeout = self._timeout()
+        idle = self.loop.time() - self._last_activity
+        if idle >= timeout:
+            log.info("session %s: idle timeout after %.0f s", self._sid(), idle)
+            self.conn.close(R.IDLE_TIMEOUT)
+            self._process()
+            return
+        self._timer = self.loop.call_later(timeout - idle, self._check_idle)
+
+    def begin_shutdown(self) -> None:
+        """Graceful shutdown: close now if idle, else after the transaction in flight."""
+        self._closing = True
+        conn = self.conn
+        if conn is None:
+            self._close_transport()
+            return
+        if conn.state in _IN_TRANSACTION or self._task is not None:
+            return
+        self._shutdown_now()
+
+    def _shutdown_now(self) -> None:
+        conn = self.conn
+        if conn is not None and conn.state is not State.CLOSED:
+            conn.close(R.SHUTTING_DOWN)
+            self._process()
+        self._close_transport()
+
+    def abort(self) -> None:
+        """Close at once (shutdown timeout passed), telling the client why."""
+        self._closing = True
+        self._shutdown_now()
+
+
+def _as_reply(result: H.Reply | H.Accept | None | Any, success: Reply | None) -> Reply | None:
+    if result is None:
+        return None
+    if isinstance(result, H.Accept):
+        if result.text is None or success is None:
+            return success
+        return Reply(success.code, success.status, (result.text,))
+    assert isinstance(result, Reply)
+    return result
+
+
+def _tls_info(transport: asyncio.BaseTransport) -> H.TLSInfo | None:
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return None
+    cipher = ssl_object.cipher()
+    return H.TLSInfo(version=ssl_object.version(), cipher=cipher[0] if cipher else None)

@@ -1,0 +1,59 @@
+"""Everything the server needs to run, as one immutable value built by mailgate.config."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from mailgate.protocol.config import BareNewline
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    host: str  # literal IP or name; IPv6 without brackets
+    port: int
+    implicit_tls: bool = False
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerOptions:
+    listen: tuple[ListenAddress, ...] = (ListenAddress("127.0.0.1", 2525),)
+    hostname: str = "localhost"
+    # Where accepted mail goes: exactly one of these.
+    delivery: Literal["maildir", "mbox", "sink"] = "maildir"
+    maildir: Path = Path("maildir")
+    mbox: Path | None = None
+    state_dir: Path = Path(".mailgate")
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: Development credentials, user -> password.
+    auth_users: tuple[tuple[str, str], ...] = ()
+    allow_insecure_auth: bool = False
+    max_size: int = 25 * 1024 * 1024
+    max_recipients: int = 100
+    max_clients: int = 1000
+    max_clients_per_ip: int = 20
+    max_command_line: int = 512
+    max_unknown_commands: int = 10
+    max_bad_commands: int = 20
+    idle_timeout: float = 300.0
+    data_timeout: float = 600.0
+    close_timeout: float = 30.0
+    lmtp: bool = False
+    proxy_protocol: tuple[Network, ...] = ()
+    proxy_timeout: float = 10.0
+    workers: int = 1
+    received_header: bool = True
+    bare_newline: BareNewline = BareNewline.REJECT
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = "INFO"
+    #: Trusted peers that may use XCLIENT/XFORWARD.
+    trusted_networks: tuple[Network, ...] = field(default_factory=tuple)

@@ -1,0 +1,162 @@
+"""Process-level running: event loop choice, signals, and N workers sharing one port."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+
+from mailgate import hooks as H
+
+from .app import Server
+from .errors import StartupError
+from .logs import setup_logging
+from .options import ServerOptions
+
+log = logging.getLogger("mailgate.server")
+
+HooksFactory = Callable[[ServerOptions], H.Hooks]
+Reloader = Callable[[], ServerOptions]
+
+
+def _install_uvloop() -> str:
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
+
+
+async def serve(
+    options: ServerOptions,
+    make_hooks: HooksFactory,
+    *,
+    reload_options: Reloader | None = None,
+    reuse_port: bool = False,
+    started: Callable[[Server], None] | None = None,
+) -> None:
+    """Run one server until SIGTERM/SIGINT; SIGHUP reloads certificates and settings."""
+    server = Server(options, make_hooks(options))
+    await server.start(reuse_port=reuse_port)
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+
+    def on_stop(signame: str) -> None:
+        if not stopping.is_set():
+            log.info("%s received: finishing transactions in flight (up to %.0f s)", signame, server.options.close_timeout)
+            stopping.set()
+
+    def on_hup() -> None:
+        if reload_options is None:
+            log.info("SIGHUP: reloading certificates")
+            server.reload(server.options)
+            return
+        try:
+            new = reload_options()
+        except Exception as exc:  # a bad new config must not take the server down
+            log.error("SIGHUP: configuration not reloaded: %s", exc)
+            return
+        server.reload(new)
+
+    loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
+    loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    if started is not None:
+        started(server)
+    await stopping.wait()
+    await server.shutdown()
+    log.info("stopped; %d messages accepted", server.messages_accepted)
+
+
+def run(
+    options: ServerOptions,
+    make_hooks: HooksFactory | None = None,
+    *,
+    reload_options: Reloader | None = None,
+) -> int:
+    """Run the server in this process (or ``options.workers`` child processes)."""
+    setup_logging(options.log_format, options.log_level)
+    factory = make_hooks or (lambda _options: H.Hooks())
+    engine = _install_uvloop()
+    log.info("mailgate starting (%s, %d worker%s)", engine, options.workers, "s" if options.workers > 1 else "")
+    if options.workers <= 1:
+        return _run_one(options, factory, reload_options, reuse_port=False)
+    return _run_workers(options, factory, reload_options)
+
+
+def _run_one(options: ServerOptions, factory: HooksFactory, reload_options: Reloader | None, *, reuse_port: bool) -> int:
+    try:
+        asyncio.run(serve(options, factory, reload_options=reload_options, reuse_port=reuse_port))
+    except StartupError:
+        raise
+    except KeyboardInterrupt:  # pragma: no cover - signal handler normally catches it
+        return 130
+    return 0
+
+
+def _run_workers(options: ServerOptions, factory: HooksFactory, reload_options: Reloader | None) -> int:
+    """Fork N workers that each bind the port with SO_REUSEPORT; the kernel spreads
+    connections. The parent forwards signals and reports the first failure."""
+    _check_bindable(options)
+    children: list[int] = []
+    for _ in range(options.workers):
+        pid = os.fork()
+        if pid == 0:  # child
+            code = 1
+            try:
+                code = _run_one(options, factory, reload_options, reuse_port=True)
+            except StartupError as exc:
+                print(f"mailgate: {exc}", file=sys.stderr)
+                code = 2
+            except BaseException:  # noqa: BLE001 - a worker must never return into the parent's code
+                logging.getLogger("mailgate").exception("worker crashed")
+            finally:
+                os._exit(code)
+        children.append(pid)
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            try:
+                os.kill(child, signum)
+            except ProcessLookupError:
+                pass
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    status = 0
+    remaining = set(children)
+    while remaining:
+        try:
+            pid, wait_status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:  # pragma: no cover - PEP 475 retries, kept for clarity
+            continue
+        remaining.discard(pid)
+        code = os.waitstatus_to_exitcode(wait_status)
+        if code != 0 and status == 0:
+            status = code if code > 0 else 1
+            log.error("worker %d exited with %d; stopping the others", pid, code)
+            forward(signal.SIGTERM, None)
+    return status
+
+
+def _check_bindable(options: ServerOptions) -> None:
+    """With SO_REUSEPORT another process of ours could share the port silently; bind once
+    without it first so 'port in use' is reported as such."""
+    import socket
+
+    for address in options.listen:
+        if address.port == 0:
+            raise StartupError(f"{address}: --workers needs a fixed port, not 0")
+        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((address.host, address.port))
+            except OSError as exc:
+                raise StartupError(f"cannot listen on {address}: {exc.strerror or exc}") from None

@@ -1,0 +1,154 @@
+"""The file a message is streamed into while it arrives, and Maildir unique names.
+
+The spool file is named like a Maildir message so that, when the spool directory is a
+Maildir's ``tmp/``, delivery is a hard link into ``new/`` with no copy of the data.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import itertools
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import BinaryIO
+
+__all__ = ["SpoolFile", "unique_name", "write_all"]
+
+# Writes are gathered to this size: fewer syscalls for the small slices a pipelined
+# client produces, while larger slices go straight to the kernel without a copy
+# (io.BufferedWriter does both in C, faster than coalescing by hand in Python).
+_BUFFER_SIZE = 256 * 1024
+_CREATE_ATTEMPTS = 16
+
+_counter = itertools.count()
+_counter_lock = threading.Lock()
+_hostname: str | None = None
+
+
+def _escaped_hostname() -> str:
+    # "/" would make a path and ":" starts the Maildir info suffix, so both are escaped
+    # the way Courier and Dovecot do; computed once per process like they do.
+    global _hostname
+    if _hostname is None:
+        name = socket.gethostname() or "localhost"
+        _hostname = name.replace("/", "\\057").replace(":", "\\072")
+    return _hostname
+
+
+def unique_name(now: float | None = None) -> str:
+    """A Maildir unique name: ``<sec>.M<usec>P<pid>Q<n>R<random>.<host>``.
+
+    The pid and counter keep names apart between threads and worker processes of one
+    host; the random part covers pid reuse and clock steps backwards.
+    """
+    if now is None:
+        now = time.time()
+    seconds = int(now)
+    usec = int((now - seconds) * 1_000_000)
+    with _counter_lock:
+        n = next(_counter)
+    return f"{seconds}.M{usec}P{os.getpid()}Q{n}R{os.urandom(8).hex()}.{_escaped_hostname()}"
+
+
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """os.write until every byte is written (a write may be partial)."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+class SpoolFile:
+    """A message being received, streamed to disk as it arrives (never held in memory).
+
+    Not thread-safe: one connection owns it; ``finish`` may run in an executor thread
+    as long as nothing writes concurrently.
+    """
+
+    path: Path
+    size: int
+
+    def __init__(self, directory: Path) -> None:
+        directory = Path(directory)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        for _ in range(_CREATE_ATTEMPTS):
+            path = directory / unique_name()
+            try:
+                fd = os.open(path, flags, 0o600)
+            except FileExistsError:
+                continue
+            break
+        else:
+            raise FileExistsError(
+                errno.EEXIST, "could not create a uniquely named spool file", str(directory)
+            )
+        self.path = path
+        self.size = 0
+        self._file: io.BufferedWriter | None = io.BufferedWriter(
+            io.FileIO(fd, "wb", closefd=True), buffer_size=_BUFFER_SIZE
+        )
+        self._finished = False
+        self._discarded = False
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    @property
+    def discarded(self) -> bool:
+        return self._discarded
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._file is None:
+            raise ValueError(f"spool file {self.path} is no longer writable")
+        # BufferedWriter.write counts bytes, also for a memoryview of wider items.
+        self.size += self._file.write(data)
+
+    def finish(self) -> None:
+        """Write what is buffered and fsync; the file is complete and durable afterwards.
+
+        Only the file's data is synced; the directory entry is made durable by whatever
+        gives the file its final name (Maildir ``new/``) or copies it elsewhere.
+        """
+        if self._finished:
+            return
+        if self._file is None:
+            raise ValueError(f"spool file {self.path} was discarded")
+        file, self._file = self._file, None
+        # On failure the file is closed too: the caller can only discard it now.
+        with file:
+            file.flush()
+            os.fsync(file.fileno())
+        self._finished = True
+
+    def discard(self) -> None:
+        """Close and unlink. Idempotent; after a Maildir delivery the name is already gone."""
+        if not self._discarded:
+            self._discarded = True
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        if self._file is not None:
+            # Closed after the unlink, so the buffered tail it flushes never reaches a disk.
+            file, self._file = self._file, None
+            try:
+                file.close()
+            except OSError:
+                pass
+
+    def open_for_reading(self) -> BinaryIO:
+        """A new reader over everything written so far (all of the message once finished)."""
+        if self._discarded:
+            raise ValueError(f"spool file {self.path} was discarded")
+        if self._file is not None:
+            self._file.flush()
+        return open(self.path, "rb")  # noqa: SIM115 - the caller owns and closes it
+
+    def __repr__(self) -> str:
+        state = "discarded" if self._discarded else "finished" if self._finished else "open"
+        return f"<SpoolFile {self.path} size={self.size} {state}>"

@@ -1,0 +1,246 @@
+import errno
+import multiprocessing
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from mailgate.delivery.maildir import MaildirStore
+from mailgate.server.spool import SpoolFile
+
+MESSAGE = b"Subject: hi\r\n\r\nbody line\r\n.dot\r\n"
+
+
+class Events:
+    """Records fsync (by path), link and rename calls in order."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, str]] = []
+
+    def index(self, event: tuple[str, str]) -> int:
+        return self.log.index(event)
+
+
+@pytest.fixture
+def events(monkeypatch: pytest.MonkeyPatch) -> Events:
+    recorded = Events()
+    real_fsync, real_link, real_rename = os.fsync, os.link, os.rename
+
+    def fsync(fd: int) -> None:
+        recorded.log.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def link(src: os.PathLike[str] | str, dst: os.PathLike[str] | str) -> None:
+        real_link(src, dst)
+        recorded.log.append(("link", os.path.realpath(dst)))
+
+    def rename(src: os.PathLike[str] | str, dst: os.PathLike[str] | str) -> None:
+        real_rename(src, dst)
+        recorded.log.append(("rename", os.path.realpath(dst)))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "link", link)
+    monkeypatch.setattr(os, "rename", rename)
+    return recorded
+
+
+def no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "fsync", lambda fd: None)
+
+
+def real(path: Path) -> str:
+    return os.path.realpath(path)
+
+
+def test_creates_maildir_private_and_synced(tmp_path: Path, events: Events) -> None:
+    root = tmp_path / "deep" / "Maildir"
+    store = MaildirStore(root)
+    for sub in ("tmp", "new", "cur"):
+        assert stat.S_IMODE((root / sub).stat().st_mode) & 0o077 == 0
+    assert store.tmp_dir == root / "tmp"
+    assert ("fsync", real(root)) in events.log
+    assert ("fsync", real(root.parent)) in events.log
+    events.log.clear()
+    MaildirStore(root)  # already there: nothing to make durable
+    assert events.log == []
+
+
+def test_create_false_requires_an_existing_maildir(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        MaildirStore(tmp_path / "missing", create=False)
+    MaildirStore(tmp_path / "m")
+    assert MaildirStore(tmp_path / "m", create=False).root == tmp_path / "m"
+
+
+def test_spool_in_tmp_is_linked_durably(tmp_path: Path, events: Events) -> None:
+    store = MaildirStore(tmp_path / "Maildir")
+    spool = SpoolFile(store.tmp_dir)
+    spool.write(MESSAGE)
+    spool.finish()
+    inode = spool.path.stat().st_ino
+    events.log.clear()
+
+    key = store.deliver_spooled(spool)
+
+    delivered = store.root / "new" / key
+    assert key == spool.path.name
+    assert delivered.read_bytes() == MESSAGE
+    assert delivered.stat().st_ino == inode  # no copy
+    assert delivered.stat().st_nlink == 1
+    assert list(store.tmp_dir.iterdir()) == []
+    assert events.log == [("link", real(delivered)), ("fsync", real(store.root / "new"))]
+    spool.discard()  # no-op now, must not touch the delivered message
+    assert delivered.read_bytes() == MESSAGE
+
+
+def test_deliver_bytes_orders_file_sync_link_dir_sync(tmp_path: Path, events: Events) -> None:
+    store = MaildirStore(tmp_path / "Maildir")
+    events.log.clear()
+
+    key = store.deliver_bytes(MESSAGE)
+
+    delivered = store.root / "new" / key
+    assert delivered.read_bytes() == MESSAGE
+    assert list(store.tmp_dir.iterdir()) == []
+    file_sync = events.log[0]
+    assert file_sync[0] == "fsync"
+    assert Path(file_sync[1]).parent == Path(real(store.tmp_dir))
+    assert Path(file_sync[1]).name == key
+    assert events.log[1:] == [("link", real(delivered)), ("fsync", real(store.root / "new"))]
+    assert stat.S_IMODE(delivered.stat().st_mode) == 0o600
+
+
+def test_spool_elsewhere_is_copied(tmp_path: Path, events: Events) -> None:
+    store = MaildirStore(tmp_path / "Maildir")
+    outside = tmp_path / "spool"
+    outside.mkdir()
+    spool = SpoolFile(outside)
+    body = os.urandom(3 * 1024 * 1024 + 17)
+    spool.write(body)
+    spool.finish()
+    events.log.clear()
+
+    key = store.deliver_spooled(spool)
+
+    delivered = store.root / "new" / key
+    assert delivered.read_bytes() == body
+    assert delivered.stat().st_ino != spool.path.stat().st_ino
+    assert spool.path.read_bytes() == body  # the caller's spool is left alone
+    assert list(store.tmp_dir.iterdir()) == []
+    copy_sync, link, dir_sync = events.log
+    assert copy_sync[0] == "fsync" and Path(copy_sync[1]).parent == Path(real(store.tmp_dir))
+    assert link == ("link", real(delivered))
+    assert dir_sync == ("fsync", real(store.root / "new"))
+    spool.discard()
+
+
+def test_plain_path_is_synced_before_linking(tmp_path: Path, events: Events) -> None:
+    store = MaildirStore(tmp_path / "Maildir")
+    path = store.tmp_dir / "1700000000.M1P1Q1Rab.host"
+    path.write_bytes(MESSAGE)
+    events.log.clear()
+
+    key = store.deliver_spooled(path)
+
+    assert key == path.name
+    assert not path.exists()
+    assert events.log == [
+        ("fsync", real(path.parent) + "/" + path.name),
+        ("link", real(store.root / "new" / key)),
+        ("fsync", real(store.root / "new")),
+    ]
+
+
+def test_unfinished_spool_is_refused(tmp_path: Path) -> None:
+    store = MaildirStore(tmp_path / "Maildir")
+    spool = SpoolFile(store.tmp_dir)
+    spool.write(MESSAGE)
+    with pytest.raises(ValueError, match="finished"):
+        store.deliver_spooled(spool)
+    assert list((store.root / "new").iterdir()) == []
+    spool.discard()
+
+
+def test_name_taken_in_new_picks_another(tmp_path: Path) -> None:
+    store = MaildirStore(tmp_path / "Maildir")
+    spool = SpoolFile(store.tmp_dir)
+    spool.write(MESSAGE)
+    spool.finish()
+    squatter = store.root / "new" / spool.path.name
+    squatter.write_bytes(b"someone else")
+
+    key = store.deliver_spooled(spool)
+
+    assert key != spool.path.name
+    assert squatter.read_bytes() == b"someone else"
+    assert (store.root / "new" / key).read_bytes() == MESSAGE
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+def test_filesystem_without_hard_links_falls_back_to_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = MaildirStore(tmp_path / "Maildir")
+
+    def no_link(src: object, dst: object) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_link)
+    key = store.deliver_bytes(MESSAGE)
+    assert (store.root / "new" / key).read_bytes() == MESSAGE
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+def test_other_link_errors_propagate_and_leave_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = MaildirStore(tmp_path / "Maildir")
+
+    def full(src: object, dst: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "link", full)
+    with pytest.raises(OSError, match="No space"):
+        store.deliver_bytes(MESSAGE)
+    assert list(store.tmp_dir.iterdir()) == []
+    assert list((store.root / "new").iterdir()) == []
+
+
+def test_ten_thousand_deliveries_get_unique_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    no_fsync(monkeypatch)  # durability is tested above; this is about names
+    store = MaildirStore(tmp_path / "Maildir")
+    keys = [store.deliver_bytes(b"%d" % i) for i in range(10_000)]
+    assert len(set(keys)) == 10_000
+    assert len(os.listdir(store.root / "new")) == 10_000
+    assert os.listdir(store.tmp_dir) == []
+
+
+def _deliver_many(root: str, tag: str, count: int) -> None:
+    os.fsync = lambda fd: None  # only names matter here; this is a throwaway process
+    store = MaildirStore(Path(root), create=False)
+    for i in range(count):
+        store.deliver_bytes(f"{tag}-{i}".encode())
+
+
+def test_two_processes_never_collide(tmp_path: Path) -> None:
+    store = MaildirStore(tmp_path / "Maildir")
+    context = multiprocessing.get_context("fork")
+    workers = [
+        context.Process(target=_deliver_many, args=(str(store.root), tag, 2000)) for tag in "ab"
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+        if worker.is_alive():
+            worker.kill()
+        assert worker.exitcode == 0
+    new = store.root / "new"
+    contents = {(new / name).read_bytes() for name in os.listdir(new)}
+    expected = {f"{tag}-{i}".encode() for tag in "ab" for i in range(2000)}
+    assert contents == expected
+    pids = {name.split("P", 1)[1].split("Q", 1)[0] for name in os.listdir(new)}
+    assert len(pids) == 2

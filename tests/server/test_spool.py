@@ -1,0 +1,137 @@
+import os
+import re
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+
+from mailgate.server import spool as spool_module
+from mailgate.server.spool import SpoolFile, unique_name
+
+NAME = re.compile(r"(\d+)\.M(\d+)P(\d+)Q(\d+)R([0-9a-f]{16})\.(.+)")
+
+
+def test_many_chunks_read_back_exactly(tmp_path: Path) -> None:
+    spool = SpoolFile(tmp_path)
+    chunks = [bytes([i % 251]) * (i * 37 % 5000) for i in range(2000)]
+    chunks.append(os.urandom(1024 * 1024))  # larger than the buffer: written directly
+    chunks.append(b"tail\r\n")
+    for chunk in chunks:
+        spool.write(chunk)
+    expected = b"".join(chunks)
+    assert spool.size == len(expected)
+    spool.finish()
+    assert spool.finished
+    with spool.open_for_reading() as reader:
+        assert reader.read() == expected
+    assert spool.path.read_bytes() == expected
+
+
+def test_size_counts_bytes_of_any_buffer(tmp_path: Path) -> None:
+    spool = SpoolFile(tmp_path)
+    spool.write(b"abc")
+    spool.write(bytearray(b"de"))
+    spool.write(memoryview(b"\x00" * 8).cast("I"))  # 2 items, 8 bytes
+    spool.write(b"")
+    assert spool.size == 13
+    spool.finish()
+    assert spool.path.stat().st_size == 13
+
+
+def test_created_private_and_named_like_maildir(tmp_path: Path) -> None:
+    spool = SpoolFile(tmp_path)
+    assert spool.path.parent == tmp_path
+    assert stat.S_IMODE(spool.path.stat().st_mode) == 0o600
+    match = NAME.fullmatch(spool.path.name)
+    assert match is not None
+    assert int(match[3]) == os.getpid()
+    spool.discard()
+
+
+def test_missing_directory_fails(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        SpoolFile(tmp_path / "nope")
+
+
+def test_finish_fsyncs_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    spool = SpoolFile(tmp_path)
+    spool.write(b"x" * 10)
+    assert synced == []
+    spool.finish()
+    assert synced == [os.path.realpath(spool.path)]
+    spool.finish()  # idempotent, no second sync
+    assert synced == [os.path.realpath(spool.path)]
+
+
+def test_discard_removes_and_is_idempotent(tmp_path: Path) -> None:
+    spool = SpoolFile(tmp_path)
+    spool.write(b"data" * 1000)
+    spool.discard()
+    assert not spool.path.exists()
+    assert list(tmp_path.iterdir()) == []
+    spool.discard()
+    with pytest.raises(ValueError):
+        spool.write(b"more")
+    with pytest.raises(ValueError):
+        spool.finish()
+    with pytest.raises(ValueError):
+        spool.open_for_reading()
+
+
+def test_discard_after_finish_and_after_the_name_is_gone(tmp_path: Path) -> None:
+    spool = SpoolFile(tmp_path)
+    spool.write(b"data")
+    spool.finish()
+    with pytest.raises(ValueError):
+        spool.write(b"late")
+    os.rename(spool.path, tmp_path / "moved")  # what a Maildir delivery does
+    spool.discard()
+    assert (tmp_path / "moved").read_bytes() == b"data"
+
+
+def test_reading_before_finish_sees_everything_written(tmp_path: Path) -> None:
+    spool = SpoolFile(tmp_path)
+    spool.write(b"partial ")
+    with spool.open_for_reading() as reader:
+        assert reader.read() == b"partial "
+    spool.write(b"message")
+    spool.finish()
+    with spool.open_for_reading() as reader:
+        assert reader.read() == b"partial message"
+    spool.discard()
+
+
+def test_unique_name_escapes_hostname(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(spool_module, "_hostname", None)
+    monkeypatch.setattr(spool_module.socket, "gethostname", lambda: "host/a:b")
+    name = unique_name(1700000000.25)
+    match = NAME.fullmatch(name)
+    assert match is not None
+    assert match[1] == "1700000000"
+    assert match[2] == "250000"
+    assert match[6] == r"host\057a\072b"
+    assert "/" not in name and ":" not in name
+
+
+def test_unique_names_across_threads() -> None:
+    names: list[list[str]] = [[] for _ in range(8)]
+
+    def make(out: list[str]) -> None:
+        out.extend(unique_name(1700000000.0) for _ in range(2000))
+
+    threads = [threading.Thread(target=make, args=(out,)) for out in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    flat = [name for out in names for name in out]
+    assert len(set(flat)) == len(flat) == 16000

@@ -30,7 +30,7 @@ def run_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[ServerOptions, Relo
     """Replace mailgate.server.run; the options and reloader it was called with."""
     calls: list[tuple[ServerOptions, Reloader]] = []
 
-    def fake_run(options: ServerOptions, *, reload_options: Reloader) -> int:
+    def fake_run(options: ServerOptions, make_hooks: object, *, reload_options: Reloader) -> int:
         calls.append((options, reload_options))
         return 0
 
@@ -39,7 +39,7 @@ def run_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[ServerOptions, Relo
 
 
 def replace_run(monkeypatch: pytest.MonkeyPatch, run: Callable[[ServerOptions], int]) -> None:
-    monkeypatch.setattr(mailgate.server, "run", lambda options, **_: run(options))
+    monkeypatch.setattr(mailgate.server, "run", lambda options, *_, **__: run(options))
 
 
 def assert_one_line_error(capsys: pytest.CaptureFixture[str], *needles: str) -> str:
@@ -103,14 +103,14 @@ def test_the_servers_exit_status_is_returned(monkeypatch: pytest.MonkeyPatch) ->
     assert cli.main(["serve"]) == 3
 
 
-def test_startup_error_is_one_line_and_status_1(
+def test_startup_error_is_one_line_and_status_2(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     def run(options: ServerOptions) -> int:
         raise StartupError("cannot listen on 127.0.0.1:2525: address already in use")
 
     replace_run(monkeypatch, run)
-    assert cli.main(["serve"]) == 1
+    assert cli.main(["serve"]) == 2
     line = assert_one_line_error(capsys, "address already in use")
     assert line.startswith("mailgate: cannot start:")
 

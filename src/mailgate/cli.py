@@ -19,10 +19,11 @@ from mailgate.config import (
     ConfigError,
     build_options,
 )
+from mailgate.hooks import Hooks
 from mailgate.server.options import ServerOptions
 
 EXIT_CONFIG = 2
-EXIT_STARTUP = 1
+EXIT_STARTUP = 2  # the issue fixes it: start-up problems (port in use) exit 2 too
 EXIT_INTERRUPTED = 130
 
 _SERVE_EPILOG = """\
@@ -200,6 +201,12 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         help="on shutdown, wait this long for connections to finish "
         f"(default: {d.close_timeout:g})",
     )
+    group.add_argument(
+        "--greeting-delay",
+        metavar="SECONDS",
+        help="wait this long before the 220 banner; clients that send before it are "
+        f"refused with 554 as early talkers (default: {d.greeting_delay:g}, no wait)",
+    )
 
     group = serve.add_argument_group("protocol")
     group.add_argument(
@@ -287,13 +294,29 @@ def _serve(args: argparse.Namespace) -> int:
         return build_options(args)
 
     try:
-        return run(options, reload_options=reload_options)
+        return run(options, make_hooks, reload_options=reload_options)
     except ConfigError as exc:
         return _fail(f"mailgate: error: {exc}", EXIT_CONFIG)
     except StartupError as exc:
         return _fail(f"mailgate: cannot start: {exc}", EXIT_STARTUP)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+
+
+def make_hooks(options: ServerOptions) -> Hooks:
+    """Assemble the plugins the options ask for: the only place that knows them all."""
+    from mailgate.delivery.hooks import MaildirDelivery, MboxDelivery
+    from mailgate.plugins.static_auth import StaticUsers
+
+    hooks = Hooks()
+    if options.auth_users:
+        hooks.add(StaticUsers(dict(options.auth_users)))
+    if options.delivery == "maildir":
+        hooks.add(MaildirDelivery(options.maildir))
+    elif options.delivery == "mbox":
+        assert options.mbox is not None
+        hooks.add(MboxDelivery(options.mbox))
+    return hooks
 
 
 def _fail(message: str, status: int) -> int:

@@ -22,6 +22,7 @@ becomes the list ``auth_users``::
     idle_timeout = 300                      # seconds, integer or float
     data_timeout = 600
     close_timeout = 30
+    greeting_delay = 0                      # seconds before the banner; early talkers get 554
     lmtp = false
     proxy_protocol = ["10.0.0.0/8"]         # a list, or one comma-separated string
     trusted_networks = ["192.168.0.0/16"]
@@ -93,6 +94,7 @@ KEYS: tuple[str, ...] = (
     "idle_timeout",
     "data_timeout",
     "close_timeout",
+    "greeting_delay",
     "lmtp",
     "proxy_protocol",
     "trusted_networks",
@@ -124,7 +126,7 @@ _SIZE_UNITS = {
     "mb": 1000**2,
     "gb": 1000**3,
 }
-_SIZE_RE = re.compile(r"\s*(\d+)\s*([a-z]*)\s*", re.IGNORECASE)
+_SIZE_RE = re.compile(r"\s*(\d+)\s*([a-z]*)\s*", re.IGNORECASE | re.ASCII)
 # Letters, digits, hyphens and (seen in container and Windows names) underscores.
 _LABEL_RE = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?", re.IGNORECASE)
 
@@ -160,7 +162,7 @@ def build_options(args: argparse.Namespace) -> ServerOptions:
     values: dict[str, _Value] = {}
     config = getattr(args, "config", None)
     if config is not None:
-        values.update(load_config_file(Path(config)))
+        values.update(_load_config_file(Path(config)))
     flags = {
         key: _Value(raw, flag_name(key))
         for key in KEYS
@@ -174,7 +176,7 @@ def build_options(args: argparse.Namespace) -> ServerOptions:
     return _assemble(values)
 
 
-def load_config_file(path: Path) -> dict[str, _Value]:
+def _load_config_file(path: Path) -> dict[str, _Value]:
     """The raw settings of a TOML file, checked for unknown keys but not yet converted."""
     try:
         data = path.read_bytes()
@@ -256,6 +258,7 @@ def _assemble(values: Mapping[str, _Value]) -> ServerOptions:
         idle_timeout=get("idle_timeout", _seconds, DEFAULTS.idle_timeout),
         data_timeout=get("data_timeout", _seconds, DEFAULTS.data_timeout),
         close_timeout=get("close_timeout", _seconds, DEFAULTS.close_timeout),
+        greeting_delay=get("greeting_delay", _seconds_or_zero, DEFAULTS.greeting_delay),
         lmtp=get("lmtp", _bool, DEFAULTS.lmtp),
         proxy_protocol=get("proxy_protocol", _networks, DEFAULTS.proxy_protocol),
         trusted_networks=get("trusted_networks", _networks, DEFAULTS.trusted_networks),
@@ -409,6 +412,13 @@ def _seconds(value: _Value) -> float:
     seconds = float(_number(value, float, (int, float), "a number of seconds"))
     if not math.isfinite(seconds) or seconds <= 0:
         raise value.error(f"must be a positive number of seconds, got {value.raw}")
+    return seconds
+
+
+def _seconds_or_zero(value: _Value) -> float:
+    seconds = float(_number(value, float, (int, float), "a number of seconds"))
+    if not math.isfinite(seconds) or seconds < 0:
+        raise value.error(f"must be zero or a positive number of seconds, got {value.raw}")
     return seconds
 
 

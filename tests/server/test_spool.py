@@ -1,5 +1,6 @@
 import os
 import re
+import socket
 import stat
 import threading
 from pathlib import Path
@@ -112,7 +113,7 @@ def test_reading_before_finish_sees_everything_written(tmp_path: Path) -> None:
 
 def test_unique_name_escapes_hostname(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(spool_module, "_hostname", None)
-    monkeypatch.setattr(spool_module.socket, "gethostname", lambda: "host/a:b")
+    monkeypatch.setattr(socket, "gethostname", lambda: "host/a:b")
     name = unique_name(1700000000.25)
     match = NAME.fullmatch(name)
     assert match is not None

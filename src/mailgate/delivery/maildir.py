@@ -87,7 +87,7 @@ class MaildirStore:
 
         A spool in ``tmp/`` is linked, not copied, and its tmp name is removed (a
         ``SpoolFile``'s ``discard()`` is then a no-op). A spool elsewhere is copied and
-        left in place. A plain ``Path`` is fsynced here since its state is unknown.
+        left in place. A plain ``Path`` in ``tmp/`` is fsynced here: its state is unknown.
         """
         if isinstance(spool, SpoolFile):
             if not spool.finished or spool.discarded:
@@ -95,10 +95,11 @@ class MaildirStore:
             source = spool.path
         else:
             source = Path(spool)
+        if not self._in_tmp(source):
+            return self._copy_and_publish(source)
+        if not isinstance(spool, SpoolFile):
             _fsync_file(source)
-        if self._in_tmp(source):
-            return self._publish(source)
-        return self._copy_and_publish(source)
+        return self._publish(source)
 
     def deliver_bytes(self, data: bytes) -> str:
         """Deliver a message held in memory, as durably as ``deliver_spooled``."""

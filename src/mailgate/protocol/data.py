@@ -45,6 +45,8 @@ Refusal
 
 from __future__ import annotations
 
+import re
+
 from . import replies
 from .config import BareNewline
 from .events import DiscardReason
@@ -57,6 +59,15 @@ _TERMINATOR = b"\r\n.\r\n"
 _PARTIAL_TERMINATORS = (b"\r\n.\r", b"\r\n.", b"\r\n", b"\r")
 # What a dot at the start of a line may be the beginning of, when that line is the last one.
 _DOT_LINE_END = b".\r\n"
+
+# A dot after CRLF on a line of its own: the end of the data.
+_TERMINATOR_RE = re.compile(re.escape(_TERMINATOR))
+# The end of data, or a dot right after a bare CR or bare LF (REJECT), whichever comes first.
+# Starting with the literal dot lets the regex engine skip ahead at C speed, which is faster
+# than several bytes.find passes.
+_END_OR_SMUGGLING_RE = re.compile(rb"\.(?:(?<=\r\n\.)(?=\r\n)|(?<=\r\.)|(?<=[^\r]\n\.))")
+_STUFFED_DOT_RE = re.compile(rb"\r\n\.")
+_BARE_LF_RE = re.compile(rb"\n(?<!\r\n)")
 
 _CR = 0x0D
 _LF = 0x0A
@@ -89,7 +100,6 @@ class DotReader:
         "_line_len",
         "_max_line",
         "_max_size",
-        "_out_cr_last",
         "_policy",
         "_rank",
         "error",
@@ -111,10 +121,8 @@ class DotReader:
         self._at_line_start = True
         # The last consumed byte was a bare LF (a "." next would be the smuggling pattern).
         self._bare_lf_last = False
-        # Bytes of the current delivered line so far, its CR included, and whether the last
-        # delivered byte was a CR (a line exactly one byte over may still end in CRLF).
+        # Bytes of the current delivered line so far (a CR that may start its CRLF included).
         self._line_len = 0
-        self._out_cr_last = False
         self._rank = 0
         #: Delivered bytes so far, still counted after the size limit is passed.
         self.size = 0
@@ -160,65 +168,84 @@ class DotReader:
             pos += 1  # a stuffed dot
             self._at_line_start = False
             self._bare_lf_last = False
-        t = buf.find(_TERMINATOR, pos)
-        if t >= 0:
-            body_end = t + 2  # the CRLF that starts the terminator ends the last line
-            end = t + 5
-            self._done = True
-        else:
-            body_end = end = n - _withheld(buf, pos)
-        if body_end <= pos:
-            return [], end, self._done
-        if type(buf) is bytes:
-            raw = buf[pos:body_end]  # the whole buffer is not even copied
-        else:
-            with memoryview(buf) as view:
-                raw = bytes(view[pos:body_end])
-        chunk = self._deliver(raw)
+        with memoryview(buf) as whole, whole[pos:] as view:
+            # Scanning a slice rather than buf from pos keeps look-behinds from seeing bytes
+            # before pos; what precedes the slice is known from the flags instead.
+            t = self._find_end(view)
+            if t >= 0:
+                size = t + 2  # the CRLF that starts the terminator ends the last line
+                end = pos + t + 5
+                self._done = True
+            else:
+                size = n - pos - _withheld(buf, pos)
+                end = pos + size
+            if size <= 0:
+                return [], end, self._done
+            with view[:size] as raw:
+                chunk = self._deliver(raw)
         return ([chunk] if chunk else []), end, self._done
 
-    def _deliver(self, raw: bytes) -> bytes | None:
+    def _find_end(self, view: memoryview) -> int:
+        """Index in ``view`` of the terminator, or -1; also checks the REJECT policy on the
+        bytes before it, in the same pass."""
+        if self._policy is not BareNewline.REJECT or self._rank == 3:
+            m = _TERMINATOR_RE.search(view)
+            return -1 if m is None else m.start()
+        if (self._bare_lf_last and view[0] == _DOT) or (
+            view[0] == _LF and len(view) > 1 and view[1] == _DOT
+        ):
+            # A bare LF just before the slice or at its start (what precedes the slice is
+            # never a CR whose LF is in it).
+            self._fail(DiscardReason.BARE_NEWLINE)
+            return self._find_end(view)
+        m = _END_OR_SMUGGLING_RE.search(view)
+        if m is None:
+            return -1
+        dot = m.start()
+        if dot >= 2 and view[dot - 1] == _LF and view[dot - 2] == _CR:
+            return dot - 2
+        self._fail(DiscardReason.BARE_NEWLINE)
+        m = _TERMINATOR_RE.search(view, dot)
+        return -1 if m is None else m.start()
+
+    def _deliver(self, raw: memoryview) -> bytes | None:
         """Unstuff, check and normalize one consumed slice; the bytes to hand on, if any."""
-        chunk = raw.replace(b"\r\n.", b"\r\n")
-        policy = self._policy
-        if self._rank < 3:
-            if policy is BareNewline.REJECT:
-                # Every "\n." is either a stuffed dot ("\r\n.", removed above) or a bare LF
-                # before a dot; a CR before a dot is bare by definition.
-                if (
-                    raw.find(b"\r.") >= 0
-                    or raw.count(b"\n.") != len(raw) - len(chunk)
-                    or (self._bare_lf_last and raw[0] == _DOT)
-                ):
-                    self._fail(DiscardReason.BARE_NEWLINE)
-            elif policy is BareNewline.STRICT:
-                crlf = raw.count(b"\r\n")
-                if raw.count(b"\n") != crlf or raw.count(b"\r") != crlf:
-                    self._fail(DiscardReason.BARE_NEWLINE)
+        chunk = _STUFFED_DOT_RE.sub(b"\r\n", raw)
         # The slice never ends with a CR whose LF is withheld, and never starts with an LF
-        # whose CR was consumed earlier: the last-byte flags are all the context needed.
-        self._bare_lf_last = raw[-1] == _LF and (len(raw) < 2 or raw[-2] != _CR)
-        self._at_line_start = raw.endswith(b"\r\n")
-        if policy is BareNewline.NORMALIZE and chunk.count(b"\n") != chunk.count(b"\r\n"):
-            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        # whose CR was consumed earlier, so a CRLF is never split between two slices and
+        # these flags are all the context the next slice needs.
+        last = raw[-1]
+        self._bare_lf_last = last == _LF and (len(raw) < 2 or raw[-2] != _CR)
+        self._at_line_start = last == _LF and not self._bare_lf_last
+        policy = self._policy
+        if policy is BareNewline.STRICT:
+            # Unstuffing removed only dots; with no bare LF, #LF == #CRLF, and then
+            # #CR == #LF means no bare CR either.
+            if self._rank < 3 and (
+                chunk.count(b"\r") != chunk.count(b"\n") or _BARE_LF_RE.search(chunk)
+            ):
+                self._fail(DiscardReason.BARE_NEWLINE)
+        elif policy is BareNewline.NORMALIZE and _BARE_LF_RE.search(chunk):
+            chunk = _BARE_LF_RE.sub(b"\r\n", chunk)
         self.size += len(chunk)
         if self._max_size and self.size > self._max_size:
             self._fail(DiscardReason.TOO_BIG)
-        if self._max_line is not None and self._rank < 2 and not self._lines_fit(chunk):
+        max_line = self._max_line
+        if max_line is not None and self._rank < 2 and not self._lines_fit(chunk, max_line):
             self._fail(DiscardReason.LINE_TOO_LONG)
         return chunk if self.error is None else None
 
-    def _lines_fit(self, chunk: bytes) -> bool:
+    def _lines_fit(self, chunk: bytes, max_line: int) -> bool:
         """Check the line lengths of the next delivered bytes.
 
         Jumps a window of one longest allowed line at a time and looks for its last LF: if
         there is none the line is too long, otherwise every line ending inside the window is
         short enough (only the first can be one byte over, and then it must end in CRLF).
-        Two windows cover more than one line length, so a chunk costs ~2n/max_line steps.
+        The next window starts after that LF, past which the previous window had none, so
+        every two steps advance more than a line length: ~2n/max_line steps per chunk.
         """
-        assert self._max_line is not None
         # Raw bytes a line may have before its LF: the limit plus the CR of a CRLF.
-        width = self._max_line + 1
+        width = max_line + 1
         n = len(chunk)
         line_start = -self._line_len  # negative: the line began in an earlier chunk
         while True:
@@ -229,11 +256,10 @@ class DotReader:
                 if limit <= n:
                     return False
                 self._line_len = n - line_start
-                self._out_cr_last = chunk[-1] == _CR
                 return True
             if lf - line_start == width and chunk.rfind(b"\n", lo, lf) < 0:
-                cr_before = chunk[lf - 1] == _CR if lf > 0 else self._out_cr_last
-                if not cr_before:
+                # An LF opening a chunk never follows a CR: chunks do not split CRLF.
+                if lf == 0 or chunk[lf - 1] != _CR:
                     return False
             line_start = lf + 1
 

@@ -90,6 +90,7 @@ class SMTPConnection(asyncio.Protocol):
         self._closing = False  # graceful shutdown requested
         self._last_activity = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._greeting_timer: asyncio.TimerHandle | None = None
 
     # --- asyncio.Protocol ------------------------------------------------------------------
 
@@ -146,6 +147,8 @@ class SMTPConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        if self._greeting_timer is not None:
+            self._greeting_timer.cancel()
         if self._task is not None and not self._task.done():
             self._task.cancel()
         self._drop_spool()
@@ -210,7 +213,11 @@ class SMTPConnection(asyncio.Protocol):
             peer_trusted=self.server.is_trusted(self.session.peer_host),
         )
         self._arm_timer(None)
-        self._process()
+        delay = self.server.options.greeting_delay
+        if delay > 0:
+            self._greeting_timer = self.loop.call_later(delay, self._process)
+        else:
+            self._process()
 
     # --- the event loop of one connection ----------------------------------------------------
 
@@ -542,7 +549,11 @@ class SMTPConnection(asyncio.Protocol):
     def _arm_timer(self, timeout: float | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = self.loop.call_later(timeout or self._timeout(), self._check_idle)
+        if timeout is None:
+            # One timer serves both limits: it wakes at the shorter and checks which applies.
+            options = self.server.options
+            timeout = min(options.idle_timeout, options.data_timeout)
+        self._timer = self.loop.call_later(timeout, self._check_idle)
 
     def _timeout(self) -> float:
         options = self.server.options
@@ -570,7 +581,9 @@ class SMTPConnection(asyncio.Protocol):
             self.conn.close(R.IDLE_TIMEOUT)
             self._process()
             return
-        self._timer = self.loop.call_later(timeout - idle, self._check_idle)
+        options = self.server.options
+        next_check = min(timeout - idle, options.idle_timeout, options.data_timeout)
+        self._timer = self.loop.call_later(next_check, self._check_idle)
 
     def begin_shutdown(self) -> None:
         """Graceful shutdown: close now if idle, else after the transaction in flight."""

@@ -47,6 +47,8 @@ class ServerOptions:
     idle_timeout: float = 300.0
     data_timeout: float = 600.0
     close_timeout: float = 30.0
+    #: Wait this long before the banner; clients that talk first get 554 (0: no wait).
+    greeting_delay: float = 0.0
     lmtp: bool = False
     proxy_protocol: tuple[Network, ...] = ()
     proxy_timeout: float = 10.0

@@ -26,6 +26,14 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 _NON_ASCII = re.compile(r"[^\x00-\x7f]")
 _COMMENT_SPECIAL = re.compile(r"([()\\])")
 _NOT_ATEXT = re.compile(r"[^A-Za-z0-9!#$%&'*+\-/=?^_`{|}~.]")
+# RFC 5321 Mailbox (and the bare Postmaster), with RFC 6531 UTF-8 allowed; only a
+# well-formed one is written, since a stray "(" or '"' would swallow the date.
+_ATOM = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~\u0080-\U0010ffff]+"
+_QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"'
+_MAILBOX = re.compile(
+    rf"(?:{_ATOM}(?:\.{_ATOM})*|{_QUOTED})"
+    rf"(?:@(?:{_ATOM}(?:\.{_ATOM})*|\[[\x21-\x5a\x5e-\x7e]+\]))?"
+)
 
 
 def with_protocol(*, lmtp: bool, esmtp: bool, tls: bool, auth: bool, utf8: bool) -> str:
@@ -165,10 +173,11 @@ def received_header(
     if isinstance(recipient, str):
         recipient = [recipient]
     if recipient is not None and len(recipient) == 1:
-        address = recipient[0].strip()
+        address = _clean(recipient[0].strip(), utf8=utf8)
         if address.startswith("<") and address.endswith(">"):
             address = address[1:-1]
-        segments.append(f"for <{_clean(address, utf8=utf8)}>")
+        if _MAILBOX.fullmatch(address):
+            segments.append(f"for <{address}>")
 
     segments[-1] += ";"
     stamp = time.time() if when is None else when

@@ -6,6 +6,7 @@ Maildir's ``tmp/``, delivery is a hard link into ``new/`` with no copy of the da
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import itertools
@@ -129,17 +130,13 @@ class SpoolFile:
         """Close and unlink. Idempotent; after a Maildir delivery the name is already gone."""
         if not self._discarded:
             self._discarded = True
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
-            except FileNotFoundError:
-                pass
         if self._file is not None:
             # Closed after the unlink, so the buffered tail it flushes never reaches a disk.
             file, self._file = self._file, None
-            try:
+            with contextlib.suppress(OSError):
                 file.close()
-            except OSError:
-                pass
 
     def open_for_reading(self) -> BinaryIO:
         """A new reader over everything written so far (all of the message once finished)."""
@@ -147,7 +144,7 @@ class SpoolFile:
             raise ValueError(f"spool file {self.path} was discarded")
         if self._file is not None:
             self._file.flush()
-        return open(self.path, "rb")  # noqa: SIM115 - the caller owns and closes it
+        return open(self.path, "rb")
 
     def __repr__(self) -> str:
         state = "discarded" if self._discarded else "finished" if self._finished else "open"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -87,19 +88,28 @@ def mailgate_help() -> str:
     return _mailgate_help
 
 
-def _mailgate_limit_flags(limits: Limits) -> list[str]:
-    # The CLI may not have every limit flag; pass the ones it has and let the notes say
-    # which defaults were left in force.
-    help_text = mailgate_help()
-    wanted = {
-        "--max-size": limits.max_size,
-        "--max-clients": limits.max_clients,
-        "--max-clients-per-ip": limits.max_clients,
+def _mailgate_optional_flags(limits: Limits) -> dict[str, str]:
+    return {
+        "--max-size": str(limits.max_size),
+        "--max-clients": str(limits.max_clients),
+        "--max-clients-per-ip": str(limits.max_clients),
+        # One development certificate for every start, not a new RSA key per run.
+        "--state-dir": str(WORK / "mailgate-state"),
     }
+
+
+def _has_flag(help_text: str, flag: str) -> bool:
+    return re.search(rf"{re.escape(flag)}(?![\w-])", help_text) is not None
+
+
+def _mailgate_extra_flags(limits: Limits) -> list[str]:
+    # The CLI may lack some of these; pass the ones it has and let the notes say which
+    # defaults were left in force.
+    help_text = mailgate_help()
     flags: list[str] = []
-    for flag, value in wanted.items():
-        if f"{flag} " in help_text or f"{flag}=" in help_text or f"{flag}\n" in help_text:
-            flags += [flag, str(value)]
+    for flag, value in _mailgate_optional_flags(limits).items():
+        if _has_flag(help_text, flag):
+            flags += [flag, value]
     return flags
 
 
@@ -110,8 +120,8 @@ def _mailgate_notes() -> list[str]:
         return []
     return [
         f"mailgate serve has no {flag}: its default applies"
-        for flag in ("--max-size", "--max-clients", "--max-clients-per-ip")
-        if flag not in help_text
+        for flag in _mailgate_optional_flags(Limits())
+        if not _has_flag(help_text, flag)
     ]
 
 
@@ -121,7 +131,7 @@ def _mailgate(mode: str, workers: int) -> Callable[[int, Path | None, Limits], l
         cmd += ["--sink"] if mode == "sink" else ["--maildir", str(maildir)]
         if workers > 1:
             cmd += ["--workers", str(workers)]
-        return cmd + _mailgate_limit_flags(limits)
+        return cmd + _mailgate_extra_flags(limits)
 
     return argv
 

@@ -25,7 +25,9 @@ import statistics
 import sys
 import threading
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from benchlib import (
     BENCH,
@@ -42,6 +44,18 @@ from benchlib import (
     running,
 )
 from smtpclient import Client, SMTPError, body_chunks
+
+Measurement = dict[str, Any]
+
+
+@dataclass
+class Row:
+    skipped: str | None = None
+    errors: list[str] = field(default_factory=list)
+    big: Measurement | None = None
+    idle: Measurement | None = None
+    latency: Measurement | None = None
+
 
 DEFAULT_SERVERS = "mailgate,aiosmtpd,smtp-server,smtp-server-nowait,postfix-smtp-sink"
 #: Connections per client source address (127.0.0.2, .3, ...): stays under per-IP limits
@@ -79,7 +93,7 @@ class Sampler(threading.Thread):
             self.peak = max(self.peak, rss_kb(self.pid))
 
 
-def big_message(srv: Running, size: int, timeout: float) -> dict[str, object]:
+def big_message(srv: Running, size: int, timeout: float) -> Measurement:
     warm_up(srv.port)
     pid = srv.proc.pid
     base = rss_kb(pid)
@@ -169,7 +183,7 @@ def settled_rss(pid: int, limit_s: float = 3.0) -> int:
     return last
 
 
-def idle_connections(srv: Running, count: int, timeout: float) -> dict[str, object]:
+def idle_connections(srv: Running, count: int, timeout: float) -> Measurement:
     warm_up(srv.port)
     pid = srv.proc.pid
     base = settled_rss(pid)
@@ -206,7 +220,7 @@ def one_session(port: int) -> float:
     return time.perf_counter() - t0
 
 
-def latency(srv: Running, sessions: int, timeout: float) -> dict[str, object]:
+def latency(srv: Running, sessions: int, timeout: float) -> Measurement:
     warm_up(srv.port)
     times: list[float] = []
     deadline = time.monotonic() + timeout
@@ -239,7 +253,7 @@ def fmt(value: object, spec: str, missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 
 
-def print_table(rows: dict[str, dict[str, object]], big_mib: int, idle: int) -> None:
+def print_table(rows: dict[str, Row], big_mib: int) -> None:
     header = (
         f"{'server':<20} {f'peak RSS +{big_mib}MiB msg':>22} {'time':>6} "
         f"{'KB/idle conn':>12} {'held':>9} {'latency med':>11} {'p90':>7}  notes"
@@ -247,22 +261,20 @@ def print_table(rows: dict[str, dict[str, object]], big_mib: int, idle: int) -> 
     print("\n" + header)
     print("-" * len(header))
     for name, row in rows.items():
-        if "skipped" in row:
-            print(f"{name:<20} not runnable ({row['skipped']})")
+        if row.skipped:
+            print(f"{name:<20} not runnable ({row.skipped})")
             continue
-        notes: list[str] = list(row.get("errors", []))  # type: ignore[arg-type]
-        big = row.get("big") or {}
-        idle_r = row.get("idle") or {}
-        lat = row.get("latency") or {}
-        if big and not big.get("accepted"):
-            notes.append(f"100 MiB message not accepted: {big.get('reply')}")
-        if idle_r and idle_r.get("greeted") != idle_r.get("wanted"):
-            notes.append(f"idle: {idle_r.get('refusal')}")
-        held = f"{idle_r['greeted']}/{idle_r['wanted']}" if idle_r else None
+        notes = list(row.errors)
+        big, idle, lat = row.big or {}, row.idle or {}, row.latency or {}
+        if big and not big["accepted"]:
+            notes.append(f"{big_mib} MiB message not accepted: {big['reply']}")
+        if idle and idle["greeted"] != idle["wanted"]:
+            notes.append(f"idle: {idle['refusal']}")
+        held = f"{idle['greeted']}/{idle['wanted']}" if idle else None
         print(
             f"{name:<20} {fmt(big.get('peak_growth_mb'), '.1f'):>19} MB "
             f"{fmt(big.get('seconds'), '.1f'):>5}s "
-            f"{fmt(idle_r.get('kb_per_connection'), '.1f'):>12} {fmt(held, 's'):>9} "
+            f"{fmt(idle.get('kb_per_connection'), '.1f'):>12} {fmt(held, 's'):>9} "
             f"{fmt(lat.get('median_ms'), '.2f'):>8} ms {fmt(lat.get('p90_ms'), '.2f'):>7}"
             f"  {'; '.join(notes)}"
         )
@@ -299,12 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     for note in sorted({n for name in wanted for n in by_name[name].notes}):
         print(f"note: {note}", file=sys.stderr)
 
-    rows: dict[str, dict[str, object]] = {}
+    rows: dict[str, Row] = {}
     for name in wanted:
         spec: ServerSpec = by_name[name]
-        errors: list[str] = []
-        row: dict[str, object] = {"errors": errors}
-        rows[name] = row
+        row = rows[name] = Row()
         # A fresh server per measurement: one test's leftovers must not be the next one's
         # baseline.
         for test in ("big", "idle", "latency"):
@@ -314,25 +324,29 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 with running(spec, limits) as srv:
                     if test == "big":
-                        row["big"] = big_message(srv, args.big_mib * 1024 * 1024, args.timeout)
+                        row.big = big_message(srv, args.big_mib * 1024 * 1024, args.timeout)
                     elif test == "idle":
-                        row["idle"] = idle_connections(srv, idle_count, args.timeout)
+                        row.idle = idle_connections(srv, idle_count, args.timeout)
                     else:
-                        row["latency"] = latency(srv, args.sessions, args.timeout)
+                        row.latency = latency(srv, args.sessions, args.timeout)
                     if not srv.alive():
-                        errors.append(f"{test}: server died: {log_tail(srv.log)}")
+                        row.errors.append(f"{test}: server died: {log_tail(srv.log)}")
             except NotRunnable as exc:
-                rows[name] = {"skipped": str(exc)}
+                row.skipped = str(exc)
                 print(f"  {name}: not runnable ({exc})", file=sys.stderr)
                 break
             except (OSError, SMTPError) as exc:
-                errors.append(f"{test}: {exc}")
+                row.errors.append(f"{test}: {exc}")
                 print(f"  {name}: {test} failed: {exc}", file=sys.stderr)
 
-    print_table(rows, args.big_mib, idle_count)
+    print_table(rows, args.big_mib)
     out = args.json or BENCH / "results" / f"memory-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"argv": sys.argv[1:], "results": rows}, indent=1))
+    out.write_text(
+        json.dumps(
+            {"argv": sys.argv[1:], "results": {n: asdict(r) for n, r in rows.items()}}, indent=1
+        )
+    )
     print(f"\nraw results: {out}", file=sys.stderr)
     return 0
 

@@ -12,7 +12,7 @@ BENCH="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(dirname "$BENCH")"
 WORK="$BENCH/.work"
 LOG_PREFIX=bench/setup
-# shellcheck source=../scripts/_common.sh
+# shellcheck source=scripts/_common.sh
 . "$ROOT/scripts/_common.sh"
 
 AIOSMTPD_VERSION=1.4.6

@@ -113,8 +113,9 @@ class Envelope:
 
 @dataclass(frozen=True, eq=False)
 class Message:
-    """A complete, received message. The bytes are on disk (``path``), never all in memory;
-    ``as_email()`` parses lazily with the standard library."""
+    """A complete, received message. The bytes are on disk (``path``, already fsynced when
+    message hooks run), never all in memory; ``as_email()`` parses lazily with the stdlib.
+    ``path`` is None when the server spools nothing (sink mode without message hooks)."""
 
     id: str
     session: Session

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 
@@ -65,7 +66,7 @@ class Outcome:
 
 def pieces_of(data: bytes, cuts: list[int]) -> list[bytes]:
     bounds = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
-    return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def drive(reader: DotReader, wire: bytes, cuts: list[int], kind: str) -> Outcome:

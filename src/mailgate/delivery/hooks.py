@@ -23,7 +23,9 @@ class MaildirDelivery:
         if message.path is None:
             raise HookError("Maildir delivery needs spooled message bytes")
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self.store.deliver_spooled, message.path)
+        # The server fsynced the spool before message hooks run (see hooks.Message).
+        path = message.path
+        await loop.run_in_executor(None, lambda: self.store.deliver_spooled(path, synced=True))
 
 
 class MboxDelivery:

@@ -82,12 +82,13 @@ class MaildirStore:
         if created_root:
             fsync_directory(self.root.parent)
 
-    def deliver_spooled(self, spool: SpoolFile | Path) -> str:
+    def deliver_spooled(self, spool: SpoolFile | Path, *, synced: bool = False) -> str:
         """Deliver a finished spool file into ``new/``; returns the message's file name.
 
         A spool in ``tmp/`` is linked, not copied, and its tmp name is removed (a
         ``SpoolFile``'s ``discard()`` is then a no-op). A spool elsewhere is copied and
-        left in place. A plain ``Path`` in ``tmp/`` is fsynced here: its state is unknown.
+        left in place. A plain ``Path`` in ``tmp/`` is fsynced here unless the caller says
+        it already is (``synced=True``; the server fsyncs before message hooks run).
         """
         if isinstance(spool, SpoolFile):
             if not spool.finished or spool.discarded:
@@ -97,7 +98,7 @@ class MaildirStore:
             source = Path(spool)
         if not self._in_tmp(source):
             return self._copy_and_publish(source)
-        if not isinstance(spool, SpoolFile):
+        if not isinstance(spool, SpoolFile) and not synced:
             _fsync_file(source)
         return self._publish(source)
 

@@ -566,7 +566,8 @@ class ServerConnection:
         if error is not None:
             # RFC 3030: a failed BDAT still consumes its chunk; the reply follows the chunk.
             self._reject(line, error, bad=True, send=False)
-            self._discard_chunk(size, error, DiscardReason.REJECTED)
+            if self.state is not State.CLOSED:  # the error may have hit the bad-command limit
+                self._discard_chunk(size, error, DiscardReason.REJECTED)
             return
         self._bdat_last = len(words) == 2
         if self.state is State.RCPT:
@@ -1037,9 +1038,13 @@ class ServerConnection:
         self.authenticated_as = None
 
     def _enter_closed(self, reason: str) -> None:
-        if self.state in (S.DATA, S.BDAT) or self.transaction is not None:
+        if self.state is State.CLOSED:
+            return
+        if self.transaction is not None:
             self.transaction = None
             self._events.append(TransactionReset())
+        self._dot = None
+        self._bdat = None
         self.state = State.CLOSED
         self._pending = None
         self._events.append(ConnectionClosed(reason))

@@ -94,7 +94,7 @@ class DotReader:
     """Reads the data of one DATA command up to CRLF "." CRLF, in constant memory."""
 
     __slots__ = (
-        "_at_line_start",
+        "_at_start",
         "_bare_lf_last",
         "_done",
         "_line_len",
@@ -117,8 +117,9 @@ class DotReader:
         self._max_line = max_line
         self._policy = bare_newline
         self._done = False
-        # The DATA command line ended with CRLF: the data starts at the start of a line.
-        self._at_line_start = True
+        # Nothing consumed yet. The DATA command line ended with CRLF, so a dot here starts a
+        # line. Later, a consumed CRLF is always followed by a withheld CR, never by a dot.
+        self._at_start = True
         # The last consumed byte was a bare LF (a "." next would be the smuggling pattern).
         self._bare_lf_last = False
         # Bytes of the current delivered line so far (a CR that may start its CRLF included).
@@ -158,7 +159,7 @@ class DotReader:
         if self._done or start >= n:
             return [], start, self._done
         pos = start
-        if self._at_line_start and buf[pos] == _DOT:
+        if self._at_start and buf[pos] == _DOT:
             # The CRLF before this dot is already consumed, so the terminator may start here.
             if buf.startswith(_DOT_LINE_END, pos):
                 self._done = True
@@ -166,8 +167,6 @@ class DotReader:
             if n - pos < 3 and _DOT_LINE_END.startswith(buf[pos:]):
                 return [], pos, False
             pos += 1  # a stuffed dot
-            self._at_line_start = False
-            self._bare_lf_last = False
         with memoryview(buf) as whole, whole[pos:] as view:
             # Scanning a slice rather than buf from pos keeps look-behinds from seeing bytes
             # before pos; what precedes the slice is known from the flags instead.
@@ -181,6 +180,7 @@ class DotReader:
                 end = pos + size
             if size <= 0:
                 return [], end, self._done
+            self._at_start = False
             with view[:size] as raw:
                 chunk = self._deliver(raw)
         return ([chunk] if chunk else []), end, self._done
@@ -202,7 +202,8 @@ class DotReader:
         if m is None:
             return -1
         dot = m.start()
-        if dot >= 2 and view[dot - 1] == _LF and view[dot - 2] == _CR:
+        # Every branch looks behind the dot; after an LF only the terminator's follows a CR.
+        if view[dot - 1] == _LF and view[dot - 2] == _CR:
             return dot - 2
         self._fail(DiscardReason.BARE_NEWLINE)
         m = _TERMINATOR_RE.search(view, dot)
@@ -216,7 +217,6 @@ class DotReader:
         # these flags are all the context the next slice needs.
         last = raw[-1]
         self._bare_lf_last = last == _LF and (len(raw) < 2 or raw[-2] != _CR)
-        self._at_line_start = last == _LF and not self._bare_lf_last
         policy = self._policy
         if policy is BareNewline.STRICT:
             # Unstuffing removed only dots; with no bare LF, #LF == #CRLF, and then
@@ -257,10 +257,14 @@ class DotReader:
                     return False
                 self._line_len = n - line_start
                 return True
-            if lf - line_start == width and chunk.rfind(b"\n", lo, lf) < 0:
-                # An LF opening a chunk never follows a CR: chunks do not split CRLF.
-                if lf == 0 or chunk[lf - 1] != _CR:
-                    return False
+            # Only the first line in the window can be one byte over; it must end in CRLF.
+            # (An LF opening a chunk never follows a CR: chunks do not split CRLF.)
+            if (
+                lf - line_start == width
+                and chunk.rfind(b"\n", lo, lf) < 0
+                and (lf == 0 or chunk[lf - 1] != _CR)
+            ):
+                return False
             line_start = lf + 1
 
     def _fail(self, reason: DiscardReason) -> None:

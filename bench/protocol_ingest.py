@@ -64,7 +64,9 @@ def pieces_of(data: bytes, size: int) -> list[bytes]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size-mb", type=int, default=100)
     parser.add_argument("--piece-kib", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
@@ -88,7 +90,9 @@ def main() -> None:
             elapsed, received = run(wire, config)
             assert received == len(body), (name, received, len(body))
             rates.append(mb / elapsed)
-        print(f"{name:5} {statistics.median(rates):8.0f} MB/s   (min {min(rates):.0f}, max {max(rates):.0f})")
+        print(
+            f"{name:5} {statistics.median(rates):8.0f} MB/s   (min {min(rates):.0f}, max {max(rates):.0f})"
+        )
 
 
 if __name__ == "__main__":

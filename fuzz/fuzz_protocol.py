@@ -65,7 +65,7 @@ def check(data: bytes, rng: random.Random) -> None:
     pieces = split(rng, data)
     for config in FUZZ_CONFIGS:
         policy_rng = random.Random(rng.random())
-        run_session(pieces, config, lambda _p: policy_rng.random() < 0.85)
+        run_session(pieces, config, lambda _p, r=policy_rng: r.random() < 0.85)
 
 
 def main() -> int:

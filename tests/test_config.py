@@ -267,6 +267,7 @@ def test_relative_paths_as_flags_stay_relative() -> None:
         ("0.0.0.0:65535", "0.0.0.0", 65535),
         ("[::1]:2525", "::1", 2525),
         ("[2001:DB8:0::1]:1", "2001:db8::1", 1),
+        ("127.0.0.1:0", "127.0.0.1", 0),  # the system picks a free port
         ("localhost:25", "localhost", 25),
         ("mx.example.test:587", "mx.example.test", 587),
         (" 127.0.0.1:25 ", "127.0.0.1", 25),
@@ -281,7 +282,6 @@ def test_listen_address(text: str, host: str, port: int) -> None:
     [
         ("bad", "is not HOST:PORT"),
         ("127.0.0.1", "is not HOST:PORT"),
-        ("127.0.0.1:0", "out of range"),
         ("127.0.0.1:65536", "out of range"),
         ("127.0.0.1:-1", "no valid port"),
         ("127.0.0.1:smtp", "no valid port"),

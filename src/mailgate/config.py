@@ -329,8 +329,9 @@ def parse_listen_address(text: str, value: _Value | None = None) -> ListenAddres
     if not port_text.isascii() or not port_text.isdigit():
         raise where.error(f"{text!r} has no valid port number")
     port = int(port_text)
-    if not 1 <= port <= 65535:
-        raise where.error(f"port {port} in {text!r} is out of range (1-65535)")
+    if not 0 <= port <= 65535:
+        # 0 asks the system for a free port (logged at start); --workers needs a fixed one.
+        raise where.error(f"port {port} in {text!r} is out of range (0-65535)")
     return ListenAddress(host, port)
 
 

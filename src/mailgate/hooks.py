@@ -38,21 +38,26 @@ class HookError(Exception):
     """Misuse of the hooks API (unknown stage, ordering that cannot be satisfied...)."""
 
 
-class Reject(Exception):  # noqa: N818 - reads as a verb at the raise site
+class Reject(Exception):
     """Refuse with a permanent (5xx) reply."""
 
-    def __init__(self, text: str = "Rejected", code: int = 550, status: str | None = "5.7.1") -> None:
+    def __init__(
+        self, text: str = "Rejected", code: int = 550, status: str | None = "5.7.1"
+    ) -> None:
         super().__init__(text)
         if not 500 <= code <= 599:
             raise HookError(f"Reject needs a 5xx code, not {code}")
         self.reply = Reply(code, status, tuple(text.split("\n")))
 
 
-class TempFail(Exception):  # noqa: N818
+class TempFail(Exception):
     """Refuse with a transient (4xx) reply: the client should try again later."""
 
     def __init__(
-        self, text: str = "Temporary failure, try again later", code: int = 451, status: str | None = "4.7.1"
+        self,
+        text: str = "Temporary failure, try again later",
+        code: int = 451,
+        status: str | None = "4.7.1",
     ) -> None:
         super().__init__(text)
         if not 400 <= code <= 499:
@@ -191,8 +196,7 @@ class Hooks:
             method = getattr(plugin, f"on_{stage}", None)
             if method is not None and not inspect.iscoroutinefunction(method):
                 raise HookError(f"{plugin_name}.on_{stage} must be an async function")
-        as_tuple = (lambda v: (v,) if isinstance(v, str) else tuple(v))
-        self._plugins.append(_Plugin(plugin_name, plugin, as_tuple(before), as_tuple(after)))
+        self._plugins.append(_Plugin(plugin_name, plugin, _names(before), _names(after)))
         self._chains = None
         self._order()  # fail now, at registration, on impossible orderings
         return plugin
@@ -204,7 +208,9 @@ class Hooks:
         if not inspect.iscoroutinefunction(func):
             raise HookError(f"callback for {stage!r} must be an async function")
         holder = type(f"Callback_{stage}", (), {f"on_{stage}": staticmethod(func)})()
-        self.add(holder, name=name or f"{stage}:{getattr(func, '__qualname__', 'callback')}", **order)
+        self.add(
+            holder, name=name or f"{stage}:{getattr(func, '__qualname__', 'callback')}", **order
+        )
         return func
 
     def use(self, middleware: Middleware) -> Middleware:
@@ -297,7 +303,13 @@ class Hooks:
         return (p.obj for p in self._order())
 
 
-def _bind(mw: Middleware, ctx: HookContext, call_next: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[Any]]:
+def _names(value: str | Sequence[str]) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _bind(
+    mw: Middleware, ctx: HookContext, call_next: Callable[[], Awaitable[Any]]
+) -> Callable[[], Awaitable[Any]]:
     async def call() -> Any:
         return await mw(ctx, call_next)
 

@@ -17,8 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from tests.server.harness import Certs, CLIServer, make_certs, maildir_messages, strip_received
+from tests.server.harness import Certs, CLIServer, maildir_messages, make_certs, strip_received
 
 HOSTNAME = "mx.test"
 USER, PASSWORD = "alice", "secret"
@@ -161,6 +160,10 @@ def mailgate(tmp_path: Path, certs: Certs) -> Iterator[Mailgate]:
         yield server
     finally:
         server.process.kill()
+        # Shown by pytest only when the test fails: the server's side of the story.
+        print(f"--- mailgate log\n{server.log()}")
+    # A client that got its message through can still have hit a logged server error.
+    assert "Traceback" not in server.log(), server.log()
 
 
 @pytest.fixture

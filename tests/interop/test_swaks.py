@@ -14,7 +14,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from tests.server.harness import make_certs
 
 from .conftest import (
@@ -64,7 +63,9 @@ def test_plain_with_pipelining(swaks: str, mailgate: Mailgate, data_file: Path) 
     assert result.returncode == 0, describe(result)
     transcript = result.stdout.decode()
     # Pipelined: MAIL, RCPT and DATA go out before the first of their replies comes back.
-    assert re.search(r" -> MAIL FROM:.*\n -> RCPT TO:.*\n -> DATA\n<-  250 ", transcript), transcript
+    assert re.search(r" -> MAIL FROM:.*\n -> RCPT TO:.*\n -> DATA\n<-  250 ", transcript), (
+        transcript
+    )
     assert mailgate.only_message() == MESSAGE
     assert mailgate.with_protocol() == "ESMTP"
     assert "from swaks.test ([127.0.0.1])" in mailgate.received()
@@ -90,7 +91,9 @@ def test_starttls_verifies_the_certificate(
 
 
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
-def test_auth_over_starttls(swaks: str, mailgate: Mailgate, data_file: Path, mechanism: str) -> None:
+def test_auth_over_starttls(
+    swaks: str, mailgate: Mailgate, data_file: Path, mechanism: str
+) -> None:
     tls = ["-tls", "--tls-verify", "--tls-ca-path", str(mailgate.certs.ca_file)]
     auth = ["-a", mechanism, "-au", USER, "-ap", PASSWORD]
     result = run_tool(swaks_args(swaks, mailgate.port, data_file, *tls, *auth))

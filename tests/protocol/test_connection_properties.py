@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from mailgate.protocol import DataChunk, DataComplete, ProtocolConfig
@@ -41,6 +41,9 @@ def test_arbitrary_input_keeps_invariants(data: bytes, config_index: int, seed, 
 @settings(max_examples=200, deadline=None)
 @given(data=SESSIONS, st_data=st.data())
 def test_output_does_not_depend_on_how_input_is_split(data: bytes, st_data) -> None:  # type: ignore[no-untyped-def]
+    # Not across STARTTLS: what arrives in the same read as STARTTLS is dropped on purpose
+    # (CVE-2024-34083), so there the split does matter.
+    assume(b"STARTTLS" not in data.upper())
     config = FUZZ_CONFIGS[1]
     whole, _ = run_session([data], config, lambda _p: True)
     pieces = st_data.draw(split_points(data))
@@ -54,9 +57,8 @@ BODIES = st.lists(
 
 
 def _deliver(wire: bytes, pieces: list[bytes], config: ProtocolConfig) -> tuple[bytes, list[object]]:
-    events: list[object] = []
     head = b"EHLO a\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\n"
-    out, events = run_session([head, *pieces], config, lambda _p: True)
+    _, events = run_session([head, *pieces], config, lambda _p: True)
     body = b"".join(e.data for e in events if isinstance(e, DataChunk))
     return body, events
 

@@ -6,6 +6,7 @@ import tracemalloc
 
 import pytest
 
+from mailgate.protocol import data as data_module
 from mailgate.protocol import replies
 from mailgate.protocol.config import BareNewline
 from mailgate.protocol.data import BdatReader, DotReader, dot_stuff
@@ -14,6 +15,13 @@ from mailgate.protocol.events import DiscardReason
 REJECT = BareNewline.REJECT
 STRICT = BareNewline.STRICT
 NORMALIZE = BareNewline.NORMALIZE
+
+
+@pytest.fixture(autouse=True, params=["regex", "bytes"])
+def scan_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run every test through both ways the reader scans a slice: regular expressions
+    (slices with few dots or LFs) and plain bytes methods (slices thick with them)."""
+    monkeypatch.setattr(data_module, "_DENSE", 0 if request.param == "regex" else 1 << 30)
 
 
 def reader(
@@ -130,16 +138,20 @@ def test_feed_after_done_consumes_nothing() -> None:
 
 
 @pytest.mark.parametrize(
-    ("body", "wire_tail", "expected"),
+    ("body", "wire", "expected"),
     [
         (b"no newline", b"no newline\r\n.\r\n", b"no newline\r\n"),
         (b"ends\r\n", b"ends\r\n.\r\n", b"ends\r\n"),
         (b"two\r\n\r\n", b"two\r\n\r\n.\r\n", b"two\r\n\r\n"),
+        (b"bare lf\n", b"bare lf\n\r\n.\r\n", b"bare lf\n\r\n"),
+        (b"bare cr\r", b"bare cr\r\r\n.\r\n", b"bare cr\r\r\n"),
+        (b"dot\r\n.", b"dot\r\n..\r\n.\r\n", b"dot\r\n.\r\n"),
     ],
 )
-def test_message_endings(body: bytes, wire_tail: bytes, expected: bytes) -> None:
-    assert dot_stuff(body) == wire_tail
-    assert read_all(reader(), wire_tail) == (expected, b"")
+def test_message_endings(body: bytes, wire: bytes, expected: bytes) -> None:
+    assert dot_stuff(body) == wire
+    assert read_all(reader(), wire) == (expected, b"")
+    assert read_all(reader(), *one_byte_at_a_time(wire)) == (expected, b"")
 
 
 # --- dot-unstuffing --------------------------------------------------------------------
@@ -181,8 +193,9 @@ SMUGGLING = [
     (b"\n.\n", None, b"\r\n.\r\n", True, True),
     (b"\n.\r\n", None, b"\r\n.\r\n", True, True),
     (b"\r.\r\n", None, b"\r.\r\n", True, True),
-    (b"\r\n.\n", b"\r\n\n", b"\r\n\r\n", False, True),  # the dot starting a line goes
-    (b"\r\n.\rX", b"\r\n\rX", b"\r\n\rX", False, True),
+    # A line of only "." ended by a bare newline: a lenient receiver's end of data.
+    (b"\r\n.\n", b"\r\n\n", b"\r\n\r\n", True, True),  # the dot starting a line goes
+    (b"\r\n.\rX", b"\r\n\rX", b"\r\n\rX", True, True),
     (b"\r\n.\r.\r\n", None, b"\r\n\r.\r\n", True, True),
     (b"\n\n", b"\n\n", b"\r\n\r\n", False, True),
     (b"\r\r\n", b"\r\r\n", b"\r\r\n", False, True),
@@ -372,8 +385,8 @@ def test_bare_cr_counts_and_bare_lf_ends_a_line() -> None:
 
 
 def test_line_one_over_ending_in_lf_at_the_start_of_a_feed() -> None:
-    # The line fills the window exactly when the next feed starts with its (bare) LF;
-    # the CR ending that feed must not be taken for the CR before the LF.
+    # "abc" is one over and ends in a bare LF that opens the next chunk, which itself ends
+    # in a CR: that CR must not be taken for one before the LF.
     r = reader(max_line=2)
     read_all(r, b"abc", b"\nx\r\r", b"\n.\r\n")  # "abc" is over, "x\r" is not
     assert r.error is DiscardReason.LINE_TOO_LONG

@@ -17,7 +17,7 @@ from mailgate.protocol import BareNewline
 from mailgate.protocol.proxy import build_proxy_v1, build_proxy_v2
 from mailgate.server import ListenAddress
 
-from .harness import make_certs, maildir_messages, running_server, strip_received, wait_for
+from .harness import maildir_messages, make_certs, running_server, strip_received, wait_for
 
 BODY = b"From: a@example.com\r\nTo: b@example.com\r\nSubject: test\r\n\r\nHello\r\n.leading dot\r\n"
 
@@ -63,7 +63,10 @@ class Raw:
 
 
 def test_smtplib_plain_delivery_byte_for_byte(tmp_path: Path) -> None:
-    with running_server(tmp_path) as srv, smtplib.SMTP("127.0.0.1", srv.port(), timeout=10) as client:
+    with (
+        running_server(tmp_path) as srv,
+        smtplib.SMTP("127.0.0.1", srv.port(), timeout=10) as client,
+    ):
         refused = client.sendmail("a@example.com", ["b@example.com", "c@example.com"], BODY)
         assert refused == {}
     (stored,) = maildir_messages(tmp_path / "maildir")
@@ -73,7 +76,10 @@ def test_smtplib_plain_delivery_byte_for_byte(tmp_path: Path) -> None:
 
 
 def test_no_received_header_option(tmp_path: Path) -> None:
-    with running_server(tmp_path, received_header=False) as srv, smtplib.SMTP("127.0.0.1", srv.port()) as c:
+    with (
+        running_server(tmp_path, received_header=False) as srv,
+        smtplib.SMTP("127.0.0.1", srv.port()) as c,
+    ):
         c.sendmail("a@example.com", ["b@example.com"], BODY)
     assert maildir_messages(tmp_path / "maildir") == [BODY]
 
@@ -121,7 +127,9 @@ def test_implicit_tls_counts_as_tls_for_auth(tmp_path: Path) -> None:
     hooks = H.Hooks()
     hooks.add(StaticUsers({"alice": "secret"}, failure_delay=0))
     listen = (ListenAddress("127.0.0.1", 0, implicit_tls=True),)
-    with running_server(tmp_path, hooks, listen=listen, tls_cert=certs.cert, tls_key=certs.key) as srv:
+    with running_server(
+        tmp_path, hooks, listen=listen, tls_cert=certs.cert, tls_key=certs.key
+    ) as srv:
         ctx = tls_client_context(certs.ca_file)
         with smtplib.SMTP_SSL("127.0.0.1", srv.port(), context=ctx, timeout=10) as c:
             c.ehlo()
@@ -163,10 +171,12 @@ def test_mbox_delivery(tmp_path: Path) -> None:
     mbox = tmp_path / "mail.mbox"
     hooks = H.Hooks()
     hooks.add(MboxDelivery(mbox))
-    with running_server(tmp_path, hooks, delivery="mbox", mbox=mbox) as srv:
-        with smtplib.SMTP("127.0.0.1", srv.port()) as c:
-            c.sendmail("a@example.com", ["b@example.com"], BODY)
-            c.sendmail("a@example.com", ["b@example.com"], b"Subject: 2\r\n\r\nFrom here\r\n")
+    with (
+        running_server(tmp_path, hooks, delivery="mbox", mbox=mbox) as srv,
+        smtplib.SMTP("127.0.0.1", srv.port()) as c,
+    ):
+        c.sendmail("a@example.com", ["b@example.com"], BODY)
+        c.sendmail("a@example.com", ["b@example.com"], b"Subject: 2\r\n\r\nFrom here\r\n")
     text = mbox.read_bytes()
     assert text.startswith(b"From a@example.com ")
     assert text.count(b"\nFrom ") == 1  # the body's "From here" is quoted
@@ -174,7 +184,10 @@ def test_mbox_delivery(tmp_path: Path) -> None:
 
 
 def test_sink_mode_writes_nothing(tmp_path: Path) -> None:
-    with running_server(tmp_path, delivery="sink") as srv, smtplib.SMTP("127.0.0.1", srv.port()) as c:
+    with (
+        running_server(tmp_path, delivery="sink") as srv,
+        smtplib.SMTP("127.0.0.1", srv.port()) as c,
+    ):
         c.sendmail("a@example.com", ["b@example.com"], BODY)
     assert not (tmp_path / "maildir").exists()
 
@@ -186,8 +199,10 @@ def test_lmtp_mode(tmp_path: Path) -> None:
         # smtplib reads one reply after DATA; LMTP sends one per recipient (RFC 2033).
         raw = Raw(srv.port())
         assert b"LMTP" in raw.banner[0]
-        raw.send(b"LHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\n"
-                 b"RCPT TO:<c@example.com>\r\nDATA\r\n")
+        raw.send(
+            b"LHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\n"
+            b"RCPT TO:<c@example.com>\r\nDATA\r\n"
+        )
         raw.reply()
         assert [raw.code() for _ in range(4)] == [250, 250, 250, 354]
         raw.send(b"Subject: two\r\n\r\nx\r\n.\r\n")
@@ -223,7 +238,8 @@ def test_smtp_smuggling_is_refused(tmp_path: Path, payload: bytes) -> None:
         raw.send(b"EHLO c.test\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
         assert [raw.code() for _ in range(4)] == [250, 250, 250, 354]
         raw.send(
-            b"Subject: real\r\n\r\nreal body" + payload
+            b"Subject: real\r\n\r\nreal body"
+            + payload
             + b"MAIL FROM:<evil@example.com>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\n"
             + b"Subject: smuggled\r\n\r\nsmuggled\r\n.\r\n"
         )
@@ -276,7 +292,9 @@ def test_idle_timeout_sends_421(tmp_path: Path) -> None:
 def test_data_timeout(tmp_path: Path) -> None:
     with running_server(tmp_path, idle_timeout=30, data_timeout=0.3) as srv:
         raw = Raw(srv.port())
-        raw.send(b"HELO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\npartial")
+        raw.send(
+            b"HELO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\npartial"
+        )
         assert [raw.code() for _ in range(4)] == [250, 250, 250, 354]
         assert raw.code() == 421
     assert not list((tmp_path / "maildir" / "tmp").iterdir())
@@ -319,7 +337,9 @@ def test_pipelined_replies_in_one_write(tmp_path: Path) -> None:
         raw = Raw(srv.port())
         raw.send(b"EHLO c\r\n")
         raw.reply()
-        raw.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nRCPT TO:<c@example.com>\r\nDATA\r\n")
+        raw.send(
+            b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nRCPT TO:<c@example.com>\r\nDATA\r\n"
+        )
         raw.sock.settimeout(5)
         # All four replies arrive together (one segment on loopback).
         data = raw.sock.recv(65536)

@@ -168,7 +168,7 @@ def _decode_xtext(value: str, key: str) -> str:
     try:
         for run in _ASCII_RUNS.findall(value):
             if run.isascii():
-                octets += xtext_decode(run).encode("latin-1")
+                octets += xtext_decode(run).encode("utf-8")
             else:
                 octets += run.encode("utf-8")
         decoded = octets.decode("utf-8")

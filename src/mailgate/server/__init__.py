@@ -11,4 +11,12 @@ from .errors import StartupError
 from .options import ListenAddress, ServerOptions
 from .runner import run, serve
 
-__all__ = ["ListenAddress", "Server", "ServerOptions", "StartupError", "protocol_config", "run", "serve"]
+__all__ = [
+    "ListenAddress",
+    "Server",
+    "ServerOptions",
+    "StartupError",
+    "protocol_config",
+    "run",
+    "serve",
+]

@@ -67,6 +67,7 @@ class Server:
         self._ids = itertools.count(1)
         self._id_prefix = _id_prefix()
         self._closed = asyncio.Event()
+        self._dev_certificate: Path | None = None
 
     # --- start and stop -----------------------------------------------------------------------
 
@@ -80,14 +81,24 @@ class Server:
             self.spool_dir.mkdir(parents=True, exist_ok=True)
         for address in options.listen:
             await self._listen(address, reuse_port)
+        if self._dev_certificate is not None:
+            log.warning(
+                "no --tls-cert/--tls-key given: using a self-signed development certificate "
+                "from %s (clients will not trust it)",
+                self._dev_certificate,
+            )
 
     async def _listen(self, address: ListenAddress, reuse_port: bool) -> None:
-        if address.implicit_tls and self.ssl_context is None:  # pragma: no cover - _load_tls makes one
+        if (
+            address.implicit_tls and self.ssl_context is None
+        ):  # pragma: no cover - _load_tls makes one
             raise StartupError(f"{address}: implicit TLS needs a certificate")
         expect_proxy = bool(self.options.proxy_protocol)
 
         def factory() -> SMTPConnection:
-            return SMTPConnection(self, implicit_tls=address.implicit_tls, expect_proxy=expect_proxy)
+            return SMTPConnection(
+                self, implicit_tls=address.implicit_tls, expect_proxy=expect_proxy
+            )
 
         try:
             server = await self.loop.create_server(
@@ -101,7 +112,8 @@ class Server:
                 ssl_handshake_timeout=30.0 if address.implicit_tls else None,
             )
         except OSError as exc:
-            reason = exc.strerror or str(exc)
+            # asyncio's own message repeats the address; the errno text is enough.
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise StartupError(f"cannot listen on {address}: {reason}") from None
         self._servers.append(server)
         for sock in server.sockets:
@@ -115,10 +127,7 @@ class Server:
         cert, key = options.tls_cert, options.tls_key
         if cert is None or key is None:
             cert, key = ensure_dev_certificate(options.state_dir, options.hostname)
-            log.warning(
-                "no --tls-cert/--tls-key given: using a self-signed development certificate "
-                "from %s (clients will not trust it)", cert.parent,
-            )
+            self._dev_certificate = cert.parent
         try:
             self.ssl_context = create_server_context(cert, key)
         except ValueError as exc:
@@ -215,7 +224,9 @@ class Server:
         return options.state_dir / "spool"
 
 
-def _in_networks(ip: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+def _in_networks(
+    ip: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+) -> bool:
     if not networks:
         return False
     try:

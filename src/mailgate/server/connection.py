@@ -69,7 +69,9 @@ _MAX_BUFFERED = 256 * 1024
 
 
 class SMTPConnection(asyncio.Protocol):
-    def __init__(self, server: Server, *, implicit_tls: bool = False, expect_proxy: bool = False) -> None:
+    def __init__(
+        self, server: Server, *, implicit_tls: bool = False, expect_proxy: bool = False
+    ) -> None:
         self.server = server
         self.loop = server.loop
         self.implicit_tls = implicit_tls
@@ -91,19 +93,23 @@ class SMTPConnection(asyncio.Protocol):
         self._last_activity = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._greeting_timer: asyncio.TimerHandle | None = None
+        #: -v: log the conversation. Read once, so the hot path pays one attribute test.
+        self._debug = log.isEnabledFor(logging.DEBUG)
+        #: While a STARTTLS handshake runs: decrypted bytes that arrived early.
+        self._tls_pending: bytearray | None = None
 
     # --- asyncio.Protocol ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
-        self.transport = cast(asyncio.Transport, transport)
-        peer = transport.get_extra_info("peername") or ("", 0)
-        local = transport.get_extra_info("sockname") or ("", 0)
+        self.transport = stream = cast(asyncio.Transport, transport)
+        peer = stream.get_extra_info("peername") or ("", 0)
+        local = stream.get_extra_info("sockname") or ("", 0)
         self.peer_ip = str(peer[0])
         refusal = self.server.admit(self)
         if refusal is not None:
-            transport.write(refusal.render(False))
-            transport.close()
+            stream.write(refusal.render(False))
+            stream.close()
             return
         self._admitted = True
         self.session = H.Session(
@@ -115,6 +121,14 @@ class SMTPConnection(asyncio.Protocol):
         )
         if self.implicit_tls:
             self.session.tls = _tls_info(transport)
+        if self._debug:
+            log.debug(
+                "session %s: connection from %s port %s%s",
+                self.session.id,
+                self.peer_ip,
+                peer[1],
+                " (implicit TLS)" if self.implicit_tls else "",
+            )
         self._last_activity = self.loop.time()
         self._arm_timer(self.server.options.proxy_timeout if self.expect_proxy else None)
         if not self.expect_proxy:
@@ -122,6 +136,8 @@ class SMTPConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._last_activity = self.loop.time()
+        if self._debug:
+            log.debug("session %s: <<< %s", self._sid(), _shown(data))
         conn = self.conn
         if conn is None:
             if self.expect_proxy and not self._greeted:
@@ -130,6 +146,11 @@ class SMTPConnection(asyncio.Protocol):
         if not self._greeted:
             # Bytes before our banner: a client that does not wait its turn (often spam).
             self._refuse(_EARLY_TALKER)
+            return
+        if self._tls_pending is not None:
+            # Decrypted bytes can arrive before start_tls() returns to us; they belong to the
+            # new session, which begins once tls_established() has run.
+            self._tls_pending += data
             return
         conn.receive_data(data)
         if self._task is None:
@@ -145,6 +166,8 @@ class SMTPConnection(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._debug and self.session is not None:
+            log.debug("session %s: closed (%d messages)", self.session.id, self.session.messages)
         if self._timer is not None:
             self._timer.cancel()
         if self._greeting_timer is not None:
@@ -196,7 +219,11 @@ class SMTPConnection(asyncio.Protocol):
     def _apply_proxy(self, header: ProxyHeader) -> None:
         session = self.session
         assert session is not None
-        if header.command == "PROXY" and header.source_address and header.family in ("TCP4", "TCP6"):
+        if (
+            header.command == "PROXY"
+            and header.source_address
+            and header.family in ("TCP4", "TCP6")
+        ):
             session.peer_host = header.source_address
             session.peer_port = header.source_port or 0
             session.local_host = header.destination_address or session.local_host
@@ -322,10 +349,14 @@ class SMTPConnection(asyncio.Protocol):
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("session %s: internal error answering %s", self._sid(), type(point).__name__)
+            log.exception(
+                "session %s: internal error answering %s", self._sid(), type(point).__name__
+            )
             if conn.state is not State.CLOSED:
                 try:
-                    conn.respond(_LOCAL_ERROR if not isinstance(point, Greeting) else R.SHUTTING_DOWN)
+                    conn.respond(
+                        _LOCAL_ERROR if not isinstance(point, Greeting) else R.SHUTTING_DOWN
+                    )
                 except Exception:  # the point may have been answered already
                     conn.close(R.SHUTTING_DOWN)
         finally:
@@ -336,7 +367,7 @@ class SMTPConnection(asyncio.Protocol):
             self._resume_reading()
         self._process()
 
-    async def _policy(self, point: PolicyPoint, session: H.Session) -> Reply | None:
+    async def _policy(self, point: PolicyPoint, session: H.Session) -> Reply | list[Reply] | None:
         """Run the hooks for a policy point and turn their verdict into the reply."""
         hooks = self.server.hooks
         if isinstance(point, Greeting):
@@ -382,7 +413,9 @@ class SMTPConnection(asyncio.Protocol):
             return R.AUTH_FAILED
         return None  # pragma: no cover
 
-    async def _complete_message(self, point: DataComplete, session: H.Session) -> Reply | list[Reply]:
+    async def _complete_message(
+        self, point: DataComplete, session: H.Session
+    ) -> Reply | list[Reply]:
         spool = self.spool
         if spool is not None:
             await self.loop.run_in_executor(None, spool.finish)
@@ -404,7 +437,11 @@ class SMTPConnection(asyncio.Protocol):
             self._finish_message_count()
             log.info(
                 "session %s: accepted %s from=<%s> rcpts=%d size=%d",
-                session.id, self.message_id, self.envelope.sender, len(self.envelope.rcpt_to), point.size,
+                session.id,
+                self.message_id,
+                self.envelope.sender,
+                len(self.envelope.rcpt_to),
+                point.size,
             )
         return reply
 
@@ -427,19 +464,25 @@ class SMTPConnection(asyncio.Protocol):
         assert conn is not None and transport is not None and context is not None
         conn.respond(None)  # queues the 220 and drops anything pipelined after STARTTLS
         self._flush()
+        self._tls_pending = bytearray()
         try:
             new_transport = await self.loop.start_tls(
                 transport, self, context, server_side=True, ssl_handshake_timeout=30.0
             )
-        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
+            self._tls_pending = None
             log.info("session %s: TLS handshake failed: %s", self._sid(), exc)
             if self.transport is not None:
                 self.transport.abort()
             return
         if new_transport is None:  # pragma: no cover - closed during handshake
+            self._tls_pending = None
             return
-        self.transport = new_transport  # type: ignore[assignment]
+        self.transport = new_transport
         conn.tls_established()
+        early, self._tls_pending = self._tls_pending, None
+        if early:
+            conn.receive_data(bytes(early))
         assert self.session is not None
         self.session.tls = _tls_info(new_transport)
         self.session.helo = None
@@ -518,6 +561,8 @@ class SMTPConnection(asyncio.Protocol):
             return
         out = conn.data_to_send()
         if out:
+            if self._debug:
+                log.debug("session %s: >>> %s", self._sid(), _shown(out))
             transport.write(out)
 
     def _refuse(self, reply: Reply) -> None:
@@ -609,7 +654,7 @@ class SMTPConnection(asyncio.Protocol):
         self._shutdown_now()
 
 
-def _as_reply(result: H.Reply | H.Accept | None | Any, success: Reply | None) -> Reply | None:
+def _as_reply(result: Reply | H.Accept | Any | None, success: Reply | None) -> Reply | None:
     if result is None:
         return None
     if isinstance(result, H.Accept):
@@ -618,6 +663,12 @@ def _as_reply(result: H.Reply | H.Accept | None | Any, success: Reply | None) ->
         return Reply(success.code, success.status, (result.text,))
     assert isinstance(result, Reply)
     return result
+
+
+def _shown(data: bytes, limit: int = 300) -> str:
+    """Bytes for a debug log line: escaped, cut at ``limit``."""
+    text = repr(data[:limit])[2:-1]
+    return text + (f"... ({len(data)} bytes)" if len(data) > limit else "")
 
 
 def _tls_info(transport: asyncio.BaseTransport) -> H.TLSInfo | None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 
-_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {"message", "asctime"}
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {
+    "message",
+    "asctime",
+}
 
 
 class JSONFormatter(logging.Formatter):
@@ -35,7 +37,7 @@ def setup_logging(fmt: str, level: str) -> None:
         handler.setFormatter(JSONFormatter())
     else:
         handler.setFormatter(
-            logging.Formatter(f"%(asctime)s %(levelname)s [{os.getpid()}] %(name)s: %(message)s")
+            logging.Formatter("%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
         )
     root = logging.getLogger()
     root.handlers[:] = [handler]

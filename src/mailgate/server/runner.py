@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -17,6 +18,8 @@ from .logs import setup_logging
 from .options import ServerOptions
 
 log = logging.getLogger("mailgate.server")
+
+_FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 HooksFactory = Callable[[ServerOptions], H.Hooks]
 Reloader = Callable[[], ServerOptions]
@@ -41,13 +44,16 @@ async def serve(
 ) -> None:
     """Run one server until SIGTERM/SIGINT; SIGHUP reloads certificates and settings."""
     server = Server(options, make_hooks(options))
-    await server.start(reuse_port=reuse_port)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
 
     def on_stop(signame: str) -> None:
         if not stopping.is_set():
-            log.info("%s received: finishing transactions in flight (up to %.0f s)", signame, server.options.close_timeout)
+            log.info(
+                "%s received: finishing transactions in flight (up to %.0f s)",
+                signame,
+                server.options.close_timeout,
+            )
             stopping.set()
 
     def on_hup() -> None:
@@ -62,9 +68,14 @@ async def serve(
             return
         server.reload(new)
 
+    # Handlers first: a signal that arrives while the listeners open must not kill us.
     loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
     loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    # A forked worker starts with these blocked (see _run_workers); one that arrived
+    # meanwhile is delivered now, to the handlers above.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
+    await server.start(reuse_port=reuse_port)
     if started is not None:
         started(server)
     await stopping.wait()
@@ -82,13 +93,24 @@ def run(
     setup_logging(options.log_format, options.log_level)
     factory = make_hooks or (lambda _options: H.Hooks())
     engine = _install_uvloop()
-    log.info("mailgate starting (%s, %d worker%s)", engine, options.workers, "s" if options.workers > 1 else "")
+    log.debug(
+        "mailgate starting (%s, %d worker%s)",
+        engine,
+        options.workers,
+        "s" if options.workers > 1 else "",
+    )
     if options.workers <= 1:
         return _run_one(options, factory, reload_options, reuse_port=False)
     return _run_workers(options, factory, reload_options)
 
 
-def _run_one(options: ServerOptions, factory: HooksFactory, reload_options: Reloader | None, *, reuse_port: bool) -> int:
+def _run_one(
+    options: ServerOptions,
+    factory: HooksFactory,
+    reload_options: Reloader | None,
+    *,
+    reuse_port: bool,
+) -> int:
     try:
         asyncio.run(serve(options, factory, reload_options=reload_options, reuse_port=reuse_port))
     except StartupError:
@@ -98,35 +120,41 @@ def _run_one(options: ServerOptions, factory: HooksFactory, reload_options: Relo
     return 0
 
 
-def _run_workers(options: ServerOptions, factory: HooksFactory, reload_options: Reloader | None) -> int:
+def _run_workers(
+    options: ServerOptions, factory: HooksFactory, reload_options: Reloader | None
+) -> int:
     """Fork N workers that each bind the port with SO_REUSEPORT; the kernel spreads
     connections. The parent forwards signals and reports the first failure."""
     _check_bindable(options)
     children: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
+    # Installed before forking, so no signal falls between fork and handler; a child's own
+    # loop replaces them. A signal a child receives before its loop is up is held back.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
     for _ in range(options.workers):
+        signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
         pid = os.fork()
         if pid == 0:  # child
+            for signum in _FORWARDED:
+                signal.signal(signum, signal.SIG_DFL)
             code = 1
             try:
                 code = _run_one(options, factory, reload_options, reuse_port=True)
             except StartupError as exc:
                 print(f"mailgate: {exc}", file=sys.stderr)
                 code = 2
-            except BaseException:  # noqa: BLE001 - a worker must never return into the parent's code
+            except BaseException:  # a worker must never return into the parent's code
                 logging.getLogger("mailgate").exception("worker crashed")
             finally:
                 os._exit(code)
         children.append(pid)
-
-    def forward(signum: int, _frame: object) -> None:
-        for child in children:
-            try:
-                os.kill(child, signum)
-            except ProcessLookupError:
-                pass
-
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, forward)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
     status = 0
     remaining = set(children)
     while remaining:

@@ -125,9 +125,14 @@ def _mailgate_notes() -> list[str]:
     ]
 
 
-def _mailgate(mode: str, workers: int) -> Callable[[int, Path | None, Limits], list[str]]:
+def _mailgate(
+    mode: str, workers: int, *, stock_loop: bool = False
+) -> Callable[[int, Path | None, Limits], list[str]]:
     def argv(port: int, maildir: Path | None, limits: Limits) -> list[str]:
-        cmd = [str(MAILGATE), "serve", "--listen", f"{HOST}:{port}", "--hostname", "bench", "-q"]
+        # mailgate[fast] runs on uvloop; MAILGATE_LOOP=asyncio shows the engine on the
+        # stock loop, the same one aiosmtpd runs on.
+        env = ["/usr/bin/env", "MAILGATE_LOOP=asyncio"] if stock_loop else []
+        cmd = [*env, str(MAILGATE), "serve", "--listen", f"{HOST}:{port}", "--hostname", "bench", "-q"]
         cmd += ["--sink"] if mode == "sink" else ["--maildir", str(maildir)]
         if workers > 1:
             cmd += ["--workers", str(workers)]
@@ -188,6 +193,13 @@ def all_servers() -> list[ServerSpec]:
         ServerSpec(
             "mailgate-w2", "sink", _mailgate("sink", 2), check=_check_mailgate, notes=mg_notes
         ),
+        ServerSpec(
+            "mailgate-asyncio",
+            "sink",
+            _mailgate("sink", 1, stock_loop=True),
+            check=_check_mailgate,
+            notes=mg_notes,
+        ),
         ServerSpec("aiosmtpd", "sink", _aiosmtpd("sink"), check=_need(VENV_PY, "bench venv")),
         ServerSpec(
             "smtp-server", "sink", _smtp_server(True), greeting_delay=0.1, check=_check_node_server
@@ -201,6 +213,13 @@ def all_servers() -> list[ServerSpec]:
             "mailgate-w2",
             "maildir",
             _mailgate("maildir", 2),
+            check=_check_mailgate,
+            notes=mg_notes,
+        ),
+        ServerSpec(
+            "mailgate-asyncio",
+            "maildir",
+            _mailgate("maildir", 1, stock_loop=True),
             check=_check_mailgate,
             notes=mg_notes,
         ),

@@ -28,9 +28,9 @@ setup_python() {
     fi
     "$venv/bin/python" -m pip install -q --disable-pip-version-check "aiosmtpd==$AIOSMTPD_VERSION" \
         || die "pip install aiosmtpd failed"
-    # mailgate is installed without the "fast" extra on purpose: both Python servers then
-    # run on the stock asyncio loop, so the comparison is of the engines, not the loops.
-    if ! "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT"; then
+    # mailgate as users install it (with the "fast" extra: uvloop). run.py also runs it as
+    # "mailgate-asyncio" on the stock loop that aiosmtpd uses, to compare the engines alone.
+    if ! "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[fast]"; then
         log "WARNING: mailgate did not install into the bench venv; run.py will report it as not runnable"
     fi
 }

@@ -118,9 +118,14 @@ class Envelope:
 
 @dataclass(frozen=True, eq=False)
 class Message:
-    """A complete, received message. The bytes are on disk (``path``, already fsynced when
-    message hooks run), never all in memory; ``as_email()`` parses lazily with the stdlib.
-    ``path`` is None when the server spools nothing (sink mode without message hooks)."""
+    """A complete, received message. The bytes are in a file (``path``), never all in
+    memory; ``as_email()`` parses lazily with the stdlib. ``path`` is None when the server
+    spools nothing (sink mode without message hooks).
+
+    The file is complete when message hooks run but not necessarily fsynced: a delivery
+    that keeps this very file (a hard link) calls :meth:`sync` in its own worker thread
+    before making it visible. The server syncs it anyway before it answers 250.
+    """
 
     id: str
     session: Session
@@ -128,6 +133,13 @@ class Message:
     size: int
     path: Path | None
     received_at: float
+    _sync: Callable[[], None] | None = field(default=None, repr=False)
+
+    def sync(self) -> None:
+        """Make the spooled bytes durable (fsync). Blocking and idempotent: call it from a
+        worker thread, e.g. inside ``loop.run_in_executor``."""
+        if self._sync is not None:
+            self._sync()
 
     def open(self) -> IO[bytes]:
         if self.path is None:

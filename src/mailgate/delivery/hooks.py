@@ -23,9 +23,14 @@ class MaildirDelivery:
         if message.path is None:
             raise HookError("Maildir delivery needs spooled message bytes")
         loop = asyncio.get_running_loop()
-        # The server fsynced the spool before message hooks run (see hooks.Message).
         path = message.path
-        await loop.run_in_executor(None, lambda: self.store.deliver_spooled(path, synced=True))
+
+        def deliver() -> None:
+            # One trip to a worker thread: make the spool durable, then link it into new/.
+            message.sync()
+            self.store.deliver_spooled(path, synced=True)
+
+        await loop.run_in_executor(None, deliver)
 
 
 class MboxDelivery:

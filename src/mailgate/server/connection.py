@@ -264,8 +264,11 @@ class SMTPConnection(asyncio.Protocol):
                 continue
             if isinstance(event, PolicyPoint):
                 if not self._answer_inline(event):
+                    # Replies queued so far wait for this answer and leave in the same
+                    # write: the client already sent the commands they answer (RFC 2920
+                    # asks for a flush before waiting for input, not before our own work).
                     self._task = self.loop.create_task(self._answer_async(event))
-                    break
+                    return
                 continue
             if cls is ConnectionClosed:
                 self._flush()
@@ -305,8 +308,10 @@ class SMTPConnection(asyncio.Protocol):
             self.envelope.rcpt_params.append(point.params)  # type: ignore[attr-defined]
             conn.respond(None)
         elif cls is DataStart:
-            error = self._open_spool()
-            conn.respond(error)
+            if self.server.spooling:
+                return False  # the spool file is created in a worker thread
+            self.message_id = self.server.new_id()
+            conn.respond(None)
         elif cls is DataComplete:
             if self.server.spooling:
                 return False  # fsync and delivery happen in a task
@@ -397,7 +402,7 @@ class SMTPConnection(asyncio.Protocol):
             result = await hooks.run("data_start", session, self.envelope)
             reply = _as_reply(result, R.START_DATA if not point.bdat else None)
             if reply is None or reply.is_positive:
-                return self._open_spool() or (None if point.bdat else reply)
+                return await self._open_spool() or (None if point.bdat else reply)
             return reply
         if isinstance(point, DataComplete):
             return await self._complete_message(point, session)
@@ -418,7 +423,7 @@ class SMTPConnection(asyncio.Protocol):
     ) -> Reply | list[Reply]:
         spool = self.spool
         if spool is not None:
-            await self.loop.run_in_executor(None, spool.finish)
+            spool.flush()  # complete on disk for the hooks to read; fsync comes below
         message = H.Message(
             id=self.message_id,
             session=session,
@@ -426,9 +431,14 @@ class SMTPConnection(asyncio.Protocol):
             size=point.size,
             path=spool.path if spool is not None else None,
             received_at=time.time(),
+            _sync=spool.finish if spool is not None else None,
         )
         try:
             result = await self.server.hooks.run("message", session, message)
+            if spool is not None and not spool.finished:
+                # The promise behind a 250: the bytes are on stable storage. A delivery
+                # that linked the spool synced it already (one thread trip, not two).
+                await self.loop.run_in_executor(None, spool.finish)
         finally:
             self._drop_spool()
         accepted = Reply(250, "2.0.0", (f"Message accepted as {self.message_id}",))
@@ -508,18 +518,32 @@ class SMTPConnection(asyncio.Protocol):
             session.user = attributes["LOGIN"]
         session.helo = attributes.get("HELO") or None
 
-    def _open_spool(self) -> Reply | None:
-        """Open the spool file for a new message and write the trace header."""
+    async def _open_spool(self) -> Reply | None:
+        """Create the spool file for a new message (in a worker thread: on a busy disk,
+        creating a file waits for the journal) and write the trace header into it."""
         self.message_id = self.server.new_id()
-        if not self.server.spooling:
-            return None
+        header = self._received() if self.server.options.received_header else b""
+        directory = self.server.spool_dir
+
+        def create() -> SpoolFile:
+            spool = SpoolFile(directory)
+            if header:
+                spool.write(header)
+            return spool
+
+        future = self.loop.run_in_executor(None, create)
         try:
-            spool = SpoolFile(self.server.spool_dir)
-            if self.server.options.received_header:
-                spool.write(self._received())
+            spool = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            # The connection went away while the file was being made: remove it once made.
+            future.add_done_callback(_discard_result)
+            raise
         except OSError as exc:
             log.error("session %s: cannot create spool file: %s", self._sid(), exc)
             return _LOCAL_ERROR
+        if self.conn is None or self.transport is None:  # the client left meanwhile
+            spool.discard()
+            return None
         self.spool = spool
         return None
 
@@ -663,6 +687,11 @@ def _as_reply(result: Reply | H.Accept | Any | None, success: Reply | None) -> R
         return Reply(success.code, success.status, (result.text,))
     assert isinstance(result, Reply)
     return result
+
+
+def _discard_result(future: asyncio.Future[SpoolFile]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().discard()
 
 
 def _shown(data: bytes, limit: int = 300) -> str:

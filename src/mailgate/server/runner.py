@@ -26,6 +26,9 @@ Reloader = Callable[[], ServerOptions]
 
 
 def _install_uvloop() -> str:
+    """uvloop when installed (mailgate[fast]); MAILGATE_LOOP=asyncio keeps the stock loop."""
+    if os.environ.get("MAILGATE_LOOP", "").lower() == "asyncio":
+        return "asyncio"
     try:
         import uvloop
     except ImportError:

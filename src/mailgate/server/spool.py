@@ -94,6 +94,8 @@ class SpoolFile:
         )
         self._finished = False
         self._discarded = False
+        # finish() may be called by a delivery's thread and by the server; once is enough.
+        self._finish_lock = threading.Lock()
 
     @property
     def finished(self) -> bool:
@@ -109,22 +111,29 @@ class SpoolFile:
         # BufferedWriter.write counts bytes, also for a memoryview of wider items.
         self.size += self._file.write(data)
 
+    def flush(self) -> None:
+        """Hand buffered bytes to the OS (no fsync), so readers of ``path`` see them all."""
+        if self._file is not None:
+            self._file.flush()
+
     def finish(self) -> None:
         """Write what is buffered and fsync; the file is complete and durable afterwards.
 
         Only the file's data is synced; the directory entry is made durable by whatever
         gives the file its final name (Maildir ``new/``) or copies it elsewhere.
+        Thread-safe and idempotent: concurrent or repeated calls fsync once.
         """
-        if self._finished:
-            return
-        if self._file is None:
-            raise ValueError(f"spool file {self.path} was discarded")
-        file, self._file = self._file, None
-        # On failure the file is closed too: the caller can only discard it now.
-        with file:
-            file.flush()
-            os.fsync(file.fileno())
-        self._finished = True
+        with self._finish_lock:
+            if self._finished:
+                return
+            if self._file is None:
+                raise ValueError(f"spool file {self.path} was discarded")
+            file, self._file = self._file, None
+            # On failure the file is closed too: the caller can only discard it now.
+            with file:
+                file.flush()
+                os.fsync(file.fileno())
+            self._finished = True
 
     def discard(self) -> None:
         """Close and unlink. Idempotent; after a Maildir delivery the name is already gone."""

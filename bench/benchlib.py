@@ -132,7 +132,16 @@ def _mailgate(
         # mailgate[fast] runs on uvloop; MAILGATE_LOOP=asyncio shows the engine on the
         # stock loop, the same one aiosmtpd runs on.
         env = ["/usr/bin/env", "MAILGATE_LOOP=asyncio"] if stock_loop else []
-        cmd = [*env, str(MAILGATE), "serve", "--listen", f"{HOST}:{port}", "--hostname", "bench", "-q"]
+        cmd = [
+            *env,
+            str(MAILGATE),
+            "serve",
+            "--listen",
+            f"{HOST}:{port}",
+            "--hostname",
+            "bench",
+            "-q",
+        ]
         cmd += ["--sink"] if mode == "sink" else ["--maildir", str(maildir)]
         if workers > 1:
             cmd += ["--workers", str(workers)]

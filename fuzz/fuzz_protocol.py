@@ -29,8 +29,24 @@ CORPUS = [
     b"XCLIENT ADDR=192.0.2.1 NAME=x.example\r\nXFORWARD PROTO=ESMTP\r\nVRFY x\r\nEXPN y\r\nHELP\r\nRSET\r\nNOOP\r\n",
     b"EHLO a\r\nAUTH CRAM-MD5\r\n*\r\nAUTH XOAUTH2 dXNlcj1hAWF1dGg9QmVhcmVyIHQBAQ==\r\n\r\n",
 ]
-TOKENS = [b"\r\n", b"\n", b"\r", b".", b"\r\n.\r\n", b"<", b">", b"\x00", b"\xff", b" ", b"=",
-          b"BDAT 3\r\n", b"DATA\r\n", b"RCPT TO:<a@b>\r\n", b"STARTTLS\r\n", b"AUTH PLAIN\r\n"]
+TOKENS = [
+    b"\r\n",
+    b"\n",
+    b"\r",
+    b".",
+    b"\r\n.\r\n",
+    b"<",
+    b">",
+    b"\x00",
+    b"\xff",
+    b" ",
+    b"=",
+    b"BDAT 3\r\n",
+    b"DATA\r\n",
+    b"RCPT TO:<a@b>\r\n",
+    b"STARTTLS\r\n",
+    b"AUTH PLAIN\r\n",
+]
 
 
 def mutate(rng: random.Random, data: bytes, max_length: int) -> bytes:
@@ -69,7 +85,9 @@ def check(data: bytes, rng: random.Random) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--iterations", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--max-length", type=int, default=2048)
@@ -96,8 +114,10 @@ def main() -> int:
             traceback.print_exc()
             return 1
     elapsed = time.monotonic() - start
-    print(f"{args.iterations} inputs x {len(FUZZ_CONFIGS)} configs, no failures, "
-          f"{args.iterations / elapsed:.0f} inputs/s (seed {seed})")
+    print(
+        f"{args.iterations} inputs x {len(FUZZ_CONFIGS)} configs, no failures, "
+        f"{args.iterations / elapsed:.0f} inputs/s (seed {seed})"
+    )
     return 0
 
 

@@ -93,6 +93,7 @@ class ThreadedServer:
 
     def call(self, func: Callable[[], object]) -> object:
         """Run ``func`` on the server's loop and return its result."""
+
         async def wrapper() -> object:
             result = func()
             if asyncio.iscoroutine(result):

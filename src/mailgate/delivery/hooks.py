@@ -48,5 +48,7 @@ class MboxDelivery:
         sender = message.envelope.sender or None
         await loop.run_in_executor(
             None,
-            lambda: self.store.deliver_spooled(message.path, sender=sender, received_at=message.received_at),  # type: ignore[arg-type]
+            lambda: self.store.deliver_spooled(
+                message.path, sender=sender, received_at=message.received_at
+            ),  # type: ignore[arg-type]
         )

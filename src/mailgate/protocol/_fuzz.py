@@ -93,7 +93,7 @@ def _check(output: bytes, events: list[Event], conn: ServerConnection) -> None:
     while pos < len(output):
         match = _REPLY_LINE.match(output, pos)
         if match is None:
-            raise InvariantError(f"malformed output at {pos}: {output[pos:pos + 60]!r}")
+            raise InvariantError(f"malformed output at {pos}: {output[pos : pos + 60]!r}")
         pos = match.end()
     closed = [e for e in events if isinstance(e, ConnectionClosed)]
     if len(closed) != 1 or events[-1] is not closed[0]:

@@ -501,9 +501,7 @@ class ServerConnection:
         if not self._sequence_ok(rule, line):
             return
         try:
-            params = parse_params(
-                pairs, ParamContext("MAIL", self.extensions, self._max_size())
-            )
+            params = parse_params(pairs, ParamContext("MAIL", self.extensions, self._max_size()))
         except ParamError as exc:
             self._reject(line, exc.reply, bad=True)
             return
@@ -612,7 +610,9 @@ class ServerConnection:
     def _cmd_auth(self, rule: Rule, line: bytes, arg: str) -> None:
         words = arg.split(" ")
         if len(words) > 2 or not words[0]:
-            self._reject(line, Reply(501, "5.5.4", ("Syntax: AUTH mechanism [initial-response]",)), bad=True)
+            self._reject(
+                line, Reply(501, "5.5.4", ("Syntax: AUTH mechanism [initial-response]",)), bad=True
+            )
             return
         if not self._sequence_ok(rule, line):
             return

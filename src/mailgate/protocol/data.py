@@ -78,9 +78,7 @@ _TERMINATOR_RE = re.compile(re.escape(_TERMINATOR))
 # The end of data, or a dot right after a bare CR or bare LF (REJECT), whichever comes first.
 # Starting with the literal dot lets the regex engine skip ahead at C speed, which is faster
 # than several bytes.find passes.
-_END_OR_SMUGGLING_RE = re.compile(
-    rb"\.(?:(?<=\r\n\.)(?=\r\n|\n|\r[^\n])|(?<=\r\.)|(?<=[^\r]\n\.))"
-)
+_END_OR_SMUGGLING_RE = re.compile(rb"\.(?:(?<=\r\n\.)(?=\r\n|\n|\r[^\n])|(?<=\r\.)|(?<=[^\r]\n\.))")
 # REJECT's second pattern: a line holding only "." but ended by a bare LF or bare CR
 # ("\r\n.\n", "\r\n.\r" + not LF), which a lenient receiver would take as end of data.
 _LONE_DOT_BARE_END_RE = re.compile(rb"\r\n\.(?:\n|\r[^\n])")

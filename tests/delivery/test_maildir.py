@@ -244,3 +244,49 @@ def test_two_processes_never_collide(tmp_path: Path) -> None:
     assert contents == expected
     pids = {name.split("P", 1)[1].split("Q", 1)[0] for name in os.listdir(new)}
     assert len(pids) == 2
+
+
+def test_group_sync_covers_every_change_with_fewer_fsyncs(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import threading
+    import time
+
+    from mailgate.delivery import maildir as md
+
+    directory = tmp_path / "d"
+    directory.mkdir()
+    group = md._GroupSync(directory)
+    lock = threading.Lock()
+    changes = 0
+    fsync_starts: list[int] = []  # how many changes existed when each fsync began
+
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        with lock:
+            fsync_starts.append(changes)
+        time.sleep(0.005)
+        real_fsync(fd)
+
+    monkeypatch.setattr(md.os, "fsync", slow_fsync)
+    failures: list[str] = []
+
+    def worker() -> None:
+        nonlocal changes
+        for _ in range(20):
+            with lock:
+                changes += 1
+                mine = changes
+            group.sync()
+            with lock:
+                if not any(started >= mine for started in fsync_starts):
+                    failures.append(f"change {mine} returned before an fsync covering it")
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    group.close()
+    assert not failures
+    assert changes == 160
+    assert len(fsync_starts) < 160  # concurrent callers shared fsyncs

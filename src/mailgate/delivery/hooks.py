@@ -45,10 +45,10 @@ class MboxDelivery:
         if message.path is None:
             raise HookError("mbox delivery needs spooled message bytes")
         loop = asyncio.get_running_loop()
+        path = message.path
         sender = message.envelope.sender or None
-        await loop.run_in_executor(
-            None,
-            lambda: self.store.deliver_spooled(
-                message.path, sender=sender, received_at=message.received_at
-            ),  # type: ignore[arg-type]
-        )
+
+        def deliver() -> None:
+            self.store.deliver_spooled(path, sender=sender, received_at=message.received_at)
+
+        await loop.run_in_executor(None, deliver)

@@ -38,6 +38,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import Literal
 
 from . import replies as R
 from .address import (
@@ -488,60 +489,61 @@ class ServerConnection:
         self._pause(Hello(rule.verb, arg), line)
 
     def _cmd_mail(self, rule: Rule, line: bytes, arg: str) -> None:
-        if arg[:5].upper() != "FROM:":
-            self._reject(line, Reply(501, "5.5.4", ("Syntax: MAIL FROM:<address>",)), bad=True)
-            return
-        try:
-            path, rest = split_path_and_params(arg[5:])
-            address = parse_reverse_path(path, smtputf8=True)
-            pairs = split_params(rest)
-        except (AddressError, ParamError) as exc:
-            self._reject(line, exc.reply, bad=True)
-            return
-        if not self._sequence_ok(rule, line):
-            return
-        try:
-            params = parse_params(pairs, ParamContext("MAIL", self.extensions, self._max_size()))
-        except ParamError as exc:
-            self._reject(line, exc.reply, bad=True)
-            return
-        smtputf8 = "SMTPUTF8" in params
-        if address is not None and address.is_utf8 and not smtputf8:
-            self._reject(line, R.SMTPUTF8_REQUIRED, bad=True)
-            return
-        self._pause(MailFrom(address, params), line)
+        parsed = self._envelope_command(rule, line, arg, "FROM:", parse_reverse_path)
+        if parsed is not None:
+            self._pause(MailFrom(*parsed), line)
 
     def _cmd_rcpt(self, rule: Rule, line: bytes, arg: str) -> None:
-        if arg[:3].upper() != "TO:":
-            self._reject(line, Reply(501, "5.5.4", ("Syntax: RCPT TO:<address>",)), bad=True)
+        parsed = self._envelope_command(rule, line, arg, "TO:", parse_forward_path)
+        if parsed is None:
             return
-        try:
-            path, rest = split_path_and_params(arg[3:])
-            address = parse_forward_path(path, smtputf8=True)
-            pairs = split_params(rest)
-        except (AddressError, ParamError) as exc:
-            self._reject(line, exc.reply, bad=True)
-            return
-        if not self._sequence_ok(rule, line):
-            return
-        tx = self.transaction
-        assert tx is not None
-        try:
-            params = parse_params(
-                pairs,
-                ParamContext("RCPT", self.extensions, self._max_size(), smtputf8=tx.smtputf8),
-            )
-        except ParamError as exc:
-            self._reject(line, exc.reply, bad=True)
-            return
-        if address.is_utf8 and not tx.smtputf8:
-            self._reject(line, R.SMTPUTF8_REQUIRED, bad=True)
-            return
-        if len(tx.recipients) >= self.config.max_recipients:
+        address, params = parsed
+        assert address is not None and self.transaction is not None
+        if len(self.transaction.recipients) >= self.config.max_recipients:
             self._events.append(LimitExceeded(Limit.RECIPIENTS, closing=False))
             self._send(R.TOO_MANY_RECIPIENTS)
             return
         self._pause(RcptTo(address, params), line)
+
+    def _envelope_command(
+        self,
+        rule: Rule,
+        line: bytes,
+        arg: str,
+        keyword: str,
+        parse_path: Callable[..., Address | None],
+    ) -> tuple[Address | None, dict[str, str | None]] | None:
+        """MAIL FROM / RCPT TO through steps 4-6: the path and the parameters' syntax
+        (501), the sequence (503), the parameters' meaning (555), then whether a UTF-8
+        address is allowed (553). Answers and returns None on the first failure."""
+        if arg[: len(keyword)].upper() != keyword:
+            syntax = Reply(501, "5.5.4", (f"Syntax: {rule.verb} {keyword}<address>",))
+            self._reject(line, syntax, bad=True)
+            return None
+        try:
+            path, rest = split_path_and_params(arg[len(keyword) :])
+            # UTF-8 is judged after the parameters: MAIL's own SMTPUTF8 may allow it.
+            address = parse_path(path, smtputf8=True)
+            pairs = split_params(rest)
+        except (AddressError, ParamError) as exc:
+            self._reject(line, exc.reply, bad=True)
+            return None
+        if not self._sequence_ok(rule, line):
+            return None
+        tx = self.transaction
+        in_utf8_transaction = tx is not None and tx.smtputf8
+        verb: Literal["MAIL", "RCPT"] = "MAIL" if rule.verb == "MAIL" else "RCPT"
+        context = ParamContext(verb, self.extensions, self._max_size(), in_utf8_transaction)
+        try:
+            params = parse_params(pairs, context)
+        except ParamError as exc:
+            self._reject(line, exc.reply, bad=True)
+            return None
+        utf8_allowed = "SMTPUTF8" in params if verb == "MAIL" else in_utf8_transaction
+        if address is not None and address.is_utf8 and not utf8_allowed:
+            self._reject(line, R.SMTPUTF8_REQUIRED, bad=True)
+            return None
+        return address, params
 
     def _cmd_data(self, rule: Rule, line: bytes, arg: str) -> None:
         if not self._sequence_ok(rule, line):

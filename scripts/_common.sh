@@ -43,3 +43,21 @@ apt_install() {
         install --no-install-recommends "${missing[@]}" >/dev/null \
         || die "apt-get install ${missing[*]} failed"
 }
+
+# Create $VENV (Python >= 3.11 from $PYTHON) unless a usable one is there. Debian's python3
+# ships venv without ensurepip until python3-venv is installed, so that is installed first.
+ensure_venv() {
+    if "$VENV/bin/python" -c 'import sys; assert sys.version_info >= (3, 11)' >/dev/null 2>&1; then
+        return 0
+    fi
+    command -v "$PYTHON" >/dev/null 2>&1 || die "$PYTHON not found (need Python 3.11+)"
+    "$PYTHON" -c 'import sys; assert sys.version_info >= (3, 11)' \
+        || die "$PYTHON is $("$PYTHON" --version 2>&1); mailgate needs 3.11+ (set PYTHON=...)"
+    rm -rf "$VENV"
+    log "creating .venv with $("$PYTHON" --version 2>&1)"
+    if ! "$PYTHON" -m venv "$VENV" 2>/dev/null; then
+        rm -rf "$VENV"
+        apt_install python3-venv
+        "$PYTHON" -m venv "$VENV" || die "cannot create .venv"
+    fi
+}

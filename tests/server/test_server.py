@@ -412,6 +412,25 @@ def test_proxy_protocol(tmp_path: Path) -> None:
     assert seen == ["203.0.113.9:4444", "2001:db8::7:5555"]
 
 
+def test_per_ip_limit_applies_to_the_proxied_address(tmp_path: Path) -> None:
+    import ipaddress
+
+    networks = (ipaddress.ip_network("127.0.0.0/8"),)
+    with running_server(tmp_path, proxy_protocol=networks, max_clients_per_ip=1) as srv:
+        first = Raw(srv.port(), greet=False)
+        first.send(build_proxy_v1("203.0.113.9", 4444, "192.0.2.1", 25))
+        assert first.code() == 220
+        second = Raw(srv.port(), greet=False)
+        second.send(build_proxy_v1("203.0.113.9", 4445, "192.0.2.1", 25))
+        assert second.code() == 421
+        assert second.closed()
+        other = Raw(srv.port(), greet=False)  # another real client is still welcome
+        other.send(build_proxy_v1("198.51.100.7", 4446, "192.0.2.1", 25))
+        assert other.code() == 220
+        for raw in (first, second, other):
+            raw.close()
+
+
 def test_graceful_shutdown_finishes_transaction(tmp_path: Path) -> None:
     with running_server(tmp_path, close_timeout=10) as srv:
         raw = Raw(srv.port())

@@ -188,12 +188,12 @@ class Server:
     def rebind_ip(self, connection: SMTPConnection, ip: str) -> None:
         """After a PROXY header the per-IP limit applies to the real client address."""
         self._forget_ip(connection.peer_ip)
-        if self.per_ip[ip] >= self.options.max_clients_per_ip:
-            connection.peer_ip = ip
-            self.per_ip[ip] += 1
-            connection.abort()
-            return
-        self.per_ip[ip] += 1
+        over = self.per_ip[ip] >= self.options.max_clients_per_ip
+        connection.peer_ip = ip
+        self.per_ip[ip] += 1  # released in connection_lost like any other
+        if over:
+            log.info("refusing %s (via PROXY): too many connections from this address", ip)
+            connection.refuse(_TOO_MANY_FROM_IP)
 
     def release(self, connection: SMTPConnection) -> None:
         self.connections.discard(connection)

@@ -208,6 +208,8 @@ class SMTPConnection(asyncio.Protocol):
         rest = bytes(self._proxy_buf[used:])
         self._proxy_buf = bytearray()
         self._apply_proxy(header)
+        if self.transport is None or self.transport.is_closing():
+            return  # refused for the real client's address
         self._start_session()
         if rest and self.conn is not None:
             if not self._greeted:
@@ -230,7 +232,6 @@ class SMTPConnection(asyncio.Protocol):
             session.local_port = header.destination_port or session.local_port
             session.forwarded = True
             self.server.rebind_ip(self, header.source_address)
-            self.peer_ip = header.source_address
 
     def _start_session(self) -> None:
         assert self.session is not None
@@ -588,6 +589,10 @@ class SMTPConnection(asyncio.Protocol):
             if self._debug:
                 log.debug("session %s: >>> %s", self._sid(), _shown(out))
             transport.write(out)
+
+    def refuse(self, reply: Reply) -> None:
+        """Send ``reply`` (outside the SMTP dialogue: a limit, a bad PROXY header) and close."""
+        self._refuse(reply)
 
     def _refuse(self, reply: Reply) -> None:
         transport = self.transport

@@ -182,7 +182,6 @@ class Transaction:
     smtputf8: bool
     recipients: list[Address]
     bdat_size: int = 0
-    used_bdat: bool = False
 
 
 class ProtocolError(Exception):
@@ -215,7 +214,6 @@ class ServerConnection:
         self._events: deque[Event] = deque()
         self._pending: PolicyPoint | None = Greeting()
         self._events.append(self._pending)
-        self._pending_line = b""
 
         self._unknown_commands = 0
         self._bad_commands = 0
@@ -486,12 +484,12 @@ class ServerConnection:
             return
         if not self._sequence_ok(rule, line):
             return
-        self._pause(Hello(rule.verb, arg), line)
+        self._pause(Hello(rule.verb, arg))
 
     def _cmd_mail(self, rule: Rule, line: bytes, arg: str) -> None:
         parsed = self._envelope_command(rule, line, arg, "FROM:", parse_reverse_path)
         if parsed is not None:
-            self._pause(MailFrom(*parsed), line)
+            self._pause(MailFrom(*parsed))
 
     def _cmd_rcpt(self, rule: Rule, line: bytes, arg: str) -> None:
         parsed = self._envelope_command(rule, line, arg, "TO:", parse_forward_path)
@@ -503,7 +501,7 @@ class ServerConnection:
             self._events.append(LimitExceeded(Limit.RECIPIENTS, closing=False))
             self._send(R.TOO_MANY_RECIPIENTS)
             return
-        self._pause(RcptTo(address, params), line)
+        self._pause(RcptTo(address, params))
 
     def _envelope_command(
         self,
@@ -548,7 +546,7 @@ class ServerConnection:
     def _cmd_data(self, rule: Rule, line: bytes, arg: str) -> None:
         if not self._sequence_ok(rule, line):
             return
-        self._pause(DataStart(bdat=False), line)
+        self._pause(DataStart(bdat=False))
 
     def _cmd_bdat(self, rule: Rule, line: bytes, arg: str) -> None:
         words = arg.split(" ")
@@ -572,7 +570,7 @@ class ServerConnection:
         self._bdat_last = len(words) == 2
         if self.state is State.RCPT:
             self._bdat_pending_size = size
-            self._pause(DataStart(bdat=True), line)
+            self._pause(DataStart(bdat=True))
         else:
             self._start_chunk(size)
 
@@ -602,12 +600,12 @@ class ServerConnection:
     def _cmd_verify(self, rule: Rule, line: bytes, arg: str) -> None:
         if not self._sequence_ok(rule, line):
             return
-        self._pause(Verify(arg, expand=rule.verb == "EXPN"), line)
+        self._pause(Verify(arg, expand=rule.verb == "EXPN"))
 
     def _cmd_starttls(self, rule: Rule, line: bytes, arg: str) -> None:
         if not self._sequence_ok(rule, line):
             return
-        self._pause(StartTLS(), line)
+        self._pause(StartTLS())
 
     def _cmd_auth(self, rule: Rule, line: bytes, arg: str) -> None:
         words = arg.split(" ")
@@ -623,7 +621,7 @@ class ServerConnection:
         if mechanism is None or name not in self.config.auth_mechanisms:
             self._reject(line, R.AUTH_UNKNOWN_MECHANISM, bad=True)
             return
-        if not self._auth_allowed_now(mechanism):
+        if not (self.tls_active or not self.config.auth_requires_tls):
             self._reject(line, R.AUTH_REQUIRES_TLS, bad=True)
             return
         try:
@@ -638,7 +636,7 @@ class ServerConnection:
             self._sasl = None
             self._reject(line, exc.reply, bad=True)
             return
-        self._sasl_result(result, line)
+        self._sasl_result(result)
 
     def _cmd_xclient(self, rule: Rule, line: bytes, arg: str) -> None:
         try:
@@ -648,7 +646,7 @@ class ServerConnection:
             return
         if not self._sequence_ok(rule, line):
             return
-        self._pause(Xclient(attributes), line)
+        self._pause(Xclient(attributes))
 
     def _cmd_xforward(self, rule: Rule, line: bytes, arg: str) -> None:
         try:
@@ -658,7 +656,7 @@ class ServerConnection:
             return
         if not self._sequence_ok(rule, line):
             return
-        self._pause(Xforward(attributes), line)
+        self._pause(Xforward(attributes))
 
     _COMMANDS: dict[str, Callable[[ServerConnection, Rule, bytes, str], None]] = {
         "HELO": _cmd_hello,
@@ -738,7 +736,6 @@ class ServerConnection:
                 self._abort_transaction()
                 self._discard_chunk(size, reply, DiscardReason.REJECTED)
                 return
-            tx.used_bdat = True
             self._start_chunk(size)
             return
         reply = reply or R.START_DATA
@@ -864,7 +861,6 @@ class ServerConnection:
             self._discard_chunk(size, R.MESSAGE_TOO_BIG, DiscardReason.TOO_BIG)
             return
         tx.bdat_size += size
-        tx.used_bdat = True
         self._bdat = BdatReader(size)
         self._bdat_chunk_size = size
         self.state = State.BDAT
@@ -910,9 +906,6 @@ class ServerConnection:
 
     # --- AUTH ------------------------------------------------------------------------------
 
-    def _auth_allowed_now(self, mechanism: type[Mechanism]) -> bool:
-        return self.tls_active or not self.config.auth_requires_tls
-
     def _auth_line(self, line: bytes) -> None:
         if self._sasl_final_reply is not None:
             # The client's answer to the XOAUTH2 error challenge; its content is ignored.
@@ -928,15 +921,15 @@ class ServerConnection:
             self.state = State.READY
             self._send(exc.reply)
             return
-        self._sasl_result(result, line)
+        self._sasl_result(result)
 
-    def _sasl_result(self, result: Challenge | AuthCredentials, line: bytes) -> None:
+    def _sasl_result(self, result: Challenge | AuthCredentials) -> None:
         if isinstance(result, Challenge):
             self.state = State.AUTH
             self._out += b"334 " + encode_challenge(result.data) + b"\r\n"
             return
         self.state = State.READY
-        self._pause(result, line)
+        self._pause(result)
 
     def _auth_failed(self, reply: Reply) -> None:
         self._sasl = None
@@ -993,9 +986,8 @@ class ServerConnection:
     def _send(self, reply: Reply) -> None:
         self._out += reply.render(self.config.enhanced_status_codes)
 
-    def _pause(self, point: PolicyPoint, line: bytes) -> None:
+    def _pause(self, point: PolicyPoint) -> None:
         self._pending = point
-        self._pending_line = line
         self._events.append(point)
 
     def _reject(

@@ -8,11 +8,9 @@ import ipaddress
 import itertools
 import logging
 import os
-import socket
 import ssl
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 from mailgate import hooks as H
@@ -242,10 +240,3 @@ def _id_prefix() -> str:
     """Queue ids unique across restarts and worker processes: time, pid, then a counter."""
     raw = int(time.time()).to_bytes(5, "big") + os.getpid().to_bytes(4, "big")
     return base64.b32encode(raw).decode().rstrip("=")[-10:]
-
-
-def resolve_hostname() -> str:
-    return socket.getfqdn()
-
-
-OnReady = Callable[["Server"], None]

@@ -30,7 +30,7 @@ def run_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[ServerOptions, Relo
     """Replace mailgate.server.run; the options and reloader it was called with."""
     calls: list[tuple[ServerOptions, Reloader]] = []
 
-    def fake_run(options: ServerOptions, make_hooks: object, *, reload_options: Reloader) -> int:
+    def fake_run(options: ServerOptions, *, reload_options: Reloader) -> int:
         calls.append((options, reload_options))
         return 0
 

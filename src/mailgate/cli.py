@@ -12,6 +12,8 @@ from typing import NoReturn
 
 from mailgate import __version__
 from mailgate.config import (
+    AUTH_CAPTURE_CHOICES,
+    AUTH_MECHANISMS,
     BARE_NEWLINE_CHOICES,
     DEFAULT_LISTEN,
     DEFAULTS,
@@ -19,7 +21,6 @@ from mailgate.config import (
     ConfigError,
     build_options,
 )
-from mailgate.hooks import Hooks
 from mailgate.server.options import ServerOptions
 
 EXIT_CONFIG = 2
@@ -159,6 +160,67 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         default=None,
         help="offer AUTH before TLS too, sending passwords in clear (default: off)",
     )
+    group.add_argument(
+        "--users-file",
+        metavar="FILE",
+        help="accept AUTH PLAIN/LOGIN for the users in this file of argon2 hashes, managed "
+        "with 'mailgate users' (default: none)",
+    )
+    group.add_argument(
+        "--auth-capture",
+        choices=AUTH_CAPTURE_CHOICES,
+        help="record every AUTH attempt (user, password) in the state directory and refuse "
+        "or accept it, for honeypots (default: off)",
+    )
+    group.add_argument(
+        "--auth-mechanisms",
+        metavar="MECH[,MECH]",
+        help=f"SASL mechanisms to offer, from {', '.join(AUTH_MECHANISMS)} "
+        "(default: what the configured auth backends can check)",
+    )
+    group.add_argument(
+        "--auth-failure-delay",
+        metavar="SECONDS",
+        help="wait this long before answering a failed AUTH, doubling with each further "
+        f"failure (default: {d.auth_failure_delay:g})",
+    )
+    group.add_argument(
+        "--max-auth-failures",
+        metavar="N",
+        help=f"close the connection after this many failed AUTH (default: {d.max_auth_failures})",
+    )
+
+    group = serve.add_argument_group("hooks and further deliveries")
+    group.add_argument(
+        "--forward",
+        action="append",
+        metavar="URL",
+        help="also hand every message to this server: smtp://HOST:PORT, smtps://HOST:PORT "
+        "or lmtp://HOST:PORT; repeatable (default: none)",
+    )
+    group.add_argument(
+        "--webhook",
+        action="append",
+        metavar="URL",
+        help="also POST every message (raw, with the envelope as JSON) to this http(s) URL; "
+        "repeatable (default: none)",
+    )
+    group.add_argument(
+        "--aiosmtpd-handler",
+        metavar="MODULE:CLASS",
+        help="run this aiosmtpd handler class (handle_RCPT, handle_DATA, ...) unchanged "
+        "(default: none)",
+    )
+    group.add_argument(
+        "--hook-timeout",
+        metavar="SECONDS",
+        help=f"answer 451 when a stage's hooks take longer than this (default: {d.hook_timeout:g})",
+    )
+    group.add_argument(
+        "--delivery-timeout",
+        metavar="SECONDS",
+        help=f"the same for the message stage and its deliveries (default: {d.delivery_timeout:g})",
+    )
 
     group = serve.add_argument_group("limits")
     group.add_argument(
@@ -294,29 +356,13 @@ def _serve(args: argparse.Namespace) -> int:
         return build_options(args)
 
     try:
-        return run(options, make_hooks, reload_options=reload_options)
+        return run(options, reload_options=reload_options)
     except ConfigError as exc:
         return _fail(f"mailgate: error: {exc}", EXIT_CONFIG)
     except StartupError as exc:
         return _fail(f"mailgate: cannot start: {exc}", EXIT_STARTUP)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
-
-
-def make_hooks(options: ServerOptions) -> Hooks:
-    """Assemble the plugins the options ask for: the only place that knows them all."""
-    from mailgate.delivery.hooks import MaildirDelivery, MboxDelivery
-    from mailgate.plugins.static_auth import StaticUsers
-
-    hooks = Hooks()
-    if options.auth_users:
-        hooks.add(StaticUsers(dict(options.auth_users)))
-    if options.delivery == "maildir":
-        hooks.add(MaildirDelivery(options.maildir))
-    elif options.delivery == "mbox":
-        assert options.mbox is not None
-        hooks.add(MboxDelivery(options.mbox))
-    return hooks
 
 
 def _fail(message: str, status: int) -> int:

@@ -58,6 +58,7 @@ import math
 import re
 import socket
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -104,7 +105,20 @@ KEYS: tuple[str, ...] = (
     "log_format",
     "verbose",
     "quiet",
+    "auth_mechanisms",
+    "users_file",
+    "auth_capture",
+    "auth_failure_delay",
+    "max_auth_failures",
+    "hook_timeout",
+    "delivery_timeout",
+    "forward",
+    "webhook",
+    "aiosmtpd_handler",
 )
+#: SASL mechanisms mailgate implements.
+AUTH_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5", "XOAUTH2")
+AUTH_CAPTURE_CHOICES = ("refuse", "accept")
 
 _FLAG_NAMES = {"auth_users": "--auth-user"}
 # Keys of which at most one may be chosen; a flag for one of them overrides the file's.
@@ -267,7 +281,50 @@ def _assemble(values: Mapping[str, _Value]) -> ServerOptions:
         bare_newline=BareNewline(bare_newline),
         log_format=cast(Literal["text", "json"], log_format),
         log_level=log_level,
+        auth_mechanisms=get("auth_mechanisms", _mechanisms, ()),
+        users_file=get("users_file", _path, None),
+        auth_capture=cast(
+            Literal["refuse", "accept"] | None,
+            get("auth_capture", _choice(AUTH_CAPTURE_CHOICES), None),
+        ),
+        auth_failure_delay=get("auth_failure_delay", _seconds_or_zero, DEFAULTS.auth_failure_delay),
+        max_auth_failures=get("max_auth_failures", _count, DEFAULTS.max_auth_failures),
+        hook_timeout=get("hook_timeout", _seconds, DEFAULTS.hook_timeout),
+        delivery_timeout=get("delivery_timeout", _seconds, DEFAULTS.delivery_timeout),
+        forward=get("forward", _forward_urls, ()),
+        webhook=get("webhook", _webhook_urls, ()),
+        aiosmtpd_handler=get("aiosmtpd_handler", _import_spec, None),
     )
+
+
+def options_from_settings(
+    settings: Mapping[str, Any], *, default_delivery: Literal["maildir", "sink"] = "sink"
+) -> ServerOptions:
+    """ServerOptions from keyword settings given in code (``Server(hostname=..., ...)``):
+    the same keys and checks as the ``[server]`` table. Numbers, booleans, lists and
+    ``Path`` objects may be given as such. Unlike ``mailgate serve``, code stores nothing
+    unless asked (``maildir=...``, ``mbox=...``) and listens on 127.0.0.1:2525 by default."""
+    values: dict[str, _Value] = {}
+    for key, raw in settings.items():
+        if key not in KEYS:
+            close = difflib.get_close_matches(key, KEYS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown setting {key!r}{hint}")
+        if raw is None:
+            continue
+        if isinstance(raw, Path):
+            raw = str(raw)
+        elif isinstance(raw, tuple | set | frozenset):
+            raw = [str(item) for item in raw]
+        elif isinstance(raw, list):
+            raw = [str(item) if isinstance(item, Path) else item for item in raw]
+        values[key] = _Value(raw, f"setting {key}")
+    chosen = [k for k in ("maildir", "mbox", "sink") if k in values and values[k].raw is not False]
+    if len(chosen) > 1:
+        raise ConfigError(f"settings {' and '.join(chosen)} exclude each other; keep one")
+    if not chosen and default_delivery == "sink":
+        values["sink"] = _Value(True, "default")
+    return _assemble(values)
 
 
 @functools.cache
@@ -484,6 +541,59 @@ def _auth_users(value: _Value) -> tuple[tuple[str, str], ...]:
             raise value.error(f"user {user!r} is given twice")
         users[user] = password
     return tuple(users.items())
+
+
+def _mechanisms(value: _Value) -> tuple[str, ...]:
+    mechanisms: list[str] = []
+    for text in _string_list(value):
+        for item in text.replace(",", " ").split():
+            name = item.upper()
+            if name not in AUTH_MECHANISMS:
+                raise value.error(f"{item!r} is not one of {', '.join(AUTH_MECHANISMS)}")
+            if name not in mechanisms:
+                mechanisms.append(name)
+    return tuple(mechanisms)
+
+
+_URL_RE = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*)://(?P<rest>[^\s]+)", re.IGNORECASE)
+
+
+def _urls(value: _Value, schemes: tuple[str, ...], example: str) -> tuple[str, ...]:
+    urls: list[str] = []
+    for text in _string_list(value):
+        text = text.strip()
+        match = _URL_RE.fullmatch(text)
+        if not match or match.group("scheme").lower() not in schemes:
+            raise value.error(
+                f"{text!r} is not a {' or '.join(s + '://' for s in schemes)} URL (e.g. {example})"
+            )
+        urls.append(text)
+    return tuple(urls)
+
+
+def _forward_urls(value: _Value) -> tuple[str, ...]:
+    urls = _urls(value, ("smtp", "smtps", "lmtp"), "smtp://mail.example.com:25")
+    for url in urls:
+        try:
+            parts = urllib.parse.urlsplit(url)
+            parts.port  # noqa: B018 - raises ValueError for a bad port
+        except ValueError:
+            raise value.error(f"{url!r} has no valid port number") from None
+        if not parts.hostname:
+            raise value.error(f"{url!r} names no host")
+    return urls
+
+
+def _webhook_urls(value: _Value) -> tuple[str, ...]:
+    return _urls(value, ("http", "https"), "https://app.example.com/mail")
+
+
+def _import_spec(value: _Value) -> str:
+    text = _string(value).strip()
+    module, colon, attribute = text.partition(":")
+    if not colon or not module or not attribute:
+        raise value.error(f"{text!r} is not module:Class (e.g. myapp.handlers:Handler)")
+    return text
 
 
 def _check_tls(cert: Path | None, key: Path | None) -> None:

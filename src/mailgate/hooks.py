@@ -2,15 +2,19 @@
 
 One mechanism underneath three shapes:
 
-* callbacks: ``hooks.on("rcpt", func)`` -- a one-step plugin;
-* plugins: an object with a ``name`` and async methods named after stages
-  (``on_connect``, ``on_helo``, ``on_auth``, ``on_mail``, ``on_rcpt``, ``on_data_start``,
-  ``on_message``, ``on_close``), added with optional ``before=``/``after=`` names;
+* callbacks: ``server.on_rcpt(func)`` / ``hooks.on("rcpt", func)`` -- a one-step plugin;
+* plugins: an object with a ``name`` and methods named after stages (``on_connect``,
+  ``on_tls``, ``on_helo``, ``on_auth``, ``on_mail``, ``on_rcpt``, ``on_data_start``,
+  ``on_message``, ``on_reset``, ``on_close``), added with optional ``before=``/``after=``;
 * middleware: ``hooks.use(mw)`` with ``async def mw(ctx, call_next)`` around every stage.
 
-A step may return ``None`` (go on), return :class:`Accept` (answer now with success, skip
-the rest of the chain), or raise :class:`Reject` / :class:`TempFail` (answer now with that
-5xx / 4xx). Returning a :class:`~mailgate.protocol.Reply` answers with exactly that reply.
+Steps may be async or plain functions. A step returns ``None`` (go on), returns
+:class:`Accept` or ``True`` (answer now with success, skip the rest of the chain), returns
+``False`` (refuse with the stage's default refusal), or raises :class:`Reject` /
+:class:`TempFail` (answer now with that 5xx / 4xx). Returning a
+:class:`~mailgate.protocol.Reply` answers with exactly that reply. Any other exception,
+and a chain that outlives its timeout, becomes ``451 4.3.0`` and is logged; it never
+reaches the client as a traceback.
 
 Import direction: ``mailgate.server`` calls into this module; this module imports only
 ``mailgate.protocol``. Plugins import only this module.
@@ -18,71 +22,221 @@ Import direction: ``mailgate.server`` calls into this module; this module import
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.message
 import email.policy
+import functools
+import hmac
 import inspect
 import itertools
+import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, Any
+from types import MappingProxyType
+from typing import IO, Any, Final
 
-from mailgate.protocol import Address, AuthCredentials, Reply
+from mailgate.protocol import Address as WireAddress
+from mailgate.protocol import AuthCredentials, Reply
 
-STAGES = ("connect", "helo", "auth", "mail", "rcpt", "data_start", "message", "close")
+log = logging.getLogger("mailgate.hooks")
+
+#: Every stage, in the order a session meets them.
+STAGES: Final = (
+    "connect",
+    "tls",
+    "helo",
+    "auth",
+    "mail",
+    "rcpt",
+    "data_start",
+    "message",
+    "reset",
+    "close",
+)
+#: Stages that only tell: what their steps return is ignored.
+NOTIFICATIONS: Final = frozenset({"reset", "close"})
 
 
 class HookError(Exception):
-    """Misuse of the hooks API (unknown stage, ordering that cannot be satisfied...)."""
+    """Misuse of the hooks API: unknown stage or plugin name, a cycle in the ordering, a
+    result a stage cannot use."""
 
 
-class Reject(Exception):
-    """Refuse with a permanent (5xx) reply."""
-
-    def __init__(
-        self, text: str = "Rejected", code: int = 550, status: str | None = "5.7.1"
-    ) -> None:
-        super().__init__(text)
-        if not 500 <= code <= 599:
-            raise HookError(f"Reject needs a 5xx code, not {code}")
-        self.reply = Reply(code, status, tuple(text.split("\n")))
+# --- results ---------------------------------------------------------------------------------
 
 
-class TempFail(Exception):
-    """Refuse with a transient (4xx) reply: the client should try again later."""
+class _Refusal(Exception):
+    """What Reject and TempFail share: a reply code, text, enhanced status, disconnect."""
+
+    _low = 0
+    _default_code = 0
+    _default_text = ""
 
     def __init__(
         self,
-        text: str = "Temporary failure, try again later",
-        code: int = 451,
-        status: str | None = "4.7.1",
+        *args: int | str,
+        code: int | None = None,
+        text: str | None = None,
+        enhanced: str | None = None,
+        disconnect: bool = False,
+        status: str | None = None,  # older spelling of ``enhanced``
     ) -> None:
-        super().__init__(text)
-        if not 400 <= code <= 499:
-            raise HookError(f"TempFail needs a 4xx code, not {code}")
-        self.reply = Reply(code, status, tuple(text.split("\n")))
+        # Positional: a code and/or a text, in either order -- Reject(550, "no such user"),
+        # Reject("no such user"), Reject("no such user", 553).
+        for arg in args:
+            if isinstance(arg, int) and not isinstance(arg, bool) and code is None:
+                code = arg
+            elif isinstance(arg, str) and text is None:
+                text = arg
+            else:
+                raise HookError(f"{type(self).__name__}: unexpected argument {arg!r}")
+        code = self._default_code if code is None else code
+        if not self._low <= code <= self._low + 99:
+            raise HookError(f"{type(self).__name__} needs a {self._low // 100}xx code, not {code}")
+        self.code = code
+        self.text = text or self._default_text
+        self.enhanced = enhanced or status
+        if self.enhanced is not None and not self.enhanced.startswith(f"{code // 100}."):
+            raise HookError(f"enhanced code {self.enhanced} does not match reply code {code}")
+        self.disconnect = disconnect
+        super().__init__(self.text)
+
+    def reply(self, stage: str | None = None) -> Reply:
+        """The reply this refusal gives at ``stage`` (its enhanced code filled in)."""
+        status = self.enhanced or default_status(stage, self.code)
+        return Reply(self.code, status, tuple(self.text.split("\n")))
+
+
+class Reject(_Refusal):
+    """Refuse with a permanent (5xx) reply: ``raise Reject(550, "no such user")``.
+    ``enhanced`` defaults to a status that fits the stage; ``disconnect=True`` closes the
+    connection after the reply."""
+
+    _low = 500
+    _default_code = 550
+    _default_text = "Rejected"
+
+
+class TempFail(_Refusal):
+    """Refuse with a transient (4xx) reply: the client should try again later."""
+
+    _low = 400
+    _default_code = 451
+    _default_text = "Temporary failure, try again later"
 
 
 @dataclass(frozen=True, slots=True)
 class Accept:
-    """Answer now with success; later steps of the chain do not run. ``text`` replaces the
-    default reply text."""
+    """Answer now with success; later steps of the chain do not run. ``code`` and ``text``
+    replace the stage's usual success reply (e.g. ``Accept(text="Hi there")``)."""
 
+    code: int | None = None
     text: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.code is not None and not 200 <= self.code <= 399:
+            raise HookError(f"Accept needs a 2xx or 3xx code, not {self.code}")
+
+
+@dataclass(frozen=True, slots=True)
+class PerRecipient:
+    """LMTP answers one reply per recipient: return this (or a plain list/dict) from a
+    message hook. Each answer is None/True/Accept (delivered), a Reject/TempFail, or a
+    Reply; a dict keyed by address leaves the others at the default."""
+
+    answers: list[Any] | tuple[Any, ...] | dict[str, Any]
+
+
+#: What a finished chain gives the server.
+Outcome = Reply | Accept | _Refusal | PerRecipient | None
+
+# RFC 3463 subjects per stage; 7.1 ("delivery not authorized") is the usual policy answer.
+_STAGE_STATUS: Final = {
+    "connect": "7.1",
+    "tls": "7.1",
+    "helo": "7.1",
+    "auth": "7.8",
+    "mail": "7.1",
+    "rcpt": "7.1",
+    "data_start": "7.1",
+    "message": "7.1",
+}
+_CODE_STATUS: Final = {
+    421: "4.3.2",
+    450: "4.2.1",
+    451: "4.3.0",
+    452: "4.3.1",
+    454: "4.7.0",
+    535: "5.7.8",
+    552: "5.3.4",
+    553: "5.1.3",
+    554: "5.7.1",
+}
+
+
+def default_status(stage: str | None, code: int) -> str:
+    """The enhanced status code for a refusal that did not name one."""
+    if code in _CODE_STATUS:
+        return _CODE_STATUS[code]
+    return f"{code // 100}.{_STAGE_STATUS.get(stage or '', '0.0')}"
+
+
+# --- what hooks see --------------------------------------------------------------------------
+
+
+class Address(str):
+    """An envelope address as hooks see it: the address text (``str``) plus ``local``,
+    ``domain`` and the ESMTP ``params`` that came with it (read-only; names upper-case).
+    The null reverse-path ``<>`` is the empty address (``""``, false in a test)."""
+
+    __slots__ = ("domain", "local", "params")
+    local: str
+    domain: str
+    params: Mapping[str, str | None]
+
+    def __new__(cls, text: str = "", params: Mapping[str, str | None] | None = None) -> Address:
+        self = super().__new__(cls, text)
+        local, at, domain = text.rpartition("@")
+        self.local, self.domain = (local, domain) if at else (text, "")
+        self.params = MappingProxyType(dict(params or {}))
+        return self
+
+    @classmethod
+    def from_wire(
+        cls, address: WireAddress | None, params: Mapping[str, str | None] | None = None
+    ) -> Address:
+        if address is None:
+            return cls("", params)
+        self = cls(str(address), params)
+        self.local, self.domain = address.local_part, address.domain
+        return self
+
+    def __repr__(self) -> str:
+        return f"Address({str.__repr__(self)}, params={dict(self.params)!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), dict(self.params)))
 
 
 @dataclass(frozen=True, slots=True)
 class TLSInfo:
+    """The TLS state of a session: protocol version, cipher name and bits, the name the
+    client asked for (SNI), and whether it showed a certificate."""
+
     version: str | None
     cipher: str | None
     server_name: str | None = None
+    bits: int | None = None
+    peer_certificate: bool = False
 
 
 @dataclass(eq=False)
 class Session:
-    """One client connection as plugins see it. ``state`` is free for plugins to use."""
+    """One client connection as plugins see it. ``notes`` is free for plugins to use
+    (namespaced by plugin name, by convention); the rest the server keeps current."""
 
     id: str
     peer_host: str
@@ -93,34 +247,109 @@ class Session:
     tls: TLSInfo | None = None
     helo: str | None = None
     esmtp: bool = False
+    #: The authenticated user (AUTH, or XCLIENT LOGIN from a trusted peer).
     user: str | None = None
+    auth_mechanism: str | None = None
     #: True once the peer address came from a PROXY header or XCLIENT.
     forwarded: bool = False
     xforward: dict[str, str | None] = field(default_factory=dict)
+    #: Transactions begun (MAIL accepted) and messages accepted on this connection.
+    transactions: int = 0
     messages: int = 0
-    state: dict[str, Any] = field(default_factory=dict)
+    auth_failures: int = 0
+    lmtp: bool = False
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def peer(self) -> tuple[str, int]:
+        return (self.peer_host, self.peer_port)
+
+    @property
+    def authenticated(self) -> bool:
+        return self.user is not None
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class Envelope:
-    """The SMTP envelope of the transaction in progress."""
+    """The envelope of the transaction in progress, read-only: a hook decides about the
+    address it is given; the server adds what was accepted."""
 
     mail_from: Address | None = None
-    mail_params: dict[str, str | None] = field(default_factory=dict)
-    rcpt_to: list[Address] = field(default_factory=list)
-    rcpt_params: list[dict[str, str | None]] = field(default_factory=list)
+    rcpt_tos: tuple[Address, ...] = ()
 
     @property
     def sender(self) -> str:
-        """The reverse-path as text; empty for the null sender."""
-        return str(self.mail_from) if self.mail_from else ""
+        """The reverse-path as text; empty for the null sender (and before MAIL)."""
+        return str(self.mail_from or "")
+
+    @property
+    def mail_params(self) -> Mapping[str, str | None]:
+        return self.mail_from.params if self.mail_from is not None else MappingProxyType({})
+
+    @property
+    def smtputf8(self) -> bool:
+        return "SMTPUTF8" in self.mail_params
+
+    @property
+    def body(self) -> str:
+        """The BODY= parameter: 7BIT (the default), 8BITMIME or BINARYMIME."""
+        return (self.mail_params.get("BODY") or "7BIT").upper()
+
+    def with_recipient(self, address: Address) -> Envelope:
+        return replace(self, rcpt_tos=(*self.rcpt_tos, address))
+
+
+@dataclass(frozen=True, slots=True)
+class AuthAttempt:
+    """What the auth stage decides about. ``password`` for PLAIN and LOGIN, ``token`` for
+    XOAUTH2; for CRAM-MD5 neither travels, so check with :meth:`verify`."""
+
+    method: str
+    username: str
+    password: str | None = None
+    token: str | None = None
+    authzid: str | None = None
+    _credentials: AuthCredentials | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_credentials(cls, credentials: AuthCredentials) -> AuthAttempt:
+        return cls(
+            method=credentials.mechanism,
+            username=credentials.username,
+            password=credentials.password,
+            token=credentials.token,
+            authzid=credentials.authzid,
+            _credentials=credentials,
+        )
+
+    @property
+    def mechanism(self) -> str:
+        return self.method
+
+    def verify(self, password: str) -> bool:
+        """Whether the client proved it knows ``password`` (constant time): a comparison
+        for PLAIN and LOGIN, the HMAC check for CRAM-MD5. Always False for XOAUTH2."""
+        if self.method == "CRAM-MD5":
+            credentials = self._credentials
+            return credentials is not None and credentials.verify_cram_md5(password)
+        if self.password is None:
+            return False
+        return hmac.compare_digest(self.password.encode(), password.encode())
+
+
+class MessageTooLarge(HookError):
+    """``Message.read()`` refused to load a message bigger than its ``limit``."""
+
+
+#: Default cap of Message.read(): above it, stream with ``async for`` or ``open()``.
+READ_LIMIT: Final = 64 * 1024 * 1024
+_CHUNK = 256 * 1024
 
 
 @dataclass(frozen=True, eq=False)
 class Message:
     """A complete, received message. The bytes are in a file (``path``), never all in
-    memory; ``as_email()`` parses lazily with the stdlib. ``path`` is None when the server
-    spools nothing (sink mode without message hooks).
+    memory unless you ask (``read()``); ``as_email()`` parses with the stdlib.
 
     The file is complete when message hooks run but not necessarily fsynced: a delivery
     that keeps this very file (a hard link) calls :meth:`sync` in its own worker thread
@@ -135,6 +364,14 @@ class Message:
     received_at: float
     _sync: Callable[[], None] | None = field(default=None, repr=False)
 
+    @property
+    def mail_from(self) -> Address | None:
+        return self.envelope.mail_from
+
+    @property
+    def rcpt_tos(self) -> tuple[Address, ...]:
+        return self.envelope.rcpt_tos
+
     def sync(self) -> None:
         """Make the spooled bytes durable (fsync). Blocking and idempotent: call it from a
         worker thread, e.g. inside ``loop.run_in_executor``."""
@@ -142,15 +379,38 @@ class Message:
             self._sync()
 
     def open(self) -> IO[bytes]:
+        """The message as a binary file (blocking reads: keep them off the event loop for
+        big messages, or use ``async for``)."""
         if self.path is None:
             raise HookError("this server runs without a spool (sink mode); no message bytes")
         return self.path.open("rb")
 
+    async def read(self, limit: int | None = READ_LIMIT) -> bytes:
+        """The whole message in memory, read in a worker thread. Refuses (raises
+        :class:`MessageTooLarge`) a message above ``limit`` bytes; ``None``: no limit."""
+        if limit is not None and self.size > limit:
+            raise MessageTooLarge(
+                f"message {self.id} has {self.size} bytes, more than read(limit={limit})"
+            )
+        return await asyncio.get_running_loop().run_in_executor(None, self.read_bytes)
+
     def read_bytes(self) -> bytes:
+        """Blocking :meth:`read` without a limit, for sync callbacks and threads."""
         with self.open() as f:
             return f.read()
 
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        """``async for chunk in message``: the bytes in chunks, read off the event loop."""
+        loop = asyncio.get_running_loop()
+        f = await loop.run_in_executor(None, self.open)
+        try:
+            while chunk := await loop.run_in_executor(None, f.read, _CHUNK):
+                yield chunk
+        finally:
+            f.close()
+
     def as_email(self) -> email.message.EmailMessage:
+        """Parsed with ``email`` (``policy=default``): headers, parts, attachments."""
         with self.open() as f:
             msg = email.message_from_binary_file(f, policy=email.policy.default)
         assert isinstance(msg, email.message.EmailMessage)
@@ -159,15 +419,24 @@ class Message:
 
 @dataclass(eq=False)
 class HookContext:
-    """What middleware sees: the stage, the session and the stage's arguments."""
+    """What middleware sees: the stage, the session, the stage's arguments, and the name
+    of the step running (set while each step runs)."""
 
     stage: str
     session: Session
     args: tuple[Any, ...]
+    step: str | None = None
 
 
-Step = Callable[..., Awaitable[Any]]
+Step = Callable[..., Any]
 Middleware = Callable[[HookContext, Callable[[], Awaitable[Any]]], Awaitable[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Step:
+    plugin: str
+    call: Callable[..., Awaitable[Any]]
+    required: bool
 
 
 @dataclass(eq=False)
@@ -181,13 +450,33 @@ class _Plugin:
 _anonymous = itertools.count(1)
 
 
-class Hooks:
-    """The ordered set of plugins and middleware a server consults."""
+def _as_async(func: Step) -> Callable[..., Awaitable[Any]]:
+    if inspect.iscoroutinefunction(func):
+        return func
 
-    def __init__(self) -> None:
+    @functools.wraps(func)
+    async def call(*args: Any) -> Any:
+        result = func(*args)
+        if inspect.isawaitable(result):  # a plain function that returns a coroutine
+            result = await result
+        return result
+
+    return call
+
+
+class Hooks:
+    """The ordered set of plugins and middleware a server consults.
+
+    ``timeout`` bounds every stage's chain except ``message``; ``message_timeout`` bounds
+    the message stage (deliveries). ``None``: no limit.
+    """
+
+    def __init__(self, *, timeout: float | None = 30.0, message_timeout: float | None = 300.0):
+        self.timeout = timeout
+        self.message_timeout = message_timeout
         self._plugins: list[_Plugin] = []
         self._middleware: list[Middleware] = []
-        self._chains: dict[str, tuple[Step, ...]] | None = None
+        self._chains: dict[str, tuple[_Step, ...]] | None = None
 
     # --- registration -------------------------------------------------------------------
 
@@ -200,38 +489,72 @@ class Hooks:
         after: str | Sequence[str] = (),
     ) -> Any:
         """Add a plugin object. Its order: after every name in ``after``, before every
-        name in ``before``, otherwise in the order added. Returns the plugin."""
+        name in ``before``, otherwise in the order added. Returns the plugin.
+
+        A plugin whose ``required`` attribute is False runs at the message stage after
+        the reply (in the background, on its own link to the message file); its failures
+        are logged and do not change the reply."""
         plugin_name = name or getattr(plugin, "name", None) or f"plugin-{next(_anonymous)}"
+        if not isinstance(plugin_name, str) or not plugin_name:
+            raise HookError(f"plugin name must be a non-empty string, not {plugin_name!r}")
         if any(p.name == plugin_name for p in self._plugins):
             raise HookError(f"a plugin named {plugin_name!r} is already registered")
-        for stage in STAGES:
-            method = getattr(plugin, f"on_{stage}", None)
-            if method is not None and not inspect.iscoroutinefunction(method):
-                raise HookError(f"{plugin_name}.on_{stage} must be an async function")
-        self._plugins.append(_Plugin(plugin_name, plugin, _names(before), _names(after)))
+        if not any(callable(getattr(plugin, f"on_{stage}", None)) for stage in STAGES):
+            raise HookError(
+                f"plugin {plugin_name!r} has no stage method (on_connect, on_rcpt, ...)"
+            )
+        entry = _Plugin(plugin_name, plugin, _names(before), _names(after))
+        self._plugins.append(entry)
+        try:
+            self._order(strict=False)  # a cycle is an error now, at registration
+        except HookError:
+            self._plugins.remove(entry)
+            raise
         self._chains = None
-        self._order()  # fail now, at registration, on impossible orderings
         return plugin
 
+    def remove(self, name: str) -> None:
+        before = len(self._plugins)
+        self._plugins = [p for p in self._plugins if p.name != name]
+        if len(self._plugins) == before:
+            raise HookError(f"no plugin named {name!r}")
+        self._chains = None
+
     def on(self, stage: str, func: Step, *, name: str | None = None, **order: Any) -> Step:
-        """Register one async callback for one stage (a one-step plugin)."""
+        """Register one callback (async or plain) for one stage: a one-step plugin."""
         if stage not in STAGES:
             raise HookError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
-        if not inspect.iscoroutinefunction(func):
-            raise HookError(f"callback for {stage!r} must be an async function")
+        if not callable(func):
+            raise HookError(f"callback for {stage!r} must be callable, not {func!r}")
         holder = type(f"Callback_{stage}", (), {f"on_{stage}": staticmethod(func)})()
-        self.add(
-            holder, name=name or f"{stage}:{getattr(func, '__qualname__', 'callback')}", **order
-        )
+        for attribute in ("required", "auth_mechanisms"):
+            if hasattr(func, attribute):
+                setattr(holder, attribute, getattr(func, attribute))
+        qualname = getattr(func, "__qualname__", None) or f"callback-{next(_anonymous)}"
+        self.add(holder, name=name or f"{stage}:{qualname}", **order)
         return func
 
     def use(self, middleware: Middleware) -> Middleware:
-        """Wrap every stage call: ``async def mw(ctx, call_next): ... await call_next()``."""
+        """Wrap every stage call: ``async def mw(ctx, call_next): ... await call_next()``.
+        The first middleware added is the outermost."""
+        if not inspect.iscoroutinefunction(middleware) and not callable(middleware):
+            raise HookError(f"middleware must be an async function, not {middleware!r}")
         self._middleware.append(middleware)
         return middleware
 
     def names(self) -> list[str]:
-        return [p.name for p in self._order()]
+        """Plugin names in the order their steps run."""
+        return [p.name for p in self._order(strict=False)]
+
+    def check(self) -> None:
+        """Raise :class:`HookError` if a before/after names a plugin that is not there."""
+        self._order(strict=True)
+
+    def plugins(self) -> list[Any]:
+        return [p.obj for p in self._order(strict=False)]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.plugins())
 
     # --- running ------------------------------------------------------------------------
 
@@ -239,60 +562,111 @@ class Hooks:
         """Whether anything runs at ``stage`` (the server skips the await when not)."""
         return bool(self._middleware) or bool(self._chain(stage))
 
-    async def run(self, stage: str, session: Session, *args: Any) -> Reply | Accept | None:
-        """Run the chain for ``stage``. Returns a Reply for Reject/TempFail/explicit
-        replies, an Accept, or None when every step let it through."""
-        steps = self._chain(stage)
+    def has_steps(self, stage: str) -> bool:
+        """Whether some plugin (not only middleware) has a step at ``stage``."""
+        return bool(self._chain(stage))
 
-        async def call_chain() -> Reply | Accept | None:
+    def background_steps(self, stage: str) -> tuple[_Step, ...]:
+        """Steps marked ``required = False``: the server runs them after replying."""
+        return tuple(s for s in self._chain(stage) if not s.required)
+
+    async def run(self, stage: str, session: Session, *args: Any) -> Outcome:
+        """Run the chain for ``stage``: None (every step let it through), an Accept, a
+        Reject/TempFail, or an explicit Reply. Never raises for a hook's failure: an
+        exception or a timeout is logged and becomes ``451 4.3.0``."""
+        steps = tuple(s for s in self._chain(stage) if s.required)
+        ctx = HookContext(stage, session, args) if self._middleware else None
+        timeout = self.message_timeout if stage == "message" else self.timeout
+        current: list[str | None] = [None]
+        notification = stage in NOTIFICATIONS
+
+        async def call_chain() -> Outcome:
             for step in steps:
+                current[0] = step.plugin
+                if ctx is not None:
+                    ctx.step = step.plugin
                 try:
-                    result = await step(session, *args)
-                except (Reject, TempFail) as refusal:
-                    return refusal.reply
-                if result is None:
+                    result = await step.call(session, *args)
+                except _Refusal as refusal:
+                    if notification:
+                        continue
+                    return refusal
+                if notification:
                     continue
-                if isinstance(result, Reply | Accept):
-                    return result
-                raise HookError(
-                    f"a {stage} hook returned {result!r}; return None, Accept or a Reply, "
-                    "or raise Reject/TempFail"
-                )
+                outcome = _outcome(stage, step.plugin, result)
+                if outcome is not None:
+                    return outcome
+            current[0] = None
             return None
 
-        if not self._middleware:
-            return await call_chain()
-        ctx = HookContext(stage, session, args)
         call: Callable[[], Awaitable[Any]] = call_chain
-        for mw in reversed(self._middleware):
-            call = _bind(mw, ctx, call)
-        result = await call()
+        if ctx is not None:
+            for mw in reversed(self._middleware):
+                call = _bind(mw, ctx, call)
+        try:
+            if timeout is None:
+                result = await call()
+            else:
+                async with asyncio.timeout(timeout):
+                    result = await call()
+        except _Refusal as refusal:  # raised by a middleware
+            return refusal
+        except TimeoutError:
+            log.error(
+                "session %s: %s hook %s took longer than %.1f s",
+                session.id,
+                stage,
+                current[0] or "(middleware)",
+                timeout,
+            )
+            return _HOOK_FAILED
+        except Exception:
+            log.exception(
+                "session %s: %s hook %s failed", session.id, stage, current[0] or "(middleware)"
+            )
+            return _HOOK_FAILED
+        if notification:
+            return None
+        if ctx is not None:
+            result = _outcome(stage, "(middleware)", result)
         return result  # type: ignore[no-any-return]
 
-    def _chain(self, stage: str) -> tuple[Step, ...]:
-        if self._chains is None:
-            ordered = self._order()
-            self._chains = {
+    def _chain(self, stage: str) -> tuple[_Step, ...]:
+        chains = self._chains
+        if chains is None:
+            ordered = self._order(strict=False)
+            chains = self._chains = {
                 s: tuple(
-                    getattr(p.obj, f"on_{s}") for p in ordered if getattr(p.obj, f"on_{s}", None)
+                    _Step(p.name, _as_async(method), bool(getattr(p.obj, "required", True)))
+                    for p in ordered
+                    if callable(method := getattr(p.obj, f"on_{s}", None))
                 )
                 for s in STAGES
             }
-        return self._chains[stage]
+        return chains[stage]
 
-    def _order(self) -> list[_Plugin]:
-        """Stable topological order honouring before/after; registration order breaks ties."""
+    def _order(self, *, strict: bool) -> list[_Plugin]:
+        """Stable topological order honouring before/after; registration order breaks
+        ties. ``strict``: a name that is not registered is an error."""
         plugins = self._plugins
         index = {p.name: i for i, p in enumerate(plugins)}
         edges: dict[int, set[int]] = {i: set() for i in range(len(plugins))}
         for i, p in enumerate(plugins):
-            for other in p.after:
-                if other in index:
-                    edges[index[other]].add(i)
-            for other in p.before:
-                if other in index:
-                    edges[i].add(index[other])
-        incoming = {i: 0 for i in edges}
+            for relation, names in (("after", p.after), ("before", p.before)):
+                for other in names:
+                    if other not in index:
+                        if strict:
+                            known = ", ".join(index) or "none"
+                            raise HookError(
+                                f"plugin {p.name!r} is ordered {relation} {other!r}, which "
+                                f"is not registered (plugins: {known})"
+                            )
+                        continue
+                    if relation == "after":
+                        edges[index[other]].add(i)
+                    else:
+                        edges[i].add(index[other])
+        incoming = dict.fromkeys(edges, 0)
         for targets in edges.values():
             for t in targets:
                 incoming[t] += 1
@@ -311,8 +685,25 @@ class Hooks:
             raise HookError(f"plugin ordering has a cycle among: {', '.join(cycle)}")
         return [plugins[i] for i in order]
 
-    def __iter__(self) -> Iterator[Any]:
-        return (p.obj for p in self._order())
+
+_HOOK_FAILED = TempFail(451, "Local error in processing, try again later", enhanced="4.3.0")
+
+
+def _outcome(stage: str, plugin: str, result: Any) -> Outcome:
+    if result is None:
+        return None
+    if isinstance(result, Reply | Accept | _Refusal | PerRecipient):
+        return result
+    if result is True:
+        return Accept()
+    if result is False:
+        return Reject(535, "Authentication credentials invalid") if stage == "auth" else Reject()
+    if stage == "message" and isinstance(result, list | tuple | dict):
+        return PerRecipient(result)
+    raise HookError(
+        f"{plugin} returned {result!r} at {stage}; return None, True/False, Accept or a "
+        "Reply, or raise Reject/TempFail"
+    )
 
 
 def _names(value: str | Sequence[str]) -> tuple[str, ...]:
@@ -329,16 +720,23 @@ def _bind(
 
 
 __all__ = [
+    "NOTIFICATIONS",
+    "READ_LIMIT",
     "STAGES",
     "Accept",
-    "AuthCredentials",
+    "Address",
+    "AuthAttempt",
     "Envelope",
     "HookContext",
     "HookError",
     "Hooks",
     "Message",
+    "MessageTooLarge",
+    "Outcome",
+    "PerRecipient",
     "Reject",
     "Session",
     "TLSInfo",
     "TempFail",
+    "default_status",
 ]

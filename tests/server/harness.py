@@ -113,11 +113,8 @@ class ThreadedServer:
 def running_server(
     tmp_path: Path,
     hooks: H.Hooks | None = None,
-    deliver: bool = True,
     **overrides: object,
 ) -> Iterator[ThreadedServer]:
-    from mailgate.delivery.hooks import MaildirDelivery
-
     fields: dict[str, object] = {
         "listen": (ListenAddress("127.0.0.1", 0),),
         "hostname": "mx.test",
@@ -128,8 +125,6 @@ def running_server(
     fields.update(overrides)
     options = ServerOptions(**fields)  # type: ignore[arg-type]
     hooks = hooks or H.Hooks()
-    if deliver and options.delivery == "maildir":
-        hooks.add(MaildirDelivery(options.maildir))
     server = ThreadedServer(options, hooks).start()
     try:
         yield server

@@ -89,8 +89,10 @@ def test_starttls_and_auth(tmp_path: Path) -> None:
 
     certs = make_certs(tmp_path)
     hooks = H.Hooks()
-    hooks.add(StaticUsers({"alice": "secret"}, failure_delay=0))
-    with running_server(tmp_path, hooks, tls_cert=certs.cert, tls_key=certs.key) as srv:
+    hooks.add(StaticUsers({"alice": "secret"}))
+    with running_server(
+        tmp_path, hooks, tls_cert=certs.cert, tls_key=certs.key, auth_failure_delay=0.0
+    ) as srv:
         with smtplib.SMTP("127.0.0.1", srv.port(), timeout=10) as c:
             c.ehlo()
             assert c.has_extn("starttls")
@@ -125,7 +127,7 @@ def test_implicit_tls_counts_as_tls_for_auth(tmp_path: Path) -> None:
 
     certs = make_certs(tmp_path)
     hooks = H.Hooks()
-    hooks.add(StaticUsers({"alice": "secret"}, failure_delay=0))
+    hooks.add(StaticUsers({"alice": "secret"}))
     listen = (ListenAddress("127.0.0.1", 0, implicit_tls=True),)
     with running_server(
         tmp_path, hooks, listen=listen, tls_cert=certs.cert, tls_key=certs.key
@@ -166,11 +168,8 @@ def test_aiosmtplib(tmp_path: Path) -> None:
 
 
 def test_mbox_delivery(tmp_path: Path) -> None:
-    from mailgate.delivery.hooks import MboxDelivery
-
     mbox = tmp_path / "mail.mbox"
     hooks = H.Hooks()
-    hooks.add(MboxDelivery(mbox))
     with (
         running_server(tmp_path, hooks, delivery="mbox", mbox=mbox) as srv,
         smtplib.SMTP("127.0.0.1", srv.port()) as c,
@@ -367,11 +366,11 @@ def test_rcpt_hook_and_message_hook(tmp_path: Path) -> None:
     seen: list[H.Message] = []
     hooks = H.Hooks()
 
-    async def only_example(session: H.Session, envelope: H.Envelope, address, params) -> None:  # type: ignore[no-untyped-def]
+    async def only_example(session: H.Session, envelope: H.Envelope, address: H.Address) -> None:
         if address.domain != "example.com":
             raise H.Reject("Relay access denied", code=554, status="5.7.1")
 
-    async def capture(session: H.Session, message: H.Message) -> None:
+    async def capture(session: H.Session, envelope: H.Envelope, message: H.Message) -> None:
         seen.append(message)
         assert message.read_bytes().endswith(BODY)
         assert message.as_email()["Subject"] == "test"
@@ -381,7 +380,7 @@ def test_rcpt_hook_and_message_hook(tmp_path: Path) -> None:
     with running_server(tmp_path, hooks) as srv, smtplib.SMTP("127.0.0.1", srv.port()) as c:
         refused = c.sendmail("a@example.com", ["b@example.com", "x@elsewhere.test"], BODY)
         assert refused == {"x@elsewhere.test": (554, b"5.7.1 Relay access denied")}
-    assert [str(r) for r in seen[0].envelope.rcpt_to] == ["b@example.com"]
+    assert [str(r) for r in seen[0].envelope.rcpt_tos] == ["b@example.com"]
 
 
 def test_proxy_protocol(tmp_path: Path) -> None:

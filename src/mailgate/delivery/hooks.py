@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from mailgate.hooks import HookError, Message, Session
+from mailgate.hooks import Envelope, HookError, Message, Session
 
 from .maildir import MaildirStore
 from .mbox import MboxStore
@@ -19,7 +19,7 @@ class MaildirDelivery:
     def __init__(self, root: Path) -> None:
         self.store = MaildirStore(root)
 
-    async def on_message(self, session: Session, message: Message) -> None:
+    async def on_message(self, session: Session, envelope: Envelope, message: Message) -> None:
         if message.path is None:
             raise HookError("Maildir delivery needs spooled message bytes")
         loop = asyncio.get_running_loop()
@@ -41,7 +41,7 @@ class MboxDelivery:
     def __init__(self, path: Path) -> None:
         self.store = MboxStore(path)
 
-    async def on_message(self, session: Session, message: Message) -> None:
+    async def on_message(self, session: Session, envelope: Envelope, message: Message) -> None:
         if message.path is None:
             raise HookError("mbox delivery needs spooled message bytes")
         loop = asyncio.get_running_loop()

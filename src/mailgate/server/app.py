@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import dataclasses
 import ipaddress
 import itertools
 import logging
@@ -12,6 +14,7 @@ import ssl
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from mailgate import hooks as H
 from mailgate.protocol import ProtocolConfig, Reply
@@ -19,6 +22,7 @@ from mailgate.protocol import ProtocolConfig, Reply
 from .connection import SMTPConnection
 from .errors import StartupError
 from .options import ListenAddress, ServerOptions
+from .spool import SpoolFile
 from .tls import create_server_context, ensure_dev_certificate
 
 log = logging.getLogger("mailgate.server")
@@ -26,9 +30,19 @@ log = logging.getLogger("mailgate.server")
 _TOO_MANY_CLIENTS = Reply(421, "4.7.0", ("Too many connections, try again later",))
 _TOO_MANY_FROM_IP = Reply(421, "4.7.0", ("Too many connections from your address",))
 _PROXY_NOT_ALLOWED = Reply(421, "4.7.0", ("Connections must come through the proxy",))
+#: What an auth callback can check: a password (PLAIN, LOGIN).
+DEFAULT_MECHANISMS = ("PLAIN", "LOGIN")
+_STAGE_METHODS = {f"on_{stage}": stage for stage in H.STAGES}
 
 
-def protocol_config(options: ServerOptions, *, tls: bool, auth: bool) -> ProtocolConfig:
+def protocol_config(
+    options: ServerOptions, *, tls: bool, auth: tuple[str, ...] | bool
+) -> ProtocolConfig:
+    """The protocol settings for ``options``; ``auth``: the SASL mechanisms to offer."""
+    if auth is True:
+        auth = options.auth_mechanisms or DEFAULT_MECHANISMS
+    elif auth is False:
+        auth = ()
     return ProtocolConfig(
         hostname=options.hostname,
         lmtp=options.lmtp,
@@ -39,52 +53,220 @@ def protocol_config(options: ServerOptions, *, tls: bool, auth: bool) -> Protoco
         max_bad_commands=options.max_bad_commands,
         bare_newline=options.bare_newline,
         starttls=tls,
-        auth_mechanisms=("PLAIN", "LOGIN", "CRAM-MD5") if auth else (),
+        auth_mechanisms=auth,
         auth_requires_tls=not options.allow_insecure_auth,
+        max_auth_failures=options.max_auth_failures,
         xclient=bool(options.trusted_networks),
         xforward=bool(options.trusted_networks),
     )
 
 
 class Server:
-    """Listens, admits connections within limits, and shuts down gracefully."""
+    """An SMTP/LMTP server: listeners, hooks, limits, graceful shutdown.
 
-    def __init__(self, options: ServerOptions, hooks: H.Hooks | None = None) -> None:
+    Construct it with the same settings as ``mailgate serve`` (keyword arguments named
+    like the ``[server]`` keys, e.g. ``Server(hostname="mx.example.com",
+    listen="127.0.0.1:0")``) or with a ready :class:`ServerOptions`. Register hooks with
+    the ``on_<stage>`` decorators, :meth:`add_plugin` and :meth:`use`, then
+    ``await server.start()`` / ``await server.stop()``, ``async with server:``, or
+    :meth:`run` in a script.
+    """
+
+    def __init__(
+        self,
+        options: ServerOptions | None = None,
+        hooks: H.Hooks | None = None,
+        **settings: Any,
+    ) -> None:
+        if options is None or settings:
+            from mailgate.config import ConfigError, options_from_settings
+
+            if options is not None:
+                raise TypeError("give either a ServerOptions or keyword settings, not both")
+            try:
+                options = options_from_settings(settings)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
         self.options = options
         self.hooks = hooks or H.Hooks()
-        self.loop = asyncio.get_running_loop()
+        self.hooks.timeout = options.hook_timeout
+        self.hooks.message_timeout = options.delivery_timeout
         self.connections: set[SMTPConnection] = set()
         self.per_ip: Counter[str] = Counter()
         self.messages_accepted = 0
         self.ssl_context: ssl.SSLContext | None = None
         self.spool_dir = self._spool_dir()
-        self.spooling = options.delivery != "sink" or self.hooks.has("message")
+        self.spooling = False
         self.protocol_config = protocol_config(options, tls=False, auth=False)
         self.listening: list[tuple[ListenAddress, tuple[str, int]]] = []
         self._servers: list[asyncio.base_events.Server] = []
         self._ids = itertools.count(1)
         self._id_prefix = _id_prefix()
-        self._closed = asyncio.Event()
+        self._closed: asyncio.Event | None = None
         self._dev_certificate: Path | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._builtins_added = False
+        self._started = False
+
+    # --- registering hooks --------------------------------------------------------------------
+
+    def on(self, stage: str, func: Any = None, /, **order: Any) -> Any:
+        """Register a callback for ``stage``; usable as ``@server.on("rcpt")`` too."""
+        if func is None:
+            return lambda f: self.hooks.on(stage, f, **order)
+        return self.hooks.on(stage, func, **order)
+
+    def on_connect(self, func: Any = None, /, **order: Any) -> Any:
+        """``(session)``: a client connected (after PROXY), before the banner."""
+        return self.on("connect", func, **order)
+
+    def on_tls(self, func: Any = None, /, **order: Any) -> Any:
+        """``(session)``: a STARTTLS handshake finished; ``session.tls`` is filled in."""
+        return self.on("tls", func, **order)
+
+    def on_helo(self, func: Any = None, /, **order: Any) -> Any:
+        """``(session, hostname)``: HELO, EHLO or LHLO."""
+        return self.on("helo", func, **order)
+
+    def on_auth(self, func: Any = None, /, **order: Any) -> Any:
+        """``(session, auth)``: check an :class:`~mailgate.hooks.AuthAttempt`; return
+        True/Accept to let the user in. Nothing deciding means 535."""
+        return self.on("auth", func, **order)
+
+    def on_mail(self, func: Any = None, /, **order: Any) -> Any:
+        """``(session, envelope, address)``: MAIL FROM; ``address`` is ``""`` for ``<>``."""
+        return self.on("mail", func, **order)
+
+    def on_rcpt(self, func: Any = None, /, **order: Any) -> Any:
+        """``(session, envelope, address)``: RCPT TO, before the address joins the envelope."""
+        return self.on("rcpt", func, **order)
+
+    def on_data_start(self, func: Any = None, /, **order: Any) -> Any:
+        """``(session, envelope)``: DATA or the first BDAT, before any message byte."""
+        return self.on("data_start", func, **order)
+
+    def on_message(self, func: Any = None, /, **order: Any) -> Any:
+        """``(session, envelope, message)``: the message is complete (spooled to disk)."""
+        return self.on("message", func, **order)
+
+    def on_reset(self, func: Any = None, /, **order: Any) -> Any:
+        """``(session, envelope)``: a transaction ended without a message (RSET, ...)."""
+        return self.on("reset", func, **order)
+
+    def on_close(self, func: Any = None, /, **order: Any) -> Any:
+        """``(session)``: the connection closed."""
+        return self.on("close", func, **order)
+
+    def add_plugin(
+        self,
+        plugin: Any,
+        *,
+        name: str | None = None,
+        before: str | tuple[str, ...] | list[str] = (),
+        after: str | tuple[str, ...] | list[str] = (),
+    ) -> Any:
+        """Add a plugin object (a ``name`` and ``on_<stage>`` methods) in chain order."""
+        return self.hooks.add(plugin, name=name, before=before, after=after)
+
+    def use(self, middleware: H.Middleware) -> H.Middleware:
+        """Add middleware ``async def mw(ctx, call_next)`` around every stage."""
+        return self.hooks.use(middleware)
 
     # --- start and stop -----------------------------------------------------------------------
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The first bound (host, port): with ``listen="127.0.0.1:0"``, the real port."""
+        if not self.listening:
+            raise RuntimeError("the server is not listening; await server.start() first")
+        return self.listening[0][1]
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return [bound for _, bound in self.listening]
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    def run(self) -> int:
+        """Run until SIGINT/SIGTERM, in this thread (for scripts): uvloop when installed,
+        logging set up as for ``mailgate serve``. Returns the exit status."""
+        from .runner import run_server
+
+        return run_server(self)
+
     async def start(self, *, reuse_port: bool = False) -> None:
+        if self._started:
+            raise RuntimeError("the server is already started")
         options = self.options
+        self._closed = asyncio.Event()
+        self._add_builtins()
+        try:
+            self.hooks.check()
+        except H.HookError as exc:
+            raise StartupError(str(exc)) from None
         self._load_tls()
+        self.spooling = options.delivery != "sink" or self.hooks.has_steps("message")
         self.protocol_config = protocol_config(
-            options, tls=self.ssl_context is not None, auth=self.hooks.has("auth")
+            options, tls=self.ssl_context is not None, auth=self._mechanisms()
         )
         if self.spooling:
             self.spool_dir.mkdir(parents=True, exist_ok=True)
-        for address in options.listen:
-            await self._listen(address, reuse_port)
+        self._started = True
+        try:
+            for address in options.listen:
+                await self._listen(address, reuse_port)
+        except BaseException:
+            await self._close_listeners()
+            self._started = False
+            raise
         if self._dev_certificate is not None:
             log.warning(
                 "no --tls-cert/--tls-key given: using a self-signed development certificate "
                 "from %s (clients will not trust it)",
                 self._dev_certificate,
             )
+
+    async def stop(self) -> None:
+        """Graceful shutdown (see :meth:`shutdown`); safe to call twice."""
+        if self._started:
+            await self.shutdown()
+
+    def _add_builtins(self) -> None:
+        """The plugins the settings ask for (deliveries, auth backends, an aiosmtpd
+        handler), added once, after the ones registered in code."""
+        if self._builtins_added:
+            return
+        self._builtins_added = True
+        from mailgate.assembly import builtin_plugins
+
+        try:
+            for plugin in builtin_plugins(self.options):
+                self.hooks.add(plugin)
+        except H.HookError as exc:
+            raise StartupError(str(exc)) from None
+
+    def _mechanisms(self) -> tuple[str, ...]:
+        """SASL mechanisms to offer: the setting, else what the auth plugins can check."""
+        if not self.hooks.has_steps("auth"):
+            return ()
+        if self.options.auth_mechanisms:
+            return self.options.auth_mechanisms
+        offered: list[str] = []
+        for plugin in self.hooks.plugins():
+            if callable(getattr(plugin, "on_auth", None)):
+                for name in getattr(plugin, "auth_mechanisms", DEFAULT_MECHANISMS):
+                    if name not in offered:
+                        offered.append(name)
+        return tuple(offered)
 
     async def _listen(self, address: ListenAddress, reuse_port: bool) -> None:
         if (
@@ -137,13 +319,15 @@ class Server:
             log.warning("reload: listen addresses and workers change only on restart")
         old_context = self.ssl_context
         self.options = options
+        self.hooks.timeout = options.hook_timeout
+        self.hooks.message_timeout = options.delivery_timeout
         try:
             self._load_tls()
         except StartupError as exc:
             log.error("reload: keeping the old certificate: %s", exc)
             self.ssl_context = old_context
         self.protocol_config = protocol_config(
-            options, tls=self.ssl_context is not None, auth=self.hooks.has("auth")
+            options, tls=self.ssl_context is not None, auth=self._mechanisms()
         )
         log.info("configuration reloaded")
 
@@ -154,16 +338,62 @@ class Server:
         for connection in list(self.connections):
             connection.begin_shutdown()
         deadline = self.loop.time() + self.options.close_timeout
-        while self.connections and self.loop.time() < deadline:
+        while (self.connections or self._background) and self.loop.time() < deadline:
             await asyncio.sleep(0.05)
         for connection in list(self.connections):
             connection.abort()
+        for task in list(self._background):
+            task.cancel()
+        await self._close_listeners()
+        self._started = False
+        if self._closed is not None:
+            self._closed.set()
+
+    async def _close_listeners(self) -> None:
+        for server in self._servers:
+            server.close()
         for server in self._servers:
             await server.wait_closed()
-        self._closed.set()
+        self._servers.clear()
+        self.listening.clear()
 
     async def wait_closed(self) -> None:
-        await self._closed.wait()
+        if self._closed is not None:
+            await self._closed.wait()
+
+    # --- deliveries that do not hold up the reply ---------------------------------------------
+
+    async def deliver_later(self, message: H.Message, spool: SpoolFile) -> None:
+        """Run the message steps marked ``required = False`` after the reply, on their own
+        hard link to the (synced) spool file, which they remove when done."""
+        steps = self.hooks.background_steps("message")
+        link = spool.path.with_name(spool.path.name + ".later")
+        try:
+            await self.loop.run_in_executor(None, os.link, spool.path, link)
+        except OSError as exc:
+            log.error("message %s: cannot keep it for later deliveries: %s", message.id, exc)
+            return
+        kept = dataclasses.replace(message, path=link)
+        task = self.loop.create_task(self._run_later(steps, kept, link))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _run_later(self, steps: tuple[Any, ...], message: H.Message, link: Path) -> None:
+        timeout = self.options.delivery_timeout
+        try:
+            for step in steps:
+                try:
+                    async with asyncio.timeout(timeout):
+                        await step.call(message.session, message.envelope, message)
+                except (H.Reject, H.TempFail) as refusal:
+                    log.warning("message %s: %s refused it: %s", message.id, step.plugin, refusal)
+                except TimeoutError:
+                    log.error("message %s: %s took over %.0f s", message.id, step.plugin, timeout)
+                except Exception:
+                    log.exception("message %s: %s failed", message.id, step.plugin)
+        finally:
+            with contextlib.suppress(OSError):
+                link.unlink()
 
     # --- what connections ask ---------------------------------------------------------------------
 
@@ -212,7 +442,9 @@ class Server:
 
     def hooks_close(self, session: H.Session) -> None:
         if self.hooks.has("close"):
-            self.loop.create_task(self.hooks.run("close", session))
+            task = self.loop.create_task(self.hooks.run("close", session))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     def _spool_dir(self) -> Path:
         options = self.options

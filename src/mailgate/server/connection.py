@@ -43,6 +43,7 @@ from mailgate.protocol.proxy import ProxyError, ProxyHeader, parse_proxy_header
 
 from .received import received_header, with_protocol
 from .spool import SpoolFile
+from .tls import SERVER_NAME_ATTRIBUTE
 
 if TYPE_CHECKING:
     from .app import Server
@@ -66,6 +67,7 @@ _AUTH_UNAVAILABLE = Reply(454, "4.7.0", ("Temporary authentication failure",))
 _TLS_UNAVAILABLE = Reply(454, "4.7.0", ("TLS not available",))
 #: Read no more while this much unparsed input waits for a slow hook.
 _MAX_BUFFERED = 256 * 1024
+_NO_ENVELOPE = H.Envelope()
 
 
 class SMTPConnection(asyncio.Protocol):
@@ -79,7 +81,7 @@ class SMTPConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.conn: ServerConnection | None = None
         self.session: H.Session | None = None
-        self.envelope = H.Envelope()
+        self.envelope = _NO_ENVELOPE
         self.spool: SpoolFile | None = None
         self.message_id = ""
         self.peer_ip = ""
@@ -97,6 +99,8 @@ class SMTPConnection(asyncio.Protocol):
         self._debug = log.isEnabledFor(logging.DEBUG)
         #: While a STARTTLS handshake runs: decrypted bytes that arrived early.
         self._tls_pending: bytearray | None = None
+        #: A hook refused with disconnect=True: close after that reply.
+        self._disconnect = False
 
     # --- asyncio.Protocol ------------------------------------------------------------------
 
@@ -275,13 +279,14 @@ class SMTPConnection(asyncio.Protocol):
                 self._flush()
                 self._close_transport()
                 return
-            if cls is TransactionReset:
+            if cls is TransactionReset or cls is DataDiscarded:
                 self._drop_spool()
-                self.envelope = H.Envelope()
-            elif cls is DataDiscarded:
-                self._drop_spool()
-                self.envelope = H.Envelope()
-                log.info("session %s: message refused: %s", self._sid(), event.reason.value)  # type: ignore[attr-defined]
+                if cls is DataDiscarded:
+                    log.info("session %s: message refused: %s", self._sid(), event.reason.value)  # type: ignore[attr-defined]
+                envelope, self.envelope = self.envelope, _NO_ENVELOPE
+                if envelope.mail_from is not None and self.server.hooks.has("reset"):
+                    self._task = self.loop.create_task(self._notify_reset(envelope))
+                    return
             elif cls is LimitExceeded:
                 log.info("session %s: limit exceeded: %s", self._sid(), event.limit.value)  # type: ignore[attr-defined]
         self._flush()
@@ -302,11 +307,12 @@ class SMTPConnection(asyncio.Protocol):
             self._note_hello(point)  # type: ignore[arg-type]
             conn.respond(None)
         elif cls is MailFrom:
-            self.envelope = H.Envelope(point.address, point.params)  # type: ignore[attr-defined]
+            self._begin_transaction(point)  # type: ignore[arg-type]
             conn.respond(None)
         elif cls is RcptTo:
-            self.envelope.rcpt_to.append(point.address)  # type: ignore[attr-defined]
-            self.envelope.rcpt_params.append(point.params)  # type: ignore[attr-defined]
+            self.envelope = self.envelope.with_recipient(
+                H.Address.from_wire(point.address, point.params)  # type: ignore[attr-defined]
+            )
             conn.respond(None)
         elif cls is DataStart:
             if self.server.spooling:
@@ -320,7 +326,7 @@ class SMTPConnection(asyncio.Protocol):
             conn.respond(None)
             self._after_message()
         elif cls is AuthCredentials:
-            conn.respond(R.AUTH_FAILED)
+            return False  # refused after the failure delay
         elif cls is StartTLS:
             if self.server.ssl_context is None:
                 conn.respond(_TLS_UNAVAILABLE)
@@ -348,6 +354,8 @@ class SMTPConnection(asyncio.Protocol):
                 reply = await self._policy(point, session)
                 if conn.state is not State.CLOSED:
                     conn.respond(reply)
+                    if self._disconnect:
+                        conn.close(None)
                 if isinstance(point, Greeting):
                     self._greeted = True
                 elif isinstance(point, DataComplete):
@@ -377,47 +385,82 @@ class SMTPConnection(asyncio.Protocol):
         """Run the hooks for a policy point and turn their verdict into the reply."""
         hooks = self.server.hooks
         if isinstance(point, Greeting):
-            result = await hooks.run("connect", session)
-            return _as_reply(result, None)
+            return self._verdict("connect", await hooks.run("connect", session), None)
         if isinstance(point, Hello):
-            result = await hooks.run("helo", session, point.domain)
-            reply = _as_reply(result, None)
+            reply = self._verdict("helo", await hooks.run("helo", session, point.domain), None)
             if reply is None or reply.is_positive:
                 self._note_hello(point)
             return reply
         if isinstance(point, MailFrom):
-            envelope = H.Envelope(point.address, point.params)
-            result = await hooks.run("mail", session, envelope)
-            reply = _as_reply(result, R.SENDER_OK)
+            address = H.Address.from_wire(point.address, point.params)
+            envelope = H.Envelope(address)
+            outcome = await hooks.run("mail", session, envelope, address)
+            reply = self._verdict("mail", outcome, R.SENDER_OK)
             if reply is None or reply.is_positive:
-                self.envelope = envelope
+                self._begin_transaction(point, address)
             return reply
         if isinstance(point, RcptTo):
-            result = await hooks.run("rcpt", session, self.envelope, point.address, point.params)
-            reply = _as_reply(result, R.RECIPIENT_OK)
+            address = H.Address.from_wire(point.address, point.params)
+            outcome = await hooks.run("rcpt", session, self.envelope, address)
+            reply = self._verdict("rcpt", outcome, R.RECIPIENT_OK)
             if reply is None or reply.is_positive:
-                self.envelope.rcpt_to.append(point.address)
-                self.envelope.rcpt_params.append(point.params)
+                self.envelope = self.envelope.with_recipient(address)
             return reply
         if isinstance(point, DataStart):
-            result = await hooks.run("data_start", session, self.envelope)
-            reply = _as_reply(result, R.START_DATA if not point.bdat else None)
+            outcome = await hooks.run("data_start", session, self.envelope)
+            reply = self._verdict("data_start", outcome, R.START_DATA if not point.bdat else None)
             if reply is None or reply.is_positive:
-                return await self._open_spool() or (None if point.bdat else reply)
+                if self.server.spooling:
+                    return await self._open_spool() or (None if point.bdat else reply)
+                self.message_id = self.server.new_id()
             return reply
         if isinstance(point, DataComplete):
             return await self._complete_message(point, session)
         if isinstance(point, AuthCredentials):
-            if not hooks.has("auth"):
-                return R.AUTH_FAILED
-            result = await hooks.run("auth", session, point)
-            if isinstance(result, H.Accept):
-                session.user = point.username
-                return _as_reply(result, R.AUTH_OK)
-            if isinstance(result, Reply):
-                return result
-            return R.AUTH_FAILED
+            return await self._authenticate(point, session)
         return None  # pragma: no cover
+
+    def _verdict(self, stage: str, outcome: H.Outcome, success: Reply | None) -> Reply | None:
+        """A chain's outcome as the reply to send (None: the protocol's default)."""
+        if outcome is None:
+            return None
+        if isinstance(outcome, H.Accept):
+            if success is None and outcome.code is None and outcome.text is None:
+                return None
+            base = success or Reply(250, "2.0.0", ("OK",))
+            return Reply(
+                outcome.code or base.code,
+                base.status if outcome.code in (None, base.code) else None,
+                (outcome.text,) if outcome.text is not None else base.lines,
+            )
+        if isinstance(outcome, Reply):
+            return outcome
+        if isinstance(outcome, H.PerRecipient):
+            raise H.HookError(f"{stage}: one answer per recipient is only for LMTP messages")
+        if outcome.disconnect:
+            self._disconnect = True
+        return outcome.reply(stage)
+
+    async def _authenticate(self, point: AuthCredentials, session: H.Session) -> Reply:
+        hooks = self.server.hooks
+        reply = R.AUTH_FAILED
+        if hooks.has("auth"):
+            attempt = H.AuthAttempt.from_credentials(point)
+            outcome = await hooks.run("auth", session, attempt)
+            # Every step passing without deciding is no authentication.
+            reply = self._verdict("auth", outcome, R.AUTH_OK) or R.AUTH_FAILED
+        if reply.is_positive:
+            session.user = point.username
+            session.auth_mechanism = point.mechanism
+            return reply
+        if reply.code == 535 or reply.code >= 500:
+            # Each failure costs the client more time; the protocol layer hangs up after
+            # max_auth_failures of them.
+            session.auth_failures += 1
+            delay = self.server.options.auth_failure_delay
+            if delay > 0 and not self._disconnect:
+                await asyncio.sleep(min(delay * 2 ** (session.auth_failures - 1), 30.0))
+        return reply
 
     async def _complete_message(
         self, point: DataComplete, session: H.Session
@@ -425,39 +468,78 @@ class SMTPConnection(asyncio.Protocol):
         spool = self.spool
         if spool is not None:
             spool.flush()  # complete on disk for the hooks to read; fsync comes below
+        envelope = self.envelope
         message = H.Message(
             id=self.message_id,
             session=session,
-            envelope=self.envelope,
+            envelope=envelope,
             size=point.size,
             path=spool.path if spool is not None else None,
             received_at=time.time(),
             _sync=spool.finish if spool is not None else None,
         )
+        hooks = self.server.hooks
         try:
-            result = await self.server.hooks.run("message", session, message)
+            outcome = await hooks.run("message", session, envelope, message)
             if spool is not None and not spool.finished:
                 # The promise behind a 250: the bytes are on stable storage. A delivery
                 # that linked the spool synced it already (one thread trip, not two).
                 await self.loop.run_in_executor(None, spool.finish)
+            accepted = Reply(250, "2.0.0", (f"Message accepted as {self.message_id}",))
+            if isinstance(outcome, H.PerRecipient) and self.server.options.lmtp:
+                replies = self._per_recipient(outcome, envelope, accepted)
+                delivered = any(r.is_positive for r in replies)
+                reply: Reply | list[Reply] = replies
+            else:
+                single = self._verdict("message", outcome, accepted) or accepted
+                delivered = single.is_positive
+                reply = single
+            if delivered and spool is not None and hooks.background_steps("message"):
+                await self.server.deliver_later(message, spool)
         finally:
             self._drop_spool()
-        accepted = Reply(250, "2.0.0", (f"Message accepted as {self.message_id}",))
-        reply = _as_reply(result, accepted) or accepted
-        if reply.is_positive:
+        if delivered:
             self._finish_message_count()
             log.info(
                 "session %s: accepted %s from=<%s> rcpts=%d size=%d",
                 session.id,
                 self.message_id,
-                self.envelope.sender,
-                len(self.envelope.rcpt_to),
+                envelope.sender,
+                len(envelope.rcpt_tos),
                 point.size,
             )
         return reply
 
+    def _per_recipient(
+        self, outcome: H.PerRecipient, envelope: H.Envelope, accepted: Reply
+    ) -> list[Reply]:
+        """LMTP: one reply per recipient from a hook's list (in order) or dict (by address)."""
+        answers = outcome.answers
+        rcpts = envelope.rcpt_tos
+        if isinstance(answers, dict):
+            by_address = {str(k).lower(): v for k, v in answers.items()}
+            ordered = [by_address.get(str(r).lower()) for r in rcpts]
+        else:
+            ordered = list(answers)
+            if len(ordered) != len(rcpts):
+                raise H.HookError(
+                    f"message hook gave {len(ordered)} answers for {len(rcpts)} recipients"
+                )
+        replies = []
+        for rcpt, answer in zip(rcpts, ordered, strict=True):
+            ok = Reply(250, "2.1.5", (f"<{rcpt}> {accepted.text}",))
+            if isinstance(answer, H.Reject | H.TempFail):
+                replies.append(answer.reply("message"))
+            elif isinstance(answer, Reply):
+                replies.append(answer)
+            elif answer is False:
+                replies.append(H.Reject().reply("message"))
+            else:
+                replies.append(self._verdict("message", answer, ok) or ok)
+        return replies
+
     def _after_message(self) -> None:
-        self.envelope = H.Envelope()
+        self.envelope = _NO_ENVELOPE
         if self._closing:
             self._shutdown_now()
 
@@ -498,6 +580,9 @@ class SMTPConnection(asyncio.Protocol):
         self.session.tls = _tls_info(new_transport)
         self.session.helo = None
         self.session.user = None
+        self.session.auth_mechanism = None
+        if self.server.hooks.has("tls"):
+            await self._notify_tls()
 
     # --- helpers -----------------------------------------------------------------------------
 
@@ -505,7 +590,34 @@ class SMTPConnection(asyncio.Protocol):
         assert self.session is not None
         self.session.helo = point.domain
         self.session.esmtp = point.verb != "HELO"
-        self.envelope = H.Envelope()
+        self.envelope = _NO_ENVELOPE
+
+    def _begin_transaction(self, point: MailFrom, address: H.Address | None = None) -> None:
+        if address is None:
+            address = H.Address.from_wire(point.address, point.params)
+        self.envelope = H.Envelope(address)
+        assert self.session is not None
+        self.session.transactions += 1
+
+    async def _notify_reset(self, envelope: H.Envelope) -> None:
+        assert self.session is not None
+        try:
+            await self.server.hooks.run("reset", self.session, envelope)
+        finally:
+            self._task = None
+        if self.transport is not None:
+            if not self._write_paused:
+                self._resume_reading()
+            self._process()
+
+    async def _notify_tls(self) -> None:
+        """The tls stage: after the handshake, before the client's next command."""
+        session = self.session
+        conn = self.conn
+        assert session is not None and conn is not None
+        reply = self._verdict("tls", await self.server.hooks.run("tls", session), None)
+        if reply is not None and not reply.is_positive:
+            conn.close(reply)
 
     def _apply_xclient(self, attributes: dict[str, str | None]) -> None:
         session = self.session
@@ -553,7 +665,7 @@ class SMTPConnection(asyncio.Protocol):
         conn = self.conn
         assert session is not None and conn is not None
         tls = session.tls
-        rcpts = self.envelope.rcpt_to
+        rcpts = self.envelope.rcpt_tos
         protocol = with_protocol(
             lmtp=self.server.options.lmtp,
             esmtp=session.esmtp,
@@ -710,4 +822,10 @@ def _tls_info(transport: asyncio.BaseTransport) -> H.TLSInfo | None:
     if ssl_object is None:
         return None
     cipher = ssl_object.cipher()
-    return H.TLSInfo(version=ssl_object.version(), cipher=cipher[0] if cipher else None)
+    return H.TLSInfo(
+        version=ssl_object.version(),
+        cipher=cipher[0] if cipher else None,
+        server_name=getattr(ssl_object, SERVER_NAME_ATTRIBUTE, None),
+        bits=cipher[2] if cipher else None,
+        peer_certificate=ssl_object.getpeercert(binary_form=True) is not None,
+    )

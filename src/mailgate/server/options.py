@@ -59,3 +59,23 @@ class ServerOptions:
     log_level: str = "INFO"
     #: Trusted peers that may use XCLIENT/XFORWARD.
     trusted_networks: tuple[Network, ...] = field(default_factory=tuple)
+    # --- authentication --------------------------------------------------------------
+    #: SASL mechanisms to offer; empty: what the registered auth plugins can check.
+    auth_mechanisms: tuple[str, ...] = ()
+    #: A users file with argon2 hashes (``mailgate users add``) for PLAIN and LOGIN.
+    users_file: Path | None = None
+    #: Honeypot-style auth that records every attempt: "refuse" or "accept" (None: off).
+    auth_capture: Literal["refuse", "accept"] | None = None
+    #: Seconds before the first failed AUTH reply; doubles with each further failure.
+    auth_failure_delay: float = 1.0
+    max_auth_failures: int = 3
+    # --- hooks and deliveries --------------------------------------------------------------
+    #: Longest a stage's hooks may take (message stage: delivery_timeout) before 451.
+    hook_timeout: float = 30.0
+    delivery_timeout: float = 300.0
+    #: Forward every message to these servers: smtp://host:port, lmtp://host:port.
+    forward: tuple[str, ...] = ()
+    #: POST every message to these HTTP(S) endpoints.
+    webhook: tuple[str, ...] = ()
+    #: An aiosmtpd handler class to run, "module:Class" (with module importable).
+    aiosmtpd_handler: str | None = None

@@ -39,14 +39,16 @@ def _install_uvloop() -> str:
 
 async def serve(
     options: ServerOptions,
-    make_hooks: HooksFactory,
+    make_hooks: HooksFactory | None = None,
     *,
     reload_options: Reloader | None = None,
     reuse_port: bool = False,
     started: Callable[[Server], None] | None = None,
+    server: Server | None = None,
 ) -> None:
     """Run one server until SIGTERM/SIGINT; SIGHUP reloads certificates and settings."""
-    server = Server(options, make_hooks(options))
+    if server is None:
+        server = Server(options, make_hooks(options) if make_hooks is not None else None)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
 
@@ -84,6 +86,22 @@ async def serve(
     await stopping.wait()
     await server.shutdown()
     log.info("stopped; %d messages accepted", server.messages_accepted)
+
+
+def run_server(server: Server) -> int:
+    """``Server.run()``: one process, until SIGINT/SIGTERM. Start-up problems are logged
+    and give exit status 2."""
+    options = server.options
+    setup_logging(options.log_format, options.log_level)
+    _install_uvloop()
+    try:
+        asyncio.run(serve(options, server=server))
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    except KeyboardInterrupt:  # pragma: no cover - signal handler normally catches it
+        return 130
+    return 0
 
 
 def run(

@@ -64,7 +64,19 @@ def create_server_context(cert: Path, key: Path) -> ssl.SSLContext:
         ) from None
     except OSError as exc:  # the files changed between the checks and the load
         raise TLSConfigError(f"cannot read TLS certificate or key: {exc}") from None
+    context.sni_callback = _remember_server_name
     return context
+
+
+#: Where the SNI callback leaves the name the client asked for, on the SSL object.
+SERVER_NAME_ATTRIBUTE = "mailgate_server_name"
+
+
+def _remember_server_name(
+    ssl_object: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _context: ssl.SSLContext
+) -> None:
+    # The handshake goes on with this context; the name is only recorded for the session.
+    setattr(ssl_object, SERVER_NAME_ATTRIBUTE, server_name)
 
 
 def ensure_dev_certificate(state_dir: Path, hostname: str) -> tuple[Path, Path]:

@@ -150,6 +150,19 @@ def _mailgate(
     return argv
 
 
+def _mailgate_hooks(mode: str) -> Callable[[int, Path | None, Limits], list[str]]:
+    """mailgate from code with three no-op plugins and a middleware (extension-API cost)."""
+
+    def argv(port: int, maildir: Path | None, limits: Limits) -> list[str]:
+        cmd = [str(VENV_PY), str(BENCH / "servers" / "mailgate_hooks.py")]
+        cmd += ["--listen", f"{HOST}:{port}", "--max-size", str(limits.max_size)]
+        cmd += ["--max-clients", str(limits.max_clients)]
+        cmd += ["--state-dir", str(WORK / "mailgate-state")]
+        return cmd + (["--maildir", str(maildir)] if mode == "maildir" else [])
+
+    return argv
+
+
 # --- the others ---------------------------------------------------------------------------
 
 
@@ -209,6 +222,9 @@ def all_servers() -> list[ServerSpec]:
             check=_check_mailgate,
             notes=mg_notes,
         ),
+        ServerSpec(
+            "mailgate-hooks", "sink", _mailgate_hooks("sink"), check=_need(VENV_PY, "bench venv")
+        ),
         ServerSpec("aiosmtpd", "sink", _aiosmtpd("sink"), check=_need(VENV_PY, "bench venv")),
         ServerSpec(
             "smtp-server", "sink", _smtp_server(True), greeting_delay=0.1, check=_check_node_server
@@ -231,6 +247,12 @@ def all_servers() -> list[ServerSpec]:
             _mailgate("maildir", 1, stock_loop=True),
             check=_check_mailgate,
             notes=mg_notes,
+        ),
+        ServerSpec(
+            "mailgate-hooks",
+            "maildir",
+            _mailgate_hooks("maildir"),
+            check=_need(VENV_PY, "bench venv"),
         ),
         ServerSpec("aiosmtpd", "maildir", _aiosmtpd("maildir"), check=_need(VENV_PY, "bench venv")),
     ]

@@ -31,7 +31,9 @@ def builtin_plugins(options: ServerOptions) -> list[Any]:
     if options.aiosmtpd_handler is not None:
         from mailgate.compat.aiosmtpd import HandlerAdapter, load_handler
 
-        plugins.append(HandlerAdapter(load_handler(options.aiosmtpd_handler)))
+        plugins.append(
+            HandlerAdapter(load_handler(options.aiosmtpd_handler), hostname=options.hostname)
+        )
     if options.delivery == "maildir":
         from mailgate.delivery.hooks import MaildirDelivery
 
@@ -44,7 +46,7 @@ def builtin_plugins(options: ServerOptions) -> list[Any]:
     for url in options.forward:
         from mailgate.delivery.forward import ForwardDelivery
 
-        plugins.append(ForwardDelivery(url))
+        plugins.append(ForwardDelivery(url, helo_name=options.hostname))
     for url in options.webhook:
         from mailgate.delivery.webhook import WebhookDelivery
 

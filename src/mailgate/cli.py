@@ -22,6 +22,7 @@ from mailgate.config import (
     build_options,
 )
 from mailgate.server.options import ServerOptions
+from mailgate.users_cli import add_users_parser, run_users
 
 EXIT_CONFIG = 2
 EXIT_STARTUP = 2  # the issue fixes it: start-up problems (port in use) exit 2 too
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_serve_arguments(serve)
+    add_users_parser(commands)
     return parser
 
 
@@ -337,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc), EXIT_CONFIG)
     except SystemExit as exc:  # --help and --version end here
         return exc.code if isinstance(exc.code, int) else 0
+    if args.command == "users":
+        return run_users(args)
     return _serve(args)
 
 

@@ -55,6 +55,7 @@ import difflib
 import functools
 import ipaddress
 import math
+import os
 import re
 import socket
 import tomllib
@@ -303,7 +304,9 @@ def options_from_settings(
     """ServerOptions from keyword settings given in code (``Server(hostname=..., ...)``):
     the same keys and checks as the ``[server]`` table. Numbers, booleans, lists and
     ``Path`` objects may be given as such. Unlike ``mailgate serve``, code stores nothing
-    unless asked (``maildir=...``, ``mbox=...``) and listens on 127.0.0.1:2525 by default."""
+    unless asked (``maildir=...``, ``mbox=...``), keeps its state (spool, development
+    certificate) under :func:`user_state_dir` rather than the working directory, and listens
+    on 127.0.0.1:2525 by default."""
     values: dict[str, _Value] = {}
     for key, raw in settings.items():
         if key not in KEYS:
@@ -324,7 +327,17 @@ def options_from_settings(
         raise ConfigError(f"settings {' and '.join(chosen)} exclude each other; keep one")
     if not chosen and default_delivery == "sink":
         values["sink"] = _Value(True, "default")
+    if "state_dir" not in values:
+        # An embedded server must not litter the application's working directory.
+        values["state_dir"] = _Value(str(user_state_dir()), "default")
     return _assemble(values)
+
+
+def user_state_dir() -> Path:
+    """Where an embedded server keeps its state by default: $XDG_STATE_HOME/mailgate, or
+    ~/.local/state/mailgate (the development certificate, the spool)."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "mailgate"
 
 
 @functools.cache

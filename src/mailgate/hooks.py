@@ -32,7 +32,15 @@ import inspect
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -107,7 +115,8 @@ class _Refusal(Exception):
     def reply(self, stage: str | None = None) -> Reply:
         """The reply this refusal gives at ``stage`` (its enhanced code filled in)."""
         status = self.enhanced or default_status(stage, self.code)
-        return Reply(self.code, status, tuple(self.text.split("\n")))
+        # splitlines: a text from elsewhere may carry CRLF, which a reply line must not.
+        return Reply(self.code, status, tuple(self.text.splitlines()))
 
 
 class Reject(_Refusal):
@@ -306,8 +315,9 @@ class AuthAttempt:
 
     method: str
     username: str
-    password: str | None = None
-    token: str | None = None
+    # Kept out of repr: an attempt logged by a hook must not put the secret in the log.
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
     authzid: str | None = None
     _credentials: AuthCredentials | None = field(default=None, repr=False, compare=False)
 
@@ -325,6 +335,16 @@ class AuthAttempt:
     @property
     def mechanism(self) -> str:
         return self.method
+
+    @property
+    def challenge(self) -> bytes | None:
+        """CRAM-MD5: the challenge the server sent (None for other mechanisms)."""
+        return self._credentials.challenge if self._credentials is not None else None
+
+    @property
+    def digest(self) -> str | None:
+        """CRAM-MD5: the hex HMAC-MD5 digest the client answered with."""
+        return self._credentials.digest if self._credentials is not None else None
 
     def verify(self, password: str) -> bool:
         """Whether the client proved it knows ``password`` (constant time): a comparison
@@ -574,7 +594,7 @@ class Hooks:
         """Run the chain for ``stage``: None (every step let it through), an Accept, a
         Reject/TempFail, or an explicit Reply. Never raises for a hook's failure: an
         exception or a timeout is logged and becomes ``451 4.3.0``."""
-        steps = tuple(s for s in self._chain(stage) if s.required)
+        steps = self._chain(stage, required=True)
         ctx = HookContext(stage, session, args) if self._middleware else None
         timeout = self.message_timeout if stage == "message" else self.timeout
         current: list[str | None] = [None]
@@ -591,6 +611,12 @@ class Hooks:
                     if notification:
                         continue
                     return refusal
+                except Exception:
+                    if not notification:
+                        raise
+                    # One plugin's failed clean-up must not skip the others' clean-ups.
+                    log.exception("session %s: %s hook %s failed", session.id, stage, step.plugin)
+                    continue
                 if notification:
                     continue
                 outcome = _outcome(stage, step.plugin, result)
@@ -599,16 +625,16 @@ class Hooks:
             current[0] = None
             return None
 
-        call: Callable[[], Awaitable[Any]] = call_chain
+        call: Callable[[], Coroutine[Any, Any, Any]] = call_chain
         if ctx is not None:
             for mw in reversed(self._middleware):
                 call = _bind(mw, ctx, call)
         try:
-            if timeout is None:
-                result = await call()
-            else:
-                async with asyncio.timeout(timeout):
-                    result = await call()
+            result = await _with_timeout(call(), timeout)
+            if ctx is not None and not notification:
+                # What the outermost middleware returned; a bad value is its fault.
+                current[0] = None
+                result = _outcome(stage, "(middleware)", result)
         except _Refusal as refusal:  # raised by a middleware
             return refusal
         except TimeoutError:
@@ -627,23 +653,25 @@ class Hooks:
             return _HOOK_FAILED
         if notification:
             return None
-        if ctx is not None:
-            result = _outcome(stage, "(middleware)", result)
         return result  # type: ignore[no-any-return]
 
-    def _chain(self, stage: str) -> tuple[_Step, ...]:
+    def _chain(self, stage: str, *, required: bool = False) -> tuple[_Step, ...]:
+        """The steps of ``stage`` in order (``required``: only those the reply waits for).
+        Computed once per change of the plugin set: the server asks on every command."""
         chains = self._chains
         if chains is None:
             ordered = self._order(strict=False)
-            chains = self._chains = {
-                s: tuple(
+            chains = {}
+            for s in STAGES:
+                steps = tuple(
                     _Step(p.name, _as_async(method), bool(getattr(p.obj, "required", True)))
                     for p in ordered
                     if callable(method := getattr(p.obj, f"on_{s}", None))
                 )
-                for s in STAGES
-            }
-        return chains[stage]
+                chains[s] = steps
+                chains["required:" + s] = tuple(step for step in steps if step.required)
+            self._chains = chains
+        return chains["required:" + stage if required else stage]
 
     def _order(self, *, strict: bool) -> list[_Plugin]:
         """Stable topological order honouring before/after; registration order breaks
@@ -706,13 +734,62 @@ def _outcome(stage: str, plugin: str, result: Any) -> Outcome:
     )
 
 
+async def _with_timeout(coro: Coroutine[Any, Any, Any], timeout: float | None) -> Any:
+    """Await ``coro`` within ``timeout`` seconds, paying for the timer only when it waits.
+
+    Most chains finish without waiting for anything (checks on data at hand); arming and
+    cancelling a timer for them cost more than the chain itself. So the coroutine is first
+    stepped by hand, in the calling task (``current_task()`` still works for the hooks);
+    only when it suspends does the rest run under ``asyncio.timeout``."""
+    try:
+        yielded = coro.send(None)
+    except StopIteration as stop:
+        return stop.value
+    except BaseException:
+        coro.close()
+        raise
+    if timeout is None:
+        return await _drive(coro, yielded)
+    async with asyncio.timeout(timeout):
+        return await _drive(coro, yielded)
+
+
+async def _drive(coro: Coroutine[Any, Any, Any], yielded: Any) -> Any:
+    """Go on running a coroutine that suspended while being stepped by hand, the way a
+    Task steps it: wait for the future it yielded, then resume it (the future's
+    ``__await__`` then hands it the result or raises). A cancellation of the calling task
+    (a timeout, a closed connection) cancels that future, so the coroutine sees it."""
+    try:
+        while True:
+            try:
+                if yielded is None:  # a bare yield (asyncio.sleep(0)): give others a turn
+                    await asyncio.sleep(0)
+                elif getattr(yielded, "_asyncio_future_blocking", None) is not None:
+                    yielded._asyncio_future_blocking = False
+                    await asyncio.wait((yielded,))
+                else:
+                    yielded = coro.throw(RuntimeError(f"bad yield in a hook: {yielded!r}"))
+                    continue
+            except asyncio.CancelledError:
+                if yielded is None or not yielded.cancel():
+                    yielded = coro.throw(asyncio.CancelledError())
+                    continue
+                if not yielded.done():  # a task: wait until it has finished cancelling
+                    await asyncio.wait((yielded,))
+            yielded = coro.send(None)
+    except StopIteration as stop:
+        return stop.value
+    finally:
+        coro.close()
+
+
 def _names(value: str | Sequence[str]) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
 
 
 def _bind(
     mw: Middleware, ctx: HookContext, call_next: Callable[[], Awaitable[Any]]
-) -> Callable[[], Awaitable[Any]]:
+) -> Callable[[], Coroutine[Any, Any, Any]]:
     async def call() -> Any:
         return await mw(ctx, call_next)
 

@@ -276,6 +276,7 @@ def test_starttls_injection_is_discarded(tmp_path: Path) -> None:
         assert f.readline().startswith(b"250 ")
         tls.sendall(b"MAIL FROM:<a@example.com>\r\n")
         assert f.readline().startswith(b"503 ")  # EHLO is needed again after TLS
+        f.close()  # else the socket stays open and stop() waits out close_timeout
         tls.close()
 
 

@@ -27,8 +27,9 @@ class MaildirDelivery:
 
         def deliver() -> None:
             # One trip to a worker thread: make the spool durable, then link it into new/.
+            # The spool's tmp name stays for later message steps; the server removes it.
             message.sync()
-            self.store.deliver_spooled(path, synced=True)
+            self.store.deliver_spooled(path, synced=True, keep_source=True)
 
         await loop.run_in_executor(None, deliver)
 

@@ -125,13 +125,17 @@ class MaildirStore:
         if created_root:
             fsync_directory(self.root.parent)
 
-    def deliver_spooled(self, spool: SpoolFile | Path, *, synced: bool = False) -> str:
+    def deliver_spooled(
+        self, spool: SpoolFile | Path, *, synced: bool = False, keep_source: bool = False
+    ) -> str:
         """Deliver a finished spool file into ``new/``; returns the message's file name.
 
         A spool in ``tmp/`` is linked, not copied, and its tmp name is removed (a
         ``SpoolFile``'s ``discard()`` is then a no-op). A spool elsewhere is copied and
         left in place. A plain ``Path`` in ``tmp/`` is fsynced here unless the caller says
         it already is (``synced=True``; the server fsyncs before message hooks run).
+        ``keep_source``: leave the tmp name for its owner to remove (the server's spool,
+        which later message steps still read).
         """
         if isinstance(spool, SpoolFile):
             if not spool.finished or spool.discarded:
@@ -143,7 +147,7 @@ class MaildirStore:
             return self._copy_and_publish(source)
         if not isinstance(spool, SpoolFile) and not synced:
             _fsync_file(source)
-        return self._publish(source)
+        return self._publish(source, keep_source=keep_source)
 
     def deliver_bytes(self, data: bytes) -> str:
         """Deliver a message held in memory, as durably as ``deliver_spooled``."""
@@ -174,8 +178,9 @@ class MaildirStore:
         finally:
             copy.discard()
 
-    def _publish(self, tmp_path: Path) -> str:
-        """Link a durable file from tmp/ into new/, drop the tmp name, fsync new/."""
+    def _publish(self, tmp_path: Path, *, keep_source: bool = False) -> str:
+        """Link a durable file from tmp/ into new/, drop the tmp name (unless
+        ``keep_source``), fsync new/."""
         name = tmp_path.name
         for _ in range(_LINK_ATTEMPTS):
             target = self.new_dir / name
@@ -190,12 +195,17 @@ class MaildirStore:
                 if target.exists():
                     name = unique_name()
                     continue
-                os.rename(tmp_path, target)
+                if keep_source:  # no hard links here: the source must stay, so copy
+                    shutil.copyfile(tmp_path, target)
+                    _fsync_file(target)
+                else:
+                    os.rename(tmp_path, target)
             break
         else:
             raise FileExistsError(errno.EEXIST, "no free unique name in new/", str(self.new_dir))
         try:
-            os.unlink(tmp_path)
+            if not keep_source:
+                os.unlink(tmp_path)
         except FileNotFoundError:
             pass  # the rename fallback already moved it
         except OSError as exc:

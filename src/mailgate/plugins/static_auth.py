@@ -19,15 +19,13 @@ class StaticUsers:
     def __init__(self, users: dict[str, str]) -> None:
         self.users = dict(users)
 
-    async def on_auth(self, session: Session, auth: AuthAttempt) -> Accept:
-        if self._valid(auth):
-            return Accept()
-        raise Reject(535, "Authentication credentials invalid", enhanced="5.7.8")
-
-    def _valid(self, auth: AuthAttempt) -> bool:
+    async def on_auth(self, session: Session, auth: AuthAttempt) -> Accept | None:
         secret = self.users.get(auth.username)
         # Check against something even for unknown users so timing does not tell.
         ok = auth.verify(secret if secret is not None else _UNKNOWN)
-        if auth.authzid not in (None, "", auth.username):
-            return False  # acting for another identity is not something static users may do
-        return ok and secret is not None
+        if secret is None:
+            return None  # not one of ours: another backend (or none, and so 535) decides
+        # Acting for another identity is not something static users may do.
+        if ok and auth.authzid in (None, "", auth.username):
+            return Accept()
+        raise Reject(535, "Authentication credentials invalid", enhanced="5.7.8")

@@ -702,11 +702,13 @@ class ServerConnection:
         self.state = State.READY
         capabilities = self._capabilities() if self.esmtp else []
         self._extensions = frozenset(c.split(" ", 1)[0] for c in capabilities)
-        if reply is None:
-            first = f"{self.config.hostname} Hello {point.domain}"
-            lines = (first, *capabilities)
-            reply = Reply(250, None, lines)
-        self._out += reply.render(enhanced=False)
+        # A policy's own positive reply replaces the greeting line only: the capabilities
+        # are what this connection really offers, so they always follow.
+        first = f"{self.config.hostname} Hello {point.domain}"
+        if reply is not None and reply.lines and reply.lines[0]:
+            first = reply.lines[0]
+        code = reply.code if reply is not None else 250
+        self._out += Reply(code, None, (first, *capabilities)).render(enhanced=False)
 
     def _answer_mail(self, point: MailFrom, reply: Reply | None) -> None:
         reply = reply or R.SENDER_OK

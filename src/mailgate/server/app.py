@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import functools
 import ipaddress
 import itertools
 import logging
@@ -13,8 +14,9 @@ import os
 import ssl
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar, cast, overload
 
 from mailgate import hooks as H
 from mailgate.protocol import ProtocolConfig, Reply
@@ -32,7 +34,26 @@ _TOO_MANY_FROM_IP = Reply(421, "4.7.0", ("Too many connections from your address
 _PROXY_NOT_ALLOWED = Reply(421, "4.7.0", ("Connections must come through the proxy",))
 #: What an auth callback can check: a password (PLAIN, LOGIN).
 DEFAULT_MECHANISMS = ("PLAIN", "LOGIN")
-_STAGE_METHODS = {f"on_{stage}": stage for stage in H.STAGES}
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Register(Protocol):
+    """What ``server.on_rcpt`` and the other stage decorators are: used bare
+    (``@server.on_rcpt``) they return the function; called with ordering arguments
+    (``@server.on_rcpt(before="maildir")``) they return the decorator."""
+
+    @overload
+    def __call__(self, func: F, /) -> F: ...
+    @overload
+    def __call__(
+        self,
+        func: None = None,
+        /,
+        *,
+        name: str | None = None,
+        before: str | Sequence[str] = (),
+        after: str | Sequence[str] = (),
+    ) -> Callable[[F], F]: ...
 
 
 def protocol_config(
@@ -100,7 +121,6 @@ class Server:
         self.protocol_config = protocol_config(options, tls=False, auth=False)
         self.listening: list[tuple[ListenAddress, tuple[str, int]]] = []
         self._servers: list[asyncio.base_events.Server] = []
-        self._ids = itertools.count(1)
         self._id_prefix = _id_prefix()
         self._closed: asyncio.Event | None = None
         self._dev_certificate: Path | None = None
@@ -110,52 +130,88 @@ class Server:
 
     # --- registering hooks --------------------------------------------------------------------
 
+    @overload
+    def on(self, stage: str, func: F, /) -> F: ...
+    @overload
+    def on(
+        self,
+        stage: str,
+        func: None = None,
+        /,
+        *,
+        name: str | None = None,
+        before: str | Sequence[str] = (),
+        after: str | Sequence[str] = (),
+    ) -> Callable[[F], F]: ...
     def on(self, stage: str, func: Any = None, /, **order: Any) -> Any:
-        """Register a callback for ``stage``; usable as ``@server.on("rcpt")`` too."""
+        """Register a callback (async or plain) for ``stage``: ``server.on("rcpt", f)``,
+        or as a decorator, ``@server.on("rcpt")`` / ``@server.on("rcpt", before="x")``."""
         if func is None:
             return lambda f: self.hooks.on(stage, f, **order)
         return self.hooks.on(stage, func, **order)
 
-    def on_connect(self, func: Any = None, /, **order: Any) -> Any:
-        """``(session)``: a client connected (after PROXY), before the banner."""
-        return self.on("connect", func, **order)
+    @property
+    def on_connect(self) -> Register:
+        """``(session)``: a client connected (after PROXY), before the banner.
+        ``@server.on_connect`` or ``@server.on_connect(name=..., before=..., after=...)``."""
+        return cast(Register, functools.partial(self.on, "connect"))
 
-    def on_tls(self, func: Any = None, /, **order: Any) -> Any:
-        """``(session)``: a STARTTLS handshake finished; ``session.tls`` is filled in."""
-        return self.on("tls", func, **order)
+    @property
+    def on_tls(self) -> Register:
+        """``(session)``: a TLS handshake finished (STARTTLS, or an SMTPS connection before
+        the banner); ``session.tls`` is filled in.
+        ``@server.on_tls`` or ``@server.on_tls(name=..., before=..., after=...)``."""
+        return cast(Register, functools.partial(self.on, "tls"))
 
-    def on_helo(self, func: Any = None, /, **order: Any) -> Any:
-        """``(session, hostname)``: HELO, EHLO or LHLO."""
-        return self.on("helo", func, **order)
+    @property
+    def on_helo(self) -> Register:
+        """``(session, hostname)``: HELO, EHLO or LHLO (``session.esmtp`` tells which).
+        ``@server.on_helo`` or ``@server.on_helo(name=..., before=..., after=...)``."""
+        return cast(Register, functools.partial(self.on, "helo"))
 
-    def on_auth(self, func: Any = None, /, **order: Any) -> Any:
+    @property
+    def on_auth(self) -> Register:
         """``(session, auth)``: check an :class:`~mailgate.hooks.AuthAttempt`; return
-        True/Accept to let the user in. Nothing deciding means 535."""
-        return self.on("auth", func, **order)
+        True/Accept to let the user in, None to leave it to the next backend (nothing
+        deciding means 535).
+        ``@server.on_auth`` or ``@server.on_auth(name=..., before=..., after=...)``."""
+        return cast(Register, functools.partial(self.on, "auth"))
 
-    def on_mail(self, func: Any = None, /, **order: Any) -> Any:
-        """``(session, envelope, address)``: MAIL FROM; ``address`` is ``""`` for ``<>``."""
-        return self.on("mail", func, **order)
+    @property
+    def on_mail(self) -> Register:
+        """``(session, envelope, address)``: MAIL FROM; ``address`` is ``""`` for ``<>``.
+        ``@server.on_mail`` or ``@server.on_mail(name=..., before=..., after=...)``."""
+        return cast(Register, functools.partial(self.on, "mail"))
 
-    def on_rcpt(self, func: Any = None, /, **order: Any) -> Any:
-        """``(session, envelope, address)``: RCPT TO, before the address joins the envelope."""
-        return self.on("rcpt", func, **order)
+    @property
+    def on_rcpt(self) -> Register:
+        """``(session, envelope, address)``: RCPT TO, before the address joins the envelope.
+        ``@server.on_rcpt`` or ``@server.on_rcpt(name=..., before=..., after=...)``."""
+        return cast(Register, functools.partial(self.on, "rcpt"))
 
-    def on_data_start(self, func: Any = None, /, **order: Any) -> Any:
-        """``(session, envelope)``: DATA or the first BDAT, before any message byte."""
-        return self.on("data_start", func, **order)
+    @property
+    def on_data_start(self) -> Register:
+        """``(session, envelope)``: DATA or the first BDAT, before any message byte.
+        ``@server.on_data_start`` or ``@server.on_data_start(name=..., before=..., after=...)``."""
+        return cast(Register, functools.partial(self.on, "data_start"))
 
-    def on_message(self, func: Any = None, /, **order: Any) -> Any:
-        """``(session, envelope, message)``: the message is complete (spooled to disk)."""
-        return self.on("message", func, **order)
+    @property
+    def on_message(self) -> Register:
+        """``(session, envelope, message)``: the message is complete (spooled to disk).
+        ``@server.on_message`` or ``@server.on_message(name=..., before=..., after=...)``."""
+        return cast(Register, functools.partial(self.on, "message"))
 
-    def on_reset(self, func: Any = None, /, **order: Any) -> Any:
-        """``(session, envelope)``: a transaction ended without a message (RSET, ...)."""
-        return self.on("reset", func, **order)
+    @property
+    def on_reset(self) -> Register:
+        """``(session, envelope)``: a transaction ended without a message (RSET, ...).
+        ``@server.on_reset`` or ``@server.on_reset(name=..., before=..., after=...)``."""
+        return cast(Register, functools.partial(self.on, "reset"))
 
-    def on_close(self, func: Any = None, /, **order: Any) -> Any:
-        """``(session)``: the connection closed."""
-        return self.on("close", func, **order)
+    @property
+    def on_close(self) -> Register:
+        """``(session)``: the connection closed.
+        ``@server.on_close`` or ``@server.on_close(name=..., before=..., after=...)``."""
+        return cast(Register, functools.partial(self.on, "close"))
 
     def add_plugin(
         self,
@@ -251,7 +307,7 @@ class Server:
         try:
             for plugin in builtin_plugins(self.options):
                 self.hooks.add(plugin)
-        except H.HookError as exc:
+        except (H.HookError, ValueError, OSError) as exc:
             raise StartupError(str(exc)) from None
 
     def _mechanisms(self) -> tuple[str, ...]:
@@ -345,9 +401,21 @@ class Server:
         for task in list(self._background):
             task.cancel()
         await self._close_listeners()
+        await self._close_plugins()
         self._started = False
         if self._closed is not None:
             self._closed.set()
+
+    async def _close_plugins(self) -> None:
+        """Let plugins release what they hold (HTTP sessions, files): ``aclose()``."""
+        for plugin in self.hooks.plugins():
+            aclose = getattr(plugin, "aclose", None)
+            if not callable(aclose):
+                continue
+            try:
+                await aclose()
+            except Exception:
+                log.exception("plugin %s: aclose() failed", getattr(plugin, "name", plugin))
 
     async def _close_listeners(self) -> None:
         for server in self._servers:
@@ -438,7 +506,7 @@ class Server:
         return _in_networks(ip, self.options.trusted_networks)
 
     def new_id(self) -> str:
-        return f"{self._id_prefix}{next(self._ids):06X}"
+        return f"{self._id_prefix}{next(_MESSAGE_IDS):06X}"
 
     def hooks_close(self, session: H.Session) -> None:
         if self.hooks.has("close"):
@@ -466,6 +534,11 @@ def _in_networks(
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     return any(address in network for network in networks)
+
+
+#: One counter for every Server of the process: two servers started in the same second
+#: (a front and a target in one test, say) must not hand out the same ids.
+_MESSAGE_IDS = itertools.count(1)
 
 
 def _id_prefix() -> str:

@@ -122,6 +122,7 @@ class SMTPConnection(asyncio.Protocol):
             peer_port=int(peer[1]),
             local_host=str(local[0]),
             local_port=int(local[1]),
+            lmtp=self.server.options.lmtp,
         )
         if self.implicit_tls:
             self.session.tls = _tls_info(transport)
@@ -301,6 +302,8 @@ class SMTPConnection(asyncio.Protocol):
         if stage is not None and self.server.hooks.has(stage):
             return False
         if cls is Greeting:
+            if self.implicit_tls and self.server.hooks.has("tls"):
+                return False  # the tls stage of an SMTPS connection runs before connect
             self._greeted = True
             conn.respond(None)
         elif cls is Hello:
@@ -385,11 +388,22 @@ class SMTPConnection(asyncio.Protocol):
         """Run the hooks for a policy point and turn their verdict into the reply."""
         hooks = self.server.hooks
         if isinstance(point, Greeting):
-            return self._verdict("connect", await hooks.run("connect", session), None)
+            # Accept(text=...) gives a banner with that text: a greeting is a 220, not a 250.
+            banner = Reply(220, None, (f"{self.server.options.hostname} ESMTP",))
+            if self.implicit_tls and hooks.has("tls"):
+                # SMTPS: the handshake is over before the banner; the tls stage comes first.
+                refused = self._verdict("tls", await hooks.run("tls", session), None)
+                if refused is not None and not refused.is_positive:
+                    return refused
+            return self._verdict("connect", await hooks.run("connect", session), banner)
         if isinstance(point, Hello):
+            # The hooks may want to know HELO from EHLO: say it now, undo it if refused.
+            was_esmtp, session.esmtp = session.esmtp, point.verb != "HELO"
             reply = self._verdict("helo", await hooks.run("helo", session, point.domain), None)
             if reply is None or reply.is_positive:
                 self._note_hello(point)
+            else:
+                session.esmtp = was_esmtp
             return reply
         if isinstance(point, MailFrom):
             address = H.Address.from_wire(point.address, point.params)
@@ -425,13 +439,15 @@ class SMTPConnection(asyncio.Protocol):
         if outcome is None:
             return None
         if isinstance(outcome, H.Accept):
-            if success is None and outcome.code is None and outcome.text is None:
-                return None
+            if outcome.code is None and outcome.text is None:
+                return None  # the stage's usual success reply
             base = success or Reply(250, "2.0.0", ("OK",))
+            code = outcome.code or base.code
             return Reply(
-                outcome.code or base.code,
-                base.status if outcome.code in (None, base.code) else None,
-                (outcome.text,) if outcome.text is not None else base.lines,
+                code,
+                # The enhanced code goes with the class: Accept(251, ...) at RCPT is 2.1.5 too.
+                base.status if code // 100 == base.code // 100 else None,
+                tuple(outcome.text.splitlines()) if outcome.text is not None else base.lines,
             )
         if isinstance(outcome, Reply):
             return outcome
@@ -448,7 +464,8 @@ class SMTPConnection(asyncio.Protocol):
             attempt = H.AuthAttempt.from_credentials(point)
             outcome = await hooks.run("auth", session, attempt)
             # Every step passing without deciding is no authentication.
-            reply = self._verdict("auth", outcome, R.AUTH_OK) or R.AUTH_FAILED
+            if outcome is not None:
+                reply = self._verdict("auth", outcome, R.AUTH_OK) or R.AUTH_OK
         if reply.is_positive:
             session.user = point.username
             session.auth_mechanism = point.mechanism
@@ -480,11 +497,11 @@ class SMTPConnection(asyncio.Protocol):
         )
         hooks = self.server.hooks
         try:
+            # The promise behind a 250 is kept by the deliveries: each makes durable what
+            # it keeps (Maildir fsyncs the spool it links, mbox its file, forwarding hands
+            # it on). The spool file itself is removed below, so syncing it would buy
+            # nothing.
             outcome = await hooks.run("message", session, envelope, message)
-            if spool is not None and not spool.finished:
-                # The promise behind a 250: the bytes are on stable storage. A delivery
-                # that linked the spool synced it already (one thread trip, not two).
-                await self.loop.run_in_executor(None, spool.finish)
             accepted = Reply(250, "2.0.0", (f"Message accepted as {self.message_id}",))
             if isinstance(outcome, H.PerRecipient) and self.server.options.lmtp:
                 replies = self._per_recipient(outcome, envelope, accepted)
@@ -534,8 +551,15 @@ class SMTPConnection(asyncio.Protocol):
                 replies.append(answer)
             elif answer is False:
                 replies.append(H.Reject().reply("message"))
-            else:
+            elif answer is None or answer is True:
+                replies.append(ok)
+            elif isinstance(answer, H.Accept):
                 replies.append(self._verdict("message", answer, ok) or ok)
+            else:
+                raise H.HookError(
+                    f"message hook answered {answer!r} for <{rcpt}>; give None, True/False, "
+                    "Accept, Reject/TempFail or a Reply"
+                )
         return replies
 
     def _after_message(self) -> None:
@@ -590,7 +614,8 @@ class SMTPConnection(asyncio.Protocol):
         assert self.session is not None
         self.session.helo = point.domain
         self.session.esmtp = point.verb != "HELO"
-        self.envelope = _NO_ENVELOPE
+        # The envelope of a transaction this ends stays until the protocol's
+        # TransactionReset: the reset hooks are given it there.
 
     def _begin_transaction(self, point: MailFrom, address: H.Address | None = None) -> None:
         if address is None:

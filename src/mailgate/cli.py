@@ -192,6 +192,57 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         help=f"close the connection after this many failed AUTH (default: {d.max_auth_failures})",
     )
 
+    group = serve.add_argument_group(
+        "policy (the [limits], [lists], [[dnsbl]], [client_checks], [greylisting] and "
+        "[mail_auth] tables of the config file give every detail)"
+    )
+    group.add_argument(
+        "--local-domains",
+        action="append",
+        metavar="DOMAIN[,DOMAIN]",
+        help="domains to receive mail for (*.example.com for subdomains); mail for others is "
+        "relaying, allowed only from authenticated users and --relay-networks; repeatable "
+        "(default: none)",
+    )
+    group.add_argument(
+        "--relay-networks",
+        action="append",
+        metavar="CIDR[,CIDR]",
+        help="clients that may relay without authenticating; repeatable "
+        "(default: 127.0.0.0/8, ::1/128)",
+    )
+    group.add_argument(
+        "--open-relay",
+        action="store_true",
+        default=None,
+        help="accept mail for every domain from anyone (capture servers and honeypots; "
+        "warned at start) (default: off)",
+    )
+    group.add_argument(
+        "--dnsbl",
+        dest="dnsbl_zones",
+        action="append",
+        metavar="ZONE",
+        help="refuse clients listed in this DNS blocklist at RCPT; repeatable (default: none)",
+    )
+    group.add_argument(
+        "--greylist",
+        action="store_true",
+        default=None,
+        help="greylist unknown (client, sender, recipient) triplets (default: off)",
+    )
+    group.add_argument(
+        "--dns-nameservers",
+        action="append",
+        metavar="IP[:PORT]",
+        help="name servers for policy lookups; repeatable (default: /etc/resolv.conf)",
+    )
+    group.add_argument(
+        "--dns-timeout",
+        metavar="SECONDS",
+        help=f"give up on a DNS lookup after this long (default: {d.dns_timeout:g})",
+    )
+
     group = serve.add_argument_group("hooks and further deliveries")
     group.add_argument(
         "--forward",

@@ -66,7 +66,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
 from mailgate.protocol.config import BareNewline
-from mailgate.server.options import ListenAddress, Network, ServerOptions
+from mailgate.server.options import ListenAddress, Network, PolicySection, ServerOptions
 from mailgate.server.tls import TLSConfigError, create_server_context
 
 T = TypeVar("T")
@@ -116,12 +116,23 @@ KEYS: tuple[str, ...] = (
     "forward",
     "webhook",
     "aiosmtpd_handler",
+    "local_domains",
+    "open_relay",
+    "relay_networks",
+    "dns_nameservers",
+    "dns_timeout",
+    "dnsbl_zones",
+    "greylist",
 )
+#: Tables besides [server]: each configures one policy plugin, which reads it itself.
+#: ``dnsbl`` is an array of tables (``[[dnsbl]]``), one per list.
+POLICY_TABLES = ("limits", "lists", "dnsbl", "client_checks", "greylisting", "mail_auth")
+_ARRAY_TABLES = frozenset({"dnsbl"})
 #: SASL mechanisms mailgate implements.
 AUTH_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5", "XOAUTH2")
 AUTH_CAPTURE_CHOICES = ("refuse", "accept")
 
-_FLAG_NAMES = {"auth_users": "--auth-user"}
+_FLAG_NAMES = {"auth_users": "--auth-user", "dnsbl_zones": "--dnsbl"}
 # Keys of which at most one may be chosen; a flag for one of them overrides the file's.
 _EXCLUSIVE: tuple[tuple[str, ...], ...] = (("maildir", "mbox", "sink"), ("verbose", "quiet"))
 
@@ -206,10 +217,16 @@ def _load_config_file(path: Path) -> dict[str, _Value]:
         raise ConfigError(f"{path}: TOML syntax error: {exc}") from None
 
     for name, item in document.items():
-        if name == "server":
+        if name == "server" or name in POLICY_TABLES:
             continue
-        if isinstance(item, dict):
-            raise ConfigError(f"{path}: unknown table [{name}]; settings go in [server]")
+        tables = ", ".join(f"[{t}]" for t in ("server", *POLICY_TABLES))
+        is_table = isinstance(item, dict) or (
+            isinstance(item, list) and bool(item) and all(isinstance(i, dict) for i in item)
+        )
+        if is_table:
+            close = difflib.get_close_matches(name, ("server", *POLICY_TABLES), n=1)
+            hint = f" (did you mean [{close[0]}]?)" if close else ""
+            raise ConfigError(f"{path}: unknown table [{name}]{hint}; tables are {tables}")
         raise ConfigError(f"{path}: unknown key {name!r} at top level; settings go in [server]")
     table = document.get("server", {})
     if not isinstance(table, dict):
@@ -221,6 +238,9 @@ def _load_config_file(path: Path) -> dict[str, _Value]:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{path}: unknown key {key!r} in [server]{hint}")
     values = {key: _Value(raw, f"{path}: {key}", path.parent) for key, raw in table.items()}
+    sections = _policy_sections(document, f"{path}", path.parent)
+    if sections:
+        values["policy"] = _Value(sections, f"{path}", path.parent)
 
     for group in _EXCLUSIVE:
         chosen = [key for key in group if key in values and values[key].raw is not False]
@@ -295,7 +315,37 @@ def _assemble(values: Mapping[str, _Value]) -> ServerOptions:
         forward=get("forward", _forward_urls, ()),
         webhook=get("webhook", _webhook_urls, ()),
         aiosmtpd_handler=get("aiosmtpd_handler", _import_spec, None),
+        local_domains=get("local_domains", _domain_patterns, ()),
+        open_relay=get("open_relay", _bool, False),
+        relay_networks=get("relay_networks", _networks, DEFAULTS.relay_networks),
+        dns_nameservers=get("dns_nameservers", _nameservers, ()),
+        dns_timeout=get("dns_timeout", _seconds, DEFAULTS.dns_timeout),
+        dnsbl_zones=get("dnsbl_zones", _zones, ()),
+        greylist=get("greylist", _bool, False),
+        policy=cast(tuple[PolicySection, ...], values["policy"].raw) if "policy" in values else (),
     )
+
+
+def _policy_sections(
+    document: Mapping[str, Any], where: str, base: Path | None
+) -> tuple[PolicySection, ...]:
+    """The policy tables of a document (a TOML file, or settings given in code)."""
+    sections: list[PolicySection] = []
+    for name in POLICY_TABLES:
+        item = document.get(name)
+        if item is None:
+            continue
+        entries = item if isinstance(item, list) else [item]
+        if name in _ARRAY_TABLES and not isinstance(item, list):
+            raise ConfigError(f"{where}: {name} must be an array of tables ([[{name}]])")
+        if name not in _ARRAY_TABLES and isinstance(item, list):
+            raise ConfigError(f"{where}: {name} must be one table ([{name}]), not an array")
+        for index, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                raise ConfigError(f"{where}: [{name}] must be a table, got {_toml_type(entry)}")
+            label = f"[[{name}]] #{index + 1}" if name in _ARRAY_TABLES else f"[{name}]"
+            sections.append(PolicySection(name, dict(entry), base, f"{where} {label}"))
+    return tuple(sections)
 
 
 def options_from_settings(
@@ -308,7 +358,14 @@ def options_from_settings(
     certificate) under :func:`user_state_dir` rather than the working directory, and listens
     on 127.0.0.1:2525 by default."""
     values: dict[str, _Value] = {}
+    sections = _policy_sections(
+        {k: v for k, v in settings.items() if k in POLICY_TABLES}, "setting", None
+    )
+    if sections:
+        values["policy"] = _Value(sections, "settings")
     for key, raw in settings.items():
+        if key in POLICY_TABLES:
+            continue
         if key not in KEYS:
             close = difflib.get_close_matches(key, KEYS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -607,6 +664,50 @@ def _import_spec(value: _Value) -> str:
     if not colon or not module or not attribute:
         raise value.error(f"{text!r} is not module:Class (e.g. myapp.handlers:Handler)")
     return text
+
+
+def _domain_patterns(value: _Value) -> tuple[str, ...]:
+    domains: list[str] = []
+    for text in _string_list(value):
+        for item in text.split(","):
+            item = item.strip().lower().rstrip(".")
+            if not item:
+                continue
+            name = item[2:] if item.startswith("*.") else item
+            if not _is_host_name(name) or name.replace(".", "").isdigit():
+                raise value.error(f"{item!r} is not a domain (or *.domain)")
+            domains.append(item)
+    return tuple(dict.fromkeys(domains))
+
+
+def _nameservers(value: _Value) -> tuple[str, ...]:
+    from mailgate.dns import parse_nameserver
+
+    servers: list[str] = []
+    for text in _string_list(value):
+        for item in text.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            try:
+                parse_nameserver(item)
+            except ValueError as exc:
+                raise value.error(str(exc)) from None
+            servers.append(item)
+    return tuple(servers)
+
+
+def _zones(value: _Value) -> tuple[str, ...]:
+    zones: list[str] = []
+    for text in _string_list(value):
+        for item in text.split(","):
+            item = item.strip().lower().rstrip(".")
+            if not item:
+                continue
+            if not _is_host_name(item):
+                raise value.error(f"{item!r} is not a DNS zone")
+            zones.append(item)
+    return tuple(zones)
 
 
 def _check_tls(cert: Path | None, key: Path | None) -> None:

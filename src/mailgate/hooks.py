@@ -383,6 +383,20 @@ class Message:
     path: Path | None
     received_at: float
     _sync: Callable[[], None] | None = field(default=None, repr=False)
+    _rewrite: Callable[[bytes], Awaitable[Path]] | None = field(default=None, repr=False)
+
+    async def prepend_header(self, name: str, value: str) -> None:
+        """Add a header field at the top of the message (e.g. Authentication-Results),
+        for the steps that come after this one. The message file is rewritten (in a worker
+        thread) and ``path`` points at the new one; long values are folded."""
+        if self._rewrite is None or self.path is None:
+            raise HookError("this message has no spool file to add a header to")
+        if not name or any(c in name for c in ": \r\n\t") or not name.isascii():
+            raise HookError(f"bad header field name {name!r}")
+        if "\r" in value or "\n" in value:
+            raise HookError("a header value must not contain line breaks (it is folded here)")
+        new_path = await self._rewrite(fold_header(name, value))
+        object.__setattr__(self, "path", new_path)
 
     @property
     def mail_from(self) -> Address | None:
@@ -435,6 +449,23 @@ class Message:
             msg = email.message_from_binary_file(f, policy=email.policy.default)
         assert isinstance(msg, email.message.EmailMessage)
         return msg
+
+
+def fold_header(name: str, value: str, width: int = 78) -> bytes:
+    """``Name: value`` as CRLF-terminated bytes, folded at spaces to about ``width``
+    columns (RFC 5322 2.2.3); words longer than a line stay whole."""
+    lines: list[str] = []
+    line = f"{name}:"
+    for word in value.split(" "):
+        if not word:
+            continue
+        if len(line) + 1 + len(word) > width and line.strip() and line != f"{name}:":
+            lines.append(line)
+            line = "\t" + word
+        else:
+            line += " " + word
+    lines.append(line)
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
 
 
 @dataclass(eq=False)
@@ -816,4 +847,5 @@ __all__ = [
     "TLSInfo",
     "TempFail",
     "default_status",
+    "fold_header",
 ]

@@ -1331,3 +1331,35 @@ def test_maildir_delivery_leaves_the_message_to_later_steps_and_background_plugi
     assert server.hooks.names().index("maildir") < server.hooks.names().index(
         "message:" + after_maildir.__qualname__
     )
+
+
+def test_prepend_header_is_seen_by_later_steps_and_stored(tmp_path: Path) -> None:
+    server = new_server(tmp_path, maildir=tmp_path / "maildir")
+    seen: list[bytes] = []
+    value = "mx.test; spf=pass smtp.mailfrom=a@example.com; " + " ".join(
+        f"dkim=pass header.d=example{i}.com" for i in range(6)
+    )
+
+    @server.on_message(before="maildir")
+    async def annotate(session: H.Session, envelope: H.Envelope, message: H.Message) -> None:
+        await message.prepend_header("Authentication-Results", value)
+        seen.append(await message.read())
+
+    with serving(server) as port, smtplib.SMTP("127.0.0.1", port) as c:
+        assert c.sendmail("a@example.com", ["b@example.com"], BODY) == {}
+    (stored,) = maildir_messages(tmp_path / "maildir")
+    assert seen == [stored]
+    head, _, rest = stored.partition(b"\r\nReceived: ")
+    assert head.startswith(b"Authentication-Results: mx.test; spf=pass")
+    assert all(len(line) <= 78 for line in head.split(b"\r\n"))
+    unfolded = head.replace(b"\r\n\t", b" ").decode()
+    assert unfolded == f"Authentication-Results: {value}"
+    assert strip_received(b"Received: " + rest) == BODY
+    assert wait_for(lambda: not list((tmp_path / "maildir" / "tmp").iterdir()), 5)
+
+
+def test_prepend_header_refuses_bad_names_and_line_breaks() -> None:
+    message = H.Message("x", H.Session("s", "1", 1, "2", 2), H.Envelope(), 0, None, 0.0)
+    with pytest.raises(H.HookError):
+        asyncio.run(message.prepend_header("X-Test", "a"))  # no spool
+    assert H.fold_header("X-A", "b c") == b"X-A: b c\r\n"

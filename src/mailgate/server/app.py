@@ -441,7 +441,7 @@ class Server:
         except OSError as exc:
             log.error("message %s: cannot keep it for later deliveries: %s", message.id, exc)
             return
-        kept = dataclasses.replace(message, path=link)
+        kept = dataclasses.replace(message, path=link, _sync=None, _rewrite=None)
         task = self.loop.create_task(self._run_later(steps, kept, link))
         self._background.add(task)
         task.add_done_callback(self._background.discard)

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import ssl
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from mailgate import hooks as H
@@ -493,7 +494,8 @@ class SMTPConnection(asyncio.Protocol):
             size=point.size,
             path=spool.path if spool is not None else None,
             received_at=time.time(),
-            _sync=spool.finish if spool is not None else None,
+            _sync=self._sync_spool if spool is not None else None,
+            _rewrite=self._rewrite_spool if spool is not None else None,
         )
         hooks = self.server.hooks
         try:
@@ -511,6 +513,7 @@ class SMTPConnection(asyncio.Protocol):
                 single = self._verdict("message", outcome, accepted) or accepted
                 delivered = single.is_positive
                 reply = single
+            spool = self.spool  # a hook that added a header replaced it
             if delivered and spool is not None and hooks.background_steps("message"):
                 await self.server.deliver_later(message, spool)
         finally:
@@ -526,6 +529,40 @@ class SMTPConnection(asyncio.Protocol):
                 point.size,
             )
         return reply
+
+    def _sync_spool(self) -> None:
+        # Whatever spool the message has now (a header may have been added since).
+        spool = self.spool
+        if spool is not None:
+            spool.finish()
+
+    async def _rewrite_spool(self, header: bytes) -> Path:
+        """Message.prepend_header: a new spool file with ``header`` on top, replacing the
+        current one (removed once the copy is complete)."""
+        old = self.spool
+        assert old is not None
+        directory = old.path.parent
+
+        def copy() -> SpoolFile:
+            new = SpoolFile(directory)
+            try:
+                new.write(header)
+                with old.open_for_reading() as source:
+                    while chunk := source.read(256 * 1024):
+                        new.write(chunk)
+                new.flush()
+            except BaseException:
+                new.discard()
+                raise
+            return new
+
+        new = await self.loop.run_in_executor(None, copy)
+        if self.spool is not old:  # the connection went away meanwhile
+            new.discard()
+            raise asyncio.CancelledError
+        self.spool = new
+        old.discard()
+        return new.path
 
     def _per_recipient(
         self, outcome: H.PerRecipient, envelope: H.Envelope, accepted: Reply

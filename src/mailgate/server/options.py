@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from mailgate.protocol.config import BareNewline
 
@@ -21,6 +22,23 @@ class ListenAddress:
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySection:
+    """One policy table of the configuration (``[limits]``, one ``[[dnsbl]]`` entry...),
+    unparsed: the plugin that owns it reads and checks it (``from_section``)."""
+
+    name: str
+    values: Mapping[str, Any]
+    #: Directory relative paths in it are resolved against; None: the working directory.
+    base: Path | None
+    #: Where it came from, for error messages: "mailgate.toml [limits]" or "setting limits".
+    source: str
+
+
+#: Loopback may relay by default: the quick start sends from the same machine.
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,3 +97,19 @@ class ServerOptions:
     webhook: tuple[str, ...] = ()
     #: An aiosmtpd handler class to run, "module:Class" (with module importable).
     aiosmtpd_handler: str | None = None
+    # --- policy --------------------------------------------------------------------------
+    #: Domains we receive mail for (``*.example.com`` matches subdomains). Mail for other
+    #: domains is relaying: allowed from authenticated users and relay_networks only.
+    local_domains: tuple[str, ...] = ()
+    #: Accept mail for any domain from anyone (capture servers, honeypots): warned at start.
+    open_relay: bool = False
+    relay_networks: tuple[Network, ...] = LOOPBACK
+    #: Name servers for policy lookups ("HOST" or "HOST:PORT"); empty: /etc/resolv.conf.
+    dns_nameservers: tuple[str, ...] = ()
+    dns_timeout: float = 3.0
+    #: DNS blocklists in their simplest form: listed clients are refused at RCPT.
+    dnsbl_zones: tuple[str, ...] = ()
+    #: Greylisting with its defaults (the [greylisting] table gives the details).
+    greylist: bool = False
+    #: The policy tables of the configuration, for their plugins to read.
+    policy: tuple[PolicySection, ...] = ()

@@ -1,0 +1,271 @@
+"""What every policy plugin shares: one log line and one count per decision, the marks
+plugins leave for each other on a session, and reading a policy table of the config.
+
+A decision is logged on the ``mailgate.policy`` logger as one line, with the fields also
+attached to the record (``extra``) so the JSON log format carries them as keys::
+
+    session 5K2J...0001: policy dnsbl: reject (127.0.0.2 in zen.example: listed)
+
+and counted in :data:`DECISIONS` by (policy, verdict), for the metrics exporter.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import logging
+import math
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mailgate.hooks import Session
+from mailgate.server.options import Network, PolicySection
+
+log = logging.getLogger("mailgate.policy")
+
+#: (policy, verdict) -> how many times. Verdicts: accept, reject, tempfail, annotate, skip,
+#: error (a lookup failed and the policy let the mail through).
+DECISIONS: Counter[tuple[str, str]] = Counter()
+_decisions_lock = threading.Lock()  # --workers are processes, but tests run threads
+
+#: session.notes keys plugins read from each other.
+ALLOWLISTED = "policy.allowlisted"  # why the client is on an allow list (skips checks)
+ANNOTATIONS = "policy.annotations"  # header lines a policy wants added to the message
+
+T = TypeVar("T")
+
+
+def decide(
+    session: Session, policy: str, verdict: str, why: str, level: int = logging.INFO, **fields: Any
+) -> None:
+    """Log and count one policy decision."""
+    with _decisions_lock:
+        DECISIONS[(policy, verdict)] += 1
+    if log.isEnabledFor(level):
+        log.log(
+            level,
+            "session %s: policy %s: %s (%s)",
+            session.id,
+            policy,
+            verdict,
+            why,
+            extra={
+                "session": session.id,
+                "policy": policy,
+                "verdict": verdict,
+                "why": why,
+                "client": session.peer_host,
+                **fields,
+            },
+        )
+
+
+def allowlisted(session: Session) -> str | None:
+    """Why the session's client is allow-listed, or None: DNSBL, greylisting and rate
+    checks skip allow-listed clients."""
+    reason = session.notes.get(ALLOWLISTED)
+    return str(reason) if reason else None
+
+
+def mark_allowlisted(session: Session, why: str) -> None:
+    session.notes[ALLOWLISTED] = why
+
+
+def annotate(session: Session, header: str, value: str) -> None:
+    """Ask for a header on the next message of this session (a policy that only annotates
+    instead of refusing); the mail-auth plugin, or the annotation plugin, writes them."""
+    session.notes.setdefault(ANNOTATIONS, []).append((header, value))
+
+
+def in_networks(ip: str, networks: Iterable[Network]) -> bool:
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
+
+
+class PolicyConfigError(ValueError):
+    """A policy table that cannot be used; the message names the file, table and key."""
+
+
+class SectionReader:
+    """Typed access to one policy table, with errors that say where. Call :meth:`done`
+    at the end: keys nobody read are reported as unknown (with a "did you mean")."""
+
+    def __init__(self, section: PolicySection) -> None:
+        self.section = section
+        self._read: set[str] = set()
+
+    def error(self, key: str | None, problem: str) -> PolicyConfigError:
+        where = self.section.source + (f" {key}" if key else "")
+        return PolicyConfigError(f"{where}: {problem}")
+
+    def _get(self, key: str, default: T, check: Callable[[Any], T]) -> T:
+        self._read.add(key)
+        if key not in self.section.values:
+            return default
+        raw = self.section.values[key]
+        try:
+            return check(raw)
+        except (TypeError, ValueError) as exc:
+            raise self.error(key, str(exc)) from None
+
+    def string(self, key: str, default: str | None = None) -> str | None:
+        return self._get(key, default, _string)
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
+        def check(raw: Any) -> str:
+            text = _string(raw).strip().lower()
+            if text not in choices:
+                raise ValueError(f"{raw!r} is not one of {', '.join(choices)}")
+            return text
+
+        return self._get(key, default, check)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        def check(raw: Any) -> bool:
+            if not isinstance(raw, bool):
+                raise ValueError(f"expected true or false, got {raw!r}")
+            return raw
+
+        return self._get(key, default, check)
+
+    def number(self, key: str, default: float, *, minimum: float = 0.0) -> float:
+        def check(raw: Any) -> float:
+            if isinstance(raw, bool) or not isinstance(raw, int | float):
+                raise ValueError(f"expected a number, got {raw!r}")
+            if not math.isfinite(raw) or raw < minimum:
+                raise ValueError(f"must be at least {minimum:g}, got {raw}")
+            return float(raw)
+
+        return self._get(key, default, check)
+
+    def count(self, key: str, default: int | None, *, minimum: int = 1) -> int | None:
+        def check(raw: Any) -> int:
+            if isinstance(raw, bool) or not isinstance(raw, int):
+                raise ValueError(f"expected a whole number, got {raw!r}")
+            if raw < minimum:
+                raise ValueError(f"must be at least {minimum}, got {raw}")
+            return raw
+
+        return self._get(key, default, check)
+
+    def seconds(self, key: str, default: float) -> float:
+        """A duration: a number of seconds, or a string with a unit: "90s", "5m", "2h",
+        "36d"."""
+        return self._get(key, default, parse_duration)
+
+    def strings(self, key: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+        def check(raw: Any) -> tuple[str, ...]:
+            if isinstance(raw, str):
+                raw = [raw]
+            if not isinstance(raw, list) or not all(isinstance(i, str) for i in raw):
+                raise ValueError(f"expected a list of strings, got {raw!r}")
+            return tuple(raw)
+
+        return self._get(key, default, check)
+
+    def networks(self, key: str) -> tuple[Network, ...]:
+        def check(raw: Any) -> tuple[Network, ...]:
+            out = []
+            for item in _as_list(raw):
+                for part in item.split(","):
+                    part = part.strip()
+                    if part:
+                        try:
+                            out.append(ipaddress.ip_network(part, strict=False))
+                        except ValueError:
+                            raise ValueError(f"{part!r} is not an IP network (CIDR)") from None
+            return tuple(out)
+
+        return self._get(key, (), check)
+
+    def path(self, key: str) -> Path | None:
+        def check(raw: Any) -> Path:
+            text = _string(raw).strip()
+            if not text:
+                raise ValueError("empty path")
+            path = Path(text).expanduser()
+            base = self.section.base
+            return base / path if base is not None and not path.is_absolute() else path
+
+        return self._get(key, None, check)
+
+    def done(self) -> None:
+        unknown = [key for key in self.section.values if key not in self._read]
+        if unknown:
+            key = unknown[0]
+            close = difflib.get_close_matches(key, sorted(self._read), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise self.error(None, f"unknown key {key!r}{hint}")
+
+
+_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+
+def parse_duration(raw: Any) -> float:
+    if isinstance(raw, bool):
+        raise ValueError(f"expected a duration, got {raw!r}")
+    if isinstance(raw, int | float):
+        seconds = float(raw)
+    elif isinstance(raw, str):
+        text = raw.strip().lower()
+        number = text.rstrip("smhdw")
+        unit = text[len(number) :]
+        if unit not in _UNITS:
+            raise ValueError(f'{raw!r} is not a duration (e.g. 30, "90s", "5m", "2h", "36d")')
+        try:
+            seconds = float(number) * _UNITS[unit]
+        except ValueError:
+            raise ValueError(f'{raw!r} is not a duration (e.g. 30, "90s", "5m")') from None
+    else:
+        raise ValueError(f"expected a duration, got {raw!r}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"must not be negative, got {raw!r}")
+    return seconds
+
+
+def _string(raw: Any) -> str:
+    if not isinstance(raw, str):
+        raise ValueError(f"expected a string, got {raw!r}")
+    return raw
+
+
+def _as_list(raw: Any) -> list[str]:
+    if isinstance(raw, str):
+        return [raw]
+    if isinstance(raw, list) and all(isinstance(i, str) for i in raw):
+        return list(raw)
+    raise ValueError(f"expected a list of strings, got {raw!r}")
+
+
+def sections(all_sections: Iterable[PolicySection], name: str) -> list[PolicySection]:
+    return [s for s in all_sections if s.name == name]
+
+
+def first_section(all_sections: Iterable[PolicySection], name: str) -> PolicySection | None:
+    found = sections(all_sections, name)
+    return found[0] if found else None
+
+
+__all__ = [
+    "ALLOWLISTED",
+    "ANNOTATIONS",
+    "DECISIONS",
+    "PolicyConfigError",
+    "SectionReader",
+    "allowlisted",
+    "annotate",
+    "decide",
+    "first_section",
+    "in_networks",
+    "mark_allowlisted",
+    "parse_duration",
+    "sections",
+]

@@ -163,6 +163,19 @@ def _mailgate_hooks(mode: str) -> Callable[[int, Path | None, Limits], list[str]
     return argv
 
 
+def _mailgate_policy(mode: str) -> Callable[[int, Path | None, Limits], list[str]]:
+    """mailgate with relay control, block lists, rate limits and a DNSBL (policy cost)."""
+
+    def argv(port: int, maildir: Path | None, limits: Limits) -> list[str]:
+        cmd = [str(VENV_PY), str(BENCH / "servers" / "mailgate_policy.py")]
+        cmd += ["--listen", f"{HOST}:{port}", "--max-size", str(limits.max_size)]
+        cmd += ["--max-clients", str(limits.max_clients)]
+        cmd += ["--state-dir", str(WORK / "mailgate-state")]
+        return cmd + (["--maildir", str(maildir)] if mode == "maildir" else [])
+
+    return argv
+
+
 # --- the others ---------------------------------------------------------------------------
 
 
@@ -225,6 +238,9 @@ def all_servers() -> list[ServerSpec]:
         ServerSpec(
             "mailgate-hooks", "sink", _mailgate_hooks("sink"), check=_need(VENV_PY, "bench venv")
         ),
+        ServerSpec(
+            "mailgate-policy", "sink", _mailgate_policy("sink"), check=_need(VENV_PY, "bench venv")
+        ),
         ServerSpec("aiosmtpd", "sink", _aiosmtpd("sink"), check=_need(VENV_PY, "bench venv")),
         ServerSpec(
             "smtp-server", "sink", _smtp_server(True), greeting_delay=0.1, check=_check_node_server
@@ -252,6 +268,12 @@ def all_servers() -> list[ServerSpec]:
             "mailgate-hooks",
             "maildir",
             _mailgate_hooks("maildir"),
+            check=_need(VENV_PY, "bench venv"),
+        ),
+        ServerSpec(
+            "mailgate-policy",
+            "maildir",
+            _mailgate_policy("maildir"),
             check=_need(VENV_PY, "bench venv"),
         ),
         ServerSpec("aiosmtpd", "maildir", _aiosmtpd("maildir"), check=_need(VENV_PY, "bench venv")),

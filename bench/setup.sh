@@ -27,6 +27,7 @@ setup_python() {
         "$PYTHON" -m venv "$venv" || die "python venv failed (Debian: apt-get install python3-venv)"
     fi
     "$venv/bin/python" -m pip install -q --disable-pip-version-check "aiosmtpd==$AIOSMTPD_VERSION" \
+        "dnslib>=0.9.24" \
         || die "pip install aiosmtpd failed"
     # mailgate as users install it (with the "fast" extra: uvloop). run.py also runs it as
     # "mailgate-asyncio" on the stock loop that aiosmtpd uses, to compare the engines alone.

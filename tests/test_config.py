@@ -528,3 +528,26 @@ def test_config_file_that_is_not_utf8(tmp_path: Path) -> None:
     path.write_bytes('[server]\nhostname = "m\xe4il"\n'.encode("latin-1"))
     with pytest.raises(ConfigError, match=r"latin1\.toml: not UTF-8 text"):
         build("--config", str(path))
+
+
+def test_dns_table_sets_the_resolver_options(tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[dns]\nnameservers = ["127.0.0.1:5353", "::1"]\ntimeout = 2\n')
+    options = build("--config", str(path))
+    assert options.dns_nameservers == ("127.0.0.1:5353", "::1")
+    assert options.dns_timeout == 2.0
+    from_code = config.options_from_settings({"dns": {"nameservers": ["127.0.0.1:53"]}})
+    assert from_code.dns_nameservers == ("127.0.0.1:53",)
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        ('[dns]\nservers = ["1.2.3.4"]\n', r"unknown key 'servers' in \[dns\]"),
+        ('[server]\ndns_timeout = 1\n[dns]\ntimeout = 2\n', r"\[dns\] timeout and dns_timeout both given"),
+        ('dns = "1.2.3.4"\n', r"'dns' must be a table"),
+        ('[dns]\nnameservers = ["not an address:x"]\n', r"\[dns\] nameservers"),
+    ],
+)  # fmt: skip
+def test_bad_dns_table(tmp_path: Path, body: str, problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        build("--config", str(write_config(tmp_path, body)))

@@ -967,3 +967,44 @@ def test_cancelling_the_caller_cancels_the_step() -> None:
 
     run(main())
     assert cleaned == ["cleaned", "cleaned"]
+
+
+def test_stages_attribute_narrows_where_a_plugin_runs() -> None:
+    """A plugin that needs its message step only for some configurations leaves it out
+    with ``stages``, so the server does not spool messages for nothing."""
+
+    class Annotating:
+        name = "annotating"
+
+        def __init__(self, with_message: bool) -> None:
+            self.stages = {"rcpt", "message"} if with_message else {"rcpt"}
+
+        async def on_rcpt(self, session: Any, envelope: Any, address: Any) -> None:
+            return None
+
+        async def on_message(self, session: Any, envelope: Any, message: Any) -> None:
+            return None
+
+    hooks = H.Hooks()
+    hooks.add(Annotating(with_message=False))
+    assert hooks.has_steps("rcpt")
+    assert not hooks.has_steps("message")
+    hooks = H.Hooks()
+    hooks.add(Annotating(with_message=True))
+    assert hooks.has_steps("message")
+
+
+def test_a_plugin_ordered_before_another_takes_its_place_not_its_own() -> None:
+    """Added last with before=..., a plugin runs right before that one, and does not push
+    it behind the plugins registered in between."""
+
+    def plugin(name: str) -> Any:
+        return type(name, (), {"name": name, "on_rcpt": lambda self, s, e, a: None})()
+
+    hooks = H.Hooks()
+    for name in ("policy-1", "policy-2", "app-1", "app-2"):
+        hooks.add(plugin(name))
+    hooks.add(plugin("late"), before="policy-2")
+    assert hooks.names() == ["policy-1", "late", "policy-2", "app-1", "app-2"]
+    hooks.add(plugin("after-app"), after="app-1", before="app-2")
+    assert hooks.names()[-3:] == ["app-1", "after-app", "app-2"]

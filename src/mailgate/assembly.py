@@ -7,9 +7,34 @@ message hooks (which may still order themselves with ``before="maildir"``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from mailgate.server.options import ServerOptions
+
+
+def policy_plugins(options: ServerOptions, clock: Callable[[], float] | None = None) -> list[Any]:
+    """The built-in policy plugins the options ask for, in chain order. The server puts them
+    ahead of the plugins registered in code: a blocked client is refused before an
+    application's hooks spend anything on it. Lists come first (an allow-listed client
+    skips the later checks), then relay control, limits, DNS lists, client checks,
+    greylisting, and SPF/DKIM/DMARC last (it reads the message)."""
+    from mailgate.plugins import (
+        client_checks,
+        dnsbl,
+        greylist,
+        lists,
+        mail_auth,
+        rate_limits,
+        relay,
+    )
+    from mailgate.plugins.policy import PolicyEnv
+
+    env = PolicyEnv(options) if clock is None else PolicyEnv(options, clock)
+    plugins: list[Any] = []
+    for module in (lists, relay, rate_limits, dnsbl, client_checks, greylist, mail_auth):
+        plugins.extend(module.plugins_from_options(env))
+    return plugins
 
 
 def builtin_plugins(options: ServerOptions) -> list[Any]:

@@ -217,14 +217,14 @@ def _load_config_file(path: Path) -> dict[str, _Value]:
         raise ConfigError(f"{path}: TOML syntax error: {exc}") from None
 
     for name, item in document.items():
-        if name == "server" or name in POLICY_TABLES:
+        if name in ("server", "dns") or name in POLICY_TABLES:
             continue
-        tables = ", ".join(f"[{t}]" for t in ("server", *POLICY_TABLES))
+        tables = ", ".join(f"[{t}]" for t in ("server", "dns", *POLICY_TABLES))
         is_table = isinstance(item, dict) or (
             isinstance(item, list) and bool(item) and all(isinstance(i, dict) for i in item)
         )
         if is_table:
-            close = difflib.get_close_matches(name, ("server", *POLICY_TABLES), n=1)
+            close = difflib.get_close_matches(name, ("server", "dns", *POLICY_TABLES), n=1)
             hint = f" (did you mean [{close[0]}]?)" if close else ""
             raise ConfigError(f"{path}: unknown table [{name}]{hint}; tables are {tables}")
         raise ConfigError(f"{path}: unknown key {name!r} at top level; settings go in [server]")
@@ -238,6 +238,7 @@ def _load_config_file(path: Path) -> dict[str, _Value]:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{path}: unknown key {key!r} in [server]{hint}")
     values = {key: _Value(raw, f"{path}: {key}", path.parent) for key, raw in table.items()}
+    _dns_table(document.get("dns"), f"{path}", values)
     sections = _policy_sections(document, f"{path}", path.parent)
     if sections:
         values["policy"] = _Value(sections, f"{path}", path.parent)
@@ -326,6 +327,27 @@ def _assemble(values: Mapping[str, _Value]) -> ServerOptions:
     )
 
 
+_DNS_KEYS = {"nameservers": "dns_nameservers", "timeout": "dns_timeout"}
+
+
+def _dns_table(table: Any, where: str, values: dict[str, _Value]) -> None:
+    """``[dns]`` with ``nameservers`` and ``timeout``: another spelling of the [server]
+    keys ``dns_nameservers`` and ``dns_timeout``, into ``values``."""
+    if table is None:
+        return
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: 'dns' must be a table ([dns]), got {_toml_type(table)}")
+    for key, raw in table.items():
+        if key not in _DNS_KEYS:
+            raise ConfigError(
+                f"{where}: unknown key {key!r} in [dns]; keys are {', '.join(_DNS_KEYS)}"
+            )
+        target = _DNS_KEYS[key]
+        if target in values:
+            raise ConfigError(f"{where}: [dns] {key} and {target} both given; keep one")
+        values[target] = _Value(raw, f"{where} [dns] {key}")
+
+
 def _policy_sections(
     document: Mapping[str, Any], where: str, base: Path | None
 ) -> tuple[PolicySection, ...]:
@@ -364,7 +386,7 @@ def options_from_settings(
     if sections:
         values["policy"] = _Value(sections, "settings")
     for key, raw in settings.items():
-        if key in POLICY_TABLES:
+        if key in POLICY_TABLES or key == "dns":
             continue
         if key not in KEYS:
             close = difflib.get_close_matches(key, KEYS, n=1)
@@ -379,6 +401,7 @@ def options_from_settings(
         elif isinstance(raw, list):
             raw = [str(item) if isinstance(item, Path) else item for item in raw]
         values[key] = _Value(raw, f"setting {key}")
+    _dns_table(settings.get("dns"), "setting", values)
     chosen = [k for k in ("maildir", "mbox", "sink") if k in values and values[k].raw is not False]
     if len(chosen) > 1:
         raise ConfigError(f"settings {' and '.join(chosen)} exclude each other; keep one")
@@ -489,8 +512,13 @@ def _string_list(value: _Value) -> list[str]:
     raw = value.raw
     if isinstance(raw, str):
         return [raw]
-    if isinstance(raw, list) and all(isinstance(item, str) for item in raw):
-        return cast(list[str], raw)
+    if isinstance(raw, list | tuple):
+        for item in raw:
+            if not isinstance(item, str):
+                raise value.error(
+                    f"expected a list of strings, got a list holding {_toml_type(item)} {item!r}"
+                )
+        return list(raw)
     raise value.error(f"expected a list of strings, got {_toml_type(raw)}")
 
 

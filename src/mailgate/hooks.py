@@ -538,9 +538,11 @@ class Hooks:
         name: str | None = None,
         before: str | Sequence[str] = (),
         after: str | Sequence[str] = (),
+        index: int | None = None,
     ) -> Any:
         """Add a plugin object. Its order: after every name in ``after``, before every
-        name in ``before``, otherwise in the order added. Returns the plugin.
+        name in ``before``, otherwise in the order added (``index``: as if it had been
+        added at that position, e.g. 0 for ahead of everything so far). Returns the plugin.
 
         A plugin whose ``required`` attribute is False runs at the message stage after
         the reply (in the background, on its own link to the message file); its failures
@@ -555,7 +557,10 @@ class Hooks:
                 f"plugin {plugin_name!r} has no stage method (on_connect, on_rcpt, ...)"
             )
         entry = _Plugin(plugin_name, plugin, _names(before), _names(after))
-        self._plugins.append(entry)
+        if index is None:
+            self._plugins.append(entry)
+        else:
+            self._plugins.insert(index, entry)
         try:
             self._order(strict=False)  # a cycle is an error now, at registration
         except HookError:
@@ -697,7 +702,7 @@ class Hooks:
                 steps = tuple(
                     _Step(p.name, _as_async(method), bool(getattr(p.obj, "required", True)))
                     for p in ordered
-                    if callable(method := getattr(p.obj, f"on_{s}", None))
+                    if callable(method := getattr(p.obj, f"on_{s}", None)) and _takes_part(p.obj, s)
                 )
                 chains[s] = steps
                 chains["required:" + s] = tuple(step for step in steps if step.required)
@@ -729,10 +734,14 @@ class Hooks:
         for targets in edges.values():
             for t in targets:
                 incoming[t] += 1
+        # A plugin ordered before another takes that one's place in the queue, not its
+        # own: added last with before="mail-auth", it runs just before mail-auth instead of
+        # pushing mail-auth behind every plugin registered in between.
+        rank = _earliest_successor(edges)
         ready = [i for i in edges if incoming[i] == 0]
         order: list[int] = []
         while ready:
-            ready.sort()
+            ready.sort(key=lambda i: (rank[i], i))
             i = ready.pop(0)
             order.append(i)
             for t in edges[i]:
@@ -743,6 +752,31 @@ class Hooks:
             cycle = [plugins[i].name for i in edges if i not in order]
             raise HookError(f"plugin ordering has a cycle among: {', '.join(cycle)}")
         return [plugins[i] for i in order]
+
+
+def _earliest_successor(edges: Mapping[int, set[int]]) -> dict[int, int]:
+    """For each node, the lowest index among itself and everything that must come after
+    it (iteratively, so long chains need no recursion; a cycle is reported by the caller)."""
+    rank = {i: i for i in edges}
+    changed = True
+    rounds = 0
+    while changed and rounds <= len(edges):
+        changed = False
+        rounds += 1
+        for i, targets in edges.items():
+            best = min((rank[t] for t in targets), default=rank[i])
+            if best < rank[i]:
+                rank[i] = best
+                changed = True
+    return rank
+
+
+def _takes_part(plugin: Any, stage: str) -> bool:
+    """A plugin may narrow the stages it runs at with a ``stages`` attribute (a set of
+    names), e.g. leave out ``message`` when its configuration needs nothing there: a
+    message step makes the server spool every message for it."""
+    stages = getattr(plugin, "stages", None)
+    return stages is None or stage in stages
 
 
 _HOOK_FAILED = TempFail(451, "Local error in processing, try again later", enhanced="4.3.0")

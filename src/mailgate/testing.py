@@ -134,9 +134,14 @@ class _Capture:
     def __init__(self, captured: Captured, lmtp: Callable[[], bool]) -> None:
         self.captured = captured
         self.lmtp = lmtp
+        self._seen: dict[str, bytes] = {}
 
     async def on_message(self, session: Session, envelope: Envelope, message: Message) -> None:
-        return None
+        # The bytes as deliveries get them: after the built-in policy steps, which run
+        # first and may add headers (Authentication-Results, X-Mailgate-DNSBL...).
+        if message.path is not None:
+            loop = asyncio.get_running_loop()
+            self._seen[message.id] = await loop.run_in_executor(None, message.read_bytes)
 
     async def middleware(self, ctx: HookContext, call_next: Callable[[], Awaitable[Any]]) -> Any:
         if ctx.stage != "message":
@@ -144,12 +149,15 @@ class _Capture:
         from mailgate.hooks import Address
 
         envelope, message = ctx.args
-        # Read before the chain: a delivery may move the spooled file away (Maildir links
-        # it into new/ and removes the tmp/ name).
+        # Read before the chain as well, for a chain that ends before our own step: a
+        # delivery may move the spooled file away (Maildir links it into new/).
         content = b""
         if message.path is not None:
             content = await asyncio.get_running_loop().run_in_executor(None, message.read_bytes)
-        result = await call_next()
+        try:
+            result = await call_next()
+        finally:
+            content = self._seen.pop(message.id, content)
         recipients = _accepted_recipients(result, envelope.rcpt_tos, lmtp=self.lmtp())
         if recipients:
             self.captured._add(

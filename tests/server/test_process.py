@@ -421,7 +421,9 @@ def test_verbose_logs_each_command(tmp_path: Path) -> None:
 
 
 def test_proxy_protocol_from_the_command_line(tmp_path: Path) -> None:
-    args = lambda port: base_args(tmp_path, port, "--proxy-protocol", "127.0.0.0/8")  # noqa: E731
+    args = lambda port: base_args(  # noqa: E731
+        tmp_path, port, "--proxy-protocol", "127.0.0.0/8", "--local-domains", "example.com"
+    )
     with serving(args, tmp_path) as server:
         proxied = Raw(server.port, greet=False)
         proxied.send(build_proxy_v1("203.0.113.9", 4444, "192.0.2.1", 25))

@@ -12,17 +12,22 @@ and counted in :data:`DECISIONS` by (policy, verdict), for the metrics exporter.
 from __future__ import annotations
 
 import difflib
+import functools
 import ipaddress
 import logging
 import math
+import re
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
-from mailgate.hooks import Session
-from mailgate.server.options import Network, PolicySection
+from mailgate.dns import Resolver
+from mailgate.hooks import Message, Session
+from mailgate.server.options import Network, PolicySection, ServerOptions
 
 log = logging.getLogger("mailgate.policy")
 
@@ -33,9 +38,10 @@ _decisions_lock = threading.Lock()  # --workers are processes, but tests run thr
 
 #: session.notes keys plugins read from each other.
 ALLOWLISTED = "policy.allowlisted"  # why the client is on an allow list (skips checks)
-ANNOTATIONS = "policy.annotations"  # header lines a policy wants added to the message
+ANNOTATIONS = "policy.annotations"  # {policy: [(header, value)]} for the next messages
 
 T = TypeVar("T")
+IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def decide(
@@ -74,20 +80,78 @@ def mark_allowlisted(session: Session, why: str) -> None:
     session.notes[ALLOWLISTED] = why
 
 
-def annotate(session: Session, header: str, value: str) -> None:
-    """Ask for a header on the next message of this session (a policy that only annotates
-    instead of refusing); the mail-auth plugin, or the annotation plugin, writes them."""
-    session.notes.setdefault(ANNOTATIONS, []).append((header, value))
+def exempt(session: Session, relay_networks: Iterable[Network]) -> str | None:
+    """Why the session skips reputation checks (DNSBL, client checks, greylisting, SPF
+    refusals), or None: an allow-listed client, an authenticated user, or a client in
+    ``relay_networks`` (our own machines)."""
+    reason = allowlisted(session)
+    if reason:
+        return f"allow-listed: {reason}"
+    if session.user is not None:
+        return f"authenticated as {session.user}"
+    if in_networks(session.peer_host, relay_networks):
+        return "in relay_networks"
+    return None
 
 
-def in_networks(ip: str, networks: Iterable[Network]) -> bool:
+def annotate(session: Session, policy: str, header: str, value: str) -> None:
+    """Ask for a header on every later message of this session: what a policy that only
+    annotates does instead of refusing. The policy's own ``on_message`` writes them with
+    :func:`write_annotations` (so a plugin added from code needs nothing else)."""
+    session.notes.setdefault(ANNOTATIONS, {}).setdefault(policy, []).append((header, value))
+
+
+async def write_annotations(session: Session, message: Message, policy: str) -> None:
+    """Prepend the headers ``policy`` asked for with :func:`annotate` to ``message``."""
+    for header, value in session.notes.get(ANNOTATIONS, {}).get(policy, ()):
+        await message.prepend_header(header, value)
+
+
+@functools.lru_cache(maxsize=4096)
+def client_address(ip: str) -> IPAddress | None:
+    """``ip`` parsed (IPv4-mapped IPv6 as IPv4), None when it is not an address. Cached:
+    several policies ask for every command of a session, and parsing is not free."""
     try:
         address = ipaddress.ip_address(ip)
     except ValueError:
-        return False
+        return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address in network for network in networks)
+        return address.ipv4_mapped
+    return address
+
+
+def in_networks(ip: str, networks: Iterable[Network]) -> bool:
+    if not networks:
+        return False
+    address = client_address(ip)
+    return address is not None and any(address in network for network in networks)
+
+
+@dataclass
+class PolicyEnv:
+    """What the built-in policy plugins share in one server: its options, one DNS resolver
+    (made on first use, so a server without DNS policies never builds one) and a clock
+    (injectable for tests of windows and delays)."""
+
+    options: ServerOptions
+    clock: Callable[[], float] = time.time
+    _resolver: Resolver | None = field(default=None, repr=False)
+
+    @property
+    def resolver(self) -> Resolver:
+        if self._resolver is None:
+            self._resolver = Resolver(
+                self.options.dns_nameservers, timeout=self.options.dns_timeout
+            )
+        return self._resolver
+
+    def section(self, name: str) -> PolicySection | None:
+        """The one table ``name`` of the configuration, or None."""
+        return first_section(self.options.policy, name)
+
+    def sections(self, name: str) -> list[PolicySection]:
+        """Every table ``name`` (``[[dnsbl]]`` is an array of tables)."""
+        return sections(self.options.policy, name)
 
 
 class PolicyConfigError(ValueError):
@@ -186,6 +250,10 @@ class SectionReader:
 
         return self._get(key, (), check)
 
+    def size(self, key: str, default: int) -> int:
+        """Bytes, or a string with a unit: K, M, G (1024-based), KB, MB, GB (1000-based)."""
+        return self._get(key, default, parse_size)
+
     def path(self, key: str) -> Path | None:
         def check(raw: Any) -> Path:
             text = _string(raw).strip()
@@ -204,6 +272,35 @@ class SectionReader:
             close = difflib.get_close_matches(key, sorted(self._read), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise self.error(None, f"unknown key {key!r}{hint}")
+
+
+_SIZE = re.compile(r"\s*(\d+)\s*([a-z]*)\s*", re.IGNORECASE | re.ASCII)
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kib": 1024,
+    "m": 1024**2,
+    "mib": 1024**2,
+    "g": 1024**3,
+    "gib": 1024**3,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+}
+
+
+def parse_size(raw: Any) -> int:
+    """``10485760``, ``"10M"`` (MiB), ``"10MB"`` (10**7) -> bytes."""
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        if raw < 0:
+            raise ValueError(f"must not be negative, got {raw}")
+        return raw
+    if isinstance(raw, str):
+        match = _SIZE.fullmatch(raw)
+        if match and match.group(2).lower() in _SIZE_UNITS:
+            return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    raise ValueError(f'{raw!r} is not a size (bytes, or e.g. "512K", "10M", "10MB")')
 
 
 _UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
@@ -259,13 +356,18 @@ __all__ = [
     "ANNOTATIONS",
     "DECISIONS",
     "PolicyConfigError",
+    "PolicyEnv",
     "SectionReader",
     "allowlisted",
     "annotate",
+    "client_address",
     "decide",
+    "exempt",
     "first_section",
     "in_networks",
     "mark_allowlisted",
     "parse_duration",
+    "parse_size",
     "sections",
+    "write_annotations",
 ]

@@ -938,6 +938,9 @@ class ServerConnection:
         self.state = State.READY
         self._auth_failures += 1
         self._send(reply)
+        if reply.code == 421:  # the reply already closes the session (a policy's refusal)
+            self._enter_closed("refused")
+            return
         if self._auth_failures >= self.config.max_auth_failures:
             self._events.append(LimitExceeded(Limit.AUTH_FAILURES, closing=True))
             self._send(R.TOO_MANY_ERRORS)

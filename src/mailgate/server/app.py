@@ -302,12 +302,15 @@ class Server:
         if self._builtins_added:
             return
         self._builtins_added = True
-        from mailgate.assembly import builtin_plugins
+        from mailgate.assembly import builtin_plugins, policy_plugins
+        from mailgate.plugins.policy import PolicyConfigError
 
         try:
+            for index, plugin in enumerate(policy_plugins(self.options)):
+                self.hooks.add(plugin, index=index)
             for plugin in builtin_plugins(self.options):
                 self.hooks.add(plugin)
-        except (H.HookError, ValueError, OSError) as exc:
+        except (H.HookError, PolicyConfigError, ValueError, OSError) as exc:
             raise StartupError(str(exc)) from None
 
     def _mechanisms(self) -> tuple[str, ...]:
@@ -385,7 +388,20 @@ class Server:
         self.protocol_config = protocol_config(
             options, tls=self.ssl_context is not None, auth=self._mechanisms()
         )
+        self._reload_plugins()
         log.info("configuration reloaded")
+
+    def _reload_plugins(self) -> None:
+        """SIGHUP for plugins: those with a ``reload()`` method re-read their files (block
+        and allow lists, users). A plugin that fails keeps what it had and says why."""
+        for plugin in self.hooks.plugins():
+            reload = getattr(plugin, "reload", None)
+            if not callable(reload):
+                continue
+            try:
+                reload()
+            except Exception as exc:
+                log.error("reload: plugin %s: %s", getattr(plugin, "name", plugin), exc)
 
     async def shutdown(self) -> None:
         """Stop accepting, let transactions in flight finish for close_timeout, then close."""

@@ -99,7 +99,8 @@ class ServerOptions:
     aiosmtpd_handler: str | None = None
     # --- policy --------------------------------------------------------------------------
     #: Domains we receive mail for (``*.example.com`` matches subdomains). Mail for other
-    #: domains is relaying: allowed from authenticated users and relay_networks only.
+    #: domains is relaying: allowed from authenticated users and relay_networks only
+    #: (Postfix's mynetworks; not trusted_networks, which may send XCLIENT).
     local_domains: tuple[str, ...] = ()
     #: Accept mail for any domain from anyone (capture servers, honeypots): warned at start.
     open_relay: bool = False

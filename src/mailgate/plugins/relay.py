@@ -1,0 +1,128 @@
+"""Relay control: who may send mail to which domains.
+
+Mail for a local domain is accepted from anyone; mail for any other domain is relaying,
+accepted only from authenticated users and clients in ``relay_networks`` (Postfix's
+``mynetworks``; loopback by default). Everything else gets ``554 5.7.1 Relay access
+denied`` at RCPT. There is no way to accept every domain from everyone except saying so
+(``open_relay = true``), which is warned about at start.
+
+Without ``local_domains`` nothing is local: only relay networks and authenticated users may
+send at all, which is what the quick start needs (it sends from the same machine) and
+safe for a server that someone exposes by accident.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from mailgate.hooks import Address, Envelope, Reject, Session
+from mailgate.plugins.policy import PolicyEnv, decide, in_networks
+from mailgate.server.options import LOOPBACK, Network
+
+log = logging.getLogger("mailgate.policy")
+
+RELAY_DENIED = "Relay access denied"
+
+
+class DomainSet:
+    """Domain names and ``*.example.com`` patterns (subdomains only, as Postfix's
+    ``.example.com``; list ``example.com`` too for the domain itself). Lookups walk up the
+    labels, so the cost does not grow with the number of patterns."""
+
+    def __init__(self, patterns: Iterable[str] = ()) -> None:
+        self.exact: set[str] = set()
+        self.parents: set[str] = set()
+        for pattern in patterns:
+            text = _normalise(pattern)
+            if text.startswith("*."):
+                self.parents.add(text[2:])
+            elif text:
+                self.exact.add(text)
+
+    def __bool__(self) -> bool:
+        return bool(self.exact or self.parents)
+
+    def __contains__(self, domain: object) -> bool:
+        if not isinstance(domain, str):
+            return False
+        name = _normalise(domain)
+        if name in self.exact:
+            return True
+        labels = name.split(".")
+        return any(".".join(labels[i:]) in self.parents for i in range(1, len(labels)))
+
+
+def _normalise(domain: str) -> str:
+    """Lower case, no final dot, internationalised names in their A-label form so that
+    ``bücher.example`` and ``xn--bcher-kva.example`` are the same domain."""
+    name = domain.strip().rstrip(".").lower()
+    if name.isascii():
+        return name
+    try:
+        return ".".join(
+            label.encode("idna").decode("ascii") if label and label != "*" else label
+            for label in name.split(".")
+        )
+    except UnicodeError:
+        return name
+
+
+class RelayControl:
+    """Refuse relaying (mail for domains that are not local) from clients that are neither
+    authenticated nor in ``relay_networks``."""
+
+    name = "relay"
+
+    def __init__(
+        self,
+        local_domains: Iterable[str] = (),
+        *,
+        relay_networks: Iterable[Network] = LOOPBACK,
+        open_relay: bool = False,
+    ) -> None:
+        self.local_domains = DomainSet(local_domains)
+        self.relay_networks = tuple(relay_networks)
+        self.open_relay = open_relay
+
+    def is_local(self, address: Address) -> bool:
+        # RFC 5321 4.5.1: "postmaster" without a domain must be accepted.
+        if not address.domain:
+            return address.local.lower() == "postmaster"
+        return address.domain in self.local_domains
+
+    async def on_rcpt(self, session: Session, envelope: Envelope, address: Address) -> None:
+        if self.open_relay or self.is_local(address):
+            return
+        if session.user is not None:
+            decide(session, "relay", "accept", f"{address}: authenticated as {session.user}")
+            return
+        if in_networks(session.peer_host, self.relay_networks):
+            decide(session, "relay", "accept", f"{address}: client in relay_networks")
+            return
+        decide(session, "relay", "reject", f"{address}: relay access denied", rcpt=str(address))
+        raise Reject(554, f"<{address}>: {RELAY_DENIED}", enhanced="5.7.1")
+
+
+def plugins_from_options(env: PolicyEnv) -> list[Any]:
+    options = env.options
+    if options.lmtp:
+        # An LMTP server does final delivery for an MTA that already decided about relaying.
+        return []
+    if options.open_relay:
+        log.warning(
+            "open_relay is on: mail for every domain is accepted from anyone; never run "
+            "a public MX like this"
+        )
+        return []
+    if not options.local_domains:
+        log.info(
+            "no local_domains: mail is accepted only from relay_networks (%s) and "
+            "authenticated users",
+            ", ".join(str(n) for n in options.relay_networks) or "none",
+        )
+    return [RelayControl(options.local_domains, relay_networks=options.relay_networks)]
+
+
+__all__ = ["RELAY_DENIED", "DomainSet", "RelayControl", "plugins_from_options"]

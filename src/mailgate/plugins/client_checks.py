@@ -38,9 +38,11 @@ from mailgate.dns import DNSTempError, Resolver
 from mailgate.hooks import Address, Envelope, Message, Reject, Session, TempFail
 from mailgate.plugins.policy import (
     ANNOTATIONS,
+    IPAddress,
     PolicyEnv,
     SectionReader,
     annotate,
+    client_address,
     decide,
     exempt,
     write_annotations,
@@ -156,17 +158,9 @@ def _domain_key(name: str) -> str:
         return text
 
 
-def _ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def _ip(text: str | None) -> IPAddress | None:
     """An address, IPv4-mapped IPv6 addresses as IPv4; None when ``text`` is none."""
-    if not text:
-        return None
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
+    return client_address(text) if text else None
 
 
 def _printable(text: str, limit: int = 100) -> str:

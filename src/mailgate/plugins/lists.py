@@ -29,7 +29,6 @@ import bisect
 import ipaddress
 import logging
 import re
-import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from mailgate.plugins.policy import (
     SectionReader,
     decide,
     mark_allowlisted,
+    normalise_domain,
 )
 from mailgate.server.options import Network, PolicySection
 
@@ -130,22 +130,6 @@ class NetworkList:
 # --- addresses and domains -------------------------------------------------------------------
 
 
-def _domain(name: str) -> str:
-    """Lower case, no final dot, non-ASCII labels as A-labels (``xn--...``), so that
-    ``bücher.example`` and ``xn--bcher-kva.example`` are the same domain. Address
-    literals (``[192.0.2.1]``) are only lowered."""
-    name = name.strip().rstrip(".").lower()
-    if name.isascii() or name.startswith("["):
-        return name
-    labels = []
-    for label in name.split("."):
-        if not label.isascii() and "*" not in label and "?" not in label:
-            label = unicodedata.normalize("NFC", label)
-            label = "xn--" + label.encode("punycode").decode("ascii")
-        labels.append(label)
-    return ".".join(labels)
-
-
 def _local(local: str) -> str:
     """A local part for comparison: a quoted one unquoted (``"john"`` is ``john``),
     lower case (lists compare addresses without regard to case)."""
@@ -221,7 +205,7 @@ def _domain_entry(domain: str, text: str) -> AddressEntry:
 
 
 def _check_domain(domain: str, text: str) -> str:
-    name = _domain(domain)
+    name = normalise_domain(domain)
     if "*" in name:
         raise ValueError(f"{text!r}: '*' may only start a domain (*.example.com)")
     if not name.startswith("[") and (not name or "" in name.split(".")):
@@ -263,7 +247,7 @@ class AddressList:
             return "<>" if self.null else None
         raw_local, raw_domain = _split(str(address))
         local = _local(raw_local)
-        domain = _domain(raw_domain)
+        domain = normalise_domain(raw_domain)
         if self.addresses and f"{local}@{domain}" in self.addresses:
             return f"{local}@{domain}"
         if local in self.locals:
@@ -285,7 +269,7 @@ class AddressList:
 def parse_helo_pattern(text: str) -> str:
     """A HELO name or glob (``*`` any run of characters, dots included; ``?`` one
     character; nothing else is special, so ``[192.0.2.1]`` is literal)."""
-    pattern = _domain(text)
+    pattern = normalise_domain(text)
     if not pattern:
         raise ValueError("empty entry")
     if any(c.isspace() for c in pattern):
@@ -337,7 +321,7 @@ class HeloList:
 
     def match(self, name: str) -> str | None:
         """The entry ``name`` matches, or None."""
-        name = _domain(name)
+        name = normalise_domain(name)
         if name in self.exact:
             return name
         if self._regex is not None:

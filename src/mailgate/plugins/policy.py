@@ -19,6 +19,7 @@ import math
 import re
 import threading
 import time
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -125,6 +126,22 @@ def in_networks(ip: str, networks: Iterable[Network]) -> bool:
         return False
     address = client_address(ip)
     return address is not None and any(address in network for network in networks)
+
+
+def normalise_domain(name: str) -> str:
+    """Lower case, no final dot, non-ASCII labels as A-labels (``xn--...``), so that
+    ``bücher.example`` and ``xn--bcher-kva.example`` are the same domain. Address
+    literals (``[192.0.2.1]``) are only lowered."""
+    name = name.strip().rstrip(".").lower()
+    if name.isascii() or name.startswith("["):
+        return name
+    labels = []
+    for label in name.split("."):
+        if not label.isascii() and "*" not in label and "?" not in label:
+            label = unicodedata.normalize("NFC", label)
+            label = "xn--" + label.encode("punycode").decode("ascii")
+        labels.append(label)
+    return ".".join(labels)
 
 
 @dataclass
@@ -366,6 +383,7 @@ __all__ = [
     "first_section",
     "in_networks",
     "mark_allowlisted",
+    "normalise_domain",
     "parse_duration",
     "parse_size",
     "sections",

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from mailgate.hooks import Address, Envelope, Reject, Session
-from mailgate.plugins.policy import PolicyEnv, decide, in_networks
+from mailgate.plugins.policy import PolicyEnv, decide, in_networks, normalise_domain
 from mailgate.server.options import LOOPBACK, Network
 
 log = logging.getLogger("mailgate.policy")
@@ -35,7 +35,7 @@ class DomainSet:
         self.exact: set[str] = set()
         self.parents: set[str] = set()
         for pattern in patterns:
-            text = _normalise(pattern)
+            text = normalise_domain(pattern)
             if text.startswith("*."):
                 self.parents.add(text[2:])
             elif text:
@@ -47,26 +47,11 @@ class DomainSet:
     def __contains__(self, domain: object) -> bool:
         if not isinstance(domain, str):
             return False
-        name = _normalise(domain)
+        name = normalise_domain(domain)
         if name in self.exact:
             return True
         labels = name.split(".")
         return any(".".join(labels[i:]) in self.parents for i in range(1, len(labels)))
-
-
-def _normalise(domain: str) -> str:
-    """Lower case, no final dot, internationalised names in their A-label form so that
-    ``bücher.example`` and ``xn--bcher-kva.example`` are the same domain."""
-    name = domain.strip().rstrip(".").lower()
-    if name.isascii():
-        return name
-    try:
-        return ".".join(
-            label.encode("idna").decode("ascii") if label and label != "*" else label
-            for label in name.split(".")
-        )
-    except UnicodeError:
-        return name
 
 
 class RelayControl:

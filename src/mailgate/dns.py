@@ -133,6 +133,15 @@ class Resolver:
         self._store(key, answers, ttl)
         return list(answers)
 
+    def cached(self, name: str, rdtype: str) -> list[str] | None:
+        """The cached answers for ``name``, or None when a lookup would have to ask a server:
+        lets a caller skip a task per lookup when everything it needs is known already."""
+        key = (name.lower().rstrip("."), rdtype.upper())
+        entry = self._cache.get(key)
+        if entry is None or entry[0] <= self._clock():
+            return None
+        return list(entry[1])
+
     async def a(self, name: str) -> list[str]:
         return await self.query(name, "A")
 

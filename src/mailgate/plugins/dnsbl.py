@@ -305,7 +305,7 @@ class Lookups:
     ip: str
     #: The address looked up (an IPv4-mapped IPv6 address as IPv4), for replies and logs.
     address: str = ""
-    task: asyncio.Task[list[Listing]] | None = None
+    task: asyncio.Future[list[Listing]] | None = None
     listings: list[Listing] = field(default_factory=list)
     done: bool = False
     allow_checked: bool = False
@@ -471,11 +471,15 @@ class DNSBL:
                 why = "the client address is not an IP address"
             else:
                 state.address = str(address)
-                state.task = asyncio.get_running_loop().create_task(
-                    self._lookup_all(session, state, address)
-                )
-                self._tasks.add(state.task)
-                state.task.add_done_callback(self._tasks.discard)
+                known = self._known_clear(address)
+                if known is not None:  # all answered from the cache: no task to run
+                    state.task = _done_task(self._finish(session, state, address, known))
+                else:
+                    state.task = asyncio.get_running_loop().create_task(
+                        self._lookup_all(session, state, address)
+                    )
+                    self._tasks.add(state.task)
+                    state.task.add_done_callback(self._tasks.discard)
         if why is not None:
             if not state.skip_logged:
                 state.skip_logged = True
@@ -496,6 +500,30 @@ class DNSBL:
         address: ipaddress.IPv4Address | ipaddress.IPv6Address,
     ) -> list[Listing]:
         listings = list(await asyncio.gather(*(self._lookup(z, address) for z in self.zones)))
+        return self._finish(session, state, address, listings)
+
+    def _known_clear(
+        self, address: ipaddress.IPv4Address | ipaddress.IPv6Address
+    ) -> list[Listing] | None:
+        """Every zone's verdict when the resolver's cache says the client is in none of
+        them (the common case for a busy server); None when any zone must be asked."""
+        listings = []
+        for zone in self.zones:
+            if address.version == 6 and not zone.ipv6:
+                listings.append(Listing(zone, "skipped"))
+                continue
+            if self.resolver.cached(dnsbl_name(str(address), zone.zone), "A") != []:
+                return None
+            listings.append(Listing(zone, "clear"))
+        return listings
+
+    def _finish(
+        self,
+        session: Session,
+        state: Lookups,
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+        listings: list[Listing],
+    ) -> list[Listing]:
         for listing in listings:
             if listing.status == "error":
                 decide(
@@ -598,6 +626,13 @@ class DNSBL:
         if stage == "connect":
             return Reject(554, text)  # the banner: the client may only QUIT
         return Reject(554, text, enhanced="5.7.1")
+
+
+def _done_task(result: list[Listing]) -> asyncio.Future[list[Listing]]:
+    """A finished future holding ``result``, where the plugin keeps a lookup task."""
+    future: asyncio.Future[list[Listing]] = asyncio.get_running_loop().create_future()
+    future.set_result(result)
+    return future
 
 
 def _client_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

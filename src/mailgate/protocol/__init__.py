@@ -32,11 +32,13 @@ from .events import (
     Xclient,
     Xforward,
 )
+from .persona import REPLY_NAMES, Persona, PersonaError
 from .replies import Reply
 
 __all__ = [
     "NEED_DATA",
     "PAUSED",
+    "REPLY_NAMES",
     "RULES",
     "Address",
     "AddressError",
@@ -55,6 +57,8 @@ __all__ = [
     "Limit",
     "LimitExceeded",
     "MailFrom",
+    "Persona",
+    "PersonaError",
     "PolicyPoint",
     "ProtocolConfig",
     "ProtocolError",

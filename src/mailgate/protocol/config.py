@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import Enum
+
+from .persona import DEFAULT_PERSONA, Persona, local_now
 
 
 class BareNewline(Enum):
@@ -63,5 +67,11 @@ class ProtocolConfig:
     expn: bool = True
     #: Verbs answered 502 as if not implemented (upper case).
     disabled_commands: frozenset[str] = field(default_factory=frozenset)
-    #: The software name in the banner and the EHLO greeting line.
+    #: The software name: ``{software}`` in the persona's banner and HELP texts.
     software: str = "mailgate"
+    #: How replies, the banner, the EHLO greeting and HELP look (mailgate.protocol.persona).
+    #: The default gives mailgate's own texts.
+    persona: Persona = DEFAULT_PERSONA
+    #: The current time, for the persona's ``{date}``: an aware datetime (default: now, in
+    #: the local time zone). Tests inject a fixed one.
+    clock: Callable[[], datetime] = local_now

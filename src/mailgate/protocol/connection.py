@@ -76,6 +76,7 @@ from .events import (
     Xforward,
 )
 from .params import ParamContext, ParamError, parse_params, split_params
+from .persona import CONSTANT_NAMES, CurrentDate
 from .replies import Reply
 from .sasl import (
     MECHANISMS,
@@ -153,17 +154,20 @@ RULES: dict[str, Rule] = {r.verb: r for r in (
 )}
 # fmt: on
 
+#: Reply names (see mailgate.protocol.persona) for the guards and the sequence errors.
 _GUARD_REPLIES = {
-    "not-binarymime": Reply(503, "5.5.1", ("BODY=BINARYMIME requires BDAT, not DATA",)),
-    "tls-inactive": Reply(503, "5.5.1", ("TLS already active",)),
-    "not-authenticated": R.AUTH_ALREADY,
+    "not-binarymime": "binarymime_needs_bdat",
+    "tls-inactive": "tls_already_active",
+    "not-authenticated": "auth_already",
 }
-_SEQUENCE_TEXT = {
-    S.CONNECTED: "Send HELO/EHLO first",
-    S.READY: "Send MAIL first",
-    S.MAIL: "Send RCPT first",
-    S.REFUSED: "Service refused; only QUIT is accepted",
+_SEQUENCE_REPLIES = {
+    S.CONNECTED: "need_hello",
+    S.READY: "need_mail",
+    S.MAIL: "need_rcpt",
+    S.REFUSED: "only_quit",
 }
+#: Longest piece of an unknown command line echoed in the reply ({command}).
+_MAX_ECHO = 200
 _BDAT_MAX_DIGITS = 18
 
 #: _take_line's answer for a line that was too long and has been answered already.
@@ -188,8 +192,79 @@ class ProtocolError(Exception):
     """Misuse of the API by the caller (answering when nothing is pending, ...)."""
 
 
+class _Look:
+    """What a connection needs of its persona on the hot path, resolved once."""
+
+    __slots__ = ("enhanced", "hidden_verbs", "overridden", "persona", "static")
+
+    def __init__(self, config: ProtocolConfig) -> None:
+        persona = config.persona
+        self.persona = persona
+        #: name -> ready reply, or None for a reply with placeholders.
+        self.static: Callable[[str], Reply | None] = persona.static_lookup
+        self.overridden = persona.overridden
+        self.hidden_verbs = persona.hidden_verbs
+        #: Whether enhanced status codes are written (and ENHANCEDSTATUSCODES offered).
+        self.enhanced = (
+            config.enhanced_status_codes
+            and persona.enhanced_status_codes
+            and "ENHANCEDSTATUSCODES" not in persona.hidden_capabilities
+        )
+
+
+class _Values(dict[str, object]):
+    """Placeholder values: the ones given, then the connection's common ones (hostname,
+    client_ip, date...), computed only when a text uses them."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: ServerConnection, values: dict[str, object]) -> None:
+        super().__init__(values)
+        self._conn = conn
+
+    def __missing__(self, key: str) -> object:
+        return self._conn._common(key)
+
+
 class ServerConnection:
     """One server-side SMTP or LMTP session. See the module docstring."""
+
+    # Slots keep attribute access fast however many there are (a plain instance dict
+    # stops sharing its keys above about 30 attributes, and every access slows down);
+    # __dict__ keeps instances open to extra attributes.
+    __slots__ = (
+        "__dict__",
+        "_auth_failures",
+        "_bad_commands",
+        "_bdat",
+        "_bdat_chunk_size",
+        "_bdat_discard",
+        "_bdat_last",
+        "_bdat_pending_size",
+        "_bdat_resume",
+        "_buf",
+        "_dot",
+        "_eof",
+        "_events",
+        "_extensions",
+        "_look",
+        "_out",
+        "_pending",
+        "_pos",
+        "_sasl",
+        "_sasl_final_reply",
+        "_skipping_long_line",
+        "_unknown_commands",
+        "authenticated_as",
+        "client_ip",
+        "config",
+        "esmtp",
+        "helo_name",
+        "peer_trusted",
+        "state",
+        "tls_active",
+        "transaction",
+    )
 
     def __init__(
         self,
@@ -197,10 +272,14 @@ class ServerConnection:
         *,
         tls_active: bool = False,
         peer_trusted: bool = False,
+        client_ip: str = "",
     ) -> None:
         self.config = config
         self.tls_active = tls_active
         self.peer_trusted = peer_trusted
+        #: The client's address, for the persona's {client_ip}; the caller keeps it up to
+        #: date (PROXY, XCLIENT).
+        self.client_ip = client_ip
         self.state = State.GREETING
         self.esmtp = False
         self.helo_name: str | None = None
@@ -227,11 +306,12 @@ class ServerConnection:
         self._bdat_chunk_size = 0
         self._bdat_resume = State.READY
         self._extensions: frozenset[str] = frozenset()
-        #: While a BDAT chunk is read only to be thrown away: the reply owed after it.
-        self._bdat_discard_reply: Reply | None = None
-        self._bdat_discard_reason = DiscardReason.REJECTED
+        #: While a BDAT chunk is read only to be thrown away: the reply owed after it, and
+        #: why.
+        self._bdat_discard: tuple[Reply, DiscardReason] | None = None
         self._sasl: Mechanism | None = None
         self._sasl_final_reply: Reply | None = None
+        self._look = _Look(config)
 
     # --- public API ------------------------------------------------------------------
 
@@ -277,8 +357,13 @@ class ServerConnection:
         self._pending = None
         if isinstance(reply, Reply) or reply is None:
             single = reply
+            if single is not None and self._look.overridden:
+                single = self._adapt_answer(point, single)
         elif isinstance(point, DataComplete):
-            self._complete_data(point, list(reply))
+            answers = list(reply)
+            if self._look.overridden:
+                answers = [self._adapt_answer(point, answer) for answer in answers]
+            self._complete_data(point, answers)
             return
         else:
             raise ProtocolError("a sequence of replies is only valid for LMTP DataComplete")
@@ -292,11 +377,12 @@ class ServerConnection:
         return out
 
     def close(self, reply: Reply | None = R.SHUTTING_DOWN) -> None:
-        """Close from the server side (idle timeout, shutdown): queue ``reply`` (421)."""
+        """Close from the server side (idle timeout, shutdown): queue ``reply`` (421).
+        A standard constant (``replies.IDLE_TIMEOUT``) is sent as the persona words it."""
         if self.state is State.CLOSED:
             return
         if reply is not None:
-            self._send(reply)
+            self._send(self._adapt(reply))
         self._enter_closed("server")
 
     def tls_established(self) -> None:
@@ -381,32 +467,38 @@ class ServerConnection:
             self._sasl_final_reply = None
             self.state = State.READY
         self._events.append(LimitExceeded(Limit.COMMAND_LINE_LENGTH, closing=False))
-        self._reject(b"", R.AUTH_LINE_TOO_LONG if in_auth else R.LINE_TOO_LONG, bad=True)
+        self._reject(b"", self._r("auth_line_too_long" if in_auth else "line_too_long"), bad=True)
 
     def _command(self, line: bytes) -> None:
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
-            self._reject(line, Reply(500, "5.5.2", ("Invalid UTF-8 in command",)), unknown=True)
+            self._reject(line, self._r("invalid_utf8"), unknown=True)
             return
         verb, _, arg = text.partition(" ")
         verb = verb.upper()
         rule = RULES.get(verb)
-        if rule is None or not verb.isascii() or not self._verb_in_mode(rule):
-            self._reject(line, R.UNKNOWN_COMMAND, unknown=True)
+        if (
+            rule is None
+            or not verb.isascii()
+            or not self._verb_in_mode(rule)
+            or verb in self._look.hidden_verbs
+        ):
+            unknown = self._r("unknown_command", verb=verb, command=text[:_MAX_ECHO])
+            self._reject(line, unknown, unknown=True)
             return
         if not self._offered(rule):
-            self._reject(line, R.NOT_IMPLEMENTED, bad=True)
+            self._reject(line, self._r("not_implemented", verb=verb), bad=True)
             return
         if _has_control(text):
-            self._reject(line, Reply(501, "5.5.2", ("Control characters not allowed",)), bad=True)
+            self._reject(line, self._r("control_characters"), bad=True)
             return
         arg = arg.strip(" ")
         if rule.arg is Arg.NONE and arg:
-            self._reject(line, Reply(501, "5.5.4", (f"{verb} takes no argument",)), bad=True)
+            self._reject(line, self._r("argument_not_allowed", verb=verb), bad=True)
             return
         if rule.arg is Arg.REQUIRED and not arg:
-            self._reject(line, Reply(501, "5.5.4", (f"{verb} requires an argument",)), bad=True)
+            self._reject(line, self._r("argument_required", verb=verb), bad=True)
             return
         handler = self._COMMANDS[verb]
         handler(self, rule, line, arg)
@@ -452,18 +544,18 @@ class ServerConnection:
     def _sequence_error(self, rule: Rule) -> Reply | None:
         state = self.state
         if state not in rule.allowed:
-            text = _SEQUENCE_TEXT.get(state, "Bad sequence of commands")
+            name = _SEQUENCE_REPLIES.get(state, "bad_sequence")
             in_transaction = state in (S.MAIL, S.RCPT, S.BDAT_OPEN)
             if rule.verb == "MAIL" and in_transaction:
-                text = "Sender already specified"
+                name = "sender_already_specified"
             elif rule.verb == "DATA" and state is S.BDAT_OPEN:
-                text = "DATA cannot be mixed with BDAT"
+                name = "data_after_bdat"
             elif rule.verb in ("STARTTLS", "AUTH", "XCLIENT", "XFORWARD") and in_transaction:
-                text = f"{rule.verb} is not allowed inside a mail transaction"
-            return Reply(503, "5.5.1", (text,))
+                name = "not_in_transaction"
+            return self._r(name, verb=rule.verb)
         guard = rule.guard
         if guard is not None and not self._guard_holds(guard):
-            return _GUARD_REPLIES[guard]
+            return self._r(_GUARD_REPLIES[guard])
         return None
 
     def _guard_holds(self, guard: str) -> bool:
@@ -480,7 +572,7 @@ class ServerConnection:
 
     def _cmd_hello(self, rule: Rule, line: bytes, arg: str) -> None:
         if " " in arg or "\t" in arg:
-            self._reject(line, Reply(501, "5.5.4", (f"Syntax: {rule.verb} hostname",)), bad=True)
+            self._reject(line, self._r("hello_syntax", verb=rule.verb), bad=True)
             return
         if not self._sequence_ok(rule, line):
             return
@@ -499,7 +591,7 @@ class ServerConnection:
         assert address is not None and self.transaction is not None
         if len(self.transaction.recipients) >= self.config.max_recipients:
             self._events.append(LimitExceeded(Limit.RECIPIENTS, closing=False))
-            self._send(R.TOO_MANY_RECIPIENTS)
+            self._send(self._r("too_many_recipients"))
             return
         self._pause(RcptTo(address, params))
 
@@ -514,17 +606,21 @@ class ServerConnection:
         """MAIL FROM / RCPT TO through steps 4-6: the path and the parameters' syntax
         (501), the sequence (503), the parameters' meaning (555), then whether a UTF-8
         address is allowed (553). Answers and returns None on the first failure."""
+        is_mail = rule.verb == "MAIL"
         if arg[: len(keyword)].upper() != keyword:
-            syntax = Reply(501, "5.5.4", (f"Syntax: {rule.verb} {keyword}<address>",))
-            self._reject(line, syntax, bad=True)
+            self._reject(line, self._r("mail_syntax" if is_mail else "rcpt_syntax"), bad=True)
             return None
         try:
             path, rest = split_path_and_params(arg[len(keyword) :])
             # UTF-8 is judged after the parameters: MAIL's own SMTPUTF8 may allow it.
             address = parse_path(path, smtputf8=True)
             pairs = split_params(rest)
-        except (AddressError, ParamError) as exc:
-            self._reject(line, exc.reply, bad=True)
+        except AddressError as exc:
+            name = "bad_sender_address" if is_mail else "bad_recipient_address"
+            self._reject(line, self._refusal(name, exc.reply), bad=True)
+            return None
+        except ParamError as exc:
+            self._reject(line, self._refusal("parameter_syntax", exc.reply), bad=True)
             return None
         if not self._sequence_ok(rule, line):
             return None
@@ -535,11 +631,11 @@ class ServerConnection:
         try:
             params = parse_params(pairs, context)
         except ParamError as exc:
-            self._reject(line, exc.reply, bad=True)
+            self._reject(line, self._refusal("bad_parameter", exc.reply), bad=True)
             return None
         utf8_allowed = "SMTPUTF8" in params if verb == "MAIL" else in_utf8_transaction
         if address is not None and address.is_utf8 and not utf8_allowed:
-            self._reject(line, R.SMTPUTF8_REQUIRED, bad=True)
+            self._reject(line, self._r("smtputf8_required"), bad=True)
             return None
         return address, params
 
@@ -557,7 +653,7 @@ class ServerConnection:
             or len(words[0]) > _BDAT_MAX_DIGITS
             or (len(words) == 2 and words[1].upper() != "LAST")
         ):
-            self._reject(line, Reply(501, "5.5.4", ("Syntax: BDAT size [LAST]",)), bad=True)
+            self._reject(line, self._r("bdat_syntax"), bad=True)
             return
         size = int(words[0])
         error = self._sequence_error(rule)
@@ -578,24 +674,28 @@ class ServerConnection:
         if not self._sequence_ok(rule, line):
             return
         self._abort_transaction()
-        self._send(R.RESET_OK)
+        self._send(self._look.static("reset_ok") or self._r("reset_ok"))
 
     def _cmd_noop(self, rule: Rule, line: bytes, arg: str) -> None:
         if not self._sequence_ok(rule, line):
             return
-        self._send(R.NOOP_OK)
+        self._send(self._look.static("noop_ok") or self._r("noop_ok"))
 
     def _cmd_quit(self, rule: Rule, line: bytes, arg: str) -> None:
         if not self._sequence_ok(rule, line):
             return
-        self._send(R.BYE)
+        self._send(self._r("bye"))
         self._enter_closed("quit")
 
     def _cmd_help(self, rule: Rule, line: bytes, arg: str) -> None:
         if not self._sequence_ok(rule, line):
             return
-        verbs = sorted(v for v, r in RULES.items() if self._verb_in_mode(r) and self._offered(r))
-        self._send(Reply(214, "2.0.0", ("Commands: " + " ".join(verbs), "End of HELP")))
+        verbs = sorted(
+            v
+            for v, r in RULES.items()
+            if self._verb_in_mode(r) and self._offered(r) and v not in self._look.hidden_verbs
+        )
+        self._send(self._r("help", commands=" ".join(verbs)))
 
     def _cmd_verify(self, rule: Rule, line: bytes, arg: str) -> None:
         if not self._sequence_ok(rule, line):
@@ -610,19 +710,17 @@ class ServerConnection:
     def _cmd_auth(self, rule: Rule, line: bytes, arg: str) -> None:
         words = arg.split(" ")
         if len(words) > 2 or not words[0]:
-            self._reject(
-                line, Reply(501, "5.5.4", ("Syntax: AUTH mechanism [initial-response]",)), bad=True
-            )
+            self._reject(line, self._r("auth_syntax"), bad=True)
             return
         if not self._sequence_ok(rule, line):
             return
         name = words[0].upper()
         mechanism = MECHANISMS.get(name)
         if mechanism is None or name not in self.config.auth_mechanisms:
-            self._reject(line, R.AUTH_UNKNOWN_MECHANISM, bad=True)
+            self._reject(line, self._r("auth_unknown_mechanism"), bad=True)
             return
         if not (self.tls_active or not self.config.auth_requires_tls):
-            self._reject(line, R.AUTH_REQUIRES_TLS, bad=True)
+            self._reject(line, self._r("auth_requires_tls"), bad=True)
             return
         try:
             initial = (
@@ -634,7 +732,7 @@ class ServerConnection:
             result = self._sasl.start(initial)
         except SaslError as exc:
             self._sasl = None
-            self._reject(line, exc.reply, bad=True)
+            self._reject(line, self._refusal("auth_malformed", exc.reply), bad=True)
             return
         self._sasl_result(result)
 
@@ -682,8 +780,7 @@ class ServerConnection:
 
     def _answer_greeting(self, point: Greeting, reply: Reply | None) -> None:
         if reply is None:
-            kind = "LMTP" if self.config.lmtp else "ESMTP"
-            reply = Reply(220, None, (f"{self.config.hostname} {kind} {self.config.software}",))
+            reply = self._banner()
         self._out += reply.render(enhanced=False)
         if reply.code == 220:
             self.state = State.CONNECTED
@@ -704,14 +801,19 @@ class ServerConnection:
         self._extensions = frozenset(c.split(" ", 1)[0] for c in capabilities)
         # A policy's own positive reply replaces the greeting line only: the capabilities
         # are what this connection really offers, so they always follow.
-        first = f"{self.config.hostname} Hello {point.domain}"
         if reply is not None and reply.lines and reply.lines[0]:
             first = reply.lines[0]
+        else:
+            persona = self._look.persona
+            first = persona.greeting_line(self.esmtp, _Values(self, {"helo": point.domain}))
         code = reply.code if reply is not None else 250
         self._out += Reply(code, None, (first, *capabilities)).render(enhanced=False)
 
     def _answer_mail(self, point: MailFrom, reply: Reply | None) -> None:
-        reply = reply or R.SENDER_OK
+        # Hot path: the ready reply without a call, placeholders only when it has some.
+        reply = (
+            reply or self._look.static("sender_ok") or self._r("sender_ok", address=point.address)
+        )
         if reply.is_positive:
             self.transaction = Transaction(
                 sender=point.address,
@@ -723,7 +825,11 @@ class ServerConnection:
         self._send(reply)
 
     def _answer_rcpt(self, point: RcptTo, reply: Reply | None) -> None:
-        reply = reply or R.RECIPIENT_OK
+        reply = (
+            reply
+            or self._look.static("recipient_ok")
+            or self._r("recipient_ok", address=point.address)
+        )
         if reply.is_positive and self.transaction is not None:
             self.transaction.recipients.append(point.address)
             self.state = State.RCPT
@@ -740,7 +846,7 @@ class ServerConnection:
                 return
             self._start_chunk(size)
             return
-        reply = reply or R.START_DATA
+        reply = reply or self._look.static("start_data") or self._r("start_data")
         if reply.code != 354:
             self._send(reply)
             return
@@ -754,7 +860,8 @@ class ServerConnection:
         self.state = State.DATA
 
     def _answer_data_complete(self, point: DataComplete, reply: Reply | None) -> None:
-        self._complete_data(point, [reply or R.MESSAGE_ACCEPTED])
+        accepted = self._look.static("message_accepted") or self._r("message_accepted")
+        self._complete_data(point, [reply or accepted])
 
     def _complete_data(self, point: DataComplete, answers: list[Reply]) -> None:
         if self.config.lmtp:
@@ -766,7 +873,7 @@ class ServerConnection:
         elif len(answers) != 1:
             raise ProtocolError("SMTP DataComplete takes a single reply")
         for answer in answers:
-            self._send(answer or R.MESSAGE_ACCEPTED)
+            self._send(answer or self._r("message_accepted"))
         self.transaction = None
         self.state = State.READY
 
@@ -775,7 +882,7 @@ class ServerConnection:
             self.authenticated_as = point.username
             self._sasl = None
             self.state = State.READY
-            self._send(reply or R.AUTH_OK)
+            self._send(reply or self._r("auth_ok"))
             return
         if point.mechanism == "XOAUTH2" and reply.is_permanent:
             # The client must see the JSON error and answer it before the final reply.
@@ -786,7 +893,7 @@ class ServerConnection:
         self._auth_failed(reply)
 
     def _answer_starttls(self, point: StartTLS, reply: Reply | None) -> None:
-        reply = reply or R.READY_FOR_TLS
+        reply = reply or self._r("ready_for_tls")
         self._send(reply)
         if reply.code == 220:
             # CVE-2024-34083 class: whatever followed STARTTLS in plaintext is dropped.
@@ -795,7 +902,10 @@ class ServerConnection:
             self.state = State.TLS_PENDING
 
     def _answer_verify(self, point: Verify, reply: Reply | None) -> None:
-        self._send(reply or (R.EXPN_DEFAULT if point.expand else R.VRFY_DEFAULT))
+        if reply is None:
+            name = "expn_default" if point.expand else "vrfy_default"
+            reply = self._r(name, address=point.argument)
+        self._send(reply)
 
     def _answer_xclient(self, point: Xclient, reply: Reply | None) -> None:
         if reply is not None and not reply.is_positive:
@@ -804,12 +914,11 @@ class ServerConnection:
         self._reset_session()
         self.state = State.CONNECTED
         if reply is None:
-            kind = "LMTP" if self.config.lmtp else "ESMTP"
-            reply = Reply(220, None, (f"{self.config.hostname} {kind} {self.config.software}",))
+            reply = self._banner()
         self._out += reply.render(enhanced=False)
 
     def _answer_xforward(self, point: Xforward, reply: Reply | None) -> None:
-        self._send(reply or R.OK)
+        self._send(reply or self._r("ok"))
 
     _ANSWERS: dict[type[PolicyPoint], Callable[..., None]] = {
         Greeting: _answer_greeting,
@@ -841,7 +950,7 @@ class ServerConnection:
         tx = self.transaction
         assert tx is not None
         if reader.error is not None:
-            reply = reader.error_reply or R.MESSAGE_TOO_BIG
+            reply = self._adapt(reader.error_reply or R.MESSAGE_TOO_BIG)
             self._send(reply)
             self._events.append(DataDiscarded(reader.error, reply))
             self.transaction = None
@@ -860,18 +969,17 @@ class ServerConnection:
             # RFC 3030: the oversized chunk is read and dropped, then answered 552.
             tx.bdat_size += size
             self._abort_transaction(notify=False)
-            self._discard_chunk(size, R.MESSAGE_TOO_BIG, DiscardReason.TOO_BIG)
+            self._discard_chunk(size, self._r("message_too_big"), DiscardReason.TOO_BIG)
             return
         tx.bdat_size += size
         self._bdat = BdatReader(size)
         self._bdat_chunk_size = size
         self.state = State.BDAT
-        self._bdat_discard_reply = None
+        self._bdat_discard = None
 
     def _discard_chunk(self, size: int, reply: Reply, reason: DiscardReason) -> None:
         self._bdat = BdatReader(size)
-        self._bdat_discard_reply = reply
-        self._bdat_discard_reason = reason
+        self._bdat_discard = (reply, reason)
         self._bdat_resume = self.state if self.state is not State.BDAT else State.READY
         self.state = State.BDAT
 
@@ -881,25 +989,26 @@ class ServerConnection:
         chunk, end, done = reader.feed(self._buf, self._pos)
         consumed = end != self._pos
         self._pos = end
-        discard = self._bdat_discard_reply
+        discard = self._bdat_discard
         if chunk and discard is None:
             self._events.append(DataChunk(chunk))
         if not done:
             return consumed
         self._bdat = None
         if discard is not None:
-            self._bdat_discard_reply = None
+            self._bdat_discard = None
+            reply, reason = discard
             self.state = self._bdat_resume
-            if self._bdat_discard_reason is DiscardReason.TOO_BIG:
-                self._events.append(DataDiscarded(DiscardReason.TOO_BIG, discard))
+            if reason is DiscardReason.TOO_BIG:
+                self._events.append(DataDiscarded(DiscardReason.TOO_BIG, reply))
                 self.state = State.READY
-            self._send(discard)
+            self._send(reply)
             return True
         tx = self.transaction
         assert tx is not None
         if not self._bdat_last:
             self.state = State.BDAT_OPEN
-            self._send(Reply(250, "2.0.0", (f"{self._bdat_chunk_size} octets received",)))
+            self._send(self._r("bdat_chunk_ok", size=self._bdat_chunk_size))
             return True
         self.state = State.READY
         self._pending = DataComplete(tx.bdat_size, tuple(tx.recipients))
@@ -921,7 +1030,7 @@ class ServerConnection:
         except SaslError as exc:
             self._sasl = None
             self.state = State.READY
-            self._send(exc.reply)
+            self._send(self._refusal("auth_malformed", exc.reply))
             return
         self._sasl_result(result)
 
@@ -943,7 +1052,7 @@ class ServerConnection:
             return
         if self._auth_failures >= self.config.max_auth_failures:
             self._events.append(LimitExceeded(Limit.AUTH_FAILURES, closing=True))
-            self._send(R.TOO_MANY_ERRORS)
+            self._send(self._r("too_many_errors"))
             self._enter_closed("too-many-auth-failures")
 
     # --- capabilities ----------------------------------------------------------------------
@@ -959,7 +1068,7 @@ class ServerConnection:
             caps.append("8BITMIME")
         if cfg.smtputf8:
             caps.append("SMTPUTF8")
-        if cfg.enhanced_status_codes:
+        if self._look.enhanced:
             caps.append("ENHANCEDSTATUSCODES")
         if cfg.chunking:
             caps.append("CHUNKING")
@@ -981,6 +1090,13 @@ class ServerConnection:
         if cfg.vrfy and "VRFY" not in cfg.disabled_commands:
             caps.append("VRFY")
         caps.append("HELP")
+        persona = self._look.persona
+        if (
+            persona.hidden_capabilities
+            or persona.unadvertised_capabilities
+            or persona.capability_order
+        ):
+            return persona.order_capabilities(caps)
         return caps
 
     def _max_size(self) -> int | None:
@@ -989,7 +1105,66 @@ class ServerConnection:
     # --- helpers -----------------------------------------------------------------------------
 
     def _send(self, reply: Reply) -> None:
-        self._out += reply.render(self.config.enhanced_status_codes)
+        self._out += reply.render(self._look.enhanced)
+
+    # --- the persona ---------------------------------------------------------------------
+
+    def _r(self, name: str, /, **values: object) -> Reply:
+        """The persona's reply ``name``, its placeholders filled from ``values``."""
+        reply = self._look.static(name)
+        if reply is not None:
+            return reply
+        return self._look.persona.format_map(name, _Values(self, values))
+
+    def _common(self, key: str) -> object:
+        """A placeholder value any text may use, computed when a text uses it."""
+        cfg = self.config
+        if key == "hostname":
+            return cfg.hostname
+        if key == "client_ip":
+            return self.client_ip
+        if key == "software":
+            return cfg.software
+        if key == "protocol":
+            return "LMTP" if cfg.lmtp else "ESMTP"
+        if key == "date":
+            return CurrentDate(cfg.clock)
+        if key == "date_padded":
+            return CurrentDate(cfg.clock, padded=True)
+        if key == "max_size":
+            return self._max_size() or 0
+        if key == "max_recipients":
+            return cfg.max_recipients
+        raise KeyError(key)
+
+    def _banner(self) -> Reply:
+        return self._look.persona.banner_reply(_Values(self, {}))
+
+    def _refusal(self, name: str, reply: Reply) -> Reply:
+        """A parser's reply as the persona words it: a standard constant
+        (``SMTPUTF8_REQUIRED``...) becomes the persona's version of that constant, a
+        specific text the persona's reply ``name`` if it overrides it."""
+        if not self._look.overridden:
+            return reply
+        name = CONSTANT_NAMES.get(id(reply), name)
+        return self._look.persona.adapt(name, reply, _Values(self, {}))
+
+    def _adapt(self, reply: Reply, /, **values: object) -> Reply:
+        """A standard constant given by the caller (``replies.AUTH_FAILED``) as the persona
+        words it; any other reply unchanged."""
+        if not self._look.overridden:
+            return reply
+        name = CONSTANT_NAMES.get(id(reply))
+        if name is None:
+            return reply
+        return self._look.persona.adapt(name, reply, _Values(self, values))
+
+    def _adapt_answer(self, point: PolicyPoint, reply: Reply) -> Reply:
+        if isinstance(point, MailFrom | RcptTo):
+            return self._adapt(reply, address=point.address)
+        if isinstance(point, Verify):
+            return self._adapt(reply, address=point.argument)
+        return self._adapt(reply)
 
     def _pause(self, point: PolicyPoint) -> None:
         self._pending = point
@@ -1018,7 +1193,7 @@ class ServerConnection:
 
     def _too_many(self, limit: Limit) -> None:
         self._events.append(LimitExceeded(limit, closing=True))
-        self._send(R.TOO_MANY_ERRORS)
+        self._send(self._r("too_many_errors"))
         self._enter_closed(limit.value)
 
     def _abort_transaction(self, *, notify: bool = True) -> None:

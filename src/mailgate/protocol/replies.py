@@ -90,7 +90,9 @@ class Reply:
         return self.render().decode("utf-8", "replace").rstrip("\r\n")
 
 
-# Standard replies. Texts are mailgate's own.
+# Standard replies. Texts are mailgate's own. Each constant is also a reply name a Persona
+# can override (its lower-case name; mailgate.protocol.persona documents them all). A text
+# with {placeholders} is a template: send it through Persona.format, never as it is.
 OK = Reply(250, "2.0.0", ("OK",))
 SENDER_OK = Reply(250, "2.1.0", ("Sender OK",))
 RECIPIENT_OK = Reply(250, "2.1.5", ("Recipient OK",))
@@ -131,3 +133,31 @@ BARE_NEWLINE = Reply(
 )
 BARE_NEWLINE_STRICT = Reply(554, "5.5.2", ("Message refused: bare CR or LF in message data",))
 DATA_LINE_TOO_LONG = Reply(554, "5.6.0", ("Message refused: a line exceeds the length limit",))
+
+# Replies with a name so a persona can reword them; some are templates.
+MESSAGE_QUEUED = Reply(250, "2.0.0", ("Message accepted as {queue_id}",))
+BDAT_CHUNK_OK = Reply(250, "2.0.0", ("{size} octets received",))
+HELP = Reply(214, "2.0.0", ("Commands: {commands}", "End of HELP"))
+INVALID_UTF8 = Reply(500, "5.5.2", ("Invalid UTF-8 in command",))
+CONTROL_CHARACTERS = Reply(501, "5.5.2", ("Control characters not allowed",))
+ARGUMENT_NOT_ALLOWED = Reply(501, "5.5.4", ("{verb} takes no argument",))
+ARGUMENT_REQUIRED = Reply(501, "5.5.4", ("{verb} requires an argument",))
+HELLO_SYNTAX = Reply(501, "5.5.4", ("Syntax: {verb} hostname",))
+MAIL_SYNTAX = Reply(501, "5.5.4", ("Syntax: MAIL FROM:<address>",))
+RCPT_SYNTAX = Reply(501, "5.5.4", ("Syntax: RCPT TO:<address>",))
+BDAT_SYNTAX = Reply(501, "5.5.4", ("Syntax: BDAT size [LAST]",))
+AUTH_SYNTAX = Reply(501, "5.5.4", ("Syntax: AUTH mechanism [initial-response]",))
+NEED_HELLO = Reply(503, "5.5.1", ("Send HELO/EHLO first",))
+NEED_MAIL = Reply(503, "5.5.1", ("Send MAIL first",))
+NEED_RCPT = Reply(503, "5.5.1", ("Send RCPT first",))
+ONLY_QUIT = Reply(503, "5.5.1", ("Service refused; only QUIT is accepted",))
+SENDER_ALREADY_SPECIFIED = Reply(503, "5.5.1", ("Sender already specified",))
+DATA_AFTER_BDAT = Reply(503, "5.5.1", ("DATA cannot be mixed with BDAT",))
+NOT_IN_TRANSACTION = Reply(503, "5.5.1", ("{verb} is not allowed inside a mail transaction",))
+BINARYMIME_NEEDS_BDAT = Reply(503, "5.5.1", ("BODY=BINARYMIME requires BDAT, not DATA",))
+TLS_ALREADY_ACTIVE = Reply(503, "5.5.1", ("TLS already active",))
+# Pass-through names: by default the parser's own reply is sent (its text is {detail}).
+BAD_SENDER_ADDRESS = Reply(501, "5.1.7", ("{detail}",))
+BAD_RECIPIENT_ADDRESS = Reply(501, "5.1.3", ("{detail}",))
+PARAMETER_SYNTAX = Reply(501, "5.5.4", ("{detail}",))
+AUTH_MALFORMED = Reply(501, "5.5.2", ("{detail}",))

@@ -7,6 +7,7 @@ directly inside their own event loop.
 from __future__ import annotations
 
 from .app import Server, protocol_config
+from .connection import SessionRecorder
 from .errors import StartupError
 from .options import ListenAddress, ServerOptions
 from .runner import run, serve
@@ -15,6 +16,7 @@ __all__ = [
     "ListenAddress",
     "Server",
     "ServerOptions",
+    "SessionRecorder",
     "StartupError",
     "protocol_config",
     "run",

@@ -20,8 +20,9 @@ from typing import Any, Protocol, TypeVar, cast, overload
 
 from mailgate import hooks as H
 from mailgate.protocol import ProtocolConfig, Reply
+from mailgate.protocol.persona import DEFAULT_PERSONA
 
-from .connection import SMTPConnection
+from .connection import SessionRecorder, SMTPConnection
 from .errors import StartupError
 from .options import ListenAddress, ServerOptions
 from .spool import SpoolFile
@@ -79,6 +80,7 @@ def protocol_config(
         max_auth_failures=options.max_auth_failures,
         xclient=bool(options.trusted_networks),
         xforward=bool(options.trusted_networks),
+        persona=options.persona or DEFAULT_PERSONA,
     )
 
 
@@ -113,6 +115,9 @@ class Server:
         self.hooks.timeout = options.hook_timeout
         self.hooks.message_timeout = options.delivery_timeout
         self.connections: set[SMTPConnection] = set()
+        #: The transcript tap: told every command and reply of each connection made after
+        #: it is set (see SessionRecorder). None: nothing recorded, at no cost.
+        self.recorder: SessionRecorder | None = None
         self.per_ip: Counter[str] = Counter()
         self.messages_accepted = 0
         self.ssl_context: ssl.SSLContext | None = None

@@ -12,7 +12,7 @@ import logging
 import ssl
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from mailgate import hooks as H
 from mailgate.protocol import (
@@ -71,6 +71,49 @@ _MAX_BUFFERED = 256 * 1024
 _NO_ENVELOPE = H.Envelope()
 
 
+class SessionRecorder(Protocol):
+    """The transcript tap (``Server.recorder``): told what crosses the wire of every
+    connection, including those refused at once (client limits, a bad PROXY header).
+    Called on the event loop: every method must be quick and must not block (a store
+    queues the records for a thread of its own). An exception stops recording of that
+    connection and is logged; the connection itself goes on."""
+
+    def opened(self, session: H.Session) -> None:
+        """A connection began: after the PROXY header (``session.peer_host`` is the real
+        client), before the banner; first of all for a connection refused at once."""
+
+    def received(self, session: H.Session, line: bytes) -> None:
+        """A command line or AUTH continuation line as parsed, without its line end
+        (message content never comes here); bytes a client sent before the banner."""
+
+    def sent(self, session: H.Session, data: bytes) -> None:
+        """Bytes written to the client: one or more rendered replies, CRLF-terminated."""
+
+    def tls(self, session: H.Session) -> None:
+        """A TLS handshake finished (STARTTLS, or SMTPS right after ``opened``);
+        ``session.tls`` is set."""
+
+    def closed(self, session: H.Session, reason: str) -> None:
+        """The connection is gone; ``reason`` e.g. ``quit``, ``peer-closed``,
+        ``idle-timeout``, ``refused``, ``too-many-auth-failures``, ``shutdown``."""
+
+
+class _TappedConnection(ServerConnection):
+    """A ServerConnection that hands each command line and AUTH continuation line to
+    ``line_tap`` as it parses it (message content takes other paths). Used only when the
+    server has a recorder, so the plain one pays nothing for the tap."""
+
+    line_tap: Any = None
+
+    def _command(self, line: bytes) -> None:
+        self.line_tap(line)
+        super()._command(line)
+
+    def _auth_line(self, line: bytes) -> None:
+        self.line_tap(line)
+        super()._auth_line(line)
+
+
 class SMTPConnection(asyncio.Protocol):
     def __init__(
         self, server: Server, *, implicit_tls: bool = False, expect_proxy: bool = False
@@ -102,6 +145,10 @@ class SMTPConnection(asyncio.Protocol):
         self._tls_pending: bytearray | None = None
         #: A hook refused with disconnect=True: close after that reply.
         self._disconnect = False
+        #: The transcript tap (read once); _tap_state: 0 not opened, 1 open, 2 closed.
+        self.recorder: SessionRecorder | None = server.recorder
+        self._tap_state = 0
+        self._close_reason: str | None = None
 
     # --- asyncio.Protocol ------------------------------------------------------------------
 
@@ -113,18 +160,15 @@ class SMTPConnection(asyncio.Protocol):
         self.peer_ip = str(peer[0])
         refusal = self.server.admit(self)
         if refusal is not None:
-            stream.write(refusal.render(False))
-            stream.close()
+            if self.recorder is not None:  # scanners hitting the limits are recorded too
+                self.session = self._new_session(peer, local)
+                self._refuse(refusal, "refused")
+            else:
+                stream.write(refusal.render(False))
+                stream.close()
             return
         self._admitted = True
-        self.session = H.Session(
-            id=self.server.new_id(),
-            peer_host=self.peer_ip,
-            peer_port=int(peer[1]),
-            local_host=str(local[0]),
-            local_port=int(local[1]),
-            lmtp=self.server.options.lmtp,
-        )
+        self.session = self._new_session(peer, local)
         if self.implicit_tls:
             self.session.tls = _tls_info(transport)
         if self._debug:
@@ -151,7 +195,9 @@ class SMTPConnection(asyncio.Protocol):
             return
         if not self._greeted:
             # Bytes before our banner: a client that does not wait its turn (often spam).
-            self._refuse(_EARLY_TALKER)
+            if self.recorder is not None:
+                self._record("received", data)
+            self._refuse(_EARLY_TALKER, "early-talker")
             return
         if self._tls_pending is not None:
             # Decrypted bytes can arrive before start_tls() returns to us; they belong to the
@@ -174,6 +220,9 @@ class SMTPConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._debug and self.session is not None:
             log.debug("session %s: closed (%d messages)", self.session.id, self.session.messages)
+        if self.recorder is not None:
+            reason = self._close_reason or ("peer-closed" if exc is None else "connection-lost")
+            self._record("closed", reason)
         if self._timer is not None:
             self._timer.cancel()
         if self._greeting_timer is not None:
@@ -206,7 +255,7 @@ class SMTPConnection(asyncio.Protocol):
             parsed = parse_proxy_header(self._proxy_buf)
         except ProxyError as exc:
             log.info("session %s: bad PROXY header from %s: %s", self._sid(), self.peer_ip, exc)
-            self._refuse(_PROXY_REFUSED)
+            self._refuse(_PROXY_REFUSED, "bad-proxy-header")
             return
         if parsed is None:
             return
@@ -219,7 +268,9 @@ class SMTPConnection(asyncio.Protocol):
         self._start_session()
         if rest and self.conn is not None:
             if not self._greeted:
-                self._refuse(_EARLY_TALKER)
+                if self.recorder is not None:
+                    self._record("received", rest)
+                self._refuse(_EARLY_TALKER, "early-talker")
                 return
             self.conn.receive_data(rest)
             self._process()
@@ -241,11 +292,16 @@ class SMTPConnection(asyncio.Protocol):
 
     def _start_session(self) -> None:
         assert self.session is not None
-        self.conn = ServerConnection(
+        tapped = self.recorder is not None
+        self.conn = (_TappedConnection if tapped else ServerConnection)(
             self.server.protocol_config,
             tls_active=self.implicit_tls,
             peer_trusted=self.server.is_trusted(self.session.peer_host),
+            client_ip=self.session.peer_host,
         )
+        if tapped:
+            cast(_TappedConnection, self.conn).line_tap = self._line_received
+            self._record("opened")
         self._arm_timer(None)
         delay = self.server.options.greeting_delay
         if delay > 0:
@@ -278,6 +334,7 @@ class SMTPConnection(asyncio.Protocol):
                     return
                 continue
             if cls is ConnectionClosed:
+                self._note_close(event.reason)  # type: ignore[attr-defined]
                 self._flush()
                 self._close_transport()
                 return
@@ -359,6 +416,7 @@ class SMTPConnection(asyncio.Protocol):
                 if conn.state is not State.CLOSED:
                     conn.respond(reply)
                     if self._disconnect:
+                        self._note_close("policy")
                         conn.close(None)
                 if isinstance(point, Greeting):
                     self._greeted = True
@@ -504,7 +562,9 @@ class SMTPConnection(asyncio.Protocol):
             # it on). The spool file itself is removed below, so syncing it would buy
             # nothing.
             outcome = await hooks.run("message", session, envelope, message)
-            accepted = Reply(250, "2.0.0", (f"Message accepted as {self.message_id}",))
+            accepted = self.server.protocol_config.persona.format(
+                "message_queued", queue_id=self.message_id, hostname=self.server.options.hostname
+            )
             if isinstance(outcome, H.PerRecipient) and self.server.options.lmtp:
                 replies = self._per_recipient(outcome, envelope, accepted)
                 delivered = any(r.is_positive for r in replies)
@@ -626,6 +686,7 @@ class SMTPConnection(asyncio.Protocol):
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
             self._tls_pending = None
             log.info("session %s: TLS handshake failed: %s", self._sid(), exc)
+            self._note_close("tls-failed")
             if self.transport is not None:
                 self.transport.abort()
             return
@@ -642,6 +703,8 @@ class SMTPConnection(asyncio.Protocol):
         self.session.helo = None
         self.session.user = None
         self.session.auth_mechanism = None
+        if self.recorder is not None:
+            self._record("tls")
         if self.server.hooks.has("tls"):
             await self._notify_tls()
 
@@ -687,6 +750,8 @@ class SMTPConnection(asyncio.Protocol):
         if attributes.get("ADDR"):
             session.peer_host = str(attributes["ADDR"])
             session.forwarded = True
+            if self.conn is not None:
+                self.conn.client_ip = session.peer_host  # for a persona's {client_ip}
         if attributes.get("PORT"):
             session.peer_port = int(str(attributes["PORT"]))
         if "LOGIN" in attributes:
@@ -763,16 +828,66 @@ class SMTPConnection(asyncio.Protocol):
             if self._debug:
                 log.debug("session %s: >>> %s", self._sid(), _shown(out))
             transport.write(out)
+            if self.recorder is not None:
+                self._record("sent", out)
 
-    def refuse(self, reply: Reply) -> None:
-        """Send ``reply`` (outside the SMTP dialogue: a limit, a bad PROXY header) and close."""
-        self._refuse(reply)
+    def refuse(self, reply: Reply, reason: str = "refused") -> None:
+        """Send ``reply`` (outside the SMTP dialogue: a limit, a bad PROXY header) and close;
+        ``reason`` is what the recorder is told."""
+        self._refuse(reply, reason)
 
-    def _refuse(self, reply: Reply) -> None:
+    def _refuse(self, reply: Reply, reason: str = "refused") -> None:
         transport = self.transport
         if transport is not None:
-            transport.write(reply.render(False))
+            data = reply.render(False)
+            transport.write(data)
+            self._note_close(reason)
+            if self.recorder is not None:
+                self._record("sent", data)
             self._close_transport()
+
+    # --- the transcript tap -------------------------------------------------------------------
+
+    def _new_session(self, peer: Any, local: Any) -> H.Session:
+        return H.Session(
+            id=self.server.new_id(),
+            peer_host=self.peer_ip,
+            peer_port=int(peer[1]),
+            local_host=str(local[0]),
+            local_port=int(local[1]),
+            lmtp=self.server.options.lmtp,
+        )
+
+    def _line_received(self, line: bytes) -> None:
+        self._record("received", line)
+
+    def _note_close(self, reason: str) -> None:
+        """Why the connection ends, for the recorder: the first reason given wins."""
+        if self._close_reason is None:
+            self._close_reason = reason
+
+    def _record(self, event: str, *args: Any) -> None:
+        """Call ``recorder.<event>(session, *args)``: ``opened`` (with ``tls`` for SMTPS)
+        first even when the connection never got that far, ``closed`` once, nothing after."""
+        recorder, session = self.recorder, self.session
+        if recorder is None or session is None or self._tap_state == 2:
+            return
+        try:
+            if self._tap_state == 0:
+                self._tap_state = 1
+                recorder.opened(session)
+                if session.tls is not None:
+                    recorder.tls(session)
+                if event == "opened":
+                    return
+            elif event == "opened":
+                return
+            if event == "closed":
+                self._tap_state = 2
+            getattr(recorder, event)(session, *args)
+        except Exception:
+            self.recorder = None
+            log.exception("session %s: the session recorder failed; not recording it", session.id)
 
     def _close_transport(self) -> None:
         transport = self.transport
@@ -816,7 +931,7 @@ class SMTPConnection(asyncio.Protocol):
             return
         if self.conn is None:  # still waiting for the PROXY header
             log.info("session %s: no PROXY header in time from %s", self._sid(), self.peer_ip)
-            self._refuse(_PROXY_REFUSED)
+            self._refuse(_PROXY_REFUSED, "proxy-timeout")
             return
         if self._task is not None:
             # Our own work (a slow hook, fsync) is not the client's idleness.
@@ -826,6 +941,7 @@ class SMTPConnection(asyncio.Protocol):
         idle = self.loop.time() - self._last_activity
         if idle >= timeout:
             log.info("session %s: idle timeout after %.0f s", self._sid(), idle)
+            self._note_close("idle-timeout")
             self.conn.close(R.IDLE_TIMEOUT)
             self._process()
             return
@@ -838,6 +954,7 @@ class SMTPConnection(asyncio.Protocol):
         self._closing = True
         conn = self.conn
         if conn is None:
+            self._note_close("shutdown")
             self._close_transport()
             return
         if conn.state in _IN_TRANSACTION or self._task is not None:
@@ -845,6 +962,7 @@ class SMTPConnection(asyncio.Protocol):
         self._shutdown_now()
 
     def _shutdown_now(self) -> None:
+        self._note_close("shutdown")
         conn = self.conn
         if conn is not None and conn.state is not State.CLOSED:
             conn.close(R.SHUTTING_DOWN)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mailgate.protocol.config import BareNewline
+from mailgate.protocol.persona import Persona
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -114,3 +115,7 @@ class ServerOptions:
     greylist: bool = False
     #: The policy tables of the configuration, for their plugins to read.
     policy: tuple[PolicySection, ...] = ()
+    # --- presentation ------------------------------------------------------------------
+    #: How the server words its replies, banner, EHLO greeting and HELP (honeypot
+    #: personas); None: mailgate's own texts.
+    persona: Persona | None = None

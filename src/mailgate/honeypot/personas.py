@@ -1,0 +1,1381 @@
+"""Product personas for honeypot mode, and TOML profile files that change them.
+
+A :class:`PersonaProfile` is everything that makes mailgate look like one product: the
+protocol :class:`~mailgate.protocol.persona.Persona` (banner, EHLO greeting and keyword
+order, every reply text, HELP), the defaults a honeypot should use with it (host name
+style, SASL mechanisms in the product's order, SIZE limit), the product's queue id format,
+and the texts the server layer sends outside the protocol (relay denied, client rejected,
+too many connections, message queued).
+
+Built-in profiles are in :data:`PERSONAS`: ``postfix``, ``exim``, ``exchange``,
+``sendmail`` and ``generic``. They were written from each product's source code and
+documentation; where the exact text was not certain the comment says ``UNSURE``, and the
+user documentation lists those places. A persona only changes how mailgate *looks*: it
+advertises nothing mailgate does not do (no ETRN, no PRDR, no NTLM...).
+
+:func:`load_profile` reads a TOML profile: a ``base`` persona plus overrides. Every
+mistake (unknown key, unknown reply name, malformed reply, unknown or missing placeholder)
+is a :class:`ProfileError` naming the file and the key. The same format is produced by
+:func:`dump_profile`, so ``dump_profile(PERSONAS["postfix"])`` is a complete example.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import random
+import re
+import string
+import time
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from mailgate.protocol.config import ProtocolConfig
+from mailgate.protocol.persona import (
+    BANNER_PLACEHOLDERS,
+    GREETING_PLACEHOLDERS,
+    KEYWORDS,
+    PLACEHOLDERS,
+    REPLY_NAMES,
+    Persona,
+    PersonaError,
+    clean,
+)
+from mailgate.protocol.replies import Reply, ReplyError
+from mailgate.protocol.sasl import MECHANISMS
+
+__all__ = [
+    "PERSONAS",
+    "PROFILE_KEYS",
+    "QUEUE_ID_STYLES",
+    "SERVER_PLACEHOLDERS",
+    "SERVER_REPLY_NAMES",
+    "PersonaProfile",
+    "ProfileError",
+    "dump_profile",
+    "format_reply",
+    "load_profile",
+    "parse_reply",
+    "profile_from_mapping",
+]
+
+
+class ProfileError(ValueError):
+    """A profile that cannot work. ``source`` is the file (or ``<built-in ...>``), ``key``
+    the TOML key at fault (``replies.sender_ok``), empty for the file as a whole."""
+
+    def __init__(self, source: str, key: str, message: str) -> None:
+        self.source = source
+        self.key = key
+        self.detail = message
+        super().__init__(f"{source}: {key}: {message}" if key else f"{source}: {message}")
+
+
+# --- the server layer's texts --------------------------------------------------------------
+
+#: Texts the server layer (honeypot plugin, connection limits) sends outside the protocol,
+#: with the placeholders each may use. ``message_queued`` is also a protocol reply name;
+#: the profile's version may use ``{message_id}`` too (Exchange shows it).
+SERVER_PLACEHOLDERS: Mapping[str, frozenset[str]] = MappingProxyType(
+    {
+        "relay_denied": frozenset({"hostname", "client_ip", "address"}),
+        "rejected": frozenset({"hostname", "client_ip", "address"}),
+        "too_many_connections": frozenset({"hostname", "client_ip"}),
+        "message_queued": frozenset({"hostname", "client_ip", "queue_id", "message_id"}),
+    }
+)
+SERVER_REPLY_NAMES: frozenset[str] = frozenset(SERVER_PLACEHOLDERS)
+#: The kind of reply each server text must be (what the server does with it).
+_SERVER_CLASSES = {
+    "relay_denied": "refusal",
+    "rejected": "refusal",
+    "too_many_connections": "refusal",
+    "message_queued": "2xx",
+}
+
+#: Every top-level key of a profile file, with its meaning (the documentation's table).
+PROFILE_KEYS: Mapping[str, str] = MappingProxyType(
+    {
+        "base": "built-in persona the file starts from",
+        "name": "profile name",
+        "description": "one line for listings",
+        "software": "product and version; {software} in any text",
+        "hostname": "default host name (the server's hostname option wins)",
+        "banner": "220 greeting text",
+        "ehlo_greeting": "first line of the EHLO reply",
+        "helo_greeting": "HELO reply text",
+        "capabilities": "EHLO keyword order",
+        "hidden_capabilities": "EHLO keywords to leave out (their verbs become unknown)",
+        "unadvertised_capabilities": "EHLO keywords to leave out (their verbs still work)",
+        "enhanced_status_codes": "write RFC 3463 codes",
+        "help": "HELP reply lines (text only)",
+        "help_code": "HELP reply code",
+        "auth_mechanisms": "SASL mechanisms to offer, in order",
+        "message_size_limit": "SIZE to advertise and enforce; 0 = no number",
+        "queue_id": "queue id style",
+        "replies": "table: reply name = reply",
+    }
+)
+
+# --- queue ids -------------------------------------------------------------------------------
+
+_B62 = string.digits + string.ascii_uppercase + string.ascii_lowercase
+#: Sendmail's QueueIdChars: base 60, 0-9 A-Z a-x.
+_B60 = _B62[:60]
+
+
+def _base62(value: int, width: int) -> str:
+    out = []
+    for _ in range(width):
+        value, digit = divmod(value, 62)
+        out.append(_B62[digit])
+    return "".join(reversed(out))
+
+
+def _postfix_id(now: float, rng: random.Random) -> str:
+    # Short queue id: microseconds (5 hex digits) then the queue file's inode number in
+    # hex, no padding: 10 to 12 upper-case hex digits, e.g. 4F2A31C0D8.
+    usec = int((now % 1) * 1_000_000)
+    return f"{usec:05X}{rng.randrange(0x10000, 0x1000000):X}"
+
+
+def _exim_id(now: float, rng: random.Random) -> str:
+    # Exim before 4.97: base-62 time, base-62 pid, base-62 fraction of a second in units
+    # of 1/2000 s: 1tGXyz-0001Ab-Cd.
+    usec = int((now % 1) * 1_000_000)
+    return (
+        f"{_base62(int(now), 6)}-{_base62(rng.randrange(1, 4_194_304), 6)}-"
+        f"{_base62(usec // 500, 2)}"
+    )
+
+
+def _sendmail_id(now: float, rng: random.Random) -> str:
+    # Sendmail 8.x: year % 60, month, day, hour, minute, second and a two-character
+    # sequence in base 60, then the process id in six digits: 4B1AbCdE012345.
+    tm = time.localtime(now)
+    seq = rng.randrange(3600)
+    head = (
+        (tm.tm_year - 1900) % 60,
+        tm.tm_mon - 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        min(tm.tm_sec, 59),
+        seq // 60,
+        seq % 60,
+    )
+    return "".join(_B60[i] for i in head) + f"{rng.randrange(1, 1_000_000):06d}"
+
+
+def _exchange_id(now: float, rng: random.Random) -> str:
+    # Exchange has no queue id on the wire; its reply shows [InternalId=<13 digits>].
+    return str(rng.randrange(10**12, 10**13))
+
+
+def _hex_id(now: float, rng: random.Random) -> str:
+    return f"{rng.getrandbits(48):012X}"
+
+
+@dataclass(frozen=True, slots=True)
+class _QueueIdStyle:
+    make: Callable[[float, random.Random], str]
+    pattern: str
+
+
+#: Queue id styles by name: how to make one and a regular expression that matches it.
+QUEUE_ID_STYLES: Mapping[str, _QueueIdStyle] = MappingProxyType(
+    {
+        "postfix": _QueueIdStyle(_postfix_id, r"[0-9A-F]{10,12}"),
+        "exim": _QueueIdStyle(_exim_id, r"[0-9A-Za-z]{6}-[0-9A-Za-z]{6}-[0-9A-Za-z]{2}"),
+        "sendmail": _QueueIdStyle(_sendmail_id, r"[0-9A-Za-x]{8}[0-9]{6}"),
+        "exchange": _QueueIdStyle(_exchange_id, r"[0-9]{13}"),
+        "hex": _QueueIdStyle(_hex_id, r"[0-9A-F]{12}"),
+    }
+)
+_SYSTEM_RANDOM = random.SystemRandom()
+
+# --- reply strings ---------------------------------------------------------------------------
+
+_REPLY_LINE = re.compile(
+    r"(?P<code>[2-5][0-9][0-9])(?P<sep>[ -]|$)"
+    r"(?:(?P<status>[245]\.[0-9]{1,3}\.[0-9]{1,3})(?: |$))?(?P<text>.*)",
+    re.S,
+)
+
+
+def parse_reply(value: str | Iterable[str]) -> Reply:
+    """A reply written as on the wire: ``"250 2.1.0 Ok"`` (code, optional enhanced code,
+    text) or, for several lines, a list of such lines (``["214-2.0.0 a", "214 2.0.0 b"]``;
+    every line with the same code and enhanced code). ValueError if malformed."""
+    lines = [value] if isinstance(value, str) else list(value)
+    if not lines:
+        raise ValueError("empty list: give at least one line")
+    code: str | None = None
+    status: str | None = None
+    texts: list[str] = []
+    for index, line in enumerate(lines):
+        if not isinstance(line, str):
+            raise ValueError(f"line {index + 1} is not a string: {line!r}")
+        if "\n" in line or "\r" in line:
+            raise ValueError("a line break inside a string: give several lines as a list")
+        match = _REPLY_LINE.fullmatch(line)
+        if match is None:
+            raise ValueError(
+                f"{line!r} does not start with a three-digit reply code (2xx to 5xx) "
+                "and a space, as in '250 2.1.0 Ok'"
+            )
+        last = index == len(lines) - 1
+        if match["sep"] == "-" and last:
+            raise ValueError(
+                f"{line!r}: the last line of a reply has a space after the code, not '-'"
+            )
+        if match["sep"] == " " and not last:
+            raise ValueError(
+                f"{line!r}: every line but the last has '-' after the code ('214-...')"
+            )
+        if index == 0:
+            code, status = match["code"], match["status"]
+        elif match["code"] != code:
+            raise ValueError(f"line {index + 1} has code {match['code']}, line 1 has {code}")
+        elif match["status"] != status:
+            raise ValueError(
+                f"line {index + 1} has enhanced code {match['status'] or 'none'}, "
+                f"line 1 has {status or 'none'}"
+            )
+        texts.append(match["text"])
+    assert code is not None
+    try:
+        return Reply(int(code), status, tuple(texts))
+    except ReplyError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def format_reply(reply: Reply) -> str | list[str]:
+    """The inverse of :func:`parse_reply`: one string, or a list for several lines."""
+    prefix = f"{reply.status} " if reply.status is not None else ""
+    if len(reply.lines) == 1:
+        return f"{reply.code} {prefix}{reply.lines[0]}".rstrip(" ")
+    last = len(reply.lines) - 1
+    return [
+        f"{reply.code}{' ' if i == last else '-'}{prefix}{line}".rstrip(" ")
+        for i, line in enumerate(reply.lines)
+    ]
+
+
+# --- placeholders ----------------------------------------------------------------------------
+
+_FORMATTER = string.Formatter()
+_PRINTABLE = re.compile(r"[\t\x20-\x7e]*")
+
+
+def _fields(text: str, allowed: frozenset[str]) -> frozenset[str]:
+    """The placeholders ``text`` uses; ValueError for a malformed or unknown one."""
+    if not _PRINTABLE.fullmatch(text):
+        bad = next(c for c in text if not _PRINTABLE.fullmatch(c))
+        raise ValueError(f"character {bad!r} not allowed (printable ASCII and TAB only)")
+    try:
+        parsed = list(_FORMATTER.parse(text))
+    except ValueError as exc:
+        raise ValueError(f"{exc} in {text!r} (write '{{{{' and '}}}}' for braces)") from None
+    found: set[str] = set()
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if name not in allowed:
+            known = ", ".join("{" + n + "}" for n in sorted(allowed))
+            close = difflib.get_close_matches(name, allowed, n=1)
+            hint = f" (did you mean {{{close[0]}}}?)" if close else ""
+            raise ValueError(f"unknown placeholder {{{name}}}{hint}; allowed here: {known}")
+        if spec or conversion:
+            raise ValueError(f"placeholder {{{name}}} takes no format spec or conversion")
+        found.add(name)
+    return frozenset(found)
+
+
+def _fill_software(text: str, software: str) -> str:
+    """Put the profile's software name in for ``{software}`` (escaping its braces), so
+    that no text depends on the server's own software setting."""
+    if "{software}" not in text:
+        return text
+    try:
+        parsed = list(_FORMATTER.parse(text))
+    except ValueError:
+        return text  # the placeholder check reports it
+    out = []
+    for literal, name, spec, conversion in parsed:
+        out.append(_escape(literal))
+        if name is None:
+            continue
+        if name == "software" and not spec and not conversion:
+            out.append(_escape(software))
+        else:
+            out.append(
+                "{"
+                + name
+                + (f"!{conversion}" if conversion else "")
+                + (f":{spec}" if spec else "")
+                + "}"
+            )
+    return "".join(out)
+
+
+def _escape(text: str) -> str:
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+def _render(reply: Reply, values: Mapping[str, object], allowed: frozenset[str]) -> Reply:
+    fields: set[str] = set()
+    for line in reply.lines:
+        fields |= _fields(line, allowed)
+    filled = {name: clean(values.get(name)) for name in fields}
+    return Reply(reply.code, reply.status, tuple(line.format_map(filled) for line in reply.lines))
+
+
+# --- the profile -----------------------------------------------------------------------------
+
+# Defaults of the server-layer texts (a profile built in code without them).
+_RELAY_DENIED = Reply(554, "5.7.1", ("Relay access denied",))
+_REJECTED = Reply(554, "5.7.1", ("Access denied",))
+_TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", ("Too many connections",))
+_MESSAGE_QUEUED = Reply(250, "2.0.0", ("OK: queued as {queue_id}",))
+
+
+@dataclass(frozen=True, slots=True)
+class PersonaProfile:
+    """One product persona. Build one with :func:`load_profile`,
+    :func:`profile_from_mapping` or take a built-in from :data:`PERSONAS`."""
+
+    name: str
+    #: The protocol persona: put it in ``ProtocolConfig(persona=...)`` (or
+    #: ``ServerOptions.persona``).
+    persona: Persona
+    #: Product and version as the product shows it ("Postfix", "Exim 4.96").
+    software: str
+    description: str = ""
+    #: The kind of host name the product usually has; the server's own ``hostname``
+    #: setting wins.
+    hostname: str = "mail.example.com"
+    #: SASL mechanisms to offer, in the product's order (only ones mailgate implements).
+    auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
+    #: The SIZE the product advertises by default; None: ``SIZE`` with no number.
+    message_size_limit: int | None = 10_240_000
+    #: Queue id style, a key of :data:`QUEUE_ID_STYLES`.
+    queue_id_style: str = "hex"
+    # Server-layer texts (templates; see SERVER_PLACEHOLDERS and :meth:`format`).
+    relay_denied: Reply = _RELAY_DENIED
+    rejected: Reply = _REJECTED
+    too_many_connections: Reply = _TOO_MANY_CONNECTIONS
+    message_queued: Reply = _MESSAGE_QUEUED
+    _server: Mapping[str, Reply] = field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        source = f"<profile {self.name!r}>"
+        if self.queue_id_style not in QUEUE_ID_STYLES:
+            raise ProfileError(source, "queue_id", _choice_error(self.queue_id_style))
+        for mechanism in self.auth_mechanisms:
+            if mechanism not in MECHANISMS:
+                raise ProfileError(source, "auth_mechanisms", _mechanism_error(mechanism))
+        server = {name: getattr(self, name) for name in SERVER_REPLY_NAMES}
+        for name, reply in server.items():
+            problem = _server_reply_problem(name, reply)
+            if problem:
+                raise ProfileError(source, f"replies.{name}", problem)
+        object.__setattr__(self, "_server", server)
+
+    # --- texts -----------------------------------------------------------------------------
+
+    @property
+    def vrfy(self) -> Reply:
+        """The VRFY reply (a template: ``{address}`` is the argument)."""
+        return self.persona.reply("vrfy_default")
+
+    @property
+    def expn(self) -> Reply:
+        """The EXPN reply (only sent if EXPN is not hidden)."""
+        return self.persona.reply("expn_default")
+
+    @property
+    def auth_failed(self) -> Reply:
+        """What a refused AUTH gets."""
+        return self.persona.reply("auth_failed")
+
+    @property
+    def timeout(self) -> Reply:
+        """What an idle client gets before the server hangs up."""
+        return self.persona.reply("idle_timeout")
+
+    def format(self, name: str, /, **values: object) -> Reply:
+        """The reply ``name`` with its placeholders filled from ``values`` (missing ones
+        are empty, values are cleaned of control characters). ``name`` is a server text
+        (:data:`SERVER_REPLY_NAMES`) or any protocol reply name."""
+        server = self._server.get(name)
+        if server is not None:
+            return _render(server, values, SERVER_PLACEHOLDERS[name])
+        if name not in REPLY_NAMES:
+            raise KeyError(name)
+        return self.persona.format(name, **values)
+
+    # --- queue ids -------------------------------------------------------------------------
+
+    @property
+    def queue_id_pattern(self) -> str:
+        """A regular expression matching this profile's queue ids."""
+        return QUEUE_ID_STYLES[self.queue_id_style].pattern
+
+    def new_queue_id(self, *, now: float | None = None, rng: random.Random | None = None) -> str:
+        """A fresh queue id in the product's format."""
+        moment = time.time() if now is None else now
+        return QUEUE_ID_STYLES[self.queue_id_style].make(moment, rng or _SYSTEM_RANDOM)
+
+    def new_message_id(self, hostname: str, *, rng: random.Random | None = None) -> str:
+        """A Message-ID (without ``<>``) as the product would make one for a message that
+        has none: 32 hex digits at the host."""
+        return f"{(rng or _SYSTEM_RANDOM).getrandbits(128):032x}@{hostname}"
+
+    def queued_reply(
+        self,
+        *,
+        hostname: str,
+        queue_id: str | None = None,
+        message_id: str | None = None,
+        client_ip: str = "",
+        now: float | None = None,
+        rng: random.Random | None = None,
+    ) -> Reply:
+        """The end-of-data reply for an accepted message; a queue id (and a message id,
+        for personas that show one) are made up when not given."""
+        return self.format(
+            "message_queued",
+            hostname=hostname,
+            client_ip=client_ip,
+            queue_id=queue_id or self.new_queue_id(now=now, rng=rng),
+            message_id=message_id or self.new_message_id(hostname, rng=rng),
+        )
+
+    # --- use -------------------------------------------------------------------------------
+
+    def protocol_config(self, **overrides: Any) -> ProtocolConfig:
+        """A :class:`ProtocolConfig` with this persona, its host name, SASL mechanisms and
+        size limit; ``overrides`` are further ProtocolConfig fields."""
+        settings: dict[str, Any] = {
+            "hostname": self.hostname,
+            "persona": self.persona,
+            "software": self.software,
+            "auth_mechanisms": self.auth_mechanisms,
+            "max_message_size": self.message_size_limit,
+        }
+        settings.update(overrides)
+        return ProtocolConfig(**settings)
+
+
+def _choice_error(value: object) -> str:
+    close = difflib.get_close_matches(str(value), QUEUE_ID_STYLES, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown queue id style {value!r}{hint}; known: {', '.join(sorted(QUEUE_ID_STYLES))}"
+
+
+def _mechanism_error(value: object) -> str:
+    return (
+        f"{value!r} is not a SASL mechanism mailgate implements "
+        f"({', '.join(MECHANISMS)}); a persona offers only what works"
+    )
+
+
+def _server_reply_problem(name: str, reply: Reply) -> str:
+    allowed = SERVER_PLACEHOLDERS[name]
+    try:
+        fields: set[str] = set()
+        for line in reply.lines:
+            fields |= _fields(line, allowed)
+    except ValueError as exc:
+        return str(exc)
+    if _SERVER_CLASSES[name] == "refusal" and reply.is_positive:
+        return f"must be a 4xx or 5xx refusal, not {reply.code}"
+    if _SERVER_CLASSES[name] == "2xx" and reply.code // 100 != 2:
+        return f"must be a 2xx reply, not {reply.code}"
+    if name == "message_queued" and not fields & {"queue_id", "message_id"}:
+        return "must show {queue_id} or {message_id} (the product always names the message)"
+    return ""
+
+
+# --- building a profile from a mapping (a TOML file or a built-in) -------------------------
+
+
+def _did_you_mean(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class _Reader:
+    """Typed access to a profile mapping; every error names the source and the key."""
+
+    def __init__(self, data: Mapping[str, Any], source: str) -> None:
+        self.data = data
+        self.source = source
+
+    def error(self, key: str, message: str) -> ProfileError:
+        return ProfileError(self.source, key, message)
+
+    def string(self, key: str) -> str:
+        value = self.data[key]
+        if not isinstance(value, str):
+            raise self.error(key, f"expected a string, got {_kind(value)}")
+        return value
+
+    def strings(self, key: str) -> tuple[str, ...]:
+        value = self.data[key]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.error(key, f"expected a list of strings, got {_kind(value)}")
+        return tuple(value)
+
+    def boolean(self, key: str) -> bool:
+        value = self.data[key]
+        if not isinstance(value, bool):
+            raise self.error(key, f"expected true or false, got {_kind(value)}")
+        return value
+
+    def integer(self, key: str, low: int, high: int) -> int:
+        value = self.data[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise self.error(key, f"expected a whole number from {low} to {high}, got {value!r}")
+        return value
+
+
+def _kind(value: object) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return f"the number {value!r}"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "a list"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _text_template(reader: _Reader, key: str, allowed: frozenset[str], software: str) -> str:
+    """A banner/greeting text: its placeholders checked, {software} filled, and the host
+    name first (RFC 5321 4.2: the greeting and the EHLO reply start with the domain)."""
+    text = reader.string(key)
+    try:
+        _fields(text, allowed | {"software"})
+    except ValueError as exc:
+        raise reader.error(key, str(exc)) from None
+    if not text.startswith("{hostname}"):
+        raise reader.error(
+            key,
+            "must start with {hostname} (RFC 5321 4.2: the server names itself first)",
+        )
+    return _fill_software(text, software)
+
+
+def _reply_value(reader: _Reader, name: str, value: object, software: str) -> Reply:
+    key = f"replies.{name}"
+    if not isinstance(value, str | list):
+        raise reader.error(key, f"expected a reply string like '250 2.1.0 Ok', got {_kind(value)}")
+    try:
+        reply = parse_reply(value)
+    except ValueError as exc:
+        raise reader.error(key, str(exc)) from None
+    reply = Reply(reply.code, reply.status, tuple(_fill_software(t, software) for t in reply.lines))
+    allowed = (
+        SERVER_PLACEHOLDERS[name]
+        if name in SERVER_REPLY_NAMES
+        else PLACEHOLDERS[name] | {"software"}
+    )
+    try:
+        for line in reply.lines:
+            _fields(line, allowed)
+    except ValueError as exc:
+        raise reader.error(key, str(exc)) from None
+    if name in SERVER_REPLY_NAMES:
+        problem = _server_reply_problem(name, reply)
+        if problem:
+            raise reader.error(key, problem)
+    return reply
+
+
+def _persona_error(reader: _Reader, kwargs: Mapping[str, Any], exc: PersonaError) -> ProfileError:
+    """Name the key behind a PersonaError: try each part alone to find the culprit."""
+    replies: Mapping[str, Any] = kwargs.get("replies", {})
+    for name, reply in replies.items():
+        try:
+            Persona(replies={name: reply})
+        except PersonaError as single:
+            return reader.error(f"replies.{name}", _strip_where(str(single)))
+    for key in (
+        "capability_order",
+        "hidden_capabilities",
+        "unadvertised_capabilities",
+        "banner",
+        "ehlo_greeting",
+    ):
+        if key in kwargs:
+            try:
+                Persona(**{key: kwargs[key]})
+            except PersonaError as single:
+                toml_key = "capabilities" if key == "capability_order" else key
+                return reader.error(toml_key, _strip_where(str(single)))
+    return reader.error("", str(exc))
+
+
+def _strip_where(message: str) -> str:
+    # "reply 'x': text" / "banner: text" -> "text"
+    head, sep, rest = message.partition(": ")
+    return rest if sep and (head.startswith("reply ") or " " not in head) else message
+
+
+def profile_from_mapping(
+    data: Mapping[str, Any],
+    *,
+    base: str | PersonaProfile | None = None,
+    source: str = "<mapping>",
+) -> PersonaProfile:
+    """A profile from a mapping shaped like a profile file (see :data:`PROFILE_KEYS`).
+
+    The profile starts from ``data["base"]`` if given, else from ``base`` (a built-in name
+    or a profile), else from ``generic``; keys in ``data`` replace the base's values, and
+    ``replies`` entries replace single replies. ProfileError names ``source`` and the key.
+    """
+    reader = _Reader(data, source)
+    for key in data:
+        if key not in PROFILE_KEYS:
+            raise reader.error(key, "unknown key" + _did_you_mean(key, PROFILE_KEYS))
+    spec = _to_spec(_resolve_base(reader, base))
+    merged_replies: dict[str, Any] = spec.pop("replies")
+    if "help" in data or "help_code" in data:
+        merged_replies.pop("help", None)  # the file's own HELP replaces the base's
+    if "replies" in data:
+        table = data["replies"]
+        if not isinstance(table, Mapping):
+            raise reader.error("replies", f"expected a table, got {_kind(table)}")
+        if "help" in table and ("help" in data or "help_code" in data):
+            raise reader.error(
+                "replies.help", "give either help/help_code or replies.help, not both"
+            )
+        for name in table:
+            if name not in REPLY_NAMES and name not in SERVER_REPLY_NAMES:
+                raise reader.error(
+                    f"replies.{name}",
+                    "unknown reply name" + _did_you_mean(name, REPLY_NAMES | SERVER_REPLY_NAMES),
+                )
+        merged_replies.update(table)
+    spec.update({k: v for k, v in data.items() if k not in ("replies", "base")})
+    spec["replies"] = merged_replies
+    return _build(_Reader(spec, source))
+
+
+def _resolve_base(reader: _Reader, base: str | PersonaProfile | None) -> PersonaProfile:
+    if "base" in reader.data:
+        name = reader.string("base")
+        if name not in PERSONAS and name != "none":
+            raise reader.error(
+                "base",
+                f"unknown persona {name!r}{_did_you_mean(name, [*PERSONAS, 'none'])}; "
+                f"built-in: {', '.join(PERSONAS)} (or none)",
+            )
+        return _NONE if name == "none" else PERSONAS[name]
+    if isinstance(base, PersonaProfile):
+        return base
+    if base is None:
+        return PERSONAS["generic"]
+    if base == "none":
+        return _NONE
+    if base not in PERSONAS:
+        raise reader.error("base", f"unknown persona {base!r}{_did_you_mean(base, PERSONAS)}")
+    return PERSONAS[base]
+
+
+def _build(reader: _Reader) -> PersonaProfile:
+    """The profile described by a complete mapping (the base merged with the file)."""
+    data = reader.data
+    software = reader.string("software") if "software" in data else ""
+    kwargs: dict[str, Any] = {}
+    if "banner" in data:
+        kwargs["banner"] = _text_template(reader, "banner", BANNER_PLACEHOLDERS, software)
+    for key in ("ehlo_greeting", "helo_greeting"):
+        if key in data:
+            kwargs[key] = _text_template(reader, key, GREETING_PLACEHOLDERS, software)
+    if "capabilities" in data:
+        kwargs["capability_order"] = _keywords(reader, "capabilities")
+    if "hidden_capabilities" in data:
+        kwargs["hidden_capabilities"] = frozenset(_keywords(reader, "hidden_capabilities"))
+    if "unadvertised_capabilities" in data:
+        kwargs["unadvertised_capabilities"] = frozenset(
+            _keywords(reader, "unadvertised_capabilities")
+        )
+    if "enhanced_status_codes" in data:
+        kwargs["enhanced_status_codes"] = reader.boolean("enhanced_status_codes")
+
+    replies: dict[str, Reply] = {}
+    server: dict[str, Reply] = {}
+    table: Mapping[str, Any] = data.get("replies", {})
+    for name, value in table.items():
+        reply = _reply_value(reader, name, value, software)
+        if name in SERVER_REPLY_NAMES:
+            server[name] = reply
+        # message_queued is both: the persona gets it when the protocol can fill it in.
+        if name in REPLY_NAMES and (
+            name not in SERVER_REPLY_NAMES or _fits(reply, PLACEHOLDERS[name])
+        ):
+            replies[name] = reply
+    if "help" in data or "help_code" in data:
+        lines = reader.strings("help") if "help" in data else ()
+        code = reader.integer("help_code", 200, 299) if "help_code" in data else 214
+        if not lines:
+            raise reader.error("help", "give the HELP lines (or hide HELP)")
+        texts = tuple(_fill_software(line, software) for line in lines)
+        try:
+            for line in texts:
+                _fields(line, PLACEHOLDERS["help"])
+            replies["help"] = Reply(code, f"{code // 100}.0.0", texts)
+        except (ValueError, ReplyError) as exc:
+            raise reader.error("help", str(exc)) from None
+    kwargs["replies"] = replies
+    try:
+        persona = Persona(**kwargs)
+    except PersonaError as exc:
+        raise _persona_error(reader, kwargs, exc) from None
+
+    options: dict[str, Any] = {}
+    if "description" in data:
+        options["description"] = reader.string("description")
+    if "hostname" in data:
+        hostname = reader.string("hostname")
+        if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?", hostname):
+            raise reader.error("hostname", f"{hostname!r} is not a host name")
+        options["hostname"] = hostname
+    if "auth_mechanisms" in data:
+        mechanisms = tuple(m.upper() for m in reader.strings("auth_mechanisms"))
+        for mechanism in mechanisms:
+            if mechanism not in MECHANISMS:
+                raise reader.error("auth_mechanisms", _mechanism_error(mechanism))
+        if len(set(mechanisms)) != len(mechanisms):
+            raise reader.error("auth_mechanisms", "a mechanism is listed twice")
+        options["auth_mechanisms"] = mechanisms
+    if "message_size_limit" in data:
+        size = reader.integer("message_size_limit", 0, 2**53)
+        options["message_size_limit"] = size or None
+    if "queue_id" in data:
+        style = reader.string("queue_id")
+        if style not in QUEUE_ID_STYLES:
+            raise reader.error("queue_id", _choice_error(style))
+        options["queue_id_style"] = style
+    options.update(server)
+    return PersonaProfile(name=reader.string("name"), persona=persona, software=software, **options)
+
+
+def _fits(reply: Reply, allowed: frozenset[str]) -> bool:
+    try:
+        for line in reply.lines:
+            _fields(line, allowed)
+    except ValueError:
+        return False
+    return True
+
+
+def _keywords(reader: _Reader, key: str) -> tuple[str, ...]:
+    words = tuple(w.upper() for w in reader.strings(key))
+    for word in words:
+        if word not in KEYWORDS:
+            raise reader.error(
+                key,
+                f"{word!r} is not an EHLO keyword mailgate offers{_did_you_mean(word, KEYWORDS)}"
+                f"; known: {', '.join(sorted(KEYWORDS))} (a persona advertises only what "
+                "mailgate implements)",
+            )
+    if len(set(words)) != len(words):
+        raise reader.error(key, "a keyword is listed twice")
+    return words
+
+
+# --- back to a mapping ---------------------------------------------------------------------
+
+
+def _to_spec(profile: PersonaProfile) -> dict[str, Any]:
+    """The profile as a complete mapping in the file format (the inverse of _build)."""
+    persona = profile.persona
+    spec: dict[str, Any] = {
+        "name": profile.name,
+        "description": profile.description,
+        "software": profile.software,
+        "hostname": profile.hostname,
+        "banner": persona.banner,
+        "ehlo_greeting": persona.ehlo_greeting,
+        "helo_greeting": persona.helo_greeting,
+        "capabilities": list(persona.capability_order),
+        "hidden_capabilities": sorted(persona.hidden_capabilities),
+        "unadvertised_capabilities": sorted(persona.unadvertised_capabilities),
+        "enhanced_status_codes": persona.enhanced_status_codes,
+        "auth_mechanisms": list(profile.auth_mechanisms),
+        "message_size_limit": profile.message_size_limit or 0,
+        "queue_id": profile.queue_id_style,
+    }
+    replies: dict[str, Any] = {}
+    for name in sorted(persona.overridden):
+        value = persona.replies[name]
+        reply = value if isinstance(value, Reply) else persona.reply(name)
+        replies[name] = format_reply(reply)
+    for name in sorted(SERVER_REPLY_NAMES):
+        replies[name] = format_reply(getattr(profile, name))
+    spec["replies"] = replies
+    return spec
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return json.dumps(value).replace("\x7f", "\\u007f")
+    if isinstance(value, list):
+        if not value:
+            return "[]"
+        if len(value) == 1 or sum(len(str(v)) for v in value) < 60:
+            return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[\n" + "".join(f"    {_toml_value(v)},\n" for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def dump_profile(profile: PersonaProfile) -> str:
+    """The profile as a complete TOML profile file (``load_profile`` reads it back to an
+    equal profile): a starting point for your own."""
+    spec = _to_spec(profile)
+    lines = [f"# mailgate persona profile: {profile.name}"]
+    if profile.description:
+        lines.append(f"# {profile.description}")
+    lines += [
+        "# Complete: it starts from mailgate's own texts (base none) and lists every change.",
+        "",
+        'base = "none"',
+    ]
+    for key, value in spec.items():
+        if key != "replies":
+            lines.append(f"{key} = {_toml_value(value)}")
+    lines += ["", "[replies]"]
+    lines += [f"{name} = {_toml_value(value)}" for name, value in spec["replies"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def load_profile(path: str | Path, base: str | PersonaProfile | None = None) -> PersonaProfile:
+    """Read a TOML profile file. It starts from its ``base`` key's built-in persona, else
+    from ``base``, else from ``generic``. ProfileError names the file and the key."""
+    file = Path(path)
+    try:
+        with file.open("rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as exc:
+        raise ProfileError(str(file), "", f"cannot read: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileError(str(file), "", f"not valid TOML: {exc}") from None
+    data.setdefault("name", file.stem)
+    return profile_from_mapping(data, base=base, source=str(file))
+
+
+# --- the built-in personas ---------------------------------------------------------------------
+#
+# Written from the products' source code and documentation. "UNSURE" marks texts that are
+# a best guess (a code path not read, or a text that changed between versions); the user
+# documentation lists them. Replies not named keep mailgate's defaults, which are written
+# in RFC 5321 style.
+
+_POSTFIX: dict[str, Any] = {
+    # Postfix 3.7 as packaged by Debian 12: smtpd_banner = $myhostname ESMTP $mail_name
+    # (Debian/GNU); SASL through Dovecot (PLAIN LOGIN); message_size_limit 10240000.
+    "name": "postfix",
+    "description": "Postfix 3.7 on Debian 12 with Dovecot SASL",
+    "software": "Postfix",
+    "hostname": "mail.example.com",
+    "banner": "{hostname} ESMTP {software} (Debian/GNU)",
+    "ehlo_greeting": "{hostname}",
+    "helo_greeting": "{hostname}",
+    # smtpd.c ehlo_cmd(): PIPELINING SIZE VRFY ETRN STARTTLS AUTH XCLIENT XFORWARD
+    # ENHANCEDSTATUSCODES 8BITMIME DSN SMTPUTF8 CHUNKING. No ETRN (mailgate has none).
+    "capabilities": [
+        "PIPELINING",
+        "SIZE",
+        "VRFY",
+        "STARTTLS",
+        "AUTH",
+        "XCLIENT",
+        "XFORWARD",
+        "ENHANCEDSTATUSCODES",
+        "8BITMIME",
+        "DSN",
+        "SMTPUTF8",
+        "CHUNKING",
+    ],
+    # Postfix has no HELP and no EXPN command ("502 5.5.2 Error: command not recognized"),
+    # no BINARYMIME, no REQUIRETLS.
+    "hidden_capabilities": ["BINARYMIME", "REQUIRETLS", "HELP", "EXPN"],
+    "enhanced_status_codes": True,
+    "auth_mechanisms": ["PLAIN", "LOGIN"],
+    "message_size_limit": 10_240_000,
+    "queue_id": "postfix",
+    "replies": {
+        "ok": "250 2.0.0 Ok",
+        "sender_ok": "250 2.1.0 Ok",
+        "recipient_ok": "250 2.1.5 Ok",
+        "message_accepted": "250 2.0.0 Ok: queued",
+        "message_queued": "250 2.0.0 Ok: queued as {queue_id}",
+        "bdat_chunk_ok": "250 2.0.0 Ok: {size} bytes",  # UNSURE
+        "reset_ok": "250 2.0.0 Ok",
+        "noop_ok": "250 2.0.0 Ok",
+        "start_data": "354 End data with <CR><LF>.<CR><LF>",
+        "bye": "221 2.0.0 Bye",
+        "ready_for_tls": "220 2.0.0 Ready to start TLS",
+        "auth_ok": "235 2.7.0 Authentication successful",
+        "vrfy_default": "252 2.0.0 {address}",
+        "unknown_command": "502 5.5.2 Error: command not recognized",
+        "invalid_utf8": "500 5.5.2 Error: bad UTF-8 syntax",
+        "not_implemented": "502 5.5.1 Error: command not implemented",  # UNSURE
+        # Postfix cuts long lines instead of refusing them. UNSURE
+        "line_too_long": "500 5.5.2 Error: bad syntax",
+        "auth_line_too_long": "500 5.5.6 SASL response limit exceeded",  # UNSURE
+        "control_characters": "500 5.5.2 Error: bad syntax",  # UNSURE
+        "argument_not_allowed": "501 5.5.4 Syntax: {verb}",
+        "argument_required": "501 5.5.4 Syntax: {verb} address",  # HELO says "hostname"
+        "hello_syntax": "501 Syntax: {verb} hostname",
+        "mail_syntax": "501 5.5.4 Syntax: MAIL FROM:<address>",
+        "rcpt_syntax": "501 5.5.4 Syntax: RCPT TO:<address>",
+        "bdat_syntax": "501 5.5.4 Syntax: BDAT count [LAST]",  # UNSURE
+        "auth_syntax": "501 5.5.4 Syntax: AUTH mechanism",
+        "bad_sender_address": "501 5.1.7 Bad sender address syntax",
+        "bad_recipient_address": "501 5.1.3 Bad recipient address syntax",
+        "parameter_syntax": "501 5.5.4 Bad parameter syntax",  # UNSURE
+        # Postfix names the option ("Unsupported option: FOO=1"); no placeholder for it.
+        "bad_parameter": "555 5.5.4 Unsupported option",
+        "auth_malformed": "535 5.7.8 Error: authentication failed: authentication failure",
+        "smtputf8_required": "553 5.6.7 Must declare SMTPUTF8 to send unicode address",
+        "bad_sequence": "503 5.5.1 Error: bad sequence of commands",  # UNSURE
+        "need_hello": "503 5.5.1 Error: send HELO/EHLO first",
+        "need_mail": "503 5.5.1 Error: need MAIL command",
+        # DATA after MAIL without RCPT (before MAIL: "503 5.5.1 Error: need RCPT command").
+        "need_rcpt": "554 5.5.1 Error: no valid recipients",
+        "sender_already_specified": "503 5.5.1 Error: nested MAIL command",
+        "data_after_bdat": "503 5.5.1 Error: DATA after BDAT",  # UNSURE
+        "not_in_transaction": "503 5.5.1 Error: MAIL transaction in progress",
+        "only_quit": "503 5.7.0 Error: access denied",  # Postfix adds name[address]
+        "tls_already_active": "554 5.5.1 Error: TLS already active",
+        "auth_already": "503 5.5.1 Error: already authenticated",
+        "auth_unknown_mechanism": (
+            "535 5.7.8 Error: authentication failed: Invalid authentication mechanism"
+        ),  # UNSURE (the text comes from Dovecot)
+        "auth_requires_tls": "503 5.5.1 Error: authentication not enabled",
+        # The reason after the colon comes from the SASL server. UNSURE
+        "auth_failed": "535 5.7.8 Error: authentication failed: authentication failure",
+        "auth_cancelled": "501 5.7.0 Authentication aborted",
+        "auth_bad_base64": "501 5.5.2 Cannot decode response",  # UNSURE
+        "too_many_recipients": "452 4.5.3 Error: too many recipients",
+        "message_too_big": "552 5.3.4 Message size exceeds fixed limit",
+        # smtpd_forbid_bare_newline (3.9): Postfix also hangs up. UNSURE for 3.7
+        "bare_newline": "521 5.5.2 {hostname} Error: bare <LF> received",
+        "bare_newline_strict": "521 5.5.2 {hostname} Error: bare <LF> received",
+        "data_line_too_long": "552 5.3.4 Error: message file too big",  # UNSURE
+        "too_many_errors": "421 4.7.0 {hostname} Error: too many errors",
+        "shutting_down": "421 4.3.2 {hostname} Service shutting down",  # UNSURE
+        "idle_timeout": "421 4.4.2 {hostname} Error: timeout exceeded",
+        "syntax_error": "500 5.5.2 Error: bad syntax",
+        "bad_address": "501 5.1.3 Bad recipient address syntax",
+        "relay_denied": "554 5.7.1 <{address}>: Relay access denied",
+        "rejected": "554 5.7.1 <unknown[{client_ip}]>: Client host rejected: Access denied",
+        "too_many_connections": "421 4.7.0 {hostname} Error: too many connections from {client_ip}",
+    },
+}
+
+_EXIM: dict[str, Any] = {
+    # Exim 4.96 as in Debian 12 (exim4-daemon-light), default configuration plus the
+    # plaintext authenticators; texts from smtp_in.c. Exim has no enhanced status codes.
+    "name": "exim",
+    "description": "Exim 4.96 on Debian 12",
+    "software": "Exim 4.96",
+    "hostname": "mail.example.com",
+    # smtp_banner = $smtp_active_hostname ESMTP Exim $version_number $tod_full.
+    # $tod_full writes the day with two digits ("Tue, 01 Dec 2026").
+    "banner": "{hostname} ESMTP {software} {date_padded}",
+    "ehlo_greeting": "{hostname} Hello {helo} [{client_ip}]",
+    "helo_greeting": "{hostname} Hello {helo} [{client_ip}]",
+    # smtp_in.c: SIZE 8BITMIME (DSN) (ETRN VRFY EXPN if ACLs) PIPELINING AUTH CHUNKING
+    # STARTTLS (PRDR) SMTPUTF8 HELP. Not offered by default: DSN, VRFY. Not in mailgate:
+    # PIPECONNECT, PRDR.
+    "capabilities": [
+        "SIZE",
+        "8BITMIME",
+        "PIPELINING",
+        "AUTH",
+        "CHUNKING",
+        "STARTTLS",
+        "XCLIENT",
+        "SMTPUTF8",
+        "HELP",
+    ],
+    "hidden_capabilities": [
+        "ENHANCEDSTATUSCODES",
+        "DSN",
+        "BINARYMIME",
+        "REQUIRETLS",
+        "XFORWARD",
+    ],
+    # Exim answers VRFY without listing it in EHLO.
+    "unadvertised_capabilities": ["VRFY"],
+    "enhanced_status_codes": False,
+    "help": [
+        "Commands supported:",
+        "AUTH STARTTLS HELO EHLO MAIL RCPT DATA BDAT NOOP QUIT RSET HELP",
+    ],
+    "auth_mechanisms": ["PLAIN", "LOGIN", "CRAM-MD5"],
+    "message_size_limit": 52_428_800,
+    "queue_id": "exim",
+    "replies": {
+        "ok": "250 OK",
+        "sender_ok": "250 OK",
+        "recipient_ok": "250 Accepted",
+        "message_accepted": "250 OK",
+        "message_queued": "250 OK id={queue_id}",
+        "bdat_chunk_ok": "250 {size} byte chunk received",  # UNSURE
+        "reset_ok": "250 Reset OK",
+        "noop_ok": "250 OK",
+        "start_data": '354 Enter message, ending with "." on a line by itself',
+        "bye": "221 {hostname} closing connection",
+        "ready_for_tls": "220 TLS go ahead",
+        "auth_ok": "235 Authentication succeeded",
+        # No VRFY/EXPN ACL: smtp_handle_acl_fail() with "Administrative prohibition".
+        # A bare name ("VRFY root") gets "501 root: recipient address must contain a
+        # domain" from qualify_recipient(); the persona has one VRFY reply, this one.
+        "vrfy_default": "252 Administrative prohibition",
+        "expn_default": "550 Administrative prohibition",
+        "unknown_command": "500 unrecognized command",
+        "invalid_utf8": "500 unrecognized command",
+        "not_implemented": "503 {verb} command used when not advertised",
+        "line_too_long": "500 Command line too long",  # UNSURE
+        "auth_line_too_long": "500 Command line too long",  # UNSURE
+        "control_characters": "501 NUL characters are not allowed in SMTP commands",
+        "argument_not_allowed": "501 unexpected argument data",
+        "argument_required": "501 Syntactically invalid {verb} argument(s)",
+        "hello_syntax": "501 Syntactically invalid {verb} argument(s)",
+        # Exim's verbs are "mail from:" and "rcpt to:": anything else is unknown.
+        "mail_syntax": "500 unrecognized command",
+        "rcpt_syntax": "500 unrecognized command",
+        "bdat_syntax": "501 missing size for BDAT command",
+        "auth_syntax": "501 invalid character in authentication mechanism name",  # UNSURE
+        "auth_malformed": "535 Incorrect authentication data",
+        "bad_sequence": "503 bad sequence of commands",  # UNSURE
+        "need_hello": "503 HELO or EHLO required",
+        "need_mail": "503 sender not yet given",
+        "need_rcpt": "503 valid RCPT command must precede DATA",
+        "sender_already_specified": "503 sender already given",
+        "data_after_bdat": "503 valid RCPT command must precede DATA",  # UNSURE
+        "not_in_transaction": "503 not permitted in mail transaction",
+        "tls_already_active": "503 STARTTLS command used when not advertised",
+        "auth_already": "503 already authenticated",
+        # Exim names the mechanism: "504 FOO authentication mechanism not supported".
+        "auth_unknown_mechanism": "504 authentication mechanism not supported",
+        "auth_requires_tls": "503 AUTH command used when not advertised",
+        "auth_failed": "535 Incorrect authentication data",
+        "auth_cancelled": "501 Authentication cancelled",
+        "auth_bad_base64": "501 Invalid base64 data",
+        "too_many_recipients": "452 too many recipients",
+        "message_too_big": "552 Message size exceeds maximum permitted",
+        "too_many_errors": "500 Too many syntax or protocol errors",
+        "shutting_down": "421 {hostname}: Service not available - closing connection",
+        "idle_timeout": "421 {hostname}: SMTP command timeout - closing connection",
+        "syntax_error": "501 syntax error",  # UNSURE
+        "bad_address": "501 malformed address",  # UNSURE
+        # Debian's default ACL: "deny message = relay not permitted".
+        "relay_denied": "550 relay not permitted",
+        "rejected": "550 Administrative prohibition",
+        "too_many_connections": (
+            "421 Too many concurrent SMTP connections from this IP address; please try again later."
+        ),
+    },
+}
+
+_EXCHANGE: dict[str, Any] = {
+    # Microsoft Exchange Server 2019, default frontend receive connector on port 25 with
+    # Basic authentication enabled after STARTTLS. NTLM, GSSAPI, X-ANONYMOUSTLS, X-EXPS and
+    # XRDST are not offered (mailgate does not implement them).
+    "name": "exchange",
+    "description": "Microsoft Exchange Server 2019 (frontend transport)",
+    "software": "Microsoft ESMTP MAIL Service",
+    "hostname": "EXCH01.example.com",
+    "banner": "{hostname} {software} ready at {date}",
+    "ehlo_greeting": "{hostname} Hello [{client_ip}]",
+    "helo_greeting": "{hostname} Hello [{client_ip}]",
+    "capabilities": [
+        "SIZE",
+        "PIPELINING",
+        "DSN",
+        "ENHANCEDSTATUSCODES",
+        "STARTTLS",
+        "AUTH",
+        "8BITMIME",
+        "BINARYMIME",
+        "CHUNKING",
+        "SMTPUTF8",
+    ],
+    "hidden_capabilities": ["REQUIRETLS", "XCLIENT", "XFORWARD"],
+    # Exchange answers VRFY and HELP without listing them in EHLO.
+    "unadvertised_capabilities": ["VRFY", "HELP"],
+    "enhanced_status_codes": True,
+    "auth_mechanisms": ["LOGIN"],
+    "message_size_limit": 37_748_736,
+    "queue_id": "exchange",
+    "replies": {
+        "ok": "250 2.0.0 OK",
+        "sender_ok": "250 2.1.0 Sender OK",
+        "recipient_ok": "250 2.1.5 Recipient OK",
+        "message_accepted": "250 2.6.0 Queued mail for delivery",
+        "message_queued": (
+            "250 2.6.0 <{message_id}> [InternalId={queue_id}, Hostname={hostname}] "
+            "Queued mail for delivery"
+        ),
+        "bdat_chunk_ok": "250 2.0.0 {size} bytes received",  # UNSURE
+        "reset_ok": "250 2.0.0 Resetting",
+        "noop_ok": "250 2.0.0 OK",
+        "start_data": "354 Start mail input; end with <CRLF>.<CRLF>",
+        "bye": "221 2.0.0 Service closing transmission channel",
+        "ready_for_tls": "220 2.0.0 SMTP server ready",
+        "auth_ok": "235 2.7.0 Authentication successful",
+        "vrfy_default": "252 2.1.5 Cannot VRFY user",
+        "expn_default": "502 5.3.3 Command not implemented",
+        "help": [
+            "214-This server supports the following commands:",
+            "214 HELO EHLO STARTTLS RCPT DATA RSET MAIL QUIT HELP AUTH BDAT",
+        ],
+        # Older versions say just "Unrecognized command". UNSURE
+        "unknown_command": "500 5.3.3 Unrecognized command '{verb}'",
+        "invalid_utf8": "500 5.3.3 Unrecognized command",
+        "not_implemented": "502 5.3.3 Command not implemented",
+        "line_too_long": "500 5.5.2 Line too long",  # UNSURE
+        "auth_line_too_long": "500 5.5.6 Authentication Exchange line is too long",
+        "argument_not_allowed": "501 5.5.4 Invalid arguments",
+        "argument_required": "501 5.5.4 Invalid arguments",
+        "hello_syntax": "501 5.5.4 Invalid domain name",
+        "mail_syntax": "501 5.5.4 Invalid arguments",
+        "rcpt_syntax": "501 5.5.4 Invalid arguments",
+        "bdat_syntax": "501 5.5.4 Invalid arguments",
+        "auth_syntax": "501 5.5.4 Invalid arguments",
+        "bad_sender_address": "501 5.1.7 Invalid address",
+        "bad_recipient_address": "501 5.1.3 Invalid address",
+        "parameter_syntax": "501 5.5.4 Invalid arguments",
+        "bad_parameter": "501 5.5.4 Invalid arguments",  # UNSURE
+        "auth_malformed": "535 5.7.3 Authentication unsuccessful",
+        "bad_sequence": "503 5.5.2 Bad sequence of commands",  # UNSURE
+        "need_hello": "503 5.5.2 Send hello first",
+        "need_mail": "503 5.5.2 Need mail command",
+        "need_rcpt": "503 5.5.2 Need rcpt command",
+        "sender_already_specified": "503 5.5.2 Sender already specified",
+        "not_in_transaction": "503 5.5.2 Bad sequence of commands",  # UNSURE
+        "tls_already_active": "503 5.5.2 Already in TLS session",  # UNSURE
+        "auth_already": "503 5.5.2 Already authenticated",
+        "auth_unknown_mechanism": "504 5.7.4 Unrecognized authentication type",
+        "auth_requires_tls": "504 5.7.4 Unrecognized authentication type",
+        "auth_failed": "535 5.7.3 Authentication unsuccessful",
+        "auth_cancelled": "501 5.5.4 Authentication aborted",  # UNSURE
+        "auth_bad_base64": "501 5.5.2 Cannot Base64-decode Client responses",
+        "too_many_recipients": "452 4.5.3 Too many recipients",
+        "message_too_big": "552 5.3.4 Message size exceeds fixed maximum message size",
+        "too_many_errors": (
+            "421 4.7.0 Too many errors on this connection, closing transmission channel"
+        ),
+        "shutting_down": "421 4.3.2 Service not available, closing transmission channel",
+        "idle_timeout": "451 4.7.0 Timeout waiting for client input",
+        "syntax_error": "501 5.5.4 Invalid arguments",
+        "bad_address": "501 5.1.3 Invalid address",
+        "relay_denied": "550 5.7.54 SMTP; Unable to relay recipient in non-accepted domain",
+        "rejected": "550 5.7.1 Access denied",  # UNSURE
+        "too_many_connections": (
+            "421 4.3.2 The maximum number of concurrent connections has exceeded a limit, "
+            "closing transmission channel"
+        ),
+    },
+}
+
+_SENDMAIL: dict[str, Any] = {
+    # Sendmail 8.17.1 with the common PrivacyOptions goaway (novrfy, noexpn, noverb...),
+    # Cyrus SASL and no MaxMessageSize; texts from srvrsmtp.c and the stock helpfile.
+    # Replies name the address the way sendmail does ("<user@host>... Sender ok").
+    "name": "sendmail",
+    "description": "Sendmail 8.17.1 with PrivacyOptions=goaway",
+    "software": "Sendmail 8.17.1/8.17.1",
+    "hostname": "mx.example.com",
+    # SmtpGreetingMessage "$j Sendmail $v/$Z; $b" with "ESMTP" put in as second word.
+    "banner": "{hostname} ESMTP {software}; {date}",
+    # Sendmail shows the client's reverse DNS name; a honeypot's clients rarely have one.
+    "ehlo_greeting": "{hostname} Hello [{client_ip}], pleased to meet you",
+    "helo_greeting": "{hostname} Hello [{client_ip}], pleased to meet you",
+    # srvrsmtp.c: ENHANCEDSTATUSCODES PIPELINING (EXPN VERB) 8BITMIME SIZE DSN ETRN AUTH
+    # STARTTLS DELIVERBY HELP. Not in mailgate: ETRN, DELIVERBY, VERB.
+    "capabilities": [
+        "ENHANCEDSTATUSCODES",
+        "PIPELINING",
+        "8BITMIME",
+        "SIZE",
+        "DSN",
+        "AUTH",
+        "STARTTLS",
+        "HELP",
+    ],
+    # Sendmail 8.17 has no CHUNKING, BINARYMIME or REQUIRETLS and SMTPUTF8 only when
+    # built with EAI.
+    "hidden_capabilities": [
+        "CHUNKING",
+        "BINARYMIME",
+        "SMTPUTF8",
+        "REQUIRETLS",
+        "XCLIENT",
+        "XFORWARD",
+    ],
+    # With PrivacyOptions=novrfy sendmail still answers VRFY (252), without listing it.
+    "unadvertised_capabilities": ["VRFY"],
+    "enhanced_status_codes": True,
+    "help": [
+        "This is sendmail version 8.17.1",
+        "Topics:",
+        "\tHELO\tEHLO\tMAIL\tRCPT\tDATA",
+        "\tRSET\tNOOP\tQUIT\tHELP\tVRFY",
+        "\tEXPN\tVERB\tETRN\tDSN\tAUTH",
+        "\tSTARTTLS",
+        'For more info use "HELP <topic>".',
+        "To report bugs in the implementation see",
+        "\thttp://www.sendmail.org/email-addresses.html",
+        "For local information send email to Postmaster at your site.",
+        "End of HELP info",
+    ],
+    "auth_mechanisms": ["CRAM-MD5", "LOGIN", "PLAIN"],
+    "message_size_limit": 0,
+    "queue_id": "sendmail",
+    "replies": {
+        "ok": "250 2.0.0 OK",
+        "sender_ok": "250 2.1.0 <{address}>... Sender ok",
+        "recipient_ok": "250 2.1.5 <{address}>... Recipient ok",
+        "message_accepted": "250 2.0.0 Message accepted for delivery",
+        "message_queued": "250 2.0.0 {queue_id} Message accepted for delivery",
+        "reset_ok": "250 2.0.0 Reset state",
+        "noop_ok": "250 2.0.0 OK",
+        "start_data": '354 Enter mail, end with "." on a line by itself',
+        "bye": "221 2.0.0 {hostname} closing connection",
+        "ready_for_tls": "220 2.0.0 Ready to start TLS",
+        "auth_ok": "235 2.0.0 OK Authenticated",
+        "vrfy_default": (
+            "252 2.5.2 Cannot VRFY user; try RCPT to attempt delivery (or try finger)"
+        ),
+        "expn_default": "502 5.7.0 Sorry, we do not allow this operation",
+        "unknown_command": '500 5.5.1 Command unrecognized: "{command}"',
+        "invalid_utf8": "500 5.5.1 Command unrecognized",
+        "not_implemented": "502 5.5.1 Command not implemented",
+        "line_too_long": "500 5.5.0 Line too long",  # UNSURE
+        "auth_line_too_long": "500 5.5.0 Line too long",  # UNSURE
+        "argument_not_allowed": "501 5.5.2 Syntax error (no parameters allowed)",
+        "argument_required": "501 5.0.0 {verb} requires domain address",  # HELO's text
+        "hello_syntax": "501 5.0.0 Invalid domain name",
+        "mail_syntax": '501 5.5.2 Syntax error in parameters scanning "from"',  # UNSURE
+        "rcpt_syntax": '501 5.5.2 Syntax error in parameters scanning "to"',  # UNSURE
+        "auth_syntax": "501 5.5.2 AUTH mechanism must be specified",  # UNSURE
+        "auth_malformed": "535 5.7.0 authentication failed",
+        "bad_sequence": "503 5.0.0 Bad sequence of commands",  # UNSURE
+        "need_hello": "503 5.0.0 Polite people say HELO first",
+        "need_mail": "503 5.0.0 Need MAIL before RCPT",
+        "need_rcpt": "503 5.0.0 Need RCPT (recipient)",
+        "sender_already_specified": "503 5.5.0 Sender already specified",
+        "not_in_transaction": "503 5.5.0 {verb} not permitted during a mail transaction",
+        "only_quit": "550 5.0.0 Command rejected",
+        "tls_already_active": "503 5.5.0 TLS not available",  # UNSURE
+        "auth_already": "503 5.5.0 Already Authenticated",
+        # Sendmail names it: "504 5.3.3 AUTH mechanism FOO not available".
+        "auth_unknown_mechanism": "504 5.3.3 AUTH mechanism not available",
+        "auth_requires_tls": "503 5.3.3 AUTH not available",
+        "auth_failed": "535 5.7.0 authentication failed",
+        "auth_cancelled": "501 5.0.0 AUTH aborted",
+        # Sendmail quotes the data: "501 5.5.4 cannot decode AUTH parameter xyz".
+        "auth_bad_base64": "501 5.5.4 cannot decode AUTH parameter",
+        "too_many_recipients": "452 4.5.3 Too many recipients",
+        "message_too_big": "552 5.2.3 Message size exceeds fixed maximum message size ({max_size})",
+        "too_many_errors": "421 4.7.0 {hostname} Too many bad commands; closing connection",
+        "shutting_down": "421 4.7.0 {hostname} closing connection",  # UNSURE
+        # Sendmail adds the client: "... Lost input channel from [192.0.2.1]".
+        "idle_timeout": "421 4.4.1 {hostname} Lost input channel",
+        "syntax_error": "501 5.5.2 Syntax error in parameters",  # UNSURE
+        "bad_address": "553 5.1.3 Invalid address",  # UNSURE
+        "relay_denied": "550 5.7.1 <{address}>... Relaying denied",
+        "rejected": "550 5.7.1 Access denied",
+        "too_many_connections": "421 4.3.2 Too many open connections.",  # UNSURE
+    },
+}
+
+_GENERIC: dict[str, Any] = {
+    # No product: RFC 5321 reply texts (sections 3.5.3 and 4.2.2), and everything mailgate
+    # offers in its own order.
+    "name": "generic",
+    "description": "A generic ESMTP server using RFC 5321 texts",
+    "software": "ESMTP",
+    "hostname": "mail.example.com",
+    "banner": "{hostname} ESMTP Service ready",
+    "ehlo_greeting": "{hostname} Hello {helo} [{client_ip}]",
+    "helo_greeting": "{hostname} Hello {helo} [{client_ip}]",
+    "capabilities": [],
+    "hidden_capabilities": [],
+    "enhanced_status_codes": True,
+    "auth_mechanisms": ["PLAIN", "LOGIN"],
+    "message_size_limit": 26_214_400,
+    "queue_id": "hex",
+    "replies": {
+        "ok": "250 2.0.0 OK",
+        "sender_ok": "250 2.1.0 Sender OK",
+        "recipient_ok": "250 2.1.5 Recipient OK",
+        "message_accepted": "250 2.0.0 OK",
+        "message_queued": "250 2.0.0 OK: queued as {queue_id}",
+        "reset_ok": "250 2.0.0 OK",
+        "noop_ok": "250 2.0.0 OK",
+        "start_data": "354 Start mail input; end with <CRLF>.<CRLF>",
+        "bye": "221 2.0.0 {hostname} Service closing transmission channel",
+        "vrfy_default": "252 2.1.5 Cannot VRFY user, but will accept message and attempt delivery",
+        "expn_default": "502 5.5.1 Command not implemented",
+        "unknown_command": "500 5.5.1 Syntax error, command unrecognized",
+        "not_implemented": "502 5.5.1 Command not implemented",
+        "syntax_error": "501 5.5.4 Syntax error in parameters or arguments",
+        "bad_sequence": "503 5.5.1 Bad sequence of commands",
+        "need_hello": "503 5.5.1 Bad sequence of commands",
+        "need_mail": "503 5.5.1 Bad sequence of commands",
+        "need_rcpt": "503 5.5.1 Bad sequence of commands",
+        "sender_already_specified": "503 5.5.1 Bad sequence of commands",
+        "auth_unknown_mechanism": "504 5.5.4 Unrecognized authentication type",
+        "auth_bad_base64": "501 5.5.2 Cannot Base64-decode Client responses",
+        "message_too_big": "552 5.3.4 Requested mail action aborted: exceeded storage allocation",
+        "too_many_errors": "421 4.7.0 {hostname} Service not available, closing transmission channel",
+        "shutting_down": "421 4.3.2 {hostname} Service not available, closing transmission channel",
+        "idle_timeout": "421 4.4.2 {hostname} Service not available, closing transmission channel",
+        "relay_denied": "550 5.7.1 Relaying denied",
+        "rejected": "554 5.7.1 Access denied",
+        "too_many_connections": "421 4.7.0 {hostname} Too many connections, try again later",
+    },
+}
+
+
+def _builtin(spec: Mapping[str, Any]) -> PersonaProfile:
+    source = f"<built-in persona {spec['name']}>"
+    reader = _Reader(spec, source)
+    for key in spec:
+        if key not in PROFILE_KEYS or key == "base":
+            raise reader.error(key, "unknown key")
+    return _build(reader)
+
+
+#: ``base = "none"``: mailgate's own texts, no persona (what dump_profile starts from).
+_NONE = PersonaProfile(
+    name="none",
+    persona=Persona(),
+    software="mailgate",
+    description="mailgate's own texts (no persona)",
+    message_size_limit=26_214_400,
+)
+
+#: The built-in personas by name.
+PERSONAS: Mapping[str, PersonaProfile] = MappingProxyType(
+    {spec["name"]: _builtin(spec) for spec in (_POSTFIX, _EXIM, _EXCHANGE, _SENDMAIL, _GENERIC)}
+)

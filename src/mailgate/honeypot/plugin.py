@@ -1,0 +1,386 @@
+"""The honeypot plugin: capture credentials and messages, and slow attackers down.
+
+``HoneypotPlugin`` is an extension-API plugin (name ``honeypot``) that
+
+- answers AUTH as configured (``auth_outcome``: ``refuse``, ``accept`` or
+  ``accept-after:N`` -- the Nth attempt from an address and later ones are accepted)
+  and records every attempt: mechanism, user name, password (PLAIN, LOGIN), bearer
+  token (XOAUTH2), or challenge and digest (CRAM-MD5, in hashcat's ``$cram_md5$``
+  format); with ``drop_after_credentials`` it answers 535 and hangs up instead;
+- stores every message: the bytes the client sent (the server's own trace headers taken
+  off), their SHA-256, subject, URLs and attachments, then answers 250 -- a honeypot never
+  relays or delivers: its 250 ends the message chain, so no delivery step after it runs;
+- tarpits: before each answer it waits ``tarpit`` seconds times the number of
+  connections seen from the client's address (at most ``tarpit_max``);
+- ends sessions older than ``max_session_seconds``: with ``421 4.4.2`` at the next
+  command, and with a timer for clients that send nothing or only commands no plugin
+  sees (NOOP, RSET) -- the timer needs the server, given by :meth:`install`.
+
+``plugin.recorder`` is the server's transcript tap (``server.recorder``) feeding the same
+:class:`~mailgate.honeypot.store.CaptureStore`; :meth:`install` sets both up::
+
+    store = CaptureStore("/var/lib/mailgate-honeypot", jsonl="-")
+    HoneypotPlugin(store, auth_outcome="accept-after:3", tarpit=0.5).install(server)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING, Any, Final
+
+from mailgate.hooks import (
+    Address,
+    AuthAttempt,
+    Envelope,
+    Message,
+    Reject,
+    Session,
+    TempFail,
+)
+from mailgate.protocol import Reply
+from mailgate.protocol import replies as R
+
+from .extract import MAX_ATTACHMENTS, MAX_URLS, extract
+from .store import CaptureStore, RawMessage
+
+if TYPE_CHECKING:
+    from mailgate.server.app import Server
+
+log = logging.getLogger("mailgate.honeypot")
+
+__all__ = ["AUTH_OUTCOMES", "CaptureRecorder", "HoneypotPlugin", "parse_auth_outcome"]
+
+AUTH_OUTCOMES: Final = ("refuse", "accept", "accept-after:N")
+NAME: Final = "honeypot"
+#: Addresses remembered for the tarpit and accept-after (least recently seen forgotten).
+MAX_ADDRESSES: Final = 65536
+#: Bytes read from the top of a message to find the server's own trace header.
+_TOP: Final = 64 * 1024
+
+
+def parse_auth_outcome(value: str) -> tuple[str, int]:
+    """``"refuse"`` -> ("refuse", 0), ``"accept"`` -> ("accept", 0), ``"accept-after:N"``
+    -> ("accept-after", N) with N >= 1; anything else is a ValueError saying what works."""
+    text = str(value).strip().lower()
+    if text in ("refuse", "accept"):
+        return text, 0
+    match = re.fullmatch(r"accept-after:\s*(\d+)", text)
+    if match and int(match[1]) >= 1:
+        return "accept-after", int(match[1])
+    raise ValueError(
+        f"auth_outcome must be refuse, accept or accept-after:N (N >= 1), not {value!r}"
+    )
+
+
+class CaptureRecorder:
+    """The server's transcript tap (``SessionRecorder``) writing to a CaptureStore."""
+
+    def __init__(self, store: CaptureStore) -> None:
+        self.store = store
+
+    def opened(self, session: Session) -> None:
+        self.store.session_opened(session)
+
+    def received(self, session: Session, line: bytes) -> None:
+        self.store.line(session, "c", line)
+
+    def sent(self, session: Session, data: bytes) -> None:
+        self.store.line(session, "s", data)
+
+    def tls(self, session: Session) -> None:
+        self.store.session_tls(session)
+
+    def closed(self, session: Session, reason: str) -> None:
+        self.store.session_closed(session, reason)
+
+
+@dataclass(slots=True)
+class _Address:
+    """What the plugin remembers about one client address."""
+
+    connections: int = 0
+    auth_attempts: int = 0
+
+
+class HoneypotPlugin:
+    """See the module docstring. Constructor arguments:
+
+    ``store``: the CaptureStore (closed by :meth:`aclose` unless ``close_store=False``);
+    ``auth_outcome``: ``"refuse"`` (default), ``"accept"`` or ``"accept-after:N"``;
+    ``drop_after_credentials``: answer 535 and disconnect after recording credentials;
+    ``tarpit``: seconds per connection seen from the address (0: off), ``tarpit_max``:
+    the cap of one delay (keep it below the server's ``hook_timeout``);
+    ``max_session_seconds``: the longest session (None: no limit);
+    ``max_urls``/``max_attachments``/``max_parse_bytes``: what message parsing keeps and
+    reads; ``auth_mechanisms``: offered when no ``auth_mechanisms`` setting overrides;
+    ``clock``: the time source (session ages compare with ``session.started_at``).
+    """
+
+    name = NAME
+
+    def __init__(
+        self,
+        store: CaptureStore,
+        *,
+        auth_outcome: str = "refuse",
+        drop_after_credentials: bool = False,
+        tarpit: float = 0.0,
+        tarpit_max: float = 10.0,
+        max_session_seconds: float | None = None,
+        max_urls: int = MAX_URLS,
+        max_attachments: int = MAX_ATTACHMENTS,
+        max_parse_bytes: int = 10 * 1024 * 1024,
+        auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN", "CRAM-MD5", "XOAUTH2"),
+        close_store: bool = True,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.auth_mode, self.accept_after = parse_auth_outcome(auth_outcome)
+        self.auth_outcome = auth_outcome
+        if tarpit < 0 or tarpit_max < 0:
+            raise ValueError("tarpit and tarpit_max must not be negative")
+        if max_session_seconds is not None and max_session_seconds <= 0:
+            raise ValueError("max_session_seconds must be positive (or None for no limit)")
+        self.drop_after_credentials = drop_after_credentials
+        self.tarpit = float(tarpit)
+        self.tarpit_max = float(tarpit_max)
+        self.max_session_seconds = max_session_seconds
+        self.max_urls = max_urls
+        self.max_attachments = max_attachments
+        self.max_parse_bytes = max_parse_bytes
+        self.auth_mechanisms = tuple(auth_mechanisms)
+        self.close_store = close_store
+        self.clock = clock
+        self.recorder = CaptureRecorder(store)
+        self.server: Server | None = None
+        self._addresses: OrderedDict[str, _Address] = OrderedDict()
+
+    def install(self, server: Server) -> HoneypotPlugin:
+        """Add this plugin to ``server`` and make its recorder the server's transcript tap;
+        also lets ``max_session_seconds`` close sessions that stay silent."""
+        hook_timeout = server.options.hook_timeout
+        if self.tarpit and self.tarpit_max >= hook_timeout:
+            self.tarpit_max = max(0.0, hook_timeout - 1.0)
+            log.warning(
+                "honeypot: tarpit_max lowered to %.1f s, below hook_timeout (%.0f s)",
+                self.tarpit_max,
+                hook_timeout,
+            )
+        server.add_plugin(self)
+        server.recorder = self.recorder
+        self.server = server
+        return self
+
+    # --- stages ------------------------------------------------------------------------------
+
+    async def on_connect(self, session: Session) -> None:
+        state = self._address(session.peer_host)
+        state.connections += 1
+        if self.max_session_seconds is not None and self.server is not None:
+            loop = asyncio.get_running_loop()
+            remaining = self.max_session_seconds - (self.clock() - session.started_at)
+            timer = loop.call_later(max(0.0, remaining), self._expire, session)
+            session.notes.setdefault(self.name, {})["timer"] = timer
+        await self._pace(session)
+
+    async def on_helo(self, session: Session, hostname: str) -> None:
+        await self._pace(session)
+
+    async def on_auth(self, session: Session, auth: AuthAttempt) -> bool | None:
+        state = self._address(session.peer_host)
+        state.auth_attempts += 1
+        if self.auth_mode == "accept":
+            accepted = True
+        elif self.auth_mode == "accept-after":
+            accepted = state.auth_attempts >= self.accept_after
+        else:
+            accepted = False
+        drop = self.drop_after_credentials
+        outcome = "dropped" if drop else ("accepted" if accepted else "refused")
+        token = auth.token
+        if auth.method == "CRAM-MD5" and auth.challenge is not None and auth.digest:
+            token = _hashcat_cram_md5(auth.username, auth.challenge, auth.digest)
+        self.store.auth_attempt(
+            session,
+            mechanism=auth.method,
+            username=auth.username,
+            password=auth.password,
+            token=token,
+            outcome=outcome,
+        )
+        log.info(
+            "session %s: AUTH %s %r from %s (attempt %d from this address): %s",
+            session.id,
+            auth.method,
+            auth.username,
+            session.peer_host,
+            state.auth_attempts,
+            outcome,
+        )
+        await self._pace(session, check_age=False)
+        if drop:
+            raise Reject(535, R.AUTH_FAILED.text, enhanced=R.AUTH_FAILED.status, disconnect=True)
+        self._check_age(session)
+        # Refused: None leaves the answer to the server (its usual 535 after its failure
+        # delay); another auth plugin could still accept, which a honeypot does not have.
+        return True if accepted else None
+
+    async def on_mail(self, session: Session, envelope: Envelope, address: Address) -> None:
+        await self._pace(session)
+
+    async def on_rcpt(self, session: Session, envelope: Envelope, address: Address) -> None:
+        await self._pace(session)
+
+    async def on_data_start(self, session: Session, envelope: Envelope) -> None:
+        await self._pace(session)
+
+    async def on_message(self, session: Session, envelope: Envelope, message: Message) -> bool:
+        keep = self.store.reserve_message_bytes(session.id, message.size)
+        try:
+            raw, extracted = await asyncio.to_thread(self._read_message, message, keep)
+        except Exception:
+            log.exception("session %s: message %s could not be captured", session.id, message.id)
+        else:
+            self.store.message(
+                session,
+                message_id=message.id,
+                ts=message.received_at,
+                mail_from=envelope.sender,
+                rcpt_tos=[str(r) for r in envelope.rcpt_tos],
+                raw=raw,
+                subject=extracted.subject,
+                urls=extracted.urls,
+                attachments=extracted.attachments,
+            )
+            log.info(
+                "session %s: captured message %s from=<%s> rcpts=%d size=%d sha256=%s",
+                session.id,
+                message.id,
+                envelope.sender,
+                len(envelope.rcpt_tos),
+                raw.size,
+                raw.sha256,
+            )
+        await self._pace(session, check_age=False)
+        # The 250 ends the chain: no delivery step after this one runs.
+        return True
+
+    async def on_close(self, session: Session) -> None:
+        notes = session.notes.get(self.name)
+        if notes is not None and notes.get("timer") is not None:
+            notes.pop("timer").cancel()
+
+    async def aclose(self) -> None:
+        if self.close_store:
+            await asyncio.to_thread(self.store.close)
+        else:
+            await asyncio.to_thread(self.store.flush)
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def _address(self, ip: str) -> _Address:
+        addresses = self._addresses
+        state = addresses.get(ip)
+        if state is None:
+            state = addresses[ip] = _Address()
+            if len(addresses) > MAX_ADDRESSES:
+                addresses.popitem(last=False)
+        else:
+            addresses.move_to_end(ip)
+        return state
+
+    def delay(self, ip: str) -> float:
+        """The tarpit delay for the address now."""
+        if not self.tarpit:
+            return 0.0
+        state = self._addresses.get(ip)
+        connections = state.connections if state is not None else 1
+        return min(self.tarpit * max(1, connections), self.tarpit_max)
+
+    async def _pace(self, session: Session, *, check_age: bool = True) -> None:
+        if check_age:
+            self._check_age(session)
+        delay = self.delay(session.peer_host)
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    def _check_age(self, session: Session) -> None:
+        limit = self.max_session_seconds
+        if limit is not None and self.clock() - session.started_at >= limit:
+            log.info("session %s: longer than %.0f s, closing", session.id, limit)
+            raise TempFail(421, _TIMEOUT_TEXT, enhanced="4.4.2", disconnect=True)
+
+    def _expire(self, session: Session) -> None:
+        """The max_session_seconds timer: close the session's connection with a 421."""
+        server = self.server
+        if server is None:
+            return
+        for connection in list(server.connections):
+            if connection.session is session:
+                log.info(
+                    "session %s: longer than %.0f s, closing", session.id, self.max_session_seconds
+                )
+                reply = Reply(421, "4.4.2", (f"{server.options.hostname} {_TIMEOUT_TEXT}",))
+                connection.refuse(reply, "max-session")
+                break
+
+    def _read_message(self, message: Message, keep: bool) -> tuple[RawMessage, Any]:
+        """In a worker thread: store the message as the client sent it and parse its top."""
+        with message.open() as source:
+            _skip_own_headers(source, message.id)
+            raw = self.store.save_raw(source, keep=keep, head=self.max_parse_bytes)
+        extracted = extract(raw.head, max_urls=self.max_urls, max_attachments=self.max_attachments)
+        return raw, extracted
+
+
+_TIMEOUT_TEXT: Final = "Error: timeout exceeded"
+#: The "id QUEUE-ID" clause of a Received header.
+_IDS: Final = re.compile(rb"\sid\s+([^\s;]+)")
+
+
+def _hashcat_cram_md5(username: str, challenge: bytes, digest: str) -> str:
+    """CRAM-MD5 credentials as hashcat (mode 10200) and John the Ripper take them."""
+    answer = f"{username} {digest}".encode()
+    encoded = base64.b64encode(challenge).decode(), base64.b64encode(answer).decode()
+    return f"$cram_md5${encoded[0]}${encoded[1]}"
+
+
+def _skip_own_headers(source: IO[bytes], queue_id: str) -> None:
+    """Position ``source`` after the server's own ``Received:`` header for this message
+    (the one naming its queue id) and any header a step prepended above it; leave it at
+    the start when there is none."""
+    top = source.read(_TOP)
+    end = _own_headers_end(top, queue_id)
+    with contextlib.suppress(OSError):
+        source.seek(end)
+
+
+def _own_headers_end(top: bytes, queue_id: str) -> int:
+    """Offset just past the server's Received header (see _skip_own_headers), or 0."""
+    pos = 0
+    length = len(top)
+    while pos < length:
+        # One header field: a line and its continuation lines.
+        end = pos
+        while True:
+            newline = top.find(b"\n", end)
+            if newline < 0:
+                return 0  # the field goes past what was read: not ours
+            end = newline + 1
+            if end >= length or top[end : end + 1] not in (b" ", b"\t"):
+                break
+        field = top[pos:end]
+        if field in (b"\r\n", b"\n") or b":" not in field.split(b"\n", 1)[0]:
+            return 0  # end of the header section, or not a header at all
+        if field[:9].lower() == b"received:" and queue_id.encode() in _IDS.findall(field):
+            return end
+        pos = end
+    return 0

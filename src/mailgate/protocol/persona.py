@@ -1,0 +1,615 @@
+"""How the server presents itself: every reply text, the banner, the EHLO/HELO greeting,
+the EHLO keyword order and HELP, as one immutable value kept in ``ProtocolConfig.persona``.
+
+The default :class:`Persona` gives mailgate's own texts. A persona changes only how things
+*look*: what the engine does (and so what it advertises) stays decided by the
+:class:`~mailgate.protocol.config.ProtocolConfig`. A persona can hide an extension (it is
+then left out of EHLO and refused as if mailgate did not have it) but never add one.
+
+Reply names
+-----------
+A name is the lower-case name of a constant in :mod:`mailgate.protocol.replies`;
+:data:`REPLY_NAMES` lists them all. An override is a :class:`~mailgate.protocol.replies.Reply`
+(code, enhanced code, lines) or a plain ``str`` (new text, the default's codes; ``\\n``
+separates lines). Texts follow RFC 5321's ``textstring`` (printable ASCII and TAB) and may
+use the placeholders listed for their name: ``{hostname}`` (the server's name) everywhere,
+and the ones below. Write ``{{`` and ``}}`` for literal braces. An override keeps the
+reply's class: a positive reply stays in its 2xx/3xx class (``start_data`` must be 354,
+``ready_for_tls`` 220), a refusal stays a 4xx or 5xx.
+
+Values put into placeholders are cleaned: control characters become ``?``, ``None`` the
+empty string.
+
+=========================  ================================================  ===================
+name                       sent when                                         placeholders
+=========================  ================================================  ===================
+ok                         XFORWARD accepted                                 -
+sender_ok                  MAIL accepted                                     {address} (sender,
+                                                                             empty for ``<>``)
+recipient_ok               RCPT accepted                                     {address}
+message_accepted           end of DATA/BDAT, no queue id known               -
+message_queued             end of DATA with a queue id (used by servers      {queue_id}
+                           through :meth:`Persona.format`)
+bdat_chunk_ok              a BDAT chunk that is not the last one             {size} (octets)
+reset_ok                   RSET                                              -
+noop_ok                    NOOP                                              -
+start_data                 DATA accepted (must stay 354)                     -
+bye                        QUIT                                              -
+ready_for_tls              STARTTLS accepted (must stay 220)                 -
+auth_ok                    AUTH succeeded                                    -
+vrfy_default               VRFY with no policy answer                        {address} (argument)
+expn_default               EXPN with no policy answer                        {address} (argument)
+help                       HELP (see also ``Persona.help``)                  {commands},
+                                                                             {software}
+unknown_command            unknown verb, or a hidden extension's verb        {verb}, {command}
+                                                                             (the line, cut to
+                                                                             200 characters)
+invalid_utf8               a command line that is not UTF-8                  -
+not_implemented            a verb switched off in the config                 {verb}
+line_too_long              a command line over the limit                     -
+auth_line_too_long         an AUTH exchange line over the limit              -
+control_characters         control characters in a command line              -
+argument_not_allowed       an argument to RSET, DATA, QUIT...                {verb}
+argument_required          no argument to HELO, MAIL, VRFY...                {verb}
+hello_syntax               HELO/EHLO/LHLO with more than a name              {verb}
+mail_syntax                MAIL without ``FROM:``                            -
+rcpt_syntax                RCPT without ``TO:``                              -
+bdat_syntax                BDAT with a bad size or last word                 -
+auth_syntax                AUTH with more than two words                     -
+bad_sender_address         MAIL path refused by the parser [*]_              {detail}
+bad_recipient_address      RCPT path refused by the parser [*]_              {detail}
+parameter_syntax           malformed MAIL/RCPT parameter (501) [*]_          {detail}
+bad_parameter              refused MAIL/RCPT parameter (555) [*]_            {detail}
+auth_malformed             an undecodable SASL response [*]_                 {detail}
+smtputf8_required          a UTF-8 address without SMTPUTF8                  -
+bad_sequence               a command out of sequence (other cases)           -
+need_hello                 a command before HELO/EHLO                        -
+need_mail                  RCPT/DATA before MAIL                             -
+need_rcpt                  DATA before RCPT                                  -
+sender_already_specified   MAIL inside a transaction                         -
+data_after_bdat            DATA between BDAT chunks                          -
+not_in_transaction         STARTTLS/AUTH/XCLIENT/XFORWARD in a transaction   {verb}
+only_quit                  anything but QUIT after a 554 greeting            -
+binarymime_needs_bdat      DATA after ``BODY=BINARYMIME``                    -
+tls_already_active         STARTTLS inside TLS                               -
+auth_already               AUTH when authenticated                           -
+auth_unknown_mechanism     AUTH with a mechanism not offered                 -
+auth_requires_tls          AUTH before TLS when TLS is required              -
+auth_failed                AUTH refused (servers answer it)                  -
+auth_cancelled             ``*`` during an AUTH exchange                     -
+auth_bad_base64            an AUTH response that is not base64               -
+too_many_recipients        RCPT over ``max_recipients``                      {max_recipients}
+message_too_big            SIZE= over the limit, or too much data            {max_size}
+bare_newline               bare CR/LF before "." in DATA (policy REJECT)     -
+bare_newline_strict        bare CR/LF in DATA (policy STRICT)                -
+data_line_too_long         a DATA line over the limit                        -
+too_many_errors            too many unknown/bad commands or AUTH failures    -
+shutting_down              the server closes the session (shutdown)          -
+idle_timeout               the server closes an idle session                 -
+syntax_error               not sent by the engine (for servers, plugins)     -
+bad_address                not sent by the engine (for servers, plugins)     -
+=========================  ================================================  ===================
+
+.. [*] Pass-through replies: by default the engine sends the parser's own, more specific
+   reply (e.g. ``555 5.5.4 Unknown parameter FOO``). An override replaces it; ``{detail}``
+   is the parser's text. A ``str`` override keeps the parser's code and enhanced code.
+
+XCLIENT/XFORWARD syntax errors (trusted peers only) and SASL challenges keep their texts.
+
+A :class:`Persona` with a bad override (unknown name, unknown placeholder, malformed text,
+a code of the wrong class) raises :class:`PersonaError` (a ``ValueError``) naming it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import string
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import MappingProxyType
+
+from . import replies as R
+from .replies import Reply, ReplyError
+
+
+class PersonaError(ValueError):
+    """A Persona built with values that cannot work; the message names the reply."""
+
+
+def _names() -> dict[str, Reply]:
+    return {
+        name.lower(): value
+        for name, value in vars(R).items()
+        if isinstance(value, Reply) and name.isupper()
+    }
+
+
+_DEFAULTS: Mapping[str, Reply] = MappingProxyType(_names())
+
+#: Every reply name a persona may override (lower-case names of the replies.py constants).
+REPLY_NAMES: frozenset[str] = frozenset(_DEFAULTS)
+
+#: Default reply object (by identity) -> its name: a caller that passes the standard
+#: constant (``replies.AUTH_FAILED``) gets the persona's version of it.
+CONSTANT_NAMES: Mapping[int, str] = MappingProxyType({id(v): k for k, v in _DEFAULTS.items()})
+
+
+def _allowed(*extra: str) -> frozenset[str]:
+    return frozenset(("hostname", *extra))
+
+
+_PLACEHOLDERS_BY_NAME: dict[str, frozenset[str]] = {name: _allowed() for name in REPLY_NAMES}
+_PLACEHOLDERS_BY_NAME.update(
+    {
+        "sender_ok": _allowed("address"),
+        "recipient_ok": _allowed("address"),
+        "message_queued": _allowed("queue_id"),
+        "bdat_chunk_ok": _allowed("size"),
+        "vrfy_default": _allowed("address"),
+        "expn_default": _allowed("address"),
+        "help": _allowed("commands", "software"),
+        "unknown_command": _allowed("verb", "command"),
+        "not_implemented": _allowed("verb"),
+        "argument_not_allowed": _allowed("verb"),
+        "argument_required": _allowed("verb"),
+        "hello_syntax": _allowed("verb"),
+        "not_in_transaction": _allowed("verb"),
+        "bad_sender_address": _allowed("detail"),
+        "bad_recipient_address": _allowed("detail"),
+        "parameter_syntax": _allowed("detail"),
+        "bad_parameter": _allowed("detail"),
+        "auth_malformed": _allowed("detail"),
+        "too_many_recipients": _allowed("max_recipients"),
+        "message_too_big": _allowed("max_size"),
+    }
+)
+#: Reply name -> the placeholders its text may use.
+PLACEHOLDERS: Mapping[str, frozenset[str]] = MappingProxyType(_PLACEHOLDERS_BY_NAME)
+
+#: The banner (220 greeting) and the HELO/EHLO/LHLO greeting line.
+BANNER_PLACEHOLDERS = frozenset(
+    {"hostname", "software", "protocol", "date", "date_padded", "client_ip"}
+)
+GREETING_PLACEHOLDERS = BANNER_PLACEHOLDERS | {"helo"}
+
+#: Names whose default is the parser's own reply (see the module docstring).
+PASS_THROUGH: frozenset[str] = frozenset(
+    {
+        "bad_sender_address",
+        "bad_recipient_address",
+        "parameter_syntax",
+        "bad_parameter",
+        "auth_malformed",
+    }
+)
+#: Replies the state machine recognizes by their exact code.
+_EXACT_CODES = {"start_data": 354, "ready_for_tls": 220}
+
+#: Every EHLO keyword mailgate can offer (what capability_order and hidden_capabilities
+#: may name). EXPN is never advertised but can be hidden (the command becomes unknown).
+KEYWORDS: frozenset[str] = frozenset(
+    {
+        "PIPELINING",
+        "SIZE",
+        "8BITMIME",
+        "SMTPUTF8",
+        "ENHANCEDSTATUSCODES",
+        "CHUNKING",
+        "BINARYMIME",
+        "DSN",
+        "STARTTLS",
+        "REQUIRETLS",
+        "AUTH",
+        "XCLIENT",
+        "XFORWARD",
+        "VRFY",
+        "EXPN",
+        "HELP",
+    }
+)
+#: The verb each hideable keyword brings; hidden, the verb is an unknown command.
+_VERB_OF = {
+    "CHUNKING": "BDAT",
+    "STARTTLS": "STARTTLS",
+    "AUTH": "AUTH",
+    "VRFY": "VRFY",
+    "EXPN": "EXPN",
+    "HELP": "HELP",
+    "XCLIENT": "XCLIENT",
+    "XFORWARD": "XFORWARD",
+}
+
+# RFC 5321 4.2: textstring = 1*(%d09 / %d32-126)
+_TEXT = re.compile(r"[\t\x20-\x7e]*")
+# What a placeholder value may not bring onto the wire: C0 and C1 controls (CR, LF...),
+# DEL, and lone surrogates (which cannot be encoded).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_FORMATTER = string.Formatter()
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def local_now() -> datetime:
+    """The current time in the server's local time zone (ProtocolConfig's default clock)."""
+    return datetime.now().astimezone()
+
+
+def format_date(moment: datetime, *, padded: bool = False) -> str:
+    """RFC 5322 date-time: ``Tue, 1 Dec 2026 10:00:00 +0000`` (``padded``: a two-digit day,
+    ``Tue, 01 Dec 2026 ...``, as Exim writes it). A naive ``moment`` is taken as local
+    time."""
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        moment = moment.astimezone()
+    offset = moment.utcoffset()
+    minutes = int(offset.total_seconds() // 60) if offset is not None else 0
+    sign = "-" if minutes < 0 else "+"
+    hours, mins = divmod(abs(minutes), 60)
+    return (
+        f"{_DAYS[moment.weekday()]}, {moment.day:0{2 if padded else 1}d} "
+        f"{_MONTHS[moment.month - 1]} "
+        f"{moment.year:04d} {moment.hour:02d}:{moment.minute:02d}:{moment.second:02d} "
+        f"{sign}{hours:02d}{mins:02d}"
+    )
+
+
+class CurrentDate:
+    """A ``{date}`` value that reads its clock only when a text uses it."""
+
+    __slots__ = ("clock", "padded")
+
+    def __init__(self, clock: Callable[[], datetime], *, padded: bool = False) -> None:
+        self.clock = clock
+        self.padded = padded
+
+    def __str__(self) -> str:
+        return format_date(self.clock(), padded=self.padded)
+
+
+def clean(value: object) -> str:
+    """A placeholder value as it may go on the wire (no controls, so no CR or LF)."""
+    if value is None:
+        return ""
+    text = value if isinstance(value, str) else str(value)
+    return _UNSAFE.sub("?", text)
+
+
+def _fields(text: str, allowed: frozenset[str], where: str) -> frozenset[str]:
+    """The placeholders ``text`` uses; PersonaError for a malformed text or an unknown one."""
+    if not _TEXT.fullmatch(text):
+        bad = next(c for c in text if not _TEXT.fullmatch(c))
+        raise PersonaError(
+            f"{where}: character {bad!r} not allowed in a reply text (printable ASCII and "
+            "TAB only; separate lines with a list or '\\n')"
+        )
+    try:
+        parsed = list(_FORMATTER.parse(text))
+    except ValueError as exc:
+        raise PersonaError(
+            f"{where}: {exc} in {text!r} (write '{{{{' and '}}}}' for literal braces)"
+        ) from None
+    found: set[str] = set()
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if name not in allowed:
+            known = ", ".join("{" + n + "}" for n in sorted(allowed))
+            raise PersonaError(
+                f"{where}: unknown placeholder {{{name}}} in {text!r} (allowed: {known})"
+            )
+        if spec or conversion:
+            raise PersonaError(
+                f"{where}: placeholder {{{name}}} takes no format spec or conversion"
+            )
+        found.add(name)
+    return frozenset(found)
+
+
+@dataclass(frozen=True, slots=True)
+class _Template:
+    """A reply whose text has placeholders, filled in when it is sent."""
+
+    reply: Reply
+    fields: frozenset[str]
+    #: A str override of a pass-through name: the code and enhanced code of the reply it
+    #: replaces.
+    inherit: bool = False
+
+    def render(self, values: Mapping[str, object], original: Reply | None = None) -> Reply:
+        """The reply with the placeholders filled; ``original``: the reply this one
+        replaces (its text is {detail}; its codes are kept for a str override)."""
+        filled: dict[str, str] = {}
+        for name in self.fields:
+            if name == "detail" and original is not None:
+                filled[name] = clean(" ".join(original.lines))
+                continue
+            try:
+                filled[name] = clean(values[name])  # [] so a lazy mapping can compute it
+            except KeyError:
+                filled[name] = ""
+        text = self.reply.lines
+        if len(text) == 1:
+            lines: tuple[str, ...] = (text[0].format_map(filled),)
+        else:
+            lines = tuple(line.format_map(filled) for line in text)
+        base = original if self.inherit and original is not None else self.reply
+        return Reply(base.code, base.status, lines)
+
+
+def _class_status(code: int) -> str:
+    return f"{code // 100}.0.0"
+
+
+def _lines_of(text: str) -> tuple[str, ...]:
+    return tuple(text.split("\n"))
+
+
+@dataclass(frozen=True, slots=True)
+class Persona:
+    """How replies look. See the module docstring for every reply name and placeholder."""
+
+    #: Replies by name, overriding the defaults of mailgate.protocol.replies. A ``str``
+    #: keeps the default's codes and changes the text.
+    replies: Mapping[str, Reply | str] = field(default_factory=dict, hash=False)
+    #: Text of the 220 greeting after "220 ". Placeholders: {hostname}, {software},
+    #: {protocol} ("ESMTP", or "LMTP" in LMTP mode), {date} (RFC 5322 date-time in the
+    #: server's time zone, e.g. "Tue, 1 Dec 2026 10:00:00 +0000"), {client_ip}.
+    banner: str = "{hostname} {protocol} {software}"
+    #: First line of the EHLO (and LHLO) reply, after "250-". Placeholders: the banner's
+    #: and {helo} (the name the client gave).
+    ehlo_greeting: str = "{hostname} Hello {helo}"
+    #: The HELO reply text. Same placeholders.
+    helo_greeting: str = "{hostname} Hello {helo}"
+    #: EHLO keyword order: these first, in this order; the rest after, in the default
+    #: order. Keywords are the first word ("SIZE", "AUTH", "STARTTLS", "8BITMIME").
+    capability_order: tuple[str, ...] = ()
+    #: Extensions left out of EHLO even when mailgate offers them; their verb becomes an
+    #: unknown command (CHUNKING: BDAT, STARTTLS, AUTH, VRFY, EXPN, HELP, XCLIENT,
+    #: XFORWARD) and their MAIL/RCPT parameters are refused as not offered. Hiding
+    #: CHUNKING hides BINARYMIME; hiding ENHANCEDSTATUSCODES drops the enhanced codes.
+    hidden_capabilities: frozenset[str] = frozenset()
+    #: Extensions left out of EHLO whose verb still works (products that answer VRFY or
+    #: HELP without listing them). Hiding wins when a keyword is in both.
+    unadvertised_capabilities: frozenset[str] = frozenset()
+    #: HELP reply lines (placeholders {hostname}, {software}, {commands}: the verbs this
+    #: session may use); empty: the default text.
+    help: tuple[str, ...] = ()
+    help_code: int = 214
+    #: Whether enhanced status codes are written (and ENHANCEDSTATUSCODES offered).
+    enhanced_status_codes: bool = True
+
+    # Derived once, in __post_init__.
+    _static: dict[str, Reply] = field(init=False, repr=False, compare=False)
+    _templates: Mapping[str, _Template] = field(init=False, repr=False, compare=False)
+    _overridden: frozenset[str] = field(init=False, repr=False, compare=False)
+    _hidden_verbs: frozenset[str] = field(init=False, repr=False, compare=False)
+    _order: Mapping[str, int] = field(init=False, repr=False, compare=False)
+    _banner: _Template = field(init=False, repr=False, compare=False)
+    _ehlo: _Template = field(init=False, repr=False, compare=False)
+    _helo: _Template = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        put = object.__setattr__
+        if isinstance(self.help, str):
+            put(self, "help", (self.help,))
+        else:
+            put(self, "help", tuple(self.help))
+        order = tuple(self._keyword(k, "capability_order") for k in self.capability_order)
+        if len(set(order)) != len(order):
+            raise PersonaError(f"capability_order: a keyword is listed twice: {order}")
+        put(self, "capability_order", order)
+        if isinstance(self.hidden_capabilities, str):
+            raise PersonaError("hidden_capabilities: give a set of keywords, not a string")
+        hidden = {self._keyword(k, "hidden_capabilities") for k in self.hidden_capabilities}
+        if "CHUNKING" in hidden:
+            hidden.add("BINARYMIME")  # RFC 3030: BINARYMIME needs BDAT
+        put(self, "hidden_capabilities", frozenset(hidden))
+        put(self, "_hidden_verbs", frozenset(_VERB_OF[k] for k in hidden if k in _VERB_OF))
+        if isinstance(self.unadvertised_capabilities, str):
+            raise PersonaError("unadvertised_capabilities: give a set of keywords, not a string")
+        put(
+            self,
+            "unadvertised_capabilities",
+            frozenset(
+                self._keyword(k, "unadvertised_capabilities")
+                for k in self.unadvertised_capabilities
+            ),
+        )
+        put(self, "_order", MappingProxyType({k: i for i, k in enumerate(order)}))
+
+        given: dict[str, Reply | str] = dict(self.replies)
+        put(self, "replies", MappingProxyType(given))  # a copy: the caller's dict may change
+        replies = dict(given)  # plus what help/help_code make of the "help" reply
+        unknown = [name for name in replies if name not in REPLY_NAMES]
+        if unknown:
+            close = difflib.get_close_matches(str(unknown[0]), REPLY_NAMES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise PersonaError(f"unknown reply name {unknown[0]!r}{hint}")
+        if not 200 <= self.help_code <= 299:
+            raise PersonaError(
+                f"help_code: {self.help_code} is not a 2xx code (hide HELP to refuse it)"
+            )
+        if self.help or self.help_code != R.HELP.code:
+            if "help" in replies:
+                raise PersonaError("help: give either help/help_code or replies['help']")
+            try:
+                replies["help"] = Reply(
+                    self.help_code, _class_status(self.help_code), self.help or R.HELP.lines
+                )
+            except ReplyError as exc:
+                raise PersonaError(f"help: {exc}") from None
+
+        static: dict[str, Reply] = {}
+        templates: dict[str, _Template] = {}
+        for name, default in _DEFAULTS.items():
+            override = replies.get(name)
+            where = f"reply {name!r}"
+            inherit = False
+            if override is None:
+                reply = default
+            elif isinstance(override, Reply):
+                reply = override
+                self._check_class(name, default, reply)
+            elif isinstance(override, str):
+                inherit = name in PASS_THROUGH
+                try:
+                    reply = Reply(default.code, default.status, _lines_of(override))
+                except ReplyError as exc:
+                    raise PersonaError(f"{where}: {exc}") from None
+            else:
+                raise PersonaError(f"{where}: give a Reply or a str, not {type(override).__name__}")
+            fields: set[str] = set()
+            for line in reply.lines:
+                fields |= _fields(line, PLACEHOLDERS[name], where)
+            if fields or (name in PASS_THROUGH and override is not None):
+                templates[name] = _Template(reply, frozenset(fields), inherit)
+            elif override is None:
+                static[name] = default
+            else:
+                # No placeholder: unescape the braces once, now.
+                static[name] = Reply(
+                    reply.code, reply.status, tuple(line.format_map({}) for line in reply.lines)
+                )
+        put(self, "_static", static)
+        put(self, "_templates", MappingProxyType(templates))
+        put(self, "_overridden", frozenset(replies))
+
+        put(self, "_banner", self._line_template("banner", self.banner, 220, BANNER_PLACEHOLDERS))
+        put(self, "_ehlo", self._line_template("ehlo_greeting", self.ehlo_greeting, 250))
+        put(self, "_helo", self._line_template("helo_greeting", self.helo_greeting, 250))
+
+    @staticmethod
+    def _keyword(keyword: object, where: str) -> str:
+        if not isinstance(keyword, str):
+            raise PersonaError(f"{where}: {keyword!r} is not a keyword")
+        upper = keyword.upper()
+        if upper not in KEYWORDS:
+            close = difflib.get_close_matches(upper, KEYWORDS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise PersonaError(f"{where}: unknown EHLO keyword {keyword!r}{hint}")
+        return upper
+
+    @staticmethod
+    def _check_class(name: str, default: Reply, reply: Reply) -> None:
+        where = f"reply {name!r}"
+        exact = _EXACT_CODES.get(name)
+        if exact is not None and reply.code != exact:
+            raise PersonaError(f"{where}: the code must be {exact}, not {reply.code}")
+        if default.is_positive and reply.code // 100 != default.code // 100:
+            raise PersonaError(
+                f"{where}: the code must be a {default.code // 100}xx like {default.code}, "
+                f"not {reply.code}"
+            )
+        if not default.is_positive and reply.is_positive:
+            raise PersonaError(f"{where}: the code must be a 4xx or 5xx refusal, not {reply.code}")
+
+    @staticmethod
+    def _line_template(
+        where: str, text: str, code: int, allowed: frozenset[str] = GREETING_PLACEHOLDERS
+    ) -> _Template:
+        if not isinstance(text, str):
+            raise PersonaError(f"{where}: give a str, not {type(text).__name__}")
+        fields = _fields(text, allowed, where)
+        if not text.strip():
+            # RFC 5321 4.3.1 / 4.1.1.1: the greeting and the HELO/EHLO reply start with a name.
+            raise PersonaError(f"{where}: must not be empty (it starts with the server's name)")
+        return _Template(Reply(code, None, (text,)), fields)
+
+    # --- use ------------------------------------------------------------------------------
+
+    def reply(self, name: str) -> Reply:
+        """The reply ``name`` as configured: the override or the default. A reply with
+        placeholders comes back unfilled (see :meth:`format`). KeyError for an unknown
+        name."""
+        static = self._static.get(name)
+        if static is not None:
+            return static
+        return self._templates[name].reply
+
+    def format(self, name: str, /, **values: object) -> Reply:
+        """The reply ``name`` with its placeholders filled from ``values`` (missing ones
+        are empty; values are cleaned of control characters). KeyError for an unknown
+        name. Servers use it for replies the engine does not send itself, e.g.
+        ``persona.format("message_queued", queue_id=qid, hostname=name)``."""
+        return self.format_map(name, values)
+
+    def format_map(self, name: str, values: Mapping[str, object]) -> Reply:
+        """:meth:`format` with the values in a mapping, looked up (``values[key]``) only
+        for the placeholders the text uses."""
+        static = self._static.get(name)
+        if static is not None:
+            return static
+        return self._templates[name].render(values)
+
+    def adapt(
+        self, name: str, original: Reply, values: Mapping[str, object] | None = None
+    ) -> Reply:
+        """What to send instead of ``original``, a reply built for the situation ``name``
+        (a parser's specific reply, or the standard constant): the persona's override,
+        with ``{detail}`` the original text, or ``original`` itself if not overridden."""
+        if name not in self._overridden:
+            return original
+        static = self._static.get(name)
+        if static is not None:
+            return static
+        return self._templates[name].render({} if values is None else values, original)
+
+    def banner_reply(self, values: Mapping[str, object]) -> Reply:
+        """The 220 greeting (values: hostname, software, protocol, date, client_ip)."""
+        return self._banner.render(values)
+
+    def greeting_line(self, esmtp: bool, values: Mapping[str, object]) -> str:
+        """The first line of the EHLO/LHLO reply (``esmtp``) or the HELO reply text
+        (values: the banner's and helo)."""
+        return (self._ehlo if esmtp else self._helo).render(values).lines[0]
+
+    @property
+    def overridden(self) -> frozenset[str]:
+        """The reply names this persona changes."""
+        return self._overridden
+
+    @property
+    def static_replies(self) -> Mapping[str, Reply]:
+        """Replies without placeholders, ready to send, by name."""
+        return MappingProxyType(self._static)
+
+    @property
+    def static_lookup(self) -> Callable[[str], Reply | None]:
+        """``get`` of :attr:`static_replies`, for hot paths: the ready reply or None."""
+        return self._static.get
+
+    @property
+    def hidden_verbs(self) -> frozenset[str]:
+        """Verbs answered as unknown commands because their extension is hidden."""
+        return self._hidden_verbs
+
+    def order_capabilities(self, capabilities: Iterable[str]) -> list[str]:
+        """EHLO lines without the hidden and unadvertised keywords, in the persona's order."""
+        hidden = self.hidden_capabilities | self.unadvertised_capabilities
+        caps = [c for c in capabilities if c.split(" ", 1)[0] not in hidden]
+        order = self._order
+        if order:
+            last = len(order)
+            caps.sort(key=lambda c: order.get(c.split(" ", 1)[0], last))
+        return caps
+
+
+#: mailgate's own look (ProtocolConfig's default).
+DEFAULT_PERSONA = Persona()
+
+__all__ = [
+    "BANNER_PLACEHOLDERS",
+    "DEFAULT_PERSONA",
+    "GREETING_PLACEHOLDERS",
+    "KEYWORDS",
+    "PASS_THROUGH",
+    "PLACEHOLDERS",
+    "REPLY_NAMES",
+    "CurrentDate",
+    "Persona",
+    "PersonaError",
+    "clean",
+    "format_date",
+    "local_now",
+]

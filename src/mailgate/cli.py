@@ -20,7 +20,9 @@ from mailgate.config import (
     LOG_FORMAT_CHOICES,
     ConfigError,
     build_options,
+    config_mode,
 )
+from mailgate.honeypot.cli import add_honeypot_parser, run_honeypot
 from mailgate.server.options import ServerOptions
 from mailgate.users_cli import add_users_parser, run_users
 
@@ -71,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_serve_arguments(serve)
     add_users_parser(commands)
+    add_honeypot_parser(commands)
     return parser
 
 
@@ -392,11 +395,16 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 0
     if args.command == "users":
         return run_users(args)
+    if args.command == "honeypot":
+        return run_honeypot(args)
     return _serve(args)
 
 
 def _serve(args: argparse.Namespace) -> int:
     try:
+        if config_mode(args.config) == "honeypot":
+            # mode = "honeypot" in the file: the same as mailgate honeypot --config FILE.
+            return run_honeypot(args)
         options = build_options(args)
     except ConfigError as exc:
         return _fail(f"mailgate: error: {exc}", EXIT_CONFIG)

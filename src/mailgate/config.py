@@ -44,6 +44,12 @@ Rules:
   127.0.0.1:2525. Setting only ``smtps_listen`` gives an implicit-TLS-only server.
 * Unknown keys and tables are errors, as are values of the wrong type.
 
+Honeypot mode: ``mode = "honeypot"`` in ``[server]`` makes the file a honeypot's (``mailgate
+serve --config FILE`` then runs the honeypot, as ``mailgate honeypot --config FILE`` does);
+its settings are in a ``[honeypot]`` table whose keys are the ``mailgate honeypot`` flags
+(HONEYPOT_KEYS). A honeypot refuses the [server] keys that would deliver, relay or store
+elsewhere (HONEYPOT_REFUSED). See :func:`build_honeypot_options` and docs/honeypot.md.
+
 Every problem is reported as a ConfigError whose message is one line naming where the
 bad value came from (the flag, or the file and key).
 """
@@ -131,6 +137,48 @@ _ARRAY_TABLES = frozenset({"dnsbl"})
 #: SASL mechanisms mailgate implements.
 AUTH_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5", "XOAUTH2")
 AUTH_CAPTURE_CHOICES = ("refuse", "accept")
+#: What a configuration file can run (``mode`` in [server]): a mail server or a honeypot.
+MODES = ("server", "honeypot")
+#: [server] keys only a file has (the command, serve or honeypot, is the mode on the
+#: command line).
+FILE_ONLY_KEYS = ("mode",)
+#: Keys of the [honeypot] table; each is also the argparse dest of a ``mailgate honeypot``
+#: flag (``--data-dir`` for ``data_dir``...).
+HONEYPOT_KEYS: tuple[str, ...] = (
+    "persona",
+    "profile",
+    "data_dir",
+    "jsonl",
+    "auth_outcome",
+    "drop_after_credentials",
+    "tarpit",
+    "max_session",
+    "max_storage",
+    "block_networks",
+    "connections_per_ip",
+)
+#: The built-in personas (mailgate.honeypot.personas.PERSONAS has them; listed here so
+#: that reading a configuration does not load them).
+PERSONA_CHOICES = ("postfix", "exim", "exchange", "sendmail", "generic")
+_NO_DELIVERY = "a honeypot never delivers or hands on mail (everything stays in its data_dir)"
+_OWN_AUTH = "a honeypot answers AUTH itself (auth_outcome in [honeypot], --auth-outcome)"
+_EVERY_DOMAIN = "a honeypot accepts mail for every domain and relays none"
+#: [server] keys a honeypot refuses, with the reason given in the error.
+HONEYPOT_REFUSED: Mapping[str, str] = {
+    "maildir": _NO_DELIVERY,
+    "mbox": _NO_DELIVERY,
+    "forward": _NO_DELIVERY,
+    "webhook": _NO_DELIVERY,
+    "aiosmtpd_handler": _NO_DELIVERY,
+    "lmtp": "a honeypot speaks SMTP, not LMTP",
+    "state_dir": "a honeypot keeps its state in its data directory (data_dir, --data-dir)",
+    "auth_users": _OWN_AUTH,
+    "users_file": _OWN_AUTH,
+    "auth_capture": _OWN_AUTH,
+    "local_domains": _EVERY_DOMAIN,
+    "relay_networks": _EVERY_DOMAIN,
+    "open_relay": _EVERY_DOMAIN,
+}
 
 _FLAG_NAMES = {"auth_users": "--auth-user", "dnsbl_zones": "--dnsbl"}
 # Keys of which at most one may be chosen; a flag for one of them overrides the file's.
@@ -183,8 +231,123 @@ def build_options(args: argparse.Namespace) -> ServerOptions:
 
     Attributes of ``args`` named like the keys in KEYS hold flag values, None when the flag
     was not given; flag values are unparsed strings (lists for repeatable flags, True for
-    switches) so that flags and file go through the same checks.
+    switches) so that flags and file go through the same checks. A file for honeypot mode
+    (``mode = "honeypot"``) is an error here: see :func:`config_mode`.
     """
+    values = _collect(args)
+    mode = _mode(values)
+    if mode != "server":
+        raise values["mode"].error(
+            f"this file is for {mode} mode; run it with 'mailgate {mode} --config FILE'"
+        )
+    if "honeypot" in values:
+        raise values["honeypot"].error(
+            'a [honeypot] table needs mode = "honeypot" in [server] (or use mailgate honeypot)'
+        )
+    return _assemble(values)
+
+
+def config_mode(path: str | os.PathLike[str] | None) -> str:
+    """The mode (one of MODES) a configuration file asks for; "server" without a file or
+    without a ``mode`` key."""
+    if path is None:
+        return "server"
+    return _mode(_load_config_file(Path(path)))
+
+
+@dataclass(frozen=True, slots=True)
+class HoneypotOptions:
+    """The settings of honeypot mode besides the server's (the [honeypot] table and the
+    ``mailgate honeypot`` flags). mailgate.honeypot.mode turns them into a server."""
+
+    #: Where everything is stored: the capture database, raw messages, the TLS certificate,
+    #: the spool.
+    data_dir: Path
+    #: A built-in persona (PERSONA_CHOICES); the base of ``profile`` when one is given.
+    persona: str = "postfix"
+    #: A TOML persona profile (mailgate.honeypot.personas.load_profile).
+    profile: Path | None = None
+    #: JSON lines of every event: a file to append to, "-" for stdout, None for none.
+    jsonl: str | None = None
+    #: refuse | accept | accept-after:N
+    auth_outcome: str = "refuse"
+    drop_after_credentials: bool = False
+    #: Seconds before each answer, times the connections seen from the address (0: off).
+    tarpit: float = 0.0
+    #: The longest session in seconds (None: no limit).
+    max_session: float | None = 600.0
+    #: Cap on the capture store (database plus raw messages); None: no cap.
+    max_storage: int | None = 1024**3
+    #: Clients refused at connect (the lists policy's block_networks).
+    block_networks: tuple[Network, ...] = ()
+    #: New connections per client IP, "N/WINDOW" (the rate limits' connections_per_ip).
+    connections_per_ip: str | None = None
+    #: The [server] keys given by the file or flags; the persona fills in the others
+    #: (host name, SIZE, SASL mechanisms).
+    given: frozenset[str] = frozenset()
+
+
+def build_honeypot_options(args: argparse.Namespace) -> tuple[ServerOptions, HoneypotOptions]:
+    """The settings of ``mailgate honeypot`` (or ``mailgate serve`` with a file saying
+    ``mode = "honeypot"``): ServerOptions from the [server] keys as for ``serve`` (the
+    honeypot's safe settings are applied later, by mailgate.honeypot.mode) and
+    HoneypotOptions from the [honeypot] table, flags overriding the file. [server] keys a
+    honeypot cannot honour (deliveries, relay settings, auth backends) are errors."""
+    values = _collect(args)
+    mode = _mode(values, "honeypot")
+    if mode != "honeypot":
+        raise values["mode"].error(
+            f"this file is for {mode} mode; run it with 'mailgate serve --config FILE'"
+        )
+    for key, reason in HONEYPOT_REFUSED.items():
+        value = values.get(key)
+        if value is not None and value.raw is not False and value.raw != []:
+            raise value.error(f"not for honeypot mode: {reason}")
+    workers = values.get("workers")
+    if workers is not None and _count(workers) > 1:
+        raise workers.error("honeypot mode runs in one process; remove workers")
+    honeypot = _honeypot_values(args, values.get("honeypot"))
+    options = _assemble(values)
+    _check_policy_overlap(honeypot, options.policy)
+
+    def get(key: str, convert: Callable[[_Value], T], default: T) -> T:
+        value = honeypot.get(key)
+        return default if value is None else convert(value)
+
+    jsonl = get("jsonl", _jsonl_target, None)
+    max_session = get("max_session", _seconds_or_zero, 600.0)
+    max_storage = get("max_storage", _size, 1024**3)
+    persona = get("persona", _choice(PERSONA_CHOICES), "postfix")
+    profile = get("profile", _path, None)
+    auth_outcome = get("auth_outcome", _auth_outcome, "refuse")
+    drop = get("drop_after_credentials", _bool, False)
+    tarpit = get("tarpit", _seconds_or_zero, 0.0)
+    block_networks: tuple[Network, ...] = get("block_networks", _networks, ())
+    connections_per_ip = get("connections_per_ip", _rate, None)
+    data_dir = get("data_dir", _path, None)
+    if data_dir is None:
+        raise ConfigError(
+            "honeypot mode needs a data directory: --data-dir DIR (or data_dir in [honeypot])"
+        )
+    hp = HoneypotOptions(
+        data_dir=data_dir,
+        persona=persona,
+        profile=profile,
+        jsonl=jsonl,
+        auth_outcome=auth_outcome,
+        drop_after_credentials=drop,
+        tarpit=tarpit,
+        max_session=max_session or None,
+        max_storage=max_storage or None,
+        block_networks=block_networks,
+        connections_per_ip=connections_per_ip,
+        given=frozenset(key for key in values if key in KEYS),
+    )
+    return options, hp
+
+
+def _collect(args: argparse.Namespace) -> dict[str, _Value]:
+    """The raw settings of the file in ``args.config`` with the flags of ``args`` over them."""
     values: dict[str, _Value] = {}
     config = getattr(args, "config", None)
     if config is not None:
@@ -199,7 +362,49 @@ def build_options(args: argparse.Namespace) -> ServerOptions:
             for key in group:
                 values.pop(key, None)
     values.update(flags)
-    return _assemble(values)
+    return values
+
+
+def _mode(values: Mapping[str, _Value], default: str = "server") -> str:
+    value = values.get("mode")
+    return default if value is None else _choice(MODES)(value)
+
+
+def _honeypot_values(args: argparse.Namespace, table: _Value | None) -> dict[str, _Value]:
+    """The [honeypot] table's values (checked for unknown keys) with the flags over them."""
+    values: dict[str, _Value] = {}
+    if table is not None:
+        raw = table.raw
+        if not isinstance(raw, dict):
+            raise table.error(f"'honeypot' must be a table ([honeypot]), got {_toml_type(raw)}")
+        for key, item in raw.items():
+            if key not in HONEYPOT_KEYS:
+                close = difflib.get_close_matches(key, HONEYPOT_KEYS, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise table.error(f"unknown key {key!r} in [honeypot]{hint}")
+            values[key] = _Value(item, f"{table.where} {key}", table.base)
+    for key in HONEYPOT_KEYS:
+        raw = getattr(args, key, None)
+        if raw is not None:
+            values[key] = _Value(raw, flag_name(key))
+    return values
+
+
+_POLICY_TWINS = {"block_networks": "lists", "connections_per_ip": "limits"}
+
+
+def _check_policy_overlap(
+    honeypot: Mapping[str, _Value], sections: tuple[PolicySection, ...]
+) -> None:
+    """A [honeypot] key and the same key in its policy table of the same file: which one
+    was meant is unclear. (A flag simply wins over both.)"""
+    for key, table in _POLICY_TWINS.items():
+        value = honeypot.get(key)
+        if value is None or value.base is None:  # not given, or given as a flag
+            continue
+        for section in sections:
+            if section.name == table and key in section.values:
+                raise value.error(f"[{table}] {key} is set too; keep one")
 
 
 def _load_config_file(path: Path) -> dict[str, _Value]:
@@ -216,15 +421,16 @@ def _load_config_file(path: Path) -> dict[str, _Value]:
         # The message already carries "(at line L, column C)".
         raise ConfigError(f"{path}: TOML syntax error: {exc}") from None
 
+    known_tables = ("server", "dns", "honeypot", *POLICY_TABLES)
     for name, item in document.items():
-        if name in ("server", "dns") or name in POLICY_TABLES:
+        if name in known_tables:
             continue
-        tables = ", ".join(f"[{t}]" for t in ("server", "dns", *POLICY_TABLES))
+        tables = ", ".join(f"[{t}]" for t in known_tables)
         is_table = isinstance(item, dict) or (
             isinstance(item, list) and bool(item) and all(isinstance(i, dict) for i in item)
         )
         if is_table:
-            close = difflib.get_close_matches(name, ("server", "dns", *POLICY_TABLES), n=1)
+            close = difflib.get_close_matches(name, known_tables, n=1)
             hint = f" (did you mean [{close[0]}]?)" if close else ""
             raise ConfigError(f"{path}: unknown table [{name}]{hint}; tables are {tables}")
         raise ConfigError(f"{path}: unknown key {name!r} at top level; settings go in [server]")
@@ -233,11 +439,13 @@ def _load_config_file(path: Path) -> dict[str, _Value]:
         raise ConfigError(f"{path}: 'server' must be a table ([server])")
 
     for key in table:
-        if key not in KEYS:
-            close = difflib.get_close_matches(key, KEYS, n=1)
+        if key not in KEYS and key not in FILE_ONLY_KEYS:
+            close = difflib.get_close_matches(key, (*KEYS, *FILE_ONLY_KEYS), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{path}: unknown key {key!r} in [server]{hint}")
     values = {key: _Value(raw, f"{path}: {key}", path.parent) for key, raw in table.items()}
+    if "honeypot" in document:
+        values["honeypot"] = _Value(document["honeypot"], f"{path}: [honeypot]", path.parent)
     _dns_table(document.get("dns"), f"{path}", values)
     sections = _policy_sections(document, f"{path}", path.parent)
     if sections:
@@ -736,6 +944,35 @@ def _zones(value: _Value) -> tuple[str, ...]:
                 raise value.error(f"{item!r} is not a DNS zone")
             zones.append(item)
     return tuple(zones)
+
+
+def _jsonl_target(value: _Value) -> str:
+    """A JSON lines file (resolved like other paths) or "-" for stdout."""
+    text = _string(value).strip()
+    if text == "-":
+        return text
+    return str(_path(value))
+
+
+def _auth_outcome(value: _Value) -> str:
+    from mailgate.honeypot.plugin import parse_auth_outcome
+
+    try:
+        mode, count = parse_auth_outcome(_string(value))
+    except ValueError as exc:
+        raise value.error(str(exc).replace("auth_outcome must be", "must be")) from None
+    return f"{mode}:{count}" if count else mode
+
+
+def _rate(value: _Value) -> str:
+    from mailgate.plugins.rate_limits import Rate
+
+    text = _string(value).strip()
+    try:
+        Rate.parse(text)
+    except ValueError as exc:
+        raise value.error(str(exc)) from None
+    return text
 
 
 def _check_tls(cert: Path | None, key: Path | None) -> None:

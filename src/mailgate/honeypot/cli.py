@@ -1,0 +1,381 @@
+"""``mailgate honeypot``: run a honeypot, and report on what it captured.
+
+::
+
+    mailgate honeypot --persona exim --listen 0.0.0.0:25 --data-dir /var/lib/honeypot
+    mailgate honeypot report --data-dir /var/lib/honeypot --since 24h
+    mailgate honeypot sessions --data-dir /var/lib/honeypot --ip 192.0.2.7
+    mailgate honeypot show SESSION --data-dir /var/lib/honeypot
+
+Problems with the command line, the configuration or the data directory end the command
+with one line on stderr and exit status 2, like ``mailgate serve``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from mailgate.config import (
+    AUTH_MECHANISMS,
+    DEFAULT_LISTEN,
+    DEFAULTS,
+    LOG_FORMAT_CHOICES,
+    PERSONA_CHOICES,
+    ConfigError,
+    build_honeypot_options,
+)
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+_EPILOG = """\
+safe defaults:
+  The honeypot accepts mail for every domain from anyone but never relays or delivers
+  it: each message is stored in the data directory with its SHA-256, URLs and
+  attachments, and the client gets the persona's "queued" reply. AUTH is offered before
+  TLS too (a honeypot wants the credentials); STARTTLS works, with a certificate made in
+  the data directory unless --tls-cert/--tls-key are given. Everything (capture
+  database, raw messages, certificate, spool) stays under --data-dir.
+
+configuration file:
+  Every flag can also be set in a TOML file given with --config: the [server] keys of
+  'mailgate serve --help' that make sense for a honeypot, and a [honeypot] table with
+  the honeypot flags' names (underscores for dashes). With mode = "honeypot" in [server]
+  the same file also runs with 'mailgate serve --config FILE'. Example:
+
+    [server]
+    mode = "honeypot"
+    listen = ["0.0.0.0:25", "0.0.0.0:587"]
+    hostname = "mx1.example.com"
+
+    [honeypot]
+    persona = "exchange"
+    data_dir = "/var/lib/mailgate-honeypot"
+    auth_outcome = "accept-after:3"
+    tarpit = 0.5
+    connections_per_ip = "30/10m"
+
+    [lists]                     # the full policy tables work too
+    block_networks_file = "blocked.txt"
+
+reports (run them while the honeypot runs, too):
+  mailgate honeypot report --data-dir DIR [--since 24h] [--format table|json|csv]
+  mailgate honeypot sessions --data-dir DIR [--since 1h] [--ip ADDRESS|CIDR] [--limit N]
+  mailgate honeypot show SESSION --data-dir DIR
+"""
+
+
+def add_honeypot_parser(commands: argparse._SubParsersAction[Any]) -> None:
+    """Add ``honeypot`` (run) and its ``report``, ``sessions`` and ``show`` subcommands to
+    the ``mailgate`` parser."""
+    honeypot = commands.add_parser(
+        "honeypot",
+        help="run an SMTP honeypot with a product persona, and report on what it captured",
+        description="Run an SMTP honeypot until interrupted (SIGINT or SIGTERM): mailgate's "
+        "real SMTP engine wearing the persona of Postfix, Exim, Exchange, Sendmail or a "
+        "generic ESMTP server, capturing every session, credential and message.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_run_arguments(honeypot)
+    reports = honeypot.add_subparsers(
+        dest="honeypot_command", metavar="REPORT", required=False, title="reports"
+    )
+    data_dir_help = "the honeypot's data directory"
+
+    report = reports.add_parser(
+        "report",
+        help="summary: sessions, IPs, credentials, commands, messages, URLs",
+        description="Summarise what the honeypot captured: sessions, unique IPs, AUTH "
+        "attempts, messages, and the top IPs, user names, passwords, commands, HELO names, "
+        "senders, URLs and attachments.",
+    )
+    report.add_argument("--data-dir", metavar="DIR", default=argparse.SUPPRESS, help=data_dir_help)
+    report.add_argument("--since", metavar="WHEN", help=_SINCE_HELP)
+    report.add_argument(
+        "--format", choices=("table", "json", "csv"), default="table", help="(default: table)"
+    )
+    report.add_argument(
+        "--top", type=_positive, default=10, metavar="N", help="entries per top list (default: 10)"
+    )
+
+    listing = reports.add_parser(
+        "sessions",
+        help="list sessions, newest first",
+        description="List the captured sessions, newest first.",
+    )
+    listing.add_argument("--data-dir", metavar="DIR", default=argparse.SUPPRESS, help=data_dir_help)
+    listing.add_argument("--since", metavar="WHEN", help=_SINCE_HELP)
+    listing.add_argument(
+        "--ip", metavar="ADDRESS|CIDR", help="only clients with this address or in this network"
+    )
+    listing.add_argument(
+        "--limit", type=_positive, default=50, metavar="N", help="at most N sessions (default: 50)"
+    )
+    listing.add_argument(
+        "--format", choices=("table", "json", "csv"), default="table", help="(default: table)"
+    )
+
+    show = reports.add_parser(
+        "show",
+        help="one session's transcript",
+        description="Print one session: client, TLS, each command and reply with its time, "
+        "the AUTH attempts and the messages with their URLs and attachments.",
+    )
+    show.add_argument("session", metavar="SESSION", help="the session id (or a unique prefix)")
+    show.add_argument("--data-dir", metavar="DIR", default=argparse.SUPPRESS, help=data_dir_help)
+    show.add_argument("--format", choices=("text", "json"), default="text", help="(default: text)")
+
+
+_SINCE_HELP = (
+    "only what happened since then: a duration back from now (30m, 24h, 7d) or a date or "
+    "time in ISO 8601, UTC unless it says otherwise (default: everything)"
+)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    # Defaults are None, as for 'serve': mailgate.config tells given flags from the file's.
+    d = DEFAULTS
+    default_listen = ", ".join(str(address) for address in DEFAULT_LISTEN)
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="read settings from this TOML file; flags override it (default: none)",
+    )
+
+    group = parser.add_argument_group("honeypot")
+    group.add_argument(
+        "--persona",
+        choices=PERSONA_CHOICES,
+        help="the product to look like; also the base of --profile (default: postfix)",
+    )
+    group.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="a TOML persona profile overriding any text of the persona (default: none)",
+    )
+    group.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="where everything is stored: capture.sqlite3, messages/, the TLS certificate "
+        "and the spool (required)",
+    )
+    group.add_argument(
+        "--jsonl",
+        metavar="FILE|-",
+        help="also write every event as a JSON line to FILE (appended) or stdout (-) "
+        "(default: none)",
+    )
+    group.add_argument(
+        "--auth-outcome",
+        metavar="refuse|accept|accept-after:N",
+        help="answer AUTH: refuse all, accept all, or accept the Nth attempt from an address "
+        "and later ones (default: refuse)",
+    )
+    group.add_argument(
+        "--drop-after-credentials",
+        action="store_true",
+        default=None,
+        help="after recording a credential answer 535 and hang up (default: off)",
+    )
+    group.add_argument(
+        "--tarpit",
+        metavar="SECONDS",
+        help="wait this long before each answer, times the connections seen from the "
+        "address (at most 10 s) (default: 0, off)",
+    )
+    group.add_argument(
+        "--max-session",
+        metavar="SECONDS",
+        help="close sessions older than this with the persona's timeout reply; 0 for no "
+        "limit (default: 600)",
+    )
+    group.add_argument(
+        "--max-storage",
+        metavar="SIZE",
+        help="cap on the capture store (database and raw messages); the oldest sessions "
+        "are pruned; suffixes K, M, G; 0 for no cap (default: 1G)",
+    )
+    group.add_argument(
+        "--block-networks",
+        action="append",
+        metavar="CIDR[,CIDR]",
+        help="refuse clients in these networks at connect; repeatable (default: none)",
+    )
+    group.add_argument(
+        "--connections-per-ip",
+        metavar="N/WINDOW",
+        help="refuse a client's connections beyond N per WINDOW (e.g. 30/10m) with the "
+        "persona's 421 (default: no limit)",
+    )
+
+    group = parser.add_argument_group("server (as for 'mailgate serve')")
+    group.add_argument(
+        "--listen",
+        action="append",
+        metavar="HOST:PORT",
+        help=f"listen for SMTP (STARTTLS offered) on this address; repeatable "
+        f"(default: {default_listen}, unless --smtps-listen is given)",
+    )
+    group.add_argument(
+        "--smtps-listen",
+        action="append",
+        metavar="HOST:PORT",
+        help="listen for SMTP over implicit TLS; repeatable (default: none)",
+    )
+    group.add_argument(
+        "--hostname",
+        metavar="NAME",
+        help="name in the banner and replies (default: the persona's, e.g. mail.example.com)",
+    )
+    group.add_argument(
+        "--tls-cert",
+        metavar="PEM",
+        help="certificate chain for STARTTLS and implicit TLS; needs --tls-key "
+        "(default: a self-signed certificate made in --data-dir)",
+    )
+    group.add_argument(
+        "--tls-key", metavar="PEM", help="private key of --tls-cert (default: generated)"
+    )
+    group.add_argument(
+        "--max-size",
+        metavar="BYTES",
+        help="largest message accepted (and SIZE advertised); suffixes K, M, G "
+        "(default: the persona's)",
+    )
+    group.add_argument(
+        "--max-clients",
+        metavar="N",
+        help=f"simultaneous connections (default: {d.max_clients})",
+    )
+    group.add_argument(
+        "--max-clients-per-ip",
+        metavar="N",
+        help=f"simultaneous connections from one address (default: {d.max_clients_per_ip})",
+    )
+    group.add_argument(
+        "--idle-timeout",
+        metavar="SECONDS",
+        help=f"close a connection idle this long (default: {d.idle_timeout:g})",
+    )
+    group.add_argument(
+        "--greeting-delay",
+        metavar="SECONDS",
+        help="wait this long before the banner; early talkers get 554 "
+        f"(default: {d.greeting_delay:g})",
+    )
+    group.add_argument(
+        "--proxy-protocol",
+        action="append",
+        metavar="CIDR[,CIDR]",
+        help="expect a PROXY protocol header from these networks (default: none)",
+    )
+    group.add_argument(
+        "--auth-mechanisms",
+        metavar="MECH[,MECH]",
+        help=f"SASL mechanisms to offer, from {', '.join(AUTH_MECHANISMS)} "
+        "(default: the persona's)",
+    )
+    group.add_argument(
+        "--auth-failure-delay",
+        metavar="SECONDS",
+        help="wait before answering a refused AUTH, doubling per failure "
+        f"(default: {d.auth_failure_delay:g})",
+    )
+    group.add_argument(
+        "--max-auth-failures",
+        metavar="N",
+        help=f"hang up after this many refused AUTH (default: {d.max_auth_failures})",
+    )
+    group.add_argument(
+        "--log-format",
+        choices=LOG_FORMAT_CHOICES,
+        help=f"log line format (default: {d.log_format})",
+    )
+    verbosity = group.add_mutually_exclusive_group()
+    verbosity.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=None,
+        help=f"log at DEBUG level (default: {d.log_level})",
+    )
+    verbosity.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=None,
+        help=f"log only warnings and errors (default: {d.log_level})",
+    )
+
+
+def run_honeypot(args: argparse.Namespace) -> int:
+    """Run ``mailgate honeypot ...`` (or ``mailgate serve`` with a honeypot file); the
+    exit status."""
+    command = getattr(args, "honeypot_command", None)
+    try:
+        if command is not None:
+            return _report(command, args)
+        return _run(args)
+    except ConfigError as exc:
+        return _fail(f"mailgate: error: {exc}")
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def _run(args: argparse.Namespace) -> int:
+    options, honeypot = build_honeypot_options(args)
+    # Imported here: the server and the store are not needed for --help or a bad flag.
+    from .mode import run
+
+    return run(options, honeypot)
+
+
+def _report(command: str, args: argparse.Namespace) -> int:
+    from . import report as R
+
+    data_dir = getattr(args, "data_dir", None)
+    if data_dir is None:
+        return _fail(f"mailgate honeypot {command}: error: --data-dir DIR is required")
+    try:
+        db = R.open_database(data_dir)
+        try:
+            if command == "report":
+                since = R.parse_since(args.since)
+                text = R.format_summary(
+                    R.summary(db, since=since, top=args.top), args.format, source=str(data_dir)
+                )
+            elif command == "sessions":
+                since = R.parse_since(args.since)
+                rows = R.sessions(db, since=since, ip=args.ip, limit=args.limit)
+                text = R.format_sessions(rows, args.format)
+            else:
+                text = R.format_session(R.session_detail(db, args.session), args.format)
+        finally:
+            db.close()
+    except R.ReportError as exc:
+        return _fail(f"mailgate honeypot {command}: error: {exc}")
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:  # piped into head: not an error
+        pass
+    return 0
+
+
+def _fail(message: str) -> int:
+    # Keep it to one line, whatever the message quotes.
+    print(" ".join(message.splitlines()), file=sys.stderr)
+    return EXIT_ERROR

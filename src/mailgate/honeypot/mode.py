@@ -1,0 +1,430 @@
+"""Honeypot mode: a mailgate server assembled from honeypot settings.
+
+:func:`build_server` turns the server settings and :class:`~mailgate.config.HoneypotOptions`
+(what ``mailgate honeypot`` and a ``mode = "honeypot"`` configuration give) into a
+:class:`HoneypotServer` with the safe honeypot set-up:
+
+- mail for every domain is accepted (an open relay, as far as the client can tell) but
+  never relayed or delivered: no Maildir, mbox, forwarding or webhook is configured (the
+  configuration refuses them), and the honeypot plugin's 250 ends the message chain;
+- everything is stored under the data directory: the capture store (``capture.sqlite3``
+  and ``messages/``), the spool and the development TLS certificate (``state/``);
+- the persona (a built-in or a TOML profile) words every reply, and gives the host name,
+  the SIZE limit and the SASL mechanisms unless the settings name their own;
+- STARTTLS works (a certificate is made in the data directory when none is given), so the
+  persona advertises it; AUTH is offered before TLS too, since a honeypot wants the
+  credentials;
+- the per-IP connection rate limit and the network block list are the policy plugins
+  (rate limits, lists), refusing with the persona's texts;
+- :class:`~mailgate.honeypot.plugin.HoneypotPlugin` captures transcripts, credentials and
+  messages, tarpits and ends long sessions.
+
+From code::
+
+    from mailgate.config import HoneypotOptions
+    from mailgate.honeypot.mode import build_server
+    from mailgate.server.options import ListenAddress, ServerOptions
+
+    server = build_server(
+        ServerOptions(listen=(ListenAddress("0.0.0.0", 25),)),
+        HoneypotOptions(data_dir=Path("/var/lib/honeypot"), persona="exim"),
+    )
+    server.run()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from mailgate.config import ConfigError, HoneypotOptions
+from mailgate.hooks import AuthAttempt, Envelope, Message, Reject, Session, TempFail
+from mailgate.plugins.lists import Lists
+from mailgate.plugins.policy import PolicyConfigError, PolicyEnv
+from mailgate.plugins.rate_limits import RateLimits
+from mailgate.protocol import Reply
+from mailgate.server.app import Server
+from mailgate.server.options import PolicySection, ServerOptions
+from mailgate.server.tls import TLSConfigError, ensure_dev_certificate
+
+from .personas import PERSONAS, PersonaProfile, ProfileError, load_profile
+from .plugin import HoneypotPlugin
+from .store import CaptureError, CaptureStore
+
+log = logging.getLogger("mailgate.honeypot")
+
+__all__ = [
+    "HoneypotServer",
+    "PersonaHoneypotPlugin",
+    "build_server",
+    "honeypot_server_options",
+    "load_persona",
+    "run",
+]
+
+#: Subdirectory of the data directory for the spool and the development certificate.
+STATE_DIR = "state"
+#: The SIZE limit when the persona advertises SIZE without a number: something must stop
+#: a client from filling the disk through the spool.
+FALLBACK_MAX_SIZE = 25 * 1024 * 1024
+#: What the relay policy says at start about open_relay; the honeypot says it in its own
+#: start line instead.
+_OPEN_RELAY_WARNING = "open_relay is on"
+
+
+def load_persona(honeypot: HoneypotOptions) -> PersonaProfile:
+    """The persona profile the settings ask for: ``profile`` (a TOML file, its ``base``
+    defaulting to ``persona``) or the built-in ``persona``."""
+    try:
+        if honeypot.profile is not None:
+            return load_profile(honeypot.profile, base=honeypot.persona)
+        return PERSONAS[honeypot.persona]
+    except ProfileError as exc:
+        raise ConfigError(f"persona profile {exc}") from None
+    except KeyError:
+        names = ", ".join(PERSONAS)
+        raise ConfigError(f"unknown persona {honeypot.persona!r}; built-in: {names}") from None
+
+
+def honeypot_server_options(
+    options: ServerOptions, honeypot: HoneypotOptions, profile: PersonaProfile
+) -> ServerOptions:
+    """``options`` with the honeypot's fixed settings: sink delivery, open relay, no relay
+    networks (nobody is exempt from the policy), state under the data directory, AUTH
+    before TLS, the persona; and the persona's host name, SIZE and SASL mechanisms where
+    the settings (``honeypot.given``) name none. The limits and lists tables are left out:
+    :func:`build_server` makes those plugins itself, with the persona's refusals."""
+    given = honeypot.given
+    if options.workers > 1:
+        raise ConfigError("honeypot mode runs in one process; remove workers")
+    # Settings given in code that a honeypot cannot honour (mailgate.config refuses them
+    # in files and flags): never drop a delivery or an auth backend silently.
+    refused = [
+        name
+        for name, value in (
+            ("forward", options.forward),
+            ("webhook", options.webhook),
+            ("aiosmtpd_handler", options.aiosmtpd_handler),
+            ("mbox", options.delivery == "mbox"),
+            ("auth_users", options.auth_users),
+            ("users_file", options.users_file),
+            ("auth_capture", options.auth_capture),
+            ("local_domains", options.local_domains),
+            ("lmtp", options.lmtp),
+        )
+        if value
+    ]
+    if refused:
+        raise ConfigError(
+            f"not for honeypot mode: {', '.join(refused)} (a honeypot never delivers, "
+            "relays or checks passwords; everything stays in its data directory)"
+        )
+    hostname = options.hostname if "hostname" in given else profile.hostname
+    if "max_size" in given:
+        max_size = options.max_size
+    else:
+        max_size = profile.message_size_limit or FALLBACK_MAX_SIZE
+    return dataclasses.replace(
+        options,
+        hostname=hostname,
+        delivery="sink",
+        state_dir=honeypot.data_dir / STATE_DIR,
+        max_size=max_size,
+        auth_mechanisms=(
+            options.auth_mechanisms if "auth_mechanisms" in given else profile.auth_mechanisms
+        ),
+        allow_insecure_auth=(
+            options.allow_insecure_auth if "allow_insecure_auth" in given else True
+        ),
+        auth_users=(),
+        users_file=None,
+        auth_capture=None,
+        aiosmtpd_handler=None,
+        forward=(),
+        webhook=(),
+        lmtp=False,
+        workers=1,
+        open_relay=True,
+        local_domains=(),
+        relay_networks=(),
+        # Nothing is delivered; the stored copy is what the client sent.
+        received_header=False,
+        persona=profile.persona,
+        policy=tuple(s for s in options.policy if s.name not in ("limits", "lists")),
+    )
+
+
+class _Texts:
+    """The persona's server-layer texts, as refusals a plugin raises."""
+
+    def __init__(self, profile: PersonaProfile, hostname: str) -> None:
+        self.profile = profile
+        self.hostname = hostname
+
+    def reply(self, name: str, session: Session, **values: object) -> Reply:
+        return self.profile.format(
+            name, hostname=self.hostname, client_ip=session.peer_host, **values
+        )
+
+    def refusal(self, name: str, session: Session, **values: object) -> Reject | TempFail:
+        reply = self.reply(name, session, **values)
+        kind = TempFail if reply.code < 500 else Reject
+        return kind(reply.code, reply.text, enhanced=reply.status, disconnect=True)
+
+
+class PersonaRateLimits(RateLimits):
+    """The rate limits plugin, refusing connections with the persona's
+    ``too_many_connections`` text."""
+
+    texts: _Texts | None = None
+
+    async def on_connect(self, session: Session) -> None:
+        try:
+            await super().on_connect(session)
+        except TempFail:
+            if self.texts is None:
+                raise
+            raise self.texts.refusal("too_many_connections", session) from None
+
+
+class PersonaLists(Lists):
+    """The lists plugin, refusing blocked networks with the persona's ``rejected`` text."""
+
+    texts: _Texts | None = None
+
+    async def on_connect(self, session: Session) -> None:
+        try:
+            await super().on_connect(session)
+        except Reject as refusal:
+            if self.texts is None or not refusal.disconnect:
+                raise
+            raise self.texts.refusal("rejected", session, address="") from None
+
+
+class PersonaHoneypotPlugin(HoneypotPlugin):
+    """The honeypot plugin speaking the persona's texts where it answers itself: the
+    end-of-data reply (``message_queued`` with a queue id in the product's format), a
+    refused AUTH that drops the connection, and a session past ``max_session_seconds``."""
+
+    def __init__(self, store: CaptureStore, *, texts: _Texts, **settings: Any) -> None:
+        super().__init__(store, **settings)
+        self.texts = texts
+        #: Message-ID header of messages being captured, by queue id (Exchange shows it).
+        self._message_ids: dict[str, str | None] = {}
+
+    async def on_auth(self, session: Session, auth: AuthAttempt) -> bool | None:
+        try:
+            return await super().on_auth(session, auth)
+        except Reject as refusal:
+            if not refusal.disconnect:
+                raise
+            reply = self.texts.reply("auth_failed", session)
+            raise Reject(reply.code, reply.text, enhanced=reply.status, disconnect=True) from None
+
+    async def on_message(self, session: Session, envelope: Envelope, message: Message) -> Any:
+        try:
+            await super().on_message(session, envelope, message)
+        finally:
+            message_id = self._message_ids.pop(message.id, None)
+        # The persona's queue id is made up for the reply (the store keys messages by
+        # mailgate's own id); the transcript keeps the reply as sent.
+        return self.texts.profile.queued_reply(
+            hostname=self.texts.hostname,
+            client_ip=session.peer_host,
+            message_id=message_id,
+            now=message.received_at,
+        )
+
+    def _read_message(self, message: Message, keep: bool) -> tuple[Any, Any]:
+        raw, extracted = super()._read_message(message, keep)
+        self._message_ids[message.id] = _message_id(raw.head)
+        return raw, extracted
+
+    def _check_age(self, session: Session) -> None:
+        try:
+            super()._check_age(session)
+        except TempFail:
+            raise self.texts.refusal("idle_timeout", session) from None
+
+    def _expire(self, session: Session) -> None:
+        server = self.server
+        if server is None:
+            return
+        for connection in list(server.connections):
+            if connection.session is session:
+                log.info(
+                    "session %s: longer than %.0f s, closing", session.id, self.max_session_seconds
+                )
+                connection.refuse(self.texts.reply("idle_timeout", session), "max-session")
+                break
+
+
+_MESSAGE_ID = re.compile(rb"^message-id:[ \t]*<([!-;=?-~]{1,250})>", re.I | re.M)
+
+
+def _message_id(head: bytes) -> str | None:
+    """The Message-ID (without <>) in the header section of ``head``, if it has one."""
+    ends = [i for i in (head.find(b"\r\n\r\n"), head.find(b"\n\n")) if i >= 0]
+    match = _MESSAGE_ID.search(head[: min(ends)] if ends else head)
+    return match[1].decode("ascii") if match else None
+
+
+class HoneypotServer(Server):
+    """A :class:`~mailgate.server.app.Server` in honeypot mode (see :func:`build_server`):
+    ``honeypot`` is its settings, ``profile`` its persona, ``plugin`` the honeypot plugin
+    and ``store`` the capture store."""
+
+    honeypot: HoneypotOptions
+    profile: PersonaProfile
+    plugin: PersonaHoneypotPlugin
+    store: CaptureStore
+
+    async def start(self, *, reuse_port: bool = False) -> None:
+        with _without_record(logging.getLogger("mailgate.policy"), _OPEN_RELAY_WARNING):
+            await super().start(reuse_port=reuse_port)
+        hp = self.honeypot
+        log.warning(
+            "honeypot mode: persona %s as %s; accepting mail for every domain, relaying and "
+            "delivering none; capturing into %s%s",
+            self.profile.name,
+            self.options.hostname,
+            hp.data_dir,
+            f" and JSON lines to {'stdout' if hp.jsonl == '-' else hp.jsonl}" if hp.jsonl else "",
+        )
+
+
+def build_server(
+    options: ServerOptions,
+    honeypot: HoneypotOptions,
+    *,
+    profile: PersonaProfile | None = None,
+    store_settings: dict[str, Any] | None = None,
+) -> HoneypotServer:
+    """A honeypot server for ``options`` (the [server] settings) and ``honeypot``; not
+    started. ``profile`` replaces the persona the settings name; ``store_settings`` are
+    further CaptureStore arguments (tests use a short ``batch_seconds``). Raises
+    ConfigError for settings that cannot work (a bad profile, an unusable data directory
+    or certificate)."""
+    if profile is None:
+        profile = load_persona(honeypot)
+    tables = options.policy
+    options = honeypot_server_options(options, honeypot, profile)
+    if options.tls_cert is None or options.tls_key is None:
+        try:
+            cert, key = ensure_dev_certificate(options.state_dir, options.hostname)
+        except TLSConfigError as exc:
+            raise ConfigError(str(exc)) from None
+        options = dataclasses.replace(options, tls_cert=cert, tls_key=key)
+    texts = _Texts(profile, options.hostname)
+    policy = _policy_plugins(options, tables, honeypot, texts)
+    try:
+        store = CaptureStore(
+            honeypot.data_dir,
+            jsonl=honeypot.jsonl,
+            max_total_bytes=honeypot.max_storage,
+            **(store_settings or {}),
+        )
+    except CaptureError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        plugin = PersonaHoneypotPlugin(
+            store,
+            texts=texts,
+            auth_outcome=honeypot.auth_outcome,
+            drop_after_credentials=honeypot.drop_after_credentials,
+            tarpit=honeypot.tarpit,
+            max_session_seconds=honeypot.max_session,
+            auth_mechanisms=options.auth_mechanisms,
+        )
+    except ValueError as exc:
+        store.close()
+        raise ConfigError(str(exc)) from None
+    server = HoneypotServer(options)
+    server.honeypot = honeypot
+    server.profile = profile
+    server.store = store
+    server.plugin = plugin
+    # Lists first (a blocked client is refused before anything is counted), then the
+    # rate limits, then capture; policy plugins of other tables come ahead of these.
+    for policy_plugin in policy:
+        server.add_plugin(policy_plugin)
+    plugin.install(server)
+    return server
+
+
+def _policy_plugins(
+    options: ServerOptions,
+    tables: tuple[PolicySection, ...],
+    honeypot: HoneypotOptions,
+    texts: _Texts,
+) -> list[Any]:
+    """The lists and rate limits plugins from the configuration's [lists] and [limits]
+    tables with the honeypot's ``block_networks`` and ``connections_per_ip`` over them."""
+    env = PolicyEnv(options)
+    plugins: list[Any] = []
+    try:
+        lists = _section(
+            tables,
+            "lists",
+            {"block_networks": [str(n) for n in honeypot.block_networks]}
+            if honeypot.block_networks
+            else {},
+        )
+        if lists is not None:
+            lists_plugin = PersonaLists.from_section(lists, env)
+            assert isinstance(lists_plugin, PersonaLists)  # from_section builds cls(...)
+            lists_plugin.texts = texts
+            plugins.append(lists_plugin)
+        limits = _section(
+            tables,
+            "limits",
+            {"connections_per_ip": honeypot.connections_per_ip}
+            if honeypot.connections_per_ip
+            else {},
+        )
+        if limits is not None:
+            limits_plugin = PersonaRateLimits.from_section(limits, env)
+            assert isinstance(limits_plugin, PersonaRateLimits)
+            if limits_plugin.active:
+                limits_plugin.texts = texts
+                plugins.append(limits_plugin)
+    except (PolicyConfigError, ValueError, OSError) as exc:
+        raise ConfigError(str(exc)) from None
+    return plugins
+
+
+def _section(
+    tables: tuple[PolicySection, ...], name: str, overrides: dict[str, Any]
+) -> PolicySection | None:
+    """The configuration's ``name`` table with ``overrides`` over it (None: neither)."""
+    existing = next((s for s in tables if s.name == name), None)
+    if existing is None and not overrides:
+        return None
+    if existing is None:
+        return PolicySection(name, overrides, None, f"honeypot settings ({name})")
+    return dataclasses.replace(existing, values={**existing.values, **overrides})
+
+
+@contextlib.contextmanager
+def _without_record(logger: logging.Logger, prefix: str) -> Iterator[None]:
+    """Leave out ``logger``'s records whose message starts with ``prefix`` meanwhile."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(prefix)
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
+def run(options: ServerOptions, honeypot: HoneypotOptions) -> int:
+    """Build the honeypot server and run it until SIGINT/SIGTERM (``mailgate honeypot``);
+    the exit status. ConfigError for settings that cannot work."""
+    server = build_server(options, honeypot)
+    return server.run()

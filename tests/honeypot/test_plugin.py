@@ -149,6 +149,47 @@ def test_cram_md5_is_stored_in_hashcat_format(tmp_path: Path) -> None:
     assert base64.b64decode(b64_answer).decode() == f"alice {digest}"
 
 
+def test_message_is_recorded_even_when_the_client_goes_away_while_it_is_read(
+    tmp_path: Path,
+) -> None:
+    """The stage is cancelled (client gone) while the message is read: the capture still
+    ends with its row, so the raw file placed for it is not orphaned."""
+    import asyncio
+
+    from mailgate.hooks import Envelope, Message
+
+    store = CaptureStore(tmp_path / "data", batch_seconds=0.01)
+    plugin = HoneypotPlugin(store)
+    session = Session(id="S2", peer_host="192.0.2.2", peer_port=1, local_host="h", local_port=25)
+    spooled = tmp_path / "spool.eml"
+    spooled.write_bytes(b"Subject: late\r\n\r\nhello\r\n")
+    envelope = Envelope()
+    message = Message(
+        id="Q1", session=session, envelope=envelope, size=26, path=spooled, received_at=1.0
+    )
+    read = plugin._read_message
+
+    def slow_read(*args: Any) -> Any:
+        time.sleep(0.3)
+        return read(*args)
+
+    plugin._read_message = slow_read  # type: ignore[method-assign]
+    store.session_opened(session)
+
+    async def main() -> None:
+        stage = asyncio.ensure_future(plugin.on_message(session, envelope, message))
+        await asyncio.sleep(0.05)
+        stage.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stage
+        await plugin.aclose()
+
+    asyncio.run(main())
+    [(subject, path)] = query(tmp_path / "data", "SELECT subject, path FROM messages")
+    assert subject == "late"
+    assert (tmp_path / "data" / path).exists()
+
+
 # --- with a server ----------------------------------------------------------------------------
 
 

@@ -162,6 +162,7 @@ class HoneypotPlugin:
         self.recorder = CaptureRecorder(store)
         self.server: Server | None = None
         self._addresses: OrderedDict[str, _Address] = OrderedDict()
+        self._captures: set[asyncio.Future[None]] = set()
 
     def install(self, server: Server) -> HoneypotPlugin:
         """Add this plugin to ``server`` and make its recorder the server's transcript tap;
@@ -243,6 +244,18 @@ class HoneypotPlugin:
         await self._pace(session)
 
     async def on_message(self, session: Session, envelope: Envelope, message: Message) -> bool:
+        # Shielded: a client that goes away while its message is read must not leave the
+        # raw file placed without its row (orphaned, never pruned). The capture finishes
+        # on its own and the stage is cancelled as usual.
+        capture = asyncio.ensure_future(self._capture(session, envelope, message))
+        self._captures.add(capture)
+        capture.add_done_callback(self._captures.discard)
+        await asyncio.shield(capture)
+        await self._pace(session, check_age=False)
+        # The 250 ends the chain: no delivery step after this one runs.
+        return True
+
+    async def _capture(self, session: Session, envelope: Envelope, message: Message) -> None:
         keep = self.store.reserve_message_bytes(session.id, message.size)
         try:
             raw, extracted = await asyncio.to_thread(self._read_message, message, keep)
@@ -269,9 +282,6 @@ class HoneypotPlugin:
                 raw.size,
                 raw.sha256,
             )
-        await self._pace(session, check_age=False)
-        # The 250 ends the chain: no delivery step after this one runs.
-        return True
 
     async def on_close(self, session: Session) -> None:
         notes = session.notes.get(self.name)
@@ -279,6 +289,8 @@ class HoneypotPlugin:
             notes.pop("timer").cancel()
 
     async def aclose(self) -> None:
+        if self._captures:  # messages still being read: their rows belong in the store
+            await asyncio.gather(*self._captures, return_exceptions=True)
         if self.close_store:
             await asyncio.to_thread(self.store.close)
         else:

@@ -28,7 +28,7 @@ from mailgate.protocol import DataComplete, PolicyPoint, Reply
 from mailgate.protocol.persona import REPLY_NAMES
 
 TRANSCRIPTS = Path(__file__).parent / "transcripts"
-DOC = Path(__file__).resolve().parents[2] / ".notes" / "doc-personas.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "honeypot.md"
 CLOCK = datetime(2026, 12, 1, 10, 0, 0, tzinfo=UTC)  # Tue, 1 Dec 2026
 CLIENT_IP = "192.0.2.10"
 
@@ -550,8 +550,13 @@ def test_profile_keys_and_reply_names_are_documented() -> None:
 
 
 def test_doc_example_profile_loads(tmp_path: Path) -> None:
-    blocks = re.findall(r"```toml\n(.*?)```", DOC.read_text(), re.S)
-    assert blocks
+    # The profile examples (the doc's other TOML block is a [server] configuration).
+    blocks = [
+        block
+        for block in re.findall(r"```toml\n(.*?)```", DOC.read_text(), re.S)
+        if "[server]" not in block
+    ]
+    assert len(blocks) >= 2
     for index, block in enumerate(blocks):
         profile = load_profile(write(tmp_path, block, f"example{index}.toml"))
         run_script(profile, ["EHLO x.example", "HELP", "QUIT"])

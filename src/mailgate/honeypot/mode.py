@@ -244,23 +244,11 @@ class PersonaHoneypotPlugin(HoneypotPlugin):
         self._message_ids[message.id] = _message_id(raw.head)
         return raw, extracted
 
-    def _check_age(self, session: Session) -> None:
-        try:
-            super()._check_age(session)
-        except TempFail:
-            raise self.texts.refusal("idle_timeout", session) from None
+    def too_long_refusal(self, session: Session) -> Reject | TempFail:
+        return self.texts.refusal("idle_timeout", session)
 
-    def _expire(self, session: Session) -> None:
-        server = self.server
-        if server is None:
-            return
-        for connection in list(server.connections):
-            if connection.session is session:
-                log.info(
-                    "session %s: longer than %.0f s, closing", session.id, self.max_session_seconds
-                )
-                connection.refuse(self.texts.reply("idle_timeout", session), "max-session")
-                break
+    def too_long_reply(self, session: Session) -> Reply:
+        return self.texts.reply("idle_timeout", session)
 
 
 _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*<([!-;=?-~]{1,250})>", re.I | re.M)

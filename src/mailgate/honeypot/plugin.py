@@ -328,7 +328,7 @@ class HoneypotPlugin:
         limit = self.max_session_seconds
         if limit is not None and self.clock() - session.started_at >= limit:
             log.info("session %s: longer than %.0f s, closing", session.id, limit)
-            raise TempFail(421, _TIMEOUT_TEXT, enhanced="4.4.2", disconnect=True)
+            raise self.too_long_refusal(session)
 
     def _expire(self, session: Session) -> None:
         """The max_session_seconds timer: close the session's connection with a 421."""
@@ -340,9 +340,18 @@ class HoneypotPlugin:
                 log.info(
                     "session %s: longer than %.0f s, closing", session.id, self.max_session_seconds
                 )
-                reply = Reply(421, "4.4.2", (f"{server.options.hostname} {_TIMEOUT_TEXT}",))
-                connection.refuse(reply, "max-session")
+                connection.refuse(self.too_long_reply(session), "max-session")
                 break
+
+    def too_long_refusal(self, session: Session) -> Reject | TempFail:
+        """What a session older than max_session_seconds gets at its next command (a
+        persona's server overrides it, and :meth:`too_long_reply`, with its own words)."""
+        return TempFail(421, _TIMEOUT_TEXT, enhanced="4.4.2", disconnect=True)
+
+    def too_long_reply(self, session: Session) -> Reply:
+        """What the session timer closes a too long session with."""
+        hostname = self.server.options.hostname if self.server is not None else "localhost"
+        return Reply(421, "4.4.2", (f"{hostname} {_TIMEOUT_TEXT}",))
 
     def _read_message(self, message: Message, keep: bool) -> tuple[RawMessage, Any]:
         """In a worker thread: store the message as the client sent it and parse its top."""

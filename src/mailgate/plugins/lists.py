@@ -554,20 +554,15 @@ class Lists:
         entry = self.block_helo.match(hostname) if len(self.block_helo) else None
         if entry is None:
             return
-        why = f"HELO {hostname} matches block_helo {entry}"
-        if state.client is not None:
-            decide(
-                session,
-                POLICY,
-                "skip",
-                f"{why}, but allow-listed: {state.client}",
-                list="block_helo",
-                entry=entry,
-                helo=hostname,
-            )
-            return
-        decide(session, POLICY, "reject", why, list="block_helo", entry=entry, helo=hostname)
-        raise Reject(550, f"<{hostname}>: Helo command rejected: {ACCESS_DENIED}", enhanced="5.7.1")
+        _refuse_unless_allowed(
+            session,
+            state,
+            f"HELO {hostname} matches block_helo {entry}",
+            f"<{hostname}>: Helo command rejected: {ACCESS_DENIED}",
+            list="block_helo",
+            entry=entry,
+            helo=hostname,
+        )
 
     async def on_mail(self, session: Session, envelope: Envelope, address: Address) -> None:
         state = self._check_client(session)
@@ -590,23 +585,14 @@ class Lists:
         entry = self.block_senders.match(address) if len(self.block_senders) else None
         if entry is None:
             return
-        why = f"sender <{address}> in block_senders {entry}"
-        if state.client is not None:
-            decide(
-                session,
-                POLICY,
-                "skip",
-                f"{why}, but allow-listed: {state.client}",
-                list="block_senders",
-                entry=entry,
-                sender=str(address),
-            )
-            return
-        decide(
-            session, POLICY, "reject", why, list="block_senders", entry=entry, sender=str(address)
-        )
-        raise Reject(
-            550, f"<{address}>: Sender address rejected: {ACCESS_DENIED}", enhanced="5.7.1"
+        _refuse_unless_allowed(
+            session,
+            state,
+            f"sender <{address}> in block_senders {entry}",
+            f"<{address}>: Sender address rejected: {ACCESS_DENIED}",
+            list="block_senders",
+            entry=entry,
+            sender=str(address),
         )
 
     async def on_rcpt(self, session: Session, envelope: Envelope, address: Address) -> None:
@@ -678,6 +664,18 @@ class Lists:
                 disconnect=True,
             )
         return state
+
+
+def _refuse_unless_allowed(
+    session: Session, state: _State, why: str, text: str, **fields: Any
+) -> None:
+    """A block-list match: refused (550 5.7.1 ``text``), unless the client is
+    allow-listed, which is logged as a skip."""
+    if state.client is not None:
+        decide(session, POLICY, "skip", f"{why}, but allow-listed: {state.client}", **fields)
+        return
+    decide(session, POLICY, "reject", why, **fields)
+    raise Reject(550, text, enhanced="5.7.1")
 
 
 def _publish(session: Session, state: _State) -> None:

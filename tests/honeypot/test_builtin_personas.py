@@ -79,4 +79,3 @@ def test_built_in_survives_dump_and_load(name: str, tmp_path: Path) -> None:
     path = tmp_path / f"{name}.toml"
     path.write_text(dump_profile(PERSONAS[name]))
     assert load_profile(path) == PERSONAS[name]
-

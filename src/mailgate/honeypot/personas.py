@@ -48,6 +48,7 @@ from mailgate.protocol.persona import (
     Persona,
     PersonaError,
     clean,
+    placeholders_in,
 )
 from mailgate.protocol.replies import Reply, ReplyError
 from mailgate.protocol.sasl import MECHANISMS
@@ -272,32 +273,8 @@ def format_reply(reply: Reply) -> str | list[str]:
 
 # --- placeholders ----------------------------------------------------------------------------
 
+# Only for _fill_software, which rewrites texts; checking them is placeholders_in's job.
 _FORMATTER = string.Formatter()
-_PRINTABLE = re.compile(r"[\t\x20-\x7e]*")
-
-
-def _fields(text: str, allowed: frozenset[str]) -> frozenset[str]:
-    """The placeholders ``text`` uses; ValueError for a malformed or unknown one."""
-    if not _PRINTABLE.fullmatch(text):
-        bad = next(c for c in text if not _PRINTABLE.fullmatch(c))
-        raise ValueError(f"character {bad!r} not allowed (printable ASCII and TAB only)")
-    try:
-        parsed = list(_FORMATTER.parse(text))
-    except ValueError as exc:
-        raise ValueError(f"{exc} in {text!r} (write '{{{{' and '}}}}' for braces)") from None
-    found: set[str] = set()
-    for _, name, spec, conversion in parsed:
-        if name is None:
-            continue
-        if name not in allowed:
-            known = ", ".join("{" + n + "}" for n in sorted(allowed))
-            close = difflib.get_close_matches(name, allowed, n=1)
-            hint = f" (did you mean {{{close[0]}}}?)" if close else ""
-            raise ValueError(f"unknown placeholder {{{name}}}{hint}; allowed here: {known}")
-        if spec or conversion:
-            raise ValueError(f"placeholder {{{name}}} takes no format spec or conversion")
-        found.add(name)
-    return frozenset(found)
 
 
 def _fill_software(text: str, software: str) -> str:
@@ -334,7 +311,7 @@ def _escape(text: str) -> str:
 def _render(reply: Reply, values: Mapping[str, object], allowed: frozenset[str]) -> Reply:
     fields: set[str] = set()
     for line in reply.lines:
-        fields |= _fields(line, allowed)
+        fields |= placeholders_in(line, allowed)
     filled = {name: clean(values.get(name)) for name in fields}
     return Reply(reply.code, reply.status, tuple(line.format_map(filled) for line in reply.lines))
 
@@ -494,7 +471,7 @@ def _server_reply_problem(name: str, reply: Reply) -> str:
     try:
         fields: set[str] = set()
         for line in reply.lines:
-            fields |= _fields(line, allowed)
+            fields |= placeholders_in(line, allowed)
     except ValueError as exc:
         return str(exc)
     if _SERVER_CLASSES[name] == "refusal" and reply.is_positive:
@@ -566,7 +543,7 @@ def _text_template(reader: _Reader, key: str, allowed: frozenset[str], software:
     name first (RFC 5321 4.2: the greeting and the EHLO reply start with the domain)."""
     text = reader.string(key)
     try:
-        _fields(text, allowed | {"software"})
+        placeholders_in(text, allowed | {"software"})
     except ValueError as exc:
         raise reader.error(key, str(exc)) from None
     if not text.startswith("{hostname}"):
@@ -593,7 +570,7 @@ def _reply_value(reader: _Reader, name: str, value: object, software: str) -> Re
     )
     try:
         for line in reply.lines:
-            _fields(line, allowed)
+            placeholders_in(line, allowed)
     except ValueError as exc:
         raise reader.error(key, str(exc)) from None
     if name in SERVER_REPLY_NAMES:
@@ -737,7 +714,7 @@ def _build(reader: _Reader) -> PersonaProfile:
         texts = tuple(_fill_software(line, software) for line in lines)
         try:
             for line in texts:
-                _fields(line, PLACEHOLDERS["help"])
+                placeholders_in(line, PLACEHOLDERS["help"])
             replies["help"] = Reply(code, f"{code // 100}.0.0", texts)
         except (ValueError, ReplyError) as exc:
             raise reader.error("help", str(exc)) from None
@@ -778,7 +755,7 @@ def _build(reader: _Reader) -> PersonaProfile:
 def _fits(reply: Reply, allowed: frozenset[str]) -> bool:
     try:
         for line in reply.lines:
-            _fields(line, allowed)
+            placeholders_in(line, allowed)
     except ValueError:
         return False
     return True

@@ -35,6 +35,7 @@ from mailgate.protocol.persona import (
     PLACEHOLDERS,
     clean,
     format_date,
+    placeholders_in,
 )
 
 from .session import Session
@@ -927,3 +928,40 @@ def test_padded_date_for_products_that_write_two_digit_days() -> None:
     out = run(cfg(persona, clock=lambda: NOON), b"")
     assert out == b"220 mx.test ESMTP Exim 4.96 Tue, 01 Dec 2026 10:00:00 +0000\r\n"
     assert format_date(NOON, padded=True) == "Tue, 01 Dec 2026 10:00:00 +0000"
+
+
+# --- the placeholder check (shared with the honeypot's profile files) --------------------------
+
+
+def test_placeholders_in_returns_the_names_a_text_uses() -> None:
+    allowed = frozenset({"hostname", "address"})
+    assert placeholders_in("{hostname} ok {address} {{x}} {address}", allowed) == {
+        "hostname",
+        "address",
+    }
+    assert placeholders_in("no placeholder\there", allowed) == frozenset()
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "message"),
+    [
+        (
+            "ok {adress}",
+            "",
+            "unknown placeholder {adress} in 'ok {adress}' "
+            "(did you mean {address}? allowed: {address}, {hostname})",
+        ),
+        ("ok {queue}", "reply 'x'", "reply 'x': unknown placeholder {queue} in 'ok {queue}' ("),
+        ("{address!r}", "", "placeholder {address} takes no format spec or conversion"),
+        ("{address:>9}", "banner", "banner: placeholder {address} takes no format spec"),
+        ("ok {", "", "Single '{' encountered in format string in 'ok {' (write '{{' and '}}'"),
+        ("caf\xe9", "", "character '\xe9' not allowed in a reply text (printable ASCII"),
+    ],
+)
+def test_placeholders_in_refuses_with_a_message_naming_the_place(
+    text: str, where: str, message: str
+) -> None:
+    with pytest.raises(PersonaError) as info:
+        placeholders_in(text, frozenset({"hostname", "address"}), where)
+    assert str(info.value).startswith(message), str(info.value)
+    assert isinstance(info.value, ValueError)

@@ -13,15 +13,14 @@ from __future__ import annotations
 import abc
 import base64
 import binascii
-import hashlib
-import hmac
 import json
 import secrets
 import time
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .events import AuthCredentials
+# cram_md5_matches lives with the credentials it checks (events imports nothing of sasl).
+from .events import AuthCredentials, cram_md5_matches
 from .replies import AUTH_BAD_BASE64, AUTH_CANCELLED, Reply
 
 __all__ = [
@@ -80,17 +79,6 @@ def decode_response(line: bytes, *, allow_empty_marker: bool) -> bytes:
 def encode_challenge(data: bytes) -> bytes:
     """Base64 for a ``334`` line; an empty challenge stays empty (RFC 4954 4)."""
     return base64.b64encode(data)
-
-
-def cram_md5_matches(challenge: bytes, digest_hex: str, secret: str) -> bool:
-    """Whether ``digest_hex`` is HMAC-MD5(secret, challenge), in constant time."""
-    # compare_digest refuses non-ASCII str; such a digest can never match anyway. Checked
-    # before lower() because a few non-ASCII letters (KELVIN SIGN) lower to ASCII.
-    if not digest_hex.isascii():
-        return False
-    candidate = digest_hex.lower()
-    expected = hmac.new(secret.encode("utf-8"), challenge, hashlib.md5).hexdigest()
-    return hmac.compare_digest(expected.encode("ascii"), candidate.encode("ascii"))
 
 
 def xoauth2_error_challenge(

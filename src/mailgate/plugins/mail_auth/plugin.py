@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from mailgate.dns import Resolver
 from mailgate.hooks import Address, Envelope, Message, Reject, Session
 from mailgate.plugins.policy import (
+    LazyResolver,
     PolicyEnv,
     SectionReader,
     allowlisted,
@@ -116,7 +117,7 @@ def read_for_check(message: Message, limit: int) -> tuple[bytes, bool]:
 # --- the plugin ---------------------------------------------------------------------------------
 
 
-class MailAuth:
+class MailAuth(LazyResolver):
     """SPF at MAIL, DKIM and DMARC at the end of DATA, one Authentication-Results header.
 
     ``spf_fail``: "annotate" or "reject" (550 5.7.23 at MAIL for an SPF ``fail``).
@@ -188,12 +189,6 @@ class MailAuth:
             raise reader.error("authserv_id", f"{plugin.authserv_id!r} is not a host name")
         plugin._env = env  # the shared resolver, made on first use
         return plugin
-
-    @property
-    def resolver(self) -> Resolver:
-        if self._resolver is None:
-            self._resolver = self._env.resolver if self._env is not None else Resolver()
-        return self._resolver
 
     # --- stages ---------------------------------------------------------------------------
 

@@ -32,7 +32,7 @@ from mailgate.config import (
     build_honeypot_options,
     flag_name,
 )
-from mailgate.honeypot.cli import add_honeypot_parser
+from mailgate.honeypot_cli import add_honeypot_parser
 from mailgate.honeypot.mode import (
     FALLBACK_MAX_SIZE,
     build_server,

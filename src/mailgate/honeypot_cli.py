@@ -24,7 +24,7 @@ from mailgate.config import (
     build_honeypot_options,
 )
 from mailgate.honeypot.settings import GROUPS as HONEYPOT_GROUPS
-from mailgate.honeypot.settings import HONEYPOT_REFUSED, SERVER_FLAGS
+from mailgate.honeypot.settings import REFUSED_FLAGS, SERVER_FLAGS
 from mailgate.server.options import GROUPS
 from mailgate.settings.flags import HiddenFlagsFormatter, add_flags
 
@@ -157,15 +157,11 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     # parsed too (but not shown), so that the error says why rather than "unrecognized".
     add_flags(
         parser,
-        [
-            item
-            for item in SERVER_SETTINGS
-            if item.key in SERVER_FLAGS or item.key in HONEYPOT_REFUSED
-        ],
+        [item for item in SERVER_SETTINGS if item.key in SERVER_FLAGS or item.key in REFUSED_FLAGS],
         GROUPS,
         one_group="server (as for 'mailgate serve')",
         default_texts={key: text for key, text in SERVER_FLAGS.items() if text is not None},
-        hidden=HONEYPOT_REFUSED.keys(),
+        hidden=REFUSED_FLAGS,
     )
 
 

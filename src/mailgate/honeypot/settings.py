@@ -23,6 +23,7 @@ __all__ = [
     "GROUPS",
     "HONEYPOT_REFUSED",
     "PERSONA_CHOICES",
+    "REFUSED_FLAGS",
     "SERVER_FLAGS",
     "HoneypotOptions",
     "check_policy_overlap",
@@ -230,6 +231,11 @@ HONEYPOT_REFUSED: Mapping[str, str] = {
     "relay_networks": _EVERY_DOMAIN,
     "open_relay": _EVERY_DOMAIN,
 }
+
+
+#: The serve flags ``mailgate honeypot`` parses only to refuse them with the reason (they
+#: are not in its --help): the refused settings, and workers, which may only be 1.
+REFUSED_FLAGS: tuple[str, ...] = (*HONEYPOT_REFUSED, "workers")
 
 
 def refuse_server_settings(values: Mapping[str, Value]) -> None:

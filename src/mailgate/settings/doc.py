@@ -8,6 +8,7 @@ from .table import Setting
 
 
 def _cell(text: str) -> str:
+    # GitHub's tables take an escaped pipe as part of the cell, in code spans too.
     return text.replace("|", "\\|")
 
 
@@ -18,7 +19,7 @@ def value_syntax(item: Setting) -> str:
     if item.choices:
         text = " \\| ".join(f"`{choice}`" for choice in item.choices)
     else:
-        text = f"`{item.metavar}`" if item.metavar else "value"
+        text = f"`{_cell(item.metavar)}`" if item.metavar else "value"
     if item.repeatable:
         text += ", repeatable (a list in the file)"
     return text

@@ -14,7 +14,7 @@ from mailgate import __version__
 from mailgate.config import SERVER_SETTINGS, ConfigError, build_options, config_mode
 from mailgate.honeypot_cli import add_honeypot_parser, run_honeypot
 from mailgate.server.options import GROUPS, ServerOptions
-from mailgate.settings.flags import HiddenFlagsFormatter, add_flags
+from mailgate.settings.flags import HiddenFlagsFormatter, add_config_flag, add_flags
 from mailgate.users_cli import add_users_parser, run_users
 
 EXIT_CONFIG = 2
@@ -70,11 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
-    serve.add_argument(
-        "--config",
-        metavar="FILE",
-        help="read settings from this TOML file; flags override it (default: none)",
-    )
+    add_config_flag(serve)
     # Every setting's flag, from the settings table (mailgate.server.options).
     add_flags(serve, SERVER_SETTINGS, GROUPS)
 

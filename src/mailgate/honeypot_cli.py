@@ -26,7 +26,7 @@ from mailgate.config import (
 from mailgate.honeypot.settings import GROUPS as HONEYPOT_GROUPS
 from mailgate.honeypot.settings import REFUSED_FLAGS, SERVER_FLAGS
 from mailgate.server.options import GROUPS
-from mailgate.settings.flags import HiddenFlagsFormatter, add_flags
+from mailgate.settings.flags import HiddenFlagsFormatter, add_config_flag, add_flags
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -147,11 +147,7 @@ def _positive(text: str) -> int:
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config",
-        metavar="FILE",
-        help="read settings from this TOML file; flags override it (default: none)",
-    )
+    add_config_flag(parser)
     add_flags(parser, HONEYPOT_SETTINGS, HONEYPOT_GROUPS)
     # The serve settings a honeypot offers, from serve's table; those it refuses are
     # parsed too (but not shown), so that the error says why rather than "unrecognized".

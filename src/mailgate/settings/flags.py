@@ -66,6 +66,16 @@ class HiddenFlagsFormatter(argparse.RawDescriptionHelpFormatter):
             super().add_argument(action)
 
 
+def add_config_flag(parser: argparse.ArgumentParser) -> None:
+    """``--config FILE``: the file that every flag added by :func:`add_flags` can also be
+    set in (the flags win)."""
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="read settings from this TOML file; flags override it (default: none)",
+    )
+
+
 def add_flags(
     parser: argparse.ArgumentParser,
     settings: Iterable[Setting],

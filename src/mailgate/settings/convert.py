@@ -281,13 +281,15 @@ def import_spec(value: Value) -> str:
     return text
 
 
+def _names(value: Value) -> list[str]:
+    """The items as DNS names: lower case, without the final dot, empty ones dropped."""
+    return [name for item in _items(value) if (name := item.lower().rstrip("."))]
+
+
 def domain_patterns(value: Value) -> tuple[str, ...]:
     """Domains, or ``*.domain`` for its subdomains; lower case, duplicates dropped."""
     domains: list[str] = []
-    for item in _items(value):
-        item = item.lower().rstrip(".")
-        if not item:
-            continue
+    for item in _names(value):
         name = item[2:] if item.startswith("*.") else item
         if not is_host_name(name) or name.replace(".", "").isdigit():
             raise value.error(f"{item!r} is not a domain (or *.domain)")
@@ -301,24 +303,19 @@ def nameservers(value: Value) -> tuple[str, ...]:
     # --help or an error does not need.
     from mailgate.dns import parse_nameserver
 
-    servers: list[str] = []
-    for item in _items(value):
+    servers = _items(value)
+    for server in servers:
         try:
-            parse_nameserver(item)
+            parse_nameserver(server)
         except ValueError as exc:
             raise value.error(str(exc)) from None
-        servers.append(item)
     return tuple(servers)
 
 
 def zones(value: Value) -> tuple[str, ...]:
     """DNS zone names, lower case without the final dot."""
-    result: list[str] = []
-    for item in _items(value):
-        item = item.lower().rstrip(".")
-        if not item:
-            continue
-        if not is_host_name(item):
-            raise value.error(f"{item!r} is not a DNS zone")
-        result.append(item)
-    return tuple(result)
+    names = _names(value)
+    for name in names:
+        if not is_host_name(name):
+            raise value.error(f"{name!r} is not a DNS zone")
+    return tuple(names)

@@ -78,7 +78,6 @@ from mailgate.honeypot.settings import (
     refuse_server_settings,
 )
 from mailgate.server.options import (
-    DEFAULT_LISTEN,
     GROUPS,
     PolicySection,
     ServerOptions,
@@ -104,8 +103,6 @@ from mailgate.settings.doc import reference_table
 from mailgate.settings.machine import machine_fqdn, user_state_dir
 
 __all__ = [
-    "DEFAULTS",
-    "DEFAULT_LISTEN",
     "HONEYPOT_KEYS",
     "HONEYPOT_REFUSED",
     "HONEYPOT_SETTINGS",
@@ -126,7 +123,6 @@ __all__ = [
     "user_state_dir",
 ]
 
-DEFAULTS = ServerOptions()
 #: The settings of the [server] table, in their order, and their keys; each key is also
 #: the argparse ``dest`` of its flag.
 SERVER_SETTINGS: tuple[Setting, ...] = settings_of(ServerOptions)

@@ -119,6 +119,8 @@ class Derived:
     inputs: tuple[Setting, ...]
     #: (all values given, the field's default) -> the field's value.
     combine: Callable[[Mapping[str, Value], Any], Any]
+    #: The field's default (filled in by :func:`roles`).
+    default: object = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +218,9 @@ def roles(options_class: type) -> tuple[tuple[str, Role], ...]:
         if isinstance(role, Setting):
             default = REQUIRED if field.default is dataclasses.MISSING else field.default
             role = dataclasses.replace(role, key=role.key or field.name, default=default)
-        elif not isinstance(role, Derived | CodeOnly):
+        elif isinstance(role, Derived):
+            role = dataclasses.replace(role, default=field.default)
+        elif not isinstance(role, CodeOnly):
             raise TypeError(
                 f"{options_class.__name__}.{field.name} is declared with neither setting(), "
                 "required(), derived() nor code_only()"
@@ -254,8 +258,7 @@ def build_fields(options_class: type, values: Mapping[str, Value], *, table: str
             elif role.is_required:
                 missing.append(role)
         elif isinstance(role, Derived):
-            default = next(f.default for f in dataclasses.fields(options_class) if f.name == name)
-            fields[name] = role.combine(values, default)
+            fields[name] = role.combine(values, role.default)
     # Checked last: a wrong value given says more than a value not given.
     for role in missing:
         flag = f"{role.flag} {role.metavar}" if role.metavar else role.flag

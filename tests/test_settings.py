@@ -29,13 +29,13 @@ from mailgate.settings import (
     Value,
     build_fields,
     code_only,
+    converters,
     describe,
     required,
     roles,
     setting,
     settings_of,
 )
-from mailgate.settings import convert as c
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
@@ -95,7 +95,7 @@ def test_the_server_keys_are_the_tables() -> None:
 def test_a_field_without_a_declaration_is_an_error() -> None:
     @dataclasses.dataclass(frozen=True)
     class Options:
-        declared: int = setting(1, convert=c.count, help="a count", group="g")
+        declared: int = setting(1, convert=converters.count, help="a count", group="g")
         forgotten: int = 2
 
     with pytest.raises(TypeError, match=r"Options\.forgotten is declared with neither"):
@@ -106,9 +106,13 @@ def test_build_fields_converts_and_checks_required() -> None:
     @dataclasses.dataclass(frozen=True)
     class Options:
         where: Path = required(
-            convert=c.path, help="a place", group="g", metavar="DIR", missing="needs a place"
+            convert=converters.path,
+            help="a place",
+            group="g",
+            metavar="DIR",
+            missing="needs a place",
         )
-        count: int = setting(3, convert=c.count, help="how many", group="g")
+        count: int = setting(3, convert=converters.count, help="how many", group="g")
         note: str = code_only("x", reason="code sets it")
 
     fields = build_fields(Options, {"where": Value("d", "--where")}, table="t")
@@ -139,9 +143,9 @@ def test_describe(value: object, text: str) -> None:
 
 
 def test_size_text() -> None:
-    assert c.size_text(25 * 1024**2) == "26214400, i.e. 25M"
-    assert c.size_text(1024**3) == "1073741824, i.e. 1G"
-    assert c.size_text(1000) == "1000"
+    assert converters.size_text(25 * 1024**2) == "26214400, i.e. 25M"
+    assert converters.size_text(1024**3) == "1073741824, i.e. 1G"
+    assert converters.size_text(1000) == "1000"
 
 
 # -- flags ------------------------------------------------------------------------------------

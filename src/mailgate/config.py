@@ -95,7 +95,7 @@ from mailgate.settings import (
     settings_of,
     toml_type,
 )
-from mailgate.settings.convert import choice
+from mailgate.settings.converters import choice
 from mailgate.settings.doc import reference_table
 
 # machine_fqdn and user_state_dir are looked up here at call time, so tests can replace

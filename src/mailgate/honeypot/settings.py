@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Final
 
 from mailgate.server.options import PolicySection
-from mailgate.settings import Network, Value, code_only, required, setting
-from mailgate.settings import convert as c
+from mailgate.settings import Network, Value, code_only, converters, required, setting
 
 __all__ = [
     "AUTH_OUTCOMES",
@@ -53,7 +52,7 @@ def parse_auth_outcome(value: str) -> tuple[str, int]:
 
 def _auth_outcome(value: Value) -> str:
     try:
-        mode, count = parse_auth_outcome(c.string(value))
+        mode, count = parse_auth_outcome(converters.string(value))
     except ValueError as exc:
         raise value.error(str(exc).replace("auth_outcome must be", "must be")) from None
     return f"{mode}:{count}" if count else mode
@@ -64,7 +63,7 @@ def _rate(value: Value) -> str:
     # --help or an error does not need.
     from mailgate.plugins.rate_limits import Rate
 
-    text = c.string(value).strip()
+    text = converters.string(value).strip()
     try:
         Rate.parse(text)
     except ValueError as exc:
@@ -73,11 +72,11 @@ def _rate(value: Value) -> str:
 
 
 def _seconds_or_off(value: Value) -> float | None:
-    return c.seconds_or_zero(value) or None
+    return converters.seconds_or_zero(value) or None
 
 
 def _size_or_off(value: Value) -> int | None:
-    return c.size(value) or None
+    return converters.size(value) or None
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +87,7 @@ class HoneypotOptions:
     #: Where everything is stored: the capture database, raw messages, the TLS certificate,
     #: the spool.
     data_dir: Path = required(
-        convert=c.path,
+        convert=converters.path,
         group="honeypot",
         metavar="DIR",
         help="where everything is stored: capture.sqlite3, messages/, the TLS certificate "
@@ -98,7 +97,7 @@ class HoneypotOptions:
     #: A built-in persona (PERSONA_CHOICES); the base of ``profile`` when one is given.
     persona: str = setting(
         "postfix",
-        convert=c.choice(PERSONA_CHOICES),
+        convert=converters.choice(PERSONA_CHOICES),
         group="honeypot",
         choices=PERSONA_CHOICES,
         help="the product to look like; also the base of --profile",
@@ -106,7 +105,7 @@ class HoneypotOptions:
     #: A TOML persona profile (mailgate.honeypot.personas.load_profile).
     profile: Path | None = setting(
         None,
-        convert=c.path,
+        convert=converters.path,
         group="honeypot",
         metavar="FILE",
         help="a TOML persona profile overriding any text of the persona",
@@ -114,7 +113,7 @@ class HoneypotOptions:
     #: JSON lines of every event: a file to append to, "-" for stdout, None for none.
     jsonl: str | None = setting(
         None,
-        convert=c.path_or_stdout,
+        convert=converters.path_or_stdout,
         group="honeypot",
         metavar="FILE|-",
         help="also write every event as a JSON line to FILE (appended) or stdout (-)",
@@ -130,7 +129,7 @@ class HoneypotOptions:
     )
     drop_after_credentials: bool = setting(
         False,
-        convert=c.boolean,
+        convert=converters.boolean,
         group="honeypot",
         switch=True,
         help="after recording a credential answer 535 and hang up",
@@ -138,7 +137,7 @@ class HoneypotOptions:
     #: Seconds before each answer, times the connections seen from the address (0: off).
     tarpit: float = setting(
         0.0,
-        convert=c.seconds_or_zero,
+        convert=converters.seconds_or_zero,
         group="honeypot",
         metavar="SECONDS",
         help="wait this long before each answer, times the connections seen from the "
@@ -161,12 +160,12 @@ class HoneypotOptions:
         metavar="SIZE",
         help="cap on the capture store (database and raw messages); the oldest sessions "
         "are pruned; suffixes K, M, G; 0 for no cap",
-        describe=c.size_text,
+        describe=converters.size_text,
     )
     #: Clients refused at connect (the lists policy's block_networks).
     block_networks: tuple[Network, ...] = setting(
         (),
-        convert=c.networks,
+        convert=converters.networks,
         group="honeypot",
         metavar="CIDR[,CIDR]",
         repeatable=True,
@@ -245,7 +244,7 @@ def refuse_server_settings(values: Mapping[str, Value]) -> None:
         if value is not None and value.raw is not False and value.raw != []:
             raise value.error(f"not for honeypot mode: {reason}")
     workers = values.get("workers")
-    if workers is not None and c.count(workers) > 1:
+    if workers is not None and converters.count(workers) > 1:
         raise workers.error("honeypot mode runs in one process; remove workers")
 
 

@@ -23,10 +23,10 @@ from mailgate.settings import (
     Setting,
     Value,
     code_only,
+    converters,
     derived,
     setting,
 )
-from mailgate.settings import convert as c
 
 __all__ = [
     "DEFAULT_LISTEN",
@@ -108,7 +108,7 @@ def parse_listen_address(text: str, value: Value | None = None) -> ListenAddress
             raise where.error(f"{text!r}: put an IPv6 address in brackets, e.g. [::1]:2525")
         if not host:
             raise where.error(f"{text!r} has no host; use 0.0.0.0 or [::] for all addresses")
-        if not c.is_host_name(host):
+        if not converters.is_host_name(host):
             raise where.error(f"{host!r} in {text!r} is neither an IP address nor a host name")
     if not port_text.isascii() or not port_text.isdigit():
         raise where.error(f"{text!r} has no valid port number")
@@ -123,7 +123,7 @@ def parse_listen_address(text: str, value: Value | None = None) -> ListenAddress
 
 _LISTEN = Setting(
     "listen",
-    c.string_list,
+    converters.string_list,
     "listen for SMTP (STARTTLS offered) on this address; IPv6 as [::1]:25",
     "listening",
     metavar="HOST:PORT",
@@ -133,7 +133,7 @@ _LISTEN = Setting(
 )
 _SMTPS_LISTEN = Setting(
     "smtps_listen",
-    c.string_list,
+    converters.string_list,
     "listen for SMTP over implicit TLS (port 465 style)",
     "listening",
     metavar="HOST:PORT",
@@ -154,7 +154,7 @@ def _listen_addresses(
     for value, tls in ((plain, False), (implicit_tls, True)):
         if value is None:
             continue
-        for text in c.string_list(value):
+        for text in converters.string_list(value):
             address = replace(parse_listen_address(text, value), implicit_tls=tls)
             endpoint = (address.host, address.port)
             if endpoint in seen:
@@ -168,7 +168,7 @@ def _listen_addresses(
 
 _SINK = Setting(
     "sink",
-    c.boolean,
+    converters.boolean,
     "accept mail and throw it away, for testing",
     "delivery",
     switch=True,
@@ -184,14 +184,14 @@ def _delivery(values: Mapping[str, Value], default: Delivery) -> Delivery:
     if "mbox" in values:
         return "mbox"
     sink = values.get("sink")
-    if sink is not None and c.boolean(sink):
+    if sink is not None and converters.boolean(sink):
         return "sink"
     return default
 
 
 _NO_RECEIVED_HEADER = Setting(
     "no_received_header",
-    c.boolean,
+    converters.boolean,
     "do not add a Received: trace header to accepted mail",
     "protocol",
     switch=True,
@@ -203,12 +203,12 @@ _NO_RECEIVED_HEADER = Setting(
 
 def _received_header(values: Mapping[str, Value], default: bool) -> bool:
     value = values.get("no_received_header")
-    return default if value is None else not c.boolean(value)
+    return default if value is None else not converters.boolean(value)
 
 
 _VERBOSE = Setting(
     "verbose",
-    c.boolean,
+    converters.boolean,
     "log at DEBUG level, including each SMTP command",
     "logging",
     flags=("-v", "--verbose"),
@@ -219,7 +219,7 @@ _VERBOSE = Setting(
 )
 _QUIET = Setting(
     "quiet",
-    c.boolean,
+    converters.boolean,
     "log only warnings and errors",
     "logging",
     flags=("-q", "--quiet"),
@@ -232,9 +232,9 @@ _QUIET = Setting(
 
 def _log_level(values: Mapping[str, Value], default: str) -> str:
     verbose, quiet = values.get("verbose"), values.get("quiet")
-    if verbose is not None and c.boolean(verbose):
+    if verbose is not None and converters.boolean(verbose):
         return "DEBUG"
-    if quiet is not None and c.boolean(quiet):
+    if quiet is not None and converters.boolean(quiet):
         return "WARNING"
     return default
 
@@ -251,7 +251,7 @@ class ServerOptions:
     )
     hostname: str = setting(
         "localhost",
-        convert=c.hostname,
+        convert=converters.hostname,
         group="identity",
         metavar="NAME",
         help="name in the greeting and Received headers",
@@ -261,7 +261,7 @@ class ServerOptions:
     )
     maildir: Path = setting(
         Path("maildir"),
-        convert=c.path,
+        convert=converters.path,
         group="delivery",
         metavar="DIR",
         exclusive="delivery",
@@ -269,7 +269,7 @@ class ServerOptions:
     )
     mbox: Path | None = setting(
         None,
-        convert=c.path,
+        convert=converters.path,
         group="delivery",
         metavar="FILE",
         exclusive="delivery",
@@ -280,14 +280,14 @@ class ServerOptions:
     delivery: Delivery = derived("maildir", inputs=(_SINK,), combine=_delivery)
     state_dir: Path = setting(
         Path(".mailgate"),
-        convert=c.path,
+        convert=converters.path,
         group="identity",
         metavar="DIR",
         help="directory for state such as the development certificate, the spool and AUTH captures",
     )
     tls_cert: Path | None = setting(
         None,
-        convert=c.path,
+        convert=converters.path,
         group="identity",
         metavar="PEM",
         help="certificate chain for STARTTLS and implicit TLS, leaf first; needs --tls-key",
@@ -295,7 +295,7 @@ class ServerOptions:
     )
     tls_key: Path | None = setting(
         None,
-        convert=c.path,
+        convert=converters.path,
         group="identity",
         metavar="PEM",
         help="unencrypted private key of --tls-cert",
@@ -304,7 +304,7 @@ class ServerOptions:
     #: Development credentials, user -> password.
     auth_users: tuple[tuple[str, str], ...] = setting(
         (),
-        convert=c.auth_users,
+        convert=converters.auth_users,
         group="authentication",
         flags=("--auth-user",),
         metavar="USER:PASSWORD",
@@ -314,33 +314,33 @@ class ServerOptions:
     )
     allow_insecure_auth: bool = setting(
         False,
-        convert=c.boolean,
+        convert=converters.boolean,
         group="authentication",
         switch=True,
         help="offer AUTH before TLS too, sending passwords in clear",
     )
     max_size: int = setting(
         25 * 1024 * 1024,
-        convert=c.size,
+        convert=converters.size,
         group="limits",
         metavar="BYTES",
         help="largest message accepted; suffixes K, M, G (1024-based, also KiB, MiB, GiB) "
         "or KB, MB, GB (1000-based); 0 for no limit",
-        describe=c.size_text,
+        describe=converters.size_text,
     )
     max_recipients: int = setting(
-        100, convert=c.count, group="limits", metavar="N", help="recipients per message"
+        100, convert=converters.count, group="limits", metavar="N", help="recipients per message"
     )
     max_clients: int = setting(
         1000,
-        convert=c.count,
+        convert=converters.count,
         group="limits",
         metavar="N",
         help="simultaneous connections per process",
     )
     max_clients_per_ip: int = setting(
         20,
-        convert=c.count,
+        convert=converters.count,
         group="limits",
         metavar="N",
         help="simultaneous connections from one IP address",
@@ -350,21 +350,21 @@ class ServerOptions:
     max_bad_commands: int = code_only(20, reason="a protocol limit; set in code if at all")
     idle_timeout: float = setting(
         300.0,
-        convert=c.seconds,
+        convert=converters.seconds,
         group="timeouts",
         metavar=_DURATION,
         help="close a connection that sends no command for this long",
     )
     data_timeout: float = setting(
         600.0,
-        convert=c.seconds,
+        convert=converters.seconds,
         group="timeouts",
         metavar=_DURATION,
         help="close a connection that stalls while sending a message",
     )
     close_timeout: float = setting(
         30.0,
-        convert=c.seconds,
+        convert=converters.seconds,
         group="timeouts",
         metavar=_DURATION,
         help="on shutdown, wait this long for connections to finish",
@@ -372,7 +372,7 @@ class ServerOptions:
     #: Wait this long before the banner; clients that talk first get 554 (0: no wait).
     greeting_delay: float = setting(
         0.0,
-        convert=c.seconds_or_zero,
+        convert=converters.seconds_or_zero,
         group="timeouts",
         metavar=_DURATION,
         help="wait this long before the 220 banner; clients that send before it are "
@@ -381,14 +381,14 @@ class ServerOptions:
     )
     lmtp: bool = setting(
         False,
-        convert=c.boolean,
+        convert=converters.boolean,
         group="protocol",
         switch=True,
         help="speak LMTP (RFC 2033) instead of SMTP",
     )
     proxy_protocol: tuple[Network, ...] = setting(
         (),
-        convert=c.networks,
+        convert=converters.networks,
         group="proxies",
         metavar=_NETWORKS,
         repeatable=True,
@@ -397,7 +397,7 @@ class ServerOptions:
     proxy_timeout: float = code_only(10.0, reason="how long to wait for the PROXY header")
     workers: int = setting(
         1,
-        convert=c.count,
+        convert=converters.count,
         group="listening",
         metavar="N",
         help="server processes sharing the ports (SO_REUSEPORT)",
@@ -405,7 +405,7 @@ class ServerOptions:
     received_header: bool = derived(True, inputs=(_NO_RECEIVED_HEADER,), combine=_received_header)
     bare_newline: BareNewline = setting(
         BareNewline.REJECT,
-        convert=lambda value: BareNewline(c.choice(_BARE_NEWLINE_CHOICES)(value)),
+        convert=lambda value: BareNewline(converters.choice(_BARE_NEWLINE_CHOICES)(value)),
         group="protocol",
         choices=_BARE_NEWLINE_CHOICES,
         help="bare CR/LF in message data: reject the smuggling pattern, strict: reject any, "
@@ -413,7 +413,7 @@ class ServerOptions:
     )
     log_format: Literal["text", "json"] = setting(
         "text",
-        convert=c.choice(("text", "json")),
+        convert=converters.choice(("text", "json")),
         group="logging",
         choices=("text", "json"),
         help="log line format",
@@ -422,7 +422,7 @@ class ServerOptions:
     #: Trusted peers that may use XCLIENT/XFORWARD.
     trusted_networks: tuple[Network, ...] = setting(
         (),
-        convert=c.networks,
+        convert=converters.networks,
         group="proxies",
         metavar=_NETWORKS,
         repeatable=True,
@@ -432,7 +432,7 @@ class ServerOptions:
     #: SASL mechanisms to offer; empty: what the registered auth plugins can check.
     auth_mechanisms: tuple[str, ...] = setting(
         (),
-        convert=c.mechanisms,
+        convert=converters.mechanisms,
         group="authentication",
         metavar="MECH[,MECH]",
         help=f"SASL mechanisms to offer, from {', '.join(AUTH_MECHANISMS)}",
@@ -441,7 +441,7 @@ class ServerOptions:
     #: A users file with argon2 hashes (``mailgate users add``) for PLAIN and LOGIN.
     users_file: Path | None = setting(
         None,
-        convert=c.path,
+        convert=converters.path,
         group="authentication",
         metavar="FILE",
         help="accept AUTH PLAIN/LOGIN for the users in this file of argon2 hashes, managed "
@@ -450,7 +450,7 @@ class ServerOptions:
     #: Honeypot-style auth that records every attempt: "refuse" or "accept" (None: off).
     auth_capture: Literal["refuse", "accept"] | None = setting(
         None,
-        convert=c.choice(("refuse", "accept")),
+        convert=converters.choice(("refuse", "accept")),
         group="authentication",
         choices=("refuse", "accept"),
         help="record every AUTH attempt (user, password) in the state directory and refuse "
@@ -460,14 +460,14 @@ class ServerOptions:
     #: Seconds before the first failed AUTH reply; doubles with each further failure.
     auth_failure_delay: float = setting(
         1.0,
-        convert=c.seconds_or_zero,
+        convert=converters.seconds_or_zero,
         group="authentication",
         metavar=_DURATION,
         help="wait this long before answering a failed AUTH, doubling with each further failure",
     )
     max_auth_failures: int = setting(
         3,
-        convert=c.count,
+        convert=converters.count,
         group="authentication",
         metavar="N",
         help="close the connection after this many failed AUTH",
@@ -476,14 +476,14 @@ class ServerOptions:
     #: Longest a stage's hooks may take (message stage: delivery_timeout) before 451.
     hook_timeout: float = setting(
         30.0,
-        convert=c.seconds,
+        convert=converters.seconds,
         group="hooks",
         metavar=_DURATION,
         help="answer 451 when a stage's hooks take longer than this",
     )
     delivery_timeout: float = setting(
         300.0,
-        convert=c.seconds,
+        convert=converters.seconds,
         group="hooks",
         metavar=_DURATION,
         help="the same for the message stage and its deliveries",
@@ -491,7 +491,7 @@ class ServerOptions:
     #: Forward every message to these servers: smtp://host:port, lmtp://host:port.
     forward: tuple[str, ...] = setting(
         (),
-        convert=c.forward_urls,
+        convert=converters.forward_urls,
         group="hooks",
         metavar="URL",
         repeatable=True,
@@ -501,7 +501,7 @@ class ServerOptions:
     #: POST every message to these HTTP(S) endpoints.
     webhook: tuple[str, ...] = setting(
         (),
-        convert=c.webhook_urls,
+        convert=converters.webhook_urls,
         group="hooks",
         metavar="URL",
         repeatable=True,
@@ -510,7 +510,7 @@ class ServerOptions:
     #: An aiosmtpd handler class to run, "module:Class" (with module importable).
     aiosmtpd_handler: str | None = setting(
         None,
-        convert=c.import_spec,
+        convert=converters.import_spec,
         group="hooks",
         metavar="MODULE:CLASS",
         help="run this aiosmtpd handler class (handle_RCPT, handle_DATA, ...) unchanged",
@@ -521,7 +521,7 @@ class ServerOptions:
     #: (Postfix's mynetworks; not trusted_networks, which may send XCLIENT).
     local_domains: tuple[str, ...] = setting(
         (),
-        convert=c.domain_patterns,
+        convert=converters.domain_patterns,
         group="policy",
         metavar="DOMAIN[,DOMAIN]",
         repeatable=True,
@@ -531,7 +531,7 @@ class ServerOptions:
     #: Accept mail for any domain from anyone (capture servers, honeypots): warned at start.
     open_relay: bool = setting(
         False,
-        convert=c.boolean,
+        convert=converters.boolean,
         group="policy",
         switch=True,
         help="accept mail for every domain from anyone (capture servers and honeypots; "
@@ -539,7 +539,7 @@ class ServerOptions:
     )
     relay_networks: tuple[Network, ...] = setting(
         LOOPBACK,
-        convert=c.networks,
+        convert=converters.networks,
         group="policy",
         metavar=_NETWORKS,
         repeatable=True,
@@ -548,7 +548,7 @@ class ServerOptions:
     #: Name servers for policy lookups ("HOST" or "HOST:PORT"); empty: /etc/resolv.conf.
     dns_nameservers: tuple[str, ...] = setting(
         (),
-        convert=c.nameservers,
+        convert=converters.nameservers,
         group="policy",
         metavar="IP[:PORT]",
         repeatable=True,
@@ -557,7 +557,7 @@ class ServerOptions:
     )
     dns_timeout: float = setting(
         3.0,
-        convert=c.seconds,
+        convert=converters.seconds,
         group="policy",
         metavar=_DURATION,
         help="give up on a DNS lookup after this long (also timeout in [dns])",
@@ -565,7 +565,7 @@ class ServerOptions:
     #: DNS blocklists in their simplest form: listed clients are refused at RCPT.
     dnsbl_zones: tuple[str, ...] = setting(
         (),
-        convert=c.zones,
+        convert=converters.zones,
         group="policy",
         flags=("--dnsbl",),
         metavar="ZONE",
@@ -575,7 +575,7 @@ class ServerOptions:
     #: Greylisting with its defaults (the [greylisting] table gives the details).
     greylist: bool = setting(
         False,
-        convert=c.boolean,
+        convert=converters.boolean,
         group="policy",
         switch=True,
         help="greylist unknown (client, sender, recipient) triplets",

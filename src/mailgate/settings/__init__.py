@@ -4,7 +4,7 @@ settings reference (docs/settings.md) all come from that declaration.
 
 - :mod:`.values`: :class:`Value` (a raw value and where it came from) and
   :class:`ConfigError`, whose message names that place;
-- :mod:`.convert`: the converters (sizes, seconds, networks, paths, host names, URLs...);
+- :mod:`.converters`: the converters (sizes, seconds, networks, paths, host names, URLs...);
 - :mod:`.table`: :func:`setting`, :func:`required`, :func:`derived`, :func:`code_only`
   for declaring fields, and reading the table back (:func:`settings_of`,
   :func:`build_fields`);
@@ -16,7 +16,7 @@ A leaf: it imports nothing of mailgate but mailgate.protocol and mailgate.dns.
 
 from __future__ import annotations
 
-from .convert import AUTH_MECHANISMS, Network
+from .converters import AUTH_MECHANISMS, Network
 from .machine import machine_fqdn, user_state_dir
 from .table import (
     REQUIRED,

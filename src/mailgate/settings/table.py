@@ -53,7 +53,7 @@ class Setting:
 
     #: The key in the file and in code, and the argparse ``dest`` of the flag.
     key: str
-    #: Raw value -> setting value (mailgate.settings.convert), raising the value's error.
+    #: Raw value -> setting value (mailgate.settings.converters), raising the value's error.
     convert: Converter
     #: What it does, for --help and the reference; the default is added.
     help: str
@@ -76,7 +76,7 @@ class Setting:
     #: What help says the default is, when the value alone does not say it well;
     #: ``{default}`` in it is replaced by the described default.
     default_text: str | None = None
-    #: How to describe the default value (e.g. convert.size_text); None: :func:`describe`.
+    #: How to describe the default value (e.g. converters.size_text); None: :func:`describe`.
     describe: Callable[[Any], str] | None = None
     #: For a required setting: the error when it is missing, before "--flag METAVAR".
     missing: str | None = None

@@ -32,7 +32,6 @@ from mailgate.config import (
     build_honeypot_options,
     flag_name,
 )
-from mailgate.honeypot.cli import add_honeypot_parser
 from mailgate.honeypot.mode import (
     FALLBACK_MAX_SIZE,
     build_server,
@@ -40,6 +39,7 @@ from mailgate.honeypot.mode import (
     load_persona,
 )
 from mailgate.honeypot.personas import PERSONAS
+from mailgate.honeypot_cli import add_honeypot_parser
 from mailgate.plugins.lists import Lists
 from mailgate.plugins.rate_limits import RateLimits
 from mailgate.server.options import ListenAddress, ServerOptions

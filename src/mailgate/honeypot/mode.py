@@ -41,7 +41,6 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from mailgate.config import ConfigError, HoneypotOptions
 from mailgate.hooks import AuthAttempt, Envelope, Message, Reject, Session, TempFail
 from mailgate.plugins.lists import Lists
 from mailgate.plugins.policy import PolicyConfigError, PolicyEnv
@@ -50,9 +49,11 @@ from mailgate.protocol import Reply
 from mailgate.server.app import Server
 from mailgate.server.options import PolicySection, ServerOptions
 from mailgate.server.tls import TLSConfigError, ensure_dev_certificate
+from mailgate.settings import ConfigError
 
 from .personas import PERSONAS, PersonaProfile, ProfileError, load_profile
 from .plugin import HoneypotPlugin
+from .settings import HoneypotOptions
 from .store import CaptureError, CaptureStore
 
 log = logging.getLogger("mailgate.honeypot")

@@ -49,6 +49,7 @@ from mailgate.protocol import Reply
 from mailgate.protocol import replies as R
 
 from .extract import MAX_ATTACHMENTS, MAX_URLS, extract
+from .settings import AUTH_OUTCOMES, parse_auth_outcome
 from .store import CaptureStore, RawMessage
 
 if TYPE_CHECKING:
@@ -58,26 +59,11 @@ log = logging.getLogger("mailgate.honeypot")
 
 __all__ = ["AUTH_OUTCOMES", "CaptureRecorder", "HoneypotPlugin", "parse_auth_outcome"]
 
-AUTH_OUTCOMES: Final = ("refuse", "accept", "accept-after:N")
 NAME: Final = "honeypot"
 #: Addresses remembered for the tarpit and accept-after (least recently seen forgotten).
 MAX_ADDRESSES: Final = 65536
 #: Bytes read from the top of a message to find the server's own trace header.
 _TOP: Final = 64 * 1024
-
-
-def parse_auth_outcome(value: str) -> tuple[str, int]:
-    """``"refuse"`` -> ("refuse", 0), ``"accept"`` -> ("accept", 0), ``"accept-after:N"``
-    -> ("accept-after", N) with N >= 1; anything else is a ValueError saying what works."""
-    text = str(value).strip().lower()
-    if text in ("refuse", "accept"):
-        return text, 0
-    match = re.fullmatch(r"accept-after:\s*(\d+)", text)
-    if match and int(match[1]) >= 1:
-        return "accept-after", int(match[1])
-    raise ValueError(
-        f"auth_outcome must be refuse, accept or accept-after:N (N >= 1), not {value!r}"
-    )
 
 
 class CaptureRecorder:

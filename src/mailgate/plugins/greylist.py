@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 from mailgate.hooks import Address, Envelope, Session, TempFail
-from mailgate.paths import user_state_dir
 from mailgate.plugins.greylist_store import (
     ClientState,
     GreylistBackend,
@@ -46,6 +45,7 @@ from mailgate.plugins.policy import (
     exempt,
 )
 from mailgate.server.options import LOOPBACK, Network, PolicySection
+from mailgate.settings import user_state_dir
 
 log = logging.getLogger("mailgate.policy")
 
@@ -133,7 +133,7 @@ class Greylist:
         server.add_plugin(Greylist(delay=300, database=Path("/var/lib/mailgate/grey.db")))
 
     ``database`` defaults to ``greylist.sqlite3`` in the embedded server's state directory
-    (:func:`mailgate.paths.user_state_dir`); ``store`` replaces the SQLite store with any
+    (:func:`mailgate.settings.user_state_dir`); ``store`` replaces the SQLite store with any
     :class:`GreylistBackend`. ``clock`` (default ``time.time``) is used for every time.
     """
 

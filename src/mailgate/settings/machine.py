@@ -1,11 +1,10 @@
-"""Where mailgate keeps files when nobody said where: a leaf module (it imports nothing of
-mailgate), so that the composition layer (an embedded server's default ``state_dir``) and
-a plugin built in code (the greylisting database) agree on one place without the plugin
-importing the configuration reader."""
+"""Defaults that depend on the machine: its name and the user's state directory."""
 
 from __future__ import annotations
 
+import functools
 import os
+import socket
 from pathlib import Path
 
 
@@ -16,4 +15,7 @@ def user_state_dir() -> Path:
     return Path(base) / "mailgate"
 
 
-__all__ = ["user_state_dir"]
+@functools.cache
+def machine_fqdn() -> str:
+    """This machine's fully qualified name; looked up once, as it may query DNS."""
+    return socket.getfqdn() or "localhost"

@@ -47,7 +47,7 @@ from mailgate.plugins.lists import Lists
 from mailgate.plugins.policy import PolicyConfigError, PolicyEnv
 from mailgate.plugins.rate_limits import RateLimits
 from mailgate.protocol import Reply
-from mailgate.server.app import Server
+from mailgate.composition.server import Server
 from mailgate.server.options import PolicySection, ServerOptions
 from mailgate.server.tls import TLSConfigError, ensure_dev_certificate
 

@@ -52,7 +52,7 @@ from .extract import MAX_ATTACHMENTS, MAX_URLS, extract
 from .store import CaptureStore, RawMessage
 
 if TYPE_CHECKING:
-    from mailgate.server.app import Server
+    from mailgate.composition.server import Server
 
 log = logging.getLogger("mailgate.honeypot")
 

@@ -495,9 +495,10 @@ class SMTPServer:
 
     def close_session(self, session: Session, reply: Reply, reason: str = "closed") -> bool:
         """Send ``reply`` to the client of ``session`` outside the SMTP dialogue (not as
-        the answer to a command: a timer of a plugin, an operator) and close its
-        connection; ``reason`` is what the session recorder is told. False when the
-        session has no open connection on this server (it ended already)."""
+        the answer to a command: a timer of a plugin, an operator; without its enhanced
+        status code, as before EHLO) and close its connection; ``reason`` is what the
+        session recorder is told. False when the session has no open connection on this
+        server (it ended already)."""
         for connection in self.connections:
             if connection.session is session:
                 connection.refuse(reply, reason)

@@ -38,7 +38,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any, Final, Protocol
+from typing import IO, TYPE_CHECKING, Any, Final, Protocol
 
 from mailgate.hooks import (
     Address,
@@ -51,11 +51,15 @@ from mailgate.hooks import (
 )
 from mailgate.protocol import Reply
 from mailgate.protocol.replies import AUTH_FAILED
-from mailgate.server.host import SessionRecorder
-from mailgate.server.options import ServerOptions
 
 from .extract import MAX_ATTACHMENTS, MAX_URLS, extract
 from .store import CaptureStore, RawMessage
+
+if TYPE_CHECKING:
+    # Types only: importing the plugin (the configuration reader does, for
+    # parse_auth_outcome) should not load the server.
+    from mailgate.server.host import SessionRecorder
+    from mailgate.server.options import ServerOptions
 
 log = logging.getLogger("mailgate.honeypot")
 

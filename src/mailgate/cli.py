@@ -102,7 +102,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     # Imported here: the server pulls in asyncio and every delivery, which --help and
     # configuration errors do not need.
-    from mailgate.server import run
+    from mailgate.composition.server import run
     from mailgate.server.errors import StartupError
 
     def reload_options() -> ServerOptions:

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import trustme
 
+from mailgate import Server
 from mailgate import hooks as H
-from mailgate.server import ListenAddress, Server, ServerOptions
+from mailgate.server import ListenAddress, ServerOptions
 
 RECEIVED = re.compile(rb"^Received: .*?\r\n(?![ \t])", re.S)
 

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any, TypeAlias, TypeVar
 
 from mailgate.dns import Resolver
-from mailgate.hooks import Message, Session
+from mailgate.hooks import Message, Reject, Session, TempFail
+from mailgate.protocol import Reply
 from mailgate.server.options import Network, PolicySection, ServerOptions
 
 log = logging.getLogger("mailgate.policy")
@@ -68,6 +69,18 @@ def decide(
                 **fields,
             },
         )
+
+
+#: A reply a plugin is told to refuse with instead of its own words (honeypot personas):
+#: made for the session, so it may name the client.
+RefusalText: TypeAlias = Callable[[Session], Reply]
+
+
+def refusal(reply: Reply, *, disconnect: bool = False) -> Reject | TempFail:
+    """``reply`` (4xx or 5xx) as the refusal a plugin raises: TempFail below 500, else
+    Reject, with the reply's enhanced code."""
+    kind = TempFail if reply.code < 500 else Reject
+    return kind(reply.code, reply.text, enhanced=reply.status, disconnect=disconnect)
 
 
 def allowlisted(session: Session) -> str | None:

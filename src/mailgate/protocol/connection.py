@@ -184,7 +184,11 @@ class ServerConnection:
         tls_active: bool = False,
         peer_trusted: bool = False,
         client_ip: str = "",
+        on_line: Callable[[bytes], None] | None = None,
     ) -> None:
+        """``on_line``: called with each command line and AUTH continuation line as it is
+        parsed, without its line end, before it is acted on (a transcript recorder);
+        message content and lines refused as too long do not come to it."""
         self.config = config
         self.tls_active = tls_active
         self.peer_trusted = peer_trusted
@@ -223,6 +227,24 @@ class ServerConnection:
         self._sasl: Mechanism | None = None
         self._sasl_final_reply: Reply | None = None
         self._look = _Look(config)
+        if on_line is not None:
+            self._observe_lines(on_line)
+
+    def _observe_lines(self, on_line: Callable[[bytes], None]) -> None:
+        # The two line handlers are wrapped on this instance only: a connection without
+        # an observer runs the class's own methods and pays nothing on the hot path.
+        command, auth_line = self._command, self._auth_line
+
+        def observed_command(line: bytes) -> None:
+            on_line(line)
+            command(line)
+
+        def observed_auth_line(line: bytes) -> None:
+            on_line(line)
+            auth_line(line)
+
+        self.__dict__["_command"] = observed_command
+        self.__dict__["_auth_line"] = observed_auth_line
 
     # --- public API ------------------------------------------------------------------
 

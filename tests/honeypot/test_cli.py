@@ -25,6 +25,7 @@ import pytest
 
 import mailgate.honeypot.mode
 from mailgate import cli, config
+from mailgate.cli.honeypot import add_honeypot_parser
 from mailgate.config import (
     HONEYPOT_KEYS,
     ConfigError,
@@ -39,7 +40,6 @@ from mailgate.honeypot.mode import (
     load_persona,
 )
 from mailgate.honeypot.personas import PERSONAS
-from mailgate.honeypot_cli import add_honeypot_parser
 from mailgate.plugins.lists import Lists
 from mailgate.plugins.rate_limits import RateLimits
 from mailgate.server.options import ListenAddress, ServerOptions

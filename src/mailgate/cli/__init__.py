@@ -10,12 +10,12 @@ import argparse
 import sys
 from typing import NoReturn
 
-from mailgate import __version__
+from mailgate.cli.honeypot import add_honeypot_parser, run_honeypot
+from mailgate.cli.users import add_users_parser, run_users
 from mailgate.config import SERVER_SETTINGS, ConfigError, build_options, config_mode
-from mailgate.honeypot_cli import add_honeypot_parser, run_honeypot
 from mailgate.server.options import GROUPS, ServerOptions
 from mailgate.settings.flags import HiddenFlagsFormatter, add_config_flag, add_flags
-from mailgate.users_cli import add_users_parser, run_users
+from mailgate.version import __version__
 
 EXIT_CONFIG = 2
 EXIT_STARTUP = 2  # the issue fixes it: start-up problems (port in use) exit 2 too

@@ -26,8 +26,8 @@ from mailgate.protocol import (
     ProtocolConfig,
     Reply,
     ServerConnection,
+    replies,
 )
-from mailgate.protocol import replies as R
 from mailgate.protocol.persona import (
     DEFAULT_PERSONA,
     KEYWORDS,
@@ -178,7 +178,7 @@ def test_default_persona_replies_are_the_constants() -> None:
     assert ProtocolConfig().persona is DEFAULT_PERSONA
     assert Persona() == DEFAULT_PERSONA and hash(Persona()) == hash(DEFAULT_PERSONA)
     for name in REPLY_NAMES:
-        assert DEFAULT_PERSONA.reply(name) == getattr(R, name.upper()), name
+        assert DEFAULT_PERSONA.reply(name) == getattr(replies, name.upper()), name
     assert DEFAULT_PERSONA.overridden == frozenset()
     hash(ProtocolConfig(persona=Persona(replies={"bye": "Later"})))  # configs stay hashable
 
@@ -398,9 +398,9 @@ def test_standard_constants_given_by_the_caller_follow_the_persona() -> None:
 
     def answer(point: PolicyPoint) -> Reply | None:
         if isinstance(point, AuthCredentials):
-            return R.AUTH_FAILED
+            return replies.AUTH_FAILED
         if isinstance(point, MailFrom):
-            return R.SENDER_OK
+            return replies.SENDER_OK
         return None
 
     s = Session.start(config, answer=answer)
@@ -410,7 +410,7 @@ def test_standard_constants_given_by_the_caller_follow_the_persona() -> None:
         "250 2.0.0 Reset OK",
         "535 5.7.8 Error: authentication failed",
     ]
-    s.conn.close(R.IDLE_TIMEOUT)
+    s.conn.close(replies.IDLE_TIMEOUT)
     assert s.conn.data_to_send() == b"421 4.4.2 mx.test Error: timeout exceeded\r\n"
 
     # Not a constant: sent as given.
@@ -725,11 +725,11 @@ def test_format_reply_and_clean_values() -> None:
     )
     assert persona.format("message_queued", queue_id="a\r\nb").text == "Ok: queued as a??b"
     assert persona.format("message_queued").text == "Ok: queued as "
-    assert persona.format("bye") is R.BYE
+    assert persona.format("bye") is replies.BYE
     assert clean(None) == "" and clean(12) == "12" and clean("x\ny\x7f") == "x?y?"
     with pytest.raises(KeyError):
         persona.reply("nope")
-    assert persona.adapt("bad_parameter", R.SMTPUTF8_REQUIRED) is R.SMTPUTF8_REQUIRED
+    assert persona.adapt("bad_parameter", replies.SMTPUTF8_REQUIRED) is replies.SMTPUTF8_REQUIRED
     assert set(PASS_THROUGH) <= REPLY_NAMES
 
 
@@ -791,7 +791,7 @@ def texts(draw: st.DrawFn, allowed: frozenset[str]) -> str:
 
 @st.composite
 def overrides(draw: st.DrawFn, name: str) -> Reply | str:
-    default = getattr(R, name.upper())
+    default = getattr(replies, name.upper())
     text = draw(st.lists(texts(PLACEHOLDERS[name]), min_size=1, max_size=3).map("\n".join))
     if draw(st.booleans()):
         return text
@@ -851,7 +851,7 @@ HOSTILE = (
 )
 #: (client bytes, ServerConnection arguments, how the server closes: a reply, or default)
 SCRIPTS: list[tuple[bytes, dict[str, object], Reply | None]] = [
-    (HOSTILE, {"peer_trusted": True, "client_ip": "192.0.2.1\r\n"}, R.IDLE_TIMEOUT),
+    (HOSTILE, {"peer_trusted": True, "client_ip": "192.0.2.1\r\n"}, replies.IDLE_TIMEOUT),
     (b"STARTTLS\r\nEHLO x\r\nSTARTTLS\r\n", {}, None),
     (b"EHLO x\r\nSTARTTLS\r\nAUTH PLAIN\r\n=\r\nQUIT\r\n", {"tls_active": True}, None),
     (b"FOO\r\n" * 60, {}, None),

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from . import replies as R
+from . import replies
 from .address import (
     Address,
     AddressError,
@@ -309,7 +309,7 @@ class ServerConnection:
         self._out.clear()
         return out
 
-    def close(self, reply: Reply | None = R.SHUTTING_DOWN) -> None:
+    def close(self, reply: Reply | None = replies.SHUTTING_DOWN) -> None:
         """Close from the server side (idle timeout, shutdown): queue ``reply`` (421).
         A standard constant (``replies.IDLE_TIMEOUT``) is sent as the persona words it."""
         if self.state is State.CLOSED:
@@ -883,7 +883,7 @@ class ServerConnection:
         tx = self.transaction
         assert tx is not None
         if reader.error is not None:
-            reply = self._adapt(reader.error_reply or R.MESSAGE_TOO_BIG)
+            reply = self._adapt(reader.error_reply or replies.MESSAGE_TOO_BIG)
             self._send(reply)
             self._events.append(DataDiscarded(reader.error, reply))
             self.transaction = None

@@ -110,7 +110,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
 
-from . import replies as R
+from . import replies
 from .replies import Reply, ReplyError
 
 
@@ -121,7 +121,7 @@ class PersonaError(ValueError):
 def _names() -> dict[str, Reply]:
     return {
         name.lower(): value
-        for name, value in vars(R).items()
+        for name, value in vars(replies).items()
         if isinstance(value, Reply) and name.isupper()
     }
 
@@ -425,8 +425,8 @@ class Persona:
 
         given: dict[str, Reply | str] = dict(self.replies)
         put(self, "replies", MappingProxyType(given))  # a copy: the caller's dict may change
-        replies = dict(given)  # plus what help/help_code make of the "help" reply
-        unknown = [name for name in replies if name not in REPLY_NAMES]
+        overrides = dict(given)  # plus what help/help_code make of the "help" reply
+        unknown = [name for name in overrides if name not in REPLY_NAMES]
         if unknown:
             close = difflib.get_close_matches(str(unknown[0]), REPLY_NAMES, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -435,12 +435,12 @@ class Persona:
             raise PersonaError(
                 f"help_code: {self.help_code} is not a 2xx code (hide HELP to refuse it)"
             )
-        if self.help or self.help_code != R.HELP.code:
-            if "help" in replies:
+        if self.help or self.help_code != replies.HELP.code:
+            if "help" in overrides:
                 raise PersonaError("help: give either help/help_code or replies['help']")
             try:
-                replies["help"] = Reply(
-                    self.help_code, _class_status(self.help_code), self.help or R.HELP.lines
+                overrides["help"] = Reply(
+                    self.help_code, _class_status(self.help_code), self.help or replies.HELP.lines
                 )
             except ReplyError as exc:
                 raise PersonaError(f"help: {exc}") from None
@@ -448,7 +448,7 @@ class Persona:
         static: dict[str, Reply] = {}
         templates: dict[str, _Template] = {}
         for name, default in _DEFAULTS.items():
-            override = replies.get(name)
+            override = overrides.get(name)
             where = f"reply {name!r}"
             inherit = False
             if override is None:
@@ -478,7 +478,7 @@ class Persona:
                 )
         put(self, "_static", static)
         put(self, "_templates", MappingProxyType(templates))
-        put(self, "_overridden", frozenset(replies))
+        put(self, "_overridden", frozenset(overrides))
 
         put(self, "_banner", self._line_template("banner", self.banner, 220, BANNER_PLACEHOLDERS))
         put(self, "_ehlo", self._line_template("ehlo_greeting", self.ehlo_greeting, 250))

@@ -27,6 +27,9 @@ class SessionCache:
     def __len__(self) -> int:
         return sum(len(entries) for entries in self._idle.values())
 
+    def idle_count(self, key: str) -> int:
+        return len(self._idle.get(key, ()))
+
     def take(self, key: str) -> Session | None:
         """The most recently used idle session for ``key`` (destination), if any."""
         entries = self._idle.get(key)

@@ -107,7 +107,7 @@ class OutboundEngine:
     def status(self, destination: Destination) -> DestinationStatus:
         options = self.options
         state = self._states.get(destination.key)
-        idle = len(self._cache._idle.get(destination.key, ()))
+        idle = self._cache.idle_count(_session_key(destination))
         if state is None:
             return DestinationStatus(options.initial_concurrency, 0, 0, False, idle)
         return DestinationStatus(state.limit, state.active, state.failures, state.suspended, idle)
@@ -148,8 +148,7 @@ class OutboundEngine:
     async def deliver(self, request: DeliveryRequest) -> DeliveryResult:
         """Deliver ``request``; one result per recipient, in order."""
         started = self._clock()
-        key = request.destination.key
-        state = self._state(key)
+        state = self._state(request.destination.key)
         admission = state.admit()
         if admission is Admission.SUSPENDED:
             return self._finish(request, self._suspended(state), started)
@@ -159,7 +158,7 @@ class OutboundEngine:
                 if state.suspended and admission is not Admission.PROBE:
                     # It died while this one waited for its turn.
                     return self._finish(request, self._suspended(state), started)
-                attempt = await self._attempt(request, key)
+                attempt = await self._attempt(request, _session_key(request.destination))
             finally:
                 state.release()
         finally:
@@ -332,6 +331,16 @@ class OutboundEngine:
         )
         _log_attempt(result)
         return result
+
+
+def _session_key(destination: Destination) -> str:
+    """What a cached session must match: the destination and, for a smarthost, the
+    credentials it authenticated with (a changed password must not reuse the old
+    login). ``hash`` is salted per process, so nothing of the password leaves it."""
+    if isinstance(destination, Forward):
+        target = destination.target()
+        return f"{destination.key}#{hash((target.username, target.password))}"
+    return destination.key
 
 
 def _final_failure(failures: list[HostFailure]) -> Answer:

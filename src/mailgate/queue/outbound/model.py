@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import functools
 import ipaddress
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -74,9 +75,12 @@ class Forward:
 
     @property
     def key(self) -> str:
+        """The URL without the password (it is logged), options included."""
         target = self.target()
         user = f"{target.username}@" if target.username else ""
-        return f"forward:{target.scheme}://{user}{_bracketed(target.host)}:{target.port}"
+        query = urllib.parse.urlsplit(self.url.strip()).query
+        key = f"forward:{target.scheme}://{user}{_bracketed(target.host)}:{target.port}"
+        return f"{key}?{query}" if query else key
 
 
 Destination = Relay | Forward

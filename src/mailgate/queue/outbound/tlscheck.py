@@ -14,11 +14,13 @@ import ipaddress
 import logging
 import os
 import ssl
+import warnings
 from typing import Any
 
 from cryptography import x509
 from cryptography.x509 import DNSName, IPAddress
-from cryptography.x509.verification import PolicyBuilder, Store
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyBuilder, Store
 
 log = logging.getLogger("mailgate.queue.outbound")
 
@@ -47,7 +49,9 @@ def trust_store(cafile: str | None) -> Store | None:
             ]
     for path in dict.fromkeys(paths):
         try:
-            with open(path, "rb") as file:
+            with open(path, "rb") as file, warnings.catch_warnings():
+                # System bundles hold a few old roots that RFC 5280 parsers frown upon.
+                warnings.simplefilter("ignore")
                 certificates += x509.load_pem_x509_certificates(file.read())
         except (OSError, ValueError):
             continue
@@ -88,8 +92,38 @@ def chain_verifies(chain: list[bytes], host: str, store: Store | None) -> bool:
             subject = IPAddress(ipaddress.ip_address(host))
         except ValueError:
             subject = DNSName(host.lower().rstrip("."))
-        verifier = PolicyBuilder().store(store).build_server_verifier(subject)
+        verifier = (
+            PolicyBuilder()
+            .store(store)
+            .extension_policies(ca_policy=_CA_POLICY, ee_policy=_leaf_policy())
+            .build_server_verifier(subject)
+        )
         verifier.verify(leaf, intermediates)
     except Exception:  # any parse or verification problem: simply not verified
         return False
     return True
+
+
+_CA_POLICY = ExtensionPolicy.webpki_defaults_ca()
+
+
+@functools.cache
+def _leaf_policy() -> ExtensionPolicy:
+    """The Web PKI rules for the server's certificate, except the criticality of
+    subjectAltName and extendedKeyUsage, which OpenSSL (what Postfix and the stdlib
+    verify with) does not care about and which private CAs often set."""
+    return (
+        ExtensionPolicy.webpki_defaults_ee()
+        .require_present(x509.SubjectAlternativeName, Criticality.AGNOSTIC, None)
+        .may_be_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, _for_servers)
+    )
+
+
+def _for_servers(policy: Any, certificate: x509.Certificate, usage: Any) -> None:
+    if usage is None:
+        return
+    if (
+        ExtendedKeyUsageOID.SERVER_AUTH not in usage
+        and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in usage
+    ):
+        raise ValueError("the certificate is not for TLS servers")

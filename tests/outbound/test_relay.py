@@ -417,3 +417,21 @@ def test_address_literal_destination(
         assert receiver.messages[0].rcpt_tos == ["postmaster@[127.0.0.22]"]
 
     run(main())
+
+
+def test_mx_that_is_this_server_is_a_mail_loop(
+    tmp_path: Path, dns_server: DNSTestServer, mx_port: int
+) -> None:
+    domain = new_domain("loop")
+    publish_mx(dns_server, domain, (10, "mx", "127.0.0.39"))
+
+    async def main() -> None:
+        with Receiver("127.0.0.39", mx_port, name="outbound.test") as myself:
+            async with make_engine(dns_server, mx_port) as engine:
+                result = await engine.deliver(request(body(tmp_path), Relay(domain), f"a@{domain}"))
+        [outcome] = result.recipients
+        assert (outcome.outcome, outcome.status) == (Outcome.FAILED, "5.4.6")
+        assert "loops back to myself" in outcome.diagnostic
+        assert myself.messages == []
+
+    run(main())

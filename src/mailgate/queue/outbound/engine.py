@@ -271,6 +271,7 @@ class OutboundEngine:
                     port=options.port,
                     tls_policy=options.tls_policy,
                     cafile=options.tls_cafile,
+                    relay=True,
                 )
                 for host in hosts
                 for address in host.addresses

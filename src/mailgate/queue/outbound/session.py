@@ -60,6 +60,8 @@ class Endpoint:
     username: str | None = None
     password: str | None = None
     cafile: str | None = None
+    #: An MX host (not a smarthost): a server that greets with our own name is us.
+    relay: bool = False
 
     @property
     def remote(self) -> RemoteMTA:
@@ -350,6 +352,14 @@ async def open_session(
             raise _refused(SMTPResponse(exc.code, exc.message), where, "initial greeting") from None
         stage = "sending EHLO" if not endpoint.lmtp else "sending LHLO"
         await _greet(smtp, endpoint, where)
+        if endpoint.relay and _server_name(smtp) == options.helo.lower():
+            # An MX that is this server (Postfix: "mail for ... loops back to myself").
+            raise HostFailure(
+                Outcome.FAILED,
+                "5.4.6",
+                f"mail for {endpoint.host} loops back to myself: host {where} greets as "
+                f"{options.helo}",
+            )
         if not endpoint.implicit_tls and endpoint.tls_policy != "none":
             stage = "performing the TLS handshake"
             await _starttls(smtp, endpoint, where, plaintext)
@@ -484,6 +494,13 @@ async def _login(
 
 
 # --- helpers -------------------------------------------------------------------------------
+
+
+def _server_name(smtp: aiosmtplib.SMTP) -> str:
+    """The name the server gave in its EHLO (or HELO) reply, lower-case."""
+    response = smtp.last_ehlo_response or smtp.last_helo_response
+    words = response.message.split(None, 1) if response is not None else []
+    return words[0].lower() if words else ""
 
 
 def _refused(response: SMTPResponse, where: str, stage: str) -> HostFailure:

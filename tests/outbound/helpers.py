@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+import contextlib
+import os
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,13 +36,21 @@ MESSAGE = (
 
 
 def run(coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
-    """Run a test's main coroutine, bounded in time."""
+    """Run a test's main coroutine, bounded in time, on uvloop as ``mailgate serve``
+    does when it is installed (``MAILGATE_LOOP=asyncio``: the stock loop)."""
 
     async def bounded() -> T:
         async with asyncio.timeout(timeout):
             return await coro
 
-    return asyncio.run(bounded())
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if os.environ.get("MAILGATE_LOOP", "").lower() != "asyncio":
+        with contextlib.suppress(ImportError):
+            import uvloop
+
+            loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(bounded())
 
 
 def new_domain(prefix: str = "d") -> str:

@@ -3,6 +3,7 @@ against mailgate's own server as the receiving side."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from tests.outbound.helpers import (
     request,
     run,
 )
-from tests.outbound.receivers import Certs
+from tests.outbound.receivers import Certs, RawServer
 from tests.server.harness import strip_received
 
 from mailgate import Reject, Server
@@ -236,5 +237,49 @@ def test_dsn_and_body_parameters_are_passed_when_offered(
         assert carol.params["NOTIFY"] == "NEVER" and "ORCPT" not in carol.params
         assert desiree == f"d\u00e9sir\u00e9e@{domain}" and not desiree.params
         assert strip_received(received) == data
+
+    run(main())
+
+
+def test_lmtp_session_lost_halfway_keeps_the_replies_already_given(
+    tmp_path: Path, dns_server: DNSTestServer, mx_port: int
+) -> None:
+    async def one_reply_then_gone(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(b"220 lmtp.test LMTP\r\n")
+        for _ in range(20):
+            line = await reader.readline()
+            verb = line[:4].upper()
+            if not line:
+                return
+            if verb == b"LHLO":
+                writer.write(b"250-lmtp.test\r\n250 ENHANCEDSTATUSCODES\r\n")
+            elif verb == b"DATA":
+                writer.write(b"354 go ahead\r\n")
+                await writer.drain()
+                await reader.readuntil(b"\r\n.\r\n")
+                writer.write(b"250 2.1.5 first delivered\r\n")
+                await writer.drain()
+                return  # and the second recipient's reply never comes
+            else:
+                writer.write(b"250 2.0.0 ok\r\n")
+            await writer.drain()
+
+    async def main() -> None:
+        async with RawServer("127.0.0.40", mx_port, one_reply_then_gone):
+            async with make_engine(dns_server, 25) as engine:
+                result = await engine.deliver(
+                    request(
+                        body(tmp_path),
+                        Forward(f"lmtp://127.0.0.40:{mx_port}"),
+                        "first@example.net",
+                        "second@example.net",
+                    )
+                )
+        first, second = result.recipients
+        assert (first.outcome, first.status) == (Outcome.DELIVERED, "2.1.5")
+        assert (second.outcome, second.status) == (Outcome.DEFERRED, "4.4.2")
+        assert "while sending the message" in second.diagnostic
 
     run(main())

@@ -18,7 +18,7 @@ import functools
 import socket
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, Final, cast
 
@@ -237,12 +237,16 @@ class Session:
                     answers[index] = answer
                 return _filled(answers)
             stage = "end of DATA"
-            count = len(accepted) if self.endpoint.lmtp else 1
-            replies = await self._send_body(body, count)
-            if not self.endpoint.lmtp:
-                replies = replies * len(accepted)  # SMTP: one reply for every recipient
-            for index, reply in zip(accepted, replies, strict=True):
-                answers[index] = answer_from_reply(reply, self.where, stage)
+
+            def on_reply(number: int, reply: SMTPResponse) -> None:
+                # LMTP: the n-th reply is the n-th accepted recipient's (RFC 2033 4.2),
+                # recorded as it comes so a session lost halfway keeps what was said.
+                # SMTP: one reply for every accepted recipient.
+                answer = answer_from_reply(reply, self.where, stage)
+                for index in [accepted[number]] if self.endpoint.lmtp else accepted:
+                    answers[index] = answer
+
+            await self._send_body(body, len(accepted) if self.endpoint.lmtp else 1, on_reply)
             return _filled(answers)
         except _SESSION_ERRORS as exc:
             self.abort()
@@ -285,9 +289,11 @@ class Session:
                 params.append(b"ENVID=" + _xtext(request.envid))
         return params
 
-    async def _send_body(self, body: IO[bytes], count: int) -> list[SMTPResponse]:
-        """Stream the message on the borrowed transport (see delivery.forward); the
-        ``count`` replies to it."""
+    async def _send_body(
+        self, body: IO[bytes], count: int, on_reply: Callable[[int, SMTPResponse], None]
+    ) -> None:
+        """Stream the message on the borrowed transport (see delivery.forward) and hand
+        each of the ``count`` replies to it to ``on_reply`` as it arrives."""
         smtp = self.smtp
         client_protocol = smtp.protocol
         if smtp.transport is None or client_protocol is None:
@@ -303,7 +309,8 @@ class Session:
                 before = (before + chunk)[-2:]
                 await receiver.drain()
             transport.write(b".\r\n" if before == b"\r\n" else b"\r\n.\r\n")
-            replies = [await receiver.reply() for _ in range(count)]
+            for number in range(count):
+                on_reply(number, await receiver.reply())
         except BaseException:
             # Stopped inside the message: the session cannot be resumed, only dropped.
             if not transport.is_closing():
@@ -312,7 +319,6 @@ class Session:
             raise
         if not transport.is_closing():
             transport.set_protocol(client_protocol)  # back to aiosmtplib
-        return replies
 
 
 # --- opening a session ---------------------------------------------------------------------
@@ -335,15 +341,22 @@ async def open_session(
         raise HostFailure(
             Outcome.DEFERRED, "4.4.1", f"connect to {where}: {exc.strerror or exc}"
         ) from None
-    smtp = aiosmtplib.SMTP(
-        hostname=endpoint.host,
-        sock=sock,
-        use_tls=endpoint.implicit_tls,
-        start_tls=False,  # decided below, by the policy
-        tls_context=_opportunistic_context(),
-        local_hostname=options.helo,
-        timeout=options.command_timeout,
-    )
+    try:
+        smtp = aiosmtplib.SMTP(
+            hostname=endpoint.host,
+            sock=sock,
+            use_tls=endpoint.implicit_tls,
+            start_tls=False,  # decided below, by the policy
+            tls_context=_opportunistic_context(),
+            local_hostname=options.helo,
+            timeout=options.command_timeout,
+        )
+    except BaseException:
+        sock.close()
+        raise
+    # From here on the socket belongs to the transport aiosmtplib makes of it: closing
+    # it here as well could close a descriptor number the loop has given to another
+    # socket (uvloop closes the descriptor itself), so only ``smtp.close()``.
     stage = "receiving the initial server greeting"
     try:
         try:
@@ -369,11 +382,9 @@ async def open_session(
             await _login(smtp, endpoint, where, options, tls is not None)
     except HostFailure:
         smtp.close()
-        sock.close()
         raise
     except _SESSION_ERRORS as exc:
         smtp.close()
-        sock.close()
         if stage == "performing the TLS handshake" or (
             endpoint.implicit_tls and _ssl_error(exc) is not None
         ):
@@ -387,7 +398,6 @@ async def open_session(
         raise HostFailure(lost.outcome, lost.status, lost.diagnostic) from None
     except BaseException:
         smtp.close()
-        sock.close()
         raise
     return Session(smtp, endpoint, tls, options)
 

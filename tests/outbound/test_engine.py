@@ -13,7 +13,7 @@ from tests.dns_server import DNSTestServer
 from tests.outbound.helpers import body, make_engine, new_domain, publish_mx, request, run
 from tests.outbound.receivers import RawServer, Receiver, greeting, sink
 
-from mailgate.queue.outbound import Forward, OutboundOptions, Outcome, Relay
+from mailgate.queue.outbound import Forward, OutboundOptions, Outcome, Recipient, Relay
 
 
 def test_sessions_are_reused_then_closed_when_idle_or_worn_out(
@@ -304,3 +304,20 @@ def test_settings_and_destinations_are_checked() -> None:
     assert "secret" not in repr(forward)
     assert Forward("lmtp://[::1]").key == "forward:lmtp://[::1]:24"
     assert Relay("Example.ORG.").key == "relay:example.org"
+
+
+def test_requests_that_could_inject_commands_are_refused(tmp_path: Path) -> None:
+    path = body(tmp_path)
+    for bad in ("a@b.test\r\nRCPT TO:<x@y.test>", "a@b.test>", "", "a\x00@b.test"):
+        with pytest.raises(ValueError):
+            Recipient(bad)
+        with pytest.raises(ValueError):
+            request(path, Relay("b.test"), "ok@b.test", sender=bad or "x\n")
+    with pytest.raises(ValueError):
+        Recipient("a@b.test", notify="SUCCESS,NEVER")
+    with pytest.raises(ValueError):
+        Recipient("a@b.test", orcpt="no-type")
+    with pytest.raises(ValueError):
+        request(path, Relay("b.test"), "ok@b.test", envid="x\r\nQUIT")
+    assert Recipient("a@b.test", notify="delay,failure").notify == "delay,failure"
+    assert request(path, Relay("b.test"), "ok@b.test", sender="").sender == ""

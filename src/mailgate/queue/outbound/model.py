@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import functools
 import ipaddress
+import re
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,19 @@ class Recipient:
     address: str
     orcpt: str | None = None
     notify: str | None = None
+
+    def __post_init__(self) -> None:
+        check_address(self.address, "recipient")
+        if self.notify is not None:
+            items = self.notify.upper().split(",")
+            if items != ["NEVER"] and not (
+                items and len(set(items)) == len(items) and set(items) <= _NOTIFY
+            ):
+                raise ValueError(f"NOTIFY {self.notify!r} is not NEVER or SUCCESS,FAILURE,DELAY")
+        if self.orcpt is not None:
+            addr_type, sep, address = self.orcpt.partition(";")
+            if not (sep and addr_type and address) or _CONTROL.search(self.orcpt):
+                raise ValueError(f"ORCPT {self.orcpt!r} is not TYPE;ADDRESS")
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +126,10 @@ class DeliveryRequest:
     def __post_init__(self) -> None:
         if not self.recipients:
             raise ValueError("a delivery request needs at least one recipient")
+        if self.sender:
+            check_address(self.sender, "sender")
+        if self.envid is not None and _CONTROL.search(self.envid):
+            raise ValueError("ENVID must not contain control characters")
         if self.size < 0:
             raise ValueError("a message size cannot be negative")
 
@@ -186,6 +204,17 @@ class DeliveryResult:
 
     def by_outcome(self, outcome: Outcome) -> list[RecipientResult]:
         return [result for result in self.recipients if result.outcome is outcome]
+
+
+_NOTIFY = frozenset({"SUCCESS", "FAILURE", "DELAY"})
+# Nothing that could end or split a command line may reach the wire inside an address.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_address(address: str, what: str) -> None:
+    """ValueError unless ``address`` can go between ``<`` and ``>`` on a command line."""
+    if not address or _CONTROL.search(address) or "<" in address or ">" in address:
+        raise ValueError(f"{what} address {address!r} cannot be sent")
 
 
 @functools.lru_cache(maxsize=256)

@@ -56,8 +56,8 @@ class OutboundOptions:
     mx_address_limit: int = 10
 
     def __post_init__(self) -> None:
-        if not self.helo or any(c.isspace() for c in self.helo):
-            raise ValueError(f"outbound helo {self.helo!r} must be one non-empty word")
+        if not self.helo or not self.helo.isascii() or any(c.isspace() for c in self.helo):
+            raise ValueError(f"outbound helo {self.helo!r} must be one non-empty ASCII word")
         if not 0 < self.port < 65536:
             raise ValueError(f"outbound port {self.port} is out of range")
         for name in (

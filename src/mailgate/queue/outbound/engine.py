@@ -195,7 +195,7 @@ class OutboundEngine:
         try:
             return await self._with_session(request, key, body)
         finally:
-            await loop.run_in_executor(None, body.close)
+            body.close()  # read-only: nothing to flush, closing does not block
 
     async def _with_session(self, request: DeliveryRequest, key: str, body: IO[bytes]) -> _Attempt:
         n = len(request.recipients)

@@ -37,7 +37,7 @@ from mailgate.hooks import Address
 
 from .model import DeliveryRequest, Outcome, Recipient, RemoteMTA, Reply, TLSInfo
 from .options import OutboundOptions, TLSPolicy
-from .tlscheck import chain_verifies, peer_chain, trust_store
+from .tlscheck import chain_verifies, peer_chain, trust_store_for
 
 _CHUNK: Final = 256 * 1024
 _QUIT_TIMEOUT: Final = 5.0
@@ -308,6 +308,8 @@ class Session:
                 transport.write(_dot_stuff(chunk, before))
                 before = (before + chunk)[-2:]
                 await receiver.drain()
+                if len(chunk) < _CHUNK:
+                    break  # a regular file gives short reads only at its end
             transport.write(b".\r\n" if before == b"\r\n" else b"\r\n.\r\n")
             for number in range(count):
                 on_reply(number, await receiver.reply())
@@ -464,7 +466,7 @@ async def _tls_info(smtp: aiosmtplib.SMTP, endpoint: Endpoint) -> TLSInfo | None
     ssl_object = smtp.get_transport_info("ssl_object") if smtp.is_connected else None
     if ssl_object is None:
         return None
-    store = await asyncio.get_running_loop().run_in_executor(None, trust_store, endpoint.cafile)
+    store = await trust_store_for(endpoint.cafile)
     cipher = ssl_object.cipher()
     return TLSInfo(
         version=str(ssl_object.version() or "TLS"),

@@ -9,6 +9,7 @@ for the name the connection was meant for (the MX host or smarthost name).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import ipaddress
 import logging
@@ -27,7 +28,18 @@ log = logging.getLogger("mailgate.queue.outbound")
 _DER = 2  # _ssl.ENCODING_DER
 
 
-@functools.lru_cache(maxsize=8)
+_stores: dict[str | None, Store | None] = {}
+
+
+async def trust_store_for(cafile: str | None) -> Store | None:
+    """:func:`trust_store`, read in a worker thread the first time, then from memory."""
+    if cafile in _stores:
+        return _stores[cafile]
+    store = await asyncio.get_running_loop().run_in_executor(None, trust_store, cafile)
+    _stores[cafile] = store
+    return store
+
+
 def trust_store(cafile: str | None) -> Store | None:
     """The CAs of ``cafile`` (PEM), or the system's; None when none can be read.
     Blocking (reads files): call it from a worker thread the first time."""

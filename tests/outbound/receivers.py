@@ -5,6 +5,7 @@ on cue (replies per recipient, a reply to the message, a dropped connection, a s
 DATA) and which records what it got: messages, sessions, STARTTLS attempts, the most
 transactions in flight at once. :class:`RawServer` is a bare asyncio listener for what
 aiosmtpd cannot do (a 4xx/5xx greeting, a sink that throws the message away).
+:func:`mailgate_server` is mailgate's own server, for DSN, PIPELINING, AUTH and LMTP.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import contextlib
 import socket
 import ssl
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,8 @@ from typing import Any
 import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from mailgate import Server, hooks
 
 #: The test-DNS names use these addresses; a test picks its own.
 LOOPBACK = "127.0.0.{}"
@@ -322,3 +326,46 @@ class Certs:
                 out.write(blob.bytes())
         leaf.private_key_pem.write_to_path(str(key))
         return cert, key
+
+
+@dataclass
+class Seen:
+    """What a mailgate server's message hook saw."""
+
+    messages: list[tuple[hooks.Session, hooks.Envelope, bytes]] = field(default_factory=list)
+
+    async def on_message(
+        self, session: hooks.Session, envelope: hooks.Envelope, message: hooks.Message
+    ) -> None:
+        self.messages.append((session, envelope, await message.read()))
+
+
+@asynccontextmanager
+async def mailgate_server(
+    tmp_path: Path,
+    certs: Certs,
+    listen: str | list[str],
+    name: str,
+    *,
+    cert_names: tuple[str, ...] = (),
+    **extra: Any,
+) -> AsyncIterator[tuple[Server, Seen]]:
+    """A receiving mailgate server in the test's own loop (it offers PIPELINING, DSN,
+    SMTPUTF8, STARTTLS with a certificate for ``name`` and ``cert_names``, AUTH, LMTP)."""
+    directory = tmp_path / name
+    directory.mkdir()
+    cert, key = certs.files(directory, name, *cert_names)
+    server = Server(
+        hostname=name,
+        listen=listen,
+        state_dir=directory / "state",
+        tls_cert=cert,
+        tls_key=key,
+        auth_failure_delay=0,
+        maildir=directory / "maildir",
+        **extra,
+    )
+    seen = Seen()
+    server.on_message(seen.on_message)
+    async with server:
+        yield server, seen

@@ -4,9 +4,6 @@ against mailgate's own server as the receiving side."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,49 +17,12 @@ from tests.outbound.helpers import (
     request,
     run,
 )
-from tests.outbound.receivers import Certs, RawServer
+from tests.outbound.receivers import Certs, RawServer, mailgate_server
 from tests.server.harness import strip_received
 
-from mailgate import Reject, Server
+from mailgate import Reject
 from mailgate.hooks import Envelope, Message, Session
 from mailgate.queue.outbound import Forward, Outcome, Recipient, Relay
-
-
-@dataclass
-class Seen:
-    messages: list[tuple[Session, Envelope, bytes]] = field(default_factory=list)
-
-    async def on_message(self, session: Session, envelope: Envelope, message: Message) -> None:
-        self.messages.append((session, envelope, await message.read()))
-
-
-@asynccontextmanager
-async def mailgate_server(
-    tmp_path: Path,
-    certs: Certs,
-    listen: str | list[str],
-    name: str,
-    *,
-    cert_names: tuple[str, ...] = (),
-    **extra: Any,
-) -> AsyncIterator[tuple[Server, Seen]]:
-    directory = tmp_path / name
-    directory.mkdir()
-    cert, key = certs.files(directory, name, *cert_names)
-    server = Server(
-        hostname=name,
-        listen=listen,
-        state_dir=directory / "state",
-        tls_cert=cert,
-        tls_key=key,
-        auth_failure_delay=0,
-        maildir=directory / "maildir",
-        **extra,
-    )
-    seen = Seen()
-    server.on_message(seen.on_message)
-    async with server:
-        yield server, seen
 
 
 def test_smarthost_with_auth_over_starttls(

@@ -18,7 +18,7 @@ import functools
 import socket
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import IO, Final, cast
 
@@ -187,72 +187,127 @@ class Session:
 
     async def transact(self, request: DeliveryRequest, body: IO[bytes]) -> list[Answer]:
         """MAIL, one RCPT per recipient, DATA and the message: one answer per recipient
-        of ``request``. Never raises for the remote side; afterwards :attr:`usable`
-        says whether the session may carry another transaction."""
+        of ``request``. Pipelined (RFC 2920) when the server offers it. Never raises for
+        the remote side; afterwards :attr:`usable` says whether the session may carry
+        another transaction."""
         self.transactions += 1
-        recipients = request.recipients
-        answers: list[Answer | None] = [None] * len(recipients)
-        smtp = self.smtp
-        timeout = self.options.command_timeout
-        stage = "MAIL FROM"
+        refusal = self._cannot_take(request)
+        if refusal is not None:
+            return [refusal] * len(request.recipients)
+        utf8 = request.smtputf8 or not _all_ascii(request)
+        encoding = "utf-8" if utf8 else "ascii"
+        mail = [
+            b"MAIL",
+            b"FROM:<" + request.sender.encode(encoding) + b">",
+            *self._mail_params(request, utf8),
+        ]
+        rcpts = [
+            [
+                b"RCPT",
+                b"TO:<" + recipient.address.encode(encoding) + b">",
+                *_rcpt_params(self.smtp, _as_address(recipient)),
+            ]
+            for recipient in request.recipients
+        ]
+        transaction = _Transaction(len(rcpts), self.where, lmtp=self.endpoint.lmtp)
         try:
-            refusal = self._cannot_take(request)
-            if refusal is not None:
-                return [refusal] * len(recipients)
-            utf8 = request.smtputf8 or not _all_ascii(request)
-            encoding = "utf-8" if utf8 else "ascii"
-            response = await smtp.execute_command(
-                b"MAIL",
-                b"FROM:<" + request.sender.encode(encoding) + b">",
-                *self._mail_params(request, utf8),
-                timeout=timeout,
-            )
-            if response.code != 250:
-                return [answer_from_reply(response, self.where, stage)] * len(recipients)
-            stage = "RCPT TO"
-            accepted: list[int] = []
-            for index, recipient in enumerate(recipients):
-                response = await smtp.execute_command(
-                    b"RCPT",
-                    b"TO:<" + recipient.address.encode(encoding) + b">",
-                    *_rcpt_params(smtp, _as_address(recipient)),
-                    timeout=timeout,
-                )
-                if response.code in (250, 251):
-                    accepted.append(index)
-                else:
-                    answer = answer_from_reply(response, self.where, stage)
-                    if answer.outcome is Outcome.DELIVERED:  # an odd 2xx: not an acceptance
-                        answer = Answer(Outcome.DEFERRED, "4.0.0", answer.diagnostic, answer.reply)
-                    answers[index] = answer
-            if not accepted:
-                return _filled(answers)  # the open transaction is reset before the next
-            stage = "DATA"
-            response = await smtp.execute_command(b"DATA", timeout=timeout)
-            if response.code != 354:
-                answer = answer_from_reply(response, self.where, stage)
-                if answer.outcome is Outcome.DELIVERED:
-                    answer = Answer(Outcome.DEFERRED, "4.0.0", answer.diagnostic, answer.reply)
-                for index in accepted:
-                    answers[index] = answer
-                return _filled(answers)
-            stage = "end of DATA"
-
-            def on_reply(number: int, reply: SMTPResponse) -> None:
-                # LMTP: the n-th reply is the n-th accepted recipient's (RFC 2033 4.2),
-                # recorded as it comes so a session lost halfway keeps what was said.
-                # SMTP: one reply for every accepted recipient.
-                answer = answer_from_reply(reply, self.where, stage)
-                for index in [accepted[number]] if self.endpoint.lmtp else accepted:
-                    answers[index] = answer
-
-            await self._send_body(body, len(accepted) if self.endpoint.lmtp else 1, on_reply)
-            return _filled(answers)
+            if self.smtp.supports_extension("pipelining"):
+                await self._pipelined(transaction, mail, rcpts, body)
+            else:
+                await self._step_by_step(transaction, mail, rcpts, body)
         except _SESSION_ERRORS as exc:
             self.abort()
+            stage = transaction.stage
             during = "sending the message" if stage == "end of DATA" else f"sending {stage}"
-            lost = _lost(exc, self.where, during)
-            return [a if a is not None else lost for a in answers]
+            return transaction.answers(_lost(exc, self.where, during))
+        return transaction.answers(None)
+
+    async def _step_by_step(
+        self,
+        transaction: _Transaction,
+        mail: list[bytes],
+        rcpts: list[list[bytes]],
+        body: IO[bytes],
+    ) -> None:
+        """One command, one reply, as RFC 5321 has it without PIPELINING."""
+        smtp = self.smtp
+        timeout = self.options.command_timeout
+        transaction.stage = "MAIL FROM"
+        if not transaction.mail(await smtp.execute_command(*mail, timeout=timeout)):
+            return
+        transaction.stage = "RCPT TO"
+        for index, rcpt in enumerate(rcpts):
+            transaction.rcpt(index, await smtp.execute_command(*rcpt, timeout=timeout))
+        if not transaction.accepted:
+            return  # the open transaction is reset (RSET) before the next one
+        transaction.stage = "DATA"
+        if not transaction.data(await smtp.execute_command(b"DATA", timeout=timeout)):
+            return
+        transaction.stage = "end of DATA"
+        async with self._borrowed() as (transport, receiver):
+            await _stream(transport, receiver, body)
+            for number in range(transaction.final_replies):
+                transaction.final(number, await receiver.reply())
+
+    async def _pipelined(
+        self,
+        transaction: _Transaction,
+        mail: list[bytes],
+        rcpts: list[list[bytes]],
+        body: IO[bytes],
+    ) -> None:
+        """MAIL, every RCPT and DATA in one write, then their replies (RFC 2920 3.1:
+        DATA ends the group); the message follows if DATA got its 354."""
+        timeout = self.options.command_timeout
+        async with self._borrowed() as (transport, receiver):
+            transport.write(b"".join(_line(c) for c in (mail, *rcpts, [b"DATA"])))
+            async with asyncio.timeout(timeout):
+                transaction.stage = "MAIL FROM"
+                mail_accepted = transaction.mail(await receiver.reply())
+                transaction.stage = "RCPT TO"
+                for index in range(len(rcpts)):
+                    reply = await receiver.reply()
+                    if mail_accepted:
+                        transaction.rcpt(index, reply)
+                transaction.stage = "DATA"
+                data = await receiver.reply()
+            if not (mail_accepted and transaction.accepted):
+                if data.code == 354:
+                    # DATA should have been refused without recipients; end the message
+                    # at once (RFC 2920 3.1), which the server then refuses.
+                    transport.write(b".\r\n")
+                    async with asyncio.timeout(timeout):
+                        await receiver.reply()
+                return
+            if not transaction.data(data):
+                return
+            transaction.stage = "end of DATA"
+            await _stream(transport, receiver, body)
+            for number in range(transaction.final_replies):
+                transaction.final(number, await receiver.reply())
+
+    @contextlib.asynccontextmanager
+    async def _borrowed(self) -> AsyncIterator[tuple[asyncio.Transport, _BodyProtocol]]:
+        """The connection's transport with delivery.forward's reply collector installed
+        instead of aiosmtplib's protocol (which reads one reply per command and wants
+        the message as one bytes object); aiosmtplib gets it back afterwards, or the
+        connection is dropped when something went wrong halfway."""
+        smtp = self.smtp
+        client_protocol = smtp.protocol
+        if smtp.transport is None or client_protocol is None:
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        transport = cast(asyncio.Transport, smtp.transport)
+        receiver = _BodyProtocol(asyncio.get_running_loop(), self.options.data_timeout)
+        transport.set_protocol(receiver)
+        try:
+            yield transport, receiver
+        except BaseException:
+            if not transport.is_closing():
+                transport.set_protocol(client_protocol)
+                transport.abort()
+            raise
+        if not transport.is_closing():
+            transport.set_protocol(client_protocol)
 
     def _cannot_take(self, request: DeliveryRequest) -> Answer | None:
         """A permanent reason this server cannot take the message, found before MAIL."""
@@ -289,38 +344,86 @@ class Session:
                 params.append(b"ENVID=" + _xtext(request.envid))
         return params
 
-    async def _send_body(
-        self, body: IO[bytes], count: int, on_reply: Callable[[int, SMTPResponse], None]
-    ) -> None:
-        """Stream the message on the borrowed transport (see delivery.forward) and hand
-        each of the ``count`` replies to it to ``on_reply`` as it arrives."""
-        smtp = self.smtp
-        client_protocol = smtp.protocol
-        if smtp.transport is None or client_protocol is None:
-            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-        transport = cast(asyncio.Transport, smtp.transport)
-        loop = asyncio.get_running_loop()
-        receiver = _BodyProtocol(loop, self.options.data_timeout)
-        transport.set_protocol(receiver)
-        try:
-            before = b"\r\n"  # a message starts at the beginning of a line
-            while chunk := await loop.run_in_executor(None, body.read, _CHUNK):
-                transport.write(_dot_stuff(chunk, before))
-                before = (before + chunk)[-2:]
-                await receiver.drain()
-                if len(chunk) < _CHUNK:
-                    break  # a regular file gives short reads only at its end
-            transport.write(b".\r\n" if before == b"\r\n" else b"\r\n.\r\n")
-            for number in range(count):
-                on_reply(number, await receiver.reply())
-        except BaseException:
-            # Stopped inside the message: the session cannot be resumed, only dropped.
-            if not transport.is_closing():
-                transport.set_protocol(client_protocol)
-                transport.abort()
-            raise
-        if not transport.is_closing():
-            transport.set_protocol(client_protocol)  # back to aiosmtplib
+
+class _Transaction:
+    """The answers of one transaction as its replies come in (shared by the pipelined
+    and the step-by-step dialogue). ``stage`` names the command last waited for."""
+
+    def __init__(self, count: int, where: str, *, lmtp: bool) -> None:
+        self._answers: list[Answer | None] = [None] * count
+        self.accepted: list[int] = []
+        self.where = where
+        self.lmtp = lmtp
+        self.stage = "MAIL FROM"
+
+    @property
+    def final_replies(self) -> int:
+        """Replies to the message: one per accepted recipient for LMTP (RFC 2033 4.2)."""
+        return len(self.accepted) if self.lmtp else 1
+
+    def mail(self, reply: SMTPResponse) -> bool:
+        if reply.code == 250:
+            return True
+        answer = _not_success(answer_from_reply(reply, self.where, "MAIL FROM"))
+        self._answers = [answer] * len(self._answers)
+        return False
+
+    def rcpt(self, index: int, reply: SMTPResponse) -> None:
+        if reply.code in (250, 251):
+            self.accepted.append(index)
+        else:
+            self._answers[index] = _not_success(answer_from_reply(reply, self.where, "RCPT TO"))
+
+    def data(self, reply: SMTPResponse) -> bool:
+        if reply.code == 354:
+            return True
+        answer = _not_success(answer_from_reply(reply, self.where, "DATA"))
+        for index in self.accepted:
+            self._answers[index] = answer
+        return False
+
+    def final(self, number: int, reply: SMTPResponse) -> None:
+        """The ``number``-th reply to the message: LMTP's is for the ``number``-th
+        accepted recipient, recorded at once so a session lost halfway keeps it;
+        SMTP's one reply is for every accepted recipient."""
+        answer = answer_from_reply(reply, self.where, "end of DATA")
+        for index in [self.accepted[number]] if self.lmtp else self.accepted:
+            self._answers[index] = answer
+
+    def answers(self, rest: Answer | None) -> list[Answer]:
+        """Every recipient's answer; ``rest`` for those without one (a lost session)."""
+        out: list[Answer] = []
+        for answer in self._answers:
+            answer = answer or rest
+            if answer is None:
+                raise AssertionError("a recipient was left without an answer")
+            out.append(answer)
+        return out
+
+
+def _not_success(answer: Answer) -> Answer:
+    """A 2xx where a refusal or 354 was expected is no success: try again later."""
+    if answer.outcome is not Outcome.DELIVERED:
+        return answer
+    return Answer(Outcome.DEFERRED, "4.0.0", answer.diagnostic, answer.reply)
+
+
+async def _stream(transport: asyncio.Transport, receiver: _BodyProtocol, body: IO[bytes]) -> None:
+    """The message, dot-stuffed, in chunks read by a worker thread, honouring the
+    transport's flow control (so memory stays flat whatever the size), then the end."""
+    loop = asyncio.get_running_loop()
+    before = b"\r\n"  # a message starts at the beginning of a line
+    while chunk := await loop.run_in_executor(None, body.read, _CHUNK):
+        transport.write(_dot_stuff(chunk, before))
+        before = (before + chunk)[-2:]
+        await receiver.drain()
+        if len(chunk) < _CHUNK:
+            break  # a regular file gives a short read only at its end
+    transport.write(b".\r\n" if before == b"\r\n" else b"\r\n.\r\n")
+
+
+def _line(command: list[bytes]) -> bytes:
+    return b" ".join(command) + b"\r\n"
 
 
 # --- opening a session ---------------------------------------------------------------------
@@ -553,12 +656,3 @@ def _as_address(recipient: Recipient) -> Address:
     if recipient.orcpt:
         params["ORCPT"] = recipient.orcpt
     return Address(recipient.address, params)
-
-
-def _filled(answers: Sequence[Answer | None]) -> list[Answer]:
-    out: list[Answer] = []
-    for answer in answers:
-        if answer is None:  # cannot happen: every path fills every slot
-            raise AssertionError("a recipient without an answer")
-        out.append(answer)
-    return out

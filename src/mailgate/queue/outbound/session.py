@@ -6,8 +6,9 @@ reply per recipient of LMTP), the way it speaks LMTP through aiosmtplib (LHLO as
 command whose reply is taken as the EHLO reply), its reply cleaning and its DSN parameter
 encoding. What is new here: the session is opened on a socket this module connects (to
 an address the MX lookup chose, from ``source_address``, with the MX host's name for TLS),
-it stays open for more transactions (RSET between them), and every answer is per
-recipient instead of an exception.
+it stays open for more transactions (RSET between them), MAIL/RCPT/DATA are pipelined
+when the server offers PIPELINING, and every answer is per recipient instead of an
+exception.
 """
 
 from __future__ import annotations

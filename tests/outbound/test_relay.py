@@ -20,6 +20,7 @@ from tests.outbound.helpers import (
 )
 from tests.outbound.receivers import RawServer, Receiver, greeting
 
+from mailgate.dns import Resolver
 from mailgate.queue.outbound import Outcome, Relay, RemoteMTA
 
 
@@ -433,5 +434,43 @@ def test_mx_that_is_this_server_is_a_mail_loop(
         assert (outcome.outcome, outcome.status) == (Outcome.FAILED, "5.4.6")
         assert "loops back to myself" in outcome.diagnostic
         assert myself.messages == []
+
+    run(main())
+
+
+def test_next_address_of_the_same_mx_host_after_a_connection_failure(
+    tmp_path: Path, dns_server: DNSTestServer, mx_port: int
+) -> None:
+    domain = new_domain("addr")
+    # 127.0.0.43 has no server: refused, then the host's second address takes it.
+    dns_server.add(
+        f"{domain}. 60 IN MX 10 mx.{domain}.\n"
+        f"mx.{domain}. 60 IN A 127.0.0.43\n"
+        f"mx.{domain}. 60 IN A 127.0.0.44\n"
+    )
+
+    async def main() -> None:
+        with Receiver("127.0.0.44", mx_port) as receiver:
+            async with make_engine(dns_server, mx_port) as engine:
+                result = await engine.deliver(request(body(tmp_path), Relay(domain), f"a@{domain}"))
+        assert result.recipients[0].outcome is Outcome.DELIVERED
+        assert result.remote == RemoteMTA(f"mx.{domain}", "127.0.0.44", mx_port)
+        assert len(receiver.messages) == 1
+
+    run(main())
+
+
+def test_dns_timeout_defers(tmp_path: Path, dns_server: DNSTestServer, mx_port: int) -> None:
+    domain = new_domain("slowdns")
+    dns_server.hang(domain)
+
+    async def main() -> None:
+        engine = make_engine(dns_server, mx_port)
+        engine.resolver = Resolver([dns_server.address], timeout=0.5)
+        async with engine:
+            result = await engine.deliver(request(body(tmp_path), Relay(domain), f"a@{domain}"))
+        [outcome] = result.recipients
+        assert (outcome.outcome, outcome.status) == (Outcome.DEFERRED, "4.4.3")
+        assert "temporarily" in outcome.diagnostic
 
     run(main())

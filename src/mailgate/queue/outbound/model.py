@@ -77,11 +77,9 @@ class Forward:
     auth: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        target = self.target()  # raises ValueError for an unusable URL
+        self.target()  # raises ValueError for an unusable URL
         if self.auth is not None and ":" not in self.auth:
             raise ValueError("forward auth must be 'user:password'")
-        if target.password is not None and target.username is None:
-            raise ValueError("forward URL: a password needs a user name")
 
     def target(self) -> _Target:
         """The parsed URL, with ``auth`` applied."""

@@ -304,6 +304,9 @@ def test_settings_and_destinations_are_checked() -> None:
     assert "secret" not in repr(forward)
     assert Forward("lmtp://[::1]").key == "forward:lmtp://[::1]:24"
     assert Relay("Example.ORG.").key == "relay:example.org"
+    for domain in ("", ".", "two words.test", "bad\r\n.test"):
+        with pytest.raises(ValueError):
+            Relay(domain)
 
 
 def test_requests_that_could_inject_commands_are_refused(tmp_path: Path) -> None:

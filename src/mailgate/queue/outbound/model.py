@@ -58,6 +58,11 @@ class Relay:
 
     domain: str
 
+    def __post_init__(self) -> None:
+        name = self.domain.strip().rstrip(".")
+        if not name or _CONTROL.search(name) or any(c.isspace() for c in name):
+            raise ValueError(f"relay domain {self.domain!r} is not a domain")
+
     @property
     def key(self) -> str:
         """What concurrency, suspension and the connection cache are counted by."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from tests.dns_server import DNSTestServer
-from tests.outbound.helpers import body, make_engine, new_domain, publish_mx, request, run
+from tests.outbound.helpers import MESSAGE, body, make_engine, new_domain, publish_mx, request, run
 from tests.outbound.receivers import RawServer, Receiver, greeting, sink
 
 from mailgate.queue.outbound import Forward, OutboundOptions, Outcome, Recipient, Relay
@@ -324,3 +324,30 @@ def test_requests_that_could_inject_commands_are_refused(tmp_path: Path) -> None
         request(path, Relay("b.test"), "ok@b.test", envid="x\r\nQUIT")
     assert Recipient("a@b.test", notify="delay,failure").notify == "delay,failure"
     assert request(path, Relay("b.test"), "ok@b.test", sender="").sender == ""
+
+
+def test_many_recipients_go_in_several_transactions_on_one_session(
+    tmp_path: Path, dns_server: DNSTestServer, mx_port: int
+) -> None:
+    domain = new_domain("split")
+    publish_mx(dns_server, domain, (10, "mx", "127.0.0.45"))
+    recipients = [f"r{i}@{domain}" for i in range(7)]
+
+    async def main() -> None:
+        with Receiver("127.0.0.45", mx_port) as receiver:
+            receiver.cue.rcpt = {f"r2@{domain}": "550 5.1.1 No such user"}
+            async with make_engine(dns_server, mx_port, max_recipients_per_transaction=3) as engine:
+                result = await engine.deliver(request(body(tmp_path), Relay(domain), *recipients))
+        assert [r.recipient.address for r in result.recipients] == recipients
+        assert [r.outcome for r in result.recipients] == [
+            Outcome.FAILED if i == 2 else Outcome.DELIVERED for i in range(7)
+        ]
+        assert [m.rcpt_tos for m in receiver.messages] == [
+            recipients[0:2],
+            recipients[3:6],
+            recipients[6:7],
+        ]
+        assert all(m.data == MESSAGE for m in receiver.messages)
+        assert receiver.session_count == 1
+
+    run(main())

@@ -15,7 +15,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -212,7 +212,7 @@ class OutboundEngine:
             return _Attempt([_final_failure(failures)] * n)
         keep = False
         try:
-            answers = await session.transact(request, body)
+            answers = await self._transactions(session, request, body)
             keep = session.usable
         finally:
             if keep:
@@ -220,6 +220,33 @@ class OutboundEngine:
             else:
                 session.abort()
         return _Attempt(answers, session=session, reused=reused, connected=True)
+
+    async def _transactions(
+        self, session: Session, request: DeliveryRequest, body: IO[bytes]
+    ) -> list[Answer]:
+        """One transaction per ``max_recipients_per_transaction`` recipients, one after
+        the other on ``session`` (RSET and the message from its start between them)."""
+        limit = self.options.max_recipients_per_transaction
+        recipients = request.recipients
+        if len(recipients) <= limit:
+            return await session.transact(request, body)
+        loop = asyncio.get_running_loop()
+        answers: list[Answer] = []
+        for start in range(0, len(recipients), limit):
+            if start:
+                if not await session.reset():
+                    lost = Answer(
+                        Outcome.DEFERRED,
+                        "4.4.2",
+                        f"lost connection with {session.where} before the transaction for "
+                        f"recipients {start + 1} to {len(recipients)}",
+                    )
+                    answers += [lost] * (len(recipients) - start)
+                    break
+                await loop.run_in_executor(None, body.seek, 0)
+            part = recipients[start : start + limit]
+            answers += await session.transact(replace(request, recipients=part), body)
+        return answers
 
     async def _cached(self, key: str) -> Session | None:
         """A cached session for the destination that survives RSET."""

@@ -54,6 +54,9 @@ class OutboundOptions:
     dead_probe_interval: float = 60.0
     #: Addresses tried per attempt, over all MX hosts (Postfix: smtp_mx_address_limit).
     mx_address_limit: int = 10
+    #: Recipients per transaction: a request with more is sent as several transactions
+    #: on the same session (Postfix: smtp_destination_recipient_limit, 50).
+    max_recipients_per_transaction: int = 50
 
     def __post_init__(self) -> None:
         if not self.helo or not self.helo.isascii() or any(c.isspace() for c in self.helo):
@@ -82,6 +85,8 @@ class OutboundOptions:
             raise ValueError("outbound connection_reuse_count must be at least 1")
         if self.dead_after_failures < 1:
             raise ValueError("outbound dead_after_failures must be at least 1")
+        if self.max_recipients_per_transaction < 1:
+            raise ValueError("outbound max_recipients_per_transaction must be at least 1")
         if self.mx_address_limit < 1:
             raise ValueError("outbound mx_address_limit must be at least 1")
         if self.tls_policy not in TLS_POLICIES:

@@ -14,6 +14,7 @@ from tests.outbound.helpers import MESSAGE, body, make_engine, new_domain, publi
 from tests.outbound.receivers import RawServer, Receiver, greeting, sink
 
 from mailgate.queue.outbound import Forward, OutboundOptions, Outcome, Recipient, Relay
+from mailgate.queue.outbound.session import Session
 
 
 def test_sessions_are_reused_then_closed_when_idle_or_worn_out(
@@ -351,3 +352,40 @@ def test_many_recipients_go_in_several_transactions_on_one_session(
         assert receiver.session_count == 1
 
     run(main())
+
+
+def test_a_bug_inside_defers_and_is_logged_instead_of_raising(
+    tmp_path: Path,
+    dns_server: DNSTestServer,
+    mx_port: int,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    domain = new_domain("bug")
+    publish_mx(dns_server, domain, (10, "mx", "127.0.0.46"))
+    destination = Relay(domain)
+
+    async def broken(*args: object) -> None:
+        raise RuntimeError("a bug")
+
+    async def main() -> None:
+        with Receiver("127.0.0.46", mx_port) as receiver:
+            async with make_engine(dns_server, mx_port) as engine:
+                with monkeypatch.context() as patch:
+                    patch.setattr(Session, "transact", broken)
+                    result = await engine.deliver(
+                        request(body(tmp_path), destination, f"a@{domain}")
+                    )
+                status = engine.status(destination)
+                assert (status.active, status.idle_sessions) == (0, 0)
+                after = await engine.deliver(request(body(tmp_path), destination, f"b@{domain}"))
+        assert (result.recipients[0].outcome, result.recipients[0].status) == (
+            Outcome.DEFERRED,
+            "4.3.0",
+        )
+        assert after.recipients[0].outcome is Outcome.DELIVERED
+        assert [m.rcpt_tos for m in receiver.messages] == [[f"b@{domain}"]]
+
+    with caplog.at_level(logging.ERROR, logger="mailgate.queue.outbound"):
+        run(main())
+    assert any("failed unexpectedly" in r.getMessage() and r.exc_info for r in caplog.records)

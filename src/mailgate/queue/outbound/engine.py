@@ -42,6 +42,9 @@ log = logging.getLogger("mailgate.queue.outbound")
 
 _STATE_SWEEP_INTERVAL = 60.0
 _STATE_IDLE_LIFETIME = 600.0
+_INTERNAL_ERROR = Answer(
+    Outcome.DEFERRED, "4.3.0", "internal error in mailgate's outbound delivery (see its log)"
+)
 _STARTTLS_MODES: dict[str, TLSPolicy] = {"no": "none", "auto": "may", "require": "encrypt"}
 
 
@@ -158,7 +161,13 @@ class OutboundEngine:
                 if state.suspended and admission is not Admission.PROBE:
                     # It died while this one waited for its turn.
                     return self._finish(request, self._suspended(state), started)
-                attempt = await self._attempt(request, _session_key(request.destination))
+                try:
+                    attempt = await self._attempt(request, _session_key(request.destination))
+                except Exception:
+                    # A bug here must not stop the caller's worker, nor lose the message:
+                    # it is deferred and the traceback logged.
+                    log.exception("%s: outbound delivery failed unexpectedly", request.queue_id)
+                    attempt = _Attempt([_INTERNAL_ERROR], counts=False)
             finally:
                 state.release()
         finally:

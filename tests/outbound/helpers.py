@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -92,7 +93,9 @@ def request(
     )
 
 
-def make_engine(dns: DNSTestServer, port: int, **options: Any) -> OutboundEngine:
+def make_engine(
+    dns: DNSTestServer, port: int, *, rng: random.Random | None = None, **options: Any
+) -> OutboundEngine:
     settings: dict[str, Any] = {
         "helo": "outbound.test",
         "port": port,
@@ -102,5 +105,5 @@ def make_engine(dns: DNSTestServer, port: int, **options: Any) -> OutboundEngine
     }
     settings.update(options)
     return OutboundEngine(
-        OutboundOptions(**settings), resolver=Resolver([dns.address], timeout=2.0)
+        OutboundOptions(**settings), resolver=Resolver([dns.address], timeout=2.0), rng=rng
     )

@@ -118,8 +118,7 @@ def test_equal_preferences_are_tried_in_random_order(
     async def main() -> None:
         with Receiver("127.0.0.8", mx_port) as one, Receiver("127.0.0.9", mx_port) as two:
             for seed in range(12):
-                async with make_engine(dns_server, mx_port) as engine:
-                    engine._rng = random.Random(seed)
+                async with make_engine(dns_server, mx_port, rng=random.Random(seed)) as engine:
                     result = await engine.deliver(request(path, Relay(domain), f"x@{domain}"))
                     assert result.recipients[0].outcome is Outcome.DELIVERED
         assert len(one.messages) + len(two.messages) == 12

@@ -1,11 +1,13 @@
 """The outbound delivery engine: one message to one destination, an answer per recipient.
 
-``await engine.deliver(request)`` finds the hosts (MX lookup for a relay, the smarthost of
-a forward), takes a cached session or opens one, walking the hosts and their addresses in
-order until one gives a session (next on a connection failure, a 4xx or 5xx greeting or
-EHLO, a TLS failure), runs one transaction with every recipient and returns what became
-of each. It never raises for the remote side or DNS; it raises only for programming
-errors and cancellation. One log line per attempt on ``mailgate.queue.outbound``.
+``await engine.deliver(request)`` waits for a slot of the destination's concurrency,
+finds the hosts (MX lookup for a relay, the smarthost of a forward), takes a cached
+session or opens one, walking the hosts and their addresses in order until one gives a
+session (next on a connection failure, a 4xx or 5xx greeting or EHLO, a TLS failure),
+sends the message to every recipient (one transaction per 50 of them) and returns what
+became of each. Nothing raises out of it but cancellation: remote trouble, DNS trouble
+and even a bug of its own end as per-recipient results. One log line per attempt on the
+``mailgate.queue.outbound`` logger, with the fields also under ``record.outbound``.
 """
 
 from __future__ import annotations

@@ -303,6 +303,7 @@ def test_settings_and_destinations_are_checked() -> None:
     forward = Forward("smtp://relay.example:587?starttls=require", auth="u:secret")
     assert forward.key == "forward:smtp://u@relay.example:587?starttls=require"
     assert "secret" not in repr(forward)
+    assert "pw" not in repr(Forward("smtp://user:pw@relay.example"))
     assert Forward("lmtp://[::1]").key == "forward:lmtp://[::1]:24"
     assert Relay("Example.ORG.").key == "relay:example.org"
     for domain in ("", ".", "two words.test", "bad\r\n.test"):

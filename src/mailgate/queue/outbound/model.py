@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from mailgate.delivery.forward import _parse_url, _Target
+from mailgate.delivery.forward import _parse_url, _redact, _Target
 
 
 class Outcome(enum.Enum):
@@ -69,7 +69,7 @@ class Relay:
         return f"relay:{self.domain.lower().rstrip('.')}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
 class Forward:
     """Deliver to one smarthost: ``smtp://host:port`` (STARTTLS by the TLS policy),
     ``smtps://host:port`` (implicit TLS) or ``lmtp://host:port``; ``auth`` is
@@ -85,6 +85,9 @@ class Forward:
         self.target()  # raises ValueError for an unusable URL
         if self.auth is not None and ":" not in self.auth:
             raise ValueError("forward auth must be 'user:password'")
+
+    def __repr__(self) -> str:
+        return f"Forward({_redact(self.url)!r})"  # never the password
 
     def target(self) -> _Target:
         """The parsed URL, with ``auth`` applied."""
@@ -105,7 +108,8 @@ Destination = Relay | Forward
 
 @dataclass(frozen=True, slots=True)
 class DeliveryRequest:
-    """One message to one destination for ``recipients`` (one transaction, many RCPTs).
+    """One message to one destination for ``recipients`` (one transaction with many RCPTs,
+    or several for more than ``max_recipients_per_transaction``).
 
     ``sender`` is the reverse-path without brackets, ``""`` for ``<>``. ``body_path`` is
     the message as it goes on the wire (CRLF lines, not dot-stuffed); ``size`` its length

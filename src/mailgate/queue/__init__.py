@@ -1,0 +1,1 @@
+"""The durable relay queue and its delivery workers (issue 12)."""

@@ -356,11 +356,12 @@ class SMTPServer:
                 factory,
                 host=address.host,
                 port=address.port,
-                ssl=self.ssl_context if address.implicit_tls else None,
                 reuse_address=True,
                 reuse_port=reuse_port or None,
                 backlog=1024,
-                ssl_handshake_timeout=30.0 if address.implicit_tls else None,
+                # No ssl= for SMTPS: the connection runs its handshake itself, after it
+                # has been admitted (counted against the client limits) and under
+                # handshake_timeout; asyncio's own handshake would hold a socket uncounted.
             )
         except OSError as exc:
             # asyncio's own message repeats the address; the errno text is enough.

@@ -85,6 +85,12 @@ _PROXY_REFUSED = Reply(421, "4.7.0", ("PROXY header missing or invalid",))
 _LOCAL_ERROR = Reply(451, "4.3.0", ("Local error in processing, try again later",))
 _AUTH_UNAVAILABLE = Reply(454, "4.7.0", ("Temporary authentication failure",))
 _TLS_UNAVAILABLE = Reply(454, "4.7.0", ("TLS not available",))
+#: The spool write failed (ENOSPC, EIO...): RFC 3463 4.3.1 is "mail system full".
+_SPOOL_FAILED = Reply(452, "4.3.1", ("Insufficient system storage, try again later",))
+_COMMAND_TIMEOUT = Reply(421, "4.4.2", ("Command not received in time, closing connection",))
+_DATA_TOO_SLOW = Reply(421, "4.4.2", ("Message data received too slowly, closing connection",))
+_SESSION_TOO_LONG = Reply(421, "4.4.2", ("Session too long, closing connection",))
+_RECEIVING_DATA = frozenset({State.DATA, State.BDAT})
 #: Read no more while this much unparsed input waits for a slow hook.
 _MAX_BUFFERED = 256 * 1024
 _NO_ENVELOPE = Envelope()
@@ -118,6 +124,18 @@ class ConnectionDriver(asyncio.Protocol):
         self._write_paused = False
         self._closing = False  # graceful shutdown requested
         self._last_activity = 0.0
+        #: Deadlines, in loop time (0.0: none running). One timer per connection checks
+        #: them all (see _check_deadlines); data_received only records times.
+        self._started_at = 0.0
+        self._line_started = 0.0
+        self._data_started = 0.0
+        #: Bytes received in all (for min_data_rate) and when the message data began.
+        self._bytes_in = 0
+        self._data_base = 0
+        #: An SMTPS handshake is running (before it, the connection has no SMTP session).
+        self._handshaking = False
+        #: The spool write failed during this message: the error, answered at its end.
+        self._spool_error: OSError | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._greeting_timer: asyncio.TimerHandle | None = None
         #: -v: log the conversation. Read once, so the hot path pays one attribute test.
@@ -139,9 +157,18 @@ class ConnectionDriver(asyncio.Protocol):
         peer = stream.get_extra_info("peername") or ("", 0)
         local = stream.get_extra_info("sockname") or ("", 0)
         self.peer_ip = str(peer[0])
+        # Counted before any TLS handshake: an SMTPS connection that never finishes its
+        # handshake holds a slot of max_clients and of its address's max_clients_per_ip.
         refusal = self.host.admit(self)
         if refusal is not None:
-            if self.recorder is not None:  # scanners hitting the limits are recorded too
+            if self.implicit_tls:
+                # No plaintext reply to a TLS client, and no handshake spent on a refusal.
+                if self.recorder is not None:
+                    self.session = self._new_session(peer, local)
+                    self._note_close("refused")
+                    self._record("opened")
+                stream.abort()
+            elif self.recorder is not None:  # scanners hitting the limits are recorded too
                 self.session = self._new_session(peer, local)
                 self._refuse(refusal, "refused")
             else:
@@ -150,8 +177,7 @@ class ConnectionDriver(asyncio.Protocol):
             return
         self._admitted = True
         self.session = self._new_session(peer, local)
-        if self.implicit_tls:
-            self.session.tls = _tls_info(transport)
+        self._last_activity = self._started_at = self.loop.time()
         if self._debug:
             log.debug(
                 "session %s: connection from %s port %s%s",
@@ -160,18 +186,40 @@ class ConnectionDriver(asyncio.Protocol):
                 peer[1],
                 " (implicit TLS)" if self.implicit_tls else "",
             )
-        self._last_activity = self.loop.time()
+        if self.implicit_tls:
+            # Read nothing until start_tls (in the task, one loop turn later) has put the
+            # TLS layer in place: a ClientHello read now would reach this protocol instead.
+            stream.pause_reading()
+            self._handshaking = True
+            self._tls_pending = bytearray()
+            self._task = self.loop.create_task(self._implicit_tls())
+            self._arm_timer(None)
+            return
+        self._after_connect()
+
+    def _after_connect(self) -> None:
+        """The connection is admitted (and for SMTPS, encrypted): wait for the PROXY
+        header, or begin the SMTP session."""
         self._arm_timer(self.host.options.proxy_timeout if self.expect_proxy else None)
         if not self.expect_proxy:
             self._start_session()
 
     def data_received(self, data: bytes) -> None:
-        self._last_activity = self.loop.time()
+        try:
+            self._data_received(data)
+        except Exception:
+            self._internal_error("receiving data")
+
+    def _data_received(self, data: bytes) -> None:
+        now = self._last_activity = self.loop.time()
+        self._bytes_in += len(data)
         if self._debug:
             log.debug("session %s: <<< %s", self._sid(), _shown(data))
         conn = self.conn
         if conn is None:
-            if self.expect_proxy and not self._greeted:
+            if self._tls_pending is not None:
+                self._tls_pending += data  # decrypted before the SMTPS handshake returned
+            elif self.expect_proxy and not self._greeted:
                 self._proxy_data(data)
             return
         if not self._greeted:
@@ -185,18 +233,45 @@ class ConnectionDriver(asyncio.Protocol):
             # new session, which begins once tls_established() has run.
             self._tls_pending += data
             return
+        if not self._line_started:
+            self._line_started = now  # _process clears it once no partial line is left
         conn.receive_data(data)
         if self._task is None:
             self._process()
         elif conn.buffered > _MAX_BUFFERED:
             self._pause_reading()
+        if not self._data_started and conn.state in _RECEIVING_DATA:
+            # The message data began: min_data_rate counts from here.
+            self._data_started = now
+            self._data_base = self._bytes_in
+            if self.host.options.min_data_rate:
+                self._wake_by(now + self.host.options.data_rate_grace)
 
     def eof_received(self) -> bool | None:
-        if self.conn is not None:
-            self.conn.receive_data(b"")
-            if self._task is None:
-                self._process()
+        try:
+            if self.conn is not None:
+                self.conn.receive_data(b"")
+                if self._task is None:
+                    self._process()
+        except Exception:
+            self._internal_error("handling the client's close")
         return None
+
+    def _internal_error(self, doing: str) -> None:
+        """An exception reached the driver from a protocol callback: asyncio would only
+        log it without the session, and the client would get no reply. Log it with the
+        session id, tell the client, close."""
+        log.exception("session %s: internal error %s", self._sid(), doing)
+        self._note_close("internal-error")
+        conn = self.conn
+        try:
+            if conn is not None and conn.state is not State.CLOSED:
+                conn.close(SHUTTING_DOWN)
+                self._flush()
+        except Exception:
+            log.exception("session %s: cannot send the closing reply", self._sid())
+        if self.transport is not None:
+            self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._debug and self.session is not None:
@@ -308,8 +383,19 @@ class ConnectionDriver(asyncio.Protocol):
             if cls is DataChunk:
                 spool = self.spool
                 if spool is not None:
-                    spool.write(event.data)  # type: ignore[attr-defined]
+                    try:
+                        spool.write(event.data)  # type: ignore[attr-defined]
+                    except OSError as exc:
+                        self._spool_failed(exc)
                 continue
+            if cls is DataComplete:
+                self._data_started = 0.0
+                if self._spool_error is not None:
+                    # The message could not be stored: no hook sees a partial file.
+                    self._spool_error = None
+                    conn.respond(_SPOOL_FAILED)
+                    self.envelope = _NO_ENVELOPE
+                    continue
             if isinstance(event, PolicyPoint):
                 if not self._answer_inline(event):
                     # Replies queued so far wait for this answer and leave in the same
@@ -325,6 +411,8 @@ class ConnectionDriver(asyncio.Protocol):
                 return
             if cls is TransactionReset or cls is DataDiscarded:
                 self._drop_spool()
+                self._spool_error = None
+                self._data_started = 0.0
                 if cls is DataDiscarded:
                     log.info("session %s: message refused: %s", self._sid(), event.reason.value)  # type: ignore[attr-defined]
                 envelope, self.envelope = self.envelope, _NO_ENVELOPE
@@ -333,7 +421,21 @@ class ConnectionDriver(asyncio.Protocol):
                     return
             elif cls is LimitExceeded:
                 log.info("session %s: limit exceeded: %s", self._sid(), event.limit.value)  # type: ignore[attr-defined]
+        if not conn.mid_line:
+            self._line_started = 0.0
         self._flush()
+
+    def _spool_failed(self, exc: OSError) -> None:
+        """A write to the spool failed (disk full, I/O error): keep reading the message
+        to its end, store none of it, answer 452 there. Logged once per message."""
+        log.error(
+            "session %s: cannot write message %s to the spool: %s",
+            self._sid(),
+            self.message_id,
+            exc,
+        )
+        self._spool_error = exc
+        self._drop_spool()
 
     def _answer_inline(self, point: PolicyPoint) -> bool:
         """Answer a policy point without awaiting, when nothing needs to run. Returns False
@@ -524,7 +626,11 @@ class ConnectionDriver(asyncio.Protocol):
     async def _complete_message(self, point: DataComplete, session: Session) -> Reply | list[Reply]:
         spool = self.spool
         if spool is not None:
-            spool.flush()  # complete on disk for the hooks to read; fsync comes below
+            try:
+                spool.flush()  # complete on disk for the hooks to read; fsync comes below
+            except OSError as exc:
+                self._spool_failed(exc)
+                return _SPOOL_FAILED
         envelope = self.envelope
         message = Message(
             id=self.message_id,
@@ -660,19 +766,8 @@ class ConnectionDriver(asyncio.Protocol):
         conn.respond(None)  # queues the 220 and drops anything pipelined after STARTTLS
         self._flush()
         self._tls_pending = bytearray()
-        try:
-            new_transport = await self.loop.start_tls(
-                transport, self, context, server_side=True, ssl_handshake_timeout=30.0
-            )
-        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
-            self._tls_pending = None
-            log.info("session %s: TLS handshake failed: %s", self._sid(), exc)
-            self._note_close("tls-failed")
-            if self.transport is not None:
-                self.transport.abort()
-            return
-        if new_transport is None:  # pragma: no cover - closed during handshake
-            self._tls_pending = None
+        new_transport = await self._handshake(transport, context)
+        if new_transport is None:
             return
         self.transport = new_transport
         conn.tls_established()
@@ -688,6 +783,51 @@ class ConnectionDriver(asyncio.Protocol):
             self._record("tls")
         if self.host.hooks.has("tls"):
             await self._notify_tls()
+
+    async def _implicit_tls(self) -> None:
+        """SMTPS: the handshake, after admission (so it counts against the client limits)
+        and within handshake_timeout; then the PROXY header or the session."""
+        transport = self.transport
+        context = self.host.ssl_context
+        assert transport is not None and context is not None
+        try:
+            new_transport = await self._handshake(transport, context)
+        finally:
+            self._handshaking = False
+            self._task = None
+        if new_transport is None:
+            return
+        self.transport = new_transport
+        assert self.session is not None
+        self.session.tls = _tls_info(new_transport)
+        early, self._tls_pending = self._tls_pending, None
+        self._after_connect()
+        if early:
+            self.data_received(bytes(early))
+
+    async def _handshake(
+        self, transport: asyncio.Transport, context: ssl.SSLContext
+    ) -> asyncio.Transport | None:
+        """A server-side TLS handshake on ``transport``, never longer than the handshake
+        or the idle timeout. None (the connection is closed) when it fails."""
+        options = self.host.options
+        timeout = min(options.handshake_timeout, options.idle_timeout)
+        try:
+            new_transport = await self.loop.start_tls(
+                transport, self, context, server_side=True, ssl_handshake_timeout=timeout
+            )
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
+            self._tls_pending = None
+            reason = f"no handshake in {timeout:g} s" if isinstance(exc, TimeoutError) else exc
+            log.debug("session %s: TLS handshake failed: %s", self._sid(), reason)
+            self._note_close("tls-timeout" if isinstance(exc, TimeoutError) else "tls-failed")
+            if self.transport is not None:
+                self.transport.abort()
+            return None
+        if new_transport is None:  # pragma: no cover - closed during handshake
+            self._tls_pending = None
+            return None
+        return cast(asyncio.Transport, new_transport)
 
     # --- helpers -----------------------------------------------------------------------------
 
@@ -894,41 +1034,90 @@ class ConnectionDriver(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
         if timeout is None:
-            # One timer serves both limits: it wakes at the shorter and checks which applies.
-            options = self.host.options
-            timeout = min(options.idle_timeout, options.data_timeout)
-        self._timer = self.loop.call_later(timeout, self._check_idle)
+            timeout = self._longest_sleep()
+        self._timer = self.loop.call_later(timeout, self._check_deadlines)
 
-    def _timeout(self) -> float:
+    def _longest_sleep(self) -> float:
+        """How long the timer may sleep without a check: no deadline that could begin
+        meanwhile (a command line, message data) is then missed by more than its length."""
         options = self.host.options
-        conn = self.conn
-        if conn is not None and conn.state in (State.DATA, State.BDAT):
-            return options.data_timeout
-        return options.idle_timeout
+        return min(options.idle_timeout, options.data_timeout, options.command_timeout)
 
-    def _check_idle(self) -> None:
+    def _wake_by(self, when: float) -> None:
+        """Have the timer fire by ``when`` (loop time): re-armed only if it would be later."""
+        timer = self._timer
+        if timer is None or timer.when() > when:
+            self._arm_timer(max(0.0, when - self.loop.time()))
+
+    def _check_deadlines(self) -> None:
+        """The one timer of a connection: end it when a limit has passed (idle, message
+        stall, command line, data rate, session length), else sleep until the earliest
+        deadline. data_received only notes times, so a busy connection costs no timer
+        operations per line."""
         self._timer = None
-        if self.transport is None:
-            return
-        if self.conn is None:  # still waiting for the PROXY header
+        if self.transport is None or self._handshaking:
+            return  # the handshake has its own timeout; then the session arms the timer
+        conn = self.conn
+        if conn is None:  # still waiting for the PROXY header
             log.info("session %s: no PROXY header in time from %s", self._sid(), self.peer_ip)
             self._refuse(_PROXY_REFUSED, "proxy-timeout")
             return
         if self._task is not None:
-            # Our own work (a slow hook, fsync) is not the client's idleness.
+            # Our own work (a slow hook, fsync, a STARTTLS handshake) is not the client's.
             self._arm_timer(None)
             return
-        timeout = self._timeout()
-        idle = self.loop.time() - self._last_activity
+        options = self.host.options
+        now = self.loop.time()
+        receiving = conn.state in _RECEIVING_DATA
+        timeout = options.data_timeout if receiving else options.idle_timeout
+        idle = now - self._last_activity
+        next_check = now + self._longest_sleep()
         if idle >= timeout:
             log.info("session %s: idle timeout after %.0f s", self._sid(), idle)
-            self._note_close("idle-timeout")
-            self.conn.close(IDLE_TIMEOUT)
-            self._process()
+            self._expire("idle-timeout", IDLE_TIMEOUT)
             return
-        options = self.host.options
-        next_check = min(timeout - idle, options.idle_timeout, options.data_timeout)
-        self._timer = self.loop.call_later(next_check, self._check_idle)
+        next_check = min(next_check, self._last_activity + timeout)
+        if options.max_session:
+            ends = self._started_at + options.max_session
+            if now >= ends:
+                log.info("session %s: longer than %g s (max_session)", self._sid(), options.max_session)
+                self._expire("max-session", _SESSION_TOO_LONG)
+                return
+            next_check = min(next_check, ends)
+        if self._line_started and not receiving:
+            ends = self._line_started + options.command_timeout
+            if now >= ends:
+                log.info(
+                    "session %s: no complete command line in %g s", self._sid(), options.command_timeout
+                )
+                self._expire("command-timeout", _COMMAND_TIMEOUT)
+                return
+            next_check = min(next_check, ends)
+        rate = options.min_data_rate
+        if receiving and rate and self._data_started:
+            received = self._bytes_in - self._data_base
+            # The grace period is an allowance: the data must keep up with rate * (elapsed
+            # - grace), so a slow start is forgiven and a drip is cut soon after it.
+            due = self._data_started + options.data_rate_grace + received / rate
+            if now >= due:
+                log.info(
+                    "session %s: message data at %.0f bytes/s, below min_data_rate %d",
+                    self._sid(),
+                    received / max(now - self._data_started, 1e-3),
+                    rate,
+                )
+                self._expire("data-too-slow", _DATA_TOO_SLOW)
+                return
+            next_check = min(next_check, due)
+        self._timer = self.loop.call_at(next_check, self._check_deadlines)
+
+    def _expire(self, reason: str, reply: Reply) -> None:
+        """Close the session for a limit of time: ``reply`` (421) and hang up."""
+        conn = self.conn
+        assert conn is not None
+        self._note_close(reason)
+        conn.close(reply)
+        self._process()
 
     def begin_shutdown(self) -> None:
         """Graceful shutdown: close now if idle, else after the transaction in flight."""

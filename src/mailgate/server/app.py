@@ -284,6 +284,7 @@ class SMTPServer:
         )
         if self.spooling:
             self.spool_dir.mkdir(parents=True, exist_ok=True)
+            await self.loop.run_in_executor(None, self.remove_orphans)
         self._started = True
         try:
             for address in options.listen:
@@ -457,6 +458,41 @@ class SMTPServer:
     async def wait_closed(self) -> None:
         if self._closed is not None:
             await self._closed.wait()
+
+    def orphan_age(self) -> float:
+        """Seconds after which a file in the spool directory belongs to no session: the
+        longest session plus the longest delivery after it (background deliveries keep a
+        link that long). Without max_session, the 36 hours Maildir readers wait."""
+        options = self.options
+        if not options.max_session:
+            return 36 * 3600.0
+        return options.max_session + options.delivery_timeout * (
+            1 + len(self.hooks.background_steps("message"))
+        )
+
+    def remove_orphans(self) -> int:
+        """Remove spool files left by a process that died (kill -9, power loss) mid-message:
+        those older than :meth:`orphan_age`. Files of running sessions, here or in other
+        worker processes, are younger. Returns how many were removed."""
+        cutoff = time.time() - self.orphan_age()
+        removed = 0
+        try:
+            entries = list(os.scandir(self.spool_dir))
+        except OSError as exc:
+            log.warning("cannot scan the spool directory %s: %s", self.spool_dir, exc)
+            return 0
+        for entry in entries:
+            try:
+                if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                continue  # another worker process removed it first
+            except OSError as exc:
+                log.warning("cannot remove the orphaned spool file %s: %s", entry.path, exc)
+        if removed:
+            log.info("removed %d orphaned spool files from %s", removed, self.spool_dir)
+        return removed
 
     # --- deliveries that do not hold up the reply ---------------------------------------------
 

@@ -134,6 +134,7 @@ class ConnectionDriver(asyncio.Protocol):
         self._data_base = 0
         #: An SMTPS handshake is running (before it, the connection has no SMTP session).
         self._handshaking = False
+        self._lost = False
         #: The spool write failed during this message: the error, answered at its end.
         self._spool_error: OSError | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -274,6 +275,9 @@ class ConnectionDriver(asyncio.Protocol):
             self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._lost:
+            return  # called by _handshake already
+        self._lost = True
         if self._debug and self.session is not None:
             log.debug("session %s: closed (%d messages)", self.session.id, self.session.messages)
         if self.recorder is not None:
@@ -823,9 +827,13 @@ class ConnectionDriver(asyncio.Protocol):
             self._note_close("tls-timeout" if isinstance(exc, TimeoutError) else "tls-failed")
             if self.transport is not None:
                 self.transport.abort()
+            # asyncio tells the app protocol of a lost connection only after a finished
+            # handshake: without this the slot and the per-IP count would never be freed.
+            self.connection_lost(exc)
             return None
         if new_transport is None:  # pragma: no cover - closed during handshake
             self._tls_pending = None
+            self.connection_lost(None)
             return None
         return cast(asyncio.Transport, new_transport)
 
@@ -1041,7 +1049,8 @@ class ConnectionDriver(asyncio.Protocol):
         """How long the timer may sleep without a check: no deadline that could begin
         meanwhile (a command line, message data) is then missed by more than its length."""
         options = self.host.options
-        return min(options.idle_timeout, options.data_timeout, options.command_timeout)
+        sleep = min(options.idle_timeout, options.data_timeout, options.command_timeout)
+        return min(sleep, options.max_session) if options.max_session else sleep
 
     def _wake_by(self, when: float) -> None:
         """Have the timer fire by ``when`` (loop time): re-armed only if it would be later."""

@@ -515,15 +515,23 @@ class SMTPServer:
         timeout = self.options.delivery_timeout
         try:
             for step in steps:
+                done = False
                 try:
                     async with asyncio.timeout(timeout):
                         await step.call(message.session, message.envelope, message)
+                    done = True
                 except (Reject, TempFail) as refusal:
                     log.warning("message %s: %s refused it: %s", message.id, step.plugin, refusal)
                 except TimeoutError:
                     log.error("message %s: %s took over %.0f s", message.id, step.plugin, timeout)
                 except Exception:
                     log.exception("message %s: %s failed", message.id, step.plugin)
+                finally:
+                    if not done:
+                        message.abort_staged()
+                if done and message.staged:
+                    # A background step stands alone: what it staged is final at once.
+                    await message.settle(True)
         finally:
             with contextlib.suppress(OSError):
                 link.unlink()

@@ -664,10 +664,25 @@ class ConnectionDriver(asyncio.Protocol):
                 single = self._verdict("message", outcome, accepted) or accepted
                 delivered = single.is_positive
                 reply = single
+            if message.staged:
+                # Two-phase deliveries: all of them keep the message, or none does.
+                failed = await message.settle(delivered)
+                if delivered and failed:
+                    log.error(
+                        "session %s: message %s: staged deliveries %s failed to commit "
+                        "after the others kept it; answering 451, a retry may duplicate it "
+                        "there",
+                        session.id,
+                        self.message_id,
+                        ", ".join(failed),
+                    )
+                    delivered = False
+                    reply = _LOCAL_ERROR
             spool = self.spool  # a hook that added a header replaced it
             if delivered and spool is not None and hooks.background_steps("message"):
                 await self.host.deliver_later(message, spool)
         finally:
+            message.abort_staged()  # not settled: an exception, or the client left
             self._drop_spool()
         if delivered:
             self._finish_message_count()

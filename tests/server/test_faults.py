@@ -32,7 +32,9 @@ class Client:
     """A raw socket client, optionally from another loopback address."""
 
     def __init__(self, port: int, *, source: str = "127.0.0.1", greet: bool = True) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+        self.sock = socket.create_connection(
+            ("127.0.0.1", port), timeout=10, source_address=(source, 0)
+        )
         self.file = self.sock.makefile("rb")
         if greet:
             self.banner = self.reply()
@@ -158,7 +160,9 @@ def test_partial_client_hello_is_cut(tmp_path: Path, limit: str) -> None:
         assert time.monotonic() - started < 3
         sock.close()
         # The slot is free again: the only one this address has.
-        assert wait_for(lambda: not srv.call(lambda: len(srv.server.connections) if srv.server else 0))
+        assert wait_for(
+            lambda: not srv.call(lambda: len(srv.server.connections) if srv.server else 0)
+        )
         again = _silent(srv.port(1))
         context = ssl.create_default_context(cafile=str(certs.ca_file))
         with context.wrap_socket(again, server_hostname="localhost") as tls:
@@ -378,9 +382,10 @@ def _tiny_filesystem(path: Path, size: str) -> Iterator[None]:
 def test_full_filesystem_is_answered_452(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     disk = tmp_path / "disk"
     caplog.set_level(logging.INFO)
-    with _tiny_filesystem(disk, "512k"), running_server(
-        tmp_path, maildir=disk / "maildir", log_level="INFO"
-    ) as srv:
+    with (
+        _tiny_filesystem(disk, "512k"),
+        running_server(tmp_path, maildir=disk / "maildir", log_level="INFO") as srv,
+    ):
         client = Client(srv.port())
         client.send(ENVELOPE)
         assert [client.code() for _ in range(4)] == [250, 250, 250, 354]
@@ -428,3 +433,77 @@ def test_restart_removes_orphaned_spool_files(tmp_path: Path) -> None:
         pass
     assert not old.exists()
     assert fresh.exists()
+
+
+# --- 7. logging that cannot amplify input ----------------------------------------------------
+
+
+def test_pipelined_flood_gives_a_bounded_info_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    batch = (
+        b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\n"
+        b"RCPT TO:<c@nowhere.example>\r\nRSET\r\n"
+    )
+    flood = batch * (100_000 // len(batch) + 1)
+    caplog.set_level(logging.INFO)
+    with running_server(tmp_path, log_level="INFO") as srv:
+        client = Client(srv.port())
+        client.send(b"EHLO c.test\r\n")
+        client.reply()
+        client.sock.sendall(flood + b"QUIT\r\n")
+        client.sock.settimeout(20)
+        while client.sock.recv(65536):
+            pass
+        client.close()
+        assert wait_for(lambda: any("closed (quit)" in r.getMessage() for r in caplog.records))
+    info = [r for r in caplog.records if r.levelno >= logging.INFO and r.name != "mailgate.server"]
+    logged = sum(len(r.getMessage()) + 60 for r in info)  # 60: the time, level and name
+    assert len(flood) >= 100_000
+    # Before: one INFO line per RCPT (2,300 lines, 331 KB for 100 KB). Now the first ten
+    # policy decisions and the session's line.
+    assert logged < 3_000, [r.getMessage() for r in info]
+    (closed,) = [r for r in info if "closed (quit)" in r.getMessage()]
+    assert closed.client == "127.0.0.1"  # type: ignore[attr-defined]
+    assert closed.helo == "c.test"  # type: ignore[attr-defined]
+    assert closed.transactions == len(flood) // len(batch)  # type: ignore[attr-defined]
+    assert closed.messages == 0  # type: ignore[attr-defined]
+
+
+def test_one_info_line_per_message_with_its_fields(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    with running_server(tmp_path, log_level="INFO") as srv:
+        client = Client(srv.port())
+        client.send(ENVELOPE)
+        assert [client.code() for _ in range(4)] == [250, 250, 250, 354]
+        client.send(b"Subject: hi\r\n\r\nhello\r\n.\r\n")
+        queued = client.reply()[0]
+        client.send(b"QUIT\r\n")
+        client.reply()
+        client.close()
+        assert wait_for(lambda: any("closed (quit)" in r.getMessage() for r in caplog.records))
+    session_lines = [r for r in caplog.records if r.name == "mailgate.session"]
+    assert [getattr(r, "outcome", None) for r in session_lines] == ["accepted", "quit"]
+    message = session_lines[0]
+    assert message.queue_id in queued.decode()  # type: ignore[attr-defined]
+    assert message.sender == "a@example.com"  # type: ignore[attr-defined]
+    assert message.recipients == ["b@example.com"]  # type: ignore[attr-defined]
+    assert message.helo == "c.test" and message.size > 0  # type: ignore[attr-defined]
+    assert message.session == session_lines[1].session  # type: ignore[attr-defined]
+
+
+def test_refused_connections_are_logged_a_few_times_a_minute(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    with running_server(tmp_path, max_clients_per_ip=1, log_level="INFO") as srv:
+        holder = Client(srv.port())
+        for _ in range(50):
+            refused = Client(srv.port())
+            assert refused.banner[0].startswith(b"421 ")
+            refused.close()
+        holder.close()
+    refusals = [r for r in caplog.records if "too many connections" in r.getMessage()]
+    assert 1 <= len(refusals) <= 5

@@ -6,6 +6,7 @@ A message is complete in ``tmp/`` and fsynced, then hard-linked into ``new/`` an
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -189,10 +190,8 @@ class MaildirStore:
 
     def abort_staged(self, staged: Path) -> None:
         """Drop a file made by :meth:`stage_spooled`: the message is not delivered here."""
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(staged)
-        except FileNotFoundError:
-            pass
 
     def deliver_bytes(self, data: bytes) -> str:
         """Deliver a message held in memory, as durably as ``deliver_spooled``."""

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol, Self, TypeVar, cast, overload
 
 from mailgate.hooks import HookError, Hooks, Message, Middleware, Reject, Session, TempFail
+from mailgate.hooks.logs import LogLimiter
 from mailgate.protocol import ProtocolConfig, Reply
 from mailgate.protocol.persona import DEFAULT_PERSONA
 
@@ -35,6 +36,9 @@ from .spool import SpoolFile
 from .tls import create_server_context, ensure_dev_certificate
 
 log = logging.getLogger("mailgate.server")
+#: Refused connections come as fast as a client can open them: a few lines a minute of
+#: each kind, with the count of those held back.
+_refusals = LogLimiter(burst=5, interval=60.0)
 
 _TOO_MANY_CLIENTS = Reply(421, "4.7.0", ("Too many connections, try again later",))
 _TOO_MANY_FROM_IP = Reply(421, "4.7.0", ("Too many connections from your address",))
@@ -559,10 +563,23 @@ class SMTPServer:
         if options.proxy_protocol and not _in_networks(ip, options.proxy_protocol):
             return _PROXY_NOT_ALLOWED
         if len(self.connections) >= options.max_clients:
-            log.warning("refusing %s: %d connections (--max-clients)", ip, len(self.connections))
+            _refusals.log(
+                log,
+                logging.WARNING,
+                "max-clients",
+                "refusing %s: %d connections (max_clients)",
+                ip,
+                len(self.connections),
+            )
             return _TOO_MANY_CLIENTS
         if not options.proxy_protocol and self.per_ip[ip] >= options.max_clients_per_ip:
-            log.info("refusing %s: too many connections from this address", ip)
+            _refusals.log(
+                log,
+                logging.INFO,
+                "per-ip",
+                "refusing %s: too many connections from this address (max_clients_per_ip)",
+                ip,
+            )
             return _TOO_MANY_FROM_IP
         self.connections.add(connection)
         self.per_ip[ip] += 1
@@ -576,7 +593,13 @@ class SMTPServer:
         over = self.per_ip[ip] >= self.options.max_clients_per_ip
         self.per_ip[ip] += 1  # released in connection_lost like any other
         if over:
-            log.info("refusing %s (via PROXY): too many connections from this address", ip)
+            _refusals.log(
+                log,
+                logging.INFO,
+                "per-ip",
+                "refusing %s (via PROXY): too many connections from this address",
+                ip,
+            )
             return _TOO_MANY_FROM_IP
         return None
 

@@ -28,6 +28,7 @@ from mailgate.hooks import (
     TempFail,
     TLSInfo,
 )
+from mailgate.hooks.logs import LogLimiter
 from mailgate.protocol import (
     NEED_DATA,
     PAUSED,
@@ -69,6 +70,12 @@ from .spool import SpoolFile
 from .tls import SERVER_NAME_ATTRIBUTE
 
 log = logging.getLogger("mailgate.session")
+
+#: What a client can trigger over and over (failures of this server's own, on every message
+#: or line) is logged a few times a minute per kind, with a count of what was held back.
+_limited = LogLimiter(burst=5, interval=60.0)
+#: Recipients named in a message's log line; the rest are counted.
+_LOGGED_RECIPIENTS = 10
 
 _STAGE_OF: dict[type[PolicyPoint], str] = {
     Greeting: "connect",
@@ -262,7 +269,15 @@ class ConnectionDriver(asyncio.Protocol):
         """An exception reached the driver from a protocol callback: asyncio would only
         log it without the session, and the client would get no reply. Log it with the
         session id, tell the client, close."""
-        log.exception("session %s: internal error %s", self._sid(), doing)
+        _limited.log(
+            log,
+            logging.ERROR,
+            ("internal", doing),
+            "session %s: internal error %s",
+            self._sid(),
+            doing,
+            exc_info=True,
+        )
         self._note_close("internal-error")
         conn = self.conn
         try:
@@ -278,10 +293,10 @@ class ConnectionDriver(asyncio.Protocol):
         if self._lost:
             return  # called by _handshake already
         self._lost = True
-        if self._debug and self.session is not None:
-            log.debug("session %s: closed (%d messages)", self.session.id, self.session.messages)
+        reason = self._close_reason or ("peer-closed" if exc is None else "connection-lost")
+        if self._admitted and self.session is not None:
+            self._log_session(reason)
         if self.recorder is not None:
-            reason = self._close_reason or ("peer-closed" if exc is None else "connection-lost")
             self._record("closed", reason)
         if self._timer is not None:
             self._timer.cancel()
@@ -314,7 +329,7 @@ class ConnectionDriver(asyncio.Protocol):
         try:
             parsed = parse_proxy_header(self._proxy_buf)
         except ProxyError as exc:
-            log.info("session %s: bad PROXY header from %s: %s", self._sid(), self.peer_ip, exc)
+            log.debug("session %s: bad PROXY header from %s: %s", self._sid(), self.peer_ip, exc)
             self._refuse(_PROXY_REFUSED, "bad-proxy-header")
             return
         if parsed is None:
@@ -397,6 +412,7 @@ class ConnectionDriver(asyncio.Protocol):
                 if self._spool_error is not None:
                     # The message could not be stored: no hook sees a partial file.
                     self._spool_error = None
+                    self._log_message("failed (spool write)", event.size)  # type: ignore[attr-defined]
                     conn.respond(_SPOOL_FAILED)
                     self.envelope = _NO_ENVELOPE
                     continue
@@ -414,17 +430,20 @@ class ConnectionDriver(asyncio.Protocol):
                 self._close_transport()
                 return
             if cls is TransactionReset or cls is DataDiscarded:
+                if cls is DataDiscarded:
+                    self._log_message(
+                        f"refused {event.reply.code} ({event.reason.value})",  # type: ignore[attr-defined]
+                        self.spool.size if self.spool is not None else 0,
+                    )
                 self._drop_spool()
                 self._spool_error = None
                 self._data_started = 0.0
-                if cls is DataDiscarded:
-                    log.info("session %s: message refused: %s", self._sid(), event.reason.value)  # type: ignore[attr-defined]
                 envelope, self.envelope = self.envelope, _NO_ENVELOPE
                 if envelope.mail_from is not None and self.host.hooks.has("reset"):
                     self._task = self.loop.create_task(self._notify_reset(envelope))
                     return
-            elif cls is LimitExceeded:
-                log.info("session %s: limit exceeded: %s", self._sid(), event.limit.value)  # type: ignore[attr-defined]
+            elif cls is LimitExceeded and self._debug:
+                log.debug("session %s: limit exceeded: %s", self._sid(), event.limit.value)  # type: ignore[attr-defined]
         if not conn.mid_line:
             self._line_started = 0.0
         self._flush()
@@ -432,7 +451,10 @@ class ConnectionDriver(asyncio.Protocol):
     def _spool_failed(self, exc: OSError) -> None:
         """A write to the spool failed (disk full, I/O error): keep reading the message
         to its end, store none of it, answer 452 there. Logged once per message."""
-        log.error(
+        _limited.log(
+            log,
+            logging.ERROR,
+            "spool-write",
             "session %s: cannot write message %s to the spool: %s",
             self._sid(),
             self.message_id,
@@ -475,6 +497,7 @@ class ConnectionDriver(asyncio.Protocol):
             if self.host.spooling:
                 return False  # fsync and delivery happen in a task
             self._finish_message_count()
+            self._log_message("accepted", point.size)  # type: ignore[attr-defined]
             conn.respond(None)
             self._after_message()
         elif cls is AuthCredentials:
@@ -686,14 +709,10 @@ class ConnectionDriver(asyncio.Protocol):
             self._drop_spool()
         if delivered:
             self._finish_message_count()
-            log.info(
-                "session %s: accepted %s from=<%s> rcpts=%d size=%d",
-                session.id,
-                self.message_id,
-                envelope.sender,
-                len(envelope.rcpt_tos),
-                point.size,
-            )
+            self._log_message("accepted", point.size, envelope)
+        else:
+            first = reply[0] if isinstance(reply, list) else reply
+            self._log_message(f"refused {first.code}", point.size, envelope)
         return reply
 
     def _sync_spool(self) -> None:
@@ -850,7 +869,7 @@ class ConnectionDriver(asyncio.Protocol):
             self._tls_pending = None
             self.connection_lost(None)
             return None
-        return cast(asyncio.Transport, new_transport)
+        return new_transport
 
     # --- helpers -----------------------------------------------------------------------------
 
@@ -923,7 +942,14 @@ class ConnectionDriver(asyncio.Protocol):
             future.add_done_callback(_discard_result)
             raise
         except OSError as exc:
-            log.error("session %s: cannot create spool file: %s", self._sid(), exc)
+            _limited.log(
+                log,
+                logging.ERROR,
+                "spool-create",
+                "session %s: cannot create spool file: %s",
+                self._sid(),
+                exc,
+            )
             return _LOCAL_ERROR
         if self.conn is None or self.transport is None:  # the client left meanwhile
             spool.discard()
@@ -989,6 +1015,74 @@ class ConnectionDriver(asyncio.Protocol):
             if self.recorder is not None:
                 self._record("sent", data)
             self._close_transport()
+
+    # --- the log: one line per session and per message ------------------------------------------
+
+    def _log_message(self, outcome: str, size: int, envelope: Envelope | None = None) -> None:
+        """The one INFO line of a message transaction (the end of its data: accepted,
+        refused, discarded). Transactions that end before DATA (RSET, refused recipients)
+        are counted in the session's line; their commands are logged at DEBUG."""
+        if not log.isEnabledFor(logging.INFO):
+            return
+        session = self.session
+        assert session is not None
+        envelope = envelope or self.envelope
+        rcpts = [str(r) for r in envelope.rcpt_tos]
+        shown = rcpts[:_LOGGED_RECIPIENTS]
+        more = f" (+{len(rcpts) - len(shown)})" if len(rcpts) > len(shown) else ""
+        log.info(
+            "session %s: message %s %s from=<%s> to=%s%s size=%d client=%s",
+            session.id,
+            self.message_id or "-",
+            outcome,
+            _printable(envelope.sender),
+            ",".join(f"<{_printable(r)}>" for r in shown),
+            more,
+            size,
+            session.peer_host,
+            extra={
+                "session": session.id,
+                "client": session.peer_host,
+                "helo": session.helo,
+                "sender": str(envelope.sender),
+                "recipients": shown,
+                "rcpt_count": len(rcpts),
+                "size": size,
+                "queue_id": self.message_id,
+                "outcome": outcome,
+            },
+        )
+
+    def _log_session(self, reason: str) -> None:
+        """The one INFO line of a session, when it ends."""
+        session = self.session
+        assert session is not None
+        if not log.isEnabledFor(logging.INFO):
+            return
+        duration = self.loop.time() - self._started_at if self._started_at else 0.0
+        tls = session.tls.version if session.tls is not None else None
+        log.info(
+            "session %s: closed (%s) client=%s helo=%s tls=%s transactions=%d messages=%d "
+            "duration=%.1fs",
+            session.id,
+            reason,
+            session.peer_host,
+            _printable(session.helo or "-"),
+            tls or "no",
+            session.transactions,
+            session.messages,
+            duration,
+            extra={
+                "session": session.id,
+                "client": session.peer_host,
+                "helo": session.helo,
+                "tls": tls,
+                "transactions": session.transactions,
+                "messages": session.messages,
+                "duration": round(duration, 3),
+                "outcome": reason,
+            },
+        )
 
     # --- the transcript tap -------------------------------------------------------------------
 
@@ -1083,7 +1177,7 @@ class ConnectionDriver(asyncio.Protocol):
             return  # the handshake has its own timeout; then the session arms the timer
         conn = self.conn
         if conn is None:  # still waiting for the PROXY header
-            log.info("session %s: no PROXY header in time from %s", self._sid(), self.peer_ip)
+            log.debug("session %s: no PROXY header in time from %s", self._sid(), self.peer_ip)
             self._refuse(_PROXY_REFUSED, "proxy-timeout")
             return
         if self._task is not None:
@@ -1097,22 +1191,24 @@ class ConnectionDriver(asyncio.Protocol):
         idle = now - self._last_activity
         next_check = now + self._longest_sleep()
         if idle >= timeout:
-            log.info("session %s: idle timeout after %.0f s", self._sid(), idle)
+            log.debug("session %s: idle timeout after %.0f s", self._sid(), idle)
             self._expire("idle-timeout", IDLE_TIMEOUT)
             return
         next_check = min(next_check, self._last_activity + timeout)
         if options.max_session:
             ends = self._started_at + options.max_session
             if now >= ends:
-                log.info("session %s: longer than %g s (max_session)", self._sid(), options.max_session)
+                log.debug("session %s: longer than %g s", self._sid(), options.max_session)
                 self._expire("max-session", _SESSION_TOO_LONG)
                 return
             next_check = min(next_check, ends)
         if self._line_started and not receiving:
             ends = self._line_started + options.command_timeout
             if now >= ends:
-                log.info(
-                    "session %s: no complete command line in %g s", self._sid(), options.command_timeout
+                log.debug(
+                    "session %s: no complete command line in %g s",
+                    self._sid(),
+                    options.command_timeout,
                 )
                 self._expire("command-timeout", _COMMAND_TIMEOUT)
                 return
@@ -1124,7 +1220,7 @@ class ConnectionDriver(asyncio.Protocol):
             # - grace), so a slow start is forgiven and a drip is cut soon after it.
             due = self._data_started + options.data_rate_grace + received / rate
             if now >= due:
-                log.info(
+                log.debug(
                     "session %s: message data at %.0f bytes/s, below min_data_rate %d",
                     self._sid(),
                     received / max(now - self._data_started, 1e-3),
@@ -1183,6 +1279,14 @@ def _as_reply(result: Reply | Accept | Any | None, success: Reply | None) -> Rep
 def _discard_result(future: asyncio.Future[SpoolFile]) -> None:
     if not future.cancelled() and future.exception() is None:
         future.result().discard()
+
+
+def _printable(text: str, limit: int = 256) -> str:
+    """Client-given text for a log line: control characters escaped, cut at ``limit``."""
+    text = text[:limit]
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _shown(data: bytes, limit: int = 300) -> str:

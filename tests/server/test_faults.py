@@ -507,3 +507,48 @@ def test_refused_connections_are_logged_a_few_times_a_minute(
         holder.close()
     refusals = [r for r in caplog.records if "too many connections" in r.getMessage()]
     assert 1 <= len(refusals) <= 5
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_smtps_handshake_after_admission_on_both_loops(tmp_path: Path, loop_kind: str) -> None:
+    """The SMTPS handshake starts inside connection_made: uvloop reads as soon as that
+    returns, so a later start would lose the ClientHello."""
+    import asyncio
+
+    from mailgate.server import SMTPServer
+
+    certs = make_certs(tmp_path)
+
+    async def main() -> tuple[bytes, bool]:
+        options = ServerOptions(
+            listen=(ListenAddress("127.0.0.1", 0, implicit_tls=True),),
+            tls_cert=certs.cert,
+            tls_key=certs.key,
+            maildir=tmp_path / "maildir",
+            state_dir=tmp_path / "state",
+            handshake_timeout=0.5,
+        )
+        async with SMTPServer(options) as server:
+            context = ssl.create_default_context(cafile=str(certs.ca_file))
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(
+                    "127.0.0.1", server.address[1], ssl=context, server_hostname="localhost"
+                ),
+                5,
+            )
+            banner = await asyncio.wait_for(reader.readline(), 5)
+            writer.close()
+            silent_reader, silent_writer = await asyncio.open_connection(
+                "127.0.0.1", server.address[1]
+            )
+            cut = await asyncio.wait_for(silent_reader.read(), 5) == b""
+            silent_writer.close()
+            return banner, cut
+
+    if loop_kind == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        banner, cut = uvloop.run(main())
+    else:
+        banner, cut = asyncio.run(main())
+    assert banner.startswith(b"220 ")
+    assert cut

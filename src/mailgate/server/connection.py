@@ -11,6 +11,7 @@ import asyncio
 import logging
 import ssl
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, cast
 
@@ -195,13 +196,13 @@ class ConnectionDriver(asyncio.Protocol):
                 " (implicit TLS)" if self.implicit_tls else "",
             )
         if self.implicit_tls:
-            # Read nothing until start_tls (in the task, one loop turn later) has put the
-            # TLS layer in place: a ClientHello read now would reach this protocol instead.
-            stream.pause_reading()
             self._handshaking = True
             self._tls_pending = bytearray()
-            self._task = self.loop.create_task(self._implicit_tls())
             self._arm_timer(None)
+            # start_tls must put the TLS layer on the transport before connection_made
+            # returns: uvloop starts reading then (pause_reading here does not stop it),
+            # and a ClientHello read by this protocol would be lost to the handshake.
+            self._task = _start_eagerly(self.loop, self._implicit_tls())
             return
         self._after_connect()
 
@@ -1274,6 +1275,41 @@ def _as_reply(result: Reply | Accept | Any | None, success: Reply | None) -> Rep
         return Reply(success.code, success.status, (result.text,))
     assert isinstance(result, Reply)
     return result
+
+
+def _start_eagerly(
+    loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]
+) -> asyncio.Task[None] | None:
+    """Run ``coro`` up to its first wait now, in the caller, and the rest in a task (what
+    Python 3.12's eager tasks do); None when it finished without waiting."""
+    try:
+        yielded = coro.send(None)
+    except StopIteration:
+        return None
+    return loop.create_task(_resume(coro, yielded))
+
+
+async def _resume(coro: Coroutine[Any, Any, None], yielded: Any) -> None:
+    """Go on with a coroutine stepped by hand until it waited on ``yielded``: wait for that
+    future as a task would, then resume the coroutine; a cancellation is passed into it."""
+    try:
+        while True:
+            try:
+                if yielded is None:  # a bare yield: give others a turn
+                    await asyncio.sleep(0)
+                else:
+                    yielded._asyncio_future_blocking = False
+                    await asyncio.wait((yielded,))
+            except asyncio.CancelledError:
+                if yielded is not None:
+                    yielded.cancel()
+                yielded = coro.throw(asyncio.CancelledError())
+                continue
+            yielded = coro.send(None)
+    except StopIteration:
+        return
+    finally:
+        coro.close()
 
 
 def _discard_result(future: asyncio.Future[SpoolFile]) -> None:

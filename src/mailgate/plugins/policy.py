@@ -60,6 +60,8 @@ def decide(
     """Log and count one policy decision."""
     with _decisions_lock:
         DECISIONS[(policy, verdict)] += 1
+    if level < logging.WARNING and not log.isEnabledFor(level):
+        return
     if logging.INFO <= level < logging.WARNING:
         logged = session.notes.get(_LOGGED, 0)
         if logged >= DECISIONS_LOGGED_PER_SESSION:

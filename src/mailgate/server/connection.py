@@ -161,6 +161,12 @@ class ConnectionDriver(asyncio.Protocol):
     # --- asyncio.Protocol ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        try:
+            self._connection_made(transport)
+        except Exception:
+            self._internal_error("accepting the connection")
+
+    def _connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = stream = cast(asyncio.Transport, transport)
         peer = stream.get_extra_info("peername") or ("", 0)
@@ -270,14 +276,15 @@ class ConnectionDriver(asyncio.Protocol):
         """An exception reached the driver from a protocol callback: asyncio would only
         log it without the session, and the client would get no reply. Log it with the
         session id, tell the client, close."""
-        _limited.log(
-            log,
-            logging.ERROR,
-            ("internal", doing),
-            "session %s: internal error %s",
+        # Every one is logged, with its session; the traceback a few times a minute (a
+        # client that can trigger a bug again and again must not fill the disk with them).
+        with_traceback, held = _limited.allow(("internal", doing))
+        log.error(
+            "session %s: internal error %s%s",
             self._sid(),
             doing,
-            exc_info=True,
+            f" ({held} tracebacks of this kind left out)" if held else "",
+            exc_info=with_traceback,
         )
         self._note_close("internal-error")
         conn = self.conn
@@ -840,7 +847,11 @@ class ConnectionDriver(asyncio.Protocol):
         assert self.session is not None
         self.session.tls = _tls_info(new_transport)
         early, self._tls_pending = self._tls_pending, None
-        self._after_connect()
+        try:
+            self._after_connect()
+        except Exception:
+            self._internal_error("starting the session")
+            return
         if early:
             self.data_received(bytes(early))
 
@@ -1169,6 +1180,12 @@ class ConnectionDriver(asyncio.Protocol):
             self._arm_timer(max(0.0, when - self.loop.time()))
 
     def _check_deadlines(self) -> None:
+        try:
+            self._check_deadlines_now()
+        except Exception:
+            self._internal_error("checking the time limits")
+
+    def _check_deadlines_now(self) -> None:
         """The one timer of a connection: end it when a limit has passed (idle, message
         stall, command line, data rate, session length), else sleep until the earliest
         deadline. data_received only notes times, so a busy connection costs no timer

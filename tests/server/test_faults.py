@@ -265,8 +265,8 @@ def test_data_drip_is_cut_by_min_data_rate(tmp_path: Path) -> None:
         fast.close()
 
 
-def test_max_session_ends_a_busy_session(tmp_path: Path) -> None:
-    with running_server(tmp_path, max_session=0.8, max_clients=1) as srv:
+def test_session_timeout_ends_a_busy_session(tmp_path: Path) -> None:
+    with running_server(tmp_path, session_timeout=0.8, max_clients=1) as srv:
         client = Client(srv.port())
         started = time.monotonic()
         codes = []
@@ -292,7 +292,7 @@ def test_deadline_settings_have_flags_keys_and_defaults(tmp_path: Path) -> None:
     assert defaults.data_timeout == 180.0  # RFC 5321 4.5.3.2
     assert defaults.command_timeout < defaults.idle_timeout
     assert defaults.min_data_rate == 500
-    assert defaults.max_session == 1800.0
+    assert defaults.session_timeout == 1800.0
     assert defaults.handshake_timeout == 10.0
     args = build_parser().parse_args(
         [
@@ -301,7 +301,7 @@ def test_deadline_settings_have_flags_keys_and_defaults(tmp_path: Path) -> None:
             "7",
             "--min-data-rate",
             "0",
-            "--max-session",
+            "--session-timeout",
             "0",
             "--handshake-timeout",
             "3",
@@ -309,15 +309,15 @@ def test_deadline_settings_have_flags_keys_and_defaults(tmp_path: Path) -> None:
     )
     options = build_options(args)
     assert (options.command_timeout, options.min_data_rate) == (7.0, 0)
-    assert (options.max_session, options.handshake_timeout) == (0.0, 3.0)
+    assert (options.session_timeout, options.handshake_timeout) == (0.0, 3.0)
     config = tmp_path / "mailgate.toml"
     config.write_text(
-        "[server]\ncommand_timeout = 20\nmin_data_rate = 1000\nmax_session = 600\n"
+        "[server]\ncommand_timeout = 20\nmin_data_rate = 1000\nsession_timeout = 600\n"
         "handshake_timeout = 5\ndata_timeout = 60\n"
     )
     options = build_options(build_parser().parse_args(["serve", "--config", str(config)]))
     assert (options.command_timeout, options.min_data_rate) == (20.0, 1000)
-    assert (options.max_session, options.handshake_timeout, options.data_timeout) == (
+    assert (options.session_timeout, options.handshake_timeout, options.data_timeout) == (
         600.0,
         5.0,
         60.0,
@@ -429,7 +429,7 @@ def test_restart_removes_orphaned_spool_files(tmp_path: Path) -> None:
     fresh.write_bytes(b"a session of another worker")
     long_ago = time.time() - 3 * 3600
     os.utime(old, (long_ago, long_ago))
-    with running_server(tmp_path, max_session=600, delivery_timeout=60):
+    with running_server(tmp_path, session_timeout=600, delivery_timeout=60):
         pass
     assert not old.exists()
     assert fresh.exists()
@@ -552,3 +552,16 @@ def test_smtps_handshake_after_admission_on_both_loops(tmp_path: Path, loop_kind
         banner, cut = asyncio.run(main())
     assert banner.startswith(b"220 ")
     assert cut
+
+
+def test_time_limits_speak_the_persona_words(tmp_path: Path) -> None:
+    """Under a persona (honeypot mode) a command timeout is its idle-timeout reply: a text
+    of mailgate's own would give the disguise away."""
+    from mailgate.protocol.persona import Persona
+
+    persona = Persona(replies={"idle_timeout": "{hostname} Error: timeout exceeded"})
+    with running_server(tmp_path, persona=persona, command_timeout=0.3) as srv:
+        client = Client(srv.port())
+        client.send(b"EHLO")
+        assert client.reply() == [b"421 4.4.2 mx.test Error: timeout exceeded"]
+        client.close()

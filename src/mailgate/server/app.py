@@ -466,11 +466,11 @@ class SMTPServer:
     def orphan_age(self) -> float:
         """Seconds after which a file in the spool directory belongs to no session: the
         longest session plus the longest delivery after it (background deliveries keep a
-        link that long). Without max_session, the 36 hours Maildir readers wait."""
+        link that long). Without session_timeout, the 36 hours Maildir readers wait."""
         options = self.options
-        if not options.max_session:
+        if not options.session_timeout:
             return 36 * 3600.0
-        return options.max_session + options.delivery_timeout * (
+        return options.session_timeout + options.delivery_timeout * (
             1 + len(self.hooks.background_steps("message"))
         )
 

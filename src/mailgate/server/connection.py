@@ -1171,7 +1171,7 @@ class ConnectionDriver(asyncio.Protocol):
         meanwhile (a command line, message data) is then missed by more than its length."""
         options = self.host.options
         sleep = min(options.idle_timeout, options.data_timeout, options.command_timeout)
-        return min(sleep, options.max_session) if options.max_session else sleep
+        return min(sleep, options.session_timeout) if options.session_timeout else sleep
 
     def _wake_by(self, when: float) -> None:
         """Have the timer fire by ``when`` (loop time): re-armed only if it would be later."""
@@ -1213,11 +1213,11 @@ class ConnectionDriver(asyncio.Protocol):
             self._expire("idle-timeout", IDLE_TIMEOUT)
             return
         next_check = min(next_check, self._last_activity + timeout)
-        if options.max_session:
-            ends = self._started_at + options.max_session
+        if options.session_timeout:
+            ends = self._started_at + options.session_timeout
             if now >= ends:
-                log.debug("session %s: longer than %g s", self._sid(), options.max_session)
-                self._expire("max-session", _SESSION_TOO_LONG)
+                log.debug("session %s: longer than %g s", self._sid(), options.session_timeout)
+                self._expire("session-timeout", _SESSION_TOO_LONG)
                 return
             next_check = min(next_check, ends)
         if self._line_started and not receiving:
@@ -1250,11 +1250,13 @@ class ConnectionDriver(asyncio.Protocol):
         self._timer = self.loop.call_at(next_check, self._check_deadlines)
 
     def _expire(self, reason: str, reply: Reply) -> None:
-        """Close the session for a limit of time: ``reply`` (421) and hang up."""
+        """Close the session for a limit of time: ``reply`` (421) and hang up. Under a
+        persona (honeypot mode) every time limit is its idle-timeout reply, in its words:
+        a text of mailgate's own would give the disguise away."""
         conn = self.conn
         assert conn is not None
         self._note_close(reason)
-        conn.close(reply)
+        conn.close(reply if self.host.options.persona is None else IDLE_TIMEOUT)
         self._process()
 
     def begin_shutdown(self) -> None:

@@ -385,10 +385,11 @@ class ServerOptions:
     data_rate_grace: float = code_only(
         10.0, reason="seconds of DATA before min_data_rate applies; set in code if at all"
     )
-    #: The longest session: 30 minutes carry a message of the default 25 MiB at 14 KiB/s,
+    #: The longest session (Postfix has no such limit; the honeypot's is max_session, a
+    #: key of its own table: the keys share one flag namespace). 30 minutes carry a message of the default 25 MiB at 14 KiB/s,
     #: far slower than any working link, and are six times the 5 minutes Postfix's client
     #: reuses a connection for (smtp_connection_reuse_time_limit); 0: no limit.
-    max_session: float = setting(
+    session_timeout: float = setting(
         1800.0,
         convert=converters.seconds_or_zero,
         group="timeouts",

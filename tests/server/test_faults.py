@@ -565,3 +565,28 @@ def test_time_limits_speak_the_persona_words(tmp_path: Path) -> None:
         client.send(b"EHLO")
         assert client.reply() == [b"421 4.4.2 mx.test Error: timeout exceeded"]
         client.close()
+
+
+def test_spool_flush_failure_is_answered_and_the_next_message_goes_through(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_flush = SpoolFile.flush
+    failures = [1]
+
+    def flush_once_failing(self: SpoolFile) -> None:
+        if failures:
+            failures.pop()
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_flush(self)
+
+    monkeypatch.setattr(SpoolFile, "flush", flush_once_failing)
+    with running_server(tmp_path) as srv:
+        client = Client(srv.port())
+        for expected in (452, 250):
+            client.send(ENVELOPE if expected == 452 else ENVELOPE.split(b"\r\n", 1)[1])
+            replies = [client.code() for _ in range(4 if expected == 452 else 3)]
+            assert replies[-1] == 354
+            client.send(b"Subject: x\r\n\r\nhello\r\n.\r\n")
+            assert client.code() == expected
+        client.close()
+    assert len(list((tmp_path / "maildir" / "new").iterdir())) == 1

@@ -422,7 +422,7 @@ class ConnectionDriver(asyncio.Protocol):
                     self._spool_error = None
                     self._log_message("failed (spool write)", event.size)  # type: ignore[attr-defined]
                     conn.respond(_SPOOL_FAILED)
-                    self.envelope = _NO_ENVELOPE
+                    self._after_message()
                     continue
             if isinstance(event, PolicyPoint):
                 if not self._answer_inline(event):
@@ -665,6 +665,8 @@ class ConnectionDriver(asyncio.Protocol):
                 spool.flush()  # complete on disk for the hooks to read; fsync comes below
             except OSError as exc:
                 self._spool_failed(exc)
+                self._spool_error = None  # answered here, not at the next message's end
+                self._log_message("failed (spool write)", point.size)
                 return _SPOOL_FAILED
         envelope = self.envelope
         message = Message(

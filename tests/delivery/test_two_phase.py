@@ -114,7 +114,7 @@ def test_a_later_hook_refusing_rolls_back_and_a_one_phase_hook_still_works(
             maildir=maildir,
         )
 
-        @server.on_message
+        @server.on_message(after="maildir")
         def archive(session: Session, envelope: Envelope, message: Message) -> Any:
             seen.append(message.id)
             if envelope.sender == "spam@example.org":

@@ -107,10 +107,9 @@ def test_silent_smtps_connections_count_per_ip_and_others_get_a_banner(tmp_path:
         plain, smtps = srv.port(0), srv.port(1)
         silent = [_silent(smtps) for _ in range(40)]
         try:
-            closed = sum(_is_closed(sock, 1.0) for sock in silent)
             # The first five hold their slots (handshaking); every later one is refused at
             # once, before any handshake: one address never takes more than its share.
-            assert closed == 35
+            assert all(_is_closed(sock, 5.0) for sock in silent[5:])
             assert not any(_is_closed(sock, 0.05) for sock in silent[:5])
             other = Client(plain, source="127.0.0.2")
             assert other.banner[0].startswith(b"220 ")

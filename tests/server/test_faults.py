@@ -589,3 +589,24 @@ def test_spool_flush_failure_is_answered_and_the_next_message_goes_through(
             assert client.code() == expected
         client.close()
     assert len(list((tmp_path / "maildir" / "new").iterdir())) == 1
+
+
+def test_disk_full_at_the_maildir_fsync_is_a_452(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With delayed allocation a full disk may show only at fsync, in the delivery."""
+    from mailgate.delivery.maildir import MaildirStore
+
+    def full(self: MaildirStore, source: Path, *, synced: bool = False) -> Path:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(MaildirStore, "stage_spooled", full)
+    with running_server(tmp_path) as srv:
+        client = Client(srv.port())
+        client.send(ENVELOPE)
+        assert [client.code() for _ in range(4)] == [250, 250, 250, 354]
+        client.send(b"Subject: x\r\n\r\nhello\r\n.\r\n")
+        assert client.reply()[0].startswith(b"452 4.3.1")
+        client.close()
+    assert not list((tmp_path / "maildir" / "new").iterdir())
+    assert not list((tmp_path / "maildir" / "tmp").iterdir())

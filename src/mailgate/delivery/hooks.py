@@ -8,12 +8,35 @@ accepted it; a refusal or failure of another delivery leaves no copy here.
 from __future__ import annotations
 
 import asyncio
+import errno
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
-from mailgate.hooks import Envelope, HookError, Message, Session
+from mailgate.hooks import Envelope, HookError, Message, Session, TempFail
 
 from .maildir import MaildirStore
 from .mbox import MboxStore
+
+T = TypeVar("T")
+_STORAGE_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def _storage_checked(work: Callable[[], T]) -> Callable[[], T]:
+    """``work`` with a full disk or quota (often seen only at fsync, with delayed
+    allocation) answered ``452 4.3.1``, as RFC 3463 asks, instead of a failed hook's 451."""
+
+    def checked() -> T:
+        try:
+            return work()
+        except OSError as exc:
+            if exc.errno in _STORAGE_FULL:
+                raise TempFail(
+                    452, "Insufficient system storage, try again later", enhanced="4.3.1"
+                ) from exc
+            raise
+
+    return checked
 
 
 class MaildirDelivery:
@@ -38,7 +61,7 @@ class MaildirDelivery:
             message.sync()
             return store.stage_spooled(path, synced=True)
 
-        staged = await loop.run_in_executor(None, prepare)
+        staged = await loop.run_in_executor(None, _storage_checked(prepare))
         message.stage(
             lambda: store.commit_staged(staged),
             lambda: store.abort_staged(staged),

@@ -8,6 +8,7 @@ Only real work (hooks, fsync, TLS handshakes) leaves the callback for a task.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import ssl
 import time
@@ -99,6 +100,7 @@ _COMMAND_TIMEOUT = Reply(421, "4.4.2", ("Command not received in time, closing c
 _DATA_TOO_SLOW = Reply(421, "4.4.2", ("Message data received too slowly, closing connection",))
 _SESSION_TOO_LONG = Reply(421, "4.4.2", ("Session too long, closing connection",))
 _RECEIVING_DATA = frozenset({State.DATA, State.BDAT})
+_STORAGE_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 #: Read no more while this much unparsed input waits for a slow hook.
 _MAX_BUFFERED = 256 * 1024
 _NO_ENVELOPE = Envelope()
@@ -964,7 +966,7 @@ class ConnectionDriver(asyncio.Protocol):
                 self._sid(),
                 exc,
             )
-            return _LOCAL_ERROR
+            return _SPOOL_FAILED if exc.errno in _STORAGE_FULL else _LOCAL_ERROR
         if self.conn is None or self.transport is None:  # the client left meanwhile
             spool.discard()
             return None

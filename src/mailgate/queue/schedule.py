@@ -13,6 +13,7 @@ import random as random_module
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 __all__ = [
     "DEFAULT_RETRY_SCHEDULE",
@@ -101,7 +102,9 @@ def format_duration(seconds: float) -> str:
         size = _UNITS[unit]
         count, whole = divmod(whole, size)
         if unit == "s" and fraction:
-            parts.append(f"{count + fraction:g}s" if count + fraction < 1e15 else f"{count}s")
+            # Positional digits of the shortest repr: no exponent for the parser to trip
+            # on, and no digits lost to a fixed precision.
+            parts.append(f"{Decimal(repr(count + fraction)):f}s")
         elif count:
             parts.append(f"{count}{unit}")
     return "".join(parts) or "0s"

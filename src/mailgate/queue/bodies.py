@@ -9,17 +9,20 @@ Layout::
 
 An enqueue writes (or hard-links) the body under the instance's ``tmp/`` directory,
 fsyncs it, links it into ``bodies/``, fsyncs ``bodies/`` and only then commits the rows;
-after the commit the ``tmp/`` name is dropped. So at any moment a file in ``bodies/``
-whose message row does not exist is either
+after the commit the ``tmp/`` name is dropped. So a file in ``bodies/`` whose message
+row does not exist is either
 
-* in flight: it still has its ``tmp/`` name (two or more links), or
+* in flight: its enqueue has not committed yet, and its ``tmp/`` name, made before the
+  ``bodies/`` name and removed only after the commit, is still there; or
 * garbage: an enqueue that died before its commit, or a delete that died between
-  removing the rows and the file (one link).
+  removing the rows and the file.
 
 A process that died leaves its lock free, so an opener can tell its ``tmp/`` names from
-those of a live process (the server, while ``mailgate queue`` runs) and remove them,
-after which the dead enqueue's body has one link and is collected as garbage. Nothing
-a live process is writing is ever taken for an orphan.
+those of a live process (the server, while ``mailgate queue`` runs). Recovery lists
+``bodies/``, then the live instances' ``tmp/`` names, then the rows (under the database's
+write lock, so no enqueue commits meanwhile): a body in none of the last two is garbage.
+Nothing a live process is writing is ever taken for an orphan. (The link count is no
+guide: a hard-linked spool file of the caller has a second name of its own.)
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import secrets
 import shutil
 import socket
 import threading
-from collections.abc import AsyncIterable, Iterator
+from collections.abc import AsyncIterable, Iterable
 from pathlib import Path
 
 __all__ = ["BodyDirectory", "fsync_directory"]
@@ -288,16 +291,13 @@ class BodyDirectory:
                     shutil.rmtree(entry, ignore_errors=True)
         return dead, live
 
-    def single_link_bodies(self) -> Iterator[str]:
-        """Names in ``bodies/`` with no second (``tmp/``) name: not in flight."""
-        with os.scandir(self.bodies) as entries:
-            for entry in entries:
-                try:
-                    links = entry.stat(follow_symlinks=False).st_nlink
-                except FileNotFoundError:
-                    continue
-                if links == 1:
-                    yield entry.name
+    def staged_names(self, instances: Iterable[str]) -> set[str]:
+        """Bodies the given (live) instances are enqueueing right now."""
+        names: set[str] = set()
+        for instance in instances:
+            with contextlib.suppress(FileNotFoundError):
+                names.update(os.listdir(self.tmp / instance))
+        return names
 
     def all_bodies(self) -> set[str]:
         with os.scandir(self.bodies) as entries:

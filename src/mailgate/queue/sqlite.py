@@ -559,8 +559,12 @@ class SQLiteQueueStore:
             log.info("queue recovery: %d claims of stopped workers returned", cursor.rowcount)
         if dead:
             log.info("queue recovery: interrupted enqueues of %d stopped processes", len(dead))
+        # Order matters (see mailgate.queue.bodies): bodies, then live staging names,
+        # then rows; this transaction holds the write lock, so no enqueue commits meanwhile.
+        bodies = self.bodies.all_bodies()
+        in_flight = self.bodies.staged_names(live)
+        candidates = sorted(bodies - in_flight)
         orphans: list[str] = []
-        candidates = list(self.bodies.single_link_bodies())
         for chunk in _chunks(candidates):
             present = {
                 row[0]
@@ -571,9 +575,9 @@ class SQLiteQueueStore:
             orphans.extend(name for name in chunk if name not in present)
         for name in orphans:
             self.bodies.remove(name)
+            bodies.discard(name)
         if orphans:
             log.info("queue recovery: %d bodies of unfinished enqueues removed", len(orphans))
-        bodies = self.bodies.all_bodies()
         missing = [
             row[0] for row in connection.execute("SELECT id FROM messages") if row[0] not in bodies
         ]

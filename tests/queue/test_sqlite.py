@@ -89,6 +89,7 @@ def test_open_removes_bodies_of_enqueues_that_never_committed(tmp_path: Path, cl
         # whose lock file was never created.
         (queue / "bodies" / "LEFTOVER").write_bytes(b"gone")
         (queue / "tmp" / "nolock-2-00000000").mkdir()
+        (queue / "tmp" / ".unnamed-3-00000000.new").touch()
         store = await _open(queue, clock)
         try:
             assert sorted(os.listdir(queue / "bodies")) == [kept]

@@ -27,9 +27,12 @@ guide: a hard-linked spool file of the caller has a second name of its own.)
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import fcntl
+import functools
 import logging
 import os
 import re
@@ -37,12 +40,15 @@ import secrets
 import shutil
 import socket
 import threading
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable
 from pathlib import Path
+from typing import Any, TypeVar
 
 __all__ = ["BodyDirectory", "fsync_directory"]
 
 log = logging.getLogger("mailgate.queue")
+
+T = TypeVar("T")
 
 _COPY_BLOCK = 1024 * 1024
 # Async chunks are gathered to this size before one write in a thread: few thread hops
@@ -178,14 +184,21 @@ class BodyDirectory:
             raise
         os.close(fd)
 
-    async def stage_stream(self, message_id: str, chunks: AsyncIterable[bytes]) -> int:
-        """Write a body from an async iterator, in bounded blocks, in worker threads."""
-        import asyncio
+    async def stage_stream(
+        self,
+        message_id: str,
+        chunks: AsyncIterable[bytes],
+        executor: concurrent.futures.Executor | None = None,
+    ) -> int:
+        """Write a body from an async iterator, in bounded blocks, in worker threads
+        (``executor``; the loop's default when ``None``)."""
+        loop = asyncio.get_running_loop()
+
+        async def call(function: Callable[..., T], *arguments: Any) -> T:
+            return await loop.run_in_executor(executor, functools.partial(function, *arguments))
 
         staged = self._staged(message_id)
-        fd = await asyncio.to_thread(
-            os.open, staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
-        )
+        fd = await call(os.open, staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             pending: list[bytes] = []
             pending_size = 0
@@ -196,14 +209,14 @@ class BodyDirectory:
                     block = b"".join(pending)
                     pending.clear()
                     pending_size = 0
-                    await asyncio.to_thread(_write_all, fd, block)
+                    await call(_write_all, fd, block)
             block = b"".join(pending)
             pending.clear()
-            await asyncio.to_thread(self._finish_stream, fd, block)
+            await call(self._finish_stream, fd, block)
         except BaseException:
-            await asyncio.shield(asyncio.to_thread(self._abandon_fd, fd, staged))
+            await asyncio.shield(call(self._abandon_fd, fd, staged))
             raise
-        return await asyncio.to_thread(self._publish, message_id)
+        return await call(self._publish, message_id)
 
     @staticmethod
     def _finish_stream(fd: int, block: bytes) -> None:
@@ -282,6 +295,18 @@ class BodyDirectory:
                 dead.append(name)
             finally:
                 os.close(fd)
+        # Lock files of instances that died before giving theirs its name.
+        for hidden in self.tmp.glob(".*.new"):
+            with contextlib.suppress(FileNotFoundError):
+                fd = os.open(hidden, os.O_RDWR | os.O_CLOEXEC)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    pass  # still being created by a live instance
+                else:
+                    _unlink_quietly(hidden)
+                finally:
+                    os.close(fd)
         # Staging directories without a lock file: an instance that died between the two.
         known = {self.instance, *live, *dead}
         for entry in self.tmp.iterdir():

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -362,7 +363,9 @@ class _DatabaseThread:
                 except Exception:
                     log.exception("queue clean-up after a commit failed")
             changed = changed or (job.signals and not failed)
-            job.loop.call_soon_threadsafe(_resolve, job.future, outcome, failed)
+            # A closed loop has nobody left to answer; the thread must live on regardless.
+            with contextlib.suppress(RuntimeError):
+                job.loop.call_soon_threadsafe(_resolve, job.future, outcome, failed)
         if changed:
             self._on_change()
 
@@ -389,6 +392,7 @@ class SQLiteQueueStore:
     _poller: asyncio.Task[None] | None
     _data_version: int | None
     _reader: concurrent.futures.ThreadPoolExecutor
+    _files: concurrent.futures.ThreadPoolExecutor
     _reader_connection: sqlite3.Connection
     _writer: _DatabaseThread
 
@@ -404,6 +408,7 @@ class SQLiteQueueStore:
         policy: QueuePolicy | None = None,
         clock: Callable[[], float] = time.time,
         poll_interval: float = 0.25,
+        file_threads: int = 32,
     ) -> SQLiteQueueStore:
         self = cls(_token=_OPEN_TOKEN)
         self.directory = Path(directory)
@@ -420,10 +425,16 @@ class SQLiteQueueStore:
         self._reader = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="mailgate-queue-read"
         )
+        # Body writes and their fsyncs run side by side: concurrent fsyncs share the file
+        # system's journal commits, so more threads than cores pay off here.
+        self._files = concurrent.futures.ThreadPoolExecutor(
+            max_workers=file_threads, thread_name_prefix="mailgate-queue-body"
+        )
         try:
             self.bodies = await asyncio.to_thread(BodyDirectory, self.directory)
         except BaseException:
             self._reader.shutdown(wait=False)
+            self._files.shutdown(wait=False)
             raise
         try:
             writer = await asyncio.to_thread(self._open_database)
@@ -432,6 +443,7 @@ class SQLiteQueueStore:
             )
         except BaseException:
             self._reader.shutdown(wait=False)
+            self._files.shutdown(wait=False)
             await asyncio.to_thread(self.bodies.close)
             raise
         self._writer = _DatabaseThread(writer, self.bodies, self._changed_threadsafe)
@@ -468,6 +480,7 @@ class SQLiteQueueStore:
         await asyncio.to_thread(self._writer.stop)
         await self._read(self._reader_connection.close)
         self._reader.shutdown(wait=True)
+        await asyncio.to_thread(self._files.shutdown, True)
         await asyncio.to_thread(self.bodies.close)
 
     # --- plumbing ---------------------------------------------------------------------------
@@ -656,13 +669,16 @@ class SQLiteQueueStore:
         message_id = new_message_id(received_at)
         bodies = self.bodies
         try:
+            files = self._files
             if isinstance(body, bytes | bytearray | memoryview):
-                size = await asyncio.to_thread(bodies.stage_bytes, message_id, body)
+                size = await self._loop.run_in_executor(files, bodies.stage_bytes, message_id, body)
             elif isinstance(body, os.PathLike):
-                source = Path(body)
-                size = await asyncio.to_thread(bodies.stage_path, message_id, source, synced=synced)
+                size = await self._loop.run_in_executor(
+                    files,
+                    functools.partial(bodies.stage_path, message_id, Path(body), synced=synced),
+                )
             elif isinstance(body, AsyncIterable):
-                size = await bodies.stage_stream(message_id, body)
+                size = await bodies.stage_stream(message_id, body, files)
             else:
                 raise TypeError(f"unsupported body type {type(body).__name__}")
         except BaseException:

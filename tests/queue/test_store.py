@@ -994,6 +994,15 @@ def test_wait_for_change_sees_local_and_other_instances_changes(open_store: Stor
             await asyncio.sleep(0.1)
             await store.release([message_id])
             assert await waiter is True
+            # A change made just before the wait began is not missed.
+            seen = other.change_count
+            await store.hold([message_id])
+            assert await other.wait_for_change(5, seen) is True
+            # Closing wakes a waiter, which reports no change.
+            waiter = asyncio.create_task(other.wait_for_change(30))
+            await asyncio.sleep(0.1)
+            await other.aclose()
+            assert await asyncio.wait_for(waiter, 5) is False
 
     run(main())
 

@@ -8,6 +8,7 @@ seconds since the epoch (floats), as ``time.time()`` gives them.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from enum import StrEnum
 from typing import Literal
@@ -180,7 +181,8 @@ class NewMessage:
     reverse-path without brackets, ``""`` for the null sender ``<>``."""
 
     sender: str
-    recipients: tuple[NewRecipient, ...]
+    #: Any sequence; stored as a tuple.
+    recipients: Sequence[NewRecipient]
     _: KW_ONLY
     envid: str | None = None
     ret: Literal["FULL", "HDRS"] | None = None

@@ -388,9 +388,7 @@ class SQLiteQueueStore:
     _closed: bool
     _change_count: int
     _change_event: asyncio.Event
-    _waiters: int
     _poller: asyncio.Task[None] | None
-    _data_version: int | None
     _reader: concurrent.futures.ThreadPoolExecutor
     _files: concurrent.futures.ThreadPoolExecutor
     _reader_connection: sqlite3.Connection
@@ -419,9 +417,7 @@ class SQLiteQueueStore:
         self._closed = False
         self._change_count = 0
         self._change_event = asyncio.Event()
-        self._waiters = 0
         self._poller = None
-        self._data_version = None
         self._reader = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="mailgate-queue-read"
         )
@@ -447,6 +443,7 @@ class SQLiteQueueStore:
             await asyncio.to_thread(self.bodies.close)
             raise
         self._writer = _DatabaseThread(writer, self.bodies, self._changed_threadsafe)
+        self._poller = asyncio.create_task(self._poll(), name="mailgate-queue-poll")
         return self
 
     async def __aenter__(self) -> SQLiteQueueStore:
@@ -473,6 +470,7 @@ class SQLiteQueueStore:
         if self._closed:
             return
         self._closed = True
+        self._change_event.set()  # waiters return (False) instead of sleeping on
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -624,19 +622,13 @@ class SQLiteQueueStore:
         if seen is None:
             seen = self._change_count
         deadline = self._loop.time() + timeout
-        self._waiters += 1
-        try:
-            if self._poller is None or self._poller.done():
-                self._poller = asyncio.create_task(self._poll())
-            while self._change_count == seen:
-                remaining = deadline - self._loop.time()
-                if remaining <= 0:
-                    return False
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._change_event.wait(), remaining)
-            return True
-        finally:
-            self._waiters -= 1
+        while self._change_count == seen:
+            remaining = deadline - self._loop.time()
+            if remaining <= 0 or self._closed:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._change_event.wait(), remaining)
+        return True
 
     def _read_data_version(self) -> int:
         row = self._reader_connection.execute("PRAGMA data_version").fetchone()
@@ -644,15 +636,21 @@ class SQLiteQueueStore:
 
     async def _poll(self) -> None:
         """Look for commits by other connections (other processes, and this store's own
-        writer) while someone waits."""
-        while self._waiters > 0 and not self._closed:
-            version = await self._read(self._read_data_version)
-            if self._data_version is not None and version != self._data_version:
-                self._changed()
-            self._data_version = version
+        writer) for as long as the store is open. Always running, so ``change_count`` is
+        never more than one interval behind and a caller's ``seen`` cannot predate a
+        change that the next reading would miss (a PRAGMA a few times a second costs
+        nothing measurable)."""
+        version = await self._read(self._read_data_version)
+        while not self._closed:
             await asyncio.sleep(self.poll_interval)
-        # The next poller starts from a fresh reading, not a stale one.
-        self._data_version = None
+            try:
+                current = await self._read(self._read_data_version)
+            except sqlite3.Error as exc:  # e.g. busy during a checkpoint: try again
+                log.debug("queue change poll failed: %s", exc)
+                continue
+            if current != version:
+                version = current
+                self._changed()
 
     # --- accepting --------------------------------------------------------------------------
 

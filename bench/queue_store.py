@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import os
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -117,8 +118,9 @@ def percentile(values: list[float], fraction: float) -> float:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=2000, help="per concurrency level")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128, 256])
     parser.add_argument("--dir", type=Path, default=None, help="parent of the queue directory")
+    parser.add_argument("--keep", action="store_true", help="keep the queue directories")
     arguments = parser.parse_args()
     parent = Path(tempfile.mkdtemp(prefix="mailgate-queue-bench-", dir=arguments.dir))
     print(f"queue directory: {parent} ({os.uname().sysname} {os.uname().release})")
@@ -142,6 +144,8 @@ async def main() -> None:
         )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(f"\npeak RSS of this process: {peak / 1024:.0f} MiB")
+    if not arguments.keep:
+        shutil.rmtree(parent)
 
 
 if __name__ == "__main__":

@@ -192,8 +192,10 @@ class QueueStore(Protocol):
 
     async def wait_for_change(self, timeout: float, seen: int | None = None) -> bool:
         """Wait until the queue changes (``change_count`` differs from ``seen``, or from
-        its value at the call); ``False`` on timeout. Changes by other processes are
-        noticed within ``poll_interval`` (well under a second)."""
+        its value at the call); ``False`` on timeout or when the store is closed.
+        Changes by other processes (and nodes) are noticed well under a second after
+        their commit. Take ``seen`` before looking for work, so a change made meanwhile
+        wakes the wait at once instead of being missed."""
         ...
 
     async def aclose(self) -> None: ...

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,28 @@ def test_message_ids_sort_by_time_and_are_unique() -> None:
 def test_instances_must_be_opened_with_open() -> None:
     with pytest.raises(TypeError, match="open"):
         SQLiteQueueStore()
+
+
+def test_a_cancelled_enqueue_leaves_no_file_behind(tmp_path: Path, clock: Clock) -> None:
+    queue = tmp_path / "queue"
+
+    async def slow() -> AsyncIterator[bytes]:
+        yield b"a" * 300_000  # more than one write block: a write is under way
+        await asyncio.sleep(30)
+        yield b"never"
+
+    async def main() -> None:
+        store = await _open(queue, clock)
+        try:
+            task = asyncio.create_task(store.enqueue(new_message(), slow()))
+            await asyncio.sleep(0.3)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert os.listdir(queue / "bodies") == []
+            assert os.listdir(queue / "tmp" / store.instance) == []
+            assert await store.list_messages() == []
+        finally:
+            await store.aclose()
+
+    asyncio.run(main())

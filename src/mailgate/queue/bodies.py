@@ -44,7 +44,7 @@ from collections.abc import AsyncIterable, Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["BodyDirectory", "fsync_directory"]
+__all__ = ["BodyDirectory", "fsync_directory", "run_to_end"]
 
 log = logging.getLogger("mailgate.queue")
 
@@ -88,6 +88,21 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
+
+
+async def run_to_end(
+    executor: concurrent.futures.Executor | None, function: Callable[..., T], *arguments: Any
+) -> T:
+    """Run a blocking call in a thread; if the caller is cancelled meanwhile, wait for
+    the thread to finish before passing the cancellation on: clean-up that follows
+    (closing the file it writes, removing the file it links) must not race with it."""
+    loop = asyncio.get_running_loop()
+    future = loop.run_in_executor(executor, functools.partial(function, *arguments))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait({future})
+        raise
 
 
 def _unlink_quietly(path: Path) -> None:
@@ -192,10 +207,9 @@ class BodyDirectory:
     ) -> int:
         """Write a body from an async iterator, in bounded blocks, in worker threads
         (``executor``; the loop's default when ``None``)."""
-        loop = asyncio.get_running_loop()
 
         async def call(function: Callable[..., T], *arguments: Any) -> T:
-            return await loop.run_in_executor(executor, functools.partial(function, *arguments))
+            return await run_to_end(executor, function, *arguments)
 
         staged = self._staged(message_id)
         fd = await call(os.open, staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)

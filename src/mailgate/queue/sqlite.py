@@ -36,7 +36,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar, cast
 
-from .bodies import BodyDirectory
+from .bodies import BodyDirectory, run_to_end
 from .model import (
     ClientInfo,
     DeliveryBatch,
@@ -669,11 +669,13 @@ class SQLiteQueueStore:
         try:
             files = self._files
             if isinstance(body, bytes | bytearray | memoryview):
-                size = await self._loop.run_in_executor(files, bodies.stage_bytes, message_id, body)
+                size = await run_to_end(files, bodies.stage_bytes, message_id, body)
             elif isinstance(body, os.PathLike):
-                size = await self._loop.run_in_executor(
+                size = await run_to_end(
                     files,
-                    functools.partial(bodies.stage_path, message_id, Path(body), synced=synced),
+                    functools.partial(bodies.stage_path, synced=synced),
+                    message_id,
+                    Path(body),
                 )
             elif isinstance(body, AsyncIterable):
                 size = await bodies.stage_stream(message_id, body, files)

@@ -385,6 +385,13 @@ def test_results_for_recipients_outside_the_batch_are_ignored(open_store: StoreO
             foreign = DeliveryResult.from_reply(second.recipients[0].id, OK)
             assert await store.record_results(first, [foreign]) == 0
             assert await store.record_results(second, [foreign]) == 1
+            # Two results for one recipient: one attempt, the last result.
+            own = first.recipients[0].id
+            twice = [DeliveryResult.from_reply(own, BUSY), DeliveryResult.from_reply(own, REFUSED)]
+            assert await store.record_results(first, twice) == 1
+            (message,) = await store.list_messages()
+            recipient = next(r for r in message.recipients if r.id == own)
+            assert (recipient.state, recipient.attempts) == (RecipientState.FAILED, 1)
 
     run(main())
 

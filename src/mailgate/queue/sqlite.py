@@ -850,7 +850,12 @@ class SQLiteQueueStore:
         at = self._now(now)
         lease = batch.lease
         in_batch = {recipient.id for recipient in batch.recipients}
-        wanted = [result for result in results if result.recipient_id in in_batch]
+        # One result per recipient (the last one given wins): an attempt counts once.
+        wanted = list(
+            {
+                result.recipient_id: result for result in results if result.recipient_id in in_batch
+            }.values()
+        )
         if not wanted:
             return 0
         policy = self.policy

@@ -34,7 +34,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Collection, 
 from dataclasses import asdict
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 from .bodies import BodyDirectory, run_to_end
 from .model import (
@@ -67,7 +67,7 @@ from .policy import (
     apply_operator_bounce,
     apply_result,
 )
-from .store import BodySource, QueueError
+from .store import BodySource, QueueError, QueueStore
 
 __all__ = ["SQLiteQueueStore", "new_message_id"]
 
@@ -1400,3 +1400,9 @@ class SQLiteQueueStore:
 
 
 _OPEN_TOKEN = object()
+
+if TYPE_CHECKING:
+
+    def _implements_the_interface(store: SQLiteQueueStore) -> QueueStore:
+        # mypy checks here that the class matches the QueueStore protocol.
+        return store

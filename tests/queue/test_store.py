@@ -490,6 +490,59 @@ def test_jittered_retries_spread_within_ten_percent(open_store: StoreOpener) -> 
     run(main())
 
 
+def test_an_attempt_without_a_reply_records_status_and_diagnostic(
+    open_store: StoreOpener,
+) -> None:
+    async def main() -> None:
+        async with open_store() as store:
+            message_id = await store.enqueue(new_message(), b"x")
+            (batch,) = await store.claim_due()
+            await store.record_results(batch, results(batch, BUSY, remote_mta="mx[192.0.2.1]:25"))
+            (recipient,) = (await recipients_of(store, message_id)).values()
+            assert (recipient.last_reply, recipient.last_status) == (BUSY, "4.3.0")
+            assert recipient.last_diagnostic == "451 4.3.0 try again later"
+            assert recipient.last_attempt_at == START
+            # A connection that failed: no reply, and the old one is not kept.
+            (batch,) = await store.claim_due(START + 5 * MINUTE)
+            lost = DeliveryResult(
+                batch.recipients[0].id,
+                Outcome.DEFERRED,
+                diagnostic="connect to mx.example.net[192.0.2.1]:25: Connection refused",
+            )
+            await store.record_results(batch, [lost], START + 5 * MINUTE)
+            (recipient,) = (await recipients_of(store, message_id)).values()
+            assert recipient.last_reply is None and recipient.remote_mta is None
+            assert recipient.last_status == "4.0.0"
+            assert recipient.last_diagnostic is not None
+            assert "Connection refused" in recipient.last_diagnostic
+            assert recipient.last_attempt_at == START + 5 * MINUTE
+            # A null MX: failed with the status the client determined.
+            (batch,) = await store.claim_due(START + 15 * MINUTE)
+            null_mx = DeliveryResult(
+                batch.recipients[0].id,
+                Outcome.FAILED,
+                status="5.1.10",
+                diagnostic="Domain example.net does not accept mail (null MX)",
+            )
+            await store.record_results(batch, [null_mx], START + 15 * MINUTE)
+            (notice,) = await store.pending_notices()
+            (failed,) = notice.recipients
+            assert (failed.state, failed.last_status, failed.last_reply) == (
+                RecipientState.FAILED,
+                "5.1.10",
+                None,
+            )
+            details = await store.show(message_id)
+            assert details is not None
+            assert [(e.event, e.status) for e in details.history if e.attempt] == [
+                ("deferred", "4.3.0"),
+                ("deferred", "4.0.0"),
+                ("failed", "5.1.10"),
+            ]
+
+    run(main())
+
+
 def test_an_explicit_next_attempt_overrides_the_schedule(open_store: StoreOpener) -> None:
     async def main() -> None:
         async with open_store() as store:
@@ -861,8 +914,18 @@ def test_bounce_now_fails_with_a_reason_and_owes_a_dsn(open_store: StoreOpener) 
             assert notice.kind == "failure" and notice.message.id == message_id
             (failed,) = notice.recipients
             assert failed.address == "y@two.example" and failed.state is RecipientState.FAILED
-            assert failed.last_reply is not None and failed.last_reply.code == 550
-            assert failed.last_reply.text == "spam run, cancelled"
+            assert failed.last_reply is None  # no server said anything
+            assert failed.last_status == "5.0.0"
+            assert failed.last_diagnostic == "spam run, cancelled"
+            details = await store.show(message_id)
+            assert details is not None
+            (bounced,) = [e for e in details.history if e.event == "bounced"]
+            assert (bounced.recipient, bounced.reply, bounced.status) == (
+                "y@two.example",
+                None,
+                "5.0.0",
+            )
+            assert bounced.detail is not None and "spam run, cancelled" in bounced.detail
             # The operator's bounce of a bounce fails it without a DSN: it is finished.
             assert await store.show(null) is None
             assert await store.bounce([message_id]) == 0  # nothing left to bounce

@@ -236,8 +236,14 @@ class RecipientInfo:
     attempts: int
     #: When it is due (pending recipients); for others, when it was last scheduled.
     next_attempt: float
+    #: What the remote server last said (``None``: no reply, e.g. no connection).
     last_reply: RemoteReply | None
     remote_mta: str | None
+    #: RFC 3463 status of the last attempt or action (a DSN's Status field).
+    last_status: str | None
+    #: One-line account of the last attempt or action, for logs and people.
+    last_diagnostic: str | None
+    last_attempt_at: float | None
     #: When it became delivered or failed.
     final_at: float | None
     held_reason: str | None
@@ -279,6 +285,7 @@ class HistoryEntry:
     reply: RemoteReply | None = None
     remote_mta: str | None = None
     detail: str | None = None
+    status: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,8 +322,11 @@ class DeliveryBatch:
 class DeliveryResult:
     """The outcome of one attempt for one recipient of a batch.
 
-    ``reply`` is what the remote server (or the client, for a connection failure) said;
-    ``next_attempt`` overrides the retry schedule of a deferral (e.g. a destination
+    ``reply`` is what the remote server said (``None`` when it said nothing: no
+    connection, DNS trouble, a null MX); ``status`` the RFC 3463 code for a DSN (the
+    reply's enhanced code when ``None``, else 2.0.0/4.0.0/5.0.0 by outcome);
+    ``diagnostic`` a one-line account for logs (the reply's text when ``None``);
+    ``remote_mta`` e.g. ``"mx.example.net[192.0.2.1]:25"``; ``next_attempt`` overrides the retry schedule of a deferral (e.g. a destination
     suspended as dead); ``dsn_relayed``: the next hop accepted the NOTIFY/ORCPT
     parameters, so it reports success itself and no success DSN is owed here.
     """
@@ -327,6 +337,8 @@ class DeliveryResult:
     remote_mta: str | None = None
     next_attempt: float | None = None
     dsn_relayed: bool = False
+    status: str | None = None
+    diagnostic: str | None = None
 
     @classmethod
     def from_reply(
@@ -336,6 +348,8 @@ class DeliveryResult:
         *,
         remote_mta: str | None = None,
         dsn_relayed: bool = False,
+        status: str | None = None,
+        diagnostic: str | None = None,
     ) -> DeliveryResult:
         """2xx delivered, 4xx deferred, 5xx failed (anything else counts as a deferral)."""
         if 200 <= reply.code < 300:
@@ -344,7 +358,16 @@ class DeliveryResult:
             outcome = Outcome.FAILED
         else:
             outcome = Outcome.DEFERRED
-        return cls(recipient_id, outcome, reply, remote_mta, None, dsn_relayed)
+        return cls(
+            recipient_id,
+            outcome,
+            reply,
+            remote_mta,
+            None,
+            dsn_relayed,
+            status,
+            diagnostic,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -138,6 +138,9 @@ class RecipientUpdate:
     next_attempt: float
     last_reply: RemoteReply | None
     remote_mta: str | None
+    last_status: str | None
+    last_diagnostic: str | None
+    last_attempt_at: float | None
     final_at: float | None
     held_reason: str | None
     dsn_pending: DsnKind | None
@@ -155,6 +158,9 @@ class RecipientFacts:
     notify: Notify
     last_reply: RemoteReply | None
     remote_mta: str | None
+    last_status: str | None
+    last_diagnostic: str | None
+    last_attempt_at: float | None
     held_reason: str | None
     dsn_pending: DsnKind | None
     dsn_sent: frozenset[DsnKind]
@@ -172,14 +178,26 @@ def apply_result(
     if facts.state.final:
         return None
     attempts = facts.attempts + 1
-    reply = result.reply if result.reply is not None else facts.last_reply
-    remote = result.remote_mta if result.remote_mta is not None else facts.remote_mta
+    # Everything "last" describes this attempt: an old reply next to a new failure to
+    # connect would put words in a server's mouth.
+    reply = result.reply
+    status = result.status
+    if status is None:
+        status = reply.enhanced if reply is not None and reply.enhanced else None
+    if status is None:
+        status = _GENERIC_STATUS[result.outcome]
+    diagnostic = result.diagnostic
+    if diagnostic is None and reply is not None:
+        diagnostic = str(reply)
     base = RecipientUpdate(
         state=facts.state,
         attempts=attempts,
         next_attempt=facts.next_attempt,
         last_reply=reply,
-        remote_mta=remote,
+        remote_mta=result.remote_mta,
+        last_status=status,
+        last_diagnostic=diagnostic,
+        last_attempt_at=now,
         final_at=None,
         held_reason=facts.held_reason,
         dsn_pending=facts.dsn_pending,
@@ -227,6 +245,13 @@ def apply_result(
     )
 
 
+_GENERIC_STATUS: dict[Outcome, str] = {
+    Outcome.DELIVERED: "2.0.0",
+    Outcome.DEFERRED: "4.0.0",
+    Outcome.FAILED: "5.0.0",
+}
+
+
 def _fail(
     base: RecipientUpdate,
     facts: RecipientFacts,
@@ -239,7 +264,7 @@ def _fail(
     if message.null_sender:
         # A bounce that cannot be delivered has nobody to bounce to: it is kept, held,
         # for the operator to look at (and release or delete).
-        reason = f"undeliverable, null sender: {base.last_reply or detail or event}"
+        reason = f"undeliverable, null sender: {base.last_diagnostic or detail or event}"
         return replace(
             base,
             state=RecipientState.HELD,
@@ -260,11 +285,6 @@ def _fail(
     )
 
 
-#: The reply recorded for recipients the operator bounces.
-def operator_bounce_reply(reason: str) -> RemoteReply:
-    return RemoteReply(550, "5.0.0", reason or "delivery cancelled by the operator")
-
-
 def apply_operator_bounce(
     facts: RecipientFacts, message: MessageInfo, reason: str, now: float
 ) -> RecipientUpdate | None:
@@ -272,14 +292,17 @@ def apply_operator_bounce(
     rather than held: the operator decided). ``None`` for recipients already final."""
     if facts.state.final:
         return None
-    reply = operator_bounce_reply(reason)
     failure = "failure" not in facts.dsn_sent and wants_dsn("failure", facts.notify, message.sender)
     return RecipientUpdate(
         state=RecipientState.FAILED,
         attempts=facts.attempts,
         next_attempt=facts.next_attempt,
-        last_reply=reply,
-        remote_mta=None,
+        # The remote server's last words stay; the operator's reason is the diagnostic.
+        last_reply=facts.last_reply,
+        remote_mta=facts.remote_mta,
+        last_status="5.0.0",
+        last_diagnostic=reason or "delivery cancelled by the operator",
+        last_attempt_at=facts.last_attempt_at,
         final_at=now,
         held_reason=None,
         dsn_pending="failure" if failure else None,

@@ -116,6 +116,9 @@ CREATE TABLE IF NOT EXISTS recipients (
     reply_enhanced TEXT,
     reply_text TEXT,
     remote_mta TEXT,
+    status TEXT,
+    diagnostic TEXT,
+    last_attempt_at REAL,
     final_at REAL,
     held_reason TEXT,
     dsn_pending TEXT,
@@ -144,6 +147,7 @@ CREATE TABLE IF NOT EXISTS history (
     reply_enhanced TEXT,
     reply_text TEXT,
     remote_mta TEXT,
+    status TEXT,
     detail TEXT
 );
 CREATE INDEX IF NOT EXISTS history_message ON history (message_id);
@@ -151,7 +155,8 @@ CREATE INDEX IF NOT EXISTS history_message ON history (message_id);
 
 _RECIPIENT_COLUMNS = (
     "id, message_id, address, destination, orcpt, notify, state, attempts, next_attempt, "
-    "reply_code, reply_enhanced, reply_text, remote_mta, final_at, held_reason, "
+    "reply_code, reply_enhanced, reply_text, remote_mta, status, diagnostic, last_attempt_at, "
+    "final_at, held_reason, "
     "dsn_pending, dsn_sent, lease_owner, lease_id, lease_expires"
 )
 _MESSAGE_COLUMNS = (
@@ -206,6 +211,9 @@ def _recipient(row: sqlite3.Row) -> RecipientInfo:
         next_attempt=row["next_attempt"],
         last_reply=_reply(row["reply_code"], row["reply_enhanced"], row["reply_text"]),
         remote_mta=row["remote_mta"],
+        last_status=row["status"],
+        last_diagnostic=row["diagnostic"],
+        last_attempt_at=row["last_attempt_at"],
         final_at=row["final_at"],
         held_reason=row["held_reason"],
         dsn_sent=_kinds(row["dsn_sent"]),
@@ -239,10 +247,18 @@ def _facts(recipient: RecipientInfo) -> RecipientFacts:
         notify=recipient.notify,
         last_reply=recipient.last_reply,
         remote_mta=recipient.remote_mta,
+        last_status=recipient.last_status,
+        last_diagnostic=recipient.last_diagnostic,
+        last_attempt_at=recipient.last_attempt_at,
         held_reason=recipient.held_reason,
         dsn_pending=recipient.dsn_pending,
         dsn_sent=recipient.dsn_sent,
     )
+
+
+def _joined(*parts: str | None) -> str | None:
+    present = [part for part in parts if part]
+    return "; ".join(present) if present else None
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -1055,6 +1071,7 @@ class SQLiteQueueStore:
                     reply=_reply(row["reply_code"], row["reply_enhanced"], row["reply_text"]),
                     remote_mta=row["remote_mta"],
                     detail=row["detail"],
+                    status=row["status"],
                 )
                 for row in connection.execute(
                     "SELECT * FROM history WHERE message_id = ? ORDER BY id", (message_id,)
@@ -1288,11 +1305,12 @@ class SQLiteQueueStore:
         at: float,
     ) -> None:
         reply = update.last_reply
+        attempted = update.attempts != current.attempts
         connection.execute(
             "UPDATE recipients SET state = ?, attempts = ?, next_attempt = ?, reply_code = ?, "
-            "reply_enhanced = ?, reply_text = ?, remote_mta = ?, final_at = ?, held_reason = ?, "
-            "dsn_pending = ?, lease_owner = NULL, lease_id = NULL, lease_expires = NULL "
-            "WHERE id = ?",
+            "reply_enhanced = ?, reply_text = ?, remote_mta = ?, status = ?, diagnostic = ?, "
+            "last_attempt_at = ?, final_at = ?, held_reason = ?, dsn_pending = ?, "
+            "lease_owner = NULL, lease_id = NULL, lease_expires = NULL WHERE id = ?",
             (
                 str(update.state),
                 update.attempts,
@@ -1301,6 +1319,9 @@ class SQLiteQueueStore:
                 None if reply is None else reply.enhanced,
                 None if reply is None else reply.text,
                 update.remote_mta,
+                update.last_status,
+                update.last_diagnostic,
+                update.last_attempt_at,
                 update.final_at,
                 update.held_reason,
                 update.dsn_pending,
@@ -1313,10 +1334,12 @@ class SQLiteQueueStore:
             at,
             update.event,
             recipient=current,
-            attempt=update.attempts if update.attempts != current.attempts else None,
-            reply=reply,
-            remote_mta=update.remote_mta,
-            detail=update.detail,
+            attempt=update.attempts if attempted else None,
+            # An operator's action has no reply of its own.
+            reply=reply if attempted else None,
+            remote_mta=update.remote_mta if attempted else None,
+            status=update.last_status,
+            detail=_joined(update.last_diagnostic, update.detail),
         )
 
     @staticmethod
@@ -1338,12 +1361,13 @@ class SQLiteQueueStore:
         attempt: int | None = None,
         reply: RemoteReply | None = None,
         remote_mta: str | None = None,
+        status: str | None = None,
         detail: str | None = None,
     ) -> None:
         connection.execute(
             "INSERT INTO history (message_id, recipient_id, recipient, at, event, attempt, "
-            "reply_code, reply_enhanced, reply_text, remote_mta, detail) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            "reply_code, reply_enhanced, reply_text, remote_mta, status, detail) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 message_id,
                 None if recipient is None else recipient.id,
@@ -1355,6 +1379,7 @@ class SQLiteQueueStore:
                 None if reply is None else reply.enhanced,
                 None if reply is None else reply.text,
                 remote_mta,
+                status,
                 detail,
             ),
         )

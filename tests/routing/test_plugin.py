@@ -11,7 +11,7 @@ from typing import Any
 from mailgate import Server
 from mailgate.hooks import Address, Envelope, Message, Session
 from mailgate.plugins.policy import DECISIONS, PolicyEnv
-from mailgate.routing import Action, RouteDecision, RoutingPlugin, RouteTable
+from mailgate.routing import Action, RouteDecision, RouteTable, RoutingPlugin
 from mailgate.routing.plugin import DECISIONS_NOTE, plugins_from_options
 from mailgate.server.options import PolicySection, ServerOptions
 from mailgate.testing import running_server

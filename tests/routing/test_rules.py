@@ -243,7 +243,7 @@ def rules(*entries: dict[str, Any]) -> RouteTable:
     return RouteTable.from_document({"routes": list(entries)}, "mailgate.toml")
 
 
-ERRORS: list[tuple[list[dict[str, Any]], str]] = [
+ERRORS: list[tuple[list[Any], str]] = [
     (
         [{"recipients": ["*"], "action": "relay"}, {"recipent": ["*"], "action": "relay"}],
         "mailgate.toml [[routes]] #2: unknown key 'recipent' (did you mean 'recipients'?)",

@@ -159,23 +159,32 @@ class AddressSet:
         return bool(self.parents) and any(p in self.parents for p in parent_domains(domain))
 
 
-class RecipientIndex:
-    """Rule numbers by recipient pattern, across all rules: the candidates for one
-    recipient are the rules listing its address, its domain, one of its parent domains
-    or ``*``, in rule order. First match wins, so the caller stops at the first candidate
-    whose other conditions hold; nothing else is looked at."""
+class PatternIndex:
+    """Rule positions by pattern, across all rules: the candidates for one address are
+    the rules listing it, its domain, one of its parent domains, ``*`` (or ``<>`` for the
+    null sender), plus the rules that have no such condition at all (``unconditioned``:
+    rules without ``senders`` match every sender). Each list is in rule order; first
+    match wins, so the caller stops at the first candidate whose other conditions hold."""
 
     def __init__(self) -> None:
         self.addresses: dict[str, list[int]] = {}
         self.domains: dict[str, list[int]] = {}
         self.parents: dict[str, list[int]] = {}
         self.any: list[int] = []
+        self.null: list[int] = []
+        self.unconditioned: list[int] = []
 
-    def add(self, position: int, patterns: Iterable[AddressPattern]) -> None:
-        """Index rule ``position``; positions must be added in increasing order."""
+    def add(self, position: int, patterns: Iterable[AddressPattern] | None) -> None:
+        """Index rule ``position`` (None: the rule has no such condition); positions must
+        be added in increasing order."""
+        if patterns is None:
+            self.unconditioned.append(position)
+            return
         for pattern in patterns:
             if pattern.kind == "any":
                 target = self.any
+            elif pattern.kind == "null":
+                target = self.null
             else:
                 table = {
                     "address": self.addresses,
@@ -186,19 +195,33 @@ class RecipientIndex:
             if not target or target[-1] != position:  # a pattern listed twice in one rule
                 target.append(position)
 
-    def candidates(self, local: str, domain: str) -> Iterator[int]:
-        """Positions of the rules whose recipient patterns match, ascending."""
-        lists = [self.addresses.get(f"{local}@{domain}"), self.domains.get(domain)]
-        if self.parents:
-            lists.extend(self.parents.get(parent) for parent in parent_domains(domain))
-        lists.append(self.any)
-        found = [positions for positions in lists if positions]
-        if len(found) == 1:
-            return iter(found[0])
-        # Each list is ascending; merge lazily, so a long '*' list costs only what is read.
-        # A rule listing both the address and its domain appears twice: harmless, the
-        # first time decides.
-        return heapq.merge(*found)
+    def lists(self, local: str | None, domain: str) -> list[list[int]]:
+        """The non-empty position lists whose union is the candidates for an address;
+        ``local`` None: the address is not known (only unconditioned rules); ("", ""):
+        the null sender."""
+        if local is None:
+            found = [self.unconditioned]
+        elif not local and not domain:
+            found = [self.null, self.any, self.unconditioned]
+        else:
+            found = [
+                self.addresses.get(f"{local}@{domain}") or [],
+                self.domains.get(domain) or [],
+                self.any,
+                self.unconditioned,
+            ]
+            if self.parents:
+                found.extend(self.parents.get(parent) or [] for parent in parent_domains(domain))
+        return [positions for positions in found if positions]
+
+
+def merged(lists: list[list[int]]) -> Iterator[int]:
+    """The positions of ascending lists in ascending order, lazily: a long ``*`` list
+    costs only what is read. A rule in two lists (it names both the address and its
+    domain) comes twice: harmless, the first time decides."""
+    if len(lists) == 1:
+        return iter(lists[0])
+    return heapq.merge(*lists)
 
 
 __all__ = [
@@ -208,7 +231,8 @@ __all__ = [
     "AddressPattern",
     "AddressSet",
     "PatternError",
-    "RecipientIndex",
+    "PatternIndex",
+    "merged",
     "normalise_local",
     "parent_domains",
     "parse_pattern",

@@ -56,7 +56,8 @@ from mailgate.routing.patterns import (
     AddressPattern,
     AddressSet,
     PatternError,
-    RecipientIndex,
+    PatternIndex,
+    merged,
     parse_pattern,
     split_address,
 )
@@ -207,10 +208,12 @@ class Route:
     reply: RejectReply | None = None
     #: Where it came from: "mailgate.toml [[routes]] #2".
     source: str = ""
+    _recipients: AddressSet = field(default=AddressSet(()), repr=False)
     _senders: AddressSet | None = field(default=None, repr=False)
     _decision: RouteDecision | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "_recipients", AddressSet(self.recipients))
         if self.senders is not None:
             object.__setattr__(self, "_senders", AddressSet(self.senders))
         if self.action is not Action.RELAY:
@@ -313,14 +316,20 @@ class RouteTable:
     """The rules in order; :meth:`match` finds the first that matches a recipient.
 
     Recipient patterns of all rules are indexed together (by address, domain and parent
-    domain), so a match looks only at the rules that name the recipient's address, its
-    domain, a parent domain or ``*``, however many rules there are."""
+    domain), and so are sender patterns: a match walks the shorter of the two candidate
+    lists (the rules naming the recipient, or those the sender may use), checking each
+    candidate's other conditions, and stops at the first that holds. Only a table whose
+    rules all match any recipient and sender (``*``, conditions on ``clients`` or
+    ``authenticated`` only) is walked rule by rule."""
 
     def __init__(self, routes: Iterable[Route] = ()) -> None:
         self.routes: tuple[Route, ...] = tuple(routes)
-        self._index = RecipientIndex()
+        self._recipients = PatternIndex()
+        self._senders = PatternIndex()
         for position, route in enumerate(self.routes):
-            self._index.add(position, route.recipients)
+            self._recipients.add(position, route.recipients)
+            self._senders.add(position, route.senders)
+        self._any_senders = any(route.senders is not None for route in self.routes)
 
     def __len__(self) -> int:
         return len(self.routes)
@@ -358,20 +367,32 @@ class RouteTable:
         local, domain = split_address(recipient)
         if not domain:
             return DEFAULT_DECISION
-        parsed_sender: tuple[str, str] | None = None
-        client: IPAddress | None = None
-        sender_done = client_done = False
         routes = self.routes
-        for position in self._index.candidates(local, domain):
+        candidates = self._recipients.lists(local, domain)
+        # Sender conditions are checked per candidate, unless the rules the sender may use
+        # are fewer than those naming the recipient: then those are walked instead.
+        parsed_sender = _sender(sender) if self._any_senders else None
+        check_sender = self._any_senders
+        if self._any_senders:
+            by_sender = self._senders.lists(
+                parsed_sender[0] if parsed_sender is not None else None,
+                parsed_sender[1] if parsed_sender is not None else "",
+            )
+            if sum(map(len, by_sender)) < sum(map(len, candidates)):
+                candidates, check_sender = by_sender, False
+        client: IPAddress | None = None
+        client_done = False
+        for position in merged(candidates):
             route = routes[position]
             if route.authenticated is not None and route.authenticated != authenticated:
                 continue
-            if route._senders is not None:
-                if not sender_done:
-                    parsed_sender = _sender(sender)
-                    sender_done = True
-                if parsed_sender is None or not route._senders.contains(*parsed_sender):
+            if check_sender:
+                if route._senders is not None and (
+                    parsed_sender is None or not route._senders.contains(*parsed_sender)
+                ):
                     continue
+            elif not route._recipients.contains(local, domain):
+                continue
             if route.clients is not None:
                 if not client_done:
                     client = _client(client_ip)

@@ -1,0 +1,1 @@
+"""The durable outbound queue (the queue helper's version of this file replaces this one)."""

@@ -252,6 +252,14 @@ def test_success_report() -> None:
     assert flufl.bounce.all_failures(email.message_from_bytes(data)) == (frozenset(), frozenset())
 
 
+def test_idn_reporting_host_is_written_in_a_labels() -> None:
+    data = build_dsn(MessageFacts("ann@example.com", "mx.bücher.example."), [failure()], ORIGINAL)
+    report = parse(data)
+    assert report["From"] == "Mail Delivery System <MAILER-DAEMON@mx.xn--bcher-kva.example>"
+    assert report["Message-ID"].endswith("@mx.xn--bcher-kva.example>")
+    assert status_blocks(data)[0]["Reporting-MTA"] == "dns; mx.xn--bcher-kva.example"
+
+
 def test_message_ids_are_unique() -> None:
     ids = {parse(build_dsn(FACTS, [failure()], ORIGINAL))["Message-ID"] for _ in range(50)}
     assert len(ids) == 50

@@ -254,7 +254,7 @@ def build_dsn(
         _check(result)
     if utf8 is None:
         utf8 = not sender.isascii()
-    hostname = _one_line(facts.reporting_mta)
+    hostname = _host_name(facts.reporting_mta)
     moment = datetime.now(UTC) if now is None else now
     actions = {Action(result.action) for result in results}
     failed = Action.FAILED in actions
@@ -288,6 +288,18 @@ def build_dsn(
     report.attach(_status_part(facts, results, hostname, utf8, policy))
     report.attach(_original_part(content, full, utf8, policy))
     return report.as_bytes()
+
+
+def _host_name(name: str) -> str:
+    """The reporting host as an A-label name: it appears in From, Message-ID and
+    Reporting-MTA ("dns; ..."), all of which want ASCII."""
+    name = _one_line(name).rstrip(".")
+    if name.isascii():
+        return name
+    try:
+        return name.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ValueError(f"{name!r} is not a host name") from None
 
 
 def needs_8bitmime(report: bytes) -> bool:

@@ -162,7 +162,10 @@ def test_decision_carries_rule_details() -> None:
     assert decision.name == "partners" and decision.description is None
     assert decision.action is Action.FORWARD
     target = decision.forward
-    assert target == ForwardTarget("smtp", "smarthost.test", 587, "relay", "s3cret")
+    assert target is not None
+    assert (target.scheme, target.host, target.port) == ("smtp", "smarthost.test", 587)
+    assert (target.username, target.password, target.starttls) == ("relay", "s3cret", "auto")
+    assert (target.to, target.auth) == ("smtp://Smarthost.Test:587", "relay:s3cret")
     assert "s3cret" not in repr(target) and "s3cret" not in target.url
     local = routes.match("a@corp.example")
     assert (local.name, local.description) == ("local", "our own mailboxes")
@@ -221,22 +224,49 @@ def test_reject_reply_forms() -> None:
 def test_forward_targets() -> None:
     assert ForwardTarget.parse("smtp://h.test").port == 25
     assert ForwardTarget.parse("smtps://h.test").port == 465
+    assert ForwardTarget.parse("lmtp://h.test").port == 24
     assert ForwardTarget.parse("SMTP://H.Test:2525/").url == "smtp://h.test:2525"
     assert ForwardTarget.parse("smtp://[::1]:25").url == "smtp://[::1]:25"
-    assert ForwardTarget.parse("smtp://bücher.example:25").host == "xn--bcher-kva.example"
-    assert ForwardTarget.parse("lmtp://127.0.0.1:24", "u:p:with:colons").password == "p:with:colons"
+    target = ForwardTarget.parse("lmtp://127.0.0.1:24", "u:p:with:colons")
+    assert (target.username, target.password) == ("u", "p:with:colons")
+    assert (target.to, target.auth) == ("lmtp://127.0.0.1:24", "u:p:with:colons")
+    # The forward delivery's URL grammar: credentials in the URL, starttls and cafile.
+    target = ForwardTarget.parse("smtp://relay%40corp:s%3Acret@h.test:587?starttls=require")
+    assert (target.username, target.password, target.starttls) == (
+        "relay@corp",
+        "s:cret",
+        "require",
+    )
+    assert target.url == "smtp://relay@corp@h.test:587?starttls=require"
+    assert "cret" not in repr(target)
+    target = ForwardTarget.parse("smtps://h.test?cafile=/etc/ca.pem")
+    assert (target.starttls, target.cafile) == ("no", "/etc/ca.pem")
     for bad, auth in [
         ("http://h.test", None),
-        ("lmtp://h.test", None),
-        ("smtp://user:pw@h.test", None),
         ("smtp://h.test/path", None),
         ("smtp://", None),
         ("smtp://h.test:99999", None),
+        ("smtp://h.test:0", None),
+        ("smtp://h.test?verify=no", None),
+        ("smtp://h.test?starttls=maybe", None),
+        ("smtps://h.test?starttls=require", None),
+        ("smtp://:pw@h.test", None),
+        ("smtp://u:p@h.test", "u:p"),
         ("smtp://h.test", "nopassword"),
         ("smtp://h.test", ":pw"),
     ]:
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError) as raised:
             ForwardTarget.parse(bad, auth)
+        assert "pw@" not in str(raised.value) and ":p@" not in str(raised.value)
+
+
+def test_forward_targets_by_key_carry_the_credentials() -> None:
+    targets = table().forward_targets()
+    assert set(targets) == {
+        "forward:smtp://relay@smarthost.test:587",
+        "forward:lmtp://[2001:db8::25]:24",
+    }
+    assert targets["forward:smtp://relay@smarthost.test:587"].password == "s3cret"
 
 
 def rules(*entries: dict[str, Any]) -> RouteTable:
@@ -324,8 +354,8 @@ ERRORS: list[tuple[list[Any], str]] = [
         '#1 auth: auth must be "user:password"',
     ),
     (
-        [{"recipients": ["*"], "action": "forward", "to": "lmtp://h.test"}],
-        "#1 to: 'lmtp://h.test': LMTP has no standard port",
+        [{"recipients": ["*"], "action": "forward", "to": "smtp://u:secret@h.test?x=1"}],
+        "#1 to: 'smtp://u:***@h.test?x=1': unknown option 'x' (starttls, cafile)",
     ),
     (
         [{"recipients": ["*"], "action": "relay"}, "not a table"],

@@ -43,14 +43,13 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from mailgate.plugins.policy import (
     IPAddress,
     PolicyConfigError,
     SectionReader,
     client_address,
-    normalise_domain,
 )
 from mailgate.routing.patterns import (
     AddressPattern,
@@ -128,64 +127,101 @@ class RejectReply:
 
 
 ForwardScheme = Literal["smtp", "smtps", "lmtp"]
-_DEFAULT_PORTS: Final[Mapping[str, int | None]] = {"smtp": 25, "smtps": 465, "lmtp": None}
+StartTLS = Literal["auto", "require", "no"]
+# The grammar of mailgate's forward URLs (the forward delivery's and the outbound
+# engine's): the same defaults, options and key, so a route's key is the engine's.
+_DEFAULT_PORTS: Final[Mapping[str, int]] = {"smtp": 25, "smtps": 465, "lmtp": 24}
+_STARTTLS: Final = ("auto", "require", "no")
+_URL_EXAMPLE: Final = "e.g. smtp://smarthost.example:587, smtps://host:465 or lmtp://host:24"
+
+
+def _redacted(url: str) -> str:
+    """A URL as errors show it: never a password in it."""
+    return re.sub(r"(//[^/@?#]*?:)[^/@?#]*@", r"\1***@", url)
 
 
 @dataclass(frozen=True, slots=True)
 class ForwardTarget:
-    """The smarthost of a forward rule. ``smtp`` may still upgrade with STARTTLS;
-    ``smtps`` is TLS from the first byte; ``lmtp`` speaks LMTP (RFC 2033). The password
-    stays out of ``repr`` and of :attr:`url`, so logs never show it."""
+    """The smarthost of a forward rule. ``smtp`` upgrades with STARTTLS as ``starttls``
+    says (``auto``: when offered; ``require``; ``no``); ``smtps`` is TLS from the first
+    byte; ``lmtp`` speaks LMTP (RFC 2033). ``cafile``: CAs to check its certificate
+    against. ``to`` and ``auth`` are the rule's values as written, for the delivery
+    engine (``Forward(url=to, auth=auth)``). Passwords stay out of ``repr`` and of
+    :attr:`url`, so logs never show them."""
 
     scheme: ForwardScheme
     host: str
     port: int
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    starttls: StartTLS = "auto"
+    cafile: str | None = None
+    #: The query part as written (``starttls=require``), kept in the key.
+    options: str = ""
+    to: str = field(default="", repr=False)
+    auth: str | None = field(default=None, repr=False)
 
     @classmethod
     def parse(cls, raw: str, auth: str | None = None) -> ForwardTarget:
-        """``to = "smtp://host:port"`` and ``auth = "user:password"``; raises ValueError."""
+        """``to = "smtp://host:port"`` (``user:password@`` and ``?starttls=``/
+        ``?cafile=`` allowed) and ``auth = "user:password"``; raises ValueError."""
+        shown = _redacted(raw)
         try:
             parts = urlsplit(raw.strip())
             port = parts.port
         except ValueError as exc:
-            raise ValueError(f"{raw!r} is not a URL: {exc}") from None
+            raise ValueError(f"{shown!r} is not a URL: {exc}") from None
         scheme = parts.scheme.lower()
-        example = "e.g. smtp://smarthost.example:587, smtps://host:465 or lmtp://host:24"
         if scheme not in _DEFAULT_PORTS:
-            raise ValueError(f"{raw!r}: the scheme must be smtp, smtps or lmtp ({example})")
-        if parts.username is not None or parts.password is not None:
-            raise ValueError(f'{raw!r}: give credentials in auth = "user:password", not in to')
-        if parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise ValueError(f"{raw!r}: only a scheme, host and port ({example})")
+            raise ValueError(f"{shown!r}: the scheme must be smtp, smtps or lmtp ({_URL_EXAMPLE})")
         host = parts.hostname
         if not host:
-            raise ValueError(f"{raw!r} names no host ({example})")
-        if port is None:
-            port = _DEFAULT_PORTS[scheme]
-            if port is None:
-                raise ValueError(f"{raw!r}: LMTP has no standard port; give one ({example})")
+            raise ValueError(f"{shown!r} names no host ({_URL_EXAMPLE})")
+        if parts.path not in ("", "/") or parts.fragment:
+            raise ValueError(f"{shown!r}: no path or fragment allowed ({_URL_EXAMPLE})")
         if port == 0:
-            raise ValueError(f"{raw!r}: port 0 is not a port")
-        try:
-            host = str(ipaddress.ip_address(host))
-        except ValueError:
-            host = normalise_domain(host)
-        username = password = None
+            raise ValueError(f"{shown!r}: port 0 is not a port")
+        options: dict[str, str] = {}
+        for key, value in parse_qsl(parts.query, keep_blank_values=True):
+            if key not in ("starttls", "cafile"):
+                raise ValueError(f"{shown!r}: unknown option {key!r} (starttls, cafile)")
+            options[key] = value
+        starttls = options.get("starttls", "auto").lower()
+        if starttls not in _STARTTLS:
+            raise ValueError(f"{shown!r}: starttls must be auto, require or no")
+        if scheme == "smtps" and "starttls" in options:
+            raise ValueError(f"{shown!r}: smtps:// is TLS already; drop starttls=")
+        username = unquote(parts.username) if parts.username else None
+        password = unquote(parts.password) if parts.password is not None else None
+        if password is not None and username is None:
+            raise ValueError(f"{shown!r}: a password needs a user name")
         if auth is not None:
+            if username is not None:
+                raise ValueError(f"{shown!r} has a user already: give credentials once")
             username, colon, password = auth.partition(":")
             if not colon or not username or not password:
                 raise ValueError('auth must be "user:password"')
-        return cls(scheme, host, port, username, password)  # type: ignore[arg-type]
+        return cls(
+            scheme=scheme,  # type: ignore[arg-type]  # checked against _DEFAULT_PORTS
+            host=host,
+            port=port if port is not None else _DEFAULT_PORTS[scheme],
+            username=username,
+            password=password,
+            starttls="no" if scheme == "smtps" else starttls,  # type: ignore[arg-type]
+            cafile=options.get("cafile") or None,
+            options=parts.query,
+            to=raw.strip(),
+            auth=auth,
+        )
 
     @property
     def url(self) -> str:
         """``smtp://host:port``, with ``user@`` when it authenticates (the same host
-        with two accounts is two destinations); never the password."""
+        with two accounts is two destinations) and the options; never the password."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         user = f"{self.username}@" if self.username else ""
-        return f"{self.scheme}://{user}{host}:{self.port}"
+        query = f"?{self.options}" if self.options else ""
+        return f"{self.scheme}://{user}{host}:{self.port}{query}"
 
 
 # --- rules and decisions ---------------------------------------------------------------------
@@ -336,6 +372,12 @@ class RouteTable:
 
     def __bool__(self) -> bool:
         return bool(self.routes)
+
+    def forward_targets(self) -> dict[str, ForwardTarget]:
+        """Destination key -> smarthost, for the delivery workers: a queued recipient
+        keeps only its key (``forward:<url>``, no password), so the credentials come
+        from here."""
+        return {route.key(""): route.forward for route in self.routes if route.forward is not None}
 
     @classmethod
     def from_sections(cls, sections: Iterable[PolicySection]) -> RouteTable:

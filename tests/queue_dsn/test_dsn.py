@@ -23,6 +23,7 @@ from mailgate.queue.dsn import (
     RecipientResult,
     build_dsn,
     needs_8bitmime,
+    status_for,
     utf8_addr_xtext,
 )
 
@@ -258,6 +259,16 @@ def test_idn_reporting_host_is_written_in_a_labels() -> None:
     assert report["From"] == "Mail Delivery System <MAILER-DAEMON@mx.xn--bcher-kva.example>"
     assert report["Message-ID"].endswith("@mx.xn--bcher-kva.example>")
     assert status_blocks(data)[0]["Reporting-MTA"] == "dns; mx.xn--bcher-kva.example"
+
+
+def test_status_for_a_recipient() -> None:
+    assert status_for(Action.FAILED, Diagnostic(550, "5.1.1", "x")) == "5.1.1"
+    assert status_for(Action.FAILED, Diagnostic(550, None, "x")) == "5.0.0"
+    # A deferral that ended in a failure (lifetime expired): the class is the action's.
+    assert status_for(Action.FAILED, Diagnostic(451, "4.4.1", "timeout")) == "5.0.0"
+    assert status_for(Action.DELAYED, Diagnostic(451, "4.4.1", "timeout")) == "4.4.1"
+    assert status_for(Action.DELIVERED) == "2.0.0"
+    assert status_for(Action.RELAYED, Diagnostic(250, "2.6.0", "ok")) == "2.6.0"
 
 
 def test_message_ids_are_unique() -> None:

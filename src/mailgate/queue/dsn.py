@@ -141,6 +141,17 @@ class MessageFacts:
     queue_id: str | None = None
 
 
+def status_for(action: Action, reply: Reply | None = None) -> str:
+    """The Status for a recipient: the reply's enhanced code when it has one of the
+    action's class, else the class's generic code (``5.0.0``, ``4.0.0``, ``2.0.0``) --
+    what a queue that kept only the last reply has to go on."""
+    expected = _STATUS_CLASS[Action(action)]
+    enhanced = reply.enhanced if reply is not None else None
+    if enhanced and enhanced[0] == expected and _STATUS.fullmatch(enhanced):
+        return enhanced
+    return f"{expected}.0.0"
+
+
 # --- encoding field values -------------------------------------------------------------------
 
 # RFC 6533 3: QCHAR is printable ASCII except "+", "=" and "\"; everything else is \x{HEX}.
@@ -516,5 +527,6 @@ __all__ = [
     "Timestamp",
     "build_dsn",
     "needs_8bitmime",
+    "status_for",
     "utf8_addr_xtext",
 ]

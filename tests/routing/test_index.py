@@ -37,7 +37,18 @@ def rule() -> st.SearchStrategy[dict[str, Any]]:
         optional={
             "senders": st.lists(address_pattern(True), min_size=1, max_size=3),
             "clients": st.lists(
-                st.sampled_from(["10.0.0.0/8", "10.1.0.0/16", "::1/128"]), min_size=1, max_size=2
+                st.sampled_from(
+                    [
+                        "10.0.0.0/8",
+                        "10.1.0.0/16",
+                        "::1/128",
+                        "::ffff:10.1.0.0/112",
+                        "0.0.0.0/0",
+                        "10.1.2.3/32",
+                    ]
+                ),
+                min_size=1,
+                max_size=2,
             ),
             "authenticated": st.booleans(),
         },
@@ -114,3 +125,22 @@ def test_sender_index_walk_is_used_and_right() -> None:
     assert table.match("u@x.test", "<>", authenticated=True).index == 501
     assert table.match("u@x.test", "<>").index == 502
     assert table.match("u@x.test", None).index == 502
+
+
+def test_client_index_walk() -> None:
+    """Many '*' rules keyed by client network: found by prefix, v4-mapped clients too."""
+    entries: list[dict[str, Any]] = [
+        {"recipients": ["*"], "clients": [f"10.{i // 256}.{i % 256}.0/24"], "action": "relay"}
+        for i in range(2000)
+    ]
+    entries.append(
+        {"recipients": ["*@x.test"], "clients": ["0.0.0.0/0", "::/0"], "action": "deliver"}
+    )
+    entries.append({"recipients": ["*"], "action": "reject"})
+    table = RouteTable.from_document({"routes": entries}, "t")
+    assert table.match("u@y.test", client_ip="10.6.100.9").index == 6 * 256 + 100 + 1
+    assert table.match("u@y.test", client_ip="::ffff:10.0.3.1").index == 4
+    assert table.match("u@x.test", client_ip="192.0.2.1").index == 2001
+    assert table.match("u@x.test", client_ip="2001:db8::1").index == 2001
+    assert table.match("u@y.test", client_ip="192.0.2.1").index == 2002
+    assert table.match("u@y.test").index == 2002

@@ -51,6 +51,7 @@ from mailgate.plugins.policy import (
     SectionReader,
     client_address,
 )
+from mailgate.routing.networks import NetworkIndex
 from mailgate.routing.patterns import (
     AddressPattern,
     AddressSet,
@@ -244,17 +245,20 @@ class Route:
     reply: RejectReply | None = None
     #: Where it came from: "mailgate.toml [[routes]] #2".
     source: str = ""
-    _recipients: AddressSet = field(default=AddressSet(()), repr=False)
-    _senders: AddressSet | None = field(default=None, repr=False)
-    _decision: RouteDecision | None = field(default=None, repr=False)
+    # Compiled from the above for matching.
+    _recipients: AddressSet = field(init=False, repr=False)
+    _senders: AddressSet | None = field(init=False, repr=False)
+    _decision: RouteDecision | None = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_recipients", AddressSet(self.recipients))
-        if self.senders is not None:
-            object.__setattr__(self, "_senders", AddressSet(self.senders))
+        senders = AddressSet(self.senders) if self.senders is not None else None
+        object.__setattr__(self, "_senders", senders)
+        # Every match of a rule other than relay gives the same decision: made once.
+        decision = None
         if self.action is not Action.RELAY:
-            # Every match of this rule gives the same decision: made once.
-            object.__setattr__(self, "_decision", RouteDecision(self.action, self.key(""), self))
+            decision = RouteDecision(self.action, self.key(""), self)
+        object.__setattr__(self, "_decision", decision)
 
     @property
     def label(self) -> str:
@@ -351,21 +355,24 @@ DEFAULT_DECISION: Final = RouteDecision(Action.DELIVER, "deliver")
 class RouteTable:
     """The rules in order; :meth:`match` finds the first that matches a recipient.
 
-    Recipient patterns of all rules are indexed together (by address, domain and parent
-    domain), and so are sender patterns: a match walks the shorter of the two candidate
-    lists (the rules naming the recipient, or those the sender may use), checking each
-    candidate's other conditions, and stops at the first that holds. Only a table whose
-    rules all match any recipient and sender (``*``, conditions on ``clients`` or
-    ``authenticated`` only) is walked rule by rule."""
+    The conditions of all rules are indexed: recipient and sender patterns (by address,
+    domain and parent domain) and client networks (by prefix). A match takes, of the
+    three, the shortest list of rules that may match (those naming the recipient, those
+    the sender may use, those for the client's network), walks it in rule order checking
+    each candidate's other conditions, and stops at the first that holds. Only a table
+    whose rules differ by ``authenticated`` alone is walked rule by rule."""
 
     def __init__(self, routes: Iterable[Route] = ()) -> None:
         self.routes: tuple[Route, ...] = tuple(routes)
         self._recipients = PatternIndex()
         self._senders = PatternIndex()
+        self._clients = NetworkIndex()
         for position, route in enumerate(self.routes):
             self._recipients.add(position, route.recipients)
             self._senders.add(position, route.senders)
+            self._clients.add(position, route.clients)
         self._any_senders = any(route.senders is not None for route in self.routes)
+        self._any_clients = any(route.clients is not None for route in self.routes)
 
     def __len__(self) -> int:
         return len(self.routes)
@@ -410,39 +417,45 @@ class RouteTable:
         if not domain:
             return DEFAULT_DECISION
         routes = self.routes
-        candidates = self._recipients.lists(local, domain)
-        # Sender conditions are checked per candidate, unless the rules the sender may use
-        # are fewer than those naming the recipient: then those are walked instead.
         parsed_sender = _sender(sender) if self._any_senders else None
-        check_sender = self._any_senders
+        client = _client(client_ip) if self._any_clients else None
+        by_recipient = self._recipients.lists(local, domain)
+        walks = [(_total(by_recipient), "recipients", by_recipient)]
         if self._any_senders:
-            by_sender = self._senders.lists(
+            lists = self._senders.lists(
                 parsed_sender[0] if parsed_sender is not None else None,
                 parsed_sender[1] if parsed_sender is not None else "",
             )
-            if sum(map(len, by_sender)) < sum(map(len, candidates)):
-                candidates, check_sender = by_sender, False
-        client: IPAddress | None = None
-        client_done = False
+            walks.append((_total(lists), "senders", lists))
+        if self._any_clients:
+            lists = self._clients.lists(client)
+            walks.append((_total(lists), "clients", lists))
+        # The condition whose candidates are fewest is met by construction of the walk.
+        _, walked, candidates = min(walks, key=lambda walk: walk[0])
         for position in merged(candidates):
             route = routes[position]
             if route.authenticated is not None and route.authenticated != authenticated:
                 continue
-            if check_sender:
-                if route._senders is not None and (
-                    parsed_sender is None or not route._senders.contains(*parsed_sender)
-                ):
-                    continue
-            elif not route._recipients.contains(local, domain):
+            if walked != "recipients" and not route._recipients.contains(local, domain):
                 continue
-            if route.clients is not None:
-                if not client_done:
-                    client = _client(client_ip)
-                    client_done = True
-                if client is None or not any(client in network for network in route.clients):
-                    continue
+            if (
+                walked != "senders"
+                and route._senders is not None
+                and (parsed_sender is None or not route._senders.contains(*parsed_sender))
+            ):
+                continue
+            if (
+                walked != "clients"
+                and route.clients is not None
+                and (client is None or not any(client in network for network in route.clients))
+            ):
+                continue
             return route.decision(domain)
         return DEFAULT_DECISION
+
+
+def _total(lists: list[list[int]]) -> int:
+    return sum(len(positions) for positions in lists)
 
 
 def _sender(sender: str | None) -> tuple[str, str] | None:

@@ -281,6 +281,9 @@ def test_message_ids_are_unique() -> None:
     [
         (MessageFacts("", "mx.test"), failure(), "null sender"),
         (MessageFacts("<>", "mx.test"), failure(), "null sender"),
+        (MessageFacts("ann\x85@example.com", "mx.test"), failure(), "is not an address"),
+        (MessageFacts("postmaster", "mx.test"), failure(), "is not an address"),
+        (MessageFacts("ann\xa0lee@example.com", "mx.test"), failure(), "is not an address"),
         (FACTS, failure(status="4.1.1"), "does not fit action failed"),
         (FACTS, failure(status="5.1"), "is not a status code"),
         (FACTS, failure(will_retry_until=NOW), "only for delayed"),
@@ -403,7 +406,7 @@ def test_odd_addresses_and_texts_survive(
     assert decoded == (address if address.isascii() else utf8_addr_xtext(address))
     code = block["Diagnostic-Code"]
     assert code.startswith("smtp; 554 5.7.1")
-    one_line = " ".join(re.sub(r"[\x00-\x1f\x7f\u2028\u2029]+", " ", diagnostic).split())
+    one_line = " ".join(re.sub(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+", " ", diagnostic).split())
     # Folding may cut a word longer than a line: compare without the spaces.
     assert _unescape(code[len("smtp; 554 5.7.1") :]).replace(" ", "") == one_line.replace(" ", "")
     # flufl.bounce reads addresses with parseaddr, which takes ":" "(" "," ... as syntax.
@@ -424,5 +427,45 @@ def test_odd_addresses_in_a_global_report(local: str, domain: str, diagnostic: s
     address_type = "rfc822" if address.isascii() else "utf-8"
     assert block["Final-Recipient"] == f"{address_type}; {address}"
     assert block["Original-Recipient"] == f"utf-8; {address}"
-    one_line = " ".join(re.sub(r"[\x00-\x1f\x7f\u2028\u2029]+", " ", diagnostic).split())
+    one_line = " ".join(re.sub(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+", " ", diagnostic).split())
     assert block["Diagnostic-Code"].replace(" ", "") == f"smtp; 550 {one_line}".replace(" ", "")
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    local=st.text(
+        st.characters(blacklist_categories=("Cs", "Cc", "Zs", "Zl", "Zp"), min_codepoint=0x21),
+        min_size=1,
+        max_size=30,
+    ),
+    domain=st.sampled_from(["x.test", "bücher.example"]),
+)
+def test_any_sender_is_a_to_header(local: str, domain: str) -> None:
+    """The report's To is built from the sender's parts: local parts that look like header
+    syntax (":;", quotes, dots) are quoted, not misread."""
+    sender = f"{local}@{domain}"
+    data = build_dsn(MessageFacts(sender, "mx.test"), [failure()], ORIGINAL)
+    assert data.isascii() == sender.isascii()
+    if sender.isascii():
+        [address] = parse(data)["To"].addresses
+        assert (address.username, address.domain) == (local, domain)
+    else:
+        # email does not decode UTF-8 header fields it parses from bytes: read the line.
+        # The first To: is the report's (the returned original has one too).
+        lines = data.decode("utf-8").split("\r\n")
+        line = next(text for text in lines if text.startswith("To: "))
+        assert _split_address(line[len("To: ") :]) == (local, domain)
+
+
+def _split_address(text: str) -> tuple[str, str]:
+    """local part (unquoted) and domain of an addr-spec."""
+    match = re.fullmatch(r'"((?:[^"\\]|\\.)*)"@(.*)', text)
+    if match:
+        return re.sub(r"\\(.)", r"\1", match.group(1)), match.group(2)
+    local, _, domain = text.rpartition("@")
+    return local, domain
+
+
+def test_a_utf8_sender_needs_a_utf8_report() -> None:
+    with pytest.raises(ValueError, match="UTF-8 address"):
+        build_dsn(MessageFacts("jöe@x.test", "mx.test"), [failure()], ORIGINAL, utf8=False)

@@ -42,6 +42,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from email.headerregistry import Address as HeaderAddress
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.policy import EmailPolicy
@@ -158,7 +159,10 @@ def status_for(action: Action, reply: Reply | None = None) -> str:
 _NOT_QCHAR = re.compile(r"[^\x21-\x2a\x2c-\x3c\x3e-\x5b\x5d-\x7e]")
 _NON_ASCII = re.compile(r"[^\x00-\x7f]")
 # Nothing that could end a field or a line, whatever the source says.
-_CONTROLS = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]+")
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+# White space of any kind in an address: not one a report can be written to (email's
+# header writer drops it).
+_SPACES = re.compile(r"\s")
 
 
 def utf8_addr_xtext(address: str) -> str:
@@ -256,15 +260,22 @@ def build_dsn(
     text). Raises ValueError for a report that must not be sent (null sender, no
     recipients) or facts that do not fit together (an Action with the wrong Status
     class, Will-Retry-Until on a failure)."""
-    sender = facts.sender.strip().strip("<>")
+    sender = facts.sender.strip()
+    if sender.startswith("<") and sender.endswith(">"):
+        sender = sender[1:-1]
     if not sender:
         raise ValueError("no report is sent to the null sender <>")
+    local, _, domain = sender.rpartition("@")
+    if not local or not domain or _CONTROLS.search(sender) or _SPACES.search(sender):
+        raise ValueError(f"{sender!r} is not an address to send a report to")
     if not results:
         raise ValueError("a report needs at least one recipient")
     for result in results:
         _check(result)
     if utf8 is None:
         utf8 = not sender.isascii()
+    elif not utf8 and not sender.isascii():
+        raise ValueError(f"{sender!r} is a UTF-8 address: its report must be a UTF-8 one")
     hostname = _host_name(facts.reporting_mta)
     moment = datetime.now(UTC) if now is None else now
     actions = {Action(result.action) for result in results}
@@ -283,7 +294,9 @@ def build_dsn(
     )
     report = EmailMessage(policy=policy)
     report["From"] = f"Mail Delivery System <{MAILER_DAEMON}@{hostname}>"
-    report["To"] = sender
+    # Built from its parts, not parsed: email's address parser takes odd local parts
+    # (":;", quotes, dots) for header syntax; this way they are quoted as needed.
+    report["To"] = HeaderAddress(username=local, domain=domain)
     report["Subject"] = _subject(actions)
     report["Date"] = _date(moment)
     report["Message-ID"] = f"<{uuid.uuid4().hex}@{hostname}>"

@@ -330,6 +330,10 @@ ERRORS: list[tuple[list[Any], str]] = [
     ),
     ([{"recipients": ["*@x.*.test"], "action": "relay"}], "#1 recipients: '*@x.*.test'"),
     (
+        [{"recipients": ["*@*.[192.0.2.1]"], "action": "relay"}],
+        "#1 recipients: '*@*.[192.0.2.1]': '[192.0.2.1]' is not a domain",
+    ),
+    (
         [{"recipients": ["<>"], "action": "relay"}],
         "#1 recipients: '<>' (the null sender) is a pattern for senders only",
     ),

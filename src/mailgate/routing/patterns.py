@@ -100,7 +100,8 @@ def parse_pattern(text: str, *, allow_null: bool) -> AddressPattern:
                 f"{text!r}: the local part is * or a whole local part (no spaces, <, > or *)"
             )
     name = normalise_domain(domain)
-    if "*" in name or not (_DOMAIN.fullmatch(name) or _LITERAL.fullmatch(name)):
+    literal = kind != "subdomains" and _LITERAL.fullmatch(name)  # no subdomains of [192.0.2.1]
+    if "*" in name or not (_DOMAIN.fullmatch(name) or literal):
         raise PatternError(f"{text!r}: {domain!r} is not a domain ({forms})")
     if kind == "address":
         return AddressPattern(text, kind, f"{normalise_local(local)}@{name}")

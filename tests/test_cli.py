@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import mailgate.server
+import mailgate.composition.server
 from mailgate import __version__, cli, config
 from mailgate.config import KEYS, flag_name
 from mailgate.server.errors import StartupError
@@ -27,19 +27,19 @@ Reloader = Callable[[], ServerOptions]
 
 @pytest.fixture
 def run_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[ServerOptions, Reloader]]:
-    """Replace mailgate.server.run; the options and reloader it was called with."""
+    """Replace mailgate.composition.server.run; the options and reloader it was called with."""
     calls: list[tuple[ServerOptions, Reloader]] = []
 
     def fake_run(options: ServerOptions, *, reload_options: Reloader) -> int:
         calls.append((options, reload_options))
         return 0
 
-    monkeypatch.setattr(mailgate.server, "run", fake_run)
+    monkeypatch.setattr(mailgate.composition.server, "run", fake_run)
     return calls
 
 
 def replace_run(monkeypatch: pytest.MonkeyPatch, run: Callable[[ServerOptions], int]) -> None:
-    monkeypatch.setattr(mailgate.server, "run", lambda options, *_, **__: run(options))
+    monkeypatch.setattr(mailgate.composition.server, "run", lambda options, *_, **__: run(options))
 
 
 def assert_one_line_error(capsys: pytest.CaptureFixture[str], *needles: str) -> str:

@@ -14,7 +14,25 @@ from typing import Any
 
 import pytest
 
-from mailgate import hooks as H
+from mailgate.hooks import (
+    STAGES,
+    Accept,
+    Address,
+    AuthAttempt,
+    Envelope,
+    HookContext,
+    HookError,
+    Hooks,
+    Message,
+    MessageTooLarge,
+    Middleware,
+    Outcome,
+    PerRecipient,
+    Reject,
+    Session,
+    TempFail,
+    default_status,
+)
 from mailgate.protocol import Address as WireAddress
 from mailgate.protocol import AuthCredentials, Reply
 from mailgate.protocol.sasl import cram_md5_matches
@@ -24,8 +42,8 @@ def run(coro: Coroutine[Any, Any, Any]) -> Any:
     return asyncio.run(coro)
 
 
-def session(sid: str = "S1") -> H.Session:
-    return H.Session(
+def session(sid: str = "S1") -> Session:
+    return Session(
         id=sid, peer_host="192.0.2.7", peer_port=4321, local_host="127.0.0.1", local_port=25
     )
 
@@ -38,15 +56,15 @@ class Recorder:
         self.log = log
         self.result = result
 
-    async def on_rcpt(self, session: H.Session, envelope: H.Envelope, address: H.Address) -> Any:
+    async def on_rcpt(self, session: Session, envelope: Envelope, address: Address) -> Any:
         self.log.append(self.name)
         if isinstance(self.result, BaseException):
             raise self.result
         return self.result
 
 
-def rcpt(hooks: H.Hooks, address: str = "b@example.com", sid: str = "S1") -> H.Outcome:
-    result: H.Outcome = run(hooks.run("rcpt", session(sid), H.Envelope(), H.Address(address)))
+def rcpt(hooks: Hooks, address: str = "b@example.com", sid: str = "S1") -> Outcome:
+    result: Outcome = run(hooks.run("rcpt", session(sid), Envelope(), Address(address)))
     return result
 
 
@@ -54,49 +72,49 @@ def rcpt(hooks: H.Hooks, address: str = "b@example.com", sid: str = "S1") -> H.O
 
 
 def test_reject_positional_arguments_in_either_order() -> None:
-    assert (H.Reject(553, "x").code, H.Reject(553, "x").text) == (553, "x")
-    assert (H.Reject("x", 553).code, H.Reject("x", 553).text) == (553, "x")
-    only_text = H.Reject("go away")
+    assert (Reject(553, "x").code, Reject(553, "x").text) == (553, "x")
+    assert (Reject("x", 553).code, Reject("x", 553).text) == (553, "x")
+    only_text = Reject("go away")
     assert (only_text.code, only_text.text, only_text.enhanced) == (550, "go away", None)
-    default = H.Reject()
+    default = Reject()
     assert (default.code, default.text, default.disconnect) == (550, "Rejected", False)
-    keywords = H.Reject(code=554, text="no", enhanced="5.7.1", disconnect=True)
+    keywords = Reject(code=554, text="no", enhanced="5.7.1", disconnect=True)
     assert (keywords.code, keywords.text, keywords.enhanced, keywords.disconnect) == (
         554,
         "no",
         "5.7.1",
         True,
     )
-    assert H.Reject(550, status="5.1.1").enhanced == "5.1.1"  # the older spelling
-    assert str(H.Reject(550, "shown")) == "shown"
-    assert isinstance(H.Reject(), Exception)
+    assert Reject(550, status="5.1.1").enhanced == "5.1.1"  # the older spelling
+    assert str(Reject(550, "shown")) == "shown"
+    assert isinstance(Reject(), Exception)
 
 
 def test_tempfail_defaults() -> None:
-    fail = H.TempFail()
+    fail = TempFail()
     assert (fail.code, fail.text) == (451, "Temporary failure, try again later")
     assert fail.reply("rcpt") == Reply(451, "4.3.0", ("Temporary failure, try again later",))
-    assert H.TempFail(450, "busy").reply("rcpt") == Reply(450, "4.2.1", ("busy",))
-    assert H.TempFail("later").code == 451
+    assert TempFail(450, "busy").reply("rcpt") == Reply(450, "4.2.1", ("busy",))
+    assert TempFail("later").code == 451
 
 
 @pytest.mark.parametrize(
     ("make", "problem"),
     [
-        (lambda: H.Reject(451), "5xx"),
-        (lambda: H.Reject(600), "5xx"),
-        (lambda: H.TempFail(550), "4xx"),
-        (lambda: H.Reject(550, "x", 551), "unexpected argument"),
-        (lambda: H.Reject(True), "unexpected argument"),
-        (lambda: H.Reject(b"bytes"), "unexpected argument"),  # type: ignore[arg-type]
-        (lambda: H.Reject(550, enhanced="4.1.1"), "does not match"),
-        (lambda: H.TempFail(451, enhanced="5.3.0"), "does not match"),
-        (lambda: H.Accept(code=550), "2xx or 3xx"),
-        (lambda: H.Accept(code=199), "2xx or 3xx"),
+        (lambda: Reject(451), "5xx"),
+        (lambda: Reject(600), "5xx"),
+        (lambda: TempFail(550), "4xx"),
+        (lambda: Reject(550, "x", 551), "unexpected argument"),
+        (lambda: Reject(True), "unexpected argument"),
+        (lambda: Reject(b"bytes"), "unexpected argument"),  # type: ignore[arg-type]
+        (lambda: Reject(550, enhanced="4.1.1"), "does not match"),
+        (lambda: TempFail(451, enhanced="5.3.0"), "does not match"),
+        (lambda: Accept(code=550), "2xx or 3xx"),
+        (lambda: Accept(code=199), "2xx or 3xx"),
     ],
 )
 def test_bad_results_are_refused_when_made(make: Callable[[], object], problem: str) -> None:
-    with pytest.raises(H.HookError, match=problem):
+    with pytest.raises(HookError, match=problem):
         make()
 
 
@@ -126,26 +144,26 @@ def test_bad_results_are_refused_when_made(make: Callable[[], object], problem: 
     ],
 )
 def test_default_status(stage: str | None, code: int, status: str) -> None:
-    assert H.default_status(stage, code) == status
+    assert default_status(stage, code) == status
 
 
 def test_refusal_reply_fills_in_or_keeps_the_enhanced_code() -> None:
-    assert H.Reject(550, "x").reply("rcpt") == Reply(550, "5.7.1", ("x",))
-    assert H.Reject(550, "x", enhanced="5.1.1").reply("rcpt") == Reply(550, "5.1.1", ("x",))
-    assert H.Reject("x").reply(None) == Reply(550, "5.0.0", ("x",))
-    assert H.Reject(550, "one\ntwo").reply("mail").lines == ("one", "two")
+    assert Reject(550, "x").reply("rcpt") == Reply(550, "5.7.1", ("x",))
+    assert Reject(550, "x", enhanced="5.1.1").reply("rcpt") == Reply(550, "5.1.1", ("x",))
+    assert Reject("x").reply(None) == Reply(550, "5.0.0", ("x",))
+    assert Reject(550, "one\ntwo").reply("mail").lines == ("one", "two")
 
 
 def test_refusal_text_with_crlf_still_makes_a_sendable_reply() -> None:
     # Text from elsewhere (an exception, a file) may carry CRLF; the reply must not break.
-    assert H.Reject(550, "one\r\ntwo").reply("rcpt").lines == ("one", "two")
-    assert H.TempFail(451, "trailing\r\n").reply("rcpt").lines == ("trailing",)
+    assert Reject(550, "one\r\ntwo").reply("rcpt").lines == ("one", "two")
+    assert TempFail(451, "trailing\r\n").reply("rcpt").lines == ("trailing",)
 
 
 def test_accept_is_a_frozen_value() -> None:
-    accept = H.Accept(251, "forwarding")
+    accept = Accept(251, "forwarding")
     assert (accept.code, accept.text) == (251, "forwarding")
-    assert H.Accept() == H.Accept()
+    assert Accept() == Accept()
     with pytest.raises(dataclasses.FrozenInstanceError):
         accept.code = 250  # type: ignore[misc]
 
@@ -154,7 +172,7 @@ def test_accept_is_a_frozen_value() -> None:
 
 
 def test_address_parts_params_and_str_behaviour() -> None:
-    address = H.Address("Alice@Example.COM", {"NOTIFY": "SUCCESS", "SMTPUTF8": None})
+    address = Address("Alice@Example.COM", {"NOTIFY": "SUCCESS", "SMTPUTF8": None})
     assert address == "Alice@Example.COM"
     assert isinstance(address, str)
     assert (address.local, address.domain) == ("Alice", "Example.COM")
@@ -168,25 +186,25 @@ def test_address_parts_params_and_str_behaviour() -> None:
 
 
 def test_address_quoted_local_part_bare_name_and_null_path() -> None:
-    quoted = H.Address('"a@b"@example.com')
+    quoted = Address('"a@b"@example.com')
     assert (quoted.local, quoted.domain) == ('"a@b"', "example.com")
-    postmaster = H.Address("Postmaster")
+    postmaster = Address("Postmaster")
     assert (postmaster.local, postmaster.domain) == ("Postmaster", "")
-    null = H.Address("")
+    null = Address("")
     assert not null
     assert (null.local, null.domain, dict(null.params)) == ("", "", {})
 
 
 def test_address_from_wire_and_pickle() -> None:
     wire = WireAddress("user", "example.org")
-    address = H.Address.from_wire(wire, {"ORCPT": "rfc822;user@example.org"})
+    address = Address.from_wire(wire, {"ORCPT": "rfc822;user@example.org"})
     assert address == "user@example.org"
     assert (address.local, address.domain) == ("user", "example.org")
     assert address.params["ORCPT"] == "rfc822;user@example.org"
-    null = H.Address.from_wire(None, {"BODY": "8BITMIME"})
+    null = Address.from_wire(None, {"BODY": "8BITMIME"})
     assert null == "" and null.params["BODY"] == "8BITMIME"
     copy = pickle.loads(pickle.dumps(address))
-    assert copy == address and type(copy) is H.Address
+    assert copy == address and type(copy) is Address
     assert (copy.local, copy.domain, dict(copy.params)) == (
         "user",
         "example.org",
@@ -195,15 +213,15 @@ def test_address_from_wire_and_pickle() -> None:
 
 
 def test_envelope_is_read_only_and_grows_only_by_copy() -> None:
-    sender = H.Address("a@example.com", {"BODY": "8BITMIME", "SIZE": "100", "SMTPUTF8": None})
-    envelope = H.Envelope(sender)
+    sender = Address("a@example.com", {"BODY": "8BITMIME", "SIZE": "100", "SMTPUTF8": None})
+    envelope = Envelope(sender)
     with pytest.raises(dataclasses.FrozenInstanceError):
-        envelope.mail_from = H.Address("evil@example.com")  # type: ignore[misc]
+        envelope.mail_from = Address("evil@example.com")  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
-        envelope.rcpt_tos = (H.Address("x@example.com"),)  # type: ignore[misc]
+        envelope.rcpt_tos = (Address("x@example.com"),)  # type: ignore[misc]
     with pytest.raises(AttributeError):
-        envelope.rcpt_tos.append(H.Address("x@example.com"))  # type: ignore[attr-defined]
-    grown = envelope.with_recipient(H.Address("b@example.com"))
+        envelope.rcpt_tos.append(Address("x@example.com"))  # type: ignore[attr-defined]
+    grown = envelope.with_recipient(Address("b@example.com"))
     assert envelope.rcpt_tos == () and grown.rcpt_tos == ("b@example.com",)
     assert grown.mail_from is sender
     assert (envelope.sender, envelope.body, envelope.smtputf8) == (
@@ -215,10 +233,10 @@ def test_envelope_is_read_only_and_grows_only_by_copy() -> None:
 
 
 def test_envelope_before_mail_and_with_null_sender() -> None:
-    empty = H.Envelope()
+    empty = Envelope()
     assert (empty.mail_from, empty.sender, dict(empty.mail_params)) == (None, "", {})
     assert (empty.body, empty.smtputf8) == ("7BIT", False)
-    bounce = H.Envelope(H.Address(""))
+    bounce = Envelope(Address(""))
     assert bounce.mail_from == "" and bounce.mail_from is not None
     assert bounce.sender == ""
 
@@ -234,15 +252,15 @@ def test_session_defaults_and_properties() -> None:
 
 
 def test_auth_attempt_verify_plain_and_login() -> None:
-    attempt = H.AuthAttempt("PLAIN", "alice", password="sécret")
+    attempt = AuthAttempt("PLAIN", "alice", password="sécret")
     assert attempt.mechanism == "PLAIN"
     assert attempt.verify("sécret")
     assert not attempt.verify("secret")
     assert not attempt.verify("")
     # An attempt that ends up in a log line must not carry the secret with it.
     assert "sécret" not in repr(attempt)
-    assert "ya29" not in repr(H.AuthAttempt("XOAUTH2", "u", token="ya29.secret"))
-    assert not H.AuthAttempt("LOGIN", "bob").verify("anything")
+    assert "ya29" not in repr(AuthAttempt("XOAUTH2", "u", token="ya29.secret"))
+    assert not AuthAttempt("LOGIN", "bob").verify("anything")
 
 
 def test_auth_attempt_verify_cram_md5_and_xoauth2() -> None:
@@ -253,24 +271,24 @@ def test_auth_attempt_verify_cram_md5_and_xoauth2() -> None:
     digest = hmac.new(b"tanstaaftanstaaf", challenge, hashlib.md5).hexdigest()
     assert cram_md5_matches(challenge, digest, "tanstaaftanstaaf")
     credentials = AuthCredentials("CRAM-MD5", None, "tim", challenge=challenge, digest=digest)
-    attempt = H.AuthAttempt.from_credentials(credentials)
+    attempt = AuthAttempt.from_credentials(credentials)
     assert (attempt.method, attempt.username, attempt.password) == ("CRAM-MD5", "tim", None)
     assert attempt.verify("tanstaaftanstaaf")
     assert not attempt.verify("wrong")
     # Made by hand, without the challenge, CRAM-MD5 can prove nothing.
-    assert not H.AuthAttempt("CRAM-MD5", "tim").verify("tanstaaftanstaaf")
-    oauth = H.AuthAttempt.from_credentials(
+    assert not AuthAttempt("CRAM-MD5", "tim").verify("tanstaaftanstaaf")
+    oauth = AuthAttempt.from_credentials(
         AuthCredentials("XOAUTH2", None, "u@example.com", token="ya29.token")
     )
     assert oauth.token == "ya29.token"
     assert not oauth.verify("ya29.token")
 
 
-def make_message(tmp_path: Path, data: bytes, synced: list[int] | None = None) -> H.Message:
+def make_message(tmp_path: Path, data: bytes, synced: list[int] | None = None) -> Message:
     path = tmp_path / "spooled"
     path.write_bytes(data)
-    envelope = H.Envelope(H.Address("a@example.com"), (H.Address("b@example.com"),))
-    return H.Message(
+    envelope = Envelope(Address("a@example.com"), (Address("b@example.com"),))
+    return Message(
         id="Q1",
         session=session(),
         envelope=envelope,
@@ -294,7 +312,7 @@ def test_message_read_limit_chunks_and_email(tmp_path: Path) -> None:
 
     async def use() -> tuple[bytes, list[bytes]]:
         data = await message.read()
-        with pytest.raises(H.MessageTooLarge, match="more than read"):
+        with pytest.raises(MessageTooLarge, match="more than read"):
             await message.read(limit=1000)
         assert await message.read(limit=None) == data
         assert await message.read(limit=len(big)) == data
@@ -312,7 +330,7 @@ def test_message_read_limit_chunks_and_email(tmp_path: Path) -> None:
 
 
 def test_message_too_large_is_a_hook_error() -> None:
-    assert issubclass(H.MessageTooLarge, H.HookError)
+    assert issubclass(MessageTooLarge, HookError)
 
 
 def test_message_sync_and_no_spool(tmp_path: Path) -> None:
@@ -323,7 +341,7 @@ def test_message_sync_and_no_spool(tmp_path: Path) -> None:
     assert synced == [1, 1]
     bare = dataclasses.replace(message, path=None, _sync=None)
     bare.sync()  # nothing to sync: no error
-    with pytest.raises(H.HookError, match="sink"):
+    with pytest.raises(HookError, match="sink"):
         bare.open()
     with pytest.raises(dataclasses.FrozenInstanceError):
         message.size = 1  # type: ignore[misc]
@@ -333,7 +351,7 @@ def test_message_sync_and_no_spool(tmp_path: Path) -> None:
 
 
 def test_registration_order_breaks_ties() -> None:
-    hooks = H.Hooks()
+    hooks = Hooks()
     calls: list[str] = []
     for name in ("a", "b", "c"):
         hooks.add(Recorder(name, calls))
@@ -343,7 +361,7 @@ def test_registration_order_breaks_ties() -> None:
 
 
 def test_before_and_after_order_the_chain() -> None:
-    hooks = H.Hooks()
+    hooks = Hooks()
     calls: list[str] = []
     hooks.add(Recorder("deliver", calls))
     hooks.add(Recorder("first", calls), before="deliver")
@@ -357,7 +375,7 @@ def test_before_and_after_order_the_chain() -> None:
 
 
 def test_order_may_name_a_plugin_added_later() -> None:
-    hooks = H.Hooks()
+    hooks = Hooks()
     hooks.add(Recorder("late-runner", []), after="spf")
     hooks.add(Recorder("spf", []))
     assert hooks.names() == ["spf", "late-runner"]
@@ -365,10 +383,10 @@ def test_order_may_name_a_plugin_added_later() -> None:
 
 
 def test_cycle_is_refused_at_add_and_leaves_the_hooks_unchanged() -> None:
-    hooks = H.Hooks()
+    hooks = Hooks()
     hooks.add(Recorder("a", []), before="b")
     hooks.add(Recorder("b", []), before="c")
-    with pytest.raises(H.HookError, match="cycle") as info:
+    with pytest.raises(HookError, match="cycle") as info:
         hooks.add(Recorder("c", []), before="a")
     assert "a" in str(info.value) and "c" in str(info.value)
     assert hooks.names() == ["a", "b"]
@@ -377,41 +395,41 @@ def test_cycle_is_refused_at_add_and_leaves_the_hooks_unchanged() -> None:
 
 
 def test_self_cycle_is_refused() -> None:
-    with pytest.raises(H.HookError, match="cycle"):
-        H.Hooks().add(Recorder("me", []), after="me")
+    with pytest.raises(HookError, match="cycle"):
+        Hooks().add(Recorder("me", []), after="me")
 
 
 def test_unknown_order_name_is_an_error_at_check() -> None:
-    hooks = H.Hooks()
+    hooks = Hooks()
     hooks.add(Recorder("a", []), after="dkim")
     assert hooks.names() == ["a"]  # tolerated while plugins are still being added
-    with pytest.raises(H.HookError, match="'a' is ordered after 'dkim', which is not registered"):
+    with pytest.raises(HookError, match="'a' is ordered after 'dkim', which is not registered"):
         hooks.check()
 
 
 def test_bad_registrations() -> None:
-    hooks = H.Hooks()
+    hooks = Hooks()
     hooks.add(Recorder("a", []))
-    with pytest.raises(H.HookError, match="already registered"):
+    with pytest.raises(HookError, match="already registered"):
         hooks.add(Recorder("a", []))
-    with pytest.raises(H.HookError, match="no stage method"):
+    with pytest.raises(HookError, match="no stage method"):
         hooks.add(object(), name="nothing")
-    with pytest.raises(H.HookError, match="unknown stage 'rcpt_to'"):
+    with pytest.raises(HookError, match="unknown stage 'rcpt_to'"):
         hooks.on("rcpt_to", lambda *a: None)
-    with pytest.raises(H.HookError, match="must be callable"):
+    with pytest.raises(HookError, match="must be callable"):
         hooks.on("rcpt", "not a function")  # type: ignore[arg-type]
-    with pytest.raises(H.HookError, match="no plugin named"):
+    with pytest.raises(HookError, match="no plugin named"):
         hooks.remove("zzz")
-    with pytest.raises(H.HookError, match="middleware"):
+    with pytest.raises(HookError, match="middleware"):
         hooks.use("not callable")  # type: ignore[arg-type]
 
 
 def test_plugins_without_a_name_get_one_and_remove_works() -> None:
     class Anonymous:
-        async def on_helo(self, session: H.Session, hostname: str) -> None:
+        async def on_helo(self, session: Session, hostname: str) -> None:
             return None
 
-    hooks = H.Hooks()
+    hooks = Hooks()
     plugin = Anonymous()
     assert hooks.add(plugin) is plugin
     (name,) = hooks.names()
@@ -422,9 +440,9 @@ def test_plugins_without_a_name_get_one_and_remove_works() -> None:
 
 
 def test_callbacks_are_one_step_plugins() -> None:
-    hooks = H.Hooks()
+    hooks = Hooks()
 
-    def sync_rcpt(session: H.Session, envelope: H.Envelope, address: H.Address) -> None:
+    def sync_rcpt(session: Session, envelope: Envelope, address: Address) -> None:
         return None
 
     assert hooks.on("rcpt", sync_rcpt) is sync_rcpt
@@ -435,14 +453,14 @@ def test_callbacks_are_one_step_plugins() -> None:
 
 
 def test_callback_attributes_required_and_mechanisms_carry_over() -> None:
-    hooks = H.Hooks()
+    hooks = Hooks()
 
-    async def later(session: H.Session, envelope: H.Envelope, message: H.Message) -> None:
+    async def later(session: Session, envelope: Envelope, message: Message) -> None:
         return None
 
     later.required = False  # type: ignore[attr-defined]
 
-    async def check(session: H.Session, auth: H.AuthAttempt) -> bool:
+    async def check(session: Session, auth: AuthAttempt) -> bool:
         return True
 
     check.auth_mechanisms = ("CRAM-MD5",)  # type: ignore[attr-defined]
@@ -454,13 +472,13 @@ def test_callback_attributes_required_and_mechanisms_carry_over() -> None:
     auth_plugin = hooks.plugins()[1]
     assert auth_plugin.auth_mechanisms == ("CRAM-MD5",)
     # A background step is not part of the chain that decides the reply.
-    assert run(hooks.run("message", session(), H.Envelope(), None)) is None
+    assert run(hooks.run("message", session(), Envelope(), None)) is None
 
 
 def test_middleware_alone_counts_for_has_but_not_has_steps() -> None:
-    hooks = H.Hooks()
+    hooks = Hooks()
 
-    async def mw(ctx: H.HookContext, call_next: Callable[[], Awaitable[Any]]) -> Any:
+    async def mw(ctx: HookContext, call_next: Callable[[], Awaitable[Any]]) -> Any:
         return await call_next()
 
     hooks.use(mw)
@@ -475,45 +493,45 @@ def test_middleware_alone_counts_for_has_but_not_has_steps() -> None:
     ("result", "expected"),
     [
         (None, None),
-        (True, H.Accept()),
-        (H.Accept(text="fine"), H.Accept(text="fine")),
+        (True, Accept()),
+        (Accept(text="fine"), Accept(text="fine")),
         (Reply(252, "2.1.5", ("exact",)), Reply(252, "2.1.5", ("exact",))),
     ],
 )
 def test_results_returned(result: Any, expected: Any) -> None:
-    hooks = H.Hooks()
+    hooks = Hooks()
     hooks.add(Recorder("p", [], result))
     assert rcpt(hooks) == expected
 
 
 def test_false_is_the_stage_default_refusal() -> None:
-    hooks = H.Hooks()
+    hooks = Hooks()
     hooks.add(Recorder("p", [], False))
     outcome = rcpt(hooks)
-    assert isinstance(outcome, H.Reject)
+    assert isinstance(outcome, Reject)
     assert outcome.reply("rcpt") == Reply(550, "5.7.1", ("Rejected",))
 
-    auth = H.Hooks()
+    auth = Hooks()
     auth.on("auth", lambda s, a: False)
-    outcome = run(auth.run("auth", session(), H.AuthAttempt("PLAIN", "u", "p")))
-    assert isinstance(outcome, H.Reject)
+    outcome = run(auth.run("auth", session(), AuthAttempt("PLAIN", "u", "p")))
+    assert isinstance(outcome, Reject)
     assert outcome.reply("auth") == Reply(535, "5.7.8", ("Authentication credentials invalid",))
 
 
 def test_refusals_raised_or_returned_are_the_outcome() -> None:
-    raised = H.Hooks()
-    raised.add(Recorder("p", [], H.Reject(550, "no such user", enhanced="5.1.1")))
+    raised = Hooks()
+    raised.add(Recorder("p", [], Reject(550, "no such user", enhanced="5.1.1")))
     outcome = rcpt(raised)
-    assert isinstance(outcome, H.Reject) and outcome.enhanced == "5.1.1"
-    returned = H.Hooks()
-    returned.on("rcpt", lambda s, e, a: H.TempFail("greylisted"))
+    assert isinstance(outcome, Reject) and outcome.enhanced == "5.1.1"
+    returned = Hooks()
+    returned.on("rcpt", lambda s, e, a: TempFail("greylisted"))
     outcome = rcpt(returned)
-    assert isinstance(outcome, H.TempFail) and outcome.text == "greylisted"
+    assert isinstance(outcome, TempFail) and outcome.text == "greylisted"
 
 
-@pytest.mark.parametrize("decision", [True, H.Accept(), H.Reject("no"), False, Reply(250)])
+@pytest.mark.parametrize("decision", [True, Accept(), Reject("no"), False, Reply(250)])
 def test_a_decision_ends_the_chain(decision: Any) -> None:
-    hooks = H.Hooks()
+    hooks = Hooks()
     calls: list[str] = []
     hooks.add(Recorder("first", calls))
     hooks.add(Recorder("decides", calls, decision))
@@ -523,46 +541,46 @@ def test_a_decision_ends_the_chain(decision: Any) -> None:
 
 
 def test_sync_steps_and_sync_steps_that_return_a_coroutine() -> None:
-    hooks = H.Hooks()
+    hooks = Hooks()
     seen: list[tuple[str, str]] = []
 
-    def plain(session: H.Session, envelope: H.Envelope, address: H.Address) -> None:
+    def plain(session: Session, envelope: Envelope, address: Address) -> None:
         seen.append(("plain", address.domain))
 
-    async def later(address: H.Address) -> H.Reject:
-        return H.Reject(550, f"no {address.local}")
+    async def later(address: Address) -> Reject:
+        return Reject(550, f"no {address.local}")
 
-    def returns_coroutine(s: H.Session, e: H.Envelope, address: H.Address) -> Awaitable[Any]:
+    def returns_coroutine(s: Session, e: Envelope, address: Address) -> Awaitable[Any]:
         seen.append(("coroutine", address.local))
         return later(address)
 
     hooks.on("rcpt", plain)
     hooks.on("rcpt", returns_coroutine)
     outcome = rcpt(hooks, "bob@example.net")
-    assert isinstance(outcome, H.Reject) and outcome.text == "no bob"
+    assert isinstance(outcome, Reject) and outcome.text == "no bob"
     assert seen == [("plain", "example.net"), ("coroutine", "bob")]
 
 
 def test_callable_object_as_a_step() -> None:
     class Checker:
-        async def __call__(self, s: H.Session, e: H.Envelope, a: H.Address) -> bool:
+        async def __call__(self, s: Session, e: Envelope, a: Address) -> bool:
             return a.domain == "example.com"
 
-    hooks = H.Hooks()
+    hooks = Hooks()
     hooks.on("rcpt", Checker(), name="checker")
-    assert rcpt(hooks, "x@example.com") == H.Accept()
-    assert isinstance(rcpt(hooks, "x@elsewhere.test"), H.Reject)
+    assert rcpt(hooks, "x@example.com") == Accept()
+    assert isinstance(rcpt(hooks, "x@elsewhere.test"), Reject)
 
 
 def test_steps_get_the_stage_arguments() -> None:
-    hooks = H.Hooks()
+    hooks = Hooks()
     got: dict[str, tuple[Any, ...]] = {}
 
     class All:
         name = "all"
 
         def __getattr__(self, attribute: str) -> Any:
-            if not attribute.startswith("on_") or attribute[3:] not in H.STAGES:
+            if not attribute.startswith("on_") or attribute[3:] not in STAGES:
                 raise AttributeError(attribute)
 
             async def step(*args: Any) -> None:
@@ -572,9 +590,9 @@ def test_steps_get_the_stage_arguments() -> None:
 
     hooks.add(All())
     s = session()
-    envelope = H.Envelope(H.Address("a@example.com"))
-    address = H.Address("b@example.com")
-    attempt = H.AuthAttempt("PLAIN", "u", "p")
+    envelope = Envelope(Address("a@example.com"))
+    address = Address("b@example.com")
+    attempt = AuthAttempt("PLAIN", "u", "p")
 
     async def every_stage() -> None:
         await hooks.run("connect", s)
@@ -602,9 +620,9 @@ def test_steps_get_the_stage_arguments() -> None:
 
 
 def test_notes_are_shared_by_the_steps_of_a_session() -> None:
-    hooks = H.Hooks()
+    hooks = Hooks()
 
-    def count(s: H.Session, *args: Any) -> None:
+    def count(s: Session, *args: Any) -> None:
         s.notes["seen"] = s.notes.get("seen", 0) + 1
 
     hooks.on("helo", count)
@@ -613,7 +631,7 @@ def test_notes_are_shared_by_the_steps_of_a_session() -> None:
 
     async def go() -> None:
         await hooks.run("helo", one, "c.test")
-        await hooks.run("rcpt", one, H.Envelope(), H.Address("b@example.com"))
+        await hooks.run("rcpt", one, Envelope(), Address("b@example.com"))
         await hooks.run("helo", other, "c.test")
 
     run(go())
@@ -624,14 +642,14 @@ def test_notes_are_shared_by_the_steps_of_a_session() -> None:
 # --- errors and timeouts -----------------------------------------------------------------------
 
 
-def is_hook_failure(outcome: H.Outcome) -> bool:
-    return isinstance(outcome, H.TempFail) and outcome.reply("rcpt") == Reply(
+def is_hook_failure(outcome: Outcome) -> bool:
+    return isinstance(outcome, TempFail) and outcome.reply("rcpt") == Reply(
         451, "4.3.0", ("Local error in processing, try again later",)
     )
 
 
 def test_bad_return_value_is_451_and_logged(caplog: pytest.LogCaptureFixture) -> None:
-    hooks = H.Hooks()
+    hooks = Hooks()
     hooks.add(Recorder("answers-42", [], 42))
     with caplog.at_level(logging.ERROR, logger="mailgate.hooks"):
         assert is_hook_failure(rcpt(hooks, sid="SESS42"))
@@ -642,24 +660,24 @@ def test_bad_return_value_is_451_and_logged(caplog: pytest.LogCaptureFixture) ->
 
 
 def test_a_list_outside_the_message_stage_is_a_bad_result() -> None:
-    hooks = H.Hooks()
+    hooks = Hooks()
     hooks.add(Recorder("lister", [], [None]))
     assert is_hook_failure(rcpt(hooks))
 
 
 def test_message_stage_list_and_dict_become_per_recipient() -> None:
-    hooks = H.Hooks()
-    hooks.on("message", lambda s, e, m: [None, H.Reject("no")])
-    outcome = run(hooks.run("message", session(), H.Envelope(), None))
-    assert isinstance(outcome, H.PerRecipient) and len(outcome.answers) == 2
-    by_address = H.Hooks()
+    hooks = Hooks()
+    hooks.on("message", lambda s, e, m: [None, Reject("no")])
+    outcome = run(hooks.run("message", session(), Envelope(), None))
+    assert isinstance(outcome, PerRecipient) and len(outcome.answers) == 2
+    by_address = Hooks()
     by_address.on("message", lambda s, e, m: {"b@example.com": False})
-    outcome = run(by_address.run("message", session(), H.Envelope(), None))
-    assert outcome == H.PerRecipient({"b@example.com": False})
+    outcome = run(by_address.run("message", session(), Envelope(), None))
+    assert outcome == PerRecipient({"b@example.com": False})
 
 
 def test_exception_is_451_logged_with_session_and_plugin(caplog: pytest.LogCaptureFixture) -> None:
-    hooks = H.Hooks()
+    hooks = Hooks()
     calls: list[str] = []
     hooks.add(Recorder("broken", calls, KeyError("boom")))
     hooks.add(Recorder("after", calls))
@@ -672,9 +690,9 @@ def test_exception_is_451_logged_with_session_and_plugin(caplog: pytest.LogCaptu
 
 
 def test_hook_error_from_message_read_limit_is_451(tmp_path: Path) -> None:
-    hooks = H.Hooks()
+    hooks = Hooks()
 
-    async def greedy(s: H.Session, e: H.Envelope, m: H.Message) -> None:
+    async def greedy(s: Session, e: Envelope, m: Message) -> None:
         await m.read(limit=10)
 
     hooks.on("message", greedy)
@@ -684,10 +702,10 @@ def test_hook_error_from_message_read_limit_is_451(tmp_path: Path) -> None:
 
 
 def test_timeout_is_451_logged_and_cancels_the_step(caplog: pytest.LogCaptureFixture) -> None:
-    hooks = H.Hooks(timeout=0.05)
+    hooks = Hooks(timeout=0.05)
     cancelled: list[bool] = []
 
-    async def slow(s: H.Session, e: H.Envelope, a: H.Address) -> None:
+    async def slow(s: Session, e: Envelope, a: Address) -> None:
         try:
             await asyncio.sleep(5)
         except asyncio.CancelledError:
@@ -704,44 +722,44 @@ def test_timeout_is_451_logged_and_cancels_the_step(caplog: pytest.LogCaptureFix
 
 
 def test_message_stage_has_its_own_timeout() -> None:
-    hooks = H.Hooks(timeout=0.01, message_timeout=5)
+    hooks = Hooks(timeout=0.01, message_timeout=5)
 
-    async def takes_a_moment(s: H.Session, e: H.Envelope, m: Any) -> bool:
+    async def takes_a_moment(s: Session, e: Envelope, m: Any) -> bool:
         await asyncio.sleep(0.05)
         return True
 
     hooks.on("message", takes_a_moment)
     hooks.on("rcpt", takes_a_moment)
-    assert run(hooks.run("message", session(), H.Envelope(), None)) == H.Accept()
+    assert run(hooks.run("message", session(), Envelope(), None)) == Accept()
     assert is_hook_failure(rcpt(hooks))
-    unbounded = H.Hooks(timeout=None)
+    unbounded = Hooks(timeout=None)
     unbounded.on("rcpt", takes_a_moment)
-    assert rcpt(unbounded) == H.Accept()
+    assert rcpt(unbounded) == Accept()
 
 
 def test_notifications_ignore_results_and_run_every_step(caplog: pytest.LogCaptureFixture) -> None:
-    hooks = H.Hooks()
+    hooks = Hooks()
     calls: list[str] = []
 
-    def refuses(s: H.Session, e: H.Envelope) -> None:
+    def refuses(s: Session, e: Envelope) -> None:
         calls.append("refuses")
-        raise H.Reject("ignored")
+        raise Reject("ignored")
 
-    def answers(s: H.Session, e: H.Envelope) -> int:
+    def answers(s: Session, e: Envelope) -> int:
         calls.append("answers")
         return 42
 
-    def breaks(s: H.Session, e: H.Envelope) -> None:
+    def breaks(s: Session, e: Envelope) -> None:
         calls.append("breaks")
         raise RuntimeError("cleanup failed")
 
-    def last(s: H.Session, e: H.Envelope) -> None:
+    def last(s: Session, e: Envelope) -> None:
         calls.append("last")
 
     for step in (refuses, answers, breaks, last):
         hooks.on("reset", step)
     with caplog.at_level(logging.ERROR, logger="mailgate.hooks"):
-        assert run(hooks.run("reset", session("N1"), H.Envelope())) is None
+        assert run(hooks.run("reset", session("N1"), Envelope())) is None
     # One plugin's failing clean-up does not skip the others'.
     assert calls == ["refuses", "answers", "breaks", "last"]
     assert "session N1: reset hook reset:" in caplog.text and "breaks" in caplog.text
@@ -751,11 +769,11 @@ def test_notifications_ignore_results_and_run_every_step(caplog: pytest.LogCaptu
 
 
 def test_middleware_wraps_first_added_outermost() -> None:
-    hooks = H.Hooks()
+    hooks = Hooks()
     trace: list[str] = []
 
-    def make(label: str) -> H.Middleware:
-        async def mw(ctx: H.HookContext, call_next: Callable[[], Awaitable[Any]]) -> Any:
+    def make(label: str) -> Middleware:
+        async def mw(ctx: HookContext, call_next: Callable[[], Awaitable[Any]]) -> Any:
             trace.append(f"{label}>")
             result = await call_next()
             trace.append(f"<{label}")
@@ -771,10 +789,10 @@ def test_middleware_wraps_first_added_outermost() -> None:
 
 
 def test_middleware_sees_stage_args_and_deciding_step() -> None:
-    hooks = H.Hooks()
+    hooks = Hooks()
     seen: list[tuple[str, str | None, str | None, int]] = []
 
-    async def mw(ctx: H.HookContext, call_next: Callable[[], Awaitable[Any]]) -> Any:
+    async def mw(ctx: HookContext, call_next: Callable[[], Awaitable[Any]]) -> Any:
         before = ctx.step
         result = await call_next()
         seen.append((ctx.stage, before, ctx.step, len(ctx.args)))
@@ -783,54 +801,54 @@ def test_middleware_sees_stage_args_and_deciding_step() -> None:
 
     hooks.use(mw)
     hooks.add(Recorder("passes", []))
-    hooks.add(Recorder("rejects", [], H.Reject("no")))
-    outcome = run(hooks.run("rcpt", session("MW"), H.Envelope(), H.Address("b@example.com")))
-    assert isinstance(outcome, H.Reject)
+    hooks.add(Recorder("rejects", [], Reject("no")))
+    outcome = run(hooks.run("rcpt", session("MW"), Envelope(), Address("b@example.com")))
+    assert isinstance(outcome, Reject)
     run(hooks.run("helo", session("MW"), "c.test"))
     assert seen == [("rcpt", None, "rejects", 2), ("helo", None, None, 1)]
 
 
 def test_middleware_can_short_circuit_and_replace_results() -> None:
-    hooks = H.Hooks()
+    hooks = Hooks()
     calls: list[str] = []
     hooks.add(Recorder("never", calls))
 
-    async def blocker(ctx: H.HookContext, call_next: Callable[[], Awaitable[Any]]) -> Any:
+    async def blocker(ctx: HookContext, call_next: Callable[[], Awaitable[Any]]) -> Any:
         if ctx.stage == "rcpt":
-            return H.Reject(550, "blocked by middleware")
+            return Reject(550, "blocked by middleware")
         return await call_next()
 
     hooks.use(blocker)
     outcome = rcpt(hooks)
-    assert isinstance(outcome, H.Reject) and outcome.text == "blocked by middleware"
+    assert isinstance(outcome, Reject) and outcome.text == "blocked by middleware"
     assert calls == []
 
-    raising = H.Hooks()
+    raising = Hooks()
     raising.add(Recorder("never", calls))
 
-    async def raiser(ctx: H.HookContext, call_next: Callable[[], Awaitable[Any]]) -> Any:
-        raise H.TempFail("slow down")
+    async def raiser(ctx: HookContext, call_next: Callable[[], Awaitable[Any]]) -> Any:
+        raise TempFail("slow down")
 
     raising.use(raiser)
     outcome = rcpt(raising)
-    assert isinstance(outcome, H.TempFail) and outcome.text == "slow down"
+    assert isinstance(outcome, TempFail) and outcome.text == "slow down"
 
-    accepting = H.Hooks()
-    accepting.add(Recorder("rejects", calls, H.Reject("no")))
+    accepting = Hooks()
+    accepting.add(Recorder("rejects", calls, Reject("no")))
 
-    async def overrule(ctx: H.HookContext, call_next: Callable[[], Awaitable[Any]]) -> Any:
+    async def overrule(ctx: HookContext, call_next: Callable[[], Awaitable[Any]]) -> Any:
         await call_next()
         return True
 
     accepting.use(overrule)
-    assert rcpt(accepting) == H.Accept()
+    assert rcpt(accepting) == Accept()
     assert calls == ["rejects"]
 
 
 def test_middleware_failures_are_451(caplog: pytest.LogCaptureFixture) -> None:
-    broken = H.Hooks()
+    broken = Hooks()
 
-    async def crash(ctx: H.HookContext, call_next: Callable[[], Awaitable[Any]]) -> Any:
+    async def crash(ctx: HookContext, call_next: Callable[[], Awaitable[Any]]) -> Any:
         raise ValueError("middleware bug")
 
     broken.use(crash)
@@ -838,9 +856,9 @@ def test_middleware_failures_are_451(caplog: pytest.LogCaptureFixture) -> None:
         assert is_hook_failure(rcpt(broken, sid="MWX"))
     assert "session MWX: rcpt hook (middleware) failed" in caplog.text
 
-    bad_value = H.Hooks()
+    bad_value = Hooks()
 
-    async def answers_42(ctx: H.HookContext, call_next: Callable[[], Awaitable[Any]]) -> Any:
+    async def answers_42(ctx: HookContext, call_next: Callable[[], Awaitable[Any]]) -> Any:
         await call_next()
         return 42
 
@@ -850,9 +868,9 @@ def test_middleware_failures_are_451(caplog: pytest.LogCaptureFixture) -> None:
         assert is_hook_failure(rcpt(bad_value, sid="MW42"))
     assert "session MW42" in caplog.text
 
-    slow = H.Hooks(timeout=0.05)
+    slow = Hooks(timeout=0.05)
 
-    async def sleeper(ctx: H.HookContext, call_next: Callable[[], Awaitable[Any]]) -> Any:
+    async def sleeper(ctx: HookContext, call_next: Callable[[], Awaitable[Any]]) -> Any:
         await asyncio.sleep(5)
 
     slow.use(sleeper)
@@ -860,13 +878,13 @@ def test_middleware_failures_are_451(caplog: pytest.LogCaptureFixture) -> None:
 
 
 def test_middleware_wraps_notifications_without_changing_them() -> None:
-    hooks = H.Hooks()
+    hooks = Hooks()
     stages: list[str] = []
 
-    async def mw(ctx: H.HookContext, call_next: Callable[[], Awaitable[Any]]) -> Any:
+    async def mw(ctx: HookContext, call_next: Callable[[], Awaitable[Any]]) -> Any:
         stages.append(ctx.stage)
         await call_next()
-        return H.Reject("ignored at close")
+        return Reject("ignored at close")
 
     hooks.use(mw)
     assert run(hooks.run("close", session())) is None
@@ -876,35 +894,33 @@ def test_middleware_wraps_notifications_without_changing_them() -> None:
 # --- hooks that use asyncio themselves (the chain is stepped by hand until it waits) ----------
 
 
-async def own_timeout(s: H.Session, e: H.Envelope, a: H.Address) -> H.Reject | None:
+async def own_timeout(s: Session, e: Envelope, a: Address) -> Reject | None:
     try:
         async with asyncio.timeout(0.02):
             await asyncio.sleep(5)
     except TimeoutError:
-        return H.Reject(550, "own timeout")
+        return Reject(550, "own timeout")
     return None
 
 
-async def own_wait_for(s: H.Session, e: H.Envelope, a: H.Address) -> H.Reject | None:
+async def own_wait_for(s: Session, e: Envelope, a: Address) -> Reject | None:
     try:
         await asyncio.wait_for(asyncio.sleep(5), 0.02)
     except TimeoutError:
-        return H.Reject(550, "wait_for timeout")
+        return Reject(550, "wait_for timeout")
     return None
 
 
-async def gathers(s: H.Session, e: H.Envelope, a: H.Address) -> H.Reject:
+async def gathers(s: Session, e: Envelope, a: Address) -> Reject:
     async def lookup(n: int) -> int:
         await asyncio.sleep(0.001 * n)
         return n
 
     found = await asyncio.gather(lookup(3), lookup(1), lookup(2))
-    return H.Reject(550, f"gathered {found}")
+    return Reject(550, f"gathered {found}")
 
 
-async def awaits_task_queue_and_failed_future(
-    s: H.Session, e: H.Envelope, a: H.Address
-) -> H.Reject:
+async def awaits_task_queue_and_failed_future(s: Session, e: Envelope, a: Address) -> Reject:
     loop = asyncio.get_running_loop()
     task = asyncio.create_task(asyncio.sleep(0.001, result="task"))
     queue: asyncio.Queue[str] = asyncio.Queue()
@@ -918,7 +934,7 @@ async def awaits_task_queue_and_failed_future(
     for _ in range(3):
         await asyncio.sleep(0)  # bare yields
     assert asyncio.current_task() is not None
-    return H.Reject(550, f"{await task} {await queue.get()} {caught}")
+    return Reject(550, f"{await task} {await queue.get()} {caught}")
 
 
 @pytest.mark.parametrize("timeout", [None, 5.0])
@@ -934,10 +950,10 @@ async def awaits_task_queue_and_failed_future(
 def test_steps_may_use_asyncio_freely(
     step: Callable[..., Awaitable[Any]], text: str, timeout: float | None
 ) -> None:
-    hooks = H.Hooks(timeout=timeout)
+    hooks = Hooks(timeout=timeout)
     hooks.on("rcpt", step)
     outcome = rcpt(hooks)
-    assert isinstance(outcome, H.Reject) and outcome.text == text
+    assert isinstance(outcome, Reject) and outcome.text == text
 
 
 def test_cancelling_the_caller_cancels_the_step() -> None:
@@ -945,7 +961,7 @@ def test_cancelling_the_caller_cancels_the_step() -> None:
     clean up (awaiting), and the cancellation reaches the caller."""
     cleaned: list[str] = []
 
-    async def cleans_up(s: H.Session, e: H.Envelope, a: H.Address) -> None:
+    async def cleans_up(s: Session, e: Envelope, a: Address) -> None:
         try:
             await asyncio.sleep(5)
         except asyncio.CancelledError:
@@ -955,10 +971,10 @@ def test_cancelling_the_caller_cancels_the_step() -> None:
 
     async def main() -> None:
         for timeout in (None, 5.0):
-            hooks = H.Hooks(timeout=timeout)
+            hooks = Hooks(timeout=timeout)
             hooks.on("rcpt", cleans_up)
             task = asyncio.create_task(
-                hooks.run("rcpt", session(), H.Envelope(), H.Address("b@example.com"))
+                hooks.run("rcpt", session(), Envelope(), Address("b@example.com"))
             )
             await asyncio.sleep(0.01)
             task.cancel()
@@ -985,11 +1001,11 @@ def test_stages_attribute_narrows_where_a_plugin_runs() -> None:
         async def on_message(self, session: Any, envelope: Any, message: Any) -> None:
             return None
 
-    hooks = H.Hooks()
+    hooks = Hooks()
     hooks.add(Annotating(with_message=False))
     assert hooks.has_steps("rcpt")
     assert not hooks.has_steps("message")
-    hooks = H.Hooks()
+    hooks = Hooks()
     hooks.add(Annotating(with_message=True))
     assert hooks.has_steps("message")
 
@@ -1001,7 +1017,7 @@ def test_a_plugin_ordered_before_another_takes_its_place_not_its_own() -> None:
     def plugin(name: str) -> Any:
         return type(name, (), {"name": name, "on_rcpt": lambda self, s, e, a: None})()
 
-    hooks = H.Hooks()
+    hooks = Hooks()
     for name in ("policy-1", "policy-2", "app-1", "app-2"):
         hooks.add(plugin(name))
     hooks.add(plugin("late"), before="policy-2")

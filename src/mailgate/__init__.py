@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from mailgate.version import __version__
 
 _EXPORTS = {
-    "Server": "mailgate.server.app",
+    "Server": "mailgate.composition.server",
     "ServerOptions": "mailgate.server.options",
     "Accept": "mailgate.hooks",
     "Reject": "mailgate.hooks",
@@ -27,6 +27,7 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
+    from mailgate.composition.server import Server
     from mailgate.hooks import (
         Accept,
         Address,
@@ -40,7 +41,6 @@ if TYPE_CHECKING:
         Session,
         TempFail,
     )
-    from mailgate.server.app import Server
     from mailgate.server.options import ServerOptions
 
 

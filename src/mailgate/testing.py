@@ -47,8 +47,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from mailgate.composition.server import Server
     from mailgate.hooks import Address, Envelope, HookContext, Message, Session
-    from mailgate.server.app import Server
 
 __all__ = [
     "Captured",
@@ -217,7 +217,7 @@ class RunningServer:
     """
 
     def __init__(self, *, configure: Callable[[Server], object] | None = None, **settings: Any):
-        from mailgate.server.app import Server
+        from mailgate.composition.server import Server
 
         self._tmp: Path | None = None
         if settings.get("state_dir") is None:

@@ -25,6 +25,7 @@ import pytest
 
 import mailgate.honeypot.mode
 from mailgate import cli, config
+from mailgate.cli.honeypot import add_honeypot_parser
 from mailgate.config import (
     HONEYPOT_KEYS,
     ConfigError,
@@ -32,7 +33,6 @@ from mailgate.config import (
     build_honeypot_options,
     flag_name,
 )
-from mailgate.honeypot.cli import add_honeypot_parser
 from mailgate.honeypot.mode import (
     FALLBACK_MAX_SIZE,
     build_server,

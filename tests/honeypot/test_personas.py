@@ -25,7 +25,7 @@ from mailgate.honeypot.personas import (
     profile_from_mapping,
 )
 from mailgate.protocol import DataComplete, PolicyPoint, Reply
-from mailgate.protocol.persona import REPLY_NAMES
+from mailgate.protocol.persona import PLACEHOLDERS, REPLY_NAMES, PersonaError, placeholders_in
 
 TRANSCRIPTS = Path(__file__).parent / "transcripts"
 DOC = Path(__file__).resolve().parents[2] / "docs" / "honeypot.md"
@@ -515,6 +515,13 @@ def test_profile_errors_name_file_and_key(
     assert f": {key}: " in str(error)
     for word in words:
         assert word in error.detail, str(error)
+
+
+def test_profile_texts_are_checked_by_the_protocol_placeholder_check(tmp_path: Path) -> None:
+    error = load_error(tmp_path, '[replies]\nbye = "221 2.0.0 Bye {adress}"')
+    with pytest.raises(PersonaError) as info:
+        placeholders_in("Bye {adress}", PLACEHOLDERS["bye"] | {"software"})
+    assert error.detail == str(info.value)
 
 
 def test_unreadable_and_invalid_files(tmp_path: Path) -> None:

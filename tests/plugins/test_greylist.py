@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import smtplib
 import sqlite3
 import stat
@@ -26,15 +27,12 @@ from mailgate.hooks import Address, Envelope, Session, TempFail
 from mailgate.plugins.greylist import (
     DEFAULT_DATABASE,
     PRUNE_INTERVAL,
-    ClientState,
     Greylist,
-    GreylistStore,
-    Triplet,
-    TripletState,
     client_network,
     normalize_sender,
     plugins_from_options,
 )
+from mailgate.plugins.greylist_store import ClientState, GreylistStore, Triplet, TripletState
 from mailgate.plugins.policy import (
     DECISIONS,
     PolicyConfigError,
@@ -514,7 +512,7 @@ def test_two_stores_on_one_file_work_at_once(tmp_path: Path) -> None:
 WORKER = """
 import asyncio, sys
 from pathlib import Path
-from mailgate.plugins.greylist import GreylistStore, Triplet
+from mailgate.plugins.greylist_store import GreylistStore, Triplet
 
 async def main(path, name):
     store = GreylistStore(Path(path))
@@ -782,6 +780,29 @@ def test_constructor_checks_its_arguments() -> None:
         Greylist(ipv6_prefix=200)
     with pytest.raises(ValueError, match="delay"):
         Greylist(delay=float("nan"))
+
+
+def test_default_database_is_in_the_embedded_servers_default_state_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    plugin = Greylist()
+    assert isinstance(plugin.store, GreylistStore)
+    assert plugin.store.path == tmp_path / "mailgate" / DEFAULT_DATABASE
+    assert plugin.store.path == options_from_settings({}).state_dir / DEFAULT_DATABASE
+    assert not plugin.store.path.exists()  # made on first use
+
+
+def test_the_plugin_does_not_load_the_configuration_reader(tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "from mailgate.plugins.greylist import Greylist\n"
+        "Greylist()\n"
+        "loaded = sorted(m for m in sys.modules if m == 'mailgate.config')\n"
+        "assert not loaded, loaded\n"
+    )
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
 
 
 # --- a real server ---------------------------------------------------------------------------

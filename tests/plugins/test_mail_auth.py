@@ -6,6 +6,7 @@ cover record parsing, organizational domains and header syntax with a dict as DN
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import base64
 import email
@@ -45,6 +46,7 @@ from mailgate.plugins.mail_auth import (
     plugins_from_options,
     verify_dkim,
 )
+from mailgate.plugins.mail_auth import spf as spf_check
 from mailgate.plugins.policy import (
     DECISIONS,
     PolicyConfigError,
@@ -762,9 +764,9 @@ def test_check_spf_with_a_lookup_function() -> None:
 
 def test_pyspf_keeps_its_own_lookup_outside_our_checks(monkeypatch: pytest.MonkeyPatch) -> None:
     check_spf(fake_dns({}), "192.0.2.1", "a@example.com", "h.test")  # installs the hook
-    assert spf.DNSLookup is mail_auth._spf_dns
+    assert spf.DNSLookup is spf_check._spf_dns
     calls: list[tuple[str, str]] = []
-    monkeypatch.setattr(mail_auth, "_spf_original", lambda n, t, s, to: calls.append((n, t)) or [])
+    monkeypatch.setattr(spf_check, "_spf_original", lambda n, t, s, to: calls.append((n, t)) or [])
     assert spf.DNSLookup("example.org", "TXT", True, 5) == []
     assert calls == [("example.org", "TXT")]
 
@@ -819,3 +821,20 @@ def test_read_for_check_caps_big_messages(tmp_path: Path) -> None:
     assert not complete and data == b"From: a@b.test\r\nSubject: x\r\n\r\n"
     data, complete = mail_auth.read_for_check(msg, 10_000)
     assert complete and len(data) == path.stat().st_size
+
+
+def test_the_evaluation_modules_import_no_plugin_machinery() -> None:
+    """spf, dkim, dmarc (and what they share) are a library: DNS comes in as a function,
+    results go out as dataclasses; hooks, policy and the server are the plugin's."""
+    package = Path(mail_auth.__file__).parent
+    allowed = {"mailgate.dns"}
+    for name in ("spf", "dkim", "dmarc", "domains", "header"):
+        tree = ast.parse((package / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert node.module in ("spf", "dkim", "dmarc", "domains", "header"), (name, node)
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mailgate"):
+                assert node.module in allowed, (name, node.module)
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    assert not alias.name.startswith("mailgate"), (name, alias.name)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from mailgate.assembly import policy_plugins
 from mailgate.cli import build_parser
+from mailgate.composition.builtins import policy_plugins
 from mailgate.config import build_options
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "policy.md"

@@ -26,8 +26,8 @@ from mailgate.protocol import (
     ProtocolConfig,
     Reply,
     ServerConnection,
+    replies,
 )
-from mailgate.protocol import replies as R
 from mailgate.protocol.persona import (
     DEFAULT_PERSONA,
     KEYWORDS,
@@ -35,6 +35,7 @@ from mailgate.protocol.persona import (
     PLACEHOLDERS,
     clean,
     format_date,
+    placeholders_in,
 )
 
 from .session import Session
@@ -177,7 +178,7 @@ def test_default_persona_replies_are_the_constants() -> None:
     assert ProtocolConfig().persona is DEFAULT_PERSONA
     assert Persona() == DEFAULT_PERSONA and hash(Persona()) == hash(DEFAULT_PERSONA)
     for name in REPLY_NAMES:
-        assert DEFAULT_PERSONA.reply(name) == getattr(R, name.upper()), name
+        assert DEFAULT_PERSONA.reply(name) == getattr(replies, name.upper()), name
     assert DEFAULT_PERSONA.overridden == frozenset()
     hash(ProtocolConfig(persona=Persona(replies={"bye": "Later"})))  # configs stay hashable
 
@@ -397,9 +398,9 @@ def test_standard_constants_given_by_the_caller_follow_the_persona() -> None:
 
     def answer(point: PolicyPoint) -> Reply | None:
         if isinstance(point, AuthCredentials):
-            return R.AUTH_FAILED
+            return replies.AUTH_FAILED
         if isinstance(point, MailFrom):
-            return R.SENDER_OK
+            return replies.SENDER_OK
         return None
 
     s = Session.start(config, answer=answer)
@@ -409,7 +410,7 @@ def test_standard_constants_given_by_the_caller_follow_the_persona() -> None:
         "250 2.0.0 Reset OK",
         "535 5.7.8 Error: authentication failed",
     ]
-    s.conn.close(R.IDLE_TIMEOUT)
+    s.conn.close(replies.IDLE_TIMEOUT)
     assert s.conn.data_to_send() == b"421 4.4.2 mx.test Error: timeout exceeded\r\n"
 
     # Not a constant: sent as given.
@@ -724,11 +725,11 @@ def test_format_reply_and_clean_values() -> None:
     )
     assert persona.format("message_queued", queue_id="a\r\nb").text == "Ok: queued as a??b"
     assert persona.format("message_queued").text == "Ok: queued as "
-    assert persona.format("bye") is R.BYE
+    assert persona.format("bye") is replies.BYE
     assert clean(None) == "" and clean(12) == "12" and clean("x\ny\x7f") == "x?y?"
     with pytest.raises(KeyError):
         persona.reply("nope")
-    assert persona.adapt("bad_parameter", R.SMTPUTF8_REQUIRED) is R.SMTPUTF8_REQUIRED
+    assert persona.adapt("bad_parameter", replies.SMTPUTF8_REQUIRED) is replies.SMTPUTF8_REQUIRED
     assert set(PASS_THROUGH) <= REPLY_NAMES
 
 
@@ -790,7 +791,7 @@ def texts(draw: st.DrawFn, allowed: frozenset[str]) -> str:
 
 @st.composite
 def overrides(draw: st.DrawFn, name: str) -> Reply | str:
-    default = getattr(R, name.upper())
+    default = getattr(replies, name.upper())
     text = draw(st.lists(texts(PLACEHOLDERS[name]), min_size=1, max_size=3).map("\n".join))
     if draw(st.booleans()):
         return text
@@ -850,7 +851,7 @@ HOSTILE = (
 )
 #: (client bytes, ServerConnection arguments, how the server closes: a reply, or default)
 SCRIPTS: list[tuple[bytes, dict[str, object], Reply | None]] = [
-    (HOSTILE, {"peer_trusted": True, "client_ip": "192.0.2.1\r\n"}, R.IDLE_TIMEOUT),
+    (HOSTILE, {"peer_trusted": True, "client_ip": "192.0.2.1\r\n"}, replies.IDLE_TIMEOUT),
     (b"STARTTLS\r\nEHLO x\r\nSTARTTLS\r\n", {}, None),
     (b"EHLO x\r\nSTARTTLS\r\nAUTH PLAIN\r\n=\r\nQUIT\r\n", {"tls_active": True}, None),
     (b"FOO\r\n" * 60, {}, None),
@@ -927,3 +928,40 @@ def test_padded_date_for_products_that_write_two_digit_days() -> None:
     out = run(cfg(persona, clock=lambda: NOON), b"")
     assert out == b"220 mx.test ESMTP Exim 4.96 Tue, 01 Dec 2026 10:00:00 +0000\r\n"
     assert format_date(NOON, padded=True) == "Tue, 01 Dec 2026 10:00:00 +0000"
+
+
+# --- the placeholder check (shared with the honeypot's profile files) --------------------------
+
+
+def test_placeholders_in_returns_the_names_a_text_uses() -> None:
+    allowed = frozenset({"hostname", "address"})
+    assert placeholders_in("{hostname} ok {address} {{x}} {address}", allowed) == {
+        "hostname",
+        "address",
+    }
+    assert placeholders_in("no placeholder\there", allowed) == frozenset()
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "message"),
+    [
+        (
+            "ok {adress}",
+            "",
+            "unknown placeholder {adress} in 'ok {adress}' "
+            "(did you mean {address}? allowed: {address}, {hostname})",
+        ),
+        ("ok {queue}", "reply 'x'", "reply 'x': unknown placeholder {queue} in 'ok {queue}' ("),
+        ("{address!r}", "", "placeholder {address} takes no format spec or conversion"),
+        ("{address:>9}", "banner", "banner: placeholder {address} takes no format spec"),
+        ("ok {", "", "Single '{' encountered in format string in 'ok {' (write '{{' and '}}'"),
+        ("caf\xe9", "", "character '\xe9' not allowed in a reply text (printable ASCII"),
+    ],
+)
+def test_placeholders_in_refuses_with_a_message_naming_the_place(
+    text: str, where: str, message: str
+) -> None:
+    with pytest.raises(PersonaError) as info:
+        placeholders_in(text, frozenset({"hostname", "address"}), where)
+    assert str(info.value).startswith(message), str(info.value)
+    assert isinstance(info.value, ValueError)

@@ -7,7 +7,7 @@ import base64
 import pytest
 
 from mailgate.protocol import RULES, ProtocolConfig, State
-from mailgate.protocol.connection import Arg
+from mailgate.protocol.rules import Arg
 
 from .session import Session
 

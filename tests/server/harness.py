@@ -17,8 +17,11 @@ from pathlib import Path
 
 import trustme
 
-from mailgate import hooks as H
-from mailgate.server import ListenAddress, Server, ServerOptions
+from mailgate import Server
+from mailgate.hooks import (
+    Hooks,
+)
+from mailgate.server import ListenAddress, ServerOptions
 
 RECEIVED = re.compile(rb"^Received: .*?\r\n(?![ \t])", re.S)
 
@@ -55,7 +58,7 @@ def make_certs(directory: Path) -> Certs:
 class ThreadedServer:
     """A Server running in its own event loop thread."""
 
-    def __init__(self, options: ServerOptions, hooks: H.Hooks) -> None:
+    def __init__(self, options: ServerOptions, hooks: Hooks) -> None:
         self.options = options
         self.hooks = hooks
         self.loop = asyncio.new_event_loop()
@@ -112,7 +115,7 @@ class ThreadedServer:
 @contextlib.contextmanager
 def running_server(
     tmp_path: Path,
-    hooks: H.Hooks | None = None,
+    hooks: Hooks | None = None,
     **overrides: object,
 ) -> Iterator[ThreadedServer]:
     fields: dict[str, object] = {
@@ -124,7 +127,7 @@ def running_server(
     }
     fields.update(overrides)
     options = ServerOptions(**fields)  # type: ignore[arg-type]
-    hooks = hooks or H.Hooks()
+    hooks = hooks or Hooks()
     server = ThreadedServer(options, hooks).start()
     try:
         yield server

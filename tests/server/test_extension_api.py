@@ -23,7 +23,21 @@ import aiosmtplib
 import pytest
 
 from mailgate import Accept, Reject, Server, TempFail
-from mailgate import hooks as H
+from mailgate.hooks import (
+    Address,
+    AuthAttempt,
+    Envelope,
+    HookContext,
+    HookError,
+    Hooks,
+    Message,
+    MessageTooLarge,
+    Middleware,
+    PerRecipient,
+    Session,
+    TLSInfo,
+    fold_header,
+)
 from mailgate.protocol import Reply
 from mailgate.server import ListenAddress, ServerOptions
 from mailgate.server.errors import StartupError
@@ -142,35 +156,35 @@ def register_callbacks(server: Server, events: list[tuple[Any, ...]]) -> None:
     """Every stage as a decorator callback; half of them plain (sync) functions."""
 
     @server.on_connect
-    async def connect(session: H.Session) -> None:
+    async def connect(session: Session) -> None:
         events.append(("connect", session.peer_host, session.helo))
 
     @server.on_helo
-    def helo(session: H.Session, hostname: str) -> None:
+    def helo(session: Session, hostname: str) -> None:
         events.append(("helo", hostname, session.helo))
 
     @server.on_mail
-    async def mail(session: H.Session, envelope: H.Envelope, address: H.Address) -> None:
+    async def mail(session: Session, envelope: Envelope, address: Address) -> None:
         events.append(mail_event(envelope, address))
 
     @server.on_rcpt
-    def rcpt(session: H.Session, envelope: H.Envelope, address: H.Address) -> None:
+    def rcpt(session: Session, envelope: Envelope, address: Address) -> None:
         events.append(rcpt_event(envelope, address))
 
     @server.on_data_start
-    async def data_start(session: H.Session, envelope: H.Envelope) -> None:
+    async def data_start(session: Session, envelope: Envelope) -> None:
         events.append(("data_start", envelope.sender, envelope.rcpt_tos))
 
     @server.on_message
-    async def message(session: H.Session, envelope: H.Envelope, message: H.Message) -> None:
+    async def message(session: Session, envelope: Envelope, message: Message) -> None:
         events.append(await message_event(session, envelope, message))
 
     @server.on_reset
-    def reset(session: H.Session, envelope: H.Envelope) -> None:
+    def reset(session: Session, envelope: Envelope) -> None:
         events.append(("reset", envelope.sender, envelope.rcpt_tos))
 
     @server.on_close
-    async def close(session: H.Session) -> None:
+    async def close(session: Session) -> None:
         events.append(("close", session.transactions, session.messages))
 
 
@@ -182,46 +196,44 @@ class EveryStage:
     def __init__(self, events: list[tuple[Any, ...]]) -> None:
         self.events = events
 
-    async def on_connect(self, session: H.Session) -> None:
+    async def on_connect(self, session: Session) -> None:
         self.events.append(("connect", session.peer_host, session.helo))
 
-    async def on_helo(self, session: H.Session, hostname: str) -> None:
+    async def on_helo(self, session: Session, hostname: str) -> None:
         self.events.append(("helo", hostname, session.helo))
 
-    def on_mail(self, session: H.Session, envelope: H.Envelope, address: H.Address) -> None:
+    def on_mail(self, session: Session, envelope: Envelope, address: Address) -> None:
         self.events.append(mail_event(envelope, address))
 
-    async def on_rcpt(self, session: H.Session, envelope: H.Envelope, address: H.Address) -> None:
+    async def on_rcpt(self, session: Session, envelope: Envelope, address: Address) -> None:
         self.events.append(rcpt_event(envelope, address))
 
-    def on_data_start(self, session: H.Session, envelope: H.Envelope) -> None:
+    def on_data_start(self, session: Session, envelope: Envelope) -> None:
         self.events.append(("data_start", envelope.sender, envelope.rcpt_tos))
 
-    async def on_message(self, session: H.Session, envelope: H.Envelope, msg: H.Message) -> None:
+    async def on_message(self, session: Session, envelope: Envelope, msg: Message) -> None:
         self.events.append(await message_event(session, envelope, msg))
 
-    async def on_reset(self, session: H.Session, envelope: H.Envelope) -> None:
+    async def on_reset(self, session: Session, envelope: Envelope) -> None:
         self.events.append(("reset", envelope.sender, envelope.rcpt_tos))
 
-    def on_close(self, session: H.Session) -> None:
+    def on_close(self, session: Session) -> None:
         self.events.append(("close", session.transactions, session.messages))
 
 
-def mail_event(envelope: H.Envelope, address: H.Address) -> tuple[Any, ...]:
+def mail_event(envelope: Envelope, address: Address) -> tuple[Any, ...]:
     # The envelope a MAIL hook sees is the one the sender would begin.
     return ("mail", str(address), dict(address.params), envelope.mail_from, envelope.rcpt_tos)
 
 
-def rcpt_event(envelope: H.Envelope, address: H.Address) -> tuple[Any, ...]:
+def rcpt_event(envelope: Envelope, address: Address) -> tuple[Any, ...]:
     return ("rcpt", address.local, address.domain, dict(address.params), envelope.rcpt_tos)
 
 
-async def message_event(
-    session: H.Session, envelope: H.Envelope, message: H.Message
-) -> tuple[Any, ...]:
+async def message_event(session: Session, envelope: Envelope, message: Message) -> tuple[Any, ...]:
     data = await message.read()
     chunks = [chunk async for chunk in message]
-    with pytest.raises(H.MessageTooLarge):
+    with pytest.raises(MessageTooLarge):
         await message.read(limit=10)
     parsed = message.as_email()
     return (
@@ -286,7 +298,7 @@ def test_mail_params_and_the_null_sender_reach_the_hook(tmp_path: Path) -> None:
     server = new_server(tmp_path)
 
     @server.on_mail
-    def mail(session: H.Session, envelope: H.Envelope, address: H.Address) -> None:
+    def mail(session: Session, envelope: Envelope, address: Address) -> None:
         seen.append(
             (address, bool(address), dict(address.params), envelope.body, envelope.smtputf8)
         )
@@ -308,24 +320,24 @@ def test_mail_params_and_the_null_sender_reach_the_hook(tmp_path: Path) -> None:
 def test_tls_stage_sees_version_cipher_bits_and_sni(tmp_path: Path) -> None:
     certs = make_certs(tmp_path)
     server = new_server(tmp_path, tls_cert=certs.cert, tls_key=certs.key)
-    seen: list[tuple[str, H.TLSInfo | None, str | None]] = []
+    seen: list[tuple[str, TLSInfo | None, str | None]] = []
 
     @server.on_tls
-    async def callback(session: H.Session) -> None:
+    async def callback(session: Session) -> None:
         seen.append(("callback", session.tls, session.helo))
 
     @server.on_tls
-    def sync_callback(session: H.Session) -> None:
+    def sync_callback(session: Session) -> None:
         seen.append(("sync", session.tls, session.helo))
 
     class TLSPlugin:
         name = "tls-plugin"
 
-        async def on_tls(self, session: H.Session) -> None:
+        async def on_tls(self, session: Session) -> None:
             seen.append(("plugin", session.tls, session.helo))
 
     server.add_plugin(TLSPlugin())
-    helos: list[tuple[str | None, H.TLSInfo | None]] = []
+    helos: list[tuple[str | None, TLSInfo | None]] = []
     server.on_helo(lambda session, hostname: helos.append((session.helo, session.tls)))
 
     context = ssl.create_default_context(cafile=str(certs.ca_file))
@@ -352,7 +364,7 @@ def test_tls_hook_can_refuse_and_hang_up(tmp_path: Path) -> None:
     server = new_server(tmp_path, tls_cert=certs.cert, tls_key=certs.key)
 
     @server.on_tls
-    def refuse(session: H.Session) -> None:
+    def refuse(session: Session) -> None:
         assert session.tls is not None
         if session.tls.server_name != "mx.test":
             raise Reject(554, "Wrong name", enhanced="5.7.1")
@@ -381,7 +393,7 @@ def test_auth_stage_and_session_user(tmp_path: Path) -> None:
     users: list[tuple[str | None, str | None, bool]] = []
 
     @server.on_auth
-    async def check(session: H.Session, auth: H.AuthAttempt) -> Any:
+    async def check(session: Session, auth: AuthAttempt) -> Any:
         attempts.append((auth.method, auth.username, auth.password, auth.verify("secret")))
         if auth.username == "bob":
             return auth.verify("bobs-password")  # True lets bob in, False refuses
@@ -390,7 +402,7 @@ def test_auth_stage_and_session_user(tmp_path: Path) -> None:
         return None  # alice: the static users plugin decides
 
     @server.on_mail
-    def mail(session: H.Session, envelope: H.Envelope, address: H.Address) -> None:
+    def mail(session: Session, envelope: Envelope, address: Address) -> None:
         users.append((session.user, session.auth_mechanism, session.authenticated))
 
     def login(port: int, user: str, password: str, mechanism: str | None) -> int:
@@ -441,7 +453,7 @@ def test_auth_refusal_text_reaches_the_client(tmp_path: Path) -> None:
     server = new_server(tmp_path, allow_insecure_auth=True, auth_failure_delay=0)
 
     @server.on_auth
-    def locked(session: H.Session, auth: H.AuthAttempt) -> None:
+    def locked(session: Session, auth: AuthAttempt) -> None:
         raise Reject("Account locked")
 
     with serving(server) as port, Client(port) as c:
@@ -494,16 +506,16 @@ CASES: list[tuple[Callable[[], Any], list[str]]] = [
 ACCEPTED = [f"case{i}@example.com" for i, (_, lines) in enumerate(CASES) if lines[0][0] == "2"]
 
 
-def case_of(address: H.Address) -> Any:
+def case_of(address: Address) -> Any:
     return CASES[int(address.local.removeprefix("case"))][0]()
 
 
-def install(server: Server, shape: str, act: Callable[[H.Address], Any]) -> None:
+def install(server: Server, shape: str, act: Callable[[Address], Any]) -> None:
     """Answer RCPT with ``act(address)`` in the given shape."""
     if shape == "callback":
 
         @server.on_rcpt
-        async def decide(session: H.Session, envelope: H.Envelope, address: H.Address) -> Any:
+        async def decide(session: Session, envelope: Envelope, address: Address) -> Any:
             return act(address)
 
     elif shape == "sync":
@@ -513,14 +525,14 @@ def install(server: Server, shape: str, act: Callable[[H.Address], Any]) -> None
         class Policy:
             name = "policy"
 
-            async def on_rcpt(self, s: H.Session, e: H.Envelope, address: H.Address) -> Any:
+            async def on_rcpt(self, s: Session, e: Envelope, address: Address) -> Any:
                 return act(address)
 
         server.add_plugin(Policy())
     else:
         assert shape == "middleware"
 
-        async def mw(ctx: H.HookContext, call_next: Callable[[], Awaitable[Any]]) -> Any:
+        async def mw(ctx: HookContext, call_next: Callable[[], Awaitable[Any]]) -> Any:
             if ctx.stage == "rcpt":
                 return act(ctx.args[1])
             return await call_next()
@@ -537,7 +549,7 @@ def test_every_result_in_every_shape(
 ) -> None:
     server = new_server(tmp_path)
     install(server, shape, case_of)
-    delivered: list[tuple[H.Address, ...]] = []
+    delivered: list[tuple[Address, ...]] = []
     server.on_message(lambda session, envelope, message: delivered.append(envelope.rcpt_tos))
     with caplog.at_level(logging.ERROR), serving(server) as port, Client(port) as c:
         c.cmd("EHLO c.test")
@@ -575,7 +587,7 @@ def test_default_refusals_at_each_stage(tmp_path: Path) -> None:
     server.on_auth(lambda session, auth: False)
 
     @server.on_message
-    def message(s: H.Session, envelope: H.Envelope, m: H.Message) -> Any:
+    def message(s: Session, envelope: Envelope, m: Message) -> Any:
         if envelope.sender == "tempfail@example.com":
             raise TempFail("Try later")
         return envelope.sender != "refused@example.com"
@@ -607,7 +619,7 @@ def test_connect_stage_results(tmp_path: Path) -> None:
     counter = iter(range(100))
 
     @server.on_connect
-    def connect(session: H.Session) -> Any:
+    def connect(session: Session) -> Any:
         n = next(counter)
         session.notes["n"] = n
         return [
@@ -653,7 +665,7 @@ def test_bad_value_and_exception_are_logged_with_the_session_id(
     ids: list[str] = []
 
     @server.on_helo
-    def helo(session: H.Session, hostname: str) -> Any:
+    def helo(session: Session, hostname: str) -> Any:
         ids.append(session.id)
         if hostname == "value.test":
             return 42
@@ -676,12 +688,12 @@ def test_hook_timeout_is_451_and_the_session_goes_on(tmp_path: Path) -> None:
     cancelled: list[str] = []
 
     @server.on_message
-    async def slow_delivery(s: H.Session, envelope: H.Envelope, m: H.Message) -> None:
+    async def slow_delivery(s: Session, envelope: Envelope, m: Message) -> None:
         if envelope.sender == "slow@example.com":
             await asyncio.sleep(10)
 
     @server.on_rcpt
-    async def slow(session: H.Session, envelope: H.Envelope, address: H.Address) -> None:
+    async def slow(session: Session, envelope: Envelope, address: Address) -> None:
         if address.local == "slow":
             try:
                 await asyncio.sleep(10)
@@ -718,20 +730,20 @@ def test_session_fields_and_notes(tmp_path: Path) -> None:
     closed: list[dict[str, Any]] = []
 
     @server.on("connect")
-    def connect(session: H.Session) -> None:
+    def connect(session: Session) -> None:
         assert session.notes == {}  # nothing left over from another session
         session.notes["trail"] = ["connect"]
 
     @server.on_helo
-    def helo(session: H.Session, hostname: str) -> None:
+    def helo(session: Session, hostname: str) -> None:
         session.notes["trail"].append(f"helo {hostname}")
 
     @server.on_mail
-    def mail(session: H.Session, envelope: H.Envelope, address: H.Address) -> None:
+    def mail(session: Session, envelope: Envelope, address: Address) -> None:
         session.notes["trail"].append(f"mail {session.transactions} {session.messages}")
 
     @server.on_close
-    def close(session: H.Session) -> None:
+    def close(session: Session) -> None:
         closed.append(
             {
                 "peer": (session.peer_host, session.peer_port),
@@ -798,7 +810,7 @@ def test_reset_fires_for_rset_ehlo_again_too_big_and_quit(
     tmp_path: Path, with_helo_hook: bool
 ) -> None:
     server = new_server(tmp_path, max_size=2000)
-    resets: list[tuple[str, tuple[H.Address, ...]]] = []
+    resets: list[tuple[str, tuple[Address, ...]]] = []
     server.on_reset(lambda session, envelope: resets.append((envelope.sender, envelope.rcpt_tos)))
     if with_helo_hook:
         server.on_helo(lambda session, hostname: None)
@@ -837,7 +849,7 @@ def test_plugin_order_before_after_and_ties(tmp_path: Path) -> None:
 
     def plugin(name: str) -> Any:
         class Step:
-            async def on_rcpt(self, s: H.Session, e: H.Envelope, a: H.Address) -> None:
+            async def on_rcpt(self, s: Session, e: Envelope, a: Address) -> None:
                 calls.append(name)
 
         step = Step()
@@ -851,7 +863,7 @@ def test_plugin_order_before_after_and_ties(tmp_path: Path) -> None:
     server.on_rcpt(lambda s, e, a: calls.append("first-callback"), name="cb", before="dns")
     server.on_rcpt(lambda s, e, a: calls.append("tie-1"), name="tie-1")
     server.on_rcpt(lambda s, e, a: calls.append("tie-2"), name="tie-2")
-    with pytest.raises(H.HookError, match="cycle"):
+    with pytest.raises(HookError, match="cycle"):
         server.add_plugin(plugin("loop"), before="cb", after="audit")
     with serving(server) as port, Client(port) as c:
         c.cmd("EHLO c.test")
@@ -884,7 +896,7 @@ def test_builtin_delivery_can_be_named_in_ordering(tmp_path: Path) -> None:
     order: list[str] = []
 
     @server.on_message(before="maildir")
-    def check(session: H.Session, envelope: H.Envelope, message: H.Message) -> None:
+    def check(session: Session, envelope: Envelope, message: Message) -> None:
         order.append("check")
         assert not maildir_messages(tmp_path / "mail")
 
@@ -902,8 +914,8 @@ def test_middleware_wraps_every_stage_first_added_outermost(tmp_path: Path) -> N
     server = new_server(tmp_path)
     trace: list[tuple[str, str, str | None]] = []
 
-    def recorder(label: str) -> H.Middleware:
-        async def mw(ctx: H.HookContext, call_next: Callable[[], Awaitable[Any]]) -> Any:
+    def recorder(label: str) -> Middleware:
+        async def mw(ctx: HookContext, call_next: Callable[[], Awaitable[Any]]) -> Any:
             trace.append((f"{label}>", ctx.stage, ctx.step))
             result = await call_next()
             trace.append((f"<{label}", ctx.stage, ctx.step))
@@ -917,13 +929,13 @@ def test_middleware_wraps_every_stage_first_added_outermost(tmp_path: Path) -> N
     class Deny:
         name = "deny"
 
-        def on_rcpt(self, s: H.Session, e: H.Envelope, address: H.Address) -> Any:
+        def on_rcpt(self, s: Session, e: Envelope, address: Address) -> Any:
             return Reject("No") if address.local == "no" else None
 
     server.on_rcpt(lambda s, e, a: None, name="first")
     server.add_plugin(Deny())
 
-    async def short_circuit(ctx: H.HookContext, call_next: Callable[[], Awaitable[Any]]) -> Any:
+    async def short_circuit(ctx: HookContext, call_next: Callable[[], Awaitable[Any]]) -> Any:
         if ctx.stage == "mail" and ctx.args[1].local == "blocked":
             raise Reject(550, "Blocked by middleware", enhanced="5.7.26")
         return await call_next()
@@ -961,20 +973,20 @@ def test_middleware_wraps_every_stage_first_added_outermost(tmp_path: Path) -> N
 def test_hooks_cannot_add_recipients_by_mutating(tmp_path: Path) -> None:
     server = new_server(tmp_path)
     attempts: list[str] = []
-    delivered: list[tuple[H.Address, ...]] = []
+    delivered: list[tuple[Address, ...]] = []
 
     @server.on_rcpt
-    def sneaky(session: H.Session, envelope: H.Envelope, address: H.Address) -> None:
+    def sneaky(session: Session, envelope: Envelope, address: Address) -> None:
         if address.local == "append":
             attempts.append("append")
-            envelope.rcpt_tos.append(H.Address("bcc@evil.test"))  # type: ignore[attr-defined]
+            envelope.rcpt_tos.append(Address("bcc@evil.test"))  # type: ignore[attr-defined]
         if address.local == "assign":
             attempts.append("assign")
-            envelope.rcpt_tos = (H.Address("bcc@evil.test"),)  # type: ignore[misc]
+            envelope.rcpt_tos = (Address("bcc@evil.test"),)  # type: ignore[misc]
         if address.local == "copy":
             # A modified copy is the hook's own: the server's envelope is unchanged.
             attempts.append("copy")
-            envelope.with_recipient(H.Address("bcc@evil.test"))
+            envelope.with_recipient(Address("bcc@evil.test"))
 
     server.on_message(lambda s, envelope, m: delivered.append(envelope.rcpt_tos))
     with serving(server) as port, Client(port) as c:
@@ -1019,13 +1031,13 @@ def test_lmtp_message_hook_answers_per_recipient(tmp_path: Path, shape: str) -> 
     recipients = [f"r{i}@example.com" for i in range(len(answers))]
 
     @server.on_message
-    async def deliver(session: H.Session, envelope: H.Envelope, message: H.Message) -> Any:
+    async def deliver(session: Session, envelope: Envelope, message: Message) -> Any:
         assert envelope.rcpt_tos == tuple(recipients)
         if shape == "list":
             return answers
         if shape == "dict":
             return {rcpt.upper(): answer for rcpt, answer in zip(recipients, answers, strict=True)}
-        return H.PerRecipient(tuple(answers))
+        return PerRecipient(tuple(answers))
 
     with serving(server) as port:
         replies = lmtp_exchange(port, recipients)
@@ -1043,7 +1055,7 @@ def test_lmtp_partial_dict_single_answer_and_wrong_count(tmp_path: Path) -> None
     server = new_server(tmp_path, lmtp=True)
 
     @server.on_message
-    def deliver(session: H.Session, envelope: H.Envelope, message: H.Message) -> Any:
+    def deliver(session: Session, envelope: Envelope, message: Message) -> Any:
         sender = envelope.sender
         if sender.startswith("dict"):
             return {"r1@example.com": TempFail("Try r1 later")}
@@ -1090,11 +1102,11 @@ def test_background_plugin_runs_after_the_reply_on_a_hard_link(
     server = new_server(tmp_path)
     release = threading.Event()
     spooled: list[tuple[Path, int]] = []
-    later: list[tuple[str, bytes, bool, tuple[H.Address, ...]]] = []
+    later: list[tuple[str, bytes, bool, tuple[Address, ...]]] = []
     done = threading.Event()
 
     @server.on_message
-    def required(session: H.Session, envelope: H.Envelope, message: H.Message) -> None:
+    def required(session: Session, envelope: Envelope, message: Message) -> None:
         assert message.path is not None
         spooled.append((message.path, message.path.stat().st_ino))
 
@@ -1102,9 +1114,7 @@ def test_background_plugin_runs_after_the_reply_on_a_hard_link(
         name = "archive"
         required = False
 
-        async def on_message(
-            self, session: H.Session, envelope: H.Envelope, message: H.Message
-        ) -> None:
+        async def on_message(self, session: Session, envelope: Envelope, message: Message) -> None:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(None, release.wait, 10)
             assert message.path is not None
@@ -1116,7 +1126,7 @@ def test_background_plugin_runs_after_the_reply_on_a_hard_link(
         name = "broken"
         required = False
 
-        def on_message(self, session: H.Session, envelope: H.Envelope, message: H.Message) -> None:
+        def on_message(self, session: Session, envelope: Envelope, message: Message) -> None:
             raise RuntimeError("webhook down")
 
     server.add_plugin(Archive())
@@ -1150,7 +1160,7 @@ def test_background_plugin_of_a_refused_message_does_not_run(tmp_path: Path) -> 
     server = new_server(tmp_path)
     ran: list[str] = []
 
-    async def later(session: H.Session, envelope: H.Envelope, message: H.Message) -> None:
+    async def later(session: Session, envelope: Envelope, message: Message) -> None:
         ran.append(envelope.sender)
 
     later.required = False  # type: ignore[attr-defined]
@@ -1168,7 +1178,7 @@ def test_background_plugin_of_a_refused_message_does_not_run(tmp_path: Path) -> 
 def test_stop_waits_for_background_plugins_within_close_timeout(tmp_path: Path) -> None:
     outcomes: list[str] = []
 
-    async def slow(session: H.Session, envelope: H.Envelope, message: H.Message) -> None:
+    async def slow(session: Session, envelope: Envelope, message: Message) -> None:
         try:
             await asyncio.sleep(0.3 if envelope.sender == "quick@example.com" else 30)
             outcomes.append(f"finished {envelope.sender}")
@@ -1218,7 +1228,7 @@ def test_server_from_code_defaults_store_nothing(
         server = Server(hostname="mx.test", listen="127.0.0.1:0")
 
         @server.on_message
-        async def keep(session: H.Session, envelope: H.Envelope, message: H.Message) -> None:
+        async def keep(session: Session, envelope: Envelope, message: Message) -> None:
             received.append(await message.read())
 
         async with server as running:
@@ -1290,7 +1300,7 @@ def test_server_lifecycle_errors_and_idempotent_stop(tmp_path: Path) -> None:
 
 
 def test_server_options_object_and_hooks_object(tmp_path: Path) -> None:
-    hooks = H.Hooks()
+    hooks = Hooks()
     seen: list[str] = []
     hooks.on("helo", lambda session, hostname: seen.append(hostname))
     options = ServerOptions(
@@ -1317,10 +1327,10 @@ def test_maildir_delivery_leaves_the_message_to_later_steps_and_background_plugi
     later: list[bytes] = []
     done = threading.Event()
 
-    async def after_maildir(session: H.Session, envelope: H.Envelope, message: H.Message) -> None:
+    async def after_maildir(session: Session, envelope: Envelope, message: Message) -> None:
         after.append(await message.read())
 
-    async def in_background(session: H.Session, envelope: H.Envelope, message: H.Message) -> None:
+    async def in_background(session: Session, envelope: Envelope, message: Message) -> None:
         later.append(await message.read())
         done.set()
 
@@ -1347,7 +1357,7 @@ def test_prepend_header_is_seen_by_later_steps_and_stored(tmp_path: Path) -> Non
     )
 
     @server.on_message(before="maildir")
-    async def annotate(session: H.Session, envelope: H.Envelope, message: H.Message) -> None:
+    async def annotate(session: Session, envelope: Envelope, message: Message) -> None:
         await message.prepend_header("Authentication-Results", value)
         seen.append(await message.read())
 
@@ -1365,7 +1375,7 @@ def test_prepend_header_is_seen_by_later_steps_and_stored(tmp_path: Path) -> Non
 
 
 def test_prepend_header_refuses_bad_names_and_line_breaks() -> None:
-    message = H.Message("x", H.Session("s", "1", 1, "2", 2), H.Envelope(), 0, None, 0.0)
-    with pytest.raises(H.HookError):
+    message = Message("x", Session("s", "1", 1, "2", 2), Envelope(), 0, None, 0.0)
+    with pytest.raises(HookError):
         asyncio.run(message.prepend_header("X-Test", "a"))  # no spool
-    assert H.fold_header("X-A", "b c") == b"X-A: b c\r\n"
+    assert fold_header("X-A", "b c") == b"X-A: b c\r\n"

@@ -12,7 +12,14 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 
-from mailgate import hooks as H
+from mailgate.hooks import (
+    Address,
+    Envelope,
+    Hooks,
+    Message,
+    Reject,
+    Session,
+)
 from mailgate.protocol import BareNewline
 from mailgate.protocol.proxy import build_proxy_v1, build_proxy_v2
 from mailgate.server import ListenAddress
@@ -88,7 +95,7 @@ def test_starttls_and_auth(tmp_path: Path) -> None:
     from mailgate.plugins.static_auth import StaticUsers
 
     certs = make_certs(tmp_path)
-    hooks = H.Hooks()
+    hooks = Hooks()
     hooks.add(StaticUsers({"alice": "secret"}))
     with running_server(
         tmp_path, hooks, tls_cert=certs.cert, tls_key=certs.key, auth_failure_delay=0.0
@@ -126,7 +133,7 @@ def test_implicit_tls_counts_as_tls_for_auth(tmp_path: Path) -> None:
     from mailgate.plugins.static_auth import StaticUsers
 
     certs = make_certs(tmp_path)
-    hooks = H.Hooks()
+    hooks = Hooks()
     hooks.add(StaticUsers({"alice": "secret"}))
     listen = (ListenAddress("127.0.0.1", 0, implicit_tls=True),)
     with running_server(
@@ -169,7 +176,7 @@ def test_aiosmtplib(tmp_path: Path) -> None:
 
 def test_mbox_delivery(tmp_path: Path) -> None:
     mbox = tmp_path / "mail.mbox"
-    hooks = H.Hooks()
+    hooks = Hooks()
     with (
         running_server(tmp_path, hooks, delivery="mbox", mbox=mbox) as srv,
         smtplib.SMTP("127.0.0.1", srv.port()) as c,
@@ -348,10 +355,10 @@ def test_pipelined_replies_in_one_write(tmp_path: Path) -> None:
 
 
 def test_connect_hook_rejects(tmp_path: Path) -> None:
-    hooks = H.Hooks()
+    hooks = Hooks()
 
-    async def deny(session: H.Session) -> None:
-        raise H.Reject("No service for you", code=554, status="5.7.1")
+    async def deny(session: Session) -> None:
+        raise Reject("No service for you", code=554, status="5.7.1")
 
     hooks.on("connect", deny)
     with running_server(tmp_path, hooks) as srv:
@@ -364,14 +371,14 @@ def test_connect_hook_rejects(tmp_path: Path) -> None:
 
 
 def test_rcpt_hook_and_message_hook(tmp_path: Path) -> None:
-    seen: list[H.Message] = []
-    hooks = H.Hooks()
+    seen: list[Message] = []
+    hooks = Hooks()
 
-    async def only_example(session: H.Session, envelope: H.Envelope, address: H.Address) -> None:
+    async def only_example(session: Session, envelope: Envelope, address: Address) -> None:
         if address.domain != "example.com":
-            raise H.Reject("Relay access denied", code=554, status="5.7.1")
+            raise Reject("Relay access denied", code=554, status="5.7.1")
 
-    async def capture(session: H.Session, envelope: H.Envelope, message: H.Message) -> None:
+    async def capture(session: Session, envelope: Envelope, message: Message) -> None:
         seen.append(message)
         assert message.read_bytes().endswith(BODY)
         assert message.as_email()["Subject"] == "test"
@@ -388,9 +395,9 @@ def test_proxy_protocol(tmp_path: Path) -> None:
     import ipaddress
 
     seen: list[str] = []
-    hooks = H.Hooks()
+    hooks = Hooks()
 
-    async def record(session: H.Session) -> None:
+    async def record(session: Session) -> None:
         seen.append(f"{session.peer_host}:{session.peer_port}")
 
     hooks.on("connect", record)

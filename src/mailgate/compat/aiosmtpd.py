@@ -115,11 +115,11 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Final
 
-from mailgate import __version__
 from mailgate.hooks import Address, AuthAttempt, HookError, Message
 from mailgate.hooks import Envelope as MailgateEnvelope
 from mailgate.hooks import Session as MailgateSession
 from mailgate.protocol import Reply
+from mailgate.version import __version__
 
 from ._aiosmtpd_loader import load_handler
 from ._aiosmtpd_objects import (

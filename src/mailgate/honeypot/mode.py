@@ -1,6 +1,6 @@
 """Honeypot mode: a mailgate server assembled from honeypot settings.
 
-:func:`build_server` turns the server settings and :class:`~mailgate.config.HoneypotOptions`
+:func:`build_server` turns the server settings and :class:`~mailgate.honeypot.settings.HoneypotOptions`
 (what ``mailgate honeypot`` and a ``mode = "honeypot"`` configuration give) into a
 :class:`HoneypotServer` with the safe honeypot set-up:
 
@@ -21,7 +21,7 @@
 
 From code::
 
-    from mailgate.config import HoneypotOptions
+    from mailgate.honeypot.settings import HoneypotOptions
     from mailgate.honeypot.mode import build_server
     from mailgate.server.options import ListenAddress, ServerOptions
 
@@ -34,32 +34,31 @@ From code::
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import re
-from collections.abc import Iterator
 from typing import Any
 
-from mailgate.config import ConfigError, HoneypotOptions
-from mailgate.hooks import AuthAttempt, Envelope, Message, Reject, Session, TempFail
+from mailgate.hooks import Message, Session
+from mailgate.plugins import chain, relay
 from mailgate.plugins.lists import Lists
 from mailgate.plugins.policy import PolicyConfigError, PolicyEnv
 from mailgate.plugins.rate_limits import RateLimits
 from mailgate.protocol import Reply
-from mailgate.server.app import Server
+from mailgate.server.app import SMTPServer, StartPlugins
 from mailgate.server.options import PolicySection, ServerOptions
 from mailgate.server.tls import TLSConfigError, ensure_dev_certificate
+from mailgate.settings import ConfigError
 
 from .personas import PERSONAS, PersonaProfile, ProfileError, load_profile
 from .plugin import HoneypotPlugin
-from .store import CaptureError, CaptureStore
+from .settings import HoneypotOptions
+from .store import CaptureError, CaptureStore, RawMessage
 
 log = logging.getLogger("mailgate.honeypot")
 
 __all__ = [
     "HoneypotServer",
-    "PersonaHoneypotPlugin",
     "build_server",
     "honeypot_server_options",
     "load_persona",
@@ -71,9 +70,9 @@ STATE_DIR = "state"
 #: The SIZE limit when the persona advertises SIZE without a number: something must stop
 #: a client from filling the disk through the spool.
 FALLBACK_MAX_SIZE = 25 * 1024 * 1024
-#: What the relay policy says at start about open_relay; the honeypot says it in its own
-#: start line instead.
-_OPEN_RELAY_WARNING = "open_relay is on"
+#: The relay policy keeps its open_relay warning to itself: the honeypot says it in its
+#: own start line instead.
+_QUIET_RELAY = PolicySection(relay.TABLE, {"warn_open_relay": False}, None, "honeypot mode (relay)")
 
 
 def load_persona(honeypot: HoneypotOptions) -> PersonaProfile:
@@ -159,7 +158,7 @@ def honeypot_server_options(
 
 
 class _Texts:
-    """The persona's server-layer texts, as refusals a plugin raises."""
+    """The persona's server-layer texts, as the replies the plugins are given."""
 
     def __init__(self, profile: PersonaProfile, hostname: str) -> None:
         self.profile = profile
@@ -170,85 +169,29 @@ class _Texts:
             name, hostname=self.hostname, client_ip=session.peer_host, **values
         )
 
-    def refusal(self, name: str, session: Session, **values: object) -> Reject | TempFail:
-        reply = self.reply(name, session, **values)
-        kind = TempFail if reply.code < 500 else Reject
-        return kind(reply.code, reply.text, enhanced=reply.status, disconnect=True)
+    def too_many_connections(self, session: Session) -> Reply:
+        return self.reply("too_many_connections", session)
 
+    def rejected_client(self, session: Session) -> Reply:
+        return self.reply("rejected", session, address="")
 
-class PersonaRateLimits(RateLimits):
-    """The rate limits plugin, refusing connections with the persona's
-    ``too_many_connections`` text."""
+    def auth_failed(self, session: Session) -> Reply:
+        return self.reply("auth_failed", session)
 
-    texts: _Texts | None = None
+    def idle_timeout(self, session: Session) -> Reply:
+        return self.reply("idle_timeout", session)
 
-    async def on_connect(self, session: Session) -> None:
-        try:
-            await super().on_connect(session)
-        except TempFail:
-            if self.texts is None:
-                raise
-            raise self.texts.refusal("too_many_connections", session) from None
-
-
-class PersonaLists(Lists):
-    """The lists plugin, refusing blocked networks with the persona's ``rejected`` text."""
-
-    texts: _Texts | None = None
-
-    async def on_connect(self, session: Session) -> None:
-        try:
-            await super().on_connect(session)
-        except Reject as refusal:
-            if self.texts is None or not refusal.disconnect:
-                raise
-            raise self.texts.refusal("rejected", session, address="") from None
-
-
-class PersonaHoneypotPlugin(HoneypotPlugin):
-    """The honeypot plugin speaking the persona's texts where it answers itself: the
-    end-of-data reply (``message_queued`` with a queue id in the product's format), a
-    refused AUTH that drops the connection, and a session past ``max_session_seconds``."""
-
-    def __init__(self, store: CaptureStore, *, texts: _Texts, **settings: Any) -> None:
-        super().__init__(store, **settings)
-        self.texts = texts
-        #: Message-ID header of messages being captured, by queue id (Exchange shows it).
-        self._message_ids: dict[str, str | None] = {}
-
-    async def on_auth(self, session: Session, auth: AuthAttempt) -> bool | None:
-        try:
-            return await super().on_auth(session, auth)
-        except Reject as refusal:
-            if not refusal.disconnect:
-                raise
-            reply = self.texts.reply("auth_failed", session)
-            raise Reject(reply.code, reply.text, enhanced=reply.status, disconnect=True) from None
-
-    async def on_message(self, session: Session, envelope: Envelope, message: Message) -> Any:
-        try:
-            await super().on_message(session, envelope, message)
-        finally:
-            message_id = self._message_ids.pop(message.id, None)
-        # The persona's queue id is made up for the reply (the store keys messages by
-        # mailgate's own id); the transcript keeps the reply as sent.
-        return self.texts.profile.queued_reply(
-            hostname=self.texts.hostname,
+    def message_queued(self, session: Session, message: Message, raw: RawMessage | None) -> Reply:
+        """The end-of-data reply: ``message_queued`` with a queue id in the product's
+        format, made up for the reply (the store keys messages by mailgate's own id; the
+        transcript keeps the reply as sent), quoting the message's Message-ID where the
+        product does (Exchange)."""
+        return self.profile.queued_reply(
+            hostname=self.hostname,
             client_ip=session.peer_host,
-            message_id=message_id,
+            message_id=_message_id(raw.head) if raw is not None else None,
             now=message.received_at,
         )
-
-    def _read_message(self, message: Message, keep: bool) -> tuple[Any, Any]:
-        raw, extracted = super()._read_message(message, keep)
-        self._message_ids[message.id] = _message_id(raw.head)
-        return raw, extracted
-
-    def too_long_refusal(self, session: Session) -> Reject | TempFail:
-        return self.texts.refusal("idle_timeout", session)
-
-    def too_long_reply(self, session: Session) -> Reply:
-        return self.texts.reply("idle_timeout", session)
 
 
 _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*<([!-;=?-~]{1,250})>", re.I | re.M)
@@ -261,19 +204,26 @@ def _message_id(head: bytes) -> str | None:
     return match[1].decode("ascii") if match else None
 
 
-class HoneypotServer(Server):
-    """A :class:`~mailgate.server.app.Server` in honeypot mode (see :func:`build_server`):
-    ``honeypot`` is its settings, ``profile`` its persona, ``plugin`` the honeypot plugin
-    and ``store`` the capture store."""
+class HoneypotServer(SMTPServer):
+    """A server in honeypot mode (see :func:`build_server`): ``honeypot`` is its
+    settings, ``profile`` its persona, ``plugin`` the honeypot plugin and ``store`` the
+    capture store."""
 
     honeypot: HoneypotOptions
     profile: PersonaProfile
-    plugin: PersonaHoneypotPlugin
+    plugin: HoneypotPlugin
     store: CaptureStore
 
+    def start_plugins(self) -> StartPlugins:
+        """The policy plugins of the configuration's other tables (DNS lists, client
+        checks, ...) ahead of the honeypot's own; relay control stays quiet about the open
+        relay (the start line says it). Nothing else: a honeypot delivers nothing and
+        checks no password."""
+        options = dataclasses.replace(self.options, policy=(*self.options.policy, _QUIET_RELAY))
+        return StartPlugins(first=chain.policy_plugins(options))
+
     async def start(self, *, reuse_port: bool = False) -> None:
-        with _without_record(logging.getLogger("mailgate.policy"), _OPEN_RELAY_WARNING):
-            await super().start(reuse_port=reuse_port)
+        await super().start(reuse_port=reuse_port)
         hp = self.honeypot
         log.warning(
             "honeypot mode: persona %s as %s; accepting mail for every domain, relaying and "
@@ -319,9 +269,11 @@ def build_server(
     except CaptureError as exc:
         raise ConfigError(str(exc)) from None
     try:
-        plugin = PersonaHoneypotPlugin(
+        plugin = HoneypotPlugin(
             store,
-            texts=texts,
+            auth_drop_reply=texts.auth_failed,
+            session_expired_reply=texts.idle_timeout,
+            message_reply=texts.message_queued,
             auth_outcome=honeypot.auth_outcome,
             drop_after_credentials=honeypot.drop_after_credentials,
             tarpit=honeypot.tarpit,
@@ -363,10 +315,7 @@ def _policy_plugins(
             else {},
         )
         if lists is not None:
-            lists_plugin = PersonaLists.from_section(lists, env)
-            assert isinstance(lists_plugin, PersonaLists)  # from_section builds cls(...)
-            lists_plugin.texts = texts
-            plugins.append(lists_plugin)
+            plugins.append(Lists.from_section(lists, env, client_refusal=texts.rejected_client))
         limits = _section(
             tables,
             "limits",
@@ -375,10 +324,10 @@ def _policy_plugins(
             else {},
         )
         if limits is not None:
-            limits_plugin = PersonaRateLimits.from_section(limits, env)
-            assert isinstance(limits_plugin, PersonaRateLimits)
+            limits_plugin = RateLimits.from_section(
+                limits, env, connect_refusal=texts.too_many_connections
+            )
             if limits_plugin.active:
-                limits_plugin.texts = texts
                 plugins.append(limits_plugin)
     except (PolicyConfigError, ValueError, OSError) as exc:
         raise ConfigError(str(exc)) from None
@@ -395,20 +344,6 @@ def _section(
     if existing is None:
         return PolicySection(name, overrides, None, f"honeypot settings ({name})")
     return dataclasses.replace(existing, values={**existing.values, **overrides})
-
-
-@contextlib.contextmanager
-def _without_record(logger: logging.Logger, prefix: str) -> Iterator[None]:
-    """Leave out ``logger``'s records whose message starts with ``prefix`` meanwhile."""
-
-    def keep(record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(prefix)
-
-    logger.addFilter(keep)
-    try:
-        yield
-    finally:
-        logger.removeFilter(keep)
 
 
 def run(options: ServerOptions, honeypot: HoneypotOptions) -> int:

@@ -8,9 +8,11 @@ and the texts the server layer sends outside the protocol (relay denied, client 
 too many connections, message queued).
 
 Built-in profiles are in :data:`PERSONAS`: ``postfix``, ``exim``, ``exchange``,
-``sendmail`` and ``generic``. They were written from each product's source code and
-documentation; where the exact text was not certain the comment says ``UNSURE``, and the
-user documentation lists those places. A persona only changes how mailgate *looks*: it
+``sendmail`` and ``generic``. Each is a profile file shipped with the package
+(``builtin_personas/<name>.toml``), read by :func:`load_profile` like a user's own. They
+were written from each product's source code and documentation; where the exact text was
+not certain the file's comment says ``UNSURE``, and the user documentation lists those
+places. A persona only changes how mailgate *looks*: it
 advertises nothing mailgate does not do (no ETRN, no PRDR, no NTLM...).
 
 :func:`load_profile` reads a TOML profile: a ``base`` persona plus overrides. Every
@@ -30,6 +32,8 @@ import time
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -44,6 +48,7 @@ from mailgate.protocol.persona import (
     Persona,
     PersonaError,
     clean,
+    placeholders_in,
 )
 from mailgate.protocol.replies import Reply, ReplyError
 from mailgate.protocol.sasl import MECHANISMS
@@ -268,32 +273,8 @@ def format_reply(reply: Reply) -> str | list[str]:
 
 # --- placeholders ----------------------------------------------------------------------------
 
+# Only for _fill_software, which rewrites texts; checking them is placeholders_in's job.
 _FORMATTER = string.Formatter()
-_PRINTABLE = re.compile(r"[\t\x20-\x7e]*")
-
-
-def _fields(text: str, allowed: frozenset[str]) -> frozenset[str]:
-    """The placeholders ``text`` uses; ValueError for a malformed or unknown one."""
-    if not _PRINTABLE.fullmatch(text):
-        bad = next(c for c in text if not _PRINTABLE.fullmatch(c))
-        raise ValueError(f"character {bad!r} not allowed (printable ASCII and TAB only)")
-    try:
-        parsed = list(_FORMATTER.parse(text))
-    except ValueError as exc:
-        raise ValueError(f"{exc} in {text!r} (write '{{{{' and '}}}}' for braces)") from None
-    found: set[str] = set()
-    for _, name, spec, conversion in parsed:
-        if name is None:
-            continue
-        if name not in allowed:
-            known = ", ".join("{" + n + "}" for n in sorted(allowed))
-            close = difflib.get_close_matches(name, allowed, n=1)
-            hint = f" (did you mean {{{close[0]}}}?)" if close else ""
-            raise ValueError(f"unknown placeholder {{{name}}}{hint}; allowed here: {known}")
-        if spec or conversion:
-            raise ValueError(f"placeholder {{{name}}} takes no format spec or conversion")
-        found.add(name)
-    return frozenset(found)
 
 
 def _fill_software(text: str, software: str) -> str:
@@ -330,7 +311,7 @@ def _escape(text: str) -> str:
 def _render(reply: Reply, values: Mapping[str, object], allowed: frozenset[str]) -> Reply:
     fields: set[str] = set()
     for line in reply.lines:
-        fields |= _fields(line, allowed)
+        fields |= placeholders_in(line, allowed)
     filled = {name: clean(values.get(name)) for name in fields}
     return Reply(reply.code, reply.status, tuple(line.format_map(filled) for line in reply.lines))
 
@@ -490,7 +471,7 @@ def _server_reply_problem(name: str, reply: Reply) -> str:
     try:
         fields: set[str] = set()
         for line in reply.lines:
-            fields |= _fields(line, allowed)
+            fields |= placeholders_in(line, allowed)
     except ValueError as exc:
         return str(exc)
     if _SERVER_CLASSES[name] == "refusal" and reply.is_positive:
@@ -562,7 +543,7 @@ def _text_template(reader: _Reader, key: str, allowed: frozenset[str], software:
     name first (RFC 5321 4.2: the greeting and the EHLO reply start with the domain)."""
     text = reader.string(key)
     try:
-        _fields(text, allowed | {"software"})
+        placeholders_in(text, allowed | {"software"})
     except ValueError as exc:
         raise reader.error(key, str(exc)) from None
     if not text.startswith("{hostname}"):
@@ -589,7 +570,7 @@ def _reply_value(reader: _Reader, name: str, value: object, software: str) -> Re
     )
     try:
         for line in reply.lines:
-            _fields(line, allowed)
+            placeholders_in(line, allowed)
     except ValueError as exc:
         raise reader.error(key, str(exc)) from None
     if name in SERVER_REPLY_NAMES:
@@ -672,13 +653,15 @@ def profile_from_mapping(
 def _resolve_base(reader: _Reader, base: str | PersonaProfile | None) -> PersonaProfile:
     if "base" in reader.data:
         name = reader.string("base")
-        if name not in PERSONAS and name != "none":
+        if name == "none":
+            return _NONE  # before PERSONAS exists: the built-ins themselves start here
+        if name not in PERSONAS:
             raise reader.error(
                 "base",
                 f"unknown persona {name!r}{_did_you_mean(name, [*PERSONAS, 'none'])}; "
                 f"built-in: {', '.join(PERSONAS)} (or none)",
             )
-        return _NONE if name == "none" else PERSONAS[name]
+        return PERSONAS[name]
     if isinstance(base, PersonaProfile):
         return base
     if base is None:
@@ -731,7 +714,7 @@ def _build(reader: _Reader) -> PersonaProfile:
         texts = tuple(_fill_software(line, software) for line in lines)
         try:
             for line in texts:
-                _fields(line, PLACEHOLDERS["help"])
+                placeholders_in(line, PLACEHOLDERS["help"])
             replies["help"] = Reply(code, f"{code // 100}.0.0", texts)
         except (ValueError, ReplyError) as exc:
             raise reader.error("help", str(exc)) from None
@@ -772,7 +755,7 @@ def _build(reader: _Reader) -> PersonaProfile:
 def _fits(reply: Reply, allowed: frozenset[str]) -> bool:
     try:
         for line in reply.lines:
-            _fields(line, allowed)
+            placeholders_in(line, allowed)
     except ValueError:
         return False
     return True
@@ -862,10 +845,13 @@ def dump_profile(profile: PersonaProfile) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_profile(path: str | Path, base: str | PersonaProfile | None = None) -> PersonaProfile:
-    """Read a TOML profile file. It starts from its ``base`` key's built-in persona, else
-    from ``base``, else from ``generic``. ProfileError names the file and the key."""
-    file = Path(path)
+def load_profile(
+    path: str | Path | Traversable, base: str | PersonaProfile | None = None
+) -> PersonaProfile:
+    """Read a TOML profile file (a path, or a package resource such as a built-in). It
+    starts from its ``base`` key's built-in persona, else from ``base``, else from
+    ``generic``. ProfileError names the file and the key."""
+    file = path if isinstance(path, Traversable) else Path(path)
     try:
         with file.open("rb") as handle:
             data = tomllib.load(handle)
@@ -873,498 +859,15 @@ def load_profile(path: str | Path, base: str | PersonaProfile | None = None) -> 
         raise ProfileError(str(file), "", f"cannot read: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ProfileError(str(file), "", f"not valid TOML: {exc}") from None
-    data.setdefault("name", file.stem)
+    data.setdefault("name", file.name.removesuffix(".toml"))
     return profile_from_mapping(data, base=base, source=str(file))
 
 
 # --- the built-in personas ---------------------------------------------------------------------
 #
-# Written from the products' source code and documentation. "UNSURE" marks texts that are
-# a best guess (a code path not read, or a text that changed between versions); the user
-# documentation lists them. Replies not named keep mailgate's defaults, which are written
-# in RFC 5321 style.
-
-_POSTFIX: dict[str, Any] = {
-    # Postfix 3.7 as packaged by Debian 12: smtpd_banner = $myhostname ESMTP $mail_name
-    # (Debian/GNU); SASL through Dovecot (PLAIN LOGIN); message_size_limit 10240000.
-    "name": "postfix",
-    "description": "Postfix 3.7 on Debian 12 with Dovecot SASL",
-    "software": "Postfix",
-    "hostname": "mail.example.com",
-    "banner": "{hostname} ESMTP {software} (Debian/GNU)",
-    "ehlo_greeting": "{hostname}",
-    "helo_greeting": "{hostname}",
-    # smtpd.c ehlo_cmd(): PIPELINING SIZE VRFY ETRN STARTTLS AUTH XCLIENT XFORWARD
-    # ENHANCEDSTATUSCODES 8BITMIME DSN SMTPUTF8 CHUNKING. No ETRN (mailgate has none).
-    "capabilities": [
-        "PIPELINING",
-        "SIZE",
-        "VRFY",
-        "STARTTLS",
-        "AUTH",
-        "XCLIENT",
-        "XFORWARD",
-        "ENHANCEDSTATUSCODES",
-        "8BITMIME",
-        "DSN",
-        "SMTPUTF8",
-        "CHUNKING",
-    ],
-    # Postfix has no HELP and no EXPN command ("502 5.5.2 Error: command not recognized"),
-    # no BINARYMIME, no REQUIRETLS.
-    "hidden_capabilities": ["BINARYMIME", "REQUIRETLS", "HELP", "EXPN"],
-    "enhanced_status_codes": True,
-    "auth_mechanisms": ["PLAIN", "LOGIN"],
-    "message_size_limit": 10_240_000,
-    "queue_id": "postfix",
-    "replies": {
-        "ok": "250 2.0.0 Ok",
-        "sender_ok": "250 2.1.0 Ok",
-        "recipient_ok": "250 2.1.5 Ok",
-        "message_accepted": "250 2.0.0 Ok: queued",
-        "message_queued": "250 2.0.0 Ok: queued as {queue_id}",
-        "bdat_chunk_ok": "250 2.0.0 Ok: {size} bytes",  # UNSURE
-        "reset_ok": "250 2.0.0 Ok",
-        "noop_ok": "250 2.0.0 Ok",
-        "start_data": "354 End data with <CR><LF>.<CR><LF>",
-        "bye": "221 2.0.0 Bye",
-        "ready_for_tls": "220 2.0.0 Ready to start TLS",
-        "auth_ok": "235 2.7.0 Authentication successful",
-        "vrfy_default": "252 2.0.0 {address}",
-        "unknown_command": "502 5.5.2 Error: command not recognized",
-        "invalid_utf8": "500 5.5.2 Error: bad UTF-8 syntax",
-        "not_implemented": "502 5.5.1 Error: command not implemented",  # UNSURE
-        # Postfix cuts long lines instead of refusing them. UNSURE
-        "line_too_long": "500 5.5.2 Error: bad syntax",
-        "auth_line_too_long": "500 5.5.6 SASL response limit exceeded",  # UNSURE
-        "control_characters": "500 5.5.2 Error: bad syntax",  # UNSURE
-        "argument_not_allowed": "501 5.5.4 Syntax: {verb}",
-        "argument_required": "501 5.5.4 Syntax: {verb} address",  # HELO says "hostname"
-        "hello_syntax": "501 Syntax: {verb} hostname",
-        "mail_syntax": "501 5.5.4 Syntax: MAIL FROM:<address>",
-        "rcpt_syntax": "501 5.5.4 Syntax: RCPT TO:<address>",
-        "bdat_syntax": "501 5.5.4 Syntax: BDAT count [LAST]",  # UNSURE
-        "auth_syntax": "501 5.5.4 Syntax: AUTH mechanism",
-        "bad_sender_address": "501 5.1.7 Bad sender address syntax",
-        "bad_recipient_address": "501 5.1.3 Bad recipient address syntax",
-        "parameter_syntax": "501 5.5.4 Bad parameter syntax",  # UNSURE
-        # Postfix names the option ("Unsupported option: FOO=1"); no placeholder for it.
-        "bad_parameter": "555 5.5.4 Unsupported option",
-        "auth_malformed": "535 5.7.8 Error: authentication failed: authentication failure",
-        "smtputf8_required": "553 5.6.7 Must declare SMTPUTF8 to send unicode address",
-        "bad_sequence": "503 5.5.1 Error: bad sequence of commands",  # UNSURE
-        "need_hello": "503 5.5.1 Error: send HELO/EHLO first",
-        "need_mail": "503 5.5.1 Error: need MAIL command",
-        # DATA after MAIL without RCPT (before MAIL: "503 5.5.1 Error: need RCPT command").
-        "need_rcpt": "554 5.5.1 Error: no valid recipients",
-        "sender_already_specified": "503 5.5.1 Error: nested MAIL command",
-        "data_after_bdat": "503 5.5.1 Error: DATA after BDAT",  # UNSURE
-        "not_in_transaction": "503 5.5.1 Error: MAIL transaction in progress",
-        "only_quit": "503 5.7.0 Error: access denied",  # Postfix adds name[address]
-        "tls_already_active": "554 5.5.1 Error: TLS already active",
-        "auth_already": "503 5.5.1 Error: already authenticated",
-        "auth_unknown_mechanism": (
-            "535 5.7.8 Error: authentication failed: Invalid authentication mechanism"
-        ),  # UNSURE (the text comes from Dovecot)
-        "auth_requires_tls": "503 5.5.1 Error: authentication not enabled",
-        # The reason after the colon comes from the SASL server. UNSURE
-        "auth_failed": "535 5.7.8 Error: authentication failed: authentication failure",
-        "auth_cancelled": "501 5.7.0 Authentication aborted",
-        "auth_bad_base64": "501 5.5.2 Cannot decode response",  # UNSURE
-        "too_many_recipients": "452 4.5.3 Error: too many recipients",
-        "message_too_big": "552 5.3.4 Message size exceeds fixed limit",
-        # smtpd_forbid_bare_newline (3.9): Postfix also hangs up. UNSURE for 3.7
-        "bare_newline": "521 5.5.2 {hostname} Error: bare <LF> received",
-        "bare_newline_strict": "521 5.5.2 {hostname} Error: bare <LF> received",
-        "data_line_too_long": "552 5.3.4 Error: message file too big",  # UNSURE
-        "too_many_errors": "421 4.7.0 {hostname} Error: too many errors",
-        "shutting_down": "421 4.3.2 {hostname} Service shutting down",  # UNSURE
-        "idle_timeout": "421 4.4.2 {hostname} Error: timeout exceeded",
-        "syntax_error": "500 5.5.2 Error: bad syntax",
-        "bad_address": "501 5.1.3 Bad recipient address syntax",
-        "relay_denied": "554 5.7.1 <{address}>: Relay access denied",
-        "rejected": "554 5.7.1 <unknown[{client_ip}]>: Client host rejected: Access denied",
-        "too_many_connections": "421 4.7.0 {hostname} Error: too many connections from {client_ip}",
-    },
-}
-
-_EXIM: dict[str, Any] = {
-    # Exim 4.96 as in Debian 12 (exim4-daemon-light), default configuration plus the
-    # plaintext authenticators; texts from smtp_in.c. Exim has no enhanced status codes.
-    "name": "exim",
-    "description": "Exim 4.96 on Debian 12",
-    "software": "Exim 4.96",
-    "hostname": "mail.example.com",
-    # smtp_banner = $smtp_active_hostname ESMTP Exim $version_number $tod_full.
-    # $tod_full writes the day with two digits ("Tue, 01 Dec 2026").
-    "banner": "{hostname} ESMTP {software} {date_padded}",
-    "ehlo_greeting": "{hostname} Hello {helo} [{client_ip}]",
-    "helo_greeting": "{hostname} Hello {helo} [{client_ip}]",
-    # smtp_in.c: SIZE 8BITMIME (DSN) (ETRN VRFY EXPN if ACLs) PIPELINING AUTH CHUNKING
-    # STARTTLS (PRDR) SMTPUTF8 HELP. Not offered by default: DSN, VRFY. Not in mailgate:
-    # PIPECONNECT, PRDR.
-    "capabilities": [
-        "SIZE",
-        "8BITMIME",
-        "PIPELINING",
-        "AUTH",
-        "CHUNKING",
-        "STARTTLS",
-        "XCLIENT",
-        "SMTPUTF8",
-        "HELP",
-    ],
-    "hidden_capabilities": [
-        "ENHANCEDSTATUSCODES",
-        "DSN",
-        "BINARYMIME",
-        "REQUIRETLS",
-        "XFORWARD",
-    ],
-    # Exim answers VRFY without listing it in EHLO.
-    "unadvertised_capabilities": ["VRFY"],
-    "enhanced_status_codes": False,
-    "help": [
-        "Commands supported:",
-        "AUTH STARTTLS HELO EHLO MAIL RCPT DATA BDAT NOOP QUIT RSET HELP",
-    ],
-    "auth_mechanisms": ["PLAIN", "LOGIN", "CRAM-MD5"],
-    "message_size_limit": 52_428_800,
-    "queue_id": "exim",
-    "replies": {
-        "ok": "250 OK",
-        "sender_ok": "250 OK",
-        "recipient_ok": "250 Accepted",
-        "message_accepted": "250 OK",
-        "message_queued": "250 OK id={queue_id}",
-        "bdat_chunk_ok": "250 {size} byte chunk received",  # UNSURE
-        "reset_ok": "250 Reset OK",
-        "noop_ok": "250 OK",
-        "start_data": '354 Enter message, ending with "." on a line by itself',
-        "bye": "221 {hostname} closing connection",
-        "ready_for_tls": "220 TLS go ahead",
-        "auth_ok": "235 Authentication succeeded",
-        # No VRFY/EXPN ACL: smtp_handle_acl_fail() with "Administrative prohibition".
-        # A bare name ("VRFY root") gets "501 root: recipient address must contain a
-        # domain" from qualify_recipient(); the persona has one VRFY reply, this one.
-        "vrfy_default": "252 Administrative prohibition",
-        "expn_default": "550 Administrative prohibition",
-        "unknown_command": "500 unrecognized command",
-        "invalid_utf8": "500 unrecognized command",
-        "not_implemented": "503 {verb} command used when not advertised",
-        "line_too_long": "500 Command line too long",  # UNSURE
-        "auth_line_too_long": "500 Command line too long",  # UNSURE
-        "control_characters": "501 NUL characters are not allowed in SMTP commands",
-        "argument_not_allowed": "501 unexpected argument data",
-        "argument_required": "501 Syntactically invalid {verb} argument(s)",
-        "hello_syntax": "501 Syntactically invalid {verb} argument(s)",
-        # Exim's verbs are "mail from:" and "rcpt to:": anything else is unknown.
-        "mail_syntax": "500 unrecognized command",
-        "rcpt_syntax": "500 unrecognized command",
-        "bdat_syntax": "501 missing size for BDAT command",
-        "auth_syntax": "501 invalid character in authentication mechanism name",  # UNSURE
-        "auth_malformed": "535 Incorrect authentication data",
-        "bad_sequence": "503 bad sequence of commands",  # UNSURE
-        "need_hello": "503 HELO or EHLO required",
-        "need_mail": "503 sender not yet given",
-        "need_rcpt": "503 valid RCPT command must precede DATA",
-        "sender_already_specified": "503 sender already given",
-        "data_after_bdat": "503 valid RCPT command must precede DATA",  # UNSURE
-        "not_in_transaction": "503 not permitted in mail transaction",
-        "tls_already_active": "503 STARTTLS command used when not advertised",
-        "auth_already": "503 already authenticated",
-        # Exim names the mechanism: "504 FOO authentication mechanism not supported".
-        "auth_unknown_mechanism": "504 authentication mechanism not supported",
-        "auth_requires_tls": "503 AUTH command used when not advertised",
-        "auth_failed": "535 Incorrect authentication data",
-        "auth_cancelled": "501 Authentication cancelled",
-        "auth_bad_base64": "501 Invalid base64 data",
-        "too_many_recipients": "452 too many recipients",
-        "message_too_big": "552 Message size exceeds maximum permitted",
-        "too_many_errors": "500 Too many syntax or protocol errors",
-        "shutting_down": "421 {hostname}: Service not available - closing connection",
-        "idle_timeout": "421 {hostname}: SMTP command timeout - closing connection",
-        "syntax_error": "501 syntax error",  # UNSURE
-        "bad_address": "501 malformed address",  # UNSURE
-        # Debian's default ACL: "deny message = relay not permitted".
-        "relay_denied": "550 relay not permitted",
-        "rejected": "550 Administrative prohibition",
-        "too_many_connections": (
-            "421 Too many concurrent SMTP connections from this IP address; please try again later."
-        ),
-    },
-}
-
-_EXCHANGE: dict[str, Any] = {
-    # Microsoft Exchange Server 2019, default frontend receive connector on port 25 with
-    # Basic authentication enabled after STARTTLS. NTLM, GSSAPI, X-ANONYMOUSTLS, X-EXPS and
-    # XRDST are not offered (mailgate does not implement them).
-    "name": "exchange",
-    "description": "Microsoft Exchange Server 2019 (frontend transport)",
-    "software": "Microsoft ESMTP MAIL Service",
-    "hostname": "EXCH01.example.com",
-    "banner": "{hostname} {software} ready at {date}",
-    "ehlo_greeting": "{hostname} Hello [{client_ip}]",
-    "helo_greeting": "{hostname} Hello [{client_ip}]",
-    "capabilities": [
-        "SIZE",
-        "PIPELINING",
-        "DSN",
-        "ENHANCEDSTATUSCODES",
-        "STARTTLS",
-        "AUTH",
-        "8BITMIME",
-        "BINARYMIME",
-        "CHUNKING",
-        "SMTPUTF8",
-    ],
-    "hidden_capabilities": ["REQUIRETLS", "XCLIENT", "XFORWARD"],
-    # Exchange answers VRFY and HELP without listing them in EHLO.
-    "unadvertised_capabilities": ["VRFY", "HELP"],
-    "enhanced_status_codes": True,
-    "auth_mechanisms": ["LOGIN"],
-    "message_size_limit": 37_748_736,
-    "queue_id": "exchange",
-    "replies": {
-        "ok": "250 2.0.0 OK",
-        "sender_ok": "250 2.1.0 Sender OK",
-        "recipient_ok": "250 2.1.5 Recipient OK",
-        "message_accepted": "250 2.6.0 Queued mail for delivery",
-        "message_queued": (
-            "250 2.6.0 <{message_id}> [InternalId={queue_id}, Hostname={hostname}] "
-            "Queued mail for delivery"
-        ),
-        "bdat_chunk_ok": "250 2.0.0 {size} bytes received",  # UNSURE
-        "reset_ok": "250 2.0.0 Resetting",
-        "noop_ok": "250 2.0.0 OK",
-        "start_data": "354 Start mail input; end with <CRLF>.<CRLF>",
-        "bye": "221 2.0.0 Service closing transmission channel",
-        "ready_for_tls": "220 2.0.0 SMTP server ready",
-        "auth_ok": "235 2.7.0 Authentication successful",
-        "vrfy_default": "252 2.1.5 Cannot VRFY user",
-        "expn_default": "502 5.3.3 Command not implemented",
-        "help": [
-            "214-This server supports the following commands:",
-            "214 HELO EHLO STARTTLS RCPT DATA RSET MAIL QUIT HELP AUTH BDAT",
-        ],
-        # Older versions say just "Unrecognized command". UNSURE
-        "unknown_command": "500 5.3.3 Unrecognized command '{verb}'",
-        "invalid_utf8": "500 5.3.3 Unrecognized command",
-        "not_implemented": "502 5.3.3 Command not implemented",
-        "line_too_long": "500 5.5.2 Line too long",  # UNSURE
-        "auth_line_too_long": "500 5.5.6 Authentication Exchange line is too long",
-        "argument_not_allowed": "501 5.5.4 Invalid arguments",
-        "argument_required": "501 5.5.4 Invalid arguments",
-        "hello_syntax": "501 5.5.4 Invalid domain name",
-        "mail_syntax": "501 5.5.4 Invalid arguments",
-        "rcpt_syntax": "501 5.5.4 Invalid arguments",
-        "bdat_syntax": "501 5.5.4 Invalid arguments",
-        "auth_syntax": "501 5.5.4 Invalid arguments",
-        "bad_sender_address": "501 5.1.7 Invalid address",
-        "bad_recipient_address": "501 5.1.3 Invalid address",
-        "parameter_syntax": "501 5.5.4 Invalid arguments",
-        "bad_parameter": "501 5.5.4 Invalid arguments",  # UNSURE
-        "auth_malformed": "535 5.7.3 Authentication unsuccessful",
-        "bad_sequence": "503 5.5.2 Bad sequence of commands",  # UNSURE
-        "need_hello": "503 5.5.2 Send hello first",
-        "need_mail": "503 5.5.2 Need mail command",
-        "need_rcpt": "503 5.5.2 Need rcpt command",
-        "sender_already_specified": "503 5.5.2 Sender already specified",
-        "not_in_transaction": "503 5.5.2 Bad sequence of commands",  # UNSURE
-        "tls_already_active": "503 5.5.2 Already in TLS session",  # UNSURE
-        "auth_already": "503 5.5.2 Already authenticated",
-        "auth_unknown_mechanism": "504 5.7.4 Unrecognized authentication type",
-        "auth_requires_tls": "504 5.7.4 Unrecognized authentication type",
-        "auth_failed": "535 5.7.3 Authentication unsuccessful",
-        "auth_cancelled": "501 5.5.4 Authentication aborted",  # UNSURE
-        "auth_bad_base64": "501 5.5.2 Cannot Base64-decode Client responses",
-        "too_many_recipients": "452 4.5.3 Too many recipients",
-        "message_too_big": "552 5.3.4 Message size exceeds fixed maximum message size",
-        "too_many_errors": (
-            "421 4.7.0 Too many errors on this connection, closing transmission channel"
-        ),
-        "shutting_down": "421 4.3.2 Service not available, closing transmission channel",
-        "idle_timeout": "451 4.7.0 Timeout waiting for client input",
-        "syntax_error": "501 5.5.4 Invalid arguments",
-        "bad_address": "501 5.1.3 Invalid address",
-        "relay_denied": "550 5.7.54 SMTP; Unable to relay recipient in non-accepted domain",
-        "rejected": "550 5.7.1 Access denied",  # UNSURE
-        "too_many_connections": (
-            "421 4.3.2 The maximum number of concurrent connections has exceeded a limit, "
-            "closing transmission channel"
-        ),
-    },
-}
-
-_SENDMAIL: dict[str, Any] = {
-    # Sendmail 8.17.1 with the common PrivacyOptions goaway (novrfy, noexpn, noverb...),
-    # Cyrus SASL and no MaxMessageSize; texts from srvrsmtp.c and the stock helpfile.
-    # Replies name the address the way sendmail does ("<user@host>... Sender ok").
-    "name": "sendmail",
-    "description": "Sendmail 8.17.1 with PrivacyOptions=goaway",
-    "software": "Sendmail 8.17.1/8.17.1",
-    "hostname": "mx.example.com",
-    # SmtpGreetingMessage "$j Sendmail $v/$Z; $b" with "ESMTP" put in as second word.
-    "banner": "{hostname} ESMTP {software}; {date}",
-    # Sendmail shows the client's reverse DNS name; a honeypot's clients rarely have one.
-    "ehlo_greeting": "{hostname} Hello [{client_ip}], pleased to meet you",
-    "helo_greeting": "{hostname} Hello [{client_ip}], pleased to meet you",
-    # srvrsmtp.c: ENHANCEDSTATUSCODES PIPELINING (EXPN VERB) 8BITMIME SIZE DSN ETRN AUTH
-    # STARTTLS DELIVERBY HELP. Not in mailgate: ETRN, DELIVERBY, VERB.
-    "capabilities": [
-        "ENHANCEDSTATUSCODES",
-        "PIPELINING",
-        "8BITMIME",
-        "SIZE",
-        "DSN",
-        "AUTH",
-        "STARTTLS",
-        "HELP",
-    ],
-    # Sendmail 8.17 has no CHUNKING, BINARYMIME or REQUIRETLS and SMTPUTF8 only when
-    # built with EAI.
-    "hidden_capabilities": [
-        "CHUNKING",
-        "BINARYMIME",
-        "SMTPUTF8",
-        "REQUIRETLS",
-        "XCLIENT",
-        "XFORWARD",
-    ],
-    # With PrivacyOptions=novrfy sendmail still answers VRFY (252), without listing it.
-    "unadvertised_capabilities": ["VRFY"],
-    "enhanced_status_codes": True,
-    "help": [
-        "This is sendmail version 8.17.1",
-        "Topics:",
-        "\tHELO\tEHLO\tMAIL\tRCPT\tDATA",
-        "\tRSET\tNOOP\tQUIT\tHELP\tVRFY",
-        "\tEXPN\tVERB\tETRN\tDSN\tAUTH",
-        "\tSTARTTLS",
-        'For more info use "HELP <topic>".',
-        "To report bugs in the implementation see",
-        "\thttp://www.sendmail.org/email-addresses.html",
-        "For local information send email to Postmaster at your site.",
-        "End of HELP info",
-    ],
-    "auth_mechanisms": ["CRAM-MD5", "LOGIN", "PLAIN"],
-    "message_size_limit": 0,
-    "queue_id": "sendmail",
-    "replies": {
-        "ok": "250 2.0.0 OK",
-        "sender_ok": "250 2.1.0 <{address}>... Sender ok",
-        "recipient_ok": "250 2.1.5 <{address}>... Recipient ok",
-        "message_accepted": "250 2.0.0 Message accepted for delivery",
-        "message_queued": "250 2.0.0 {queue_id} Message accepted for delivery",
-        "reset_ok": "250 2.0.0 Reset state",
-        "noop_ok": "250 2.0.0 OK",
-        "start_data": '354 Enter mail, end with "." on a line by itself',
-        "bye": "221 2.0.0 {hostname} closing connection",
-        "ready_for_tls": "220 2.0.0 Ready to start TLS",
-        "auth_ok": "235 2.0.0 OK Authenticated",
-        "vrfy_default": (
-            "252 2.5.2 Cannot VRFY user; try RCPT to attempt delivery (or try finger)"
-        ),
-        "expn_default": "502 5.7.0 Sorry, we do not allow this operation",
-        "unknown_command": '500 5.5.1 Command unrecognized: "{command}"',
-        "invalid_utf8": "500 5.5.1 Command unrecognized",
-        "not_implemented": "502 5.5.1 Command not implemented",
-        "line_too_long": "500 5.5.0 Line too long",  # UNSURE
-        "auth_line_too_long": "500 5.5.0 Line too long",  # UNSURE
-        "argument_not_allowed": "501 5.5.2 Syntax error (no parameters allowed)",
-        "argument_required": "501 5.0.0 {verb} requires domain address",  # HELO's text
-        "hello_syntax": "501 5.0.0 Invalid domain name",
-        "mail_syntax": '501 5.5.2 Syntax error in parameters scanning "from"',  # UNSURE
-        "rcpt_syntax": '501 5.5.2 Syntax error in parameters scanning "to"',  # UNSURE
-        "auth_syntax": "501 5.5.2 AUTH mechanism must be specified",  # UNSURE
-        "auth_malformed": "535 5.7.0 authentication failed",
-        "bad_sequence": "503 5.0.0 Bad sequence of commands",  # UNSURE
-        "need_hello": "503 5.0.0 Polite people say HELO first",
-        "need_mail": "503 5.0.0 Need MAIL before RCPT",
-        "need_rcpt": "503 5.0.0 Need RCPT (recipient)",
-        "sender_already_specified": "503 5.5.0 Sender already specified",
-        "not_in_transaction": "503 5.5.0 {verb} not permitted during a mail transaction",
-        "only_quit": "550 5.0.0 Command rejected",
-        "tls_already_active": "503 5.5.0 TLS not available",  # UNSURE
-        "auth_already": "503 5.5.0 Already Authenticated",
-        # Sendmail names it: "504 5.3.3 AUTH mechanism FOO not available".
-        "auth_unknown_mechanism": "504 5.3.3 AUTH mechanism not available",
-        "auth_requires_tls": "503 5.3.3 AUTH not available",
-        "auth_failed": "535 5.7.0 authentication failed",
-        "auth_cancelled": "501 5.0.0 AUTH aborted",
-        # Sendmail quotes the data: "501 5.5.4 cannot decode AUTH parameter xyz".
-        "auth_bad_base64": "501 5.5.4 cannot decode AUTH parameter",
-        "too_many_recipients": "452 4.5.3 Too many recipients",
-        "message_too_big": "552 5.2.3 Message size exceeds fixed maximum message size ({max_size})",
-        "too_many_errors": "421 4.7.0 {hostname} Too many bad commands; closing connection",
-        "shutting_down": "421 4.7.0 {hostname} closing connection",  # UNSURE
-        # Sendmail adds the client: "... Lost input channel from [192.0.2.1]".
-        "idle_timeout": "421 4.4.1 {hostname} Lost input channel",
-        "syntax_error": "501 5.5.2 Syntax error in parameters",  # UNSURE
-        "bad_address": "553 5.1.3 Invalid address",  # UNSURE
-        "relay_denied": "550 5.7.1 <{address}>... Relaying denied",
-        "rejected": "550 5.7.1 Access denied",
-        "too_many_connections": "421 4.3.2 Too many open connections.",  # UNSURE
-    },
-}
-
-_GENERIC: dict[str, Any] = {
-    # No product: RFC 5321 reply texts (sections 3.5.3 and 4.2.2), and everything mailgate
-    # offers in its own order.
-    "name": "generic",
-    "description": "A generic ESMTP server using RFC 5321 texts",
-    "software": "ESMTP",
-    "hostname": "mail.example.com",
-    "banner": "{hostname} ESMTP Service ready",
-    "ehlo_greeting": "{hostname} Hello {helo} [{client_ip}]",
-    "helo_greeting": "{hostname} Hello {helo} [{client_ip}]",
-    "capabilities": [],
-    "hidden_capabilities": [],
-    "enhanced_status_codes": True,
-    "auth_mechanisms": ["PLAIN", "LOGIN"],
-    "message_size_limit": 26_214_400,
-    "queue_id": "hex",
-    "replies": {
-        "ok": "250 2.0.0 OK",
-        "sender_ok": "250 2.1.0 Sender OK",
-        "recipient_ok": "250 2.1.5 Recipient OK",
-        "message_accepted": "250 2.0.0 OK",
-        "message_queued": "250 2.0.0 OK: queued as {queue_id}",
-        "reset_ok": "250 2.0.0 OK",
-        "noop_ok": "250 2.0.0 OK",
-        "start_data": "354 Start mail input; end with <CRLF>.<CRLF>",
-        "bye": "221 2.0.0 {hostname} Service closing transmission channel",
-        "vrfy_default": "252 2.1.5 Cannot VRFY user, but will accept message and attempt delivery",
-        "expn_default": "502 5.5.1 Command not implemented",
-        "unknown_command": "500 5.5.1 Syntax error, command unrecognized",
-        "not_implemented": "502 5.5.1 Command not implemented",
-        "syntax_error": "501 5.5.4 Syntax error in parameters or arguments",
-        "bad_sequence": "503 5.5.1 Bad sequence of commands",
-        "need_hello": "503 5.5.1 Bad sequence of commands",
-        "need_mail": "503 5.5.1 Bad sequence of commands",
-        "need_rcpt": "503 5.5.1 Bad sequence of commands",
-        "sender_already_specified": "503 5.5.1 Bad sequence of commands",
-        "auth_unknown_mechanism": "504 5.5.4 Unrecognized authentication type",
-        "auth_bad_base64": "501 5.5.2 Cannot Base64-decode Client responses",
-        "message_too_big": "552 5.3.4 Requested mail action aborted: exceeded storage allocation",
-        "too_many_errors": "421 4.7.0 {hostname} Service not available, closing transmission channel",
-        "shutting_down": "421 4.3.2 {hostname} Service not available, closing transmission channel",
-        "idle_timeout": "421 4.4.2 {hostname} Service not available, closing transmission channel",
-        "relay_denied": "550 5.7.1 Relaying denied",
-        "rejected": "554 5.7.1 Access denied",
-        "too_many_connections": "421 4.7.0 {hostname} Too many connections, try again later",
-    },
-}
-
-
-def _builtin(spec: Mapping[str, Any]) -> PersonaProfile:
-    source = f"<built-in persona {spec['name']}>"
-    reader = _Reader(spec, source)
-    for key in spec:
-        if key not in PROFILE_KEYS or key == "base":
-            raise reader.error(key, "unknown key")
-    return _build(reader)
-
+# Each is a profile file shipped as package data (builtin_personas/<name>.toml), read by
+# load_profile like a user's own; each starts from "base = none" (mailgate's own texts),
+# so none depends on another.
 
 #: ``base = "none"``: mailgate's own texts, no persona (what dump_profile starts from).
 _NONE = PersonaProfile(
@@ -1375,7 +878,11 @@ _NONE = PersonaProfile(
     message_size_limit=26_214_400,
 )
 
+#: The built-in persona names, in the order listings show them.
+_BUILT_IN_NAMES = ("postfix", "exim", "exchange", "sendmail", "generic")
+_BUILT_IN_FILES = resources.files("mailgate.honeypot") / "builtin_personas"
+
 #: The built-in personas by name.
 PERSONAS: Mapping[str, PersonaProfile] = MappingProxyType(
-    {spec["name"]: _builtin(spec) for spec in (_POSTFIX, _EXIM, _EXCHANGE, _SENDMAIL, _GENERIC)}
+    {name: load_profile(_BUILT_IN_FILES / f"{name}.toml") for name in _BUILT_IN_NAMES}
 )

@@ -14,7 +14,11 @@
   connections seen from the client's address (at most ``tarpit_max``);
 - ends sessions older than ``max_session_seconds``: with ``421 4.4.2`` at the next
   command, and with a timer for clients that send nothing or only commands no plugin
-  sees (NOOP, RSET) -- the timer needs the server, given by :meth:`install`.
+  sees (NOOP, RSET) -- the timer needs the server, given by :meth:`install`, to close
+  the session (``server.close_session``).
+
+The replies it words itself can be given in other words (a persona's): see
+``auth_drop_reply``, ``session_expired_reply`` and ``message_reply``.
 
 ``plugin.recorder`` is the server's transcript tap (``server.recorder``) feeding the same
 :class:`~mailgate.honeypot.store.CaptureStore`; :meth:`install` sets both up::
@@ -34,7 +38,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any, Final
+from typing import IO, TYPE_CHECKING, Any, Final, Protocol
 
 from mailgate.hooks import (
     Address,
@@ -46,19 +50,30 @@ from mailgate.hooks import (
     TempFail,
 )
 from mailgate.protocol import Reply
-from mailgate.protocol import replies as R
+from mailgate.protocol.replies import AUTH_FAILED
 
 from .extract import MAX_ATTACHMENTS, MAX_URLS, extract
+from .settings import AUTH_OUTCOMES, parse_auth_outcome
 from .store import CaptureStore, RawMessage
 
 if TYPE_CHECKING:
-    from mailgate.server.app import Server
+    # Types only: importing the plugin (the configuration reader does, for
+    # parse_auth_outcome) should not load the server.
+    from mailgate.server.host import SessionRecorder
+    from mailgate.server.options import ServerOptions
 
 log = logging.getLogger("mailgate.honeypot")
 
-__all__ = ["AUTH_OUTCOMES", "CaptureRecorder", "HoneypotPlugin", "parse_auth_outcome"]
+__all__ = [
+    "AUTH_OUTCOMES",
+    "CaptureRecorder",
+    "HoneypotHost",
+    "HoneypotPlugin",
+    "MessageReply",
+    "SessionReply",
+    "parse_auth_outcome",
+]
 
-AUTH_OUTCOMES: Final = ("refuse", "accept", "accept-after:N")
 NAME: Final = "honeypot"
 #: Addresses remembered for the tarpit and accept-after (least recently seen forgotten).
 MAX_ADDRESSES: Final = 65536
@@ -66,18 +81,25 @@ MAX_ADDRESSES: Final = 65536
 _TOP: Final = 64 * 1024
 
 
-def parse_auth_outcome(value: str) -> tuple[str, int]:
-    """``"refuse"`` -> ("refuse", 0), ``"accept"`` -> ("accept", 0), ``"accept-after:N"``
-    -> ("accept-after", N) with N >= 1; anything else is a ValueError saying what works."""
-    text = str(value).strip().lower()
-    if text in ("refuse", "accept"):
-        return text, 0
-    match = re.fullmatch(r"accept-after:\s*(\d+)", text)
-    if match and int(match[1]) >= 1:
-        return "accept-after", int(match[1])
-    raise ValueError(
-        f"auth_outcome must be refuse, accept or accept-after:N (N >= 1), not {value!r}"
-    )
+#: A reply worded for one session (a persona's text naming the client, say).
+SessionReply = Callable[[Session], Reply]
+#: The reply to a captured message; ``RawMessage`` is None when it could not be stored.
+MessageReply = Callable[[Session, Message, RawMessage | None], Reply]
+
+
+class HoneypotHost(Protocol):
+    """What :meth:`HoneypotPlugin.install` needs of a server (``mailgate.Server`` and
+    the core ``SMTPServer`` are such servers)."""
+
+    @property
+    def options(self) -> ServerOptions: ...
+
+    #: The transcript tap for connections made from now on.
+    recorder: SessionRecorder | None
+
+    def add_plugin(self, plugin: Any) -> Any: ...
+
+    def close_session(self, session: Session, reply: Reply, reason: str = "closed") -> bool: ...
 
 
 class CaptureRecorder:
@@ -122,6 +144,14 @@ class HoneypotPlugin:
     ``max_urls``/``max_attachments``/``max_parse_bytes``: what message parsing keeps and
     reads; ``auth_mechanisms``: offered when no ``auth_mechanisms`` setting overrides;
     ``clock``: the time source (session ages compare with ``session.started_at``).
+
+    Replies in other words (a persona's), each None for the plugin's own:
+    ``auth_drop_reply(session)``: the 5xx that ends a session with
+    ``drop_after_credentials``; ``session_expired_reply(session)``: what a session past
+    ``max_session_seconds`` is closed with (its code says whether the next command gets a
+    Reject or a TempFail); ``message_reply(session, message, raw)``: the answer to a
+    captured message, called after it was stored (``raw`` has its bytes' head, to quote
+    the Message-ID, say), instead of the server's 250.
     """
 
     name = NAME
@@ -141,6 +171,9 @@ class HoneypotPlugin:
         auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN", "CRAM-MD5", "XOAUTH2"),
         close_store: bool = True,
         clock: Callable[[], float] = time.time,
+        auth_drop_reply: SessionReply | None = None,
+        session_expired_reply: SessionReply | None = None,
+        message_reply: MessageReply | None = None,
     ) -> None:
         self.store = store
         self.auth_mode, self.accept_after = parse_auth_outcome(auth_outcome)
@@ -159,12 +192,15 @@ class HoneypotPlugin:
         self.auth_mechanisms = tuple(auth_mechanisms)
         self.close_store = close_store
         self.clock = clock
+        self.auth_drop_reply = auth_drop_reply
+        self.session_expired_reply = session_expired_reply
+        self.message_reply = message_reply
         self.recorder = CaptureRecorder(store)
-        self.server: Server | None = None
+        self.server: HoneypotHost | None = None
         self._addresses: OrderedDict[str, _Address] = OrderedDict()
-        self._captures: set[asyncio.Future[None]] = set()
+        self._captures: set[asyncio.Future[RawMessage | None]] = set()
 
-    def install(self, server: Server) -> HoneypotPlugin:
+    def install(self, server: HoneypotHost) -> HoneypotPlugin:
         """Add this plugin to ``server`` and make its recorder the server's transcript tap;
         also lets ``max_session_seconds`` close sessions that stay silent."""
         hook_timeout = server.options.hook_timeout
@@ -228,7 +264,8 @@ class HoneypotPlugin:
         )
         await self._pace(session, check_age=False)
         if drop:
-            raise Reject(535, R.AUTH_FAILED.text, enhanced=R.AUTH_FAILED.status, disconnect=True)
+            reply = self.auth_drop_reply(session) if self.auth_drop_reply else AUTH_FAILED
+            raise Reject(reply.code, reply.text, enhanced=reply.status, disconnect=True)
         self._check_age(session)
         # Refused: None leaves the answer to the server (its usual 535 after its failure
         # delay); another auth plugin could still accept, which a honeypot does not have.
@@ -243,24 +280,32 @@ class HoneypotPlugin:
     async def on_data_start(self, session: Session, envelope: Envelope) -> None:
         await self._pace(session)
 
-    async def on_message(self, session: Session, envelope: Envelope, message: Message) -> bool:
+    async def on_message(
+        self, session: Session, envelope: Envelope, message: Message
+    ) -> Reply | bool:
         # Shielded: a client that goes away while its message is read must not leave the
         # raw file placed without its row (orphaned, never pruned). The capture finishes
         # on its own and the stage is cancelled as usual.
         capture = asyncio.ensure_future(self._capture(session, envelope, message))
         self._captures.add(capture)
         capture.add_done_callback(self._captures.discard)
-        await asyncio.shield(capture)
+        raw = await asyncio.shield(capture)
         await self._pace(session, check_age=False)
-        # The 250 ends the chain: no delivery step after this one runs.
+        # The 250 (or the reply given) ends the chain: no delivery step after this one runs.
+        if self.message_reply is not None:
+            return self.message_reply(session, message, raw)
         return True
 
-    async def _capture(self, session: Session, envelope: Envelope, message: Message) -> None:
+    async def _capture(
+        self, session: Session, envelope: Envelope, message: Message
+    ) -> RawMessage | None:
+        """Store the message; what was stored, None when it could not be."""
         keep = self.store.reserve_message_bytes(session.id, message.size)
         try:
             raw, extracted = await asyncio.to_thread(self._read_message, message, keep)
         except Exception:
             log.exception("session %s: message %s could not be captured", session.id, message.id)
+            return None
         else:
             self.store.message(
                 session,
@@ -282,6 +327,7 @@ class HoneypotPlugin:
                 raw.size,
                 raw.sha256,
             )
+            return raw
 
     async def on_close(self, session: Session) -> None:
         notes = session.notes.get(self.name)
@@ -335,21 +381,25 @@ class HoneypotPlugin:
         server = self.server
         if server is None:
             return
-        for connection in list(server.connections):
-            if connection.session is session:
-                log.info(
-                    "session %s: longer than %.0f s, closing", session.id, self.max_session_seconds
-                )
-                connection.refuse(self.too_long_reply(session), "max-session")
-                break
+        if server.close_session(session, self.too_long_reply(session), "max-session"):
+            log.info(
+                "session %s: longer than %.0f s, closing", session.id, self.max_session_seconds
+            )
 
     def too_long_refusal(self, session: Session) -> Reject | TempFail:
-        """What a session older than max_session_seconds gets at its next command (a
-        persona's server overrides it, and :meth:`too_long_reply`, with its own words)."""
+        """What a session older than max_session_seconds gets at its next command
+        (``session_expired_reply`` words it, when given)."""
+        if self.session_expired_reply is not None:
+            reply = self.session_expired_reply(session)
+            kind = TempFail if reply.code < 500 else Reject
+            return kind(reply.code, reply.text, enhanced=reply.status, disconnect=True)
         return TempFail(421, _TIMEOUT_TEXT, enhanced="4.4.2", disconnect=True)
 
     def too_long_reply(self, session: Session) -> Reply:
-        """What the session timer closes a too long session with."""
+        """What the session timer closes a too long session with
+        (``session_expired_reply`` words it, when given)."""
+        if self.session_expired_reply is not None:
+            return self.session_expired_reply(session)
         hostname = self.server.options.hostname if self.server is not None else "localhost"
         return Reply(421, "4.4.2", (f"{hostname} {_TIMEOUT_TEXT}",))
 

@@ -39,6 +39,7 @@ from mailgate.hooks import Address, Envelope, Message, Reject, Session, TempFail
 from mailgate.plugins.policy import (
     ANNOTATIONS,
     IPAddress,
+    LazyResolver,
     PolicyEnv,
     SectionReader,
     annotate,
@@ -233,7 +234,7 @@ class _State:
 # --- the plugin ----------------------------------------------------------------------------
 
 
-class ClientChecks:
+class ClientChecks(LazyResolver):
     """Reverse DNS, FCrDNS, HELO and sender-domain checks; each check's action is one of
     ``off``, ``annotate``, ``tempfail``, ``reject`` (all ``off`` unless given).
 
@@ -316,12 +317,6 @@ class ClientChecks:
 
     def _on(self, checks: Iterable[str]) -> bool:
         return any(self.actions[c] != "off" for c in checks)
-
-    @property
-    def resolver(self) -> Resolver:
-        if self._resolver is None:
-            self._resolver = Resolver()
-        return self._resolver
 
     # --- stages ------------------------------------------------------------------------------
 

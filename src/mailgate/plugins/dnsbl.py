@@ -33,6 +33,7 @@ from typing import Any, Final
 from mailgate.dns import DNSTempError, Resolver, dnsbl_name
 from mailgate.hooks import Address, Envelope, Message, Reject, Session
 from mailgate.plugins.policy import (
+    LazyResolver,
     PolicyConfigError,
     PolicyEnv,
     SectionReader,
@@ -316,7 +317,7 @@ class Lookups:
 # --- the plugin ------------------------------------------------------------------------------
 
 
-class DNSBL:
+class DNSBL(LazyResolver):
     """DNS block and allow lists: ``server.add_plugin(DNSBL([Zone("bl.example")]))``.
 
     ``zones``: :class:`Zone` objects or zone names (block lists with the defaults: refused
@@ -372,12 +373,6 @@ class DNSBL:
         if not zones:
             return None
         return cls(zones, resolver=env.resolver, relay_networks=env.options.relay_networks)
-
-    @property
-    def resolver(self) -> Resolver:
-        if self._resolver is None:
-            self._resolver = Resolver()
-        return self._resolver
 
     # --- stages ------------------------------------------------------------------------------
 

@@ -39,10 +39,12 @@ from mailgate.plugins.policy import (
     ALLOWLISTED,
     PolicyConfigError,
     PolicyEnv,
+    RefusalText,
     SectionReader,
     decide,
     mark_allowlisted,
     normalise_domain,
+    refusal,
 )
 from mailgate.server.options import Network, PolicySection
 
@@ -450,7 +452,13 @@ class Lists:
         allow_senders_file: PathLike = None,
         block_recipients_file: PathLike = None,
         block_helo_file: PathLike = None,
+        client_refusal: RefusalText | None = None,
     ) -> None:
+        #: The reply for a client in ``block_networks`` instead of ``554 5.7.1 Client host
+        #: [IP] rejected: Access denied`` (a honeypot persona's words); the connection is
+        #: closed after it either way.
+        self.client_refusal = client_refusal
+
         def path(value: PathLike) -> Path | None:
             return None if value is None else Path(value)
 
@@ -503,9 +511,16 @@ class Lists:
         log.info("policy lists: loaded %s", self.summary())
 
     @classmethod
-    def from_section(cls, section: PolicySection, env: PolicyEnv | None = None) -> Lists:
+    def from_section(
+        cls,
+        section: PolicySection,
+        env: PolicyEnv | None = None,
+        *,
+        client_refusal: RefusalText | None = None,
+    ) -> Lists:
         """The plugin for a ``[lists]`` table; errors name the table and key (and the
-        file and line for a bad line in a list file)."""
+        file and line for a bad line in a list file). ``client_refusal``: see the
+        constructor."""
         reader = SectionReader(section)
         settings: dict[str, Any] = {}
         for key in NETWORK_LISTS:
@@ -516,7 +531,7 @@ class Lists:
             settings[f"{key}_file"] = reader.path(f"{key}_file")
         reader.done()
         try:
-            return cls(**settings)
+            return cls(**settings, client_refusal=client_refusal)
         except PolicyConfigError as exc:
             raise PolicyConfigError(f"{section.source} {exc}") from None
 
@@ -657,6 +672,8 @@ class Lists:
                 list="block_networks",
                 entry=str(blocked),
             )
+            if self.client_refusal is not None:
+                raise refusal(self.client_refusal(session), disconnect=True)
             raise Reject(
                 554,
                 f"Client host [{ip}] rejected: {ACCESS_DENIED}",

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any, TypeAlias, TypeVar
 
 from mailgate.dns import Resolver
-from mailgate.hooks import Message, Session
+from mailgate.hooks import Message, Reject, Session, TempFail
+from mailgate.protocol import Reply
 from mailgate.server.options import Network, PolicySection, ServerOptions
 
 log = logging.getLogger("mailgate.policy")
@@ -68,6 +69,18 @@ def decide(
                 **fields,
             },
         )
+
+
+#: A reply a plugin is told to refuse with instead of its own words (honeypot personas):
+#: made for the session, so it may name the client.
+RefusalText: TypeAlias = Callable[[Session], Reply]
+
+
+def refusal(reply: Reply, *, disconnect: bool = False) -> Reject | TempFail:
+    """``reply`` (4xx or 5xx) as the refusal a plugin raises: TempFail below 500, else
+    Reject, with the reply's enhanced code."""
+    kind = TempFail if reply.code < 500 else Reject
+    return kind(reply.code, reply.text, enhanced=reply.status, disconnect=disconnect)
 
 
 def allowlisted(session: Session) -> str | None:
@@ -144,8 +157,27 @@ def normalise_domain(name: str) -> str:
     return ".".join(labels)
 
 
+class LazyResolver:
+    """The ``resolver`` property of everything that looks names up in DNS: the resolver it
+    was given (``_resolver``), else the shared one of the :class:`PolicyEnv` it was built
+    from (``_env``), else a default :class:`~mailgate.dns.Resolver` (``_new_resolver``).
+    Made on first use, so a server whose plugins never look anything up never builds one."""
+
+    _resolver: Resolver | None = None
+    _env: PolicyEnv | None = None
+
+    @property
+    def resolver(self) -> Resolver:
+        if self._resolver is None:
+            self._resolver = self._env.resolver if self._env is not None else self._new_resolver()
+        return self._resolver
+
+    def _new_resolver(self) -> Resolver:
+        return Resolver()
+
+
 @dataclass
-class PolicyEnv:
+class PolicyEnv(LazyResolver):
     """What the built-in policy plugins share in one server: its options, one DNS resolver
     (made on first use, so a server without DNS policies never builds one) and a clock
     (injectable for tests of windows and delays)."""
@@ -154,13 +186,8 @@ class PolicyEnv:
     clock: Callable[[], float] = time.time
     _resolver: Resolver | None = field(default=None, repr=False)
 
-    @property
-    def resolver(self) -> Resolver:
-        if self._resolver is None:
-            self._resolver = Resolver(
-                self.options.dns_nameservers, timeout=self.options.dns_timeout
-            )
-        return self._resolver
+    def _new_resolver(self) -> Resolver:
+        return Resolver(self.options.dns_nameservers, timeout=self.options.dns_timeout)
 
     def section(self, name: str) -> PolicySection | None:
         """The one table ``name`` of the configuration, or None."""
@@ -372,6 +399,7 @@ __all__ = [
     "ALLOWLISTED",
     "ANNOTATIONS",
     "DECISIONS",
+    "LazyResolver",
     "PolicyConfigError",
     "PolicyEnv",
     "SectionReader",

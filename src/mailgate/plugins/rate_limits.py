@@ -34,15 +34,17 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from mailgate.hooks import Address, AuthAttempt, Envelope, Session, TempFail
+from mailgate.hooks import Address, AuthAttempt, Envelope, Reject, Session, TempFail
 from mailgate.plugins.counters import CounterStore, MemoryCounters, RateResult
 from mailgate.plugins.policy import (
     PolicyEnv,
+    RefusalText,
     SectionReader,
     allowlisted,
     client_address,
     decide,
     parse_duration,
+    refusal,
 )
 from mailgate.server.options import PolicySection
 
@@ -151,7 +153,12 @@ class RateLimits:
         store: CounterStore | None = None,
         clock: Callable[[], float] = time.time,
         max_keys: int = DEFAULT_MAX_KEYS,
+        connect_refusal: RefusalText | None = None,
     ) -> None:
+        #: The reply for a client refused at connect (``connections_per_ip``, or
+        #: ``auth_failures_per_ip`` with ``auth_failures_block = "connection"``) instead of
+        #: the plugin's own text (a honeypot persona's words); it closes the connection.
+        self.connect_refusal = connect_refusal
         self.connections_per_ip = Rate.of(connections_per_ip)
         self.messages_per_ip = Rate.of(messages_per_ip)
         self.recipients_per_ip = Rate.of(recipients_per_ip)
@@ -175,7 +182,14 @@ class RateLimits:
         )
 
     @classmethod
-    def from_section(cls, section: PolicySection, env: PolicyEnv) -> RateLimits:
+    def from_section(
+        cls,
+        section: PolicySection,
+        env: PolicyEnv,
+        *,
+        connect_refusal: RefusalText | None = None,
+    ) -> RateLimits:
+        """The plugin for a ``[limits]`` table; ``connect_refusal``: see the constructor."""
         reader = SectionReader(section)
 
         def rate(key: str) -> Rate | None:
@@ -201,6 +215,7 @@ class RateLimits:
             ipv6_prefix=_prefix(reader),
             clock=env.clock,
             max_keys=reader.count("max_keys", DEFAULT_MAX_KEYS, minimum=100) or DEFAULT_MAX_KEYS,
+            connect_refusal=connect_refusal,
         )
         reader.done()
         return plugin
@@ -372,7 +387,7 @@ class RateLimits:
         code: int,
         enhanced: str,
         stage: str,
-    ) -> TempFail:
+    ) -> Reject | TempFail:
         wait = retry_seconds(result.retry_after)
         decide(
             session,
@@ -385,6 +400,8 @@ class RateLimits:
             stage=stage,
             retry_after=wait,
         )
+        if stage == "connect" and self.connect_refusal is not None:
+            return refusal(self.connect_refusal(session), disconnect=True)
         return TempFail(
             code,
             f"{text}, try again in {retry_hint(result.retry_after)}",
@@ -394,7 +411,7 @@ class RateLimits:
 
     def _login_refusal(
         self, session: Session, check: _Check, result: RateResult, stage: str
-    ) -> TempFail:
+    ) -> Reject | TempFail:
         text = f"Too many failed logins from {check.who}"
         return self._refusal(session, check, result, text, 421, "4.7.0", stage)
 

@@ -6,6 +6,12 @@ accepted only from authenticated users and clients in ``relay_networks`` (Postfi
 denied`` at RCPT. There is no way to accept every domain from everyone except saying so
 (``open_relay = true``), which is warned about at start.
 
+Options of the relay policy, in its table (``relay``: given in code as a
+:class:`~mailgate.server.options.PolicySection`, not read from TOML files):
+
+- ``warn_open_relay`` (default true): with ``open_relay``, warn at start. A mode that runs
+  an open relay on purpose (honeypot mode) turns it off and says so in its own words.
+
 Without ``local_domains`` nothing is local: only relay networks and authenticated users may
 send at all, which is what the quick start needs (it sends from the same machine) and
 safe for a server that someone exposes by accident.
@@ -18,12 +24,20 @@ from collections.abc import Iterable
 from typing import Any
 
 from mailgate.hooks import Address, Envelope, Reject, Session
-from mailgate.plugins.policy import PolicyEnv, decide, in_networks, normalise_domain
+from mailgate.plugins.policy import (
+    PolicyEnv,
+    SectionReader,
+    decide,
+    in_networks,
+    normalise_domain,
+)
 from mailgate.server.options import LOOPBACK, Network
 
 log = logging.getLogger("mailgate.policy")
 
 RELAY_DENIED = "Relay access denied"
+#: The relay policy's table (see the module documentation).
+TABLE = "relay"
 
 
 class DomainSet:
@@ -92,10 +106,18 @@ class RelayControl:
 
 def plugins_from_options(env: PolicyEnv) -> list[Any]:
     options = env.options
+    warn_open_relay = True
+    section = env.section(TABLE)
+    if section is not None:
+        reader = SectionReader(section)
+        warn_open_relay = reader.boolean("warn_open_relay", True)
+        reader.done()
     if options.lmtp:
         # An LMTP server does final delivery for an MTA that already decided about relaying.
         return []
     if options.open_relay:
+        if not warn_open_relay:
+            return []
         log.warning(
             "open_relay is on: mail for every domain is accepted from anyone; never run "
             "a public MX like this"
@@ -110,4 +132,4 @@ def plugins_from_options(env: PolicyEnv) -> list[Any]:
     return [RelayControl(options.local_domains, relay_networks=options.relay_networks)]
 
 
-__all__ = ["RELAY_DENIED", "DomainSet", "RelayControl", "plugins_from_options"]
+__all__ = ["RELAY_DENIED", "TABLE", "DomainSet", "RelayControl", "plugins_from_options"]

@@ -2,7 +2,7 @@
 
 The file has one user per line, ``username:$argon2id$v=19$m=...``; lines starting with
 ``#`` and blank lines are ignored. ``mailgate users add/remove/list`` manage it (see
-:mod:`mailgate.users_cli`); both sides use the reading and atomic writing helpers here, so
+:mod:`mailgate.cli.users`); both sides use the reading and atomic writing helpers here, so
 a file the command wrote is always one the server can load.
 
 Checking a password costs an argon2 verification (tens of milliseconds, tens of MiB), so

@@ -1,12 +1,12 @@
 """Sans-IO SMTP/LMTP: bytes in, events and replies out. No sockets, no asyncio, no policy.
 
-Start with :class:`ServerConnection`; see :mod:`mailgate.protocol.connection` for the rules
+Start with :class:`ServerConnection`; see :mod:`mailgate.protocol.rules` for the rules
 and :mod:`mailgate.protocol.events` for what comes out.
 """
 
 from .address import Address, AddressError
 from .config import BareNewline, ProtocolConfig
-from .connection import RULES, ProtocolError, ServerConnection, State
+from .connection import ProtocolError, ServerConnection
 from .events import (
     NEED_DATA,
     PAUSED,
@@ -34,6 +34,7 @@ from .events import (
 )
 from .persona import REPLY_NAMES, Persona, PersonaError
 from .replies import Reply
+from .rules import RULES, State
 
 __all__ = [
     "NEED_DATA",

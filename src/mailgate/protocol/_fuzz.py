@@ -10,9 +10,10 @@ import re
 from collections.abc import Callable, Sequence
 
 from .config import ProtocolConfig
-from .connection import ServerConnection, State
+from .connection import ServerConnection
 from .events import NEED_DATA, PAUSED, ConnectionClosed, DataChunk, Event, PolicyPoint
 from .replies import Reply
+from .rules import State
 
 _REPLY_LINE = re.compile(rb"\d{3}[ -][^\r\n]*\r\n")
 _REFUSE = Reply(550, "5.7.1", ("refused by fuzz policy",))

@@ -12,20 +12,8 @@ How to drive it::
         ...
     socket.write(conn.data_to_send())
 
-The rules, in the order they are applied to every command line:
-
-1. The line must fit ``max_command_line`` (AUTH lines: ``max_auth_line``)  -> 500 5.5.2
-2. The verb must be one this mode knows (LMTP: LHLO, not HELO/EHLO)          -> 500 5.5.2
-3. The verb's extension must be offered to this connection right now         -> 502 5.5.1
-4. The argument must match the verb's grammar (paths, BDAT size, ...)        -> 501
-5. The current state must be one the verb's row in ``RULES`` allows, and the
-   row's guard (not yet authenticated, TLS not yet active, ...) must hold     -> 503 5.5.1
-6. ESMTP parameters must be known, offered and valid                          -> 555 5.5.4
-7. What is left is policy: the caller answers the event.
-
-Every transition is in ``RULES`` below: the states a verb is accepted in and the state
-a successful answer moves to. Errors never change the state, except the limits that
-close the connection (too many unknown or bad commands, too many failed AUTHs).
+The rules and the order they are applied in are in :mod:`mailgate.protocol.rules`
+(``RULES``, the state table).
 
 Replies always leave in the order the commands arrived: while a policy point waits for
 :meth:`ServerConnection.respond`, nothing after it is parsed.
@@ -37,10 +25,9 @@ import re
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from enum import Enum
 from typing import Literal
 
-from . import replies as R
+from . import replies
 from .address import (
     Address,
     AddressError,
@@ -78,6 +65,7 @@ from .events import (
 from .params import ParamContext, ParamError, parse_params, split_params
 from .persona import CONSTANT_NAMES, CurrentDate
 from .replies import Reply
+from .rules import GUARD_REPLIES, RULES, SEQUENCE_REPLIES, Arg, Rule, State
 from .sasl import (
     MECHANISMS,
     Challenge,
@@ -89,83 +77,6 @@ from .sasl import (
 )
 from .xclient import XclientError, parse_xclient, parse_xforward
 
-
-class State(Enum):
-    GREETING = "greeting"  # banner not sent yet
-    CONNECTED = "connected"  # banner sent; HELO/EHLO/LHLO not yet accepted
-    READY = "ready"  # greeted; no mail transaction
-    MAIL = "mail"  # MAIL accepted, no recipient yet
-    RCPT = "rcpt"  # at least one recipient accepted
-    DATA = "data"  # reading a DATA body
-    BDAT = "bdat"  # reading a BDAT chunk
-    BDAT_OPEN = "bdat-open"  # between the chunks of a BDAT transaction
-    AUTH = "auth"  # inside a SASL exchange
-    TLS_PENDING = "tls-pending"  # 220 sent to STARTTLS; waiting for the handshake
-    REFUSED = "refused"  # the greeting was 554: only QUIT is served (RFC 5321 3.1)
-    CLOSED = "closed"
-
-
-S = State
-_SESSION = frozenset({S.CONNECTED, S.READY, S.MAIL, S.RCPT, S.BDAT_OPEN})
-_OUTSIDE_TRANSACTION = frozenset({S.CONNECTED, S.READY})
-
-
-class Arg(Enum):
-    NONE = "none"  # the verb takes no argument
-    OPTIONAL = "optional"
-    REQUIRED = "required"
-
-
-@dataclass(frozen=True, slots=True)
-class Rule:
-    """One row of the state table."""
-
-    verb: str
-    allowed: frozenset[State]
-    #: State after a successful answer (None: stays; handlers decide for the rest).
-    success: State | None
-    arg: Arg
-    #: Name of the extension that must be offered for the verb to exist (step 3).
-    extension: str | None = None
-    #: Extra sequence condition checked with the state (step 5), and its reply.
-    guard: str | None = None
-
-
-# fmt: off
-RULES: dict[str, Rule] = {r.verb: r for r in (
-    #    verb        accepted in                         moves to     argument      extension   guard
-    Rule("HELO",     _SESSION,                           S.READY,     Arg.REQUIRED, "SMTP"),
-    Rule("EHLO",     _SESSION,                           S.READY,     Arg.REQUIRED, "SMTP"),
-    Rule("LHLO",     _SESSION,                           S.READY,     Arg.REQUIRED, "LMTP"),
-    Rule("MAIL",     frozenset({S.READY}),               S.MAIL,      Arg.REQUIRED),
-    Rule("RCPT",     frozenset({S.MAIL, S.RCPT}),        S.RCPT,      Arg.REQUIRED),
-    Rule("DATA",     frozenset({S.RCPT}),                S.DATA,      Arg.NONE,     None,       "not-binarymime"),
-    Rule("BDAT",     frozenset({S.RCPT, S.BDAT_OPEN}),   S.BDAT,      Arg.REQUIRED, "CHUNKING"),
-    Rule("RSET",     _SESSION,                           None,        Arg.NONE),
-    Rule("NOOP",     _SESSION,                           None,        Arg.OPTIONAL),
-    Rule("QUIT",     _SESSION | {S.REFUSED},             S.CLOSED,    Arg.NONE),
-    Rule("HELP",     _SESSION,                           None,        Arg.OPTIONAL),
-    Rule("VRFY",     _SESSION,                           None,        Arg.REQUIRED, "VRFY"),
-    Rule("EXPN",     _SESSION,                           None,        Arg.REQUIRED, "EXPN"),
-    Rule("STARTTLS", _OUTSIDE_TRANSACTION,               S.TLS_PENDING, Arg.NONE,   "STARTTLS", "tls-inactive"),
-    Rule("AUTH",     frozenset({S.READY}),               S.READY,     Arg.REQUIRED, "AUTH",     "not-authenticated"),
-    Rule("XCLIENT",  _OUTSIDE_TRANSACTION,               S.CONNECTED, Arg.REQUIRED, "XCLIENT"),
-    Rule("XFORWARD", _OUTSIDE_TRANSACTION,               None,        Arg.REQUIRED, "XFORWARD"),
-)}
-# fmt: on
-
-#: Reply names (see mailgate.protocol.persona) for the guards and the sequence errors.
-_GUARD_REPLIES = {
-    "not-binarymime": "binarymime_needs_bdat",
-    "tls-inactive": "tls_already_active",
-    "not-authenticated": "auth_already",
-}
-_SEQUENCE_REPLIES = {
-    S.CONNECTED: "need_hello",
-    S.READY: "need_mail",
-    S.MAIL: "need_rcpt",
-    S.REFUSED: "only_quit",
-}
 #: Longest piece of an unknown command line echoed in the reply ({command}).
 _MAX_ECHO = 200
 _BDAT_MAX_DIGITS = 18
@@ -273,7 +184,11 @@ class ServerConnection:
         tls_active: bool = False,
         peer_trusted: bool = False,
         client_ip: str = "",
+        on_line: Callable[[bytes], None] | None = None,
     ) -> None:
+        """``on_line``: called with each command line and AUTH continuation line as it is
+        parsed, without its line end, before it is acted on (a transcript recorder);
+        message content and lines refused as too long do not come to it."""
         self.config = config
         self.tls_active = tls_active
         self.peer_trusted = peer_trusted
@@ -312,6 +227,24 @@ class ServerConnection:
         self._sasl: Mechanism | None = None
         self._sasl_final_reply: Reply | None = None
         self._look = _Look(config)
+        if on_line is not None:
+            self._observe_lines(on_line)
+
+    def _observe_lines(self, on_line: Callable[[bytes], None]) -> None:
+        # The two line handlers are wrapped on this instance only: a connection without
+        # an observer runs the class's own methods and pays nothing on the hot path.
+        command, auth_line = self._command, self._auth_line
+
+        def observed_command(line: bytes) -> None:
+            on_line(line)
+            command(line)
+
+        def observed_auth_line(line: bytes) -> None:
+            on_line(line)
+            auth_line(line)
+
+        self.__dict__["_command"] = observed_command
+        self.__dict__["_auth_line"] = observed_auth_line
 
     # --- public API ------------------------------------------------------------------
 
@@ -376,7 +309,7 @@ class ServerConnection:
         self._out.clear()
         return out
 
-    def close(self, reply: Reply | None = R.SHUTTING_DOWN) -> None:
+    def close(self, reply: Reply | None = replies.SHUTTING_DOWN) -> None:
         """Close from the server side (idle timeout, shutdown): queue ``reply`` (421).
         A standard constant (``replies.IDLE_TIMEOUT``) is sent as the persona words it."""
         if self.state is State.CLOSED:
@@ -544,18 +477,18 @@ class ServerConnection:
     def _sequence_error(self, rule: Rule) -> Reply | None:
         state = self.state
         if state not in rule.allowed:
-            name = _SEQUENCE_REPLIES.get(state, "bad_sequence")
-            in_transaction = state in (S.MAIL, S.RCPT, S.BDAT_OPEN)
+            name = SEQUENCE_REPLIES.get(state, "bad_sequence")
+            in_transaction = state in (State.MAIL, State.RCPT, State.BDAT_OPEN)
             if rule.verb == "MAIL" and in_transaction:
                 name = "sender_already_specified"
-            elif rule.verb == "DATA" and state is S.BDAT_OPEN:
+            elif rule.verb == "DATA" and state is State.BDAT_OPEN:
                 name = "data_after_bdat"
             elif rule.verb in ("STARTTLS", "AUTH", "XCLIENT", "XFORWARD") and in_transaction:
                 name = "not_in_transaction"
             return self._r(name, verb=rule.verb)
         guard = rule.guard
         if guard is not None and not self._guard_holds(guard):
-            return self._r(_GUARD_REPLIES[guard])
+            return self._r(GUARD_REPLIES[guard])
         return None
 
     def _guard_holds(self, guard: str) -> bool:
@@ -950,7 +883,7 @@ class ServerConnection:
         tx = self.transaction
         assert tx is not None
         if reader.error is not None:
-            reply = self._adapt(reader.error_reply or R.MESSAGE_TOO_BIG)
+            reply = self._adapt(reader.error_reply or replies.MESSAGE_TOO_BIG)
             self._send(reply)
             self._events.append(DataDiscarded(reader.error, reply))
             self.transaction = None
@@ -1201,8 +1134,8 @@ class ServerConnection:
             self.transaction = None
             if notify:
                 self._events.append(TransactionReset())
-        if self.state in (S.MAIL, S.RCPT, S.BDAT_OPEN):
-            self.state = S.READY
+        if self.state in (State.MAIL, State.RCPT, State.BDAT_OPEN):
+            self.state = State.READY
 
     def _reset_session(self) -> None:
         self._abort_transaction()
@@ -1236,11 +1169,7 @@ def _has_control(text: str) -> bool:
 
 
 __all__ = [
-    "RULES",
-    "Arg",
     "ProtocolError",
-    "Rule",
     "ServerConnection",
-    "State",
     "Transaction",
 ]

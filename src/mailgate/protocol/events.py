@@ -12,6 +12,8 @@ Two kinds:
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -115,11 +117,20 @@ class AuthCredentials(PolicyPoint):
     token: str | None = None
 
     def verify_cram_md5(self, secret: str) -> bool:
-        from .sasl import cram_md5_matches
-
         if self.challenge is None or self.digest is None:
             return False
         return cram_md5_matches(self.challenge, self.digest, secret)
+
+
+def cram_md5_matches(challenge: bytes, digest_hex: str, secret: str) -> bool:
+    """Whether ``digest_hex`` is HMAC-MD5(secret, challenge), in constant time."""
+    # compare_digest refuses non-ASCII str; such a digest can never match anyway. Checked
+    # before lower() because a few non-ASCII letters (KELVIN SIGN) lower to ASCII.
+    if not digest_hex.isascii():
+        return False
+    candidate = digest_hex.lower()
+    expected = hmac.new(secret.encode("utf-8"), challenge, hashlib.md5).hexdigest()
+    return hmac.compare_digest(expected.encode("ascii"), candidate.encode("ascii"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -105,12 +105,12 @@ from __future__ import annotations
 import difflib
 import re
 import string
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
 
-from . import replies as R
+from . import replies
 from .replies import Reply, ReplyError
 
 
@@ -121,7 +121,7 @@ class PersonaError(ValueError):
 def _names() -> dict[str, Reply]:
     return {
         name.lower(): value
-        for name, value in vars(R).items()
+        for name, value in vars(replies).items()
         if isinstance(value, Reply) and name.isupper()
     }
 
@@ -275,19 +275,24 @@ def clean(value: object) -> str:
     return _UNSAFE.sub("?", text)
 
 
-def _fields(text: str, allowed: frozenset[str], where: str) -> frozenset[str]:
-    """The placeholders ``text`` uses; PersonaError for a malformed text or an unknown one."""
+def placeholders_in(text: str, allowed: Collection[str], where: str = "") -> frozenset[str]:
+    """The placeholders ``text`` uses, after checking it: printable ASCII and TAB only
+    (RFC 5321 ``textstring``), braces paired, every placeholder in ``allowed`` and plain
+    (no format spec or conversion). PersonaError (a ValueError) otherwise, its message
+    starting with ``where`` when given. The one check for every text with placeholders:
+    the protocol persona's replies and greetings and the honeypot's profile texts."""
+    prefix = f"{where}: " if where else ""
     if not _TEXT.fullmatch(text):
         bad = next(c for c in text if not _TEXT.fullmatch(c))
         raise PersonaError(
-            f"{where}: character {bad!r} not allowed in a reply text (printable ASCII and "
+            f"{prefix}character {bad!r} not allowed in a reply text (printable ASCII and "
             "TAB only; separate lines with a list or '\\n')"
         )
     try:
         parsed = list(_FORMATTER.parse(text))
     except ValueError as exc:
         raise PersonaError(
-            f"{where}: {exc} in {text!r} (write '{{{{' and '}}}}' for literal braces)"
+            f"{prefix}{exc} in {text!r} (write '{{{{' and '}}}}' for literal braces)"
         ) from None
     found: set[str] = set()
     for _, name, spec, conversion in parsed:
@@ -295,13 +300,13 @@ def _fields(text: str, allowed: frozenset[str], where: str) -> frozenset[str]:
             continue
         if name not in allowed:
             known = ", ".join("{" + n + "}" for n in sorted(allowed))
+            close = difflib.get_close_matches(name, allowed, n=1)
+            hint = f"did you mean {{{close[0]}}}? " if close else ""
             raise PersonaError(
-                f"{where}: unknown placeholder {{{name}}} in {text!r} (allowed: {known})"
+                f"{prefix}unknown placeholder {{{name}}} in {text!r} ({hint}allowed: {known})"
             )
         if spec or conversion:
-            raise PersonaError(
-                f"{where}: placeholder {{{name}}} takes no format spec or conversion"
-            )
+            raise PersonaError(f"{prefix}placeholder {{{name}}} takes no format spec or conversion")
         found.add(name)
     return frozenset(found)
 
@@ -420,8 +425,8 @@ class Persona:
 
         given: dict[str, Reply | str] = dict(self.replies)
         put(self, "replies", MappingProxyType(given))  # a copy: the caller's dict may change
-        replies = dict(given)  # plus what help/help_code make of the "help" reply
-        unknown = [name for name in replies if name not in REPLY_NAMES]
+        overrides = dict(given)  # plus what help/help_code make of the "help" reply
+        unknown = [name for name in overrides if name not in REPLY_NAMES]
         if unknown:
             close = difflib.get_close_matches(str(unknown[0]), REPLY_NAMES, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -430,12 +435,12 @@ class Persona:
             raise PersonaError(
                 f"help_code: {self.help_code} is not a 2xx code (hide HELP to refuse it)"
             )
-        if self.help or self.help_code != R.HELP.code:
-            if "help" in replies:
+        if self.help or self.help_code != replies.HELP.code:
+            if "help" in overrides:
                 raise PersonaError("help: give either help/help_code or replies['help']")
             try:
-                replies["help"] = Reply(
-                    self.help_code, _class_status(self.help_code), self.help or R.HELP.lines
+                overrides["help"] = Reply(
+                    self.help_code, _class_status(self.help_code), self.help or replies.HELP.lines
                 )
             except ReplyError as exc:
                 raise PersonaError(f"help: {exc}") from None
@@ -443,7 +448,7 @@ class Persona:
         static: dict[str, Reply] = {}
         templates: dict[str, _Template] = {}
         for name, default in _DEFAULTS.items():
-            override = replies.get(name)
+            override = overrides.get(name)
             where = f"reply {name!r}"
             inherit = False
             if override is None:
@@ -461,7 +466,7 @@ class Persona:
                 raise PersonaError(f"{where}: give a Reply or a str, not {type(override).__name__}")
             fields: set[str] = set()
             for line in reply.lines:
-                fields |= _fields(line, PLACEHOLDERS[name], where)
+                fields |= placeholders_in(line, PLACEHOLDERS[name], where)
             if fields or (name in PASS_THROUGH and override is not None):
                 templates[name] = _Template(reply, frozenset(fields), inherit)
             elif override is None:
@@ -473,7 +478,7 @@ class Persona:
                 )
         put(self, "_static", static)
         put(self, "_templates", MappingProxyType(templates))
-        put(self, "_overridden", frozenset(replies))
+        put(self, "_overridden", frozenset(overrides))
 
         put(self, "_banner", self._line_template("banner", self.banner, 220, BANNER_PLACEHOLDERS))
         put(self, "_ehlo", self._line_template("ehlo_greeting", self.ehlo_greeting, 250))
@@ -510,7 +515,7 @@ class Persona:
     ) -> _Template:
         if not isinstance(text, str):
             raise PersonaError(f"{where}: give a str, not {type(text).__name__}")
-        fields = _fields(text, allowed, where)
+        fields = placeholders_in(text, allowed, where)
         if not text.strip():
             # RFC 5321 4.3.1 / 4.1.1.1: the greeting and the HELO/EHLO reply start with a name.
             raise PersonaError(f"{where}: must not be empty (it starts with the server's name)")
@@ -612,4 +617,5 @@ __all__ = [
     "clean",
     "format_date",
     "local_now",
+    "placeholders_in",
 ]

@@ -13,15 +13,14 @@ from __future__ import annotations
 import abc
 import base64
 import binascii
-import hashlib
-import hmac
 import json
 import secrets
 import time
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .events import AuthCredentials
+# cram_md5_matches lives with the credentials it checks (events imports nothing of sasl).
+from .events import AuthCredentials, cram_md5_matches
 from .replies import AUTH_BAD_BASE64, AUTH_CANCELLED, Reply
 
 __all__ = [
@@ -82,17 +81,6 @@ def encode_challenge(data: bytes) -> bytes:
     return base64.b64encode(data)
 
 
-def cram_md5_matches(challenge: bytes, digest_hex: str, secret: str) -> bool:
-    """Whether ``digest_hex`` is HMAC-MD5(secret, challenge), in constant time."""
-    # compare_digest refuses non-ASCII str; such a digest can never match anyway. Checked
-    # before lower() because a few non-ASCII letters (KELVIN SIGN) lower to ASCII.
-    if not digest_hex.isascii():
-        return False
-    candidate = digest_hex.lower()
-    expected = hmac.new(secret.encode("utf-8"), challenge, hashlib.md5).hexdigest()
-    return hmac.compare_digest(expected.encode("ascii"), candidate.encode("ascii"))
-
-
 def xoauth2_error_challenge(
     status: str = "401", schemes: str = "bearer", scope: str = "https://mail.google.com/"
 ) -> bytes:
@@ -138,11 +126,9 @@ class Mechanism(abc.ABC):
         """``response``: one decoded client line."""
 
 
-class Plain(Mechanism):
-    """RFC 4616: ``[authzid] NUL authcid NUL passwd`` in one message."""
-
-    name: ClassVar[str] = "PLAIN"
-    requires_tls: ClassVar[bool] = True
+class _OneMessage(Mechanism):
+    """A mechanism whose credentials come in one client message: the initial response,
+    or the line after an empty challenge (PLAIN, XOAUTH2)."""
 
     def start(self, initial: bytes | None) -> Challenge | AuthCredentials:
         if initial is None:
@@ -151,6 +137,17 @@ class Plain(Mechanism):
 
     def step(self, response: bytes) -> Challenge | AuthCredentials:
         return self._parse(response)
+
+    @abc.abstractmethod
+    def _parse(self, message: bytes) -> AuthCredentials:
+        """The credentials in ``message``, or SaslError."""
+
+
+class Plain(_OneMessage):
+    """RFC 4616: ``[authzid] NUL authcid NUL passwd`` in one message."""
+
+    name: ClassVar[str] = "PLAIN"
+    requires_tls: ClassVar[bool] = True
 
     def _parse(self, message: bytes) -> AuthCredentials:
         parts = _text(message, self.name).split("\x00")
@@ -242,7 +239,7 @@ def _is_hex_digest(value: str) -> bool:
     return len(value) == 32 and all(c in "0123456789abcdefABCDEF" for c in value)
 
 
-class XOAuth2(Mechanism):
+class XOAuth2(_OneMessage):
     """Google's XOAUTH2: ``user={user}^Aauth=Bearer {token}^A^A``.
 
     After a refused token the connection sends :func:`xoauth2_error_challenge` and waits
@@ -251,14 +248,6 @@ class XOAuth2(Mechanism):
 
     name: ClassVar[str] = "XOAUTH2"
     requires_tls: ClassVar[bool] = True
-
-    def start(self, initial: bytes | None) -> Challenge | AuthCredentials:
-        if initial is None:
-            return Challenge(b"")
-        return self._parse(initial)
-
-    def step(self, response: bytes) -> Challenge | AuthCredentials:
-        return self._parse(response)
 
     def _parse(self, message: bytes) -> AuthCredentials:
         text = _text(message, self.name)

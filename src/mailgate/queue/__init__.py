@@ -1,5 +1,7 @@
-"""The durable outbound queue: messages accepted for relay or forwarding wait here, per
-recipient, until they are delivered, fail for good, or the operator acts on them.
+"""The durable relay queue (issue 12): messages accepted for relay or forwarding wait
+here, per recipient, until they are delivered, fail for good, or the operator acts on
+them. Its delivery engine is :mod:`mailgate.queue.outbound`, its reports
+:mod:`mailgate.queue.dsn`.
 
 :class:`QueueStore` is the interface every backend implements; :class:`SQLiteQueueStore`
 is the local one (a directory with an SQLite database and one body file per message).

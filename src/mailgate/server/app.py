@@ -1,4 +1,9 @@
-"""The server of one process: listeners, connection limits, TLS context, shutdown, reload."""
+"""The server of one process: listeners, connection limits, TLS context, shutdown, reload.
+
+:class:`SMTPServer` is the core: it takes its options and hooks from outside and knows no
+configuration reader and no plugin. ``mailgate.Server`` (in ``mailgate.composition``) is
+the same server built from settings, with the built-in plugins those settings ask for.
+"""
 
 from __future__ import annotations
 
@@ -16,14 +21,15 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, cast, overload
+from typing import Any, Protocol, Self, TypeVar, cast, overload
 
-from mailgate import hooks as H
+from mailgate.hooks import HookError, Hooks, Message, Middleware, Reject, Session, TempFail
 from mailgate.protocol import ProtocolConfig, Reply
 from mailgate.protocol.persona import DEFAULT_PERSONA
 
-from .connection import SessionRecorder, SMTPConnection
+from .connection import ConnectionDriver
 from .errors import StartupError
+from .host import HostedConnection, SessionRecorder
 from .options import ListenAddress, ServerOptions
 from .spool import SpoolFile
 from .tls import create_server_context, ensure_dev_certificate
@@ -57,6 +63,16 @@ class Register(Protocol):
     ) -> Callable[[F], F]: ...
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class StartPlugins:
+    """Plugins a server adds when it starts (see :meth:`SMTPServer.start_plugins`):
+    ``first`` ahead of every plugin registered in code, in this order; ``last`` after
+    them."""
+
+    first: Sequence[Any] = ()
+    last: Sequence[Any] = ()
+
+
 def protocol_config(
     options: ServerOptions, *, tls: bool, auth: tuple[str, ...] | bool
 ) -> ProtocolConfig:
@@ -84,37 +100,24 @@ def protocol_config(
     )
 
 
-class Server:
+class SMTPServer:
     """An SMTP/LMTP server: listeners, hooks, limits, graceful shutdown.
 
-    Construct it with the same settings as ``mailgate serve`` (keyword arguments named
-    like the ``[server]`` keys, e.g. ``Server(hostname="mx.example.com",
-    listen="127.0.0.1:0")``) or with a ready :class:`ServerOptions`. Register hooks with
-    the ``on_<stage>`` decorators, :meth:`add_plugin` and :meth:`use`, then
+    The core server: construct it with a ready :class:`ServerOptions` (and optionally
+    :class:`~mailgate.hooks.Hooks`); it adds no plugin of its own. Register hooks with the
+    ``on_<stage>`` decorators, :meth:`add_plugin` and :meth:`use`, then
     ``await server.start()`` / ``await server.stop()``, ``async with server:``, or
-    :meth:`run` in a script.
+    :meth:`run` in a script. A subclass adds plugins at start by overriding
+    :meth:`start_plugins`. Most programs want ``mailgate.Server``, which takes the
+    settings of ``mailgate serve`` and adds the plugins they ask for.
     """
 
-    def __init__(
-        self,
-        options: ServerOptions | None = None,
-        hooks: H.Hooks | None = None,
-        **settings: Any,
-    ) -> None:
-        if options is None or settings:
-            from mailgate.config import ConfigError, options_from_settings
-
-            if options is not None:
-                raise TypeError("give either a ServerOptions or keyword settings, not both")
-            try:
-                options = options_from_settings(settings)
-            except ConfigError as exc:
-                raise ValueError(str(exc)) from None
+    def __init__(self, options: ServerOptions, hooks: Hooks | None = None) -> None:
         self.options = options
-        self.hooks = hooks or H.Hooks()
+        self.hooks = hooks or Hooks()
         self.hooks.timeout = options.hook_timeout
         self.hooks.message_timeout = options.delivery_timeout
-        self.connections: set[SMTPConnection] = set()
+        self.connections: set[HostedConnection] = set()
         #: The transcript tap: told every command and reply of each connection made after
         #: it is set (see SessionRecorder). None: nothing recorded, at no cost.
         self.recorder: SessionRecorder | None = None
@@ -130,7 +133,7 @@ class Server:
         self._closed: asyncio.Event | None = None
         self._dev_certificate: Path | None = None
         self._background: set[asyncio.Task[Any]] = set()
-        self._builtins_added = False
+        self._start_plugins_added = False
         self._started = False
 
     # --- registering hooks --------------------------------------------------------------------
@@ -229,7 +232,7 @@ class Server:
         """Add a plugin object (a ``name`` and ``on_<stage>`` methods) in chain order."""
         return self.hooks.add(plugin, name=name, before=before, after=after)
 
-    def use(self, middleware: H.Middleware) -> H.Middleware:
+    def use(self, middleware: Middleware) -> Middleware:
         """Add middleware ``async def mw(ctx, call_next)`` around every stage."""
         return self.hooks.use(middleware)
 
@@ -250,7 +253,7 @@ class Server:
     def addresses(self) -> list[tuple[str, int]]:
         return [bound for _, bound in self.listening]
 
-    async def __aenter__(self) -> Server:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
@@ -269,10 +272,10 @@ class Server:
             raise RuntimeError("the server is already started")
         options = self.options
         self._closed = asyncio.Event()
-        self._add_builtins()
+        self._add_start_plugins()
         try:
             self.hooks.check()
-        except H.HookError as exc:
+        except HookError as exc:
             raise StartupError(str(exc)) from None
         self._load_tls()
         self.spooling = options.delivery != "sink" or self.hooks.has_steps("message")
@@ -301,21 +304,25 @@ class Server:
         if self._started:
             await self.shutdown()
 
-    def _add_builtins(self) -> None:
-        """The plugins the settings ask for (deliveries, auth backends, an aiosmtpd
-        handler), added once, after the ones registered in code."""
-        if self._builtins_added:
-            return
-        self._builtins_added = True
-        from mailgate.assembly import builtin_plugins, policy_plugins
-        from mailgate.plugins.policy import PolicyConfigError
+    def start_plugins(self) -> StartPlugins:
+        """The plugins to add when the server starts, asked once, at the first
+        :meth:`start`, after the hooks registered in code. The core server adds none;
+        ``mailgate.Server`` overrides this with the built-in plugins its settings ask for.
+        A ValueError or OSError raised here (a bad policy table, an unreadable list file)
+        stops the start as a :class:`StartupError`."""
+        return StartPlugins()
 
+    def _add_start_plugins(self) -> None:
+        if self._start_plugins_added:
+            return
+        self._start_plugins_added = True
         try:
-            for index, plugin in enumerate(policy_plugins(self.options)):
+            plugins = self.start_plugins()
+            for index, plugin in enumerate(plugins.first):
                 self.hooks.add(plugin, index=index)
-            for plugin in builtin_plugins(self.options):
+            for plugin in plugins.last:
                 self.hooks.add(plugin)
-        except (H.HookError, PolicyConfigError, ValueError, OSError) as exc:
+        except (HookError, ValueError, OSError) as exc:
             raise StartupError(str(exc)) from None
 
     def _mechanisms(self) -> tuple[str, ...]:
@@ -339,8 +346,8 @@ class Server:
             raise StartupError(f"{address}: implicit TLS needs a certificate")
         expect_proxy = bool(self.options.proxy_protocol)
 
-        def factory() -> SMTPConnection:
-            return SMTPConnection(
+        def factory() -> ConnectionDriver:
+            return ConnectionDriver(
                 self, implicit_tls=address.implicit_tls, expect_proxy=expect_proxy
             )
 
@@ -452,7 +459,7 @@ class Server:
 
     # --- deliveries that do not hold up the reply ---------------------------------------------
 
-    async def deliver_later(self, message: H.Message, spool: SpoolFile) -> None:
+    async def deliver_later(self, message: Message, spool: SpoolFile) -> None:
         """Run the message steps marked ``required = False`` after the reply, on their own
         hard link to the (synced) spool file, which they remove when done."""
         steps = self.hooks.background_steps("message")
@@ -467,14 +474,14 @@ class Server:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _run_later(self, steps: tuple[Any, ...], message: H.Message, link: Path) -> None:
+    async def _run_later(self, steps: tuple[Any, ...], message: Message, link: Path) -> None:
         timeout = self.options.delivery_timeout
         try:
             for step in steps:
                 try:
                     async with asyncio.timeout(timeout):
                         await step.call(message.session, message.envelope, message)
-                except (H.Reject, H.TempFail) as refusal:
+                except (Reject, TempFail) as refusal:
                     log.warning("message %s: %s refused it: %s", message.id, step.plugin, refusal)
                 except TimeoutError:
                     log.error("message %s: %s took over %.0f s", message.id, step.plugin, timeout)
@@ -484,9 +491,23 @@ class Server:
             with contextlib.suppress(OSError):
                 link.unlink()
 
+    # --- closing a session from outside --------------------------------------------------------
+
+    def close_session(self, session: Session, reply: Reply, reason: str = "closed") -> bool:
+        """Send ``reply`` to the client of ``session`` outside the SMTP dialogue (not as
+        the answer to a command: a timer of a plugin, an operator; without its enhanced
+        status code, as before EHLO) and close its connection; ``reason`` is what the
+        session recorder is told. False when the session has no open connection on this
+        server (it ended already)."""
+        for connection in self.connections:
+            if connection.session is session:
+                connection.refuse(reply, reason)
+                return True
+        return False
+
     # --- what connections ask ---------------------------------------------------------------------
 
-    def admit(self, connection: SMTPConnection) -> Reply | None:
+    def admit(self, connection: HostedConnection) -> Reply | None:
         """Admit a new connection or say why not (max clients, per-IP, PROXY sources)."""
         options = self.options
         ip = connection.peer_ip
@@ -502,17 +523,19 @@ class Server:
         self.per_ip[ip] += 1
         return None
 
-    def rebind_ip(self, connection: SMTPConnection, ip: str) -> None:
-        """After a PROXY header the per-IP limit applies to the real client address."""
+    def rebind_ip(self, connection: HostedConnection, ip: str) -> Reply | None:
+        """After a PROXY header the per-IP limit applies to the real client address:
+        count ``connection`` (still under its old ``peer_ip``) under ``ip`` instead; the
+        refusal when ``ip`` is over its limit."""
         self._forget_ip(connection.peer_ip)
         over = self.per_ip[ip] >= self.options.max_clients_per_ip
-        connection.peer_ip = ip
         self.per_ip[ip] += 1  # released in connection_lost like any other
         if over:
             log.info("refusing %s (via PROXY): too many connections from this address", ip)
-            connection.refuse(_TOO_MANY_FROM_IP)
+            return _TOO_MANY_FROM_IP
+        return None
 
-    def release(self, connection: SMTPConnection) -> None:
+    def release(self, connection: HostedConnection) -> None:
         self.connections.discard(connection)
         self._forget_ip(connection.peer_ip)
 
@@ -529,7 +552,10 @@ class Server:
     def new_id(self) -> str:
         return f"{self._id_prefix}{next(_MESSAGE_IDS):06X}"
 
-    def hooks_close(self, session: H.Session) -> None:
+    def message_accepted(self) -> None:
+        self.messages_accepted += 1
+
+    def session_closed(self, session: Session) -> None:
         if self.hooks.has("close"):
             task = self.loop.create_task(self.hooks.run("close", session))
             self._background.add(task)
@@ -557,7 +583,7 @@ def _in_networks(
     return any(address in network for network in networks)
 
 
-#: One counter for every Server of the process: two servers started in the same second
+#: One counter for every SMTPServer of the process: two servers started in the same second
 #: (a front and a target in one test, say) must not hand out the same ids.
 _MESSAGE_IDS = itertools.count(1)
 

@@ -12,9 +12,22 @@ import logging
 import ssl
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import Any, cast
 
-from mailgate import hooks as H
+from mailgate.hooks import (
+    Accept,
+    Address,
+    AuthAttempt,
+    Envelope,
+    HookError,
+    Message,
+    Outcome,
+    PerRecipient,
+    Reject,
+    Session,
+    TempFail,
+    TLSInfo,
+)
 from mailgate.protocol import (
     NEED_DATA,
     PAUSED,
@@ -39,15 +52,21 @@ from mailgate.protocol import (
     Xclient,
     Xforward,
 )
-from mailgate.protocol import replies as R
 from mailgate.protocol.proxy import ProxyError, ProxyHeader, parse_proxy_header
+from mailgate.protocol.replies import (
+    AUTH_FAILED,
+    AUTH_OK,
+    IDLE_TIMEOUT,
+    RECIPIENT_OK,
+    SENDER_OK,
+    SHUTTING_DOWN,
+    START_DATA,
+)
 
+from .host import ConnectionHost, SessionRecorder
 from .received import received_header, with_protocol
 from .spool import SpoolFile
 from .tls import SERVER_NAME_ATTRIBUTE
-
-if TYPE_CHECKING:
-    from .app import Server
 
 log = logging.getLogger("mailgate.session")
 
@@ -68,63 +87,25 @@ _AUTH_UNAVAILABLE = Reply(454, "4.7.0", ("Temporary authentication failure",))
 _TLS_UNAVAILABLE = Reply(454, "4.7.0", ("TLS not available",))
 #: Read no more while this much unparsed input waits for a slow hook.
 _MAX_BUFFERED = 256 * 1024
-_NO_ENVELOPE = H.Envelope()
+_NO_ENVELOPE = Envelope()
 
 
-class SessionRecorder(Protocol):
-    """The transcript tap (``Server.recorder``): told what crosses the wire of every
-    connection, including those refused at once (client limits, a bad PROXY header).
-    Called on the event loop: every method must be quick and must not block (a store
-    queues the records for a thread of its own). An exception stops recording of that
-    connection and is logged; the connection itself goes on."""
+class ConnectionDriver(asyncio.Protocol):
+    """One client connection: drives a sans-IO :class:`~mailgate.protocol.ServerConnection`
+    from the bytes asyncio hands over, runs the hooks at its policy points through
+    ``host`` (the server that accepted it, seen through :class:`~.host.ConnectionHost`)
+    and writes the replies."""
 
-    def opened(self, session: H.Session) -> None:
-        """A connection began: after the PROXY header (``session.peer_host`` is the real
-        client), before the banner; first of all for a connection refused at once."""
-
-    def received(self, session: H.Session, line: bytes) -> None:
-        """A command line or AUTH continuation line as parsed, without its line end
-        (message content never comes here); bytes a client sent before the banner."""
-
-    def sent(self, session: H.Session, data: bytes) -> None:
-        """Bytes written to the client: one or more rendered replies, CRLF-terminated."""
-
-    def tls(self, session: H.Session) -> None:
-        """A TLS handshake finished (STARTTLS, or SMTPS right after ``opened``);
-        ``session.tls`` is set."""
-
-    def closed(self, session: H.Session, reason: str) -> None:
-        """The connection is gone; ``reason`` e.g. ``quit``, ``peer-closed``,
-        ``idle-timeout``, ``refused``, ``too-many-auth-failures``, ``shutdown``."""
-
-
-class _TappedConnection(ServerConnection):
-    """A ServerConnection that hands each command line and AUTH continuation line to
-    ``line_tap`` as it parses it (message content takes other paths). Used only when the
-    server has a recorder, so the plain one pays nothing for the tap."""
-
-    line_tap: Any = None
-
-    def _command(self, line: bytes) -> None:
-        self.line_tap(line)
-        super()._command(line)
-
-    def _auth_line(self, line: bytes) -> None:
-        self.line_tap(line)
-        super()._auth_line(line)
-
-
-class SMTPConnection(asyncio.Protocol):
     def __init__(
-        self, server: Server, *, implicit_tls: bool = False, expect_proxy: bool = False
+        self, host: ConnectionHost, *, implicit_tls: bool = False, expect_proxy: bool = False
     ) -> None:
-        self.server = server
-        self.loop = server.loop
+        self.host = host
+        self.loop = host.loop
         self.implicit_tls = implicit_tls
         self.expect_proxy = expect_proxy
         self.transport: asyncio.Transport | None = None
         self.conn: ServerConnection | None = None
-        self.session: H.Session | None = None
+        self.session: Session | None = None
         self.envelope = _NO_ENVELOPE
         self.spool: SpoolFile | None = None
         self.message_id = ""
@@ -146,7 +127,7 @@ class SMTPConnection(asyncio.Protocol):
         #: A hook refused with disconnect=True: close after that reply.
         self._disconnect = False
         #: The transcript tap (read once); _tap_state: 0 not opened, 1 open, 2 closed.
-        self.recorder: SessionRecorder | None = server.recorder
+        self.recorder: SessionRecorder | None = host.recorder
         self._tap_state = 0
         self._close_reason: str | None = None
 
@@ -158,7 +139,7 @@ class SMTPConnection(asyncio.Protocol):
         peer = stream.get_extra_info("peername") or ("", 0)
         local = stream.get_extra_info("sockname") or ("", 0)
         self.peer_ip = str(peer[0])
-        refusal = self.server.admit(self)
+        refusal = self.host.admit(self)
         if refusal is not None:
             if self.recorder is not None:  # scanners hitting the limits are recorded too
                 self.session = self._new_session(peer, local)
@@ -180,7 +161,7 @@ class SMTPConnection(asyncio.Protocol):
                 " (implicit TLS)" if self.implicit_tls else "",
             )
         self._last_activity = self.loop.time()
-        self._arm_timer(self.server.options.proxy_timeout if self.expect_proxy else None)
+        self._arm_timer(self.host.options.proxy_timeout if self.expect_proxy else None)
         if not self.expect_proxy:
             self._start_session()
 
@@ -232,9 +213,9 @@ class SMTPConnection(asyncio.Protocol):
         self._drop_spool()
         if self._admitted:
             self._admitted = False
-            self.server.release(self)
+            self.host.release(self)
             if self.session is not None:
-                self.server.hooks_close(self.session)
+                self.host.session_closed(self.session)
         self.transport = None
 
     def pause_writing(self) -> None:
@@ -288,22 +269,26 @@ class SMTPConnection(asyncio.Protocol):
             session.local_host = header.destination_address or session.local_host
             session.local_port = header.destination_port or session.local_port
             session.forwarded = True
-            self.server.rebind_ip(self, header.source_address)
+            refusal = self.host.rebind_ip(self, header.source_address)
+            self.peer_ip = header.source_address
+            if refusal is not None:
+                self.refuse(refusal)
 
     def _start_session(self) -> None:
         assert self.session is not None
         tapped = self.recorder is not None
-        self.conn = (_TappedConnection if tapped else ServerConnection)(
-            self.server.protocol_config,
+        self.conn = ServerConnection(
+            self.host.protocol_config,
             tls_active=self.implicit_tls,
-            peer_trusted=self.server.is_trusted(self.session.peer_host),
+            peer_trusted=self.host.is_trusted(self.session.peer_host),
             client_ip=self.session.peer_host,
+            # Only with a recorder: without one, the protocol pays nothing for observing.
+            on_line=self._line_received if tapped else None,
         )
         if tapped:
-            cast(_TappedConnection, self.conn).line_tap = self._line_received
             self._record("opened")
         self._arm_timer(None)
-        delay = self.server.options.greeting_delay
+        delay = self.host.options.greeting_delay
         if delay > 0:
             self._greeting_timer = self.loop.call_later(delay, self._process)
         else:
@@ -343,7 +328,7 @@ class SMTPConnection(asyncio.Protocol):
                 if cls is DataDiscarded:
                     log.info("session %s: message refused: %s", self._sid(), event.reason.value)  # type: ignore[attr-defined]
                 envelope, self.envelope = self.envelope, _NO_ENVELOPE
-                if envelope.mail_from is not None and self.server.hooks.has("reset"):
+                if envelope.mail_from is not None and self.host.hooks.has("reset"):
                     self._task = self.loop.create_task(self._notify_reset(envelope))
                     return
             elif cls is LimitExceeded:
@@ -357,10 +342,10 @@ class SMTPConnection(asyncio.Protocol):
         assert conn is not None
         cls = type(point)
         stage = _STAGE_OF.get(cls)
-        if stage is not None and self.server.hooks.has(stage):
+        if stage is not None and self.host.hooks.has(stage):
             return False
         if cls is Greeting:
-            if self.implicit_tls and self.server.hooks.has("tls"):
+            if self.implicit_tls and self.host.hooks.has("tls"):
                 return False  # the tls stage of an SMTPS connection runs before connect
             self._greeted = True
             conn.respond(None)
@@ -372,16 +357,16 @@ class SMTPConnection(asyncio.Protocol):
             conn.respond(None)
         elif cls is RcptTo:
             self.envelope = self.envelope.with_recipient(
-                H.Address.from_wire(point.address, point.params)  # type: ignore[attr-defined]
+                Address.from_wire(point.address, point.params)  # type: ignore[attr-defined]
             )
             conn.respond(None)
         elif cls is DataStart:
-            if self.server.spooling:
+            if self.host.spooling:
                 return False  # the spool file is created in a worker thread
-            self.message_id = self.server.new_id()
+            self.message_id = self.host.new_id()
             conn.respond(None)
         elif cls is DataComplete:
-            if self.server.spooling:
+            if self.host.spooling:
                 return False  # fsync and delivery happen in a task
             self._finish_message_count()
             conn.respond(None)
@@ -389,7 +374,7 @@ class SMTPConnection(asyncio.Protocol):
         elif cls is AuthCredentials:
             return False  # refused after the failure delay
         elif cls is StartTLS:
-            if self.server.ssl_context is None:
+            if self.host.ssl_context is None:
                 conn.respond(_TLS_UNAVAILABLE)
             else:
                 return False
@@ -430,11 +415,9 @@ class SMTPConnection(asyncio.Protocol):
             )
             if conn.state is not State.CLOSED:
                 try:
-                    conn.respond(
-                        _LOCAL_ERROR if not isinstance(point, Greeting) else R.SHUTTING_DOWN
-                    )
+                    conn.respond(_LOCAL_ERROR if not isinstance(point, Greeting) else SHUTTING_DOWN)
                 except Exception:  # the point may have been answered already
-                    conn.close(R.SHUTTING_DOWN)
+                    conn.close(SHUTTING_DOWN)
         finally:
             self._task = None
         if self.transport is None:
@@ -443,12 +426,12 @@ class SMTPConnection(asyncio.Protocol):
             self._resume_reading()
         self._process()
 
-    async def _policy(self, point: PolicyPoint, session: H.Session) -> Reply | list[Reply] | None:
+    async def _policy(self, point: PolicyPoint, session: Session) -> Reply | list[Reply] | None:
         """Run the hooks for a policy point and turn their verdict into the reply."""
-        hooks = self.server.hooks
+        hooks = self.host.hooks
         if isinstance(point, Greeting):
             # Accept(text=...) gives a banner with that text: a greeting is a 220, not a 250.
-            banner = Reply(220, None, (f"{self.server.options.hostname} ESMTP",))
+            banner = Reply(220, None, (f"{self.host.options.hostname} ESMTP",))
             if self.implicit_tls and hooks.has("tls"):
                 # SMTPS: the handshake is over before the banner; the tls stage comes first.
                 refused = self._verdict("tls", await hooks.run("tls", session), None)
@@ -465,27 +448,27 @@ class SMTPConnection(asyncio.Protocol):
                 session.esmtp = was_esmtp
             return reply
         if isinstance(point, MailFrom):
-            address = H.Address.from_wire(point.address, point.params)
-            envelope = H.Envelope(address)
+            address = Address.from_wire(point.address, point.params)
+            envelope = Envelope(address)
             outcome = await hooks.run("mail", session, envelope, address)
-            reply = self._verdict("mail", outcome, R.SENDER_OK)
+            reply = self._verdict("mail", outcome, SENDER_OK)
             if reply is None or reply.is_positive:
                 self._begin_transaction(point, address)
             return reply
         if isinstance(point, RcptTo):
-            address = H.Address.from_wire(point.address, point.params)
+            address = Address.from_wire(point.address, point.params)
             outcome = await hooks.run("rcpt", session, self.envelope, address)
-            reply = self._verdict("rcpt", outcome, R.RECIPIENT_OK)
+            reply = self._verdict("rcpt", outcome, RECIPIENT_OK)
             if reply is None or reply.is_positive:
                 self.envelope = self.envelope.with_recipient(address)
             return reply
         if isinstance(point, DataStart):
             outcome = await hooks.run("data_start", session, self.envelope)
-            reply = self._verdict("data_start", outcome, R.START_DATA if not point.bdat else None)
+            reply = self._verdict("data_start", outcome, START_DATA if not point.bdat else None)
             if reply is None or reply.is_positive:
-                if self.server.spooling:
+                if self.host.spooling:
                     return await self._open_spool() or (None if point.bdat else reply)
-                self.message_id = self.server.new_id()
+                self.message_id = self.host.new_id()
             return reply
         if isinstance(point, DataComplete):
             return await self._complete_message(point, session)
@@ -493,11 +476,11 @@ class SMTPConnection(asyncio.Protocol):
             return await self._authenticate(point, session)
         return None  # pragma: no cover
 
-    def _verdict(self, stage: str, outcome: H.Outcome, success: Reply | None) -> Reply | None:
+    def _verdict(self, stage: str, outcome: Outcome, success: Reply | None) -> Reply | None:
         """A chain's outcome as the reply to send (None: the protocol's default)."""
         if outcome is None:
             return None
-        if isinstance(outcome, H.Accept):
+        if isinstance(outcome, Accept):
             if outcome.code is None and outcome.text is None:
                 return None  # the stage's usual success reply
             base = success or Reply(250, "2.0.0", ("OK",))
@@ -510,21 +493,21 @@ class SMTPConnection(asyncio.Protocol):
             )
         if isinstance(outcome, Reply):
             return outcome
-        if isinstance(outcome, H.PerRecipient):
-            raise H.HookError(f"{stage}: one answer per recipient is only for LMTP messages")
+        if isinstance(outcome, PerRecipient):
+            raise HookError(f"{stage}: one answer per recipient is only for LMTP messages")
         if outcome.disconnect:
             self._disconnect = True
         return outcome.reply(stage)
 
-    async def _authenticate(self, point: AuthCredentials, session: H.Session) -> Reply:
-        hooks = self.server.hooks
-        reply = R.AUTH_FAILED
+    async def _authenticate(self, point: AuthCredentials, session: Session) -> Reply:
+        hooks = self.host.hooks
+        reply = AUTH_FAILED
         if hooks.has("auth"):
-            attempt = H.AuthAttempt.from_credentials(point)
+            attempt = AuthAttempt.from_credentials(point)
             outcome = await hooks.run("auth", session, attempt)
             # Every step passing without deciding is no authentication.
             if outcome is not None:
-                reply = self._verdict("auth", outcome, R.AUTH_OK) or R.AUTH_OK
+                reply = self._verdict("auth", outcome, AUTH_OK) or AUTH_OK
         if reply.is_positive:
             session.user = point.username
             session.auth_mechanism = point.mechanism
@@ -533,19 +516,17 @@ class SMTPConnection(asyncio.Protocol):
             # Each failure costs the client more time; the protocol layer hangs up after
             # max_auth_failures of them.
             session.auth_failures += 1
-            delay = self.server.options.auth_failure_delay
+            delay = self.host.options.auth_failure_delay
             if delay > 0 and not self._disconnect:
                 await asyncio.sleep(min(delay * 2 ** (session.auth_failures - 1), 30.0))
         return reply
 
-    async def _complete_message(
-        self, point: DataComplete, session: H.Session
-    ) -> Reply | list[Reply]:
+    async def _complete_message(self, point: DataComplete, session: Session) -> Reply | list[Reply]:
         spool = self.spool
         if spool is not None:
             spool.flush()  # complete on disk for the hooks to read; fsync comes below
         envelope = self.envelope
-        message = H.Message(
+        message = Message(
             id=self.message_id,
             session=session,
             envelope=envelope,
@@ -555,17 +536,17 @@ class SMTPConnection(asyncio.Protocol):
             _sync=self._sync_spool if spool is not None else None,
             _rewrite=self._rewrite_spool if spool is not None else None,
         )
-        hooks = self.server.hooks
+        hooks = self.host.hooks
         try:
             # The promise behind a 250 is kept by the deliveries: each makes durable what
             # it keeps (Maildir fsyncs the spool it links, mbox its file, forwarding hands
             # it on). The spool file itself is removed below, so syncing it would buy
             # nothing.
             outcome = await hooks.run("message", session, envelope, message)
-            accepted = self.server.protocol_config.persona.format(
-                "message_queued", queue_id=self.message_id, hostname=self.server.options.hostname
+            accepted = self.host.protocol_config.persona.format(
+                "message_queued", queue_id=self.message_id, hostname=self.host.options.hostname
             )
-            if isinstance(outcome, H.PerRecipient) and self.server.options.lmtp:
+            if isinstance(outcome, PerRecipient) and self.host.options.lmtp:
                 replies = self._per_recipient(outcome, envelope, accepted)
                 delivered = any(r.is_positive for r in replies)
                 reply: Reply | list[Reply] = replies
@@ -575,7 +556,7 @@ class SMTPConnection(asyncio.Protocol):
                 reply = single
             spool = self.spool  # a hook that added a header replaced it
             if delivered and spool is not None and hooks.background_steps("message"):
-                await self.server.deliver_later(message, spool)
+                await self.host.deliver_later(message, spool)
         finally:
             self._drop_spool()
         if delivered:
@@ -625,7 +606,7 @@ class SMTPConnection(asyncio.Protocol):
         return new.path
 
     def _per_recipient(
-        self, outcome: H.PerRecipient, envelope: H.Envelope, accepted: Reply
+        self, outcome: PerRecipient, envelope: Envelope, accepted: Reply
     ) -> list[Reply]:
         """LMTP: one reply per recipient from a hook's list (in order) or dict (by address)."""
         answers = outcome.answers
@@ -636,24 +617,24 @@ class SMTPConnection(asyncio.Protocol):
         else:
             ordered = list(answers)
             if len(ordered) != len(rcpts):
-                raise H.HookError(
+                raise HookError(
                     f"message hook gave {len(ordered)} answers for {len(rcpts)} recipients"
                 )
         replies = []
         for rcpt, answer in zip(rcpts, ordered, strict=True):
             ok = Reply(250, "2.1.5", (f"<{rcpt}> {accepted.text}",))
-            if isinstance(answer, H.Reject | H.TempFail):
+            if isinstance(answer, Reject | TempFail):
                 replies.append(answer.reply("message"))
             elif isinstance(answer, Reply):
                 replies.append(answer)
             elif answer is False:
-                replies.append(H.Reject().reply("message"))
+                replies.append(Reject().reply("message"))
             elif answer is None or answer is True:
                 replies.append(ok)
-            elif isinstance(answer, H.Accept):
+            elif isinstance(answer, Accept):
                 replies.append(self._verdict("message", answer, ok) or ok)
             else:
-                raise H.HookError(
+                raise HookError(
                     f"message hook answered {answer!r} for <{rcpt}>; give None, True/False, "
                     "Accept, Reject/TempFail or a Reply"
                 )
@@ -667,14 +648,14 @@ class SMTPConnection(asyncio.Protocol):
     def _finish_message_count(self) -> None:
         assert self.session is not None
         self.session.messages += 1
-        self.server.messages_accepted += 1
+        self.host.message_accepted()
 
     # --- STARTTLS ----------------------------------------------------------------------------
 
     async def _starttls(self) -> None:
         conn = self.conn
         transport = self.transport
-        context = self.server.ssl_context
+        context = self.host.ssl_context
         assert conn is not None and transport is not None and context is not None
         conn.respond(None)  # queues the 220 and drops anything pipelined after STARTTLS
         self._flush()
@@ -705,7 +686,7 @@ class SMTPConnection(asyncio.Protocol):
         self.session.auth_mechanism = None
         if self.recorder is not None:
             self._record("tls")
-        if self.server.hooks.has("tls"):
+        if self.host.hooks.has("tls"):
             await self._notify_tls()
 
     # --- helpers -----------------------------------------------------------------------------
@@ -717,17 +698,17 @@ class SMTPConnection(asyncio.Protocol):
         # The envelope of a transaction this ends stays until the protocol's
         # TransactionReset: the reset hooks are given it there.
 
-    def _begin_transaction(self, point: MailFrom, address: H.Address | None = None) -> None:
+    def _begin_transaction(self, point: MailFrom, address: Address | None = None) -> None:
         if address is None:
-            address = H.Address.from_wire(point.address, point.params)
-        self.envelope = H.Envelope(address)
+            address = Address.from_wire(point.address, point.params)
+        self.envelope = Envelope(address)
         assert self.session is not None
         self.session.transactions += 1
 
-    async def _notify_reset(self, envelope: H.Envelope) -> None:
+    async def _notify_reset(self, envelope: Envelope) -> None:
         assert self.session is not None
         try:
-            await self.server.hooks.run("reset", self.session, envelope)
+            await self.host.hooks.run("reset", self.session, envelope)
         finally:
             self._task = None
         if self.transport is not None:
@@ -740,7 +721,7 @@ class SMTPConnection(asyncio.Protocol):
         session = self.session
         conn = self.conn
         assert session is not None and conn is not None
-        reply = self._verdict("tls", await self.server.hooks.run("tls", session), None)
+        reply = self._verdict("tls", await self.host.hooks.run("tls", session), None)
         if reply is not None and not reply.is_positive:
             conn.close(reply)
 
@@ -761,9 +742,9 @@ class SMTPConnection(asyncio.Protocol):
     async def _open_spool(self) -> Reply | None:
         """Create the spool file for a new message (in a worker thread: on a busy disk,
         creating a file waits for the journal) and write the trace header into it."""
-        self.message_id = self.server.new_id()
-        header = self._received() if self.server.options.received_header else b""
-        directory = self.server.spool_dir
+        self.message_id = self.host.new_id()
+        header = self._received() if self.host.options.received_header else b""
+        directory = self.host.spool_dir
 
         def create() -> SpoolFile:
             spool = SpoolFile(directory)
@@ -794,7 +775,7 @@ class SMTPConnection(asyncio.Protocol):
         tls = session.tls
         rcpts = self.envelope.rcpt_tos
         protocol = with_protocol(
-            lmtp=self.server.options.lmtp,
+            lmtp=self.host.options.lmtp,
             esmtp=session.esmtp,
             tls=tls is not None,
             auth=session.user is not None,
@@ -805,7 +786,7 @@ class SMTPConnection(asyncio.Protocol):
             peer_host=None,
             peer_ip=session.peer_host,
             peer_port=session.peer_port,
-            by_host=self.server.options.hostname,
+            by_host=self.host.options.hostname,
             protocol=protocol,
             tls=f"{tls.version} {tls.cipher}" if tls is not None else None,
             queue_id=self.message_id,
@@ -848,14 +829,14 @@ class SMTPConnection(asyncio.Protocol):
 
     # --- the transcript tap -------------------------------------------------------------------
 
-    def _new_session(self, peer: Any, local: Any) -> H.Session:
-        return H.Session(
-            id=self.server.new_id(),
+    def _new_session(self, peer: Any, local: Any) -> Session:
+        return Session(
+            id=self.host.new_id(),
             peer_host=self.peer_ip,
             peer_port=int(peer[1]),
             local_host=str(local[0]),
             local_port=int(local[1]),
-            lmtp=self.server.options.lmtp,
+            lmtp=self.host.options.lmtp,
         )
 
     def _line_received(self, line: bytes) -> None:
@@ -914,12 +895,12 @@ class SMTPConnection(asyncio.Protocol):
             self._timer.cancel()
         if timeout is None:
             # One timer serves both limits: it wakes at the shorter and checks which applies.
-            options = self.server.options
+            options = self.host.options
             timeout = min(options.idle_timeout, options.data_timeout)
         self._timer = self.loop.call_later(timeout, self._check_idle)
 
     def _timeout(self) -> float:
-        options = self.server.options
+        options = self.host.options
         conn = self.conn
         if conn is not None and conn.state in (State.DATA, State.BDAT):
             return options.data_timeout
@@ -942,10 +923,10 @@ class SMTPConnection(asyncio.Protocol):
         if idle >= timeout:
             log.info("session %s: idle timeout after %.0f s", self._sid(), idle)
             self._note_close("idle-timeout")
-            self.conn.close(R.IDLE_TIMEOUT)
+            self.conn.close(IDLE_TIMEOUT)
             self._process()
             return
-        options = self.server.options
+        options = self.host.options
         next_check = min(timeout - idle, options.idle_timeout, options.data_timeout)
         self._timer = self.loop.call_later(next_check, self._check_idle)
 
@@ -965,7 +946,7 @@ class SMTPConnection(asyncio.Protocol):
         self._note_close("shutdown")
         conn = self.conn
         if conn is not None and conn.state is not State.CLOSED:
-            conn.close(R.SHUTTING_DOWN)
+            conn.close(SHUTTING_DOWN)
             self._process()
         self._close_transport()
 
@@ -975,10 +956,10 @@ class SMTPConnection(asyncio.Protocol):
         self._shutdown_now()
 
 
-def _as_reply(result: Reply | H.Accept | Any | None, success: Reply | None) -> Reply | None:
+def _as_reply(result: Reply | Accept | Any | None, success: Reply | None) -> Reply | None:
     if result is None:
         return None
-    if isinstance(result, H.Accept):
+    if isinstance(result, Accept):
         if result.text is None or success is None:
             return success
         return Reply(success.code, success.status, (result.text,))
@@ -997,12 +978,12 @@ def _shown(data: bytes, limit: int = 300) -> str:
     return text + (f"... ({len(data)} bytes)" if len(data) > limit else "")
 
 
-def _tls_info(transport: asyncio.BaseTransport) -> H.TLSInfo | None:
+def _tls_info(transport: asyncio.BaseTransport) -> TLSInfo | None:
     ssl_object = transport.get_extra_info("ssl_object")
     if ssl_object is None:
         return None
     cipher = ssl_object.cipher()
-    return H.TLSInfo(
+    return TLSInfo(
         version=ssl_object.version(),
         cipher=cipher[0] if cipher else None,
         server_name=getattr(ssl_object, SERVER_NAME_ATTRIBUTE, None),

@@ -1,17 +1,43 @@
-"""Everything the server needs to run, as one immutable value built by mailgate.config."""
+"""Everything the server needs to run, as one immutable value, and the settings table.
+
+Each field of :class:`ServerOptions` declares its setting where its default is: the key
+of the ``[server]`` table, the ``mailgate serve`` flag, the converter, the help text and
+its --help section (mailgate.settings). mailgate.config reads files and flags through
+this table; the command-line parsers and docs/settings.md are made from it.
+"""
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from mailgate.protocol.config import BareNewline
 from mailgate.protocol.persona import Persona
+from mailgate.settings import (
+    AUTH_MECHANISMS,
+    ConfigError,
+    Network,
+    Setting,
+    Value,
+    code_only,
+    converters,
+    derived,
+    setting,
+)
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+__all__ = [
+    "DEFAULT_LISTEN",
+    "GROUPS",
+    "LOOPBACK",
+    "ListenAddress",
+    "Network",
+    "PolicySection",
+    "ServerOptions",
+    "parse_listen_address",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,82 +66,525 @@ class PolicySection:
 
 #: Loopback may relay by default: the quick start sends from the same machine.
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+DEFAULT_LISTEN = (ListenAddress("127.0.0.1", 2525),)
+
+#: The --help sections and reference headings of the settings, in their order.
+GROUPS: Mapping[str, str] = {
+    "listening": "listening",
+    "identity": "identity and TLS",
+    "delivery": "delivery (choose one)",
+    "authentication": "authentication",
+    "policy": "policy (the [limits], [lists], [[dnsbl]], [client_checks], [greylisting] and "
+    "[mail_auth] tables of the config file give every detail)",
+    "hooks": "hooks and further deliveries",
+    "limits": "limits",
+    "timeouts": "timeouts",
+    "protocol": "protocol",
+    "proxies": "proxies and trusted peers",
+    "logging": "logging",
+}
+
+
+def parse_listen_address(text: str, value: Value | None = None) -> ListenAddress:
+    """``HOST:PORT`` or ``[IPv6]:PORT`` -> ListenAddress (plain SMTP; IPv6 without brackets)."""
+    where = value or Value(text, "listen address")
+    text = text.strip()
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or not text[end + 1 :].startswith(":"):
+            raise where.error(f"{text!r} is not [IPv6]:PORT")
+        host, port_text = text[1:end], text[end + 2 :]
+        try:
+            host = str(ipaddress.IPv6Address(host))
+        except ValueError:
+            raise where.error(f"{host!r} in {text!r} is not an IPv6 address") from None
+    else:
+        host, colon, port_text = text.rpartition(":")
+        if not colon:
+            raise where.error(
+                f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:2525, [::1]:2525, 0.0.0.0:25)"
+            )
+        if ":" in host:
+            raise where.error(f"{text!r}: put an IPv6 address in brackets, e.g. [::1]:2525")
+        if not host:
+            raise where.error(f"{text!r} has no host; use 0.0.0.0 or [::] for all addresses")
+        if not converters.is_host_name(host):
+            raise where.error(f"{host!r} in {text!r} is neither an IP address nor a host name")
+    if not port_text.isascii() or not port_text.isdigit():
+        raise where.error(f"{text!r} has no valid port number")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        # 0 asks the system for a free port (logged at start); --workers needs a fixed one.
+        raise where.error(f"port {port} in {text!r} is out of range (0-65535)")
+    return ListenAddress(host, port)
+
+
+# -- settings that do not map one to one onto a field, and how they combine ---------------
+
+_LISTEN = Setting(
+    "listen",
+    converters.string_list,
+    "listen for SMTP (STARTTLS offered) on this address; IPv6 as [::1]:25",
+    "listening",
+    metavar="HOST:PORT",
+    repeatable=True,
+    default=DEFAULT_LISTEN,
+    default_text="{default}, unless --smtps-listen is given",
+)
+_SMTPS_LISTEN = Setting(
+    "smtps_listen",
+    converters.string_list,
+    "listen for SMTP over implicit TLS (port 465 style)",
+    "listening",
+    metavar="HOST:PORT",
+    repeatable=True,
+    default=(),
+)
+
+
+def _listen_addresses(
+    values: Mapping[str, Value], default: tuple[ListenAddress, ...]
+) -> tuple[ListenAddress, ...]:
+    plain = values.get("listen")
+    implicit_tls = values.get("smtps_listen")
+    if plain is None and implicit_tls is None:
+        return default
+    addresses: list[ListenAddress] = []
+    seen: dict[tuple[str, int], str] = {}
+    for value, tls in ((plain, False), (implicit_tls, True)):
+        if value is None:
+            continue
+        for text in converters.string_list(value):
+            address = replace(parse_listen_address(text, value), implicit_tls=tls)
+            endpoint = (address.host, address.port)
+            if endpoint in seen:
+                raise value.error(f"{address} is already given (in {seen[endpoint]})")
+            seen[endpoint] = value.where
+            addresses.append(address)
+    if not addresses:
+        raise ConfigError("no address to listen on: listen and smtps_listen are both empty")
+    return tuple(addresses)
+
+
+_SINK = Setting(
+    "sink",
+    converters.boolean,
+    "accept mail and throw it away, for testing",
+    "delivery",
+    switch=True,
+    exclusive="delivery",
+    default=False,
+)
+
+Delivery = Literal["maildir", "mbox", "sink"]
+
+
+def _delivery(values: Mapping[str, Value], default: Delivery) -> Delivery:
+    # maildir, mbox and sink exclude each other (checked before); mbox is always a path.
+    if "mbox" in values:
+        return "mbox"
+    sink = values.get("sink")
+    if sink is not None and converters.boolean(sink):
+        return "sink"
+    return default
+
+
+_NO_RECEIVED_HEADER = Setting(
+    "no_received_header",
+    converters.boolean,
+    "do not add a Received: trace header to accepted mail",
+    "protocol",
+    switch=True,
+    off_flag="--received-header",
+    default=False,
+    default_text="off, the header is added",
+)
+
+
+def _received_header(values: Mapping[str, Value], default: bool) -> bool:
+    value = values.get("no_received_header")
+    return default if value is None else not converters.boolean(value)
+
+
+_VERBOSE = Setting(
+    "verbose",
+    converters.boolean,
+    "log at DEBUG level, including each SMTP command",
+    "logging",
+    flags=("-v", "--verbose"),
+    switch=True,
+    exclusive="verbosity",
+    default=False,
+    default_text="off, INFO level",
+)
+_QUIET = Setting(
+    "quiet",
+    converters.boolean,
+    "log only warnings and errors",
+    "logging",
+    flags=("-q", "--quiet"),
+    switch=True,
+    exclusive="verbosity",
+    default=False,
+    default_text="off, INFO level",
+)
+
+
+def _log_level(values: Mapping[str, Value], default: str) -> str:
+    verbose, quiet = values.get("verbose"), values.get("quiet")
+    if verbose is not None and converters.boolean(verbose):
+        return "DEBUG"
+    if quiet is not None and converters.boolean(quiet):
+        return "WARNING"
+    return default
+
+
+_BARE_NEWLINE_CHOICES = tuple(member.value for member in BareNewline)
+_DURATION = "SECONDS"
+_NETWORKS = "CIDR[,CIDR]"
 
 
 @dataclass(frozen=True, slots=True)
 class ServerOptions:
-    listen: tuple[ListenAddress, ...] = (ListenAddress("127.0.0.1", 2525),)
-    hostname: str = "localhost"
-    # Where accepted mail goes: exactly one of these.
-    delivery: Literal["maildir", "mbox", "sink"] = "maildir"
-    maildir: Path = Path("maildir")
-    mbox: Path | None = None
-    state_dir: Path = Path(".mailgate")
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
+    listen: tuple[ListenAddress, ...] = derived(
+        DEFAULT_LISTEN, inputs=(_LISTEN, _SMTPS_LISTEN), combine=_listen_addresses
+    )
+    hostname: str = setting(
+        "localhost",
+        convert=converters.hostname,
+        group="identity",
+        metavar="NAME",
+        help="name in the greeting and Received headers",
+        # mailgate.config looks the name up when it is not given; "localhost" is for
+        # ServerOptions built in code.
+        default_text="this machine's FQDN, from socket.getfqdn()",
+    )
+    maildir: Path = setting(
+        Path("maildir"),
+        convert=converters.path,
+        group="delivery",
+        metavar="DIR",
+        exclusive="delivery",
+        help="deliver accepted mail into this Maildir",
+    )
+    mbox: Path | None = setting(
+        None,
+        convert=converters.path,
+        group="delivery",
+        metavar="FILE",
+        exclusive="delivery",
+        help="append accepted mail to this mbox file",
+        default_text="off",
+    )
+    # Where accepted mail goes: the one of maildir, mbox and sink chosen.
+    delivery: Delivery = derived("maildir", inputs=(_SINK,), combine=_delivery)
+    state_dir: Path = setting(
+        Path(".mailgate"),
+        convert=converters.path,
+        group="identity",
+        metavar="DIR",
+        help="directory for state such as the development certificate, the spool and AUTH captures",
+    )
+    tls_cert: Path | None = setting(
+        None,
+        convert=converters.path,
+        group="identity",
+        metavar="PEM",
+        help="certificate chain for STARTTLS and implicit TLS, leaf first; needs --tls-key",
+        default_text="a self-signed certificate generated in --state-dir",
+    )
+    tls_key: Path | None = setting(
+        None,
+        convert=converters.path,
+        group="identity",
+        metavar="PEM",
+        help="unencrypted private key of --tls-cert",
+        default_text="generated with the certificate",
+    )
     #: Development credentials, user -> password.
-    auth_users: tuple[tuple[str, str], ...] = ()
-    allow_insecure_auth: bool = False
-    max_size: int = 25 * 1024 * 1024
-    max_recipients: int = 100
-    max_clients: int = 1000
-    max_clients_per_ip: int = 20
-    max_command_line: int = 512
-    max_unknown_commands: int = 10
-    max_bad_commands: int = 20
-    idle_timeout: float = 300.0
-    data_timeout: float = 600.0
-    close_timeout: float = 30.0
+    auth_users: tuple[tuple[str, str], ...] = setting(
+        (),
+        convert=converters.auth_users,
+        group="authentication",
+        flags=("--auth-user",),
+        metavar="USER:PASSWORD",
+        repeatable=True,
+        help="accept AUTH PLAIN/LOGIN for this user; for development",
+        default_text="none, AUTH not offered",
+    )
+    allow_insecure_auth: bool = setting(
+        False,
+        convert=converters.boolean,
+        group="authentication",
+        switch=True,
+        help="offer AUTH before TLS too, sending passwords in clear",
+    )
+    max_size: int = setting(
+        25 * 1024 * 1024,
+        convert=converters.size,
+        group="limits",
+        metavar="BYTES",
+        help="largest message accepted; suffixes K, M, G (1024-based, also KiB, MiB, GiB) "
+        "or KB, MB, GB (1000-based); 0 for no limit",
+        describe=converters.size_text,
+    )
+    max_recipients: int = setting(
+        100, convert=converters.count, group="limits", metavar="N", help="recipients per message"
+    )
+    max_clients: int = setting(
+        1000,
+        convert=converters.count,
+        group="limits",
+        metavar="N",
+        help="simultaneous connections per process",
+    )
+    max_clients_per_ip: int = setting(
+        20,
+        convert=converters.count,
+        group="limits",
+        metavar="N",
+        help="simultaneous connections from one IP address",
+    )
+    max_command_line: int = code_only(512, reason="a protocol limit; set in code if at all")
+    max_unknown_commands: int = code_only(10, reason="a protocol limit; set in code if at all")
+    max_bad_commands: int = code_only(20, reason="a protocol limit; set in code if at all")
+    idle_timeout: float = setting(
+        300.0,
+        convert=converters.seconds,
+        group="timeouts",
+        metavar=_DURATION,
+        help="close a connection that sends no command for this long",
+    )
+    data_timeout: float = setting(
+        600.0,
+        convert=converters.seconds,
+        group="timeouts",
+        metavar=_DURATION,
+        help="close a connection that stalls while sending a message",
+    )
+    close_timeout: float = setting(
+        30.0,
+        convert=converters.seconds,
+        group="timeouts",
+        metavar=_DURATION,
+        help="on shutdown, wait this long for connections to finish",
+    )
     #: Wait this long before the banner; clients that talk first get 554 (0: no wait).
-    greeting_delay: float = 0.0
-    lmtp: bool = False
-    proxy_protocol: tuple[Network, ...] = ()
-    proxy_timeout: float = 10.0
-    workers: int = 1
-    received_header: bool = True
-    bare_newline: BareNewline = BareNewline.REJECT
-    log_format: Literal["text", "json"] = "text"
-    log_level: str = "INFO"
+    greeting_delay: float = setting(
+        0.0,
+        convert=converters.seconds_or_zero,
+        group="timeouts",
+        metavar=_DURATION,
+        help="wait this long before the 220 banner; clients that send before it are "
+        "refused with 554 as early talkers",
+        default_text="{default}, no wait",
+    )
+    lmtp: bool = setting(
+        False,
+        convert=converters.boolean,
+        group="protocol",
+        switch=True,
+        help="speak LMTP (RFC 2033) instead of SMTP",
+    )
+    proxy_protocol: tuple[Network, ...] = setting(
+        (),
+        convert=converters.networks,
+        group="proxies",
+        metavar=_NETWORKS,
+        repeatable=True,
+        help="expect a PROXY protocol header (v1 or v2) from these networks, e.g. a load balancer",
+    )
+    proxy_timeout: float = code_only(10.0, reason="how long to wait for the PROXY header")
+    workers: int = setting(
+        1,
+        convert=converters.count,
+        group="listening",
+        metavar="N",
+        help="server processes sharing the ports (SO_REUSEPORT)",
+    )
+    received_header: bool = derived(True, inputs=(_NO_RECEIVED_HEADER,), combine=_received_header)
+    bare_newline: BareNewline = setting(
+        BareNewline.REJECT,
+        convert=lambda value: BareNewline(converters.choice(_BARE_NEWLINE_CHOICES)(value)),
+        group="protocol",
+        choices=_BARE_NEWLINE_CHOICES,
+        help="bare CR/LF in message data: reject the smuggling pattern, strict: reject any, "
+        "normalize: rewrite as CRLF",
+    )
+    log_format: Literal["text", "json"] = setting(
+        "text",
+        convert=converters.choice(("text", "json")),
+        group="logging",
+        choices=("text", "json"),
+        help="log line format",
+    )
+    log_level: str = derived("INFO", inputs=(_VERBOSE, _QUIET), combine=_log_level)
     #: Trusted peers that may use XCLIENT/XFORWARD.
-    trusted_networks: tuple[Network, ...] = field(default_factory=tuple)
+    trusted_networks: tuple[Network, ...] = setting(
+        (),
+        convert=converters.networks,
+        group="proxies",
+        metavar=_NETWORKS,
+        repeatable=True,
+        help="peers allowed to use XCLIENT and XFORWARD",
+    )
     # --- authentication --------------------------------------------------------------
     #: SASL mechanisms to offer; empty: what the registered auth plugins can check.
-    auth_mechanisms: tuple[str, ...] = ()
+    auth_mechanisms: tuple[str, ...] = setting(
+        (),
+        convert=converters.mechanisms,
+        group="authentication",
+        metavar="MECH[,MECH]",
+        help=f"SASL mechanisms to offer, from {', '.join(AUTH_MECHANISMS)}",
+        default_text="what the configured auth backends can check",
+    )
     #: A users file with argon2 hashes (``mailgate users add``) for PLAIN and LOGIN.
-    users_file: Path | None = None
+    users_file: Path | None = setting(
+        None,
+        convert=converters.path,
+        group="authentication",
+        metavar="FILE",
+        help="accept AUTH PLAIN/LOGIN for the users in this file of argon2 hashes, managed "
+        "with 'mailgate users'",
+    )
     #: Honeypot-style auth that records every attempt: "refuse" or "accept" (None: off).
-    auth_capture: Literal["refuse", "accept"] | None = None
+    auth_capture: Literal["refuse", "accept"] | None = setting(
+        None,
+        convert=converters.choice(("refuse", "accept")),
+        group="authentication",
+        choices=("refuse", "accept"),
+        help="record every AUTH attempt (user, password) in the state directory and refuse "
+        "or accept it, for honeypots",
+        default_text="off",
+    )
     #: Seconds before the first failed AUTH reply; doubles with each further failure.
-    auth_failure_delay: float = 1.0
-    max_auth_failures: int = 3
+    auth_failure_delay: float = setting(
+        1.0,
+        convert=converters.seconds_or_zero,
+        group="authentication",
+        metavar=_DURATION,
+        help="wait this long before answering a failed AUTH, doubling with each further failure",
+    )
+    max_auth_failures: int = setting(
+        3,
+        convert=converters.count,
+        group="authentication",
+        metavar="N",
+        help="close the connection after this many failed AUTH",
+    )
     # --- hooks and deliveries --------------------------------------------------------------
     #: Longest a stage's hooks may take (message stage: delivery_timeout) before 451.
-    hook_timeout: float = 30.0
-    delivery_timeout: float = 300.0
+    hook_timeout: float = setting(
+        30.0,
+        convert=converters.seconds,
+        group="hooks",
+        metavar=_DURATION,
+        help="answer 451 when a stage's hooks take longer than this",
+    )
+    delivery_timeout: float = setting(
+        300.0,
+        convert=converters.seconds,
+        group="hooks",
+        metavar=_DURATION,
+        help="the same for the message stage and its deliveries",
+    )
     #: Forward every message to these servers: smtp://host:port, lmtp://host:port.
-    forward: tuple[str, ...] = ()
+    forward: tuple[str, ...] = setting(
+        (),
+        convert=converters.forward_urls,
+        group="hooks",
+        metavar="URL",
+        repeatable=True,
+        help="also hand every message to this server: smtp://HOST:PORT, smtps://HOST:PORT "
+        "or lmtp://HOST:PORT",
+    )
     #: POST every message to these HTTP(S) endpoints.
-    webhook: tuple[str, ...] = ()
+    webhook: tuple[str, ...] = setting(
+        (),
+        convert=converters.webhook_urls,
+        group="hooks",
+        metavar="URL",
+        repeatable=True,
+        help="also POST every message (raw, with the envelope as JSON) to this http(s) URL",
+    )
     #: An aiosmtpd handler class to run, "module:Class" (with module importable).
-    aiosmtpd_handler: str | None = None
+    aiosmtpd_handler: str | None = setting(
+        None,
+        convert=converters.import_spec,
+        group="hooks",
+        metavar="MODULE:CLASS",
+        help="run this aiosmtpd handler class (handle_RCPT, handle_DATA, ...) unchanged",
+    )
     # --- policy --------------------------------------------------------------------------
     #: Domains we receive mail for (``*.example.com`` matches subdomains). Mail for other
     #: domains is relaying: allowed from authenticated users and relay_networks only
     #: (Postfix's mynetworks; not trusted_networks, which may send XCLIENT).
-    local_domains: tuple[str, ...] = ()
+    local_domains: tuple[str, ...] = setting(
+        (),
+        convert=converters.domain_patterns,
+        group="policy",
+        metavar="DOMAIN[,DOMAIN]",
+        repeatable=True,
+        help="domains to receive mail for (*.example.com for subdomains); mail for others is "
+        "relaying, allowed only from authenticated users and --relay-networks",
+    )
     #: Accept mail for any domain from anyone (capture servers, honeypots): warned at start.
-    open_relay: bool = False
-    relay_networks: tuple[Network, ...] = LOOPBACK
+    open_relay: bool = setting(
+        False,
+        convert=converters.boolean,
+        group="policy",
+        switch=True,
+        help="accept mail for every domain from anyone (capture servers and honeypots; "
+        "warned at start)",
+    )
+    relay_networks: tuple[Network, ...] = setting(
+        LOOPBACK,
+        convert=converters.networks,
+        group="policy",
+        metavar=_NETWORKS,
+        repeatable=True,
+        help="clients that may relay without authenticating",
+    )
     #: Name servers for policy lookups ("HOST" or "HOST:PORT"); empty: /etc/resolv.conf.
-    dns_nameservers: tuple[str, ...] = ()
-    dns_timeout: float = 3.0
+    dns_nameservers: tuple[str, ...] = setting(
+        (),
+        convert=converters.nameservers,
+        group="policy",
+        metavar="IP[:PORT]",
+        repeatable=True,
+        help="name servers for policy lookups (also nameservers in [dns])",
+        default_text="/etc/resolv.conf",
+    )
+    dns_timeout: float = setting(
+        3.0,
+        convert=converters.seconds,
+        group="policy",
+        metavar=_DURATION,
+        help="give up on a DNS lookup after this long (also timeout in [dns])",
+    )
     #: DNS blocklists in their simplest form: listed clients are refused at RCPT.
-    dnsbl_zones: tuple[str, ...] = ()
+    dnsbl_zones: tuple[str, ...] = setting(
+        (),
+        convert=converters.zones,
+        group="policy",
+        flags=("--dnsbl",),
+        metavar="ZONE",
+        repeatable=True,
+        help="refuse clients listed in this DNS blocklist at RCPT",
+    )
     #: Greylisting with its defaults (the [greylisting] table gives the details).
-    greylist: bool = False
+    greylist: bool = setting(
+        False,
+        convert=converters.boolean,
+        group="policy",
+        switch=True,
+        help="greylist unknown (client, sender, recipient) triplets",
+    )
     #: The policy tables of the configuration, for their plugins to read.
-    policy: tuple[PolicySection, ...] = ()
+    policy: tuple[PolicySection, ...] = code_only(
+        (), reason="the policy tables of the file ([limits], [lists]...), read by their plugins"
+    )
     # --- presentation ------------------------------------------------------------------
     #: How the server words its replies, banner, EHLO greeting and HELP (honeypot
     #: personas); None: mailgate's own texts.
-    persona: Persona | None = None
+    persona: Persona | None = code_only(None, reason="set by honeypot mode from its persona")

@@ -1,4 +1,9 @@
-"""Process-level running: event loop choice, signals, and N workers sharing one port."""
+"""Process-level running: event loop choice, signals, and N workers sharing one port.
+
+The runner starts whatever server it is given or can make (:class:`~.host.RunnableServer`):
+the core :class:`~.app.SMTPServer`, the ``mailgate.Server`` facade, a honeypot server. It
+does not import the server class, so nothing here decides which plugins a server has.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +15,8 @@ import signal
 import sys
 from collections.abc import Callable
 
-from mailgate import hooks as H
-
-from .app import Server
 from .errors import StartupError
+from .host import RunnableServer
 from .logs import setup_logging
 from .options import ServerOptions
 
@@ -21,7 +24,8 @@ log = logging.getLogger("mailgate.server")
 
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
-HooksFactory = Callable[[ServerOptions], H.Hooks]
+#: Makes the server of one process (of each worker) from the options.
+ServerFactory = Callable[[ServerOptions], RunnableServer]
 Reloader = Callable[[], ServerOptions]
 
 
@@ -38,17 +42,13 @@ def _install_uvloop() -> str:
 
 
 async def serve(
-    options: ServerOptions,
-    make_hooks: HooksFactory | None = None,
+    server: RunnableServer,
     *,
     reload_options: Reloader | None = None,
     reuse_port: bool = False,
-    started: Callable[[Server], None] | None = None,
-    server: Server | None = None,
+    started: Callable[[RunnableServer], None] | None = None,
 ) -> None:
-    """Run one server until SIGTERM/SIGINT; SIGHUP reloads certificates and settings."""
-    if server is None:
-        server = Server(options, make_hooks(options) if make_hooks is not None else None)
+    """Run ``server`` until SIGTERM/SIGINT; SIGHUP reloads certificates and settings."""
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
 
@@ -88,14 +88,14 @@ async def serve(
     log.info("stopped; %d messages accepted", server.messages_accepted)
 
 
-def run_server(server: Server) -> int:
-    """``Server.run()``: one process, until SIGINT/SIGTERM. Start-up problems are logged
-    and give exit status 2."""
+def run_server(server: RunnableServer) -> int:
+    """``SMTPServer.run()``: one process, until SIGINT/SIGTERM. Start-up problems are
+    logged and give exit status 2."""
     options = server.options
     setup_logging(options.log_format, options.log_level)
     _install_uvloop()
     try:
-        asyncio.run(serve(options, server=server))
+        asyncio.run(serve(server))
     except StartupError as exc:
         log.error("cannot start: %s", exc)
         return 2
@@ -106,13 +106,13 @@ def run_server(server: Server) -> int:
 
 def run(
     options: ServerOptions,
-    make_hooks: HooksFactory | None = None,
+    make_server: ServerFactory,
     *,
     reload_options: Reloader | None = None,
 ) -> int:
-    """Run the server in this process (or ``options.workers`` child processes)."""
+    """Run ``make_server(options)`` in this process (or one in each of ``options.workers``
+    child processes, made in the child)."""
     setup_logging(options.log_format, options.log_level)
-    factory = make_hooks or (lambda _options: H.Hooks())
     engine = _install_uvloop()
     log.debug(
         "mailgate starting (%s, %d worker%s)",
@@ -121,19 +121,21 @@ def run(
         "s" if options.workers > 1 else "",
     )
     if options.workers <= 1:
-        return _run_one(options, factory, reload_options, reuse_port=False)
-    return _run_workers(options, factory, reload_options)
+        return _run_one(options, make_server, reload_options, reuse_port=False)
+    return _run_workers(options, make_server, reload_options)
 
 
 def _run_one(
     options: ServerOptions,
-    factory: HooksFactory,
+    factory: ServerFactory,
     reload_options: Reloader | None,
     *,
     reuse_port: bool,
 ) -> int:
     try:
-        asyncio.run(serve(options, factory, reload_options=reload_options, reuse_port=reuse_port))
+        asyncio.run(
+            _serve_new(options, factory, reload_options=reload_options, reuse_port=reuse_port)
+        )
     except StartupError:
         raise
     except KeyboardInterrupt:  # pragma: no cover - signal handler normally catches it
@@ -141,8 +143,20 @@ def _run_one(
     return 0
 
 
+async def _serve_new(
+    options: ServerOptions,
+    factory: ServerFactory,
+    *,
+    reload_options: Reloader | None,
+    reuse_port: bool,
+) -> None:
+    # Made inside the running loop, as a server made by serve() always was: plugins that
+    # look for the loop when they are built find this one.
+    await serve(factory(options), reload_options=reload_options, reuse_port=reuse_port)
+
+
 def _run_workers(
-    options: ServerOptions, factory: HooksFactory, reload_options: Reloader | None
+    options: ServerOptions, factory: ServerFactory, reload_options: Reloader | None
 ) -> int:
     """Fork N workers that each bind the port with SO_REUSEPORT; the kernel spreads
     connections. The parent forwards signals and reports the first failure."""

@@ -1,8 +1,10 @@
-"""The composition root: which built-in plugins a set of options asks for.
+"""Which built-in plugins a set of options asks for.
 
-The only module that knows every built-in plugin; the server calls it once at start, after
-the hooks registered in code, so built-in deliveries run after an application's own
-message hooks (which may still order themselves with ``before="maildir"``).
+The only module that knows every built-in plugin; the ``mailgate.Server`` facade asks it
+once at start (:meth:`~mailgate.server.app.SMTPServer.start_plugins`): the policy
+plugins go ahead of the hooks registered in code, the others after them, so built-in
+deliveries run after an application's own message hooks (which may still order themselves
+with ``before="maildir"``). Plugin modules are imported only when a server starts.
 """
 
 from __future__ import annotations
@@ -12,29 +14,15 @@ from typing import Any
 
 from mailgate.server.options import ServerOptions
 
+__all__ = ["builtin_plugins", "policy_plugins"]
+
 
 def policy_plugins(options: ServerOptions, clock: Callable[[], float] | None = None) -> list[Any]:
-    """The built-in policy plugins the options ask for, in chain order. The server puts them
-    ahead of the plugins registered in code: a blocked client is refused before an
-    application's hooks spend anything on it. Lists come first (an allow-listed client
-    skips the later checks), then relay control, limits, DNS lists, client checks,
-    greylisting, and SPF/DKIM/DMARC last (it reads the message)."""
-    from mailgate.plugins import (
-        client_checks,
-        dnsbl,
-        greylist,
-        lists,
-        mail_auth,
-        rate_limits,
-        relay,
-    )
-    from mailgate.plugins.policy import PolicyEnv
+    """The built-in policy plugins the options ask for, in chain order (see
+    :func:`mailgate.plugins.chain.policy_plugins`)."""
+    from mailgate.plugins import chain
 
-    env = PolicyEnv(options) if clock is None else PolicyEnv(options, clock)
-    plugins: list[Any] = []
-    for module in (lists, relay, rate_limits, dnsbl, client_checks, greylist, mail_auth):
-        plugins.extend(module.plugins_from_options(env))
-    return plugins
+    return chain.policy_plugins(options, clock)
 
 
 def builtin_plugins(options: ServerOptions) -> list[Any]:

@@ -18,14 +18,15 @@ import sys
 from typing import Any
 
 from mailgate.config import (
-    AUTH_MECHANISMS,
-    DEFAULT_LISTEN,
-    DEFAULTS,
-    LOG_FORMAT_CHOICES,
-    PERSONA_CHOICES,
+    HONEYPOT_SETTINGS,
+    SERVER_SETTINGS,
     ConfigError,
     build_honeypot_options,
 )
+from mailgate.honeypot.settings import GROUPS as HONEYPOT_GROUPS
+from mailgate.honeypot.settings import REFUSED_FLAGS, SERVER_FLAGS
+from mailgate.server.options import GROUPS
+from mailgate.settings.flags import HiddenFlagsFormatter, add_config_flag, add_flags
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -77,7 +78,7 @@ def add_honeypot_parser(commands: argparse._SubParsersAction[Any]) -> None:
         "real SMTP engine wearing the persona of Postfix, Exim, Exchange, Sendmail or a "
         "generic ESMTP server, capturing every session, credential and message.",
         epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HiddenFlagsFormatter,
     )
     _add_run_arguments(honeypot)
     reports = honeypot.add_subparsers(
@@ -146,178 +147,17 @@ def _positive(text: str) -> int:
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    # Defaults are None, as for 'serve': mailgate.config tells given flags from the file's.
-    d = DEFAULTS
-    default_listen = ", ".join(str(address) for address in DEFAULT_LISTEN)
-    parser.add_argument(
-        "--config",
-        metavar="FILE",
-        help="read settings from this TOML file; flags override it (default: none)",
-    )
-
-    group = parser.add_argument_group("honeypot")
-    group.add_argument(
-        "--persona",
-        choices=PERSONA_CHOICES,
-        help="the product to look like; also the base of --profile (default: postfix)",
-    )
-    group.add_argument(
-        "--profile",
-        metavar="FILE",
-        help="a TOML persona profile overriding any text of the persona (default: none)",
-    )
-    group.add_argument(
-        "--data-dir",
-        metavar="DIR",
-        help="where everything is stored: capture.sqlite3, messages/, the TLS certificate "
-        "and the spool (required)",
-    )
-    group.add_argument(
-        "--jsonl",
-        metavar="FILE|-",
-        help="also write every event as a JSON line to FILE (appended) or stdout (-) "
-        "(default: none)",
-    )
-    group.add_argument(
-        "--auth-outcome",
-        metavar="refuse|accept|accept-after:N",
-        help="answer AUTH: refuse all, accept all, or accept the Nth attempt from an address "
-        "and later ones (default: refuse)",
-    )
-    group.add_argument(
-        "--drop-after-credentials",
-        action="store_true",
-        default=None,
-        help="after recording a credential answer 535 and hang up (default: off)",
-    )
-    group.add_argument(
-        "--tarpit",
-        metavar="SECONDS",
-        help="wait this long before each answer, times the connections seen from the "
-        "address (at most 10 s) (default: 0, off)",
-    )
-    group.add_argument(
-        "--max-session",
-        metavar="SECONDS",
-        help="close sessions older than this with the persona's timeout reply; 0 for no "
-        "limit (default: 600)",
-    )
-    group.add_argument(
-        "--max-storage",
-        metavar="SIZE",
-        help="cap on the capture store (database and raw messages); the oldest sessions "
-        "are pruned; suffixes K, M, G; 0 for no cap (default: 1G)",
-    )
-    group.add_argument(
-        "--block-networks",
-        action="append",
-        metavar="CIDR[,CIDR]",
-        help="refuse clients in these networks at connect; repeatable (default: none)",
-    )
-    group.add_argument(
-        "--connections-per-ip",
-        metavar="N/WINDOW",
-        help="refuse a client's connections beyond N per WINDOW (e.g. 30/10m) with the "
-        "persona's 421 (default: no limit)",
-    )
-
-    group = parser.add_argument_group("server (as for 'mailgate serve')")
-    group.add_argument(
-        "--listen",
-        action="append",
-        metavar="HOST:PORT",
-        help=f"listen for SMTP (STARTTLS offered) on this address; repeatable "
-        f"(default: {default_listen}, unless --smtps-listen is given)",
-    )
-    group.add_argument(
-        "--smtps-listen",
-        action="append",
-        metavar="HOST:PORT",
-        help="listen for SMTP over implicit TLS; repeatable (default: none)",
-    )
-    group.add_argument(
-        "--hostname",
-        metavar="NAME",
-        help="name in the banner and replies (default: the persona's, e.g. mail.example.com)",
-    )
-    group.add_argument(
-        "--tls-cert",
-        metavar="PEM",
-        help="certificate chain for STARTTLS and implicit TLS; needs --tls-key "
-        "(default: a self-signed certificate made in --data-dir)",
-    )
-    group.add_argument(
-        "--tls-key", metavar="PEM", help="private key of --tls-cert (default: generated)"
-    )
-    group.add_argument(
-        "--max-size",
-        metavar="BYTES",
-        help="largest message accepted (and SIZE advertised); suffixes K, M, G "
-        "(default: the persona's)",
-    )
-    group.add_argument(
-        "--max-clients",
-        metavar="N",
-        help=f"simultaneous connections (default: {d.max_clients})",
-    )
-    group.add_argument(
-        "--max-clients-per-ip",
-        metavar="N",
-        help=f"simultaneous connections from one address (default: {d.max_clients_per_ip})",
-    )
-    group.add_argument(
-        "--idle-timeout",
-        metavar="SECONDS",
-        help=f"close a connection idle this long (default: {d.idle_timeout:g})",
-    )
-    group.add_argument(
-        "--greeting-delay",
-        metavar="SECONDS",
-        help="wait this long before the banner; early talkers get 554 "
-        f"(default: {d.greeting_delay:g})",
-    )
-    group.add_argument(
-        "--proxy-protocol",
-        action="append",
-        metavar="CIDR[,CIDR]",
-        help="expect a PROXY protocol header from these networks (default: none)",
-    )
-    group.add_argument(
-        "--auth-mechanisms",
-        metavar="MECH[,MECH]",
-        help=f"SASL mechanisms to offer, from {', '.join(AUTH_MECHANISMS)} "
-        "(default: the persona's)",
-    )
-    group.add_argument(
-        "--auth-failure-delay",
-        metavar="SECONDS",
-        help="wait before answering a refused AUTH, doubling per failure "
-        f"(default: {d.auth_failure_delay:g})",
-    )
-    group.add_argument(
-        "--max-auth-failures",
-        metavar="N",
-        help=f"hang up after this many refused AUTH (default: {d.max_auth_failures})",
-    )
-    group.add_argument(
-        "--log-format",
-        choices=LOG_FORMAT_CHOICES,
-        help=f"log line format (default: {d.log_format})",
-    )
-    verbosity = group.add_mutually_exclusive_group()
-    verbosity.add_argument(
-        "-v",
-        "--verbose",
-        action="store_true",
-        default=None,
-        help=f"log at DEBUG level (default: {d.log_level})",
-    )
-    verbosity.add_argument(
-        "-q",
-        "--quiet",
-        action="store_true",
-        default=None,
-        help=f"log only warnings and errors (default: {d.log_level})",
+    add_config_flag(parser)
+    add_flags(parser, HONEYPOT_SETTINGS, HONEYPOT_GROUPS)
+    # The serve settings a honeypot offers, from serve's table; those it refuses are
+    # parsed too (but not shown), so that the error says why rather than "unrecognized".
+    add_flags(
+        parser,
+        [item for item in SERVER_SETTINGS if item.key in SERVER_FLAGS or item.key in REFUSED_FLAGS],
+        GROUPS,
+        one_group="server (as for 'mailgate serve')",
+        default_texts={key: text for key, text in SERVER_FLAGS.items() if text is not None},
+        hidden=REFUSED_FLAGS,
     )
 
 
@@ -338,34 +178,38 @@ def run_honeypot(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     options, honeypot = build_honeypot_options(args)
     # Imported here: the server and the store are not needed for --help or a bad flag.
-    from .mode import run
+    from mailgate.honeypot.mode import run
 
     return run(options, honeypot)
 
 
 def _report(command: str, args: argparse.Namespace) -> int:
-    from . import report as R
+    from mailgate.honeypot import report as capture_reports
 
     data_dir = getattr(args, "data_dir", None)
     if data_dir is None:
         return _fail(f"mailgate honeypot {command}: error: --data-dir DIR is required")
     try:
-        db = R.open_database(data_dir)
+        db = capture_reports.open_database(data_dir)
         try:
             if command == "report":
-                since = R.parse_since(args.since)
-                text = R.format_summary(
-                    R.summary(db, since=since, top=args.top), args.format, source=str(data_dir)
+                since = capture_reports.parse_since(args.since)
+                text = capture_reports.format_summary(
+                    capture_reports.summary(db, since=since, top=args.top),
+                    args.format,
+                    source=str(data_dir),
                 )
             elif command == "sessions":
-                since = R.parse_since(args.since)
-                rows = R.sessions(db, since=since, ip=args.ip, limit=args.limit)
-                text = R.format_sessions(rows, args.format)
+                since = capture_reports.parse_since(args.since)
+                rows = capture_reports.sessions(db, since=since, ip=args.ip, limit=args.limit)
+                text = capture_reports.format_sessions(rows, args.format)
             else:
-                text = R.format_session(R.session_detail(db, args.session), args.format)
+                text = capture_reports.format_session(
+                    capture_reports.session_detail(db, args.session), args.format
+                )
         finally:
             db.close()
-    except R.ReportError as exc:
+    except capture_reports.ReportError as exc:
         return _fail(f"mailgate honeypot {command}: error: {exc}")
     try:
         sys.stdout.write(text)

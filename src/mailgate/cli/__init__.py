@@ -1,0 +1,125 @@
+"""The ``mailgate`` command.
+
+Every problem with the command line or the configuration ends the program with one line
+on stderr and exit status 2; a server that cannot start (port in use, ...) exits with 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import NoReturn
+
+from mailgate.cli.honeypot import add_honeypot_parser, run_honeypot
+from mailgate.cli.users import add_users_parser, run_users
+from mailgate.config import SERVER_SETTINGS, ConfigError, build_options, config_mode
+from mailgate.server.options import GROUPS, ServerOptions
+from mailgate.settings.flags import HiddenFlagsFormatter, add_config_flag, add_flags
+from mailgate.version import __version__
+
+EXIT_CONFIG = 2
+EXIT_STARTUP = 2  # the issue fixes it: start-up problems (port in use) exit 2 too
+EXIT_INTERRUPTED = 130
+
+_SERVE_EPILOG = """\
+configuration file:
+  Every flag can also be set in the TOML file given with --config, in a [server]
+  table, under the flag's name with underscores ("auth_users" for --auth-user).
+  Flags given on the command line override the file; --no-X turns off a switch the
+  file turns on. docs/settings.md lists every setting. Example:
+
+    [server]
+    listen = ["0.0.0.0:25", "[::]:25"]
+    smtps_listen = ["0.0.0.0:465"]
+    hostname = "mx.example.com"
+    maildir = "/var/mail/incoming"
+    tls_cert = "/etc/mailgate/cert.pem"
+    tls_key = "/etc/mailgate/key.pem"
+    max_size = "50M"
+    proxy_protocol = ["10.0.0.0/8"]
+
+  Relative paths in the file are relative to the file's directory.
+"""
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse prints the whole usage before its error; one line is easier to spot in logs.
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mailgate", description="An embeddable SMTP/LMTP server.")
+    parser.add_argument("--version", action="version", version=f"mailgate {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="run the SMTP/LMTP server",
+        description="Run the SMTP/LMTP server until interrupted (SIGINT or SIGTERM).",
+        epilog=_SERVE_EPILOG,
+        formatter_class=HiddenFlagsFormatter,
+    )
+    _add_serve_arguments(serve)
+    add_users_parser(commands)
+    add_honeypot_parser(commands)
+    return parser
+
+
+def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
+    add_config_flag(serve)
+    # Every setting's flag, from the settings table (mailgate.server.options).
+    add_flags(serve, SERVER_SETTINGS, GROUPS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``mailgate`` command with ``argv`` (default: sys.argv[1:]); the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as exc:
+        return _fail(str(exc), EXIT_CONFIG)
+    except SystemExit as exc:  # --help and --version end here
+        return exc.code if isinstance(exc.code, int) else 0
+    if args.command == "users":
+        return run_users(args)
+    if args.command == "honeypot":
+        return run_honeypot(args)
+    return _serve(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        if config_mode(args.config) == "honeypot":
+            # mode = "honeypot" in the file: the same as mailgate honeypot --config FILE.
+            return run_honeypot(args)
+        options = build_options(args)
+    except ConfigError as exc:
+        return _fail(f"mailgate: error: {exc}", EXIT_CONFIG)
+
+    # Imported here: the server pulls in asyncio and every delivery, which --help and
+    # configuration errors do not need.
+    from mailgate.composition.server import run
+    from mailgate.server.errors import StartupError
+
+    def reload_options() -> ServerOptions:
+        # SIGHUP: read the file again; the flags keep overriding it.
+        return build_options(args)
+
+    try:
+        return run(options, reload_options=reload_options)
+    except ConfigError as exc:
+        return _fail(f"mailgate: error: {exc}", EXIT_CONFIG)
+    except StartupError as exc:
+        return _fail(f"mailgate: cannot start: {exc}", EXIT_STARTUP)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def _fail(message: str, status: int) -> int:
+    # A message quoting user input could contain line breaks; keep it to one line.
+    print(" ".join(message.splitlines()), file=sys.stderr)
+    return status

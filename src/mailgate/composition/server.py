@@ -1,0 +1,72 @@
+"""``mailgate.Server``: the server as users know it, built from settings.
+
+:class:`Server` is the core :class:`~mailgate.server.app.SMTPServer` with two things added:
+it takes the settings of ``mailgate serve`` as keyword arguments (read by
+:func:`mailgate.config.options_from_settings`), and at start it adds the built-in plugins
+those settings ask for (:mod:`.builtins`). :func:`run` is what ``mailgate serve`` calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from mailgate.hooks import Hooks
+from mailgate.server import runner
+from mailgate.server.app import SMTPServer, StartPlugins
+from mailgate.server.options import ServerOptions
+
+from .builtins import builtin_plugins, policy_plugins
+
+__all__ = ["Server", "run"]
+
+
+class Server(SMTPServer):
+    """An SMTP/LMTP server: listeners, hooks, limits, graceful shutdown.
+
+    Construct it with the same settings as ``mailgate serve`` (keyword arguments named
+    like the ``[server]`` keys, e.g. ``Server(hostname="mx.example.com",
+    listen="127.0.0.1:0")``) or with a ready :class:`ServerOptions`. Register hooks with
+    the ``on_<stage>`` decorators, :meth:`add_plugin` and :meth:`use`, then
+    ``await server.start()`` / ``await server.stop()``, ``async with server:``, or
+    :meth:`run` in a script.
+    """
+
+    def __init__(
+        self,
+        options: ServerOptions | None = None,
+        hooks: Hooks | None = None,
+        **settings: Any,
+    ) -> None:
+        if options is None or settings:
+            # Imported here: the configuration reader is only needed for settings.
+            from mailgate.config import ConfigError, options_from_settings
+
+            if options is not None:
+                raise TypeError("give either a ServerOptions or keyword settings, not both")
+            try:
+                options = options_from_settings(settings)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        super().__init__(options, hooks)
+
+    def start_plugins(self) -> StartPlugins:
+        """The plugins the settings ask for: the policy plugins ahead of those registered
+        in code, then auth backends, an aiosmtpd handler and deliveries after them."""
+        return StartPlugins(first=policy_plugins(self.options), last=builtin_plugins(self.options))
+
+
+def run(
+    options: ServerOptions,
+    make_hooks: Callable[[ServerOptions], Hooks] | None = None,
+    *,
+    reload_options: runner.Reloader | None = None,
+) -> int:
+    """Run a :class:`Server` for ``options`` in this process (or one in each of
+    ``options.workers`` child processes), until SIGTERM/SIGINT; the exit status.
+    ``make_hooks(options)`` may give each server its :class:`~mailgate.hooks.Hooks`."""
+
+    def make_server(options: ServerOptions) -> Server:
+        return Server(options, make_hooks(options) if make_hooks is not None else None)
+
+    return runner.run(options, make_server, reload_options=reload_options)

@@ -1,0 +1,266 @@
+"""Honeypot mode's settings: :class:`HoneypotOptions` (the ``[honeypot]`` table and the
+``mailgate honeypot`` flags, each declared once on its field), the ``[server]`` settings
+the honeypot command offers as flags, and those it refuses.
+
+mailgate.config reads files and flags through these tables; mailgate.honeypot.mode turns
+the result into a server.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from mailgate.server.options import PolicySection
+from mailgate.settings import Network, Value, code_only, converters, required, setting
+
+__all__ = [
+    "AUTH_OUTCOMES",
+    "GROUPS",
+    "HONEYPOT_REFUSED",
+    "PERSONA_CHOICES",
+    "REFUSED_FLAGS",
+    "SERVER_FLAGS",
+    "HoneypotOptions",
+    "check_policy_overlap",
+    "parse_auth_outcome",
+]
+
+AUTH_OUTCOMES: Final = ("refuse", "accept", "accept-after:N")
+#: The built-in personas (mailgate.honeypot.personas.PERSONAS has them; listed here so
+#: that reading a configuration does not load them).
+PERSONA_CHOICES: Final = ("postfix", "exim", "exchange", "sendmail", "generic")
+GROUPS: Mapping[str, str] = {"honeypot": "honeypot"}
+
+
+def parse_auth_outcome(value: str) -> tuple[str, int]:
+    """``"refuse"`` -> ("refuse", 0), ``"accept"`` -> ("accept", 0), ``"accept-after:N"``
+    -> ("accept-after", N) with N >= 1; anything else is a ValueError saying what works."""
+    text = str(value).strip().lower()
+    if text in ("refuse", "accept"):
+        return text, 0
+    match = re.fullmatch(r"accept-after:\s*(\d+)", text)
+    if match and int(match[1]) >= 1:
+        return "accept-after", int(match[1])
+    raise ValueError(
+        f"auth_outcome must be refuse, accept or accept-after:N (N >= 1), not {value!r}"
+    )
+
+
+def _auth_outcome(value: Value) -> str:
+    try:
+        mode, count = parse_auth_outcome(converters.string(value))
+    except ValueError as exc:
+        raise value.error(str(exc).replace("auth_outcome must be", "must be")) from None
+    return f"{mode}:{count}" if count else mode
+
+
+def _rate(value: Value) -> str:
+    # Imported here: the rate limits plugin loads the hooks, which reading flags for
+    # --help or an error does not need.
+    from mailgate.plugins.rate_limits import Rate
+
+    text = converters.string(value).strip()
+    try:
+        Rate.parse(text)
+    except ValueError as exc:
+        raise value.error(str(exc)) from None
+    return text
+
+
+def _seconds_or_off(value: Value) -> float | None:
+    return converters.seconds_or_zero(value) or None
+
+
+def _size_or_off(value: Value) -> int | None:
+    return converters.size(value) or None
+
+
+@dataclass(frozen=True, slots=True)
+class HoneypotOptions:
+    """The settings of honeypot mode besides the server's (the [honeypot] table and the
+    ``mailgate honeypot`` flags). mailgate.honeypot.mode turns them into a server."""
+
+    #: Where everything is stored: the capture database, raw messages, the TLS certificate,
+    #: the spool.
+    data_dir: Path = required(
+        convert=converters.path,
+        group="honeypot",
+        metavar="DIR",
+        help="where everything is stored: capture.sqlite3, messages/, the TLS certificate "
+        "and the spool",
+        missing="honeypot mode needs a data directory",
+    )
+    #: A built-in persona (PERSONA_CHOICES); the base of ``profile`` when one is given.
+    persona: str = setting(
+        "postfix",
+        convert=converters.choice(PERSONA_CHOICES),
+        group="honeypot",
+        choices=PERSONA_CHOICES,
+        help="the product to look like; also the base of --profile",
+    )
+    #: A TOML persona profile (mailgate.honeypot.personas.load_profile).
+    profile: Path | None = setting(
+        None,
+        convert=converters.path,
+        group="honeypot",
+        metavar="FILE",
+        help="a TOML persona profile overriding any text of the persona",
+    )
+    #: JSON lines of every event: a file to append to, "-" for stdout, None for none.
+    jsonl: str | None = setting(
+        None,
+        convert=converters.path_or_stdout,
+        group="honeypot",
+        metavar="FILE|-",
+        help="also write every event as a JSON line to FILE (appended) or stdout (-)",
+    )
+    #: refuse | accept | accept-after:N
+    auth_outcome: str = setting(
+        "refuse",
+        convert=_auth_outcome,
+        group="honeypot",
+        metavar="|".join(AUTH_OUTCOMES),
+        help="answer AUTH: refuse all, accept all, or accept the Nth attempt from an address "
+        "and later ones",
+    )
+    drop_after_credentials: bool = setting(
+        False,
+        convert=converters.boolean,
+        group="honeypot",
+        switch=True,
+        help="after recording a credential answer 535 and hang up",
+    )
+    #: Seconds before each answer, times the connections seen from the address (0: off).
+    tarpit: float = setting(
+        0.0,
+        convert=converters.seconds_or_zero,
+        group="honeypot",
+        metavar="SECONDS",
+        help="wait this long before each answer, times the connections seen from the "
+        "address (at most 10 s)",
+        default_text="{default}, off",
+    )
+    #: The longest session in seconds (None: no limit).
+    max_session: float | None = setting(
+        600.0,
+        convert=_seconds_or_off,
+        group="honeypot",
+        metavar="SECONDS",
+        help="close sessions older than this with the persona's timeout reply; 0 for no limit",
+    )
+    #: Cap on the capture store (database plus raw messages); None: no cap.
+    max_storage: int | None = setting(
+        1024**3,
+        convert=_size_or_off,
+        group="honeypot",
+        metavar="SIZE",
+        help="cap on the capture store (database and raw messages); the oldest sessions "
+        "are pruned; suffixes K, M, G; 0 for no cap",
+        describe=converters.size_text,
+    )
+    #: Clients refused at connect (the lists policy's block_networks).
+    block_networks: tuple[Network, ...] = setting(
+        (),
+        convert=converters.networks,
+        group="honeypot",
+        metavar="CIDR[,CIDR]",
+        repeatable=True,
+        help="refuse clients in these networks at connect",
+    )
+    #: New connections per client IP, "N/WINDOW" (the rate limits' connections_per_ip).
+    connections_per_ip: str | None = setting(
+        None,
+        convert=_rate,
+        group="honeypot",
+        metavar="N/WINDOW",
+        help="refuse a client's connections beyond N per WINDOW (e.g. 30/10m) with the "
+        "persona's 421",
+        default_text="no limit",
+    )
+    #: The [server] keys given by the file or flags; the persona fills in the others
+    #: (host name, SIZE, SASL mechanisms).
+    given: frozenset[str] = code_only(
+        frozenset(), reason="which [server] settings were given, noted by mailgate.config"
+    )
+
+
+#: The ``mailgate serve`` settings that ``mailgate honeypot`` offers as flags too, each
+#: with what its default is in a honeypot (None: as for serve). Any [server] key not
+#: refused below works in a honeypot's file.
+SERVER_FLAGS: Mapping[str, str | None] = {
+    "listen": None,
+    "smtps_listen": None,
+    "hostname": "the persona's, e.g. mail.example.com",
+    "tls_cert": "a self-signed certificate made in --data-dir",
+    "tls_key": None,
+    "max_size": "the persona's",
+    "max_clients": None,
+    "max_clients_per_ip": None,
+    "idle_timeout": None,
+    "greeting_delay": None,
+    "proxy_protocol": None,
+    "auth_mechanisms": "the persona's",
+    "auth_failure_delay": None,
+    "max_auth_failures": None,
+    "log_format": None,
+    "verbose": None,
+    "quiet": None,
+}
+
+_NO_DELIVERY = "a honeypot never delivers or hands on mail (everything stays in its data_dir)"
+_OWN_AUTH = "a honeypot answers AUTH itself (auth_outcome in [honeypot], --auth-outcome)"
+_EVERY_DOMAIN = "a honeypot accepts mail for every domain and relays none"
+#: [server] settings a honeypot refuses, in its file and as flags, with the reason.
+HONEYPOT_REFUSED: Mapping[str, str] = {
+    "maildir": _NO_DELIVERY,
+    "mbox": _NO_DELIVERY,
+    "forward": _NO_DELIVERY,
+    "webhook": _NO_DELIVERY,
+    "aiosmtpd_handler": _NO_DELIVERY,
+    "lmtp": "a honeypot speaks SMTP, not LMTP",
+    "state_dir": "a honeypot keeps its state in its data directory (data_dir, --data-dir)",
+    "auth_users": _OWN_AUTH,
+    "users_file": _OWN_AUTH,
+    "auth_capture": _OWN_AUTH,
+    "local_domains": _EVERY_DOMAIN,
+    "relay_networks": _EVERY_DOMAIN,
+    "open_relay": _EVERY_DOMAIN,
+}
+
+
+#: The serve flags ``mailgate honeypot`` parses only to refuse them with the reason (they
+#: are not in its --help): the refused settings, and workers, which may only be 1.
+REFUSED_FLAGS: tuple[str, ...] = (*HONEYPOT_REFUSED, "workers")
+
+
+def refuse_server_settings(values: Mapping[str, Value]) -> None:
+    """Raise for a [server] setting (from the file or a flag) a honeypot cannot honour."""
+    for key, reason in HONEYPOT_REFUSED.items():
+        value = values.get(key)
+        if value is not None and value.raw is not False and value.raw != []:
+            raise value.error(f"not for honeypot mode: {reason}")
+    workers = values.get("workers")
+    if workers is not None and converters.count(workers) > 1:
+        raise workers.error("honeypot mode runs in one process; remove workers")
+
+
+#: [honeypot] keys that are shorthands for a key of a policy table.
+_POLICY_TWINS = {"block_networks": "lists", "connections_per_ip": "limits"}
+
+
+def check_policy_overlap(
+    honeypot: Mapping[str, Value], sections: tuple[PolicySection, ...]
+) -> None:
+    """A [honeypot] key and the same key in its policy table of the same file: which one
+    was meant is unclear. (A flag simply wins over both.)"""
+    for key, table in _POLICY_TWINS.items():
+        value = honeypot.get(key)
+        if value is None or value.base is None:  # not given, or given as a flag
+            continue
+        for section in sections:
+            if section.name == table and key in section.values:
+                raise value.error(f"[{table}] {key} is set too; keep one")

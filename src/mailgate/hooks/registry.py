@@ -1,0 +1,264 @@
+"""The registry: :class:`Hooks`, the ordered set of plugins and middleware a server
+consults. Adding plugins, callbacks (one-step plugins) and middleware, ordering them
+(``before=``/``after=``, a stable topological sort) and keeping each stage's chain ready;
+the chain itself is run by :mod:`mailgate.hooks.runner`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import itertools
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mailgate.hooks.outcomes import HookError, Outcome
+from mailgate.hooks.runner import Middleware, _Step, run_chain
+from mailgate.hooks.session import Session
+from mailgate.hooks.stages import STAGES
+
+#: A plugin's stage method or a callback: async or plain, called with the stage's arguments.
+Step = Callable[..., Any]
+
+
+@dataclass(eq=False)
+class _Plugin:
+    name: str
+    obj: Any
+    before: tuple[str, ...]
+    after: tuple[str, ...]
+
+
+_anonymous = itertools.count(1)
+
+
+def _as_async(func: Step) -> Callable[..., Awaitable[Any]]:
+    if inspect.iscoroutinefunction(func):
+        return func
+
+    @functools.wraps(func)
+    async def call(*args: Any) -> Any:
+        result = func(*args)
+        if inspect.isawaitable(result):  # a plain function that returns a coroutine
+            result = await result
+        return result
+
+    return call
+
+
+class Hooks:
+    """The ordered set of plugins and middleware a server consults.
+
+    ``timeout`` bounds every stage's chain except ``message``; ``message_timeout`` bounds
+    the message stage (deliveries). ``None``: no limit.
+    """
+
+    def __init__(self, *, timeout: float | None = 30.0, message_timeout: float | None = 300.0):
+        self.timeout = timeout
+        self.message_timeout = message_timeout
+        self._plugins: list[_Plugin] = []
+        self._middleware: list[Middleware] = []
+        self._chains: dict[str, tuple[_Step, ...]] | None = None
+
+    # --- registration -------------------------------------------------------------------
+
+    def add(
+        self,
+        plugin: Any,
+        *,
+        name: str | None = None,
+        before: str | Sequence[str] = (),
+        after: str | Sequence[str] = (),
+        index: int | None = None,
+    ) -> Any:
+        """Add a plugin object. Its order: after every name in ``after``, before every
+        name in ``before``, otherwise in the order added (``index``: as if it had been
+        added at that position, e.g. 0 for ahead of everything so far). Returns the plugin.
+
+        A plugin whose ``required`` attribute is False runs at the message stage after
+        the reply (in the background, on its own link to the message file); its failures
+        are logged and do not change the reply."""
+        plugin_name = name or getattr(plugin, "name", None) or f"plugin-{next(_anonymous)}"
+        if not isinstance(plugin_name, str) or not plugin_name:
+            raise HookError(f"plugin name must be a non-empty string, not {plugin_name!r}")
+        if any(p.name == plugin_name for p in self._plugins):
+            raise HookError(f"a plugin named {plugin_name!r} is already registered")
+        if not any(callable(getattr(plugin, f"on_{stage}", None)) for stage in STAGES):
+            raise HookError(
+                f"plugin {plugin_name!r} has no stage method (on_connect, on_rcpt, ...)"
+            )
+        entry = _Plugin(plugin_name, plugin, _names(before), _names(after))
+        if index is None:
+            self._plugins.append(entry)
+        else:
+            self._plugins.insert(index, entry)
+        try:
+            self._order(strict=False)  # a cycle is an error now, at registration
+        except HookError:
+            self._plugins.remove(entry)
+            raise
+        self._chains = None
+        return plugin
+
+    def remove(self, name: str) -> None:
+        before = len(self._plugins)
+        self._plugins = [p for p in self._plugins if p.name != name]
+        if len(self._plugins) == before:
+            raise HookError(f"no plugin named {name!r}")
+        self._chains = None
+
+    def on(self, stage: str, func: Step, *, name: str | None = None, **order: Any) -> Step:
+        """Register one callback (async or plain) for one stage: a one-step plugin."""
+        if stage not in STAGES:
+            raise HookError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+        if not callable(func):
+            raise HookError(f"callback for {stage!r} must be callable, not {func!r}")
+        holder = type(f"Callback_{stage}", (), {f"on_{stage}": staticmethod(func)})()
+        for attribute in ("required", "auth_mechanisms"):
+            if hasattr(func, attribute):
+                setattr(holder, attribute, getattr(func, attribute))
+        qualname = getattr(func, "__qualname__", None) or f"callback-{next(_anonymous)}"
+        self.add(holder, name=name or f"{stage}:{qualname}", **order)
+        return func
+
+    def use(self, middleware: Middleware) -> Middleware:
+        """Wrap every stage call: ``async def mw(ctx, call_next): ... await call_next()``.
+        The first middleware added is the outermost."""
+        if not inspect.iscoroutinefunction(middleware) and not callable(middleware):
+            raise HookError(f"middleware must be an async function, not {middleware!r}")
+        self._middleware.append(middleware)
+        return middleware
+
+    def names(self) -> list[str]:
+        """Plugin names in the order their steps run."""
+        return [p.name for p in self._order(strict=False)]
+
+    def check(self) -> None:
+        """Raise :class:`HookError` if a before/after names a plugin that is not there."""
+        self._order(strict=True)
+
+    def plugins(self) -> list[Any]:
+        return [p.obj for p in self._order(strict=False)]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.plugins())
+
+    # --- running ------------------------------------------------------------------------
+
+    def has(self, stage: str) -> bool:
+        """Whether anything runs at ``stage`` (the server skips the await when not)."""
+        return bool(self._middleware) or bool(self._chain(stage))
+
+    def has_steps(self, stage: str) -> bool:
+        """Whether some plugin (not only middleware) has a step at ``stage``."""
+        return bool(self._chain(stage))
+
+    def background_steps(self, stage: str) -> tuple[_Step, ...]:
+        """Steps marked ``required = False``: the server runs them after replying."""
+        return tuple(s for s in self._chain(stage) if not s.required)
+
+    def run(self, stage: str, session: Session, *args: Any) -> Coroutine[Any, Any, Outcome]:
+        """Run the chain for ``stage`` (to be awaited): None (every step let it through),
+        an Accept, a Reject/TempFail, or an explicit Reply. Never raises for a hook's
+        failure: an exception or a timeout is logged and becomes ``451 4.3.0``."""
+        # A plain method handing back the runner's coroutine: no second coroutine frame per
+        # stage of every command.
+        timeout = self.message_timeout if stage == "message" else self.timeout
+        return run_chain(
+            stage, self._chain(stage, required=True), self._middleware, session, args, timeout
+        )
+
+    def _chain(self, stage: str, *, required: bool = False) -> tuple[_Step, ...]:
+        """The steps of ``stage`` in order (``required``: only those the reply waits for).
+        Computed once per change of the plugin set: the server asks on every command."""
+        chains = self._chains
+        if chains is None:
+            ordered = self._order(strict=False)
+            chains = {}
+            for s in STAGES:
+                steps = tuple(
+                    _Step(p.name, _as_async(method), bool(getattr(p.obj, "required", True)))
+                    for p in ordered
+                    if callable(method := getattr(p.obj, f"on_{s}", None)) and _takes_part(p.obj, s)
+                )
+                chains[s] = steps
+                chains["required:" + s] = tuple(step for step in steps if step.required)
+            self._chains = chains
+        return chains["required:" + stage if required else stage]
+
+    def _order(self, *, strict: bool) -> list[_Plugin]:
+        """Stable topological order honouring before/after; registration order breaks
+        ties. ``strict``: a name that is not registered is an error."""
+        plugins = self._plugins
+        index = {p.name: i for i, p in enumerate(plugins)}
+        edges: dict[int, set[int]] = {i: set() for i in range(len(plugins))}
+        for i, p in enumerate(plugins):
+            for relation, names in (("after", p.after), ("before", p.before)):
+                for other in names:
+                    if other not in index:
+                        if strict:
+                            known = ", ".join(index) or "none"
+                            raise HookError(
+                                f"plugin {p.name!r} is ordered {relation} {other!r}, which "
+                                f"is not registered (plugins: {known})"
+                            )
+                        continue
+                    if relation == "after":
+                        edges[index[other]].add(i)
+                    else:
+                        edges[i].add(index[other])
+        incoming = dict.fromkeys(edges, 0)
+        for targets in edges.values():
+            for t in targets:
+                incoming[t] += 1
+        # A plugin ordered before another takes that one's place in the queue, not its
+        # own: added last with before="mail-auth", it runs just before mail-auth instead of
+        # pushing mail-auth behind every plugin registered in between.
+        rank = _earliest_successor(edges)
+        ready = [i for i in edges if incoming[i] == 0]
+        order: list[int] = []
+        while ready:
+            ready.sort(key=lambda i: (rank[i], i))
+            i = ready.pop(0)
+            order.append(i)
+            for t in edges[i]:
+                incoming[t] -= 1
+                if incoming[t] == 0:
+                    ready.append(t)
+        if len(order) != len(plugins):
+            cycle = [plugins[i].name for i in edges if i not in order]
+            raise HookError(f"plugin ordering has a cycle among: {', '.join(cycle)}")
+        return [plugins[i] for i in order]
+
+
+def _earliest_successor(edges: Mapping[int, set[int]]) -> dict[int, int]:
+    """For each node, the lowest index among itself and everything that must come after
+    it (iteratively, so long chains need no recursion; a cycle is reported by the caller)."""
+    rank = {i: i for i in edges}
+    changed = True
+    rounds = 0
+    while changed and rounds <= len(edges):
+        changed = False
+        rounds += 1
+        for i, targets in edges.items():
+            best = min((rank[t] for t in targets), default=rank[i])
+            if best < rank[i]:
+                rank[i] = best
+                changed = True
+    return rank
+
+
+def _takes_part(plugin: Any, stage: str) -> bool:
+    """A plugin may narrow the stages it runs at with a ``stages`` attribute (a set of
+    names), e.g. leave out ``message`` when its configuration needs nothing there: a
+    message step makes the server spool every message for it."""
+    stages = getattr(plugin, "stages", None)
+    return stages is None or stage in stages
+
+
+def _names(value: str | Sequence[str]) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+__all__ = ["Hooks", "Step"]

@@ -1,0 +1,176 @@
+"""Running one stage's chain: each step in turn until one answers, the middleware around the
+chain, the stage's timeout, and a hook's failure turned into ``451 4.3.0`` (logged, never a
+traceback to the client). :class:`~mailgate.hooks.Hooks` keeps the chains; this module only
+runs the one it is given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mailgate.hooks.outcomes import _HOOK_FAILED, Outcome, _outcome, _Refusal
+from mailgate.hooks.session import Session
+from mailgate.hooks.stages import NOTIFICATIONS
+
+# The logger keeps the name of the module this code came from: operators filter on it.
+log = logging.getLogger("mailgate.hooks")
+
+
+@dataclass(eq=False)
+class HookContext:
+    """What middleware sees: the stage, the session, the stage's arguments, and the name
+    of the step running (set while each step runs)."""
+
+    stage: str
+    session: Session
+    args: tuple[Any, ...]
+    step: str | None = None
+
+
+Middleware = Callable[[HookContext, Callable[[], Awaitable[Any]]], Awaitable[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Step:
+    """One plugin's method for one stage, made async; ``required``: the reply waits for it."""
+
+    plugin: str
+    call: Callable[..., Awaitable[Any]]
+    required: bool
+
+
+async def run_chain(
+    stage: str,
+    steps: tuple[_Step, ...],
+    middleware: Sequence[Middleware],
+    session: Session,
+    args: tuple[Any, ...],
+    timeout: float | None,
+) -> Outcome:
+    """Run ``steps`` for ``stage`` inside ``middleware`` (the first is the outermost):
+    None (every step let it through), an Accept, a Reject/TempFail, or an explicit Reply.
+    Never raises for a hook's failure: an exception or a timeout is logged and becomes
+    ``451 4.3.0``."""
+    ctx = HookContext(stage, session, args) if middleware else None
+    current: list[str | None] = [None]
+    notification = stage in NOTIFICATIONS
+
+    async def call_chain() -> Outcome:
+        for step in steps:
+            current[0] = step.plugin
+            if ctx is not None:
+                ctx.step = step.plugin
+            try:
+                result = await step.call(session, *args)
+            except _Refusal as refusal:
+                if notification:
+                    continue
+                return refusal
+            except Exception:
+                if not notification:
+                    raise
+                # One plugin's failed clean-up must not skip the others' clean-ups.
+                log.exception("session %s: %s hook %s failed", session.id, stage, step.plugin)
+                continue
+            if notification:
+                continue
+            outcome = _outcome(stage, step.plugin, result)
+            if outcome is not None:
+                return outcome
+        current[0] = None
+        return None
+
+    call: Callable[[], Coroutine[Any, Any, Any]] = call_chain
+    if ctx is not None:
+        for mw in reversed(middleware):
+            call = _bind(mw, ctx, call)
+    try:
+        result = await _with_timeout(call(), timeout)
+        if ctx is not None and not notification:
+            # What the outermost middleware returned; a bad value is its fault.
+            current[0] = None
+            result = _outcome(stage, "(middleware)", result)
+    except _Refusal as refusal:  # raised by a middleware
+        return refusal
+    except TimeoutError:
+        log.error(
+            "session %s: %s hook %s took longer than %.1f s",
+            session.id,
+            stage,
+            current[0] or "(middleware)",
+            timeout,
+        )
+        return _HOOK_FAILED
+    except Exception:
+        log.exception(
+            "session %s: %s hook %s failed", session.id, stage, current[0] or "(middleware)"
+        )
+        return _HOOK_FAILED
+    if notification:
+        return None
+    return result  # type: ignore[no-any-return]
+
+
+async def _with_timeout(coro: Coroutine[Any, Any, Any], timeout: float | None) -> Any:
+    """Await ``coro`` within ``timeout`` seconds, paying for the timer only when it waits.
+
+    Most chains finish without waiting for anything (checks on data at hand); arming and
+    cancelling a timer for them cost more than the chain itself. So the coroutine is first
+    stepped by hand, in the calling task (``current_task()`` still works for the hooks);
+    only when it suspends does the rest run under ``asyncio.timeout``."""
+    try:
+        yielded = coro.send(None)
+    except StopIteration as stop:
+        return stop.value
+    except BaseException:
+        coro.close()
+        raise
+    if timeout is None:
+        return await _drive(coro, yielded)
+    async with asyncio.timeout(timeout):
+        return await _drive(coro, yielded)
+
+
+async def _drive(coro: Coroutine[Any, Any, Any], yielded: Any) -> Any:
+    """Go on running a coroutine that suspended while being stepped by hand, the way a
+    Task steps it: wait for the future it yielded, then resume it (the future's
+    ``__await__`` then hands it the result or raises). A cancellation of the calling task
+    (a timeout, a closed connection) cancels that future, so the coroutine sees it."""
+    try:
+        while True:
+            try:
+                if yielded is None:  # a bare yield (asyncio.sleep(0)): give others a turn
+                    await asyncio.sleep(0)
+                elif getattr(yielded, "_asyncio_future_blocking", None) is not None:
+                    yielded._asyncio_future_blocking = False
+                    await asyncio.wait((yielded,))
+                else:
+                    yielded = coro.throw(RuntimeError(f"bad yield in a hook: {yielded!r}"))
+                    continue
+            except asyncio.CancelledError:
+                if yielded is None or not yielded.cancel():
+                    yielded = coro.throw(asyncio.CancelledError())
+                    continue
+                if not yielded.done():  # a task: wait until it has finished cancelling
+                    await asyncio.wait((yielded,))
+            yielded = coro.send(None)
+    except StopIteration as stop:
+        return stop.value
+    finally:
+        coro.close()
+
+
+def _bind(
+    mw: Middleware, ctx: HookContext, call_next: Callable[[], Awaitable[Any]]
+) -> Callable[[], Coroutine[Any, Any, Any]]:
+    async def call() -> Any:
+        return await mw(ctx, call_next)
+
+    return call
+
+
+__all__ = ["HookContext", "Middleware", "run_chain"]

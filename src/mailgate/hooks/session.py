@@ -1,0 +1,307 @@
+"""The objects hooks see: the :class:`Session` (one client connection, its :class:`TLSInfo`),
+the :class:`Envelope` of the transaction in progress and its :class:`Address` es, the
+:class:`AuthAttempt` the auth stage decides about, and the received :class:`Message`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.message
+import email.policy
+import hmac
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import IO, Any, Final
+
+from mailgate.hooks.outcomes import HookError
+from mailgate.protocol import Address as WireAddress
+from mailgate.protocol import AuthCredentials
+
+
+class Address(str):
+    """An envelope address as hooks see it: the address text (``str``) plus ``local``,
+    ``domain`` and the ESMTP ``params`` that came with it (read-only; names upper-case).
+    The null reverse-path ``<>`` is the empty address (``""``, false in a test)."""
+
+    __slots__ = ("domain", "local", "params")
+    local: str
+    domain: str
+    params: Mapping[str, str | None]
+
+    def __new__(cls, text: str = "", params: Mapping[str, str | None] | None = None) -> Address:
+        self = super().__new__(cls, text)
+        local, at, domain = text.rpartition("@")
+        self.local, self.domain = (local, domain) if at else (text, "")
+        self.params = MappingProxyType(dict(params or {}))
+        return self
+
+    @classmethod
+    def from_wire(
+        cls, address: WireAddress | None, params: Mapping[str, str | None] | None = None
+    ) -> Address:
+        if address is None:
+            return cls("", params)
+        self = cls(str(address), params)
+        self.local, self.domain = address.local_part, address.domain
+        return self
+
+    def __repr__(self) -> str:
+        return f"Address({str.__repr__(self)}, params={dict(self.params)!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), dict(self.params)))
+
+
+@dataclass(frozen=True, slots=True)
+class TLSInfo:
+    """The TLS state of a session: protocol version, cipher name and bits, the name the
+    client asked for (SNI), and whether it showed a certificate."""
+
+    version: str | None
+    cipher: str | None
+    server_name: str | None = None
+    bits: int | None = None
+    peer_certificate: bool = False
+
+
+@dataclass(eq=False)
+class Session:
+    """One client connection as plugins see it. ``notes`` is free for plugins to use
+    (namespaced by plugin name, by convention); the rest the server keeps current."""
+
+    id: str
+    peer_host: str
+    peer_port: int
+    local_host: str
+    local_port: int
+    started_at: float = field(default_factory=time.time)
+    tls: TLSInfo | None = None
+    helo: str | None = None
+    esmtp: bool = False
+    #: The authenticated user (AUTH, or XCLIENT LOGIN from a trusted peer).
+    user: str | None = None
+    auth_mechanism: str | None = None
+    #: True once the peer address came from a PROXY header or XCLIENT.
+    forwarded: bool = False
+    xforward: dict[str, str | None] = field(default_factory=dict)
+    #: Transactions begun (MAIL accepted) and messages accepted on this connection.
+    transactions: int = 0
+    messages: int = 0
+    auth_failures: int = 0
+    lmtp: bool = False
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def peer(self) -> tuple[str, int]:
+        return (self.peer_host, self.peer_port)
+
+    @property
+    def authenticated(self) -> bool:
+        return self.user is not None
+
+
+@dataclass(frozen=True, eq=False, slots=True)
+class Envelope:
+    """The envelope of the transaction in progress, read-only: a hook decides about the
+    address it is given; the server adds what was accepted."""
+
+    mail_from: Address | None = None
+    rcpt_tos: tuple[Address, ...] = ()
+
+    @property
+    def sender(self) -> str:
+        """The reverse-path as text; empty for the null sender (and before MAIL)."""
+        return str(self.mail_from or "")
+
+    @property
+    def mail_params(self) -> Mapping[str, str | None]:
+        return self.mail_from.params if self.mail_from is not None else MappingProxyType({})
+
+    @property
+    def smtputf8(self) -> bool:
+        return "SMTPUTF8" in self.mail_params
+
+    @property
+    def body(self) -> str:
+        """The BODY= parameter: 7BIT (the default), 8BITMIME or BINARYMIME."""
+        return (self.mail_params.get("BODY") or "7BIT").upper()
+
+    def with_recipient(self, address: Address) -> Envelope:
+        return replace(self, rcpt_tos=(*self.rcpt_tos, address))
+
+
+@dataclass(frozen=True, slots=True)
+class AuthAttempt:
+    """What the auth stage decides about. ``password`` for PLAIN and LOGIN, ``token`` for
+    XOAUTH2; for CRAM-MD5 neither travels, so check with :meth:`verify`."""
+
+    method: str
+    username: str
+    # Kept out of repr: an attempt logged by a hook must not put the secret in the log.
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+    authzid: str | None = None
+    _credentials: AuthCredentials | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_credentials(cls, credentials: AuthCredentials) -> AuthAttempt:
+        return cls(
+            method=credentials.mechanism,
+            username=credentials.username,
+            password=credentials.password,
+            token=credentials.token,
+            authzid=credentials.authzid,
+            _credentials=credentials,
+        )
+
+    @property
+    def mechanism(self) -> str:
+        return self.method
+
+    @property
+    def challenge(self) -> bytes | None:
+        """CRAM-MD5: the challenge the server sent (None for other mechanisms)."""
+        return self._credentials.challenge if self._credentials is not None else None
+
+    @property
+    def digest(self) -> str | None:
+        """CRAM-MD5: the hex HMAC-MD5 digest the client answered with."""
+        return self._credentials.digest if self._credentials is not None else None
+
+    def verify(self, password: str) -> bool:
+        """Whether the client proved it knows ``password`` (constant time): a comparison
+        for PLAIN and LOGIN, the HMAC check for CRAM-MD5. Always False for XOAUTH2."""
+        if self.method == "CRAM-MD5":
+            credentials = self._credentials
+            return credentials is not None and credentials.verify_cram_md5(password)
+        if self.password is None:
+            return False
+        return hmac.compare_digest(self.password.encode(), password.encode())
+
+
+class MessageTooLarge(HookError):
+    """``Message.read()`` refused to load a message bigger than its ``limit``."""
+
+
+#: Default cap of Message.read(): above it, stream with ``async for`` or ``open()``.
+READ_LIMIT: Final = 64 * 1024 * 1024
+_CHUNK = 256 * 1024
+
+
+@dataclass(frozen=True, eq=False)
+class Message:
+    """A complete, received message. The bytes are in a file (``path``), never all in
+    memory unless you ask (``read()``); ``as_email()`` parses with the stdlib.
+
+    The file is complete when message hooks run but not necessarily fsynced: a delivery
+    that keeps this very file (a hard link) calls :meth:`sync` in its own worker thread
+    before making it visible. The server syncs it anyway before it answers 250.
+    """
+
+    id: str
+    session: Session
+    envelope: Envelope
+    size: int
+    path: Path | None
+    received_at: float
+    _sync: Callable[[], None] | None = field(default=None, repr=False)
+    _rewrite: Callable[[bytes], Awaitable[Path]] | None = field(default=None, repr=False)
+
+    async def prepend_header(self, name: str, value: str) -> None:
+        """Add a header field at the top of the message (e.g. Authentication-Results),
+        for the steps that come after this one. The message file is rewritten (in a worker
+        thread) and ``path`` points at the new one; long values are folded."""
+        if self._rewrite is None or self.path is None:
+            raise HookError("this message has no spool file to add a header to")
+        if not name or any(c in name for c in ": \r\n\t") or not name.isascii():
+            raise HookError(f"bad header field name {name!r}")
+        if "\r" in value or "\n" in value:
+            raise HookError("a header value must not contain line breaks (it is folded here)")
+        new_path = await self._rewrite(fold_header(name, value))
+        object.__setattr__(self, "path", new_path)
+
+    @property
+    def mail_from(self) -> Address | None:
+        return self.envelope.mail_from
+
+    @property
+    def rcpt_tos(self) -> tuple[Address, ...]:
+        return self.envelope.rcpt_tos
+
+    def sync(self) -> None:
+        """Make the spooled bytes durable (fsync). Blocking and idempotent: call it from a
+        worker thread, e.g. inside ``loop.run_in_executor``."""
+        if self._sync is not None:
+            self._sync()
+
+    def open(self) -> IO[bytes]:
+        """The message as a binary file (blocking reads: keep them off the event loop for
+        big messages, or use ``async for``)."""
+        if self.path is None:
+            raise HookError("this server runs without a spool (sink mode); no message bytes")
+        return self.path.open("rb")
+
+    async def read(self, limit: int | None = READ_LIMIT) -> bytes:
+        """The whole message in memory, read in a worker thread. Refuses (raises
+        :class:`MessageTooLarge`) a message above ``limit`` bytes; ``None``: no limit."""
+        if limit is not None and self.size > limit:
+            raise MessageTooLarge(
+                f"message {self.id} has {self.size} bytes, more than read(limit={limit})"
+            )
+        return await asyncio.get_running_loop().run_in_executor(None, self.read_bytes)
+
+    def read_bytes(self) -> bytes:
+        """Blocking :meth:`read` without a limit, for sync callbacks and threads."""
+        with self.open() as f:
+            return f.read()
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        """``async for chunk in message``: the bytes in chunks, read off the event loop."""
+        loop = asyncio.get_running_loop()
+        f = await loop.run_in_executor(None, self.open)
+        try:
+            while chunk := await loop.run_in_executor(None, f.read, _CHUNK):
+                yield chunk
+        finally:
+            f.close()
+
+    def as_email(self) -> email.message.EmailMessage:
+        """Parsed with ``email`` (``policy=default``): headers, parts, attachments."""
+        with self.open() as f:
+            msg = email.message_from_binary_file(f, policy=email.policy.default)
+        assert isinstance(msg, email.message.EmailMessage)
+        return msg
+
+
+def fold_header(name: str, value: str, width: int = 78) -> bytes:
+    """``Name: value`` as CRLF-terminated bytes, folded at spaces to about ``width``
+    columns (RFC 5322 2.2.3); words longer than a line stay whole."""
+    lines: list[str] = []
+    line = f"{name}:"
+    for word in value.split(" "):
+        if not word:
+            continue
+        if len(line) + 1 + len(word) > width and line.strip() and line != f"{name}:":
+            lines.append(line)
+            line = "\t" + word
+        else:
+            line += " " + word
+    lines.append(line)
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+__all__ = [
+    "READ_LIMIT",
+    "Address",
+    "AuthAttempt",
+    "Envelope",
+    "Message",
+    "MessageTooLarge",
+    "Session",
+    "TLSInfo",
+    "fold_header",
+]

@@ -1,0 +1,447 @@
+"""The outbound delivery engine: one message to one destination, an answer per recipient.
+
+``await engine.deliver(request)`` waits for a slot of the destination's concurrency,
+finds the hosts (MX lookup for a relay, the smarthost of a forward), takes a cached
+session or opens one, walking the hosts and their addresses in order until one gives a
+session (next on a connection failure, a 4xx or 5xx greeting or EHLO, a TLS failure),
+sends the message to every recipient (one transaction per 50 of them) and returns what
+became of each. Nothing raises out of it but cancellation: remote trouble, DNS trouble
+and even a bug of its own end as per-recipient results. One log line per attempt on the
+``mailgate.queue.outbound`` logger, with the fields also under ``record.outbound``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import IO, Any
+
+from mailgate.dns import Resolver
+
+from .cache import SessionCache
+from .destinations import Admission, DestinationState
+from .model import (
+    DeliveryRequest,
+    DeliveryResult,
+    Destination,
+    Forward,
+    Outcome,
+    RecipientResult,
+    Relay,
+    RemoteMTA,
+    TLSInfo,
+)
+from .mx import RouteFailure, host_addresses, mail_hosts
+from .options import OutboundOptions, TLSPolicy
+from .session import Answer, Endpoint, HostFailure, Session, open_session
+
+log = logging.getLogger("mailgate.queue.outbound")
+
+_STATE_SWEEP_INTERVAL = 60.0
+_STATE_IDLE_LIFETIME = 600.0
+_INTERNAL_ERROR = Answer(
+    Outcome.DEFERRED, "4.3.0", "internal error in mailgate's outbound delivery (see its log)"
+)
+_STARTTLS_MODES: dict[str, TLSPolicy] = {"no": "none", "auto": "may", "require": "encrypt"}
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationStatus:
+    """What the engine knows of a destination right now (for operators and tests)."""
+
+    concurrency_limit: int
+    active: int
+    consecutive_failures: int
+    suspended: bool
+    idle_sessions: int
+
+
+@dataclass(slots=True)
+class _Attempt:
+    answers: list[Answer]
+    session: Session | None = None
+    reused: bool = False
+    #: Whether a session was had (feeds slow start and the dead-destination tracker).
+    connected: bool = False
+    counts: bool = True  # False: the outcome says nothing of the destination (DNS, local)
+
+
+class OutboundEngine:
+    """Deliver :class:`DeliveryRequest` s; see the module docstring.
+
+    ``resolver`` is mailgate's resolver (so ``dns_nameservers`` applies); without one, a
+    resolver of the system's name servers is made. Use one engine per event loop and
+    :meth:`aclose` it (or ``async with``) to close its cached sessions.
+    """
+
+    def __init__(
+        self,
+        options: OutboundOptions | None = None,
+        *,
+        resolver: Resolver | None = None,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.options = options or OutboundOptions()
+        self.resolver = resolver if resolver is not None else Resolver()
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._cache = SessionCache(self.options)
+        self._states: dict[str, DestinationState] = {}
+        self._plaintext_until: dict[tuple[str, int], float] = {}
+        self._last_sweep = clock()
+        self.sessions_opened = 0
+
+    async def __aenter__(self) -> OutboundEngine:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the cached sessions (QUIT, bounded by a few seconds each)."""
+        await self._cache.aclose()
+
+    # --- state ------------------------------------------------------------------------------
+
+    def status(self, destination: Destination) -> DestinationStatus:
+        options = self.options
+        state = self._states.get(destination.key)
+        idle = self._cache.idle_count(_session_key(destination))
+        if state is None:
+            return DestinationStatus(options.initial_concurrency, 0, 0, False, idle)
+        return DestinationStatus(state.limit, state.active, state.failures, state.suspended, idle)
+
+    def is_suspended(self, destination: Destination) -> bool:
+        """True while the destination is dead (deliveries are deferred without trying):
+        a queue may hold its messages back until the next probe is due."""
+        state = self._states.get(destination.key)
+        return state is not None and state.suspended
+
+    def _state(self, key: str) -> DestinationState:
+        now = self._clock()
+        if now - self._last_sweep > _STATE_SWEEP_INTERVAL:
+            self._last_sweep = now
+            for old_key in [
+                k
+                for k, s in self._states.items()
+                if s.idle and now - s.last_used > _STATE_IDLE_LIFETIME
+            ]:
+                del self._states[old_key]
+            for host, until in list(self._plaintext_until.items()):
+                if until <= now:
+                    del self._plaintext_until[host]
+        state = self._states.get(key)
+        if state is None:
+            options = self.options
+            state = self._states[key] = DestinationState(
+                initial=options.initial_concurrency,
+                maximum=options.max_concurrency_per_destination,
+                dead_after=options.dead_after_failures,
+                probe_interval=options.dead_probe_interval,
+                clock=self._clock,
+            )
+        return state
+
+    # --- delivering ---------------------------------------------------------------------------
+
+    async def deliver(self, request: DeliveryRequest) -> DeliveryResult:
+        """Deliver ``request``; one result per recipient, in order."""
+        started = self._clock()
+        state = self._state(request.destination.key)
+        admission = state.admit()
+        if admission is Admission.SUSPENDED:
+            return self._finish(request, self._suspended(state), started)
+        try:
+            await state.acquire()
+            try:
+                if state.suspended and admission is not Admission.PROBE:
+                    # It died while this one waited for its turn.
+                    return self._finish(request, self._suspended(state), started)
+                try:
+                    attempt = await self._attempt(request, _session_key(request.destination))
+                except Exception:
+                    # A bug here must not stop the caller's worker, nor lose the message:
+                    # it is deferred and the traceback logged.
+                    log.exception("%s: outbound delivery failed unexpectedly", request.queue_id)
+                    attempt = _Attempt([_INTERNAL_ERROR], counts=False)
+            finally:
+                state.release()
+        finally:
+            if admission is Admission.PROBE:
+                state.end_probe()
+        if attempt.counts:
+            failure = None
+            if not attempt.connected:
+                failure = (attempt.answers[0].status, attempt.answers[0].diagnostic)
+            state.record(session=attempt.connected, failure=failure)
+        return self._finish(request, attempt, started)
+
+    def _suspended(self, state: DestinationState) -> _Attempt:
+        status, reason = state.last_failure or ("4.4.1", "no session could be had")
+        wait = max(0.0, state.next_probe - self._clock())
+        answer = Answer(
+            Outcome.DEFERRED,
+            status if status.startswith("4.") else "4.4.1",
+            f"destination suspended after {state.failures} failed attempts in a row "
+            f"(next probe in {wait:.0f}s); last: {reason}",
+        )
+        return _Attempt([answer], counts=False)
+
+    async def _attempt(self, request: DeliveryRequest, key: str) -> _Attempt:
+        n = len(request.recipients)
+        loop = asyncio.get_running_loop()
+        try:
+            body = await loop.run_in_executor(None, _open, request.body_path)
+        except OSError as exc:
+            answer = Answer(
+                Outcome.DEFERRED, "4.3.0", f"cannot read the message: {exc.strerror or exc}"
+            )
+            return _Attempt([answer] * n, counts=False)
+        try:
+            return await self._with_session(request, key, body)
+        finally:
+            body.close()  # read-only: nothing to flush, closing does not block
+
+    async def _with_session(self, request: DeliveryRequest, key: str, body: IO[bytes]) -> _Attempt:
+        n = len(request.recipients)
+        session = await self._cached(key)
+        reused = session is not None
+        failures: list[HostFailure] = []
+        if session is None:
+            endpoints = await self._endpoints(request.destination)
+            if isinstance(endpoints, RouteFailure):
+                answer = Answer(endpoints.outcome, endpoints.status, endpoints.diagnostic)
+                return _Attempt([answer] * n, counts=False)
+            session = await self._open_any(endpoints, failures)
+        if session is None:
+            return _Attempt([_final_failure(failures)] * n)
+        keep = False
+        try:
+            answers = await self._transactions(session, request, body)
+            keep = session.usable
+        finally:
+            if keep:
+                self._cache.put(key, session)
+            else:
+                session.abort()
+        return _Attempt(answers, session=session, reused=reused, connected=True)
+
+    async def _transactions(
+        self, session: Session, request: DeliveryRequest, body: IO[bytes]
+    ) -> list[Answer]:
+        """One transaction per ``max_recipients_per_transaction`` recipients, one after
+        the other on ``session`` (RSET and the message from its start between them)."""
+        limit = self.options.max_recipients_per_transaction
+        recipients = request.recipients
+        if len(recipients) <= limit:
+            return await session.transact(request, body)
+        loop = asyncio.get_running_loop()
+        answers: list[Answer] = []
+        for start in range(0, len(recipients), limit):
+            if start:
+                if not await session.reset():
+                    lost = Answer(
+                        Outcome.DEFERRED,
+                        "4.4.2",
+                        f"lost connection with {session.where} before the transaction for "
+                        f"recipients {start + 1} to {len(recipients)}",
+                    )
+                    answers += [lost] * (len(recipients) - start)
+                    break
+                await loop.run_in_executor(None, body.seek, 0)
+            part = recipients[start : start + limit]
+            answers += await session.transact(replace(request, recipients=part), body)
+        return answers
+
+    async def _cached(self, key: str) -> Session | None:
+        """A cached session for the destination that survives RSET."""
+        for _ in range(self.options.max_concurrency_per_destination + 1):
+            session = self._cache.take(key)
+            if session is None:
+                return None
+            if await session.reset():
+                self._cache.reused += 1
+                return session
+        return None
+
+    async def _open_any(
+        self, endpoints: list[Endpoint], failures: list[HostFailure]
+    ) -> Session | None:
+        """Try the endpoints in order; the first session, or None (``failures`` says why)."""
+        for endpoint in endpoints[: self.options.mx_address_limit]:
+            host = (endpoint.address, endpoint.port)
+            plaintext = self._plaintext_until.get(host, 0.0) > self._clock()
+            try:
+                session = await open_session(endpoint, self.options, plaintext=plaintext)
+            except HostFailure as failure:
+                failures.append(failure)
+                if not (failure.starttls_failed and endpoint.tls_policy == "may"):
+                    continue
+                # Opportunistic TLS that failed: remember the host, and try it again now
+                # in plain text, as Postfix does.
+                self._plaintext_until[host] = self._clock() + self.options.tls_fallback_time
+                try:
+                    session = await open_session(endpoint, self.options, plaintext=True)
+                except HostFailure as again:
+                    failures.append(again)
+                    continue
+            self.sessions_opened += 1
+            self._cache.opened += 1
+            return session
+        return None
+
+    async def _endpoints(self, destination: Destination) -> list[Endpoint] | RouteFailure:
+        options = self.options
+        if isinstance(destination, Relay):
+            hosts = await mail_hosts(self.resolver, destination.domain, rng=self._rng)
+            if isinstance(hosts, RouteFailure):
+                return hosts
+            return [
+                Endpoint(
+                    host=host.name,
+                    address=address,
+                    port=options.port,
+                    tls_policy=options.tls_policy,
+                    cafile=options.tls_cafile,
+                    relay=True,
+                )
+                for host in hosts
+                for address in host.addresses
+            ]
+        assert isinstance(destination, Forward)
+        target = destination.target()
+        addresses = await host_addresses(self.resolver, target.host)
+        if isinstance(addresses, RouteFailure):
+            return addresses
+        policy = options.tls_policy
+        if "starttls=" in destination.url:  # the URL's own choice wins for this host
+            policy = _STARTTLS_MODES[target.starttls]
+        return [
+            Endpoint(
+                host=target.host,
+                address=address,
+                port=target.port,
+                lmtp=target.scheme == "lmtp",
+                implicit_tls=target.scheme == "smtps",
+                tls_policy=policy,
+                username=target.username,
+                password=target.password,
+                cafile=target.cafile or options.tls_cafile,
+            )
+            for address in addresses
+        ]
+
+    # --- the result and its log line ----------------------------------------------------------
+
+    def _finish(
+        self, request: DeliveryRequest, attempt: _Attempt, started: float
+    ) -> DeliveryResult:
+        answers = attempt.answers
+        if len(answers) == 1 and len(request.recipients) > 1:
+            answers = answers * len(request.recipients)
+        session = attempt.session
+        remote: RemoteMTA | None = session.remote if session is not None else None
+        tls: TLSInfo | None = session.tls if session is not None else None
+        results = tuple(
+            RecipientResult(
+                recipient=recipient,
+                outcome=answer.outcome,
+                status=answer.status,
+                diagnostic=answer.diagnostic,
+                reply=answer.reply,
+                remote=remote,
+                tls=tls,
+            )
+            for recipient, answer in zip(request.recipients, answers, strict=True)
+        )
+        result = DeliveryResult(
+            request=request,
+            recipients=results,
+            remote=remote,
+            tls=tls,
+            delay=max(0.0, self._clock() - started),
+            reused=attempt.reused,
+        )
+        _log_attempt(result)
+        return result
+
+
+def _session_key(destination: Destination) -> str:
+    """What a cached session must match: the destination and, for a smarthost, the
+    credentials it authenticated with (a changed password must not reuse the old
+    login). ``hash`` is salted per process, so nothing of the password leaves it."""
+    if isinstance(destination, Forward):
+        target = destination.target()
+        return f"{destination.key}#{hash((target.username, target.password))}"
+    return destination.key
+
+
+def _final_failure(failures: list[HostFailure]) -> Answer:
+    """Why no host gave a session: permanent only when every host refused permanently
+    (5xx greeting or EHLO); otherwise the last temporary reason."""
+    if not failures:
+        return Answer(Outcome.DEFERRED, "4.4.1", "no host to connect to")
+    temporary = [f.answer for f in failures if f.answer.outcome is not Outcome.FAILED]
+    return temporary[-1] if temporary else failures[-1].answer
+
+
+def _open(path: Path) -> IO[bytes]:
+    return open(path, "rb")  # closed by the caller after the attempt
+
+
+def _log_attempt(result: DeliveryResult) -> None:
+    request = result.request
+    tls = result.tls
+    record: dict[str, Any] = {
+        "queue_id": request.queue_id,
+        "attempt": request.attempt,
+        "destination": request.destination.key,
+        "remote_host": result.remote.host if result.remote else None,
+        "remote_ip": result.remote.address if result.remote else None,
+        "remote_port": result.remote.port if result.remote else None,
+        "tls_version": tls.version if tls else None,
+        "tls_verified": tls.verified if tls else None,
+        "reused": result.reused,
+        "delay": round(result.delay, 3),
+        "recipients": [
+            {
+                "address": r.recipient.address,
+                "outcome": r.outcome.value,
+                "status": r.status,
+                "reply": str(r.reply) if r.reply else None,
+                "diagnostic": r.diagnostic,
+            }
+            for r in result.recipients
+        ],
+    }
+    remote = str(result.remote) if result.remote else "none"
+    tls_text = f"{tls.version}/{'verified' if tls.verified else 'unverified'}" if tls else "none"
+    outcomes = "; ".join(
+        f"<{r.recipient.address}> {r.outcome.value} {r.status} {r.diagnostic}"
+        for r in result.recipients
+    )
+    worst = max((r.outcome for r in result.recipients), key=_severity)
+    level = logging.INFO if worst is Outcome.DELIVERED else logging.WARNING
+    log.log(
+        level,
+        "%s: attempt=%d destination=%s remote=%s tls=%s reused=%s delay=%.3fs: %s",
+        request.queue_id,
+        request.attempt,
+        request.destination.key,
+        remote,
+        tls_text,
+        "yes" if result.reused else "no",
+        result.delay,
+        outcomes,
+        extra={"outbound": record},
+    )
+
+
+def _severity(outcome: Outcome) -> int:
+    return {Outcome.DELIVERED: 0, Outcome.DEFERRED: 1, Outcome.FAILED: 2}[outcome]

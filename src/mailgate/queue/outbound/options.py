@@ -1,0 +1,93 @@
+"""Settings of the outbound delivery engine, as one frozen value."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+#: ``none``: never STARTTLS. ``may``: STARTTLS when offered, plain text if the handshake
+#: fails (RFC 7435 opportunistic TLS). ``encrypt``: TLS or no delivery (certificates are
+#: still not required to verify, as in Postfix's ``encrypt`` level).
+TLSPolicy = Literal["none", "may", "encrypt"]
+TLS_POLICIES: tuple[str, ...] = get_args(TLSPolicy)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundOptions:
+    """How the engine talks to other servers. Times are seconds.
+
+    The defaults follow Postfix's ``smtp`` client where it has one: 5 minutes per command,
+    10 for the message, connection reuse for 300 s / 1,000 messages, 2 s idle close,
+    destination concurrency 20 with a slow start at 5.
+    """
+
+    #: The EHLO/LHLO name (the composition layer passes the server's hostname).
+    helo: str = "localhost"
+    #: Port of MX hosts (25; another one only for tests and lab setups).
+    port: int = 25
+    #: Local address to connect from (used for addresses of its family only).
+    source_address: str | None = None
+    connect_timeout: float = 30.0
+    #: Greeting, EHLO, STARTTLS, AUTH, MAIL, RCPT, DATA, RSET, each.
+    command_timeout: float = 300.0
+    #: Sending the message (each pause in the flow) and waiting for the reply to it.
+    data_timeout: float = 600.0
+    max_concurrency_per_destination: int = 20
+    #: Where a destination's concurrency starts; it grows by 1/window per success.
+    initial_concurrency: int = 5
+    #: A connection is reused for at most this long and this many messages...
+    connection_reuse_time: float = 300.0
+    connection_reuse_count: int = 1000
+    #: ...and closed when idle for this long.
+    connection_idle_time: float = 2.0
+    tls_policy: TLSPolicy = "may"
+    #: CA certificates (PEM) that certificates are checked against for the log and the
+    #: result's ``tls.verified``; None: the system's.
+    tls_cafile: str | None = None
+    #: After a failed TLS handshake under ``may``, that host gets plain text this long.
+    tls_fallback_time: float = 3600.0
+    #: Send AUTH credentials over a connection without TLS (never, unless set).
+    allow_plaintext_auth: bool = False
+    #: After this many consecutive attempts without a session, a destination is
+    #: suspended: one probe per ``dead_probe_interval``, everything else deferred at once.
+    dead_after_failures: int = 5
+    dead_probe_interval: float = 60.0
+    #: Addresses tried per attempt, over all MX hosts (Postfix: smtp_mx_address_limit).
+    mx_address_limit: int = 10
+    #: Recipients per transaction: a request with more is sent as several transactions
+    #: on the same session (Postfix: smtp_destination_recipient_limit, 50).
+    max_recipients_per_transaction: int = 50
+
+    def __post_init__(self) -> None:
+        if not self.helo or not self.helo.isascii() or any(c.isspace() for c in self.helo):
+            raise ValueError(f"outbound helo {self.helo!r} must be one non-empty ASCII word")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"outbound port {self.port} is out of range")
+        for name in (
+            "connect_timeout",
+            "command_timeout",
+            "data_timeout",
+            "connection_reuse_time",
+            "connection_idle_time",
+            "dead_probe_interval",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"outbound {name} must be positive")
+        if self.tls_fallback_time < 0:
+            raise ValueError("outbound tls_fallback_time must not be negative")
+        if self.max_concurrency_per_destination < 1:
+            raise ValueError("outbound max_concurrency_per_destination must be at least 1")
+        if not 1 <= self.initial_concurrency <= self.max_concurrency_per_destination:
+            raise ValueError(
+                "outbound initial_concurrency must be between 1 and max_concurrency_per_destination"
+            )
+        if self.connection_reuse_count < 1:
+            raise ValueError("outbound connection_reuse_count must be at least 1")
+        if self.dead_after_failures < 1:
+            raise ValueError("outbound dead_after_failures must be at least 1")
+        if self.max_recipients_per_transaction < 1:
+            raise ValueError("outbound max_recipients_per_transaction must be at least 1")
+        if self.mx_address_limit < 1:
+            raise ValueError("outbound mx_address_limit must be at least 1")
+        if self.tls_policy not in TLS_POLICIES:
+            raise ValueError(f"outbound tls_policy must be one of {', '.join(TLS_POLICIES)}")

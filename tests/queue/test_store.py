@@ -1068,10 +1068,12 @@ def test_wait_for_change_sees_local_and_other_instances_changes(open_store: Stor
             seen = other.change_count
             await store.hold([message_id])
             assert await other.wait_for_change(5, seen) is True
-            # Closing wakes a waiter, which reports no change.
-            waiter = asyncio.create_task(other.wait_for_change(30))
+        # Closing wakes a waiter, which reports no change (a store that has made no
+        # change of its own, and nobody else writes: no echo of a commit can come).
+        async with open_store() as quiet:
+            waiter = asyncio.create_task(quiet.wait_for_change(30))
             await asyncio.sleep(0.1)
-            await other.aclose()
+            await quiet.aclose()
             assert await asyncio.wait_for(waiter, 5) is False
 
     run(main())

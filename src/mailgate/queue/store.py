@@ -195,7 +195,9 @@ class QueueStore(Protocol):
         its value at the call); ``False`` on timeout or when the store is closed.
         Changes by other processes (and nodes) are noticed well under a second after
         their commit. Take ``seen`` before looking for work, so a change made meanwhile
-        wakes the wait at once instead of being missed."""
+        wakes the wait at once instead of being missed. A wake-up may be spurious (a
+        backend may see its own commit twice: signalled at once, then polled); a change
+        is never missed."""
         ...
 
     async def aclose(self) -> None: ...

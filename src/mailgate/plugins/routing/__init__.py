@@ -6,7 +6,7 @@ server plugin and :mod:`mailgate.plugins.routing.explain` for ``mailgate routes 
 
 from mailgate.plugins.routing.explain import describe, explain, load_routes, routes_test
 from mailgate.plugins.routing.patterns import PatternError
-from mailgate.plugins.routing.plugin import DECISIONS_NOTE, RoutingPlugin
+from mailgate.plugins.routing.plugin import DECISIONS_NOTE, RoutingPlugin, plugins_from_options
 from mailgate.plugins.routing.rules import (
     DEFAULT_DECISION,
     Action,
@@ -35,6 +35,7 @@ __all__ = [
     "describe",
     "explain",
     "load_routes",
+    "plugins_from_options",
     "route_from_section",
     "route_sections",
     "routes_test",

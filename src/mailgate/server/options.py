@@ -195,7 +195,8 @@ def _listen_addresses(
                 parse_listen_address(text, value), implicit_tls=tls, submission=submission
             )
             endpoint = (address.host, address.port)
-            if endpoint in seen:
+            # Port 0 is a new free port for each listener (tests), never a duplicate.
+            if address.port and endpoint in seen:
                 raise value.error(f"{address} is already given (in {seen[endpoint]})")
             seen[endpoint] = value.where
             addresses.append(address)

@@ -8,6 +8,8 @@ becomes the list ``auth_users``::
     [server]
     listen = ["0.0.0.0:25", "[::]:25"]      # a list, or one string
     smtps_listen = ["0.0.0.0:465"]
+    submission_listen = ["0.0.0.0:587"]     # AUTH before MAIL; senders from [senders]
+    submissions_listen = []                 # the same with implicit TLS (port 465)
     hostname = "mx.example.com"
     maildir = "/var/mail/incoming"          # or mbox = "/var/mail/all.mbox", or sink = true
     state_dir = "/var/lib/mailgate"

@@ -4,24 +4,32 @@ senders, plain listeners unchanged; the [senders] table and the sender_map callb
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import re
 import smtplib
 import ssl
 import textwrap
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
+from argon2 import PasswordHasher
 from tests.server.harness import Certs, make_certs
 
 from mailgate.cli import build_parser
+from mailgate.composition.builtins import policy_plugins
 from mailgate.composition.server import Server
 from mailgate.config import ConfigError, build_honeypot_options, build_options
 from mailgate.hooks import Address, Envelope, Reject, Session, TempFail
 from mailgate.plugins.policy import DECISIONS, PolicyConfigError
 from mailgate.plugins.submission import SenderTable, Submission
 from mailgate.server.options import ListenAddress, PolicySection, ServerOptions
+from mailgate.server.tls import DEV_CERT_NAME
 from mailgate.testing import RunningServer, running_server
+
+T = TypeVar("T")
 
 MESSAGE = b"Subject: submission test\r\n\r\nhello\r\n"
 SENDERS = {"alice": ["alice@example.com", "*@alice.example.com"], "app": ["*", "<>"]}
@@ -392,3 +400,93 @@ def test_lmtp_with_submission_listeners_does_not_start() -> None:
     with pytest.raises(Exception, match="submission listeners speak SMTP, not LMTP"):
         with running_server(lmtp=True, submission_listen="127.0.0.1:0"):
             pass
+
+
+# --- the examples of docs/user-guide.md ----------------------------------------------------------
+
+GUIDE = Path(__file__).resolve().parents[2] / "docs" / "user-guide.md"
+
+
+def guide_example(language: str) -> str:
+    section = GUIDE.read_text().split("## Submission (port 587/465)\n", 1)[1].split("\n## ", 1)[0]
+    match = re.search(rf"```{language}\n(.*?)```", section, re.S)
+    assert match is not None, f"no {language} example in the Submission section"
+    return match.group(1)
+
+
+def on_port_zero(options: ServerOptions, tmp_path: Path) -> ServerOptions:
+    """The same server on free loopback ports, with its state in ``tmp_path``."""
+    listen = tuple(dataclasses.replace(a, host="127.0.0.1", port=0) for a in options.listen)
+    return dataclasses.replace(options, listen=listen, state_dir=tmp_path / "state")
+
+
+def serve(server: Server, client: Callable[[dict[str, int]], T]) -> T:
+    """Run ``server`` and ``client(ports by kind)`` in a thread beside it."""
+
+    async def main() -> T:
+        async with server:
+            found: dict[str, int] = {}
+            for address, (_, port) in server.listening:
+                kind = "plain"
+                if address.submission:
+                    kind = "submissions" if address.implicit_tls else "submission"
+                found[kind] = port
+            return await asyncio.to_thread(client, found)
+
+    return asyncio.run(main())
+
+
+def test_the_guide_toml_example(tmp_path: Path, certs: Certs) -> None:
+    users = tmp_path / "users"
+    users.write_text(f"alice:{PasswordHasher().hash('wonderland')}\n")
+    text = guide_example("toml").replace("/etc/mailgate/users", str(users))
+    options = build("--config", config_file(tmp_path, text), "--sink")
+    assert [(a.port, a.implicit_tls, a.submission) for a in options.listen] == [
+        (25, False, False),
+        (587, False, True),
+        (465, True, True),
+    ]
+    # In the chain after the lists (none here) and before relay control.
+    assert [plugin.name for plugin in policy_plugins(options)][:2] == ["submission", "relay"]
+    options = dataclasses.replace(
+        on_port_zero(options, tmp_path), tls_cert=certs.cert, tls_key=certs.key
+    )
+
+    def client(port: dict[str, int]) -> list[int]:
+        codes = []
+        with smtplib.SMTP("127.0.0.1", port["plain"], timeout=10) as mx:
+            mx.ehlo("client.test")
+            codes.append(mx.mail("x@remote.test")[0])  # port 25: no AUTH asked
+        with smtplib.SMTP("127.0.0.1", port["submission"], timeout=10) as submit:
+            submit.starttls(context=client_context(certs))
+            submit.ehlo("client.test")
+            codes.append(submit.mail("alice@example.com")[0])
+            submit.login("alice", "wonderland")
+            codes.append(submit.mail("bob@example.com")[0])
+            codes.append(submit.mail("news@alice.example.com")[0])
+        return codes
+
+    assert serve(Server(options), client) == [250, 530, 553, 250]
+
+
+def test_the_guide_python_example(tmp_path: Path) -> None:
+    namespace: dict[str, Any] = {}
+    exec(compile(guide_example("python"), f"{GUIDE} (Submission)", "exec"), namespace)
+    example: Server = namespace["server"]
+    assert example.options.listen == (ListenAddress("127.0.0.1", 5870, submission=True),)
+    server = Server(on_port_zero(example.options, tmp_path))
+
+    def client(port: dict[str, int]) -> list[int]:
+        context = ssl.create_default_context(cafile=str(tmp_path / "state" / DEV_CERT_NAME))
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        context.check_hostname = False
+        with smtplib.SMTP("127.0.0.1", port["submission"], timeout=10) as submit:
+            submit.starttls(context=context)
+            submit.login("shop", "s3cret")
+            codes = [submit.mail("alice@example.com")[0]]
+            codes.append(submit.mail("")[0])  # MAIL FROM:<>, listed for this user
+            submit.rset()
+            codes.append(submit.mail("orders@shop.example")[0])
+        return codes
+
+    assert serve(server, client) == [553, 250, 250]

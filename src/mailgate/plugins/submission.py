@@ -69,7 +69,6 @@ POLICY = "submission"
 #: The configuration table that maps users to their sender addresses.
 TABLE = "senders"
 AUTH_REQUIRED = "Authentication required"
-_PATTERN_FORMS = "user@domain, *@domain, *@*.domain, * or <>"
 
 
 def _address_set(texts: Iterable[str]) -> AddressSet:
@@ -97,7 +96,7 @@ class SenderTable:
             try:
                 table.users[user] = _address_set(patterns)
             except PatternError as exc:
-                raise reader.error(user, f"{exc} (patterns: {_PATTERN_FORMS})") from None
+                raise reader.error(user, str(exc)) from None
         reader.done()
         return table
 

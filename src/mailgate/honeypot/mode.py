@@ -278,6 +278,9 @@ def build_server(
             drop_after_credentials=honeypot.drop_after_credentials,
             tarpit=honeypot.tarpit,
             max_session_seconds=honeypot.max_session,
+            analysis_budget=honeypot.analysis_budget,
+            analysis_max_parts=honeypot.analysis_max_parts,
+            analysis_max_depth=honeypot.analysis_max_depth,
             auth_mechanisms=options.auth_mechanisms,
         )
     except ValueError as exc:

@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
+import functools
 import logging
 import re
 import time
@@ -52,7 +54,15 @@ from mailgate.hooks import (
 from mailgate.protocol import Reply
 from mailgate.protocol.replies import AUTH_FAILED
 
-from .extract import MAX_ATTACHMENTS, MAX_URLS, extract
+from .extract import (
+    MAX_ATTACHMENTS,
+    MAX_DEPTH,
+    MAX_PARTS,
+    MAX_URLS,
+    Extracted,
+    extract,
+    extract_subject,
+)
 from .settings import AUTH_OUTCOMES, parse_auth_outcome
 from .store import CaptureStore, RawMessage
 
@@ -79,6 +89,8 @@ NAME: Final = "honeypot"
 MAX_ADDRESSES: Final = 65536
 #: Bytes read from the top of a message to find the server's own trace header.
 _TOP: Final = 64 * 1024
+#: Messages waiting for analysis beyond which a new one only has its subject read.
+MAX_ANALYSIS_BACKLOG: Final = 32
 
 
 #: A reply worded for one session (a persona's text naming the client, say).
@@ -142,7 +154,13 @@ class HoneypotPlugin:
     the cap of one delay (keep it below the server's ``hook_timeout``);
     ``max_session_seconds``: the longest session (None: no limit);
     ``max_urls``/``max_attachments``/``max_parse_bytes``: what message parsing keeps and
-    reads; ``auth_mechanisms``: offered when no ``auth_mechanisms`` setting overrides;
+    reads; ``analysis_budget`` (CPU seconds per message, None: no limit),
+    ``analysis_max_parts`` and ``analysis_max_depth``: how much of a message is analysed;
+    ``analysis_workers``: threads analysing messages, ``io_workers``: threads copying
+    them into the store (both pools the plugin's own, so that neither can hold up the
+    event loop's default executor, which the server opens spool files in);
+    ``max_analysis_backlog``: messages waiting for analysis beyond which a new one only
+    has its subject read; ``auth_mechanisms``: offered when no ``auth_mechanisms`` setting overrides;
     ``clock``: the time source (session ages compare with ``session.started_at``).
 
     Replies in other words (a persona's), each None for the plugin's own:
@@ -168,6 +186,12 @@ class HoneypotPlugin:
         max_urls: int = MAX_URLS,
         max_attachments: int = MAX_ATTACHMENTS,
         max_parse_bytes: int = 10 * 1024 * 1024,
+        analysis_budget: float | None = 2.0,
+        analysis_max_parts: int = MAX_PARTS,
+        analysis_max_depth: int = MAX_DEPTH,
+        analysis_workers: int = 1,
+        io_workers: int = 4,
+        max_analysis_backlog: int = MAX_ANALYSIS_BACKLOG,
         auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN", "CRAM-MD5", "XOAUTH2"),
         close_store: bool = True,
         clock: Callable[[], float] = time.time,
@@ -189,6 +213,24 @@ class HoneypotPlugin:
         self.max_urls = max_urls
         self.max_attachments = max_attachments
         self.max_parse_bytes = max_parse_bytes
+        if analysis_budget is not None and analysis_budget < 0:
+            raise ValueError("analysis_budget must not be negative (or None for no limit)")
+        if analysis_max_parts < 1 or analysis_max_depth < 1:
+            raise ValueError("analysis_max_parts and analysis_max_depth must be at least 1")
+        self.analysis_budget = analysis_budget
+        self.analysis_max_parts = analysis_max_parts
+        self.analysis_max_depth = analysis_max_depth
+        self.max_analysis_backlog = max(0, max_analysis_backlog)
+        self._analysis_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, analysis_workers), thread_name_prefix="honeypot-analysis"
+        )
+        self._io_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, io_workers), thread_name_prefix="honeypot-io"
+        )
+        #: Messages handed to the analysis pool and not finished.
+        self._analysing = 0
+        #: Set by aclose: analyses still waiting only read the subject.
+        self._closing = False
         self.auth_mechanisms = tuple(auth_mechanisms)
         self.close_store = close_store
         self.clock = clock
@@ -300,34 +342,69 @@ class HoneypotPlugin:
         self, session: Session, envelope: Envelope, message: Message
     ) -> RawMessage | None:
         """Store the message; what was stored, None when it could not be."""
+        loop = asyncio.get_running_loop()
         keep = self.store.reserve_message_bytes(session.id, message.size)
         try:
-            raw, extracted = await asyncio.to_thread(self._read_message, message, keep)
+            raw = await loop.run_in_executor(
+                self._io_pool, self._read_message, message, keep
+            )
+            extracted = await self._analyse(raw)
         except Exception:
             log.exception("session %s: message %s could not be captured", session.id, message.id)
             return None
-        else:
-            self.store.message(
-                session,
-                message_id=message.id,
-                ts=message.received_at,
-                mail_from=envelope.sender,
-                rcpt_tos=[str(r) for r in envelope.rcpt_tos],
-                raw=raw,
-                subject=extracted.subject,
-                urls=extracted.urls,
-                attachments=extracted.attachments,
+        truncated = extracted.truncated
+        if truncated is None and raw.size > len(raw.head):
+            truncated = "size"
+        self.store.message(
+            session,
+            message_id=message.id,
+            ts=message.received_at,
+            mail_from=envelope.sender,
+            rcpt_tos=[str(r) for r in envelope.rcpt_tos],
+            raw=raw,
+            subject=extracted.subject,
+            urls=extracted.urls,
+            attachments=extracted.attachments,
+            analysis_truncated=truncated,
+        )
+        log.info(
+            "session %s: captured message %s from=<%s> rcpts=%d size=%d sha256=%s%s",
+            session.id,
+            message.id,
+            envelope.sender,
+            len(envelope.rcpt_tos),
+            raw.size,
+            raw.sha256,
+            f" (analysis cut short: {truncated})" if truncated else "",
+        )
+        return raw
+
+    async def _analyse(self, raw: RawMessage) -> Extracted:
+        """Subject, URLs and attachments of a stored message, found in the analysis pool
+        within the budget; with too many messages waiting, only the subject."""
+        if self._analysing >= self.max_analysis_backlog:
+            return Extracted(extract_subject(raw.head), (), (), "backlog")
+        self._analysing += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._analysis_pool, functools.partial(self._extract, raw.head)
             )
-            log.info(
-                "session %s: captured message %s from=<%s> rcpts=%d size=%d sha256=%s",
-                session.id,
-                message.id,
-                envelope.sender,
-                len(envelope.rcpt_tos),
-                raw.size,
-                raw.sha256,
-            )
-            return raw
+        finally:
+            self._analysing -= 1
+
+    def _extract(self, head: bytes) -> Extracted:
+        """In an analysis thread. A message still waiting when the plugin closes only has
+        its subject read: shutting down must not wait for a backlog of analyses."""
+        if self._closing:
+            return Extracted(extract_subject(head), (), (), "backlog")
+        return extract(
+            head,
+            max_urls=self.max_urls,
+            max_attachments=self.max_attachments,
+            max_parts=self.analysis_max_parts,
+            max_depth=self.analysis_max_depth,
+            budget=self.analysis_budget,
+        )
 
     async def on_close(self, session: Session) -> None:
         notes = session.notes.get(self.name)
@@ -335,12 +412,16 @@ class HoneypotPlugin:
             notes.pop("timer").cancel()
 
     async def aclose(self) -> None:
+        self._closing = True
         if self._captures:  # messages still being read: their rows belong in the store
             await asyncio.gather(*self._captures, return_exceptions=True)
+        loop = asyncio.get_running_loop()
         if self.close_store:
-            await asyncio.to_thread(self.store.close)
+            await loop.run_in_executor(self._io_pool, self.store.close)
         else:
-            await asyncio.to_thread(self.store.flush)
+            await loop.run_in_executor(self._io_pool, self.store.flush)
+        self._analysis_pool.shutdown(wait=False)
+        self._io_pool.shutdown(wait=False)
 
     # --- helpers -----------------------------------------------------------------------------
 
@@ -403,13 +484,11 @@ class HoneypotPlugin:
         hostname = self.server.options.hostname if self.server is not None else "localhost"
         return Reply(421, "4.4.2", (f"{hostname} {_TIMEOUT_TEXT}",))
 
-    def _read_message(self, message: Message, keep: bool) -> tuple[RawMessage, Any]:
-        """In a worker thread: store the message as the client sent it and parse its top."""
+    def _read_message(self, message: Message, keep: bool) -> RawMessage:
+        """In an I/O thread: store the message as the client sent it, with its top."""
         with message.open() as source:
             _skip_own_headers(source, message.id)
-            raw = self.store.save_raw(source, keep=keep, head=self.max_parse_bytes)
-        extracted = extract(raw.head, max_urls=self.max_urls, max_attachments=self.max_attachments)
-        return raw, extracted
+            return self.store.save_raw(source, keep=keep, head=self.max_parse_bytes)
 
 
 _TIMEOUT_TEXT: Final = "Error: timeout exceeded"

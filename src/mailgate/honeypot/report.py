@@ -485,6 +485,10 @@ def session_detail(db: sqlite3.Connection, session_id: str) -> dict[str, Any]:
                 "sha256": r["sha256"],
                 "path": r["path"],
                 "subject": r["subject"],
+                # A database of schema version 1 (not yet opened by a newer honeypot).
+                "analysis_truncated": (
+                    r["analysis_truncated"] if "analysis_truncated" in r.keys() else None
+                ),
                 "urls": [
                     u[0]
                     for u in db.execute(
@@ -559,6 +563,11 @@ def _timeline(detail: Mapping[str, Any]) -> Iterator[str]:
             + ", ".join(f"<{_clean(r)}>" for r in message["rcpt_tos"])
             + f"; {message['size']} bytes, sha256 {message['sha256']}",
             f"    subject: {_clean(message['subject'] or '-')}",
+            *(
+                [f"    analysis: cut short, {_cut_reason(message['analysis_truncated'])}"]
+                if message.get("analysis_truncated")
+                else []
+            ),
             f"    stored:  {message['path'] or '(not kept: over the storage cap)'}",
         ]
         text += [f"    url:     {_clean(url)}" for url in message["urls"]]
@@ -601,6 +610,21 @@ def _clean(value: object, width: int = _WIDTH) -> str:
 def _escape(match: re.Match[str]) -> str:
     code = ord(match[0])
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+#: What messages.analysis_truncated says, for people.
+_CUT_REASONS: Final = {
+    "parts": "too many MIME parts (analysis_max_parts)",
+    "depth": "parts nested too deeply (analysis_max_depth)",
+    "budget": "out of time (analysis_budget)",
+    "size": "only the start of the message was parsed",
+    "backlog": "too many messages waiting: only the subject was read",
+    "error": "a part could not be read",
+}
+
+
+def _cut_reason(reason: str) -> str:
+    return _CUT_REASONS.get(reason, _clean(reason))
 
 
 def _size(size: int | None) -> str:

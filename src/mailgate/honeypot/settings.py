@@ -162,6 +162,32 @@ class HoneypotOptions:
         "are pruned; suffixes K, M, G; 0 for no cap",
         describe=converters.size_text,
     )
+    #: CPU seconds the analysis of one message (subject, URLs, attachments) may take;
+    #: None: no limit. What was found when it runs out is kept, marked as cut short.
+    analysis_budget: float | None = setting(
+        2.0,
+        convert=_seconds_or_off,
+        group="honeypot",
+        metavar="SECONDS",
+        help="CPU seconds the analysis of one message may take (what it found by then is "
+        "kept, marked as cut short); 0 for no limit",
+    )
+    #: MIME parts of one message analysed at most.
+    analysis_max_parts: int = setting(
+        1000,
+        convert=converters.count,
+        group="honeypot",
+        metavar="N",
+        help="analyse at most this many MIME parts of a message",
+    )
+    #: Nesting levels of multipart parts and attached messages analysed at most.
+    analysis_max_depth: int = setting(
+        50,
+        convert=converters.count,
+        group="honeypot",
+        metavar="N",
+        help="analyse MIME parts nested at most this many levels deep",
+    )
     #: Clients refused at connect (the lists policy's block_networks).
     block_networks: tuple[Network, ...] = setting(
         (),

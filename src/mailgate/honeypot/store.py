@@ -47,7 +47,10 @@ Schema (``PRAGMA user_version`` = 1; times are Unix seconds, UTC, as REAL)::
              rcpt_tos TEXT,            -- JSON array of addresses
              size INTEGER, sha256 TEXT,  -- of the bytes the client sent
              path TEXT,                -- raw file relative to DATA_DIR, NULL if not kept
-             subject TEXT)
+             subject TEXT,
+             analysis_truncated TEXT)  -- NULL: subject, URLs and attachments are of the
+                                       -- whole message; else the limit that stopped the
+                                       -- analysis: parts, depth, budget, size, backlog, error
     urls(message_id TEXT, url TEXT)
     attachments(message_id TEXT, filename TEXT, content_type TEXT, size INTEGER,
                 sha256 TEXT)
@@ -94,6 +97,10 @@ __all__ = [
 DB_NAME: Final = "capture.sqlite3"
 MESSAGES_DIR: Final = "messages"
 SCHEMA_VERSION: Final = 1
+#: Columns added since version 1 was first written, added to older files when opened.
+#: Nullable additions keep the version: a mailgate that does not know them still reads
+#: and writes the file.
+_ADDED_COLUMNS: Final = (("messages", "analysis_truncated", "TEXT"),)
 SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY,
@@ -144,7 +151,8 @@ CREATE TABLE IF NOT EXISTS messages (
     size INTEGER NOT NULL,
     sha256 TEXT NOT NULL,
     path TEXT,
-    subject TEXT
+    subject TEXT,
+    analysis_truncated TEXT
 );
 CREATE INDEX IF NOT EXISTS messages_ts ON messages(ts);
 CREATE INDEX IF NOT EXISTS messages_session ON messages(session_id);
@@ -178,7 +186,7 @@ _SQL: Final = (
     "INSERT INTO auth_attempts (session_id, ts, mechanism, username, password, token,"
     " outcome) VALUES (?, ?, ?, ?, ?, ?, ?)",
     "INSERT OR REPLACE INTO messages (id, session_id, ts, mail_from, rcpt_tos, size,"
-    " sha256, path, subject) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    " sha256, path, subject, analysis_truncated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     "INSERT INTO urls (message_id, url) VALUES (?, ?)",
     "INSERT INTO attachments (message_id, filename, content_type, size, sha256)"
     " VALUES (?, ?, ?, ?, ?)",
@@ -308,6 +316,10 @@ class CaptureStore:
             db.execute("PRAGMA auto_vacuum = INCREMENTAL")
             db.execute("PRAGMA journal_mode = WAL")
             db.executescript(SCHEMA)
+            for table, column, kind in _ADDED_COLUMNS:
+                columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+                if column not in columns:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
             if version < SCHEMA_VERSION:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.Error as exc:
@@ -578,9 +590,11 @@ class CaptureStore:
         subject: str | None,
         urls: Iterable[str] = (),
         attachments: Iterable[Any] = (),
+        analysis_truncated: str | None = None,
     ) -> None:
         """Record a message (``attachments``: objects with ``filename``, ``content_type``,
-        ``size`` and ``sha256``, such as :class:`mailgate.honeypot.extract.Attachment`)."""
+        ``size`` and ``sha256``, such as :class:`mailgate.honeypot.extract.Attachment`;
+        ``analysis_truncated``: the limit that cut the analysis short, None if none did)."""
         rcpts = [str(r) for r in rcpt_tos]
         urls = list(urls)
         attachments = list(attachments)
@@ -596,6 +610,7 @@ class CaptureStore:
                 raw.sha256,
                 raw.path,
                 subject,
+                analysis_truncated,
             ),
             None,
         )
@@ -621,6 +636,7 @@ class CaptureStore:
                     "sha256": raw.sha256,
                     "path": raw.path,
                     "subject": subject,
+                    "analysis_truncated": analysis_truncated,
                     "urls": urls,
                     "attachments": [
                         {

@@ -3,15 +3,23 @@ storage cap that holds while mail is received, reports that escape what attacker
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import os
 import smtplib
+import stat
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from mailgate.honeypot.extract import LIMIT_BUDGET, LIMIT_DEPTH, LIMIT_PARTS, extract
+from mailgate.honeypot.plugin import HoneypotPlugin
 from mailgate.honeypot.store import CaptureStore
+from mailgate.testing import running_server
 
-from .test_plugin import honeypot, query
+from .test_plugin import SETTINGS, honeypot, query
 
 
 def many_parts(count: int, tag: str = "") -> bytes:
@@ -124,3 +132,122 @@ def test_a_store_written_before_analysis_truncated_gets_the_column(tmp_path: Pat
     assert "analysis_truncated" not in str(query(tmp_path, "PRAGMA table_info(messages)"))
     CaptureStore(tmp_path).close()
     assert "analysis_truncated" in str(query(tmp_path, "PRAGMA table_info(messages)"))
+
+
+# --- the storage cap while receiving ------------------------------------------------------------
+
+
+def disk_usage(directory: Path) -> int:
+    """Bytes in every file under ``directory``, a file with several names (hard links)
+    once, as ``du`` counts (files may vanish while counted)."""
+    sizes: dict[tuple[int, int], int] = {}
+    for path in directory.rglob("*"):
+        with contextlib.suppress(OSError):
+            info = path.stat()
+            if stat.S_ISREG(info.st_mode):
+                sizes[info.st_dev, info.st_ino] = info.st_size
+    return sum(sizes.values())
+
+
+class Sampler(threading.Thread):
+    """Samples disk_usage(directory) every few milliseconds until stopped."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(daemon=True)
+        self.directory = directory
+        self.peak = 0
+        self.samples = 0
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.wait(0.005):
+            self.peak = max(self.peak, disk_usage(self.directory))
+            self.samples += 1
+
+    def stop(self) -> int:
+        self.stopping.set()
+        self.join(10)
+        return self.peak
+
+
+def message_of(size: int, tag: str) -> bytes:
+    """A distinct message of about ``size`` bytes (distinct content: no shared raw file)."""
+    body = base64.encodebytes(os.urandom(size * 3 // 4)).replace(b"\n", b"\r\n")
+    return b"Subject: " + tag.encode() + b"\r\n\r\n" + body
+
+
+def send_messages(
+    host: str, port: int, messages: list[bytes], outcomes: list[tuple[int, bytes]]
+) -> None:
+    with smtplib.SMTP(host, port, timeout=60) as smtp:
+        smtp.ehlo("burst.test")
+        for data in messages:
+            smtp.mail("a@x.test")
+            smtp.rcpt("b@y.test")
+            try:
+                outcomes.append(smtp.data(data))
+            except smtplib.SMTPDataError as refused:
+                outcomes.append((refused.smtp_code, refused.smtp_error))
+                smtp.rset()
+
+
+@contextlib.contextmanager
+def capped_honeypot(data_dir: Path, cap: int, **options: Any) -> Iterator[tuple[Any, Any]]:
+    store = CaptureStore(data_dir, batch_seconds=0.01, max_total_bytes=cap)
+    plugin = HoneypotPlugin(store, **options)
+    settings = {
+        **SETTINGS,
+        # The spool under the data directory, as in honeypot mode: it counts too.
+        "state_dir": data_dir / "state",
+        "no_received_header": True,
+        "max_size": 200 * 1024,
+        "max_clients": 200,
+        "max_clients_per_ip": 200,
+    }
+    with running_server(configure=plugin.install, **settings) as srv:
+        yield srv, plugin
+
+
+def test_storage_cap_holds_while_a_burst_of_sessions_sends_mail(tmp_path: Path) -> None:
+    cap = 2 * 1024**2
+    data_dir = tmp_path / "data"
+    with capped_honeypot(data_dir, cap) as (srv, plugin):
+        # Older, finished sessions: the first to go when room is needed.
+        early: list[tuple[int, bytes]] = []
+        for number in range(4):
+            send_messages(srv.host, srv.port, [message_of(150_000, f"early {number}")], early)
+        assert [code for code, _ in early] == [250] * 4
+        plugin.store.flush()
+        sampler = Sampler(data_dir)
+        sampler.start()
+        outcomes: list[tuple[int, bytes]] = []
+        burst = [
+            threading.Thread(
+                target=send_messages,
+                args=(
+                    srv.host,
+                    srv.port,
+                    [message_of(150_000, f"burst {client}.{n}") for n in range(3)],
+                    outcomes,
+                ),
+            )
+            for client in range(30)
+        ]
+        for thread in burst:
+            thread.start()
+        for thread in burst:
+            thread.join(120)
+        plugin.store.flush()
+        peak = sampler.stop()
+        print(f"peak {peak} bytes (cap {cap}), {sampler.samples} samples, "
+              f"{sum(c == 250 for c, _ in outcomes)} of {len(outcomes)} accepted")
+    assert len(outcomes) == 90
+    assert sampler.samples > 20
+    assert peak <= cap, f"{peak} bytes on disk, cap {cap}"
+    accepted = [code for code, _ in outcomes if code == 250]
+    refused = {(code, text) for code, text in outcomes if code != 250}
+    assert accepted, "some messages were captured"
+    assert refused <= {(452, b"4.3.1 Insufficient system storage")}
+    subjects = {row[0] for row in query(data_dir, "SELECT subject FROM messages")}
+    assert "early 0" not in subjects  # the oldest closed session was pruned first
+    assert any(subject.startswith("burst") for subject in subjects)

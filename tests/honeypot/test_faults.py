@@ -192,7 +192,9 @@ def send_messages(
 
 
 @contextlib.contextmanager
-def capped_honeypot(data_dir: Path, cap: int, **options: Any) -> Iterator[tuple[Any, Any]]:
+def capped_honeypot(
+    data_dir: Path, cap: int, max_size: int = 200 * 1024, **options: Any
+) -> Iterator[tuple[Any, Any]]:
     store = CaptureStore(data_dir, batch_seconds=0.01, max_total_bytes=cap)
     plugin = HoneypotPlugin(store, **options)
     settings = {
@@ -200,7 +202,7 @@ def capped_honeypot(data_dir: Path, cap: int, **options: Any) -> Iterator[tuple[
         # The spool under the data directory, as in honeypot mode: it counts too.
         "state_dir": data_dir / "state",
         "no_received_header": True,
-        "max_size": 200 * 1024,
+        "max_size": max_size,
         "max_clients": 200,
         "max_clients_per_ip": 200,
     }
@@ -251,3 +253,36 @@ def test_storage_cap_holds_while_a_burst_of_sessions_sends_mail(tmp_path: Path) 
     subjects = {row[0] for row in query(data_dir, "SELECT subject FROM messages")}
     assert "early 0" not in subjects  # the oldest closed session was pruned first
     assert any(subject.startswith("burst") for subject in subjects)
+
+
+def test_a_client_sending_more_than_it_announced_is_stopped_at_the_cap(tmp_path: Path) -> None:
+    cap = 1024**2
+    data_dir = tmp_path / "data"
+    limits = {"max_size": 8 * cap, "storage_check_interval": 0.01}
+    with capped_honeypot(data_dir, cap, **limits) as (srv, plugin):
+        sampler = Sampler(data_dir)
+        sampler.start()
+        smtp = smtplib.SMTP(srv.host, srv.port, timeout=30)
+        smtp.ehlo("liar.test")
+        assert smtp.docmd("MAIL FROM:<a@x.test> SIZE=1000")[0] == 250
+        smtp.rcpt("b@y.test")
+        assert smtp.docmd("DATA")[0] == 354
+        line = b"x" * 998 + b"\r\n"
+        reply = None
+        with contextlib.suppress(OSError):
+            for _ in range(200):  # 3 MB at most, 16 KB every 5 ms
+                smtp.sock.sendall(line * 16)
+                time.sleep(0.005)
+        with contextlib.suppress(OSError, smtplib.SMTPServerDisconnected):
+            reply = smtp.getreply()
+        smtp.close()
+        plugin.store.flush()
+        peak = sampler.stop()
+    print(f"liar: peak {peak} bytes (cap {cap}), reply {reply}")
+    # Closed outside the dialogue, so without the enhanced status code (as before EHLO).
+    assert reply == (452, b"Insufficient system storage")
+    # The running count looks every 10 ms here: the client gets that far past the
+    # database's headroom at most (it sends 16 KB every 5 ms).
+    assert peak <= cap * 1.1
+    assert query(data_dir, "SELECT count(*) FROM messages") == [(0,)]
+    assert query(data_dir, "SELECT close_reason FROM sessions") == [("storage-full",)]

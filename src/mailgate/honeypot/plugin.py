@@ -526,7 +526,9 @@ class HoneypotPlugin:
             spooled = await loop.run_in_executor(self._io_pool, _directory_bytes, spool)
             reserved = self.store.reserved_bytes()
             # Honest clients stay within their reservations, which fit under the cap.
-            if spooled <= reserved or self.store.stored_bytes + spooled <= cap:
+            # Acting at the database's headroom leaves a fast client less to overshoot by.
+            limit = cap - self.store.journal_limit()
+            if spooled <= reserved or self.store.stored_bytes + spooled <= limit:
                 continue
             for session in reversed(list(self._receiving.values())):
                 reply = self._storage_full(session)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import smtplib
 import stat
@@ -80,7 +81,7 @@ def send(host: str, port: int, data: bytes, results: list[object]) -> None:
         with smtplib.SMTP(host, port, timeout=60) as smtp:
             smtp.sendmail("a@x.test", ["b@y.test"], data)
         results.append("ok")
-    except Exception as exc:  # noqa: BLE001 - the test reports every failure below
+    except Exception as exc:  # the test reports every failure below
         results.append(exc)
 
 
@@ -241,8 +242,10 @@ def test_storage_cap_holds_while_a_burst_of_sessions_sends_mail(tmp_path: Path) 
             thread.join(120)
         plugin.store.flush()
         peak = sampler.stop()
-        print(f"peak {peak} bytes (cap {cap}), {sampler.samples} samples, "
-              f"{sum(c == 250 for c, _ in outcomes)} of {len(outcomes)} accepted")
+        print(
+            f"peak {peak} bytes (cap {cap}), {sampler.samples} samples, "
+            f"{sum(c == 250 for c, _ in outcomes)} of {len(outcomes)} accepted"
+        )
     assert len(outcomes) == 90
     assert sampler.samples > 20
     assert peak <= cap, f"{peak} bytes on disk, cap {cap}"
@@ -286,3 +289,68 @@ def test_a_client_sending_more_than_it_announced_is_stopped_at_the_cap(tmp_path:
     assert peak <= cap * 1.1
     assert query(data_dir, "SELECT count(*) FROM messages") == [(0,)]
     assert query(data_dir, "SELECT close_reason FROM sessions") == [("storage-full",)]
+
+
+# --- reports escape what attackers send ----------------------------------------------------------
+
+#: ESC, BEL, DEL, a C1 control, RIGHT-TO-LEFT OVERRIDE, LEFT-TO-RIGHT ISOLATE, RLM, LINE SEPARATOR.
+HOSTILE: tuple[str, ...] = ("\x1b", "\x07", "\x7f", "\x9b", "\u202e", "\u2066", "\u200f", "\u2028")
+
+
+def test_reports_escape_control_and_bidi_characters_in_every_format(tmp_path: Path) -> None:
+    from mailgate.honeypot.report import (
+        format_session,
+        format_sessions,
+        format_summary,
+        open_database,
+        session_detail,
+        sessions,
+        summary,
+    )
+
+    user = "adm\x1b[31min\x07\u202etxt.exe\x9b"
+    password = "pw\u2066\u200f\x7f"
+    with honeypot(tmp_path, jsonl=str(tmp_path / "events.jsonl")) as (srv, plugin):
+        with smtplib.SMTP(srv.host, srv.port, timeout=10) as smtp:
+            # UTF-8 on the wire (smtplib only sends ASCII); C0 controls in a command line
+            # are refused, in base64 AUTH data they are not.
+            smtp.send("EHLO evil\u202egnp.exe\r\n".encode())
+            assert smtp.getreply()[0] == 250
+            credentials = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+            assert smtp.docmd("AUTH", f"PLAIN {credentials}")[0] == 535
+            smtp.send("MAIL FROM:<r\u202eoot@x.test> SMTPUTF8\r\n".encode())
+            assert smtp.getreply()[0] == 250
+            smtp.rcpt("b@y.test")
+            smtp.data(b"Subject: hi \xe2\x80\xae there\r\n\r\nbody\r\n")
+        plugin.store.flush()
+    db = open_database(tmp_path)
+    try:
+        report = summary(db)
+        rows = sessions(db)
+        detail = session_detail(db, rows[0]["id"])
+    finally:
+        db.close()
+    assert report["top"]["usernames"][0]["value"] == user  # stored as sent
+    outputs = {
+        "summary table": format_summary(report, "table"),
+        "summary json": format_summary(report, "json"),
+        "summary csv": format_summary(report, "csv"),
+        "sessions table": format_sessions(rows, "table"),
+        "sessions json": format_sessions(rows, "json"),
+        "sessions csv": format_sessions(rows, "csv"),
+        "session text": format_session(detail, "text"),
+        "session json": format_session(detail, "json"),
+        "jsonl": (tmp_path / "events.jsonl").read_text("utf-8"),
+    }
+    for name, text in outputs.items():
+        raw = sorted({f"U+{ord(c):04X}" for c in text if c in HOSTILE})
+        assert not raw, f"{name} carries raw {raw}"
+    # JSON still decodes to what was captured; the escapes are JSON's own \\u sequences.
+    assert json.loads(outputs["summary json"])["top"]["usernames"][0]["value"] == user
+    assert "\\u202e" in outputs["summary json"] and "\\u001b" in outputs["summary json"]
+    assert json.loads(outputs["session json"])["session"]["helo"] == "evil\u202egnp.exe"
+    assert any(json.loads(line).get("username") == user for line in outputs["jsonl"].splitlines())
+    # Text and CSV show the characters as visible escapes.
+    assert "adm\\x1b[31min\\x07\\u202etxt.exe\\x9b" in outputs["summary csv"]
+    assert "evil\\u202egnp.exe" in outputs["sessions csv"]
+    assert "evil\\u202egnp.exe" in outputs["session text"]

@@ -243,7 +243,9 @@ def _walk(root: Message, max_depth: int) -> Iterator[Message]:
         if depth < max_depth and part.is_multipart():
             payload = part.get_payload()
             if isinstance(payload, list):
-                stack.extend((sub, depth + 1) for sub in reversed(payload) if isinstance(sub, Message))
+                stack.extend(
+                    (sub, depth + 1) for sub in reversed(payload) if isinstance(sub, Message)
+                )
 
 
 def _subject(msg: Message) -> str | None:

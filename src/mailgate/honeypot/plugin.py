@@ -591,7 +591,9 @@ class HoneypotPlugin:
         hostname = self.server.options.hostname if self.server is not None else "localhost"
         return Reply(421, "4.4.2", (f"{hostname} {_TIMEOUT_TEXT}",))
 
-    def _read_message(self, message: Message, keep: bool, reserved: str | None = None) -> RawMessage:
+    def _read_message(
+        self, message: Message, keep: bool, reserved: str | None = None
+    ) -> RawMessage:
         """In an I/O thread: store the message as the client sent it, with its top."""
         with message.open() as source:
             _skip_own_headers(source, message.id)

@@ -88,6 +88,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Final, Literal
 
+from .safetext import json_text
+
 if TYPE_CHECKING:
     from mailgate.hooks import Session
 
@@ -604,9 +606,7 @@ class CaptureStore:
     def _link_tmp(self, original: str | os.PathLike[str]) -> str | None:
         """A temporary name for ``original`` (a hard link), None when it cannot have one
         (another file system, a file system without links)."""
-        name = os.path.join(
-            self.messages_dir, "tmp", f"{os.getpid()}-{secrets.token_hex(8)}.link"
-        )
+        name = os.path.join(self.messages_dir, "tmp", f"{os.getpid()}-{secrets.token_hex(8)}.link")
         try:
             os.link(original, name)
         except OSError:
@@ -971,7 +971,9 @@ class CaptureStore:
             obj = item[2]
             if obj is not None:
                 obj["time"] = _iso(obj["ts"])
-                lines.append(json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
+                # Escaped like the reports: a SIEM or a terminal tailing the file must not
+                # act on the attacker's control or bidi characters.
+                lines.append(json_text(obj, separators=(",", ":")))
         if not lines:
             return
         data = ("\n".join(lines) + "\n").encode("utf-8", "backslashreplace")

@@ -15,9 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from mailgate.honeypot.extract import LIMIT_BUDGET, LIMIT_DEPTH, LIMIT_PARTS, extract
 from mailgate.honeypot.plugin import HoneypotPlugin
 from mailgate.honeypot.store import CaptureStore
+from mailgate.hooks import Session
 from mailgate.testing import running_server
 
 from .test_plugin import SETTINGS, honeypot, query
@@ -354,3 +357,55 @@ def test_reports_escape_control_and_bidi_characters_in_every_format(tmp_path: Pa
     assert "adm\\x1b[31min\\x07\\u202etxt.exe\\x9b" in outputs["summary csv"]
     assert "evil\\u202egnp.exe" in outputs["sessions csv"]
     assert "evil\\u202egnp.exe" in outputs["session text"]
+
+
+# --- settings and the persona's words --------------------------------------------------------------
+
+
+def test_analysis_settings_from_flags_and_file_reach_the_plugin(tmp_path: Path) -> None:
+    from mailgate.honeypot.mode import build_server
+    from mailgate.server.options import ServerOptions
+
+    from .test_cli import build, write
+
+    _, hp = build(
+        "--data-dir", str(tmp_path / "d"),
+        "--analysis-budget", "0.5",
+        "--analysis-max-parts", "200",
+        "--analysis-max-depth", "7",
+    )  # fmt: skip
+    assert (hp.analysis_budget, hp.analysis_max_parts, hp.analysis_max_depth) == (0.5, 200, 7)
+    _, defaults = build("--data-dir", "d")
+    assert (defaults.analysis_budget, defaults.analysis_max_parts) == (2.0, 1000)
+    assert defaults.analysis_max_depth == 50
+    _, off = build("--data-dir", "d", "--analysis-budget", "0")
+    assert off.analysis_budget is None
+    config = write(tmp_path, "[honeypot]\nanalysis_budget = 1.5\nanalysis_max_depth = 9\n")
+    _, from_file = build("--config", str(config), "--data-dir", "d")
+    assert (from_file.analysis_budget, from_file.analysis_max_depth) == (1.5, 9)
+    server = build_server(ServerOptions(), hp)
+    try:
+        plugin = server.plugin
+        assert (plugin.analysis_budget, plugin.analysis_max_parts) == (0.5, 200)
+        assert plugin.analysis_max_depth == 7
+        refusal = plugin.storage_full_reply
+        assert refusal is not None
+        session = Session(id="S", peer_host="192.0.2.1", peer_port=1, local_host="h", local_port=25)
+        assert refusal(session).code == 452
+        assert refusal(session).text == "Insufficient system storage"
+    finally:
+        server.store.close()
+
+
+def test_every_persona_words_insufficient_storage_as_a_4xx() -> None:
+    from mailgate.honeypot.personas import PERSONAS, ProfileError, profile_from_mapping
+
+    texts = {
+        name: profile.format("insufficient_storage", hostname="mx.test", client_ip="192.0.2.1")
+        for name, profile in PERSONAS.items()
+    }
+    assert {name: reply.code for name, reply in texts.items()} == dict.fromkeys(PERSONAS, 452)
+    assert "Space shortage" in texts["exim"].text
+    assert texts["sendmail"].status == "4.4.5"
+    with pytest.raises(ProfileError, match="4xx"):
+        profile_from_mapping({"replies": {"insufficient_storage": "552 5.3.4 Full"}})

@@ -152,14 +152,15 @@ class HoneypotOptions:
         metavar="SECONDS",
         help="close sessions older than this with the persona's timeout reply; 0 for no limit",
     )
-    #: Cap on the capture store (database plus raw messages); None: no cap.
+    #: Cap on the capture store (database, raw messages, messages in flight); None: no cap.
     max_storage: int | None = setting(
         1024**3,
         convert=_size_or_off,
         group="honeypot",
         metavar="SIZE",
-        help="cap on the capture store (database and raw messages); the oldest sessions "
-        "are pruned; suffixes K, M, G; 0 for no cap",
+        help="cap on the capture store (database, raw messages and messages being "
+        "received); the oldest finished sessions are pruned, then DATA is refused with "
+        "the persona's 452; suffixes K, M, G; 0 for no cap",
         describe=converters.size_text,
     )
     #: CPU seconds the analysis of one message (subject, URLs, attachments) may take;

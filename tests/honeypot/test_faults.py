@@ -409,3 +409,38 @@ def test_every_persona_words_insufficient_storage_as_a_4xx() -> None:
     assert texts["sendmail"].status == "4.4.5"
     with pytest.raises(ProfileError, match="4xx"):
         profile_from_mapping({"replies": {"insufficient_storage": "552 5.3.4 Full"}})
+
+
+def test_the_answer_does_not_wait_for_a_slow_analysis(tmp_path: Path) -> None:
+    with honeypot(tmp_path, analysis_budget=0.2) as (srv, plugin):
+        analyse = plugin._extract
+
+        def slow(head: bytes) -> Any:
+            time.sleep(3.0)
+            return analyse(head)
+
+        plugin._extract = slow  # type: ignore[method-assign]
+        started = time.monotonic()
+        with smtplib.SMTP(srv.host, srv.port, timeout=10) as smtp:
+            smtp.sendmail("a@x.test", ["b@y.test"], b"Subject: slow\r\n\r\nhi\r\n")
+        answered = time.monotonic() - started
+        assert answered < 2.5, answered  # reply_wait: the budget and a second
+        assert query(tmp_path, "SELECT count(*) FROM messages") == [(0,)]
+        rows: list[tuple[Any, ...]] = []
+        deadline = time.monotonic() + 10
+        while not rows and time.monotonic() < deadline:  # the row follows the analysis
+            plugin.store.flush()
+            rows = query(tmp_path, "SELECT subject, analysis_truncated FROM messages")
+            time.sleep(0.1)
+        assert rows == [("slow", None)]
+
+
+def test_over_the_backlog_only_the_subject_is_read(tmp_path: Path) -> None:
+    with honeypot(tmp_path, max_analysis_backlog=0) as (srv, plugin):
+        with smtplib.SMTP(srv.host, srv.port, timeout=10) as smtp:
+            smtp.sendmail("a@x.test", ["b@y.test"], b"Subject: busy\r\n\r\nhttp://u.test/\r\n")
+        plugin.store.flush()
+    assert query(tmp_path, "SELECT subject, analysis_truncated FROM messages") == [
+        ("busy", "backlog")
+    ]
+    assert query(tmp_path, "SELECT count(*) FROM urls") == [(0,)]

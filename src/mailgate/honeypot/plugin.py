@@ -240,6 +240,8 @@ class HoneypotPlugin:
         self.analysis_max_parts = analysis_max_parts
         self.analysis_max_depth = analysis_max_depth
         self.max_analysis_backlog = max(0, max_analysis_backlog)
+        #: Seconds the answer to a message waits for its analysis at most.
+        self.reply_wait = (analysis_budget if analysis_budget is not None else 10.0) + 1.0
         self._analysis_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(1, analysis_workers), thread_name_prefix="honeypot-analysis"
         )
@@ -266,7 +268,7 @@ class HoneypotPlugin:
         self.recorder = CaptureRecorder(store)
         self.server: HoneypotHost | None = None
         self._addresses: OrderedDict[str, _Address] = OrderedDict()
-        self._captures: set[asyncio.Future[RawMessage | None]] = set()
+        self._captures: set[asyncio.Future[None]] = set()
 
     def install(self, server: HoneypotHost) -> HoneypotPlugin:
         """Add this plugin to ``server`` and make its recorder the server's transcript tap;
@@ -356,11 +358,16 @@ class HoneypotPlugin:
         # raw file placed without its row (orphaned, never pruned). The capture finishes
         # on its own and the stage is cancelled as usual.
         self._receiving.pop(session.id, None)  # complete: it cannot grow any more
-        capture = asyncio.ensure_future(self._capture(session, envelope, message))
+        stored: asyncio.Future[RawMessage | None] = asyncio.get_running_loop().create_future()
+        capture = asyncio.ensure_future(self._capture(session, envelope, message, stored))
         self._captures.add(capture)
         capture.add_done_callback(self._captures.discard)
         try:
-            raw = await asyncio.shield(capture)
+            raw = await asyncio.shield(stored)
+            # The answer waits for the analysis only so long: behind a backlog of hostile
+            # messages it comes anyway, and the row is written when the analysis is done.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(capture), self.reply_wait)
         finally:
             self._release(session)
         await self._pace(session, check_age=False)
@@ -370,19 +377,32 @@ class HoneypotPlugin:
         return True
 
     async def _capture(
-        self, session: Session, envelope: Envelope, message: Message
-    ) -> RawMessage | None:
-        """Store the message; what was stored, None when it could not be."""
+        self,
+        session: Session,
+        envelope: Envelope,
+        message: Message,
+        stored: asyncio.Future[RawMessage | None],
+    ) -> None:
+        """Store the message (``stored`` gets what was stored, None when it could not
+        be), analyse it and record it."""
         loop = asyncio.get_running_loop()
         keep = self.store.reserve_message_bytes(session.id, message.size)
+        raw: RawMessage | None = None
         try:
             raw = await loop.run_in_executor(
                 self._io_pool, self._read_message, message, keep, session.id
             )
+            stored.set_result(raw)
             extracted = await self._analyse(raw)
         except Exception:
             log.exception("session %s: message %s could not be captured", session.id, message.id)
-            return None
+            if not stored.done():
+                stored.set_result(None)
+            return
+        except BaseException:
+            if not stored.done():
+                stored.set_result(raw)
+            raise
         truncated = extracted.truncated
         if truncated is None and raw.size > len(raw.head):
             truncated = "size"
@@ -408,7 +428,6 @@ class HoneypotPlugin:
             raw.sha256,
             f" (analysis cut short: {truncated})" if truncated else "",
         )
-        return raw
 
     async def _analyse(self, raw: RawMessage) -> Extracted:
         """Subject, URLs and attachments of a stored message, found in the analysis pool

@@ -490,3 +490,15 @@ def test_the_guide_python_example(tmp_path: Path) -> None:
         return codes
 
     assert serve(server, client) == [553, 250, 250]
+
+
+def test_sender_map_is_given_to_server_beside_settings_or_options(tmp_path: Path) -> None:
+    def lookup(user: str) -> list[str]:
+        return [f"{user}@example.com"]
+
+    from_settings = Server(submission_listen="127.0.0.1:0", sender_map=lookup)
+    assert from_settings.options.sender_map is lookup
+    from_options = Server(on_port_zero(from_settings.options, tmp_path), sender_map=lookup)
+    assert from_options.options.sender_map is lookup
+    with pytest.raises(TypeError, match="sender_map must be a callable"):
+        Server(sender_map={"alice": ["alice@example.com"]})  # type: ignore[arg-type]

@@ -58,7 +58,10 @@ class Server(SMTPServer):
                 raise ValueError(str(exc)) from None
         if sender_map is not None:
             if not callable(sender_map):
-                raise TypeError("sender_map must be a callable: user -> address patterns")
+                raise TypeError(
+                    "sender_map must be a callable: user -> address patterns; give a fixed "
+                    "table as senders={user: [patterns]}"
+                )
             options = dataclasses.replace(options, sender_map=sender_map)
         super().__init__(options, hooks)
 

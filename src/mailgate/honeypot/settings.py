@@ -241,6 +241,9 @@ SERVER_FLAGS: Mapping[str, str | None] = {
 _NO_DELIVERY = "a honeypot never delivers or hands on mail (everything stays in its data_dir)"
 _OWN_AUTH = "a honeypot answers AUTH itself (auth_outcome in [honeypot], --auth-outcome)"
 _EVERY_DOMAIN = "a honeypot accepts mail for every domain and relays none"
+_NO_SUBMISSION = (
+    "a honeypot takes every AUTH and sender; for ports 587 and 465 use listen and smtps_listen"
+)
 #: [server] settings a honeypot refuses, in its file and as flags, with the reason.
 HONEYPOT_REFUSED: Mapping[str, str] = {
     "maildir": _NO_DELIVERY,
@@ -256,6 +259,8 @@ HONEYPOT_REFUSED: Mapping[str, str] = {
     "local_domains": _EVERY_DOMAIN,
     "relay_networks": _EVERY_DOMAIN,
     "open_relay": _EVERY_DOMAIN,
+    "submission_listen": _NO_SUBMISSION,
+    "submissions_listen": _NO_SUBMISSION,
 }
 
 

@@ -8,6 +8,8 @@ becomes the list ``auth_users``::
     [server]
     listen = ["0.0.0.0:25", "[::]:25"]      # a list, or one string
     smtps_listen = ["0.0.0.0:465"]
+    submission_listen = ["0.0.0.0:587"]     # AUTH before MAIL; senders from [senders]
+    submissions_listen = []                 # the same with implicit TLS (port 465)
     hostname = "mx.example.com"
     maildir = "/var/mail/incoming"          # or mbox = "/var/mail/all.mbox", or sink = true
     state_dir = "/var/lib/mailgate"
@@ -130,10 +132,22 @@ KEYS: tuple[str, ...] = tuple(item.key for item in SERVER_SETTINGS)
 #: The settings of the [honeypot] table (the ``mailgate honeypot`` flags).
 HONEYPOT_SETTINGS: tuple[Setting, ...] = settings_of(HoneypotOptions)
 HONEYPOT_KEYS: tuple[str, ...] = tuple(item.key for item in HONEYPOT_SETTINGS)
-#: Tables besides [server]: each configures one policy plugin, which reads it itself.
-#: ``dnsbl`` is an array of tables (``[[dnsbl]]``), one per list.
-POLICY_TABLES = ("limits", "lists", "dnsbl", "client_checks", "greylisting", "mail_auth")
-_ARRAY_TABLES = frozenset({"dnsbl"})
+#: Tables besides [server]: each configures one plugin (a policy, routing, the queue),
+#: which reads it itself. ``dnsbl`` and ``routes`` are arrays of tables (``[[dnsbl]]``,
+#: ``[[routes]]``), one entry per list or rule.
+POLICY_TABLES = (
+    "limits",
+    "lists",
+    "dnsbl",
+    "client_checks",
+    "greylisting",
+    "mail_auth",
+    "routes",
+    "queue",
+    "outbound",
+    "senders",
+)
+_ARRAY_TABLES = frozenset({"dnsbl", "routes"})
 #: What a configuration file can run (``mode`` in [server]): a mail server or a honeypot.
 MODES = ("server", "honeypot")
 #: [server] keys only a file has (the command, serve or honeypot, is the mode on the
@@ -296,7 +310,41 @@ def _assemble(values: Mapping[str, Value]) -> ServerOptions:
         fields["hostname"] = machine_fqdn()
     if "policy" in values:
         fields["policy"] = values["policy"].raw
-    return ServerOptions(**fields)
+    options = ServerOptions(**fields)
+    _check_routing_tables(options)
+    _check_senders_table(options)
+    return options
+
+
+def _check_senders_table(options: ServerOptions) -> None:
+    """[senders] read now, so that a mistake in it is reported with the other
+    configuration errors, before anything starts."""
+    if not any(s.name == "senders" for s in options.policy):
+        return
+    from mailgate.plugins.policy import PolicyConfigError
+    from mailgate.plugins.submission import sender_table
+
+    try:
+        sender_table(options.policy)
+    except PolicyConfigError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _check_routing_tables(options: ServerOptions) -> None:
+    """[[routes]], [queue] and [outbound] read now, so that a mistake in them is reported
+    with the other configuration errors, before anything starts."""
+    if not any(s.name in ("routes", "queue", "outbound") for s in options.policy):
+        return
+    from mailgate.plugins.policy import PolicyConfigError
+    from mailgate.plugins.routing import RouteTable
+    from mailgate.queue.settings import outbound_options, queue_settings
+
+    try:
+        RouteTable.from_sections(options.policy)
+    except PolicyConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    queue_settings(options.policy)
+    outbound_options(options.policy, options.hostname)
 
 
 _DNS_KEYS = {"nameservers": "dns_nameservers", "timeout": "dns_timeout"}
@@ -469,5 +517,27 @@ def settings_reference() -> str:
         "| `[server]` key | why |\n| --- | --- |\n"
         + "".join(f"| `{key}` | {reason} |\n" for key, reason in HONEYPOT_REFUSED.items())
         + "| `workers` above 1 | honeypot mode runs in one process |\n",
+        *_queue_reference(),
     ]
     return "\n".join(parts)
+
+
+def _queue_reference() -> list[str]:
+    """The [queue] and [outbound] tables (file only: they have no flags)."""
+    from mailgate.queue.outbound import OutboundOptions
+    from mailgate.queue.settings import QueueSettings
+
+    return [
+        "## `[queue]`: the queue of mail sent onward\n",
+        "Mail that a `[[routes]]` rule relays or forwards (see docs/routing.md) waits in "
+        "this queue until it is delivered, returned to its sender, or removed with "
+        "`mailgate queue`. Durations are like `90s`, `5m`, `1h30m` or `5d`.\n",
+        reference_table(settings_of(QueueSettings), {"queue": "queue"}, table="queue", flags=False),
+        "## `[outbound]`: how mailgate talks to other servers\n",
+        reference_table(
+            settings_of(OutboundOptions),
+            {"outbound": "outbound"},
+            table="outbound",
+            flags=False,
+        ),
+    ]

@@ -16,8 +16,9 @@ import pytest
 from tests.server.harness import Certs, maildir_messages, make_certs, strip_received
 
 from mailgate import Reject, Server, TempFail
-from mailgate.delivery.forward import ForwardDelivery, _dot_stuff
+from mailgate.delivery.forward import ForwardDelivery
 from mailgate.hooks import Envelope, Message, Session
+from mailgate.smtpclient.body import dot_stuff
 
 MESSAGE = (
     b"From: Alice <alice@example.org>\r\n"
@@ -246,7 +247,7 @@ def test_lmtp_replies_per_recipient_reach_an_lmtp_front(tmp_path: Path, certs: C
                 for rcpt in ("bob@example.com", "full@example.com", "nobody@example.com"):
                     assert (await dialog.command(f"RCPT TO:<{rcpt}>"))[0] == 250
                 assert (await dialog.command("DATA"))[0] == 354
-                dialog.writer.write(_dot_stuff(MESSAGE, b"\r\n") + b".\r\n")
+                dialog.writer.write(dot_stuff(MESSAGE, b"\r\n") + b".\r\n")
                 replies = [await dialog.reply() for _ in range(3)]
                 await dialog.close()
         assert replies[0][0] == 250
@@ -541,8 +542,8 @@ def test_bad_forward_setting_is_a_one_line_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize("cut", range(0, 12))
 def test_dot_stuffing_is_the_same_however_the_stream_is_cut(cut: int) -> None:
     data = b".a\r\n.\r\nb\r\n..c\r\n"
-    whole = _dot_stuff(data, b"\r\n")
+    whole = dot_stuff(data, b"\r\n")
     assert whole == b"..a\r\n..\r\nb\r\n...c\r\n"
     first, second = data[:cut], data[cut:]
     before = (b"\r\n" + first)[-2:]
-    assert _dot_stuff(first, b"\r\n") + _dot_stuff(second, before) == whole
+    assert dot_stuff(first, b"\r\n") + dot_stuff(second, before) == whole

@@ -25,8 +25,8 @@ How LMTP runs on aiosmtplib, which has only an SMTP client: the connection, TLS,
 greeting, AUTH, MAIL and RCPT go through ``aiosmtplib.SMTP``; LHLO is sent with
 ``execute_command`` and its reply stored as ``last_ehlo_response`` (so aiosmtplib knows
 the extensions and never sends EHLO). For the message itself the plugin borrows the
-connection's transport (``transport.set_protocol``) and installs a small protocol of its
-own: it streams the spooled file with dot-stuffing and real flow control (aiosmtplib's
+connection's transport (``transport.set_protocol``) and installs a small protocol
+(:mod:`mailgate.smtpclient.body`): it streams the spooled file with dot-stuffing and real flow control (aiosmtplib's
 ``data()`` wants the whole message as bytes), and it reads one reply (SMTP) or one reply
 per accepted recipient (LMTP) -- aiosmtplib's protocol reads one reply per command and
 drops replies that arrive back to back. The transport goes back to aiosmtplib for QUIT.
@@ -54,25 +54,18 @@ there (else 550 5.6.7).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
-import ipaddress
 import logging
 import os
-import re
 import socket
 import ssl
-import urllib.parse
-from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import IO, Final, cast
+from typing import IO
 
 import aiosmtplib
 from aiosmtplib import SMTPResponse
 
 from mailgate.hooks import (
-    Address,
     Envelope,
     HookError,
     Message,
@@ -81,89 +74,28 @@ from mailgate.hooks import (
     Session,
     TempFail,
 )
+from mailgate.smtpclient import (
+    borrowed_transport,
+    display_host,
+    lhlo,
+    mail_params,
+    opportunistic_context,
+    parse_url,
+    quit_politely,
+    rcpt_params,
+    send_message,
+    split_reply,
+    ssl_error,
+)
 
 __all__ = ["ForwardDelivery"]
 
 log = logging.getLogger("mailgate.delivery.forward")
 
-_DEFAULT_PORTS: Final = {"smtp": 25, "smtps": 465, "lmtp": 24}
-_STARTTLS_MODES: Final = ("auto", "require", "no")
-_CHUNK: Final = 256 * 1024
-# A reply longer than this (all its lines) is not SMTP; stop buffering it.
-_MAX_REPLY: Final = 64 * 1024
-_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
-# What of a remote reply's text is passed on: printable ASCII, a few short lines.
-_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
-_MAX_LINE_TEXT: Final = 200
-_MAX_LINES: Final = 5
-
 
 @functools.cache
 def _fqdn() -> str:
     return socket.getfqdn() or "localhost"
-
-
-@dataclass(frozen=True, slots=True)
-class _Target:
-    scheme: str
-    host: str
-    port: int
-    username: str | None
-    password: str | None
-    starttls: str
-    cafile: str | None
-
-
-def _redact(url: str) -> str:
-    """The URL as error messages show it: never the password."""
-    return re.sub(r"(//[^/@?#]*?:)[^/@?#]*@", r"\1***@", url)
-
-
-def _parse_url(url: str) -> _Target:
-    """The parts of a forward URL; ValueError (one line) for anything unusable."""
-    raw, url = url, _redact(url)  # ``url`` from here on is what messages show
-    try:
-        parts = urllib.parse.urlsplit(raw.strip())
-        port = parts.port
-    except ValueError as exc:
-        raise ValueError(f"forward URL {url!r}: {exc}") from None
-    scheme = parts.scheme.lower()
-    if scheme not in _DEFAULT_PORTS:
-        raise ValueError(f"forward URL {url!r}: use smtp://, smtps:// or lmtp://")
-    if not parts.hostname:
-        raise ValueError(f"forward URL {url!r} names no host")
-    if parts.path not in ("", "/") or parts.fragment:
-        raise ValueError(f"forward URL {url!r}: no path or fragment allowed")
-    options: dict[str, str] = {}
-    for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
-        if key not in ("starttls", "cafile"):
-            raise ValueError(f"forward URL {url!r}: unknown option {key!r} (starttls, cafile)")
-        options[key] = value
-    starttls = options.get("starttls", "auto").lower()
-    if starttls not in _STARTTLS_MODES:
-        raise ValueError(f"forward URL {url!r}: starttls must be auto, require or no")
-    if scheme == "smtps" and "starttls" in options:
-        raise ValueError(f"forward URL {url!r}: smtps:// is TLS already; drop starttls=")
-    username = urllib.parse.unquote(parts.username) if parts.username else None
-    password = urllib.parse.unquote(parts.password) if parts.password is not None else None
-    if password is not None and username is None:
-        raise ValueError(f"forward URL {url!r}: a password needs a user name")
-    return _Target(
-        scheme=scheme,
-        host=parts.hostname,
-        port=port if port is not None else _DEFAULT_PORTS[scheme],
-        username=username,
-        password=password,
-        starttls="no" if scheme == "smtps" else starttls,
-        cafile=options.get("cafile") or None,
-    )
-
-
-def _display_host(host: str) -> str:
-    try:
-        return f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
-    except ValueError:
-        return host
 
 
 #: A recipient the next server did not take: the step ("recipient refused", "message
@@ -199,12 +131,12 @@ class ForwardDelivery:
         helo_name: str | None = None,
         allow_insecure_auth: bool = False,
     ) -> None:
-        target = _parse_url(url)
+        target = parse_url(url)
         if timeout <= 0:
             raise ValueError("forward timeout must be positive")
         self.target = target
         self.lmtp = target.scheme == "lmtp"
-        self.name = f"forward:{_display_host(target.host)}:{target.port}"
+        self.name = f"forward:{display_host(target.host)}:{target.port}"
         self.timeout = timeout
         self.required = required
         self.helo_name = helo_name
@@ -227,9 +159,7 @@ class ForwardDelivery:
                 ) from None
         else:
             # Opportunistic TLS (RFC 7435): better than plain text, so no certificate check.
-            self._tls = ssl.create_default_context()
-            self._tls.check_hostname = False
-            self._tls.verify_mode = ssl.CERT_NONE
+            self._tls = opportunistic_context()
 
     def __repr__(self) -> str:
         return f"<ForwardDelivery {self.target.scheme}://{self.name.removeprefix('forward:')}>"
@@ -294,7 +224,7 @@ class ForwardDelivery:
             raise failure from None
         finally:
             if polite:
-                await _quit(smtp, self.timeout)
+                await quit_politely(smtp, self.timeout)
             else:
                 smtp.close()
         return answers
@@ -303,11 +233,9 @@ class ForwardDelivery:
         """EHLO (HELO if refused), or LHLO for LMTP: LHLO is not an aiosmtplib method, so
         it is sent as a command and its reply given to aiosmtplib as the EHLO reply."""
         if self.lmtp:
-            name = (smtp.local_hostname or "localhost").encode("ascii")
-            response = await smtp.execute_command(b"LHLO", name)
+            response = await lhlo(smtp)
             if response.code != 250:
                 raise _Refused("LHLO", response)
-            smtp.last_ehlo_response = response
             return
         try:
             await smtp.ehlo()
@@ -367,7 +295,14 @@ class ForwardDelivery:
         response = await smtp.execute_command(
             b"MAIL",
             b"FROM:<" + envelope.sender.encode(encoding) + b">",
-            *_mail_params(smtp, envelope, size, utf8),
+            *mail_params(
+                smtp,
+                size=size,
+                body=envelope.body,
+                smtputf8=utf8,
+                ret=envelope.mail_params.get("RET"),
+                envid=envelope.mail_params.get("ENVID"),
+            ),
         )
         if response.code != 250:
             raise _Refused("MAIL FROM", response)
@@ -376,7 +311,11 @@ class ForwardDelivery:
         accepted: list[int] = []
         for index, rcpt in enumerate(envelope.rcpt_tos):
             response = await smtp.execute_command(
-                b"RCPT", b"TO:<" + rcpt.encode(encoding) + b">", *_rcpt_params(smtp, rcpt)
+                b"RCPT",
+                b"TO:<" + rcpt.encode(encoding) + b">",
+                *rcpt_params(
+                    smtp, notify=rcpt.params.get("NOTIFY"), orcpt=rcpt.params.get("ORCPT")
+                ),
             )
             if response.code in (250, 251):
                 accepted.append(index)
@@ -408,40 +347,18 @@ class ForwardDelivery:
     ) -> list[SMTPResponse]:
         """Stream the message on the borrowed transport; the replies to it (one, or one
         per accepted recipient for LMTP)."""
-        client_protocol = smtp.protocol
-        if smtp.transport is None or client_protocol is None:
-            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-        transport = cast(asyncio.Transport, smtp.transport)
-        loop = asyncio.get_running_loop()
-        body = _BodyProtocol(loop, self.timeout)
-        transport.set_protocol(body)
-        try:
+        async with borrowed_transport(smtp, self.timeout) as (transport, receiver):
             if bdat:
                 transport.write(b"BDAT %d LAST\r\n" % size)
-            before = b"\r\n"  # a message starts at the beginning of a line
-            while chunk := await loop.run_in_executor(None, file.read, _CHUNK):
-                transport.write(chunk if bdat else _dot_stuff(chunk, before))
-                before = (before + chunk)[-2:]
-                await body.drain()
-            if not bdat:
-                transport.write(b".\r\n" if before == b"\r\n" else b"\r\n.\r\n")
+            await send_message(transport, receiver, file, dot_stuffed=not bdat)
             count = replies if self.lmtp else 1
-            answers = [await body.reply() for _ in range(count)]
-        except BaseException:
-            # Stopped inside the message: this session cannot be resumed, only dropped.
-            if not transport.is_closing():
-                transport.set_protocol(client_protocol)
-                transport.abort()
-            raise
-        if not transport.is_closing():
-            transport.set_protocol(client_protocol)  # back to aiosmtplib, for QUIT
-        return answers
+            return [await receiver.reply() for _ in range(count)]
 
     # --- mapping failures to answers ----------------------------------------------------------
 
     def _failure(self, exc: BaseException) -> TempFail | None:
         """The answer for a failure to talk to the next server; None: not ours to map."""
-        if _ssl_error(exc) is not None:
+        if ssl_error(exc) is not None:
             return TempFail(
                 451, "Forwarding failed: TLS with the next server failed", enhanced="4.7.5"
             )
@@ -476,107 +393,7 @@ class ForwardDelivery:
         return None
 
 
-class _BodyProtocol(asyncio.Protocol):
-    """Stands in for aiosmtplib's protocol while the message is sent: honours the
-    transport's flow control and collects every complete reply, however they arrive."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
-        self._loop = loop
-        self._timeout = timeout
-        self._buffer = bytearray()
-        self._replies: deque[SMTPResponse] = deque()
-        self._lines: list[str] = []
-        self._error: Exception | None = None
-        self._wakeup: asyncio.Future[None] | None = None
-        self._writable = asyncio.Event()
-        self._writable.set()
-
-    # transport callbacks
-    def pause_writing(self) -> None:
-        self._writable.clear()
-
-    def resume_writing(self) -> None:
-        self._writable.set()
-
-    def data_received(self, data: bytes) -> None:
-        self._buffer += data
-        while (end := self._buffer.find(b"\n")) >= 0:
-            line = bytes(self._buffer[: end + 1]).rstrip(b"\r\n")
-            del self._buffer[: end + 1]
-            self._line(line)
-        if len(self._buffer) > _MAX_REPLY or sum(map(len, self._lines)) > _MAX_REPLY:
-            self._fail(aiosmtplib.SMTPResponseException(-1, "Response too long"))
-        self._wake()
-
-    def _line(self, line: bytes) -> None:
-        code = line[:3]
-        if len(code) != 3 or not code.isdigit() or line[3:4] not in (b"", b" ", b"-"):
-            self._fail(aiosmtplib.SMTPResponseException(-1, "Malformed SMTP response"))
-            return
-        self._lines.append(line[4:].strip().decode("utf-8", "replace"))
-        if line[3:4] != b"-":
-            self._replies.append(SMTPResponse(int(code), "\n".join(self._lines)))
-            self._lines = []
-
-    def eof_received(self) -> bool:
-        self._fail(aiosmtplib.SMTPServerDisconnected("Unexpected EOF received"))
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        error = aiosmtplib.SMTPServerDisconnected("Connection lost")
-        error.__cause__ = exc
-        self._fail(error)
-        self._writable.set()
-
-    def _fail(self, error: Exception) -> None:
-        if self._error is None:
-            self._error = error
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._wakeup is not None and not self._wakeup.done():
-            self._wakeup.set_result(None)
-
-    # what the sender awaits
-    async def drain(self) -> None:
-        if self._error is not None:
-            raise self._error
-        if not self._writable.is_set():
-            try:
-                async with asyncio.timeout(self._timeout):
-                    await self._writable.wait()
-            except TimeoutError:
-                raise aiosmtplib.SMTPTimeoutError("Timed out sending the message") from None
-            if self._error is not None:
-                raise self._error
-
-    async def reply(self) -> SMTPResponse:
-        deadline = self._loop.time() + self._timeout
-        while not self._replies:
-            if self._error is not None:
-                raise self._error
-            self._wakeup = self._loop.create_future()
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await self._wakeup
-            except TimeoutError:
-                raise aiosmtplib.SMTPReadTimeoutError(
-                    "Timed out waiting for the reply to the message"
-                ) from None
-        return self._replies.popleft()
-
-
 # --- helpers -------------------------------------------------------------------------------
-
-
-def _dot_stuff(chunk: bytes, before: bytes) -> bytes:
-    """RFC 5321 4.5.2 transparency for one chunk; ``before``: the last two bytes sent."""
-    out = chunk.replace(b"\r\n.", b"\r\n..")
-    if chunk.startswith(b".") and before.endswith(b"\r\n"):
-        out = b"." + out
-    elif chunk.startswith(b"\n.") and before.endswith(b"\r"):
-        out = b"\n.." + out[2:]
-    return out
 
 
 def _file_size(file: IO[bytes]) -> int:
@@ -587,76 +404,9 @@ def _all_ascii(envelope: Envelope) -> bool:
     return envelope.sender.isascii() and all(r.isascii() for r in envelope.rcpt_tos)
 
 
-def _xtext(value: str) -> bytes:
-    """RFC 3461 4 xtext: '+', '=' and anything outside '!'..'~' as +XX."""
-    out = bytearray()
-    for byte in value.encode("utf-8"):
-        if 0x21 <= byte <= 0x7E and byte not in (0x2B, 0x3D):
-            out.append(byte)
-        else:
-            out += b"+%02X" % byte
-    return bytes(out)
-
-
-def _mail_params(smtp: aiosmtplib.SMTP, envelope: Envelope, size: int, utf8: bool) -> list[bytes]:
-    """The MAIL parameters worth passing on that the next server understands."""
-    params: list[bytes] = []
-    if smtp.supports_extension("size"):
-        params.append(b"SIZE=%d" % size)
-    body = envelope.body
-    if body == "BINARYMIME" or (body == "8BITMIME" and smtp.supports_extension("8bitmime")):
-        params.append(b"BODY=" + body.encode())
-    if utf8:
-        params.append(b"SMTPUTF8")
-    if smtp.supports_extension("dsn"):
-        mail_params = envelope.mail_params
-        if ret := mail_params.get("RET"):
-            params.append(b"RET=" + ret.encode("ascii", "replace"))
-        if envid := mail_params.get("ENVID"):
-            params.append(b"ENVID=" + _xtext(envid))
-    return params
-
-
-def _rcpt_params(smtp: aiosmtplib.SMTP, rcpt: Address) -> list[bytes]:
-    if not smtp.supports_extension("dsn"):
-        return []
-    params: list[bytes] = []
-    if notify := rcpt.params.get("NOTIFY"):
-        params.append(b"NOTIFY=" + notify.encode("ascii", "replace"))
-    if orcpt := rcpt.params.get("ORCPT"):
-        addr_type, _, address = orcpt.partition(";")
-        if addr_type.lower() == "utf-8":
-            # RFC 6533 utf-8-addr-xtext: non-ASCII and specials as \x{HEX}.
-            text = "".join(
-                c if 0x21 <= ord(c) <= 0x7E and c not in "+=\\" else f"\\x{{{ord(c):X}}}"
-                for c in address
-            )
-            params.append(b"ORCPT=" + addr_type.encode() + b";" + text.encode("ascii"))
-        else:
-            params.append(b"ORCPT=" + addr_type.encode("ascii", "replace") + b";" + _xtext(address))
-    return params
-
-
-def _split_reply(response: SMTPResponse) -> tuple[str | None, list[str]]:
-    """The enhanced status code (from the first line) and the cleaned text lines."""
-    status: str | None = None
-    lines: list[str] = []
-    for index, raw in enumerate(response.message.split("\n")):
-        text = raw.strip()
-        match = _ENHANCED.match(text)
-        if match:
-            if index == 0:
-                status = ".".join(match.groups())
-            text = text[match.end() :]
-        text = _UNPRINTABLE.sub("?", text)[:_MAX_LINE_TEXT].strip()
-        if text:
-            lines.append(text)
-    return status, lines[:_MAX_LINES]
-
-
 def _refusal(what: str, response: SMTPResponse) -> Reject | TempFail:
     """The next server's failure reply as ours, with its code, enhanced code and text."""
-    status, lines = _split_reply(response)
+    status, lines = split_reply(response)
     code = response.code
     text = "\n".join(lines) or "no reason given"
     if 500 <= code <= 599:
@@ -685,7 +435,7 @@ def _one_answer(answers: Sequence[_Failed | None]) -> None:
         temporary = [r for r in refusals if isinstance(r, TempFail)]
         raise temporary[0] if temporary else refusals[0]
     _, first = failed[0]
-    status, lines = _split_reply(first)
+    status, lines = split_reply(first)
     reason = " ".join(filter(None, (str(first.code), status, lines[0] if lines else None)))
     raise TempFail(
         451,
@@ -699,25 +449,7 @@ def _uses_tls(smtp: aiosmtplib.SMTP) -> bool:
     return smtp.is_connected and smtp.get_transport_info("sslcontext") is not None
 
 
-def _ssl_error(exc: BaseException | None) -> ssl.SSLError | None:
-    seen = 0
-    while exc is not None and seen < 10:
-        if isinstance(exc, ssl.SSLError):
-            return exc
-        exc = exc.__cause__ or exc.__context__
-        seen += 1
-    return None
-
-
 def _describe(exc: BaseException) -> str:
     cause = exc.__cause__
     text = f"{type(exc).__name__}: {exc}"
     return f"{text} ({cause})" if cause is not None and str(cause) not in text else text
-
-
-async def _quit(smtp: aiosmtplib.SMTP, timeout: float) -> None:
-    """QUIT politely if the connection is still usable, then close it in any case."""
-    if smtp.is_connected:
-        with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
-            await smtp.quit(timeout=min(timeout, 5.0))
-    smtp.close()

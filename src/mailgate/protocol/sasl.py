@@ -126,11 +126,9 @@ class Mechanism(abc.ABC):
         """``response``: one decoded client line."""
 
 
-class Plain(Mechanism):
-    """RFC 4616: ``[authzid] NUL authcid NUL passwd`` in one message."""
-
-    name: ClassVar[str] = "PLAIN"
-    requires_tls: ClassVar[bool] = True
+class _OneMessage(Mechanism):
+    """A mechanism whose credentials come in one client message: the initial response,
+    or the line after an empty challenge (PLAIN, XOAUTH2)."""
 
     def start(self, initial: bytes | None) -> Challenge | AuthCredentials:
         if initial is None:
@@ -139,6 +137,17 @@ class Plain(Mechanism):
 
     def step(self, response: bytes) -> Challenge | AuthCredentials:
         return self._parse(response)
+
+    @abc.abstractmethod
+    def _parse(self, message: bytes) -> AuthCredentials:
+        """The credentials in ``message``, or SaslError."""
+
+
+class Plain(_OneMessage):
+    """RFC 4616: ``[authzid] NUL authcid NUL passwd`` in one message."""
+
+    name: ClassVar[str] = "PLAIN"
+    requires_tls: ClassVar[bool] = True
 
     def _parse(self, message: bytes) -> AuthCredentials:
         parts = _text(message, self.name).split("\x00")
@@ -230,7 +239,7 @@ def _is_hex_digest(value: str) -> bool:
     return len(value) == 32 and all(c in "0123456789abcdefABCDEF" for c in value)
 
 
-class XOAuth2(Mechanism):
+class XOAuth2(_OneMessage):
     """Google's XOAUTH2: ``user={user}^Aauth=Bearer {token}^A^A``.
 
     After a refused token the connection sends :func:`xoauth2_error_challenge` and waits
@@ -239,14 +248,6 @@ class XOAuth2(Mechanism):
 
     name: ClassVar[str] = "XOAUTH2"
     requires_tls: ClassVar[bool] = True
-
-    def start(self, initial: bytes | None) -> Challenge | AuthCredentials:
-        if initial is None:
-            return Challenge(b"")
-        return self._parse(initial)
-
-    def step(self, response: bytes) -> Challenge | AuthCredentials:
-        return self._parse(response)
 
     def _parse(self, message: bytes) -> AuthCredentials:
         text = _text(message, self.name)

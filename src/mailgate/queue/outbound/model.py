@@ -8,16 +8,16 @@ the attempt and build a DSN (RFC 3464: Status, Remote-MTA, Diagnostic-Code).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
-import ipaddress
 import re
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from mailgate.delivery.forward import _parse_url, _redact, _Target
+from mailgate.smtpclient.target import SmartHost, display_host, parse_url, redact
 
 
 class Outcome(enum.Enum):
@@ -87,9 +87,9 @@ class Forward:
             raise ValueError("forward auth must be 'user:password'")
 
     def __repr__(self) -> str:
-        return f"Forward({_redact(self.url)!r})"  # never the password
+        return f"Forward({redact(self.url)!r})"  # never the password
 
-    def target(self) -> _Target:
+    def target(self) -> SmartHost:
         """The parsed URL, with ``auth`` applied."""
         return _forward_target(self.url, self.auth)
 
@@ -99,7 +99,7 @@ class Forward:
         target = self.target()
         user = f"{target.username}@" if target.username else ""
         query = urllib.parse.urlsplit(self.url.strip()).query
-        key = f"forward:{target.scheme}://{user}{_bracketed(target.host)}:{target.port}"
+        key = f"forward:{target.scheme}://{user}{display_host(target.host)}:{target.port}"
         return f"{key}?{query}" if query else key
 
 
@@ -225,24 +225,9 @@ def check_address(address: str, what: str) -> None:
 
 
 @functools.lru_cache(maxsize=256)
-def _forward_target(url: str, auth: str | None) -> _Target:
-    target = _parse_url(url)
+def _forward_target(url: str, auth: str | None) -> SmartHost:
+    target = parse_url(url)
     if auth is None:
         return target
     username, _, password = auth.partition(":")
-    return _Target(
-        scheme=target.scheme,
-        host=target.host,
-        port=target.port,
-        username=username,
-        password=password,
-        starttls=target.starttls,
-        cafile=target.cafile,
-    )
-
-
-def _bracketed(host: str) -> str:
-    try:
-        return f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
-    except ValueError:
-        return host
+    return dataclasses.replace(target, username=username, password=password)

@@ -5,11 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from mailgate.settings import Value, converters, setting
+
 #: ``none``: never STARTTLS. ``may``: STARTTLS when offered, plain text if the handshake
 #: fails (RFC 7435 opportunistic TLS). ``encrypt``: TLS or no delivery (certificates are
 #: still not required to verify, as in Postfix's ``encrypt`` level).
 TLSPolicy = Literal["none", "may", "encrypt"]
 TLS_POLICIES: tuple[str, ...] = get_args(TLSPolicy)
+
+
+def _path_text(value: Value) -> str:
+    return str(converters.path(value))
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,41 +28,156 @@ class OutboundOptions:
     """
 
     #: The EHLO/LHLO name (the composition layer passes the server's hostname).
-    helo: str = "localhost"
+    helo: str = setting(
+        "localhost",
+        convert=converters.hostname,
+        help="the name mailgate gives in EHLO/LHLO",
+        group="outbound",
+        metavar="NAME",
+        default_text="the server's hostname",
+    )
     #: Port of MX hosts (25; another one only for tests and lab setups).
-    port: int = 25
+    port: int = setting(
+        25,
+        convert=converters.count,
+        help="port of the receiving MX servers (25; another only for tests and labs)",
+        group="outbound",
+        metavar="PORT",
+    )
     #: Local address to connect from (used for addresses of its family only).
-    source_address: str | None = None
-    connect_timeout: float = 30.0
+    source_address: str | None = setting(
+        None,
+        convert=converters.string,
+        help="local address to connect from (used for addresses of its family)",
+        group="outbound",
+        metavar="IP",
+    )
+    connect_timeout: float = setting(
+        30.0,
+        convert=converters.seconds,
+        help="longest wait for a connection",
+        group="outbound",
+        metavar="SECONDS",
+    )
     #: Greeting, EHLO, STARTTLS, AUTH, MAIL, RCPT, DATA, RSET, each.
-    command_timeout: float = 300.0
+    command_timeout: float = setting(
+        300.0,
+        convert=converters.seconds,
+        help="longest wait for the reply to each command",
+        group="outbound",
+        metavar="SECONDS",
+    )
     #: Sending the message (each pause in the flow) and waiting for the reply to it.
-    data_timeout: float = 600.0
-    max_concurrency_per_destination: int = 20
+    data_timeout: float = setting(
+        600.0,
+        convert=converters.seconds,
+        help="longest pause while sending a message, and wait for its reply",
+        group="outbound",
+        metavar="SECONDS",
+    )
+    max_concurrency_per_destination: int = setting(
+        20,
+        convert=converters.count,
+        help="connections at once to one destination (a domain or a smarthost)",
+        group="outbound",
+        metavar="N",
+    )
     #: Where a destination's concurrency starts; it grows by 1/window per success.
-    initial_concurrency: int = 5
+    initial_concurrency: int = setting(
+        5,
+        convert=converters.count,
+        help="where a destination's concurrency starts; it grows while deliveries succeed",
+        group="outbound",
+        metavar="N",
+    )
     #: A connection is reused for at most this long and this many messages...
-    connection_reuse_time: float = 300.0
-    connection_reuse_count: int = 1000
+    connection_reuse_time: float = setting(
+        300.0,
+        convert=converters.seconds,
+        help="a connection carries messages for at most this long",
+        group="outbound",
+        metavar="SECONDS",
+    )
+    connection_reuse_count: int = setting(
+        1000,
+        convert=converters.count,
+        help="and at most this many messages",
+        group="outbound",
+        metavar="N",
+    )
     #: ...and closed when idle for this long.
-    connection_idle_time: float = 2.0
-    tls_policy: TLSPolicy = "may"
+    connection_idle_time: float = setting(
+        2.0,
+        convert=converters.seconds,
+        help="an unused cached connection is closed after this long",
+        group="outbound",
+        metavar="SECONDS",
+    )
+    tls_policy: TLSPolicy = setting(
+        "may",
+        convert=converters.choice(TLS_POLICIES),
+        help="none: never STARTTLS; may: STARTTLS when offered, plain text if it fails; encrypt: TLS or no delivery",
+        group="outbound",
+        choices=TLS_POLICIES,
+    )
     #: CA certificates (PEM) that certificates are checked against for the log and the
     #: result's ``tls.verified``; None: the system's.
-    tls_cafile: str | None = None
+    tls_cafile: str | None = setting(
+        None,
+        convert=_path_text,
+        help="CA certificates servers are checked against (for the log); default: the system's",
+        group="outbound",
+        metavar="FILE",
+    )
     #: After a failed TLS handshake under ``may``, that host gets plain text this long.
-    tls_fallback_time: float = 3600.0
+    tls_fallback_time: float = setting(
+        3600.0,
+        convert=converters.seconds_or_zero,
+        help="after a failed handshake under may, that host gets plain text this long",
+        group="outbound",
+        metavar="SECONDS",
+    )
     #: Send AUTH credentials over a connection without TLS (never, unless set).
-    allow_plaintext_auth: bool = False
+    allow_plaintext_auth: bool = setting(
+        False,
+        convert=converters.boolean,
+        help="send smarthost credentials over a connection without TLS",
+        group="outbound",
+        switch=True,
+    )
     #: After this many consecutive attempts without a session, a destination is
     #: suspended: one probe per ``dead_probe_interval``, everything else deferred at once.
-    dead_after_failures: int = 5
-    dead_probe_interval: float = 60.0
+    dead_after_failures: int = setting(
+        5,
+        convert=converters.count,
+        help="attempts in a row without a session before a destination is suspended",
+        group="outbound",
+        metavar="N",
+    )
+    dead_probe_interval: float = setting(
+        60.0,
+        convert=converters.seconds,
+        help="a suspended destination gets one probe this often",
+        group="outbound",
+        metavar="SECONDS",
+    )
     #: Addresses tried per attempt, over all MX hosts (Postfix: smtp_mx_address_limit).
-    mx_address_limit: int = 10
+    mx_address_limit: int = setting(
+        10,
+        convert=converters.count,
+        help="addresses tried per attempt, over every MX host",
+        group="outbound",
+        metavar="N",
+    )
     #: Recipients per transaction: a request with more is sent as several transactions
     #: on the same session (Postfix: smtp_destination_recipient_limit, 50).
-    max_recipients_per_transaction: int = 50
+    max_recipients_per_transaction: int = setting(
+        50,
+        convert=converters.count,
+        help="recipients per SMTP transaction; more are sent in further transactions on the same connection",
+        group="outbound",
+        metavar="N",
+    )
 
     def __post_init__(self) -> None:
         if not self.helo or not self.helo.isascii() or any(c.isspace() for c in self.helo):

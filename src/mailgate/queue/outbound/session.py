@@ -1,47 +1,43 @@
 """One SMTP or LMTP session with a remote server, on aiosmtplib.
 
-The pieces of :mod:`mailgate.delivery.forward` are reused: its body protocol (streams the
-spooled file with dot-stuffing and flow control, and reads the one reply of SMTP or the
-reply per recipient of LMTP), the way it speaks LMTP through aiosmtplib (LHLO as a plain
-command whose reply is taken as the EHLO reply), its reply cleaning and its DSN parameter
-encoding. What is new here: the session is opened on a socket this module connects (to
-an address the MX lookup chose, from ``source_address``, with the MX host's name for TLS),
-it stays open for more transactions (RSET between them), MAIL/RCPT/DATA are pipelined
-when the server offers PIPELINING, and every answer is per recipient instead of an
-exception.
+The client pieces it shares with :mod:`mailgate.delivery.forward` come from
+:mod:`mailgate.smtpclient`: the body protocol (streams the spooled file with dot-stuffing
+and flow control, and reads the one reply of SMTP or the reply per recipient of LMTP),
+LMTP through aiosmtplib (LHLO as a plain command whose reply is taken as the EHLO reply),
+reply cleaning and the MAIL/RCPT parameters. What is particular to this module: the
+session is opened on a socket this module connects (to an address the MX lookup chose,
+from ``source_address``, with the MX host's name for TLS), it stays open for more
+transactions (RSET between them), MAIL/RCPT/DATA are pipelined when the server offers
+PIPELINING, and every answer is per recipient instead of an exception.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import socket
-import ssl
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import IO, Final, cast
+from typing import IO, Final
 
 import aiosmtplib
 from aiosmtplib import SMTPResponse
 
-from mailgate.delivery.forward import (
-    _BodyProtocol,
-    _dot_stuff,
-    _rcpt_params,
-    _split_reply,
-    _ssl_error,
-    _xtext,
+from mailgate.smtpclient import (
+    BodyProtocol,
+    borrowed_transport,
+    lhlo,
+    mail_params,
+    opportunistic_context,
+    quit_politely,
+    rcpt_params,
+    send_message,
+    split_reply,
+    ssl_error,
 )
-from mailgate.hooks import Address
 
-from .model import DeliveryRequest, Outcome, Recipient, RemoteMTA, Reply, TLSInfo
+from .model import DeliveryRequest, Outcome, RemoteMTA, Reply, TLSInfo
 from .options import OutboundOptions, TLSPolicy
 from .tlscheck import chain_verifies, peer_chain, trust_store_for
-
-_CHUNK: Final = 256 * 1024
-_QUIT_TIMEOUT: Final = 5.0
 
 #: What a transaction can raise when the session breaks (lost, timed out, garbled).
 _SESSION_ERRORS: Final = (aiosmtplib.SMTPException, OSError, TimeoutError)
@@ -101,7 +97,7 @@ class HostFailure(Exception):
 def answer_from_reply(response: SMTPResponse, where: str, stage: str) -> Answer:
     """A server reply as an outcome: 2xx delivered, 5xx failed, anything else deferred;
     the enhanced code is the server's when its class agrees with the reply's."""
-    status, lines = _split_reply(response)
+    status, lines = split_reply(response)
     code = response.code
     if 200 <= code <= 299:
         outcome, klass = Outcome.DELIVERED, "2"
@@ -120,16 +116,6 @@ def answer_from_reply(response: SMTPResponse, where: str, stage: str) -> Answer:
     else:
         diagnostic = f"host {where} said: {said} (in reply to {stage} command)"
     return Answer(outcome, status, diagnostic, reply)
-
-
-@functools.cache
-def _opportunistic_context() -> ssl.SSLContext:
-    # RFC 7435: encrypt with whatever certificate is shown; whether it verifies is
-    # found afterwards (tlscheck) and reported, not enforced.
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 class Session:
@@ -175,11 +161,7 @@ class Session:
 
     async def quit(self) -> None:
         """QUIT politely when the session is still up, then close it in any case."""
-        smtp = self.smtp
-        if smtp.is_connected:
-            with contextlib.suppress(*_SESSION_ERRORS):
-                await smtp.quit(timeout=min(self.options.command_timeout, _QUIT_TIMEOUT))
-        smtp.close()
+        await quit_politely(self.smtp, self.options.command_timeout)
 
     def abort(self) -> None:
         self.smtp.close()
@@ -200,13 +182,20 @@ class Session:
         mail = [
             b"MAIL",
             b"FROM:<" + request.sender.encode(encoding) + b">",
-            *self._mail_params(request, utf8),
+            *mail_params(
+                self.smtp,
+                size=request.size,
+                body="8BITMIME" if request.eight_bit else None,
+                smtputf8=utf8,
+                ret=request.ret,
+                envid=request.envid,
+            ),
         ]
         rcpts = [
             [
                 b"RCPT",
                 b"TO:<" + recipient.address.encode(encoding) + b">",
-                *_rcpt_params(self.smtp, _as_address(recipient)),
+                *rcpt_params(self.smtp, notify=recipient.notify, orcpt=recipient.orcpt),
             ]
             for recipient in request.recipients
         ]
@@ -244,11 +233,10 @@ class Session:
         transaction.stage = "DATA"
         if not transaction.data(await smtp.execute_command(b"DATA", timeout=timeout)):
             return
-        transaction.stage = "end of DATA"
-        async with self._borrowed() as (transport, receiver):
-            await _stream(transport, receiver, body)
-            for number in range(transaction.final_replies):
-                transaction.final(number, await receiver.reply())
+        # aiosmtplib's protocol reads one reply per command: smtpclient's reads LMTP's
+        # reply per recipient, and streams the file instead of wanting it as bytes.
+        async with borrowed_transport(smtp, self.options.data_timeout) as (transport, receiver):
+            await _message(transaction, transport, receiver, body)
 
     async def _pipelined(
         self,
@@ -260,7 +248,8 @@ class Session:
         """MAIL, every RCPT and DATA in one write, then their replies (RFC 2920 3.1:
         DATA ends the group); the message follows if DATA got its 354."""
         timeout = self.options.command_timeout
-        async with self._borrowed() as (transport, receiver):
+        borrowed = borrowed_transport(self.smtp, self.options.data_timeout)
+        async with borrowed as (transport, receiver):
             transport.write(b"".join(_line(c) for c in (mail, *rcpts, [b"DATA"])))
             async with asyncio.timeout(timeout):
                 transaction.stage = "MAIL FROM"
@@ -282,33 +271,7 @@ class Session:
                 return
             if not transaction.data(data):
                 return
-            transaction.stage = "end of DATA"
-            await _stream(transport, receiver, body)
-            for number in range(transaction.final_replies):
-                transaction.final(number, await receiver.reply())
-
-    @contextlib.asynccontextmanager
-    async def _borrowed(self) -> AsyncIterator[tuple[asyncio.Transport, _BodyProtocol]]:
-        """The connection's transport with delivery.forward's reply collector installed
-        instead of aiosmtplib's protocol (which reads one reply per command and wants
-        the message as one bytes object); aiosmtplib gets it back afterwards, or the
-        connection is dropped when something went wrong halfway."""
-        smtp = self.smtp
-        client_protocol = smtp.protocol
-        if smtp.transport is None or client_protocol is None:
-            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-        transport = cast(asyncio.Transport, smtp.transport)
-        receiver = _BodyProtocol(asyncio.get_running_loop(), self.options.data_timeout)
-        transport.set_protocol(receiver)
-        try:
-            yield transport, receiver
-        except BaseException:
-            if not transport.is_closing():
-                transport.set_protocol(client_protocol)
-                transport.abort()
-            raise
-        if not transport.is_closing():
-            transport.set_protocol(client_protocol)
+            await _message(transaction, transport, receiver, body)
 
     def _cannot_take(self, request: DeliveryRequest) -> Answer | None:
         """A permanent reason this server cannot take the message, found before MAIL."""
@@ -328,22 +291,6 @@ class Session:
                 f"message size {request.size} exceeds size limit {limit} of server {self.where}",
             )
         return None
-
-    def _mail_params(self, request: DeliveryRequest, utf8: bool) -> list[bytes]:
-        smtp = self.smtp
-        params: list[bytes] = []
-        if smtp.supports_extension("size"):
-            params.append(b"SIZE=%d" % request.size)
-        if request.eight_bit and smtp.supports_extension("8bitmime"):
-            params.append(b"BODY=8BITMIME")
-        if utf8:
-            params.append(b"SMTPUTF8")
-        if smtp.supports_extension("dsn"):
-            if request.ret:
-                params.append(b"RET=" + request.ret.encode("ascii"))
-            if request.envid:
-                params.append(b"ENVID=" + _xtext(request.envid))
-        return params
 
 
 class _Transaction:
@@ -409,18 +356,17 @@ def _not_success(answer: Answer) -> Answer:
     return Answer(Outcome.DEFERRED, "4.0.0", answer.diagnostic, answer.reply)
 
 
-async def _stream(transport: asyncio.Transport, receiver: _BodyProtocol, body: IO[bytes]) -> None:
-    """The message, dot-stuffed, in chunks read by a worker thread, honouring the
-    transport's flow control (so memory stays flat whatever the size), then the end."""
-    loop = asyncio.get_running_loop()
-    before = b"\r\n"  # a message starts at the beginning of a line
-    while chunk := await loop.run_in_executor(None, body.read, _CHUNK):
-        transport.write(_dot_stuff(chunk, before))
-        before = (before + chunk)[-2:]
-        await receiver.drain()
-        if len(chunk) < _CHUNK:
-            break  # a regular file gives a short read only at its end
-    transport.write(b".\r\n" if before == b"\r\n" else b"\r\n.\r\n")
+async def _message(
+    transaction: _Transaction,
+    transport: asyncio.Transport,
+    receiver: BodyProtocol,
+    body: IO[bytes],
+) -> None:
+    """The message after DATA's 354, and the replies to it as they come."""
+    transaction.stage = "end of DATA"
+    await send_message(transport, receiver, body)
+    for number in range(transaction.final_replies):
+        transaction.final(number, await receiver.reply())
 
 
 def _line(command: list[bytes]) -> bytes:
@@ -453,7 +399,7 @@ async def open_session(
             sock=sock,
             use_tls=endpoint.implicit_tls,
             start_tls=False,  # decided below, by the policy
-            tls_context=_opportunistic_context(),
+            tls_context=opportunistic_context(),
             local_hostname=options.helo,
             timeout=options.command_timeout,
         )
@@ -492,7 +438,7 @@ async def open_session(
     except _SESSION_ERRORS as exc:
         smtp.close()
         if stage == "performing the TLS handshake" or (
-            endpoint.implicit_tls and _ssl_error(exc) is not None
+            endpoint.implicit_tls and ssl_error(exc) is not None
         ):
             raise HostFailure(
                 Outcome.DEFERRED,
@@ -527,11 +473,9 @@ async def _connect(address: str, port: int, options: OutboundOptions) -> socket.
 async def _greet(smtp: aiosmtplib.SMTP, endpoint: Endpoint, where: str) -> None:
     """EHLO (HELO if it is refused with 5xx), or LHLO for LMTP."""
     if endpoint.lmtp:
-        name = (smtp.local_hostname or "localhost").encode("ascii")
-        response = await smtp.execute_command(b"LHLO", name)
+        response = await lhlo(smtp)
         if response.code != 250:
             raise _refused(response, where, "LHLO")
-        smtp.last_ehlo_response = response  # aiosmtplib now knows the extensions
         return
     try:
         await smtp.ehlo()
@@ -555,7 +499,7 @@ async def _starttls(smtp: aiosmtplib.SMTP, endpoint: Endpoint, where: str, plain
             )
         return
     try:
-        await smtp.starttls(server_hostname=endpoint.host, tls_context=_opportunistic_context())
+        await smtp.starttls(server_hostname=endpoint.host, tls_context=opportunistic_context())
     except aiosmtplib.SMTPResponseException as exc:
         if type(exc) is not aiosmtplib.SMTPResponseException or not smtp.is_connected:
             raise  # a handshake or connection failure, not a reply
@@ -648,12 +592,3 @@ def _describe(exc: BaseException) -> str:
 
 def _all_ascii(request: DeliveryRequest) -> bool:
     return request.sender.isascii() and all(r.address.isascii() for r in request.recipients)
-
-
-def _as_address(recipient: Recipient) -> Address:
-    params: dict[str, str | None] = {}
-    if recipient.notify:
-        params["NOTIFY"] = recipient.notify
-    if recipient.orcpt:
-        params["ORCPT"] = recipient.orcpt
-    return Address(recipient.address, params)

@@ -1,0 +1,168 @@
+"""The ``[queue]`` and ``[outbound]`` tables: each setting declared once, on its field.
+
+``[queue]`` is :class:`QueueSettings` (where the queue lives, how often and how long it
+retries); ``[outbound]`` is :class:`~mailgate.queue.outbound.OutboundOptions` itself (how
+mailgate talks to other servers). Both are read from the configuration's tables by
+:func:`queue_settings` and :func:`outbound_options`, with errors that name the file, the
+table and the key, and both are listed in docs/settings.md from these declarations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from mailgate.server.options import PolicySection
+from mailgate.settings import (
+    ConfigError,
+    Value,
+    build_fields,
+    converters,
+    did_you_mean,
+    setting,
+    settings_of,
+)
+
+from .outbound.options import OutboundOptions
+from .policy import QueuePolicy
+from .schedule import DEFAULT_RETRY_SCHEDULE, DurationError, parse_duration
+
+__all__ = [
+    "GROUPS",
+    "OUTBOUND_TABLE",
+    "QUEUE_TABLE",
+    "QueueSettings",
+    "outbound_options",
+    "queue_settings",
+]
+
+QUEUE_TABLE: Final = "queue"
+OUTBOUND_TABLE: Final = "outbound"
+#: The reference's headings of these tables' groups.
+GROUPS: Mapping[str, str] = {"queue": "queue", "outbound": "outbound"}
+#: Where the queue lives under ``state_dir`` when ``[queue] path`` is not given.
+DEFAULT_DIRECTORY: Final = "queue"
+
+
+def _duration(value: Value) -> float:
+    raw = value.raw
+    if isinstance(raw, bool) or not isinstance(raw, str | int | float):
+        raise value.error(f'expected a duration such as "5m" or seconds, got {raw!r}')
+    try:
+        return parse_duration(raw)
+    except DurationError as exc:
+        raise value.error(str(exc)) from None
+
+
+def _durations(value: Value) -> tuple[str, ...]:
+    raw = value.raw
+    items = raw if isinstance(raw, list) else [raw]
+    if not items:
+        raise value.error("needs at least one duration")
+    for item in items:
+        _duration(Value(item, value.where, value.base))
+    return tuple(str(item) for item in items)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSettings:
+    """The ``[queue]`` table: where queued mail is kept and how it is retried."""
+
+    path: Path | None = setting(
+        None,
+        convert=converters.path,
+        help="directory of the queue: its database and one file per message body",
+        group="queue",
+        metavar="DIR",
+        default_text="queue under state_dir",
+    )
+    retry_schedule: tuple[str, ...] = setting(
+        DEFAULT_RETRY_SCHEDULE,
+        convert=_durations,
+        help="waits between delivery attempts, the last one repeating; each is varied by "
+        "up to 10 % so deferred mail does not return in one wave",
+        group="queue",
+        metavar="[DURATION, ...]",
+    )
+    lifetime: float = setting(
+        5 * 86400.0,
+        convert=_duration,
+        help="how long a message is retried before it is returned to its sender",
+        group="queue",
+        metavar="DURATION",
+        default_text="5d",
+    )
+    bounce_lifetime: float | None = setting(
+        None,
+        convert=_duration,
+        help="the same for delivery reports and other mail from <> (which is never returned)",
+        group="queue",
+        metavar="DURATION",
+        default_text="lifetime",
+    )
+    delay_warning: float | None = setting(
+        None,
+        convert=_duration,
+        help="after this long undelivered, tell the sender once that delivery is delayed",
+        group="queue",
+        metavar="DURATION",
+        default_text="off",
+    )
+    max_deliveries: int = setting(
+        100,
+        convert=converters.count,
+        help="delivery attempts in progress at once, over every destination",
+        group="queue",
+        metavar="N",
+    )
+
+    def directory(self, state_dir: Path) -> Path:
+        """The queue's directory: ``path``, else ``queue`` under the state directory."""
+        return self.path if self.path is not None else state_dir / DEFAULT_DIRECTORY
+
+    def policy(self) -> QueuePolicy:
+        """The store's retry rules."""
+        return QueuePolicy.from_settings(
+            retry_schedule=self.retry_schedule,
+            lifetime=self.lifetime,
+            bounce_lifetime=self.bounce_lifetime,
+            delay_warning=self.delay_warning,
+        )
+
+
+def _sections(sections: Iterable[PolicySection], name: str) -> list[PolicySection]:
+    return [section for section in sections if section.name == name]
+
+
+def _values(section: PolicySection, known: list[str]) -> dict[str, Value]:
+    values: dict[str, Value] = {}
+    for key, raw in section.values.items():
+        if key not in known:
+            raise ConfigError(f"{section.source}: unknown key {key!r}{did_you_mean(key, known)}")
+        values[key] = Value(raw, f"{section.source} {key}", section.base)
+    return values
+
+
+def queue_settings(sections: Iterable[PolicySection]) -> QueueSettings:
+    """The ``[queue]`` table of the configuration (defaults when there is none)."""
+    found = _sections(sections, QUEUE_TABLE)
+    if not found:
+        return QueueSettings()
+    keys = [item.key for item in settings_of(QueueSettings)]
+    values = _values(found[0], keys)
+    return QueueSettings(**build_fields(QueueSettings, values, table=QUEUE_TABLE))
+
+
+def outbound_options(sections: Iterable[PolicySection], hostname: str) -> OutboundOptions:
+    """The ``[outbound]`` table as the engine's options; ``helo`` defaults to the server's
+    host name."""
+    found = _sections(sections, OUTBOUND_TABLE)
+    values = _values(found[0], [item.key for item in settings_of(OutboundOptions)]) if found else {}
+    fields = build_fields(OutboundOptions, values, table=OUTBOUND_TABLE)
+    fields.setdefault("helo", hostname)
+    try:
+        return OutboundOptions(**fields)
+    except ValueError as exc:
+        raise ConfigError(f"{found[0].source}: {exc}") from None

@@ -1,0 +1,82 @@
+"""[queue], [outbound] and [[routes]] read from a configuration file: values, defaults,
+and errors that name the file, the table and the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mailgate.cli import build_parser
+from mailgate.config import ConfigError, build_options
+from mailgate.queue.settings import QueueSettings, outbound_options, queue_settings
+from mailgate.server.options import ServerOptions
+
+
+def load(tmp_path: Path, body: str) -> ServerOptions:
+    path = tmp_path / "mailgate.toml"
+    path.write_text(body)
+    return build_options(build_parser().parse_args(["serve", "--config", str(path)]))
+
+
+def test_without_tables_the_defaults(tmp_path: Path) -> None:
+    options = load(tmp_path, '[server]\nhostname = "mx.example.net"\nstate_dir = "state"\n')
+    settings = queue_settings(options.policy)
+    assert settings == QueueSettings()
+    assert settings.directory(options.state_dir) == tmp_path / "state" / "queue"
+    assert settings.policy().lifetime == 5 * 86400
+    assert [round(d) for d in settings.policy().schedule.delays] == [300, 600, 1200, 2400, 3960]
+    outbound = outbound_options(options.policy, options.hostname)
+    assert outbound.helo == "mx.example.net" and outbound.port == 25
+
+
+def test_values_and_relative_path(tmp_path: Path) -> None:
+    options = load(
+        tmp_path,
+        '[server]\nhostname = "mx.example.net"\n'
+        '[queue]\npath = "q"\nretry_schedule = ["1m", "90s"]\nlifetime = "2d"\n'
+        'bounce_lifetime = "1d"\ndelay_warning = "4h"\nmax_deliveries = 7\n'
+        '[outbound]\nhelo = "out.example.net"\nport = 2526\ntls_policy = "encrypt"\n'
+        "max_concurrency_per_destination = 3\ninitial_concurrency = 2\n",
+    )
+    settings = queue_settings(options.policy)
+    assert settings.path == tmp_path / "q"
+    assert settings.retry_schedule == ("1m", "90s")
+    assert (settings.lifetime, settings.bounce_lifetime, settings.delay_warning) == (
+        2 * 86400,
+        86400,
+        4 * 3600,
+    )
+    assert settings.max_deliveries == 7
+    policy = settings.policy()
+    assert [round(d) for d in policy.schedule.delays] == [60, 90]
+    outbound = outbound_options(options.policy, options.hostname)
+    assert (outbound.helo, outbound.port, outbound.tls_policy) == (
+        "out.example.net",
+        2526,
+        "encrypt",
+    )
+    assert (outbound.max_concurrency_per_destination, outbound.initial_concurrency) == (3, 2)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            '[queue]\nretry_shedule = ["5m"]\n',
+            "[queue]: unknown key 'retry_shedule' (did you mean 'retry_schedule'?)",
+        ),
+        ('[queue]\nlifetime = "soon"\n', "[queue] lifetime:"),
+        ("[queue]\nretry_schedule = []\n", "[queue] retry_schedule: needs at least one duration"),
+        ("[outbound]\nport = 70000\n", "[outbound]: outbound port 70000 is out of range"),
+        ('[outbound]\ntls_policy = "always"\n', "[outbound] tls_policy: 'always' is not one of"),
+        ("[outbound]\ninitial_concurrency = 30\n", "initial_concurrency must be between"),
+        ('[[routes]]\nrecipients = ["*"]\naction = "forward"\n', "[[routes]] #1"),
+        ('[routes]\nrecipients = ["*"]\naction = "relay"\n', "routes must be an array of tables"),
+    ],
+)
+def test_errors_name_file_table_and_key(tmp_path: Path, body: str, message: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load(tmp_path, body)
+    assert str(raised.value).startswith(str(tmp_path / "mailgate.toml"))
+    assert message in str(raised.value)

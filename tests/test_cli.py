@@ -217,7 +217,7 @@ def test_serve_help_gives_every_default(capsys: pytest.CaptureFixture[str]) -> N
         "--max-clients": "1000",
         "--max-clients-per-ip": "20",
         "--idle-timeout": "300",
-        "--data-timeout": "600",
+        "--data-timeout": "180",
         "--close-timeout": "30",
         "--bare-newline": "reject",
         "--log-format": "text",

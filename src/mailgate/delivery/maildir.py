@@ -6,6 +6,7 @@ A message is complete in ``tmp/`` and fsynced, then hard-linked into ``new/`` an
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -148,6 +149,49 @@ class MaildirStore:
         if not isinstance(spool, SpoolFile) and not synced:
             _fsync_file(source)
         return self._publish(source, keep_source=keep_source)
+
+    def stage_spooled(self, source: Path, *, synced: bool = False) -> Path:
+        """The first phase of a two-phase delivery: a durable copy of ``source`` under a
+        new name in ``tmp/`` (a hard link when ``source`` is in ``tmp/``: no copy), not
+        visible to readers. :meth:`commit_staged` publishes it, :meth:`abort_staged`
+        removes it; a crash in between leaves a ``tmp/`` file, which the server's start
+        and Maildir readers clean up."""
+        source = Path(source)
+        if not self._in_tmp(source):
+            copy = SpoolFile(self.tmp_dir)
+            try:
+                with open(source, "rb") as reader:
+                    shutil.copyfileobj(reader, copy, _COPY_BLOCK)
+                copy.finish()
+            except BaseException:
+                copy.discard()
+                raise
+            return copy.path
+        if not synced:
+            _fsync_file(source)
+        for _ in range(_LINK_ATTEMPTS):
+            staged = self.tmp_dir / unique_name()
+            try:
+                os.link(source, staged)
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                if exc.errno not in _NO_HARD_LINKS:
+                    raise
+                shutil.copyfile(source, staged)
+                _fsync_file(staged)
+            return staged
+        raise FileExistsError(errno.EEXIST, "no free unique name in tmp/", str(self.tmp_dir))
+
+    def commit_staged(self, staged: Path) -> str:
+        """Publish a file made by :meth:`stage_spooled` into ``new/`` (durable when this
+        returns); returns its name there."""
+        return self._publish(staged)
+
+    def abort_staged(self, staged: Path) -> None:
+        """Drop a file made by :meth:`stage_spooled`: the message is not delivered here."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staged)
 
     def deliver_bytes(self, data: bytes) -> str:
         """Deliver a message held in memory, as durably as ``deliver_spooled``."""

@@ -12,12 +12,16 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from mailgate.hooks.logs import LogLimiter
 from mailgate.hooks.outcomes import _HOOK_FAILED, Outcome, _outcome, _Refusal
 from mailgate.hooks.session import Session
 from mailgate.hooks.stages import NOTIFICATIONS
 
 # The logger keeps the name of the module this code came from: operators filter on it.
 log = logging.getLogger("mailgate.hooks")
+#: A hook failing on every command of a session would log a traceback per command: a few
+#: per minute for each (session, stage, step), with a count of those held back.
+_failures = LogLimiter(burst=5, interval=60.0)
 
 
 @dataclass(eq=False)
@@ -74,7 +78,16 @@ async def run_chain(
                 if not notification:
                     raise
                 # One plugin's failed clean-up must not skip the others' clean-ups.
-                log.exception("session %s: %s hook %s failed", session.id, stage, step.plugin)
+                _failures.log(
+                    log,
+                    logging.ERROR,
+                    (session.id, stage, step.plugin),
+                    "session %s: %s hook %s failed",
+                    session.id,
+                    stage,
+                    step.plugin,
+                    exc_info=True,
+                )
                 continue
             if notification:
                 continue
@@ -97,17 +110,29 @@ async def run_chain(
     except _Refusal as refusal:  # raised by a middleware
         return refusal
     except TimeoutError:
-        log.error(
+        step = current[0] or "(middleware)"
+        _failures.log(
+            log,
+            logging.ERROR,
+            (session.id, stage, step),
             "session %s: %s hook %s took longer than %.1f s",
             session.id,
             stage,
-            current[0] or "(middleware)",
+            step,
             timeout,
         )
         return _HOOK_FAILED
     except Exception:
-        log.exception(
-            "session %s: %s hook %s failed", session.id, stage, current[0] or "(middleware)"
+        step = current[0] or "(middleware)"
+        _failures.log(
+            log,
+            logging.ERROR,
+            (session.id, stage, step),
+            "session %s: %s hook %s failed",
+            session.id,
+            stage,
+            step,
+            exc_info=True,
         )
         return _HOOK_FAILED
     if notification:

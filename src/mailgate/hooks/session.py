@@ -10,6 +10,8 @@ import email
 import email.message
 import email.policy
 import hmac
+import inspect
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -20,6 +22,12 @@ from typing import IO, Any, Final
 from mailgate.hooks.outcomes import HookError
 from mailgate.protocol import Address as WireAddress
 from mailgate.protocol import AuthCredentials
+
+log = logging.getLogger("mailgate.hooks")
+
+#: A staged delivery's actions: commit (plain: run in a worker thread; or async) and abort
+#: (plain and quick: it may run on the event loop, also when the connection is gone).
+_Staged = tuple[Callable[[], Any], Callable[[], Any] | None, str]
 
 
 class Address(str):
@@ -213,6 +221,74 @@ class Message:
     received_at: float
     _sync: Callable[[], None] | None = field(default=None, repr=False)
     _rewrite: Callable[[bytes], Awaitable[Path]] | None = field(default=None, repr=False)
+    #: Deliveries staged by message hooks, settled once the stage's verdict is known.
+    _staged: list[_Staged] = field(default_factory=list, init=False, repr=False)
+
+    def stage(
+        self,
+        commit: Callable[[], Any],
+        abort: Callable[[], None] | None = None,
+        *,
+        name: str = "",
+    ) -> None:
+        """Two-phase delivery (see docs/plugins.md): a message hook that has prepared its
+        delivery without making it visible (a Maildir file still in ``tmp/``) registers
+        here what makes it final and what undoes it. The server calls every ``commit``
+        once every required message step accepted the message, every ``abort`` when one
+        refused it, failed or timed out, or the client left: the deliveries of one
+        message succeed or fail together, and a client's retry never finds a copy kept.
+
+        ``commit``: a plain function (run in a worker thread; may block, e.g. link and
+        fsync) or a coroutine function. ``abort``: a plain function that must be quick
+        and must not block (remove a file); it may run on the event loop. ``name``: for
+        the log when one of them fails."""
+        self._staged.append((commit, abort, name))
+
+    @property
+    def staged(self) -> int:
+        """How many deliveries are staged and not yet settled."""
+        return len(self._staged)
+
+    async def settle(self, delivered: bool) -> list[str]:
+        """Commit (``delivered``) or abort every staged delivery, in the order staged;
+        called by the server after the message stage. Every action runs even when an
+        earlier one fails; returns the names of those that failed (logged here)."""
+        staged = list(self._staged)
+        self._staged.clear()
+        failed: list[str] = []
+        loop = asyncio.get_running_loop()
+        for commit, abort, name in staged:
+            action = commit if delivered else abort
+            if action is None:
+                continue
+            try:
+                if not delivered:
+                    action()
+                elif inspect.iscoroutinefunction(action):
+                    await action()
+                else:
+                    await loop.run_in_executor(None, action)
+            except Exception:
+                log.exception(
+                    "message %s: %s of the staged delivery %s failed",
+                    self.id,
+                    "commit" if delivered else "abort",
+                    name or action,
+                )
+                failed.append(name or repr(action))
+        return failed
+
+    def abort_staged(self) -> None:
+        """Abort every staged delivery now, without awaiting (the connection is gone)."""
+        staged = list(self._staged)
+        self._staged.clear()
+        for _, abort, name in staged:
+            if abort is None:
+                continue
+            try:
+                abort()
+            except Exception:
+                log.exception("message %s: abort of %s failed", self.id, name or abort)
 
     async def prepend_header(self, name: str, value: str) -> None:
         """Add a header field at the top of the message (e.g. Authentication-Results),

@@ -28,15 +28,23 @@ from typing import Any, TypeAlias, TypeVar
 
 from mailgate.dns import Resolver
 from mailgate.hooks import Message, Reject, Session, TempFail
+from mailgate.hooks.logs import LogLimiter
 from mailgate.protocol import Reply
 from mailgate.server.options import Network, PolicySection, ServerOptions
 
 log = logging.getLogger("mailgate.policy")
+_warnings = LogLimiter(burst=5, interval=60.0)
 
 #: (policy, verdict) -> how many times. Verdicts: accept, reject, tempfail, annotate, skip,
 #: error (a lookup failed and the policy let the mail through).
 DECISIONS: Counter[tuple[str, str]] = Counter()
 _decisions_lock = threading.Lock()  # --workers are processes, but tests run threads
+
+#: Decisions of one session logged at their own level (INFO); later ones go to DEBUG, so a
+#: client sending RCPT after RCPT cannot make the log grow with its input. Every decision
+#: is still counted in DECISIONS.
+DECISIONS_LOGGED_PER_SESSION = 10
+_LOGGED = "policy.logged"  # session.notes: decisions of the session logged at INFO so far
 
 #: session.notes keys plugins read from each other.
 ALLOWLISTED = "policy.allowlisted"  # why the client is on an allow list (skips checks)
@@ -52,6 +60,37 @@ def decide(
     """Log and count one policy decision."""
     with _decisions_lock:
         DECISIONS[(policy, verdict)] += 1
+    if level < logging.WARNING and not log.isEnabledFor(level):
+        return
+    if logging.INFO <= level < logging.WARNING:
+        logged = session.notes.get(_LOGGED, 0)
+        if logged >= DECISIONS_LOGGED_PER_SESSION:
+            level = logging.DEBUG
+        else:
+            session.notes[_LOGGED] = logged + 1
+            if logged + 1 == DECISIONS_LOGGED_PER_SESSION and log.isEnabledFor(level):
+                why = f"{why}; further decisions of this session at DEBUG level"
+    elif level >= logging.WARNING:
+        # A failing lookup would warn on every command: a few a minute per session.
+        _warnings.log(
+            log,
+            level,
+            (session.id, policy, verdict),
+            "session %s: policy %s: %s (%s)",
+            session.id,
+            policy,
+            verdict,
+            why,
+            extra={
+                "session": session.id,
+                "policy": policy,
+                "verdict": verdict,
+                "why": why,
+                "client": session.peer_host,
+                **fields,
+            },
+        )
+        return
     if log.isEnabledFor(level):
         log.log(
             level,

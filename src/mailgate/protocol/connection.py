@@ -339,6 +339,15 @@ class ServerConnection:
         """Received bytes not yet parsed (for back-pressure decisions)."""
         return len(self._buf) - self._pos
 
+    @property
+    def mid_line(self) -> bool:
+        """Part of a command line has arrived but not its end (also while the rest of a
+        line refused as too long is skipped): what a per-command deadline measures. Never
+        true for message data."""
+        if self._skipping_long_line:
+            return True
+        return len(self._buf) > self._pos and self.state not in (State.DATA, State.BDAT)
+
     # --- the parser ----------------------------------------------------------------------
 
     def _step(self) -> bool:

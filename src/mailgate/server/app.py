@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol, Self, TypeVar, cast, overload
 
 from mailgate.hooks import HookError, Hooks, Message, Middleware, Reject, Session, TempFail
+from mailgate.hooks.logs import LogLimiter
 from mailgate.protocol import ProtocolConfig, Reply
 from mailgate.protocol.persona import DEFAULT_PERSONA
 
@@ -35,6 +36,9 @@ from .spool import SpoolFile
 from .tls import create_server_context, ensure_dev_certificate
 
 log = logging.getLogger("mailgate.server")
+#: Refused connections come as fast as a client can open them: a few lines a minute of
+#: each kind, with the count of those held back.
+_refusals = LogLimiter(burst=5, interval=60.0)
 
 _TOO_MANY_CLIENTS = Reply(421, "4.7.0", ("Too many connections, try again later",))
 _TOO_MANY_FROM_IP = Reply(421, "4.7.0", ("Too many connections from your address",))
@@ -284,6 +288,7 @@ class SMTPServer:
         )
         if self.spooling:
             self.spool_dir.mkdir(parents=True, exist_ok=True)
+            await self.loop.run_in_executor(None, self.remove_orphans)
         if not self.protocol_config.auth_mechanisms and any(a.submission for a in options.listen):
             log.warning(
                 "submission listeners but no AUTH backend (auth_users, users_file or an auth "
@@ -364,11 +369,12 @@ class SMTPServer:
                 factory,
                 host=address.host,
                 port=address.port,
-                ssl=self.ssl_context if address.implicit_tls else None,
                 reuse_address=True,
                 reuse_port=reuse_port or None,
                 backlog=1024,
-                ssl_handshake_timeout=30.0 if address.implicit_tls else None,
+                # No ssl= for SMTPS: the connection runs its handshake itself, after it
+                # has been admitted (counted against the client limits) and under
+                # handshake_timeout; asyncio's own handshake would hold a socket uncounted.
             )
         except OSError as exc:
             # asyncio's own message repeats the address; the errno text is enough.
@@ -467,6 +473,41 @@ class SMTPServer:
         if self._closed is not None:
             await self._closed.wait()
 
+    def orphan_age(self) -> float:
+        """Seconds after which a file in the spool directory belongs to no session: the
+        longest session plus the longest delivery after it (background deliveries keep a
+        link that long). Without session_timeout, the 36 hours Maildir readers wait."""
+        options = self.options
+        if not options.session_timeout:
+            return 36 * 3600.0
+        return options.session_timeout + options.delivery_timeout * (
+            1 + len(self.hooks.background_steps("message"))
+        )
+
+    def remove_orphans(self) -> int:
+        """Remove spool files left by a process that died (kill -9, power loss) mid-message:
+        those older than :meth:`orphan_age`. Files of running sessions, here or in other
+        worker processes, are younger. Returns how many were removed."""
+        cutoff = time.time() - self.orphan_age()
+        removed = 0
+        try:
+            entries = list(os.scandir(self.spool_dir))
+        except OSError as exc:
+            log.warning("cannot scan the spool directory %s: %s", self.spool_dir, exc)
+            return 0
+        for entry in entries:
+            try:
+                if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                continue  # another worker process removed it first
+            except OSError as exc:
+                log.warning("cannot remove the orphaned spool file %s: %s", entry.path, exc)
+        if removed:
+            log.info("removed %d orphaned spool files from %s", removed, self.spool_dir)
+        return removed
+
     # --- deliveries that do not hold up the reply ---------------------------------------------
 
     async def deliver_later(self, message: Message, spool: SpoolFile) -> None:
@@ -488,15 +529,23 @@ class SMTPServer:
         timeout = self.options.delivery_timeout
         try:
             for step in steps:
+                done = False
                 try:
                     async with asyncio.timeout(timeout):
                         await step.call(message.session, message.envelope, message)
+                    done = True
                 except (Reject, TempFail) as refusal:
                     log.warning("message %s: %s refused it: %s", message.id, step.plugin, refusal)
                 except TimeoutError:
                     log.error("message %s: %s took over %.0f s", message.id, step.plugin, timeout)
                 except Exception:
                     log.exception("message %s: %s failed", message.id, step.plugin)
+                finally:
+                    if not done:
+                        message.abort_staged()
+                if done and message.staged:
+                    # A background step stands alone: what it staged is final at once.
+                    await message.settle(True)
         finally:
             with contextlib.suppress(OSError):
                 link.unlink()
@@ -524,10 +573,23 @@ class SMTPServer:
         if options.proxy_protocol and not _in_networks(ip, options.proxy_protocol):
             return _PROXY_NOT_ALLOWED
         if len(self.connections) >= options.max_clients:
-            log.warning("refusing %s: %d connections (--max-clients)", ip, len(self.connections))
+            _refusals.log(
+                log,
+                logging.WARNING,
+                "max-clients",
+                "refusing %s: %d connections (max_clients)",
+                ip,
+                len(self.connections),
+            )
             return _TOO_MANY_CLIENTS
         if not options.proxy_protocol and self.per_ip[ip] >= options.max_clients_per_ip:
-            log.info("refusing %s: too many connections from this address", ip)
+            _refusals.log(
+                log,
+                logging.INFO,
+                "per-ip",
+                "refusing %s: too many connections from this address (max_clients_per_ip)",
+                ip,
+            )
             return _TOO_MANY_FROM_IP
         self.connections.add(connection)
         self.per_ip[ip] += 1
@@ -541,7 +603,13 @@ class SMTPServer:
         over = self.per_ip[ip] >= self.options.max_clients_per_ip
         self.per_ip[ip] += 1  # released in connection_lost like any other
         if over:
-            log.info("refusing %s (via PROXY): too many connections from this address", ip)
+            _refusals.log(
+                log,
+                logging.INFO,
+                "per-ip",
+                "refusing %s (via PROXY): too many connections from this address",
+                ip,
+            )
             return _TOO_MANY_FROM_IP
         return None
 

@@ -8,9 +8,11 @@ Only real work (hooks, fsync, TLS handshakes) leaves the callback for a task.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import ssl
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, cast
 
@@ -28,6 +30,7 @@ from mailgate.hooks import (
     TempFail,
     TLSInfo,
 )
+from mailgate.hooks.logs import LogLimiter
 from mailgate.protocol import (
     NEED_DATA,
     PAUSED,
@@ -70,6 +73,12 @@ from .tls import SERVER_NAME_ATTRIBUTE
 
 log = logging.getLogger("mailgate.session")
 
+#: What a client can trigger over and over (failures of this server's own, on every message
+#: or line) is logged a few times a minute per kind, with a count of what was held back.
+_limited = LogLimiter(burst=5, interval=60.0)
+#: Recipients named in a message's log line; the rest are counted.
+_LOGGED_RECIPIENTS = 10
+
 _STAGE_OF: dict[type[PolicyPoint], str] = {
     Greeting: "connect",
     Hello: "helo",
@@ -85,6 +94,13 @@ _PROXY_REFUSED = Reply(421, "4.7.0", ("PROXY header missing or invalid",))
 _LOCAL_ERROR = Reply(451, "4.3.0", ("Local error in processing, try again later",))
 _AUTH_UNAVAILABLE = Reply(454, "4.7.0", ("Temporary authentication failure",))
 _TLS_UNAVAILABLE = Reply(454, "4.7.0", ("TLS not available",))
+#: The spool write failed (ENOSPC, EIO...): RFC 3463 4.3.1 is "mail system full".
+_SPOOL_FAILED = Reply(452, "4.3.1", ("Insufficient system storage, try again later",))
+_COMMAND_TIMEOUT = Reply(421, "4.4.2", ("Command not received in time, closing connection",))
+_DATA_TOO_SLOW = Reply(421, "4.4.2", ("Message data received too slowly, closing connection",))
+_SESSION_TOO_LONG = Reply(421, "4.4.2", ("Session too long, closing connection",))
+_RECEIVING_DATA = frozenset({State.DATA, State.BDAT})
+_STORAGE_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 #: Read no more while this much unparsed input waits for a slow hook.
 _MAX_BUFFERED = 256 * 1024
 _NO_ENVELOPE = Envelope()
@@ -124,6 +140,19 @@ class ConnectionDriver(asyncio.Protocol):
         self._write_paused = False
         self._closing = False  # graceful shutdown requested
         self._last_activity = 0.0
+        #: Deadlines, in loop time (0.0: none running). One timer per connection checks
+        #: them all (see _check_deadlines); data_received only records times.
+        self._started_at = 0.0
+        self._line_started = 0.0
+        self._data_started = 0.0
+        #: Bytes received in all (for min_data_rate) and when the message data began.
+        self._bytes_in = 0
+        self._data_base = 0
+        #: An SMTPS handshake is running (before it, the connection has no SMTP session).
+        self._handshaking = False
+        self._lost = False
+        #: The spool write failed during this message: the error, answered at its end.
+        self._spool_error: OSError | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._greeting_timer: asyncio.TimerHandle | None = None
         #: -v: log the conversation. Read once, so the hot path pays one attribute test.
@@ -140,14 +169,29 @@ class ConnectionDriver(asyncio.Protocol):
     # --- asyncio.Protocol ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        try:
+            self._connection_made(transport)
+        except Exception:
+            self._internal_error("accepting the connection")
+
+    def _connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = stream = cast(asyncio.Transport, transport)
         peer = stream.get_extra_info("peername") or ("", 0)
         local = stream.get_extra_info("sockname") or ("", 0)
         self.peer_ip = str(peer[0])
+        # Counted before any TLS handshake: an SMTPS connection that never finishes its
+        # handshake holds a slot of max_clients and of its address's max_clients_per_ip.
         refusal = self.host.admit(self)
         if refusal is not None:
-            if self.recorder is not None:  # scanners hitting the limits are recorded too
+            if self.implicit_tls:
+                # No plaintext reply to a TLS client, and no handshake spent on a refusal.
+                if self.recorder is not None:
+                    self.session = self._new_session(peer, local)
+                    self._note_close("refused")
+                    self._record("opened")
+                stream.abort()
+            elif self.recorder is not None:  # scanners hitting the limits are recorded too
                 self.session = self._new_session(peer, local)
                 self._refuse(refusal, "refused")
             else:
@@ -156,8 +200,7 @@ class ConnectionDriver(asyncio.Protocol):
             return
         self._admitted = True
         self.session = self._new_session(peer, local)
-        if self.implicit_tls:
-            self.session.tls = _tls_info(transport)
+        self._last_activity = self._started_at = self.loop.time()
         if self._debug:
             log.debug(
                 "session %s: connection from %s port %s%s",
@@ -166,18 +209,40 @@ class ConnectionDriver(asyncio.Protocol):
                 peer[1],
                 " (implicit TLS)" if self.implicit_tls else "",
             )
-        self._last_activity = self.loop.time()
+        if self.implicit_tls:
+            self._handshaking = True
+            self._tls_pending = bytearray()
+            self._arm_timer(None)
+            # start_tls must put the TLS layer on the transport before connection_made
+            # returns: uvloop starts reading then (pause_reading here does not stop it),
+            # and a ClientHello read by this protocol would be lost to the handshake.
+            self._task = _start_eagerly(self.loop, self._implicit_tls())
+            return
+        self._after_connect()
+
+    def _after_connect(self) -> None:
+        """The connection is admitted (and for SMTPS, encrypted): wait for the PROXY
+        header, or begin the SMTP session."""
         self._arm_timer(self.host.options.proxy_timeout if self.expect_proxy else None)
         if not self.expect_proxy:
             self._start_session()
 
     def data_received(self, data: bytes) -> None:
-        self._last_activity = self.loop.time()
+        try:
+            self._data_received(data)
+        except Exception:
+            self._internal_error("receiving data")
+
+    def _data_received(self, data: bytes) -> None:
+        now = self._last_activity = self.loop.time()
+        self._bytes_in += len(data)
         if self._debug:
             log.debug("session %s: <<< %s", self._sid(), _shown(data))
         conn = self.conn
         if conn is None:
-            if self.expect_proxy and not self._greeted:
+            if self._tls_pending is not None:
+                self._tls_pending += data  # decrypted before the SMTPS handshake returned
+            elif self.expect_proxy and not self._greeted:
                 self._proxy_data(data)
             return
         if not self._greeted:
@@ -191,24 +256,63 @@ class ConnectionDriver(asyncio.Protocol):
             # new session, which begins once tls_established() has run.
             self._tls_pending += data
             return
+        if not self._line_started:
+            self._line_started = now  # _process clears it once no partial line is left
         conn.receive_data(data)
         if self._task is None:
             self._process()
         elif conn.buffered > _MAX_BUFFERED:
             self._pause_reading()
+        if not self._data_started and conn.state in _RECEIVING_DATA:
+            # The message data began: min_data_rate counts from here.
+            self._data_started = now
+            self._data_base = self._bytes_in
+            if self.host.options.min_data_rate:
+                self._wake_by(now + self.host.options.data_rate_grace)
 
     def eof_received(self) -> bool | None:
-        if self.conn is not None:
-            self.conn.receive_data(b"")
-            if self._task is None:
-                self._process()
+        try:
+            if self.conn is not None:
+                self.conn.receive_data(b"")
+                if self._task is None:
+                    self._process()
+        except Exception:
+            self._internal_error("handling the client's close")
         return None
 
+    def _internal_error(self, doing: str) -> None:
+        """An exception reached the driver from a protocol callback: asyncio would only
+        log it without the session, and the client would get no reply. Log it with the
+        session id, tell the client, close."""
+        # Every one is logged, with its session; the traceback a few times a minute (a
+        # client that can trigger a bug again and again must not fill the disk with them).
+        with_traceback, held = _limited.allow(("internal", doing))
+        log.error(
+            "session %s: internal error %s%s",
+            self._sid(),
+            doing,
+            f" ({held} tracebacks of this kind left out)" if held else "",
+            exc_info=with_traceback,
+        )
+        self._note_close("internal-error")
+        conn = self.conn
+        try:
+            if conn is not None and conn.state is not State.CLOSED:
+                conn.close(SHUTTING_DOWN)
+                self._flush()
+        except Exception:
+            log.exception("session %s: cannot send the closing reply", self._sid())
+        if self.transport is not None:
+            self.transport.abort()
+
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._debug and self.session is not None:
-            log.debug("session %s: closed (%d messages)", self.session.id, self.session.messages)
+        if self._lost:
+            return  # called by _handshake already
+        self._lost = True
+        reason = self._close_reason or ("peer-closed" if exc is None else "connection-lost")
+        if self._admitted and self.session is not None:
+            self._log_session(reason)
         if self.recorder is not None:
-            reason = self._close_reason or ("peer-closed" if exc is None else "connection-lost")
             self._record("closed", reason)
         if self._timer is not None:
             self._timer.cancel()
@@ -241,7 +345,7 @@ class ConnectionDriver(asyncio.Protocol):
         try:
             parsed = parse_proxy_header(self._proxy_buf)
         except ProxyError as exc:
-            log.info("session %s: bad PROXY header from %s: %s", self._sid(), self.peer_ip, exc)
+            log.debug("session %s: bad PROXY header from %s: %s", self._sid(), self.peer_ip, exc)
             self._refuse(_PROXY_REFUSED, "bad-proxy-header")
             return
         if parsed is None:
@@ -314,8 +418,20 @@ class ConnectionDriver(asyncio.Protocol):
             if cls is DataChunk:
                 spool = self.spool
                 if spool is not None:
-                    spool.write(event.data)  # type: ignore[attr-defined]
+                    try:
+                        spool.write(event.data)  # type: ignore[attr-defined]
+                    except OSError as exc:
+                        self._spool_failed(exc)
                 continue
+            if cls is DataComplete:
+                self._data_started = 0.0
+                if self._spool_error is not None:
+                    # The message could not be stored: no hook sees a partial file.
+                    self._spool_error = None
+                    self._log_message("failed (spool write)", event.size)  # type: ignore[attr-defined]
+                    conn.respond(_SPOOL_FAILED)
+                    self._after_message()
+                    continue
             if isinstance(event, PolicyPoint):
                 if not self._answer_inline(event):
                     # Replies queued so far wait for this answer and leave in the same
@@ -330,16 +446,38 @@ class ConnectionDriver(asyncio.Protocol):
                 self._close_transport()
                 return
             if cls is TransactionReset or cls is DataDiscarded:
-                self._drop_spool()
                 if cls is DataDiscarded:
-                    log.info("session %s: message refused: %s", self._sid(), event.reason.value)  # type: ignore[attr-defined]
+                    self._log_message(
+                        f"refused {event.reply.code} ({event.reason.value})",  # type: ignore[attr-defined]
+                        self.spool.size if self.spool is not None else 0,
+                    )
+                self._drop_spool()
+                self._spool_error = None
+                self._data_started = 0.0
                 envelope, self.envelope = self.envelope, _NO_ENVELOPE
                 if envelope.mail_from is not None and self.host.hooks.has("reset"):
                     self._task = self.loop.create_task(self._notify_reset(envelope))
                     return
-            elif cls is LimitExceeded:
-                log.info("session %s: limit exceeded: %s", self._sid(), event.limit.value)  # type: ignore[attr-defined]
+            elif cls is LimitExceeded and self._debug:
+                log.debug("session %s: limit exceeded: %s", self._sid(), event.limit.value)  # type: ignore[attr-defined]
+        if not conn.mid_line:
+            self._line_started = 0.0
         self._flush()
+
+    def _spool_failed(self, exc: OSError) -> None:
+        """A write to the spool failed (disk full, I/O error): keep reading the message
+        to its end, store none of it, answer 452 there. Logged once per message."""
+        _limited.log(
+            log,
+            logging.ERROR,
+            "spool-write",
+            "session %s: cannot write message %s to the spool: %s",
+            self._sid(),
+            self.message_id,
+            exc,
+        )
+        self._spool_error = exc
+        self._drop_spool()
 
     def _answer_inline(self, point: PolicyPoint) -> bool:
         """Answer a policy point without awaiting, when nothing needs to run. Returns False
@@ -375,6 +513,7 @@ class ConnectionDriver(asyncio.Protocol):
             if self.host.spooling:
                 return False  # fsync and delivery happen in a task
             self._finish_message_count()
+            self._log_message("accepted", point.size)  # type: ignore[attr-defined]
             conn.respond(None)
             self._after_message()
         elif cls is AuthCredentials:
@@ -530,7 +669,13 @@ class ConnectionDriver(asyncio.Protocol):
     async def _complete_message(self, point: DataComplete, session: Session) -> Reply | list[Reply]:
         spool = self.spool
         if spool is not None:
-            spool.flush()  # complete on disk for the hooks to read; fsync comes below
+            try:
+                spool.flush()  # complete on disk for the hooks to read; fsync comes below
+            except OSError as exc:
+                self._spool_failed(exc)
+                self._spool_error = None  # answered here, not at the next message's end
+                self._log_message("failed (spool write)", point.size)
+                return _SPOOL_FAILED
         envelope = self.envelope
         message = Message(
             id=self.message_id,
@@ -560,21 +705,32 @@ class ConnectionDriver(asyncio.Protocol):
                 single = self._verdict("message", outcome, accepted) or accepted
                 delivered = single.is_positive
                 reply = single
+            if message.staged:
+                # Two-phase deliveries: all of them keep the message, or none does.
+                failed = await message.settle(delivered)
+                if delivered and failed:
+                    log.error(
+                        "session %s: message %s: staged deliveries %s failed to commit "
+                        "after the others kept it; answering 451, a retry may duplicate it "
+                        "there",
+                        session.id,
+                        self.message_id,
+                        ", ".join(failed),
+                    )
+                    delivered = False
+                    reply = _LOCAL_ERROR
             spool = self.spool  # a hook that added a header replaced it
             if delivered and spool is not None and hooks.background_steps("message"):
                 await self.host.deliver_later(message, spool)
         finally:
+            message.abort_staged()  # not settled: an exception, or the client left
             self._drop_spool()
         if delivered:
             self._finish_message_count()
-            log.info(
-                "session %s: accepted %s from=<%s> rcpts=%d size=%d",
-                session.id,
-                self.message_id,
-                envelope.sender,
-                len(envelope.rcpt_tos),
-                point.size,
-            )
+            self._log_message("accepted", point.size, envelope)
+        else:
+            first = reply[0] if isinstance(reply, list) else reply
+            self._log_message(f"refused {first.code}", point.size, envelope)
         return reply
 
     def _sync_spool(self) -> None:
@@ -666,19 +822,8 @@ class ConnectionDriver(asyncio.Protocol):
         conn.respond(None)  # queues the 220 and drops anything pipelined after STARTTLS
         self._flush()
         self._tls_pending = bytearray()
-        try:
-            new_transport = await self.loop.start_tls(
-                transport, self, context, server_side=True, ssl_handshake_timeout=30.0
-            )
-        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
-            self._tls_pending = None
-            log.info("session %s: TLS handshake failed: %s", self._sid(), exc)
-            self._note_close("tls-failed")
-            if self.transport is not None:
-                self.transport.abort()
-            return
-        if new_transport is None:  # pragma: no cover - closed during handshake
-            self._tls_pending = None
+        new_transport = await self._handshake(transport, context)
+        if new_transport is None:
             return
         self.transport = new_transport
         conn.tls_established()
@@ -694,6 +839,59 @@ class ConnectionDriver(asyncio.Protocol):
             self._record("tls")
         if self.host.hooks.has("tls"):
             await self._notify_tls()
+
+    async def _implicit_tls(self) -> None:
+        """SMTPS: the handshake, after admission (so it counts against the client limits)
+        and within handshake_timeout; then the PROXY header or the session."""
+        transport = self.transport
+        context = self.host.ssl_context
+        assert transport is not None and context is not None
+        try:
+            new_transport = await self._handshake(transport, context)
+        finally:
+            self._handshaking = False
+            self._task = None
+        if new_transport is None:
+            return
+        self.transport = new_transport
+        assert self.session is not None
+        self.session.tls = _tls_info(new_transport)
+        early, self._tls_pending = self._tls_pending, None
+        try:
+            self._after_connect()
+        except Exception:
+            self._internal_error("starting the session")
+            return
+        if early:
+            self.data_received(bytes(early))
+
+    async def _handshake(
+        self, transport: asyncio.Transport, context: ssl.SSLContext
+    ) -> asyncio.Transport | None:
+        """A server-side TLS handshake on ``transport``, never longer than the handshake
+        or the idle timeout. None (the connection is closed) when it fails."""
+        options = self.host.options
+        timeout = min(options.handshake_timeout, options.idle_timeout)
+        try:
+            new_transport = await self.loop.start_tls(
+                transport, self, context, server_side=True, ssl_handshake_timeout=timeout
+            )
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
+            self._tls_pending = None
+            reason = f"no handshake in {timeout:g} s" if isinstance(exc, TimeoutError) else exc
+            log.debug("session %s: TLS handshake failed: %s", self._sid(), reason)
+            self._note_close("tls-timeout" if isinstance(exc, TimeoutError) else "tls-failed")
+            if self.transport is not None:
+                self.transport.abort()
+            # asyncio tells the app protocol of a lost connection only after a finished
+            # handshake: without this the slot and the per-IP count would never be freed.
+            self.connection_lost(exc)
+            return None
+        if new_transport is None:  # pragma: no cover - closed during handshake
+            self._tls_pending = None
+            self.connection_lost(None)
+            return None
+        return new_transport
 
     # --- helpers -----------------------------------------------------------------------------
 
@@ -766,8 +964,15 @@ class ConnectionDriver(asyncio.Protocol):
             future.add_done_callback(_discard_result)
             raise
         except OSError as exc:
-            log.error("session %s: cannot create spool file: %s", self._sid(), exc)
-            return _LOCAL_ERROR
+            _limited.log(
+                log,
+                logging.ERROR,
+                "spool-create",
+                "session %s: cannot create spool file: %s",
+                self._sid(),
+                exc,
+            )
+            return _SPOOL_FAILED if exc.errno in _STORAGE_FULL else _LOCAL_ERROR
         if self.conn is None or self.transport is None:  # the client left meanwhile
             spool.discard()
             return None
@@ -832,6 +1037,74 @@ class ConnectionDriver(asyncio.Protocol):
             if self.recorder is not None:
                 self._record("sent", data)
             self._close_transport()
+
+    # --- the log: one line per session and per message ------------------------------------------
+
+    def _log_message(self, outcome: str, size: int, envelope: Envelope | None = None) -> None:
+        """The one INFO line of a message transaction (the end of its data: accepted,
+        refused, discarded). Transactions that end before DATA (RSET, refused recipients)
+        are counted in the session's line; their commands are logged at DEBUG."""
+        if not log.isEnabledFor(logging.INFO):
+            return
+        session = self.session
+        assert session is not None
+        envelope = envelope or self.envelope
+        rcpts = [str(r) for r in envelope.rcpt_tos]
+        shown = rcpts[:_LOGGED_RECIPIENTS]
+        more = f" (+{len(rcpts) - len(shown)})" if len(rcpts) > len(shown) else ""
+        log.info(
+            "session %s: message %s %s from=<%s> to=%s%s size=%d client=%s",
+            session.id,
+            self.message_id or "-",
+            outcome,
+            _printable(envelope.sender),
+            ",".join(f"<{_printable(r)}>" for r in shown),
+            more,
+            size,
+            session.peer_host,
+            extra={
+                "session": session.id,
+                "client": session.peer_host,
+                "helo": session.helo,
+                "sender": str(envelope.sender),
+                "recipients": shown,
+                "rcpt_count": len(rcpts),
+                "size": size,
+                "queue_id": self.message_id,
+                "outcome": outcome,
+            },
+        )
+
+    def _log_session(self, reason: str) -> None:
+        """The one INFO line of a session, when it ends."""
+        session = self.session
+        assert session is not None
+        if not log.isEnabledFor(logging.INFO):
+            return
+        duration = self.loop.time() - self._started_at if self._started_at else 0.0
+        tls = session.tls.version if session.tls is not None else None
+        log.info(
+            "session %s: closed (%s) client=%s helo=%s tls=%s transactions=%d messages=%d "
+            "duration=%.1fs",
+            session.id,
+            reason,
+            session.peer_host,
+            _printable(session.helo or "-"),
+            tls or "no",
+            session.transactions,
+            session.messages,
+            duration,
+            extra={
+                "session": session.id,
+                "client": session.peer_host,
+                "helo": session.helo,
+                "tls": tls,
+                "transactions": session.transactions,
+                "messages": session.messages,
+                "duration": round(duration, 3),
+                "outcome": reason,
+            },
+        )
 
     # --- the transcript tap -------------------------------------------------------------------
 
@@ -901,41 +1174,101 @@ class ConnectionDriver(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
         if timeout is None:
-            # One timer serves both limits: it wakes at the shorter and checks which applies.
-            options = self.host.options
-            timeout = min(options.idle_timeout, options.data_timeout)
-        self._timer = self.loop.call_later(timeout, self._check_idle)
+            timeout = self._longest_sleep()
+        self._timer = self.loop.call_later(timeout, self._check_deadlines)
 
-    def _timeout(self) -> float:
+    def _longest_sleep(self) -> float:
+        """How long the timer may sleep without a check: no deadline that could begin
+        meanwhile (a command line, message data) is then missed by more than its length."""
         options = self.host.options
-        conn = self.conn
-        if conn is not None and conn.state in (State.DATA, State.BDAT):
-            return options.data_timeout
-        return options.idle_timeout
+        sleep = min(options.idle_timeout, options.data_timeout, options.command_timeout)
+        return min(sleep, options.session_timeout) if options.session_timeout else sleep
 
-    def _check_idle(self) -> None:
+    def _wake_by(self, when: float) -> None:
+        """Have the timer fire by ``when`` (loop time): re-armed only if it would be later."""
+        timer = self._timer
+        if timer is None or timer.when() > when:
+            self._arm_timer(max(0.0, when - self.loop.time()))
+
+    def _check_deadlines(self) -> None:
+        try:
+            self._check_deadlines_now()
+        except Exception:
+            self._internal_error("checking the time limits")
+
+    def _check_deadlines_now(self) -> None:
+        """The one timer of a connection: end it when a limit has passed (idle, message
+        stall, command line, data rate, session length), else sleep until the earliest
+        deadline. data_received only notes times, so a busy connection costs no timer
+        operations per line."""
         self._timer = None
-        if self.transport is None:
-            return
-        if self.conn is None:  # still waiting for the PROXY header
-            log.info("session %s: no PROXY header in time from %s", self._sid(), self.peer_ip)
+        if self.transport is None or self._handshaking:
+            return  # the handshake has its own timeout; then the session arms the timer
+        conn = self.conn
+        if conn is None:  # still waiting for the PROXY header
+            log.debug("session %s: no PROXY header in time from %s", self._sid(), self.peer_ip)
             self._refuse(_PROXY_REFUSED, "proxy-timeout")
             return
         if self._task is not None:
-            # Our own work (a slow hook, fsync) is not the client's idleness.
+            # Our own work (a slow hook, fsync, a STARTTLS handshake) is not the client's.
             self._arm_timer(None)
             return
-        timeout = self._timeout()
-        idle = self.loop.time() - self._last_activity
-        if idle >= timeout:
-            log.info("session %s: idle timeout after %.0f s", self._sid(), idle)
-            self._note_close("idle-timeout")
-            self.conn.close(IDLE_TIMEOUT)
-            self._process()
-            return
         options = self.host.options
-        next_check = min(timeout - idle, options.idle_timeout, options.data_timeout)
-        self._timer = self.loop.call_later(next_check, self._check_idle)
+        now = self.loop.time()
+        receiving = conn.state in _RECEIVING_DATA
+        timeout = options.data_timeout if receiving else options.idle_timeout
+        idle = now - self._last_activity
+        next_check = now + self._longest_sleep()
+        if idle >= timeout:
+            log.debug("session %s: idle timeout after %.0f s", self._sid(), idle)
+            self._expire("idle-timeout", IDLE_TIMEOUT)
+            return
+        next_check = min(next_check, self._last_activity + timeout)
+        if options.session_timeout:
+            ends = self._started_at + options.session_timeout
+            if now >= ends:
+                log.debug("session %s: longer than %g s", self._sid(), options.session_timeout)
+                self._expire("session-timeout", _SESSION_TOO_LONG)
+                return
+            next_check = min(next_check, ends)
+        if self._line_started and not receiving:
+            ends = self._line_started + options.command_timeout
+            if now >= ends:
+                log.debug(
+                    "session %s: no complete command line in %g s",
+                    self._sid(),
+                    options.command_timeout,
+                )
+                self._expire("command-timeout", _COMMAND_TIMEOUT)
+                return
+            next_check = min(next_check, ends)
+        rate = options.min_data_rate
+        if receiving and rate and self._data_started:
+            received = self._bytes_in - self._data_base
+            # The grace period is an allowance: the data must keep up with rate * (elapsed
+            # - grace), so a slow start is forgiven and a drip is cut soon after it.
+            due = self._data_started + options.data_rate_grace + received / rate
+            if now >= due:
+                log.debug(
+                    "session %s: message data at %.0f bytes/s, below min_data_rate %d",
+                    self._sid(),
+                    received / max(now - self._data_started, 1e-3),
+                    rate,
+                )
+                self._expire("data-too-slow", _DATA_TOO_SLOW)
+                return
+            next_check = min(next_check, due)
+        self._timer = self.loop.call_at(next_check, self._check_deadlines)
+
+    def _expire(self, reason: str, reply: Reply) -> None:
+        """Close the session for a limit of time: ``reply`` (421) and hang up. Under a
+        persona (honeypot mode) every time limit is its idle-timeout reply, in its words:
+        a text of mailgate's own would give the disguise away."""
+        conn = self.conn
+        assert conn is not None
+        self._note_close(reason)
+        conn.close(reply if self.host.options.persona is None else IDLE_TIMEOUT)
+        self._process()
 
     def begin_shutdown(self) -> None:
         """Graceful shutdown: close now if idle, else after the transaction in flight."""
@@ -974,9 +1307,52 @@ def _as_reply(result: Reply | Accept | Any | None, success: Reply | None) -> Rep
     return result
 
 
+def _start_eagerly(
+    loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]
+) -> asyncio.Task[None] | None:
+    """Run ``coro`` up to its first wait now, in the caller, and the rest in a task (what
+    Python 3.12's eager tasks do); None when it finished without waiting."""
+    try:
+        yielded = coro.send(None)
+    except StopIteration:
+        return None
+    return loop.create_task(_resume(coro, yielded))
+
+
+async def _resume(coro: Coroutine[Any, Any, None], yielded: Any) -> None:
+    """Go on with a coroutine stepped by hand until it waited on ``yielded``: wait for that
+    future as a task would, then resume the coroutine; a cancellation is passed into it."""
+    try:
+        while True:
+            try:
+                if yielded is None:  # a bare yield: give others a turn
+                    await asyncio.sleep(0)
+                else:
+                    yielded._asyncio_future_blocking = False
+                    await asyncio.wait((yielded,))
+            except asyncio.CancelledError:
+                if yielded is not None:
+                    yielded.cancel()
+                yielded = coro.throw(asyncio.CancelledError())
+                continue
+            yielded = coro.send(None)
+    except StopIteration:
+        return
+    finally:
+        coro.close()
+
+
 def _discard_result(future: asyncio.Future[SpoolFile]) -> None:
     if not future.cancelled() and future.exception() is None:
         future.result().discard()
+
+
+def _printable(text: str, limit: int = 256) -> str:
+    """Client-given text for a log line: control characters escaped, cut at ``limit``."""
+    text = text[:limit]
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _shown(data: bytes, limit: int = 300) -> str:

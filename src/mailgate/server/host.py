@@ -49,8 +49,9 @@ class SessionRecorder(Protocol):
 
     def closed(self, session: Session, reason: str) -> None:
         """The connection is gone; ``reason`` e.g. ``quit``, ``peer-closed``,
-        ``idle-timeout``, ``refused``, ``too-many-auth-failures``, ``shutdown``,
-        ``max-session``."""
+        ``idle-timeout``, ``command-timeout``, ``data-too-slow``, ``session-timeout``,
+        ``tls-failed``, ``refused``, ``too-many-auth-failures``, ``shutdown``,
+        ``internal-error``, ``max-session`` (the honeypot's)."""
 
 
 class HostedConnection(Protocol):

@@ -399,12 +399,56 @@ class ServerOptions:
         metavar=_DURATION,
         help="close a connection that sends no command for this long",
     )
+    #: RFC 5321 4.5.3.2.5/6 give a client 3 minutes per data block and per reply wait.
     data_timeout: float = setting(
-        600.0,
+        180.0,
         convert=converters.seconds,
         group="timeouts",
         metavar=_DURATION,
         help="close a connection that stalls while sending a message",
+    )
+    #: A command line that takes longer than this to arrive (one byte at a time, never a
+    #: line end) holds its slot no more: the idle timeout alone never fires on a drip.
+    command_timeout: float = setting(
+        60.0,
+        convert=converters.seconds,
+        group="timeouts",
+        metavar=_DURATION,
+        help="close a connection that takes longer than this to send one command line",
+    )
+    #: Postfix's smtpd_min_data_rate: a message must arrive at this many bytes per second,
+    #: averaged from the start of DATA/BDAT, once data_rate_grace has passed.
+    min_data_rate: int = setting(
+        500,
+        convert=converters.count_or_zero,
+        group="timeouts",
+        metavar="BYTES",
+        help="close a connection that sends message data slower than this many bytes per "
+        "second (averaged over the message, after a grace period); 0 for no limit",
+    )
+    data_rate_grace: float = code_only(
+        10.0, reason="seconds of DATA before min_data_rate applies; set in code if at all"
+    )
+    #: The longest session (Postfix has no such limit; the honeypot's is max_session, a
+    #: key of its own table: the keys share one flag namespace). 30 minutes carry a message of the default 25 MiB at 14 KiB/s,
+    #: far slower than any working link, and are six times the 5 minutes Postfix's client
+    #: reuses a connection for (smtp_connection_reuse_time_limit); 0: no limit.
+    session_timeout: float = setting(
+        1800.0,
+        convert=converters.seconds_or_zero,
+        group="timeouts",
+        metavar=_DURATION,
+        help="close a connection after this long, whatever it does (mid-message: 421, the "
+        "client retries later); 0 for no limit",
+    )
+    #: TLS handshakes (SMTPS and STARTTLS) never last longer than this, nor longer than
+    #: idle_timeout: a partial ClientHello or silence after STARTTLS holds no slot.
+    handshake_timeout: float = setting(
+        10.0,
+        convert=converters.seconds,
+        group="timeouts",
+        metavar=_DURATION,
+        help="close a connection whose TLS handshake takes longer than this",
     )
     close_timeout: float = setting(
         30.0,

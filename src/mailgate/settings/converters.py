@@ -136,6 +136,14 @@ def count(value: Value) -> int:
     return number
 
 
+def count_or_zero(value: Value) -> int:
+    """A whole number of at least 0 (0: off)."""
+    number = _number(value, int, (int,), "a whole number")
+    if number < 0:
+        raise value.error(f"must be 0 or more, got {number}")
+    return number
+
+
 def seconds(value: Value) -> float:
     """A positive number of seconds."""
     result = float(_number(value, float, (int, float), "a number of seconds"))

@@ -1,0 +1,163 @@
+"""Issue 13 item 4: the deliveries of one message succeed or fail as a unit. A local
+delivery (Maildir, mbox) next to a forward that fails keeps no copy, so the client's
+retries never duplicate it, and a message refused with 5xx is kept nowhere."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.delivery.test_forward import (
+    MESSAGE,
+    closed_port,
+    front_server,
+    send,
+    target_files,
+    target_server,
+)
+from tests.server.harness import Certs, maildir_messages, make_certs
+
+from mailgate import Reject, Server
+from mailgate.hooks import Envelope, Message, Session
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+def _files(directory: Path) -> list[Path]:
+    return sorted(directory.iterdir()) if directory.exists() else []
+
+
+def test_retries_against_a_down_forward_leave_no_copies(tmp_path: Path, certs: Certs) -> None:
+    maildir = tmp_path / "M"
+
+    async def main() -> list[int]:
+        url = f"smtp://127.0.0.1:{closed_port()}"
+        async with front_server(tmp_path, certs, maildir=maildir, forward=[url]) as front:
+            return [
+                (await send(front.address[1], "a@example.org", ["b@example.com"]))[0]
+                for _ in range(3)
+            ]
+
+    assert asyncio.run(main()) == [451, 451, 451]
+    assert maildir_messages(maildir) == []
+    assert _files(maildir / "tmp") == []  # nothing staged left behind either
+
+
+def test_a_554_from_the_forward_keeps_no_copy(tmp_path: Path, certs: Certs) -> None:
+    maildir = tmp_path / "M"
+
+    async def main() -> tuple[int, str]:
+        async with target_server(tmp_path, certs) as (target, _seen):
+
+            @target.on_message
+            def refuse(session: Session, envelope: Envelope, message: Message) -> None:
+                raise Reject(554, "content refused", enhanced="5.7.1")
+
+            url = f"smtp://127.0.0.1:{target.address[1]}"
+            async with front_server(tmp_path, certs, maildir=maildir, forward=[url]) as front:
+                return await send(front.address[1], "a@example.org", ["b@example.com"])
+
+    code, _text = asyncio.run(main())
+    assert code == 554
+    assert maildir_messages(maildir) == []
+    assert _files(maildir / "tmp") == []
+    assert target_files(tmp_path) == []
+
+
+def test_both_deliveries_keep_the_message_when_both_accept(tmp_path: Path, certs: Certs) -> None:
+    maildir = tmp_path / "M"
+
+    async def main() -> tuple[int, str]:
+        async with target_server(tmp_path, certs) as (target, _seen):
+            url = f"smtp://127.0.0.1:{target.address[1]}"
+            async with front_server(tmp_path, certs, maildir=maildir, forward=[url]) as front:
+                return await send(front.address[1], "a@example.org", ["b@example.com"])
+
+    assert asyncio.run(main())[0] == 250
+    assert len(maildir_messages(maildir)) == 1
+    assert len(target_files(tmp_path)) == 1
+    assert _files(maildir / "tmp") == []
+
+
+def test_mbox_with_a_down_forward_appends_nothing(tmp_path: Path, certs: Certs) -> None:
+    mbox = tmp_path / "mail.mbox"
+
+    async def main() -> int:
+        url = f"smtp://127.0.0.1:{closed_port()}"
+        async with front_server(tmp_path, certs, mbox=mbox, forward=[url]) as front:
+            return (await send(front.address[1], "a@example.org", ["b@example.com"]))[0]
+
+    assert asyncio.run(main()) == 451
+    assert not mbox.exists() or mbox.read_bytes() == b""
+
+
+def test_a_later_hook_refusing_rolls_back_and_a_one_phase_hook_still_works(
+    tmp_path: Path, certs: Certs
+) -> None:
+    """A third-party message hook with only on_message (one phase) runs as before; its
+    refusal rolls back the staged Maildir delivery ahead of it."""
+    maildir = tmp_path / "M"
+    seen: list[str] = []
+
+    async def main() -> list[int]:
+        server = Server(
+            hostname="front.test",
+            listen="127.0.0.1:0",
+            state_dir=tmp_path / "state",
+            tls_cert=certs.cert,
+            tls_key=certs.key,
+            maildir=maildir,
+        )
+
+        @server.on_message(after="maildir")
+        def archive(session: Session, envelope: Envelope, message: Message) -> Any:
+            seen.append(message.id)
+            if envelope.sender == "spam@example.org":
+                raise Reject(550, "no thanks")
+            return None
+
+        async with server:
+            port = server.address[1]
+            return [
+                (await send(port, "spam@example.org", ["b@example.com"]))[0],
+                (await send(port, "a@example.org", ["b@example.com"], MESSAGE))[0],
+            ]
+
+    assert asyncio.run(main()) == [550, 250]
+    assert len(seen) == 2
+    assert len(maildir_messages(maildir)) == 1
+    assert _files(maildir / "tmp") == []
+
+
+def test_a_failed_commit_is_answered_451(tmp_path: Path, certs: Certs) -> None:
+    maildir = tmp_path / "M"
+    aborted: list[str] = []
+
+    async def main() -> int:
+        server = Server(
+            hostname="front.test",
+            listen="127.0.0.1:0",
+            state_dir=tmp_path / "state",
+            tls_cert=certs.cert,
+            tls_key=certs.key,
+            maildir=maildir,
+        )
+
+        @server.on_message
+        def fragile(session: Session, envelope: Envelope, message: Message) -> None:
+            def commit() -> None:
+                raise OSError("the archive went away")
+
+            message.stage(commit, lambda: aborted.append(message.id), name="fragile")
+
+        async with server:
+            return (await send(server.address[1], "a@example.org", ["b@example.com"]))[0]
+
+    assert asyncio.run(main()) == 451
+    assert aborted == []  # committing, not aborting: the Maildir kept its copy
+    assert len(maildir_messages(maildir)) == 1

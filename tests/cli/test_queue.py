@@ -464,7 +464,7 @@ def test_commands_as_processes_are_noticed_by_an_open_store_within_a_second(queu
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
             )
-            out, err = await asyncio.wait_for(process.communicate(), 60)
+            _, err = await asyncio.wait_for(process.communicate(), 60)
             assert process.returncode == 0, err
             exited = time.monotonic()
             assert await store.wait_for_change(5.0, seen)

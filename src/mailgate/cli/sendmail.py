@@ -357,12 +357,30 @@ def _checked(addresses: Iterable[str], hostname: str, where: str, status: int) -
     return result
 
 
+def _address_list(value: str, where: str, status: int) -> list[str]:
+    """The addresses of an address list ("Name <a@x>, b@y", groups too), by the stdlib's
+    RFC 5322 parser; anything it cannot read as addresses is refused."""
+    import email.policy
+
+    try:
+        field = email.policy.default.header_factory("To", value)
+    except Exception:
+        # The stdlib's parser trips (IndexError, ValueError...) over some malformed lists.
+        raise SendmailError(
+            f"{_COMMAND}: {where} {value!r} is not a list of addresses", status
+        ) from None
+    for defect in getattr(field, "defects", ()):
+        # A bare user name ("root") is fine: it gets @hostname.
+        if "invalid address" in str(defect):
+            raise SendmailError(f"{_COMMAND}: {where} {value!r} is not a list of addresses", status)
+    return [address.addr_spec for address in getattr(field, "addresses", ())]
+
+
 def _command_line_recipients(arguments: Sequence[str], hostname: str) -> list[str]:
     # sendmail accepts "a@x, b@y" and "Name <a@x>" in one argument too.
     found: list[str] = []
     for argument in arguments:
-        pairs = email.utils.getaddresses([argument])
-        addresses = [address for _, address in pairs if address]
+        addresses = _address_list(argument, "recipient", EX_USAGE)
         if not addresses:
             raise SendmailError(f"{_COMMAND}: {argument!r} is not an address", EX_USAGE)
         found.extend(addresses)
@@ -370,12 +388,12 @@ def _command_line_recipients(arguments: Sequence[str], hostname: str) -> list[st
 
 
 def _header_recipients(header: bytes, hostname: str) -> list[str]:
-    values = [value for name, value in header_fields(header) if name.lower() in ("to", "cc", "bcc")]
-    pairs = email.utils.getaddresses(values)
-    # A group without members ("undisclosed-recipients:;") yields no address.
-    return _checked(
-        (address for _, address in pairs if address), hostname, "header address", EX_DATAERR
-    )
+    found: list[str] = []
+    for name, value in header_fields(header):
+        if name.lower() in ("to", "cc", "bcc"):
+            # A group without members ("undisclosed-recipients:;") yields no address.
+            found.extend(_address_list(value, f"{name}:", EX_DATAERR))
+    return _checked(found, hostname, "header address", EX_DATAERR)
 
 
 # --- the message --------------------------------------------------------------------------------

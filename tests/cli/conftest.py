@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -34,6 +35,7 @@ CONFIG = f"""\
 [server]
 hostname = "{HOSTNAME}"
 max_size = "20K"
+listen = "127.0.0.1:{{port}}"
 
 [queue]
 path = "spool/queue"
@@ -127,11 +129,22 @@ class _Opened:
         await self.store.aclose()
 
 
+def closed_port() -> int:
+    """A loopback port nobody listens on (just freed)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def write_config(path: Path, port: int) -> Path:
+    """The test configuration with the server's first listener on ``port``."""
+    path.write_text(CONFIG.format(port=port))
+    return path
+
+
 @pytest.fixture
 def config(tmp_path: Path) -> Path:
-    path = tmp_path / "mailgate.toml"
-    path.write_text(CONFIG)
-    return path
+    return write_config(tmp_path / "mailgate.toml", closed_port())
 
 
 async def fill(store: QueueStore) -> tuple[str, str, str]:

@@ -9,13 +9,23 @@ import os
 import subprocess
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
 import pytest
-from tests.cli.conftest import HOSTNAME, Stdin, mailgate_command, mailgate_env, run
+from tests.cli.conftest import (
+    HOSTNAME,
+    Stdin,
+    mailgate_command,
+    mailgate_env,
+    run,
+    write_config,
+)
 
 from mailgate import cli
 from mailgate.cli import sendmail
+from mailgate.hooks import Reject
 from mailgate.queue import QueuedMessage, SQLiteQueueStore
+from mailgate.testing import running_server
 
 
 def send(
@@ -236,13 +246,11 @@ def test_the_config_can_come_from_the_environment(
 @pytest.mark.parametrize(
     ("recipient", "status", "needle"),
     [
-        ("someone@corp.example", sendmail.EX_UNAVAILABLE, 'rule #1 "ours" delivers it locally'),
-        ("root", sendmail.EX_UNAVAILABLE, f"root@{HOSTNAME}: rule #1"),
         ("x@blocked.example", sendmail.EX_NOUSER, "550 5.7.1 We do not send there"),
         ("x@later.example", sendmail.EX_TEMPFAIL, "450 4.7.1 Not today"),
     ],
 )
-def test_recipients_that_cannot_be_queued_refuse_the_whole_message(
+def test_a_recipient_refused_by_a_rule_refuses_the_whole_message(
     config: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
@@ -262,6 +270,80 @@ def test_recipients_that_cannot_be_queued_refuse_the_whole_message(
     assert result == status
     assert len(err.splitlines()) == 1 and needle in err and "nothing queued" in err
     assert queued(config) == []
+
+
+def test_local_recipients_go_to_the_running_server_with_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A recipient routed deliver: the whole message goes to the server's first listener
+    over SMTP, with every recipient (the server routes them), and nothing is queued here."""
+    with running_server() as server:
+        config = write_config(tmp_path / "mailgate.toml", server.port)
+        status, err = send(
+            monkeypatch,
+            capsys,
+            b"Subject: to both\n\nline\n..two dots\n",
+            "--config",
+            str(config),
+            "-i",
+            "-v",
+            "-f",
+            "cron@corp.example",
+            "root",
+            "bob@example.net",
+        )
+        assert status == 0, err
+        assert f"handed to the server at 127.0.0.1 port {server.port} (250 " in err
+        [message] = server.messages.wait(1)
+    assert message.sender == "cron@corp.example"
+    assert [str(rcpt) for rcpt in message.rcpt_tos] == [f"root@{HOSTNAME}", "bob@example.net"]
+    mail = message.as_email()
+    assert mail["Subject"] == "to both"
+    assert mail["Received"] is not None
+    # Dot-stuffing is the SMTP client's: the line arrives as it was given.
+    assert text_of(message.content) == b"line\r\n..two dots\r\n"
+    assert queued(config) == []
+
+
+def test_local_recipients_without_a_running_server_are_a_temporary_failure(
+    config: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, err = send(
+        monkeypatch, capsys, b"Subject: x\n\nx\n", "--config", str(config), "a@corp.example"
+    )
+    assert status == sendmail.EX_TEMPFAIL
+    assert len(err.splitlines()) == 1
+    assert (
+        'a@corp.example (rule #1 "ours") is delivered locally, by the server at 127.0.0.1:' in err
+    )
+    assert "cannot be reached" in err and "nothing sent" in err
+    assert queued(config) == []
+
+
+def test_a_refusal_by_the_server_sends_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def refuse_some(server: Any) -> None:
+        @server.on_rcpt
+        async def refuse(session: Any, envelope: Any, address: Any) -> None:
+            if str(address).startswith("nobody@"):
+                raise Reject(550, "No such user", enhanced="5.1.1")
+
+    with running_server(configure=refuse_some) as server:
+        config = write_config(tmp_path / "mailgate.toml", server.port)
+        status, err = send(
+            monkeypatch,
+            capsys,
+            b"Subject: x\n\nx\n",
+            "--config",
+            str(config),
+            "a@corp.example",
+            "nobody@corp.example",
+        )
+        assert status == sendmail.EX_UNAVAILABLE
+        assert "refused RCPT TO:<nobody@corp.example>: 550 5.1.1 No such user" in err
+        assert "nothing sent" in err
+        assert server.messages == []
 
 
 def test_oversize_input_is_refused(

@@ -5,24 +5,28 @@
     mailgate sendmail [-f SENDER] [-t] [-i|-oi] [-F NAME] [--config FILE] RECIPIENT...
 
 Reads a message on stdin (at most ``max_size``), completes its header (``Received``,
-and ``From``, ``Date`` and ``Message-ID`` when missing; ``Bcc`` removed), routes each
-recipient with the configuration's ``[[routes]]`` and writes the message straight into
-the queue: when the command exits with 0, the message is durably queued and a running
-server delivers it (it notices the new message within a second).
+and ``From``, ``Date`` and ``Message-ID`` when missing; ``Bcc`` removed) and routes each
+recipient with the configuration's ``[[routes]]``:
 
-Only mail for ``relay`` and ``forward`` routes can be queued. A recipient routed
-``deliver`` (local delivery: Maildir, mbox, LMTP...) or ``reject`` makes the command
-refuse the whole message, nothing queued, with a line saying which recipient and rule:
-local delivery happens inside the server, so mail for it must go to the server over
-SMTP. Refusing all is deliberate: a caller retrying after a partial success would send
-the queued part twice.
+* every recipient routed ``relay`` or ``forward``: the message is written straight into
+  the queue. When the command exits with 0 it is durably queued; a running server
+  delivers it (it notices the new message within a second), and one started later does.
+* a recipient routed ``deliver`` (local delivery: Maildir, mbox, LMTP..., and every
+  recipient of a configuration without ``[[routes]]``): local delivery happens inside
+  the server, so the whole message is handed to the running server over SMTP, at its
+  first listener (a wildcard address is reached on loopback), in one transaction; the
+  server routes each recipient itself. Without a running server that is a temporary
+  failure (75), and nothing is sent.
+* a recipient refused by a ``reject`` rule: the whole message is refused, nothing
+  queued or sent. All or nothing is deliberate: a caller retrying after a partial
+  success would send the rest twice.
 
 Exit statuses are sendmail's (sysexits.h): 0 queued; 64 (EX_USAGE) a wrong command line
 or address; 65 (EX_DATAERR) a message too large or with unusable recipient headers; 67
-(EX_NOUSER) a recipient refused by a reject rule; 69 (EX_UNAVAILABLE) a recipient
-routed to local delivery; 75 (EX_TEMPFAIL) the queue could not take the message now
-(try again), or a reject rule with a 4xx reply; 78 (EX_CONFIG) the configuration is
-wrong.
+(EX_NOUSER) a recipient refused by a reject rule; 69 (EX_UNAVAILABLE) the server
+refused the message with a 5xx reply; 75 (EX_TEMPFAIL) the queue or the server could not
+take the message now (try again), or a reject rule with a 4xx reply; 78 (EX_CONFIG) the
+configuration is wrong.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from mailgate.cli.queue import QueueCommandError, QueueLocation, locate_queue, open_queue
+from mailgate.server.options import ServerOptions
 
 EX_OK = 0
 EX_USAGE = 64
@@ -65,11 +70,13 @@ _EPILOG = f"""\
 what it does:
   The message on stdin gets a Received field, and From, Date and Message-ID when it has
   none; Bcc fields are removed. Each recipient is routed by the [[routes]] of the
-  configuration as mail from this machine (client {LOCAL_CLIENT}, not authenticated), and
-  the message is queued for the relay and forward recipients. A recipient routed to
-  local delivery (deliver), or refused by a reject rule, makes the whole message
-  refused: send such mail to the server over SMTP. A recipient without a domain gets
-  @HOSTNAME (the server's hostname) added.
+  configuration as mail from this machine (client {LOCAL_CLIENT}, not authenticated).
+  When every recipient is routed relay or forward, the message is written into the
+  queue (durable when this exits with 0). When one is routed to local delivery
+  (deliver, or no [[routes]] at all), the whole message is handed to the running
+  server over SMTP at its first listener. A recipient refused by a reject rule makes
+  the whole message refused. A recipient without a domain gets @HOSTNAME (the
+  server's hostname) added.
 
   With -t the recipients are those of To, Cc and Bcc, plus any given as arguments.
   Without -i a line holding only "." ends the message, as in sendmail.
@@ -80,9 +87,10 @@ configuration:
   run it as the server's user, or see docs/operations.md.
 
 exit status (sysexits.h):
-  0 queued; 64 wrong command line or address; 65 message too large or bad recipient
-  fields; 67 refused by a reject rule; 69 routed to local delivery; 75 try again later
-  (the queue is busy or full, or a 4xx reject rule); 78 configuration error.
+  0 queued (or taken by the server); 64 wrong command line or address; 65 message too
+  large or bad recipient fields; 67 refused by a reject rule; 69 refused by the server
+  (5xx); 75 try again later (the queue is busy or full, the server is not running or
+  answered 4xx, or a 4xx reject rule); 78 configuration error.
 """
 
 
@@ -159,7 +167,7 @@ def run_sendmail(args: argparse.Namespace, stdin: BinaryIO | None = None) -> int
     """Run ``mailgate sendmail ...`` reading ``stdin`` (default: the process's); the exit
     status (sysexits)."""
     try:
-        message_id, count = _sendmail(args, stdin if stdin is not None else sys.stdin.buffer)
+        outcome, count = _sendmail(args, stdin if stdin is not None else sys.stdin.buffer)
     except SendmailError as exc:
         print(" ".join(str(exc).splitlines()), file=sys.stderr)
         return exc.status
@@ -167,7 +175,7 @@ def run_sendmail(args: argparse.Namespace, stdin: BinaryIO | None = None) -> int
         print(f"{_COMMAND}: interrupted; nothing queued", file=sys.stderr)
         return EX_TEMPFAIL
     if args.verbose:
-        print(f"{_COMMAND}: queued as {message_id} for {count} recipient(s)", file=sys.stderr)
+        print(f"{_COMMAND}: {outcome} for {count} recipient(s)", file=sys.stderr)
     return EX_OK
 
 
@@ -236,6 +244,7 @@ def _sendmail(args: argparse.Namespace, stdin: BinaryIO) -> tuple[str, int]:
     except PolicyConfigError as exc:
         raise SendmailError(f"{_COMMAND}: error: {exc}", EX_CONFIG) from None
     queued: list[NewRecipient] = []
+    local: list[str] = []
     for recipient in recipients:
         decision = table.match(recipient, sender, LOCAL_CLIENT, False)
         rule = f"rule {decision.route.label}" if decision.route is not None else "no rule"
@@ -248,18 +257,29 @@ def _sendmail(args: argparse.Namespace, stdin: BinaryIO) -> tuple[str, int]:
                 status,
             )
         if decision.action is Action.DELIVER:
-            raise SendmailError(
-                f"{_COMMAND}: {recipient}: {rule} delivers it locally, which only the running "
-                "server does: send it over SMTP, or route it with relay or forward; "
-                "nothing queued",
-                EX_UNAVAILABLE,
-            )
-        queued.append(NewRecipient(recipient, decision.destination, notify=notify))
+            local.append(f"{recipient} ({rule})")
+        else:
+            queued.append(NewRecipient(recipient, decision.destination, notify=notify))
     smtputf8 = not (sender.isascii() and all(item.isascii() for item in recipients)) or not (
         header.isascii()
     )
     if body_type is None and not message.isascii():
         body_type = "8BITMIME"
+    envelope = Submission(
+        sender=sender,
+        recipients=tuple(recipients),
+        notify=args.notify.upper() if args.notify else None,
+        ret=ret,
+        envid=args.envid,
+        smtputf8=smtputf8,
+        body_type=body_type,
+    )
+    if local:
+        # Local delivery happens inside the server: the whole message goes to it, which
+        # routes every recipient itself (queueing the others), in one transaction.
+        reply = submit_over_smtp(options, envelope, message, local)
+        host, port, _ = _server_address(options)
+        return f"handed to the server at {host} port {port} ({reply})", len(recipients)
     new = NewMessage(
         sender,
         queued,
@@ -269,7 +289,113 @@ def _sendmail(args: argparse.Namespace, stdin: BinaryIO) -> tuple[str, int]:
         body_type=body_type,
         client=ClientInfo(auth_user=login, listener="sendmail"),
     )
-    return asyncio.run(_enqueue(location, new, message)), len(queued)
+    return f"queued as {asyncio.run(_enqueue(location, new, message))}", len(queued)
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """The envelope of a message handed to the running server over SMTP."""
+
+    sender: str
+    recipients: tuple[str, ...]
+    notify: str | None = None
+    ret: str | None = None
+    envid: str | None = None
+    smtputf8: bool = False
+    body_type: str | None = None
+
+
+#: How long the hand-off to the local server may take at each step.
+SMTP_TIMEOUT = 60.0
+
+
+def _server_address(options: ServerOptions) -> tuple[str, int, bool]:
+    """Where to reach the server from this machine: its first listener, a wildcard
+    address replaced by loopback."""
+    listener = options.listen[0]
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(listener.host, listener.host)
+    return host, listener.port, listener.implicit_tls
+
+
+def submit_over_smtp(
+    options: ServerOptions, envelope: Submission, data: bytes, local: Sequence[str]
+) -> str:
+    """Hand the message to the running server's first listener; its reply to the data
+    ("250 2.0.0 queued as ..."). All recipients or none: a refused RCPT ends the
+    transaction before any data is sent."""
+    import smtplib
+    import ssl
+
+    host, port, implicit_tls = _server_address(options)
+    where = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+    why = f"{local[0]} is delivered locally, by the server at {where}"
+    # The server is this machine's own: its certificate (often the self-signed
+    # development one) proves nothing more than the connection to loopback does.
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    client: smtplib.SMTP
+    try:
+        if implicit_tls:
+            client = smtplib.SMTP_SSL(host, port, timeout=SMTP_TIMEOUT, context=context)
+        else:
+            client = smtplib.SMTP(host, port, timeout=SMTP_TIMEOUT)
+    except (OSError, smtplib.SMTPException) as exc:
+        raise SendmailError(
+            f"{_COMMAND}: {why}, which cannot be reached: {_smtp_reason(exc)}; nothing sent",
+            EX_TEMPFAIL,
+        ) from None
+    try:
+        with client:
+            client.ehlo(options.hostname)
+            mail_options: list[str] = []
+            if envelope.smtputf8 and client.has_extn("smtputf8"):
+                mail_options.append("SMTPUTF8")
+            if envelope.body_type == "8BITMIME" and client.has_extn("8bitmime"):
+                mail_options.append("BODY=8BITMIME")
+            dsn = client.has_extn("dsn")
+            if dsn and envelope.ret:
+                mail_options.append(f"RET={envelope.ret}")
+            if dsn and envelope.envid:
+                mail_options.append(f"ENVID={_xtext(envelope.envid)}")
+            _expect(client.mail(envelope.sender, mail_options), "MAIL FROM", why)
+            rcpt_options = [f"NOTIFY={envelope.notify}"] if dsn and envelope.notify else []
+            for recipient in envelope.recipients:
+                _expect(client.rcpt(recipient, rcpt_options), f"RCPT TO:<{recipient}>", why)
+            code, reply = client.data(data)
+            _expect((code, reply), "the message", why)
+            return f"{code} {' '.join(reply.decode('utf-8', 'replace').split())}"
+    except SendmailError:
+        raise
+    except (OSError, smtplib.SMTPException) as exc:
+        raise SendmailError(
+            f"{_COMMAND}: {why}, which failed: {_smtp_reason(exc)}; nothing sent", EX_TEMPFAIL
+        ) from None
+
+
+def _expect(answer: tuple[int, bytes], what: str, why: str) -> None:
+    code, text = answer
+    if 200 <= code < 400:
+        return
+    reply = f"{code} {text.decode('utf-8', 'replace')}"
+    # A data reply other than 250 means the message was not taken; nothing was delivered.
+    raise SendmailError(
+        f"{_COMMAND}: {why}, which refused {what}: {' '.join(reply.split())}; nothing sent",
+        EX_TEMPFAIL if code < 500 else EX_UNAVAILABLE,
+    )
+
+
+def _smtp_reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _xtext(value: str) -> str:
+    """RFC 3461 xtext: "+" and "=", controls and non-ASCII as +XX."""
+    return "".join(
+        char if "!" <= char <= "~" and char not in "+=" else f"+{ord(char):02X}" for char in value
+    )
 
 
 async def _enqueue(location: QueueLocation, message: Any, data: bytes) -> str:

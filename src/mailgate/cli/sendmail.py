@@ -277,9 +277,9 @@ def _sendmail(args: argparse.Namespace, stdin: BinaryIO) -> tuple[str, int]:
     if local:
         # Local delivery happens inside the server: the whole message goes to it, which
         # routes every recipient itself (queueing the others), in one transaction.
-        reply = submit_over_smtp(options, envelope, message, local)
+        answer = submit_over_smtp(options, envelope, message, local)
         host, port, _ = _server_address(options)
-        return f"handed to the server at {host} port {port} ({reply})", len(recipients)
+        return f"handed to the server at {host} port {port} ({answer})", len(recipients)
     new = NewMessage(
         sender,
         queued,

@@ -256,7 +256,8 @@ def add_queue_parser(commands: argparse._SubParsersAction[Any]) -> None:
         "hold",
         "put messages on hold",
         "Stop delivery attempts for the pending recipients of these messages until "
-        "'mailgate queue release'. Held mail still expires: see docs/operations.md.",
+        "'mailgate queue release'. Held mail is not tried, so it is not returned while "
+        "held; its lifetime still counts from its arrival (see docs/operations.md).",
     )
     hold.add_argument("ids", nargs="+", metavar="ID", help="queue ids")
     hold.add_argument(
@@ -595,7 +596,8 @@ def show_text(details: MessageDetails, headers: list[tuple[str, str]] | None, no
             parts.append(str(entry.reply))
         if entry.remote_mta:
             parts.append(f"({entry.remote_mta})")
-        if entry.detail:
+        # The detail of an attempt often is its reply again: said once.
+        if entry.detail and entry.detail != (str(entry.reply) if entry.reply else None):
             parts.append(entry.detail)
         lines.append("  " + "  ".join(parts))
     lines.append("headers")

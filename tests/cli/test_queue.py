@@ -7,8 +7,10 @@ import asyncio
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -403,17 +405,62 @@ def test_an_unreadable_queue(queue: Queue, capsys: pytest.CaptureFixture[str]) -
     one_line(err, "cannot read the queue at", "Permission denied")
 
 
-def test_root_is_refused_in_a_queue_of_another_user(
+@pytest.mark.skipif(os.geteuid() == 0, reason="as root the process would change user")
+def test_a_user_that_cannot_become_the_owner_is_told(
     queue: Queue, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if os.geteuid() == 0:
-        os.chown(queue.directory, 12345, -1)
-    else:
-        monkeypatch.setattr(os, "geteuid", lambda: 0)
+    # Not root really, as root is the only one who may change user: the switch fails.
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
     status, _, err = main(capsys, "queue", "hold", queue.old, "--config", str(queue.config))
     assert status == 3
-    one_line(err, "belongs to user", "run this as that user")
+    one_line(err, "belongs to user", "switching to that user failed")
     assert states(queue, queue.old) == {"erin@example.org": RecipientState.QUEUED}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_root_becomes_the_owner_of_the_queue(queue: Queue, tmp_path: Path) -> None:
+    """As root, a queue command works as the user owning the queue: everything it
+    creates there belongs to that user, so the server (that user) can still write it."""
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    env = mailgate_env()
+    command = mailgate_command("queue", "hold", queue.old)
+    stdlib = Path(os.__file__).resolve()
+    if any(not path.stat().st_mode & 0o001 for path in stdlib.parents):
+        # This Python's library is out of the other user's reach (a pyenv under /root):
+        # the system's Python of the same version, with this one's packages, is not.
+        system = Path(f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}")
+        if not system.exists():
+            pytest.skip(f"the other user cannot reach this Python's library ({stdlib.parent})")
+        packages = os.pathsep.join(site.getsitepackages())
+        env["PYTHONPATH"] = f"{env['PYTHONPATH']}{os.pathsep}{packages}"
+        command[0] = str(system)
+    # A place the other user can reach (pytest's temporary directories are root's only).
+    home = Path(tempfile.mkdtemp(prefix="mailgate-owner-", dir="/tmp"))
+    try:
+        home.chmod(0o755)
+        directory = home / "queue"
+        shutil.copytree(queue.directory, directory)
+        for path in (directory, *directory.rglob("*")):
+            os.chown(path, nobody.pw_uid, nobody.pw_gid)
+        config = home / "mailgate.toml"
+        config.write_text(
+            queue.config.read_text().replace('path = "spool/queue"', f'path = "{directory}"')
+        )
+        result = subprocess.run(
+            [*command, "--config", str(config)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == "1 recipient of 1 message held\n"
+        owners = {path.stat().st_uid for path in (directory, *directory.rglob("*"))}
+        assert owners == {nobody.pw_uid}
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def test_a_damaged_queue(queue: Queue, capsys: pytest.CaptureFixture[str]) -> None:

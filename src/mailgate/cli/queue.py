@@ -18,6 +18,9 @@ once. Problems end the command with one line on stderr and these exit statuses:
 * 1: an ID given is not in the queue (the others were acted on);
 * 2: the command line or the configuration is wrong;
 * 3: the queue cannot be used (its directory is missing or unreadable, or it is damaged).
+
+Run as root, a command becomes the user that owns the queue directory before opening it
+(files it creates there must stay usable by the server).
 """
 
 from __future__ import annotations
@@ -65,8 +68,8 @@ _EPILOG = """\
 where the queue is:
   The queue directory is the one the server uses: [queue] path in the file given with
   --config, else "queue" under [server] state_dir. Run these commands as the user the
-  server runs as (sudo -u mailgate mailgate queue list ...): files they create in the
-  queue directory must stay writable by the server.
+  server runs as, or as root: root becomes the user that owns the queue directory
+  first, so that files created there stay writable by the server.
 
 exit status:
   0 done; 1 an ID given is not in the queue (the others were acted on); 2 the command
@@ -133,7 +136,8 @@ async def open_queue(
     """The store of ``location``, closed at the end. ``None`` when the directory exists
     but is empty (the server has not created the queue yet) and ``create`` is false:
     a command that only reads must not create files. A missing directory is an error
-    unless ``create``."""
+    unless ``create``. Run as root, the process becomes the queue's owner first (for
+    good: it is a command that ends soon after)."""
     directory = location.directory
     where = f"the queue at {directory} ({location.source})"
     if not create:
@@ -150,7 +154,7 @@ async def open_queue(
         if empty:
             yield None
             return
-    _check_owner(directory, where, command)
+    _become_owner(directory, where, command)
     try:
         store = await SQLiteQueueStore.open(directory, policy=location.policy)
     except (OSError, sqlite3.Error, QueueError) as exc:
@@ -163,27 +167,45 @@ async def open_queue(
         await store.aclose()
 
 
-def _check_owner(directory: Path, where: str, command: str) -> None:
-    """Refuse to run as root in a queue that belongs to another user: the files root
-    would create there (the database's journal, lock files) could lock the server out."""
+def _become_owner(directory: Path, where: str, command: str) -> None:
+    """Run as root, become the user that owns the queue (of the nearest existing
+    directory on its path, when it is not made yet) before touching it: the files the
+    store creates there (the database's journal, lock files, bodies) must stay usable
+    by the server, which runs as that user. Nothing changes for other users, or when
+    root owns the queue."""
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         return
+    existing = next((path for path in (directory, *directory.parents) if path.exists()), None)
+    if existing is None:
+        return
     try:
-        owner = directory.stat().st_uid
+        status = existing.stat()
     except OSError:
-        return  # missing: created below, as root wants
-    if owner != 0:
-        try:
-            import pwd
+        return
+    if status.st_uid == 0:
+        return
+    import pwd
 
-            name = pwd.getpwuid(owner).pw_name
-        except (ImportError, KeyError):
-            name = str(owner)
+    try:
+        entry = pwd.getpwuid(status.st_uid)
+        name: str | None = entry.pw_name
+        gid = entry.pw_gid
+    except KeyError:  # an owner without a passwd entry: its group is the directory's
+        name, gid = None, status.st_gid
+    try:
+        if name is not None:
+            os.initgroups(name, gid)
+        else:
+            os.setgroups([])
+        os.setgid(gid)
+        os.setuid(status.st_uid)
+    except OSError as exc:
+        who = name or str(status.st_uid)
         raise QueueCommandError(
-            f"{command}: {where} belongs to user {name}; run this as that user "
-            f"(sudo -u {name} ...) so that the server can still write what it creates",
+            f"{command}: {where} belongs to user {who}, and switching to that user failed: "
+            f"{_reason(exc)}; run this as {who}",
             EXIT_QUEUE,
-        )
+        ) from None
 
 
 # --- the parser ----------------------------------------------------------------------------

@@ -83,8 +83,8 @@ what it does:
 
 configuration:
   --config FILE, else the file named by ${CONFIG_ENVIRONMENT}, else the defaults of
-  'mailgate serve'. The user running this needs write access to the queue directory:
-  run it as the server's user, or see docs/operations.md.
+  'mailgate serve'. Queueing needs write access to the queue directory: run it as the
+  server's user, or as root (it becomes the queue's owner); see docs/operations.md.
 
 exit status (sysexits.h):
   0 queued (or taken by the server); 64 wrong command line or address; 65 message too
@@ -312,6 +312,12 @@ SMTP_TIMEOUT = 60.0
 def _server_address(options: ServerOptions) -> tuple[str, int, bool]:
     """Where to reach the server from this machine: its first listener, a wildcard
     address replaced by loopback."""
+    if not options.listen:
+        raise SendmailError(
+            f"{_COMMAND}: local delivery needs the server's listener, and the configuration "
+            "has none (listen)",
+            EX_CONFIG,
+        )
     listener = options.listen[0]
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(listener.host, listener.host)
     return host, listener.port, listener.implicit_tls

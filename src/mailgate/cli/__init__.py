@@ -7,10 +7,14 @@ on stderr and exit status 2; a server that cannot start (port in use, ...) exits
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import NoReturn
 
 from mailgate.cli.honeypot import add_honeypot_parser, run_honeypot
+from mailgate.cli.queue import add_queue_parser, run_queue
+from mailgate.cli.routes import add_routes_parser, run_routes
+from mailgate.cli.sendmail import EX_USAGE, add_sendmail_parser, run_sendmail
 from mailgate.cli.users import add_users_parser, run_users
 from mailgate.config import SERVER_SETTINGS, ConfigError, build_options, config_mode
 from mailgate.server.options import GROUPS, ServerOptions
@@ -66,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_arguments(serve)
     add_users_parser(commands)
     add_honeypot_parser(commands)
+    add_queue_parser(commands)
+    add_routes_parser(commands)
+    add_sendmail_parser(commands)
     return parser
 
 
@@ -77,17 +84,29 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``mailgate`` command with ``argv`` (default: sys.argv[1:]); the exit status."""
+    if argv is None:
+        argv = sys.argv[1:]
+        if os.path.basename(sys.argv[0]) == "sendmail":
+            # Installed as /usr/sbin/sendmail (a link to mailgate): sendmail's arguments.
+            argv = ["sendmail", *argv]
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except _UsageError as exc:
-        return _fail(str(exc), EXIT_CONFIG)
+        # sendmail's callers expect sysexits: EX_USAGE for a wrong command line.
+        return _fail(str(exc), EX_USAGE if argv[:1] == ["sendmail"] else EXIT_CONFIG)
     except SystemExit as exc:  # --help and --version end here
         return exc.code if isinstance(exc.code, int) else 0
     if args.command == "users":
         return run_users(args)
     if args.command == "honeypot":
         return run_honeypot(args)
+    if args.command == "queue":
+        return run_queue(args)
+    if args.command == "routes":
+        return run_routes(args)
+    if args.command == "sendmail":
+        return run_sendmail(args)
     return _serve(args)
 
 

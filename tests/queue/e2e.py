@@ -120,7 +120,9 @@ async def wait_until_empty(server: Server, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while await queued(server):
         if time.monotonic() > deadline:
-            raise AssertionError(f"the queue is not empty after {timeout} s: {await queued(server)}")
+            raise AssertionError(
+                f"the queue is not empty after {timeout} s: {await queued(server)}"
+            )
         await asyncio.sleep(0.1)
 
 
@@ -141,7 +143,11 @@ class Client:
         """RCPT replies, and the reply to the message (None when no recipient was
         accepted)."""
         smtp = aiosmtplib.SMTP(
-            hostname=self.host, port=self.port, start_tls=False, timeout=15, local_hostname="client.test"
+            hostname=self.host,
+            port=self.port,
+            start_tls=False,
+            timeout=15,
+            local_hostname="client.test",
         )
         await smtp.connect()
         try:

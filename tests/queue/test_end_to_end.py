@@ -15,7 +15,14 @@ import trustme
 from flufl.bounce import all_failures
 from tests.dns_server import DNSTestServer
 from tests.outbound.helpers import run
-from tests.outbound.receivers import Certs, RawServer, Receiver, free_port, greeting, mailgate_server
+from tests.outbound.receivers import (
+    Certs,
+    RawServer,
+    Receiver,
+    free_port,
+    greeting,
+    mailgate_server,
+)
 
 from mailgate.queue import RecipientState, SQLiteQueueStore
 
@@ -183,11 +190,12 @@ def test_lifetime_expiry_sends_exactly_one_failure_report(
     sender = f"alice@{sender_domain(dns_server, '127.0.0.12')}"
 
     async def main() -> None:
-        with Receiver("127.0.0.11", mx_port) as receiver, Receiver("127.0.0.12", mx_port) as sender_mx:
+        with (
+            Receiver("127.0.0.11", mx_port) as receiver,
+            Receiver("127.0.0.12", mx_port) as sender_mx,
+        ):
             receiver.cue.rcpt[f"bob@{domain}"] = "452 4.2.2 mailbox full"
-            values = settings(
-                tmp_path, dns_server, mx_port, RELAY_ALL, queue={"lifetime": "3s"}
-            )
+            values = settings(tmp_path, dns_server, mx_port, RELAY_ALL, queue={"lifetime": "3s"})
             async with serving(**values) as server:
                 _, final = await Client(server).send(sender, [f"bob@{domain}"])
                 assert final is not None and final[0] == 250
@@ -211,12 +219,16 @@ def test_per_recipient_results_one_bounce_for_the_refused(
     sender = f"alice@{sender_domain(dns_server, '127.0.0.14')}"
 
     async def main() -> None:
-        with Receiver("127.0.0.13", mx_port) as receiver, Receiver("127.0.0.14", mx_port) as sender_mx:
+        with (
+            Receiver("127.0.0.13", mx_port) as receiver,
+            Receiver("127.0.0.14", mx_port) as sender_mx,
+        ):
             receiver.cue.rcpt[f"nobody@{domain}"] = "550 5.1.1 no such user"
             receiver.cue.rcpt[f"gone@{domain}"] = "551 5.1.6 moved away"
             async with serving(**settings(tmp_path, dns_server, mx_port, RELAY_ALL)) as server:
                 _, final = await Client(server).send(
-                    sender, [f"bob@{domain}", f"nobody@{domain}", f"carol@{domain}", f"gone@{domain}"]
+                    sender,
+                    [f"bob@{domain}", f"nobody@{domain}", f"carol@{domain}", f"gone@{domain}"],
                 )
                 assert final is not None and final[0] == 250
                 await wait_for(lambda: len(bounces(sender_mx)) == 1, what="the bounce")
@@ -387,7 +399,10 @@ def test_dsn_parameters_go_to_the_next_hop_and_success_is_reported(
                     _, final = await Client(server).send(
                         sender,
                         [
-                            (f"bob@{domain}", ["NOTIFY=SUCCESS,FAILURE", f"ORCPT=rfc822;b+2BBob@{domain}"]),
+                            (
+                                f"bob@{domain}",
+                                ["NOTIFY=SUCCESS,FAILURE", f"ORCPT=rfc822;b+2BBob@{domain}"],
+                            ),
                             f"carol@{domain}",
                         ],
                         mail_options=["ENVID=env+2B42", "RET=HDRS"],

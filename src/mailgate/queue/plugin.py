@@ -56,6 +56,8 @@ log = logging.getLogger("mailgate.queue")
 DestinationLookup = Callable[[Session, Envelope], Mapping[str, Sequence[Address]]]
 
 _ONWARD = ("relay:", "forward:")
+#: Longest a message waits for the queue to open at start.
+_OPEN_WAIT = 30.0
 _QUEUE_FAILED = "Requested action aborted: local error in processing (queue)"
 
 
@@ -103,6 +105,10 @@ class QueuePlugin:
         self._owns_store = store is None
         self.runner: QueueRunner | None = None
         self.engine: OutboundEngine | None = None
+        # Set once the store is open: a message that completes between the listeners'
+        # bind and the end of astart() waits for it rather than getting a 451.
+        self._ready = asyncio.Event()
+        self._closed = False
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -111,9 +117,8 @@ class QueuePlugin:
         are bound)."""
         if self.store is None:
             assert self.directory is not None
-            self.store = await SQLiteQueueStore.open(
-                self.directory, policy=self.settings.policy()
-            )
+            self.store = await SQLiteQueueStore.open(self.directory, policy=self.settings.policy())
+        self._ready.set()
         if self.run_deliveries:
             self.engine = OutboundEngine(self.outbound, resolver=self.resolver)
             self.runner = QueueRunner(
@@ -135,6 +140,7 @@ class QueuePlugin:
         )
 
     async def aclose(self) -> None:
+        self._closed = True
         runner, self.runner = self.runner, None
         if runner is not None:
             await runner.stop()
@@ -166,7 +172,7 @@ class QueuePlugin:
             raise _refusal(refused[0][0])
         if not onward and not refused:
             return None  # everything is local: the deliveries after this one
-        store = self.store
+        store = self.store if self.store is not None else await self._opened()
         if store is None or message.path is None:
             log.error("message %s: the queue is not open; refused for now", message.id)
             raise TempFail(451, _QUEUE_FAILED, enhanced="4.3.0")
@@ -175,6 +181,16 @@ class QueuePlugin:
         if refused:
             await self._bounce_refused(store, session, envelope, message, refused)
         return None if local else Accept()
+
+    async def _opened(self) -> FileQueueStore | None:
+        """The store, once astart() has opened it (bounded wait); None when closed."""
+        if self._closed:
+            return None
+        try:
+            await asyncio.wait_for(self._ready.wait(), _OPEN_WAIT)
+        except TimeoutError:
+            return None
+        return self.store
 
     async def _enqueue(
         self,

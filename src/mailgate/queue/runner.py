@@ -357,7 +357,10 @@ class QueueRunner:
             received_from=_client_name(message.client),
             queue_id=message.id,
         )
-        results = [_report_line(notice.kind, recipient, message.expires_at) for recipient in notice.recipients]
+        results = [
+            _report_line(notice.kind, recipient, message.expires_at)
+            for recipient in notice.recipients
+        ]
         body_path = self.store.body_path(message.id)
         loop = asyncio.get_running_loop()
         try:
@@ -472,7 +475,5 @@ def _client_name(client: ClientInfo) -> str | None:
     return client.name or client.helo or client.address
 
 
-def _build(
-    facts: dsn.MessageFacts, results: list[dsn.RecipientResult], original: Path
-) -> bytes:
+def _build(facts: dsn.MessageFacts, results: list[dsn.RecipientResult], original: Path) -> bytes:
     return dsn.build_dsn(facts, results, original)

@@ -24,6 +24,7 @@ from tests.outbound.receivers import (
     mailgate_server,
 )
 
+from mailgate import Accept, Server
 from mailgate.queue import RecipientState, SQLiteQueueStore
 
 from .e2e import (
@@ -424,5 +425,84 @@ def test_dsn_parameters_go_to_the_next_hop_and_success_is_reported(
         assert f"Final-Recipient: rfc822; bob@{domain}" in text
         assert "Action: relayed" in text
         assert f"carol@{domain}" not in text.split("Content-Type: message/delivery-status")[1]
+
+    run(main())
+
+
+def test_a_delay_warning_then_delivery(
+    tmp_path: Path, dns_server: DNSTestServer, mx_port: int
+) -> None:
+    domain = new_domain("slow")
+    publish_mx(dns_server, domain, (10, "mx", "127.0.0.22"))
+    sender = f"alice@{sender_domain(dns_server, '127.0.0.23')}"
+
+    async def main() -> None:
+        with (
+            Receiver("127.0.0.22", mx_port) as receiver,
+            Receiver("127.0.0.23", mx_port) as sender_mx,
+        ):
+            receiver.cue.rcpt[f"bob@{domain}"] = "421 4.3.2 come back later"
+            values = settings(
+                tmp_path, dns_server, mx_port, RELAY_ALL, queue={"delay_warning": "1s"}
+            )
+            async with serving(**values) as server:
+                _, final = await Client(server).send(sender, [f"bob@{domain}"])
+                assert final is not None and final[0] == 250
+                await wait_for(lambda: len(bounces(sender_mx)) == 1, what="the delay warning")
+                receiver.cue.rcpt.clear()
+                await wait_for(lambda: len(receiver.messages) == 1, what="the delivery")
+                await wait_until_empty(server)
+                await asyncio.sleep(1.5)
+        [warning] = bounces(sender_mx)
+        text = warning.data.decode()
+        assert "Action: delayed" in text and "Will-Retry-Until:" in text
+        assert "Subject: Delayed Mail" in text
+        # Delivered in the end: no further report (no NOTIFY=SUCCESS asked).
+        assert len(bounces(sender_mx)) == 1
+
+    run(main())
+
+
+class _AcceptEveryone:
+    """An application's RCPT hook that accepts every recipient before routing sees it."""
+
+    name = "accept-everyone"
+
+    async def on_rcpt(self, session: object, envelope: object, address: str) -> Accept:
+        return Accept()
+
+
+def test_recipients_a_reject_rule_missed_are_bounced_with_its_reply(
+    tmp_path: Path, dns_server: DNSTestServer, mx_port: int
+) -> None:
+    domain = new_domain("open")
+    publish_mx(dns_server, domain, (10, "mx", "127.0.0.24"))
+    sender = f"alice@{sender_domain(dns_server, '127.0.0.25')}"
+    routes = [
+        {"recipients": ["*@closed.test"], "action": "reject", "reply": "550 5.7.1 We are closed"},
+        *RELAY_ALL,
+    ]
+
+    async def main() -> None:
+        with (
+            Receiver("127.0.0.24", mx_port) as receiver,
+            Receiver("127.0.0.25", mx_port) as sender_mx,
+        ):
+            server = Server(**settings(tmp_path, dns_server, mx_port, routes))
+            server.add_plugin(_AcceptEveryone(), before="routing")
+            async with server:
+                # Every recipient is one the rules refuse: the message is refused.
+                replies, final = await Client(server).send(sender, ["a@closed.test"])
+                assert replies == [(250, "2.1.5 Recipient OK")]
+                assert final == (550, "5.7.1 We are closed")
+                _, final = await Client(server).send(sender, ["a@closed.test", f"bob@{domain}"])
+                assert final is not None and final[0] == 250
+                await wait_for(lambda: len(receiver.messages) == 1, what="the relayed message")
+                await wait_for(lambda: len(bounces(sender_mx)) == 1, what="the bounce")
+                await wait_until_empty(server)
+        assert receiver.messages[0].rcpt_tos == [f"bob@{domain}"]
+        failed, status = _failure_report(sender_mx)
+        assert failed == {b"a@closed.test"}
+        assert "Status: 5.7.1" in status and "550 5.7.1 We are closed" in status
 
     run(main())

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import trustme
 from flufl.bounce import all_failures
 from tests.dns_server import DNSTestServer
 from tests.outbound.helpers import run
@@ -19,7 +17,6 @@ from tests.outbound.receivers import (
     Certs,
     RawServer,
     Receiver,
-    free_port,
     greeting,
     mailgate_server,
 )
@@ -44,19 +41,6 @@ from .e2e import (
 )
 
 RELAY_ALL = [{"recipients": ["*"], "action": "relay"}]
-
-
-@pytest.fixture(scope="module")
-def mx_port() -> int:
-    return free_port()
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Certs]:
-    ca = trustme.CA()
-    ca_file = Path(tmp_path_factory.mktemp("ca")) / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    yield Certs(ca, ca_file)
 
 
 def test_relay_to_the_mx(tmp_path: Path, dns_server: DNSTestServer, mx_port: int) -> None:

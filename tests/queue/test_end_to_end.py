@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -488,5 +489,30 @@ def test_recipients_a_reject_rule_missed_are_bounced_with_its_reply(
         failed, status = _failure_report(sender_mx)
         assert failed == {b"a@closed.test"}
         assert "Status: 5.7.1" in status and "550 5.7.1 We are closed" in status
+
+    run(main())
+
+
+def test_stopping_hands_deliveries_in_flight_back_to_the_queue(
+    tmp_path: Path, dns_server: DNSTestServer, mx_port: int
+) -> None:
+    domain = new_domain("inflight")
+    publish_mx(dns_server, domain, (10, "mx", "127.0.0.28"))
+
+    async def main() -> None:
+        with Receiver("127.0.0.28", mx_port) as receiver:
+            receiver.cue.data_delay = 30.0  # the message is still being taken at the stop
+            async with serving(**settings(tmp_path, dns_server, mx_port, RELAY_ALL)) as server:
+                _, final = await Client(server).send("alice@example.org", [f"bob@{domain}"])
+                assert final is not None and final[0] == 250
+                await wait_for(lambda: receiver.active == 1, what="the delivery in flight")
+            # Stopped: the runner gave the delivery its grace, then cancelled it and
+            # handed the recipient back. Read the rows as they are (opening a store would
+            # recover leases of stopped instances itself and hide the difference).
+        with sqlite3.connect(tmp_path / "state" / "queue" / "queue.db") as database:
+            rows = database.execute(
+                "SELECT state, lease_owner, attempts FROM recipients"
+            ).fetchall()
+        assert rows == [("queued", None, 0)]
 
     run(main())

@@ -88,7 +88,6 @@ class QueuePlugin:
         bounce_route: BounceRoute | None = None,
         resolver: Resolver | None = None,
         store: FileQueueStore | None = None,
-        run_deliveries: bool = True,
     ) -> None:
         if store is None and directory is None:
             raise ValueError("QueuePlugin needs a queue directory or an open store")
@@ -100,7 +99,6 @@ class QueuePlugin:
         self.forward_targets = dict(forward_targets or {})
         self.bounce_route = bounce_route
         self.resolver = resolver
-        self.run_deliveries = run_deliveries
         self.store: FileQueueStore | None = store
         self._owns_store = store is None
         self.runner: QueueRunner | None = None
@@ -119,24 +117,22 @@ class QueuePlugin:
             assert self.directory is not None
             self.store = await SQLiteQueueStore.open(self.directory, policy=self.settings.policy())
         self._ready.set()
-        if self.run_deliveries:
-            self.engine = OutboundEngine(self.outbound, resolver=self.resolver)
-            self.runner = QueueRunner(
-                self.store,
-                self.engine,
-                hostname=self.hostname,
-                forward_targets=self.forward_targets,
-                bounce_route=self.bounce_route,
-                max_deliveries=self.settings.max_deliveries,
-                notice_lock=self.directory / "dsn-producer.lock" if self.directory else None,
-            )
-            self.runner.start()
+        self.engine = OutboundEngine(self.outbound, resolver=self.resolver)
+        self.runner = QueueRunner(
+            self.store,
+            self.engine,
+            hostname=self.hostname,
+            forward_targets=self.forward_targets,
+            bounce_route=self.bounce_route,
+            max_deliveries=self.settings.max_deliveries,
+            # With several workers on one queue only one sends the DSNs.
+            notice_lock=self.directory / "dsn-producer.lock" if self.directory else None,
+        )
+        self.runner.start()
         log.info(
-            "queue %s: open; %s",
+            "queue %s: open; delivering up to %d at once",
             self.directory or "(given store)",
-            f"delivering, up to {self.settings.max_deliveries} at once"
-            if self.run_deliveries
-            else "not delivering",
+            self.settings.max_deliveries,
         )
 
     async def aclose(self) -> None:
@@ -219,7 +215,7 @@ class QueuePlugin:
                 ret="FULL" if ret == "FULL" else "HDRS" if ret == "HDRS" else None,
                 smtputf8=envelope.smtputf8,
                 body_type=params.get("BODY"),
-                client=client_info(session),
+                client=client_info(session, utf8=envelope.smtputf8),
                 received_at=message.received_at,
             )
             loop = asyncio.get_running_loop()
@@ -305,7 +301,7 @@ class QueuePlugin:
             raise TempFail(451, _QUEUE_FAILED, enhanced="4.3.0") from None
 
 
-def client_info(session: Session) -> ClientInfo:
+def client_info(session: Session, *, utf8: bool = False) -> ClientInfo:
     """What the queue keeps of the client that handed a message over."""
     tls = session.tls
     return ClientInfo(
@@ -317,7 +313,7 @@ def client_info(session: Session) -> ClientInfo:
             esmtp=session.esmtp,
             tls=tls is not None,
             auth=session.authenticated,
-            utf8=False,
+            utf8=utf8,
         ),
         tls=" ".join(part for part in (tls.version, tls.cipher) if part) or None
         if tls is not None

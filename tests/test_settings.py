@@ -86,7 +86,16 @@ def test_the_server_keys_are_the_tables() -> None:
     }
     # The keys that do not map one to one onto a field: each an input of a derived field.
     assert set(KEYS) - setting_fields == inputs
-    assert inputs == {"listen", "smtps_listen", "sink", "no_received_header", "verbose", "quiet"}
+    assert inputs == {
+        "listen",
+        "smtps_listen",
+        "submission_listen",
+        "submissions_listen",
+        "sink",
+        "no_received_header",
+        "verbose",
+        "quiet",
+    }
     for item in SERVER_SETTINGS:
         assert item.group in GROUPS, item.key
         assert item.help and not item.help.endswith("."), item.key

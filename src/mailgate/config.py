@@ -8,6 +8,8 @@ becomes the list ``auth_users``::
     [server]
     listen = ["0.0.0.0:25", "[::]:25"]      # a list, or one string
     smtps_listen = ["0.0.0.0:465"]
+    submission_listen = ["0.0.0.0:587"]     # AUTH before MAIL; senders from [senders]
+    submissions_listen = []                 # the same with implicit TLS (port 465)
     hostname = "mx.example.com"
     maildir = "/var/mail/incoming"          # or mbox = "/var/mail/all.mbox", or sink = true
     state_dir = "/var/lib/mailgate"
@@ -144,6 +146,7 @@ POLICY_TABLES = (
     "routes",
     "queue",
     "outbound",
+    "senders",
 )
 _ARRAY_TABLES = frozenset({"dnsbl", "routes"})
 #: What a configuration file can run (``mode`` in [server]): a mail server or a honeypot.
@@ -311,7 +314,22 @@ def _assemble(values: Mapping[str, Value]) -> ServerOptions:
         fields["policy"] = values["policy"].raw
     options = ServerOptions(**fields)
     _check_routing_tables(options)
+    _check_senders_table(options)
     return options
+
+
+def _check_senders_table(options: ServerOptions) -> None:
+    """[senders] read now, so that a mistake in it is reported with the other
+    configuration errors, before anything starts."""
+    if not any(s.name == "senders" for s in options.policy):
+        return
+    from mailgate.plugins.policy import PolicyConfigError
+    from mailgate.plugins.submission import sender_table
+
+    try:
+        sender_table(options.policy)
+    except PolicyConfigError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _check_routing_tables(options: ServerOptions) -> None:
@@ -516,9 +534,7 @@ def _queue_reference() -> list[str]:
         "Mail that a `[[routes]]` rule relays or forwards (see docs/routing.md) waits in "
         "this queue until it is delivered, returned to its sender, or removed with "
         "`mailgate queue`. Durations are like `90s`, `5m`, `1h30m` or `5d`.\n",
-        reference_table(
-            settings_of(QueueSettings), {"queue": "queue"}, table="queue", flags=False
-        ),
+        reference_table(settings_of(QueueSettings), {"queue": "queue"}, table="queue", flags=False),
         "## `[outbound]`: how mailgate talks to other servers\n",
         reference_table(
             settings_of(OutboundOptions),

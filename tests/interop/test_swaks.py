@@ -11,10 +11,11 @@ makes the bytes swaks sends for the message exactly MESSAGE.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.server.harness import make_certs
+from tests.server.harness import Certs, CLIServer, make_certs
 
 from .conftest import (
     MESSAGE,
@@ -24,6 +25,7 @@ from .conftest import (
     USER,
     Mailgate,
     describe,
+    free_ports,
     require_tool,
     run_tool,
 )
@@ -131,3 +133,70 @@ def test_failed_auth_gets_535(swaks: str, mailgate: Mailgate, data_file: Path) -
     assert result.returncode == SWAKS_AUTH_FAILED, describe(result)
     assert re.search(r"^<~\* 535 5\.7\.8 ", result.stdout.decode(), re.M), describe(result)
     assert mailgate.messages() == []
+
+
+# --- a submission listener (RFC 6409) ----------------------------------------------------------
+
+
+@pytest.fixture
+def submission(tmp_path: Path, certs: Certs) -> Iterator[Mailgate]:
+    """``mailgate serve`` with a submission listener only, and a [senders] table that
+    gives the user SENDER's domain."""
+    config = tmp_path / "mailgate.toml"
+    config.write_text(f'[senders]\n{USER} = ["*@{SENDER.partition("@")[2]}"]\n')
+    maildir = tmp_path / "maildir"
+    for _ in range(5):
+        [port] = free_ports(1)
+        args = [
+            "--config", str(config),
+            "--submission-listen", f"127.0.0.1:{port}",
+            "--hostname", "mx.test",
+            "--maildir", str(maildir),
+            "--state-dir", str(tmp_path / "state"),
+            "--tls-cert", str(certs.cert),
+            "--tls-key", str(certs.key),
+            "--auth-user", f"{USER}:{PASSWORD}",
+        ]  # fmt: skip
+        process = CLIServer(args, cwd=tmp_path).start()
+        if process.ports:
+            break
+        process.wait(10)
+    else:
+        raise AssertionError("no free port for the submission listener")
+    server = Mailgate(process, port, port, maildir, certs)
+    try:
+        yield server
+    finally:
+        process.kill()
+        print(f"--- mailgate log\n{server.log()}")
+    assert "Traceback" not in server.log(), server.log()
+
+
+def test_submission_port_needs_auth_and_an_owned_sender(
+    swaks: str, submission: Mailgate, data_file: Path
+) -> None:
+    tls = ["-tls", "--tls-verify", "--tls-ca-path", str(submission.certs.ca_file)]
+    auth = ["-a", "PLAIN", "-au", USER, "-ap", PASSWORD]
+    # Without AUTH: 530 at MAIL, even over TLS.
+    result = run_tool(swaks_args(swaks, submission.port, data_file, *tls))
+    assert result.returncode != 0, describe(result)
+    assert re.search(r"^<\~\* 530 5\.7\.0 Authentication required", result.stdout.decode(), re.M), (
+        describe(result)
+    )
+    # AUTH, but a sender of another domain: 553 5.7.1.
+    foreign = swaks_args(swaks, submission.port, data_file, *tls, *auth)
+    foreign[foreign.index("--from") + 1] = "someone@elsewhere.test"
+    result = run_tool(foreign)
+    assert result.returncode != 0, describe(result)
+    assert re.search(
+        r"^<\~\* 553 5\.7\.1 <someone@elsewhere\.test>: Sender address rejected: "
+        rf"not owned by user {USER}$",
+        result.stdout.decode(),
+        re.M,
+    ), describe(result)
+    assert submission.messages() == []
+    # AUTH and the user's own sender: delivered.
+    result = run_tool(swaks_args(swaks, submission.port, data_file, *tls, *auth))
+    assert result.returncode == 0, describe(result)
+    assert submission.only_message() == MESSAGE
+    assert submission.with_protocol() == "ESMTPSA"

@@ -4,6 +4,8 @@ mailgate.Server facade built on it."""
 from __future__ import annotations
 
 import asyncio
+import smtplib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -162,3 +164,36 @@ def test_close_session_of_another_servers_session_is_false(tmp_path: Path) -> No
             return server.close_session(stranger, KICKED)
 
     assert asyncio.run(main()) is False
+
+
+def test_the_session_says_which_kind_of_listener_the_client_came_in_on(tmp_path: Path) -> None:
+    """The core marks sessions of submission listeners (ListenAddress.submission) and
+    leaves the rules to plugins: with no plugin, both listeners take mail alike."""
+
+    seen: dict[int, bool] = {}
+
+    async def main() -> dict[str, int]:
+        listen = (ListenAddress("127.0.0.1", 0), ListenAddress("127.0.0.1", 0, submission=True))
+        server = SMTPServer(replace(options(tmp_path, delivery="sink"), listen=listen))
+
+        @server.on_mail
+        def note(session: Session, envelope: Any, address: Any) -> None:
+            seen[session.local_port] = session.submission
+
+        async with server:
+            ports = {
+                ("submission" if address.submission else "plain"): bound[1]
+                for address, bound in server.listening
+            }
+
+            def send(port: int) -> None:
+                with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                    client.ehlo("client.test")
+                    assert client.mail("a@example.com")[0] == 250
+
+            for port in ports.values():
+                await asyncio.to_thread(send, port)
+        return ports
+
+    ports = asyncio.run(main())
+    assert seen == {ports["plain"]: False, ports["submission"]: True}

@@ -8,13 +8,14 @@ those settings ask for (:mod:`.builtins`). :func:`run` is what ``mailgate serve`
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 from mailgate.hooks import Hooks
 from mailgate.server import runner
 from mailgate.server.app import SMTPServer, StartPlugins
-from mailgate.server.options import ServerOptions
+from mailgate.server.options import SenderMap, ServerOptions
 
 from .builtins import builtin_plugins, policy_plugins, routing_plugin
 
@@ -30,12 +31,19 @@ class Server(SMTPServer):
     the ``on_<stage>`` decorators, :meth:`add_plugin` and :meth:`use`, then
     ``await server.start()`` / ``await server.stop()``, ``async with server:``, or
     :meth:`run` in a script.
+
+    ``sender_map``: on submission listeners, which sender addresses each authenticated
+    user may use: ``sender_map(user)`` returns address patterns (``user@domain``,
+    ``*@domain``...) or None, and may be a coroutine function (see
+    :mod:`mailgate.plugins.submission`).
     """
 
     def __init__(
         self,
         options: ServerOptions | None = None,
         hooks: Hooks | None = None,
+        *,
+        sender_map: SenderMap | None = None,
         **settings: Any,
     ) -> None:
         if options is None or settings:
@@ -48,6 +56,13 @@ class Server(SMTPServer):
                 options = options_from_settings(settings)
             except ConfigError as exc:
                 raise ValueError(str(exc)) from None
+        if sender_map is not None:
+            if not callable(sender_map):
+                raise TypeError(
+                    "sender_map must be a callable: user -> address patterns; give a fixed "
+                    "table as senders={user: [patterns]}"
+                )
+            options = dataclasses.replace(options, sender_map=sender_map)
         super().__init__(options, hooks)
 
     def start_plugins(self) -> StartPlugins:

@@ -181,6 +181,9 @@ class _Texts:
     def idle_timeout(self, session: Session) -> Reply:
         return self.reply("idle_timeout", session)
 
+    def insufficient_storage(self, session: Session) -> Reply:
+        return self.reply("insufficient_storage", session)
+
     def message_queued(self, session: Session, message: Message, raw: RawMessage | None) -> Reply:
         """The end-of-data reply: ``message_queued`` with a queue id in the product's
         format, made up for the reply (the store keys messages by mailgate's own id; the
@@ -273,11 +276,15 @@ def build_server(
             store,
             auth_drop_reply=texts.auth_failed,
             session_expired_reply=texts.idle_timeout,
+            storage_full_reply=texts.insufficient_storage,
             message_reply=texts.message_queued,
             auth_outcome=honeypot.auth_outcome,
             drop_after_credentials=honeypot.drop_after_credentials,
             tarpit=honeypot.tarpit,
             max_session_seconds=honeypot.max_session,
+            analysis_budget=honeypot.analysis_budget,
+            analysis_max_parts=honeypot.analysis_max_parts,
+            analysis_max_depth=honeypot.analysis_max_depth,
             auth_mechanisms=options.auth_mechanisms,
         )
     except ValueError as exc:

@@ -90,6 +90,7 @@ SERVER_PLACEHOLDERS: Mapping[str, frozenset[str]] = MappingProxyType(
         "relay_denied": frozenset({"hostname", "client_ip", "address"}),
         "rejected": frozenset({"hostname", "client_ip", "address"}),
         "too_many_connections": frozenset({"hostname", "client_ip"}),
+        "insufficient_storage": frozenset({"hostname", "client_ip"}),
         "message_queued": frozenset({"hostname", "client_ip", "queue_id", "message_id"}),
     }
 )
@@ -99,6 +100,8 @@ _SERVER_CLASSES = {
     "relay_denied": "refusal",
     "rejected": "refusal",
     "too_many_connections": "refusal",
+    # The client must come back later, not bounce the message.
+    "insufficient_storage": "4xx",
     "message_queued": "2xx",
 }
 
@@ -322,6 +325,7 @@ def _render(reply: Reply, values: Mapping[str, object], allowed: frozenset[str])
 _RELAY_DENIED = Reply(554, "5.7.1", ("Relay access denied",))
 _REJECTED = Reply(554, "5.7.1", ("Access denied",))
 _TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", ("Too many connections",))
+_INSUFFICIENT_STORAGE = Reply(452, "4.3.1", ("Insufficient system storage",))
 _MESSAGE_QUEUED = Reply(250, "2.0.0", ("OK: queued as {queue_id}",))
 
 
@@ -350,6 +354,7 @@ class PersonaProfile:
     relay_denied: Reply = _RELAY_DENIED
     rejected: Reply = _REJECTED
     too_many_connections: Reply = _TOO_MANY_CONNECTIONS
+    insufficient_storage: Reply = _INSUFFICIENT_STORAGE
     message_queued: Reply = _MESSAGE_QUEUED
     _server: Mapping[str, Reply] = field(init=False, repr=False, compare=False, hash=False)
 
@@ -476,6 +481,8 @@ def _server_reply_problem(name: str, reply: Reply) -> str:
         return str(exc)
     if _SERVER_CLASSES[name] == "refusal" and reply.is_positive:
         return f"must be a 4xx or 5xx refusal, not {reply.code}"
+    if _SERVER_CLASSES[name] == "4xx" and reply.code // 100 != 4:
+        return f"must be a 4xx temporary refusal, not {reply.code}"
     if _SERVER_CLASSES[name] == "2xx" and reply.code // 100 != 2:
         return f"must be a 2xx reply, not {reply.code}"
     if name == "message_queued" and not fields & {"queue_id", "message_id"}:

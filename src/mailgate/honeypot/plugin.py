@@ -12,13 +12,20 @@
   relays or delivers: its 250 ends the message chain, so no delivery step after it runs;
 - tarpits: before each answer it waits ``tarpit`` seconds times the number of
   connections seen from the client's address (at most ``tarpit_max``);
+- keeps the store's total cap while mail is received: at DATA it reserves room for the
+  message (its announced SIZE, else the server's message size limit) and, when even
+  pruning the oldest finished sessions cannot make room, refuses the DATA with ``452
+  4.3.1`` (``storage_full_reply``); a running count of the spool directory catches
+  clients that send more than they announced, and closes the newest of the messages in
+  flight with that reply while the store is over its cap;
 - ends sessions older than ``max_session_seconds``: with ``421 4.4.2`` at the next
   command, and with a timer for clients that send nothing or only commands no plugin
   sees (NOOP, RSET) -- the timer needs the server, given by :meth:`install`, to close
   the session (``server.close_session``).
 
 The replies it words itself can be given in other words (a persona's): see
-``auth_drop_reply``, ``session_expired_reply`` and ``message_reply``.
+``auth_drop_reply``, ``session_expired_reply``, ``storage_full_reply`` and
+``message_reply``.
 
 ``plugin.recorder`` is the server's transcript tap (``server.recorder``) feeding the same
 :class:`~mailgate.honeypot.store.CaptureStore`; :meth:`install` sets both up::
@@ -31,13 +38,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
+import functools
 import logging
+import os
 import re
+import stat
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Final, Protocol
 
 from mailgate.hooks import (
@@ -52,7 +64,15 @@ from mailgate.hooks import (
 from mailgate.protocol import Reply
 from mailgate.protocol.replies import AUTH_FAILED
 
-from .extract import MAX_ATTACHMENTS, MAX_URLS, extract
+from .extract import (
+    MAX_ATTACHMENTS,
+    MAX_DEPTH,
+    MAX_PARTS,
+    MAX_URLS,
+    Extracted,
+    extract,
+    extract_subject,
+)
 from .settings import AUTH_OUTCOMES, parse_auth_outcome
 from .store import CaptureStore, RawMessage
 
@@ -79,6 +99,10 @@ NAME: Final = "honeypot"
 MAX_ADDRESSES: Final = 65536
 #: Bytes read from the top of a message to find the server's own trace header.
 _TOP: Final = 64 * 1024
+#: Messages waiting for analysis beyond which a new one only has its subject read.
+MAX_ANALYSIS_BACKLOG: Final = 32
+#: Seconds between two looks at the spool directory while messages are in flight.
+SPOOL_CHECK_INTERVAL: Final = 0.05
 
 
 #: A reply worded for one session (a persona's text naming the client, say).
@@ -142,14 +166,25 @@ class HoneypotPlugin:
     the cap of one delay (keep it below the server's ``hook_timeout``);
     ``max_session_seconds``: the longest session (None: no limit);
     ``max_urls``/``max_attachments``/``max_parse_bytes``: what message parsing keeps and
-    reads; ``auth_mechanisms``: offered when no ``auth_mechanisms`` setting overrides;
+    reads; ``analysis_budget`` (CPU seconds per message, None: no limit),
+    ``analysis_max_parts`` and ``analysis_max_depth``: how much of a message is analysed;
+    ``analysis_workers``: threads analysing messages, ``io_workers``: threads copying
+    them into the store (both pools the plugin's own, so that neither can hold up the
+    event loop's default executor, which the server opens spool files in);
+    ``max_analysis_backlog``: messages waiting for analysis beyond which a new one only
+    has its subject read; ``auth_mechanisms``: offered when no ``auth_mechanisms`` setting overrides;
     ``clock``: the time source (session ages compare with ``session.started_at``).
+
+    ``storage_check_interval``: seconds between two looks at the spool directory while
+    messages are received (the running count of bytes in flight).
 
     Replies in other words (a persona's), each None for the plugin's own:
     ``auth_drop_reply(session)``: the 5xx that ends a session with
     ``drop_after_credentials``; ``session_expired_reply(session)``: what a session past
     ``max_session_seconds`` is closed with (its code says whether the next command gets a
-    Reject or a TempFail); ``message_reply(session, message, raw)``: the answer to a
+    Reject or a TempFail); ``storage_full_reply(session)``: the 4xx for a DATA refused
+    (or a message in flight stopped) because the store is at its total cap;
+    ``message_reply(session, message, raw)``: the answer to a
     captured message, called after it was stored (``raw`` has its bytes' head, to quote
     the Message-ID, say), instead of the server's 250.
     """
@@ -168,12 +203,20 @@ class HoneypotPlugin:
         max_urls: int = MAX_URLS,
         max_attachments: int = MAX_ATTACHMENTS,
         max_parse_bytes: int = 10 * 1024 * 1024,
+        analysis_budget: float | None = 2.0,
+        analysis_max_parts: int = MAX_PARTS,
+        analysis_max_depth: int = MAX_DEPTH,
+        analysis_workers: int = 1,
+        io_workers: int = 4,
+        max_analysis_backlog: int = MAX_ANALYSIS_BACKLOG,
         auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN", "CRAM-MD5", "XOAUTH2"),
         close_store: bool = True,
         clock: Callable[[], float] = time.time,
         auth_drop_reply: SessionReply | None = None,
         session_expired_reply: SessionReply | None = None,
+        storage_full_reply: SessionReply | None = None,
         message_reply: MessageReply | None = None,
+        storage_check_interval: float = SPOOL_CHECK_INTERVAL,
     ) -> None:
         self.store = store
         self.auth_mode, self.accept_after = parse_auth_outcome(auth_outcome)
@@ -189,16 +232,43 @@ class HoneypotPlugin:
         self.max_urls = max_urls
         self.max_attachments = max_attachments
         self.max_parse_bytes = max_parse_bytes
+        if analysis_budget is not None and analysis_budget < 0:
+            raise ValueError("analysis_budget must not be negative (or None for no limit)")
+        if analysis_max_parts < 1 or analysis_max_depth < 1:
+            raise ValueError("analysis_max_parts and analysis_max_depth must be at least 1")
+        self.analysis_budget = analysis_budget
+        self.analysis_max_parts = analysis_max_parts
+        self.analysis_max_depth = analysis_max_depth
+        self.max_analysis_backlog = max(0, max_analysis_backlog)
+        #: Seconds the answer to a message waits for its analysis at most.
+        self.reply_wait = (analysis_budget if analysis_budget is not None else 10.0) + 1.0
+        self._analysis_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, analysis_workers), thread_name_prefix="honeypot-analysis"
+        )
+        self._io_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, io_workers), thread_name_prefix="honeypot-io"
+        )
+        #: Messages handed to the analysis pool and not finished.
+        self._analysing = 0
+        #: Set by aclose: analyses still waiting only read the subject.
+        self._closing = False
         self.auth_mechanisms = tuple(auth_mechanisms)
         self.close_store = close_store
         self.clock = clock
         self.auth_drop_reply = auth_drop_reply
         self.session_expired_reply = session_expired_reply
+        self.storage_full_reply = storage_full_reply
         self.message_reply = message_reply
+        self.storage_check_interval = storage_check_interval
+        #: Sessions receiving a message now (reserved in the store), oldest first.
+        self._in_flight: dict[str, Session] = {}
+        #: Of those, the ones whose message has not ended yet (it can still grow).
+        self._receiving: dict[str, Session] = {}
+        self._spool_watch: asyncio.Task[None] | None = None
         self.recorder = CaptureRecorder(store)
         self.server: HoneypotHost | None = None
         self._addresses: OrderedDict[str, _Address] = OrderedDict()
-        self._captures: set[asyncio.Future[RawMessage | None]] = set()
+        self._captures: set[asyncio.Future[None]] = set()
 
     def install(self, server: HoneypotHost) -> HoneypotPlugin:
         """Add this plugin to ``server`` and make its recorder the server's transcript tap;
@@ -279,6 +349,7 @@ class HoneypotPlugin:
 
     async def on_data_start(self, session: Session, envelope: Envelope) -> None:
         await self._pace(session)
+        await self._reserve(session, envelope)
 
     async def on_message(
         self, session: Session, envelope: Envelope, message: Message
@@ -286,10 +357,19 @@ class HoneypotPlugin:
         # Shielded: a client that goes away while its message is read must not leave the
         # raw file placed without its row (orphaned, never pruned). The capture finishes
         # on its own and the stage is cancelled as usual.
-        capture = asyncio.ensure_future(self._capture(session, envelope, message))
+        self._receiving.pop(session.id, None)  # complete: it cannot grow any more
+        stored: asyncio.Future[RawMessage | None] = asyncio.get_running_loop().create_future()
+        capture = asyncio.ensure_future(self._capture(session, envelope, message, stored))
         self._captures.add(capture)
         capture.add_done_callback(self._captures.discard)
-        raw = await asyncio.shield(capture)
+        try:
+            raw = await asyncio.shield(stored)
+            # The answer waits for the analysis only so long: behind a backlog of hostile
+            # messages it comes anyway, and the row is written when the analysis is done.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(capture), self.reply_wait)
+        finally:
+            self._release(session)
         await self._pace(session, check_age=False)
         # The 250 (or the reply given) ends the chain: no delivery step after this one runs.
         if self.message_reply is not None:
@@ -297,50 +377,104 @@ class HoneypotPlugin:
         return True
 
     async def _capture(
-        self, session: Session, envelope: Envelope, message: Message
-    ) -> RawMessage | None:
-        """Store the message; what was stored, None when it could not be."""
+        self,
+        session: Session,
+        envelope: Envelope,
+        message: Message,
+        stored: asyncio.Future[RawMessage | None],
+    ) -> None:
+        """Store the message (``stored`` gets what was stored, None when it could not
+        be), analyse it and record it."""
+        loop = asyncio.get_running_loop()
         keep = self.store.reserve_message_bytes(session.id, message.size)
+        raw: RawMessage | None = None
         try:
-            raw, extracted = await asyncio.to_thread(self._read_message, message, keep)
+            raw = await loop.run_in_executor(
+                self._io_pool, self._read_message, message, keep, session.id
+            )
+            stored.set_result(raw)
+            extracted = await self._analyse(raw)
         except Exception:
             log.exception("session %s: message %s could not be captured", session.id, message.id)
-            return None
-        else:
-            self.store.message(
-                session,
-                message_id=message.id,
-                ts=message.received_at,
-                mail_from=envelope.sender,
-                rcpt_tos=[str(r) for r in envelope.rcpt_tos],
-                raw=raw,
-                subject=extracted.subject,
-                urls=extracted.urls,
-                attachments=extracted.attachments,
+            if not stored.done():
+                stored.set_result(None)
+            return
+        except BaseException:
+            if not stored.done():
+                stored.set_result(raw)
+            raise
+        truncated = extracted.truncated
+        if truncated is None and raw.size > len(raw.head):
+            truncated = "size"
+        self.store.message(
+            session,
+            message_id=message.id,
+            ts=message.received_at,
+            mail_from=envelope.sender,
+            rcpt_tos=[str(r) for r in envelope.rcpt_tos],
+            raw=raw,
+            subject=extracted.subject,
+            urls=extracted.urls,
+            attachments=extracted.attachments,
+            analysis_truncated=truncated,
+        )
+        log.info(
+            "session %s: captured message %s from=<%s> rcpts=%d size=%d sha256=%s%s",
+            session.id,
+            message.id,
+            envelope.sender,
+            len(envelope.rcpt_tos),
+            raw.size,
+            raw.sha256,
+            f" (analysis cut short: {truncated})" if truncated else "",
+        )
+
+    async def _analyse(self, raw: RawMessage) -> Extracted:
+        """Subject, URLs and attachments of a stored message, found in the analysis pool
+        within the budget; with too many messages waiting, only the subject."""
+        if self._analysing >= self.max_analysis_backlog:
+            return Extracted(extract_subject(raw.head), (), (), "backlog")
+        self._analysing += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._analysis_pool, functools.partial(self._extract, raw.head)
             )
-            log.info(
-                "session %s: captured message %s from=<%s> rcpts=%d size=%d sha256=%s",
-                session.id,
-                message.id,
-                envelope.sender,
-                len(envelope.rcpt_tos),
-                raw.size,
-                raw.sha256,
-            )
-            return raw
+        finally:
+            self._analysing -= 1
+
+    def _extract(self, head: bytes) -> Extracted:
+        """In an analysis thread. A message still waiting when the plugin closes only has
+        its subject read: shutting down must not wait for a backlog of analyses."""
+        if self._closing:
+            return Extracted(extract_subject(head), (), (), "backlog")
+        return extract(
+            head,
+            max_urls=self.max_urls,
+            max_attachments=self.max_attachments,
+            max_parts=self.analysis_max_parts,
+            max_depth=self.analysis_max_depth,
+            budget=self.analysis_budget,
+        )
 
     async def on_close(self, session: Session) -> None:
+        self._release(session)
         notes = session.notes.get(self.name)
         if notes is not None and notes.get("timer") is not None:
             notes.pop("timer").cancel()
 
     async def aclose(self) -> None:
+        self._closing = True
+        if self._spool_watch is not None:
+            self._spool_watch.cancel()
         if self._captures:  # messages still being read: their rows belong in the store
             await asyncio.gather(*self._captures, return_exceptions=True)
+        loop = asyncio.get_running_loop()
         if self.close_store:
-            await asyncio.to_thread(self.store.close)
+            await loop.run_in_executor(self._io_pool, self.store.close)
         else:
-            await asyncio.to_thread(self.store.flush)
+            await loop.run_in_executor(self._io_pool, self.store.flush)
+        self._analysis_pool.shutdown(wait=False)
+        self._io_pool.shutdown(wait=False)
 
     # --- helpers -----------------------------------------------------------------------------
 
@@ -354,6 +488,79 @@ class HoneypotPlugin:
         else:
             addresses.move_to_end(ip)
         return state
+
+    async def _reserve(self, session: Session, envelope: Envelope) -> None:
+        """Reserve room in the store for the message about to come, pruning the oldest
+        finished sessions if needed; refuse the DATA when there is none."""
+        store = self.store
+        if store.max_total_bytes is None:
+            return
+        limit = self.server.options.max_size if self.server is not None else None
+        size = limit or 0
+        announced = envelope.mail_params.get("SIZE")
+        if announced is not None and announced.isdigit():
+            size = int(announced) if not limit else min(int(announced), limit)
+        if not store.reserve_incoming(session.id, size):
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._io_pool, store.make_room, size)
+            if not store.reserve_incoming(session.id, size):
+                log.warning(
+                    "session %s: DATA refused, the capture store is full (%d bytes stored,"
+                    " %d reserved for messages in flight, cap %d)",
+                    session.id,
+                    store.stored_bytes,
+                    store.reserved_bytes(),
+                    store.max_total_bytes,
+                )
+                reply = self._storage_full(session)
+                raise TempFail(reply.code, reply.text, enhanced=reply.status)
+        self._in_flight[session.id] = session
+        self._receiving[session.id] = session
+        if self._spool_watch is None or self._spool_watch.done():
+            self._spool_watch = asyncio.ensure_future(self._watch_spool())
+
+    def _release(self, session: Session) -> None:
+        self._receiving.pop(session.id, None)
+        if self._in_flight.pop(session.id, None) is not None:
+            self.store.release_incoming(session.id)
+
+    def _storage_full(self, session: Session) -> Reply:
+        if self.storage_full_reply is not None:
+            return self.storage_full_reply(session)
+        return Reply(452, "4.3.1", ("Insufficient system storage",))
+
+    async def _watch_spool(self) -> None:
+        """While messages are in flight: the running count of what they really take in
+        the spool, against what was reserved for them. Bytes beyond the reservations
+        (clients sending more than they announced) that take the store over its cap stop
+        the newest message in flight, until it is under the cap again."""
+        server = self.server
+        spool = getattr(server, "spool_dir", None)
+        cap = self.store.max_total_bytes
+        if server is None or spool is None or cap is None:
+            return
+        loop = asyncio.get_running_loop()
+        while self._receiving:
+            await asyncio.sleep(self.storage_check_interval)
+            spooled = await loop.run_in_executor(self._io_pool, _directory_bytes, spool)
+            reserved = self.store.reserved_bytes()
+            # Honest clients stay within their reservations, which fit under the cap.
+            # Acting at the database's headroom leaves a fast client less to overshoot by.
+            limit = cap - self.store.journal_limit()
+            if spooled <= reserved or self.store.stored_bytes + spooled <= limit:
+                continue
+            for session in reversed(list(self._receiving.values())):
+                reply = self._storage_full(session)
+                log.warning(
+                    "session %s: message stopped, the capture store is over its cap (%d"
+                    " bytes in flight, %d reserved)",
+                    session.id,
+                    spooled,
+                    reserved,
+                )
+                self._release(session)
+                server.close_session(session, reply, "storage-full")
+                break
 
     def delay(self, ip: str) -> float:
         """The tarpit delay for the address now."""
@@ -403,18 +610,40 @@ class HoneypotPlugin:
         hostname = self.server.options.hostname if self.server is not None else "localhost"
         return Reply(421, "4.4.2", (f"{hostname} {_TIMEOUT_TEXT}",))
 
-    def _read_message(self, message: Message, keep: bool) -> tuple[RawMessage, Any]:
-        """In a worker thread: store the message as the client sent it and parse its top."""
+    def _read_message(
+        self, message: Message, keep: bool, reserved: str | None = None
+    ) -> RawMessage:
+        """In an I/O thread: store the message as the client sent it, with its top."""
         with message.open() as source:
             _skip_own_headers(source, message.id)
-            raw = self.store.save_raw(source, keep=keep, head=self.max_parse_bytes)
-        extracted = extract(raw.head, max_urls=self.max_urls, max_attachments=self.max_attachments)
-        return raw, extracted
+            # The spool file itself when the client's bytes start at its top (honeypot mode
+            # adds no trace header): hard-linked into the store, never copied.
+            same = message.path is not None and source.tell() == 0
+            return self.store.save_raw(
+                source,
+                keep=keep,
+                head=self.max_parse_bytes,
+                link_from=message.path if same else None,
+                reserved=reserved,
+            )
 
 
 _TIMEOUT_TEXT: Final = "Error: timeout exceeded"
 #: The "id QUEUE-ID" clause of a Received header.
 _IDS: Final = re.compile(rb"\sid\s+([^\s;]+)")
+
+
+def _directory_bytes(directory: Path) -> int:
+    """Bytes of the files directly in ``directory`` (files may vanish meanwhile) but for
+    those with other names too: a message already linked into the store counts there."""
+    total = 0
+    with contextlib.suppress(OSError), os.scandir(directory) as entries:
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                info = entry.stat(follow_symlinks=False)
+                if stat.S_ISREG(info.st_mode) and info.st_nlink == 1:
+                    total += info.st_size
+    return total
 
 
 def _hashcat_cram_md5(username: str, challenge: bytes, digest: str) -> str:

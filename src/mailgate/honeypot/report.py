@@ -14,9 +14,11 @@ format it as a table for people, JSON or CSV:
 - :func:`session_detail` / :func:`format_session`: one session's transcript with its
   AUTH attempts and messages in time order.
 
-Captured text is the attacker's: table and text output show control characters as
-``\\xNN`` escapes (a terminal must not interpret them) and cut long values; JSON escapes
-them itself; CSV gives them unchanged (beware of spreadsheet formulas).
+Captured text is the attacker's: every format escapes control characters and the
+Unicode characters that reorder text (:mod:`mailgate.honeypot.safetext`). Table, text and
+CSV output show them as ``\\xNN``/``\\uNNNN`` (table and text also cut long values);
+JSON writes them as ``\\uNNNN`` escapes, which decode to the captured value. CSV keeps
+everything else as captured (beware of spreadsheet formulas).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
+from .safetext import escape_controls, json_text
 from .store import DB_NAME, SCHEMA_VERSION
 
 __all__ = [
@@ -237,10 +240,10 @@ def _top_commands(db: sqlite3.Connection, start: float, top: int) -> list[dict[s
 def format_summary(report: Mapping[str, Any], fmt: str = "table", *, source: str = "") -> str:
     """The summary as ``table``, ``json`` or ``csv`` text (ending with a newline)."""
     if fmt == "json":
-        return json.dumps(report, indent=2, ensure_ascii=False) + "\n"
+        return json_text(report, indent=2) + "\n"
     if fmt == "csv":
         out = io.StringIO()
-        writer = csv.writer(out, lineterminator="\n")
+        writer = _SafeWriter(csv.writer(out, lineterminator="\n"))
         writer.writerow(["section", "value", "count", "detail"])
         for key, value in report.items():
             if key != "top":
@@ -383,7 +386,7 @@ _SESSION_COLUMNS: Final = (
 def format_sessions(rows: Sequence[Mapping[str, Any]], fmt: str = "table") -> str:
     """Sessions (from :func:`sessions`) as ``table``, ``json`` or ``csv`` text."""
     if fmt == "json":
-        return json.dumps(list(rows), indent=2, ensure_ascii=False) + "\n"
+        return json_text(list(rows), indent=2) + "\n"
     if fmt == "csv":
         out = io.StringIO()
         fields = [
@@ -395,14 +398,13 @@ def format_sessions(rows: Sequence[Mapping[str, Any]], fmt: str = "table") -> st
         writer.writeheader()
         for row in rows:
             tls = row.get("tls") or {}
-            writer.writerow(
-                {
-                    **row,
-                    "tls_version": tls.get("version"),
-                    "tls_cipher": tls.get("cipher"),
-                    "sni": tls.get("sni"),
-                }
-            )
+            cells = {
+                **row,
+                "tls_version": tls.get("version"),
+                "tls_cipher": tls.get("cipher"),
+                "sni": tls.get("sni"),
+            }
+            writer.writerow({key: _csv_cell(value) for key, value in cells.items()})
         return out.getvalue()
     if not rows:
         return "no sessions\n"
@@ -485,6 +487,10 @@ def session_detail(db: sqlite3.Connection, session_id: str) -> dict[str, Any]:
                 "sha256": r["sha256"],
                 "path": r["path"],
                 "subject": r["subject"],
+                # A database of schema version 1 (not yet opened by a newer honeypot).
+                "analysis_truncated": (
+                    r["analysis_truncated"] if "analysis_truncated" in r.keys() else None  # noqa: SIM118 - a Row
+                ),
                 "urls": [
                     u[0]
                     for u in db.execute(
@@ -507,7 +513,7 @@ def session_detail(db: sqlite3.Connection, session_id: str) -> dict[str, Any]:
 def format_session(detail: Mapping[str, Any], fmt: str = "text") -> str:
     """A session (from :func:`session_detail`) as a ``text`` transcript or ``json``."""
     if fmt == "json":
-        return json.dumps(detail, indent=2, ensure_ascii=False) + "\n"
+        return json_text(detail, indent=2) + "\n"
     s = detail["session"]
     tls = s["tls"]
     header = [
@@ -559,6 +565,11 @@ def _timeline(detail: Mapping[str, Any]) -> Iterator[str]:
             + ", ".join(f"<{_clean(r)}>" for r in message["rcpt_tos"])
             + f"; {message['size']} bytes, sha256 {message['sha256']}",
             f"    subject: {_clean(message['subject'] or '-')}",
+            *(
+                [f"    analysis: cut short, {_cut_reason(message['analysis_truncated'])}"]
+                if message.get("analysis_truncated")
+                else []
+            ),
             f"    stored:  {message['path'] or '(not kept: over the storage cap)'}",
         ]
         text += [f"    url:     {_clean(url)}" for url in message["urls"]]
@@ -588,19 +599,41 @@ def _clock(ts: float) -> str:
     return moment.strftime("%H:%M:%S.") + f"{moment.microsecond // 1000:03d}"
 
 
-_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-
-
 def _clean(value: object, width: int = _WIDTH) -> str:
     """Attacker-supplied text made safe to print: control characters (and the Unicode
     ones that reorder text) as escapes, cut at ``width`` characters."""
-    text = _CONTROL.sub(_escape, str(value))
+    text = escape_controls(str(value))
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def _escape(match: re.Match[str]) -> str:
-    code = ord(match[0])
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+def _csv_cell(value: object) -> object:
+    """A CSV cell: text with control and bidi characters escaped, numbers as they are."""
+    return escape_controls(value) if isinstance(value, str) else value
+
+
+class _SafeWriter:
+    """A csv writer whose text cells are escaped (:func:`_csv_cell`)."""
+
+    def __init__(self, writer: Any) -> None:
+        self.writer = writer
+
+    def writerow(self, row: Sequence[object]) -> None:
+        self.writer.writerow([_csv_cell(cell) for cell in row])
+
+
+#: What messages.analysis_truncated says, for people.
+_CUT_REASONS: Final = {
+    "parts": "too many MIME parts (analysis_max_parts)",
+    "depth": "parts nested too deeply (analysis_max_depth)",
+    "budget": "out of time (analysis_budget)",
+    "size": "only the start of the message was parsed",
+    "backlog": "too many messages waiting: only the subject was read",
+    "error": "a part could not be read",
+}
+
+
+def _cut_reason(reason: str) -> str:
+    return _CUT_REASONS.get(reason, _clean(reason))
 
 
 def _size(size: int | None) -> str:

@@ -162,15 +162,42 @@ class HoneypotOptions:
         metavar="SECONDS",
         help="close sessions older than this with the persona's timeout reply; 0 for no limit",
     )
-    #: Cap on the capture store (database plus raw messages); None: no cap.
+    #: Cap on the capture store (database, raw messages, messages in flight); None: no cap.
     max_storage: int | None = setting(
         1024**3,
         convert=_size_or_off,
         group="honeypot",
         metavar="SIZE",
-        help="cap on the capture store (database and raw messages); the oldest sessions "
-        "are pruned; suffixes K, M, G; 0 for no cap",
+        help="cap on the capture store (database, raw messages and messages being "
+        "received); the oldest finished sessions are pruned, then DATA is refused with "
+        "the persona's 452; suffixes K, M, G; 0 for no cap",
         describe=converters.size_text,
+    )
+    #: CPU seconds the analysis of one message (subject, URLs, attachments) may take;
+    #: None: no limit. What was found when it runs out is kept, marked as cut short.
+    analysis_budget: float | None = setting(
+        2.0,
+        convert=_seconds_or_off,
+        group="honeypot",
+        metavar="SECONDS",
+        help="CPU seconds the analysis of one message may take (what it found by then is "
+        "kept, marked as cut short); 0 for no limit",
+    )
+    #: MIME parts of one message analysed at most.
+    analysis_max_parts: int = setting(
+        1000,
+        convert=converters.count,
+        group="honeypot",
+        metavar="N",
+        help="analyse at most this many MIME parts of a message",
+    )
+    #: Nesting levels of multipart parts and attached messages analysed at most.
+    analysis_max_depth: int = setting(
+        50,
+        convert=converters.count,
+        group="honeypot",
+        metavar="N",
+        help="analyse MIME parts nested at most this many levels deep",
     )
     #: Clients refused at connect (the lists policy's block_networks).
     block_networks: tuple[Network, ...] = setting(
@@ -224,6 +251,9 @@ SERVER_FLAGS: Mapping[str, str | None] = {
 _NO_DELIVERY = "a honeypot never delivers or hands on mail (everything stays in its data_dir)"
 _OWN_AUTH = "a honeypot answers AUTH itself (auth_outcome in [honeypot], --auth-outcome)"
 _EVERY_DOMAIN = "a honeypot accepts mail for every domain and relays none"
+_NO_SUBMISSION = (
+    "a honeypot takes every AUTH and sender; for ports 587 and 465 use listen and smtps_listen"
+)
 #: [server] settings a honeypot refuses, in its file and as flags, with the reason.
 HONEYPOT_REFUSED: Mapping[str, str] = {
     "maildir": _NO_DELIVERY,
@@ -239,6 +269,8 @@ HONEYPOT_REFUSED: Mapping[str, str] = {
     "local_domains": _EVERY_DOMAIN,
     "relay_networks": _EVERY_DOMAIN,
     "open_relay": _EVERY_DOMAIN,
+    "submission_listen": _NO_SUBMISSION,
+    "submissions_listen": _NO_SUBMISSION,
 }
 
 

@@ -15,9 +15,16 @@ Storage is bounded twice: per session (``max_session_bytes`` of transcript lines
 it lines are no longer recorded and the session is marked ``truncated``;
 ``max_session_message_bytes`` of raw messages; past it messages are still recorded with
 their hash, URLs and attachments, but their raw file is not kept) and in total
-(``max_total_bytes`` for the live pages of the database plus the raw files: every
-``check_interval`` seconds the writer deletes the oldest finished sessions, with their
-rows and the raw files no other message shares, until the total is below 90 % of the cap).
+(``max_total_bytes`` for the database plus the raw files: every ``check_interval``
+seconds the writer deletes the oldest finished sessions, with their rows and the raw
+files no other message shares, until the total is below 90 % of the cap).
+
+The total cap also holds while messages are being received: a message in flight is
+*reserved* (:meth:`CaptureStore.reserve_incoming`, by the honeypot plugin at DATA, for
+its announced SIZE or the message size limit) and counts against the cap with what is
+stored (the database files as they are on disk and the raw files, counted as they are
+placed). A reservation that does not fit is refused; :meth:`CaptureStore.make_room`
+prunes the oldest finished sessions first to make it fit.
 
 Schema (``PRAGMA user_version`` = 1; times are Unix seconds, UTC, as REAL)::
 
@@ -47,7 +54,10 @@ Schema (``PRAGMA user_version`` = 1; times are Unix seconds, UTC, as REAL)::
              rcpt_tos TEXT,            -- JSON array of addresses
              size INTEGER, sha256 TEXT,  -- of the bytes the client sent
              path TEXT,                -- raw file relative to DATA_DIR, NULL if not kept
-             subject TEXT)
+             subject TEXT,
+             analysis_truncated TEXT)  -- NULL: subject, URLs and attachments are of the
+                                       -- whole message; else the limit that stopped the
+                                       -- analysis: parts, depth, budget, size, backlog, error
     urls(message_id TEXT, url TEXT)
     attachments(message_id TEXT, filename TEXT, content_type TEXT, size INTEGER,
                 sha256 TEXT)
@@ -66,6 +76,7 @@ import json
 import logging
 import os
 import queue
+import secrets
 import sqlite3
 import sys
 import tempfile
@@ -76,6 +87,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Final, Literal
+
+from .safetext import json_text
 
 if TYPE_CHECKING:
     from mailgate.hooks import Session
@@ -94,6 +107,10 @@ __all__ = [
 DB_NAME: Final = "capture.sqlite3"
 MESSAGES_DIR: Final = "messages"
 SCHEMA_VERSION: Final = 1
+#: Columns added since version 1 was first written, added to older files when opened.
+#: Nullable additions keep the version: a mailgate that does not know them still reads
+#: and writes the file.
+_ADDED_COLUMNS: Final = (("messages", "analysis_truncated", "TEXT"),)
 SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY,
@@ -144,7 +161,8 @@ CREATE TABLE IF NOT EXISTS messages (
     size INTEGER NOT NULL,
     sha256 TEXT NOT NULL,
     path TEXT,
-    subject TEXT
+    subject TEXT,
+    analysis_truncated TEXT
 );
 CREATE INDEX IF NOT EXISTS messages_ts ON messages(ts);
 CREATE INDEX IF NOT EXISTS messages_session ON messages(session_id);
@@ -178,14 +196,14 @@ _SQL: Final = (
     "INSERT INTO auth_attempts (session_id, ts, mechanism, username, password, token,"
     " outcome) VALUES (?, ?, ?, ?, ?, ?, ?)",
     "INSERT OR REPLACE INTO messages (id, session_id, ts, mail_from, rcpt_tos, size,"
-    " sha256, path, subject) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    " sha256, path, subject, analysis_truncated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     "INSERT INTO urls (message_id, url) VALUES (?, ?)",
     "INSERT INTO attachments (message_id, filename, content_type, size, sha256)"
     " VALUES (?, ?, ?, ?, ?)",
     "UPDATE sessions SET truncated = 1 WHERE id = ?",
 )
 # Control records.
-_FLUSH, _STOP = 100, 101
+_FLUSH, _STOP, _MAKE_ROOM = 100, 101, 102
 
 #: Sessions deleted per pruning transaction at most, and transactions per check.
 _PRUNE_CHUNK = 500
@@ -275,6 +293,13 @@ class CaptureStore:
         self._lock = threading.Lock()
         #: Raw files stored whose message row is not committed yet: never pruned.
         self._pending_raw: dict[str, int] = {}
+        #: Bytes reserved for messages being received, by key (the plugin's session id).
+        self._reserved: dict[str, int] = {}
+        #: The raw files on disk (each distinct file once), kept up to date as files are
+        #: placed and pruned.
+        self._raw_bytes = 0
+        #: The database files (main, WAL, shared memory) as last measured by the writer.
+        self._db_bytes = 0
         self._closed = False
         self._last_warning = 0.0
         self._suppressed = 0
@@ -308,12 +333,20 @@ class CaptureStore:
             db.execute("PRAGMA auto_vacuum = INCREMENTAL")
             db.execute("PRAGMA journal_mode = WAL")
             db.executescript(SCHEMA)
+            for table, column, kind in _ADDED_COLUMNS:
+                columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+                if column not in columns:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
             if version < SCHEMA_VERSION:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.Error as exc:
             raise CaptureError(f"cannot open the capture store {self.path}: {exc}") from None
+        else:
+            with contextlib.suppress(sqlite3.Error):
+                self._raw_bytes = _raw_total(db)
         finally:
             db.close()
+        self._db_bytes = self._db_files_size()
         if self._jsonl_target is not None and self._jsonl_target != "-":
             try:
                 self._jsonl_fd = os.open(
@@ -507,17 +540,29 @@ class CaptureStore:
         return True
 
     def save_raw(
-        self, source: IO[bytes], *, keep: bool = True, head: int = 10 * 1024**2
+        self,
+        source: IO[bytes],
+        *,
+        keep: bool = True,
+        head: int = 10 * 1024**2,
+        link_from: str | os.PathLike[str] | None = None,
+        reserved: str | None = None,
     ) -> RawMessage:
         """Read ``source`` to its end (blocking: call it in a worker thread): hash it, keep
         its first ``head`` bytes, and with ``keep`` store it as
         ``messages/<first two hex digits>/<sha256>.eml`` unless that file exists already.
-        A file that cannot be written is logged and not kept (``path`` None)."""
+        ``link_from``: a file holding exactly what ``source`` reads, hard-linked into place
+        instead of copied where it can be (no second copy on disk, not even for a moment).
+        ``reserved``: the key of the message's reservation (:meth:`reserve_incoming`),
+        released as the raw file starts to count (never both, never neither). A file that cannot be written is logged and not kept (``path`` None)."""
         digest = hashlib.sha256()
         size = 0
         first = bytearray()
         tmp: IO[bytes] | None = None
-        if keep and not self.full:
+        linked: str | None = None
+        if keep and not self.full and link_from is not None:
+            linked = self._link_tmp(link_from)
+        if keep and not self.full and linked is None:
             try:
                 tmp = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed below
                     dir=self.messages_dir / "tmp", prefix=f"{os.getpid()}-", delete=False
@@ -538,31 +583,57 @@ class CaptureStore:
                         _discard(tmp)
                         tmp = None
             sha256 = digest.hexdigest()
-            path = self._place(tmp, sha256) if tmp is not None else None
-            tmp = None
+            path = None
+            if tmp is not None:
+                try:
+                    tmp.close()  # flushes: a full disk shows here
+                except OSError as exc:
+                    self._warn("cannot store a raw message: %s", exc)
+                else:
+                    name, tmp = tmp.name, None
+                    path = self._place(name, sha256, reserved)
+            elif linked is not None:
+                name, linked = linked, None
+                path = self._place(name, sha256, reserved)
         finally:
             if tmp is not None:
                 _discard(tmp)
+            if linked is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(linked)
         return RawMessage(sha256, size, path, bytes(first))
 
-    def _place(self, tmp: IO[bytes], sha256: str) -> str | None:
-        """Move a complete temporary file to its place by hash (or drop it: a copy is
-        there already). The message row that will refer to it is pending until written."""
+    def _link_tmp(self, original: str | os.PathLike[str]) -> str | None:
+        """A temporary name for ``original`` (a hard link), None when it cannot have one
+        (another file system, a file system without links)."""
+        name = os.path.join(self.messages_dir, "tmp", f"{os.getpid()}-{secrets.token_hex(8)}.link")
+        try:
+            os.link(original, name)
+        except OSError:
+            return None
+        return name
+
+    def _place(self, name: str, sha256: str, reserved: str | None = None) -> str | None:
+        """Move a complete temporary file (closed) to its place by hash (or drop it: a
+        copy is there already). The message row that will refer to it is pending until
+        written."""
         relative = f"{MESSAGES_DIR}/{sha256[:2]}/{sha256}.eml"
         target = self.data_dir / relative
         try:
-            tmp.close()
             target.parent.mkdir(exist_ok=True)
             with self._lock:
                 if target.exists():
-                    os.unlink(tmp.name)
+                    os.unlink(name)
                 else:
-                    os.replace(tmp.name, target)
+                    os.replace(name, target)
+                    self._raw_bytes += target.stat().st_size
+                if reserved is not None:
+                    self._reserved.pop(reserved, None)
                 self._pending_raw[sha256] = self._pending_raw.get(sha256, 0) + 1
         except OSError as exc:
             self._warn("cannot store a raw message: %s", exc)
             with contextlib.suppress(OSError):
-                os.unlink(tmp.name)
+                os.unlink(name)
             return None
         return relative
 
@@ -578,9 +649,11 @@ class CaptureStore:
         subject: str | None,
         urls: Iterable[str] = (),
         attachments: Iterable[Any] = (),
+        analysis_truncated: str | None = None,
     ) -> None:
         """Record a message (``attachments``: objects with ``filename``, ``content_type``,
-        ``size`` and ``sha256``, such as :class:`mailgate.honeypot.extract.Attachment`)."""
+        ``size`` and ``sha256``, such as :class:`mailgate.honeypot.extract.Attachment`;
+        ``analysis_truncated``: the limit that cut the analysis short, None if none did)."""
         rcpts = [str(r) for r in rcpt_tos]
         urls = list(urls)
         attachments = list(attachments)
@@ -596,6 +669,7 @@ class CaptureStore:
                 raw.sha256,
                 raw.path,
                 subject,
+                analysis_truncated,
             ),
             None,
         )
@@ -621,6 +695,7 @@ class CaptureStore:
                     "sha256": raw.sha256,
                     "path": raw.path,
                     "subject": subject,
+                    "analysis_truncated": analysis_truncated,
                     "urls": urls,
                     "attachments": [
                         {
@@ -633,6 +708,62 @@ class CaptureStore:
                     ],
                 }
             )
+
+    # --- the total cap while receiving ---------------------------------------------------------------
+
+    @property
+    def stored_bytes(self) -> int:
+        """The database files and the raw files on disk now (as last measured)."""
+        return self._db_bytes + self._raw_bytes
+
+    def reserved_bytes(self) -> int:
+        """Bytes reserved for messages in flight."""
+        with self._lock:
+            return sum(self._reserved.values())
+
+    def reserve_incoming(self, key: str, size: int) -> bool:
+        """Reserve ``size`` bytes for a message about to be received (``key``: one per
+        message in flight, replacing an earlier reservation under it): False when that
+        would take the store over its total cap. Always True without a cap."""
+        cap = self.max_total_bytes
+        if cap is not None:
+            self._db_bytes = self._db_files_size()  # three stat calls: cheap, and current
+        with self._lock:
+            self._reserved.pop(key, None)
+            if cap is not None:
+                used = self._db_bytes + self._raw_bytes + sum(self._reserved.values())
+                # Room is left for the database to grow (rows, the WAL) meanwhile.
+                if used + size > cap - self.journal_limit():
+                    return False
+            self._reserved[key] = size
+            return True
+
+    def release_incoming(self, key: str) -> None:
+        """The message reserved under ``key`` is stored (its raw file counts now) or gone."""
+        with self._lock:
+            self._reserved.pop(key, None)
+
+    def make_room(self, size: int, timeout: float = 5.0) -> None:
+        """Prune the oldest finished sessions until ``size`` more bytes fit under the cap
+        with what is stored and reserved, as far as pruning can (blocking: call it in a
+        worker thread). Returns when the writer has done it, or after ``timeout``."""
+        if self.max_total_bytes is None or self._closed or not self._thread.is_alive():
+            return
+        done = threading.Event()
+        self._queue.put((_MAKE_ROOM, done, size))
+        done.wait(timeout)
+
+    def journal_limit(self) -> int:
+        """Bytes the database's WAL is kept to: 1/16 of the cap (64 KiB to 8 MiB)."""
+        cap = self.max_total_bytes
+        return 8 * 1024**2 if cap is None else max(64 * 1024, min(8 * 1024**2, cap // 16))
+
+    def _db_files_size(self) -> int:
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(OSError):
+                total += os.stat(f"{self.path}{suffix}").st_size
+        return total
 
     # --- control -----------------------------------------------------------------------------------
 
@@ -701,6 +832,11 @@ class CaptureStore:
                     self._write_jsonl(batch)
                 if any(c[0] == _STOP for c in controls):
                     stopping = True
+                if self.max_total_bytes is not None and batch:
+                    self._db_bytes = self._db_files_size()
+                need = max((c[2] for c in controls if c[0] == _MAKE_ROOM), default=None)
+                if need is not None and self.max_total_bytes is not None and db is not None:
+                    self._enforce_cap(db, need)
                 now = time.monotonic()
                 if self.max_total_bytes is not None and (
                     now >= next_check or (self.check_interval == 0 and (batch or controls))
@@ -709,7 +845,7 @@ class CaptureStore:
                     if db is not None:
                         self._enforce_cap(db)
                 for control in controls:
-                    if control[0] == _FLUSH:
+                    if control[0] in (_FLUSH, _MAKE_ROOM):
                         control[1].set()
         except Exception:  # pragma: no cover - a bug here must not take the server down
             log.exception("capture store: the writer thread failed; recording stops")
@@ -730,7 +866,7 @@ class CaptureStore:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if item[0] == _FLUSH:
+                if item[0] in (_FLUSH, _MAKE_ROOM):
                     item[1].set()
 
     def _connect(self) -> sqlite3.Connection | None:
@@ -738,7 +874,12 @@ class CaptureStore:
             db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = NORMAL")
-            db.execute("PRAGMA journal_size_limit = 8388608")
+            # The WAL counts against a cap as any file: checkpoint it well before it could
+            # matter (SQLite's default lets it grow to 4 MiB between checkpoints).
+            limit = self.journal_limit()
+            db.execute(f"PRAGMA journal_size_limit = {limit}")
+            page_size = db.execute("PRAGMA page_size").fetchone()[0]
+            db.execute(f"PRAGMA wal_autocheckpoint = {max(16, min(1000, limit // page_size))}")
             return db
         except sqlite3.Error as exc:
             self._warn("capture store: cannot open %s: %s", self.path, exc)
@@ -820,7 +961,7 @@ class CaptureStore:
                 if failed and db is not None:
                     with contextlib.suppress(sqlite3.Error, OSError):
                         if not _referenced(db, sha256):
-                            os.unlink(self.data_dir / MESSAGES_DIR / sha256[:2] / f"{sha256}.eml")
+                            self._unlink_raw(sha256)
 
     def _write_jsonl(self, batch: list[tuple[Any, ...]]) -> None:
         if not self.jsonl:
@@ -830,7 +971,9 @@ class CaptureStore:
             obj = item[2]
             if obj is not None:
                 obj["time"] = _iso(obj["ts"])
-                lines.append(json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
+                # Escaped like the reports: a SIEM or a terminal tailing the file must not
+                # act on the attacker's control or bidi characters.
+                lines.append(json_text(obj, separators=(",", ":")))
         if not lines:
             return
         data = ("\n".join(lines) + "\n").encode("utf-8", "backslashreplace")
@@ -857,24 +1000,27 @@ class CaptureStore:
             page_size = db.execute("PRAGMA page_size").fetchone()[0]
             pages = db.execute("PRAGMA page_count").fetchone()[0]
             free = db.execute("PRAGMA freelist_count").fetchone()[0]
-            raw = db.execute(
-                "SELECT coalesce(sum(size), 0) FROM (SELECT max(size) AS size FROM messages"
-                " WHERE path IS NOT NULL GROUP BY path)"
-            ).fetchone()[0]
-            return int((pages - free) * page_size + raw)
+            return int((pages - free) * page_size + _raw_total(db))
         finally:
             if own:
                 db.close()
 
-    def _enforce_cap(self, db: sqlite3.Connection) -> None:
+    def _enforce_cap(self, db: sqlite3.Connection, need: int = 0) -> None:
+        """Prune the oldest finished sessions while the database (its live pages) and the
+        raw files, with what is reserved for messages in flight and ``need`` bytes more,
+        are over the cap: down to 90 % of it."""
         cap = self.max_total_bytes
         assert cap is not None
         try:
             total = self.total_bytes(db)
-            if total <= cap:
+            with self._lock:
+                reserved = sum(self._reserved.values())
+            # On disk the database may be larger than its live pages (the WAL, free pages).
+            on_disk = max(total, self._db_bytes + self._raw_bytes)
+            if total <= cap and on_disk + reserved + need <= cap:
                 self.full = False
                 return
-            target = cap * 0.9
+            target = cap * 0.9 - reserved - need - (on_disk - total)
             pruned = 0
             for _ in range(_PRUNE_ROUNDS):
                 removed = self._prune_oldest(db, total - target)
@@ -886,6 +1032,11 @@ class CaptureStore:
                 total = self.total_bytes(db)
                 if total <= target:
                     break
+            if pruned:
+                # Give the deleted pages back to the file system: the WAL holds them too.
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                self._db_bytes = self._db_files_size()
             was_full, self.full = self.full, total > cap
             if pruned:
                 log.info(
@@ -955,8 +1106,24 @@ class CaptureStore:
                 if sha256 in self._pending_raw or _referenced(db, sha256):
                     continue
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.data_dir / MESSAGES_DIR / sha256[:2] / f"{sha256}.eml")
+                    self._unlink_raw(sha256)
         return len(ids)
+
+    def _unlink_raw(self, sha256: str) -> None:
+        """Remove a raw file (the lock held) and take it off the count."""
+        path = self.data_dir / MESSAGES_DIR / sha256[:2] / f"{sha256}.eml"
+        size = path.stat().st_size
+        os.unlink(path)
+        self._raw_bytes = max(0, self._raw_bytes - size)
+
+
+def _raw_total(db: sqlite3.Connection) -> int:
+    """Bytes of the raw files the messages refer to (each file once)."""
+    row = db.execute(
+        "SELECT coalesce(sum(size), 0) FROM (SELECT max(size) AS size FROM messages"
+        " WHERE path IS NOT NULL GROUP BY path)"
+    ).fetchone()
+    return int(row[0])
 
 
 def _referenced(db: sqlite3.Connection, sha256: str) -> bool:

@@ -93,6 +93,9 @@ class Session:
     messages: int = 0
     auth_failures: int = 0
     lmtp: bool = False
+    #: The client came in on a message submission listener (RFC 6409: port 587 or 465):
+    #: it must authenticate before MAIL (set at connect, from the listener).
+    submission: bool = False
     notes: dict[str, Any] = field(default_factory=dict)
 
     @property

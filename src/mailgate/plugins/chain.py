@@ -12,7 +12,17 @@ from typing import Any
 
 from mailgate.server.options import ServerOptions
 
-from . import client_checks, dnsbl, greylist, lists, mail_auth, rate_limits, relay, routing
+from . import (
+    client_checks,
+    dnsbl,
+    greylist,
+    lists,
+    mail_auth,
+    rate_limits,
+    relay,
+    routing,
+    submission,
+)
 from .policy import PolicyEnv
 
 __all__ = ["policy_plugins"]
@@ -22,11 +32,23 @@ def policy_plugins(options: ServerOptions, clock: Callable[[], float] | None = N
     """The built-in policy plugins the options ask for, in chain order. The server puts them
     ahead of the plugins registered in code: a blocked client is refused before an
     application's hooks spend anything on it. Lists come first (an allow-listed client
-    skips the later checks), then relay control, routing (reject rules answer at RCPT;
+    skips the later checks), then submission (AUTH before MAIL and the user's own senders,
+    on submission listeners only), relay control, routing (reject rules answer at RCPT;
     the others note where each recipient goes), limits, DNS lists, client checks,
     greylisting, and SPF/DKIM/DMARC last (it reads the message)."""
     env = PolicyEnv(options) if clock is None else PolicyEnv(options, clock)
     plugins: list[Any] = []
-    for module in (lists, relay, routing, rate_limits, dnsbl, client_checks, greylist, mail_auth):
+    modules = (
+        lists,
+        submission,
+        relay,
+        routing,
+        rate_limits,
+        dnsbl,
+        client_checks,
+        greylist,
+        mail_auth,
+    )
+    for module in modules:
         plugins.extend(module.plugins_from_options(env))
     return plugins

@@ -284,6 +284,11 @@ class SMTPServer:
         )
         if self.spooling:
             self.spool_dir.mkdir(parents=True, exist_ok=True)
+        if not self.protocol_config.auth_mechanisms and any(a.submission for a in options.listen):
+            log.warning(
+                "submission listeners but no AUTH backend (auth_users, users_file or an auth "
+                "hook): every MAIL there will be refused with 530"
+            )
         self._started = True
         try:
             for address in options.listen:
@@ -349,7 +354,10 @@ class SMTPServer:
 
         def factory() -> ConnectionDriver:
             return ConnectionDriver(
-                self, implicit_tls=address.implicit_tls, expect_proxy=expect_proxy
+                self,
+                implicit_tls=address.implicit_tls,
+                expect_proxy=expect_proxy,
+                submission=address.submission,
             )
 
         try:
@@ -372,6 +380,8 @@ class SMTPServer:
             bound = sock.getsockname()
             self.listening.append((address, (bound[0], bound[1])))
             kind = "SMTPS" if address.implicit_tls else ("LMTP" if self.options.lmtp else "SMTP")
+            if address.submission:
+                kind += " submission"
             log.info("listening on %s port %d (%s)", bound[0], bound[1], kind)
 
     def _load_tls(self) -> None:

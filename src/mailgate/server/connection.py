@@ -97,11 +97,17 @@ class ConnectionDriver(asyncio.Protocol):
     and writes the replies."""
 
     def __init__(
-        self, host: ConnectionHost, *, implicit_tls: bool = False, expect_proxy: bool = False
+        self,
+        host: ConnectionHost,
+        *,
+        implicit_tls: bool = False,
+        expect_proxy: bool = False,
+        submission: bool = False,
     ) -> None:
         self.host = host
         self.loop = host.loop
         self.implicit_tls = implicit_tls
+        self.submission = submission
         self.expect_proxy = expect_proxy
         self.transport: asyncio.Transport | None = None
         self.conn: ServerConnection | None = None
@@ -837,6 +843,7 @@ class ConnectionDriver(asyncio.Protocol):
             local_host=str(local[0]),
             local_port=int(local[1]),
             lmtp=self.host.options.lmtp,
+            submission=self.submission,
         )
 
     def _line_received(self, line: bytes) -> None:

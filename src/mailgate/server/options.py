@@ -9,7 +9,7 @@ this table; the command-line parsers and docs/settings.md are made from it.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +35,7 @@ __all__ = [
     "ListenAddress",
     "Network",
     "PolicySection",
+    "SenderMap",
     "ServerOptions",
     "parse_listen_address",
 ]
@@ -45,6 +46,9 @@ class ListenAddress:
     host: str  # literal IP or name; IPv6 without brackets
     port: int
     implicit_tls: bool = False
+    #: A message submission listener (RFC 6409): clients must authenticate before MAIL
+    #: and may use only the sender addresses of their user (plugins.submission).
+    submission: bool = False
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -62,6 +66,12 @@ class PolicySection:
     base: Path | None
     #: Where it came from, for error messages: "mailgate.toml [limits]" or "setting limits".
     source: str
+
+
+#: Which sender addresses an authenticated user may use on a submission listener: called
+#: with the user name, returns address patterns (``user@domain``, ``*@domain``...) or
+#: None for a user it does not know; may be a coroutine function (plugins.submission).
+SenderMap = Callable[[str], Iterable[str] | Awaitable[Iterable[str] | None] | None]
 
 
 #: Loopback may relay by default: the quick start sends from the same machine.
@@ -129,7 +139,7 @@ _LISTEN = Setting(
     metavar="HOST:PORT",
     repeatable=True,
     default=DEFAULT_LISTEN,
-    default_text="{default}, unless --smtps-listen is given",
+    default_text="{default}, unless another of the listen settings is given",
 )
 _SMTPS_LISTEN = Setting(
     "smtps_listen",
@@ -140,29 +150,61 @@ _SMTPS_LISTEN = Setting(
     repeatable=True,
     default=(),
 )
+_SUBMISSION_LISTEN = Setting(
+    "submission_listen",
+    converters.string_list,
+    "listen for message submission (RFC 6409, STARTTLS offered; port 587 style): AUTH "
+    "required before MAIL, senders limited to the user's own ([senders])",
+    "listening",
+    metavar="HOST:PORT",
+    repeatable=True,
+    default=(),
+)
+_SUBMISSIONS_LISTEN = Setting(
+    "submissions_listen",
+    converters.string_list,
+    "listen for message submission over implicit TLS (RFC 8314, port 465 style), with "
+    "the rules of --submission-listen",
+    "listening",
+    metavar="HOST:PORT",
+    repeatable=True,
+    default=(),
+)
+#: The listen settings: (key, implicit TLS, submission).
+_LISTEN_KINDS = (
+    ("listen", False, False),
+    ("smtps_listen", True, False),
+    ("submission_listen", False, True),
+    ("submissions_listen", True, True),
+)
 
 
 def _listen_addresses(
     values: Mapping[str, Value], default: tuple[ListenAddress, ...]
 ) -> tuple[ListenAddress, ...]:
-    plain = values.get("listen")
-    implicit_tls = values.get("smtps_listen")
-    if plain is None and implicit_tls is None:
+    if all(values.get(key) is None for key, _, _ in _LISTEN_KINDS):
         return default
     addresses: list[ListenAddress] = []
     seen: dict[tuple[str, int], str] = {}
-    for value, tls in ((plain, False), (implicit_tls, True)):
+    for key, tls, submission in _LISTEN_KINDS:
+        value = values.get(key)
         if value is None:
             continue
         for text in converters.string_list(value):
-            address = replace(parse_listen_address(text, value), implicit_tls=tls)
+            address = replace(
+                parse_listen_address(text, value), implicit_tls=tls, submission=submission
+            )
             endpoint = (address.host, address.port)
-            if endpoint in seen:
+            # Port 0 is a new free port for each listener (tests), never a duplicate.
+            if address.port and endpoint in seen:
                 raise value.error(f"{address} is already given (in {seen[endpoint]})")
             seen[endpoint] = value.where
             addresses.append(address)
     if not addresses:
-        raise ConfigError("no address to listen on: listen and smtps_listen are both empty")
+        raise ConfigError(
+            "no address to listen on: listen, smtps_listen, submission_listen and "
+            "submissions_listen are all empty"
+        )
     return tuple(addresses)
 
 
@@ -247,7 +289,9 @@ _NETWORKS = "CIDR[,CIDR]"
 @dataclass(frozen=True, slots=True)
 class ServerOptions:
     listen: tuple[ListenAddress, ...] = derived(
-        DEFAULT_LISTEN, inputs=(_LISTEN, _SMTPS_LISTEN), combine=_listen_addresses
+        DEFAULT_LISTEN,
+        inputs=(_LISTEN, _SMTPS_LISTEN, _SUBMISSION_LISTEN, _SUBMISSIONS_LISTEN),
+        combine=_listen_addresses,
     )
     hostname: str = setting(
         "localhost",
@@ -583,6 +627,11 @@ class ServerOptions:
     #: The policy tables of the configuration, for their plugins to read.
     policy: tuple[PolicySection, ...] = code_only(
         (), reason="the policy tables of the file ([limits], [lists]...), read by their plugins"
+    )
+    #: The senders a user of a submission listener may use, from code
+    #: (``Server(sender_map=...)``); with the [senders] table, either may grant one.
+    sender_map: SenderMap | None = code_only(
+        None, reason="a callable, given in code: Server(sender_map=...)"
     )
     # --- presentation ------------------------------------------------------------------
     #: How the server words its replies, banner, EHLO greeting and HELP (honeypot

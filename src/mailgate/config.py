@@ -78,6 +78,7 @@ from mailgate.honeypot.settings import (
     HoneypotOptions,
     check_policy_overlap,
     refuse_server_settings,
+    refuse_tables,
 )
 from mailgate.server.options import (
     GROUPS,
@@ -209,6 +210,7 @@ def build_honeypot_options(args: argparse.Namespace) -> tuple[ServerOptions, Hon
     refuse_server_settings(values)
     honeypot = _honeypot_values(args, values.get("honeypot"))
     options = _assemble(values)
+    refuse_tables(options.policy)
     check_policy_overlap(honeypot, options.policy)
     fields = build_fields(HoneypotOptions, honeypot, table="honeypot")
     given = frozenset(key for key in values if key in KEYS)

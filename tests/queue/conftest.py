@@ -68,3 +68,24 @@ def open_store(backend: str, tmp_path: Path, clock: Clock) -> StoreOpener:
             await store.aclose()
 
     return opener
+
+
+@pytest.fixture(scope="session")
+def mx_port() -> int:
+    """The port every receiving server of the end-to-end tests listens on, each on its
+    own 127.0.0.x (the ``[outbound] port`` of the servers under test)."""
+    from tests.outbound.receivers import free_port
+
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A test CA (trustme) for receiving servers that offer STARTTLS."""
+    import trustme
+    from tests.outbound.receivers import Certs
+
+    ca = trustme.CA()
+    ca_file = Path(tmp_path_factory.mktemp("ca")) / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    return Certs(ca, ca_file)

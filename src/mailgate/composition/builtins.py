@@ -9,12 +9,12 @@ with ``before="maildir"``). Plugin modules are imported only when a server start
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from mailgate.server.options import ServerOptions
 
-__all__ = ["builtin_plugins", "policy_plugins"]
+__all__ = ["builtin_plugins", "policy_plugins", "queue_plugin", "routing_plugin"]
 
 
 def policy_plugins(options: ServerOptions, clock: Callable[[], float] | None = None) -> list[Any]:
@@ -25,9 +25,10 @@ def policy_plugins(options: ServerOptions, clock: Callable[[], float] | None = N
     return chain.policy_plugins(options, clock)
 
 
-def builtin_plugins(options: ServerOptions) -> list[Any]:
+def builtin_plugins(options: ServerOptions, routing: Any = None) -> list[Any]:
     """Plugin objects for ``options``, in chain order: auth backends, an aiosmtpd handler,
-    then deliveries."""
+    then deliveries: the queue first (when ``routing``, the routing plugin of the policy
+    chain, has relay or forward rules), then the local ones."""
     plugins: list[Any] = []
     if options.auth_users:
         from mailgate.plugins.static_auth import StaticUsers
@@ -47,6 +48,9 @@ def builtin_plugins(options: ServerOptions) -> list[Any]:
         plugins.append(
             HandlerAdapter(load_handler(options.aiosmtpd_handler), hostname=options.hostname)
         )
+    queue = queue_plugin(options, routing)
+    if queue is not None:
+        plugins.append(queue)
     if options.delivery == "maildir":
         from mailgate.delivery.hooks import MaildirDelivery
 
@@ -65,3 +69,49 @@ def builtin_plugins(options: ServerOptions) -> list[Any]:
 
         plugins.append(WebhookDelivery(url))
     return plugins
+
+
+def routing_plugin(plugins: Sequence[Any]) -> Any:
+    """The routing plugin among the policy plugins (None without ``[[routes]]``)."""
+    from mailgate.plugins.routing import RoutingPlugin
+
+    return next((plugin for plugin in plugins if isinstance(plugin, RoutingPlugin)), None)
+
+
+def queue_plugin(options: ServerOptions, routing: Any) -> Any:
+    """The queue, when the routing rules send mail onward (a relay or forward rule): it
+    queues those recipients and delivers them, with the ``[queue]`` and ``[outbound]``
+    settings and the server's resolver. None otherwise: without such rules nothing is
+    queued and nothing changes."""
+    from mailgate.plugins.routing import Action, RoutingPlugin
+
+    if not isinstance(routing, RoutingPlugin):
+        return None
+    table = routing.table
+    if not any(route.action in (Action.RELAY, Action.FORWARD) for route in table.routes):
+        return None
+    from mailgate.dns import Resolver
+    from mailgate.queue.outbound import Forward
+    from mailgate.queue.plugin import QueuePlugin
+    from mailgate.queue.settings import outbound_options, queue_settings
+
+    settings = queue_settings(options.policy)
+    forward_targets = {
+        key: Forward(target.to, target.auth) for key, target in table.forward_targets().items()
+    }
+
+    def bounce_route(address: str) -> str | None:
+        # A report goes where the rules send mail from <> to its address (a smarthost,
+        # say); a local address is reached through its MX, as from any other server.
+        return str(table.match(address, "", None, False).destination)
+
+    return QueuePlugin(
+        destinations=routing.destinations,
+        hostname=options.hostname,
+        directory=settings.directory(options.state_dir),
+        settings=settings,
+        outbound=outbound_options(options.policy, options.hostname),
+        forward_targets=forward_targets,
+        bounce_route=bounce_route,
+        resolver=Resolver(options.dns_nameservers, timeout=options.dns_timeout),
+    )

@@ -17,7 +17,7 @@ from mailgate.server import runner
 from mailgate.server.app import SMTPServer, StartPlugins
 from mailgate.server.options import SenderMap, ServerOptions
 
-from .builtins import builtin_plugins, policy_plugins
+from .builtins import builtin_plugins, policy_plugins, routing_plugin
 
 __all__ = ["Server", "run"]
 
@@ -68,7 +68,9 @@ class Server(SMTPServer):
     def start_plugins(self) -> StartPlugins:
         """The plugins the settings ask for: the policy plugins ahead of those registered
         in code, then auth backends, an aiosmtpd handler and deliveries after them."""
-        return StartPlugins(first=policy_plugins(self.options), last=builtin_plugins(self.options))
+        first = policy_plugins(self.options)
+        last = builtin_plugins(self.options, routing=routing_plugin(first))
+        return StartPlugins(first=first, last=last)
 
 
 def run(

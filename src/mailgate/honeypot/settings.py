@@ -15,18 +15,28 @@ from pathlib import Path
 from typing import Final
 
 from mailgate.server.options import PolicySection
-from mailgate.settings import Network, Value, code_only, converters, required, setting
+from mailgate.settings import (
+    ConfigError,
+    Network,
+    Value,
+    code_only,
+    converters,
+    required,
+    setting,
+)
 
 __all__ = [
     "AUTH_OUTCOMES",
     "GROUPS",
     "HONEYPOT_REFUSED",
+    "HONEYPOT_REFUSED_TABLES",
     "PERSONA_CHOICES",
     "REFUSED_FLAGS",
     "SERVER_FLAGS",
     "HoneypotOptions",
     "check_policy_overlap",
     "parse_auth_outcome",
+    "refuse_tables",
 ]
 
 AUTH_OUTCOMES: Final = ("refuse", "accept", "accept-after:N")
@@ -262,6 +272,24 @@ HONEYPOT_REFUSED: Mapping[str, str] = {
     "submission_listen": _NO_SUBMISSION,
     "submissions_listen": _NO_SUBMISSION,
 }
+
+
+_NOTHING_ONWARD = "a honeypot never sends mail onward (nothing is routed, queued or relayed)"
+#: Tables a honeypot's file may not have, with the reason.
+HONEYPOT_REFUSED_TABLES: Mapping[str, str] = {
+    "routes": _NOTHING_ONWARD,
+    "queue": _NOTHING_ONWARD,
+    "outbound": _NOTHING_ONWARD,
+}
+
+
+def refuse_tables(sections: tuple[PolicySection, ...]) -> None:
+    """Raise for a table (``[[routes]]``, ``[queue]``, ``[outbound]``) a honeypot cannot
+    honour, naming it."""
+    for section in sections:
+        reason = HONEYPOT_REFUSED_TABLES.get(section.name)
+        if reason is not None:
+            raise ConfigError(f"{section.source}: not for honeypot mode: {reason}")
 
 
 #: The serve flags ``mailgate honeypot`` parses only to refuse them with the reason (they

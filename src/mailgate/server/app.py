@@ -302,6 +302,7 @@ class SMTPServer:
             await self._close_listeners()
             self._started = False
             raise
+        await self._start_plugin_tasks()
         if self._dev_certificate is not None:
             log.warning(
                 "no --tls-cert/--tls-key given: using a self-signed development certificate "
@@ -449,6 +450,32 @@ class SMTPServer:
         self._started = False
         if self._closed is not None:
             self._closed.set()
+
+    async def _start_plugin_tasks(self) -> None:
+        """Plugins with work of their own (a queue's delivery workers): ``astart()``,
+        awaited in chain order once the listeners are bound. One that fails stops the
+        start: the listeners close, the plugins already started get their ``aclose()``,
+        and the error is a :class:`StartupError`."""
+        started: list[Any] = []
+        for plugin in self.hooks.plugins():
+            astart = getattr(plugin, "astart", None)
+            if not callable(astart):
+                continue
+            try:
+                await astart()
+            except BaseException as exc:
+                await self._close_listeners()
+                for done in reversed(started):
+                    aclose = getattr(done, "aclose", None)
+                    if callable(aclose):
+                        with contextlib.suppress(Exception):
+                            await aclose()
+                self._started = False
+                if not isinstance(exc, Exception):
+                    raise
+                name = getattr(plugin, "name", plugin)
+                raise StartupError(f"plugin {name}: cannot start: {exc}") from exc
+            started.append(plugin)
 
     async def _close_plugins(self) -> None:
         """Let plugins release what they hold (HTTP sessions, files): ``aclose()``."""

@@ -1,0 +1,345 @@
+"""The queue in a running server: a message-stage delivery that queues what the routing
+rules send onward, and the runner that delivers it.
+
+At the message stage :class:`QueuePlugin` asks the routing rules where each recipient
+goes (a callable given by the composition layer: the queue does not know the routing
+plugin) and enqueues, in one transaction, the recipients whose destination is
+``relay:<domain>`` or ``forward:<url>``, with their DSN parameters (NOTIFY, ORCPT) and
+the message's (ENVID, RET, SMTPUTF8, BODY). The step is required: the 250 is sent only
+once ``enqueue`` returned, that is once the message and its recipients are durable. A
+queue that cannot be written answers ``451 4.3.0`` and nothing is accepted.
+
+What the local deliveries (Maildir, mbox, forward, webhook, an aiosmtpd handler) see:
+
+* some recipients route to ``deliver``: this step returns nothing and the local
+  deliveries after it run as they always did (they store the message once, whatever its
+  recipients);
+* none does: this step answers for the message (``Accept``), so the built-in local
+  deliveries after it do not run and store nothing. Message hooks registered in code run
+  before the built-in deliveries, so they still see every message.
+
+A recipient whose decision is a reject reply (accepted at RCPT by an earlier step,
+before routing could refuse it) is not queued: when every recipient is one, the message
+is refused with that reply; otherwise the others are delivered and a failure DSN with
+that reply goes back to the sender.
+
+``astart()`` opens the store and starts the :class:`~mailgate.queue.runner.QueueRunner`;
+``aclose()`` stops it (in-flight deliveries finish or are handed back) and closes the
+store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from mailgate.dns import Resolver
+from mailgate.hooks import Accept, Address, Envelope, Message, Reject, Session, TempFail
+from mailgate.server.received import with_protocol
+
+from . import dsn
+from .model import ClientInfo, NewMessage, NewRecipient, parse_notify
+from .outbound import Forward, OutboundEngine, OutboundOptions
+from .runner import BounceRoute, FileQueueStore, QueueRunner
+from .settings import QueueSettings
+from .sqlite import SQLiteQueueStore
+
+__all__ = ["DestinationLookup", "QueuePlugin"]
+
+log = logging.getLogger("mailgate.queue")
+
+#: The accepted recipients of a transaction grouped by destination key (``deliver``,
+#: ``relay:<domain>``, ``forward:<url>``, or a reject reply): what
+#: ``RoutingPlugin.destinations(session, envelope)`` gives.
+DestinationLookup = Callable[[Session, Envelope], Mapping[str, Sequence[Address]]]
+
+_ONWARD = ("relay:", "forward:")
+#: Longest a message waits for the queue to open at start.
+_OPEN_WAIT = 30.0
+_QUEUE_FAILED = "Requested action aborted: local error in processing (queue)"
+
+
+class QueuePlugin:
+    """Queue the recipients routed onward; deliver them in the background.
+
+    ``destinations`` groups a transaction's recipients by destination key;
+    ``forward_targets`` gives the smarthost (URL and credentials) of each ``forward:``
+    key; ``bounce_route`` where a DSN to an address goes. ``directory`` and ``settings``
+    are the ``[queue]`` table's, ``outbound`` the ``[outbound]`` table's; ``resolver``
+    mailgate's resolver (``dns_nameservers``). ``store``: an open store to use instead
+    of opening one in ``directory`` (it is then not closed here either).
+    """
+
+    name = "queue"
+    #: The 250 waits for the enqueue.
+    required = True
+
+    def __init__(
+        self,
+        *,
+        destinations: DestinationLookup,
+        hostname: str,
+        directory: Path | None = None,
+        settings: QueueSettings | None = None,
+        outbound: OutboundOptions | None = None,
+        forward_targets: Mapping[str, Forward] | None = None,
+        bounce_route: BounceRoute | None = None,
+        resolver: Resolver | None = None,
+        store: FileQueueStore | None = None,
+    ) -> None:
+        if store is None and directory is None:
+            raise ValueError("QueuePlugin needs a queue directory or an open store")
+        self.destinations = destinations
+        self.hostname = hostname
+        self.directory = directory
+        self.settings = settings or QueueSettings()
+        self.outbound = outbound or OutboundOptions(helo=hostname)
+        self.forward_targets = dict(forward_targets or {})
+        self.bounce_route = bounce_route
+        self.resolver = resolver
+        self.store: FileQueueStore | None = store
+        self._owns_store = store is None
+        self.runner: QueueRunner | None = None
+        self.engine: OutboundEngine | None = None
+        # Set once the store is open: a message that completes between the listeners'
+        # bind and the end of astart() waits for it rather than getting a 451.
+        self._ready = asyncio.Event()
+        self._closed = False
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def astart(self) -> None:
+        """Open the store and start delivering (the server calls this once its listeners
+        are bound)."""
+        if self.store is None:
+            assert self.directory is not None
+            self.store = await SQLiteQueueStore.open(self.directory, policy=self.settings.policy())
+        self._ready.set()
+        self.engine = OutboundEngine(self.outbound, resolver=self.resolver)
+        self.runner = QueueRunner(
+            self.store,
+            self.engine,
+            hostname=self.hostname,
+            forward_targets=self.forward_targets,
+            bounce_route=self.bounce_route,
+            max_deliveries=self.settings.max_deliveries,
+            # With several workers on one queue only one sends the DSNs.
+            notice_lock=self.directory / "dsn-producer.lock" if self.directory else None,
+        )
+        self.runner.start()
+        log.info(
+            "queue %s: open; delivering up to %d at once",
+            self.directory or "(given store)",
+            self.settings.max_deliveries,
+        )
+
+    async def aclose(self) -> None:
+        self._closed = True
+        runner, self.runner = self.runner, None
+        if runner is not None:
+            await runner.stop()
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            await engine.aclose()
+        store = self.store
+        if store is not None and self._owns_store:
+            self.store = None
+            await store.aclose()
+
+    # --- the message stage --------------------------------------------------------------------
+
+    async def on_message(
+        self, session: Session, envelope: Envelope, message: Message
+    ) -> Accept | None:
+        groups = self.destinations(session, envelope)
+        onward: list[tuple[str, Address]] = []
+        refused: list[tuple[str, Address]] = []
+        local = False
+        for key, rcpts in groups.items():
+            if key.startswith(_ONWARD):
+                onward.extend((key, rcpt) for rcpt in rcpts)
+            elif key == "deliver":
+                local = True
+            else:
+                refused.extend((key, rcpt) for rcpt in rcpts)
+        if refused and not onward and not local:
+            raise _refusal(refused[0][0])
+        if not onward and not refused:
+            return None  # everything is local: the deliveries after this one
+        store = self.store if self.store is not None else await self._opened()
+        if store is None or message.path is None:
+            log.error("message %s: the queue is not open; refused for now", message.id)
+            raise TempFail(451, _QUEUE_FAILED, enhanced="4.3.0")
+        if onward:
+            await self._enqueue(store, session, envelope, message, onward)
+        if refused:
+            await self._bounce_refused(store, session, envelope, message, refused)
+        return None if local else Accept()
+
+    async def _opened(self) -> FileQueueStore | None:
+        """The store, once astart() has opened it (bounded wait); None when closed."""
+        if self._closed:
+            return None
+        try:
+            await asyncio.wait_for(self._ready.wait(), _OPEN_WAIT)
+        except TimeoutError:
+            return None
+        return self.store
+
+    async def _enqueue(
+        self,
+        store: FileQueueStore,
+        session: Session,
+        envelope: Envelope,
+        message: Message,
+        onward: list[tuple[str, Address]],
+    ) -> None:
+        try:
+            recipients = [
+                NewRecipient(
+                    str(rcpt),
+                    key,
+                    orcpt=rcpt.params.get("ORCPT"),
+                    notify=parse_notify(rcpt.params.get("NOTIFY")),
+                )
+                for key, rcpt in onward
+            ]
+            params = envelope.mail_params
+            ret = params.get("RET")
+            new = NewMessage(
+                envelope.sender,
+                recipients,
+                envid=params.get("ENVID"),
+                ret="FULL" if ret == "FULL" else "HDRS" if ret == "HDRS" else None,
+                smtputf8=envelope.smtputf8,
+                body_type=params.get("BODY"),
+                client=client_info(session, utf8=envelope.smtputf8),
+                received_at=message.received_at,
+            )
+            loop = asyncio.get_running_loop()
+            # The spool file is fsynced once (the server would anyway before its 250;
+            # Maildir then finds it synced) and hard-linked into the queue: no copy.
+            await loop.run_in_executor(None, message.sync)
+            queue_id = await store.enqueue(new, message.path or Path(), synced=True)
+        except Exception:
+            log.exception("message %s: cannot be queued; answered 451", message.id)
+            raise TempFail(451, _QUEUE_FAILED, enhanced="4.3.0") from None
+        log.info(
+            "message %s: queued as %s for %d recipient(s): %s",
+            message.id,
+            queue_id,
+            len(onward),
+            ", ".join(sorted({key for key, _ in onward})),
+        )
+
+    async def _bounce_refused(
+        self,
+        store: FileQueueStore,
+        session: Session,
+        envelope: Envelope,
+        message: Message,
+        refused: list[tuple[str, Address]],
+    ) -> None:
+        """Recipients a reject rule would have refused, accepted by an earlier step: the
+        mail was taken, so the sender is told (a failure DSN with the rule's reply)."""
+        sender = envelope.sender
+        wanted = [
+            (key, rcpt)
+            for key, rcpt in refused
+            if sender and _wants_failure(rcpt.params.get("NOTIFY"))
+        ]
+        for key, rcpt in refused:
+            log.warning("message %s: <%s> not delivered: %s", message.id, rcpt, key)
+        if not wanted:
+            return
+        results = []
+        for key, rcpt in wanted:
+            code, status, text = _parse_reply(key)
+            failed = status if status.startswith("5") else "5" + status[1:]
+            results.append(
+                dsn.RecipientResult(
+                    address=str(rcpt),
+                    action=dsn.Action.FAILED,
+                    status=failed,
+                    orcpt=rcpt.params.get("ORCPT"),
+                    remote_mta=self.hostname,
+                    diagnostic=dsn.Diagnostic(code, status, text),
+                    last_attempt=message.received_at,
+                )
+            )
+        facts = dsn.MessageFacts(
+            sender=sender,
+            reporting_mta=self.hostname,
+            arrival_date=message.received_at,
+            envid=envelope.mail_params.get("ENVID"),
+            ret="HDRS" if envelope.mail_params.get("RET") == "HDRS" else None,
+            received_from=session.helo or session.peer_host,
+            queue_id=message.id,
+        )
+        path = message.path
+        assert path is not None
+        loop = asyncio.get_running_loop()
+        try:
+            report = await loop.run_in_executor(None, dsn.build_dsn, facts, results, path)
+            destination = self.bounce_route(sender) if self.bounce_route else None
+            if destination is None or not destination.startswith(_ONWARD):
+                destination = f"relay:{sender.rpartition('@')[2].lower()}"
+            await store.enqueue(
+                NewMessage(
+                    "",
+                    [NewRecipient(sender, destination, notify=frozenset())],
+                    smtputf8=not sender.isascii(),
+                    body_type="8BITMIME" if dsn.needs_8bitmime(report) else None,
+                    client=ClientInfo(protocol="local", listener="dsn"),
+                ),
+                report,
+            )
+        except Exception:
+            log.exception("message %s: cannot queue the report of refused recipients", message.id)
+            raise TempFail(451, _QUEUE_FAILED, enhanced="4.3.0") from None
+
+
+def client_info(session: Session, *, utf8: bool = False) -> ClientInfo:
+    """What the queue keeps of the client that handed a message over."""
+    tls = session.tls
+    return ClientInfo(
+        address=session.peer_host,
+        port=session.peer_port,
+        helo=session.helo,
+        protocol=with_protocol(
+            lmtp=session.lmtp,
+            esmtp=session.esmtp,
+            tls=tls is not None,
+            auth=session.authenticated,
+            utf8=utf8,
+        ),
+        tls=" ".join(part for part in (tls.version, tls.cipher) if part) or None
+        if tls is not None
+        else None,
+        auth_user=session.user,
+        listener=f"{session.local_host}:{session.local_port}",
+    )
+
+
+def _parse_reply(text: str) -> tuple[int, str, str]:
+    """A reject rule's reply as its destination key writes it: ``550 5.7.1 text``."""
+    code_text, _, rest = text.partition(" ")
+    code = int(code_text) if code_text.isdigit() else 550
+    first, _, remainder = rest.partition(" ")
+    if first[:1] in ("4", "5") and first.count(".") == 2:
+        return code, first, remainder
+    return code, f"{str(code)[0]}.0.0", rest
+
+
+def _refusal(reply: str) -> Reject | TempFail:
+    code, status, text = _parse_reply(reply)
+    if code >= 500:
+        return Reject(code, text, enhanced=status)
+    return TempFail(code, text, enhanced=status)
+
+
+def _wants_failure(notify: str | None) -> bool:
+    keywords = parse_notify(notify)
+    return keywords is None or "FAILURE" in keywords

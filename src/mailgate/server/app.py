@@ -376,10 +376,10 @@ class SMTPServer:
     def _load_tls(self) -> None:
         options = self.options
         cert, key = options.tls_cert, options.tls_key
-        if cert is None or key is None:
-            cert, key = ensure_dev_certificate(options.state_dir, options.hostname)
-            self._dev_certificate = cert.parent
         try:
+            if cert is None or key is None:
+                cert, key = ensure_dev_certificate(options.state_dir, options.hostname)
+                self._dev_certificate = cert.parent
             self.ssl_context = create_server_context(cert, key)
         except ValueError as exc:
             raise StartupError(str(exc)) from None

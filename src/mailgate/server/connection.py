@@ -568,6 +568,16 @@ class ConnectionDriver(asyncio.Protocol):
                 envelope.sender,
                 len(envelope.rcpt_tos),
                 point.size,
+                # The same as fields, for the JSON log format (--log-format json).
+                extra={
+                    "session": session.id,
+                    "client": session.peer_host,
+                    "queue_id": self.message_id,
+                    "sender": envelope.sender,
+                    "recipients": [str(rcpt) for rcpt in envelope.rcpt_tos],
+                    "size": point.size,
+                    "user": session.user,
+                },
             )
         return reply
 

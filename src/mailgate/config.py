@@ -353,7 +353,8 @@ def _check_routing_tables(options: ServerOptions, problems: list[str] | None = N
 @dataclass(frozen=True)
 class CheckedConfiguration:
     """What :func:`check_configuration` found: the options (None when the settings could
-    not be read at all), every problem as one line, and where each setting came from."""
+    not be read at all; with problems, the settings that failed are left at their
+    defaults), every problem as one line, and where each setting came from."""
 
     options: ServerOptions | None
     problems: tuple[str, ...]
@@ -396,12 +397,17 @@ def check_configuration(args: argparse.Namespace) -> CheckedConfiguration:
         problems.append(
             str(values["honeypot"].error('a [honeypot] table needs mode = "honeypot" in [server]'))
         )
+    failed: set[str] = set()
     for item in SERVER_SETTINGS:
         value = values.get(item.key)
         if value is not None:
+            before = len(problems)
             _gather(problems, item.convert, value)
-    if problems:
-        return CheckedConfiguration(None, tuple(problems), sources)
+            if len(problems) > before:
+                failed.add(item.key)
+    # The rest is checked with the failed settings left at their defaults, so that one
+    # bad value does not hide the problems of the files and tables.
+    values = {key: value for key, value in values.items() if key not in failed}
     try:
         options = _assemble(values, problems)
     except ConfigError as exc:

@@ -61,6 +61,8 @@ def run_check(args: argparse.Namespace) -> int:
         problems.extend(found.problems)
         warnings = found.warnings
         summary = _summary(checked.options, found.policies, found.routes)
+    # The routing tables are read by the configuration reader and again by their plugin.
+    problems = list(dict.fromkeys(problems))
     if problems:
         for problem in problems:
             print("mailgate: error: " + " ".join(problem.splitlines()), file=sys.stderr)

@@ -191,7 +191,10 @@ def test_every_problem_is_listed(
 def test_as_a_command(tmp_path: Path) -> None:
     (tmp_path / "m.toml").write_text("[server]\nstate_dir = 'afile'\n[limits]\nmax_messages = 1\n")
     (tmp_path / "afile").write_text("")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+    }
     result = subprocess.run(
         [sys.executable, "-m", "mailgate", "check-config", "--config", "m.toml"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30, check=False,

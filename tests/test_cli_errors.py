@@ -82,9 +82,12 @@ def test_maildir_with_a_file_for_tmp(cwd: Path) -> None:
 
 def test_maildir_under_a_file(cwd: Path) -> None:
     line = one_line_error(mailgate(cwd, *SERVE, "--maildir", "afile/mail"))
-    assert line == "mailgate: error: --maildir afile/mail: cannot be created, " + str(
-        cwd / "afile"
-    ) + " is not a directory"
+    assert (
+        line
+        == "mailgate: error: --maildir afile/mail: cannot be created, "
+        + str(cwd / "afile")
+        + " is not a directory"
+    )
 
 
 def test_mbox_in_a_missing_directory(cwd: Path) -> None:
@@ -207,7 +210,9 @@ def test_honeypot_port_in_use_is_a_cannot_start_line(cwd: Path) -> None:
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if not LOG_LINE.match(line)]
-    assert lines == [f"mailgate: cannot start: cannot listen on 127.0.0.1:{port}: Address already in use"]
+    assert lines == [
+        f"mailgate: cannot start: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]
 
 
 # -- 8: small things ---------------------------------------------------------------------

@@ -57,7 +57,10 @@ def host_vm(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_machine_fqdn_prefers_the_host_name_to_a_localhost_alias(host_vm: None) -> None:
     assert machine.machine_name_choice() is None  # not looked up until asked
     assert machine.machine_fqdn() == "vm"
-    assert machine.machine_name_choice() == ("vm", "the host name; socket.getfqdn() gave 'localhost'")
+    assert machine.machine_name_choice() == (
+        "vm",
+        "the host name; socket.getfqdn() gave 'localhost'",
+    )
 
 
 def test_the_start_logs_which_name_the_banner_uses(
@@ -76,9 +79,7 @@ def test_the_start_logs_which_name_the_banner_uses(
     ) in lines
 
 
-def test_a_given_hostname_is_not_explained(
-    host_vm: None, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_a_given_hostname_is_not_explained(host_vm: None, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, "mailgate")
     machine.machine_fqdn()
     with running_server(hostname="mx.example.com"):
@@ -179,6 +180,7 @@ def test_no_local_domains_on_loopback_is_only_information(
 
 
 def test_local_domains_given_says_nothing(caplog: pytest.LogCaptureFixture) -> None:
-    assert relay_log(
-        caplog, listen=(ListenAddress("0.0.0.0", 25),), local_domains=("example.com",)
-    ) == []
+    assert (
+        relay_log(caplog, listen=(ListenAddress("0.0.0.0", 25),), local_domains=("example.com",))
+        == []
+    )

@@ -111,18 +111,18 @@ __all__ = [
     "MODES",
     "POLICY_TABLES",
     "SERVER_SETTINGS",
+    "CheckedConfiguration",
     "ConfigError",
     "HoneypotOptions",
-    "CheckedConfiguration",
     "build_honeypot_options",
     "build_options",
     "check_configuration",
-    "setting_sources",
     "config_mode",
     "flag_name",
     "machine_fqdn",
     "options_from_settings",
     "parse_listen_address",
+    "setting_sources",
     "settings_reference",
     "user_state_dir",
 ]
@@ -600,9 +600,7 @@ def _queue_reference() -> list[str]:
         "Mail that a `[[routes]]` rule relays or forwards (see docs/routing.md) waits in "
         "this queue until it is delivered, returned to its sender, or removed with "
         "`mailgate queue`. Durations are like `90s`, `5m`, `1h30m` or `5d`.\n",
-        reference_table(
-            settings_of(QueueSettings), {"queue": "queue"}, table="queue", flags=False
-        ),
+        reference_table(settings_of(QueueSettings), {"queue": "queue"}, table="queue", flags=False),
         "## `[outbound]`: how mailgate talks to other servers\n",
         reference_table(
             settings_of(OutboundOptions),

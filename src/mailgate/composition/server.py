@@ -60,9 +60,7 @@ class Server(SMTPServer):
         choice = machine_name_choice()
         if choice is not None and choice[0] == self.options.hostname:
             # No hostname was given: say which of the machine's names the banner uses.
-            log.info(
-                "host name %s (from %s); set hostname to choose another", choice[0], choice[1]
-            )
+            log.info("host name %s (from %s); set hostname to choose another", choice[0], choice[1])
         return StartPlugins(first=policy_plugins(self.options), last=builtin_plugins(self.options))
 
 

@@ -165,8 +165,9 @@ def _serve(args: argparse.Namespace) -> int:
     from mailgate.composition.server import run
 
     # What the start would stumble on (a state directory that is a file, an mbox that
-    # cannot be written, a typo in a policy table), said before the first log line.
-    found = preflight(options, setting_sources(args))
+    # cannot be written, a typo in a policy table), said before the first log line. Auth
+    # backends and deliveries are left to the start ("cannot start: ..."), as before.
+    found = preflight(options, setting_sources(args), backends=False)
     if found.problems:
         return _fail(f"mailgate: error: {found.problems[0]}", EXIT_CONFIG)
     from mailgate.server.errors import StartupError

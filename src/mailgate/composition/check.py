@@ -53,13 +53,18 @@ def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
-def preflight(options: ServerOptions, where: Where = _flag) -> Preflight:
+def preflight(options: ServerOptions, where: Where = _flag, *, backends: bool = True) -> Preflight:
     """Check ``options`` as a start would, without binding or writing; ``where(key)`` names
-    a setting in the messages (default: its flag)."""
+    a setting in the messages (default: its flag). ``backends``: also build the auth
+    backends, the aiosmtpd handler and the forward and webhook deliveries, and check the
+    DNS settings (``mailgate serve`` leaves them to the start, which reports them as
+    "cannot start")."""
     result = Preflight()
     _check_paths(options, where, result.problems)
     with _kept_log_records() as records:
-        _check_plugins(options, where, result)
+        _check_policies(options, result)
+        if backends:
+            _check_backends(options, where, result.problems)
     result.warnings = [
         record.getMessage() for record in records if record.levelno >= logging.WARNING
     ]
@@ -144,7 +149,7 @@ def _appendable_file(path: Path, label: str, problems: list[str]) -> None:
 # -- plugins -----------------------------------------------------------------------------
 
 
-def _check_plugins(options: ServerOptions, where: Where, result: Preflight) -> None:
+def _check_policies(options: ServerOptions, result: Preflight) -> None:
     from mailgate.plugins import chain
     from mailgate.plugins.policy import PolicyEnv
 
@@ -157,15 +162,18 @@ def _check_plugins(options: ServerOptions, where: Where, result: Preflight) -> N
             continue
         result.policies.extend(getattr(plugin, "name", type(plugin).__name__) for plugin in plugins)
     result.routes = sum(1 for section in options.policy if section.name == "routes")
-    _try(result.problems, _dns_settings, options)
+
+
+def _check_backends(options: ServerOptions, where: Where, problems: list[str]) -> None:
+    _try(problems, _dns_settings, options)
     if options.users_file is not None:
-        _try(result.problems, _users_file, options.users_file, where("users_file"))
+        _try(problems, _users_file, options.users_file, where("users_file"))
     if options.aiosmtpd_handler is not None:
-        _try(result.problems, _aiosmtpd_handler, options)
+        _try(problems, _aiosmtpd_handler, options)
     for url in options.forward:
-        _try(result.problems, _forward, url, options.hostname)
+        _try(problems, _forward, url, options.hostname)
     for url in options.webhook:
-        _try(result.problems, _webhook, url)
+        _try(problems, _webhook, url)
 
 
 def _try(problems: list[str], check: Callable[..., Any], *args: Any) -> None:

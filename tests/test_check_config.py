@@ -217,3 +217,24 @@ def test_a_file_that_cannot_be_read_is_one_problem(
         f"mailgate: error: cannot read config file {tmp_path / 'none.toml'}: No such file or directory",
         "mailgate check-config: 1 problem found",
     ]
+
+
+def test_the_state_directory_is_checked_only_when_used(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_binding: None
+) -> None:
+    # Own certificate, Maildir delivery (spooled in the Maildir's tmp/): nothing goes to
+    # the state directory, so one that cannot be made (cwd "/" under systemd) is fine.
+    cert, key = certificate(tmp_path / "certs")
+    (tmp_path / "afile").write_text("")
+    argv = [
+        "check-config",
+        "--state-dir",
+        str(tmp_path / "afile"),
+        "--maildir",
+        str(tmp_path / "m"),
+    ]
+    assert cli.main([*argv, "--tls-cert", str(cert), "--tls-key", str(key)]) == 0
+    assert capsys.readouterr().out.startswith("ok\n")
+    # Without a certificate the development one is made there: a problem.
+    assert cli.main(argv) == 2
+    assert "--state-dir" in capsys.readouterr().err

@@ -75,7 +75,8 @@ def preflight(options: ServerOptions, where: Where = _flag, *, backends: bool = 
 
 
 def _check_paths(options: ServerOptions, where: Where, problems: list[str]) -> None:
-    _writable_directory(options.state_dir, where("state_dir"), problems)
+    if _uses_state_dir(options):
+        _writable_directory(options.state_dir, where("state_dir"), problems)
     if options.delivery == "maildir":
         label = where("maildir")
         if _writable_directory(options.maildir, label, problems) and options.maildir.is_dir():
@@ -93,6 +94,24 @@ def _check_paths(options: ServerOptions, where: Where, problems: list[str]) -> N
         with contextlib.suppress(ConfigError):
             directory = queue_settings(options.policy).directory(options.state_dir)
             _writable_directory(directory, "[queue] path", problems)
+
+
+def _uses_state_dir(options: ServerOptions) -> bool:
+    """Whether a server with these options writes to its state directory: a server with
+    its own certificate delivering to a Maildir (which spools in the Maildir's tmp/) may
+    run where the default ./.mailgate cannot be made, and must still start."""
+    spools_there = options.delivery == "mbox" or (
+        options.delivery == "sink"
+        and bool(options.forward or options.webhook or options.aiosmtpd_handler)
+    )
+    tables = {section.name for section in options.policy}
+    return (
+        options.tls_cert is None
+        or spools_there
+        or options.auth_capture is not None
+        or options.greylist
+        or bool(tables & {"greylisting", "routes", "queue"})
+    )
 
 
 def _writable_directory(path: Path, label: str, problems: list[str]) -> bool:

@@ -9,6 +9,8 @@ import json
 import logging
 import smtplib
 import socket
+import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -44,7 +46,7 @@ def test_choose_machine_name(hostname: str, fqdn: str, chosen: str) -> None:
 
 
 @pytest.fixture
-def host_vm(monkeypatch: pytest.MonkeyPatch) -> None:
+def host_vm(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """A host named vm whose /etc/hosts gives "localhost" first."""
     monkeypatch.setattr(socket, "gethostname", lambda: "vm")
     monkeypatch.setattr(socket, "getfqdn", lambda name="": "localhost")
@@ -119,6 +121,35 @@ def test_a_delivery_failure_is_one_line_with_session_and_message(
     # The traceback is still there for -v.
     [debug] = [r for r in caplog.records if r.levelno == logging.DEBUG and r.exc_info]
     assert debug.getMessage().startswith(f"session {session}: delivery message:")
+
+
+def test_a_background_delivery_failure_is_one_line_too(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "mailgate")
+
+    class Notify:
+        name = "notify"
+        required = False  # runs after the 250
+
+        def on_message(self, session: object, envelope: object, message: object) -> None:
+            raise ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
+
+    with running_server(configure=lambda server: server.add_plugin(Notify())) as srv:
+        with smtplib.SMTP(*srv.address, timeout=10) as client:
+            client.sendmail("a@example.org", ["bob@example.com"], MESSAGE)
+        [captured] = srv.messages
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not _errors(caplog):
+            time.sleep(0.02)
+    [record] = _errors(caplog)
+    assert record.exc_info is None
+    assert record.getMessage() == (
+        f"session {captured.session.id}: message {captured.id}: background delivery notify "
+        "failed: ConnectionRefusedError: [Errno 111] Connection refused"
+    )
+
+
+def _errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 # -- the accepted line -------------------------------------------------------------------

@@ -49,6 +49,7 @@ configuration file:
     proxy_protocol = ["10.0.0.0/8"]
 
   Relative paths in the file are relative to the file's directory.
+  'mailgate check-config' takes the same flags and checks them without starting.
 """
 
 

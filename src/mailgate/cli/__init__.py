@@ -1,7 +1,7 @@
 """The ``mailgate`` command.
 
 Every problem with the command line or the configuration ends the program with one line
-on stderr and exit status 2; a server that cannot start (port in use, ...) exits with 1.
+on stderr and exit status 2, as does a server that cannot start (port in use, ...).
 """
 
 from __future__ import annotations

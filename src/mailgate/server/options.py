@@ -257,7 +257,8 @@ class ServerOptions:
         help="name in the greeting and Received headers",
         # mailgate.config looks the name up when it is not given; "localhost" is for
         # ServerOptions built in code.
-        default_text="this machine's FQDN, from socket.getfqdn()",
+        default_text="this machine's FQDN, from socket.getfqdn(); the host name instead when "
+        "that is localhost or has no dot",
     )
     maildir: Path = setting(
         Path("maildir"),

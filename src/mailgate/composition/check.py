@@ -44,10 +44,6 @@ class Preflight:
     #: How many [[routes]] rules there are.
     routes: int = 0
 
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
 
 def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")

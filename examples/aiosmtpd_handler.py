@@ -50,7 +50,8 @@ def main() -> int:
     parser.add_argument("--listen", default="127.0.0.1:2525", metavar="HOST:PORT")
     args = parser.parse_args()
 
-    server = Server(hostname="localhost", listen=args.listen)
+    # local_domains: mail for example.com is accepted from any client, not only loopback.
+    server = Server(hostname="localhost", listen=args.listen, local_domains=["example.com"])
     # hostname: what the handler sees as server.hostname (aiosmtpd's default is the FQDN).
     server.add_plugin(HandlerAdapter(Handler(), hostname=server.options.hostname))
     return server.run()

@@ -78,7 +78,8 @@ def main() -> int:
     parser.add_argument("--listen", default="127.0.0.1:2525", metavar="HOST:PORT")
     args = parser.parse_args()
 
-    server = Server(hostname="localhost", listen=args.listen)
+    # local_domains: mail for example.com is accepted from any client, not only loopback.
+    server = Server(hostname="localhost", listen=args.listen, local_domains=["example.com"])
     server.use(timing)
     server.add_plugin(Printer(), after="spam-words")
     server.add_plugin(SpamWords(["viagra", "lottery"]), after="mailboxes")

@@ -31,12 +31,18 @@ def main() -> int:
 
     # Settings are those of `mailgate serve`; from code nothing is stored on disk unless
     # you ask (maildir=..., mbox=...): the message hook below is the delivery.
-    server = Server(hostname="localhost", listen=args.listen, max_size="10M")
+    # local_domains: mail for these is accepted from anyone. Without it only loopback
+    # (relay_networks) and authenticated users could send: every other client would get
+    # "554 5.7.1 Relay access denied" for every recipient.
+    server = Server(
+        hostname="localhost", listen=args.listen, local_domains=sorted(domains), max_size="10M"
+    )
 
     @server.on_rcpt
     def only_our_domains(session: Session, envelope: Envelope, address: Address) -> None:
         # A plain function works as well as a coroutine. `address` is a str with
-        # .local, .domain and .params (the ESMTP parameters of RCPT TO).
+        # .local, .domain and .params (the ESMTP parameters of RCPT TO). Relay control
+        # lets clients on loopback send anywhere; this hook keeps them to our domains too.
         if address.domain.lower() not in domains:
             raise Reject(550, "no mailboxes here for that domain", enhanced="5.1.2")
 

@@ -29,7 +29,10 @@ def main() -> int:
     parser.add_argument("--webhook", default="http://127.0.0.1:8000/inbound-mail", metavar="URL")
     args = parser.parse_args()
 
-    server = Server(hostname="localhost", listen=args.listen, max_size="20M")
+    # local_domains: mail for example.com is accepted from any client, not only loopback.
+    server = Server(
+        hostname="localhost", listen=args.listen, local_domains=["example.com"], max_size="20M"
+    )
 
     @server.on_rcpt
     def our_domain(session: Session, envelope: Envelope, address: Address) -> None:

@@ -67,7 +67,8 @@ import argparse
 import difflib
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -113,15 +114,18 @@ __all__ = [
     "MODES",
     "POLICY_TABLES",
     "SERVER_SETTINGS",
+    "CheckedConfiguration",
     "ConfigError",
     "HoneypotOptions",
     "build_honeypot_options",
     "build_options",
+    "check_configuration",
     "config_mode",
     "flag_name",
     "machine_fqdn",
     "options_from_settings",
     "parse_listen_address",
+    "setting_sources",
     "settings_reference",
     "user_state_dir",
 ]
@@ -304,18 +308,32 @@ def _load_config_file(path: Path) -> dict[str, Value]:
     return values
 
 
-def _assemble(values: Mapping[str, Value]) -> ServerOptions:
+def _assemble(values: Mapping[str, Value], problems: list[str] | None = None) -> ServerOptions:
+    """ServerOptions from the collected values. With ``problems``, the checks after the
+    conversion (TLS files, routing tables) add what they find there instead of raising at
+    the first, so that ``mailgate check-config`` can list them all."""
     fields = build_fields(ServerOptions, values, table="server")
-    _check_tls(fields.get("tls_cert"), fields.get("tls_key"))
+    _gather(problems, _check_tls, fields.get("tls_cert"), fields.get("tls_key"))
     if "hostname" not in fields:
         # Looked up only when needed, as it may query DNS; ServerOptions() says "localhost".
         fields["hostname"] = machine_fqdn()
     if "policy" in values:
         fields["policy"] = values["policy"].raw
     options = ServerOptions(**fields)
-    _check_routing_tables(options)
-    _check_senders_table(options)
+    _check_routing_tables(options, problems)
+    _gather(problems, _check_senders_table, options)
     return options
+
+
+def _gather(problems: list[str] | None, check: Callable[..., object], *args: Any) -> None:
+    """Run ``check(*args)``; its ConfigError is raised, or added to ``problems`` if given."""
+    if problems is None:
+        check(*args)
+        return
+    try:
+        check(*args)
+    except ConfigError as exc:
+        problems.append(str(exc))
 
 
 def _check_senders_table(options: ServerOptions) -> None:
@@ -332,7 +350,7 @@ def _check_senders_table(options: ServerOptions) -> None:
         raise ConfigError(str(exc)) from None
 
 
-def _check_routing_tables(options: ServerOptions) -> None:
+def _check_routing_tables(options: ServerOptions, problems: list[str] | None = None) -> None:
     """[[routes]], [queue] and [outbound] read now, so that a mistake in them is reported
     with the other configuration errors, before anything starts."""
     if not any(s.name in ("routes", "queue", "outbound") for s in options.policy):
@@ -341,12 +359,80 @@ def _check_routing_tables(options: ServerOptions) -> None:
     from mailgate.plugins.routing import RouteTable
     from mailgate.queue.settings import outbound_options, queue_settings
 
+    def routes() -> None:
+        try:
+            RouteTable.from_sections(options.policy)
+        except PolicyConfigError as exc:
+            raise ConfigError(str(exc)) from None
+
+    _gather(problems, routes)
+    _gather(problems, queue_settings, options.policy)
+    _gather(problems, outbound_options, options.policy, options.hostname)
+
+
+@dataclass(frozen=True)
+class CheckedConfiguration:
+    """What :func:`check_configuration` found: the options (None when the settings could
+    not be read at all; with problems, the settings that failed are left at their
+    defaults), every problem as one line, and where each setting came from."""
+
+    options: ServerOptions | None
+    problems: tuple[str, ...]
+    #: key -> where its value came from ("--maildir", "mailgate.toml: maildir"); settings
+    #: left at their default are not in it.
+    sources: Mapping[str, str]
+
+    def where(self, key: str) -> str:
+        """How an error names a setting: where it was given, else its flag."""
+        return self.sources.get(key) or flag_name(key)
+
+
+def setting_sources(args: argparse.Namespace) -> Callable[[str], str]:
+    """key -> how an error names that setting: where its value came from (the flag, or
+    the file and key), else its flag."""
     try:
-        RouteTable.from_sections(options.policy)
-    except PolicyConfigError as exc:
-        raise ConfigError(str(exc)) from None
-    queue_settings(options.policy)
-    outbound_options(options.policy, options.hostname)
+        values = _collect(args)
+    except ConfigError:
+        values = {}
+    sources = {key: value.where for key, value in values.items() if key in KEYS}
+    return lambda key: sources.get(key) or flag_name(key)
+
+
+def check_configuration(args: argparse.Namespace) -> CheckedConfiguration:
+    """Read the settings of ``mailgate serve`` as :func:`build_options` does, but collect
+    every problem instead of stopping at the first: each setting is converted on its own,
+    then the TLS files and the routing tables are checked. A file that cannot be read or
+    parsed is one problem (nothing more can be said then)."""
+    try:
+        values = _collect(args)
+        mode = _mode(values)
+    except ConfigError as exc:
+        return CheckedConfiguration(None, (str(exc),), {})
+    sources = {key: value.where for key, value in values.items() if key in KEYS}
+    if mode != "server":
+        problem = f"this file is for {mode} mode; 'mailgate check-config' checks server files"
+        return CheckedConfiguration(None, (str(values["mode"].error(problem)),), sources)
+    problems: list[str] = []
+    if "honeypot" in values:
+        problems.append(
+            str(values["honeypot"].error('a [honeypot] table needs mode = "honeypot" in [server]'))
+        )
+    failed: set[str] = set()
+    for item in SERVER_SETTINGS:
+        value = values.get(item.key)
+        if value is not None:
+            before = len(problems)
+            _gather(problems, item.convert, value)
+            if len(problems) > before:
+                failed.add(item.key)
+    # The rest is checked with the failed settings left at their defaults, so that one
+    # bad value does not hide the problems of the files and tables.
+    values = {key: value for key, value in values.items() if key not in failed}
+    try:
+        options = _assemble(values, problems)
+    except ConfigError as exc:
+        return CheckedConfiguration(None, (*problems, str(exc)), sources)
+    return CheckedConfiguration(options, tuple(problems), sources)
 
 
 _DNS_KEYS = {"nameservers": "dns_nameservers", "timeout": "dns_timeout"}

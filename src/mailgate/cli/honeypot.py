@@ -25,6 +25,7 @@ from mailgate.config import (
 )
 from mailgate.honeypot.settings import GROUPS as HONEYPOT_GROUPS
 from mailgate.honeypot.settings import REFUSED_FLAGS, SERVER_FLAGS
+from mailgate.server.errors import StartupError
 from mailgate.server.options import GROUPS
 from mailgate.settings.flags import HiddenFlagsFormatter, add_config_flag, add_flags
 
@@ -171,6 +172,8 @@ def run_honeypot(args: argparse.Namespace) -> int:
         return _run(args)
     except ConfigError as exc:
         return _fail(f"mailgate: error: {exc}")
+    except StartupError as exc:
+        return _fail(f"mailgate: cannot start: {exc}")
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
 

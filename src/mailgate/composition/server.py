@@ -9,6 +9,7 @@ those settings ask for (:mod:`.builtins`). :func:`run` is what ``mailgate serve`
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -16,10 +17,13 @@ from mailgate.hooks import Hooks
 from mailgate.server import runner
 from mailgate.server.app import SMTPServer, StartPlugins
 from mailgate.server.options import SenderMap, ServerOptions
+from mailgate.settings.machine import machine_name_choice
 
 from .builtins import builtin_plugins, policy_plugins, routing_plugin
 
 __all__ = ["Server", "run"]
+
+log = logging.getLogger("mailgate.server")
 
 
 class Server(SMTPServer):
@@ -68,6 +72,10 @@ class Server(SMTPServer):
     def start_plugins(self) -> StartPlugins:
         """The plugins the settings ask for: the policy plugins ahead of those registered
         in code, then auth backends, an aiosmtpd handler and deliveries after them."""
+        choice = machine_name_choice()
+        if choice is not None and choice[0] == self.options.hostname:
+            # No hostname was given: say which of the machine's names the banner uses.
+            log.info("host name %s (from %s); set hostname to choose another", choice[0], choice[1])
         first = policy_plugins(self.options)
         last = builtin_plugins(self.options, routing=routing_plugin(first))
         return StartPlugins(first=first, last=last)

@@ -355,6 +355,9 @@ def _section(
 
 def run(options: ServerOptions, honeypot: HoneypotOptions) -> int:
     """Build the honeypot server and run it until SIGINT/SIGTERM (``mailgate honeypot``);
-    the exit status. ConfigError for settings that cannot work."""
+    the exit status. ConfigError for settings that cannot work; StartupError when the
+    server cannot start (a port in use), for the command to report as ``serve`` does."""
+    from mailgate.server import runner
+
     server = build_server(options, honeypot)
-    return server.run()
+    return runner.run(server.options, lambda _options: server)

@@ -122,22 +122,50 @@ async def run_chain(
             timeout,
         )
         return _HOOK_FAILED
-    except Exception:
+    except Exception as exc:
         step = current[0] or "(middleware)"
-        _failures.log(
-            log,
-            logging.ERROR,
-            (session.id, stage, step),
-            "session %s: %s hook %s failed",
-            session.id,
-            stage,
-            step,
-            exc_info=True,
-        )
+        if stage == "message":
+            _log_delivery_failure(session, step, args, exc)
+        else:
+            _failures.log(
+                log,
+                logging.ERROR,
+                (session.id, stage, step),
+                "session %s: %s hook %s failed",
+                session.id,
+                stage,
+                step,
+                exc_info=True,
+            )
         return _HOOK_FAILED
     if notification:
         return None
     return result  # type: ignore[no-any-return]
+
+
+def _log_delivery_failure(
+    session: Session, step: str, args: tuple[Any, ...], exc: Exception
+) -> None:
+    """A delivery that failed (a full disk, a next hop gone) is an operator's matter, not
+    a bug: one line with the session, the message and the reason; the traceback only at
+    DEBUG (``-v``), for when it is a bug after all."""
+    message_id = getattr(args[-1], "id", None) if args else None
+    reason = " ".join(str(exc).splitlines()) or "no details"
+    log.error(
+        "session %s: message %s: delivery %s failed, the client was told to retry: %s: %s",
+        session.id,
+        message_id,
+        step,
+        type(exc).__name__,
+        reason,
+        extra={
+            "session": session.id,
+            "queue_id": message_id,
+            "plugin": step,
+            "error": f"{type(exc).__name__}: {reason}",
+        },
+    )
+    log.debug("session %s: delivery %s traceback", session.id, step, exc_info=exc)
 
 
 async def _with_timeout(coro: Coroutine[Any, Any, Any], timeout: float | None) -> Any:

@@ -25,7 +25,20 @@ from . import (
 )
 from .policy import PolicyEnv
 
-__all__ = ["policy_plugins"]
+__all__ = ["POLICY_MODULES", "policy_plugins"]
+
+#: The policy plugin modules in chain order; each has ``plugins_from_options(env)``.
+POLICY_MODULES = (
+    lists,
+    submission,
+    relay,
+    routing,
+    rate_limits,
+    dnsbl,
+    client_checks,
+    greylist,
+    mail_auth,
+)
 
 
 def policy_plugins(options: ServerOptions, clock: Callable[[], float] | None = None) -> list[Any]:
@@ -38,17 +51,6 @@ def policy_plugins(options: ServerOptions, clock: Callable[[], float] | None = N
     greylisting, and SPF/DKIM/DMARC last (it reads the message)."""
     env = PolicyEnv(options) if clock is None else PolicyEnv(options, clock)
     plugins: list[Any] = []
-    modules = (
-        lists,
-        submission,
-        relay,
-        routing,
-        rate_limits,
-        dnsbl,
-        client_checks,
-        greylist,
-        mail_auth,
-    )
-    for module in modules:
+    for module in POLICY_MODULES:
         plugins.extend(module.plugins_from_options(env))
     return plugins

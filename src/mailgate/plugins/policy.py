@@ -6,7 +6,7 @@ attached to the record (``extra``) so the JSON log format carries them as keys::
 
     session 5K2J...0001: policy dnsbl: reject (127.0.0.2 in zen.example: listed)
 
-and counted in :data:`DECISIONS` by (policy, verdict), for the metrics exporter.
+and counted in :data:`DECISIONS` by (policy, verdict), which applications may read.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ safe for a server that someone exposes by accident.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -124,12 +125,36 @@ def plugins_from_options(env: PolicyEnv) -> list[Any]:
         )
         return []
     if not options.local_domains:
-        log.info(
-            "no local_domains: mail is accepted only from relay_networks (%s) and "
-            "authenticated users",
-            ", ".join(str(n) for n in options.relay_networks) or "none",
-        )
+        networks = ", ".join(str(n) for n in options.relay_networks) or "none"
+        exposed = [str(a) for a in options.listen if not _is_loopback(a.host)]
+        if exposed:
+            # Reachable from outside yet refusing every outside recipient: almost always a
+            # forgotten setting, and the symptom (554 Relay access denied) hides the cause.
+            log.warning(
+                "no local_domains while listening on %s: every recipient from outside "
+                "relay_networks (%s) and authenticated users is refused with 554 5.7.1; "
+                'to receive mail for your domains set local_domains = ["example.com"] '
+                "in [server] (or --local-domains example.com)",
+                ", ".join(exposed),
+                networks,
+            )
+        else:
+            log.info(
+                "no local_domains: mail is accepted only from relay_networks (%s) and "
+                "authenticated users",
+                networks,
+            )
     return [RelayControl(options.local_domains, relay_networks=options.relay_networks)]
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether a listen address's host is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may well be reachable from outside
 
 
 __all__ = ["RELAY_DENIED", "TABLE", "DomainSet", "RelayControl", "plugins_from_options"]

@@ -393,10 +393,10 @@ class SMTPServer:
     def _load_tls(self) -> None:
         options = self.options
         cert, key = options.tls_cert, options.tls_key
-        if cert is None or key is None:
-            cert, key = ensure_dev_certificate(options.state_dir, options.hostname)
-            self._dev_certificate = cert.parent
         try:
+            if cert is None or key is None:
+                cert, key = ensure_dev_certificate(options.state_dir, options.hostname)
+                self._dev_certificate = cert.parent
             self.ssl_context = create_server_context(cert, key)
         except ValueError as exc:
             raise StartupError(str(exc)) from None
@@ -565,8 +565,18 @@ class SMTPServer:
                     log.warning("message %s: %s refused it: %s", message.id, step.plugin, refusal)
                 except TimeoutError:
                     log.error("message %s: %s took over %.0f s", message.id, step.plugin, timeout)
-                except Exception:
-                    log.exception("message %s: %s failed", message.id, step.plugin)
+                except Exception as exc:
+                    # One line, as for a delivery before the 250; the traceback at -v.
+                    log.error(
+                        "session %s: message %s: background delivery %s failed: %s: %s",
+                        message.session.id,
+                        message.id,
+                        step.plugin,
+                        type(exc).__name__,
+                        " ".join(str(exc).splitlines()),
+                        extra={"session": message.session.id, "queue_id": message.id},
+                    )
+                    log.debug("message %s: %s traceback", message.id, step.plugin, exc_info=exc)
                 finally:
                     if not done:
                         message.abort_staged()

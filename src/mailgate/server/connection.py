@@ -1071,6 +1071,7 @@ class ConnectionDriver(asyncio.Protocol):
                 "rcpt_count": len(rcpts),
                 "size": size,
                 "queue_id": self.message_id,
+                "user": session.user,
                 "outcome": outcome,
             },
         )

@@ -301,7 +301,8 @@ class ServerOptions:
         help="name in the greeting and Received headers",
         # mailgate.config looks the name up when it is not given; "localhost" is for
         # ServerOptions built in code.
-        default_text="this machine's FQDN, from socket.getfqdn()",
+        default_text="this machine's FQDN, from socket.getfqdn(); the host name instead when "
+        "that is localhost or has no dot",
     )
     maildir: Path = setting(
         Path("maildir"),
@@ -353,7 +354,8 @@ class ServerOptions:
         flags=("--auth-user",),
         metavar="USER:PASSWORD",
         repeatable=True,
-        help="accept AUTH PLAIN/LOGIN for this user; for development",
+        help="accept AUTH for this user (PLAIN, LOGIN and CRAM-MD5; a password given in "
+        "clear: for development)",
         default_text="none, AUTH not offered",
     )
     allow_insecure_auth: bool = setting(
@@ -614,7 +616,8 @@ class ServerOptions:
         metavar="DOMAIN[,DOMAIN]",
         repeatable=True,
         help="domains to receive mail for (*.example.com for subdomains); mail for others is "
-        "relaying, allowed only from authenticated users and --relay-networks",
+        "relaying, allowed only from authenticated users and --relay-networks. Without any, "
+        "every recipient is refused to other clients (554 5.7.1 Relay access denied)",
     )
     #: Accept mail for any domain from anyone (capture servers, honeypots): warned at start.
     open_relay: bool = setting(

@@ -417,13 +417,17 @@ class SMTPServer:
         self.protocol_config = protocol_config(
             options, tls=self.ssl_context is not None, auth=self._mechanisms()
         )
-        self._reload_plugins()
+        self.reload_plugins()
         log.info("configuration reloaded")
 
-    def _reload_plugins(self) -> None:
+    def reload_plugins(self, skip: Sequence[Any] = ()) -> None:
         """SIGHUP for plugins: those with a ``reload()`` method re-read their files (block
-        and allow lists, users). A plugin that fails keeps what it had and says why."""
+        and allow lists, users), except those in ``skip`` (a subclass that has just built
+        them again). A plugin that fails keeps what it had and says why."""
+        skipped = {id(plugin) for plugin in skip}
         for plugin in self.hooks.plugins():
+            if id(plugin) in skipped:
+                continue
             reload = getattr(plugin, "reload", None)
             if not callable(reload):
                 continue

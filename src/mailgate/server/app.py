@@ -33,7 +33,7 @@ from .errors import StartupError
 from .host import HostedConnection, SessionRecorder
 from .options import ListenAddress, ServerOptions
 from .spool import SpoolFile
-from .tls import create_server_context, ensure_dev_certificate
+from .tls import add_certificates, create_server_context, ensure_dev_certificate
 
 log = logging.getLogger("mailgate.server")
 #: Refused connections come as fast as a client can open them: a few lines a minute of
@@ -397,7 +397,9 @@ class SMTPServer:
             if cert is None or key is None:
                 cert, key = ensure_dev_certificate(options.state_dir, options.hostname)
                 self._dev_certificate = cert.parent
-            self.ssl_context = create_server_context(cert, key)
+            context = create_server_context(cert, key)
+            add_certificates(context, [(c.names, c.cert, c.key) for c in options.tls_certificates])
+            self.ssl_context = context
         except ValueError as exc:
             raise StartupError(str(exc)) from None
 

@@ -211,3 +211,27 @@ def test_chooser_prefers_an_exact_name_to_a_wildcard() -> None:
     assert chooser.choose("other.example.test") is wildcard
     assert chooser.choose("example.test") is None
     assert chooser.choose(None) is None
+
+
+def test_check_config_shows_and_checks_the_certificates(
+    pki: tuple[Path, Path], tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    _, config = pki
+
+    def check(path: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "mailgate", "check-config", "--config", str(path)],
+            cwd=config.parent, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+
+    done = check(config)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"two-cert.pem for {SECOND_NAME}, *.{SECOND_NAME}" in done.stdout
+    broken = config.parent / "mismatch.toml"
+    broken.write_text(config.read_text().replace('key = "two-key.pem"', 'key = "one-key.pem"'))
+    done = check(broken)
+    assert done.returncode == 2
+    assert f"certificate for {SECOND_NAME}, *.{SECOND_NAME}: TLS key" in done.stdout + done.stderr

@@ -1024,3 +1024,32 @@ def test_a_plugin_ordered_before_another_takes_its_place_not_its_own() -> None:
     assert hooks.names() == ["policy-1", "late", "policy-2", "app-1", "app-2"]
     hooks.add(plugin("after-app"), after="app-1", before="app-2")
     assert hooks.names()[-3:] == ["app-1", "after-app", "app-2"]
+
+
+class _Named:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    async def on_rcpt(self, *args: object) -> None:
+        return None
+
+
+def test_replace_swaps_plugins_in_place_or_not_at_all() -> None:
+    hooks = Hooks()
+    old_a, old_b, app = _Named("a"), _Named("b"), _Named("app")
+    hooks.add(app, before="delivery")
+    hooks.add(old_b, index=0)
+    hooks.add(old_a, index=0)
+    hooks.add(_Named("delivery"))
+    assert hooks.names() == ["a", "b", "app", "delivery"]
+
+    new_a, new_c = _Named("a"), _Named("c")
+    hooks.replace([old_a, old_b], [new_a, new_c])
+    assert hooks.names() == ["a", "c", "app", "delivery"]
+    assert hooks.plugins()[0] is new_a
+
+    with pytest.raises(HookError, match="'app' is already registered"):
+        hooks.replace([new_a], [_Named("app")])
+    with pytest.raises(HookError, match="has no name"):
+        hooks.replace([new_a], [object()])  # refused before anything changes
+    assert hooks.plugins()[:2] == [new_a, new_c]

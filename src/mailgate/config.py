@@ -85,6 +85,7 @@ from mailgate.server.options import (
     GROUPS,
     PolicySection,
     ServerOptions,
+    SNICertificate,
     parse_listen_address,
 )
 from mailgate.server.tls import TLSConfigError, create_server_context
@@ -272,7 +273,7 @@ def _load_config_file(path: Path) -> dict[str, Value]:
         # The message already carries "(at line L, column C)".
         raise ConfigError(f"{path}: TOML syntax error: {exc}") from None
 
-    known_tables = ("server", "dns", "honeypot", *POLICY_TABLES)
+    known_tables = ("server", "dns", "tls", "honeypot", *POLICY_TABLES)
     for name, item in document.items():
         if name in known_tables:
             continue
@@ -297,6 +298,7 @@ def _load_config_file(path: Path) -> dict[str, Value]:
     if "honeypot" in document:
         values["honeypot"] = Value(document["honeypot"], f"{path}: [honeypot]", path.parent)
     _dns_table(document.get("dns"), f"{path}", values)
+    _tls_table(document.get("tls"), f"{path}", path.parent, values)
     sections = _policy_sections(document, f"{path}", path.parent)
     if sections:
         values["policy"] = Value(sections, f"{path}", path.parent)
@@ -314,6 +316,8 @@ def _assemble(values: Mapping[str, Value], problems: list[str] | None = None) ->
     the first, so that ``mailgate check-config`` can list them all."""
     fields = build_fields(ServerOptions, values, table="server")
     _gather(problems, _check_tls, fields.get("tls_cert"), fields.get("tls_key"))
+    for certificate in fields.get("tls_certificates", ()):
+        _gather(problems, _check_sni_certificate, certificate)
     if "hostname" not in fields:
         # Looked up only when needed, as it may query DNS; ServerOptions() says "localhost".
         fields["hostname"] = machine_fqdn()
@@ -456,6 +460,31 @@ def _dns_table(table: Any, where: str, values: dict[str, Value]) -> None:
         values[target] = Value(raw, f"{where} [dns] {key}")
 
 
+def _tls_table(table: Any, where: str, base: Path | None, values: dict[str, Value]) -> None:
+    """``[tls]`` with ``certificates``, an array of tables (``[[tls.certificates]]``):
+    another spelling of the [server] key ``tls_certificates``, into ``values``."""
+    if table is None:
+        return
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: 'tls' must be a table ([tls]), got {toml_type(table)}")
+    for key in table:
+        if key != "certificates":
+            hint = did_you_mean(key, ("certificates",))
+            raise ConfigError(f"{where}: unknown key {key!r} in [tls]{hint}; keys are certificates")
+    entries = table.get("certificates")
+    if entries is None:
+        return
+    if not isinstance(entries, list):
+        raise ConfigError(
+            f"{where}: [tls] certificates must be an array of tables ([[tls.certificates]])"
+        )
+    if "tls_certificates" in values:
+        raise ConfigError(
+            f"{where}: [[tls.certificates]] and tls_certificates both given; keep one"
+        )
+    values["tls_certificates"] = Value(entries, f"{where} [[tls.certificates]]", base)
+
+
 def _policy_sections(
     document: Mapping[str, Any], where: str, base: Path | None
 ) -> tuple[PolicySection, ...]:
@@ -494,7 +523,7 @@ def options_from_settings(
     if sections:
         values["policy"] = Value(sections, "settings")
     for key, raw in settings.items():
-        if key in POLICY_TABLES or key == "dns":
+        if key in POLICY_TABLES or key in ("dns", "tls"):
             continue
         if key not in KEYS:
             hint = did_you_mean(key, KEYS)
@@ -509,6 +538,7 @@ def options_from_settings(
             raw = [str(item) if isinstance(item, Path) else item for item in raw]
         values[key] = Value(raw, f"setting {key}")
     _dns_table(settings.get("dns"), "setting", values)
+    _tls_table(settings.get("tls"), "setting", None, values)
     delivery_chosen = False
     for group in _EXCLUSIVE:
         chosen = [key for key in group if key in values and values[key].raw is not False]
@@ -534,6 +564,13 @@ def _check_tls(cert: Path | None, key: Path | None) -> None:
             create_server_context(cert, key)
         except TLSConfigError as exc:
             raise ConfigError(str(exc)) from None
+
+
+def _check_sni_certificate(certificate: SNICertificate) -> None:
+    try:
+        create_server_context(certificate.cert, certificate.key)
+    except TLSConfigError as exc:
+        raise ConfigError(f"certificate for {', '.join(certificate.names)}: {exc}") from None
 
 
 # -- the settings reference ------------------------------------------------------------------

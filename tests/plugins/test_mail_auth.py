@@ -479,19 +479,29 @@ def test_message_above_max_size_is_not_verified_nor_refused(
 # --- the whole: one header, exemptions, the event loop --------------------------------------------
 
 
-def test_existing_results_with_our_id_stay_below_ours(
+def test_existing_results_with_our_id_are_removed(
     dns_server: DNSTestServer, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """RFC 8601 5: fields claiming our authserv-id go (folded ones too, in any case);
+    another server's stay, and so does everything else, in order."""
     domain = new_domain("forged")
-    forged = f"Authentication-Results: {AUTHSERV}; dkim=pass header.d=bank.example\r\n"
+    forged = (
+        f"Authentication-Results: {AUTHSERV}; dkim=pass header.d=bank.example\r\n"
+        "X-Before: kept\r\n"
+        f"authentication-results: {AUTHSERV.upper()} (comment);\r\n"
+        "\tspf=pass smtp.mailfrom=bank.example\r\n"
+        "Authentication-Results: other.example; spf=fail smtp.mailfrom=bank.example\r\n"
+    )
     caplog.set_level(logging.INFO, logger="mailgate.policy")
     with server(dns_server) as (srv, rec):
         send(srv, "127.0.6.30", f"x@{domain}", forged.encode() + message(f"x@{domain}"))
-    values = header_values(rec.contents[-1], "Authentication-Results")
-    assert len(values) == 2  # exactly one added, on top; the forged one is left below
+    stored = rec.contents[-1]
+    values = header_values(stored, "Authentication-Results")
+    assert len(values) == 2, values  # ours on top, the other server's below
     assert values[0].startswith(f"{AUTHSERV}; spf=none")
-    assert values[1] == f"{AUTHSERV}; dkim=pass header.d=bank.example"
-    assert any(getattr(r, "forged_results", 0) == 1 for r in caplog.records)
+    assert values[1] == "other.example; spf=fail smtp.mailfrom=bank.example"
+    assert b"X-Before: kept\r\n" in stored and b"header.d=bank.example" not in stored
+    assert any(getattr(r, "forged_results", 0) == 2 for r in caplog.records)
 
 
 def test_relay_networks_are_not_checked(

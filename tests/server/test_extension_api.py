@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.message
+import io
 import logging
 import os
 import smtplib
@@ -1372,6 +1373,56 @@ def test_prepend_header_is_seen_by_later_steps_and_stored(tmp_path: Path) -> Non
     assert unfolded == f"Authentication-Results: {value}"
     assert strip_received(b"Received: " + rest) == BODY
     assert wait_for(lambda: not list((tmp_path / "maildir" / "tmp").iterdir()), 5)
+
+
+def test_remove_headers_rewrites_the_spool_for_later_steps(tmp_path: Path) -> None:
+    server = new_server(tmp_path, maildir=tmp_path / "maildir")
+    seen: list[bytes] = []
+    removed: list[int] = []
+    original = (
+        b"X-Drop: one\r\n"
+        b"Subject: kept\r\n"
+        b"x-drop: two,\r\n"
+        b"\tfolded\r\n"
+        b"X-Keep: X-Drop: not a field name\r\n"
+        b"\r\n"
+        b"X-Drop: in the body, not a header\r\n"
+    )
+
+    @server.on_message(before="maildir")
+    async def clean(session: Session, envelope: Envelope, message: Message) -> None:
+        removed.append(await message.remove_headers(lambda name, _: name.lower() == "x-drop"))
+        removed.append(await message.remove_headers(lambda name, _: name == "Absent"))
+        seen.append(await message.read())
+
+    with serving(server) as port, smtplib.SMTP("127.0.0.1", port) as c:
+        assert c.sendmail("a@example.com", ["b@example.com"], original) == {}
+    (stored,) = maildir_messages(tmp_path / "maildir")
+    assert removed == [2, 0]
+    assert seen == [stored]
+    assert strip_received(stored) == (
+        b"Subject: kept\r\n"
+        b"X-Keep: X-Drop: not a field name\r\n"
+        b"\r\n"
+        b"X-Drop: in the body, not a header\r\n"
+    )
+    assert wait_for(lambda: not list((tmp_path / "maildir" / "tmp").iterdir()), 5)
+
+
+def test_remove_headers_sees_names_and_raw_values() -> None:
+    from mailgate.hooks.session import _header_fields, _matches
+
+    source = io.BytesIO(b"A: 1\r\nB:  two\r\n three\r\nnot a field\r\nC: 3\r\n")
+    fields, end = _header_fields(source)
+    assert fields == [b"A: 1\r\n", b"B:  two\r\n three\r\n"] and end == b"not a field\r\n"
+    assert source.read() == b"C: 3\r\n"
+    seen: list[tuple[str, str]] = []
+    for field_bytes in fields:
+        _matches(lambda name, value: bool(seen.append((name, value))), field_bytes)
+    assert seen == [("A", "1"), ("B", "two\r\n three")]
+    message = Message("x", Session("s", "1", 1, "2", 2), Envelope(), 0, None, 0.0)
+    with pytest.raises(HookError):
+        asyncio.run(message.remove_headers(lambda name, value: True))  # no spool
 
 
 def test_prepend_header_refuses_bad_names_and_line_breaks() -> None:

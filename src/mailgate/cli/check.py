@@ -107,6 +107,8 @@ def _summary(options: ServerOptions, policies: list[str], routes: int) -> list[s
         auth.append(f"users file {options.users_file}")
     if options.auth_capture is not None:
         auth.append(f"capture ({options.auth_capture})")
+    for certificate in options.tls_certificates:
+        tls += f"; {certificate.cert} for {', '.join(certificate.names)}"
     domains = ", ".join(options.local_domains) or "none (only relay_networks may send)"
     return [
         f"listen: {listeners}; {workers}",

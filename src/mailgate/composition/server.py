@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from mailgate.hooks import Hooks
@@ -20,6 +20,7 @@ from mailgate.server.options import SenderMap, ServerOptions
 from mailgate.settings.machine import machine_name_choice
 
 from .builtins import builtin_plugins, policy_plugins, routing_plugin
+from .reload import PolicyReload, ReloadError
 
 __all__ = ["Server", "run"]
 
@@ -78,7 +79,32 @@ class Server(SMTPServer):
             log.info("host name %s (from %s); set hostname to choose another", choice[0], choice[1])
         first = policy_plugins(self.options)
         last = builtin_plugins(self.options, routing=routing_plugin(first))
+        self._policy = PolicyReload(first)
         return StartPlugins(first=first, last=last)
+
+    def reload(self, options: ServerOptions) -> None:
+        """SIGHUP: the policy chain is built again from ``options`` and swapped in whole
+        (see :mod:`.reload`); when it cannot be built, nothing changes and one error line
+        says why. Then certificates and settings as the core server reloads them."""
+        policy: PolicyReload | None = getattr(self, "_policy", None)
+        if policy is not None and self._started:
+            try:
+                policy.swap(self.hooks, options, self.options, lambda: self.connections)
+            except ReloadError as exc:
+                log.error("reload: configuration not reloaded, the old one runs on: %s", exc)
+                return
+        super().reload(options)
+
+    def reload_plugins(self, skip: Sequence[Any] = ()) -> None:
+        # The policy plugins have just read their files.
+        policy: PolicyReload | None = getattr(self, "_policy", None)
+        super().reload_plugins([*skip, *(policy.chain if policy is not None else ())])
+
+    async def shutdown(self) -> None:
+        await super().shutdown()
+        policy: PolicyReload | None = getattr(self, "_policy", None)
+        if policy is not None:
+            await policy.aclose()
 
 
 def run(

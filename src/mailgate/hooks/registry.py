@@ -101,6 +101,40 @@ class Hooks:
         self._chains = None
         return plugin
 
+    def replace(self, old: Sequence[Any], new: Sequence[Any]) -> None:
+        """Swap the plugin objects ``old`` for ``new`` in one step (a reload of the
+        policy chain): the new ones take the place of the first old one (the front when
+        none of ``old`` is registered), in their order; every other plugin keeps its place
+        and its ordering. Checked before anything changes: a new plugin without a name or
+        a stage method, a name clash or an ordering cycle raises :class:`HookError` and
+        leaves the registry as it was. A stage already running finishes with the steps
+        it started with; the next stage runs the new chain."""
+        gone = {id(plugin) for plugin in old}
+        kept = [p for p in self._plugins if id(p.obj) not in gone]
+        position = next((i for i, p in enumerate(self._plugins) if id(p.obj) in gone), 0)
+        # Where the first old plugin was, counted among those that stay.
+        position = sum(1 for p in self._plugins[:position] if id(p.obj) not in gone)
+        names = {p.name for p in kept}
+        entries: list[_Plugin] = []
+        for plugin in new:
+            plugin_name = getattr(plugin, "name", None)
+            if not isinstance(plugin_name, str) or not plugin_name:
+                raise HookError(f"plugin {plugin!r} has no name")
+            if plugin_name in names:
+                raise HookError(f"a plugin named {plugin_name!r} is already registered")
+            if not any(callable(getattr(plugin, f"on_{stage}", None)) for stage in STAGES):
+                raise HookError(f"plugin {plugin_name!r} has no stage method")
+            names.add(plugin_name)
+            entries.append(_Plugin(plugin_name, plugin, (), ()))
+        previous = self._plugins
+        self._plugins = kept[:position] + entries + kept[position:]
+        try:
+            self._order(strict=False)
+        except HookError:
+            self._plugins = previous
+            raise
+        self._chains = None
+
     def remove(self, name: str) -> None:
         before = len(self._plugins)
         self._plugins = [p for p in self._plugins if p.name != name]

@@ -198,6 +198,14 @@ class MessageTooLarge(HookError):
     """``Message.read()`` refused to load a message bigger than its ``limit``."""
 
 
+#: What rewrites a message file: ``produce(old file, write)`` writes the new bytes.
+SpoolRewrite = Callable[[IO[bytes], Callable[[bytes], object]], None]
+#: Which header fields ``Message.remove_headers`` removes: ``predicate(name, value)``,
+#: the name as written (without the colon) and the raw value (folding kept, no line end).
+HeaderPredicate = Callable[[str, str], bool]
+#: How much of a message is looked at for header fields: the rest is copied as is.
+MAX_HEADER_SECTION: Final = 1024 * 1024
+
 #: Default cap of Message.read(): above it, stream with ``async for`` or ``open()``.
 READ_LIMIT: Final = 64 * 1024 * 1024
 _CHUNK = 256 * 1024
@@ -220,7 +228,7 @@ class Message:
     path: Path | None
     received_at: float
     _sync: Callable[[], None] | None = field(default=None, repr=False)
-    _rewrite: Callable[[bytes], Awaitable[Path]] | None = field(default=None, repr=False)
+    _rewrite: Callable[[SpoolRewrite], Awaitable[Path]] | None = field(default=None, repr=False)
     #: Deliveries staged by message hooks, settled once the stage's verdict is known.
     _staged: list[_Staged] = field(default_factory=list, init=False, repr=False)
 
@@ -300,8 +308,51 @@ class Message:
             raise HookError(f"bad header field name {name!r}")
         if "\r" in value or "\n" in value:
             raise HookError("a header value must not contain line breaks (it is folded here)")
-        new_path = await self._rewrite(fold_header(name, value))
+        header = fold_header(name, value)
+
+        def produce(source: IO[bytes], write: Callable[[bytes], object]) -> None:
+            write(header)
+            _copy_rest(source, write)
+
+        new_path = await self._rewrite(produce)
         object.__setattr__(self, "path", new_path)
+
+    async def remove_headers(self, predicate: HeaderPredicate) -> int:
+        """Remove the header fields for which ``predicate(name, value)`` is true (e.g.
+        Authentication-Results claiming this server's authserv-id, RFC 8601 5), for the
+        steps that come after this one; returns how many were removed. Like
+        :meth:`prepend_header`, the message file is rewritten (in a worker thread, only
+        when something matches) and ``path`` points at the new one. Only the first MiB of
+        the message is looked at for header fields; ``size`` stays the size received."""
+        if self._rewrite is None or self.path is None:
+            raise HookError("this message has no spool file to remove headers from")
+        path = self.path
+
+        def count() -> int:
+            with path.open("rb") as source:
+                fields, _ = _header_fields(source)
+            return sum(1 for field in fields if _matches(predicate, field))
+
+        loop = asyncio.get_running_loop()
+        found = await loop.run_in_executor(None, count)
+        if not found:
+            return 0
+        removed = 0
+
+        def produce(source: IO[bytes], write: Callable[[bytes], object]) -> None:
+            nonlocal removed
+            fields, end = _header_fields(source)
+            for field_bytes in fields:
+                if _matches(predicate, field_bytes):
+                    removed += 1
+                else:
+                    write(field_bytes)
+            write(end)
+            _copy_rest(source, write)
+
+        new_path = await self._rewrite(produce)
+        object.__setattr__(self, "path", new_path)
+        return removed
 
     @property
     def mail_from(self) -> Address | None:
@@ -356,6 +407,40 @@ class Message:
         return msg
 
 
+def _copy_rest(source: IO[bytes], write: Callable[[bytes], object]) -> None:
+    while chunk := source.read(_CHUNK):
+        write(chunk)
+
+
+def _header_fields(source: IO[bytes]) -> tuple[list[bytes], bytes]:
+    """The header fields at the start of ``source`` (each with its continuation lines and
+    line ends) and the line that ended the header section (the empty line; a line that is
+    no field; b"" at the end of the file or after MAX_HEADER_SECTION bytes). ``source``
+    is left after that line."""
+    fields: list[bytes] = []
+    size = 0
+    while size < MAX_HEADER_SECTION:
+        line = source.readline(MAX_HEADER_SECTION - size)
+        if not line:
+            return fields, b""
+        size += len(line)
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += line
+            continue
+        name, colon, _ = line.partition(b":")
+        if not colon or not name.strip() or b" " in name.strip() or line in (b"\r\n", b"\n"):
+            return fields, line
+        fields.append(line)
+    # Cut at the limit: the last field may be incomplete, so it is left as it is.
+    return (fields[:-1], fields[-1]) if fields else (fields, b"")
+
+
+def _matches(predicate: HeaderPredicate, field_bytes: bytes) -> bool:
+    name, _, value = field_bytes.partition(b":")
+    text = value.decode("utf-8", "surrogateescape").rstrip("\r\n").lstrip(" \t")
+    return bool(predicate(name.decode("utf-8", "surrogateescape").strip(), text))
+
+
 def fold_header(name: str, value: str, width: int = 78) -> bytes:
     """``Name: value`` as CRLF-terminated bytes, folded at spaces to about ``width``
     columns (RFC 5322 2.2.3); words longer than a line stay whole."""
@@ -374,13 +459,16 @@ def fold_header(name: str, value: str, width: int = 78) -> bytes:
 
 
 __all__ = [
+    "MAX_HEADER_SECTION",
     "READ_LIMIT",
     "Address",
     "AuthAttempt",
     "Envelope",
+    "HeaderPredicate",
     "Message",
     "MessageTooLarge",
     "Session",
+    "SpoolRewrite",
     "TLSInfo",
     "fold_header",
 ]

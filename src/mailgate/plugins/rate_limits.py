@@ -318,6 +318,14 @@ class RateLimits:
         if not self._skipped(session):
             await self._note_auth_failures(session)
 
+    def take_counts(self, old: RateLimits) -> None:
+        """Count on from ``old``'s in-memory counts (a reload builds a new plugin from
+        new settings; clients keep what they have used). Only when both keep their own
+        store: a store given from outside is its owner's."""
+        if self._owns_store and old._owns_store:
+            self.store = old.store
+            old._owns_store = False
+
     async def aclose(self) -> None:
         if self._owns_store:
             await self.store.aclose()

@@ -33,7 +33,7 @@ from .errors import StartupError
 from .host import HostedConnection, SessionRecorder
 from .options import ListenAddress, ServerOptions
 from .spool import SpoolFile
-from .tls import create_server_context, ensure_dev_certificate
+from .tls import add_certificates, create_server_context, ensure_dev_certificate
 
 log = logging.getLogger("mailgate.server")
 #: Refused connections come as fast as a client can open them: a few lines a minute of
@@ -397,7 +397,9 @@ class SMTPServer:
             if cert is None or key is None:
                 cert, key = ensure_dev_certificate(options.state_dir, options.hostname)
                 self._dev_certificate = cert.parent
-            self.ssl_context = create_server_context(cert, key)
+            context = create_server_context(cert, key)
+            add_certificates(context, [(c.names, c.cert, c.key) for c in options.tls_certificates])
+            self.ssl_context = context
         except ValueError as exc:
             raise StartupError(str(exc)) from None
 
@@ -417,13 +419,17 @@ class SMTPServer:
         self.protocol_config = protocol_config(
             options, tls=self.ssl_context is not None, auth=self._mechanisms()
         )
-        self._reload_plugins()
+        self.reload_plugins()
         log.info("configuration reloaded")
 
-    def _reload_plugins(self) -> None:
+    def reload_plugins(self, skip: Sequence[Any] = ()) -> None:
         """SIGHUP for plugins: those with a ``reload()`` method re-read their files (block
-        and allow lists, users). A plugin that fails keeps what it had and says why."""
+        and allow lists, users), except those in ``skip`` (a subclass that has just built
+        them again). A plugin that fails keeps what it had and says why."""
+        skipped = {id(plugin) for plugin in skip}
         for plugin in self.hooks.plugins():
+            if id(plugin) in skipped:
+                continue
             reload = getattr(plugin, "reload", None)
             if not callable(reload):
                 continue

@@ -31,6 +31,7 @@ from mailgate.hooks import (
     TLSInfo,
 )
 from mailgate.hooks.logs import LogLimiter
+from mailgate.hooks.session import SpoolRewrite
 from mailgate.protocol import (
     NEED_DATA,
     PAUSED,
@@ -739,9 +740,10 @@ class ConnectionDriver(asyncio.Protocol):
         if spool is not None:
             spool.finish()
 
-    async def _rewrite_spool(self, header: bytes) -> Path:
-        """Message.prepend_header: a new spool file with ``header`` on top, replacing the
-        current one (removed once the copy is complete)."""
+    async def _rewrite_spool(self, produce: SpoolRewrite) -> Path:
+        """Message.prepend_header and remove_headers: a new spool file written by
+        ``produce(old file, write)`` (in a worker thread), replacing the current one
+        (removed once the copy is complete)."""
         old = self.spool
         assert old is not None
         directory = old.path.parent
@@ -749,10 +751,8 @@ class ConnectionDriver(asyncio.Protocol):
         def copy() -> SpoolFile:
             new = SpoolFile(directory)
             try:
-                new.write(header)
                 with old.open_for_reading() as source:
-                    while chunk := source.read(256 * 1024):
-                        new.write(chunk)
+                    produce(source, new.write)
                 new.flush()
             except BaseException:
                 new.discard()

@@ -25,6 +25,7 @@ from mailgate.settings import (
     code_only,
     converters,
     derived,
+    did_you_mean,
     setting,
 )
 
@@ -35,6 +36,7 @@ __all__ = [
     "ListenAddress",
     "Network",
     "PolicySection",
+    "SNICertificate",
     "SenderMap",
     "ServerOptions",
     "parse_listen_address",
@@ -177,6 +179,67 @@ _LISTEN_KINDS = (
     ("submission_listen", False, True),
     ("submissions_listen", True, True),
 )
+
+
+@dataclass(frozen=True, slots=True)
+class SNICertificate:
+    """A certificate for the TLS clients that ask for one of ``names`` (SNI); a name may
+    be a wildcard, ``*.example.com``, for any one label in its place."""
+
+    names: tuple[str, ...]
+    cert: Path
+    key: Path
+
+
+_SNI_KEYS = ("names", "cert", "key")
+
+
+def _sni_names(value: Value) -> tuple[str, ...]:
+    names: list[str] = []
+    for text in converters.string_list(value):
+        for name in (item.strip().lower().rstrip(".") for item in text.split(",")):
+            bare = name.removeprefix("*.")
+            if not name or "*" in bare or not converters.is_host_name(bare) or "." not in bare:
+                raise value.error(f"{name!r} is not a host name or a wildcard like *.example.com")
+            names.append(name)
+    if not names:
+        raise value.error("no names given")
+    return tuple(names)
+
+
+def sni_certificates(value: Value) -> tuple[SNICertificate, ...]:
+    """``[[tls.certificates]]`` entries (tables with ``names``, ``cert`` and ``key``), or
+    flag values ``NAMES:CERT:KEY`` (names separated by commas)."""
+    raw = value.raw
+    entries = raw if isinstance(raw, list | tuple) else [raw]
+    result: list[SNICertificate] = []
+    for number, entry in enumerate(entries, 1):
+        where = f"{value.where} #{number}" if len(entries) > 1 else value.where
+        if isinstance(entry, str):
+            parts = entry.rsplit(":", 2)
+            if len(parts) != 3 or not all(part.strip() for part in parts):
+                raise ConfigError(
+                    f"{where}: expected NAMES:CERT:KEY like "
+                    f"'mx.example.com,*.example.com:cert.pem:key.pem', got {entry!r}"
+                )
+            entry = dict(zip(_SNI_KEYS, (part.strip() for part in parts), strict=True))
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"{where}: expected a table with names, cert and key")
+        for key in entry:
+            if key not in _SNI_KEYS:
+                hint = did_you_mean(str(key), _SNI_KEYS)
+                raise ConfigError(f"{where}: unknown key {key!r}{hint}; keys are names, cert, key")
+        for key in _SNI_KEYS:
+            if key not in entry:
+                raise ConfigError(f"{where}: {key} is missing")
+        result.append(
+            SNICertificate(
+                names=_sni_names(Value(entry["names"], f"{where} names")),
+                cert=converters.path(Value(entry["cert"], f"{where} cert", value.base)),
+                key=converters.path(Value(entry["key"], f"{where} key", value.base)),
+            )
+        )
+    return tuple(result)
 
 
 def _listen_addresses(
@@ -345,6 +408,21 @@ class ServerOptions:
         metavar="PEM",
         help="unencrypted private key of --tls-cert",
         default_text="generated with the certificate",
+    )
+    #: More certificates, each for the TLS clients asking for one of its names (SNI).
+    tls_certificates: tuple[SNICertificate, ...] = setting(
+        (),
+        convert=sni_certificates,
+        group="identity",
+        flags=("--tls-certificate",),
+        metavar="NAMES:CERT:KEY",
+        repeatable=True,
+        help="a certificate for TLS clients that ask for one of NAMES (SNI; comma-separated, "
+        "*.example.com for any one label); others get --tls-cert. In the file: "
+        "[[tls.certificates]] tables with names, cert and key",
+        describe=lambda certificates: (
+            ", ".join(f"{','.join(c.names)}:{c.cert}:{c.key}" for c in certificates) or "none"
+        ),
     )
     #: Development credentials, user -> password.
     auth_users: tuple[tuple[str, str], ...] = setting(

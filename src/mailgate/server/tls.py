@@ -11,7 +11,7 @@ import datetime as dt
 import ipaddress
 import os
 import ssl
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from cryptography import x509
@@ -77,6 +77,58 @@ def _remember_server_name(
 ) -> None:
     # The handshake goes on with this context; the name is only recorded for the session.
     setattr(ssl_object, SERVER_NAME_ATTRIBUTE, server_name)
+
+
+class CertificateChooser:
+    """The SNI callback of a server context that has more certificates than its own:
+    the context whose names hold the name the client asked for (an exact name before a
+    wildcard ``*.example.com``, which stands for one label); the server context's own
+    certificate otherwise (an unknown name, or no name at all). The asked name is
+    recorded on the connection as without a chooser."""
+
+    def __init__(self, contexts: Sequence[tuple[Sequence[str], ssl.SSLContext]]) -> None:
+        self.exact: dict[str, ssl.SSLContext] = {}
+        self.wildcard: dict[str, ssl.SSLContext] = {}
+        for names, context in contexts:
+            for name in names:
+                name = name.lower().rstrip(".")
+                if name.startswith("*."):
+                    self.wildcard.setdefault(name[2:], context)
+                else:
+                    self.exact.setdefault(name, context)
+
+    def choose(self, server_name: str | None) -> ssl.SSLContext | None:
+        """The context for ``server_name``; None: the server context's own."""
+        if not server_name:
+            return None
+        name = server_name.lower().rstrip(".")
+        chosen = self.exact.get(name)
+        if chosen is None and "." in name:
+            chosen = self.wildcard.get(name.split(".", 1)[1])
+        return chosen
+
+    def __call__(
+        self,
+        ssl_object: ssl.SSLObject | ssl.SSLSocket,
+        server_name: str | None,
+        _context: ssl.SSLContext,
+    ) -> None:
+        _remember_server_name(ssl_object, server_name, _context)
+        chosen = self.choose(server_name)
+        if chosen is not None:
+            ssl_object.context = chosen
+
+
+def add_certificates(
+    context: ssl.SSLContext, certificates: Sequence[tuple[Sequence[str], Path, Path]]
+) -> None:
+    """Give ``context`` more certificates, each for the clients that ask for one of its
+    names (SNI): ``(names, cert, key)``. Each pair is checked as
+    :func:`create_server_context` checks the server's own (TLSConfigError naming it)."""
+    if certificates:
+        context.sni_callback = CertificateChooser(
+            [(names, create_server_context(cert, key)) for names, cert, key in certificates]
+        )
 
 
 def ensure_dev_certificate(state_dir: Path, hostname: str) -> tuple[Path, Path]:

@@ -66,7 +66,7 @@ class AuthResults:
     dkim_skipped: bool = False
     dmarc: DMARCResult | None = None
     #: Authentication-Results fields already in the message that claim our authserv-id
-    #: (forged, or from a previous pass); ours is on top of them.
+    #: (forged, or from a previous pass); removed before ours is added (RFC 8601 5).
     forged: int = 0
 
     def header_value(self, authserv_id: str, dmarc_disposition: str | None = None) -> str:
@@ -263,6 +263,16 @@ class MailAuth(LazyResolver):
         disposition = {"quarantine": "quarantine", "annotate": "none"}.get(action)
         if dmarc is None or dmarc.policy is None:
             disposition = None
+        if results.forged:
+            # RFC 8601 5: fields claiming our authserv-id that we did not write are
+            # removed, so that nothing downstream trusts them.
+            authserv = self.authserv_id.lower()
+            await message.remove_headers(
+                lambda name, value: (
+                    name.lower() == "authentication-results"
+                    and authserv_of(value.encode("utf-8", "surrogateescape")) == authserv
+                )
+            )
         if action == "quarantine":
             await message.prepend_header(QUARANTINE_HEADER, "dmarc")
         await message.prepend_header(

@@ -1,14 +1,26 @@
-"""Fixtures of the queue suite: a store per backend, a clock the test moves."""
+"""Fixtures of the queue suite: a store per backend, a clock the test moves, and the
+PostgreSQL server the postgresql backend's tests use."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+import os
+import secrets
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.queue.backends import BACKENDS, open_backend
+from tests.queue.backends import (
+    BACKENDS,
+    POSTGRES_DSN_VARIABLE,
+    POSTGRES_PREFIX_VARIABLE,
+    drop_databases,
+    open_backend,
+    prepare_template,
+)
+from tests.queue.postgres_cluster import PrivateCluster, find_server_binaries
 
 from mailgate.queue import QueuePolicy, QueueStore, RetrySchedule
 
@@ -36,9 +48,54 @@ def fixed_policy(**overrides: Any) -> QueuePolicy:
     return QueuePolicy(**settings)
 
 
+@pytest.fixture(scope="session")
+def postgres_dsn() -> Iterator[str]:
+    """The PostgreSQL server of this session: ``MAILGATE_TEST_POSTGRES_DSN`` when set
+    (a postgresql:// URI of a role that may create databases), else a private cluster
+    started here. Exported to os.environ with this session's database prefix, so the
+    crash tests' child processes find it too."""
+    configured = os.environ.get(POSTGRES_DSN_VARIABLE)
+    cluster: PrivateCluster | None = None
+    if configured:
+        dsn = configured
+    else:
+        binaries = find_server_binaries()
+        if binaries is None:
+            pytest.skip(
+                f"PostgreSQL backend: {POSTGRES_DSN_VARIABLE} is not set and no initdb/pg_ctl "
+                "is installed (scripts/install-test-deps installs the postgresql package)"
+            )
+        cluster = PrivateCluster.start(binaries)
+        dsn = cluster.dsn
+    saved = {name: os.environ.get(name) for name in (POSTGRES_DSN_VARIABLE, POSTGRES_PREFIX_VARIABLE)}
+    os.environ[POSTGRES_DSN_VARIABLE] = dsn
+    os.environ[POSTGRES_PREFIX_VARIABLE] = f"mailgate_test_{secrets.token_hex(4)}"
+    try:
+        asyncio.run(prepare_template(dsn))
+        yield dsn
+    finally:
+        try:
+            asyncio.run(drop_databases(dsn, keep_template=False))
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+            if cluster is not None:
+                cluster.stop()
+
+
 @pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+def backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    name = str(request.param)
+    if name != "postgresql":
+        yield name
+        return
+    dsn = request.getfixturevalue("postgres_dsn")
+    yield name
+    # Every test has its own databases (one per location); they go with the test.
+    asyncio.run(drop_databases(dsn, keep_template=True))
 
 
 @pytest.fixture

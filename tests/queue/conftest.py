@@ -15,10 +15,9 @@ import pytest
 from tests.queue.backends import (
     BACKENDS,
     POSTGRES_DSN_VARIABLE,
-    POSTGRES_PREFIX_VARIABLE,
-    drop_databases,
+    database_dsn,
+    drop_schemas,
     open_backend,
-    prepare_template,
 )
 from tests.queue.postgres_cluster import PrivateCluster, find_server_binaries
 
@@ -50,15 +49,13 @@ def fixed_policy(**overrides: Any) -> QueuePolicy:
 
 @pytest.fixture(scope="session")
 def postgres_dsn() -> Iterator[str]:
-    """The PostgreSQL server of this session: ``MAILGATE_TEST_POSTGRES_DSN`` when set
-    (a postgresql:// URI of a role that may create databases), else a private cluster
-    started here. Exported to os.environ with this session's database prefix, so the
-    crash tests' child processes find it too."""
-    configured = os.environ.get(POSTGRES_DSN_VARIABLE)
+    """A database of its own for this session, on the server ``MAILGATE_TEST_POSTGRES_DSN``
+    names when set (a postgresql:// URI of a role that may create databases), else on a
+    private cluster started here. Its DSN is exported to os.environ under that name, so
+    the crash tests' child processes use it too."""
+    server = os.environ.get(POSTGRES_DSN_VARIABLE)
     cluster: PrivateCluster | None = None
-    if configured:
-        dsn = configured
-    else:
+    if not server:
         binaries = find_server_binaries()
         if binaries is None:
             pytest.skip(
@@ -66,24 +63,34 @@ def postgres_dsn() -> Iterator[str]:
                 "is installed (scripts/install-test-deps installs the postgresql package)"
             )
         cluster = PrivateCluster.start(binaries)
-        dsn = cluster.dsn
-    saved = {name: os.environ.get(name) for name in (POSTGRES_DSN_VARIABLE, POSTGRES_PREFIX_VARIABLE)}
+        server = cluster.dsn
+    database = f"mailgate_test_{secrets.token_hex(4)}"
+    asyncio.run(_database(server, f'CREATE DATABASE "{database}"'))
+    dsn = database_dsn(server, database)
+    saved = os.environ.get(POSTGRES_DSN_VARIABLE)
     os.environ[POSTGRES_DSN_VARIABLE] = dsn
-    os.environ[POSTGRES_PREFIX_VARIABLE] = f"mailgate_test_{secrets.token_hex(4)}"
     try:
-        asyncio.run(prepare_template(dsn))
         yield dsn
     finally:
+        if saved is None:
+            os.environ.pop(POSTGRES_DSN_VARIABLE, None)
+        else:
+            os.environ[POSTGRES_DSN_VARIABLE] = saved
         try:
-            asyncio.run(drop_databases(dsn, keep_template=False))
+            asyncio.run(_database(server, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
         finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
             if cluster is not None:
                 cluster.stop()
+
+
+async def _database(server: str, statement: str) -> None:
+    import asyncpg
+
+    connection = await asyncpg.connect(server)
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()
 
 
 @pytest.fixture(params=BACKENDS)
@@ -94,8 +101,8 @@ def backend(request: pytest.FixtureRequest) -> Iterator[str]:
         return
     dsn = request.getfixturevalue("postgres_dsn")
     yield name
-    # Every test has its own databases (one per location); they go with the test.
-    asyncio.run(drop_databases(dsn, keep_template=True))
+    # Every test has its own queue schemas (one per location); they go with the test.
+    asyncio.run(drop_schemas(dsn))
 
 
 @pytest.fixture

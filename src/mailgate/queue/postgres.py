@@ -97,8 +97,10 @@ log = logging.getLogger("mailgate.queue")
 T = TypeVar("T")
 Record = asyncpg.Record
 if TYPE_CHECKING:
-    # asyncpg's classes are generic in its stubs only.
-    Connection: TypeAlias = asyncpg.Connection[asyncpg.Record]
+    # asyncpg's classes are generic in its stubs only. A pool hands out proxies.
+    from asyncpg.pool import PoolConnectionProxy
+
+    Connection: TypeAlias = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
 else:
     Connection = asyncpg.Connection
 
@@ -260,12 +262,13 @@ async def migrate(target: str | Connection, *, schema: str = DEFAULT_SCHEMA) -> 
     other (an advisory lock), so any node may run it at start-up."""
     _checked_schema(schema)
     if isinstance(target, str):
-        connection = await asyncpg.connect(target)
+        own = await asyncpg.connect(target)
         try:
-            return await migrate(connection, schema=schema)
+            return await migrate(own, schema=schema)
         finally:
-            await connection.close()
+            await own.close()
     connection = target
+    # Key 0 of the schema's lock class: node ids start at 1.
     while True:
         async with connection.transaction():
             await connection.execute("SELECT pg_advisory_xact_lock($1, 0)", _lock_class(schema))
@@ -279,11 +282,9 @@ async def migrate(target: str | Connection, *, schema: str = DEFAULT_SCHEMA) -> 
                 return current
             version = current + 1
             await connection.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
-            await connection.execute(f"SET LOCAL search_path TO \"{schema}\"")
+            await connection.execute(f'SET LOCAL search_path TO "{schema}"')
             await connection.execute(MIGRATIONS[version - 1])
-            await connection.execute(
-                "INSERT INTO schema_version (version) VALUES ($1)", version
-            )
+            await connection.execute("INSERT INTO schema_version (version) VALUES ($1)", version)
             log.info("queue schema %r migrated to version %d", schema, version)
 
 
@@ -432,6 +433,8 @@ class PostgresQueueStore:
     _change_event: asyncio.Event
     _pool: asyncpg.Pool[asyncpg.Record]
     _listener: Connection
+    _settings: dict[str, str]
+    _reconnecting: asyncio.Task[None] | None
     _node_id: int
     _node_name: str
     _channel: str
@@ -471,8 +474,9 @@ class PostgresQueueStore:
         self._writes = set()
         self._channel = f"mailgate_queue.{schema}"
         self._lock_class = _lock_class(schema)
-        settings = _server_settings(schema)
-        listener = await asyncpg.connect(dsn, server_settings=settings)
+        self._settings = _server_settings(schema)
+        self._reconnecting = None
+        listener = await asyncpg.connect(dsn, server_settings=self._settings)
         try:
             if migrate:
                 await _migrate_schema(listener, schema=schema)
@@ -482,11 +486,9 @@ class PostgresQueueStore:
                     f"queue schema {schema!r} is at version {version}, this mailgate needs "
                     f"{SCHEMA_VERSION}: run 'mailgate queue migrate' (or migrate())"
                 )
-            await self._register(listener)
-            self._listener = listener
-            await listener.add_listener(self._channel, self._notified)
+            await self._listen(listener)
             self._pool = await asyncpg.create_pool(
-                dsn, min_size=1, max_size=pool_size, server_settings=settings
+                dsn, min_size=1, max_size=pool_size, server_settings=self._settings
             )
         except BaseException:
             await listener.close()
@@ -516,34 +518,72 @@ class PostgresQueueStore:
         """This node's name: the owner of its leases."""
         return self._node_name
 
-    async def _register(self, listener: Connection) -> None:
-        """Take a new node id and its advisory lock (held while this connection lives),
-        then the ``nodes`` row: a row whose lock is not held is a dead node."""
+    async def _listen(self, listener: Connection) -> None:
+        """Make ``listener`` this node's connection: a new node id and its advisory
+        lock (held while the connection lives), the ``nodes`` row (a row whose lock is
+        not held is a dead node), LISTEN, and a watch for the connection's end."""
         node_id = int(await listener.fetchval("SELECT nextval('node_ids')"))
         await listener.execute("SELECT pg_advisory_lock($1, $2)", self._lock_class, node_id)
         host = socket.gethostname()
-        self._node_id = node_id
-        self._node_name = f"{host}:{os.getpid()}:{node_id}"
+        name = f"{host}:{os.getpid()}:{node_id}"
         now = self.clock()
         await listener.execute(
             "INSERT INTO nodes (id, name, host, pid, started_at, heartbeat_at) "
             "VALUES ($1, $2, $3, $4, $5, $5)",
             node_id,
-            self._node_name,
+            name,
             host,
             os.getpid(),
             now,
         )
+        await listener.add_listener(self._channel, self._notified)
+        listener.add_termination_listener(self._listener_lost)
+        self._listener = listener
+        self._node_id = node_id
+        self._node_name = name
+
+    def _listener_lost(self, connection: object) -> None:
+        """The node's connection ended (server restart, network): this node is dead for
+        the others from now on (its leases are returned to them and its results on those
+        leases fenced off), and notifications stop. Come back as a new node."""
+        if self._closed or connection is not self._listener or self._reconnecting is not None:
+            return
+        log.error("queue: lost the connection of node %s; reconnecting", self._node_name)
+        self._reconnecting = asyncio.create_task(self._reconnect(), name="mailgate-queue-listen")
+
+    async def _reconnect(self) -> None:
+        delay = 0.1
+        try:
+            while not self._closed:
+                try:
+                    listener = await asyncpg.connect(self.dsn, server_settings=self._settings)
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                    log.warning("queue: reconnecting failed: %s", exc)
+                else:
+                    try:
+                        await self._listen(listener)
+                    except BaseException:
+                        await listener.close()
+                        raise
+                    log.warning("queue: reconnected as node %s", self._node_name)
+                    # Changes made while nobody listened would be missed: count one.
+                    self._changed()
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        finally:
+            self._reconnecting = None
 
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._change_event.set()  # waiters return (False) instead of sleeping on
-        if self._background is not None:
-            self._background.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._background
+        for task in (self._background, self._reconnecting):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)
         try:
@@ -618,8 +658,9 @@ class PostgresQueueStore:
     async def _read(self, query: Callable[[Connection], Awaitable[T]]) -> T:
         """A consistent snapshot for queries that read several tables."""
         self._check_open()
-        async with self._pool.acquire() as connection, connection.transaction(
-            isolation="repeatable_read", readonly=True
+        async with (
+            self._pool.acquire() as connection,
+            connection.transaction(isolation="repeatable_read", readonly=True),
         ):
             return await query(connection)
 
@@ -677,7 +718,7 @@ class PostgresQueueStore:
         while not self._closed:
             await asyncio.sleep(self.reap_interval)
             try:
-                await self._listener.execute(
+                await self._pool.execute(
                     "UPDATE nodes SET heartbeat_at = $1 WHERE id = $2", self.clock(), self._node_id
                 )
                 await self._reap()

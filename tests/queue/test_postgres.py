@@ -238,9 +238,10 @@ def test_migrations_are_versioned_and_required(postgres_dsn: str, schema: str) -
         with pytest.raises(QueueError, match="migrate"):
             await PostgresQueueStore.open(postgres_dsn, schema=schema)
         # Several nodes starting at once: one migrates, the others wait and find it done.
-        assert await asyncio.gather(*(migrate(postgres_dsn, schema=schema) for _ in range(3))) == [
-            SCHEMA_VERSION
-        ] * 3
+        assert (
+            await asyncio.gather(*(migrate(postgres_dsn, schema=schema) for _ in range(3)))
+            == [SCHEMA_VERSION] * 3
+        )
         assert await migrate(postgres_dsn, schema=schema) == SCHEMA_VERSION
         connection = await asyncpg.connect(postgres_dsn)
         try:

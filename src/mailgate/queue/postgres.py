@@ -20,6 +20,12 @@ leases are returned at once by the reaper, which runs when a store opens and eve
 ``reap_interval`` seconds, without waiting for the leases to expire. Expired leases need
 no reaper: ``claim_due`` takes recipients whose lease has expired.
 
+The node's connection must be a real session (no transaction-pooling PgBouncer in
+between): the advisory lock and LISTEN live in it. If it drops, the node comes back as a
+new node; its old leases are the others' to take (fenced: its late results on them are
+ignored). A connection that hangs half-open keeps the old lock until the server notices
+(TCP keepalive); lease expiry bounds that.
+
 Change notification: every write transaction sends ``NOTIFY`` on the schema's channel;
 each store LISTENs on its listener connection, so other nodes notice a commit within
 milliseconds.
@@ -491,11 +497,13 @@ class PostgresQueueStore:
                 dsn, min_size=1, max_size=pool_size, server_settings=self._settings
             )
         except BaseException:
+            self._closed = True  # the connection's end is no loss to recover from
             await listener.close()
             raise
         try:
             await self._reap()
         except BaseException:
+            self._closed = True
             await self._pool.close()
             await listener.close()
             raise
@@ -722,8 +730,9 @@ class PostgresQueueStore:
                     "UPDATE nodes SET heartbeat_at = $1 WHERE id = $2", self.clock(), self._node_id
                 )
                 await self._reap()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("queue: reaper/heartbeat failed: %s", exc)
+            except Exception as exc:  # the database is down, say: try again next round
+                if not self._closed:
+                    log.warning("queue: reaper/heartbeat failed: %s", exc)
 
     # --- change notification ------------------------------------------------------------------
 

@@ -494,7 +494,11 @@ class PostgresQueueStore:
                 )
             await self._listen(listener)
             self._pool = await asyncpg.create_pool(
-                dsn, min_size=1, max_size=pool_size, server_settings=self._settings
+                dsn,
+                min_size=1,
+                max_size=pool_size,
+                server_settings=self._settings,
+                reset=_keep_session,
             )
         except BaseException:
             self._closed = True  # the connection's end is no loss to recover from
@@ -1464,15 +1468,18 @@ _COLUMNS = tuple(column.strip() for column in _RECIPIENT_COLUMNS.split(","))
 
 async def _write_body(connection: Connection, message_id: str, body: BodySource) -> int:
     """Insert the body as chunks of :data:`BODY_CHUNK` bytes; returns its size."""
-    insert = await connection.prepare(
-        "INSERT INTO bodies (message_id, seq, data) VALUES ($1, $2, $3)"
-    )
     seq = 0
     size = 0
 
     async def put(chunk: bytes | memoryview) -> None:
         nonlocal seq, size
-        await insert.fetch(message_id, seq, chunk)
+        # execute() keeps the statement prepared in the connection's cache.
+        await connection.execute(
+            "INSERT INTO bodies (message_id, seq, data) VALUES ($1, $2, $3)",
+            message_id,
+            seq,
+            chunk,
+        )
         seq += 1
         size += len(chunk)
 
@@ -1497,6 +1504,12 @@ async def _write_body(connection: Connection, message_id: str, body: BodySource)
         if buffer:
             await put(bytes(buffer))
     return size
+
+
+async def _keep_session(connection: Connection) -> None:
+    """The pool's reset on release: nothing. Pool connections keep no session state
+    (no session locks, cursors or LISTEN; every transaction has ended by release), so
+    asyncpg's reset query would be one more round trip per operation for nothing."""
 
 
 _OPEN_TOKEN = object()

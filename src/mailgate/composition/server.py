@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mailgate.hooks import Hooks
 from mailgate.server import runner
@@ -18,6 +18,9 @@ from mailgate.server.app import SMTPServer, StartPlugins
 from mailgate.server.options import SenderMap, ServerOptions
 
 from .builtins import builtin_plugins, policy_plugins
+
+if TYPE_CHECKING:
+    from mailgate.console import Console, ConsoleSources
 
 __all__ = ["Server", "run"]
 
@@ -64,6 +67,41 @@ class Server(SMTPServer):
                 )
             options = dataclasses.replace(options, sender_map=sender_map)
         super().__init__(options, hooks)
+        #: The operations console while the server runs with ``admin_listen``, else None.
+        self.console: Console | None = None
+
+    async def start(self, *, reuse_port: bool = False) -> None:
+        """Start the listeners, then the operations console when ``admin_listen`` is set
+        (a console that cannot start stops the server again: StartupError)."""
+        await super().start(reuse_port=reuse_port)
+        if self.options.admin_listen is None or self.console is not None:
+            return
+        # Imported here: aiohttp's server and prometheus-client only when asked for.
+        from mailgate.console import Console
+
+        try:
+            console = Console.from_options(self, self.options, self.console_sources())
+            if console is not None:
+                await console.start()
+        except BaseException:
+            await super().shutdown()
+            raise
+        self.console = console
+
+    async def shutdown(self) -> None:
+        """Stop the console first (its readiness check fails from then on), then the
+        server (see :meth:`SMTPServer.shutdown`)."""
+        console, self.console = self.console, None
+        if console is not None:
+            await console.stop()
+        await super().shutdown()
+
+    def console_sources(self) -> ConsoleSources:
+        """What the console shows besides the counters (no store yet: the queue's comes
+        when the server runs one)."""
+        from mailgate.console import ConsoleSources
+
+        return ConsoleSources()
 
     def start_plugins(self) -> StartPlugins:
         """The plugins the settings ask for: the policy plugins ahead of those registered

@@ -205,6 +205,16 @@ def summary(db: sqlite3.Connection, *, since: float | None = None, top: int = 10
     return result
 
 
+def totals(db: sqlite3.Connection) -> dict[str, int]:
+    """All-time counts of the store (cheap: no top lists), for the metrics exporter."""
+    one = _one(db)
+    return {
+        "sessions": one("SELECT count(*) FROM sessions"),
+        "auth_attempts": one("SELECT count(*) FROM auth_attempts"),
+        "messages": one("SELECT count(*) FROM messages"),
+    }
+
+
 def _one(db: sqlite3.Connection) -> Any:
     def query(sql: str, *args: Any) -> Any:
         return db.execute(sql, args).fetchone()[0]

@@ -236,6 +236,8 @@ SERVER_FLAGS: Mapping[str, str | None] = {
     "log_format": None,
     "verbose": None,
     "quiet": None,
+    "admin_listen": None,
+    "admin_token_file": None,
 }
 
 _NO_DELIVERY = "a honeypot never delivers or hands on mail (everything stays in its data_dir)"

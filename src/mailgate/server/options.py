@@ -92,6 +92,7 @@ GROUPS: Mapping[str, str] = {
     "protocol": "protocol",
     "proxies": "proxies and trusted peers",
     "logging": "logging",
+    "console": "operations console (metrics and the admin API)",
 }
 
 
@@ -279,6 +280,10 @@ def _log_level(values: Mapping[str, Value], default: str) -> str:
     if quiet is not None and converters.boolean(quiet):
         return "WARNING"
     return default
+
+
+def _admin_listen(value: Value) -> ListenAddress:
+    return parse_listen_address(converters.string(value), value)
 
 
 _BARE_NEWLINE_CHOICES = tuple(member.value for member in BareNewline)
@@ -676,6 +681,28 @@ class ServerOptions:
     #: (``Server(sender_map=...)``); with the [senders] table, either may grant one.
     sender_map: SenderMap | None = code_only(
         None, reason="a callable, given in code: Server(sender_map=...)"
+    )
+    # --- operations console (mailgate.console) -------------------------------------------
+    #: Where the HTTP console (/metrics, /healthz, /api/v1/) listens; None: no console.
+    admin_listen: ListenAddress | None = setting(
+        None,
+        convert=_admin_listen,
+        group="console",
+        metavar="HOST:PORT",
+        help="serve the operations console (Prometheus /metrics, /healthz, /readyz and the "
+        "JSON API under /api/v1/) over HTTP on this address; on a non-loopback address "
+        "--admin-token-file is required",
+        default_text="off",
+    )
+    #: A file holding the bearer token every console request must carry.
+    admin_token_file: Path | None = setting(
+        None,
+        convert=converters.path,
+        group="console",
+        metavar="FILE",
+        help="require 'Authorization: Bearer TOKEN' on every console request, TOKEN being "
+        "this file's content (surrounding white space ignored)",
+        default_text="none; only allowed with a loopback --admin-listen",
     )
     # --- presentation ------------------------------------------------------------------
     #: How the server words its replies, banner, EHLO greeting and HELP (honeypot

@@ -1,0 +1,287 @@
+"""The console's HTTP server: where it listens, who may use it, start and stop.
+
+Access rules (docs/api.md):
+
+- bound to a loopback address without a token, anyone on this machine may use it; the
+  ``Host`` header must name a loopback host (a web page elsewhere cannot reach it through
+  DNS rebinding) and a state-changing request from a browser must come from the console's
+  own origin (``Origin``/``Sec-Fetch-Site``: no cross-site request forgery);
+- with a token (``admin_token_file``), every request carries ``Authorization: Bearer
+  TOKEN``; on any address other than loopback the console refuses to start without one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from aiohttp import web
+
+from mailgate.server.errors import StartupError
+from mailgate.server.options import ListenAddress, ServerOptions
+
+if TYPE_CHECKING:
+    from mailgate.queue import QueueStore
+    from mailgate.server.app import SMTPServer
+
+__all__ = ["Console", "ConsoleSources", "is_loopback", "read_token"]
+
+log = logging.getLogger("mailgate.console")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+#: Sent with every response: nothing of the console may be framed, sniffed into another
+#: type, cached by a proxy or run script it did not ship (the JSON API ships none).
+SECURITY_HEADERS: Final = {
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; "
+    "form-action 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+_SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
+_LOOPBACK_NAMES: Final = frozenset({"localhost", "localhost.", "ip6-localhost"})
+#: Longest token file read: a token is a line, not a document.
+_MAX_TOKEN_BYTES: Final = 4096
+
+#: Keys of the aiohttp application the handlers read.
+CONSOLE_KEY: Final = web.AppKey["Console"]("console")
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleSources:
+    """What the console shows besides the server's own counters: a queue store (metrics
+    and the queue API) and the data directory of a honeypot's capture store (metrics and
+    the honeypot API; read through read-only connections, like ``mailgate honeypot
+    report``)."""
+
+    queue: QueueStore | None = None
+    honeypot_dir: Path | None = None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an IP literal or a name, IPv6 without brackets) is this machine
+    only: 127.0.0.0/8, ::1, or the name localhost."""
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def read_token(path: Path) -> str:
+    """The bearer token in ``path`` (surrounding white space removed); StartupError when
+    the file cannot be read or holds no usable token."""
+    try:
+        with path.open("rb") as file:
+            raw = file.read(_MAX_TOKEN_BYTES + 1)
+    except OSError as exc:
+        raise StartupError(f"admin_token_file {path}: {exc.strerror or exc}") from None
+    if len(raw) > _MAX_TOKEN_BYTES:
+        raise StartupError(f"admin_token_file {path}: longer than {_MAX_TOKEN_BYTES} bytes")
+    try:
+        token = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise StartupError(f"admin_token_file {path}: the token must be ASCII") from None
+    if len(token) < 16 or any(not 0x21 <= ord(c) <= 0x7E for c in token):
+        raise StartupError(
+            f"admin_token_file {path}: the token must be at least 16 printable characters "
+            "without spaces (e.g. from 'openssl rand -hex 32')"
+        )
+    return token
+
+
+def _host_of(header: str) -> str:
+    """The host of a Host header: without its port, an IPv6 literal without brackets."""
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    host, _, port = header.rpartition(":")
+    return host if host and port.isdigit() else header
+
+
+class Console:
+    """The console of one server process.
+
+    ``server``: the SMTP server whose counters it shows and whose readiness it reports;
+    ``listen``: where it binds (port 0: a free port, see :attr:`address`); ``token``: the
+    bearer token every request needs, or ``token_file`` holding it (neither: allowed on
+    loopback only); ``sources``: the queue and honeypot stores it can show.
+    """
+
+    def __init__(
+        self,
+        server: SMTPServer,
+        listen: ListenAddress,
+        *,
+        token: str | None = None,
+        token_file: Path | None = None,
+        sources: ConsoleSources | None = None,
+    ) -> None:
+        self.server = server
+        self.listen = listen
+        self.token = token
+        #: Read at start (so that a bad file is a StartupError, reported like the others).
+        self.token_file = token_file
+        self.sources = sources or ConsoleSources()
+        self._runner: web.AppRunner | None = None
+        self._bound: tuple[str, int] | None = None
+
+    @classmethod
+    def from_options(
+        cls, server: SMTPServer, options: ServerOptions, sources: ConsoleSources | None = None
+    ) -> Console | None:
+        """The console ``options`` ask for (None: ``admin_listen`` is not set); its token
+        file is read when it starts."""
+        if options.admin_listen is None:
+            return None
+        return cls(
+            server, options.admin_listen, token_file=options.admin_token_file, sources=sources
+        )
+
+    def counters(self) -> dict[str, Any]:
+        """This process's counters as plain data (see :func:`.metrics.snapshot`)."""
+        from .metrics import snapshot
+
+        return snapshot(self.server.stats, len(self.server.connections))
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port)."""
+        if self._bound is None:
+            raise RuntimeError("the console is not started")
+        return self._bound
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def make_app(self) -> web.Application:
+        """The aiohttp application (tests may drive it with aiohttp's test client)."""
+        # Imported here: the routes pull in prometheus-client and the API's modules.
+        from . import metrics
+
+        app = web.Application(middlewares=[self._guard], client_max_size=64 * 1024)
+        app[CONSOLE_KEY] = self
+        app.router.add_get("/healthz", _healthz)
+        app.router.add_get("/readyz", _readyz)
+        metrics.add_routes(app)
+        return app
+
+    async def start(self) -> None:
+        """Bind and serve; StartupError when the address is unusable or not allowed."""
+        if self._runner is not None:
+            return
+        if self.token_file is not None:
+            self.token = read_token(self.token_file)
+        if self.token is None and not is_loopback(self.listen.host):
+            raise StartupError(
+                f"admin_listen {self.listen} is not a loopback address: give "
+                "admin_token_file (--admin-token-file) to protect the console"
+            )
+        runner = web.AppRunner(self.make_app(), access_log=None, handle_signals=False)
+        await runner.setup()
+        try:
+            site = web.TCPSite(
+                runner, self.listen.host, self.listen.port, reuse_address=True, backlog=128
+            )
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise StartupError(
+                f"cannot listen on {self.listen} (admin_listen): {exc.strerror or exc}"
+            ) from None
+        self._runner = runner
+        # The bound address (port 0 asks for a free one): the first of the sockets.
+        bound = runner.addresses[0]
+        self._bound = (str(bound[0]), int(bound[1]))
+        log.info(
+            "console listening on %s (%s)",
+            self.url,
+            "bearer token required" if self.token else "loopback, no token",
+        )
+
+    async def stop(self) -> None:
+        """Stop serving; safe to call twice."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            # Requests in flight are short (no streaming yet): a second is plenty.
+            await asyncio.wait_for(runner.cleanup(), timeout=5.0)
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        refusal = self._refusal(request)
+        if refusal is not None:
+            refusal.headers.update(SECURITY_HEADERS)
+            return refusal
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:  # 404, 405...: aiohttp answers them itself
+            exc.headers.update(SECURITY_HEADERS)
+            raise
+        response.headers.update(SECURITY_HEADERS)
+        return response
+
+    def _refusal(self, request: web.Request) -> web.Response | None:
+        """Why ``request`` may not be served (a 401/403 response), or None."""
+        if self.token is not None:
+            given = request.headers.get("Authorization", "")
+            scheme, _, credentials = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                credentials.strip().encode(), self.token.encode()
+            ):
+                return _problem(
+                    401,
+                    "a bearer token is required",
+                    headers={"WWW-Authenticate": 'Bearer realm="mailgate"'},
+                )
+            return None
+        # No token: loopback only. A browser page of another site could still send
+        # requests here; refuse what only such a page would send.
+        if not is_loopback(_host_of(request.headers.get("Host", ""))):
+            return _problem(403, "the Host header must name this machine (localhost)")
+        if request.method not in _SAFE_METHODS and not _same_origin(request):
+            return _problem(403, "cross-origin request refused")
+        return None
+
+
+def _same_origin(request: web.Request) -> bool:
+    """A state-changing request is allowed from tools that send no browser headers, and
+    from a page of the console itself; never from another site's page."""
+    fetch_site = request.headers.get("Sec-Fetch-Site")
+    if fetch_site is not None and fetch_site not in ("same-origin", "none"):
+        return False
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True
+    return origin == f"http://{request.headers.get('Host', '')}"
+
+
+def _problem(status: int, detail: str, *, headers: dict[str, str] | None = None) -> web.Response:
+    """An error response in the API's format: ``{"error": detail}``."""
+    return web.json_response({"error": detail}, status=status, headers=headers)
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    """The process answers: alive."""
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    """Ready when the SMTP server is listening (not before start, not while stopping)."""
+    console = request.app[CONSOLE_KEY]
+    listening = [f"{host}:{port}" for host, port in console.server.addresses]
+    if not listening:
+        return web.json_response({"status": "not listening"}, status=503)
+    return web.json_response({"status": "ready", "listening": listening})

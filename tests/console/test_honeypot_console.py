@@ -11,6 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
 from tests.console.http import request
 from tests.console.test_metrics import scrape, value
 from tests.server.harness import wait_for
@@ -63,10 +64,9 @@ def test_honeypot_console_counts_sessions_and_credentials(tmp_path: Path) -> Non
         with smtplib.SMTP("127.0.0.1", smtp_port, timeout=10) as client:
             client.ehlo("scanner.example")
             client.user, client.password = "admin", "hunter2"
-            try:
+            # Refused (the default auth_outcome): still a captured credential.
+            with pytest.raises(smtplib.SMTPAuthenticationError):
                 client.auth("LOGIN", client.auth_login)
-            except smtplib.SMTPException:
-                pass  # refused (the default auth_outcome): still a captured credential
         assert wait_for(
             lambda: value(scrape(console_port), "mailgate_honeypot_captured_auth_attempts") == 1,
             timeout=20,

@@ -82,7 +82,7 @@ class Server(SMTPServer):
         try:
             console = Console.from_options(self, self.options, self.console_sources())
             if console is not None:
-                await console.start()
+                await console.start(reuse_port=reuse_port)
         except BaseException:
             await super().shutdown()
             raise

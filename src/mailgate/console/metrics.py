@@ -298,7 +298,7 @@ async def honeypot_figures(console: Console) -> dict[str, int] | None:
 
 async def render(console: Console) -> bytes:
     """The metrics text of ``console``'s server (summed over the workers when several)."""
-    counters = console.counters()
+    counters = await console.counters()
     registry = CollectorRegistry(auto_describe=False)
     registry.register(
         SnapshotCollector(

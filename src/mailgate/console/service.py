@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from mailgate.queue import QueueStore
     from mailgate.server.app import SMTPServer
 
+    from .workers import SharedCounters
+
 __all__ = ["Console", "ConsoleSources", "is_loopback", "read_token"]
 
 log = logging.getLogger("mailgate.console")
@@ -127,12 +129,19 @@ class Console:
         token: str | None = None,
         token_file: Path | None = None,
         sources: ConsoleSources | None = None,
+        workers: int = 1,
+        state_dir: Path | None = None,
     ) -> None:
         self.server = server
         self.listen = listen
         self.token = token
         #: Read at start (so that a bad file is a StartupError, reported like the others).
         self.token_file = token_file
+        #: With several worker processes, their counters are shared through files in
+        #: ``state_dir`` (see :mod:`.workers`).
+        self.workers = workers
+        self.state_dir = state_dir
+        self._shared: SharedCounters | None = None
         self.sources = sources or ConsoleSources()
         self._runner: web.AppRunner | None = None
         self._bound: tuple[str, int] | None = None
@@ -146,14 +155,26 @@ class Console:
         if options.admin_listen is None:
             return None
         return cls(
-            server, options.admin_listen, token_file=options.admin_token_file, sources=sources
+            server,
+            options.admin_listen,
+            token_file=options.admin_token_file,
+            sources=sources,
+            workers=options.workers,
+            state_dir=options.state_dir,
         )
 
-    def counters(self) -> dict[str, Any]:
+    def own_counters(self) -> dict[str, Any]:
         """This process's counters as plain data (see :func:`.metrics.snapshot`)."""
         from .metrics import snapshot
 
         return snapshot(self.server.stats, len(self.server.connections))
+
+    async def counters(self) -> dict[str, Any]:
+        """The counters to show: this process's, or with several workers the sum of all."""
+        shared = self._shared
+        if shared is None:
+            return self.own_counters()
+        return await asyncio.to_thread(shared.total)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -179,10 +200,13 @@ class Console:
         metrics.add_routes(app)
         return app
 
-    async def start(self) -> None:
-        """Bind and serve; StartupError when the address is unusable or not allowed."""
+    async def start(self, *, reuse_port: bool = False) -> None:
+        """Bind and serve; StartupError when the address is unusable or not allowed.
+        ``reuse_port``: share the port with the other worker processes (SO_REUSEPORT)."""
         if self._runner is not None:
             return
+        if self.workers > 1 and self.listen.port == 0:
+            raise StartupError(f"admin_listen {self.listen}: --workers needs a fixed port, not 0")
         if self.token_file is not None:
             self.token = read_token(self.token_file)
         if self.token is None and not is_loopback(self.listen.host):
@@ -194,7 +218,12 @@ class Console:
         await runner.setup()
         try:
             site = web.TCPSite(
-                runner, self.listen.host, self.listen.port, reuse_address=True, backlog=128
+                runner,
+                self.listen.host,
+                self.listen.port,
+                reuse_address=True,
+                reuse_port=reuse_port or None,
+                backlog=128,
             )
             await site.start()
         except OSError as exc:
@@ -202,6 +231,18 @@ class Console:
             raise StartupError(
                 f"cannot listen on {self.listen} (admin_listen): {exc.strerror or exc}"
             ) from None
+        if self.workers > 1:
+            from .workers import SharedCounters
+
+            shared = SharedCounters(self.state_dir or Path("."), self.own_counters)
+            try:
+                await shared.start()
+            except OSError as exc:
+                await runner.cleanup()
+                raise StartupError(
+                    f"cannot share the console's counters in {shared.directory}: {exc}"
+                ) from None
+            self._shared = shared
         self._runner = runner
         # The bound address (port 0 asks for a free one): the first of the sockets.
         bound = runner.addresses[0]
@@ -215,6 +256,9 @@ class Console:
     async def stop(self) -> None:
         """Stop serving; safe to call twice."""
         runner, self._runner = self._runner, None
+        shared, self._shared = self._shared, None
+        if shared is not None:
+            await shared.stop()
         if runner is not None:
             # Requests in flight are short (no streaming yet): a second is plenty.
             await asyncio.wait_for(runner.cleanup(), timeout=5.0)

@@ -191,13 +191,14 @@ class Console:
     def make_app(self) -> web.Application:
         """The aiohttp application (tests may drive it with aiohttp's test client)."""
         # Imported here: the routes pull in prometheus-client and the API's modules.
-        from . import metrics
+        from . import api, metrics
 
         app = web.Application(middlewares=[self._guard], client_max_size=64 * 1024)
         app[CONSOLE_KEY] = self
         app.router.add_get("/healthz", _healthz)
         app.router.add_get("/readyz", _readyz)
         metrics.add_routes(app)
+        api.add_routes(app)
         return app
 
     async def start(self, *, reuse_port: bool = False) -> None:

@@ -336,6 +336,32 @@ def sessions(
     return found
 
 
+def credentials(
+    db: sqlite3.Connection, *, since: float | None = None, limit: int = 100
+) -> list[dict[str, Any]]:
+    """AUTH attempts since ``since``, newest first, at most ``limit``: mechanism, user
+    name, password (token for XOAUTH2/OAUTHBEARER), the answer given, the session and the
+    client's address."""
+    rows = db.execute(
+        "SELECT a.*, s.peer_ip FROM auth_attempts a LEFT JOIN sessions s ON s.id = a.session_id"
+        " WHERE a.ts >= ? ORDER BY a.ts DESC, a.id DESC LIMIT ?",
+        (since if since is not None else float("-inf"), limit),
+    )
+    return [
+        {
+            "time": _iso(row["ts"]),
+            "session": row["session_id"],
+            "peer_ip": row["peer_ip"],
+            "mechanism": row["mechanism"],
+            "username": row["username"],
+            "password": row["password"],
+            "token": row["token"],
+            "outcome": row["outcome"],
+        }
+        for row in rows
+    ]
+
+
 def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     try:
         return ipaddress.ip_network(text.strip(), strict=False)

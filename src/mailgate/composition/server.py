@@ -97,11 +97,15 @@ class Server(SMTPServer):
         await super().shutdown()
 
     def console_sources(self) -> ConsoleSources:
-        """What the console shows besides the counters (no store yet: the queue's comes
-        when the server runs one)."""
+        """What the console shows besides the counters: capture mode's store when the
+        server captures (the queue's store comes when the server runs a queue)."""
         from mailgate.console import ConsoleSources
+        from mailgate.delivery.capture import CaptureDelivery
 
-        return ConsoleSources()
+        capture = next(
+            (p.store for p in self.hooks.plugins() if isinstance(p, CaptureDelivery)), None
+        )
+        return ConsoleSources(capture=capture)
 
     def start_plugins(self) -> StartPlugins:
         """The plugins the settings ask for: the policy plugins ahead of those registered

@@ -16,6 +16,7 @@ store, the policy plugins and the honeypot's capture store; the composition laye
 
 from __future__ import annotations
 
-from .service import Console, ConsoleSources, is_loopback, read_token
+from .context import ConsoleSources
+from .service import Console, is_loopback, read_token
 
 __all__ = ["Console", "ConsoleSources", "is_loopback", "read_token"]

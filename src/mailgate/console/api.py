@@ -22,15 +22,17 @@ import ipaddress
 import json
 import math
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from aiohttp import web
 
-from .service import CONSOLE_KEY
+from .context import CONSOLE_KEY
 
 if TYPE_CHECKING:
     import sqlite3
 
+    from mailgate.delivery.capture import CapturedMessages
     from mailgate.queue import QueueStore
 
 __all__ = ["add_routes", "to_json"]
@@ -279,8 +281,154 @@ async def _honeypot_credentials(request: web.Request) -> web.Response:
     return _json({"credentials": found})
 
 
+# --- captured messages (capture mode) -------------------------------------------------
+
+
+def _capture(request: web.Request) -> CapturedMessages:
+    store = request.app[CONSOLE_KEY].sources.capture
+    if store is None:
+        raise web.HTTPNotFound(
+            text=_dumps({"error": "this server does not capture mail (--capture DIR)"}),
+            content_type="application/json",
+        )
+    return store
+
+
+def _time(request: web.Request, name: str) -> float | None:
+    """A query parameter that is a time: Unix seconds or ISO 8601 (UTC unless it says)."""
+    text = request.query.get(name)
+    if not text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise _bad_request(f"{name} must be Unix seconds or an ISO 8601 date or time") from None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
+async def _messages_list(request: web.Request) -> web.Response:
+    from mailgate.delivery.capture import MessageQuery
+
+    store = _capture(request)
+    offset_text = request.query.get("offset", "0")
+    if not offset_text.isdigit():
+        raise _bad_request("offset must be a number")
+    query = MessageQuery(
+        text=request.query.get("q") or None,
+        sender=request.query.get("sender") or None,
+        recipient=request.query.get("recipient") or None,
+        subject=request.query.get("subject") or None,
+        since=_time(request, "since"),
+        before=_time(request, "before"),
+        limit=_limit(request),
+        offset=int(offset_text),
+    )
+    found, total = await asyncio.to_thread(store.search, query)
+    return _json({"messages": found, "total": total, "version": store.version})
+
+
+def _message_id(request: web.Request, store: CapturedMessages) -> str:
+    message_id = request.match_info["id"]
+    if not message_id.isalnum():
+        raise web.HTTPNotFound(
+            text=_dumps({"error": "no such message"}), content_type="application/json"
+        )
+    return message_id
+
+
+async def _message_show(request: web.Request) -> web.Response:
+    from mailgate.delivery.capture import message_parts
+
+    store = _capture(request)
+    message_id = _message_id(request, store)
+
+    def read() -> dict[str, Any] | None:
+        found = store.get(message_id)
+        if found is None:
+            return None
+        return {"message": to_json(found), **message_parts(store.parsed(message_id))}
+
+    try:
+        shown = await asyncio.to_thread(read)
+    except FileNotFoundError:
+        shown = None
+    if shown is None:
+        return _error(404, "no such message")
+    return _json(shown)
+
+
+async def _message_raw(request: web.Request) -> web.Response:
+    store = _capture(request)
+    message_id = _message_id(request, store)
+    try:
+        raw = await asyncio.to_thread(store.raw, message_id)
+    except FileNotFoundError:
+        return _error(404, "no such message")
+    # Plain text, never rendered: the source of a message is shown, not interpreted.
+    return web.Response(
+        body=raw,
+        headers={
+            "Content-Type": "text/plain; charset=utf-8",
+            "Content-Disposition": f'inline; filename="{message_id}.eml"',
+        },
+    )
+
+
+async def _message_attachment(request: web.Request) -> web.Response:
+    from mailgate.delivery.capture import attachment
+
+    store = _capture(request)
+    message_id = _message_id(request, store)
+    index_text = request.match_info["index"]
+    if not index_text.isdigit():
+        return _error(404, "no such attachment")
+    try:
+        found = await asyncio.to_thread(
+            lambda: attachment(store.parsed(message_id), int(index_text))
+        )
+    except FileNotFoundError:
+        found = None
+    if found is None:
+        return _error(404, "no such attachment")
+    filename, _, data = found
+    # Always a download of opaque bytes: an attached HTML page or SVG never runs here.
+    safe_name = "".join(
+        c for c in (filename or f"attachment-{index_text}") if c.isalnum() or c in "._-"
+    )
+    return web.Response(
+        body=data,
+        headers={
+            "Content-Type": "application/octet-stream",
+            "Content-Disposition": f'attachment; filename="{safe_name or "attachment"}"',
+        },
+    )
+
+
+async def _message_delete(request: web.Request) -> web.Response:
+    store = _capture(request)
+    message_id = _message_id(request, store)
+    if not await asyncio.to_thread(store.delete, message_id):
+        return _error(404, "no such message")
+    return _json({"messages": 1})
+
+
+async def _messages_delete_all(request: web.Request) -> web.Response:
+    store = _capture(request)
+    return _json({"messages": await asyncio.to_thread(store.delete_all)})
+
+
 def add_routes(app: web.Application) -> None:
     router = app.router
+    router.add_get(f"{PREFIX}/messages", _messages_list)
+    router.add_delete(f"{PREFIX}/messages", _messages_delete_all)
+    router.add_get(f"{PREFIX}/messages/{{id}}", _message_show)
+    router.add_delete(f"{PREFIX}/messages/{{id}}", _message_delete)
+    router.add_get(f"{PREFIX}/messages/{{id}}/raw", _message_raw)
+    router.add_get(f"{PREFIX}/messages/{{id}}/attachments/{{index}}", _message_attachment)
     router.add_get(f"{PREFIX}/queue", _queue_list)
     router.add_get(f"{PREFIX}/queue/stats", _queue_stats)
     router.add_post(f"{PREFIX}/queue/flush", _queue_flush_all)

@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector
 
 from mailgate.server.stats import LATENCY_BUCKETS, LatencyHistogram, ServerStats
 
-from .service import CONSOLE_KEY, Console
+from .context import CONSOLE_KEY, ConsoleState
 
 __all__ = ["SnapshotCollector", "add_routes", "merge", "render", "snapshot"]
 
@@ -257,7 +257,7 @@ def _buckets(histogram: Mapping[str, Any]) -> tuple[list[tuple[str, float]], flo
     return pairs, float(histogram["sum"])
 
 
-async def queue_figures(console: Console) -> dict[str, Any] | None:
+async def queue_figures(console: ConsoleState) -> dict[str, Any] | None:
     """The queue's gauges, or None without a queue (or when it cannot be read)."""
     store = console.sources.queue
     if store is None:
@@ -275,7 +275,7 @@ async def queue_figures(console: Console) -> dict[str, Any] | None:
     }
 
 
-async def honeypot_figures(console: Console) -> dict[str, int] | None:
+async def honeypot_figures(console: ConsoleState) -> dict[str, int] | None:
     """The honeypot store's totals (read in a thread: SQLite), or None."""
     data_dir = console.sources.honeypot_dir
     if data_dir is None:
@@ -296,7 +296,7 @@ async def honeypot_figures(console: Console) -> dict[str, int] | None:
         return None
 
 
-async def render(console: Console) -> bytes:
+async def render(console: ConsoleState) -> bytes:
     """The metrics text of ``console``'s server (summed over the workers when several)."""
     counters = await console.counters()
     registry = CollectorRegistry(auto_describe=False)

@@ -17,7 +17,6 @@ import hmac
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -26,8 +25,9 @@ from aiohttp import web
 from mailgate.server.errors import StartupError
 from mailgate.server.options import ListenAddress, ServerOptions
 
+from .context import CONSOLE_KEY, ConsoleSources
+
 if TYPE_CHECKING:
-    from mailgate.queue import QueueStore
     from mailgate.server.app import SMTPServer
 
     from .workers import SharedCounters
@@ -52,20 +52,6 @@ _SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 _LOOPBACK_NAMES: Final = frozenset({"localhost", "localhost.", "ip6-localhost"})
 #: Longest token file read: a token is a line, not a document.
 _MAX_TOKEN_BYTES: Final = 4096
-
-#: Keys of the aiohttp application the handlers read.
-CONSOLE_KEY: Final = web.AppKey["Console"]("console")
-
-
-@dataclass(frozen=True, slots=True)
-class ConsoleSources:
-    """What the console shows besides the server's own counters: a queue store (metrics
-    and the queue API) and the data directory of a honeypot's capture store (metrics and
-    the honeypot API; read through read-only connections, like ``mailgate honeypot
-    report``)."""
-
-    queue: QueueStore | None = None
-    honeypot_dir: Path | None = None
 
 
 def is_loopback(host: str) -> bool:

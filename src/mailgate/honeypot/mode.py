@@ -110,6 +110,7 @@ def honeypot_server_options(
             ("webhook", options.webhook),
             ("aiosmtpd_handler", options.aiosmtpd_handler),
             ("mbox", options.delivery == "mbox"),
+            ("capture", options.delivery == "capture"),
             ("auth_users", options.auth_users),
             ("users_file", options.users_file),
             ("auth_capture", options.auth_capture),

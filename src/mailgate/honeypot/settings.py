@@ -250,6 +250,7 @@ _NO_SUBMISSION = (
 HONEYPOT_REFUSED: Mapping[str, str] = {
     "maildir": _NO_DELIVERY,
     "mbox": _NO_DELIVERY,
+    "capture": _NO_DELIVERY,
     "forward": _NO_DELIVERY,
     "webhook": _NO_DELIVERY,
     "aiosmtpd_handler": _NO_DELIVERY,

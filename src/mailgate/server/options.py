@@ -219,13 +219,16 @@ _SINK = Setting(
     default=False,
 )
 
-Delivery = Literal["maildir", "mbox", "sink"]
+Delivery = Literal["maildir", "mbox", "sink", "capture"]
 
 
 def _delivery(values: Mapping[str, Value], default: Delivery) -> Delivery:
-    # maildir, mbox and sink exclude each other (checked before); mbox is always a path.
+    # maildir, mbox, capture and sink exclude each other (checked before); mbox and
+    # capture are always paths.
     if "mbox" in values:
         return "mbox"
+    if "capture" in values:
+        return "capture"
     sink = values.get("sink")
     if sink is not None and converters.boolean(sink):
         return "sink"
@@ -325,7 +328,28 @@ class ServerOptions:
         help="append accepted mail to this mbox file",
         default_text="off",
     )
-    # Where accepted mail goes: the one of maildir, mbox and sink chosen.
+    #: Capture mode (mailgate.delivery.capture): every accepted message kept in an
+    #: indexed store for the operations console's inbox.
+    capture: Path | None = setting(
+        None,
+        convert=converters.path,
+        group="delivery",
+        metavar="DIR",
+        exclusive="delivery",
+        help="keep accepted mail in an indexed store in this directory, for the console's "
+        "inbox and API (a developer's mail catcher, with --admin-listen)",
+        default_text="off",
+    )
+    capture_max_size: int = setting(
+        1024**3,
+        convert=converters.size,
+        group="delivery",
+        metavar="BYTES",
+        help="with --capture: remove the oldest messages while the store holds more than "
+        "this; 0 for no limit",
+        describe=converters.size_text,
+    )
+    # Where accepted mail goes: the one of maildir, mbox, capture and sink chosen.
     delivery: Delivery = derived("maildir", inputs=(_SINK,), combine=_delivery)
     state_dir: Path = setting(
         Path(".mailgate"),

@@ -177,7 +177,7 @@ class Console:
     def make_app(self) -> web.Application:
         """The aiohttp application (tests may drive it with aiohttp's test client)."""
         # Imported here: the routes pull in prometheus-client and the API's modules.
-        from . import api, metrics
+        from . import api, metrics, ui
 
         app = web.Application(middlewares=[self._guard], client_max_size=64 * 1024)
         app[CONSOLE_KEY] = self
@@ -185,6 +185,7 @@ class Console:
         app.router.add_get("/readyz", _readyz)
         metrics.add_routes(app)
         api.add_routes(app)
+        ui.add_routes(app)
         return app
 
     async def start(self, *, reuse_port: bool = False) -> None:
@@ -261,7 +262,9 @@ class Console:
         except web.HTTPException as exc:  # 404, 405...: aiohttp answers them itself
             exc.headers.update(SECURITY_HEADERS)
             raise
-        response.headers.update(SECURITY_HEADERS)
+        for name, value in SECURITY_HEADERS.items():
+            # The UI's pages set their own Content-Security-Policy (scripts of their own).
+            response.headers.setdefault(name, value)
         return response
 
     def _refusal(self, request: web.Request) -> web.Response | None:

@@ -248,7 +248,7 @@ class Console:
         if shared is not None:
             await shared.stop()
         if runner is not None:
-            # Requests in flight are short (no streaming yet): a second is plenty.
+            # Requests in flight are short (nothing streams): five seconds are plenty.
             await asyncio.wait_for(runner.cleanup(), timeout=5.0)
 
     @web.middleware

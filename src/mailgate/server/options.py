@@ -713,9 +713,9 @@ class ServerOptions:
         convert=_admin_listen,
         group="console",
         metavar="HOST:PORT",
-        help="serve the operations console (Prometheus /metrics, /healthz, /readyz and the "
-        "JSON API under /api/v1/) over HTTP on this address; on a non-loopback address "
-        "--admin-token-file is required",
+        help="serve the operations console (the web UI at /, Prometheus /metrics, /healthz, "
+        "/readyz and the JSON API under /api/v1/) over HTTP on this address; on a "
+        "non-loopback address --admin-token-file is required",
         default_text="off",
     )
     #: A file holding the bearer token every console request must carry.

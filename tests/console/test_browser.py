@@ -5,9 +5,12 @@ nothing; the queue and honeypot pages show their data. Screenshots go to docs/co
 
 from __future__ import annotations
 
+import base64
 import email.policy
+import http.server
 import shutil
 import smtplib
+import threading
 from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
@@ -44,14 +47,48 @@ HOSTILE_HTML = (
 )
 
 
-def _hostile() -> bytes:
+def _hostile(image_url: str) -> bytes:
     message = EmailMessage()
     message["From"] = "Mallory <mallory@example.org>"
     message["To"] = "victim@example.net"
     message["Subject"] = "Your invoice <script>alert(5)</script>"
     message.set_content("plain part")
-    message.add_alternative(HOSTILE_HTML, subtype="html")
+    message.add_alternative(
+        HOSTILE_HTML + f'<img id="tracker" src="{image_url}" style="width:10px">', subtype="html"
+    )
     return message.as_bytes(policy=email.policy.SMTP)
+
+
+class ImageServer:
+    """A web server on 127.0.0.2 (another host than the console's) that records what is
+    fetched from it: the "remote" images of a mail."""
+
+    def __init__(self) -> None:
+        self.fetched: list[str] = []
+        fetched = self.fetched
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                fetched.append(self.path)
+                body = base64.b64decode("R0lGODlhAQABAAAAACw=")
+                self.send_response(200)
+                self.send_header("Content-Type", "image/gif")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.2", 0), Handler)
+        self.url = f"http://127.0.0.2:{self.server.server_address[1]}/tracker.gif"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
 
 
 def _plain(subject: str, sender: str) -> bytes:
@@ -148,8 +185,9 @@ def test_inbox_live_open_search_delete_and_a_hostile_message(tmp_path: Path, bro
         page.fill("#search", "")
         expect(page.locator("#messages tbody tr")).to_have_count(2)
 
+        images = ImageServer()
         with smtplib.SMTP("127.0.0.1", server.port()) as client:
-            client.sendmail("mallory@example.org", ["victim@example.net"], _hostile())
+            client.sendmail("mallory@example.org", ["victim@example.net"], _hostile(images.url))
         row = page.locator("#messages tbody tr", has_text="Your invoice")
         row.wait_for(timeout=10_000)
         # The subject's markup is text, not markup.
@@ -164,10 +202,23 @@ def test_inbox_live_open_search_delete_and_a_hostile_message(tmp_path: Path, bro
         page.wait_for_timeout(500)
         page.screenshot(path=str(SCREENSHOTS / "hostile-message.png"))
         assert watch.dialogs == []
-        # The remote image was asked for and refused by the page's CSP in the browser;
+        # The remote images were asked for and refused by the CSP inside the browser;
         # the script that would fetch never ran, nor did the frame load.
         assert watch.leaked == []
-        assert watch.blocked == ["http://192.0.2.1/pixel.png"]
+        assert sorted(watch.blocked) == sorted(["http://192.0.2.1/pixel.png", images.url])
+        assert images.fetched == []
+        # Asked for, the remote images load (and still no script runs).
+        page.locator("#load-images").click()
+        expect(frame.locator("#tracker")).to_be_visible()
+        try:
+            for _ in range(50):
+                if images.fetched:
+                    break
+                page.wait_for_timeout(100)
+            assert images.fetched == ["/tracker.gif"]
+        finally:
+            images.close()
+        assert watch.dialogs == []
 
         page.locator("#delete-message").click()
         expect(page.locator("#messages tbody tr")).to_have_count(2)

@@ -94,6 +94,15 @@ def test_capture_and_the_messages_api(tmp_path: Path) -> None:
         assert download.headers["content-disposition"] == 'attachment; filename="..bill1.pdf"'
         assert request(port, f"/api/v1/messages/{newest['id']}/attachments/1").status == 404
 
+        html = request(port, f"/api/v1/messages/{newest['id']}/html")
+        assert html.text.strip() == HOSTILE_HTML
+        policy = html.headers["content-security-policy"]
+        assert policy.startswith("sandbox; default-src 'none';") and "img-src data:;" in policy
+        assert "script-src" not in policy and html.headers["x-frame-options"] == "SAMEORIGIN"
+        remote = request(port, f"/api/v1/messages/{newest['id']}/html?images=remote")
+        assert "img-src data: http: https:;" in remote.headers["content-security-policy"]
+        assert request(port, f"/api/v1/messages/{oldest['id']}/html").status == 404  # no HTML
+
         raw = request(port, f"/api/v1/messages/{oldest['id']}/raw")
         assert raw.headers["content-type"] == "text/plain; charset=utf-8"
         assert strip_received(raw.body) == _plain()

@@ -361,6 +361,40 @@ async def _message_show(request: web.Request) -> web.Response:
     return _json(shown)
 
 
+#: The HTML body of a mail, served to the UI's sandboxed frame: the CSP's ``sandbox``
+#: gives it an opaque origin with scripts, forms and pop-ups off even when opened on its
+#: own; inline styles are allowed (they run nothing), images only when asked.
+_HTML_POLICY: Final = (
+    "sandbox; default-src 'none'; style-src 'unsafe-inline'; img-src {images}; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'self'"
+)
+
+
+async def _message_html(request: web.Request) -> web.Response:
+    from mailgate.delivery.capture import message_parts
+
+    store = _capture(request)
+    message_id = _message_id(request, store)
+    try:
+        parts = await asyncio.to_thread(lambda: message_parts(store.parsed(message_id)))
+    except FileNotFoundError:
+        return _error(404, "no such message")
+    if parts["html"] is None:
+        return _error(404, "the message has no HTML body")
+    remote = request.query.get("images") == "remote"
+    return web.Response(
+        text=parts["html"],
+        content_type="text/html",
+        headers={
+            "Content-Security-Policy": _HTML_POLICY.format(
+                images="data: http: https:" if remote else "data:"
+            ),
+            # Framed by the console's own page only.
+            "X-Frame-Options": "SAMEORIGIN",
+        },
+    )
+
+
 async def _message_raw(request: web.Request) -> web.Response:
     store = _capture(request)
     message_id = _message_id(request, store)
@@ -428,6 +462,7 @@ def add_routes(app: web.Application) -> None:
     router.add_get(f"{PREFIX}/messages/{{id}}", _message_show)
     router.add_delete(f"{PREFIX}/messages/{{id}}", _message_delete)
     router.add_get(f"{PREFIX}/messages/{{id}}/raw", _message_raw)
+    router.add_get(f"{PREFIX}/messages/{{id}}/html", _message_html)
     router.add_get(f"{PREFIX}/messages/{{id}}/attachments/{{index}}", _message_attachment)
     router.add_get(f"{PREFIX}/queue", _queue_list)
     router.add_get(f"{PREFIX}/queue/stats", _queue_stats)

@@ -10,9 +10,9 @@ from aiohttp import web
 
 __all__ = ["UI_POLICY", "add_routes"]
 
-#: The page may run only its own script and style sheet and talk only to this server.
-#: An HTML mail shown in its sandboxed srcdoc frame inherits this policy: it can load no
-#: image, font or style from anywhere (remote images stay blocked) and run nothing.
+#: The page may run only its own script and style sheet and talk only to this server; it
+#: frames only this server's pages (a mail's HTML body, which has its own stricter
+#: policy: see the API's ``/messages/{id}/html``).
 UI_POLICY: Final = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; frame-src 'self'; base-uri 'none'; form-action 'none'; "

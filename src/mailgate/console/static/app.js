@@ -126,10 +126,15 @@ async function openMessage(id) {
                                ["Received", when(message.received) + " from " + message.client]]) {
     envelope.append(element("dt", name), element("dd", value));
   }
-  // srcdoc: the mail's HTML as a document of its own, sandboxed (no allow-scripts, no
-  // allow-same-origin) and bound by this page's CSP (no image, font or request to
-  // anywhere but this server).
-  document.getElementById("message-html").srcdoc = data.html === null ? "" : data.html;
+  // The mail's HTML comes from its own URL, in a frame sandboxed here (no allow-scripts,
+  // no allow-same-origin) and by the response's own CSP (sandbox; no image from
+  // elsewhere until asked, no script, font or request).
+  const frame = document.getElementById("message-html");
+  const htmlUrl = api + "/messages/" + encodeURIComponent(id) + "/html";
+  frame.src = data.html === null ? "about:blank" : htmlUrl;
+  const images = document.getElementById("load-images");
+  images.hidden = data.html === null;
+  images.onclick = () => { frame.src = htmlUrl + "?images=remote"; images.hidden = true; };
   document.getElementById("message-text").textContent = data.text === null ? "" : data.text;
   const headers = document.querySelector("#message-headers tbody");
   headers.replaceChildren(...data.headers.map(([name, value]) => row([name, value])));

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import email.policy
 import smtplib
+import socket
+import time
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -123,6 +125,35 @@ def test_capture_and_the_messages_api(tmp_path: Path) -> None:
         assert request(port, "/api/v1/messages", method="DELETE").json() == {"messages": 1}
         assert request(port, "/api/v1/messages").json()["total"] == 0
     assert list((tmp_path / "captured" / "messages").iterdir()) == []
+
+
+def test_event_stream_tells_of_new_mail_and_ends_with_the_server(tmp_path: Path) -> None:
+    with running_server(
+        tmp_path, delivery="capture", capture=tmp_path / "captured", admin_listen=LOOPBACK_ANY_PORT
+    ) as server:
+        port = server.server.console.address[1]  # type: ignore[union-attr]
+        stream = socket.create_connection(("127.0.0.1", port), timeout=10)
+        stream.sendall(f"GET /api/v1/events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        received = bytearray()
+
+        def read_until(marker: bytes) -> None:
+            while marker not in received:
+                chunk = stream.recv(4096)
+                assert chunk, bytes(received)
+                received.extend(chunk)
+
+        read_until(b": connected")
+        assert b"text/event-stream" in received
+        with smtplib.SMTP("127.0.0.1", server.port()) as client:
+            client.sendmail("alice@example.org", ["bob@example.net"], _plain())
+        read_until(b"event: messages\ndata: 1\n")
+        began = time.monotonic()
+    # The open stream did not hold the stop up; the server closed it.
+    assert time.monotonic() - began < 5
+    stream.settimeout(5)
+    while stream.recv(4096):
+        pass
+    stream.close()
 
 
 def _deliver(store: CapturedMessages, tmp_path: Path, message_id: str, size: int) -> None:

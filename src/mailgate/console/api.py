@@ -455,8 +455,63 @@ async def _messages_delete_all(request: web.Request) -> web.Response:
     return _json({"messages": await asyncio.to_thread(store.delete_all)})
 
 
+# --- live updates ---------------------------------------------------------------------
+
+#: How often an event stream looks for changes, and how often it sends a comment so that
+#: proxies and browsers keep an idle stream open.
+EVENT_POLL_SECONDS: Final = 0.25
+_KEEPALIVE_SECONDS: Final = 15.0
+
+
+def _versions(request: web.Request) -> dict[str, int]:
+    """A number per source that changes whenever the source does."""
+    sources = request.app[CONSOLE_KEY].sources
+    versions: dict[str, int] = {}
+    if sources.capture is not None:
+        versions["messages"] = sources.capture.version
+    if sources.queue is not None:
+        versions["queue"] = sources.queue.change_count
+    return versions
+
+
+async def _events(request: web.Request) -> web.StreamResponse:
+    """Server-Sent Events: ``event: messages`` when the captured mail changes, ``event:
+    queue`` when the queue does (``data``: the new version), until the client leaves or
+    the console stops."""
+    console = request.app[CONSOLE_KEY]
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "X-Accel-Buffering": "no"}
+    )
+    await response.prepare(request)
+    seen = _versions(request)
+    await response.write(b"retry: 2000\n: connected\n\n")
+    loop = asyncio.get_running_loop()
+    quiet_since = loop.time()
+    while not console.closing.is_set():
+        try:
+            await asyncio.wait_for(console.closing.wait(), EVENT_POLL_SECONDS)
+            break
+        except TimeoutError:
+            pass
+        now = _versions(request)
+        changed = [name for name, version in now.items() if seen.get(name) != version]
+        seen = now
+        try:
+            for name in changed:
+                await response.write(f"event: {name}\ndata: {now[name]}\n\n".encode())
+            if changed:
+                quiet_since = loop.time()
+            elif loop.time() - quiet_since > _KEEPALIVE_SECONDS:
+                await response.write(b": keep-alive\n\n")
+                quiet_since = loop.time()
+        except (ConnectionError, RuntimeError):  # the client left
+            break
+    return response
+
+
 def add_routes(app: web.Application) -> None:
     router = app.router
+    router.add_get(f"{PREFIX}/events", _events)
     router.add_get(f"{PREFIX}/messages", _messages_list)
     router.add_delete(f"{PREFIX}/messages", _messages_delete_all)
     router.add_get(f"{PREFIX}/messages/{{id}}", _message_show)

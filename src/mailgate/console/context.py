@@ -3,6 +3,7 @@ modules import this, never :mod:`.service`, which imports them)."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol
@@ -38,6 +39,10 @@ class ConsoleState(Protocol):
 
     @property
     def sources(self) -> ConsoleSources: ...
+
+    @property
+    def closing(self) -> asyncio.Event:
+        """Set when the console stops: long-lived responses (event streams) end."""
 
     async def counters(self) -> dict[str, Any]:
         """The counters to show (summed over the workers when there are several)."""

@@ -128,6 +128,8 @@ class Console:
         self.workers = workers
         self.state_dir = state_dir
         self._shared: SharedCounters | None = None
+        #: Set at stop: event streams end at once instead of holding the stop up.
+        self.closing = asyncio.Event()
         self.sources = sources or ConsoleSources()
         self._runner: web.AppRunner | None = None
         self._bound: tuple[str, int] | None = None
@@ -193,6 +195,7 @@ class Console:
         ``reuse_port``: share the port with the other worker processes (SO_REUSEPORT)."""
         if self._runner is not None:
             return
+        self.closing = asyncio.Event()
         if self.workers > 1 and self.listen.port == 0:
             raise StartupError(f"admin_listen {self.listen}: --workers needs a fixed port, not 0")
         if self.token_file is not None:
@@ -243,6 +246,7 @@ class Console:
 
     async def stop(self) -> None:
         """Stop serving; safe to call twice."""
+        self.closing.set()
         runner, self._runner = self._runner, None
         shared, self._shared = self._shared, None
         if shared is not None:

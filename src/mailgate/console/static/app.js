@@ -259,7 +259,15 @@ document.addEventListener("DOMContentLoaded", () => {
   search.addEventListener("input", () => { state.query = search.value.trim(); refreshInbox(true); });
   setView("html");
   show(location.hash.slice(1) || "inbox");
-  // New mail appears without a reload: the list is asked again every second and
-  // redrawn when the store's version changed.
-  setInterval(() => { if (state.page === "inbox") refreshInbox().catch(() => status("cannot reach the server")); }, 1000);
+  // New mail appears without a reload: the server says when the captured mail or the
+  // queue changed (Server-Sent Events; the browser reconnects by itself).
+  const events = new EventSource(api + "/events");
+  events.addEventListener("messages", () => {
+    if (state.page === "inbox") refreshInbox().catch(() => status("cannot reach the server"));
+  });
+  events.addEventListener("queue", () => {
+    if (state.page === "queue") refreshQueue().catch(() => status("cannot reach the server"));
+  });
+  events.addEventListener("error", () => status("reconnecting\u2026"));
+  events.addEventListener("open", () => status(""));
 });

@@ -166,3 +166,54 @@ def test_cli_serve_with_admin_listen(tmp_path: Path) -> None:
         assert _closed(port)
     finally:
         cli.kill()
+
+
+def _users_file(tmp_path: Path) -> Path:
+    from argon2 import PasswordHasher
+
+    from mailgate.plugins.users_file import UsersDocument, write_document
+
+    # Cheap parameters: the test checks the rule, not argon2's cost.
+    hasher = PasswordHasher(time_cost=1, memory_cost=64, parallelism=1)
+    document = UsersDocument()
+    document.set("ops", hasher.hash("correct horse"))
+    path = tmp_path / "users"
+    write_document(path, document)
+    return path
+
+
+def _basic(user: str, password: str) -> dict[str, str]:
+    import base64
+
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def test_users_file_protects_the_console_with_basic_authentication(tmp_path: Path) -> None:
+    users = _users_file(tmp_path)
+    with running_server(
+        tmp_path, delivery="sink", admin_listen=LOOPBACK_ANY_PORT, users_file=users
+    ) as server:
+        port = _console_port(server)
+        missing = request(port, "/healthz")
+        assert missing.status == 401
+        assert missing.headers["www-authenticate"].startswith('Basic realm="mailgate console"')
+        assert request(port, "/healthz", headers=_basic("ops", "wrong")).status == 401
+        assert request(port, "/healthz", headers=_basic("nobody", "correct horse")).status == 401
+        assert request(port, "/healthz", headers={"Authorization": "Basic !!!"}).status == 401
+        for _ in range(3):  # verified once, then remembered
+            assert request(port, "/metrics", headers=_basic("ops", "correct horse")).status == 200
+
+
+def test_users_file_allows_a_non_loopback_address(tmp_path: Path) -> None:
+    users = _users_file(tmp_path)
+    server = Server(ServerOptions(listen=(LOOPBACK_ANY_PORT,), state_dir=tmp_path / "state"))
+    console = Console(server, ListenAddress("192.0.2.10", 8025), users_file=users)
+
+    async def main() -> None:
+        # Past the protection rule; binding an address this machine lacks then fails
+        # (nothing is sent anywhere).
+        with pytest.raises(StartupError, match=r"cannot listen on 192\.0\.2\.10:8025"):
+            await console.start()
+
+    asyncio.run(main())
+    assert console.protected

@@ -7,15 +7,20 @@ Access rules (docs/api.md):
   DNS rebinding) and a state-changing request from a browser must come from the console's
   own origin (``Origin``/``Sec-Fetch-Site``: no cross-site request forgery);
 - with a token (``admin_token_file``), every request carries ``Authorization: Bearer
-  TOKEN``; on any address other than loopback the console refuses to start without one.
+  TOKEN``; with a users file (``users_file``), HTTP Basic authentication as one of its
+  users is accepted (either, when both are set); on any address other than loopback the
+  console refuses to start without one of them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import hmac
 import ipaddress
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -37,6 +42,8 @@ __all__ = ["Console", "ConsoleSources", "is_loopback", "read_token"]
 log = logging.getLogger("mailgate.console")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+#: (user name, password) -> whether they match (a users file's check).
+PasswordCheck = Callable[[str, str], Awaitable[bool]]
 
 #: Sent with every response: nothing of the console may be framed, sniffed into another
 #: type, cached by a proxy or run script it did not ship (the JSON API ships none).
@@ -50,6 +57,9 @@ SECURITY_HEADERS: Final = {
 }
 _SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 _LOOPBACK_NAMES: Final = frozenset({"localhost", "localhost.", "ip6-localhost"})
+#: How long verified Basic credentials are taken without asking argon2 again (a changed
+#: users file is seen by new credentials at once, by remembered ones after this).
+_VERIFIED_SECONDS: Final = 60.0
 #: Longest token file read: a token is a line, not a document.
 _MAX_TOKEN_BYTES: Final = 4096
 
@@ -117,6 +127,7 @@ class Console:
         sources: ConsoleSources | None = None,
         workers: int = 1,
         state_dir: Path | None = None,
+        users_file: Path | None = None,
     ) -> None:
         self.server = server
         self.listen = listen
@@ -125,6 +136,13 @@ class Console:
         self.token_file = token_file
         #: With several worker processes, their counters are shared through files in
         #: ``state_dir`` (see :mod:`.workers`).
+        #: With a users file (``users_file``, ``mailgate users``), HTTP Basic
+        #: authentication as one of its users is accepted (the token too, when given).
+        self.users_file = users_file
+        self._users: PasswordCheck | None = None
+        #: Basic credentials recently verified (their digest -> until when): argon2 costs
+        #: tens of milliseconds, and the UI makes several requests a second.
+        self._verified: dict[bytes, float] = {}
         self.workers = workers
         self.state_dir = state_dir
         self._shared: SharedCounters | None = None
@@ -149,6 +167,7 @@ class Console:
             sources=sources,
             workers=options.workers,
             state_dir=options.state_dir,
+            users_file=options.users_file,
         )
 
     def own_counters(self) -> dict[str, Any]:
@@ -163,6 +182,11 @@ class Console:
         if shared is None:
             return self.own_counters()
         return await asyncio.to_thread(shared.total)
+
+    @property
+    def protected(self) -> bool:
+        """Whether requests need credentials (a token or a user of the users file)."""
+        return self.token is not None or self._users is not None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -200,10 +224,18 @@ class Console:
             raise StartupError(f"admin_listen {self.listen}: --workers needs a fixed port, not 0")
         if self.token_file is not None:
             self.token = read_token(self.token_file)
-        if self.token is None and not is_loopback(self.listen.host):
+        if self.users_file is not None:
+            from mailgate.plugins.users_file import UsersFile, UsersFileError
+
+            try:
+                self._users = UsersFile(self.users_file, rehash=False).verify
+            except UsersFileError as exc:
+                raise StartupError(f"console: {exc}") from None
+        if not self.protected and not is_loopback(self.listen.host):
             raise StartupError(
                 f"admin_listen {self.listen} is not a loopback address: give "
-                "admin_token_file (--admin-token-file) to protect the console"
+                "admin_token_file (--admin-token-file) or users_file (--users-file) to "
+                "protect the console"
             )
         runner = web.AppRunner(self.make_app(), access_log=None, handle_signals=False)
         await runner.setup()
@@ -255,9 +287,28 @@ class Console:
             # Requests in flight are short (nothing streams): five seconds are plenty.
             await asyncio.wait_for(runner.cleanup(), timeout=5.0)
 
+    async def _authenticated(self, header: str) -> bool:
+        """Whether the Authorization header carries the token or a user's password."""
+        scheme, _, credentials = header.partition(" ")
+        if scheme.lower() == "bearer" and self.token is not None:
+            return hmac.compare_digest(credentials.strip().encode(), self.token.encode())
+        if scheme.lower() != "basic" or self._users is None:
+            return False
+        digest = hashlib.sha256(header.encode("utf-8", "surrogateescape")).digest()
+        now = time.monotonic()
+        if self._verified.get(digest, 0.0) > now:
+            return True
+        parsed = _basic_credentials(credentials)
+        if parsed is None or not await self._users(*parsed):
+            return False
+        if len(self._verified) > 1000:  # a bound on memory: forget them all, re-verify
+            self._verified.clear()
+        self._verified[digest] = now + _VERIFIED_SECONDS
+        return True
+
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        refusal = self._refusal(request)
+        refusal = await self._refusal(request)
         if refusal is not None:
             refusal.headers.update(SECURITY_HEADERS)
             return refusal
@@ -271,20 +322,28 @@ class Console:
             response.headers.setdefault(name, value)
         return response
 
-    def _refusal(self, request: web.Request) -> web.Response | None:
+    async def _refusal(self, request: web.Request) -> web.Response | None:
         """Why ``request`` may not be served (a 401/403 response), or None."""
-        if self.token is not None:
-            given = request.headers.get("Authorization", "")
-            scheme, _, credentials = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                credentials.strip().encode(), self.token.encode()
-            ):
-                return _problem(
-                    401,
-                    "a bearer token is required",
-                    headers={"WWW-Authenticate": 'Bearer realm="mailgate"'},
+        if self.protected:
+            if await self._authenticated(request.headers.get("Authorization", "")):
+                return None
+            challenges = []
+            if self.token is not None:
+                challenges.append('Bearer realm="mailgate"')
+            if self._users is not None:
+                challenges.append('Basic realm="mailgate console", charset="UTF-8"')
+            what = " or ".join(
+                name
+                for name, present in (
+                    ("a bearer token", self.token is not None),
+                    ("a user of the users file (Basic)", self._users is not None),
                 )
-            return None
+                if present
+            )
+            refusal = _problem(401, f"{what} is required")
+            for challenge in challenges:
+                refusal.headers.add("WWW-Authenticate", challenge)
+            return refusal
         # No token: loopback only. A browser page of another site could still send
         # requests here; refuse what only such a page would send.
         if not is_loopback(_host_of(request.headers.get("Host", ""))):
@@ -292,6 +351,15 @@ class Console:
         if request.method not in _SAFE_METHODS and not _same_origin(request):
             return _problem(403, "cross-origin request refused")
         return None
+
+
+def _basic_credentials(encoded: str) -> tuple[str, str] | None:
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    username, colon, password = decoded.partition(":")
+    return (username, password) if colon and username else None
 
 
 def _same_origin(request: web.Request) -> bool:

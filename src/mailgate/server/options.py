@@ -715,7 +715,7 @@ class ServerOptions:
         metavar="HOST:PORT",
         help="serve the operations console (the web UI at /, Prometheus /metrics, /healthz, "
         "/readyz and the JSON API under /api/v1/) over HTTP on this address; on a "
-        "non-loopback address --admin-token-file is required",
+        "non-loopback address it needs --admin-token-file or a users file (HTTP Basic)",
         default_text="off",
     )
     #: A file holding the bearer token every console request must carry.
@@ -726,7 +726,7 @@ class ServerOptions:
         metavar="FILE",
         help="require 'Authorization: Bearer TOKEN' on every console request, TOKEN being "
         "this file's content (surrounding white space ignored)",
-        default_text="none; only allowed with a loopback --admin-listen",
+        default_text="none; without it or a users file only a loopback --admin-listen",
     )
     # --- presentation ------------------------------------------------------------------
     #: How the server words its replies, banner, EHLO greeting and HELP (honeypot

@@ -181,9 +181,18 @@ def run_honeypot(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     options, honeypot = build_honeypot_options(args)
     # Imported here: the server and the store are not needed for --help or a bad flag.
-    from mailgate.honeypot.mode import run
+    from mailgate.honeypot.mode import HoneypotServer, Service, run
 
-    return run(options, honeypot)
+    def console(server: HoneypotServer) -> list[Service]:
+        from mailgate.console import Console, ConsoleSources
+
+        sources = ConsoleSources(honeypot_dir=honeypot.data_dir)
+        found = Console.from_options(server, server.options, sources)
+        return [found] if found is not None else []
+
+    if options.admin_listen is None:
+        return run(options, honeypot)
+    return run(options, honeypot, console)
 
 
 def _report(command: str, args: argparse.Namespace) -> int:

@@ -55,6 +55,11 @@ def builtin_plugins(options: ServerOptions, routing: Any = None) -> list[Any]:
         from mailgate.delivery.hooks import MaildirDelivery
 
         plugins.append(MaildirDelivery(options.maildir))
+    elif options.delivery == "capture":
+        from mailgate.delivery.capture import CaptureDelivery
+
+        assert options.capture is not None
+        plugins.append(CaptureDelivery(options.capture, max_bytes=options.capture_max_size or None))
     elif options.delivery == "mbox":
         from mailgate.delivery.hooks import MboxDelivery
 

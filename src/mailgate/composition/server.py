@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mailgate.hooks import Hooks
 from mailgate.server import runner
@@ -21,6 +21,9 @@ from mailgate.settings.machine import machine_name_choice
 
 from .builtins import builtin_plugins, policy_plugins, routing_plugin
 from .reload import PolicyReload, ReloadError
+
+if TYPE_CHECKING:
+    from mailgate.console import Console, ConsoleSources
 
 __all__ = ["Server", "run"]
 
@@ -69,6 +72,50 @@ class Server(SMTPServer):
                 )
             options = dataclasses.replace(options, sender_map=sender_map)
         super().__init__(options, hooks)
+        #: The operations console while the server runs with ``admin_listen``, else None.
+        self.console: Console | None = None
+
+    async def start(self, *, reuse_port: bool = False) -> None:
+        """Start the listeners, then the operations console when ``admin_listen`` is set
+        (a console that cannot start stops the server again: StartupError)."""
+        await super().start(reuse_port=reuse_port)
+        if self.options.admin_listen is None or self.console is not None:
+            return
+        # Imported here: aiohttp's server and prometheus-client only when asked for.
+        from mailgate.console import Console
+
+        try:
+            console = Console.from_options(self, self.options, self.console_sources())
+            if console is not None:
+                await console.start(reuse_port=reuse_port)
+        except BaseException:
+            await super().shutdown()
+            raise
+        self.console = console
+
+    async def shutdown(self) -> None:
+        """Stop the console first (its readiness check fails from then on), then the
+        server (see :meth:`SMTPServer.shutdown`), then the policy plugins a SIGHUP
+        replaced."""
+        console, self.console = self.console, None
+        if console is not None:
+            await console.stop()
+        await super().shutdown()
+        policy: PolicyReload | None = getattr(self, "_policy", None)
+        if policy is not None:
+            await policy.aclose()
+
+    def console_sources(self) -> ConsoleSources:
+        """What the console shows besides the counters: capture mode's store when the
+        server captures, and the queue's store when it sends mail onward ([[routes]])."""
+        from mailgate.console import ConsoleSources
+        from mailgate.delivery.capture import CaptureDelivery
+        from mailgate.queue.plugin import QueuePlugin
+
+        plugins = self.hooks.plugins()
+        capture = next((p.store for p in plugins if isinstance(p, CaptureDelivery)), None)
+        queue = next((p.store for p in plugins if isinstance(p, QueuePlugin)), None)
+        return ConsoleSources(queue=queue, capture=capture)
 
     def start_plugins(self) -> StartPlugins:
         """The plugins the settings ask for: the policy plugins ahead of those registered
@@ -100,11 +147,6 @@ class Server(SMTPServer):
         policy: PolicyReload | None = getattr(self, "_policy", None)
         super().reload_plugins([*skip, *(policy.chain if policy is not None else ())])
 
-    async def shutdown(self) -> None:
-        await super().shutdown()
-        policy: PolicyReload | None = getattr(self, "_policy", None)
-        if policy is not None:
-            await policy.aclose()
 
 
 def run(

@@ -37,9 +37,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
-from mailgate.hooks import Message, Session
+from mailgate.hooks import Hooks, Message, Session
 from mailgate.plugins import chain, relay
 from mailgate.plugins.lists import Lists
 from mailgate.plugins.policy import PolicyConfigError, PolicyEnv
@@ -109,6 +110,7 @@ def honeypot_server_options(
             ("webhook", options.webhook),
             ("aiosmtpd_handler", options.aiosmtpd_handler),
             ("mbox", options.delivery == "mbox"),
+            ("capture", options.delivery == "capture"),
             ("auth_users", options.auth_users),
             ("users_file", options.users_file),
             ("auth_capture", options.auth_capture),
@@ -207,6 +209,14 @@ def _message_id(head: bytes) -> str | None:
     return match[1].decode("ascii") if match else None
 
 
+class Service(Protocol):
+    """Something that runs beside a server: started after it, stopped before it."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
 class HoneypotServer(SMTPServer):
     """A server in honeypot mode (see :func:`build_server`): ``honeypot`` is its
     settings, ``profile`` its persona, ``plugin`` the honeypot plugin and ``store`` the
@@ -216,6 +226,13 @@ class HoneypotServer(SMTPServer):
     profile: PersonaProfile
     plugin: HoneypotPlugin
     store: CaptureStore
+    #: Run beside the server (the operations console, added by the command line):
+    #: started once the listeners are up, stopped before the server stops.
+    services: list[Service]
+
+    def __init__(self, options: ServerOptions, hooks: Hooks | None = None) -> None:
+        super().__init__(options, hooks)
+        self.services = []
 
     def start_plugins(self) -> StartPlugins:
         """The policy plugins of the configuration's other tables (DNS lists, client
@@ -236,6 +253,24 @@ class HoneypotServer(SMTPServer):
             hp.data_dir,
             f" and JSON lines to {'stdout' if hp.jsonl == '-' else hp.jsonl}" if hp.jsonl else "",
         )
+        started: list[Service] = []
+        try:
+            for service in self.services:
+                await service.start()
+                started.append(service)
+        except BaseException:
+            for service in reversed(started):
+                await service.stop()
+            await super().shutdown()
+            raise
+
+    async def shutdown(self) -> None:
+        for service in reversed(self.services):
+            try:
+                await service.stop()
+            except Exception:
+                log.exception("stopping %r failed", service)
+        await super().shutdown()
 
 
 def build_server(
@@ -353,11 +388,18 @@ def _section(
     return dataclasses.replace(existing, values={**existing.values, **overrides})
 
 
-def run(options: ServerOptions, honeypot: HoneypotOptions) -> int:
+def run(
+    options: ServerOptions,
+    honeypot: HoneypotOptions,
+    services: Callable[[HoneypotServer], Sequence[Service]] | None = None,
+) -> int:
     """Build the honeypot server and run it until SIGINT/SIGTERM (``mailgate honeypot``);
     the exit status. ConfigError for settings that cannot work; StartupError when the
-    server cannot start (a port in use), for the command to report as ``serve`` does."""
+    server cannot start (a port in use), for the command to report as ``serve`` does.
+    ``services(server)`` gives what runs beside it (see :attr:`HoneypotServer.services`)."""
     from mailgate.server import runner
 
     server = build_server(options, honeypot)
+    if services is not None:
+        server.services.extend(services(server))
     return runner.run(server.options, lambda _options: server)

@@ -205,6 +205,16 @@ def summary(db: sqlite3.Connection, *, since: float | None = None, top: int = 10
     return result
 
 
+def totals(db: sqlite3.Connection) -> dict[str, int]:
+    """All-time counts of the store (cheap: no top lists), for the metrics exporter."""
+    one = _one(db)
+    return {
+        "sessions": one("SELECT count(*) FROM sessions"),
+        "auth_attempts": one("SELECT count(*) FROM auth_attempts"),
+        "messages": one("SELECT count(*) FROM messages"),
+    }
+
+
 def _one(db: sqlite3.Connection) -> Any:
     def query(sql: str, *args: Any) -> Any:
         return db.execute(sql, args).fetchone()[0]
@@ -324,6 +334,32 @@ def sessions(
             continue
         found.append(_session_dict(row))
     return found
+
+
+def credentials(
+    db: sqlite3.Connection, *, since: float | None = None, limit: int = 100
+) -> list[dict[str, Any]]:
+    """AUTH attempts since ``since``, newest first, at most ``limit``: mechanism, user
+    name, password (token for XOAUTH2/OAUTHBEARER), the answer given, the session and the
+    client's address."""
+    rows = db.execute(
+        "SELECT a.*, s.peer_ip FROM auth_attempts a LEFT JOIN sessions s ON s.id = a.session_id"
+        " WHERE a.ts >= ? ORDER BY a.ts DESC, a.id DESC LIMIT ?",
+        (since if since is not None else float("-inf"), limit),
+    )
+    return [
+        {
+            "time": _iso(row["ts"]),
+            "session": row["session_id"],
+            "peer_ip": row["peer_ip"],
+            "mechanism": row["mechanism"],
+            "username": row["username"],
+            "password": row["password"],
+            "token": row["token"],
+            "outcome": row["outcome"],
+        }
+        for row in rows
+    ]
 
 
 def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:

@@ -246,6 +246,8 @@ SERVER_FLAGS: Mapping[str, str | None] = {
     "log_format": None,
     "verbose": None,
     "quiet": None,
+    "admin_listen": None,
+    "admin_token_file": None,
 }
 
 _NO_DELIVERY = "a honeypot never delivers or hands on mail (everything stays in its data_dir)"
@@ -258,6 +260,7 @@ _NO_SUBMISSION = (
 HONEYPOT_REFUSED: Mapping[str, str] = {
     "maildir": _NO_DELIVERY,
     "mbox": _NO_DELIVERY,
+    "capture": _NO_DELIVERY,
     "forward": _NO_DELIVERY,
     "webhook": _NO_DELIVERY,
     "aiosmtpd_handler": _NO_DELIVERY,

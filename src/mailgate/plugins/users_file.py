@@ -333,6 +333,14 @@ class UsersFile:
         )
         raise Reject(535, _REFUSED, enhanced="5.7.8")
 
+    async def verify(self, username: str, password: str) -> bool:
+        """Whether ``password`` is ``username``'s: the check of :meth:`on_auth` for other
+        front ends (the operations console's HTTP Basic authentication)."""
+        loop = asyncio.get_running_loop()
+        async with self._slots:
+            known, valid = await loop.run_in_executor(None, self._check, username, password)
+        return known and valid
+
     # --- in a worker thread -------------------------------------------------------------------
 
     def _check(self, username: str, password: str) -> tuple[bool, bool]:

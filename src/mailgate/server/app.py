@@ -33,6 +33,7 @@ from .errors import StartupError
 from .host import HostedConnection, SessionRecorder
 from .options import ListenAddress, ServerOptions
 from .spool import SpoolFile
+from .stats import ServerStats
 from .tls import add_certificates, create_server_context, ensure_dev_certificate
 
 log = logging.getLogger("mailgate.server")
@@ -127,6 +128,8 @@ class SMTPServer:
         self.recorder: SessionRecorder | None = None
         self.per_ip: Counter[str] = Counter()
         self.messages_accepted = 0
+        #: Counters for the metrics exporter (mailgate.console), read at scrape time.
+        self.stats = ServerStats()
         self.ssl_context: ssl.SSLContext | None = None
         self.spool_dir = self._spool_dir()
         self.spooling = False
@@ -563,6 +566,7 @@ class SMTPServer:
         try:
             for step in steps:
                 done = False
+                began = self.loop.time()
                 try:
                     async with asyncio.timeout(timeout):
                         await step.call(message.session, message.envelope, message)
@@ -584,6 +588,7 @@ class SMTPServer:
                     )
                     log.debug("message %s: %s traceback", message.id, step.plugin, exc_info=exc)
                 finally:
+                    self.stats.background_latency.observe(self.loop.time() - began)
                     if not done:
                         message.abort_staged()
                 if done and message.staged:
@@ -613,6 +618,15 @@ class SMTPServer:
         """Admit a new connection or say why not (max clients, per-IP, PROXY sources)."""
         options = self.options
         ip = connection.peer_ip
+        self.stats.connections_total += 1
+        refusal = self._admission(connection, ip, options)
+        if refusal is not None:
+            self.stats.connections_refused += 1
+        return refusal
+
+    def _admission(
+        self, connection: HostedConnection, ip: str, options: ServerOptions
+    ) -> Reply | None:
         if options.proxy_protocol and not _in_networks(ip, options.proxy_protocol):
             return _PROXY_NOT_ALLOWED
         if len(self.connections) >= options.max_clients:

@@ -312,6 +312,10 @@ class ConnectionDriver(asyncio.Protocol):
         self._lost = True
         reason = self._close_reason or ("peer-closed" if exc is None else "connection-lost")
         if self._admitted and self.session is not None:
+            tls = self.session.tls
+            self.host.stats.session_ended(
+                reason, tls.version if tls is not None else None, self._bytes_in
+            )
             self._log_session(reason)
         if self.recorder is not None:
             self._record("closed", reason)
@@ -543,7 +547,11 @@ class ConnectionDriver(asyncio.Protocol):
             if isinstance(point, StartTLS):
                 await self._starttls()
             else:
+                began = self.loop.time()
                 reply = await self._policy(point, session)
+                stage = _STAGE_OF.get(type(point))
+                if stage is not None:
+                    self.host.stats.stage_took(stage, self.loop.time() - began)
                 if conn.state is not State.CLOSED:
                     conn.respond(reply)
                     if self._disconnect:
@@ -657,7 +665,9 @@ class ConnectionDriver(asyncio.Protocol):
         if reply.is_positive:
             session.user = point.username
             session.auth_mechanism = point.mechanism
+            self.host.stats.auth_successes += 1
             return reply
+        self.host.stats.auth_failures += 1
         if reply.code == 535 or reply.code >= 500:
             # Each failure costs the client more time; the protocol layer hangs up after
             # max_auth_failures of them.
@@ -1044,6 +1054,7 @@ class ConnectionDriver(asyncio.Protocol):
         """The one INFO line of a message transaction (the end of its data: accepted,
         refused, discarded). Transactions that end before DATA (RSET, refused recipients)
         are counted in the session's line; their commands are logged at DEBUG."""
+        self.host.stats.message_done(outcome, size)
         if not log.isEnabledFor(logging.INFO):
             return
         session = self.session

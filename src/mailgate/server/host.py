@@ -21,6 +21,7 @@ from mailgate.protocol import ProtocolConfig, Reply
 
 from .options import ServerOptions
 from .spool import SpoolFile
+from .stats import ServerStats
 
 __all__ = ["ConnectionHost", "HostedConnection", "RunnableServer", "SessionRecorder"]
 
@@ -106,6 +107,10 @@ class ConnectionHost(Protocol):
     @property
     def recorder(self) -> SessionRecorder | None:
         """The transcript tap for connections made from now on."""
+
+    @property
+    def stats(self) -> ServerStats:
+        """The counters the metrics exporter reads (one increment per event)."""
 
     def admit(self, connection: HostedConnection) -> Reply | None:
         """Count a new connection in, or say why not (the connection then refuses)."""

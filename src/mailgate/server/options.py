@@ -94,6 +94,7 @@ GROUPS: Mapping[str, str] = {
     "protocol": "protocol",
     "proxies": "proxies and trusted peers",
     "logging": "logging",
+    "console": "operations console (metrics and the admin API)",
 }
 
 
@@ -281,13 +282,16 @@ _SINK = Setting(
     default=False,
 )
 
-Delivery = Literal["maildir", "mbox", "sink"]
+Delivery = Literal["maildir", "mbox", "sink", "capture"]
 
 
 def _delivery(values: Mapping[str, Value], default: Delivery) -> Delivery:
-    # maildir, mbox and sink exclude each other (checked before); mbox is always a path.
+    # maildir, mbox, capture and sink exclude each other (checked before); mbox and
+    # capture are always paths.
     if "mbox" in values:
         return "mbox"
+    if "capture" in values:
+        return "capture"
     sink = values.get("sink")
     if sink is not None and converters.boolean(sink):
         return "sink"
@@ -344,6 +348,10 @@ def _log_level(values: Mapping[str, Value], default: str) -> str:
     return default
 
 
+def _admin_listen(value: Value) -> ListenAddress:
+    return parse_listen_address(converters.string(value), value)
+
+
 _BARE_NEWLINE_CHOICES = tuple(member.value for member in BareNewline)
 _DURATION = "SECONDS"
 _NETWORKS = "CIDR[,CIDR]"
@@ -384,7 +392,28 @@ class ServerOptions:
         help="append accepted mail to this mbox file",
         default_text="off",
     )
-    # Where accepted mail goes: the one of maildir, mbox and sink chosen.
+    #: Capture mode (mailgate.delivery.capture): every accepted message kept in an
+    #: indexed store for the operations console's inbox.
+    capture: Path | None = setting(
+        None,
+        convert=converters.path,
+        group="delivery",
+        metavar="DIR",
+        exclusive="delivery",
+        help="keep accepted mail in an indexed store in this directory, for the console's "
+        "inbox and API (a developer's mail catcher, with --admin-listen)",
+        default_text="off",
+    )
+    capture_max_size: int = setting(
+        1024**3,
+        convert=converters.size,
+        group="delivery",
+        metavar="BYTES",
+        help="with --capture: remove the oldest messages while the store holds more than "
+        "this; 0 for no limit",
+        describe=converters.size_text,
+    )
+    # Where accepted mail goes: the one of maildir, mbox, capture and sink chosen.
     delivery: Delivery = derived("maildir", inputs=(_SINK,), combine=_delivery)
     state_dir: Path = setting(
         Path(".mailgate"),
@@ -757,6 +786,28 @@ class ServerOptions:
     #: (``Server(sender_map=...)``); with the [senders] table, either may grant one.
     sender_map: SenderMap | None = code_only(
         None, reason="a callable, given in code: Server(sender_map=...)"
+    )
+    # --- operations console (mailgate.console) -------------------------------------------
+    #: Where the HTTP console (/metrics, /healthz, /api/v1/) listens; None: no console.
+    admin_listen: ListenAddress | None = setting(
+        None,
+        convert=_admin_listen,
+        group="console",
+        metavar="HOST:PORT",
+        help="serve the operations console (the web UI at /, Prometheus /metrics, /healthz, "
+        "/readyz and the JSON API under /api/v1/) over HTTP on this address; on a "
+        "non-loopback address it needs --admin-token-file or a users file (HTTP Basic)",
+        default_text="off",
+    )
+    #: A file holding the bearer token every console request must carry.
+    admin_token_file: Path | None = setting(
+        None,
+        convert=converters.path,
+        group="console",
+        metavar="FILE",
+        help="require 'Authorization: Bearer TOKEN' on every console request, TOKEN being "
+        "this file's content (surrounding white space ignored)",
+        default_text="none; without it or a users file only a loopback --admin-listen",
     )
     # --- presentation ------------------------------------------------------------------
     #: How the server words its replies, banner, EHLO greeting and HELP (honeypot

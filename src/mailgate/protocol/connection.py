@@ -25,7 +25,7 @@ import re
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 from . import replies
 from .address import (
@@ -103,10 +103,16 @@ class ProtocolError(Exception):
     """Misuse of the API by the caller (answering when nothing is pending, ...)."""
 
 
-class _Look:
-    """What a connection needs of its persona on the hot path, resolved once."""
+#: Placeholders whose values come from the configuration alone: a banner made only of
+#: these is the same for every connection.
+_CONFIG_PLACEHOLDERS = frozenset({"hostname", "software", "protocol", "max_size", "max_recipients"})
 
-    __slots__ = ("enhanced", "hidden_verbs", "overridden", "persona", "static")
+
+class _Look:
+    """What a connection needs of its persona on the hot path, resolved once per
+    configuration (see :func:`_look_for`)."""
+
+    __slots__ = ("banner", "enhanced", "hidden_verbs", "overridden", "persona", "static")
 
     def __init__(self, config: ProtocolConfig) -> None:
         persona = config.persona
@@ -121,6 +127,45 @@ class _Look:
             and persona.enhanced_status_codes
             and "ENHANCEDSTATUSCODES" not in persona.hidden_capabilities
         )
+        #: The banner when no placeholder of it changes between connections (no date, no
+        #: client address), else None: made anew for each connection.
+        self.banner: Reply | None = None
+        if persona.banner_fields <= _CONFIG_PLACEHOLDERS:
+            constant = cast("ServerConnection", _ConfigValues(config))
+            self.banner = persona.banner_reply(_Values(constant, {}))
+
+
+class _ConfigValues:
+    """What ``_Values`` asks of a connection, for the placeholders the configuration
+    alone answers (the banner made once per configuration)."""
+
+    def __init__(self, config: ProtocolConfig) -> None:
+        self.config = config
+
+    def _common(self, key: str) -> object:
+        return ServerConnection._common(cast("ServerConnection", self), key)
+
+    def _max_size(self) -> int | None:
+        return self.config.max_message_size or None
+
+
+#: Configurations seen, by identity, with what connections need of them; the entry keeps
+#: its configuration alive, so an id is never reused while cached. Configurations are
+#: few (start and reload); the bound only guards against a caller making one per
+#: connection.
+_LOOKS: dict[int, tuple[ProtocolConfig, _Look]] = {}
+_MAX_LOOKS = 64
+
+
+def _look_for(config: ProtocolConfig) -> _Look:
+    entry = _LOOKS.get(id(config))
+    if entry is not None and entry[0] is config:
+        return entry[1]
+    look = _Look(config)
+    if len(_LOOKS) >= _MAX_LOOKS:
+        _LOOKS.clear()
+    _LOOKS[id(config)] = (config, look)
+    return look
 
 
 class _Values(dict[str, object]):
@@ -226,7 +271,7 @@ class ServerConnection:
         self._bdat_discard: tuple[Reply, DiscardReason] | None = None
         self._sasl: Mechanism | None = None
         self._sasl_final_reply: Reply | None = None
-        self._look = _Look(config)
+        self._look = _look_for(config)
         if on_line is not None:
             self._observe_lines(on_line)
 
@@ -1080,7 +1125,7 @@ class ServerConnection:
         raise KeyError(key)
 
     def _banner(self) -> Reply:
-        return self._look.persona.banner_reply(_Values(self, {}))
+        return self._look.banner or self._look.persona.banner_reply(_Values(self, {}))
 
     def _refusal(self, name: str, reply: Reply) -> Reply:
         """A parser's reply as the persona words it: a standard constant

@@ -224,9 +224,10 @@ class ConnectionDriver(asyncio.Protocol):
     def _after_connect(self) -> None:
         """The connection is admitted (and for SMTPS, encrypted): wait for the PROXY
         header, or begin the SMTP session."""
-        self._arm_timer(self.host.options.proxy_timeout if self.expect_proxy else None)
-        if not self.expect_proxy:
-            self._start_session()
+        if self.expect_proxy:
+            self._arm_timer(self.host.options.proxy_timeout)
+        else:
+            self._start_session()  # arms the timer itself
 
     def data_received(self, data: bytes) -> None:
         try:

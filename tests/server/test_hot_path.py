@@ -5,14 +5,25 @@ waits after all handed to a task, timeouts inside hooks)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from mailgate.hooks import Address, Envelope, Hooks, Reject, Session
 from mailgate.hooks.runner import never_waits
+from mailgate.protocol import (
+    NEED_DATA,
+    Greeting,
+    Persona,
+    PolicyPoint,
+    ProtocolConfig,
+    Reply,
+    ServerConnection,
+)
 from mailgate.server.connection import _resume
 
 from .harness import running_server
@@ -176,3 +187,55 @@ def test_pipelined_commands_through_inline_and_waiting_hooks_keep_their_order(
         )
     codes = [line[:3] for line in data.split(b"\r\n") if line[3:4] == b" "]
     assert codes == [b"220", b"250", b"250", b"550", b"250", b"354", b"250", b"221"]
+
+
+# --- the protocol's caches: rendered replies, the look of a configuration ---------------------
+
+
+def test_a_reply_renders_once_per_form_and_its_cache_is_not_part_of_its_value() -> None:
+    reply = Reply(250, "2.0.0", ("first", "second"))
+    assert reply.render() == b"250-2.0.0 first\r\n250 2.0.0 second\r\n"
+    assert reply.render(False) == b"250-first\r\n250 second\r\n"
+    assert reply.render() is reply.render()  # kept
+    twin = Reply(250, "2.0.0", ("first", "second"))
+    assert twin == reply and hash(twin) == hash(reply)
+    assert repr(twin) == "Reply(code=250, status='2.0.0', lines=('first', 'second'))"
+    assert dataclasses.replace(reply, code=251).render(False) == b"251-first\r\n251 second\r\n"
+
+
+def _banner(config: ProtocolConfig) -> bytes:
+    conn = ServerConnection(config)
+    assert isinstance(conn.next_event(), Greeting)
+    conn.respond(None)
+    return conn.data_to_send()
+
+
+def test_a_banner_of_configuration_values_is_made_once_and_one_with_a_date_each_time() -> None:
+    fixed = ProtocolConfig(hostname="mx.test")
+    assert _banner(fixed) == _banner(fixed)
+    assert _banner(fixed).startswith(b"220 mx.test ESMTP")
+
+    ticks = iter(range(1, 100))
+
+    def clock() -> datetime:
+        return datetime(2026, 12, 6, 12, 0, next(ticks), tzinfo=UTC)
+
+    dated = ProtocolConfig(
+        hostname="mx.test", persona=Persona(banner="{hostname} ready {date}"), clock=clock
+    )
+    first, second = _banner(dated), _banner(dated)
+    assert first.startswith(b"220 mx.test ready ") and first != second
+
+
+def test_verbs_offered_to_some_clients_only_still_take_the_checks_of_the_client() -> None:
+    config = ProtocolConfig(hostname="mx.test", xclient=True)
+    for trusted, code in ((False, b"502"), (True, b"220")):
+        conn = ServerConnection(config, peer_trusted=trusted)
+        conn.next_event()
+        conn.respond(None)
+        conn.data_to_send()
+        conn.receive_data(b"EHLO client.test\r\nXCLIENT ADDR=192.0.2.1\r\n")
+        while (event := conn.next_event()) is not NEED_DATA:
+            if isinstance(event, PolicyPoint):
+                conn.respond(None)
+        assert conn.data_to_send().split(b"\r\n")[-2][:3] == code

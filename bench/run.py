@@ -2,10 +2,15 @@
 reference) under the same smtp-source load, on one machine, over loopback.
 
 For every scenario (mode x message size x parallel sessions x connection use) and round, each
-server is started on a free port, loaded with smtp-source, and stopped again; the start order
-rotates from round to round so no server always runs first. Reported per server: median
-messages/second, median server CPU milliseconds per message (user + system of its whole
-process tree, from /proc), and their ratios to aiosmtpd and to smtp-server.
+server is started on a free port, warmed up, loaded with smtp-source for a timed run, and
+stopped again; the start order rotates from round to round so no server always runs first.
+The warm-up (5 x sessions messages, then about a second's worth, repeated until it lasted
+0.5 s) lets a JIT (Node's) reach full speed: a cold start measures the compiler, not the
+engine. The timed run is sized from the first round's warm-up rate to last about --seconds,
+and later rounds of that server send the same number (steady state, as ../shared/bench).
+Reported per server: median messages/second, median server CPU milliseconds per message
+(user + system of its whole process tree, from /proc, during the timed run only), and their
+ratios to aiosmtpd and to smtp-server.
 
     bench/setup.sh                       # once: installs the other servers and smtp-source
     python3 bench/run.py --quick         # every scenario, 3 rounds, fewer messages
@@ -40,12 +45,6 @@ from benchlib import (
 )
 
 SIZES = {"1k": 1024, "100k": 100 * 1024}
-#: Messages per run: (full, quick), before the per-session and greeting-wait adjustments.
-BASE_MESSAGES = {"1k": (4000, 800), "100k": (1000, 200)}
-#: At least this many messages per session, so "reused connections" really reuse them.
-PER_SESSION = (10, 4)
-#: A server with a fixed greeting wait gets at most this many seconds of waiting per run.
-WAIT_BUDGET_S = (10.0, 3.0)
 RATIO_BASES = ("aiosmtpd", "smtp-server-nowait")
 
 
@@ -60,13 +59,6 @@ class Scenario:
     def label(self) -> str:
         conn = "reused conns (-d)" if self.reuse else "conn per msg"
         return f"{self.mode}, {self.size} msgs, {self.sessions} sessions, {conn}"
-
-    def messages(self, spec: ServerSpec, quick: bool, override: int | None) -> int:
-        q = 1 if quick else 0
-        n = override or max(BASE_MESSAGES[self.size][q], self.sessions * PER_SESSION[q])
-        if spec.greeting_delay and not self.reuse:
-            n = min(n, int(self.sessions * WAIT_BUDGET_S[q] / spec.greeting_delay))
-        return max(n, self.sessions)
 
 
 @dataclass
@@ -101,34 +93,61 @@ def count_delivered(maildir: Path) -> int:
     return sum(len(files) for root, _dirs, files in os.walk(maildir) if Path(root).name == "new")
 
 
-def one_run(spec: ServerSpec, sc: Scenario, messages: int, timeout: float) -> Sample:
-    """Start the server, load it once, stop it. Raises RuntimeError/NotRunnable on failure."""
+def load(sc: Scenario, port: int, messages: int, timeout: float) -> float:
+    """One smtp-source run of ``messages``; its wall time. RuntimeError if it complained."""
+    cmd = [str(SMTP_SOURCE), "-s", str(sc.sessions), "-m", str(messages)]
+    cmd += ["-l", str(SIZES[sc.size]), "-M", "bench-client"]
+    cmd += ["-f", "sender@bench.example", "-t", "rcpt@bench.example"]
+    cmd += ["-d"] if sc.reuse else []
+    cmd.append(f"{HOST}:{port}")
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"smtp-source still running after {timeout:.0f} s") from exc
+    wall = time.perf_counter() - t0
+    complaints = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    if proc.returncode != 0 or complaints:
+        first = complaints[0] if complaints else ""
+        raise RuntimeError(
+            f"smtp-source exit {proc.returncode}, {len(complaints)} complaint(s): {first[:200]}"
+        )
+    return wall
+
+
+def one_run(
+    spec: ServerSpec,
+    sc: Scenario,
+    messages: int | None,
+    args: argparse.Namespace,
+) -> Sample:
+    """Start the server, warm it up, time one load of ``messages`` (None: about
+    ``args.seconds`` at the warm-up's rate), stop it. Raises RuntimeError/NotRunnable."""
     with running(spec) as srv:
-        cmd = [str(SMTP_SOURCE), "-s", str(sc.sessions), "-m", str(messages)]
-        cmd += ["-l", str(SIZES[sc.size]), "-M", "bench-client"]
-        cmd += ["-f", "sender@bench.example", "-t", "rcpt@bench.example"]
-        cmd += ["-d"] if sc.reuse else []
-        cmd.append(f"{HOST}:{srv.port}")
+        sent = 0
+        # Warm-up: enough sessions to touch every path, then about a second's worth,
+        # repeated (at most 3 times) until one lasted 0.5 s.
+        batch = 5 * sc.sessions
+        wall = load(sc, srv.port, batch, args.run_timeout)
+        sent += batch
+        for _ in range(3):
+            batch = max(sc.sessions, min(args.warmup, int(batch / max(wall, 1e-3))))
+            wall = load(sc, srv.port, batch, args.run_timeout)
+            sent += batch
+            if wall >= 0.5:
+                break
+        if messages is None:
+            messages = max(sc.sessions, int(args.seconds * batch / max(wall, 1e-3)))
         cpu0 = cpu_seconds(srv.proc.pid)
-        t0 = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-        except subprocess.TimeoutExpired as exc:
-            raise RuntimeError(f"smtp-source still running after {timeout:.0f} s") from exc
-        wall = time.perf_counter() - t0
+        wall = load(sc, srv.port, messages, args.run_timeout)
         cpu = cpu_seconds(srv.proc.pid) - cpu0
-        complaints = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-        if proc.returncode != 0 or complaints:
-            first = complaints[0] if complaints else ""
-            raise RuntimeError(
-                f"smtp-source exit {proc.returncode}, {len(complaints)} complaint(s): {first[:200]}"
-            )
+        sent += messages
         if not srv.alive():
             raise RuntimeError(f"server died: {log_tail(srv.log)}")
         if srv.maildir is not None:
             got = count_delivered(srv.maildir)
-            if got != messages:
-                raise RuntimeError(f"{got} of {messages} messages in the Maildir")
+            if got != sent:
+                raise RuntimeError(f"{got} of {sent} messages (warm-up included) in the Maildir")
         return Sample(messages, wall, cpu)
 
 
@@ -186,7 +205,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--connections", default="new,reuse", help="new (one per message), reuse (-d), or both"
     )
-    p.add_argument("--messages", type=int, help="messages per run (overrides the defaults)")
+    p.add_argument(
+        "--messages", type=int, help="messages per timed run (default: sized by --seconds)"
+    )
+    p.add_argument(
+        "--seconds",
+        type=float,
+        help="length of a timed run at the warm-up's rate (default 3, quick 1.5)",
+    )
+    p.add_argument("--warmup", type=int, default=20000, help="most messages in one warm-up batch")
     p.add_argument("--run-timeout", type=float, default=300.0, help="seconds per smtp-source run")
     p.add_argument(
         "--budget", type=float, default=4 * 3600, help="stop starting runs after this many seconds"
@@ -195,6 +222,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--list", action="store_true", help="list servers and scenarios, then exit")
     args = p.parse_args(argv)
     args.rounds = args.rounds or (3 if args.quick else 5)
+    args.seconds = args.seconds or (1.5 if args.quick else 3.0)
     if not 1 <= args.rounds <= 50:
         p.error("--rounds must be 1..50")
     return args
@@ -255,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         if not group:
             continue
         cells = {s.name: Cell(skipped=unavailable.get(s.name)) for s in group}
+        #: Messages per timed run, by server: from its first round, so all rounds match.
+        sized: dict[str, int] = {}
         for rnd in range(args.rounds):
             order = group[rnd % len(group) :] + group[: rnd % len(group)]
             for spec in order:
@@ -264,9 +294,9 @@ def main(argv: list[str] | None = None) -> int:
                 if time.monotonic() - started > args.budget:
                     out_of_time = True
                     break
-                n = sc.messages(spec, args.quick, args.messages)
+                n = args.messages or sized.get(spec.name)
                 try:
-                    sample = one_run(spec, sc, n, args.run_timeout)
+                    sample = one_run(spec, sc, n, args)
                 except (NotRunnable, RuntimeError) as exc:
                     cell.errors.append(str(exc))
                     print(f"  {spec.name} round {rnd + 1}: {exc}", file=sys.stderr)
@@ -275,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
                         cell.skipped = str(exc)
                     continue
                 cell.samples.append(sample)
+                sized.setdefault(spec.name, sample.messages)
                 print(
                     f"  {sc.label} | {spec.name} round {rnd + 1}: "
                     f"{sample.rate:.0f} msg/s, {sample.cpu_ms_per_msg:.3f} CPU ms/msg",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mailgate.hooks.outcomes import HookError, Outcome
-from mailgate.hooks.runner import Middleware, _Step, run_chain
+from mailgate.hooks.runner import Middleware, _Step, never_waits, run_chain
 from mailgate.hooks.session import Session
 from mailgate.hooks.stages import STAGES
 
@@ -188,6 +188,14 @@ class Hooks:
         """Whether some plugin (not only middleware) has a step at ``stage``."""
         return bool(self._chain(stage))
 
+    def runs_inline(self, stage: str) -> bool:
+        """Whether the chain of ``stage`` cannot wait: no middleware, and every step the
+        reply waits for is an ``async def`` with no await (:func:`~.runner.never_waits`).
+        The server then runs it to its end in the protocol callback, without a task."""
+        if self._middleware:
+            return False
+        return all(step.never_waits for step in self._chain(stage, required=True))
+
     def background_steps(self, stage: str) -> tuple[_Step, ...]:
         """Steps marked ``required = False``: the server runs them after replying."""
         return tuple(s for s in self._chain(stage) if not s.required)
@@ -212,7 +220,12 @@ class Hooks:
             chains = {}
             for s in STAGES:
                 steps = tuple(
-                    _Step(p.name, _as_async(method), bool(getattr(p.obj, "required", True)))
+                    _Step(
+                        p.name,
+                        _as_async(method),
+                        bool(getattr(p.obj, "required", True)),
+                        never_waits(method),
+                    )
                     for p in ordered
                     if callable(method := getattr(p.obj, f"on_{s}", None)) and _takes_part(p.obj, s)
                 )

@@ -7,8 +7,11 @@ runs the one it is given.
 from __future__ import annotations
 
 import asyncio
+import dis
+import inspect
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+import types
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,11 +43,48 @@ Middleware = Callable[[HookContext, Callable[[], Awaitable[Any]]], Awaitable[Any
 
 @dataclass(frozen=True, slots=True)
 class _Step:
-    """One plugin's method for one stage, made async; ``required``: the reply waits for it."""
+    """One plugin's method for one stage, made async; ``required``: the reply waits for it;
+    ``never_waits``: the method cannot suspend (see :func:`never_waits`)."""
 
     plugin: str
     call: Callable[..., Awaitable[Any]]
     required: bool
+    never_waits: bool = False
+
+
+#: Opcodes by which a coroutine's own code can suspend: await (and the awaits inside
+#: ``async with`` / ``async for``), and the yields they compile to.
+_SUSPENDING = frozenset(
+    dis.opmap[name]
+    for name in ("GET_AWAITABLE", "GET_AITER", "GET_ANEXT", "BEFORE_ASYNC_WITH", "YIELD_VALUE")
+    if name in dis.opmap
+)
+
+
+def never_waits(func: Callable[..., Any]) -> bool:
+    """Whether calling ``func`` and running what it returns to the end cannot suspend: an
+    ``async def`` whose body has no ``await``, ``async with`` or ``async for`` (a check on
+    data at hand, like relay control). Such a step is run to its end by the caller, with
+    no task and no trip through the event loop. Anything else, a plain function included
+    (it may hand back a coroutine), is taken to wait."""
+    if not inspect.iscoroutinefunction(func):
+        return False
+    # The function's own code (a bound method lends its function's), never what a
+    # decorator wraps: the wrapper may wait where the wrapped does not.
+    code = getattr(func, "__code__", None)
+    if not isinstance(code, types.CodeType):
+        return False
+    return not _may_suspend(code)
+
+
+def _may_suspend(code: types.CodeType) -> bool:
+    if any(ins.opcode in _SUSPENDING for ins in dis.get_instructions(code)):
+        return True
+    # Nested functions and comprehensions: an async comprehension is awaited by the outer
+    # code too (GET_AWAITABLE above); the rest are checked to stay on the safe side.
+    return any(
+        isinstance(const, types.CodeType) and _may_suspend(const) for const in code.co_consts
+    )
 
 
 async def run_chain(
@@ -184,6 +224,11 @@ async def _with_timeout(coro: Coroutine[Any, Any, Any], timeout: float | None) -
         raise
     if timeout is None:
         return await _drive(coro, yielded)
+    if asyncio.current_task() is None:
+        # The caller stepped this chain by hand outside any task, sure it would not wait
+        # (every step never_waits); something waited all the same. asyncio.timeout needs a
+        # task: hand the rest of the chain to one (the caller's stepper makes it) first.
+        await _into_task()
     async with asyncio.timeout(timeout):
         return await _drive(coro, yielded)
 
@@ -217,6 +262,13 @@ async def _drive(coro: Coroutine[Any, Any, Any], yielded: Any) -> Any:
         coro.close()
 
 
+@types.coroutine
+def _into_task() -> Generator[None, None, None]:
+    """A bare yield: a caller stepping its coroutine by hand takes it as "go on in a task"
+    (inside a task it is one turn of the loop)."""
+    yield
+
+
 def _bind(
     mw: Middleware, ctx: HookContext, call_next: Callable[[], Awaitable[Any]]
 ) -> Callable[[], Coroutine[Any, Any, Any]]:
@@ -226,4 +278,4 @@ def _bind(
     return call
 
 
-__all__ = ["HookContext", "Middleware", "run_chain"]
+__all__ = ["HookContext", "Middleware", "never_waits", "run_chain"]

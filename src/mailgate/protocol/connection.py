@@ -25,7 +25,7 @@ import re
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 from . import replies
 from .address import (
@@ -103,10 +103,16 @@ class ProtocolError(Exception):
     """Misuse of the API by the caller (answering when nothing is pending, ...)."""
 
 
-class _Look:
-    """What a connection needs of its persona on the hot path, resolved once."""
+#: Placeholders whose values come from the configuration alone: a banner made only of
+#: these is the same for every connection.
+_CONFIG_PLACEHOLDERS = frozenset({"hostname", "software", "protocol", "max_size", "max_recipients"})
 
-    __slots__ = ("enhanced", "hidden_verbs", "overridden", "persona", "static")
+
+class _Look:
+    """What a connection needs of its persona on the hot path, resolved once per
+    configuration (see :func:`_look_for`)."""
+
+    __slots__ = ("banner", "enhanced", "hidden_verbs", "overridden", "persona", "ready", "static")
 
     def __init__(self, config: ProtocolConfig) -> None:
         persona = config.persona
@@ -121,6 +127,57 @@ class _Look:
             and persona.enhanced_status_codes
             and "ENHANCEDSTATUSCODES" not in persona.hidden_capabilities
         )
+        #: The banner when no placeholder of it changes between connections (no date, no
+        #: client address), else None: made anew for each connection.
+        self.banner: Reply | None = None
+        constant = cast("ServerConnection", _ConfigValues(config))
+        if persona.banner_fields <= _CONFIG_PLACEHOLDERS:
+            self.banner = persona.banner_reply(_Values(constant, {}))
+        #: The verbs that exist for every connection of this configuration (in its mode,
+        #: offered, not hidden): for these, _command goes straight to the checks of the
+        #: line. XCLIENT and XFORWARD depend on the client, and take the long way.
+        self.ready: dict[str, Rule] = {
+            verb: rule
+            for verb, rule in RULES.items()
+            if rule.extension not in ("XCLIENT", "XFORWARD")
+            and ServerConnection._verb_in_mode(constant, rule)
+            and ServerConnection._offered(constant, rule)
+            and verb not in persona.hidden_verbs
+        }
+
+
+class _ConfigValues:
+    """What ``_Values`` asks of a connection, for the placeholders the configuration
+    alone answers (the banner made once per configuration)."""
+
+    def __init__(self, config: ProtocolConfig) -> None:
+        self.config = config
+        self.peer_trusted = False
+
+    def _common(self, key: str) -> object:
+        return ServerConnection._common(cast("ServerConnection", self), key)
+
+    def _max_size(self) -> int | None:
+        return self.config.max_message_size or None
+
+
+#: Configurations seen, by identity, with what connections need of them; the entry keeps
+#: its configuration alive, so an id is never reused while cached. Configurations are
+#: few (start and reload); the bound only guards against a caller making one per
+#: connection.
+_LOOKS: dict[int, tuple[ProtocolConfig, _Look]] = {}
+_MAX_LOOKS = 64
+
+
+def _look_for(config: ProtocolConfig) -> _Look:
+    entry = _LOOKS.get(id(config))
+    if entry is not None and entry[0] is config:
+        return entry[1]
+    look = _Look(config)
+    if len(_LOOKS) >= _MAX_LOOKS:
+        _LOOKS.clear()
+    _LOOKS[id(config)] = (config, look)
+    return look
 
 
 class _Values(dict[str, object]):
@@ -164,6 +221,7 @@ class ServerConnection:
         "_pos",
         "_sasl",
         "_sasl_final_reply",
+        "_short_line",
         "_skipping_long_line",
         "_unknown_commands",
         "authenticated_as",
@@ -226,7 +284,9 @@ class ServerConnection:
         self._bdat_discard: tuple[Reply, DiscardReason] | None = None
         self._sasl: Mechanism | None = None
         self._sasl_final_reply: Reply | None = None
-        self._look = _Look(config)
+        self._look = _look_for(config)
+        #: A line this long is within every line limit (_line_limit need not be asked).
+        self._short_line = min(config.max_command_line, config.max_auth_line)
         if on_line is not None:
             self._observe_lines(on_line)
 
@@ -285,7 +345,7 @@ class ServerConnection:
         point = self._pending
         if point is None:
             raise ProtocolError("respond() called with no policy point pending")
-        if any(event is point for event in self._events):
+        if self._events and any(event is point for event in self._events):
             raise ProtocolError("respond() called before the policy point was taken")
         self._pending = None
         if isinstance(reply, Reply) or reply is None:
@@ -386,7 +446,8 @@ class ServerConnection:
         if self._skipping_long_line:
             self._skipping_long_line = False
             return _ANSWERED
-        if end - pos + 1 > self._line_limit(pos, end - pos + 1):
+        length = end - pos + 1
+        if length > self._short_line and length > self._line_limit(pos, length):
             self._line_too_long()
             return _ANSWERED
         stop = end - 1 if end > pos and buf[end - 1] == 13 else end
@@ -419,19 +480,11 @@ class ServerConnection:
             return
         verb, _, arg = text.partition(" ")
         verb = verb.upper()
-        rule = RULES.get(verb)
-        if (
-            rule is None
-            or not verb.isascii()
-            or not self._verb_in_mode(rule)
-            or verb in self._look.hidden_verbs
-        ):
-            unknown = self._r("unknown_command", verb=verb, command=text[:_MAX_ECHO])
-            self._reject(line, unknown, unknown=True)
-            return
-        if not self._offered(rule):
-            self._reject(line, self._r("not_implemented", verb=verb), bad=True)
-            return
+        rule = self._look.ready.get(verb)
+        if rule is None:
+            rule = self._known_verb(line, text, verb)
+            if rule is None:
+                return
         if _has_control(text):
             self._reject(line, self._r("control_characters"), bad=True)
             return
@@ -444,6 +497,25 @@ class ServerConnection:
             return
         handler = self._COMMANDS[verb]
         handler(self, rule, line, arg)
+
+    def _known_verb(self, line: bytes, text: str, verb: str) -> Rule | None:
+        """The rule of a verb that is not ready for every connection: unknown, hidden, not
+        offered, or offered to some clients only. Answers and returns None when the verb
+        does not exist here."""
+        rule = RULES.get(verb)
+        if (
+            rule is None
+            or not verb.isascii()
+            or not self._verb_in_mode(rule)
+            or verb in self._look.hidden_verbs
+        ):
+            unknown = self._r("unknown_command", verb=verb, command=text[:_MAX_ECHO])
+            self._reject(line, unknown, unknown=True)
+            return None
+        if not self._offered(rule):
+            self._reject(line, self._r("not_implemented", verb=verb), bad=True)
+            return None
+        return rule
 
     def _verb_in_mode(self, rule: Rule) -> bool:
         if rule.extension == "SMTP":
@@ -1080,7 +1152,7 @@ class ServerConnection:
         raise KeyError(key)
 
     def _banner(self) -> Reply:
-        return self._look.persona.banner_reply(_Values(self, {}))
+        return self._look.banner or self._look.persona.banner_reply(_Values(self, {}))
 
     def _refusal(self, name: str, reply: Reply) -> Reply:
         """A parser's reply as the persona words it: a standard constant

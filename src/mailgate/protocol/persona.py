@@ -564,6 +564,11 @@ class Persona:
         """The 220 greeting (values: hostname, software, protocol, date, client_ip)."""
         return self._banner.render(values)
 
+    @property
+    def banner_fields(self) -> frozenset[str]:
+        """The placeholders the banner uses."""
+        return self._banner.fields
+
     def greeting_line(self, esmtp: bool, values: Mapping[str, object]) -> str:
         """The first line of the EHLO/LHLO reply (``esmtp``) or the HELO reply text
         (values: the banner's and helo)."""

@@ -9,7 +9,7 @@ code, except the greeting and the EHLO reply (callers pass ``enhanced=False`` th
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
 
@@ -29,6 +29,11 @@ class Reply:
     code: int
     status: str | None = None
     lines: tuple[str, ...] = ("",)
+    #: The wire form, rendered once for each value of ``enhanced`` (the standard replies
+    #: are shared by every connection: most replies sent are rendered already).
+    _wire: list[bytes | None] = field(
+        default_factory=lambda: [None, None], init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         if not 200 <= self.code <= 599:
@@ -72,6 +77,13 @@ class Reply:
         """The wire form: every line CRLF-terminated, ``-`` after the code on all but
         the last. The enhanced code is written when ``enhanced`` and the reply has one,
         and never on 3xx intermediate replies (RFC 2034 covers 2xx, 4xx and 5xx only)."""
+        index = 1 if enhanced else 0
+        wire = self._wire[index]
+        if wire is None:
+            wire = self._wire[index] = self._render(index == 1)
+        return wire
+
+    def _render(self, enhanced: bool) -> bytes:
         prefix_status = enhanced and self.status is not None and self.code // 100 != 3
         code = str(self.code)
         last = len(self.lines) - 1

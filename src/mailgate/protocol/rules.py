@@ -39,6 +39,11 @@ class State(Enum):
     REFUSED = "refused"  # the greeting was 554: only QUIT is served (RFC 5321 3.1)
     CLOSED = "closed"
 
+    # States are tested against sets on every command (rule.allowed, the driver's
+    # receiving-data check): Enum's own __hash__ is a Python function; members are
+    # singletons compared by identity, so the identity hash (in C) is as good.
+    __hash__ = object.__hash__
+
 
 _SESSION = frozenset({State.CONNECTED, State.READY, State.MAIL, State.RCPT, State.BDAT_OPEN})
 _OUTSIDE_TRANSACTION = frozenset({State.CONNECTED, State.READY})

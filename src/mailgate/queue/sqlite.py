@@ -22,6 +22,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import itertools
 import json
 import logging
 import os
@@ -34,11 +35,10 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Collection, 
 from dataclasses import asdict
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from .bodies import BodyDirectory, run_to_end
 from .model import (
-    ClientInfo,
     DeliveryBatch,
     DeliveryResult,
     DsnKind,
@@ -58,14 +58,20 @@ from .model import (
     age_bucket_labels,
     destination_domain,
     format_notify,
-    parse_notify,
 )
 from .policy import (
     QueuePolicy,
-    RecipientFacts,
     RecipientUpdate,
     apply_operator_bounce,
     apply_result,
+)
+from .rows import (
+    dsn_kinds,
+    joined,
+    message_info,
+    recipient_facts,
+    recipient_info,
+    remote_reply,
 )
 from .store import BodySource, QueueError, QueueStore
 
@@ -163,20 +169,33 @@ _MESSAGE_COLUMNS = (
     "id, sender, size, received_at, expires_at, envid, ret, smtputf8, body_type, client"
 )
 
-_DSN_KINDS: dict[str, DsnKind] = {"failure": "failure", "delay": "delay", "success": "success"}
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+#: The last 5 characters of a queue id: a counter that starts at a random point in each
+#: process. Ids made in one process never collide (2**25 of them would have to fall in
+#: one microsecond); two processes collide only in the same microsecond and only if their
+#: counters meet, where 5 random characters would collide within a process too (about
+#: 1.5 % for 1,000 ids in one microsecond).
+_ID_SEQUENCE = itertools.count(secrets.randbelow(32**5))
 
 
 def new_message_id(now: float) -> str:
     """A queue id: 11 base-32 characters of microseconds (ids sort by arrival time) and
-    5 random ones (80 bits in all; unique across processes without coordination)."""
+    5 of a per-process counter that starts at random (80 bits in all; unique across
+    processes without coordination)."""
     micros = max(0, int(now * 1_000_000))
     chars: list[str] = []
     for _ in range(11):
         micros, digit = divmod(micros, 32)
         chars.append(_CROCKFORD[digit])
     stamp = "".join(reversed(chars))
-    return stamp + "".join(secrets.choice(_CROCKFORD) for _ in range(5))
+    sequence = next(_ID_SEQUENCE) % 32**5
+    suffix: list[str] = []
+    for _ in range(5):
+        sequence, digit = divmod(sequence, 32)
+        suffix.append(_CROCKFORD[digit])
+    return stamp + "".join(reversed(suffix))
 
 
 def _chunks(items: Sequence[T], size: int = _IN_CHUNK) -> Iterable[Sequence[T]]:
@@ -186,79 +205,6 @@ def _chunks(items: Sequence[T], size: int = _IN_CHUNK) -> Iterable[Sequence[T]]:
 
 def _marks(count: int) -> str:
     return ",".join("?" * count)
-
-
-def _kinds(text: str) -> frozenset[DsnKind]:
-    return frozenset(_DSN_KINDS[item] for item in text.split(",") if item in _DSN_KINDS)
-
-
-def _reply(code: int | None, enhanced: str | None, text: str | None) -> RemoteReply | None:
-    if code is None:
-        return None
-    return RemoteReply(code, enhanced, text or "")
-
-
-def _recipient(row: sqlite3.Row) -> RecipientInfo:
-    return RecipientInfo(
-        id=row["id"],
-        message_id=row["message_id"],
-        address=row["address"],
-        destination=row["destination"],
-        orcpt=row["orcpt"],
-        notify=parse_notify(row["notify"]),
-        state=RecipientState(row["state"]),
-        attempts=row["attempts"],
-        next_attempt=row["next_attempt"],
-        last_reply=_reply(row["reply_code"], row["reply_enhanced"], row["reply_text"]),
-        remote_mta=row["remote_mta"],
-        last_status=row["status"],
-        last_diagnostic=row["diagnostic"],
-        last_attempt_at=row["last_attempt_at"],
-        final_at=row["final_at"],
-        held_reason=row["held_reason"],
-        dsn_sent=_kinds(row["dsn_sent"]),
-        dsn_pending=cast("DsnKind | None", row["dsn_pending"]),
-        lease_owner=row["lease_owner"],
-        lease_expires=row["lease_expires"],
-    )
-
-
-def _message(row: sqlite3.Row) -> MessageInfo:
-    client = ClientInfo(**json.loads(row["client"]))
-    return MessageInfo(
-        id=row["id"],
-        sender=row["sender"],
-        size=row["size"],
-        received_at=row["received_at"],
-        expires_at=row["expires_at"],
-        envid=row["envid"],
-        ret=cast("Literal['FULL', 'HDRS'] | None", row["ret"]),
-        smtputf8=bool(row["smtputf8"]),
-        body_type=row["body_type"],
-        client=client,
-    )
-
-
-def _facts(recipient: RecipientInfo) -> RecipientFacts:
-    return RecipientFacts(
-        state=recipient.state,
-        attempts=recipient.attempts,
-        next_attempt=recipient.next_attempt,
-        notify=recipient.notify,
-        last_reply=recipient.last_reply,
-        remote_mta=recipient.remote_mta,
-        last_status=recipient.last_status,
-        last_diagnostic=recipient.last_diagnostic,
-        last_attempt_at=recipient.last_attempt_at,
-        held_reason=recipient.held_reason,
-        dsn_pending=recipient.dsn_pending,
-        dsn_sent=recipient.dsn_sent,
-    )
-
-
-def _joined(*parts: str | None) -> str | None:
-    present = [part for part in parts if part]
-    return "; ".join(present) if present else None
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -814,7 +760,7 @@ class SQLiteQueueStore:
                     (owner, lease.id, expires, *ids),
                 )
                 recipients = tuple(
-                    _recipient(row)
+                    recipient_info(row, dsn_kinds(row["dsn_sent"].split(",")))
                     for row in connection.execute(
                         f"SELECT {_RECIPIENT_COLUMNS} FROM recipients "
                         f"WHERE id IN ({_marks(len(ids))}) ORDER BY id",
@@ -880,7 +826,7 @@ class SQLiteQueueStore:
         def record(connection: sqlite3.Connection) -> int:
             ids = [result.recipient_id for result in wanted]
             rows = {
-                row["id"]: _recipient(row)
+                row["id"]: recipient_info(row, dsn_kinds(row["dsn_sent"].split(",")))
                 for row in connection.execute(
                     f"SELECT {_RECIPIENT_COLUMNS} FROM recipients WHERE lease_owner = ? "
                     f"AND lease_id = ? AND id IN ({_marks(len(ids))})",
@@ -897,7 +843,7 @@ class SQLiteQueueStore:
                 current = rows.get(result.recipient_id)
                 if current is None:
                     continue
-                update = apply_result(_facts(current), message, result, policy, at)
+                update = apply_result(recipient_facts(current), message, result, policy, at)
                 if update is None:
                     self._clear_lease(connection, current.id)
                     continue
@@ -938,7 +884,7 @@ class SQLiteQueueStore:
                 if message is None:
                     continue
                 recipients = tuple(
-                    _recipient(row)
+                    recipient_info(row, dsn_kinds(row["dsn_sent"].split(",")))
                     for row in connection.execute(
                         f"SELECT {_RECIPIENT_COLUMNS} FROM recipients "
                         f"WHERE message_id = ? AND dsn_pending = ? ORDER BY id",
@@ -968,7 +914,7 @@ class SQLiteQueueStore:
                 ).fetchone()
                 if row is None:
                     continue  # settled already, or superseded by a later event
-                sent = _kinds(row[0]) | {notice.kind}
+                sent = dsn_kinds(row[0].split(",")) | {notice.kind}
                 connection.execute(
                     "UPDATE recipients SET dsn_pending = NULL, dsn_sent = ? WHERE id = ?",
                     (",".join(sorted(sent)), recipient.id),
@@ -1046,7 +992,7 @@ class SQLiteQueueStore:
             if criteria.limit is not None:
                 sql += " LIMIT ?"
                 params.append(criteria.limit)
-            messages = [_message(row) for row in connection.execute(sql, params)]
+            messages = [message_info(row) for row in connection.execute(sql, params)]
             recipients = self._recipients_of(connection, [message.id for message in messages])
             return [
                 QueuedMessage(message, tuple(recipients.get(message.id, ())))
@@ -1068,7 +1014,7 @@ class SQLiteQueueStore:
                     recipient_id=row["recipient_id"],
                     recipient=row["recipient"],
                     attempt=row["attempt"],
-                    reply=_reply(row["reply_code"], row["reply_enhanced"], row["reply_text"]),
+                    reply=remote_reply(row["reply_code"], row["reply_enhanced"], row["reply_text"]),
                     remote_mta=row["remote_mta"],
                     detail=row["detail"],
                     status=row["status"],
@@ -1201,7 +1147,9 @@ class SQLiteQueueStore:
                 recipients = self._recipients_of(connection, list(messages))
                 for message_id, message in messages.items():
                     for recipient in recipients.get(message_id, []):
-                        update = apply_operator_bounce(_facts(recipient), message, reason, at)
+                        update = apply_operator_bounce(
+                            recipient_facts(recipient), message, reason, at
+                        )
                         if update is not None:
                             self._apply(connection, recipient, update, at)
                             total += 1
@@ -1281,7 +1229,7 @@ class SQLiteQueueStore:
                 f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id IN ({_marks(len(chunk))})",
                 tuple(chunk),
             ):
-                result[row["id"]] = _message(row)
+                result[row["id"]] = message_info(row)
         return result
 
     def _recipients_of(
@@ -1294,7 +1242,9 @@ class SQLiteQueueStore:
                 f"WHERE message_id IN ({_marks(len(chunk))}) ORDER BY id",
                 tuple(chunk),
             ):
-                result.setdefault(row["message_id"], []).append(_recipient(row))
+                result.setdefault(row["message_id"], []).append(
+                    recipient_info(row, dsn_kinds(row["dsn_sent"].split(",")))
+                )
         return result
 
     def _apply(
@@ -1339,7 +1289,7 @@ class SQLiteQueueStore:
             reply=reply if attempted else None,
             remote_mta=update.remote_mta if attempted else None,
             status=update.last_status,
-            detail=_joined(update.last_diagnostic, update.detail),
+            detail=joined(update.last_diagnostic, update.detail),
         )
 
     @staticmethod

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -90,15 +92,20 @@ def test_open_removes_bodies_of_enqueues_that_never_committed(tmp_path: Path, cl
         # whose lock file was never created.
         (queue / "bodies" / "LEFTOVER").write_bytes(b"gone")
         (queue / "tmp" / "nolock-2-00000000").mkdir()
-        (queue / "tmp" / ".unnamed-3-00000000.new").touch()
+        # A hidden lock file of an instance that died before naming it (from an earlier
+        # run: a young one may belong to an instance starting right now, and stays).
+        old_hidden = queue / "tmp" / ".unnamed-3-00000000.new"
+        old_hidden.touch()
+        os.utime(old_hidden, (time.time() - 60, time.time() - 60))
+        young_hidden = queue / "tmp" / ".starting-4-00000000.0.new"
+        young_hidden.touch()
         store = await _open(queue, clock)
         try:
             assert sorted(os.listdir(queue / "bodies")) == [kept]
             assert os.stat(queue / "bodies" / kept).st_nlink == 1
-            assert sorted(os.listdir(queue / "tmp")) == [
-                store.instance,
-                f"{store.instance}.lock",
-            ]
+            assert sorted(os.listdir(queue / "tmp")) == sorted(
+                [young_hidden.name, store.instance, f"{store.instance}.lock"]
+            )
             assert [m.id for m in await store.list_messages()] == [kept]
         finally:
             await store.aclose()
@@ -200,3 +207,33 @@ def test_a_cancelled_enqueue_leaves_no_file_behind(tmp_path: Path, clock: Clock)
             await store.aclose()
 
     asyncio.run(main())
+
+
+def test_instances_opening_at_the_same_moment_never_reap_each_other(tmp_path: Path) -> None:
+    """Found by the server crash test with --workers 2: one worker's recovery reaped the
+    other's lock file between its creation and its lock, and that worker failed to start."""
+    from mailgate.queue.bodies import BodyDirectory
+
+    root = tmp_path / "queue"
+    BodyDirectory(root).close()
+    errors: list[BaseException] = []
+
+    def open_and_reap() -> None:
+        for _ in range(150):
+            try:
+                directory = BodyDirectory(root)
+                try:
+                    directory.reap_dead_instances()
+                finally:
+                    directory.close()
+            except BaseException as exc:  # collected, so the test says what went wrong
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=open_and_reap) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    assert not any(thread.is_alive() for thread in threads)

@@ -40,6 +40,7 @@ import secrets
 import shutil
 import socket
 import threading
+import time
 from collections.abc import AsyncIterable, Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -64,6 +65,8 @@ _NO_HARD_LINKS = {
     errno.EMLINK,
 }
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+#: A hidden lock file younger than this may be a starting instance's, not a dead one's.
+_HIDDEN_GRACE = 10.0
 
 
 def fsync_directory(path: Path) -> None:
@@ -128,14 +131,31 @@ class BodyDirectory:
         # The lock is taken before its name appears (a reaper must never see a free lock
         # of a live instance), and the staging directory made after it (a directory
         # without a lock file is a dead instance's).
-        hidden = self.tmp / f".{self.instance}.new"
-        self._lock_fd = os.open(hidden, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.rename(hidden, self.tmp / f"{self.instance}.lock")
+        self._lock_fd = self._take_lock()
         self.staging.mkdir(mode=0o700)
         self._closed = False
         self._bodies_fd = os.open(self.bodies, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._sync_lock = threading.Lock()
+
+    def _take_lock(self) -> int:
+        """Create this instance's lock file under a hidden name, lock it, then give it its
+        name. Another process opening the queue at the same moment may reap the hidden
+        file between its creation and its lock (it looks like a dead instance's): then try
+        again with a new one; the reaper leaves young hidden files alone (``_HIDDEN_GRACE``),
+        so this settles at once."""
+        lock_path = self.tmp / f"{self.instance}.lock"
+        for attempt in range(5):
+            hidden = self.tmp / f".{self.instance}.{attempt}.new"
+            fd = os.open(hidden, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.rename(hidden, lock_path)
+            except (BlockingIOError, FileNotFoundError):
+                os.close(fd)
+                _unlink_quietly(hidden)
+                continue
+            return fd
+        raise OSError(errno.EAGAIN, "cannot create a lock file for this process", str(self.tmp))
 
     def _create_directories(self) -> None:
         created: list[Path] = []
@@ -309,9 +329,12 @@ class BodyDirectory:
                 dead.append(name)
             finally:
                 os.close(fd)
-        # Lock files of instances that died before giving theirs its name.
+        # Lock files of instances that died before giving theirs its name; a young one may
+        # be an instance starting right now, between creating and locking it.
         for hidden in self.tmp.glob(".*.new"):
             with contextlib.suppress(FileNotFoundError):
+                if time.time() - hidden.stat().st_mtime < _HIDDEN_GRACE:
+                    continue
                 fd = os.open(hidden, os.O_RDWR | os.O_CLOEXEC)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -6,14 +6,17 @@ streamed out of the database for each delivery and each DSN. Nothing mocked."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.cli.conftest import Stdin
 from tests.dns_server import DNSTestServer
 from tests.outbound.helpers import run
 from tests.outbound.receivers import Receiver
 
+from mailgate import cli
 from mailgate.queue import RecipientState
 from mailgate.queue.postgres import DEFAULT_SCHEMA, PostgresQueueStore
 
@@ -168,3 +171,40 @@ def test_a_refused_recipient_bounces_to_the_senders_mx(
         assert b".a line that starts with a dot" in report.data
 
     run(main())
+
+
+def test_sendmail_and_the_queue_commands_use_the_database(
+    tmp_path: Path,
+    database: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``mailgate sendmail`` queues into the server's database (not a SQLite file that
+    no server reads) and ``mailgate queue`` shows and changes what is there."""
+    config = tmp_path / "mailgate.toml"
+    config.write_text(
+        '[server]\nhostname = "mx.example.test"\nlisten = "127.0.0.1:0"\nstate_dir = "state"\n'
+        f'[queue]\nbackend = "postgresql"\ndsn = "{database}"\n'
+        '[[routes]]\nrecipients = ["*"]\naction = "relay"\n'
+    )
+    monkeypatch.setattr("sys.stdin", Stdin(b"Subject: nightly\n\nAll good.\n"))
+    status = cli.main(
+        ["sendmail", "--config", str(config), "-v", "-f", "cron@corp.example", "bob@example.net"]
+    )
+    err = capsys.readouterr().err
+    assert status == 0, err
+    queue_id = err.strip().rpartition("queued as ")[2].split()[0]
+    assert [queue_id] == asyncio.run(_committed_messages(database))
+    # Nothing was written beside the configuration: the database is the queue.
+    assert not (tmp_path / "state" / "queue").exists()
+
+    status = cli.main(["queue", "list", "--json", "--config", str(config)])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    [listed] = json.loads(captured.out)["messages"]
+    assert listed["id"] == queue_id
+    assert [r["address"] for r in listed["recipients"]] == ["bob@example.net"]
+
+    status = cli.main(["queue", "delete", "--config", str(config), queue_id])
+    assert status == 0, capsys.readouterr().err
+    assert asyncio.run(_committed_messages(database)) == []

@@ -312,12 +312,15 @@ class QueuePlugin:
             raise TempFail(451, _QUEUE_FAILED, enhanced="4.3.0") from None
 
 
-async def open_store(settings: QueueSettings, directory: Path) -> QueueStore:
+async def open_store(
+    settings: QueueSettings, directory: Path, *, make_directory: bool = True
+) -> QueueStore:
     """Open the store ``settings.backend`` names: SQLite in ``directory``, or the
     PostgreSQL database of ``settings.dsn`` (its schema created or brought up to date:
     migrations wait for each other, so every node may do this at start-up).
-    ``directory`` is made either way: it holds the DSN producer's lock and, with
-    PostgreSQL, the bodies copied out for a delivery."""
+    ``directory`` is made either way unless ``make_directory`` is false (a command that
+    only uses the database): it holds the DSN producer's lock and, with PostgreSQL, the
+    bodies copied out for a delivery."""
     policy = settings.policy()
     if settings.backend != "postgresql":
         return await SQLiteQueueStore.open(directory, policy=policy)
@@ -328,7 +331,8 @@ async def open_store(settings: QueueSettings, directory: Path) -> QueueStore:
         from .postgres import PostgresQueueStore
     except ImportError as exc:
         raise QueueError(f"{POSTGRESQL_MISSING} ({exc})") from None
-    directory.mkdir(parents=True, exist_ok=True)
+    if make_directory:
+        directory.mkdir(parents=True, exist_ok=True)
     try:
         return await PostgresQueueStore.open(settings.dsn, policy=policy, migrate=True)
     except Exception as exc:  # refused, unreachable, wrong password, schema too new

@@ -55,7 +55,14 @@ from .outbound import Outcome as EngineOutcome
 from .outbound import RecipientResult as EngineRecipientResult
 from .store import QueueStore
 
-__all__ = ["BounceRoute", "FileQueueStore", "QueueRunner", "body_file", "destination_of"]
+__all__ = [
+    "BounceRoute",
+    "FileQueueStore",
+    "QueueRunner",
+    "body_file",
+    "destination_of",
+    "remove_stale_bodies",
+]
 
 log = logging.getLogger("mailgate.queue.runner")
 
@@ -82,6 +89,35 @@ class FileQueueStore(QueueStore, Protocol):
     def body_path(self, message_id: str) -> Path: ...
 
 
+#: The name of a body copied out of a store for a delivery: ``body-<pid>-<id>-<random>.eml``.
+_COPY_PREFIX = "body-"
+
+
+def remove_stale_bodies(spool: Path) -> int:
+    """Remove the body copies a process that is gone left in ``spool`` (it was killed
+    during a delivery); the copies of running processes (other workers on the same
+    queue directory) stay. Returns how many were removed."""
+    removed = 0
+    for path in spool.glob(f"{_COPY_PREFIX}*.eml"):
+        pid_text = path.name[len(_COPY_PREFIX) :].partition("-")[0]
+        if not pid_text.isdigit() or _running(int(pid_text)):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed += 1
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @contextlib.asynccontextmanager
 async def body_file(
     store: QueueStore, message_id: str, spool: Path | None = None
@@ -99,7 +135,10 @@ async def body_file(
         yield Path(path_of(message_id))
         return
     loop = asyncio.get_running_loop()
-    fd, name = tempfile.mkstemp(prefix=f"body-{message_id}-", suffix=".eml", dir=spool)
+    # The pid in the name tells whose copy it is (remove_stale_bodies).
+    fd, name = tempfile.mkstemp(
+        prefix=f"{_COPY_PREFIX}{os.getpid()}-{message_id}-", suffix=".eml", dir=spool
+    )
     path = Path(name)
     try:
         with os.fdopen(fd, "wb") as file:
@@ -179,6 +218,14 @@ class QueueRunner:
         if self._task is not None:
             raise RuntimeError("the queue runner is already running")
         self._stopping = False
+        if self.spool is not None and self.spool.is_dir():
+            try:
+                stale = remove_stale_bodies(self.spool)
+            except OSError as exc:
+                log.warning("queue: cannot clear old body copies in %s: %s", self.spool, exc)
+            else:
+                if stale:
+                    log.info("queue: removed %d body copies left by a stopped process", stale)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="mailgate-queue")
 
     async def stop(self) -> None:

@@ -37,7 +37,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mailgate.queue import (
     HistoryEntry,
@@ -52,9 +52,13 @@ from mailgate.queue import (
     RemoteReply,
     SQLiteQueueStore,
 )
-from mailgate.queue.settings import QueueSettings, redacted_dsn
 from mailgate.queue.store import QueueStore
 from mailgate.server.options import ServerOptions
+
+if TYPE_CHECKING:
+    # Not at run time: mailgate.queue.settings imports the outbound engine, which a
+    # queue command does not need to start.
+    from mailgate.queue.settings import QueueSettings
 
 EXIT_OK = 0
 EXIT_UNKNOWN_ID = 1
@@ -107,7 +111,7 @@ def locate_queue(config: str | None, command: str = "mailgate queue") -> QueueLo
     them. Raises QueueCommandError (EXIT_CONFIG) for a configuration problem."""
     from mailgate.config import ConfigError, build_options
     from mailgate.queue import DurationError
-    from mailgate.queue.settings import queue_settings
+    from mailgate.queue.settings import queue_settings, redacted_dsn
 
     try:
         options = build_options(argparse.Namespace(config=config))

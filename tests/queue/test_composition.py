@@ -5,6 +5,8 @@ own message hooks."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,10 @@ import pytest
 
 from mailgate import Server
 from mailgate.hooks import Envelope, Message, Session
-from mailgate.queue.plugin import QueuePlugin
+from mailgate.queue import QueueError
+from mailgate.queue.plugin import POSTGRESQL_MISSING, QueuePlugin, open_store
+from mailgate.queue.settings import QueueSettings
+from mailgate.settings import ConfigError
 
 
 def names_at_start(tmp_path: Path, **settings: Any) -> list[str]:
@@ -73,3 +78,42 @@ def test_onward_routes_add_the_queue_before_the_local_deliveries(
 def test_the_queue_plugin_needs_a_place() -> None:
     with pytest.raises(ValueError, match="queue directory or an open store"):
         QueuePlugin(destinations=lambda session, envelope: {}, hostname="mx.test")
+
+
+def test_postgresql_without_asyncpg_is_one_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As if the postgresql extra were not installed: importing asyncpg fails.
+    monkeypatch.setitem(sys.modules, "asyncpg", None)
+    monkeypatch.setitem(sys.modules, "mailgate.queue.postgres", None)
+    with pytest.raises(ConfigError) as raised:
+        names_at_start(
+            tmp_path,
+            routes=[{"recipients": ["*"], "action": "relay"}],
+            queue={"backend": "postgresql", "dsn": "postgresql://mailgate:pw@127.0.0.1:1/q"},
+        )
+    assert str(raised.value) == POSTGRESQL_MISSING
+    assert "pip install" in str(raised.value) and "\n" not in str(raised.value)
+
+    async def opened() -> None:
+        settings = QueueSettings(backend="postgresql", dsn="postgresql://127.0.0.1:1/q")
+        await open_store(settings, tmp_path / "queue")
+
+    with pytest.raises(QueueError, match=r'needs asyncpg: pip install "mailgate\[postgresql\]"'):
+        asyncio.run(opened())
+
+
+def test_an_unreachable_database_is_named_without_its_password(tmp_path: Path) -> None:
+    pytest.importorskip("asyncpg")
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = QueueSettings(backend="postgresql", dsn=f"postgresql://mg:s3cret@127.0.0.1:{port}/q")
+
+    async def opened() -> None:
+        await open_store(settings, tmp_path / "queue")
+
+    with pytest.raises(QueueError) as raised:
+        asyncio.run(opened())
+    assert f"queue database postgresql://mg:***@127.0.0.1:{port}/q:" in str(raised.value)
+    assert "s3cret" not in str(raised.value)

@@ -9,7 +9,12 @@ import pytest
 
 from mailgate.cli import build_parser
 from mailgate.config import ConfigError, build_options
-from mailgate.queue.settings import QueueSettings, outbound_options, queue_settings
+from mailgate.queue.settings import (
+    QueueSettings,
+    outbound_options,
+    queue_settings,
+    redacted_dsn,
+)
 from mailgate.server.options import ServerOptions
 
 
@@ -73,6 +78,12 @@ def test_values_and_relative_path(tmp_path: Path) -> None:
         ("[outbound]\ninitial_concurrency = 30\n", "initial_concurrency must be between"),
         ('[[routes]]\nrecipients = ["*"]\naction = "forward"\n', "[[routes]] #1"),
         ('[routes]\nrecipients = ["*"]\naction = "relay"\n', "routes must be an array of tables"),
+        (
+            '[queue]\nbackend = "mysql"\n',
+            "[queue] backend: 'mysql' is not one of sqlite, postgresql",
+        ),
+        ('[queue]\nbackend = "postgresql"\n', "[queue] dsn: required with backend"),
+        ('[queue]\ndsn = "mysql://db/queue"\n', "[queue] dsn: expected a URL such as"),
     ],
 )
 def test_errors_name_file_table_and_key(tmp_path: Path, body: str, message: str) -> None:
@@ -80,3 +91,34 @@ def test_errors_name_file_table_and_key(tmp_path: Path, body: str, message: str)
         load(tmp_path, body)
     assert str(raised.value).startswith(str(tmp_path / "mailgate.toml"))
     assert message in str(raised.value)
+
+
+def test_the_postgresql_backend(tmp_path: Path) -> None:
+    dsn = "postgresql://mailgate:s3cret@db.example.net:5432/mail?sslmode=require"
+    options = load(tmp_path, f'[queue]\nbackend = "PostgreSQL"\ndsn = "{dsn}"\n')
+    settings = queue_settings(options.policy)
+    assert (settings.backend, settings.dsn) == ("postgresql", dsn)
+    # What may be logged or printed of the settings never holds the password.
+    assert "s3cret" not in repr(settings)
+    assert "dsn='postgresql://mailgate:***@db.example.net:5432/mail?sslmode=require'" in repr(
+        settings
+    )
+
+
+@pytest.mark.parametrize(
+    ("dsn", "shown"),
+    [
+        ("postgresql://u:pw@h/db", "postgresql://u:***@h/db"),
+        ("postgresql:///db?host=/run/pg&password=pw", "postgresql:///db?host=/run/pg&password=***"),
+        ("postgres://u@h:5433/db", "postgres://u@h:5433/db"),
+    ],
+)
+def test_redacted_dsn(dsn: str, shown: str) -> None:
+    assert redacted_dsn(dsn) == shown
+
+
+def test_a_wrong_dsn_is_not_echoed(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load(tmp_path, '[queue]\ndsn = "host=db password=s3cret"\n')
+    assert "[queue] dsn:" in str(raised.value)
+    assert "s3cret" not in str(raised.value)

@@ -37,7 +37,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mailgate.queue import (
     HistoryEntry,
@@ -52,7 +52,13 @@ from mailgate.queue import (
     RemoteReply,
     SQLiteQueueStore,
 )
+from mailgate.queue.store import QueueStore
 from mailgate.server.options import ServerOptions
+
+if TYPE_CHECKING:
+    # Not at run time: mailgate.queue.settings imports the outbound engine, which a
+    # queue command does not need to start.
+    from mailgate.queue.settings import QueueSettings
 
 EXIT_OK = 0
 EXIT_UNKNOWN_ID = 1
@@ -95,6 +101,8 @@ class QueueLocation:
     options: ServerOptions
     #: The setting the directory comes from, for error messages.
     source: str
+    #: The ``[queue]`` table: which backend, and its database with PostgreSQL.
+    settings: QueueSettings | None = None
 
 
 def locate_queue(config: str | None, command: str = "mailgate queue") -> QueueLocation:
@@ -103,7 +111,7 @@ def locate_queue(config: str | None, command: str = "mailgate queue") -> QueueLo
     them. Raises QueueCommandError (EXIT_CONFIG) for a configuration problem."""
     from mailgate.config import ConfigError, build_options
     from mailgate.queue import DurationError
-    from mailgate.queue.settings import queue_settings
+    from mailgate.queue.settings import queue_settings, redacted_dsn
 
     try:
         options = build_options(argparse.Namespace(config=config))
@@ -120,7 +128,9 @@ def locate_queue(config: str | None, command: str = "mailgate queue") -> QueueLo
     else:
         in_file = f" in {config}" if config is not None else " (no --config given)"
         source = f'"queue" under [server] state_dir{in_file}; set [queue] path to choose'
-    return QueueLocation(directory, policy, options, source)
+    if settings.backend == "postgresql" and settings.dsn:
+        source = f"[queue] dsn {redacted_dsn(settings.dsn)} in {config}"
+    return QueueLocation(directory, policy, options, source, settings)
 
 
 def _reason(exc: BaseException) -> str:
@@ -132,13 +142,18 @@ def _reason(exc: BaseException) -> str:
 @contextlib.asynccontextmanager
 async def open_queue(
     location: QueueLocation, *, create: bool = False, command: str = "mailgate queue"
-) -> AsyncIterator[SQLiteQueueStore | None]:
+) -> AsyncIterator[QueueStore | None]:
     """The store of ``location``, closed at the end. ``None`` when the directory exists
     but is empty (the server has not created the queue yet) and ``create`` is false:
     a command that only reads must not create files. A missing directory is an error
     unless ``create``. Run as root, the process becomes the queue's owner first (for
     good: it is a command that ends soon after)."""
     directory = location.directory
+    settings = location.settings
+    if settings is not None and settings.backend == "postgresql":
+        async with _database_queue(settings, directory, location, command) as store:
+            yield store
+        return
     where = f"the queue at {directory} ({location.source})"
     if not create:
         try:
@@ -161,6 +176,24 @@ async def open_queue(
         raise QueueCommandError(
             f"{command}: cannot open {where}: {_reason(exc)}", EXIT_QUEUE
         ) from None
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
+@contextlib.asynccontextmanager
+async def _database_queue(
+    settings: QueueSettings, directory: Path, location: QueueLocation, command: str
+) -> AsyncIterator[QueueStore]:
+    """The PostgreSQL queue the server uses (``[queue] backend = "postgresql"``): the
+    same database, never a SQLite file beside it (mail queued there would not be sent)."""
+    from mailgate.queue.plugin import open_store
+
+    try:
+        store = await open_store(settings, directory, make_directory=False)
+    except QueueError as exc:
+        raise QueueCommandError(f"{command}: cannot open the queue: {exc}", EXIT_QUEUE) from None
     try:
         yield store
     finally:
@@ -325,7 +358,7 @@ def add_queue_parser(commands: argparse._SubParsersAction[Any]) -> None:
 
 def run_queue(args: argparse.Namespace) -> int:
     """Run ``mailgate queue ...``; the exit status."""
-    handlers: dict[str, Callable[[SQLiteQueueStore | None, argparse.Namespace], Awaitable[int]]] = {
+    handlers: dict[str, Callable[[QueueStore | None, argparse.Namespace], Awaitable[int]]] = {
         "list": _list,
         "show": _show,
         "flush": _flush,
@@ -361,7 +394,7 @@ def _fail(message: str, status: int) -> int:
 # --- list ------------------------------------------------------------------------------------
 
 
-async def _list(store: SQLiteQueueStore | None, args: argparse.Namespace) -> int:
+async def _list(store: QueueStore | None, args: argparse.Namespace) -> int:
     states = frozenset(RecipientState(state) for state in args.state) if args.state else None
     domain = _domain(args.domain)
     messages: list[QueuedMessage] = []
@@ -503,7 +536,7 @@ def message_json(message: QueuedMessage, now: float) -> dict[str, Any]:
 # --- show ------------------------------------------------------------------------------------
 
 
-async def _show(store: SQLiteQueueStore | None, args: argparse.Namespace) -> int:
+async def _show(store: QueueStore | None, args: argparse.Namespace) -> int:
     message_id = args.id.strip().upper()
     details = None if store is None else await store.show(message_id)
     if details is None or store is None:
@@ -522,7 +555,7 @@ async def _show(store: SQLiteQueueStore | None, args: argparse.Namespace) -> int
     return EXIT_OK
 
 
-async def _read_headers(store: SQLiteQueueStore, message_id: str) -> list[tuple[str, str]] | None:
+async def _read_headers(store: QueueStore, message_id: str) -> list[tuple[str, str]] | None:
     """The message's header fields (unfolded), read up to the blank line that ends them;
     ``None`` when the body file is gone."""
     data = bytearray()
@@ -641,7 +674,7 @@ def _domain(domain: str | None) -> str | None:
 
 
 async def _known(
-    store: SQLiteQueueStore | None, ids: Sequence[str], command: str
+    store: QueueStore | None, ids: Sequence[str], command: str
 ) -> tuple[list[str], list[str]]:
     """The ids given (upper-cased, as queue ids are) split into those in the queue and
     those not; the unknown ones are reported on stderr."""
@@ -657,7 +690,7 @@ async def _known(
     return [item for item in wanted if item in found], unknown
 
 
-async def _flush(store: SQLiteQueueStore | None, args: argparse.Namespace) -> int:
+async def _flush(store: QueueStore | None, args: argparse.Namespace) -> int:
     domain = _domain(args.domain)
     known, unknown = await _known(store, args.ids, "flush")
     touched = 0
@@ -669,28 +702,28 @@ async def _flush(store: SQLiteQueueStore | None, args: argparse.Namespace) -> in
     return EXIT_UNKNOWN_ID if unknown else EXIT_OK
 
 
-async def _hold(store: SQLiteQueueStore | None, args: argparse.Namespace) -> int:
+async def _hold(store: QueueStore | None, args: argparse.Namespace) -> int:
     known, unknown = await _known(store, args.ids, "hold")
     touched = await store.hold(known, args.reason) if store is not None and known else 0
     print(f"{_plural(touched, 'recipient')} of {_plural(len(known), 'message')} held")
     return EXIT_UNKNOWN_ID if unknown else EXIT_OK
 
 
-async def _release(store: SQLiteQueueStore | None, args: argparse.Namespace) -> int:
+async def _release(store: QueueStore | None, args: argparse.Namespace) -> int:
     known, unknown = await _known(store, args.ids, "release")
     touched = await store.release(known) if store is not None and known else 0
     print(f"{_plural(touched, 'recipient')} of {_plural(len(known), 'message')} released, due now")
     return EXIT_UNKNOWN_ID if unknown else EXIT_OK
 
 
-async def _delete(store: SQLiteQueueStore | None, args: argparse.Namespace) -> int:
+async def _delete(store: QueueStore | None, args: argparse.Namespace) -> int:
     known, unknown = await _known(store, args.ids, "delete")
     removed = await store.delete(known) if store is not None and known else 0
     print(f"{_plural(removed, 'message')} deleted")
     return EXIT_UNKNOWN_ID if unknown else EXIT_OK
 
 
-async def _bounce(store: SQLiteQueueStore | None, args: argparse.Namespace) -> int:
+async def _bounce(store: QueueStore | None, args: argparse.Namespace) -> int:
     known, unknown = await _known(store, args.ids, "bounce")
     failed = 0
     if store is not None and known:
@@ -705,7 +738,7 @@ async def _bounce(store: SQLiteQueueStore | None, args: argparse.Namespace) -> i
 # --- stats -----------------------------------------------------------------------------------
 
 
-async def _stats(store: SQLiteQueueStore | None, args: argparse.Namespace) -> int:
+async def _stats(store: QueueStore | None, args: argparse.Namespace) -> int:
     from mailgate.queue.model import age_bucket_labels
 
     if store is None:

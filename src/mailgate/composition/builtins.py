@@ -9,10 +9,12 @@ with ``before="maildir"``). Plugin modules are imported only when a server start
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from mailgate.server.options import ServerOptions
+from mailgate.settings import ConfigError
 
 __all__ = ["builtin_plugins", "policy_plugins", "queue_plugin", "routing_plugin"]
 
@@ -101,6 +103,11 @@ def queue_plugin(options: ServerOptions, routing: Any) -> Any:
     from mailgate.queue.settings import outbound_options, queue_settings
 
     settings = queue_settings(options.policy)
+    if settings.backend == "postgresql" and importlib.util.find_spec("asyncpg") is None:
+        # Said at start-up rather than when the first message is queued.
+        from mailgate.queue.plugin import POSTGRESQL_MISSING
+
+        raise ConfigError(POSTGRESQL_MISSING)
     forward_targets = {
         key: Forward(target.to, target.auth) for key, target in table.forward_targets().items()
     }

@@ -42,11 +42,12 @@ from mailgate.server.received import with_protocol
 from . import dsn
 from .model import ClientInfo, NewMessage, NewRecipient, parse_notify
 from .outbound import Forward, OutboundEngine, OutboundOptions
-from .runner import BounceRoute, FileQueueStore, QueueRunner
-from .settings import QueueSettings
+from .runner import BounceRoute, QueueRunner
+from .settings import QueueSettings, redacted_dsn
 from .sqlite import SQLiteQueueStore
+from .store import QueueError, QueueStore
 
-__all__ = ["DestinationLookup", "QueuePlugin"]
+__all__ = ["DestinationLookup", "QueuePlugin", "open_store"]
 
 log = logging.getLogger("mailgate.queue")
 
@@ -87,7 +88,7 @@ class QueuePlugin:
         forward_targets: Mapping[str, Forward] | None = None,
         bounce_route: BounceRoute | None = None,
         resolver: Resolver | None = None,
-        store: FileQueueStore | None = None,
+        store: QueueStore | None = None,
     ) -> None:
         if store is None and directory is None:
             raise ValueError("QueuePlugin needs a queue directory or an open store")
@@ -99,7 +100,7 @@ class QueuePlugin:
         self.forward_targets = dict(forward_targets or {})
         self.bounce_route = bounce_route
         self.resolver = resolver
-        self.store: FileQueueStore | None = store
+        self.store: QueueStore | None = store
         self._owns_store = store is None
         self.runner: QueueRunner | None = None
         self.engine: OutboundEngine | None = None
@@ -115,7 +116,7 @@ class QueuePlugin:
         are bound)."""
         if self.store is None:
             assert self.directory is not None
-            self.store = await SQLiteQueueStore.open(self.directory, policy=self.settings.policy())
+            self.store = await open_store(self.settings, self.directory)
         self._ready.set()
         self.engine = OutboundEngine(self.outbound, resolver=self.resolver)
         self.runner = QueueRunner(
@@ -127,13 +128,23 @@ class QueuePlugin:
             max_deliveries=self.settings.max_deliveries,
             # With several workers on one queue only one sends the DSNs.
             notice_lock=self.directory / "dsn-producer.lock" if self.directory else None,
+            # A store without body files (PostgreSQL) copies a body here for a delivery.
+            spool=self.directory,
         )
         self.runner.start()
         log.info(
             "queue %s: open; delivering up to %d at once",
-            self.directory or "(given store)",
+            self._where(),
             self.settings.max_deliveries,
         )
+
+    def _where(self) -> str:
+        """The queue's location for the log (never the DSN's password)."""
+        if not self._owns_store:
+            return "(given store)"
+        if self.settings.backend == "postgresql" and self.settings.dsn:
+            return redacted_dsn(self.settings.dsn)
+        return str(self.directory)
 
     async def aclose(self) -> None:
         self._closed = True
@@ -178,7 +189,7 @@ class QueuePlugin:
             await self._bounce_refused(store, session, envelope, message, refused)
         return None if local else Accept()
 
-    async def _opened(self) -> FileQueueStore | None:
+    async def _opened(self) -> QueueStore | None:
         """The store, once astart() has opened it (bounded wait); None when closed."""
         if self._closed:
             return None
@@ -190,7 +201,7 @@ class QueuePlugin:
 
     async def _enqueue(
         self,
-        store: FileQueueStore,
+        store: QueueStore,
         session: Session,
         envelope: Envelope,
         message: Message,
@@ -236,7 +247,7 @@ class QueuePlugin:
 
     async def _bounce_refused(
         self,
-        store: FileQueueStore,
+        store: QueueStore,
         session: Session,
         envelope: Envelope,
         message: Message,
@@ -299,6 +310,46 @@ class QueuePlugin:
         except Exception:
             log.exception("message %s: cannot queue the report of refused recipients", message.id)
             raise TempFail(451, _QUEUE_FAILED, enhanced="4.3.0") from None
+
+
+async def open_store(
+    settings: QueueSettings, directory: Path, *, make_directory: bool = True
+) -> QueueStore:
+    """Open the store ``settings.backend`` names: SQLite in ``directory``, or the
+    PostgreSQL database of ``settings.dsn`` (its schema created or brought up to date:
+    migrations wait for each other, so every node may do this at start-up).
+    ``directory`` is made either way unless ``make_directory`` is false (a command that
+    only uses the database): it holds the DSN producer's lock and, with PostgreSQL, the
+    bodies copied out for a delivery."""
+    policy = settings.policy()
+    if settings.backend != "postgresql":
+        return await SQLiteQueueStore.open(directory, policy=policy)
+    if not settings.dsn:
+        raise QueueError('[queue] backend = "postgresql" needs [queue] dsn')
+    try:
+        # Only now: asyncpg is the optional ``postgresql`` extra.
+        from .postgres import PostgresQueueStore
+    except ImportError as exc:
+        raise QueueError(f"{POSTGRESQL_MISSING} ({exc})") from None
+    if make_directory:
+        directory.mkdir(parents=True, exist_ok=True)
+    try:
+        return await PostgresQueueStore.open(settings.dsn, policy=policy, migrate=True)
+    except Exception as exc:  # refused, unreachable, wrong password, schema too new
+        raise QueueError(
+            f"queue database {redacted_dsn(settings.dsn)}: {_without(exc, settings.dsn)}"
+        ) from None
+
+
+#: The error when ``backend = "postgresql"`` is chosen without asyncpg installed.
+POSTGRESQL_MISSING = (
+    '[queue] backend = "postgresql" needs asyncpg: pip install "mailgate[postgresql]"'
+)
+
+
+def _without(exc: BaseException, dsn: str) -> str:
+    """The error's text with the DSN (and so its password) taken out, in case it is quoted."""
+    return str(exc).replace(dsn, redacted_dsn(dsn))
 
 
 def client_info(session: Session, *, utf8: bool = False) -> ClientInfo:

@@ -28,8 +28,9 @@ import errno
 import fcntl
 import logging
 import os
+import tempfile
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -54,7 +55,14 @@ from .outbound import Outcome as EngineOutcome
 from .outbound import RecipientResult as EngineRecipientResult
 from .store import QueueStore
 
-__all__ = ["BounceRoute", "FileQueueStore", "QueueRunner", "destination_of"]
+__all__ = [
+    "BounceRoute",
+    "FileQueueStore",
+    "QueueRunner",
+    "body_file",
+    "destination_of",
+    "remove_stale_bodies",
+]
 
 log = logging.getLogger("mailgate.queue.runner")
 
@@ -79,6 +87,68 @@ class FileQueueStore(QueueStore, Protocol):
     """A store whose bodies are local files the engine can stream (the SQLite store)."""
 
     def body_path(self, message_id: str) -> Path: ...
+
+
+#: The name of a body copied out of a store for a delivery: ``body-<pid>-<id>-<random>.eml``.
+_COPY_PREFIX = "body-"
+
+
+def remove_stale_bodies(spool: Path) -> int:
+    """Remove the body copies a process that is gone left in ``spool`` (it was killed
+    during a delivery); the copies of running processes (other workers on the same
+    queue directory) stay. Returns how many were removed."""
+    removed = 0
+    for path in spool.glob(f"{_COPY_PREFIX}*.eml"):
+        pid_text = path.name[len(_COPY_PREFIX) :].partition("-")[0]
+        if not pid_text.isdigit() or _running(int(pid_text)):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed += 1
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+@contextlib.asynccontextmanager
+async def body_file(
+    store: QueueStore, message_id: str, spool: Path | None = None
+) -> AsyncIterator[Path]:
+    """A local file holding the body of ``message_id``, for as long as the block runs.
+
+    A store whose bodies are files (``body_path``, the SQLite store) gives its own file:
+    no copy. Any other store (PostgreSQL) has its body streamed with ``read_body`` into
+    a temporary file in ``spool`` (the system's temporary directory when None), removed
+    when the block ends: the engine and the DSN builder read files, and a copy on disk
+    keeps memory flat whatever the message's size.
+    """
+    path_of = getattr(store, "body_path", None)
+    if callable(path_of):
+        yield Path(path_of(message_id))
+        return
+    loop = asyncio.get_running_loop()
+    # The pid in the name tells whose copy it is (remove_stale_bodies).
+    fd, name = tempfile.mkstemp(
+        prefix=f"{_COPY_PREFIX}{os.getpid()}-{message_id}-", suffix=".eml", dir=spool
+    )
+    path = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            async for chunk in store.read_body(message_id):
+                # Off the loop: a slow disk must not stall every session.
+                await loop.run_in_executor(None, file.write, chunk)
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +182,7 @@ class QueueRunner:
 
     def __init__(
         self,
-        store: FileQueueStore,
+        store: QueueStore,
         engine: OutboundEngine,
         *,
         hostname: str,
@@ -121,6 +191,7 @@ class QueueRunner:
         max_deliveries: int = 100,
         grace: float = 5.0,
         notice_lock: Path | None = None,
+        spool: Path | None = None,
     ) -> None:
         if max_deliveries < 1:
             raise ValueError("max_deliveries must be at least 1")
@@ -130,6 +201,8 @@ class QueueRunner:
         self.bounce_route = bounce_route
         self._settings = _Settings(hostname, max_deliveries, grace)
         self._notice_lock_path = notice_lock
+        #: Where bodies of a store without local files are copied for a delivery.
+        self.spool = spool
         self._notice_lock_fd: int | None = None
         self._in_flight: dict[asyncio.Task[None], DeliveryBatch] = {}
         self._slot_freed = asyncio.Event()
@@ -145,6 +218,14 @@ class QueueRunner:
         if self._task is not None:
             raise RuntimeError("the queue runner is already running")
         self._stopping = False
+        if self.spool is not None and self.spool.is_dir():
+            try:
+                stale = remove_stale_bodies(self.spool)
+            except OSError as exc:
+                log.warning("queue: cannot clear old body copies in %s: %s", self.spool, exc)
+            else:
+                if stale:
+                    log.info("queue: removed %d body copies left by a stopped process", stale)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="mailgate-queue")
 
     async def stop(self) -> None:
@@ -272,10 +353,27 @@ class QueueRunner:
                 for recipient in batch.recipients
             ]
         self.attempts += 1
-        request = DeliveryRequest(
+        outcome = await self._with_lease(batch, self._send(batch, destination))
+        return [
+            _result(recipient, result)
+            for recipient, result in zip(batch.recipients, outcome.recipients, strict=True)
+        ]
+
+    async def _send(self, batch: DeliveryBatch, destination: Destination) -> EngineDeliveryResult:
+        """One attempt with the engine, the body in a local file meanwhile (copied out
+        of the store under the lease, as that too may take a while)."""
+        message = batch.message
+        async with body_file(self.store, message.id, self.spool) as body_path:
+            return await self.engine.deliver(self._request(batch, destination, body_path))
+
+    def _request(
+        self, batch: DeliveryBatch, destination: Destination, body_path: Path
+    ) -> DeliveryRequest:
+        message = batch.message
+        return DeliveryRequest(
             queue_id=message.id,
             sender=message.sender,
-            body_path=self.store.body_path(message.id),
+            body_path=body_path,
             size=message.size,
             recipients=tuple(
                 Recipient(r.address, orcpt=r.orcpt, notify=format_notify(r.notify))
@@ -288,11 +386,6 @@ class QueueRunner:
             eight_bit=message.body_type in ("8BITMIME", "BINARYMIME"),
             attempt=1 + max(r.attempts for r in batch.recipients),
         )
-        outcome = await self._with_lease(batch, self.engine.deliver(request))
-        return [
-            _result(recipient, result)
-            for recipient, result in zip(batch.recipients, outcome.recipients, strict=True)
-        ]
 
     async def _with_lease(
         self, batch: DeliveryBatch, work: Coroutine[Any, Any, EngineDeliveryResult]
@@ -361,11 +454,11 @@ class QueueRunner:
             _report_line(notice.kind, recipient, message.expires_at)
             for recipient in notice.recipients
         ]
-        body_path = self.store.body_path(message.id)
         loop = asyncio.get_running_loop()
         try:
-            report = await loop.run_in_executor(None, _build, facts, results, body_path)
-        except (ValueError, OSError) as exc:
+            async with body_file(self.store, message.id, self.spool) as body_path:
+                report = await loop.run_in_executor(None, _build, facts, results, body_path)
+        except (ValueError, OSError, KeyError) as exc:
             # A report that cannot be made (an address no report can go to, a body gone):
             # settled, so it is not tried forever; the history keeps the reason.
             log.error("queue %s: no %s report can be made: %s", message.id, notice.kind, exc)

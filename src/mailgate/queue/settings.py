@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from mailgate.server.options import PolicySection
 from mailgate.settings import (
@@ -30,12 +31,14 @@ from .policy import QueuePolicy
 from .schedule import DEFAULT_RETRY_SCHEDULE, DurationError, parse_duration
 
 __all__ = [
+    "BACKENDS",
     "GROUPS",
     "OUTBOUND_TABLE",
     "QUEUE_TABLE",
     "QueueSettings",
     "outbound_options",
     "queue_settings",
+    "redacted_dsn",
 ]
 
 QUEUE_TABLE: Final = "queue"
@@ -44,6 +47,41 @@ OUTBOUND_TABLE: Final = "outbound"
 GROUPS: Mapping[str, str] = {"queue": "queue", "outbound": "outbound"}
 #: Where the queue lives under ``state_dir`` when ``[queue] path`` is not given.
 DEFAULT_DIRECTORY: Final = "queue"
+#: The stores ``[queue] backend`` chooses from: one SQLite file per node (with the
+#: bodies as files beside it), or one PostgreSQL database shared by several nodes.
+BACKENDS: Final = ("sqlite", "postgresql")
+Backend = Literal["sqlite", "postgresql"]
+_DSN_SCHEMES: Final = ("postgresql", "postgres")
+
+
+def _dsn(value: Value) -> str:
+    """A PostgreSQL connection URL; the error never echoes it (it may hold a password)."""
+    text = converters.string(value).strip()
+    scheme = urlsplit(text).scheme.lower() if "://" in text else ""
+    if scheme not in _DSN_SCHEMES:
+        raise value.error("expected a URL such as postgresql://user:password@host:5432/mailgate")
+    return text
+
+
+def redacted_dsn(dsn: str) -> str:
+    """``dsn`` with its password replaced by ``***``: what logs and errors may show."""
+    parts = urlsplit(dsn)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    in_query = any(key.lower() == "password" for key, _ in pairs)
+    if parts.password is None and not in_query:
+        return dsn
+    text = dsn
+    if parts.password is not None:
+        userinfo, _, host = parts.netloc.rpartition("@")
+        text = text.replace(parts.netloc, f"{userinfo.partition(':')[0]}:***@{host}", 1)
+    if in_query:
+        # libpq also takes the password as a query parameter.
+        query = urlencode(
+            [(key, "***" if key.lower() == "password" else item) for key, item in pairs],
+            safe="*/",
+        )
+        text = text.replace(f"?{parts.query}", f"?{query}", 1)
+    return text
 
 
 def _duration(value: Value) -> float:
@@ -117,6 +155,32 @@ class QueueSettings:
         group="queue",
         metavar="N",
     )
+    backend: Backend = setting(
+        "sqlite",
+        convert=converters.choice(BACKENDS),
+        help="where queued mail is kept: sqlite (in path, this node only) or postgresql "
+        "(the database of dsn, shared by every node using it; needs the postgresql extra)",
+        group="queue",
+        choices=BACKENDS,
+    )
+    dsn: str | None = setting(
+        None,
+        convert=_dsn,
+        help="the PostgreSQL database of backend = postgresql, as a URL "
+        "(postgresql://user:password@host:5432/name); its password is never logged",
+        group="queue",
+        metavar="URL",
+        default_text="none; required with backend = postgresql",
+    )
+
+    def __repr__(self) -> str:
+        # The DSN may carry a password: a logged or printed settings object hides it.
+        fields = ", ".join(
+            f"{item.key}={redacted_dsn(value) if item.key == 'dsn' and value else value!r}"
+            for item in settings_of(QueueSettings)
+            for value in (getattr(self, item.key),)
+        )
+        return f"QueueSettings({fields})"
 
     def directory(self, state_dir: Path) -> Path:
         """The queue's directory: ``path``, else ``queue`` under the state directory."""
@@ -151,8 +215,15 @@ def queue_settings(sections: Iterable[PolicySection]) -> QueueSettings:
     if not found:
         return QueueSettings()
     keys = [item.key for item in settings_of(QueueSettings)]
-    values = _values(found[0], keys)
-    return QueueSettings(**build_fields(QueueSettings, values, table=QUEUE_TABLE))
+    section = found[0]
+    values = _values(section, keys)
+    settings = QueueSettings(**build_fields(QueueSettings, values, table=QUEUE_TABLE))
+    if settings.backend == "postgresql" and settings.dsn is None:
+        raise ConfigError(
+            f'{section.source} dsn: required with backend = "postgresql" '
+            "(postgresql://user:password@host:5432/name)"
+        )
+    return settings
 
 
 def outbound_options(sections: Iterable[PolicySection], hostname: str) -> OutboundOptions:

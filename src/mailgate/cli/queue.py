@@ -379,11 +379,25 @@ def run_queue(args: argparse.Namespace) -> int:
         return asyncio.run(run())
     except QueueCommandError as exc:
         return _fail(str(exc), exc.status)
-    except (OSError, sqlite3.Error, QueueError) as exc:
+    except store_errors() as exc:
         # The queue failed under us (disk full, damaged database): one line, no traceback.
         return _fail(f"mailgate queue: the queue failed: {_reason(exc)}", EXIT_QUEUE)
     except KeyboardInterrupt:
         return _fail("mailgate queue: interrupted", EXIT_QUEUE)
+
+
+def store_errors() -> tuple[type[BaseException], ...]:
+    """The errors a queue store may raise when its disk or database fails: reported in
+    one line by the commands, never as a traceback. asyncpg's only when it is installed
+    (the PostgreSQL backend)."""
+    from mailgate.queue import QueueError
+
+    errors: tuple[type[BaseException], ...] = (OSError, sqlite3.Error, QueueError)
+    try:
+        import asyncpg
+    except ImportError:
+        return errors
+    return (*errors, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 def _fail(message: str, status: int) -> int:

@@ -37,13 +37,18 @@ import email.utils
 import getpass
 import os
 import re
-import sqlite3
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from mailgate.cli.queue import QueueCommandError, QueueLocation, locate_queue, open_queue
+from mailgate.cli.queue import (
+    QueueCommandError,
+    QueueLocation,
+    locate_queue,
+    open_queue,
+    store_errors,
+)
 from mailgate.server.options import ServerOptions
 
 EX_OK = 0
@@ -405,7 +410,6 @@ def _xtext(value: str) -> str:
 
 
 async def _enqueue(location: QueueLocation, message: Any, data: bytes) -> str:
-    from mailgate.queue import QueueError
 
     try:
         async with open_queue(location, create=True, command=_COMMAND) as store:
@@ -413,7 +417,7 @@ async def _enqueue(location: QueueLocation, message: Any, data: bytes) -> str:
             return await store.enqueue(message, data)
     except QueueCommandError as exc:
         raise SendmailError(f"{exc}; nothing queued", EX_TEMPFAIL) from None
-    except (OSError, sqlite3.Error, QueueError) as exc:
+    except store_errors() as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise SendmailError(
             f"{_COMMAND}: cannot queue the message in {location.directory}: {reason}; "

@@ -56,12 +56,12 @@ from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, cast
 
 import asyncpg
 
+from .changes import ChangeWaiting
 from .model import (
     DeliveryBatch,
     DeliveryResult,
     DsnKind,
     DsnNotice,
-    HistoryEntry,
     Lease,
     MessageDetails,
     MessageInfo,
@@ -85,11 +85,11 @@ from .policy import (
 )
 from .rows import (
     dsn_kinds,
+    history_entry,
     joined,
     message_info,
     recipient_facts,
     recipient_info,
-    remote_reply,
 )
 from .sqlite import new_message_id
 from .store import BodySource, QueueError, QueueStore
@@ -349,7 +349,7 @@ class _Changes:
             self.history.clear()
 
 
-class PostgresQueueStore:
+class PostgresQueueStore(ChangeWaiting):
     """A :class:`~mailgate.queue.store.QueueStore` in a PostgreSQL database, shared by
     any number of nodes.
 
@@ -674,28 +674,6 @@ class PostgresQueueStore:
 
     def _notified(self, *_: object) -> None:
         self._changed()
-
-    def _changed(self) -> None:
-        self._change_count += 1
-        self._change_event.set()
-        self._change_event = asyncio.Event()
-
-    @property
-    def change_count(self) -> int:
-        return self._change_count
-
-    async def wait_for_change(self, timeout: float, seen: int | None = None) -> bool:
-        self._check_open()
-        if seen is None:
-            seen = self._change_count
-        deadline = self._loop.time() + timeout
-        while self._change_count == seen:
-            remaining = deadline - self._loop.time()
-            if remaining <= 0 or self._closed:
-                return False
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._change_event.wait(), remaining)
-        return True
 
     # --- accepting ----------------------------------------------------------------------------
 
@@ -1104,17 +1082,7 @@ class PostgresQueueStore:
                 return None
             recipients = (await self._recipients_of(connection, [message_id])).get(message_id, [])
             history = tuple(
-                HistoryEntry(
-                    at=row["at"],
-                    event=row["event"],
-                    recipient_id=row["recipient_id"],
-                    recipient=row["recipient"],
-                    attempt=row["attempt"],
-                    reply=remote_reply(row["reply_code"], row["reply_enhanced"], row["reply_text"]),
-                    remote_mta=row["remote_mta"],
-                    detail=row["detail"],
-                    status=row["status"],
-                )
+                history_entry(row)
                 for row in await connection.fetch(
                     "SELECT * FROM history WHERE message_id = $1 ORDER BY id", message_id
                 )

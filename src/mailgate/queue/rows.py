@@ -11,6 +11,7 @@ from typing import Any, Literal, Protocol, cast
 from .model import (
     ClientInfo,
     DsnKind,
+    HistoryEntry,
     MessageInfo,
     RecipientInfo,
     RecipientState,
@@ -21,6 +22,7 @@ from .policy import RecipientFacts
 
 __all__ = [
     "dsn_kinds",
+    "history_entry",
     "joined",
     "message_info",
     "recipient_facts",
@@ -89,6 +91,22 @@ def message_info(row: Row) -> MessageInfo:
         smtputf8=bool(row["smtputf8"]),
         body_type=row["body_type"],
         client=ClientInfo(**json.loads(row["client"])),
+    )
+
+
+def history_entry(row: Row) -> HistoryEntry:
+    """A history row: one event of a message's life (enqueued, an attempt, an operator's
+    action)."""
+    return HistoryEntry(
+        at=row["at"],
+        event=row["event"],
+        recipient_id=row["recipient_id"],
+        recipient=row["recipient"],
+        attempt=row["attempt"],
+        reply=remote_reply(row["reply_code"], row["reply_enhanced"], row["reply_text"]),
+        remote_mta=row["remote_mta"],
+        detail=row["detail"],
+        status=row["status"],
     )
 
 

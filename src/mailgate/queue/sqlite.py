@@ -38,12 +38,12 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from .bodies import BodyDirectory, run_to_end
+from .changes import ChangeWaiting
 from .model import (
     DeliveryBatch,
     DeliveryResult,
     DsnKind,
     DsnNotice,
-    HistoryEntry,
     Lease,
     MessageDetails,
     MessageInfo,
@@ -67,11 +67,11 @@ from .policy import (
 )
 from .rows import (
     dsn_kinds,
+    history_entry,
     joined,
     message_info,
     recipient_facts,
     recipient_info,
-    remote_reply,
 )
 from .store import BodySource, QueueError, QueueStore
 
@@ -332,7 +332,7 @@ class _DatabaseThread:
             self._on_change()
 
 
-class SQLiteQueueStore:
+class SQLiteQueueStore(ChangeWaiting):
     """A :class:`~mailgate.queue.store.QueueStore` in a local directory.
 
     Open with ``await SQLiteQueueStore.open(directory)`` (or ``async with``); close with
@@ -569,28 +569,6 @@ class SQLiteQueueStore:
     def _changed_threadsafe(self) -> None:
         with contextlib.suppress(RuntimeError):  # the loop closed
             self._loop.call_soon_threadsafe(self._changed)
-
-    def _changed(self) -> None:
-        self._change_count += 1
-        self._change_event.set()
-        self._change_event = asyncio.Event()
-
-    @property
-    def change_count(self) -> int:
-        return self._change_count
-
-    async def wait_for_change(self, timeout: float, seen: int | None = None) -> bool:
-        self._check_open()
-        if seen is None:
-            seen = self._change_count
-        deadline = self._loop.time() + timeout
-        while self._change_count == seen:
-            remaining = deadline - self._loop.time()
-            if remaining <= 0 or self._closed:
-                return False
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._change_event.wait(), remaining)
-        return True
 
     def _read_data_version(self) -> int:
         row = self._reader_connection.execute("PRAGMA data_version").fetchone()
@@ -1008,17 +986,7 @@ class SQLiteQueueStore:
                 return None
             recipients = self._recipients_of(connection, [message_id]).get(message_id, [])
             history = tuple(
-                HistoryEntry(
-                    at=row["at"],
-                    event=row["event"],
-                    recipient_id=row["recipient_id"],
-                    recipient=row["recipient"],
-                    attempt=row["attempt"],
-                    reply=remote_reply(row["reply_code"], row["reply_enhanced"], row["reply_text"]),
-                    remote_mta=row["remote_mta"],
-                    detail=row["detail"],
-                    status=row["status"],
-                )
+                history_entry(row)
                 for row in connection.execute(
                     "SELECT * FROM history WHERE message_id = ? ORDER BY id", (message_id,)
                 )

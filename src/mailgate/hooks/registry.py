@@ -60,6 +60,9 @@ class Hooks:
         self._plugins: list[_Plugin] = []
         self._middleware: list[Middleware] = []
         self._chains: dict[str, tuple[_Step, ...]] | None = None
+        #: Per stage: whether its required steps never wait (see runs_inline); built with
+        #: the chains.
+        self._inline: dict[str, bool] | None = None
 
     # --- registration -------------------------------------------------------------------
 
@@ -194,7 +197,10 @@ class Hooks:
         The server then runs it to its end in the protocol callback, without a task."""
         if self._middleware:
             return False
-        return all(step.never_waits for step in self._chain(stage, required=True))
+        self._chain(stage)  # builds the chains and their answers to this question
+        inline = self._inline
+        assert inline is not None
+        return inline[stage]
 
     def background_steps(self, stage: str) -> tuple[_Step, ...]:
         """Steps marked ``required = False``: the server runs them after replying."""
@@ -231,6 +237,10 @@ class Hooks:
                 )
                 chains[s] = steps
                 chains["required:" + s] = tuple(step for step in steps if step.required)
+            # Asked on every command: answered once per change of the plugin set.
+            self._inline = {
+                s: all(step.never_waits for step in chains["required:" + s]) for s in STAGES
+            }
             self._chains = chains
         return chains["required:" + stage if required else stage]
 

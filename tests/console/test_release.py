@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from tests.console.http import Response, request
 from tests.dns_server import DNSTestServer
 from tests.outbound.helpers import run
@@ -138,7 +137,9 @@ def test_release_a_captured_message_to_an_address(
                 bad = await _release(port, captured["id"], {"to": ["not an address"]})
                 assert bad.status == 400 and "not an address" in bad.json()["error"]
                 assert (await _release(port, captured["id"], {})).status == 400
-                assert (await _release(port, "nosuchmessage", {"to": [f"b@{domain}"]})).status == 404
+                assert (
+                    await _release(port, "nosuchmessage", {"to": [f"b@{domain}"]})
+                ).status == 404
                 # A page of another site may not release anything.
                 cross = await _http(
                     port,

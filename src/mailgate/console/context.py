@@ -74,4 +74,4 @@ class ConsoleState(Protocol):
 CONSOLE_KEY: Final = web.AppKey["ConsoleState"]("console")
 #: The key of a request under which the console's guard leaves who made it: the users
 #: file's user name, ``token`` for the bearer token, ``loopback`` without credentials.
-USER_KEY: Final = "mailgate.console.user"
+USER_KEY: Final = web.RequestKey[str]("user")

@@ -96,7 +96,8 @@ def _summary(options: ServerOptions, policies: list[str], routes: int) -> list[s
             "maildir": f"Maildir {options.maildir}",
             "mbox": f"mbox {options.mbox}",
             "sink": "sink (accepted mail is thrown away)",
-        }[options.delivery]
+            "capture": f"capture {options.capture} (the console's inbox)",
+        }.get(options.delivery, str(options.delivery))
     ]
     deliveries += [f"forward {url}" for url in options.forward]
     deliveries += [f"webhook {url}" for url in options.webhook]

@@ -245,6 +245,65 @@ class QueuePlugin:
             ", ".join(sorted({key for key, _ in onward})),
         )
 
+    async def submit(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        body: Path,
+        *,
+        submitter: str,
+        listener: str = "console",
+    ) -> str:
+        """Queue a message that did not arrive over SMTP (the console's release of a
+        captured message) and return its queue id once it is durable.
+
+        Each recipient is routed by the same ``[[routes]]`` as mail from a local client
+        authenticated as ``submitter`` (the operator). Every one must go onward (relay
+        or forward): one the rules deliver locally or refuse raises :class:`QueueError`
+        naming it, and nothing is queued. ``body`` is read as it is (hard-linked into
+        the queue where the file system allows; the file is not changed)."""
+        if not recipients:
+            raise QueueError("no recipients")
+        store = self.store if self.store is not None else await self._opened()
+        if store is None:
+            raise QueueError("the queue is not open")
+        session = Session(
+            id=f"{listener}-submit",
+            peer_host="127.0.0.1",
+            peer_port=0,
+            local_host="127.0.0.1",
+            local_port=0,
+            user=submitter,
+        )
+        sender_address = Address(sender)
+        envelope = Envelope(
+            mail_from=sender_address, rcpt_tos=tuple(Address(r) for r in recipients)
+        )
+        queued: list[NewRecipient] = []
+        for key, rcpts in self.destinations(session, envelope).items():
+            for rcpt in rcpts:
+                if not key.startswith(_ONWARD):
+                    what = "for local delivery" if key == "deliver" else f"refused: {key}"
+                    raise QueueError(f"<{rcpt}> is not routed onward ({what})")
+                queued.append(NewRecipient(str(rcpt), key))
+        smtputf8 = not (sender.isascii() and all(r.isascii() for r in recipients))
+        new = NewMessage(
+            sender,
+            queued,
+            smtputf8=smtputf8,
+            client=ClientInfo(protocol="local", auth_user=submitter, listener=listener),
+        )
+        queue_id = await store.enqueue(new, body)
+        log.info(
+            "queue %s: submitted by %s through the %s for %d recipient(s): %s",
+            queue_id,
+            submitter,
+            listener,
+            len(queued),
+            ", ".join(r.address for r in queued),
+        )
+        return queue_id
+
     async def _bounce_refused(
         self,
         store: QueueStore,

@@ -19,7 +19,6 @@ the optional ``mailgate[redis]`` extra).
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final, Literal
@@ -172,6 +171,8 @@ def state_settings(sections: Iterable[PolicySection]) -> StateSettings:
             raise ConfigError(
                 f'{section.source} url: required with backend = "redis" (redis://host:6379/0)'
             )
-        if importlib.util.find_spec("redis") is None:
-            raise ConfigError(REDIS_MISSING)
+        try:
+            import redis.asyncio  # noqa: F401  (said now, not at the first message)
+        except ImportError:
+            raise ConfigError(REDIS_MISSING) from None
     return settings

@@ -348,7 +348,7 @@ def _check_state_table(options: ServerOptions) -> None:
     if any(s.name == "state" for s in options.policy):
         from mailgate.plugins.state import state_settings
 
-        state_settings(options.policy)
+        state_settings(options.policy, hook_timeout=options.hook_timeout)
 
 
 def _check_senders_table(options: ServerOptions) -> None:

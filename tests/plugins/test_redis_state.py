@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import smtplib
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from typing import Any
 import pytest
 from tests.redis_server import PrivateRedis, free_port
 
+import mailgate
 from mailgate.hooks import AuthAttempt, Session, TempFail
 from mailgate.plugins.policy import PolicyConfigError, PolicyEnv
 from mailgate.plugins.redis_state import (
@@ -112,6 +114,12 @@ def send(client: smtplib.SMTP) -> int:
         client.rset()
         return exc.smtp_code
     return 250
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a child Python: this tree's mailgate first on its path."""
+    source = str(Path(mailgate.__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([source, os.environ.get("PYTHONPATH", "")])}
 
 
 def outage_lines(caplog: pytest.LogCaptureFixture, words: str) -> list[str]:
@@ -442,7 +450,12 @@ def test_without_redis_py_the_error_names_the_extra() -> None:
         "    print(exc)\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env=child_env(),
     )
     assert result.stdout.strip() == (
         '[state] backend = "redis" needs redis-py: pip install "mailgate[redis]"'
@@ -456,3 +469,32 @@ def test_greylist_store_keys_share_the_client_hash_tag(redis_url: str, redis_pre
     triplet_prefix, client_key = store._keys("192.0.2.0/24")
     assert "{192.0.2.0/24}" in triplet_prefix and "{192.0.2.0/24}" in client_key
     asyncio.run(store.aclose())
+
+
+def test_a_timeout_not_well_under_hook_timeout_is_refused() -> None:
+    values = {"backend": "redis", "url": "redis://h/0", "timeout": 10}
+    with pytest.raises(ConfigError, match=r"timeout: 10 s is not well under hook_timeout"):
+        state_settings([section(**values)], hook_timeout=30)
+    env = PolicyEnv(ServerOptions(hook_timeout=60, policy=(section(**values),)))
+    assert env.shared_state() is not None  # 4 x 10 s fit in 60 s
+
+
+def test_check_config_names_the_shared_store(tmp_path: Path) -> None:
+    config = tmp_path / "mailgate.toml"
+    config.write_text(
+        '[server]\nlisten = "127.0.0.1:0"\n[limits]\nmessages_per_ip = "5/1h"\n'
+        '[state]\nbackend = "redis"\nurl = "redis://:secret@127.0.0.1:6399/0"\n'
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "mailgate", "check-config", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=child_env(),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "shared state: Redis at redis://:***@127.0.0.1:6399/0 (timeout 0.25 s, fails open)" in (
+        result.stdout
+    )
+    assert "secret" not in result.stdout + result.stderr

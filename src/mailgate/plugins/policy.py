@@ -242,7 +242,10 @@ class PolicyEnv(LazyResolver):
         each plugin keeps its own state."""
         if self._state is False:
             try:
-                self._state = open_state(state_settings(self.options.policy))
+                settings = state_settings(
+                    self.options.policy, hook_timeout=self.options.hook_timeout
+                )
+                self._state = open_state(settings)
             except ConfigError as exc:
                 raise PolicyConfigError(str(exc)) from None
         return self._state

@@ -153,9 +153,17 @@ class StateSettings:
         return self.on_error == "closed"
 
 
-def state_settings(sections: Iterable[PolicySection]) -> StateSettings:
+#: Requests to the store one stage of a session may make at most (a message counted
+#: against a per-IP and a per-domain limit: two looks, then two hits).
+REQUESTS_PER_STAGE: Final = 4
+
+
+def state_settings(
+    sections: Iterable[PolicySection], *, hook_timeout: float | None = None
+) -> StateSettings:
     """The ``[state]`` table of the configuration (defaults when there is none);
-    ConfigError naming the file and key for a bad one."""
+    ConfigError naming the file and key for a bad one. With ``hook_timeout``, the
+    ``timeout`` must leave a stage's requests well inside it."""
     section = next((s for s in sections if s.name == STATE_TABLE), None)
     if section is None:
         return StateSettings()
@@ -175,4 +183,11 @@ def state_settings(sections: Iterable[PolicySection]) -> StateSettings:
             import redis.asyncio  # noqa: F401  (said now, not at the first message)
         except ImportError:
             raise ConfigError(REDIS_MISSING) from None
+        if hook_timeout and settings.timeout * REQUESTS_PER_STAGE >= hook_timeout:
+            raise ConfigError(
+                f"{section.source} timeout: {settings.timeout:g} s is not well under "
+                f"hook_timeout ({hook_timeout:g} s): a stage may ask Redis "
+                f"{REQUESTS_PER_STAGE} times; keep it below "
+                f"{hook_timeout / REQUESTS_PER_STAGE:g} s (0.25 s is usual)"
+            )
     return settings

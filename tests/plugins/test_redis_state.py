@@ -475,8 +475,8 @@ def test_a_timeout_not_well_under_hook_timeout_is_refused() -> None:
     values = {"backend": "redis", "url": "redis://h/0", "timeout": 10}
     with pytest.raises(ConfigError, match=r"timeout: 10 s is not well under hook_timeout"):
         state_settings([section(**values)], hook_timeout=30)
-    env = PolicyEnv(ServerOptions(hook_timeout=60, policy=(section(**values),)))
-    assert env.shared_state() is not None  # 4 x 10 s fit in 60 s
+    env = PolicyEnv(ServerOptions(hook_timeout=90, policy=(section(**values),)))
+    assert env.shared_state() is not None  # 8 x 10 s fit in 90 s
 
 
 def test_check_config_names_the_shared_store(tmp_path: Path) -> None:

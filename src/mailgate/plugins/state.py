@@ -120,7 +120,7 @@ class StateSettings:
         0.25,
         convert=converters.seconds,
         help="the longest a policy waits for Redis (connecting or answering) before it "
-        "goes on as on_error says; keep it well under hook_timeout",
+        "goes on as on_error says; must be under an eighth of hook_timeout",
         group="state",
         metavar="SECONDS",
     )
@@ -153,9 +153,10 @@ class StateSettings:
         return self.on_error == "closed"
 
 
-#: Requests to the store one stage of a session may make at most (a message counted
-#: against a per-IP and a per-domain limit: two looks, then two hits).
-REQUESTS_PER_STAGE: Final = 4
+#: Requests to the store one stage of a session may make at most: at RCPT, rate limits
+#: (a per-IP and a per-domain limit: two looks, then two hits) and greylisting (its
+#: network, its triplet, the pass).
+REQUESTS_PER_STAGE: Final = 8
 
 
 def state_settings(

@@ -27,6 +27,7 @@ from tests.redis_server import PrivateRedis, free_port
 
 import mailgate
 from mailgate.hooks import AuthAttempt, Session, TempFail
+from mailgate.plugins.counters import MemoryCounters
 from mailgate.plugins.policy import PolicyConfigError, PolicyEnv
 from mailgate.plugins.redis_state import (
     MAX_BACKOFF,
@@ -295,6 +296,57 @@ def test_state_unavailable_at_once_during_the_back_off(private_redis: PrivateRed
     asyncio.run(scenario())
 
 
+def test_several_limits_count_all_or_none_like_the_memory_store(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """RedisCounters.hit_all (one script) answers as the plugin's look-then-count over
+    MemoryCounters does, step for step, on a fake clock."""
+    now = [1_000_000.0]
+    limits = [
+        ("messages_per_ip:192.0.2.1", 3, 60.0),
+        ("messages_per_sender_domain:x.test", 5, 90.0),
+    ]
+
+    async def scenario() -> None:
+        redis_store = RedisCounters(
+            RedisState(redis_url, timeout=5.0, key_prefix=redis_prefix), clock=lambda: now[0]
+        )
+        memory = MemoryCounters(clock=lambda: now[0])
+        try:
+            for step in range(60):
+                subset = limits if step % 3 else limits[1:]
+                got = await redis_store.hit_all(subset)
+                peeks = [memory.take(k, n, w, consume=False) for k, n, w in subset]
+                if all(p.allowed for p in peeks):
+                    want = [memory.take(k, n, w) for k, n, w in subset]
+                else:
+                    want = peeks
+                assert [(r.allowed, r.remaining) for r in got] == [
+                    (r.allowed, r.remaining) for r in want
+                ], step
+                assert [r.retry_after for r in got] == pytest.approx([r.retry_after for r in want])
+                now[0] += (7.0, 0.0, 2.5, 31.0)[step % 4]
+        finally:
+            await redis_store.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_message_over_the_domain_limit_is_not_counted_against_the_client(
+    redis_url: str, redis_prefix: str, smtp: list[smtplib.SMTP]
+) -> None:
+    settings: dict[str, Any] = {
+        "limits": {"messages_per_ip": "3/1h", "messages_per_sender_domain": "1/1h"},
+        "state": state(redis_url, redis_prefix),
+    }
+    with running_server(**settings) as srv:
+        client = connect(srv, smtp)
+        assert [send(client) for _ in range(3)] == [250, 450, 450]
+        client.sendmail("b@other.example", ["u@example.com"], MESSAGE)  # 2 of 3 for the IP
+        client.sendmail("c@third.example", ["u@example.com"], MESSAGE)  # 3 of 3
+        assert send(client) == 450
+
+
 # --- the honeypot ----------------------------------------------------------------------------
 
 
@@ -475,8 +527,8 @@ def test_a_timeout_not_well_under_hook_timeout_is_refused() -> None:
     values = {"backend": "redis", "url": "redis://h/0", "timeout": 10}
     with pytest.raises(ConfigError, match=r"timeout: 10 s is not well under hook_timeout"):
         state_settings([section(**values)], hook_timeout=30)
-    env = PolicyEnv(ServerOptions(hook_timeout=90, policy=(section(**values),)))
-    assert env.shared_state() is not None  # 8 x 10 s fit in 90 s
+    env = PolicyEnv(ServerOptions(hook_timeout=45, policy=(section(**values),)))
+    assert env.shared_state() is not None  # 4 x 10 s fit in 45 s
 
 
 def test_check_config_names_the_shared_store(tmp_path: Path) -> None:

@@ -439,12 +439,19 @@ class RateLimits:
         room, nothing is counted and the check that frees last is returned with its
         result."""
         checks = list(checks)
+        if not checks:
+            return None
         store = self.store
         if len(checks) == 1:
             check = checks[0]
             result = await store.hit(check.key, check.rate.limit, check.rate.window)
             return None if result.allowed else (check, result)
         refused: list[tuple[_Check, RateResult]] = []
+        hit_all = getattr(store, "hit_all", None)
+        if hit_all is not None:  # all or none in one step (RedisCounters: one round trip)
+            results = await hit_all([(c.key, c.rate.limit, c.rate.window) for c in checks])
+            refused = [(c, r) for c, r in zip(checks, results, strict=True) if not r.allowed]
+            return max(refused, key=lambda item: item[1].retry_after) if refused else None
         for check in checks:
             result = await store.peek(check.key, check.rate.limit, check.rate.window)
             if not result.allowed:

@@ -28,7 +28,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, TypeVar
 
 import redis.asyncio as redis
@@ -97,6 +97,51 @@ if not consume then
 end
 redis.call('SET', KEYS[1], string.format('%.17g', after), 'PX', math.ceil((after - now) * 1000))
 return {1, room(after), '0'}
+"""
+
+# RedisCounters.hit_all: several counters, all or none. ARGV: now, eps, then limit, window,
+# cost for each key. A refused counter refuses the lot and nothing is counted.
+_GCRA_ALL: Final = """
+local now = tonumber(ARGV[1])
+local eps = tonumber(ARGV[2])
+local starts, afters, replies = {}, {}, {}
+local all = true
+for i, key in ipairs(KEYS) do
+  local limit = tonumber(ARGV[3 * i])
+  local window = tonumber(ARGV[3 * i + 1])
+  local cost = tonumber(ARGV[3 * i + 2])
+  local interval = window / limit
+  local start = now
+  local stored = redis.call('GET', key)
+  if stored then
+    local tat = tonumber(stored)
+    if tat and tat > now then start = tat end
+  end
+  local after = start + cost * interval
+  local allow_at = after - window
+  starts[i], afters[i] = start, after
+  local function room(tat)
+    local left = math.floor((now + window - math.max(tat, now)) / interval + eps)
+    if left < 0 then return 0 end
+    return left
+  end
+  if allow_at > now + eps then
+    all = false
+    replies[i] = {0, room(start), string.format('%.17g', allow_at - now)}
+  else
+    replies[i] = {1, room(start), '0', room(after)}
+  end
+end
+for i, key in ipairs(KEYS) do
+  if all then
+    local after = afters[i]
+    redis.call('SET', key, string.format('%.17g', after), 'PX', math.ceil((after - now) * 1000))
+    replies[i] = {1, replies[i][4], '0'}
+  elseif replies[i][1] == 1 then
+    replies[i] = {1, replies[i][2], '0'}
+  end
+end
+return replies
 """
 
 # GreylistBackend.mark_passed; KEYS: the triplet, its client network; ARGV: now, expiry
@@ -320,6 +365,25 @@ class RedisCounters:
 
     async def peek(self, key: str, limit: int, window: float, cost: int = 1) -> RateResult:
         return await self._gcra(key, limit, window, cost, consume=False)
+
+    async def hit_all(self, hits: Sequence[tuple[str, int, float]]) -> list[RateResult]:
+        """Count one hit (cost 1) against each ``(key, limit, window)``, all or none, in
+        one round trip: when one has no room, nothing is counted and the results say
+        which (the others answer as :meth:`peek` would)."""
+        for _, limit, window in hits:
+            _check(limit, window, 1)
+        script = self.state.script("gcra_all", _GCRA_ALL)
+        keys = [self.state.key("rate", key) for key, _, _ in hits]
+        args = [_float(self.clock()), _EPSILON_TEXT]
+        for _, limit, window in hits:
+            args += [str(limit), _float(window), "1"]
+        replies = await self.state.run(
+            "rate limit", lambda client: script(keys=keys, args=args, client=client)
+        )
+        return [
+            RateResult(bool(allowed), int(remaining), float(retry_after))
+            for allowed, remaining, retry_after in replies
+        ]
 
     async def aclose(self) -> None:
         if not self._closed:

@@ -120,7 +120,7 @@ class StateSettings:
         0.25,
         convert=converters.seconds,
         help="the longest a policy waits for Redis (connecting or answering) before it "
-        "goes on as on_error says; must be under an eighth of hook_timeout",
+        "goes on as on_error says; must be under a quarter of hook_timeout",
         group="state",
         metavar="SECONDS",
     )
@@ -154,9 +154,8 @@ class StateSettings:
 
 
 #: Requests to the store one stage of a session may make at most: at RCPT, rate limits
-#: (a per-IP and a per-domain limit: two looks, then two hits) and greylisting (its
-#: network, its triplet, the pass).
-REQUESTS_PER_STAGE: Final = 8
+#: (one, all its limits at once) and greylisting (its network, its triplet, the pass).
+REQUESTS_PER_STAGE: Final = 4
 
 
 def state_settings(

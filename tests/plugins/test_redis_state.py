@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import smtplib
@@ -550,3 +551,46 @@ def test_check_config_names_the_shared_store(tmp_path: Path) -> None:
         result.stdout
     )
     assert "secret" not in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_worker_processes_count_together(redis_url: str, redis_prefix: str, tmp_path: Path) -> None:
+    """``mailgate serve --workers 2`` with [state] on Redis: each forked worker makes its
+    own client, and the two count one limit between them."""
+    from tests.server.harness import CLIServer
+
+    config = tmp_path / "mailgate.toml"
+    server = None
+    for _ in range(5):  # another port when something took the chosen one meanwhile
+        port = free_port()
+        config.write_text(
+            f'[server]\nlisten = "127.0.0.1:{port}"\nhostname = "mx.test"\n'
+            f'local_domains = ["example.com"]\nmaildir = "{tmp_path / "maildir"}"\n'
+            f'state_dir = "{tmp_path / "state"}"\nworkers = 2\nlog_format = "json"\n'
+            '[limits]\nmessages_per_ip = "10/1h"\n'
+            f'[state]\nbackend = "redis"\nurl = "{redis_url}"\nkey_prefix = "{redis_prefix}"\n'
+        )
+        candidate = CLIServer(["--config", str(config)], tmp_path, env=child_env())
+        candidate.start(expected_listeners=2)
+        if len(candidate.ports) >= 2:
+            server = candidate
+            break
+        candidate.kill()
+    assert server is not None, "no free port"
+    try:
+        codes = []
+        for _ in range(30):  # a connection each: the kernel picks the worker
+            with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+                try:
+                    client.sendmail("a@sender.example", ["u@example.com"], MESSAGE)
+                    codes.append(250)
+                except smtplib.SMTPDataError as exc:
+                    codes.append(exc.smtp_code)
+        assert codes == [250] * 10 + [450] * 20
+        assert server.stop() == 0
+    finally:
+        server.kill()
+    records = [json.loads(line) for line in server.log if line.startswith("{")]
+    accepting = {r["pid"] for r in records if " accepted " in str(r["msg"])}
+    refusing = {r["pid"] for r in records if "messages_per_ip 10/1h exceeded" in str(r["msg"])}
+    assert len(accepting | refusing) == 2, "both workers should have taken connections"

@@ -34,7 +34,7 @@ ADDRESSES = {
 
 def expired_context(certs: Certs, name: str) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    utc = datetime.timezone.utc
+    utc = datetime.UTC
     certs.ca.issue_cert(
         name,
         not_before=datetime.datetime(2020, 1, 1, tzinfo=utc),
@@ -46,7 +46,7 @@ def expired_context(certs: Certs, name: str) -> ssl.SSLContext:
 def self_signed_context(tmp_path: Path, name: str) -> ssl.SSLContext:
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(subject)

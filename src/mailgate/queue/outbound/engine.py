@@ -528,7 +528,7 @@ def _log_attempt(result: DeliveryResult) -> None:
         ],
     }
     remote = str(result.remote) if result.remote else "none"
-    tls_text = tls_summary(tls, policy)
+    tls_text = tls_summary(tls, policy, session=result.remote is not None)
     outcomes = "; ".join(
         f"<{r.recipient.address}> {r.outcome.value} {r.status} {r.diagnostic}"
         for r in result.recipients

@@ -175,7 +175,7 @@ class OutboundOptions:
     mta_sts: bool = setting(
         True,
         convert=converters.boolean,
-        help="apply the MTA-STS policies domains publish when the TLS policy is may",
+        help="apply the MTA-STS policies domains publish under the may (and dane) levels",
         group="outbound",
         switch=True,
     )

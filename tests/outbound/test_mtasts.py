@@ -9,6 +9,7 @@ policy are not used; policies are cached (on disk too) until the id changes.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -270,3 +271,21 @@ def test_txt_records_and_policy_files_are_read_as_rfc_8461_says() -> None:
     ):
         with pytest.raises(PolicyError):
             parse_policy(broken)
+
+
+def test_concurrent_deliveries_share_one_fetch(
+    dns_server: DNSTestServer, mx_port: int, certs: Certs
+) -> None:
+    domain = lower_domain("stsOnce")
+    publish_sts(dns_server, domain, "once")
+
+    async def main() -> None:
+        async with STSServer(certs, [f"mta-sts.{domain}"]) as sts:
+            sts.policies[domain] = policy_text("testing", f"mx.{domain}")
+            async with engine_for(dns_server, mx_port, certs, sts) as engine:
+                found = await asyncio.gather(*(engine.mta_sts.policy(domain) for _ in range(8)))
+        assert {policy.id for policy in found if policy is not None} == {"once"}
+        assert all(policy is found[0] for policy in found)
+        assert sts.fetches[domain] == 1
+
+    run(main())

@@ -41,7 +41,14 @@ from .model import (
 from .mx import RouteFailure, host_addresses, mail_hosts
 from .options import OutboundOptions
 from .session import Answer, Endpoint, HostFailure, Session, open_session
-from .tlspolicy import DANEProvider, MTASTSProvider, PolicyResolver, PolicySource, TLSLevel
+from .tlspolicy import (
+    DANEProvider,
+    MTASTSProvider,
+    PolicyResolver,
+    PolicySource,
+    TLSLevel,
+    warn_once,
+)
 
 log = logging.getLogger("mailgate.queue.outbound")
 
@@ -383,7 +390,8 @@ class OutboundEngine:
                     for address in host.addresses
                 ]
             if refused:
-                log.warning(
+                warn_once(
+                    f"refused:{domain}:{policy.default.reason}",
                     "%s: MX hosts %s are not in %s; not used",
                     domain,
                     ", ".join(refused),

@@ -56,6 +56,8 @@ from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, cast
 
 import asyncpg
 
+from mailgate.version import __version__
+
 from .changes import ChangeWaiting
 from .model import (
     DeliveryBatch,
@@ -214,8 +216,14 @@ CREATE TABLE history (
 CREATE INDEX history_message ON history (message_id);
 """
 
+# Which mailgate each node runs: during a rolling upgrade with ``[queue] migrate =
+# "manual"`` the operator sees which nodes still run the old version before migrating.
+_MIGRATION_2 = """
+ALTER TABLE nodes ADD COLUMN software text NOT NULL DEFAULT '';
+"""
+
 #: Migration ``n`` (1-based) brings the schema from version ``n - 1`` to ``n``.
-MIGRATIONS: tuple[str, ...] = (_MIGRATION_1,)
+MIGRATIONS: tuple[str, ...] = (_MIGRATION_1, _MIGRATION_2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _RECIPIENT_COLUMNS = (
@@ -253,9 +261,17 @@ def _server_settings(schema: str) -> dict[str, str]:
     return {"search_path": f'"{schema}"', "application_name": "mailgate-queue"}
 
 
-async def schema_version(connection: Connection, schema: str = DEFAULT_SCHEMA) -> int:
-    """The queue schema's version in this database (0: none yet)."""
+async def schema_version(target: str | Connection, schema: str = DEFAULT_SCHEMA) -> int:
+    """The queue schema's version in the database at ``target`` (a DSN or an open
+    connection; 0: none yet). Reads only."""
     _checked_schema(schema)
+    if isinstance(target, str):
+        own = await asyncpg.connect(target)
+        try:
+            return await schema_version(own, schema)
+        finally:
+            await own.close()
+    connection = target
     exists = await connection.fetchval(
         "SELECT to_regclass($1) IS NOT NULL", f'"{schema}".schema_version'
     )
@@ -265,16 +281,22 @@ async def schema_version(connection: Connection, schema: str = DEFAULT_SCHEMA) -
     return int(version or 0)
 
 
-async def migrate(target: str | Connection, *, schema: str = DEFAULT_SCHEMA) -> int:
+async def migrate(
+    target: str | Connection, *, schema: str = DEFAULT_SCHEMA, to_version: int = SCHEMA_VERSION
+) -> int:
     """Create or update the queue schema in the database at ``target`` (a DSN or an open
-    connection); returns the schema version now in place. Each migration runs in one
-    transaction with its ``schema_version`` row; concurrent migrators wait for each
-    other (an advisory lock), so any node may run it at start-up."""
+    connection) up to ``to_version`` (this mailgate's by default; an older one is for
+    tests of upgrades); returns the schema version now in place. Each migration runs in
+    one transaction with its ``schema_version`` row; concurrent migrators wait for each
+    other (a transaction-level advisory lock: two nodes starting at once never run a
+    migration twice), so any node may run it at start-up."""
     _checked_schema(schema)
+    if not 1 <= to_version <= SCHEMA_VERSION:
+        raise ValueError(f"to_version must be between 1 and {SCHEMA_VERSION}")
     if isinstance(target, str):
         own = await asyncpg.connect(target)
         try:
-            return await migrate(own, schema=schema)
+            return await migrate(own, schema=schema, to_version=to_version)
         finally:
             await own.close()
     connection = target
@@ -288,7 +310,7 @@ async def migrate(target: str | Connection, *, schema: str = DEFAULT_SCHEMA) -> 
                     f"queue schema {schema!r} is at version {current}, newer than this "
                     f"mailgate's {SCHEMA_VERSION}: upgrade mailgate"
                 )
-            if current == SCHEMA_VERSION:
+            if current >= to_version:
                 return current
             version = current + 1
             await connection.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
@@ -472,13 +494,14 @@ class PostgresQueueStore(ChangeWaiting):
         name = f"{host}:{os.getpid()}:{node_id}"
         now = self.clock()
         await listener.execute(
-            "INSERT INTO nodes (id, name, host, pid, started_at, heartbeat_at) "
-            "VALUES ($1, $2, $3, $4, $5, $5)",
+            "INSERT INTO nodes (id, name, host, pid, started_at, heartbeat_at, software) "
+            "VALUES ($1, $2, $3, $4, $5, $5, $6)",
             node_id,
             name,
             host,
             os.getpid(),
             now,
+            f"mailgate {__version__}",
         )
         await listener.add_listener(self._channel, self._notified)
         listener.add_termination_listener(self._listener_lost)

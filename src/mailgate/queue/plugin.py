@@ -137,8 +137,7 @@ class QueuePlugin:
             forward_targets=self.forward_targets,
             bounce_route=self.bounce_route,
             max_deliveries=self.settings.max_deliveries,
-            # With several workers on one queue only one sends the DSNs.
-            notice_lock=self.directory / "dsn-producer.lock" if self.directory else None,
+            destination_concurrency=self.settings.destination_concurrency or None,
             # A store without body files (PostgreSQL) copies a body here for a delivery.
             spool=self.directory,
         )

@@ -93,8 +93,9 @@ from .rows import (
     recipient_facts,
     recipient_info,
 )
+from .slots import SlotGate, slot_keys
 from .sqlite import new_message_id
-from .store import BodySource, QueueError, QueueStore
+from .store import BodySource, NoticeSettled, QueueError, QueueStore
 
 __all__ = [
     "BODY_CHUNK",
@@ -124,6 +125,9 @@ BODY_CHUNK = 256 * 1024
 # Transactions that lost a deadlock or a serialization conflict are run again.
 _RETRIES = 5
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+# Second keys of the schema's advisory lock class: node ids count up from 1, key 0 is
+# the migrations' lock, negative keys are roles.
+_PRODUCER_KEY = -1
 
 _MIGRATION_1 = """
 CREATE TABLE schema_version (
@@ -401,6 +405,12 @@ class PostgresQueueStore(ChangeWaiting):
     _lock_class: int
     _background: asyncio.Task[None] | None
     _writes: set[asyncio.Task[Any]]
+    _producer_lock: asyncio.Lock
+    _producer_connection: Connection | None
+    _slots: Connection | None
+    _slots_mutex: asyncio.Lock
+    _held_slots: set[int]
+    _slot_gate: SlotGate[tuple[Connection, int]]
 
     def __init__(self, *, _token: object = None) -> None:
         if _token is not _OPEN_TOKEN:
@@ -436,6 +446,12 @@ class PostgresQueueStore(ChangeWaiting):
         self._lock_class = _lock_class(schema)
         self._settings = _server_settings(schema)
         self._reconnecting = None
+        self._producer_lock = asyncio.Lock()
+        self._producer_connection = None
+        self._slots = None
+        self._slots_mutex = asyncio.Lock()
+        self._held_slots = set()
+        self._slot_gate = SlotGate(self._try_slot, self._give_slot)
         listener = await asyncpg.connect(dsn, server_settings=self._settings)
         try:
             if migrate:
@@ -570,6 +586,9 @@ class PostgresQueueStore(ChangeWaiting):
         await self._pool.close()
         with contextlib.suppress(OSError, asyncpg.InterfaceError):
             await self._listener.close()
+        if self._slots is not None:
+            with contextlib.suppress(OSError, asyncpg.InterfaceError):
+                await self._slots.close()
 
     # --- plumbing ---------------------------------------------------------------------------
 
@@ -998,7 +1017,11 @@ class PostgresQueueStore(ChangeWaiting):
         *,
         by: str | None = None,
     ) -> None:
-        """Mark notices produced (recipients whose pending DSN is still this kind)."""
+        """Mark notices produced (recipients whose pending DSN is still this kind).
+        ``by`` (the report's queue id): all or nothing, NoticeSettled when a recipient
+        no longer owes the notice. Two nodes settling the same notice at once: the
+        second's UPDATE waits for the first's row locks, then finds the rows settled
+        (READ COMMITTED re-checks the WHERE clause on the new row versions)."""
         touched: list[str] = []
         for notice in notices:
             settled = await connection.fetch(
@@ -1008,6 +1031,11 @@ class PostgresQueueStore(ChangeWaiting):
                 [recipient.id for recipient in notice.recipients],
                 notice.kind,
             )
+            if by is not None and len(settled) != len({r.id for r in notice.recipients}):
+                raise NoticeSettled(
+                    f"the {notice.kind} notice of {notice.message.id} is settled already "
+                    "or has changed"
+                )
             for row in sorted(settled, key=lambda row: int(row["id"])):
                 changes.history.append(
                     _history_row(
@@ -1021,6 +1049,88 @@ class PostgresQueueStore(ChangeWaiting):
                 )
             touched.append(notice.message.id)
         await self._purge_if_finished(connection, changes, touched, now)
+
+    async def claim_notice_producer(self) -> bool:
+        """The role is a session advisory lock (key :data:`_PRODUCER_KEY` of the
+        schema's lock class) on this node's listener connection: released by the
+        server when the node closes, dies or loses that connection, and then taken
+        by the next node that asks. After a reconnection it is asked for again."""
+        self._check_open()
+        async with self._producer_lock:
+            listener = self._listener
+            if self._producer_connection is listener:
+                return True
+            if self._reconnecting is not None or listener.is_closed():
+                return False
+            try:
+                held = bool(
+                    await listener.fetchval(
+                        "SELECT pg_try_advisory_lock($1, $2)", self._lock_class, _PRODUCER_KEY
+                    )
+                )
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("queue: cannot ask for the DSN producer's lock: %s", exc)
+                return False
+            if held:
+                self._producer_connection = listener
+                log.info("queue: node %s produces the delivery reports", self._node_name)
+            return held
+
+    # --- destination slots ------------------------------------------------------------------
+
+    def destination_slot(
+        self, destination: str, limit: int
+    ) -> contextlib.AbstractAsyncContextManager[None]:
+        """Slots are session advisory locks on bigint keys (see
+        :func:`~mailgate.queue.slots.slot_keys`), held on one connection of this node
+        opened for them: a node that dies or loses that connection frees its slots at
+        once. Taking one is one query whichever slot is free."""
+        self._check_open()
+        return self._slot_gate.slot(destination, limit)
+
+    async def _slot_connection(self) -> Connection:
+        connection = self._slots
+        if connection is None or connection.is_closed():
+            connection = await asyncpg.connect(self.dsn, server_settings=self._settings)
+            self._slots = connection
+            self._held_slots = set()  # a new session holds nothing
+        return connection
+
+    async def _try_slot(self, destination: str, limit: int) -> tuple[Connection, int] | None:
+        keys = slot_keys(f"{self._lock_class}:{self.schema}", destination, limit)
+        async with self._slots_mutex:
+            connection = await self._slot_connection()
+            # A session takes an advisory lock it holds already once more: the slots
+            # this node holds are not asked for.
+            free = [key for key in keys if key not in self._held_slots]
+            if not free:
+                return None
+            # The function scan yields the keys one by one and LIMIT stops at the first
+            # lock taken: at most one slot per query.
+            key = await connection.fetchval(
+                "SELECT key FROM unnest($1::bigint[]) AS key "
+                "WHERE pg_try_advisory_lock(key) LIMIT 1",
+                free,
+            )
+            if key is None:
+                return None
+            self._held_slots.add(int(key))
+        return connection, int(key)
+
+    async def _give_slot(self, token: tuple[Connection, int]) -> None:
+        connection, key = token
+        async with self._slots_mutex:
+            if connection is not self._slots or connection.is_closed():
+                return  # that session ended: the server freed its slots already
+            self._held_slots.discard(key)
+            try:
+                await connection.fetchval("SELECT pg_advisory_unlock($1)", key)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("queue: cannot free a destination slot: %s", exc)
+                # Unsure whether it is held: end the session, which frees every slot
+                # of this node (the others are still in use, briefly unguarded).
+                with contextlib.suppress(Exception):
+                    await connection.close(timeout=2)
 
     async def mark_notified(self, notices: Sequence[DsnNotice]) -> None:
         if not notices:

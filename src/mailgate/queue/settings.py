@@ -171,6 +171,16 @@ class QueueSettings:
         group="queue",
         metavar="N",
     )
+    destination_concurrency: int = setting(
+        0,
+        convert=converters.count_or_zero,
+        help="deliveries in progress at once to one destination (a domain's MX, or a "
+        "forward rule's server) over every node and process sharing this queue; 0: no "
+        "shared cap, only [outbound] max_concurrency_per_destination in each process",
+        group="queue",
+        metavar="N",
+        default_text="0 (off)",
+    )
     backend: Backend = setting(
         "sqlite",
         convert=converters.choice(BACKENDS),

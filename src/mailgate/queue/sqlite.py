@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
+import fcntl
 import functools
 import itertools
 import json
@@ -73,7 +75,8 @@ from .rows import (
     recipient_facts,
     recipient_info,
 )
-from .store import BodySource, QueueError, QueueStore
+from .slots import SlotGate, slot_keys
+from .store import BodySource, NoticeSettled, QueueError, QueueStore
 
 __all__ = ["SCHEMA_VERSION", "SQLiteQueueStore", "migrate", "new_message_id", "schema_version"]
 
@@ -82,6 +85,10 @@ log = logging.getLogger("mailgate.queue")
 T = TypeVar("T")
 
 _DATABASE_NAME = "queue.db"
+#: The DSN producer's lock file (see claim_notice_producer).
+_NOTICE_LOCK_NAME = "dsn-producer.lock"
+#: The destination slots' lock files (see destination_slot).
+_SLOTS_DIRECTORY = "slots"
 # Writes gathered into one transaction at most (bounds the latency of the first).
 _MAX_GROUP = 512
 # SQLite's default limit of host parameters is 32766; chunks stay far below.
@@ -444,6 +451,8 @@ class SQLiteQueueStore(ChangeWaiting):
     _reader_connection: sqlite3.Connection
     _writer: _DatabaseThread
     _migrate: bool
+    _notice_lock_fd: int | None
+    _slot_gate: SlotGate[int]
 
     def __init__(self, *, _token: object = None) -> None:
         if _token is not _OPEN_TOKEN:
@@ -467,6 +476,8 @@ class SQLiteQueueStore(ChangeWaiting):
         self = cls(_token=_OPEN_TOKEN)
         self.directory = Path(directory)
         self._migrate = migrate
+        self._notice_lock_fd = None
+        self._slot_gate = SlotGate(self._try_slot, self._give_slot)
         if not migrate:
             # Checked before anything is made in the directory (a read-only command).
             found = await asyncio.to_thread(schema_version, self.directory)
@@ -537,6 +548,9 @@ class SQLiteQueueStore(ChangeWaiting):
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
+        if self._notice_lock_fd is not None:
+            os.close(self._notice_lock_fd)  # closing drops the flock
+            self._notice_lock_fd = None
         await asyncio.to_thread(self._writer.stop)
         await self._read(self._reader_connection.close)
         self._reader.shutdown(wait=True)
@@ -968,7 +982,9 @@ class SQLiteQueueStore(ChangeWaiting):
         *,
         by: str | None = None,
     ) -> list[str]:
-        """Mark notices produced; returns ids of messages that became finished."""
+        """Mark notices produced; returns ids of messages that became finished. ``by``
+        (the report's queue id): all or nothing, NoticeSettled when a recipient no
+        longer owes the notice (the caller's transaction is then rolled back)."""
         touched: list[str] = []
         for notice in notices:
             for recipient in notice.recipients:
@@ -977,6 +993,11 @@ class SQLiteQueueStore(ChangeWaiting):
                     (recipient.id, notice.kind),
                 ).fetchone()
                 if row is None:
+                    if by is not None:
+                        raise NoticeSettled(
+                            f"the {notice.kind} notice of {notice.message.id} for "
+                            f"<{recipient.address}> is settled already or has changed"
+                        )
                     continue  # settled already, or superseded by a later event
                 sent = dsn_kinds(row[0].split(",")) | {notice.kind}
                 connection.execute(
@@ -993,6 +1014,67 @@ class SQLiteQueueStore(ChangeWaiting):
                 )
             touched.append(notice.message.id)
         return self._purge_if_finished(connection, touched, now)
+
+    async def claim_notice_producer(self) -> bool:
+        """The role is a lock file in the queue directory (flock: released when this
+        store closes or its process dies)."""
+        self._check_open()
+        if self._notice_lock_fd is not None:
+            return True
+        path = self.directory / _NOTICE_LOCK_NAME
+
+        def take() -> int | None:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    return None
+                raise
+            return fd
+
+        self._notice_lock_fd = await asyncio.to_thread(take)
+        return self._notice_lock_fd is not None
+
+    # --- destination slots ------------------------------------------------------------------
+
+    def destination_slot(
+        self, destination: str, limit: int
+    ) -> contextlib.AbstractAsyncContextManager[None]:
+        """Slots are flocks on files in ``slots/`` of the queue directory (one file per
+        destination and slot, kept for reuse: removing one could let two processes
+        lock different files of the same name), shared by every process on this
+        queue and freed when the holder exits."""
+        self._check_open()
+        return self._slot_gate.slot(destination, limit)
+
+    async def _try_slot(self, destination: str, limit: int) -> int | None:
+        keys = slot_keys(str(self.directory), destination, limit)
+        directory = self.directory / _SLOTS_DIRECTORY
+
+        def take() -> int | None:
+            directory.mkdir(exist_ok=True)
+            for key in keys:
+                fd = os.open(
+                    directory / f"{key & 0xFFFFFFFFFFFFFFFF:016x}",
+                    os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                    0o600,
+                )
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as exc:
+                    os.close(fd)
+                    if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                        continue
+                    raise
+                return fd
+            return None
+
+        return await asyncio.to_thread(take)
+
+    async def _give_slot(self, fd: int) -> None:
+        os.close(fd)  # closing drops the flock
 
     async def mark_notified(self, notices: Sequence[DsnNotice]) -> None:
         if not notices:

@@ -3,8 +3,11 @@
 * HAProxy (Debian's ``haproxy``) in TCP mode with ``send-proxy-v2`` in front of three
   ``python -m mailgate serve`` processes, which take the PROXY header from HAProxy's
   address only (``proxy_protocol``);
-* one PostgreSQL queue (the suite's private cluster), one receiving SMTP server on
-  127.0.0.x that counts Message-IDs and the transactions each node has open;
+* one PostgreSQL queue (the suite's private cluster), one Redis (the suite's private
+  redis-server) counting a per-IP rate limit for all three, one receiving SMTP server
+  on 127.0.0.x that counts Message-IDs and the transactions each node has open;
+* a per-IP limit of N messages admits N from one client over the three nodes, not N
+  per node;
 * 1,000 messages submitted through HAProxy by clients on four 127.0.0.x addresses,
   which the nodes' logs must show (not HAProxy's address);
 * one node is frozen then killed (SIGKILL) while it holds leases on slow deliveries:
@@ -53,6 +56,10 @@ MESSAGES = 1000
 PER_CONNECTION = 10
 CLIENT_CONCURRENCY = 12
 NODE_MAX_DELIVERIES = 15
+#: messages_per_ip of every node, shared through Redis; each client address sends
+#: MESSAGES / 4 = 250 first, then the first one LIMIT_ATTEMPTS more.
+RATE_LIMIT = 300
+LIMIT_ATTEMPTS = 90
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -240,6 +247,45 @@ async def _submit(
     return acknowledged, failures, source_of
 
 
+async def _rate_limited(
+    proxy_port: int, domain: str, run_id: str, source: str, attempts: int
+) -> tuple[set[str], list[int]]:
+    """``attempts`` more messages from ``source``, one connection each (HAProxy spreads
+    them over the nodes); the acknowledged ids and the codes of the refusals."""
+    accepted: set[str] = set()
+    refused: list[int] = []
+    gate = asyncio.Semaphore(6)
+
+    async def one(serial: int) -> None:
+        message_id = f"{run_id}.limited{serial}@client.test"
+        data = (
+            f"From: <load@client.test>\r\nTo: <limited{serial}@{domain}>\r\n"
+            f"Subject: limited {serial}\r\nMessage-ID: <{message_id}>\r\n\r\nbody\r\n"
+        ).encode()
+        async with gate:
+            smtp = aiosmtplib.SMTP(
+                hostname=HAPROXY_ADDRESS,
+                port=proxy_port,
+                source_address=(source, 0),
+                start_tls=False,
+                timeout=30,
+                local_hostname="client.test",
+            )
+            await smtp.connect()
+            try:
+                await smtp.sendmail("load@client.test", [f"limited{serial}@{domain}"], data)
+                accepted.add(message_id)
+            except aiosmtplib.SMTPResponseException as exc:
+                refused.append(exc.code)
+            except aiosmtplib.SMTPRecipientsRefused as exc:
+                refused.extend(error.code for error in exc.recipients)
+            finally:
+                smtp.close()
+
+    await asyncio.gather(*(one(serial) for serial in range(attempts)))
+    return accepted, refused
+
+
 async def _leases_of(dsn: str, schema: str, pid: int) -> int:
     import asyncpg
 
@@ -303,7 +349,10 @@ def test_three_nodes_behind_haproxy_survive_a_killed_node(
     postgres_dsn: str,
     schema: str,
     dns_server: DNSTestServer,
+    redis_url: str,
+    redis_prefix: str,
 ) -> None:
+    pytest.importorskip("redis")
     started = time.monotonic()
     mx_port = free_port(range(90, 105))
     domain = new_domain("haproxy")
@@ -315,6 +364,12 @@ def test_three_nodes_behind_haproxy_survive_a_killed_node(
     logs: list[Path] = []
     environment = dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{ROOT}")
     stats: dict[str, Any] = {}
+    # One per-IP limit for the three nodes, counted in Redis: a client gets RATE_LIMIT
+    # messages in all, not RATE_LIMIT per node. A day's window: nothing refills meanwhile.
+    shared_state = (
+        f'\n[limits]\nmessages_per_ip = "{RATE_LIMIT}/1d"\n'
+        f'\n[state]\nbackend = "redis"\nurl = "{redis_url}"\nkey_prefix = "{redis_prefix}"\n'
+    )
 
     with CountingReceiver(RECEIVER_ADDRESS, mx_port) as receiver:
         try:
@@ -332,7 +387,7 @@ def test_three_nodes_behind_haproxy_survive_a_killed_node(
                         schema=schema,
                         dns=dns_server,
                         mx_port=mx_port,
-                        extra="",
+                        extra=shared_state,
                     )
                 )
                 log = directory / "mailgate.log"
@@ -378,6 +433,20 @@ def test_three_nodes_behind_haproxy_survive_a_killed_node(
             stats["submit_s"] = round(time.monotonic() - submit_started, 1)
             assert not failures, failures[:5]
             assert len(acknowledged) == MESSAGES
+
+            # The first client has sent its share; it tries LIMIT_ATTEMPTS more, one per
+            # connection, so all three nodes see it.
+            limited, refused = asyncio.run(
+                _rate_limited(proxy_port, domain, run_id, CLIENT_ADDRESSES[0], LIMIT_ATTEMPTS)
+            )
+            own_share = MESSAGES // len(CLIENT_ADDRESSES)
+            stats.update(rate_limited_accepted=len(limited), rate_limited_refused=len(refused))
+            assert len(limited) == RATE_LIMIT - own_share, stats
+            assert len(refused) == LIMIT_ATTEMPTS - len(limited)
+            assert refused and all(400 <= code < 500 for code in refused), refused
+            acknowledged |= limited
+            for message_id in limited:
+                source_of[message_id] = CLIENT_ADDRESSES[0]
 
             # Freeze the victim (no new claims, no results), count what it holds, kill it.
             victim = processes[1]
@@ -462,6 +531,6 @@ def test_three_nodes_behind_haproxy_survive_a_killed_node(
     print(f"accepted lines by client address: {dict(clients)}")
     assert set(clients) == set(CLIENT_ADDRESSES)
     # The killed node's log may miss lines it had no time to write; the others' are there.
-    assert sum(clients.values()) >= MESSAGES * 2 // 3
+    assert sum(clients.values()) >= len(acknowledged) * 2 // 3
     expected = collections.Counter(source_of.values())
     assert all(clients[address] <= expected[address] for address in CLIENT_ADDRESSES)

@@ -460,7 +460,7 @@ class PostgresQueueStore(ChangeWaiting):
             if version != SCHEMA_VERSION:
                 raise QueueError(
                     f"queue schema {schema!r} is at version {version}, this mailgate needs "
-                    f"{SCHEMA_VERSION}: run 'mailgate queue migrate' (or migrate())"
+                    f"{SCHEMA_VERSION}: run 'mailgate queue migrate'"
                 )
             await self._listen(listener)
             self._pool = await asyncpg.create_pool(

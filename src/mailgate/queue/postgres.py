@@ -26,6 +26,11 @@ new node; its old leases are the others' to take (fenced: its late results on th
 ignored). A connection that hangs half-open keeps the old lock until the server notices
 (TCP keepalive); lease expiry bounds that.
 
+Roles and slots, also session advisory locks, so a node's death frees them: the DSN
+producer (one node at a time, on the listener connection: ``claim_notice_producer``),
+and the per-destination delivery slots of ``[queue] destination_concurrency`` (bigint
+keys on one connection of the node opened for them: ``destination_slot``).
+
 Change notification: every write transaction sends ``NOTIFY`` on the schema's channel;
 each store LISTENs on its listener connection, so other nodes notice a commit within
 milliseconds.

@@ -175,9 +175,11 @@ class QueueRunner:
     """Deliver what is due in ``store`` with ``engine``; see the module docstring.
 
     ``forward_targets``: destination key -> :class:`Forward` (URL and credentials) of the
-    forward rules. ``bounce_route``: where DSNs go. ``produce_notices``: whether this
-    process sends the DSNs (with several workers on one store only one does, or two
-    could send the same report).
+    forward rules. ``bounce_route``: where DSNs go (the store decides which of the
+    processes and nodes sharing it sends them: :meth:`QueueStore.claim_notice_producer`).
+    ``destination_concurrency``: deliveries at once to one destination over every
+    process and node sharing the store (its :meth:`QueueStore.destination_slot`);
+    ``None``: only the engine's per-process limit.
     """
 
     def __init__(

@@ -247,10 +247,22 @@ _DUE = (
     "state IN ('queued', 'deferred') AND next_attempt <= $1 "
     "AND (lease_expires IS NULL OR lease_expires <= $1)"
 )
+_HISTORY_COLUMNS = (
+    "message_id, recipient_id, recipient, at, event, attempt, "
+    "reply_code, reply_enhanced, reply_text, remote_mta, status, detail"
+)
 _HISTORY_INSERT = (
-    "INSERT INTO history (message_id, recipient_id, recipient, at, event, attempt, "
-    "reply_code, reply_enhanced, reply_text, remote_mta, status, detail) "
+    f"INSERT INTO history ({_HISTORY_COLUMNS}) "
     "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+)
+# The history lines of a write transaction (one array per column, rows in order: the
+# identity follows unnest's order) and its NOTIFY in one statement. A data-modifying
+# WITH runs whether or not the query reads it.
+_HISTORY_INSERT_AND_NOTIFY = (
+    f"WITH written AS (INSERT INTO history ({_HISTORY_COLUMNS}) "
+    "SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::float8[], $5::text[], "
+    "$6::integer[], $7::integer[], $8::text[], $9::text[], $10::text[], $11::text[], "
+    "$12::text[])) SELECT pg_notify($13, '')"
 )
 
 
@@ -366,18 +378,32 @@ def _history_row(
 
 
 class _Changes:
-    """History lines a write transaction gathers, inserted together (one pipelined
-    statement) before its commit or before a purge."""
+    """History lines a write transaction gathers, inserted together with its NOTIFY
+    (one statement) before its commit."""
 
-    __slots__ = ("history",)
+    __slots__ = ("history", "purged")
 
     def __init__(self) -> None:
         self.history: list[tuple[Any, ...]] = []
+        #: Messages deleted in this transaction: their lines are dropped, not written
+        #: (the history of a removed message is removed with it).
+        self.purged: set[str] = set()
 
-    async def flush(self, connection: Connection) -> None:
-        if self.history:
+    async def flush(self, connection: Connection, *, notify: str | None = None) -> None:
+        """Insert the history lines; with ``notify`` (a channel) NOTIFY it in the same
+        statement: one round trip for both, the last before the commit."""
+        if self.purged:
+            self.history = [row for row in self.history if row[0] not in self.purged]
+        if not self.history:
+            if notify is not None:
+                await connection.execute("SELECT pg_notify($1, '')", notify)
+            return
+        if notify is None:
             await connection.executemany(_HISTORY_INSERT, self.history)
-            self.history.clear()
+        else:
+            columns = [list(column) for column in zip(*self.history, strict=True)]
+            await connection.execute(_HISTORY_INSERT_AND_NOTIFY, *columns, notify)
+        self.history.clear()
 
 
 class PostgresQueueStore(ChangeWaiting):
@@ -624,9 +650,7 @@ class PostgresQueueStore(ChangeWaiting):
                 try:
                     async with self._pool.acquire() as connection, connection.transaction():
                         result = await work(connection, changes)
-                        await changes.flush(connection)
-                        if signals:
-                            await connection.execute("SELECT pg_notify($1, '')", self._channel)
+                        await changes.flush(connection, notify=self._channel if signals else None)
                 except (
                     asyncpg.DeadlockDetectedError,
                     asyncpg.SerializationError,
@@ -942,10 +966,12 @@ class PostgresQueueStore(ChangeWaiting):
                     [result.recipient_id for result in wanted],
                 )
             }
+            # The message's row is not read again: what apply_result needs of it never
+            # changes after the enqueue, and the claim read it. Rows still leased mean
+            # it is still there (deleting it deletes them).
+            message = batch.message
+            rows = {key: row for key, row in rows.items() if row.message_id == message.id}
             if not rows:
-                return 0
-            message = (await self._messages(connection, [batch.message.id])).get(batch.message.id)
-            if message is None:
                 return 0
             updates: list[tuple[RecipientInfo, RecipientUpdate]] = []
             cleared: list[int] = []
@@ -1486,9 +1512,8 @@ class PostgresQueueStore(ChangeWaiting):
         self, connection: Connection, changes: _Changes, ids: Sequence[str], now: float
     ) -> list[str]:
         """Remove messages whose recipients are all final with no DSN owed, finished at
-        least ``keep_finished`` ago; returns their ids. The history gathered so far is
-        written first (it refers to the messages, and goes with them)."""
-        await changes.flush(connection)
+        least ``keep_finished`` ago; returns their ids. Their history goes with them:
+        the lines gathered for them are not written at all."""
         if not ids:
             return []
         rows = await connection.fetch(
@@ -1500,7 +1525,9 @@ class PostgresQueueStore(ChangeWaiting):
             sorted(set(ids)),
             now - self.policy.keep_finished,
         )
-        return [row[0] for row in rows]
+        purged = [row[0] for row in rows]
+        changes.purged.update(purged)
+        return purged
 
 
 _COLUMNS = tuple(column.strip() for column in _RECIPIENT_COLUMNS.split(","))

@@ -12,7 +12,9 @@
   which the nodes' logs must show (not HAProxy's address);
 * one node is frozen then killed (SIGKILL) while it holds leases on slow deliveries:
   the others deliver its messages; every acknowledged message arrives at least once,
-  and the duplicates are no more than the killed node's deliveries in flight.
+  and the duplicates are no more than the killed node's deliveries in flight;
+* HAProxy's health checks (SMTP EHLO after a PROXY header) take the dead node out:
+  new clients after the kill are all served.
 
 The numbers (acceptance and delivery times, leases held by the killed node, duplicates)
 are printed; ``pytest -s`` shows them.
@@ -110,7 +112,8 @@ class CountingReceiver:
 
 def _haproxy_config(port: int, node_ports: list[int]) -> str:
     servers = "\n".join(
-        f"    server node{n} {address}:{node_port} send-proxy-v2"
+        f"    server node{n} {address}:{node_port} send-proxy-v2 "
+        "check check-send-proxy inter 500ms fall 2 rise 2"
         for n, (address, node_port) in enumerate(zip(NODE_ADDRESSES, node_ports, strict=True))
     )
     return f"""\
@@ -127,6 +130,7 @@ frontend smtp
 backend nodes
     balance roundrobin
     source {HAPROXY_ADDRESS}
+    option smtpchk EHLO haproxy.test
 {servers}
 """
 
@@ -473,6 +477,17 @@ def test_three_nodes_behind_haproxy_survive_a_killed_node(
 
             # The others take its messages over; the receiver speeds up to finish soon.
             receiver.delay = 0.05
+            # HAProxy's health checks (SMTP EHLO after a PROXY header) take the dead node
+            # out: new clients are all served by the two others.
+            time.sleep(1.5)
+            after_kill, refused_after = asyncio.run(
+                _rate_limited(proxy_port, domain, run_id + "k", CLIENT_ADDRESSES[1], 30)
+            )
+            stats["accepted_after_kill"] = len(after_kill)
+            assert len(after_kill) == 30 and not refused_after, stats
+            acknowledged |= after_kill
+            for message_id in after_kill:
+                source_of[message_id] = CLIENT_ADDRESSES[1]
             deadline = time.monotonic() + 45
             while True:
                 with receiver.lock:

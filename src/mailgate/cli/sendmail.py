@@ -412,7 +412,8 @@ def _xtext(value: str) -> str:
 async def _enqueue(location: QueueLocation, message: Any, data: bytes) -> str:
 
     try:
-        async with open_queue(location, create=True, command=_COMMAND) as store:
+        # Like serve: the schema is created or updated when [queue] migrate = "auto".
+        async with open_queue(location, create=True, migrate=None, command=_COMMAND) as store:
             assert store is not None  # create=True always opens
             return await store.enqueue(message, data)
     except QueueCommandError as exc:

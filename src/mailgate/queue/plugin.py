@@ -34,6 +34,7 @@ import asyncio
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from mailgate.dns import Resolver
@@ -45,10 +46,20 @@ from .model import ClientInfo, NewMessage, NewRecipient, parse_notify
 from .outbound import Forward, OutboundEngine, OutboundOptions
 from .runner import BounceRoute, QueueRunner
 from .settings import QueueSettings, redacted_dsn
+from .sqlite import SCHEMA_VERSION as SQLITE_SCHEMA_VERSION
 from .sqlite import SQLiteQueueStore
+from .sqlite import migrate as sqlite_migrate
+from .sqlite import schema_version as sqlite_schema_version
 from .store import QueueError, QueueStore
 
-__all__ = ["DestinationLookup", "QueuePlugin", "open_store"]
+__all__ = [
+    "DestinationLookup",
+    "Migration",
+    "QueuePlugin",
+    "migrate_queue",
+    "open_store",
+    "schema_status",
+]
 
 log = logging.getLogger("mailgate.queue")
 
@@ -133,8 +144,7 @@ class QueuePlugin:
             forward_targets=self.forward_targets,
             bounce_route=self.bounce_route,
             max_deliveries=self.settings.max_deliveries,
-            # With several workers on one queue only one sends the DSNs.
-            notice_lock=self.directory / "dsn-producer.lock" if self.directory else None,
+            destination_concurrency=self.settings.destination_concurrency or None,
             # A store without body files (PostgreSQL) copies a body here for a delivery.
             spool=self.directory,
         )
@@ -379,32 +389,98 @@ class QueuePlugin:
 
 
 async def open_store(
-    settings: QueueSettings, directory: Path, *, make_directory: bool = True
+    settings: QueueSettings,
+    directory: Path,
+    *,
+    make_directory: bool = True,
+    migrate: bool | None = None,
 ) -> QueueStore:
     """Open the store ``settings.backend`` names: SQLite in ``directory``, or the
-    PostgreSQL database of ``settings.dsn`` (its schema created or brought up to date:
-    migrations wait for each other, so every node may do this at start-up).
-    ``directory`` is made either way unless ``make_directory`` is false (a command that
-    only uses the database): it holds the DSN producer's lock and, with PostgreSQL, the
-    bodies copied out for a delivery."""
+    PostgreSQL database of ``settings.dsn`` (its tables in ``settings.schema``).
+    ``migrate``: create or update the schema first (``None``: when ``[queue] migrate =
+    "auto"``; migrations wait for each other, so nodes starting at once take turns);
+    otherwise a missing or older schema is a QueueError saying to run ``mailgate queue
+    migrate``. ``directory`` is made unless ``make_directory`` is false (a command that
+    only uses the database): it holds the DSN producer's lock (SQLite) and, with
+    PostgreSQL, the bodies copied out for a delivery."""
     policy = settings.policy()
+    if migrate is None:
+        migrate = settings.migrate == "auto"
     if settings.backend != "postgresql":
-        return await SQLiteQueueStore.open(directory, policy=policy)
-    if not settings.dsn:
-        raise QueueError('[queue] backend = "postgresql" needs [queue] dsn')
-    try:
-        # Only now: asyncpg is the optional ``postgresql`` extra.
-        from .postgres import PostgresQueueStore
-    except ImportError as exc:
-        raise QueueError(f"{POSTGRESQL_MISSING} ({exc})") from None
+        return await SQLiteQueueStore.open(directory, policy=policy, migrate=migrate)
+    _need_postgres(settings)
+    from .postgres import PostgresQueueStore
+
+    assert settings.dsn is not None
     if make_directory:
         directory.mkdir(parents=True, exist_ok=True)
     try:
-        return await PostgresQueueStore.open(settings.dsn, policy=policy, migrate=True)
-    except Exception as exc:  # refused, unreachable, wrong password, schema too new
+        return await PostgresQueueStore.open(
+            settings.dsn, schema=settings.schema, policy=policy, migrate=migrate
+        )
+    except Exception as exc:  # refused, unreachable, wrong password, schema too new/old
         raise QueueError(
             f"queue database {redacted_dsn(settings.dsn)}: {_without(exc, settings.dsn)}"
         ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """What ``mailgate queue migrate`` did: the schema version found, the version now in
+    place (this mailgate's), and where."""
+
+    where: str
+    before: int
+    after: int
+
+
+async def schema_status(settings: QueueSettings, directory: Path) -> Migration:
+    """The queue schema's version now and this mailgate's (``after``), changing nothing."""
+    if settings.backend != "postgresql":
+        before = await asyncio.to_thread(sqlite_schema_version, directory)
+        return Migration(str(directory), before, SQLITE_SCHEMA_VERSION)
+    _need_postgres(settings)
+    from .postgres import SCHEMA_VERSION, schema_version
+
+    assert settings.dsn is not None
+    where = f"schema {settings.schema!r} of {redacted_dsn(settings.dsn)}"
+    try:
+        before = await schema_version(settings.dsn, settings.schema)
+    except Exception as exc:
+        raise QueueError(
+            f"queue database {redacted_dsn(settings.dsn)}: {_without(exc, settings.dsn)}"
+        ) from None
+    return Migration(where, before, SCHEMA_VERSION)
+
+
+async def migrate_queue(settings: QueueSettings, directory: Path) -> Migration:
+    """Create or update the queue's schema to this mailgate's version (idempotent; a
+    concurrent migrator waits and then finds nothing to do)."""
+    if settings.backend != "postgresql":
+        before = await asyncio.to_thread(sqlite_migrate, directory)
+        return Migration(str(directory), before, SQLITE_SCHEMA_VERSION)
+    status = await schema_status(settings, directory)
+    from .postgres import migrate
+
+    assert settings.dsn is not None
+    try:
+        after = await migrate(settings.dsn, schema=settings.schema)
+    except Exception as exc:
+        raise QueueError(
+            f"queue database {redacted_dsn(settings.dsn)}: {_without(exc, settings.dsn)}"
+        ) from None
+    return Migration(status.where, status.before, after)
+
+
+def _need_postgres(settings: QueueSettings) -> None:
+    """Check that mailgate.queue.postgres can be imported (only now: asyncpg is the
+    optional ``postgresql`` extra) and that a DSN is given."""
+    if not settings.dsn:
+        raise QueueError('[queue] backend = "postgresql" needs [queue] dsn')
+    try:
+        from .postgres import PostgresQueueStore  # noqa: F401
+    except ImportError as exc:
+        raise QueueError(f"{POSTGRESQL_MISSING} ({exc})") from None
 
 
 #: The error when ``backend = "postgresql"`` is chosen without asyncpg installed.

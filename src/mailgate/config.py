@@ -151,9 +151,11 @@ POLICY_TABLES = (
     "routes",
     "queue",
     "outbound",
+    "dkim_sign",
+    "arc_seal",
     "senders",
 )
-_ARRAY_TABLES = frozenset({"dnsbl", "routes"})
+_ARRAY_TABLES = frozenset({"dnsbl", "routes", "dkim_sign"})
 #: What a configuration file can run (``mode`` in [server]): a mail server or a honeypot.
 MODES = ("server", "honeypot")
 #: [server] keys only a file has (the command, serve or honeypot, is the mode on the
@@ -355,9 +357,11 @@ def _check_senders_table(options: ServerOptions) -> None:
 
 
 def _check_routing_tables(options: ServerOptions, problems: list[str] | None = None) -> None:
-    """[[routes]], [queue] and [outbound] read now, so that a mistake in them is reported
-    with the other configuration errors, before anything starts."""
-    if not any(s.name in ("routes", "queue", "outbound") for s in options.policy):
+    """[[routes]], [queue], [outbound], [[dkim_sign]] and [arc_seal] read now (the key
+    files too), so that a mistake in them is reported with the other configuration
+    errors, before anything starts."""
+    tables = ("routes", "queue", "outbound", "dkim_sign", "arc_seal")
+    if not any(s.name in tables for s in options.policy):
         return
     from mailgate.plugins.policy import PolicyConfigError
     from mailgate.plugins.routing import RouteTable
@@ -372,6 +376,14 @@ def _check_routing_tables(options: ServerOptions, problems: list[str] | None = N
     _gather(problems, routes)
     _gather(problems, queue_settings, options.policy)
     _gather(problems, outbound_options, options.policy, options.hostname)
+    _gather(problems, _check_signing, options)
+
+
+def _check_signing(options: ServerOptions) -> None:
+    """Every [[dkim_sign]] entry and [arc_seal]: its settings and its key file, read."""
+    from mailgate.queue.signing import message_signer
+
+    message_signer(options.policy, hostname=options.hostname, relay_networks=options.relay_networks)
 
 
 @dataclass(frozen=True)
@@ -651,6 +663,7 @@ def _queue_reference() -> list[str]:
     """The [queue] and [outbound] tables (file only: they have no flags)."""
     from mailgate.queue.outbound import OutboundOptions
     from mailgate.queue.settings import QueueSettings
+    from mailgate.queue.signing import ArcSealSettings, DkimSignSettings
 
     return [
         "## `[queue]`: the queue of mail sent onward\n",
@@ -664,5 +677,23 @@ def _queue_reference() -> list[str]:
             {"outbound": "outbound"},
             table="outbound",
             flags=False,
+        ),
+        "## `[[dkim_sign]]`: DKIM signatures on mail sent onward\n",
+        "One table per key; a message may get several signatures (an RSA and an Ed25519 "
+        "key of one domain, RFC 8463). Only mail of your users is signed: clients that "
+        "authenticated or connect from `relay_networks`. Keys are read at start and on "
+        "SIGHUP. See docs/outbound.md.\n",
+        reference_table(
+            settings_of(DkimSignSettings),
+            {"dkim_sign": "dkim_sign"},
+            table="[dkim_sign]",
+            flags=False,
+        ),
+        "## `[arc_seal]`: ARC seals on mail forwarded from outside\n",
+        "Mail received from outside and sent onward gets an ARC set (RFC 8617) whose "
+        "ARC-Authentication-Results are this server's Authentication-Results "
+        "(`[mail_auth]`). See docs/outbound.md.\n",
+        reference_table(
+            settings_of(ArcSealSettings), {"arc_seal": "arc_seal"}, table="arc_seal", flags=False
         ),
     ]

@@ -44,6 +44,7 @@ from .model import ClientInfo, NewMessage, NewRecipient, parse_notify
 from .outbound import Forward, OutboundEngine, OutboundOptions
 from .runner import BounceRoute, QueueRunner
 from .settings import QueueSettings, redacted_dsn
+from .signing import MessageSigner
 from .sqlite import SQLiteQueueStore
 from .store import QueueError, QueueStore
 
@@ -70,7 +71,9 @@ class QueuePlugin:
     key; ``bounce_route`` where a DSN to an address goes. ``directory`` and ``settings``
     are the ``[queue]`` table's, ``outbound`` the ``[outbound]`` table's; ``resolver``
     mailgate's resolver (``dns_nameservers``). ``store``: an open store to use instead
-    of opening one in ``directory`` (it is then not closed here either).
+    of opening one in ``directory`` (it is then not closed here either). ``signer``: the
+    ``[[dkim_sign]]`` and ``[arc_seal]`` keys; the message is signed once, here, and the
+    queue keeps the signed bytes, so a retry sends them as they are.
     """
 
     name = "queue"
@@ -89,6 +92,7 @@ class QueuePlugin:
         bounce_route: BounceRoute | None = None,
         resolver: Resolver | None = None,
         store: QueueStore | None = None,
+        signer: MessageSigner | None = None,
     ) -> None:
         if store is None and directory is None:
             raise ValueError("QueuePlugin needs a queue directory or an open store")
@@ -100,6 +104,9 @@ class QueuePlugin:
         self.forward_targets = dict(forward_targets or {})
         self.bounce_route = bounce_route
         self.resolver = resolver
+        #: DKIM signatures and ARC seals added when a message is queued (None: none);
+        #: a SIGHUP replaces it with one whose key files were read again.
+        self.signer = signer
         self.store: QueueStore | None = store
         self._owns_store = store is None
         self.runner: QueueRunner | None = None
@@ -230,10 +237,14 @@ class QueuePlugin:
                 received_at=message.received_at,
             )
             loop = asyncio.get_running_loop()
-            # The spool file is fsynced once (the server would anyway before its 250;
-            # Maildir then finds it synced) and hard-linked into the queue: no copy.
-            await loop.run_in_executor(None, message.sync)
-            queue_id = await store.enqueue(new, message.path or Path(), synced=True)
+            signed = await self._signed(session, envelope, message)
+            if signed is not None:
+                queue_id = await store.enqueue(new, signed)
+            else:
+                # The spool file is fsynced once (the server would anyway before its 250;
+                # Maildir then finds it synced) and hard-linked into the queue: no copy.
+                await loop.run_in_executor(None, message.sync)
+                queue_id = await store.enqueue(new, message.path or Path(), synced=True)
         except Exception:
             log.exception("message %s: cannot be queued; answered 451", message.id)
             raise TempFail(451, _QUEUE_FAILED, enhanced="4.3.0") from None
@@ -244,6 +255,36 @@ class QueuePlugin:
             len(onward),
             ", ".join(sorted({key for key, _ in onward})),
         )
+
+    async def _signed(self, session: Session, envelope: Envelope, message: Message) -> bytes | None:
+        """The message with the DKIM signatures and ARC set of ``signer`` on top, or None
+        when none applies (the spool file is then queued as it is). This is the last
+        step that sees the message before it is queued: every change is signed. A
+        message that cannot be signed (a malformed header section) goes unsigned, with a
+        warning: refusing it would not make the next attempt any better."""
+        signer = self.signer
+        path = message.path
+        if signer is None or path is None:
+            return None
+
+        def sign() -> bytes | None:
+            data = path.read_bytes()
+            try:
+                added, what = signer.sign(
+                    data,
+                    envelope_sender=envelope.sender,
+                    client=session.peer_host,
+                    user=session.user if session.authenticated else None,
+                )
+            except Exception as exc:  # dkimpy's DKIMException, and what its parser raises
+                log.warning("message %s: not signed: %s", message.id, exc)
+                return None
+            if not added:
+                return None
+            log.info("message %s: signed: %s", message.id, "; ".join(what))
+            return added + data
+
+        return await asyncio.get_running_loop().run_in_executor(None, sign)
 
     async def _bounce_refused(
         self,

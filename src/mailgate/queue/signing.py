@@ -245,7 +245,8 @@ class _MatchItem:
             local, _, domain = item.rpartition("@")
             if not local or not converters.is_host_name(domain.rstrip(".")):
                 raise _match_error(value, item, "is not an address")
-            return cls("address", f"{local}@{domain.rstrip('.').lower()}")
+            # Local parts are compared without case, as every mailbox provider does.
+            return cls("address", f"{local}@{domain.rstrip('.')}".lower())
         name = lowered.rstrip(".")
         if name.startswith("*."):
             if not converters.is_host_name(name[2:]):
@@ -271,7 +272,7 @@ class _MatchItem:
             return author_domain.endswith("." + self.text)
         if self.kind == "address":
             local, _, _ = facts.author.rpartition("@")
-            return f"{local}@{author_domain}" == self.text
+            return f"{local.lower()}@{author_domain}" == self.text
         if self.kind == "user":
             return facts.user == self.text
         return facts.user is not None  # any-user
@@ -301,15 +302,22 @@ class _DkimKey:
         return any(rule.matches(facts, self.settings.domain) for rule in self.rules)
 
     def sign(self, message: bytes) -> bytes:
-        headers = self.settings.headers
-        signature: bytes = dkimpy.sign(
-            message,
-            self.settings.selector.encode("ascii"),
-            self.settings.domain.encode("ascii"),
+        settings = self.settings
+        signer = dkimpy.DKIM(message, signature_algorithm=settings.algorithm.encode("ascii"))
+        if settings.headers:
+            include = [name.encode("ascii") for name in settings.headers]
+        else:
+            include = list(signer.default_sign_headers())
+            if b"from" not in (name.lower() for name in include):
+                # A message without From (RFC 5322 wants one): signing its absence keeps
+                # one from being added, and dkimpy signs nothing without it.
+                include.append(b"from")
+        signature: bytes = signer.sign(
+            settings.selector.encode("ascii"),
+            settings.domain.encode("ascii"),
             self.key.dkimpy_key,
-            signature_algorithm=self.settings.algorithm.encode("ascii"),
             canonicalize=_CANONICALIZE,
-            include_headers=[name.encode("ascii") for name in headers] if headers else None,
+            include_headers=include,
         )
         return signature
 

@@ -356,5 +356,6 @@ def test_key_formats_of_other_tools(tmp_path: Path) -> None:
         )
         records = {b"s._domainkey.example.com.": loaded.record.encode()}
         assert dkim.verify(
-            signature + message, dnsfunc=lambda name, timeout=5: records.get(name)
+            signature + message,
+            dnsfunc=lambda name, timeout=5, records=records: records.get(name),
         ), name

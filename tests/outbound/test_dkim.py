@@ -314,3 +314,46 @@ def test_sighup_reads_the_keys_again(
     assert [s.selector for s in dkim_signatures(third, dnsfunc)] == ["new"]
     [line] = [r.getMessage() for r in caplog.records if "not reloaded" in r.getMessage()]
     assert "[[dkim_sign]] #1 key_file: cannot read" in line and str(doomed_path) in line
+
+
+def test_delivery_reports_are_signed_too(
+    tmp_path: Path, dns_server: DNSTestServer, mx_port: int
+) -> None:
+    """A bounce comes from MAILER-DAEMON@<hostname>: with the host under the signing
+    domain, the sender's MX gets it signed, and it verifies."""
+    ours = new_domain("bounce")
+    theirs = new_domain("rcpt")
+    publish_mx(dns_server, theirs, (10, "mx", "127.0.0.36"))
+    publish_mx(dns_server, ours, (10, "mx", "127.0.0.37"))
+    key = make_key(dns_server, tmp_path / "keys", ours, "s1")
+    values = settings(
+        tmp_path,
+        dns_server,
+        mx_port,
+        RELAY_ALL,
+        hostname=f"mx.{ours}",
+        dkim_sign=[{"domain": ours, "selector": "s1", "key_file": str(key)}],
+    )
+
+    async def main() -> bytes:
+        with (
+            VerifyingReceiver("127.0.0.36", mx_port, dns_server) as receiver,
+            VerifyingReceiver("127.0.0.37", mx_port, dns_server) as sender_mx,
+        ):
+            receiver.cue.rcpt[f"nobody@{theirs}"] = "550 5.1.1 no such user"
+            async with serving(**values) as server:
+                sender = f"alice@{ours}"
+                _, final = await Client(server).send(
+                    sender, [f"nobody@{theirs}", f"bob@{theirs}"], message(sender, "bounced")
+                )
+                assert final is not None and final[0] == 250
+                await wait_for(lambda: len(sender_mx.messages) == 1, what="the bounce")
+                await wait_until_empty(server)
+        [report] = sender_mx.messages
+        assert report.mail_from in ("", "<>")
+        return report.data
+
+    report = run(main())
+    assert b"From: Mail Delivery System <MAILER-DAEMON@mx." in report
+    [signature] = dkim_signatures(report, txt_lookup(dns_server))
+    assert signature.valid and signature.domain.endswith(".test")

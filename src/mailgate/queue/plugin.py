@@ -137,6 +137,7 @@ class QueuePlugin:
             notice_lock=self.directory / "dsn-producer.lock" if self.directory else None,
             # A store without body files (PostgreSQL) copies a body here for a delivery.
             spool=self.directory,
+            sign_report=self._signed_report,
         )
         self.runner.start()
         log.info(
@@ -286,6 +287,21 @@ class QueuePlugin:
 
         return await asyncio.get_running_loop().run_in_executor(None, sign)
 
+    def _signed_report(self, report: bytes) -> bytes:
+        """A delivery report mailgate wrote, with the signatures of the keys (those of
+        now: a SIGHUP may have replaced them) that match its From; run in a thread."""
+        signer = self.signer
+        if signer is None:
+            return report
+        try:
+            added, what = signer.sign_report(report)
+        except Exception as exc:  # as for a message: sent unsigned rather than not at all
+            log.warning("delivery report: not signed: %s", exc)
+            return report
+        if what:
+            log.debug("delivery report signed: %s", "; ".join(what))
+        return added + report
+
     async def _bounce_refused(
         self,
         store: QueueStore,
@@ -335,6 +351,7 @@ class QueuePlugin:
         loop = asyncio.get_running_loop()
         try:
             report = await loop.run_in_executor(None, dsn.build_dsn, facts, results, path)
+            report = await loop.run_in_executor(None, self._signed_report, report)
             destination = self.bounce_route(sender) if self.bounce_route else None
             if destination is None or not destination.startswith(_ONWARD):
                 destination = f"relay:{sender.rpartition('@')[2].lower()}"

@@ -192,6 +192,7 @@ class QueueRunner:
         grace: float = 5.0,
         notice_lock: Path | None = None,
         spool: Path | None = None,
+        sign_report: Callable[[bytes], bytes] | None = None,
     ) -> None:
         if max_deliveries < 1:
             raise ValueError("max_deliveries must be at least 1")
@@ -203,6 +204,8 @@ class QueueRunner:
         self._notice_lock_path = notice_lock
         #: Where bodies of a store without local files are copied for a delivery.
         self.spool = spool
+        #: Adds the DKIM signatures of ``[[dkim_sign]]`` to a report (run in a thread).
+        self.sign_report = sign_report
         self._notice_lock_fd: int | None = None
         self._in_flight: dict[asyncio.Task[None], DeliveryBatch] = {}
         self._slot_freed = asyncio.Event()
@@ -458,6 +461,8 @@ class QueueRunner:
         try:
             async with body_file(self.store, message.id, self.spool) as body_path:
                 report = await loop.run_in_executor(None, _build, facts, results, body_path)
+            if self.sign_report is not None:
+                report = await loop.run_in_executor(None, self.sign_report, report)
         except (ValueError, OSError, KeyError) as exc:
             # A report that cannot be made (an address no report can go to, a body gone):
             # settled, so it is not tried forever; the history keeps the reason.

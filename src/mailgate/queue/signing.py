@@ -19,6 +19,8 @@ Who is signed for (see docs/outbound.md):
   envelope sender) is ``domain`` or a subdomain of it; ``*``: every message;
   ``example.org`` / ``*.example.org`` / ``alice@example.org``: the author's domain, its
   subdomains, one address; ``user:alice`` / ``user:*``: the SMTP AUTH user.
+* The delivery reports mailgate writes (from ``MAILER-DAEMON@<hostname>``) are matched
+  as mail of its users.
 * ARC seals the other messages, those received from outside, when they carry the
   Authentication-Results field of this server (the mail checks of ``[mail_auth]``): it
   becomes the ARC-Authentication-Results of the new ARC set.
@@ -301,6 +303,11 @@ class _DkimKey:
     def matches(self, facts: SenderFacts) -> bool:
         return any(rule.matches(facts, self.settings.domain) for rule in self.rules)
 
+    def label(self) -> str:
+        """How the log names a signature of this key."""
+        settings = self.settings
+        return f"dkim d={settings.domain} s={settings.selector} {settings.algorithm}"
+
     def sign(self, message: bytes) -> bytes:
         settings = self.settings
         signer = dkimpy.DKIM(message, signature_algorithm=settings.algorithm.encode("ascii"))
@@ -381,15 +388,25 @@ class MessageSigner:
             for entry in self.dkim:
                 if entry.matches(facts):
                     added += entry.sign(message)
-                    what.append(
-                        f"dkim d={entry.settings.domain} s={entry.settings.selector} "
-                        f"{entry.settings.algorithm}"
-                    )
+                    what.append(entry.label())
         elif self.arc is not None:
             seal = self.arc.seal(message)
             if seal:
                 added += seal
                 what.append(f"arc d={self.arc.settings.domain} s={self.arc.settings.selector}")
+        return added, what
+
+    def sign_report(self, report: bytes) -> tuple[bytes, list[str]]:
+        """The DKIM signatures for a delivery report mailgate wrote itself (a bounce, a
+        delay warning: from ``MAILER-DAEMON@<hostname>``), matched like a user's
+        message; reports are never ARC-sealed."""
+        facts = SenderFacts(author=author_of(report), user=None, ours=True)
+        added = b""
+        what: list[str] = []
+        for entry in self.dkim:
+            if entry.matches(facts):
+                added += entry.sign(report)
+                what.append(entry.label())
         return added, what
 
     def describe(self) -> list[str]:

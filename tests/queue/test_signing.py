@@ -359,3 +359,36 @@ def test_key_formats_of_other_tools(tmp_path: Path) -> None:
             signature + message,
             dnsfunc=lambda name, timeout=5, records=records: records.get(name),
         ), name
+
+
+def test_openssl_rsa_signs_exactly_as_dkimpy(
+    keys: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The RSA step goes through OpenSSL for speed; PKCS#1 v1.5 is deterministic, so at
+    one time the DKIM-Signature and ARC set are byte for byte dkimpy's own."""
+    monkeypatch.setattr(dkim.time, "time", lambda: 1796582997.0)
+    made = signer(keys, {"domain": "example.com"})
+    message = mail("a@example.com")
+    added, _ = made.sign(message, envelope_sender="", client="192.0.2.1", user=None)
+    key = load_signing_key(keys["rsa"], "rsa-sha256")
+    assert key.rsa_key is not None
+    assert added == dkim.sign(
+        message, b"s1", b"example.com", key.dkimpy_key, canonicalize=(b"relaxed", b"relaxed")
+    )
+    arc = PolicySection(
+        "arc_seal",
+        {"domain": "example.com", "selector": "arc", "key_file": str(keys["rsa"])},
+        None,
+        "mailgate.toml [arc_seal]",
+    )
+    sealer = message_signer([arc], hostname="mx.example.com")
+    assert sealer is not None
+    checked = b"Authentication-Results: mx.example.com; spf=pass smtp.mailfrom=a@example.com\r\n"
+    sealed, what = sealer.sign(
+        checked + message, envelope_sender="", client="203.0.113.1", user=None
+    )
+    assert what == ["arc d=example.com s=arc"]
+    assert sealed == b"".join(
+        dkim.arc_sign(checked + message, b"arc", b"example.com", key.dkimpy_key, b"mx.example.com")
+    )
+    assert sealed.startswith(b"ARC-Seal: i=1; cv=none; a=rsa-sha256;")

@@ -69,6 +69,8 @@ class SigningKey:
     record: str = ""
     #: RSA modulus size (0 for Ed25519).
     bits: int = 0
+    #: The RSA key itself, which signs through OpenSSL (see mailgate.queue.signing).
+    rsa_key: rsa.RSAPrivateKey | None = None
 
     def describe(self) -> str:
         return f"{self.algorithm}, {self.bits} bits" if self.bits else self.algorithm
@@ -161,7 +163,7 @@ def load_signing_key(path: Path, algorithm: Algorithm) -> SigningKey:
             serialization.PrivateFormat.TraditionalOpenSSL,
             serialization.NoEncryption(),
         )
-        return SigningKey(algorithm, pkcs1, txt_record(key), key.key_size)
+        return SigningKey(algorithm, pkcs1, txt_record(key), key.key_size, key)
     if not isinstance(key, ed25519.Ed25519PrivateKey):
         raise KeyFileError("an RSA key, but the algorithm is ed25519-sha256")
     seed = key.private_bytes(

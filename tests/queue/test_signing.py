@@ -392,3 +392,30 @@ def test_openssl_rsa_signs_exactly_as_dkimpy(
         dkim.arc_sign(checked + message, b"arc", b"example.com", key.dkimpy_key, b"mx.example.com")
     )
     assert sealed.startswith(b"ARC-Seal: i=1; cv=none; a=rsa-sha256;")
+
+
+def test_start_up_log_says_what_is_signed(
+    keys: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from mailgate.composition.builtins import message_signer as start_signer
+    from mailgate.config import options_from_settings
+
+    options = options_from_settings(
+        {
+            "hostname": "mx.example.com",
+            "state_dir": str(tmp_path),
+            "dkim_sign": [
+                {"domain": "example.com", "selector": "s1", "key_file": str(keys["rsa"])}
+            ],
+            "arc_seal": {"domain": "example.com", "selector": "arc", "key_file": str(keys["rsa"])},
+        }
+    )
+    with caplog.at_level("INFO", logger="mailgate.server"):
+        assert start_signer(options) is not None
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines[0].startswith("DKIM signing for example.com with selector s1 (rsa-sha256, ")
+    assert lines[0].endswith(" bits; match sender-domain)")
+    assert lines[1] == (
+        "ARC sealing as example.com with selector arc (Authentication-Results of mx.example.com)"
+    )
+    assert "[mail_auth], which is not configured" in lines[2]

@@ -155,4 +155,13 @@ def message_signer(options: ServerOptions) -> Any:
     )
     for line in signer.describe() if signer is not None else ():
         log.info("%s", line)
+    if (
+        signer is not None
+        and signer.arc is not None
+        and not any(section.name == "mail_auth" for section in options.policy)
+    ):
+        log.warning(
+            "[arc_seal] seals the Authentication-Results of [mail_auth], which is not "
+            "configured: only messages your own hooks add them to are sealed"
+        )
     return signer

@@ -105,6 +105,7 @@ def test_only_mail_of_our_users_is_signed(keys: dict[str, Path]) -> None:
     # Anyone else claiming our domain in From gets no signature.
     assert signed_by(made, "a@example.com", client="203.0.113.9") == []
     assert signed_by(made, "a@example.com", client="not an address") == []
+    assert signed_by(made, "a@example.com", client="::ffff:192.0.2.7") == ["example.com"]
 
 
 @pytest.mark.parametrize(

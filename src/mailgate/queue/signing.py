@@ -437,6 +437,10 @@ class MessageSigner:
             address = ipaddress.ip_address(client.partition("%")[0])
         except ValueError:
             return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            # A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d (as the relay
+            # policy does, judged as IPv4).
+            address = address.ipv4_mapped
         return any(address in network for network in self.relay_networks)
 
     def sign(

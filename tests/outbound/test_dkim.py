@@ -357,3 +357,65 @@ def test_delivery_reports_are_signed_too(
     assert b"From: Mail Delivery System <MAILER-DAEMON@mx." in report
     [signature] = dkim_signatures(report, txt_lookup(dns_server))
     assert signature.valid and signature.domain.endswith(".test")
+
+
+def test_a_second_forwarder_validates_the_chain_and_seals_on_top(
+    tmp_path: Path, dns_server: DNSTestServer, mx_port: int
+) -> None:
+    """Two mailgate forwarders in a row: the second validates the first's ARC set
+    (``arc=pass`` in its Authentication-Results, so in its ARC-Authentication-Results)
+    and adds set i=2 with cv=pass; the receiver validates the chain of two."""
+    first_domain, second_domain = new_domain("hop1"), new_domain("hop2")
+    alias = new_domain("alias")
+    # The first forwarder relays the alias domain to its MX: the second forwarder, which
+    # hands it to the final receiver (a smarthost route).
+    publish_mx(dns_server, alias, (10, "mx", "127.0.0.38"))
+    first_key = make_key(dns_server, tmp_path / "keys", first_domain, "arc")
+    second_key = make_key(dns_server, tmp_path / "keys", second_domain, "arc")
+
+    def forwarder(
+        name: str, domain: str, key: Path, routes: list[dict[str, Any]] = RELAY_ALL, **extra: Any
+    ) -> dict[str, Any]:
+        return settings(
+            tmp_path / name,
+            dns_server,
+            mx_port,
+            routes,
+            hostname=f"mx.{domain}",
+            local_domains=[alias],
+            relay_networks=["10.99.0.0/16"],
+            mail_auth={},
+            arc_seal={"domain": domain, "selector": "arc", "key_file": str(key)},
+            **extra,
+        )
+
+    first = forwarder("first", first_domain, first_key)
+    second = forwarder(
+        "second",
+        second_domain,
+        second_key,
+        listen=f"127.0.0.38:{mx_port}",
+        routes=[{"recipients": ["*"], "action": "forward", "to": f"smtp://127.0.0.39:{mx_port}"}],
+    )
+
+    async def main() -> bytes:
+        with VerifyingReceiver("127.0.0.39", mx_port, dns_server, require_dkim=False) as end:
+            async with serving(**second) as hop2, serving(**first) as hop1:
+                sender = "someone@elsewhere.test"
+                _, reply = await Client(hop1).send(
+                    sender, [f"bob@{alias}"], message(sender, "two hops")
+                )
+                assert reply is not None and reply[0] == 250, reply
+                await wait_for(lambda: len(end.messages) == 1, what="the twice-sealed copy")
+                await wait_until_empty(hop1)
+                await wait_until_empty(hop2)
+        return end.messages[0].data
+
+    data = run(main())
+    parsed = email.message_from_bytes(data)
+    seals = [str(v) for v in parsed.get_all("ARC-Seal") or []]
+    assert len(seals) == 2
+    assert "i=2" in seals[0] and "cv=pass" in seals[0]
+    aar = [str(v) for v in parsed.get_all("ARC-Authentication-Results") or []]
+    assert aar[0].startswith(f"i=2; mx.{second_domain}") and "arc=pass" in aar[0]
+    assert arc_result(data, txt_lookup(dns_server))[0] == "pass"

@@ -172,13 +172,16 @@ def flag_name(key: str) -> str:
     return _BY_KEY[key].flag
 
 
-def build_options(args: argparse.Namespace) -> ServerOptions:
+def build_options(args: argparse.Namespace, *, read_keys: bool = True) -> ServerOptions:
     """ServerOptions from parsed ``mailgate serve`` arguments and the file in ``args.config``.
 
     Attributes of ``args`` named like the keys in KEYS hold flag values, None when the flag
     was not given; flag values are unparsed strings (lists for repeatable flags, booleans
     for switches) so that flags and file go through the same checks. A file for honeypot
     mode (``mode = "honeypot"``) is an error here: see :func:`config_mode`.
+    ``read_keys=False``: the ``[[dkim_sign]]``/``[arc_seal]`` tables are checked but their
+    key files not read (``mailgate queue`` and ``sendmail``, which may run as users the
+    keys are kept from; sendmail reads them itself when it queues a message).
     """
     values = _collect(args)
     mode = _mode(values)
@@ -190,7 +193,7 @@ def build_options(args: argparse.Namespace) -> ServerOptions:
         raise values["honeypot"].error(
             'a [honeypot] table needs mode = "honeypot" in [server] (or use mailgate honeypot)'
         )
-    return _assemble(values)
+    return _assemble(values, read_keys=read_keys)
 
 
 def config_mode(path: str | os.PathLike[str] | None) -> str:
@@ -312,7 +315,9 @@ def _load_config_file(path: Path) -> dict[str, Value]:
     return values
 
 
-def _assemble(values: Mapping[str, Value], problems: list[str] | None = None) -> ServerOptions:
+def _assemble(
+    values: Mapping[str, Value], problems: list[str] | None = None, *, read_keys: bool = True
+) -> ServerOptions:
     """ServerOptions from the collected values. With ``problems``, the checks after the
     conversion (TLS files, routing tables) add what they find there instead of raising at
     the first, so that ``mailgate check-config`` can list them all."""
@@ -326,7 +331,7 @@ def _assemble(values: Mapping[str, Value], problems: list[str] | None = None) ->
     if "policy" in values:
         fields["policy"] = values["policy"].raw
     options = ServerOptions(**fields)
-    _check_routing_tables(options, problems)
+    _check_routing_tables(options, problems, read_keys=read_keys)
     _gather(problems, _check_senders_table, options)
     return options
 
@@ -356,7 +361,9 @@ def _check_senders_table(options: ServerOptions) -> None:
         raise ConfigError(str(exc)) from None
 
 
-def _check_routing_tables(options: ServerOptions, problems: list[str] | None = None) -> None:
+def _check_routing_tables(
+    options: ServerOptions, problems: list[str] | None = None, *, read_keys: bool = True
+) -> None:
     """[[routes]], [queue], [outbound], [[dkim_sign]] and [arc_seal] read now (the key
     files too), so that a mistake in them is reported with the other configuration
     errors, before anything starts."""
@@ -376,14 +383,20 @@ def _check_routing_tables(options: ServerOptions, problems: list[str] | None = N
     _gather(problems, routes)
     _gather(problems, queue_settings, options.policy)
     _gather(problems, outbound_options, options.policy, options.hostname)
-    _gather(problems, _check_signing, options)
+    _gather(problems, _check_signing, options, read_keys)
 
 
-def _check_signing(options: ServerOptions) -> None:
-    """Every [[dkim_sign]] entry and [arc_seal]: its settings and its key file, read."""
+def _check_signing(options: ServerOptions, read_keys: bool = True) -> None:
+    """Every [[dkim_sign]] entry and [arc_seal]: its settings and (unless ``read_keys``
+    is false) its key file, read."""
     from mailgate.queue.signing import message_signer
 
-    message_signer(options.policy, hostname=options.hostname, relay_networks=options.relay_networks)
+    message_signer(
+        options.policy,
+        hostname=options.hostname,
+        relay_networks=options.relay_networks,
+        read_keys=read_keys,
+    )
 
 
 @dataclass(frozen=True)

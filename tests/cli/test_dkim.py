@@ -164,3 +164,47 @@ def test_a_missing_key_is_one_error_line_for_serve_and_check_config(
                   "ed25519-sha256", "--out", str(tmp_path / "keys"))[0] == 0  # fmt: skip
     (tmp_path / "keys" / "example.com.e1.key").rename(tmp_path / "keys" / "missing.key")
     assert cli.main(["check-config", "--config", str(path)]) == 0, capsys.readouterr()
+
+
+def test_sendmail_signs_what_it_queues_and_queue_commands_need_no_key(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    dns_server: DNSTestServer,
+) -> None:
+    """``mailgate sendmail`` writes into the queue itself, so it signs as the server
+    would; ``mailgate queue`` reads the configuration without reading the keys."""
+    from tests.cli.conftest import Stdin, closed_port, write_config
+    from tests.cli.test_sendmail import queued
+
+    config = write_config(tmp_path / "mailgate.toml", closed_port())
+    assert keygen(capsys, "--domain", "sendmail.example", "--selector", "s1",
+                  "--out", str(tmp_path / "keys"))[0] == 0  # fmt: skip
+    dns_server.add((tmp_path / "keys" / "sendmail.example.s1.txt").read_text())
+    with config.open("a", encoding="utf-8") as file:
+        file.write(
+            "\n[[dkim_sign]]\n"
+            'domain = "sendmail.example"\nselector = "s1"\n'
+            'key_file = "keys/sendmail.example.s1.key"\n'
+        )
+    monkeypatch.setattr(
+        "sys.stdin",
+        Stdin(b"From: Cron <cron@sendmail.example>\nSubject: nightly\n\nAll good.\n"),
+    )
+    assert cli.main(["sendmail", "--config", str(config), "bob@example.net"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    [(message, body)] = queued(config)
+    assert body.startswith(b"DKIM-Signature: v=1; a=rsa-sha256;")
+    dnsfunc = txt_lookup(dns_server)
+    assert dkim.verify(body, dnsfunc=dnsfunc)
+    assert not dkim.verify(body.replace(b"All good.", b"All bad."), dnsfunc=dnsfunc)
+
+    # The key gone: the queue commands still work; sendmail refuses to queue unsigned.
+    (tmp_path / "keys" / "sendmail.example.s1.key").unlink()
+    assert cli.main(["queue", "list", "--config", str(config)]) == 0
+    assert message.id in capsys.readouterr().out
+    monkeypatch.setattr("sys.stdin", Stdin(b"From: cron@sendmail.example\n\nAgain.\n"))
+    assert cli.main(["sendmail", "--config", str(config), "bob@example.net"]) == 78
+    err = capsys.readouterr().err
+    assert "[[dkim_sign]] #1 key_file: cannot read" in err and "nothing queued" in err
+    assert len(queued(config)) == 1

@@ -294,7 +294,7 @@ class QueuePlugin:
         if signer is None:
             return report
         try:
-            added, what = signer.sign_report(report)
+            added, what = signer.sign_local(report)
         except Exception as exc:  # as for a message: sent unsigned rather than not at all
             log.warning("delivery report: not signed: %s", exc)
             return report

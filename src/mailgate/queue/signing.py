@@ -469,16 +469,17 @@ class MessageSigner:
                 what.append(f"arc d={self.arc.settings.domain} s={self.arc.settings.selector}")
         return added, what
 
-    def sign_report(self, report: bytes) -> tuple[bytes, list[str]]:
-        """The DKIM signatures for a delivery report mailgate wrote itself (a bounce, a
-        delay warning: from ``MAILER-DAEMON@<hostname>``), matched like a user's
-        message; reports are never ARC-sealed."""
-        facts = SenderFacts(author=author_of(report), user=None, ours=True)
+    def sign_local(self, message: bytes, user: str | None = None) -> tuple[bytes, list[str]]:
+        """The DKIM signatures for a message that did not come over SMTP: a delivery
+        report mailgate wrote (from ``MAILER-DAEMON@<hostname>``) or one handed to
+        ``mailgate sendmail`` (``user``: the login of whoever ran it). Both are mail of
+        the server's users; the entries match them as any other. Never ARC-sealed."""
+        facts = SenderFacts(author=author_of(message), user=user, ours=True)
         added = b""
         what: list[str] = []
         for entry in self.dkim:
             if entry.matches(facts):
-                added += entry.sign(report)
+                added += entry.sign(message)
                 what.append(entry.label())
         return added, what
 
@@ -549,24 +550,30 @@ def message_signer(
     *,
     hostname: str,
     relay_networks: Sequence[Network] = (),
+    read_keys: bool = True,
 ) -> MessageSigner | None:
     """The signer of the configuration's ``[[dkim_sign]]`` and ``[arc_seal]`` tables, with
     every key file read; None when there are neither. Raises ConfigError naming the
-    table, its number and the key (``mailgate.toml [[dkim_sign]] #2 key_file: ...``)."""
+    table, its number and the key (``mailgate.toml [[dkim_sign]] #2 key_file: ...``).
+    ``read_keys=False`` checks the tables only and returns None: for the commands that
+    read the configuration without signing (``mailgate queue``), which may run as a user
+    the keys are not readable by."""
     sections = list(sections)
     entries: list[_DkimKey] = []
     for section in (s for s in sections if s.name == DKIM_TABLE):
         settings = DkimSignSettings(**_fields(section, DkimSignSettings, DKIM_TABLE))
-        key = _read_key(section, settings.key_file, settings.algorithm)
         rules = tuple(_MatchItem.parse(item) for item in settings.match)
-        entries.append(_DkimKey(settings, key, rules, section.source))
+        if read_keys:
+            key = _read_key(section, settings.key_file, settings.algorithm)
+            entries.append(_DkimKey(settings, key, rules, section.source))
     arc: _ArcKey | None = None
     arc_section = next((s for s in sections if s.name == ARC_TABLE), None)
     if arc_section is not None:
         arc_settings = ArcSealSettings(**_fields(arc_section, ArcSealSettings, ARC_TABLE))
-        key = _read_key(arc_section, arc_settings.key_file, "rsa-sha256")
-        authserv_id = arc_settings.authserv_id or _mail_auth_id(sections) or hostname
-        arc = _ArcKey(arc_settings, key, authserv_id)
+        if read_keys:
+            key = _read_key(arc_section, arc_settings.key_file, "rsa-sha256")
+            authserv_id = arc_settings.authserv_id or _mail_auth_id(sections) or hostname
+            arc = _ArcKey(arc_settings, key, authserv_id)
     if not entries and arc is None:
         return None
     return MessageSigner(tuple(entries), arc, tuple(relay_networks))

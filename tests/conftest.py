@@ -20,3 +20,34 @@ def dns_server() -> Iterator[DNSTestServer]:
     server = DNSTestServer().start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A Redis server for the shared-state tests: the one ``MAILGATE_TEST_REDIS_URL``
+    names when set, else a private redis-server started here (tests/redis_server.py).
+    Tests keep apart by key prefix (:func:`redis_prefix`), so one server serves all."""
+    from tests.redis_server import REDIS_URL_VARIABLE, PrivateRedis, redis_server_binary
+
+    configured = os.environ.get(REDIS_URL_VARIABLE)
+    if configured:
+        yield configured
+        return
+    if redis_server_binary() is None:
+        pytest.skip(
+            f"Redis state: {REDIS_URL_VARIABLE} is not set and redis-server is not installed "
+            "(scripts/install-test-deps installs the redis-server package)"
+        )
+    server = PrivateRedis.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    """A key prefix no other test uses."""
+    import secrets
+
+    return f"mailgate-test-{secrets.token_hex(6)}:"

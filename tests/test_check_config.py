@@ -111,6 +111,15 @@ def test_flags_override_the_file_as_for_serve(
     assert "listen: 0.0.0.0:25 (SMTP)" in out
 
 
+def test_capture_mode_is_summarised(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_binding: None
+) -> None:
+    path = tmp_path / "mailgate.toml"
+    path.write_text(f'[server]\ncapture = "{tmp_path / "captured"}"\n')
+    assert cli.main(["check-config", "--config", str(path)]) == 0
+    assert f"delivery: capture {tmp_path / 'captured'}" in capsys.readouterr().out
+
+
 def test_warnings_the_start_would_log_are_shown(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], no_binding: None
 ) -> None:

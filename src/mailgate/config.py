@@ -154,6 +154,7 @@ POLICY_TABLES = (
     "dkim_sign",
     "arc_seal",
     "senders",
+    "state",
 )
 _ARRAY_TABLES = frozenset({"dnsbl", "routes", "dkim_sign"})
 #: What a configuration file can run (``mode`` in [server]): a mail server or a honeypot.
@@ -333,6 +334,7 @@ def _assemble(
     options = ServerOptions(**fields)
     _check_routing_tables(options, problems, read_keys=read_keys)
     _gather(problems, _check_senders_table, options)
+    _gather(problems, _check_state_table, options)
     return options
 
 
@@ -345,6 +347,15 @@ def _gather(problems: list[str] | None, check: Callable[..., object], *args: Any
         check(*args)
     except ConfigError as exc:
         problems.append(str(exc))
+
+
+def _check_state_table(options: ServerOptions) -> None:
+    """[state] read now: a mistake in it (or redis-py missing for backend = "redis") is
+    reported with the other configuration errors, before anything starts."""
+    if any(s.name == "state" for s in options.policy):
+        from mailgate.plugins.state import state_settings
+
+        state_settings(options.policy, hook_timeout=options.hook_timeout)
 
 
 def _check_senders_table(options: ServerOptions) -> None:
@@ -668,8 +679,23 @@ def settings_reference() -> str:
         + "".join(f"| `{key}` | {reason} |\n" for key, reason in HONEYPOT_REFUSED.items())
         + "| `workers` above 1 | honeypot mode runs in one process |\n",
         *_queue_reference(),
+        *_state_reference(),
     ]
     return "\n".join(parts)
+
+
+def _state_reference() -> list[str]:
+    """The [state] table (file only)."""
+    from mailgate.plugins.state import StateSettings
+
+    return [
+        "## `[state]`: policy state shared by several nodes\n",
+        "Where rate limits count, greylisting remembers triplets and a honeypot counts "
+        "each address's connections and logins: in each process (`memory`, the default) "
+        'or in one Redis server every node uses (see docs/policy.md, "Shared state on '
+        "Redis\"). Also allowed in a honeypot's file.\n",
+        reference_table(settings_of(StateSettings), {"state": "state"}, table="state", flags=False),
+    ]
 
 
 def _queue_reference() -> list[str]:

@@ -13,6 +13,7 @@ import shutil
 import smtplib
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
@@ -252,9 +253,39 @@ def _queue_store(server: ThreadedServer, directory: Path) -> SQLiteQueueStore:
     return store
 
 
+def _record_message(data_dir: Path) -> None:
+    """A message as the honeypot records it: a session, its source kept, its analysis."""
+    import io
+
+    from mailgate.honeypot.store import CaptureStore
+    from mailgate.hooks import Session
+
+    raw_message = b"From: <spam@example.test>\r\nSubject: <i>win</i>\r\n\r\nhttp://x.example/\r\n"
+    store = CaptureStore(data_dir, batch_seconds=0.01)
+    try:
+        session = Session("S9", "203.0.113.5", 40009, "127.0.0.1", 25)
+        store.session_opened(session)
+        raw = store.save_raw(io.BytesIO(raw_message))
+        store.message(
+            session,
+            message_id="M1",
+            ts=time.time(),
+            mail_from="spam@example.test",
+            rcpt_tos=["victim@example.net"],
+            raw=raw,
+            subject="<i>win</i>",
+            urls=["http://x.example/"],
+        )
+        store.session_closed(session, "quit")
+        assert store.flush()
+    finally:
+        store.close()
+
+
 def test_queue_and_honeypot_pages(tmp_path: Path, browser: Any) -> None:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     _record_sessions(tmp_path / "honeypot")
+    _record_message(tmp_path / "honeypot")
     with running_server(
         tmp_path, delivery="sink", admin_listen=ListenAddress("127.0.0.1", 0)
     ) as server:
@@ -279,9 +310,19 @@ def test_queue_and_honeypot_pages(tmp_path: Path, browser: Any) -> None:
 
             page.locator(".tab[data-page='honeypot']").click()
             page.wait_for_selector("#honeypot-sessions tbody tr:has-text('192.0.2.7')")
-            assert page.locator("#honeypot-sessions tbody tr").count() == 2
+            assert page.locator("#honeypot-sessions tbody tr").count() == 3
+            # Sessions over time: one bar per hour, all three sessions in them.
+            bars = page.locator("#honeypot-timeline rect")
+            expect(bars).to_have_count(25)
+            counts = [int(bars.nth(i).get_attribute("data-sessions") or 0) for i in range(25)]
+            assert sum(counts) == 3
+            message = page.locator("#honeypot-messages tbody tr")
+            expect(message).to_have_count(1)
+            # The subject's markup is text; the source is a download link of this server.
+            assert "<i>win</i>" in message.inner_text()
+            assert message.locator("a").get_attribute("href") == "/api/v1/honeypot/messages/M1/raw"
             figures = page.locator("#honeypot-figures").inner_text()
-            assert "Sessions\n2" in figures or "Sessions 2" in figures.replace("\n", " ")
+            assert "Sessions\n3" in figures or "Sessions 3" in figures.replace("\n", " ")
             # The user name's escape and right-to-left override are shown as escapes.
             assert "root\\u001b[31m\\u202e (1)" in page.locator("#honeypot-tops").inner_text()
             page.locator("#honeypot-sessions tbody tr", has_text="192.0.2.7").click()

@@ -77,6 +77,7 @@ def test_honeypot_console_counts_sessions_and_credentials(tmp_path: Path) -> Non
         assert value(samples, "mailgate_auth_total", result="failure") == 1
         assert value(samples, "mailgate_connections_total") == 1
         assert request(console_port, "/readyz").status == 200
+        _messages_and_timeline(smtp_port, console_port)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, "".join(log)
     finally:
@@ -84,3 +85,41 @@ def test_honeypot_console_counts_sessions_and_credentials(tmp_path: Path) -> Non
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
         reader.join(5)
+
+
+BAIT = (
+    b"From: <x@example.test>\r\nTo: <victim@example.net>\r\nSubject: <b>bait</b>\r\n"
+    b"\r\nclick http://phish.example/login\r\n"
+)
+
+
+def _messages_and_timeline(smtp_port: int, console_port: int) -> None:
+    """A message sent to the honeypot shows in the messages API with its source, and the
+    timeline counts both sessions in the current bucket."""
+    with smtplib.SMTP("127.0.0.1", smtp_port, timeout=10) as client:
+        client.sendmail("x@example.test", ["victim@example.net"], BAIT)
+
+    def listed() -> list[dict[str, object]]:
+        found: list[dict[str, object]] = request(console_port, "/api/v1/honeypot/messages").json()[
+            "messages"
+        ]
+        return found
+
+    assert wait_for(lambda: len(listed()) == 1, timeout=20)
+    [message] = listed()
+    assert message["mail_from"] == "x@example.test"
+    assert message["rcpt_tos"] == ["victim@example.net"]
+    assert message["subject"] == "<b>bait</b>" and message["urls"] == 1 and message["kept"]
+    raw = request(console_port, f"/api/v1/honeypot/messages/{message['id']}/raw")
+    assert raw.status == 200 and raw.body.endswith(BAIT)
+    # A download of text, never a page.
+    assert raw.headers["content-type"].startswith("text/plain")
+    assert raw.headers["content-disposition"].startswith("attachment")
+    assert request(console_port, "/api/v1/honeypot/messages/nope/raw").status == 404
+
+    timeline = request(console_port, "/api/v1/honeypot/timeline?bucket=60").json()
+    assert timeline["bucket"] == 60 and len(timeline["points"]) == 25
+    assert sum(point["sessions"] for point in timeline["points"]) == 2
+    assert sum(point["messages"] for point in timeline["points"]) == 1
+    assert sum(point["auth_attempts"] for point in timeline["points"]) == 1
+    assert request(console_port, "/api/v1/honeypot/timeline?bucket=7").status == 400

@@ -419,3 +419,48 @@ def test_a_second_forwarder_validates_the_chain_and_seals_on_top(
     aar = [str(v) for v in parsed.get_all("ARC-Authentication-Results") or []]
     assert aar[0].startswith(f"i=2; mx.{second_domain}") and "arc=pass" in aar[0]
     assert arc_result(data, txt_lookup(dns_server))[0] == "pass"
+
+
+def test_a_message_released_from_the_console_is_signed(
+    tmp_path: Path, dns_server: DNSTestServer, mx_port: int
+) -> None:
+    """Capture mode keeps a message; the operator releases it through the console to a
+    real address: it goes onward through the queue, signed like mail of the server's
+    users (the capture itself stays as it was)."""
+    from tests.console.test_release import (
+        CAPTURED_DOMAIN,
+        _console_port,
+        _http,
+        _release,
+        _send,
+        _server_settings,
+    )
+
+    ours = new_domain("release")
+    theirs = new_domain("rcpt")
+    publish_mx(dns_server, theirs, (10, "mx", "127.0.0.40"))
+    key = make_key(dns_server, tmp_path / "keys", ours, "s1")
+    values = _server_settings(tmp_path, dns_server, mx_port)
+    values["dkim_sign"] = [{"domain": ours, "selector": "s1", "key_file": str(key)}]
+    sender = f"alice@{ours}"
+
+    async def main() -> tuple[bytes, bytes]:
+        with VerifyingReceiver("127.0.0.40", mx_port, dns_server) as receiver:
+            async with serving(**values) as server:
+                port, smtp_port = _console_port(server), server.addresses[0][1]
+                await asyncio.to_thread(
+                    _send, smtp_port, sender, [f"tester@{CAPTURED_DOMAIN}"], message(sender)
+                )
+                [captured] = (await _http(port, "/api/v1/messages")).json()["messages"]
+                raw = (await _http(port, f"/api/v1/messages/{captured['id']}/raw")).body
+                released = await _release(port, captured["id"], {"to": [f"bob@{theirs}"]})
+                assert released.status == 202, released.text
+                await wait_for(lambda: len(receiver.messages) == 1, what="the released copy")
+                await wait_until_empty(server)
+        return raw, receiver.messages[0].data
+
+    raw, data = run(main())
+    assert b"DKIM-Signature" not in raw
+    assert data.endswith(raw)
+    [signature] = dkim_signatures(data, txt_lookup(dns_server))
+    assert signature.valid and signature.domain == ours

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -73,7 +74,29 @@ def make_session(ip: str = "192.0.2.1", user: str | None = None) -> Session:
     return session
 
 
-def make_plugin(tmp_path: Path, clock: FakeClock, **kwargs: Any) -> Greylist:
+@dataclass(frozen=True)
+class Backend:
+    """Where a test's greylisting state lives: the SQLite file (``url`` None) or a real
+    Redis server under a key prefix of the test's own."""
+
+    name: str
+    url: str | None = None
+    prefix: str = ""
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    """The triplet logic's tests run on each store: same tests, same results."""
+    if request.param == "sqlite":
+        return Backend("sqlite")
+    return Backend(
+        "redis", request.getfixturevalue("redis_url"), request.getfixturevalue("redis_prefix")
+    )
+
+
+def make_plugin(
+    tmp_path: Path, clock: FakeClock, backend: Backend | None = None, **kwargs: Any
+) -> Greylist:
     settings: dict[str, Any] = {
         "delay": DELAY,
         "retry_window": RETRY_WINDOW,
@@ -83,7 +106,16 @@ def make_plugin(tmp_path: Path, clock: FakeClock, **kwargs: Any) -> Greylist:
         "clock": clock,
         **kwargs,
     }
-    return Greylist(**settings)
+    plugin = Greylist(**settings)
+    if backend is not None and backend.url is not None:
+        from mailgate.plugins.redis_state import RedisGreylistStore, RedisState
+
+        # The SQLite store made by the constructor was never opened: nothing to close.
+        state = RedisState(backend.url, timeout=5.0, key_prefix=backend.prefix)
+        plugin.store = RedisGreylistStore(
+            state, retry_window=plugin.retry_window, expiry=plugin.expiry
+        )
+    return plugin
 
 
 async def attempt(
@@ -121,11 +153,13 @@ def rows(path: Path, table: str = "triplets") -> list[tuple[Any, ...]]:
 # --- the triplet logic ----------------------------------------------------------------------
 
 
-def test_first_attempt_then_early_retry_then_pass_after_delay(tmp_path: Path) -> None:
+def test_first_attempt_then_early_retry_then_pass_after_delay(
+    tmp_path: Path, backend: Backend
+) -> None:
     clock = FakeClock()
 
     async def scenario() -> None:
-        plugin = make_plugin(tmp_path, clock)
+        plugin = make_plugin(tmp_path, clock, backend)
         try:
             assert_greylisted(await attempt(plugin), 300)
             clock.advance(100.4)
@@ -136,10 +170,16 @@ def test_first_attempt_then_early_retry_then_pass_after_delay(tmp_path: Path) ->
             assert await attempt(plugin) is None
             clock.advance(3 * RETRY_WINDOW)  # passed triplets do not care about the window
             assert await attempt(plugin) is None
+            triplet = Triplet("192.0.2.0/24", "alice@sender.test", "bob@example.com")
+            assert await plugin.store.lookup(triplet) == TripletState(
+                START, START + 300 + 3 * RETRY_WINDOW, START + 300
+            )
         finally:
             await plugin.aclose()
 
     run(scenario())
+    if backend.url is not None:
+        return
     [row] = rows(tmp_path / "grey.sqlite3")
     assert row == (
         "192.0.2.0/24",
@@ -153,11 +193,12 @@ def test_first_attempt_then_early_retry_then_pass_after_delay(tmp_path: Path) ->
 
 def test_passed_triplet_expires_after_its_last_mail_and_is_refreshed_by_use(
     tmp_path: Path,
+    backend: Backend,
 ) -> None:
     clock = FakeClock()
 
     async def scenario() -> None:
-        plugin = make_plugin(tmp_path, clock)
+        plugin = make_plugin(tmp_path, clock, backend)
         try:
             assert await attempt(plugin) is not None
             clock.advance(DELAY)
@@ -175,11 +216,11 @@ def test_passed_triplet_expires_after_its_last_mail_and_is_refreshed_by_use(
     run(scenario())
 
 
-def test_a_retry_after_the_retry_window_starts_over(tmp_path: Path) -> None:
+def test_a_retry_after_the_retry_window_starts_over(tmp_path: Path, backend: Backend) -> None:
     clock = FakeClock()
 
     async def scenario() -> None:
-        plugin = make_plugin(tmp_path, clock)
+        plugin = make_plugin(tmp_path, clock, backend)
         try:
             assert await attempt(plugin) is not None
             clock.advance(RETRY_WINDOW + 1)
@@ -194,11 +235,11 @@ def test_a_retry_after_the_retry_window_starts_over(tmp_path: Path) -> None:
     run(scenario())
 
 
-def test_clients_are_grouped_by_ipv4_24_and_ipv6_64(tmp_path: Path) -> None:
+def test_clients_are_grouped_by_ipv4_24_and_ipv6_64(tmp_path: Path, backend: Backend) -> None:
     clock = FakeClock()
 
     async def scenario() -> None:
-        plugin = make_plugin(tmp_path, clock)
+        plugin = make_plugin(tmp_path, clock, backend)
         try:
             assert await attempt(plugin, ip="192.0.2.1") is not None
             assert await attempt(plugin, ip="2001:db8:1:2::1") is not None
@@ -225,11 +266,11 @@ def test_client_network() -> None:
     assert client_network("unix-socket") is None
 
 
-def test_narrower_prefixes_separate_machines(tmp_path: Path) -> None:
+def test_narrower_prefixes_separate_machines(tmp_path: Path, backend: Backend) -> None:
     clock = FakeClock()
 
     async def scenario() -> None:
-        plugin = make_plugin(tmp_path, clock, ipv4_prefix=32, ipv6_prefix=128)
+        plugin = make_plugin(tmp_path, clock, backend, ipv4_prefix=32, ipv6_prefix=128)
         try:
             assert await attempt(plugin, ip="192.0.2.1") is not None
             assert await attempt(plugin, ip="2001:db8::1") is not None
@@ -244,11 +285,13 @@ def test_narrower_prefixes_separate_machines(tmp_path: Path) -> None:
     run(scenario())
 
 
-def test_a_network_that_passed_n_triplets_is_passed_wholesale(tmp_path: Path) -> None:
+def test_a_network_that_passed_n_triplets_is_passed_wholesale(
+    tmp_path: Path, backend: Backend
+) -> None:
     clock = FakeClock()
 
     async def scenario() -> None:
-        plugin = make_plugin(tmp_path, clock, auto_allow_after=2)
+        plugin = make_plugin(tmp_path, clock, backend, auto_allow_after=2)
         try:
             for recipient in ("one@example.com", "two@example.com"):
                 assert await attempt(plugin, ip="198.51.100.1", recipient=recipient) is not None
@@ -275,11 +318,11 @@ def test_a_network_that_passed_n_triplets_is_passed_wholesale(tmp_path: Path) ->
     run(scenario())
 
 
-def test_auto_allow_off_with_zero(tmp_path: Path) -> None:
+def test_auto_allow_off_with_zero(tmp_path: Path, backend: Backend) -> None:
     clock = FakeClock()
 
     async def scenario() -> None:
-        plugin = make_plugin(tmp_path, clock, auto_allow_after=0)
+        plugin = make_plugin(tmp_path, clock, backend, auto_allow_after=0)
         try:
             for index in range(4):
                 assert await attempt(plugin, recipient=f"r{index}@example.com") is not None
@@ -287,18 +330,18 @@ def test_auto_allow_off_with_zero(tmp_path: Path) -> None:
             for index in range(4):
                 assert await attempt(plugin, recipient=f"r{index}@example.com") is None
             assert await attempt(plugin, recipient="fresh@example.com") is not None
+            assert await plugin.store.lookup_client("192.0.2.0/24") is None  # nothing counted
         finally:
             await plugin.aclose()
 
     run(scenario())
-    assert rows(tmp_path / "grey.sqlite3", "clients") == []
 
 
-def test_null_sender_is_keyed_as_angle_brackets(tmp_path: Path) -> None:
+def test_null_sender_is_keyed_as_angle_brackets(tmp_path: Path, backend: Backend) -> None:
     clock = FakeClock()
 
     async def scenario() -> None:
-        plugin = make_plugin(tmp_path, clock)
+        plugin = make_plugin(tmp_path, clock, backend)
         try:
             assert_greylisted(await attempt(plugin, sender=""), 300)
             triplet = Triplet("192.0.2.0/24", "<>", "bob@example.com")
@@ -335,11 +378,13 @@ def test_normalize_sender(sender: str, key: str) -> None:
     assert normalize_sender(sender) == key
 
 
-def test_changing_tags_and_case_still_match_the_first_attempt(tmp_path: Path) -> None:
+def test_changing_tags_and_case_still_match_the_first_attempt(
+    tmp_path: Path, backend: Backend
+) -> None:
     clock = FakeClock()
 
     async def scenario() -> None:
-        plugin = make_plugin(tmp_path, clock)
+        plugin = make_plugin(tmp_path, clock, backend)
         try:
             first = await attempt(
                 plugin, sender="prvs=0111aaaaaa=Alice@Sender.test", recipient="Bob@Example.COM"
@@ -356,12 +401,12 @@ def test_changing_tags_and_case_still_match_the_first_attempt(tmp_path: Path) ->
     run(scenario())
 
 
-def test_exempt_clients_skip_and_leave_no_state(tmp_path: Path) -> None:
+def test_exempt_clients_skip_and_leave_no_state(tmp_path: Path, backend: Backend) -> None:
     clock = FakeClock()
     before = DECISIONS[("greylist", "skip")]
 
     async def scenario() -> None:
-        plugin = make_plugin(tmp_path, clock, relay_networks=options_relay())
+        plugin = make_plugin(tmp_path, clock, backend, relay_networks=options_relay())
         try:
             assert await attempt(plugin, session=make_session("192.0.2.1", user="alice")) is None
             allowed = make_session("192.0.2.2")
@@ -404,12 +449,12 @@ def test_skips_are_logged_once_per_session_at_info(
 
 
 def test_decisions_are_logged_with_the_triplet(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, backend: Backend, caplog: pytest.LogCaptureFixture
 ) -> None:
     clock = FakeClock()
 
     async def scenario() -> None:
-        plugin = make_plugin(tmp_path, clock)
+        plugin = make_plugin(tmp_path, clock, backend)
         try:
             await attempt(plugin)
             clock.advance(DELAY + 12)
@@ -433,11 +478,11 @@ def test_decisions_are_logged_with_the_triplet(
 # --- the store -------------------------------------------------------------------------------
 
 
-def test_state_survives_a_new_plugin_over_the_same_file(tmp_path: Path) -> None:
+def test_state_survives_a_new_plugin_over_the_same_file(tmp_path: Path, backend: Backend) -> None:
     clock = FakeClock()
 
     async def first_life() -> None:
-        plugin = make_plugin(tmp_path, clock)
+        plugin = make_plugin(tmp_path, clock, backend)
         try:
             assert await attempt(plugin, recipient="passed@example.com") is not None
             assert await attempt(plugin, recipient="waiting@example.com") is not None
@@ -447,7 +492,7 @@ def test_state_survives_a_new_plugin_over_the_same_file(tmp_path: Path) -> None:
             await plugin.aclose()
 
     async def second_life() -> None:
-        plugin = make_plugin(tmp_path, clock)
+        plugin = make_plugin(tmp_path, clock, backend)
         try:
             assert await attempt(plugin, recipient="passed@example.com") is None
             assert await attempt(plugin, recipient="waiting@example.com") is None

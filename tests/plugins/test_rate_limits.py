@@ -65,9 +65,42 @@ def envelope(sender: str = "bob@sender.example") -> Envelope:
 # --- the counter store --------------------------------------------------------------------
 
 
-def test_burst_then_refusal_with_retry_after() -> None:
+class Counters:
+    """A counter store under test, called synchronously: its async API (the one the
+    plugin uses) on an event loop of its own, where a Redis store's client lives."""
+
+    def __init__(self, store: CounterStore, runner: asyncio.Runner) -> None:
+        self.store = store
+        self.runner = runner
+
+    def take(self, key: str, limit: int, window: float, cost: int = 1) -> RateResult:
+        return self.runner.run(self.store.hit(key, limit, window, cost))
+
+    def peek(self, key: str, limit: int, window: float, cost: int = 1) -> RateResult:
+        return self.runner.run(self.store.peek(key, limit, window, cost))
+
+
+@pytest.fixture(params=["memory", "redis"])
+def counters(request: pytest.FixtureRequest) -> Iterator[tuple[Counters, FakeClock]]:
+    """The same store tests for each backend: the in-process MemoryCounters and
+    RedisCounters on a real redis-server (tests/redis_server.py), both on a fake clock."""
     clock = FakeClock()
-    store = MemoryCounters(clock=clock)
+    store: CounterStore
+    if request.param == "memory":
+        store = MemoryCounters(clock=clock)
+    else:
+        from mailgate.plugins.redis_state import RedisCounters, RedisState
+
+        url = request.getfixturevalue("redis_url")
+        prefix = request.getfixturevalue("redis_prefix")
+        store = RedisCounters(RedisState(url, timeout=5.0, key_prefix=prefix), clock=clock)
+    with asyncio.Runner() as runner:
+        yield Counters(store, runner), clock
+        runner.run(store.aclose())
+
+
+def test_burst_then_refusal_with_retry_after(counters: tuple[Counters, FakeClock]) -> None:
+    store, clock = counters
     results = [store.take("k", 3, 60.0) for _ in range(3)]
     assert [r.allowed for r in results] == [True, True, True]
     assert [r.remaining for r in results] == [2, 1, 0]
@@ -79,9 +112,8 @@ def test_burst_then_refusal_with_retry_after() -> None:
     assert store.take("k", 3, 60.0).retry_after == pytest.approx(15.0)
 
 
-def test_window_rolls_over() -> None:
-    clock = FakeClock()
-    store = MemoryCounters(clock=clock)
+def test_window_rolls_over(counters: tuple[Counters, FakeClock]) -> None:
+    store, clock = counters
     for _ in range(2):
         assert store.take("k", 2, 10.0).allowed
     assert not store.take("k", 2, 10.0).allowed
@@ -92,9 +124,8 @@ def test_window_rolls_over() -> None:
     assert [store.take("k", 2, 10.0).allowed for _ in range(3)] == [True, True, False]
 
 
-def test_refused_hits_are_not_counted() -> None:
-    clock = FakeClock()
-    store = MemoryCounters(clock=clock)
+def test_refused_hits_are_not_counted(counters: tuple[Counters, FakeClock]) -> None:
+    store, clock = counters
     assert store.take("k", 1, 10.0).allowed
     for _ in range(50):  # hammering the closed door does not push the opening back
         assert not store.take("k", 1, 10.0).allowed
@@ -102,17 +133,34 @@ def test_refused_hits_are_not_counted() -> None:
     assert store.take("k", 1, 10.0).allowed
 
 
-def test_cost_and_peek() -> None:
-    clock = FakeClock()
-    store = MemoryCounters(clock=clock)
+def test_fractional_windows_and_odd_rates(counters: tuple[Counters, FakeClock]) -> None:
+    """Floats travel to Redis and back exactly: the same answers at the edges."""
+    store, clock = counters
+    answers = []
+    for step in range(40):
+        answers.append(store.take("odd", 7, 2.9))
+        clock.advance(0.1 * (step % 3))
+    expected = MemoryCounters(clock=FakeClock())
+    replay = FakeClock()
+    expected.clock = replay
+    wanted = []
+    for step in range(40):
+        wanted.append(expected.take("odd", 7, 2.9))
+        replay.advance(0.1 * (step % 3))
+    assert [(a.allowed, a.remaining) for a in answers] == [(w.allowed, w.remaining) for w in wanted]
+    assert [a.retry_after for a in answers] == pytest.approx([w.retry_after for w in wanted])
+
+
+def test_cost_and_peek(counters: tuple[Counters, FakeClock]) -> None:
+    store, _ = counters
     assert store.take("k", 5, 50.0, cost=2).remaining == 3
-    peeked = run(store.peek("k", 5, 50.0, cost=3))
+    peeked = store.peek("k", 5, 50.0, cost=3)
     assert peeked == RateResult(True, 3)
-    assert run(store.peek("k", 5, 50.0)).remaining == 3  # peeking counts nothing
-    refused = run(store.hit("k", 5, 50.0, cost=4))
+    assert store.peek("k", 5, 50.0).remaining == 3  # peeking counts nothing
+    refused = store.take("k", 5, 50.0, cost=4)
     assert not refused.allowed and refused.retry_after == pytest.approx(10.0)
-    assert run(store.hit("k", 5, 50.0, cost=3)) == RateResult(True, 0)
-    assert not run(store.peek("k", 5, 50.0)).allowed
+    assert store.take("k", 5, 50.0, cost=3) == RateResult(True, 0)
+    assert not store.peek("k", 5, 50.0).allowed
     with pytest.raises(ValueError, match="cost"):
         store.take("k", 5, 50.0, cost=6)
     with pytest.raises(ValueError, match="cost"):
@@ -123,9 +171,11 @@ def test_cost_and_peek() -> None:
         store.take("k", 1, 0.0)
 
 
-def test_keys_are_independent_and_store_meets_the_protocol() -> None:
-    store = MemoryCounters(clock=FakeClock())
-    assert isinstance(store, CounterStore)
+def test_keys_are_independent_and_store_meets_the_protocol(
+    counters: tuple[Counters, FakeClock],
+) -> None:
+    store, _ = counters
+    assert isinstance(store.store, CounterStore)
     assert store.take("a", 1, 60.0).allowed
     assert not store.take("a", 1, 60.0).allowed
     assert store.take("b", 1, 60.0).allowed

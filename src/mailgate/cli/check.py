@@ -18,6 +18,7 @@ from typing import Any
 
 from mailgate.config import SERVER_SETTINGS, check_configuration
 from mailgate.server.options import GROUPS, ServerOptions
+from mailgate.settings import ConfigError
 from mailgate.settings.flags import HiddenFlagsFormatter, add_config_flag, add_flags
 
 EXIT_PROBLEMS = 2
@@ -96,7 +97,8 @@ def _summary(options: ServerOptions, policies: list[str], routes: int) -> list[s
             "maildir": f"Maildir {options.maildir}",
             "mbox": f"mbox {options.mbox}",
             "sink": "sink (accepted mail is thrown away)",
-        }[options.delivery]
+            "capture": f"capture {options.capture} (the console's inbox)",
+        }.get(options.delivery, str(options.delivery))
     ]
     deliveries += [f"forward {url}" for url in options.forward]
     deliveries += [f"webhook {url}" for url in options.webhook]
@@ -120,4 +122,21 @@ def _summary(options: ServerOptions, policies: list[str], routes: int) -> list[s
         f"policies: {', '.join(policies) or 'none'}",
         f"routes: {routes} rule{'s' if routes != 1 else ''}",
         f"state directory: {options.state_dir}",
+        *_shared_state(options),
+    ]
+
+
+def _shared_state(options: ServerOptions) -> list[str]:
+    """Where policy state is shared, when [state] says Redis (nothing is sent to it)."""
+    from mailgate.plugins.state import redacted_url, state_settings
+
+    try:
+        settings = state_settings(options.policy)
+    except ConfigError:
+        return []  # reported with the other problems
+    if settings.backend != "redis" or settings.url is None:
+        return []
+    return [
+        f"shared state: Redis at {redacted_url(settings.url)} (timeout {settings.timeout:g} s,"
+        f" fails {settings.on_error})"
     ]

@@ -107,15 +107,20 @@ class Server(SMTPServer):
 
     def console_sources(self) -> ConsoleSources:
         """What the console shows besides the counters: capture mode's store when the
-        server captures, and the queue's store when it sends mail onward ([[routes]])."""
+        server captures, and the queue's store when it sends mail onward ([[routes]]),
+        with the queue's submit for releasing captured messages."""
         from mailgate.console import ConsoleSources
         from mailgate.delivery.capture import CaptureDelivery
         from mailgate.queue.plugin import QueuePlugin
 
         plugins = self.hooks.plugins()
         capture = next((p.store for p in plugins if isinstance(p, CaptureDelivery)), None)
-        queue = next((p.store for p in plugins if isinstance(p, QueuePlugin)), None)
-        return ConsoleSources(queue=queue, capture=capture)
+        queue = next((p for p in plugins if isinstance(p, QueuePlugin)), None)
+        return ConsoleSources(
+            queue=queue.store if queue is not None else None,
+            capture=capture,
+            submit=queue.submit if queue is not None else None,
+        )
 
     def start_plugins(self) -> StartPlugins:
         """The plugins the settings ask for: the policy plugins ahead of those registered

@@ -5,7 +5,11 @@
   delete);
 - the honeypot's captures, through the read-only reports of
   :mod:`mailgate.honeypot.report` (what ``mailgate honeypot report`` prints): sessions,
-  one session's transcript, the credentials tried, the summary figures.
+  one session's transcript, the credentials tried, the messages, the summary figures and
+  sessions over time;
+- capture mode's messages: search, one message's parts, delete, and release to an
+  address through the queue (when the server sends mail onward);
+- live updates: Server-Sent Events (``/events``) or a WebSocket (``/ws``).
 
 Every answer is JSON, ASCII only (``\\uNNNN`` escapes): captured text may hold control
 and direction characters, and a consumer that pastes a value into a page or a terminal
@@ -15,19 +19,20 @@ gets it escaped. Errors are ``{"error": "..."}`` with a 4xx status.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import enum
 import functools
 import ipaddress
 import json
 import math
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from aiohttp import web
 
-from .context import CONSOLE_KEY
+from .context import CONSOLE_KEY, USER_KEY
 
 if TYPE_CHECKING:
     import sqlite3
@@ -281,6 +286,55 @@ async def _honeypot_credentials(request: web.Request) -> web.Response:
     return _json({"credentials": found})
 
 
+async def _honeypot_messages(request: web.Request) -> web.Response:
+    from mailgate.honeypot import report
+
+    since, limit = _since(request), _limit(request)
+    found = await _honeypot(request, lambda db: report.messages(db, since=since, limit=limit))
+    return _json({"messages": found})
+
+
+async def _honeypot_message_raw(request: web.Request) -> web.Response:
+    """A captured message's source, as a download of plain text (never rendered)."""
+    from mailgate.honeypot import report
+
+    message_id = request.match_info["id"]
+    data_dir = request.app[CONSOLE_KEY].sources.honeypot_dir
+    path = await _honeypot(request, lambda db: report.message_file(db, message_id))
+    if path is None or data_dir is None:
+        return _error(404, "the honeypot kept no source of this message")
+    try:
+        raw = await asyncio.to_thread((data_dir / path).read_bytes)
+    except OSError:
+        return _error(404, "the honeypot kept no source of this message")
+    safe_name = "".join(c for c in message_id if c.isalnum()) or "message"
+    return web.Response(
+        body=raw,
+        headers={
+            "Content-Type": "text/plain; charset=utf-8",
+            "Content-Disposition": f'attachment; filename="{safe_name}.eml"',
+        },
+    )
+
+
+#: The bucket sizes the timeline offers (seconds): a minute to a day.
+_TIMELINE_BUCKETS: Final = (60, 300, 900, 3600, 21600, 86400)
+
+
+async def _honeypot_timeline(request: web.Request) -> web.Response:
+    from mailgate.honeypot import report
+
+    since = _since(request)
+    text = request.query.get("bucket", "3600")
+    if not text.isdigit() or int(text) not in _TIMELINE_BUCKETS:
+        raise _bad_request(
+            "bucket must be one of " + ", ".join(str(b) for b in _TIMELINE_BUCKETS) + " (seconds)"
+        )
+    bucket = int(text)
+    found = await _honeypot(request, lambda db: report.timeline(db, since=since, bucket=bucket))
+    return _json(found)
+
+
 # --- captured messages (capture mode) -------------------------------------------------
 
 
@@ -455,6 +509,76 @@ async def _messages_delete_all(request: web.Request) -> web.Response:
     return _json({"messages": await asyncio.to_thread(store.delete_all)})
 
 
+#: Most addresses one release sends to.
+_MAX_RELEASE_RECIPIENTS: Final = 100
+
+
+def _addresses(data: Mapping[str, Any], key: str) -> list[str]:
+    """``data[key]``: one address or a list of them, each a valid forward-path."""
+    from mailgate.protocol.address import AddressError, parse_forward_path
+
+    value = data.get(key)
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or not all(isinstance(v, str) for v in items):
+        raise _bad_request(f"{key} must be an address or a list of addresses")
+    if len(items) > _MAX_RELEASE_RECIPIENTS:
+        raise _bad_request(f"{key}: at most {_MAX_RELEASE_RECIPIENTS} addresses")
+    found = []
+    for item in items:
+        text = item.strip().removeprefix("<").removesuffix(">")
+        try:
+            address = parse_forward_path(f"<{text}>", smtputf8=True)
+        except AddressError as exc:
+            raise _bad_request(f"{key}: {item!r} is not an address: {exc}") from None
+        found.append(str(address))
+    return found
+
+
+async def _message_release(request: web.Request) -> web.Response:
+    """Send a captured message to the addresses of ``to`` through the queue: routed by
+    the server's rules, delivered like any queued mail (retries, DSNs to ``from``)."""
+    from mailgate.protocol.address import AddressError, parse_reverse_path
+    from mailgate.queue import QueueError
+
+    console = request.app[CONSOLE_KEY]
+    store = _capture(request)
+    message_id = _message_id(request, store)
+    submit = console.sources.submit
+    if submit is None:
+        return _error(
+            409,
+            "releasing needs the outbound queue: this server has no [[routes]] that send "
+            "mail onward",
+        )
+    data = await _body(request)
+    recipients = _addresses(data, "to")
+    found = await asyncio.to_thread(store.get, message_id)
+    if found is None:
+        return _error(404, "no such message")
+    sender = _optional_text(data, "from")
+    if sender is None:
+        sender = found.sender
+    else:
+        try:
+            parsed = parse_reverse_path(f"<{sender.strip().strip('<>')}>", smtputf8=True)
+        except AddressError as exc:
+            raise _bad_request(f"from: {sender!r} is not an address: {exc}") from None
+        sender = str(parsed) if parsed is not None else ""
+    try:
+        queue_id = await submit(
+            sender,
+            recipients,
+            store.path_of(message_id),
+            submitter=str(request.get(USER_KEY, "console")),
+            listener="console",
+        )
+    except FileNotFoundError:
+        return _error(404, "no such message")
+    except QueueError as exc:
+        return _error(422, f"not released: {exc}")
+    return _json({"queue_id": queue_id, "sender": sender, "recipients": recipients}, 202)
+
+
 # --- live updates ---------------------------------------------------------------------
 
 #: How often an event stream looks for changes, and how often it sends a comment so that
@@ -474,44 +598,85 @@ def _versions(request: web.Request) -> dict[str, int]:
     return versions
 
 
+async def _changes(request: web.Request) -> AsyncIterator[list[tuple[str, int]]]:
+    """Every ``EVENT_POLL_SECONDS`` until the console stops: the sources that changed
+    since the last look, as (name, new version) pairs (often none)."""
+    console = request.app[CONSOLE_KEY]
+    seen = _versions(request)
+    while not console.closing.is_set():
+        try:
+            await asyncio.wait_for(console.closing.wait(), EVENT_POLL_SECONDS)
+            return
+        except TimeoutError:
+            pass
+        now = _versions(request)
+        yield [(name, version) for name, version in now.items() if seen.get(name) != version]
+        seen = now
+
+
 async def _events(request: web.Request) -> web.StreamResponse:
     """Server-Sent Events: ``event: messages`` when the captured mail changes, ``event:
     queue`` when the queue does (``data``: the new version), until the client leaves or
     the console stops."""
-    console = request.app[CONSOLE_KEY]
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "X-Accel-Buffering": "no"}
     )
     await response.prepare(request)
-    seen = _versions(request)
     await response.write(b"retry: 2000\n: connected\n\n")
     loop = asyncio.get_running_loop()
     quiet_since = loop.time()
-    while not console.closing.is_set():
-        try:
-            await asyncio.wait_for(console.closing.wait(), EVENT_POLL_SECONDS)
-            break
-        except TimeoutError:
-            pass
-        now = _versions(request)
-        changed = [name for name, version in now.items() if seen.get(name) != version]
-        seen = now
-        try:
-            for name in changed:
-                await response.write(f"event: {name}\ndata: {now[name]}\n\n".encode())
+    try:
+        async for changed in _changes(request):
+            for name, version in changed:
+                await response.write(f"event: {name}\ndata: {version}\n\n".encode())
             if changed:
                 quiet_since = loop.time()
             elif loop.time() - quiet_since > _KEEPALIVE_SECONDS:
                 await response.write(b": keep-alive\n\n")
                 quiet_since = loop.time()
-        except (ConnectionError, RuntimeError):  # the client left
-            break
+    except (ConnectionError, RuntimeError):  # the client left
+        pass
     return response
+
+
+async def _websocket(request: web.Request) -> web.StreamResponse:
+    """The same events over a WebSocket: a JSON object per change, ``{"event":
+    "messages", "version": 12}``, after a first ``{"event": "connected", "versions":
+    {...}}``. What the client sends is ignored. A page of another site may not open it
+    (its Origin must be the console's own, when the browser sends one)."""
+    origin = request.headers.get("Origin")
+    if origin is not None and origin != f"http://{request.headers.get('Host', '')}":
+        return _error(403, "cross-origin WebSocket refused")
+    socket = web.WebSocketResponse(heartbeat=_KEEPALIVE_SECONDS, max_msg_size=4096)
+    await socket.prepare(request)
+    # Reading is what notices a close from the client (and answers its pings).
+    reader = asyncio.ensure_future(_ignore_messages(socket))
+    try:
+        await socket.send_str(_dumps({"event": "connected", "versions": _versions(request)}))
+        async for changed in _changes(request):
+            if reader.done() or socket.closed:
+                break
+            for name, version in changed:
+                await socket.send_str(_dumps({"event": name, "version": version}))
+    except (ConnectionError, RuntimeError):  # the client left
+        pass
+    finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+        await socket.close()
+    return socket
+
+
+async def _ignore_messages(socket: web.WebSocketResponse) -> None:
+    async for _ in socket:
+        pass
 
 
 def add_routes(app: web.Application) -> None:
     router = app.router
     router.add_get(f"{PREFIX}/events", _events)
+    router.add_get(f"{PREFIX}/ws", _websocket)
     router.add_get(f"{PREFIX}/messages", _messages_list)
     router.add_delete(f"{PREFIX}/messages", _messages_delete_all)
     router.add_get(f"{PREFIX}/messages/{{id}}", _message_show)
@@ -519,6 +684,7 @@ def add_routes(app: web.Application) -> None:
     router.add_get(f"{PREFIX}/messages/{{id}}/raw", _message_raw)
     router.add_get(f"{PREFIX}/messages/{{id}}/html", _message_html)
     router.add_get(f"{PREFIX}/messages/{{id}}/attachments/{{index}}", _message_attachment)
+    router.add_post(f"{PREFIX}/messages/{{id}}/release", _message_release)
     router.add_get(f"{PREFIX}/queue", _queue_list)
     router.add_get(f"{PREFIX}/queue/stats", _queue_stats)
     router.add_post(f"{PREFIX}/queue/flush", _queue_flush_all)
@@ -531,3 +697,6 @@ def add_routes(app: web.Application) -> None:
     router.add_get(f"{PREFIX}/honeypot/sessions", _honeypot_sessions)
     router.add_get(f"{PREFIX}/honeypot/sessions/{{id}}", _honeypot_session)
     router.add_get(f"{PREFIX}/honeypot/credentials", _honeypot_credentials)
+    router.add_get(f"{PREFIX}/honeypot/messages", _honeypot_messages)
+    router.add_get(f"{PREFIX}/honeypot/messages/{{id}}/raw", _honeypot_message_raw)
+    router.add_get(f"{PREFIX}/honeypot/timeline", _honeypot_timeline)

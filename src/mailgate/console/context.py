@@ -4,6 +4,7 @@ modules import this, never :mod:`.service`, which imports them)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol
@@ -15,7 +16,24 @@ if TYPE_CHECKING:
     from mailgate.queue import QueueStore
     from mailgate.server.app import SMTPServer
 
-__all__ = ["CONSOLE_KEY", "ConsoleSources", "ConsoleState"]
+__all__ = ["CONSOLE_KEY", "USER_KEY", "ConsoleSources", "ConsoleState", "Submit"]
+
+
+class Submit(Protocol):
+    """Queues a message for delivery onward (``QueuePlugin.submit``): each recipient
+    routed by the server's rules as mail from the operator ``submitter``; returns the
+    queue id once the message is durable, raises ``QueueError`` (a recipient the rules
+    do not send onward, a queue that cannot be written)."""
+
+    async def __call__(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        body: Path,
+        *,
+        submitter: str,
+        listener: str = ...,
+    ) -> str: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +47,9 @@ class ConsoleSources:
     honeypot_dir: Path | None = None
     #: Capture mode's store (``--capture DIR``): the messages API.
     capture: CapturedMessages | None = None
+    #: How a captured message is released to an address: the queue's submit, when the
+    #: server sends mail onward (``[[routes]]``); None: releasing is not offered.
+    submit: Submit | None = None
 
 
 class ConsoleState(Protocol):
@@ -51,3 +72,6 @@ class ConsoleState(Protocol):
 
 #: The key of the aiohttp application under which the handlers find the console.
 CONSOLE_KEY: Final = web.AppKey["ConsoleState"]("console")
+#: The key of a request under which the console's guard leaves who made it: the users
+#: file's user name, ``token`` for the bearer token, ``loopback`` without credentials.
+USER_KEY: Final = web.RequestKey[str]("user")

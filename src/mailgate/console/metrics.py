@@ -50,6 +50,7 @@ def snapshot(stats: ServerStats, open_connections: int) -> Snapshot:
     """The counters of this process now, as plain data."""
     # Imported here: the policy plugins' module is loaded by every server that has any.
     from mailgate.plugins.policy import DECISIONS
+    from mailgate.queue.runner import DELIVERY_LATENCY, DELIVERY_RESULTS
 
     return {
         "connections_open": open_connections,
@@ -67,6 +68,8 @@ def snapshot(stats: ServerStats, open_connections: int) -> Snapshot:
             stage: _histogram(histogram) for stage, histogram in stats.stage_latency.items()
         },
         "background_latency": _histogram(stats.background_latency),
+        "delivery_attempts": dict(DELIVERY_RESULTS),
+        "delivery_latency": _histogram(DELIVERY_LATENCY),
     }
 
 
@@ -229,6 +232,26 @@ class SnapshotCollector(Collector):
             "age of the oldest message in the queue (0: empty)",
             queue["oldest_age"],
         )
+        data = self.counters
+        attempts = CounterMetricFamily(
+            "mailgate_queue_delivery_attempts",
+            "delivery attempts of queued recipients by result (delivered, deferred, failed)",
+            labels=["result"],
+        )
+        # Every result is shown from the start, so a rate() over a fresh server works.
+        found = data.get("delivery_attempts", {})
+        for result in sorted({"delivered", "deferred", "failed", *found}):
+            attempts.add_metric([result], found.get(result, 0))
+        yield attempts
+        duration = HistogramMetricFamily(
+            "mailgate_queue_delivery_duration_seconds",
+            "time each delivery attempt of the queue took (one batch: a session with the "
+            "next hop, or the wait to find none)",
+        )
+        if "delivery_latency" in data:
+            buckets, total = _buckets(data["delivery_latency"])
+            duration.add_metric([], buckets, total)
+        yield duration
 
     def _honeypot(self) -> Iterator[Metric]:
         figures = self.honeypot

@@ -30,7 +30,7 @@ from aiohttp import web
 from mailgate.server.errors import StartupError
 from mailgate.server.options import ListenAddress, ServerOptions
 
-from .context import CONSOLE_KEY, ConsoleSources
+from .context import CONSOLE_KEY, USER_KEY, ConsoleSources
 
 if TYPE_CHECKING:
     from mailgate.server.app import SMTPServer
@@ -325,7 +325,9 @@ class Console:
     async def _refusal(self, request: web.Request) -> web.Response | None:
         """Why ``request`` may not be served (a 401/403 response), or None."""
         if self.protected:
-            if await self._authenticated(request.headers.get("Authorization", "")):
+            header = request.headers.get("Authorization", "")
+            if await self._authenticated(header):
+                request[USER_KEY] = _user_of(header)
                 return None
             challenges = []
             if self.token is not None:
@@ -350,7 +352,18 @@ class Console:
             return _problem(403, "the Host header must name this machine (localhost)")
         if request.method not in _SAFE_METHODS and not _same_origin(request):
             return _problem(403, "cross-origin request refused")
+        request[USER_KEY] = "loopback"
         return None
+
+
+def _user_of(header: str) -> str:
+    """Who an accepted Authorization header names: the users file's user, or ``token``."""
+    scheme, _, credentials = header.partition(" ")
+    if scheme.lower() == "basic":
+        parsed = _basic_credentials(credentials)
+        if parsed is not None:
+            return parsed[0]
+    return "token"
 
 
 def _basic_credentials(encoded: str) -> tuple[str, str] | None:

@@ -52,7 +52,7 @@ from mailgate.server.tls import TLSConfigError, ensure_dev_certificate
 from mailgate.settings import ConfigError
 
 from .personas import PERSONAS, PersonaProfile, ProfileError, load_profile
-from .plugin import HoneypotPlugin
+from .plugin import AddressCounts, HoneypotPlugin
 from .settings import HoneypotOptions
 from .store import CaptureError, CaptureStore, RawMessage
 
@@ -296,7 +296,9 @@ def build_server(
             raise ConfigError(str(exc)) from None
         options = dataclasses.replace(options, tls_cert=cert, tls_key=key)
     texts = _Texts(profile, options.hostname)
-    policy = _policy_plugins(options, tables, honeypot, texts)
+    env = PolicyEnv(options)
+    policy = _policy_plugins(env, tables, honeypot, texts)
+    address_counts = _address_counts(env)
     try:
         store = CaptureStore(
             honeypot.data_dir,
@@ -321,6 +323,7 @@ def build_server(
             analysis_max_parts=honeypot.analysis_max_parts,
             analysis_max_depth=honeypot.analysis_max_depth,
             auth_mechanisms=options.auth_mechanisms,
+            address_counts=address_counts,
         )
     except ValueError as exc:
         store.close()
@@ -338,15 +341,27 @@ def build_server(
     return server
 
 
+def _address_counts(env: PolicyEnv) -> AddressCounts | None:
+    """Per-address counts over every node when ``[state]`` names a shared store."""
+    try:
+        state = env.shared_state()
+    except PolicyConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    if state is None:
+        return None
+    from mailgate.plugins.redis_state import RedisAddressCounts
+
+    return RedisAddressCounts(state)
+
+
 def _policy_plugins(
-    options: ServerOptions,
+    env: PolicyEnv,
     tables: tuple[PolicySection, ...],
     honeypot: HoneypotOptions,
     texts: _Texts,
 ) -> list[Any]:
     """The lists and rate limits plugins from the configuration's [lists] and [limits]
     tables with the honeypot's ``block_networks`` and ``connections_per_ip`` over them."""
-    env = PolicyEnv(options)
     plugins: list[Any] = []
     try:
         lists = _section(

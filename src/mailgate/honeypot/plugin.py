@@ -12,6 +12,11 @@
   relays or delivers: its 250 ends the message chain, so no delivery step after it runs;
 - tarpits: before each answer it waits ``tarpit`` seconds times the number of
   connections seen from the client's address (at most ``tarpit_max``);
+- counts connections and AUTH attempts per address in this process, or, given
+  ``address_counts`` (``[state] backend = "redis"``), over every node sharing the store:
+  the tarpit and ``accept-after:N`` then see what the address did on any node. When the
+  store does not answer, this process's own counts are used (or, when the store says to
+  fail closed, the connection gets ``421 4.3.0`` and AUTH ``454 4.7.0``);
 - keeps the store's total cap while mail is received: at DATA it reserves room for the
   message (its announced SIZE, else the server's message size limit) and, when even
   pruning the oldest finished sessions cannot make room, refuses the DATA with ``452
@@ -61,6 +66,7 @@ from mailgate.hooks import (
     Session,
     TempFail,
 )
+from mailgate.plugins.state import StateUnavailable
 from mailgate.protocol import Reply
 from mailgate.protocol.replies import AUTH_FAILED
 
@@ -109,6 +115,18 @@ SPOOL_CHECK_INTERVAL: Final = 0.05
 SessionReply = Callable[[Session], Reply]
 #: The reply to a captured message; ``RawMessage`` is None when it could not be stored.
 MessageReply = Callable[[Session, Message, RawMessage | None], Reply]
+
+
+class AddressCounts(Protocol):
+    """Per-address counts shared by several nodes
+    (:class:`~mailgate.plugins.redis_state.RedisAddressCounts`). ``bump`` adds one to
+    ``counter`` (``"connections"``, ``"auth_attempts"``) of ``ip`` and returns the new
+    total; it raises :class:`~mailgate.plugins.state.StateUnavailable` when the store
+    does not answer."""
+
+    async def bump(self, ip: str, counter: str) -> int: ...
+
+    async def aclose(self) -> None: ...
 
 
 class HoneypotHost(Protocol):
@@ -174,6 +192,8 @@ class HoneypotPlugin:
     ``max_analysis_backlog``: messages waiting for analysis beyond which a new one only
     has its subject read; ``auth_mechanisms``: offered when no ``auth_mechanisms`` setting overrides;
     ``clock``: the time source (session ages compare with ``session.started_at``).
+    ``address_counts``: where connections and AUTH attempts per address are counted
+    when several nodes share them (None: in this process); closed by :meth:`aclose`.
 
     ``storage_check_interval``: seconds between two looks at the spool directory while
     messages are received (the running count of bytes in flight).
@@ -217,8 +237,10 @@ class HoneypotPlugin:
         storage_full_reply: SessionReply | None = None,
         message_reply: MessageReply | None = None,
         storage_check_interval: float = SPOOL_CHECK_INTERVAL,
+        address_counts: AddressCounts | None = None,
     ) -> None:
         self.store = store
+        self.address_counts = address_counts
         self.auth_mode, self.accept_after = parse_auth_outcome(auth_outcome)
         self.auth_outcome = auth_outcome
         if tarpit < 0 or tarpit_max < 0:
@@ -290,7 +312,7 @@ class HoneypotPlugin:
 
     async def on_connect(self, session: Session) -> None:
         state = self._address(session.peer_host)
-        state.connections += 1
+        state.connections = await self._count(session, "connections", state.connections)
         if self.max_session_seconds is not None and self.server is not None:
             loop = asyncio.get_running_loop()
             remaining = self.max_session_seconds - (self.clock() - session.started_at)
@@ -303,7 +325,7 @@ class HoneypotPlugin:
 
     async def on_auth(self, session: Session, auth: AuthAttempt) -> bool | None:
         state = self._address(session.peer_host)
-        state.auth_attempts += 1
+        state.auth_attempts = await self._count(session, "auth_attempts", state.auth_attempts)
         if self.auth_mode == "accept":
             accepted = True
         elif self.auth_mode == "accept-after":
@@ -464,6 +486,8 @@ class HoneypotPlugin:
 
     async def aclose(self) -> None:
         self._closing = True
+        if self.address_counts is not None:
+            await self.address_counts.aclose()
         if self._spool_watch is not None:
             self._spool_watch.cancel()
         if self._captures:  # messages still being read: their rows belong in the store
@@ -477,6 +501,30 @@ class HoneypotPlugin:
         self._io_pool.shutdown(wait=False)
 
     # --- helpers -----------------------------------------------------------------------------
+
+    async def _count(self, session: Session, counter: str, mine: int) -> int:
+        """One more ``counter`` for the session's address: the total over every node when
+        the counts are shared, else (or when the store does not answer) this process's."""
+        shared = self.address_counts
+        if shared is None:
+            return mine + 1
+        try:
+            return await shared.bump(session.peer_host, counter)
+        except StateUnavailable as exc:
+            # The store logs the outage once; this session's fallback goes to DEBUG.
+            log.debug("session %s: %s counted here only: %s", session.id, counter, exc)
+            if not exc.fail_closed:
+                return mine + 1
+            if counter == "auth_attempts":
+                raise TempFail(
+                    454, "Temporary authentication failure, try again later", enhanced="4.7.0"
+                ) from None
+            raise TempFail(
+                421,
+                "Service temporarily unavailable, try again later",
+                enhanced="4.3.0",
+                disconnect=True,
+            ) from None
 
     def _address(self, ip: str) -> _Address:
         addresses = self._addresses

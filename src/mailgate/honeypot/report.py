@@ -45,11 +45,14 @@ __all__ = [
     "format_session",
     "format_sessions",
     "format_summary",
+    "message_file",
+    "messages",
     "open_database",
     "parse_since",
     "session_detail",
     "sessions",
     "summary",
+    "timeline",
 ]
 
 FORMATS: Final = ("table", "json", "csv")
@@ -66,6 +69,8 @@ TOP_LISTS: Final = {
     "attachments": "Top attachments by SHA-256 (messages)",
 }
 _WIDTH: Final = 100  # longest value shown in a table cell
+#: Most buckets a timeline gives.
+_TIMELINE_POINTS: Final = 2000
 
 
 class ReportError(Exception):
@@ -360,6 +365,98 @@ def credentials(
         }
         for row in rows
     ]
+
+
+def messages(
+    db: sqlite3.Connection, *, since: float | None = None, limit: int = 100
+) -> list[dict[str, Any]]:
+    """Messages captured since ``since``, newest first, at most ``limit``: envelope,
+    size, digest, subject, the session and client, counts of URLs and attachments, and
+    whether the source was kept (``kept``: the raw file is in the data directory)."""
+    rows = db.execute(
+        "SELECT m.*, s.peer_ip,"
+        " (SELECT count(*) FROM urls u WHERE u.message_id = m.id) AS urls,"
+        " (SELECT count(*) FROM attachments a WHERE a.message_id = m.id) AS attachments"
+        " FROM messages m LEFT JOIN sessions s ON s.id = m.session_id"
+        " WHERE m.ts >= ? ORDER BY m.ts DESC, m.id DESC LIMIT ?",
+        (since if since is not None else float("-inf"), limit),
+    )
+    return [
+        {
+            "id": row["id"],
+            "time": _iso(row["ts"]),
+            "session": row["session_id"],
+            "peer_ip": row["peer_ip"],
+            "mail_from": row["mail_from"],
+            "rcpt_tos": json.loads(row["rcpt_tos"]),
+            "size": row["size"],
+            "sha256": row["sha256"],
+            "subject": row["subject"],
+            "urls": row["urls"],
+            "attachments": row["attachments"],
+            "kept": row["path"] is not None,
+        }
+        for row in rows
+    ]
+
+
+def message_file(db: sqlite3.Connection, message_id: str) -> str | None:
+    """Where the source of message ``message_id`` is kept, relative to the data
+    directory; None when it was not kept (or there is no such message). Only a path the
+    store wrote (inside its messages directory) is given."""
+    row = db.execute("SELECT path FROM messages WHERE id = ?", (message_id,)).fetchone()
+    if row is None or row["path"] is None:
+        return None
+    path = Path(row["path"])
+    if path.is_absolute() or ".." in path.parts:
+        return None
+    return str(path)
+
+
+def timeline(
+    db: sqlite3.Connection, *, since: float | None = None, bucket: int = 3600
+) -> dict[str, Any]:
+    """Sessions, distinct client addresses, AUTH attempts and messages per ``bucket``
+    seconds since ``since`` (default: the last 24 buckets), oldest first, every bucket
+    present (zeros included) so a chart needs no gap filling."""
+    now = time.time()
+    start = since if since is not None else now - 24 * bucket
+    last = int(now // bucket) * bucket
+    # At most _TIMELINE_POINTS buckets: the most recent ones when ``since`` is far back.
+    first = max(int(start // bucket) * bucket, last - (_TIMELINE_POINTS - 1) * bucket)
+    start = max(start, first)
+    count = (last - first) // bucket + 1
+
+    def per_bucket(sql: str) -> dict[int, int]:
+        return {int(b): n for b, n in db.execute(sql, (bucket, bucket, start))}
+
+    sessions_at = per_bucket(
+        "SELECT CAST(started / ? AS INTEGER) * ?, count(*) FROM sessions"
+        " WHERE started >= ? GROUP BY 1"
+    )
+    ips_at = per_bucket(
+        "SELECT CAST(started / ? AS INTEGER) * ?, count(DISTINCT peer_ip) FROM sessions"
+        " WHERE started >= ? GROUP BY 1"
+    )
+    auth_at = per_bucket(
+        "SELECT CAST(ts / ? AS INTEGER) * ?, count(*) FROM auth_attempts WHERE ts >= ? GROUP BY 1"
+    )
+    messages_at = per_bucket(
+        "SELECT CAST(ts / ? AS INTEGER) * ?, count(*) FROM messages WHERE ts >= ? GROUP BY 1"
+    )
+    points = []
+    for index in range(count):
+        at = first + index * bucket
+        points.append(
+            {
+                "start": _iso(at),
+                "sessions": sessions_at.get(at, 0),
+                "unique_ips": ips_at.get(at, 0),
+                "auth_attempts": auth_at.get(at, 0),
+                "messages": messages_at.get(at, 0),
+            }
+        )
+    return {"bucket": bucket, "since": _iso(start), "points": points}
 
 
 def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:

@@ -14,6 +14,11 @@ mode, in :mod:`mailgate.plugins.greylist_store`), so it survives restarts and
 is shared by ``--workers`` processes; any other backend with the same small interface
 (:class:`GreylistBackend`) can take its place. A store that fails (a corrupt or unwritable
 file, a lock held too long) lets the mail through: greylisting fails open.
+
+With ``[state] backend = "redis"`` the triplets live in Redis instead
+(:class:`~mailgate.plugins.redis_state.RedisGreylistStore`), shared by every node: a
+retry that reaches another node passes there. When Redis does not answer, greylisting
+fails open, or with ``on_error = "closed"`` answers ``451 4.3.0``.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from mailgate.plugins.policy import (
     decide,
     exempt,
 )
+from mailgate.plugins.state import StateUnavailable
 from mailgate.server.options import LOOPBACK, Network, PolicySection
 from mailgate.settings import user_state_dir
 
@@ -229,7 +235,7 @@ class Greylist:
         hook_timeout = env.options.hook_timeout
         timeout = min(DEFAULT_TIMEOUT, hook_timeout / 2) if hook_timeout > 0 else DEFAULT_TIMEOUT
         try:
-            return cls(
+            plugin = cls(
                 **kwargs,
                 database=database,
                 relay_networks=env.options.relay_networks,
@@ -239,6 +245,15 @@ class Greylist:
         except ValueError as exc:
             where = section.source if section is not None else "setting greylist"
             raise PolicyConfigError(f"{where}: {exc}") from None
+        state = env.shared_state()
+        if state is not None:
+            # The SQLite store made above was never opened: nothing to close.
+            from mailgate.plugins.redis_state import RedisGreylistStore
+
+            plugin.store = RedisGreylistStore(
+                state, retry_window=plugin.retry_window, expiry=plugin.expiry
+            )
+        return plugin
 
     # -- the stage -------------------------------------------------------------------------
 
@@ -255,6 +270,23 @@ class Greylist:
         now = self.clock()
         try:
             refusal = await asyncio.wait_for(self._check(session, triplet, now), self.timeout)
+        except StateUnavailable as exc:
+            # The outage is logged once by the shared store; each decision at DEBUG.
+            closed = exc.fail_closed
+            why = f"shared state unavailable, {'refused' if closed else 'let through'}: {exc}"
+            decide(
+                session,
+                POLICY,
+                "tempfail" if closed else "error",
+                why,
+                logging.DEBUG,
+                **_fields(triplet),
+            )
+            if closed:
+                raise TempFail(
+                    451, "Greylisting unavailable, please try again later", enhanced="4.3.0"
+                ) from None
+            return
         except Exception as exc:
             problem = (
                 f"no answer within {self.timeout:g} s" if isinstance(exc, TimeoutError) else exc

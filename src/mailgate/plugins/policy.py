@@ -24,13 +24,19 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeVar
 
 from mailgate.dns import Resolver
 from mailgate.hooks import Message, Reject, Session, TempFail
 from mailgate.hooks.logs import LogLimiter
 from mailgate.protocol import Reply
 from mailgate.server.options import Network, PolicySection, ServerOptions
+from mailgate.settings import ConfigError
+
+from .state import REDIS_MISSING, StateSettings, state_settings
+
+if TYPE_CHECKING:
+    from .redis_state import RedisState
 
 log = logging.getLogger("mailgate.policy")
 _warnings = LogLimiter(burst=5, interval=60.0)
@@ -224,9 +230,29 @@ class PolicyEnv(LazyResolver):
     options: ServerOptions
     clock: Callable[[], float] = time.time
     _resolver: Resolver | None = field(default=None, repr=False)
+    #: The shared state store of ``[state]``: False until read (see shared_state).
+    _state: RedisState | Literal[False] | None = field(default=False, repr=False)
 
     def _new_resolver(self) -> Resolver:
         return Resolver(self.options.dns_nameservers, timeout=self.options.dns_timeout)
+
+    def shared_state(self) -> RedisState | None:
+        """The Redis store ``[state] backend = "redis"`` names, one for every plugin of
+        this server (one outage, one log line); None with the default ``memory``, where
+        each plugin keeps its own state."""
+        if self._state is False:
+            try:
+                settings = state_settings(
+                    self.options.policy, hook_timeout=self.options.hook_timeout
+                )
+                self._state = open_state(settings)
+            except ConfigError as exc:
+                raise PolicyConfigError(str(exc)) from None
+        return self._state
+
+    def use_state(self, state: RedisState | None) -> None:
+        """Use ``state`` instead of reading ``[state]`` (honeypot mode reads it itself)."""
+        self._state = state
 
     def section(self, name: str) -> PolicySection | None:
         """The one table ``name`` of the configuration, or None."""
@@ -235,6 +261,24 @@ class PolicyEnv(LazyResolver):
     def sections(self, name: str) -> list[PolicySection]:
         """Every table ``name`` (``[[dnsbl]]`` is an array of tables)."""
         return sections(self.options.policy, name)
+
+
+def open_state(settings: StateSettings) -> RedisState | None:
+    """The connection to the shared store ``[state]`` names (None: ``memory``, each
+    plugin keeps its own state). Nothing is sent to Redis until a policy asks."""
+    if settings.backend != "redis":
+        return None
+    try:
+        from .redis_state import RedisState
+    except ImportError as exc:
+        raise ConfigError(f"{REDIS_MISSING} ({exc})") from None
+    assert settings.url is not None  # state_settings requires it
+    return RedisState(
+        settings.url,
+        timeout=settings.timeout,
+        fail_closed=settings.fail_closed,
+        key_prefix=settings.key_prefix,
+    )
 
 
 class PolicyConfigError(ValueError):

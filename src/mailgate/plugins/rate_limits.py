@@ -20,7 +20,10 @@ are not counted at all. Concurrent connections per IP are the server's own
 
 Counters live in this process (:class:`~mailgate.plugins.counters.MemoryCounters`) unless
 a shared :class:`~mailgate.plugins.counters.CounterStore` is given: with ``--workers N``
-each worker counts on its own.
+each worker counts on its own. ``[state] backend = "redis"`` counts in Redis instead
+(:class:`~mailgate.plugins.redis_state.RedisCounters`), one count for every node; when
+Redis does not answer, the limits fail open (nothing is counted, nothing refused) or, with
+``on_error = "closed"``, refuse with ``421 4.3.0`` at connect and ``451 4.3.0`` later.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from mailgate.plugins.policy import (
     parse_duration,
     refusal,
 )
+from mailgate.plugins.state import StateUnavailable
 from mailgate.server.options import PolicySection
 
 log = logging.getLogger("mailgate.policy")
@@ -154,6 +158,7 @@ class RateLimits:
         clock: Callable[[], float] = time.time,
         max_keys: int = DEFAULT_MAX_KEYS,
         connect_refusal: RefusalText | None = None,
+        close_store: bool | None = None,
     ) -> None:
         #: The reply for a client refused at connect (``connections_per_ip``, or
         #: ``auth_failures_per_ip`` with ``auth_failures_block = "connection"``) instead of
@@ -176,7 +181,8 @@ class RateLimits:
         if isinstance(ipv6_prefix, bool) or not 16 <= ipv6_prefix <= 128:
             raise ValueError(f"ipv6_prefix must be between 16 and 128, got {ipv6_prefix!r}")
         self.ipv6_prefix = ipv6_prefix
-        self._owns_store = store is None
+        #: Whether aclose closes the store: one made here, or ``close_store`` said so.
+        self._owns_store = store is None if close_store is None else close_store
         self.store: CounterStore = (
             store if store is not None else MemoryCounters(clock=clock, max_keys=max_keys)
         )
@@ -218,6 +224,12 @@ class RateLimits:
             connect_refusal=connect_refusal,
         )
         reader.done()
+        state = env.shared_state()
+        if state is not None and plugin.active:
+            from mailgate.plugins.redis_state import RedisCounters
+
+            plugin.store = RedisCounters(state, clock=env.clock)
+            plugin._owns_store = True
         return plugin
 
     @property
@@ -267,6 +279,12 @@ class RateLimits:
     # --- stages ---------------------------------------------------------------------------
 
     async def on_connect(self, session: Session) -> None:
+        try:
+            await self._connect_checks(session)
+        except StateUnavailable as exc:
+            self._unavailable(session, exc, "connect")
+
+    async def _connect_checks(self, session: Session) -> None:
         if self._skipped(session):
             return
         failures = self._ip(session, "auth_failures_per_ip")
@@ -285,21 +303,32 @@ class RateLimits:
     async def on_auth(self, session: Session, auth: AuthAttempt) -> None:
         if self._skipped(session):
             return
-        check = await self._note_auth_failures(session)
-        if check is None:
+        try:
+            check = await self._note_auth_failures(session)
+            if check is None:
+                return
+            result = await self.store.peek(check.key, check.rate.limit, check.rate.window)
+        except StateUnavailable as exc:
+            self._unavailable(session, exc, "auth")
             return
-        result = await self.store.peek(check.key, check.rate.limit, check.rate.window)
         if not result.allowed:
             raise self._login_refusal(session, check, result, "auth")
 
     async def on_mail(self, session: Session, envelope: Envelope, address: Address) -> None:
         if not self._skipped(session):
-            await self._note_auth_failures(session)
+            try:
+                await self._note_auth_failures(session)
+            except StateUnavailable as exc:
+                self._unavailable(session, exc, "mail", refuse=False)
 
     async def on_rcpt(self, session: Session, envelope: Envelope, address: Address) -> None:
         if self._skipped(session):
             return
-        refused = await self._count(self._sender_checks(session, envelope, "recipients"))
+        try:
+            refused = await self._count(self._sender_checks(session, envelope, "recipients"))
+        except StateUnavailable as exc:
+            self._unavailable(session, exc, "rcpt")
+            return
         if refused is not None:
             check, result = refused
             text = f"<{address}>: Too many recipients from {check.who}"
@@ -308,7 +337,11 @@ class RateLimits:
     async def on_data_start(self, session: Session, envelope: Envelope) -> None:
         if self._skipped(session):
             return
-        refused = await self._count(self._sender_checks(session, envelope, "messages"))
+        try:
+            refused = await self._count(self._sender_checks(session, envelope, "messages"))
+        except StateUnavailable as exc:
+            self._unavailable(session, exc, "data_start")
+            return
         if refused is not None:
             check, result = refused
             text = f"Too many messages from {check.who}"
@@ -316,13 +349,22 @@ class RateLimits:
 
     async def on_close(self, session: Session) -> None:
         if not self._skipped(session):
-            await self._note_auth_failures(session)
+            try:
+                await self._note_auth_failures(session)
+            except StateUnavailable as exc:
+                self._unavailable(session, exc, "close", refuse=False)
 
     def take_counts(self, old: RateLimits) -> None:
         """Count on from ``old``'s in-memory counts (a reload builds a new plugin from
         new settings; clients keep what they have used). Only when both keep their own
-        store: a store given from outside is its owner's."""
-        if self._owns_store and old._owns_store:
+        store in memory: a store given from outside is its owner's, and counts in Redis
+        stay there for the new plugin's store."""
+        if (
+            self._owns_store
+            and old._owns_store
+            and isinstance(self.store, MemoryCounters)
+            and isinstance(old.store, MemoryCounters)
+        ):
             self.store = old.store
             old._owns_store = False
 
@@ -331,6 +373,36 @@ class RateLimits:
             await self.store.aclose()
 
     # --- the parts ------------------------------------------------------------------------
+
+    def _unavailable(
+        self, session: Session, exc: StateUnavailable, stage: str, *, refuse: bool = True
+    ) -> None:
+        """The shared store did not answer: go on uncounted (fail open), or refuse with a
+        4xx (``on_error = "closed"``). The outage itself is logged by the store, once;
+        each session's decision goes to DEBUG."""
+        closed = exc.fail_closed and refuse
+        decide(
+            session,
+            POLICY,
+            "tempfail" if closed else "error",
+            f"shared state unavailable at {stage}, {'refused' if closed else 'not counted'}: {exc}",
+            logging.DEBUG,
+            stage=stage,
+        )
+        if not closed:
+            return
+        if stage == "connect":
+            raise TempFail(
+                421,
+                "Service temporarily unavailable, try again later",
+                enhanced="4.3.0",
+                disconnect=True,
+            )
+        if stage == "auth":
+            raise TempFail(
+                454, "Temporary authentication failure, try again later", enhanced="4.7.0"
+            )
+        raise TempFail(451, "Temporary policy failure, try again later", enhanced="4.3.0")
 
     def _skipped(self, session: Session) -> bool:
         """Allow-listed clients are not counted; said once per session."""
@@ -367,12 +439,19 @@ class RateLimits:
         room, nothing is counted and the check that frees last is returned with its
         result."""
         checks = list(checks)
+        if not checks:
+            return None
         store = self.store
         if len(checks) == 1:
             check = checks[0]
             result = await store.hit(check.key, check.rate.limit, check.rate.window)
             return None if result.allowed else (check, result)
         refused: list[tuple[_Check, RateResult]] = []
+        hit_all = getattr(store, "hit_all", None)
+        if hit_all is not None:  # all or none in one step (RedisCounters: one round trip)
+            results = await hit_all([(c.key, c.rate.limit, c.rate.window) for c in checks])
+            refused = [(c, r) for c, r in zip(checks, results, strict=True) if not r.allowed]
+            return max(refused, key=lambda item: item[1].retry_after) if refused else None
         for check in checks:
             result = await store.peek(check.key, check.rate.limit, check.rate.window)
             if not result.allowed:
@@ -468,8 +547,12 @@ def plugins_from_options(env: PolicyEnv) -> list[Any]:
     if not plugin.active:
         log.info("%s sets no limit: no rate limits", section.source)
         return []
-    log.info("rate limits: %s", plugin.describe())
-    if env.options.workers > 1:
+    state = env.shared_state()
+    if state is not None:
+        log.info("rate limits: %s, counted in %s", plugin.describe(), state.where)
+    else:
+        log.info("rate limits: %s", plugin.describe())
+    if env.options.workers > 1 and state is None:
         log.info(
             "rate limits are counted in each of the %d worker processes on its own: a client "
             "may get up to %d times a limit",

@@ -257,6 +257,74 @@ class QueuePlugin:
             ", ".join(sorted({key for key, _ in onward})),
         )
 
+    async def submit(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        body: Path,
+        *,
+        submitter: str,
+        listener: str = "console",
+    ) -> str:
+        """Queue a message that did not arrive over SMTP (the console's release of a
+        captured message) and return its queue id once it is durable.
+
+        Each recipient is routed by the same ``[[routes]]`` as mail from a local client
+        authenticated as ``submitter`` (the operator). Every one must go onward (relay
+        or forward): one the rules deliver locally or refuse raises :class:`QueueError`
+        naming it, and nothing is queued. ``body`` is read as it is (hard-linked into
+        the queue where the file system allows; the file is not changed); with
+        ``[[dkim_sign]]`` the queue gets a signed copy instead."""
+        if not recipients:
+            raise QueueError("no recipients")
+        store = self.store if self.store is not None else await self._opened()
+        if store is None:
+            raise QueueError("the queue is not open")
+        session = Session(
+            id=f"{listener}-submit",
+            peer_host="127.0.0.1",
+            peer_port=0,
+            local_host="127.0.0.1",
+            local_port=0,
+            user=submitter,
+        )
+        sender_address = Address(sender)
+        envelope = Envelope(
+            mail_from=sender_address, rcpt_tos=tuple(Address(r) for r in recipients)
+        )
+        queued: list[NewRecipient] = []
+        for key, rcpts in self.destinations(session, envelope).items():
+            for rcpt in rcpts:
+                if not key.startswith(_ONWARD):
+                    what = "for local delivery" if key == "deliver" else f"refused: {key}"
+                    raise QueueError(f"<{rcpt}> is not routed onward ({what})")
+                queued.append(NewRecipient(str(rcpt), key))
+        smtputf8 = not (sender.isascii() and all(r.isascii() for r in recipients))
+        new = NewMessage(
+            sender,
+            queued,
+            smtputf8=smtputf8,
+            client=ClientInfo(protocol="local", auth_user=submitter, listener=listener),
+        )
+        source: Path | bytes = body
+        if self.signer is not None:
+            # Mail an operator sends on is the server's own: signed as sendmail's is.
+            loop = asyncio.get_running_loop()
+            data = await loop.run_in_executor(None, body.read_bytes)
+            signed = await loop.run_in_executor(None, self._signed_report, data)
+            if signed is not data:
+                source = signed
+        queue_id = await store.enqueue(new, source)
+        log.info(
+            "queue %s: submitted by %s through the %s for %d recipient(s): %s",
+            queue_id,
+            submitter,
+            listener,
+            len(queued),
+            ", ".join(r.address for r in queued),
+        )
+        return queue_id
+
     async def _signed(self, session: Session, envelope: Envelope, message: Message) -> bytes | None:
         """The message with the DKIM signatures and ARC set of ``signer`` on top, or None
         when none applies (the spool file is then queued as it is). This is the last
@@ -288,8 +356,10 @@ class QueuePlugin:
         return await asyncio.get_running_loop().run_in_executor(None, sign)
 
     def _signed_report(self, report: bytes) -> bytes:
-        """A delivery report mailgate wrote, with the signatures of the keys (those of
-        now: a SIGHUP may have replaced them) that match its From; run in a thread."""
+        """A message that did not come over SMTP (a delivery report mailgate wrote, one
+        an operator released) with the signatures of the keys (those of now: a SIGHUP may
+        have replaced them) that match its From; ``report`` itself when none does. Run
+        in a thread."""
         signer = self.signer
         if signer is None:
             return report
@@ -298,8 +368,9 @@ class QueuePlugin:
         except Exception as exc:  # as for a message: sent unsigned rather than not at all
             log.warning("delivery report: not signed: %s", exc)
             return report
-        if what:
-            log.debug("delivery report signed: %s", "; ".join(what))
+        if not what:
+            return report
+        log.debug("delivery report signed: %s", "; ".join(what))
         return added + report
 
     async def _bounce_refused(

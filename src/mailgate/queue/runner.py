@@ -30,10 +30,13 @@ import logging
 import os
 import tempfile
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+from mailgate.server.stats import LatencyHistogram
 
 from . import dsn
 from .model import (
@@ -65,6 +68,15 @@ __all__ = [
 ]
 
 log = logging.getLogger("mailgate.queue.runner")
+
+#: What the runners of this process made of their attempts, per recipient, by outcome
+#: (``delivered``, ``deferred``, ``failed``). Plain counters, read by the operations
+#: console at scrape time (``mailgate_queue_delivery_attempts_total``), like the policy
+#: plugins' ``DECISIONS``.
+DELIVERY_RESULTS: Counter[str] = Counter()
+#: How long each attempt took (one batch: a session with the next hop, or the wait for
+#: one), for ``mailgate_queue_delivery_duration_seconds``.
+DELIVERY_LATENCY = LatencyHistogram()
 
 #: Longest sleep with nothing due: the store's change notification wakes the runner
 #: sooner for anything new; this only bounds the damage of a missed wake-up.
@@ -326,6 +338,8 @@ class QueueRunner:
             # Shutdown: give the recipients back, due as they were.
             await asyncio.shield(self._release(batch))
             raise
+        for result in results:
+            DELIVERY_RESULTS[str(result.outcome)] += 1
         try:
             await asyncio.shield(store.record_results(batch, results))
         except Exception:
@@ -356,7 +370,9 @@ class QueueRunner:
                 for recipient in batch.recipients
             ]
         self.attempts += 1
+        started = time.monotonic()
         outcome = await self._with_lease(batch, self._send(batch, destination))
+        DELIVERY_LATENCY.observe(time.monotonic() - started)
         return [
             _result(recipient, result)
             for recipient, result in zip(batch.recipients, outcome.recipients, strict=True)

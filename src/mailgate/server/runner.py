@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from .errors import StartupError
 from .host import RunnableServer
-from .logs import setup_logging
+from .logs import flush_logs, setup_logging
 from .options import ServerOptions
 
 log = logging.getLogger("mailgate.server")
@@ -187,6 +187,7 @@ def _run_workers(
             except BaseException:  # a worker must never return into the parent's code
                 logging.getLogger("mailgate").exception("worker crashed")
             finally:
+                flush_logs()  # os._exit skips the exit handlers that would write them
                 os._exit(code)
         children.append(pid)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)

@@ -152,6 +152,23 @@ async function openMessage(id) {
     list.append(item);
   }
   setView(data.html === null && state.view === "html" ? "text" : state.view);
+  // Releasing goes through the queue: offered when the server has one.
+  if (state.hasQueue === undefined) state.hasQueue = (await call("GET", "/queue/stats")).status === 200;
+  document.getElementById("release").hidden = !state.hasQueue;
+  document.getElementById("release-status").textContent = "";
+}
+
+async function releaseMessage(event) {
+  event.preventDefault();
+  if (!state.selected) return;
+  const input = document.getElementById("release-to");
+  const to = input.value.split(/[\s,;]+/).filter(Boolean);
+  const shown = document.getElementById("release-status");
+  if (!to.length) { shown.textContent = "give an address"; return; }
+  const { status: code, data } = await call("POST", "/messages/" + encodeURIComponent(state.selected)
+                                            + "/release", { to });
+  shown.textContent = visible(code === 202 ? "queued as " + data.queue_id : data.error || "not released");
+  if (code === 202) input.value = "";
 }
 
 async function deleteMessage() {
@@ -220,6 +237,18 @@ async function refreshHoneypot() {
     section.append(element("h3", name), list);
     tops.append(section);
   }
+  await drawTimeline();
+  const messages = await call("GET", "/honeypot/messages?limit=200");
+  const messageRows = document.querySelector("#honeypot-messages tbody");
+  messageRows.replaceChildren();
+  for (const message of messages.data.messages || []) {
+    const source = message.kept
+      ? element("a", "download", { href: api + "/honeypot/messages/" + encodeURIComponent(message.id)
+                                   + "/raw", download: "" })
+      : "";
+    messageRows.append(row([message.time, message.peer_ip, message.mail_from || "<>",
+                            message.rcpt_tos.join(", "), message.subject, message.urls, source]));
+  }
   const sessions = await call("GET", "/honeypot/sessions?limit=200");
   const body = document.querySelector("#honeypot-sessions tbody");
   body.replaceChildren();
@@ -229,6 +258,38 @@ async function refreshHoneypot() {
     tr.addEventListener("click", () => openSession(session.id));
     body.append(tr);
   }
+}
+
+// Sessions per hour as bars in an SVG drawn here (no chart library): one bar per hour
+// of the last day, scaled to the busiest hour, each with its count as a tooltip.
+async function drawTimeline() {
+  const { status: code, data } = await call("GET", "/honeypot/timeline?bucket=3600");
+  const svg = document.getElementById("honeypot-timeline");
+  svg.replaceChildren();
+  if (code !== 200) return;
+  const points = data.points;
+  const most = Math.max(1, ...points.map((p) => p.sessions));
+  const total = points.reduce((sum, p) => sum + p.sessions, 0);
+  document.querySelector("#honeypot-chart figcaption").textContent =
+    "Sessions per hour, last 24 hours: " + total + " in all, busiest hour " + Math.max(0, ...points.map((p) => p.sessions))
+    + " (from " + new Date(points[0].start).toLocaleString() + " to now)";
+  const width = 480 / points.length;
+  const ns = "http://www.w3.org/2000/svg";
+  points.forEach((point, index) => {
+    const height = (point.sessions / most) * 110;
+    const bar = document.createElementNS(ns, "rect");
+    bar.setAttribute("x", String(index * width + 1));
+    bar.setAttribute("y", String(120 - height));
+    bar.setAttribute("width", String(Math.max(1, width - 2)));
+    bar.setAttribute("height", String(height));
+    bar.setAttribute("data-sessions", String(point.sessions));
+    const title = document.createElementNS(ns, "title");
+    title.textContent = new Date(point.start).toLocaleString() + ": " + point.sessions + " sessions, "
+      + point.unique_ips + " addresses, " + point.auth_attempts + " AUTH attempts, "
+      + point.messages + " messages";
+    bar.append(title);
+    svg.append(bar);
+  });
 }
 
 async function openSession(id) {
@@ -251,6 +312,7 @@ document.addEventListener("DOMContentLoaded", () => {
   }
   document.getElementById("delete-message").addEventListener("click", deleteMessage);
   document.getElementById("delete-all").addEventListener("click", deleteAll);
+  document.getElementById("release").addEventListener("submit", releaseMessage);
   document.getElementById("queue-flush").addEventListener("click", async () => {
     await call("POST", "/queue/flush");
     await refreshQueue();

@@ -115,7 +115,9 @@ def locate_queue(config: str | None, command: str = "mailgate queue") -> QueueLo
     from mailgate.queue.settings import queue_settings, redacted_dsn
 
     try:
-        options = build_options(argparse.Namespace(config=config))
+        # The DKIM keys are read by the server (and by sendmail when it queues), not by
+        # every command that finds the queue: they may be kept from the user running it.
+        options = build_options(argparse.Namespace(config=config), read_keys=False)
         settings = queue_settings(options.policy)
         policy = settings.policy()
     except ConfigError as exc:

@@ -283,6 +283,8 @@ HONEYPOT_REFUSED_TABLES: Mapping[str, str] = {
     "routes": _NOTHING_ONWARD,
     "queue": _NOTHING_ONWARD,
     "outbound": _NOTHING_ONWARD,
+    "dkim_sign": _NOTHING_ONWARD,
+    "arc_seal": _NOTHING_ONWARD,
 }
 
 

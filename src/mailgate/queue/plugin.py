@@ -46,6 +46,7 @@ from .model import ClientInfo, NewMessage, NewRecipient, parse_notify
 from .outbound import Forward, OutboundEngine, OutboundOptions
 from .runner import BounceRoute, QueueRunner
 from .settings import QueueSettings, redacted_dsn
+from .signing import MessageSigner
 from .sqlite import SCHEMA_VERSION as SQLITE_SCHEMA_VERSION
 from .sqlite import SQLiteQueueStore
 from .sqlite import migrate as sqlite_migrate
@@ -82,7 +83,9 @@ class QueuePlugin:
     key; ``bounce_route`` where a DSN to an address goes. ``directory`` and ``settings``
     are the ``[queue]`` table's, ``outbound`` the ``[outbound]`` table's; ``resolver``
     mailgate's resolver (``dns_nameservers``). ``store``: an open store to use instead
-    of opening one in ``directory`` (it is then not closed here either).
+    of opening one in ``directory`` (it is then not closed here either). ``signer``: the
+    ``[[dkim_sign]]`` and ``[arc_seal]`` keys; the message is signed once, here, and the
+    queue keeps the signed bytes, so a retry sends them as they are.
     """
 
     name = "queue"
@@ -101,6 +104,7 @@ class QueuePlugin:
         bounce_route: BounceRoute | None = None,
         resolver: Resolver | None = None,
         store: QueueStore | None = None,
+        signer: MessageSigner | None = None,
     ) -> None:
         if store is None and directory is None:
             raise ValueError("QueuePlugin needs a queue directory or an open store")
@@ -112,6 +116,9 @@ class QueuePlugin:
         self.forward_targets = dict(forward_targets or {})
         self.bounce_route = bounce_route
         self.resolver = resolver
+        #: DKIM signatures and ARC seals added when a message is queued (None: none);
+        #: a SIGHUP replaces it with one whose key files were read again.
+        self.signer = signer
         self.store: QueueStore | None = store
         self._owns_store = store is None
         self.runner: QueueRunner | None = None
@@ -147,6 +154,7 @@ class QueuePlugin:
             destination_concurrency=self.settings.destination_concurrency or None,
             # A store without body files (PostgreSQL) copies a body here for a delivery.
             spool=self.directory,
+            sign_report=self._signed_report,
         )
         self.runner.start()
         log.info(
@@ -247,10 +255,14 @@ class QueuePlugin:
                 received_at=message.received_at,
             )
             loop = asyncio.get_running_loop()
-            # The spool file is fsynced once (the server would anyway before its 250;
-            # Maildir then finds it synced) and hard-linked into the queue: no copy.
-            await loop.run_in_executor(None, message.sync)
-            queue_id = await store.enqueue(new, message.path or Path(), synced=True)
+            signed = await self._signed(session, envelope, message)
+            if signed is not None:
+                queue_id = await store.enqueue(new, signed)
+            else:
+                # The spool file is fsynced once (the server would anyway before its 250;
+                # Maildir then finds it synced) and hard-linked into the queue: no copy.
+                await loop.run_in_executor(None, message.sync)
+                queue_id = await store.enqueue(new, message.path or Path(), synced=True)
         except Exception:
             log.exception("message %s: cannot be queued; answered 451", message.id)
             raise TempFail(451, _QUEUE_FAILED, enhanced="4.3.0") from None
@@ -278,7 +290,8 @@ class QueuePlugin:
         authenticated as ``submitter`` (the operator). Every one must go onward (relay
         or forward): one the rules deliver locally or refuse raises :class:`QueueError`
         naming it, and nothing is queued. ``body`` is read as it is (hard-linked into
-        the queue where the file system allows; the file is not changed)."""
+        the queue where the file system allows; the file is not changed); with
+        ``[[dkim_sign]]`` the queue gets a signed copy instead."""
         if not recipients:
             raise QueueError("no recipients")
         store = self.store if self.store is not None else await self._opened()
@@ -310,7 +323,15 @@ class QueuePlugin:
             smtputf8=smtputf8,
             client=ClientInfo(protocol="local", auth_user=submitter, listener=listener),
         )
-        queue_id = await store.enqueue(new, body)
+        source: Path | bytes = body
+        if self.signer is not None:
+            # Mail an operator sends on is the server's own: signed as sendmail's is.
+            loop = asyncio.get_running_loop()
+            data = await loop.run_in_executor(None, body.read_bytes)
+            signed = await loop.run_in_executor(None, self._signed_report, data)
+            if signed is not data:
+                source = signed
+        queue_id = await store.enqueue(new, source)
         log.info(
             "queue %s: submitted by %s through the %s for %d recipient(s): %s",
             queue_id,
@@ -320,6 +341,54 @@ class QueuePlugin:
             ", ".join(r.address for r in queued),
         )
         return queue_id
+
+    async def _signed(self, session: Session, envelope: Envelope, message: Message) -> bytes | None:
+        """The message with the DKIM signatures and ARC set of ``signer`` on top, or None
+        when none applies (the spool file is then queued as it is). This is the last
+        step that sees the message before it is queued: every change is signed. A
+        message that cannot be signed (a malformed header section) goes unsigned, with a
+        warning: refusing it would not make the next attempt any better."""
+        signer = self.signer
+        path = message.path
+        if signer is None or path is None:
+            return None
+
+        def sign() -> bytes | None:
+            data = path.read_bytes()
+            try:
+                added, what = signer.sign(
+                    data,
+                    envelope_sender=envelope.sender,
+                    client=session.peer_host,
+                    user=session.user if session.authenticated else None,
+                )
+            except Exception as exc:  # dkimpy's DKIMException, and what its parser raises
+                log.warning("message %s: not signed: %s", message.id, exc)
+                return None
+            if not added:
+                return None
+            log.info("message %s: signed: %s", message.id, "; ".join(what))
+            return added + data
+
+        return await asyncio.get_running_loop().run_in_executor(None, sign)
+
+    def _signed_report(self, report: bytes) -> bytes:
+        """A message that did not come over SMTP (a delivery report mailgate wrote, one
+        an operator released) with the signatures of the keys (those of now: a SIGHUP may
+        have replaced them) that match its From; ``report`` itself when none does. Run
+        in a thread."""
+        signer = self.signer
+        if signer is None:
+            return report
+        try:
+            added, what = signer.sign_local(report)
+        except Exception as exc:  # as for a message: sent unsigned rather than not at all
+            log.warning("delivery report: not signed: %s", exc)
+            return report
+        if not what:
+            return report
+        log.debug("delivery report signed: %s", "; ".join(what))
+        return added + report
 
     async def _bounce_refused(
         self,
@@ -370,6 +439,7 @@ class QueuePlugin:
         loop = asyncio.get_running_loop()
         try:
             report = await loop.run_in_executor(None, dsn.build_dsn, facts, results, path)
+            report = await loop.run_in_executor(None, self._signed_report, report)
             destination = self.bounce_route(sender) if self.bounce_route else None
             if destination is None or not destination.startswith(_ONWARD):
                 destination = f"relay:{sender.rpartition('@')[2].lower()}"

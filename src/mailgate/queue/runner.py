@@ -218,6 +218,7 @@ class QueueRunner:
         destination_concurrency: int | None = None,
         grace: float = 5.0,
         spool: Path | None = None,
+        sign_report: Callable[[bytes], bytes] | None = None,
     ) -> None:
         if max_deliveries < 1:
             raise ValueError("max_deliveries must be at least 1")
@@ -235,6 +236,8 @@ class QueueRunner:
         self._waiting_for_slot: dict[str, int] = {}
         #: Where bodies of a store without local files are copied for a delivery.
         self.spool = spool
+        #: Adds the DKIM signatures of ``[[dkim_sign]]`` to a report (run in a thread).
+        self.sign_report = sign_report
         self._in_flight: dict[asyncio.Task[None], DeliveryBatch] = {}
         self._slot_freed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -493,6 +496,8 @@ class QueueRunner:
         try:
             async with body_file(self.store, message.id, self.spool) as body_path:
                 report = await loop.run_in_executor(None, _build, facts, results, body_path)
+            if self.sign_report is not None:
+                report = await loop.run_in_executor(None, self.sign_report, report)
         except (ValueError, OSError, KeyError) as exc:
             # A report that cannot be made (an address no report can go to, a body gone):
             # settled, so it is not tried forever; the history keeps the reason.

@@ -11,6 +11,13 @@ Tests add records in zone-file syntax and point mailgate at it with the setting
 Records live until the server stops, so each test uses names of its own (``unique()``).
 A name added with :meth:`fail` answers SERVFAIL; one added with :meth:`hang` never
 answers (for timeouts).
+
+:meth:`DNSTestServer.add_signed` serves a DNSSEC-signed zone (signed by dnspython with a
+key made for the test, NSEC for denials): answers carry their RRSIGs, denials their NSEC
+proofs, and ``zone.trust_anchor`` is the DS record to configure as mailgate's trust
+anchor. ``broken`` names get signatures that do not verify. With ``validating=True`` the
+server also plays a validating resolver: AD on good answers, SERVFAIL on broken ones
+(unless the question sets CD).
 """
 
 from __future__ import annotations
@@ -20,7 +27,21 @@ import socket
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
 
+import dns.dnssec
+import dns.dnssectypes
+import dns.flags
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdataclass
+import dns.rdataset
+import dns.rdatatype
+import dns.rrset
+import dns.zone
+from cryptography.hazmat.primitives.asymmetric import ec
 from dnslib import QTYPE, RCODE, RR, DNSRecord
 from dnslib.server import BaseResolver, DNSHandler, DNSServer
 
@@ -32,6 +53,132 @@ def unique(prefix: str = "t") -> str:
     return f"{prefix}{next(_counter)}"
 
 
+class SignedZone:
+    """A zone signed for the test (ECDSA P-256, one key with the SEP flag), answering
+    with RRSIGs and NSEC proofs as a DNSSEC-aware server does."""
+
+    def __init__(
+        self,
+        origin: str,
+        records: str,
+        *,
+        broken: Iterable[str] = (),
+        validating: bool = False,
+    ) -> None:
+        self.origin = dns.name.from_text(origin.rstrip(".") + ".")
+        soa = f"{self.origin} 60 IN SOA ns.{self.origin} hostmaster.{self.origin} 1 60 60 600 60"
+        ns = f"{self.origin} 60 IN NS ns.{self.origin}"
+        self.zone = dns.zone.from_text(
+            "\n".join((soa, ns, *(line.strip() for line in records.splitlines()))),
+            origin=self.origin,
+            relativize=False,
+        )
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.dnskey = dns.dnssec.make_dnskey(
+            self.key.public_key(), dns.dnssectypes.Algorithm.ECDSAP256SHA256, flags=257
+        )
+        now = time.time()
+        dns.dnssec.sign_zone(
+            self.zone, keys=[(self.key, self.dnskey)], inception=now - 3600, lifetime=86400
+        )
+        self.validating = validating
+        self.broken = {dns.name.from_text(n.rstrip(".") + ".") for n in broken}
+        if self.broken:
+            self._break_signatures()
+        ds = dns.dnssec.make_ds(self.origin, self.dnskey, "SHA256")
+        #: What to give mailgate as its trust anchor for this zone.
+        self.trust_anchor = f"{self.origin} IN DS {ds}"
+        self.dnskey_anchor = f"{self.origin} IN DNSKEY {self.dnskey}"
+
+    def _break_signatures(self) -> None:
+        with self.zone.writer() as txn:
+            for name in self.broken:
+                node = txn.get_node(name)
+                if node is None:
+                    continue
+                for rdataset in list(node.rdatasets):
+                    if rdataset.rdtype != dns.rdatatype.RRSIG:
+                        continue
+                    damaged = [
+                        sig.replace(signature=bytes([sig.signature[0] ^ 0xFF]) + sig.signature[1:])
+                        for sig in rdataset
+                    ]
+                    txn.replace(name, dns.rdataset.from_rdata_list(rdataset.ttl, damaged))
+
+    def answer(self, query: Any) -> bytes:
+        question = query.question[0]
+        qname, qtype = question.name, question.rdtype
+        response = dns.message.make_response(query)
+        response.flags |= dns.flags.AA
+        bogus = False
+        node = self.zone.get_node(qname)
+        if node is not None:
+            found = node.get_rdataset(dns.rdataclass.IN, qtype)
+            if found is None:
+                found = node.get_rdataset(dns.rdataclass.IN, dns.rdatatype.CNAME)
+                qtype = dns.rdatatype.CNAME if found is not None else qtype
+            if found is not None:
+                self._add(response.answer, qname, qtype)
+                bogus = qname in self.broken
+            else:
+                self._add(response.authority, self.origin, dns.rdatatype.SOA)
+                self._add(response.authority, qname, dns.rdatatype.NSEC)
+        else:
+            response.set_rcode(dns.rcode.NXDOMAIN)
+            self._add(response.authority, self.origin, dns.rdatatype.SOA)
+            covering = self._covering(qname)
+            if covering is not None:
+                self._add(response.authority, covering, dns.rdatatype.NSEC)
+                encloser = _common(qname, covering, self._next(covering))
+                wildcard = dns.name.Name((b"*", *encloser.labels))
+                other = self._covering(wildcard)
+                if other is not None and other != covering:
+                    self._add(response.authority, other, dns.rdatatype.NSEC)
+        if self.validating and not query.flags & dns.flags.CD:
+            if bogus:
+                failed = dns.message.make_response(query)
+                failed.set_rcode(dns.rcode.SERVFAIL)
+                return bytes(failed.to_wire())
+            response.flags |= dns.flags.AD
+        return bytes(response.to_wire())
+
+    def _add(self, section: list[Any], name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> None:
+        rdataset = self.zone.get_rdataset(name, rdtype)
+        if rdataset is None:
+            return
+        section.append(dns.rrset.from_rdata_list(name, rdataset.ttl, list(rdataset)))
+        sigs = self.zone.get_rdataset(name, dns.rdatatype.RRSIG, rdtype)
+        if sigs is not None:
+            rrsig = dns.rrset.from_rdata_list(name, sigs.ttl, list(sigs))
+            section.append(rrsig)
+
+    def _next(self, owner: dns.name.Name) -> dns.name.Name:
+        nsec = self.zone.get_rdataset(owner, dns.rdatatype.NSEC)
+        assert nsec is not None
+        return nsec[0].next  # type: ignore[no-any-return]
+
+    def _covering(self, name: dns.name.Name) -> dns.name.Name | None:
+        for owner, node in self.zone.nodes.items():
+            if node.get_rdataset(dns.rdataclass.IN, dns.rdatatype.NSEC) is None:
+                continue
+            following = self._next(owner)
+            if owner < following:
+                if owner < name < following:
+                    return owner
+            elif name > owner or name < following:
+                return owner
+        return None
+
+
+def _common(name: dns.name.Name, *others: dns.name.Name) -> dns.name.Name:
+    best = dns.name.root
+    for other in others:
+        _, _, common = name.fullcompare(other)
+        if common > len(best):
+            best = dns.name.Name(name.labels[-common:])
+    return best
+
+
 class _ZoneResolver(BaseResolver):  # type: ignore[misc]
     def __init__(self) -> None:
         self.records: dict[str, list[RR]] = defaultdict(list)
@@ -39,9 +186,33 @@ class _ZoneResolver(BaseResolver):  # type: ignore[misc]
         self.hanging: set[str] = set()
         self.lock = threading.Lock()
         self.questions: list[tuple[str, str]] = []
+        self.signed: list[SignedZone] = []
+
+    def signed_reply(self, data: bytes) -> bytes | None:
+        """The answer from a signed zone, or None when no signed zone holds the name."""
+        try:
+            query = dns.message.from_wire(data)
+        except Exception:
+            return None
+        if not query.question:
+            return None
+        qname = query.question[0].name
+        with self.lock:
+            zones = [z for z in self.signed if qname.is_subdomain(z.origin)]
+            if not zones:
+                return None
+            self.questions.append(
+                (
+                    qname.to_text(omit_final_dot=True).lower(),
+                    dns.rdatatype.to_text(query.question[0].rdtype),
+                )
+            )
+        zone = max(zones, key=lambda z: len(z.origin))
+        return zone.answer(query)
 
     def resolve(self, request: DNSRecord, handler: DNSHandler) -> DNSRecord:
         reply = request.reply()
+        reply.header.ad = 0  # dnslib copies the question's flags; this server validates nothing
         qname = str(request.q.qname).lower().rstrip(".")
         qtype = QTYPE[request.q.qtype]
         with self.lock:
@@ -65,6 +236,15 @@ class _ZoneResolver(BaseResolver):  # type: ignore[misc]
         return reply
 
 
+class _Handler(DNSHandler):  # type: ignore[misc]
+    def get_reply(self, data: bytes) -> bytes:
+        resolver: _ZoneResolver = self.server.resolver
+        wire = resolver.signed_reply(data)
+        if wire is not None:
+            return wire
+        return bytes(super().get_reply(data))
+
+
 class DNSTestServer:
     def __init__(self) -> None:
         self.resolver = _ZoneResolver()
@@ -80,9 +260,20 @@ class DNSTestServer:
         for _ in range(20):
             port = _free_port()
             try:
-                udp = DNSServer(self.resolver, address="127.0.0.1", port=port, logger=_Quiet())
+                udp = DNSServer(
+                    self.resolver,
+                    address="127.0.0.1",
+                    port=port,
+                    logger=_Quiet(),
+                    handler=_Handler,
+                )
                 tcp = DNSServer(
-                    self.resolver, address="127.0.0.1", port=port, tcp=True, logger=_Quiet()
+                    self.resolver,
+                    address="127.0.0.1",
+                    port=port,
+                    tcp=True,
+                    logger=_Quiet(),
+                    handler=_Handler,
                 )
             except OSError:
                 continue
@@ -104,6 +295,21 @@ class DNSTestServer:
             name = str(rr.rname).lower().rstrip(".")
             with self.resolver.lock:
                 self.resolver.records[name].append(rr)
+
+    def add_signed(
+        self,
+        origin: str,
+        records: str,
+        *,
+        broken: Iterable[str] = (),
+        validating: bool = False,
+    ) -> SignedZone:
+        """Serve ``records`` (zone-file syntax, absolute names) as the signed zone
+        ``origin``; see the module docstring. Returns the zone (its ``trust_anchor``)."""
+        zone = SignedZone(origin, records, broken=broken, validating=validating)
+        with self.resolver.lock:
+            self.resolver.signed.append(zone)
+        return zone
 
     def fail(self, name: str) -> None:
         """Answer SERVFAIL for ``name``."""

@@ -142,7 +142,9 @@ class SignedZone:
             response.flags |= dns.flags.AD
         return bytes(response.to_wire())
 
-    def _add(self, section: list[Any], name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> None:
+    def _add(
+        self, section: list[Any], name: dns.name.Name, rdtype: dns.rdatatype.RdataType
+    ) -> None:
         rdataset = self.zone.get_rdataset(name, rdtype)
         if rdataset is None:
             return

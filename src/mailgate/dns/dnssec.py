@@ -190,7 +190,9 @@ class DNSSECResolver:
 
     # --- local validation -----------------------------------------------------------------
 
-    async def _validated(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType, depth: int) -> Validated:
+    async def _validated(
+        self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType, depth: int
+    ) -> Validated:
         tname, ttype = _text_name(qname), dns.rdatatype.to_text(qtype)
         if depth > _MAX_DEPTH:
             return Validated(tname, ttype, (), Security.BOGUS, "too many delegations or CNAMEs")
@@ -411,7 +413,9 @@ def _text_name(name: dns.name.Name) -> str:
     return str(name.to_text(omit_final_dot=True))
 
 
-def _answer_records(response: Any, qname: dns.name.Name, qtype: dns.rdatatype.RdataType) -> tuple[list[Any], int]:
+def _answer_records(
+    response: Any, qname: dns.name.Name, qtype: dns.rdatatype.RdataType
+) -> tuple[list[Any], int]:
     """The ``qtype`` records for ``qname`` in the answer, following CNAMEs in it."""
     name = qname
     for _ in range(_MAX_DEPTH):

@@ -219,6 +219,12 @@ class QueuePlugin:
             ]
             params = envelope.mail_params
             ret = params.get("RET")
+            loop = asyncio.get_running_loop()
+            require_tls = "REQUIRETLS" in params
+            # RFC 8689 4.1: the header counts only without the MAIL parameter.
+            tls_optional = not require_tls and await loop.run_in_executor(
+                None, tls_required_no, message.path or Path()
+            )
             new = NewMessage(
                 envelope.sender,
                 recipients,
@@ -228,8 +234,9 @@ class QueuePlugin:
                 body_type=params.get("BODY"),
                 client=client_info(session, utf8=envelope.smtputf8),
                 received_at=message.received_at,
+                require_tls=require_tls,
+                tls_optional=tls_optional,
             )
-            loop = asyncio.get_running_loop()
             # The spool file is fsynced once (the server would anyway before its 250;
             # Maildir then finds it synced) and hard-linked into the queue: no copy.
             await loop.run_in_executor(None, message.sync)
@@ -310,6 +317,29 @@ class QueuePlugin:
         except Exception:
             log.exception("message %s: cannot queue the report of refused recipients", message.id)
             raise TempFail(451, _QUEUE_FAILED, enhanced="4.3.0") from None
+
+
+#: How far into a message the header is looked at for ``TLS-Required``.
+_HEADER_SCAN = 256 * 1024
+
+
+def tls_required_no(path: Path) -> bool:
+    """Whether the message's header has ``TLS-Required: No`` (RFC 8689 5): the sender
+    asks that the recipient domains' TLS policies not hold it back. Blocking."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(_HEADER_SCAN)
+    except OSError:
+        return False
+    end = head.find(b"\r\n\r\n")
+    header = head[: end if end >= 0 else len(head)]
+    # Unfold (RFC 5322 2.2.3), then look at each field by name.
+    unfolded = header.replace(b"\r\n ", b" ").replace(b"\r\n\t", b" ")
+    for line in unfolded.split(b"\r\n"):
+        name, colon, value = line.partition(b":")
+        if colon and name.strip().lower() == b"tls-required":
+            return value.strip().lower() == b"no"
+    return False
 
 
 async def open_store(

@@ -81,7 +81,7 @@ log = logging.getLogger("mailgate.queue")
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _DATABASE_NAME = "queue.db"
 # Writes gathered into one transaction at most (bounds the latency of the first).
 _MAX_GROUP = 512
@@ -104,7 +104,9 @@ CREATE TABLE IF NOT EXISTS messages (
     ret TEXT,
     smtputf8 INTEGER NOT NULL,
     body_type TEXT,
-    client TEXT NOT NULL
+    client TEXT NOT NULL,
+    require_tls INTEGER NOT NULL DEFAULT 0,
+    tls_optional INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS messages_received ON messages (received_at, id);
 CREATE TABLE IF NOT EXISTS recipients (
@@ -166,8 +168,17 @@ _RECIPIENT_COLUMNS = (
     "dsn_pending, dsn_sent, lease_owner, lease_id, lease_expires"
 )
 _MESSAGE_COLUMNS = (
-    "id, sender, size, received_at, expires_at, envid, ret, smtputf8, body_type, client"
+    "id, sender, size, received_at, expires_at, envid, ret, smtputf8, body_type, client, "
+    "require_tls, tls_optional"
 )
+#: Migration ``n`` brings a database from schema version ``n - 1`` to ``n`` (version 1
+#: is the first release's schema, made by ``_SCHEMA``).
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    2: (  # RFC 8689 REQUIRETLS and TLS-Required: No, per message
+        "ALTER TABLE messages ADD COLUMN require_tls INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE messages ADD COLUMN tls_optional INTEGER NOT NULL DEFAULT 0",
+    ),
+}
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
@@ -504,10 +515,22 @@ class SQLiteQueueStore(ChangeWaiting):
                     (str(SCHEMA_VERSION),),
                 )
             elif int(version["value"]) != SCHEMA_VERSION:
-                raise QueueError(
-                    f"queue database schema version {version['value']} is not supported "
-                    f"(this mailgate uses {SCHEMA_VERSION})"
+                current = int(version["value"])
+                if not 1 <= current < SCHEMA_VERSION:
+                    raise QueueError(
+                        f"queue database schema version {version['value']} is not supported "
+                        f"(this mailgate uses {SCHEMA_VERSION})"
+                    )
+                # An older queue: brought up to date in this transaction (a local
+                # database has one owner at a time, so nothing else waits for it).
+                for step in range(current + 1, SCHEMA_VERSION + 1):
+                    for statement in _MIGRATIONS[step]:
+                        connection.execute(statement)
+                connection.execute(
+                    "UPDATE meta SET value = ? WHERE key = 'schema_version'",
+                    (str(SCHEMA_VERSION),),
                 )
+                log.info("queue database migrated from schema %d to %d", current, SCHEMA_VERSION)
             self._recover(connection)
             connection.execute("COMMIT")
         except BaseException:
@@ -628,7 +651,7 @@ class SQLiteQueueStore(ChangeWaiting):
 
         def insert(connection: sqlite3.Connection) -> str:
             connection.execute(
-                f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     message_id,
                     message.sender,
@@ -640,6 +663,8 @@ class SQLiteQueueStore(ChangeWaiting):
                     int(message.smtputf8),
                     message.body_type,
                     json.dumps(asdict(message.client), separators=(",", ":")),
+                    int(message.require_tls),
+                    int(message.tls_optional),
                 ),
             )
             connection.executemany(

@@ -359,7 +359,7 @@ ERRORS: list[tuple[list[Any], str]] = [
     ),
     (
         [{"recipients": ["*"], "action": "forward", "to": "smtp://u:secret@h.test?x=1"}],
-        "#1 to: 'smtp://u:***@h.test?x=1': unknown option 'x' (starttls, cafile)",
+        "#1 to: 'smtp://u:***@h.test?x=1': unknown option 'x' (starttls, cafile, tls)",
     ),
     (
         [{"recipients": ["*"], "action": "relay"}, "not a table"],

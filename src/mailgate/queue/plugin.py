@@ -31,6 +31,7 @@ store.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -118,7 +119,13 @@ class QueuePlugin:
             assert self.directory is not None
             self.store = await open_store(self.settings, self.directory)
         self._ready.set()
-        self.engine = OutboundEngine(self.outbound, resolver=self.resolver)
+        outbound = self.outbound
+        if outbound.mta_sts_cache_file is None and self.directory is not None:
+            # MTA-STS policies outlive a restart (RFC 8461 5.1), next to the queue.
+            outbound = dataclasses.replace(
+                outbound, mta_sts_cache_file=str(self.directory / "mta-sts.json")
+            )
+        self.engine = OutboundEngine(outbound, resolver=self.resolver)
         self.runner = QueueRunner(
             self.store,
             self.engine,

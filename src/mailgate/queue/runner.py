@@ -49,7 +49,15 @@ from .model import (
     RemoteReply,
     format_notify,
 )
-from .outbound import DeliveryRequest, Destination, Forward, OutboundEngine, Recipient, Relay
+from .outbound import (
+    DeliveryRequest,
+    Destination,
+    Forward,
+    OutboundEngine,
+    Recipient,
+    Relay,
+    tls_summary,
+)
 from .outbound import DeliveryResult as EngineDeliveryResult
 from .outbound import Outcome as EngineOutcome
 from .outbound import RecipientResult as EngineRecipientResult
@@ -160,12 +168,16 @@ class _Settings:
 
 def destination_of(key: str, forward_targets: Mapping[str, Forward]) -> Destination | None:
     """The engine's destination for a queued recipient's key: ``relay:<domain>`` is the
-    domain's MX, ``forward:<url>`` the smarthost of the rule (its credentials come from
+    domain's MX (``relay:<domain>?tls=verify``: with a route's own TLS policy),
+    ``forward:<url>`` the smarthost of the rule (its credentials come from
     ``forward_targets``, as the key has no password). ``None``: a forward key no rule has
-    any more."""
+    any more, or a key this version cannot read."""
     kind, _, rest = key.partition(":")
     if kind == "relay" and rest:
-        return Relay(rest)
+        try:
+            return Relay.from_key(rest)
+        except ValueError:
+            return None
     if kind == "forward":
         return forward_targets.get(key)
     return None
@@ -514,7 +526,9 @@ def _result(recipient: RecipientInfo, result: EngineRecipientResult) -> Delivery
         RemoteReply(reply.code, reply.enhanced, reply.text) if reply is not None else None,
         remote_mta=str(result.remote) if result.remote is not None else None,
         status=result.status,
-        diagnostic=result.diagnostic,
+        # The TLS of the attempt and the policy that applied go into the history that
+        # ``mailgate queue show`` prints (and the DSN, when there was no reply).
+        diagnostic=f"{result.diagnostic} (TLS {tls_summary(result.tls, result.tls_policy)})",
     )
 
 

@@ -31,14 +31,17 @@ from .model import (
     Destination,
     Forward,
     Outcome,
+    PolicyInfo,
     RecipientResult,
     Relay,
     RemoteMTA,
     TLSInfo,
+    tls_summary,
 )
 from .mx import RouteFailure, host_addresses, mail_hosts
-from .options import OutboundOptions, TLSPolicy
+from .options import OutboundOptions
 from .session import Answer, Endpoint, HostFailure, Session, open_session
+from .tlspolicy import DANEProvider, MTASTSProvider, PolicyResolver, PolicySource, TLSLevel
 
 log = logging.getLogger("mailgate.queue.outbound")
 
@@ -47,7 +50,7 @@ _STATE_IDLE_LIFETIME = 600.0
 _INTERNAL_ERROR = Answer(
     Outcome.DEFERRED, "4.3.0", "internal error in mailgate's outbound delivery (see its log)"
 )
-_STARTTLS_MODES: dict[str, TLSPolicy] = {"no": "none", "auto": "may", "require": "encrypt"}
+_STARTTLS_MODES: dict[str, TLSLevel] = {"no": "none", "auto": "may", "require": "encrypt"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +64,18 @@ class DestinationStatus:
     idle_sessions: int
 
 
+@dataclass(frozen=True, slots=True)
+class _NoEndpoints:
+    """No host to try: DNS said so (``counts`` False: nothing of the destination's
+    health), or the TLS policy ruled every MX host out (it counts)."""
+
+    outcome: Outcome
+    status: str
+    diagnostic: str
+    counts: bool
+    policy: PolicyInfo | None = None
+
+
 @dataclass(slots=True)
 class _Attempt:
     answers: list[Answer]
@@ -69,6 +84,8 @@ class _Attempt:
     #: Whether a session was had (feeds slow start and the dead-destination tracker).
     connected: bool = False
     counts: bool = True  # False: the outcome says nothing of the destination (DNS, local)
+    #: The TLS policy of the session, or of the last host tried.
+    policy: PolicyInfo | None = None
 
 
 class OutboundEngine:
@@ -77,6 +94,10 @@ class OutboundEngine:
     ``resolver`` is mailgate's resolver (so ``dns_nameservers`` applies); without one, a
     resolver of the system's name servers is made. Use one engine per event loop and
     :meth:`aclose` it (or ``async with``) to close its cached sessions.
+
+    ``mta_sts``: the MTA-STS policy source (default: :class:`~.mtasts.MTASTS` over
+    ``resolver`` and HTTPS); ``dane``: what the ``dane`` level asks (None: ``dane`` is
+    ``may``, with a log line).
     """
 
     def __init__(
@@ -86,9 +107,25 @@ class OutboundEngine:
         resolver: Resolver | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        mta_sts: MTASTSProvider | None = None,
+        dane: DANEProvider | None = None,
     ) -> None:
         self.options = options or OutboundOptions()
         self.resolver = resolver if resolver is not None else Resolver()
+        options = self.options
+        if mta_sts is None:
+            from .mtasts import MTASTS
+
+            mta_sts = MTASTS(self.resolver, options)
+        self.mta_sts = mta_sts
+        self.policies = PolicyResolver(
+            default=options.tls_policy,
+            domains=dict(options.tls_policies),
+            cafile=options.tls_cafile,
+            mta_sts=mta_sts,
+            mta_sts_default=options.mta_sts,
+            dane=dane,
+        )
         self._rng = rng or random.Random()
         self._clock = clock
         self._cache = SessionCache(self.options)
@@ -106,6 +143,9 @@ class OutboundEngine:
     async def aclose(self) -> None:
         """Close the cached sessions (QUIT, bounded by a few seconds each)."""
         await self._cache.aclose()
+        closer = getattr(self.mta_sts, "aclose", None)
+        if closer is not None:
+            await closer()
 
     # --- state ------------------------------------------------------------------------------
 
@@ -210,17 +250,21 @@ class OutboundEngine:
 
     async def _with_session(self, request: DeliveryRequest, key: str, body: IO[bytes]) -> _Attempt:
         n = len(request.recipients)
-        session = await self._cached(key)
+        # The hosts and their TLS requirements first, also for a cached session: a
+        # policy that changed (an MTA-STS policy now in force) must not ride on a
+        # session opened under the old one. The resolver caches the lookups.
+        endpoints = await self._endpoints(request.destination)
+        if isinstance(endpoints, _NoEndpoints):
+            answer = Answer(endpoints.outcome, endpoints.status, endpoints.diagnostic)
+            return _Attempt([answer] * n, counts=endpoints.counts, policy=endpoints.policy)
+        session = await self._cached(key, endpoints)
         reused = session is not None
         failures: list[HostFailure] = []
         if session is None:
-            endpoints = await self._endpoints(request.destination)
-            if isinstance(endpoints, RouteFailure):
-                answer = Answer(endpoints.outcome, endpoints.status, endpoints.diagnostic)
-                return _Attempt([answer] * n, counts=False)
             session = await self._open_any(endpoints, failures)
         if session is None:
-            return _Attempt([_final_failure(failures)] * n)
+            policy = endpoints[-1].policy if endpoints else None
+            return _Attempt([_final_failure(failures)] * n, policy=policy)
         keep = False
         try:
             answers = await self._transactions(session, request, body)
@@ -230,7 +274,13 @@ class OutboundEngine:
                 self._cache.put(key, session)
             else:
                 session.abort()
-        return _Attempt(answers, session=session, reused=reused, connected=True)
+        return _Attempt(
+            answers,
+            session=session,
+            reused=reused,
+            connected=True,
+            policy=session.endpoint.policy,
+        )
 
     async def _transactions(
         self, session: Session, request: DeliveryRequest, body: IO[bytes]
@@ -259,12 +309,18 @@ class OutboundEngine:
             answers += await session.transact(replace(request, recipients=part), body)
         return answers
 
-    async def _cached(self, key: str) -> Session | None:
-        """A cached session for the destination that survives RSET."""
+    async def _cached(self, key: str, endpoints: list[Endpoint]) -> Session | None:
+        """A cached session for the destination that survives RSET, opened with one of
+        ``endpoints`` under the same TLS requirement (others are closed)."""
+        wanted = {(e.host, e.address, e.port, e.tls) for e in endpoints}
         for _ in range(self.options.max_concurrency_per_destination + 1):
             session = self._cache.take(key)
             if session is None:
                 return None
+            endpoint = session.endpoint
+            if (endpoint.host, endpoint.address, endpoint.port, endpoint.tls) not in wanted:
+                await session.quit()
+                continue
             if await session.reset():
                 self._cache.reused += 1
                 return session
@@ -281,7 +337,7 @@ class OutboundEngine:
                 session = await open_session(endpoint, self.options, plaintext=plaintext)
             except HostFailure as failure:
                 failures.append(failure)
-                if not (failure.starttls_failed and endpoint.tls_policy == "may"):
+                if not (failure.starttls_failed and endpoint.tls.mode == "may"):
                     continue
                 # Opportunistic TLS that failed: remember the host, and try it again now
                 # in plain text, as Postfix does.
@@ -296,32 +352,74 @@ class OutboundEngine:
             return session
         return None
 
-    async def _endpoints(self, destination: Destination) -> list[Endpoint] | RouteFailure:
+    async def _endpoints(self, destination: Destination) -> list[Endpoint] | _NoEndpoints:
+        """The addresses to try, in order, each with its TLS requirement."""
         options = self.options
+        policies = self.policies
         if isinstance(destination, Relay):
-            hosts = await mail_hosts(self.resolver, destination.domain, rng=self._rng)
+            domain = destination.domain.strip().rstrip(".")
+            hosts = await mail_hosts(self.resolver, domain, rng=self._rng)
             if isinstance(hosts, RouteFailure):
-                return hosts
-            return [
-                Endpoint(
-                    host=host.name,
-                    address=address,
-                    port=options.port,
-                    tls_policy=options.tls_policy,
-                    cafile=options.tls_cafile,
-                    relay=True,
+                return _NoEndpoints(hosts.outcome, hosts.status, hosts.diagnostic, counts=False)
+            level, source = policies.level_for(domain, destination.tls)
+            policy = await policies.relay_policy(
+                domain, [host.name for host in hosts], options.port, level, source
+            )
+            endpoints: list[Endpoint] = []
+            refused: list[str] = []
+            for host in hosts:
+                requirement = policy.for_host(host.name)
+                if requirement is None:
+                    refused.append(host.name)
+                    continue
+                endpoints += [
+                    Endpoint(
+                        host=host.name,
+                        address=address,
+                        port=options.port,
+                        tls=requirement,
+                        relay=True,
+                    )
+                    for address in host.addresses
+                ]
+            if refused:
+                log.warning(
+                    "%s: MX hosts %s are not in %s; not used",
+                    domain,
+                    ", ".join(refused),
+                    policy.default.reason or "the TLS policy",
                 )
-                for host in hosts
-                for address in host.addresses
-            ]
+            if not endpoints:
+                default = policy.default
+                return _NoEndpoints(
+                    Outcome.DEFERRED,
+                    "4.7.5",
+                    f"no MX host of {domain} ({', '.join(refused)}) is allowed by "
+                    f"{default.reason or 'its TLS policy'}",
+                    counts=False,
+                    policy=PolicyInfo(default.level, default.mode, default.source, default.reason),
+                )
+            return endpoints
         assert isinstance(destination, Forward)
         target = destination.target()
         addresses = await host_addresses(self.resolver, target.host)
         if isinstance(addresses, RouteFailure):
-            return addresses
-        policy = options.tls_policy
-        if "starttls=" in destination.url:  # the URL's own choice wins for this host
-            policy = _STARTTLS_MODES[target.starttls]
+            return _NoEndpoints(
+                addresses.outcome, addresses.status, addresses.diagnostic, counts=False
+            )
+        url_level: TLSLevel
+        url_source: PolicySource
+        if target.tls is not None:  # the URL's own choice wins for this host
+            url_level, url_source = target.tls, "url"  # type: ignore[assignment]  # a level
+        elif "starttls=" in destination.url:
+            url_level, url_source = _STARTTLS_MODES[target.starttls], "url"
+        else:
+            url_level, url_source = policies.level_for(None, None)
+        if target.scheme == "smtps" and url_level in ("none", "may"):
+            url_level = "encrypt"  # TLS from the first byte: never plain text
+        requirement = await policies.host_requirement(
+            target.host, target.port, url_level, url_source, target.cafile or options.tls_cafile
+        )
         return [
             Endpoint(
                 host=target.host,
@@ -329,10 +427,9 @@ class OutboundEngine:
                 port=target.port,
                 lmtp=target.scheme == "lmtp",
                 implicit_tls=target.scheme == "smtps",
-                tls_policy=policy,
+                tls=requirement,
                 username=target.username,
                 password=target.password,
-                cafile=target.cafile or options.tls_cafile,
             )
             for address in addresses
         ]
@@ -357,6 +454,7 @@ class OutboundEngine:
                 reply=answer.reply,
                 remote=remote,
                 tls=tls,
+                tls_policy=attempt.policy,
             )
             for recipient, answer in zip(request.recipients, answers, strict=True)
         )
@@ -367,6 +465,7 @@ class OutboundEngine:
             tls=tls,
             delay=max(0.0, self._clock() - started),
             reused=attempt.reused,
+            tls_policy=attempt.policy,
         )
         _log_attempt(result)
         return result
@@ -398,6 +497,7 @@ def _open(path: Path) -> IO[bytes]:
 def _log_attempt(result: DeliveryResult) -> None:
     request = result.request
     tls = result.tls
+    policy = result.tls_policy
     record: dict[str, Any] = {
         "queue_id": request.queue_id,
         "attempt": request.attempt,
@@ -406,7 +506,14 @@ def _log_attempt(result: DeliveryResult) -> None:
         "remote_ip": result.remote.address if result.remote else None,
         "remote_port": result.remote.port if result.remote else None,
         "tls_version": tls.version if tls else None,
+        "tls_cipher": tls.cipher if tls else None,
         "tls_verified": tls.verified if tls else None,
+        "tls_verification": tls.method if tls else None,
+        "tls_verify_detail": tls.detail if tls and not tls.verified else None,
+        "tls_policy": policy.level if policy else None,
+        "tls_policy_mode": policy.mode if policy else None,
+        "tls_policy_source": policy.source if policy else None,
+        "tls_policy_reason": policy.reason or None if policy else None,
         "reused": result.reused,
         "delay": round(result.delay, 3),
         "recipients": [
@@ -421,7 +528,7 @@ def _log_attempt(result: DeliveryResult) -> None:
         ],
     }
     remote = str(result.remote) if result.remote else "none"
-    tls_text = f"{tls.version}/{'verified' if tls.verified else 'unverified'}" if tls else "none"
+    tls_text = tls_summary(tls, policy)
     outcomes = "; ".join(
         f"<{r.recipient.address}> {r.outcome.value} {r.status} {r.diagnostic}"
         for r in result.recipients

@@ -22,8 +22,10 @@ with the MX host name as the reference identifier and the validity dates checked
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import hashlib
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,10 +37,20 @@ from mailgate.dns import DNSTempError
 from mailgate.dns.dnssec import DNSSECResolver, Security
 
 from .tlscheck import chain_verifies
+from .tlspolicy import (
+    CertificateCheck,
+    DestinationPolicy,
+    TLSRequirement,
+    refusing_requirement,
+)
+
+log = logging.getLogger("mailgate.queue.outbound")
 
 __all__ = [
+    "DANE",
     "DaneLevel",
     "HostDane",
+    "TLSAMatcher",
     "TLSARecord",
     "host_dane",
     "match_chain",
@@ -222,3 +234,123 @@ def tlsa_for_certificate(
     elif matching == 2:
         selected = hashlib.sha512(selected).digest()
     return TLSARecord(usage, selector, matching, selected)
+
+
+# --- the provider of the ``dane`` and ``dane-only`` levels ------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TLSAMatcher:
+    """Judges a server's chain against the usable TLSA records of its host (a
+    :class:`~.tlspolicy.CertificateMatcher`). ``names``: the reference identifiers for
+    DANE-TA (the MX host name; the host connected to when empty)."""
+
+    records: tuple[TLSARecord, ...]
+    names: tuple[str, ...] = ()
+    tlsa: str = ""
+
+    async def check(self, chain: Sequence[bytes], host: str) -> CertificateCheck:
+        problem = match_chain(chain, self.records, self.names or (host,))
+        where = f" ({self.tlsa})" if self.tlsa else ""
+        if problem is None:
+            return CertificateCheck(True, "dane", f"a TLSA record matched{where}")
+        return CertificateCheck(False, None, f"DANE: {problem}{where}")
+
+
+class DANE:
+    """DANE for the ``dane`` and ``dane-only`` TLS levels (a
+    :class:`~.tlspolicy.DANEProvider`), over a :class:`DNSSECResolver`.
+
+    For a relay: the MX records must be secure, then each MX host gets what its TLSA
+    records say (:func:`host_dane`): a ``verify`` requirement with a :class:`TLSAMatcher`,
+    ``encrypt`` when none is usable, the fallback (``may``) without records, and no
+    session at all when the lookup is bogus or fails. ``None`` (DANE does not apply; MTA-STS
+    or ``may`` follow) when the MX records are insecure or no host has TLSA records;
+    under ``dane-only`` that is a refusal instead."""
+
+    def __init__(self, dnssec: DNSSECResolver) -> None:
+        self.dnssec = dnssec
+
+    async def destination_policy(
+        self, domain: str, hosts: Sequence[str], port: int, fallback: TLSRequirement
+    ) -> DestinationPolicy | None:
+        only = fallback.level == "dane-only"
+        security, why = await mx_security(self.dnssec, domain)
+        if security is Security.BOGUS:
+            return _no_hosts(fallback, f"DANE: {why}")
+        if security is Security.INSECURE:
+            if only:
+                return _no_hosts(fallback, f"dane-only: {why}")
+            log.debug("%s: DANE does not apply: %s", domain, why)
+            return None
+        names = [host.lower().rstrip(".") for host in hosts]
+        found = await asyncio.gather(*(host_dane(self.dnssec, name, port) for name in names))
+        requirements: dict[str, TLSRequirement] = {}
+        allowed: list[str] = []
+        refused: list[str] = []
+        for name, dane in zip(names, found, strict=True):
+            requirement = _requirement(name, port, dane, fallback)
+            if requirement is None:
+                refused.append(f"{name}: {dane.reason}")
+                continue
+            if only and dane.level is DaneLevel.NONE:
+                refused.append(f"{name}: dane-only, and {dane.reason}")
+                continue
+            allowed.append(name)
+            if dane.level is not DaneLevel.NONE:
+                requirements[name] = requirement
+        if not requirements and not refused:
+            log.debug("%s: DANE does not apply: no MX host has TLSA records", domain)
+            return None  # secure MX, no TLSA anywhere: MTA-STS or may
+        if refused:
+            log.warning("%s: MX hosts left out by DANE: %s", domain, "; ".join(refused))
+        default = fallback
+        if refused:
+            default = TLSRequirement(
+                fallback.mode,
+                fallback.level,
+                fallback.source,
+                fallback.matcher,
+                "DANE: " + "; ".join(refused),
+            )
+        return DestinationPolicy(default, requirements, mx_patterns=tuple(allowed))
+
+    async def host_requirement(
+        self, host: str, port: int, fallback: TLSRequirement
+    ) -> TLSRequirement | None:
+        """A smarthost (``tls = "dane"`` on a forward route): its own TLSA records."""
+        name = host.lower().rstrip(".")
+        dane = await host_dane(self.dnssec, name, port)
+        requirement = _requirement(name, port, dane, fallback)
+        if requirement is None:
+            return refusing_requirement(fallback, f"DANE: {dane.reason}")
+        if dane.level is DaneLevel.NONE:
+            if fallback.level == "dane-only":
+                return refusing_requirement(fallback, f"dane-only: {dane.reason}")
+            return None
+        return requirement
+
+
+def _requirement(
+    host: str, port: int, dane: HostDane, fallback: TLSRequirement
+) -> TLSRequirement | None:
+    """What ``dane`` makes of one host's session (None: no session with it)."""
+    tlsa = tlsa_name(host, port)
+    if dane.level is DaneLevel.VERIFY:
+        return TLSRequirement(
+            "verify",
+            fallback.level,
+            "dane",
+            TLSAMatcher(dane.records, (host,), tlsa),
+            f"DANE TLSA {tlsa}",
+        )
+    if dane.level is DaneLevel.ENCRYPT:
+        return TLSRequirement("encrypt", fallback.level, "dane", fallback.matcher, dane.reason)
+    if dane.level is DaneLevel.DEFER:
+        return None
+    return fallback
+
+
+def _no_hosts(fallback: TLSRequirement, reason: str) -> DestinationPolicy:
+    """Every MX host ruled out (deferred without connecting)."""
+    return DestinationPolicy(refusing_requirement(fallback, reason), mx_patterns=())

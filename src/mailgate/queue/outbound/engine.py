@@ -118,6 +118,20 @@ class OutboundEngine:
 
             mta_sts = MTASTS(self.resolver, options)
         self.mta_sts = mta_sts
+        if dane is None and options.dnssec != "off":
+            from mailgate.dns.dnssec import DNSSECResolver
+
+            from .dane import DANE
+
+            dane = DANE(
+                DNSSECResolver(
+                    self.resolver.nameservers,
+                    mode=options.dnssec,
+                    trust_anchors=options.dnssec_trust_anchors,
+                    timeout=self.resolver.timeout,
+                )
+            )
+        self.dane = dane
         self.policies = PolicyResolver(
             default=options.tls_policy,
             domains=dict(options.tls_policies),

@@ -26,11 +26,11 @@ import itertools
 import socket
 import threading
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-import dns.dnssec
 import dns.dnssectypes
 import dns.flags
 import dns.message
@@ -42,8 +42,14 @@ import dns.rdatatype
 import dns.rrset
 import dns.zone
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.utils import CryptographyDeprecationWarning
 from dnslib import QTYPE, RCODE, RR, DNSRecord
 from dnslib.server import BaseResolver, DNSHandler, DNSServer
+
+with warnings.catch_warnings():
+    # dnspython's DSA support makes cryptography warn on import (as in mailgate.dns.dnssec).
+    warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+    import dns.dnssec
 
 _counter = itertools.count(1)
 

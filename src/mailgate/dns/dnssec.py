@@ -26,13 +26,21 @@ from __future__ import annotations
 
 import enum
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
+from cryptography.utils import CryptographyDeprecationWarning
+
+with warnings.catch_warnings():
+    # dnspython still supports DSA (a dead DNSSEC algorithm), which cryptography warns
+    # about on import: not a message for mailgate's users, who cannot do anything about it.
+    warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+    import dns.dnssec
+
 import dns.asyncquery
-import dns.dnssec
 import dns.exception
 import dns.flags
 import dns.message

@@ -90,7 +90,6 @@ def test_each_policy_against_each_certificate(
                     assert recipient.status == expected_status, recipient.diagnostic
                     if kind != "no-starttls":
                         assert "Server certificate not verified" in recipient.diagnostic
-                        assert f"TLS policy {policy} (default)" in recipient.diagnostic
                         # It spoke TLS and stopped there: no transaction, no plain text.
                         assert receiver.starttls == 1
 
@@ -249,5 +248,32 @@ def test_a_smarthost_url_takes_a_tls_level(
         assert [(m.rcpt_tos, m.tls) for m in smarthost.messages] == [(["b@x.test"], True)]
         with pytest.raises(ValueError, match="tls must be one of"):
             Forward(f"{url}?tls=sometimes")
+
+    run(main())
+
+
+def test_a_cached_session_is_reused_only_under_the_same_requirement(
+    tmp_path: Path, dns_server: DNSTestServer, mx_port: int, certs: Certs
+) -> None:
+    domain = new_domain("reuseTLS")
+    publish_mx(dns_server, domain, (10, "mx", "127.0.0.56"))
+    path = body(tmp_path)
+
+    async def main() -> None:
+        context = certs.server_context(f"mx.{domain}")
+        with Receiver("127.0.0.56", mx_port, tls_context=context) as receiver:
+            async with make_engine(
+                dns_server, mx_port, tls_cafile=str(certs.ca_file), connection_idle_time=30.0
+            ) as engine:
+                first = await engine.deliver(request(path, Relay(domain), f"a@{domain}"))
+                again = await engine.deliver(request(path, Relay(domain), f"b@{domain}"))
+                # The domain's policy changes (a reload, an MTA-STS policy now in force):
+                # the session opened under the old requirement is not used for it.
+                engine.policies.domains[domain.lower()] = "verify"
+                stricter = await engine.deliver(request(path, Relay(domain), f"c@{domain}"))
+        assert (first.reused, again.reused, stricter.reused) == (False, True, False)
+        assert stricter.tls_policy is not None and stricter.tls_policy.level == "verify"
+        assert stricter.recipients[0].outcome is Outcome.DELIVERED
+        assert receiver.starttls == 2 and len(receiver.messages) == 3  # two sessions
 
     run(main())

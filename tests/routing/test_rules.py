@@ -365,7 +365,62 @@ ERRORS: list[tuple[list[Any], str]] = [
         [{"recipients": ["*"], "action": "relay"}, "not a table"],
         "mailgate.toml [[routes]] #2: must be a table",
     ),
+    (
+        [{"recipients": ["*"], "action": "relay", "tls": "always"}],
+        "#1 tls: 'always' is not one of none, may, encrypt, verify, dane, mta-sts",
+    ),
+    (
+        [{"recipients": ["*"], "action": "deliver", "tls": "verify"}],
+        "#1 tls: only a relay or forward route takes 'tls' (this one is deliver)",
+    ),
+    (
+        [
+            {
+                "recipients": ["*"],
+                "action": "forward",
+                "to": "smtp://h.test?tls=may",
+                "tls": "verify",
+            }
+        ],
+        "#1 tls: the URL in 'to' has a tls= option already",
+    ),
+    (
+        [{"recipients": ["*"], "action": "forward", "to": "smtps://h.test?tls=none"}],
+        "smtps:// is TLS already; tls=none cannot be",
+    ),
 ]
+
+
+def test_a_route_gives_its_mail_a_tls_policy_in_the_destination_key() -> None:
+    table = RouteTable.from_document(
+        {
+            "routes": [
+                {"recipients": ["*@bank.example"], "action": "relay", "tls": "Verify"},
+                {
+                    "recipients": ["*@partner.example"],
+                    "action": "forward",
+                    "to": "smtp://gw.partner.example:587?starttls=require",
+                    "tls": "dane",
+                },
+                {"recipients": ["*"], "action": "relay"},
+            ]
+        },
+        "mailgate.toml",
+    )
+    bank = table.match("a@bank.example")
+    assert (bank.destination, bank.domain, bank.tls) == (
+        "relay:bank.example?tls=verify",
+        "bank.example",
+        "verify",
+    )
+    partner = table.match("b@partner.example")
+    assert partner.destination == (
+        "forward:smtp://gw.partner.example:587?starttls=require&tls=dane"
+    )
+    assert partner.forward is not None and partner.forward.tls == "dane"
+    assert partner.tls == "dane"
+    other = table.match("c@other.example")
+    assert (other.destination, other.tls) == ("relay:other.example", None)
 
 
 @pytest.mark.parametrize(("entries", "message"), ERRORS)

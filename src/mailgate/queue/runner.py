@@ -522,6 +522,7 @@ def _a_label(domain: str) -> str:
 
 def _result(recipient: RecipientInfo, result: EngineRecipientResult) -> DeliveryResult:
     reply = result.reply
+    summary = tls_summary(result.tls, result.tls_policy, session=result.remote is not None)
     return DeliveryResult(
         recipient.id,
         _OUTCOMES[result.outcome],
@@ -530,7 +531,7 @@ def _result(recipient: RecipientInfo, result: EngineRecipientResult) -> Delivery
         status=result.status,
         # The TLS of the attempt and the policy that applied go into the history that
         # ``mailgate queue show`` prints (and the DSN, when there was no reply).
-        diagnostic=f"{result.diagnostic} (TLS {tls_summary(result.tls, result.tls_policy)})",
+        diagnostic=f"{result.diagnostic} (TLS {summary})",
     )
 
 

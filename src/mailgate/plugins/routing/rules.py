@@ -584,7 +584,11 @@ def route_from_section(section: PolicySection, index: int) -> Route:
         if tls:
             # The route's tls joins the URL's options, so that the destination key (and
             # the queued mail) carries it like a ?tls= written in the URL.
-            if "tls=" in to.partition("?")[2]:
+            try:
+                query = urlsplit(to.strip()).query
+            except ValueError:
+                query = ""  # ForwardTarget.parse says what is wrong with the URL
+            if any(key == "tls" for key, _ in parse_qsl(query, keep_blank_values=True)):
                 raise error("tls", "the URL in 'to' has a tls= option already: give it once")
             to = f"{to.strip()}{'&' if '?' in to else '?'}tls={tls}"
         try:

@@ -658,7 +658,11 @@ def _log_attempt(result: DeliveryResult) -> None:
         ],
     }
     remote = str(result.remote) if result.remote else "none"
-    tls_text = tls_summary(tls, policy)
+    # tls=-: no session; tls=none: plain text; policy= what applied (and its source).
+    tls_text = tls_summary(tls, None) if result.remote is not None else "-"
+    policy_text = (
+        tls_summary(None, policy, session=False).removeprefix("policy=") if policy else "-"
+    )
     outcomes = "; ".join(
         f"<{r.recipient.address}> {r.outcome.value} {r.status} {r.diagnostic}"
         for r in result.recipients
@@ -667,12 +671,13 @@ def _log_attempt(result: DeliveryResult) -> None:
     level = logging.INFO if worst is Outcome.DELIVERED else logging.WARNING
     log.log(
         level,
-        "%s: attempt=%d destination=%s remote=%s tls=%s reused=%s delay=%.3fs: %s",
+        "%s: attempt=%d destination=%s remote=%s tls=%s policy=%s reused=%s delay=%.3fs: %s",
         request.queue_id,
         request.attempt,
         request.destination.key,
         remote,
         tls_text,
+        policy_text,
         "yes" if result.reused else "no",
         result.delay,
         outcomes,

@@ -232,18 +232,21 @@ class PolicyInfo:
         return f"{name} ({self.source}{': ' + self.reason if self.reason else ''})"
 
 
-def tls_summary(tls: TLSInfo | None, policy: PolicyInfo | None) -> str:
-    """``TLSv1.3/TLS_AES_256_GCM_SHA384/verified(ca) policy=verify(domain)``, or
-    ``none policy=may(default)``: one word for the log line and the queue's history."""
-    if tls is None:
-        text = "none"
-    else:
-        how = f"verified({tls.method})" if tls.verified else "unverified"
-        text = "/".join(part for part in (tls.version, tls.cipher, how) if part)
+def tls_summary(tls: TLSInfo | None, policy: PolicyInfo | None, *, session: bool = True) -> str:
+    """``TLSv1.3/TLS_AES_256_GCM_SHA384/verified(ca) policy=verify(domain)``, ``none
+    policy=may(default)`` (plain text), or with ``session`` False (no host gave one)
+    just ``policy=verify(route)``: one word for the log line and the queue's history."""
+    parts = []
+    if session:
+        if tls is None:
+            parts.append("none")
+        else:
+            how = f"verified({tls.method})" if tls.verified else "unverified"
+            parts.append("/".join(part for part in (tls.version, tls.cipher, how) if part))
     if policy is not None:
         level = policy.level if policy.level == policy.mode else f"{policy.level}:{policy.mode}"
-        text += f" policy={level}({policy.source})"
-    return text
+        parts.append(f"policy={level}({policy.source})")
+    return " ".join(parts) or "none"
 
 
 @dataclass(frozen=True, slots=True)

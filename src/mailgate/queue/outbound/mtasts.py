@@ -56,6 +56,8 @@ MAX_POLICY_BYTES = 64 * 1024
 FETCH_TIMEOUT = 20.0
 #: After a failed fetch (no policy cached), the domain is not asked again for this long.
 FAILURE_BACKOFF = 300.0
+#: Policies kept at most (expired ones are dropped when this many are cached).
+_MAX_POLICIES = 100_000
 _ID = re.compile(r"[A-Za-z0-9]{1,32}")
 _MX_PATTERN = re.compile(r"(\*\.)?([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?\.)+[a-z0-9-]{1,63}", re.I)
 
@@ -197,7 +199,8 @@ class MTASTS:
         self._clock = clock
         self._policies: dict[str, STSPolicy] = {}
         self._failed: dict[tuple[str, str], float] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        #: The lookup under way per domain: concurrent deliveries share it.
+        self._inflight: dict[str, asyncio.Future[STSPolicy | None]] = {}
         self._loaded = self.cache_file is None
         self._http: aiohttp.ClientSession | None = None
         #: Policies fetched over HTTPS (for tests and operators).
@@ -234,9 +237,14 @@ class MTASTS:
         domain = domain.lower().rstrip(".")
         if not self._loaded:
             await self._load()
-        lock = self._locks.setdefault(domain, asyncio.Lock())
-        async with lock:  # one fetch per domain at a time; the others wait for it
-            return await self._policy(domain)
+        pending = self._inflight.get(domain)
+        if pending is None:
+            # One lookup (and fetch) per domain at a time; a caller that is cancelled
+            # leaves it running for the others (shield).
+            pending = asyncio.ensure_future(self._policy(domain))
+            self._inflight[domain] = pending
+            pending.add_done_callback(lambda _: self._inflight.pop(domain, None))
+        return await asyncio.shield(pending)
 
     async def _policy(self, domain: str) -> STSPolicy | None:
         now = self._clock()
@@ -273,6 +281,9 @@ class MTASTS:
             )
             return cached
         fetched = STSPolicy(domain, policy_id, mode, mx, max_age, now, now + max_age)
+        if len(self._policies) >= _MAX_POLICIES:
+            for name in [n for n, p in self._policies.items() if p.expires <= now]:
+                del self._policies[name]
         self._policies[domain] = fetched
         self._failed.pop((domain, policy_id), None)
         log.info(

@@ -30,18 +30,18 @@ def _domain_levels(value: Value) -> tuple[tuple[str, TLSLevel], ...]:
     levels: dict[str, TLSLevel] = {}
     for name, level in raw.items():
         domain = str(name).strip().lower().rstrip(".")
-        bare = domain.removeprefix(".")
+        subdomains = domain.startswith(".")
+        try:
+            bare = domain.removeprefix(".").encode("idna").decode("ascii")
+        except UnicodeError:
+            bare = ""
         if not bare or not converters.is_host_name(bare) or bare.replace(".", "").isdigit():
             raise value.error(
                 f"{name!r} is not a domain (example.com, or .example.com for its subdomains)"
             )
         if not isinstance(level, str) or level.strip().lower() not in TLS_LEVELS:
             raise value.error(f"{name}: {level!r} is not one of {', '.join(TLS_LEVELS)}")
-        try:
-            domain = ("." if domain.startswith(".") else "") + bare.encode("idna").decode("ascii")
-        except UnicodeError:
-            raise value.error(f"{name!r} is not a domain") from None
-        levels[domain] = level.strip().lower()  # type: ignore[assignment]  # checked above
+        levels[("." if subdomains else "") + bare] = level.strip().lower()  # type: ignore[assignment]  # checked
     return tuple(levels.items())
 
 
@@ -187,7 +187,7 @@ class OutboundOptions:
     mta_sts: bool = setting(
         True,
         convert=converters.boolean,
-        help="apply the MTA-STS policies domains publish when the TLS policy is may",
+        help="apply the MTA-STS policies domains publish under the may (and dane) levels",
         group="outbound",
         switch=True,
     )

@@ -512,8 +512,7 @@ async def _starttls(smtp: aiosmtplib.SMTP, endpoint: Endpoint, where: str, plain
             raise HostFailure(
                 Outcome.DEFERRED,
                 "4.7.4",
-                f"TLS is required, but was not offered by host {where} "
-                f"(TLS policy {requirement.label})",
+                f"TLS is required, but was not offered by host {where}",
             )
         if requirement.report_only:
             log.warning(
@@ -558,8 +557,7 @@ async def _tls_info(smtp: aiosmtplib.SMTP, endpoint: Endpoint, where: str) -> TL
             raise HostFailure(
                 Outcome.DEFERRED,
                 "4.7.5",
-                f"Server certificate not verified: host {where}: {check.detail} "
-                f"(TLS policy {requirement.label})",
+                f"Server certificate not verified: host {where}: {check.detail}",
             )
         if requirement.report_only:
             log.warning(

@@ -168,6 +168,9 @@ class DNSSECResolver:
             raise ValueError("local DNSSEC validation needs at least one trust anchor")
         self._responses: OrderedDict[tuple[dns.name.Name, int], tuple[float, Any]] = OrderedDict()
         self._keys: dict[dns.name.Name, tuple[float, _Keys]] = {}
+        self._results: OrderedDict[tuple[dns.name.Name, int], tuple[float, Validated]] = (
+            OrderedDict()
+        )
         self.queries = 0
 
     # --- the public question --------------------------------------------------------------
@@ -178,9 +181,23 @@ class DNSSECResolver:
         SERVFAIL: for a validating resolver also what it found bogus)."""
         qname = dns.name.from_text(name.rstrip(".") + ".")
         qtype = dns.rdatatype.from_text(rdtype)
+        key = (qname, qtype)
+        now = time.monotonic()
+        cached = self._results.get(key)
+        if cached is not None and cached[0] > now:
+            return cached[1]
         if self.mode == "resolver":
-            return await self._by_ad_bit(qname, qtype)
-        return await self._validated(qname, qtype, 0)
+            result = await self._by_ad_bit(qname, qtype)
+        else:
+            result = await self._validated(qname, qtype, 0)
+        # A verdict lasts as long as the answer it was made from (and the signatures were
+        # checked as valid now; a TTL far shorter than their lifetime keeps that true).
+        expires = self._responses.get(key, (now, None))[0]
+        if expires > now:
+            self._results[key] = (expires, result)
+            while len(self._results) > _CACHE_SIZE:
+                self._results.popitem(last=False)
+        return result
 
     # --- resolver mode --------------------------------------------------------------------
 

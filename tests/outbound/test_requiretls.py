@@ -78,6 +78,8 @@ def test_a_next_hop_without_requiretls_gets_nothing(
                 result = await engine.deliver(
                     request(path, Forward(url), "bob@example.net", require_tls=True)
                 )
+                # The host is alive: its other mail is neither slowed down nor suspended.
+                assert engine.status(Forward(url)).consecutive_failures == 0
             async with make_engine(dns_server, mx_port, tls_cafile=str(certs.ca_file)) as engine:
                 # An MX found without DNSSEC cannot be trusted with REQUIRETLS mail: not
                 # even a connection.

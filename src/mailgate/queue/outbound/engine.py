@@ -296,7 +296,10 @@ class OutboundEngine:
             session = await self._open_any(endpoints, failures, require_tls=request.require_tls)
         if session is None:
             policy = endpoints[-1].policy if endpoints else None
-            return _Attempt([_final_failure(failures)] * n, policy=policy)
+            # A host that cannot take REQUIRETLS mail is alive all the same: that must not
+            # slow down or suspend the destination for its other mail.
+            counts = not any(f.answer.status == "5.7.30" for f in failures)
+            return _Attempt([_final_failure(failures)] * n, policy=policy, counts=counts)
         keep = False
         try:
             answers = await self._transactions(session, request, body)

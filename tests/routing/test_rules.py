@@ -17,6 +17,7 @@ from mailgate.plugins.routing import (
     RejectReply,
     RoutesConfigError,
     RouteTable,
+    describe,
 )
 
 CONFIG = """
@@ -505,3 +506,19 @@ def test_ten_thousand_rules_find_the_right_one() -> None:
     for _ in range(1000):
         routes.match("a@d9999.test", "s@b.test", "192.0.2.1")
     assert (time.perf_counter() - started) / 1000 < 0.001
+
+
+def test_routes_test_names_a_relay_rules_tls_policy() -> None:
+    table = RouteTable.from_document(
+        {
+            "routes": [
+                {"recipients": ["*@bank.example"], "action": "relay", "tls": "verify"},
+                {"recipients": ["*"], "action": "relay"},
+            ]
+        },
+        "mailgate.toml",
+    )
+    assert describe(table.match("a@bank.example")) == (
+        "relay to the MX of bank.example (TLS policy verify)"
+    )
+    assert describe(table.match("a@other.example")) == "relay to the MX of other.example"

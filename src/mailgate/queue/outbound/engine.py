@@ -78,8 +78,8 @@ class DestinationStatus:
 
 @dataclass(frozen=True, slots=True)
 class _NoEndpoints:
-    """No host to try: DNS said so (``counts`` False: nothing of the destination's
-    health), or the TLS policy ruled every MX host out (it counts)."""
+    """No host to try: DNS said so, or the TLS policy (MTA-STS) ruled every MX host
+    out. ``counts`` says whether it tells of the destination's health (neither does)."""
 
     outcome: Outcome
     status: str
@@ -354,7 +354,7 @@ class OutboundEngine:
                 return None
             endpoint = session.endpoint
             if (endpoint.host, endpoint.address, endpoint.port, endpoint.tls) not in wanted:
-                await session.quit()
+                self._cache.discard(session)
                 continue
             if await session.reset():
                 self._cache.reused += 1

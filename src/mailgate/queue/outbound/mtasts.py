@@ -237,6 +237,9 @@ class MTASTS:
         domain = domain.lower().rstrip(".")
         if not self._loaded:
             await self._load()
+        known, policy = self._answer_from_caches(domain)
+        if known:
+            return policy
         pending = self._inflight.get(domain)
         if pending is None:
             # One lookup (and fetch) per domain at a time; a caller that is cancelled
@@ -245,6 +248,21 @@ class MTASTS:
             self._inflight[domain] = pending
             pending.add_done_callback(lambda _: self._inflight.pop(domain, None))
         return await asyncio.shield(pending)
+
+    def _answer_from_caches(self, domain: str) -> tuple[bool, STSPolicy | None]:
+        """``(True, policy)`` when the resolver's cached TXT answer and the policy cache
+        decide without a lookup or a fetch (every delivery but the first in a while);
+        ``(False, None)`` when :meth:`_policy` must run."""
+        records = self.resolver.cached(f"_mta-sts.{domain}", "TXT")
+        if records is None:
+            return False, None
+        cached = self._policies.get(domain)
+        if cached is not None and cached.expires <= self._clock():
+            return False, None  # :meth:`_policy` drops it
+        policy_id = parse_txt(records)
+        if policy_id is None or (cached is not None and cached.id == policy_id):
+            return True, cached
+        return False, None
 
     async def _policy(self, domain: str) -> STSPolicy | None:
         now = self._clock()

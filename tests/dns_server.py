@@ -70,8 +70,12 @@ class SignedZone:
         *,
         broken: Iterable[str] = (),
         validating: bool = False,
+        stripped: Iterable[str] = (),
     ) -> None:
         self.origin = dns.name.from_text(origin.rstrip(".") + ".")
+        #: Names whose records are answered without their RRSIGs (what a stripping
+        #: attacker serves); their NSEC records keep theirs.
+        self.stripped = {dns.name.from_text(n.rstrip(".") + ".") for n in stripped}
         soa = f"{self.origin} 60 IN SOA ns.{self.origin} hostmaster.{self.origin} 1 60 60 600 60"
         ns = f"{self.origin} 60 IN NS ns.{self.origin}"
         self.zone = dns.zone.from_text(
@@ -110,6 +114,19 @@ class SignedZone:
                         for sig in rdataset
                     ]
                     txn.replace(name, dns.rdataset.from_rdata_list(rdataset.ttl, damaged))
+
+    def delegates(self, name: dns.name.Name, rdtype: int) -> bool:
+        """``name`` is below a zone cut of this zone (a DS question at the cut itself is
+        still this zone's to answer): the plain records of the server answer it."""
+        for owner, node in self.zone.nodes.items():
+            if (
+                owner == self.origin
+                or node.get_rdataset(dns.rdataclass.IN, dns.rdatatype.NS) is None
+            ):
+                continue
+            if name.is_subdomain(owner) and not (name == owner and rdtype == dns.rdatatype.DS):
+                return True
+        return False
 
     def answer(self, query: Any) -> bytes:
         question = query.question[0]
@@ -156,7 +173,9 @@ class SignedZone:
             return
         section.append(dns.rrset.from_rdata_list(name, rdataset.ttl, list(rdataset)))
         sigs = self.zone.get_rdataset(name, dns.rdatatype.RRSIG, rdtype)
-        if sigs is not None:
+        if sigs is not None and not (
+            name in self.stripped and rdtype not in (dns.rdatatype.NSEC, dns.rdatatype.SOA)
+        ):
             rrsig = dns.rrset.from_rdata_list(name, sigs.ttl, list(sigs))
             section.append(rrsig)
 
@@ -216,6 +235,8 @@ class _ZoneResolver(BaseResolver):  # type: ignore[misc]
                 )
             )
         zone = max(zones, key=lambda z: len(z.origin))
+        if zone.delegates(qname, query.question[0].rdtype):
+            return None
         return zone.answer(query)
 
     def resolve(self, request: DNSRecord, handler: DNSHandler) -> DNSRecord:
@@ -311,10 +332,11 @@ class DNSTestServer:
         *,
         broken: Iterable[str] = (),
         validating: bool = False,
+        stripped: Iterable[str] = (),
     ) -> SignedZone:
         """Serve ``records`` (zone-file syntax, absolute names) as the signed zone
         ``origin``; see the module docstring. Returns the zone (its ``trust_anchor``)."""
-        zone = SignedZone(origin, records, broken=broken, validating=validating)
+        zone = SignedZone(origin, records, broken=broken, validating=validating, stripped=stripped)
         with self.resolver.lock:
             self.resolver.signed.append(zone)
         return zone

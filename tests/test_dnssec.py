@@ -127,3 +127,32 @@ def test_bad_trust_anchors_are_refused_in_one_line(text: str, problem: str) -> N
 def test_the_default_root_anchor_parses() -> None:
     resolver = DNSSECResolver(["127.0.0.1:9"], mode="local")
     assert [str(name) for name in resolver._anchors] == ["."]
+
+
+def test_stripped_signatures_are_bogus_and_an_unsigned_delegation_is_insecure(
+    dns_server: DNSTestServer,
+) -> None:
+    zone = unique("cut") + ".test"
+    records = f"""
+        _25._tcp.mx.{zone}. 60 IN TLSA {TLSA}
+        mx.{zone}. 60 IN A 127.0.0.62
+        child.{zone}. 60 IN NS ns.child.{zone}.
+    """
+    made = dns_server.add_signed(zone, records, stripped=[f"_25._tcp.mx.{zone}"])
+    # The child zone is not signed: its records come from the plain part of the server.
+    dns_server.add(f"_25._tcp.mx.child.{zone}. 60 IN TLSA {TLSA}")
+
+    async def main() -> None:
+        resolver = DNSSECResolver(
+            [dns_server.address], mode="local", trust_anchors=[made.trust_anchor]
+        )
+        # A signed zone's answer without its RRSIGs: what a downgrade attacker serves.
+        stripped = await resolver.lookup(f"_25._tcp.mx.{zone}", "TLSA")
+        assert stripped.security is Security.BOGUS
+        assert "no signature" in stripped.reason
+        # Below a delegation the parent proves has no DS (NSEC: NS, no DS): insecure.
+        below = await resolver.lookup(f"_25._tcp.mx.child.{zone}", "TLSA")
+        assert below.security is Security.INSECURE, below.reason
+        assert "unsigned delegation" in below.reason and below.records == (TLSA,)
+
+    asyncio.run(main())

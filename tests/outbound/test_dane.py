@@ -53,6 +53,7 @@ def dane_zone(
     *tlsa: TLSARecord,
     broken: bool = False,
     validating: bool = False,
+    stripped: bool = False,
 ) -> SignedZone:
     """A signed zone for ``domain``: its MX ``mx.<domain>`` at ``address`` and the TLSA
     records of that host for ``port`` (the test MX port stands in for 25)."""
@@ -63,6 +64,7 @@ def dane_zone(
         "\n".join(records),
         broken=[f"_{port}._tcp.mx.{domain}"] if broken else (),
         validating=validating,
+        stripped=[f"_{port}._tcp.mx.{domain}"] if stripped else (),
     )
 
 
@@ -209,13 +211,20 @@ def test_no_tlsa_records_or_an_insecure_zone_fall_back_to_may(
     run(main())
 
 
+@pytest.mark.parametrize("attack", ["bad signature", "signatures stripped"])
 def test_bogus_tlsa_defers_without_connecting(
-    tmp_path: Path, dns_server: DNSTestServer, mx_port: int, certs: Certs
+    attack: str, tmp_path: Path, dns_server: DNSTestServer, mx_port: int, certs: Certs
 ) -> None:
     domain = new_domain("daneBogus")
     context, leaf = server(certs, f"mx.{domain}")
     zone = dane_zone(
-        dns_server, mx_port, domain, "127.0.0.76", tlsa_for_certificate(leaf), broken=True
+        dns_server,
+        mx_port,
+        domain,
+        "127.0.0.76",
+        tlsa_for_certificate(leaf),
+        broken=attack == "bad signature",
+        stripped=attack == "signatures stripped",
     )
     path = body(tmp_path)
 

@@ -22,6 +22,7 @@ server also plays a validating resolver: AD on good answers, SERVFAIL on broken 
 
 from __future__ import annotations
 
+import base64
 import itertools
 import socket
 import threading
@@ -39,6 +40,8 @@ import dns.rcode
 import dns.rdataclass
 import dns.rdataset
 import dns.rdatatype
+import dns.rdtypes.ANY.NSEC3
+import dns.rdtypes.util
 import dns.rrset
 import dns.zone
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -71,6 +74,8 @@ class SignedZone:
         broken: Iterable[str] = (),
         validating: bool = False,
         stripped: Iterable[str] = (),
+        nsec3: bool = False,
+        opt_out: bool = False,
     ) -> None:
         self.origin = dns.name.from_text(origin.rstrip(".") + ".")
         #: Names whose records are answered without their RRSIGs (what a stripping
@@ -91,6 +96,11 @@ class SignedZone:
         dns.dnssec.sign_zone(
             self.zone, keys=[(self.key, self.dnskey)], inception=now - 3600, lifetime=86400
         )
+        #: NSEC3 (RFC 5155, SHA-1, no salt, no extra iterations) instead of NSEC: hash ->
+        #: owner name. ``opt_out``: unsigned delegations are left out of the chain.
+        self.nsec3: dict[bytes, dns.name.Name] = {}
+        if nsec3:
+            self._use_nsec3(now, opt_out)
         self.validating = validating
         self.broken = {dns.name.from_text(n.rstrip(".") + ".") for n in broken}
         if self.broken:
@@ -99,6 +109,85 @@ class SignedZone:
         #: What to give mailgate as its trust anchor for this zone.
         self.trust_anchor = f"{self.origin} IN DS {ds}"
         self.dnskey_anchor = f"{self.origin} IN DNSKEY {self.dnskey}"
+
+    def _use_nsec3(self, now: float, opt_out: bool) -> None:
+        with self.zone.writer() as txn:
+            names: set[dns.name.Name] = set()
+            for name in list(txn.iterate_names()):
+                node = txn.get_node(name)
+                assert node is not None
+                for rdataset in list(node.rdatasets):
+                    if rdataset.rdtype == dns.rdatatype.NSEC or (
+                        rdataset.rdtype == dns.rdatatype.RRSIG
+                        and rdataset.covers == dns.rdatatype.NSEC
+                    ):
+                        txn.delete(name, rdataset.rdtype, rdataset.covers)
+                unsigned_cut = (
+                    name != self.origin
+                    and node.get_rdataset(dns.rdataclass.IN, dns.rdatatype.NS) is not None
+                    and node.get_rdataset(dns.rdataclass.IN, dns.rdatatype.DS) is None
+                )
+                if not (opt_out and unsigned_cut):
+                    names.add(name)
+                ancestor = name
+                while ancestor != self.origin:  # empty non-terminals get NSEC3s too
+                    ancestor = ancestor.parent()
+                    names.add(ancestor)
+            hashes = {_nsec3_digest(name): name for name in names}
+            ordered = sorted(hashes)
+            for index, digest in enumerate(ordered):
+                name = hashes[digest]
+                node = txn.get_node(name)
+                types = [r.rdtype for r in node.rdatasets] if node is not None else []
+                if types:
+                    types = sorted({*types, dns.rdatatype.RRSIG})
+                rdata = dns.rdtypes.ANY.NSEC3.NSEC3(
+                    dns.rdataclass.IN,
+                    dns.rdatatype.NSEC3,
+                    1,
+                    1 if opt_out else 0,
+                    0,
+                    b"",
+                    ordered[(index + 1) % len(ordered)],
+                    dns.rdtypes.util.Bitmap.from_rdtypes(types).windows,
+                )
+                owner = dns.name.Name(
+                    (base64.b32hexencode(digest).lower().rstrip(b"="), *self.origin.labels)
+                )
+                rrset = dns.rrset.from_rdata(owner, 60, rdata)
+                txn.add(rrset)
+                sig = dns.dnssec.sign(
+                    rrset, self.key, self.origin, self.dnskey, inception=now - 3600, lifetime=86400
+                )
+                txn.add(dns.rrset.from_rdata(owner, 60, sig))
+                self.nsec3[digest] = owner
+
+    def _nsec3_proof(self, section: list[Any], qname: dns.name.Name) -> None:
+        """NSEC3 records proving ``qname`` has no such type (a match) or does not exist
+        (closest encloser, next closer name, wildcard: RFC 5155 7.2)."""
+        if _nsec3_digest(qname) in self.nsec3:
+            self._add(section, self.nsec3[_nsec3_digest(qname)], dns.rdatatype.NSEC3)
+            return
+        candidate = qname
+        encloser = qname.parent()
+        while candidate != self.origin:
+            encloser = candidate.parent()
+            if _nsec3_digest(encloser) in self.nsec3:
+                break
+            candidate = encloser
+        owners = [
+            self.nsec3[_nsec3_digest(encloser)],
+            self._nsec3_covering(candidate),
+            self._nsec3_covering(dns.name.Name((b"*", *encloser.labels))),
+        ]
+        for owner in dict.fromkeys(owners):
+            self._add(section, owner, dns.rdatatype.NSEC3)
+
+    def _nsec3_covering(self, name: dns.name.Name) -> dns.name.Name:
+        digest = _nsec3_digest(name)
+        ordered = sorted(self.nsec3)
+        before = [h for h in ordered if h < digest]
+        return self.nsec3[before[-1] if before else ordered[-1]]
 
     def _break_signatures(self) -> None:
         with self.zone.writer() as txn:
@@ -145,11 +234,25 @@ class SignedZone:
                 bogus = qname in self.broken
             else:
                 self._add(response.authority, self.origin, dns.rdatatype.SOA)
-                self._add(response.authority, qname, dns.rdatatype.NSEC)
+                if self.nsec3:
+                    self._nsec3_proof(response.authority, qname)
+                else:
+                    self._add(response.authority, qname, dns.rdatatype.NSEC)
+        elif any(name != qname and name.is_subdomain(qname) for name in self.zone.nodes):
+            # An empty non-terminal (_tcp.mx.example.test): it exists, without data.
+            self._add(response.authority, self.origin, dns.rdatatype.SOA)
+            if self.nsec3:
+                self._nsec3_proof(response.authority, qname)
+            else:
+                covering = self._covering(qname)
+                if covering is not None:
+                    self._add(response.authority, covering, dns.rdatatype.NSEC)
         else:
             response.set_rcode(dns.rcode.NXDOMAIN)
             self._add(response.authority, self.origin, dns.rdatatype.SOA)
-            covering = self._covering(qname)
+            if self.nsec3:
+                self._nsec3_proof(response.authority, qname)
+            covering = None if self.nsec3 else self._covering(qname)
             if covering is not None:
                 self._add(response.authority, covering, dns.rdatatype.NSEC)
                 encloser = _common(qname, covering, self._next(covering))
@@ -195,6 +298,10 @@ class SignedZone:
             elif name > owner or name < following:
                 return owner
         return None
+
+
+def _nsec3_digest(name: dns.name.Name) -> bytes:
+    return base64.b32hexdecode(dns.dnssec.nsec3_hash(name, b"", 0, 1))
 
 
 def _common(name: dns.name.Name, *others: dns.name.Name) -> dns.name.Name:
@@ -333,10 +440,20 @@ class DNSTestServer:
         broken: Iterable[str] = (),
         validating: bool = False,
         stripped: Iterable[str] = (),
+        nsec3: bool = False,
+        opt_out: bool = False,
     ) -> SignedZone:
         """Serve ``records`` (zone-file syntax, absolute names) as the signed zone
         ``origin``; see the module docstring. Returns the zone (its ``trust_anchor``)."""
-        zone = SignedZone(origin, records, broken=broken, validating=validating, stripped=stripped)
+        zone = SignedZone(
+            origin,
+            records,
+            broken=broken,
+            validating=validating,
+            stripped=stripped,
+            nsec3=nsec3,
+            opt_out=opt_out,
+        )
         with self.resolver.lock:
             self.resolver.signed.append(zone)
         return zone

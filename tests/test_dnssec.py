@@ -156,3 +156,57 @@ def test_stripped_signatures_are_bogus_and_an_unsigned_delegation_is_insecure(
         assert "unsigned delegation" in below.reason and below.records == (TLSA,)
 
     asyncio.run(main())
+
+
+def test_nsec3_denials_and_an_opt_out_delegation(dns_server: DNSTestServer) -> None:
+    zone = unique("nsec3") + ".test"
+    records = f"""
+        {zone}. 60 IN MX 10 mx.{zone}.
+        mx.{zone}. 60 IN A 127.0.0.63
+        _25._tcp.mx.{zone}. 60 IN TLSA {TLSA}
+        child.{zone}. 60 IN NS ns.child.{zone}.
+    """
+    made = dns_server.add_signed(zone, records, nsec3=True, opt_out=True)
+    dns_server.add(f"_25._tcp.mx.child.{zone}. 60 IN TLSA {TLSA}")
+
+    async def main() -> None:
+        resolver = DNSSECResolver(
+            [dns_server.address], mode="local", trust_anchors=[made.trust_anchor]
+        )
+        assert (await resolver.lookup(f"_25._tcp.mx.{zone}", "TLSA")).secure
+        nodata = await resolver.lookup(f"mx.{zone}", "TLSA")
+        assert nodata.secure and nodata.records == (), nodata.reason
+        # No such name, in the span of a non-opt-out record? Here every record is
+        # opt-out (as in .com), so a missing name may hide an unsigned delegation.
+        missing = await resolver.lookup(f"_25._tcp.none.{zone}", "TLSA")
+        assert missing.records == () and missing.security is Security.INSECURE
+        below = await resolver.lookup(f"_25._tcp.mx.child.{zone}", "TLSA")
+        assert below.security is Security.INSECURE, below.reason
+        assert below.records == (TLSA,)
+
+    asyncio.run(main())
+
+
+def test_nsec3_without_opt_out_proves_a_name_absent(dns_server: DNSTestServer) -> None:
+    zone = unique("nsec3strict") + ".test"
+    records = f"""
+        mx.{zone}. 60 IN A 127.0.0.64
+        _25._tcp.mx.{zone}. 60 IN TLSA {TLSA}
+    """
+    made = dns_server.add_signed(zone, records, nsec3=True, stripped=[f"_25._tcp.mx.{zone}"])
+
+    async def main() -> None:
+        resolver = DNSSECResolver(
+            [dns_server.address], mode="local", trust_anchors=[made.trust_anchor]
+        )
+        missing = await resolver.lookup(f"_25._tcp.none.{zone}", "TLSA")
+        assert missing.secure and missing.records == (), missing.reason
+        # An empty non-terminal has no data, proven.
+        empty = await resolver.lookup(f"_tcp.mx.{zone}", "TLSA")
+        assert empty.secure and empty.records == (), empty.reason
+        # Stripped signatures under NSEC3: bogus too (the walk down finds no cut).
+        stripped = await resolver.lookup(f"_25._tcp.mx.{zone}", "TLSA")
+        assert stripped.security is Security.BOGUS
+        assert "no signature" in stripped.reason
+
+    asyncio.run(main())

@@ -54,6 +54,7 @@ def dane_zone(
     broken: bool = False,
     validating: bool = False,
     stripped: bool = False,
+    nsec3: bool = False,
 ) -> SignedZone:
     """A signed zone for ``domain``: its MX ``mx.<domain>`` at ``address`` and the TLSA
     records of that host for ``port`` (the test MX port stands in for 25)."""
@@ -65,6 +66,7 @@ def dane_zone(
         broken=[f"_{port}._tcp.mx.{domain}"] if broken else (),
         validating=validating,
         stripped=[f"_{port}._tcp.mx.{domain}"] if stripped else (),
+        nsec3=nsec3,
     )
 
 
@@ -207,6 +209,39 @@ def test_no_tlsa_records_or_an_insecure_zone_fall_back_to_may(
         assert [m.tls for m in tls.messages] == [True]
         assert second.recipients[0].outcome is Outcome.DELIVERED and second.tls is None
         assert [m.tls for m in cleartext.messages] == [False]
+
+    run(main())
+
+
+def test_a_zone_signed_with_nsec3(
+    tmp_path: Path, dns_server: DNSTestServer, mx_port: int, certs: Certs
+) -> None:
+    matching = new_domain("daneN3")
+    bare = new_domain("daneN3none")
+    context, leaf = server(certs, f"mx.{matching}")
+    bare_context, _ = server(certs, f"mx.{bare}")
+    zones = [
+        dane_zone(
+            dns_server, mx_port, matching, "127.0.0.89", tlsa_for_certificate(leaf), nsec3=True
+        ),
+        dane_zone(dns_server, mx_port, bare, "127.0.0.90", nsec3=True),  # denied by NSEC3
+    ]
+    path = body(tmp_path)
+
+    async def main() -> None:
+        anchors = [zone.trust_anchor for zone in zones]
+        with (
+            Receiver("127.0.0.89", mx_port, tls_context=context) as receiver,
+            Receiver("127.0.0.90", mx_port, tls_context=bare_context) as fallback,
+        ):
+            async with dane_engine(dns_server, mx_port, *anchors) as engine:
+                verified = await engine.deliver(request(path, Relay(matching), f"a@{matching}"))
+                opportunistic = await engine.deliver(request(path, Relay(bare), f"a@{bare}"))
+        assert verified.tls is not None and verified.tls.method == "dane"
+        assert [m.tls for m in receiver.messages] == [True]
+        assert opportunistic.recipients[0].outcome is Outcome.DELIVERED
+        assert opportunistic.tls_policy is not None and opportunistic.tls_policy.mode == "may"
+        assert [m.tls for m in fallback.messages] == [True]
 
     run(main())
 

@@ -107,20 +107,28 @@ def test_testing_mode_delivers_and_logs_what_would_have_failed(
                 ) as bad_mx,
                 Receiver("127.0.0.60", mx_port),
             ):
-                async with engine_for(dns_server, mx_port, certs, sts) as engine:
+                async with engine_for(
+                    dns_server, mx_port, certs, sts, connection_reuse_count=1
+                ) as engine:
                     result = await engine.deliver(request(path, Relay(domain), f"a@{domain}"))
+                    again = await engine.deliver(request(path, Relay(domain), f"b@{domain}"))
         assert result.recipients[0].outcome is Outcome.DELIVERED
+        assert again.recipients[0].outcome is Outcome.DELIVERED
         assert result.tls is not None and not result.tls.verified
         assert result.tls_policy is not None
         assert (result.tls_policy.level, result.tls_policy.mode) == ("mta-sts", "may")
-        assert [m.tls for m in bad_mx.messages] == [True]
+        assert [m.tls for m in bad_mx.messages] == [True, True]
 
     with caplog.at_level(logging.WARNING, logger="mailgate.queue.outbound"):
         run(main())
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any(f"MX host mx.{domain} is not in the MTA-STS policy" in w for w in warnings)
-    assert any(
-        "certificate not verified" in w and "(testing: delivered anyway)" in w for w in warnings
+    # Each said once, though two deliveries (two sessions) met the same problems.
+    assert sum(f"MX host mx.{domain} is not in the MTA-STS policy" in w for w in warnings) == 1
+    assert (
+        sum(
+            "certificate not verified" in w and "(testing: delivered anyway)" in w for w in warnings
+        )
+        == 1
     )
 
 
@@ -222,14 +230,22 @@ def test_a_policy_that_cannot_be_fetched_leaves_opportunistic_tls(
     off = lower_domain("stsOff")
     publish_mx(dns_server, off, (10, "mx", "127.0.0.60"))
     publish_sts(dns_server, off, "o1")
+    # The policy host's certificate does not name mta-sts.<this domain>: no policy.
+    untrusted = lower_domain("stsWrongHTTPS")
+    publish_mx(dns_server, untrusted, (10, "mx", "127.0.0.60"))
+    publish_sts(dns_server, untrusted, "u1")
     path = body(tmp_path)
 
     async def main() -> None:
         async with STSServer(certs, [f"mta-sts.{domain}", f"mta-sts.{off}"]) as sts:
             sts.policies[off] = policy_text("enforce", f"nomatch.{off}")
+            sts.policies[untrusted] = policy_text("enforce", f"nomatch.{untrusted}")
             with Receiver("127.0.0.60", mx_port) as plain_mx:
                 async with engine_for(dns_server, mx_port, certs, sts) as engine:
                     missing = await engine.deliver(request(path, Relay(domain), f"a@{domain}"))
+                    bad_https = await engine.deliver(
+                        request(path, Relay(untrusted), f"a@{untrusted}")
+                    )
                 async with engine_for(dns_server, mx_port, certs, sts, mta_sts=False) as engine:
                     switched_off = await engine.deliver(request(path, Relay(off), f"a@{off}"))
                 async with engine_for(
@@ -239,12 +255,18 @@ def test_a_policy_that_cannot_be_fetched_leaves_opportunistic_tls(
         assert missing.recipients[0].outcome is Outcome.DELIVERED
         assert missing.tls_policy is not None and missing.tls_policy.level == "may"
         assert sts.fetches[domain] == 1
+        assert bad_https.recipients[0].outcome is Outcome.DELIVERED
+        assert sts.fetches[untrusted] == 0  # the handshake failed before any request
         # mta_sts = false: the policy is not even asked for.
         assert switched_off.recipients[0].outcome is Outcome.DELIVERED
         # ...unless the level is mta-sts: then the enforce policy rules the MX out.
         assert explicit.recipients[0].outcome is Outcome.DEFERRED
         assert sts.fetches[off] == 1
-        assert [m.rcpt_tos for m in plain_mx.messages] == [[f"a@{domain}"], [f"a@{off}"]]
+        assert [m.rcpt_tos for m in plain_mx.messages] == [
+            [f"a@{domain}"],
+            [f"a@{untrusted}"],
+            [f"a@{off}"],
+        ]
 
     run(main())
 

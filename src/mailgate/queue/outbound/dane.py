@@ -42,6 +42,7 @@ from .tlspolicy import (
     DestinationPolicy,
     TLSRequirement,
     refusing_requirement,
+    warn_once,
 )
 
 log = logging.getLogger("mailgate.queue.outbound")
@@ -303,7 +304,12 @@ class DANE:
             log.debug("%s: DANE does not apply: no MX host has TLSA records", domain)
             return None  # secure MX, no TLSA anywhere: MTA-STS or may
         if refused:
-            log.warning("%s: MX hosts left out by DANE: %s", domain, "; ".join(refused))
+            warn_once(
+                f"dane-left-out:{domain}:{';'.join(refused)}",
+                "%s: MX hosts left out by DANE: %s",
+                domain,
+                "; ".join(refused),
+            )
         default = fallback
         if refused:
             default = TLSRequirement(

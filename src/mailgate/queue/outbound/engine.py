@@ -50,6 +50,7 @@ from .tlspolicy import (
     TLSLevel,
     TLSRequirement,
     base_requirement,
+    warn_once,
 )
 
 if TYPE_CHECKING:
@@ -485,7 +486,8 @@ class OutboundEngine:
                     for address in host.addresses
                 ]
             if refused:
-                log.warning(
+                warn_once(
+                    f"refused:{domain}:{policy.default.reason}",
                     "%s: MX hosts %s are not in %s; not used",
                     domain,
                     ", ".join(refused),

@@ -286,7 +286,7 @@ class MTASTS:
             return cached
         try:
             mode, mx, max_age = await self._fetch(domain)
-        except (PolicyError, aiohttp.ClientError, OSError, TimeoutError, ssl.SSLError) as exc:
+        except (ValueError, aiohttp.ClientError, OSError, TimeoutError) as exc:  # PolicyError too
             self._failed[(domain, policy_id)] = now + FAILURE_BACKOFF
             if len(self._failed) > 10_000:
                 self._failed.clear()

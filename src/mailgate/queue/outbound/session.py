@@ -14,7 +14,6 @@ PIPELINING, and every answer is per recipient instead of an exception.
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
 import time
 from dataclasses import dataclass
@@ -39,9 +38,7 @@ from mailgate.smtpclient import (
 from .model import DeliveryRequest, Outcome, PolicyInfo, RemoteMTA, Reply, TLSInfo
 from .options import OutboundOptions
 from .tlscheck import peer_chain
-from .tlspolicy import TLSRequirement, base_requirement
-
-log = logging.getLogger("mailgate.queue.outbound")
+from .tlspolicy import TLSRequirement, base_requirement, warn_once
 
 #: What a transaction can raise when the session breaks (lost, timed out, garbled).
 _SESSION_ERRORS: Final = (aiosmtplib.SMTPException, OSError, TimeoutError)
@@ -515,7 +512,8 @@ async def _starttls(smtp: aiosmtplib.SMTP, endpoint: Endpoint, where: str, plain
                 f"TLS is required, but was not offered by host {where}",
             )
         if requirement.report_only:
-            log.warning(
+            warn_once(
+                f"no-starttls:{endpoint.host}:{requirement.reason}",
                 "%s: no STARTTLS offered; %s would require TLS (testing: delivered anyway)",
                 where,
                 requirement.reason or requirement.label,
@@ -560,7 +558,8 @@ async def _tls_info(smtp: aiosmtplib.SMTP, endpoint: Endpoint, where: str) -> TL
                 f"Server certificate not verified: host {where}: {check.detail}",
             )
         if requirement.report_only:
-            log.warning(
+            warn_once(
+                f"certificate:{endpoint.host}:{requirement.reason}",
                 "%s: %s; %s would refuse it (testing: delivered anyway)",
                 where,
                 check.detail,

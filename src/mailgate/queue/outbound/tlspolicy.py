@@ -33,6 +33,7 @@ so the session knows nothing of where a requirement came from except for the log
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, get_args
@@ -42,6 +43,25 @@ from mailgate.smtpclient.target import TLS_LEVELS as _URL_TLS_LEVELS
 from .tlscheck import chain_problem, trust_store_for
 
 log = logging.getLogger("mailgate.queue.outbound")
+
+#: A policy warning about one thing (a host, a domain) is logged once in this long: a
+#: busy destination in MTA-STS ``testing`` mode would otherwise log on every delivery.
+WARNING_INTERVAL = 3600.0
+_warned: dict[str, float] = {}
+
+
+def warn_once(key: str, message: str, *args: object) -> None:
+    """``log.warning(message, *args)`` unless the same ``key`` was warned of within
+    :data:`WARNING_INTERVAL` (at most 10,000 keys are remembered)."""
+    now = time.monotonic()
+    last = _warned.get(key)
+    if last is not None and now - last < WARNING_INTERVAL:
+        return
+    if len(_warned) >= 10_000:
+        _warned.clear()
+    _warned[key] = now
+    log.warning(message, *args)
+
 
 #: What a configuration may say.
 TLSLevel = Literal["none", "may", "encrypt", "verify", "dane", "dane-only", "mta-sts"]
@@ -148,7 +168,8 @@ class DestinationPolicy:
         ):
             if self.enforce_mx:
                 return None
-            log.warning(
+            warn_once(
+                f"mx:{key}:{self.default.reason}",
                 "MX host %s is not in the %s (%s); used anyway",
                 name,
                 self.default.reason or "TLS policy",
@@ -260,7 +281,6 @@ class PolicyResolver:
         self.mta_sts = mta_sts
         self.mta_sts_default = mta_sts_default
         self.dane = dane
-        self._dane_missing_said: set[str] = set()
 
     def level_for(
         self, domain: str | None, route: TLSLevel | None
@@ -325,10 +345,8 @@ class PolicyResolver:
         return fallback
 
     def _say_no_dane(self, name: str) -> None:
-        if name in self._dane_missing_said or len(self._dane_missing_said) > 10_000:
-            return
-        self._dane_missing_said.add(name)
-        log.warning(
+        warn_once(
+            f"no-dane:{name}",
             "TLS policy dane for %s: DANE is not available (no DNSSEC-validating "
             "resolver configured); using may, as Postfix does without DNSSEC",
             name,

@@ -152,6 +152,28 @@ def test_enqueue_keeps_the_envelope_and_body(open_store: StoreOpener, clock: Clo
     run(main())
 
 
+def test_requiretls_and_tls_required_no_are_kept_with_the_message(
+    open_store: StoreOpener,
+) -> None:
+    async def main() -> None:
+        async with open_store() as store:
+            required = await store.enqueue(new_message(require_tls=True), b"x")
+            optional = await store.enqueue(new_message(tls_optional=True), b"y")
+            plain = await store.enqueue(new_message(), b"z")
+            flags = {
+                m.id: (m.info.require_tls, m.info.tls_optional) for m in await store.list_messages()
+            }
+            assert flags == {
+                required: (True, False),
+                optional: (False, True),
+                plain: (False, False),
+            }
+            batches = {b.message.id: b.message for b in await store.claim_due(limit=10)}
+            assert batches[required].require_tls and not batches[plain].require_tls
+
+    run(main())
+
+
 def test_enqueue_null_sender_and_given_received_time(open_store: StoreOpener) -> None:
     async def main() -> None:
         async with open_store() as store:

@@ -368,7 +368,7 @@ ERRORS: list[tuple[list[Any], str]] = [
     ),
     (
         [{"recipients": ["*"], "action": "relay", "tls": "always"}],
-        "#1 tls: 'always' is not one of none, may, encrypt, verify, dane, mta-sts",
+        "#1 tls: 'always' is not one of none, may, encrypt, verify, dane, dane-only, mta-sts",
     ),
     (
         [{"recipients": ["*"], "action": "deliver", "tls": "verify"}],

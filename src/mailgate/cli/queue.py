@@ -596,6 +596,8 @@ def message_json(message: QueuedMessage, now: float) -> dict[str, Any]:
         "ret": info.ret,
         "smtputf8": info.smtputf8,
         "body": info.body_type,
+        "requiretls": info.require_tls,
+        "tls_required_no": info.tls_optional,
         "client": {
             "address": client.address,
             "name": client.name,
@@ -709,6 +711,14 @@ def show_text(details: MessageDetails, headers: list[tuple[str, str]] | None, no
     row(
         "body",
         " ".join(part for part in (info.body_type, "SMTPUTF8" if info.smtputf8 else None) if part),
+    )
+    row(
+        "tls",
+        "REQUIRETLS (only over verified TLS to a server offering it)"
+        if info.require_tls
+        else "TLS-Required: No (DANE and MTA-STS policies set aside)"
+        if info.tls_optional
+        else None,
     )
     lines.append("recipients")
     for recipient in message.recipients:

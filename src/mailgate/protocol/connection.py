@@ -79,6 +79,7 @@ from .xclient import XclientError, parse_xclient, parse_xforward
 
 #: Longest piece of an unknown command line echoed in the reply ({command}).
 _MAX_ECHO = 200
+_NOTHING: frozenset[str] = frozenset()
 _BDAT_MAX_DIGITS = 18
 
 #: _take_line's answer for a line that was too long and has been answered already.
@@ -112,7 +113,16 @@ class _Look:
     """What a connection needs of its persona on the hot path, resolved once per
     configuration (see :func:`_look_for`)."""
 
-    __slots__ = ("banner", "enhanced", "hidden_verbs", "overridden", "persona", "ready", "static")
+    __slots__ = (
+        "after_tls",
+        "banner",
+        "enhanced",
+        "hidden_verbs",
+        "overridden",
+        "persona",
+        "ready",
+        "static",
+    )
 
     def __init__(self, config: ProtocolConfig) -> None:
         persona = config.persona
@@ -126,6 +136,12 @@ class _Look:
             config.enhanced_status_codes
             and persona.enhanced_status_codes
             and "ENHANCEDSTATUSCODES" not in persona.hidden_capabilities
+        )
+        #: EHLO keywords offered only in an encrypted session (their MAIL parameters are
+        #: refused with 530 before it, as not offered when the persona hides them).
+        hidden = persona.hidden_capabilities
+        self.after_tls = frozenset(
+            {"REQUIRETLS"} if config.requiretls and "REQUIRETLS" not in hidden else ()
         )
         #: The banner when no placeholder of it changes between connections (no date, no
         #: client address), else None: made anew for each connection.
@@ -641,7 +657,13 @@ class ServerConnection:
         tx = self.transaction
         in_utf8_transaction = tx is not None and tx.smtputf8
         verb: Literal["MAIL", "RCPT"] = "MAIL" if rule.verb == "MAIL" else "RCPT"
-        context = ParamContext(verb, self.extensions, self._max_size(), in_utf8_transaction)
+        context = ParamContext(
+            verb,
+            self.extensions,
+            self._max_size(),
+            in_utf8_transaction,
+            _NOTHING if self.tls_active or not self.esmtp else self._look.after_tls,
+        )
         try:
             params = parse_params(pairs, context)
         except ParamError as exc:

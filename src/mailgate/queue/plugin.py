@@ -244,6 +244,19 @@ class QueuePlugin:
             ]
             params = envelope.mail_params
             ret = params.get("RET")
+            loop = asyncio.get_running_loop()
+            require_tls = "REQUIRETLS" in params
+            path = message.path or Path()
+
+            def sync_and_read_header() -> bool:
+                # One trip to a worker thread: the spool file is fsynced once (the server
+                # would anyway before its 250; Maildir then finds it synced), and the
+                # header read for TLS-Required (RFC 8689 4.1: it counts only without the
+                # MAIL parameter).
+                message.sync()
+                return not require_tls and tls_required_no(path)
+
+            tls_optional = await loop.run_in_executor(None, sync_and_read_header)
             new = NewMessage(
                 envelope.sender,
                 recipients,
@@ -253,16 +266,15 @@ class QueuePlugin:
                 body_type=params.get("BODY"),
                 client=client_info(session, utf8=envelope.smtputf8),
                 received_at=message.received_at,
+                require_tls=require_tls,
+                tls_optional=tls_optional,
             )
-            loop = asyncio.get_running_loop()
             signed = await self._signed(session, envelope, message)
             if signed is not None:
                 queue_id = await store.enqueue(new, signed)
             else:
-                # The spool file is fsynced once (the server would anyway before its 250;
-                # Maildir then finds it synced) and hard-linked into the queue: no copy.
-                await loop.run_in_executor(None, message.sync)
-                queue_id = await store.enqueue(new, message.path or Path(), synced=True)
+                # Synced above: hard-linked into the queue, no copy.
+                queue_id = await store.enqueue(new, path, synced=True)
         except Exception:
             log.exception("message %s: cannot be queued; answered 451", message.id)
             raise TempFail(451, _QUEUE_FAILED, enhanced="4.3.0") from None
@@ -456,6 +468,29 @@ class QueuePlugin:
         except Exception:
             log.exception("message %s: cannot queue the report of refused recipients", message.id)
             raise TempFail(451, _QUEUE_FAILED, enhanced="4.3.0") from None
+
+
+#: How far into a message the header is looked at for ``TLS-Required``.
+_HEADER_SCAN = 256 * 1024
+
+
+def tls_required_no(path: Path) -> bool:
+    """Whether the message's header has ``TLS-Required: No`` (RFC 8689 5): the sender
+    asks that the recipient domains' TLS policies not hold it back. Blocking."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(_HEADER_SCAN)
+    except OSError:
+        return False
+    end = head.find(b"\r\n\r\n")
+    header = head[: end if end >= 0 else len(head)]
+    # Unfold (RFC 5322 2.2.3), then look at each field by name.
+    unfolded = header.replace(b"\r\n ", b" ").replace(b"\r\n\t", b" ")
+    for line in unfolded.split(b"\r\n"):
+        name, colon, value = line.partition(b":")
+        if colon and name.strip().lower() == b"tls-required":
+            return value.strip().lower() == b"no"
+    return False
 
 
 async def open_store(

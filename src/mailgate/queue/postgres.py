@@ -231,8 +231,15 @@ _MIGRATION_2 = """
 ALTER TABLE nodes ADD COLUMN software text NOT NULL DEFAULT '';
 """
 
+# RFC 8689: REQUIRETLS and TLS-Required: No, per message.
+_MIGRATION_3 = """
+ALTER TABLE messages
+    ADD COLUMN require_tls boolean NOT NULL DEFAULT false,
+    ADD COLUMN tls_optional boolean NOT NULL DEFAULT false;
+"""
+
 #: Migration ``n`` (1-based) brings the schema from version ``n - 1`` to ``n``.
-MIGRATIONS: tuple[str, ...] = (_MIGRATION_1, _MIGRATION_2)
+MIGRATIONS: tuple[str, ...] = (_MIGRATION_1, _MIGRATION_2, _MIGRATION_3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _RECIPIENT_COLUMNS = (
@@ -241,7 +248,8 @@ _RECIPIENT_COLUMNS = (
     "final_at, held_reason, dsn_pending, dsn_sent, lease_owner, lease_id, lease_expires"
 )
 _MESSAGE_COLUMNS = (
-    "id, sender, size, received_at, expires_at, envid, ret, smtputf8, body_type, client"
+    "id, sender, size, received_at, expires_at, envid, ret, smtputf8, body_type, client, "
+    "require_tls, tls_optional"
 )
 _DUE = (
     "state IN ('queued', 'deferred') AND next_attempt <= $1 "
@@ -767,7 +775,7 @@ class PostgresQueueStore(ChangeWaiting):
             size = await _write_body(connection, message_id, body)
             await connection.execute(
                 f"INSERT INTO messages ({_MESSAGE_COLUMNS}) "
-                f"VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                f"VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
                 message_id,
                 message.sender,
                 size,
@@ -778,6 +786,8 @@ class PostgresQueueStore(ChangeWaiting):
                 message.smtputf8,
                 message.body_type,
                 json.dumps(asdict(message.client), separators=(",", ":")),
+                message.require_tls,
+                message.tls_optional,
             )
             await connection.executemany(
                 "INSERT INTO recipients (message_id, address, domain, destination, orcpt, "

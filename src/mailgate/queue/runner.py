@@ -441,6 +441,8 @@ class QueueRunner:
             smtputf8=message.smtputf8,
             eight_bit=message.body_type in ("8BITMIME", "BINARYMIME"),
             attempt=1 + max(r.attempts for r in batch.recipients),
+            require_tls=message.require_tls,
+            tls_optional=message.tls_optional,
         )
 
     async def _with_lease(

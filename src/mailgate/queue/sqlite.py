@@ -168,7 +168,12 @@ CREATE INDEX IF NOT EXISTS history_message ON history (message_id);
 #: Migration ``n`` (1-based) brings the database from version ``n - 1`` to ``n``
 #: (``meta.schema_version``). Version 1 is the first schema (its statements say IF NOT
 #: EXISTS: databases made before migrations were versioned already hold it).
-MIGRATIONS: tuple[str, ...] = (_SCHEMA,)
+MIGRATIONS: tuple[str, ...] = (
+    _SCHEMA,
+    # 2: RFC 8689 REQUIRETLS and "TLS-Required: No", per message.
+    "ALTER TABLE messages ADD COLUMN require_tls INTEGER NOT NULL DEFAULT 0;"
+    "ALTER TABLE messages ADD COLUMN tls_optional INTEGER NOT NULL DEFAULT 0",
+)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -261,7 +266,8 @@ _RECIPIENT_COLUMNS = (
     "dsn_pending, dsn_sent, lease_owner, lease_id, lease_expires"
 )
 _MESSAGE_COLUMNS = (
-    "id, sender, size, received_at, expires_at, envid, ret, smtputf8, body_type, client"
+    "id, sender, size, received_at, expires_at, envid, ret, smtputf8, body_type, client, "
+    "require_tls, tls_optional"
 )
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -728,7 +734,7 @@ class SQLiteQueueStore(ChangeWaiting):
 
         def insert(connection: sqlite3.Connection) -> str:
             connection.execute(
-                f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     message_id,
                     message.sender,
@@ -740,6 +746,8 @@ class SQLiteQueueStore(ChangeWaiting):
                     int(message.smtputf8),
                     message.body_type,
                     json.dumps(asdict(message.client), separators=(",", ":")),
+                    int(message.require_tls),
+                    int(message.tls_optional),
                 ),
             )
             connection.executemany(

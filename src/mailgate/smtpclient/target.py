@@ -28,7 +28,7 @@ DEFAULT_PORTS: Final = {"smtp": 25, "smtps": 465, "lmtp": 24}
 STARTTLS_MODES: Final = ("auto", "require", "no")
 #: The TLS policy levels of outbound delivery (``mailgate.queue.outbound.tlspolicy``),
 #: here so that routing (a peer of the queue) can check a route's ``tls`` too.
-TLS_LEVELS: Final = ("none", "may", "encrypt", "verify", "dane", "mta-sts")
+TLS_LEVELS: Final = ("none", "may", "encrypt", "verify", "dane", "dane-only", "mta-sts")
 
 
 @dataclass(frozen=True, slots=True)

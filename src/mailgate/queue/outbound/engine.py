@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from mailgate.dns import Resolver
 
@@ -43,12 +43,18 @@ from .options import OutboundOptions
 from .session import Answer, Endpoint, HostFailure, Session, open_session
 from .tlspolicy import (
     DANEProvider,
+    DestinationPolicy,
     MTASTSProvider,
     PolicyResolver,
     PolicySource,
     TLSLevel,
+    TLSRequirement,
+    base_requirement,
     warn_once,
 )
+
+if TYPE_CHECKING:
+    from mailgate.dns.dnssec import DNSSECResolver
 
 log = logging.getLogger("mailgate.queue.outbound")
 
@@ -125,6 +131,21 @@ class OutboundEngine:
 
             mta_sts = MTASTS(self.resolver, options)
         self.mta_sts = mta_sts
+        #: DNSSEC answers (DANE, and REQUIRETLS's secure-MX rule); None: ``dnssec`` off.
+        self.dnssec: DNSSECResolver | None = getattr(dane, "dnssec", None)
+        if dane is None and options.dnssec != "off":
+            from mailgate.dns.dnssec import DNSSECResolver
+
+            from .dane import DANE
+
+            self.dnssec = DNSSECResolver(
+                self.resolver.nameservers,
+                mode=options.dnssec,
+                trust_anchors=options.dnssec_trust_anchors,
+                timeout=self.resolver.timeout,
+            )
+            dane = DANE(self.dnssec)
+        self.dane = dane
         self.policies = PolicyResolver(
             default=options.tls_policy,
             domains=dict(options.tls_policies),
@@ -260,18 +281,26 @@ class OutboundEngine:
         # The hosts and their TLS requirements first, also for a cached session: a
         # policy that changed (an MTA-STS policy now in force) must not ride on a
         # session opened under the old one. The resolver caches the lookups.
-        endpoints = await self._endpoints(request.destination)
+        endpoints = await self._endpoints(request.destination, optional=request.tls_optional)
+        if not isinstance(endpoints, _NoEndpoints) and request.require_tls:
+            endpoints = await self._requiretls_endpoints(request.destination, endpoints)
         if isinstance(endpoints, _NoEndpoints):
             answer = Answer(endpoints.outcome, endpoints.status, endpoints.diagnostic)
             return _Attempt([answer] * n, counts=endpoints.counts, policy=endpoints.policy)
         session = await self._cached(key, endpoints)
+        if session is not None and request.require_tls and _requiretls_problem(session):
+            await session.quit()  # opened for mail without REQUIRETLS: not good enough
+            session = None
         reused = session is not None
         failures: list[HostFailure] = []
         if session is None:
-            session = await self._open_any(endpoints, failures)
+            session = await self._open_any(endpoints, failures, require_tls=request.require_tls)
         if session is None:
             policy = endpoints[-1].policy if endpoints else None
-            return _Attempt([_final_failure(failures)] * n, policy=policy)
+            # A host that cannot take REQUIRETLS mail is alive all the same: that must not
+            # slow down or suspend the destination for its other mail.
+            counts = not any(f.answer.status == "5.7.30" for f in failures)
+            return _Attempt([_final_failure(failures)] * n, policy=policy, counts=counts)
         keep = False
         try:
             answers = await self._transactions(session, request, body)
@@ -334,15 +363,25 @@ class OutboundEngine:
         return None
 
     async def _open_any(
-        self, endpoints: list[Endpoint], failures: list[HostFailure]
+        self, endpoints: list[Endpoint], failures: list[HostFailure], *, require_tls: bool = False
     ) -> Session | None:
-        """Try the endpoints in order; the first session, or None (``failures`` says why)."""
+        """Try the endpoints in order; the first session, or None (``failures`` says why).
+        ``require_tls`` (RFC 8689 4.2.1): a host whose TLS or certificate falls short, or
+        that does not offer REQUIRETLS, is a permanent failure (5.7.30), and the next is
+        tried; when none does better, the message bounces."""
         for endpoint in endpoints[: self.options.mx_address_limit]:
             host = (endpoint.address, endpoint.port)
             plaintext = self._plaintext_until.get(host, 0.0) > self._clock()
             try:
                 session = await open_session(endpoint, self.options, plaintext=plaintext)
             except HostFailure as failure:
+                if require_tls and failure.answer.status in _TLS_FAILURES:
+                    failure = HostFailure(
+                        Outcome.FAILED,
+                        "5.7.30",
+                        f"REQUIRETLS: {failure.answer.diagnostic}",
+                        failure.answer.reply,
+                    )
                 failures.append(failure)
                 if not (failure.starttls_failed and endpoint.tls.mode == "may"):
                     continue
@@ -356,11 +395,65 @@ class OutboundEngine:
                     continue
             self.sessions_opened += 1
             self._cache.opened += 1
+            problem = _requiretls_problem(session) if require_tls else None
+            if problem is not None:
+                await session.quit()
+                failures.append(HostFailure(Outcome.FAILED, "5.7.30", problem))
+                continue
             return session
         return None
 
-    async def _endpoints(self, destination: Destination) -> list[Endpoint] | _NoEndpoints:
-        """The addresses to try, in order, each with its TLS requirement."""
+    async def _requiretls_endpoints(
+        self, destination: Destination, endpoints: list[Endpoint]
+    ) -> list[Endpoint] | _NoEndpoints:
+        """The endpoints of a REQUIRETLS message (RFC 8689 4.2.1): every one must verify
+        the server's certificate. DANE and MTA-STS requirements already do; any other
+        becomes ``verify`` against the CAs, which for MX hosts is enough only when the
+        MX records are DNSSEC-secure (an attacker could otherwise name its own host, with
+        a good certificate for its own name)."""
+        mx_secure: bool | None = None
+        why = ""
+        upgraded: list[Endpoint] = []
+        for endpoint in endpoints:
+            requirement = endpoint.tls
+            if requirement.verification_required and requirement.source in ("dane", "mta-sts"):
+                upgraded.append(endpoint)
+                continue
+            if isinstance(destination, Relay) and mx_secure is None:
+                mx_secure, why = await self._mx_secure(destination.domain)
+            if isinstance(destination, Relay) and not mx_secure:
+                continue
+            reason = "; ".join(filter(None, (requirement.reason, "REQUIRETLS")))
+            upgraded.append(
+                replace(endpoint, tls=replace(requirement, mode="verify", reason=reason))
+            )
+        if upgraded:
+            return upgraded
+        return _NoEndpoints(
+            Outcome.FAILED,
+            "5.7.30",
+            f"REQUIRETLS: no MX host of {getattr(destination, 'domain', '')} can be "
+            f"authenticated: {why} and no DANE or MTA-STS policy applies",
+            counts=False,
+        )
+
+    async def _mx_secure(self, domain: str) -> tuple[bool, str]:
+        """Whether ``domain``'s MX records are DNSSEC-secure (False when DNSSEC is off)."""
+        if self.dnssec is None:
+            return False, "DNSSEC is off (outbound dnssec), so the MX records are not validated"
+        from mailgate.dns.dnssec import Security
+
+        from .dane import mx_security
+
+        security, why = await mx_security(self.dnssec, domain.strip().rstrip("."))
+        return security is Security.SECURE, why
+
+    async def _endpoints(
+        self, destination: Destination, *, optional: bool = False
+    ) -> list[Endpoint] | _NoEndpoints:
+        """The addresses to try, in order, each with its TLS requirement. ``optional``
+        (``TLS-Required: No``, RFC 8689 5): the recipient domain's DANE and MTA-STS
+        policies are not applied; ``may`` instead."""
         options = self.options
         policies = self.policies
         if isinstance(destination, Relay):
@@ -369,9 +462,12 @@ class OutboundEngine:
             if isinstance(hosts, RouteFailure):
                 return _NoEndpoints(hosts.outcome, hosts.status, hosts.diagnostic, counts=False)
             level, source = policies.level_for(domain, destination.tls)
-            policy = await policies.relay_policy(
-                domain, [host.name for host in hosts], options.port, level, source
-            )
+            if optional:
+                policy = DestinationPolicy(_relaxed(level, source, options.tls_cafile))
+            else:
+                policy = await policies.relay_policy(
+                    domain, [host.name for host in hosts], options.port, level, source
+                )
             endpoints: list[Endpoint] = []
             refused: list[str] = []
             for host in hosts:
@@ -425,9 +521,13 @@ class OutboundEngine:
             url_level, url_source = policies.level_for(None, None)
         if target.scheme == "smtps" and url_level in ("none", "may"):
             url_level = "encrypt"  # TLS from the first byte: never plain text
-        requirement = await policies.host_requirement(
-            target.host, target.port, url_level, url_source, target.cafile or options.tls_cafile
-        )
+        cafile = target.cafile or options.tls_cafile
+        if optional and url_level in _RECIPIENT_POLICIES:
+            requirement = _relaxed(url_level, url_source, cafile)
+        else:
+            requirement = await policies.host_requirement(
+                target.host, target.port, url_level, url_source, cafile
+            )
         return [
             Endpoint(
                 host=target.host,
@@ -477,6 +577,33 @@ class OutboundEngine:
         )
         _log_attempt(result)
         return result
+
+
+#: Levels that are the recipient domain's policies, which ``TLS-Required: No`` sets aside.
+_RECIPIENT_POLICIES = ("dane", "dane-only", "mta-sts")
+#: Host failures of TLS (no STARTTLS, a handshake or certificate that falls short).
+_TLS_FAILURES = ("4.7.4", "4.7.5")
+
+
+def _relaxed(level: TLSLevel, source: PolicySource, cafile: str | None) -> TLSRequirement:
+    """The requirement for a ``TLS-Required: No`` message: the operator's own none, may,
+    encrypt or verify stand; DANE and MTA-STS become ``may`` (RFC 8689 5)."""
+    if level in _RECIPIENT_POLICIES or level == "may":
+        return base_requirement("may", source, cafile, "TLS-Required: No")
+    return base_requirement(level, source, cafile)
+
+
+def _requiretls_problem(session: Session) -> str | None:
+    """Why ``session`` cannot carry a REQUIRETLS message, or None (RFC 8689 4.2.1:
+    verified TLS, and REQUIRETLS offered in the EHLO after it)."""
+    tls = session.tls
+    if tls is None:
+        return f"REQUIRETLS: no TLS with host {session.where}"
+    if not tls.verified:
+        return f"REQUIRETLS: the certificate of host {session.where} is not verified: {tls.detail}"
+    if not session.smtp.supports_extension("requiretls"):
+        return f"REQUIRETLS is required, but was not offered by host {session.where}"
+    return None
 
 
 def _session_key(destination: Destination) -> str:

@@ -151,6 +151,13 @@ class DeliveryRequest:
     smtputf8: bool = False
     eight_bit: bool = False
     attempt: int = 1
+    #: RFC 8689 REQUIRETLS: only over verified TLS (a CA for a DNSSEC-secure MX or a
+    #: smarthost, DANE or MTA-STS) to a server that offers REQUIRETLS, which is passed on;
+    #: anything else fails the recipient (5.7.30) instead of deferring it.
+    require_tls: bool = False
+    #: RFC 8689 5 ``TLS-Required: No``: the recipient domain's DANE and MTA-STS policies
+    #: are not applied (TLS is still used when offered).
+    tls_optional: bool = False
 
     def __post_init__(self) -> None:
         if not self.recipients:

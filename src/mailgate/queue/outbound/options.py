@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mailgate.dns.dnssec import DNSSEC_MODES, ROOT_TRUST_ANCHOR, DNSSECMode, parse_trust_anchor
 from mailgate.settings import Value, code_only, converters, setting
 
 from .tlspolicy import TLS_LEVELS, TLSLevel
@@ -42,6 +43,17 @@ def _domain_levels(value: Value) -> tuple[tuple[str, TLSLevel], ...]:
             raise value.error(f"{name}: {level!r} is not one of {', '.join(TLS_LEVELS)}")
         levels[("." if subdomains else "") + bare] = level.strip().lower()  # type: ignore[assignment]  # checked
     return tuple(levels.items())
+
+
+def _trust_anchors(value: Value) -> tuple[str, ...]:
+    """DS or DNSKEY records in zone-file syntax, each checked."""
+    anchors = tuple(text.strip() for text in converters.string_list(value) if text.strip())
+    for text in anchors:
+        try:
+            parse_trust_anchor(text)
+        except ValueError as exc:
+            raise value.error(str(exc)) from None
+    return anchors
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +200,30 @@ class OutboundOptions:
     mta_sts_cache_file: str | None = code_only(
         None, reason="the queue puts it in its own directory"
     )
+    #: How DNSSEC is known, for DANE (``dane``/``dane-only`` levels): ``off`` (DANE is
+    #: never used: ``dane`` acts as ``may``), ``resolver`` (the AD bit of
+    #: ``dns_nameservers``, which must validate and be reached over a trusted path, e.g. a
+    #: resolver on this host), ``local`` (mailgate validates from ``dnssec_trust_anchors``).
+    dnssec: DNSSECMode = setting(
+        "off",
+        convert=converters.choice(DNSSEC_MODES),
+        help=(
+            "how DNSSEC is known for DANE: off (dane acts as may); resolver: trust the AD "
+            "bit of dns_nameservers (a validating resolver on a trusted path); local: "
+            "mailgate validates from dnssec_trust_anchors"
+        ),
+        group="outbound",
+        choices=DNSSEC_MODES,
+    )
+    #: Trust anchors of ``dnssec = "local"``: DS or DNSKEY records in zone-file syntax.
+    dnssec_trust_anchors: tuple[str, ...] = setting(
+        (ROOT_TRUST_ANCHOR,),
+        convert=_trust_anchors,
+        help="DS or DNSKEY records DNSSEC validation starts from (dnssec = local)",
+        group="outbound",
+        metavar="RECORD",
+        default_text="the root zone's KSK-2017 DS record",
+    )
     #: After a failed TLS handshake under ``may``, that host gets plain text this long.
     tls_fallback_time: float = setting(
         3600.0,
@@ -239,6 +275,12 @@ class OutboundOptions:
     )
 
     def __post_init__(self) -> None:
+        if self.dnssec not in DNSSEC_MODES:
+            raise ValueError(f"outbound dnssec must be one of {', '.join(DNSSEC_MODES)}")
+        if self.dnssec == "local" and not self.dnssec_trust_anchors:
+            raise ValueError(
+                "outbound dnssec = local needs at least one dnssec_trust_anchors record"
+            )
         if not self.helo or not self.helo.isascii() or any(c.isspace() for c in self.helo):
             raise ValueError(f"outbound helo {self.helo!r} must be one non-empty ASCII word")
         if not 0 < self.port < 65536:

@@ -199,6 +199,7 @@ class Session:
                 smtputf8=utf8,
                 ret=request.ret,
                 envid=request.envid,
+                requiretls=request.require_tls,
             ),
         ]
         rcpts = [

@@ -15,6 +15,8 @@ A *level* is what the configuration says, with Postfix's meanings
 ``dane``     DANE (RFC 7672) where the destination has usable TLSA records; filled in
              by a :class:`DANEProvider`. Without one (or without usable records) it is
              ``may`` (MTA-STS included), as Postfix's ``dane`` is without DNSSEC.
+``dane-only`` DANE or no delivery: a destination without usable TLSA records (or
+             without DNSSEC) is deferred, as with Postfix's ``dane-only``.
 ``mta-sts``  MTA-STS (RFC 8461) even when ``mta_sts`` is off; ``may`` where the
              domain publishes no policy.
 
@@ -62,7 +64,7 @@ def warn_once(key: str, message: str, *args: object) -> None:
 
 
 #: What a configuration may say.
-TLSLevel = Literal["none", "may", "encrypt", "verify", "dane", "mta-sts"]
+TLSLevel = Literal["none", "may", "encrypt", "verify", "dane", "dane-only", "mta-sts"]
 TLS_LEVELS: tuple[str, ...] = get_args(TLSLevel)
 assert TLS_LEVELS == _URL_TLS_LEVELS, "the URL grammar and the policy know the same levels"
 #: What a session enforces.
@@ -198,6 +200,29 @@ def base_requirement(
     return TLSRequirement(mode, level, source, CAMatcher(cafile), reason)
 
 
+@dataclass(frozen=True, slots=True)
+class RefusingMatcher:
+    """Finds no certificate good: for a host that must not get the mail now (its TLSA
+    lookup was bogus, ``dane-only`` without DANE). ``reason`` is the verdict."""
+
+    reason: str
+
+    async def check(self, chain: Sequence[bytes], host: str) -> CertificateCheck:
+        return CertificateCheck(False, None, self.reason)
+
+
+def refusing_requirement(fallback: TLSRequirement, reason: str) -> TLSRequirement:
+    """A ``verify`` requirement no server meets (a smarthost that must not be used)."""
+    return TLSRequirement(
+        "verify", fallback.level, fallback.source, RefusingMatcher(reason), reason
+    )
+
+
+def _refused(fallback: TLSRequirement, reason: str) -> DestinationPolicy:
+    """A policy that rules out every MX host (none is even connected to)."""
+    return DestinationPolicy(refusing_requirement(fallback, reason), mx_patterns=())
+
+
 class DANEProvider(Protocol):
     """What the ``dane`` level asks (implemented by the DANE module). Each method
     answers None when DANE does not apply (no DNSSEC-validated answer, no usable TLSA
@@ -285,13 +310,15 @@ class PolicyResolver:
         fallback = base_requirement(level, source, self.cafile)
         if domain.startswith("["):
             return DestinationPolicy(fallback)
-        if level == "dane":
+        if level in ("dane", "dane-only"):
             if self.dane is not None:
                 found = await self.dane.destination_policy(domain, hosts, port, fallback)
                 if found is not None:
                     return found
             else:
                 self._say_no_dane(domain)
+            if level == "dane-only":  # DANE or nothing: every host is ruled out
+                return _refused(fallback, f"dane-only: no DANE for {domain}")
         if self.mta_sts is not None and (
             level in ("mta-sts", "dane") or (level == "may" and self.mta_sts_default)
         ):
@@ -306,13 +333,15 @@ class PolicyResolver:
         """The requirement for a smarthost (MTA-STS is about MX hosts: ``mta-sts`` is
         ``may`` here)."""
         fallback = base_requirement(level, source, cafile)
-        if level == "dane":
+        if level in ("dane", "dane-only"):
             if self.dane is not None:
                 found = await self.dane.host_requirement(host, port, fallback)
                 if found is not None:
                     return found
             else:
                 self._say_no_dane(host)
+            if level == "dane-only":
+                return refusing_requirement(fallback, f"dane-only: no DANE for {host}")
         return fallback
 
     def _say_no_dane(self, name: str) -> None:
@@ -334,10 +363,12 @@ __all__ = [
     "MTASTSProvider",
     "PolicyResolver",
     "PolicySource",
+    "RefusingMatcher",
     "TLSLevel",
     "TLSMode",
     "TLSRequirement",
     "VerifyMethod",
     "base_requirement",
     "mx_matches",
+    "refusing_requirement",
 ]

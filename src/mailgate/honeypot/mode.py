@@ -78,7 +78,12 @@ _QUIET_RELAY = PolicySection(relay.TABLE, {"warn_open_relay": False}, None, "hon
 
 def load_persona(honeypot: HoneypotOptions) -> PersonaProfile:
     """The persona profile the settings ask for: ``profile`` (a TOML file, its ``base``
-    defaulting to ``persona``) or the built-in ``persona``."""
+    defaulting to ``persona``), a generated identity (``generate_identity``, see
+    mailgate.honeypot.identity) or the built-in ``persona``."""
+    if honeypot.generate_identity:
+        from .identity import persona_for_start
+
+        return persona_for_start(honeypot)
     try:
         if honeypot.profile is not None:
             return load_profile(honeypot.profile, base=honeypot.persona)
@@ -321,6 +326,8 @@ def build_server(
             analysis_max_parts=honeypot.analysis_max_parts,
             analysis_max_depth=honeypot.analysis_max_depth,
             auth_mechanisms=options.auth_mechanisms,
+            banner_delay=profile.banner_delay,
+            reply_delay=profile.reply_delay,
         )
     except ValueError as exc:
         store.close()

@@ -54,11 +54,15 @@ from mailgate.protocol.replies import Reply, ReplyError
 from mailgate.protocol.sasl import MECHANISMS
 
 __all__ = [
+    "MAX_BANNER_DELAY",
+    "MAX_REPLY_DELAY",
+    "NO_DELAY",
     "PERSONAS",
     "PROFILE_KEYS",
     "QUEUE_ID_STYLES",
     "SERVER_PLACEHOLDERS",
     "SERVER_REPLY_NAMES",
+    "TIMING_KEYS",
     "PersonaProfile",
     "ProfileError",
     "dump_profile",
@@ -125,9 +129,27 @@ PROFILE_KEYS: Mapping[str, str] = MappingProxyType(
         "auth_mechanisms": "SASL mechanisms to offer, in order",
         "message_size_limit": "SIZE to advertise and enforce; 0 = no number",
         "queue_id": "queue id style",
+        "timing": "table: banner_delay and reply_delay, [min, max] seconds of jitter",
         "replies": "table: reply name = reply",
     }
 )
+
+#: Keys of the ``[timing]`` table: seconds, ``[min, max]``, a delay drawn uniformly from
+#: that range before the banner / before each answer the honeypot paces.
+TIMING_KEYS: Mapping[str, str] = MappingProxyType(
+    {
+        "banner_delay": "seconds before the 220 greeting, [min, max]",
+        "reply_delay": "seconds before each paced answer (HELO/EHLO, AUTH, MAIL, RCPT, DATA)",
+    }
+)
+#: The longest delays a profile may ask for: well inside a client's patience (RFC 5321
+#: 4.5.3.2: 5 minutes for the greeting) and the server's hook_timeout (30 s by default),
+#: short enough that a persona never looks like a tarpit by accident.
+MAX_BANNER_DELAY = 5.0
+MAX_REPLY_DELAY = 2.0
+_TIMING_BOUNDS = {"banner_delay": MAX_BANNER_DELAY, "reply_delay": MAX_REPLY_DELAY}
+#: No delay: what every built-in persona has.
+NO_DELAY: tuple[float, float] = (0.0, 0.0)
 
 # --- queue ids -------------------------------------------------------------------------------
 
@@ -356,6 +378,10 @@ class PersonaProfile:
     too_many_connections: Reply = _TOO_MANY_CONNECTIONS
     insufficient_storage: Reply = _INSUFFICIENT_STORAGE
     message_queued: Reply = _MESSAGE_QUEUED
+    #: Timing jitter, seconds ``(min, max)``: a delay drawn from the range before the
+    #: banner, and before each answer the honeypot paces. (0, 0): none.
+    banner_delay: tuple[float, float] = NO_DELAY
+    reply_delay: tuple[float, float] = NO_DELAY
     _server: Mapping[str, Reply] = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -365,6 +391,10 @@ class PersonaProfile:
         for mechanism in self.auth_mechanisms:
             if mechanism not in MECHANISMS:
                 raise ProfileError(source, "auth_mechanisms", _mechanism_error(mechanism))
+        for key, bound in _TIMING_BOUNDS.items():
+            problem = _delay_problem(getattr(self, key), bound)
+            if problem:
+                raise ProfileError(source, f"timing.{key}", problem)
         server = {name: getattr(self, name) for name in SERVER_REPLY_NAMES}
         for name, reply in server.items():
             problem = _server_reply_problem(name, reply)
@@ -469,6 +499,20 @@ def _mechanism_error(value: object) -> str:
         f"{value!r} is not a SASL mechanism mailgate implements "
         f"({', '.join(MECHANISMS)}); a persona offers only what works"
     )
+
+
+def _delay_problem(value: object, bound: float) -> str:
+    """What is wrong with a ``(min, max)`` delay range, or the empty string."""
+    if (
+        not isinstance(value, tuple | list)
+        or len(value) != 2
+        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    ):
+        return f"expected [min, max] in seconds, got {value!r}"
+    low, high = float(value[0]), float(value[1])
+    if not 0.0 <= low <= high <= bound:
+        return f"expected 0 <= min <= max <= {bound:g} seconds, got [{low:g}, {high:g}]"
+    return ""
 
 
 def _server_reply_problem(name: str, reply: Reply) -> str:
@@ -652,8 +696,20 @@ def profile_from_mapping(
                     "unknown reply name" + _did_you_mean(name, REPLY_NAMES | SERVER_REPLY_NAMES),
                 )
         merged_replies.update(table)
-    spec.update({k: v for k, v in data.items() if k not in ("replies", "base")})
+    merged_timing: dict[str, Any] = spec.pop("timing")
+    if "timing" in data:
+        timing = data["timing"]
+        if not isinstance(timing, Mapping):
+            raise reader.error("timing", f"expected a table, got {_kind(timing)}")
+        for name in timing:
+            if name not in TIMING_KEYS:
+                raise reader.error(
+                    f"timing.{name}", "unknown key" + _did_you_mean(name, TIMING_KEYS)
+                )
+        merged_timing.update(timing)
+    spec.update({k: v for k, v in data.items() if k not in ("replies", "timing", "base")})
     spec["replies"] = merged_replies
+    spec["timing"] = merged_timing
     return _build(_Reader(spec, source))
 
 
@@ -755,6 +811,14 @@ def _build(reader: _Reader) -> PersonaProfile:
         if style not in QUEUE_ID_STYLES:
             raise reader.error("queue_id", _choice_error(style))
         options["queue_id_style"] = style
+    timing: Mapping[str, Any] = data.get("timing", {})
+    for key, bound in _TIMING_BOUNDS.items():
+        if key in timing:
+            value = timing[key]
+            problem = _delay_problem(value, bound)
+            if problem:
+                raise reader.error(f"timing.{key}", problem)
+            options[key] = (float(value[0]), float(value[1]))
     options.update(server)
     return PersonaProfile(name=reader.string("name"), persona=persona, software=software, **options)
 
@@ -813,6 +877,10 @@ def _to_spec(profile: PersonaProfile) -> dict[str, Any]:
     for name in sorted(SERVER_REPLY_NAMES):
         replies[name] = format_reply(getattr(profile, name))
     spec["replies"] = replies
+    spec["timing"] = {
+        "banner_delay": list(profile.banner_delay),
+        "reply_delay": list(profile.reply_delay),
+    }
     return spec
 
 
@@ -821,6 +889,8 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int):
         return str(value)
+    if isinstance(value, float):
+        return repr(value)
     if isinstance(value, str):
         return json.dumps(value).replace("\x7f", "\\u007f")
     if isinstance(value, list):
@@ -845,8 +915,10 @@ def dump_profile(profile: PersonaProfile) -> str:
         'base = "none"',
     ]
     for key, value in spec.items():
-        if key != "replies":
+        if key not in ("replies", "timing"):
             lines.append(f"{key} = {_toml_value(value)}")
+    lines += ["", "[timing]"]
+    lines += [f"{name} = {_toml_value(value)}" for name, value in spec["timing"].items()]
     lines += ["", "[replies]"]
     lines += [f"{name} = {_toml_value(value)}" for name, value in spec["replies"].items()]
     return "\n".join(lines) + "\n"

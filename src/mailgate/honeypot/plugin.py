@@ -12,6 +12,9 @@
   relays or delivers: its 250 ends the message chain, so no delivery step after it runs;
 - tarpits: before each answer it waits ``tarpit`` seconds times the number of
   connections seen from the client's address (at most ``tarpit_max``);
+- adds a persona's timing jitter: a delay drawn from ``banner_delay`` before the banner
+  and from ``reply_delay`` before the other answers it paces (``(0, 0)``, the default:
+  none, and no sleep at all);
 - keeps the store's total cap while mail is received: at DATA it reserves room for the
   message (its announced SIZE, else the server's message size limit) and, when even
   pruning the oldest finished sessions cannot make room, refuses the DATA with ``452
@@ -43,6 +46,7 @@ import contextlib
 import functools
 import logging
 import os
+import random
 import re
 import stat
 import time
@@ -173,7 +177,10 @@ class HoneypotPlugin:
     event loop's default executor, which the server opens spool files in);
     ``max_analysis_backlog``: messages waiting for analysis beyond which a new one only
     has its subject read; ``auth_mechanisms``: offered when no ``auth_mechanisms`` setting overrides;
-    ``clock``: the time source (session ages compare with ``session.started_at``).
+    ``clock``: the time source (session ages compare with ``session.started_at``);
+    ``banner_delay``/``reply_delay``: ``(min, max)`` seconds of jitter before the banner /
+    before each other paced answer (a persona's timing; added to the tarpit), ``rng``
+    the random source it is drawn from.
 
     ``storage_check_interval``: seconds between two looks at the spool directory while
     messages are received (the running count of bytes in flight).
@@ -217,8 +224,17 @@ class HoneypotPlugin:
         storage_full_reply: SessionReply | None = None,
         message_reply: MessageReply | None = None,
         storage_check_interval: float = SPOOL_CHECK_INTERVAL,
+        banner_delay: tuple[float, float] = (0.0, 0.0),
+        reply_delay: tuple[float, float] = (0.0, 0.0),
+        rng: random.Random | None = None,
     ) -> None:
         self.store = store
+        for what, (low, high) in (("banner_delay", banner_delay), ("reply_delay", reply_delay)):
+            if not 0 <= low <= high:
+                raise ValueError(f"{what} must be (min, max) with 0 <= min <= max")
+        self.banner_delay = (float(banner_delay[0]), float(banner_delay[1]))
+        self.reply_delay = (float(reply_delay[0]), float(reply_delay[1]))
+        self._rng = rng or random.Random()
         self.auth_mode, self.accept_after = parse_auth_outcome(auth_outcome)
         self.auth_outcome = auth_outcome
         if tarpit < 0 or tarpit_max < 0:
@@ -281,6 +297,19 @@ class HoneypotPlugin:
                 self.tarpit_max,
                 hook_timeout,
             )
+        # Jitter is the persona's look, never a reason for a 451: keep the longest one
+        # (with the tarpit's) below the hook timeout too.
+        room = max(0.0, hook_timeout - 1.0 - (self.tarpit_max if self.tarpit else 0.0))
+        for what in ("banner_delay", "reply_delay"):
+            low, high = getattr(self, what)
+            if high > room:
+                setattr(self, what, (min(low, room), room))
+                log.warning(
+                    "honeypot: %s lowered to at most %.1f s, below hook_timeout (%.0f s)",
+                    what,
+                    room,
+                    hook_timeout,
+                )
         server.add_plugin(self)
         server.recorder = self.recorder
         self.server = server
@@ -296,7 +325,7 @@ class HoneypotPlugin:
             remaining = self.max_session_seconds - (self.clock() - session.started_at)
             timer = loop.call_later(max(0.0, remaining), self._expire, session)
             session.notes.setdefault(self.name, {})["timer"] = timer
-        await self._pace(session)
+        await self._pace(session, jitter=self.banner_delay)
 
     async def on_helo(self, session: Session, hostname: str) -> None:
         await self._pace(session)
@@ -570,10 +599,19 @@ class HoneypotPlugin:
         connections = state.connections if state is not None else 1
         return min(self.tarpit * max(1, connections), self.tarpit_max)
 
-    async def _pace(self, session: Session, *, check_age: bool = True) -> None:
+    async def _pace(
+        self,
+        session: Session,
+        *,
+        check_age: bool = True,
+        jitter: tuple[float, float] | None = None,
+    ) -> None:
         if check_age:
             self._check_age(session)
         delay = self.delay(session.peer_host)
+        low, high = self.reply_delay if jitter is None else jitter
+        if high > 0:
+            delay += self._rng.uniform(low, high)
         if delay > 0:
             await asyncio.sleep(delay)
 

@@ -111,7 +111,9 @@ class Honeypot:
 
 
 @contextlib.contextmanager
-def running_honeypot(tmp_path: Path, persona: str, **settings: Any) -> Iterator[Honeypot]:
+def running_honeypot(
+    tmp_path: Path, persona: str, *, profile: PersonaProfile | None = None, **settings: Any
+) -> Iterator[Honeypot]:
     data_dir = tmp_path / "data"
     jsonl = tmp_path / "capture.jsonl"
     options = ServerOptions(
@@ -126,7 +128,9 @@ def running_honeypot(tmp_path: Path, persona: str, **settings: Any) -> Iterator[
         given=frozenset({"listen", "auth_failure_delay", "close_timeout"}),
         **settings,
     )
-    server = build_server(options, honeypot, store_settings={"batch_seconds": 0.01})
+    server = build_server(
+        options, honeypot, profile=profile, store_settings={"batch_seconds": 0.01}
+    )
     loop = asyncio.new_event_loop()
     result = Honeypot(server, data_dir, jsonl)
 

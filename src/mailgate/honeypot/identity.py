@@ -240,10 +240,11 @@ class Identity:
             data["software"] = conv.software(self.version)
         data["banner"] = self.banner
         old = _BASE_VERSIONS.get(self.base)
-        if old and old != self.version and any(old in line for line in base.persona.help):
+        help_reply = base.persona.reply("help")
+        if old and old != self.version and any(old in line for line in help_reply.lines):
             # Texts quoting the version (sendmail's HELP) show the new one.
-            data["help"] = [line.replace(old, self.version) for line in base.persona.help]
-            data["help_code"] = base.persona.reply("help").code
+            data["help"] = [line.replace(old, self.version) for line in help_reply.lines]
+            data["help_code"] = help_reply.code
         if "local_users" in PROFILE_KEYS:  # personas with local users (issue 15)
             data["local_users"] = list(self.local_users)
         data["timing"] = {
@@ -612,7 +613,7 @@ def generate(
     """Ask ``model`` at ``url`` for an identity of the built-in persona ``base``.
 
     At most ``attempts`` requests, each bounded by ``timeout`` seconds (and all by
-    ``attempts * timeout``). Never raises for what the endpoint or the model does: the
+    ``attempts * timeout`` and a second). Never raises for what the endpoint or the model does: the
     result is then the base persona, ``generated`` False. Raises GenAIUnavailable when
     the openai package is missing, KeyError for an unknown ``base``."""
     conv = PRODUCTS[base]
@@ -622,7 +623,8 @@ def generate(
     messages: list[dict[str, str]] = _prompt(conv, domain)
     problems: list[str] = []
     json_mode = True
-    deadline = clock() + timeout * attempts
+    # Every request gets its whole timeout; the second more is for connecting.
+    deadline = clock() + timeout * attempts + 1.0
     made = 0
     while made < attempts:
         remaining = deadline - clock()

@@ -206,6 +206,13 @@ def test_system_users_are_always_local_users() -> None:
     found = check_identity(POSTFIX_SITE, "postfix")
     assert found.local_users[:4] == ("root", "postmaster", "postfix", "mailer-daemon")
     assert "j.patel" in found.local_users
+    # The profile keeps the base's users (system users, aliases) and adds the site's.
+    profile = identity.identity_profile(found)
+    base_users = PERSONAS["postfix"].local_users
+    assert profile.local_users[: len(base_users)] == base_users
+    assert {"reception", "j.patel", "accounts", "info"} <= set(profile.local_users)
+    exim = identity.identity_profile(check_identity(EXIM_SITE, "exim"))
+    assert {"debian-exim", "dispatch", "m.keller"} <= set(exim.local_users)
 
 
 # --- bad answers ------------------------------------------------------------------------------------

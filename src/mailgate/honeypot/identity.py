@@ -44,7 +44,6 @@ from mailgate.settings import ConfigError
 
 from .personas import (
     PERSONAS,
-    PROFILE_KEYS,
     PersonaProfile,
     ProfileError,
     load_profile,
@@ -245,8 +244,11 @@ class Identity:
             # Texts quoting the version (sendmail's HELP) show the new one.
             data["help"] = [line.replace(old, self.version) for line in help_reply.lines]
             data["help_code"] = help_reply.code
-        if "local_users" in PROFILE_KEYS:  # personas with local users (issue 15)
-            data["local_users"] = list(self.local_users)
+        # The base's users (the product's system users and aliases) stay; the site's
+        # own come after them. A profile's list replaces the base's, so both are written.
+        data["local_users"] = list(
+            dict.fromkeys(u.lower() for u in (*base.local_users, *self.local_users))
+        )
         data["timing"] = {
             "banner_delay": list(self.banner_delay),
             "reply_delay": list(self.reply_delay),
@@ -442,7 +444,10 @@ def _toml(value: Any) -> str:
     if isinstance(value, str):
         return json.dumps(value)  # a valid TOML basic string for ASCII text
     if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
+        items = [_toml(v) for v in value]
+        if sum(len(item) + 2 for item in items) <= 60:
+            return "[" + ", ".join(items) + "]"
+        return "[\n" + "".join(f"    {item},\n" for item in items) + "]"
     raise TypeError(f"cannot write {value!r} as TOML")
 
 

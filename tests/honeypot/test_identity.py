@@ -591,6 +591,33 @@ def test_jitter_is_applied_without_holding_up_other_sessions(tmp_path: Path) -> 
     assert elapsed < 1.5
 
 
+@pytest.mark.parametrize(("base", "greeted"), [("postfix", True), ("exim", False)])
+def test_talking_during_the_banner_delay_is_the_persona_s_early_talking(
+    base: str, greeted: bool, tmp_path: Path
+) -> None:
+    profile = profile_from_mapping(
+        {"base": base, "timing": {"banner_delay": [0.3, 0.3]}}, source="t"
+    )
+    with attacker.running_honeypot(tmp_path, base, profile=profile) as hp:
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", hp.port), timeout=5) as sock:
+            sock.sendall(b"EHLO early.example\r\n")
+            received = b""
+            while received.count(b"\r\n") < 2:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                received += chunk
+                if b"\r\n250 " in received:
+                    break
+        waited = time.monotonic() - started
+    if greeted:  # Postfix without postscreen reads the bytes after its banner
+        assert waited >= 0.3
+        assert received.startswith(b"220 mail.example.com ESMTP Postfix (Debian/GNU)\r\n250")
+    else:  # refused at once, as with the tarpit or a greeting delay
+        assert received.startswith(b"554 ")
+
+
 def test_jitter_stays_below_the_hook_timeout(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -202,6 +202,23 @@ def test_a_model_that_fills_in_the_template_is_understood() -> None:
     assert parse_answer(json.dumps({"identity": POSTFIX_SITE}))["hostname"]
 
 
+@pytest.mark.parametrize("base", list(identity.PRODUCTS))
+def test_every_convention_makes_a_valid_profile(base: str) -> None:
+    """Each banner variant with each version (and filled in, as models do) is a profile
+    the loader takes, its banner the product's."""
+    conv = identity.PRODUCTS[base]
+    for banner in conv.banners:
+        for version in conv.versions or ("",):
+            answer = {**POSTFIX_SITE, "banner": banner, "version": version}
+            profile = identity.identity_profile(check_identity(answer, base))
+            line = identity.rendered_banner(profile)
+            assert line.startswith("220 mx1.harbourview-dental.co.uk "), line
+            assert conv.software(version) in line or "{software}" not in banner
+            filled = line.removeprefix("220 ")
+            if "{date" not in banner:  # a model that wrote the banner out in full
+                assert check_identity({**answer, "banner": filled}, base).banner == banner
+
+
 def test_system_users_are_always_local_users() -> None:
     found = check_identity(POSTFIX_SITE, "postfix")
     assert found.local_users[:4] == ("root", "postmaster", "postfix", "mailer-daemon")

@@ -332,12 +332,13 @@ def check_identity(answer: Mapping[str, Any], base: str, *, domain: str | None =
         if version:
             raise IdentityError(f'"version" must be "": {conv.product} shows no version')
     software = conv.software(version)
-    banner = _string(answer, "banner", 200)
+    given = _string(answer, "banner", 200)
     # A model that filled in the host name or the product itself: take the template back.
-    if banner.startswith(hostname):
-        banner = "{hostname}" + banner[len(hostname) :]
-    if software in banner and "{software}" not in banner:
-        banner = banner.replace(software, "{software}", 1)
+    candidates = [given]
+    if given.startswith(hostname):
+        candidates.append("{hostname}" + given[len(hostname) :])
+    candidates += [c.replace(software, "{software}", 1) for c in candidates if software in c]
+    banner = next((c for c in candidates if c in conv.banners), given)
     if banner not in conv.banners:
         raise IdentityError(
             f'"banner" {banner!r} is not one of the banners {conv.product} shows; copy '

@@ -15,8 +15,10 @@ import ipaddress
 import json
 import logging
 import re
+import shutil
 import smtplib
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -649,3 +651,47 @@ def test_jitter_stays_below_the_hook_timeout(
         with smtplib.SMTP(srv.host, srv.port, timeout=5) as smtp:
             assert smtp.noop()[0] == 250
     assert "banner_delay lowered to at most 1.0 s" in caplog.text
+
+
+# --- nmap still names the product ----------------------------------------------------------------
+
+NMAP = shutil.which("nmap")
+#: Base -> (an identity the model might give, what nmap -sV must say).
+NMAP_CASES: dict[str, tuple[dict[str, Any], str]] = {
+    "postfix": (POSTFIX_SITE, "Postfix smtpd"),
+    "exim": (EXIM_SITE, "Exim smtpd 4.94.2"),
+    "sendmail": (
+        {**EXIM_SITE, "banner": "{hostname} ESMTP {software}; {date}", "version": "8.15.2"},
+        "Sendmail 8.15.2",
+    ),
+    "exchange": (
+        {
+            **POSTFIX_SITE,
+            "hostname": "EX2019-02.corp.lindqvist-bygg.se",
+            "banner": "{hostname} {software} ready at {date}",
+        },
+        "Microsoft Exchange smtpd",
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(NMAP is None, reason="nmap is not installed: run scripts/install-test-deps")
+@pytest.mark.parametrize("base", sorted(NMAP_CASES))
+def test_nmap_names_the_product_of_a_generated_identity(base: str, tmp_path: Path) -> None:
+    assert NMAP is not None
+    answer, expected = NMAP_CASES[base]
+    profile = identity.identity_profile(check_identity(answer, base))
+    with attacker.running_honeypot(tmp_path, base, profile=profile) as hp:
+        port = hp.port
+        run = subprocess.run(
+            [NMAP, "-sV", "-Pn", "-n", "--max-retries", "1", "-p", str(port), "127.0.0.1"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert run.returncode == 0, run.stderr
+    match = re.search(rf"^{port}/tcp\s+open\s+(.*)$", run.stdout, re.M)
+    assert match, run.stdout
+    assert expected in match[1], f"nmap says {match[1]!r} for a generated {base}"

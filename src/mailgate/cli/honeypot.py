@@ -97,7 +97,7 @@ def add_honeypot_parser(commands: argparse._SubParsersAction[Any]) -> None:
     )
     _add_run_arguments(honeypot)
     reports = honeypot.add_subparsers(
-        dest="honeypot_command", metavar="REPORT", required=False, title="reports"
+        dest="honeypot_command", metavar="COMMAND", required=False, title="reports and personas"
     )
     data_dir_help = "the honeypot's data directory"
 

@@ -29,6 +29,8 @@ class Answer:
     delay: float = 0.0
     #: A body sent as is instead of a completion (a broken server).
     raw_body: bytes | None = None
+    #: Seconds between the body's bytes: a server that trickles its answer.
+    trickle: float = 0.0
 
 
 def good(identity: dict[str, Any]) -> Answer:
@@ -79,6 +81,8 @@ def _handler(llm: FakeLLM) -> type[BaseHTTPRequestHandler]:
                 llm._stop.wait(answer.delay)  # ends early when the server stops
             if answer.raw_body is not None:
                 self._send_bytes(answer.status, answer.raw_body)
+            elif answer.trickle:
+                self._trickle(answer)
             elif answer.status != 200:
                 self._send(
                     answer.status,
@@ -108,6 +112,22 @@ def _handler(llm: FakeLLM) -> type[BaseHTTPRequestHandler]:
                         "usage": {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20},
                     },
                 )
+
+        def _trickle(self, answer: Answer) -> None:
+            data = json.dumps({"choices": [{"message": {"content": answer.content}}]}).encode()
+            try:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.flush()
+                for index in range(len(data)):
+                    if llm._stop.wait(answer.trickle):
+                        return
+                    self.wfile.write(data[index : index + 1])
+                    self.wfile.flush()
+            except OSError:
+                pass
 
         def _send(self, status: int, payload: dict[str, Any]) -> None:
             self._send_bytes(status, json.dumps(payload).encode())

@@ -318,6 +318,18 @@ def test_slow_answers_are_bounded(capsys: pytest.CaptureFixture[str], tmp_path: 
     assert load_profile(out).persona == PERSONAS["postfix"].persona
 
 
+def test_a_trickling_answer_is_bounded_too() -> None:
+    # Each byte comes before the client's read timeout: only the whole request's bound
+    # (timeout, wall-clock) ends it.
+    started = time.monotonic()
+    with fake_llm(Answer(content=json.dumps(POSTFIX_SITE), trickle=0.1)) as llm:
+        result = generate("postfix", url=llm.url, model="m", timeout=0.3)
+    elapsed = time.monotonic() - started
+    assert not result.generated and result.attempts == identity.MAX_ATTEMPTS
+    assert all(p.startswith("no answer within 0.3 s") for p in result.problems), result.problems
+    assert elapsed < (0.3 + 0.5) * identity.MAX_ATTEMPTS + 2.0
+
+
 @pytest.mark.parametrize(("status", "requests"), [(401, 1), (403, 1), (500, 3), (503, 3)])
 def test_http_errors(status: int, requests: int, capsys: pytest.CaptureFixture[str]) -> None:
     with fake_llm(Answer(status=status)) as llm:

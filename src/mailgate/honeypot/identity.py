@@ -26,18 +26,20 @@ across restarts.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import re
 import textwrap
+import threading
 import time
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from mailgate.protocol.persona import format_date
 from mailgate.settings import ConfigError
@@ -55,6 +57,7 @@ if TYPE_CHECKING:
     import openai
 
 log = logging.getLogger("mailgate.honeypot")
+T = TypeVar("T")
 
 __all__ = [
     "IDENTITY_FILE",
@@ -618,19 +621,38 @@ def generate(
 ) -> Generation:
     """Ask ``model`` at ``url`` for an identity of the built-in persona ``base``.
 
-    At most ``attempts`` requests, each bounded by ``timeout`` seconds (and all by
-    ``attempts * timeout`` and a second). Never raises for what the endpoint or the model does: the
+    At most ``attempts`` requests, each bounded by ``timeout`` seconds of wall-clock time
+    (and all by ``attempts * (timeout + 0.5)`` and half a second). Never raises for what the endpoint or the model does: the
     result is then the base persona, ``generated`` False. Raises GenAIUnavailable when
     the openai package is missing, KeyError for an unknown ``base``."""
     conv = PRODUCTS[base]
     client = _client(url, api_key, timeout)
+    try:
+        return _generate(client, conv, url, model, timeout, attempts, domain, header, clock)
+    finally:
+        # Also ends a request still running in its thread after its time was up.
+        client.close()
+
+
+def _generate(
+    client: openai.OpenAI,
+    conv: Conventions,
+    url: str,
+    model: str,
+    timeout: float,
+    attempts: int,
+    domain: str | None,
+    header: Sequence[str],
+    clock: Callable[[], float],
+) -> Generation:
     import openai
 
+    base = conv.base
     messages: list[dict[str, str]] = _prompt(conv, domain)
     problems: list[str] = []
     json_mode = True
-    # Every request gets its whole timeout; the second more is for connecting.
-    deadline = clock() + timeout * attempts + 1.0
+    # Every request gets its whole timeout and the slack of _within.
+    deadline = clock() + (timeout + _SLACK) * attempts + _SLACK
     made = 0
     while made < attempts:
         remaining = deadline - clock()
@@ -639,7 +661,9 @@ def generate(
             break
         made += 1
         try:
-            content = _ask(client, model, messages, json_mode, min(timeout, remaining))
+            wait = min(timeout, remaining)
+            request = functools.partial(_ask, client, model, messages, json_mode, wait)
+            content = _within(wait, request)
         except openai.BadRequestError as exc:
             if json_mode:
                 # Some servers do not take response_format: ask again without it (once,
@@ -658,8 +682,8 @@ def generate(
             # Asking again cannot help.
             problems.append(f"HTTP {exc.status_code}: {_error_text(exc)}")
             break
-        except openai.APITimeoutError:
-            problems.append(f"no answer within {min(timeout, remaining):.3g} s")
+        except (openai.APITimeoutError, TimeoutError):
+            problems.append(f"no answer within {wait:.3g} s")
             continue
         except openai.APIConnectionError as exc:
             cause = exc.__cause__ or exc
@@ -694,6 +718,36 @@ def generate(
         [*header, f"Generation failed: {_warning(base, made, problems)}."],
     )
     return Generation(base, PERSONAS[base], text, False, made, None, tuple(problems))
+
+
+#: Seconds a request may run past its timeout before it is given up (the HTTP client's
+#: own timeout fires first, unless the server trickles its answer).
+_SLACK: Final = 0.5
+
+
+def _within(seconds: float, call: Callable[[], T]) -> T:
+    """``call()``, or TimeoutError after ``seconds``. The HTTP client's timeout bounds
+    each step (connecting, each read); this bounds the whole request, also against a
+    server that trickles its answer. A call still running is left to its daemon thread,
+    which closing the client ends."""
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except BaseException as exc:  # handed to the caller
+            failure.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="genai-request", daemon=True).start()
+    if not done.wait(seconds + _SLACK):  # the client's own timeout usually ends it first
+        raise TimeoutError(f"no answer within {seconds:g} s")
+    if failure:
+        raise failure[0]
+    return outcome[0]
 
 
 def _ask(

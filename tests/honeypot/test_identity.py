@@ -434,6 +434,35 @@ def test_generated_once_and_kept_across_restarts(
     assert first == second == b"220 mx1.harbourview-dental.co.uk ESMTP Postfix (Ubuntu)"
 
 
+@pytest.mark.slow
+def test_the_command_generates_once_and_keeps_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``mailgate honeypot --generate-identity`` as a process, started twice."""
+    from tests.honeypot.test_cli import Process, banner
+
+    monkeypatch.setenv("GENAI_TEST_KEY", KEY)  # the child inherits it
+    data_dir = tmp_path / "data"
+    seen: list[bytes] = []
+    with fake_llm(good(POSTFIX_SITE)) as llm:
+        argv = [
+            "honeypot", "--listen", "127.0.0.1:0", "--data-dir", str(data_dir),
+            "--generate-identity", "--llm-url", llm.url, "--model", "llama3.1",
+            "--api-key-env", "GENAI_TEST_KEY", "--llm-timeout", "10",
+        ]  # fmt: skip
+        for _ in range(2):
+            process = Process(*argv, cwd=tmp_path)
+            try:
+                seen.append(banner(process.port, "127.0.0.1"))
+                process.wait_for_log("persona postfix-generated as mx1.harbourview-dental.co.uk")
+            finally:
+                assert process.stop() == 0
+            no_traceback("\n".join(process.log))
+        assert len(llm.requests) == 1
+        assert llm.requests[0].headers["authorization"] == f"Bearer {KEY}"
+    assert seen == [b"220 mx1.harbourview-dental.co.uk ESMTP Postfix (Ubuntu)\r\n"] * 2
+
+
 def test_an_identity_for_another_persona_is_replaced(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

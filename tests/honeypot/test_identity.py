@@ -221,6 +221,19 @@ def test_every_convention_makes_a_valid_profile(base: str) -> None:
                 assert check_identity({**answer, "banner": filled}, base).banner == banner
 
 
+def test_optional_fields_may_be_left_out_or_null() -> None:
+    found = check_identity(
+        {"hostname": "mx.example-site.org", "banner": "{hostname} ESMTP {software}",
+         "version": None, "description": None, "reply_delay": None},
+        "postfix",
+    )  # fmt: skip
+    assert found.version == "" and found.description == "Postfix at mx.example-site.org"
+    assert found.banner_delay == found.reply_delay == (0.0, 0.0)
+    assert found.rejected_text == "Access denied"
+    with pytest.raises(identity.IdentityError, match='"version" is missing'):
+        check_identity({**EXIM_SITE, "version": None}, "exim")
+
+
 def test_system_users_are_always_local_users() -> None:
     found = check_identity(POSTFIX_SITE, "postfix")
     assert found.local_users[:4] == ("root", "postmaster", "postfix", "mailer-daemon")

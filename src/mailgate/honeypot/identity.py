@@ -268,7 +268,9 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def _string(answer: Mapping[str, Any], key: str, limit: int, *, default: str | None = None) -> str:
-    value = answer.get(key, default)
+    value = answer.get(key)
+    if value is None:  # left out, or null
+        value = default
     if value is None:
         raise IdentityError(f'"{key}" is missing')
     if not isinstance(value, str):
@@ -302,7 +304,9 @@ def _hostname_problem(name: str, domain: str | None) -> str:
 
 
 def _delay(answer: Mapping[str, Any], key: str, bound: float) -> tuple[float, float]:
-    value = answer.get(key, [0, 0])
+    value = answer.get(key)
+    if value is None:
+        value = [0, 0]
     if (
         not isinstance(value, list)
         or len(value) != 2

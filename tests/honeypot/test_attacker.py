@@ -407,6 +407,8 @@ def test_scripted_attacker(persona: str, tmp_path: Path) -> None:
             for command, (code, _) in enumerate_users(hp).items():
                 verb = command.split()[0]
                 known = profile.vrfy.code if verb == "VRFY" else profile.expn.code
+                if command == "VRFY nosuchuser" and profile.vrfy_checks_users:
+                    known = profile.unknown_user.code  # looked up like RCPT (Postfix)
                 assert code == (unknown if verb in hidden else known), (command, code)
             garbage = raw_session(hp, b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\xff\xfe")
             garbage += raw_session(hp, b"garbage\x00\x01 line\r\n")

@@ -88,6 +88,11 @@ POSTFIX_SESSIONS = [
         ("HELP", "500 5.5.2 Error: command not recognized"),
         ("EXPN root", "500 5.5.2 Error: command not recognized"),
         ("VRFY root", "252 2.0.0 root"),
+        (
+            "VRFY nosuch",
+            "550 5.1.1 <nosuch>: Recipient address rejected: User unknown in local recipient table",
+        ),
+        ("VRFY x@other.org", "454 4.7.1 <x@other.org>: Relay access denied"),
         ("VRFY", "501 5.5.4 Syntax: VRFY address [SMTPUTF8]"),
         ("ETRN", "500 Syntax: ETRN domain"),
         ("ETRN example.org", "459 <example.org>: service unavailable"),

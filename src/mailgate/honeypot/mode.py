@@ -350,6 +350,7 @@ def build_server(
                 unknown_user=texts.unknown_user,
                 relay_denied=texts.relay_denied,
             ),
+            vrfy_checks_users=profile.vrfy_checks_users,
         )
     except ValueError as exc:
         store.close()

@@ -95,6 +95,16 @@ class RecipientPolicy:
             user = user.split(self.delimiter, 1)[0]
         return user in self.users
 
+    def judge_vrfy(self, session: Session, argument: str) -> Reply | None:
+        """VRFY checked like RCPT (Postfix): the refusal for ``argument`` (a user or an
+        address, brackets allowed), or None for the persona's usual answer."""
+        text = argument.strip()
+        if text.startswith("<") and text.endswith(">"):
+            text = text[1:-1]
+        if not text or " " in text:
+            return None
+        return self.judge(session, Address(text))
+
     def judge(self, session: Session, address: Address) -> Reply | None:
         """The refusal for this recipient, or None to accept it."""
         if self.is_local(session, address.domain):

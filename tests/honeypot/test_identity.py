@@ -154,6 +154,29 @@ def test_generate_writes_a_profile_and_a_honeypot_wears_it(
         assert line == b"220 mx1.harbourview-dental.co.uk ESMTP Postfix (Ubuntu)"
 
 
+def test_the_generated_local_users_are_the_honeypot_s_recipients(tmp_path: Path) -> None:
+    with fake_llm(good(POSTFIX_SITE)) as llm:
+        result = generate("postfix", url=llm.url, model="m", timeout=5)
+    with (
+        attacker.running_honeypot(tmp_path, "postfix", profile=result.profile) as hp,
+        attacker.connect(hp, "127.0.0.8") as smtp,
+    ):
+        smtp.ehlo("client.example")
+        assert smtp.mail("someone@client.example")[0] == 250
+        # The site's invented users and the base's system users exist at its domain...
+        for user in ("j.patel", "reception", "postmaster", "postfix"):
+            code, text = smtp.rcpt(f"{user}@harbourview-dental.co.uk")
+            assert code == 250, (user, text)
+        # ...others are unknown, in Postfix's words, and other domains are relaying.
+        code, text = smtp.rcpt("nobody.here@harbourview-dental.co.uk")
+        assert (code, text.decode()) == (
+            550,
+            "5.1.1 <nobody.here@harbourview-dental.co.uk>: Recipient address rejected: "
+            "User unknown in local recipient table",
+        )
+        assert smtp.rcpt("victim@elsewhere.example")[0] == 454
+
+
 def test_the_site_text_words_refusals(tmp_path: Path) -> None:
     with fake_llm(good(POSTFIX_SITE)) as llm:
         result = generate("postfix", url=llm.url, model="m", timeout=5)
@@ -581,8 +604,15 @@ def test_scripted_attacker_against_a_generated_identity(tmp_path: Path) -> None:
     assert profile.reply_delay == (0.0, 0.01)
     sink = attacker.Sink()
     try:
+        # As test_attacker does: relay = "pretend" for the open-relay probe, and its
+        # local recipients added to the generated users.
         with attacker.running_honeypot(
-            tmp_path, "exim", profile=profile, auth_outcome="accept-after:10"
+            tmp_path,
+            "exim",
+            profile=profile,
+            auth_outcome="accept-after:10",
+            relay="pretend",
+            local_users=(*profile.local_users, "relaytest", "sink"),
         ) as hp:
             with attacker.connect(hp, "127.0.0.3") as smtp:
                 code, ehlo = smtp.ehlo("look.example")
@@ -596,6 +626,8 @@ def test_scripted_attacker_against_a_generated_identity(tmp_path: Path) -> None:
             assert attacker.reply_pattern(profile, "message_queued").fullmatch(queued), queued
             for command, (code, _) in attacker.enumerate_users(hp).items():
                 expected = profile.vrfy.code if command.startswith("VRFY") else profile.expn.code
+                if command == "VRFY nosuchuser" and profile.vrfy_checks_users:
+                    expected = profile.unknown_user.code
                 assert code == expected, command
             http = attacker.raw_session(hp, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             assert http.startswith(b"220 mail.kestrel-freight.de ESMTP Exim 4.94.2 ")

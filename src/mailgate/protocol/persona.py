@@ -99,6 +99,11 @@ etrn_in_transaction        ETRN inside a mail transaction [f]_               {ve
 etrn_argument_required     ETRN without a domain (behaviour ``etrn``)        -
 etrn_syntax                ETRN with a domain that is not one                {domain}
 etrn_refused               ETRN for a domain (nothing is ever flushed)       {domain}
+too_many_clients           server: over its connection limit (max_clients)   {client_ip}
+too_many_from_ip           server: over max_clients_per_ip                   {client_ip}
+proxy_required             server: a client not behind the PROXY peers       {client_ip}
+proxy_refused              server: a bad or missing PROXY header             {client_ip}
+early_talker               server: a client that talks before the banner     {client_ip}
 =========================  ================================================  ===================
 
 .. [f] Names for one situation of a more general name (:data:`FALLBACKS`): when a
@@ -188,6 +193,11 @@ _PLACEHOLDERS_BY_NAME.update(
         "etrn_refused": _allowed("domain"),
         # The general name's placeholders, for a fallback that inherits its text.
         "empty_line": _allowed("verb", "command"),
+        "too_many_clients": _allowed("client_ip"),
+        "too_many_from_ip": _allowed("client_ip"),
+        "proxy_required": _allowed("client_ip"),
+        "proxy_refused": _allowed("client_ip"),
+        "early_talker": _allowed("client_ip"),
     }
 )
 #: Specific name -> the general name whose reply it gets when a persona does not
@@ -605,6 +615,19 @@ class Persona:
         if static is not None:
             return static
         return self._templates[name].render({} if values is None else values, original)
+
+    def outside_reply(self, name: str, /, **values: object) -> Reply:
+        """A reply a server sends outside the dialogue (a connection limit, a bad PROXY
+        header, an early talker), before any EHLO could ask for enhanced codes: mailgate's
+        own text without its enhanced code, or the persona's text as the product writes
+        it, its enhanced code (if the persona writes them) part of the text."""
+        if name not in self._overridden:
+            reply = self.reply(name)
+            return Reply(reply.code, None, reply.lines)
+        reply = self.format(name, **values)
+        if reply.status is None or not self.enhanced_status_codes:
+            return Reply(reply.code, None, reply.lines)
+        return Reply(reply.code, None, tuple(f"{reply.status} {line}" for line in reply.lines))
 
     def banner_reply(self, values: Mapping[str, object]) -> Reply:
         """The 220 greeting (values: hostname, software, protocol, date, client_ip)."""

@@ -181,6 +181,13 @@ ETRN_IN_TRANSACTION = Reply(503, "5.5.1", ("{verb} is not allowed inside a mail 
 ETRN_ARGUMENT_REQUIRED = Reply(501, "5.5.4", ("Syntax: ETRN domain",))
 ETRN_SYNTAX = Reply(501, "5.5.4", ("Invalid ETRN domain",))
 ETRN_REFUSED = Reply(459, "4.7.1", ("<{domain}>: node not allowed",))
+# Sent by servers outside the SMTP dialogue (before the banner, or instead of it); a
+# persona words them in the product's texts (Persona.outside_reply).
+TOO_MANY_CLIENTS = Reply(421, "4.7.0", ("Too many connections, try again later",))
+TOO_MANY_FROM_IP = Reply(421, "4.7.0", ("Too many connections from your address",))
+PROXY_REQUIRED = Reply(421, "4.7.0", ("Connections must come through the proxy",))
+PROXY_REFUSED = Reply(421, "4.7.0", ("PROXY header missing or invalid",))
+EARLY_TALKER = Reply(554, "5.5.1", ("Protocol error: data sent before the greeting",))
 # Pass-through names: by default the parser's own reply is sent (its text is {detail}).
 BAD_SENDER_ADDRESS = Reply(501, "5.1.7", ("{detail}",))
 BAD_RECIPIENT_ADDRESS = Reply(501, "5.1.3", ("{detail}",))

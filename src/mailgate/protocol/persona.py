@@ -104,6 +104,8 @@ too_many_from_ip           server: over max_clients_per_ip                   {cl
 proxy_required             server: a client not behind the PROXY peers       {client_ip}
 proxy_refused              server: a bad or missing PROXY header             {client_ip}
 early_talker               server: a client that talks before the banner     {client_ip}
+synchronization_error      input behind a command that must end a pipelined  -
+                           group (behaviour ``sync_check``); then closes
 =========================  ================================================  ===================
 
 .. [f] Names for one situation of a more general name (:data:`FALLBACKS`): when a

@@ -188,6 +188,8 @@ TOO_MANY_FROM_IP = Reply(421, "4.7.0", ("Too many connections from your address"
 PROXY_REQUIRED = Reply(421, "4.7.0", ("Connections must come through the proxy",))
 PROXY_REFUSED = Reply(421, "4.7.0", ("PROXY header missing or invalid",))
 EARLY_TALKER = Reply(554, "5.5.1", ("Protocol error: data sent before the greeting",))
+# A persona with sync_check: input behind a command that must end a pipelined group.
+SYNCHRONIZATION_ERROR = Reply(554, "5.5.0", ("SMTP synchronization error",))
 # Pass-through names: by default the parser's own reply is sent (its text is {detail}).
 BAD_SENDER_ADDRESS = Reply(501, "5.1.7", ("{detail}",))
 BAD_RECIPIENT_ADDRESS = Reply(501, "5.1.3", ("{detail}",))

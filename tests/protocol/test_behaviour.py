@@ -315,3 +315,24 @@ def test_sync_check_allows_what_pipelining_allows() -> None:
     lines(s, "EHLO c.test\r\n")
     out = lines(s, "MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n")
     assert [line[:3] for line in out] == ["250", "250", "354"]
+
+
+def test_bad_base64_initial_and_continued_responses() -> None:
+    persona = Persona(
+        replies={
+            "auth_bad_base64": Reply(535, "5.7.8", ("bad continued",)),
+            "auth_bad_base64_initial": Reply(535, "5.7.8", ("bad initial",)),
+        }
+    )
+    cfg = dataclasses.replace(
+        BASE, persona=persona, auth_mechanisms=("PLAIN", "LOGIN"), auth_requires_tls=False
+    )
+    s = Session.start(cfg)
+    s.cmd("EHLO c.test")
+    assert s.send(b"AUTH PLAIN %%%\r\n") == [(535, "5.7.8 bad initial")]
+    assert s.cmd("AUTH LOGIN") == 334
+    assert s.send(b"%%%\r\n") == [(535, "5.7.8 bad continued")]
+    # Without the specific name, both get auth_bad_base64's reply.
+    s = Session.start(dataclasses.replace(cfg, persona=Persona()))
+    s.cmd("EHLO c.test")
+    assert s.send(b"AUTH PLAIN %%%\r\n") == [(501, "5.5.2 Cannot decode base64 response")]

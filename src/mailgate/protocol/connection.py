@@ -859,7 +859,11 @@ class ServerConnection:
             result = self._sasl.start(initial)
         except SaslError as exc:
             self._sasl = None
-            self._reject(line, self._refusal("auth_malformed", exc.reply), bad=True)
+            if exc.reply is replies.AUTH_BAD_BASE64:
+                refusal = self._r("auth_bad_base64_initial")  # Postfix words it apart
+            else:
+                refusal = self._refusal("auth_malformed", exc.reply)
+            self._reject(line, refusal, bad=True)
             return
         self._sasl_result(result)
 

@@ -176,6 +176,7 @@ MAIL_ARGUMENT_REQUIRED = Reply(501, "5.5.4", ("{verb} requires an argument",))
 RCPT_ARGUMENT_REQUIRED = Reply(501, "5.5.4", ("{verb} requires an argument",))
 VRFY_ARGUMENT_REQUIRED = Reply(501, "5.5.4", ("{verb} requires an argument",))
 DATA_NEED_MAIL = Reply(503, "5.5.1", ("Send MAIL first",))
+AUTH_BAD_BASE64_INITIAL = Reply(501, "5.5.2", ("Cannot decode base64 response",))
 ETRN_IN_TRANSACTION = Reply(503, "5.5.1", ("{verb} is not allowed inside a mail transaction",))
 # ETRN (RFC 1985), offered only by a persona whose behaviour says so; nothing is flushed.
 ETRN_ARGUMENT_REQUIRED = Reply(501, "5.5.4", ("Syntax: ETRN domain",))

@@ -131,7 +131,9 @@ def running_honeypot(
         data_dir=data_dir,
         persona=persona,
         jsonl=str(jsonl),
-        given=frozenset({"listen", "auth_failure_delay", "close_timeout"}),
+        given=frozenset(
+            {"listen", "auth_failure_delay", "close_timeout", *(server_settings or {})}
+        ),
         **settings,
     )
     server = build_server(

@@ -237,3 +237,14 @@ def test_bad_proxy_header_in_postfix_words(tmp_path: Path) -> None:
         client = Client(hp, early=b"PROXY NONSENSE\r\n")
         assert client.banner == ["421 4.3.0 mail.example.com Server local error"]
         client.close()
+
+
+def test_postfix_limits_come_from_the_persona(tmp_path: Path) -> None:
+    with running_honeypot(tmp_path, "postfix") as hp:
+        assert hp.server.options.max_recipients == 1000
+        assert hp.server.options.max_auth_failures == 20
+    # A setting given wins over the persona's.
+    with running_honeypot(
+        tmp_path / "given", "postfix", server_settings={"max_recipients": 5}
+    ) as hp:
+        assert hp.server.options.max_recipients == 5

@@ -134,6 +134,8 @@ PROFILE_KEYS: Mapping[str, str] = MappingProxyType(
         "queue_id": "queue id style",
         "local_users": "user names that exist at the persona's domains (others are unknown)",
         "vrfy_checks_users": "VRFY refuses unknown users and other domains as RCPT does",
+        "recipient_limit": "recipients per message the product takes (0: the server's)",
+        "auth_failure_limit": "failed AUTHs before the product hangs up (0: the server's)",
         "behaviour": "table: how the product behaves (mailgate.protocol.behaviour)",
         "timing": "table: banner_delay and reply_delay, [min, max] seconds of jitter",
         "replies": "table: reply name = reply",
@@ -384,6 +386,12 @@ class PersonaProfile:
     #: User names (local parts, compared without case) that exist at the persona's own
     #: domains: RCPT to any other local user gets ``unknown_user``.
     local_users: tuple[str, ...] = DEFAULT_LOCAL_USERS
+    #: The product's recipients per message (Postfix smtpd_recipient_limit 1000); None:
+    #: the server's max_recipients.
+    recipient_limit: int | None = None
+    #: Failed AUTHs before the product hangs up (None: the server's max_auth_failures).
+    #: Postfix has no such limit of its own: its error limit (20) ends the session.
+    auth_failure_limit: int | None = None
     #: VRFY looks the user up like RCPT: unknown users and other domains get
     #: ``unknown_user``/``relay_denied`` (Postfix); False: every VRFY gets ``vrfy_default``.
     vrfy_checks_users: bool = False
@@ -849,6 +857,9 @@ def _build(reader: _Reader) -> PersonaProfile:
         options["local_users"] = _local_users(reader)
     if "vrfy_checks_users" in data:
         options["vrfy_checks_users"] = reader.boolean("vrfy_checks_users")
+    for key in ("recipient_limit", "auth_failure_limit"):
+        if key in data:
+            options[key] = reader.integer(key, 0, 1_000_000) or None
     options.update(server)
     return PersonaProfile(name=reader.string("name"), persona=persona, software=software, **options)
 
@@ -940,6 +951,8 @@ def _to_spec(profile: PersonaProfile) -> dict[str, Any]:
         "queue_id": profile.queue_id_style,
         "local_users": list(profile.local_users),
         "vrfy_checks_users": profile.vrfy_checks_users,
+        "recipient_limit": profile.recipient_limit or 0,
+        "auth_failure_limit": profile.auth_failure_limit or 0,
     }
     behaviour = dict(persona.behaviour.as_mapping())
     if behaviour:

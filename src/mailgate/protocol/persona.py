@@ -95,6 +95,7 @@ mail_argument_required     MAIL without an argument [f]_                     {ve
 rcpt_argument_required     RCPT without an argument [f]_                     {verb}
 vrfy_argument_required     VRFY/EXPN without an argument [f]_                {verb}
 data_need_mail             DATA/BDAT before MAIL [f]_                        -
+auth_bad_base64_initial    an AUTH initial response that is not base64 [f]_  -
 etrn_in_transaction        ETRN inside a mail transaction [f]_               {verb}
 etrn_argument_required     ETRN without a domain (behaviour ``etrn``)        -
 etrn_syntax                ETRN with a domain that is not one                {domain}
@@ -104,6 +105,8 @@ too_many_from_ip           server: over max_clients_per_ip                   {cl
 proxy_required             server: a client not behind the PROXY peers       {client_ip}
 proxy_refused              server: a bad or missing PROXY header             {client_ip}
 early_talker               server: a client that talks before the banner     {client_ip}
+synchronization_error      input behind a command that must end a pipelined  -
+                           group (behaviour ``sync_check``); then closes
 =========================  ================================================  ===================
 
 .. [f] Names for one situation of a more general name (:data:`FALLBACKS`): when a
@@ -210,6 +213,7 @@ FALLBACKS: Mapping[str, str] = MappingProxyType(
         "rcpt_argument_required": "argument_required",
         "vrfy_argument_required": "argument_required",
         "data_need_mail": "need_mail",
+        "auth_bad_base64_initial": "auth_bad_base64",
         "etrn_in_transaction": "not_in_transaction",
     }
 )

@@ -32,7 +32,7 @@ from .connection import ConnectionDriver
 from .errors import StartupError
 from .host import HostedConnection, SessionRecorder
 from .options import ListenAddress, ServerOptions
-from .spool import SpoolFile
+from .spool import SpoolFile, SpoolPool
 from .stats import ServerStats
 from .tls import add_certificates, create_server_context, ensure_dev_certificate
 
@@ -130,6 +130,8 @@ class SMTPServer:
         self.ssl_context: ssl.SSLContext | None = None
         self.spool_dir = self._spool_dir()
         self.spooling = False
+        #: Spool files made ahead (when the server spools): no thread hop per message.
+        self.spool_pool: SpoolPool | None = None
         self.protocol_config = protocol_config(options, tls=False, auth=False)
         self.listening: list[tuple[ListenAddress, tuple[str, int]]] = []
         self._servers: list[asyncio.base_events.Server] = []
@@ -295,6 +297,7 @@ class SMTPServer:
         if self.spooling:
             self.spool_dir.mkdir(parents=True, exist_ok=True)
             await self.loop.run_in_executor(None, self.remove_orphans)
+            self.spool_pool = SpoolPool(self.spool_dir)
         if not self.protocol_config.auth_mechanisms and any(a.submission for a in options.listen):
             log.warning(
                 "submission listeners but no AUTH backend (auth_users, users_file or an auth "
@@ -459,6 +462,9 @@ class SMTPServer:
             task.cancel()
         await self._close_listeners()
         await self._close_plugins()
+        pool, self.spool_pool = self.spool_pool, None
+        if pool is not None:
+            await pool.aclose()
         self._started = False
         if self._closed is not None:
             self._closed.set()

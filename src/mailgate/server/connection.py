@@ -1008,6 +1008,14 @@ class ConnectionDriver(asyncio.Protocol):
         creating a file waits for the journal) and write the trace header into it."""
         self.message_id = self.host.new_id()
         header = self._received() if self.host.options.received_header else b""
+        pool = self.host.spool_pool
+        ready = pool.take(self.loop) if pool is not None else None
+        if ready is not None:
+            # Made ahead in a worker thread; the header only fills its buffer.
+            if header:
+                ready.write(header)
+            self.spool = ready
+            return None
         directory = self.host.spool_dir
 
         def create() -> SpoolFile:

@@ -170,7 +170,9 @@ def test_the_accepted_line_has_structured_fields(caplog: pytest.LogCaptureFixtur
     assert entry["queue_id"] == captured.id
     assert entry["size"] > len(MESSAGE) - 10
     assert entry["user"] is None
-    assert entry["msg"].startswith(f"session {captured.session.id}: message {captured.id} accepted ")
+    assert entry["msg"].startswith(
+        f"session {captured.session.id}: message {captured.id} accepted "
+    )
 
 
 # -- no local_domains on the internet ----------------------------------------------------

@@ -148,7 +148,6 @@ class Server(SMTPServer):
         super().reload_plugins([*skip, *(policy.chain if policy is not None else ())])
 
 
-
 def run(
     options: ServerOptions,
     make_hooks: Callable[[ServerOptions], Hooks] | None = None,

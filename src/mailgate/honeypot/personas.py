@@ -38,6 +38,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from mailgate.protocol.behaviour import BEHAVIOUR_FIELDS, Behaviour, BehaviourError
 from mailgate.protocol.config import ProtocolConfig
 from mailgate.protocol.persona import (
     BANNER_PLACEHOLDERS,
@@ -88,6 +89,7 @@ class ProfileError(ValueError):
 SERVER_PLACEHOLDERS: Mapping[str, frozenset[str]] = MappingProxyType(
     {
         "relay_denied": frozenset({"hostname", "client_ip", "address"}),
+        "unknown_user": frozenset({"hostname", "client_ip", "address"}),
         "rejected": frozenset({"hostname", "client_ip", "address"}),
         "too_many_connections": frozenset({"hostname", "client_ip"}),
         "insufficient_storage": frozenset({"hostname", "client_ip"}),
@@ -98,6 +100,7 @@ SERVER_REPLY_NAMES: frozenset[str] = frozenset(SERVER_PLACEHOLDERS)
 #: The kind of reply each server text must be (what the server does with it).
 _SERVER_CLASSES = {
     "relay_denied": "refusal",
+    "unknown_user": "refusal",
     "rejected": "refusal",
     "too_many_connections": "refusal",
     # The client must come back later, not bounce the message.
@@ -125,6 +128,8 @@ PROFILE_KEYS: Mapping[str, str] = MappingProxyType(
         "auth_mechanisms": "SASL mechanisms to offer, in order",
         "message_size_limit": "SIZE to advertise and enforce; 0 = no number",
         "queue_id": "queue id style",
+        "local_users": "user names that exist at the persona's domains (others are unknown)",
+        "behaviour": "table: how the product behaves (mailgate.protocol.behaviour)",
         "replies": "table: reply name = reply",
     }
 )
@@ -323,6 +328,9 @@ def _render(reply: Reply, values: Mapping[str, object], allowed: frozenset[str])
 
 # Defaults of the server-layer texts (a profile built in code without them).
 _RELAY_DENIED = Reply(554, "5.7.1", ("Relay access denied",))
+_UNKNOWN_USER = Reply(550, "5.1.1", ("<{address}>: User unknown",))
+#: Local users every product has (the honeypot's ``local_users`` setting adds or replaces).
+DEFAULT_LOCAL_USERS = ("root", "postmaster", "admin", "abuse")
 _REJECTED = Reply(554, "5.7.1", ("Access denied",))
 _TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", ("Too many connections",))
 _INSUFFICIENT_STORAGE = Reply(452, "4.3.1", ("Insufficient system storage",))
@@ -350,8 +358,12 @@ class PersonaProfile:
     message_size_limit: int | None = 10_240_000
     #: Queue id style, a key of :data:`QUEUE_ID_STYLES`.
     queue_id_style: str = "hex"
+    #: User names (local parts, compared without case) that exist at the persona's own
+    #: domains: RCPT to any other local user gets ``unknown_user``.
+    local_users: tuple[str, ...] = DEFAULT_LOCAL_USERS
     # Server-layer texts (templates; see SERVER_PLACEHOLDERS and :meth:`format`).
     relay_denied: Reply = _RELAY_DENIED
+    unknown_user: Reply = _UNKNOWN_USER
     rejected: Reply = _REJECTED
     too_many_connections: Reply = _TOO_MANY_CONNECTIONS
     insufficient_storage: Reply = _INSUFFICIENT_STORAGE
@@ -652,7 +664,13 @@ def profile_from_mapping(
                     "unknown reply name" + _did_you_mean(name, REPLY_NAMES | SERVER_REPLY_NAMES),
                 )
         merged_replies.update(table)
-    spec.update({k: v for k, v in data.items() if k not in ("replies", "base")})
+    if "behaviour" in data:
+        table = data["behaviour"]
+        if not isinstance(table, Mapping):
+            raise reader.error("behaviour", f"expected a table, got {_kind(table)}")
+        # Like replies: the file's keys change the base's behaviour, the rest stays.
+        spec["behaviour"] = {**spec.get("behaviour", {}), **table}
+    spec.update({k: v for k, v in data.items() if k not in ("replies", "base", "behaviour")})
     spec["replies"] = merged_replies
     return _build(_Reader(spec, source))
 
@@ -700,6 +718,8 @@ def _build(reader: _Reader) -> PersonaProfile:
         )
     if "enhanced_status_codes" in data:
         kwargs["enhanced_status_codes"] = reader.boolean("enhanced_status_codes")
+    if "behaviour" in data:
+        kwargs["behaviour"] = _behaviour(reader)
 
     replies: dict[str, Reply] = {}
     server: dict[str, Reply] = {}
@@ -755,8 +775,50 @@ def _build(reader: _Reader) -> PersonaProfile:
         if style not in QUEUE_ID_STYLES:
             raise reader.error("queue_id", _choice_error(style))
         options["queue_id_style"] = style
+    if "local_users" in data:
+        options["local_users"] = _local_users(reader)
     options.update(server)
     return PersonaProfile(name=reader.string("name"), persona=persona, software=software, **options)
+
+
+def _behaviour(reader: _Reader) -> Behaviour:
+    """The ``[behaviour]`` table (see mailgate.protocol.behaviour for every key)."""
+    table = reader.data["behaviour"]
+    if isinstance(table, Behaviour):
+        return table
+    if not isinstance(table, Mapping):
+        raise reader.error("behaviour", f"expected a table, got {_kind(table)}")
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        where = f"behaviour.{key}"
+        if key not in BEHAVIOUR_FIELDS:
+            raise reader.error(where, "unknown key" + _did_you_mean(key, BEHAVIOUR_FIELDS))
+        if key == "ignored_arguments":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise reader.error(where, f"expected a list of verbs, got {_kind(value)}")
+            value = frozenset(value)
+        elif key in ("line_limit", "error_limit"):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise reader.error(where, f"expected a whole number, got {_kind(value)}")
+            value = value or None  # 0: none (the server's own limits)
+        values[key] = value
+    try:
+        return Behaviour(**values)
+    except BehaviourError as exc:
+        key, _, message = str(exc).partition(": ")
+        raise reader.error(f"behaviour.{key}", message) from None
+
+
+#: A user name as a local part (dot-string, no quoting), compared without case.
+_USER = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+(?:\.[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+)*")
+
+
+def _local_users(reader: _Reader) -> tuple[str, ...]:
+    users = reader.strings("local_users")
+    for user in users:
+        if not _USER.fullmatch(user) or len(user) > 64:
+            raise reader.error("local_users", f"{user!r} is not a user name (a local part)")
+    return tuple(dict.fromkeys(u.lower() for u in users))
 
 
 def _fits(reply: Reply, allowed: frozenset[str]) -> bool:
@@ -804,7 +866,11 @@ def _to_spec(profile: PersonaProfile) -> dict[str, Any]:
         "auth_mechanisms": list(profile.auth_mechanisms),
         "message_size_limit": profile.message_size_limit or 0,
         "queue_id": profile.queue_id_style,
+        "local_users": list(profile.local_users),
     }
+    behaviour = dict(persona.behaviour.as_mapping())
+    if behaviour:
+        spec["behaviour"] = behaviour
     replies: dict[str, Any] = {}
     for name in sorted(persona.overridden):
         value = persona.replies[name]
@@ -845,8 +911,11 @@ def dump_profile(profile: PersonaProfile) -> str:
         'base = "none"',
     ]
     for key, value in spec.items():
-        if key != "replies":
+        if key not in ("replies", "behaviour"):
             lines.append(f"{key} = {_toml_value(value)}")
+    if spec.get("behaviour"):
+        lines += ["", "[behaviour]"]
+        lines += [f"{key} = {_toml_value(value)}" for key, value in spec["behaviour"].items()]
     lines += ["", "[replies]"]
     lines += [f"{name} = {_toml_value(value)}" for name, value in spec["replies"].items()]
     return "\n".join(lines) + "\n"

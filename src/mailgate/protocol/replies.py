@@ -168,6 +168,19 @@ DATA_AFTER_BDAT = Reply(503, "5.5.1", ("DATA cannot be mixed with BDAT",))
 NOT_IN_TRANSACTION = Reply(503, "5.5.1", ("{verb} is not allowed inside a mail transaction",))
 BINARYMIME_NEEDS_BDAT = Reply(503, "5.5.1", ("BODY=BINARYMIME requires BDAT, not DATA",))
 TLS_ALREADY_ACTIVE = Reply(503, "5.5.1", ("TLS already active",))
+# Replies for one situation of a more general name (persona.FALLBACKS): a persona that
+# does not override one gets the general name's reply (its own override, if any).
+EMPTY_LINE = Reply(500, "5.5.2", ("Command not recognized",))
+HELLO_ARGUMENT_REQUIRED = Reply(501, "5.5.4", ("{verb} requires an argument",))
+MAIL_ARGUMENT_REQUIRED = Reply(501, "5.5.4", ("{verb} requires an argument",))
+RCPT_ARGUMENT_REQUIRED = Reply(501, "5.5.4", ("{verb} requires an argument",))
+VRFY_ARGUMENT_REQUIRED = Reply(501, "5.5.4", ("{verb} requires an argument",))
+DATA_NEED_MAIL = Reply(503, "5.5.1", ("Send MAIL first",))
+ETRN_IN_TRANSACTION = Reply(503, "5.5.1", ("{verb} is not allowed inside a mail transaction",))
+# ETRN (RFC 1985), offered only by a persona whose behaviour says so; nothing is flushed.
+ETRN_ARGUMENT_REQUIRED = Reply(501, "5.5.4", ("Syntax: ETRN domain",))
+ETRN_SYNTAX = Reply(501, "5.5.4", ("Invalid ETRN domain",))
+ETRN_REFUSED = Reply(459, "4.7.1", ("<{domain}>: node not allowed",))
 # Pass-through names: by default the parser's own reply is sent (its text is {detail}).
 BAD_SENDER_ADDRESS = Reply(501, "5.1.7", ("{detail}",))
 BAD_RECIPIENT_ADDRESS = Reply(501, "5.1.3", ("{detail}",))

@@ -248,7 +248,7 @@ class ConnectionDriver(asyncio.Protocol):
             elif self.expect_proxy and not self._greeted:
                 self._proxy_data(data)
             return
-        if not self._greeted:
+        if not self._greeted and self._refuses_early_talkers():
             # Bytes before our banner: a client that does not wait its turn (often spam).
             if self.recorder is not None:
                 self._record("received", data)
@@ -365,7 +365,7 @@ class ConnectionDriver(asyncio.Protocol):
             return  # refused for the real client's address
         self._start_session()
         if rest and self.conn is not None:
-            if not self._greeted:
+            if not self._greeted and self._refuses_early_talkers():
                 if self.recorder is not None:
                     self._record("received", rest)
                 self._refuse(_EARLY_TALKER, "early-talker")
@@ -390,6 +390,15 @@ class ConnectionDriver(asyncio.Protocol):
             self.peer_ip = header.source_address
             if refusal is not None:
                 self.refuse(refusal)
+
+    def _refuses_early_talkers(self) -> bool:
+        """Whether bytes before the banner end the session (554). A persona whose product
+        just reads them after its banner (``early_talkers = "greet"``) keeps them for the
+        protocol, which answers them once the greeting is sent -- unless a greeting delay
+        was asked for, whose point is to catch such clients."""
+        if self.host.options.greeting_delay > 0:
+            return True
+        return self.host.protocol_config.persona.behaviour.early_talkers != "greet"
 
     def _start_session(self) -> None:
         assert self.session is not None

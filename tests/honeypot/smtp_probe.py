@@ -700,9 +700,10 @@ def run_probe(
 
 _DAY = r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun)"
 _MONTH = r"(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
-_DATE = re.compile(
-    rf"{_DAY}, +\d{{1,2}} {_MONTH} \d{{4}} \d\d:\d\d:\d\d [+-]\d{{4}}(?: \([A-Z]{{2,5}}\))?"
-)
+#: An RFC 5322 date. Only the moment is normalised, not the form: a one- or two-digit day
+#: and the zone as written (``+0000``, ``GMT``, ``+0000 (UTC)``) stay visible, because a
+#: scanner can tell products apart by them.
+_DATE = re.compile(rf"{_DAY}, +(\d{{1,2}}) {_MONTH} \d{{4}} \d\d:\d\d:\d\d(?= )")
 #: Queue ids as each product writes them, in the replies that carry them.
 _QUEUE_IDS = (
     re.compile(r"(?<=queued as )[0-9A-F]{10,12}\b"),  # Postfix
@@ -718,7 +719,7 @@ def normalise_line(text: str, hostnames: Iterable[str]) -> str:
     name(s), dates, queue ids, a CRAM-MD5 challenge."""
     for name in sorted({h for h in hostnames if h}, key=len, reverse=True):
         text = re.sub(re.escape(name), "HOST", text, flags=re.I)
-    text = _DATE.sub("DATE", text)
+    text = _DATE.sub(lambda m: "DAY, " + "D" * len(m[1]) + " MON YYYY HH:MM:SS", text)
     for pattern in _QUEUE_IDS:
         text = pattern.sub("QUEUEID", text)
     match = _CHALLENGE.match(text)

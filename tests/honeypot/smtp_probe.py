@@ -100,10 +100,10 @@ def raw(data: bytes, *, replies: int | None = 1, when: int | None = None) -> Ste
     return Step("raw", data, replies, when)
 
 
-def body(text: str) -> Step:
+def body(text: str, *, replies: int | None = 1) -> Step:
     """A message after ``354``: lines CRLF-terminated, the final dot added."""
     data = "".join(f"{part}\r\n" for part in text.split("\n")) + ".\r\n"
-    return Step("raw", data.encode(), 1, 354, "message")
+    return Step("raw", data.encode(), replies, 354, "message")
 
 
 def b64(text: str) -> str:
@@ -506,6 +506,17 @@ PROBE: tuple[Connection, ...] = (
         QUIT,
     ),
     conn("second-session-message", EHLO, MAIL, RCPT_LOCAL, line("DATA"), body(MESSAGE), QUIT),
+    # Per-recipient replies (PRDR, where offered; elsewhere an unknown parameter).
+    conn(
+        "prdr",
+        EHLO,
+        line(f"MAIL FROM:<{SENDER}> PRDR"),
+        RCPT_LOCAL,
+        line(f"RCPT TO:<root@{LOCAL_DOMAIN}>"),
+        line("DATA"),
+        body(MESSAGE, replies=None),
+        QUIT,
+    ),
 )
 
 

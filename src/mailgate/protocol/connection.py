@@ -930,6 +930,8 @@ class ServerConnection:
 
     def _answer_mail(self, point: MailFrom, reply: Reply | None) -> None:
         # Hot path: the ready reply without a call, placeholders only when it has some.
+        if reply is None and "PRDR" in point.params:
+            reply = self._r("prdr_sender_ok", address=point.address)
         reply = (
             reply or self._look.static("sender_ok") or self._r("sender_ok", address=point.address)
         )
@@ -991,6 +993,15 @@ class ServerConnection:
                 raise ProtocolError(f"LMTP needs {count} replies, got {len(answers)}")
         elif len(answers) != 1:
             raise ProtocolError("SMTP DataComplete takes a single reply")
+        tx = self.transaction
+        if not self.config.lmtp and tx is not None and "PRDR" in tx.params:
+            answer = answers[0] or self._r("message_accepted")
+            # A refused message keeps its one reply (the draft lets the server answer
+            # for all recipients at once); an accepted one is answered per recipient.
+            if answer.is_positive:
+                self._send(self._r("prdr_start"))
+                for recipient in point.recipients:
+                    self._send(self._r("prdr_recipient_ok", address=str(recipient)))
         for answer in answers:
             self._send(answer or self._r("message_accepted"))
         self.transaction = None
@@ -1179,8 +1190,11 @@ class ServerConnection:
     def _capabilities(self) -> list[str]:
         cfg = self.config
         caps: list[str] = []
+        persona = self._look.persona
         if cfg.pipelining:
             caps.append("PIPELINING")
+            if "PIPECONNECT" in persona.capability_order:
+                caps.append("PIPECONNECT")
         size = self._max_size()
         caps.append(f"SIZE {size}" if size else "SIZE")
         if cfg.eightbitmime:
@@ -1210,8 +1224,9 @@ class ServerConnection:
             caps.append("VRFY")
         if self._look.behaviour.etrn and "ETRN" not in cfg.disabled_commands:
             caps.append("ETRN")
+        if "PRDR" in persona.capability_order and not cfg.lmtp:
+            caps.append("PRDR")
         caps.append("HELP")
-        persona = self._look.persona
         if (
             persona.hidden_capabilities
             or persona.unadvertised_capabilities

@@ -280,6 +280,7 @@ PARAMETERS: Mapping[str, ParamSpec] = MappingProxyType(
         "SIZE": _spec("MAIL", "SIZE", True, _size),  # RFC 1870
         "BODY": _spec("MAIL", "8BITMIME BINARYMIME", True, _body),  # RFC 6152, RFC 3030
         "SMTPUTF8": _spec("MAIL", "SMTPUTF8", False),  # RFC 6531
+        "PRDR": _spec("MAIL", "PRDR", False),  # draft-hall-prdr-00
         "AUTH": _spec("MAIL", "AUTH", True, _auth),  # RFC 4954 5
         "RET": _spec("MAIL", "DSN", True, _ret),  # RFC 3461 4.3
         "ENVID": _spec("MAIL", "DSN", True, _envid),  # RFC 3461 4.4

@@ -99,6 +99,9 @@ etrn_in_transaction        ETRN inside a mail transaction [f]_               {ve
 etrn_argument_required     ETRN without a domain (behaviour ``etrn``)        -
 etrn_syntax                ETRN with a domain that is not one                {domain}
 etrn_refused               ETRN for a domain (nothing is ever flushed)       {domain}
+prdr_sender_ok             MAIL with PRDR accepted [f]_                      {address}
+prdr_start                 after a PRDR message (must stay 353)              -
+prdr_recipient_ok          a PRDR message's reply for one recipient          {address}
 =========================  ================================================  ===================
 
 .. [f] Names for one situation of a more general name (:data:`FALLBACKS`): when a
@@ -186,6 +189,8 @@ _PLACEHOLDERS_BY_NAME.update(
         "etrn_in_transaction": _allowed("verb"),
         "etrn_syntax": _allowed("domain"),
         "etrn_refused": _allowed("domain"),
+        "prdr_recipient_ok": _allowed("address"),
+        "prdr_sender_ok": _allowed("address"),
         # The general name's placeholders, for a fallback that inherits its text.
         "empty_line": _allowed("verb", "command"),
     }
@@ -200,6 +205,7 @@ FALLBACKS: Mapping[str, str] = MappingProxyType(
         "rcpt_argument_required": "argument_required",
         "vrfy_argument_required": "argument_required",
         "data_need_mail": "need_mail",
+        "prdr_sender_ok": "sender_ok",
         "etrn_in_transaction": "not_in_transaction",
     }
 )
@@ -223,7 +229,7 @@ PASS_THROUGH: frozenset[str] = frozenset(
     }
 )
 #: Replies the state machine recognizes by their exact code.
-_EXACT_CODES = {"start_data": 354, "ready_for_tls": 220}
+_EXACT_CODES = {"start_data": 354, "ready_for_tls": 220, "prdr_start": 353}
 
 #: Every EHLO keyword mailgate can offer (what capability_order and hidden_capabilities
 #: may name). EXPN is never advertised but can be hidden (the command becomes unknown).
@@ -246,8 +252,14 @@ KEYWORDS: frozenset[str] = frozenset(
         "EXPN",
         "HELP",
         "ETRN",
+        # Opt-in: offered only by a persona that lists them in its capability order.
+        "PRDR",
+        "PIPECONNECT",
     }
 )
+#: Keywords mailgate offers only to a persona that lists them in ``capability_order``
+#: (products that advertise them; mailgate's own look does not).
+OPT_IN_KEYWORDS: frozenset[str] = frozenset({"PRDR", "PIPECONNECT"})
 #: The verb each hideable keyword brings; hidden, the verb is an unknown command.
 _VERB_OF = {
     "CHUNKING": "BDAT",
@@ -446,6 +458,11 @@ class Persona:
         if len(set(order)) != len(order):
             raise PersonaError(f"capability_order: a keyword is listed twice: {order}")
         put(self, "capability_order", order)
+        if "PIPECONNECT" in order and self.behaviour.early_talkers != "greet":
+            # PIPECONNECT tells clients they may send EHLO before the banner.
+            raise PersonaError(
+                "capability_order: PIPECONNECT needs behaviour early_talkers = 'greet'"
+            )
         if isinstance(self.hidden_capabilities, str):
             raise PersonaError("hidden_capabilities: give a set of keywords, not a string")
         hidden = {self._keyword(k, "hidden_capabilities") for k in self.hidden_capabilities}
@@ -660,6 +677,7 @@ __all__ = [
     "FALLBACKS",
     "GREETING_PLACEHOLDERS",
     "KEYWORDS",
+    "OPT_IN_KEYWORDS",
     "PASS_THROUGH",
     "PLACEHOLDERS",
     "REPLY_NAMES",

@@ -1267,6 +1267,8 @@ class ServerConnection:
             return CurrentDate(cfg.clock)
         if key == "date_padded":
             return CurrentDate(cfg.clock, padded=True)
+        if key == "date_gmt":
+            return CurrentDate(cfg.clock, gmt=True)
         if key == "max_size":
             return self._max_size() or 0
         if key == "max_recipients":

@@ -214,7 +214,7 @@ PLACEHOLDERS: Mapping[str, frozenset[str]] = MappingProxyType(_PLACEHOLDERS_BY_N
 
 #: The banner (220 greeting) and the HELO/EHLO/LHLO greeting line.
 BANNER_PLACEHOLDERS = frozenset(
-    {"hostname", "software", "protocol", "date", "date_padded", "client_ip"}
+    {"hostname", "software", "protocol", "date", "date_padded", "date_gmt", "client_ip"}
 )
 GREETING_PLACEHOLDERS = BANNER_PLACEHOLDERS | {"helo"}
 
@@ -288,9 +288,10 @@ def local_now() -> datetime:
     return datetime.now().astimezone()
 
 
-def format_date(moment: datetime, *, padded: bool = False) -> str:
+def format_date(moment: datetime, *, padded: bool = False, gmt: bool = False) -> str:
     """RFC 5322 date-time: ``Tue, 1 Dec 2026 10:00:00 +0000`` (``padded``: a two-digit day,
-    ``Tue, 01 Dec 2026 ...``, as Exim writes it). A naive ``moment`` is taken as local
+    ``Tue, 01 Dec 2026 ...``, as Exim writes it; ``gmt``: a zero offset written ``GMT``,
+    as Sendmail's arpadate() does on a UTC host). A naive ``moment`` is taken as local
     time."""
     if moment.tzinfo is None or moment.utcoffset() is None:
         moment = moment.astimezone()
@@ -302,21 +303,24 @@ def format_date(moment: datetime, *, padded: bool = False) -> str:
         f"{_DAYS[moment.weekday()]}, {moment.day:0{2 if padded else 1}d} "
         f"{_MONTHS[moment.month - 1]} "
         f"{moment.year:04d} {moment.hour:02d}:{moment.minute:02d}:{moment.second:02d} "
-        f"{sign}{hours:02d}{mins:02d}"
+        + ("GMT" if gmt and minutes == 0 else f"{sign}{hours:02d}{mins:02d}")
     )
 
 
 class CurrentDate:
     """A ``{date}`` value that reads its clock only when a text uses it."""
 
-    __slots__ = ("clock", "padded")
+    __slots__ = ("clock", "gmt", "padded")
 
-    def __init__(self, clock: Callable[[], datetime], *, padded: bool = False) -> None:
+    def __init__(
+        self, clock: Callable[[], datetime], *, padded: bool = False, gmt: bool = False
+    ) -> None:
         self.clock = clock
         self.padded = padded
+        self.gmt = gmt
 
     def __str__(self) -> str:
-        return format_date(self.clock(), padded=self.padded)
+        return format_date(self.clock(), padded=self.padded, gmt=self.gmt)
 
 
 def clean(value: object) -> str:

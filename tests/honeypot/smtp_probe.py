@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import re
 import socket
@@ -614,10 +615,8 @@ class _Client:
         self.sock = context.wrap_socket(self.sock, server_hostname=None)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass
 
 
 def _payload(step: Step) -> bytes:

@@ -19,7 +19,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from tests.honeypot.test_persona_replay import RECORDED_DIR, RECORDINGS, running_honeypot
 
 #: Persona -> the product (and version, where nmap shows one) nmap must report.

@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.honeypot.smtp_probe import Comparison, compare, run_probe
 
 from mailgate.config import HoneypotOptions
 from mailgate.honeypot.mode import HoneypotServer, build_server
 from mailgate.server.options import ListenAddress, ServerOptions
-from tests.honeypot.smtp_probe import Comparison, compare, run_probe
 
 RECORDED_DIR = Path(__file__).parent / "recorded"
 DIFFERENCES = RECORDED_DIR / "differences.json"

@@ -53,6 +53,7 @@ from mailgate.settings import ConfigError
 
 from .personas import PERSONAS, PersonaProfile, ProfileError, load_profile
 from .plugin import HoneypotPlugin
+from .recipients import RecipientPolicy, default_domains
 from .settings import HoneypotOptions
 from .store import CaptureError, CaptureStore, RawMessage
 
@@ -171,6 +172,12 @@ class _Texts:
             name, hostname=self.hostname, client_ip=session.peer_host, **values
         )
 
+    def unknown_user(self, session: Session, address: str) -> Reply:
+        return self.reply("unknown_user", session, address=address)
+
+    def relay_denied(self, session: Session, address: str) -> Reply:
+        return self.reply("relay_denied", session, address=address)
+
     def too_many_connections(self, session: Session) -> Reply:
         return self.reply("too_many_connections", session)
 
@@ -245,11 +252,22 @@ class HoneypotServer(SMTPServer):
     async def start(self, *, reuse_port: bool = False) -> None:
         await super().start(reuse_port=reuse_port)
         hp = self.honeypot
+        recipients = self.plugin.recipients
+        domains = (
+            ", ".join(sorted(recipients.domains)) if recipients is not None else "every domain"
+        )
+        relaying = (
+            "pretending to relay"
+            if recipients is None or recipients.relay == "pretend"
+            else "refusing relaying"
+        )
         log.warning(
-            "honeypot mode: persona %s as %s; accepting mail for every domain, relaying and "
-            "delivering none; capturing into %s%s",
+            "honeypot mode: persona %s as %s; accepting mail for its users at %s, %s; "
+            "relaying and delivering none; capturing into %s%s",
             self.profile.name,
             self.options.hostname,
+            domains,
+            relaying,
             hp.data_dir,
             f" and JSON lines to {'stdout' if hp.jsonl == '-' else hp.jsonl}" if hp.jsonl else "",
         )
@@ -321,6 +339,18 @@ def build_server(
             analysis_max_parts=honeypot.analysis_max_parts,
             analysis_max_depth=honeypot.analysis_max_depth,
             auth_mechanisms=options.auth_mechanisms,
+            recipients=RecipientPolicy.build(
+                domains=honeypot.domains or default_domains(options.hostname),
+                users=(
+                    honeypot.local_users
+                    if honeypot.local_users is not None
+                    else profile.local_users
+                ),
+                relay=honeypot.relay,
+                unknown_user=texts.unknown_user,
+                relay_denied=texts.relay_denied,
+            ),
+            vrfy_checks_users=profile.vrfy_checks_users,
         )
     except ValueError as exc:
         store.close()

@@ -129,6 +129,7 @@ PROFILE_KEYS: Mapping[str, str] = MappingProxyType(
         "message_size_limit": "SIZE to advertise and enforce; 0 = no number",
         "queue_id": "queue id style",
         "local_users": "user names that exist at the persona's domains (others are unknown)",
+        "vrfy_checks_users": "VRFY refuses unknown users and other domains as RCPT does",
         "behaviour": "table: how the product behaves (mailgate.protocol.behaviour)",
         "replies": "table: reply name = reply",
     }
@@ -361,6 +362,9 @@ class PersonaProfile:
     #: User names (local parts, compared without case) that exist at the persona's own
     #: domains: RCPT to any other local user gets ``unknown_user``.
     local_users: tuple[str, ...] = DEFAULT_LOCAL_USERS
+    #: VRFY looks the user up like RCPT: unknown users and other domains get
+    #: ``unknown_user``/``relay_denied`` (Postfix); False: every VRFY gets ``vrfy_default``.
+    vrfy_checks_users: bool = False
     # Server-layer texts (templates; see SERVER_PLACEHOLDERS and :meth:`format`).
     relay_denied: Reply = _RELAY_DENIED
     unknown_user: Reply = _UNKNOWN_USER
@@ -777,6 +781,8 @@ def _build(reader: _Reader) -> PersonaProfile:
         options["queue_id_style"] = style
     if "local_users" in data:
         options["local_users"] = _local_users(reader)
+    if "vrfy_checks_users" in data:
+        options["vrfy_checks_users"] = reader.boolean("vrfy_checks_users")
     options.update(server)
     return PersonaProfile(name=reader.string("name"), persona=persona, software=software, **options)
 
@@ -867,6 +873,7 @@ def _to_spec(profile: PersonaProfile) -> dict[str, Any]:
         "message_size_limit": profile.message_size_limit or 0,
         "queue_id": profile.queue_id_style,
         "local_users": list(profile.local_users),
+        "vrfy_checks_users": profile.vrfy_checks_users,
     }
     behaviour = dict(persona.behaviour.as_mapping())
     if behaviour:

@@ -73,6 +73,7 @@ from .extract import (
     extract,
     extract_subject,
 )
+from .recipients import RecipientPolicy
 from .settings import AUTH_OUTCOMES, parse_auth_outcome
 from .store import CaptureStore, RawMessage
 
@@ -178,6 +179,11 @@ class HoneypotPlugin:
     ``storage_check_interval``: seconds between two looks at the spool directory while
     messages are received (the running count of bytes in flight).
 
+    ``recipients``: a :class:`~mailgate.honeypot.recipients.RecipientPolicy` deciding
+    which RCPTs are taken (local users, relaying) and how the others are refused, in the
+    persona's words; None takes every recipient. ``vrfy_checks_users``: VRFY of an
+    unknown user or another domain gets the same refusal as RCPT (Postfix does that).
+
     Replies in other words (a persona's), each None for the plugin's own:
     ``auth_drop_reply(session)``: the 5xx that ends a session with
     ``drop_after_credentials``; ``session_expired_reply(session)``: what a session past
@@ -217,8 +223,14 @@ class HoneypotPlugin:
         storage_full_reply: SessionReply | None = None,
         message_reply: MessageReply | None = None,
         storage_check_interval: float = SPOOL_CHECK_INTERVAL,
+        recipients: RecipientPolicy | None = None,
+        vrfy_checks_users: bool = False,
     ) -> None:
         self.store = store
+        #: VRFY answered from ``recipients`` like RCPT (the persona's product does so).
+        self.vrfy_checks_users = vrfy_checks_users
+        #: Which recipients are taken and how the others are refused (None: all taken).
+        self.recipients = recipients
         self.auth_mode, self.accept_after = parse_auth_outcome(auth_outcome)
         self.auth_outcome = auth_outcome
         if tarpit < 0 or tarpit_max < 0:
@@ -344,8 +356,18 @@ class HoneypotPlugin:
     async def on_mail(self, session: Session, envelope: Envelope, address: Address) -> None:
         await self._pace(session)
 
-    async def on_rcpt(self, session: Session, envelope: Envelope, address: Address) -> None:
+    async def on_rcpt(self, session: Session, envelope: Envelope, address: Address) -> Reply | None:
         await self._pace(session)
+        if self.recipients is not None:
+            return self.recipients.judge(session, address)
+        return None
+
+    async def on_vrfy(self, session: Session, argument: str, expand: bool) -> Reply | None:
+        # Products that look the user up for VRFY (Postfix) refuse unknown users and other
+        # domains in their RCPT words; EXPN is left to the persona's answer.
+        if self.recipients is not None and self.vrfy_checks_users and not expand:
+            return self.recipients.judge_vrfy(session, argument)
+        return None
 
     async def on_data_start(self, session: Session, envelope: Envelope) -> None:
         await self._pace(session)

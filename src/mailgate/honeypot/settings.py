@@ -32,6 +32,7 @@ __all__ = [
     "HONEYPOT_REFUSED_TABLES",
     "PERSONA_CHOICES",
     "REFUSED_FLAGS",
+    "RELAY_MODES",
     "SERVER_FLAGS",
     "HoneypotOptions",
     "check_policy_overlap",
@@ -40,6 +41,7 @@ __all__ = [
 ]
 
 AUTH_OUTCOMES: Final = ("refuse", "accept", "accept-after:N")
+RELAY_MODES: Final = ("refuse", "pretend")
 #: The built-in personas (mailgate.honeypot.personas.PERSONAS has them; listed here so
 #: that reading a configuration does not load them).
 PERSONA_CHOICES: Final = ("postfix", "exim", "exchange", "sendmail", "generic")
@@ -87,6 +89,25 @@ def _seconds_or_off(value: Value) -> float | None:
 
 def _size_or_off(value: Value) -> int | None:
     return converters.size(value) or None
+
+
+_USER = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+(?:\.[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+)*")
+
+
+def _users(value: Value) -> tuple[str, ...]:
+    users = [u.strip() for text in converters.string_list(value) for u in text.split(",")]
+    for user in users:
+        if not _USER.fullmatch(user) or len(user) > 64:
+            raise value.error(f"{user!r} is not a user name (the local part of an address)")
+    return tuple(dict.fromkeys(u.lower() for u in users))
+
+
+def _domains(value: Value) -> tuple[str, ...]:
+    domains = converters.domain_patterns(value)
+    for domain in domains:
+        if domain.startswith("*."):
+            raise value.error(f"{domain!r}: give each domain by name (no *.)")
+    return domains
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +238,38 @@ class HoneypotOptions:
         help="refuse a client's connections beyond N per WINDOW (e.g. 30/10m) with the "
         "persona's 421",
         default_text="no limit",
+    )
+    #: What RCPT to a domain that is not the persona's gets: the persona's relay refusal
+    #: (refuse), or accepted and captured like local mail (pretend); nothing is ever relayed.
+    relay: str = setting(
+        "refuse",
+        convert=converters.choice(RELAY_MODES),
+        group="honeypot",
+        choices=RELAY_MODES,
+        help="RCPT to other domains: refuse with the persona's relay denial (as the product "
+        "does by default), or pretend to relay (accept and capture; nothing is ever relayed)",
+    )
+    #: Users that exist at the persona's domains (None: the persona's own list).
+    local_users: tuple[str, ...] | None = setting(
+        None,
+        convert=_users,
+        group="honeypot",
+        metavar="USER[,USER]",
+        repeatable=True,
+        help="users that exist at the persona's domains; RCPT to others gets the product's "
+        "unknown-user refusal",
+        default_text="the persona's (root, postmaster, admin, the product's system users)",
+    )
+    #: Domains the persona receives mail for (empty: the host name, its parent domain,
+    #: localhost and localhost.localdomain).
+    domains: tuple[str, ...] = setting(
+        (),
+        convert=_domains,
+        group="honeypot",
+        metavar="DOMAIN[,DOMAIN]",
+        repeatable=True,
+        help="domains the persona receives mail for; mail to others is relaying",
+        default_text="the host name, its parent domain, localhost, localhost.localdomain",
     )
     #: The [server] keys given by the file or flags; the persona fills in the others
     #: (host name, SIZE, SASL mechanisms).

@@ -572,6 +572,8 @@ class ServerConnection:
             or not verb.isascii()
             or not self._verb_in_mode(rule)
             or verb in self._look.hidden_verbs
+            # ETRN exists only for a persona whose product has it.
+            or (rule.extension == "ETRN" and not self._look.behaviour.etrn)
         ):
             unknown = self._r("unknown_command", verb=verb, command=text[:_MAX_ECHO])
             self._reject(line, unknown, unknown=True)

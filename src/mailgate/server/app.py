@@ -205,6 +205,12 @@ class SMTPServer:
         return cast(Register, functools.partial(self.on, "rcpt"))
 
     @property
+    def on_vrfy(self) -> Register:
+        """``(session, argument, expand)``: VRFY (``expand`` False) or EXPN (True); a reply
+        replaces the usual one. ``@server.on_vrfy`` or ``@server.on_vrfy(name=...)``."""
+        return cast(Register, functools.partial(self.on, "vrfy"))
+
+    @property
     def on_data_start(self) -> Register:
         """``(session, envelope)``: DATA or the first BDAT, before any message byte.
         ``@server.on_data_start`` or ``@server.on_data_start(name=..., before=..., after=...)``."""

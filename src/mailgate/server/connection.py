@@ -87,6 +87,7 @@ _STAGE_OF: dict[type[PolicyPoint], str] = {
     AuthCredentials: "auth",
     MailFrom: "mail",
     RcptTo: "rcpt",
+    Verify: "vrfy",
     DataStart: "data_start",
     DataComplete: "message",
 }
@@ -668,6 +669,10 @@ class ConnectionDriver(asyncio.Protocol):
             return await self._complete_message(point, session)
         if isinstance(point, AuthCredentials):
             return await self._authenticate(point, session)
+        if isinstance(point, Verify):
+            # VRFY and EXPN: a step may answer for the user (None: the persona's reply).
+            outcome = await hooks.run("vrfy", session, point.argument, point.expand)
+            return self._verdict("vrfy", outcome, None)
         return None  # pragma: no cover
 
     def _verdict(self, stage: str, outcome: Outcome, success: Reply | None) -> Reply | None:

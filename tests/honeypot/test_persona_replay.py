@@ -33,10 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.honeypot.smtp_probe import Comparison, compare, run_probe
+from tests.honeypot.smtp_probe import LOCAL_USER, Comparison, compare, run_probe
 
 from mailgate.config import HoneypotOptions
 from mailgate.honeypot.mode import HoneypotServer, build_server
+from mailgate.honeypot.personas import PERSONAS
 from mailgate.server.options import ListenAddress, ServerOptions
 
 RECORDED_DIR = Path(__file__).parent / "recorded"
@@ -64,6 +65,9 @@ def running_honeypot(tmp_path: Path, persona: str) -> Iterator[HoneypotServer]:
     honeypot = HoneypotOptions(
         data_dir=tmp_path / "data",
         persona=persona,
+        # The recorded sites have one user of their own besides the product's (the
+        # persona's domains are its host name's parent domain, example.com, as recorded).
+        local_users=(*PERSONAS[persona].local_users, LOCAL_USER),
         given=frozenset({"listen", "auth_failure_delay", "close_timeout"}),
     )
     server = build_server(options, honeypot, store_settings={"batch_seconds": 0.05})

@@ -48,9 +48,13 @@ RECORDINGS = {
     "exim": "exim-4.96.json",
     "sendmail": "sendmail-8.17.json",
 }
-#: The share of equal steps each persona must reach. 0.98 is the goal of issue 15; a
-#: persona that is not there yet has its measured floor, so it cannot get worse unnoticed.
-FLOORS = {"postfix": 0.98, "exim": 0.98, "sendmail": 0.98}
+#: The share of equal steps each persona must reach. 0.98 is the goal of issue 15; none
+#: is there yet, so each has its measured floor (equal steps / 409) and cannot get worse
+#: unnoticed. differences.json says, step by step, what is missing: for Exim mostly its
+#: address parser's texts, SMTP synchronisation and error-limit rules; for Sendmail the
+#: EHLO keywords mailgate does not implement (VERB, DELIVERBY, AUTH DIGEST-MD5), which
+#: alone are 55 steps.
+FLOORS = {"postfix": 382 / 409, "exim": 349 / 409, "sendmail": 293 / 409}
 UNEXPLAINED = "UNEXPLAINED"
 
 

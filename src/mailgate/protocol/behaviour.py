@@ -45,6 +45,9 @@ early_talkers          "refuse"     A client that talks before the banner: ``"re
                                     (554, mailgate's early-talker check) or ``"greet"``
                                     (the bytes wait and are answered after the banner, as
                                     Postfix without postscreen does). Read by the server.
+starttls_in_transaction False       STARTTLS is accepted inside a mail transaction, which
+                                    the TLS upgrade then ends (RFC 3207 4.2), as Postfix
+                                    and Exim do; False: ``not_in_transaction``.
 =====================  ===========  =====================================================
 """
 
@@ -82,6 +85,7 @@ class Behaviour:
     error_limit: int | None = None
     etrn: bool = False
     early_talkers: str = "refuse"
+    starttls_in_transaction: bool = False
 
     def __post_init__(self) -> None:
         for name in (
@@ -90,6 +94,7 @@ class Behaviour:
             "lenient_paths",
             "lenient_hello",
             "etrn",
+            "starttls_in_transaction",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise BehaviourError(f"{name}: expected true or false")

@@ -634,7 +634,9 @@ def test_serve_with_a_honeypot_file_in_a_process(tmp_path: Path) -> None:
         greeting = banner(process.port, "127.0.0.9")
     finally:
         assert process.stop() == 0
-    assert greeting.startswith(b"220 mx.sendmail.example ESMTP Sendmail 8.17.1/8.17.1; ")
+    assert greeting.startswith(
+        b"220 mx.sendmail.example ESMTP Sendmail 8.17.1.9/8.17.1.9/Debian-2+deb12u2; "
+    )
     report = run_module(
         "honeypot", "report", "--data-dir", str(tmp_path / "data"), "--format", "json"
     )

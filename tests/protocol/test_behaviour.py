@@ -51,7 +51,6 @@ def test_mail_before_hello_when_not_required() -> None:
     assert s.cmd("MAIL FROM:<a@b.test>") == 250
     assert isinstance(s.events[-1], MailFrom)
     assert s.cmd("RCPT TO:<c@d.test>") == 250
-    assert s.cmd("AUTH PLAIN AGEAYg==") in (502, 503)  # AUTH still needs EHLO
 
 
 # --- sequence_first -------------------------------------------------------------------------
@@ -336,3 +335,60 @@ def test_bad_base64_initial_and_continued_responses() -> None:
     s = Session.start(dataclasses.replace(cfg, persona=Persona()))
     s.cmd("EHLO c.test")
     assert s.send(b"AUTH PLAIN %%%\r\n") == [(501, "5.5.2 Cannot decode base64 response")]
+
+
+# --- forbidden commands, loose local parts, 521, named parameters ----------------------------
+
+
+def test_forbidden_and_bogus_commands_close() -> None:
+    assert Session.start(BASE).cmd("GET / HTTP/1.0") == 500
+    for line in ("GET / HTTP/1.0", "Subject: hi", "\t1abc"):
+        s = Session.start(config(forbidden_commands=frozenset({"get"}), forbid_bogus_commands=True))
+        assert s.send(line.encode() + b"\r\n")[0][0] == 221, line
+        assert s.events[-1] == ConnectionClosed("forbidden-command")
+    s = Session.start(config(forbidden_commands=frozenset({"GET"})))
+    assert s.cmd("Subject: hi") == 500  # bogus commands only with forbid_bogus_commands
+
+
+def test_loose_local_parts() -> None:
+    long_local = "a" * 200
+    strict = Session.start(config(lenient_paths=True))
+    strict.cmd("EHLO c.test")
+    assert strict.cmd(f"MAIL FROM:<{long_local}@b.test>") == 501
+    loose = Session.start(config(lenient_paths=True, loose_local_parts=True))
+    loose.cmd("EHLO c.test")
+    assert loose.cmd(f"MAIL FROM:<{long_local}@b.test>") == 250
+    assert loose.cmd("RCPT TO:<x@@b.test>") == 250
+    rcpt = [e for e in loose.events if isinstance(e, RcptTo)][-1]
+    assert (rcpt.address.local_part, rcpt.address.domain) == ("x@", "b.test")
+
+
+def test_a_521_refusal_closes() -> None:
+    persona = Persona(replies={"bdat_syntax": Reply(521, "5.5.4", ("Syntax: BDAT count [LAST]",))})
+    s = Session.start(dataclasses.replace(BASE, persona=persona))
+    s.cmd("EHLO c.test")
+    assert s.send(b"BDAT\r\n") == [(521, "5.5.4 Syntax: BDAT count [LAST]")]
+    assert isinstance(s.events[-1], ConnectionClosed)
+
+
+def test_refused_parameter_is_named_and_size_syntax_is_its_own() -> None:
+    persona = Persona(
+        replies={
+            "bad_parameter": Reply(555, "5.5.4", ("Unsupported option: {parameter}",)),
+            "size_syntax": Reply(501, "5.5.4", ("Bad message size syntax",)),
+        }
+    )
+    s = Session.start(dataclasses.replace(BASE, persona=persona))
+    s.cmd("EHLO c.test")
+    assert s.send(b"MAIL FROM:<a@b.test> FOO=bar\r\n") == [
+        (555, "5.5.4 Unsupported option: FOO=bar")
+    ]
+    assert s.send(b"MAIL FROM:<a@b.test> SIZE=abc\r\n") == [(501, "5.5.4 Bad message size syntax")]
+
+
+def test_xclient_from_an_untrusted_client() -> None:
+    cfg = dataclasses.replace(BASE, xclient=True)
+    assert Session.start(cfg).cmd("XCLIENT ADDR=192.0.2.1") == 502
+    persona = Persona(replies={"xclient_not_allowed": Reply(550, "5.7.0", ("no",))})
+    s = Session.start(dataclasses.replace(cfg, persona=persona))
+    assert s.send(b"XCLIENT ADDR=192.0.2.1\r\n") == [(550, "5.7.0 no")]

@@ -207,6 +207,7 @@ def test_lenient_table_accepts_mail_and_etrn_before_helo() -> None:
     table = rules_for(LENIENT)
     assert State.CONNECTED in table["MAIL"].allowed
     assert State.CONNECTED in table["ETRN"].allowed
-    assert State.CONNECTED not in table["AUTH"].allowed  # AUTH still needs EHLO
+    assert State.CONNECTED in table["AUTH"].allowed  # Postfix: AUTH before HELO too
+    assert State.CONNECTED not in table["RCPT"].allowed
     assert table["QUIT"].arg is Arg.OPTIONAL
     assert rules_for(Behaviour()) is RULES

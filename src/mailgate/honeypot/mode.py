@@ -367,6 +367,7 @@ def build_server(
                 relay=honeypot.relay,
                 unknown_user=texts.unknown_user,
                 relay_denied=texts.relay_denied,
+                percent_hack=profile.percent_hack,
             ),
             vrfy_checks_users=profile.vrfy_checks_users,
         )

@@ -134,6 +134,7 @@ PROFILE_KEYS: Mapping[str, str] = MappingProxyType(
         "queue_id": "queue id style",
         "local_users": "user names that exist at the persona's domains (others are unknown)",
         "vrfy_checks_users": "VRFY refuses unknown users and other domains as RCPT does",
+        "percent_hack": "user%other@here is relaying to other (Postfix allow_percent_hack)",
         "recipient_limit": "recipients per message the product takes (0: the server's)",
         "auth_failure_limit": "failed AUTHs before the product hangs up (0: the server's)",
         "behaviour": "table: how the product behaves (mailgate.protocol.behaviour)",
@@ -395,6 +396,8 @@ class PersonaProfile:
     #: VRFY looks the user up like RCPT: unknown users and other domains get
     #: ``unknown_user``/``relay_denied`` (Postfix); False: every VRFY gets ``vrfy_default``.
     vrfy_checks_users: bool = False
+    #: ``user%other@here`` is mail for ``user@other``: relaying (Postfix allow_percent_hack).
+    percent_hack: bool = False
     # Server-layer texts (templates; see SERVER_PLACEHOLDERS and :meth:`format`).
     relay_denied: Reply = _RELAY_DENIED
     unknown_user: Reply = _UNKNOWN_USER
@@ -857,6 +860,8 @@ def _build(reader: _Reader) -> PersonaProfile:
         options["local_users"] = _local_users(reader)
     if "vrfy_checks_users" in data:
         options["vrfy_checks_users"] = reader.boolean("vrfy_checks_users")
+    if "percent_hack" in data:
+        options["percent_hack"] = reader.boolean("percent_hack")
     for key in ("recipient_limit", "auth_failure_limit"):
         if key in data:
             options[key] = reader.integer(key, 0, 1_000_000) or None
@@ -876,7 +881,7 @@ def _behaviour(reader: _Reader) -> Behaviour:
         where = f"behaviour.{key}"
         if key not in BEHAVIOUR_FIELDS:
             raise reader.error(where, "unknown key" + _did_you_mean(key, BEHAVIOUR_FIELDS))
-        if key == "ignored_arguments":
+        if key in ("ignored_arguments", "forbidden_commands"):
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise reader.error(where, f"expected a list of verbs, got {_kind(value)}")
             value = frozenset(value)
@@ -951,6 +956,7 @@ def _to_spec(profile: PersonaProfile) -> dict[str, Any]:
         "queue_id": profile.queue_id_style,
         "local_users": list(profile.local_users),
         "vrfy_checks_users": profile.vrfy_checks_users,
+        "percent_hack": profile.percent_hack,
         "recipient_limit": profile.recipient_limit or 0,
         "auth_failure_limit": profile.auth_failure_limit or 0,
     }

@@ -53,6 +53,8 @@ class RecipientPolicy:
     relay_denied: RecipientReply
     #: Postfix's recipient_delimiter (Debian sets "+"): ``root+tag`` is ``root``.
     delimiter: str = "+"
+    #: ``user%other@here`` is ``user@other`` (Postfix's allow_percent_hack).
+    percent_hack: bool = False
 
     @classmethod
     def build(
@@ -63,6 +65,7 @@ class RecipientPolicy:
         relay: str,
         unknown_user: RecipientReply,
         relay_denied: RecipientReply,
+        percent_hack: bool = False,
     ) -> RecipientPolicy:
         if relay not in ("refuse", "pretend"):
             raise ValueError(f"relay must be refuse or pretend, not {relay!r}")
@@ -72,6 +75,7 @@ class RecipientPolicy:
             relay,
             unknown_user,
             relay_denied,
+            percent_hack=percent_hack,
         )
 
     def is_local(self, session: Session, domain: str) -> bool:
@@ -107,8 +111,17 @@ class RecipientPolicy:
 
     def judge(self, session: Session, address: Address) -> Reply | None:
         """The refusal for this recipient, or None to accept it."""
+        local = address.local
+        if self.percent_hack and "%" in local and self.is_local(session, address.domain):
+            # The percent hack (Postfix allow_percent_hack): user%other@here is user@other.
+            user, _, domain = local.rpartition("%")
+            if not self.is_local(session, domain):
+                if self.relay == "pretend" or session.authenticated:
+                    return None
+                return self.relay_denied(session, str(address))
+            local = user
         if self.is_local(session, address.domain):
-            if self.user_exists(address.local):
+            if self.user_exists(local):
                 return None
             return self.unknown_user(session, str(address))
         if self.relay == "pretend" or session.authenticated:

@@ -9,7 +9,7 @@ without a persona is unchanged.
 =====================  ===========  =====================================================
 field                  default      meaning
 =====================  ===========  =====================================================
-hello_required         True         MAIL (and ETRN) need HELO/EHLO first. False: accepted
+hello_required         True         MAIL, ETRN and AUTH need HELO/EHLO first. False: accepted
                                     before it (Postfix ``smtpd_helo_required = no``); RCPT
                                     and DATA before MAIL then get ``need_mail`` /
                                     ``data_need_mail`` rather than ``need_hello``.
@@ -20,6 +20,10 @@ lenient_paths          False        ``MAIL FROM:a@b`` without angle brackets, an
                                     unqualified ``<user>`` paths (Address with an empty
                                     domain), are accepted (Postfix
                                     ``strict_rfc821_envelopes = no``).
+loose_local_parts      False        With ``lenient_paths``: ``<local@domain>`` whose local part
+                                    is longer than RFC 5321 allows or has characters it does
+                                    not (``<a@@b.example>``) is accepted, the domain after the
+                                    last "@" (Postfix).
 lenient_hello          False        HELO/EHLO with more than one word is accepted (the first
                                     word is the name) instead of ``hello_syntax``.
 ignored_arguments      ()           Verbs whose argument is ignored rather than refused
@@ -47,10 +51,19 @@ sync_check             False        Exim's ``smtp_enforce_sync``: a command that
                                     MAIL, RCPT, RSET while PIPELINING is not offered) with
                                     more input already behind it gets
                                     ``synchronization_error`` and the connection closes.
+forbidden_commands     ()           Unknown verbs (HTTP's GET, POST, CONNECT) answered with
+                                    ``forbidden_command`` and a close, as Postfix's
+                                    ``smtpd_forbidden_commands`` does.
+forbid_bogus_commands  False        Also unknown commands that start with something other
+                                    than a letter (a TLS hello, binary noise) or look like
+                                    a mail header (``Subject:``), as Postfix does.
 early_talkers          "refuse"     A client that talks before the banner: ``"refuse"``
                                     (554, mailgate's early-talker check) or ``"greet"``
                                     (the bytes wait and are answered after the banner, as
                                     Postfix without postscreen does). Read by the server.
+starttls_in_transaction False       STARTTLS is accepted inside a mail transaction, which
+                                    the TLS upgrade then ends (RFC 3207 4.2), as Postfix
+                                    and Exim do; False: ``not_in_transaction``.
 =====================  ===========  =====================================================
 """
 
@@ -81,6 +94,7 @@ class Behaviour:
     hello_required: bool = True
     sequence_first: bool = False
     lenient_paths: bool = False
+    loose_local_parts: bool = False
     lenient_hello: bool = False
     ignored_arguments: frozenset[str] = frozenset()
     long_lines: str = "refuse"
@@ -88,16 +102,22 @@ class Behaviour:
     error_limit: int | None = None
     etrn: bool = False
     sync_check: bool = False
+    forbidden_commands: frozenset[str] = frozenset()
+    forbid_bogus_commands: bool = False
     early_talkers: str = "refuse"
+    starttls_in_transaction: bool = False
 
     def __post_init__(self) -> None:
         for name in (
             "hello_required",
             "sequence_first",
             "lenient_paths",
+            "loose_local_parts",
             "lenient_hello",
             "etrn",
             "sync_check",
+            "forbid_bogus_commands",
+            "starttls_in_transaction",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise BehaviourError(f"{name}: expected true or false")
@@ -137,6 +157,12 @@ class Behaviour:
                 f"ignored ({', '.join(sorted(IGNORABLE_ARGUMENT_VERBS))})"
             )
         object.__setattr__(self, "ignored_arguments", verbs)
+        if isinstance(self.forbidden_commands, str):
+            raise BehaviourError("forbidden_commands: give a set of verbs, not a string")
+        forbidden = frozenset(str(v).upper() for v in self.forbidden_commands)
+        if not all(v.isascii() and v.isalpha() for v in forbidden):
+            raise BehaviourError("forbidden_commands: verbs are letters only")
+        object.__setattr__(self, "forbidden_commands", forbidden)
 
     def as_mapping(self) -> Mapping[str, Any]:
         """The fields that differ from the default, as a profile file writes them."""

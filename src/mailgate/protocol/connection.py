@@ -595,6 +595,12 @@ class ServerConnection:
         offered, or offered to some clients only. Answers and returns None when the verb
         does not exist here."""
         rule = self._look.rules.get(verb)
+        if rule is None and self._forbidden(verb):
+            forbidden = self._r("forbidden_command", verb=verb)
+            self._send(forbidden)
+            self._events.append(CommandRejected(line, forbidden))
+            self._enter_closed("forbidden-command")
+            return None
         if (
             rule is None
             or not verb.isascii()
@@ -607,9 +613,22 @@ class ServerConnection:
             self._reject(line, unknown, unknown=True)
             return None
         if not self._offered(rule):
-            self._reject(line, self._r("not_implemented", verb=verb), bad=True)
+            name = "xclient_not_allowed" if verb in ("XCLIENT", "XFORWARD") else "not_implemented"
+            self._reject(line, self._r(name, verb=verb), bad=True)
             return None
         return rule
+
+    def _forbidden(self, verb: str) -> bool:
+        """An unknown verb the persona's product hangs up on (Postfix: GET, POST, CONNECT,
+        anything not starting with a letter, a mail header)."""
+        behaviour = self._look.behaviour
+        if verb in behaviour.forbidden_commands:
+            return True
+        if not behaviour.forbid_bogus_commands:
+            return False
+        if not verb[:1].isascii() or not verb[:1].isalpha():
+            return True
+        return _HEADER_NAME.fullmatch(verb) is not None
 
     def _verb_in_mode(self, rule: Rule) -> bool:
         if rule.extension == "SMTP":
@@ -746,7 +765,11 @@ class ServerConnection:
             try:
                 address = parse_path(path, smtputf8=True)
             except AddressError:
-                address = _unqualified(path) if lenient else None
+                address = (
+                    _lenient_address(path, self._look.behaviour.loose_local_parts)
+                    if lenient
+                    else None
+                )
                 if address is None:
                     raise
             pairs = split_params(rest)
@@ -755,7 +778,8 @@ class ServerConnection:
             self._reject(line, self._refusal(name, exc.reply), bad=True)
             return None
         except ParamError as exc:
-            self._reject(line, self._refusal("parameter_syntax", exc.reply), bad=True)
+            refusal = self._refusal("parameter_syntax", exc.reply, parameter=exc.parameter)
+            self._reject(line, refusal, bad=True)
             return None
         if not self._sequence_ok(rule, line):
             return None
@@ -772,7 +796,8 @@ class ServerConnection:
         try:
             params = parse_params(pairs, context)
         except ParamError as exc:
-            self._reject(line, self._refusal("bad_parameter", exc.reply), bad=True)
+            refusal = self._refusal("bad_parameter", exc.reply, parameter=exc.parameter)
+            self._reject(line, refusal, bad=True)
             return None
         utf8_allowed = "SMTPUTF8" in params if verb == "MAIL" else in_utf8_transaction
         if address is not None and address.is_utf8 and not utf8_allowed:
@@ -970,6 +995,8 @@ class ServerConnection:
 
     def _answer_mail(self, point: MailFrom, reply: Reply | None) -> None:
         # Hot path: the ready reply without a call, placeholders only when it has some.
+        if reply is None and "PRDR" in point.params:
+            reply = self._r("prdr_sender_ok", address=point.address)
         reply = (
             reply or self._look.static("sender_ok") or self._r("sender_ok", address=point.address)
         )
@@ -1031,6 +1058,15 @@ class ServerConnection:
                 raise ProtocolError(f"LMTP needs {count} replies, got {len(answers)}")
         elif len(answers) != 1:
             raise ProtocolError("SMTP DataComplete takes a single reply")
+        tx = self.transaction
+        if not self.config.lmtp and tx is not None and "PRDR" in tx.params:
+            answer = answers[0] or self._r("message_accepted")
+            # A refused message keeps its one reply (the draft lets the server answer
+            # for all recipients at once); an accepted one is answered per recipient.
+            if answer.is_positive:
+                self._send(self._r("prdr_start"))
+                for recipient in point.recipients:
+                    self._send(self._r("prdr_recipient_ok", address=str(recipient)))
         for answer in answers:
             self._send(answer or self._r("message_accepted"))
         self.transaction = None
@@ -1219,8 +1255,11 @@ class ServerConnection:
     def _capabilities(self) -> list[str]:
         cfg = self.config
         caps: list[str] = []
+        persona = self._look.persona
         if cfg.pipelining:
             caps.append("PIPELINING")
+            if "PIPECONNECT" in persona.capability_order:
+                caps.append("PIPECONNECT")
         size = self._max_size()
         caps.append(f"SIZE {size}" if size else "SIZE")
         if cfg.eightbitmime:
@@ -1250,8 +1289,9 @@ class ServerConnection:
             caps.append("VRFY")
         if self._look.behaviour.etrn and "ETRN" not in cfg.disabled_commands:
             caps.append("ETRN")
+        if "PRDR" in persona.capability_order and not cfg.lmtp:
+            caps.append("PRDR")
         caps.append("HELP")
-        persona = self._look.persona
         if (
             persona.hidden_capabilities
             or persona.unadvertised_capabilities
@@ -1292,6 +1332,8 @@ class ServerConnection:
             return CurrentDate(cfg.clock)
         if key == "date_padded":
             return CurrentDate(cfg.clock, padded=True)
+        if key == "date_gmt":
+            return CurrentDate(cfg.clock, gmt=True)
         if key == "max_size":
             return self._max_size() or 0
         if key == "max_recipients":
@@ -1301,14 +1343,14 @@ class ServerConnection:
     def _banner(self) -> Reply:
         return self._look.banner or self._look.persona.banner_reply(_Values(self, {}))
 
-    def _refusal(self, name: str, reply: Reply) -> Reply:
+    def _refusal(self, name: str, reply: Reply, /, **values: object) -> Reply:
         """A parser's reply as the persona words it: a standard constant
         (``SMTPUTF8_REQUIRED``...) becomes the persona's version of that constant, a
         specific text the persona's reply ``name`` if it overrides it."""
         if not self._look.overridden:
             return reply
         name = CONSTANT_NAMES.get(id(reply), name)
-        return self._look.persona.adapt(name, reply, _Values(self, {}))
+        return self._look.persona.adapt(name, reply, _Values(self, values))
 
     def _adapt(self, reply: Reply, /, **values: object) -> Reply:
         """A standard constant given by the caller (``replies.AUTH_FAILED``) as the persona
@@ -1343,6 +1385,10 @@ class ServerConnection:
         if send:
             self._send(reply)
         self._events.append(CommandRejected(line, reply))
+        if reply.code == 521:
+            # RFC 7504: 521 says the server does not accept mail; it closes at once.
+            self._enter_closed("refused")
+            return
         if self._look.error_limit is not None:
             if unknown or bad:
                 self._count_error()
@@ -1413,19 +1459,34 @@ _ETRN_DOMAIN = re.compile(
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}"
     r"[A-Za-z0-9])?\.?|\[[!-Z^-~]{1,253}\]"
 )
+#: A first word that is a mail header's name and colon (``SUBJECT:``), as Postfix's
+#: is_header() sees it.
+_HEADER_NAME = re.compile(r"[!-9;-~]+:")
 #: An unqualified mailbox (``<root>``): a dot-string local part alone.
 _UNQUALIFIED = re.compile(
     r"<([A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+(?:\.[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+)*)>"
 )
 
 
-def _unqualified(path: str) -> Address | None:
-    """``<user>`` as an Address with an empty domain (a lenient persona's products
-    qualify it with their own domain), or None."""
+#: What a lenient product (Postfix, strict_rfc821_envelopes = no) takes as an address:
+#: no spaces, brackets or controls; the domain after the last "@".
+_LENIENT_ADDRESS = re.compile(r"<([!-;=?-~]+)@([A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)>")
+
+
+def _lenient_address(path: str, loose: bool) -> Address | None:
+    """A path the strict parser refused, as a lenient product takes it, or None: an
+    unqualified ``<user>`` (an Address with an empty domain: the product qualifies it
+    with its own domain), or with ``loose`` ``<local@domain>`` with a local part longer
+    than RFC 5321 allows or with characters it does not (``<a@@b.example>``)."""
     match = _UNQUALIFIED.fullmatch(path)
-    if match is None or len(match[1]) > 64:
+    if match is not None:
+        return Address(match[1], "") if len(match[1]) <= 64 or loose else None
+    if not loose:
         return None
-    return Address(match[1], "")
+    match = _LENIENT_ADDRESS.fullmatch(path)
+    if match is None or len(path) > 1024:
+        return None
+    return Address(match[1], match[2])
 
 
 __all__ = [

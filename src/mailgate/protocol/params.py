@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal
 
-from .replies import MESSAGE_TOO_BIG, Reply
+from .replies import MESSAGE_TOO_BIG, SIZE_SYNTAX, Reply
 from .xtext import XtextError, xtext_decode
 
 Verb = Literal["MAIL", "RCPT"]
@@ -43,6 +43,8 @@ class ParamError(ValueError):
     def __init__(self, reply: Reply, message: str = "") -> None:
         super().__init__(message or reply.text)
         self.reply = reply
+        #: The parameter at fault as sent (``FOO=BAR``), for a persona's {parameter}.
+        self.parameter: str | None = None
 
 
 Validator = Callable[[str, ParamContext, bool], str]
@@ -116,7 +118,11 @@ def parse_params(
     )
     result: dict[str, str | None] = {}
     for key, value in pairs:
-        result[key] = _check_param(key, value, ctx, utf8, seen=result)
+        try:
+            result[key] = _check_param(key, value, ctx, utf8, seen=result)
+        except ParamError as exc:
+            exc.parameter = key if value is None else f"{key}={value}"
+            raise
     return result
 
 
@@ -213,7 +219,7 @@ def _clean(decoded: str, key: str) -> str:
 
 def _size(value: str, ctx: ParamContext, utf8: bool) -> str:
     if not _SIZE.fullmatch(value):
-        raise _invalid("Invalid SIZE value")
+        raise ParamError(SIZE_SYNTAX)
     size = int(value)
     if ctx.max_size and size > ctx.max_size:
         raise ParamError(MESSAGE_TOO_BIG, f"declared SIZE {size} > {ctx.max_size}")
@@ -295,6 +301,7 @@ PARAMETERS: Mapping[str, ParamSpec] = MappingProxyType(
         "SIZE": _spec("MAIL", "SIZE", True, _size),  # RFC 1870
         "BODY": _spec("MAIL", "8BITMIME BINARYMIME", True, _body),  # RFC 6152, RFC 3030
         "SMTPUTF8": _spec("MAIL", "SMTPUTF8", False),  # RFC 6531
+        "PRDR": _spec("MAIL", "PRDR", False),  # draft-hall-prdr-00
         "AUTH": _spec("MAIL", "AUTH", True, _auth),  # RFC 4954 5
         "RET": _spec("MAIL", "DSN", True, _ret),  # RFC 3461 4.3
         "ENVID": _spec("MAIL", "DSN", True, _envid),  # RFC 3461 4.4

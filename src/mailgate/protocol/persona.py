@@ -58,8 +58,8 @@ bdat_syntax                BDAT with a bad size or last word                 -
 auth_syntax                AUTH with more than two words                     -
 bad_sender_address         MAIL path refused by the parser [*]_              {detail}
 bad_recipient_address      RCPT path refused by the parser [*]_              {detail}
-parameter_syntax           malformed MAIL/RCPT parameter (501) [*]_          {detail}
-bad_parameter              refused MAIL/RCPT parameter (555) [*]_            {detail}
+parameter_syntax           malformed MAIL/RCPT parameter (501) [*]_          {detail}, {parameter}
+bad_parameter              refused MAIL/RCPT parameter (555) [*]_            {detail}, {parameter}
 auth_malformed             an undecodable SASL response [*]_                 {detail}
 smtputf8_required          a UTF-8 address without SMTPUTF8                  -
 bad_sequence               a command out of sequence (other cases)           -
@@ -96,6 +96,10 @@ rcpt_argument_required     RCPT without an argument [f]_                     {ve
 vrfy_argument_required     VRFY/EXPN without an argument [f]_                {verb}
 data_need_mail             DATA/BDAT before MAIL [f]_                        -
 auth_bad_base64_initial    an AUTH initial response that is not base64 [f]_  -
+size_syntax                MAIL with a SIZE= that is not a number [f]_       {parameter}, {detail}
+xclient_not_allowed        XCLIENT/XFORWARD from a client not trusted [f]_   {verb}
+forbidden_command          a forbidden or bogus command (behaviour           {verb}
+                           ``forbidden_commands``); then closes
 etrn_in_transaction        ETRN inside a mail transaction [f]_               {verb}
 etrn_argument_required     ETRN without a domain (behaviour ``etrn``)        -
 etrn_syntax                ETRN with a domain that is not one                {domain}
@@ -107,6 +111,9 @@ proxy_refused              server: a bad or missing PROXY header             {cl
 early_talker               server: a client that talks before the banner     {client_ip}
 synchronization_error      input behind a command that must end a pipelined  -
                            group (behaviour ``sync_check``); then closes
+prdr_sender_ok             MAIL with PRDR accepted [f]_                      {address}
+prdr_start                 after a PRDR message (must stay 353)              -
+prdr_recipient_ok          a PRDR message's reply for one recipient          {address}
 =========================  ================================================  ===================
 
 .. [f] Names for one situation of a more general name (:data:`FALLBACKS`): when a
@@ -182,8 +189,11 @@ _PLACEHOLDERS_BY_NAME.update(
         "not_in_transaction": _allowed("verb"),
         "bad_sender_address": _allowed("detail"),
         "bad_recipient_address": _allowed("detail"),
-        "parameter_syntax": _allowed("detail"),
-        "bad_parameter": _allowed("detail"),
+        "parameter_syntax": _allowed("detail", "parameter"),
+        "bad_parameter": _allowed("detail", "parameter"),
+        "size_syntax": _allowed("detail", "parameter"),
+        "xclient_not_allowed": _allowed("verb"),
+        "forbidden_command": _allowed("verb"),
         "auth_malformed": _allowed("detail"),
         "too_many_recipients": _allowed("max_recipients"),
         "message_too_big": _allowed("max_size"),
@@ -194,6 +204,8 @@ _PLACEHOLDERS_BY_NAME.update(
         "etrn_in_transaction": _allowed("verb"),
         "etrn_syntax": _allowed("domain"),
         "etrn_refused": _allowed("domain"),
+        "prdr_recipient_ok": _allowed("address"),
+        "prdr_sender_ok": _allowed("address"),
         # The general name's placeholders, for a fallback that inherits its text.
         "empty_line": _allowed("verb", "command"),
         "too_many_clients": _allowed("client_ip"),
@@ -214,6 +226,9 @@ FALLBACKS: Mapping[str, str] = MappingProxyType(
         "vrfy_argument_required": "argument_required",
         "data_need_mail": "need_mail",
         "auth_bad_base64_initial": "auth_bad_base64",
+        "size_syntax": "bad_parameter",
+        "xclient_not_allowed": "not_implemented",
+        "prdr_sender_ok": "sender_ok",
         "etrn_in_transaction": "not_in_transaction",
     }
 )
@@ -222,7 +237,7 @@ PLACEHOLDERS: Mapping[str, frozenset[str]] = MappingProxyType(_PLACEHOLDERS_BY_N
 
 #: The banner (220 greeting) and the HELO/EHLO/LHLO greeting line.
 BANNER_PLACEHOLDERS = frozenset(
-    {"hostname", "software", "protocol", "date", "date_padded", "client_ip"}
+    {"hostname", "software", "protocol", "date", "date_padded", "date_gmt", "client_ip"}
 )
 GREETING_PLACEHOLDERS = BANNER_PLACEHOLDERS | {"helo"}
 
@@ -237,7 +252,7 @@ PASS_THROUGH: frozenset[str] = frozenset(
     }
 )
 #: Replies the state machine recognizes by their exact code.
-_EXACT_CODES = {"start_data": 354, "ready_for_tls": 220}
+_EXACT_CODES = {"start_data": 354, "ready_for_tls": 220, "prdr_start": 353}
 
 #: Every EHLO keyword mailgate can offer (what capability_order and hidden_capabilities
 #: may name). EXPN is never advertised but can be hidden (the command becomes unknown).
@@ -260,8 +275,14 @@ KEYWORDS: frozenset[str] = frozenset(
         "EXPN",
         "HELP",
         "ETRN",
+        # Opt-in: offered only by a persona that lists them in its capability order.
+        "PRDR",
+        "PIPECONNECT",
     }
 )
+#: Keywords mailgate offers only to a persona that lists them in ``capability_order``
+#: (products that advertise them; mailgate's own look does not).
+OPT_IN_KEYWORDS: frozenset[str] = frozenset({"PRDR", "PIPECONNECT"})
 #: The verb each hideable keyword brings; hidden, the verb is an unknown command.
 _VERB_OF = {
     "CHUNKING": "BDAT",
@@ -290,9 +311,10 @@ def local_now() -> datetime:
     return datetime.now().astimezone()
 
 
-def format_date(moment: datetime, *, padded: bool = False) -> str:
+def format_date(moment: datetime, *, padded: bool = False, gmt: bool = False) -> str:
     """RFC 5322 date-time: ``Tue, 1 Dec 2026 10:00:00 +0000`` (``padded``: a two-digit day,
-    ``Tue, 01 Dec 2026 ...``, as Exim writes it). A naive ``moment`` is taken as local
+    ``Tue, 01 Dec 2026 ...``, as Exim writes it; ``gmt``: a zero offset written ``GMT``,
+    as Sendmail's arpadate() does on a UTC host). A naive ``moment`` is taken as local
     time."""
     if moment.tzinfo is None or moment.utcoffset() is None:
         moment = moment.astimezone()
@@ -304,21 +326,24 @@ def format_date(moment: datetime, *, padded: bool = False) -> str:
         f"{_DAYS[moment.weekday()]}, {moment.day:0{2 if padded else 1}d} "
         f"{_MONTHS[moment.month - 1]} "
         f"{moment.year:04d} {moment.hour:02d}:{moment.minute:02d}:{moment.second:02d} "
-        f"{sign}{hours:02d}{mins:02d}"
+        + ("GMT" if gmt and minutes == 0 else f"{sign}{hours:02d}{mins:02d}")
     )
 
 
 class CurrentDate:
     """A ``{date}`` value that reads its clock only when a text uses it."""
 
-    __slots__ = ("clock", "padded")
+    __slots__ = ("clock", "gmt", "padded")
 
-    def __init__(self, clock: Callable[[], datetime], *, padded: bool = False) -> None:
+    def __init__(
+        self, clock: Callable[[], datetime], *, padded: bool = False, gmt: bool = False
+    ) -> None:
         self.clock = clock
         self.padded = padded
+        self.gmt = gmt
 
     def __str__(self) -> str:
-        return format_date(self.clock(), padded=self.padded)
+        return format_date(self.clock(), padded=self.padded, gmt=self.gmt)
 
 
 def clean(value: object) -> str:
@@ -460,6 +485,11 @@ class Persona:
         if len(set(order)) != len(order):
             raise PersonaError(f"capability_order: a keyword is listed twice: {order}")
         put(self, "capability_order", order)
+        if "PIPECONNECT" in order and self.behaviour.early_talkers != "greet":
+            # PIPECONNECT tells clients they may send EHLO before the banner.
+            raise PersonaError(
+                "capability_order: PIPECONNECT needs behaviour early_talkers = 'greet'"
+            )
         if isinstance(self.hidden_capabilities, str):
             raise PersonaError("hidden_capabilities: give a set of keywords, not a string")
         hidden = {self._keyword(k, "hidden_capabilities") for k in self.hidden_capabilities}
@@ -613,7 +643,7 @@ class Persona:
         """What to send instead of ``original``, a reply built for the situation ``name``
         (a parser's specific reply, or the standard constant): the persona's override,
         with ``{detail}`` the original text, or ``original`` itself if not overridden."""
-        if name not in self._overridden:
+        if name not in self._overridden and FALLBACKS.get(name) not in self._overridden:
             return original
         static = self._static.get(name)
         if static is not None:
@@ -687,6 +717,7 @@ __all__ = [
     "FALLBACKS",
     "GREETING_PLACEHOLDERS",
     "KEYWORDS",
+    "OPT_IN_KEYWORDS",
     "PASS_THROUGH",
     "PLACEHOLDERS",
     "REPLY_NAMES",

@@ -149,6 +149,11 @@ DATA_LINE_TOO_LONG = Reply(554, "5.6.0", ("Message refused: a line exceeds the l
 # Replies with a name so a persona can reword them; some are templates.
 MESSAGE_QUEUED = Reply(250, "2.0.0", ("Message accepted as {queue_id}",))
 BDAT_CHUNK_OK = Reply(250, "2.0.0", ("{size} octets received",))
+# PRDR (draft-hall-prdr-00): after the message of a MAIL ... PRDR transaction, the 353,
+# then one reply per recipient, then the message's own reply.
+PRDR_SENDER_OK = Reply(250, "2.1.0", ("Sender OK",))
+PRDR_START = Reply(353, None, ("PRDR content analysis beginning",))
+PRDR_RECIPIENT_OK = Reply(250, "2.1.5", ("Recipient accepted",))
 HELP = Reply(214, "2.0.0", ("Commands: {commands}", "End of HELP"))
 INVALID_UTF8 = Reply(500, "5.5.2", ("Invalid UTF-8 in command",))
 CONTROL_CHARACTERS = Reply(501, "5.5.2", ("Control characters not allowed",))
@@ -177,6 +182,10 @@ RCPT_ARGUMENT_REQUIRED = Reply(501, "5.5.4", ("{verb} requires an argument",))
 VRFY_ARGUMENT_REQUIRED = Reply(501, "5.5.4", ("{verb} requires an argument",))
 DATA_NEED_MAIL = Reply(503, "5.5.1", ("Send MAIL first",))
 AUTH_BAD_BASE64_INITIAL = Reply(501, "5.5.2", ("Cannot decode base64 response",))
+SIZE_SYNTAX = Reply(555, "5.5.4", ("Invalid SIZE value",))
+XCLIENT_NOT_ALLOWED = Reply(502, "5.5.1", ("Command not implemented",))
+# Behaviour forbidden_commands / forbid_bogus_commands: an answer, then a close.
+FORBIDDEN_COMMAND = Reply(221, "2.7.0", ("Not an SMTP command, closing connection",))
 ETRN_IN_TRANSACTION = Reply(503, "5.5.1", ("{verb} is not allowed inside a mail transaction",))
 # ETRN (RFC 1985), offered only by a persona whose behaviour says so; nothing is flushed.
 ETRN_ARGUMENT_REQUIRED = Reply(501, "5.5.4", ("Syntax: ETRN domain",))

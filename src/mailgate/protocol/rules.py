@@ -22,7 +22,7 @@ A persona's :class:`~mailgate.protocol.behaviour.Behaviour` adjusts the table, n
 the code paths: :func:`rules_for` gives the table a connection applies.
 
 - ``hello_required = False``: the verbs in ``HELLO_GOVERNED`` with ``CONNECTED`` in
-  their accepted states (MAIL, ETRN), and RCPT/DATA/BDAT before HELO are answered as
+  their accepted states (MAIL, ETRN, AUTH), and RCPT/DATA/BDAT before HELO are answered as
   before MAIL (``need_mail``, ``data_need_mail``) rather than ``need_hello``.
 - ``sequence_first``: step 5 comes before step 4 (503 outranks 501), BDAT aside.
 - ``ignored_arguments``: those verbs' argument becomes optional and is ignored.
@@ -124,7 +124,7 @@ SYNC_VERBS = frozenset({"HELO", "EHLO", "LHLO", "DATA", "VRFY", "EXPN", "NOOP", 
 #: ... and verbs that may be pipelined only once PIPELINING was offered.
 SYNC_VERBS_UNPIPELINED = frozenset({"MAIL", "RCPT", "RSET"})
 #: Verbs that need HELO/EHLO only when the persona's ``hello_required`` says so.
-HELLO_GOVERNED = frozenset({"MAIL", "ETRN"})
+HELLO_GOVERNED = frozenset({"MAIL", "ETRN", "AUTH"})
 #: Verbs that, before HELO with ``hello_required = False``, are judged as in READY.
 BEFORE_MAIL = frozenset({"RCPT", "DATA", "BDAT"})
 SEQUENCE_REPLIES = {
@@ -145,6 +145,7 @@ ARGUMENT_REPLIES = {
     "RCPT": "rcpt_argument_required",
     "VRFY": "vrfy_argument_required",
     "EXPN": "vrfy_argument_required",
+    "BDAT": "bdat_syntax",
 }
 
 
@@ -159,6 +160,9 @@ def rules_for(behaviour: Behaviour) -> dict[str, Rule]:
             rule = replace(rule, allowed=rule.allowed | {State.CONNECTED})
         if verb in behaviour.ignored_arguments and rule.arg is Arg.NONE:
             rule = replace(rule, arg=Arg.OPTIONAL)
+        if verb == "STARTTLS" and behaviour.starttls_in_transaction:
+            # The upgrade resets the session, the transaction with it (RFC 3207 4.2).
+            rule = replace(rule, allowed=rule.allowed | {State.MAIL, State.RCPT})
         table[verb] = rule
     return table
 

@@ -1,0 +1,145 @@
+"""What the calibration against the real products added to the protocol, sans-IO: PRDR and
+PIPECONNECT for personas that list them (Exim), STARTTLS inside a transaction (Postfix,
+Exim), and Sendmail's ``{date_gmt}``."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+
+from mailgate.protocol import DataComplete, Persona, ProtocolConfig, Reply, TransactionReset
+from mailgate.protocol.behaviour import Behaviour
+from mailgate.protocol.persona import OPT_IN_KEYWORDS, PersonaError, format_date
+from mailgate.protocol.rules import State
+
+from .session import Session
+
+BASE = ProtocolConfig(hostname="mx.test", starttls=True, auth_mechanisms=("PLAIN",))
+EXIM_LIKE = Persona(
+    capability_order=("SIZE", "PIPELINING", "PIPECONNECT", "STARTTLS", "PRDR", "HELP"),
+    behaviour=Behaviour(early_talkers="greet"),
+    replies={
+        "prdr_sender_ok": "OK, PRDR Requested",
+        "prdr_recipient_ok": "PRDR R=<{address}> acceptance",
+    },
+)
+
+
+def ehlo_keywords(s: Session) -> list[str]:
+    s.feed(b"EHLO c.test\r\n")
+    return [line[4:].split(" ")[0] for line in s.take_output().decode().splitlines()[1:]]
+
+
+# --- opt-in keywords ------------------------------------------------------------------------
+
+
+def test_prdr_and_pipeconnect_are_offered_only_when_listed() -> None:
+    assert {"PRDR", "PIPECONNECT"} == OPT_IN_KEYWORDS
+    plain = ehlo_keywords(Session.start(BASE))
+    assert "PRDR" not in plain and "PIPECONNECT" not in plain
+    listed = ehlo_keywords(Session.start(dataclasses.replace(BASE, persona=EXIM_LIKE)))
+    # In the persona's order; what it does not list (8BITMIME...) comes after.
+    assert listed[:6] == ["SIZE", "PIPELINING", "PIPECONNECT", "STARTTLS", "PRDR", "HELP"]
+
+
+def test_pipeconnect_needs_early_talkers_greeted() -> None:
+    with pytest.raises(PersonaError, match="PIPECONNECT needs behaviour early_talkers"):
+        Persona(capability_order=("PIPELINING", "PIPECONNECT"))
+
+
+def test_prdr_parameter_needs_prdr_offered() -> None:
+    s = Session.start(BASE)
+    s.cmd("EHLO c.test")
+    assert s.cmd("MAIL FROM:<a@b.test> PRDR") == 555
+
+
+# --- PRDR -----------------------------------------------------------------------------------
+
+
+def test_prdr_message_gets_a_reply_per_recipient() -> None:
+    s = Session.start(dataclasses.replace(BASE, persona=EXIM_LIKE))
+    s.cmd("EHLO c.test")
+    assert s.send(b"MAIL FROM:<a@b.test> PRDR\r\n") == [(250, "2.1.0 OK, PRDR Requested")]
+    assert s.cmd("RCPT TO:<x@y.test>") == 250
+    assert s.cmd("RCPT TO:<z@y.test>") == 250
+    assert s.cmd("DATA") == 354
+    replies = s.send(b"Subject: t\r\n\r\nbody\r\n.\r\n")
+    assert replies == [
+        (353, "PRDR content analysis beginning"),
+        (250, "2.1.5 PRDR R=<x@y.test> acceptance"),
+        (250, "2.1.5 PRDR R=<z@y.test> acceptance"),
+        (250, "2.0.0 Message accepted"),
+    ]
+    # The next transaction without PRDR is answered once.
+    s.cmd("MAIL FROM:<a@b.test>")
+    s.cmd("RCPT TO:<x@y.test>")
+    s.cmd("DATA")
+    assert s.send(b"x\r\n.\r\n") == [(250, "2.0.0 Message accepted")]
+
+
+def test_refused_prdr_message_keeps_one_reply() -> None:
+    refusal = Reply(550, "5.7.1", ("Rejected",))
+
+    def answer(point: object) -> Reply | None:
+        return refusal if isinstance(point, DataComplete) else None
+
+    s = Session.start(dataclasses.replace(BASE, persona=EXIM_LIKE), answer=answer)
+    s.cmd("EHLO c.test")
+    s.cmd("MAIL FROM:<a@b.test> PRDR")
+    s.cmd("RCPT TO:<x@y.test>")
+    s.cmd("DATA")
+    assert s.send(b"x\r\n.\r\n") == [(550, "5.7.1 Rejected")]
+
+
+def test_prdr_replies_are_checked() -> None:
+    with pytest.raises(PersonaError, match="prdr_start"):
+        Persona(replies={"prdr_start": Reply(250, None, ("go",))})
+    with pytest.raises(PersonaError):
+        Persona(replies={"prdr_recipient_ok": "250 {queue_id}"})
+
+
+# --- STARTTLS inside a transaction ------------------------------------------------------------
+
+
+def test_starttls_in_transaction_refused_by_default() -> None:
+    s = Session.start(BASE)
+    s.cmd("EHLO c.test")
+    s.cmd("MAIL FROM:<a@b.test>")
+    assert s.cmd("STARTTLS") == 503
+
+
+def test_starttls_in_transaction_ends_the_transaction() -> None:
+    persona = Persona(behaviour=Behaviour(starttls_in_transaction=True))
+    s = Session.start(dataclasses.replace(BASE, persona=persona))
+    s.cmd("EHLO c.test")
+    s.cmd("MAIL FROM:<a@b.test>")
+    s.cmd("RCPT TO:<x@y.test>")
+    assert s.cmd("STARTTLS") == 220
+    s.conn.tls_established()
+    assert s.conn.state is State.CONNECTED and s.conn.transaction is None
+    s.pump()
+    assert any(isinstance(e, TransactionReset) for e in s.events)
+    s.cmd("EHLO c.test")
+    assert s.cmd("RCPT TO:<x@y.test>") == 503  # the transaction is gone
+
+
+# --- {date_gmt} -----------------------------------------------------------------------------
+
+
+def test_date_gmt_writes_a_zero_offset_as_gmt() -> None:
+    moment = datetime(2026, 12, 6, 18, 56, 42, tzinfo=UTC)
+    assert format_date(moment, gmt=True) == "Sun, 6 Dec 2026 18:56:42 GMT"
+    assert format_date(moment) == "Sun, 6 Dec 2026 18:56:42 +0000"
+    east = moment.astimezone(timezone(timedelta(hours=1)))
+    assert format_date(east, gmt=True) == "Sun, 6 Dec 2026 19:56:42 +0100"
+
+
+def test_date_gmt_in_a_banner() -> None:
+    clock = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
+    persona = Persona(banner="{hostname} ESMTP x; {date_gmt}")
+    config = dataclasses.replace(BASE, persona=persona, clock=lambda: clock)
+    s = Session.start(config, greet=False)
+    s.pump()
+    assert s.take_output() == b"220 mx.test ESMTP x; Tue, 1 Dec 2026 10:00:00 GMT\r\n"

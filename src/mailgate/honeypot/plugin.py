@@ -310,6 +310,9 @@ class HoneypotPlugin:
         self.storage_full_reply = storage_full_reply
         self.message_reply = message_reply
         self.storage_check_interval = storage_check_interval
+        #: Session id -> size of its complete message whose spool file the server has
+        #: not dropped yet (between the message stage and the next DATA or the close).
+        self._finishing: dict[str, int] = {}
         #: Sessions receiving a message now (reserved in the store), oldest first.
         self._in_flight: dict[str, Session] = {}
         #: Of those, the ones whose message has not ended yet (it can still grow).
@@ -421,6 +424,8 @@ class HoneypotPlugin:
         return None
 
     async def on_data_start(self, session: Session, envelope: Envelope) -> None:
+        # The session's last message, if any, was dropped from the spool before this.
+        self._finishing.pop(session.id, None)
         await self._pace(session)
         await self._reserve(session, envelope)
 
@@ -431,6 +436,10 @@ class HoneypotPlugin:
         # raw file placed without its row (orphaned, never pruned). The capture finishes
         # on its own and the stage is cancelled as usual.
         self._receiving.pop(session.id, None)  # complete: it cannot grow any more
+        # Its spool file stays until the server drops it after the reply, when its
+        # reservation is gone already: counted as expected until then, so the spool
+        # watch does not take it for a client sending more than it reserved.
+        self._finishing[session.id] = message.size
         stored: asyncio.Future[RawMessage | None] = asyncio.get_running_loop().create_future()
         capture = asyncio.ensure_future(self._capture(session, envelope, message, stored))
         self._captures.add(capture)
@@ -531,6 +540,7 @@ class HoneypotPlugin:
 
     async def on_close(self, session: Session) -> None:
         self._release(session)
+        self._finishing.pop(session.id, None)
         notes = session.notes.get(self.name)
         if notes is not None and notes.get("timer") is not None:
             notes.pop("timer").cancel()
@@ -642,7 +652,7 @@ class HoneypotPlugin:
         while self._receiving:
             await asyncio.sleep(self.storage_check_interval)
             spooled = await loop.run_in_executor(self._io_pool, _directory_bytes, spool)
-            reserved = self.store.reserved_bytes()
+            reserved = self.store.reserved_bytes() + sum(self._finishing.values())
             # Honest clients stay within their reservations, which fit under the cap.
             # Acting at the database's headroom leaves a fast client less to overshoot by.
             limit = cap - self.store.journal_limit()

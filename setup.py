@@ -71,6 +71,9 @@ class BuildExtOrSayWhy(build_ext):
     whose failure is one clear line instead of a compiler traceback."""
 
     def run(self) -> None:
+        if compile_requested() and (self.inplace or getattr(self, "editable_mode", False)):
+            # Extension modules in src/ would shadow every later edit of the .py beside them.
+            fail("not for an editable or in-place build (pip install ., not pip install -e .)")
         if compile_requested() and not self.extensions:
             # mypyc runs only now, when the extensions are about to be built: not for the
             # metadata, not for sdist (setuptools finalizes build_ext for those too).

@@ -25,11 +25,12 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 # The sans-IO protocol's modules that run per command and per message. Left pure Python:
-# the package's __init__ (re-exports) and _fuzz (the fuzzers' driver); and three modules of
+# the package's __init__ (re-exports) and _fuzz (the fuzzers' driver); and the modules of
 # public values whose constructors take looser input than their annotations say and
 # normalize it or refuse it with a named error — replies (Reply(550, None, "text")), config
-# (ProtocolConfig) and persona (lists for tuples, wrong types -> PersonaError; its module
-# docstring documents every reply, and a compiled module has none). A compiled class checks
+# (ProtocolConfig), behaviour (-> BehaviourError) and persona (lists for tuples, wrong types
+# -> PersonaError; its module docstring documents every reply, and a compiled module has
+# none). A compiled class checks
 # its annotations at the boundary and would raise TypeError there instead.
 COMPILED_MODULES = [
     "address",

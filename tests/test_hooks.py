@@ -601,6 +601,7 @@ def test_steps_get_the_stage_arguments() -> None:
         await hooks.run("auth", s, attempt)
         await hooks.run("mail", s, envelope, envelope.mail_from)
         await hooks.run("rcpt", s, envelope, address)
+        await hooks.run("vrfy", s, "root", False)
         await hooks.run("data_start", s, envelope)
         await hooks.run("reset", s, envelope)
         await hooks.run("close", s)
@@ -613,6 +614,7 @@ def test_steps_get_the_stage_arguments() -> None:
         "auth": (s, attempt),
         "mail": (s, envelope, "a@example.com"),
         "rcpt": (s, envelope, address),
+        "vrfy": (s, "root", False),
         "data_start": (s, envelope),
         "reset": (s, envelope),
         "close": (s,),

@@ -151,10 +151,12 @@ POLICY_TABLES = (
     "routes",
     "queue",
     "outbound",
+    "dkim_sign",
+    "arc_seal",
     "senders",
     "state",
 )
-_ARRAY_TABLES = frozenset({"dnsbl", "routes"})
+_ARRAY_TABLES = frozenset({"dnsbl", "routes", "dkim_sign"})
 #: What a configuration file can run (``mode`` in [server]): a mail server or a honeypot.
 MODES = ("server", "honeypot")
 #: [server] keys only a file has (the command, serve or honeypot, is the mode on the
@@ -171,13 +173,16 @@ def flag_name(key: str) -> str:
     return _BY_KEY[key].flag
 
 
-def build_options(args: argparse.Namespace) -> ServerOptions:
+def build_options(args: argparse.Namespace, *, read_keys: bool = True) -> ServerOptions:
     """ServerOptions from parsed ``mailgate serve`` arguments and the file in ``args.config``.
 
     Attributes of ``args`` named like the keys in KEYS hold flag values, None when the flag
     was not given; flag values are unparsed strings (lists for repeatable flags, booleans
     for switches) so that flags and file go through the same checks. A file for honeypot
     mode (``mode = "honeypot"``) is an error here: see :func:`config_mode`.
+    ``read_keys=False``: the ``[[dkim_sign]]``/``[arc_seal]`` tables are checked but their
+    key files not read (``mailgate queue`` and ``sendmail``, which may run as users the
+    keys are kept from; sendmail reads them itself when it queues a message).
     """
     values = _collect(args)
     mode = _mode(values)
@@ -189,7 +194,7 @@ def build_options(args: argparse.Namespace) -> ServerOptions:
         raise values["honeypot"].error(
             'a [honeypot] table needs mode = "honeypot" in [server] (or use mailgate honeypot)'
         )
-    return _assemble(values)
+    return _assemble(values, read_keys=read_keys)
 
 
 def config_mode(path: str | os.PathLike[str] | None) -> str:
@@ -311,7 +316,9 @@ def _load_config_file(path: Path) -> dict[str, Value]:
     return values
 
 
-def _assemble(values: Mapping[str, Value], problems: list[str] | None = None) -> ServerOptions:
+def _assemble(
+    values: Mapping[str, Value], problems: list[str] | None = None, *, read_keys: bool = True
+) -> ServerOptions:
     """ServerOptions from the collected values. With ``problems``, the checks after the
     conversion (TLS files, routing tables) add what they find there instead of raising at
     the first, so that ``mailgate check-config`` can list them all."""
@@ -325,7 +332,7 @@ def _assemble(values: Mapping[str, Value], problems: list[str] | None = None) ->
     if "policy" in values:
         fields["policy"] = values["policy"].raw
     options = ServerOptions(**fields)
-    _check_routing_tables(options, problems)
+    _check_routing_tables(options, problems, read_keys=read_keys)
     _gather(problems, _check_senders_table, options)
     _gather(problems, _check_state_table, options)
     return options
@@ -365,10 +372,14 @@ def _check_senders_table(options: ServerOptions) -> None:
         raise ConfigError(str(exc)) from None
 
 
-def _check_routing_tables(options: ServerOptions, problems: list[str] | None = None) -> None:
-    """[[routes]], [queue] and [outbound] read now, so that a mistake in them is reported
-    with the other configuration errors, before anything starts."""
-    if not any(s.name in ("routes", "queue", "outbound") for s in options.policy):
+def _check_routing_tables(
+    options: ServerOptions, problems: list[str] | None = None, *, read_keys: bool = True
+) -> None:
+    """[[routes]], [queue], [outbound], [[dkim_sign]] and [arc_seal] read now (the key
+    files too), so that a mistake in them is reported with the other configuration
+    errors, before anything starts."""
+    tables = ("routes", "queue", "outbound", "dkim_sign", "arc_seal")
+    if not any(s.name in tables for s in options.policy):
         return
     from mailgate.plugins.policy import PolicyConfigError
     from mailgate.plugins.routing import RouteTable
@@ -383,6 +394,20 @@ def _check_routing_tables(options: ServerOptions, problems: list[str] | None = N
     _gather(problems, routes)
     _gather(problems, queue_settings, options.policy)
     _gather(problems, outbound_options, options.policy, options.hostname)
+    _gather(problems, _check_signing, options, read_keys)
+
+
+def _check_signing(options: ServerOptions, read_keys: bool = True) -> None:
+    """Every [[dkim_sign]] entry and [arc_seal]: its settings and (unless ``read_keys``
+    is false) its key file, read."""
+    from mailgate.queue.signing import message_signer
+
+    message_signer(
+        options.policy,
+        hostname=options.hostname,
+        relay_networks=options.relay_networks,
+        read_keys=read_keys,
+    )
 
 
 @dataclass(frozen=True)
@@ -677,6 +702,7 @@ def _queue_reference() -> list[str]:
     """The [queue] and [outbound] tables (file only: they have no flags)."""
     from mailgate.queue.outbound import OutboundOptions
     from mailgate.queue.settings import QueueSettings
+    from mailgate.queue.signing import ArcSealSettings, DkimSignSettings
 
     return [
         "## `[queue]`: the queue of mail sent onward\n",
@@ -690,5 +716,23 @@ def _queue_reference() -> list[str]:
             {"outbound": "outbound"},
             table="outbound",
             flags=False,
+        ),
+        "## `[[dkim_sign]]`: DKIM signatures on mail sent onward\n",
+        "One table per key; a message may get several signatures (an RSA and an Ed25519 "
+        "key of one domain, RFC 8463). Only mail of your users is signed: clients that "
+        "authenticated or connect from `relay_networks`. Keys are read at start and on "
+        "SIGHUP. See docs/outbound.md.\n",
+        reference_table(
+            settings_of(DkimSignSettings),
+            {"dkim_sign": "dkim_sign"},
+            table="[dkim_sign]",
+            flags=False,
+        ),
+        "## `[arc_seal]`: ARC seals on mail forwarded from outside\n",
+        "Mail received from outside and sent onward gets an ARC set (RFC 8617) whose "
+        "ARC-Authentication-Results are this server's Authentication-Results "
+        "(`[mail_auth]`). See docs/outbound.md.\n",
+        reference_table(
+            settings_of(ArcSealSettings), {"arc_seal": "arc_seal"}, table="arc_seal", flags=False
         ),
     ]

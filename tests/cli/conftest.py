@@ -159,6 +159,7 @@ async def fill(store: QueueStore) -> tuple[str, str, str]:
                 NewRecipient("dave@partner.example", "forward:smtp://127.0.0.1:2525"),
             ],
             client=ClientInfo(address="192.0.2.7", helo="client.example", protocol="ESMTP"),
+            require_tls=True,
         ),
         BODY,
     )

@@ -181,6 +181,7 @@ def test_show_text_has_envelope_recipients_history_and_headers(
     assert out.startswith(f"message {queue.mixed}\n")
     assert "  sender     <alice@corp.example>" in out
     assert "192.0.2.7, helo client.example, ESMTP" in out
+    assert "  tls        REQUIRETLS (only over verified TLS" in out
     assert "bob@example.net  deferred  via relay:example.net" in out
     assert "remote MTA mx.example[192.0.2.1]:25" in out
     history = out.split("\nhistory\n")[1].split("\nheaders\n")[0]
@@ -200,6 +201,7 @@ def test_show_json(queue: Queue, capsys: pytest.CaptureFixture[str]) -> None:
     assert status == 0
     document = json.loads(out)
     assert document["id"] == queue.mixed
+    assert (document["requiretls"], document["tls_required_no"]) == (True, False)
     assert ["Subject", "quarterly numbers"] in document["headers"]
     events = [(entry["event"], entry["recipient"]) for entry in document["history"]]
     assert ("enqueued", None) in events

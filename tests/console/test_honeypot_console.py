@@ -97,7 +97,8 @@ def _messages_and_timeline(smtp_port: int, console_port: int) -> None:
     """A message sent to the honeypot shows in the messages API with its source, and the
     timeline counts both sessions in the current bucket."""
     with smtplib.SMTP("127.0.0.1", smtp_port, timeout=10) as client:
-        client.sendmail("x@example.test", ["victim@example.net"], BAIT)
+        # A local user: the personas refuse relaying as their products do.
+        client.sendmail("x@example.test", ["postmaster@localhost"], BAIT)
 
     def listed() -> list[dict[str, object]]:
         found: list[dict[str, object]] = request(console_port, "/api/v1/honeypot/messages").json()[
@@ -108,7 +109,7 @@ def _messages_and_timeline(smtp_port: int, console_port: int) -> None:
     assert wait_for(lambda: len(listed()) == 1, timeout=20)
     [message] = listed()
     assert message["mail_from"] == "x@example.test"
-    assert message["rcpt_tos"] == ["victim@example.net"]
+    assert message["rcpt_tos"] == ["postmaster@localhost"]
     assert message["subject"] == "<b>bait</b>" and message["urls"] == 1 and message["kept"]
     raw = request(console_port, f"/api/v1/honeypot/messages/{message['id']}/raw")
     assert raw.status == 200 and raw.body.endswith(BAIT)

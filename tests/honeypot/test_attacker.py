@@ -111,22 +111,34 @@ class Honeypot:
 
 
 @contextlib.contextmanager
-def running_honeypot(tmp_path: Path, persona: str, **settings: Any) -> Iterator[Honeypot]:
+def running_honeypot(
+    tmp_path: Path,
+    persona: str,
+    server_settings: dict[str, Any] | None = None,
+    *,
+    profile: PersonaProfile | None = None,
+    **settings: Any,
+) -> Iterator[Honeypot]:
     data_dir = tmp_path / "data"
     jsonl = tmp_path / "capture.jsonl"
     options = ServerOptions(
         listen=(ListenAddress("127.0.0.1", 0),),
         auth_failure_delay=0,
         close_timeout=2,
+        **(server_settings or {}),
     )
     honeypot = HoneypotOptions(
         data_dir=data_dir,
         persona=persona,
         jsonl=str(jsonl),
-        given=frozenset({"listen", "auth_failure_delay", "close_timeout"}),
+        given=frozenset(
+            {"listen", "auth_failure_delay", "close_timeout", *(server_settings or {})}
+        ),
         **settings,
     )
-    server = build_server(options, honeypot, store_settings={"batch_seconds": 0.01})
+    server = build_server(
+        options, honeypot, profile=profile, store_settings={"batch_seconds": 0.01}
+    )
     loop = asyncio.new_event_loop()
     result = Honeypot(server, data_dir, jsonl)
 
@@ -366,7 +378,16 @@ def test_scripted_attacker(persona: str, tmp_path: Path) -> None:
     sink = Sink()
     spam = persona in SPAM_PERSONAS
     try:
-        with running_honeypot(tmp_path, persona, auth_outcome="accept-after:10") as hp:
+        # relay = "pretend": the open-relay probe below is accepted (and still never
+        # relayed); "relaytest" and "sink" are users, so the address literal naming the honeypot's
+        # own address is taken as local mail.
+        with running_honeypot(
+            tmp_path,
+            persona,
+            auth_outcome="accept-after:10",
+            relay="pretend",
+            local_users=("relaytest", "sink", "root", "postmaster", "admin"),
+        ) as hp:
             profile = hp.profile
             assert profile is PERSONAS[persona]
 
@@ -395,6 +416,8 @@ def test_scripted_attacker(persona: str, tmp_path: Path) -> None:
             for command, (code, _) in enumerate_users(hp).items():
                 verb = command.split()[0]
                 known = profile.vrfy.code if verb == "VRFY" else profile.expn.code
+                if command == "VRFY nosuchuser" and profile.vrfy_checks_users:
+                    known = profile.unknown_user.code  # looked up like RCPT (Postfix)
                 assert code == (unknown if verb in hidden else known), (command, code)
             garbage = raw_session(hp, b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\xff\xfe")
             garbage += raw_session(hp, b"garbage\x00\x01 line\r\n")

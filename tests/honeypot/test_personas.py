@@ -232,7 +232,7 @@ def test_queue_ids_carry_the_time_like_the_products() -> None:
 def test_server_layer_texts() -> None:
     postfix = PERSONAS["postfix"]
     denied = postfix.format("relay_denied", address="x@elsewhere.example", client_ip=CLIENT_IP)
-    assert str(denied) == "554 5.7.1 <x@elsewhere.example>: Relay access denied"
+    assert str(denied) == "454 4.7.1 <x@elsewhere.example>: Relay access denied"
     busy = postfix.format("too_many_connections", hostname="mx.test", client_ip=CLIENT_IP)
     assert str(busy) == "421 4.7.0 mx.test Error: too many connections from 192.0.2.10"
     rejected = postfix.format("rejected", client_ip=CLIENT_IP)
@@ -487,12 +487,12 @@ def load_error(tmp_path: Path, text: str, **kwargs: object) -> ProfileError:
         ),
         # values of the wrong type or out of range
         ('capabilities = "SIZE"', "capabilities", ["list of strings"]),
-        ('capabilities = ["ETRN"]', "capabilities", ["ETRN", "implements"]),
+        ('capabilities = ["PRDR"]', "capabilities", ["PRDR", "implements"]),
         ('hidden_capabilities = ["SIZ"]', "hidden_capabilities", ["'SIZE'"]),
         ('capabilities = ["SIZE", "size"]', "capabilities", ["twice"]),
         ('unadvertised_capabilities = ["VRFYY"]', "unadvertised_capabilities", ["'VRFY'"]),
         ('unadvertised_capabilities = "VRFY"', "unadvertised_capabilities", ["list of strings"]),
-        ('unadvertised_capabilities = ["ETRN"]', "unadvertised_capabilities", ["implements"]),
+        ('unadvertised_capabilities = ["PRDR"]', "unadvertised_capabilities", ["implements"]),
         ('unadvertised_capabilities = ["HELP", "help"]', "unadvertised_capabilities", ["twice"]),
         ('enhanced_status_codes = "yes"', "enhanced_status_codes", ["true or false"]),
         ('auth_mechanisms = ["NTLM"]', "auth_mechanisms", ["NTLM", "implements"]),

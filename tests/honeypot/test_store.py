@@ -374,6 +374,49 @@ def test_queue_limit_drops_instead_of_growing(tmp_path: Path) -> None:
     assert store.dropped > 0
 
 
+def test_queue_is_bounded_in_bytes_while_the_writer_is_stalled(tmp_path: Path) -> None:
+    # A stalled writer (another connection holds the database): transcripts stop at the
+    # byte bound and their sessions are marked truncated; session rows and AUTH attempts
+    # still get in (up to twice the bound); the queue never grows past that.
+    store = new_store(tmp_path, max_queue_bytes=64 * 1024)
+    store.flush()
+    lock = sqlite3.connect(tmp_path / DB_NAME, isolation_level=None, timeout=0)
+    lock.execute("BEGIN EXCLUSIVE")
+    line = b"250-mail.example.com " + b"x" * 200 + b"\r\n"
+    peak = 0
+    sessions = [session(f"S{i}") for i in range(400)]
+    for s in sessions:
+        store.session_opened(s)
+        for _ in range(5):
+            store.line(s, "s", line)
+        store.auth_attempt(s, mechanism="PLAIN", username="admin", password="pw", outcome="refused")
+        store.session_closed(s, "quit")
+        peak = max(peak, store.queued_bytes)
+    assert peak <= 2 * 64 * 1024 + 2048
+    assert store.dropped > 0
+    lock.execute("ROLLBACK")
+    lock.close()
+    assert store.flush(timeout=60)
+    store.close()
+    rows = query(tmp_path, "SELECT count(*), sum(truncated) FROM sessions")[0]
+    assert rows[0] >= 100 and rows[1] > 0  # cut transcripts are marked
+    full = query(tmp_path, "SELECT count(*) FROM sessions WHERE truncated = 0")[0][0]
+    assert full > 0  # the first sessions were recorded whole
+    assert query(tmp_path, "SELECT count(*) FROM auth_attempts")[0][0] >= rows[0] - 5
+
+
+def test_many_lines_in_one_batch_keep_their_order(tmp_path: Path) -> None:
+    # Transcript lines go in multi-row INSERTs of 200: order and content survive.
+    store = new_store(tmp_path, batch_seconds=0.5)
+    s = session("S1")
+    store.session_opened(s)
+    for index in range(1234):
+        store.line(s, "c", f"NOOP {index}".encode())
+    store.close()
+    lines = [r[0] for r in query(tmp_path, "SELECT line FROM events ORDER BY id")]
+    assert lines == [f"NOOP {index}" for index in range(1234)]
+
+
 def test_module_exports() -> None:
     assert set(store_module.__all__) >= {"CaptureStore", "SCHEMA", "CaptureError"}
 

@@ -31,7 +31,7 @@ from mailgate import Server, hooks
 LOOPBACK = "127.0.0.{}"
 
 
-def free_port(hosts: range = range(2, 48)) -> int:
+def free_port(hosts: range = range(2, 64)) -> int:
     """A TCP port that is free on every 127.0.0.x the tests use (bounded tries)."""
     for _ in range(50):
         with socket.socket() as probe:

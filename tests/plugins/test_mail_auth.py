@@ -333,6 +333,46 @@ def test_dkim_key_lookup_temperror(dns_server: DNSTestServer, key: Key) -> None:
     assert "dmarc=temperror (p=reject dis=none" in results
 
 
+def sealed(msg: bytes, key: Key, domain: str, srv_id: str = "hop.test") -> bytes:
+    """``msg`` as a forwarder ``srv_id`` would pass it on: its results, then its ARC set."""
+    checked = f"Authentication-Results: {srv_id}; spf=pass smtp.mailfrom=a@{domain}\r\n"
+    data = checked.encode() + msg
+    arc_set = dkim.arc_sign(data, b"sel", domain.encode(), key.private_pem, srv_id.encode())
+    return b"".join(arc_set) + data
+
+
+def ours(content: bytes) -> str:
+    """The Authentication-Results value this server added (the forwarder's stays too)."""
+    [value] = [
+        v for v in header_values(content, "Authentication-Results") if v.startswith(AUTHSERV)
+    ]
+    return value
+
+
+def test_arc_chain_pass_and_fail(dns_server: DNSTestServer, key: Key) -> None:
+    domain = new_domain("arc")
+    publish_key(dns_server, key, domain)
+    msg = sealed(message(f"list@{domain}", body="Minutes attached.\r\n"), key, domain)
+    with server(dns_server) as (srv, rec):
+        send(srv, "127.0.6.14", f"list@{domain}", msg)
+        send(srv, "127.0.6.14", f"list@{domain}", msg.replace(b"Minutes", b"Invoice"))
+        send(srv, "127.0.6.14", f"list@{domain}", message(f"plain@{domain}"))
+    passed, failed, plain = (ours(content) for content in rec.contents[-3:])
+    assert "; arc=pass;" in passed or passed.endswith("; arc=pass")
+    assert "; arc=fail (" in failed
+    assert "; arc=" not in plain  # no chain, no ARC result ("dmarc=" is another method)
+
+
+def test_arc_key_lookup_temperror_gives_no_result(dns_server: DNSTestServer, key: Key) -> None:
+    domain = new_domain("arctemp")
+    dns_server.fail(f"sel._domainkey.{domain}")
+    msg = sealed(message(f"list@{domain}"), key, domain)
+    with server(dns_server) as (srv, rec):
+        send(srv, "127.0.6.15", f"list@{domain}", msg)
+    # RFC 8617 has no temporary error: no result rather than a fail every later hop keeps.
+    assert "; arc=" not in ours(rec.contents[-1])
+
+
 # --- DMARC --------------------------------------------------------------------------------------
 
 

@@ -34,6 +34,6 @@ def test_the_build_is_the_one_scripts_test_asked_for() -> None:
 
 def test_pure_modules_stay_pure() -> None:
     # Modules of public values with loose constructors are never compiled (setup.py says why).
-    for name in ("replies", "config", "persona", "_fuzz"):
+    for name in ("replies", "config", "persona", "behaviour", "_fuzz"):
         module = importlib.import_module(f"mailgate.protocol.{name}")
         assert module.__file__ is not None and module.__file__.endswith(".py"), module.__file__

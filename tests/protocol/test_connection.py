@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import re
@@ -31,6 +32,7 @@ from mailgate.protocol import (
     State,
     TransactionReset,
 )
+from mailgate.protocol.persona import Persona
 
 from .session import Session, parse_replies
 
@@ -103,6 +105,37 @@ def test_ehlo_after_tls_hides_starttls_and_offers_auth() -> None:
     assert "STARTTLS" not in caps
     assert "AUTH PLAIN LOGIN CRAM-MD5 XOAUTH2" in caps
     assert "REQUIRETLS" in caps
+
+
+def test_requiretls_is_accepted_only_over_tls() -> None:
+    # RFC 8689 2: REQUIRETLS is offered only in an encrypted session; before it, the
+    # parameter is refused as needing TLS (530 5.7.10), not as unknown.
+    plain = Session.start(TLS_CFG)
+    plain.feed(b"EHLO c.test\r\n")
+    plain.take_output()
+    assert plain.send(b"MAIL FROM:<a@example.com> REQUIRETLS\r\n") == [
+        (530, "5.7.10 Parameter REQUIRETLS requires a TLS-protected session")
+    ]
+    assert plain.cmd("MAIL FROM:<a@example.com>") == 250  # nothing else changed
+    encrypted = Session.start(TLS_CFG, tls_active=True)
+    encrypted.feed(b"EHLO c.test\r\n")
+    encrypted.take_output()
+    assert encrypted.cmd("MAIL FROM:<a@example.com> REQUIRETLS") == 250
+    # Switched off, or hidden by a persona: simply not supported, TLS or not.
+    off = Session.start(dataclasses.replace(TLS_CFG, requiretls=False), tls_active=True)
+    off.feed(b"EHLO c.test\r\n")
+    assert b"REQUIRETLS" not in off.take_output()
+    assert off.send(b"MAIL FROM:<a@example.com> REQUIRETLS\r\n") == [
+        (555, "5.5.4 Parameter REQUIRETLS is not supported")
+    ]
+    hidden = dataclasses.replace(
+        TLS_CFG, persona=Persona(hidden_capabilities=frozenset({"REQUIRETLS"}))
+    )
+    for tls in (False, True):
+        session = Session.start(hidden, tls_active=tls)
+        session.feed(b"EHLO c.test\r\n")
+        session.take_output()
+        assert session.cmd("MAIL FROM:<a@example.com> REQUIRETLS") == 555
 
 
 def test_helo_session_has_no_extensions() -> None:

@@ -357,3 +357,12 @@ printable = st.text(
 @given(printable)
 def test_envid_xtext_round_trip(envid: str) -> None:
     assert parse_params("ENVID=" + xtext_encode(envid), mail()) == {"ENVID": envid}
+
+
+def test_requiretls_before_tls_is_refused_as_needing_it() -> None:
+    before = ParamContext("MAIL", ALL - {"REQUIRETLS"}, None, after_tls=frozenset({"REQUIRETLS"}))
+    with pytest.raises(ParamError) as caught:
+        parse_params("REQUIRETLS", before)
+    assert (caught.value.reply.code, caught.value.reply.status) == (530, "5.7.10")
+    assert PARAMETERS["REQUIRETLS"].tls_only
+    assert not any(spec.tls_only for key, spec in PARAMETERS.items() if key != "REQUIRETLS")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 
 import pytest
 
-from mailgate.protocol import RULES, ProtocolConfig, State
-from mailgate.protocol.rules import Arg
+from mailgate.protocol import RULES, Persona, ProtocolConfig, State
+from mailgate.protocol.behaviour import Behaviour
+from mailgate.protocol.rules import Arg, rules_for
 
 from .session import Session
 
@@ -18,7 +20,17 @@ CONFIG = ProtocolConfig(
     auth_requires_tls=False,
     xclient=True,
     xforward=True,
+    # ETRN exists only for a persona that offers it: this one does, so its row is tested.
+    persona=Persona(behaviour=Behaviour(etrn=True)),
 )
+#: A product's knobs (Postfix's): the table that connection applies is rules_for(them).
+LENIENT = Behaviour(
+    etrn=True,
+    hello_required=False,
+    sequence_first=True,
+    ignored_arguments=frozenset({"QUIT"}),
+)
+LENIENT_CONFIG = dataclasses.replace(CONFIG, persona=Persona(behaviour=LENIENT))
 
 # A syntactically valid command line for each verb (pipelined bytes included for BDAT).
 VALID = {
@@ -39,6 +51,7 @@ VALID = {
     "AUTH": "AUTH PLAIN " + base64.b64encode(b"\0user\0pass").decode(),
     "XCLIENT": "XCLIENT ADDR=192.0.2.1",
     "XFORWARD": "XFORWARD ADDR=192.0.2.1",
+    "ETRN": "ETRN example.org",
 }
 
 # How to reach each state from a fresh, greeted connection.
@@ -84,16 +97,18 @@ SMTP_VERBS = [v for v in RULES if v != "LHLO"]
 STATES = [*RECIPES, State.REFUSED]
 
 
+@pytest.mark.parametrize("config", [CONFIG, LENIENT_CONFIG], ids=["default", "lenient"])
 @pytest.mark.parametrize("state", STATES, ids=lambda s: s.value)
 @pytest.mark.parametrize("verb", SMTP_VERBS)
-def test_every_verb_in_every_state(verb: str, state: State) -> None:
-    rule = RULES[verb]
-    s = session_in(state)
+def test_every_verb_in_every_state(verb: str, state: State, config: ProtocolConfig) -> None:
+    rule = rules_for(config.persona.behaviour)[verb]
+    s = session_in(state, config)
     replies = s.send(VALID[verb].encode() + b"\r\n")
     assert replies, "every command gets a reply"
     code = replies[0][0]
     if state in rule.allowed:
         assert code != 503, f"{verb} must be accepted in {state.value}: {replies}"
+        # EXPN has no default answer; ETRN is answered as a product refuses it (459).
         assert code < 500 or verb in ("EXPN",), f"{verb} in {state.value}: {replies}"
     else:
         assert code == 503, f"{verb} must be out of sequence in {state.value}: {replies}"
@@ -171,3 +186,27 @@ def test_precedence_syntax_before_sequence_before_parameters() -> None:
     s.cmd("EHLO c.test")
     assert s.cmd("MAIL FROM:<a@example.com> FOO=bar") == 555
     assert s.cmd("MAIL FROM:<a@example.com>") == 250
+
+
+@pytest.mark.parametrize("state", STATES, ids=lambda s: s.value)
+@pytest.mark.parametrize(
+    "verb", [v for v in SMTP_VERBS if RULES[v].arg is Arg.REQUIRED and v != "BDAT"]
+)
+def test_sequence_first_puts_503_before_501(verb: str, state: State) -> None:
+    # sequence_first: step 5 before step 4 -- out of sequence is 503 even without argument.
+    rule = rules_for(LENIENT)[verb]
+    s = session_in(state, LENIENT_CONFIG)
+    code = s.cmd(verb)
+    if state in rule.allowed:
+        assert code == 501
+    else:
+        assert code == 503
+
+
+def test_lenient_table_accepts_mail_and_etrn_before_helo() -> None:
+    table = rules_for(LENIENT)
+    assert State.CONNECTED in table["MAIL"].allowed
+    assert State.CONNECTED in table["ETRN"].allowed
+    assert State.CONNECTED not in table["AUTH"].allowed  # AUTH still needs EHLO
+    assert table["QUIT"].arg is Arg.OPTIONAL
+    assert rules_for(Behaviour()) is RULES

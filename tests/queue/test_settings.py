@@ -75,6 +75,13 @@ def test_values_and_relative_path(tmp_path: Path) -> None:
         ("[queue]\nretry_schedule = []\n", "[queue] retry_schedule: needs at least one duration"),
         ("[outbound]\nport = 70000\n", "[outbound]: outbound port 70000 is out of range"),
         ('[outbound]\ntls_policy = "always"\n', "[outbound] tls_policy: 'always' is not one of"),
+        (
+            '[outbound.tls_policies]\n"example.com" = "strict"\n',
+            "[outbound] tls_policies: example.com: 'strict' is not one of none, may, encrypt, verify",
+        ),
+        ('[outbound.tls_policies]\n"not a domain" = "verify"\n', "'not a domain' is not a domain"),
+        ('[outbound]\ntls_policies = "verify"\n', "[outbound] tls_policies: must be a table"),
+        ("[outbound]\nmta_sts = 1\n", "[outbound] mta_sts:"),
         ("[outbound]\ninitial_concurrency = 30\n", "initial_concurrency must be between"),
         ('[[routes]]\nrecipients = ["*"]\naction = "forward"\n', "[[routes]] #1"),
         ('[routes]\nrecipients = ["*"]\naction = "relay"\n', "routes must be an array of tables"),
@@ -91,6 +98,25 @@ def test_errors_name_file_table_and_key(tmp_path: Path, body: str, message: str)
         load(tmp_path, body)
     assert str(raised.value).startswith(str(tmp_path / "mailgate.toml"))
     assert message in str(raised.value)
+
+
+def test_tls_policies_per_domain_and_mta_sts(tmp_path: Path) -> None:
+    options = load(
+        tmp_path,
+        '[outbound]\ntls_policy = "verify"\nmta_sts = false\n'
+        '[outbound.tls_policies]\n"Example.COM" = "encrypt"\n".bücher.example" = "dane"\n'
+        '"legacy.example" = "none"\n',
+    )
+    outbound = outbound_options(options.policy, "mx.example.net")
+    assert outbound.tls_policy == "verify" and outbound.mta_sts is False
+    assert outbound.tls_policies == (
+        ("example.com", "encrypt"),
+        (".xn--bcher-kva.example", "dane"),
+        ("legacy.example", "none"),
+    )
+    assert outbound.mta_sts_port == 443 and outbound.mta_sts_cache_file is None
+    defaults = outbound_options(load(tmp_path, "").policy, "mx.example.net")
+    assert (defaults.tls_policy, defaults.tls_policies, defaults.mta_sts) == ("may", (), True)
 
 
 def test_the_postgresql_backend(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import pytest
 from tests.queue.conftest import Clock, fixed_policy
 from tests.queue.test_store import new_message, rcpt
 
-from mailgate.queue import QueueError, RecipientState, SQLiteQueueStore
+from mailgate.queue import NewMessage, NewRecipient, QueueError, RecipientState, SQLiteQueueStore
 from mailgate.queue.bodies import BodyDirectory
 from mailgate.queue.sqlite import new_message_id
 
@@ -169,6 +169,50 @@ def test_an_unknown_schema_version_is_refused(tmp_path: Path, clock: Clock) -> N
         asyncio.run(_open(queue, clock))
     # The failed open left no lock or staging directory behind.
     assert list((queue / "tmp").iterdir()) == []
+
+
+def test_a_version_1_queue_is_migrated_and_keeps_its_messages(tmp_path: Path, clock: Clock) -> None:
+    queue = tmp_path / "queue"
+
+    async def create() -> str:
+        store = await _open(queue, clock)
+        try:
+            return await store.enqueue(
+                NewMessage("a@example.org", [NewRecipient("b@example.net", "relay:example.net")]),
+                b"old",
+            )
+        finally:
+            await store.aclose()
+
+    old_id = asyncio.run(create())
+    # Back to the first release's schema: no REQUIRETLS columns, version 1.
+    with sqlite3.connect(queue / "queue.db") as connection:
+        connection.execute("ALTER TABLE messages DROP COLUMN require_tls")
+        connection.execute("ALTER TABLE messages DROP COLUMN tls_optional")
+        connection.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+
+    async def reopen() -> None:
+        store = await _open(queue, clock)
+        try:
+            new_id = await store.enqueue(
+                NewMessage(
+                    "a@example.org",
+                    [NewRecipient("b@example.net", "relay:example.net")],
+                    require_tls=True,
+                ),
+                b"new",
+            )
+            flags = {m.id: m.info.require_tls for m in await store.list_messages()}
+            assert flags == {old_id: False, new_id: True}
+        finally:
+            await store.aclose()
+
+    asyncio.run(reopen())
+    with sqlite3.connect(queue / "queue.db") as connection:
+        (version,) = connection.execute(
+            "SELECT value FROM meta WHERE key = 'schema_version'"
+        ).fetchone()
+    assert version == "2"
 
 
 def test_message_ids_sort_by_time_and_are_unique() -> None:

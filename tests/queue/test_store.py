@@ -20,6 +20,7 @@ from mailgate.queue import (
     DeliveryResult,
     NewMessage,
     NewRecipient,
+    NoticeSettled,
     Outcome,
     QueueFilter,
     QueuePolicy,
@@ -147,6 +148,28 @@ def test_enqueue_keeps_the_envelope_and_body(open_store: StoreOpener, clock: Clo
                 assert recipient.dsn_sent == frozenset() and recipient.dsn_pending is None
             assert [entry.event for entry in details.history] == ["enqueued"]
             assert await body_of(store, message_id) == b"Subject: hi\r\n\r\nbody\r\n"
+
+    run(main())
+
+
+def test_requiretls_and_tls_required_no_are_kept_with_the_message(
+    open_store: StoreOpener,
+) -> None:
+    async def main() -> None:
+        async with open_store() as store:
+            required = await store.enqueue(new_message(require_tls=True), b"x")
+            optional = await store.enqueue(new_message(tls_optional=True), b"y")
+            plain = await store.enqueue(new_message(), b"z")
+            flags = {
+                m.id: (m.info.require_tls, m.info.tls_optional) for m in await store.list_messages()
+            }
+            assert flags == {
+                required: (True, False),
+                optional: (False, True),
+                plain: (False, False),
+            }
+            batches = {b.message.id: b.message for b in await store.claim_due(limit=10)}
+            assert batches[required].require_tls and not batches[plain].require_tls
 
     run(main())
 
@@ -801,6 +824,81 @@ def test_a_dsn_enqueued_with_settles_settles_its_notice(open_store: StoreOpener)
             listed = [m.id for m in await store.list_messages()]
             assert listed == [dsn]  # the original is finished and gone
             assert original not in listed
+
+    run(main())
+
+
+def test_two_instances_queue_one_report_per_notice(open_store: StoreOpener) -> None:
+    """Both instances read the same notice (the producer's role changed hands between
+    their reads): both build the report, one enqueue commits, the other is refused and
+    leaves nothing behind."""
+
+    async def main() -> None:
+        async with open_store() as first, open_store() as second:
+            await first.enqueue(new_message("alice@example.org"), b"x")
+            await attempt(first, REFUSED)
+            (notice,) = await first.pending_notices()
+            assert await second.pending_notices() == [notice]
+            outcomes = await asyncio.gather(
+                *(
+                    store.enqueue(
+                        NewMessage("", [rcpt("alice@example.org")]), b"report", settles=[notice]
+                    )
+                    for store in (first, second)
+                ),
+                return_exceptions=True,
+            )
+            refused = [item for item in outcomes if isinstance(item, NoticeSettled)]
+            queued = [item for item in outcomes if isinstance(item, str)]
+            assert len(refused) == 1 and len(queued) == 1, outcomes
+            assert [m.id for m in await second.list_messages()] == queued
+            assert await second.pending_notices() == []
+            # Settled afterwards: refused too, also on its own.
+            with pytest.raises(NoticeSettled):
+                await first.enqueue(
+                    NewMessage("", [rcpt("alice@example.org")]), b"r", settles=[notice]
+                )
+            assert [m.id for m in await first.list_messages()] == queued
+
+    run(main())
+
+
+def test_one_instance_at_a_time_is_the_notice_producer(open_store: StoreOpener) -> None:
+    async def main() -> None:
+        async with open_store() as first:
+            async with open_store() as second:
+                assert await first.claim_notice_producer() is True
+                assert await first.claim_notice_producer() is True  # kept
+                assert await second.claim_notice_producer() is False
+            # The holder closes: the role passes on to the next to ask.
+            async with open_store() as third:
+                assert await third.claim_notice_producer() is False
+                await first.aclose()
+                assert await third.claim_notice_producer() is True
+
+    run(main())
+
+
+def test_destination_slots_are_shared_by_the_instances(open_store: StoreOpener) -> None:
+    async def main() -> None:
+        async with open_store() as first, open_store() as second:
+            one = first.destination_slot("relay:example.net", 2)
+            two = second.destination_slot("relay:example.net", 2)
+            await one.__aenter__()
+            await two.__aenter__()
+            # Both slots taken, by two instances: a third delivery waits...
+            third = asyncio.ensure_future(
+                first.destination_slot("relay:example.net", 2).__aenter__()
+            )
+            # ... while another destination has slots of its own.
+            async with second.destination_slot("relay:example.org", 2):
+                pass
+            await asyncio.sleep(0.3)
+            assert not third.done()
+            # A slot freed by the other instance is noticed (polled: within 0.25 s).
+            await two.__aexit__(None, None, None)
+            await asyncio.wait_for(third, 2)
+            await one.__aexit__(None, None, None)
 
     run(main())
 

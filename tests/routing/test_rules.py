@@ -17,6 +17,7 @@ from mailgate.plugins.routing import (
     RejectReply,
     RoutesConfigError,
     RouteTable,
+    describe,
 )
 
 CONFIG = """
@@ -359,13 +360,68 @@ ERRORS: list[tuple[list[Any], str]] = [
     ),
     (
         [{"recipients": ["*"], "action": "forward", "to": "smtp://u:secret@h.test?x=1"}],
-        "#1 to: 'smtp://u:***@h.test?x=1': unknown option 'x' (starttls, cafile)",
+        "#1 to: 'smtp://u:***@h.test?x=1': unknown option 'x' (starttls, cafile, tls)",
     ),
     (
         [{"recipients": ["*"], "action": "relay"}, "not a table"],
         "mailgate.toml [[routes]] #2: must be a table",
     ),
+    (
+        [{"recipients": ["*"], "action": "relay", "tls": "always"}],
+        "#1 tls: 'always' is not one of none, may, encrypt, verify, dane, dane-only, mta-sts",
+    ),
+    (
+        [{"recipients": ["*"], "action": "deliver", "tls": "verify"}],
+        "#1 tls: only a relay or forward route takes 'tls' (this one is deliver)",
+    ),
+    (
+        [
+            {
+                "recipients": ["*"],
+                "action": "forward",
+                "to": "smtp://h.test?tls=may",
+                "tls": "verify",
+            }
+        ],
+        "#1 tls: the URL in 'to' has a tls= option already",
+    ),
+    (
+        [{"recipients": ["*"], "action": "forward", "to": "smtps://h.test?tls=none"}],
+        "smtps:// is TLS already; tls=none cannot be",
+    ),
 ]
+
+
+def test_a_route_gives_its_mail_a_tls_policy_in_the_destination_key() -> None:
+    table = RouteTable.from_document(
+        {
+            "routes": [
+                {"recipients": ["*@bank.example"], "action": "relay", "tls": "Verify"},
+                {
+                    "recipients": ["*@partner.example"],
+                    "action": "forward",
+                    "to": "smtp://gw.partner.example:587?starttls=require",
+                    "tls": "dane",
+                },
+                {"recipients": ["*"], "action": "relay"},
+            ]
+        },
+        "mailgate.toml",
+    )
+    bank = table.match("a@bank.example")
+    assert (bank.destination, bank.domain, bank.tls) == (
+        "relay:bank.example?tls=verify",
+        "bank.example",
+        "verify",
+    )
+    partner = table.match("b@partner.example")
+    assert partner.destination == (
+        "forward:smtp://gw.partner.example:587?starttls=require&tls=dane"
+    )
+    assert partner.forward is not None and partner.forward.tls == "dane"
+    assert partner.tls == "dane"
+    other = table.match("c@other.example")
+    assert (other.destination, other.tls) == ("relay:other.example", None)
 
 
 @pytest.mark.parametrize(("entries", "message"), ERRORS)
@@ -450,3 +506,19 @@ def test_ten_thousand_rules_find_the_right_one() -> None:
     for _ in range(1000):
         routes.match("a@d9999.test", "s@b.test", "192.0.2.1")
     assert (time.perf_counter() - started) / 1000 < 0.001
+
+
+def test_routes_test_names_a_relay_rules_tls_policy() -> None:
+    table = RouteTable.from_document(
+        {
+            "routes": [
+                {"recipients": ["*@bank.example"], "action": "relay", "tls": "verify"},
+                {"recipients": ["*"], "action": "relay"},
+            ]
+        },
+        "mailgate.toml",
+    )
+    assert describe(table.match("a@bank.example")) == (
+        "relay to the MX of bank.example (TLS policy verify)"
+    )
+    assert describe(table.match("a@other.example")) == "relay to the MX of other.example"

@@ -225,3 +225,16 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, interval: flo
             return True
         time.sleep(interval)
     return predicate()
+
+
+def spool_leftovers(server: ThreadedServer, directory: Path, timeout: float = 5.0) -> list[Path]:
+    """Files in the spool ``directory`` that are not empty files the server made ahead
+    for the next messages (its spool pool): what a finished or cut-off message left."""
+    deadline = time.monotonic() + timeout
+    while True:
+        inner = server.server
+        pool = inner.spool_pool if inner is not None else None
+        if pool is None or not pool.refilling or time.monotonic() > deadline:
+            waiting = pool.paths() if pool is not None else set()
+            return sorted(p for p in directory.iterdir() if p not in waiting)
+        time.sleep(0.01)

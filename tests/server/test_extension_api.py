@@ -1430,3 +1430,20 @@ def test_prepend_header_refuses_bad_names_and_line_breaks() -> None:
     with pytest.raises(HookError):
         asyncio.run(message.prepend_header("X-Test", "a"))  # no spool
     assert fold_header("X-A", "b c") == b"X-A: b c\r\n"
+
+
+def test_vrfy_stage_answers_vrfy_and_expn(tmp_path: Path) -> None:
+    server = new_server(tmp_path)
+    seen: list[tuple[str, bool]] = []
+
+    @server.on_vrfy
+    def vrfy(session: Session, argument: str, expand: bool) -> Reject | None:
+        seen.append((argument, expand))
+        return Reject(550, f"<{argument}>: no such user") if argument == "nobody" else None
+
+    with serving(server) as port, smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+        smtp.ehlo("client.test")
+        assert smtp.verify("root")[0] == 252  # nothing decided: the usual answer
+        assert smtp.verify("nobody") == (550, b"5.1.1 <nobody>: no such user")
+        smtp.docmd("EXPN", "staff")
+    assert seen == [("root", False), ("nobody", False), ("staff", True)]

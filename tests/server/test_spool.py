@@ -136,3 +136,80 @@ def test_unique_names_across_threads() -> None:
         thread.join()
     flat = [name for out in names for name in out]
     assert len(set(flat)) == len(flat) == 16000
+
+
+# --- the pool of spool files made ahead ----------------------------------------------------
+
+
+def test_the_pool_hands_out_files_made_ahead_in_one_thread_hop(tmp_path: Path) -> None:
+    import asyncio
+
+    from mailgate.server.spool import SpoolPool
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        pool = SpoolPool(tmp_path, size=4)
+        assert pool.take(loop) is None  # empty at first: the caller makes its own
+        for _ in range(100):
+            if len(pool) == 4:
+                break
+            await asyncio.sleep(0.01)
+        assert len(pool) == 4 and len(list(tmp_path.iterdir())) == 4
+        taken = [pool.take(loop) for _ in range(2)]
+        assert all(isinstance(spool, SpoolFile) for spool in taken)
+        assert len({spool.path for spool in taken if spool is not None}) == 2
+        # Half used: a refill of two more was started.
+        for _ in range(100):
+            if len(pool) == 4:
+                break
+            await asyncio.sleep(0.01)
+        assert len(pool) == 4
+        spool = taken[0]
+        assert spool is not None
+        spool.write(b"Subject: pooled\r\n\r\nbody\r\n")
+        spool.finish()
+        assert spool.path.read_bytes() == b"Subject: pooled\r\n\r\nbody\r\n"
+        await pool.aclose()
+        # Only the two handed out are left.
+        assert sorted(tmp_path.iterdir()) == sorted(s.path for s in taken if s is not None)
+
+    asyncio.run(main())
+
+
+def test_old_pooled_files_are_removed_not_handed_out(tmp_path: Path) -> None:
+    import asyncio
+
+    from mailgate.server.spool import SpoolPool
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        pool = SpoolPool(tmp_path, size=2, max_age=0.0)
+        pool.take(loop)
+        for _ in range(100):
+            if len(pool) == 2:
+                break
+            await asyncio.sleep(0.01)
+        old = {p.name for p in tmp_path.iterdir()}
+        assert len(old) == 2
+        await asyncio.sleep(0.01)
+        assert pool.take(loop) is None  # both too old: removed, and a refill started
+        assert not old & {p.name for p in tmp_path.iterdir()}
+        await pool.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_pool_that_cannot_make_files_stays_empty(tmp_path: Path) -> None:
+    import asyncio
+
+    from mailgate.server.spool import SpoolPool
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        pool = SpoolPool(tmp_path / "missing", size=4)
+        assert pool.take(loop) is None
+        await asyncio.sleep(0.1)
+        assert pool.take(loop) is None and len(pool) == 0
+        await pool.aclose()
+
+    asyncio.run(main())

@@ -16,6 +16,7 @@ from typing import NoReturn
 
 import mailgate.protocol as protocol
 from mailgate.cli.check import add_check_parser, run_check
+from mailgate.cli.dkim import add_dkim_parser, run_dkim
 from mailgate.cli.honeypot import add_honeypot_parser, run_honeypot
 from mailgate.cli.queue import add_queue_parser, run_queue
 from mailgate.cli.routes import add_routes_parser, run_routes
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_honeypot_parser(commands)
     add_queue_parser(commands)
     add_routes_parser(commands)
+    add_dkim_parser(commands)
     add_sendmail_parser(commands)
     return parser
 
@@ -168,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_queue(args)
     if args.command == "routes":
         return run_routes(args)
+    if args.command == "dkim":
+        return run_dkim(args)
     if args.command == "sendmail":
         return run_sendmail(args)
     if args.command == "check-config":

@@ -6,6 +6,8 @@
     mailgate honeypot report --data-dir /var/lib/honeypot --since 24h
     mailgate honeypot sessions --data-dir /var/lib/honeypot --ip 192.0.2.7
     mailgate honeypot show SESSION --data-dir /var/lib/honeypot
+    mailgate honeypot persona generate --base postfix --llm-url http://127.0.0.1:11434/v1 \
+        --model llama3.1 --out site.toml
 
 Problems with the command line, the configuration or the data directory end the command
 with one line on stderr and exit status 2, like ``mailgate serve``.
@@ -24,7 +26,15 @@ from mailgate.config import (
     build_honeypot_options,
 )
 from mailgate.honeypot.settings import GROUPS as HONEYPOT_GROUPS
-from mailgate.honeypot.settings import REFUSED_FLAGS, SERVER_FLAGS
+from mailgate.honeypot.settings import (
+    MAX_LLM_TIMEOUT,
+    PERSONA_CHOICES,
+    REFUSED_FLAGS,
+    SERVER_FLAGS,
+    env_name_setting,
+    llm_url_setting,
+    model_name_setting,
+)
 from mailgate.server.errors import StartupError
 from mailgate.server.options import GROUPS
 from mailgate.settings.flags import HiddenFlagsFormatter, add_config_flag, add_flags
@@ -66,6 +76,10 @@ reports (run them while the honeypot runs, too):
   mailgate honeypot report --data-dir DIR [--since 24h] [--format table|json|csv]
   mailgate honeypot sessions --data-dir DIR [--since 1h] [--ip ADDRESS|CIDR] [--limit N]
   mailgate honeypot show SESSION --data-dir DIR
+
+generated identities (needs the openai package: pip install 'mailgate[genai]'):
+  mailgate honeypot persona generate --base postfix --llm-url URL --model NAME --out FILE
+  mailgate honeypot --generate-identity --llm-url URL --model NAME --data-dir DIR
 """
 
 
@@ -83,7 +97,7 @@ def add_honeypot_parser(commands: argparse._SubParsersAction[Any]) -> None:
     )
     _add_run_arguments(honeypot)
     reports = honeypot.add_subparsers(
-        dest="honeypot_command", metavar="REPORT", required=False, title="reports"
+        dest="honeypot_command", metavar="COMMAND", required=False, title="reports and personas"
     )
     data_dir_help = "the honeypot's data directory"
 
@@ -130,11 +144,75 @@ def add_honeypot_parser(commands: argparse._SubParsersAction[Any]) -> None:
     show.add_argument("--data-dir", metavar="DIR", default=argparse.SUPPRESS, help=data_dir_help)
     show.add_argument("--format", choices=("text", "json"), default="text", help="(default: text)")
 
+    persona = reports.add_parser(
+        "persona",
+        help="persona profiles: generate a site identity with a language model",
+        description="Work with persona profiles.",
+    )
+    persona_commands = persona.add_subparsers(
+        dest="persona_command", metavar="COMMAND", required=True
+    )
+    generate = persona_commands.add_parser(
+        "generate",
+        help="ask a language model for a site identity and write it as a profile file",
+        description="Ask an OpenAI-compatible chat-completions API (OpenAI, Ollama, "
+        "llama.cpp's server, vLLM) to invent a plausible site identity within the "
+        "product's conventions -- host name, banner variant, a version the product really "
+        "ships, local users, the site's refusal text, timing jitter -- and write it as a "
+        "persona profile file (use it with --profile). The answer is checked like a "
+        "hand-written profile; an unusable one is asked again (at most 3 requests), then "
+        "the base persona is written with a warning. Exit status: 0 generated, 1 the base "
+        "persona written instead, 2 a usage error. Needs the openai package: pip install "
+        "'mailgate[genai]'.",
+    )
+    generate.add_argument(
+        "--base", required=True, choices=PERSONA_CHOICES, help="the built-in persona"
+    )
+    generate.add_argument(
+        "--llm-url",
+        required=True,
+        metavar="URL",
+        help="base URL of the API, e.g. https://api.openai.com/v1, http://127.0.0.1:11434/v1",
+    )
+    generate.add_argument("--model", required=True, metavar="NAME", help="the model to ask")
+    generate.add_argument(
+        "--api-key-env",
+        metavar="VAR",
+        help="the environment variable holding the API key (default: no key)",
+    )
+    generate.add_argument(
+        "--domain",
+        metavar="DOMAIN",
+        help="put the host name under this domain (default: the model invents one)",
+    )
+    generate.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="seconds one request may take (default: 60)",
+    )
+    generate.add_argument(
+        "--out", required=True, metavar="FILE|-", help="the profile file to write (- for stdout)"
+    )
+
 
 _SINCE_HELP = (
     "only what happened since then: a duration back from now (30m, 24h, 7d) or a date or "
     "time in ISO 8601, UTC unless it says otherwise (default: everything)"
 )
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= MAX_LLM_TIMEOUT:
+        raise argparse.ArgumentTypeError(
+            f"must be more than 0 and at most {MAX_LLM_TIMEOUT:g}, got {text}"
+        )
+    return value
 
 
 def _positive(text: str) -> int:
@@ -167,6 +245,8 @@ def run_honeypot(args: argparse.Namespace) -> int:
     exit status."""
     command = getattr(args, "honeypot_command", None)
     try:
+        if command == "persona":
+            return _persona(args)
         if command is not None:
             return _report(command, args)
         return _run(args)
@@ -193,6 +273,61 @@ def _run(args: argparse.Namespace) -> int:
     if options.admin_listen is None:
         return run(options, honeypot)
     return run(options, honeypot, console)
+
+
+def _persona(args: argparse.Namespace) -> int:
+    """``mailgate honeypot persona generate``: 0 generated, 1 the base persona written
+    instead (with a warning), 2 a usage error."""
+    # Imported here: neither the personas nor the openai package are needed otherwise.
+    from pathlib import Path
+
+    from mailgate.honeypot import identity
+    from mailgate.settings import Value, converters
+
+    where = "mailgate honeypot persona generate"
+    try:
+        url = llm_url_setting(Value(args.llm_url, "--llm-url"))
+        model = model_name_setting(Value(args.model, "--model"))
+        domain = (
+            None if args.domain is None else converters.hostname(Value(args.domain, "--domain"))
+        )
+        variable = (
+            None
+            if args.api_key_env is None
+            else env_name_setting(Value(args.api_key_env, "--api-key-env"))
+        )
+        result = identity.generate(
+            args.base,
+            url=url,
+            model=model,
+            api_key=identity.api_key_from_env(variable),
+            timeout=args.timeout,
+            domain=domain,
+            header=identity.header_lines(args.base, model, url),
+        )
+    except (ConfigError, identity.GenAIUnavailable) as exc:
+        return _fail(f"{where}: error: {exc}")
+    if args.out == "-":
+        sys.stdout.write(result.text)
+        sys.stdout.flush()
+    else:
+        try:
+            identity.write_profile(Path(args.out), result.text)
+        except OSError as exc:
+            return _fail(f"{where}: error: cannot write {args.out}: {exc.strerror or exc}")
+    if not result.generated:
+        print(
+            " ".join(f"{where}: warning: {result.warning}; wrote it to {args.out}".split()),
+            file=sys.stderr,
+        )
+        return 1
+    plural = "s" if result.attempts != 1 else ""
+    print(
+        f"generated in {result.attempts} attempt{plural}: "
+        f"{identity.rendered_banner(result.profile)} -> {args.out}",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def _report(command: str, args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@
     mailgate queue flush [--domain D] [ID...] --config FILE
     mailgate queue hold ID... | release ID... | delete ID... | bounce ID... [--reason TEXT]
     mailgate queue stats [--json] --config FILE
+    mailgate queue migrate [--status] --config FILE
 
 The queue directory is the server's: ``[queue] path`` of the file, else ``queue`` under
 ``state_dir`` (:meth:`mailgate.queue.settings.QueueSettings.directory`). Every change is
@@ -114,7 +115,9 @@ def locate_queue(config: str | None, command: str = "mailgate queue") -> QueueLo
     from mailgate.queue.settings import queue_settings, redacted_dsn
 
     try:
-        options = build_options(argparse.Namespace(config=config))
+        # The DKIM keys are read by the server (and by sendmail when it queues), not by
+        # every command that finds the queue: they may be kept from the user running it.
+        options = build_options(argparse.Namespace(config=config), read_keys=False)
         settings = queue_settings(options.policy)
         policy = settings.policy()
     except ConfigError as exc:
@@ -141,17 +144,25 @@ def _reason(exc: BaseException) -> str:
 
 @contextlib.asynccontextmanager
 async def open_queue(
-    location: QueueLocation, *, create: bool = False, command: str = "mailgate queue"
+    location: QueueLocation,
+    *,
+    create: bool = False,
+    migrate: bool | None = False,
+    command: str = "mailgate queue",
 ) -> AsyncIterator[QueueStore | None]:
     """The store of ``location``, closed at the end. ``None`` when the directory exists
     but is empty (the server has not created the queue yet) and ``create`` is false:
     a command that only reads must not create files. A missing directory is an error
-    unless ``create``. Run as root, the process becomes the queue's owner first (for
-    good: it is a command that ends soon after)."""
+    unless ``create``. ``migrate``: create or update the schema (``None``: as ``[queue]
+    migrate`` says); otherwise a missing or older schema ends the command with one line
+    saying to run ``mailgate queue migrate``. Run as root, the process becomes the
+    queue's owner first (for good: it is a command that ends soon after)."""
     directory = location.directory
     settings = location.settings
+    if migrate is None:
+        migrate = settings is None or settings.migrate == "auto"
     if settings is not None and settings.backend == "postgresql":
-        async with _database_queue(settings, directory, location, command) as store:
+        async with _database_queue(settings, directory, command, migrate=migrate) as store:
             yield store
         return
     where = f"the queue at {directory} ({location.source})"
@@ -171,7 +182,7 @@ async def open_queue(
             return
     _become_owner(directory, where, command)
     try:
-        store = await SQLiteQueueStore.open(directory, policy=location.policy)
+        store = await SQLiteQueueStore.open(directory, policy=location.policy, migrate=migrate)
     except (OSError, sqlite3.Error, QueueError) as exc:
         raise QueueCommandError(
             f"{command}: cannot open {where}: {_reason(exc)}", EXIT_QUEUE
@@ -184,14 +195,14 @@ async def open_queue(
 
 @contextlib.asynccontextmanager
 async def _database_queue(
-    settings: QueueSettings, directory: Path, location: QueueLocation, command: str
+    settings: QueueSettings, directory: Path, command: str, *, migrate: bool
 ) -> AsyncIterator[QueueStore]:
     """The PostgreSQL queue the server uses (``[queue] backend = "postgresql"``): the
     same database, never a SQLite file beside it (mail queued there would not be sent)."""
     from mailgate.queue.plugin import open_store
 
     try:
-        store = await open_store(settings, directory, make_directory=False)
+        store = await open_store(settings, directory, make_directory=False, migrate=migrate)
     except QueueError as exc:
         raise QueueCommandError(f"{command}: cannot open the queue: {exc}", EXIT_QUEUE) from None
     try:
@@ -347,6 +358,22 @@ def add_queue_parser(commands: argparse._SubParsersAction[Any]) -> None:
         help="the diagnostic the report gives (default: returned by the operator)",
     )
 
+    migrate = action(
+        "migrate",
+        "create or update the queue's schema to this mailgate's version",
+        "Bring the queue's database (SQLite in the queue directory, or the [queue] schema "
+        "of the PostgreSQL database) to the schema version this mailgate uses, and say "
+        "which version it was and is. Safe to run again (nothing to do) and from several "
+        "nodes at once (they take turns). Needed before the other commands and, with "
+        '[queue] migrate = "manual", before serve.',
+    )
+    migrate.add_argument(
+        "--status",
+        action="store_true",
+        help="only show the version in place and this mailgate's; exit status 1 when a "
+        "migration is due",
+    )
+
     stats = action(
         "stats",
         "counts by state, by destination domain and by age",
@@ -368,9 +395,11 @@ def run_queue(args: argparse.Namespace) -> int:
         "bounce": _bounce,
         "stats": _stats,
     }
-    handler = handlers[args.queue_command]
     try:
         location = locate_queue(args.config)
+        if args.queue_command == "migrate":
+            return asyncio.run(_migrate(location, status_only=args.status))
+        handler = handlers[args.queue_command]
 
         async def run() -> int:
             async with open_queue(location) as store:
@@ -403,6 +432,39 @@ def store_errors() -> tuple[type[BaseException], ...]:
 def _fail(message: str, status: int) -> int:
     print(" ".join(message.splitlines()), file=sys.stderr)
     return status
+
+
+# --- migrate ---------------------------------------------------------------------------------
+
+
+async def _migrate(location: QueueLocation, *, status_only: bool) -> int:
+    from mailgate.queue.plugin import migrate_queue, schema_status
+    from mailgate.queue.settings import QueueSettings
+
+    settings = location.settings if location.settings is not None else QueueSettings()
+    command = "mailgate queue migrate"
+    if settings.backend != "postgresql":
+        _become_owner(location.directory, f"the queue at {location.directory}", command)
+    try:
+        if status_only:
+            found = await schema_status(settings, location.directory)
+        else:
+            found = await migrate_queue(settings, location.directory)
+    except (OSError, sqlite3.Error, QueueError) as exc:
+        raise QueueCommandError(f"{command}: {_reason(exc)}", EXIT_QUEUE) from None
+    if status_only:
+        due = found.before < found.after
+        state = "a migration is due" if due else "up to date"
+        print(
+            f"queue {found.where}: schema version {found.before}; this mailgate uses "
+            f"{found.after}: {state}"
+        )
+        return EXIT_UNKNOWN_ID if due else EXIT_OK
+    if found.before == found.after:
+        print(f"queue {found.where}: schema version {found.after}, up to date; nothing to do")
+    else:
+        print(f"queue {found.where}: schema migrated from version {found.before} to {found.after}")
+    return EXIT_OK
 
 
 # --- list ------------------------------------------------------------------------------------
@@ -534,6 +596,8 @@ def message_json(message: QueuedMessage, now: float) -> dict[str, Any]:
         "ret": info.ret,
         "smtputf8": info.smtputf8,
         "body": info.body_type,
+        "requiretls": info.require_tls,
+        "tls_required_no": info.tls_optional,
         "client": {
             "address": client.address,
             "name": client.name,
@@ -647,6 +711,14 @@ def show_text(details: MessageDetails, headers: list[tuple[str, str]] | None, no
     row(
         "body",
         " ".join(part for part in (info.body_type, "SMTPUTF8" if info.smtputf8 else None) if part),
+    )
+    row(
+        "tls",
+        "REQUIRETLS (only over verified TLS to a server offering it)"
+        if info.require_tls
+        else "TLS-Required: No (DANE and MTA-STS policies set aside)"
+        if info.tls_optional
+        else None,
     )
     lines.append("recipients")
     for recipient in message.recipients:

@@ -294,7 +294,34 @@ def _sendmail(args: argparse.Namespace, stdin: BinaryIO) -> tuple[str, int]:
         body_type=body_type,
         client=ClientInfo(auth_user=login, listener="sendmail"),
     )
-    return f"queued as {asyncio.run(_enqueue(location, new, message))}", len(queued)
+    signed = _signed(options, message, login)
+    return f"queued as {asyncio.run(_enqueue(location, new, signed))}", len(queued)
+
+
+def _signed(options: ServerOptions, message: bytes, login: str) -> bytes:
+    """``message`` with the ``[[dkim_sign]]`` signatures that match it: sendmail queues
+    it itself, so it signs as the server does for mail it queues (once: a retry sends
+    these bytes). The keys are read here, so the user running sendmail (the queue's
+    owner, or root) must be able to read them."""
+    if not any(section.name == "dkim_sign" for section in options.policy):
+        return message
+    from mailgate.config import ConfigError
+    from mailgate.queue.signing import message_signer
+
+    try:
+        signer = message_signer(
+            options.policy, hostname=options.hostname, relay_networks=options.relay_networks
+        )
+    except ConfigError as exc:
+        raise SendmailError(f"{_COMMAND}: error: {exc}; nothing queued", EX_CONFIG) from None
+    if signer is None:
+        return message
+    try:
+        added, _ = signer.sign_local(message, login)
+    except Exception as exc:  # dkimpy's errors for a header it cannot parse
+        print(f"{_COMMAND}: warning: not DKIM-signed: {exc}", file=sys.stderr)
+        return message
+    return added + message
 
 
 @dataclass(frozen=True, slots=True)
@@ -412,7 +439,8 @@ def _xtext(value: str) -> str:
 async def _enqueue(location: QueueLocation, message: Any, data: bytes) -> str:
 
     try:
-        async with open_queue(location, create=True, command=_COMMAND) as store:
+        # Like serve: the schema is created or updated when [queue] migrate = "auto".
+        async with open_queue(location, create=True, migrate=None, command=_COMMAND) as store:
             assert store is not None  # create=True always opens
             return await store.enqueue(message, data)
     except QueueCommandError as exc:

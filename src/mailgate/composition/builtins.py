@@ -10,13 +10,22 @@ with ``before="maildir"``). Plugin modules are imported only when a server start
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from mailgate.server.options import ServerOptions
 from mailgate.settings import ConfigError
 
-__all__ = ["builtin_plugins", "policy_plugins", "queue_plugin", "routing_plugin"]
+__all__ = [
+    "builtin_plugins",
+    "message_signer",
+    "policy_plugins",
+    "queue_plugin",
+    "routing_plugin",
+]
+
+log = logging.getLogger("mailgate.server")
 
 
 def policy_plugins(options: ServerOptions, clock: Callable[[], float] | None = None) -> list[Any]:
@@ -92,10 +101,15 @@ def queue_plugin(options: ServerOptions, routing: Any) -> Any:
     queued and nothing changes."""
     from mailgate.plugins.routing import Action, RoutingPlugin
 
-    if not isinstance(routing, RoutingPlugin):
-        return None
-    table = routing.table
-    if not any(route.action in (Action.RELAY, Action.FORWARD) for route in table.routes):
+    table = routing.table if isinstance(routing, RoutingPlugin) else None
+    if table is None or not any(
+        route.action in (Action.RELAY, Action.FORWARD) for route in table.routes
+    ):
+        if any(section.name in ("dkim_sign", "arc_seal") for section in options.policy):
+            log.warning(
+                "[[dkim_sign]] and [arc_seal] sign mail the queue sends onward; without "
+                "[[routes]] that relay or forward, nothing is signed"
+            )
         return None
     from mailgate.dns import Resolver
     from mailgate.queue.outbound import Forward
@@ -126,4 +140,28 @@ def queue_plugin(options: ServerOptions, routing: Any) -> Any:
         forward_targets=forward_targets,
         bounce_route=bounce_route,
         resolver=Resolver(options.dns_nameservers, timeout=options.dns_timeout),
+        signer=message_signer(options),
     )
+
+
+def message_signer(options: ServerOptions) -> Any:
+    """The ``[[dkim_sign]]`` and ``[arc_seal]`` keys, read now (None without those
+    tables); ConfigError naming the entry and key when one cannot be used. The start
+    logs what will be signed."""
+    from mailgate.queue.signing import message_signer as read_signer
+
+    signer = read_signer(
+        options.policy, hostname=options.hostname, relay_networks=options.relay_networks
+    )
+    for line in signer.describe() if signer is not None else ():
+        log.info("%s", line)
+    if (
+        signer is not None
+        and signer.arc is not None
+        and not any(section.name == "mail_auth" for section in options.policy)
+    ):
+        log.warning(
+            "[arc_seal] seals the Authentication-Results of [mail_auth], which is not "
+            "configured: only messages your own hooks add them to are sealed"
+        )
+    return signer

@@ -17,6 +17,9 @@ Two things are carried over rather than rebuilt:
   ``[queue]`` and ``[outbound]`` change only on restart (a change is logged as a warning);
 - the rate limits' in-memory counts: a reload does not give every client a fresh allowance.
 
+The queue itself stays too, but its DKIM and ARC keys (``[[dkim_sign]]``, ``[arc_seal]``)
+are read again from the new settings (``Server.reload``): a rotated key takes effect.
+
 The old plugins are closed (their stores and resolvers) once every connection that was
 open at the swap has ended, or at shutdown.
 """

@@ -19,7 +19,7 @@ from mailgate.server.app import SMTPServer, StartPlugins
 from mailgate.server.options import SenderMap, ServerOptions
 from mailgate.settings.machine import machine_name_choice
 
-from .builtins import builtin_plugins, policy_plugins, routing_plugin
+from .builtins import builtin_plugins, message_signer, policy_plugins, routing_plugin
 from .reload import PolicyReload, ReloadError
 
 if TYPE_CHECKING:
@@ -137,7 +137,19 @@ class Server(SMTPServer):
     def reload(self, options: ServerOptions) -> None:
         """SIGHUP: the policy chain is built again from ``options`` and swapped in whole
         (see :mod:`.reload`); when it cannot be built, nothing changes and one error line
-        says why. Then certificates and settings as the core server reloads them."""
+        says why. The DKIM and ARC keys are read again (a key rotated on disk is used
+        from now on). Then certificates and settings as the core server reloads them."""
+        from mailgate.queue.plugin import QueuePlugin
+        from mailgate.settings import ConfigError
+
+        queue = next((p for p in self.hooks.plugins() if isinstance(p, QueuePlugin)), None)
+        signer = queue.signer if queue is not None else None
+        if queue is not None and self._started:
+            try:
+                signer = message_signer(options)
+            except ConfigError as exc:
+                log.error("reload: configuration not reloaded, the old one runs on: %s", exc)
+                return
         policy: PolicyReload | None = getattr(self, "_policy", None)
         if policy is not None and self._started:
             try:
@@ -145,6 +157,8 @@ class Server(SMTPServer):
             except ReloadError as exc:
                 log.error("reload: configuration not reloaded, the old one runs on: %s", exc)
                 return
+        if queue is not None:
+            queue.signer = signer
         super().reload(options)
 
     def reload_plugins(self, skip: Sequence[Any] = ()) -> None:

@@ -53,6 +53,7 @@ from mailgate.settings import ConfigError
 
 from .personas import PERSONAS, PersonaProfile, ProfileError, load_profile
 from .plugin import AddressCounts, HoneypotPlugin
+from .recipients import RecipientPolicy, default_domains
 from .settings import HoneypotOptions
 from .store import CaptureError, CaptureStore, RawMessage
 
@@ -78,7 +79,12 @@ _QUIET_RELAY = PolicySection(relay.TABLE, {"warn_open_relay": False}, None, "hon
 
 def load_persona(honeypot: HoneypotOptions) -> PersonaProfile:
     """The persona profile the settings ask for: ``profile`` (a TOML file, its ``base``
-    defaulting to ``persona``) or the built-in ``persona``."""
+    defaulting to ``persona``), a generated identity (``generate_identity``, see
+    mailgate.honeypot.identity) or the built-in ``persona``."""
+    if honeypot.generate_identity:
+        from .identity import persona_for_start
+
+        return persona_for_start(honeypot)
     try:
         if honeypot.profile is not None:
             return load_profile(honeypot.profile, base=honeypot.persona)
@@ -95,8 +101,8 @@ def honeypot_server_options(
 ) -> ServerOptions:
     """``options`` with the honeypot's fixed settings: sink delivery, open relay, no relay
     networks (nobody is exempt from the policy), state under the data directory, AUTH
-    before TLS, the persona; and the persona's host name, SIZE and SASL mechanisms where
-    the settings (``honeypot.given``) name none. The limits and lists tables are left out:
+    before TLS, the persona; and the persona's host name, SIZE, SASL mechanisms,
+    recipient and AUTH failure limits where the settings (``honeypot.given``) name none. The limits and lists tables are left out:
     :func:`build_server` makes those plugins itself, with the persona's refusals."""
     given = honeypot.given
     if options.workers > 1:
@@ -125,6 +131,12 @@ def honeypot_server_options(
             "relays or checks passwords; everything stays in its data directory)"
         )
     hostname = options.hostname if "hostname" in given else profile.hostname
+    max_recipients = options.max_recipients
+    if "max_recipients" not in given and profile.recipient_limit is not None:
+        max_recipients = profile.recipient_limit
+    max_auth_failures = options.max_auth_failures
+    if "max_auth_failures" not in given and profile.auth_failure_limit is not None:
+        max_auth_failures = profile.auth_failure_limit
     if "max_size" in given:
         max_size = options.max_size
     else:
@@ -132,6 +144,8 @@ def honeypot_server_options(
     return dataclasses.replace(
         options,
         hostname=hostname,
+        max_recipients=max_recipients,
+        max_auth_failures=max_auth_failures,
         delivery="sink",
         state_dir=honeypot.data_dir / STATE_DIR,
         max_size=max_size,
@@ -170,6 +184,12 @@ class _Texts:
         return self.profile.format(
             name, hostname=self.hostname, client_ip=session.peer_host, **values
         )
+
+    def unknown_user(self, session: Session, address: str) -> Reply:
+        return self.reply("unknown_user", session, address=address)
+
+    def relay_denied(self, session: Session, address: str) -> Reply:
+        return self.reply("relay_denied", session, address=address)
 
     def too_many_connections(self, session: Session) -> Reply:
         return self.reply("too_many_connections", session)
@@ -245,11 +265,22 @@ class HoneypotServer(SMTPServer):
     async def start(self, *, reuse_port: bool = False) -> None:
         await super().start(reuse_port=reuse_port)
         hp = self.honeypot
+        recipients = self.plugin.recipients
+        domains = (
+            ", ".join(sorted(recipients.domains)) if recipients is not None else "every domain"
+        )
+        relaying = (
+            "pretending to relay"
+            if recipients is None or recipients.relay == "pretend"
+            else "refusing relaying"
+        )
         log.warning(
-            "honeypot mode: persona %s as %s; accepting mail for every domain, relaying and "
-            "delivering none; capturing into %s%s",
+            "honeypot mode: persona %s as %s; accepting mail for its users at %s, %s; "
+            "relaying and delivering none; capturing into %s%s",
             self.profile.name,
             self.options.hostname,
+            domains,
+            relaying,
             hp.data_dir,
             f" and JSON lines to {'stdout' if hp.jsonl == '-' else hp.jsonl}" if hp.jsonl else "",
         )
@@ -324,6 +355,20 @@ def build_server(
             analysis_max_depth=honeypot.analysis_max_depth,
             auth_mechanisms=options.auth_mechanisms,
             address_counts=address_counts,
+            banner_delay=profile.banner_delay,
+            reply_delay=profile.reply_delay,
+            recipients=RecipientPolicy.build(
+                domains=honeypot.domains or default_domains(options.hostname),
+                users=(
+                    honeypot.local_users
+                    if honeypot.local_users is not None
+                    else profile.local_users
+                ),
+                relay=honeypot.relay,
+                unknown_user=texts.unknown_user,
+                relay_denied=texts.relay_denied,
+            ),
+            vrfy_checks_users=profile.vrfy_checks_users,
         )
     except ValueError as exc:
         store.close()

@@ -38,6 +38,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from mailgate.protocol.behaviour import BEHAVIOUR_FIELDS, Behaviour, BehaviourError
 from mailgate.protocol.config import ProtocolConfig
 from mailgate.protocol.persona import (
     BANNER_PLACEHOLDERS,
@@ -54,11 +55,15 @@ from mailgate.protocol.replies import Reply, ReplyError
 from mailgate.protocol.sasl import MECHANISMS
 
 __all__ = [
+    "MAX_BANNER_DELAY",
+    "MAX_REPLY_DELAY",
+    "NO_DELAY",
     "PERSONAS",
     "PROFILE_KEYS",
     "QUEUE_ID_STYLES",
     "SERVER_PLACEHOLDERS",
     "SERVER_REPLY_NAMES",
+    "TIMING_KEYS",
     "PersonaProfile",
     "ProfileError",
     "dump_profile",
@@ -88,6 +93,7 @@ class ProfileError(ValueError):
 SERVER_PLACEHOLDERS: Mapping[str, frozenset[str]] = MappingProxyType(
     {
         "relay_denied": frozenset({"hostname", "client_ip", "address"}),
+        "unknown_user": frozenset({"hostname", "client_ip", "address"}),
         "rejected": frozenset({"hostname", "client_ip", "address"}),
         "too_many_connections": frozenset({"hostname", "client_ip"}),
         "insufficient_storage": frozenset({"hostname", "client_ip"}),
@@ -98,6 +104,7 @@ SERVER_REPLY_NAMES: frozenset[str] = frozenset(SERVER_PLACEHOLDERS)
 #: The kind of reply each server text must be (what the server does with it).
 _SERVER_CLASSES = {
     "relay_denied": "refusal",
+    "unknown_user": "refusal",
     "rejected": "refusal",
     "too_many_connections": "refusal",
     # The client must come back later, not bounce the message.
@@ -125,9 +132,32 @@ PROFILE_KEYS: Mapping[str, str] = MappingProxyType(
         "auth_mechanisms": "SASL mechanisms to offer, in order",
         "message_size_limit": "SIZE to advertise and enforce; 0 = no number",
         "queue_id": "queue id style",
+        "local_users": "user names that exist at the persona's domains (others are unknown)",
+        "vrfy_checks_users": "VRFY refuses unknown users and other domains as RCPT does",
+        "recipient_limit": "recipients per message the product takes (0: the server's)",
+        "auth_failure_limit": "failed AUTHs before the product hangs up (0: the server's)",
+        "behaviour": "table: how the product behaves (mailgate.protocol.behaviour)",
+        "timing": "table: banner_delay and reply_delay, [min, max] seconds of jitter",
         "replies": "table: reply name = reply",
     }
 )
+
+#: Keys of the ``[timing]`` table: seconds, ``[min, max]``, a delay drawn uniformly from
+#: that range before the banner / before each answer the honeypot paces.
+TIMING_KEYS: Mapping[str, str] = MappingProxyType(
+    {
+        "banner_delay": "seconds before the 220 greeting, [min, max]",
+        "reply_delay": "seconds before each paced answer (HELO/EHLO, AUTH, MAIL, RCPT, DATA)",
+    }
+)
+#: The longest delays a profile may ask for: well inside a client's patience (RFC 5321
+#: 4.5.3.2: 5 minutes for the greeting) and the server's hook_timeout (30 s by default),
+#: short enough that a persona never looks like a tarpit by accident.
+MAX_BANNER_DELAY = 5.0
+MAX_REPLY_DELAY = 2.0
+_TIMING_BOUNDS = {"banner_delay": MAX_BANNER_DELAY, "reply_delay": MAX_REPLY_DELAY}
+#: No delay: what every built-in persona has.
+NO_DELAY: tuple[float, float] = (0.0, 0.0)
 
 # --- queue ids -------------------------------------------------------------------------------
 
@@ -323,6 +353,9 @@ def _render(reply: Reply, values: Mapping[str, object], allowed: frozenset[str])
 
 # Defaults of the server-layer texts (a profile built in code without them).
 _RELAY_DENIED = Reply(554, "5.7.1", ("Relay access denied",))
+_UNKNOWN_USER = Reply(550, "5.1.1", ("<{address}>: User unknown",))
+#: Local users every product has (the honeypot's ``local_users`` setting adds or replaces).
+DEFAULT_LOCAL_USERS = ("root", "postmaster", "admin", "abuse")
 _REJECTED = Reply(554, "5.7.1", ("Access denied",))
 _TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", ("Too many connections",))
 _INSUFFICIENT_STORAGE = Reply(452, "4.3.1", ("Insufficient system storage",))
@@ -350,12 +383,29 @@ class PersonaProfile:
     message_size_limit: int | None = 10_240_000
     #: Queue id style, a key of :data:`QUEUE_ID_STYLES`.
     queue_id_style: str = "hex"
+    #: User names (local parts, compared without case) that exist at the persona's own
+    #: domains: RCPT to any other local user gets ``unknown_user``.
+    local_users: tuple[str, ...] = DEFAULT_LOCAL_USERS
+    #: The product's recipients per message (Postfix smtpd_recipient_limit 1000); None:
+    #: the server's max_recipients.
+    recipient_limit: int | None = None
+    #: Failed AUTHs before the product hangs up (None: the server's max_auth_failures).
+    #: Postfix has no such limit of its own: its error limit (20) ends the session.
+    auth_failure_limit: int | None = None
+    #: VRFY looks the user up like RCPT: unknown users and other domains get
+    #: ``unknown_user``/``relay_denied`` (Postfix); False: every VRFY gets ``vrfy_default``.
+    vrfy_checks_users: bool = False
     # Server-layer texts (templates; see SERVER_PLACEHOLDERS and :meth:`format`).
     relay_denied: Reply = _RELAY_DENIED
+    unknown_user: Reply = _UNKNOWN_USER
     rejected: Reply = _REJECTED
     too_many_connections: Reply = _TOO_MANY_CONNECTIONS
     insufficient_storage: Reply = _INSUFFICIENT_STORAGE
     message_queued: Reply = _MESSAGE_QUEUED
+    #: Timing jitter, seconds ``(min, max)``: a delay drawn from the range before the
+    #: banner, and before each answer the honeypot paces. (0, 0): none.
+    banner_delay: tuple[float, float] = NO_DELAY
+    reply_delay: tuple[float, float] = NO_DELAY
     _server: Mapping[str, Reply] = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -365,6 +415,10 @@ class PersonaProfile:
         for mechanism in self.auth_mechanisms:
             if mechanism not in MECHANISMS:
                 raise ProfileError(source, "auth_mechanisms", _mechanism_error(mechanism))
+        for key, bound in _TIMING_BOUNDS.items():
+            problem = _delay_problem(getattr(self, key), bound)
+            if problem:
+                raise ProfileError(source, f"timing.{key}", problem)
         server = {name: getattr(self, name) for name in SERVER_REPLY_NAMES}
         for name, reply in server.items():
             problem = _server_reply_problem(name, reply)
@@ -469,6 +523,20 @@ def _mechanism_error(value: object) -> str:
         f"{value!r} is not a SASL mechanism mailgate implements "
         f"({', '.join(MECHANISMS)}); a persona offers only what works"
     )
+
+
+def _delay_problem(value: object, bound: float) -> str:
+    """What is wrong with a ``(min, max)`` delay range, or the empty string."""
+    if (
+        not isinstance(value, tuple | list)
+        or len(value) != 2
+        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    ):
+        return f"expected [min, max] in seconds, got {value!r}"
+    low, high = float(value[0]), float(value[1])
+    if not 0.0 <= low <= high <= bound:
+        return f"expected 0 <= min <= max <= {bound:g} seconds, got [{low:g}, {high:g}]"
+    return ""
 
 
 def _server_reply_problem(name: str, reply: Reply) -> str:
@@ -652,8 +720,28 @@ def profile_from_mapping(
                     "unknown reply name" + _did_you_mean(name, REPLY_NAMES | SERVER_REPLY_NAMES),
                 )
         merged_replies.update(table)
-    spec.update({k: v for k, v in data.items() if k not in ("replies", "base")})
+    merged_timing: dict[str, Any] = spec.pop("timing")
+    if "timing" in data:
+        timing = data["timing"]
+        if not isinstance(timing, Mapping):
+            raise reader.error("timing", f"expected a table, got {_kind(timing)}")
+        for name in timing:
+            if name not in TIMING_KEYS:
+                raise reader.error(
+                    f"timing.{name}", "unknown key" + _did_you_mean(name, TIMING_KEYS)
+                )
+        merged_timing.update(timing)
+    if "behaviour" in data:
+        table = data["behaviour"]
+        if not isinstance(table, Mapping):
+            raise reader.error("behaviour", f"expected a table, got {_kind(table)}")
+        # Like replies: the file's keys change the base's behaviour, the rest stays.
+        spec["behaviour"] = {**spec.get("behaviour", {}), **table}
+    spec.update(
+        {k: v for k, v in data.items() if k not in ("replies", "timing", "base", "behaviour")}
+    )
     spec["replies"] = merged_replies
+    spec["timing"] = merged_timing
     return _build(_Reader(spec, source))
 
 
@@ -700,6 +788,8 @@ def _build(reader: _Reader) -> PersonaProfile:
         )
     if "enhanced_status_codes" in data:
         kwargs["enhanced_status_codes"] = reader.boolean("enhanced_status_codes")
+    if "behaviour" in data:
+        kwargs["behaviour"] = _behaviour(reader)
 
     replies: dict[str, Reply] = {}
     server: dict[str, Reply] = {}
@@ -755,8 +845,63 @@ def _build(reader: _Reader) -> PersonaProfile:
         if style not in QUEUE_ID_STYLES:
             raise reader.error("queue_id", _choice_error(style))
         options["queue_id_style"] = style
+    timing: Mapping[str, Any] = data.get("timing", {})
+    for key, bound in _TIMING_BOUNDS.items():
+        if key in timing:
+            value = timing[key]
+            problem = _delay_problem(value, bound)
+            if problem:
+                raise reader.error(f"timing.{key}", problem)
+            options[key] = (float(value[0]), float(value[1]))
+    if "local_users" in data:
+        options["local_users"] = _local_users(reader)
+    if "vrfy_checks_users" in data:
+        options["vrfy_checks_users"] = reader.boolean("vrfy_checks_users")
+    for key in ("recipient_limit", "auth_failure_limit"):
+        if key in data:
+            options[key] = reader.integer(key, 0, 1_000_000) or None
     options.update(server)
     return PersonaProfile(name=reader.string("name"), persona=persona, software=software, **options)
+
+
+def _behaviour(reader: _Reader) -> Behaviour:
+    """The ``[behaviour]`` table (see mailgate.protocol.behaviour for every key)."""
+    table = reader.data["behaviour"]
+    if isinstance(table, Behaviour):
+        return table
+    if not isinstance(table, Mapping):
+        raise reader.error("behaviour", f"expected a table, got {_kind(table)}")
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        where = f"behaviour.{key}"
+        if key not in BEHAVIOUR_FIELDS:
+            raise reader.error(where, "unknown key" + _did_you_mean(key, BEHAVIOUR_FIELDS))
+        if key == "ignored_arguments":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise reader.error(where, f"expected a list of verbs, got {_kind(value)}")
+            value = frozenset(value)
+        elif key in ("line_limit", "error_limit"):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise reader.error(where, f"expected a whole number, got {_kind(value)}")
+            value = value or None  # 0: none (the server's own limits)
+        values[key] = value
+    try:
+        return Behaviour(**values)
+    except BehaviourError as exc:
+        key, _, message = str(exc).partition(": ")
+        raise reader.error(f"behaviour.{key}", message) from None
+
+
+#: A user name as a local part (dot-string, no quoting), compared without case.
+_USER = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+(?:\.[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+)*")
+
+
+def _local_users(reader: _Reader) -> tuple[str, ...]:
+    users = reader.strings("local_users")
+    for user in users:
+        if not _USER.fullmatch(user) or len(user) > 64:
+            raise reader.error("local_users", f"{user!r} is not a user name (a local part)")
+    return tuple(dict.fromkeys(u.lower() for u in users))
 
 
 def _fits(reply: Reply, allowed: frozenset[str]) -> bool:
@@ -804,7 +949,14 @@ def _to_spec(profile: PersonaProfile) -> dict[str, Any]:
         "auth_mechanisms": list(profile.auth_mechanisms),
         "message_size_limit": profile.message_size_limit or 0,
         "queue_id": profile.queue_id_style,
+        "local_users": list(profile.local_users),
+        "vrfy_checks_users": profile.vrfy_checks_users,
+        "recipient_limit": profile.recipient_limit or 0,
+        "auth_failure_limit": profile.auth_failure_limit or 0,
     }
+    behaviour = dict(persona.behaviour.as_mapping())
+    if behaviour:
+        spec["behaviour"] = behaviour
     replies: dict[str, Any] = {}
     for name in sorted(persona.overridden):
         value = persona.replies[name]
@@ -813,6 +965,10 @@ def _to_spec(profile: PersonaProfile) -> dict[str, Any]:
     for name in sorted(SERVER_REPLY_NAMES):
         replies[name] = format_reply(getattr(profile, name))
     spec["replies"] = replies
+    spec["timing"] = {
+        "banner_delay": list(profile.banner_delay),
+        "reply_delay": list(profile.reply_delay),
+    }
     return spec
 
 
@@ -821,6 +977,8 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int):
         return str(value)
+    if isinstance(value, float):
+        return repr(value)
     if isinstance(value, str):
         return json.dumps(value).replace("\x7f", "\\u007f")
     if isinstance(value, list):
@@ -845,8 +1003,13 @@ def dump_profile(profile: PersonaProfile) -> str:
         'base = "none"',
     ]
     for key, value in spec.items():
-        if key != "replies":
+        if key not in ("replies", "behaviour", "timing"):
             lines.append(f"{key} = {_toml_value(value)}")
+    if spec.get("behaviour"):
+        lines += ["", "[behaviour]"]
+        lines += [f"{key} = {_toml_value(value)}" for key, value in spec["behaviour"].items()]
+    lines += ["", "[timing]"]
+    lines += [f"{name} = {_toml_value(value)}" for name, value in spec["timing"].items()]
     lines += ["", "[replies]"]
     lines += [f"{name} = {_toml_value(value)}" for name, value in spec["replies"].items()]
     return "\n".join(lines) + "\n"

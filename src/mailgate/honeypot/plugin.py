@@ -17,6 +17,9 @@
   the tarpit and ``accept-after:N`` then see what the address did on any node. When the
   store does not answer, this process's own counts are used (or, when the store says to
   fail closed, the connection gets ``421 4.3.0`` and AUTH ``454 4.7.0``);
+- adds a persona's timing jitter: a delay drawn from ``banner_delay`` before the banner
+  and from ``reply_delay`` before the other answers it paces (``(0, 0)``, the default:
+  none, and no sleep at all);
 - keeps the store's total cap while mail is received: at DATA it reserves room for the
   message (its announced SIZE, else the server's message size limit) and, when even
   pruning the oldest finished sessions cannot make room, refuses the DATA with ``452
@@ -48,6 +51,7 @@ import contextlib
 import functools
 import logging
 import os
+import random
 import re
 import stat
 import time
@@ -79,6 +83,7 @@ from .extract import (
     extract,
     extract_subject,
 )
+from .recipients import RecipientPolicy
 from .settings import AUTH_OUTCOMES, parse_auth_outcome
 from .store import CaptureStore, RawMessage
 
@@ -191,12 +196,20 @@ class HoneypotPlugin:
     event loop's default executor, which the server opens spool files in);
     ``max_analysis_backlog``: messages waiting for analysis beyond which a new one only
     has its subject read; ``auth_mechanisms``: offered when no ``auth_mechanisms`` setting overrides;
-    ``clock``: the time source (session ages compare with ``session.started_at``).
+    ``clock``: the time source (session ages compare with ``session.started_at``);
     ``address_counts``: where connections and AUTH attempts per address are counted
-    when several nodes share them (None: in this process); closed by :meth:`aclose`.
+    when several nodes share them (None: in this process); closed by :meth:`aclose`;
+    ``banner_delay``/``reply_delay``: ``(min, max)`` seconds of jitter before the banner /
+    before each other paced answer (a persona's timing; added to the tarpit), ``rng``
+    the random source it is drawn from.
 
     ``storage_check_interval``: seconds between two looks at the spool directory while
     messages are received (the running count of bytes in flight).
+
+    ``recipients``: a :class:`~mailgate.honeypot.recipients.RecipientPolicy` deciding
+    which RCPTs are taken (local users, relaying) and how the others are refused, in the
+    persona's words; None takes every recipient. ``vrfy_checks_users``: VRFY of an
+    unknown user or another domain gets the same refusal as RCPT (Postfix does that).
 
     Replies in other words (a persona's), each None for the plugin's own:
     ``auth_drop_reply(session)``: the 5xx that ends a session with
@@ -238,9 +251,24 @@ class HoneypotPlugin:
         message_reply: MessageReply | None = None,
         storage_check_interval: float = SPOOL_CHECK_INTERVAL,
         address_counts: AddressCounts | None = None,
+        banner_delay: tuple[float, float] = (0.0, 0.0),
+        reply_delay: tuple[float, float] = (0.0, 0.0),
+        rng: random.Random | None = None,
+        recipients: RecipientPolicy | None = None,
+        vrfy_checks_users: bool = False,
     ) -> None:
         self.store = store
         self.address_counts = address_counts
+        for what, (low, high) in (("banner_delay", banner_delay), ("reply_delay", reply_delay)):
+            if not 0 <= low <= high:
+                raise ValueError(f"{what} must be (min, max) with 0 <= min <= max")
+        self.banner_delay = (float(banner_delay[0]), float(banner_delay[1]))
+        self.reply_delay = (float(reply_delay[0]), float(reply_delay[1]))
+        self._rng = rng or random.Random()
+        #: VRFY answered from ``recipients`` like RCPT (the persona's product does so).
+        self.vrfy_checks_users = vrfy_checks_users
+        #: Which recipients are taken and how the others are refused (None: all taken).
+        self.recipients = recipients
         self.auth_mode, self.accept_after = parse_auth_outcome(auth_outcome)
         self.auth_outcome = auth_outcome
         if tarpit < 0 or tarpit_max < 0:
@@ -303,6 +331,19 @@ class HoneypotPlugin:
                 self.tarpit_max,
                 hook_timeout,
             )
+        # Jitter is the persona's look, never a reason for a 451: keep the longest one
+        # (with the tarpit's) below the hook timeout too.
+        room = max(0.0, hook_timeout - 1.0 - (self.tarpit_max if self.tarpit else 0.0))
+        for what in ("banner_delay", "reply_delay"):
+            low, high = getattr(self, what)
+            if high > room:
+                setattr(self, what, (min(low, room), room))
+                log.warning(
+                    "honeypot: %s lowered to at most %.1f s, below hook_timeout (%.0f s)",
+                    what,
+                    room,
+                    hook_timeout,
+                )
         server.add_plugin(self)
         server.recorder = self.recorder
         self.server = server
@@ -318,7 +359,7 @@ class HoneypotPlugin:
             remaining = self.max_session_seconds - (self.clock() - session.started_at)
             timer = loop.call_later(max(0.0, remaining), self._expire, session)
             session.notes.setdefault(self.name, {})["timer"] = timer
-        await self._pace(session)
+        await self._pace(session, jitter=self.banner_delay)
 
     async def on_helo(self, session: Session, hostname: str) -> None:
         await self._pace(session)
@@ -366,8 +407,18 @@ class HoneypotPlugin:
     async def on_mail(self, session: Session, envelope: Envelope, address: Address) -> None:
         await self._pace(session)
 
-    async def on_rcpt(self, session: Session, envelope: Envelope, address: Address) -> None:
+    async def on_rcpt(self, session: Session, envelope: Envelope, address: Address) -> Reply | None:
         await self._pace(session)
+        if self.recipients is not None:
+            return self.recipients.judge(session, address)
+        return None
+
+    async def on_vrfy(self, session: Session, argument: str, expand: bool) -> Reply | None:
+        # Products that look the user up for VRFY (Postfix) refuse unknown users and other
+        # domains in their RCPT words; EXPN is left to the persona's answer.
+        if self.recipients is not None and self.vrfy_checks_users and not expand:
+            return self.recipients.judge_vrfy(session, argument)
+        return None
 
     async def on_data_start(self, session: Session, envelope: Envelope) -> None:
         await self._pace(session)
@@ -618,10 +669,19 @@ class HoneypotPlugin:
         connections = state.connections if state is not None else 1
         return min(self.tarpit * max(1, connections), self.tarpit_max)
 
-    async def _pace(self, session: Session, *, check_age: bool = True) -> None:
+    async def _pace(
+        self,
+        session: Session,
+        *,
+        check_age: bool = True,
+        jitter: tuple[float, float] | None = None,
+    ) -> None:
         if check_age:
             self._check_age(session)
         delay = self.delay(session.peer_host)
+        low, high = self.reply_delay if jitter is None else jitter
+        if high > 0:
+            delay += self._rng.uniform(low, high)
         if delay > 0:
             await asyncio.sleep(delay)
 

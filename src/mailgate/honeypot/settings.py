@@ -9,6 +9,7 @@ the result into a server.
 from __future__ import annotations
 
 import re
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,18 +33,28 @@ __all__ = [
     "HONEYPOT_REFUSED_TABLES",
     "PERSONA_CHOICES",
     "REFUSED_FLAGS",
+    "RELAY_MODES",
     "SERVER_FLAGS",
     "HoneypotOptions",
     "check_policy_overlap",
+    "env_name_setting",
+    "llm_url_setting",
+    "model_name_setting",
     "parse_auth_outcome",
     "refuse_tables",
 ]
 
 AUTH_OUTCOMES: Final = ("refuse", "accept", "accept-after:N")
+RELAY_MODES: Final = ("refuse", "pretend")
 #: The built-in personas (mailgate.honeypot.personas.PERSONAS has them; listed here so
 #: that reading a configuration does not load them).
 PERSONA_CHOICES: Final = ("postfix", "exim", "exchange", "sendmail", "generic")
-GROUPS: Mapping[str, str] = {"honeypot": "honeypot"}
+GROUPS: Mapping[str, str] = {
+    "honeypot": "honeypot",
+    "identity": "honeypot: generated identity",
+}
+#: The longest wait for one answer of the language model (a start must stay bounded).
+MAX_LLM_TIMEOUT: Final = 600.0
 
 
 def parse_auth_outcome(value: str) -> tuple[str, int]:
@@ -81,12 +92,67 @@ def _rate(value: Value) -> str:
     return text
 
 
+def llm_url_setting(value: Value) -> str:
+    """The base URL of an OpenAI-compatible API (``http(s)://host[:port]/v1``)."""
+    text = converters.string(value).strip()
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise value.error(
+            f"{text!r} is not an http:// or https:// URL (e.g. http://127.0.0.1:11434/v1)"
+        )
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise value.error(f"{text!r} has no valid port number") from None
+    return text
+
+
+def model_name_setting(value: Value) -> str:
+    text = converters.string(value).strip()
+    if not text or len(text) > 200 or not text.isprintable():
+        raise value.error(f"{text!r} is not a model name")
+    return text
+
+
+def env_name_setting(value: Value) -> str:
+    text = converters.string(value).strip()
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", text):
+        raise value.error(f"{text!r} is not an environment variable name")
+    return text
+
+
+def _llm_timeout(value: Value) -> float:
+    seconds = converters.seconds(value)
+    if seconds > MAX_LLM_TIMEOUT:
+        raise value.error(f"at most {MAX_LLM_TIMEOUT:g} seconds, got {seconds:g}")
+    return seconds
+
+
 def _seconds_or_off(value: Value) -> float | None:
     return converters.seconds_or_zero(value) or None
 
 
 def _size_or_off(value: Value) -> int | None:
     return converters.size(value) or None
+
+
+_USER = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+(?:\.[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+)*")
+
+
+def _users(value: Value) -> tuple[str, ...]:
+    users = [u.strip() for text in converters.string_list(value) for u in text.split(",")]
+    for user in users:
+        if not _USER.fullmatch(user) or len(user) > 64:
+            raise value.error(f"{user!r} is not a user name (the local part of an address)")
+    return tuple(dict.fromkeys(u.lower() for u in users))
+
+
+def _domains(value: Value) -> tuple[str, ...]:
+    domains = converters.domain_patterns(value)
+    for domain in domains:
+        if domain.startswith("*."):
+            raise value.error(f"{domain!r}: give each domain by name (no *.)")
+    return domains
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +284,99 @@ class HoneypotOptions:
         "persona's 421",
         default_text="no limit",
     )
+    #: What RCPT to a domain that is not the persona's gets: the persona's relay refusal
+    #: (refuse), or accepted and captured like local mail (pretend); nothing is ever relayed.
+    relay: str = setting(
+        "refuse",
+        convert=converters.choice(RELAY_MODES),
+        group="honeypot",
+        choices=RELAY_MODES,
+        help="RCPT to other domains: refuse with the persona's relay denial (as the product "
+        "does by default), or pretend to relay (accept and capture; nothing is ever relayed)",
+    )
+    #: Users that exist at the persona's domains (None: the persona's own list).
+    local_users: tuple[str, ...] | None = setting(
+        None,
+        convert=_users,
+        group="honeypot",
+        metavar="USER[,USER]",
+        repeatable=True,
+        help="users that exist at the persona's domains; RCPT to others gets the product's "
+        "unknown-user refusal",
+        default_text="the persona's (root, postmaster, admin, the product's system users)",
+    )
+    #: Domains the persona receives mail for (empty: the host name, its parent domain,
+    #: localhost and localhost.localdomain).
+    domains: tuple[str, ...] = setting(
+        (),
+        convert=_domains,
+        group="honeypot",
+        metavar="DOMAIN[,DOMAIN]",
+        repeatable=True,
+        help="domains the persona receives mail for; mail to others is relaying",
+        default_text="the host name, its parent domain, localhost, localhost.localdomain",
+    )
+    #: Generate a site identity with a language model at the first start and keep it in
+    #: the data directory (mailgate.honeypot.identity).
+    generate_identity: bool = setting(
+        False,
+        convert=converters.boolean,
+        group="identity",
+        switch=True,
+        help="at the first start ask a language model (--llm-url, --model) for a site "
+        "identity within the persona's conventions (host name, banner variant, version, "
+        "local users, timing) and keep it in DATA_DIR/identity.toml for later starts; "
+        "the persona as it is when that fails",
+    )
+    #: Base URL of the OpenAI-compatible chat-completions API.
+    llm_url: str | None = setting(
+        None,
+        convert=llm_url_setting,
+        group="identity",
+        metavar="URL",
+        help="base URL of an OpenAI-compatible API: OpenAI (https://api.openai.com/v1), "
+        "Ollama (http://127.0.0.1:11434/v1), llama.cpp's server or vLLM (http://HOST:PORT/v1)",
+        default_text="none",
+    )
+    #: The model to ask.
+    llm_model: str | None = setting(
+        None,
+        convert=model_name_setting,
+        group="identity",
+        flags=("--model",),
+        metavar="NAME",
+        help="the model to ask (e.g. gpt-4o-mini, llama3.1)",
+        default_text="none",
+    )
+    #: Environment variable holding the API key (None: no key is sent).
+    llm_api_key_env: str | None = setting(
+        None,
+        convert=env_name_setting,
+        group="identity",
+        flags=("--api-key-env",),
+        metavar="VAR",
+        help="the environment variable holding the API key (the key itself is never in "
+        "a file or on the command line)",
+        default_text="no key",
+    )
+    #: Seconds one request may take; at most three are made.
+    llm_timeout: float = setting(
+        60.0,
+        convert=_llm_timeout,
+        group="identity",
+        metavar="SECONDS",
+        help="seconds one request to the model may take (at most 3 attempts)",
+    )
+    #: The domain generated host names must be in (None: the model invents one).
+    identity_domain: str | None = setting(
+        None,
+        convert=converters.hostname,
+        group="identity",
+        metavar="DOMAIN",
+        help="put the generated host name under this domain (yours: the name the "
+        "address's reverse DNS shows should be in it)",
+        default_text="invented by the model",
+    )
     #: The [server] keys given by the file or flags; the persona fills in the others
     #: (host name, SIZE, SASL mechanisms).
     given: frozenset[str] = code_only(
@@ -242,7 +401,7 @@ SERVER_FLAGS: Mapping[str, str | None] = {
     "proxy_protocol": None,
     "auth_mechanisms": "the persona's",
     "auth_failure_delay": None,
-    "max_auth_failures": None,
+    "max_auth_failures": "the persona's (postfix: 20), else 3",
     "log_format": None,
     "verbose": None,
     "quiet": None,
@@ -283,6 +442,8 @@ HONEYPOT_REFUSED_TABLES: Mapping[str, str] = {
     "routes": _NOTHING_ONWARD,
     "queue": _NOTHING_ONWARD,
     "outbound": _NOTHING_ONWARD,
+    "dkim_sign": _NOTHING_ONWARD,
+    "arc_seal": _NOTHING_ONWARD,
 }
 
 

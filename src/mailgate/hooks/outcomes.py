@@ -111,6 +111,7 @@ _STAGE_STATUS: Final = {
     "auth": "7.8",
     "mail": "7.1",
     "rcpt": "7.1",
+    "vrfy": "1.1",
     "data_start": "7.1",
     "message": "7.1",
 }

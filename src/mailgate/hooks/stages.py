@@ -13,6 +13,7 @@ STAGES: Final = (
     "auth",
     "mail",
     "rcpt",
+    "vrfy",
     "data_start",
     "message",
     "reset",

@@ -65,7 +65,18 @@ from .events import (
 from .params import ParamContext, ParamError, parse_params, split_params
 from .persona import CONSTANT_NAMES, CurrentDate
 from .replies import Reply
-from .rules import GUARD_REPLIES, RULES, SEQUENCE_REPLIES, Arg, Rule, State
+from .rules import (
+    ARGUMENT_REPLIES,
+    BEFORE_MAIL,
+    GUARD_REPLIES,
+    SEQUENCE_REPLIES,
+    SYNC_VERBS,
+    SYNC_VERBS_UNPIPELINED,
+    Arg,
+    Rule,
+    State,
+    rules_for,
+)
 from .sasl import (
     MECHANISMS,
     Challenge,
@@ -79,6 +90,7 @@ from .xclient import XclientError, parse_xclient, parse_xforward
 
 #: Longest piece of an unknown command line echoed in the reply ({command}).
 _MAX_ECHO = 200
+_NOTHING: frozenset[str] = frozenset()
 _BDAT_MAX_DIGITS = 18
 
 #: _take_line's answer for a line that was too long and has been answered already.
@@ -112,11 +124,34 @@ class _Look:
     """What a connection needs of its persona on the hot path, resolved once per
     configuration (see :func:`_look_for`)."""
 
-    __slots__ = ("banner", "enhanced", "hidden_verbs", "overridden", "persona", "ready", "static")
+    __slots__ = (
+        "after_tls",
+        "banner",
+        "behaviour",
+        "enhanced",
+        "error_limit",
+        "hidden_verbs",
+        "max_command_line",
+        "overridden",
+        "persona",
+        "ready",
+        "rules",
+        "static",
+        "truncate",
+    )
 
     def __init__(self, config: ProtocolConfig) -> None:
         persona = config.persona
         self.persona = persona
+        behaviour = persona.behaviour
+        self.behaviour = behaviour
+        #: The state table with the persona's knobs applied (rules.rules_for).
+        self.rules = rules_for(behaviour)
+        #: The command line limit: the product's own when the persona has one.
+        self.max_command_line = behaviour.line_limit or config.max_command_line
+        #: Cut long command lines instead of refusing them.
+        self.truncate = behaviour.long_lines == "truncate"
+        self.error_limit = behaviour.error_limit
         #: name -> ready reply, or None for a reply with placeholders.
         self.static: Callable[[str], Reply | None] = persona.static_lookup
         self.overridden = persona.overridden
@@ -126,6 +161,12 @@ class _Look:
             config.enhanced_status_codes
             and persona.enhanced_status_codes
             and "ENHANCEDSTATUSCODES" not in persona.hidden_capabilities
+        )
+        #: EHLO keywords offered only in an encrypted session (their MAIL parameters are
+        #: refused with 530 before it, as not offered when the persona hides them).
+        hidden = persona.hidden_capabilities
+        self.after_tls = frozenset(
+            {"REQUIRETLS"} if config.requiretls and "REQUIRETLS" not in hidden else ()
         )
         #: The banner when no placeholder of it changes between connections (no date, no
         #: client address), else None: made anew for each connection.
@@ -138,7 +179,7 @@ class _Look:
         #: line. XCLIENT and XFORWARD depend on the client, and take the long way.
         self.ready: dict[str, Rule] = {
             verb: rule
-            for verb, rule in RULES.items()
+            for verb, rule in self.rules.items()
             if rule.extension not in ("XCLIENT", "XFORWARD")
             and _verb_in_mode(config, rule)
             and _offered(config, False, rule)
@@ -197,6 +238,8 @@ def _offered(config: ProtocolConfig, peer_trusted: bool, rule: Rule) -> bool:
         return cfg.xclient and peer_trusted
     if ext == "XFORWARD":
         return cfg.xforward and peer_trusted
+    if ext == "ETRN":
+        return cfg.persona.behaviour.etrn
     return False  # pragma: no cover - every extension is listed above
 
 
@@ -256,6 +299,7 @@ class ServerConnection:
         "_buf",
         "_dot",
         "_eof",
+        "_errors",
         "_events",
         "_extensions",
         "_look",
@@ -313,6 +357,8 @@ class ServerConnection:
 
         self._unknown_commands = 0
         self._bad_commands = 0
+        #: Every error reply so far (the persona's error_limit counts them all).
+        self._errors = 0
         self._auth_failures = 0
         self._skipping_long_line = False
 
@@ -330,7 +376,7 @@ class ServerConnection:
         self._sasl_final_reply: Reply | None = None
         self._look = _look_for(config)
         #: A line this long is within every line limit (_line_limit need not be asked).
-        self._short_line = min(config.max_command_line, config.max_auth_line)
+        self._short_line = min(self._look.max_command_line, config.max_auth_line)
         #: Told each command and AUTH line before it is acted on; None costs one test per
         #: line. (Not methods rebound on the instance: a class compiled by mypyc, the
         #: optional build of setup.py, has no instance __dict__ to rebind them in.)
@@ -392,6 +438,13 @@ class ServerConnection:
             raise ProtocolError("a sequence of replies is only valid for LMTP DataComplete")
         handler = _ANSWERS[type(point)]
         handler(self, point, single)
+        if (
+            self._look.error_limit is not None
+            and single is not None
+            and not single.is_positive
+            and not isinstance(point, Greeting)
+        ):
+            self._count_error()
 
     def data_to_send(self) -> bytes:
         """Bytes to write to the peer; call after handling events. Empty if none."""
@@ -466,10 +519,15 @@ class ServerConnection:
         buf, pos = self._buf, self._pos
         end = buf.find(b"\n", pos)
         if end < 0:
-            if len(buf) - pos > self._line_limit(pos, len(buf) - pos):
+            limit = self._line_limit(pos, len(buf) - pos)
+            if len(buf) - pos > limit:
                 # Too long already: answer once, then drop bytes up to the next LF.
                 if not self._skipping_long_line:
                     self._skipping_long_line = True
+                    if self._truncates():
+                        # The product cuts the line and answers what it got (Postfix).
+                        self._pos = len(buf)
+                        return bytes(buf[pos : pos + limit])
                     self._line_too_long()
                 self._pos = len(buf)
                 return _ANSWERED
@@ -479,9 +537,13 @@ class ServerConnection:
             self._skipping_long_line = False
             return _ANSWERED
         length = end - pos + 1
-        if length > self._short_line and length > self._line_limit(pos, length):
-            self._line_too_long()
-            return _ANSWERED
+        if length > self._short_line:
+            limit = self._line_limit(pos, length)
+            if length > limit:
+                if self._truncates():
+                    return bytes(buf[pos : pos + limit])
+                self._line_too_long()
+                return _ANSWERED
         stop = end - 1 if end > pos and buf[end - 1] == 13 else end
         return bytes(buf[pos:stop])
 
@@ -491,9 +553,14 @@ class ServerConnection:
         cfg = self.config
         if self.state is State.AUTH:
             return cfg.max_auth_line
-        if length > cfg.max_command_line and self._buf[start : start + 5].upper() == b"AUTH ":
-            return max(cfg.max_command_line, cfg.max_auth_line)
-        return cfg.max_command_line
+        limit = self._look.max_command_line
+        if length > limit and self._buf[start : start + 5].upper() == b"AUTH ":
+            return max(limit, cfg.max_auth_line)
+        return limit
+
+    def _truncates(self) -> bool:
+        """A long line is cut, not refused (the persona's long_lines), outside AUTH."""
+        return self._look.truncate and self.state is not State.AUTH
 
     def _line_too_long(self) -> None:
         in_auth = self.state is State.AUTH
@@ -512,8 +579,17 @@ class ServerConnection:
             return
         verb, _, arg = text.partition(" ")
         verb = verb.upper()
+        if (
+            self._look.behaviour.sync_check
+            and self._pos < len(self._buf)
+            and self._breaks_sync(verb)
+        ):
+            return
         rule = self._look.ready.get(verb)
         if rule is None:
+            if not text.strip(" \t"):
+                self._reject(line, self._r("empty_line", verb="", command=""), unknown=True)
+                return
             rule = self._known_verb(line, text, verb)
             if rule is None:
                 return
@@ -521,25 +597,45 @@ class ServerConnection:
             self._reject(line, self._r("control_characters"), bad=True)
             return
         arg = arg.strip(" ")
+        behaviour = self._look.behaviour
+        if behaviour.sequence_first and verb != "BDAT" and not self._sequence_ok(rule, line):
+            return
         if rule.arg is Arg.NONE and arg:
             self._reject(line, self._r("argument_not_allowed", verb=verb), bad=True)
             return
         if rule.arg is Arg.REQUIRED and not arg:
-            self._reject(line, self._r("argument_required", verb=verb), bad=True)
+            name = ARGUMENT_REPLIES.get(verb, "argument_required")
+            self._reject(line, self._r(name, verb=verb), bad=True)
             return
+        if verb in behaviour.ignored_arguments:
+            arg = ""
         handler = _COMMANDS[verb]
         handler(self, rule, line, arg)
+
+    def _breaks_sync(self, verb: str) -> bool:
+        """Step 0 of a persona with sync_check: input already behind a command that must
+        end a pipelined group. Answers, closes and returns True when it does."""
+        if verb in SYNC_VERBS_UNPIPELINED:
+            if "PIPELINING" in self._extensions:
+                return False
+        elif verb not in SYNC_VERBS and verb in self._look.rules:
+            return False  # MAIL/RCPT/RSET aside, only these and unknown verbs must sync
+        self._send(self._r("synchronization_error"))
+        self._enter_closed("synchronization-error")
+        return True
 
     def _known_verb(self, line: bytes, text: str, verb: str) -> Rule | None:
         """The rule of a verb that is not ready for every connection: unknown, hidden, not
         offered, or offered to some clients only. Answers and returns None when the verb
         does not exist here."""
-        rule = RULES.get(verb)
+        rule = self._look.rules.get(verb)
         if (
             rule is None
             or not verb.isascii()
             or not self._verb_in_mode(rule)
             or verb in self._look.hidden_verbs
+            # ETRN exists only for a persona whose product has it.
+            or (rule.extension == "ETRN" and not self._look.behaviour.etrn)
         ):
             unknown = self._r("unknown_command", verb=verb, command=text[:_MAX_ECHO])
             self._reject(line, unknown, unknown=True)
@@ -565,15 +661,26 @@ class ServerConnection:
     def _sequence_error(self, rule: Rule) -> Reply | None:
         state = self.state
         if state not in rule.allowed:
+            verb = rule.verb
+            if (
+                state is State.CONNECTED
+                and verb in BEFORE_MAIL
+                and not self._look.behaviour.hello_required
+            ):
+                state = State.READY  # no HELO needed: what is missing is MAIL
             name = SEQUENCE_REPLIES.get(state, "bad_sequence")
             in_transaction = state in (State.MAIL, State.RCPT, State.BDAT_OPEN)
-            if rule.verb == "MAIL" and in_transaction:
+            if verb == "MAIL" and in_transaction:
                 name = "sender_already_specified"
-            elif rule.verb == "DATA" and state is State.BDAT_OPEN:
+            elif verb == "DATA" and state is State.BDAT_OPEN:
                 name = "data_after_bdat"
-            elif rule.verb in ("STARTTLS", "AUTH", "XCLIENT", "XFORWARD") and in_transaction:
+            elif verb in ("DATA", "BDAT") and state is State.READY:
+                name = "data_need_mail"
+            elif verb == "ETRN" and in_transaction:
+                name = "etrn_in_transaction"
+            elif verb in ("STARTTLS", "AUTH", "XCLIENT", "XFORWARD") and in_transaction:
                 name = "not_in_transaction"
-            return self._r(name, verb=rule.verb)
+            return self._r(name, verb=verb)
         guard = rule.guard
         if guard is not None and not self._guard_holds(guard):
             return self._r(GUARD_REPLIES[guard])
@@ -593,8 +700,10 @@ class ServerConnection:
 
     def _cmd_hello(self, rule: Rule, line: bytes, arg: str) -> None:
         if " " in arg or "\t" in arg:
-            self._reject(line, self._r("hello_syntax", verb=rule.verb), bad=True)
-            return
+            if not self._look.behaviour.lenient_hello:
+                self._reject(line, self._r("hello_syntax", verb=rule.verb), bad=True)
+                return
+            arg = arg.split()[0]  # the product takes the first word as the name
         if not self._sequence_ok(rule, line):
             return
         self._pause(Hello(rule.verb, arg))
@@ -631,10 +740,22 @@ class ServerConnection:
         if arg[: len(keyword)].upper() != keyword:
             self._reject(line, self._r("mail_syntax" if is_mail else "rcpt_syntax"), bad=True)
             return None
+        lenient = self._look.behaviour.lenient_paths
         try:
-            path, rest = split_path_and_params(arg[len(keyword) :])
+            after = arg[len(keyword) :]
+            if lenient and not after.lstrip(" ").startswith("<"):
+                # strict_rfc821_envelopes = no: a bare path up to the first space.
+                bare, _, rest = after.lstrip(" ").partition(" ")
+                path, rest = f"<{bare}>", rest.strip(" ")
+            else:
+                path, rest = split_path_and_params(after)
             # UTF-8 is judged after the parameters: MAIL's own SMTPUTF8 may allow it.
-            address = parse_path(path, smtputf8=True)
+            try:
+                address = parse_path(path, smtputf8=True)
+            except AddressError:
+                address = _unqualified(path) if lenient else None
+                if address is None:
+                    raise
             pairs = split_params(rest)
         # One name per exception type: mypyc (the optional compiled build) gives a name one
         # type for the whole function.
@@ -650,7 +771,13 @@ class ServerConnection:
         tx = self.transaction
         in_utf8_transaction = tx is not None and tx.smtputf8
         verb: Literal["MAIL", "RCPT"] = "MAIL" if rule.verb == "MAIL" else "RCPT"
-        context = ParamContext(verb, self.extensions, self._max_size(), in_utf8_transaction)
+        context = ParamContext(
+            verb,
+            self.extensions,
+            self._max_size(),
+            in_utf8_transaction,
+            _NOTHING if self.tls_active or not self.esmtp else self._look.after_tls,
+        )
         try:
             params = parse_params(pairs, context)
         except ParamError as bad_param:
@@ -715,7 +842,7 @@ class ServerConnection:
             return
         verbs = sorted(
             v
-            for v, r in RULES.items()
+            for v, r in self._look.rules.items()
             if self._verb_in_mode(r) and self._offered(r) and v not in self._look.hidden_verbs
         )
         self._send(self._r("help", commands=" ".join(verbs)))
@@ -755,7 +882,11 @@ class ServerConnection:
             result = self._sasl.start(initial)
         except SaslError as exc:
             self._sasl = None
-            self._reject(line, self._refusal("auth_malformed", exc.reply), bad=True)
+            if exc.reply is replies.AUTH_BAD_BASE64:
+                refusal = self._r("auth_bad_base64_initial")  # Postfix words it apart
+            else:
+                refusal = self._refusal("auth_malformed", exc.reply)
+            self._reject(line, refusal, bad=True)
             return
         self._sasl_result(result)
 
@@ -778,6 +909,19 @@ class ServerConnection:
         if not self._sequence_ok(rule, line):
             return
         self._pause(Xforward(attributes))
+
+    def _cmd_etrn(self, rule: Rule, line: bytes, arg: str) -> None:
+        # RFC 1985, answered as the product refuses it: there is no queue to flush.
+        if not self._sequence_ok(rule, line):
+            return
+        if not arg or " " in arg:
+            self._reject(line, self._r("etrn_argument_required"), bad=True)
+            return
+        domain = arg[1:] if arg[0] in "@#" else arg
+        if not _ETRN_DOMAIN.fullmatch(domain):
+            self._reject(line, self._r("etrn_syntax", domain=domain), bad=True)
+            return
+        self._reject(line, self._r("etrn_refused", domain=domain), bad=True)
 
     # --- answers to policy points --------------------------------------------------------
 
@@ -1080,6 +1224,8 @@ class ServerConnection:
             caps.append(_XFORWARD_CAPS)
         if cfg.vrfy and "VRFY" not in cfg.disabled_commands:
             caps.append("VRFY")
+        if self._look.behaviour.etrn and "ETRN" not in cfg.disabled_commands:
+            caps.append("ETRN")
         caps.append("HELP")
         persona = self._look.persona
         if (
@@ -1154,6 +1300,10 @@ class ServerConnection:
         if send:
             self._send(reply)
         self._events.append(CommandRejected(line, reply))
+        if self._look.error_limit is not None:
+            if unknown or bad:
+                self._count_error()
+            return
         if unknown:
             self._unknown_commands += 1
             if self._unknown_commands > self.config.max_unknown_commands:
@@ -1162,6 +1312,14 @@ class ServerConnection:
             self._bad_commands += 1
             if self._bad_commands > self.config.max_bad_commands:
                 self._too_many(Limit.BAD_COMMANDS)
+
+    def _count_error(self) -> None:
+        """One more error reply under the persona's error_limit: at the limit the
+        product's "too many errors" follows at once and the connection closes."""
+        self._errors += 1
+        limit = self._look.error_limit
+        if limit is not None and self._errors >= limit and self.state is not State.CLOSED:
+            self._too_many(Limit.ERRORS)
 
     def _too_many(self, limit: Limit) -> None:
         self._events.append(LimitExceeded(limit, closing=True))
@@ -1207,6 +1365,26 @@ def _has_control(text: str) -> bool:
     return _CONTROL.search(text) is not None
 
 
+#: An ETRN argument: a host name or an address literal (RFC 1985 with RFC 5321 literals).
+_ETRN_DOMAIN = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}"
+    r"[A-Za-z0-9])?\.?|\[[!-Z^-~]{1,253}\]"
+)
+#: An unqualified mailbox (``<root>``): a dot-string local part alone.
+_UNQUALIFIED = re.compile(
+    r"<([A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+(?:\.[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+)*)>"
+)
+
+
+def _unqualified(path: str) -> Address | None:
+    """``<user>`` as an Address with an empty domain (a lenient persona's products
+    qualify it with their own domain), or None."""
+    match = _UNQUALIFIED.fullmatch(path)
+    if match is None or len(match[1]) > 64:
+        return None
+    return Address(match[1], "")
+
+
 __all__ = [
     "ProtocolError",
     "ServerConnection",
@@ -1234,6 +1412,7 @@ _COMMANDS: dict[str, Callable[[ServerConnection, Rule, bytes, str], None]] = {
     "AUTH": ServerConnection._cmd_auth,
     "XCLIENT": ServerConnection._cmd_xclient,
     "XFORWARD": ServerConnection._cmd_xforward,
+    "ETRN": ServerConnection._cmd_etrn,
 }
 
 _ANSWERS: dict[type[PolicyPoint], Callable[..., None]] = {

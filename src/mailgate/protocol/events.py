@@ -212,6 +212,8 @@ class Limit(Enum):
     BAD_COMMANDS = "bad-commands"
     RECIPIENTS = "recipients"
     AUTH_FAILURES = "auth-failures"
+    #: The persona's error_limit: every error reply counted together.
+    ERRORS = "errors"
 
 
 @dataclass(frozen=True, slots=True)

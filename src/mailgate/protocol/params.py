@@ -30,6 +30,9 @@ class ParamContext:
     max_size: int | None
     #: The transaction's MAIL carried SMTPUTF8 (RFC 6531): UTF-8 allowed in RCPT values.
     smtputf8: bool = False
+    #: EHLO keywords this server offers only once the session is encrypted, and not yet
+    #: now (REQUIRETLS before STARTTLS): their parameters are refused with 530.
+    after_tls: frozenset[str] = frozenset()
 
 
 class ParamError(ValueError):
@@ -54,6 +57,9 @@ class ParamSpec:
     #: True: ``KEY=VALUE`` is required; False: a bare ``KEY`` is required.
     has_value: bool
     validate: Validator | None = None
+    #: Only over TLS: before it, 530 5.7.10 instead of "not supported" (RFC 8689 2:
+    #: REQUIRETLS is offered only in an encrypted session).
+    tls_only: bool = False
 
 
 # Same set address.py refuses: controls, lone surrogates, Unicode line separators.
@@ -139,6 +145,10 @@ def _check_param(
     if spec.verb != ctx.verb:
         raise _invalid(f"Parameter {name} is not valid for {ctx.verb}")
     if not spec.extensions & ctx.extensions:
+        if spec.tls_only and spec.extensions & ctx.after_tls:
+            raise ParamError(
+                Reply(530, "5.7.10", (f"Parameter {name} requires a TLS-protected session",))
+            )
         raise _invalid(f"Parameter {name} is not supported")
     if key in seen:
         raise _invalid(f"Duplicate parameter {name}")
@@ -269,9 +279,14 @@ def _orcpt(value: str, ctx: ParamContext, utf8: bool) -> str:
 
 
 def _spec(
-    verb: Verb, extensions: str, has_value: bool, validate: Validator | None = None
+    verb: Verb,
+    extensions: str,
+    has_value: bool,
+    validate: Validator | None = None,
+    *,
+    tls_only: bool = False,
 ) -> ParamSpec:
-    return ParamSpec(verb, frozenset(extensions.split()), has_value, validate)
+    return ParamSpec(verb, frozenset(extensions.split()), has_value, validate, tls_only)
 
 
 #: Every parameter mailgate understands, by upper-case keyword.
@@ -283,7 +298,7 @@ PARAMETERS: Mapping[str, ParamSpec] = MappingProxyType(
         "AUTH": _spec("MAIL", "AUTH", True, _auth),  # RFC 4954 5
         "RET": _spec("MAIL", "DSN", True, _ret),  # RFC 3461 4.3
         "ENVID": _spec("MAIL", "DSN", True, _envid),  # RFC 3461 4.4
-        "REQUIRETLS": _spec("MAIL", "REQUIRETLS", False),  # RFC 8689
+        "REQUIRETLS": _spec("MAIL", "REQUIRETLS", False, tls_only=True),  # RFC 8689
         "NOTIFY": _spec("RCPT", "DSN", True, _notify),  # RFC 3461 4.1
         "ORCPT": _spec("RCPT", "DSN", True, _orcpt),  # RFC 3461 4.2, RFC 6533
     }

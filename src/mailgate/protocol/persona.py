@@ -88,7 +88,30 @@ shutting_down              the server closes the session (shutdown)          -
 idle_timeout               the server closes an idle session                 -
 syntax_error               not sent by the engine (for servers, plugins)     -
 bad_address                not sent by the engine (for servers, plugins)     -
+empty_line                 an empty command line [f]_                        {verb}, {command}
+                                                                             (both empty)
+hello_argument_required    HELO/EHLO/LHLO without an argument [f]_           {verb}
+mail_argument_required     MAIL without an argument [f]_                     {verb}
+rcpt_argument_required     RCPT without an argument [f]_                     {verb}
+vrfy_argument_required     VRFY/EXPN without an argument [f]_                {verb}
+data_need_mail             DATA/BDAT before MAIL [f]_                        -
+auth_bad_base64_initial    an AUTH initial response that is not base64 [f]_  -
+etrn_in_transaction        ETRN inside a mail transaction [f]_               {verb}
+etrn_argument_required     ETRN without a domain (behaviour ``etrn``)        -
+etrn_syntax                ETRN with a domain that is not one                {domain}
+etrn_refused               ETRN for a domain (nothing is ever flushed)       {domain}
+too_many_clients           server: over its connection limit (max_clients)   {client_ip}
+too_many_from_ip           server: over max_clients_per_ip                   {client_ip}
+proxy_required             server: a client not behind the PROXY peers       {client_ip}
+proxy_refused              server: a bad or missing PROXY header             {client_ip}
+early_talker               server: a client that talks before the banner     {client_ip}
+synchronization_error      input behind a command that must end a pipelined  -
+                           group (behaviour ``sync_check``); then closes
 =========================  ================================================  ===================
+
+.. [f] Names for one situation of a more general name (:data:`FALLBACKS`): when a
+   persona does not override one, it gets the general name's reply (``empty_line`` is
+   ``unknown_command`` unless given, ``data_need_mail`` is ``need_mail``...).
 
 .. [*] Pass-through replies: by default the engine sends the parser's own, more specific
    reply (e.g. ``555 5.5.4 Unknown parameter FOO``). An override replaces it; ``{detail}``
@@ -111,6 +134,7 @@ from datetime import datetime
 from types import MappingProxyType
 
 from . import replies
+from .behaviour import DEFAULT_BEHAVIOUR, Behaviour
 from .replies import Reply, ReplyError
 
 
@@ -163,6 +187,34 @@ _PLACEHOLDERS_BY_NAME.update(
         "auth_malformed": _allowed("detail"),
         "too_many_recipients": _allowed("max_recipients"),
         "message_too_big": _allowed("max_size"),
+        "hello_argument_required": _allowed("verb"),
+        "mail_argument_required": _allowed("verb"),
+        "rcpt_argument_required": _allowed("verb"),
+        "vrfy_argument_required": _allowed("verb"),
+        "etrn_in_transaction": _allowed("verb"),
+        "etrn_syntax": _allowed("domain"),
+        "etrn_refused": _allowed("domain"),
+        # The general name's placeholders, for a fallback that inherits its text.
+        "empty_line": _allowed("verb", "command"),
+        "too_many_clients": _allowed("client_ip"),
+        "too_many_from_ip": _allowed("client_ip"),
+        "proxy_required": _allowed("client_ip"),
+        "proxy_refused": _allowed("client_ip"),
+        "early_talker": _allowed("client_ip"),
+    }
+)
+#: Specific name -> the general name whose reply it gets when a persona does not
+#: override it (the protocol always sends the specific name).
+FALLBACKS: Mapping[str, str] = MappingProxyType(
+    {
+        "empty_line": "unknown_command",
+        "hello_argument_required": "argument_required",
+        "mail_argument_required": "argument_required",
+        "rcpt_argument_required": "argument_required",
+        "vrfy_argument_required": "argument_required",
+        "data_need_mail": "need_mail",
+        "auth_bad_base64_initial": "auth_bad_base64",
+        "etrn_in_transaction": "not_in_transaction",
     }
 )
 #: Reply name -> the placeholders its text may use.
@@ -207,6 +259,7 @@ KEYWORDS: frozenset[str] = frozenset(
         "VRFY",
         "EXPN",
         "HELP",
+        "ETRN",
     }
 )
 #: The verb each hideable keyword brings; hidden, the verb is an unknown command.
@@ -219,6 +272,7 @@ _VERB_OF = {
     "HELP": "HELP",
     "XCLIENT": "XCLIENT",
     "XFORWARD": "XFORWARD",
+    "ETRN": "ETRN",
 }
 
 # RFC 5321 4.2: textstring = 1*(%d09 / %d32-126)
@@ -383,6 +437,8 @@ class Persona:
     help_code: int = 214
     #: Whether enhanced status codes are written (and ENHANCEDSTATUSCODES offered).
     enhanced_status_codes: bool = True
+    #: How the product behaves where it differs from mailgate (mailgate.protocol.behaviour).
+    behaviour: Behaviour = DEFAULT_BEHAVIOUR
 
     # Derived once, in __post_init__.
     _static: dict[str, Reply] = field(init=False, repr=False, compare=False)
@@ -449,6 +505,8 @@ class Persona:
         templates: dict[str, _Template] = {}
         for name, default in _DEFAULTS.items():
             override = overrides.get(name)
+            if override is None and name in FALLBACKS:
+                override = overrides.get(FALLBACKS[name])
             where = f"reply {name!r}"
             inherit = False
             if override is None:
@@ -480,6 +538,8 @@ class Persona:
         put(self, "_templates", MappingProxyType(templates))
         put(self, "_overridden", frozenset(overrides))
 
+        if not isinstance(self.behaviour, Behaviour):
+            raise PersonaError(f"behaviour: give a Behaviour, not {type(self.behaviour).__name__}")
         put(self, "_banner", self._line_template("banner", self.banner, 220, BANNER_PLACEHOLDERS))
         put(self, "_ehlo", self._line_template("ehlo_greeting", self.ehlo_greeting, 250))
         put(self, "_helo", self._line_template("helo_greeting", self.helo_greeting, 250))
@@ -560,6 +620,19 @@ class Persona:
             return static
         return self._templates[name].render({} if values is None else values, original)
 
+    def outside_reply(self, name: str, /, **values: object) -> Reply:
+        """A reply a server sends outside the dialogue (a connection limit, a bad PROXY
+        header, an early talker), before any EHLO could ask for enhanced codes: mailgate's
+        own text without its enhanced code, or the persona's text as the product writes
+        it, its enhanced code (if the persona writes them) part of the text."""
+        if name not in self._overridden:
+            reply = self.reply(name)
+            return Reply(reply.code, None, reply.lines)
+        reply = self.format(name, **values)
+        if reply.status is None or not self.enhanced_status_codes:
+            return Reply(reply.code, None, reply.lines)
+        return Reply(reply.code, None, tuple(f"{reply.status} {line}" for line in reply.lines))
+
     def banner_reply(self, values: Mapping[str, object]) -> Reply:
         """The 220 greeting (values: hostname, software, protocol, date, client_ip)."""
         return self._banner.render(values)
@@ -611,6 +684,7 @@ DEFAULT_PERSONA = Persona()
 __all__ = [
     "BANNER_PLACEHOLDERS",
     "DEFAULT_PERSONA",
+    "FALLBACKS",
     "GREETING_PLACEHOLDERS",
     "KEYWORDS",
     "PASS_THROUGH",

@@ -168,6 +168,29 @@ DATA_AFTER_BDAT = Reply(503, "5.5.1", ("DATA cannot be mixed with BDAT",))
 NOT_IN_TRANSACTION = Reply(503, "5.5.1", ("{verb} is not allowed inside a mail transaction",))
 BINARYMIME_NEEDS_BDAT = Reply(503, "5.5.1", ("BODY=BINARYMIME requires BDAT, not DATA",))
 TLS_ALREADY_ACTIVE = Reply(503, "5.5.1", ("TLS already active",))
+# Replies for one situation of a more general name (persona.FALLBACKS): a persona that
+# does not override one gets the general name's reply (its own override, if any).
+EMPTY_LINE = Reply(500, "5.5.2", ("Command not recognized",))
+HELLO_ARGUMENT_REQUIRED = Reply(501, "5.5.4", ("{verb} requires an argument",))
+MAIL_ARGUMENT_REQUIRED = Reply(501, "5.5.4", ("{verb} requires an argument",))
+RCPT_ARGUMENT_REQUIRED = Reply(501, "5.5.4", ("{verb} requires an argument",))
+VRFY_ARGUMENT_REQUIRED = Reply(501, "5.5.4", ("{verb} requires an argument",))
+DATA_NEED_MAIL = Reply(503, "5.5.1", ("Send MAIL first",))
+AUTH_BAD_BASE64_INITIAL = Reply(501, "5.5.2", ("Cannot decode base64 response",))
+ETRN_IN_TRANSACTION = Reply(503, "5.5.1", ("{verb} is not allowed inside a mail transaction",))
+# ETRN (RFC 1985), offered only by a persona whose behaviour says so; nothing is flushed.
+ETRN_ARGUMENT_REQUIRED = Reply(501, "5.5.4", ("Syntax: ETRN domain",))
+ETRN_SYNTAX = Reply(501, "5.5.4", ("Invalid ETRN domain",))
+ETRN_REFUSED = Reply(459, "4.7.1", ("<{domain}>: node not allowed",))
+# Sent by servers outside the SMTP dialogue (before the banner, or instead of it); a
+# persona words them in the product's texts (Persona.outside_reply).
+TOO_MANY_CLIENTS = Reply(421, "4.7.0", ("Too many connections, try again later",))
+TOO_MANY_FROM_IP = Reply(421, "4.7.0", ("Too many connections from your address",))
+PROXY_REQUIRED = Reply(421, "4.7.0", ("Connections must come through the proxy",))
+PROXY_REFUSED = Reply(421, "4.7.0", ("PROXY header missing or invalid",))
+EARLY_TALKER = Reply(554, "5.5.1", ("Protocol error: data sent before the greeting",))
+# A persona with sync_check: input behind a command that must end a pipelined group.
+SYNCHRONIZATION_ERROR = Reply(554, "5.5.0", ("SMTP synchronization error",))
 # Pass-through names: by default the parser's own reply is sent (its text is {detail}).
 BAD_SENDER_ADDRESS = Reply(501, "5.1.7", ("{detail}",))
 BAD_RECIPIENT_ADDRESS = Reply(501, "5.1.3", ("{detail}",))

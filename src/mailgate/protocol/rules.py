@@ -17,12 +17,29 @@ The rules, in the order they are applied to every command line:
 Every transition is in ``RULES`` below: the states a verb is accepted in and the state
 a successful answer moves to. Errors never change the state, except the limits that
 close the connection (too many unknown or bad commands, too many failed AUTHs).
+
+A persona's :class:`~mailgate.protocol.behaviour.Behaviour` adjusts the table, never
+the code paths: :func:`rules_for` gives the table a connection applies.
+
+- ``hello_required = False``: the verbs in ``HELLO_GOVERNED`` with ``CONNECTED`` in
+  their accepted states (MAIL, ETRN), and RCPT/DATA/BDAT before HELO are answered as
+  before MAIL (``need_mail``, ``data_need_mail``) rather than ``need_hello``.
+- ``sequence_first``: step 5 comes before step 4 (503 outranks 501), BDAT aside.
+- ``ignored_arguments``: those verbs' argument becomes optional and is ignored.
+- ``etrn``: the ETRN row's extension is offered.
+- ``sync_check``: a step 0 before the others: a verb in ``SYNC_VERBS`` (or in
+  ``SYNC_VERBS_UNPIPELINED`` without PIPELINING) with input behind it -> 554, close.
+- ``lenient_paths``/``lenient_hello`` widen step 4's grammar; ``long_lines`` and
+  ``line_limit`` change step 1 (cut the line instead of refusing it);
+  ``error_limit`` replaces the unknown/bad command counts by one count of every error.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
+
+from .behaviour import DEFAULT_BEHAVIOUR, Behaviour
 
 
 class State(Enum):
@@ -90,6 +107,8 @@ RULES: dict[str, Rule] = {r.verb: r for r in (
     Rule("AUTH",     frozenset({State.READY}),                 State.READY,       Arg.REQUIRED, "AUTH",     "not-authenticated"),
     Rule("XCLIENT",  _OUTSIDE_TRANSACTION,                     State.CONNECTED,   Arg.REQUIRED, "XCLIENT"),
     Rule("XFORWARD", _OUTSIDE_TRANSACTION,                     None,              Arg.REQUIRED, "XFORWARD"),
+    # ETRN's missing domain is answered after the sequence (as the products do).
+    Rule("ETRN",     frozenset({State.READY}),                 None,              Arg.OPTIONAL, "ETRN"),
 )}
 # fmt: on
 
@@ -99,6 +118,15 @@ GUARD_REPLIES = {
     "tls-inactive": "tls_already_active",
     "not-authenticated": "auth_already",
 }
+#: The persona's ``sync_check`` (Exim's smtp_enforce_sync, RFC 2920 3.1): verbs that must
+#: be the last of a pipelined group, always (unknown verbs too) ...
+SYNC_VERBS = frozenset({"HELO", "EHLO", "LHLO", "DATA", "VRFY", "EXPN", "NOOP", "ETRN", "STARTTLS"})
+#: ... and verbs that may be pipelined only once PIPELINING was offered.
+SYNC_VERBS_UNPIPELINED = frozenset({"MAIL", "RCPT", "RSET"})
+#: Verbs that need HELO/EHLO only when the persona's ``hello_required`` says so.
+HELLO_GOVERNED = frozenset({"MAIL", "ETRN"})
+#: Verbs that, before HELO with ``hello_required = False``, are judged as in READY.
+BEFORE_MAIL = frozenset({"RCPT", "DATA", "BDAT"})
 SEQUENCE_REPLIES = {
     State.CONNECTED: "need_hello",
     State.READY: "need_mail",
@@ -107,4 +135,45 @@ SEQUENCE_REPLIES = {
 }
 
 
-__all__ = ["GUARD_REPLIES", "RULES", "SEQUENCE_REPLIES", "Arg", "Rule", "State"]
+#: Reply names for a verb's missing argument where the product words it apart from
+#: ``argument_required`` (see persona.FALLBACKS).
+ARGUMENT_REPLIES = {
+    "HELO": "hello_argument_required",
+    "EHLO": "hello_argument_required",
+    "LHLO": "hello_argument_required",
+    "MAIL": "mail_argument_required",
+    "RCPT": "rcpt_argument_required",
+    "VRFY": "vrfy_argument_required",
+    "EXPN": "vrfy_argument_required",
+}
+
+
+def rules_for(behaviour: Behaviour) -> dict[str, Rule]:
+    """The state table as a connection with ``behaviour`` applies it (see the module
+    docstring); ``RULES`` itself for the default behaviour."""
+    if behaviour == DEFAULT_BEHAVIOUR:
+        return RULES
+    table: dict[str, Rule] = {}
+    for verb, rule in RULES.items():
+        if not behaviour.hello_required and verb in HELLO_GOVERNED:
+            rule = replace(rule, allowed=rule.allowed | {State.CONNECTED})
+        if verb in behaviour.ignored_arguments and rule.arg is Arg.NONE:
+            rule = replace(rule, arg=Arg.OPTIONAL)
+        table[verb] = rule
+    return table
+
+
+__all__ = [
+    "ARGUMENT_REPLIES",
+    "BEFORE_MAIL",
+    "GUARD_REPLIES",
+    "HELLO_GOVERNED",
+    "RULES",
+    "SEQUENCE_REPLIES",
+    "SYNC_VERBS",
+    "SYNC_VERBS_UNPIPELINED",
+    "Arg",
+    "Rule",
+    "State",
+    "rules_for",
+]

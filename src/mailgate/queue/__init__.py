@@ -44,7 +44,7 @@ from .schedule import (
     parse_duration,
 )
 from .sqlite import SQLiteQueueStore
-from .store import BodySource, QueueError, QueueStore
+from .store import BodySource, NoticeSettled, QueueError, QueueStore
 
 __all__ = [
     "DEFAULT_RETRY_SCHEDULE",
@@ -61,6 +61,7 @@ __all__ = [
     "MessageInfo",
     "NewMessage",
     "NewRecipient",
+    "NoticeSettled",
     "Notify",
     "Outcome",
     "QueueError",

@@ -192,6 +192,12 @@ class NewMessage:
     client: ClientInfo = field(default_factory=ClientInfo)
     #: When the message was received; the store's clock when ``None``.
     received_at: float | None = None
+    #: RFC 8689: received with ``MAIL FROM:<...> REQUIRETLS``: relayed only over
+    #: verified TLS to a server that offers REQUIRETLS, else it bounces.
+    require_tls: bool = False
+    #: RFC 8689 5: the message has ``TLS-Required: No`` (and no REQUIRETLS): the
+    #: recipient domains' TLS policies (DANE, MTA-STS) do not hold it back.
+    tls_optional: bool = False
 
     def __post_init__(self) -> None:
         # A list is accepted at run time too; the stored value is always a tuple.
@@ -216,6 +222,9 @@ class MessageInfo:
     smtputf8: bool
     body_type: str | None
     client: ClientInfo
+    #: See :class:`NewMessage`.
+    require_tls: bool = False
+    tls_optional: bool = False
 
     @property
     def null_sender(self) -> bool:

@@ -31,8 +31,10 @@ store.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from mailgate.dns import Resolver
@@ -44,10 +46,21 @@ from .model import ClientInfo, NewMessage, NewRecipient, parse_notify
 from .outbound import Forward, OutboundEngine, OutboundOptions
 from .runner import BounceRoute, QueueRunner
 from .settings import QueueSettings, redacted_dsn
+from .signing import MessageSigner
+from .sqlite import SCHEMA_VERSION as SQLITE_SCHEMA_VERSION
 from .sqlite import SQLiteQueueStore
+from .sqlite import migrate as sqlite_migrate
+from .sqlite import schema_version as sqlite_schema_version
 from .store import QueueError, QueueStore
 
-__all__ = ["DestinationLookup", "QueuePlugin", "open_store"]
+__all__ = [
+    "DestinationLookup",
+    "Migration",
+    "QueuePlugin",
+    "migrate_queue",
+    "open_store",
+    "schema_status",
+]
 
 log = logging.getLogger("mailgate.queue")
 
@@ -70,7 +83,9 @@ class QueuePlugin:
     key; ``bounce_route`` where a DSN to an address goes. ``directory`` and ``settings``
     are the ``[queue]`` table's, ``outbound`` the ``[outbound]`` table's; ``resolver``
     mailgate's resolver (``dns_nameservers``). ``store``: an open store to use instead
-    of opening one in ``directory`` (it is then not closed here either).
+    of opening one in ``directory`` (it is then not closed here either). ``signer``: the
+    ``[[dkim_sign]]`` and ``[arc_seal]`` keys; the message is signed once, here, and the
+    queue keeps the signed bytes, so a retry sends them as they are.
     """
 
     name = "queue"
@@ -89,6 +104,7 @@ class QueuePlugin:
         bounce_route: BounceRoute | None = None,
         resolver: Resolver | None = None,
         store: QueueStore | None = None,
+        signer: MessageSigner | None = None,
     ) -> None:
         if store is None and directory is None:
             raise ValueError("QueuePlugin needs a queue directory or an open store")
@@ -100,6 +116,9 @@ class QueuePlugin:
         self.forward_targets = dict(forward_targets or {})
         self.bounce_route = bounce_route
         self.resolver = resolver
+        #: DKIM signatures and ARC seals added when a message is queued (None: none);
+        #: a SIGHUP replaces it with one whose key files were read again.
+        self.signer = signer
         self.store: QueueStore | None = store
         self._owns_store = store is None
         self.runner: QueueRunner | None = None
@@ -118,7 +137,13 @@ class QueuePlugin:
             assert self.directory is not None
             self.store = await open_store(self.settings, self.directory)
         self._ready.set()
-        self.engine = OutboundEngine(self.outbound, resolver=self.resolver)
+        outbound = self.outbound
+        if outbound.mta_sts_cache_file is None and self.directory is not None:
+            # MTA-STS policies outlive a restart (RFC 8461 5.1), next to the queue.
+            outbound = dataclasses.replace(
+                outbound, mta_sts_cache_file=str(self.directory / "mta-sts.json")
+            )
+        self.engine = OutboundEngine(outbound, resolver=self.resolver)
         self.runner = QueueRunner(
             self.store,
             self.engine,
@@ -126,10 +151,10 @@ class QueuePlugin:
             forward_targets=self.forward_targets,
             bounce_route=self.bounce_route,
             max_deliveries=self.settings.max_deliveries,
-            # With several workers on one queue only one sends the DSNs.
-            notice_lock=self.directory / "dsn-producer.lock" if self.directory else None,
+            destination_concurrency=self.settings.destination_concurrency or None,
             # A store without body files (PostgreSQL) copies a body here for a delivery.
             spool=self.directory,
+            sign_report=self._signed_report,
         )
         self.runner.start()
         log.info(
@@ -219,6 +244,19 @@ class QueuePlugin:
             ]
             params = envelope.mail_params
             ret = params.get("RET")
+            loop = asyncio.get_running_loop()
+            require_tls = "REQUIRETLS" in params
+            path = message.path or Path()
+
+            def sync_and_read_header() -> bool:
+                # One trip to a worker thread: the spool file is fsynced once (the server
+                # would anyway before its 250; Maildir then finds it synced), and the
+                # header read for TLS-Required (RFC 8689 4.1: it counts only without the
+                # MAIL parameter).
+                message.sync()
+                return not require_tls and tls_required_no(path)
+
+            tls_optional = await loop.run_in_executor(None, sync_and_read_header)
             new = NewMessage(
                 envelope.sender,
                 recipients,
@@ -228,12 +266,15 @@ class QueuePlugin:
                 body_type=params.get("BODY"),
                 client=client_info(session, utf8=envelope.smtputf8),
                 received_at=message.received_at,
+                require_tls=require_tls,
+                tls_optional=tls_optional,
             )
-            loop = asyncio.get_running_loop()
-            # The spool file is fsynced once (the server would anyway before its 250;
-            # Maildir then finds it synced) and hard-linked into the queue: no copy.
-            await loop.run_in_executor(None, message.sync)
-            queue_id = await store.enqueue(new, message.path or Path(), synced=True)
+            signed = await self._signed(session, envelope, message)
+            if signed is not None:
+                queue_id = await store.enqueue(new, signed)
+            else:
+                # Synced above: hard-linked into the queue, no copy.
+                queue_id = await store.enqueue(new, path, synced=True)
         except Exception:
             log.exception("message %s: cannot be queued; answered 451", message.id)
             raise TempFail(451, _QUEUE_FAILED, enhanced="4.3.0") from None
@@ -261,7 +302,8 @@ class QueuePlugin:
         authenticated as ``submitter`` (the operator). Every one must go onward (relay
         or forward): one the rules deliver locally or refuse raises :class:`QueueError`
         naming it, and nothing is queued. ``body`` is read as it is (hard-linked into
-        the queue where the file system allows; the file is not changed)."""
+        the queue where the file system allows; the file is not changed); with
+        ``[[dkim_sign]]`` the queue gets a signed copy instead."""
         if not recipients:
             raise QueueError("no recipients")
         store = self.store if self.store is not None else await self._opened()
@@ -293,7 +335,15 @@ class QueuePlugin:
             smtputf8=smtputf8,
             client=ClientInfo(protocol="local", auth_user=submitter, listener=listener),
         )
-        queue_id = await store.enqueue(new, body)
+        source: Path | bytes = body
+        if self.signer is not None:
+            # Mail an operator sends on is the server's own: signed as sendmail's is.
+            loop = asyncio.get_running_loop()
+            data = await loop.run_in_executor(None, body.read_bytes)
+            signed = await loop.run_in_executor(None, self._signed_report, data)
+            if signed is not data:
+                source = signed
+        queue_id = await store.enqueue(new, source)
         log.info(
             "queue %s: submitted by %s through the %s for %d recipient(s): %s",
             queue_id,
@@ -303,6 +353,54 @@ class QueuePlugin:
             ", ".join(r.address for r in queued),
         )
         return queue_id
+
+    async def _signed(self, session: Session, envelope: Envelope, message: Message) -> bytes | None:
+        """The message with the DKIM signatures and ARC set of ``signer`` on top, or None
+        when none applies (the spool file is then queued as it is). This is the last
+        step that sees the message before it is queued: every change is signed. A
+        message that cannot be signed (a malformed header section) goes unsigned, with a
+        warning: refusing it would not make the next attempt any better."""
+        signer = self.signer
+        path = message.path
+        if signer is None or path is None:
+            return None
+
+        def sign() -> bytes | None:
+            data = path.read_bytes()
+            try:
+                added, what = signer.sign(
+                    data,
+                    envelope_sender=envelope.sender,
+                    client=session.peer_host,
+                    user=session.user if session.authenticated else None,
+                )
+            except Exception as exc:  # dkimpy's DKIMException, and what its parser raises
+                log.warning("message %s: not signed: %s", message.id, exc)
+                return None
+            if not added:
+                return None
+            log.info("message %s: signed: %s", message.id, "; ".join(what))
+            return added + data
+
+        return await asyncio.get_running_loop().run_in_executor(None, sign)
+
+    def _signed_report(self, report: bytes) -> bytes:
+        """A message that did not come over SMTP (a delivery report mailgate wrote, one
+        an operator released) with the signatures of the keys (those of now: a SIGHUP may
+        have replaced them) that match its From; ``report`` itself when none does. Run
+        in a thread."""
+        signer = self.signer
+        if signer is None:
+            return report
+        try:
+            added, what = signer.sign_local(report)
+        except Exception as exc:  # as for a message: sent unsigned rather than not at all
+            log.warning("delivery report: not signed: %s", exc)
+            return report
+        if not what:
+            return report
+        log.debug("delivery report signed: %s", "; ".join(what))
+        return added + report
 
     async def _bounce_refused(
         self,
@@ -353,6 +451,7 @@ class QueuePlugin:
         loop = asyncio.get_running_loop()
         try:
             report = await loop.run_in_executor(None, dsn.build_dsn, facts, results, path)
+            report = await loop.run_in_executor(None, self._signed_report, report)
             destination = self.bounce_route(sender) if self.bounce_route else None
             if destination is None or not destination.startswith(_ONWARD):
                 destination = f"relay:{sender.rpartition('@')[2].lower()}"
@@ -371,33 +470,122 @@ class QueuePlugin:
             raise TempFail(451, _QUEUE_FAILED, enhanced="4.3.0") from None
 
 
+#: How far into a message the header is looked at for ``TLS-Required``.
+_HEADER_SCAN = 256 * 1024
+
+
+def tls_required_no(path: Path) -> bool:
+    """Whether the message's header has ``TLS-Required: No`` (RFC 8689 5): the sender
+    asks that the recipient domains' TLS policies not hold it back. Blocking."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(_HEADER_SCAN)
+    except OSError:
+        return False
+    end = head.find(b"\r\n\r\n")
+    header = head[: end if end >= 0 else len(head)]
+    # Unfold (RFC 5322 2.2.3), then look at each field by name.
+    unfolded = header.replace(b"\r\n ", b" ").replace(b"\r\n\t", b" ")
+    for line in unfolded.split(b"\r\n"):
+        name, colon, value = line.partition(b":")
+        if colon and name.strip().lower() == b"tls-required":
+            return value.strip().lower() == b"no"
+    return False
+
+
 async def open_store(
-    settings: QueueSettings, directory: Path, *, make_directory: bool = True
+    settings: QueueSettings,
+    directory: Path,
+    *,
+    make_directory: bool = True,
+    migrate: bool | None = None,
 ) -> QueueStore:
     """Open the store ``settings.backend`` names: SQLite in ``directory``, or the
-    PostgreSQL database of ``settings.dsn`` (its schema created or brought up to date:
-    migrations wait for each other, so every node may do this at start-up).
-    ``directory`` is made either way unless ``make_directory`` is false (a command that
-    only uses the database): it holds the DSN producer's lock and, with PostgreSQL, the
-    bodies copied out for a delivery."""
+    PostgreSQL database of ``settings.dsn`` (its tables in ``settings.schema``).
+    ``migrate``: create or update the schema first (``None``: when ``[queue] migrate =
+    "auto"``; migrations wait for each other, so nodes starting at once take turns);
+    otherwise a missing or older schema is a QueueError saying to run ``mailgate queue
+    migrate``. ``directory`` is made unless ``make_directory`` is false (a command that
+    only uses the database): it holds the DSN producer's lock (SQLite) and, with
+    PostgreSQL, the bodies copied out for a delivery."""
     policy = settings.policy()
+    if migrate is None:
+        migrate = settings.migrate == "auto"
     if settings.backend != "postgresql":
-        return await SQLiteQueueStore.open(directory, policy=policy)
-    if not settings.dsn:
-        raise QueueError('[queue] backend = "postgresql" needs [queue] dsn')
-    try:
-        # Only now: asyncpg is the optional ``postgresql`` extra.
-        from .postgres import PostgresQueueStore
-    except ImportError as exc:
-        raise QueueError(f"{POSTGRESQL_MISSING} ({exc})") from None
+        return await SQLiteQueueStore.open(directory, policy=policy, migrate=migrate)
+    _need_postgres(settings)
+    from .postgres import PostgresQueueStore
+
+    assert settings.dsn is not None
     if make_directory:
         directory.mkdir(parents=True, exist_ok=True)
     try:
-        return await PostgresQueueStore.open(settings.dsn, policy=policy, migrate=True)
-    except Exception as exc:  # refused, unreachable, wrong password, schema too new
+        return await PostgresQueueStore.open(
+            settings.dsn, schema=settings.schema, policy=policy, migrate=migrate
+        )
+    except Exception as exc:  # refused, unreachable, wrong password, schema too new/old
         raise QueueError(
             f"queue database {redacted_dsn(settings.dsn)}: {_without(exc, settings.dsn)}"
         ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """What ``mailgate queue migrate`` did: the schema version found, the version now in
+    place (this mailgate's), and where."""
+
+    where: str
+    before: int
+    after: int
+
+
+async def schema_status(settings: QueueSettings, directory: Path) -> Migration:
+    """The queue schema's version now and this mailgate's (``after``), changing nothing."""
+    if settings.backend != "postgresql":
+        before = await asyncio.to_thread(sqlite_schema_version, directory)
+        return Migration(str(directory), before, SQLITE_SCHEMA_VERSION)
+    _need_postgres(settings)
+    from .postgres import SCHEMA_VERSION, schema_version
+
+    assert settings.dsn is not None
+    where = f"schema {settings.schema!r} of {redacted_dsn(settings.dsn)}"
+    try:
+        before = await schema_version(settings.dsn, settings.schema)
+    except Exception as exc:
+        raise QueueError(
+            f"queue database {redacted_dsn(settings.dsn)}: {_without(exc, settings.dsn)}"
+        ) from None
+    return Migration(where, before, SCHEMA_VERSION)
+
+
+async def migrate_queue(settings: QueueSettings, directory: Path) -> Migration:
+    """Create or update the queue's schema to this mailgate's version (idempotent; a
+    concurrent migrator waits and then finds nothing to do)."""
+    if settings.backend != "postgresql":
+        before = await asyncio.to_thread(sqlite_migrate, directory)
+        return Migration(str(directory), before, SQLITE_SCHEMA_VERSION)
+    status = await schema_status(settings, directory)
+    from .postgres import migrate
+
+    assert settings.dsn is not None
+    try:
+        after = await migrate(settings.dsn, schema=settings.schema)
+    except Exception as exc:
+        raise QueueError(
+            f"queue database {redacted_dsn(settings.dsn)}: {_without(exc, settings.dsn)}"
+        ) from None
+    return Migration(status.where, status.before, after)
+
+
+def _need_postgres(settings: QueueSettings) -> None:
+    """Check that mailgate.queue.postgres can be imported (only now: asyncpg is the
+    optional ``postgresql`` extra) and that a DSN is given."""
+    if not settings.dsn:
+        raise QueueError('[queue] backend = "postgresql" needs [queue] dsn')
+    try:
+        from .postgres import PostgresQueueStore  # noqa: F401
+    except ImportError as exc:
+        raise QueueError(f"{POSTGRESQL_MISSING} ({exc})") from None
 
 
 #: The error when ``backend = "postgresql"`` is chosen without asyncpg installed.

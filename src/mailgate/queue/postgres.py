@@ -26,6 +26,11 @@ new node; its old leases are the others' to take (fenced: its late results on th
 ignored). A connection that hangs half-open keeps the old lock until the server notices
 (TCP keepalive); lease expiry bounds that.
 
+Roles and slots, also session advisory locks, so a node's death frees them: the DSN
+producer (one node at a time, on the listener connection: ``claim_notice_producer``),
+and the per-destination delivery slots of ``[queue] destination_concurrency`` (bigint
+keys on one connection of the node opened for them: ``destination_slot``).
+
 Change notification: every write transaction sends ``NOTIFY`` on the schema's channel;
 each store LISTENs on its listener connection, so other nodes notice a commit within
 milliseconds.
@@ -55,6 +60,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, cast
 
 import asyncpg
+
+from mailgate.version import __version__
 
 from .changes import ChangeWaiting
 from .model import (
@@ -91,8 +98,9 @@ from .rows import (
     recipient_facts,
     recipient_info,
 )
+from .slots import SlotGate, slot_keys
 from .sqlite import new_message_id
-from .store import BodySource, QueueError, QueueStore
+from .store import BodySource, NoticeSettled, QueueError, QueueStore
 
 __all__ = [
     "BODY_CHUNK",
@@ -122,6 +130,9 @@ BODY_CHUNK = 256 * 1024
 # Transactions that lost a deadlock or a serialization conflict are run again.
 _RETRIES = 5
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+# Second keys of the schema's advisory lock class: node ids count up from 1, key 0 is
+# the migrations' lock, negative keys are roles.
+_PRODUCER_KEY = -1
 
 _MIGRATION_1 = """
 CREATE TABLE schema_version (
@@ -214,8 +225,21 @@ CREATE TABLE history (
 CREATE INDEX history_message ON history (message_id);
 """
 
+# Which mailgate each node runs: during a rolling upgrade with ``[queue] migrate =
+# "manual"`` the operator sees which nodes still run the old version before migrating.
+_MIGRATION_2 = """
+ALTER TABLE nodes ADD COLUMN software text NOT NULL DEFAULT '';
+"""
+
+# RFC 8689: REQUIRETLS and TLS-Required: No, per message.
+_MIGRATION_3 = """
+ALTER TABLE messages
+    ADD COLUMN require_tls boolean NOT NULL DEFAULT false,
+    ADD COLUMN tls_optional boolean NOT NULL DEFAULT false;
+"""
+
 #: Migration ``n`` (1-based) brings the schema from version ``n - 1`` to ``n``.
-MIGRATIONS: tuple[str, ...] = (_MIGRATION_1,)
+MIGRATIONS: tuple[str, ...] = (_MIGRATION_1, _MIGRATION_2, _MIGRATION_3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _RECIPIENT_COLUMNS = (
@@ -224,16 +248,29 @@ _RECIPIENT_COLUMNS = (
     "final_at, held_reason, dsn_pending, dsn_sent, lease_owner, lease_id, lease_expires"
 )
 _MESSAGE_COLUMNS = (
-    "id, sender, size, received_at, expires_at, envid, ret, smtputf8, body_type, client"
+    "id, sender, size, received_at, expires_at, envid, ret, smtputf8, body_type, client, "
+    "require_tls, tls_optional"
 )
 _DUE = (
     "state IN ('queued', 'deferred') AND next_attempt <= $1 "
     "AND (lease_expires IS NULL OR lease_expires <= $1)"
 )
+_HISTORY_COLUMNS = (
+    "message_id, recipient_id, recipient, at, event, attempt, "
+    "reply_code, reply_enhanced, reply_text, remote_mta, status, detail"
+)
 _HISTORY_INSERT = (
-    "INSERT INTO history (message_id, recipient_id, recipient, at, event, attempt, "
-    "reply_code, reply_enhanced, reply_text, remote_mta, status, detail) "
+    f"INSERT INTO history ({_HISTORY_COLUMNS}) "
     "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+)
+# The history lines of a write transaction (one array per column, rows in order: the
+# identity follows unnest's order) and its NOTIFY in one statement. A data-modifying
+# WITH runs whether or not the query reads it.
+_HISTORY_INSERT_AND_NOTIFY = (
+    f"WITH written AS (INSERT INTO history ({_HISTORY_COLUMNS}) "
+    "SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::float8[], $5::text[], "
+    "$6::integer[], $7::integer[], $8::text[], $9::text[], $10::text[], $11::text[], "
+    "$12::text[])) SELECT pg_notify($13, '')"
 )
 
 
@@ -253,9 +290,17 @@ def _server_settings(schema: str) -> dict[str, str]:
     return {"search_path": f'"{schema}"', "application_name": "mailgate-queue"}
 
 
-async def schema_version(connection: Connection, schema: str = DEFAULT_SCHEMA) -> int:
-    """The queue schema's version in this database (0: none yet)."""
+async def schema_version(target: str | Connection, schema: str = DEFAULT_SCHEMA) -> int:
+    """The queue schema's version in the database at ``target`` (a DSN or an open
+    connection; 0: none yet). Reads only."""
     _checked_schema(schema)
+    if isinstance(target, str):
+        own = await asyncpg.connect(target)
+        try:
+            return await schema_version(own, schema)
+        finally:
+            await own.close()
+    connection = target
     exists = await connection.fetchval(
         "SELECT to_regclass($1) IS NOT NULL", f'"{schema}".schema_version'
     )
@@ -265,16 +310,22 @@ async def schema_version(connection: Connection, schema: str = DEFAULT_SCHEMA) -
     return int(version or 0)
 
 
-async def migrate(target: str | Connection, *, schema: str = DEFAULT_SCHEMA) -> int:
+async def migrate(
+    target: str | Connection, *, schema: str = DEFAULT_SCHEMA, to_version: int = SCHEMA_VERSION
+) -> int:
     """Create or update the queue schema in the database at ``target`` (a DSN or an open
-    connection); returns the schema version now in place. Each migration runs in one
-    transaction with its ``schema_version`` row; concurrent migrators wait for each
-    other (an advisory lock), so any node may run it at start-up."""
+    connection) up to ``to_version`` (this mailgate's by default; an older one is for
+    tests of upgrades); returns the schema version now in place. Each migration runs in
+    one transaction with its ``schema_version`` row; concurrent migrators wait for each
+    other (a transaction-level advisory lock: two nodes starting at once never run a
+    migration twice), so any node may run it at start-up."""
     _checked_schema(schema)
+    if not 1 <= to_version <= SCHEMA_VERSION:
+        raise ValueError(f"to_version must be between 1 and {SCHEMA_VERSION}")
     if isinstance(target, str):
         own = await asyncpg.connect(target)
         try:
-            return await migrate(own, schema=schema)
+            return await migrate(own, schema=schema, to_version=to_version)
         finally:
             await own.close()
     connection = target
@@ -288,7 +339,7 @@ async def migrate(target: str | Connection, *, schema: str = DEFAULT_SCHEMA) -> 
                     f"queue schema {schema!r} is at version {current}, newer than this "
                     f"mailgate's {SCHEMA_VERSION}: upgrade mailgate"
                 )
-            if current == SCHEMA_VERSION:
+            if current >= to_version:
                 return current
             version = current + 1
             await connection.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
@@ -335,18 +386,32 @@ def _history_row(
 
 
 class _Changes:
-    """History lines a write transaction gathers, inserted together (one pipelined
-    statement) before its commit or before a purge."""
+    """History lines a write transaction gathers, inserted together with its NOTIFY
+    (one statement) before its commit."""
 
-    __slots__ = ("history",)
+    __slots__ = ("history", "purged")
 
     def __init__(self) -> None:
         self.history: list[tuple[Any, ...]] = []
+        #: Messages deleted in this transaction: their lines are dropped, not written
+        #: (the history of a removed message is removed with it).
+        self.purged: set[str] = set()
 
-    async def flush(self, connection: Connection) -> None:
-        if self.history:
+    async def flush(self, connection: Connection, *, notify: str | None = None) -> None:
+        """Insert the history lines; with ``notify`` (a channel) NOTIFY it in the same
+        statement: one round trip for both, the last before the commit."""
+        if self.purged:
+            self.history = [row for row in self.history if row[0] not in self.purged]
+        if not self.history:
+            if notify is not None:
+                await connection.execute("SELECT pg_notify($1, '')", notify)
+            return
+        if notify is None:
             await connection.executemany(_HISTORY_INSERT, self.history)
-            self.history.clear()
+        else:
+            columns = [list(column) for column in zip(*self.history, strict=True)]
+            await connection.execute(_HISTORY_INSERT_AND_NOTIFY, *columns, notify)
+        self.history.clear()
 
 
 class PostgresQueueStore(ChangeWaiting):
@@ -379,6 +444,12 @@ class PostgresQueueStore(ChangeWaiting):
     _lock_class: int
     _background: asyncio.Task[None] | None
     _writes: set[asyncio.Task[Any]]
+    _producer_lock: asyncio.Lock
+    _producer_connection: Connection | None
+    _slots: Connection | None
+    _slots_mutex: asyncio.Lock
+    _held_slots: set[int]
+    _slot_gate: SlotGate[tuple[Connection, int]]
 
     def __init__(self, *, _token: object = None) -> None:
         if _token is not _OPEN_TOKEN:
@@ -414,6 +485,12 @@ class PostgresQueueStore(ChangeWaiting):
         self._lock_class = _lock_class(schema)
         self._settings = _server_settings(schema)
         self._reconnecting = None
+        self._producer_lock = asyncio.Lock()
+        self._producer_connection = None
+        self._slots = None
+        self._slots_mutex = asyncio.Lock()
+        self._held_slots = set()
+        self._slot_gate = SlotGate(self._try_slot, self._give_slot)
         listener = await asyncpg.connect(dsn, server_settings=self._settings)
         try:
             if migrate:
@@ -422,7 +499,7 @@ class PostgresQueueStore(ChangeWaiting):
             if version != SCHEMA_VERSION:
                 raise QueueError(
                     f"queue schema {schema!r} is at version {version}, this mailgate needs "
-                    f"{SCHEMA_VERSION}: run 'mailgate queue migrate' (or migrate())"
+                    f"{SCHEMA_VERSION}: run 'mailgate queue migrate'"
                 )
             await self._listen(listener)
             self._pool = await asyncpg.create_pool(
@@ -472,13 +549,14 @@ class PostgresQueueStore(ChangeWaiting):
         name = f"{host}:{os.getpid()}:{node_id}"
         now = self.clock()
         await listener.execute(
-            "INSERT INTO nodes (id, name, host, pid, started_at, heartbeat_at) "
-            "VALUES ($1, $2, $3, $4, $5, $5)",
+            "INSERT INTO nodes (id, name, host, pid, started_at, heartbeat_at, software) "
+            "VALUES ($1, $2, $3, $4, $5, $5, $6)",
             node_id,
             name,
             host,
             os.getpid(),
             now,
+            f"mailgate {__version__}",
         )
         await listener.add_listener(self._channel, self._notified)
         listener.add_termination_listener(self._listener_lost)
@@ -547,6 +625,9 @@ class PostgresQueueStore(ChangeWaiting):
         await self._pool.close()
         with contextlib.suppress(OSError, asyncpg.InterfaceError):
             await self._listener.close()
+        if self._slots is not None:
+            with contextlib.suppress(OSError, asyncpg.InterfaceError):
+                await self._slots.close()
 
     # --- plumbing ---------------------------------------------------------------------------
 
@@ -577,9 +658,7 @@ class PostgresQueueStore(ChangeWaiting):
                 try:
                     async with self._pool.acquire() as connection, connection.transaction():
                         result = await work(connection, changes)
-                        await changes.flush(connection)
-                        if signals:
-                            await connection.execute("SELECT pg_notify($1, '')", self._channel)
+                        await changes.flush(connection, notify=self._channel if signals else None)
                 except (
                     asyncpg.DeadlockDetectedError,
                     asyncpg.SerializationError,
@@ -696,7 +775,7 @@ class PostgresQueueStore(ChangeWaiting):
             size = await _write_body(connection, message_id, body)
             await connection.execute(
                 f"INSERT INTO messages ({_MESSAGE_COLUMNS}) "
-                f"VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                f"VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
                 message_id,
                 message.sender,
                 size,
@@ -707,6 +786,8 @@ class PostgresQueueStore(ChangeWaiting):
                 message.smtputf8,
                 message.body_type,
                 json.dumps(asdict(message.client), separators=(",", ":")),
+                message.require_tls,
+                message.tls_optional,
             )
             await connection.executemany(
                 "INSERT INTO recipients (message_id, address, domain, destination, orcpt, "
@@ -895,10 +976,12 @@ class PostgresQueueStore(ChangeWaiting):
                     [result.recipient_id for result in wanted],
                 )
             }
+            # The message's row is not read again: what apply_result needs of it never
+            # changes after the enqueue, and the claim read it. Rows still leased mean
+            # it is still there (deleting it deletes them).
+            message = batch.message
+            rows = {key: row for key, row in rows.items() if row.message_id == message.id}
             if not rows:
-                return 0
-            message = (await self._messages(connection, [batch.message.id])).get(batch.message.id)
-            if message is None:
                 return 0
             updates: list[tuple[RecipientInfo, RecipientUpdate]] = []
             cleared: list[int] = []
@@ -975,7 +1058,11 @@ class PostgresQueueStore(ChangeWaiting):
         *,
         by: str | None = None,
     ) -> None:
-        """Mark notices produced (recipients whose pending DSN is still this kind)."""
+        """Mark notices produced (recipients whose pending DSN is still this kind).
+        ``by`` (the report's queue id): all or nothing, NoticeSettled when a recipient
+        no longer owes the notice. Two nodes settling the same notice at once: the
+        second's UPDATE waits for the first's row locks, then finds the rows settled
+        (READ COMMITTED re-checks the WHERE clause on the new row versions)."""
         touched: list[str] = []
         for notice in notices:
             settled = await connection.fetch(
@@ -985,6 +1072,11 @@ class PostgresQueueStore(ChangeWaiting):
                 [recipient.id for recipient in notice.recipients],
                 notice.kind,
             )
+            if by is not None and len(settled) != len({r.id for r in notice.recipients}):
+                raise NoticeSettled(
+                    f"the {notice.kind} notice of {notice.message.id} is settled already "
+                    "or has changed"
+                )
             for row in sorted(settled, key=lambda row: int(row["id"])):
                 changes.history.append(
                     _history_row(
@@ -998,6 +1090,88 @@ class PostgresQueueStore(ChangeWaiting):
                 )
             touched.append(notice.message.id)
         await self._purge_if_finished(connection, changes, touched, now)
+
+    async def claim_notice_producer(self) -> bool:
+        """The role is a session advisory lock (key :data:`_PRODUCER_KEY` of the
+        schema's lock class) on this node's listener connection: released by the
+        server when the node closes, dies or loses that connection, and then taken
+        by the next node that asks. After a reconnection it is asked for again."""
+        self._check_open()
+        async with self._producer_lock:
+            listener = self._listener
+            if self._producer_connection is listener:
+                return True
+            if self._reconnecting is not None or listener.is_closed():
+                return False
+            try:
+                held = bool(
+                    await listener.fetchval(
+                        "SELECT pg_try_advisory_lock($1, $2)", self._lock_class, _PRODUCER_KEY
+                    )
+                )
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("queue: cannot ask for the DSN producer's lock: %s", exc)
+                return False
+            if held:
+                self._producer_connection = listener
+                log.info("queue: node %s produces the delivery reports", self._node_name)
+            return held
+
+    # --- destination slots ------------------------------------------------------------------
+
+    def destination_slot(
+        self, destination: str, limit: int
+    ) -> contextlib.AbstractAsyncContextManager[None]:
+        """Slots are session advisory locks on bigint keys (see
+        :func:`~mailgate.queue.slots.slot_keys`), held on one connection of this node
+        opened for them: a node that dies or loses that connection frees its slots at
+        once. Taking one is one query whichever slot is free."""
+        self._check_open()
+        return self._slot_gate.slot(destination, limit)
+
+    async def _slot_connection(self) -> Connection:
+        connection = self._slots
+        if connection is None or connection.is_closed():
+            connection = await asyncpg.connect(self.dsn, server_settings=self._settings)
+            self._slots = connection
+            self._held_slots = set()  # a new session holds nothing
+        return connection
+
+    async def _try_slot(self, destination: str, limit: int) -> tuple[Connection, int] | None:
+        keys = slot_keys(f"{self._lock_class}:{self.schema}", destination, limit)
+        async with self._slots_mutex:
+            connection = await self._slot_connection()
+            # A session takes an advisory lock it holds already once more: the slots
+            # this node holds are not asked for.
+            free = [key for key in keys if key not in self._held_slots]
+            if not free:
+                return None
+            # The function scan yields the keys one by one and LIMIT stops at the first
+            # lock taken: at most one slot per query.
+            key = await connection.fetchval(
+                "SELECT key FROM unnest($1::bigint[]) AS key "
+                "WHERE pg_try_advisory_lock(key) LIMIT 1",
+                free,
+            )
+            if key is None:
+                return None
+            self._held_slots.add(int(key))
+        return connection, int(key)
+
+    async def _give_slot(self, token: tuple[Connection, int]) -> None:
+        connection, key = token
+        async with self._slots_mutex:
+            if connection is not self._slots or connection.is_closed():
+                return  # that session ended: the server freed its slots already
+            self._held_slots.discard(key)
+            try:
+                await connection.fetchval("SELECT pg_advisory_unlock($1)", key)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("queue: cannot free a destination slot: %s", exc)
+                # Unsure whether it is held: end the session, which frees every slot
+                # of this node (the others are still in use, briefly unguarded).
+                with contextlib.suppress(Exception):
+                    await connection.close(timeout=2)
 
     async def mark_notified(self, notices: Sequence[DsnNotice]) -> None:
         if not notices:
@@ -1348,9 +1522,8 @@ class PostgresQueueStore(ChangeWaiting):
         self, connection: Connection, changes: _Changes, ids: Sequence[str], now: float
     ) -> list[str]:
         """Remove messages whose recipients are all final with no DSN owed, finished at
-        least ``keep_finished`` ago; returns their ids. The history gathered so far is
-        written first (it refers to the messages, and goes with them)."""
-        await changes.flush(connection)
+        least ``keep_finished`` ago; returns their ids. Their history goes with them:
+        the lines gathered for them are not written at all."""
         if not ids:
             return []
         rows = await connection.fetch(
@@ -1362,7 +1535,9 @@ class PostgresQueueStore(ChangeWaiting):
             sorted(set(ids)),
             now - self.policy.keep_finished,
         )
-        return [row[0] for row in rows]
+        purged = [row[0] for row in rows]
+        changes.purged.update(purged)
+        return purged
 
 
 _COLUMNS = tuple(column.strip() for column in _RECIPIENT_COLUMNS.split(","))

@@ -91,6 +91,8 @@ def message_info(row: Row) -> MessageInfo:
         smtputf8=bool(row["smtputf8"]),
         body_type=row["body_type"],
         client=ClientInfo(**json.loads(row["client"])),
+        require_tls=bool(row["require_tls"]),
+        tls_optional=bool(row["tls_optional"]),
     )
 
 

@@ -9,9 +9,11 @@ recipients twice). The loop is the one of :mod:`mailgate.queue.store`'s docstrin
 2. claim due batches, up to the free delivery slots (``max_deliveries`` in flight at
    once), and start one delivery task per batch: ``OutboundEngine.deliver`` then
    ``store.record_results``;
-3. produce the owed DSNs (:meth:`QueueStore.pending_notices` -> :func:`build_dsn` ->
-   ``enqueue`` from ``<>`` with ``settles=`` the notice, one transaction: a crash can
-   neither lose nor repeat a report);
+3. produce the owed DSNs, when this store instance holds the queue's producer role
+   (:meth:`QueueStore.claim_notice_producer`: one process of all the nodes does it):
+   :meth:`QueueStore.pending_notices` -> :func:`build_dsn` -> ``enqueue`` from ``<>``
+   with ``settles=`` the notice, one transaction: a crash can neither lose nor repeat a
+   report, and a second copy (the role changing hands) is refused with NoticeSettled;
 4. sleep until the queue changes (an enqueue, a result, an operator's command, in this
    process or another), a delivery slot frees, or the next recipient is due.
 
@@ -24,8 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import fcntl
 import logging
 import os
 import tempfile
@@ -52,11 +52,19 @@ from .model import (
     RemoteReply,
     format_notify,
 )
-from .outbound import DeliveryRequest, Destination, Forward, OutboundEngine, Recipient, Relay
+from .outbound import (
+    DeliveryRequest,
+    Destination,
+    Forward,
+    OutboundEngine,
+    Recipient,
+    Relay,
+    tls_summary,
+)
 from .outbound import DeliveryResult as EngineDeliveryResult
 from .outbound import Outcome as EngineOutcome
 from .outbound import RecipientResult as EngineRecipientResult
-from .store import QueueStore
+from .store import NoticeSettled, QueueStore
 
 __all__ = [
     "BounceRoute",
@@ -172,12 +180,16 @@ class _Settings:
 
 def destination_of(key: str, forward_targets: Mapping[str, Forward]) -> Destination | None:
     """The engine's destination for a queued recipient's key: ``relay:<domain>`` is the
-    domain's MX, ``forward:<url>`` the smarthost of the rule (its credentials come from
+    domain's MX (``relay:<domain>?tls=verify``: with a route's own TLS policy),
+    ``forward:<url>`` the smarthost of the rule (its credentials come from
     ``forward_targets``, as the key has no password). ``None``: a forward key no rule has
-    any more."""
+    any more, or a key this version cannot read."""
     kind, _, rest = key.partition(":")
     if kind == "relay" and rest:
-        return Relay(rest)
+        try:
+            return Relay.from_key(rest)
+        except ValueError:
+            return None
     if kind == "forward":
         return forward_targets.get(key)
     return None
@@ -187,9 +199,11 @@ class QueueRunner:
     """Deliver what is due in ``store`` with ``engine``; see the module docstring.
 
     ``forward_targets``: destination key -> :class:`Forward` (URL and credentials) of the
-    forward rules. ``bounce_route``: where DSNs go. ``produce_notices``: whether this
-    process sends the DSNs (with several workers on one store only one does, or two
-    could send the same report).
+    forward rules. ``bounce_route``: where DSNs go (the store decides which of the
+    processes and nodes sharing it sends them: :meth:`QueueStore.claim_notice_producer`).
+    ``destination_concurrency``: deliveries at once to one destination over every
+    process and node sharing the store (its :meth:`QueueStore.destination_slot`);
+    ``None``: only the engine's per-process limit.
     """
 
     def __init__(
@@ -201,9 +215,10 @@ class QueueRunner:
         forward_targets: Mapping[str, Forward] | None = None,
         bounce_route: BounceRoute | None = None,
         max_deliveries: int = 100,
+        destination_concurrency: int | None = None,
         grace: float = 5.0,
-        notice_lock: Path | None = None,
         spool: Path | None = None,
+        sign_report: Callable[[bytes], bytes] | None = None,
     ) -> None:
         if max_deliveries < 1:
             raise ValueError("max_deliveries must be at least 1")
@@ -211,11 +226,18 @@ class QueueRunner:
         self.engine = engine
         self.forward_targets = dict(forward_targets or {})
         self.bounce_route = bounce_route
+        if destination_concurrency is not None and destination_concurrency < 1:
+            raise ValueError("destination_concurrency must be at least 1 (None: no cap)")
         self._settings = _Settings(hostname, max_deliveries, grace)
-        self._notice_lock_path = notice_lock
+        #: Deliveries to one destination at once over every node (the store's slots).
+        self.destination_concurrency = destination_concurrency
+        # Destination -> deliveries here waiting for one of its slots: not claimed
+        # for meanwhile, so one saturated destination does not fill max_deliveries.
+        self._waiting_for_slot: dict[str, int] = {}
         #: Where bodies of a store without local files are copied for a delivery.
         self.spool = spool
-        self._notice_lock_fd: int | None = None
+        #: Adds the DKIM signatures of ``[[dkim_sign]]`` to a report (run in a thread).
+        self.sign_report = sign_report
         self._in_flight: dict[asyncio.Task[None], DeliveryBatch] = {}
         self._slot_freed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -223,6 +245,7 @@ class QueueRunner:
         #: Counters for logs and tests.
         self.attempts = 0
         self.reports_sent = 0
+        self.duplicate_reports_avoided = 0
 
     # --- start and stop ---------------------------------------------------------------------
 
@@ -256,9 +279,6 @@ class QueueRunner:
                 delivery.cancel()
             # Each cancelled delivery releases its own claim (shielded) before it ends.
             await asyncio.gather(*pending, return_exceptions=True)
-        if self._notice_lock_fd is not None:
-            os.close(self._notice_lock_fd)  # closing drops the flock
-            self._notice_lock_fd = None
 
     @property
     def in_flight(self) -> int:
@@ -286,7 +306,9 @@ class QueueRunner:
         free = self._settings.max_deliveries - len(self._in_flight)
         if free <= 0:
             return 0, 0
-        batches = await self.store.claim_due(limit=free)
+        batches = await self.store.claim_due(
+            limit=free, exclude_destinations=tuple(self._waiting_for_slot)
+        )
         loop = asyncio.get_running_loop()
         for batch in batches:
             task = loop.create_task(self._deliver(batch), name=f"mailgate-queue-{batch.message.id}")
@@ -379,8 +401,26 @@ class QueueRunner:
         """One attempt with the engine, the body in a local file meanwhile (copied out
         of the store under the lease, as that too may take a while)."""
         message = batch.message
-        async with body_file(self.store, message.id, self.spool) as body_path:
-            return await self.engine.deliver(self._request(batch, destination, body_path))
+        async with contextlib.AsyncExitStack() as stack:
+            if self.destination_concurrency is not None:
+                await self._wait_for_slot(stack, batch.destination, self.destination_concurrency)
+            async with body_file(self.store, message.id, self.spool) as body_path:
+                return await self.engine.deliver(self._request(batch, destination, body_path))
+        raise AssertionError("unreachable")  # mypy: the stack swallows no exception
+
+    async def _wait_for_slot(
+        self, stack: contextlib.AsyncExitStack, destination: str, limit: int
+    ) -> None:
+        """Hold one of the destination's shared slots until ``stack`` closes."""
+        waiting = self._waiting_for_slot
+        waiting[destination] = waiting.get(destination, 0) + 1
+        try:
+            await stack.enter_async_context(self.store.destination_slot(destination, limit))
+        finally:
+            waiting[destination] -= 1
+            if not waiting[destination]:
+                del waiting[destination]
+                self._slot_freed.set()  # claim for this destination again
 
     def _request(
         self, batch: DeliveryBatch, destination: Destination, body_path: Path
@@ -401,6 +441,8 @@ class QueueRunner:
             smtputf8=message.smtputf8,
             eight_bit=message.body_type in ("8BITMIME", "BINARYMIME"),
             attempt=1 + max(r.attempts for r in batch.recipients),
+            require_tls=message.require_tls,
+            tls_optional=message.tls_optional,
         )
 
     async def _with_lease(
@@ -425,26 +467,8 @@ class QueueRunner:
 
     # --- DSNs ---------------------------------------------------------------------------------
 
-    def _notice_producer(self) -> bool:
-        """Whether this process sends the DSNs: it holds the lock file (first come; the
-        next worker takes over when the holder ends)."""
-        if self._notice_lock_path is None:
-            return True
-        if self._notice_lock_fd is not None:
-            return True
-        fd = os.open(self._notice_lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                return False
-            raise
-        self._notice_lock_fd = fd
-        return True
-
     async def _produce_notices(self) -> None:
-        if not self._notice_producer():
+        if not await self.store.claim_notice_producer():
             return
         notices = await self.store.pending_notices(limit=_NOTICE_BATCH)
         for notice in notices:
@@ -474,6 +498,8 @@ class QueueRunner:
         try:
             async with body_file(self.store, message.id, self.spool) as body_path:
                 report = await loop.run_in_executor(None, _build, facts, results, body_path)
+            if self.sign_report is not None:
+                report = await loop.run_in_executor(None, self.sign_report, report)
         except (ValueError, OSError, KeyError) as exc:
             # A report that cannot be made (an address no report can go to, a body gone):
             # settled, so it is not tried forever; the history keeps the reason.
@@ -482,17 +508,24 @@ class QueueRunner:
             return
         recipient = message.sender
         destination = self._bounce_destination(recipient)
-        report_id = await self.store.enqueue(
-            NewMessage(
-                sender="",
-                recipients=(NewRecipient(recipient, destination, notify=frozenset()),),
-                smtputf8=not recipient.isascii(),
-                body_type="8BITMIME" if dsn.needs_8bitmime(report) else None,
-                client=ClientInfo(protocol="local", listener="dsn"),
-            ),
-            report,
-            settles=[notice],
-        )
+        try:
+            report_id = await self.store.enqueue(
+                NewMessage(
+                    sender="",
+                    recipients=(NewRecipient(recipient, destination, notify=frozenset()),),
+                    smtputf8=not recipient.isascii(),
+                    body_type="8BITMIME" if dsn.needs_8bitmime(report) else None,
+                    client=ClientInfo(protocol="local", listener="dsn"),
+                ),
+                report,
+                settles=[notice],
+            )
+        except NoticeSettled as exc:
+            # Another node queued this report first (the producer's role changed hands
+            # while both had read the notice), or a later event superseded it.
+            self.duplicate_reports_avoided += 1
+            log.info("queue %s: %s report not queued: %s", message.id, notice.kind, exc)
+            return
         self.reports_sent += 1
         log.info(
             "queue %s: %s report for %d recipient(s) queued as %s to <%s>",
@@ -524,13 +557,16 @@ def _a_label(domain: str) -> str:
 
 def _result(recipient: RecipientInfo, result: EngineRecipientResult) -> DeliveryResult:
     reply = result.reply
+    summary = tls_summary(result.tls, result.tls_policy, session=result.remote is not None)
     return DeliveryResult(
         recipient.id,
         _OUTCOMES[result.outcome],
         RemoteReply(reply.code, reply.enhanced, reply.text) if reply is not None else None,
         remote_mta=str(result.remote) if result.remote is not None else None,
         status=result.status,
-        diagnostic=result.diagnostic,
+        # The TLS of the attempt and the policy that applied go into the history that
+        # ``mailgate queue show`` prints (and the DSN, when there was no reply).
+        diagnostic=f"{result.diagnostic} (TLS {summary})",
     )
 
 

@@ -9,6 +9,7 @@ table and the key, and both are listed in docs/settings.md from these declaratio
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from .schedule import DEFAULT_RETRY_SCHEDULE, DurationError, parse_duration
 __all__ = [
     "BACKENDS",
     "GROUPS",
+    "MIGRATE_MODES",
     "OUTBOUND_TABLE",
     "QUEUE_TABLE",
     "QueueSettings",
@@ -52,6 +54,20 @@ DEFAULT_DIRECTORY: Final = "queue"
 BACKENDS: Final = ("sqlite", "postgresql")
 Backend = Literal["sqlite", "postgresql"]
 _DSN_SCHEMES: Final = ("postgresql", "postgres")
+#: Who brings the queue's schema up to date: the server at start, or the operator.
+MIGRATE_MODES: Final = ("auto", "manual")
+MigrateMode = Literal["auto", "manual"]
+_SCHEMA_NAME: Final = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+def _schema(value: Value) -> str:
+    text = converters.string(value)
+    if _SCHEMA_NAME.fullmatch(text) is None:
+        raise value.error(
+            "expected a schema name of lower-case letters, digits and _ (at most 63), "
+            "not starting with a digit"
+        )
+    return text
 
 
 def _dsn(value: Value) -> str:
@@ -155,6 +171,16 @@ class QueueSettings:
         group="queue",
         metavar="N",
     )
+    destination_concurrency: int = setting(
+        0,
+        convert=converters.count_or_zero,
+        help="deliveries in progress at once to one destination (a domain's MX, or a "
+        "forward rule's server) over every node and process sharing this queue; 0: no "
+        "shared cap, only [outbound] max_concurrency_per_destination in each process",
+        group="queue",
+        metavar="N",
+        default_text="0 (off)",
+    )
     backend: Backend = setting(
         "sqlite",
         convert=converters.choice(BACKENDS),
@@ -171,6 +197,24 @@ class QueueSettings:
         group="queue",
         metavar="URL",
         default_text="none; required with backend = postgresql",
+    )
+
+    schema: str = setting(
+        "mailgate",
+        convert=_schema,
+        help="the PostgreSQL schema holding the queue's tables (backend = postgresql); "
+        "several queues may share one database in different schemas",
+        group="queue",
+        metavar="NAME",
+    )
+    migrate: MigrateMode = setting(
+        "auto",
+        convert=converters.choice(MIGRATE_MODES),
+        help="auto: serve and sendmail create or update the queue's schema at start "
+        "(nodes starting at once take turns); manual: only 'mailgate queue migrate' does, "
+        "and a node finding an older schema refuses to start (advised with many nodes)",
+        group="queue",
+        choices=MIGRATE_MODES,
     )
 
     def __repr__(self) -> str:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
+import fcntl
 import functools
 import itertools
 import json
@@ -73,16 +75,20 @@ from .rows import (
     recipient_facts,
     recipient_info,
 )
-from .store import BodySource, QueueError, QueueStore
+from .slots import SlotGate, slot_keys
+from .store import BodySource, NoticeSettled, QueueError, QueueStore
 
-__all__ = ["SQLiteQueueStore", "new_message_id"]
+__all__ = ["SCHEMA_VERSION", "SQLiteQueueStore", "migrate", "new_message_id", "schema_version"]
 
 log = logging.getLogger("mailgate.queue")
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
 _DATABASE_NAME = "queue.db"
+#: The DSN producer's lock file (see claim_notice_producer).
+_NOTICE_LOCK_NAME = "dsn-producer.lock"
+#: The destination slots' lock files (see destination_slot).
+_SLOTS_DIRECTORY = "slots"
 # Writes gathered into one transaction at most (bounds the latency of the first).
 _MAX_GROUP = 512
 # SQLite's default limit of host parameters is 32766; chunks stay far below.
@@ -159,6 +165,100 @@ CREATE TABLE IF NOT EXISTS history (
 CREATE INDEX IF NOT EXISTS history_message ON history (message_id);
 """
 
+#: Migration ``n`` (1-based) brings the database from version ``n - 1`` to ``n``
+#: (``meta.schema_version``). Version 1 is the first schema (its statements say IF NOT
+#: EXISTS: databases made before migrations were versioned already hold it).
+MIGRATIONS: tuple[str, ...] = (
+    _SCHEMA,
+    # 2: RFC 8689 REQUIRETLS and "TLS-Required: No", per message.
+    "ALTER TABLE messages ADD COLUMN require_tls INTEGER NOT NULL DEFAULT 0;"
+    "ALTER TABLE messages ADD COLUMN tls_optional INTEGER NOT NULL DEFAULT 0",
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _database_version(connection: sqlite3.Connection) -> int:
+    """The schema version of an open database (0: none yet)."""
+    if (
+        connection.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+        ).fetchone()
+        is None
+    ):
+        return 0
+    row = connection.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def _apply_migrations(connection: sqlite3.Connection, *, migrate: bool, where: Path) -> int:
+    """Bring the database (inside the caller's write transaction) to
+    :data:`SCHEMA_VERSION`, or with ``migrate=False`` check that it is there; returns
+    the version found before."""
+    found = _database_version(connection)
+    if found == SCHEMA_VERSION:
+        return found
+    if found > SCHEMA_VERSION or not migrate:
+        raise _version_error(where, found)
+    for version in range(found + 1, SCHEMA_VERSION + 1):
+        for statement in MIGRATIONS[version - 1].split(";"):
+            if statement.strip():
+                connection.execute(statement)
+        connection.execute(
+            "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (str(version),),
+        )
+        connection.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('lease_seq', '0')")
+        log.info("queue database %s migrated to schema version %d", where, version)
+    return found
+
+
+def _version_error(where: Path, found: int) -> QueueError:
+    if found > SCHEMA_VERSION:
+        return QueueError(
+            f"queue database {where} is at schema version {found}, newer than this "
+            f"mailgate's {SCHEMA_VERSION}: upgrade mailgate"
+        )
+    return QueueError(
+        f"queue database {where} is at schema version {found}, this mailgate needs "
+        f"{SCHEMA_VERSION}: run 'mailgate queue migrate'"
+    )
+
+
+def schema_version(directory: str | os.PathLike[str]) -> int:
+    """The schema version of the queue database in ``directory`` (0: none yet); reads
+    only, creates nothing."""
+    path = Path(directory) / _DATABASE_NAME
+    if not path.exists():
+        return 0
+    connection = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+    try:
+        connection.execute("PRAGMA busy_timeout = 30000")
+        return _database_version(connection)
+    finally:
+        connection.close()
+
+
+def migrate(directory: str | os.PathLike[str]) -> int:
+    """Create or update the queue database in ``directory`` (made if missing) to
+    :data:`SCHEMA_VERSION`, in one write transaction (a second migrator waits for it,
+    then finds nothing to do); returns the version found before. Blocking."""
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    connection = _connect(path / _DATABASE_NAME)
+    try:
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            before = _apply_migrations(connection, migrate=True, where=path / _DATABASE_NAME)
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
+        return before
+    finally:
+        connection.close()
+
+
 _RECIPIENT_COLUMNS = (
     "id, message_id, address, destination, orcpt, notify, state, attempts, next_attempt, "
     "reply_code, reply_enhanced, reply_text, remote_mta, status, diagnostic, last_attempt_at, "
@@ -166,7 +266,8 @@ _RECIPIENT_COLUMNS = (
     "dsn_pending, dsn_sent, lease_owner, lease_id, lease_expires"
 )
 _MESSAGE_COLUMNS = (
-    "id, sender, size, received_at, expires_at, envid, ret, smtputf8, body_type, client"
+    "id, sender, size, received_at, expires_at, envid, ret, smtputf8, body_type, client, "
+    "require_tls, tls_optional"
 )
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -355,6 +456,9 @@ class SQLiteQueueStore(ChangeWaiting):
     _files: concurrent.futures.ThreadPoolExecutor
     _reader_connection: sqlite3.Connection
     _writer: _DatabaseThread
+    _migrate: bool
+    _notice_lock_fd: int | None
+    _slot_gate: SlotGate[int]
 
     def __init__(self, *, _token: object = None) -> None:
         if _token is not _OPEN_TOKEN:
@@ -369,9 +473,22 @@ class SQLiteQueueStore(ChangeWaiting):
         clock: Callable[[], float] = time.time,
         poll_interval: float = 0.25,
         file_threads: int = 32,
+        migrate: bool = True,
     ) -> SQLiteQueueStore:
+        """Open (with ``migrate``, create or update) the queue in ``directory``. Without
+        ``migrate`` the database must exist at :data:`SCHEMA_VERSION`: nothing is
+        created, and an older database is an error saying to run ``mailgate queue
+        migrate``."""
         self = cls(_token=_OPEN_TOKEN)
         self.directory = Path(directory)
+        self._migrate = migrate
+        self._notice_lock_fd = None
+        self._slot_gate = SlotGate(self._try_slot, self._give_slot)
+        if not migrate:
+            # Checked before anything is made in the directory (a read-only command).
+            found = await asyncio.to_thread(schema_version, self.directory)
+            if found != SCHEMA_VERSION:
+                raise _version_error(self.directory / _DATABASE_NAME, found)
         self.policy = policy if policy is not None else QueuePolicy()
         self.clock = clock
         self.poll_interval = poll_interval
@@ -437,6 +554,9 @@ class SQLiteQueueStore(ChangeWaiting):
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
+        if self._notice_lock_fd is not None:
+            os.close(self._notice_lock_fd)  # closing drops the flock
+            self._notice_lock_fd = None
         await asyncio.to_thread(self._writer.stop)
         await self._read(self._reader_connection.close)
         self._reader.shutdown(wait=True)
@@ -491,23 +611,9 @@ class SQLiteQueueStore(ChangeWaiting):
         connection = _connect(self.directory / _DATABASE_NAME)
         try:
             connection.execute("BEGIN IMMEDIATE")
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    connection.execute(statement)
-            version = connection.execute(
-                "SELECT value FROM meta WHERE key = 'schema_version'"
-            ).fetchone()
-            if version is None:
-                connection.execute(
-                    "INSERT INTO meta (key, value) VALUES ('schema_version', ?), "
-                    "('lease_seq', '0')",
-                    (str(SCHEMA_VERSION),),
-                )
-            elif int(version["value"]) != SCHEMA_VERSION:
-                raise QueueError(
-                    f"queue database schema version {version['value']} is not supported "
-                    f"(this mailgate uses {SCHEMA_VERSION})"
-                )
+            _apply_migrations(
+                connection, migrate=self._migrate, where=self.directory / _DATABASE_NAME
+            )
             self._recover(connection)
             connection.execute("COMMIT")
         except BaseException:
@@ -628,7 +734,7 @@ class SQLiteQueueStore(ChangeWaiting):
 
         def insert(connection: sqlite3.Connection) -> str:
             connection.execute(
-                f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     message_id,
                     message.sender,
@@ -640,6 +746,8 @@ class SQLiteQueueStore(ChangeWaiting):
                     int(message.smtputf8),
                     message.body_type,
                     json.dumps(asdict(message.client), separators=(",", ":")),
+                    int(message.require_tls),
+                    int(message.tls_optional),
                 ),
             )
             connection.executemany(
@@ -882,7 +990,9 @@ class SQLiteQueueStore(ChangeWaiting):
         *,
         by: str | None = None,
     ) -> list[str]:
-        """Mark notices produced; returns ids of messages that became finished."""
+        """Mark notices produced; returns ids of messages that became finished. ``by``
+        (the report's queue id): all or nothing, NoticeSettled when a recipient no
+        longer owes the notice (the caller's transaction is then rolled back)."""
         touched: list[str] = []
         for notice in notices:
             for recipient in notice.recipients:
@@ -891,6 +1001,11 @@ class SQLiteQueueStore(ChangeWaiting):
                     (recipient.id, notice.kind),
                 ).fetchone()
                 if row is None:
+                    if by is not None:
+                        raise NoticeSettled(
+                            f"the {notice.kind} notice of {notice.message.id} for "
+                            f"<{recipient.address}> is settled already or has changed"
+                        )
                     continue  # settled already, or superseded by a later event
                 sent = dsn_kinds(row[0].split(",")) | {notice.kind}
                 connection.execute(
@@ -907,6 +1022,67 @@ class SQLiteQueueStore(ChangeWaiting):
                 )
             touched.append(notice.message.id)
         return self._purge_if_finished(connection, touched, now)
+
+    async def claim_notice_producer(self) -> bool:
+        """The role is a lock file in the queue directory (flock: released when this
+        store closes or its process dies)."""
+        self._check_open()
+        if self._notice_lock_fd is not None:
+            return True
+        path = self.directory / _NOTICE_LOCK_NAME
+
+        def take() -> int | None:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    return None
+                raise
+            return fd
+
+        self._notice_lock_fd = await asyncio.to_thread(take)
+        return self._notice_lock_fd is not None
+
+    # --- destination slots ------------------------------------------------------------------
+
+    def destination_slot(
+        self, destination: str, limit: int
+    ) -> contextlib.AbstractAsyncContextManager[None]:
+        """Slots are flocks on files in ``slots/`` of the queue directory (one file per
+        destination and slot, kept for reuse: removing one could let two processes
+        lock different files of the same name), shared by every process on this
+        queue and freed when the holder exits."""
+        self._check_open()
+        return self._slot_gate.slot(destination, limit)
+
+    async def _try_slot(self, destination: str, limit: int) -> int | None:
+        keys = slot_keys(str(self.directory), destination, limit)
+        directory = self.directory / _SLOTS_DIRECTORY
+
+        def take() -> int | None:
+            directory.mkdir(exist_ok=True)
+            for key in keys:
+                fd = os.open(
+                    directory / f"{key & 0xFFFFFFFFFFFFFFFF:016x}",
+                    os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                    0o600,
+                )
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as exc:
+                    os.close(fd)
+                    if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                        continue
+                    raise
+                return fd
+            return None
+
+        return await asyncio.to_thread(take)
+
+    async def _give_slot(self, fd: int) -> None:
+        os.close(fd)  # closing drops the flock
 
     async def mark_notified(self, notices: Sequence[DsnNotice]) -> None:
         if not notices:

@@ -34,6 +34,7 @@ Times are seconds since the epoch; ``now=None`` means the store's clock.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterable, AsyncIterator, Collection, Sequence
 from typing import Protocol, runtime_checkable
@@ -51,7 +52,7 @@ from .model import (
 )
 from .policy import QueuePolicy
 
-__all__ = ["BodySource", "QueueError", "QueueStore"]
+__all__ = ["BodySource", "NoticeSettled", "QueueError", "QueueStore"]
 
 #: A message body to enqueue: a path to an already spooled file (hard-linked into the
 #: queue when on the same file system, else copied in blocks), bytes in memory, or an
@@ -61,6 +62,13 @@ BodySource = os.PathLike[str] | bytes | bytearray | memoryview | AsyncIterable[b
 
 class QueueError(Exception):
     """The queue store cannot do what was asked (closed, damaged, misconfigured)."""
+
+
+class NoticeSettled(QueueError):
+    """``enqueue(settles=...)`` refused: a notice it answers was settled meanwhile (by
+    another node's copy of the same report) or has changed (a later event superseded
+    it). Nothing was enqueued; the notices still due come again from
+    :meth:`QueueStore.pending_notices`."""
 
 
 @runtime_checkable
@@ -82,7 +90,9 @@ class QueueStore(Protocol):
         """Store a message; returns its queue id once message, recipients and body are
         durably committed. ``synced``: a path body is already fsynced by its writer.
         ``settles``: DSN notices this message (a DSN) answers, marked done in the same
-        transaction so a crash can neither lose nor duplicate the DSN."""
+        transaction so a crash can neither lose nor duplicate the DSN: when any of
+        their recipients no longer owes that notice (another node queued the report
+        first), nothing is enqueued and :class:`NoticeSettled` is raised."""
         ...
 
     # --- delivery workers ----------------------------------------------------------------
@@ -129,6 +139,25 @@ class QueueStore(Protocol):
 
     async def pending_notices(self, limit: int = 100) -> list[DsnNotice]:
         """DSNs owed: one notice per message and kind with every recipient owed it."""
+        ...
+
+    async def claim_notice_producer(self) -> bool:
+        """Whether this store instance is the queue's DSN producer: the first instance
+        to ask (of every process and node using the queue) holds the role until it
+        closes, or its process dies (SQLite: a lock file) or its database session ends
+        (PostgreSQL: an advisory lock); the others get ``False`` and ask again later.
+        Keeps several nodes from building the same reports; ``enqueue(settles=)``
+        still refuses a second copy in the moment the role changes hands."""
+        ...
+
+    def destination_slot(
+        self, destination: str, limit: int
+    ) -> contextlib.AbstractAsyncContextManager[None]:
+        """``async with store.destination_slot(key, n):`` waits for one of the ``n``
+        slots of the destination ``key``, shared by every process and node using this
+        queue, and holds it for the block (``[queue] destination_concurrency``). A slot
+        of a process that dies is free again at once (the lock is the operating
+        system's or the database session's)."""
         ...
 
     async def mark_notified(self, notices: Sequence[DsnNotice]) -> None:

@@ -32,7 +32,7 @@ from .connection import ConnectionDriver
 from .errors import StartupError
 from .host import HostedConnection, SessionRecorder
 from .options import ListenAddress, ServerOptions
-from .spool import SpoolFile
+from .spool import SpoolFile, SpoolPool
 from .stats import ServerStats
 from .tls import add_certificates, create_server_context, ensure_dev_certificate
 
@@ -41,9 +41,6 @@ log = logging.getLogger("mailgate.server")
 #: each kind, with the count of those held back.
 _refusals = LogLimiter(burst=5, interval=60.0)
 
-_TOO_MANY_CLIENTS = Reply(421, "4.7.0", ("Too many connections, try again later",))
-_TOO_MANY_FROM_IP = Reply(421, "4.7.0", ("Too many connections from your address",))
-_PROXY_NOT_ALLOWED = Reply(421, "4.7.0", ("Connections must come through the proxy",))
 #: What an auth callback can check: a password (PLAIN, LOGIN).
 DEFAULT_MECHANISMS = ("PLAIN", "LOGIN")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -133,6 +130,8 @@ class SMTPServer:
         self.ssl_context: ssl.SSLContext | None = None
         self.spool_dir = self._spool_dir()
         self.spooling = False
+        #: Spool files made ahead (when the server spools): no thread hop per message.
+        self.spool_pool: SpoolPool | None = None
         self.protocol_config = protocol_config(options, tls=False, auth=False)
         self.listening: list[tuple[ListenAddress, tuple[str, int]]] = []
         self._servers: list[asyncio.base_events.Server] = []
@@ -203,6 +202,12 @@ class SMTPServer:
         """``(session, envelope, address)``: RCPT TO, before the address joins the envelope.
         ``@server.on_rcpt`` or ``@server.on_rcpt(name=..., before=..., after=...)``."""
         return cast(Register, functools.partial(self.on, "rcpt"))
+
+    @property
+    def on_vrfy(self) -> Register:
+        """``(session, argument, expand)``: VRFY (``expand`` False) or EXPN (True); a reply
+        replaces the usual one. ``@server.on_vrfy`` or ``@server.on_vrfy(name=...)``."""
+        return cast(Register, functools.partial(self.on, "vrfy"))
 
     @property
     def on_data_start(self) -> Register:
@@ -294,6 +299,7 @@ class SMTPServer:
         if self.spooling:
             self.spool_dir.mkdir(parents=True, exist_ok=True)
             await self.loop.run_in_executor(None, self.remove_orphans)
+            self.spool_pool = SpoolPool(self.spool_dir)
         if not self.protocol_config.auth_mechanisms and any(a.submission for a in options.listen):
             log.warning(
                 "submission listeners but no AUTH backend (auth_users, users_file or an auth "
@@ -458,6 +464,9 @@ class SMTPServer:
             task.cancel()
         await self._close_listeners()
         await self._close_plugins()
+        pool, self.spool_pool = self.spool_pool, None
+        if pool is not None:
+            await pool.aclose()
         self._started = False
         if self._closed is not None:
             self._closed.set()
@@ -630,7 +639,7 @@ class SMTPServer:
         self, connection: HostedConnection, ip: str, options: ServerOptions
     ) -> Reply | None:
         if options.proxy_protocol and not _in_networks(ip, options.proxy_protocol):
-            return _PROXY_NOT_ALLOWED
+            return self._outside("proxy_required", ip)
         if len(self.connections) >= options.max_clients:
             _refusals.log(
                 log,
@@ -640,7 +649,7 @@ class SMTPServer:
                 ip,
                 len(self.connections),
             )
-            return _TOO_MANY_CLIENTS
+            return self._outside("too_many_clients", ip)
         if not options.proxy_protocol and self.per_ip[ip] >= options.max_clients_per_ip:
             _refusals.log(
                 log,
@@ -649,10 +658,16 @@ class SMTPServer:
                 "refusing %s: too many connections from this address (max_clients_per_ip)",
                 ip,
             )
-            return _TOO_MANY_FROM_IP
+            return self._outside("too_many_from_ip", ip)
         self.connections.add(connection)
         self.per_ip[ip] += 1
         return None
+
+    def _outside(self, name: str, ip: str) -> Reply:
+        """The server's own refusal ``name`` in the persona's words."""
+        return self.protocol_config.persona.outside_reply(
+            name, hostname=self.options.hostname, client_ip=ip
+        )
 
     def rebind_ip(self, connection: HostedConnection, ip: str) -> Reply | None:
         """After a PROXY header the per-IP limit applies to the real client address:
@@ -669,7 +684,7 @@ class SMTPServer:
                 "refusing %s (via PROXY): too many connections from this address",
                 ip,
             )
-            return _TOO_MANY_FROM_IP
+            return self._outside("too_many_from_ip", ip)
         return None
 
     def release(self, connection: HostedConnection) -> None:

@@ -87,12 +87,11 @@ _STAGE_OF: dict[type[PolicyPoint], str] = {
     AuthCredentials: "auth",
     MailFrom: "mail",
     RcptTo: "rcpt",
+    Verify: "vrfy",
     DataStart: "data_start",
     DataComplete: "message",
 }
 _IN_TRANSACTION = frozenset({State.MAIL, State.RCPT, State.DATA, State.BDAT, State.BDAT_OPEN})
-_EARLY_TALKER = Reply(554, "5.5.1", ("Protocol error: data sent before the greeting",))
-_PROXY_REFUSED = Reply(421, "4.7.0", ("PROXY header missing or invalid",))
 _LOCAL_ERROR = Reply(451, "4.3.0", ("Local error in processing, try again later",))
 _AUTH_UNAVAILABLE = Reply(454, "4.7.0", ("Temporary authentication failure",))
 _TLS_UNAVAILABLE = Reply(454, "4.7.0", ("TLS not available",))
@@ -248,11 +247,11 @@ class ConnectionDriver(asyncio.Protocol):
             elif self.expect_proxy and not self._greeted:
                 self._proxy_data(data)
             return
-        if not self._greeted:
+        if not self._greeted and self._refuses_early_talkers():
             # Bytes before our banner: a client that does not wait its turn (often spam).
             if self.recorder is not None:
                 self._record("received", data)
-            self._refuse(_EARLY_TALKER, "early-talker")
+            self._refuse(self._outside("early_talker"), "early-talker")
             return
         if self._tls_pending is not None:
             # Decrypted bytes can arrive before start_tls() returns to us; they belong to the
@@ -353,7 +352,7 @@ class ConnectionDriver(asyncio.Protocol):
             parsed = parse_proxy_header(self._proxy_buf)
         except ProxyError as exc:
             log.debug("session %s: bad PROXY header from %s: %s", self._sid(), self.peer_ip, exc)
-            self._refuse(_PROXY_REFUSED, "bad-proxy-header")
+            self._refuse(self._outside("proxy_refused"), "bad-proxy-header")
             return
         if parsed is None:
             return
@@ -365,10 +364,10 @@ class ConnectionDriver(asyncio.Protocol):
             return  # refused for the real client's address
         self._start_session()
         if rest and self.conn is not None:
-            if not self._greeted:
+            if not self._greeted and self._refuses_early_talkers():
                 if self.recorder is not None:
                     self._record("received", rest)
-                self._refuse(_EARLY_TALKER, "early-talker")
+                self._refuse(self._outside("early_talker"), "early-talker")
                 return
             self.conn.receive_data(rest)
             self._process()
@@ -390,6 +389,22 @@ class ConnectionDriver(asyncio.Protocol):
             self.peer_ip = header.source_address
             if refusal is not None:
                 self.refuse(refusal)
+
+    def _outside(self, name: str) -> Reply:
+        """The server's own refusal ``name`` (sent outside the dialogue) in the persona's
+        words."""
+        return self.host.protocol_config.persona.outside_reply(
+            name, hostname=self.host.options.hostname, client_ip=self.peer_ip
+        )
+
+    def _refuses_early_talkers(self) -> bool:
+        """Whether bytes before the banner end the session (554). A persona whose product
+        just reads them after its banner (``early_talkers = "greet"``) keeps them for the
+        protocol, which answers them once the greeting is sent -- unless a greeting delay
+        was asked for, whose point is to catch such clients."""
+        if self.host.options.greeting_delay > 0:
+            return True
+        return self.host.protocol_config.persona.behaviour.early_talkers != "greet"
 
     def _start_session(self) -> None:
         assert self.session is not None
@@ -659,6 +674,10 @@ class ConnectionDriver(asyncio.Protocol):
             return await self._complete_message(point, session)
         if isinstance(point, AuthCredentials):
             return await self._authenticate(point, session)
+        if isinstance(point, Verify):
+            # VRFY and EXPN: a step may answer for the user (None: the persona's reply).
+            outcome = await hooks.run("vrfy", session, point.argument, point.expand)
+            return self._verdict("vrfy", outcome, None)
         return None  # pragma: no cover
 
     def _verdict(self, stage: str, outcome: Outcome, success: Reply | None) -> Reply | None:
@@ -989,6 +1008,14 @@ class ConnectionDriver(asyncio.Protocol):
         creating a file waits for the journal) and write the trace header into it."""
         self.message_id = self.host.new_id()
         header = self._received() if self.host.options.received_header else b""
+        pool = self.host.spool_pool
+        ready = pool.take(self.loop) if pool is not None else None
+        if ready is not None:
+            # Made ahead in a worker thread; the header only fills its buffer.
+            if header:
+                ready.write(header)
+            self.spool = ready
+            return None
         directory = self.host.spool_dir
 
         def create() -> SpoolFile:
@@ -1250,7 +1277,7 @@ class ConnectionDriver(asyncio.Protocol):
         conn = self.conn
         if conn is None:  # still waiting for the PROXY header
             log.debug("session %s: no PROXY header in time from %s", self._sid(), self.peer_ip)
-            self._refuse(_PROXY_REFUSED, "proxy-timeout")
+            self._refuse(self._outside("proxy_refused"), "proxy-timeout")
             return
         if self._task is not None:
             # Our own work (a slow hook, fsync, a STARTTLS handshake) is not the client's.

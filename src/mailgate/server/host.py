@@ -20,7 +20,7 @@ from mailgate.hooks import Hooks, Message, Session
 from mailgate.protocol import ProtocolConfig, Reply
 
 from .options import ServerOptions
-from .spool import SpoolFile
+from .spool import SpoolFile, SpoolPool
 from .stats import ServerStats
 
 __all__ = ["ConnectionHost", "HostedConnection", "RunnableServer", "SessionRecorder"]
@@ -103,6 +103,10 @@ class ConnectionHost(Protocol):
 
     @property
     def spool_dir(self) -> Path: ...
+
+    @property
+    def spool_pool(self) -> SpoolPool | None:
+        """Spool files made ahead (None before start and in sink mode)."""
 
     @property
     def recorder(self) -> SessionRecorder | None:

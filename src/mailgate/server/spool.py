@@ -6,10 +6,13 @@ Maildir's ``tmp/``, delivery is a hard link into ``new/`` with no copy of the da
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextlib
 import errno
 import io
 import itertools
+import logging
 import os
 import socket
 import threading
@@ -17,7 +20,9 @@ import time
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["SpoolFile", "unique_name", "write_all"]
+__all__ = ["SpoolFile", "SpoolPool", "unique_name", "write_all"]
+
+log = logging.getLogger("mailgate.server")
 
 # Writes are gathered to this size: fewer syscalls for the small slices a pipelined
 # client produces, while larger slices go straight to the kernel without a copy
@@ -158,3 +163,91 @@ class SpoolFile:
     def __repr__(self) -> str:
         state = "discarded" if self._discarded else "finished" if self._finished else "open"
         return f"<SpoolFile {self.path} size={self.size} {state}>"
+
+
+class SpoolPool:
+    """Spool files made ahead of need, a batch at a time in one worker thread.
+
+    Creating a file may wait for the file system's journal (on a disk busy with the
+    fsyncs of durable deliveries it does), so a message's spool file was made in a worker
+    thread: a thread hop per message, with its wake-ups and lock hand-overs. The pool
+    makes ``size`` files in one hop and hands them out without one, refilling when half
+    are gone. An empty pool (the first message, a burst, a disk that refuses new files)
+    answers None and the caller makes its file as before, so errors are reported where
+    they always were. Files wait at most ``max_age`` seconds (then they are removed and
+    made anew): far younger than the age at which a starting worker takes a spool file
+    for an orphan. The files are empty until used; :meth:`close` removes those left, and
+    a crash leaves them to the orphan removal at the next start.
+    """
+
+    def __init__(self, directory: Path, *, size: int = 32, max_age: float = 30.0) -> None:
+        self.directory = directory
+        self.size = size
+        self.max_age = max_age
+        self._files: collections.deque[tuple[float, SpoolFile]] = collections.deque()
+        self._refilling: asyncio.Future[list[SpoolFile]] | None = None
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    @property
+    def refilling(self) -> bool:
+        """Whether a batch of files is being made now."""
+        return self._refilling is not None
+
+    def paths(self) -> set[Path]:
+        """The files waiting to be handed out."""
+        return {spool.path for _, spool in self._files}
+
+    def take(self, loop: asyncio.AbstractEventLoop) -> SpoolFile | None:
+        """A fresh spool file, or None when none is ready (make one yourself)."""
+        now = time.monotonic()
+        found = None
+        while self._files:
+            made, spool = self._files.popleft()
+            if now - made <= self.max_age:
+                found = spool
+                break
+            spool.discard()
+        if not self._closed and self._refilling is None and len(self._files) <= self.size // 2:
+            self._refilling = loop.run_in_executor(None, self._make, self.size - len(self._files))
+            self._refilling.add_done_callback(self._refilled)
+        return found
+
+    def _make(self, count: int) -> list[SpoolFile]:
+        made: list[SpoolFile] = []
+        try:
+            for _ in range(count):
+                made.append(SpoolFile(self.directory))
+        except OSError as exc:
+            # A full or read-only disk: what was made is used; the next message makes its
+            # own file and reports the error to its client.
+            log.debug("spool pool: made %d of %d files: %s", len(made), count, exc)
+        return made
+
+    def _refilled(self, future: asyncio.Future[list[SpoolFile]]) -> None:
+        self._refilling = None
+        if future.cancelled() or future.exception() is not None:
+            return
+        made = future.result()
+        if self._closed:
+            for spool in made:
+                spool.discard()
+            return
+        now = time.monotonic()
+        self._files.extend((now, spool) for spool in made)
+
+    async def aclose(self) -> None:
+        """Remove the files not handed out, after waiting for a refill in progress (its
+        files would otherwise be left behind when the loop stops)."""
+        self._closed = True
+        refilling = self._refilling
+        if refilling is not None:
+            with contextlib.suppress(Exception):
+                made = await asyncio.shield(refilling)
+                for spool in made:
+                    spool.discard()
+        while self._files:
+            _, spool = self._files.popleft()
+            spool.discard()

@@ -1,6 +1,7 @@
 """The ESMTP parameters of MAIL and RCPT a client passes on, as far as the server
 understands them (RFC 1870 SIZE, RFC 6152 8BITMIME, RFC 3030 BINARYMIME, RFC 6531
-SMTPUTF8, RFC 3461 DSN). Values come in decoded, as mailgate's parser keeps them."""
+SMTPUTF8, RFC 3461 DSN, RFC 8689 REQUIRETLS). Values come in decoded, as mailgate's
+parser keeps them."""
 
 from __future__ import annotations
 
@@ -19,11 +20,13 @@ def mail_params(
     smtputf8: bool,
     ret: str | None,
     envid: str | None,
+    requiretls: bool = False,
 ) -> list[bytes]:
     """The MAIL parameters worth passing on that the server (after EHLO) understands.
     ``body``: ``BINARYMIME`` is always passed (only BDAT can send it; the caller has
     checked CHUNKING), ``8BITMIME`` where offered, anything else not at all.
-    ``smtputf8``: the caller has decided to send SMTPUTF8."""
+    ``smtputf8``: the caller has decided to send SMTPUTF8. ``requiretls``: likewise
+    REQUIRETLS (the caller has checked that the server offers it, over TLS)."""
     params: list[bytes] = []
     if smtp.supports_extension("size"):
         params.append(b"SIZE=%d" % size)
@@ -31,6 +34,8 @@ def mail_params(
         params.append(b"BODY=" + body.encode())
     if smtputf8:
         params.append(b"SMTPUTF8")
+    if requiretls:
+        params.append(b"REQUIRETLS")
     if smtp.supports_extension("dsn"):
         if ret:
             params.append(b"RET=" + ret.encode("ascii", "replace"))

@@ -2,7 +2,8 @@
 
 ``smtp://host[:port]`` (port 25), ``smtps://host[:port]`` (implicit TLS, port 465) and
 ``lmtp://host[:port]`` (port 24), with ``user:password@`` and the query options
-``starttls=auto|require|no`` and ``cafile=PATH``.
+``starttls=auto|require|no`` and ``cafile=PATH`` (and ``tls=LEVEL``, for callers that
+name the levels they know).
 """
 
 from __future__ import annotations
@@ -13,10 +14,21 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["DEFAULT_PORTS", "STARTTLS_MODES", "SmartHost", "display_host", "parse_url", "redact"]
+__all__ = [
+    "DEFAULT_PORTS",
+    "STARTTLS_MODES",
+    "TLS_LEVELS",
+    "SmartHost",
+    "display_host",
+    "parse_url",
+    "redact",
+]
 
 DEFAULT_PORTS: Final = {"smtp": 25, "smtps": 465, "lmtp": 24}
 STARTTLS_MODES: Final = ("auto", "require", "no")
+#: The TLS policy levels of outbound delivery (``mailgate.queue.outbound.tlspolicy``),
+#: here so that routing (a peer of the queue) can check a route's ``tls`` too.
+TLS_LEVELS: Final = ("none", "may", "encrypt", "verify", "dane", "dane-only", "mta-sts")
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +43,8 @@ class SmartHost:
     password: str | None
     starttls: str
     cafile: str | None
+    #: ``?tls=`` (a TLS policy level of the caller's), None when not given.
+    tls: str | None = None
 
 
 def redact(url: str) -> str:
@@ -38,8 +52,9 @@ def redact(url: str) -> str:
     return re.sub(r"(//[^/@?#]*?:)[^/@?#]*@", r"\1***@", url)
 
 
-def parse_url(url: str) -> SmartHost:
-    """The parts of a forward URL; ValueError (one line) for anything unusable."""
+def parse_url(url: str, *, tls_levels: tuple[str, ...] = ()) -> SmartHost:
+    """The parts of a forward URL; ValueError (one line) for anything unusable.
+    ``tls_levels``: the values ``?tls=`` may have (none: the option is unknown)."""
     raw, url = url, redact(url)  # ``url`` from here on is what messages show
     try:
         parts = urllib.parse.urlsplit(raw.strip())
@@ -54,10 +69,18 @@ def parse_url(url: str) -> SmartHost:
     if parts.path not in ("", "/") or parts.fragment:
         raise ValueError(f"forward URL {url!r}: no path or fragment allowed")
     options: dict[str, str] = {}
+    known = ("starttls", "cafile", "tls") if tls_levels else ("starttls", "cafile")
     for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
-        if key not in ("starttls", "cafile"):
-            raise ValueError(f"forward URL {url!r}: unknown option {key!r} (starttls, cafile)")
+        if key not in known:
+            raise ValueError(f"forward URL {url!r}: unknown option {key!r} ({', '.join(known)})")
         options[key] = value
+    tls = options.get("tls")
+    if tls is not None:
+        tls = tls.lower()
+        if tls not in tls_levels:
+            raise ValueError(f"forward URL {url!r}: tls must be one of {', '.join(tls_levels)}")
+        if scheme == "smtps" and tls in ("none", "may"):
+            raise ValueError(f"forward URL {url!r}: smtps:// is TLS already; tls={tls} cannot be")
     starttls = options.get("starttls", "auto").lower()
     if starttls not in STARTTLS_MODES:
         raise ValueError(f"forward URL {url!r}: starttls must be auto, require or no")
@@ -75,6 +98,7 @@ def parse_url(url: str) -> SmartHost:
         password=password,
         starttls="no" if scheme == "smtps" else starttls,
         cafile=options.get("cafile") or None,
+        tls=tls,
     )
 
 

@@ -35,7 +35,7 @@ libraries' own use of /etc/resolv.conf:
 
 from __future__ import annotations
 
-from .dkim import MAX_SIGNATURES, DKIMResult, verify_dkim
+from .dkim import MAX_SIGNATURES, ARCResult, DKIMResult, verify_arc, verify_dkim
 from .dmarc import DMARCRecord, DMARCResult, aligned, evaluate_dmarc, from_domains, parse_dmarc
 from .domains import Lookup, org_domain
 from .plugin import (
@@ -61,6 +61,7 @@ __all__ = [
     "POLICY",
     "QUARANTINE_HEADER",
     "SPF_TIME_LIMIT",
+    "ARCResult",
     "AuthResults",
     "DKIMResult",
     "DMARCRecord",
@@ -76,5 +77,6 @@ __all__ = [
     "parse_dmarc",
     "plugins_from_options",
     "read_for_check",
+    "verify_arc",
     "verify_dkim",
 ]

@@ -29,7 +29,15 @@ from mailgate.plugins.policy import (
 )
 from mailgate.server.options import Network, PolicySection
 
-from .dkim import MAX_SIGNATURES, DKIMResult, header_fields, signature_ids, verify_dkim
+from .dkim import (
+    MAX_SIGNATURES,
+    ARCResult,
+    DKIMResult,
+    header_fields,
+    signature_ids,
+    verify_arc,
+    verify_dkim,
+)
 from .dmarc import DMARCResult, evaluate_dmarc, from_domains, worst
 from .header import authserv_of, property_value
 from .spf import SPFResult, check_spf
@@ -65,6 +73,8 @@ class AuthResults:
     #: DKIM signatures were there but not verified (message above max_message_size).
     dkim_skipped: bool = False
     dmarc: DMARCResult | None = None
+    #: The ARC chain the message arrived with, when it has one (checked with DKIM).
+    arc: ARCResult | None = None
     #: Authentication-Results fields already in the message that claim our authserv-id
     #: (forged, or from a previous pass); removed before ours is added (RFC 8601 5).
     forged: int = 0
@@ -75,6 +85,8 @@ class AuthResults:
             parts.append(self.spf.resinfo())
         if self.dkim_checked:
             parts.extend([r.resinfo() for r in self.dkim] or ["dkim=none"])
+        if self.arc is not None:
+            parts.append(self.arc.resinfo())
         if self.dmarc is not None:
             parts.append(self.dmarc.resinfo(dmarc_disposition))
         return "; ".join([property_value(authserv_id), *(parts or ["none"])])
@@ -86,6 +98,8 @@ class AuthResults:
         if self.dkim_checked:
             dkims = ",".join(r.result for r in self.dkim) or "none"
             items.append(f"dkim={dkims}")
+        if self.arc is not None:
+            items.append(f"arc={self.arc.result}")
         if self.dmarc is not None:
             items.append(f"dmarc={self.dmarc.result}")
         return " ".join(items) or "nothing checked"
@@ -389,6 +403,8 @@ class MailAuth(LazyResolver):
                     for v in signatures[:MAX_SIGNATURES]
                 ]
                 results.dkim_skipped = bool(signatures)
+            if complete and any(n.strip().lower() == b"arc-seal" for n, _ in headers):
+                results.arc = verify_arc(lookup, data)
         if self.dmarc:
             domains = from_domains(headers)
             if isinstance(domains, str):

@@ -46,7 +46,8 @@ def load_routes(config_path: str | Path) -> RouteTable:
 def describe(decision: RouteDecision) -> str:
     """The action of a decision in words: ``forward to smtp://host:25``."""
     if decision.action is Action.RELAY:
-        return f"relay to the MX of {decision.domain}"
+        tls = f" (TLS policy {decision.tls})" if decision.tls else ""
+        return f"relay to the MX of {decision.domain}{tls}"
     if decision.action is Action.FORWARD:
         assert decision.forward is not None
         return f"forward to {decision.forward.url}"

@@ -27,6 +27,12 @@ and then its ``action`` says what happens:
 ``reject``
     answered at RCPT with ``reply = "550 5.7.1 text"`` (4xx: try later; 5xx: refused).
 
+A relay or forward rule may say ``tls = "verify"`` (or ``none``, ``may``, ``encrypt``,
+``dane``, ``mta-sts``): the TLS policy of its mail, over the ``[outbound]`` default and
+``[outbound.tls_policies]``. It is part of the destination key (``relay:<domain>?tls=
+verify``; for a forward, ``tls=verify`` joins the URL's options), so queued mail keeps
+the policy it was routed with.
+
 ``name`` and ``description`` are free text, shown by ``mailgate routes test`` and logged.
 
 Without any rule every recipient is delivered locally: mailgate behaves as it did before
@@ -62,6 +68,7 @@ from mailgate.plugins.routing.patterns import (
     split_address,
 )
 from mailgate.server.options import Network, PolicySection
+from mailgate.smtpclient.target import TLS_LEVELS
 
 #: The name of the array of tables in the configuration file.
 TABLE: Final = "routes"
@@ -157,6 +164,8 @@ class ForwardTarget:
     password: str | None = field(default=None, repr=False)
     starttls: StartTLS = "auto"
     cafile: str | None = None
+    #: ``?tls=LEVEL``: the outbound TLS policy level (wins over ``starttls``).
+    tls: str | None = None
     #: The query part as written (``starttls=require``), kept in the key.
     options: str = ""
     to: str = field(default="", repr=False)
@@ -184,14 +193,21 @@ class ForwardTarget:
             raise ValueError(f"{shown!r}: port 0 is not a port")
         options: dict[str, str] = {}
         for key, value in parse_qsl(parts.query, keep_blank_values=True):
-            if key not in ("starttls", "cafile"):
-                raise ValueError(f"{shown!r}: unknown option {key!r} (starttls, cafile)")
+            if key not in ("starttls", "cafile", "tls"):
+                raise ValueError(f"{shown!r}: unknown option {key!r} (starttls, cafile, tls)")
             options[key] = value
         starttls = options.get("starttls", "auto").lower()
         if starttls not in _STARTTLS:
             raise ValueError(f"{shown!r}: starttls must be auto, require or no")
         if scheme == "smtps" and "starttls" in options:
             raise ValueError(f"{shown!r}: smtps:// is TLS already; drop starttls=")
+        tls = options.get("tls")
+        if tls is not None:
+            tls = tls.lower()
+            if tls not in TLS_LEVELS:
+                raise ValueError(f"{shown!r}: tls must be one of {', '.join(TLS_LEVELS)}")
+            if scheme == "smtps" and tls in ("none", "may"):
+                raise ValueError(f"{shown!r}: smtps:// is TLS already; tls={tls} cannot be")
         username = unquote(parts.username) if parts.username else None
         password = unquote(parts.password) if parts.password is not None else None
         if password is not None and username is None:
@@ -210,6 +226,7 @@ class ForwardTarget:
             password=password,
             starttls="no" if scheme == "smtps" else starttls,  # type: ignore[arg-type]
             cafile=options.get("cafile") or None,
+            tls=tls,
             options=parts.query,
             to=raw.strip(),
             auth=auth,
@@ -243,6 +260,9 @@ class Route:
     description: str | None = None
     forward: ForwardTarget | None = None
     reply: RejectReply | None = None
+    #: ``tls = "verify"``: the TLS policy level of a relay rule's mail (a forward
+    #: rule's is in its URL's ``tls=`` option).
+    tls: str | None = None
     #: Where it came from: "mailgate.toml [[routes]] #2".
     source: str = ""
     # Compiled from the above for matching.
@@ -268,7 +288,7 @@ class Route:
     def key(self, domain: str) -> str:
         """The destination key of this rule for a recipient in ``domain``."""
         if self.action is Action.RELAY:
-            return f"relay:{domain}"
+            return f"relay:{domain}?tls={self.tls}" if self.tls else f"relay:{domain}"
         if self.action is Action.FORWARD:
             assert self.forward is not None
             return f"forward:{self.forward.url}"
@@ -344,8 +364,17 @@ class RouteDecision:
     def domain(self) -> str | None:
         """The recipient domain (A-labels) a relay decision delivers to the MX of."""
         if self.action is Action.RELAY:
-            return self.destination.partition(":")[2]
+            return self.destination.partition(":")[2].partition("?")[0]
         return None
+
+    @property
+    def tls(self) -> str | None:
+        """The TLS policy level the rule gives its mail (None: the [outbound] one)."""
+        if self.route is None:
+            return None
+        if self.route.forward is not None:
+            return self.route.forward.tls
+        return self.route.tls
 
 
 #: What happens without rules, or when none matches.
@@ -516,6 +545,7 @@ def route_from_section(section: PolicySection, index: int) -> Route:
         to = reader.string("to")
         auth = reader.string("auth")
         reply = reader.string("reply")
+        tls = reader.choice("tls", TLS_LEVELS, "")
         reader.done()
     except PolicyConfigError as exc:
         raise RoutesConfigError(str(exc)) from None
@@ -545,10 +575,22 @@ def route_from_section(section: PolicySection, index: int) -> Route:
         raise error("auth", f"only a forward route takes 'auth' (this one is {action})")
     if reply is not None and action is not Action.REJECT:
         raise error("reply", f"only a reject route takes 'reply' (this one is {action})")
+    if tls and action not in (Action.RELAY, Action.FORWARD):
+        raise error("tls", f"only a relay or forward route takes 'tls' (this one is {action})")
     forward = None
     if action is Action.FORWARD:
         if to is None:
             raise error(None, "missing key 'to' (a forward route needs to = \"smtp://host:port\")")
+        if tls:
+            # The route's tls joins the URL's options, so that the destination key (and
+            # the queued mail) carries it like a ?tls= written in the URL.
+            try:
+                query = urlsplit(to.strip()).query
+            except ValueError:
+                query = ""  # ForwardTarget.parse says what is wrong with the URL
+            if any(key == "tls" for key, _ in parse_qsl(query, keep_blank_values=True)):
+                raise error("tls", "the URL in 'to' has a tls= option already: give it once")
+            to = f"{to.strip()}{'&' if '?' in to else '?'}tls={tls}"
         try:
             forward = ForwardTarget.parse(to, auth)
         except ValueError as exc:
@@ -571,6 +613,7 @@ def route_from_section(section: PolicySection, index: int) -> Route:
         description=description,
         forward=forward,
         reply=reject_reply,
+        tls=tls if tls and action is Action.RELAY else None,
         source=section.source,
     )
 

@@ -52,6 +52,11 @@ class SessionCache:
         timer = loop.call_later(self.options.connection_idle_time, self._idle_out, key, session)
         self._idle[key].append((session, timer))
 
+    def discard(self, session: Session) -> None:
+        """Close a session taken from the cache that will not be used (QUIT in the
+        background, so the caller does not wait for it)."""
+        self._close(session)
+
     def _expired(self, session: Session) -> bool:
         options = self.options
         return (

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from mailgate.dns import Resolver
 
@@ -31,14 +31,30 @@ from .model import (
     Destination,
     Forward,
     Outcome,
+    PolicyInfo,
     RecipientResult,
     Relay,
     RemoteMTA,
     TLSInfo,
+    tls_summary,
 )
 from .mx import RouteFailure, host_addresses, mail_hosts
-from .options import OutboundOptions, TLSPolicy
+from .options import OutboundOptions
 from .session import Answer, Endpoint, HostFailure, Session, open_session
+from .tlspolicy import (
+    DANEProvider,
+    DestinationPolicy,
+    MTASTSProvider,
+    PolicyResolver,
+    PolicySource,
+    TLSLevel,
+    TLSRequirement,
+    base_requirement,
+    warn_once,
+)
+
+if TYPE_CHECKING:
+    from mailgate.dns.dnssec import DNSSECResolver
 
 log = logging.getLogger("mailgate.queue.outbound")
 
@@ -47,7 +63,7 @@ _STATE_IDLE_LIFETIME = 600.0
 _INTERNAL_ERROR = Answer(
     Outcome.DEFERRED, "4.3.0", "internal error in mailgate's outbound delivery (see its log)"
 )
-_STARTTLS_MODES: dict[str, TLSPolicy] = {"no": "none", "auto": "may", "require": "encrypt"}
+_STARTTLS_MODES: dict[str, TLSLevel] = {"no": "none", "auto": "may", "require": "encrypt"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +77,18 @@ class DestinationStatus:
     idle_sessions: int
 
 
+@dataclass(frozen=True, slots=True)
+class _NoEndpoints:
+    """No host to try: DNS said so, or the TLS policy (MTA-STS) ruled every MX host
+    out. ``counts`` says whether it tells of the destination's health (neither does)."""
+
+    outcome: Outcome
+    status: str
+    diagnostic: str
+    counts: bool
+    policy: PolicyInfo | None = None
+
+
 @dataclass(slots=True)
 class _Attempt:
     answers: list[Answer]
@@ -69,6 +97,8 @@ class _Attempt:
     #: Whether a session was had (feeds slow start and the dead-destination tracker).
     connected: bool = False
     counts: bool = True  # False: the outcome says nothing of the destination (DNS, local)
+    #: The TLS policy of the session, or of the last host tried.
+    policy: PolicyInfo | None = None
 
 
 class OutboundEngine:
@@ -77,6 +107,10 @@ class OutboundEngine:
     ``resolver`` is mailgate's resolver (so ``dns_nameservers`` applies); without one, a
     resolver of the system's name servers is made. Use one engine per event loop and
     :meth:`aclose` it (or ``async with``) to close its cached sessions.
+
+    ``mta_sts``: the MTA-STS policy source (default: :class:`~.mtasts.MTASTS` over
+    ``resolver`` and HTTPS); ``dane``: what the ``dane`` level asks (None: ``dane`` is
+    ``may``, with a log line).
     """
 
     def __init__(
@@ -86,9 +120,40 @@ class OutboundEngine:
         resolver: Resolver | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        mta_sts: MTASTSProvider | None = None,
+        dane: DANEProvider | None = None,
     ) -> None:
         self.options = options or OutboundOptions()
         self.resolver = resolver if resolver is not None else Resolver()
+        options = self.options
+        if mta_sts is None:
+            from .mtasts import MTASTS
+
+            mta_sts = MTASTS(self.resolver, options)
+        self.mta_sts = mta_sts
+        #: DNSSEC answers (DANE, and REQUIRETLS's secure-MX rule); None: ``dnssec`` off.
+        self.dnssec: DNSSECResolver | None = getattr(dane, "dnssec", None)
+        if dane is None and options.dnssec != "off":
+            from mailgate.dns.dnssec import DNSSECResolver
+
+            from .dane import DANE
+
+            self.dnssec = DNSSECResolver(
+                self.resolver.nameservers,
+                mode=options.dnssec,
+                trust_anchors=options.dnssec_trust_anchors,
+                timeout=self.resolver.timeout,
+            )
+            dane = DANE(self.dnssec)
+        self.dane = dane
+        self.policies = PolicyResolver(
+            default=options.tls_policy,
+            domains=dict(options.tls_policies),
+            cafile=options.tls_cafile,
+            mta_sts=mta_sts,
+            mta_sts_default=options.mta_sts,
+            dane=dane,
+        )
         self._rng = rng or random.Random()
         self._clock = clock
         self._cache = SessionCache(self.options)
@@ -106,6 +171,9 @@ class OutboundEngine:
     async def aclose(self) -> None:
         """Close the cached sessions (QUIT, bounded by a few seconds each)."""
         await self._cache.aclose()
+        closer = getattr(self.mta_sts, "aclose", None)
+        if closer is not None:
+            await closer()
 
     # --- state ------------------------------------------------------------------------------
 
@@ -210,17 +278,29 @@ class OutboundEngine:
 
     async def _with_session(self, request: DeliveryRequest, key: str, body: IO[bytes]) -> _Attempt:
         n = len(request.recipients)
-        session = await self._cached(key)
+        # The hosts and their TLS requirements first, also for a cached session: a
+        # policy that changed (an MTA-STS policy now in force) must not ride on a
+        # session opened under the old one. The resolver caches the lookups.
+        endpoints = await self._endpoints(request.destination, optional=request.tls_optional)
+        if not isinstance(endpoints, _NoEndpoints) and request.require_tls:
+            endpoints = await self._requiretls_endpoints(request.destination, endpoints)
+        if isinstance(endpoints, _NoEndpoints):
+            answer = Answer(endpoints.outcome, endpoints.status, endpoints.diagnostic)
+            return _Attempt([answer] * n, counts=endpoints.counts, policy=endpoints.policy)
+        session = await self._cached(key, endpoints)
+        if session is not None and request.require_tls and _requiretls_problem(session):
+            await session.quit()  # opened for mail without REQUIRETLS: not good enough
+            session = None
         reused = session is not None
         failures: list[HostFailure] = []
         if session is None:
-            endpoints = await self._endpoints(request.destination)
-            if isinstance(endpoints, RouteFailure):
-                answer = Answer(endpoints.outcome, endpoints.status, endpoints.diagnostic)
-                return _Attempt([answer] * n, counts=False)
-            session = await self._open_any(endpoints, failures)
+            session = await self._open_any(endpoints, failures, require_tls=request.require_tls)
         if session is None:
-            return _Attempt([_final_failure(failures)] * n)
+            policy = endpoints[-1].policy if endpoints else None
+            # A host that cannot take REQUIRETLS mail is alive all the same: that must not
+            # slow down or suspend the destination for its other mail.
+            counts = not any(f.answer.status == "5.7.30" for f in failures)
+            return _Attempt([_final_failure(failures)] * n, policy=policy, counts=counts)
         keep = False
         try:
             answers = await self._transactions(session, request, body)
@@ -230,7 +310,13 @@ class OutboundEngine:
                 self._cache.put(key, session)
             else:
                 session.abort()
-        return _Attempt(answers, session=session, reused=reused, connected=True)
+        return _Attempt(
+            answers,
+            session=session,
+            reused=reused,
+            connected=True,
+            policy=session.endpoint.policy,
+        )
 
     async def _transactions(
         self, session: Session, request: DeliveryRequest, body: IO[bytes]
@@ -259,29 +345,45 @@ class OutboundEngine:
             answers += await session.transact(replace(request, recipients=part), body)
         return answers
 
-    async def _cached(self, key: str) -> Session | None:
-        """A cached session for the destination that survives RSET."""
+    async def _cached(self, key: str, endpoints: list[Endpoint]) -> Session | None:
+        """A cached session for the destination that survives RSET, opened with one of
+        ``endpoints`` under the same TLS requirement (others are closed)."""
+        wanted = {(e.host, e.address, e.port, e.tls) for e in endpoints}
         for _ in range(self.options.max_concurrency_per_destination + 1):
             session = self._cache.take(key)
             if session is None:
                 return None
+            endpoint = session.endpoint
+            if (endpoint.host, endpoint.address, endpoint.port, endpoint.tls) not in wanted:
+                self._cache.discard(session)
+                continue
             if await session.reset():
                 self._cache.reused += 1
                 return session
         return None
 
     async def _open_any(
-        self, endpoints: list[Endpoint], failures: list[HostFailure]
+        self, endpoints: list[Endpoint], failures: list[HostFailure], *, require_tls: bool = False
     ) -> Session | None:
-        """Try the endpoints in order; the first session, or None (``failures`` says why)."""
+        """Try the endpoints in order; the first session, or None (``failures`` says why).
+        ``require_tls`` (RFC 8689 4.2.1): a host whose TLS or certificate falls short, or
+        that does not offer REQUIRETLS, is a permanent failure (5.7.30), and the next is
+        tried; when none does better, the message bounces."""
         for endpoint in endpoints[: self.options.mx_address_limit]:
             host = (endpoint.address, endpoint.port)
             plaintext = self._plaintext_until.get(host, 0.0) > self._clock()
             try:
                 session = await open_session(endpoint, self.options, plaintext=plaintext)
             except HostFailure as failure:
+                if require_tls and failure.answer.status in _TLS_FAILURES:
+                    failure = HostFailure(
+                        Outcome.FAILED,
+                        "5.7.30",
+                        f"REQUIRETLS: {failure.answer.diagnostic}",
+                        failure.answer.reply,
+                    )
                 failures.append(failure)
-                if not (failure.starttls_failed and endpoint.tls_policy == "may"):
+                if not (failure.starttls_failed and endpoint.tls.mode == "may"):
                     continue
                 # Opportunistic TLS that failed: remember the host, and try it again now
                 # in plain text, as Postfix does.
@@ -293,35 +395,139 @@ class OutboundEngine:
                     continue
             self.sessions_opened += 1
             self._cache.opened += 1
+            problem = _requiretls_problem(session) if require_tls else None
+            if problem is not None:
+                await session.quit()
+                failures.append(HostFailure(Outcome.FAILED, "5.7.30", problem))
+                continue
             return session
         return None
 
-    async def _endpoints(self, destination: Destination) -> list[Endpoint] | RouteFailure:
+    async def _requiretls_endpoints(
+        self, destination: Destination, endpoints: list[Endpoint]
+    ) -> list[Endpoint] | _NoEndpoints:
+        """The endpoints of a REQUIRETLS message (RFC 8689 4.2.1): every one must verify
+        the server's certificate. DANE and MTA-STS requirements already do; any other
+        becomes ``verify`` against the CAs, which for MX hosts is enough only when the
+        MX records are DNSSEC-secure (an attacker could otherwise name its own host, with
+        a good certificate for its own name)."""
+        mx_secure: bool | None = None
+        why = ""
+        upgraded: list[Endpoint] = []
+        for endpoint in endpoints:
+            requirement = endpoint.tls
+            if requirement.verification_required and requirement.source in ("dane", "mta-sts"):
+                upgraded.append(endpoint)
+                continue
+            if isinstance(destination, Relay) and mx_secure is None:
+                mx_secure, why = await self._mx_secure(destination.domain)
+            if isinstance(destination, Relay) and not mx_secure:
+                continue
+            reason = "; ".join(filter(None, (requirement.reason, "REQUIRETLS")))
+            upgraded.append(
+                replace(endpoint, tls=replace(requirement, mode="verify", reason=reason))
+            )
+        if upgraded:
+            return upgraded
+        return _NoEndpoints(
+            Outcome.FAILED,
+            "5.7.30",
+            f"REQUIRETLS: no MX host of {getattr(destination, 'domain', '')} can be "
+            f"authenticated: {why} and no DANE or MTA-STS policy applies",
+            counts=False,
+        )
+
+    async def _mx_secure(self, domain: str) -> tuple[bool, str]:
+        """Whether ``domain``'s MX records are DNSSEC-secure (False when DNSSEC is off)."""
+        if self.dnssec is None:
+            return False, "DNSSEC is off (outbound dnssec), so the MX records are not validated"
+        from mailgate.dns.dnssec import Security
+
+        from .dane import mx_security
+
+        security, why = await mx_security(self.dnssec, domain.strip().rstrip("."))
+        return security is Security.SECURE, why
+
+    async def _endpoints(
+        self, destination: Destination, *, optional: bool = False
+    ) -> list[Endpoint] | _NoEndpoints:
+        """The addresses to try, in order, each with its TLS requirement. ``optional``
+        (``TLS-Required: No``, RFC 8689 5): the recipient domain's DANE and MTA-STS
+        policies are not applied; ``may`` instead."""
         options = self.options
+        policies = self.policies
         if isinstance(destination, Relay):
-            hosts = await mail_hosts(self.resolver, destination.domain, rng=self._rng)
+            domain = destination.domain.strip().rstrip(".")
+            hosts = await mail_hosts(self.resolver, domain, rng=self._rng)
             if isinstance(hosts, RouteFailure):
-                return hosts
-            return [
-                Endpoint(
-                    host=host.name,
-                    address=address,
-                    port=options.port,
-                    tls_policy=options.tls_policy,
-                    cafile=options.tls_cafile,
-                    relay=True,
+                return _NoEndpoints(hosts.outcome, hosts.status, hosts.diagnostic, counts=False)
+            level, source = policies.level_for(domain, destination.tls)
+            if optional:
+                policy = DestinationPolicy(_relaxed(level, source, options.tls_cafile))
+            else:
+                policy = await policies.relay_policy(
+                    domain, [host.name for host in hosts], options.port, level, source
                 )
-                for host in hosts
-                for address in host.addresses
-            ]
+            endpoints: list[Endpoint] = []
+            refused: list[str] = []
+            for host in hosts:
+                requirement = policy.for_host(host.name)
+                if requirement is None:
+                    refused.append(host.name)
+                    continue
+                endpoints += [
+                    Endpoint(
+                        host=host.name,
+                        address=address,
+                        port=options.port,
+                        tls=requirement,
+                        relay=True,
+                    )
+                    for address in host.addresses
+                ]
+            if refused:
+                warn_once(
+                    f"refused:{domain}:{policy.default.reason}",
+                    "%s: MX hosts %s are not in %s; not used",
+                    domain,
+                    ", ".join(refused),
+                    policy.default.reason or "the TLS policy",
+                )
+            if not endpoints:
+                default = policy.default
+                return _NoEndpoints(
+                    Outcome.DEFERRED,
+                    "4.7.5",
+                    f"no MX host of {domain} ({', '.join(refused)}) is allowed by "
+                    f"{default.reason or 'its TLS policy'}",
+                    counts=False,
+                    policy=PolicyInfo(default.level, default.mode, default.source, default.reason),
+                )
+            return endpoints
         assert isinstance(destination, Forward)
         target = destination.target()
         addresses = await host_addresses(self.resolver, target.host)
         if isinstance(addresses, RouteFailure):
-            return addresses
-        policy = options.tls_policy
-        if "starttls=" in destination.url:  # the URL's own choice wins for this host
-            policy = _STARTTLS_MODES[target.starttls]
+            return _NoEndpoints(
+                addresses.outcome, addresses.status, addresses.diagnostic, counts=False
+            )
+        url_level: TLSLevel
+        url_source: PolicySource
+        if target.tls is not None:  # the URL's own choice wins for this host
+            url_level, url_source = target.tls, "url"  # type: ignore[assignment]  # a level
+        elif "starttls=" in destination.url:
+            url_level, url_source = _STARTTLS_MODES[target.starttls], "url"
+        else:
+            url_level, url_source = policies.level_for(None, None)
+        if target.scheme == "smtps" and url_level in ("none", "may"):
+            url_level = "encrypt"  # TLS from the first byte: never plain text
+        cafile = target.cafile or options.tls_cafile
+        if optional and url_level in _RECIPIENT_POLICIES:
+            requirement = _relaxed(url_level, url_source, cafile)
+        else:
+            requirement = await policies.host_requirement(
+                target.host, target.port, url_level, url_source, cafile
+            )
         return [
             Endpoint(
                 host=target.host,
@@ -329,10 +535,9 @@ class OutboundEngine:
                 port=target.port,
                 lmtp=target.scheme == "lmtp",
                 implicit_tls=target.scheme == "smtps",
-                tls_policy=policy,
+                tls=requirement,
                 username=target.username,
                 password=target.password,
-                cafile=target.cafile or options.tls_cafile,
             )
             for address in addresses
         ]
@@ -357,6 +562,7 @@ class OutboundEngine:
                 reply=answer.reply,
                 remote=remote,
                 tls=tls,
+                tls_policy=attempt.policy,
             )
             for recipient, answer in zip(request.recipients, answers, strict=True)
         )
@@ -367,9 +573,37 @@ class OutboundEngine:
             tls=tls,
             delay=max(0.0, self._clock() - started),
             reused=attempt.reused,
+            tls_policy=attempt.policy,
         )
         _log_attempt(result)
         return result
+
+
+#: Levels that are the recipient domain's policies, which ``TLS-Required: No`` sets aside.
+_RECIPIENT_POLICIES = ("dane", "dane-only", "mta-sts")
+#: Host failures of TLS (no STARTTLS, a handshake or certificate that falls short).
+_TLS_FAILURES = ("4.7.4", "4.7.5")
+
+
+def _relaxed(level: TLSLevel, source: PolicySource, cafile: str | None) -> TLSRequirement:
+    """The requirement for a ``TLS-Required: No`` message: the operator's own none, may,
+    encrypt or verify stand; DANE and MTA-STS become ``may`` (RFC 8689 5)."""
+    if level in _RECIPIENT_POLICIES or level == "may":
+        return base_requirement("may", source, cafile, "TLS-Required: No")
+    return base_requirement(level, source, cafile)
+
+
+def _requiretls_problem(session: Session) -> str | None:
+    """Why ``session`` cannot carry a REQUIRETLS message, or None (RFC 8689 4.2.1:
+    verified TLS, and REQUIRETLS offered in the EHLO after it)."""
+    tls = session.tls
+    if tls is None:
+        return f"REQUIRETLS: no TLS with host {session.where}"
+    if not tls.verified:
+        return f"REQUIRETLS: the certificate of host {session.where} is not verified: {tls.detail}"
+    if not session.smtp.supports_extension("requiretls"):
+        return f"REQUIRETLS is required, but was not offered by host {session.where}"
+    return None
 
 
 def _session_key(destination: Destination) -> str:
@@ -398,6 +632,7 @@ def _open(path: Path) -> IO[bytes]:
 def _log_attempt(result: DeliveryResult) -> None:
     request = result.request
     tls = result.tls
+    policy = result.tls_policy
     record: dict[str, Any] = {
         "queue_id": request.queue_id,
         "attempt": request.attempt,
@@ -406,7 +641,14 @@ def _log_attempt(result: DeliveryResult) -> None:
         "remote_ip": result.remote.address if result.remote else None,
         "remote_port": result.remote.port if result.remote else None,
         "tls_version": tls.version if tls else None,
+        "tls_cipher": tls.cipher if tls else None,
         "tls_verified": tls.verified if tls else None,
+        "tls_verification": tls.method if tls else None,
+        "tls_verify_detail": tls.detail if tls and not tls.verified else None,
+        "tls_policy": policy.level if policy else None,
+        "tls_policy_mode": policy.mode if policy else None,
+        "tls_policy_source": policy.source if policy else None,
+        "tls_policy_reason": policy.reason or None if policy else None,
         "reused": result.reused,
         "delay": round(result.delay, 3),
         "recipients": [
@@ -421,7 +663,11 @@ def _log_attempt(result: DeliveryResult) -> None:
         ],
     }
     remote = str(result.remote) if result.remote else "none"
-    tls_text = f"{tls.version}/{'verified' if tls.verified else 'unverified'}" if tls else "none"
+    # tls=-: no session; tls=none: plain text; policy= what applied (and its source).
+    tls_text = tls_summary(tls, None) if result.remote is not None else "-"
+    policy_text = (
+        tls_summary(None, policy, session=False).removeprefix("policy=") if policy else "-"
+    )
     outcomes = "; ".join(
         f"<{r.recipient.address}> {r.outcome.value} {r.status} {r.diagnostic}"
         for r in result.recipients
@@ -430,12 +676,13 @@ def _log_attempt(result: DeliveryResult) -> None:
     level = logging.INFO if worst is Outcome.DELIVERED else logging.WARNING
     log.log(
         level,
-        "%s: attempt=%d destination=%s remote=%s tls=%s reused=%s delay=%.3fs: %s",
+        "%s: attempt=%d destination=%s remote=%s tls=%s policy=%s reused=%s delay=%.3fs: %s",
         request.queue_id,
         request.attempt,
         request.destination.key,
         remote,
         tls_text,
+        policy_text,
         "yes" if result.reused else "no",
         result.delay,
         outcomes,

@@ -19,6 +19,8 @@ from typing import Literal
 
 from mailgate.smtpclient.target import SmartHost, display_host, parse_url, redact
 
+from .tlspolicy import TLS_LEVELS, TLSLevel, VerifyMethod
+
 
 class Outcome(enum.Enum):
     DELIVERED = "delivered"
@@ -54,19 +56,38 @@ class Recipient:
 
 @dataclass(frozen=True, slots=True)
 class Relay:
-    """Deliver to the MX hosts of ``domain`` (a name, or an address literal ``[192.0.2.1]``)."""
+    """Deliver to the MX hosts of ``domain`` (a name, or an address literal ``[192.0.2.1]``).
+    ``tls``: the TLS policy level a route gave (None: the domain's or the default)."""
 
     domain: str
+    tls: TLSLevel | None = None
 
     def __post_init__(self) -> None:
         name = self.domain.strip().rstrip(".")
         if not name or _CONTROL.search(name) or any(c.isspace() for c in name):
             raise ValueError(f"relay domain {self.domain!r} is not a domain")
+        if self.tls is not None and self.tls not in TLS_LEVELS:
+            raise ValueError(f"relay tls {self.tls!r} is not one of {', '.join(TLS_LEVELS)}")
+
+    @classmethod
+    def from_key(cls, rest: str) -> Relay:
+        """The relay of a queued key's part after ``relay:``: ``example.com`` or
+        ``example.com?tls=verify`` (a route's own TLS policy); raises ValueError."""
+        domain, _, query = rest.partition("?")
+        tls = None
+        if query:
+            name, _, level = query.partition("=")
+            if name != "tls" or level not in TLS_LEVELS:
+                raise ValueError(f"relay key {rest!r}: unknown option {query!r}")
+            tls = level
+        return cls(domain, tls)  # type: ignore[arg-type]  # checked above
 
     @property
     def key(self) -> str:
-        """What concurrency, suspension and the connection cache are counted by."""
-        return f"relay:{self.domain.lower().rstrip('.')}"
+        """What concurrency, suspension and the connection cache are counted by: mail
+        that a route sends with its own TLS policy is a destination of its own."""
+        key = f"relay:{self.domain.lower().rstrip('.')}"
+        return f"{key}?tls={self.tls}" if self.tls is not None else key
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -75,7 +96,8 @@ class Forward:
     ``smtps://host:port`` (implicit TLS) or ``lmtp://host:port``; ``auth`` is
     ``"user:password"`` (or put ``user:password@`` in the URL). The URL may also say
     ``?starttls=no|auto|require`` (TLS policy none, may, encrypt for this host) and
-    ``?cafile=PATH`` (CAs to check its certificate against). A host name is looked up
+    ``?cafile=PATH`` (CAs to check its certificate against) and ``?tls=LEVEL`` (any TLS
+    policy level, ``verify`` say; it wins over ``starttls=``). A host name is looked up
     through mailgate's resolver (``localhost`` is the loopback address)."""
 
     url: str
@@ -129,6 +151,13 @@ class DeliveryRequest:
     smtputf8: bool = False
     eight_bit: bool = False
     attempt: int = 1
+    #: RFC 8689 REQUIRETLS: only over verified TLS (a CA for a DNSSEC-secure MX or a
+    #: smarthost, DANE or MTA-STS) to a server that offers REQUIRETLS, which is passed on;
+    #: anything else fails the recipient (5.7.30) instead of deferring it.
+    require_tls: bool = False
+    #: RFC 8689 5 ``TLS-Required: No``: the recipient domain's DANE and MTA-STS policies
+    #: are not applied (TLS is still used when offered).
+    tls_optional: bool = False
 
     def __post_init__(self) -> None:
         if not self.recipients:
@@ -168,12 +197,56 @@ class RemoteMTA:
 
 @dataclass(frozen=True, slots=True)
 class TLSInfo:
-    """The TLS of a session: protocol version, cipher, and whether the certificate
-    chains to a trusted CA and names the host (reported; not required by any policy)."""
+    """The TLS of a session: protocol version, cipher, whether the certificate was
+    verified and how (``ca``: a trusted CA and the host's name; ``mta-sts``: the same,
+    required by the domain's MTA-STS policy; ``dane``: TLSA records), or why not
+    (``detail``)."""
 
     version: str
     cipher: str | None
     verified: bool
+    method: VerifyMethod | None = None
+    detail: str = ""
+
+    def describe(self) -> str:
+        """``TLSv1.3 TLS_AES_256_GCM_SHA384 verified (ca)`` / ``... unverified``."""
+        how = f"verified ({self.method})" if self.verified else "unverified"
+        return " ".join(part for part in (self.version, self.cipher, how) if part)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyInfo:
+    """The TLS policy that applied to an attempt: ``level`` as configured or found
+    (``verify``, ``mta-sts``, ``dane``...), ``mode`` what it meant for the session
+    (none/may/encrypt/verify), ``source`` where it came from (default, domain, route,
+    url, mta-sts, dane) and ``reason`` anything more (the MTA-STS policy id)."""
+
+    level: str
+    mode: str
+    source: str
+    reason: str = ""
+
+    def describe(self) -> str:
+        """``verify (domain)``, ``mta-sts/verify (mta-sts: policy 20240101 ...)``."""
+        name = self.level if self.level == self.mode else f"{self.level}/{self.mode}"
+        return f"{name} ({self.source}{': ' + self.reason if self.reason else ''})"
+
+
+def tls_summary(tls: TLSInfo | None, policy: PolicyInfo | None, *, session: bool = True) -> str:
+    """``TLSv1.3/TLS_AES_256_GCM_SHA384/verified(ca) policy=verify(domain)``, ``none
+    policy=may(default)`` (plain text), or with ``session`` False (no host gave one)
+    just ``policy=verify(route)``: one word for the log line and the queue's history."""
+    parts = []
+    if session:
+        if tls is None:
+            parts.append("none")
+        else:
+            how = f"verified({tls.method})" if tls.verified else "unverified"
+            parts.append("/".join(part for part in (tls.version, tls.cipher, how) if part))
+    if policy is not None:
+        level = policy.level if policy.level == policy.mode else f"{policy.level}:{policy.mode}"
+        parts.append(f"policy={level}({policy.source})")
+    return " ".join(parts) or "none"
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +266,7 @@ class RecipientResult:
     reply: Reply | None = None
     remote: RemoteMTA | None = None
     tls: TLSInfo | None = None
+    tls_policy: PolicyInfo | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +282,8 @@ class DeliveryResult:
     delay: float
     #: The session came from the connection cache.
     reused: bool = False
+    #: The TLS policy of the session (or of the last host tried when there was none).
+    tls_policy: PolicyInfo | None = None
 
     def by_outcome(self, outcome: Outcome) -> list[RecipientResult]:
         return [result for result in self.recipients if result.outcome is outcome]
@@ -226,7 +302,7 @@ def check_address(address: str, what: str) -> None:
 
 @functools.lru_cache(maxsize=256)
 def _forward_target(url: str, auth: str | None) -> SmartHost:
-    target = parse_url(url)
+    target = parse_url(url, tls_levels=TLS_LEVELS)
     if auth is None:
         return target
     username, _, password = auth.partition(":")

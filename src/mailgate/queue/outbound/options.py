@@ -3,19 +3,57 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
 
-from mailgate.settings import Value, converters, setting
+from mailgate.dns.dnssec import DNSSEC_MODES, ROOT_TRUST_ANCHOR, DNSSECMode, parse_trust_anchor
+from mailgate.settings import Value, code_only, converters, setting
 
-#: ``none``: never STARTTLS. ``may``: STARTTLS when offered, plain text if the handshake
-#: fails (RFC 7435 opportunistic TLS). ``encrypt``: TLS or no delivery (certificates are
-#: still not required to verify, as in Postfix's ``encrypt`` level).
-TLSPolicy = Literal["none", "may", "encrypt"]
-TLS_POLICIES: tuple[str, ...] = get_args(TLSPolicy)
+from .tlspolicy import TLS_LEVELS, TLSLevel
+
+#: The levels of ``tls_policy`` (see :mod:`.tlspolicy`): ``none``, ``may``, ``encrypt``,
+#: ``verify``, ``dane``, ``mta-sts``, with Postfix's meanings. (The old names.)
+TLSPolicy = TLSLevel
+TLS_POLICIES: tuple[str, ...] = TLS_LEVELS
 
 
 def _path_text(value: Value) -> str:
     return str(converters.path(value))
+
+
+def _domain_levels(value: Value) -> tuple[tuple[str, TLSLevel], ...]:
+    """``[outbound.tls_policies]``: ``"example.com" = "verify"``, ``".example.com"`` for
+    every subdomain; each level one of :data:`TLS_LEVELS`."""
+    raw = value.raw
+    if not isinstance(raw, dict):
+        raise value.error(
+            'must be a table of domain = level, e.g. [outbound.tls_policies] "example.com" = "verify"'
+        )
+    levels: dict[str, TLSLevel] = {}
+    for name, level in raw.items():
+        domain = str(name).strip().lower().rstrip(".")
+        subdomains = domain.startswith(".")
+        try:
+            bare = domain.removeprefix(".").encode("idna").decode("ascii")
+        except UnicodeError:
+            bare = ""
+        if not bare or not converters.is_host_name(bare) or bare.replace(".", "").isdigit():
+            raise value.error(
+                f"{name!r} is not a domain (example.com, or .example.com for its subdomains)"
+            )
+        if not isinstance(level, str) or level.strip().lower() not in TLS_LEVELS:
+            raise value.error(f"{name}: {level!r} is not one of {', '.join(TLS_LEVELS)}")
+        levels[("." if subdomains else "") + bare] = level.strip().lower()  # type: ignore[assignment]  # checked
+    return tuple(levels.items())
+
+
+def _trust_anchors(value: Value) -> tuple[str, ...]:
+    """DS or DNSKEY records in zone-file syntax, each checked."""
+    anchors = tuple(text.strip() for text in converters.string_list(value) if text.strip())
+    for text in anchors:
+        try:
+            parse_trust_anchor(text)
+        except ValueError as exc:
+            raise value.error(str(exc)) from None
+    return anchors
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,18 +154,75 @@ class OutboundOptions:
     tls_policy: TLSPolicy = setting(
         "may",
         convert=converters.choice(TLS_POLICIES),
-        help="none: never STARTTLS; may: STARTTLS when offered, plain text if it fails; encrypt: TLS or no delivery",
+        help=(
+            "TLS of every destination without its own: none: never STARTTLS; may: STARTTLS "
+            "when offered, plain text if it fails (and MTA-STS); encrypt: TLS or no delivery; "
+            "verify: TLS with a trusted certificate naming the host; dane: DANE where "
+            "published, else may; mta-sts: MTA-STS even when mta_sts is off"
+        ),
         group="outbound",
         choices=TLS_POLICIES,
     )
-    #: CA certificates (PEM) that certificates are checked against for the log and the
-    #: result's ``tls.verified``; None: the system's.
+    #: Per destination domain (``.example.com``: its subdomains), as (domain, level)
+    #: pairs (hashable, like the rest); a route's ``tls`` wins.
+    tls_policies: tuple[tuple[str, TLSPolicy], ...] = setting(
+        (),
+        convert=_domain_levels,
+        help='TLS policy per recipient domain, a table: "example.com" = "verify" (".example.com": its subdomains)',
+        group="outbound",
+        metavar="TABLE",
+        default_text="none",
+    )
+    #: CA certificates (PEM) that certificates are checked against (``verify``, MTA-STS,
+    #: the log's verified/unverified, the HTTPS of MTA-STS policies); None: the system's.
     tls_cafile: str | None = setting(
         None,
         convert=_path_text,
-        help="CA certificates servers are checked against (for the log); default: the system's",
+        help="CA certificates servers (and MTA-STS policy hosts) are checked against; default: the system's",
         group="outbound",
         metavar="FILE",
+    )
+    #: RFC 8461 under ``may``: a domain's published policy makes TLS with a verified
+    #: certificate and its MX names mandatory (``enforce``) or logged (``testing``).
+    mta_sts: bool = setting(
+        True,
+        convert=converters.boolean,
+        help="apply the MTA-STS policies domains publish under the may (and dane) levels",
+        group="outbound",
+        switch=True,
+    )
+    #: Port of ``https://mta-sts.<domain>/`` (443; another only for tests and labs).
+    mta_sts_port: int = code_only(
+        443, reason="the HTTPS port of policy hosts is 443 (RFC 8461); tests use another"
+    )
+    #: Where fetched MTA-STS policies are kept between restarts (None: memory only). The
+    #: queue sets ``mta-sts.json`` in its directory.
+    mta_sts_cache_file: str | None = code_only(
+        None, reason="the queue puts it in its own directory"
+    )
+    #: How DNSSEC is known, for DANE (``dane``/``dane-only`` levels): ``off`` (DANE is
+    #: never used: ``dane`` acts as ``may``), ``resolver`` (the AD bit of
+    #: ``dns_nameservers``, which must validate and be reached over a trusted path, e.g. a
+    #: resolver on this host), ``local`` (mailgate validates from ``dnssec_trust_anchors``).
+    dnssec: DNSSECMode = setting(
+        "off",
+        convert=converters.choice(DNSSEC_MODES),
+        help=(
+            "how DNSSEC is known for DANE: off (dane acts as may); resolver: trust the AD "
+            "bit of dns_nameservers (a validating resolver on a trusted path); local: "
+            "mailgate validates from dnssec_trust_anchors"
+        ),
+        group="outbound",
+        choices=DNSSEC_MODES,
+    )
+    #: Trust anchors of ``dnssec = "local"``: DS or DNSKEY records in zone-file syntax.
+    dnssec_trust_anchors: tuple[str, ...] = setting(
+        (ROOT_TRUST_ANCHOR,),
+        convert=_trust_anchors,
+        help="DS or DNSKEY records DNSSEC validation starts from (dnssec = local)",
+        group="outbound",
+        metavar="RECORD",
+        default_text="the root zone's KSK-2017 DS record",
     )
     #: After a failed TLS handshake under ``may``, that host gets plain text this long.
     tls_fallback_time: float = setting(
@@ -180,6 +275,12 @@ class OutboundOptions:
     )
 
     def __post_init__(self) -> None:
+        if self.dnssec not in DNSSEC_MODES:
+            raise ValueError(f"outbound dnssec must be one of {', '.join(DNSSEC_MODES)}")
+        if self.dnssec == "local" and not self.dnssec_trust_anchors:
+            raise ValueError(
+                "outbound dnssec = local needs at least one dnssec_trust_anchors record"
+            )
         if not self.helo or not self.helo.isascii() or any(c.isspace() for c in self.helo):
             raise ValueError(f"outbound helo {self.helo!r} must be one non-empty ASCII word")
         if not 0 < self.port < 65536:
@@ -210,5 +311,7 @@ class OutboundOptions:
             raise ValueError("outbound max_recipients_per_transaction must be at least 1")
         if self.mx_address_limit < 1:
             raise ValueError("outbound mx_address_limit must be at least 1")
+        if not 0 < self.mta_sts_port < 65536:
+            raise ValueError(f"outbound mta_sts_port {self.mta_sts_port} is out of range")
         if self.tls_policy not in TLS_POLICIES:
             raise ValueError(f"outbound tls_policy must be one of {', '.join(TLS_POLICIES)}")

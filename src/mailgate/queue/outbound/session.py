@@ -35,34 +35,44 @@ from mailgate.smtpclient import (
     ssl_error,
 )
 
-from .model import DeliveryRequest, Outcome, RemoteMTA, Reply, TLSInfo
-from .options import OutboundOptions, TLSPolicy
-from .tlscheck import chain_verifies, peer_chain, trust_store_for
+from .model import DeliveryRequest, Outcome, PolicyInfo, RemoteMTA, Reply, TLSInfo
+from .options import OutboundOptions
+from .tlscheck import peer_chain
+from .tlspolicy import TLSRequirement, base_requirement, warn_once
 
 #: What a transaction can raise when the session breaks (lost, timed out, garbled).
 _SESSION_ERRORS: Final = (aiosmtplib.SMTPException, OSError, TimeoutError)
 
 
+#: ``may`` with the system's CAs for the log: an endpoint made without a policy.
+_OPPORTUNISTIC: Final = base_requirement("may", "default", None)
+
+
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     """Where and how to talk: ``host`` is the name (MX host or smarthost) used for TLS
-    and logs, ``address`` the IP actually connected to."""
+    and logs, ``address`` the IP actually connected to, ``tls`` what its TLS must be
+    (the destination's policy for this host)."""
 
     host: str
     address: str
     port: int
     lmtp: bool = False
     implicit_tls: bool = False
-    tls_policy: TLSPolicy = "may"
+    tls: TLSRequirement = _OPPORTUNISTIC
     username: str | None = None
     password: str | None = None
-    cafile: str | None = None
     #: An MX host (not a smarthost): a server that greets with our own name is us.
     relay: bool = False
 
     @property
     def remote(self) -> RemoteMTA:
         return RemoteMTA(self.host, self.address, self.port)
+
+    @property
+    def policy(self) -> PolicyInfo:
+        tls = self.tls
+        return PolicyInfo(tls.level, tls.mode, tls.source, tls.reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +199,7 @@ class Session:
                 smtputf8=utf8,
                 ret=request.ret,
                 envid=request.envid,
+                requiretls=request.require_tls,
             ),
         ]
         rcpts = [
@@ -425,10 +436,11 @@ async def open_session(
                 f"mail for {endpoint.host} loops back to myself: host {where} greets as "
                 f"{options.helo}",
             )
-        if not endpoint.implicit_tls and endpoint.tls_policy != "none":
+        if not endpoint.implicit_tls and endpoint.tls.mode != "none":
             stage = "performing the TLS handshake"
             await _starttls(smtp, endpoint, where, plaintext)
-        tls = await _tls_info(smtp, endpoint)
+        stage = "checking the server's certificate"
+        tls = await _tls_info(smtp, endpoint, where)
         if endpoint.username is not None:
             stage = "authenticating"
             await _login(smtp, endpoint, where, options, tls is not None)
@@ -489,13 +501,22 @@ async def _greet(smtp: aiosmtplib.SMTP, endpoint: Endpoint, where: str) -> None:
 
 
 async def _starttls(smtp: aiosmtplib.SMTP, endpoint: Endpoint, where: str, plaintext: bool) -> None:
-    policy = endpoint.tls_policy
-    if plaintext and policy == "may":
+    requirement = endpoint.tls
+    if plaintext and requirement.mode == "may":
         return
     if not smtp.supports_extension("starttls"):
-        if policy == "encrypt":
+        if requirement.encryption_required:
             raise HostFailure(
-                Outcome.DEFERRED, "4.7.4", f"TLS is required, but was not offered by host {where}"
+                Outcome.DEFERRED,
+                "4.7.4",
+                f"TLS is required, but was not offered by host {where}",
+            )
+        if requirement.report_only:
+            warn_once(
+                f"no-starttls:{endpoint.host}:{requirement.reason}",
+                "%s: no STARTTLS offered; %s would require TLS (testing: delivered anyway)",
+                where,
+                requirement.reason or requirement.label,
             )
         return
     try:
@@ -503,24 +524,48 @@ async def _starttls(smtp: aiosmtplib.SMTP, endpoint: Endpoint, where: str, plain
     except aiosmtplib.SMTPResponseException as exc:
         if type(exc) is not aiosmtplib.SMTPResponseException or not smtp.is_connected:
             raise  # a handshake or connection failure, not a reply
-        if policy == "encrypt":
+        if requirement.encryption_required:
             answer = answer_from_reply(SMTPResponse(exc.code, exc.message), where, "STARTTLS")
             raise HostFailure(Outcome.DEFERRED, "4.7.4", answer.diagnostic, answer.reply) from None
         return  # STARTTLS refused: the session goes on in plain text (RFC 3207 4)
     await _greet(smtp, endpoint, where)  # RFC 3207 4.2: forget what was said before TLS
 
 
-async def _tls_info(smtp: aiosmtplib.SMTP, endpoint: Endpoint) -> TLSInfo | None:
+async def _tls_info(smtp: aiosmtplib.SMTP, endpoint: Endpoint, where: str) -> TLSInfo | None:
+    """The session's TLS, its certificate judged by the requirement's matcher; a
+    ``verify`` requirement that it fails ends the session (the host is skipped, the
+    mail deferred if no other host does better: never plain text)."""
     ssl_object = smtp.get_transport_info("ssl_object") if smtp.is_connected else None
     if ssl_object is None:
         return None
-    store = await trust_store_for(endpoint.cafile)
+    requirement = endpoint.tls
+    check = await requirement.matcher.check(peer_chain(ssl_object), endpoint.host)
     cipher = ssl_object.cipher()
-    return TLSInfo(
+    info = TLSInfo(
         version=str(ssl_object.version() or "TLS"),
         cipher=str(cipher[0]) if cipher else None,
-        verified=chain_verifies(peer_chain(ssl_object), endpoint.host, store),
+        verified=check.verified,
+        method=check.method,
+        detail=check.detail,
     )
+    if not check.verified:
+        if requirement.verification_required:
+            # Postfix: "Server certificate not verified"; a 4xx: the next host, or later.
+            await quit_politely(smtp, 5.0)
+            raise HostFailure(
+                Outcome.DEFERRED,
+                "4.7.5",
+                f"Server certificate not verified: host {where}: {check.detail}",
+            )
+        if requirement.report_only:
+            warn_once(
+                f"certificate:{endpoint.host}:{requirement.reason}",
+                "%s: %s; %s would refuse it (testing: delivered anyway)",
+                where,
+                check.detail,
+                requirement.reason or requirement.label,
+            )
+    return info
 
 
 async def _login(

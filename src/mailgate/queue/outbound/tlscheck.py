@@ -94,16 +94,27 @@ def peer_chain(ssl_object: Any) -> list[bytes]:
 
 def chain_verifies(chain: list[bytes], host: str, store: Store | None) -> bool:
     """True when ``chain`` leads to a CA of ``store`` and its leaf names ``host``."""
-    if not chain or store is None:
-        return False
+    return chain_problem(chain, host, store) is None
+
+
+def chain_problem(chain: list[bytes], host: str, store: Store | None) -> str | None:
+    """Why ``chain`` does not verify for ``host`` against ``store`` (one line), or None
+    when it does (a trusted CA, in its validity period, naming ``host``)."""
+    if not chain:
+        return "the server sent no certificate"
+    if store is None:
+        return "no CA certificates to check it with"
     try:
         leaf = x509.load_der_x509_certificate(chain[0])
         intermediates = [x509.load_der_x509_certificate(der) for der in chain[1:]]
-        subject: DNSName | IPAddress
-        try:
-            subject = IPAddress(ipaddress.ip_address(host))
-        except ValueError:
-            subject = DNSName(host.lower().rstrip("."))
+    except ValueError as exc:
+        return f"unreadable certificate: {exc}"
+    subject: DNSName | IPAddress
+    try:
+        subject = IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        subject = DNSName(host.lower().rstrip("."))
+    try:
         verifier = (
             PolicyBuilder()
             .store(store)
@@ -111,9 +122,20 @@ def chain_verifies(chain: list[bytes], host: str, store: Store | None) -> bool:
             .build_server_verifier(subject)
         )
         verifier.verify(leaf, intermediates)
-    except Exception:  # any parse or verification problem: simply not verified
-        return False
-    return True
+    except Exception as exc:  # any verification problem: simply not verified, and why
+        return f"certificate not verified for {host}: {_reason(exc)}"
+    return None
+
+
+def _reason(exc: Exception) -> str:
+    """cryptography's account of a failed verification, shortened for a log line."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    text = text.removeprefix("validation failed: ").split(" (encountered processing")[0]
+    if "candidates exhausted" in text:
+        return "no chain to a trusted CA"
+    if "not valid at validation time" in text:
+        return "expired or not yet valid"
+    return text[:200]
 
 
 _CA_POLICY = ExtensionPolicy.webpki_defaults_ca()

@@ -1,0 +1,164 @@
+"""How a persona *behaves*, not only how it words things: the knobs of the rule table
+(:mod:`mailgate.protocol.rules`) a product sets differently from mailgate.
+
+A :class:`Behaviour` is kept in :attr:`Persona.behaviour <mailgate.protocol.persona.Persona.behaviour>`
+and read by :class:`~mailgate.protocol.ServerConnection`; the protocol stays the one place
+that decides. The default is mailgate's own behaviour (strict RFC 5321), so a server
+without a persona is unchanged.
+
+=====================  ===========  =====================================================
+field                  default      meaning
+=====================  ===========  =====================================================
+hello_required         True         MAIL (and ETRN) need HELO/EHLO first. False: accepted
+                                    before it (Postfix ``smtpd_helo_required = no``); RCPT
+                                    and DATA before MAIL then get ``need_mail`` /
+                                    ``data_need_mail`` rather than ``need_hello``.
+sequence_first         False        Check the sequence (503) before the argument's syntax
+                                    (501), as Postfix does for MAIL, RCPT and DATA. BDAT
+                                    keeps its own order (its chunk must be read).
+lenient_paths          False        ``MAIL FROM:a@b`` without angle brackets, and
+                                    unqualified ``<user>`` paths (Address with an empty
+                                    domain), are accepted (Postfix
+                                    ``strict_rfc821_envelopes = no``).
+lenient_hello          False        HELO/EHLO with more than one word is accepted (the first
+                                    word is the name) instead of ``hello_syntax``.
+ignored_arguments      ()           Verbs whose argument is ignored rather than refused
+                                    (Postfix: QUIT).
+long_lines             "refuse"     A command line over the limit: ``"refuse"`` answers
+                                    ``line_too_long``; ``"truncate"`` cuts it at the limit,
+                                    drops the rest of the line and answers what is left
+                                    (Postfix's ``line_length_limit``). AUTH exchange lines
+                                    are always refused.
+line_limit             None         The command line limit the product has (Postfix 2048),
+                                    CRLF included; None: the server's ``max_command_line``.
+error_limit            None         One count of every error reply (unknown, syntax,
+                                    sequence, a refusal by policy, a failed AUTH); when it
+                                    reaches this number ``too_many_errors`` follows the
+                                    error's reply and the connection closes (Postfix
+                                    ``smtpd_hard_error_limit`` 20). None: mailgate's
+                                    separate ``max_unknown_commands``/``max_bad_commands``.
+etrn                   False        Offer ETRN (RFC 1985) and answer it as the product
+                                    refuses it: ``etrn_argument_required``,
+                                    ``etrn_syntax``, ``etrn_refused`` (nothing is ever
+                                    flushed: there is no queue to run).
+sync_check             False        Exim's ``smtp_enforce_sync``: a command that must end
+                                    a pipelined group (rules.SYNC_VERBS: HELO, EHLO, DATA,
+                                    VRFY, EXPN, NOOP, ETRN, STARTTLS, unknown verbs; also
+                                    MAIL, RCPT, RSET while PIPELINING is not offered) with
+                                    more input already behind it gets
+                                    ``synchronization_error`` and the connection closes.
+early_talkers          "refuse"     A client that talks before the banner: ``"refuse"``
+                                    (554, mailgate's early-talker check) or ``"greet"``
+                                    (the bytes wait and are answered after the banner, as
+                                    Postfix without postscreen does). Read by the server.
+=====================  ===========  =====================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from types import MappingProxyType
+from typing import Any
+
+LONG_LINE_MODES = ("refuse", "truncate")
+EARLY_TALKER_MODES = ("refuse", "greet")
+#: Verbs ``ignored_arguments`` may name: those whose argument mailgate otherwise refuses.
+IGNORABLE_ARGUMENT_VERBS = frozenset({"QUIT", "RSET", "DATA", "STARTTLS"})
+#: The shortest line limit a persona may set (RFC 5321 4.5.3.1.4: at least 512).
+MIN_LINE_LIMIT = 512
+MAX_LINE_LIMIT = 1024 * 1024
+
+
+class BehaviourError(ValueError):
+    """A Behaviour built with values that cannot work; the message names the field."""
+
+
+@dataclass(frozen=True, slots=True)
+class Behaviour:
+    """See the module docstring for every field."""
+
+    hello_required: bool = True
+    sequence_first: bool = False
+    lenient_paths: bool = False
+    lenient_hello: bool = False
+    ignored_arguments: frozenset[str] = frozenset()
+    long_lines: str = "refuse"
+    line_limit: int | None = None
+    error_limit: int | None = None
+    etrn: bool = False
+    sync_check: bool = False
+    early_talkers: str = "refuse"
+
+    def __post_init__(self) -> None:
+        for name in (
+            "hello_required",
+            "sequence_first",
+            "lenient_paths",
+            "lenient_hello",
+            "etrn",
+            "sync_check",
+        ):
+            if not isinstance(getattr(self, name), bool):
+                raise BehaviourError(f"{name}: expected true or false")
+        if self.long_lines not in LONG_LINE_MODES:
+            raise BehaviourError(
+                f"long_lines: {self.long_lines!r} is not one of {', '.join(LONG_LINE_MODES)}"
+            )
+        if self.early_talkers not in EARLY_TALKER_MODES:
+            raise BehaviourError(
+                f"early_talkers: {self.early_talkers!r} is not one of "
+                f"{', '.join(EARLY_TALKER_MODES)}"
+            )
+        if self.line_limit is not None and (
+            isinstance(self.line_limit, bool)
+            or not isinstance(self.line_limit, int)
+            or not MIN_LINE_LIMIT <= self.line_limit <= MAX_LINE_LIMIT
+        ):
+            raise BehaviourError(
+                f"line_limit: expected a whole number from {MIN_LINE_LIMIT} to "
+                f"{MAX_LINE_LIMIT}, got {self.line_limit!r}"
+            )
+        if self.error_limit is not None and (
+            isinstance(self.error_limit, bool)
+            or not isinstance(self.error_limit, int)
+            or not 1 <= self.error_limit <= 10_000
+        ):
+            raise BehaviourError(
+                f"error_limit: expected a whole number from 1 to 10000, got {self.error_limit!r}"
+            )
+        if isinstance(self.ignored_arguments, str):
+            raise BehaviourError("ignored_arguments: give a set of verbs, not a string")
+        verbs = frozenset(str(v).upper() for v in self.ignored_arguments)
+        unknown = sorted(verbs - IGNORABLE_ARGUMENT_VERBS)
+        if unknown:
+            raise BehaviourError(
+                f"ignored_arguments: {unknown[0]!r} is not a verb whose argument can be "
+                f"ignored ({', '.join(sorted(IGNORABLE_ARGUMENT_VERBS))})"
+            )
+        object.__setattr__(self, "ignored_arguments", verbs)
+
+    def as_mapping(self) -> Mapping[str, Any]:
+        """The fields that differ from the default, as a profile file writes them."""
+        out: dict[str, Any] = {}
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if value != getattr(DEFAULT_BEHAVIOUR, item.name):
+                out[item.name] = sorted(value) if isinstance(value, frozenset) else value
+        return MappingProxyType(out)
+
+
+#: mailgate's own behaviour.
+DEFAULT_BEHAVIOUR = Behaviour()
+#: Every field name, for profile readers ("did you mean" on unknown keys).
+BEHAVIOUR_FIELDS: frozenset[str] = frozenset(f.name for f in fields(Behaviour))
+
+__all__ = [
+    "BEHAVIOUR_FIELDS",
+    "DEFAULT_BEHAVIOUR",
+    "EARLY_TALKER_MODES",
+    "IGNORABLE_ARGUMENT_VERBS",
+    "LONG_LINE_MODES",
+    "Behaviour",
+    "BehaviourError",
+]

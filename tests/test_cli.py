@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import mailgate.composition.server
-from mailgate import __version__, cli, config
+from mailgate import __version__, cli, config, protocol
 from mailgate.config import KEYS, flag_name
 from mailgate.server.errors import StartupError
 from mailgate.server.options import ListenAddress, ServerOptions
@@ -55,7 +55,8 @@ def assert_one_line_error(capsys: pytest.CaptureFixture[str], *needles: str) -> 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["--version"]) == 0
-    assert capsys.readouterr().out == f"mailgate {__version__}\n"
+    build = "compiled with mypyc" if protocol.COMPILED else "pure Python"
+    assert capsys.readouterr().out == f"mailgate {__version__} (protocol: {build})\n"
 
 
 def test_serve_runs_the_server_with_the_options(
@@ -263,4 +264,4 @@ def test_python_m_mailgate_bad_listen_has_no_traceback() -> None:
 def test_python_m_mailgate_version() -> None:
     result = run_module("--version")
     assert result.returncode == 0
-    assert result.stdout == f"mailgate {__version__}\n"
+    assert result.stdout.startswith(f"mailgate {__version__} (protocol: ")

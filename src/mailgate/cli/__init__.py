@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+import mailgate.protocol as protocol
 from mailgate.cli.check import add_check_parser, run_check
 from mailgate.cli.dkim import add_dkim_parser, run_dkim
 from mailgate.cli.honeypot import add_honeypot_parser, run_honeypot
@@ -116,7 +117,11 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mailgate", description="An embeddable SMTP/LMTP server.")
-    parser.add_argument("--version", action="version", version=f"mailgate {__version__}")
+    # Which build of the protocol runs (setup.py): benchmarks and bug reports need to know.
+    build = "compiled with mypyc" if protocol.COMPILED else "pure Python"
+    parser.add_argument(
+        "--version", action="version", version=f"mailgate {__version__} (protocol: {build})"
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     serve = commands.add_parser(
         "serve",

@@ -4,6 +4,7 @@ Start with :class:`ServerConnection`; see :mod:`mailgate.protocol.rules` for the
 and :mod:`mailgate.protocol.events` for what comes out.
 """
 
+from . import connection
 from .address import Address, AddressError
 from .config import BareNewline, ProtocolConfig
 from .connection import ProtocolError, ServerConnection
@@ -36,7 +37,12 @@ from .persona import REPLY_NAMES, Persona, PersonaError
 from .replies import Reply
 from .rules import RULES, State
 
+#: Whether this is the optional mypyc-compiled build (MAILGATE_COMPILE=1, see setup.py):
+#: then the connection is an extension module, not a .py file.
+COMPILED: bool = not connection.__file__.endswith(".py")
+
 __all__ = [
+    "COMPILED",
     "NEED_DATA",
     "PAUSED",
     "REPLY_NAMES",

@@ -43,7 +43,7 @@ class AddressError(ValueError):
 
 # Controls have no place in an address and would corrupt logs and headers downstream.
 # Lone surrogates are not UTF-8 at all; U+2028/U+2029 are line breaks to str.splitlines().
-_FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 
 _MAX_PATH = 256  # RFC 5321 4.5.3.1.3, octets including "<", ">" and separators
 _MAX_LOCAL = 64  # RFC 5321 4.5.3.1.1

@@ -25,7 +25,7 @@ import re
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Literal
 
 from . import replies
 from .address import (
@@ -171,9 +171,9 @@ class _Look:
         #: The banner when no placeholder of it changes between connections (no date, no
         #: client address), else None: made anew for each connection.
         self.banner: Reply | None = None
-        constant = cast("ServerConnection", _ConfigValues(config))
         if persona.banner_fields <= _CONFIG_PLACEHOLDERS:
-            self.banner = persona.banner_reply(_Values(constant, {}))
+            # No client placeholder in it, so no client address is needed.
+            self.banner = persona.banner_reply(_Values(config, "", {}))
         #: The verbs that exist for every connection of this configuration (in its mode,
         #: offered, not hidden): for these, _command goes straight to the checks of the
         #: line. XCLIENT and XFORWARD depend on the client, and take the long way.
@@ -181,25 +181,10 @@ class _Look:
             verb: rule
             for verb, rule in self.rules.items()
             if rule.extension not in ("XCLIENT", "XFORWARD")
-            and ServerConnection._verb_in_mode(constant, rule)
-            and ServerConnection._offered(constant, rule)
+            and _verb_in_mode(config, rule)
+            and _offered(config, False, rule)
             and verb not in persona.hidden_verbs
         }
-
-
-class _ConfigValues:
-    """What ``_Values`` asks of a connection, for the placeholders the configuration
-    alone answers (the banner made once per configuration)."""
-
-    def __init__(self, config: ProtocolConfig) -> None:
-        self.config = config
-        self.peer_trusted = False
-
-    def _common(self, key: str) -> object:
-        return ServerConnection._common(cast("ServerConnection", self), key)
-
-    def _max_size(self) -> int | None:
-        return self.config.max_message_size or None
 
 
 #: Configurations seen, by identity, with what connections need of them; the entry keeps
@@ -221,18 +206,80 @@ def _look_for(config: ProtocolConfig) -> _Look:
     return look
 
 
+# Module functions, not methods: _Look calls them with a configuration before any connection
+# exists (methods of the compiled ServerConnection accept only a ServerConnection).
+def _verb_in_mode(config: ProtocolConfig, rule: Rule) -> bool:
+    if rule.extension == "SMTP":
+        return not config.lmtp
+    if rule.extension == "LMTP":
+        return config.lmtp
+    return True
+
+
+def _offered(config: ProtocolConfig, peer_trusted: bool, rule: Rule) -> bool:
+    ext = rule.extension
+    cfg = config
+    if rule.verb in cfg.disabled_commands:
+        return False
+    if ext is None or ext in ("SMTP", "LMTP"):
+        return True
+    if ext == "CHUNKING":
+        return cfg.chunking
+    if ext == "VRFY":
+        return cfg.vrfy
+    if ext == "EXPN":
+        return cfg.expn
+    if ext == "STARTTLS":
+        # Still "offered" once TLS is on, so a second STARTTLS is a sequence error.
+        return cfg.starttls
+    if ext == "AUTH":
+        return bool(cfg.auth_mechanisms)
+    if ext == "XCLIENT":
+        return cfg.xclient and peer_trusted
+    if ext == "XFORWARD":
+        return cfg.xforward and peer_trusted
+    if ext == "ETRN":
+        return cfg.persona.behaviour.etrn
+    return False  # pragma: no cover - every extension is listed above
+
+
+def _common_value(config: ProtocolConfig, client_ip: str, key: str) -> object:
+    """A placeholder value any text may use, computed when a text uses it."""
+    cfg = config
+    if key == "hostname":
+        return cfg.hostname
+    if key == "client_ip":
+        return client_ip
+    if key == "software":
+        return cfg.software
+    if key == "protocol":
+        return "LMTP" if cfg.lmtp else "ESMTP"
+    if key == "date":
+        return CurrentDate(cfg.clock)
+    if key == "date_padded":
+        return CurrentDate(cfg.clock, padded=True)
+    if key == "date_gmt":
+        return CurrentDate(cfg.clock, gmt=True)
+    if key == "max_size":
+        return cfg.max_message_size or 0
+    if key == "max_recipients":
+        return cfg.max_recipients
+    raise KeyError(key)
+
+
 class _Values(dict[str, object]):
     """Placeholder values: the ones given, then the connection's common ones (hostname,
     client_ip, date...), computed only when a text uses them."""
 
-    __slots__ = ("_conn",)
+    __slots__ = ("_client_ip", "_config")
 
-    def __init__(self, conn: ServerConnection, values: dict[str, object]) -> None:
+    def __init__(self, config: ProtocolConfig, client_ip: str, values: dict[str, object]) -> None:
         super().__init__(values)
-        self._conn = conn
+        self._config = config
+        self._client_ip = client_ip
 
     def __missing__(self, key: str) -> object:
-        return self._conn._common(key)
+        return _common_value(self._config, self._client_ip, key)
 
 
 class ServerConnection:
@@ -258,6 +305,7 @@ class ServerConnection:
         "_events",
         "_extensions",
         "_look",
+        "_on_line",
         "_out",
         "_pending",
         "_pos",
@@ -331,24 +379,10 @@ class ServerConnection:
         self._look = _look_for(config)
         #: A line this long is within every line limit (_line_limit need not be asked).
         self._short_line = min(self._look.max_command_line, config.max_auth_line)
-        if on_line is not None:
-            self._observe_lines(on_line)
-
-    def _observe_lines(self, on_line: Callable[[bytes], None]) -> None:
-        # The two line handlers are wrapped on this instance only: a connection without
-        # an observer runs the class's own methods and pays nothing on the hot path.
-        command, auth_line = self._command, self._auth_line
-
-        def observed_command(line: bytes) -> None:
-            on_line(line)
-            command(line)
-
-        def observed_auth_line(line: bytes) -> None:
-            on_line(line)
-            auth_line(line)
-
-        self.__dict__["_command"] = observed_command
-        self.__dict__["_auth_line"] = observed_auth_line
+        #: Told each command and AUTH line before it is acted on; None costs one test per
+        #: line. (Not methods rebound on the instance: a class compiled by mypyc, the
+        #: optional build of setup.py, has no instance __dict__ to rebind them in.)
+        self._on_line = on_line
 
     # --- public API ------------------------------------------------------------------
 
@@ -404,7 +438,7 @@ class ServerConnection:
             return
         else:
             raise ProtocolError("a sequence of replies is only valid for LMTP DataComplete")
-        handler = self._ANSWERS[type(point)]
+        handler = _ANSWERS[type(point)]
         handler(self, point, single)
         if (
             self._look.error_limit is not None
@@ -473,6 +507,8 @@ class ServerConnection:
             return False
         if line is _ANSWERED:
             return True
+        if self._on_line is not None:
+            self._on_line(line)
         if state is State.AUTH:
             self._auth_line(line)
         else:
@@ -575,7 +611,7 @@ class ServerConnection:
             return
         if verb in behaviour.ignored_arguments:
             arg = ""
-        handler = self._COMMANDS[verb]
+        handler = _COMMANDS[verb]
         handler(self, rule, line, arg)
 
     def _breaks_sync(self, verb: str) -> bool:
@@ -631,37 +667,10 @@ class ServerConnection:
         return _HEADER_NAME.fullmatch(verb) is not None
 
     def _verb_in_mode(self, rule: Rule) -> bool:
-        if rule.extension == "SMTP":
-            return not self.config.lmtp
-        if rule.extension == "LMTP":
-            return self.config.lmtp
-        return True
+        return _verb_in_mode(self.config, rule)
 
     def _offered(self, rule: Rule) -> bool:
-        ext = rule.extension
-        cfg = self.config
-        if rule.verb in cfg.disabled_commands:
-            return False
-        if ext is None or ext in ("SMTP", "LMTP"):
-            return True
-        if ext == "CHUNKING":
-            return cfg.chunking
-        if ext == "VRFY":
-            return cfg.vrfy
-        if ext == "EXPN":
-            return cfg.expn
-        if ext == "STARTTLS":
-            # Still "offered" once TLS is on, so a second STARTTLS is a sequence error.
-            return cfg.starttls
-        if ext == "AUTH":
-            return bool(cfg.auth_mechanisms)
-        if ext == "XCLIENT":
-            return cfg.xclient and self.peer_trusted
-        if ext == "XFORWARD":
-            return cfg.xforward and self.peer_trusted
-        if ext == "ETRN":
-            return cfg.persona.behaviour.etrn
-        return False  # pragma: no cover - every extension is listed above
+        return _offered(self.config, self.peer_trusted, rule)
 
     def _sequence_ok(self, rule: Rule, line: bytes) -> bool:
         """Step 5: answer 503 and return False if the verb is out of sequence."""
@@ -773,12 +782,16 @@ class ServerConnection:
                 if address is None:
                     raise
             pairs = split_params(rest)
-        except AddressError as exc:
+        # One name per exception type: mypyc (the optional compiled build) gives a name one
+        # type for the whole function.
+        except AddressError as bad_address:
             name = "bad_sender_address" if is_mail else "bad_recipient_address"
-            self._reject(line, self._refusal(name, exc.reply), bad=True)
+            self._reject(line, self._refusal(name, bad_address.reply), bad=True)
             return None
-        except ParamError as exc:
-            refusal = self._refusal("parameter_syntax", exc.reply, parameter=exc.parameter)
+        except ParamError as bad_syntax:
+            refusal = self._refusal(
+                "parameter_syntax", bad_syntax.reply, parameter=bad_syntax.parameter
+            )
             self._reject(line, refusal, bad=True)
             return None
         if not self._sequence_ok(rule, line):
@@ -795,8 +808,8 @@ class ServerConnection:
         )
         try:
             params = parse_params(pairs, context)
-        except ParamError as exc:
-            refusal = self._refusal("bad_parameter", exc.reply, parameter=exc.parameter)
+        except ParamError as bad_param:
+            refusal = self._refusal("bad_parameter", bad_param.reply, parameter=bad_param.parameter)
             self._reject(line, refusal, bad=True)
             return None
         utf8_allowed = "SMTPUTF8" in params if verb == "MAIL" else in_utf8_transaction
@@ -939,27 +952,6 @@ class ServerConnection:
             return
         self._reject(line, self._r("etrn_refused", domain=domain), bad=True)
 
-    _COMMANDS: dict[str, Callable[[ServerConnection, Rule, bytes, str], None]] = {
-        "HELO": _cmd_hello,
-        "EHLO": _cmd_hello,
-        "LHLO": _cmd_hello,
-        "MAIL": _cmd_mail,
-        "RCPT": _cmd_rcpt,
-        "DATA": _cmd_data,
-        "BDAT": _cmd_bdat,
-        "RSET": _cmd_rset,
-        "NOOP": _cmd_noop,
-        "QUIT": _cmd_quit,
-        "HELP": _cmd_help,
-        "VRFY": _cmd_verify,
-        "EXPN": _cmd_verify,
-        "STARTTLS": _cmd_starttls,
-        "AUTH": _cmd_auth,
-        "XCLIENT": _cmd_xclient,
-        "XFORWARD": _cmd_xforward,
-        "ETRN": _cmd_etrn,
-    }
-
     # --- answers to policy points --------------------------------------------------------
 
     def _answer_greeting(self, point: Greeting, reply: Reply | None) -> None:
@@ -989,7 +981,9 @@ class ServerConnection:
             first = reply.lines[0]
         else:
             persona = self._look.persona
-            first = persona.greeting_line(self.esmtp, _Values(self, {"helo": point.domain}))
+            first = persona.greeting_line(
+                self.esmtp, _Values(self.config, self.client_ip, {"helo": point.domain})
+            )
         code = reply.code if reply is not None else 250
         self._out += Reply(code, None, (first, *capabilities)).render(enhanced=False)
 
@@ -1114,20 +1108,6 @@ class ServerConnection:
 
     def _answer_xforward(self, point: Xforward, reply: Reply | None) -> None:
         self._send(reply or self._r("ok"))
-
-    _ANSWERS: dict[type[PolicyPoint], Callable[..., None]] = {
-        Greeting: _answer_greeting,
-        Hello: _answer_hello,
-        MailFrom: _answer_mail,
-        RcptTo: _answer_rcpt,
-        DataStart: _answer_data_start,
-        DataComplete: _answer_data_complete,
-        AuthCredentials: _answer_auth,
-        StartTLS: _answer_starttls,
-        Verify: _answer_verify,
-        Xclient: _answer_xclient,
-        Xforward: _answer_xforward,
-    }
 
     # --- DATA and BDAT ---------------------------------------------------------------------
 
@@ -1315,33 +1295,12 @@ class ServerConnection:
         reply = self._look.static(name)
         if reply is not None:
             return reply
-        return self._look.persona.format_map(name, _Values(self, values))
-
-    def _common(self, key: str) -> object:
-        """A placeholder value any text may use, computed when a text uses it."""
-        cfg = self.config
-        if key == "hostname":
-            return cfg.hostname
-        if key == "client_ip":
-            return self.client_ip
-        if key == "software":
-            return cfg.software
-        if key == "protocol":
-            return "LMTP" if cfg.lmtp else "ESMTP"
-        if key == "date":
-            return CurrentDate(cfg.clock)
-        if key == "date_padded":
-            return CurrentDate(cfg.clock, padded=True)
-        if key == "date_gmt":
-            return CurrentDate(cfg.clock, gmt=True)
-        if key == "max_size":
-            return self._max_size() or 0
-        if key == "max_recipients":
-            return cfg.max_recipients
-        raise KeyError(key)
+        return self._look.persona.format_map(name, _Values(self.config, self.client_ip, values))
 
     def _banner(self) -> Reply:
-        return self._look.banner or self._look.persona.banner_reply(_Values(self, {}))
+        return self._look.banner or self._look.persona.banner_reply(
+            _Values(self.config, self.client_ip, {})
+        )
 
     def _refusal(self, name: str, reply: Reply, /, **values: object) -> Reply:
         """A parser's reply as the persona words it: a standard constant
@@ -1350,7 +1309,9 @@ class ServerConnection:
         if not self._look.overridden:
             return reply
         name = CONSTANT_NAMES.get(id(reply), name)
-        return self._look.persona.adapt(name, reply, _Values(self, values))
+        return self._look.persona.adapt(
+            name, reply, _Values(self.config, self.client_ip, dict(values))
+        )
 
     def _adapt(self, reply: Reply, /, **values: object) -> Reply:
         """A standard constant given by the caller (``replies.AUTH_FAILED``) as the persona
@@ -1360,7 +1321,7 @@ class ServerConnection:
         name = CONSTANT_NAMES.get(id(reply))
         if name is None:
             return reply
-        return self._look.persona.adapt(name, reply, _Values(self, values))
+        return self._look.persona.adapt(name, reply, _Values(self.config, self.client_ip, values))
 
     def _adapt_answer(self, point: PolicyPoint, reply: Reply) -> Reply:
         if isinstance(point, MailFrom | RcptTo):
@@ -1494,3 +1455,41 @@ __all__ = [
     "ServerConnection",
     "Transaction",
 ]
+
+
+# Dispatch tables: module level, not class attributes, so that mypyc (the optional compiled
+# build, setup.py) can compile ServerConnection as a native class.
+_COMMANDS: dict[str, Callable[[ServerConnection, Rule, bytes, str], None]] = {
+    "HELO": ServerConnection._cmd_hello,
+    "EHLO": ServerConnection._cmd_hello,
+    "LHLO": ServerConnection._cmd_hello,
+    "MAIL": ServerConnection._cmd_mail,
+    "RCPT": ServerConnection._cmd_rcpt,
+    "DATA": ServerConnection._cmd_data,
+    "BDAT": ServerConnection._cmd_bdat,
+    "RSET": ServerConnection._cmd_rset,
+    "NOOP": ServerConnection._cmd_noop,
+    "QUIT": ServerConnection._cmd_quit,
+    "HELP": ServerConnection._cmd_help,
+    "VRFY": ServerConnection._cmd_verify,
+    "EXPN": ServerConnection._cmd_verify,
+    "STARTTLS": ServerConnection._cmd_starttls,
+    "AUTH": ServerConnection._cmd_auth,
+    "XCLIENT": ServerConnection._cmd_xclient,
+    "XFORWARD": ServerConnection._cmd_xforward,
+    "ETRN": ServerConnection._cmd_etrn,
+}
+
+_ANSWERS: dict[type[PolicyPoint], Callable[..., None]] = {
+    Greeting: ServerConnection._answer_greeting,
+    Hello: ServerConnection._answer_hello,
+    MailFrom: ServerConnection._answer_mail,
+    RcptTo: ServerConnection._answer_rcpt,
+    DataStart: ServerConnection._answer_data_start,
+    DataComplete: ServerConnection._answer_data_complete,
+    AuthCredentials: ServerConnection._answer_auth,
+    StartTLS: ServerConnection._answer_starttls,
+    Verify: ServerConnection._answer_verify,
+    Xclient: ServerConnection._answer_xclient,
+    Xforward: ServerConnection._answer_xforward,
+}

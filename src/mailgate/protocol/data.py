@@ -358,7 +358,9 @@ class BdatReader:
             return None, start, self.remaining == 0
         end = start + take
         if type(buf) is bytes:
-            chunk = buf[start:end]  # the whole buffer is not even copied
+            # The whole buffer is not even copied (said outright: a slice of all of it is
+            # the same object in CPython, not in code compiled by mypyc).
+            chunk = buf if start == 0 and end == len(buf) else buf[start:end]
         else:
             with memoryview(buf) as view:
                 chunk = bytes(view[start:end])

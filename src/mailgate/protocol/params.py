@@ -65,7 +65,7 @@ class ParamSpec:
 
 
 # Same set address.py refuses: controls, lone surrogates, Unicode line separators.
-_FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 _SIZE = re.compile(r"[0-9]{1,20}")
 # RFC 822 atom, the addr-type of ORCPT (RFC 3461 4.2): "rfc822", "utf-8", "x400", ...

@@ -300,7 +300,7 @@ _VERB_OF = {
 _TEXT = re.compile(r"[\t\x20-\x7e]*")
 # What a placeholder value may not bring onto the wire: C0 and C1 controls (CR, LF...),
 # DEL, and lone surrogates (which cannot be encoded).
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 _FORMATTER = string.Formatter()
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")

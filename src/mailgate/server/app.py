@@ -25,7 +25,7 @@ from typing import Any, Protocol, Self, TypeVar, cast, overload
 
 from mailgate.hooks import HookError, Hooks, Message, Middleware, Reject, Session, TempFail
 from mailgate.hooks.logs import LogLimiter
-from mailgate.protocol import ProtocolConfig, Reply
+from mailgate.protocol import COMPILED, ProtocolConfig, Reply
 from mailgate.protocol.persona import DEFAULT_PERSONA
 
 from .connection import ConnectionDriver
@@ -284,6 +284,8 @@ class SMTPServer:
             raise RuntimeError("the server is already started")
         options = self.options
         self._closed = asyncio.Event()
+        # Which build of the protocol runs (setup.py, MAILGATE_COMPILE=1): for benchmarks.
+        log.debug("mailgate.protocol: %s", "compiled with mypyc" if COMPILED else "pure Python")
         self._add_start_plugins()
         try:
             self.hooks.check()

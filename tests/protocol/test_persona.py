@@ -799,6 +799,8 @@ def overrides(draw: st.DrawFn, name: str) -> Reply | str:
         code = 354
     elif name == "ready_for_tls":
         code = 220
+    elif name == "prdr_start":
+        code = 353
     elif default.is_positive:
         code = draw(st.integers(default.code // 100 * 100, default.code // 100 * 100 + 99))
     else:

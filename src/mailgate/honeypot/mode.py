@@ -136,6 +136,11 @@ def honeypot_server_options(
         delivery="sink",
         state_dir=honeypot.data_dir / STATE_DIR,
         max_size=max_size,
+        max_recipients=(
+            options.max_recipients
+            if "max_recipients" in given or profile.max_recipients is None
+            else profile.max_recipients
+        ),
         auth_mechanisms=(
             options.auth_mechanisms if "auth_mechanisms" in given else profile.auth_mechanisms
         ),

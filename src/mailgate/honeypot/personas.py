@@ -127,6 +127,7 @@ PROFILE_KEYS: Mapping[str, str] = MappingProxyType(
         "help_code": "HELP reply code",
         "auth_mechanisms": "SASL mechanisms to offer, in order",
         "message_size_limit": "SIZE to advertise and enforce; 0 = no number",
+        "max_recipients": "recipients per message the product takes; 0 = the server's limit",
         "queue_id": "queue id style",
         "local_users": "user names that exist at the persona's domains (others are unknown)",
         "vrfy_checks_users": "VRFY refuses unknown users and other domains as RCPT does",
@@ -357,6 +358,9 @@ class PersonaProfile:
     auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
     #: The SIZE the product advertises by default; None: ``SIZE`` with no number.
     message_size_limit: int | None = 10_240_000
+    #: Recipients per message the product takes (Postfix 1000, Exim 50000); None: the
+    #: server's ``max_recipients`` (100).
+    max_recipients: int | None = None
     #: Queue id style, a key of :data:`QUEUE_ID_STYLES`.
     queue_id_style: str = "hex"
     #: User names (local parts, compared without case) that exist at the persona's own
@@ -774,6 +778,8 @@ def _build(reader: _Reader) -> PersonaProfile:
     if "message_size_limit" in data:
         size = reader.integer("message_size_limit", 0, 2**53)
         options["message_size_limit"] = size or None
+    if "max_recipients" in data:
+        options["max_recipients"] = reader.integer("max_recipients", 0, 1_000_000) or None
     if "queue_id" in data:
         style = reader.string("queue_id")
         if style not in QUEUE_ID_STYLES:
@@ -871,6 +877,7 @@ def _to_spec(profile: PersonaProfile) -> dict[str, Any]:
         "enhanced_status_codes": persona.enhanced_status_codes,
         "auth_mechanisms": list(profile.auth_mechanisms),
         "message_size_limit": profile.message_size_limit or 0,
+        "max_recipients": profile.max_recipients or 0,
         "queue_id": profile.queue_id_style,
         "local_users": list(profile.local_users),
         "vrfy_checks_users": profile.vrfy_checks_users,

@@ -824,7 +824,7 @@ class ServerConnection:
         name = words[0].upper()
         mechanism = MECHANISMS.get(name)
         if mechanism is None or name not in self.config.auth_mechanisms:
-            self._reject(line, self._r("auth_unknown_mechanism"), bad=True)
+            self._reject(line, self._r("auth_unknown_mechanism", mechanism=words[0]), bad=True)
             return
         if not (self.tls_active or not self.config.auth_requires_tls):
             self._reject(line, self._r("auth_requires_tls"), bad=True)

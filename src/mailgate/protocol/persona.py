@@ -73,7 +73,7 @@ only_quit                  anything but QUIT after a 554 greeting            -
 binarymime_needs_bdat      DATA after ``BODY=BINARYMIME``                    -
 tls_already_active         STARTTLS inside TLS                               -
 auth_already               AUTH when authenticated                           -
-auth_unknown_mechanism     AUTH with a mechanism not offered                 -
+auth_unknown_mechanism     AUTH with a mechanism not offered                 {mechanism}
 auth_requires_tls          AUTH before TLS when TLS is required              -
 auth_failed                AUTH refused (servers answer it)                  -
 auth_cancelled             ``*`` during an AUTH exchange                     -
@@ -190,6 +190,8 @@ _PLACEHOLDERS_BY_NAME.update(
         "etrn_syntax": _allowed("domain"),
         "etrn_refused": _allowed("domain"),
         "prdr_recipient_ok": _allowed("address"),
+        # The client's word, as sent (Exim and Sendmail repeat it).
+        "auth_unknown_mechanism": _allowed("mechanism"),
         "prdr_sender_ok": _allowed("address"),
         # The general name's placeholders, for a fallback that inherits its text.
         "empty_line": _allowed("verb", "command"),

@@ -143,3 +143,59 @@ def test_date_gmt_in_a_banner() -> None:
     s = Session.start(config, greet=False)
     s.pump()
     assert s.take_output() == b"220 mx.test ESMTP x; Tue, 1 Dec 2026 10:00:00 GMT\r\n"
+
+
+# --- extensions_need_ehlo (Exim) ------------------------------------------------------------
+
+
+def test_auth_and_starttls_need_this_sessions_ehlo() -> None:
+    persona = Persona(
+        behaviour=Behaviour(extensions_need_ehlo=True),
+        replies={"not_implemented": "{verb} command used when not advertised"},
+    )
+    s = Session.start(dataclasses.replace(BASE, persona=persona))
+    assert s.send(b"STARTTLS\r\n") == [(502, "5.5.1 STARTTLS command used when not advertised")]
+    assert s.cmd("AUTH PLAIN AGEAYg==") == 502
+    s.cmd("HELO c.test")  # HELO offers nothing
+    assert s.cmd("AUTH PLAIN AGEAYg==") == 502
+    s.cmd("EHLO c.test")
+    assert s.cmd("STARTTLS") == 220
+
+
+def test_starttls_before_ehlo_by_default() -> None:
+    assert Session.start(BASE).cmd("STARTTLS") == 220
+
+
+# --- etrn_accepted (Sendmail) ---------------------------------------------------------------
+
+
+def test_etrn_answered_as_started() -> None:
+    persona = Persona(behaviour=Behaviour(etrn=True, etrn_accepted=True))
+    s = Session.start(dataclasses.replace(BASE, persona=persona))
+    s.cmd("EHLO c.test")
+    assert s.send(b"ETRN example.org\r\n") == [(250, "2.0.0 Queuing for node example.org started")]
+    assert s.cmd("ETRN") == 501
+    refusing = Session.start(
+        dataclasses.replace(BASE, persona=Persona(behaviour=Behaviour(etrn=True)))
+    )
+    refusing.cmd("EHLO c.test")
+    assert refusing.cmd("ETRN example.org") == 459
+
+
+# --- verify_needs_hello (Sendmail) ----------------------------------------------------------
+
+
+def test_vrfy_and_expn_need_hello() -> None:
+    persona = Persona(
+        behaviour=Behaviour(verify_needs_hello=True),
+        replies={"vrfy_need_hello": "I demand that you introduce yourself first"},
+    )
+    config = dataclasses.replace(BASE, persona=persona, expn=True)
+    s = Session.start(config)
+    assert s.send(b"VRFY root\r\n") == [(503, "5.5.1 I demand that you introduce yourself first")]
+    assert s.cmd("EXPN root") == 503
+    s.cmd("HELO c.test")
+    assert s.cmd("VRFY root") == 252
+    # Without the knob VRFY is answered before HELO; vrfy_need_hello falls back to need_hello.
+    assert Session.start(BASE).cmd("VRFY root") == 252
+    assert Persona().reply("vrfy_need_hello") == Persona().reply("need_hello")

@@ -48,6 +48,16 @@ early_talkers          "refuse"     A client that talks before the banner: ``"re
 starttls_in_transaction False       STARTTLS is accepted inside a mail transaction, which
                                     the TLS upgrade then ends (RFC 3207 4.2), as Postfix
                                     and Exim do; False: ``not_in_transaction``.
+extensions_need_ehlo   False        STARTTLS and AUTH exist only when this session's EHLO
+                                    offered them: before EHLO, after HELO, and STARTTLS
+                                    under TLS get ``not_implemented`` (Exim's "503 AUTH
+                                    command used when not advertised").
+etrn_accepted          False        With ``etrn``: ETRN for a domain is answered
+                                    ``etrn_started`` (Sendmail starts a queue run; here
+                                    nothing is flushed, there is no queue).
+verify_needs_hello     False        VRFY and EXPN need HELO/EHLO first:
+                                    ``vrfy_need_hello`` (Sendmail's needvrfyhelo and
+                                    needexpnhelo, Debian's default).
 =====================  ===========  =====================================================
 """
 
@@ -86,6 +96,9 @@ class Behaviour:
     etrn: bool = False
     early_talkers: str = "refuse"
     starttls_in_transaction: bool = False
+    extensions_need_ehlo: bool = False
+    etrn_accepted: bool = False
+    verify_needs_hello: bool = False
 
     def __post_init__(self) -> None:
         for name in (
@@ -95,6 +108,9 @@ class Behaviour:
             "lenient_hello",
             "etrn",
             "starttls_in_transaction",
+            "extensions_need_ehlo",
+            "etrn_accepted",
+            "verify_needs_hello",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise BehaviourError(f"{name}: expected true or false")

@@ -625,6 +625,14 @@ class ServerConnection:
 
     def _sequence_error(self, rule: Rule) -> Reply | None:
         state = self.state
+        behaviour = self._look.behaviour
+        if (
+            behaviour.extensions_need_ehlo
+            and rule.verb in ("STARTTLS", "AUTH")
+            and rule.verb not in self._extensions
+        ):
+            # Exim: not offered in this session's EHLO (none yet, HELO, or under TLS).
+            return self._r("not_implemented", verb=rule.verb)
         if state not in rule.allowed:
             verb = rule.verb
             if (
@@ -645,6 +653,8 @@ class ServerConnection:
                 name = "etrn_in_transaction"
             elif verb in ("STARTTLS", "AUTH", "XCLIENT", "XFORWARD") and in_transaction:
                 name = "not_in_transaction"
+            elif verb in ("VRFY", "EXPN") and state is State.CONNECTED:
+                name = "vrfy_need_hello"
             return self._r(name, verb=verb)
         guard = rule.guard
         if guard is not None and not self._guard_holds(guard):
@@ -873,6 +883,9 @@ class ServerConnection:
         domain = arg[1:] if arg[0] in "@#" else arg
         if not _ETRN_DOMAIN.fullmatch(domain):
             self._reject(line, self._r("etrn_syntax", domain=domain), bad=True)
+            return
+        if self._look.behaviour.etrn_accepted:
+            self._send(self._r("etrn_started", domain=domain))
             return
         self._reject(line, self._r("etrn_refused", domain=domain), bad=True)
 

@@ -99,6 +99,9 @@ etrn_in_transaction        ETRN inside a mail transaction [f]_               {ve
 etrn_argument_required     ETRN without a domain (behaviour ``etrn``)        -
 etrn_syntax                ETRN with a domain that is not one                {domain}
 etrn_refused               ETRN for a domain (nothing is ever flushed)       {domain}
+etrn_started               ETRN for a domain (behaviour ``etrn_accepted``)   {domain}
+vrfy_need_hello            VRFY/EXPN before HELO (``verify_needs_hello``)    -
+                           [f]_
 prdr_sender_ok             MAIL with PRDR accepted [f]_                      {address}
 prdr_start                 after a PRDR message (must stay 353)              -
 prdr_recipient_ok          a PRDR message's reply for one recipient          {address}
@@ -189,6 +192,7 @@ _PLACEHOLDERS_BY_NAME.update(
         "etrn_in_transaction": _allowed("verb"),
         "etrn_syntax": _allowed("domain"),
         "etrn_refused": _allowed("domain"),
+        "etrn_started": _allowed("domain"),
         "prdr_recipient_ok": _allowed("address"),
         # The client's word, as sent (Exim and Sendmail repeat it).
         "auth_unknown_mechanism": _allowed("mechanism"),
@@ -208,6 +212,7 @@ FALLBACKS: Mapping[str, str] = MappingProxyType(
         "vrfy_argument_required": "argument_required",
         "data_need_mail": "need_mail",
         "prdr_sender_ok": "sender_ok",
+        "vrfy_need_hello": "need_hello",
         "etrn_in_transaction": "not_in_transaction",
     }
 )

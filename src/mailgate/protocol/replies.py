@@ -186,6 +186,10 @@ ETRN_IN_TRANSACTION = Reply(503, "5.5.1", ("{verb} is not allowed inside a mail 
 ETRN_ARGUMENT_REQUIRED = Reply(501, "5.5.4", ("Syntax: ETRN domain",))
 ETRN_SYNTAX = Reply(501, "5.5.4", ("Invalid ETRN domain",))
 ETRN_REFUSED = Reply(459, "4.7.1", ("<{domain}>: node not allowed",))
+# Behaviour etrn_accepted (Sendmail): ETRN is answered as started; nothing is flushed.
+ETRN_STARTED = Reply(250, "2.0.0", ("Queuing for node {domain} started",))
+# Behaviour verify_needs_hello (Sendmail's needvrfyhelo/needexpnhelo).
+VRFY_NEED_HELLO = Reply(503, "5.5.1", ("Send HELO/EHLO first",))
 # Pass-through names: by default the parser's own reply is sent (its text is {detail}).
 BAD_SENDER_ADDRESS = Reply(501, "5.1.7", ("{detail}",))
 BAD_RECIPIENT_ADDRESS = Reply(501, "5.1.3", ("{detail}",))

@@ -199,3 +199,28 @@ def test_vrfy_and_expn_need_hello() -> None:
     # Without the knob VRFY is answered before HELO; vrfy_need_hello falls back to need_hello.
     assert Session.start(BASE).cmd("VRFY root") == 252
     assert Persona().reply("vrfy_need_hello") == Persona().reply("need_hello")
+
+
+# --- unknown_command_limit (Exim) -----------------------------------------------------------
+
+
+def test_the_unknown_command_over_the_limit_gets_only_the_limit_reply() -> None:
+    persona = Persona(
+        behaviour=Behaviour(unknown_command_limit=3),
+        replies={
+            "too_many_unknown_commands": Reply(500, None, ("Too many unrecognized commands",))
+        },
+    )
+    s = Session.start(dataclasses.replace(BASE, persona=persona))
+    s.cmd("EHLO c.test")
+    assert [s.cmd(f"XYZZY{n}") for n in range(3)] == [500, 500, 500]
+    assert s.send(b"XYZZY4\r\n") == [(500, "Too many unrecognized commands")]
+    assert s.conn.state is State.CLOSED
+
+
+def test_unknown_commands_by_default_get_their_reply_then_the_limit() -> None:
+    s = Session.start(dataclasses.replace(BASE, max_unknown_commands=2))
+    s.cmd("EHLO c.test")
+    s.cmd("XYZZY1")
+    s.cmd("XYZZY2")
+    assert [code for code, _ in s.send(b"XYZZY3\r\n")] == [500, 421]

@@ -55,6 +55,10 @@ extensions_need_ehlo   False        STARTTLS and AUTH exist only when this sessi
 etrn_accepted          False        With ``etrn``: ETRN for a domain is answered
                                     ``etrn_started`` (Sendmail starts a queue run; here
                                     nothing is flushed, there is no queue).
+unknown_command_limit  None         Unknown commands a session may send: the next one is
+                                    answered ``too_many_unknown_commands`` instead, and the
+                                    connection closes (Exim's smtp_max_unknown_commands,
+                                    3). None: mailgate's ``max_unknown_commands``.
 verify_needs_hello     False        VRFY and EXPN need HELO/EHLO first:
                                     ``vrfy_need_hello`` (Sendmail's needvrfyhelo and
                                     needexpnhelo, Debian's default).
@@ -99,6 +103,7 @@ class Behaviour:
     extensions_need_ehlo: bool = False
     etrn_accepted: bool = False
     verify_needs_hello: bool = False
+    unknown_command_limit: int | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -139,6 +144,15 @@ class Behaviour:
         ):
             raise BehaviourError(
                 f"error_limit: expected a whole number from 1 to 10000, got {self.error_limit!r}"
+            )
+        if self.unknown_command_limit is not None and (
+            isinstance(self.unknown_command_limit, bool)
+            or not isinstance(self.unknown_command_limit, int)
+            or not 1 <= self.unknown_command_limit <= 10_000
+        ):
+            raise BehaviourError(
+                "unknown_command_limit: expected a whole number from 1 to 10000, got "
+                f"{self.unknown_command_limit!r}"
             )
         if isinstance(self.ignored_arguments, str):
             raise BehaviourError("ignored_arguments: give a set of verbs, not a string")

@@ -1332,6 +1332,16 @@ class ServerConnection:
         bad: bool = False,
         send: bool = True,
     ) -> None:
+        limit = self._look.behaviour.unknown_command_limit
+        if unknown and limit is not None:
+            self._unknown_commands += 1
+            if self._unknown_commands > limit:
+                # Exim: the command over the limit gets only the limit's reply.
+                self._events.append(CommandRejected(line, reply))
+                self._events.append(LimitExceeded(Limit.UNKNOWN_COMMANDS, closing=True))
+                self._send(self._r("too_many_unknown_commands"))
+                self._enter_closed(Limit.UNKNOWN_COMMANDS.value)
+                return
         if send:
             self._send(reply)
         self._events.append(CommandRejected(line, reply))
@@ -1340,6 +1350,8 @@ class ServerConnection:
                 self._count_error()
             return
         if unknown:
+            if limit is not None:
+                return  # counted above, against the persona's own limit
             self._unknown_commands += 1
             if self._unknown_commands > self.config.max_unknown_commands:
                 self._too_many(Limit.UNKNOWN_COMMANDS)

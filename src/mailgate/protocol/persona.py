@@ -102,6 +102,9 @@ etrn_refused               ETRN for a domain (nothing is ever flushed)       {do
 etrn_started               ETRN for a domain (behaviour ``etrn_accepted``)   {domain}
 vrfy_need_hello            VRFY/EXPN before HELO (``verify_needs_hello``)    -
                            [f]_
+too_many_unknown_commands  the unknown command over                          -
+                           ``unknown_command_limit`` (instead of its reply;
+                           the connection closes) [f]_
 prdr_sender_ok             MAIL with PRDR accepted [f]_                      {address}
 prdr_start                 after a PRDR message (must stay 353)              -
 prdr_recipient_ok          a PRDR message's reply for one recipient          {address}
@@ -213,6 +216,7 @@ FALLBACKS: Mapping[str, str] = MappingProxyType(
         "data_need_mail": "need_mail",
         "prdr_sender_ok": "sender_ok",
         "vrfy_need_hello": "need_hello",
+        "too_many_unknown_commands": "too_many_errors",
         "etrn_in_transaction": "not_in_transaction",
     }
 )

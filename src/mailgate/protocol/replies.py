@@ -190,6 +190,8 @@ ETRN_REFUSED = Reply(459, "4.7.1", ("<{domain}>: node not allowed",))
 ETRN_STARTED = Reply(250, "2.0.0", ("Queuing for node {domain} started",))
 # Behaviour verify_needs_hello (Sendmail's needvrfyhelo/needexpnhelo).
 VRFY_NEED_HELLO = Reply(503, "5.5.1", ("Send HELO/EHLO first",))
+# Behaviour unknown_command_limit (Exim): sent instead of the unknown command's reply.
+TOO_MANY_UNKNOWN_COMMANDS = Reply(421, "4.7.0", ("Too many unknown commands",))
 # Pass-through names: by default the parser's own reply is sent (its text is {detail}).
 BAD_SENDER_ADDRESS = Reply(501, "5.1.7", ("{detail}",))
 BAD_RECIPIENT_ADDRESS = Reply(501, "5.1.3", ("{detail}",))

@@ -126,7 +126,9 @@ def running_honeypot(
         data_dir=data_dir,
         persona=persona,
         jsonl=str(jsonl),
-        given=frozenset({"listen", "auth_failure_delay", "close_timeout"}),
+        given=frozenset(
+            {"listen", "auth_failure_delay", "close_timeout", *(server_settings or {})}
+        ),
         **settings,
     )
     server = build_server(options, honeypot, store_settings={"batch_seconds": 0.01})

@@ -6,6 +6,7 @@ Also the recipient and relay settings, and early talkers."""
 from __future__ import annotations
 
 import base64
+import ipaddress
 import socket
 import time
 from pathlib import Path
@@ -217,3 +218,33 @@ def test_an_authenticated_client_may_relay(tmp_path: Path) -> None:
         client.cmd("MAIL FROM:<a@b.example>")
         assert client.cmd("RCPT TO:<victim@gmail.com>") == "250 2.1.5 Ok"
         client.close()
+
+
+def test_server_refusals_in_postfix_words(tmp_path: Path) -> None:
+    with running_honeypot(tmp_path, "postfix", server_settings={"max_clients_per_ip": 1}) as hp:
+        first = Client(hp)
+        second = Client(hp)
+        assert second.banner == [
+            f"421 4.7.0 mail.example.com Error: too many connections from {CLIENT_IP}"
+        ]
+        first.close()
+        second.close()
+
+
+def test_bad_proxy_header_in_postfix_words(tmp_path: Path) -> None:
+    networks = (ipaddress.ip_network("127.0.0.0/8"),)
+    with running_honeypot(tmp_path, "postfix", server_settings={"proxy_protocol": networks}) as hp:
+        client = Client(hp, early=b"PROXY NONSENSE\r\n")
+        assert client.banner == ["421 4.3.0 mail.example.com Server local error"]
+        client.close()
+
+
+def test_postfix_limits_come_from_the_persona(tmp_path: Path) -> None:
+    with running_honeypot(tmp_path, "postfix") as hp:
+        assert hp.server.options.max_recipients == 1000
+        assert hp.server.options.max_auth_failures == 20
+    # A setting given wins over the persona's.
+    with running_honeypot(
+        tmp_path / "given", "postfix", server_settings={"max_recipients": 5}
+    ) as hp:
+        assert hp.server.options.max_recipients == 5

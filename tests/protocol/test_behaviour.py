@@ -282,3 +282,57 @@ def test_behaviour_checks_its_values() -> None:
     with pytest.raises(BehaviourError, match="error_limit"):
         Behaviour(error_limit=0)
     assert Behaviour(etrn=True, error_limit=20).as_mapping() == {"etrn": True, "error_limit": 20}
+
+
+# --- sync_check -----------------------------------------------------------------------------
+
+
+def test_pipelining_without_sync_check() -> None:
+    s = Session.start(BASE)
+    out = lines(s, "EHLO c.test\r\nNOOP\r\n")
+    assert out[-1] == "250 2.0.0 OK"
+
+
+@pytest.mark.parametrize(
+    ("first", "script"),
+    [
+        ("", "EHLO c.test\r\nNOOP\r\n"),  # EHLO must end its group
+        ("HELO c.test\r\n", "MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\n"),  # no PIPELINING
+        ("EHLO c.test\r\n", "XYZZY\r\nNOOP\r\n"),  # unknown verbs must wait
+    ],
+)
+def test_sync_check_closes_on_input_behind_a_sync_command(first: str, script: str) -> None:
+    s = Session.start(config(sync_check=True))
+    if first:
+        lines(s, first)
+    assert lines(s, script) == ["554 5.5.0 SMTP synchronization error"]
+    assert isinstance(s.events[-1], ConnectionClosed)
+    assert s.events[-1].reason == "synchronization-error"
+
+
+def test_sync_check_allows_what_pipelining_allows() -> None:
+    s = Session.start(config(sync_check=True))
+    lines(s, "EHLO c.test\r\n")
+    out = lines(s, "MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n")
+    assert [line[:3] for line in out] == ["250", "250", "354"]
+
+
+def test_bad_base64_initial_and_continued_responses() -> None:
+    persona = Persona(
+        replies={
+            "auth_bad_base64": Reply(535, "5.7.8", ("bad continued",)),
+            "auth_bad_base64_initial": Reply(535, "5.7.8", ("bad initial",)),
+        }
+    )
+    cfg = dataclasses.replace(
+        BASE, persona=persona, auth_mechanisms=("PLAIN", "LOGIN"), auth_requires_tls=False
+    )
+    s = Session.start(cfg)
+    s.cmd("EHLO c.test")
+    assert s.send(b"AUTH PLAIN %%%\r\n") == [(535, "5.7.8 bad initial")]
+    assert s.cmd("AUTH LOGIN") == 334
+    assert s.send(b"%%%\r\n") == [(535, "5.7.8 bad continued")]
+    # Without the specific name, both get auth_bad_base64's reply.
+    s = Session.start(dataclasses.replace(cfg, persona=Persona()))
+    s.cmd("EHLO c.test")
+    assert s.send(b"AUTH PLAIN %%%\r\n") == [(501, "5.5.2 Cannot decode base64 response")]

@@ -96,8 +96,8 @@ def honeypot_server_options(
 ) -> ServerOptions:
     """``options`` with the honeypot's fixed settings: sink delivery, open relay, no relay
     networks (nobody is exempt from the policy), state under the data directory, AUTH
-    before TLS, the persona; and the persona's host name, SIZE and SASL mechanisms where
-    the settings (``honeypot.given``) name none. The limits and lists tables are left out:
+    before TLS, the persona; and the persona's host name, SIZE, SASL mechanisms,
+    recipient and AUTH failure limits where the settings (``honeypot.given``) name none. The limits and lists tables are left out:
     :func:`build_server` makes those plugins itself, with the persona's refusals."""
     given = honeypot.given
     if options.workers > 1:
@@ -126,6 +126,12 @@ def honeypot_server_options(
             "relays or checks passwords; everything stays in its data directory)"
         )
     hostname = options.hostname if "hostname" in given else profile.hostname
+    max_recipients = options.max_recipients
+    if "max_recipients" not in given and profile.recipient_limit is not None:
+        max_recipients = profile.recipient_limit
+    max_auth_failures = options.max_auth_failures
+    if "max_auth_failures" not in given and profile.auth_failure_limit is not None:
+        max_auth_failures = profile.auth_failure_limit
     if "max_size" in given:
         max_size = options.max_size
     else:
@@ -133,14 +139,11 @@ def honeypot_server_options(
     return dataclasses.replace(
         options,
         hostname=hostname,
+        max_recipients=max_recipients,
+        max_auth_failures=max_auth_failures,
         delivery="sink",
         state_dir=honeypot.data_dir / STATE_DIR,
         max_size=max_size,
-        max_recipients=(
-            options.max_recipients
-            if "max_recipients" in given or profile.max_recipients is None
-            else profile.max_recipients
-        ),
         auth_mechanisms=(
             options.auth_mechanisms if "auth_mechanisms" in given else profile.auth_mechanisms
         ),

@@ -127,10 +127,11 @@ PROFILE_KEYS: Mapping[str, str] = MappingProxyType(
         "help_code": "HELP reply code",
         "auth_mechanisms": "SASL mechanisms to offer, in order",
         "message_size_limit": "SIZE to advertise and enforce; 0 = no number",
-        "max_recipients": "recipients per message the product takes; 0 = the server's limit",
         "queue_id": "queue id style",
         "local_users": "user names that exist at the persona's domains (others are unknown)",
         "vrfy_checks_users": "VRFY refuses unknown users and other domains as RCPT does",
+        "recipient_limit": "recipients per message the product takes (0: the server's)",
+        "auth_failure_limit": "failed AUTHs before the product hangs up (0: the server's)",
         "behaviour": "table: how the product behaves (mailgate.protocol.behaviour)",
         "replies": "table: reply name = reply",
     }
@@ -358,14 +359,17 @@ class PersonaProfile:
     auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
     #: The SIZE the product advertises by default; None: ``SIZE`` with no number.
     message_size_limit: int | None = 10_240_000
-    #: Recipients per message the product takes (Postfix 1000, Exim 50000); None: the
-    #: server's ``max_recipients`` (100).
-    max_recipients: int | None = None
     #: Queue id style, a key of :data:`QUEUE_ID_STYLES`.
     queue_id_style: str = "hex"
     #: User names (local parts, compared without case) that exist at the persona's own
     #: domains: RCPT to any other local user gets ``unknown_user``.
     local_users: tuple[str, ...] = DEFAULT_LOCAL_USERS
+    #: The product's recipients per message (Postfix smtpd_recipient_limit 1000); None:
+    #: the server's max_recipients.
+    recipient_limit: int | None = None
+    #: Failed AUTHs before the product hangs up (None: the server's max_auth_failures).
+    #: Postfix has no such limit of its own: its error limit (20) ends the session.
+    auth_failure_limit: int | None = None
     #: VRFY looks the user up like RCPT: unknown users and other domains get
     #: ``unknown_user``/``relay_denied`` (Postfix); False: every VRFY gets ``vrfy_default``.
     vrfy_checks_users: bool = False
@@ -778,8 +782,6 @@ def _build(reader: _Reader) -> PersonaProfile:
     if "message_size_limit" in data:
         size = reader.integer("message_size_limit", 0, 2**53)
         options["message_size_limit"] = size or None
-    if "max_recipients" in data:
-        options["max_recipients"] = reader.integer("max_recipients", 0, 1_000_000) or None
     if "queue_id" in data:
         style = reader.string("queue_id")
         if style not in QUEUE_ID_STYLES:
@@ -789,6 +791,9 @@ def _build(reader: _Reader) -> PersonaProfile:
         options["local_users"] = _local_users(reader)
     if "vrfy_checks_users" in data:
         options["vrfy_checks_users"] = reader.boolean("vrfy_checks_users")
+    for key in ("recipient_limit", "auth_failure_limit"):
+        if key in data:
+            options[key] = reader.integer(key, 0, 1_000_000) or None
     options.update(server)
     return PersonaProfile(name=reader.string("name"), persona=persona, software=software, **options)
 
@@ -877,10 +882,11 @@ def _to_spec(profile: PersonaProfile) -> dict[str, Any]:
         "enhanced_status_codes": persona.enhanced_status_codes,
         "auth_mechanisms": list(profile.auth_mechanisms),
         "message_size_limit": profile.message_size_limit or 0,
-        "max_recipients": profile.max_recipients or 0,
         "queue_id": profile.queue_id_style,
         "local_users": list(profile.local_users),
         "vrfy_checks_users": profile.vrfy_checks_users,
+        "recipient_limit": profile.recipient_limit or 0,
+        "auth_failure_limit": profile.auth_failure_limit or 0,
     }
     behaviour = dict(persona.behaviour.as_mapping())
     if behaviour:

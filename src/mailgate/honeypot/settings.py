@@ -295,7 +295,7 @@ SERVER_FLAGS: Mapping[str, str | None] = {
     "proxy_protocol": None,
     "auth_mechanisms": "the persona's",
     "auth_failure_delay": None,
-    "max_auth_failures": None,
+    "max_auth_failures": "the persona's (postfix: 20), else 3",
     "log_format": None,
     "verbose": None,
     "quiet": None,

@@ -41,6 +41,12 @@ etrn                   False        Offer ETRN (RFC 1985) and answer it as the p
                                     refuses it: ``etrn_argument_required``,
                                     ``etrn_syntax``, ``etrn_refused`` (nothing is ever
                                     flushed: there is no queue to run).
+sync_check             False        Exim's ``smtp_enforce_sync``: a command that must end
+                                    a pipelined group (rules.SYNC_VERBS: HELO, EHLO, DATA,
+                                    VRFY, EXPN, NOOP, ETRN, STARTTLS, unknown verbs; also
+                                    MAIL, RCPT, RSET while PIPELINING is not offered) with
+                                    more input already behind it gets
+                                    ``synchronization_error`` and the connection closes.
 early_talkers          "refuse"     A client that talks before the banner: ``"refuse"``
                                     (554, mailgate's early-talker check) or ``"greet"``
                                     (the bytes wait and are answered after the banner, as
@@ -98,6 +104,7 @@ class Behaviour:
     line_limit: int | None = None
     error_limit: int | None = None
     etrn: bool = False
+    sync_check: bool = False
     early_talkers: str = "refuse"
     starttls_in_transaction: bool = False
     extensions_need_ehlo: bool = False
@@ -116,6 +123,7 @@ class Behaviour:
             "extensions_need_ehlo",
             "etrn_accepted",
             "verify_needs_hello",
+            "sync_check",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise BehaviourError(f"{name}: expected true or false")

@@ -70,6 +70,8 @@ from .rules import (
     BEFORE_MAIL,
     GUARD_REPLIES,
     SEQUENCE_REPLIES,
+    SYNC_VERBS,
+    SYNC_VERBS_UNPIPELINED,
     Arg,
     Rule,
     State,
@@ -535,6 +537,12 @@ class ServerConnection:
             return
         verb, _, arg = text.partition(" ")
         verb = verb.upper()
+        if (
+            self._look.behaviour.sync_check
+            and self._pos < len(self._buf)
+            and self._breaks_sync(verb)
+        ):
+            return
         rule = self._look.ready.get(verb)
         if rule is None:
             if not text.strip(" \t"):
@@ -561,6 +569,18 @@ class ServerConnection:
             arg = ""
         handler = self._COMMANDS[verb]
         handler(self, rule, line, arg)
+
+    def _breaks_sync(self, verb: str) -> bool:
+        """Step 0 of a persona with sync_check: input already behind a command that must
+        end a pipelined group. Answers, closes and returns True when it does."""
+        if verb in SYNC_VERBS_UNPIPELINED:
+            if "PIPELINING" in self._extensions:
+                return False
+        elif verb not in SYNC_VERBS and verb in self._look.rules:
+            return False  # MAIL/RCPT/RSET aside, only these and unknown verbs must sync
+        self._send(self._r("synchronization_error"))
+        self._enter_closed("synchronization-error")
+        return True
 
     def _known_verb(self, line: bytes, text: str, verb: str) -> Rule | None:
         """The rule of a verb that is not ready for every connection: unknown, hidden, not
@@ -849,7 +869,11 @@ class ServerConnection:
             result = self._sasl.start(initial)
         except SaslError as exc:
             self._sasl = None
-            self._reject(line, self._refusal("auth_malformed", exc.reply), bad=True)
+            if exc.reply is replies.AUTH_BAD_BASE64:
+                refusal = self._r("auth_bad_base64_initial")  # Postfix words it apart
+            else:
+                refusal = self._refusal("auth_malformed", exc.reply)
+            self._reject(line, refusal, bad=True)
             return
         self._sasl_result(result)
 

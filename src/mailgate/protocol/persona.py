@@ -95,6 +95,7 @@ mail_argument_required     MAIL without an argument [f]_                     {ve
 rcpt_argument_required     RCPT without an argument [f]_                     {verb}
 vrfy_argument_required     VRFY/EXPN without an argument [f]_                {verb}
 data_need_mail             DATA/BDAT before MAIL [f]_                        -
+auth_bad_base64_initial    an AUTH initial response that is not base64 [f]_  -
 etrn_in_transaction        ETRN inside a mail transaction [f]_               {verb}
 etrn_argument_required     ETRN without a domain (behaviour ``etrn``)        -
 etrn_syntax                ETRN with a domain that is not one                {domain}
@@ -108,6 +109,13 @@ too_many_unknown_commands  the unknown command over                          -
 prdr_sender_ok             MAIL with PRDR accepted [f]_                      {address}
 prdr_start                 after a PRDR message (must stay 353)              -
 prdr_recipient_ok          a PRDR message's reply for one recipient          {address}
+too_many_clients           server: over its connection limit (max_clients)   {client_ip}
+too_many_from_ip           server: over max_clients_per_ip                   {client_ip}
+proxy_required             server: a client not behind the PROXY peers       {client_ip}
+proxy_refused              server: a bad or missing PROXY header             {client_ip}
+early_talker               server: a client that talks before the banner     {client_ip}
+synchronization_error      input behind a command that must end a pipelined  -
+                           group (behaviour ``sync_check``); then closes
 =========================  ================================================  ===================
 
 .. [f] Names for one situation of a more general name (:data:`FALLBACKS`): when a
@@ -202,6 +210,11 @@ _PLACEHOLDERS_BY_NAME.update(
         "prdr_sender_ok": _allowed("address"),
         # The general name's placeholders, for a fallback that inherits its text.
         "empty_line": _allowed("verb", "command"),
+        "too_many_clients": _allowed("client_ip"),
+        "too_many_from_ip": _allowed("client_ip"),
+        "proxy_required": _allowed("client_ip"),
+        "proxy_refused": _allowed("client_ip"),
+        "early_talker": _allowed("client_ip"),
     }
 )
 #: Specific name -> the general name whose reply it gets when a persona does not
@@ -217,6 +230,7 @@ FALLBACKS: Mapping[str, str] = MappingProxyType(
         "prdr_sender_ok": "sender_ok",
         "vrfy_need_hello": "need_hello",
         "too_many_unknown_commands": "too_many_errors",
+        "auth_bad_base64_initial": "auth_bad_base64",
         "etrn_in_transaction": "not_in_transaction",
     }
 )
@@ -637,6 +651,19 @@ class Persona:
         if static is not None:
             return static
         return self._templates[name].render({} if values is None else values, original)
+
+    def outside_reply(self, name: str, /, **values: object) -> Reply:
+        """A reply a server sends outside the dialogue (a connection limit, a bad PROXY
+        header, an early talker), before any EHLO could ask for enhanced codes: mailgate's
+        own text without its enhanced code, or the persona's text as the product writes
+        it, its enhanced code (if the persona writes them) part of the text."""
+        if name not in self._overridden:
+            reply = self.reply(name)
+            return Reply(reply.code, None, reply.lines)
+        reply = self.format(name, **values)
+        if reply.status is None or not self.enhanced_status_codes:
+            return Reply(reply.code, None, reply.lines)
+        return Reply(reply.code, None, tuple(f"{reply.status} {line}" for line in reply.lines))
 
     def banner_reply(self, values: Mapping[str, object]) -> Reply:
         """The 220 greeting (values: hostname, software, protocol, date, client_ip)."""

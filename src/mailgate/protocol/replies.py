@@ -181,6 +181,7 @@ MAIL_ARGUMENT_REQUIRED = Reply(501, "5.5.4", ("{verb} requires an argument",))
 RCPT_ARGUMENT_REQUIRED = Reply(501, "5.5.4", ("{verb} requires an argument",))
 VRFY_ARGUMENT_REQUIRED = Reply(501, "5.5.4", ("{verb} requires an argument",))
 DATA_NEED_MAIL = Reply(503, "5.5.1", ("Send MAIL first",))
+AUTH_BAD_BASE64_INITIAL = Reply(501, "5.5.2", ("Cannot decode base64 response",))
 ETRN_IN_TRANSACTION = Reply(503, "5.5.1", ("{verb} is not allowed inside a mail transaction",))
 # ETRN (RFC 1985), offered only by a persona whose behaviour says so; nothing is flushed.
 ETRN_ARGUMENT_REQUIRED = Reply(501, "5.5.4", ("Syntax: ETRN domain",))
@@ -192,6 +193,15 @@ ETRN_STARTED = Reply(250, "2.0.0", ("Queuing for node {domain} started",))
 VRFY_NEED_HELLO = Reply(503, "5.5.1", ("Send HELO/EHLO first",))
 # Behaviour unknown_command_limit (Exim): sent instead of the unknown command's reply.
 TOO_MANY_UNKNOWN_COMMANDS = Reply(421, "4.7.0", ("Too many unknown commands",))
+# Sent by servers outside the SMTP dialogue (before the banner, or instead of it); a
+# persona words them in the product's texts (Persona.outside_reply).
+TOO_MANY_CLIENTS = Reply(421, "4.7.0", ("Too many connections, try again later",))
+TOO_MANY_FROM_IP = Reply(421, "4.7.0", ("Too many connections from your address",))
+PROXY_REQUIRED = Reply(421, "4.7.0", ("Connections must come through the proxy",))
+PROXY_REFUSED = Reply(421, "4.7.0", ("PROXY header missing or invalid",))
+EARLY_TALKER = Reply(554, "5.5.1", ("Protocol error: data sent before the greeting",))
+# A persona with sync_check: input behind a command that must end a pipelined group.
+SYNCHRONIZATION_ERROR = Reply(554, "5.5.0", ("SMTP synchronization error",))
 # Pass-through names: by default the parser's own reply is sent (its text is {detail}).
 BAD_SENDER_ADDRESS = Reply(501, "5.1.7", ("{detail}",))
 BAD_RECIPIENT_ADDRESS = Reply(501, "5.1.3", ("{detail}",))

@@ -27,6 +27,8 @@ the code paths: :func:`rules_for` gives the table a connection applies.
 - ``sequence_first``: step 5 comes before step 4 (503 outranks 501), BDAT aside.
 - ``ignored_arguments``: those verbs' argument becomes optional and is ignored.
 - ``etrn``: the ETRN row's extension is offered.
+- ``sync_check``: a step 0 before the others: a verb in ``SYNC_VERBS`` (or in
+  ``SYNC_VERBS_UNPIPELINED`` without PIPELINING) with input behind it -> 554, close.
 - ``lenient_paths``/``lenient_hello`` widen step 4's grammar; ``long_lines`` and
   ``line_limit`` change step 1 (cut the line instead of refusing it);
   ``error_limit`` replaces the unknown/bad command counts by one count of every error.
@@ -116,6 +118,11 @@ GUARD_REPLIES = {
     "tls-inactive": "tls_already_active",
     "not-authenticated": "auth_already",
 }
+#: The persona's ``sync_check`` (Exim's smtp_enforce_sync, RFC 2920 3.1): verbs that must
+#: be the last of a pipelined group, always (unknown verbs too) ...
+SYNC_VERBS = frozenset({"HELO", "EHLO", "LHLO", "DATA", "VRFY", "EXPN", "NOOP", "ETRN", "STARTTLS"})
+#: ... and verbs that may be pipelined only once PIPELINING was offered.
+SYNC_VERBS_UNPIPELINED = frozenset({"MAIL", "RCPT", "RSET"})
 #: Verbs that need HELO/EHLO only when the persona's ``hello_required`` says so.
 HELLO_GOVERNED = frozenset({"MAIL", "ETRN"})
 #: Verbs that, before HELO with ``hello_required = False``, are judged as in READY.
@@ -168,6 +175,8 @@ __all__ = [
     "HELLO_GOVERNED",
     "RULES",
     "SEQUENCE_REPLIES",
+    "SYNC_VERBS",
+    "SYNC_VERBS_UNPIPELINED",
     "Arg",
     "Rule",
     "State",

@@ -41,9 +41,6 @@ log = logging.getLogger("mailgate.server")
 #: each kind, with the count of those held back.
 _refusals = LogLimiter(burst=5, interval=60.0)
 
-_TOO_MANY_CLIENTS = Reply(421, "4.7.0", ("Too many connections, try again later",))
-_TOO_MANY_FROM_IP = Reply(421, "4.7.0", ("Too many connections from your address",))
-_PROXY_NOT_ALLOWED = Reply(421, "4.7.0", ("Connections must come through the proxy",))
 #: What an auth callback can check: a password (PLAIN, LOGIN).
 DEFAULT_MECHANISMS = ("PLAIN", "LOGIN")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -634,7 +631,7 @@ class SMTPServer:
         self, connection: HostedConnection, ip: str, options: ServerOptions
     ) -> Reply | None:
         if options.proxy_protocol and not _in_networks(ip, options.proxy_protocol):
-            return _PROXY_NOT_ALLOWED
+            return self._outside("proxy_required", ip)
         if len(self.connections) >= options.max_clients:
             _refusals.log(
                 log,
@@ -644,7 +641,7 @@ class SMTPServer:
                 ip,
                 len(self.connections),
             )
-            return _TOO_MANY_CLIENTS
+            return self._outside("too_many_clients", ip)
         if not options.proxy_protocol and self.per_ip[ip] >= options.max_clients_per_ip:
             _refusals.log(
                 log,
@@ -653,10 +650,16 @@ class SMTPServer:
                 "refusing %s: too many connections from this address (max_clients_per_ip)",
                 ip,
             )
-            return _TOO_MANY_FROM_IP
+            return self._outside("too_many_from_ip", ip)
         self.connections.add(connection)
         self.per_ip[ip] += 1
         return None
+
+    def _outside(self, name: str, ip: str) -> Reply:
+        """The server's own refusal ``name`` in the persona's words."""
+        return self.protocol_config.persona.outside_reply(
+            name, hostname=self.options.hostname, client_ip=ip
+        )
 
     def rebind_ip(self, connection: HostedConnection, ip: str) -> Reply | None:
         """After a PROXY header the per-IP limit applies to the real client address:
@@ -673,7 +676,7 @@ class SMTPServer:
                 "refusing %s (via PROXY): too many connections from this address",
                 ip,
             )
-            return _TOO_MANY_FROM_IP
+            return self._outside("too_many_from_ip", ip)
         return None
 
     def release(self, connection: HostedConnection) -> None:

@@ -92,8 +92,6 @@ _STAGE_OF: dict[type[PolicyPoint], str] = {
     DataComplete: "message",
 }
 _IN_TRANSACTION = frozenset({State.MAIL, State.RCPT, State.DATA, State.BDAT, State.BDAT_OPEN})
-_EARLY_TALKER = Reply(554, "5.5.1", ("Protocol error: data sent before the greeting",))
-_PROXY_REFUSED = Reply(421, "4.7.0", ("PROXY header missing or invalid",))
 _LOCAL_ERROR = Reply(451, "4.3.0", ("Local error in processing, try again later",))
 _AUTH_UNAVAILABLE = Reply(454, "4.7.0", ("Temporary authentication failure",))
 _TLS_UNAVAILABLE = Reply(454, "4.7.0", ("TLS not available",))
@@ -253,7 +251,7 @@ class ConnectionDriver(asyncio.Protocol):
             # Bytes before our banner: a client that does not wait its turn (often spam).
             if self.recorder is not None:
                 self._record("received", data)
-            self._refuse(_EARLY_TALKER, "early-talker")
+            self._refuse(self._outside("early_talker"), "early-talker")
             return
         if self._tls_pending is not None:
             # Decrypted bytes can arrive before start_tls() returns to us; they belong to the
@@ -354,7 +352,7 @@ class ConnectionDriver(asyncio.Protocol):
             parsed = parse_proxy_header(self._proxy_buf)
         except ProxyError as exc:
             log.debug("session %s: bad PROXY header from %s: %s", self._sid(), self.peer_ip, exc)
-            self._refuse(_PROXY_REFUSED, "bad-proxy-header")
+            self._refuse(self._outside("proxy_refused"), "bad-proxy-header")
             return
         if parsed is None:
             return
@@ -369,7 +367,7 @@ class ConnectionDriver(asyncio.Protocol):
             if not self._greeted and self._refuses_early_talkers():
                 if self.recorder is not None:
                     self._record("received", rest)
-                self._refuse(_EARLY_TALKER, "early-talker")
+                self._refuse(self._outside("early_talker"), "early-talker")
                 return
             self.conn.receive_data(rest)
             self._process()
@@ -391,6 +389,13 @@ class ConnectionDriver(asyncio.Protocol):
             self.peer_ip = header.source_address
             if refusal is not None:
                 self.refuse(refusal)
+
+    def _outside(self, name: str) -> Reply:
+        """The server's own refusal ``name`` (sent outside the dialogue) in the persona's
+        words."""
+        return self.host.protocol_config.persona.outside_reply(
+            name, hostname=self.host.options.hostname, client_ip=self.peer_ip
+        )
 
     def _refuses_early_talkers(self) -> bool:
         """Whether bytes before the banner end the session (554). A persona whose product
@@ -1264,7 +1269,7 @@ class ConnectionDriver(asyncio.Protocol):
         conn = self.conn
         if conn is None:  # still waiting for the PROXY header
             log.debug("session %s: no PROXY header in time from %s", self._sid(), self.peer_ip)
-            self._refuse(_PROXY_REFUSED, "proxy-timeout")
+            self._refuse(self._outside("proxy_refused"), "proxy-timeout")
             return
         if self._task is not None:
             # Our own work (a slow hook, fsync, a STARTTLS handshake) is not the client's.

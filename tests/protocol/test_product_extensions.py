@@ -224,3 +224,28 @@ def test_unknown_commands_by_default_get_their_reply_then_the_limit() -> None:
     s.cmd("XYZZY1")
     s.cmd("XYZZY2")
     assert [code for code, _ in s.send(b"XYZZY3\r\n")] == [500, 421]
+
+
+# --- vrfy_unqualified (Exim) ----------------------------------------------------------------
+
+
+def test_vrfy_of_a_bare_name_can_be_refused() -> None:
+    persona = Persona(
+        replies={
+            "vrfy_default": Reply(252, None, ("Administrative prohibition",)),
+            "vrfy_unqualified": Reply(
+                501, None, ("{address}: recipient address must contain a domain",)
+            ),
+        }
+    )
+    s = Session.start(dataclasses.replace(BASE, persona=persona))
+    s.cmd("EHLO c.test")
+    assert s.send(b"VRFY root\r\n") == [(501, "root: recipient address must contain a domain")]
+    assert s.send(b"VRFY root@example.com\r\n") == [(252, "Administrative prohibition")]
+
+
+def test_vrfy_of_a_bare_name_gets_vrfy_default_unless_worded_apart() -> None:
+    persona = Persona(replies={"vrfy_default": "{address} may exist"})
+    s = Session.start(dataclasses.replace(BASE, persona=persona))
+    s.cmd("EHLO c.test")
+    assert s.send(b"VRFY root\r\n") == [(252, "2.5.0 root may exist")]

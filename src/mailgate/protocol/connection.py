@@ -1072,7 +1072,12 @@ class ServerConnection:
 
     def _answer_verify(self, point: Verify, reply: Reply | None) -> None:
         if reply is None:
-            name = "expn_default" if point.expand else "vrfy_default"
+            if point.expand:
+                name = "expn_default"
+            elif "@" not in point.argument:
+                name = "vrfy_unqualified"  # Exim refuses a bare name
+            else:
+                name = "vrfy_default"
             reply = self._r(name, address=point.argument)
         self._send(reply)
 

@@ -187,6 +187,10 @@ ETRN_IN_TRANSACTION = Reply(503, "5.5.1", ("{verb} is not allowed inside a mail 
 ETRN_ARGUMENT_REQUIRED = Reply(501, "5.5.4", ("Syntax: ETRN domain",))
 ETRN_SYNTAX = Reply(501, "5.5.4", ("Invalid ETRN domain",))
 ETRN_REFUSED = Reply(459, "4.7.1", ("<{domain}>: node not allowed",))
+# VRFY of a name without a domain: vrfy_default's reply unless a persona words it apart
+# (persona.FALLBACKS); it may be a refusal too (Exim: "501 root: recipient address must
+# contain a domain").
+VRFY_UNQUALIFIED = Reply(252, "2.5.0", ("Cannot verify the user; send mail to try delivery",))
 # Behaviour etrn_accepted (Sendmail): ETRN is answered as started; nothing is flushed.
 ETRN_STARTED = Reply(250, "2.0.0", ("Queuing for node {domain} started",))
 # Behaviour verify_needs_hello (Sendmail's needvrfyhelo/needexpnhelo).

@@ -416,6 +416,9 @@ def test_scripted_attacker(persona: str, tmp_path: Path) -> None:
             for command, (code, _) in enumerate_users(hp).items():
                 verb = command.split()[0]
                 known = profile.vrfy.code if verb == "VRFY" else profile.expn.code
+                if verb == "VRFY" and "@" not in command:
+                    # A bare name: the persona's vrfy_unqualified (Exim refuses it).
+                    known = profile.persona.reply("vrfy_unqualified").code
                 if command == "VRFY nosuchuser" and profile.vrfy_checks_users:
                     known = profile.unknown_user.code  # looked up like RCPT (Postfix)
                 assert code == (unknown if verb in hidden else known), (command, code)

@@ -672,6 +672,14 @@ class ServerConnection:
 
     def _sequence_error(self, rule: Rule) -> Reply | None:
         state = self.state
+        behaviour = self._look.behaviour
+        if (
+            behaviour.extensions_need_ehlo
+            and rule.verb in ("STARTTLS", "AUTH")
+            and rule.verb not in self._extensions
+        ):
+            # Exim: not offered in this session's EHLO (none yet, HELO, or under TLS).
+            return self._r("not_implemented", verb=rule.verb)
         if state not in rule.allowed:
             verb = rule.verb
             if (
@@ -692,6 +700,8 @@ class ServerConnection:
                 name = "etrn_in_transaction"
             elif verb in ("STARTTLS", "AUTH", "XCLIENT", "XFORWARD") and in_transaction:
                 name = "not_in_transaction"
+            elif verb in ("VRFY", "EXPN") and state is State.CONNECTED:
+                name = "vrfy_need_hello"
             return self._r(name, verb=verb)
         guard = rule.guard
         if guard is not None and not self._guard_holds(guard):
@@ -883,7 +893,7 @@ class ServerConnection:
         name = words[0].upper()
         mechanism = MECHANISMS.get(name)
         if mechanism is None or name not in self.config.auth_mechanisms:
-            self._reject(line, self._r("auth_unknown_mechanism"), bad=True)
+            self._reject(line, self._r("auth_unknown_mechanism", mechanism=words[0]), bad=True)
             return
         if not (self.tls_active or not self.config.auth_requires_tls):
             self._reject(line, self._r("auth_requires_tls"), bad=True)
@@ -936,6 +946,9 @@ class ServerConnection:
         domain = arg[1:] if arg[0] in "@#" else arg
         if not _ETRN_DOMAIN.fullmatch(domain):
             self._reject(line, self._r("etrn_syntax", domain=domain), bad=True)
+            return
+        if self._look.behaviour.etrn_accepted:
+            self._send(self._r("etrn_started", domain=domain))
             return
         self._reject(line, self._r("etrn_refused", domain=domain), bad=True)
 
@@ -1098,7 +1111,12 @@ class ServerConnection:
 
     def _answer_verify(self, point: Verify, reply: Reply | None) -> None:
         if reply is None:
-            name = "expn_default" if point.expand else "vrfy_default"
+            if point.expand:
+                name = "expn_default"
+            elif "@" not in point.argument:
+                name = "vrfy_unqualified"  # Exim refuses a bare name
+            else:
+                name = "vrfy_default"
             reply = self._r(name, address=point.argument)
         self._send(reply)
 
@@ -1382,6 +1400,16 @@ class ServerConnection:
         bad: bool = False,
         send: bool = True,
     ) -> None:
+        limit = self._look.behaviour.unknown_command_limit
+        if unknown and limit is not None:
+            self._unknown_commands += 1
+            if self._unknown_commands > limit:
+                # Exim: the command over the limit gets only the limit's reply.
+                self._events.append(CommandRejected(line, reply))
+                self._events.append(LimitExceeded(Limit.UNKNOWN_COMMANDS, closing=True))
+                self._send(self._r("too_many_unknown_commands"))
+                self._enter_closed(Limit.UNKNOWN_COMMANDS.value)
+                return
         if send:
             self._send(reply)
         self._events.append(CommandRejected(line, reply))
@@ -1394,6 +1422,8 @@ class ServerConnection:
                 self._count_error()
             return
         if unknown:
+            if limit is not None:
+                return  # counted above, against the persona's own limit
             self._unknown_commands += 1
             if self._unknown_commands > self.config.max_unknown_commands:
                 self._too_many(Limit.UNKNOWN_COMMANDS)

@@ -191,6 +191,16 @@ ETRN_IN_TRANSACTION = Reply(503, "5.5.1", ("{verb} is not allowed inside a mail 
 ETRN_ARGUMENT_REQUIRED = Reply(501, "5.5.4", ("Syntax: ETRN domain",))
 ETRN_SYNTAX = Reply(501, "5.5.4", ("Invalid ETRN domain",))
 ETRN_REFUSED = Reply(459, "4.7.1", ("<{domain}>: node not allowed",))
+# VRFY of a name without a domain: vrfy_default's reply unless a persona words it apart
+# (persona.FALLBACKS); it may be a refusal too (Exim: "501 root: recipient address must
+# contain a domain").
+VRFY_UNQUALIFIED = Reply(252, "2.5.0", ("Cannot verify the user; send mail to try delivery",))
+# Behaviour etrn_accepted (Sendmail): ETRN is answered as started; nothing is flushed.
+ETRN_STARTED = Reply(250, "2.0.0", ("Queuing for node {domain} started",))
+# Behaviour verify_needs_hello (Sendmail's needvrfyhelo/needexpnhelo).
+VRFY_NEED_HELLO = Reply(503, "5.5.1", ("Send HELO/EHLO first",))
+# Behaviour unknown_command_limit (Exim): sent instead of the unknown command's reply.
+TOO_MANY_UNKNOWN_COMMANDS = Reply(421, "4.7.0", ("Too many unknown commands",))
 # Sent by servers outside the SMTP dialogue (before the banner, or instead of it); a
 # persona words them in the product's texts (Persona.outside_reply).
 TOO_MANY_CLIENTS = Reply(421, "4.7.0", ("Too many connections, try again later",))

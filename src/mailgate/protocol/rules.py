@@ -160,6 +160,8 @@ def rules_for(behaviour: Behaviour) -> dict[str, Rule]:
             rule = replace(rule, allowed=rule.allowed | {State.CONNECTED})
         if verb in behaviour.ignored_arguments and rule.arg is Arg.NONE:
             rule = replace(rule, arg=Arg.OPTIONAL)
+        if verb in ("VRFY", "EXPN") and behaviour.verify_needs_hello:
+            rule = replace(rule, allowed=rule.allowed - {State.CONNECTED})
         if verb == "STARTTLS" and behaviour.starttls_in_transaction:
             # The upgrade resets the session, the transaction with it (RFC 3207 4.2).
             rule = replace(rule, allowed=rule.allowed | {State.MAIL, State.RCPT})

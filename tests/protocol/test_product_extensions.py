@@ -36,7 +36,7 @@ def ehlo_keywords(s: Session) -> list[str]:
 
 
 def test_prdr_and_pipeconnect_are_offered_only_when_listed() -> None:
-    assert {"PRDR", "PIPECONNECT"} == OPT_IN_KEYWORDS
+    assert {"PRDR", "PIPECONNECT"} <= OPT_IN_KEYWORDS
     plain = ehlo_keywords(Session.start(BASE))
     assert "PRDR" not in plain and "PIPECONNECT" not in plain
     listed = ehlo_keywords(Session.start(dataclasses.replace(BASE, persona=EXIM_LIKE)))
@@ -249,3 +249,50 @@ def test_vrfy_of_a_bare_name_gets_vrfy_default_unless_worded_apart() -> None:
     s = Session.start(dataclasses.replace(BASE, persona=persona))
     s.cmd("EHLO c.test")
     assert s.send(b"VRFY root\r\n") == [(252, "2.5.0 root may exist")]
+
+
+# --- Exim's address and argument refusals ---------------------------------------------------
+
+EXIM_REFUSALS = dataclasses.replace(
+    BASE,
+    persona=Persona(
+        behaviour=Behaviour(domain_literals=False),
+        enhanced_status_codes=False,
+        replies={
+            "domain_literal": "<{address}>: domain literals not allowed",
+            "vrfy_argument_required": "empty address",
+            "expn_argument_required": Reply(550, None, ("Administrative prohibition",)),
+            "data_need_mail": "valid RCPT command must precede {verb}",
+        },
+    ),
+)
+
+
+def test_domain_literals_refused_when_the_behaviour_says_so() -> None:
+    s = Session.start(BASE)
+    s.cmd("EHLO c.test")
+    assert s.cmd("MAIL FROM:<a@[192.0.2.1]>") == 250
+    s = Session.start(dataclasses.replace(EXIM_REFUSALS, vrfy=True, expn=True))
+    s.cmd("EHLO c.test")
+    assert s.send(b"MAIL FROM:<a@[192.0.2.1]>\r\n") == [
+        (501, "<a@[192.0.2.1]>: domain literals not allowed")
+    ]
+    assert s.cmd("MAIL FROM:<a@b.test>") == 250
+    assert s.cmd("RCPT TO:<x@[IPv6:2001:db8::1]>") == 501
+    assert s.cmd("RCPT TO:<x@y.test>") == 250
+
+
+def test_expn_and_data_refusals_worded_apart() -> None:
+    s = Session.start(dataclasses.replace(EXIM_REFUSALS, vrfy=True, expn=True))
+    s.cmd("EHLO c.test")
+    assert s.send(b"VRFY\r\n") == [(501, "empty address")]
+    assert s.send(b"EXPN\r\n") == [(550, "Administrative prohibition")]
+    assert s.send(b"DATA\r\n") == [(503, "valid RCPT command must precede DATA")]
+
+
+def test_fallbacks_follow_the_chain_to_the_first_name_given() -> None:
+    # expn_argument_required -> vrfy_argument_required -> argument_required.
+    persona = Persona(replies={"argument_required": "{verb} needs more"})
+    s = Session.start(dataclasses.replace(BASE, persona=persona, vrfy=True, expn=True))
+    s.cmd("EHLO c.test")
+    assert s.send(b"EXPN\r\n") == [(501, "5.5.4 EXPN needs more")]

@@ -78,6 +78,13 @@ unknown_command_limit  None         Unknown commands a session may send: the nex
 verify_needs_hello     False        VRFY and EXPN need HELO/EHLO first:
                                     ``vrfy_need_hello`` (Sendmail's needvrfyhelo and
                                     needexpnhelo, Debian's default).
+domain_literals        True         Addresses with a domain literal (``x@[192.0.2.1]``)
+                                    are taken; False: MAIL and RCPT with one get
+                                    ``domain_literal`` (Exim's allow_domain_literals
+                                    default).
+size_without_number    False        EHLO lists ``SIZE`` without a number, as Sendmail does
+                                    with MaxMessageSize 0 (no limit of its own); the
+                                    server's limit is still enforced.
 =====================  ===========  =====================================================
 """
 
@@ -124,6 +131,8 @@ class Behaviour:
     etrn_accepted: bool = False
     verify_needs_hello: bool = False
     unknown_command_limit: int | None = None
+    size_without_number: bool = False
+    domain_literals: bool = True
 
     def __post_init__(self) -> None:
         for name in (
@@ -139,6 +148,8 @@ class Behaviour:
             "extensions_need_ehlo",
             "etrn_accepted",
             "verify_needs_hello",
+            "size_without_number",
+            "domain_literals",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise BehaviourError(f"{name}: expected true or false")

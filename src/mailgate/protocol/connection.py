@@ -595,6 +595,8 @@ class ServerConnection:
         offered, or offered to some clients only. Answers and returns None when the verb
         does not exist here."""
         rule = self._look.rules.get(verb)
+        if rule is not None and rule.extension == "VERB" and not self._offered(rule):
+            rule = None  # Sendmail's verb: no other look has it, not even as "not offered"
         if rule is None and self._forbidden(verb):
             forbidden = self._r("forbidden_command", verb=verb)
             self._send(forbidden)
@@ -661,6 +663,8 @@ class ServerConnection:
             return cfg.xforward and self.peer_trusted
         if ext == "ETRN":
             return cfg.persona.behaviour.etrn
+        if ext == "VERB":
+            return "VERB" in cfg.persona.capability_order
         return False  # pragma: no cover - every extension is listed above
 
     def _sequence_ok(self, rule: Rule, line: bytes) -> bool:
@@ -791,6 +795,14 @@ class ServerConnection:
             refusal = self._refusal("parameter_syntax", exc.reply, parameter=exc.parameter)
             self._reject(line, refusal, bad=True)
             return None
+        if (
+            address is not None
+            and address.domain.startswith("[")
+            and not self._look.behaviour.domain_literals
+        ):
+            # Exim's default (allow_domain_literals = false): refused as a syntax error.
+            self._reject(line, self._r("domain_literal", address=str(address)), bad=True)
+            return None
         if not self._sequence_ok(rule, line):
             return None
         tx = self.transaction
@@ -806,7 +818,8 @@ class ServerConnection:
         try:
             params = parse_params(pairs, context)
         except ParamError as exc:
-            refusal = self._refusal("bad_parameter", exc.reply, parameter=exc.parameter)
+            name = "unknown_parameter" if exc.unknown else "bad_parameter"
+            refusal = self._refusal(name, exc.reply, parameter=exc.parameter, keyword=exc.keyword)
             self._reject(line, refusal, bad=True)
             return None
         utf8_allowed = "SMTPUTF8" in params if verb == "MAIL" else in_utf8_transaction
@@ -936,6 +949,13 @@ class ServerConnection:
             return
         self._pause(Xforward(attributes))
 
+    def _cmd_verb(self, rule: Rule, line: bytes, arg: str) -> None:
+        # Sendmail ignores VERB's argument; verbose mode changes nothing here (no
+        # delivery steps to report), so the acknowledgement is the whole answer.
+        if not self._sequence_ok(rule, line):
+            return
+        self._send(self._r("verbose_ok"))
+
     def _cmd_etrn(self, rule: Rule, line: bytes, arg: str) -> None:
         # RFC 1985, answered as the product refuses it: there is no queue to flush.
         if not self._sequence_ok(rule, line):
@@ -971,6 +991,7 @@ class ServerConnection:
         "XCLIENT": _cmd_xclient,
         "XFORWARD": _cmd_xforward,
         "ETRN": _cmd_etrn,
+        "VERB": _cmd_verb,
     }
 
     # --- answers to policy points --------------------------------------------------------
@@ -1086,6 +1107,14 @@ class ServerConnection:
         self.state = State.READY
 
     def _answer_auth(self, point: AuthCredentials, reply: Reply | None) -> None:
+        mechanism = MECHANISMS.get(point.mechanism)
+        if (
+            mechanism is not None
+            and mechanism.capture_only
+            and (reply is None or reply.is_positive)
+        ):
+            # DIGEST-MD5: success needs rspauth, which only the real password gives.
+            reply = self._r("auth_failed")
         if reply is None or reply.is_positive:
             self.authenticated_as = point.username
             self._sasl = None
@@ -1279,7 +1308,10 @@ class ServerConnection:
             if "PIPECONNECT" in persona.capability_order:
                 caps.append("PIPECONNECT")
         size = self._max_size()
-        caps.append(f"SIZE {size}" if size else "SIZE")
+        if size and not self._look.behaviour.size_without_number:
+            caps.append(f"SIZE {size}")
+        else:
+            caps.append("SIZE")
         if cfg.eightbitmime:
             caps.append("8BITMIME")
         if cfg.smtputf8:
@@ -1305,6 +1337,13 @@ class ServerConnection:
             caps.append(_XFORWARD_CAPS)
         if cfg.vrfy and "VRFY" not in cfg.disabled_commands:
             caps.append("VRFY")
+        # EXPN is answered by every look but listed only by a persona that names it.
+        if cfg.expn and "EXPN" in persona.capability_order and "EXPN" not in cfg.disabled_commands:
+            caps.append("EXPN")
+        if "VERB" in persona.capability_order and "VERB" not in cfg.disabled_commands:
+            caps.append("VERB")
+        if "DELIVERBY" in persona.capability_order and not cfg.lmtp:
+            caps.append("DELIVERBY")
         if self._look.behaviour.etrn and "ETRN" not in cfg.disabled_commands:
             caps.append("ETRN")
         if "PRDR" in persona.capability_order and not cfg.lmtp:

@@ -60,6 +60,8 @@ bad_sender_address         MAIL path refused by the parser [*]_              {de
 bad_recipient_address      RCPT path refused by the parser [*]_              {detail}
 parameter_syntax           malformed MAIL/RCPT parameter (501) [*]_          {detail}, {parameter}
 bad_parameter              refused MAIL/RCPT parameter (555) [*]_            {detail}, {parameter}
+unknown_parameter          a parameter unknown or not offered [*]_ [f]_      {detail}, {parameter},
+                                                                             {keyword}
 auth_malformed             an undecodable SASL response [*]_                 {detail}
 smtputf8_required          a UTF-8 address without SMTPUTF8                  -
 bad_sequence               a command out of sequence (other cases)           -
@@ -94,7 +96,8 @@ hello_argument_required    HELO/EHLO/LHLO without an argument [f]_           {ve
 mail_argument_required     MAIL without an argument [f]_                     {verb}
 rcpt_argument_required     RCPT without an argument [f]_                     {verb}
 vrfy_argument_required     VRFY/EXPN without an argument [f]_                {verb}
-data_need_mail             DATA/BDAT before MAIL [f]_                        -
+expn_argument_required     EXPN without an argument [f]_                     {verb}
+data_need_mail             DATA/BDAT before MAIL [f]_                        {verb}
 auth_bad_base64_initial    an AUTH initial response that is not base64 [f]_  -
 size_syntax                MAIL with a SIZE= that is not a number [f]_       {parameter}, {detail}
 xclient_not_allowed        XCLIENT/XFORWARD from a client not trusted [f]_   {verb}
@@ -105,6 +108,9 @@ etrn_argument_required     ETRN without a domain (behaviour ``etrn``)        -
 etrn_syntax                ETRN with a domain that is not one                {domain}
 etrn_refused               ETRN for a domain (nothing is ever flushed)       {domain}
 etrn_started               ETRN for a domain (behaviour ``etrn_accepted``)   {domain}
+verbose_ok                 VERB (offered with the VERB keyword)              -
+domain_literal             MAIL/RCPT with a domain literal (behaviour        {address}
+                           ``domain_literals = false``)
 vrfy_unqualified           VRFY of a name without ``@domain`` [f]_            {address}
 vrfy_need_hello            VRFY/EXPN before HELO (``verify_needs_hello``)    -
                            [f]_
@@ -198,6 +204,7 @@ _PLACEHOLDERS_BY_NAME.update(
         "bad_recipient_address": _allowed("detail"),
         "parameter_syntax": _allowed("detail", "parameter"),
         "bad_parameter": _allowed("detail", "parameter"),
+        "unknown_parameter": _allowed("detail", "parameter", "keyword"),
         "size_syntax": _allowed("detail", "parameter"),
         "xclient_not_allowed": _allowed("verb"),
         "forbidden_command": _allowed("verb"),
@@ -208,10 +215,13 @@ _PLACEHOLDERS_BY_NAME.update(
         "mail_argument_required": _allowed("verb"),
         "rcpt_argument_required": _allowed("verb"),
         "vrfy_argument_required": _allowed("verb"),
+        "expn_argument_required": _allowed("verb"),
+        "data_need_mail": _allowed("verb"),
         "etrn_in_transaction": _allowed("verb"),
         "etrn_syntax": _allowed("domain"),
         "etrn_refused": _allowed("domain"),
         "etrn_started": _allowed("domain"),
+        "domain_literal": _allowed("address"),
         "vrfy_unqualified": _allowed("address"),
         "prdr_recipient_ok": _allowed("address"),
         # The client's word, as sent (Exim and Sendmail repeat it).
@@ -235,9 +245,11 @@ FALLBACKS: Mapping[str, str] = MappingProxyType(
         "mail_argument_required": "argument_required",
         "rcpt_argument_required": "argument_required",
         "vrfy_argument_required": "argument_required",
+        "expn_argument_required": "vrfy_argument_required",
         "data_need_mail": "need_mail",
         "auth_bad_base64_initial": "auth_bad_base64",
         "size_syntax": "bad_parameter",
+        "unknown_parameter": "bad_parameter",
         "xclient_not_allowed": "not_implemented",
         "prdr_sender_ok": "sender_ok",
         "vrfy_need_hello": "need_hello",
@@ -262,6 +274,7 @@ PASS_THROUGH: frozenset[str] = frozenset(
         "bad_recipient_address",
         "parameter_syntax",
         "bad_parameter",
+        "unknown_parameter",
         "auth_malformed",
     }
 )
@@ -294,11 +307,14 @@ KEYWORDS: frozenset[str] = frozenset(
         # Opt-in: offered only by a persona that lists them in its capability order.
         "PRDR",
         "PIPECONNECT",
+        "VERB",
+        "DELIVERBY",
     }
 )
 #: Keywords mailgate offers only to a persona that lists them in ``capability_order``
-#: (products that advertise them; mailgate's own look does not).
-OPT_IN_KEYWORDS: frozenset[str] = frozenset({"PRDR", "PIPECONNECT"})
+#: (products that advertise them; mailgate's own look does not). EXPN, answered by
+#: every look, is also listed in EHLO only by a persona that names it (Sendmail).
+OPT_IN_KEYWORDS: frozenset[str] = frozenset({"PRDR", "PIPECONNECT", "VERB", "DELIVERBY"})
 #: The verb each hideable keyword brings; hidden, the verb is an unknown command.
 _VERB_OF = {
     "CHUNKING": "BDAT",
@@ -551,8 +567,12 @@ class Persona:
         templates: dict[str, _Template] = {}
         for name, default in _DEFAULTS.items():
             override = overrides.get(name)
-            if override is None and name in FALLBACKS:
-                override = overrides.get(FALLBACKS[name])
+            general = name
+            # Up the chain (expn_argument_required -> vrfy_argument_required ->
+            # argument_required) to the first name the persona gives.
+            while override is None and general in FALLBACKS:
+                general = FALLBACKS[general]
+                override = overrides.get(general)
             where = f"reply {name!r}"
             inherit = False
             if override is None:

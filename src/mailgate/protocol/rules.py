@@ -109,6 +109,8 @@ RULES: dict[str, Rule] = {r.verb: r for r in (
     Rule("XFORWARD", _OUTSIDE_TRANSACTION,                     None,              Arg.REQUIRED, "XFORWARD"),
     # ETRN's missing domain is answered after the sequence (as the products do).
     Rule("ETRN",     frozenset({State.READY}),                 None,              Arg.OPTIONAL, "ETRN"),
+    # Sendmail's verbose mode; exists only for a persona that offers VERB.
+    Rule("VERB",     _SESSION,                                 None,              Arg.OPTIONAL, "VERB"),
 )}
 # fmt: on
 
@@ -144,7 +146,7 @@ ARGUMENT_REPLIES = {
     "MAIL": "mail_argument_required",
     "RCPT": "rcpt_argument_required",
     "VRFY": "vrfy_argument_required",
-    "EXPN": "vrfy_argument_required",
+    "EXPN": "expn_argument_required",
     "BDAT": "bdat_syntax",
 }
 

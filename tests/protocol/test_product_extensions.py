@@ -296,3 +296,28 @@ def test_fallbacks_follow_the_chain_to_the_first_name_given() -> None:
     s = Session.start(dataclasses.replace(BASE, persona=persona, vrfy=True, expn=True))
     s.cmd("EHLO c.test")
     assert s.send(b"EXPN\r\n") == [(501, "5.5.4 EXPN needs more")]
+
+
+def test_a_bad_size_value_is_ignored_when_the_behaviour_says_so() -> None:
+    s = Session.start(BASE)
+    s.cmd("EHLO c.test")
+    assert s.cmd("MAIL FROM:<a@b.test> SIZE=abc") == 555
+    lenient = Persona(behaviour=Behaviour(size_value_ignored_if_bad=True))
+    s = Session.start(dataclasses.replace(BASE, persona=lenient, max_message_size=100))
+    s.cmd("EHLO c.test")
+    assert s.cmd("MAIL FROM:<a@b.test> SIZE=abc") == 250
+    s.cmd("RSET")
+    assert s.cmd("MAIL FROM:<a@b.test> SIZE=5000") == 552  # a readable size still counts
+
+
+def test_auth_without_mechanism_has_its_own_name() -> None:
+    persona = Persona(
+        replies={"auth_argument_required": Reply(504, None, (" authentication mechanism",))}
+    )
+    s = Session.start(dataclasses.replace(BASE, persona=persona, auth_requires_tls=False))
+    s.cmd("EHLO c.test")
+    assert s.send(b"AUTH\r\n") == [(504, " authentication mechanism")]
+    # Without it, the general argument_required.
+    s = Session.start(dataclasses.replace(BASE, auth_requires_tls=False))
+    s.cmd("EHLO c.test")
+    assert s.cmd("AUTH") == 501

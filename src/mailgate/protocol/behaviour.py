@@ -82,6 +82,9 @@ domain_literals        True         Addresses with a domain literal (``x@[192.0.
                                     are taken; False: MAIL and RCPT with one get
                                     ``domain_literal`` (Exim's allow_domain_literals
                                     default).
+size_value_ignored_if_bad False     ``MAIL ... SIZE=abc`` is taken as if SIZE were absent
+                                    (Exim skips it, Sendmail reads it as 0); False:
+                                    ``size_syntax``.
 size_without_number    False        EHLO lists ``SIZE`` without a number, as Sendmail does
                                     with MaxMessageSize 0 (no limit of its own); the
                                     server's limit is still enforced.
@@ -133,6 +136,7 @@ class Behaviour:
     unknown_command_limit: int | None = None
     size_without_number: bool = False
     domain_literals: bool = True
+    size_value_ignored_if_bad: bool = False
 
     def __post_init__(self) -> None:
         for name in (
@@ -150,6 +154,7 @@ class Behaviour:
             "verify_needs_hello",
             "size_without_number",
             "domain_literals",
+            "size_value_ignored_if_bad",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise BehaviourError(f"{name}: expected true or false")

@@ -815,6 +815,14 @@ class ServerConnection:
             in_utf8_transaction,
             _NOTHING if self.tls_active or not self.esmtp else self._look.after_tls,
         )
+        if self._look.behaviour.size_value_ignored_if_bad and verb == "MAIL":
+            # Exim skips a SIZE it cannot read; Sendmail reads "abc" as 0. Either way
+            # the MAIL is taken as if no size had been declared.
+            pairs = [
+                (key, value)
+                for key, value in pairs
+                if key.upper() != "SIZE" or value is None or value.isdigit()
+            ]
         try:
             params = parse_params(pairs, context)
         except ParamError as exc:

@@ -97,6 +97,7 @@ mail_argument_required     MAIL without an argument [f]_                     {ve
 rcpt_argument_required     RCPT without an argument [f]_                     {verb}
 vrfy_argument_required     VRFY/EXPN without an argument [f]_                {verb}
 expn_argument_required     EXPN without an argument [f]_                     {verb}
+auth_argument_required     AUTH without a mechanism [f]_                     {verb}
 data_need_mail             DATA/BDAT before MAIL [f]_                        {verb}
 auth_bad_base64_initial    an AUTH initial response that is not base64 [f]_  -
 size_syntax                MAIL with a SIZE= that is not a number [f]_       {parameter}, {detail}
@@ -216,6 +217,7 @@ _PLACEHOLDERS_BY_NAME.update(
         "rcpt_argument_required": _allowed("verb"),
         "vrfy_argument_required": _allowed("verb"),
         "expn_argument_required": _allowed("verb"),
+        "auth_argument_required": _allowed("verb"),
         "data_need_mail": _allowed("verb"),
         "etrn_in_transaction": _allowed("verb"),
         "etrn_syntax": _allowed("domain"),
@@ -246,6 +248,7 @@ FALLBACKS: Mapping[str, str] = MappingProxyType(
         "rcpt_argument_required": "argument_required",
         "vrfy_argument_required": "argument_required",
         "expn_argument_required": "vrfy_argument_required",
+        "auth_argument_required": "argument_required",
         "data_need_mail": "need_mail",
         "auth_bad_base64_initial": "auth_bad_base64",
         "size_syntax": "bad_parameter",

@@ -185,6 +185,8 @@ RCPT_ARGUMENT_REQUIRED = Reply(501, "5.5.4", ("{verb} requires an argument",))
 VRFY_ARGUMENT_REQUIRED = Reply(501, "5.5.4", ("{verb} requires an argument",))
 # Exim words EXPN's apart (its ACL refusal) from VRFY's ("501 empty address").
 EXPN_ARGUMENT_REQUIRED = Reply(501, "5.5.4", ("{verb} requires an argument",))
+# AUTH without a mechanism (Exim answers it as an unknown, empty mechanism).
+AUTH_ARGUMENT_REQUIRED = Reply(501, "5.5.4", ("{verb} requires an argument",))
 DATA_NEED_MAIL = Reply(503, "5.5.1", ("Send MAIL first",))
 AUTH_BAD_BASE64_INITIAL = Reply(501, "5.5.2", ("Cannot decode base64 response",))
 SIZE_SYNTAX = Reply(555, "5.5.4", ("Invalid SIZE value",))

@@ -147,6 +147,7 @@ ARGUMENT_REPLIES = {
     "RCPT": "rcpt_argument_required",
     "VRFY": "vrfy_argument_required",
     "EXPN": "expn_argument_required",
+    "AUTH": "auth_argument_required",
     "BDAT": "bdat_syntax",
 }
 

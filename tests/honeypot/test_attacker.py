@@ -307,8 +307,13 @@ def relay_probe(hp: Honeypot, sink: Sink) -> str:
         smtp.ehlo("probe.example")
         code, _ = smtp.mail("relaytest@probe.example")
         assert code == 250
+        persona = hp.profile.persona
         for rcpt in ("relaytest@[127.0.0.1]", "victim@gmail.com", f"sink@localhost:{sink.port}"):
             code, text = smtp.rcpt(rcpt.split(":")[0])
+            if "[" in rcpt and not persona.behaviour.domain_literals:
+                # Exim refuses domain literals by default, relay or not.
+                assert code == persona.reply("domain_literal").code, (rcpt, code, text)
+                continue
             assert code in (250, 251), (rcpt, code, text)
         code, text = smtp.data(
             b"Subject: relay test\r\nMessage-ID: <relay-probe-1@probe.example>\r\n\r\n"
@@ -416,6 +421,9 @@ def test_scripted_attacker(persona: str, tmp_path: Path) -> None:
             for command, (code, _) in enumerate_users(hp).items():
                 verb = command.split()[0]
                 known = profile.vrfy.code if verb == "VRFY" else profile.expn.code
+                if verb == "VRFY" and "@" not in command:
+                    # A bare name: the persona's vrfy_unqualified (Exim refuses it).
+                    known = profile.persona.reply("vrfy_unqualified").code
                 if command == "VRFY nosuchuser" and profile.vrfy_checks_users:
                     known = profile.unknown_user.code  # looked up like RCPT (Postfix)
                 assert code == (unknown if verb in hidden else known), (command, code)
@@ -453,7 +461,8 @@ def test_scripted_attacker(persona: str, tmp_path: Path) -> None:
             [(probe_rcpts,)] = hp.query(
                 "SELECT rcpt_tos FROM messages WHERE mail_from = 'relaytest@probe.example'"
             )
-            assert "relaytest@[127.0.0.1]" in json.loads(probe_rcpts)
+            literal_taken = profile.persona.behaviour.domain_literals
+            assert ("relaytest@[127.0.0.1]" in json.loads(probe_rcpts)) == literal_taken
             lines = {row[0] for row in hp.query("SELECT line FROM events WHERE direction = 'c'")}
             assert "GET / HTTP/1.1" in lines
             lowered = {line.lower() for line in lines}

@@ -626,6 +626,9 @@ def test_scripted_attacker_against_a_generated_identity(tmp_path: Path) -> None:
             assert attacker.reply_pattern(profile, "message_queued").fullmatch(queued), queued
             for command, (code, _) in attacker.enumerate_users(hp).items():
                 expected = profile.vrfy.code if command.startswith("VRFY") else profile.expn.code
+                if command.startswith("VRFY") and "@" not in command:
+                    # A bare name: the persona's vrfy_unqualified (Exim refuses it).
+                    expected = profile.persona.reply("vrfy_unqualified").code
                 if command == "VRFY nosuchuser" and profile.vrfy_checks_users:
                     expected = profile.unknown_user.code
                 assert code == expected, command
@@ -696,13 +699,18 @@ def test_jitter_is_applied_without_holding_up_other_sessions(tmp_path: Path) -> 
     assert elapsed < 1.5
 
 
-@pytest.mark.parametrize(("base", "greeted"), [("postfix", True), ("exim", False)])
+@pytest.mark.parametrize("base", ["postfix", "exim", "sendmail", "exchange"])
 def test_talking_during_the_banner_delay_is_the_persona_s_early_talking(
-    base: str, greeted: bool, tmp_path: Path
+    base: str, tmp_path: Path
 ) -> None:
+    """A banner delay from the identity's timing does not change how the persona treats
+    an early talker: a persona whose product reads bytes sent before its banner
+    (behaviour early_talkers = "greet": Postfix without postscreen, Exim with
+    PIPECONNECT) greets after the delay and answers them; the others refuse at once."""
     profile = profile_from_mapping(
         {"base": base, "timing": {"banner_delay": [0.3, 0.3]}}, source="t"
     )
+    greeted = profile.persona.behaviour.early_talkers == "greet"
     with attacker.running_honeypot(tmp_path, base, profile=profile) as hp:
         started = time.monotonic()
         with socket.create_connection(("127.0.0.1", hp.port), timeout=5) as sock:
@@ -716,11 +724,14 @@ def test_talking_during_the_banner_delay_is_the_persona_s_early_talking(
                 if b"\r\n250 " in received:
                     break
         waited = time.monotonic() - started
-    if greeted:  # Postfix without postscreen reads the bytes after its banner
+    if greeted:
         assert waited >= 0.3
-        assert received.startswith(b"220 mail.example.com ESMTP Postfix (Debian/GNU)\r\n250")
-    else:  # refused at once, as with the tarpit or a greeting delay
-        assert received.startswith(b"554 ")
+        first, _, rest = received.partition(b"\r\n")
+        assert first.startswith(f"220 {profile.hostname} ESMTP ".encode()), first
+        assert rest.startswith(b"250"), received
+    else:  # refused at once with the persona's early-talker reply
+        code = profile.persona.outside_reply("early_talker", client_ip="127.0.0.1").code
+        assert received.startswith(b"%d " % code), received
 
 
 def test_jitter_stays_below_the_hook_timeout(

@@ -26,6 +26,7 @@ from mailgate.honeypot.personas import (
 )
 from mailgate.protocol import DataComplete, PolicyPoint, Reply
 from mailgate.protocol.persona import PLACEHOLDERS, REPLY_NAMES, PersonaError, placeholders_in
+from mailgate.protocol.sasl import MECHANISMS
 
 TRANSCRIPTS = Path(__file__).parent / "transcripts"
 DOC = Path(__file__).resolve().parents[2] / "docs" / "honeypot.md"
@@ -190,15 +191,22 @@ def test_builtins_offer_only_what_mailgate_implements() -> None:
     for profile in PERSONAS.values():
         assert profile.queue_id_style in QUEUE_ID_STYLES
         assert profile.auth_mechanisms
-        assert set(profile.auth_mechanisms) <= {"PLAIN", "LOGIN", "CRAM-MD5", "XOAUTH2"}
+        # DIGEST-MD5 (Sendmail's) is capture only: offered, always refused.
+        assert set(profile.auth_mechanisms) <= set(MECHANISMS)
         assert "{software}" not in profile.persona.banner  # filled in at load
+
+
+def test_capture_only_mechanisms_are_for_personas_not_server_settings() -> None:
+    from mailgate.settings import AUTH_MECHANISMS
+
+    assert "DIGEST-MD5" in MECHANISMS and "DIGEST-MD5" not in AUTH_MECHANISMS
 
 
 def test_builtin_auth_mechanisms_in_product_order() -> None:
     assert PERSONAS["postfix"].auth_mechanisms == ("PLAIN", "LOGIN")
     assert PERSONAS["exim"].auth_mechanisms == ("PLAIN", "LOGIN", "CRAM-MD5")
     assert PERSONAS["exchange"].auth_mechanisms == ("LOGIN",)
-    assert PERSONAS["sendmail"].auth_mechanisms == ("CRAM-MD5", "LOGIN", "PLAIN")
+    assert PERSONAS["sendmail"].auth_mechanisms == ("DIGEST-MD5", "CRAM-MD5", "LOGIN", "PLAIN")
 
 
 @pytest.mark.parametrize("style", sorted(QUEUE_ID_STYLES))
@@ -490,12 +498,12 @@ def load_error(tmp_path: Path, text: str, **kwargs: object) -> ProfileError:
         ),
         # values of the wrong type or out of range
         ('capabilities = "SIZE"', "capabilities", ["list of strings"]),
-        ('capabilities = ["DELIVERBY"]', "capabilities", ["DELIVERBY", "implements"]),
+        ('capabilities = ["X-EXPS"]', "capabilities", ["X-EXPS", "implements"]),
         ('hidden_capabilities = ["SIZ"]', "hidden_capabilities", ["'SIZE'"]),
         ('capabilities = ["SIZE", "size"]', "capabilities", ["twice"]),
         ('unadvertised_capabilities = ["VRFYY"]', "unadvertised_capabilities", ["'VRFY'"]),
         ('unadvertised_capabilities = "VRFY"', "unadvertised_capabilities", ["list of strings"]),
-        ('unadvertised_capabilities = ["VERB"]', "unadvertised_capabilities", ["implements"]),
+        ('unadvertised_capabilities = ["XUSR"]', "unadvertised_capabilities", ["implements"]),
         ('unadvertised_capabilities = ["HELP", "help"]', "unadvertised_capabilities", ["twice"]),
         ('enhanced_status_codes = "yes"', "enhanced_status_codes", ["true or false"]),
         ('auth_mechanisms = ["NTLM"]', "auth_mechanisms", ["NTLM", "implements"]),

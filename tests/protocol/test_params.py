@@ -302,6 +302,7 @@ def test_registry_matches_the_rfcs() -> None:
         "ENVID",
         "REQUIRETLS",
         "PRDR",  # draft-hall-prdr-00, for personas that offer it (Exim)
+        "BY",  # RFC 2852 DELIVERBY, for personas that offer it (Sendmail)
     }
     assert {k for k, s in PARAMETERS.items() if s.verb == "RCPT"} == {"NOTIFY", "ORCPT"}
     assert not PARAMETERS["SMTPUTF8"].has_value

@@ -148,7 +148,7 @@ def test_encode_decode_round_trip(data: bytes) -> None:
 
 
 def test_registry() -> None:
-    assert set(MECHANISMS) == {"PLAIN", "LOGIN", "CRAM-MD5", "XOAUTH2"}
+    assert set(MECHANISMS) == {"PLAIN", "LOGIN", "CRAM-MD5", "XOAUTH2", "DIGEST-MD5"}
     for key, cls in MECHANISMS.items():
         assert cls.name == key == key.upper()
         assert issubclass(cls, Mechanism)
@@ -156,6 +156,8 @@ def test_registry() -> None:
     assert MECHANISMS["LOGIN"].requires_tls
     assert MECHANISMS["XOAUTH2"].requires_tls
     assert not MECHANISMS["CRAM-MD5"].requires_tls
+    # DIGEST-MD5 never succeeds (no rspauth without the password): capture only.
+    assert [n for n, c in MECHANISMS.items() if c.capture_only] == ["DIGEST-MD5"]
 
 
 # --- PLAIN ----------------------------------------------------------------------------

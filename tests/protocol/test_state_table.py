@@ -20,8 +20,9 @@ CONFIG = ProtocolConfig(
     auth_requires_tls=False,
     xclient=True,
     xforward=True,
-    # ETRN exists only for a persona that offers it: this one does, so its row is tested.
-    persona=Persona(behaviour=Behaviour(etrn=True)),
+    # ETRN and VERB exist only for a persona that offers them: this one does, so their
+    # rows are tested.
+    persona=Persona(behaviour=Behaviour(etrn=True), capability_order=("VERB",)),
 )
 #: A product's knobs (Postfix's): the table that connection applies is rules_for(them).
 LENIENT = Behaviour(
@@ -30,7 +31,9 @@ LENIENT = Behaviour(
     sequence_first=True,
     ignored_arguments=frozenset({"QUIT"}),
 )
-LENIENT_CONFIG = dataclasses.replace(CONFIG, persona=Persona(behaviour=LENIENT))
+LENIENT_CONFIG = dataclasses.replace(
+    CONFIG, persona=Persona(behaviour=LENIENT, capability_order=("VERB",))
+)
 
 # A syntactically valid command line for each verb (pipelined bytes included for BDAT).
 VALID = {
@@ -52,6 +55,7 @@ VALID = {
     "XCLIENT": "XCLIENT ADDR=192.0.2.1",
     "XFORWARD": "XFORWARD ADDR=192.0.2.1",
     "ETRN": "ETRN example.org",
+    "VERB": "VERB",
 }
 
 # How to reach each state from a fresh, greeted connection.

@@ -182,7 +182,18 @@ PRODUCTS: Mapping[str, Conventions] = {
     "sendmail": Conventions(
         base="sendmail",
         product="Sendmail",
-        versions=("8.14.4", "8.14.7", "8.15.2", "8.16.1", "8.17.1", "8.17.2", "8.18.1"),
+        # Sendmail's own version numbers ($v), as its banner and HELP show them; Debian 12
+        # ships the 8.17.1.9 release (a four-part number), Debian 10/11 and Ubuntu 8.15.2.
+        versions=(
+            "8.14.4",
+            "8.14.7",
+            "8.15.2",
+            "8.16.1",
+            "8.17.1",
+            "8.17.1.9",
+            "8.17.2",
+            "8.18.1",
+        ),
         software_format="Sendmail {version}/{version}",
         banners=("{hostname} ESMTP {software}; {date}",),
         hostname_style="mail.DOMAIN, mx.DOMAIN, a machine name in lower case",
@@ -208,7 +219,7 @@ PRODUCTS: Mapping[str, Conventions] = {
 }
 
 #: The version each built-in persona shows (texts that quote it change with the version).
-_BASE_VERSIONS = {"exim": "4.96", "sendmail": "8.17.1"}
+_BASE_VERSIONS = {"exim": "4.96", "sendmail": "8.17.1.9"}
 
 # --- the identity --------------------------------------------------------------------------
 
@@ -243,9 +254,11 @@ class Identity:
         data["banner"] = self.banner
         old = _BASE_VERSIONS.get(self.base)
         help_reply = base.persona.reply("help")
-        if old and old != self.version and any(old in line for line in help_reply.lines):
-            # Texts quoting the version (sendmail's HELP) show the new one.
-            data["help"] = [line.replace(old, self.version) for line in help_reply.lines]
+        quoted = re.compile(rf"(?<![\d.]){re.escape(old)}(?![\d.]*\d)") if old else None
+        if quoted and old != self.version and any(quoted.search(x) for x in help_reply.lines):
+            # Texts quoting the version (sendmail's HELP) show the new one: the whole
+            # number only, so 8.17.1 never turns 8.17.1.9 into 8.15.2.9.
+            data["help"] = [quoted.sub(self.version, line) for line in help_reply.lines]
             data["help_code"] = help_reply.code
         # The base's users (the product's system users and aliases) stay; the site's
         # own come after them. A profile's list replaces the base's, so both are written.

@@ -73,6 +73,7 @@ from mailgate.hooks import (
 from mailgate.plugins.state import StateUnavailable
 from mailgate.protocol import Reply
 from mailgate.protocol.replies import AUTH_FAILED
+from mailgate.protocol.sasl import MECHANISMS
 
 from .extract import (
     MAX_ATTACHMENTS,
@@ -375,6 +376,11 @@ class HoneypotPlugin:
         elif self.auth_mode == "accept-after":
             accepted = state.auth_attempts >= self.accept_after
         else:
+            accepted = False
+        mechanism = MECHANISMS.get(auth.method)
+        if mechanism is not None and mechanism.capture_only:
+            # DIGEST-MD5: the protocol refuses it whatever this says (no rspauth without
+            # the real password), so the record says so too.
             accepted = False
         drop = self.drop_after_credentials
         outcome = "dropped" if drop else ("accepted" if accepted else "refused")

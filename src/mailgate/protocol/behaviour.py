@@ -64,6 +64,30 @@ early_talkers          "refuse"     A client that talks before the banner: ``"re
 starttls_in_transaction False       STARTTLS is accepted inside a mail transaction, which
                                     the TLS upgrade then ends (RFC 3207 4.2), as Postfix
                                     and Exim do; False: ``not_in_transaction``.
+extensions_need_ehlo   False        STARTTLS and AUTH exist only when this session's EHLO
+                                    offered them: before EHLO, after HELO, and STARTTLS
+                                    under TLS get ``not_implemented`` (Exim's "503 AUTH
+                                    command used when not advertised").
+etrn_accepted          False        With ``etrn``: ETRN for a domain is answered
+                                    ``etrn_started`` (Sendmail starts a queue run; here
+                                    nothing is flushed, there is no queue).
+unknown_command_limit  None         Unknown commands a session may send: the next one is
+                                    answered ``too_many_unknown_commands`` instead, and the
+                                    connection closes (Exim's smtp_max_unknown_commands,
+                                    3). None: mailgate's ``max_unknown_commands``.
+verify_needs_hello     False        VRFY and EXPN need HELO/EHLO first:
+                                    ``vrfy_need_hello`` (Sendmail's needvrfyhelo and
+                                    needexpnhelo, Debian's default).
+domain_literals        True         Addresses with a domain literal (``x@[192.0.2.1]``)
+                                    are taken; False: MAIL and RCPT with one get
+                                    ``domain_literal`` (Exim's allow_domain_literals
+                                    default).
+size_value_ignored_if_bad False     ``MAIL ... SIZE=abc`` is taken as if SIZE were absent
+                                    (Exim skips it, Sendmail reads it as 0); False:
+                                    ``size_syntax``.
+size_without_number    False        EHLO lists ``SIZE`` without a number, as Sendmail does
+                                    with MaxMessageSize 0 (no limit of its own); the
+                                    server's limit is still enforced.
 =====================  ===========  =====================================================
 """
 
@@ -106,6 +130,13 @@ class Behaviour:
     forbid_bogus_commands: bool = False
     early_talkers: str = "refuse"
     starttls_in_transaction: bool = False
+    extensions_need_ehlo: bool = False
+    etrn_accepted: bool = False
+    verify_needs_hello: bool = False
+    unknown_command_limit: int | None = None
+    size_without_number: bool = False
+    domain_literals: bool = True
+    size_value_ignored_if_bad: bool = False
 
     def __post_init__(self) -> None:
         for name in (
@@ -118,6 +149,12 @@ class Behaviour:
             "sync_check",
             "forbid_bogus_commands",
             "starttls_in_transaction",
+            "extensions_need_ehlo",
+            "etrn_accepted",
+            "verify_needs_hello",
+            "size_without_number",
+            "domain_literals",
+            "size_value_ignored_if_bad",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise BehaviourError(f"{name}: expected true or false")
@@ -146,6 +183,15 @@ class Behaviour:
         ):
             raise BehaviourError(
                 f"error_limit: expected a whole number from 1 to 10000, got {self.error_limit!r}"
+            )
+        if self.unknown_command_limit is not None and (
+            isinstance(self.unknown_command_limit, bool)
+            or not isinstance(self.unknown_command_limit, int)
+            or not 1 <= self.unknown_command_limit <= 10_000
+        ):
+            raise BehaviourError(
+                "unknown_command_limit: expected a whole number from 1 to 10000, got "
+                f"{self.unknown_command_limit!r}"
             )
         if isinstance(self.ignored_arguments, str):
             raise BehaviourError("ignored_arguments: give a set of verbs, not a string")

@@ -240,6 +240,8 @@ def _offered(config: ProtocolConfig, peer_trusted: bool, rule: Rule) -> bool:
         return cfg.xforward and peer_trusted
     if ext == "ETRN":
         return cfg.persona.behaviour.etrn
+    if ext == "VERB":
+        return "VERB" in cfg.persona.capability_order
     return False  # pragma: no cover - every extension is listed above
 
 
@@ -631,6 +633,8 @@ class ServerConnection:
         offered, or offered to some clients only. Answers and returns None when the verb
         does not exist here."""
         rule = self._look.rules.get(verb)
+        if rule is not None and rule.extension == "VERB" and not self._offered(rule):
+            rule = None  # Sendmail's verb: no other look has it, not even as "not offered"
         if rule is None and self._forbidden(verb):
             forbidden = self._r("forbidden_command", verb=verb)
             self._send(forbidden)
@@ -681,6 +685,14 @@ class ServerConnection:
 
     def _sequence_error(self, rule: Rule) -> Reply | None:
         state = self.state
+        behaviour = self._look.behaviour
+        if (
+            behaviour.extensions_need_ehlo
+            and rule.verb in ("STARTTLS", "AUTH")
+            and rule.verb not in self._extensions
+        ):
+            # Exim: not offered in this session's EHLO (none yet, HELO, or under TLS).
+            return self._r("not_implemented", verb=rule.verb)
         if state not in rule.allowed:
             verb = rule.verb
             if (
@@ -701,6 +713,8 @@ class ServerConnection:
                 name = "etrn_in_transaction"
             elif verb in ("STARTTLS", "AUTH", "XCLIENT", "XFORWARD") and in_transaction:
                 name = "not_in_transaction"
+            elif verb in ("VRFY", "EXPN") and state is State.CONNECTED:
+                name = "vrfy_need_hello"
             return self._r(name, verb=verb)
         guard = rule.guard
         if guard is not None and not self._guard_holds(guard):
@@ -794,6 +808,14 @@ class ServerConnection:
             )
             self._reject(line, refusal, bad=True)
             return None
+        if (
+            address is not None
+            and address.domain.startswith("[")
+            and not self._look.behaviour.domain_literals
+        ):
+            # Exim's default (allow_domain_literals = false): refused as a syntax error.
+            self._reject(line, self._r("domain_literal", address=str(address)), bad=True)
+            return None
         if not self._sequence_ok(rule, line):
             return None
         tx = self.transaction
@@ -806,10 +828,21 @@ class ServerConnection:
             in_utf8_transaction,
             _NOTHING if self.tls_active or not self.esmtp else self._look.after_tls,
         )
+        if self._look.behaviour.size_value_ignored_if_bad and verb == "MAIL":
+            # Exim skips a SIZE it cannot read; Sendmail reads "abc" as 0. Either way
+            # the MAIL is taken as if no size had been declared.
+            pairs = [
+                (key, value)
+                for key, value in pairs
+                if key.upper() != "SIZE" or value is None or value.isdigit()
+            ]
         try:
             params = parse_params(pairs, context)
         except ParamError as bad_param:
-            refusal = self._refusal("bad_parameter", bad_param.reply, parameter=bad_param.parameter)
+            name = "unknown_parameter" if bad_param.unknown else "bad_parameter"
+            refusal = self._refusal(
+                name, bad_param.reply, parameter=bad_param.parameter, keyword=bad_param.keyword
+            )
             self._reject(line, refusal, bad=True)
             return None
         utf8_allowed = "SMTPUTF8" in params if verb == "MAIL" else in_utf8_transaction
@@ -896,7 +929,7 @@ class ServerConnection:
         name = words[0].upper()
         mechanism = MECHANISMS.get(name)
         if mechanism is None or name not in self.config.auth_mechanisms:
-            self._reject(line, self._r("auth_unknown_mechanism"), bad=True)
+            self._reject(line, self._r("auth_unknown_mechanism", mechanism=words[0]), bad=True)
             return
         if not (self.tls_active or not self.config.auth_requires_tls):
             self._reject(line, self._r("auth_requires_tls"), bad=True)
@@ -939,6 +972,13 @@ class ServerConnection:
             return
         self._pause(Xforward(attributes))
 
+    def _cmd_verb(self, rule: Rule, line: bytes, arg: str) -> None:
+        # Sendmail ignores VERB's argument; verbose mode changes nothing here (no
+        # delivery steps to report), so the acknowledgement is the whole answer.
+        if not self._sequence_ok(rule, line):
+            return
+        self._send(self._r("verbose_ok"))
+
     def _cmd_etrn(self, rule: Rule, line: bytes, arg: str) -> None:
         # RFC 1985, answered as the product refuses it: there is no queue to flush.
         if not self._sequence_ok(rule, line):
@@ -949,6 +989,9 @@ class ServerConnection:
         domain = arg[1:] if arg[0] in "@#" else arg
         if not _ETRN_DOMAIN.fullmatch(domain):
             self._reject(line, self._r("etrn_syntax", domain=domain), bad=True)
+            return
+        if self._look.behaviour.etrn_accepted:
+            self._send(self._r("etrn_started", domain=domain))
             return
         self._reject(line, self._r("etrn_refused", domain=domain), bad=True)
 
@@ -1067,6 +1110,14 @@ class ServerConnection:
         self.state = State.READY
 
     def _answer_auth(self, point: AuthCredentials, reply: Reply | None) -> None:
+        mechanism = MECHANISMS.get(point.mechanism)
+        if (
+            mechanism is not None
+            and mechanism.capture_only
+            and (reply is None or reply.is_positive)
+        ):
+            # DIGEST-MD5: success needs rspauth, which only the real password gives.
+            reply = self._r("auth_failed")
         if reply is None or reply.is_positive:
             self.authenticated_as = point.username
             self._sasl = None
@@ -1092,7 +1143,12 @@ class ServerConnection:
 
     def _answer_verify(self, point: Verify, reply: Reply | None) -> None:
         if reply is None:
-            name = "expn_default" if point.expand else "vrfy_default"
+            if point.expand:
+                name = "expn_default"
+            elif "@" not in point.argument:
+                name = "vrfy_unqualified"  # Exim refuses a bare name
+            else:
+                name = "vrfy_default"
             reply = self._r(name, address=point.argument)
         self._send(reply)
 
@@ -1241,7 +1297,10 @@ class ServerConnection:
             if "PIPECONNECT" in persona.capability_order:
                 caps.append("PIPECONNECT")
         size = self._max_size()
-        caps.append(f"SIZE {size}" if size else "SIZE")
+        if size and not self._look.behaviour.size_without_number:
+            caps.append(f"SIZE {size}")
+        else:
+            caps.append("SIZE")
         if cfg.eightbitmime:
             caps.append("8BITMIME")
         if cfg.smtputf8:
@@ -1267,6 +1326,13 @@ class ServerConnection:
             caps.append(_XFORWARD_CAPS)
         if cfg.vrfy and "VRFY" not in cfg.disabled_commands:
             caps.append("VRFY")
+        # EXPN is answered by every look but listed only by a persona that names it.
+        if cfg.expn and "EXPN" in persona.capability_order and "EXPN" not in cfg.disabled_commands:
+            caps.append("EXPN")
+        if "VERB" in persona.capability_order and "VERB" not in cfg.disabled_commands:
+            caps.append("VERB")
+        if "DELIVERBY" in persona.capability_order and not cfg.lmtp:
+            caps.append("DELIVERBY")
         if self._look.behaviour.etrn and "ETRN" not in cfg.disabled_commands:
             caps.append("ETRN")
         if "PRDR" in persona.capability_order and not cfg.lmtp:
@@ -1343,6 +1409,16 @@ class ServerConnection:
         bad: bool = False,
         send: bool = True,
     ) -> None:
+        limit = self._look.behaviour.unknown_command_limit
+        if unknown and limit is not None:
+            self._unknown_commands += 1
+            if self._unknown_commands > limit:
+                # Exim: the command over the limit gets only the limit's reply.
+                self._events.append(CommandRejected(line, reply))
+                self._events.append(LimitExceeded(Limit.UNKNOWN_COMMANDS, closing=True))
+                self._send(self._r("too_many_unknown_commands"))
+                self._enter_closed(Limit.UNKNOWN_COMMANDS.value)
+                return
         if send:
             self._send(reply)
         self._events.append(CommandRejected(line, reply))
@@ -1355,6 +1431,8 @@ class ServerConnection:
                 self._count_error()
             return
         if unknown:
+            if limit is not None:
+                return  # counted above, against the persona's own limit
             self._unknown_commands += 1
             if self._unknown_commands > self.config.max_unknown_commands:
                 self._too_many(Limit.UNKNOWN_COMMANDS)
@@ -1478,6 +1556,7 @@ _COMMANDS: dict[str, Callable[[ServerConnection, Rule, bytes, str], None]] = {
     "XCLIENT": ServerConnection._cmd_xclient,
     "XFORWARD": ServerConnection._cmd_xforward,
     "ETRN": ServerConnection._cmd_etrn,
+    "VERB": ServerConnection._cmd_verb,
 }
 
 _ANSWERS: dict[type[PolicyPoint], Callable[..., None]] = {

@@ -45,6 +45,10 @@ class ParamError(ValueError):
         self.reply = reply
         #: The parameter at fault as sent (``FOO=BAR``), for a persona's {parameter}.
         self.parameter: str | None = None
+        #: Its keyword alone (``FOO``), for a persona's {keyword}.
+        self.keyword: str | None = None
+        #: The keyword is unknown, or its extension is not offered (not a bad value).
+        self.unknown = False
 
 
 Validator = Callable[[str, ParamContext, bool], str]
@@ -86,6 +90,12 @@ def _invalid(text: str) -> ParamError:
     return ParamError(Reply(555, "5.5.4", (text,)))
 
 
+def _unknown(text: str) -> ParamError:
+    error = _invalid(text)
+    error.unknown = True
+    return error
+
+
 def _shown(key: str) -> str:
     return key if len(key) <= _MAX_SHOWN else key[:_MAX_SHOWN] + "..."
 
@@ -122,6 +132,7 @@ def parse_params(
             result[key] = _check_param(key, value, ctx, utf8, seen=result)
         except ParamError as exc:
             exc.parameter = key if value is None else f"{key}={value}"
+            exc.keyword = key
             raise
     return result
 
@@ -147,15 +158,15 @@ def _check_param(
     spec = PARAMETERS.get(key)
     name = _shown(key)
     if spec is None:
-        raise _invalid(f"Unknown parameter {name}")
+        raise _unknown(f"Unknown parameter {name}")
     if spec.verb != ctx.verb:
-        raise _invalid(f"Parameter {name} is not valid for {ctx.verb}")
+        raise _unknown(f"Parameter {name} is not valid for {ctx.verb}")
     if not spec.extensions & ctx.extensions:
         if spec.tls_only and spec.extensions & ctx.after_tls:
             raise ParamError(
                 Reply(530, "5.7.10", (f"Parameter {name} requires a TLS-protected session",))
             )
-        raise _invalid(f"Parameter {name} is not supported")
+        raise _unknown(f"Parameter {name} is not supported")
     if key in seen:
         raise _invalid(f"Duplicate parameter {name}")
     if value is None:
@@ -284,6 +295,23 @@ def _orcpt(value: str, ctx: ParamContext, utf8: bool) -> str:
     return f"{addr_type};{decoded}"
 
 
+# RFC 2852 4: by-time ";" by-mode [by-trace]; by-time is [+-] and up to 9 digits.
+_BY = re.compile(r"([+-]?[0-9]{1,9});([NnRr])([Tt]?)")
+
+
+def _by(value: str, ctx: ParamContext, utf8: bool) -> str:
+    """DELIVERBY's ``BY=`` (RFC 2852), offered only by a persona that lists DELIVERBY
+    (Sendmail). Checked and kept; nothing here delivers, so no deadline is acted on."""
+    match = _BY.fullmatch(value)
+    if match is None:
+        raise _syntax("Syntax error in BY parameter")
+    seconds, mode, trace = match.groups()
+    if mode.upper() == "R" and int(seconds) <= 0:
+        # RFC 2852 4: with R the time must be positive.
+        raise _invalid("BY time must be positive for return mode")
+    return f"{int(seconds)};{mode.upper()}{trace.upper()}"
+
+
 def _spec(
     verb: Verb,
     extensions: str,
@@ -302,6 +330,7 @@ PARAMETERS: Mapping[str, ParamSpec] = MappingProxyType(
         "BODY": _spec("MAIL", "8BITMIME BINARYMIME", True, _body),  # RFC 6152, RFC 3030
         "SMTPUTF8": _spec("MAIL", "SMTPUTF8", False),  # RFC 6531
         "PRDR": _spec("MAIL", "PRDR", False),  # draft-hall-prdr-00
+        "BY": _spec("MAIL", "DELIVERBY", True, _by),  # RFC 2852
         "AUTH": _spec("MAIL", "AUTH", True, _auth),  # RFC 4954 5
         "RET": _spec("MAIL", "DSN", True, _ret),  # RFC 3461 4.3
         "ENVID": _spec("MAIL", "DSN", True, _envid),  # RFC 3461 4.4

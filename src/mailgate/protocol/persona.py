@@ -60,6 +60,8 @@ bad_sender_address         MAIL path refused by the parser [*]_              {de
 bad_recipient_address      RCPT path refused by the parser [*]_              {detail}
 parameter_syntax           malformed MAIL/RCPT parameter (501) [*]_          {detail}, {parameter}
 bad_parameter              refused MAIL/RCPT parameter (555) [*]_            {detail}, {parameter}
+unknown_parameter          a parameter unknown or not offered [*]_ [f]_      {detail}, {parameter},
+                                                                             {keyword}
 auth_malformed             an undecodable SASL response [*]_                 {detail}
 smtputf8_required          a UTF-8 address without SMTPUTF8                  -
 bad_sequence               a command out of sequence (other cases)           -
@@ -73,7 +75,7 @@ only_quit                  anything but QUIT after a 554 greeting            -
 binarymime_needs_bdat      DATA after ``BODY=BINARYMIME``                    -
 tls_already_active         STARTTLS inside TLS                               -
 auth_already               AUTH when authenticated                           -
-auth_unknown_mechanism     AUTH with a mechanism not offered                 -
+auth_unknown_mechanism     AUTH with a mechanism not offered                 {mechanism}
 auth_requires_tls          AUTH before TLS when TLS is required              -
 auth_failed                AUTH refused (servers answer it)                  -
 auth_cancelled             ``*`` during an AUTH exchange                     -
@@ -94,7 +96,9 @@ hello_argument_required    HELO/EHLO/LHLO without an argument [f]_           {ve
 mail_argument_required     MAIL without an argument [f]_                     {verb}
 rcpt_argument_required     RCPT without an argument [f]_                     {verb}
 vrfy_argument_required     VRFY/EXPN without an argument [f]_                {verb}
-data_need_mail             DATA/BDAT before MAIL [f]_                        -
+expn_argument_required     EXPN without an argument [f]_                     {verb}
+auth_argument_required     AUTH without a mechanism [f]_                     {verb}
+data_need_mail             DATA/BDAT before MAIL [f]_                        {verb}
 auth_bad_base64_initial    an AUTH initial response that is not base64 [f]_  -
 size_syntax                MAIL with a SIZE= that is not a number [f]_       {parameter}, {detail}
 xclient_not_allowed        XCLIENT/XFORWARD from a client not trusted [f]_   {verb}
@@ -104,6 +108,16 @@ etrn_in_transaction        ETRN inside a mail transaction [f]_               {ve
 etrn_argument_required     ETRN without a domain (behaviour ``etrn``)        -
 etrn_syntax                ETRN with a domain that is not one                {domain}
 etrn_refused               ETRN for a domain (nothing is ever flushed)       {domain}
+etrn_started               ETRN for a domain (behaviour ``etrn_accepted``)   {domain}
+verbose_ok                 VERB (offered with the VERB keyword)              -
+domain_literal             MAIL/RCPT with a domain literal (behaviour        {address}
+                           ``domain_literals = false``)
+vrfy_unqualified           VRFY of a name without ``@domain`` [f]_            {address}
+vrfy_need_hello            VRFY/EXPN before HELO (``verify_needs_hello``)    -
+                           [f]_
+too_many_unknown_commands  the unknown command over                          -
+                           ``unknown_command_limit`` (instead of its reply;
+                           the connection closes) [f]_
 too_many_clients           server: over its connection limit (max_clients)   {client_ip}
 too_many_from_ip           server: over max_clients_per_ip                   {client_ip}
 proxy_required             server: a client not behind the PROXY peers       {client_ip}
@@ -191,6 +205,7 @@ _PLACEHOLDERS_BY_NAME.update(
         "bad_recipient_address": _allowed("detail"),
         "parameter_syntax": _allowed("detail", "parameter"),
         "bad_parameter": _allowed("detail", "parameter"),
+        "unknown_parameter": _allowed("detail", "parameter", "keyword"),
         "size_syntax": _allowed("detail", "parameter"),
         "xclient_not_allowed": _allowed("verb"),
         "forbidden_command": _allowed("verb"),
@@ -201,10 +216,18 @@ _PLACEHOLDERS_BY_NAME.update(
         "mail_argument_required": _allowed("verb"),
         "rcpt_argument_required": _allowed("verb"),
         "vrfy_argument_required": _allowed("verb"),
+        "expn_argument_required": _allowed("verb"),
+        "auth_argument_required": _allowed("verb"),
+        "data_need_mail": _allowed("verb"),
         "etrn_in_transaction": _allowed("verb"),
         "etrn_syntax": _allowed("domain"),
         "etrn_refused": _allowed("domain"),
+        "etrn_started": _allowed("domain"),
+        "domain_literal": _allowed("address"),
+        "vrfy_unqualified": _allowed("address"),
         "prdr_recipient_ok": _allowed("address"),
+        # The client's word, as sent (Exim and Sendmail repeat it).
+        "auth_unknown_mechanism": _allowed("mechanism"),
         "prdr_sender_ok": _allowed("address"),
         # The general name's placeholders, for a fallback that inherits its text.
         "empty_line": _allowed("verb", "command"),
@@ -224,11 +247,17 @@ FALLBACKS: Mapping[str, str] = MappingProxyType(
         "mail_argument_required": "argument_required",
         "rcpt_argument_required": "argument_required",
         "vrfy_argument_required": "argument_required",
+        "expn_argument_required": "vrfy_argument_required",
+        "auth_argument_required": "argument_required",
         "data_need_mail": "need_mail",
         "auth_bad_base64_initial": "auth_bad_base64",
         "size_syntax": "bad_parameter",
+        "unknown_parameter": "bad_parameter",
         "xclient_not_allowed": "not_implemented",
         "prdr_sender_ok": "sender_ok",
+        "vrfy_need_hello": "need_hello",
+        "vrfy_unqualified": "vrfy_default",
+        "too_many_unknown_commands": "too_many_errors",
         "etrn_in_transaction": "not_in_transaction",
     }
 )
@@ -248,11 +277,14 @@ PASS_THROUGH: frozenset[str] = frozenset(
         "bad_recipient_address",
         "parameter_syntax",
         "bad_parameter",
+        "unknown_parameter",
         "auth_malformed",
     }
 )
 #: Replies the state machine recognizes by their exact code.
 _EXACT_CODES = {"start_data": 354, "ready_for_tls": 220, "prdr_start": 353}
+#: Replies that may be an answer or a refusal (nothing in the session depends on which).
+_EITHER_CLASS = frozenset({"vrfy_unqualified"})
 
 #: Every EHLO keyword mailgate can offer (what capability_order and hidden_capabilities
 #: may name). EXPN is never advertised but can be hidden (the command becomes unknown).
@@ -278,11 +310,14 @@ KEYWORDS: frozenset[str] = frozenset(
         # Opt-in: offered only by a persona that lists them in its capability order.
         "PRDR",
         "PIPECONNECT",
+        "VERB",
+        "DELIVERBY",
     }
 )
 #: Keywords mailgate offers only to a persona that lists them in ``capability_order``
-#: (products that advertise them; mailgate's own look does not).
-OPT_IN_KEYWORDS: frozenset[str] = frozenset({"PRDR", "PIPECONNECT"})
+#: (products that advertise them; mailgate's own look does not). EXPN, answered by
+#: every look, is also listed in EHLO only by a persona that names it (Sendmail).
+OPT_IN_KEYWORDS: frozenset[str] = frozenset({"PRDR", "PIPECONNECT", "VERB", "DELIVERBY"})
 #: The verb each hideable keyword brings; hidden, the verb is an unknown command.
 _VERB_OF = {
     "CHUNKING": "BDAT",
@@ -535,8 +570,12 @@ class Persona:
         templates: dict[str, _Template] = {}
         for name, default in _DEFAULTS.items():
             override = overrides.get(name)
-            if override is None and name in FALLBACKS:
-                override = overrides.get(FALLBACKS[name])
+            general = name
+            # Up the chain (expn_argument_required -> vrfy_argument_required ->
+            # argument_required) to the first name the persona gives.
+            while override is None and general in FALLBACKS:
+                general = FALLBACKS[general]
+                override = overrides.get(general)
             where = f"reply {name!r}"
             inherit = False
             if override is None:
@@ -591,6 +630,8 @@ class Persona:
         exact = _EXACT_CODES.get(name)
         if exact is not None and reply.code != exact:
             raise PersonaError(f"{where}: the code must be {exact}, not {reply.code}")
+        if name in _EITHER_CLASS:
+            return
         if default.is_positive and reply.code // 100 != default.code // 100:
             raise PersonaError(
                 f"{where}: the code must be a {default.code // 100}xx like {default.code}, "

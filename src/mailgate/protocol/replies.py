@@ -125,6 +125,9 @@ SYNTAX_ERROR = Reply(501, "5.5.2", ("Syntax error",))
 NOT_IMPLEMENTED = Reply(502, "5.5.1", ("Command not implemented",))
 BAD_SEQUENCE = Reply(503, "5.5.1", ("Bad sequence of commands",))
 BAD_PARAMETER = Reply(555, "5.5.4", ("Unknown or invalid parameter",))
+# A parameter mailgate does not know, or one whose extension is not offered (a persona
+# may word it apart from a bad value: Sendmail's "FOO parameter unrecognized").
+UNKNOWN_PARAMETER = Reply(555, "5.5.4", ("Unknown or invalid parameter",))
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", ("Too many recipients",))
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", ("Message size exceeds fixed maximum message size",))
 AUTH_FAILED = Reply(535, "5.7.8", ("Authentication credentials invalid",))
@@ -180,6 +183,10 @@ HELLO_ARGUMENT_REQUIRED = Reply(501, "5.5.4", ("{verb} requires an argument",))
 MAIL_ARGUMENT_REQUIRED = Reply(501, "5.5.4", ("{verb} requires an argument",))
 RCPT_ARGUMENT_REQUIRED = Reply(501, "5.5.4", ("{verb} requires an argument",))
 VRFY_ARGUMENT_REQUIRED = Reply(501, "5.5.4", ("{verb} requires an argument",))
+# Exim words EXPN's apart (its ACL refusal) from VRFY's ("501 empty address").
+EXPN_ARGUMENT_REQUIRED = Reply(501, "5.5.4", ("{verb} requires an argument",))
+# AUTH without a mechanism (Exim answers it as an unknown, empty mechanism).
+AUTH_ARGUMENT_REQUIRED = Reply(501, "5.5.4", ("{verb} requires an argument",))
 DATA_NEED_MAIL = Reply(503, "5.5.1", ("Send MAIL first",))
 AUTH_BAD_BASE64_INITIAL = Reply(501, "5.5.2", ("Cannot decode base64 response",))
 SIZE_SYNTAX = Reply(555, "5.5.4", ("Invalid SIZE value",))
@@ -191,6 +198,21 @@ ETRN_IN_TRANSACTION = Reply(503, "5.5.1", ("{verb} is not allowed inside a mail 
 ETRN_ARGUMENT_REQUIRED = Reply(501, "5.5.4", ("Syntax: ETRN domain",))
 ETRN_SYNTAX = Reply(501, "5.5.4", ("Invalid ETRN domain",))
 ETRN_REFUSED = Reply(459, "4.7.1", ("<{domain}>: node not allowed",))
+# VRFY of a name without a domain: vrfy_default's reply unless a persona words it apart
+# (persona.FALLBACKS); it may be a refusal too (Exim: "501 root: recipient address must
+# contain a domain").
+VRFY_UNQUALIFIED = Reply(252, "2.5.0", ("Cannot verify the user; send mail to try delivery",))
+# Behaviour etrn_accepted (Sendmail): ETRN is answered as started; nothing is flushed.
+ETRN_STARTED = Reply(250, "2.0.0", ("Queuing for node {domain} started",))
+# VERB (Sendmail's verbose mode; offered only by a persona listing VERB): acknowledged,
+# nothing else changes (the product would report delivery steps, there are none here).
+VERBOSE_OK = Reply(250, "2.0.0", ("Verbose mode",))
+# Behaviour domain_literals = false: MAIL/RCPT with an address literal as domain.
+DOMAIN_LITERAL = Reply(501, "5.1.3", ("<{address}>: domain literals not allowed",))
+# Behaviour verify_needs_hello (Sendmail's needvrfyhelo/needexpnhelo).
+VRFY_NEED_HELLO = Reply(503, "5.5.1", ("Send HELO/EHLO first",))
+# Behaviour unknown_command_limit (Exim): sent instead of the unknown command's reply.
+TOO_MANY_UNKNOWN_COMMANDS = Reply(421, "4.7.0", ("Too many unknown commands",))
 # Sent by servers outside the SMTP dialogue (before the banner, or instead of it); a
 # persona words them in the product's texts (Persona.outside_reply).
 TOO_MANY_CLIENTS = Reply(421, "4.7.0", ("Too many connections, try again later",))

@@ -109,6 +109,8 @@ RULES: dict[str, Rule] = {r.verb: r for r in (
     Rule("XFORWARD", _OUTSIDE_TRANSACTION,                     None,              Arg.REQUIRED, "XFORWARD"),
     # ETRN's missing domain is answered after the sequence (as the products do).
     Rule("ETRN",     frozenset({State.READY}),                 None,              Arg.OPTIONAL, "ETRN"),
+    # Sendmail's verbose mode; exists only for a persona that offers VERB.
+    Rule("VERB",     _SESSION,                                 None,              Arg.OPTIONAL, "VERB"),
 )}
 # fmt: on
 
@@ -144,7 +146,8 @@ ARGUMENT_REPLIES = {
     "MAIL": "mail_argument_required",
     "RCPT": "rcpt_argument_required",
     "VRFY": "vrfy_argument_required",
-    "EXPN": "vrfy_argument_required",
+    "EXPN": "expn_argument_required",
+    "AUTH": "auth_argument_required",
     "BDAT": "bdat_syntax",
 }
 
@@ -160,6 +163,8 @@ def rules_for(behaviour: Behaviour) -> dict[str, Rule]:
             rule = replace(rule, allowed=rule.allowed | {State.CONNECTED})
         if verb in behaviour.ignored_arguments and rule.arg is Arg.NONE:
             rule = replace(rule, arg=Arg.OPTIONAL)
+        if verb in ("VRFY", "EXPN") and behaviour.verify_needs_hello:
+            rule = replace(rule, allowed=rule.allowed - {State.CONNECTED})
         if verb == "STARTTLS" and behaviour.starttls_in_transaction:
             # The upgrade resets the session, the transaction with it (RFC 3207 4.2).
             rule = replace(rule, allowed=rule.allowed | {State.MAIL, State.RCPT})

@@ -1,4 +1,5 @@
-"""SASL mechanisms for AUTH (RFC 4954): PLAIN, LOGIN, CRAM-MD5 and XOAUTH2.
+"""SASL mechanisms for AUTH (RFC 4954): PLAIN, LOGIN, CRAM-MD5, XOAUTH2 and DIGEST-MD5
+(capture only: see :class:`DigestMD5`).
 
 Each mechanism only turns the client's lines into :class:`AuthCredentials`; whether
 they are any good is the caller's decision. The connection owns the wire side: it
@@ -14,6 +15,7 @@ import abc
 import base64
 import binascii
 import json
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ __all__ = [
     "MECHANISMS",
     "Challenge",
     "CramMD5",
+    "DigestMD5",
     "Login",
     "Mechanism",
     "Plain",
@@ -112,6 +115,9 @@ class Mechanism(abc.ABC):
     name: ClassVar[str]
     #: The mechanism shows the secret (or a bearer token) to anyone on the path.
     requires_tls: ClassVar[bool]
+    #: The exchange can never end in success here: the credentials are handed to the
+    #: policy (a honeypot records them) and the answer is always a refusal.
+    capture_only: ClassVar[bool] = False
 
     def __init__(self, hostname: str) -> None:
         self.hostname = hostname
@@ -235,6 +241,78 @@ class CramMD5(Mechanism):
         )
 
 
+# RFC 2831 2.1.2: a comma-separated list of key=value, values a token or a quoted string.
+_DIGEST_PAIR = re.compile(r'\s*([A-Za-z0-9-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^,"\s]*)\s*(?:,|$)')
+
+
+def _digest_fields(text: str) -> dict[str, str] | None:
+    fields: dict[str, str] = {}
+    pos = 0
+    while pos < len(text):
+        match = _DIGEST_PAIR.match(text, pos)
+        if match is None or match.end() == pos:
+            return None
+        key, value = match.group(1).lower(), match.group(2)
+        if value.startswith('"'):
+            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+        if key in fields:
+            return None  # RFC 2831: each directive at most once
+        fields[key] = value
+        pos = match.end()
+    return fields
+
+
+class DigestMD5(Mechanism):
+    """RFC 2831, as far as a server that cannot check it goes: the challenge is sent,
+    the client's digest-response is parsed and handed on as credentials (user name,
+    realm, the response digest), and the exchange always ends in a refusal
+    (``capture_only``). Success would need ``rspauth``, a digest of the real password,
+    which mailgate never holds in clear for this; Sendmail's persona offers the
+    mechanism because Sendmail does, and a honeypot keeps what the client sent."""
+
+    name: ClassVar[str] = "DIGEST-MD5"
+    requires_tls: ClassVar[bool] = False
+    capture_only: ClassVar[bool] = True
+
+    def __init__(self, hostname: str) -> None:
+        super().__init__(hostname)
+        self._nonce: str | None = None
+
+    def start(self, initial: bytes | None) -> Challenge | AuthCredentials:
+        if initial is not None:
+            # The server speaks first (RFC 2831 2.1); RFC 4954 4: a protocol error.
+            raise SaslError(Reply(501, "5.5.2", ("DIGEST-MD5 does not take an initial response",)))
+        self._nonce = base64.b64encode(secrets.token_bytes(24)).decode("ascii")
+        challenge = (
+            f'realm="{self.hostname}",nonce="{self._nonce}",qop="auth",'
+            "charset=utf-8,algorithm=md5-sess"
+        )
+        return Challenge(challenge.encode("ascii"))
+
+    def step(self, response: bytes) -> Challenge | AuthCredentials:
+        if self._nonce is None:
+            raise RuntimeError("DIGEST-MD5 step() called before start()")
+        text = _text(response, self.name)
+        fields = _digest_fields(text)
+        if (
+            fields is None
+            or not fields.get("username")
+            or fields.get("nonce") != self._nonce
+            or not fields.get("cnonce")
+            or not _is_hex_digest(fields.get("response", ""))
+        ):
+            raise _malformed(self.name)
+        return AuthCredentials(
+            mechanism=self.name,
+            authzid=fields.get("authzid") or None,
+            username=fields["username"],
+            # The whole digest-response: with the challenge's nonce in it, it is what an
+            # offline password guess is checked against.
+            token=text,
+            digest=fields["response"].lower(),
+        )
+
+
 def _is_hex_digest(value: str) -> bool:
     return len(value) == 32 and all(c in "0123456789abcdefABCDEF" for c in value)
 
@@ -268,5 +346,5 @@ class XOAuth2(_OneMessage):
 
 
 MECHANISMS: dict[str, type[Mechanism]] = {
-    mechanism.name: mechanism for mechanism in (Plain, Login, CramMD5, XOAuth2)
+    mechanism.name: mechanism for mechanism in (Plain, Login, CramMD5, XOAuth2, DigestMD5)
 }

@@ -23,8 +23,11 @@ T = TypeVar("T")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-#: SASL mechanisms mailgate implements.
-AUTH_MECHANISMS: tuple[str, ...] = tuple(MECHANISMS)
+#: SASL mechanisms mailgate implements and can let succeed (DIGEST-MD5 is capture only:
+#: a honeypot persona may offer it, a server setting may not).
+AUTH_MECHANISMS: tuple[str, ...] = tuple(
+    name for name, mechanism in MECHANISMS.items() if not mechanism.capture_only
+)
 
 _SIZE_UNITS = {
     "": 1,

@@ -78,42 +78,27 @@ def decide(
                 why = f"{why}; further decisions of this session at DEBUG level"
     elif level >= logging.WARNING:
         # A failing lookup would warn on every command: a few a minute per session.
-        _warnings.log(
-            log,
-            level,
-            (session.id, policy, verdict),
-            "session %s: policy %s: %s (%s)",
-            session.id,
-            policy,
-            verdict,
-            why,
-            extra={
-                "session": session.id,
-                "policy": policy,
-                "verdict": verdict,
-                "why": why,
-                "client": session.peer_host,
-                **fields,
-            },
-        )
+        args, extra = _decision_line(session, policy, verdict, why, fields)
+        _warnings.log(log, level, (session.id, policy, verdict), *args, extra=extra)
         return
     if log.isEnabledFor(level):
-        log.log(
-            level,
-            "session %s: policy %s: %s (%s)",
-            session.id,
-            policy,
-            verdict,
-            why,
-            extra={
-                "session": session.id,
-                "policy": policy,
-                "verdict": verdict,
-                "why": why,
-                "client": session.peer_host,
-                **fields,
-            },
-        )
+        args, extra = _decision_line(session, policy, verdict, why, fields)
+        log.log(level, *args, extra=extra)
+
+
+def _decision_line(
+    session: Session, policy: str, verdict: str, why: str, fields: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The log line of a decision: its format with its arguments, and the JSON fields."""
+    extra = {
+        "session": session.id,
+        "policy": policy,
+        "verdict": verdict,
+        "why": why,
+        "client": session.peer_host,
+        **fields,
+    }
+    return ("session %s: policy %s: %s (%s)", session.id, policy, verdict, why), extra
 
 
 #: A reply a plugin is told to refuse with instead of its own words (honeypot personas):

@@ -3,8 +3,8 @@
 ``pip install .`` and ``pip install -e .`` build the pure-Python package, as always: no
 compiler, no mypy. With ``MAILGATE_COMPILE=1`` in the environment the modules listed below
 (the sans-IO protocol, the hooks' runner, registry and session objects, relay control) are
-extension modules with mypyc (shipped with mypy), which needs a C compiler and the Python
-headers (Debian: gcc, python3-dev)::
+compiled to C extension modules with mypyc (shipped with mypy), which needs a C compiler
+and the Python headers (Debian: gcc, python3-dev)::
 
     MAILGATE_COMPILE=1 pip install .
 

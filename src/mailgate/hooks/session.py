@@ -136,6 +136,14 @@ class Envelope:
     mail_from: Address | None = None
     rcpt_tos: tuple[Address, ...] = ()
 
+    # Made at MAIL and at every RCPT: an __init__ mypyc compiles in the optional compiled
+    # build, where the methods dataclass writes stay interpreted (see protocol/events.py).
+    def __init__(
+        self, mail_from: Address | None = None, rcpt_tos: tuple[Address, ...] = ()
+    ) -> None:
+        object.__setattr__(self, "mail_from", mail_from)
+        object.__setattr__(self, "rcpt_tos", rcpt_tos)
+
     @property
     def sender(self) -> str:
         """The reverse-path as text; empty for the null sender (and before MAIL)."""
@@ -155,7 +163,10 @@ class Envelope:
         return (self.mail_params.get("BODY") or "7BIT").upper()
 
     def with_recipient(self, address: Address) -> Envelope:
-        return replace(self, rcpt_tos=(*self.rcpt_tos, address))
+        if type(self) is Envelope:
+            # Once per recipient: the constructor, without replace()'s walk over the fields.
+            return Envelope(self.mail_from, (*self.rcpt_tos, address))
+        return replace(self, rcpt_tos=(*self.rcpt_tos, address))  # a subclass's fields too
 
 
 @dataclass(frozen=True, slots=True)

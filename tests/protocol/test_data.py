@@ -17,11 +17,13 @@ STRICT = BareNewline.STRICT
 NORMALIZE = BareNewline.NORMALIZE
 
 
-@pytest.fixture(autouse=True, params=["regex", "bytes"])
+@pytest.fixture(autouse=True, params=["dot-by-dot", "regex", "bytes"])
 def scan_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run every test through both ways the reader scans a slice: regular expressions
-    (slices with few dots or LFs) and plain bytes methods (slices thick with them)."""
-    monkeypatch.setattr(data_module, "_DENSE", 0 if request.param == "regex" else 1 << 30)
+    """Run every test through the three ways the reader scans a slice: dot by dot (a
+    handful of dots), regular expressions (few dots or LFs) and plain bytes methods
+    (slices thick with them)."""
+    monkeypatch.setattr(data_module, "_FEW_DOTS", 1 << 30 if request.param == "dot-by-dot" else 0)
+    monkeypatch.setattr(data_module, "_DENSE", 1 << 30 if request.param == "bytes" else 0)
 
 
 def reader(

@@ -61,19 +61,29 @@ def model(
     return Expected(body, at + 3, error)
 
 
-# The reader scans slices with few dots (or LFs) with regexes and thick ones with bytes
-# methods; short test inputs are nearly always "thick", so force each way as well.
-densities = st.sampled_from([0, data_module._DENSE, 1 << 30])
+# The reader scans slices with a handful of dots dot by dot (memchr, then the patterns at
+# each), slices with few dots (or LFs) with regexes, and thick ones with bytes methods;
+# short test inputs nearly always have a handful of dots and are "thick", so force each way
+# as well: (_DENSE, _FEW_DOTS) pairs, a _FEW_DOTS of 0 meaning never dot by dot.
+densities = st.sampled_from(
+    [
+        (0, 0),
+        (data_module._DENSE, 0),
+        (1 << 30, 0),
+        (data_module._DENSE, data_module._FEW_DOTS),
+        (data_module._DENSE, 1 << 30),
+    ]
+)
 
 
 @contextmanager
-def scanning(density: int) -> Iterator[None]:
-    saved = data_module._DENSE
-    data_module._DENSE = density
+def scanning(density: tuple[int, int]) -> Iterator[None]:
+    saved = data_module._DENSE, data_module._FEW_DOTS
+    data_module._DENSE, data_module._FEW_DOTS = density
     try:
         yield
     finally:
-        data_module._DENSE = saved
+        data_module._DENSE, data_module._FEW_DOTS = saved
 
 
 # --- driving a reader like a connection does -----------------------------------------
@@ -92,7 +102,11 @@ def pieces_of(data: bytes, cuts: list[int]) -> list[bytes]:
 
 
 def drive(
-    reader: DotReader, wire: bytes, cuts: list[int], kind: str, density: int | None = None
+    reader: DotReader,
+    wire: bytes,
+    cuts: list[int],
+    kind: str,
+    density: tuple[int, int] | None = None,
 ) -> Outcome:
     """Feed ``wire`` in pieces, handing back what was not consumed. ``kind`` picks the
     buffer type and whether the caller keeps junk in front of ``start``."""
@@ -184,7 +198,7 @@ dotty_crlf_bodies = st.lists(
     kind=kinds,
 )
 def test_matches_model_for_any_bytes(
-    density: int,
+    density: tuple[int, int],
     wire: bytes,
     tail: bytes,
     max_size: int | None,
@@ -215,7 +229,7 @@ def test_matches_model_for_any_bytes(
     cut=cuts,
 )
 def test_line_limit_matches_model(
-    density: int, lines: list[tuple[bytes, bytes]], max_line: int, cut: list[int]
+    density: tuple[int, int], lines: list[tuple[bytes, bytes]], max_line: int, cut: list[int]
 ) -> None:
     # No dots, and REJECT: the line limit is the only rule that can be broken.
     wire = b"".join(content + ending for content, ending in lines) + b"\r\n.\r\n"
@@ -235,7 +249,12 @@ def test_line_limit_matches_model(
     kind=kinds,
 )
 def test_crlf_body_round_trips(
-    density: int, body: bytes, after: bytes, policy: BareNewline, cut: list[int], kind: str
+    density: tuple[int, int],
+    body: bytes,
+    after: bytes,
+    policy: BareNewline,
+    cut: list[int],
+    kind: str,
 ) -> None:
     wire = dot_stuff(body) + after
     reader = DotReader(max_size=None, max_line=None, bare_newline=policy)
@@ -255,7 +274,7 @@ def test_crlf_body_round_trips(
     kind=kinds,
 )
 def test_any_body_round_trips_unless_refused(
-    density: int, body: bytes, cut: list[int], kind: str
+    density: tuple[int, int], body: bytes, cut: list[int], kind: str
 ) -> None:
     wire = dot_stuff(body) + b"NOOP\r\n"
     sent = body + b"\r\n" if body and not body.endswith(b"\r\n") else body
@@ -293,7 +312,7 @@ def test_any_body_round_trips_unless_refused(
     kind=kinds,
 )
 def test_arbitrary_bytes_never_raise(
-    density: int,
+    density: tuple[int, int],
     data: bytes,
     max_size: int | None,
     max_line: int | None,

@@ -13,7 +13,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from mailgate.hooks import Address, Envelope, Hooks, Reject, Session
+import pytest
+
+from mailgate.hooks import Accept, Address, Envelope, HookError, Hooks, Reject, Session
 from mailgate.hooks.runner import never_waits
 from mailgate.protocol import (
     NEED_DATA,
@@ -109,6 +111,93 @@ def test_runs_inline_needs_every_required_step_to_never_wait() -> None:
     waits_in_background.on_rcpt = awaits  # type: ignore[method-assign]
     background.add(waits_in_background, name="later")
     assert background.runs_inline("rcpt")  # the reply does not wait for that one
+
+
+def _answers_of(hooks: Hooks, stage: str, *args: Any) -> tuple[Any, Any]:
+    """The outcome of ``stage`` through run() (awaited) and through run_now()."""
+    session = Session(
+        id="S1", peer_host="192.0.2.7", peer_port=4321, local_host="127.0.0.1", local_port=25
+    )
+    awaited = asyncio.run(hooks.run(stage, session, *args))
+    return awaited, hooks.run_now(stage, session, *args)
+
+
+async def accepts_with_text(session: Session, envelope: Envelope, address: Address) -> Any:
+    return Accept(text="fine by me")
+
+
+async def returns_nonsense(session: Session, envelope: Envelope, address: Address) -> Any:
+    return 42
+
+
+async def breaks(session: Session, envelope: Envelope, address: Address) -> None:
+    raise ValueError("a bug in a hook")
+
+
+async def passes(session: Session, envelope: Envelope, address: Address) -> None:
+    return None
+
+
+@pytest.mark.parametrize(
+    ("steps", "address", "code"),
+    [
+        ((passes,), "anyone@example.com", None),  # nobody decides: the protocol's reply
+        ((checks_only,), "nobody@example.com", 550),  # a Reject raised by a step
+        ((passes, checks_only), "nobody@example.com", 550),  # the second step decides
+        ((accepts_with_text, checks_only), "nobody@example.com", 250),  # the first decides
+        ((breaks, checks_only), "nobody@example.com", 451),  # a failing step: 4.3.0
+        ((returns_nonsense,), "anyone@example.com", 451),  # a bad return value, too
+    ],
+)
+def test_run_now_answers_what_run_answers(
+    steps: tuple[Callable[..., Awaitable[Any]], ...],
+    address: str,
+    code: int | None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    hooks = Hooks()
+    for step in steps:
+        hooks.on("rcpt", step)
+    assert hooks.runs_inline("rcpt")
+    envelope = Envelope(Address("a@example.com"))
+    awaited, now = _answers_of(hooks, "rcpt", envelope, Address(address))
+    if code is None:
+        assert awaited is None and now is None
+        return
+    assert type(awaited) is type(now)
+    if isinstance(now, Accept):
+        assert (awaited.code, awaited.text) == (now.code, now.text) == (None, "fine by me")
+        return
+    assert awaited.reply("rcpt") == now.reply("rcpt")
+    assert now.reply("rcpt").code == code
+    if code == 451:
+        # Logged like any hook failure, with the step's name, for both ways of running.
+        failures = [
+            r for r in caplog.records if "hook" in r.getMessage() and "failed" in r.getMessage()
+        ]
+        assert len(failures) == 2
+        assert failures[0].getMessage() == failures[1].getMessage()
+
+
+def test_run_now_refuses_a_stage_that_can_wait_and_fails_a_step_that_waits() -> None:
+    hooks = Hooks()
+    hooks.on("rcpt", awaits)
+    session = Session(
+        id="S1", peer_host="192.0.2.7", peer_port=4321, local_host="127.0.0.1", local_port=25
+    )
+    args = (Envelope(Address("a@example.com")), Address("b@example.com"))
+    with pytest.raises(HookError, match="only for a stage that runs inline"):
+        hooks.run_now("rcpt", session, *args)
+    # A step that waits although its code said it never would (a method replaced after
+    # the chains were built) fails like any broken hook: 451, never a hang.
+    sneaky = Relay()
+    inline = Hooks()
+    inline.add(sneaky, name="sneaky")
+    assert inline.runs_inline("rcpt")
+    chain = inline._chain("rcpt", required=True)
+    object.__setattr__(chain[0], "call", awaits)
+    outcome = inline.run_now("rcpt", session, *args)
+    assert outcome is not None and outcome.reply("rcpt").code == 451
 
 
 def test_a_chain_stepped_outside_a_task_hands_over_before_its_timeout() -> None:

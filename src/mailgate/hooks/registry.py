@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from mailgate.hooks.outcomes import HookError, Outcome
-from mailgate.hooks.runner import Middleware, _Step, never_waits, run_chain
+from mailgate.hooks.runner import Middleware, _Step, never_waits, run_chain, run_chain_now
 from mailgate.hooks.session import Session
-from mailgate.hooks.stages import STAGES
+from mailgate.hooks.stages import NOTIFICATIONS, STAGES
 
 #: A plugin's stage method or a callback: async or plain, called with the stage's arguments.
 Step = Callable[..., Any]
@@ -216,6 +216,13 @@ class Hooks:
         return run_chain(
             stage, self._chain(stage, required=True), self._middleware, session, args, timeout
         )
+
+    def run_now(self, stage: str, session: Session, *args: Any) -> Outcome:
+        """What :meth:`run` answers, computed at once, for a stage that
+        :meth:`runs_inline` (the caller checks that first; anything else is a bug)."""
+        if not self.runs_inline(stage) or stage in NOTIFICATIONS:
+            raise HookError(f"{stage}: run_now() is only for a stage that runs inline")
+        return run_chain_now(stage, self._chain(stage, required=True), session, args)
 
     def _chain(self, stage: str, *, required: bool = False) -> tuple[_Step, ...]:
         """The steps of ``stage`` in order (``required``: only those the reply waits for).

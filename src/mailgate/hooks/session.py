@@ -14,7 +14,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import IO, Any, Final, TypeVar
@@ -163,10 +163,8 @@ class Envelope:
         return (self.mail_params.get("BODY") or "7BIT").upper()
 
     def with_recipient(self, address: Address) -> Envelope:
-        if type(self) is Envelope:
-            # Once per recipient: the constructor, without replace()'s walk over the fields.
-            return Envelope(self.mail_from, (*self.rcpt_tos, address))
-        return replace(self, rcpt_tos=(*self.rcpt_tos, address))  # a subclass's fields too
+        # Not dataclasses.replace: it reads the fields back by name, on every RCPT.
+        return type(self)(self.mail_from, (*self.rcpt_tos, address))
 
 
 @dataclass(frozen=True, slots=True)

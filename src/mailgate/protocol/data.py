@@ -87,6 +87,11 @@ _BARE_LF_RE = re.compile(rb"\n(?<!\r\n)")
 
 # Above one candidate byte (dot, LF) in this many, plain bytes methods beat the regexes.
 _DENSE = 16
+# Up to this many dots in a slice, each is found by memchr and the patterns are tried there
+# alone: message data with few dots (generated bodies, most header blocks) is then checked
+# at memchr's speed instead of the regex engine's byte-by-byte skip (~6x, 100 KB with a
+# handful of dots). More dots and the per-dot Python cost would exceed what it saves.
+_FEW_DOTS = 24
 
 _CR = 0x0D
 _LF = 0x0A
@@ -97,6 +102,37 @@ _RANK = {
     DiscardReason.LINE_TOO_LONG: 2,
     DiscardReason.BARE_NEWLINE: 3,
 }
+
+
+def _few_dots(buf: bytes | bytearray, pos: int) -> list[int] | None:
+    """The offsets from ``pos`` of every dot in ``buf[pos:]`` when there are at most
+    ``_FEW_DOTS`` (found by memchr, which skips the bytes between far faster than the regex
+    engine steps through them), else None."""
+    found: list[int] = []
+    dot = buf.find(b".", pos)
+    while dot >= 0:
+        if len(found) == _FEW_DOTS:
+            return None
+        found.append(dot - pos)
+        dot = buf.find(b".", dot + 1)
+    return found
+
+
+def _unstuff_at(raw: bytes | memoryview, found: list[int]) -> bytes:
+    """``raw`` without the stuffed dots among the dots at ``found`` (those after CRLF)."""
+    n = len(raw)
+    parts: list[bytes | memoryview] = []
+    start = 0
+    for dot in found:
+        if dot >= n:
+            break  # beyond the consumed slice (the terminator's dot, a withheld one)
+        if dot >= 2 and raw[dot - 1] == _LF and raw[dot - 2] == _CR:
+            parts.append(raw[start:dot])
+            start = dot + 1
+    if not parts:
+        return raw if isinstance(raw, bytes) else bytes(raw)
+    parts.append(raw[start:])
+    return b"".join(parts)
 
 
 def _withheld(buf: bytes | bytearray, pos: int) -> int:
@@ -193,12 +229,17 @@ class DotReader:
         # Every rule but the line length is about dots. With none there is nothing to do;
         # the regular expressions pay per dot, so a slice thick with dots gets the bytes
         # methods instead, which pay per byte.
-        dots = buf.count(b".", pos)
-        dense = dots * _DENSE > n - pos
+        found = _few_dots(buf, pos)
+        if found is None:
+            dots = buf.count(b".", pos)
+            dense = dots * _DENSE > n - pos
+        else:
+            dots = len(found)
+            dense = False
         with memoryview(buf) as whole, whole[pos:] as view:
             # Scanning a slice rather than buf from pos keeps look-behinds from seeing bytes
             # before pos; what precedes the slice is known from the flags instead.
-            t = self._find_end(view, dense) if dots else -1
+            t = self._find_end(view, dense, found) if dots else -1
             if t >= 0:
                 take = t + 2  # the CRLF that starts the terminator ends the last line
                 end = pos + t + 5
@@ -210,26 +251,41 @@ class DotReader:
                 return [], end, self._done
             self._at_start = False
             if type(buf) is bytes and take == n:
-                chunk = self._deliver(buf, dots, dense)  # all of it: no copy needed
+                chunk = self._deliver(buf, dots, dense, found)  # all of it: no copy needed
             else:
                 with view[:take] as raw:
-                    chunk = self._deliver(raw, dots, dense)
+                    chunk = self._deliver(raw, dots, dense, found)
         return ([chunk] if chunk else []), end, self._done
 
-    def _find_end(self, view: memoryview, dense: bool) -> int:
+    def _find_end(self, view: memoryview, dense: bool, found: list[int] | None) -> int:
         """Index in ``view`` of the terminator, or -1. Unless ``dense``, also checks the
-        REJECT policy on the bytes before it, in the same pass."""
+        REJECT policy on the bytes before it, in the same pass. ``found``: every dot of
+        the view, when there are only a few (the patterns are then tried at those alone)."""
         if dense or self._policy is not BareNewline.REJECT or self._rank == 3:
-            m = _TERMINATOR_RE.search(view)
-            return -1 if m is None else m.start()
+            if found is None:
+                m = _TERMINATOR_RE.search(view)
+                return -1 if m is None else m.start()
+            for dot in found:
+                if dot >= 2 and _TERMINATOR_RE.match(view, dot - 2) is not None:
+                    return dot - 2
+            return -1
         if (self._bare_lf_last and view[0] == _DOT) or (
             view[0] == _LF and len(view) > 1 and view[1] == _DOT
         ):
             # A bare LF just before the slice or at its start (what precedes the slice is
             # never a CR whose LF is in it).
             self._fail(DiscardReason.BARE_NEWLINE)
-            return self._find_end(view, dense)
-        m = _END_OR_SMUGGLING_RE.search(view)
+            return self._find_end(view, dense, found)
+        if found is None:
+            m = _END_OR_SMUGGLING_RE.search(view)
+        else:
+            # The pattern begins with its dot: trying it at each dot in order finds what
+            # search() finds, without the engine stepping through every byte between.
+            m = None
+            for dot in found:
+                m = _END_OR_SMUGGLING_RE.match(view, dot)
+                if m is not None:
+                    break
         if m is None:
             return -1
         dot = m.start()
@@ -245,11 +301,15 @@ class DotReader:
         m = _TERMINATOR_RE.search(view, dot)
         return -1 if m is None else m.start()
 
-    def _deliver(self, raw: bytes | memoryview, dots: int, dense: bool) -> bytes | None:
+    def _deliver(
+        self, raw: bytes | memoryview, dots: int, dense: bool, found: list[int] | None
+    ) -> bytes | None:
         """Unstuff, check and normalize one consumed slice; the bytes to hand on, if any."""
         policy = self._policy
         if not dots:
             chunk = raw if isinstance(raw, bytes) else bytes(raw)
+        elif found is not None:
+            chunk = _unstuff_at(raw, found)
         elif not dense:
             chunk = _STUFFED_DOT_RE.sub(b"\r\n", raw)
         else:

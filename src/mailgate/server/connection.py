@@ -456,6 +456,9 @@ class ConnectionDriver(asyncio.Protocol):
                     continue
             if isinstance(event, PolicyPoint):
                 if not self._answer_inline(event):
+                    if (cls is RcptTo or cls is MailFrom) and self._runs_inline(event):
+                        self._answer_now(event)  # type: ignore[arg-type]
+                        continue
                     answer = self._answer(event)
                     if self._runs_inline(event):
                         # The hooks cannot wait (checks on data at hand): run them here,
@@ -602,14 +605,7 @@ class ConnectionDriver(asyncio.Protocol):
             else:
                 began = self.loop.time()
                 reply = await self._policy(point, session)
-                stage = _STAGE_OF.get(type(point))
-                if stage is not None:
-                    self.host.stats.stage_took(stage, self.loop.time() - began)
-                if conn.state is not State.CLOSED:
-                    conn.respond(reply)
-                    if self._disconnect:
-                        self._note_close("policy")
-                        conn.close(None)
+                self._send_verdict(point, reply, began)
                 if isinstance(point, Greeting):
                     self._greeted = True
                 elif isinstance(point, DataComplete):
@@ -617,14 +613,53 @@ class ConnectionDriver(asyncio.Protocol):
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception(
-                "session %s: internal error answering %s", self._sid(), type(point).__name__
-            )
-            if conn.state is not State.CLOSED:
-                try:
-                    conn.respond(_LOCAL_ERROR if not isinstance(point, Greeting) else SHUTTING_DOWN)
-                except Exception:  # the point may have been answered already
-                    conn.close(SHUTTING_DOWN)
+            self._answer_failed(point)
+
+    def _answer_now(self, point: MailFrom | RcptTo) -> None:
+        """Answer MAIL or RCPT at once when the hooks of its stage cannot wait (relay
+        control, the policy's checks on data at hand): the same decision as
+        :meth:`_policy`, without a coroutine per command and per hook."""
+        session = self.session
+        assert session is not None
+        hooks = self.host.hooks
+        try:
+            began = self.loop.time()
+            address = Address.from_wire(point.address, point.params)
+            if type(point) is MailFrom:
+                outcome = hooks.run_now("mail", session, Envelope(address), address)
+                reply = self._mail_verdict(point, address, outcome)
+            else:
+                outcome = hooks.run_now("rcpt", session, self.envelope, address)
+                reply = self._rcpt_verdict(address, outcome)
+            self._send_verdict(point, reply, began)
+        except Exception:
+            self._answer_failed(point)
+
+    def _send_verdict(
+        self, point: PolicyPoint, reply: Reply | list[Reply] | None, began: float
+    ) -> None:
+        """Time the stage, and send its reply unless the connection closed meanwhile."""
+        stage = _STAGE_OF.get(type(point))
+        if stage is not None:
+            self.host.stats.stage_took(stage, self.loop.time() - began)
+        conn = self.conn
+        assert conn is not None
+        if conn.state is not State.CLOSED:
+            conn.respond(reply)
+            if self._disconnect:
+                self._note_close("policy")
+                conn.close(None)
+
+    def _answer_failed(self, point: PolicyPoint) -> None:
+        """A bug while answering ``point``: logged with the session, the client told to
+        try again later (at the greeting: that the server is going away)."""
+        log.exception("session %s: internal error answering %s", self._sid(), type(point).__name__)
+        conn = self.conn
+        if conn is not None and conn.state is not State.CLOSED:
+            try:
+                conn.respond(_LOCAL_ERROR if not isinstance(point, Greeting) else SHUTTING_DOWN)
+            except Exception:  # the point may have been answered already
+                conn.close(SHUTTING_DOWN)
 
     async def _policy(self, point: PolicyPoint, session: Session) -> Reply | list[Reply] | None:
         """Run the hooks for a policy point and turn their verdict into the reply."""
@@ -649,19 +684,12 @@ class ConnectionDriver(asyncio.Protocol):
             return reply
         if isinstance(point, MailFrom):
             address = Address.from_wire(point.address, point.params)
-            envelope = Envelope(address)
-            outcome = await hooks.run("mail", session, envelope, address)
-            reply = self._verdict("mail", outcome, SENDER_OK)
-            if reply is None or reply.is_positive:
-                self._begin_transaction(point, address)
-            return reply
+            outcome = await hooks.run("mail", session, Envelope(address), address)
+            return self._mail_verdict(point, address, outcome)
         if isinstance(point, RcptTo):
             address = Address.from_wire(point.address, point.params)
             outcome = await hooks.run("rcpt", session, self.envelope, address)
-            reply = self._verdict("rcpt", outcome, RECIPIENT_OK)
-            if reply is None or reply.is_positive:
-                self.envelope = self.envelope.with_recipient(address)
-            return reply
+            return self._rcpt_verdict(address, outcome)
         if isinstance(point, DataStart):
             outcome = await hooks.run("data_start", session, self.envelope)
             reply = self._verdict("data_start", outcome, START_DATA if not point.bdat else None)
@@ -679,6 +707,18 @@ class ConnectionDriver(asyncio.Protocol):
             outcome = await hooks.run("vrfy", session, point.argument, point.expand)
             return self._verdict("vrfy", outcome, None)
         return None  # pragma: no cover
+
+    def _mail_verdict(self, point: MailFrom, address: Address, outcome: Outcome) -> Reply | None:
+        reply = self._verdict("mail", outcome, SENDER_OK)
+        if reply is None or reply.is_positive:
+            self._begin_transaction(point, address)
+        return reply
+
+    def _rcpt_verdict(self, address: Address, outcome: Outcome) -> Reply | None:
+        reply = self._verdict("rcpt", outcome, RECIPIENT_OK)
+        if reply is None or reply.is_positive:
+            self.envelope = self.envelope.with_recipient(address)
+        return reply
 
     def _verdict(self, stage: str, outcome: Outcome, success: Reply | None) -> Reply | None:
         """A chain's outcome as the reply to send (None: the protocol's default)."""

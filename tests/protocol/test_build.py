@@ -28,6 +28,7 @@ HOT_MODULES = (
     "mailgate.hooks.runner",
     "mailgate.hooks.session",
     "mailgate.plugins.relay",
+    "mailgate.server.connection",
 )
 
 

@@ -110,6 +110,21 @@ class Transaction:
     recipients: list[Address]
     bdat_size: int = 0
 
+    # Made at every MAIL: an __init__ mypyc compiles (see the note in events.py).
+    def __init__(
+        self,
+        sender: Address | None,
+        params: dict[str, str | None],
+        smtputf8: bool,
+        recipients: list[Address],
+        bdat_size: int = 0,
+    ) -> None:
+        self.sender = sender
+        self.params = params
+        self.smtputf8 = smtputf8
+        self.recipients = recipients
+        self.bdat_size = bdat_size
+
 
 class ProtocolError(Exception):
     """Misuse of the API by the caller (answering when nothing is pending, ...)."""

@@ -191,6 +191,9 @@ class _Texts:
     def relay_denied(self, session: Session, address: str) -> Reply:
         return self.reply("relay_denied", session, address=address)
 
+    def restricted_characters(self, session: Session, address: str) -> Reply:
+        return self.reply("restricted_characters", session, address=address)
+
     def too_many_connections(self, session: Session) -> Reply:
         return self.reply("too_many_connections", session)
 
@@ -216,6 +219,7 @@ class _Texts:
             client_ip=session.peer_host,
             message_id=_message_id(raw.head) if raw is not None else None,
             now=message.received_at,
+            prdr="PRDR" in message.envelope.mail_params,
         )
 
 
@@ -368,6 +372,9 @@ def build_server(
                 unknown_user=texts.unknown_user,
                 relay_denied=texts.relay_denied,
                 percent_hack=profile.percent_hack,
+                restricted=profile.restricted_local_parts,
+                restricted_remote=profile.restricted_remote_local_parts,
+                restricted_characters=texts.restricted_characters,
             ),
             vrfy_checks_users=profile.vrfy_checks_users,
         )

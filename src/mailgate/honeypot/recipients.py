@@ -8,6 +8,9 @@ product does with its default configuration.
   does not matter), else refused with the persona's ``unknown_user`` text (Postfix:
   ``550 5.1.1 <x@host>: Recipient address rejected: User unknown in local recipient
   table``).
+- Before either, a local part matching one of the persona's restricted patterns (at its own
+  domains, or at others) is refused with its ``restricted_characters`` text, as Debian's
+  Exim ACL refuses ``user%other@here`` ("550 restricted characters in address").
 - Any other recipient is relaying: refused with the persona's ``relay_denied`` text
   (Postfix: ``454 4.7.1 <x@other>: Relay access denied``), unless ``relay = "pretend"``
   -- then it is accepted and the message captured like any other. A client that
@@ -18,6 +21,7 @@ product does with its default configuration.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -55,6 +59,10 @@ class RecipientPolicy:
     delimiter: str = "+"
     #: ``user%other@here`` is ``user@other`` (Postfix's allow_percent_hack).
     percent_hack: bool = False
+    #: Local parts refused before anything else: at the persona's domains, at others.
+    restricted: tuple[re.Pattern[str], ...] = ()
+    restricted_remote: tuple[re.Pattern[str], ...] = ()
+    restricted_characters: RecipientReply | None = None
 
     @classmethod
     def build(
@@ -66,6 +74,9 @@ class RecipientPolicy:
         unknown_user: RecipientReply,
         relay_denied: RecipientReply,
         percent_hack: bool = False,
+        restricted: Iterable[str] = (),
+        restricted_remote: Iterable[str] = (),
+        restricted_characters: RecipientReply | None = None,
     ) -> RecipientPolicy:
         if relay not in ("refuse", "pretend"):
             raise ValueError(f"relay must be refuse or pretend, not {relay!r}")
@@ -76,6 +87,9 @@ class RecipientPolicy:
             unknown_user,
             relay_denied,
             percent_hack=percent_hack,
+            restricted=tuple(re.compile(p) for p in restricted),
+            restricted_remote=tuple(re.compile(p) for p in restricted_remote),
+            restricted_characters=restricted_characters,
         )
 
     def is_local(self, session: Session, domain: str) -> bool:
@@ -112,6 +126,11 @@ class RecipientPolicy:
     def judge(self, session: Session, address: Address) -> Reply | None:
         """The refusal for this recipient, or None to accept it."""
         local = address.local
+        if self.restricted_characters is not None and (self.restricted or self.restricted_remote):
+            local_domain = self.is_local(session, address.domain)
+            patterns = self.restricted if local_domain else self.restricted_remote
+            if any(pattern.search(local) for pattern in patterns):
+                return self.restricted_characters(session, str(address))
         if self.percent_hack and "%" in local and self.is_local(session, address.domain):
             # The percent hack (Postfix allow_percent_hack): user%other@here is user@other.
             user, _, domain = local.rpartition("%")

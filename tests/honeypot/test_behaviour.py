@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from mailgate.honeypot.personas import profile_from_mapping
+
 from .test_attacker import Honeypot, running_honeypot
 
 CLIENT_IP = "127.0.0.21"
@@ -284,4 +286,35 @@ def test_exim_words_the_final_reply_of_a_prdr_message(tmp_path: Path) -> None:
         client.cmd(f"RCPT TO:<root@{host}>")
         client.cmd("DATA")
         assert client.cmd(b"Subject: hi\r\n\r\nbody\r\n.\r\n").startswith("250 OK id=")
+        client.close()
+
+
+def test_refusal_texts_echo_the_path_as_written(tmp_path: Path) -> None:
+    profile = profile_from_mapping(
+        {
+            "name": "echoing",
+            "behaviour": {"lenient_paths": True},
+            "replies": {
+                "relay_denied": "550 5.7.1 {path}... Relaying denied",
+                "unknown_user": "550 5.1.1 {path}... User unknown ({address})",
+            },
+        },
+        base="postfix",
+    )
+    with running_honeypot(tmp_path, "postfix", profile=profile) as hp:
+        client = Client(hp)
+        client.cmd("EHLO client.example")
+        client.cmd("MAIL FROM:<a@b.example>")
+        host = hp.server.options.hostname
+        # The source route as sent (the address drops it), and a bare path as sent.
+        assert client.cmd("RCPT TO:<@relay.example:victim@gmail.com>") == (
+            "550 5.7.1 <@relay.example:victim@gmail.com>... Relaying denied"
+        )
+        assert (
+            client.cmd("RCPT TO:victim@gmail.com")
+            == "550 5.7.1 victim@gmail.com... Relaying denied"
+        )
+        assert client.cmd(f"RCPT TO:<NoSuch@{host}>") == (
+            f"550 5.1.1 <NoSuch@{host}>... User unknown (NoSuch@{host})"
+        )
         client.close()

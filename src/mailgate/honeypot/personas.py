@@ -92,8 +92,9 @@ class ProfileError(ValueError):
 #: the profile's version may use ``{message_id}`` too (Exchange shows it).
 SERVER_PLACEHOLDERS: Mapping[str, frozenset[str]] = MappingProxyType(
     {
-        "relay_denied": frozenset({"hostname", "client_ip", "address"}),
-        "unknown_user": frozenset({"hostname", "client_ip", "address"}),
+        # {path}: the path as the client wrote it (brackets, source route as sent).
+        "relay_denied": frozenset({"hostname", "client_ip", "address", "path"}),
+        "unknown_user": frozenset({"hostname", "client_ip", "address", "path"}),
         "rejected": frozenset({"hostname", "client_ip", "address"}),
         "too_many_connections": frozenset({"hostname", "client_ip"}),
         "insufficient_storage": frozenset({"hostname", "client_ip"}),
@@ -101,7 +102,7 @@ SERVER_PLACEHOLDERS: Mapping[str, frozenset[str]] = MappingProxyType(
         # The final reply of a PRDR transaction (Exim words it apart).
         "prdr_message_queued": frozenset({"hostname", "client_ip", "queue_id", "message_id"}),
         # A recipient whose local part restricted_local_parts refuses (Exim's Debian ACL).
-        "restricted_characters": frozenset({"hostname", "client_ip", "address"}),
+        "restricted_characters": frozenset({"hostname", "client_ip", "address", "path"}),
     }
 )
 SERVER_REPLY_NAMES: frozenset[str] = frozenset(SERVER_PLACEHOLDERS)

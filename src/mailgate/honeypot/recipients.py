@@ -30,7 +30,8 @@ from mailgate.protocol import Reply
 
 __all__ = ["RecipientPolicy", "default_domains"]
 
-#: Reply for one refused recipient: (session, the address as the client wrote it).
+#: Reply for one refused recipient: (session, the address; a hooks Address carries the path
+#: as the client wrote it in ``written``).
 RecipientReply = Callable[[Session, str], Reply]
 
 
@@ -121,7 +122,7 @@ class RecipientPolicy:
             text = text[1:-1]
         if not text or " " in text:
             return None
-        return self.judge(session, Address(text))
+        return self.judge(session, Address(text, written=argument.strip()))
 
     def judge(self, session: Session, address: Address) -> Reply | None:
         """The refusal for this recipient, or None to accept it."""
@@ -130,19 +131,19 @@ class RecipientPolicy:
             local_domain = self.is_local(session, address.domain)
             patterns = self.restricted if local_domain else self.restricted_remote
             if any(pattern.search(local) for pattern in patterns):
-                return self.restricted_characters(session, str(address))
+                return self.restricted_characters(session, address)
         if self.percent_hack and "%" in local and self.is_local(session, address.domain):
             # The percent hack (Postfix allow_percent_hack): user%other@here is user@other.
             user, _, domain = local.rpartition("%")
             if not self.is_local(session, domain):
                 if self.relay == "pretend" or session.authenticated:
                     return None
-                return self.relay_denied(session, str(address))
+                return self.relay_denied(session, address)
             local = user
         if self.is_local(session, address.domain):
             if self.user_exists(local):
                 return None
-            return self.unknown_user(session, str(address))
+            return self.unknown_user(session, address)
         if self.relay == "pretend" or session.authenticated:
             return None
-        return self.relay_denied(session, str(address))
+        return self.relay_denied(session, address)

@@ -92,12 +92,17 @@ class ProfileError(ValueError):
 #: the profile's version may use ``{message_id}`` too (Exchange shows it).
 SERVER_PLACEHOLDERS: Mapping[str, frozenset[str]] = MappingProxyType(
     {
-        "relay_denied": frozenset({"hostname", "client_ip", "address"}),
-        "unknown_user": frozenset({"hostname", "client_ip", "address"}),
+        # {path}: the path as the client wrote it (brackets, source route as sent).
+        "relay_denied": frozenset({"hostname", "client_ip", "address", "path"}),
+        "unknown_user": frozenset({"hostname", "client_ip", "address", "path"}),
         "rejected": frozenset({"hostname", "client_ip", "address"}),
         "too_many_connections": frozenset({"hostname", "client_ip"}),
         "insufficient_storage": frozenset({"hostname", "client_ip"}),
         "message_queued": frozenset({"hostname", "client_ip", "queue_id", "message_id"}),
+        # The final reply of a PRDR transaction (Exim words it apart).
+        "prdr_message_queued": frozenset({"hostname", "client_ip", "queue_id", "message_id"}),
+        # A recipient whose local part restricted_local_parts refuses (Exim's Debian ACL).
+        "restricted_characters": frozenset({"hostname", "client_ip", "address", "path"}),
     }
 )
 SERVER_REPLY_NAMES: frozenset[str] = frozenset(SERVER_PLACEHOLDERS)
@@ -110,6 +115,8 @@ _SERVER_CLASSES = {
     # The client must come back later, not bounce the message.
     "insufficient_storage": "4xx",
     "message_queued": "2xx",
+    "prdr_message_queued": "2xx",
+    "restricted_characters": "refusal",
 }
 
 #: Every top-level key of a profile file, with its meaning (the documentation's table).
@@ -135,6 +142,8 @@ PROFILE_KEYS: Mapping[str, str] = MappingProxyType(
         "local_users": "user names that exist at the persona's domains (others are unknown)",
         "vrfy_checks_users": "VRFY refuses unknown users and other domains as RCPT does",
         "percent_hack": "user%other@here is relaying to other (Postfix allow_percent_hack)",
+        "restricted_local_parts": "patterns of local parts refused at the persona's domains",
+        "restricted_remote_local_parts": "patterns of local parts refused at other domains",
         "recipient_limit": "recipients per message the product takes (0: the server's)",
         "auth_failure_limit": "failed AUTHs before the product hangs up (0: the server's)",
         "behaviour": "table: how the product behaves (mailgate.protocol.behaviour)",
@@ -296,13 +305,16 @@ def parse_reply(value: str | Iterable[str]) -> Reply:
 def format_reply(reply: Reply) -> str | list[str]:
     """The inverse of :func:`parse_reply`: one string, or a list for several lines."""
     prefix = f"{reply.status} " if reply.status is not None else ""
+
+    def written(separator: str, line: str) -> str:
+        # An empty text leaves the code alone; a text keeps its own trailing spaces.
+        head = f"{reply.code}{separator}{prefix}"
+        return head + line if line else head.rstrip(" ")
+
     if len(reply.lines) == 1:
-        return f"{reply.code} {prefix}{reply.lines[0]}".rstrip(" ")
+        return written(" ", reply.lines[0])
     last = len(reply.lines) - 1
-    return [
-        f"{reply.code}{' ' if i == last else '-'}{prefix}{line}".rstrip(" ")
-        for i, line in enumerate(reply.lines)
-    ]
+    return [written(" " if i == last else "-", line) for i, line in enumerate(reply.lines)]
 
 
 # --- placeholders ----------------------------------------------------------------------------
@@ -361,6 +373,9 @@ _REJECTED = Reply(554, "5.7.1", ("Access denied",))
 _TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", ("Too many connections",))
 _INSUFFICIENT_STORAGE = Reply(452, "4.3.1", ("Insufficient system storage",))
 _MESSAGE_QUEUED = Reply(250, "2.0.0", ("OK: queued as {queue_id}",))
+#: prdr_message_queued's default: the profile's message_queued (see __post_init__).
+_SAME_AS_QUEUED = Reply(250, "2.0.0", ("OK: queued as {queue_id}",))
+_RESTRICTED_CHARACTERS = Reply(550, "5.1.3", ("<{address}>: Restricted characters in address",))
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,6 +413,12 @@ class PersonaProfile:
     vrfy_checks_users: bool = False
     #: ``user%other@here`` is mail for ``user@other``: relaying (Postfix allow_percent_hack).
     percent_hack: bool = False
+    #: Regular expressions (Python ``re``, searched in the local part: anchor them with
+    #: ``^``) of recipients' local parts refused with ``restricted_characters`` before anything else
+    #: is looked at: at the persona's own domains, and at any other domain (Debian's Exim
+    #: ACL: ``^[.]``, ``^.*[@%!/|]``; and ``^[./|]``, ``^.*[@%!]``, ``^.*/\.\./``).
+    restricted_local_parts: tuple[str, ...] = ()
+    restricted_remote_local_parts: tuple[str, ...] = ()
     # Server-layer texts (templates; see SERVER_PLACEHOLDERS and :meth:`format`).
     relay_denied: Reply = _RELAY_DENIED
     unknown_user: Reply = _UNKNOWN_USER
@@ -405,6 +426,9 @@ class PersonaProfile:
     too_many_connections: Reply = _TOO_MANY_CONNECTIONS
     insufficient_storage: Reply = _INSUFFICIENT_STORAGE
     message_queued: Reply = _MESSAGE_QUEUED
+    #: The final reply of a PRDR transaction; by default message_queued.
+    prdr_message_queued: Reply = _SAME_AS_QUEUED
+    restricted_characters: Reply = _RESTRICTED_CHARACTERS
     #: Timing jitter, seconds ``(min, max)``: a delay drawn from the range before the
     #: banner, and before each answer the honeypot paces. (0, 0): none.
     banner_delay: tuple[float, float] = NO_DELAY
@@ -422,6 +446,17 @@ class PersonaProfile:
             problem = _delay_problem(getattr(self, key), bound)
             if problem:
                 raise ProfileError(source, f"timing.{key}", problem)
+        if self.prdr_message_queued is _SAME_AS_QUEUED:
+            object.__setattr__(self, "prdr_message_queued", self.message_queued)
+        for key in ("restricted_local_parts", "restricted_remote_local_parts"):
+            patterns = getattr(self, key)
+            if isinstance(patterns, str):
+                raise ProfileError(source, key, "give a list of patterns, not a string")
+            object.__setattr__(self, key, tuple(patterns))
+            for pattern in patterns:
+                problem = _pattern_problem(pattern)
+                if problem:
+                    raise ProfileError(source, key, problem)
         server = {name: getattr(self, name) for name in SERVER_REPLY_NAMES}
         for name, reply in server.items():
             problem = _server_reply_problem(name, reply)
@@ -488,11 +523,13 @@ class PersonaProfile:
         client_ip: str = "",
         now: float | None = None,
         rng: random.Random | None = None,
+        prdr: bool = False,
     ) -> Reply:
-        """The end-of-data reply for an accepted message; a queue id (and a message id,
-        for personas that show one) are made up when not given."""
+        """The end-of-data reply for an accepted message (``prdr``: of a PRDR transaction);
+        a queue id (and a message id, for personas that show one) are made up when not
+        given."""
         return self.format(
-            "message_queued",
+            "prdr_message_queued" if prdr else "message_queued",
             hostname=hostname,
             client_ip=client_ip,
             queue_id=queue_id or self.new_queue_id(now=now, rng=rng),
@@ -542,6 +579,17 @@ def _delay_problem(value: object, bound: float) -> str:
     return ""
 
 
+def _pattern_problem(pattern: object) -> str:
+    """What is wrong with a local-part pattern, or the empty string."""
+    if not isinstance(pattern, str):
+        return f"expected a pattern string, got {pattern!r}"
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        return f"{pattern!r} is not a regular expression: {exc}"
+    return ""
+
+
 def _server_reply_problem(name: str, reply: Reply) -> str:
     allowed = SERVER_PLACEHOLDERS[name]
     try:
@@ -556,7 +604,10 @@ def _server_reply_problem(name: str, reply: Reply) -> str:
         return f"must be a 4xx temporary refusal, not {reply.code}"
     if _SERVER_CLASSES[name] == "2xx" and reply.code // 100 != 2:
         return f"must be a 2xx reply, not {reply.code}"
-    if name == "message_queued" and not fields & {"queue_id", "message_id"}:
+    if name in ("message_queued", "prdr_message_queued") and not fields & {
+        "queue_id",
+        "message_id",
+    }:
         return "must show {queue_id} or {message_id} (the product always names the message)"
     return ""
 
@@ -862,6 +913,14 @@ def _build(reader: _Reader) -> PersonaProfile:
         options["vrfy_checks_users"] = reader.boolean("vrfy_checks_users")
     if "percent_hack" in data:
         options["percent_hack"] = reader.boolean("percent_hack")
+    for key in ("restricted_local_parts", "restricted_remote_local_parts"):
+        if key in data:
+            patterns = reader.strings(key)
+            for pattern in patterns:
+                problem = _pattern_problem(pattern)
+                if problem:
+                    raise reader.error(key, problem)
+            options[key] = patterns
     for key in ("recipient_limit", "auth_failure_limit"):
         if key in data:
             options[key] = reader.integer(key, 0, 1_000_000) or None
@@ -957,6 +1016,8 @@ def _to_spec(profile: PersonaProfile) -> dict[str, Any]:
         "local_users": list(profile.local_users),
         "vrfy_checks_users": profile.vrfy_checks_users,
         "percent_hack": profile.percent_hack,
+        "restricted_local_parts": list(profile.restricted_local_parts),
+        "restricted_remote_local_parts": list(profile.restricted_remote_local_parts),
         "recipient_limit": profile.recipient_limit or 0,
         "auth_failure_limit": profile.auth_failure_limit or 0,
     }

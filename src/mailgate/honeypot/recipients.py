@@ -8,6 +8,9 @@ product does with its default configuration.
   does not matter), else refused with the persona's ``unknown_user`` text (Postfix:
   ``550 5.1.1 <x@host>: Recipient address rejected: User unknown in local recipient
   table``).
+- Before either, a local part matching one of the persona's restricted patterns (at its own
+  domains, or at others) is refused with its ``restricted_characters`` text, as Debian's
+  Exim ACL refuses ``user%other@here`` ("550 restricted characters in address").
 - Any other recipient is relaying: refused with the persona's ``relay_denied`` text
   (Postfix: ``454 4.7.1 <x@other>: Relay access denied``), unless ``relay = "pretend"``
   -- then it is accepted and the message captured like any other. A client that
@@ -18,6 +21,7 @@ product does with its default configuration.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -26,7 +30,8 @@ from mailgate.protocol import Reply
 
 __all__ = ["RecipientPolicy", "default_domains"]
 
-#: Reply for one refused recipient: (session, the address as the client wrote it).
+#: Reply for one refused recipient: (session, the address; a hooks Address carries the path
+#: as the client wrote it in ``written``).
 RecipientReply = Callable[[Session, str], Reply]
 
 
@@ -55,6 +60,10 @@ class RecipientPolicy:
     delimiter: str = "+"
     #: ``user%other@here`` is ``user@other`` (Postfix's allow_percent_hack).
     percent_hack: bool = False
+    #: Local parts refused before anything else: at the persona's domains, at others.
+    restricted: tuple[re.Pattern[str], ...] = ()
+    restricted_remote: tuple[re.Pattern[str], ...] = ()
+    restricted_characters: RecipientReply | None = None
 
     @classmethod
     def build(
@@ -66,6 +75,9 @@ class RecipientPolicy:
         unknown_user: RecipientReply,
         relay_denied: RecipientReply,
         percent_hack: bool = False,
+        restricted: Iterable[str] = (),
+        restricted_remote: Iterable[str] = (),
+        restricted_characters: RecipientReply | None = None,
     ) -> RecipientPolicy:
         if relay not in ("refuse", "pretend"):
             raise ValueError(f"relay must be refuse or pretend, not {relay!r}")
@@ -76,6 +88,9 @@ class RecipientPolicy:
             unknown_user,
             relay_denied,
             percent_hack=percent_hack,
+            restricted=tuple(re.compile(p) for p in restricted),
+            restricted_remote=tuple(re.compile(p) for p in restricted_remote),
+            restricted_characters=restricted_characters,
         )
 
     def is_local(self, session: Session, domain: str) -> bool:
@@ -107,23 +122,28 @@ class RecipientPolicy:
             text = text[1:-1]
         if not text or " " in text:
             return None
-        return self.judge(session, Address(text))
+        return self.judge(session, Address(text, written=argument.strip()))
 
     def judge(self, session: Session, address: Address) -> Reply | None:
         """The refusal for this recipient, or None to accept it."""
         local = address.local
+        if self.restricted_characters is not None and (self.restricted or self.restricted_remote):
+            local_domain = self.is_local(session, address.domain)
+            patterns = self.restricted if local_domain else self.restricted_remote
+            if any(pattern.search(local) for pattern in patterns):
+                return self.restricted_characters(session, address)
         if self.percent_hack and "%" in local and self.is_local(session, address.domain):
             # The percent hack (Postfix allow_percent_hack): user%other@here is user@other.
             user, _, domain = local.rpartition("%")
             if not self.is_local(session, domain):
                 if self.relay == "pretend" or session.authenticated:
                     return None
-                return self.relay_denied(session, str(address))
+                return self.relay_denied(session, address)
             local = user
         if self.is_local(session, address.domain):
             if self.user_exists(local):
                 return None
-            return self.unknown_user(session, str(address))
+            return self.unknown_user(session, address)
         if self.relay == "pretend" or session.authenticated:
             return None
-        return self.relay_denied(session, str(address))
+        return self.relay_denied(session, address)

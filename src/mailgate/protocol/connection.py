@@ -21,6 +21,7 @@ Replies always leave in the order the commands arrived: while a policy point wai
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -63,7 +64,14 @@ from .events import (
     Xforward,
 )
 from .params import ParamContext, ParamError, parse_params, split_params
-from .persona import CONSTANT_NAMES, CurrentDate
+from .persona import (
+    ADDRESS_KIND_REPLIES,
+    CONSTANT_NAMES,
+    ECHO_PLACEHOLDERS,
+    CurrentDate,
+    echo,
+    echo_values,
+)
 from .replies import Reply
 from .rules import (
     ARGUMENT_REPLIES,
@@ -130,6 +138,7 @@ class _Look:
         "behaviour",
         "enhanced",
         "error_limit",
+        "first_checks",
         "hidden_verbs",
         "max_command_line",
         "overridden",
@@ -152,6 +161,14 @@ class _Look:
         #: Cut long command lines instead of refusing them.
         self.truncate = behaviour.long_lines == "truncate"
         self.error_limit = behaviour.error_limit
+        #: A knob that looks at a command line before its verb (ServerConnection.
+        #: _first_checks): False for mailgate's own behaviour, so a line costs one test.
+        self.first_checks = (
+            behaviour.sync_check
+            or behaviour.nul_first
+            or behaviour.repeat_rcpt_error
+            or behaviour.bdat_needs_rset
+        )
         #: name -> ready reply, or None for a reply with placeholders.
         self.static: Callable[[str], Reply | None] = persona.static_lookup
         self.overridden = persona.overridden
@@ -271,16 +288,31 @@ def _common_value(config: ProtocolConfig, client_ip: str, key: str) -> object:
 
 class _Values(dict[str, object]):
     """Placeholder values: the ones given, then the connection's common ones (hostname,
-    client_ip, date...), computed only when a text uses them."""
+    client_ip, date...) and the echo of the command being answered (persona.echo_values),
+    computed only when a text uses them."""
 
-    __slots__ = ("_client_ip", "_config")
+    __slots__ = ("_client_ip", "_config", "_said", "_said_verb")
 
-    def __init__(self, config: ProtocolConfig, client_ip: str, values: dict[str, object]) -> None:
+    def __init__(
+        self,
+        config: ProtocolConfig,
+        client_ip: str,
+        values: dict[str, object],
+        said_verb: str = "",
+        said: str = "",
+    ) -> None:
         super().__init__(values)
         self._config = config
         self._client_ip = client_ip
+        self._said_verb = said_verb
+        self._said = said
 
     def __missing__(self, key: str) -> object:
+        if key in ECHO_PLACEHOLDERS:
+            echoed = echo_values(self._said_verb, self._said)
+            for name, value in echoed.items():
+                self.setdefault(name, value)
+            return echoed[key]
         return _common_value(self._config, self._client_ip, key)
 
 
@@ -295,12 +327,15 @@ class ServerConnection:
         "_auth_failures",
         "_bad_commands",
         "_bdat",
+        "_bdat_broken",
         "_bdat_chunk_size",
         "_bdat_discard",
+        "_bdat_ending",
         "_bdat_last",
         "_bdat_pending_size",
         "_bdat_resume",
         "_buf",
+        "_data_seen",
         "_dot",
         "_eof",
         "_errors",
@@ -311,6 +346,12 @@ class ServerConnection:
         "_out",
         "_pending",
         "_pos",
+        "_rcpt_error",
+        "_rcpt_errors_same",
+        "_rcpt_prev",
+        "_rcpt_was",
+        "_said",
+        "_said_verb",
         "_sasl",
         "_sasl_final_reply",
         "_short_line",
@@ -365,6 +406,23 @@ class ServerConnection:
         self._errors = 0
         self._auth_failures = 0
         self._skipping_long_line = False
+        #: The command line being answered, for the persona's echo placeholders: its verb
+        #: (upper-case; empty for a line of an AUTH exchange) and what followed it.
+        self._said_verb = ""
+        self._said = ""
+        #: The persona's repeat_rcpt_error: the first refusal of a RCPT since MAIL (RSET,
+        #: HELO), whether every one since was the same, and whether this command and the
+        #: one before were RCPTs the product counts as valid (not out of sequence).
+        self._rcpt_error: str | None = None
+        self._rcpt_errors_same = True
+        self._rcpt_was = False
+        self._rcpt_prev = False
+        #: A DATA or BDAT was seen (the persona's pipe_connect_sync checks fully after it).
+        self._data_seen = False
+        #: The persona's bdat_needs_rset: a BDAT transfer was broken off.
+        self._bdat_broken = False
+        #: The transfer ending now came by BDAT LAST (bdat_last_chunk_ok).
+        self._bdat_ending = False
 
         self._dot: DotReader | None = None
         self._bdat: BdatReader | None = None
@@ -568,6 +626,7 @@ class ServerConnection:
 
     def _line_too_long(self) -> None:
         in_auth = self.state is State.AUTH
+        self._said_verb = self._said = ""  # nothing of the line is echoed
         if in_auth:
             self._sasl = None
             self._sasl_final_reply = None
@@ -579,15 +638,14 @@ class ServerConnection:
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
+            self._said_verb = self._said = ""
             self._reject(line, self._r("invalid_utf8"), unknown=True)
             return
         verb, _, arg = text.partition(" ")
         verb = verb.upper()
-        if (
-            self._look.behaviour.sync_check
-            and self._pos < len(self._buf)
-            and self._breaks_sync(verb)
-        ):
+        self._said_verb = verb
+        self._said = arg
+        if self._look.first_checks and self._first_checks(line, text, verb):
             return
         rule = self._look.ready.get(verb)
         if rule is None:
@@ -616,10 +674,51 @@ class ServerConnection:
         handler = _COMMANDS[verb]
         handler(self, rule, line, arg)
 
+    def _first_checks(self, line: bytes, text: str, verb: str) -> bool:
+        """Step 0, for a persona whose product looks at a line before its verb (see
+        _Look.first_checks). True when the line has been answered."""
+        behaviour = self._look.behaviour
+        if behaviour.repeat_rcpt_error:
+            self._rcpt_prev = self._rcpt_was
+            self._rcpt_was = False
+        if self._bdat_broken:
+            # Exim's repeat_until_rset: only RSET (a normal RSET) and QUIT get out.
+            if verb == "RSET":
+                self._bdat_broken = False
+                return False
+            if verb == "QUIT":
+                self._bdat_broken = False
+                self._send(self._r("bye"))
+                self._send(self._r("bdat_abandoned"))
+                self._enter_closed("quit")
+                return True
+            self._reject(line, self._r("bdat_needs_rset"), bad=True)
+            return True
+        if behaviour.nul_first and "\x00" in text:
+            self._reject(line, self._r("nul_characters"), bad=True)
+            return True
+        if (
+            behaviour.bdat_needs_rset
+            and self.state is State.BDAT_OPEN
+            and verb not in ("BDAT", "RSET", "NOOP", "QUIT")
+        ):
+            self._bdat_broken = True
+            self._reject(line, self._r("data_after_bdat", verb=verb), bad=True)
+            return True
+        return behaviour.sync_check and self._pos < len(self._buf) and self._breaks_sync(verb)
+
     def _breaks_sync(self, verb: str) -> bool:
         """Step 0 of a persona with sync_check: input already behind a command that must
         end a pipelined group. Answers, closes and returns True when it does."""
-        if verb in SYNC_VERBS_UNPIPELINED:
+        if self._look.behaviour.pipe_connect_sync and not self._data_seen:
+            # Exim while PIPECONNECT may be used: only MAIL and RCPT are checked (after
+            # their ACL, so only when they would be taken), unless PIPELINING was offered.
+            if verb not in ("MAIL", "RCPT") or "PIPELINING" in self._extensions:
+                return False
+            rule = self._look.rules[verb]
+            if self.state not in rule.allowed:
+                return False
+        elif verb in SYNC_VERBS_UNPIPELINED:
             if "PIPELINING" in self._extensions:
                 return False
         elif verb not in SYNC_VERBS and verb in self._look.rules:
@@ -636,7 +735,7 @@ class ServerConnection:
         if rule is not None and rule.extension == "VERB" and not self._offered(rule):
             rule = None  # Sendmail's verb: no other look has it, not even as "not offered"
         if rule is None and self._forbidden(verb):
-            forbidden = self._r("forbidden_command", verb=verb)
+            forbidden = self._r("forbidden_command", verb=echo(verb))
             self._send(forbidden)
             self._events.append(CommandRejected(line, forbidden))
             self._enter_closed("forbidden-command")
@@ -649,7 +748,8 @@ class ServerConnection:
             # ETRN exists only for a persona whose product has it.
             or (rule.extension == "ETRN" and not self._look.behaviour.etrn)
         ):
-            unknown = self._r("unknown_command", verb=verb, command=text[:_MAX_ECHO])
+            # The client's words, made safe (printable ASCII) like every echo.
+            unknown = self._r("unknown_command", verb=echo(verb), command=echo(text[:_MAX_ECHO]))
             self._reject(line, unknown, unknown=True)
             return None
         if not self._offered(rule):
@@ -698,9 +798,9 @@ class ServerConnection:
             if (
                 state is State.CONNECTED
                 and verb in BEFORE_MAIL
-                and not self._look.behaviour.hello_required
+                and (not behaviour.hello_required or behaviour.sender_before_hello)
             ):
-                state = State.READY  # no HELO needed: what is missing is MAIL
+                state = State.READY  # what is missing is MAIL (no HELO needed, or Exim)
             name = SEQUENCE_REPLIES.get(state, "bad_sequence")
             in_transaction = state in (State.MAIL, State.RCPT, State.BDAT_OPEN)
             if verb == "MAIL" and in_transaction:
@@ -715,11 +815,39 @@ class ServerConnection:
                 name = "not_in_transaction"
             elif verb in ("VRFY", "EXPN") and state is State.CONNECTED:
                 name = "vrfy_need_hello"
+            if behaviour.repeat_rcpt_error and verb in ("DATA", "BDAT"):
+                return self._repeat_rcpt_error(name, verb)
             return self._r(name, verb=verb)
         guard = rule.guard
         if guard is not None and not self._guard_holds(guard):
             return self._r(GUARD_REPLIES[guard])
         return None
+
+    def _repeat_rcpt_error(self, name: str, verb: str) -> Reply:
+        """DATA/BDAT without a recipient, as Exim answers it: the RCPTs' one refusal
+        repeated first, and "Valid" right after a RCPT in a pipelining session."""
+        if (
+            name in ("need_rcpt", "data_need_mail", "need_mail")
+            and self._rcpt_prev
+            and "PIPELINING" in self._extensions
+        ):
+            name = "need_rcpt_after_rcpt"
+        final = self._r(name, verb=verb)
+        error = self._rcpt_error
+        if error is None or not self._rcpt_errors_same:
+            return final
+        before = self._r("rcpt_errors_repeated", rcpt_error=error)
+        return Reply(final.code, final.status, (*before.lines, *final.lines))
+
+    def _note_rcpt_error(self, text: str) -> None:
+        if self._rcpt_error is None:
+            self._rcpt_error = text
+        elif text != self._rcpt_error:
+            self._rcpt_errors_same = False
+
+    def _forget_rcpt_errors(self) -> None:
+        self._rcpt_error = None
+        self._rcpt_errors_same = True
 
     def _guard_holds(self, guard: str) -> bool:
         if guard == "tls-inactive":
@@ -739,26 +867,47 @@ class ServerConnection:
                 self._reject(line, self._r("hello_syntax", verb=rule.verb), bad=True)
                 return
             arg = arg.split()[0]  # the product takes the first word as the name
+        if self._look.behaviour.hello_name_check and not _hello_name_ok(arg):
+            self._reject(line, self._r("hello_bad_name", verb=rule.verb), bad=True)
+            return
         if not self._sequence_ok(rule, line):
             return
         self._pause(Hello(rule.verb, arg))
 
     def _cmd_mail(self, rule: Rule, line: bytes, arg: str) -> None:
+        if self._rcpt_error is not None:
+            self._forget_rcpt_errors()  # Exim's smtp_reset() at MAIL
         parsed = self._envelope_command(rule, line, arg, "FROM:", parse_reverse_path)
         if parsed is not None:
             self._pause(MailFrom(*parsed))
 
     def _cmd_rcpt(self, rule: Rule, line: bytes, arg: str) -> None:
+        noting = self._look.behaviour.repeat_rcpt_error
+        mark = len(self._out)
+        if noting:
+            # Exim: a RCPT refused for want of a sender is not a valid RCPT.
+            self._rcpt_was = self.transaction is not None
         parsed = self._envelope_command(rule, line, arg, "TO:", parse_forward_path)
         if parsed is None:
+            if noting:
+                self._note_own_refusal(mark)
             return
-        address, params = parsed
+        address, params, written = parsed
         assert address is not None and self.transaction is not None
         if len(self.transaction.recipients) >= self.config.max_recipients:
             self._events.append(LimitExceeded(Limit.RECIPIENTS, closing=False))
             self._send(self._r("too_many_recipients"))
+            if noting:
+                self._note_own_refusal(mark)
             return
-        self._pause(RcptTo(address, params))
+        self._pause(RcptTo(address, params, written))
+
+    def _note_own_refusal(self, mark: int) -> None:
+        """The engine's own refusal of a RCPT, as sent from ``_out[mark]`` on: its first
+        line, code included (Exim keeps what its smtp_printf() wrote)."""
+        first = bytes(self._out[mark:]).split(b"\r\n", 1)[0]
+        if first:
+            self._note_rcpt_error(first.decode("ascii", "replace"))
 
     def _envelope_command(
         self,
@@ -767,7 +916,7 @@ class ServerConnection:
         arg: str,
         keyword: str,
         parse_path: Callable[..., Address | None],
-    ) -> tuple[Address | None, dict[str, str | None]] | None:
+    ) -> tuple[Address | None, dict[str, str | None], str] | None:
         """MAIL FROM / RCPT TO through steps 4-6: the path and the parameters' syntax
         (501), the sequence (503), the parameters' meaning (555), then whether a UTF-8
         address is allowed (553). Answers and returns None on the first failure."""
@@ -775,21 +924,25 @@ class ServerConnection:
         if arg[: len(keyword)].upper() != keyword:
             self._reject(line, self._r("mail_syntax" if is_mail else "rcpt_syntax"), bad=True)
             return None
-        lenient = self._look.behaviour.lenient_paths
+        behaviour = self._look.behaviour
+        lenient = behaviour.lenient_paths
         try:
             after = arg[len(keyword) :]
             if lenient and not after.lstrip(" ").startswith("<"):
                 # strict_rfc821_envelopes = no: a bare path up to the first space.
-                bare, _, rest = after.lstrip(" ").partition(" ")
-                path, rest = f"<{bare}>", rest.strip(" ")
+                written, _, rest = after.lstrip(" ").partition(" ")
+                path, rest = f"<{written}>", rest.strip(" ")
             else:
                 path, rest = split_path_and_params(after)
+                written = path
             # UTF-8 is judged after the parameters: MAIL's own SMTPUTF8 may allow it.
             try:
-                address = parse_path(path, smtputf8=True)
+                address = parse_path(
+                    path, smtputf8=True, long_local_parts=behaviour.long_local_parts
+                )
             except AddressError:
                 address = (
-                    _lenient_address(path, self._look.behaviour.loose_local_parts)
+                    _lenient_address(path, behaviour.loose_local_parts, behaviour.unqualified_paths)
                     if lenient
                     else None
                 )
@@ -800,11 +953,14 @@ class ServerConnection:
         # type for the whole function.
         except AddressError as bad_address:
             name = "bad_sender_address" if is_mail else "bad_recipient_address"
+            kind = ADDRESS_KIND_REPLIES.get(bad_address.kind)
+            if kind is not None and kind[0 if is_mail else 1] in self._look.overridden:
+                name = kind[0 if is_mail else 1]  # the persona words this kind apart
             self._reject(line, self._refusal(name, bad_address.reply), bad=True)
             return None
         except ParamError as bad_syntax:
             refusal = self._refusal(
-                "parameter_syntax", bad_syntax.reply, parameter=bad_syntax.parameter
+                "parameter_syntax", bad_syntax.reply, parameter=echo(bad_syntax.parameter or "")
             )
             self._reject(line, refusal, bad=True)
             return None
@@ -840,8 +996,13 @@ class ServerConnection:
             params = parse_params(pairs, context)
         except ParamError as bad_param:
             name = "unknown_parameter" if bad_param.unknown else "bad_parameter"
+            if bad_param.not_offered and verb == "MAIL":
+                name = "mail_parameter_not_offered"
             refusal = self._refusal(
-                name, bad_param.reply, parameter=bad_param.parameter, keyword=bad_param.keyword
+                name,
+                bad_param.reply,
+                parameter=echo(bad_param.parameter or ""),
+                keyword=echo(bad_param.keyword or ""),
             )
             self._reject(line, refusal, bad=True)
             return None
@@ -849,9 +1010,10 @@ class ServerConnection:
         if address is not None and address.is_utf8 and not utf8_allowed:
             self._reject(line, self._r("smtputf8_required"), bad=True)
             return None
-        return address, params
+        return address, params, written
 
     def _cmd_data(self, rule: Rule, line: bytes, arg: str) -> None:
+        self._data_seen = True
         if not self._sequence_ok(rule, line):
             return
         self._pause(DataStart(bdat=False))
@@ -867,6 +1029,7 @@ class ServerConnection:
         ):
             self._reject(line, self._r("bdat_syntax"), bad=True)
             return
+        self._data_seen = True
         size = int(words[0])
         error = self._sequence_error(rule)
         if error is not None:
@@ -885,6 +1048,8 @@ class ServerConnection:
     def _cmd_rset(self, rule: Rule, line: bytes, arg: str) -> None:
         if not self._sequence_ok(rule, line):
             return
+        if self._rcpt_error is not None:
+            self._forget_rcpt_errors()
         self._abort_transaction()
         self._send(self._look.static("reset_ok") or self._r("reset_ok"))
 
@@ -929,7 +1094,8 @@ class ServerConnection:
         name = words[0].upper()
         mechanism = MECHANISMS.get(name)
         if mechanism is None or name not in self.config.auth_mechanisms:
-            self._reject(line, self._r("auth_unknown_mechanism", mechanism=words[0]), bad=True)
+            refusal = self._r("auth_unknown_mechanism", mechanism=echo(words[0]))
+            self._reject(line, refusal, bad=True)
             return
         if not (self.tls_active or not self.config.auth_requires_tls):
             self._reject(line, self._r("auth_requires_tls"), bad=True)
@@ -988,7 +1154,7 @@ class ServerConnection:
             return
         domain = arg[1:] if arg[0] in "@#" else arg
         if not _ETRN_DOMAIN.fullmatch(domain):
-            self._reject(line, self._r("etrn_syntax", domain=domain), bad=True)
+            self._reject(line, self._r("etrn_syntax", domain=echo(domain)), bad=True)
             return
         if self._look.behaviour.etrn_accepted:
             self._send(self._r("etrn_started", domain=domain))
@@ -1013,6 +1179,8 @@ class ServerConnection:
             self._send(reply)
             return
         self._abort_transaction()
+        if self._rcpt_error is not None:
+            self._forget_rcpt_errors()
         self.helo_name = point.domain
         self.esmtp = point.verb != "HELO"
         self.state = State.READY
@@ -1024,9 +1192,7 @@ class ServerConnection:
             first = reply.lines[0]
         else:
             persona = self._look.persona
-            first = persona.greeting_line(
-                self.esmtp, _Values(self.config, self.client_ip, {"helo": point.domain})
-            )
+            first = persona.greeting_line(self.esmtp, self._values({"helo": point.domain}))
         code = reply.code if reply is not None else 250
         self._out += Reply(code, None, (first, *capabilities)).render(enhanced=False)
 
@@ -1056,6 +1222,9 @@ class ServerConnection:
         if reply.is_positive and self.transaction is not None:
             self.transaction.recipients.append(point.address)
             self.state = State.RCPT
+        elif not reply.is_positive and self._look.behaviour.repeat_rcpt_error:
+            # A policy's refusal: its text (Exim's smtp_respond() keeps the message).
+            self._note_rcpt_error(reply.lines[0])
         self._send(reply)
 
     def _answer_data_start(self, point: DataStart, reply: Reply | None) -> None:
@@ -1096,6 +1265,18 @@ class ServerConnection:
         elif len(answers) != 1:
             raise ProtocolError("SMTP DataComplete takes a single reply")
         tx = self.transaction
+        if self._rcpt_error is not None:
+            self._forget_rcpt_errors()
+        if self._bdat_ending:
+            self._bdat_ending = False
+            answer = answers[0] or self._r("message_accepted")
+            if (
+                "bdat_last_chunk_ok" in self._look.overridden
+                and answer.is_positive
+                and not self.config.lmtp
+            ):
+                chunk = self._r("bdat_last_chunk_ok", size=self._bdat_chunk_size, total=point.size)
+                answers = [Reply(answer.code, answer.status, (*chunk.lines, *answer.lines))]
         if not self.config.lmtp and tx is not None and "PRDR" in tx.params:
             answer = answers[0] or self._r("message_accepted")
             # A refused message keeps its one reply (the draft lets the server answer
@@ -1149,7 +1330,7 @@ class ServerConnection:
                 name = "vrfy_unqualified"  # Exim refuses a bare name
             else:
                 name = "vrfy_default"
-            reply = self._r(name, address=point.argument)
+            reply = self._r(name, address=echo(point.argument))
         self._send(reply)
 
     def _answer_xclient(self, point: Xclient, reply: Reply | None) -> None:
@@ -1242,6 +1423,7 @@ class ServerConnection:
             self._send(self._r("bdat_chunk_ok", size=self._bdat_chunk_size))
             return True
         self.state = State.READY
+        self._bdat_ending = True
         self._pending = DataComplete(tx.bdat_size, tuple(tx.recipients))
         self._events.append(self._pending)
         return True
@@ -1256,6 +1438,8 @@ class ServerConnection:
             return
         mechanism = self._sasl
         assert mechanism is not None
+        self._said_verb = ""
+        self._said = line.decode("ascii", "replace")
         try:
             result = mechanism.step(decode_response(line, allow_empty_marker=False))
         except SaslError as exc:
@@ -1361,12 +1545,13 @@ class ServerConnection:
         reply = self._look.static(name)
         if reply is not None:
             return reply
-        return self._look.persona.format_map(name, _Values(self.config, self.client_ip, values))
+        return self._look.persona.format_map(name, self._values(values))
+
+    def _values(self, values: dict[str, object]) -> _Values:
+        return _Values(self.config, self.client_ip, values, self._said_verb, self._said)
 
     def _banner(self) -> Reply:
-        return self._look.banner or self._look.persona.banner_reply(
-            _Values(self.config, self.client_ip, {})
-        )
+        return self._look.banner or self._look.persona.banner_reply(self._values({}))
 
     def _refusal(self, name: str, reply: Reply, /, **values: object) -> Reply:
         """A parser's reply as the persona words it: a standard constant
@@ -1375,9 +1560,7 @@ class ServerConnection:
         if not self._look.overridden:
             return reply
         name = CONSTANT_NAMES.get(id(reply), name)
-        return self._look.persona.adapt(
-            name, reply, _Values(self.config, self.client_ip, dict(values))
-        )
+        return self._look.persona.adapt(name, reply, self._values(dict(values)))
 
     def _adapt(self, reply: Reply, /, **values: object) -> Reply:
         """A standard constant given by the caller (``replies.AUTH_FAILED``) as the persona
@@ -1387,13 +1570,13 @@ class ServerConnection:
         name = CONSTANT_NAMES.get(id(reply))
         if name is None:
             return reply
-        return self._look.persona.adapt(name, reply, _Values(self.config, self.client_ip, values))
+        return self._look.persona.adapt(name, reply, self._values(values))
 
     def _adapt_answer(self, point: PolicyPoint, reply: Reply) -> Reply:
         if isinstance(point, MailFrom | RcptTo):
             return self._adapt(reply, address=point.address)
         if isinstance(point, Verify):
-            return self._adapt(reply, address=point.argument)
+            return self._adapt(reply, address=echo(point.argument))
         return self._adapt(reply)
 
     def _pause(self, point: PolicyPoint) -> None:
@@ -1493,6 +1676,29 @@ def _has_control(text: str) -> bool:
     return _CONTROL.search(text) is not None
 
 
+#: A HELO name as Exim's check_helo() takes it (without helo_allow_chars).
+_HELLO_NAME = re.compile(r"[A-Za-z0-9.-]+")
+
+
+def _hello_name_ok(name: str) -> bool:
+    """Letters, digits, dots and hyphens, or an address literal holding an IP address
+    (``[192.0.2.1]``, ``[IPv6:...]``, ``[IPv4:...]``)."""
+    if name.startswith("["):
+        if not name.endswith("]"):
+            return False
+        inner = name[1:-1]
+        version = None
+        if inner[:5].lower() in ("ipv6:", "ipv4:"):
+            version = 6 if inner[3] == "6" else 4
+            inner = inner[5:]
+        try:
+            address = ipaddress.ip_address(inner)
+        except ValueError:
+            return False
+        return version is None or address.version == version
+    return _HELLO_NAME.fullmatch(name) is not None
+
+
 #: An ETRN argument: a host name or an address literal (RFC 1985 with RFC 5321 literals).
 _ETRN_DOMAIN = re.compile(
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}"
@@ -1512,13 +1718,16 @@ _UNQUALIFIED = re.compile(
 _LENIENT_ADDRESS = re.compile(r"<([!-;=?-~]+)@([A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)>")
 
 
-def _lenient_address(path: str, loose: bool) -> Address | None:
+def _lenient_address(path: str, loose: bool, unqualified: bool = True) -> Address | None:
     """A path the strict parser refused, as a lenient product takes it, or None: an
     unqualified ``<user>`` (an Address with an empty domain: the product qualifies it
-    with its own domain), or with ``loose`` ``<local@domain>`` with a local part longer
-    than RFC 5321 allows or with characters it does not (``<a@@b.example>``)."""
+    with its own domain) unless ``unqualified`` is False, or with ``loose``
+    ``<local@domain>`` with a local part longer than RFC 5321 allows or with characters
+    it does not (``<a@@b.example>``)."""
     match = _UNQUALIFIED.fullmatch(path)
     if match is not None:
+        if not unqualified:
+            return None
         return Address(match[1], "") if len(match[1]) <= 64 or loose else None
     if not loose:
         return None

@@ -18,7 +18,28 @@ reply's class: a positive reply stays in its 2xx/3xx class (``start_data`` must 
 ``ready_for_tls`` 220), a refusal stays a 4xx or 5xx.
 
 Values put into placeholders are cleaned: control characters become ``?``, ``None`` the
-empty string.
+empty string. Values that are the client's own words -- ``{verb}`` and ``{command}`` of an
+unknown command, ``{mechanism}``, ``{parameter}``, ``{keyword}``, ETRN's ``{domain}``,
+VRFY's ``{address}`` -- are made safe like the echo placeholders below (printable ASCII).
+
+Echoing the client's words (products repeat what the client wrote: Exim's ``501
+<a@b: '>' missing at end of address``, Sendmail's ``a@b... Sender ok``): these
+placeholders are filled from the command line being answered, made safe by :func:`echo`
+(printable ASCII only, anything else becomes ``?``; at most :data:`ECHO_LIMIT`
+characters, longer ones cut and ending in ``...``; so never a CR or LF):
+
+- ``{argument}``: what followed the verb, spaces around it stripped (for MAIL and RCPT
+  what followed ``FROM:``/``TO:``; for a line of an AUTH exchange, the line). Valid in
+  every reply sent in answer to a command (all names but :data:`NOT_ANSWERS`).
+- ``{path}`` and ``{parameters}``: MAIL/RCPT's path exactly as written (``<a@b>``,
+  ``a@b``, or all of an unterminated ``<a@b``) and the parameter text after it. Valid in
+  the replies only MAIL and RCPT get (:data:`ENVELOPE_REPLIES`).
+- ``{response}``: AUTH's initial response, or the line of the AUTH exchange. Valid in
+  the AUTH replies (:data:`AUTH_REPLIES`).
+- ``{local_part_read}``: the start of the path's local part up to the first character no
+  RFC 822 word may hold (a space, a comma...): what a parser reading words and dots had
+  read when it stopped (Exim's ``"@" or "." expected after "a"`` for ``<a b@c>``). Valid
+  in :data:`LOCAL_PART_REPLIES`.
 
 =========================  ================================================  ===================
 name                       sent when                                         placeholders
@@ -67,7 +88,7 @@ smtputf8_required          a UTF-8 address without SMTPUTF8                  -
 bad_sequence               a command out of sequence (other cases)           -
 need_hello                 a command before HELO/EHLO                        -
 need_mail                  RCPT/DATA before MAIL                             -
-need_rcpt                  DATA before RCPT                                  -
+need_rcpt                  DATA before RCPT                                  {verb}
 sender_already_specified   MAIL inside a transaction                         -
 data_after_bdat            DATA between BDAT chunks                          -
 not_in_transaction         STARTTLS/AUTH/XCLIENT/XFORWARD in a transaction   {verb}
@@ -128,7 +149,33 @@ synchronization_error      input behind a command that must end a pipelined  -
 prdr_sender_ok             MAIL with PRDR accepted [f]_                      {address}
 prdr_start                 after a PRDR message (must stay 353)              -
 prdr_recipient_ok          a PRDR message's reply for one recipient          {address}
+hello_bad_name             a HELO name with characters a host name has not   {verb}
+                           (``hello_name_check``) [f]_
+nul_characters             a NUL byte in a command line (``nul_first``) [f]_  -
+rcpt_errors_repeated       lines before DATA/BDAT's 503 when every RCPT got  {rcpt_error} (the
+                           the same refusal (``repeat_rcpt_error``)          refusal: its text,
+                                                                             code first if the
+                                                                             engine made it)
+need_rcpt_after_rcpt       DATA/BDAT's 503 right after a refused RCPT in a   {verb}
+                           pipelining session (``repeat_rcpt_error``) [f]_
+bdat_needs_rset            a command in a BDAT transfer broken off           -
+                           (``bdat_needs_rset``)
+bdat_abandoned             after the QUIT that ends such a transfer          -
+bdat_last_chunk_ok         lines before the final reply of BDAT LAST; sent   {size}, {total}
+                           only when a persona gives it
+address_unterminated       MAIL/RCPT path without its ``>`` [*]_ [k]_        {detail}
+address_local_part         a path's local part refused [*]_ [k]_             {detail}
+address_domain             a path's domain refused [*]_ [k]_                 {detail}
+address_too_long           a path, local part or domain too long [*]_ [k]_   {detail}
+null_recipient             ``RCPT TO:<>`` [*]_ [k]_                          {detail}
+sender_unqualified         MAIL path without ``@domain`` [*]_ [k]_           {detail}
+recipient_unqualified      RCPT path without ``@domain`` [*]_ [k]_           {detail}
+mail_parameter_not_offered a MAIL parameter mailgate knows whose extension   {detail}, {parameter},
+                           this session did not offer [*]_ [f]_              {keyword}
 =========================  ================================================  ===================
+
+.. [k] The address parser's refusals by kind: a persona that does not give one gets
+   ``bad_sender_address`` or ``bad_recipient_address`` for it (by the command).
 
 .. [f] Names for one situation of a more general name (:data:`FALLBACKS`): when a
    persona does not override one, it gets the general name's reply (``empty_line`` is
@@ -155,6 +202,7 @@ from datetime import datetime
 from types import MappingProxyType
 
 from . import replies
+from .address import closing_bracket
 from .behaviour import DEFAULT_BEHAVIOUR, Behaviour
 from .replies import Reply, ReplyError
 
@@ -236,8 +284,99 @@ _PLACEHOLDERS_BY_NAME.update(
         "proxy_required": _allowed("client_ip"),
         "proxy_refused": _allowed("client_ip"),
         "early_talker": _allowed("client_ip"),
+        "need_rcpt": _allowed("verb"),
+        "need_rcpt_after_rcpt": _allowed("verb"),
+        "rcpt_errors_repeated": _allowed("rcpt_error"),
+        "hello_bad_name": _allowed("verb"),
+        "bdat_last_chunk_ok": _allowed("size", "total"),
+        "address_unterminated": _allowed("detail"),
+        "address_local_part": _allowed("detail"),
+        "address_domain": _allowed("detail"),
+        "address_too_long": _allowed("detail"),
+        "null_recipient": _allowed("detail"),
+        "sender_unqualified": _allowed("detail"),
+        "recipient_unqualified": _allowed("detail"),
+        "mail_parameter_not_offered": _allowed("detail", "parameter", "keyword"),
     }
 )
+
+#: Replies not sent in answer to a command line (outside the dialogue, on the server's
+#: initiative, at the end of message data, or only by servers and plugins): no client
+#: words to echo in them.
+NOT_ANSWERS: frozenset[str] = frozenset(
+    {
+        "too_many_clients",
+        "too_many_from_ip",
+        "proxy_required",
+        "proxy_refused",
+        "early_talker",
+        "shutting_down",
+        "idle_timeout",
+        "message_queued",
+        "message_accepted",
+        "prdr_start",
+        "prdr_recipient_ok",
+        "syntax_error",
+        "bad_address",
+    }
+)
+#: Replies only ever sent in answer to MAIL or RCPT: {path} and {parameters} (the
+#: client's path and parameters as written) are theirs.
+ENVELOPE_REPLIES: frozenset[str] = frozenset(
+    {
+        "sender_ok",
+        "recipient_ok",
+        "prdr_sender_ok",
+        "bad_sender_address",
+        "bad_recipient_address",
+        "parameter_syntax",
+        "bad_parameter",
+        "unknown_parameter",
+        "size_syntax",
+        "domain_literal",
+        "smtputf8_required",
+        "too_many_recipients",
+        "sender_already_specified",
+        "mail_syntax",
+        "rcpt_syntax",
+        "address_unterminated",
+        "address_local_part",
+        "address_domain",
+        "address_too_long",
+        "null_recipient",
+        "sender_unqualified",
+        "recipient_unqualified",
+        "mail_parameter_not_offered",
+    }
+)
+#: Replies to AUTH and its exchange: {response} (the client's SASL response) is theirs.
+AUTH_REPLIES: frozenset[str] = frozenset(
+    {
+        "auth_ok",
+        "auth_failed",
+        "auth_malformed",
+        "auth_cancelled",
+        "auth_bad_base64",
+        "auth_bad_base64_initial",
+        "auth_unknown_mechanism",
+        "auth_line_too_long",
+    }
+)
+#: The placeholders that echo the client's own words (see :func:`echo`).
+ECHO_PLACEHOLDERS = frozenset({"argument", "path", "parameters", "response", "local_part_read"})
+#: Replies about a refused local part: {local_part_read} is theirs.
+LOCAL_PART_REPLIES = frozenset(
+    {"address_local_part", "bad_sender_address", "bad_recipient_address"}
+)
+for _name in REPLY_NAMES - NOT_ANSWERS:
+    _PLACEHOLDERS_BY_NAME[_name] = _PLACEHOLDERS_BY_NAME[_name] | {"argument"}
+for _name in ENVELOPE_REPLIES:
+    _PLACEHOLDERS_BY_NAME[_name] = _PLACEHOLDERS_BY_NAME[_name] | {"path", "parameters"}
+for _name in AUTH_REPLIES:
+    _PLACEHOLDERS_BY_NAME[_name] = _PLACEHOLDERS_BY_NAME[_name] | {"response"}
+for _name in LOCAL_PART_REPLIES:
+    _PLACEHOLDERS_BY_NAME[_name] = _PLACEHOLDERS_BY_NAME[_name] | {"local_part_read"}
+del _name
 #: Specific name -> the general name whose reply it gets when a persona does not
 #: override it (the protocol always sends the specific name).
 FALLBACKS: Mapping[str, str] = MappingProxyType(
@@ -259,6 +398,10 @@ FALLBACKS: Mapping[str, str] = MappingProxyType(
         "vrfy_unqualified": "vrfy_default",
         "too_many_unknown_commands": "too_many_errors",
         "etrn_in_transaction": "not_in_transaction",
+        "hello_bad_name": "hello_syntax",
+        "nul_characters": "control_characters",
+        "need_rcpt_after_rcpt": "need_rcpt",
+        "mail_parameter_not_offered": "unknown_parameter",
     }
 )
 #: Reply name -> the placeholders its text may use.
@@ -279,6 +422,26 @@ PASS_THROUGH: frozenset[str] = frozenset(
         "bad_parameter",
         "unknown_parameter",
         "auth_malformed",
+        "address_unterminated",
+        "address_local_part",
+        "address_domain",
+        "address_too_long",
+        "null_recipient",
+        "sender_unqualified",
+        "recipient_unqualified",
+        "mail_parameter_not_offered",
+    }
+)
+#: AddressError.kind -> the reply name a persona may give for it (MAIL, RCPT); when it does
+#: not, the role's bad_sender_address/bad_recipient_address.
+ADDRESS_KIND_REPLIES: Mapping[str, tuple[str, str]] = MappingProxyType(
+    {
+        "unterminated": ("address_unterminated", "address_unterminated"),
+        "local_part": ("address_local_part", "address_local_part"),
+        "domain": ("address_domain", "address_domain"),
+        "too_long": ("address_too_long", "address_too_long"),
+        "null": ("null_recipient", "null_recipient"),
+        "unqualified": ("sender_unqualified", "recipient_unqualified"),
     }
 )
 #: Replies the state machine recognizes by their exact code.
@@ -379,6 +542,78 @@ class CurrentDate:
 
     def __str__(self) -> str:
         return format_date(self.clock(), padded=self.padded, gmt=self.gmt)
+
+
+#: The longest echo of the client's words (characters); a longer one is cut and ends
+#: with "...". Products echo the whole line; a bound keeps the reply within reason.
+ECHO_LIMIT = 400
+# Everything but printable ASCII (TAB, controls, DEL, any non-ASCII character).
+_NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]")
+
+
+def echo(text: str, limit: int = ECHO_LIMIT) -> str:
+    """The client's words as a reply may show them: printable ASCII only (anything else,
+    CR and LF among it, becomes ``?``), at most ``limit`` characters (longer: cut, with
+    ``...``). Braces are safe: values are never formatted again."""
+    if len(text) > limit:
+        text = text[: max(limit - 3, 0)] + "..."
+    if text.isascii() and text.isprintable():
+        return text
+    return _NOT_PRINTABLE.sub("?", text)
+
+
+def split_written_path(text: str) -> tuple[str, str]:
+    """What follows ``FROM:``/``TO:`` (spaces before it stripped) as the client wrote it:
+    the path (``<a@b>``, a bare ``a@b``, or all of an unterminated ``<a@b``) and the
+    parameter text after it."""
+    if text.startswith("<"):
+        end = closing_bracket(text)
+        if end < 0:
+            return text, ""
+        return text[: end + 1], text[end + 1 :].strip(" ")
+    path, _, rest = text.partition(" ")
+    return path, rest.strip(" ")
+
+
+#: What a parser reading RFC 822 words and dots takes of a local part (Exim's
+#: read_local_part()): atoms (no controls, spaces or specials), quoted strings, dots.
+_LOCAL_PART_READ = re.compile(r'(?:"(?:[^"\\]|\\.)*"|[^\x00-\x20\x7f()<>@,;:\\".\[\]]+|\.)*')
+
+
+def local_part_read(path: str) -> str:
+    """The start of the path's local part up to the first character no word may hold
+    (after ``<`` and a source route): ``"a"`` for ``<a b@c>``."""
+    text = path[1:] if path.startswith("<") else path
+    if text.startswith("@"):
+        text = text.partition(":")[2]
+    match = _LOCAL_PART_READ.match(text)
+    return match.group() if match else ""
+
+
+def echo_values(verb: str, argument: str) -> dict[str, str]:
+    """The echo placeholders for a command (``verb`` upper-case, ``argument`` what
+    followed it; ``verb`` empty for a line of an AUTH exchange), made safe with
+    :func:`echo`: ``argument`` (after ``FROM:``/``TO:`` for MAIL/RCPT), ``path`` and
+    ``parameters`` (MAIL/RCPT), ``local_part_read`` (see :func:`local_part_read`),
+    ``response`` (AUTH's initial response, or the exchange line)."""
+    text = argument.strip(" ")
+    path = parameters = response = ""
+    if verb in ("MAIL", "RCPT"):
+        keyword = "FROM:" if verb == "MAIL" else "TO:"
+        if text[: len(keyword)].upper() == keyword:
+            text = text[len(keyword) :].lstrip(" ")
+        path, parameters = split_written_path(text)
+    elif verb == "AUTH":
+        response = text.partition(" ")[2].strip(" ")
+    elif not verb:
+        response = text
+    return {
+        "argument": echo(text),
+        "path": echo(path),
+        "parameters": echo(parameters),
+        "response": echo(response),
+        "local_part_read": echo(local_part_read(path)) if path else "",
+    }
 
 
 def clean(value: object) -> str:
@@ -504,6 +739,8 @@ class Persona:
     _static: dict[str, Reply] = field(init=False, repr=False, compare=False)
     _templates: Mapping[str, _Template] = field(init=False, repr=False, compare=False)
     _overridden: frozenset[str] = field(init=False, repr=False, compare=False)
+    #: The names whose reply comes from an override, their own or along FALLBACKS.
+    _worded: frozenset[str] = field(init=False, repr=False, compare=False)
     _hidden_verbs: frozenset[str] = field(init=False, repr=False, compare=False)
     _order: Mapping[str, int] = field(init=False, repr=False, compare=False)
     _banner: _Template = field(init=False, repr=False, compare=False)
@@ -568,6 +805,7 @@ class Persona:
 
         static: dict[str, Reply] = {}
         templates: dict[str, _Template] = {}
+        worded: set[str] = set()
         for name, default in _DEFAULTS.items():
             override = overrides.get(name)
             general = name
@@ -578,6 +816,8 @@ class Persona:
                 override = overrides.get(general)
             where = f"reply {name!r}"
             inherit = False
+            if override is not None:
+                worded.add(name)
             if override is None:
                 reply = default
             elif isinstance(override, Reply):
@@ -606,6 +846,7 @@ class Persona:
         put(self, "_static", static)
         put(self, "_templates", MappingProxyType(templates))
         put(self, "_overridden", frozenset(overrides))
+        put(self, "_worded", frozenset(worded))
 
         if not isinstance(self.behaviour, Behaviour):
             raise PersonaError(f"behaviour: give a Behaviour, not {type(self.behaviour).__name__}")
@@ -684,7 +925,7 @@ class Persona:
         """What to send instead of ``original``, a reply built for the situation ``name``
         (a parser's specific reply, or the standard constant): the persona's override,
         with ``{detail}`` the original text, or ``original`` itself if not overridden."""
-        if name not in self._overridden and FALLBACKS.get(name) not in self._overridden:
+        if name not in self._worded:
             return original
         static = self._static.get(name)
         if static is not None:
@@ -753,11 +994,18 @@ class Persona:
 DEFAULT_PERSONA = Persona()
 
 __all__ = [
+    "ADDRESS_KIND_REPLIES",
+    "AUTH_REPLIES",
     "BANNER_PLACEHOLDERS",
     "DEFAULT_PERSONA",
+    "ECHO_LIMIT",
+    "ECHO_PLACEHOLDERS",
+    "ENVELOPE_REPLIES",
     "FALLBACKS",
     "GREETING_PLACEHOLDERS",
     "KEYWORDS",
+    "LOCAL_PART_REPLIES",
+    "NOT_ANSWERS",
     "OPT_IN_KEYWORDS",
     "PASS_THROUGH",
     "PLACEHOLDERS",
@@ -766,7 +1014,11 @@ __all__ = [
     "Persona",
     "PersonaError",
     "clean",
+    "echo",
+    "echo_values",
     "format_date",
     "local_now",
+    "local_part_read",
     "placeholders_in",
+    "split_written_path",
 ]

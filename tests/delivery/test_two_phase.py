@@ -161,3 +161,82 @@ def test_a_failed_commit_is_answered_451(tmp_path: Path, certs: Certs) -> None:
     assert asyncio.run(main()) == 451
     assert aborted == []  # committing, not aborting: the Maildir kept its copy
     assert len(maildir_messages(maildir)) == 1
+
+
+def _maildir_server(tmp_path: Path, certs: Certs, maildir: Path) -> Server:
+    return Server(
+        hostname="front.test",
+        listen="127.0.0.1:0",
+        state_dir=tmp_path / "state",
+        tls_cert=certs.cert,
+        tls_key=certs.key,
+        maildir=maildir,
+    )
+
+
+def test_a_header_added_after_the_maildir_step_is_not_in_its_copy(
+    tmp_path: Path, certs: Certs
+) -> None:
+    """The Maildir delivery links the spool at commit time; a later step that rewrites
+    the spool (a new file, the old one removed) makes it keep its own version first."""
+    maildir = tmp_path / "M"
+    later_paths: list[Path | None] = []
+
+    async def main() -> int:
+        server = _maildir_server(tmp_path, certs, maildir)
+
+        @server.on_message(after="maildir")
+        async def stamp(session: Session, envelope: Envelope, message: Message) -> None:
+            await message.prepend_header("X-Later", "added after the Maildir step")
+            await message.prepend_header("X-Later-2", "and again")
+            later_paths.append(message.path)
+
+        async with server:
+            return (await send(server.address[1], "a@example.org", ["b@example.com"]))[0]
+
+    assert asyncio.run(main()) == 250
+    (stored,) = maildir_messages(maildir)
+    assert b"X-Later" not in stored
+    assert b"Subject:" in stored
+    assert later_paths and later_paths[0] is not None
+    assert _files(maildir / "tmp") == []  # the pinned copy and both spools are gone
+
+
+def test_a_header_added_before_the_maildir_step_is_in_its_copy(
+    tmp_path: Path, certs: Certs
+) -> None:
+    maildir = tmp_path / "M"
+
+    async def main() -> int:
+        server = _maildir_server(tmp_path, certs, maildir)
+
+        @server.on_message(before="maildir")
+        async def stamp(session: Session, envelope: Envelope, message: Message) -> None:
+            await message.prepend_header("X-Earlier", "added before the Maildir step")
+
+        async with server:
+            return (await send(server.address[1], "a@example.org", ["b@example.com"]))[0]
+
+    assert asyncio.run(main()) == 250
+    (stored,) = maildir_messages(maildir)
+    assert stored.startswith(b"X-Earlier: added before the Maildir step\r\n")
+    assert _files(maildir / "tmp") == []
+
+
+def test_a_refusal_after_a_rewrite_drops_the_pinned_copy(tmp_path: Path, certs: Certs) -> None:
+    maildir = tmp_path / "M"
+
+    async def main() -> int:
+        server = _maildir_server(tmp_path, certs, maildir)
+
+        @server.on_message(after="maildir")
+        async def stamp_then_refuse(session: Session, envelope: Envelope, message: Message) -> None:
+            await message.prepend_header("X-Later", "x")
+            raise Reject(550, "changed my mind")
+
+        async with server:
+            return (await send(server.address[1], "a@example.org", ["b@example.com"]))[0]
+
+    assert asyncio.run(main()) == 550
+    assert maildir_messages(maildir) == []
+    assert _files(maildir / "tmp") == []

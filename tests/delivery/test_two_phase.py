@@ -240,3 +240,23 @@ def test_a_refusal_after_a_rewrite_drops_the_pinned_copy(tmp_path: Path, certs: 
     assert asyncio.run(main()) == 550
     assert maildir_messages(maildir) == []
     assert _files(maildir / "tmp") == []
+
+
+def test_the_group_commit_threads_end_with_the_server(tmp_path: Path, certs: Certs) -> None:
+    import threading
+
+    maildir = tmp_path / "M"
+
+    async def main() -> list[int]:
+        server = _maildir_server(tmp_path, certs, maildir)
+        async with server:
+            port = server.address[1]
+            codes = await asyncio.gather(
+                *(send(port, f"a{i}@example.org", ["b@example.com"]) for i in range(8))
+            )
+            assert any(t.name.startswith("maildir-commit") for t in threading.enumerate())
+        return [code for code, _ in codes]
+
+    assert asyncio.run(main()) == [250] * 8
+    assert len(maildir_messages(maildir)) == 8
+    assert not any(t.name.startswith("maildir-commit") for t in threading.enumerate())

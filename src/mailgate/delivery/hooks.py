@@ -65,8 +65,9 @@ class MaildirDelivery:
         message.before_rewrite(staged.pin)
 
     async def aclose(self) -> None:
-        """Let the committer's thread finish what waits, then end it."""
-        await asyncio.get_running_loop().run_in_executor(None, self.committer.close)
+        """Let the committer's threads finish what waits, then end them (a disk that
+        hangs does not hold the shutdown longer than 30 s per thread: they are daemons)."""
+        await asyncio.get_running_loop().run_in_executor(None, self.committer.close, 30.0)
 
 
 class _StagedMaildir:

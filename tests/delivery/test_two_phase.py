@@ -5,6 +5,7 @@ retries never duplicate it, and a message refused with 5xx is kept nowhere."""
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
@@ -260,3 +261,52 @@ def test_the_group_commit_threads_end_with_the_server(tmp_path: Path, certs: Cer
     assert asyncio.run(main()) == [250] * 8
     assert len(maildir_messages(maildir)) == 8
     assert not any(t.name.startswith("maildir-commit") for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("same", [False, True], ids=["other-maildir", "same-maildir"])
+def test_a_background_maildir_delivers_its_own_copy_after_the_250(
+    tmp_path: Path, certs: Certs, monkeypatch: pytest.MonkeyPatch, same: bool
+) -> None:
+    """A Maildir step marked ``required = False`` gets the message after the reply, on a
+    copy without a spool of its own to sync: in the spool's Maildir it is linked and
+    fsynced by its path, elsewhere copied into a durable file."""
+    from mailgate.delivery import hooks as delivery_hooks
+    from mailgate.delivery.hooks import MaildirDelivery
+
+    maildir = tmp_path / "M"
+    archive = maildir if same else tmp_path / "Archive"
+    synced_by_path: list[str] = []
+    real_fsync_file = delivery_hooks.fsync_file
+
+    def recording(path: Path) -> None:
+        synced_by_path.append(path.name)
+        real_fsync_file(path)
+
+    monkeypatch.setattr(delivery_hooks, "fsync_file", recording)
+
+    async def main() -> int:
+        server = _maildir_server(tmp_path, certs, maildir)
+        later = MaildirDelivery(archive)
+        later.name = "archive"
+        later.required = False  # type: ignore[attr-defined]
+        server.add_plugin(later)
+        async with server:
+            code = (await send(server.address[1], "a@example.org", ["b@example.com"]))[0]
+            for _ in range(100):  # bounded: 5 s
+                if len(maildir_messages(archive)) == (2 if same else 1):
+                    break
+                await asyncio.sleep(0.05)
+        return code
+
+    assert asyncio.run(main()) == 250
+    stored = maildir_messages(maildir)
+    if same:
+        assert len(stored) == 2 and stored[0] == stored[1]
+        assert not any(name.endswith(".later") for name in os.listdir(maildir / "new"))
+        assert len(synced_by_path) == 1 and synced_by_path[0].endswith(".later")
+    else:
+        assert len(stored) == 1
+        assert maildir_messages(archive) == stored
+        assert synced_by_path == []  # copied into a file of its own, fsynced as made
+    assert _files(archive / "tmp") == []
+    assert _files(maildir / "tmp") == []

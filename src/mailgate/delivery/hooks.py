@@ -15,7 +15,7 @@ from typing import TypeVar
 
 from mailgate.hooks import Envelope, HookError, Message, Session, TempFail
 
-from .maildir import GroupCommitter, MaildirStore
+from .maildir import GroupCommitter, MaildirStore, fsync_file
 from .mbox import MboxStore
 
 T = TypeVar("T")
@@ -88,8 +88,7 @@ class _StagedMaildir:
         message, path, store = self.message, self.path, self.delivery.store
 
         def prepare() -> Path:
-            message.sync()
-            return store.stage_spooled(path, synced=True)
+            return store.stage_spooled(path, synced=message.sync())
 
         loop = asyncio.get_running_loop()
         self.staged = await loop.run_in_executor(None, _storage_checked(prepare))
@@ -103,8 +102,15 @@ class _StagedMaildir:
             if self.message.path != self.path:  # pragma: no cover - pin() runs before a rewrite
                 raise HookError("the spool changed under the Maildir delivery")
             # The server's spool: its own finish() is the fsync, and the server removes its
-            # tmp/ name afterwards.
-            future = committer.submit(self.path, sync=self.message.sync, keep_source=True)
+            # tmp/ name afterwards. A message without a spool of its own to sync (a
+            # background step's copy) is fsynced by its path instead.
+            message, path = self.message, self.path
+
+            def sync() -> None:
+                if not message.sync():
+                    fsync_file(path)
+
+            future = committer.submit(path, sync=sync, keep_source=True)
         try:
             return await future
         except OSError as exc:

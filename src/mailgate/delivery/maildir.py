@@ -22,7 +22,7 @@ from pathlib import Path
 
 from mailgate.server.spool import SpoolFile, unique_name
 
-__all__ = ["GroupCommitter", "MaildirStore", "fsync_directory"]
+__all__ = ["GroupCommitter", "MaildirStore", "fsync_directory", "fsync_file"]
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,8 @@ def fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
+    """Make a file's data and inode durable, by its path."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -153,7 +154,7 @@ class MaildirStore:
         if not self._in_tmp(source):
             return self._copy_and_publish(source)
         if not isinstance(spool, SpoolFile) and not synced:
-            _fsync_file(source)
+            fsync_file(source)
         return self._publish(source, keep_source=keep_source)
 
     def stage_spooled(self, source: Path, *, synced: bool = False) -> Path:
@@ -174,7 +175,7 @@ class MaildirStore:
                 raise
             return copy.path
         if not synced:
-            _fsync_file(source)
+            fsync_file(source)
         for _ in range(_LINK_ATTEMPTS):
             staged = self.tmp_dir / unique_name()
             try:
@@ -185,7 +186,7 @@ class MaildirStore:
                 if exc.errno not in _NO_HARD_LINKS:
                     raise
                 shutil.copyfile(source, staged)
-                _fsync_file(staged)
+                fsync_file(staged)
             return staged
         raise FileExistsError(errno.EEXIST, "no free unique name in tmp/", str(self.tmp_dir))
 
@@ -258,13 +259,15 @@ class MaildirStore:
         if sync is not None:
             sync()
         elif not synced:
-            _fsync_file(source)
+            fsync_file(source)
         return self._link_into_new(source, keep_source=keep_source)
 
     def _link_into_new(self, tmp_path: Path, *, keep_source: bool = False) -> str:
         """Give a durable tmp/ file its name in new/ (not yet durable: new/ is not
-        fsynced here) and drop the tmp name unless ``keep_source``."""
-        name = tmp_path.name
+        fsynced here) and drop the tmp name unless ``keep_source``. A file that keeps its
+        tmp name belongs to someone else, who may have named it otherwise than a Maildir
+        would (a ``.later`` copy): it gets a name of its own in new/."""
+        name = unique_name() if keep_source else tmp_path.name
         for _ in range(_LINK_ATTEMPTS):
             target = self.new_dir / name
             try:
@@ -280,7 +283,7 @@ class MaildirStore:
                     continue
                 if keep_source:  # no hard links here: the source must stay, so copy
                     shutil.copyfile(tmp_path, target)
-                    _fsync_file(target)
+                    fsync_file(target)
                 else:
                     os.rename(tmp_path, target)
             break

@@ -298,6 +298,10 @@ class Message:
                 else:
                     await loop.run_in_executor(None, action)
             except TempFail as exc:
+                if not delivered:
+                    log.error("message %s: abort of %s failed: %s", self.id, name or action, exc)
+                    failed.append(name or repr(action))
+                    continue
                 log.error(
                     "message %s: commit of the staged delivery %s failed: %s%s",
                     self.id,
@@ -399,11 +403,15 @@ class Message:
     def rcpt_tos(self) -> tuple[Address, ...]:
         return self.envelope.rcpt_tos
 
-    def sync(self) -> None:
+    def sync(self) -> bool:
         """Make the spooled bytes durable (fsync). Blocking and idempotent: call it from a
-        worker thread, e.g. inside ``loop.run_in_executor``."""
-        if self._sync is not None:
-            self._sync()
+        worker thread, e.g. inside ``loop.run_in_executor``. False when this message has
+        no spool of its own to sync (a background step gets a copy under another name):
+        fsync ``path`` yourself then."""
+        if self._sync is None:
+            return False
+        self._sync()
+        return True
 
     def open(self) -> IO[bytes]:
         """The message as a binary file (blocking reads: keep them off the event loop for

@@ -19,9 +19,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import IO, Any, Final
 
-from mailgate.hooks.outcomes import HookError
+from mailgate.hooks.outcomes import HookError, TempFail
 from mailgate.protocol import Address as WireAddress
-from mailgate.protocol import AuthCredentials
+from mailgate.protocol import AuthCredentials, Reply
 
 log = logging.getLogger("mailgate.hooks")
 
@@ -245,6 +245,12 @@ class Message:
     _rewrite: Callable[[SpoolRewrite], Awaitable[Path]] | None = field(default=None, repr=False)
     #: Deliveries staged by message hooks, settled once the stage's verdict is known.
     _staged: list[_Staged] = field(default_factory=list, init=False, repr=False)
+    #: What staged deliveries run before the spool is rewritten (see before_rewrite).
+    _before_rewrite: list[Callable[[], Awaitable[None]]] = field(
+        default_factory=list, init=False, repr=False
+    )
+    #: The replies of commits that failed with TempFail (e.g. a full disk at the fsync).
+    _commit_refusals: list[Reply] = field(default_factory=list, init=False, repr=False)
 
     def stage(
         self,
@@ -265,6 +271,21 @@ class Message:
         and must not block (remove a file); it may run on the event loop. ``name``: for
         the log when one of them fails."""
         self._staged.append((commit, abort, name))
+
+    def before_rewrite(self, pin: Callable[[], Awaitable[None]]) -> None:
+        """For a staged delivery that keeps ``path`` itself until its commit (a Maildir
+        links the spool file at commit time): ``pin`` is awaited before a later step
+        rewrites the message (:meth:`prepend_header`, :meth:`remove_headers` replace the
+        file and remove the old one), so that the delivery can keep the version it was
+        given (e.g. under a name of its own). Run before every rewrite: make it
+        idempotent. An exception from it fails the rewriting step."""
+        self._before_rewrite.append(pin)
+
+    @property
+    def commit_refusal(self) -> Reply | None:
+        """The reply a failed commit asked for (a staged delivery's commit that raised
+        TempFail, e.g. ``452 4.3.1`` for a full disk), None when none did."""
+        return self._commit_refusals[0] if self._commit_refusals else None
 
     @property
     def staged(self) -> int:
@@ -290,6 +311,20 @@ class Message:
                     await action()
                 else:
                     await loop.run_in_executor(None, action)
+            except TempFail as exc:
+                if not delivered:
+                    log.error("message %s: abort of %s failed: %s", self.id, name or action, exc)
+                    failed.append(name or repr(action))
+                    continue
+                log.error(
+                    "message %s: commit of the staged delivery %s failed: %s%s",
+                    self.id,
+                    name or action,
+                    exc,
+                    f" ({exc.__cause__})" if exc.__cause__ is not None else "",
+                )
+                self._commit_refusals.append(exc.reply("message"))
+                failed.append(name or repr(action))
             except Exception:
                 log.exception(
                     "message %s: %s of the staged delivery %s failed",
@@ -328,6 +363,7 @@ class Message:
             write(header)
             _copy_rest(source, write)
 
+        await self._pin_staged()
         new_path = await self._rewrite(produce)
         object.__setattr__(self, "path", new_path)
 
@@ -364,9 +400,14 @@ class Message:
             write(end)
             _copy_rest(source, write)
 
+        await self._pin_staged()
         new_path = await self._rewrite(produce)
         object.__setattr__(self, "path", new_path)
         return removed
+
+    async def _pin_staged(self) -> None:
+        for pin in list(self._before_rewrite):
+            await pin()
 
     @property
     def mail_from(self) -> Address | None:
@@ -376,11 +417,15 @@ class Message:
     def rcpt_tos(self) -> tuple[Address, ...]:
         return self.envelope.rcpt_tos
 
-    def sync(self) -> None:
+    def sync(self) -> bool:
         """Make the spooled bytes durable (fsync). Blocking and idempotent: call it from a
-        worker thread, e.g. inside ``loop.run_in_executor``."""
-        if self._sync is not None:
-            self._sync()
+        worker thread, e.g. inside ``loop.run_in_executor``. False when this message has
+        no spool of its own to sync (a background step gets a copy under another name):
+        fsync ``path`` yourself then."""
+        if self._sync is None:
+            return False
+        self._sync()
+        return True
 
     def open(self) -> IO[bytes]:
         """The message as a binary file (blocking reads: keep them off the event loop for

@@ -819,7 +819,8 @@ class ConnectionDriver(asyncio.Protocol):
                         ", ".join(failed),
                     )
                     delivered = False
-                    reply = _LOCAL_ERROR
+                    # A commit that asked for a reply (a full disk: 452 4.3.1) gets it.
+                    reply = message.commit_refusal or _LOCAL_ERROR
             spool = self.spool  # a hook that added a header replaced it
             if delivered and spool is not None and hooks.background_steps("message"):
                 await self.host.deliver_later(message, spool)

@@ -191,6 +191,25 @@ class _Texts:
     def relay_denied(self, session: Session, address: str) -> Reply:
         return self.reply("relay_denied", session, address=address)
 
+    def sender_domain_unknown(self, session: Session, address: str, sender: str) -> Reply:
+        return self.reply("sender_domain_unknown", session, address=address, sender=sender)
+
+    def vrfy_user(self, session: Session, user: str, full_name: str) -> Reply:
+        """One line of a VRFY/EXPN answer: a local user (with its full name if it has
+        one) or, from an alias, an address."""
+        if full_name:
+            return self.reply("vrfy_user_named", session, user=user, fullname=full_name)
+        if "@" in user:
+            # An alias's remote target: shown as it is, not at this host.
+            local, _, domain = user.rpartition("@")
+            return self.profile.format(
+                "vrfy_user", hostname=domain, client_ip=session.peer_host, user=local
+            )
+        return self.reply("vrfy_user", session, user=user)
+
+    def vrfy_unknown_user(self, session: Session, address: str) -> Reply:
+        return self.reply("vrfy_unknown_user", session, address=address)
+
     def too_many_connections(self, session: Session) -> Reply:
         return self.reply("too_many_connections", session)
 
@@ -368,8 +387,14 @@ def build_server(
                 unknown_user=texts.unknown_user,
                 relay_denied=texts.relay_denied,
                 percent_hack=profile.percent_hack,
+                full_names=profile.full_names,
+                aliases=profile.aliases,
+                literal_senders_refused=profile.literal_senders_refused,
+                sender_domain_unknown=texts.sender_domain_unknown,
             ),
             vrfy_checks_users=profile.vrfy_checks_users,
+            vrfy_user_line=texts.vrfy_user if profile.vrfy_answers_users else None,
+            vrfy_unknown_user=texts.vrfy_unknown_user if profile.vrfy_answers_users else None,
         )
     except ValueError as exc:
         store.close()

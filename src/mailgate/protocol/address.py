@@ -7,7 +7,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
-from .replies import SMTPUTF8_REQUIRED, Reply
+from .replies import NULL_RECIPIENT, SMTPUTF8_REQUIRED, Reply
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,10 +150,7 @@ def parse_forward_path(path: str, *, smtputf8: bool) -> Address:
     ``<Postmaster>`` of RFC 5321 4.5.1 (any case) gives an Address with an empty domain."""
     _screen(path, _RECIPIENT, smtputf8)
     if path == "<>":
-        raise AddressError(
-            Reply(501, _RECIPIENT.status, ("Null recipient address not allowed",)),
-            "'<>' as a forward-path",
-        )
+        raise AddressError(NULL_RECIPIENT, "'<>' as a forward-path")
     if path.isascii() and path.lower() == "<postmaster>":
         return Address(path[1:-1], "")
     return _parse_path(path, _RECIPIENT, smtputf8)

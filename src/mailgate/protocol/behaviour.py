@@ -29,7 +29,9 @@ lenient_hello          False        HELO/EHLO with more than one word is accepte
 ignored_arguments      ()           Verbs whose argument is ignored rather than refused
                                     (Postfix: QUIT).
 long_lines             "refuse"     A command line over the limit: ``"refuse"`` answers
-                                    ``line_too_long``; ``"truncate"`` cuts it at the limit,
+                                    ``line_too_long``; ``"close"`` answers it and hangs
+                                    up (Sendmail's "Command too long, possible attack");
+                                    ``"truncate"`` cuts it at the limit,
                                     drops the rest of the line and answers what is left
                                     (Postfix's ``line_length_limit``). AUTH exchange lines
                                     are always refused.
@@ -88,6 +90,33 @@ size_value_ignored_if_bad False     ``MAIL ... SIZE=abc`` is taken as if SIZE we
 size_without_number    False        EHLO lists ``SIZE`` without a number, as Sendmail does
                                     with MaxMessageSize 0 (no limit of its own); the
                                     server's limit is still enforced.
+sequence_before_hello  False        RCPT, DATA and BDAT before HELO/EHLO are answered as before
+                                    MAIL (``need_mail``, ``data_need_mail``) even with
+                                    ``hello_required``: the product checks the
+                                    transaction first (Sendmail's needmailhelo covers MAIL
+                                    only).
+allowed_before_hello   ()           Verbs of MAIL, ETRN and AUTH accepted before HELO/EHLO
+                                    although ``hello_required`` (Sendmail: AUTH).
+hello_name_characters  None         The characters besides ASCII letters and digits a
+                                    HELO/EHLO name may have; any other is answered
+                                    ``hello_bad_name`` (Sendmail: ``[].-_#:``). None: any
+                                    word is taken.
+hello_name_max_length  None         A longer HELO/EHLO name is answered ``hello_bad_name``
+                                    (Sendmail's MAXNAME, 256). None: no limit of its own.
+nul_ends_command       False        A NUL byte ends a command line and the rest of the line
+                                    is ignored, as a C string ends (Sendmail: ``NOOP\0x``
+                                    is NOOP).
+unimplemented_commands ()           Verbs the product knows but refuses, answered
+                                    ``not_implemented`` (Sendmail: SEND, SAML, SOML, TURN).
+sync_until_pipelining  False        Sendmail's pipelining check: until an EHLO offered
+                                    PIPELINING, every command with more input already
+                                    behind it gets ``synchronization_error``.
+sync_error_refuses     False        After ``synchronization_error`` the session serves only
+                                    QUIT (``only_quit`` for the rest, as Sendmail does)
+                                    instead of closing.
+hello_kept_after_tls   False        After the STARTTLS upgrade MAIL is taken without a new
+                                    HELO/EHLO (Sendmail keeps the greeting's state); False:
+                                    the session starts over (RFC 3207 4.2).
 =====================  ===========  =====================================================
 """
 
@@ -98,10 +127,13 @@ from dataclasses import dataclass, fields
 from types import MappingProxyType
 from typing import Any
 
-LONG_LINE_MODES = ("refuse", "truncate")
+LONG_LINE_MODES = ("refuse", "truncate", "close")
 EARLY_TALKER_MODES = ("refuse", "greet")
 #: Verbs ``ignored_arguments`` may name: those whose argument mailgate otherwise refuses.
 IGNORABLE_ARGUMENT_VERBS = frozenset({"QUIT", "RSET", "DATA", "STARTTLS"})
+#: Verbs that need HELO/EHLO first by default and that ``allowed_before_hello`` may free
+#: (rules.HELLO_GOVERNED).
+HELLO_OPTIONAL_VERBS = frozenset({"MAIL", "ETRN", "AUTH"})
 #: The shortest line limit a persona may set (RFC 5321 4.5.3.1.4: at least 512).
 MIN_LINE_LIMIT = 512
 MAX_LINE_LIMIT = 1024 * 1024
@@ -137,6 +169,15 @@ class Behaviour:
     size_without_number: bool = False
     domain_literals: bool = True
     size_value_ignored_if_bad: bool = False
+    sequence_before_hello: bool = False
+    allowed_before_hello: frozenset[str] = frozenset()
+    hello_name_characters: str | None = None
+    hello_name_max_length: int | None = None
+    nul_ends_command: bool = False
+    unimplemented_commands: frozenset[str] = frozenset()
+    sync_until_pipelining: bool = False
+    sync_error_refuses: bool = False
+    hello_kept_after_tls: bool = False
 
     def __post_init__(self) -> None:
         for name in (
@@ -155,6 +196,11 @@ class Behaviour:
             "size_without_number",
             "domain_literals",
             "size_value_ignored_if_bad",
+            "sequence_before_hello",
+            "nul_ends_command",
+            "sync_until_pipelining",
+            "sync_error_refuses",
+            "hello_kept_after_tls",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise BehaviourError(f"{name}: expected true or false")
@@ -209,6 +255,40 @@ class Behaviour:
         if not all(v.isascii() and v.isalpha() for v in forbidden):
             raise BehaviourError("forbidden_commands: verbs are letters only")
         object.__setattr__(self, "forbidden_commands", forbidden)
+        for name in ("allowed_before_hello", "unimplemented_commands"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                raise BehaviourError(f"{name}: give a set of verbs, not a string")
+            verbs = frozenset(str(v).upper() for v in value)
+            if not all(v.isascii() and v.isalpha() for v in verbs):
+                raise BehaviourError(f"{name}: verbs are letters only")
+            object.__setattr__(self, name, verbs)
+        wrong = sorted(self.allowed_before_hello - HELLO_OPTIONAL_VERBS)
+        if wrong:
+            raise BehaviourError(
+                f"allowed_before_hello: {wrong[0]!r} is not one of "
+                f"{', '.join(sorted(HELLO_OPTIONAL_VERBS))}"
+            )
+        if self.hello_name_characters is not None and (
+            not isinstance(self.hello_name_characters, str)
+            or not all(
+                c.isascii() and c.isprintable() and not c.isalnum() and c != " "
+                for c in self.hello_name_characters
+            )
+        ):
+            raise BehaviourError(
+                "hello_name_characters: expected a string of ASCII punctuation (letters "
+                f"and digits are always allowed), got {self.hello_name_characters!r}"
+            )
+        if self.hello_name_max_length is not None and (
+            isinstance(self.hello_name_max_length, bool)
+            or not isinstance(self.hello_name_max_length, int)
+            or not 1 <= self.hello_name_max_length <= MAX_LINE_LIMIT
+        ):
+            raise BehaviourError(
+                f"hello_name_max_length: expected a whole number from 1 to {MAX_LINE_LIMIT}, "
+                f"got {self.hello_name_max_length!r}"
+            )
 
     def as_mapping(self) -> Mapping[str, Any]:
         """The fields that differ from the default, as a profile file writes them."""
@@ -229,6 +309,7 @@ __all__ = [
     "BEHAVIOUR_FIELDS",
     "DEFAULT_BEHAVIOUR",
     "EARLY_TALKER_MODES",
+    "HELLO_OPTIONAL_VERBS",
     "IGNORABLE_ARGUMENT_VERBS",
     "LONG_LINE_MODES",
     "Behaviour",

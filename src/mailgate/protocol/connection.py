@@ -90,6 +90,8 @@ from .xclient import XclientError, parse_xclient, parse_xforward
 
 #: Longest piece of an unknown command line echoed in the reply ({command}).
 _MAX_ECHO = 200
+#: Characters of an unknown HELP topic echoed ({topic}; Sendmail's "%.10s").
+_HELP_TOPIC_ECHO = 10
 _NOTHING: frozenset[str] = frozenset()
 _BDAT_MAX_DIGITS = 18
 
@@ -128,15 +130,19 @@ class _Look:
         "after_tls",
         "banner",
         "behaviour",
+        "close_long_lines",
         "enhanced",
         "error_limit",
+        "hello_name_characters",
         "hidden_verbs",
         "max_command_line",
+        "nul_ends_command",
         "overridden",
         "persona",
         "ready",
         "rules",
         "static",
+        "sync",
         "truncate",
     )
 
@@ -151,7 +157,19 @@ class _Look:
         self.max_command_line = behaviour.line_limit or config.max_command_line
         #: Cut long command lines instead of refusing them.
         self.truncate = behaviour.long_lines == "truncate"
+        #: Answer a long command line and hang up (Sendmail's 421).
+        self.close_long_lines = behaviour.long_lines == "close"
         self.error_limit = behaviour.error_limit
+        #: Whether a command with input behind it may have to be refused (step 0).
+        self.sync = behaviour.sync_check or behaviour.sync_until_pipelining
+        #: Cut a command line at its first NUL byte.
+        self.nul_ends_command = behaviour.nul_ends_command
+        #: The characters a HELO name may have besides letters and digits (None: any).
+        self.hello_name_characters: frozenset[str] | None = (
+            None
+            if behaviour.hello_name_characters is None
+            else frozenset(behaviour.hello_name_characters)
+        )
         #: name -> ready reply, or None for a reply with placeholders.
         self.static: Callable[[str], Reply | None] = persona.static_lookup
         self.overridden = persona.overridden
@@ -473,6 +491,14 @@ class ServerConnection:
         self.tls_active = True
         self._buf.clear()
         self._pos = 0
+        if self._look.behaviour.hello_kept_after_tls and self.helo_name is not None:
+            # Sendmail keeps the greeting across the upgrade: MAIL needs no new EHLO.
+            self._abort_transaction()
+            self.authenticated_as = None
+            self.state = State.READY
+            if self.esmtp:
+                self._extensions = frozenset(c.split(" ", 1)[0] for c in self._capabilities())
+            return
         self._reset_session()
         self.state = State.CONNECTED
 
@@ -571,11 +597,18 @@ class ServerConnection:
         if in_auth:
             self._sasl = None
             self._sasl_final_reply = None
-            self.state = State.READY
-        self._events.append(LimitExceeded(Limit.COMMAND_LINE_LENGTH, closing=False))
+            self.state = self._after_auth()
+        close = self._look.close_long_lines and not in_auth
+        self._events.append(LimitExceeded(Limit.COMMAND_LINE_LENGTH, closing=close))
         self._reject(b"", self._r("auth_line_too_long" if in_auth else "line_too_long"), bad=True)
+        if close:
+            self._enter_closed(Limit.COMMAND_LINE_LENGTH.value)
 
     def _command(self, line: bytes) -> None:
+        if self._look.nul_ends_command:
+            nul = line.find(0)
+            if nul >= 0:
+                line = line[:nul]  # as a C string ends (Sendmail)
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
@@ -583,16 +616,13 @@ class ServerConnection:
             return
         verb, _, arg = text.partition(" ")
         verb = verb.upper()
-        if (
-            self._look.behaviour.sync_check
-            and self._pos < len(self._buf)
-            and self._breaks_sync(verb)
-        ):
+        if self._look.sync and self._pos < len(self._buf) and self._breaks_sync(verb):
             return
         rule = self._look.ready.get(verb)
         if rule is None:
             if not text.strip(" \t"):
-                self._reject(line, self._r("empty_line", verb="", command=""), unknown=True)
+                empty = self._r("empty_line", verb="", command=text[:_MAX_ECHO])
+                self._reject(line, empty, unknown=True)
                 return
             rule = self._known_verb(line, text, verb)
             if rule is None:
@@ -618,13 +648,27 @@ class ServerConnection:
 
     def _breaks_sync(self, verb: str) -> bool:
         """Step 0 of a persona with sync_check: input already behind a command that must
-        end a pipelined group. Answers, closes and returns True when it does."""
-        if verb in SYNC_VERBS_UNPIPELINED:
-            if "PIPELINING" in self._extensions:
+        end a pipelined group. Answers, closes (or refuses the session) and returns True
+        when it does."""
+        if self.state is State.REFUSED:
+            return False  # refused already: only QUIT is served
+        behaviour = self._look.behaviour
+        piped = "PIPELINING" in self._extensions
+        if behaviour.sync_until_pipelining and not piped:
+            pass  # Sendmail: nothing may be pipelined before PIPELINING was offered
+        elif not behaviour.sync_check:
+            return False
+        elif verb in SYNC_VERBS_UNPIPELINED:
+            if piped:
                 return False
         elif verb not in SYNC_VERBS and verb in self._look.rules:
             return False  # MAIL/RCPT/RSET aside, only these and unknown verbs must sync
         self._send(self._r("synchronization_error"))
+        if behaviour.sync_error_refuses:
+            self._abort_transaction()
+            self.state = State.REFUSED
+            self._events.append(CommandRejected(b"", self._r("synchronization_error")))
+            return True
         self._enter_closed("synchronization-error")
         return True
 
@@ -641,6 +685,11 @@ class ServerConnection:
             self._events.append(CommandRejected(line, forbidden))
             self._enter_closed("forbidden-command")
             return None
+        if rule is None and verb in self._look.behaviour.unimplemented_commands:
+            # A verb the product knows and refuses (Sendmail: TURN, SEND, SAML, SOML).
+            refusal = self._r("not_implemented", verb=verb, command=text[:_MAX_ECHO])
+            self._reject(line, refusal, bad=True)
+            return None
         if (
             rule is None
             or not verb.isascii()
@@ -654,7 +703,7 @@ class ServerConnection:
             return None
         if not self._offered(rule):
             name = "xclient_not_allowed" if verb in ("XCLIENT", "XFORWARD") else "not_implemented"
-            self._reject(line, self._r(name, verb=verb), bad=True)
+            self._reject(line, self._r(name, verb=verb, command=text[:_MAX_ECHO]), bad=True)
             return None
         return rule
 
@@ -698,7 +747,7 @@ class ServerConnection:
             if (
                 state is State.CONNECTED
                 and verb in BEFORE_MAIL
-                and not self._look.behaviour.hello_required
+                and (not behaviour.hello_required or behaviour.sequence_before_hello)
             ):
                 state = State.READY  # no HELO needed: what is missing is MAIL
             name = SEQUENCE_REPLIES.get(state, "bad_sequence")
@@ -711,7 +760,9 @@ class ServerConnection:
                 name = "data_need_mail"
             elif verb == "ETRN" and in_transaction:
                 name = "etrn_in_transaction"
-            elif verb in ("STARTTLS", "AUTH", "XCLIENT", "XFORWARD") and in_transaction:
+            elif verb == "STARTTLS" and in_transaction:
+                name = "tls_in_transaction"
+            elif verb in ("AUTH", "XCLIENT", "XFORWARD") and in_transaction:
                 name = "not_in_transaction"
             elif verb in ("VRFY", "EXPN") and state is State.CONNECTED:
                 name = "vrfy_need_hello"
@@ -739,9 +790,23 @@ class ServerConnection:
                 self._reject(line, self._r("hello_syntax", verb=rule.verb), bad=True)
                 return
             arg = arg.split()[0]  # the product takes the first word as the name
+        if not self._hello_name_ok(arg):
+            self._reject(line, self._r("hello_bad_name", verb=rule.verb), bad=True)
+            return
         if not self._sequence_ok(rule, line):
             return
         self._pause(Hello(rule.verb, arg))
+
+    def _hello_name_ok(self, name: str) -> bool:
+        """The persona's check of a HELO name's characters and length (Sendmail's)."""
+        behaviour = self._look.behaviour
+        limit = behaviour.hello_name_max_length
+        if limit is not None and len(name) > limit:
+            return False
+        allowed = self._look.hello_name_characters
+        if allowed is None:
+            return True
+        return all((c.isascii() and c.isalnum()) or c in allowed for c in name)
 
     def _cmd_mail(self, rule: Rule, line: bytes, arg: str) -> None:
         parsed = self._envelope_command(rule, line, arg, "FROM:", parse_reverse_path)
@@ -907,7 +972,18 @@ class ServerConnection:
             for v, r in self._look.rules.items()
             if self._verb_in_mode(r) and self._offered(r) and v not in self._look.hidden_verbs
         )
-        self._send(self._r("help", commands=" ".join(verbs)))
+        general = self._r("help", commands=" ".join(verbs))
+        persona = self._look.persona
+        if arg and persona.help_topics:
+            lines = persona.help_topic(arg)
+            if lines is None:
+                # Sendmail: 'HELP topic "xyzzy" unknown', the word lower-cased, cut to 10.
+                topic = arg.strip().lower()[:_HELP_TOPIC_ECHO]
+                self._reject(line, self._r("help_unknown_topic", topic=topic))
+                return
+            # The topic's lines, closed by the general text's last line (End of HELP info).
+            general = Reply(general.code, general.status, (*lines, general.lines[-1]))
+        self._send(general)
 
     def _cmd_verify(self, rule: Rule, line: bytes, arg: str) -> None:
         if not self._sequence_ok(rule, line):
@@ -1121,7 +1197,7 @@ class ServerConnection:
         if reply is None or reply.is_positive:
             self.authenticated_as = point.username
             self._sasl = None
-            self.state = State.READY
+            self.state = self._after_auth()
             self._send(reply or self._r("auth_ok"))
             return
         if point.mechanism == "XOAUTH2" and reply.is_permanent:
@@ -1260,7 +1336,7 @@ class ServerConnection:
             result = mechanism.step(decode_response(line, allow_empty_marker=False))
         except SaslError as exc:
             self._sasl = None
-            self.state = State.READY
+            self.state = self._after_auth()
             self._send(self._refusal("auth_malformed", exc.reply))
             return
         self._sasl_result(result)
@@ -1270,12 +1346,17 @@ class ServerConnection:
             self.state = State.AUTH
             self._out += b"334 " + encode_challenge(result.data) + b"\r\n"
             return
-        self.state = State.READY
+        self.state = self._after_auth()
         self._pause(result)
+
+    def _after_auth(self) -> State:
+        """The state an AUTH exchange returns to: READY, or CONNECTED when it came before
+        HELO/EHLO (behaviour allowed_before_hello: the greeting is still owed)."""
+        return State.READY if self.helo_name is not None else State.CONNECTED
 
     def _auth_failed(self, reply: Reply) -> None:
         self._sasl = None
-        self.state = State.READY
+        self.state = self._after_auth()
         self._auth_failures += 1
         self._send(reply)
         if reply.code == 421:  # the reply already closes the session (a policy's refusal)

@@ -45,8 +45,9 @@ unknown_command            unknown verb, or a hidden extension's verb        {ve
                                                                              (the line, cut to
                                                                              200 characters)
 invalid_utf8               a command line that is not UTF-8                  -
-not_implemented            a verb switched off in the config                 {verb}
-line_too_long              a command line over the limit                     -
+not_implemented            a verb switched off in the config, or one in      {verb}, {command}
+                           behaviour ``unimplemented_commands``              (the line)
+line_too_long              a command line over the limit                     {client_ip}
 auth_line_too_long         an AUTH exchange line over the limit              -
 control_characters         control characters in a command line              -
 argument_not_allowed       an argument to RSET, DATA, QUIT...                {verb}
@@ -90,8 +91,9 @@ shutting_down              the server closes the session (shutdown)          -
 idle_timeout               the server closes an idle session                 -
 syntax_error               not sent by the engine (for servers, plugins)     -
 bad_address                not sent by the engine (for servers, plugins)     -
-empty_line                 an empty command line [f]_                        {verb}, {command}
-                                                                             (both empty)
+empty_line                 an empty command line [f]_                        {verb} (empty),
+                                                                             {command} (its
+                                                                             blanks)
 hello_argument_required    HELO/EHLO/LHLO without an argument [f]_           {verb}
 mail_argument_required     MAIL without an argument [f]_                     {verb}
 rcpt_argument_required     RCPT without an argument [f]_                     {verb}
@@ -101,7 +103,7 @@ auth_argument_required     AUTH without a mechanism [f]_                     {ve
 data_need_mail             DATA/BDAT before MAIL [f]_                        {verb}
 auth_bad_base64_initial    an AUTH initial response that is not base64 [f]_  -
 size_syntax                MAIL with a SIZE= that is not a number [f]_       {parameter}, {detail}
-xclient_not_allowed        XCLIENT/XFORWARD from a client not trusted [f]_   {verb}
+xclient_not_allowed        XCLIENT/XFORWARD from a client not trusted [f]_   {verb}, {command}
 forbidden_command          a forbidden or bogus command (behaviour           {verb}
                            ``forbidden_commands``); then closes
 etrn_in_transaction        ETRN inside a mail transaction [f]_               {verb}
@@ -125,6 +127,13 @@ proxy_refused              server: a bad or missing PROXY header             {cl
 early_talker               server: a client that talks before the banner     {client_ip}
 synchronization_error      input behind a command that must end a pipelined  -
                            group (behaviour ``sync_check``); then closes
+hello_bad_name             a HELO name the behaviour's name check refuses    {verb}
+                           [f]_
+tls_in_transaction         STARTTLS in a mail transaction [f]_               {verb}
+null_recipient             ``RCPT TO:<>`` [*]_ [f]_                          {detail}
+help_unknown_topic         HELP with a topic not in ``help_topics``          {topic} (lower
+                                                                             case, its first
+                                                                             10 characters)
 prdr_sender_ok             MAIL with PRDR accepted [f]_                      {address}
 prdr_start                 after a PRDR message (must stay 353)              -
 prdr_recipient_ok          a PRDR message's reply for one recipient          {address}
@@ -196,7 +205,7 @@ _PLACEHOLDERS_BY_NAME.update(
         "expn_default": _allowed("address"),
         "help": _allowed("commands", "software"),
         "unknown_command": _allowed("verb", "command"),
-        "not_implemented": _allowed("verb"),
+        "not_implemented": _allowed("verb", "command"),
         "argument_not_allowed": _allowed("verb"),
         "argument_required": _allowed("verb"),
         "hello_syntax": _allowed("verb"),
@@ -207,7 +216,12 @@ _PLACEHOLDERS_BY_NAME.update(
         "bad_parameter": _allowed("detail", "parameter"),
         "unknown_parameter": _allowed("detail", "parameter", "keyword"),
         "size_syntax": _allowed("detail", "parameter"),
-        "xclient_not_allowed": _allowed("verb"),
+        "xclient_not_allowed": _allowed("verb", "command"),
+        "line_too_long": _allowed("client_ip"),
+        "hello_bad_name": _allowed("verb"),
+        "tls_in_transaction": _allowed("verb"),
+        "help_unknown_topic": _allowed("topic"),
+        "null_recipient": _allowed("detail"),
         "forbidden_command": _allowed("verb"),
         "auth_malformed": _allowed("detail"),
         "too_many_recipients": _allowed("max_recipients"),
@@ -259,6 +273,9 @@ FALLBACKS: Mapping[str, str] = MappingProxyType(
         "vrfy_unqualified": "vrfy_default",
         "too_many_unknown_commands": "too_many_errors",
         "etrn_in_transaction": "not_in_transaction",
+        "hello_bad_name": "hello_syntax",
+        "tls_in_transaction": "not_in_transaction",
+        "null_recipient": "bad_recipient_address",
     }
 )
 #: Reply name -> the placeholders its text may use.
@@ -279,6 +296,7 @@ PASS_THROUGH: frozenset[str] = frozenset(
         "bad_parameter",
         "unknown_parameter",
         "auth_malformed",
+        "null_recipient",
     }
 )
 #: Replies the state machine recognizes by their exact code.
@@ -495,6 +513,12 @@ class Persona:
     #: session may use); empty: the default text.
     help: tuple[str, ...] = ()
     help_code: int = 214
+    #: HELP per topic (a Sendmail helpfile): topic name (lower case) -> its lines. HELP
+    #: with an argument answers the lines of every topic whose name starts with it
+    #: (lower-cased), in this order, closed by the general HELP text's last line ("End of
+    #: HELP info"); an argument no topic starts with gets ``help_unknown_topic``. Empty:
+    #: every HELP gets the general text.
+    help_topics: Mapping[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
     #: Whether enhanced status codes are written (and ENHANCEDSTATUSCODES offered).
     enhanced_status_codes: bool = True
     #: How the product behaves where it differs from mailgate (mailgate.protocol.behaviour).
@@ -509,9 +533,13 @@ class Persona:
     _banner: _Template = field(init=False, repr=False, compare=False)
     _ehlo: _Template = field(init=False, repr=False, compare=False)
     _helo: _Template = field(init=False, repr=False, compare=False)
+    _help_rendered: Mapping[str, tuple[str, ...]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         put = object.__setattr__
+        given_topics, rendered_topics = _help_topics(self.help_topics)
+        put(self, "help_topics", MappingProxyType(given_topics))
+        put(self, "_help_rendered", rendered_topics)
         if isinstance(self.help, str):
             put(self, "help", (self.help,))
         else:
@@ -718,6 +746,18 @@ class Persona:
         (values: the banner's and helo)."""
         return (self._ehlo if esmtp else self._helo).render(values).lines[0]
 
+    def help_topic(self, argument: str) -> tuple[str, ...] | None:
+        """The lines of every HELP topic whose name starts with ``argument`` (case does
+        not matter), or None when no topic does (see :attr:`help_topics`)."""
+        word = argument.strip().lower()
+        lines = [
+            line
+            for name, text in self._help_rendered.items()
+            if name.startswith(word)
+            for line in text
+        ]
+        return tuple(lines) if lines else None
+
     @property
     def overridden(self) -> frozenset[str]:
         """The reply names this persona changes."""
@@ -747,6 +787,31 @@ class Persona:
             last = len(order)
             caps.sort(key=lambda c: order.get(c.split(" ", 1)[0], last))
         return caps
+
+
+def _help_topics(
+    topics: object,
+) -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]:
+    """``help_topics`` checked (lower-case names, printable ASCII lines without
+    placeholders, braces written ``{{``/``}}``): as given, and as sent (unescaped)."""
+    if not isinstance(topics, Mapping):
+        raise PersonaError(f"help_topics: give a mapping of topic -> lines, not {topics!r}")
+    given: dict[str, tuple[str, ...]] = {}
+    out: dict[str, tuple[str, ...]] = {}
+    for name, lines in topics.items():
+        where = f"help_topics: topic {name!r}"
+        if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9-][a-z0-9_.+-]{0,30}", name):
+            raise PersonaError(f"{where}: a topic is a lower-case word (letters, digits, -_.+)")
+        if isinstance(lines, str) or not isinstance(lines, Iterable):
+            raise PersonaError(f"{where}: give a list of lines")
+        text = tuple(lines)
+        if not text or not all(isinstance(line, str) for line in text):
+            raise PersonaError(f"{where}: give a non-empty list of lines")
+        for line in text:
+            placeholders_in(line, frozenset(), where)
+        given[name] = text
+        out[name] = tuple(line.format_map({}) for line in text)
+    return given, out
 
 
 #: mailgate's own look (ProtocolConfig's default).

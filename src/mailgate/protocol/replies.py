@@ -222,8 +222,17 @@ PROXY_REFUSED = Reply(421, "4.7.0", ("PROXY header missing or invalid",))
 EARLY_TALKER = Reply(554, "5.5.1", ("Protocol error: data sent before the greeting",))
 # A persona with sync_check: input behind a command that must end a pipelined group.
 SYNCHRONIZATION_ERROR = Reply(554, "5.5.0", ("SMTP synchronization error",))
+# Behaviour hello_name_characters / hello_name_max_length: a HELO name the product refuses.
+HELLO_BAD_NAME = Reply(501, "5.5.4", ("Syntax: {verb} hostname",))
+# STARTTLS inside a mail transaction, where the product words it apart from AUTH's
+# (Sendmail: "TLS not permitted during a mail transaction").
+TLS_IN_TRANSACTION = Reply(503, "5.5.1", ("{verb} is not allowed inside a mail transaction",))
+# HELP with a topic the persona's help_topics do not have (only with help_topics).
+HELP_UNKNOWN_TOPIC = Reply(504, "5.3.0", ('HELP topic "{topic}" unknown',))
 # Pass-through names: by default the parser's own reply is sent (its text is {detail}).
 BAD_SENDER_ADDRESS = Reply(501, "5.1.7", ("{detail}",))
 BAD_RECIPIENT_ADDRESS = Reply(501, "5.1.3", ("{detail}",))
 PARAMETER_SYNTAX = Reply(501, "5.5.4", ("{detail}",))
 AUTH_MALFORMED = Reply(501, "5.5.2", ("{detail}",))
+# RCPT TO:<> (the parser's reply; a persona may word it apart from other bad paths).
+NULL_RECIPIENT = Reply(501, "5.1.3", ("Null recipient address not allowed",))

@@ -30,6 +30,7 @@ from mailgate.protocol import (
 )
 from mailgate.protocol.persona import (
     DEFAULT_PERSONA,
+    ECHO_PLACEHOLDERS,
     KEYWORDS,
     PASS_THROUGH,
     PLACEHOLDERS,
@@ -191,8 +192,11 @@ def test_every_name_has_its_placeholders_documented() -> None:
     for name in REPLY_NAMES:
         match = re.search(rf"^{name} .*\n(?: .*\n)*", doc, re.M)
         assert match, f"{name} is not documented"
-        for placeholder in PLACEHOLDERS[name] - {"hostname"}:
+        # The echo placeholders have a paragraph of their own, with where they are valid.
+        for placeholder in PLACEHOLDERS[name] - {"hostname"} - ECHO_PLACEHOLDERS:
             assert f"{{{placeholder}}}" in match.group(), (name, placeholder)
+    for placeholder in ECHO_PLACEHOLDERS:
+        assert f"``{{{placeholder}}}``" in doc, placeholder
 
 
 # --- overrides --------------------------------------------------------------------------------
@@ -657,7 +661,10 @@ def test_help_as_a_reply_override_and_hidden_verbs_left_out() -> None:
             "unknown reply name 'sender_okay' (did you mean 'sender_ok'?)",
         ),
         ({"replies": {"bye": "Bye {address}"}}, "reply 'bye': unknown placeholder {address}"),
-        ({"replies": {"sender_ok": "{adress} ok"}}, "allowed: {address}, {hostname}"),
+        (
+            {"replies": {"sender_ok": "{adress} ok"}},
+            "allowed: {address}, {argument}, {hostname}, {parameters}, {path}",
+        ),
         ({"replies": {"bye": "Bye {"}}, "reply 'bye': Single '{' encountered"),
         ({"replies": {"bye": "Bye }"}}, "reply 'bye': Single '}' encountered"),
         ({"replies": {"sender_ok": "{address:>10}"}}, "takes no format spec"),

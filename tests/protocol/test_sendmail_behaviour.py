@@ -43,7 +43,7 @@ def closed(s: Session) -> bool:
 def test_transaction_checked_before_the_greeting() -> None:
     s = Session.start(BASE)
     assert s.send(b"RCPT TO:<a@b.test>\r\n") == [(503, "5.5.1 Send HELO/EHLO first")]
-    s = Session.start(config(Behaviour(sequence_before_hello=True)))
+    s = Session.start(config(Behaviour(sender_before_hello=True)))
     assert s.send(b"RCPT TO:<a@b.test>\r\n") == [(503, "5.5.1 Send MAIL first")]
     assert s.send(b"MAIL FROM:<a@b.test>\r\n") == [(503, "5.5.1 Send HELO/EHLO first")]
 

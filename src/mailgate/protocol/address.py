@@ -97,7 +97,7 @@ def split_path_and_params(argument: str) -> tuple[str, str]:
             Reply(501, "5.5.2", ("Syntax error: address must be enclosed in <>",)),
             f"no <path> in {argument!r}",
         )
-    end = _closing_bracket(text)
+    end = closing_bracket(text)
     if end < 0:
         raise AddressError(
             Reply(501, "5.5.2", ("Syntax error: unterminated <address>",)),
@@ -112,8 +112,9 @@ def split_path_and_params(argument: str) -> tuple[str, str]:
     return path, rest.strip(" ")
 
 
-def _closing_bracket(text: str) -> int:
-    """Index of the ``>`` that closes the path starting at ``text[0]``, or -1."""
+def closing_bracket(text: str) -> int:
+    """Index of the ``>`` that closes the path starting at ``text[0]``, or -1 (``>``
+    inside a quoted local part or an address literal does not close it)."""
     quoted = literal = escaped = False
     for i in range(1, len(text)):
         c = text[i]

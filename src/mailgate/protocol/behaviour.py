@@ -90,7 +90,7 @@ size_value_ignored_if_bad False     ``MAIL ... SIZE=abc`` is taken as if SIZE we
 size_without_number    False        EHLO lists ``SIZE`` without a number, as Sendmail does
                                     with MaxMessageSize 0 (no limit of its own); the
                                     server's limit is still enforced.
-sequence_before_hello  False        RCPT, DATA and BDAT before HELO/EHLO are answered as before
+sender_before_hello    False        RCPT, DATA and BDAT before HELO/EHLO are answered as before
                                     MAIL (``need_mail``, ``data_need_mail``) even with
                                     ``hello_required``: the product checks the
                                     transaction first (Sendmail's needmailhelo covers MAIL
@@ -169,7 +169,7 @@ class Behaviour:
     size_without_number: bool = False
     domain_literals: bool = True
     size_value_ignored_if_bad: bool = False
-    sequence_before_hello: bool = False
+    sender_before_hello: bool = False
     allowed_before_hello: frozenset[str] = frozenset()
     hello_name_characters: str | None = None
     hello_name_max_length: int | None = None
@@ -196,7 +196,7 @@ class Behaviour:
             "size_without_number",
             "domain_literals",
             "size_value_ignored_if_bad",
-            "sequence_before_hello",
+            "sender_before_hello",
             "nul_ends_command",
             "sync_until_pipelining",
             "sync_error_refuses",

@@ -63,7 +63,7 @@ from .events import (
     Xforward,
 )
 from .params import ParamContext, ParamError, parse_params, split_params
-from .persona import CONSTANT_NAMES, CurrentDate
+from .persona import CONSTANT_NAMES, ECHO_PLACEHOLDERS, CurrentDate, echo_values
 from .replies import Reply
 from .rules import (
     ARGUMENT_REPLIES,
@@ -289,16 +289,31 @@ def _common_value(config: ProtocolConfig, client_ip: str, key: str) -> object:
 
 class _Values(dict[str, object]):
     """Placeholder values: the ones given, then the connection's common ones (hostname,
-    client_ip, date...), computed only when a text uses them."""
+    client_ip, date...) and the echo of the command being answered (persona.echo_values),
+    computed only when a text uses them."""
 
-    __slots__ = ("_client_ip", "_config")
+    __slots__ = ("_client_ip", "_config", "_said", "_said_verb")
 
-    def __init__(self, config: ProtocolConfig, client_ip: str, values: dict[str, object]) -> None:
+    def __init__(
+        self,
+        config: ProtocolConfig,
+        client_ip: str,
+        values: dict[str, object],
+        said_verb: str = "",
+        said: str = "",
+    ) -> None:
         super().__init__(values)
         self._config = config
         self._client_ip = client_ip
+        self._said_verb = said_verb
+        self._said = said
 
     def __missing__(self, key: str) -> object:
+        if key in ECHO_PLACEHOLDERS:
+            echoed = echo_values(self._said_verb, self._said)
+            for name, value in echoed.items():
+                self.setdefault(name, value)
+            return echoed[key]
         return _common_value(self._config, self._client_ip, key)
 
 
@@ -329,6 +344,8 @@ class ServerConnection:
         "_out",
         "_pending",
         "_pos",
+        "_said",
+        "_said_verb",
         "_sasl",
         "_sasl_final_reply",
         "_short_line",
@@ -383,6 +400,10 @@ class ServerConnection:
         self._errors = 0
         self._auth_failures = 0
         self._skipping_long_line = False
+        #: The command line being answered, for the persona's echo placeholders: its verb
+        #: (upper-case; empty for a line of an AUTH exchange) and what followed it.
+        self._said_verb = ""
+        self._said = ""
 
         self._dot: DotReader | None = None
         self._bdat: BdatReader | None = None
@@ -594,6 +615,7 @@ class ServerConnection:
 
     def _line_too_long(self) -> None:
         in_auth = self.state is State.AUTH
+        self._said_verb = self._said = ""  # nothing of the line is echoed
         if in_auth:
             self._sasl = None
             self._sasl_final_reply = None
@@ -612,10 +634,13 @@ class ServerConnection:
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
+            self._said_verb = self._said = ""
             self._reject(line, self._r("invalid_utf8"), unknown=True)
             return
         verb, _, arg = text.partition(" ")
         verb = verb.upper()
+        self._said_verb = verb
+        self._said = arg
         if self._look.sync and self._pos < len(self._buf) and self._breaks_sync(verb):
             return
         rule = self._look.ready.get(verb)
@@ -747,7 +772,7 @@ class ServerConnection:
             if (
                 state is State.CONNECTED
                 and verb in BEFORE_MAIL
-                and (not behaviour.hello_required or behaviour.sequence_before_hello)
+                and (not behaviour.hello_required or behaviour.sender_before_hello)
             ):
                 state = State.READY  # no HELO needed: what is missing is MAIL
             name = SEQUENCE_REPLIES.get(state, "bad_sequence")
@@ -1100,9 +1125,7 @@ class ServerConnection:
             first = reply.lines[0]
         else:
             persona = self._look.persona
-            first = persona.greeting_line(
-                self.esmtp, _Values(self.config, self.client_ip, {"helo": point.domain})
-            )
+            first = persona.greeting_line(self.esmtp, self._values({"helo": point.domain}))
         code = reply.code if reply is not None else 250
         self._out += Reply(code, None, (first, *capabilities)).render(enhanced=False)
 
@@ -1332,6 +1355,8 @@ class ServerConnection:
             return
         mechanism = self._sasl
         assert mechanism is not None
+        self._said_verb = ""
+        self._said = line.decode("ascii", "replace")
         try:
             result = mechanism.step(decode_response(line, allow_empty_marker=False))
         except SaslError as exc:
@@ -1442,12 +1467,13 @@ class ServerConnection:
         reply = self._look.static(name)
         if reply is not None:
             return reply
-        return self._look.persona.format_map(name, _Values(self.config, self.client_ip, values))
+        return self._look.persona.format_map(name, self._values(values))
+
+    def _values(self, values: dict[str, object]) -> _Values:
+        return _Values(self.config, self.client_ip, values, self._said_verb, self._said)
 
     def _banner(self) -> Reply:
-        return self._look.banner or self._look.persona.banner_reply(
-            _Values(self.config, self.client_ip, {})
-        )
+        return self._look.banner or self._look.persona.banner_reply(self._values({}))
 
     def _refusal(self, name: str, reply: Reply, /, **values: object) -> Reply:
         """A parser's reply as the persona words it: a standard constant
@@ -1456,9 +1482,7 @@ class ServerConnection:
         if not self._look.overridden:
             return reply
         name = CONSTANT_NAMES.get(id(reply), name)
-        return self._look.persona.adapt(
-            name, reply, _Values(self.config, self.client_ip, dict(values))
-        )
+        return self._look.persona.adapt(name, reply, self._values(dict(values)))
 
     def _adapt(self, reply: Reply, /, **values: object) -> Reply:
         """A standard constant given by the caller (``replies.AUTH_FAILED``) as the persona
@@ -1468,7 +1492,7 @@ class ServerConnection:
         name = CONSTANT_NAMES.get(id(reply))
         if name is None:
             return reply
-        return self._look.persona.adapt(name, reply, _Values(self.config, self.client_ip, values))
+        return self._look.persona.adapt(name, reply, self._values(values))
 
     def _adapt_answer(self, point: PolicyPoint, reply: Reply) -> Reply:
         if isinstance(point, MailFrom | RcptTo):

@@ -20,6 +20,21 @@ reply's class: a positive reply stays in its 2xx/3xx class (``start_data`` must 
 Values put into placeholders are cleaned: control characters become ``?``, ``None`` the
 empty string.
 
+Echoing the client's words (products repeat what the client wrote: Exim's ``501
+<a@b: '>' missing at end of address``, Sendmail's ``a@b... Sender ok``): these
+placeholders are filled from the command line being answered, made safe by :func:`echo`
+(printable ASCII only, anything else becomes ``?``; at most :data:`ECHO_LIMIT`
+characters, longer ones cut and ending in ``...``; so never a CR or LF):
+
+- ``{argument}``: what followed the verb, spaces around it stripped (for MAIL and RCPT
+  what followed ``FROM:``/``TO:``; for a line of an AUTH exchange, the line). Valid in
+  every reply sent in answer to a command (all names but :data:`NOT_ANSWERS`).
+- ``{path}`` and ``{parameters}``: MAIL/RCPT's path exactly as written (``<a@b>``,
+  ``a@b``, or all of an unterminated ``<a@b``) and the parameter text after it. Valid in
+  the replies only MAIL and RCPT get (:data:`ENVELOPE_REPLIES`).
+- ``{response}``: AUTH's initial response, or the line of the AUTH exchange. Valid in
+  the AUTH replies (:data:`AUTH_REPLIES`).
+
 =========================  ================================================  ===================
 name                       sent when                                         placeholders
 =========================  ================================================  ===================
@@ -164,6 +179,7 @@ from datetime import datetime
 from types import MappingProxyType
 
 from . import replies
+from .address import closing_bracket
 from .behaviour import DEFAULT_BEHAVIOUR, Behaviour
 from .replies import Reply, ReplyError
 
@@ -252,6 +268,70 @@ _PLACEHOLDERS_BY_NAME.update(
         "early_talker": _allowed("client_ip"),
     }
 )
+
+#: Replies not sent in answer to a command line (outside the dialogue, on the server's
+#: initiative, at the end of message data, or only by servers and plugins): no client
+#: words to echo in them.
+NOT_ANSWERS: frozenset[str] = frozenset(
+    {
+        "too_many_clients",
+        "too_many_from_ip",
+        "proxy_required",
+        "proxy_refused",
+        "early_talker",
+        "shutting_down",
+        "idle_timeout",
+        "message_queued",
+        "message_accepted",
+        "prdr_start",
+        "prdr_recipient_ok",
+        "syntax_error",
+        "bad_address",
+    }
+)
+#: Replies only ever sent in answer to MAIL or RCPT: {path} and {parameters} (the
+#: client's path and parameters as written) are theirs.
+ENVELOPE_REPLIES: frozenset[str] = frozenset(
+    {
+        "sender_ok",
+        "recipient_ok",
+        "prdr_sender_ok",
+        "bad_sender_address",
+        "bad_recipient_address",
+        "parameter_syntax",
+        "bad_parameter",
+        "unknown_parameter",
+        "size_syntax",
+        "domain_literal",
+        "smtputf8_required",
+        "too_many_recipients",
+        "sender_already_specified",
+        "mail_syntax",
+        "rcpt_syntax",
+    }
+)
+#: Replies to AUTH and its exchange: {response} (the client's SASL response) is theirs.
+AUTH_REPLIES: frozenset[str] = frozenset(
+    {
+        "auth_ok",
+        "auth_failed",
+        "auth_malformed",
+        "auth_cancelled",
+        "auth_bad_base64",
+        "auth_bad_base64_initial",
+        "auth_unknown_mechanism",
+        "auth_line_too_long",
+    }
+)
+#: The placeholders that echo the client's own words (see :func:`echo`).
+ECHO_PLACEHOLDERS = frozenset({"argument", "path", "parameters", "response"})
+for _name in REPLY_NAMES - NOT_ANSWERS:
+    _PLACEHOLDERS_BY_NAME[_name] = _PLACEHOLDERS_BY_NAME[_name] | {"argument"}
+for _name in ENVELOPE_REPLIES:
+    _PLACEHOLDERS_BY_NAME[_name] = _PLACEHOLDERS_BY_NAME[_name] | {"path", "parameters"}
+for _name in AUTH_REPLIES:
+    _PLACEHOLDERS_BY_NAME[_name] = _PLACEHOLDERS_BY_NAME[_name] | {"response"}
+del _name
 #: Specific name -> the general name whose reply it gets when a persona does not
 #: override it (the protocol always sends the specific name).
 FALLBACKS: Mapping[str, str] = MappingProxyType(
@@ -397,6 +477,62 @@ class CurrentDate:
 
     def __str__(self) -> str:
         return format_date(self.clock(), padded=self.padded, gmt=self.gmt)
+
+
+#: The longest echo of the client's words (characters); a longer one is cut and ends
+#: with "...". Products echo the whole line; a bound keeps the reply within reason.
+ECHO_LIMIT = 400
+# Everything but printable ASCII (TAB, controls, DEL, any non-ASCII character).
+_NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]")
+
+
+def echo(text: str, limit: int = ECHO_LIMIT) -> str:
+    """The client's words as a reply may show them: printable ASCII only (anything else,
+    CR and LF among it, becomes ``?``), at most ``limit`` characters (longer: cut, with
+    ``...``). Braces are safe: values are never formatted again."""
+    if len(text) > limit:
+        text = text[: max(limit - 3, 0)] + "..."
+    if text.isascii() and text.isprintable():
+        return text
+    return _NOT_PRINTABLE.sub("?", text)
+
+
+def split_written_path(text: str) -> tuple[str, str]:
+    """What follows ``FROM:``/``TO:`` (spaces before it stripped) as the client wrote it:
+    the path (``<a@b>``, a bare ``a@b``, or all of an unterminated ``<a@b``) and the
+    parameter text after it."""
+    if text.startswith("<"):
+        end = closing_bracket(text)
+        if end < 0:
+            return text, ""
+        return text[: end + 1], text[end + 1 :].strip(" ")
+    path, _, rest = text.partition(" ")
+    return path, rest.strip(" ")
+
+
+def echo_values(verb: str, argument: str) -> dict[str, str]:
+    """The echo placeholders for a command (``verb`` upper-case, ``argument`` what
+    followed it; ``verb`` empty for a line of an AUTH exchange), made safe with
+    :func:`echo`: ``argument`` (after ``FROM:``/``TO:`` for MAIL/RCPT), ``path`` and
+    ``parameters`` (MAIL/RCPT), ``response`` (AUTH's initial response, or the exchange
+    line)."""
+    text = argument.strip(" ")
+    path = parameters = response = ""
+    if verb in ("MAIL", "RCPT"):
+        keyword = "FROM:" if verb == "MAIL" else "TO:"
+        if text[: len(keyword)].upper() == keyword:
+            text = text[len(keyword) :].lstrip(" ")
+        path, parameters = split_written_path(text)
+    elif verb == "AUTH":
+        response = text.partition(" ")[2].strip(" ")
+    elif not verb:
+        response = text
+    return {
+        "argument": echo(text),
+        "path": echo(path),
+        "parameters": echo(parameters),
+        "response": echo(response),
+    }
 
 
 def clean(value: object) -> str:
@@ -818,11 +954,16 @@ def _help_topics(
 DEFAULT_PERSONA = Persona()
 
 __all__ = [
+    "AUTH_REPLIES",
     "BANNER_PLACEHOLDERS",
     "DEFAULT_PERSONA",
+    "ECHO_LIMIT",
+    "ECHO_PLACEHOLDERS",
+    "ENVELOPE_REPLIES",
     "FALLBACKS",
     "GREETING_PLACEHOLDERS",
     "KEYWORDS",
+    "NOT_ANSWERS",
     "OPT_IN_KEYWORDS",
     "PASS_THROUGH",
     "PLACEHOLDERS",
@@ -831,7 +972,10 @@ __all__ = [
     "Persona",
     "PersonaError",
     "clean",
+    "echo",
+    "echo_values",
     "format_date",
     "local_now",
     "placeholders_in",
+    "split_written_path",
 ]

@@ -25,7 +25,7 @@ the code paths: :func:`rules_for` gives the table a connection applies.
   their accepted states (MAIL, ETRN, AUTH), and RCPT/DATA/BDAT before HELO are answered as
   before MAIL (``need_mail``, ``data_need_mail``) rather than ``need_hello``.
 - ``allowed_before_hello``: those verbs of ``HELLO_GOVERNED`` are accepted in
-  ``CONNECTED`` although ``hello_required``; ``sequence_before_hello``: RCPT/DATA/BDAT
+  ``CONNECTED`` although ``hello_required``; ``sender_before_hello``: RCPT/DATA/BDAT
   before HELO are answered as before MAIL.
 - ``sequence_first``: step 5 comes before step 4 (503 outranks 501), BDAT aside.
 - ``ignored_arguments``: those verbs' argument becomes optional and is ignored.

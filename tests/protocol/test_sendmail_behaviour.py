@@ -13,7 +13,7 @@ import pytest
 
 from mailgate.protocol import Persona, ProtocolConfig, Reply
 from mailgate.protocol.behaviour import Behaviour, BehaviourError
-from mailgate.protocol.events import ConnectionClosed
+from mailgate.protocol.events import ConnectionClosed, RcptTo
 from mailgate.protocol.persona import PersonaError
 
 from .session import Session
@@ -264,3 +264,72 @@ def test_blank_line_echoes_its_blanks() -> None:
     assert s.send(b"   \r\n") == [(500, '5.5.1 Command unrecognized: "   "')]
     s = Session.start(BASE)
     assert s.send(b"   \r\n") == [(500, "5.5.2 Command not recognized")]
+
+
+ECHOING = {
+    "sender_ok": r("250 2.1.0 {path}... Sender ok"),
+    "recipient_ok": r("250 2.1.5 {path}... Recipient ok"),
+    "mail_syntax": r('501 5.5.2 Syntax error in parameters scanning "{word}"'),
+    "rcpt_syntax": r('501 5.5.2 Syntax error in parameters scanning "{word}"'),
+}
+
+
+def test_recipients_echoed_as_sendmail_does() -> None:
+    lenient = Behaviour(lenient_paths=True)
+    s = Session.start(config(lenient, replies=ECHOING))
+    s.cmd("EHLO c.test")
+    assert s.send(b"MAIL FROM:a@b.test\r\n") == [(250, "2.1.0 a@b.test... Sender ok")]
+    assert s.send(b"RCPT TO:c@d.test\r\n") == [(250, "2.1.5 c@d.test... Recipient ok")]
+    # Without the knobs: each as written, an unqualified one too.
+    assert s.send(b"RCPT TO: <c@d.test>\r\n") == [(250, "2.1.5 <c@d.test>... Recipient ok")]
+    assert s.send(b"RCPT TO:<root>\r\n") == [(250, "2.1.5 <root>... Recipient ok")]
+    sendmail = Behaviour(
+        lenient_paths=True, repeated_recipient_as_first=True, unqualified_recipient_qualified=True
+    )
+    s = Session.start(
+        dataclasses.replace(config(sendmail, replies=ECHOING), hostname="mail.x.test")
+    )
+    s.cmd("EHLO c.test")
+    s.cmd("MAIL FROM:<a@b.test>")
+    assert s.send(b"RCPT TO:c@d.test\r\n") == [(250, "2.1.5 c@d.test... Recipient ok")]
+    assert s.send(b"RCPT TO: <c@D.TEST>\r\n") == [(250, "2.1.5 c@d.test... Recipient ok")]
+    assert s.send(b"rcpt to:<C@d.test>\r\n") == [(250, "2.1.5 <C@d.test>... Recipient ok")]
+    assert s.send(b"RCPT TO:<root>\r\n") == [(250, "2.1.5 <root@x.test>... Recipient ok")]
+    assert s.send(b"RCPT TO:<root@x.test>\r\n") == [(250, "2.1.5 <root@x.test>... Recipient ok")]
+    # A new transaction forgets the forms written in the last one.
+    s.cmd("RSET")
+    s.cmd("MAIL FROM:<a@b.test>")
+    assert s.send(b"RCPT TO:<c@d.test>\r\n") == [(250, "2.1.5 <c@d.test>... Recipient ok")]
+
+
+def test_a_refused_recipient_is_not_remembered() -> None:
+    refused: list[str] = []
+
+    def answer(point: object) -> Reply | None:
+        if isinstance(point, RcptTo) and not refused:
+            refused.append(str(point.address))
+            return Reply(550, "5.1.1", ("no",))
+        return None
+
+    cfg = config(Behaviour(repeated_recipient_as_first=True), replies=ECHOING)
+    s = Session.start(cfg, answer=answer)
+    s.cmd("EHLO c.test")
+    s.cmd("MAIL FROM:<a@b.test>")
+    assert s.cmd("RCPT TO: <x@d.test>") == 550
+    assert s.send(b"RCPT TO:<x@d.test>\r\n") == [(250, "2.1.5 <x@d.test>... Recipient ok")]
+
+
+def test_scanned_word_is_echoed() -> None:
+    s = Session.start(config(replies=ECHOING))
+    s.cmd("EHLO c.test")
+    assert s.send(b"MAIL TO:<a@b.test>\r\n") == [
+        (501, '5.5.2 Syntax error in parameters scanning "TO"')
+    ]
+    assert s.send(b"MAIL FROM\r\n") == [(501, '5.5.2 Syntax error in parameters scanning "FROM"')]
+    long_word = b"MAIL " + b"W" * 450 + b"\r\n"
+    ((code, text),) = s.send(long_word)
+    assert code == 501 and len(text) < 500 and text.endswith('..."')
+    s.cmd("MAIL FROM:<a@b.test>")
+    assert s.send(b"RCPT FROM:<c@d.test>\r\n") == [
+        (501, '5.5.2 Syntax error in parameters scanning "FROM"')
+    ]

@@ -114,6 +114,16 @@ sync_until_pipelining  False        Sendmail's pipelining check: until an EHLO o
 sync_error_refuses     False        After ``synchronization_error`` the session serves only
                                     QUIT (``only_quit`` for the rest, as Sendmail does)
                                     instead of closing.
+repeated_recipient_as_first False  A recipient given again in the same transaction is
+                                    echoed (``{path}`` in ``recipient_ok``) as it was written
+                                    the first time: Sendmail answers with the address it
+                                    has already (``RCPT TO: <a@b>`` after ``RCPT TO:a@b``
+                                    says ``a@b... Recipient ok``).
+unqualified_recipient_qualified False An unqualified recipient (``<user>``) is echoed
+                                    (``{path}`` in ``recipient_ok``) with the server's
+                                    domain added, the host name's parent
+                                    (``<user@example.com>`` on mail.example.com), as
+                                    Sendmail qualifies it.
 hello_kept_after_tls   False        After the STARTTLS upgrade MAIL is taken without a new
                                     HELO/EHLO (Sendmail keeps the greeting's state); False:
                                     the session starts over (RFC 3207 4.2).
@@ -178,6 +188,8 @@ class Behaviour:
     sync_until_pipelining: bool = False
     sync_error_refuses: bool = False
     hello_kept_after_tls: bool = False
+    repeated_recipient_as_first: bool = False
+    unqualified_recipient_qualified: bool = False
 
     def __post_init__(self) -> None:
         for name in (
@@ -201,6 +213,8 @@ class Behaviour:
             "sync_until_pipelining",
             "sync_error_refuses",
             "hello_kept_after_tls",
+            "repeated_recipient_as_first",
+            "unqualified_recipient_qualified",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise BehaviourError(f"{name}: expected true or false")

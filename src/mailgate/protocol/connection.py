@@ -63,7 +63,7 @@ from .events import (
     Xforward,
 )
 from .params import ParamContext, ParamError, parse_params, split_params
-from .persona import CONSTANT_NAMES, ECHO_PLACEHOLDERS, CurrentDate, echo_values
+from .persona import CONSTANT_NAMES, ECHO_PLACEHOLDERS, CurrentDate, echo, echo_values
 from .replies import Reply
 from .rules import (
     ARGUMENT_REPLIES,
@@ -111,6 +111,9 @@ class Transaction:
     smtputf8: bool
     recipients: list[Address]
     bdat_size: int = 0
+    #: Each recipient's path as the client first wrote it (made safe to echo), for a
+    #: persona with ``repeated_recipient_as_first``; None otherwise.
+    written: dict[tuple[str, str], str] | None = None
 
 
 class ProtocolError(Exception):
@@ -131,6 +134,7 @@ class _Look:
         "banner",
         "behaviour",
         "close_long_lines",
+        "echoes_recipients",
         "enhanced",
         "error_limit",
         "hello_name_characters",
@@ -160,6 +164,10 @@ class _Look:
         #: Answer a long command line and hang up (Sendmail's 421).
         self.close_long_lines = behaviour.long_lines == "close"
         self.error_limit = behaviour.error_limit
+        #: Whether recipient_ok's {path} is the persona's recipient echo, not the line's.
+        self.echoes_recipients = (
+            behaviour.repeated_recipient_as_first or behaviour.unqualified_recipient_qualified
+        )
         #: Whether a command with input behind it may have to be refused (step 0).
         self.sync = behaviour.sync_check or behaviour.sync_until_pipelining
         #: Cut a command line at its first NUL byte.
@@ -863,7 +871,11 @@ class ServerConnection:
         address is allowed (553). Answers and returns None on the first failure."""
         is_mail = rule.verb == "MAIL"
         if arg[: len(keyword)].upper() != keyword:
-            self._reject(line, self._r("mail_syntax" if is_mail else "rcpt_syntax"), bad=True)
+            # Sendmail's skipword(): the word it scanned, up to a ":" or a space.
+            scanned = _FIRST_WORD.match(arg)
+            word = echo(scanned[0] if scanned is not None else "")
+            name = "mail_syntax" if is_mail else "rcpt_syntax"
+            self._reject(line, self._r(name, word=word), bad=True)
             return None
         lenient = self._look.behaviour.lenient_paths
         try:
@@ -1147,6 +1159,8 @@ class ServerConnection:
         self._send(reply)
 
     def _answer_rcpt(self, point: RcptTo, reply: Reply | None) -> None:
+        if reply is None and self._look.echoes_recipients:
+            reply = self._r("recipient_ok", address=point.address, path=self._recipient_echo(point))
         reply = (
             reply
             or self._look.static("recipient_ok")
@@ -1156,6 +1170,25 @@ class ServerConnection:
             self.transaction.recipients.append(point.address)
             self.state = State.RCPT
         self._send(reply)
+
+    def _recipient_echo(self, point: RcptTo) -> str:
+        """The recipient as the persona echoes it ({path}): as written, qualified with the
+        server's domain (unqualified_recipient_qualified), or as written the first time in
+        this transaction (repeated_recipient_as_first)."""
+        behaviour = self._look.behaviour
+        path = echo_values("RCPT", self._said)["path"]
+        address = point.address
+        if behaviour.unqualified_recipient_qualified and not address.domain:
+            domain = self.config.hostname.partition(".")[2] or self.config.hostname
+            qualified = echo(f"{address.local_part}@{domain}")
+            path = f"<{qualified}>" if path.startswith("<") else qualified
+        tx = self.transaction
+        if behaviour.repeated_recipient_as_first and tx is not None:
+            if tx.written is None:
+                tx.written = {}
+            key = (address.local_part, address.domain.lower())
+            path = tx.written.setdefault(key, path)
+        return path
 
     def _answer_data_start(self, point: DataStart, reply: Reply | None) -> None:
         tx = self.transaction
@@ -1606,6 +1639,8 @@ _ETRN_DOMAIN = re.compile(
 #: A first word that is a mail header's name and colon (``SUBJECT:``), as Postfix's
 #: is_header() sees it.
 _HEADER_NAME = re.compile(r"[!-9;-~]+:")
+#: The first word of MAIL's or RCPT's argument, up to a colon or a space (never fails).
+_FIRST_WORD = re.compile(r"[^: ]*")
 #: An unqualified mailbox (``<root>``): a dot-string local part alone.
 _UNQUALIFIED = re.compile(
     r"<([A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+(?:\.[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+)*)>"

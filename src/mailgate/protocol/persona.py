@@ -68,8 +68,10 @@ control_characters         control characters in a command line              -
 argument_not_allowed       an argument to RSET, DATA, QUIT...                {verb}
 argument_required          no argument to HELO, MAIL, VRFY...                {verb}
 hello_syntax               HELO/EHLO/LHLO with more than a name              {verb}
-mail_syntax                MAIL without ``FROM:``                            -
-rcpt_syntax                RCPT without ``TO:``                              -
+mail_syntax                MAIL without ``FROM:``                            {word} (the first
+                                                                             word, up to a
+                                                                             ``:`` or space)
+rcpt_syntax                RCPT without ``TO:``                              {word}
 bdat_syntax                BDAT with a bad size or last word                 -
 auth_syntax                AUTH with more than two words                     -
 bad_sender_address         MAIL path refused by the parser [*]_              {detail}
@@ -234,6 +236,9 @@ _PLACEHOLDERS_BY_NAME.update(
         "size_syntax": _allowed("detail", "parameter"),
         "xclient_not_allowed": _allowed("verb", "command"),
         "line_too_long": _allowed("client_ip"),
+        # The word Sendmail could not scan ("TO" of "MAIL TO:<a@b>"), echoed safely.
+        "mail_syntax": _allowed("word"),
+        "rcpt_syntax": _allowed("word"),
         "hello_bad_name": _allowed("verb"),
         "tls_in_transaction": _allowed("verb"),
         "help_unknown_topic": _allowed("topic"),
@@ -308,6 +313,7 @@ ENVELOPE_REPLIES: frozenset[str] = frozenset(
         "sender_already_specified",
         "mail_syntax",
         "rcpt_syntax",
+        "null_recipient",
     }
 )
 #: Replies to AUTH and its exchange: {response} (the client's SASL response) is theirs.

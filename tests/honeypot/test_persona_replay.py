@@ -54,7 +54,7 @@ RECORDINGS = {
 #: missing: for Exim mostly its address parser's texts, domain literals, SMTP
 #: synchronisation and BDAT details; for Sendmail addresses echoed as written, VRFY/EXPN
 #: answered from the password file, HELP topics and its own parser texts.
-FLOORS = {"postfix": 404 / 409, "exim": 384 / 409, "sendmail": 401 / 409}
+FLOORS = {"postfix": 404 / 409, "exim": 405 / 409, "sendmail": 405 / 409}
 UNEXPLAINED = "UNEXPLAINED"
 
 

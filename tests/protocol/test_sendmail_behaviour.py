@@ -8,8 +8,11 @@ HELP per topic, and the blank line echoed."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mailgate.protocol import Persona, ProtocolConfig, Reply
 from mailgate.protocol.behaviour import Behaviour, BehaviourError
@@ -333,3 +336,77 @@ def test_scanned_word_is_echoed() -> None:
     assert s.send(b"RCPT FROM:<c@d.test>\r\n") == [
         (501, '5.5.2 Syntax error in parameters scanning "FROM"')
     ]
+
+
+def test_echo_shortened_as_sendmail_shortens() -> None:
+    cfg = config(
+        Behaviour(lenient_paths=True, long_local_parts=True, echo_shortened=203), replies=ECHOING
+    )
+    s = Session.start(cfg)
+    s.cmd("EHLO c.test")
+    local = "a" * 200
+    ((code, text),) = s.send(f"MAIL FROM:<{local}@example.net>\r\n".encode())
+    assert code == 250
+    shown = text.removeprefix("2.1.0 ").removesuffix("... Sender ok")
+    path = f"<{local}@example.net>"
+    assert shown == path[:100] + "..." + path[-100:]
+    # Shorter than the limit: whole.
+    s.cmd("RSET")
+    ((code, text),) = s.send(b"MAIL FROM:<" + b"b" * 150 + b"@example.net>\r\n")
+    assert text == "2.1.0 <" + "b" * 150 + "@example.net>... Sender ok"
+    with pytest.raises(BehaviourError, match="echo_shortened"):
+        Behaviour(echo_shortened=5)
+
+
+SENDMAIL_ECHOES = Persona(
+    behaviour=Behaviour(
+        lenient_paths=True,
+        long_local_parts=True,
+        repeated_recipient_as_first=True,
+        unqualified_recipient_qualified=True,
+        echo_shortened=203,
+    ),
+    help=HELP,
+    help_topics=TOPICS,
+    replies={
+        **ECHOING,
+        "help_unknown_topic": r('504 5.3.0 HELP topic "{topic}" unknown'),
+        "unknown_command": r('500 5.5.1 Command unrecognized: "{command}"'),
+        "not_implemented": r('502 5.5.1 Command not implemented: "{command}"'),
+    },
+)
+#: A reply line as RFC 5321 4.2 has it: code, space or hyphen, printable ASCII (and TAB,
+#: which only the persona's own HELP texts have), CRLF.
+REPLY_LINE = re.compile(rb"[2-5][0-9]{2}(?:[ -][\t\x20-\x7e]*)?\r\n")
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    verb=st.sampled_from([b"MAIL ", b"RCPT ", b"RCPT TO:", b"RCPT TO:<", b"HELP ", b"TURN "]),
+    argument=st.binary(max_size=700).filter(lambda b: b"\n" not in b and b"\r" not in b),
+)
+def test_sendmail_echoes_are_one_well_formed_reply(verb: bytes, argument: bytes) -> None:
+    """{word}, {topic}, {command} and the recipient echo: whatever the client sends, one
+    reply of well-formed lines (no CR/LF injected, printable ASCII), of bounded length."""
+    cfg = dataclasses.replace(BASE, persona=SENDMAIL_ECHOES, max_command_line=1000)
+    s = Session.start(
+        dataclasses.replace(
+            cfg,
+            persona=dataclasses.replace(
+                SENDMAIL_ECHOES,
+                behaviour=dataclasses.replace(
+                    SENDMAIL_ECHOES.behaviour, unimplemented_commands=frozenset({"TURN"})
+                ),
+            ),
+        )
+    )
+    s.feed(b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\n")
+    s.take_output()
+    s.feed(verb + argument + b"\r\n")
+    out = s.take_output()
+    replies = out.split(b"\r\n")[:-1]
+    assert replies, out
+    assert all(REPLY_LINE.fullmatch(line + b"\r\n") for line in replies), out
+    finals = [line for line in replies if line[3:4] != b"-"]
+    assert len(finals) == 1, out
+    assert all(len(line) <= 600 for line in replies), out

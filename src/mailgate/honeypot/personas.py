@@ -314,13 +314,16 @@ def parse_reply(value: str | Iterable[str]) -> Reply:
 def format_reply(reply: Reply) -> str | list[str]:
     """The inverse of :func:`parse_reply`: one string, or a list for several lines."""
     prefix = f"{reply.status} " if reply.status is not None else ""
+
+    def written(separator: str, line: str) -> str:
+        # An empty text leaves the code alone; a text keeps its own trailing spaces.
+        head = f"{reply.code}{separator}{prefix}"
+        return head + line if line else head.rstrip(" ")
+
     if len(reply.lines) == 1:
-        return f"{reply.code} {prefix}{reply.lines[0]}".rstrip(" ")
+        return written(" ", reply.lines[0])
     last = len(reply.lines) - 1
-    return [
-        f"{reply.code}{' ' if i == last else '-'}{prefix}{line}".rstrip(" ")
-        for i, line in enumerate(reply.lines)
-    ]
+    return [written(" " if i == last else "-", line) for i, line in enumerate(reply.lines)]
 
 
 # --- placeholders ----------------------------------------------------------------------------

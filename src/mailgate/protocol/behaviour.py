@@ -90,11 +90,42 @@ size_value_ignored_if_bad False     ``MAIL ... SIZE=abc`` is taken as if SIZE we
 size_without_number    False        EHLO lists ``SIZE`` without a number, as Sendmail does
                                     with MaxMessageSize 0 (no limit of its own); the
                                     server's limit is still enforced.
-sender_before_hello    False        RCPT, DATA and BDAT before HELO/EHLO are answered as before
-                                    MAIL (``need_mail``, ``data_need_mail``) even with
-                                    ``hello_required``: the product checks the
-                                    transaction first (Sendmail's needmailhelo covers MAIL
-                                    only).
+sender_before_hello    False        RCPT, DATA and BDAT before HELO/EHLO are answered as
+                                    before MAIL (``need_mail``, ``data_need_mail``) even
+                                    though MAIL needs HELO: the product looks for a sender
+                                    first (Exim's "503 sender not yet given").
+hello_name_check       False        The HELO/EHLO name must be letters, digits, ``.`` and
+                                    ``-``, or an address literal holding an IP address;
+                                    else ``hello_bad_name`` (Exim's check_helo()).
+nul_first              False        A command line with a NUL byte gets ``nul_characters``
+                                    before anything else is looked at, its verb too
+                                    (Exim's "501 NUL characters are not allowed").
+long_local_parts       False        Local parts longer than RFC 5321's 64 octets are taken
+                                    (the path must still fit its 256), as Exim and Sendmail
+                                    do.
+unqualified_paths      True         With ``lenient_paths``: an unqualified ``<user>`` is
+                                    taken. False: refused as the strict parser refuses it
+                                    (``sender_unqualified``/``recipient_unqualified``;
+                                    ``<Postmaster>`` stays a valid recipient), as Exim does
+                                    for remote clients.
+repeat_rcpt_error      False        DATA/BDAT without an accepted recipient repeats the RCPT
+                                    refusal when every RCPT since MAIL (or RSET, HELO) got
+                                    the same one: ``rcpt_errors_repeated``'s lines come
+                                    first; and if the command before was a RCPT in a
+                                    session that offered PIPELINING, the last line is
+                                    ``need_rcpt_after_rcpt`` (Exim's "All RCPT commands
+                                    were rejected with this error").
+pipe_connect_sync      False        With ``sync_check``, the check Exim makes while
+                                    PIPECONNECT may be used: until the first DATA or BDAT
+                                    only MAIL and RCPT are checked (when PIPELINING was not
+                                    offered: after HELO, or before any greeting), then the
+                                    full check. The command sent too soon gets
+                                    ``synchronization_error`` instead of its reply.
+bdat_needs_rset        False        Between BDAT chunks, a command other than BDAT, RSET,
+                                    NOOP and QUIT gets ``data_after_bdat``; after it every
+                                    command but RSET and QUIT (a BDAT's chunk too: it is read
+                                    as commands) gets ``bdat_needs_rset``, and QUIT is
+                                    answered, then ``bdat_abandoned`` (Exim's bdat_getc()).
 allowed_before_hello   ()           Verbs of MAIL, ETRN and AUTH accepted before HELO/EHLO
                                     although ``hello_required`` (Sendmail: AUTH).
 hello_name_characters  None         The characters besides ASCII letters and digits a
@@ -124,6 +155,11 @@ unqualified_recipient_qualified False An unqualified recipient (``<user>``) is e
                                     domain added, the host name's parent
                                     (``<user@example.com>`` on mail.example.com), as
                                     Sendmail qualifies it.
+echo_shortened         None         Echoed values (``{argument}``, ``{path}``,
+                                    ``{parameters}``, ``{response}``, ``{word}``) this long or
+                                    longer show their first and last (n-3)/2 characters
+                                    around ``...``, as Sendmail's shortenstring() does
+                                    (MAXSHORTSTR, 203). None: the echo's own bound.
 hello_kept_after_tls   False        After the STARTTLS upgrade MAIL is taken without a new
                                     HELO/EHLO (Sendmail keeps the greeting's state); False:
                                     the session starts over (RFC 3207 4.2).
@@ -180,6 +216,13 @@ class Behaviour:
     domain_literals: bool = True
     size_value_ignored_if_bad: bool = False
     sender_before_hello: bool = False
+    hello_name_check: bool = False
+    nul_first: bool = False
+    long_local_parts: bool = False
+    unqualified_paths: bool = True
+    repeat_rcpt_error: bool = False
+    pipe_connect_sync: bool = False
+    bdat_needs_rset: bool = False
     allowed_before_hello: frozenset[str] = frozenset()
     hello_name_characters: str | None = None
     hello_name_max_length: int | None = None
@@ -189,6 +232,7 @@ class Behaviour:
     sync_error_refuses: bool = False
     hello_kept_after_tls: bool = False
     repeated_recipient_as_first: bool = False
+    echo_shortened: int | None = None
     unqualified_recipient_qualified: bool = False
 
     def __post_init__(self) -> None:
@@ -209,6 +253,13 @@ class Behaviour:
             "domain_literals",
             "size_value_ignored_if_bad",
             "sender_before_hello",
+            "hello_name_check",
+            "nul_first",
+            "long_local_parts",
+            "unqualified_paths",
+            "repeat_rcpt_error",
+            "pipe_connect_sync",
+            "bdat_needs_rset",
             "nul_ends_command",
             "sync_until_pipelining",
             "sync_error_refuses",
@@ -293,6 +344,15 @@ class Behaviour:
             raise BehaviourError(
                 "hello_name_characters: expected a string of ASCII punctuation (letters "
                 f"and digits are always allowed), got {self.hello_name_characters!r}"
+            )
+        if self.echo_shortened is not None and (
+            isinstance(self.echo_shortened, bool)
+            or not isinstance(self.echo_shortened, int)
+            or not 10 <= self.echo_shortened <= 400
+        ):
+            raise BehaviourError(
+                f"echo_shortened: expected a whole number from 10 to 400, got "
+                f"{self.echo_shortened!r}"
             )
         if self.hello_name_max_length is not None and (
             isinstance(self.hello_name_max_length, bool)

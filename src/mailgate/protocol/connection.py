@@ -21,6 +21,7 @@ Replies always leave in the order the commands arrived: while a policy point wai
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -63,7 +64,14 @@ from .events import (
     Xforward,
 )
 from .params import ParamContext, ParamError, parse_params, split_params
-from .persona import CONSTANT_NAMES, ECHO_PLACEHOLDERS, CurrentDate, echo, echo_values
+from .persona import (
+    ADDRESS_KIND_REPLIES,
+    CONSTANT_NAMES,
+    ECHO_PLACEHOLDERS,
+    CurrentDate,
+    echo,
+    echo_values,
+)
 from .replies import Reply
 from .rules import (
     ARGUMENT_REPLIES,
@@ -137,6 +145,7 @@ class _Look:
         "echoes_recipients",
         "enhanced",
         "error_limit",
+        "first_checks",
         "hello_name_characters",
         "hidden_verbs",
         "max_command_line",
@@ -168,8 +177,6 @@ class _Look:
         self.echoes_recipients = (
             behaviour.repeated_recipient_as_first or behaviour.unqualified_recipient_qualified
         )
-        #: Whether a command with input behind it may have to be refused (step 0).
-        self.sync = behaviour.sync_check or behaviour.sync_until_pipelining
         #: Cut a command line at its first NUL byte.
         self.nul_ends_command = behaviour.nul_ends_command
         #: The characters a HELO name may have besides letters and digits (None: any).
@@ -177,6 +184,15 @@ class _Look:
             None
             if behaviour.hello_name_characters is None
             else frozenset(behaviour.hello_name_characters)
+        )
+        #: A knob that looks at a command line before its verb (ServerConnection.
+        #: _first_checks): False for mailgate's own behaviour, so a line costs one test.
+        self.first_checks = (
+            behaviour.sync_check
+            or behaviour.sync_until_pipelining
+            or behaviour.nul_first
+            or behaviour.repeat_rcpt_error
+            or behaviour.bdat_needs_rset
         )
         #: name -> ready reply, or None for a reply with placeholders.
         self.static: Callable[[str], Reply | None] = persona.static_lookup
@@ -319,6 +335,9 @@ class _Values(dict[str, object]):
     def __missing__(self, key: str) -> object:
         if key in ECHO_PLACEHOLDERS:
             echoed = echo_values(self._said_verb, self._said)
+            limit = self._config.persona.behaviour.echo_shortened
+            if limit is not None:
+                echoed = {name: _shortened(value, limit) for name, value in echoed.items()}
             for name, value in echoed.items():
                 self.setdefault(name, value)
             return echoed[key]
@@ -336,12 +355,15 @@ class ServerConnection:
         "_auth_failures",
         "_bad_commands",
         "_bdat",
+        "_bdat_broken",
         "_bdat_chunk_size",
         "_bdat_discard",
+        "_bdat_ending",
         "_bdat_last",
         "_bdat_pending_size",
         "_bdat_resume",
         "_buf",
+        "_data_seen",
         "_dot",
         "_eof",
         "_errors",
@@ -352,6 +374,10 @@ class ServerConnection:
         "_out",
         "_pending",
         "_pos",
+        "_rcpt_error",
+        "_rcpt_errors_same",
+        "_rcpt_prev",
+        "_rcpt_was",
         "_said",
         "_said_verb",
         "_sasl",
@@ -412,6 +438,19 @@ class ServerConnection:
         #: (upper-case; empty for a line of an AUTH exchange) and what followed it.
         self._said_verb = ""
         self._said = ""
+        #: The persona's repeat_rcpt_error: the first refusal of a RCPT since MAIL (RSET,
+        #: HELO), whether every one since was the same, and whether this command and the
+        #: one before were RCPTs the product counts as valid (not out of sequence).
+        self._rcpt_error: str | None = None
+        self._rcpt_errors_same = True
+        self._rcpt_was = False
+        self._rcpt_prev = False
+        #: A DATA or BDAT was seen (the persona's pipe_connect_sync checks fully after it).
+        self._data_seen = False
+        #: The persona's bdat_needs_rset: a BDAT transfer was broken off.
+        self._bdat_broken = False
+        #: The transfer ending now came by BDAT LAST (bdat_last_chunk_ok).
+        self._bdat_ending = False
 
         self._dot: DotReader | None = None
         self._bdat: BdatReader | None = None
@@ -649,12 +688,12 @@ class ServerConnection:
         verb = verb.upper()
         self._said_verb = verb
         self._said = arg
-        if self._look.sync and self._pos < len(self._buf) and self._breaks_sync(verb):
+        if self._look.first_checks and self._first_checks(line, text, verb):
             return
         rule = self._look.ready.get(verb)
         if rule is None:
             if not text.strip(" \t"):
-                empty = self._r("empty_line", verb="", command=text[:_MAX_ECHO])
+                empty = self._r("empty_line", verb="", command=echo(text[:_MAX_ECHO]))
                 self._reject(line, empty, unknown=True)
                 return
             rule = self._known_verb(line, text, verb)
@@ -679,6 +718,43 @@ class ServerConnection:
         handler = _COMMANDS[verb]
         handler(self, rule, line, arg)
 
+    def _first_checks(self, line: bytes, text: str, verb: str) -> bool:
+        """Step 0, for a persona whose product looks at a line before its verb (see
+        _Look.first_checks). True when the line has been answered."""
+        behaviour = self._look.behaviour
+        if behaviour.repeat_rcpt_error:
+            self._rcpt_prev = self._rcpt_was
+            self._rcpt_was = False
+        if self._bdat_broken:
+            # Exim's repeat_until_rset: only RSET (a normal RSET) and QUIT get out.
+            if verb == "RSET":
+                self._bdat_broken = False
+                return False
+            if verb == "QUIT":
+                self._bdat_broken = False
+                self._send(self._r("bye"))
+                self._send(self._r("bdat_abandoned"))
+                self._enter_closed("quit")
+                return True
+            self._reject(line, self._r("bdat_needs_rset"), bad=True)
+            return True
+        if behaviour.nul_first and "\x00" in text:
+            self._reject(line, self._r("nul_characters"), bad=True)
+            return True
+        if (
+            behaviour.bdat_needs_rset
+            and self.state is State.BDAT_OPEN
+            and verb not in ("BDAT", "RSET", "NOOP", "QUIT")
+        ):
+            self._bdat_broken = True
+            self._reject(line, self._r("data_after_bdat", verb=verb), bad=True)
+            return True
+        return (
+            (behaviour.sync_check or behaviour.sync_until_pipelining)
+            and self._pos < len(self._buf)
+            and self._breaks_sync(verb)
+        )
+
     def _breaks_sync(self, verb: str) -> bool:
         """Step 0 of a persona with sync_check: input already behind a command that must
         end a pipelined group. Answers, closes (or refuses the session) and returns True
@@ -691,6 +767,14 @@ class ServerConnection:
             pass  # Sendmail: nothing may be pipelined before PIPELINING was offered
         elif not behaviour.sync_check:
             return False
+        elif behaviour.pipe_connect_sync and not self._data_seen:
+            # Exim while PIPECONNECT may be used: only MAIL and RCPT are checked (after
+            # their ACL, so only when they would be taken), unless PIPELINING was offered.
+            if verb not in ("MAIL", "RCPT") or piped:
+                return False
+            rule = self._look.rules[verb]
+            if self.state not in rule.allowed:
+                return False
         elif verb in SYNC_VERBS_UNPIPELINED:
             if piped:
                 return False
@@ -720,7 +804,7 @@ class ServerConnection:
             return None
         if rule is None and verb in self._look.behaviour.unimplemented_commands:
             # A verb the product knows and refuses (Sendmail: TURN, SEND, SAML, SOML).
-            refusal = self._r("not_implemented", verb=verb, command=text[:_MAX_ECHO])
+            refusal = self._r("not_implemented", verb=verb, command=echo(text[:_MAX_ECHO]))
             self._reject(line, refusal, bad=True)
             return None
         if (
@@ -731,12 +815,12 @@ class ServerConnection:
             # ETRN exists only for a persona whose product has it.
             or (rule.extension == "ETRN" and not self._look.behaviour.etrn)
         ):
-            unknown = self._r("unknown_command", verb=verb, command=text[:_MAX_ECHO])
+            unknown = self._r("unknown_command", verb=verb, command=echo(text[:_MAX_ECHO]))
             self._reject(line, unknown, unknown=True)
             return None
         if not self._offered(rule):
             name = "xclient_not_allowed" if verb in ("XCLIENT", "XFORWARD") else "not_implemented"
-            self._reject(line, self._r(name, verb=verb, command=text[:_MAX_ECHO]), bad=True)
+            self._reject(line, self._r(name, verb=verb, command=echo(text[:_MAX_ECHO])), bad=True)
             return None
         return rule
 
@@ -782,7 +866,7 @@ class ServerConnection:
                 and verb in BEFORE_MAIL
                 and (not behaviour.hello_required or behaviour.sender_before_hello)
             ):
-                state = State.READY  # no HELO needed: what is missing is MAIL
+                state = State.READY  # what is missing is MAIL (no HELO needed, or Exim)
             name = SEQUENCE_REPLIES.get(state, "bad_sequence")
             in_transaction = state in (State.MAIL, State.RCPT, State.BDAT_OPEN)
             if verb == "MAIL" and in_transaction:
@@ -799,11 +883,39 @@ class ServerConnection:
                 name = "not_in_transaction"
             elif verb in ("VRFY", "EXPN") and state is State.CONNECTED:
                 name = "vrfy_need_hello"
+            if behaviour.repeat_rcpt_error and verb in ("DATA", "BDAT"):
+                return self._repeat_rcpt_error(name, verb)
             return self._r(name, verb=verb)
         guard = rule.guard
         if guard is not None and not self._guard_holds(guard):
             return self._r(GUARD_REPLIES[guard])
         return None
+
+    def _repeat_rcpt_error(self, name: str, verb: str) -> Reply:
+        """DATA/BDAT without a recipient, as Exim answers it: the RCPTs' one refusal
+        repeated first, and "Valid" right after a RCPT in a pipelining session."""
+        if (
+            name in ("need_rcpt", "data_need_mail", "need_mail")
+            and self._rcpt_prev
+            and "PIPELINING" in self._extensions
+        ):
+            name = "need_rcpt_after_rcpt"
+        final = self._r(name, verb=verb)
+        error = self._rcpt_error
+        if error is None or not self._rcpt_errors_same:
+            return final
+        before = self._r("rcpt_errors_repeated", rcpt_error=error)
+        return Reply(final.code, final.status, (*before.lines, *final.lines))
+
+    def _note_rcpt_error(self, text: str) -> None:
+        if self._rcpt_error is None:
+            self._rcpt_error = text
+        elif text != self._rcpt_error:
+            self._rcpt_errors_same = False
+
+    def _forget_rcpt_errors(self) -> None:
+        self._rcpt_error = None
+        self._rcpt_errors_same = True
 
     def _guard_holds(self, guard: str) -> bool:
         if guard == "tls-inactive":
@@ -823,14 +935,16 @@ class ServerConnection:
                 self._reject(line, self._r("hello_syntax", verb=rule.verb), bad=True)
                 return
             arg = arg.split()[0]  # the product takes the first word as the name
-        if not self._hello_name_ok(arg):
+        if (self._look.behaviour.hello_name_check and not _hello_name_ok(arg)) or (
+            not self._hello_name_fits(arg)
+        ):
             self._reject(line, self._r("hello_bad_name", verb=rule.verb), bad=True)
             return
         if not self._sequence_ok(rule, line):
             return
         self._pause(Hello(rule.verb, arg))
 
-    def _hello_name_ok(self, name: str) -> bool:
+    def _hello_name_fits(self, name: str) -> bool:
         """The persona's check of a HELO name's characters and length (Sendmail's)."""
         behaviour = self._look.behaviour
         limit = behaviour.hello_name_max_length
@@ -842,21 +956,39 @@ class ServerConnection:
         return all((c.isascii() and c.isalnum()) or c in allowed for c in name)
 
     def _cmd_mail(self, rule: Rule, line: bytes, arg: str) -> None:
+        if self._rcpt_error is not None:
+            self._forget_rcpt_errors()  # Exim's smtp_reset() at MAIL
         parsed = self._envelope_command(rule, line, arg, "FROM:", parse_reverse_path)
         if parsed is not None:
             self._pause(MailFrom(*parsed))
 
     def _cmd_rcpt(self, rule: Rule, line: bytes, arg: str) -> None:
+        noting = self._look.behaviour.repeat_rcpt_error
+        mark = len(self._out)
+        if noting:
+            # Exim: a RCPT refused for want of a sender is not a valid RCPT.
+            self._rcpt_was = self.transaction is not None
         parsed = self._envelope_command(rule, line, arg, "TO:", parse_forward_path)
         if parsed is None:
+            if noting:
+                self._note_own_refusal(mark)
             return
         address, params = parsed
         assert address is not None and self.transaction is not None
         if len(self.transaction.recipients) >= self.config.max_recipients:
             self._events.append(LimitExceeded(Limit.RECIPIENTS, closing=False))
             self._send(self._r("too_many_recipients"))
+            if noting:
+                self._note_own_refusal(mark)
             return
         self._pause(RcptTo(address, params))
+
+    def _note_own_refusal(self, mark: int) -> None:
+        """The engine's own refusal of a RCPT, as sent from ``_out[mark]`` on: its first
+        line, code included (Exim keeps what its smtp_printf() wrote)."""
+        first = bytes(self._out[mark:]).split(b"\r\n", 1)[0]
+        if first:
+            self._note_rcpt_error(first.decode("ascii", "replace"))
 
     def _envelope_command(
         self,
@@ -873,11 +1005,12 @@ class ServerConnection:
         if arg[: len(keyword)].upper() != keyword:
             # Sendmail's skipword(): the word it scanned, up to a ":" or a space.
             scanned = _FIRST_WORD.match(arg)
-            word = echo(scanned[0] if scanned is not None else "")
+            word = self._echo(scanned[0] if scanned is not None else "")
             name = "mail_syntax" if is_mail else "rcpt_syntax"
             self._reject(line, self._r(name, word=word), bad=True)
             return None
-        lenient = self._look.behaviour.lenient_paths
+        behaviour = self._look.behaviour
+        lenient = behaviour.lenient_paths
         try:
             after = arg[len(keyword) :]
             if lenient and not after.lstrip(" ").startswith("<"):
@@ -888,10 +1021,12 @@ class ServerConnection:
                 path, rest = split_path_and_params(after)
             # UTF-8 is judged after the parameters: MAIL's own SMTPUTF8 may allow it.
             try:
-                address = parse_path(path, smtputf8=True)
+                address = parse_path(
+                    path, smtputf8=True, long_local_parts=behaviour.long_local_parts
+                )
             except AddressError:
                 address = (
-                    _lenient_address(path, self._look.behaviour.loose_local_parts)
+                    _lenient_address(path, behaviour.loose_local_parts, behaviour.unqualified_paths)
                     if lenient
                     else None
                 )
@@ -902,6 +1037,9 @@ class ServerConnection:
         # type for the whole function.
         except AddressError as bad_address:
             name = "bad_sender_address" if is_mail else "bad_recipient_address"
+            kind = ADDRESS_KIND_REPLIES.get(bad_address.kind)
+            if kind is not None and kind[0 if is_mail else 1] in self._look.overridden:
+                name = kind[0 if is_mail else 1]  # the persona words this kind apart
             self._reject(line, self._refusal(name, bad_address.reply), bad=True)
             return None
         except ParamError as bad_syntax:
@@ -942,6 +1080,8 @@ class ServerConnection:
             params = parse_params(pairs, context)
         except ParamError as bad_param:
             name = "unknown_parameter" if bad_param.unknown else "bad_parameter"
+            if bad_param.not_offered and verb == "MAIL":
+                name = "mail_parameter_not_offered"
             refusal = self._refusal(
                 name, bad_param.reply, parameter=bad_param.parameter, keyword=bad_param.keyword
             )
@@ -954,6 +1094,7 @@ class ServerConnection:
         return address, params
 
     def _cmd_data(self, rule: Rule, line: bytes, arg: str) -> None:
+        self._data_seen = True
         if not self._sequence_ok(rule, line):
             return
         self._pause(DataStart(bdat=False))
@@ -969,6 +1110,7 @@ class ServerConnection:
         ):
             self._reject(line, self._r("bdat_syntax"), bad=True)
             return
+        self._data_seen = True
         size = int(words[0])
         error = self._sequence_error(rule)
         if error is not None:
@@ -987,6 +1129,8 @@ class ServerConnection:
     def _cmd_rset(self, rule: Rule, line: bytes, arg: str) -> None:
         if not self._sequence_ok(rule, line):
             return
+        if self._rcpt_error is not None:
+            self._forget_rcpt_errors()
         self._abort_transaction()
         self._send(self._look.static("reset_ok") or self._r("reset_ok"))
 
@@ -1015,7 +1159,7 @@ class ServerConnection:
             lines = persona.help_topic(arg)
             if lines is None:
                 # Sendmail: 'HELP topic "xyzzy" unknown', the word lower-cased, cut to 10.
-                topic = arg.strip().lower()[:_HELP_TOPIC_ECHO]
+                topic = echo(arg.strip().lower()[:_HELP_TOPIC_ECHO])
                 self._reject(line, self._r("help_unknown_topic", topic=topic))
                 return
             # The topic's lines, closed by the general text's last line (End of HELP info).
@@ -1126,6 +1270,8 @@ class ServerConnection:
             self._send(reply)
             return
         self._abort_transaction()
+        if self._rcpt_error is not None:
+            self._forget_rcpt_errors()
         self.helo_name = point.domain
         self.esmtp = point.verb != "HELO"
         self.state = State.READY
@@ -1169,18 +1315,32 @@ class ServerConnection:
         if reply.is_positive and self.transaction is not None:
             self.transaction.recipients.append(point.address)
             self.state = State.RCPT
+        elif not reply.is_positive and self._look.behaviour.repeat_rcpt_error:
+            # A policy's refusal: its text (Exim's smtp_respond() keeps the message).
+            self._note_rcpt_error(reply.lines[0])
         self._send(reply)
+
+    def _echo(self, text: str) -> str:
+        """``text`` (the client's) made safe to echo, shortened as the persona does."""
+        limit = self._look.behaviour.echo_shortened
+        return echo(text) if limit is None else _shortened(echo(text), limit)
+
+    def _echo_path(self) -> str:
+        """The RCPT path as written, made safe (and shortened) as {path} is."""
+        path = echo_values("RCPT", self._said)["path"]
+        limit = self._look.behaviour.echo_shortened
+        return path if limit is None else _shortened(path, limit)
 
     def _recipient_echo(self, point: RcptTo) -> str:
         """The recipient as the persona echoes it ({path}): as written, qualified with the
         server's domain (unqualified_recipient_qualified), or as written the first time in
         this transaction (repeated_recipient_as_first)."""
         behaviour = self._look.behaviour
-        path = echo_values("RCPT", self._said)["path"]
+        path = self._echo_path()
         address = point.address
         if behaviour.unqualified_recipient_qualified and not address.domain:
             domain = self.config.hostname.partition(".")[2] or self.config.hostname
-            qualified = echo(f"{address.local_part}@{domain}")
+            qualified = self._echo(f"{address.local_part}@{domain}")
             path = f"<{qualified}>" if path.startswith("<") else qualified
         tx = self.transaction
         if behaviour.repeated_recipient_as_first and tx is not None:
@@ -1228,6 +1388,18 @@ class ServerConnection:
         elif len(answers) != 1:
             raise ProtocolError("SMTP DataComplete takes a single reply")
         tx = self.transaction
+        if self._rcpt_error is not None:
+            self._forget_rcpt_errors()
+        if self._bdat_ending:
+            self._bdat_ending = False
+            answer = answers[0] or self._r("message_accepted")
+            if (
+                "bdat_last_chunk_ok" in self._look.overridden
+                and answer.is_positive
+                and not self.config.lmtp
+            ):
+                chunk = self._r("bdat_last_chunk_ok", size=self._bdat_chunk_size, total=point.size)
+                answers = [Reply(answer.code, answer.status, (*chunk.lines, *answer.lines))]
         if not self.config.lmtp and tx is not None and "PRDR" in tx.params:
             answer = answers[0] or self._r("message_accepted")
             # A refused message keeps its one reply (the draft lets the server answer
@@ -1374,6 +1546,7 @@ class ServerConnection:
             self._send(self._r("bdat_chunk_ok", size=self._bdat_chunk_size))
             return True
         self.state = State.READY
+        self._bdat_ending = True
         self._pending = DataComplete(tx.bdat_size, tuple(tx.recipients))
         self._events.append(self._pending)
         return True
@@ -1631,6 +1804,29 @@ def _has_control(text: str) -> bool:
     return _CONTROL.search(text) is not None
 
 
+#: A HELO name as Exim's check_helo() takes it (without helo_allow_chars).
+_HELLO_NAME = re.compile(r"[A-Za-z0-9.-]+")
+
+
+def _hello_name_ok(name: str) -> bool:
+    """Letters, digits, dots and hyphens, or an address literal holding an IP address
+    (``[192.0.2.1]``, ``[IPv6:...]``, ``[IPv4:...]``)."""
+    if name.startswith("["):
+        if not name.endswith("]"):
+            return False
+        inner = name[1:-1]
+        version = None
+        if inner[:5].lower() in ("ipv6:", "ipv4:"):
+            version = 6 if inner[3] == "6" else 4
+            inner = inner[5:]
+        try:
+            address = ipaddress.ip_address(inner)
+        except ValueError:
+            return False
+        return version is None or address.version == version
+    return _HELLO_NAME.fullmatch(name) is not None
+
+
 #: An ETRN argument: a host name or an address literal (RFC 1985 with RFC 5321 literals).
 _ETRN_DOMAIN = re.compile(
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}"
@@ -1639,6 +1835,17 @@ _ETRN_DOMAIN = re.compile(
 #: A first word that is a mail header's name and colon (``SUBJECT:``), as Postfix's
 #: is_header() sees it.
 _HEADER_NAME = re.compile(r"[!-9;-~]+:")
+
+
+def _shortened(text: str, limit: int) -> str:
+    """Sendmail's shortenstring(): a text ``limit`` long or longer as its first and last
+    (limit-3)/2 characters around "..."."""
+    if len(text) < limit:
+        return text
+    half = (limit - 3) // 2
+    return text[:half] + "..." + text[-half:]
+
+
 #: The first word of MAIL's or RCPT's argument, up to a colon or a space (never fails).
 _FIRST_WORD = re.compile(r"[^: ]*")
 #: An unqualified mailbox (``<root>``): a dot-string local part alone.
@@ -1652,13 +1859,16 @@ _UNQUALIFIED = re.compile(
 _LENIENT_ADDRESS = re.compile(r"<([!-;=?-~]+)@([A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)>")
 
 
-def _lenient_address(path: str, loose: bool) -> Address | None:
+def _lenient_address(path: str, loose: bool, unqualified: bool = True) -> Address | None:
     """A path the strict parser refused, as a lenient product takes it, or None: an
     unqualified ``<user>`` (an Address with an empty domain: the product qualifies it
-    with its own domain), or with ``loose`` ``<local@domain>`` with a local part longer
-    than RFC 5321 allows or with characters it does not (``<a@@b.example>``)."""
+    with its own domain) unless ``unqualified`` is False, or with ``loose``
+    ``<local@domain>`` with a local part longer than RFC 5321 allows or with characters
+    it does not (``<a@@b.example>``)."""
     match = _UNQUALIFIED.fullmatch(path)
     if match is not None:
+        if not unqualified:
+            return None
         return Address(match[1], "") if len(match[1]) <= 64 or loose else None
     if not loose:
         return None

@@ -85,7 +85,7 @@ smtputf8_required          a UTF-8 address without SMTPUTF8                  -
 bad_sequence               a command out of sequence (other cases)           -
 need_hello                 a command before HELO/EHLO                        -
 need_mail                  RCPT/DATA before MAIL                             -
-need_rcpt                  DATA before RCPT                                  -
+need_rcpt                  DATA before RCPT                                  {verb}
 sender_already_specified   MAIL inside a transaction                         -
 data_after_bdat            DATA between BDAT chunks                          -
 not_in_transaction         STARTTLS/AUTH/XCLIENT/XFORWARD in a transaction   {verb}
@@ -143,18 +143,43 @@ proxy_required             server: a client not behind the PROXY peers       {cl
 proxy_refused              server: a bad or missing PROXY header             {client_ip}
 early_talker               server: a client that talks before the banner     {client_ip}
 synchronization_error      input behind a command that must end a pipelined  -
-                           group (behaviour ``sync_check``); then closes
-hello_bad_name             a HELO name the behaviour's name check refuses    {verb}
-                           [f]_
+                           group (``sync_check``, ``sync_until_pipelining``);
+                           then closes (or only QUIT: ``sync_error_refuses``)
 tls_in_transaction         STARTTLS in a mail transaction [f]_               {verb}
-null_recipient             ``RCPT TO:<>`` [*]_ [f]_                          {detail}
 help_unknown_topic         HELP with a topic not in ``help_topics``          {topic} (lower
                                                                              case, its first
                                                                              10 characters)
 prdr_sender_ok             MAIL with PRDR accepted [f]_                      {address}
 prdr_start                 after a PRDR message (must stay 353)              -
 prdr_recipient_ok          a PRDR message's reply for one recipient          {address}
+hello_bad_name             a HELO name with characters a host name has not   {verb}
+                           (``hello_name_check``, ``hello_name_characters``,
+                           ``hello_name_max_length``) [f]_
+nul_characters             a NUL byte in a command line (``nul_first``) [f]_  -
+rcpt_errors_repeated       lines before DATA/BDAT's 503 when every RCPT got  {rcpt_error} (the
+                           the same refusal (``repeat_rcpt_error``)          refusal: its text,
+                                                                             code first if the
+                                                                             engine made it)
+need_rcpt_after_rcpt       DATA/BDAT's 503 right after a refused RCPT in a   {verb}
+                           pipelining session (``repeat_rcpt_error``) [f]_
+bdat_needs_rset            a command in a BDAT transfer broken off           -
+                           (``bdat_needs_rset``)
+bdat_abandoned             after the QUIT that ends such a transfer          -
+bdat_last_chunk_ok         lines before the final reply of BDAT LAST; sent   {size}, {total}
+                           only when a persona gives it
+address_unterminated       MAIL/RCPT path without its ``>`` [*]_ [k]_        {detail}
+address_local_part         a path's local part refused [*]_ [k]_             {detail}
+address_domain             a path's domain refused [*]_ [k]_                 {detail}
+address_too_long           a path, local part or domain too long [*]_ [k]_   {detail}
+null_recipient             ``RCPT TO:<>`` [*]_ [k]_                          {detail}
+sender_unqualified         MAIL path without ``@domain`` [*]_ [k]_           {detail}
+recipient_unqualified      RCPT path without ``@domain`` [*]_ [k]_           {detail}
+mail_parameter_not_offered a MAIL parameter mailgate knows whose extension   {detail}, {parameter},
+                           this session did not offer [*]_ [f]_              {keyword}
 =========================  ================================================  ===================
+
+.. [k] The address parser's refusals by kind: a persona that does not give one gets
+   ``bad_sender_address`` or ``bad_recipient_address`` for it (by the command).
 
 .. [f] Names for one situation of a more general name (:data:`FALLBACKS`): when a
    persona does not override one, it gets the general name's reply (``empty_line`` is
@@ -239,10 +264,8 @@ _PLACEHOLDERS_BY_NAME.update(
         # The word Sendmail could not scan ("TO" of "MAIL TO:<a@b>"), echoed safely.
         "mail_syntax": _allowed("word"),
         "rcpt_syntax": _allowed("word"),
-        "hello_bad_name": _allowed("verb"),
         "tls_in_transaction": _allowed("verb"),
         "help_unknown_topic": _allowed("topic"),
-        "null_recipient": _allowed("detail"),
         "forbidden_command": _allowed("verb"),
         "auth_malformed": _allowed("detail"),
         "too_many_recipients": _allowed("max_recipients"),
@@ -271,6 +294,19 @@ _PLACEHOLDERS_BY_NAME.update(
         "proxy_required": _allowed("client_ip"),
         "proxy_refused": _allowed("client_ip"),
         "early_talker": _allowed("client_ip"),
+        "need_rcpt": _allowed("verb"),
+        "need_rcpt_after_rcpt": _allowed("verb"),
+        "rcpt_errors_repeated": _allowed("rcpt_error"),
+        "hello_bad_name": _allowed("verb"),
+        "bdat_last_chunk_ok": _allowed("size", "total"),
+        "address_unterminated": _allowed("detail"),
+        "address_local_part": _allowed("detail"),
+        "address_domain": _allowed("detail"),
+        "address_too_long": _allowed("detail"),
+        "null_recipient": _allowed("detail"),
+        "sender_unqualified": _allowed("detail"),
+        "recipient_unqualified": _allowed("detail"),
+        "mail_parameter_not_offered": _allowed("detail", "parameter", "keyword"),
     }
 )
 
@@ -313,7 +349,14 @@ ENVELOPE_REPLIES: frozenset[str] = frozenset(
         "sender_already_specified",
         "mail_syntax",
         "rcpt_syntax",
+        "address_unterminated",
+        "address_local_part",
+        "address_domain",
+        "address_too_long",
         "null_recipient",
+        "sender_unqualified",
+        "recipient_unqualified",
+        "mail_parameter_not_offered",
     }
 )
 #: Replies to AUTH and its exchange: {response} (the client's SASL response) is theirs.
@@ -361,7 +404,9 @@ FALLBACKS: Mapping[str, str] = MappingProxyType(
         "etrn_in_transaction": "not_in_transaction",
         "hello_bad_name": "hello_syntax",
         "tls_in_transaction": "not_in_transaction",
-        "null_recipient": "bad_recipient_address",
+        "nul_characters": "control_characters",
+        "need_rcpt_after_rcpt": "need_rcpt",
+        "mail_parameter_not_offered": "unknown_parameter",
     }
 )
 #: Reply name -> the placeholders its text may use.
@@ -382,7 +427,26 @@ PASS_THROUGH: frozenset[str] = frozenset(
         "bad_parameter",
         "unknown_parameter",
         "auth_malformed",
+        "address_unterminated",
+        "address_local_part",
+        "address_domain",
+        "address_too_long",
         "null_recipient",
+        "sender_unqualified",
+        "recipient_unqualified",
+        "mail_parameter_not_offered",
+    }
+)
+#: AddressError.kind -> the reply name a persona may give for it (MAIL, RCPT); when it does
+#: not, the role's bad_sender_address/bad_recipient_address.
+ADDRESS_KIND_REPLIES: Mapping[str, tuple[str, str]] = MappingProxyType(
+    {
+        "unterminated": ("address_unterminated", "address_unterminated"),
+        "local_part": ("address_local_part", "address_local_part"),
+        "domain": ("address_domain", "address_domain"),
+        "too_long": ("address_too_long", "address_too_long"),
+        "null": ("null_recipient", "null_recipient"),
+        "unqualified": ("sender_unqualified", "recipient_unqualified"),
     }
 )
 #: Replies the state machine recognizes by their exact code.
@@ -670,6 +734,8 @@ class Persona:
     _static: dict[str, Reply] = field(init=False, repr=False, compare=False)
     _templates: Mapping[str, _Template] = field(init=False, repr=False, compare=False)
     _overridden: frozenset[str] = field(init=False, repr=False, compare=False)
+    #: The names whose reply comes from an override, their own or along FALLBACKS.
+    _worded: frozenset[str] = field(init=False, repr=False, compare=False)
     _hidden_verbs: frozenset[str] = field(init=False, repr=False, compare=False)
     _order: Mapping[str, int] = field(init=False, repr=False, compare=False)
     _banner: _Template = field(init=False, repr=False, compare=False)
@@ -738,6 +804,7 @@ class Persona:
 
         static: dict[str, Reply] = {}
         templates: dict[str, _Template] = {}
+        worded: set[str] = set()
         for name, default in _DEFAULTS.items():
             override = overrides.get(name)
             general = name
@@ -748,6 +815,8 @@ class Persona:
                 override = overrides.get(general)
             where = f"reply {name!r}"
             inherit = False
+            if override is not None:
+                worded.add(name)
             if override is None:
                 reply = default
             elif isinstance(override, Reply):
@@ -776,6 +845,7 @@ class Persona:
         put(self, "_static", static)
         put(self, "_templates", MappingProxyType(templates))
         put(self, "_overridden", frozenset(overrides))
+        put(self, "_worded", frozenset(worded))
 
         if not isinstance(self.behaviour, Behaviour):
             raise PersonaError(f"behaviour: give a Behaviour, not {type(self.behaviour).__name__}")
@@ -854,7 +924,7 @@ class Persona:
         """What to send instead of ``original``, a reply built for the situation ``name``
         (a parser's specific reply, or the standard constant): the persona's override,
         with ``{detail}`` the original text, or ``original`` itself if not overridden."""
-        if name not in self._overridden and FALLBACKS.get(name) not in self._overridden:
+        if name not in self._worded:
             return original
         static = self._static.get(name)
         if static is not None:
@@ -960,6 +1030,7 @@ def _help_topics(
 DEFAULT_PERSONA = Persona()
 
 __all__ = [
+    "ADDRESS_KIND_REPLIES",
     "AUTH_REPLIES",
     "BANNER_PLACEHOLDERS",
     "DEFAULT_PERSONA",

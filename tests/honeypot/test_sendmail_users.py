@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from mailgate.config import ConfigError
 from mailgate.honeypot.personas import (
     PERSONAS,
     ProfileError,
@@ -21,6 +22,7 @@ from mailgate.protocol import Reply
 
 from .test_attacker import running_honeypot
 from .test_behaviour import Client
+from .test_cli import build
 
 
 def session() -> Session:
@@ -220,4 +222,50 @@ def test_sendmail_answers_vrfy_and_expn_like_debian(tmp_path: Path) -> None:
         assert client.cmd("RCPT TO:<postmaster@example.com>") == (
             "550 5.1.1 <postmaster@example.com>... User unknown"
         )
+        client.close()
+
+
+def test_settings_add_full_names_and_aliases(tmp_path: Path) -> None:
+    _, hp = build(
+        "--data-dir",
+        str(tmp_path),
+        "--persona",
+        "sendmail",
+        "--full-names",
+        "alice: Alice Liddell",
+        "--aliases",
+        "postmaster: root",
+        "--aliases",
+        "staff: alice, bob@partner.example",
+    )
+    assert hp.full_names == (("alice", "Alice Liddell"),)
+    assert hp.aliases == (("postmaster", ("root",)), ("staff", ("alice", "bob@partner.example")))
+    for flag, value, problem in (
+        ("--full-names", "alice", "USER: Full Name"),
+        ("--full-names", "alice: Liddell, Alice", "full name"),
+        ("--aliases", "staff:", "ALIAS: TARGET"),
+        ("--aliases", "staff: a b", "not a user name or an address"),
+    ):
+        with pytest.raises(ConfigError, match=problem):
+            build("--data-dir", str(tmp_path), flag, value)
+    with running_honeypot(
+        tmp_path,
+        "sendmail",
+        local_users=("root", "alice"),
+        full_names=hp.full_names,
+        aliases=hp.aliases,
+    ) as server:
+        host = server.server.options.hostname
+        client = Client(server)
+        client.cmd("EHLO client.example")
+        assert client.cmd("VRFY alice") == f"250 2.1.5 Alice Liddell <alice@{host}>"
+        assert client.cmd("VRFY root") == f"250 2.1.5 root <root@{host}>"  # the persona's
+        assert client.cmd("EXPN postmaster") == f"250 2.1.5 root <root@{host}>"
+        client.sock.sendall(b"EXPN staff\r\n")
+        assert client.reply() == [
+            f"250-2.1.5 Alice Liddell <alice@{host}>",
+            "250 2.1.5 <bob@partner.example>",
+        ]
+        client.cmd("MAIL FROM:<a@b.example>")
+        assert client.cmd("RCPT TO:<postmaster@example.com>").startswith("250")
         client.close()

@@ -410,3 +410,21 @@ def test_sendmail_echoes_are_one_well_formed_reply(verb: bytes, argument: bytes)
     finals = [line for line in replies if line[3:4] != b"-"]
     assert len(finals) == 1, out
     assert all(len(line) <= 600 for line in replies), out
+
+
+def test_spaced_local_parts_are_taken_quoted() -> None:
+    s = Session.start(config(Behaviour(lenient_paths=True), replies=ECHOING))
+    s.cmd("EHLO c.test")
+    assert s.cmd("MAIL FROM:<a b@example.net>") == 501
+    s = Session.start(
+        config(Behaviour(lenient_paths=True, spaced_local_parts=True), replies=ECHOING)
+    )
+    s.cmd("EHLO c.test")
+    assert s.send(b"MAIL FROM:<a b@example.net>\r\n") == [
+        (250, "2.1.0 <a b@example.net>... Sender ok")
+    ]
+    mail = [e for e in s.events if type(e).__name__ == "MailFrom"][-1]
+    assert str(mail.address) == '"a b"@example.net'  # type: ignore[attr-defined]
+    # Quotes, backslashes, double spaces and a space at either end stay refused.
+    for path in ('<a "b@x.test>', "<a\\ b@x.test>", "<a  b@x.test>", "< a@x.test>"):
+        assert s.cmd(f"RCPT TO:{path}") == 501, path

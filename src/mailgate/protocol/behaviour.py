@@ -155,6 +155,10 @@ unqualified_recipient_qualified False An unqualified recipient (``<user>``) is e
                                     domain added, the host name's parent
                                     (``<user@example.com>`` on mail.example.com), as
                                     Sendmail qualifies it.
+spaced_local_parts     False        With ``lenient_paths``: a local part with spaces and no
+                                    quotes (``<a b@example.net>``) is taken, as Sendmail's
+                                    parser takes it; it is kept quoted (``"a b"@...``), the
+                                    same mailbox in RFC 5321's syntax.
 echo_shortened         None         Echoed values (``{argument}``, ``{path}``,
                                     ``{parameters}``, ``{response}``, ``{word}``) this long or
                                     longer show their first and last (n-3)/2 characters
@@ -233,6 +237,7 @@ class Behaviour:
     hello_kept_after_tls: bool = False
     repeated_recipient_as_first: bool = False
     echo_shortened: int | None = None
+    spaced_local_parts: bool = False
     unqualified_recipient_qualified: bool = False
 
     def __post_init__(self) -> None:
@@ -265,6 +270,7 @@ class Behaviour:
             "sync_error_refuses",
             "hello_kept_after_tls",
             "repeated_recipient_as_first",
+            "spaced_local_parts",
             "unqualified_recipient_qualified",
         ):
             if not isinstance(getattr(self, name), bool):

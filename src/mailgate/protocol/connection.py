@@ -1030,6 +1030,8 @@ class ServerConnection:
                     if lenient
                     else None
                 )
+                if address is None and lenient and behaviour.spaced_local_parts:
+                    address = _spaced_address(path, behaviour.long_local_parts)
                 if address is None:
                     raise
             pairs = split_params(rest)
@@ -1876,6 +1878,23 @@ def _lenient_address(path: str, loose: bool, unqualified: bool = True) -> Addres
     if match is None or len(path) > 1024:
         return None
     return Address(match[1], match[2])
+
+
+#: ``<a b@domain>``: a local part of words separated by single spaces, no quote or
+#: backslash (they would not survive quoting), and a host name.
+_SPACED_ADDRESS = re.compile(
+    r"<([!#-;=?-\[\]-~]+(?: [!#-;=?-\[\]-~]+)+)@([A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)>"
+)
+
+
+def _spaced_address(path: str, long_local_parts: bool) -> Address | None:
+    """``<a b@domain>`` as Sendmail takes it, or None; the local part is kept quoted
+    (``"a b"@domain``: the same mailbox in RFC 5321's syntax), so what the server passes
+    on is a valid address."""
+    match = _SPACED_ADDRESS.fullmatch(path)
+    if match is None or len(match[1]) > (256 if long_local_parts else 64):
+        return None
+    return Address(f'"{match[1]}"', match[2])
 
 
 __all__ = [

@@ -64,6 +64,10 @@ def test_verify_answers_from_the_users_and_their_full_names() -> None:
     assert answer(p, "<nobody@example.com>") == Reply(
         550, "5.1.1", ("<nobody@example.com>... User unknown",)
     )
+    # The argument is echoed as every echo is: printable ASCII, bounded.
+    assert answer(p, "j\u00f6rg") == Reply(550, "5.1.1", ("j?rg... User unknown",))
+    long = answer(p, "x" * 1000)
+    assert long is not None and len(long.lines[0]) < 450
     # Not a local name: the persona's usual answer.
     assert answer(p, "x@elsewhere.example") is None
     assert answer(p, "two words") is None

@@ -31,6 +31,7 @@ from types import MappingProxyType
 
 from mailgate.hooks import Address, Session
 from mailgate.protocol import Reply
+from mailgate.protocol.persona import echo
 
 __all__ = ["RecipientPolicy", "RecipientReply", "SenderReply", "VerifyLine", "default_domains"]
 
@@ -166,13 +167,14 @@ class RecipientPolicy:
                 return user_line(session, user, "")
             targets = self._expand(user, 0, set())
             if not targets:
-                return unknown(session, text)
+                return unknown(session, echo(text))
             lines = [user_line(session, name, self.full_names.get(name, "")) for name in targets]
             first = lines[0]
             return Reply(first.code, first.status, tuple(r.lines[0] for r in lines))
         if user in self.users:
             return user_line(session, user, self.full_names.get(user, ""))
-        return unknown(session, text)
+        # The client's words: printable ASCII and bounded, as every echo (persona.echo).
+        return unknown(session, echo(text))
 
     def _expand(self, alias: str, depth: int, seen: set[str]) -> list[str]:
         """The users and addresses ``alias`` stands for, aliases resolved (bounded)."""

@@ -210,6 +210,10 @@ def test_address_from_wire_and_pickle() -> None:
         "example.org",
         {"ORCPT": "rfc822;user@example.org"},
     )
+    assert address.written == ""  # not known
+    routed = Address.from_wire(wire, None, "<@relay.example:user@example.org>")
+    assert routed == "user@example.org"
+    assert pickle.loads(pickle.dumps(routed)).written == "<@relay.example:user@example.org>"
 
 
 def test_envelope_is_read_only_and_grows_only_by_copy() -> None:

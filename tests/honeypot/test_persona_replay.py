@@ -51,7 +51,7 @@ RECORDINGS = {
 #: The share of equal steps each persona must reach: its measured value (equal steps /
 #: 409; 0.98 is the goal of issue 15, which all three reach), so none can get worse
 #: unnoticed. differences.json says, step by step, what is left and why.
-FLOORS = {"postfix": 404 / 409, "exim": 405 / 409, "sendmail": 407 / 409}
+FLOORS = {"postfix": 404 / 409, "exim": 408 / 409, "sendmail": 408 / 409}
 UNEXPLAINED = "UNEXPLAINED"
 
 

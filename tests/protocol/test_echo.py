@@ -23,10 +23,12 @@ from mailgate.protocol.persona import (
     AUTH_REPLIES,
     ECHO_LIMIT,
     ENVELOPE_REPLIES,
+    LOCAL_PART_REPLIES,
     NOT_ANSWERS,
     PLACEHOLDERS,
     echo,
     echo_values,
+    local_part_read,
     split_written_path,
 )
 
@@ -90,6 +92,7 @@ def test_the_path_and_parameters_as_written() -> None:
         "path": "<a@b>",
         "parameters": "X=1",
         "response": "",
+        "local_part_read": "a",
     }
     assert echo_values("VRFY", " root ")["argument"] == "root"
     assert echo_values("AUTH", "PLAIN AGFhAGI=")["response"] == "AGFhAGI="
@@ -171,6 +174,20 @@ def test_where_each_echo_placeholder_is_valid() -> None:
         assert ("path" in allowed) == (name in ENVELOPE_REPLIES), name
         assert ("parameters" in allowed) == (name in ENVELOPE_REPLIES), name
         assert ("response" in allowed) == (name in AUTH_REPLIES), name
+        assert ("local_part_read" in allowed) == (name in LOCAL_PART_REPLIES), name
+
+
+def test_the_local_part_read_before_the_parser_stopped() -> None:
+    assert local_part_read("<a b@example.net>") == "a"
+    assert local_part_read("<first.last(x)@example.net>") == "first.last"
+    assert local_part_read('<"q r".x y@z>') == '"q r".x'
+    assert local_part_read("<@relay.example:a,b@c>") == "a"
+    assert local_part_read("a;b@c") == "a"
+    persona = Persona(
+        replies={"address_local_part": '{argument}: "@" or "." expected after "{local_part_read}"'}
+    )
+    out = run(persona, b"EHLO c\r\nMAIL FROM:<a b@example.net>\r\n")
+    assert lines(out)[-1] == '501 5.1.7 <a b@example.net>: "@" or "." expected after "a"'
 
 
 @pytest.mark.parametrize(

@@ -92,8 +92,9 @@ class ProfileError(ValueError):
 #: the profile's version may use ``{message_id}`` too (Exchange shows it).
 SERVER_PLACEHOLDERS: Mapping[str, frozenset[str]] = MappingProxyType(
     {
-        "relay_denied": frozenset({"hostname", "client_ip", "address"}),
-        "unknown_user": frozenset({"hostname", "client_ip", "address"}),
+        # {path}: the path as the client wrote it (brackets, source route as sent).
+        "relay_denied": frozenset({"hostname", "client_ip", "address", "path"}),
+        "unknown_user": frozenset({"hostname", "client_ip", "address", "path"}),
         "rejected": frozenset({"hostname", "client_ip", "address"}),
         "too_many_connections": frozenset({"hostname", "client_ip"}),
         "insufficient_storage": frozenset({"hostname", "client_ip"}),
@@ -104,7 +105,11 @@ SERVER_PLACEHOLDERS: Mapping[str, frozenset[str]] = MappingProxyType(
         "vrfy_user_named": frozenset({"hostname", "client_ip", "user", "fullname"}),
         "vrfy_unknown_user": frozenset({"hostname", "client_ip", "address"}),
         # literal_senders_refused: a recipient of a sender at an address literal.
-        "sender_domain_unknown": frozenset({"hostname", "client_ip", "address", "sender"}),
+        "sender_domain_unknown": frozenset({"hostname", "client_ip", "address", "path", "sender"}),
+        # The final reply of a PRDR transaction (Exim words it apart).
+        "prdr_message_queued": frozenset({"hostname", "client_ip", "queue_id", "message_id"}),
+        # A recipient whose local part restricted_local_parts refuses (Exim's Debian ACL).
+        "restricted_characters": frozenset({"hostname", "client_ip", "address", "path"}),
     }
 )
 SERVER_REPLY_NAMES: frozenset[str] = frozenset(SERVER_PLACEHOLDERS)
@@ -121,6 +126,8 @@ _SERVER_CLASSES = {
     "vrfy_user_named": "2xx",
     "vrfy_unknown_user": "refusal",
     "sender_domain_unknown": "refusal",
+    "prdr_message_queued": "2xx",
+    "restricted_characters": "refusal",
 }
 
 #: Every top-level key of a profile file, with its meaning (the documentation's table).
@@ -153,6 +160,8 @@ PROFILE_KEYS: Mapping[str, str] = MappingProxyType(
         "literal_senders_refused": "recipients of a sender at an address literal are refused "
         "(Sendmail's sender domain check)",
         "help_topics": "table: HELP topic = [lines] (Sendmail's helpfile)",
+        "restricted_local_parts": "patterns of local parts refused at the persona's domains",
+        "restricted_remote_local_parts": "patterns of local parts refused at other domains",
         "recipient_limit": "recipients per message the product takes (0: the server's)",
         "auth_failure_limit": "failed AUTHs before the product hangs up (0: the server's)",
         "behaviour": "table: how the product behaves (mailgate.protocol.behaviour)",
@@ -388,6 +397,9 @@ _VRFY_UNKNOWN_USER = Reply(550, "5.1.1", ("<{address}>: User unknown",))
 _SENDER_DOMAIN_UNKNOWN = Reply(
     553, "5.1.8", ("<{address}>: Domain of sender address {sender} does not exist",)
 )
+#: prdr_message_queued's default: the profile's message_queued (see __post_init__).
+_SAME_AS_QUEUED = Reply(250, "2.0.0", ("OK: queued as {queue_id}",))
+_RESTRICTED_CHARACTERS = Reply(550, "5.1.3", ("<{address}>: Restricted characters in address",))
 
 
 @dataclass(frozen=True, slots=True)
@@ -435,6 +447,12 @@ class PersonaProfile:
     #: Recipients of a sender whose domain is an address literal are refused with
     #: ``sender_domain_unknown`` (Sendmail's sender domain check cannot resolve it).
     literal_senders_refused: bool = False
+    #: Regular expressions (Python ``re``, searched in the local part: anchor them with
+    #: ``^``) of recipients' local parts refused with ``restricted_characters`` before anything else
+    #: is looked at: at the persona's own domains, and at any other domain (Debian's Exim
+    #: ACL: ``^[.]``, ``^.*[@%!/|]``; and ``^[./|]``, ``^.*[@%!]``, ``^.*/\.\./``).
+    restricted_local_parts: tuple[str, ...] = ()
+    restricted_remote_local_parts: tuple[str, ...] = ()
     # Server-layer texts (templates; see SERVER_PLACEHOLDERS and :meth:`format`).
     relay_denied: Reply = _RELAY_DENIED
     unknown_user: Reply = _UNKNOWN_USER
@@ -446,6 +464,9 @@ class PersonaProfile:
     vrfy_user_named: Reply = _VRFY_USER_NAMED
     vrfy_unknown_user: Reply = _VRFY_UNKNOWN_USER
     sender_domain_unknown: Reply = _SENDER_DOMAIN_UNKNOWN
+    #: The final reply of a PRDR transaction; by default message_queued.
+    prdr_message_queued: Reply = _SAME_AS_QUEUED
+    restricted_characters: Reply = _RESTRICTED_CHARACTERS
     #: Timing jitter, seconds ``(min, max)``: a delay drawn from the range before the
     #: banner, and before each answer the honeypot paces. (0, 0): none.
     banner_delay: tuple[float, float] = NO_DELAY
@@ -463,6 +484,17 @@ class PersonaProfile:
             problem = _delay_problem(getattr(self, key), bound)
             if problem:
                 raise ProfileError(source, f"timing.{key}", problem)
+        if self.prdr_message_queued is _SAME_AS_QUEUED:
+            object.__setattr__(self, "prdr_message_queued", self.message_queued)
+        for key in ("restricted_local_parts", "restricted_remote_local_parts"):
+            patterns = getattr(self, key)
+            if isinstance(patterns, str):
+                raise ProfileError(source, key, "give a list of patterns, not a string")
+            object.__setattr__(self, key, tuple(patterns))
+            for pattern in patterns:
+                problem = _pattern_problem(pattern)
+                if problem:
+                    raise ProfileError(source, key, problem)
         server = {name: getattr(self, name) for name in SERVER_REPLY_NAMES}
         for name, reply in server.items():
             problem = _server_reply_problem(name, reply)
@@ -529,11 +561,13 @@ class PersonaProfile:
         client_ip: str = "",
         now: float | None = None,
         rng: random.Random | None = None,
+        prdr: bool = False,
     ) -> Reply:
-        """The end-of-data reply for an accepted message; a queue id (and a message id,
-        for personas that show one) are made up when not given."""
+        """The end-of-data reply for an accepted message (``prdr``: of a PRDR transaction);
+        a queue id (and a message id, for personas that show one) are made up when not
+        given."""
         return self.format(
-            "message_queued",
+            "prdr_message_queued" if prdr else "message_queued",
             hostname=hostname,
             client_ip=client_ip,
             queue_id=queue_id or self.new_queue_id(now=now, rng=rng),
@@ -583,6 +617,17 @@ def _delay_problem(value: object, bound: float) -> str:
     return ""
 
 
+def _pattern_problem(pattern: object) -> str:
+    """What is wrong with a local-part pattern, or the empty string."""
+    if not isinstance(pattern, str):
+        return f"expected a pattern string, got {pattern!r}"
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        return f"{pattern!r} is not a regular expression: {exc}"
+    return ""
+
+
 def _server_reply_problem(name: str, reply: Reply) -> str:
     allowed = SERVER_PLACEHOLDERS[name]
     try:
@@ -597,7 +642,10 @@ def _server_reply_problem(name: str, reply: Reply) -> str:
         return f"must be a 4xx temporary refusal, not {reply.code}"
     if _SERVER_CLASSES[name] == "2xx" and reply.code // 100 != 2:
         return f"must be a 2xx reply, not {reply.code}"
-    if name == "message_queued" and not fields & {"queue_id", "message_id"}:
+    if name in ("message_queued", "prdr_message_queued") and not fields & {
+        "queue_id",
+        "message_id",
+    }:
         return "must show {queue_id} or {message_id} (the product always names the message)"
     return ""
 
@@ -932,6 +980,14 @@ def _build(reader: _Reader) -> PersonaProfile:
         options["full_names"] = _full_names(reader)
     if "aliases" in data:
         options["aliases"] = _aliases(reader)
+    for key in ("restricted_local_parts", "restricted_remote_local_parts"):
+        if key in data:
+            patterns = reader.strings(key)
+            for pattern in patterns:
+                problem = _pattern_problem(pattern)
+                if problem:
+                    raise reader.error(key, problem)
+            options[key] = patterns
     for key in ("recipient_limit", "auth_failure_limit"):
         if key in data:
             options[key] = reader.integer(key, 0, 1_000_000) or None
@@ -1096,6 +1152,8 @@ def _to_spec(profile: PersonaProfile) -> dict[str, Any]:
         "percent_hack": profile.percent_hack,
         "vrfy_answers_users": profile.vrfy_answers_users,
         "literal_senders_refused": profile.literal_senders_refused,
+        "restricted_local_parts": list(profile.restricted_local_parts),
+        "restricted_remote_local_parts": list(profile.restricted_remote_local_parts),
         "recipient_limit": profile.recipient_limit or 0,
         "auth_failure_limit": profile.auth_failure_limit or 0,
     }

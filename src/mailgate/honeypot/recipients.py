@@ -8,6 +8,9 @@ product does with its default configuration.
   does not matter), else refused with the persona's ``unknown_user`` text (Postfix:
   ``550 5.1.1 <x@host>: Recipient address rejected: User unknown in local recipient
   table``).
+- Before either, a local part matching one of the persona's restricted patterns (at its own
+  domains, or at others) is refused with its ``restricted_characters`` text, as Debian's
+  Exim ACL refuses ``user%other@here`` ("550 restricted characters in address").
 - Any other recipient is relaying: refused with the persona's ``relay_denied`` text
   (Postfix: ``454 4.7.1 <x@other>: Relay access denied``), unless ``relay = "pretend"``
   -- then it is accepted and the message captured like any other. A client that
@@ -25,6 +28,7 @@ product does with its default configuration.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -35,7 +39,8 @@ from mailgate.protocol.persona import echo
 
 __all__ = ["RecipientPolicy", "RecipientReply", "SenderReply", "VerifyLine", "default_domains"]
 
-#: Reply for one refused recipient: (session, the address as the client wrote it).
+#: Reply for one refused recipient: (session, the address; a hooks Address carries the path
+#: as the client wrote it in ``written``).
 RecipientReply = Callable[[Session, str], Reply]
 #: Reply for a recipient refused because of its sender: (session, recipient, sender).
 SenderReply = Callable[[Session, str, str], Reply]
@@ -79,6 +84,10 @@ class RecipientPolicy:
     #: Refuse recipients of a sender whose domain is an address literal.
     literal_senders_refused: bool = False
     sender_domain_unknown: SenderReply | None = None
+    #: Local parts refused before anything else: at the persona's domains, at others.
+    restricted: tuple[re.Pattern[str], ...] = ()
+    restricted_remote: tuple[re.Pattern[str], ...] = ()
+    restricted_characters: RecipientReply | None = None
 
     @classmethod
     def build(
@@ -94,6 +103,9 @@ class RecipientPolicy:
         aliases: Mapping[str, Iterable[str]] | None = None,
         literal_senders_refused: bool = False,
         sender_domain_unknown: SenderReply | None = None,
+        restricted: Iterable[str] = (),
+        restricted_remote: Iterable[str] = (),
+        restricted_characters: RecipientReply | None = None,
     ) -> RecipientPolicy:
         if relay not in ("refuse", "pretend"):
             raise ValueError(f"relay must be refuse or pretend, not {relay!r}")
@@ -110,6 +122,9 @@ class RecipientPolicy:
             aliases=MappingProxyType({k.lower(): tuple(v) for k, v in (aliases or {}).items()}),
             literal_senders_refused=literal_senders_refused,
             sender_domain_unknown=sender_domain_unknown,
+            restricted=tuple(re.compile(p) for p in restricted),
+            restricted_remote=tuple(re.compile(p) for p in restricted_remote),
+            restricted_characters=restricted_characters,
         )
 
     def is_local(self, session: Session, domain: str) -> bool:
@@ -199,7 +214,7 @@ class RecipientPolicy:
             text = text[1:-1]
         if not text or " " in text:
             return None
-        return self.judge(session, Address(text))
+        return self.judge(session, Address(text, written=argument.strip()))
 
     def judge(
         self, session: Session, address: Address, sender: Address | None = None
@@ -207,6 +222,11 @@ class RecipientPolicy:
         """The refusal for this recipient (of ``sender``'s transaction), or None to
         accept it."""
         local = address.local
+        if self.restricted_characters is not None and (self.restricted or self.restricted_remote):
+            local_domain = self.is_local(session, address.domain)
+            patterns = self.restricted if local_domain else self.restricted_remote
+            if any(pattern.search(local) for pattern in patterns):
+                return self.restricted_characters(session, address)
         if self.percent_hack and "%" in local and self.is_local(session, address.domain):
             # The percent hack (Postfix allow_percent_hack): user%other@here is user@other.
             user, _, domain = local.rpartition("%")
@@ -214,18 +234,16 @@ class RecipientPolicy:
                 if self.relay == "pretend" or session.authenticated:
                     return None
                 return self._sender_refusal(session, address, sender) or self.relay_denied(
-                    session, str(address)
+                    session, address
                 )
             local = user
         if self.is_local(session, address.domain):
             if self.user_exists(local):
                 return self._sender_refusal(session, address, sender)
-            return self.unknown_user(session, str(address))
+            return self.unknown_user(session, address)
         if self.relay == "pretend" or session.authenticated:
             return None
-        return self._sender_refusal(session, address, sender) or self.relay_denied(
-            session, str(address)
-        )
+        return self._sender_refusal(session, address, sender) or self.relay_denied(session, address)
 
     def _sender_refusal(
         self, session: Session, address: Address, sender: Address | None
@@ -239,4 +257,4 @@ class RecipientPolicy:
             or self.sender_domain_unknown is None
         ):
             return None
-        return self.sender_domain_unknown(session, str(address), str(sender))
+        return self.sender_domain_unknown(session, address, str(sender))

@@ -33,27 +33,40 @@ _Staged = tuple[Callable[[], Any], Callable[[], Any] | None, str]
 class Address(str):
     """An envelope address as hooks see it: the address text (``str``) plus ``local``,
     ``domain`` and the ESMTP ``params`` that came with it (read-only; names upper-case).
-    The null reverse-path ``<>`` is the empty address (``""``, false in a test)."""
+    The null reverse-path ``<>`` is the empty address (``""``, false in a test).
+    ``written`` is the path as the client wrote it (``<a@b>``, a bare ``a@b``, a source
+    route kept), empty when not known; raw client text: make it safe before showing it
+    (``mailgate.protocol.persona.echo``)."""
 
-    __slots__ = ("domain", "local", "params")
+    __slots__ = ("domain", "local", "params", "written")
     local: str
     domain: str
     params: Mapping[str, str | None]
+    written: str
 
-    def __new__(cls, text: str = "", params: Mapping[str, str | None] | None = None) -> Address:
+    def __new__(
+        cls,
+        text: str = "",
+        params: Mapping[str, str | None] | None = None,
+        written: str = "",
+    ) -> Address:
         self = super().__new__(cls, text)
         local, at, domain = text.rpartition("@")
         self.local, self.domain = (local, domain) if at else (text, "")
         self.params = MappingProxyType(dict(params or {}))
+        self.written = written
         return self
 
     @classmethod
     def from_wire(
-        cls, address: WireAddress | None, params: Mapping[str, str | None] | None = None
+        cls,
+        address: WireAddress | None,
+        params: Mapping[str, str | None] | None = None,
+        written: str = "",
     ) -> Address:
         if address is None:
-            return cls("", params)
-        self = cls(str(address), params)
+            return cls("", params, written)
+        self = cls(str(address), params, written)
         self.local, self.domain = address.local_part, address.domain
         return self
 
@@ -61,7 +74,7 @@ class Address(str):
         return f"Address({str.__repr__(self)}, params={dict(self.params)!r})"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (str(self), dict(self.params)))
+        return (type(self), (str(self), dict(self.params), self.written))
 
 
 @dataclass(frozen=True, slots=True)

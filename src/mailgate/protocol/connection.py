@@ -973,7 +973,7 @@ class ServerConnection:
             if noting:
                 self._note_own_refusal(mark)
             return
-        address, params = parsed
+        address, params, written = parsed
         assert address is not None and self.transaction is not None
         if len(self.transaction.recipients) >= self.config.max_recipients:
             self._events.append(LimitExceeded(Limit.RECIPIENTS, closing=False))
@@ -981,7 +981,7 @@ class ServerConnection:
             if noting:
                 self._note_own_refusal(mark)
             return
-        self._pause(RcptTo(address, params))
+        self._pause(RcptTo(address, params, written))
 
     def _note_own_refusal(self, mark: int) -> None:
         """The engine's own refusal of a RCPT, as sent from ``_out[mark]`` on: its first
@@ -997,7 +997,7 @@ class ServerConnection:
         arg: str,
         keyword: str,
         parse_path: Callable[..., Address | None],
-    ) -> tuple[Address | None, dict[str, str | None]] | None:
+    ) -> tuple[Address | None, dict[str, str | None], str] | None:
         """MAIL FROM / RCPT TO through steps 4-6: the path and the parameters' syntax
         (501), the sequence (503), the parameters' meaning (555), then whether a UTF-8
         address is allowed (553). Answers and returns None on the first failure."""
@@ -1015,10 +1015,11 @@ class ServerConnection:
             after = arg[len(keyword) :]
             if lenient and not after.lstrip(" ").startswith("<"):
                 # strict_rfc821_envelopes = no: a bare path up to the first space.
-                bare, _, rest = after.lstrip(" ").partition(" ")
-                path, rest = f"<{bare}>", rest.strip(" ")
+                written, _, rest = after.lstrip(" ").partition(" ")
+                path, rest = f"<{written}>", rest.strip(" ")
             else:
                 path, rest = split_path_and_params(after)
+                written = path
             # UTF-8 is judged after the parameters: MAIL's own SMTPUTF8 may allow it.
             try:
                 address = parse_path(
@@ -1093,7 +1094,7 @@ class ServerConnection:
         if address is not None and address.is_utf8 and not utf8_allowed:
             self._reject(line, self._r("smtputf8_required"), bad=True)
             return None
-        return address, params
+        return address, params, written
 
     def _cmd_data(self, rule: Rule, line: bytes, arg: str) -> None:
         self._data_seen = True

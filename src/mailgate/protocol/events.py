@@ -71,16 +71,22 @@ class Hello(PolicyPoint):
 
 @dataclass(frozen=True, slots=True)
 class MailFrom(PolicyPoint):
-    """MAIL FROM. ``address`` is ``None`` for the null reverse-path ``<>``."""
+    """MAIL FROM. ``address`` is ``None`` for the null reverse-path ``<>``. ``written``:
+    the path as the client wrote it (``<a@b>``, or a bare ``a@b`` a lenient persona took;
+    not made safe for a reply: see persona.echo)."""
 
     address: Address | None
     params: dict[str, str | None]
+    written: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class RcptTo(PolicyPoint):
+    """RCPT TO. ``written`` as for :class:`MailFrom`."""
+
     address: Address
     params: dict[str, str | None]
+    written: str = ""
 
 
 @dataclass(frozen=True, slots=True)

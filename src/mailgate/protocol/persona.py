@@ -34,6 +34,10 @@ characters, longer ones cut and ending in ``...``; so never a CR or LF):
   the replies only MAIL and RCPT get (:data:`ENVELOPE_REPLIES`).
 - ``{response}``: AUTH's initial response, or the line of the AUTH exchange. Valid in
   the AUTH replies (:data:`AUTH_REPLIES`).
+- ``{local_part_read}``: the start of the path's local part up to the first character no
+  RFC 822 word may hold (a space, a comma...): what a parser reading words and dots had
+  read when it stopped (Exim's ``"@" or "." expected after "a"`` for ``<a b@c>``). Valid
+  in :data:`LOCAL_PART_REPLIES`.
 
 =========================  ================================================  ===================
 name                       sent when                                         placeholders
@@ -373,13 +377,19 @@ AUTH_REPLIES: frozenset[str] = frozenset(
     }
 )
 #: The placeholders that echo the client's own words (see :func:`echo`).
-ECHO_PLACEHOLDERS = frozenset({"argument", "path", "parameters", "response"})
+ECHO_PLACEHOLDERS = frozenset({"argument", "path", "parameters", "response", "local_part_read"})
+#: Replies about a refused local part: {local_part_read} is theirs.
+LOCAL_PART_REPLIES = frozenset(
+    {"address_local_part", "bad_sender_address", "bad_recipient_address"}
+)
 for _name in REPLY_NAMES - NOT_ANSWERS:
     _PLACEHOLDERS_BY_NAME[_name] = _PLACEHOLDERS_BY_NAME[_name] | {"argument"}
 for _name in ENVELOPE_REPLIES:
     _PLACEHOLDERS_BY_NAME[_name] = _PLACEHOLDERS_BY_NAME[_name] | {"path", "parameters"}
 for _name in AUTH_REPLIES:
     _PLACEHOLDERS_BY_NAME[_name] = _PLACEHOLDERS_BY_NAME[_name] | {"response"}
+for _name in LOCAL_PART_REPLIES:
+    _PLACEHOLDERS_BY_NAME[_name] = _PLACEHOLDERS_BY_NAME[_name] | {"local_part_read"}
 del _name
 #: Specific name -> the general name whose reply it gets when a persona does not
 #: override it (the protocol always sends the specific name).
@@ -580,12 +590,27 @@ def split_written_path(text: str) -> tuple[str, str]:
     return path, rest.strip(" ")
 
 
+#: What a parser reading RFC 822 words and dots takes of a local part (Exim's
+#: read_local_part()): atoms (no controls, spaces or specials), quoted strings, dots.
+_LOCAL_PART_READ = re.compile(r'(?:"(?:[^"\\]|\\.)*"|[^\x00-\x20\x7f()<>@,;:\\".\[\]]+|\.)*')
+
+
+def local_part_read(path: str) -> str:
+    """The start of the path's local part up to the first character no word may hold
+    (after ``<`` and a source route): ``"a"`` for ``<a b@c>``."""
+    text = path[1:] if path.startswith("<") else path
+    if text.startswith("@"):
+        text = text.partition(":")[2]
+    match = _LOCAL_PART_READ.match(text)
+    return match.group() if match else ""
+
+
 def echo_values(verb: str, argument: str) -> dict[str, str]:
     """The echo placeholders for a command (``verb`` upper-case, ``argument`` what
     followed it; ``verb`` empty for a line of an AUTH exchange), made safe with
     :func:`echo`: ``argument`` (after ``FROM:``/``TO:`` for MAIL/RCPT), ``path`` and
-    ``parameters`` (MAIL/RCPT), ``response`` (AUTH's initial response, or the exchange
-    line)."""
+    ``parameters`` (MAIL/RCPT), ``local_part_read`` (see :func:`local_part_read`),
+    ``response`` (AUTH's initial response, or the exchange line)."""
     text = argument.strip(" ")
     path = parameters = response = ""
     if verb in ("MAIL", "RCPT"):
@@ -602,6 +627,7 @@ def echo_values(verb: str, argument: str) -> dict[str, str]:
         "path": echo(path),
         "parameters": echo(parameters),
         "response": echo(response),
+        "local_part_read": echo(local_part_read(path)) if path else "",
     }
 
 
@@ -1040,6 +1066,7 @@ __all__ = [
     "FALLBACKS",
     "GREETING_PLACEHOLDERS",
     "KEYWORDS",
+    "LOCAL_PART_REPLIES",
     "NOT_ANSWERS",
     "OPT_IN_KEYWORDS",
     "PASS_THROUGH",
@@ -1053,6 +1080,7 @@ __all__ = [
     "echo_values",
     "format_date",
     "local_now",
+    "local_part_read",
     "placeholders_in",
     "split_written_path",
 ]

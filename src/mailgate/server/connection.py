@@ -536,7 +536,7 @@ class ConnectionDriver(asyncio.Protocol):
             conn.respond(None)
         elif cls is RcptTo:
             self.envelope = self.envelope.with_recipient(
-                Address.from_wire(point.address, point.params)  # type: ignore[attr-defined]
+                Address.from_wire(point.address, point.params, point.written)  # type: ignore[attr-defined]
             )
             conn.respond(None)
         elif cls is DataStart:
@@ -648,7 +648,7 @@ class ConnectionDriver(asyncio.Protocol):
                 session.esmtp = was_esmtp
             return reply
         if isinstance(point, MailFrom):
-            address = Address.from_wire(point.address, point.params)
+            address = Address.from_wire(point.address, point.params, point.written)
             envelope = Envelope(address)
             outcome = await hooks.run("mail", session, envelope, address)
             reply = self._verdict("mail", outcome, SENDER_OK)
@@ -656,7 +656,7 @@ class ConnectionDriver(asyncio.Protocol):
                 self._begin_transaction(point, address)
             return reply
         if isinstance(point, RcptTo):
-            address = Address.from_wire(point.address, point.params)
+            address = Address.from_wire(point.address, point.params, point.written)
             outcome = await hooks.run("rcpt", session, self.envelope, address)
             reply = self._verdict("rcpt", outcome, RECIPIENT_OK)
             if reply is None or reply.is_positive:
@@ -964,7 +964,7 @@ class ConnectionDriver(asyncio.Protocol):
 
     def _begin_transaction(self, point: MailFrom, address: Address | None = None) -> None:
         if address is None:
-            address = Address.from_wire(point.address, point.params)
+            address = Address.from_wire(point.address, point.params, point.written)
         self.envelope = Envelope(address)
         assert self.session is not None
         self.session.transactions += 1

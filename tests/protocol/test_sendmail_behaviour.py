@@ -243,6 +243,8 @@ def test_help_topics() -> None:
     assert s.take_output().decode().splitlines()[0] == "214-2.0.0 RET={ FULL | HDRS}"
     s.feed(b"HELP\r\n")
     assert s.take_output().decode().splitlines()[0] == "214-2.0.0 This is the server"
+    s.feed(b"HELP \t\r\n")  # blanks are no topic (Sendmail skips them)
+    assert s.take_output().decode().splitlines()[0] == "214-2.0.0 This is the server"
     # A prefix answers every topic it starts (Sendmail reads its helpfile so).
     s.feed(b"HELP r\r\n")
     assert s.take_output().decode().splitlines()[0] == "214-2.0.0 RCPT To:<recipient>"

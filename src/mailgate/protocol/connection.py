@@ -1158,7 +1158,7 @@ class ServerConnection:
         )
         general = self._r("help", commands=" ".join(verbs))
         persona = self._look.persona
-        if arg and persona.help_topics:
+        if arg.strip(" \t") and persona.help_topics:  # blanks alone: the general text
             lines = persona.help_topic(arg)
             if lines is None:
                 # Sendmail: 'HELP topic "xyzzy" unknown', the word lower-cased, cut to 10.

@@ -252,3 +252,52 @@ def test_echo_is_printable_ascii_and_bounded(text: str) -> None:
     assert re.fullmatch(r"[\x20-\x7e]*", shown)
     if len(text) <= ECHO_LIMIT:
         assert len(shown) == len(text)
+
+
+# The built-in personas that echo (Exim's parser texts, Sendmail's addresses): whatever
+# command lines come, every reply stays well-formed.
+COMMAND_WORDS = st.sampled_from(
+    [b"MAIL FROM:", b"RCPT TO:", b"DATA", b"BDAT 1", b"VRFY ", b"NOOP ", b"HELO ", b"XY "]
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(COMMAND_WORDS, ANY_ARGUMENT.map(lambda b: b[:300])), max_size=6))
+def test_the_echoing_built_in_personas_keep_replies_well_formed(
+    commands: list[tuple[bytes, bytes]],
+) -> None:
+    from mailgate.honeypot.personas import PERSONAS
+
+    for name in ("exim", "sendmail"):
+        config = PERSONAS[name].protocol_config()
+        conn = ServerConnection(config)
+        out = bytearray()
+        data = b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\n" + b"".join(
+            verb + argument + b"\r\n" for verb, argument in commands
+        )
+        for chunk in (b"", data):
+            if chunk:
+                conn.receive_data(chunk)
+            while (event := conn.next_event()) is not NEED_DATA:
+                if isinstance(event, PolicyPoint):
+                    conn.respond(None)
+            out += conn.data_to_send()
+        replies = bytes(out).split(b"\r\n")[:-1]
+        assert all(REPLY_LINE.fullmatch(line + b"\r\n") for line in replies), (name, out)
+
+
+def test_the_older_client_word_placeholders_are_made_safe_too() -> None:
+    # {verb}, {command} (unknown commands), {mechanism}, {address} of VRFY: the client's
+    # words, shown as printable ASCII like the echo placeholders.
+    persona = Persona(
+        replies={
+            "unknown_command": "unrecognized: {verb} [{command}]",
+            "vrfy_default": "cannot verify {address}",
+        },
+        enhanced_status_codes=False,
+    )
+    out = run(persona, "EHLO c\r\nXYZ\u00e9 caf\u00e9\u2028x\r\nVRFY r\u00f6\u00f6t@x\r\n".encode())
+    assert lines(out)[-2:] == [
+        "500 unrecognized: XYZ? [XYZ? caf??x]",
+        "252 cannot verify r??t@x",
+    ]

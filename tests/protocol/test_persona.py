@@ -265,8 +265,8 @@ def test_unknown_command_echo_is_cut_and_cleaned() -> None:
     s = Session.start(cfg(persona))
     s.feed(b"X" * 300 + b"\r\n")
     assert s.take_output() == b"500 5.5.2 what is " + b"X" * 200 + b"\r\n"
-    # An echo is printable ASCII (persona.echo): a C1 control (NEL) never reaches the
-    # wire, nor anything else outside ASCII.
+    # A C1 control (NEL) never reaches the wire; nor, since the echo is printable ASCII
+    # only (persona.echo), does any other non-ASCII character.
     s.feed("FOO é\x85\r\n".encode())
     assert s.take_output() == b"500 5.5.2 what is FOO ??\r\n"
 

@@ -191,7 +191,7 @@ class _Texts:
         the client wrote it (a hooks Address's ``written``; else ``<address>``), made
         safe to show."""
         written = getattr(address, "written", "") or f"<{address}>"
-        return self.reply(name, session, address=str(address), path=echo(written))
+        return self.reply(name, session, address=echo(str(address)), path=echo(written))
 
     def unknown_user(self, session: Session, address: str) -> Reply:
         return self.recipient_reply("unknown_user", session, address)

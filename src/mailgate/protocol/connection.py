@@ -797,7 +797,7 @@ class ServerConnection:
         if rule is not None and rule.extension == "VERB" and not self._offered(rule):
             rule = None  # Sendmail's verb: no other look has it, not even as "not offered"
         if rule is None and self._forbidden(verb):
-            forbidden = self._r("forbidden_command", verb=verb)
+            forbidden = self._r("forbidden_command", verb=echo(verb))
             self._send(forbidden)
             self._events.append(CommandRejected(line, forbidden))
             self._enter_closed("forbidden-command")
@@ -815,7 +815,8 @@ class ServerConnection:
             # ETRN exists only for a persona whose product has it.
             or (rule.extension == "ETRN" and not self._look.behaviour.etrn)
         ):
-            unknown = self._r("unknown_command", verb=verb, command=echo(text[:_MAX_ECHO]))
+            # The client's words, made safe (printable ASCII) like every echo.
+            unknown = self._r("unknown_command", verb=echo(verb), command=echo(text[:_MAX_ECHO]))
             self._reject(line, unknown, unknown=True)
             return None
         if not self._offered(rule):
@@ -1047,7 +1048,7 @@ class ServerConnection:
             return None
         except ParamError as bad_syntax:
             refusal = self._refusal(
-                "parameter_syntax", bad_syntax.reply, parameter=bad_syntax.parameter
+                "parameter_syntax", bad_syntax.reply, parameter=echo(bad_syntax.parameter or "")
             )
             self._reject(line, refusal, bad=True)
             return None
@@ -1086,7 +1087,10 @@ class ServerConnection:
             if bad_param.not_offered and verb == "MAIL":
                 name = "mail_parameter_not_offered"
             refusal = self._refusal(
-                name, bad_param.reply, parameter=bad_param.parameter, keyword=bad_param.keyword
+                name,
+                bad_param.reply,
+                parameter=echo(bad_param.parameter or ""),
+                keyword=echo(bad_param.keyword or ""),
             )
             self._reject(line, refusal, bad=True)
             return None
@@ -1189,7 +1193,8 @@ class ServerConnection:
         name = words[0].upper()
         mechanism = MECHANISMS.get(name)
         if mechanism is None or name not in self.config.auth_mechanisms:
-            self._reject(line, self._r("auth_unknown_mechanism", mechanism=words[0]), bad=True)
+            refusal = self._r("auth_unknown_mechanism", mechanism=echo(words[0]))
+            self._reject(line, refusal, bad=True)
             return
         if not (self.tls_active or not self.config.auth_requires_tls):
             self._reject(line, self._r("auth_requires_tls"), bad=True)
@@ -1248,7 +1253,7 @@ class ServerConnection:
             return
         domain = arg[1:] if arg[0] in "@#" else arg
         if not _ETRN_DOMAIN.fullmatch(domain):
-            self._reject(line, self._r("etrn_syntax", domain=domain), bad=True)
+            self._reject(line, self._r("etrn_syntax", domain=echo(domain)), bad=True)
             return
         if self._look.behaviour.etrn_accepted:
             self._send(self._r("etrn_started", domain=domain))
@@ -1456,7 +1461,7 @@ class ServerConnection:
                 name = "vrfy_unqualified"  # Exim refuses a bare name
             else:
                 name = "vrfy_default"
-            reply = self._r(name, address=point.argument)
+            reply = self._r(name, address=echo(point.argument))
         self._send(reply)
 
     def _answer_xclient(self, point: Xclient, reply: Reply | None) -> None:
@@ -1707,7 +1712,7 @@ class ServerConnection:
         if isinstance(point, MailFrom | RcptTo):
             return self._adapt(reply, address=point.address)
         if isinstance(point, Verify):
-            return self._adapt(reply, address=point.argument)
+            return self._adapt(reply, address=echo(point.argument))
         return self._adapt(reply)
 
     def _pause(self, point: PolicyPoint) -> None:

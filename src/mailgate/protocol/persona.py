@@ -18,7 +18,9 @@ reply's class: a positive reply stays in its 2xx/3xx class (``start_data`` must 
 ``ready_for_tls`` 220), a refusal stays a 4xx or 5xx.
 
 Values put into placeholders are cleaned: control characters become ``?``, ``None`` the
-empty string.
+empty string. Values that are the client's own words -- ``{verb}`` and ``{command}`` of an
+unknown command, ``{mechanism}``, ``{parameter}``, ``{keyword}``, ETRN's ``{domain}``,
+VRFY's ``{address}`` -- are made safe like the echo placeholders below (printable ASCII).
 
 Echoing the client's words (products repeat what the client wrote: Exim's ``501
 <a@b: '>' missing at end of address``, Sendmail's ``a@b... Sender ok``): these

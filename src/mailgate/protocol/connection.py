@@ -155,7 +155,6 @@ class _Look:
         "ready",
         "rules",
         "static",
-        "sync",
         "truncate",
     )
 

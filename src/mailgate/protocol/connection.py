@@ -98,6 +98,8 @@ from .xclient import XclientError, parse_xclient, parse_xforward
 
 #: Longest piece of an unknown command line echoed in the reply ({command}).
 _MAX_ECHO = 200
+#: Characters of an unknown HELP topic echoed ({topic}; Sendmail's "%.10s").
+_HELP_TOPIC_ECHO = 10
 _NOTHING: frozenset[str] = frozenset()
 _BDAT_MAX_DIGITS = 18
 
@@ -117,6 +119,9 @@ class Transaction:
     smtputf8: bool
     recipients: list[Address]
     bdat_size: int = 0
+    #: Each recipient's path as the client first wrote it (made safe to echo), for a
+    #: persona with ``repeated_recipient_as_first``; None otherwise.
+    written: dict[tuple[str, str], str] | None = None
 
 
 class ProtocolError(Exception):
@@ -136,11 +141,15 @@ class _Look:
         "after_tls",
         "banner",
         "behaviour",
+        "close_long_lines",
+        "echoes_recipients",
         "enhanced",
         "error_limit",
         "first_checks",
+        "hello_name_characters",
         "hidden_verbs",
         "max_command_line",
+        "nul_ends_command",
         "overridden",
         "persona",
         "ready",
@@ -160,11 +169,26 @@ class _Look:
         self.max_command_line = behaviour.line_limit or config.max_command_line
         #: Cut long command lines instead of refusing them.
         self.truncate = behaviour.long_lines == "truncate"
+        #: Answer a long command line and hang up (Sendmail's 421).
+        self.close_long_lines = behaviour.long_lines == "close"
         self.error_limit = behaviour.error_limit
+        #: Whether recipient_ok's {path} is the persona's recipient echo, not the line's.
+        self.echoes_recipients = (
+            behaviour.repeated_recipient_as_first or behaviour.unqualified_recipient_qualified
+        )
+        #: Cut a command line at its first NUL byte.
+        self.nul_ends_command = behaviour.nul_ends_command
+        #: The characters a HELO name may have besides letters and digits (None: any).
+        self.hello_name_characters: frozenset[str] | None = (
+            None
+            if behaviour.hello_name_characters is None
+            else frozenset(behaviour.hello_name_characters)
+        )
         #: A knob that looks at a command line before its verb (ServerConnection.
         #: _first_checks): False for mailgate's own behaviour, so a line costs one test.
         self.first_checks = (
             behaviour.sync_check
+            or behaviour.sync_until_pipelining
             or behaviour.nul_first
             or behaviour.repeat_rcpt_error
             or behaviour.bdat_needs_rset
@@ -310,6 +334,9 @@ class _Values(dict[str, object]):
     def __missing__(self, key: str) -> object:
         if key in ECHO_PLACEHOLDERS:
             echoed = echo_values(self._said_verb, self._said)
+            limit = self._config.persona.behaviour.echo_shortened
+            if limit is not None:
+                echoed = {name: _shortened(value, limit) for name, value in echoed.items()}
             for name, value in echoed.items():
                 self.setdefault(name, value)
             return echoed[key]
@@ -531,6 +558,14 @@ class ServerConnection:
         self.tls_active = True
         self._buf.clear()
         self._pos = 0
+        if self._look.behaviour.hello_kept_after_tls and self.helo_name is not None:
+            # Sendmail keeps the greeting across the upgrade: MAIL needs no new EHLO.
+            self._abort_transaction()
+            self.authenticated_as = None
+            self.state = State.READY
+            if self.esmtp:
+                self._extensions = frozenset(c.split(" ", 1)[0] for c in self._capabilities())
+            return
         self._reset_session()
         self.state = State.CONNECTED
 
@@ -630,11 +665,18 @@ class ServerConnection:
         if in_auth:
             self._sasl = None
             self._sasl_final_reply = None
-            self.state = State.READY
-        self._events.append(LimitExceeded(Limit.COMMAND_LINE_LENGTH, closing=False))
+            self.state = self._after_auth()
+        close = self._look.close_long_lines and not in_auth
+        self._events.append(LimitExceeded(Limit.COMMAND_LINE_LENGTH, closing=close))
         self._reject(b"", self._r("auth_line_too_long" if in_auth else "line_too_long"), bad=True)
+        if close:
+            self._enter_closed(Limit.COMMAND_LINE_LENGTH.value)
 
     def _command(self, line: bytes) -> None:
+        if self._look.nul_ends_command:
+            nul = line.find(0)
+            if nul >= 0:
+                line = line[:nul]  # as a C string ends (Sendmail)
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
@@ -650,7 +692,8 @@ class ServerConnection:
         rule = self._look.ready.get(verb)
         if rule is None:
             if not text.strip(" \t"):
-                self._reject(line, self._r("empty_line", verb="", command=""), unknown=True)
+                empty = self._r("empty_line", verb="", command=echo(text[:_MAX_ECHO]))
+                self._reject(line, empty, unknown=True)
                 return
             rule = self._known_verb(line, text, verb)
             if rule is None:
@@ -705,25 +748,43 @@ class ServerConnection:
             self._bdat_broken = True
             self._reject(line, self._r("data_after_bdat", verb=verb), bad=True)
             return True
-        return behaviour.sync_check and self._pos < len(self._buf) and self._breaks_sync(verb)
+        return (
+            (behaviour.sync_check or behaviour.sync_until_pipelining)
+            and self._pos < len(self._buf)
+            and self._breaks_sync(verb)
+        )
 
     def _breaks_sync(self, verb: str) -> bool:
         """Step 0 of a persona with sync_check: input already behind a command that must
-        end a pipelined group. Answers, closes and returns True when it does."""
-        if self._look.behaviour.pipe_connect_sync and not self._data_seen:
+        end a pipelined group. Answers, closes (or refuses the session) and returns True
+        when it does."""
+        if self.state is State.REFUSED:
+            return False  # refused already: only QUIT is served
+        behaviour = self._look.behaviour
+        piped = "PIPELINING" in self._extensions
+        if behaviour.sync_until_pipelining and not piped:
+            pass  # Sendmail: nothing may be pipelined before PIPELINING was offered
+        elif not behaviour.sync_check:
+            return False
+        elif behaviour.pipe_connect_sync and not self._data_seen:
             # Exim while PIPECONNECT may be used: only MAIL and RCPT are checked (after
             # their ACL, so only when they would be taken), unless PIPELINING was offered.
-            if verb not in ("MAIL", "RCPT") or "PIPELINING" in self._extensions:
+            if verb not in ("MAIL", "RCPT") or piped:
                 return False
             rule = self._look.rules[verb]
             if self.state not in rule.allowed:
                 return False
         elif verb in SYNC_VERBS_UNPIPELINED:
-            if "PIPELINING" in self._extensions:
+            if piped:
                 return False
         elif verb not in SYNC_VERBS and verb in self._look.rules:
             return False  # MAIL/RCPT/RSET aside, only these and unknown verbs must sync
         self._send(self._r("synchronization_error"))
+        if behaviour.sync_error_refuses:
+            self._abort_transaction()
+            self.state = State.REFUSED
+            self._events.append(CommandRejected(b"", self._r("synchronization_error")))
+            return True
         self._enter_closed("synchronization-error")
         return True
 
@@ -740,6 +801,11 @@ class ServerConnection:
             self._events.append(CommandRejected(line, forbidden))
             self._enter_closed("forbidden-command")
             return None
+        if rule is None and verb in self._look.behaviour.unimplemented_commands:
+            # A verb the product knows and refuses (Sendmail: TURN, SEND, SAML, SOML).
+            refusal = self._r("not_implemented", verb=verb, command=echo(text[:_MAX_ECHO]))
+            self._reject(line, refusal, bad=True)
+            return None
         if (
             rule is None
             or not verb.isascii()
@@ -754,7 +820,7 @@ class ServerConnection:
             return None
         if not self._offered(rule):
             name = "xclient_not_allowed" if verb in ("XCLIENT", "XFORWARD") else "not_implemented"
-            self._reject(line, self._r(name, verb=verb), bad=True)
+            self._reject(line, self._r(name, verb=verb, command=echo(text[:_MAX_ECHO])), bad=True)
             return None
         return rule
 
@@ -811,7 +877,9 @@ class ServerConnection:
                 name = "data_need_mail"
             elif verb == "ETRN" and in_transaction:
                 name = "etrn_in_transaction"
-            elif verb in ("STARTTLS", "AUTH", "XCLIENT", "XFORWARD") and in_transaction:
+            elif verb == "STARTTLS" and in_transaction:
+                name = "tls_in_transaction"
+            elif verb in ("AUTH", "XCLIENT", "XFORWARD") and in_transaction:
                 name = "not_in_transaction"
             elif verb in ("VRFY", "EXPN") and state is State.CONNECTED:
                 name = "vrfy_need_hello"
@@ -867,12 +935,25 @@ class ServerConnection:
                 self._reject(line, self._r("hello_syntax", verb=rule.verb), bad=True)
                 return
             arg = arg.split()[0]  # the product takes the first word as the name
-        if self._look.behaviour.hello_name_check and not _hello_name_ok(arg):
+        if (self._look.behaviour.hello_name_check and not _hello_name_ok(arg)) or (
+            not self._hello_name_fits(arg)
+        ):
             self._reject(line, self._r("hello_bad_name", verb=rule.verb), bad=True)
             return
         if not self._sequence_ok(rule, line):
             return
         self._pause(Hello(rule.verb, arg))
+
+    def _hello_name_fits(self, name: str) -> bool:
+        """The persona's check of a HELO name's characters and length (Sendmail's)."""
+        behaviour = self._look.behaviour
+        limit = behaviour.hello_name_max_length
+        if limit is not None and len(name) > limit:
+            return False
+        allowed = self._look.hello_name_characters
+        if allowed is None:
+            return True
+        return all((c.isascii() and c.isalnum()) or c in allowed for c in name)
 
     def _cmd_mail(self, rule: Rule, line: bytes, arg: str) -> None:
         if self._rcpt_error is not None:
@@ -922,7 +1003,11 @@ class ServerConnection:
         address is allowed (553). Answers and returns None on the first failure."""
         is_mail = rule.verb == "MAIL"
         if arg[: len(keyword)].upper() != keyword:
-            self._reject(line, self._r("mail_syntax" if is_mail else "rcpt_syntax"), bad=True)
+            # Sendmail's skipword(): the word it scanned, up to a ":" or a space.
+            scanned = _FIRST_WORD.match(arg)
+            word = self._echo(scanned[0] if scanned is not None else "")
+            name = "mail_syntax" if is_mail else "rcpt_syntax"
+            self._reject(line, self._r(name, word=word), bad=True)
             return None
         behaviour = self._look.behaviour
         lenient = behaviour.lenient_paths
@@ -946,6 +1031,8 @@ class ServerConnection:
                     if lenient
                     else None
                 )
+                if address is None and lenient and behaviour.spaced_local_parts:
+                    address = _spaced_address(path, behaviour.long_local_parts)
                 if address is None:
                     raise
             pairs = split_params(rest)
@@ -1072,7 +1159,18 @@ class ServerConnection:
             for v, r in self._look.rules.items()
             if self._verb_in_mode(r) and self._offered(r) and v not in self._look.hidden_verbs
         )
-        self._send(self._r("help", commands=" ".join(verbs)))
+        general = self._r("help", commands=" ".join(verbs))
+        persona = self._look.persona
+        if arg.strip(" \t") and persona.help_topics:  # blanks alone: the general text
+            lines = persona.help_topic(arg)
+            if lines is None:
+                # Sendmail: 'HELP topic "xyzzy" unknown', the word lower-cased, cut to 10.
+                topic = echo(arg.strip().lower()[:_HELP_TOPIC_ECHO])
+                self._reject(line, self._r("help_unknown_topic", topic=topic))
+                return
+            # The topic's lines, closed by the general text's last line (End of HELP info).
+            general = Reply(general.code, general.status, (*lines, general.lines[-1]))
+        self._send(general)
 
     def _cmd_verify(self, rule: Rule, line: bytes, arg: str) -> None:
         if not self._sequence_ok(rule, line):
@@ -1214,6 +1312,8 @@ class ServerConnection:
         self._send(reply)
 
     def _answer_rcpt(self, point: RcptTo, reply: Reply | None) -> None:
+        if reply is None and self._look.echoes_recipients:
+            reply = self._r("recipient_ok", address=point.address, path=self._recipient_echo(point))
         reply = (
             reply
             or self._look.static("recipient_ok")
@@ -1226,6 +1326,36 @@ class ServerConnection:
             # A policy's refusal: its text (Exim's smtp_respond() keeps the message).
             self._note_rcpt_error(reply.lines[0])
         self._send(reply)
+
+    def _echo(self, text: str) -> str:
+        """``text`` (the client's) made safe to echo, shortened as the persona does."""
+        limit = self._look.behaviour.echo_shortened
+        return echo(text) if limit is None else _shortened(echo(text), limit)
+
+    def _echo_path(self) -> str:
+        """The RCPT path as written, made safe (and shortened) as {path} is."""
+        path = echo_values("RCPT", self._said)["path"]
+        limit = self._look.behaviour.echo_shortened
+        return path if limit is None else _shortened(path, limit)
+
+    def _recipient_echo(self, point: RcptTo) -> str:
+        """The recipient as the persona echoes it ({path}): as written, qualified with the
+        server's domain (unqualified_recipient_qualified), or as written the first time in
+        this transaction (repeated_recipient_as_first)."""
+        behaviour = self._look.behaviour
+        path = self._echo_path()
+        address = point.address
+        if behaviour.unqualified_recipient_qualified and not address.domain:
+            domain = self.config.hostname.partition(".")[2] or self.config.hostname
+            qualified = self._echo(f"{address.local_part}@{domain}")
+            path = f"<{qualified}>" if path.startswith("<") else qualified
+        tx = self.transaction
+        if behaviour.repeated_recipient_as_first and tx is not None:
+            if tx.written is None:
+                tx.written = {}
+            key = (address.local_part, address.domain.lower())
+            path = tx.written.setdefault(key, path)
+        return path
 
     def _answer_data_start(self, point: DataStart, reply: Reply | None) -> None:
         tx = self.transaction
@@ -1302,7 +1432,7 @@ class ServerConnection:
         if reply is None or reply.is_positive:
             self.authenticated_as = point.username
             self._sasl = None
-            self.state = State.READY
+            self.state = self._after_auth()
             self._send(reply or self._r("auth_ok"))
             return
         if point.mechanism == "XOAUTH2" and reply.is_permanent:
@@ -1444,7 +1574,7 @@ class ServerConnection:
             result = mechanism.step(decode_response(line, allow_empty_marker=False))
         except SaslError as exc:
             self._sasl = None
-            self.state = State.READY
+            self.state = self._after_auth()
             self._send(self._refusal("auth_malformed", exc.reply))
             return
         self._sasl_result(result)
@@ -1454,12 +1584,17 @@ class ServerConnection:
             self.state = State.AUTH
             self._out += b"334 " + encode_challenge(result.data) + b"\r\n"
             return
-        self.state = State.READY
+        self.state = self._after_auth()
         self._pause(result)
+
+    def _after_auth(self) -> State:
+        """The state an AUTH exchange returns to: READY, or CONNECTED when it came before
+        HELO/EHLO (behaviour allowed_before_hello: the greeting is still owed)."""
+        return State.READY if self.helo_name is not None else State.CONNECTED
 
     def _auth_failed(self, reply: Reply) -> None:
         self._sasl = None
-        self.state = State.READY
+        self.state = self._after_auth()
         self._auth_failures += 1
         self._send(reply)
         if reply.code == 421:  # the reply already closes the session (a policy's refusal)
@@ -1707,6 +1842,19 @@ _ETRN_DOMAIN = re.compile(
 #: A first word that is a mail header's name and colon (``SUBJECT:``), as Postfix's
 #: is_header() sees it.
 _HEADER_NAME = re.compile(r"[!-9;-~]+:")
+
+
+def _shortened(text: str, limit: int) -> str:
+    """Sendmail's shortenstring(): a text ``limit`` long or longer as its first and last
+    (limit-3)/2 characters around "..."."""
+    if len(text) < limit:
+        return text
+    half = (limit - 3) // 2
+    return text[:half] + "..." + text[-half:]
+
+
+#: The first word of MAIL's or RCPT's argument, up to a colon or a space (never fails).
+_FIRST_WORD = re.compile(r"[^: ]*")
 #: An unqualified mailbox (``<root>``): a dot-string local part alone.
 _UNQUALIFIED = re.compile(
     r"<([A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+(?:\.[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+)*)>"
@@ -1735,6 +1883,23 @@ def _lenient_address(path: str, loose: bool, unqualified: bool = True) -> Addres
     if match is None or len(path) > 1024:
         return None
     return Address(match[1], match[2])
+
+
+#: ``<a b@domain>``: a local part of words separated by single spaces, no quote or
+#: backslash (they would not survive quoting), and a host name.
+_SPACED_ADDRESS = re.compile(
+    r"<([!#-;=?-\[\]-~]+(?: [!#-;=?-\[\]-~]+)+)@([A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)>"
+)
+
+
+def _spaced_address(path: str, long_local_parts: bool) -> Address | None:
+    """``<a b@domain>`` as Sendmail takes it, or None; the local part is kept quoted
+    (``"a b"@domain``: the same mailbox in RFC 5321's syntax), so what the server passes
+    on is a valid address."""
+    match = _SPACED_ADDRESS.fullmatch(path)
+    if match is None or len(match[1]) > (256 if long_local_parts else 64):
+        return None
+    return Address(f'"{match[1]}"', match[2])
 
 
 __all__ = [

@@ -66,15 +66,18 @@ unknown_command            unknown verb, or a hidden extension's verb        {ve
                                                                              (the line, cut to
                                                                              200 characters)
 invalid_utf8               a command line that is not UTF-8                  -
-not_implemented            a verb switched off in the config                 {verb}
-line_too_long              a command line over the limit                     -
+not_implemented            a verb switched off in the config, or one in      {verb}, {command}
+                           behaviour ``unimplemented_commands``              (the line)
+line_too_long              a command line over the limit                     {client_ip}
 auth_line_too_long         an AUTH exchange line over the limit              -
 control_characters         control characters in a command line              -
 argument_not_allowed       an argument to RSET, DATA, QUIT...                {verb}
 argument_required          no argument to HELO, MAIL, VRFY...                {verb}
 hello_syntax               HELO/EHLO/LHLO with more than a name              {verb}
-mail_syntax                MAIL without ``FROM:``                            -
-rcpt_syntax                RCPT without ``TO:``                              -
+mail_syntax                MAIL without ``FROM:``                            {word} (the first
+                                                                             word, up to a
+                                                                             ``:`` or space)
+rcpt_syntax                RCPT without ``TO:``                              {word}
 bdat_syntax                BDAT with a bad size or last word                 -
 auth_syntax                AUTH with more than two words                     -
 bad_sender_address         MAIL path refused by the parser [*]_              {detail}
@@ -111,8 +114,9 @@ shutting_down              the server closes the session (shutdown)          -
 idle_timeout               the server closes an idle session                 -
 syntax_error               not sent by the engine (for servers, plugins)     -
 bad_address                not sent by the engine (for servers, plugins)     -
-empty_line                 an empty command line [f]_                        {verb}, {command}
-                                                                             (both empty)
+empty_line                 an empty command line [f]_                        {verb} (empty),
+                                                                             {command} (its
+                                                                             blanks)
 hello_argument_required    HELO/EHLO/LHLO without an argument [f]_           {verb}
 mail_argument_required     MAIL without an argument [f]_                     {verb}
 rcpt_argument_required     RCPT without an argument [f]_                     {verb}
@@ -122,7 +126,7 @@ auth_argument_required     AUTH without a mechanism [f]_                     {ve
 data_need_mail             DATA/BDAT before MAIL [f]_                        {verb}
 auth_bad_base64_initial    an AUTH initial response that is not base64 [f]_  -
 size_syntax                MAIL with a SIZE= that is not a number [f]_       {parameter}, {detail}
-xclient_not_allowed        XCLIENT/XFORWARD from a client not trusted [f]_   {verb}
+xclient_not_allowed        XCLIENT/XFORWARD from a client not trusted [f]_   {verb}, {command}
 forbidden_command          a forbidden or bogus command (behaviour           {verb}
                            ``forbidden_commands``); then closes
 etrn_in_transaction        ETRN inside a mail transaction [f]_               {verb}
@@ -145,12 +149,18 @@ proxy_required             server: a client not behind the PROXY peers       {cl
 proxy_refused              server: a bad or missing PROXY header             {client_ip}
 early_talker               server: a client that talks before the banner     {client_ip}
 synchronization_error      input behind a command that must end a pipelined  -
-                           group (behaviour ``sync_check``); then closes
+                           group (``sync_check``, ``sync_until_pipelining``);
+                           then closes (or only QUIT: ``sync_error_refuses``)
+tls_in_transaction         STARTTLS in a mail transaction [f]_               {verb}
+help_unknown_topic         HELP with a topic not in ``help_topics``          {topic} (lower
+                                                                             case, its first
+                                                                             10 characters)
 prdr_sender_ok             MAIL with PRDR accepted [f]_                      {address}
 prdr_start                 after a PRDR message (must stay 353)              -
 prdr_recipient_ok          a PRDR message's reply for one recipient          {address}
 hello_bad_name             a HELO name with characters a host name has not   {verb}
-                           (``hello_name_check``) [f]_
+                           (``hello_name_check``, ``hello_name_characters``,
+                           ``hello_name_max_length``) [f]_
 nul_characters             a NUL byte in a command line (``nul_first``) [f]_  -
 rcpt_errors_repeated       lines before DATA/BDAT's 503 when every RCPT got  {rcpt_error} (the
                            the same refusal (``repeat_rcpt_error``)          refusal: its text,
@@ -244,7 +254,7 @@ _PLACEHOLDERS_BY_NAME.update(
         "expn_default": _allowed("address"),
         "help": _allowed("commands", "software"),
         "unknown_command": _allowed("verb", "command"),
-        "not_implemented": _allowed("verb"),
+        "not_implemented": _allowed("verb", "command"),
         "argument_not_allowed": _allowed("verb"),
         "argument_required": _allowed("verb"),
         "hello_syntax": _allowed("verb"),
@@ -255,7 +265,13 @@ _PLACEHOLDERS_BY_NAME.update(
         "bad_parameter": _allowed("detail", "parameter"),
         "unknown_parameter": _allowed("detail", "parameter", "keyword"),
         "size_syntax": _allowed("detail", "parameter"),
-        "xclient_not_allowed": _allowed("verb"),
+        "xclient_not_allowed": _allowed("verb", "command"),
+        "line_too_long": _allowed("client_ip"),
+        # The word Sendmail could not scan ("TO" of "MAIL TO:<a@b>"), echoed safely.
+        "mail_syntax": _allowed("word"),
+        "rcpt_syntax": _allowed("word"),
+        "tls_in_transaction": _allowed("verb"),
+        "help_unknown_topic": _allowed("topic"),
         "forbidden_command": _allowed("verb"),
         "auth_malformed": _allowed("detail"),
         "too_many_recipients": _allowed("max_recipients"),
@@ -399,6 +415,7 @@ FALLBACKS: Mapping[str, str] = MappingProxyType(
         "too_many_unknown_commands": "too_many_errors",
         "etrn_in_transaction": "not_in_transaction",
         "hello_bad_name": "hello_syntax",
+        "tls_in_transaction": "not_in_transaction",
         "nul_characters": "control_characters",
         "need_rcpt_after_rcpt": "need_rcpt",
         "mail_parameter_not_offered": "unknown_parameter",
@@ -730,6 +747,12 @@ class Persona:
     #: session may use); empty: the default text.
     help: tuple[str, ...] = ()
     help_code: int = 214
+    #: HELP per topic (a Sendmail helpfile): topic name (lower case) -> its lines. HELP
+    #: with an argument answers the lines of every topic whose name starts with it
+    #: (lower-cased), in this order, closed by the general HELP text's last line ("End of
+    #: HELP info"); an argument no topic starts with gets ``help_unknown_topic``. Empty:
+    #: every HELP gets the general text.
+    help_topics: Mapping[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
     #: Whether enhanced status codes are written (and ENHANCEDSTATUSCODES offered).
     enhanced_status_codes: bool = True
     #: How the product behaves where it differs from mailgate (mailgate.protocol.behaviour).
@@ -746,9 +769,13 @@ class Persona:
     _banner: _Template = field(init=False, repr=False, compare=False)
     _ehlo: _Template = field(init=False, repr=False, compare=False)
     _helo: _Template = field(init=False, repr=False, compare=False)
+    _help_rendered: Mapping[str, tuple[str, ...]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         put = object.__setattr__
+        given_topics, rendered_topics = _help_topics(self.help_topics)
+        put(self, "help_topics", MappingProxyType(given_topics))
+        put(self, "_help_rendered", rendered_topics)
         if isinstance(self.help, str):
             put(self, "help", (self.help,))
         else:
@@ -959,6 +986,18 @@ class Persona:
         (values: the banner's and helo)."""
         return (self._ehlo if esmtp else self._helo).render(values).lines[0]
 
+    def help_topic(self, argument: str) -> tuple[str, ...] | None:
+        """The lines of every HELP topic whose name starts with ``argument`` (case does
+        not matter), or None when no topic does (see :attr:`help_topics`)."""
+        word = argument.strip().lower()
+        lines = [
+            line
+            for name, text in self._help_rendered.items()
+            if name.startswith(word)
+            for line in text
+        ]
+        return tuple(lines) if lines else None
+
     @property
     def overridden(self) -> frozenset[str]:
         """The reply names this persona changes."""
@@ -988,6 +1027,31 @@ class Persona:
             last = len(order)
             caps.sort(key=lambda c: order.get(c.split(" ", 1)[0], last))
         return caps
+
+
+def _help_topics(
+    topics: object,
+) -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]:
+    """``help_topics`` checked (lower-case names, printable ASCII lines without
+    placeholders, braces written ``{{``/``}}``): as given, and as sent (unescaped)."""
+    if not isinstance(topics, Mapping):
+        raise PersonaError(f"help_topics: give a mapping of topic -> lines, not {topics!r}")
+    given: dict[str, tuple[str, ...]] = {}
+    out: dict[str, tuple[str, ...]] = {}
+    for name, lines in topics.items():
+        where = f"help_topics: topic {name!r}"
+        if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9-][a-z0-9_.+-]{0,30}", name):
+            raise PersonaError(f"{where}: a topic is a lower-case word (letters, digits, -_.+)")
+        if isinstance(lines, str) or not isinstance(lines, Iterable):
+            raise PersonaError(f"{where}: give a list of lines")
+        text = tuple(lines)
+        if not text or not all(isinstance(line, str) for line in text):
+            raise PersonaError(f"{where}: give a non-empty list of lines")
+        for line in text:
+            placeholders_in(line, frozenset(), where)
+        given[name] = text
+        out[name] = tuple(line.format_map({}) for line in text)
+    return given, out
 
 
 #: mailgate's own look (ProtocolConfig's default).

@@ -224,7 +224,8 @@ PROXY_REFUSED = Reply(421, "4.7.0", ("PROXY header missing or invalid",))
 EARLY_TALKER = Reply(554, "5.5.1", ("Protocol error: data sent before the greeting",))
 # A persona with sync_check: input behind a command that must end a pipelined group.
 SYNCHRONIZATION_ERROR = Reply(554, "5.5.0", ("SMTP synchronization error",))
-# Behaviour hello_name_check: a HELO/EHLO name with characters a host name has not.
+# Behaviour hello_name_check, hello_name_characters, hello_name_max_length: a HELO/EHLO
+# name the product refuses.
 HELLO_BAD_NAME = Reply(501, "5.5.4", ("Syntax: {verb} hostname",))
 # Behaviour nul_first: a NUL byte in a command line, answered before its verb is read.
 NUL_CHARACTERS = Reply(501, "5.5.2", ("Control characters not allowed",))
@@ -240,6 +241,11 @@ BDAT_ABANDONED = Reply(421, "4.4.2", ("Message transfer abandoned",))
 # Sent (its lines before the final reply) only by a persona that gives it: the last BDAT
 # chunk's own acknowledgement (Exim's "250- 22 byte chunk, total 22").
 BDAT_LAST_CHUNK_OK = Reply(250, "2.0.0", ("{size} octets received, {total} in all",))
+# STARTTLS inside a mail transaction, where the product words it apart from AUTH's
+# (Sendmail: "TLS not permitted during a mail transaction").
+TLS_IN_TRANSACTION = Reply(503, "5.5.1", ("{verb} is not allowed inside a mail transaction",))
+# HELP with a topic the persona's help_topics do not have (only with help_topics).
+HELP_UNKNOWN_TOPIC = Reply(504, "5.3.0", ('HELP topic "{topic}" unknown',))
 # Pass-through names: by default the parser's own reply is sent (its text is {detail}).
 BAD_SENDER_ADDRESS = Reply(501, "5.1.7", ("{detail}",))
 BAD_RECIPIENT_ADDRESS = Reply(501, "5.1.3", ("{detail}",))

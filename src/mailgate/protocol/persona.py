@@ -336,25 +336,15 @@ NOT_ANSWERS: frozenset[str] = frozenset(
         "bad_address",
     }
 )
-#: Replies only ever sent in answer to MAIL or RCPT: {path} and {parameters} (the
-#: client's path and parameters as written) are theirs.
-ENVELOPE_REPLIES: frozenset[str] = frozenset(
+#: The parser's refusals of a MAIL or RCPT path and its parameters (each worded by the
+#: parser unless a persona overrides it: see PASS_THROUGH).
+_PATH_REFUSALS: frozenset[str] = frozenset(
     {
-        "sender_ok",
-        "recipient_ok",
-        "prdr_sender_ok",
         "bad_sender_address",
         "bad_recipient_address",
         "parameter_syntax",
         "bad_parameter",
         "unknown_parameter",
-        "size_syntax",
-        "domain_literal",
-        "smtputf8_required",
-        "too_many_recipients",
-        "sender_already_specified",
-        "mail_syntax",
-        "rcpt_syntax",
         "address_unterminated",
         "address_local_part",
         "address_domain",
@@ -365,6 +355,20 @@ ENVELOPE_REPLIES: frozenset[str] = frozenset(
         "mail_parameter_not_offered",
     }
 )
+#: Replies only ever sent in answer to MAIL or RCPT: {path} and {parameters} (the
+#: client's path and parameters as written) are theirs.
+ENVELOPE_REPLIES: frozenset[str] = _PATH_REFUSALS | {
+    "sender_ok",
+    "recipient_ok",
+    "prdr_sender_ok",
+    "size_syntax",
+    "domain_literal",
+    "smtputf8_required",
+    "too_many_recipients",
+    "sender_already_specified",
+    "mail_syntax",
+    "rcpt_syntax",
+}
 #: Replies to AUTH and its exchange: {response} (the client's SASL response) is theirs.
 AUTH_REPLIES: frozenset[str] = frozenset(
     {
@@ -431,24 +435,7 @@ BANNER_PLACEHOLDERS = frozenset(
 GREETING_PLACEHOLDERS = BANNER_PLACEHOLDERS | {"helo"}
 
 #: Names whose default is the parser's own reply (see the module docstring).
-PASS_THROUGH: frozenset[str] = frozenset(
-    {
-        "bad_sender_address",
-        "bad_recipient_address",
-        "parameter_syntax",
-        "bad_parameter",
-        "unknown_parameter",
-        "auth_malformed",
-        "address_unterminated",
-        "address_local_part",
-        "address_domain",
-        "address_too_long",
-        "null_recipient",
-        "sender_unqualified",
-        "recipient_unqualified",
-        "mail_parameter_not_offered",
-    }
-)
+PASS_THROUGH: frozenset[str] = _PATH_REFUSALS | {"auth_malformed"}
 #: AddressError.kind -> the reply name a persona may give for it (MAIL, RCPT); when it does
 #: not, the role's bad_sender_address/bad_recipient_address.
 ADDRESS_KIND_REPLIES: Mapping[str, tuple[str, str]] = MappingProxyType(

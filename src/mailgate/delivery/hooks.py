@@ -22,6 +22,11 @@ T = TypeVar("T")
 _STORAGE_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
+def _storage_full() -> TempFail:
+    """What a full disk or quota answers: 452 4.3.1, as RFC 3463 asks."""
+    return TempFail(452, "Insufficient system storage, try again later", enhanced="4.3.1")
+
+
 def _storage_checked(work: Callable[[], T]) -> Callable[[], T]:
     """``work`` with a full disk or quota (often seen only at fsync, with delayed
     allocation) answered ``452 4.3.1``, as RFC 3463 asks, instead of a failed hook's 451."""
@@ -31,9 +36,7 @@ def _storage_checked(work: Callable[[], T]) -> Callable[[], T]:
             return work()
         except OSError as exc:
             if exc.errno in _STORAGE_FULL:
-                raise TempFail(
-                    452, "Insufficient system storage, try again later", enhanced="4.3.1"
-                ) from exc
+                raise _storage_full() from exc
             raise
 
     return checked
@@ -115,9 +118,7 @@ class _StagedMaildir:
             return await future
         except OSError as exc:
             if exc.errno in _STORAGE_FULL:
-                raise TempFail(
-                    452, "Insufficient system storage, try again later", enhanced="4.3.1"
-                ) from exc
+                raise _storage_full() from exc
             raise
 
     def abort(self) -> None:

@@ -220,12 +220,17 @@ class MaildirStore:
         return (here.st_dev, here.st_ino) == self._tmp_id
 
     def _copy_and_publish(self, source: Path) -> str:
+        return self._with_durable_copy(source, self._publish)
+
+    def _with_durable_copy(self, source: Path, place: Callable[[Path], str]) -> str:
+        """``source`` copied into a new file in tmp/, made durable (``finish``), then
+        ``place``d into new/; the copy's tmp name is dropped in any case."""
         copy = SpoolFile(self.tmp_dir)
         try:
             with open(source, "rb") as reader:
                 shutil.copyfileobj(reader, copy, _COPY_BLOCK)
             copy.finish()
-            return self._publish(copy.path)
+            return place(copy.path)
         finally:
             copy.discard()
 
@@ -248,14 +253,7 @@ class MaildirStore:
         ``source`` made durable (``sync()``, or an fsync by path unless ``synced``) and
         linked into new/, or, outside tmp/, copied into a durable file there first."""
         if not self._in_tmp(source):
-            copy = SpoolFile(self.tmp_dir)
-            try:
-                with open(source, "rb") as reader:
-                    shutil.copyfileobj(reader, copy, _COPY_BLOCK)
-                copy.finish()
-                return self._link_into_new(copy.path)
-            finally:
-                copy.discard()
+            return self._with_durable_copy(source, self._link_into_new)
         if sync is not None:
             sync()
         elif not synced:

@@ -210,6 +210,10 @@ def test_address_from_wire_and_pickle() -> None:
         "example.org",
         {"ORCPT": "rfc822;user@example.org"},
     )
+    assert address.written == ""  # not known
+    routed = Address.from_wire(wire, None, "<@relay.example:user@example.org>")
+    assert routed == "user@example.org"
+    assert pickle.loads(pickle.dumps(routed)).written == "<@relay.example:user@example.org>"
 
 
 def test_envelope_is_read_only_and_grows_only_by_copy() -> None:
@@ -336,11 +340,11 @@ def test_message_too_large_is_a_hook_error() -> None:
 def test_message_sync_and_no_spool(tmp_path: Path) -> None:
     synced: list[int] = []
     message = make_message(tmp_path, MIME, synced)
-    message.sync()
-    message.sync()
+    assert message.sync() is True
+    assert message.sync() is True
     assert synced == [1, 1]
     bare = dataclasses.replace(message, path=None, _sync=None)
-    bare.sync()  # nothing to sync: no error
+    assert bare.sync() is False  # nothing to sync: no error, and the caller is told
     with pytest.raises(HookError, match="sink"):
         bare.open()
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -290,3 +290,214 @@ def test_group_sync_covers_every_change_with_fewer_fsyncs(tmp_path: Path, monkey
     assert not failures
     assert changes == 160
     assert len(fsync_starts) < 160  # concurrent callers shared fsyncs
+
+
+# --- GroupCommitter: the server's batched durable delivery ----------------------------------
+
+
+def spools(store: MaildirStore, count: int) -> list[SpoolFile]:
+    made = []
+    for i in range(count):
+        spool = SpoolFile(store.tmp_dir)
+        spool.write(b"message %d\r\n" % i)
+        spool.flush()
+        made.append(spool)
+    return made
+
+
+def test_committer_answers_only_after_file_link_and_directory_are_durable(
+    tmp_path: Path, events: Events
+) -> None:
+    import asyncio
+
+    from mailgate.delivery.maildir import GroupCommitter
+
+    store = MaildirStore(tmp_path / "M")
+    committer = GroupCommitter(store, threads=2)
+    made = spools(store, 40)
+
+    async def main() -> list[str]:
+        futures = []
+        for spool in made:
+            future = committer.submit(spool.path, sync=spool.finish, keep_source=True)
+            future.add_done_callback(
+                lambda f: events.log.append(("answered", real(store.new_dir / f.result())))
+            )
+            futures.append(future)
+        return list(await asyncio.gather(*futures))
+
+    names = asyncio.run(main())
+    committer.close()
+    new_dir = real(store.new_dir)
+    assert len(set(names)) == 40
+    for spool, name in zip(made, names, strict=True):
+        target = real(store.new_dir / name)
+        assert (store.new_dir / name).read_bytes() == spool.path.read_bytes()
+        synced = events.index(("fsync", real(spool.path)))
+        linked = events.index(("link", target))
+        answered = events.index(("answered", target))
+        assert synced < linked < answered
+        # An fsync of new/ that began after the link and before the answer.
+        assert any(event == ("fsync", new_dir) for event in events.log[linked + 1 : answered]), (
+            f"{name}: answered without an fsync of new/ after its link"
+        )
+    dir_syncs = events.log.count(("fsync", new_dir))
+    assert dir_syncs <= committer.batches
+    assert committer.committed == 40
+    for spool in made:
+        spool.discard()
+    assert sorted(os.listdir(store.tmp_dir)) == []
+
+
+def test_committer_groups_waiting_messages_under_one_directory_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a slow fsync runs, messages pile up and the next batch takes them all."""
+    import asyncio
+    import time
+
+    from mailgate.delivery import maildir as md
+
+    store = MaildirStore(tmp_path / "M")
+    committer = md.GroupCommitter(store, threads=1)
+    real_fsync = os.fsync
+    dir_fsyncs = 0
+
+    def slow_fsync(fd: int) -> None:
+        nonlocal dir_fsyncs
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            dir_fsyncs += 1
+        time.sleep(0.01)
+        real_fsync(fd)
+
+    monkeypatch.setattr(md.os, "fsync", slow_fsync)
+    made = spools(store, 30)
+
+    async def main() -> list[str]:
+        futures = []
+        for spool in made:
+            futures.append(committer.submit(spool.path, synced=True))
+            await asyncio.sleep(0.002)  # arrivals spread out, as from clients
+        return list(await asyncio.gather(*futures))
+
+    names = asyncio.run(main())
+    committer.close()
+    assert len(os.listdir(store.new_dir)) == 30 == len(set(names))
+    assert committer.batches < 15, "messages waiting together should share one commit"
+    assert dir_fsyncs == committer.batches
+    assert os.listdir(store.tmp_dir) == []  # keep_source=False: the tmp names are gone
+
+
+def test_committer_failure_of_one_file_does_not_fail_the_batch(tmp_path: Path) -> None:
+    import asyncio
+
+    from mailgate.delivery.maildir import GroupCommitter
+
+    store = MaildirStore(tmp_path / "M")
+    committer = GroupCommitter(store, threads=1)
+    good = spools(store, 3)
+
+    def full() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    async def main() -> list[object]:
+        futures = [committer.submit(spool.path, sync=spool.finish) for spool in good[:2]]
+        futures.insert(1, committer.submit(good[2].path, sync=full))
+        return list(await asyncio.gather(*futures, return_exceptions=True))
+
+    first, failed, last = asyncio.run(main())
+    committer.close()
+    assert isinstance(failed, OSError) and failed.errno == errno.ENOSPC
+    assert sorted(os.listdir(store.new_dir)) == sorted([first, last])
+    assert os.listdir(store.tmp_dir) == [good[2].path.name]  # its owner removes it
+
+
+def test_committer_directory_fsync_failure_fails_the_batch_and_unlinks_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from mailgate.delivery import maildir as md
+
+    store = MaildirStore(tmp_path / "M")
+    committer = md.GroupCommitter(store, threads=1)
+    made = spools(store, 3)
+    real_fsync = os.fsync
+
+    def failing(fd: int) -> None:
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(md.os, "fsync", failing)
+
+    async def main() -> list[object]:
+        futures = [committer.submit(s.path, sync=s.finish, keep_source=True) for s in made]
+        return list(await asyncio.gather(*futures, return_exceptions=True))
+
+    results = asyncio.run(main())
+    committer.close()
+    assert all(isinstance(r, OSError) and r.errno == errno.EIO for r in results)
+    # Not durable, so not delivered: nothing stays in new/ for a retry to duplicate.
+    assert os.listdir(store.new_dir) == []
+
+
+def test_committer_copies_a_file_from_elsewhere_and_skips_cancelled_messages(
+    tmp_path: Path,
+) -> None:
+    import asyncio
+
+    from mailgate.delivery.maildir import GroupCommitter
+
+    store = MaildirStore(tmp_path / "M")
+    committer = GroupCommitter(store, threads=1)
+    outside = tmp_path / "outside.eml"
+    outside.write_bytes(MESSAGE)
+    (gone,) = spools(store, 1)
+
+    async def main() -> str:
+        cancelled = committer.submit(gone.path, synced=True)
+        cancelled.cancel()  # the client left before its turn: no delivery
+        return await committer.submit(outside)
+
+    name = asyncio.run(main())
+    committer.close()
+    assert os.listdir(store.new_dir) == [name]
+    assert (store.new_dir / name).read_bytes() == MESSAGE
+    assert outside.read_bytes() == MESSAGE  # left in place
+    assert os.listdir(store.tmp_dir) == [gone.path.name]
+
+
+def test_committer_restarts_after_close_and_in_a_forked_child(tmp_path: Path) -> None:
+    import asyncio
+
+    from mailgate.delivery.maildir import GroupCommitter
+
+    store = MaildirStore(tmp_path / "M")
+    committer = GroupCommitter(store, threads=2)
+
+    def one(tag: bytes) -> None:
+        spool = SpoolFile(store.tmp_dir)
+        spool.write(tag)
+        spool.finish()
+
+        async def main() -> str:
+            return await committer.submit(spool.path, synced=True)
+
+        asyncio.run(main())
+
+    one(b"first")
+    committer.close()
+    one(b"after close")
+    pid = os.fork()
+    if pid == 0:  # the child: its own threads, not the parent's
+        try:
+            one(b"in the child")
+            committer.close(5)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
+    committer.close()
+    contents = sorted((store.new_dir / name).read_bytes() for name in os.listdir(store.new_dir))
+    assert contents == [b"after close", b"first", b"in the child"]

@@ -5,6 +5,7 @@ retries never duplicate it, and a message refused with 5xx is kept nowhere."""
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
@@ -161,3 +162,151 @@ def test_a_failed_commit_is_answered_451(tmp_path: Path, certs: Certs) -> None:
     assert asyncio.run(main()) == 451
     assert aborted == []  # committing, not aborting: the Maildir kept its copy
     assert len(maildir_messages(maildir)) == 1
+
+
+def _maildir_server(tmp_path: Path, certs: Certs, maildir: Path) -> Server:
+    return Server(
+        hostname="front.test",
+        listen="127.0.0.1:0",
+        state_dir=tmp_path / "state",
+        tls_cert=certs.cert,
+        tls_key=certs.key,
+        maildir=maildir,
+    )
+
+
+def test_a_header_added_after_the_maildir_step_is_not_in_its_copy(
+    tmp_path: Path, certs: Certs
+) -> None:
+    """The Maildir delivery links the spool at commit time; a later step that rewrites
+    the spool (a new file, the old one removed) makes it keep its own version first."""
+    maildir = tmp_path / "M"
+    later_paths: list[Path | None] = []
+
+    async def main() -> int:
+        server = _maildir_server(tmp_path, certs, maildir)
+
+        @server.on_message(after="maildir")
+        async def stamp(session: Session, envelope: Envelope, message: Message) -> None:
+            await message.prepend_header("X-Later", "added after the Maildir step")
+            await message.prepend_header("X-Later-2", "and again")
+            later_paths.append(message.path)
+
+        async with server:
+            return (await send(server.address[1], "a@example.org", ["b@example.com"]))[0]
+
+    assert asyncio.run(main()) == 250
+    (stored,) = maildir_messages(maildir)
+    assert b"X-Later" not in stored
+    assert b"Subject:" in stored
+    assert later_paths and later_paths[0] is not None
+    assert _files(maildir / "tmp") == []  # the pinned copy and both spools are gone
+
+
+def test_a_header_added_before_the_maildir_step_is_in_its_copy(
+    tmp_path: Path, certs: Certs
+) -> None:
+    maildir = tmp_path / "M"
+
+    async def main() -> int:
+        server = _maildir_server(tmp_path, certs, maildir)
+
+        @server.on_message(before="maildir")
+        async def stamp(session: Session, envelope: Envelope, message: Message) -> None:
+            await message.prepend_header("X-Earlier", "added before the Maildir step")
+
+        async with server:
+            return (await send(server.address[1], "a@example.org", ["b@example.com"]))[0]
+
+    assert asyncio.run(main()) == 250
+    (stored,) = maildir_messages(maildir)
+    assert stored.startswith(b"X-Earlier: added before the Maildir step\r\n")
+    assert _files(maildir / "tmp") == []
+
+
+def test_a_refusal_after_a_rewrite_drops_the_pinned_copy(tmp_path: Path, certs: Certs) -> None:
+    maildir = tmp_path / "M"
+
+    async def main() -> int:
+        server = _maildir_server(tmp_path, certs, maildir)
+
+        @server.on_message(after="maildir")
+        async def stamp_then_refuse(session: Session, envelope: Envelope, message: Message) -> None:
+            await message.prepend_header("X-Later", "x")
+            raise Reject(550, "changed my mind")
+
+        async with server:
+            return (await send(server.address[1], "a@example.org", ["b@example.com"]))[0]
+
+    assert asyncio.run(main()) == 550
+    assert maildir_messages(maildir) == []
+    assert _files(maildir / "tmp") == []
+
+
+def test_the_group_commit_threads_end_with_the_server(tmp_path: Path, certs: Certs) -> None:
+    import threading
+
+    maildir = tmp_path / "M"
+
+    async def main() -> list[int]:
+        server = _maildir_server(tmp_path, certs, maildir)
+        async with server:
+            port = server.address[1]
+            codes = await asyncio.gather(
+                *(send(port, f"a{i}@example.org", ["b@example.com"]) for i in range(8))
+            )
+            assert any(t.name.startswith("maildir-commit") for t in threading.enumerate())
+        return [code for code, _ in codes]
+
+    assert asyncio.run(main()) == [250] * 8
+    assert len(maildir_messages(maildir)) == 8
+    assert not any(t.name.startswith("maildir-commit") for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("same", [False, True], ids=["other-maildir", "same-maildir"])
+def test_a_background_maildir_delivers_its_own_copy_after_the_250(
+    tmp_path: Path, certs: Certs, monkeypatch: pytest.MonkeyPatch, same: bool
+) -> None:
+    """A Maildir step marked ``required = False`` gets the message after the reply, on a
+    copy without a spool of its own to sync: in the spool's Maildir it is linked and
+    fsynced by its path, elsewhere copied into a durable file."""
+    from mailgate.delivery import hooks as delivery_hooks
+    from mailgate.delivery.hooks import MaildirDelivery
+
+    maildir = tmp_path / "M"
+    archive = maildir if same else tmp_path / "Archive"
+    synced_by_path: list[str] = []
+    real_fsync_file = delivery_hooks.fsync_file
+
+    def recording(path: Path) -> None:
+        synced_by_path.append(path.name)
+        real_fsync_file(path)
+
+    monkeypatch.setattr(delivery_hooks, "fsync_file", recording)
+
+    async def main() -> int:
+        server = _maildir_server(tmp_path, certs, maildir)
+        later = MaildirDelivery(archive)
+        later.name = "archive"
+        later.required = False  # type: ignore[attr-defined]
+        server.add_plugin(later)
+        async with server:
+            code = (await send(server.address[1], "a@example.org", ["b@example.com"]))[0]
+            for _ in range(100):  # bounded: 5 s
+                if len(maildir_messages(archive)) == (2 if same else 1):
+                    break
+                await asyncio.sleep(0.05)
+        return code
+
+    assert asyncio.run(main()) == 250
+    stored = maildir_messages(maildir)
+    if same:
+        assert len(stored) == 2 and stored[0] == stored[1]
+        assert not any(name.endswith(".later") for name in os.listdir(maildir / "new"))
+        assert len(synced_by_path) == 1 and synced_by_path[0].endswith(".later")
+    else:
+        assert len(stored) == 1
+        assert maildir_messages(archive) == stored
+        assert synced_by_path == []  # copied into a file of its own, fsynced as made
+    assert _files(archive / "tmp") == []
+    assert _files(maildir / "tmp") == []

@@ -381,6 +381,7 @@ def spam_run(hp: Honeypot) -> None:
 @pytest.mark.parametrize("persona", ALL_PERSONAS)
 def test_scripted_attacker(persona: str, tmp_path: Path) -> None:
     sink = Sink()
+    users = ("relaytest", "sink", "root", "postmaster", "admin")
     spam = persona in SPAM_PERSONAS
     try:
         # relay = "pretend": the open-relay probe below is accepted (and still never
@@ -391,7 +392,7 @@ def test_scripted_attacker(persona: str, tmp_path: Path) -> None:
             persona,
             auth_outcome="accept-after:10",
             relay="pretend",
-            local_users=("relaytest", "sink", "root", "postmaster", "admin"),
+            local_users=users,
         ) as hp:
             profile = hp.profile
             assert profile is PERSONAS[persona]
@@ -426,6 +427,17 @@ def test_scripted_attacker(persona: str, tmp_path: Path) -> None:
                     known = profile.persona.reply("vrfy_unqualified").code
                 if command == "VRFY nosuchuser" and profile.vrfy_checks_users:
                     known = profile.unknown_user.code  # looked up like RCPT (Postfix)
+                if profile.vrfy_answers_users:
+                    # Answered from the users (Sendmail): root has a full name; EXPN of a
+                    # name that is no user and no alias is unknown.
+                    name = command.split()[1]
+                    known = (
+                        profile.vrfy_unknown_user.code
+                        if name not in users
+                        else profile.vrfy_user_named.code
+                        if name in profile.full_names
+                        else profile.vrfy_user.code
+                    )
                 assert code == (unknown if verb in hidden else known), (command, code)
             garbage = raw_session(hp, b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\xff\xfe")
             garbage += raw_session(hp, b"garbage\x00\x01 line\r\n")

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import re
 import socket
 import time
 from pathlib import Path
 
 import pytest
+
+from mailgate.honeypot.personas import profile_from_mapping
 
 from .test_attacker import Honeypot, running_honeypot
 
@@ -171,11 +174,16 @@ def test_relay_refused_and_unknown_users_refused_by_default(persona: str, tmp_pa
         client.cmd("EHLO client.example")
         assert client.cmd("MAIL FROM:<a@b.example>").startswith("250")
         host = hp.server.options.hostname
-        assert client.cmd(f"RCPT TO:<postmaster@{host}>").startswith("250")
+        # postmaster (RFC 5321 4.5.1) exists wherever the product's stock install has it;
+        # Debian's sendmail creates no /etc/aliases, so there root is the known user.
+        known = "postmaster" if "postmaster" in profile.local_users else "root"
+        assert client.cmd(f"RCPT TO:<{known}@{host}>").startswith("250")
         enhanced = profile.persona.enhanced_status_codes
 
         def wire(name: str, address: str) -> str:
-            reply = profile.format(name, address=address, hostname=host, client_ip=CLIENT_IP)
+            reply = profile.format(
+                name, address=address, path=f"<{address}>", hostname=host, client_ip=CLIENT_IP
+            )
             return reply.render(enhanced).decode().rstrip("\r\n")
 
         assert client.cmd("RCPT TO:<victim@gmail.com>") == wire("relay_denied", "victim@gmail.com")
@@ -243,3 +251,75 @@ def test_postfix_limits_come_from_the_persona(tmp_path: Path) -> None:
         tmp_path / "given", "postfix", server_settings={"max_recipients": 5}
     ) as hp:
         assert hp.server.options.max_recipients == 5
+
+
+def test_exim_refuses_restricted_local_parts_first(tmp_path: Path) -> None:
+    # Debian's Exim ACL: "%", "!", "/", "|", "@" in a local part at its own domains, and
+    # "%", "!", "@" (or a leading "./|") elsewhere, before users or relaying.
+    with running_honeypot(tmp_path, "exim", relay="pretend") as hp:
+        client = Client(hp)
+        client.cmd("EHLO client.example")
+        client.cmd("MAIL FROM:<a@b.example>")
+        host = hp.server.options.hostname
+        restricted = "550 restricted characters in address"
+        assert client.cmd(f"RCPT TO:<victim%example.org@{host}>") == restricted
+        assert client.cmd(f"RCPT TO:<root|x@{host}>") == restricted
+        assert client.cmd(f"RCPT TO:<a/b@{host}>") == restricted
+        assert client.cmd("RCPT TO:<a!b@gmail.com>") == restricted
+        # "/" is refused only at its own domains; relay = "pretend" takes the rest.
+        assert client.cmd("RCPT TO:<a/b@gmail.com>") == "250 Accepted"
+        assert client.cmd(f"RCPT TO:<root@{host}>") == "250 Accepted"
+        client.close()
+
+
+def test_exim_words_the_final_reply_of_a_prdr_message(tmp_path: Path) -> None:
+    with running_honeypot(tmp_path, "exim") as hp:
+        client = Client(hp)
+        client.cmd("EHLO client.example")
+        host = hp.server.options.hostname
+        assert client.cmd("MAIL FROM:<a@b.example> PRDR") == "250 OK, PRDR Requested"
+        assert client.cmd(f"RCPT TO:<root@{host}>") == "250 Accepted"
+        assert client.cmd("DATA").startswith("354")
+        # The per-recipient replies, then Exim's own final reply for PRDR.
+        client.sock.sendall(b"Subject: hi\r\n\r\nbody\r\n.\r\n")
+        lines = [client.reply()[-1] for _ in range(3)]
+        assert lines[0] == "353 PRDR content analysis beginning"
+        assert lines[1] == f"250 PRDR R=<root@{host}> acceptance"
+        assert re.fullmatch(r"250 id=\S+ message accepted", lines[2]), lines[2]
+        # Without PRDR: the usual queued line.
+        client.cmd("MAIL FROM:<a@b.example>")
+        client.cmd(f"RCPT TO:<root@{host}>")
+        client.cmd("DATA")
+        assert client.cmd(b"Subject: hi\r\n\r\nbody\r\n.\r\n").startswith("250 OK id=")
+        client.close()
+
+
+def test_refusal_texts_echo_the_path_as_written(tmp_path: Path) -> None:
+    profile = profile_from_mapping(
+        {
+            "name": "echoing",
+            "behaviour": {"lenient_paths": True},
+            "replies": {
+                "relay_denied": "550 5.7.1 {path}... Relaying denied",
+                "unknown_user": "550 5.1.1 {path}... User unknown ({address})",
+            },
+        },
+        base="postfix",
+    )
+    with running_honeypot(tmp_path, "postfix", profile=profile) as hp:
+        client = Client(hp)
+        client.cmd("EHLO client.example")
+        client.cmd("MAIL FROM:<a@b.example>")
+        host = hp.server.options.hostname
+        # The source route as sent (the address drops it), and a bare path as sent.
+        assert client.cmd("RCPT TO:<@relay.example:victim@gmail.com>") == (
+            "550 5.7.1 <@relay.example:victim@gmail.com>... Relaying denied"
+        )
+        assert (
+            client.cmd("RCPT TO:victim@gmail.com")
+            == "550 5.7.1 victim@gmail.com... Relaying denied"
+        )
+        assert client.cmd(f"RCPT TO:<NoSuch@{host}>") == (
+            f"550 5.1.1 <NoSuch@{host}>... User unknown (NoSuch@{host})"
+        )
+        client.close()

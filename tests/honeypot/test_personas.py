@@ -516,6 +516,20 @@ def load_error(tmp_path: Path, text: str, **kwargs: object) -> ProfileError:
         ("replies = 3", "replies", ["table"]),
         ("name = 5", "name", ["string"]),
         ('help = ["x"]\n[replies]\nhelp = "214 y"', "replies.help", ["not both"]),
+        ('restricted_local_parts = ["^[%"]', "restricted_local_parts", ["regular expression"]),
+        ('restricted_remote_local_parts = "^x"', "restricted_remote_local_parts", ["list"]),
+        (
+            '[replies]\nrestricted_characters = "250 fine"',
+            "replies.restricted_characters",
+            ["refusal"],
+        ),
+        (
+            '[replies]\nprdr_message_queued = "250 accepted"',
+            "replies.prdr_message_queued",
+            ["{queue_id}"],
+        ),
+        ('[replies]\nsender_ok = "250 {pth} ok"', "replies.sender_ok", ["{path}"]),
+        ('[replies]\nnoop_ok = "250 {path}"', "replies.noop_ok", ["{path}", "{argument}"]),
     ],
 )
 def test_profile_errors_name_file_and_key(

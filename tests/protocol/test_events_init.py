@@ -29,8 +29,16 @@ from mailgate.protocol.params import ParamContext
 # compiled build checks them).
 SAMPLES: dict[type[Any], dict[str, Any]] = {
     Hello: {"verb": "EHLO", "domain": "client.test"},
-    MailFrom: {"address": Address("a", "b.test"), "params": {"SIZE": "10"}},
-    RcptTo: {"address": Address("c", "d.test"), "params": {"NOTIFY": "NEVER"}},
+    MailFrom: {
+        "address": Address("a", "b.test"),
+        "params": {"SIZE": "10"},
+        "written": "<a@b.test>",
+    },
+    RcptTo: {
+        "address": Address("c", "d.test"),
+        "params": {"NOTIFY": "NEVER"},
+        "written": "c@d.test",
+    },
     DataStart: {"bdat": True},
     DataComplete: {"size": 10, "recipients": (Address("c", "d.test"),)},
     DataChunk: {"data": b"x"},
@@ -49,6 +57,7 @@ SAMPLES: dict[type[Any], dict[str, Any]] = {
         "smtputf8": True,
         "recipients": [Address("c", "d.test")],
         "bdat_size": 7,
+        "written": {("c", "d.test"): "<c@d.test>"},
     },
 }
 #: Not frozen: the rest of the checks hold all the same.

@@ -30,6 +30,7 @@ from mailgate.protocol import (
 )
 from mailgate.protocol.persona import (
     DEFAULT_PERSONA,
+    ECHO_PLACEHOLDERS,
     KEYWORDS,
     PASS_THROUGH,
     PLACEHOLDERS,
@@ -191,8 +192,11 @@ def test_every_name_has_its_placeholders_documented() -> None:
     for name in REPLY_NAMES:
         match = re.search(rf"^{name} .*\n(?: .*\n)*", doc, re.M)
         assert match, f"{name} is not documented"
-        for placeholder in PLACEHOLDERS[name] - {"hostname"}:
+        # The echo placeholders have a paragraph of their own, with where they are valid.
+        for placeholder in PLACEHOLDERS[name] - {"hostname"} - ECHO_PLACEHOLDERS:
             assert f"{{{placeholder}}}" in match.group(), (name, placeholder)
+    for placeholder in ECHO_PLACEHOLDERS:
+        assert f"``{{{placeholder}}}``" in doc, placeholder
 
 
 # --- overrides --------------------------------------------------------------------------------
@@ -261,8 +265,10 @@ def test_unknown_command_echo_is_cut_and_cleaned() -> None:
     s = Session.start(cfg(persona))
     s.feed(b"X" * 300 + b"\r\n")
     assert s.take_output() == b"500 5.5.2 what is " + b"X" * 200 + b"\r\n"
-    s.feed("FOO é\x85\r\n".encode())  # a C1 control (NEL) never reaches the wire
-    assert s.take_output() == "500 5.5.2 what is FOO é?\r\n".encode()
+    # A C1 control (NEL) never reaches the wire; nor, since the echo is printable ASCII
+    # only (persona.echo), does any other non-ASCII character.
+    s.feed("FOO é\x85\r\n".encode())
+    assert s.take_output() == b"500 5.5.2 what is FOO ??\r\n"
 
 
 def test_sequence_and_syntax_replies_have_names() -> None:
@@ -657,7 +663,10 @@ def test_help_as_a_reply_override_and_hidden_verbs_left_out() -> None:
             "unknown reply name 'sender_okay' (did you mean 'sender_ok'?)",
         ),
         ({"replies": {"bye": "Bye {address}"}}, "reply 'bye': unknown placeholder {address}"),
-        ({"replies": {"sender_ok": "{adress} ok"}}, "allowed: {address}, {hostname}"),
+        (
+            {"replies": {"sender_ok": "{adress} ok"}},
+            "allowed: {address}, {argument}, {hostname}, {parameters}, {path}",
+        ),
         ({"replies": {"bye": "Bye {"}}, "reply 'bye': Single '{' encountered"),
         ({"replies": {"bye": "Bye }"}}, "reply 'bye': Single '}' encountered"),
         ({"replies": {"sender_ok": "{address:>10}"}}, "takes no format spec"),

@@ -598,13 +598,14 @@ def test_spool_flush_failure_is_answered_and_the_next_message_goes_through(
 def test_disk_full_at_the_maildir_fsync_is_a_452(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With delayed allocation a full disk may show only at fsync, in the delivery."""
-    from mailgate.delivery.maildir import MaildirStore
+    """With delayed allocation a full disk may show only at fsync, in the delivery (the
+    spool's fsync runs in the Maildir's group commit, after the message steps)."""
+    from mailgate.server.spool import SpoolFile
 
-    def full(self: MaildirStore, source: Path, *, synced: bool = False) -> Path:
+    def full(self: SpoolFile) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(MaildirStore, "stage_spooled", full)
+    monkeypatch.setattr(SpoolFile, "finish", full)
     with running_server(tmp_path) as srv:
         client = Client(srv.port())
         client.send(ENVELOPE)

@@ -213,3 +213,24 @@ def test_a_pool_that_cannot_make_files_stays_empty(tmp_path: Path) -> None:
         await pool.aclose()
 
     asyncio.run(main())
+
+
+def test_unique_names_in_a_forked_child_carry_its_pid_and_fresh_randomness() -> None:
+    parent = unique_name(1700000000.0)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(write_end, unique_name(1700000000.0).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    _, status = os.waitpid(pid, 0)
+    with os.fdopen(read_end, "rb") as reader:
+        child = reader.read().decode()
+    assert status == 0
+    parent_match, child_match = NAME.fullmatch(parent), NAME.fullmatch(child)
+    assert parent_match is not None and child_match is not None
+    assert parent_match[3] == str(os.getpid())
+    assert child_match[3] == str(pid)
+    assert parent_match[5] != child_match[5]  # the random part: not the parent's sequence

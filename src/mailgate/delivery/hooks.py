@@ -15,11 +15,16 @@ from typing import TypeVar
 
 from mailgate.hooks import Envelope, HookError, Message, Session, TempFail
 
-from .maildir import MaildirStore
+from .maildir import GroupCommitter, MaildirStore, fsync_file
 from .mbox import MboxStore
 
 T = TypeVar("T")
 _STORAGE_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def _storage_full() -> TempFail:
+    """What a full disk or quota answers: 452 4.3.1, as RFC 3463 asks."""
+    return TempFail(452, "Insufficient system storage, try again later", enhanced="4.3.1")
 
 
 def _storage_checked(work: Callable[[], T]) -> Callable[[], T]:
@@ -31,42 +36,95 @@ def _storage_checked(work: Callable[[], T]) -> Callable[[], T]:
             return work()
         except OSError as exc:
             if exc.errno in _STORAGE_FULL:
-                raise TempFail(
-                    452, "Insufficient system storage, try again later", enhanced="4.3.1"
-                ) from exc
+                raise _storage_full() from exc
             raise
 
     return checked
 
 
 class MaildirDelivery:
-    """Deliver into a Maildir. Spooled files already in its tmp/ are hard-linked (no copy)."""
+    """Deliver into a Maildir. Spooled files already in its tmp/ are hard-linked (no copy).
+
+    The message step only registers the delivery (no file is touched, no thread hop);
+    once every required step accepted the message, the commit hands the spool to the
+    Maildir's :class:`GroupCommitter`, which makes it durable (fsync of the file, link
+    into new/, fsync of new/ shared by every message committed with it) in one trip to
+    its thread. Should a later message step rewrite the spool (a header added: a new
+    file, the old one removed), the Maildir's version is first given a durable name of
+    its own in tmp/ (one worker-thread trip, only then).
+    """
 
     name = "maildir"
 
     def __init__(self, root: Path) -> None:
         self.store = MaildirStore(root)
+        self.committer = GroupCommitter(self.store)
 
     async def on_message(self, session: Session, envelope: Envelope, message: Message) -> None:
         if message.path is None:
             raise HookError("Maildir delivery needs spooled message bytes")
-        loop = asyncio.get_running_loop()
-        path = message.path
-        store = self.store
+        staged = _StagedMaildir(self, message, message.path)
+        message.stage(staged.commit, staged.abort, name=self.name)
+        message.before_rewrite(staged.pin)
+
+    async def aclose(self) -> None:
+        """Let the committer's threads finish what waits, then end them (a disk that
+        hangs does not hold the shutdown longer than 30 s per thread: they are daemons)."""
+        await asyncio.get_running_loop().run_in_executor(None, self.committer.close, 30.0)
+
+
+class _StagedMaildir:
+    """One message's Maildir delivery between its message step and the verdict."""
+
+    def __init__(self, delivery: MaildirDelivery, message: Message, path: Path) -> None:
+        self.delivery = delivery
+        self.message = message
+        self.path = path  # the spool as the Maildir step saw it
+        self.staged: Path | None = None  # its own durable tmp/ name, once pinned
+        self.settled = False
+
+    async def pin(self) -> None:
+        """A later step is about to replace the spool: keep this version (fsynced) under
+        a name of its own in tmp/, as the first phase of a two-phase delivery."""
+        if self.staged is not None or self.settled:
+            return
+        message, path, store = self.message, self.path, self.delivery.store
 
         def prepare() -> Path:
-            # One trip to a worker thread: make the spool durable, then give it a second
-            # name in tmp/ that later message steps (a header added: a new spool) and the
-            # server's removal of the spool leave alone.
-            message.sync()
-            return store.stage_spooled(path, synced=True)
+            return store.stage_spooled(path, synced=message.sync())
 
-        staged = await loop.run_in_executor(None, _storage_checked(prepare))
-        message.stage(
-            lambda: store.commit_staged(staged),
-            lambda: store.abort_staged(staged),
-            name=self.name,
-        )
+        loop = asyncio.get_running_loop()
+        self.staged = await loop.run_in_executor(None, _storage_checked(prepare))
+
+    async def commit(self) -> str:
+        self.settled = True
+        committer = self.delivery.committer
+        if self.staged is not None:
+            future = committer.submit(self.staged, synced=True)
+        else:
+            if self.message.path != self.path:  # pragma: no cover - pin() runs before a rewrite
+                raise HookError("the spool changed under the Maildir delivery")
+            # The server's spool: its own finish() is the fsync, and the server removes its
+            # tmp/ name afterwards. A message without a spool of its own to sync (a
+            # background step's copy) is fsynced by its path instead.
+            message, path = self.message, self.path
+
+            def sync() -> None:
+                if not message.sync():
+                    fsync_file(path)
+
+            future = committer.submit(path, sync=sync, keep_source=True)
+        try:
+            return await future
+        except OSError as exc:
+            if exc.errno in _STORAGE_FULL:
+                raise _storage_full() from exc
+            raise
+
+    def abort(self) -> None:
+        self.settled = True
+        if self.staged is not None:
+            self.delivery.store.abort_staged(self.staged)
 
 
 class MboxDelivery:

@@ -2,21 +2,27 @@
 
 A message is complete in ``tmp/`` and fsynced, then hard-linked into ``new/`` and
 ``new/`` is fsynced: once ``deliver_*`` returns, a crash or power loss cannot lose it.
+
+:class:`GroupCommitter` does the same for the server, in batches: one thread of its own
+fsyncs every waiting message file, links each into ``new/``, fsyncs ``new/`` once for the
+whole batch, and only then answers every waiting caller.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import logging
 import os
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from mailgate.server.spool import SpoolFile, unique_name
 
-__all__ = ["MaildirStore", "fsync_directory"]
+__all__ = ["GroupCommitter", "MaildirStore", "fsync_directory", "fsync_file"]
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +42,8 @@ def fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
+    """Make a file's data and inode durable, by its path."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -147,7 +154,7 @@ class MaildirStore:
         if not self._in_tmp(source):
             return self._copy_and_publish(source)
         if not isinstance(spool, SpoolFile) and not synced:
-            _fsync_file(source)
+            fsync_file(source)
         return self._publish(source, keep_source=keep_source)
 
     def stage_spooled(self, source: Path, *, synced: bool = False) -> Path:
@@ -168,7 +175,7 @@ class MaildirStore:
                 raise
             return copy.path
         if not synced:
-            _fsync_file(source)
+            fsync_file(source)
         for _ in range(_LINK_ATTEMPTS):
             staged = self.tmp_dir / unique_name()
             try:
@@ -179,7 +186,7 @@ class MaildirStore:
                 if exc.errno not in _NO_HARD_LINKS:
                     raise
                 shutil.copyfile(source, staged)
-                _fsync_file(staged)
+                fsync_file(staged)
             return staged
         raise FileExistsError(errno.EEXIST, "no free unique name in tmp/", str(self.tmp_dir))
 
@@ -213,19 +220,52 @@ class MaildirStore:
         return (here.st_dev, here.st_ino) == self._tmp_id
 
     def _copy_and_publish(self, source: Path) -> str:
+        return self._with_durable_copy(source, self._publish)
+
+    def _with_durable_copy(self, source: Path, place: Callable[[Path], str]) -> str:
+        """``source`` copied into a new file in tmp/, made durable (``finish``), then
+        ``place``d into new/; the copy's tmp name is dropped in any case."""
         copy = SpoolFile(self.tmp_dir)
         try:
             with open(source, "rb") as reader:
                 shutil.copyfileobj(reader, copy, _COPY_BLOCK)
             copy.finish()
-            return self._publish(copy.path)
+            return place(copy.path)
         finally:
             copy.discard()
 
     def _publish(self, tmp_path: Path, *, keep_source: bool = False) -> str:
         """Link a durable file from tmp/ into new/, drop the tmp name (unless
         ``keep_source``), fsync new/."""
-        name = tmp_path.name
+        name = self._link_into_new(tmp_path, keep_source=keep_source)
+        self._new_sync.sync()
+        return name
+
+    def _durable_in_new(
+        self,
+        source: Path,
+        sync: Callable[[], None] | None,
+        *,
+        synced: bool,
+        keep_source: bool,
+    ) -> str:
+        """Everything of a delivery but the fsync of new/ (the caller's, shared by a batch):
+        ``source`` made durable (``sync()``, or an fsync by path unless ``synced``) and
+        linked into new/, or, outside tmp/, copied into a durable file there first."""
+        if not self._in_tmp(source):
+            return self._with_durable_copy(source, self._link_into_new)
+        if sync is not None:
+            sync()
+        elif not synced:
+            fsync_file(source)
+        return self._link_into_new(source, keep_source=keep_source)
+
+    def _link_into_new(self, tmp_path: Path, *, keep_source: bool = False) -> str:
+        """Give a durable tmp/ file its name in new/ (not yet durable: new/ is not
+        fsynced here) and drop the tmp name unless ``keep_source``. A file that keeps its
+        tmp name belongs to someone else, who may have named it otherwise than a Maildir
+        would (a ``.later`` copy): it gets a name of its own in new/."""
+        name = unique_name() if keep_source else tmp_path.name
         for _ in range(_LINK_ATTEMPTS):
             target = self.new_dir / name
             try:
@@ -241,7 +281,7 @@ class MaildirStore:
                     continue
                 if keep_source:  # no hard links here: the source must stay, so copy
                     shutil.copyfile(tmp_path, target)
-                    _fsync_file(target)
+                    fsync_file(target)
                 else:
                     os.rename(tmp_path, target)
             break
@@ -256,5 +296,205 @@ class MaildirStore:
             # The message is in new/ already; failing now would make the client send it
             # again. A stale tmp/ name is what Maildir readers clean up anyway.
             log.warning("delivered %s but could not remove %s: %s", name, tmp_path, exc)
-        self._new_sync.sync()
         return name
+
+    def sync_new(self) -> None:
+        """fsync new/, shared with concurrent callers (one fsync may serve several)."""
+        self._new_sync.sync()
+
+
+class _Job:
+    """One message waiting for the committer, and what became of it."""
+
+    __slots__ = ("error", "future", "keep_source", "loop", "name", "source", "sync", "synced")
+
+    def __init__(
+        self,
+        source: Path,
+        sync: Callable[[], None] | None,
+        synced: bool,
+        keep_source: bool,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.source = source
+        self.sync = sync
+        self.synced = synced
+        self.keep_source = keep_source
+        self.loop = loop
+        self.future: asyncio.Future[str] = loop.create_future()
+        self.name = ""
+        self.error: BaseException | None = None
+
+
+class GroupCommitter:
+    """Durable delivery into one Maildir for many waiting messages at once (group commit).
+
+    A message handed to :meth:`submit` waits in a list. The committer's own threads
+    (``threads`` of them, made on first use) take the waiting messages in batches: each
+    idle thread takes its share of what waits, and for each message of its batch makes
+    the file durable (fsync) and links it into ``new/``; then ``new/`` is fsynced once
+    for the batch (and that fsync is shared with the other threads' batches that wait for
+    one), and only then is every future of the batch resolved, with one wake-up of the
+    event loop per batch. Under load batches grow while earlier ones are being synced, so
+    one directory fsync and one pair of thread wake-ups serve many messages. Two threads
+    by default: file fsyncs overlap on the disk (on ext4 without a journal two to four
+    concurrent fsyncs finish in about the time of one), while every further thread adds
+    GIL hand-overs with the event loop's thread (measured: 4 threads cost 10-20 % more
+    CPU per message than 2 and made batches half as large).
+
+    A future resolves with the message's name in ``new/`` only once its file and its
+    directory entry are durable; it fails with the error otherwise (the name, if already
+    linked, is removed again so that the client's retry does not make a second copy).
+    """
+
+    def __init__(self, store: MaildirStore, *, threads: int = 2) -> None:
+        if threads < 1:
+            raise ValueError("a GroupCommitter needs at least one thread")
+        self.store = store
+        self.threads = threads
+        self._pid = os.getpid()
+        self._cond = threading.Condition(threading.Lock())
+        self._waiting: list[_Job] = []
+        self._workers: list[threading.Thread] = []
+        self._idle = 0  # threads waiting for work
+        self._stopping = False
+        #: Batches committed and messages in them (for tests and the curious).
+        self.batches = 0
+        self.committed = 0
+
+    def submit(
+        self,
+        source: Path,
+        *,
+        sync: Callable[[], None] | None = None,
+        synced: bool = False,
+        keep_source: bool = False,
+    ) -> asyncio.Future[str]:
+        """Deliver ``source`` (a finished file) into new/ durably; the future gives its
+        name there. ``sync``: what makes ``source`` durable (e.g. the spool's fsync),
+        called in a committer thread; without it ``source`` is fsynced by path unless
+        ``synced``. ``keep_source``: leave a tmp/ ``source``'s name for its owner to
+        remove. Call from a running event loop; the future belongs to it."""
+        job = _Job(Path(source), sync, synced, keep_source, asyncio.get_running_loop())
+        if self._pid != os.getpid():
+            self._forked()
+        with self._cond:
+            self._waiting.append(job)
+            if not self._workers:
+                self._stopping = False
+                for n in range(self.threads):
+                    thread = threading.Thread(
+                        target=self._run, name=f"maildir-commit-{n}", daemon=True
+                    )
+                    self._workers.append(thread)
+                    thread.start()
+            elif self._idle:
+                self._cond.notify()
+        return job.future
+
+    def _forked(self) -> None:
+        # A forked worker has no committer threads and no share in its parent's waiters.
+        self._pid = os.getpid()
+        self._cond = threading.Condition(threading.Lock())
+        self._waiting = []
+        self._workers = []
+        self._idle = 0
+        self._stopping = False
+
+    def close(self, timeout: float | None = None) -> None:
+        """Let the threads commit what waits, then end them (blocking). A later submit
+        starts new ones."""
+        with self._cond:
+            workers = list(self._workers)
+            self._stopping = True
+            self._cond.notify_all()
+        for thread in workers:
+            if thread is not threading.current_thread():
+                thread.join(timeout)
+
+    def _run(self) -> None:
+        me = threading.current_thread()
+        while True:
+            with self._cond:
+                while not self._waiting:
+                    if self._stopping:
+                        with contextlib.suppress(ValueError):
+                            self._workers.remove(me)
+                        return
+                    self._idle += 1
+                    self._cond.wait()
+                    self._idle -= 1
+                # This thread's share: the waiting messages split over the idle threads,
+                # so that their fsyncs run side by side.
+                share = -(-len(self._waiting) // (self._idle + 1))
+                batch = self._waiting[:share]
+                del self._waiting[:share]
+                if self._waiting and self._idle:
+                    self._cond.notify()
+            try:
+                self._commit(batch)
+            except BaseException as exc:  # pragma: no cover - _commit catches per message
+                for job in batch:
+                    if job.error is None and not job.name:
+                        job.error = exc
+            self._answer(batch)
+
+    def _commit(self, batch: list[_Job]) -> None:
+        store = self.store
+        linked: list[_Job] = []
+        for job in batch:
+            if job.future.cancelled():
+                # Nobody waits for this one any more (the client left): no delivery.
+                job.error = asyncio.CancelledError()
+                continue
+            try:
+                job.name = store._durable_in_new(
+                    job.source, job.sync, synced=job.synced, keep_source=job.keep_source
+                )
+            except Exception as exc:
+                job.error = exc
+                continue
+            linked.append(job)
+        if not linked:
+            return
+        try:
+            store.sync_new()
+        except Exception as exc:
+            for job in linked:
+                job.error = exc
+                # Not durable, so not delivered: the client is told to try again, and the
+                # name must not stay for a reader to find beside the retried copy.
+                try:
+                    os.unlink(store.new_dir / job.name)
+                except OSError as unlink_error:
+                    log.warning(
+                        "fsync of %s failed and %s could not be removed: %s",
+                        store.new_dir,
+                        job.name,
+                        unlink_error,
+                    )
+            return
+        with self._cond:
+            self.batches += 1
+            self.committed += len(linked)
+
+    def _answer(self, batch: list[_Job]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
+        for job in batch:
+            by_loop.setdefault(job.loop, []).append(job)
+        for loop, jobs in by_loop.items():
+            # A closed loop raises RuntimeError: nobody waits for these any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_resolve, jobs)
+
+
+def _resolve(jobs: list[_Job]) -> None:
+    """On the submitting loop: hand every job's outcome to its waiter."""
+    for job in jobs:
+        future = job.future
+        if future.done():
+            continue
+        if job.error is not None:
+            future.set_exception(job.error)
+        else:
+            future.set_result(job.name)

@@ -46,6 +46,7 @@ from mailgate.plugins.lists import Lists
 from mailgate.plugins.policy import PolicyConfigError, PolicyEnv
 from mailgate.plugins.rate_limits import RateLimits
 from mailgate.protocol import Reply
+from mailgate.protocol.persona import echo
 from mailgate.server.app import SMTPServer, StartPlugins
 from mailgate.server.options import PolicySection, ServerOptions
 from mailgate.server.tls import TLSConfigError, ensure_dev_certificate
@@ -185,11 +186,49 @@ class _Texts:
             name, hostname=self.hostname, client_ip=session.peer_host, **values
         )
 
+    def recipient_reply(self, name: str, session: Session, address: str) -> Reply:
+        """A refused recipient's text: ``{address}`` the address, ``{path}`` the path as
+        the client wrote it (a hooks Address's ``written``; else ``<address>``), made
+        safe to show."""
+        written = getattr(address, "written", "") or f"<{address}>"
+        return self.reply(name, session, address=echo(str(address)), path=echo(written))
+
     def unknown_user(self, session: Session, address: str) -> Reply:
-        return self.reply("unknown_user", session, address=address)
+        return self.recipient_reply("unknown_user", session, address)
 
     def relay_denied(self, session: Session, address: str) -> Reply:
-        return self.reply("relay_denied", session, address=address)
+        return self.recipient_reply("relay_denied", session, address)
+
+    def restricted_characters(self, session: Session, address: str) -> Reply:
+        return self.recipient_reply("restricted_characters", session, address)
+
+    def sender_domain_unknown(self, session: Session, address: str, sender: str) -> Reply:
+        """A recipient refused for its sender's domain: ``{address}``/``{path}`` as for
+        the other refusals, ``{sender}`` the sender."""
+        written = getattr(address, "written", "") or f"<{address}>"
+        return self.reply(
+            "sender_domain_unknown",
+            session,
+            address=str(address),
+            path=echo(written),
+            sender=echo(sender),
+        )
+
+    def vrfy_user(self, session: Session, user: str, full_name: str) -> Reply:
+        """One line of a VRFY/EXPN answer: a local user (with its full name if it has
+        one) or, from an alias, an address."""
+        if full_name:
+            return self.reply("vrfy_user_named", session, user=user, fullname=full_name)
+        if "@" in user:
+            # An alias's remote target: shown as it is, not at this host.
+            local, _, domain = user.rpartition("@")
+            return self.profile.format(
+                "vrfy_user", hostname=domain, client_ip=session.peer_host, user=local
+            )
+        return self.reply("vrfy_user", session, user=user)
+
+    def vrfy_unknown_user(self, session: Session, address: str) -> Reply:
+        return self.reply("vrfy_unknown_user", session, address=address)
 
     def too_many_connections(self, session: Session) -> Reply:
         return self.reply("too_many_connections", session)
@@ -216,6 +255,7 @@ class _Texts:
             client_ip=session.peer_host,
             message_id=_message_id(raw.head) if raw is not None else None,
             now=message.received_at,
+            prdr="PRDR" in message.envelope.mail_params,
         )
 
 
@@ -368,8 +408,17 @@ def build_server(
                 unknown_user=texts.unknown_user,
                 relay_denied=texts.relay_denied,
                 percent_hack=profile.percent_hack,
+                full_names={**profile.full_names, **dict(honeypot.full_names)},
+                aliases={**profile.aliases, **dict(honeypot.aliases)},
+                literal_senders_refused=profile.literal_senders_refused,
+                sender_domain_unknown=texts.sender_domain_unknown,
+                restricted=profile.restricted_local_parts,
+                restricted_remote=profile.restricted_remote_local_parts,
+                restricted_characters=texts.restricted_characters,
             ),
             vrfy_checks_users=profile.vrfy_checks_users,
+            vrfy_user_line=texts.vrfy_user if profile.vrfy_answers_users else None,
+            vrfy_unknown_user=texts.vrfy_unknown_user if profile.vrfy_answers_users else None,
         )
     except ValueError as exc:
         store.close()

@@ -92,12 +92,24 @@ class ProfileError(ValueError):
 #: the profile's version may use ``{message_id}`` too (Exchange shows it).
 SERVER_PLACEHOLDERS: Mapping[str, frozenset[str]] = MappingProxyType(
     {
-        "relay_denied": frozenset({"hostname", "client_ip", "address"}),
-        "unknown_user": frozenset({"hostname", "client_ip", "address"}),
+        # {path}: the path as the client wrote it (brackets, source route as sent).
+        "relay_denied": frozenset({"hostname", "client_ip", "address", "path"}),
+        "unknown_user": frozenset({"hostname", "client_ip", "address", "path"}),
         "rejected": frozenset({"hostname", "client_ip", "address"}),
         "too_many_connections": frozenset({"hostname", "client_ip"}),
         "insufficient_storage": frozenset({"hostname", "client_ip"}),
         "message_queued": frozenset({"hostname", "client_ip", "queue_id", "message_id"}),
+        # VRFY/EXPN answered from the users and aliases (vrfy_answers_users): a user
+        # without / with a full name, and a name that is neither user nor alias.
+        "vrfy_user": frozenset({"hostname", "client_ip", "user"}),
+        "vrfy_user_named": frozenset({"hostname", "client_ip", "user", "fullname"}),
+        "vrfy_unknown_user": frozenset({"hostname", "client_ip", "address"}),
+        # literal_senders_refused: a recipient of a sender at an address literal.
+        "sender_domain_unknown": frozenset({"hostname", "client_ip", "address", "path", "sender"}),
+        # The final reply of a PRDR transaction (Exim words it apart).
+        "prdr_message_queued": frozenset({"hostname", "client_ip", "queue_id", "message_id"}),
+        # A recipient whose local part restricted_local_parts refuses (Exim's Debian ACL).
+        "restricted_characters": frozenset({"hostname", "client_ip", "address", "path"}),
     }
 )
 SERVER_REPLY_NAMES: frozenset[str] = frozenset(SERVER_PLACEHOLDERS)
@@ -110,6 +122,12 @@ _SERVER_CLASSES = {
     # The client must come back later, not bounce the message.
     "insufficient_storage": "4xx",
     "message_queued": "2xx",
+    "vrfy_user": "2xx",
+    "vrfy_user_named": "2xx",
+    "vrfy_unknown_user": "refusal",
+    "sender_domain_unknown": "refusal",
+    "prdr_message_queued": "2xx",
+    "restricted_characters": "refusal",
 }
 
 #: Every top-level key of a profile file, with its meaning (the documentation's table).
@@ -135,6 +153,15 @@ PROFILE_KEYS: Mapping[str, str] = MappingProxyType(
         "local_users": "user names that exist at the persona's domains (others are unknown)",
         "vrfy_checks_users": "VRFY refuses unknown users and other domains as RCPT does",
         "percent_hack": "user%other@here is relaying to other (Postfix allow_percent_hack)",
+        "full_names": "table: user = full name (the password file's GECOS), for VRFY/EXPN",
+        "aliases": "table: alias = [users or addresses] (/etc/aliases); aliases are recipients",
+        "vrfy_answers_users": "VRFY/EXPN answered from the users, full names and aliases "
+        "(Sendmail)",
+        "literal_senders_refused": "recipients of a sender at an address literal are refused "
+        "(Sendmail's sender domain check)",
+        "help_topics": "table: HELP topic = [lines] (Sendmail's helpfile)",
+        "restricted_local_parts": "patterns of local parts refused at the persona's domains",
+        "restricted_remote_local_parts": "patterns of local parts refused at other domains",
         "recipient_limit": "recipients per message the product takes (0: the server's)",
         "auth_failure_limit": "failed AUTHs before the product hangs up (0: the server's)",
         "behaviour": "table: how the product behaves (mailgate.protocol.behaviour)",
@@ -296,13 +323,16 @@ def parse_reply(value: str | Iterable[str]) -> Reply:
 def format_reply(reply: Reply) -> str | list[str]:
     """The inverse of :func:`parse_reply`: one string, or a list for several lines."""
     prefix = f"{reply.status} " if reply.status is not None else ""
+
+    def written(separator: str, line: str) -> str:
+        # An empty text leaves the code alone; a text keeps its own trailing spaces.
+        head = f"{reply.code}{separator}{prefix}"
+        return head + line if line else head.rstrip(" ")
+
     if len(reply.lines) == 1:
-        return f"{reply.code} {prefix}{reply.lines[0]}".rstrip(" ")
+        return written(" ", reply.lines[0])
     last = len(reply.lines) - 1
-    return [
-        f"{reply.code}{' ' if i == last else '-'}{prefix}{line}".rstrip(" ")
-        for i, line in enumerate(reply.lines)
-    ]
+    return [written(" " if i == last else "-", line) for i, line in enumerate(reply.lines)]
 
 
 # --- placeholders ----------------------------------------------------------------------------
@@ -361,6 +391,15 @@ _REJECTED = Reply(554, "5.7.1", ("Access denied",))
 _TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", ("Too many connections",))
 _INSUFFICIENT_STORAGE = Reply(452, "4.3.1", ("Insufficient system storage",))
 _MESSAGE_QUEUED = Reply(250, "2.0.0", ("OK: queued as {queue_id}",))
+_VRFY_USER = Reply(250, "2.1.5", ("<{user}@{hostname}>",))
+_VRFY_USER_NAMED = Reply(250, "2.1.5", ("{fullname} <{user}@{hostname}>",))
+_VRFY_UNKNOWN_USER = Reply(550, "5.1.1", ("<{address}>: User unknown",))
+_SENDER_DOMAIN_UNKNOWN = Reply(
+    553, "5.1.8", ("<{address}>: Domain of sender address {sender} does not exist",)
+)
+#: prdr_message_queued's default: the profile's message_queued (see __post_init__).
+_SAME_AS_QUEUED = Reply(250, "2.0.0", ("OK: queued as {queue_id}",))
+_RESTRICTED_CHARACTERS = Reply(550, "5.1.3", ("<{address}>: Restricted characters in address",))
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,6 +437,22 @@ class PersonaProfile:
     vrfy_checks_users: bool = False
     #: ``user%other@here`` is mail for ``user@other``: relaying (Postfix allow_percent_hack).
     percent_hack: bool = False
+    #: User -> full name (GECOS) for VRFY/EXPN answers (``vrfy_answers_users``).
+    full_names: Mapping[str, str] = field(default_factory=dict)
+    #: Alias -> the users or addresses it stands for; an alias is a valid recipient.
+    aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    #: VRFY and EXPN answered from the users and aliases (``vrfy_user``,
+    #: ``vrfy_user_named``, ``vrfy_unknown_user``), as Sendmail does.
+    vrfy_answers_users: bool = False
+    #: Recipients of a sender whose domain is an address literal are refused with
+    #: ``sender_domain_unknown`` (Sendmail's sender domain check cannot resolve it).
+    literal_senders_refused: bool = False
+    #: Regular expressions (Python ``re``, searched in the local part: anchor them with
+    #: ``^``) of recipients' local parts refused with ``restricted_characters`` before anything else
+    #: is looked at: at the persona's own domains, and at any other domain (Debian's Exim
+    #: ACL: ``^[.]``, ``^.*[@%!/|]``; and ``^[./|]``, ``^.*[@%!]``, ``^.*/\.\./``).
+    restricted_local_parts: tuple[str, ...] = ()
+    restricted_remote_local_parts: tuple[str, ...] = ()
     # Server-layer texts (templates; see SERVER_PLACEHOLDERS and :meth:`format`).
     relay_denied: Reply = _RELAY_DENIED
     unknown_user: Reply = _UNKNOWN_USER
@@ -405,6 +460,13 @@ class PersonaProfile:
     too_many_connections: Reply = _TOO_MANY_CONNECTIONS
     insufficient_storage: Reply = _INSUFFICIENT_STORAGE
     message_queued: Reply = _MESSAGE_QUEUED
+    vrfy_user: Reply = _VRFY_USER
+    vrfy_user_named: Reply = _VRFY_USER_NAMED
+    vrfy_unknown_user: Reply = _VRFY_UNKNOWN_USER
+    sender_domain_unknown: Reply = _SENDER_DOMAIN_UNKNOWN
+    #: The final reply of a PRDR transaction; by default message_queued.
+    prdr_message_queued: Reply = _SAME_AS_QUEUED
+    restricted_characters: Reply = _RESTRICTED_CHARACTERS
     #: Timing jitter, seconds ``(min, max)``: a delay drawn from the range before the
     #: banner, and before each answer the honeypot paces. (0, 0): none.
     banner_delay: tuple[float, float] = NO_DELAY
@@ -422,6 +484,17 @@ class PersonaProfile:
             problem = _delay_problem(getattr(self, key), bound)
             if problem:
                 raise ProfileError(source, f"timing.{key}", problem)
+        if self.prdr_message_queued is _SAME_AS_QUEUED:
+            object.__setattr__(self, "prdr_message_queued", self.message_queued)
+        for key in ("restricted_local_parts", "restricted_remote_local_parts"):
+            patterns = getattr(self, key)
+            if isinstance(patterns, str):
+                raise ProfileError(source, key, "give a list of patterns, not a string")
+            object.__setattr__(self, key, tuple(patterns))
+            for pattern in patterns:
+                problem = _pattern_problem(pattern)
+                if problem:
+                    raise ProfileError(source, key, problem)
         server = {name: getattr(self, name) for name in SERVER_REPLY_NAMES}
         for name, reply in server.items():
             problem = _server_reply_problem(name, reply)
@@ -488,11 +561,13 @@ class PersonaProfile:
         client_ip: str = "",
         now: float | None = None,
         rng: random.Random | None = None,
+        prdr: bool = False,
     ) -> Reply:
-        """The end-of-data reply for an accepted message; a queue id (and a message id,
-        for personas that show one) are made up when not given."""
+        """The end-of-data reply for an accepted message (``prdr``: of a PRDR transaction);
+        a queue id (and a message id, for personas that show one) are made up when not
+        given."""
         return self.format(
-            "message_queued",
+            "prdr_message_queued" if prdr else "message_queued",
             hostname=hostname,
             client_ip=client_ip,
             queue_id=queue_id or self.new_queue_id(now=now, rng=rng),
@@ -542,6 +617,17 @@ def _delay_problem(value: object, bound: float) -> str:
     return ""
 
 
+def _pattern_problem(pattern: object) -> str:
+    """What is wrong with a local-part pattern, or the empty string."""
+    if not isinstance(pattern, str):
+        return f"expected a pattern string, got {pattern!r}"
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        return f"{pattern!r} is not a regular expression: {exc}"
+    return ""
+
+
 def _server_reply_problem(name: str, reply: Reply) -> str:
     allowed = SERVER_PLACEHOLDERS[name]
     try:
@@ -556,7 +642,10 @@ def _server_reply_problem(name: str, reply: Reply) -> str:
         return f"must be a 4xx temporary refusal, not {reply.code}"
     if _SERVER_CLASSES[name] == "2xx" and reply.code // 100 != 2:
         return f"must be a 2xx reply, not {reply.code}"
-    if name == "message_queued" and not fields & {"queue_id", "message_id"}:
+    if name in ("message_queued", "prdr_message_queued") and not fields & {
+        "queue_id",
+        "message_id",
+    }:
         return "must show {queue_id} or {message_id} (the product always names the message)"
     return ""
 
@@ -740,8 +829,28 @@ def profile_from_mapping(
             raise reader.error("behaviour", f"expected a table, got {_kind(table)}")
         # Like replies: the file's keys change the base's behaviour, the rest stays.
         spec["behaviour"] = {**spec.get("behaviour", {}), **table}
+    for key in ("full_names", "aliases", "help_topics"):
+        if key in data:
+            table = data[key]
+            if not isinstance(table, Mapping):
+                raise reader.error(key, f"expected a table, got {_kind(table)}")
+            # Like behaviour: the file's entries add to (or replace) the base's.
+            spec[key] = {**spec.get(key, {}), **table}
     spec.update(
-        {k: v for k, v in data.items() if k not in ("replies", "timing", "base", "behaviour")}
+        {
+            k: v
+            for k, v in data.items()
+            if k
+            not in (
+                "replies",
+                "timing",
+                "base",
+                "behaviour",
+                "full_names",
+                "aliases",
+                "help_topics",
+            )
+        }
     )
     spec["replies"] = merged_replies
     spec["timing"] = merged_timing
@@ -791,6 +900,8 @@ def _build(reader: _Reader) -> PersonaProfile:
         )
     if "enhanced_status_codes" in data:
         kwargs["enhanced_status_codes"] = reader.boolean("enhanced_status_codes")
+    if "help_topics" in data:
+        kwargs["help_topics"] = _help_topics(reader)
     if "behaviour" in data:
         kwargs["behaviour"] = _behaviour(reader)
 
@@ -862,6 +973,21 @@ def _build(reader: _Reader) -> PersonaProfile:
         options["vrfy_checks_users"] = reader.boolean("vrfy_checks_users")
     if "percent_hack" in data:
         options["percent_hack"] = reader.boolean("percent_hack")
+    for key in ("vrfy_answers_users", "literal_senders_refused"):
+        if key in data:
+            options[key] = reader.boolean(key)
+    if "full_names" in data:
+        options["full_names"] = _full_names(reader)
+    if "aliases" in data:
+        options["aliases"] = _aliases(reader)
+    for key in ("restricted_local_parts", "restricted_remote_local_parts"):
+        if key in data:
+            patterns = reader.strings(key)
+            for pattern in patterns:
+                problem = _pattern_problem(pattern)
+                if problem:
+                    raise reader.error(key, problem)
+            options[key] = patterns
     for key in ("recipient_limit", "auth_failure_limit"):
         if key in data:
             options[key] = reader.integer(key, 0, 1_000_000) or None
@@ -881,7 +1007,12 @@ def _behaviour(reader: _Reader) -> Behaviour:
         where = f"behaviour.{key}"
         if key not in BEHAVIOUR_FIELDS:
             raise reader.error(where, "unknown key" + _did_you_mean(key, BEHAVIOUR_FIELDS))
-        if key in ("ignored_arguments", "forbidden_commands"):
+        if key in (
+            "ignored_arguments",
+            "forbidden_commands",
+            "allowed_before_hello",
+            "unimplemented_commands",
+        ):
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise reader.error(where, f"expected a list of verbs, got {_kind(value)}")
             value = frozenset(value)
@@ -907,6 +1038,68 @@ def _local_users(reader: _Reader) -> tuple[str, ...]:
         if not _USER.fullmatch(user) or len(user) > 64:
             raise reader.error("local_users", f"{user!r} is not a user name (a local part)")
     return tuple(dict.fromkeys(u.lower() for u in users))
+
+
+#: A full name as the password file's GECOS gives it: printable ASCII, no comma (the
+#: fields after the first comma are not the name), no angle brackets.
+_FULL_NAME = re.compile(r"[ -+\--;=?-~]{1,80}")
+#: An alias target: a user name or an address (no spaces, brackets or controls).
+_ALIAS_TARGET = re.compile(r"[!-;=?-~]{1,254}")
+
+
+def _table(reader: _Reader, key: str) -> Mapping[str, Any]:
+    table = reader.data[key]
+    if not isinstance(table, Mapping):
+        raise reader.error(key, f"expected a table, got {_kind(table)}")
+    return table
+
+
+def _full_names(reader: _Reader) -> Mapping[str, str]:
+    out: dict[str, str] = {}
+    for user, name in _table(reader, "full_names").items():
+        where = f"full_names.{user}"
+        if not _USER.fullmatch(user) or len(user) > 64:
+            raise reader.error(where, f"{user!r} is not a user name (a local part)")
+        if not isinstance(name, str) or not _FULL_NAME.fullmatch(name):
+            raise reader.error(
+                where, f"expected a full name (printable ASCII, no comma or <>), got {name!r}"
+            )
+        out[user.lower()] = name
+    return MappingProxyType(out)
+
+
+def _aliases(reader: _Reader) -> Mapping[str, tuple[str, ...]]:
+    out: dict[str, tuple[str, ...]] = {}
+    for alias, targets in _table(reader, "aliases").items():
+        where = f"aliases.{alias}"
+        if not _USER.fullmatch(alias) or len(alias) > 64:
+            raise reader.error(where, f"{alias!r} is not an alias name (a local part)")
+        if (
+            not isinstance(targets, list)
+            or not targets
+            or not all(isinstance(t, str) and _ALIAS_TARGET.fullmatch(t) for t in targets)
+        ):
+            raise reader.error(
+                where, f"expected a list of users or addresses, got {_kind(targets)}"
+            )
+        out[alias.lower()] = tuple(targets)
+    return MappingProxyType(out)
+
+
+def _help_topics(reader: _Reader) -> Mapping[str, tuple[str, ...]]:
+    table = _table(reader, "help_topics")
+    topics: dict[str, tuple[str, ...]] = {}
+    for topic, lines in table.items():
+        if not isinstance(lines, list) or not all(isinstance(v, str) for v in lines):
+            raise reader.error(
+                f"help_topics.{topic}", f"expected a list of lines, got {_kind(lines)}"
+            )
+        topics[topic] = tuple(lines)
+    try:
+        Persona(help_topics=topics)
+    except PersonaError as exc:
+        raise reader.error("help_topics", _strip_where(str(exc))) from None
+    return topics
 
 
 def _fits(reply: Reply, allowed: frozenset[str]) -> bool:
@@ -957,6 +1150,10 @@ def _to_spec(profile: PersonaProfile) -> dict[str, Any]:
         "local_users": list(profile.local_users),
         "vrfy_checks_users": profile.vrfy_checks_users,
         "percent_hack": profile.percent_hack,
+        "vrfy_answers_users": profile.vrfy_answers_users,
+        "literal_senders_refused": profile.literal_senders_refused,
+        "restricted_local_parts": list(profile.restricted_local_parts),
+        "restricted_remote_local_parts": list(profile.restricted_remote_local_parts),
         "recipient_limit": profile.recipient_limit or 0,
         "auth_failure_limit": profile.auth_failure_limit or 0,
     }
@@ -971,6 +1168,9 @@ def _to_spec(profile: PersonaProfile) -> dict[str, Any]:
     for name in sorted(SERVER_REPLY_NAMES):
         replies[name] = format_reply(getattr(profile, name))
     spec["replies"] = replies
+    spec["help_topics"] = {k: list(v) for k, v in persona.help_topics.items()}
+    spec["full_names"] = dict(profile.full_names)
+    spec["aliases"] = {k: list(v) for k, v in profile.aliases.items()}
     spec["timing"] = {
         "banner_delay": list(profile.banner_delay),
         "reply_delay": list(profile.reply_delay),
@@ -1008,17 +1208,27 @@ def dump_profile(profile: PersonaProfile) -> str:
         "",
         'base = "none"',
     ]
+    tables = ("replies", "behaviour", "timing", "help_topics", "full_names", "aliases")
     for key, value in spec.items():
-        if key not in ("replies", "behaviour", "timing"):
+        if key not in tables:
             lines.append(f"{key} = {_toml_value(value)}")
     if spec.get("behaviour"):
         lines += ["", "[behaviour]"]
         lines += [f"{key} = {_toml_value(value)}" for key, value in spec["behaviour"].items()]
     lines += ["", "[timing]"]
     lines += [f"{name} = {_toml_value(value)}" for name, value in spec["timing"].items()]
+    for table in ("full_names", "aliases", "help_topics"):
+        if spec[table]:
+            lines += ["", f"[{table}]"]
+            lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in spec[table].items()]
     lines += ["", "[replies]"]
     lines += [f"{name} = {_toml_value(value)}" for name, value in spec["replies"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _toml_key(key: str) -> str:
+    """A table key, quoted unless it is a bare TOML key."""
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
 
 
 def load_profile(

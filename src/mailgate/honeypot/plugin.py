@@ -84,7 +84,7 @@ from .extract import (
     extract,
     extract_subject,
 )
-from .recipients import RecipientPolicy
+from .recipients import RecipientPolicy, RecipientReply, VerifyLine
 from .settings import AUTH_OUTCOMES, parse_auth_outcome
 from .store import CaptureStore, RawMessage
 
@@ -211,6 +211,8 @@ class HoneypotPlugin:
     which RCPTs are taken (local users, relaying) and how the others are refused, in the
     persona's words; None takes every recipient. ``vrfy_checks_users``: VRFY of an
     unknown user or another domain gets the same refusal as RCPT (Postfix does that).
+    ``vrfy_user_line``/``vrfy_unknown_user``: VRFY and EXPN are answered from the
+    policy's users, full names and aliases in these words (Sendmail does that).
 
     Replies in other words (a persona's), each None for the plugin's own:
     ``auth_drop_reply(session)``: the 5xx that ends a session with
@@ -257,6 +259,8 @@ class HoneypotPlugin:
         rng: random.Random | None = None,
         recipients: RecipientPolicy | None = None,
         vrfy_checks_users: bool = False,
+        vrfy_user_line: VerifyLine | None = None,
+        vrfy_unknown_user: RecipientReply | None = None,
     ) -> None:
         self.store = store
         self.address_counts = address_counts
@@ -268,6 +272,10 @@ class HoneypotPlugin:
         self._rng = rng or random.Random()
         #: VRFY answered from ``recipients`` like RCPT (the persona's product does so).
         self.vrfy_checks_users = vrfy_checks_users
+        #: VRFY/EXPN answered from ``recipients``' users, full names and aliases in these
+        #: words (Sendmail); None: not answered so.
+        self.vrfy_user_line = vrfy_user_line
+        self.vrfy_unknown_user = vrfy_unknown_user
         #: Which recipients are taken and how the others are refused (None: all taken).
         self.recipients = recipients
         self.auth_mode, self.accept_after = parse_auth_outcome(auth_outcome)
@@ -419,12 +427,25 @@ class HoneypotPlugin:
     async def on_rcpt(self, session: Session, envelope: Envelope, address: Address) -> Reply | None:
         await self._pace(session)
         if self.recipients is not None:
-            return self.recipients.judge(session, address)
+            return self.recipients.judge(session, address, envelope.mail_from)
         return None
 
     async def on_vrfy(self, session: Session, argument: str, expand: bool) -> Reply | None:
         # Products that look the user up for VRFY (Postfix) refuse unknown users and other
         # domains in their RCPT words; EXPN is left to the persona's answer.
+        if (
+            self.recipients is not None
+            and self.vrfy_user_line is not None
+            and self.vrfy_unknown_user is not None
+        ):
+            # Products that answer from the password file and aliases (Sendmail).
+            return self.recipients.answer_verify(
+                session,
+                argument,
+                expand,
+                user_line=self.vrfy_user_line,
+                unknown=self.vrfy_unknown_user,
+            )
         if self.recipients is not None and self.vrfy_checks_users and not expand:
             return self.recipients.judge_vrfy(session, argument)
         return None

@@ -147,6 +147,44 @@ def _users(value: Value) -> tuple[str, ...]:
     return tuple(dict.fromkeys(u.lower() for u in users))
 
 
+#: A full name as a password file's GECOS gives it (the personas' full_names): printable
+#: ASCII without a comma or angle brackets.
+_FULL_NAME = re.compile(r"[ -+\--;=?-~]{1,80}")
+#: An alias target: a user name or an address (no spaces, brackets or controls).
+_ALIAS_TARGET = re.compile(r"[!-;=?-~]{1,254}")
+
+
+def _named_entries(value: Value, what: str) -> list[tuple[str, str]]:
+    """``NAME: TEXT`` entries (as /etc/aliases writes them), NAME a user name."""
+    out = []
+    for entry in converters.string_list(value):
+        name, colon, text = entry.partition(":")
+        name, text = name.strip(), text.strip()
+        if not colon or not _USER.fullmatch(name) or len(name) > 64 or not text:
+            raise value.error(f"{entry!r} is not {what}")
+        out.append((name.lower(), text))
+    return out
+
+
+def _full_names(value: Value) -> tuple[tuple[str, str], ...]:
+    pairs = _named_entries(value, "USER: Full Name")
+    for _user, name in pairs:
+        if not _FULL_NAME.fullmatch(name):
+            raise value.error(f"{name!r}: a full name is printable ASCII without , < or >")
+    return tuple(pairs)
+
+
+def _aliases(value: Value) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    out = []
+    for alias, text in _named_entries(value, "ALIAS: TARGET[, TARGET...]"):
+        targets = tuple(t.strip() for t in text.split(","))
+        for target in targets:
+            if not _ALIAS_TARGET.fullmatch(target):
+                raise value.error(f"{alias}: {target!r} is not a user name or an address")
+        out.append((alias, targets))
+    return tuple(out)
+
+
 def _domains(value: Value) -> tuple[str, ...]:
     domains = converters.domain_patterns(value)
     for domain in domains:
@@ -304,6 +342,29 @@ class HoneypotOptions:
         help="users that exist at the persona's domains; RCPT to others gets the product's "
         "unknown-user refusal",
         default_text="the persona's (root, postmaster, admin, the product's system users)",
+    )
+    #: Full names (GECOS) of local users, added to the persona's: what VRFY/EXPN show
+    #: for a persona that answers them from its users (sendmail).
+    full_names: tuple[tuple[str, str], ...] = setting(
+        (),
+        convert=_full_names,
+        group="honeypot",
+        metavar="USER: FULL NAME",
+        repeatable=True,
+        help="a local user's full name as the password file gives it, added to the "
+        "persona's (shown by VRFY/EXPN where the product shows it, as Sendmail does)",
+        default_text="the persona's (sendmail: Debian's system users)",
+    )
+    #: Aliases (/etc/aliases), added to the persona's: valid recipients, expanded by EXPN.
+    aliases: tuple[tuple[str, tuple[str, ...]], ...] = setting(
+        (),
+        convert=_aliases,
+        group="honeypot",
+        metavar="ALIAS: TARGET[, TARGET...]",
+        repeatable=True,
+        help="an alias as /etc/aliases writes it, added to the persona's: a valid "
+        "recipient, and EXPN expands it where the product does (Sendmail)",
+        default_text="the persona's (sendmail: none, as on a stock Debian install)",
     )
     #: Domains the persona receives mail for (empty: the host name, its parent domain,
     #: localhost and localhost.localdomain).

@@ -134,20 +134,7 @@ async def run_chain(
         )
         return _HOOK_FAILED
     except Exception as exc:
-        step = current[0] or "(middleware)"
-        if stage == "message":
-            _log_delivery_failure(session, step, args, exc)
-        else:
-            _failures.log(
-                log,
-                logging.ERROR,
-                (session.id, stage, step),
-                "session %s: %s hook %s failed",
-                session.id,
-                stage,
-                step,
-                exc_info=True,
-            )
+        _log_failure(stage, current[0] or "(middleware)", session, args, exc)
         return _HOOK_FAILED
     if notification:
         return None
@@ -231,21 +218,29 @@ def run_chain_now(
             if outcome is not None:
                 return outcome
     except Exception as exc:
-        if stage == "message":
-            _log_delivery_failure(session, step_name, args, exc)
-        else:
-            _failures.log(
-                log,
-                logging.ERROR,
-                (session.id, stage, step_name),
-                "session %s: %s hook %s failed",
-                session.id,
-                stage,
-                step_name,
-                exc_info=True,
-            )
+        _log_failure(stage, step_name, session, args, exc)
         return _HOOK_FAILED
     return None
+
+
+def _log_failure(
+    stage: str, step: str, session: Session, args: tuple[Any, ...], exc: Exception
+) -> None:
+    """A step (or middleware) raised: a failed delivery is an operator's matter (one line),
+    anything else a bug (its traceback, a few times a minute per session, stage and step)."""
+    if stage == "message":
+        _log_delivery_failure(session, step, args, exc)
+        return
+    _failures.log(
+        log,
+        logging.ERROR,
+        (session.id, stage, step),
+        "session %s: %s hook %s failed",
+        session.id,
+        stage,
+        step,
+        exc_info=exc,
+    )
 
 
 def _log_delivery_failure(

@@ -20,9 +20,9 @@ from types import MappingProxyType
 from typing import IO, Any, Final, TypeVar
 
 from mailgate.hooks.chunks import file_chunks
-from mailgate.hooks.outcomes import HookError
+from mailgate.hooks.outcomes import HookError, TempFail
 from mailgate.protocol import Address as WireAddress
-from mailgate.protocol import AuthCredentials
+from mailgate.protocol import AuthCredentials, Reply
 
 log = logging.getLogger("mailgate.hooks")
 
@@ -45,28 +45,41 @@ def _python_class(cls: _Class) -> _Class:
 class Address(str):
     """An envelope address as hooks see it: the address text (``str``) plus ``local``,
     ``domain`` and the ESMTP ``params`` that came with it (read-only; names upper-case).
-    The null reverse-path ``<>`` is the empty address (``""``, false in a test)."""
+    The null reverse-path ``<>`` is the empty address (``""``, false in a test).
+    ``written`` is the path as the client wrote it (``<a@b>``, a bare ``a@b``, a source
+    route kept), empty when not known; raw client text: make it safe before showing it
+    (``mailgate.protocol.persona.echo``)."""
 
-    __slots__ = ("domain", "local", "params")
+    __slots__ = ("domain", "local", "params", "written")
     local: str
     domain: str
     params: Mapping[str, str | None]
+    written: str
 
-    def __new__(cls, text: str = "", params: Mapping[str, str | None] | None = None) -> Address:
+    def __new__(
+        cls,
+        text: str = "",
+        params: Mapping[str, str | None] | None = None,
+        written: str = "",
+    ) -> Address:
         # str.__new__, not super(): mypyc compiles no super().__new__ in a Python class.
         self = str.__new__(cls, text)
         local, at, domain = text.rpartition("@")
         self.local, self.domain = (local, domain) if at else (text, "")
         self.params = MappingProxyType(dict(params or {}))
+        self.written = written
         return self
 
     @classmethod
     def from_wire(
-        cls, address: WireAddress | None, params: Mapping[str, str | None] | None = None
+        cls,
+        address: WireAddress | None,
+        params: Mapping[str, str | None] | None = None,
+        written: str = "",
     ) -> Address:
         if address is None:
-            return cls("", params)
-        self = cls(str(address), params)
+            return cls("", params, written)
+        self = cls(str(address), params, written)
         self.local, self.domain = address.local_part, address.domain
         return self
 
@@ -74,7 +87,7 @@ class Address(str):
         return f"Address({str.__repr__(self)}, params={dict(self.params)!r})"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (str(self), dict(self.params)))
+        return (type(self), (str(self), dict(self.params), self.written))
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,6 +266,12 @@ class Message:
     _rewrite: Callable[[SpoolRewrite], Awaitable[Path]] | None = field(default=None, repr=False)
     #: Deliveries staged by message hooks, settled once the stage's verdict is known.
     _staged: list[_Staged] = field(default_factory=list, init=False, repr=False)
+    #: What staged deliveries run before the spool is rewritten (see before_rewrite).
+    _before_rewrite: list[Callable[[], Awaitable[None]]] = field(
+        default_factory=list, init=False, repr=False
+    )
+    #: The replies of commits that failed with TempFail (e.g. a full disk at the fsync).
+    _commit_refusals: list[Reply] = field(default_factory=list, init=False, repr=False)
 
     def stage(
         self,
@@ -273,6 +292,21 @@ class Message:
         and must not block (remove a file); it may run on the event loop. ``name``: for
         the log when one of them fails."""
         self._staged.append((commit, abort, name))
+
+    def before_rewrite(self, pin: Callable[[], Awaitable[None]]) -> None:
+        """For a staged delivery that keeps ``path`` itself until its commit (a Maildir
+        links the spool file at commit time): ``pin`` is awaited before a later step
+        rewrites the message (:meth:`prepend_header`, :meth:`remove_headers` replace the
+        file and remove the old one), so that the delivery can keep the version it was
+        given (e.g. under a name of its own). Run before every rewrite: make it
+        idempotent. An exception from it fails the rewriting step."""
+        self._before_rewrite.append(pin)
+
+    @property
+    def commit_refusal(self) -> Reply | None:
+        """The reply a failed commit asked for (a staged delivery's commit that raised
+        TempFail, e.g. ``452 4.3.1`` for a full disk), None when none did."""
+        return self._commit_refusals[0] if self._commit_refusals else None
 
     @property
     def staged(self) -> int:
@@ -298,6 +332,20 @@ class Message:
                     await action()
                 else:
                     await loop.run_in_executor(None, action)
+            except TempFail as exc:
+                if not delivered:
+                    log.error("message %s: abort of %s failed: %s", self.id, name or action, exc)
+                    failed.append(name or repr(action))
+                    continue
+                log.error(
+                    "message %s: commit of the staged delivery %s failed: %s%s",
+                    self.id,
+                    name or action,
+                    exc,
+                    f" ({exc.__cause__})" if exc.__cause__ is not None else "",
+                )
+                self._commit_refusals.append(exc.reply("message"))
+                failed.append(name or repr(action))
             except Exception:
                 log.exception(
                     "message %s: %s of the staged delivery %s failed",
@@ -336,6 +384,7 @@ class Message:
             write(header)
             _copy_rest(source, write)
 
+        await self._pin_staged()
         new_path = await self._rewrite(produce)
         object.__setattr__(self, "path", new_path)
 
@@ -372,9 +421,14 @@ class Message:
             write(end)
             _copy_rest(source, write)
 
+        await self._pin_staged()
         new_path = await self._rewrite(produce)
         object.__setattr__(self, "path", new_path)
         return removed
+
+    async def _pin_staged(self) -> None:
+        for pin in list(self._before_rewrite):
+            await pin()
 
     @property
     def mail_from(self) -> Address | None:
@@ -384,11 +438,15 @@ class Message:
     def rcpt_tos(self) -> tuple[Address, ...]:
         return self.envelope.rcpt_tos
 
-    def sync(self) -> None:
+    def sync(self) -> bool:
         """Make the spooled bytes durable (fsync). Blocking and idempotent: call it from a
-        worker thread, e.g. inside ``loop.run_in_executor``."""
-        if self._sync is not None:
-            self._sync()
+        worker thread, e.g. inside ``loop.run_in_executor``. False when this message has
+        no spool of its own to sync (a background step gets a copy under another name):
+        fsync ``path`` yourself then."""
+        if self._sync is None:
+            return False
+        self._sync()
+        return True
 
     def open(self) -> IO[bytes]:
         """The message as a binary file (blocking reads: keep them off the event loop for

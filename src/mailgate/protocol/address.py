@@ -37,13 +37,18 @@ class Address:
 
 
 class AddressError(ValueError):
-    """A path the server refuses; ``reply`` is what to answer the MAIL or RCPT with."""
+    """A path the server refuses; ``reply`` is what to answer the MAIL or RCPT with;
+    ``kind`` what was wrong, for a persona that words each kind apart: "unterminated"
+    (no closing ``>``), "local_part", "domain", "unqualified" (no ``@domain``),
+    "too_long", "null" (``<>`` as a recipient), or "" (anything else)."""
 
     reply: Reply
+    kind: str
 
-    def __init__(self, reply: Reply, message: str = "") -> None:
+    def __init__(self, reply: Reply, message: str = "", kind: str = "") -> None:
         super().__init__(message or reply.text)
         self.reply = reply
+        self.kind = kind
 
 
 # Controls have no place in an address and would corrupt logs and headers downstream.
@@ -81,10 +86,28 @@ class _Syntax(Exception):
     """Internal: which rule a path broke; turned into an AddressError for its role."""
 
 
+#: The parser's details by AddressError.kind.
+_KINDS = {
+    "invalid local part": "local_part",
+    "invalid quoted local part": "local_part",
+    "unterminated quoted local part": "local_part",
+    "missing @domain": "unqualified",
+    "local part too long": "too_long",
+    "path too long": "too_long",
+    "domain too long": "too_long",
+    "missing domain": "domain",
+    "invalid domain": "domain",
+    "invalid address literal": "domain",
+    "invalid IPv6 address literal": "domain",
+    "invalid IPv4 address literal": "domain",
+}
+
+
 def _refuse(role: _Role, detail: str, path: str) -> AddressError:
     return AddressError(
         Reply(501, role.status, (f"Bad {role.name} address syntax: {detail}",)),
         f"{detail}: {path!r}",
+        _KINDS.get(detail, ""),
     )
 
 
@@ -102,11 +125,12 @@ def split_path_and_params(argument: str) -> tuple[str, str]:
             Reply(501, "5.5.2", ("Syntax error: address must be enclosed in <>",)),
             f"no <path> in {argument!r}",
         )
-    end = _closing_bracket(text)
+    end = closing_bracket(text)
     if end < 0:
         raise AddressError(
             Reply(501, "5.5.2", ("Syntax error: unterminated <address>",)),
             f"no closing '>' in {argument!r}",
+            "unterminated",
         )
     path, rest = text[: end + 1], text[end + 1 :]
     if rest and not rest.startswith(" "):
@@ -117,8 +141,9 @@ def split_path_and_params(argument: str) -> tuple[str, str]:
     return path, rest.strip(" ")
 
 
-def _closing_bracket(text: str) -> int:
-    """Index of the ``>`` that closes the path starting at ``text[0]``, or -1."""
+def closing_bracket(text: str) -> int:
+    """Index of the ``>`` that closes the path starting at ``text[0]``, or -1 (``>``
+    inside a quoted local part or an address literal does not close it)."""
     quoted = literal = escaped = False
     for i in range(1, len(text)):
         c = text[i]
@@ -141,27 +166,32 @@ def _closing_bracket(text: str) -> int:
     return -1
 
 
-def parse_reverse_path(path: str, *, smtputf8: bool) -> Address | None:
+def parse_reverse_path(
+    path: str, *, smtputf8: bool, long_local_parts: bool = False
+) -> Address | None:
     """Parse the path of MAIL FROM (brackets included). ``<>`` is the null reverse-path
-    and gives ``None``; anything else must be a mailbox."""
+    and gives ``None``; anything else must be a mailbox. ``long_local_parts``: a local
+    part may be longer than RFC 5321's 64 octets (the path still fits its 256)."""
     _screen(path, _SENDER, smtputf8)
     if path == "<>":
         return None
-    return _parse_path(path, _SENDER, smtputf8)
+    return _parse_path(path, _SENDER, smtputf8, long_local_parts)
 
 
-def parse_forward_path(path: str, *, smtputf8: bool) -> Address:
+def parse_forward_path(path: str, *, smtputf8: bool, long_local_parts: bool = False) -> Address:
     """Parse the path of RCPT TO (brackets included). ``<>`` is refused; the bare
-    ``<Postmaster>`` of RFC 5321 4.5.1 (any case) gives an Address with an empty domain."""
+    ``<Postmaster>`` of RFC 5321 4.5.1 (any case) gives an Address with an empty domain.
+    ``long_local_parts`` as for :func:`parse_reverse_path`."""
     _screen(path, _RECIPIENT, smtputf8)
     if path == "<>":
         raise AddressError(
             Reply(501, _RECIPIENT.status, ("Null recipient address not allowed",)),
             "'<>' as a forward-path",
+            "null",
         )
     if path.isascii() and path.lower() == "<postmaster>":
         return Address(path[1:-1], "")
-    return _parse_path(path, _RECIPIENT, smtputf8)
+    return _parse_path(path, _RECIPIENT, smtputf8, long_local_parts)
 
 
 def _screen(path: str, role: _Role, smtputf8: bool) -> None:
@@ -174,16 +204,16 @@ def _screen(path: str, role: _Role, smtputf8: bool) -> None:
         raise _refuse(role, "path too long", path)
 
 
-def _parse_path(path: str, role: _Role, smtputf8: bool) -> Address:
+def _parse_path(path: str, role: _Role, smtputf8: bool, long_local_parts: bool) -> Address:
     if len(path) < 2 or path[0] != "<" or path[-1] != ">":
         raise _refuse(role, "address must be enclosed in <>", path)
     try:
-        return _parse_mailbox(path[1:-1], smtputf8)
+        return _parse_mailbox(path[1:-1], smtputf8, _MAX_PATH if long_local_parts else _MAX_LOCAL)
     except _Syntax as exc:
         raise _refuse(role, str(exc), path) from None
 
 
-def _parse_mailbox(inner: str, smtputf8: bool) -> Address:
+def _parse_mailbox(inner: str, smtputf8: bool, max_local: int = _MAX_LOCAL) -> Address:
     pos = _skip_source_route(inner) if inner.startswith("@") else 0
     if inner.startswith('"', pos):
         at = _end_of_quoted_string(inner, pos, smtputf8)
@@ -198,7 +228,7 @@ def _parse_mailbox(inner: str, smtputf8: bool) -> Address:
             raise _Syntax("invalid local part")
     if at >= len(inner) or inner[at] != "@":
         raise _Syntax("missing @domain")
-    if len(local.encode("utf-8")) > _MAX_LOCAL:
+    if len(local.encode("utf-8")) > max_local:
         raise _Syntax("local part too long")
     domain = inner[at + 1 :]
     _check_domain_or_literal(domain, smtputf8)

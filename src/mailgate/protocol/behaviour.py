@@ -29,7 +29,9 @@ lenient_hello          False        HELO/EHLO with more than one word is accepte
 ignored_arguments      ()           Verbs whose argument is ignored rather than refused
                                     (Postfix: QUIT).
 long_lines             "refuse"     A command line over the limit: ``"refuse"`` answers
-                                    ``line_too_long``; ``"truncate"`` cuts it at the limit,
+                                    ``line_too_long``; ``"close"`` answers it and hangs
+                                    up (Sendmail's "Command too long, possible attack");
+                                    ``"truncate"`` cuts it at the limit,
                                     drops the rest of the line and answers what is left
                                     (Postfix's ``line_length_limit``). AUTH exchange lines
                                     are always refused.
@@ -88,6 +90,83 @@ size_value_ignored_if_bad False     ``MAIL ... SIZE=abc`` is taken as if SIZE we
 size_without_number    False        EHLO lists ``SIZE`` without a number, as Sendmail does
                                     with MaxMessageSize 0 (no limit of its own); the
                                     server's limit is still enforced.
+sender_before_hello    False        RCPT, DATA and BDAT before HELO/EHLO are answered as
+                                    before MAIL (``need_mail``, ``data_need_mail``) even
+                                    though MAIL needs HELO: the product looks for a sender
+                                    first (Exim's "503 sender not yet given").
+hello_name_check       False        The HELO/EHLO name must be letters, digits, ``.`` and
+                                    ``-``, or an address literal holding an IP address;
+                                    else ``hello_bad_name`` (Exim's check_helo()).
+nul_first              False        A command line with a NUL byte gets ``nul_characters``
+                                    before anything else is looked at, its verb too
+                                    (Exim's "501 NUL characters are not allowed").
+long_local_parts       False        Local parts longer than RFC 5321's 64 octets are taken
+                                    (the path must still fit its 256), as Exim and Sendmail
+                                    do.
+unqualified_paths      True         With ``lenient_paths``: an unqualified ``<user>`` is
+                                    taken. False: refused as the strict parser refuses it
+                                    (``sender_unqualified``/``recipient_unqualified``;
+                                    ``<Postmaster>`` stays a valid recipient), as Exim does
+                                    for remote clients.
+repeat_rcpt_error      False        DATA/BDAT without an accepted recipient repeats the RCPT
+                                    refusal when every RCPT since MAIL (or RSET, HELO) got
+                                    the same one: ``rcpt_errors_repeated``'s lines come
+                                    first; and if the command before was a RCPT in a
+                                    session that offered PIPELINING, the last line is
+                                    ``need_rcpt_after_rcpt`` (Exim's "All RCPT commands
+                                    were rejected with this error").
+pipe_connect_sync      False        With ``sync_check``, the check Exim makes while
+                                    PIPECONNECT may be used: until the first DATA or BDAT
+                                    only MAIL and RCPT are checked (when PIPELINING was not
+                                    offered: after HELO, or before any greeting), then the
+                                    full check. The command sent too soon gets
+                                    ``synchronization_error`` instead of its reply.
+bdat_needs_rset        False        Between BDAT chunks, a command other than BDAT, RSET,
+                                    NOOP and QUIT gets ``data_after_bdat``; after it every
+                                    command but RSET and QUIT (a BDAT's chunk too: it is read
+                                    as commands) gets ``bdat_needs_rset``, and QUIT is
+                                    answered, then ``bdat_abandoned`` (Exim's bdat_getc()).
+allowed_before_hello   ()           Verbs of MAIL, ETRN and AUTH accepted before HELO/EHLO
+                                    although ``hello_required`` (Sendmail: AUTH).
+hello_name_characters  None         The characters besides ASCII letters and digits a
+                                    HELO/EHLO name may have; any other is answered
+                                    ``hello_bad_name`` (Sendmail: ``[].-_#:``). None: any
+                                    word is taken.
+hello_name_max_length  None         A longer HELO/EHLO name is answered ``hello_bad_name``
+                                    (Sendmail's MAXNAME, 256). None: no limit of its own.
+nul_ends_command       False        A NUL byte ends a command line and the rest of the line
+                                    is ignored, as a C string ends (Sendmail: ``NOOP\0x``
+                                    is NOOP).
+unimplemented_commands ()           Verbs the product knows but refuses, answered
+                                    ``not_implemented`` (Sendmail: SEND, SAML, SOML, TURN).
+sync_until_pipelining  False        Sendmail's pipelining check: until an EHLO offered
+                                    PIPELINING, every command with more input already
+                                    behind it gets ``synchronization_error``.
+sync_error_refuses     False        After ``synchronization_error`` the session serves only
+                                    QUIT (``only_quit`` for the rest, as Sendmail does)
+                                    instead of closing.
+repeated_recipient_as_first False  A recipient given again in the same transaction is
+                                    echoed (``{path}`` in ``recipient_ok``) as it was written
+                                    the first time: Sendmail answers with the address it
+                                    has already (``RCPT TO: <a@b>`` after ``RCPT TO:a@b``
+                                    says ``a@b... Recipient ok``).
+unqualified_recipient_qualified False An unqualified recipient (``<user>``) is echoed
+                                    (``{path}`` in ``recipient_ok``) with the server's
+                                    domain added, the host name's parent
+                                    (``<user@example.com>`` on mail.example.com), as
+                                    Sendmail qualifies it.
+spaced_local_parts     False        With ``lenient_paths``: a local part with spaces and no
+                                    quotes (``<a b@example.net>``) is taken, as Sendmail's
+                                    parser takes it; it is kept quoted (``"a b"@...``), the
+                                    same mailbox in RFC 5321's syntax.
+echo_shortened         None         Echoed values (``{argument}``, ``{path}``,
+                                    ``{parameters}``, ``{response}``, ``{word}``) this long or
+                                    longer show their first and last (n-3)/2 characters
+                                    around ``...``, as Sendmail's shortenstring() does
+                                    (MAXSHORTSTR, 203). None: the echo's own bound.
+hello_kept_after_tls   False        After the STARTTLS upgrade MAIL is taken without a new
+                                    HELO/EHLO (Sendmail keeps the greeting's state); False:
+                                    the session starts over (RFC 3207 4.2).
 =====================  ===========  =====================================================
 """
 
@@ -98,10 +177,13 @@ from dataclasses import dataclass, fields
 from types import MappingProxyType
 from typing import Any
 
-LONG_LINE_MODES = ("refuse", "truncate")
+LONG_LINE_MODES = ("refuse", "truncate", "close")
 EARLY_TALKER_MODES = ("refuse", "greet")
 #: Verbs ``ignored_arguments`` may name: those whose argument mailgate otherwise refuses.
 IGNORABLE_ARGUMENT_VERBS = frozenset({"QUIT", "RSET", "DATA", "STARTTLS"})
+#: Verbs that need HELO/EHLO first by default and that ``allowed_before_hello`` may free
+#: (rules.HELLO_GOVERNED).
+HELLO_OPTIONAL_VERBS = frozenset({"MAIL", "ETRN", "AUTH"})
 #: The shortest line limit a persona may set (RFC 5321 4.5.3.1.4: at least 512).
 MIN_LINE_LIMIT = 512
 MAX_LINE_LIMIT = 1024 * 1024
@@ -137,6 +219,26 @@ class Behaviour:
     size_without_number: bool = False
     domain_literals: bool = True
     size_value_ignored_if_bad: bool = False
+    sender_before_hello: bool = False
+    hello_name_check: bool = False
+    nul_first: bool = False
+    long_local_parts: bool = False
+    unqualified_paths: bool = True
+    repeat_rcpt_error: bool = False
+    pipe_connect_sync: bool = False
+    bdat_needs_rset: bool = False
+    allowed_before_hello: frozenset[str] = frozenset()
+    hello_name_characters: str | None = None
+    hello_name_max_length: int | None = None
+    nul_ends_command: bool = False
+    unimplemented_commands: frozenset[str] = frozenset()
+    sync_until_pipelining: bool = False
+    sync_error_refuses: bool = False
+    hello_kept_after_tls: bool = False
+    repeated_recipient_as_first: bool = False
+    echo_shortened: int | None = None
+    spaced_local_parts: bool = False
+    unqualified_recipient_qualified: bool = False
 
     def __post_init__(self) -> None:
         for name in (
@@ -155,6 +257,21 @@ class Behaviour:
             "size_without_number",
             "domain_literals",
             "size_value_ignored_if_bad",
+            "sender_before_hello",
+            "hello_name_check",
+            "nul_first",
+            "long_local_parts",
+            "unqualified_paths",
+            "repeat_rcpt_error",
+            "pipe_connect_sync",
+            "bdat_needs_rset",
+            "nul_ends_command",
+            "sync_until_pipelining",
+            "sync_error_refuses",
+            "hello_kept_after_tls",
+            "repeated_recipient_as_first",
+            "spaced_local_parts",
+            "unqualified_recipient_qualified",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise BehaviourError(f"{name}: expected true or false")
@@ -209,6 +326,49 @@ class Behaviour:
         if not all(v.isascii() and v.isalpha() for v in forbidden):
             raise BehaviourError("forbidden_commands: verbs are letters only")
         object.__setattr__(self, "forbidden_commands", forbidden)
+        for name in ("allowed_before_hello", "unimplemented_commands"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                raise BehaviourError(f"{name}: give a set of verbs, not a string")
+            verbs = frozenset(str(v).upper() for v in value)
+            if not all(v.isascii() and v.isalpha() for v in verbs):
+                raise BehaviourError(f"{name}: verbs are letters only")
+            object.__setattr__(self, name, verbs)
+        wrong = sorted(self.allowed_before_hello - HELLO_OPTIONAL_VERBS)
+        if wrong:
+            raise BehaviourError(
+                f"allowed_before_hello: {wrong[0]!r} is not one of "
+                f"{', '.join(sorted(HELLO_OPTIONAL_VERBS))}"
+            )
+        if self.hello_name_characters is not None and (
+            not isinstance(self.hello_name_characters, str)
+            or not all(
+                c.isascii() and c.isprintable() and not c.isalnum() and c != " "
+                for c in self.hello_name_characters
+            )
+        ):
+            raise BehaviourError(
+                "hello_name_characters: expected a string of ASCII punctuation (letters "
+                f"and digits are always allowed), got {self.hello_name_characters!r}"
+            )
+        if self.echo_shortened is not None and (
+            isinstance(self.echo_shortened, bool)
+            or not isinstance(self.echo_shortened, int)
+            or not 10 <= self.echo_shortened <= 400
+        ):
+            raise BehaviourError(
+                f"echo_shortened: expected a whole number from 10 to 400, got "
+                f"{self.echo_shortened!r}"
+            )
+        if self.hello_name_max_length is not None and (
+            isinstance(self.hello_name_max_length, bool)
+            or not isinstance(self.hello_name_max_length, int)
+            or not 1 <= self.hello_name_max_length <= MAX_LINE_LIMIT
+        ):
+            raise BehaviourError(
+                f"hello_name_max_length: expected a whole number from 1 to {MAX_LINE_LIMIT}, "
+                f"got {self.hello_name_max_length!r}"
+            )
 
     def as_mapping(self) -> Mapping[str, Any]:
         """The fields that differ from the default, as a profile file writes them."""
@@ -229,6 +389,7 @@ __all__ = [
     "BEHAVIOUR_FIELDS",
     "DEFAULT_BEHAVIOUR",
     "EARLY_TALKER_MODES",
+    "HELLO_OPTIONAL_VERBS",
     "IGNORABLE_ARGUMENT_VERBS",
     "LONG_LINE_MODES",
     "Behaviour",

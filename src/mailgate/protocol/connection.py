@@ -21,6 +21,7 @@ Replies always leave in the order the commands arrived: while a policy point wai
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -63,7 +64,14 @@ from .events import (
     Xforward,
 )
 from .params import ParamContext, ParamError, parse_params, split_params
-from .persona import CONSTANT_NAMES, CurrentDate
+from .persona import (
+    ADDRESS_KIND_REPLIES,
+    CONSTANT_NAMES,
+    ECHO_PLACEHOLDERS,
+    CurrentDate,
+    echo,
+    echo_values,
+)
 from .replies import Reply
 from .rules import (
     ARGUMENT_REPLIES,
@@ -90,6 +98,8 @@ from .xclient import XclientError, parse_xclient, parse_xforward
 
 #: Longest piece of an unknown command line echoed in the reply ({command}).
 _MAX_ECHO = 200
+#: Characters of an unknown HELP topic echoed ({topic}; Sendmail's "%.10s").
+_HELP_TOPIC_ECHO = 10
 _NOTHING: frozenset[str] = frozenset()
 _BDAT_MAX_DIGITS = 18
 
@@ -109,6 +119,9 @@ class Transaction:
     smtputf8: bool
     recipients: list[Address]
     bdat_size: int = 0
+    #: Each recipient's path as the client first wrote it (made safe to echo), for a
+    #: persona with ``repeated_recipient_as_first``; None otherwise.
+    written: dict[tuple[str, str], str] | None = None
 
     # Made at every MAIL: an __init__ mypyc compiles (see the note in events.py).
     def __init__(
@@ -118,12 +131,14 @@ class Transaction:
         smtputf8: bool,
         recipients: list[Address],
         bdat_size: int = 0,
+        written: dict[tuple[str, str], str] | None = None,
     ) -> None:
         self.sender = sender
         self.params = params
         self.smtputf8 = smtputf8
         self.recipients = recipients
         self.bdat_size = bdat_size
+        self.written = written
 
 
 class ProtocolError(Exception):
@@ -143,10 +158,15 @@ class _Look:
         "after_tls",
         "banner",
         "behaviour",
+        "close_long_lines",
+        "echoes_recipients",
         "enhanced",
         "error_limit",
+        "first_checks",
+        "hello_name_characters",
         "hidden_verbs",
         "max_command_line",
+        "nul_ends_command",
         "overridden",
         "persona",
         "ready",
@@ -166,7 +186,30 @@ class _Look:
         self.max_command_line = behaviour.line_limit or config.max_command_line
         #: Cut long command lines instead of refusing them.
         self.truncate = behaviour.long_lines == "truncate"
+        #: Answer a long command line and hang up (Sendmail's 421).
+        self.close_long_lines = behaviour.long_lines == "close"
         self.error_limit = behaviour.error_limit
+        #: Whether recipient_ok's {path} is the persona's recipient echo, not the line's.
+        self.echoes_recipients = (
+            behaviour.repeated_recipient_as_first or behaviour.unqualified_recipient_qualified
+        )
+        #: Cut a command line at its first NUL byte.
+        self.nul_ends_command = behaviour.nul_ends_command
+        #: The characters a HELO name may have besides letters and digits (None: any).
+        self.hello_name_characters: frozenset[str] | None = (
+            None
+            if behaviour.hello_name_characters is None
+            else frozenset(behaviour.hello_name_characters)
+        )
+        #: A knob that looks at a command line before its verb (ServerConnection.
+        #: _first_checks): False for mailgate's own behaviour, so a line costs one test.
+        self.first_checks = (
+            behaviour.sync_check
+            or behaviour.sync_until_pipelining
+            or behaviour.nul_first
+            or behaviour.repeat_rcpt_error
+            or behaviour.bdat_needs_rset
+        )
         #: name -> ready reply, or None for a reply with placeholders.
         self.static: Callable[[str], Reply | None] = persona.static_lookup
         self.overridden = persona.overridden
@@ -286,16 +329,34 @@ def _common_value(config: ProtocolConfig, client_ip: str, key: str) -> object:
 
 class _Values(dict[str, object]):
     """Placeholder values: the ones given, then the connection's common ones (hostname,
-    client_ip, date...), computed only when a text uses them."""
+    client_ip, date...) and the echo of the command being answered (persona.echo_values),
+    computed only when a text uses them."""
 
-    __slots__ = ("_client_ip", "_config")
+    __slots__ = ("_client_ip", "_config", "_said", "_said_verb")
 
-    def __init__(self, config: ProtocolConfig, client_ip: str, values: dict[str, object]) -> None:
+    def __init__(
+        self,
+        config: ProtocolConfig,
+        client_ip: str,
+        values: dict[str, object],
+        said_verb: str = "",
+        said: str = "",
+    ) -> None:
         super().__init__(values)
         self._config = config
         self._client_ip = client_ip
+        self._said_verb = said_verb
+        self._said = said
 
     def __missing__(self, key: str) -> object:
+        if key in ECHO_PLACEHOLDERS:
+            echoed = echo_values(self._said_verb, self._said)
+            limit = self._config.persona.behaviour.echo_shortened
+            if limit is not None:
+                echoed = {name: _shortened(value, limit) for name, value in echoed.items()}
+            for name, value in echoed.items():
+                self.setdefault(name, value)
+            return echoed[key]
         return _common_value(self._config, self._client_ip, key)
 
 
@@ -310,12 +371,15 @@ class ServerConnection:
         "_auth_failures",
         "_bad_commands",
         "_bdat",
+        "_bdat_broken",
         "_bdat_chunk_size",
         "_bdat_discard",
+        "_bdat_ending",
         "_bdat_last",
         "_bdat_pending_size",
         "_bdat_resume",
         "_buf",
+        "_data_seen",
         "_dot",
         "_eof",
         "_errors",
@@ -326,6 +390,12 @@ class ServerConnection:
         "_out",
         "_pending",
         "_pos",
+        "_rcpt_error",
+        "_rcpt_errors_same",
+        "_rcpt_prev",
+        "_rcpt_was",
+        "_said",
+        "_said_verb",
         "_sasl",
         "_sasl_final_reply",
         "_short_line",
@@ -380,6 +450,23 @@ class ServerConnection:
         self._errors = 0
         self._auth_failures = 0
         self._skipping_long_line = False
+        #: The command line being answered, for the persona's echo placeholders: its verb
+        #: (upper-case; empty for a line of an AUTH exchange) and what followed it.
+        self._said_verb = ""
+        self._said = ""
+        #: The persona's repeat_rcpt_error: the first refusal of a RCPT since MAIL (RSET,
+        #: HELO), whether every one since was the same, and whether this command and the
+        #: one before were RCPTs the product counts as valid (not out of sequence).
+        self._rcpt_error: str | None = None
+        self._rcpt_errors_same = True
+        self._rcpt_was = False
+        self._rcpt_prev = False
+        #: A DATA or BDAT was seen (the persona's pipe_connect_sync checks fully after it).
+        self._data_seen = False
+        #: The persona's bdat_needs_rset: a BDAT transfer was broken off.
+        self._bdat_broken = False
+        #: The transfer ending now came by BDAT LAST (bdat_last_chunk_ok).
+        self._bdat_ending = False
 
         self._dot: DotReader | None = None
         self._bdat: BdatReader | None = None
@@ -488,6 +575,14 @@ class ServerConnection:
         self.tls_active = True
         self._buf.clear()
         self._pos = 0
+        if self._look.behaviour.hello_kept_after_tls and self.helo_name is not None:
+            # Sendmail keeps the greeting across the upgrade: MAIL needs no new EHLO.
+            self._abort_transaction()
+            self.authenticated_as = None
+            self.state = State.READY
+            if self.esmtp:
+                self._extensions = frozenset(c.split(" ", 1)[0] for c in self._capabilities())
+            return
         self._reset_session()
         self.state = State.CONNECTED
 
@@ -583,31 +678,39 @@ class ServerConnection:
 
     def _line_too_long(self) -> None:
         in_auth = self.state is State.AUTH
+        self._said_verb = self._said = ""  # nothing of the line is echoed
         if in_auth:
             self._sasl = None
             self._sasl_final_reply = None
-            self.state = State.READY
-        self._events.append(LimitExceeded(Limit.COMMAND_LINE_LENGTH, closing=False))
+            self.state = self._after_auth()
+        close = self._look.close_long_lines and not in_auth
+        self._events.append(LimitExceeded(Limit.COMMAND_LINE_LENGTH, closing=close))
         self._reject(b"", self._r("auth_line_too_long" if in_auth else "line_too_long"), bad=True)
+        if close:
+            self._enter_closed(Limit.COMMAND_LINE_LENGTH.value)
 
     def _command(self, line: bytes) -> None:
+        if self._look.nul_ends_command:
+            nul = line.find(0)
+            if nul >= 0:
+                line = line[:nul]  # as a C string ends (Sendmail)
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
+            self._said_verb = self._said = ""
             self._reject(line, self._r("invalid_utf8"), unknown=True)
             return
         verb, _, arg = text.partition(" ")
         verb = verb.upper()
-        if (
-            self._look.behaviour.sync_check
-            and self._pos < len(self._buf)
-            and self._breaks_sync(verb)
-        ):
+        self._said_verb = verb
+        self._said = arg
+        if self._look.first_checks and self._first_checks(line, text, verb):
             return
         rule = self._look.ready.get(verb)
         if rule is None:
             if not text.strip(" \t"):
-                self._reject(line, self._r("empty_line", verb="", command=""), unknown=True)
+                empty = self._r("empty_line", verb="", command=echo(text[:_MAX_ECHO]))
+                self._reject(line, empty, unknown=True)
                 return
             rule = self._known_verb(line, text, verb)
             if rule is None:
@@ -631,15 +734,74 @@ class ServerConnection:
         handler = _COMMANDS[verb]
         handler(self, rule, line, arg)
 
+    def _first_checks(self, line: bytes, text: str, verb: str) -> bool:
+        """Step 0, for a persona whose product looks at a line before its verb (see
+        _Look.first_checks). True when the line has been answered."""
+        behaviour = self._look.behaviour
+        if behaviour.repeat_rcpt_error:
+            self._rcpt_prev = self._rcpt_was
+            self._rcpt_was = False
+        if self._bdat_broken:
+            # Exim's repeat_until_rset: only RSET (a normal RSET) and QUIT get out.
+            if verb == "RSET":
+                self._bdat_broken = False
+                return False
+            if verb == "QUIT":
+                self._bdat_broken = False
+                self._send(self._r("bye"))
+                self._send(self._r("bdat_abandoned"))
+                self._enter_closed("quit")
+                return True
+            self._reject(line, self._r("bdat_needs_rset"), bad=True)
+            return True
+        if behaviour.nul_first and "\x00" in text:
+            self._reject(line, self._r("nul_characters"), bad=True)
+            return True
+        if (
+            behaviour.bdat_needs_rset
+            and self.state is State.BDAT_OPEN
+            and verb not in ("BDAT", "RSET", "NOOP", "QUIT")
+        ):
+            self._bdat_broken = True
+            self._reject(line, self._r("data_after_bdat", verb=verb), bad=True)
+            return True
+        return (
+            (behaviour.sync_check or behaviour.sync_until_pipelining)
+            and self._pos < len(self._buf)
+            and self._breaks_sync(verb)
+        )
+
     def _breaks_sync(self, verb: str) -> bool:
         """Step 0 of a persona with sync_check: input already behind a command that must
-        end a pipelined group. Answers, closes and returns True when it does."""
-        if verb in SYNC_VERBS_UNPIPELINED:
-            if "PIPELINING" in self._extensions:
+        end a pipelined group. Answers, closes (or refuses the session) and returns True
+        when it does."""
+        if self.state is State.REFUSED:
+            return False  # refused already: only QUIT is served
+        behaviour = self._look.behaviour
+        piped = "PIPELINING" in self._extensions
+        if behaviour.sync_until_pipelining and not piped:
+            pass  # Sendmail: nothing may be pipelined before PIPELINING was offered
+        elif not behaviour.sync_check:
+            return False
+        elif behaviour.pipe_connect_sync and not self._data_seen:
+            # Exim while PIPECONNECT may be used: only MAIL and RCPT are checked (after
+            # their ACL, so only when they would be taken), unless PIPELINING was offered.
+            if verb not in ("MAIL", "RCPT") or piped:
+                return False
+            rule = self._look.rules[verb]
+            if self.state not in rule.allowed:
+                return False
+        elif verb in SYNC_VERBS_UNPIPELINED:
+            if piped:
                 return False
         elif verb not in SYNC_VERBS and verb in self._look.rules:
             return False  # MAIL/RCPT/RSET aside, only these and unknown verbs must sync
         self._send(self._r("synchronization_error"))
+        if behaviour.sync_error_refuses:
+            self._abort_transaction()
+            self.state = State.REFUSED
+            self._events.append(CommandRejected(b"", self._r("synchronization_error")))
+            return True
         self._enter_closed("synchronization-error")
         return True
 
@@ -651,10 +813,15 @@ class ServerConnection:
         if rule is not None and rule.extension == "VERB" and not self._offered(rule):
             rule = None  # Sendmail's verb: no other look has it, not even as "not offered"
         if rule is None and self._forbidden(verb):
-            forbidden = self._r("forbidden_command", verb=verb)
+            forbidden = self._r("forbidden_command", verb=echo(verb))
             self._send(forbidden)
             self._events.append(CommandRejected(line, forbidden))
             self._enter_closed("forbidden-command")
+            return None
+        if rule is None and verb in self._look.behaviour.unimplemented_commands:
+            # A verb the product knows and refuses (Sendmail: TURN, SEND, SAML, SOML).
+            refusal = self._r("not_implemented", verb=verb, command=echo(text[:_MAX_ECHO]))
+            self._reject(line, refusal, bad=True)
             return None
         if (
             rule is None
@@ -664,12 +831,13 @@ class ServerConnection:
             # ETRN exists only for a persona whose product has it.
             or (rule.extension == "ETRN" and not self._look.behaviour.etrn)
         ):
-            unknown = self._r("unknown_command", verb=verb, command=text[:_MAX_ECHO])
+            # The client's words, made safe (printable ASCII) like every echo.
+            unknown = self._r("unknown_command", verb=echo(verb), command=echo(text[:_MAX_ECHO]))
             self._reject(line, unknown, unknown=True)
             return None
         if not self._offered(rule):
             name = "xclient_not_allowed" if verb in ("XCLIENT", "XFORWARD") else "not_implemented"
-            self._reject(line, self._r(name, verb=verb), bad=True)
+            self._reject(line, self._r(name, verb=verb, command=echo(text[:_MAX_ECHO])), bad=True)
             return None
         return rule
 
@@ -713,9 +881,9 @@ class ServerConnection:
             if (
                 state is State.CONNECTED
                 and verb in BEFORE_MAIL
-                and not self._look.behaviour.hello_required
+                and (not behaviour.hello_required or behaviour.sender_before_hello)
             ):
-                state = State.READY  # no HELO needed: what is missing is MAIL
+                state = State.READY  # what is missing is MAIL (no HELO needed, or Exim)
             name = SEQUENCE_REPLIES.get(state, "bad_sequence")
             in_transaction = state in (State.MAIL, State.RCPT, State.BDAT_OPEN)
             if verb == "MAIL" and in_transaction:
@@ -726,15 +894,45 @@ class ServerConnection:
                 name = "data_need_mail"
             elif verb == "ETRN" and in_transaction:
                 name = "etrn_in_transaction"
-            elif verb in ("STARTTLS", "AUTH", "XCLIENT", "XFORWARD") and in_transaction:
+            elif verb == "STARTTLS" and in_transaction:
+                name = "tls_in_transaction"
+            elif verb in ("AUTH", "XCLIENT", "XFORWARD") and in_transaction:
                 name = "not_in_transaction"
             elif verb in ("VRFY", "EXPN") and state is State.CONNECTED:
                 name = "vrfy_need_hello"
+            if behaviour.repeat_rcpt_error and verb in ("DATA", "BDAT"):
+                return self._repeat_rcpt_error(name, verb)
             return self._r(name, verb=verb)
         guard = rule.guard
         if guard is not None and not self._guard_holds(guard):
             return self._r(GUARD_REPLIES[guard])
         return None
+
+    def _repeat_rcpt_error(self, name: str, verb: str) -> Reply:
+        """DATA/BDAT without a recipient, as Exim answers it: the RCPTs' one refusal
+        repeated first, and "Valid" right after a RCPT in a pipelining session."""
+        if (
+            name in ("need_rcpt", "data_need_mail", "need_mail")
+            and self._rcpt_prev
+            and "PIPELINING" in self._extensions
+        ):
+            name = "need_rcpt_after_rcpt"
+        final = self._r(name, verb=verb)
+        error = self._rcpt_error
+        if error is None or not self._rcpt_errors_same:
+            return final
+        before = self._r("rcpt_errors_repeated", rcpt_error=error)
+        return Reply(final.code, final.status, (*before.lines, *final.lines))
+
+    def _note_rcpt_error(self, text: str) -> None:
+        if self._rcpt_error is None:
+            self._rcpt_error = text
+        elif text != self._rcpt_error:
+            self._rcpt_errors_same = False
+
+    def _forget_rcpt_errors(self) -> None:
+        self._rcpt_error = None
+        self._rcpt_errors_same = True
 
     def _guard_holds(self, guard: str) -> bool:
         if guard == "tls-inactive":
@@ -754,26 +952,60 @@ class ServerConnection:
                 self._reject(line, self._r("hello_syntax", verb=rule.verb), bad=True)
                 return
             arg = arg.split()[0]  # the product takes the first word as the name
+        if (self._look.behaviour.hello_name_check and not _hello_name_ok(arg)) or (
+            not self._hello_name_fits(arg)
+        ):
+            self._reject(line, self._r("hello_bad_name", verb=rule.verb), bad=True)
+            return
         if not self._sequence_ok(rule, line):
             return
         self._pause(Hello(rule.verb, arg))
 
+    def _hello_name_fits(self, name: str) -> bool:
+        """The persona's check of a HELO name's characters and length (Sendmail's)."""
+        behaviour = self._look.behaviour
+        limit = behaviour.hello_name_max_length
+        if limit is not None and len(name) > limit:
+            return False
+        allowed = self._look.hello_name_characters
+        if allowed is None:
+            return True
+        return all((c.isascii() and c.isalnum()) or c in allowed for c in name)
+
     def _cmd_mail(self, rule: Rule, line: bytes, arg: str) -> None:
+        if self._rcpt_error is not None:
+            self._forget_rcpt_errors()  # Exim's smtp_reset() at MAIL
         parsed = self._envelope_command(rule, line, arg, "FROM:", parse_reverse_path)
         if parsed is not None:
             self._pause(MailFrom(*parsed))
 
     def _cmd_rcpt(self, rule: Rule, line: bytes, arg: str) -> None:
+        noting = self._look.behaviour.repeat_rcpt_error
+        mark = len(self._out)
+        if noting:
+            # Exim: a RCPT refused for want of a sender is not a valid RCPT.
+            self._rcpt_was = self.transaction is not None
         parsed = self._envelope_command(rule, line, arg, "TO:", parse_forward_path)
         if parsed is None:
+            if noting:
+                self._note_own_refusal(mark)
             return
-        address, params = parsed
+        address, params, written = parsed
         assert address is not None and self.transaction is not None
         if len(self.transaction.recipients) >= self.config.max_recipients:
             self._events.append(LimitExceeded(Limit.RECIPIENTS, closing=False))
             self._send(self._r("too_many_recipients"))
+            if noting:
+                self._note_own_refusal(mark)
             return
-        self._pause(RcptTo(address, params))
+        self._pause(RcptTo(address, params, written))
+
+    def _note_own_refusal(self, mark: int) -> None:
+        """The engine's own refusal of a RCPT, as sent from ``_out[mark]`` on: its first
+        line, code included (Exim keeps what its smtp_printf() wrote)."""
+        first = bytes(self._out[mark:]).split(b"\r\n", 1)[0]
+        if first:
+            self._note_rcpt_error(first.decode("ascii", "replace"))
 
     def _envelope_command(
         self,
@@ -782,32 +1014,42 @@ class ServerConnection:
         arg: str,
         keyword: str,
         parse_path: Callable[..., Address | None],
-    ) -> tuple[Address | None, dict[str, str | None]] | None:
+    ) -> tuple[Address | None, dict[str, str | None], str] | None:
         """MAIL FROM / RCPT TO through steps 4-6: the path and the parameters' syntax
         (501), the sequence (503), the parameters' meaning (555), then whether a UTF-8
         address is allowed (553). Answers and returns None on the first failure."""
         is_mail = rule.verb == "MAIL"
         if arg[: len(keyword)].upper() != keyword:
-            self._reject(line, self._r("mail_syntax" if is_mail else "rcpt_syntax"), bad=True)
+            # Sendmail's skipword(): the word it scanned, up to a ":" or a space.
+            scanned = _FIRST_WORD.match(arg)
+            word = self._echo(scanned[0] if scanned is not None else "")
+            name = "mail_syntax" if is_mail else "rcpt_syntax"
+            self._reject(line, self._r(name, word=word), bad=True)
             return None
-        lenient = self._look.behaviour.lenient_paths
+        behaviour = self._look.behaviour
+        lenient = behaviour.lenient_paths
         try:
             after = arg[len(keyword) :]
             if lenient and not after.lstrip(" ").startswith("<"):
                 # strict_rfc821_envelopes = no: a bare path up to the first space.
-                bare, _, rest = after.lstrip(" ").partition(" ")
-                path, rest = f"<{bare}>", rest.strip(" ")
+                written, _, rest = after.lstrip(" ").partition(" ")
+                path, rest = f"<{written}>", rest.strip(" ")
             else:
                 path, rest = split_path_and_params(after)
+                written = path
             # UTF-8 is judged after the parameters: MAIL's own SMTPUTF8 may allow it.
             try:
-                address = parse_path(path, smtputf8=True)
+                address = parse_path(
+                    path, smtputf8=True, long_local_parts=behaviour.long_local_parts
+                )
             except AddressError:
                 address = (
-                    _lenient_address(path, self._look.behaviour.loose_local_parts)
+                    _lenient_address(path, behaviour.loose_local_parts, behaviour.unqualified_paths)
                     if lenient
                     else None
                 )
+                if address is None and lenient and behaviour.spaced_local_parts:
+                    address = _spaced_address(path, behaviour.long_local_parts)
                 if address is None:
                     raise
             pairs = split_params(rest)
@@ -815,11 +1057,14 @@ class ServerConnection:
         # type for the whole function.
         except AddressError as bad_address:
             name = "bad_sender_address" if is_mail else "bad_recipient_address"
+            kind = ADDRESS_KIND_REPLIES.get(bad_address.kind)
+            if kind is not None and kind[0 if is_mail else 1] in self._look.overridden:
+                name = kind[0 if is_mail else 1]  # the persona words this kind apart
             self._reject(line, self._refusal(name, bad_address.reply), bad=True)
             return None
         except ParamError as bad_syntax:
             refusal = self._refusal(
-                "parameter_syntax", bad_syntax.reply, parameter=bad_syntax.parameter
+                "parameter_syntax", bad_syntax.reply, parameter=echo(bad_syntax.parameter or "")
             )
             self._reject(line, refusal, bad=True)
             return None
@@ -855,8 +1100,13 @@ class ServerConnection:
             params = parse_params(pairs, context)
         except ParamError as bad_param:
             name = "unknown_parameter" if bad_param.unknown else "bad_parameter"
+            if bad_param.not_offered and verb == "MAIL":
+                name = "mail_parameter_not_offered"
             refusal = self._refusal(
-                name, bad_param.reply, parameter=bad_param.parameter, keyword=bad_param.keyword
+                name,
+                bad_param.reply,
+                parameter=echo(bad_param.parameter or ""),
+                keyword=echo(bad_param.keyword or ""),
             )
             self._reject(line, refusal, bad=True)
             return None
@@ -864,9 +1114,10 @@ class ServerConnection:
         if address is not None and address.is_utf8 and not utf8_allowed:
             self._reject(line, self._r("smtputf8_required"), bad=True)
             return None
-        return address, params
+        return address, params, written
 
     def _cmd_data(self, rule: Rule, line: bytes, arg: str) -> None:
+        self._data_seen = True
         if not self._sequence_ok(rule, line):
             return
         self._pause(DataStart(bdat=False))
@@ -882,6 +1133,7 @@ class ServerConnection:
         ):
             self._reject(line, self._r("bdat_syntax"), bad=True)
             return
+        self._data_seen = True
         size = int(words[0])
         error = self._sequence_error(rule)
         if error is not None:
@@ -900,6 +1152,8 @@ class ServerConnection:
     def _cmd_rset(self, rule: Rule, line: bytes, arg: str) -> None:
         if not self._sequence_ok(rule, line):
             return
+        if self._rcpt_error is not None:
+            self._forget_rcpt_errors()
         self._abort_transaction()
         self._send(self._look.static("reset_ok") or self._r("reset_ok"))
 
@@ -922,7 +1176,18 @@ class ServerConnection:
             for v, r in self._look.rules.items()
             if self._verb_in_mode(r) and self._offered(r) and v not in self._look.hidden_verbs
         )
-        self._send(self._r("help", commands=" ".join(verbs)))
+        general = self._r("help", commands=" ".join(verbs))
+        persona = self._look.persona
+        if arg.strip(" \t") and persona.help_topics:  # blanks alone: the general text
+            lines = persona.help_topic(arg)
+            if lines is None:
+                # Sendmail: 'HELP topic "xyzzy" unknown', the word lower-cased, cut to 10.
+                topic = echo(arg.strip().lower()[:_HELP_TOPIC_ECHO])
+                self._reject(line, self._r("help_unknown_topic", topic=topic))
+                return
+            # The topic's lines, closed by the general text's last line (End of HELP info).
+            general = Reply(general.code, general.status, (*lines, general.lines[-1]))
+        self._send(general)
 
     def _cmd_verify(self, rule: Rule, line: bytes, arg: str) -> None:
         if not self._sequence_ok(rule, line):
@@ -944,7 +1209,8 @@ class ServerConnection:
         name = words[0].upper()
         mechanism = MECHANISMS.get(name)
         if mechanism is None or name not in self.config.auth_mechanisms:
-            self._reject(line, self._r("auth_unknown_mechanism", mechanism=words[0]), bad=True)
+            refusal = self._r("auth_unknown_mechanism", mechanism=echo(words[0]))
+            self._reject(line, refusal, bad=True)
             return
         if not (self.tls_active or not self.config.auth_requires_tls):
             self._reject(line, self._r("auth_requires_tls"), bad=True)
@@ -1003,7 +1269,7 @@ class ServerConnection:
             return
         domain = arg[1:] if arg[0] in "@#" else arg
         if not _ETRN_DOMAIN.fullmatch(domain):
-            self._reject(line, self._r("etrn_syntax", domain=domain), bad=True)
+            self._reject(line, self._r("etrn_syntax", domain=echo(domain)), bad=True)
             return
         if self._look.behaviour.etrn_accepted:
             self._send(self._r("etrn_started", domain=domain))
@@ -1028,6 +1294,8 @@ class ServerConnection:
             self._send(reply)
             return
         self._abort_transaction()
+        if self._rcpt_error is not None:
+            self._forget_rcpt_errors()
         self.helo_name = point.domain
         self.esmtp = point.verb != "HELO"
         self.state = State.READY
@@ -1039,9 +1307,7 @@ class ServerConnection:
             first = reply.lines[0]
         else:
             persona = self._look.persona
-            first = persona.greeting_line(
-                self.esmtp, _Values(self.config, self.client_ip, {"helo": point.domain})
-            )
+            first = persona.greeting_line(self.esmtp, self._values({"helo": point.domain}))
         code = reply.code if reply is not None else 250
         self._out += Reply(code, None, (first, *capabilities)).render(enhanced=False)
 
@@ -1063,6 +1329,8 @@ class ServerConnection:
         self._send(reply)
 
     def _answer_rcpt(self, point: RcptTo, reply: Reply | None) -> None:
+        if reply is None and self._look.echoes_recipients:
+            reply = self._r("recipient_ok", address=point.address, path=self._recipient_echo(point))
         reply = (
             reply
             or self._look.static("recipient_ok")
@@ -1071,7 +1339,40 @@ class ServerConnection:
         if reply.is_positive and self.transaction is not None:
             self.transaction.recipients.append(point.address)
             self.state = State.RCPT
+        elif not reply.is_positive and self._look.behaviour.repeat_rcpt_error:
+            # A policy's refusal: its text (Exim's smtp_respond() keeps the message).
+            self._note_rcpt_error(reply.lines[0])
         self._send(reply)
+
+    def _echo(self, text: str) -> str:
+        """``text`` (the client's) made safe to echo, shortened as the persona does."""
+        limit = self._look.behaviour.echo_shortened
+        return echo(text) if limit is None else _shortened(echo(text), limit)
+
+    def _echo_path(self) -> str:
+        """The RCPT path as written, made safe (and shortened) as {path} is."""
+        path = echo_values("RCPT", self._said)["path"]
+        limit = self._look.behaviour.echo_shortened
+        return path if limit is None else _shortened(path, limit)
+
+    def _recipient_echo(self, point: RcptTo) -> str:
+        """The recipient as the persona echoes it ({path}): as written, qualified with the
+        server's domain (unqualified_recipient_qualified), or as written the first time in
+        this transaction (repeated_recipient_as_first)."""
+        behaviour = self._look.behaviour
+        path = self._echo_path()
+        address = point.address
+        if behaviour.unqualified_recipient_qualified and not address.domain:
+            domain = self.config.hostname.partition(".")[2] or self.config.hostname
+            qualified = self._echo(f"{address.local_part}@{domain}")
+            path = f"<{qualified}>" if path.startswith("<") else qualified
+        tx = self.transaction
+        if behaviour.repeated_recipient_as_first and tx is not None:
+            if tx.written is None:
+                tx.written = {}
+            key = (address.local_part, address.domain.lower())
+            path = tx.written.setdefault(key, path)
+        return path
 
     def _answer_data_start(self, point: DataStart, reply: Reply | None) -> None:
         tx = self.transaction
@@ -1111,6 +1412,18 @@ class ServerConnection:
         elif len(answers) != 1:
             raise ProtocolError("SMTP DataComplete takes a single reply")
         tx = self.transaction
+        if self._rcpt_error is not None:
+            self._forget_rcpt_errors()
+        if self._bdat_ending:
+            self._bdat_ending = False
+            answer = answers[0] or self._r("message_accepted")
+            if (
+                "bdat_last_chunk_ok" in self._look.overridden
+                and answer.is_positive
+                and not self.config.lmtp
+            ):
+                chunk = self._r("bdat_last_chunk_ok", size=self._bdat_chunk_size, total=point.size)
+                answers = [Reply(answer.code, answer.status, (*chunk.lines, *answer.lines))]
         if not self.config.lmtp and tx is not None and "PRDR" in tx.params:
             answer = answers[0] or self._r("message_accepted")
             # A refused message keeps its one reply (the draft lets the server answer
@@ -1136,7 +1449,7 @@ class ServerConnection:
         if reply is None or reply.is_positive:
             self.authenticated_as = point.username
             self._sasl = None
-            self.state = State.READY
+            self.state = self._after_auth()
             self._send(reply or self._r("auth_ok"))
             return
         if point.mechanism == "XOAUTH2" and reply.is_permanent:
@@ -1164,7 +1477,7 @@ class ServerConnection:
                 name = "vrfy_unqualified"  # Exim refuses a bare name
             else:
                 name = "vrfy_default"
-            reply = self._r(name, address=point.argument)
+            reply = self._r(name, address=echo(point.argument))
         self._send(reply)
 
     def _answer_xclient(self, point: Xclient, reply: Reply | None) -> None:
@@ -1257,6 +1570,7 @@ class ServerConnection:
             self._send(self._r("bdat_chunk_ok", size=self._bdat_chunk_size))
             return True
         self.state = State.READY
+        self._bdat_ending = True
         self._pending = DataComplete(tx.bdat_size, tuple(tx.recipients))
         self._events.append(self._pending)
         return True
@@ -1271,11 +1585,13 @@ class ServerConnection:
             return
         mechanism = self._sasl
         assert mechanism is not None
+        self._said_verb = ""
+        self._said = line.decode("ascii", "replace")
         try:
             result = mechanism.step(decode_response(line, allow_empty_marker=False))
         except SaslError as exc:
             self._sasl = None
-            self.state = State.READY
+            self.state = self._after_auth()
             self._send(self._refusal("auth_malformed", exc.reply))
             return
         self._sasl_result(result)
@@ -1285,12 +1601,17 @@ class ServerConnection:
             self.state = State.AUTH
             self._out += b"334 " + encode_challenge(result.data) + b"\r\n"
             return
-        self.state = State.READY
+        self.state = self._after_auth()
         self._pause(result)
+
+    def _after_auth(self) -> State:
+        """The state an AUTH exchange returns to: READY, or CONNECTED when it came before
+        HELO/EHLO (behaviour allowed_before_hello: the greeting is still owed)."""
+        return State.READY if self.helo_name is not None else State.CONNECTED
 
     def _auth_failed(self, reply: Reply) -> None:
         self._sasl = None
-        self.state = State.READY
+        self.state = self._after_auth()
         self._auth_failures += 1
         self._send(reply)
         if reply.code == 421:  # the reply already closes the session (a policy's refusal)
@@ -1376,12 +1697,13 @@ class ServerConnection:
         reply = self._look.static(name)
         if reply is not None:
             return reply
-        return self._look.persona.format_map(name, _Values(self.config, self.client_ip, values))
+        return self._look.persona.format_map(name, self._values(values))
+
+    def _values(self, values: dict[str, object]) -> _Values:
+        return _Values(self.config, self.client_ip, values, self._said_verb, self._said)
 
     def _banner(self) -> Reply:
-        return self._look.banner or self._look.persona.banner_reply(
-            _Values(self.config, self.client_ip, {})
-        )
+        return self._look.banner or self._look.persona.banner_reply(self._values({}))
 
     def _refusal(self, name: str, reply: Reply, /, **values: object) -> Reply:
         """A parser's reply as the persona words it: a standard constant
@@ -1390,9 +1712,7 @@ class ServerConnection:
         if not self._look.overridden:
             return reply
         name = CONSTANT_NAMES.get(id(reply), name)
-        return self._look.persona.adapt(
-            name, reply, _Values(self.config, self.client_ip, dict(values))
-        )
+        return self._look.persona.adapt(name, reply, self._values(dict(values)))
 
     def _adapt(self, reply: Reply, /, **values: object) -> Reply:
         """A standard constant given by the caller (``replies.AUTH_FAILED``) as the persona
@@ -1402,13 +1722,13 @@ class ServerConnection:
         name = CONSTANT_NAMES.get(id(reply))
         if name is None:
             return reply
-        return self._look.persona.adapt(name, reply, _Values(self.config, self.client_ip, values))
+        return self._look.persona.adapt(name, reply, self._values(values))
 
     def _adapt_answer(self, point: PolicyPoint, reply: Reply) -> Reply:
         if isinstance(point, MailFrom | RcptTo):
             return self._adapt(reply, address=point.address)
         if isinstance(point, Verify):
-            return self._adapt(reply, address=point.argument)
+            return self._adapt(reply, address=echo(point.argument))
         return self._adapt(reply)
 
     def _pause(self, point: PolicyPoint) -> None:
@@ -1508,6 +1828,29 @@ def _has_control(text: str) -> bool:
     return _CONTROL.search(text) is not None
 
 
+#: A HELO name as Exim's check_helo() takes it (without helo_allow_chars).
+_HELLO_NAME = re.compile(r"[A-Za-z0-9.-]+")
+
+
+def _hello_name_ok(name: str) -> bool:
+    """Letters, digits, dots and hyphens, or an address literal holding an IP address
+    (``[192.0.2.1]``, ``[IPv6:...]``, ``[IPv4:...]``)."""
+    if name.startswith("["):
+        if not name.endswith("]"):
+            return False
+        inner = name[1:-1]
+        version = None
+        if inner[:5].lower() in ("ipv6:", "ipv4:"):
+            version = 6 if inner[3] == "6" else 4
+            inner = inner[5:]
+        try:
+            address = ipaddress.ip_address(inner)
+        except ValueError:
+            return False
+        return version is None or address.version == version
+    return _HELLO_NAME.fullmatch(name) is not None
+
+
 #: An ETRN argument: a host name or an address literal (RFC 1985 with RFC 5321 literals).
 _ETRN_DOMAIN = re.compile(
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}"
@@ -1516,6 +1859,19 @@ _ETRN_DOMAIN = re.compile(
 #: A first word that is a mail header's name and colon (``SUBJECT:``), as Postfix's
 #: is_header() sees it.
 _HEADER_NAME = re.compile(r"[!-9;-~]+:")
+
+
+def _shortened(text: str, limit: int) -> str:
+    """Sendmail's shortenstring(): a text ``limit`` long or longer as its first and last
+    (limit-3)/2 characters around "..."."""
+    if len(text) < limit:
+        return text
+    half = (limit - 3) // 2
+    return text[:half] + "..." + text[-half:]
+
+
+#: The first word of MAIL's or RCPT's argument, up to a colon or a space (never fails).
+_FIRST_WORD = re.compile(r"[^: ]*")
 #: An unqualified mailbox (``<root>``): a dot-string local part alone.
 _UNQUALIFIED = re.compile(
     r"<([A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+(?:\.[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+)*)>"
@@ -1527,13 +1883,16 @@ _UNQUALIFIED = re.compile(
 _LENIENT_ADDRESS = re.compile(r"<([!-;=?-~]+)@([A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)>")
 
 
-def _lenient_address(path: str, loose: bool) -> Address | None:
+def _lenient_address(path: str, loose: bool, unqualified: bool = True) -> Address | None:
     """A path the strict parser refused, as a lenient product takes it, or None: an
     unqualified ``<user>`` (an Address with an empty domain: the product qualifies it
-    with its own domain), or with ``loose`` ``<local@domain>`` with a local part longer
-    than RFC 5321 allows or with characters it does not (``<a@@b.example>``)."""
+    with its own domain) unless ``unqualified`` is False, or with ``loose``
+    ``<local@domain>`` with a local part longer than RFC 5321 allows or with characters
+    it does not (``<a@@b.example>``)."""
     match = _UNQUALIFIED.fullmatch(path)
     if match is not None:
+        if not unqualified:
+            return None
         return Address(match[1], "") if len(match[1]) <= 64 or loose else None
     if not loose:
         return None
@@ -1541,6 +1900,23 @@ def _lenient_address(path: str, loose: bool) -> Address | None:
     if match is None or len(path) > 1024:
         return None
     return Address(match[1], match[2])
+
+
+#: ``<a b@domain>``: a local part of words separated by single spaces, no quote or
+#: backslash (they would not survive quoting), and a host name.
+_SPACED_ADDRESS = re.compile(
+    r"<([!#-;=?-\[\]-~]+(?: [!#-;=?-\[\]-~]+)+)@([A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)>"
+)
+
+
+def _spaced_address(path: str, long_local_parts: bool) -> Address | None:
+    """``<a b@domain>`` as Sendmail takes it, or None; the local part is kept quoted
+    (``"a b"@domain``: the same mailbox in RFC 5321's syntax), so what the server passes
+    on is a valid address."""
+    match = _SPACED_ADDRESS.fullmatch(path)
+    if match is None or len(match[1]) > (256 if long_local_parts else 64):
+        return None
+    return Address(f'"{match[1]}"', match[2])
 
 
 __all__ = [

@@ -81,24 +81,34 @@ class Hello(PolicyPoint):
 
 @dataclass(frozen=True, slots=True)
 class MailFrom(PolicyPoint):
-    """MAIL FROM. ``address`` is ``None`` for the null reverse-path ``<>``."""
+    """MAIL FROM. ``address`` is ``None`` for the null reverse-path ``<>``. ``written``:
+    the path as the client wrote it (``<a@b>``, or a bare ``a@b`` a lenient persona took;
+    not made safe for a reply: see persona.echo)."""
 
     address: Address | None
     params: dict[str, str | None]
+    written: str = ""
 
-    def __init__(self, address: Address | None, params: dict[str, str | None]) -> None:
+    def __init__(
+        self, address: Address | None, params: dict[str, str | None], written: str = ""
+    ) -> None:
         object.__setattr__(self, "address", address)
         object.__setattr__(self, "params", params)
+        object.__setattr__(self, "written", written)
 
 
 @dataclass(frozen=True, slots=True)
 class RcptTo(PolicyPoint):
+    """RCPT TO. ``written`` as for :class:`MailFrom`."""
+
     address: Address
     params: dict[str, str | None]
+    written: str = ""
 
-    def __init__(self, address: Address, params: dict[str, str | None]) -> None:
+    def __init__(self, address: Address, params: dict[str, str | None], written: str = "") -> None:
         object.__setattr__(self, "address", address)
         object.__setattr__(self, "params", params)
+        object.__setattr__(self, "written", written)
 
 
 @dataclass(frozen=True, slots=True)

@@ -64,6 +64,8 @@ class ParamError(ValueError):
         self.keyword: str | None = None
         #: The keyword is unknown, or its extension is not offered (not a bad value).
         self.unknown = False
+        #: Of those: a keyword mailgate knows whose extension this session did not offer.
+        self.not_offered = False
 
 
 Validator = Callable[[str, ParamContext, bool], str]
@@ -181,7 +183,9 @@ def _check_param(
             raise ParamError(
                 Reply(530, "5.7.10", (f"Parameter {name} requires a TLS-protected session",))
             )
-        raise _unknown(f"Parameter {name} is not supported")
+        error = _unknown(f"Parameter {name} is not supported")
+        error.not_offered = True
+        raise error
     if key in seen:
         raise _invalid(f"Duplicate parameter {name}")
     if value is None:

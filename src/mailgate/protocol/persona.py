@@ -18,7 +18,28 @@ reply's class: a positive reply stays in its 2xx/3xx class (``start_data`` must 
 ``ready_for_tls`` 220), a refusal stays a 4xx or 5xx.
 
 Values put into placeholders are cleaned: control characters become ``?``, ``None`` the
-empty string.
+empty string. Values that are the client's own words -- ``{verb}`` and ``{command}`` of an
+unknown command, ``{mechanism}``, ``{parameter}``, ``{keyword}``, ETRN's ``{domain}``,
+VRFY's ``{address}`` -- are made safe like the echo placeholders below (printable ASCII).
+
+Echoing the client's words (products repeat what the client wrote: Exim's ``501
+<a@b: '>' missing at end of address``, Sendmail's ``a@b... Sender ok``): these
+placeholders are filled from the command line being answered, made safe by :func:`echo`
+(printable ASCII only, anything else becomes ``?``; at most :data:`ECHO_LIMIT`
+characters, longer ones cut and ending in ``...``; so never a CR or LF):
+
+- ``{argument}``: what followed the verb, spaces around it stripped (for MAIL and RCPT
+  what followed ``FROM:``/``TO:``; for a line of an AUTH exchange, the line). Valid in
+  every reply sent in answer to a command (all names but :data:`NOT_ANSWERS`).
+- ``{path}`` and ``{parameters}``: MAIL/RCPT's path exactly as written (``<a@b>``,
+  ``a@b``, or all of an unterminated ``<a@b``) and the parameter text after it. Valid in
+  the replies only MAIL and RCPT get (:data:`ENVELOPE_REPLIES`).
+- ``{response}``: AUTH's initial response, or the line of the AUTH exchange. Valid in
+  the AUTH replies (:data:`AUTH_REPLIES`).
+- ``{local_part_read}``: the start of the path's local part up to the first character no
+  RFC 822 word may hold (a space, a comma...): what a parser reading words and dots had
+  read when it stopped (Exim's ``"@" or "." expected after "a"`` for ``<a b@c>``). Valid
+  in :data:`LOCAL_PART_REPLIES`.
 
 =========================  ================================================  ===================
 name                       sent when                                         placeholders
@@ -45,15 +66,18 @@ unknown_command            unknown verb, or a hidden extension's verb        {ve
                                                                              (the line, cut to
                                                                              200 characters)
 invalid_utf8               a command line that is not UTF-8                  -
-not_implemented            a verb switched off in the config                 {verb}
-line_too_long              a command line over the limit                     -
+not_implemented            a verb switched off in the config, or one in      {verb}, {command}
+                           behaviour ``unimplemented_commands``              (the line)
+line_too_long              a command line over the limit                     {client_ip}
 auth_line_too_long         an AUTH exchange line over the limit              -
 control_characters         control characters in a command line              -
 argument_not_allowed       an argument to RSET, DATA, QUIT...                {verb}
 argument_required          no argument to HELO, MAIL, VRFY...                {verb}
 hello_syntax               HELO/EHLO/LHLO with more than a name              {verb}
-mail_syntax                MAIL without ``FROM:``                            -
-rcpt_syntax                RCPT without ``TO:``                              -
+mail_syntax                MAIL without ``FROM:``                            {word} (the first
+                                                                             word, up to a
+                                                                             ``:`` or space)
+rcpt_syntax                RCPT without ``TO:``                              {word}
 bdat_syntax                BDAT with a bad size or last word                 -
 auth_syntax                AUTH with more than two words                     -
 bad_sender_address         MAIL path refused by the parser [*]_              {detail}
@@ -67,7 +91,7 @@ smtputf8_required          a UTF-8 address without SMTPUTF8                  -
 bad_sequence               a command out of sequence (other cases)           -
 need_hello                 a command before HELO/EHLO                        -
 need_mail                  RCPT/DATA before MAIL                             -
-need_rcpt                  DATA before RCPT                                  -
+need_rcpt                  DATA before RCPT                                  {verb}
 sender_already_specified   MAIL inside a transaction                         -
 data_after_bdat            DATA between BDAT chunks                          -
 not_in_transaction         STARTTLS/AUTH/XCLIENT/XFORWARD in a transaction   {verb}
@@ -90,8 +114,9 @@ shutting_down              the server closes the session (shutdown)          -
 idle_timeout               the server closes an idle session                 -
 syntax_error               not sent by the engine (for servers, plugins)     -
 bad_address                not sent by the engine (for servers, plugins)     -
-empty_line                 an empty command line [f]_                        {verb}, {command}
-                                                                             (both empty)
+empty_line                 an empty command line [f]_                        {verb} (empty),
+                                                                             {command} (its
+                                                                             blanks)
 hello_argument_required    HELO/EHLO/LHLO without an argument [f]_           {verb}
 mail_argument_required     MAIL without an argument [f]_                     {verb}
 rcpt_argument_required     RCPT without an argument [f]_                     {verb}
@@ -101,7 +126,7 @@ auth_argument_required     AUTH without a mechanism [f]_                     {ve
 data_need_mail             DATA/BDAT before MAIL [f]_                        {verb}
 auth_bad_base64_initial    an AUTH initial response that is not base64 [f]_  -
 size_syntax                MAIL with a SIZE= that is not a number [f]_       {parameter}, {detail}
-xclient_not_allowed        XCLIENT/XFORWARD from a client not trusted [f]_   {verb}
+xclient_not_allowed        XCLIENT/XFORWARD from a client not trusted [f]_   {verb}, {command}
 forbidden_command          a forbidden or bogus command (behaviour           {verb}
                            ``forbidden_commands``); then closes
 etrn_in_transaction        ETRN inside a mail transaction [f]_               {verb}
@@ -124,11 +149,43 @@ proxy_required             server: a client not behind the PROXY peers       {cl
 proxy_refused              server: a bad or missing PROXY header             {client_ip}
 early_talker               server: a client that talks before the banner     {client_ip}
 synchronization_error      input behind a command that must end a pipelined  -
-                           group (behaviour ``sync_check``); then closes
+                           group (``sync_check``, ``sync_until_pipelining``);
+                           then closes (or only QUIT: ``sync_error_refuses``)
+tls_in_transaction         STARTTLS in a mail transaction [f]_               {verb}
+help_unknown_topic         HELP with a topic not in ``help_topics``          {topic} (lower
+                                                                             case, its first
+                                                                             10 characters)
 prdr_sender_ok             MAIL with PRDR accepted [f]_                      {address}
 prdr_start                 after a PRDR message (must stay 353)              -
 prdr_recipient_ok          a PRDR message's reply for one recipient          {address}
+hello_bad_name             a HELO name with characters a host name has not   {verb}
+                           (``hello_name_check``, ``hello_name_characters``,
+                           ``hello_name_max_length``) [f]_
+nul_characters             a NUL byte in a command line (``nul_first``) [f]_  -
+rcpt_errors_repeated       lines before DATA/BDAT's 503 when every RCPT got  {rcpt_error} (the
+                           the same refusal (``repeat_rcpt_error``)          refusal: its text,
+                                                                             code first if the
+                                                                             engine made it)
+need_rcpt_after_rcpt       DATA/BDAT's 503 right after a refused RCPT in a   {verb}
+                           pipelining session (``repeat_rcpt_error``) [f]_
+bdat_needs_rset            a command in a BDAT transfer broken off           -
+                           (``bdat_needs_rset``)
+bdat_abandoned             after the QUIT that ends such a transfer          -
+bdat_last_chunk_ok         lines before the final reply of BDAT LAST; sent   {size}, {total}
+                           only when a persona gives it
+address_unterminated       MAIL/RCPT path without its ``>`` [*]_ [k]_        {detail}
+address_local_part         a path's local part refused [*]_ [k]_             {detail}
+address_domain             a path's domain refused [*]_ [k]_                 {detail}
+address_too_long           a path, local part or domain too long [*]_ [k]_   {detail}
+null_recipient             ``RCPT TO:<>`` [*]_ [k]_                          {detail}
+sender_unqualified         MAIL path without ``@domain`` [*]_ [k]_           {detail}
+recipient_unqualified      RCPT path without ``@domain`` [*]_ [k]_           {detail}
+mail_parameter_not_offered a MAIL parameter mailgate knows whose extension   {detail}, {parameter},
+                           this session did not offer [*]_ [f]_              {keyword}
 =========================  ================================================  ===================
+
+.. [k] The address parser's refusals by kind: a persona that does not give one gets
+   ``bad_sender_address`` or ``bad_recipient_address`` for it (by the command).
 
 .. [f] Names for one situation of a more general name (:data:`FALLBACKS`): when a
    persona does not override one, it gets the general name's reply (``empty_line`` is
@@ -155,6 +212,7 @@ from datetime import datetime
 from types import MappingProxyType
 
 from . import replies
+from .address import closing_bracket
 from .behaviour import DEFAULT_BEHAVIOUR, Behaviour
 from .replies import Reply, ReplyError
 
@@ -196,7 +254,7 @@ _PLACEHOLDERS_BY_NAME.update(
         "expn_default": _allowed("address"),
         "help": _allowed("commands", "software"),
         "unknown_command": _allowed("verb", "command"),
-        "not_implemented": _allowed("verb"),
+        "not_implemented": _allowed("verb", "command"),
         "argument_not_allowed": _allowed("verb"),
         "argument_required": _allowed("verb"),
         "hello_syntax": _allowed("verb"),
@@ -207,7 +265,13 @@ _PLACEHOLDERS_BY_NAME.update(
         "bad_parameter": _allowed("detail", "parameter"),
         "unknown_parameter": _allowed("detail", "parameter", "keyword"),
         "size_syntax": _allowed("detail", "parameter"),
-        "xclient_not_allowed": _allowed("verb"),
+        "xclient_not_allowed": _allowed("verb", "command"),
+        "line_too_long": _allowed("client_ip"),
+        # The word Sendmail could not scan ("TO" of "MAIL TO:<a@b>"), echoed safely.
+        "mail_syntax": _allowed("word"),
+        "rcpt_syntax": _allowed("word"),
+        "tls_in_transaction": _allowed("verb"),
+        "help_unknown_topic": _allowed("topic"),
         "forbidden_command": _allowed("verb"),
         "auth_malformed": _allowed("detail"),
         "too_many_recipients": _allowed("max_recipients"),
@@ -236,8 +300,103 @@ _PLACEHOLDERS_BY_NAME.update(
         "proxy_required": _allowed("client_ip"),
         "proxy_refused": _allowed("client_ip"),
         "early_talker": _allowed("client_ip"),
+        "need_rcpt": _allowed("verb"),
+        "need_rcpt_after_rcpt": _allowed("verb"),
+        "rcpt_errors_repeated": _allowed("rcpt_error"),
+        "hello_bad_name": _allowed("verb"),
+        "bdat_last_chunk_ok": _allowed("size", "total"),
+        "address_unterminated": _allowed("detail"),
+        "address_local_part": _allowed("detail"),
+        "address_domain": _allowed("detail"),
+        "address_too_long": _allowed("detail"),
+        "null_recipient": _allowed("detail"),
+        "sender_unqualified": _allowed("detail"),
+        "recipient_unqualified": _allowed("detail"),
+        "mail_parameter_not_offered": _allowed("detail", "parameter", "keyword"),
     }
 )
+
+#: Replies not sent in answer to a command line (outside the dialogue, on the server's
+#: initiative, at the end of message data, or only by servers and plugins): no client
+#: words to echo in them.
+NOT_ANSWERS: frozenset[str] = frozenset(
+    {
+        "too_many_clients",
+        "too_many_from_ip",
+        "proxy_required",
+        "proxy_refused",
+        "early_talker",
+        "shutting_down",
+        "idle_timeout",
+        "message_queued",
+        "message_accepted",
+        "prdr_start",
+        "prdr_recipient_ok",
+        "syntax_error",
+        "bad_address",
+    }
+)
+#: The parser's refusals of a MAIL or RCPT path and its parameters (each worded by the
+#: parser unless a persona overrides it: see PASS_THROUGH).
+_PATH_REFUSALS: frozenset[str] = frozenset(
+    {
+        "bad_sender_address",
+        "bad_recipient_address",
+        "parameter_syntax",
+        "bad_parameter",
+        "unknown_parameter",
+        "address_unterminated",
+        "address_local_part",
+        "address_domain",
+        "address_too_long",
+        "null_recipient",
+        "sender_unqualified",
+        "recipient_unqualified",
+        "mail_parameter_not_offered",
+    }
+)
+#: Replies only ever sent in answer to MAIL or RCPT: {path} and {parameters} (the
+#: client's path and parameters as written) are theirs.
+ENVELOPE_REPLIES: frozenset[str] = _PATH_REFUSALS | {
+    "sender_ok",
+    "recipient_ok",
+    "prdr_sender_ok",
+    "size_syntax",
+    "domain_literal",
+    "smtputf8_required",
+    "too_many_recipients",
+    "sender_already_specified",
+    "mail_syntax",
+    "rcpt_syntax",
+}
+#: Replies to AUTH and its exchange: {response} (the client's SASL response) is theirs.
+AUTH_REPLIES: frozenset[str] = frozenset(
+    {
+        "auth_ok",
+        "auth_failed",
+        "auth_malformed",
+        "auth_cancelled",
+        "auth_bad_base64",
+        "auth_bad_base64_initial",
+        "auth_unknown_mechanism",
+        "auth_line_too_long",
+    }
+)
+#: The placeholders that echo the client's own words (see :func:`echo`).
+ECHO_PLACEHOLDERS = frozenset({"argument", "path", "parameters", "response", "local_part_read"})
+#: Replies about a refused local part: {local_part_read} is theirs.
+LOCAL_PART_REPLIES = frozenset(
+    {"address_local_part", "bad_sender_address", "bad_recipient_address"}
+)
+for _name in REPLY_NAMES - NOT_ANSWERS:
+    _PLACEHOLDERS_BY_NAME[_name] = _PLACEHOLDERS_BY_NAME[_name] | {"argument"}
+for _name in ENVELOPE_REPLIES:
+    _PLACEHOLDERS_BY_NAME[_name] = _PLACEHOLDERS_BY_NAME[_name] | {"path", "parameters"}
+for _name in AUTH_REPLIES:
+    _PLACEHOLDERS_BY_NAME[_name] = _PLACEHOLDERS_BY_NAME[_name] | {"response"}
+for _name in LOCAL_PART_REPLIES:
+    _PLACEHOLDERS_BY_NAME[_name] = _PLACEHOLDERS_BY_NAME[_name] | {"local_part_read"}
+del _name
 #: Specific name -> the general name whose reply it gets when a persona does not
 #: override it (the protocol always sends the specific name).
 FALLBACKS: Mapping[str, str] = MappingProxyType(
@@ -259,6 +418,11 @@ FALLBACKS: Mapping[str, str] = MappingProxyType(
         "vrfy_unqualified": "vrfy_default",
         "too_many_unknown_commands": "too_many_errors",
         "etrn_in_transaction": "not_in_transaction",
+        "hello_bad_name": "hello_syntax",
+        "tls_in_transaction": "not_in_transaction",
+        "nul_characters": "control_characters",
+        "need_rcpt_after_rcpt": "need_rcpt",
+        "mail_parameter_not_offered": "unknown_parameter",
     }
 )
 #: Reply name -> the placeholders its text may use.
@@ -271,14 +435,17 @@ BANNER_PLACEHOLDERS = frozenset(
 GREETING_PLACEHOLDERS = BANNER_PLACEHOLDERS | {"helo"}
 
 #: Names whose default is the parser's own reply (see the module docstring).
-PASS_THROUGH: frozenset[str] = frozenset(
+PASS_THROUGH: frozenset[str] = _PATH_REFUSALS | {"auth_malformed"}
+#: AddressError.kind -> the reply name a persona may give for it (MAIL, RCPT); when it does
+#: not, the role's bad_sender_address/bad_recipient_address.
+ADDRESS_KIND_REPLIES: Mapping[str, tuple[str, str]] = MappingProxyType(
     {
-        "bad_sender_address",
-        "bad_recipient_address",
-        "parameter_syntax",
-        "bad_parameter",
-        "unknown_parameter",
-        "auth_malformed",
+        "unterminated": ("address_unterminated", "address_unterminated"),
+        "local_part": ("address_local_part", "address_local_part"),
+        "domain": ("address_domain", "address_domain"),
+        "too_long": ("address_too_long", "address_too_long"),
+        "null": ("null_recipient", "null_recipient"),
+        "unqualified": ("sender_unqualified", "recipient_unqualified"),
     }
 )
 #: Replies the state machine recognizes by their exact code.
@@ -379,6 +546,78 @@ class CurrentDate:
 
     def __str__(self) -> str:
         return format_date(self.clock(), padded=self.padded, gmt=self.gmt)
+
+
+#: The longest echo of the client's words (characters); a longer one is cut and ends
+#: with "...". Products echo the whole line; a bound keeps the reply within reason.
+ECHO_LIMIT = 400
+# Everything but printable ASCII (TAB, controls, DEL, any non-ASCII character).
+_NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]")
+
+
+def echo(text: str, limit: int = ECHO_LIMIT) -> str:
+    """The client's words as a reply may show them: printable ASCII only (anything else,
+    CR and LF among it, becomes ``?``), at most ``limit`` characters (longer: cut, with
+    ``...``). Braces are safe: values are never formatted again."""
+    if len(text) > limit:
+        text = text[: max(limit - 3, 0)] + "..."
+    if text.isascii() and text.isprintable():
+        return text
+    return _NOT_PRINTABLE.sub("?", text)
+
+
+def split_written_path(text: str) -> tuple[str, str]:
+    """What follows ``FROM:``/``TO:`` (spaces before it stripped) as the client wrote it:
+    the path (``<a@b>``, a bare ``a@b``, or all of an unterminated ``<a@b``) and the
+    parameter text after it."""
+    if text.startswith("<"):
+        end = closing_bracket(text)
+        if end < 0:
+            return text, ""
+        return text[: end + 1], text[end + 1 :].strip(" ")
+    path, _, rest = text.partition(" ")
+    return path, rest.strip(" ")
+
+
+#: What a parser reading RFC 822 words and dots takes of a local part (Exim's
+#: read_local_part()): atoms (no controls, spaces or specials), quoted strings, dots.
+_LOCAL_PART_READ = re.compile(r'(?:"(?:[^"\\]|\\.)*"|[^\x00-\x20\x7f()<>@,;:\\".\[\]]+|\.)*')
+
+
+def local_part_read(path: str) -> str:
+    """The start of the path's local part up to the first character no word may hold
+    (after ``<`` and a source route): ``"a"`` for ``<a b@c>``."""
+    text = path[1:] if path.startswith("<") else path
+    if text.startswith("@"):
+        text = text.partition(":")[2]
+    match = _LOCAL_PART_READ.match(text)
+    return match.group() if match else ""
+
+
+def echo_values(verb: str, argument: str) -> dict[str, str]:
+    """The echo placeholders for a command (``verb`` upper-case, ``argument`` what
+    followed it; ``verb`` empty for a line of an AUTH exchange), made safe with
+    :func:`echo`: ``argument`` (after ``FROM:``/``TO:`` for MAIL/RCPT), ``path`` and
+    ``parameters`` (MAIL/RCPT), ``local_part_read`` (see :func:`local_part_read`),
+    ``response`` (AUTH's initial response, or the exchange line)."""
+    text = argument.strip(" ")
+    path = parameters = response = ""
+    if verb in ("MAIL", "RCPT"):
+        keyword = "FROM:" if verb == "MAIL" else "TO:"
+        if text[: len(keyword)].upper() == keyword:
+            text = text[len(keyword) :].lstrip(" ")
+        path, parameters = split_written_path(text)
+    elif verb == "AUTH":
+        response = text.partition(" ")[2].strip(" ")
+    elif not verb:
+        response = text
+    return {
+        "argument": echo(text),
+        "path": echo(path),
+        "parameters": echo(parameters),
+        "response": echo(response),
+        "local_part_read": echo(local_part_read(path)) if path else "",
+    }
 
 
 def clean(value: object) -> str:
@@ -495,6 +734,12 @@ class Persona:
     #: session may use); empty: the default text.
     help: tuple[str, ...] = ()
     help_code: int = 214
+    #: HELP per topic (a Sendmail helpfile): topic name (lower case) -> its lines. HELP
+    #: with an argument answers the lines of every topic whose name starts with it
+    #: (lower-cased), in this order, closed by the general HELP text's last line ("End of
+    #: HELP info"); an argument no topic starts with gets ``help_unknown_topic``. Empty:
+    #: every HELP gets the general text.
+    help_topics: Mapping[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
     #: Whether enhanced status codes are written (and ENHANCEDSTATUSCODES offered).
     enhanced_status_codes: bool = True
     #: How the product behaves where it differs from mailgate (mailgate.protocol.behaviour).
@@ -504,14 +749,20 @@ class Persona:
     _static: dict[str, Reply] = field(init=False, repr=False, compare=False)
     _templates: Mapping[str, _Template] = field(init=False, repr=False, compare=False)
     _overridden: frozenset[str] = field(init=False, repr=False, compare=False)
+    #: The names whose reply comes from an override, their own or along FALLBACKS.
+    _worded: frozenset[str] = field(init=False, repr=False, compare=False)
     _hidden_verbs: frozenset[str] = field(init=False, repr=False, compare=False)
     _order: Mapping[str, int] = field(init=False, repr=False, compare=False)
     _banner: _Template = field(init=False, repr=False, compare=False)
     _ehlo: _Template = field(init=False, repr=False, compare=False)
     _helo: _Template = field(init=False, repr=False, compare=False)
+    _help_rendered: Mapping[str, tuple[str, ...]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         put = object.__setattr__
+        given_topics, rendered_topics = _help_topics(self.help_topics)
+        put(self, "help_topics", MappingProxyType(given_topics))
+        put(self, "_help_rendered", rendered_topics)
         if isinstance(self.help, str):
             put(self, "help", (self.help,))
         else:
@@ -568,6 +819,7 @@ class Persona:
 
         static: dict[str, Reply] = {}
         templates: dict[str, _Template] = {}
+        worded: set[str] = set()
         for name, default in _DEFAULTS.items():
             override = overrides.get(name)
             general = name
@@ -578,6 +830,8 @@ class Persona:
                 override = overrides.get(general)
             where = f"reply {name!r}"
             inherit = False
+            if override is not None:
+                worded.add(name)
             if override is None:
                 reply = default
             elif isinstance(override, Reply):
@@ -606,6 +860,7 @@ class Persona:
         put(self, "_static", static)
         put(self, "_templates", MappingProxyType(templates))
         put(self, "_overridden", frozenset(overrides))
+        put(self, "_worded", frozenset(worded))
 
         if not isinstance(self.behaviour, Behaviour):
             raise PersonaError(f"behaviour: give a Behaviour, not {type(self.behaviour).__name__}")
@@ -684,7 +939,7 @@ class Persona:
         """What to send instead of ``original``, a reply built for the situation ``name``
         (a parser's specific reply, or the standard constant): the persona's override,
         with ``{detail}`` the original text, or ``original`` itself if not overridden."""
-        if name not in self._overridden and FALLBACKS.get(name) not in self._overridden:
+        if name not in self._worded:
             return original
         static = self._static.get(name)
         if static is not None:
@@ -718,6 +973,18 @@ class Persona:
         (values: the banner's and helo)."""
         return (self._ehlo if esmtp else self._helo).render(values).lines[0]
 
+    def help_topic(self, argument: str) -> tuple[str, ...] | None:
+        """The lines of every HELP topic whose name starts with ``argument`` (case does
+        not matter), or None when no topic does (see :attr:`help_topics`)."""
+        word = argument.strip().lower()
+        lines = [
+            line
+            for name, text in self._help_rendered.items()
+            if name.startswith(word)
+            for line in text
+        ]
+        return tuple(lines) if lines else None
+
     @property
     def overridden(self) -> frozenset[str]:
         """The reply names this persona changes."""
@@ -749,15 +1016,47 @@ class Persona:
         return caps
 
 
+def _help_topics(
+    topics: object,
+) -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]:
+    """``help_topics`` checked (lower-case names, printable ASCII lines without
+    placeholders, braces written ``{{``/``}}``): as given, and as sent (unescaped)."""
+    if not isinstance(topics, Mapping):
+        raise PersonaError(f"help_topics: give a mapping of topic -> lines, not {topics!r}")
+    given: dict[str, tuple[str, ...]] = {}
+    out: dict[str, tuple[str, ...]] = {}
+    for name, lines in topics.items():
+        where = f"help_topics: topic {name!r}"
+        if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9-][a-z0-9_.+-]{0,30}", name):
+            raise PersonaError(f"{where}: a topic is a lower-case word (letters, digits, -_.+)")
+        if isinstance(lines, str) or not isinstance(lines, Iterable):
+            raise PersonaError(f"{where}: give a list of lines")
+        text = tuple(lines)
+        if not text or not all(isinstance(line, str) for line in text):
+            raise PersonaError(f"{where}: give a non-empty list of lines")
+        for line in text:
+            placeholders_in(line, frozenset(), where)
+        given[name] = text
+        out[name] = tuple(line.format_map({}) for line in text)
+    return given, out
+
+
 #: mailgate's own look (ProtocolConfig's default).
 DEFAULT_PERSONA = Persona()
 
 __all__ = [
+    "ADDRESS_KIND_REPLIES",
+    "AUTH_REPLIES",
     "BANNER_PLACEHOLDERS",
     "DEFAULT_PERSONA",
+    "ECHO_LIMIT",
+    "ECHO_PLACEHOLDERS",
+    "ENVELOPE_REPLIES",
     "FALLBACKS",
     "GREETING_PLACEHOLDERS",
     "KEYWORDS",
+    "LOCAL_PART_REPLIES",
+    "NOT_ANSWERS",
     "OPT_IN_KEYWORDS",
     "PASS_THROUGH",
     "PLACEHOLDERS",
@@ -766,7 +1065,11 @@ __all__ = [
     "Persona",
     "PersonaError",
     "clean",
+    "echo",
+    "echo_values",
     "format_date",
     "local_now",
+    "local_part_read",
     "placeholders_in",
+    "split_written_path",
 ]

@@ -94,7 +94,9 @@ class Reply:
                 body = f"{self.status} {line}" if line else str(self.status)
             else:
                 body = line
-            out.append(f"{code}{sep}{body}".rstrip(" ") + "\r\n")
+            # An empty text leaves the code alone ("250", "250-"); a text keeps its spaces
+            # (a product's reply may end in one: Exim's "may not follow <a@b> ").
+            out.append((f"{code}{sep}{body}" if body else f"{code}{sep}".rstrip(" ")) + "\r\n")
         # Text is ASCII in practice; UTF-8 keeps SMTPUTF8 sessions able to echo addresses.
         return "".join(out).encode("utf-8")
 
@@ -222,8 +224,41 @@ PROXY_REFUSED = Reply(421, "4.7.0", ("PROXY header missing or invalid",))
 EARLY_TALKER = Reply(554, "5.5.1", ("Protocol error: data sent before the greeting",))
 # A persona with sync_check: input behind a command that must end a pipelined group.
 SYNCHRONIZATION_ERROR = Reply(554, "5.5.0", ("SMTP synchronization error",))
+# Behaviour hello_name_check, hello_name_characters, hello_name_max_length: a HELO/EHLO
+# name the product refuses.
+HELLO_BAD_NAME = Reply(501, "5.5.4", ("Syntax: {verb} hostname",))
+# Behaviour nul_first: a NUL byte in a command line, answered before its verb is read.
+NUL_CHARACTERS = Reply(501, "5.5.2", ("Control characters not allowed",))
+# Behaviour repeat_rcpt_error: lines put before DATA's 503 when every RCPT was refused
+# with the same reply ({rcpt_error}); and DATA's 503 right after such a RCPT.
+RCPT_ERRORS_REPEATED = Reply(
+    503, "5.5.1", ("All RCPT commands were rejected with this error:", "{rcpt_error}")
+)
+NEED_RCPT_AFTER_RCPT = Reply(503, "5.5.1", ("Send RCPT first",))
+# Behaviour bdat_needs_rset: a BDAT transfer broken off by another command.
+BDAT_NEEDS_RSET = Reply(503, "5.5.1", ("BDAT transfer broken off; send RSET",))
+BDAT_ABANDONED = Reply(421, "4.4.2", ("Message transfer abandoned",))
+# Sent (its lines before the final reply) only by a persona that gives it: the last BDAT
+# chunk's own acknowledgement (Exim's "250- 22 byte chunk, total 22").
+BDAT_LAST_CHUNK_OK = Reply(250, "2.0.0", ("{size} octets received, {total} in all",))
+# STARTTLS inside a mail transaction, where the product words it apart from AUTH's
+# (Sendmail: "TLS not permitted during a mail transaction").
+TLS_IN_TRANSACTION = Reply(503, "5.5.1", ("{verb} is not allowed inside a mail transaction",))
+# HELP with a topic the persona's help_topics do not have (only with help_topics).
+HELP_UNKNOWN_TOPIC = Reply(504, "5.3.0", ('HELP topic "{topic}" unknown',))
 # Pass-through names: by default the parser's own reply is sent (its text is {detail}).
 BAD_SENDER_ADDRESS = Reply(501, "5.1.7", ("{detail}",))
 BAD_RECIPIENT_ADDRESS = Reply(501, "5.1.3", ("{detail}",))
 PARAMETER_SYNTAX = Reply(501, "5.5.4", ("{detail}",))
 AUTH_MALFORMED = Reply(501, "5.5.2", ("{detail}",))
+# The parser's refusals by kind (AddressError.kind), for a persona that words them apart
+# from bad_sender_address/bad_recipient_address (which they fall back to by role).
+ADDRESS_UNTERMINATED = Reply(501, "5.5.2", ("{detail}",))
+ADDRESS_LOCAL_PART = Reply(501, "5.1.3", ("{detail}",))
+ADDRESS_DOMAIN = Reply(501, "5.1.3", ("{detail}",))
+ADDRESS_TOO_LONG = Reply(501, "5.1.3", ("{detail}",))
+NULL_RECIPIENT = Reply(501, "5.1.3", ("{detail}",))
+SENDER_UNQUALIFIED = Reply(501, "5.1.7", ("{detail}",))
+RECIPIENT_UNQUALIFIED = Reply(501, "5.1.3", ("{detail}",))
+# A MAIL parameter mailgate knows whose extension the session did not offer.
+MAIL_PARAMETER_NOT_OFFERED = Reply(555, "5.5.4", ("{detail}",))

@@ -24,11 +24,16 @@ the code paths: :func:`rules_for` gives the table a connection applies.
 - ``hello_required = False``: the verbs in ``HELLO_GOVERNED`` with ``CONNECTED`` in
   their accepted states (MAIL, ETRN, AUTH), and RCPT/DATA/BDAT before HELO are answered as
   before MAIL (``need_mail``, ``data_need_mail``) rather than ``need_hello``.
+- ``allowed_before_hello``: those verbs of ``HELLO_GOVERNED`` are accepted in
+  ``CONNECTED`` although ``hello_required``; ``sender_before_hello``: RCPT/DATA/BDAT
+  before HELO are answered as before MAIL.
 - ``sequence_first``: step 5 comes before step 4 (503 outranks 501), BDAT aside.
 - ``ignored_arguments``: those verbs' argument becomes optional and is ignored.
 - ``etrn``: the ETRN row's extension is offered.
 - ``sync_check``: a step 0 before the others: a verb in ``SYNC_VERBS`` (or in
   ``SYNC_VERBS_UNPIPELINED`` without PIPELINING) with input behind it -> 554, close.
+  ``sync_until_pipelining``: every verb, until PIPELINING was offered; with
+  ``sync_error_refuses`` the session then serves only QUIT (``REFUSED``) instead.
 - ``lenient_paths``/``lenient_hello`` widen step 4's grammar; ``long_lines`` and
   ``line_limit`` change step 1 (cut the line instead of refusing it);
   ``error_limit`` replaces the unknown/bad command counts by one count of every error.
@@ -159,7 +164,9 @@ def rules_for(behaviour: Behaviour) -> dict[str, Rule]:
         return RULES
     table: dict[str, Rule] = {}
     for verb, rule in RULES.items():
-        if not behaviour.hello_required and verb in HELLO_GOVERNED:
+        if verb in HELLO_GOVERNED and (
+            not behaviour.hello_required or verb in behaviour.allowed_before_hello
+        ):
             rule = replace(rule, allowed=rule.allowed | {State.CONNECTED})
         if verb in behaviour.ignored_arguments and rule.arg is Arg.NONE:
             rule = replace(rule, arg=Arg.OPTIONAL)

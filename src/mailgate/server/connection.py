@@ -539,7 +539,7 @@ class ConnectionDriver(asyncio.Protocol):
             conn.respond(None)
         elif cls is RcptTo:
             self.envelope = self.envelope.with_recipient(
-                Address.from_wire(point.address, point.params)  # type: ignore[attr-defined]
+                Address.from_wire(point.address, point.params, point.written)  # type: ignore[attr-defined]
             )
             conn.respond(None)
         elif cls is DataStart:
@@ -624,7 +624,7 @@ class ConnectionDriver(asyncio.Protocol):
         hooks = self.host.hooks
         try:
             began = self.loop.time()
-            address = Address.from_wire(point.address, point.params)
+            address = Address.from_wire(point.address, point.params, point.written)
             if type(point) is MailFrom:
                 outcome = hooks.run_now("mail", session, Envelope(address), address)
                 reply = self._mail_verdict(point, address, outcome)
@@ -683,11 +683,11 @@ class ConnectionDriver(asyncio.Protocol):
                 session.esmtp = was_esmtp
             return reply
         if isinstance(point, MailFrom):
-            address = Address.from_wire(point.address, point.params)
+            address = Address.from_wire(point.address, point.params, point.written)
             outcome = await hooks.run("mail", session, Envelope(address), address)
             return self._mail_verdict(point, address, outcome)
         if isinstance(point, RcptTo):
-            address = Address.from_wire(point.address, point.params)
+            address = Address.from_wire(point.address, point.params, point.written)
             outcome = await hooks.run("rcpt", session, self.envelope, address)
             return self._rcpt_verdict(address, outcome)
         if isinstance(point, DataStart):
@@ -819,7 +819,8 @@ class ConnectionDriver(asyncio.Protocol):
                         ", ".join(failed),
                     )
                     delivered = False
-                    reply = _LOCAL_ERROR
+                    # A commit that asked for a reply (a full disk: 452 4.3.1) gets it.
+                    reply = message.commit_refusal or _LOCAL_ERROR
             spool = self.spool  # a hook that added a header replaced it
             if delivered and spool is not None and hooks.background_steps("message"):
                 await self.host.deliver_later(message, spool)
@@ -1005,7 +1006,7 @@ class ConnectionDriver(asyncio.Protocol):
 
     def _begin_transaction(self, point: MailFrom, address: Address | None = None) -> None:
         if address is None:
-            address = Address.from_wire(point.address, point.params)
+            address = Address.from_wire(point.address, point.params, point.written)
         self.envelope = Envelope(address)
         assert self.session is not None
         self.session.transactions += 1

@@ -14,6 +14,7 @@ import io
 import itertools
 import logging
 import os
+import random
 import socket
 import threading
 import time
@@ -33,6 +34,23 @@ _CREATE_ATTEMPTS = 16
 _counter = itertools.count()
 _counter_lock = threading.Lock()
 _hostname: str | None = None
+
+
+class _ProcessIdentity:
+    """The pid and a random source, drawn once per process (again in a forked child):
+    the name of every spool file used to cost a getpid and a getrandom system call, and
+    in the thread that makes spool files each system call is a GIL hand-over."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.pid = os.getpid()
+        self.random = random.Random(os.urandom(32))
+
+
+_identity = _ProcessIdentity()
+os.register_at_fork(after_in_child=_identity.reset)
 
 
 def _escaped_hostname() -> str:
@@ -57,7 +75,11 @@ def unique_name(now: float | None = None) -> str:
     usec = int((now - seconds) * 1_000_000)
     with _counter_lock:
         n = next(_counter)
-    return f"{seconds}.M{usec}P{os.getpid()}Q{n}R{os.urandom(8).hex()}.{_escaped_hostname()}"
+    identity = _identity
+    return (
+        f"{seconds}.M{usec}P{identity.pid}Q{n}"
+        f"R{identity.random.getrandbits(64):016x}.{_escaped_hostname()}"
+    )
 
 
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:

@@ -56,7 +56,7 @@ def assert_one_line_error(capsys: pytest.CaptureFixture[str], *needles: str) -> 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["--version"]) == 0
     build = "compiled with mypyc" if protocol.COMPILED else "pure Python"
-    assert capsys.readouterr().out == f"mailgate {__version__} (protocol: {build})\n"
+    assert capsys.readouterr().out == f"mailgate {__version__} ({build})\n"
 
 
 def test_serve_runs_the_server_with_the_options(
@@ -264,4 +264,5 @@ def test_python_m_mailgate_bad_listen_has_no_traceback() -> None:
 def test_python_m_mailgate_version() -> None:
     result = run_module("--version")
     assert result.returncode == 0
-    assert result.stdout.startswith(f"mailgate {__version__} (protocol: ")
+    assert result.stdout.startswith(f"mailgate {__version__} (")
+    assert result.stdout.rstrip().endswith(("(pure Python)", "(compiled with mypyc)"))

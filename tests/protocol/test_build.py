@@ -1,6 +1,7 @@
-"""Which build of mailgate.protocol runs: pure Python or compiled by mypyc (setup.py,
-MAILGATE_COMPILE=1). scripts/test runs the protocol and server tests against both, and
-says which one it expects, so that a path mix-up cannot test the pure build twice."""
+"""Which build runs: pure Python or compiled by mypyc (setup.py, MAILGATE_COMPILE=1: the
+protocol and the server's hot path). scripts/test runs the protocol, hooks, plugin and server
+tests against both, and says which one it expects, so that a path mix-up cannot test the pure
+build twice."""
 
 from __future__ import annotations
 
@@ -11,16 +12,35 @@ import pytest
 
 import mailgate.protocol as protocol
 
-# The hot modules setup.py compiles (a subset of its COMPILED_MODULES is enough here).
-HOT_MODULES = ("address", "connection", "data", "params", "rules")
+# Every module setup.py compiles (its COMPILED_MODULES): all compiled, or none.
+HOT_MODULES = (
+    "mailgate.protocol.address",
+    "mailgate.protocol.connection",
+    "mailgate.protocol.data",
+    "mailgate.protocol.events",
+    "mailgate.protocol.params",
+    "mailgate.protocol.proxy",
+    "mailgate.protocol.rules",
+    "mailgate.protocol.sasl",
+    "mailgate.protocol.xclient",
+    "mailgate.protocol.xtext",
+    "mailgate.hooks.registry",
+    "mailgate.hooks.runner",
+    "mailgate.hooks.session",
+    "mailgate.plugins.relay",
+    "mailgate.server.connection",
+)
+
+
+def _compiled(name: str) -> bool:
+    path = importlib.import_module(name).__file__
+    assert path is not None, name
+    return not path.endswith(".py")
 
 
 def test_the_hot_modules_are_all_of_one_build() -> None:
     # A stale extension module beside newer sources (or one missing) would mix the two.
-    kinds = {
-        name: not importlib.import_module(f"mailgate.protocol.{name}").__file__.endswith(".py")
-        for name in HOT_MODULES
-    }
+    kinds = {name: _compiled(name) for name in HOT_MODULES}
     assert set(kinds.values()) == {protocol.COMPILED}, kinds
 
 
@@ -33,7 +53,9 @@ def test_the_build_is_the_one_scripts_test_asked_for() -> None:
 
 
 def test_pure_modules_stay_pure() -> None:
-    # Modules of public values with loose constructors are never compiled (setup.py says why).
+    # Modules of public values with loose constructors are never compiled, nor the hooks'
+    # results (plugins subclass Reject) and the async generator of Message (setup.py says why).
     for name in ("replies", "config", "persona", "behaviour", "_fuzz"):
-        module = importlib.import_module(f"mailgate.protocol.{name}")
-        assert module.__file__ is not None and module.__file__.endswith(".py"), module.__file__
+        assert not _compiled(f"mailgate.protocol.{name}"), name
+    for name in ("mailgate.hooks.outcomes", "mailgate.hooks.chunks", "mailgate.hooks"):
+        assert not _compiled(name), name

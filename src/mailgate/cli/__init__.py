@@ -117,11 +117,10 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mailgate", description="An embeddable SMTP/LMTP server.")
-    # Which build of the protocol runs (setup.py): benchmarks and bug reports need to know.
+    # Which build runs (setup.py: the protocol and the server's hot path compiled, or none
+    # of it): benchmarks and bug reports need to know.
     build = "compiled with mypyc" if protocol.COMPILED else "pure Python"
-    parser.add_argument(
-        "--version", action="version", version=f"mailgate {__version__} (protocol: {build})"
-    )
+    parser.add_argument("--version", action="version", version=f"mailgate {__version__} ({build})")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     serve = commands.add_parser(
         "serve",

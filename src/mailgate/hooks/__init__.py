@@ -20,8 +20,8 @@ Import direction: ``mailgate.server`` calls into this package; it imports only
 ``mailgate.protocol``. Plugins import only this package (``from mailgate.hooks import ...``).
 
 Inside, modules import downward only: ``stages`` <- ``outcomes`` (results, HookError) <-
-``session`` (the objects hooks see) <- ``runner`` (running one chain) <- ``registry``
-(:class:`Hooks`: plugins, middleware, ordering).
+``session`` (the objects hooks see; ``chunks`` reads a message's file for it) <- ``runner``
+(running one chain) <- ``registry`` (:class:`Hooks`: plugins, middleware, ordering).
 """
 
 from __future__ import annotations

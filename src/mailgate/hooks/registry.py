@@ -61,8 +61,8 @@ class Hooks:
         self._middleware: list[Middleware] = []
         self._chains: dict[str, tuple[_Step, ...]] | None = None
         #: Per stage: whether its required steps never wait (see runs_inline); built with
-        #: the chains.
-        self._inline: dict[str, bool] | None = None
+        #: the chains. (Not ``_inline``: mypyc names the C field ``__inline``, a C keyword.)
+        self._inline_stages: dict[str, bool] | None = None
 
     # --- registration -------------------------------------------------------------------
 
@@ -198,7 +198,7 @@ class Hooks:
         if self._middleware:
             return False
         self._chain(stage)  # builds the chains and their answers to this question
-        inline = self._inline
+        inline = self._inline_stages
         assert inline is not None
         return inline[stage]
 
@@ -245,7 +245,7 @@ class Hooks:
                 chains[s] = steps
                 chains["required:" + s] = tuple(step for step in steps if step.required)
             # Asked on every command: answered once per change of the plugin set.
-            self._inline = {
+            self._inline_stages = {
                 s: all(step.never_waits for step in chains["required:" + s]) for s in STAGES
             }
             self._chains = chains

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dis
+import functools
 import inspect
 import logging
 import types
@@ -102,47 +103,17 @@ async def run_chain(
     ctx = HookContext(stage, session, args) if middleware else None
     current: list[str | None] = [None]
     notification = stage in NOTIFICATIONS
-
-    async def call_chain() -> Outcome:
-        for step in steps:
-            current[0] = step.plugin
-            if ctx is not None:
-                ctx.step = step.plugin
-            try:
-                result = await step.call(session, *args)
-            except _Refusal as refusal:
-                if notification:
-                    continue
-                return refusal
-            except Exception:
-                if not notification:
-                    raise
-                # One plugin's failed clean-up must not skip the others' clean-ups.
-                _failures.log(
-                    log,
-                    logging.ERROR,
-                    (session.id, stage, step.plugin),
-                    "session %s: %s hook %s failed",
-                    session.id,
-                    stage,
-                    step.plugin,
-                    exc_info=True,
-                )
-                continue
-            if notification:
-                continue
-            outcome = _outcome(stage, step.plugin, result)
-            if outcome is not None:
-                return outcome
-        current[0] = None
-        return None
-
-    call: Callable[[], Coroutine[Any, Any, Any]] = call_chain
-    if ctx is not None:
-        for mw in reversed(middleware):
-            call = _bind(mw, ctx, call)
     try:
-        result = await _with_timeout(call(), timeout)
+        if ctx is None:
+            chain = _call_chain(stage, steps, session, args, None, current, notification)
+        else:
+            call: Callable[[], Coroutine[Any, Any, Any]] = functools.partial(
+                _call_chain, stage, steps, session, args, ctx, current, notification
+            )
+            for mw in reversed(middleware):
+                call = _bind(mw, ctx, call)
+            chain = call()
+        result = await _with_timeout(chain, timeout)
         if ctx is not None and not notification:
             # What the outermost middleware returned; a bad value is its fault.
             current[0] = None
@@ -168,6 +139,53 @@ async def run_chain(
     if notification:
         return None
     return result  # type: ignore[no-any-return]
+
+
+async def _call_chain(
+    stage: str,
+    steps: tuple[_Step, ...],
+    session: Session,
+    args: tuple[Any, ...],
+    ctx: HookContext | None,
+    current: list[str | None],
+    notification: bool,
+) -> Outcome:
+    """The steps of one chain in turn (inside the middleware, if any): the first answer
+    wins; ``current[0]`` names the step running, for the failure's log line. A module
+    function, not a closure of run_chain: mypyc's coroutines of nested functions fail
+    ``close()`` once finished, and _with_timeout and _drive close what they ran."""
+    for step in steps:
+        current[0] = step.plugin
+        if ctx is not None:
+            ctx.step = step.plugin
+        try:
+            result = await step.call(session, *args)
+        except _Refusal as refusal:
+            if notification:
+                continue
+            return refusal
+        except Exception:
+            if not notification:
+                raise
+            # One plugin's failed clean-up must not skip the others' clean-ups.
+            _failures.log(
+                log,
+                logging.ERROR,
+                (session.id, stage, step.plugin),
+                "session %s: %s hook %s failed",
+                session.id,
+                stage,
+                step.plugin,
+                exc_info=True,
+            )
+            continue
+        if notification:
+            continue
+        outcome = _outcome(stage, step.plugin, result)
+        if outcome is not None:
+            return outcome
+    current[0] = None
+    return None
 
 
 def run_chain_now(
@@ -314,10 +332,14 @@ def _into_task() -> Generator[None, None, None]:
 def _bind(
     mw: Middleware, ctx: HookContext, call_next: Callable[[], Awaitable[Any]]
 ) -> Callable[[], Coroutine[Any, Any, Any]]:
-    async def call() -> Any:
-        return await mw(ctx, call_next)
+    # A partial of a module coroutine function, not a closure (see _call_chain).
+    return functools.partial(_call_middleware, mw, ctx, call_next)
 
-    return call
+
+async def _call_middleware(
+    mw: Middleware, ctx: HookContext, call_next: Callable[[], Awaitable[Any]]
+) -> Any:
+    return await mw(ctx, call_next)
 
 
 __all__ = ["HookContext", "Middleware", "never_waits", "run_chain", "run_chain_now"]

@@ -17,8 +17,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import IO, Any, Final
+from typing import IO, Any, Final, TypeVar
 
+from mailgate.hooks.chunks import file_chunks
 from mailgate.hooks.outcomes import HookError, TempFail
 from mailgate.protocol import Address as WireAddress
 from mailgate.protocol import AuthCredentials, Reply
@@ -30,6 +31,17 @@ log = logging.getLogger("mailgate.hooks")
 _Staged = tuple[Callable[[], Any], Callable[[], Any] | None, str]
 
 
+_Class = TypeVar("_Class", bound=type)
+
+
+def _python_class(cls: _Class) -> _Class:
+    """Leaves a class an ordinary Python class in the optional compiled build: mypyc makes
+    no native class of one with a decorator it does not know (its methods are compiled all
+    the same). For classes mypyc cannot make native, such as a subclass of ``str``."""
+    return cls
+
+
+@_python_class
 class Address(str):
     """An envelope address as hooks see it: the address text (``str``) plus ``local``,
     ``domain`` and the ESMTP ``params`` that came with it (read-only; names upper-case).
@@ -50,7 +62,8 @@ class Address(str):
         params: Mapping[str, str | None] | None = None,
         written: str = "",
     ) -> Address:
-        self = super().__new__(cls, text)
+        # str.__new__, not super(): mypyc compiles no super().__new__ in a Python class.
+        self = str.__new__(cls, text)
         local, at, domain = text.rpartition("@")
         self.local, self.domain = (local, domain) if at else (text, "")
         self.params = MappingProxyType(dict(params or {}))
@@ -135,6 +148,14 @@ class Envelope:
 
     mail_from: Address | None = None
     rcpt_tos: tuple[Address, ...] = ()
+
+    # Made at MAIL and at every RCPT: an __init__ mypyc compiles in the optional compiled
+    # build, where the methods dataclass writes stay interpreted (see protocol/events.py).
+    def __init__(
+        self, mail_from: Address | None = None, rcpt_tos: tuple[Address, ...] = ()
+    ) -> None:
+        object.__setattr__(self, "mail_from", mail_from)
+        object.__setattr__(self, "rcpt_tos", rcpt_tos)
 
     @property
     def sender(self) -> str:
@@ -448,15 +469,9 @@ class Message:
         with self.open() as f:
             return f.read()
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    def __aiter__(self) -> AsyncIterator[bytes]:
         """``async for chunk in message``: the bytes in chunks, read off the event loop."""
-        loop = asyncio.get_running_loop()
-        f = await loop.run_in_executor(None, self.open)
-        try:
-            while chunk := await loop.run_in_executor(None, f.read, _CHUNK):
-                yield chunk
-        finally:
-            f.close()
+        return file_chunks(self.open, _CHUNK)
 
     def as_email(self) -> email.message.EmailMessage:
         """Parsed with ``email`` (``policy=default``): headers, parts, attachments."""

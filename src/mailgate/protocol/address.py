@@ -23,6 +23,11 @@ class Address:
     local_part: str
     domain: str
 
+    # Made twice per message: an __init__ mypyc compiles (see the note in events.py).
+    def __init__(self, local_part: str, domain: str) -> None:
+        object.__setattr__(self, "local_part", local_part)
+        object.__setattr__(self, "domain", domain)
+
     def __str__(self) -> str:
         return f"{self.local_part}@{self.domain}" if self.domain else self.local_part
 

@@ -123,6 +123,23 @@ class Transaction:
     #: persona with ``repeated_recipient_as_first``; None otherwise.
     written: dict[tuple[str, str], str] | None = None
 
+    # Made at every MAIL: an __init__ mypyc compiles (see the note in events.py).
+    def __init__(
+        self,
+        sender: Address | None,
+        params: dict[str, str | None],
+        smtputf8: bool,
+        recipients: list[Address],
+        bdat_size: int = 0,
+        written: dict[tuple[str, str], str] | None = None,
+    ) -> None:
+        self.sender = sender
+        self.params = params
+        self.smtputf8 = smtputf8
+        self.recipients = recipients
+        self.bdat_size = bdat_size
+        self.written = written
+
 
 class ProtocolError(Exception):
     """Misuse of the API by the caller (answering when nothing is pending, ...)."""

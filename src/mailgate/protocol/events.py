@@ -50,6 +50,12 @@ PAUSED = _Sentinel("PAUSED")
 
 
 # --- policy points -------------------------------------------------------------------
+#
+# The events made for every message have an ``__init__`` of their own, the one dataclass
+# would write: in the optional compiled build (setup.py) mypyc compiles it, while the
+# methods dataclass generates stay interpreted -- a generated __init__ of a frozen
+# dataclass cost about ten times a compiled one there. tests/protocol/test_events_init.py
+# checks that each keeps the fields' names, order and defaults.
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +74,10 @@ class Hello(PolicyPoint):
     verb: str  # "HELO", "EHLO" or "LHLO"
     domain: str
 
+    def __init__(self, verb: str, domain: str) -> None:
+        object.__setattr__(self, "verb", verb)
+        object.__setattr__(self, "domain", domain)
+
 
 @dataclass(frozen=True, slots=True)
 class MailFrom(PolicyPoint):
@@ -79,6 +89,13 @@ class MailFrom(PolicyPoint):
     params: dict[str, str | None]
     written: str = ""
 
+    def __init__(
+        self, address: Address | None, params: dict[str, str | None], written: str = ""
+    ) -> None:
+        object.__setattr__(self, "address", address)
+        object.__setattr__(self, "params", params)
+        object.__setattr__(self, "written", written)
+
 
 @dataclass(frozen=True, slots=True)
 class RcptTo(PolicyPoint):
@@ -88,6 +105,11 @@ class RcptTo(PolicyPoint):
     params: dict[str, str | None]
     written: str = ""
 
+    def __init__(self, address: Address, params: dict[str, str | None], written: str = "") -> None:
+        object.__setattr__(self, "address", address)
+        object.__setattr__(self, "params", params)
+        object.__setattr__(self, "written", written)
+
 
 @dataclass(frozen=True, slots=True)
 class DataStart(PolicyPoint):
@@ -95,6 +117,9 @@ class DataStart(PolicyPoint):
     lets the chunk in for BDAT. A rejection with BDAT still consumes the chunk."""
 
     bdat: bool
+
+    def __init__(self, bdat: bool) -> None:
+        object.__setattr__(self, "bdat", bdat)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +130,10 @@ class DataComplete(PolicyPoint):
 
     size: int
     recipients: tuple[Address, ...]
+
+    def __init__(self, size: int, recipients: tuple[Address, ...]) -> None:
+        object.__setattr__(self, "size", size)
+        object.__setattr__(self, "recipients", recipients)
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +208,9 @@ class DataChunk(Event):
     """Message bytes, already dot-unstuffed (DATA) or assembled (BDAT), in order."""
 
     data: bytes
+
+    def __init__(self, data: bytes) -> None:
+        object.__setattr__(self, "data", data)
 
 
 class DiscardReason(Enum):

@@ -34,6 +34,21 @@ class ParamContext:
     #: now (REQUIRETLS before STARTTLS): their parameters are refused with 530.
     after_tls: frozenset[str] = frozenset()
 
+    # Made twice per message: an __init__ mypyc compiles (see the note in events.py).
+    def __init__(
+        self,
+        verb: Verb,
+        extensions: frozenset[str],
+        max_size: int | None,
+        smtputf8: bool = False,
+        after_tls: frozenset[str] = frozenset(),
+    ) -> None:
+        object.__setattr__(self, "verb", verb)
+        object.__setattr__(self, "extensions", extensions)
+        object.__setattr__(self, "max_size", max_size)
+        object.__setattr__(self, "smtputf8", smtputf8)
+        object.__setattr__(self, "after_tls", after_tls)
+
 
 class ParamError(ValueError):
     """A parameter the server refuses; ``reply`` is what to answer the command with."""

@@ -861,7 +861,8 @@ class ConnectionDriver(asyncio.Protocol):
             return new
 
         new = await self.loop.run_in_executor(None, copy)
-        if self.spool is not old:  # the connection went away meanwhile
+        gone = self.spool is not old  # the connection went away meanwhile
+        if gone:
             new.discard()
             raise asyncio.CancelledError
         self.spool = new

@@ -84,6 +84,27 @@ class Session:
         return parse_replies(self.take_output())
 
 
+def run_with_defaults(conn: ServerConnection, data: bytes) -> tuple[bytes, bytes]:
+    """Greet, feed ``data``, answer every policy point with the default: (the banner's
+    output, the output after it)."""
+    out = bytearray()
+
+    def pump() -> None:
+        while True:
+            event = conn.next_event()
+            if event is NEED_DATA:
+                break
+            if isinstance(event, PolicyPoint):
+                conn.respond(None)
+        out.extend(conn.data_to_send())
+
+    pump()
+    banner = len(out)
+    conn.receive_data(data)
+    pump()
+    return bytes(out[:banner]), bytes(out[banner:])
+
+
 def parse_replies(data: bytes) -> list[tuple[int, str]]:
     """Split wire output into replies: (code, text of the last line)."""
     result = []

@@ -32,6 +32,8 @@ from mailgate.protocol.persona import (
     split_written_path,
 )
 
+from .session import run_with_defaults
+
 #: A reply line as RFC 5321 4.2 has it: code, space or hyphen, printable ASCII, CRLF.
 REPLY_LINE = re.compile(rb"[2-5][0-9]{2}(?:[ -][\x20-\x7e]*)?\r\n")
 
@@ -40,22 +42,7 @@ def run(persona: Persona, data: bytes) -> bytes:
     """Greet, feed ``data``, answer every policy point with the default; the output after
     the banner."""
     conn = ServerConnection(ProtocolConfig(hostname="mx.test", persona=persona))
-    out = bytearray()
-
-    def pump() -> None:
-        while True:
-            event = conn.next_event()
-            if event is NEED_DATA:
-                break
-            if isinstance(event, PolicyPoint):
-                conn.respond(None)
-        out.extend(conn.data_to_send())
-
-    pump()
-    banner = len(out)
-    conn.receive_data(data)
-    pump()
-    return bytes(out[banner:])
+    return run_with_defaults(conn, data)[1]
 
 
 def lines(data: bytes) -> list[str]:

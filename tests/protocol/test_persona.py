@@ -39,29 +39,15 @@ from mailgate.protocol.persona import (
     placeholders_in,
 )
 
-from .session import Session
+from .session import Session, run_with_defaults
 
 NOON = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
 
 
 def run(config: ProtocolConfig, data: bytes, **kwargs: object) -> bytes:
     """Greet, feed ``data``, answer every policy point with the default; all output."""
-    conn = ServerConnection(config, **kwargs)  # type: ignore[arg-type]
-    out = bytearray()
-
-    def pump() -> None:
-        while True:
-            event = conn.next_event()
-            if event is NEED_DATA:
-                break
-            if isinstance(event, PolicyPoint):
-                conn.respond(None)
-        out.extend(conn.data_to_send())
-
-    pump()
-    conn.receive_data(data)
-    pump()
-    return bytes(out)
+    banner, rest = run_with_defaults(ServerConnection(config, **kwargs), data)  # type: ignore[arg-type]
+    return banner + rest
 
 
 def cfg(persona: Persona | None = None, **kwargs: object) -> ProtocolConfig:

@@ -33,6 +33,7 @@ from .address import (
     Address,
     AddressError,
     parse_forward_path,
+    parse_plain_path,
     parse_reverse_path,
     split_path_and_params,
 )
@@ -1030,29 +1031,37 @@ class ServerConnection:
         lenient = behaviour.lenient_paths
         try:
             after = arg[len(keyword) :]
-            if lenient and not after.lstrip(" ").startswith("<"):
+            address: Address | None
+            plain = parse_plain_path(after, behaviour.long_local_parts)
+            if plain is not None:
+                # The common <local@host.name>: what the full way below would make of it.
+                address, written, rest = plain
+            elif lenient and not after.lstrip(" ").startswith("<"):
                 # strict_rfc821_envelopes = no: a bare path up to the first space.
                 written, _, rest = after.lstrip(" ").partition(" ")
                 path, rest = f"<{written}>", rest.strip(" ")
             else:
                 path, rest = split_path_and_params(after)
                 written = path
-            # UTF-8 is judged after the parameters: MAIL's own SMTPUTF8 may allow it.
-            try:
-                address = parse_path(
-                    path, smtputf8=True, long_local_parts=behaviour.long_local_parts
-                )
-            except AddressError:
-                address = (
-                    _lenient_address(path, behaviour.loose_local_parts, behaviour.unqualified_paths)
-                    if lenient
-                    else None
-                )
-                if address is None and lenient and behaviour.spaced_local_parts:
-                    address = _spaced_address(path, behaviour.long_local_parts)
-                if address is None:
-                    raise
-            pairs = split_params(rest)
+            if plain is None:
+                # UTF-8 is judged after the parameters: MAIL's own SMTPUTF8 may allow it.
+                try:
+                    address = parse_path(
+                        path, smtputf8=True, long_local_parts=behaviour.long_local_parts
+                    )
+                except AddressError:
+                    address = (
+                        _lenient_address(
+                            path, behaviour.loose_local_parts, behaviour.unqualified_paths
+                        )
+                        if lenient
+                        else None
+                    )
+                    if address is None and lenient and behaviour.spaced_local_parts:
+                        address = _spaced_address(path, behaviour.long_local_parts)
+                    if address is None:
+                        raise
+            pairs = split_params(rest) if rest else []
         # One name per exception type: mypyc (the optional compiled build) gives a name one
         # type for the whole function.
         except AddressError as bad_address:
@@ -1080,37 +1089,39 @@ class ServerConnection:
             return None
         tx = self.transaction
         in_utf8_transaction = tx is not None and tx.smtputf8
-        verb: Literal["MAIL", "RCPT"] = "MAIL" if rule.verb == "MAIL" else "RCPT"
-        context = ParamContext(
-            verb,
-            self.extensions,
-            self._max_size(),
-            in_utf8_transaction,
-            _NOTHING if self.tls_active or not self.esmtp else self._look.after_tls,
-        )
-        if self._look.behaviour.size_value_ignored_if_bad and verb == "MAIL":
-            # Exim skips a SIZE it cannot read; Sendmail reads "abc" as 0. Either way
-            # the MAIL is taken as if no size had been declared.
-            pairs = [
-                (key, value)
-                for key, value in pairs
-                if key.upper() != "SIZE" or value is None or value.isdigit()
-            ]
-        try:
-            params = parse_params(pairs, context)
-        except ParamError as bad_param:
-            name = "unknown_parameter" if bad_param.unknown else "bad_parameter"
-            if bad_param.not_offered and verb == "MAIL":
-                name = "mail_parameter_not_offered"
-            refusal = self._refusal(
-                name,
-                bad_param.reply,
-                parameter=echo(bad_param.parameter or ""),
-                keyword=echo(bad_param.keyword or ""),
+        verb: Literal["MAIL", "RCPT"] = "MAIL" if is_mail else "RCPT"
+        params: dict[str, str | None] = {}
+        if pairs:  # none is the common case: nothing to judge, no context to make
+            context = ParamContext(
+                verb,
+                self._extensions,
+                self._max_size(),
+                in_utf8_transaction,
+                _NOTHING if self.tls_active or not self.esmtp else self._look.after_tls,
             )
-            self._reject(line, refusal, bad=True)
-            return None
-        utf8_allowed = "SMTPUTF8" in params if verb == "MAIL" else in_utf8_transaction
+            if self._look.behaviour.size_value_ignored_if_bad and is_mail:
+                # Exim skips a SIZE it cannot read; Sendmail reads "abc" as 0. Either way
+                # the MAIL is taken as if no size had been declared.
+                pairs = [
+                    (key, value)
+                    for key, value in pairs
+                    if key.upper() != "SIZE" or value is None or value.isdigit()
+                ]
+            try:
+                params = parse_params(pairs, context)
+            except ParamError as bad_param:
+                name = "unknown_parameter" if bad_param.unknown else "bad_parameter"
+                if bad_param.not_offered and is_mail:
+                    name = "mail_parameter_not_offered"
+                refusal = self._refusal(
+                    name,
+                    bad_param.reply,
+                    parameter=echo(bad_param.parameter or ""),
+                    keyword=echo(bad_param.keyword or ""),
+                )
+                self._reject(line, refusal, bad=True)
+                return None
+        utf8_allowed = "SMTPUTF8" in params if is_mail else in_utf8_transaction
         if address is not None and address.is_utf8 and not utf8_allowed:
             self._reject(line, self._r("smtputf8_required"), bad=True)
             return None

@@ -167,11 +167,19 @@ class _Look:
         "hello_name_characters",
         "hidden_verbs",
         "max_command_line",
+        "message_accepted",
+        "message_accepted_wire",
         "nul_ends_command",
         "overridden",
         "persona",
         "ready",
+        "recipient_ok",
+        "recipient_ok_wire",
         "rules",
+        "sender_ok",
+        "sender_ok_wire",
+        "sequence_needs_ehlo",
+        "start_data_wire",
         "static",
         "truncate",
     )
@@ -227,6 +235,22 @@ class _Look:
         self.after_tls = frozenset(
             {"REQUIRETLS"} if config.requiretls and "REQUIRETLS" not in hidden else ()
         )
+        #: The default answers of every message when the persona has them without
+        #: placeholders (else None: made for each answer), and their wire forms, rendered
+        #: once here instead of at every answer: for the hot paths of the _answer_*
+        #: methods, only when the answer is what they expect (a positive MAIL and RCPT
+        #: answer, a 354 to DATA), else None and the answer takes the long way.
+        self.sender_ok = persona.static_lookup("sender_ok")
+        self.recipient_ok = persona.static_lookup("recipient_ok")
+        self.message_accepted = persona.static_lookup("message_accepted")
+        start_data = persona.static_lookup("start_data")
+        self.sender_ok_wire = _wire_of(self.sender_ok, self.enhanced, 200)
+        self.recipient_ok_wire = _wire_of(self.recipient_ok, self.enhanced, 200)
+        self.message_accepted_wire = _wire_of(self.message_accepted, self.enhanced, 200)
+        #: 354 is sent without its enhanced code (RFC 2034 covers 2xx, 4xx, 5xx).
+        self.start_data_wire = _wire_of(start_data, False, 354)
+        #: _sequence_error's first check (Exim's STARTTLS/AUTH only after its EHLO) applies.
+        self.sequence_needs_ehlo = behaviour.extensions_need_ehlo
         #: The banner when no placeholder of it changes between connections (no date, no
         #: client address), else None: made anew for each connection.
         self.banner: Reply | None = None
@@ -244,6 +268,13 @@ class _Look:
             and _offered(config, False, rule)
             and verb not in persona.hidden_verbs
         }
+
+
+def _wire_of(reply: Reply | None, enhanced: bool, lowest: int) -> bytes | None:
+    """``reply`` on the wire if its code is at least ``lowest`` and below 400, else None."""
+    if reply is None or not lowest <= reply.code < 400:
+        return None
+    return reply.render(enhanced)
 
 
 #: Configurations seen, by identity, with what connections need of them; the entry keeps
@@ -496,7 +527,8 @@ class ServerConnection:
         if not data:
             self._eof = True
             return
-        if self.state in (State.TLS_PENDING, State.CLOSED):
+        state = self.state
+        if state is State.TLS_PENDING or state is State.CLOSED:
             return  # plaintext after STARTTLS is an injection attempt; after close, noise
         if self._pos:
             del self._buf[: self._pos]
@@ -531,7 +563,7 @@ class ServerConnection:
         if self._events and any(event is point for event in self._events):
             raise ProtocolError("respond() called before the policy point was taken")
         self._pending = None
-        if isinstance(reply, Reply) or reply is None:
+        if reply is None or isinstance(reply, Reply):
             single = reply
             if single is not None and self._look.overridden:
                 single = self._adapt_answer(point, single)
@@ -634,6 +666,8 @@ class ServerConnection:
         buf, pos = self._buf, self._pos
         end = buf.find(b"\n", pos)
         if end < 0:
+            if len(buf) - pos <= self._short_line:
+                return None  # within every limit: wait for the rest
             limit = self._line_limit(pos, len(buf) - pos)
             if len(buf) - pos > limit:
                 # Too long already: answer once, then drop bytes up to the next LF.
@@ -691,7 +725,8 @@ class ServerConnection:
             self._enter_closed(Limit.COMMAND_LINE_LENGTH.value)
 
     def _command(self, line: bytes) -> None:
-        if self._look.nul_ends_command:
+        look = self._look
+        if look.nul_ends_command:
             nul = line.find(0)
             if nul >= 0:
                 line = line[:nul]  # as a C string ends (Sendmail)
@@ -705,9 +740,9 @@ class ServerConnection:
         verb = verb.upper()
         self._said_verb = verb
         self._said = arg
-        if self._look.first_checks and self._first_checks(line, text, verb):
+        if look.first_checks and self._first_checks(line, text, verb):
             return
-        rule = self._look.ready.get(verb)
+        rule = look.ready.get(verb)
         if rule is None:
             if not text.strip(" \t"):
                 empty = self._r("empty_line", verb="", command=echo(text[:_MAX_ECHO]))
@@ -716,11 +751,12 @@ class ServerConnection:
             rule = self._known_verb(line, text, verb)
             if rule is None:
                 return
-        if _has_control(text):
+        # Every control is unprintable: the common printable line skips the regex.
+        if not text.isprintable() and _has_control(text):
             self._reject(line, self._r("control_characters"), bad=True)
             return
         arg = arg.strip(" ")
-        behaviour = self._look.behaviour
+        behaviour = look.behaviour
         if behaviour.sequence_first and verb != "BDAT" and not self._sequence_ok(rule, line):
             return
         if rule.arg is Arg.NONE and arg:
@@ -862,6 +898,8 @@ class ServerConnection:
 
     def _sequence_ok(self, rule: Rule, line: bytes) -> bool:
         """Step 5: answer 503 and return False if the verb is out of sequence."""
+        if rule.guard is None and self.state in rule.allowed and not self._look.sequence_needs_ehlo:
+            return True  # what _sequence_error finds at once
         error = self._sequence_error(rule)
         if error is not None:
             self._reject(line, error, bad=True)
@@ -1323,30 +1361,42 @@ class ServerConnection:
         self._out += Reply(code, None, (first, *capabilities)).render(enhanced=False)
 
     def _answer_mail(self, point: MailFrom, reply: Reply | None) -> None:
-        # Hot path: the ready reply without a call, placeholders only when it has some.
-        if reply is None and "PRDR" in point.params:
+        params = point.params
+        if reply is None and not params:
+            # Hot path: the default answer, rendered once per configuration.
+            wire = self._look.sender_ok_wire
+            if wire is not None:
+                self.transaction = Transaction(point.address, params, False, [])
+                self.state = State.MAIL
+                self._out += wire
+                return
+        if reply is None and "PRDR" in params:
             reply = self._r("prdr_sender_ok", address=point.address)
-        reply = (
-            reply or self._look.static("sender_ok") or self._r("sender_ok", address=point.address)
-        )
+        reply = reply or self._look.sender_ok or self._r("sender_ok", address=point.address)
         if reply.is_positive:
             self.transaction = Transaction(
                 sender=point.address,
-                params=point.params,
-                smtputf8="SMTPUTF8" in point.params,
+                params=params,
+                smtputf8="SMTPUTF8" in params,
                 recipients=[],
             )
             self.state = State.MAIL
         self._send(reply)
 
     def _answer_rcpt(self, point: RcptTo, reply: Reply | None) -> None:
-        if reply is None and self._look.echoes_recipients:
+        look = self._look
+        tx = self.transaction
+        if reply is None and tx is not None and not look.echoes_recipients:
+            # Hot path: the default answer, rendered once per configuration.
+            wire = look.recipient_ok_wire
+            if wire is not None:
+                tx.recipients.append(point.address)
+                self.state = State.RCPT
+                self._out += wire
+                return
+        if reply is None and look.echoes_recipients:
             reply = self._r("recipient_ok", address=point.address, path=self._recipient_echo(point))
-        reply = (
-            reply
-            or self._look.static("recipient_ok")
-            or self._r("recipient_ok", address=point.address)
-        )
+        reply = reply or look.recipient_ok or self._r("recipient_ok", address=point.address)
         if reply.is_positive and self.transaction is not None:
             self.transaction.recipients.append(point.address)
             self.state = State.RCPT
@@ -1396,11 +1446,14 @@ class ServerConnection:
                 return
             self._start_chunk(size)
             return
-        reply = reply or self._look.static("start_data") or self._r("start_data")
-        if reply.code != 354:
-            self._send(reply)
-            return
-        self._out += reply.render(enhanced=False)
+        wire = self._look.start_data_wire if reply is None else None
+        if wire is None:
+            reply = reply or self._r("start_data")
+            if reply.code != 354:
+                self._send(reply)
+                return
+            wire = reply.render(enhanced=False)
+        self._out += wire
         cfg = self.config
         self._dot = DotReader(
             max_size=self._max_size(),
@@ -1410,7 +1463,23 @@ class ServerConnection:
         self.state = State.DATA
 
     def _answer_data_complete(self, point: DataComplete, reply: Reply | None) -> None:
-        accepted = self._look.static("message_accepted") or self._r("message_accepted")
+        look = self._look
+        if reply is None:
+            wire = look.message_accepted_wire
+            tx = self.transaction
+            if (
+                wire is not None
+                and not self.config.lmtp
+                and not self._bdat_ending
+                and self._rcpt_error is None
+                and (tx is None or "PRDR" not in tx.params)
+            ):
+                # Hot path: what _complete_data does for one default SMTP answer.
+                self._out += wire
+                self.transaction = None
+                self.state = State.READY
+                return
+        accepted = look.message_accepted or self._r("message_accepted")
         self._complete_data(point, [reply or accepted])
 
     def _complete_data(self, point: DataComplete, answers: list[Reply]) -> None:

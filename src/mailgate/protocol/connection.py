@@ -149,6 +149,12 @@ class ProtocolError(Exception):
 #: Placeholders whose values come from the configuration alone: a banner made only of
 #: these is the same for every connection.
 _CONFIG_PLACEHOLDERS = frozenset({"hostname", "software", "protocol", "max_size", "max_recipients"})
+#: ... and those a greeting line made only of which is the same for the same HELO name and
+#: client address (the cache key of _Look.hellos).
+_HELLO_CACHE_PLACEHOLDERS = _CONFIG_PLACEHOLDERS | {"helo", "client_ip"}
+#: Default HELO/EHLO answers kept per configuration; the cache starts over when full (a
+#: client changing its name at every connection only costs the answer made anew).
+_MAX_HELLOS = 256
 
 
 class _Look:
@@ -164,7 +170,9 @@ class _Look:
         "enhanced",
         "error_limit",
         "first_checks",
+        "hello_cacheable",
         "hello_name_characters",
+        "hellos",
         "hidden_verbs",
         "max_command_line",
         "message_accepted",
@@ -251,6 +259,15 @@ class _Look:
         self.start_data_wire = _wire_of(start_data, False, 354)
         #: _sequence_error's first check (Exim's STARTTLS/AUTH only after its EHLO) applies.
         self.sequence_needs_ehlo = behaviour.extensions_need_ehlo
+        #: Whether the default answer to HELO (index 0) and EHLO/LHLO (1) is the same for
+        #: every connection with the same HELO name, client address, TLS and trust: its
+        #: greeting line uses no date and no echo of the command. Such answers are kept in
+        #: ``hellos`` (see ServerConnection._answer_hello): clients greet with the same
+        #: name connection after connection.
+        self.hello_cacheable = tuple(
+            persona.greeting_fields(esmtp) <= _HELLO_CACHE_PLACEHOLDERS for esmtp in (False, True)
+        )
+        self.hellos: dict[tuple[bool, str, str, bool, bool], tuple[bytes, frozenset[str]]] = {}
         #: The banner when no placeholder of it changes between connections (no date, no
         #: client address), else None: made anew for each connection.
         self.banner: Reply | None = None
@@ -1346,9 +1363,19 @@ class ServerConnection:
         if self._rcpt_error is not None:
             self._forget_rcpt_errors()
         self.helo_name = point.domain
-        self.esmtp = point.verb != "HELO"
+        esmtp = point.verb != "HELO"
+        self.esmtp = esmtp
         self.state = State.READY
-        capabilities = self._capabilities() if self.esmtp else []
+        look = self._look
+        key: tuple[bool, str, str, bool, bool] | None = None
+        if reply is None and look.hello_cacheable[1 if esmtp else 0]:
+            key = (esmtp, point.domain, self.client_ip, self.tls_active, self.peer_trusted)
+            known = look.hellos.get(key)
+            if known is not None:
+                self._out += known[0]
+                self._extensions = known[1]
+                return
+        capabilities = self._capabilities() if esmtp else []
         self._extensions = frozenset(c.split(" ", 1)[0] for c in capabilities)
         # A policy's own positive reply replaces the greeting line only: the capabilities
         # are what this connection really offers, so they always follow.
@@ -1358,7 +1385,12 @@ class ServerConnection:
             persona = self._look.persona
             first = persona.greeting_line(self.esmtp, self._values({"helo": point.domain}))
         code = reply.code if reply is not None else 250
-        self._out += Reply(code, None, (first, *capabilities)).render(enhanced=False)
+        wire = Reply(code, None, (first, *capabilities)).render(enhanced=False)
+        self._out += wire
+        if key is not None:
+            if len(look.hellos) >= _MAX_HELLOS:
+                look.hellos.clear()
+            look.hellos[key] = (wire, self._extensions)
 
     def _answer_mail(self, point: MailFrom, reply: Reply | None) -> None:
         params = point.params

@@ -180,6 +180,8 @@ def parse_plain_path(argument: str, long_local_parts: bool) -> tuple[Address, st
 def closing_bracket(text: str) -> int:
     """Index of the ``>`` that closes the path starting at ``text[0]``, or -1 (``>``
     inside a quoted local part or an address literal does not close it)."""
+    if '"' not in text and "[" not in text:
+        return text.find(">", 1)  # nothing to step over: the first ">" closes it
     quoted = literal = escaped = False
     for i in range(1, len(text)):
         c = text[i]

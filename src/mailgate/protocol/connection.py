@@ -164,7 +164,9 @@ class _Look:
     __slots__ = (
         "after_tls",
         "banner",
+        "bare_newline",
         "behaviour",
+        "bye_wire",
         "close_long_lines",
         "echoes_recipients",
         "enhanced",
@@ -172,9 +174,18 @@ class _Look:
         "first_checks",
         "hello_cacheable",
         "hello_name_characters",
+        "hello_name_check",
+        "hello_name_max_length",
         "hellos",
         "hidden_verbs",
+        "ignored_arguments",
+        "lenient_paths",
+        "lmtp",
+        "long_local_parts",
         "max_command_line",
+        "max_data_line",
+        "max_recipients",
+        "max_size",
         "message_accepted",
         "message_accepted_wire",
         "nul_ends_command",
@@ -183,9 +194,11 @@ class _Look:
         "ready",
         "recipient_ok",
         "recipient_ok_wire",
+        "repeat_rcpt_error",
         "rules",
         "sender_ok",
         "sender_ok_wire",
+        "sequence_first",
         "sequence_needs_ehlo",
         "start_data_wire",
         "static",
@@ -259,6 +272,24 @@ class _Look:
         self.start_data_wire = _wire_of(start_data, False, 354)
         #: _sequence_error's first check (Exim's STARTTLS/AUTH only after its EHLO) applies.
         self.sequence_needs_ehlo = behaviour.extensions_need_ehlo
+        # What every message reads of the persona's behaviour and of the configuration,
+        # copied: in the compiled build this class is native and its attributes are read
+        # in C, while Behaviour and ProtocolConfig stay interpreted (a lookup by name).
+        self.sequence_first = behaviour.sequence_first
+        self.ignored_arguments = behaviour.ignored_arguments
+        self.repeat_rcpt_error = behaviour.repeat_rcpt_error
+        self.lenient_paths = behaviour.lenient_paths
+        self.long_local_parts = behaviour.long_local_parts
+        self.hello_name_check = behaviour.hello_name_check
+        self.hello_name_max_length = behaviour.hello_name_max_length
+        self.lmtp = config.lmtp
+        self.max_recipients = config.max_recipients
+        self.max_size: int | None = config.max_message_size or None
+        self.max_data_line = config.max_data_line
+        self.bare_newline = config.bare_newline
+        bye = persona.static_lookup("bye")
+        #: QUIT's answer (a 221, whatever the persona words it), when it has no placeholder.
+        self.bye_wire = None if bye is None else bye.render(self.enhanced)
         #: Whether the default answer to HELO (index 0) and EHLO/LHLO (1) is the same for
         #: every connection with the same HELO name, client address, TLS and trust: its
         #: greeting line uses no date and no echo of the command. Such answers are kept in
@@ -592,8 +623,18 @@ class ServerConnection:
             return
         else:
             raise ProtocolError("a sequence of replies is only valid for LMTP DataComplete")
-        handler = _ANSWERS[type(point)]
-        handler(self, point, single)
+        # The answers of every message called directly (a native call in the compiled
+        # build), the rest through the table.
+        if type(point) is MailFrom:
+            self._answer_mail(point, single)
+        elif type(point) is RcptTo:
+            self._answer_rcpt(point, single)
+        elif type(point) is DataStart:
+            self._answer_data_start(point, single)
+        elif type(point) is DataComplete:
+            self._answer_data_complete(point, single)
+        else:
+            _ANSWERS[type(point)](self, point, single)
         if (
             self._look.error_limit is not None
             and single is not None
@@ -773,8 +814,7 @@ class ServerConnection:
             self._reject(line, self._r("control_characters"), bad=True)
             return
         arg = arg.strip(" ")
-        behaviour = look.behaviour
-        if behaviour.sequence_first and verb != "BDAT" and not self._sequence_ok(rule, line):
+        if look.sequence_first and verb != "BDAT" and not self._sequence_ok(rule, line):
             return
         if rule.arg is Arg.NONE and arg:
             self._reject(line, self._r("argument_not_allowed", verb=verb), bad=True)
@@ -783,10 +823,22 @@ class ServerConnection:
             name = ARGUMENT_REPLIES.get(verb, "argument_required")
             self._reject(line, self._r(name, verb=verb), bad=True)
             return
-        if verb in behaviour.ignored_arguments:
+        if verb in look.ignored_arguments:
             arg = ""
-        handler = _COMMANDS[verb]
-        handler(self, rule, line, arg)
+        # The commands of every message called directly (a native call in the compiled
+        # build), the rest through the table.
+        if verb == "MAIL":
+            self._cmd_mail(rule, line, arg)
+        elif verb == "RCPT":
+            self._cmd_rcpt(rule, line, arg)
+        elif verb == "DATA":
+            self._cmd_data(rule, line, arg)
+        elif verb == "EHLO" or verb == "HELO":
+            self._cmd_hello(rule, line, arg)
+        elif verb == "QUIT":
+            self._cmd_quit(rule, line, arg)
+        else:
+            _COMMANDS[verb](self, rule, line, arg)
 
     def _first_checks(self, line: bytes, text: str, verb: str) -> bool:
         """Step 0, for a persona whose product looks at a line before its verb (see
@@ -1008,7 +1060,7 @@ class ServerConnection:
                 self._reject(line, self._r("hello_syntax", verb=rule.verb), bad=True)
                 return
             arg = arg.split()[0]  # the product takes the first word as the name
-        if (self._look.behaviour.hello_name_check and not _hello_name_ok(arg)) or (
+        if (self._look.hello_name_check and not _hello_name_ok(arg)) or (
             not self._hello_name_fits(arg)
         ):
             self._reject(line, self._r("hello_bad_name", verb=rule.verb), bad=True)
@@ -1019,11 +1071,11 @@ class ServerConnection:
 
     def _hello_name_fits(self, name: str) -> bool:
         """The persona's check of a HELO name's characters and length (Sendmail's)."""
-        behaviour = self._look.behaviour
-        limit = behaviour.hello_name_max_length
+        look = self._look
+        limit = look.hello_name_max_length
         if limit is not None and len(name) > limit:
             return False
-        allowed = self._look.hello_name_characters
+        allowed = look.hello_name_characters
         if allowed is None:
             return True
         return all((c.isascii() and c.isalnum()) or c in allowed for c in name)
@@ -1036,7 +1088,7 @@ class ServerConnection:
             self._pause(MailFrom(*parsed))
 
     def _cmd_rcpt(self, rule: Rule, line: bytes, arg: str) -> None:
-        noting = self._look.behaviour.repeat_rcpt_error
+        noting = self._look.repeat_rcpt_error
         mark = len(self._out)
         if noting:
             # Exim: a RCPT refused for want of a sender is not a valid RCPT.
@@ -1048,7 +1100,7 @@ class ServerConnection:
             return
         address, params, written = parsed
         assert address is not None and self.transaction is not None
-        if len(self.transaction.recipients) >= self.config.max_recipients:
+        if len(self.transaction.recipients) >= self._look.max_recipients:
             self._events.append(LimitExceeded(Limit.RECIPIENTS, closing=False))
             self._send(self._r("too_many_recipients"))
             if noting:
@@ -1082,12 +1134,13 @@ class ServerConnection:
             name = "mail_syntax" if is_mail else "rcpt_syntax"
             self._reject(line, self._r(name, word=word), bad=True)
             return None
-        behaviour = self._look.behaviour
-        lenient = behaviour.lenient_paths
+        look = self._look
+        behaviour = look.behaviour
+        lenient = look.lenient_paths
         try:
             after = arg[len(keyword) :]
             address: Address | None
-            plain = parse_plain_path(after, behaviour.long_local_parts)
+            plain = parse_plain_path(after, look.long_local_parts)
             if plain is not None:
                 # The common <local@host.name>: what the full way below would make of it.
                 address, written, rest = plain
@@ -1231,7 +1284,11 @@ class ServerConnection:
     def _cmd_quit(self, rule: Rule, line: bytes, arg: str) -> None:
         if not self._sequence_ok(rule, line):
             return
-        self._send(self._r("bye"))
+        wire = self._look.bye_wire
+        if wire is not None:
+            self._out += wire
+        else:
+            self._send(self._r("bye"))
         self._enter_closed("quit")
 
     def _cmd_help(self, rule: Rule, line: bytes, arg: str) -> None:
@@ -1486,11 +1543,9 @@ class ServerConnection:
                 return
             wire = reply.render(enhanced=False)
         self._out += wire
-        cfg = self.config
+        look = self._look
         self._dot = DotReader(
-            max_size=self._max_size(),
-            max_line=cfg.max_data_line,
-            bare_newline=cfg.bare_newline,
+            max_size=look.max_size, max_line=look.max_data_line, bare_newline=look.bare_newline
         )
         self.state = State.DATA
 
@@ -1501,7 +1556,7 @@ class ServerConnection:
             tx = self.transaction
             if (
                 wire is not None
-                and not self.config.lmtp
+                and not look.lmtp
                 and not self._bdat_ending
                 and self._rcpt_error is None
                 and (tx is None or "PRDR" not in tx.params)
@@ -1795,7 +1850,7 @@ class ServerConnection:
         return caps
 
     def _max_size(self) -> int | None:
-        return self.config.max_message_size or None
+        return self._look.max_size
 
     # --- helpers -----------------------------------------------------------------------------
 

@@ -164,6 +164,7 @@ class _Look:
     __slots__ = (
         "after_tls",
         "banner",
+        "banner_wire",
         "bare_newline",
         "behaviour",
         "bye_wire",
@@ -305,6 +306,10 @@ class _Look:
         if persona.banner_fields <= _CONFIG_PLACEHOLDERS:
             # No client placeholder in it, so no client address is needed.
             self.banner = persona.banner_reply(_Values(config, "", {}))
+        #: That banner on the wire (without enhanced code, as every greeting), if a 220.
+        self.banner_wire = None
+        if self.banner is not None and self.banner.code == 220:
+            self.banner_wire = self.banner.render(enhanced=False)
         #: The verbs that exist for every connection of this configuration (in its mode,
         #: offered, not hidden): for these, _command goes straight to the checks of the
         #: line. XCLIENT and XFORWARD depend on the client, and take the long way.
@@ -967,8 +972,10 @@ class ServerConnection:
 
     def _sequence_ok(self, rule: Rule, line: bytes) -> bool:
         """Step 5: answer 503 and return False if the verb is out of sequence."""
-        if rule.guard is None and self.state in rule.allowed and not self._look.sequence_needs_ehlo:
-            return True  # what _sequence_error finds at once
+        if self.state in rule.allowed and not self._look.sequence_needs_ehlo:
+            guard = rule.guard
+            if guard is None or self._guard_holds(guard):
+                return True  # what _sequence_error finds at once
         error = self._sequence_error(rule)
         if error is not None:
             self._reject(line, error, bad=True)
@@ -1230,7 +1237,8 @@ class ServerConnection:
                 self._reject(line, refusal, bad=True)
                 return None
         utf8_allowed = "SMTPUTF8" in params if is_mail else in_utf8_transaction
-        if address is not None and address.is_utf8 and not utf8_allowed:
+        # A plain path is ASCII (parse_plain_path): only another can need SMTPUTF8.
+        if plain is None and address is not None and address.is_utf8 and not utf8_allowed:
             self._reject(line, self._r("smtputf8_required"), bad=True)
             return None
         return address, params, written
@@ -1403,6 +1411,11 @@ class ServerConnection:
 
     def _answer_greeting(self, point: Greeting, reply: Reply | None) -> None:
         if reply is None:
+            wire = self._look.banner_wire
+            if wire is not None:
+                self._out += wire
+                self.state = State.CONNECTED
+                return
             reply = self._banner()
         self._out += reply.render(enhanced=False)
         if reply.code == 220:

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from mailgate.protocol import Persona, ProtocolConfig, Reply, ServerConnection
+from mailgate.protocol import (
+    NEED_DATA,
+    Persona,
+    PolicyPoint,
+    ProtocolConfig,
+    Reply,
+    ServerConnection,
+)
 from mailgate.protocol.connection import _MAX_HELLOS, _look_for
 
 from .session import run_with_defaults
@@ -136,3 +143,31 @@ def test_persona_answers_take_their_own_way() -> None:
     assert out.endswith(
         b"250 <a@x.test>... Sender ok\r\n250 Ok\r\n354 Go ahead\r\n250 mx.test took it\r\n"
     )
+
+
+def answered(conn: ServerConnection) -> bytes:
+    """Every policy point answered with the default; what the connection wrote."""
+    while True:
+        event = conn.next_event()
+        if event is NEED_DATA:
+            return conn.data_to_send()
+        if isinstance(event, PolicyPoint):
+            conn.respond(None)
+
+
+def test_received_bytes_in_pieces_and_a_callers_bytearray() -> None:
+    conn = ServerConnection(ProtocolConfig(hostname="mx.test"))
+    run_with_defaults(conn, b"HELO c.test\r\n")
+    # A bytearray the caller reuses after handing it over does not change what was read.
+    data = bytearray(b"NOOP\r\n")
+    conn.receive_data(data)  # type: ignore[arg-type]
+    data[:] = b"QUIT\r\n"
+    assert answered(conn) == b"250 2.0.0 OK\r\n"
+    # A command in pieces, and one piece holding the end of one and the start of another.
+    for piece in (b"NO", b"OP\r\nNO", b"OP", b"\r\n"):
+        conn.receive_data(piece)
+    assert answered(conn) == b"250 2.0.0 OK\r\n" * 2
+    conn.receive_data(b"NO")
+    assert answered(conn) == b""
+    conn.receive_data(b"OP\r\n")
+    assert answered(conn) == b"250 2.0.0 OK\r\n"

@@ -595,7 +595,12 @@ class ServerConnection:
                 return self._events.popleft()
             if self._pending is not None:
                 return PAUSED
-            if self.state is State.CLOSED:
+            state = self.state
+            if state is State.CLOSED:
+                return NEED_DATA
+            if self._pos >= len(self._buf) and state is not State.BDAT and not self._eof:
+                # Everything received is parsed (asked once after every command): only a
+                # BDAT chunk (a BDAT 0 completes without a byte) goes on without input.
                 return NEED_DATA
             if not self._step():
                 if self._eof:

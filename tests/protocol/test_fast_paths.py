@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import pytest
+
 from mailgate.protocol import (
     NEED_DATA,
     Persona,
@@ -13,7 +15,9 @@ from mailgate.protocol import (
     Reply,
     ServerConnection,
 )
+from mailgate.protocol.config import BareNewline
 from mailgate.protocol.connection import _MAX_HELLOS, _look_for
+from mailgate.protocol.data import DotReader
 
 from .session import run_with_defaults
 
@@ -169,3 +173,62 @@ def test_received_bytes_in_pieces() -> None:
     # BDAT 0 LAST ends the message with nothing more received.
     conn.receive_data(b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nBDAT 0 LAST\r\n")
     assert answered(conn).endswith(b"250 2.0.0 Message accepted\r\n")
+
+
+# --- DotReader: a whole message in one piece -------------------------------------------
+
+
+def read(pieces: list[bytes], **limits: object) -> tuple[bytes, object, int, bool, bytes]:
+    """What a DotReader makes of ``pieces`` fed in turn: (data, error, size, done, the
+    bytes left after the end). The data of a refused message is left out: how much of it
+    came out before the refusal depends on the pieces."""
+    reader = DotReader(
+        max_size=limits.get("max_size"),  # type: ignore[arg-type]
+        max_line=limits.get("max_line"),  # type: ignore[arg-type]
+        bare_newline=limits.get("policy", BareNewline.REJECT),  # type: ignore[arg-type]
+    )
+    data = b""
+    pending = b""
+    for piece in pieces:
+        pending += piece
+        chunks, end, _ = reader.feed(pending)
+        data += b"".join(chunks)
+        pending = pending[end:]
+    return data if reader.error is None else b"", reader.error, reader.size, reader.done, pending
+
+
+WHOLE_MESSAGES = [
+    b"Subject: a\r\n\r\nbody\r\n.\r\n",
+    b"\r\n.\r\n",
+    b"a\r\n.\r\n",
+    b"bare\rCR and bare\nLF\r\n.\r\n",  # content under REJECT: no dot after them
+    b"a\r\n..stuffed\r\n.\r\n",
+    b"a\n.b\r\n.\r\n",  # dot after a bare LF: refused
+    b"a\r.b\r\n.\r\n",  # dot after a bare CR: refused
+    b"a\r\n.\nb\r\n.\r\n",  # lone dot ended by a bare LF: refused
+    b"a\r\n.\r\nb\r\n.\r\n",  # an earlier end: what follows it is not data
+    b"x" * 30 + b"\r\n.\r\n",
+    b".a\r\n.\r\n",  # a stuffed dot at the very start
+    b"a.b.c\r\nd.e\r\n.\r\n",  # dots, none at a line start
+]
+
+
+@pytest.mark.parametrize("wire", WHOLE_MESSAGES)
+@pytest.mark.parametrize(
+    "limits",
+    [{}, {"max_size": 32}, {"max_size": 10}, {"max_line": 30}, {"max_line": 29}, {"max_line": 3}],
+)
+def test_one_piece_reads_as_in_pieces(wire: bytes, limits: dict[str, object]) -> None:
+    # In two pieces the reader never sees the whole message at its start: the general way.
+    assert read([wire], **limits) == read([wire[:1], wire[1:]], **limits)
+    assert read([wire], **limits) == read([bytes([b]) for b in wire], **limits)
+    # The same after a command line in the same buffer (pipelined DATA).
+    reader = DotReader(
+        max_size=limits.get("max_size"),  # type: ignore[arg-type]
+        max_line=limits.get("max_line"),  # type: ignore[arg-type]
+        bare_newline=BareNewline.REJECT,
+    )
+    chunks, end, _ = reader.feed(b"DATA\r\n" + wire, 6)
+    data = b"".join(chunks) if reader.error is None else b""
+    found = (data, reader.error, reader.size, reader.done, wire[end - 6 :])
+    assert found == read([wire], **limits)

@@ -11,6 +11,7 @@ from mailgate.protocol.address import (
     Address,
     AddressError,
     parse_forward_path,
+    parse_plain_path,
     parse_reverse_path,
     split_path_and_params,
 )
@@ -350,3 +351,72 @@ def test_dot_string_round_trip(local: str, domain: str) -> None:
         assert str(parsed) == address
         assert parse_reverse_path(f"<{address}>", smtputf8=smtputf8) == parsed
         assert split_path_and_params(f" <{address}> SIZE=1") == (f"<{address}>", "SIZE=1")
+
+
+# --- the fast way (parse_plain_path) ---------------------------------------------------
+
+
+def _full_way(argument: str, long_local_parts: bool) -> tuple[Address, str, str] | None:
+    """What split_path_and_params and both path parsers make of ``argument``, when they
+    agree on a mailbox (None when any of them refuses it or it is not a mailbox)."""
+    try:
+        path, rest = split_path_and_params(argument)
+        sender = parse_reverse_path(path, smtputf8=True, long_local_parts=long_local_parts)
+        recipient = parse_forward_path(path, smtputf8=True, long_local_parts=long_local_parts)
+    except AddressError:
+        return None
+    assert sender == recipient or sender is None
+    return (recipient, path, rest) if sender is not None else None
+
+
+PLAIN_CHARS = st.sampled_from([*'<>@[]".:,- aZ09!~ü\x00.', "@a.b", "-x", "a" * 63, "b" * 65])
+plain_noise = st.lists(PLAIN_CHARS, max_size=30).map("".join)
+
+
+@given(st.one_of(plain_noise, st.text(max_size=40)), st.booleans())
+def test_plain_path_agrees_with_the_full_way(text: str, long_local_parts: bool) -> None:
+    # Whatever the fast way takes, the full way takes as the same Address, path and
+    # parameter text; what it leaves, the full way judges (and may refuse).
+    for argument in (text, f"<{text}>", f" <{text}> SIZE=1", f"<{text}>x"):
+        fast = parse_plain_path(argument, long_local_parts)
+        if fast is not None:
+            assert fast == _full_way(argument, long_local_parts)
+
+
+@given(local_parts, domains, st.sampled_from(["", " ", "  SIZE=10 BODY=8BITMIME", " X "]))
+def test_plain_path_takes_the_common_shape(local: str, domain: str, rest: str) -> None:
+    argument = f" <{local}@{domain}>{rest}"
+    assert parse_plain_path(argument, False) == (
+        Address(local, domain),
+        f"<{local}@{domain}>",
+        rest.strip(" "),
+    )
+
+
+@pytest.mark.parametrize(
+    "argument",
+    [
+        "<" + "a" * 65 + "@b.example>",  # local part too long (fine with long_local_parts)
+        "<a@" + ".".join(["b" * 63] * 4) + ">",  # path too long
+        "<a@" + "b" * 64 + ".example>",  # label too long
+        "<a@b.example>x",  # glued text
+        "<a@b.example.>",  # trailing dot
+        "<a@-b.example>",
+        "<a..b@c.example>",
+        '<"a b"@c.example>',
+        "<@r.example:a@b.example>",
+        "<a@[192.0.2.1]>",
+        "<ü@b.example>",
+        "<postmaster>",
+        "<>",
+        "a@b.example",
+    ],
+)
+def test_plain_path_leaves_the_rest_to_the_full_way(argument: str) -> None:
+    assert parse_plain_path(argument, False) is None
+
+
+def test_plain_path_long_local_part_within_the_path_limit() -> None:
+    argument = "<" + "a" * 100 + "@b.example>"
+    assert parse_plain_path(argument, True) == _full_way(argument, True)
+    assert parse_plain_path(argument, True) is not None

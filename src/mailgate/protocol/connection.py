@@ -33,6 +33,7 @@ from .address import (
     Address,
     AddressError,
     parse_forward_path,
+    parse_plain_path,
     parse_reverse_path,
     split_path_and_params,
 )
@@ -148,6 +149,12 @@ class ProtocolError(Exception):
 #: Placeholders whose values come from the configuration alone: a banner made only of
 #: these is the same for every connection.
 _CONFIG_PLACEHOLDERS = frozenset({"hostname", "software", "protocol", "max_size", "max_recipients"})
+#: ... and those a greeting line made only of which is the same for the same HELO name and
+#: client address (the cache key of _Look.hellos).
+_HELLO_CACHE_PLACEHOLDERS = _CONFIG_PLACEHOLDERS | {"helo", "client_ip"}
+#: Default HELO/EHLO answers kept per configuration; the cache starts over when full (a
+#: client changing its name at every connection only costs the answer made anew).
+_MAX_HELLOS = 256
 
 
 class _Look:
@@ -157,20 +164,44 @@ class _Look:
     __slots__ = (
         "after_tls",
         "banner",
+        "banner_wire",
+        "bare_newline",
         "behaviour",
+        "bye_wire",
         "close_long_lines",
         "echoes_recipients",
         "enhanced",
         "error_limit",
         "first_checks",
+        "hello_cacheable",
         "hello_name_characters",
+        "hello_name_check",
+        "hello_name_max_length",
+        "hellos",
         "hidden_verbs",
+        "ignored_arguments",
+        "lenient_paths",
+        "lmtp",
+        "long_local_parts",
         "max_command_line",
+        "max_data_line",
+        "max_recipients",
+        "max_size",
+        "message_accepted",
+        "message_accepted_wire",
         "nul_ends_command",
         "overridden",
         "persona",
         "ready",
+        "recipient_ok",
+        "recipient_ok_wire",
+        "repeat_rcpt_error",
         "rules",
+        "sender_ok",
+        "sender_ok_wire",
+        "sequence_first",
+        "sequence_needs_ehlo",
+        "start_data_wire",
         "static",
         "truncate",
     )
@@ -226,12 +257,59 @@ class _Look:
         self.after_tls = frozenset(
             {"REQUIRETLS"} if config.requiretls and "REQUIRETLS" not in hidden else ()
         )
+        #: The default answers of every message when the persona has them without
+        #: placeholders (else None: made for each answer), and their wire forms, rendered
+        #: once here instead of at every answer: for the hot paths of the _answer_*
+        #: methods, only when the answer is what they expect (a positive MAIL and RCPT
+        #: answer, a 354 to DATA), else None and the answer takes the long way.
+        self.sender_ok = persona.static_lookup("sender_ok")
+        self.recipient_ok = persona.static_lookup("recipient_ok")
+        self.message_accepted = persona.static_lookup("message_accepted")
+        start_data = persona.static_lookup("start_data")
+        self.sender_ok_wire = _wire_of(self.sender_ok, self.enhanced, 200)
+        self.recipient_ok_wire = _wire_of(self.recipient_ok, self.enhanced, 200)
+        self.message_accepted_wire = _wire_of(self.message_accepted, self.enhanced, 200)
+        #: 354 is sent without its enhanced code (RFC 2034 covers 2xx, 4xx, 5xx).
+        self.start_data_wire = _wire_of(start_data, False, 354)
+        #: _sequence_error's first check (Exim's STARTTLS/AUTH only after its EHLO) applies.
+        self.sequence_needs_ehlo = behaviour.extensions_need_ehlo
+        # What every message reads of the persona's behaviour and of the configuration,
+        # copied: in the compiled build this class is native and its attributes are read
+        # in C, while Behaviour and ProtocolConfig stay interpreted (a lookup by name).
+        self.sequence_first = behaviour.sequence_first
+        self.ignored_arguments = behaviour.ignored_arguments
+        self.repeat_rcpt_error = behaviour.repeat_rcpt_error
+        self.lenient_paths = behaviour.lenient_paths
+        self.long_local_parts = behaviour.long_local_parts
+        self.hello_name_check = behaviour.hello_name_check
+        self.hello_name_max_length = behaviour.hello_name_max_length
+        self.lmtp = config.lmtp
+        self.max_recipients = config.max_recipients
+        self.max_size: int | None = config.max_message_size or None
+        self.max_data_line = config.max_data_line
+        self.bare_newline = config.bare_newline
+        bye = persona.static_lookup("bye")
+        #: QUIT's answer (a 221, whatever the persona words it), when it has no placeholder.
+        self.bye_wire = None if bye is None else bye.render(self.enhanced)
+        #: Whether the default answer to HELO (index 0) and EHLO/LHLO (1) is the same for
+        #: every connection with the same HELO name, client address, TLS and trust: its
+        #: greeting line uses no date and no echo of the command. Such answers are kept in
+        #: ``hellos`` (see ServerConnection._answer_hello): clients greet with the same
+        #: name connection after connection.
+        self.hello_cacheable = tuple(
+            persona.greeting_fields(esmtp) <= _HELLO_CACHE_PLACEHOLDERS for esmtp in (False, True)
+        )
+        self.hellos: dict[tuple[bool, str, str, bool, bool], tuple[bytes, frozenset[str]]] = {}
         #: The banner when no placeholder of it changes between connections (no date, no
         #: client address), else None: made anew for each connection.
         self.banner: Reply | None = None
         if persona.banner_fields <= _CONFIG_PLACEHOLDERS:
             # No client placeholder in it, so no client address is needed.
             self.banner = persona.banner_reply(_Values(config, "", {}))
+        #: That banner on the wire (without enhanced code, as every greeting), if a 220.
+        self.banner_wire = None
+        if self.banner is not None and self.banner.code == 220:
+            self.banner_wire = self.banner.render(enhanced=False)
         #: The verbs that exist for every connection of this configuration (in its mode,
         #: offered, not hidden): for these, _command goes straight to the checks of the
         #: line. XCLIENT and XFORWARD depend on the client, and take the long way.
@@ -243,6 +321,13 @@ class _Look:
             and _offered(config, False, rule)
             and verb not in persona.hidden_verbs
         }
+
+
+def _wire_of(reply: Reply | None, enhanced: bool, lowest: int) -> bytes | None:
+    """``reply`` on the wire if its code is at least ``lowest`` and below 400, else None."""
+    if reply is None or not lowest <= reply.code < 400:
+        return None
+    return reply.render(enhanced)
 
 
 #: Configurations seen, by identity, with what connections need of them; the entry keeps
@@ -495,7 +580,8 @@ class ServerConnection:
         if not data:
             self._eof = True
             return
-        if self.state in (State.TLS_PENDING, State.CLOSED):
+        state = self.state
+        if state is State.TLS_PENDING or state is State.CLOSED:
             return  # plaintext after STARTTLS is an injection attempt; after close, noise
         if self._pos:
             del self._buf[: self._pos]
@@ -509,7 +595,12 @@ class ServerConnection:
                 return self._events.popleft()
             if self._pending is not None:
                 return PAUSED
-            if self.state is State.CLOSED:
+            state = self.state
+            if state is State.CLOSED:
+                return NEED_DATA
+            if self._pos >= len(self._buf) and state is not State.BDAT and not self._eof:
+                # Everything received is parsed (asked once after every command): only a
+                # BDAT chunk (a BDAT 0 completes without a byte) goes on without input.
                 return NEED_DATA
             if not self._step():
                 if self._eof:
@@ -530,7 +621,7 @@ class ServerConnection:
         if self._events and any(event is point for event in self._events):
             raise ProtocolError("respond() called before the policy point was taken")
         self._pending = None
-        if isinstance(reply, Reply) or reply is None:
+        if reply is None or isinstance(reply, Reply):
             single = reply
             if single is not None and self._look.overridden:
                 single = self._adapt_answer(point, single)
@@ -542,8 +633,18 @@ class ServerConnection:
             return
         else:
             raise ProtocolError("a sequence of replies is only valid for LMTP DataComplete")
-        handler = _ANSWERS[type(point)]
-        handler(self, point, single)
+        # The answers of every message called directly (a native call in the compiled
+        # build), the rest through the table.
+        if type(point) is MailFrom:
+            self._answer_mail(point, single)
+        elif type(point) is RcptTo:
+            self._answer_rcpt(point, single)
+        elif type(point) is DataStart:
+            self._answer_data_start(point, single)
+        elif type(point) is DataComplete:
+            self._answer_data_complete(point, single)
+        else:
+            _ANSWERS[type(point)](self, point, single)
         if (
             self._look.error_limit is not None
             and single is not None
@@ -633,6 +734,8 @@ class ServerConnection:
         buf, pos = self._buf, self._pos
         end = buf.find(b"\n", pos)
         if end < 0:
+            if len(buf) - pos <= self._short_line:
+                return None  # within every limit: wait for the rest
             limit = self._line_limit(pos, len(buf) - pos)
             if len(buf) - pos > limit:
                 # Too long already: answer once, then drop bytes up to the next LF.
@@ -690,7 +793,8 @@ class ServerConnection:
             self._enter_closed(Limit.COMMAND_LINE_LENGTH.value)
 
     def _command(self, line: bytes) -> None:
-        if self._look.nul_ends_command:
+        look = self._look
+        if look.nul_ends_command:
             nul = line.find(0)
             if nul >= 0:
                 line = line[:nul]  # as a C string ends (Sendmail)
@@ -704,9 +808,9 @@ class ServerConnection:
         verb = verb.upper()
         self._said_verb = verb
         self._said = arg
-        if self._look.first_checks and self._first_checks(line, text, verb):
+        if look.first_checks and self._first_checks(line, text, verb):
             return
-        rule = self._look.ready.get(verb)
+        rule = look.ready.get(verb)
         if rule is None:
             if not text.strip(" \t"):
                 empty = self._r("empty_line", verb="", command=echo(text[:_MAX_ECHO]))
@@ -715,12 +819,12 @@ class ServerConnection:
             rule = self._known_verb(line, text, verb)
             if rule is None:
                 return
-        if _has_control(text):
+        # Every control is unprintable: the common printable line skips the regex.
+        if not text.isprintable() and _has_control(text):
             self._reject(line, self._r("control_characters"), bad=True)
             return
         arg = arg.strip(" ")
-        behaviour = self._look.behaviour
-        if behaviour.sequence_first and verb != "BDAT" and not self._sequence_ok(rule, line):
+        if look.sequence_first and verb != "BDAT" and not self._sequence_ok(rule, line):
             return
         if rule.arg is Arg.NONE and arg:
             self._reject(line, self._r("argument_not_allowed", verb=verb), bad=True)
@@ -729,10 +833,22 @@ class ServerConnection:
             name = ARGUMENT_REPLIES.get(verb, "argument_required")
             self._reject(line, self._r(name, verb=verb), bad=True)
             return
-        if verb in behaviour.ignored_arguments:
+        if verb in look.ignored_arguments:
             arg = ""
-        handler = _COMMANDS[verb]
-        handler(self, rule, line, arg)
+        # The commands of every message called directly (a native call in the compiled
+        # build), the rest through the table.
+        if verb == "MAIL":
+            self._cmd_mail(rule, line, arg)
+        elif verb == "RCPT":
+            self._cmd_rcpt(rule, line, arg)
+        elif verb == "DATA":
+            self._cmd_data(rule, line, arg)
+        elif verb == "EHLO" or verb == "HELO":
+            self._cmd_hello(rule, line, arg)
+        elif verb == "QUIT":
+            self._cmd_quit(rule, line, arg)
+        else:
+            _COMMANDS[verb](self, rule, line, arg)
 
     def _first_checks(self, line: bytes, text: str, verb: str) -> bool:
         """Step 0, for a persona whose product looks at a line before its verb (see
@@ -861,6 +977,10 @@ class ServerConnection:
 
     def _sequence_ok(self, rule: Rule, line: bytes) -> bool:
         """Step 5: answer 503 and return False if the verb is out of sequence."""
+        if self.state in rule.allowed and not self._look.sequence_needs_ehlo:
+            guard = rule.guard
+            if guard is None or self._guard_holds(guard):
+                return True  # what _sequence_error finds at once
         error = self._sequence_error(rule)
         if error is not None:
             self._reject(line, error, bad=True)
@@ -952,7 +1072,7 @@ class ServerConnection:
                 self._reject(line, self._r("hello_syntax", verb=rule.verb), bad=True)
                 return
             arg = arg.split()[0]  # the product takes the first word as the name
-        if (self._look.behaviour.hello_name_check and not _hello_name_ok(arg)) or (
+        if (self._look.hello_name_check and not _hello_name_ok(arg)) or (
             not self._hello_name_fits(arg)
         ):
             self._reject(line, self._r("hello_bad_name", verb=rule.verb), bad=True)
@@ -963,11 +1083,11 @@ class ServerConnection:
 
     def _hello_name_fits(self, name: str) -> bool:
         """The persona's check of a HELO name's characters and length (Sendmail's)."""
-        behaviour = self._look.behaviour
-        limit = behaviour.hello_name_max_length
+        look = self._look
+        limit = look.hello_name_max_length
         if limit is not None and len(name) > limit:
             return False
-        allowed = self._look.hello_name_characters
+        allowed = look.hello_name_characters
         if allowed is None:
             return True
         return all((c.isascii() and c.isalnum()) or c in allowed for c in name)
@@ -980,7 +1100,7 @@ class ServerConnection:
             self._pause(MailFrom(*parsed))
 
     def _cmd_rcpt(self, rule: Rule, line: bytes, arg: str) -> None:
-        noting = self._look.behaviour.repeat_rcpt_error
+        noting = self._look.repeat_rcpt_error
         mark = len(self._out)
         if noting:
             # Exim: a RCPT refused for want of a sender is not a valid RCPT.
@@ -992,7 +1112,7 @@ class ServerConnection:
             return
         address, params, written = parsed
         assert address is not None and self.transaction is not None
-        if len(self.transaction.recipients) >= self.config.max_recipients:
+        if len(self.transaction.recipients) >= self._look.max_recipients:
             self._events.append(LimitExceeded(Limit.RECIPIENTS, closing=False))
             self._send(self._r("too_many_recipients"))
             if noting:
@@ -1026,33 +1146,42 @@ class ServerConnection:
             name = "mail_syntax" if is_mail else "rcpt_syntax"
             self._reject(line, self._r(name, word=word), bad=True)
             return None
-        behaviour = self._look.behaviour
-        lenient = behaviour.lenient_paths
+        look = self._look
+        behaviour = look.behaviour
+        lenient = look.lenient_paths
         try:
             after = arg[len(keyword) :]
-            if lenient and not after.lstrip(" ").startswith("<"):
+            address: Address | None
+            plain = parse_plain_path(after, look.long_local_parts)
+            if plain is not None:
+                # The common <local@host.name>: what the full way below would make of it.
+                address, written, rest = plain
+            elif lenient and not after.lstrip(" ").startswith("<"):
                 # strict_rfc821_envelopes = no: a bare path up to the first space.
                 written, _, rest = after.lstrip(" ").partition(" ")
                 path, rest = f"<{written}>", rest.strip(" ")
             else:
                 path, rest = split_path_and_params(after)
                 written = path
-            # UTF-8 is judged after the parameters: MAIL's own SMTPUTF8 may allow it.
-            try:
-                address = parse_path(
-                    path, smtputf8=True, long_local_parts=behaviour.long_local_parts
-                )
-            except AddressError:
-                address = (
-                    _lenient_address(path, behaviour.loose_local_parts, behaviour.unqualified_paths)
-                    if lenient
-                    else None
-                )
-                if address is None and lenient and behaviour.spaced_local_parts:
-                    address = _spaced_address(path, behaviour.long_local_parts)
-                if address is None:
-                    raise
-            pairs = split_params(rest)
+            if plain is None:
+                # UTF-8 is judged after the parameters: MAIL's own SMTPUTF8 may allow it.
+                try:
+                    address = parse_path(
+                        path, smtputf8=True, long_local_parts=behaviour.long_local_parts
+                    )
+                except AddressError:
+                    address = (
+                        _lenient_address(
+                            path, behaviour.loose_local_parts, behaviour.unqualified_paths
+                        )
+                        if lenient
+                        else None
+                    )
+                    if address is None and lenient and behaviour.spaced_local_parts:
+                        address = _spaced_address(path, behaviour.long_local_parts)
+                    if address is None:
+                        raise
+            pairs = split_params(rest) if rest else []
         # One name per exception type: mypyc (the optional compiled build) gives a name one
         # type for the whole function.
         except AddressError as bad_address:
@@ -1080,38 +1209,41 @@ class ServerConnection:
             return None
         tx = self.transaction
         in_utf8_transaction = tx is not None and tx.smtputf8
-        verb: Literal["MAIL", "RCPT"] = "MAIL" if rule.verb == "MAIL" else "RCPT"
-        context = ParamContext(
-            verb,
-            self.extensions,
-            self._max_size(),
-            in_utf8_transaction,
-            _NOTHING if self.tls_active or not self.esmtp else self._look.after_tls,
-        )
-        if self._look.behaviour.size_value_ignored_if_bad and verb == "MAIL":
-            # Exim skips a SIZE it cannot read; Sendmail reads "abc" as 0. Either way
-            # the MAIL is taken as if no size had been declared.
-            pairs = [
-                (key, value)
-                for key, value in pairs
-                if key.upper() != "SIZE" or value is None or value.isdigit()
-            ]
-        try:
-            params = parse_params(pairs, context)
-        except ParamError as bad_param:
-            name = "unknown_parameter" if bad_param.unknown else "bad_parameter"
-            if bad_param.not_offered and verb == "MAIL":
-                name = "mail_parameter_not_offered"
-            refusal = self._refusal(
-                name,
-                bad_param.reply,
-                parameter=echo(bad_param.parameter or ""),
-                keyword=echo(bad_param.keyword or ""),
+        verb: Literal["MAIL", "RCPT"] = "MAIL" if is_mail else "RCPT"
+        params: dict[str, str | None] = {}
+        if pairs:  # none is the common case: nothing to judge, no context to make
+            context = ParamContext(
+                verb,
+                self._extensions,
+                self._max_size(),
+                in_utf8_transaction,
+                _NOTHING if self.tls_active or not self.esmtp else self._look.after_tls,
             )
-            self._reject(line, refusal, bad=True)
-            return None
-        utf8_allowed = "SMTPUTF8" in params if verb == "MAIL" else in_utf8_transaction
-        if address is not None and address.is_utf8 and not utf8_allowed:
+            if self._look.behaviour.size_value_ignored_if_bad and is_mail:
+                # Exim skips a SIZE it cannot read; Sendmail reads "abc" as 0. Either way
+                # the MAIL is taken as if no size had been declared.
+                pairs = [
+                    (key, value)
+                    for key, value in pairs
+                    if key.upper() != "SIZE" or value is None or value.isdigit()
+                ]
+            try:
+                params = parse_params(pairs, context)
+            except ParamError as bad_param:
+                name = "unknown_parameter" if bad_param.unknown else "bad_parameter"
+                if bad_param.not_offered and is_mail:
+                    name = "mail_parameter_not_offered"
+                refusal = self._refusal(
+                    name,
+                    bad_param.reply,
+                    parameter=echo(bad_param.parameter or ""),
+                    keyword=echo(bad_param.keyword or ""),
+                )
+                self._reject(line, refusal, bad=True)
+                return None
+        utf8_allowed = "SMTPUTF8" in params if is_mail else in_utf8_transaction
+        # A plain path is ASCII (parse_plain_path): only another can need SMTPUTF8.
+        if plain is None and address is not None and address.is_utf8 and not utf8_allowed:
             self._reject(line, self._r("smtputf8_required"), bad=True)
             return None
         return address, params, written
@@ -1165,7 +1297,11 @@ class ServerConnection:
     def _cmd_quit(self, rule: Rule, line: bytes, arg: str) -> None:
         if not self._sequence_ok(rule, line):
             return
-        self._send(self._r("bye"))
+        wire = self._look.bye_wire
+        if wire is not None:
+            self._out += wire
+        else:
+            self._send(self._r("bye"))
         self._enter_closed("quit")
 
     def _cmd_help(self, rule: Rule, line: bytes, arg: str) -> None:
@@ -1280,6 +1416,11 @@ class ServerConnection:
 
     def _answer_greeting(self, point: Greeting, reply: Reply | None) -> None:
         if reply is None:
+            wire = self._look.banner_wire
+            if wire is not None:
+                self._out += wire
+                self.state = State.CONNECTED
+                return
             reply = self._banner()
         self._out += reply.render(enhanced=False)
         if reply.code == 220:
@@ -1297,9 +1438,19 @@ class ServerConnection:
         if self._rcpt_error is not None:
             self._forget_rcpt_errors()
         self.helo_name = point.domain
-        self.esmtp = point.verb != "HELO"
+        esmtp = point.verb != "HELO"
+        self.esmtp = esmtp
         self.state = State.READY
-        capabilities = self._capabilities() if self.esmtp else []
+        look = self._look
+        key: tuple[bool, str, str, bool, bool] | None = None
+        if reply is None and look.hello_cacheable[1 if esmtp else 0]:
+            key = (esmtp, point.domain, self.client_ip, self.tls_active, self.peer_trusted)
+            known = look.hellos.get(key)
+            if known is not None:
+                self._out += known[0]
+                self._extensions = known[1]
+                return
+        capabilities = self._capabilities() if esmtp else []
         self._extensions = frozenset(c.split(" ", 1)[0] for c in capabilities)
         # A policy's own positive reply replaces the greeting line only: the capabilities
         # are what this connection really offers, so they always follow.
@@ -1309,33 +1460,50 @@ class ServerConnection:
             persona = self._look.persona
             first = persona.greeting_line(self.esmtp, self._values({"helo": point.domain}))
         code = reply.code if reply is not None else 250
-        self._out += Reply(code, None, (first, *capabilities)).render(enhanced=False)
+        wire = Reply(code, None, (first, *capabilities)).render(enhanced=False)
+        self._out += wire
+        if key is not None:
+            if len(look.hellos) >= _MAX_HELLOS:
+                look.hellos.clear()
+            look.hellos[key] = (wire, self._extensions)
 
     def _answer_mail(self, point: MailFrom, reply: Reply | None) -> None:
-        # Hot path: the ready reply without a call, placeholders only when it has some.
-        if reply is None and "PRDR" in point.params:
+        params = point.params
+        if reply is None and not params:
+            # Hot path: the default answer, rendered once per configuration.
+            wire = self._look.sender_ok_wire
+            if wire is not None:
+                self.transaction = Transaction(point.address, params, False, [])
+                self.state = State.MAIL
+                self._out += wire
+                return
+        if reply is None and "PRDR" in params:
             reply = self._r("prdr_sender_ok", address=point.address)
-        reply = (
-            reply or self._look.static("sender_ok") or self._r("sender_ok", address=point.address)
-        )
+        reply = reply or self._look.sender_ok or self._r("sender_ok", address=point.address)
         if reply.is_positive:
             self.transaction = Transaction(
                 sender=point.address,
-                params=point.params,
-                smtputf8="SMTPUTF8" in point.params,
+                params=params,
+                smtputf8="SMTPUTF8" in params,
                 recipients=[],
             )
             self.state = State.MAIL
         self._send(reply)
 
     def _answer_rcpt(self, point: RcptTo, reply: Reply | None) -> None:
-        if reply is None and self._look.echoes_recipients:
+        look = self._look
+        tx = self.transaction
+        if reply is None and tx is not None and not look.echoes_recipients:
+            # Hot path: the default answer, rendered once per configuration.
+            wire = look.recipient_ok_wire
+            if wire is not None:
+                tx.recipients.append(point.address)
+                self.state = State.RCPT
+                self._out += wire
+                return
+        if reply is None and look.echoes_recipients:
             reply = self._r("recipient_ok", address=point.address, path=self._recipient_echo(point))
-        reply = (
-            reply
-            or self._look.static("recipient_ok")
-            or self._r("recipient_ok", address=point.address)
-        )
+        reply = reply or look.recipient_ok or self._r("recipient_ok", address=point.address)
         if reply.is_positive and self.transaction is not None:
             self.transaction.recipients.append(point.address)
             self.state = State.RCPT
@@ -1385,21 +1553,38 @@ class ServerConnection:
                 return
             self._start_chunk(size)
             return
-        reply = reply or self._look.static("start_data") or self._r("start_data")
-        if reply.code != 354:
-            self._send(reply)
-            return
-        self._out += reply.render(enhanced=False)
-        cfg = self.config
+        wire = self._look.start_data_wire if reply is None else None
+        if wire is None:
+            reply = reply or self._r("start_data")
+            if reply.code != 354:
+                self._send(reply)
+                return
+            wire = reply.render(enhanced=False)
+        self._out += wire
+        look = self._look
         self._dot = DotReader(
-            max_size=self._max_size(),
-            max_line=cfg.max_data_line,
-            bare_newline=cfg.bare_newline,
+            max_size=look.max_size, max_line=look.max_data_line, bare_newline=look.bare_newline
         )
         self.state = State.DATA
 
     def _answer_data_complete(self, point: DataComplete, reply: Reply | None) -> None:
-        accepted = self._look.static("message_accepted") or self._r("message_accepted")
+        look = self._look
+        if reply is None:
+            wire = look.message_accepted_wire
+            tx = self.transaction
+            if (
+                wire is not None
+                and not look.lmtp
+                and not self._bdat_ending
+                and self._rcpt_error is None
+                and (tx is None or "PRDR" not in tx.params)
+            ):
+                # Hot path: what _complete_data does for one default SMTP answer.
+                self._out += wire
+                self.transaction = None
+                self.state = State.READY
+                return
+        accepted = look.message_accepted or self._r("message_accepted")
         self._complete_data(point, [reply or accepted])
 
     def _complete_data(self, point: DataComplete, answers: list[Reply]) -> None:
@@ -1683,7 +1868,7 @@ class ServerConnection:
         return caps
 
     def _max_size(self) -> int | None:
-        return self.config.max_message_size or None
+        return self._look.max_size
 
     # --- helpers -----------------------------------------------------------------------------
 

@@ -213,6 +213,30 @@ class DotReader:
         n = len(buf)
         if self._done or start >= n:
             return [], start, self._done
+        if (
+            self._at_start
+            and self._policy is BareNewline.REJECT
+            and buf.endswith(_TERMINATOR, start)
+            and buf[start] != _DOT
+        ):
+            # The whole message in one piece, ended by the terminator and nothing after
+            # it (a small message is sent so): with no dot after any CR or LF before the
+            # terminator there is nothing to unstuff, no earlier end and nothing REJECT
+            # refuses, so it is delivered as it is in two memchr-speed searches. Any
+            # dot at a line start, or a limit in reach, takes the general way below.
+            body_end = n - 3  # the terminator's CRLF ends the last line
+            size = body_end - start
+            if (
+                buf.find(b"\n.", start, body_end) < 0
+                and buf.find(b"\r.", start, body_end) < 0
+                and (not self._max_size or size <= self._max_size)
+                # Every line is shorter than the whole (no line began before this).
+                and (self._max_line is None or size <= self._max_line)
+            ):
+                self._at_start = False
+                self._done = True
+                self.size = size
+                return [bytes(buf[start:body_end])], n, True
         pos = start
         if self._at_start and buf[pos] == _DOT:
             # The CRLF before this dot is already consumed, so the terminator may start here.

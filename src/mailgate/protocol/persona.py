@@ -968,6 +968,10 @@ class Persona:
         """The placeholders the banner uses."""
         return self._banner.fields
 
+    def greeting_fields(self, esmtp: bool) -> frozenset[str]:
+        """The placeholders the EHLO/LHLO (``esmtp``) or HELO greeting line uses."""
+        return (self._ehlo if esmtp else self._helo).fields
+
     def greeting_line(self, esmtp: bool, values: Mapping[str, object]) -> str:
         """The first line of the EHLO/LHLO reply (``esmtp``) or the HELO reply text
         (values: the banner's and helo)."""

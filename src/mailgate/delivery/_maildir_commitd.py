@@ -17,7 +17,8 @@ after the link), 2 the source is already durable (no fsync of it). Answers: ``id
 ``errno`` (0: done), then the name given in new/ or the error's text. Flag 4 asks for
 empty spool files instead: the path is a directory (the Maildir's tmp/) and the name
 field holds the names to create there, separated by "/"; the answer lists those made
-(an error only when none could be).
+(an error only when none could be). Flag 8 asks for the path to be removed (a spool
+file the server is done with), without an answer.
 
 An answer is sent only once the file's data and inode are durable (fsync), its name is
 in new/, and an fsync of new/ that began after that link has completed; a failed fsync of
@@ -46,6 +47,7 @@ THREADS = 2
 _KEEP_SOURCE = 1
 _SYNCED = 2
 _CREATE = 4
+_REMOVE = 8
 _LINK_ATTEMPTS = 16
 _NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
 
@@ -154,6 +156,12 @@ class Committer:
         for job_id, flags, source, name in batch:
             if flags & _CREATE:
                 answers.append(_create(job_id, source, name))
+                continue
+            if flags & _REMOVE:
+                # A spool file the server is done with (its commit, if any, was answered
+                # before the server asked): not answered.
+                with contextlib.suppress(OSError):
+                    os.unlink(source)
                 continue
             try:
                 if not flags & _SYNCED:

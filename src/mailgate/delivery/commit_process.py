@@ -51,6 +51,7 @@ _HELPER = Path(__file__).with_name("_maildir_commitd.py")
 _KEEP_SOURCE = 1
 _SYNCED = 2
 _CREATE = 4
+_REMOVE = 8
 _READ_SIZE = 65536
 
 
@@ -137,6 +138,17 @@ class ProcessCommitter:
         self._send_request(loop, future, _CREATE, Path(directory), names, directory=directory)
         return future
 
+    def remove_spool(self, path: Path) -> bool:
+        """Have the helper remove a discarded spool file's name, after what it was sent
+        before (its commit has been answered by then). No answer is awaited: should the
+        helper end first, the name stays in tmp/ for the orphan removal at the next
+        start (and for Maildir readers, which remove old tmp/ files)."""
+        loop = self._loop
+        if self._channel is None or loop is None or self._pid != os.getpid():
+            return False
+        self._send_request(loop, None, _REMOVE, Path(path), "")
+        return True
+
     def _request(
         self, loop: asyncio.AbstractEventLoop, source: Path, *, synced: bool, keep_source: bool
     ) -> asyncio.Future[str]:
@@ -149,7 +161,7 @@ class ProcessCommitter:
     def _send_request(
         self,
         loop: asyncio.AbstractEventLoop,
-        future: asyncio.Future[Any],
+        future: asyncio.Future[Any] | None,
         flags: int,
         path: Path,
         name: str,
@@ -157,7 +169,8 @@ class ProcessCommitter:
         directory: Path | None = None,
     ) -> None:
         job_id = next(self._ids)
-        self._waiting[job_id] = (future, directory)
+        if future is not None:
+            self._waiting[job_id] = (future, directory)
         self._outgoing += b"%d\0%d\0%s\0%s\0" % (
             job_id,
             flags,

@@ -126,16 +126,19 @@ class SpoolFile:
         self._setup(path, fd)
 
     @classmethod
-    def existing(cls, path: Path) -> SpoolFile:
+    def existing(cls, path: Path, source: SpoolSource | None = None) -> SpoolFile:
         """A spool over an empty file made for it elsewhere (by a Maildir's commit
-        process, which makes them where creating a file costs the server no GIL)."""
+        process, which makes them where creating a file costs the server no GIL);
+        ``source`` is asked to remove its name when it is discarded."""
         spool = cls.__new__(cls)
         spool._setup(Path(path), os.open(path, os.O_WRONLY | os.O_CLOEXEC))
+        spool._source = source
         return spool
 
     def _setup(self, path: Path, fd: int) -> None:
         self.path = path
         self.size = 0
+        self._source: SpoolSource | None = None
         self._fd: int | None = fd
         self._buffer = bytearray()
         self._finished = False
@@ -206,8 +209,10 @@ class SpoolFile:
         """Close and unlink. Idempotent; after a Maildir delivery the name is already gone."""
         if not self._discarded:
             self._discarded = True
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+            source = self._source
+            if source is None or not source.remove_spool(self.path):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
         # Unlinked first, so a buffered tail never reaches a disk; it is dropped here.
         self._buffer = bytearray()
         fd, self._fd = self._fd, None
@@ -236,6 +241,11 @@ class SpoolSource(Protocol):
     ) -> asyncio.Future[list[Path]] | None:
         """Up to ``count`` new empty files in ``directory``, or None: not now (the pool
         then makes them in a worker thread)."""
+
+    def remove_spool(self, path: Path) -> bool:
+        """Remove the name ``path`` soon, after everything asked of the source before
+        (a discarded spool file: no system call on the event loop's thread); False:
+        remove it yourself."""
 
 
 _sources: dict[Path, SpoolSource] = {}
@@ -304,7 +314,7 @@ class SpoolPool:
             made, path = files.popleft()
             if now - made <= self.max_age:
                 try:
-                    found = SpoolFile.existing(path)
+                    found = SpoolFile.existing(path, _sources.get(self.directory))
                 except OSError as exc:  # removed by someone else, or no fds left
                     log.debug("spool pool: cannot open %s: %s", path, exc)
                     _remove(path)

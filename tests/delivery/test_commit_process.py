@@ -255,3 +255,41 @@ def test_without_a_helper_the_threads_commit(
     assert committer.unavailable and committer.committed == 0
     assert committer.fallback.committed == 1
     assert (store.new_dir / name).read_bytes() == b"threads\r\n"
+
+
+def test_a_forked_child_starts_a_helper_of_its_own(tmp_path: Path) -> None:
+    """A worker forked with a running helper in its parent (``--workers``) must not
+    write into its parent's socket: its first submit starts its own helper."""
+    store = MaildirStore(tmp_path / "M")
+    committer = ProcessCommitter(store)
+    loop = asyncio.new_event_loop()
+
+    async def one(tag: bytes) -> tuple[str, int | None]:
+        name = await asyncio.wait_for(committer.submit(_spool(store, tag)), 10)
+        return name, committer.pid
+
+    try:
+        _, parent_helper = loop.run_until_complete(one(b"parent"))
+        pid = os.fork()
+        if pid == 0:  # the child
+            code = 1
+            try:
+
+                async def child() -> bool:
+                    _, helper_pid = await one(b"child")
+                    await committer.aclose(10)
+                    return helper_pid not in (None, parent_helper)
+
+                code = 0 if asyncio.run(child()) else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        # The parent's helper still serves the parent.
+        _, again = loop.run_until_complete(one(b"parent again"))
+        assert again == parent_helper
+        loop.run_until_complete(committer.aclose(10))
+    finally:
+        loop.close()
+    contents = sorted((store.new_dir / name).read_bytes() for name in os.listdir(store.new_dir))
+    assert contents == [b"child", b"parent", b"parent again"]

@@ -55,6 +55,20 @@ _REMOVE = 8
 _READ_SIZE = 65536
 
 
+class _ThisProcess:
+    """This process's id, kept up to date across fork (a getpid system call per message
+    is what it saves: a forked worker must not use its parent's helper)."""
+
+    pid = os.getpid()
+
+    @classmethod
+    def forked(cls) -> None:
+        cls.pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_ThisProcess.forked)
+
+
 class HelperEnded(OSError):
     """The commit process ended before it answered: the message may or may not be in
     new/ (the client is told to try again)."""
@@ -70,7 +84,7 @@ class ProcessCommitter:
         self.store = store
         #: Copies of files from outside tmp/, and everything when no helper can start.
         self.fallback = GroupCommitter(store)
-        self._pid = os.getpid()
+        self._pid = _ThisProcess.pid
         self._process: subprocess.Popen[bytes] | None = None
         self._channel: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -92,7 +106,7 @@ class ProcessCommitter:
     def pid(self) -> int | None:
         """The helper process's id while one runs for this process, else None."""
         process = self._process
-        if process is None or self._pid != os.getpid() or process.poll() is not None:
+        if process is None or self._pid != _ThisProcess.pid or process.poll() is not None:
             return None
         return process.pid
 
@@ -111,7 +125,7 @@ class ProcessCommitter:
         name in new/ is then a fresh one)."""
         source = Path(source)
         loop = asyncio.get_running_loop()
-        if self._pid != os.getpid():
+        if self._pid != _ThisProcess.pid:
             self._forked()
         if not self.unavailable and self.store._in_tmp(source):
             if (self._channel is None or self._loop is not loop) and not self._start(loop):
@@ -126,7 +140,7 @@ class ProcessCommitter:
         """Empty spool files made by the helper in ``directory`` (the Maildir's tmp/),
         for the server's :class:`~mailgate.server.spool.SpoolPool`; None when there is
         no helper (the pool makes them in a thread then)."""
-        if self._pid != os.getpid():
+        if self._pid != _ThisProcess.pid:
             self._forked()
         if self.unavailable:
             return None
@@ -144,7 +158,7 @@ class ProcessCommitter:
         helper end first, the name stays in tmp/ for the orphan removal at the next
         start (and for Maildir readers, which remove old tmp/ files)."""
         loop = self._loop
-        if self._channel is None or loop is None or self._pid != os.getpid():
+        if self._channel is None or loop is None or self._pid != _ThisProcess.pid:
             return False
         # Not sent on its own: it goes with the next request (a commit, more spool files,
         # the end at aclose), so that it costs neither a write here nor a wake-up there.
@@ -308,7 +322,7 @@ class ProcessCommitter:
 
     def _forked(self) -> None:
         # A forked worker shares neither its parent's helper nor its waiters.
-        self._pid = os.getpid()
+        self._pid = _ThisProcess.pid
         if self._channel is not None:
             self._channel.close()
         self._channel = None
@@ -324,7 +338,7 @@ class ProcessCommitter:
         input); then end the fallback's threads. A later submit starts a new helper."""
         channel = self._channel
         process = self._process
-        if channel is not None and self._pid == os.getpid():
+        if channel is not None and self._pid == _ThisProcess.pid:
             loop = asyncio.get_running_loop()
             self._ended = loop.create_future()
             self._send()

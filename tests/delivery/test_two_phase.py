@@ -243,24 +243,33 @@ def test_a_refusal_after_a_rewrite_drops_the_pinned_copy(tmp_path: Path, certs: 
     assert _files(maildir / "tmp") == []
 
 
-def test_the_group_commit_threads_end_with_the_server(tmp_path: Path, certs: Certs) -> None:
-    import threading
+def test_the_commit_process_ends_with_the_server(tmp_path: Path, certs: Certs) -> None:
+    """The Maildir's helper process (its commits and spool files) serves the server's
+    messages and ends when the server closes, after answering what it was sent."""
+    from mailgate.delivery.hooks import MaildirDelivery
 
     maildir = tmp_path / "M"
+    pids: list[int | None] = []
 
     async def main() -> list[int]:
         server = _maildir_server(tmp_path, certs, maildir)
         async with server:
+            (delivery,) = [p for p in server.hooks.plugins() if isinstance(p, MaildirDelivery)]
             port = server.address[1]
             codes = await asyncio.gather(
                 *(send(port, f"a{i}@example.org", ["b@example.com"]) for i in range(8))
             )
-            assert any(t.name.startswith("maildir-commit") for t in threading.enumerate())
+            pids.append(delivery.committer.pid)
+            assert delivery.committer.committed == 8
+        pids.append(delivery.committer.pid)
         return [code for code, _ in codes]
 
     assert asyncio.run(main()) == [250] * 8
     assert len(maildir_messages(maildir)) == 8
-    assert not any(t.name.startswith("maildir-commit") for t in threading.enumerate())
+    assert pids[0] is not None and pids[1] is None
+    with pytest.raises(ProcessLookupError):  # ended and reaped
+        os.kill(pids[0], 0)
+    assert _files(maildir / "tmp") == []  # the spool files it made ahead are removed too
 
 
 @pytest.mark.parametrize("same", [False, True], ids=["other-maildir", "same-maildir"])
@@ -269,8 +278,10 @@ def test_a_background_maildir_delivers_its_own_copy_after_the_250(
 ) -> None:
     """A Maildir step marked ``required = False`` gets the message after the reply, on a
     copy without a spool of its own to sync: in the spool's Maildir it is linked and
-    fsynced by its path, elsewhere copied into a durable file."""
+    fsynced by its path (by the commit process, asked without the "already synced"
+    flag), elsewhere copied into a durable file."""
     from mailgate.delivery import hooks as delivery_hooks
+    from mailgate.delivery.commit_process import ProcessCommitter
     from mailgate.delivery.hooks import MaildirDelivery
 
     maildir = tmp_path / "M"
@@ -283,6 +294,14 @@ def test_a_background_maildir_delivers_its_own_copy_after_the_250(
         real_fsync_file(path)
 
     monkeypatch.setattr(delivery_hooks, "fsync_file", recording)
+    real_request = ProcessCommitter._request
+
+    def request(self: ProcessCommitter, loop: Any, source: Path, **flags: bool) -> Any:
+        if not flags["synced"]:
+            synced_by_path.append(source.name)
+        return real_request(self, loop, source, **flags)
+
+    monkeypatch.setattr(ProcessCommitter, "_request", request)
 
     async def main() -> int:
         server = _maildir_server(tmp_path, certs, maildir)
@@ -303,10 +322,12 @@ def test_a_background_maildir_delivers_its_own_copy_after_the_250(
     if same:
         assert len(stored) == 2 and stored[0] == stored[1]
         assert not any(name.endswith(".later") for name in os.listdir(maildir / "new"))
-        assert len(synced_by_path) == 1 and synced_by_path[0].endswith(".later")
+        # The server's spool is fsynced by its path in the commit process too.
+        assert len(synced_by_path) == 2 and synced_by_path[1].endswith(".later")
     else:
         assert len(stored) == 1
         assert maildir_messages(archive) == stored
-        assert synced_by_path == []  # copied into a file of its own, fsynced as made
+        # The archive's copy is a file of its own, fsynced as made: never by its path.
+        assert not any(name.endswith(".later") for name in synced_by_path)
     assert _files(archive / "tmp") == []
     assert _files(maildir / "tmp") == []

@@ -595,17 +595,49 @@ def test_spool_flush_failure_is_answered_and_the_next_message_goes_through(
     assert len(list((tmp_path / "maildir" / "new").iterdir())) == 1
 
 
+# A stand-in for the Maildir's commit process (mailgate/delivery/_maildir_commitd.py):
+# it makes the spool files asked for, and answers every commit with ENOSPC, as the real
+# one does when the fsync of a message finds the disk full.
+_FULL_DISK_HELPER = r"""
+import os, socket
+channel = socket.socket(fileno=0)
+pending = b""
+while data := channel.recv(65536):
+    fields = (pending + data).split(b"\0")
+    whole = (len(fields) - 1) // 4 * 4
+    pending = b"\0".join(fields[whole:])
+    for i in range(0, whole, 4):
+        job, flags, path, name = fields[i : i + 4]
+        if int(flags) & 4:
+            for each in name.split(b"/"):
+                os.close(os.open(os.path.join(path, each), os.O_CREAT | os.O_WRONLY, 0o600))
+            channel.sendall(job + b"\0" + b"0\0" + name + b"\0")
+        else:
+            channel.sendall(job + b"\0" + b"28\0" + b"No space left on device\0")
+"""
+
+
+@pytest.mark.parametrize("committer", ["process", "threads"])
 def test_disk_full_at_the_maildir_fsync_is_a_452(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, committer: str
 ) -> None:
     """With delayed allocation a full disk may show only at fsync, in the delivery (the
-    spool's fsync runs in the Maildir's group commit, after the message steps)."""
+    spool's fsync runs in the Maildir's commit process, or in the threads of its group
+    commit where no process can be started, after the message steps)."""
+    from mailgate.delivery import commit_process
     from mailgate.server.spool import SpoolFile
 
-    def full(self: SpoolFile) -> None:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if committer == "process":
+        helper = tmp_path / "full_disk_helper.py"
+        helper.write_text(_FULL_DISK_HELPER)
+        monkeypatch.setattr(commit_process, "_HELPER", helper)
+    else:
+        monkeypatch.setattr(commit_process, "_HELPER", tmp_path / "no-such-helper.py")
 
-    monkeypatch.setattr(SpoolFile, "finish", full)
+        def full(self: SpoolFile) -> None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(SpoolFile, "finish", full)
     with running_server(tmp_path) as srv:
         client = Client(srv.port())
         client.send(ENVELOPE)

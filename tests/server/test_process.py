@@ -279,6 +279,88 @@ def test_kill_9_under_load_loses_no_accepted_message(
     assert not missing, f"{len(missing)} messages got 250 but are not in new/: {missing[:5]}"
 
 
+def _commit_process_of(server_pid: int) -> int | None:
+    """The pid of the Maildir commit process a server started, if it runs."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if parent == server_pid and b"_maildir_commitd" in command:
+            return int(entry.name)
+    return None
+
+
+def test_kill_9_of_the_commit_process_loses_no_accepted_message(tmp_path: Path) -> None:
+    """SIGKILL of the Maildir's commit process alone, under load (a connection per
+    message): the messages it had not answered are refused 451 (the client sends them
+    again; one may then be there twice, none is lost), every message that got its 250
+    is in new/ whole, and the server starts another commit process and goes on."""
+    maildir = tmp_path / "maildir"
+    accepted: dict[str, bytes] = {}
+    attempted: dict[str, bytes] = {}
+    refused: list[int] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + 10
+    stop = threading.Event()
+
+    def client(worker: int, port: int) -> None:
+        for i in range(400):
+            if stop.is_set() or time.monotonic() > deadline:
+                return
+            marker = f"load-{worker}-{i:03d}"
+            data = message(marker, filler=20 + (i * 37) % 200)
+            with lock:
+                attempted[marker] = data
+            try:
+                with smtplib.SMTP("127.0.0.1", port, timeout=5) as connection:
+                    connection.sendmail(SENDER, [RECIPIENT], data)
+            except smtplib.SMTPResponseException as exc:
+                with lock:
+                    refused.append(exc.smtp_code)
+                continue
+            except (smtplib.SMTPException, OSError):
+                return
+            with lock:
+                accepted[marker] = data
+
+    with serving(lambda port: base_args(tmp_path, port), tmp_path) as server:
+        assert server.proc is not None
+        threads = [
+            threading.Thread(target=client, args=(n, server.port), daemon=True) for n in range(8)
+        ]
+        for thread in threads:
+            thread.start()
+        assert wait_for(lambda: len(accepted) >= 60, timeout=8), f"only {len(accepted)} accepted"
+        helper = _commit_process_of(server.proc.pid)
+        assert helper is not None, "no commit process found"
+        os.kill(helper, signal.SIGKILL)
+        killed_at = len(accepted)
+        # The server goes on with a new commit process.
+        assert wait_for(lambda: len(accepted) >= killed_at + 60, timeout=8), server.text()
+        replacement = _commit_process_of(server.proc.pid)
+        assert replacement is not None and replacement != helper
+        stop.set()
+        for thread in threads:
+            thread.join(15)
+        assert not any(thread.is_alive() for thread in threads)
+        assert server.proc.poll() is None, "the server itself must survive"
+
+    assert all(code == 451 for code in refused), refused
+    stored = stored_bodies(maildir)
+    known = set(attempted.values())
+    assert all(body in known for body in stored)
+    stored_set = set(stored)
+    missing = sorted(marker for marker, data in accepted.items() if data not in stored_set)
+    assert not missing, f"{len(missing)} messages got 250 but are not in new/: {missing[:5]}"
+    # These clients never send a refused message again: nothing is there twice.
+    assert len(stored_set) == len(stored), "a message was delivered twice"
+
+
 def test_sigterm_lets_the_message_in_flight_finish(tmp_path: Path) -> None:
     close_timeout = 10.0
     args = lambda port: base_args(tmp_path, port, "--close-timeout", str(close_timeout))  # noqa: E731

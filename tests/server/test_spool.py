@@ -234,3 +234,74 @@ def test_unique_names_in_a_forked_child_carry_its_pid_and_fresh_randomness() -> 
     assert parent_match[3] == str(os.getpid())
     assert child_match[3] == str(pid)
     assert parent_match[5] != child_match[5]  # the random part: not the parent's sequence
+
+
+def test_an_outrun_pool_grows_and_a_registered_source_makes_and_removes_its_files(
+    tmp_path: Path,
+) -> None:
+    """A pool found empty after its first batch doubles (up to max_size); a source
+    registered for its directory (a Maildir's commit process) makes the files instead of
+    a worker thread, and is asked to remove the names of the spools it made."""
+    import asyncio
+
+    from mailgate.server.spool import (
+        SpoolPool,
+        register_spool_source,
+        unregister_spool_source,
+    )
+
+    class Source:
+        def __init__(self) -> None:
+            self.asked: list[int] = []
+            self.removed: list[Path] = []
+
+        def make_spools(
+            self, loop: asyncio.AbstractEventLoop, directory: Path, count: int
+        ) -> asyncio.Future[list[Path]]:
+            self.asked.append(count)
+            made = [directory / f"made-{len(self.asked)}-{n}" for n in range(count)]
+            for path in made:
+                path.touch()
+            future: asyncio.Future[list[Path]] = loop.create_future()
+            loop.call_soon(future.set_result, made)
+            return future
+
+        def remove_spool(self, path: Path) -> bool:
+            self.removed.append(path)
+            path.unlink()
+            return True
+
+    async def fill(pool: SpoolPool, count: int) -> None:
+        for _ in range(100):
+            if len(pool) >= count and not pool.refilling:
+                return
+            await asyncio.sleep(0.01)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        source = Source()
+        register_spool_source(tmp_path, source)
+        try:
+            pool = SpoolPool(tmp_path, size=2, max_size=8)
+            assert pool.take(loop) is None and pool.size == 2  # the first miss is no outrun
+            await fill(pool, 2)
+            taken = [pool.take(loop) for _ in range(3)]  # the third finds it empty
+            assert taken[2] is None and pool.size == 4
+            await fill(pool, 1)  # the refill asked for before it grew
+            taken.append(pool.take(loop))  # ... is taken: a refill up to the new size
+            await fill(pool, 4)
+            assert source.asked == [2, 1, 4] and len(pool) == 4
+            spool = taken[0]
+            assert spool is not None and spool.path.name.startswith("made-")
+            spool.write(b"x")
+            spool.discard()
+            assert source.removed == [spool.path]
+            for _ in range(6):
+                pool.take(loop)
+                await fill(pool, 1)
+            assert pool.size <= 8
+            await pool.aclose()
+        finally:
+            unregister_spool_source(tmp_path, source)
+
+    asyncio.run(main())

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import TypeVar
 
 from mailgate.hooks import Envelope, HookError, Message, Session, TempFail
+from mailgate.server.spool import register_spool_source, unregister_spool_source
 
-from .maildir import GroupCommitter, MaildirStore, fsync_file
+from .commit_process import ProcessCommitter
+from .maildir import MaildirStore, fsync_file
 from .mbox import MboxStore
 
 T = TypeVar("T")
@@ -58,7 +60,10 @@ class MaildirDelivery:
 
     def __init__(self, root: Path) -> None:
         self.store = MaildirStore(root)
-        self.committer = GroupCommitter(self.store)
+        self.committer = ProcessCommitter(self.store)
+        # When the server spools into this Maildir's tmp/ (``mailgate serve --maildir``),
+        # its spool files are made by the same helper process.
+        register_spool_source(self.store.tmp_dir, self.committer)
 
     async def on_message(self, session: Session, envelope: Envelope, message: Message) -> None:
         if message.path is None:
@@ -68,9 +73,11 @@ class MaildirDelivery:
         message.before_rewrite(staged.pin)
 
     async def aclose(self) -> None:
-        """Let the committer's threads finish what waits, then end them (a disk that
-        hangs does not hold the shutdown longer than 30 s per thread: they are daemons)."""
-        await asyncio.get_running_loop().run_in_executor(None, self.committer.close, 30.0)
+        """Let the committer finish what waits, then end it (a disk that hangs does not
+        hold the shutdown longer than 30 s per stage: its threads are daemons, and its
+        helper process ends at the end of its input)."""
+        unregister_spool_source(self.store.tmp_dir, self.committer)
+        await self.committer.aclose(30.0)
 
 
 class _StagedMaildir:

@@ -325,6 +325,11 @@ class QueueRunner:
     async def _wait_time(self, claimed: int) -> float:
         if len(self._in_flight) >= self._settings.max_deliveries:
             return _IDLE_WAIT  # a slot freeing wakes the loop
+        if claimed:
+            # Everything due was claimed just now (fewer batches than asked for); what
+            # is due next is leased or later. A delivery ending wakes the loop, which
+            # looks again then; under load that is soon, and saves a read per claim.
+            return _LEASED_WAIT
         due = await self.store.next_due()
         if due is None:
             return _IDLE_WAIT

@@ -1,14 +1,17 @@
 """The local queue store: SQLite (WAL, synchronous=FULL) for the state, one file per
 message body in the queue directory.
 
-Threads: every write runs in one database thread with its own connection; reads run in a
-second thread with another connection (WAL lets them see committed data while the writer
-works). The event loop never touches the database or the disk.
-
-Group commit: the database thread takes every write waiting for it, runs each in its own
-savepoint inside one transaction, fsyncs ``bodies/`` once for all enqueues among them and
-commits once, so under load one WAL fsync and one directory fsync serve many messages.
-Each caller is answered after that commit.
+Threads: writes go through one connection, reads through a second one in a reader thread
+(WAL lets them see committed data while the writer works). Group commit: the writer takes
+every write waiting, runs each in its own savepoint inside one transaction, fsyncs
+``bodies/`` once for all enqueues among them and commits once, so under load one WAL
+fsync and one directory fsync serve many messages. Each caller is answered after that
+commit. What may wait for the disk or another process runs in the database thread
+(BEGIN, which may wait for the write lock; COMMIT, which writes and syncs the WAL; the
+fsyncs and removals of body files); the statements of the frequent writes (enqueue,
+claim, results) run on the event loop between the two, against pages in memory (see
+:class:`_Writer` for why). Reads, and operators' writes over the whole queue, never
+run on the loop.
 
 Several processes may open the same queue (the server and ``mailgate queue`` commands):
 SQLite serializes their writes (``busy_timeout``), ``PRAGMA data_version`` tells one
@@ -19,6 +22,7 @@ process that another committed, and the body directory tells live enqueues from 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import errno
@@ -28,10 +32,8 @@ import itertools
 import json
 import logging
 import os
-import queue as thread_queue
 import secrets
 import sqlite3
-import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Collection, Iterable, Sequence
 from dataclasses import asdict
@@ -320,96 +322,165 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 class _Job:
-    """A write for the database thread; ``run`` executes inside the group's transaction,
-    ``after_commit`` once it is durable (removing files, dropping staged names)."""
+    """A write for the writer; ``run`` executes inside the group's transaction (on the
+    event loop, or in the database thread when ``in_thread``), ``after_commit`` in the
+    database thread once it is durable (removing files, dropping staged names)."""
 
-    __slots__ = ("after_commit", "future", "loop", "run", "signals", "sync_bodies")
+    __slots__ = ("after_commit", "future", "in_thread", "run", "signals", "sync_bodies")
 
     def __init__(
         self,
         run: Callable[[sqlite3.Connection], Any],
-        loop: asyncio.AbstractEventLoop,
+        future: asyncio.Future[Any],
         *,
         sync_bodies: bool = False,
         signals: bool = True,
         after_commit: Callable[[Any], None] | None = None,
+        in_thread: bool = False,
     ) -> None:
         self.run = run
-        self.loop = loop
-        self.future: asyncio.Future[Any] = loop.create_future()
+        self.future = future
         self.sync_bodies = sync_bodies
         self.signals = signals
         self.after_commit = after_commit
+        self.in_thread = in_thread
 
 
-def _resolve(future: asyncio.Future[Any], outcome: Any, failed: bool) -> None:
-    if future.done():  # the caller was cancelled; the write happened anyway
-        return
-    if failed:
-        future.set_exception(outcome)
-    else:
-        future.set_result(outcome)
+#: What became of one job: its result, or the exception it raised (``True``).
+_Outcome = tuple[Any, bool]
 
 
-class _DatabaseThread:
-    """The one thread that writes, committing waiting writes together."""
+def _run_jobs(connection: sqlite3.Connection, group: Sequence[_Job]) -> list[_Outcome]:
+    """Each job in its own savepoint: one that fails is undone alone."""
+    outcomes: list[_Outcome] = []
+    for job in group:
+        connection.execute("SAVEPOINT job")
+        try:
+            outcome = job.run(connection)
+        except Exception as exc:
+            connection.execute("ROLLBACK TO job")
+            connection.execute("RELEASE job")
+            outcomes.append((exc, True))
+        else:
+            connection.execute("RELEASE job")
+            outcomes.append((outcome, False))
+    return outcomes
+
+
+class _Writer:
+    """The one connection that writes, committing waiting writes together.
+
+    A cycle: BEGIN IMMEDIATE in the database thread (it may wait for another process's
+    write lock), then every write waiting runs, each in its own savepoint, then (back in
+    the thread) one fsync of ``bodies/`` for the enqueues among them, COMMIT (the WAL's
+    fsync) and the jobs' file work. Under load the thread opens the next transaction
+    right after the commit, so a cycle costs one trip to the thread.
+
+    The jobs' statements run on the event loop: inside the open transaction they only
+    touch pages already in memory (the WAL is written and synced at COMMIT, in the
+    thread), microseconds each; run in the thread, each statement had to take the GIL
+    back from the busy loop, which cost far more than the statement and made this
+    writer the queue's bottleneck. Jobs that may touch many rows (an operator's command
+    on the whole queue) set ``in_thread``; a group holding one runs in the thread.
+    """
 
     def __init__(
-        self, connection: sqlite3.Connection, bodies: BodyDirectory, on_change: Callable[[], None]
+        self,
+        connection: sqlite3.Connection,
+        bodies: BodyDirectory,
+        on_change: Callable[[], None],
+        loop: asyncio.AbstractEventLoop,
     ) -> None:
         self._connection = connection
         self._bodies = bodies
         self._on_change = on_change
-        self._jobs: thread_queue.SimpleQueue[_Job | None] = thread_queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._main, name="mailgate-queue-db", daemon=True)
-        self._thread.start()
+        self._loop = loop
+        self._jobs: collections.deque[_Job] = collections.deque()
+        self._thread = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="mailgate-queue-db"
+        )
+        self._task: asyncio.Task[None] | None = None
+        #: A transaction the thread opened after the last commit, for the jobs waiting.
+        self._began = False
 
     def submit(self, job: _Job) -> None:
-        self._jobs.put(job)
+        self._jobs.append(job)
+        if self._task is None:
+            self._task = self._loop.create_task(self._drain(), name="mailgate-queue-writer")
 
-    def stop(self) -> None:
-        self._jobs.put(None)
-        self._thread.join()
+    async def stop(self) -> None:
+        """Finish the writes handed over, then close the connection."""
+        while (task := self._task) is not None:
+            await asyncio.wait({task})
+        connection = self._connection
 
-    def _main(self) -> None:
-        stopping = False
-        while not stopping:
-            first = self._jobs.get()
-            if first is None:
-                break
-            group = [first]
-            while len(group) < _MAX_GROUP:
-                try:
-                    job = self._jobs.get_nowait()
-                except thread_queue.Empty:
-                    break
-                if job is None:
-                    stopping = True
-                    break
-                group.append(job)
-            self._run_group(group)
-        self._connection.close()
+        def close() -> None:
+            if self._began:
+                with contextlib.suppress(sqlite3.Error):
+                    connection.execute("ROLLBACK")
+            connection.close()
 
-    def _run_group(self, group: list[_Job]) -> None:
-        outcomes: list[tuple[Any, bool]] = []
+        await self._loop.run_in_executor(self._thread, close)
+        self._thread.shutdown(wait=True)
+
+    async def _drain(self) -> None:
+        try:
+            while self._jobs:
+                await self._cycle()
+        finally:
+            self._task = None
+
+    def _take(self) -> list[_Job]:
+        jobs = self._jobs
+        return [jobs.popleft() for _ in range(min(len(jobs), _MAX_GROUP))]
+
+    async def _cycle(self) -> None:
+        loop = self._loop
+        connection = self._connection
+        if not self._began:
+            try:
+                await loop.run_in_executor(self._thread, connection.execute, "BEGIN IMMEDIATE")
+            except Exception as exc:
+                log.error("queue database write failed: %s", exc)
+                group = self._take()
+                self._finish(group, [(exc, True)] * len(group))
+                return
+        self._began = False
+        # Taken now, not before BEGIN: the writes that came meanwhile join this commit.
+        group = self._take()
+        outcomes: list[_Outcome] | None = None
+        if not any(job.in_thread for job in group):
+            try:
+                outcomes = _run_jobs(connection, group)
+            except BaseException as exc:
+                # A statement of the savepoint handling failed: the transaction is lost.
+                with contextlib.suppress(sqlite3.Error):
+                    connection.execute("ROLLBACK")
+                log.error("queue database write failed: %s", exc)
+                self._finish(group, [(exc, True)] * len(group))
+                if not isinstance(exc, Exception):
+                    raise
+                return
+        sync = any(job.sync_bodies for job in group)
+        committed, self._began = await loop.run_in_executor(
+            self._thread, self._commit, group, outcomes, sync
+        )
+        self._finish(group, committed)
+
+    def _commit(
+        self, group: list[_Job], outcomes: list[_Outcome] | None, sync: bool
+    ) -> tuple[list[_Outcome], bool]:
+        """In the thread: the jobs (when not run on the loop), then bodies/ fsync and
+        COMMIT, then each job's after-commit work; opens the next transaction when more
+        writes are waiting."""
         connection = self._connection
         try:
-            if any(job.sync_bodies for job in group):
-                # Bodies linked by these enqueues become durable before their rows commit.
-                self._bodies.sync()
-            connection.execute("BEGIN IMMEDIATE")
             try:
-                for job in group:
-                    connection.execute("SAVEPOINT job")
-                    try:
-                        outcome = job.run(connection)
-                    except Exception as exc:
-                        connection.execute("ROLLBACK TO job")
-                        connection.execute("RELEASE job")
-                        outcomes.append((exc, True))
-                    else:
-                        connection.execute("RELEASE job")
-                        outcomes.append((outcome, False))
+                if outcomes is None:
+                    outcomes = _run_jobs(connection, group)
+                if sync:
+                    # Bodies linked by these enqueues become durable before their rows.
+                    self._bodies.sync()
                 connection.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
@@ -418,17 +489,32 @@ class _DatabaseThread:
         except Exception as exc:
             log.error("queue database write failed: %s", exc)
             outcomes = [(exc, True)] * len(group)
-        changed = False
         for job, (outcome, failed) in zip(group, outcomes, strict=True):
             if job.after_commit is not None:
                 try:
                     job.after_commit(None if failed else outcome)
                 except Exception:
                     log.exception("queue clean-up after a commit failed")
+        began = False
+        if self._jobs:  # read across threads: at worst a cycle opens its own
+            try:
+                connection.execute("BEGIN IMMEDIATE")
+                began = True
+            except sqlite3.Error as exc:
+                log.debug("queue database: next transaction not begun yet: %s", exc)
+        return outcomes, began
+
+    def _finish(self, group: list[_Job], outcomes: list[_Outcome]) -> None:
+        changed = False
+        for job, (outcome, failed) in zip(group, outcomes, strict=True):
             changed = changed or (job.signals and not failed)
-            # A closed loop has nobody left to answer; the thread must live on regardless.
-            with contextlib.suppress(RuntimeError):
-                job.loop.call_soon_threadsafe(_resolve, job.future, outcome, failed)
+            future = job.future
+            if future.done():  # the caller was cancelled; the write happened anyway
+                continue
+            if failed:
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
         if changed:
             self._on_change()
 
@@ -455,7 +541,7 @@ class SQLiteQueueStore(ChangeWaiting):
     _reader: concurrent.futures.ThreadPoolExecutor
     _files: concurrent.futures.ThreadPoolExecutor
     _reader_connection: sqlite3.Connection
-    _writer: _DatabaseThread
+    _writer: _Writer
     _migrate: bool
     _notice_lock_fd: int | None
     _slot_gate: SlotGate[int]
@@ -521,7 +607,7 @@ class SQLiteQueueStore(ChangeWaiting):
             self._files.shutdown(wait=False)
             await asyncio.to_thread(self.bodies.close)
             raise
-        self._writer = _DatabaseThread(writer, self.bodies, self._changed_threadsafe)
+        self._writer = _Writer(writer, self.bodies, self._changed, self._loop)
         self._poller = asyncio.create_task(self._poll(), name="mailgate-queue-poll")
         return self
 
@@ -557,7 +643,7 @@ class SQLiteQueueStore(ChangeWaiting):
         if self._notice_lock_fd is not None:
             os.close(self._notice_lock_fd)  # closing drops the flock
             self._notice_lock_fd = None
-        await asyncio.to_thread(self._writer.stop)
+        await self._writer.stop()
         await self._read(self._reader_connection.close)
         self._reader.shutdown(wait=True)
         await asyncio.to_thread(self._files.shutdown, True)
@@ -576,10 +662,16 @@ class SQLiteQueueStore(ChangeWaiting):
         sync_bodies: bool = False,
         signals: bool = True,
         after_commit: Callable[[Any], None] | None = None,
+        in_thread: bool = False,
     ) -> T:
         self._check_open()
         job = _Job(
-            run, self._loop, sync_bodies=sync_bodies, signals=signals, after_commit=after_commit
+            run,
+            self._loop.create_future(),
+            sync_bodies=sync_bodies,
+            signals=signals,
+            after_commit=after_commit,
+            in_thread=in_thread,
         )
         self._writer.submit(job)
         # Shielded: a cancelled caller does not undo a write already handed over.
@@ -671,10 +763,6 @@ class SQLiteQueueStore(ChangeWaiting):
             log.error("queue recovery: message %s has no body file; held", message_id)
 
     # --- change notification ----------------------------------------------------------------
-
-    def _changed_threadsafe(self) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop closed
-            self._loop.call_soon_threadsafe(self._changed)
 
     def _read_data_version(self) -> int:
         row = self._reader_connection.execute("PRAGMA data_version").fetchone()
@@ -1207,7 +1295,7 @@ class SQLiteQueueStore(ChangeWaiting):
                     self._history(connection, row[0], at, "flushed")
             return total
 
-        return await self._write(flush)
+        return await self._write(flush, in_thread=True)
 
     async def hold(self, ids: Collection[str], reason: str = "held by the operator") -> int:
         at = self.clock()
@@ -1261,7 +1349,7 @@ class SQLiteQueueStore(ChangeWaiting):
                     self._history(connection, row[0], at, event, detail=detail)
             return total
 
-        return await self._write(change)
+        return await self._write(change, in_thread=True)
 
     async def delete(self, ids: Collection[str]) -> int:
         id_list = list(ids)
@@ -1277,7 +1365,7 @@ class SQLiteQueueStore(ChangeWaiting):
                 for message_id in removed:
                     self.bodies.remove(message_id)
 
-        return await self._write(delete, after_commit=after_commit)
+        return await self._write(delete, after_commit=after_commit, in_thread=True)
 
     async def bounce(self, ids: Collection[str], reason: str = "", now: float | None = None) -> int:
         at = self._now(now)
@@ -1305,7 +1393,7 @@ class SQLiteQueueStore(ChangeWaiting):
                 for message_id in removed:
                     self.bodies.remove(message_id)
 
-        return await self._write(bounce, after_commit=after_commit)
+        return await self._write(bounce, after_commit=after_commit, in_thread=True)
 
     async def stats(self, now: float | None = None) -> QueueStats:
         at = self._now(now)
@@ -1360,7 +1448,7 @@ class SQLiteQueueStore(ChangeWaiting):
                 for message_id in removed:
                     self.bodies.remove(message_id)
 
-        return await self._write(purge, after_commit=after_commit)
+        return await self._write(purge, after_commit=after_commit, in_thread=True)
 
     # --- row helpers (database thread or reader thread) ------------------------------------------
 

@@ -175,6 +175,8 @@ MIGRATIONS: tuple[str, ...] = (
     # 2: RFC 8689 REQUIRETLS and "TLS-Required: No", per message.
     "ALTER TABLE messages ADD COLUMN require_tls INTEGER NOT NULL DEFAULT 0;"
     "ALTER TABLE messages ADD COLUMN tls_optional INTEGER NOT NULL DEFAULT 0",
+    # 3: small bodies in the row (NULL: the body is a file in bodies/).
+    "ALTER TABLE messages ADD COLUMN body BLOB",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -273,6 +275,14 @@ _MESSAGE_COLUMNS = (
 )
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+#: A body given as bytes up to this size is kept in its message's row, not in a file:
+#: the commit that makes the rows durable (one WAL fsync for a whole group) makes it
+#: durable too, where a file costs its own fsync, two links, the fsync of ``bodies/``
+#: and a removal (each a trip to a thread, and work for the file system's journal).
+#: Deliveries read it with their claim. Larger bodies, and those given as a path (a
+#: spool file is linked, not copied) or a stream, are files.
+INLINE_BODY_LIMIT = 64 * 1024
 
 
 #: The last 5 characters of a queue id: a counter that starts at a random point in each
@@ -628,7 +638,10 @@ class SQLiteQueueStore(ChangeWaiting):
         return self.bodies.instance
 
     def body_path(self, message_id: str) -> Path:
-        """Where the body of a queued message is (for senders that stream a file)."""
+        """Where the body of a queued message is when it is a file (for senders that
+        stream a file); a small one given as bytes is in the database instead
+        (:data:`INLINE_BODY_LIMIT`: there is no file, read it with :meth:`read_body`, or
+        take ``DeliveryBatch.body``)."""
         return self.bodies.path(message_id)
 
     async def aclose(self) -> None:
@@ -750,7 +763,9 @@ class SQLiteQueueStore(ChangeWaiting):
         if orphans:
             log.info("queue recovery: %d bodies of unfinished enqueues removed", len(orphans))
         missing = [
-            row[0] for row in connection.execute("SELECT id FROM messages") if row[0] not in bodies
+            row[0]
+            for row in connection.execute("SELECT id FROM messages WHERE body IS NULL")
+            if row[0] not in bodies
         ]
         for chunk in _chunks(missing):
             connection.execute(
@@ -800,9 +815,14 @@ class SQLiteQueueStore(ChangeWaiting):
         received_at = self._now(message.received_at)
         message_id = new_message_id(received_at)
         bodies = self.bodies
+        inline: bytes | None = None
+        if isinstance(body, bytes | bytearray | memoryview) and len(body) <= INLINE_BODY_LIMIT:
+            inline = bytes(body)
         try:
             files = self._files
-            if isinstance(body, bytes | bytearray | memoryview):
+            if inline is not None:
+                size = len(inline)
+            elif isinstance(body, bytes | bytearray | memoryview):
                 size = await run_to_end(files, bodies.stage_bytes, message_id, body)
             elif isinstance(body, os.PathLike):
                 size = await run_to_end(
@@ -822,7 +842,8 @@ class SQLiteQueueStore(ChangeWaiting):
 
         def insert(connection: sqlite3.Connection) -> str:
             connection.execute(
-                f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT INTO messages ({_MESSAGE_COLUMNS}, body) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     message_id,
                     message.sender,
@@ -836,6 +857,7 @@ class SQLiteQueueStore(ChangeWaiting):
                     json.dumps(asdict(message.client), separators=(",", ":")),
                     int(message.require_tls),
                     int(message.tls_optional),
+                    inline,
                 ),
             )
             connection.executemany(
@@ -868,6 +890,8 @@ class SQLiteQueueStore(ChangeWaiting):
             else:
                 bodies.unstage(message_id)
 
+        if inline is not None:
+            return await self._write(insert)
         return await self._write(insert, sync_bodies=True, after_commit=after_commit)
 
     # --- delivery workers ---------------------------------------------------------------------
@@ -910,7 +934,9 @@ class SQLiteQueueStore(ChangeWaiting):
                     break
             if not keys:
                 return []
-            messages = self._messages(connection, sorted({key[0] for key in keys}))
+            message_ids = sorted({key[0] for key in keys})
+            messages = self._messages(connection, message_ids)
+            inline = self._inline_bodies(connection, message_ids)
             sequence = connection.execute(
                 "UPDATE meta SET value = CAST(value AS INTEGER) + ? WHERE key = 'lease_seq' "
                 "RETURNING CAST(value AS INTEGER)",
@@ -941,7 +967,9 @@ class SQLiteQueueStore(ChangeWaiting):
                         tuple(ids),
                     )
                 )
-                batches.append(DeliveryBatch(message, destination, recipients, lease))
+                batches.append(
+                    DeliveryBatch(message, destination, recipients, lease, inline.get(message_id))
+                )
             return batches
 
         return await self._write(claim, signals=False)
@@ -1189,6 +1217,18 @@ class SQLiteQueueStore(ChangeWaiting):
 
     async def read_body(self, message_id: str, chunk_size: int = 65536) -> AsyncIterator[bytes]:
         self._check_open()
+
+        def query(connection: sqlite3.Connection) -> bytes | None:
+            row = connection.execute(
+                "SELECT body FROM messages WHERE id = ?", (message_id,)
+            ).fetchone()
+            return None if row is None or row[0] is None else bytes(row[0])
+
+        inline = await self._read_transaction(query)
+        if inline is not None:
+            for start in range(0, len(inline), chunk_size):
+                yield inline[start : start + chunk_size]
+            return
         path = self.bodies.path(message_id)
         try:
             reader = await asyncio.to_thread(open, path, "rb")
@@ -1462,6 +1502,19 @@ class SQLiteQueueStore(ChangeWaiting):
                 tuple(chunk),
             ):
                 result[row["id"]] = message_info(row)
+        return result
+
+    @staticmethod
+    def _inline_bodies(connection: sqlite3.Connection, ids: Sequence[str]) -> dict[str, bytes]:
+        """The bodies of these messages that are kept in their rows."""
+        result: dict[str, bytes] = {}
+        for chunk in _chunks(ids):
+            for row in connection.execute(
+                f"SELECT id, body FROM messages WHERE id IN ({_marks(len(chunk))}) "
+                "AND body IS NOT NULL",
+                tuple(chunk),
+            ):
+                result[row[0]] = bytes(row[1])
         return result
 
     def _recipients_of(

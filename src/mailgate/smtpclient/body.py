@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 from collections import deque
 from collections.abc import AsyncIterator
@@ -57,6 +58,12 @@ class MessageFile:
         except BaseException:
             file.close()
             raise
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> MessageFile:
+        """A message held in memory (no thread needed to read it)."""
+        file = io.BytesIO(data)
+        return cls(file, file.read(CHUNK_SIZE))
 
     def rewind(self) -> None:
         """Back to the start, for sending the message again (the next transaction)."""

@@ -265,8 +265,11 @@ class OutboundEngine:
         n = len(request.recipients)
         loop = asyncio.get_running_loop()
         try:
-            # Opened with its first block read (all of a small message): one trip.
-            body = await loop.run_in_executor(None, MessageFile.open, request.body_path)
+            if request.body is not None:
+                body = MessageFile.from_bytes(request.body)
+            else:
+                # Opened with its first block read (all of a small message): one trip.
+                body = await loop.run_in_executor(None, MessageFile.open, request.body_path)
         except OSError as exc:
             answer = Answer(
                 Outcome.DEFERRED, "4.3.0", f"cannot read the message: {exc.strerror or exc}"

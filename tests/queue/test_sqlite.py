@@ -328,3 +328,33 @@ def test_a_small_body_is_kept_in_its_row_and_comes_with_the_claim(
             await store.aclose()
 
     asyncio.run(main())
+
+
+def test_a_write_waits_for_another_process_holding_the_write_lock(
+    tmp_path: Path, clock: Clock
+) -> None:
+    queue = tmp_path / "queue"
+
+    async def main() -> None:
+        store = await _open(queue, clock)
+        try:
+            await store.enqueue(new_message(), b"first")
+            # Another process (a `mailgate queue` command) in a write transaction.
+            other = sqlite3.connect(queue / "queue.db", isolation_level=None)
+            other.execute("BEGIN IMMEDIATE")
+            try:
+                waiting = asyncio.ensure_future(store.enqueue(new_message(), b"second"))
+                # The loop is not blocked while the write waits in the thread.
+                for _ in range(5):
+                    await asyncio.sleep(0.05)
+                    assert not waiting.done()
+            finally:
+                other.execute("COMMIT")
+                other.close()
+            second = await asyncio.wait_for(waiting, 10)
+            assert await body_of(store, second) == b"second"
+            assert len(await store.list_messages()) == 2
+        finally:
+            await store.aclose()
+
+    asyncio.run(main())

@@ -248,22 +248,24 @@ class QueuePlugin:
             require_tls = "REQUIRETLS" in params
             path = message.path or Path()
 
-            def read_or_sync() -> tuple[bytes | None, bool]:
-                # One trip to a worker thread. A small message is read whole and queued
-                # as bytes: the store makes them durable with its commit (the SQLite
-                # store keeps them in the row), so the spool file needs no fsync of its
-                # own. A larger one is fsynced once here, to be hard-linked into the
-                # queue (Maildir then finds it synced too). Either way the header is
-                # read for TLS-Required (RFC 8689 4.1: it counts only without the MAIL
-                # parameter).
-                with open(path, "rb") as file:
-                    data = file.read(INLINE_BODY_LIMIT + 1)
-                if len(data) <= INLINE_BODY_LIMIT:
-                    return data, not require_tls and _says_tls_not_required(data)
+            def sync_and_read_header() -> bool:
+                # One trip to a worker thread: the spool file is fsynced once, to be
+                # hard-linked into the queue (Maildir then finds it synced too), and
+                # the header read for TLS-Required (RFC 8689 4.1: it counts only without
+                # the MAIL parameter).
                 message.sync()
-                return None, not require_tls and tls_required_no(path)
+                return not require_tls and tls_required_no(path)
 
-            data, tls_optional = await loop.run_in_executor(None, read_or_sync)
+            # A small message is queued as bytes: the store makes them durable with its
+            # commit (the SQLite store keeps them in the row), so the spool file needs no
+            # fsync of its own. It was written and flushed through this loop just now,
+            # so it is read back here, from the page cache, as the server writes it: a
+            # trip to a thread would cost more than the read.
+            data = _small_message(path) if message.size <= INLINE_BODY_LIMIT else None
+            if data is not None:
+                tls_optional = not require_tls and _says_tls_not_required(data)
+            else:
+                tls_optional = await loop.run_in_executor(None, sync_and_read_header)
             new = NewMessage(
                 envelope.sender,
                 recipients,
@@ -477,6 +479,14 @@ class QueuePlugin:
         except Exception:
             log.exception("message %s: cannot queue the report of refused recipients", message.id)
             raise TempFail(451, _QUEUE_FAILED, enhanced="4.3.0") from None
+
+
+def _small_message(path: Path) -> bytes | None:
+    """The message in ``path`` when it is at most :data:`INLINE_BODY_LIMIT` bytes long
+    (the server may have added a header since ``Message.size`` was counted)."""
+    with open(path, "rb") as file:
+        data = file.read(INLINE_BODY_LIMIT + 1)
+    return data if len(data) <= INLINE_BODY_LIMIT else None
 
 
 #: How far into a message the header is looked at for ``TLS-Required``.

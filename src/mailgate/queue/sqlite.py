@@ -93,6 +93,8 @@ _NOTICE_LOCK_NAME = "dsn-producer.lock"
 _SLOTS_DIRECTORY = "slots"
 # Writes gathered into one transaction at most (bounds the latency of the first).
 _MAX_GROUP = 512
+#: How long a write waits for another process's write lock.
+_BUSY_TIMEOUT_MS = 30000
 # SQLite's default limit of host parameters is 32766; chunks stay far below.
 _IN_CHUNK = 500
 _PENDING = ("queued", "deferred")
@@ -324,7 +326,7 @@ def _connect(path: Path) -> sqlite3.Connection:
     # Autocommit mode: transactions are begun and ended explicitly.
     connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     connection.row_factory = sqlite3.Row
-    connection.execute("PRAGMA busy_timeout = 30000")
+    connection.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
     connection.execute("PRAGMA journal_mode = WAL")
     # FULL: the WAL is fsynced at every commit, so a commit survives power loss.
     connection.execute("PRAGMA synchronous = FULL")
@@ -377,14 +379,27 @@ def _run_jobs(connection: sqlite3.Connection, group: Sequence[_Job]) -> list[_Ou
     return outcomes
 
 
+def _begin_now(connection: sqlite3.Connection) -> bool:
+    """BEGIN IMMEDIATE if the write lock is free at once (the usual case: one process
+    writes); False when another holds it, with the busy timeout back as it was."""
+    connection.execute("PRAGMA busy_timeout = 0")
+    try:
+        connection.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        connection.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+    return True
+
+
 class _Writer:
     """The one connection that writes, committing waiting writes together.
 
-    A cycle: BEGIN IMMEDIATE in the database thread (it may wait for another process's
-    write lock), then every write waiting runs, each in its own savepoint, then (back in
-    the thread) one fsync of ``bodies/`` for the enqueues among them, COMMIT (the WAL's
-    fsync) and the jobs' file work. Under load the thread opens the next transaction
-    right after the commit, so a cycle costs one trip to the thread.
+    A cycle: BEGIN IMMEDIATE (on the loop when the write lock is free; in the database
+    thread when it must wait for another process's), then every write waiting runs,
+    each in its own savepoint, then in the thread one fsync of ``bodies/`` for the
+    enqueues among them, COMMIT (the WAL's fsync) and the jobs' file work: one trip to
+    the thread per cycle.
 
     The jobs' statements run on the event loop: inside the open transaction they only
     touch pages already in memory (the WAL is written and synced at COMMIT, in the
@@ -410,8 +425,6 @@ class _Writer:
             max_workers=1, thread_name_prefix="mailgate-queue-db"
         )
         self._task: asyncio.Task[None] | None = None
-        #: A transaction the thread opened after the last commit, for the jobs waiting.
-        self._began = False
 
     def submit(self, job: _Job) -> None:
         self._jobs.append(job)
@@ -424,13 +437,7 @@ class _Writer:
             await asyncio.wait({task})
         connection = self._connection
 
-        def close() -> None:
-            if self._began:
-                with contextlib.suppress(sqlite3.Error):
-                    connection.execute("ROLLBACK")
-            connection.close()
-
-        await self._loop.run_in_executor(self._thread, close)
+        await self._loop.run_in_executor(self._thread, connection.close)
         self._thread.shutdown(wait=True)
 
     async def _drain(self) -> None:
@@ -447,15 +454,16 @@ class _Writer:
     async def _cycle(self) -> None:
         loop = self._loop
         connection = self._connection
-        if not self._began:
+        if not _begin_now(connection):
             try:
+                # Another process (a ``mailgate queue`` command) holds the write lock:
+                # wait for it in the thread, up to the busy timeout.
                 await loop.run_in_executor(self._thread, connection.execute, "BEGIN IMMEDIATE")
             except Exception as exc:
                 log.error("queue database write failed: %s", exc)
                 group = self._take()
                 self._finish(group, [(exc, True)] * len(group))
                 return
-        self._began = False
         # Taken now, not before BEGIN: the writes that came meanwhile join this commit.
         group = self._take()
         outcomes: list[_Outcome] | None = None
@@ -472,17 +480,14 @@ class _Writer:
                     raise
                 return
         sync = any(job.sync_bodies for job in group)
-        committed, self._began = await loop.run_in_executor(
-            self._thread, self._commit, group, outcomes, sync
-        )
+        committed = await loop.run_in_executor(self._thread, self._commit, group, outcomes, sync)
         self._finish(group, committed)
 
     def _commit(
         self, group: list[_Job], outcomes: list[_Outcome] | None, sync: bool
-    ) -> tuple[list[_Outcome], bool]:
+    ) -> list[_Outcome]:
         """In the thread: the jobs (when not run on the loop), then bodies/ fsync and
-        COMMIT, then each job's after-commit work; opens the next transaction when more
-        writes are waiting."""
+        COMMIT, then each job's after-commit work."""
         connection = self._connection
         try:
             try:
@@ -505,14 +510,7 @@ class _Writer:
                     job.after_commit(None if failed else outcome)
                 except Exception:
                     log.exception("queue clean-up after a commit failed")
-        began = False
-        if self._jobs:  # read across threads: at worst a cycle opens its own
-            try:
-                connection.execute("BEGIN IMMEDIATE")
-                began = True
-            except sqlite3.Error as exc:
-                log.debug("queue database: next transaction not begun yet: %s", exc)
-        return outcomes, began
+        return outcomes
 
     def _finish(self, group: list[_Job], outcomes: list[_Outcome]) -> None:
         changed = False

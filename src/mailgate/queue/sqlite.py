@@ -36,7 +36,7 @@ import secrets
 import sqlite3
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Collection, Iterable, Sequence
-from dataclasses import asdict
+from dataclasses import fields
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from .bodies import BodyDirectory, run_to_end
 from .changes import ChangeWaiting
 from .model import (
+    ClientInfo,
     DeliveryBatch,
     DeliveryResult,
     DsnKind,
@@ -98,6 +99,7 @@ _BUSY_TIMEOUT_MS = 30000
 # SQLite's default limit of host parameters is 32766; chunks stay far below.
 _IN_CHUNK = 500
 _PENDING = ("queued", "deferred")
+_FINAL = (RecipientState.DELIVERED, RecipientState.FAILED)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -311,6 +313,17 @@ def new_message_id(now: float) -> str:
         sequence, digit = divmod(sequence, 32)
         suffix.append(_CROCKFORD[digit])
     return stamp + "".join(reversed(suffix))
+
+
+_CLIENT_FIELDS = tuple(field.name for field in fields(ClientInfo))
+
+
+def _client_json(client: ClientInfo) -> str:
+    """The client's facts as the ``client`` column keeps them (``asdict`` without its
+    deep copy: the fields are flat)."""
+    return json.dumps(
+        {name: getattr(client, name) for name in _CLIENT_FIELDS}, separators=(",", ":")
+    )
 
 
 def _chunks(items: Sequence[T], size: int = _IN_CHUNK) -> Iterable[Sequence[T]]:
@@ -852,7 +865,7 @@ class SQLiteQueueStore(ChangeWaiting):
                     message.ret,
                     int(message.smtputf8),
                     message.body_type,
-                    json.dumps(asdict(message.client), separators=(",", ":")),
+                    _client_json(message.client),
                     int(message.require_tls),
                     int(message.tls_optional),
                     inline,
@@ -1024,26 +1037,35 @@ class SQLiteQueueStore(ChangeWaiting):
         removed: list[str] = []
 
         def record(connection: sqlite3.Connection) -> int:
-            ids = [result.recipient_id for result in wanted]
-            rows = {
-                row["id"]: recipient_info(row, dsn_kinds(row["dsn_sent"].split(",")))
-                for row in connection.execute(
-                    f"SELECT {_RECIPIENT_COLUMNS} FROM recipients WHERE lease_owner = ? "
-                    f"AND lease_id = ? AND id IN ({_marks(len(ids))})",
-                    (lease.owner, lease.id, *ids),
-                )
-            }
-            if not rows:
-                return 0
-            message = self._messages(connection, [batch.message.id]).get(batch.message.id)
-            if message is None:
-                return 0
+            # Every recipient of the message: those under this lease get the results;
+            # the others tell whether the message is finished after them.
+            held: dict[int, RecipientInfo] = {}
+            others: list[RecipientInfo] = []
+            for row in connection.execute(
+                f"SELECT {_RECIPIENT_COLUMNS} FROM recipients WHERE message_id = ?",
+                (batch.message.id,),
+            ):
+                info = recipient_info(row, dsn_kinds(row["dsn_sent"].split(",")))
+                if row["lease_owner"] == lease.owner and row["lease_id"] == lease.id:
+                    held[info.id] = info
+                else:
+                    others.append(info)
+            if not held:
+                return 0  # the lease was lost, or the message deleted meanwhile
+            # The message's row does not change once queued: the claim's copy will do.
+            message = batch.message
+            updates: list[tuple[RecipientInfo, RecipientUpdate | None]] = [
+                (current, apply_result(recipient_facts(current), message, result, policy, at))
+                for result in wanted
+                if (current := held.get(result.recipient_id)) is not None
+            ]
+            if self._finished_by(updates, others, at):
+                # Removed at once (keep_finished): its rows, with the history they would
+                # have got, go now; nothing is written only to be deleted.
+                removed.extend(self._delete_rows(connection, [message.id]))
+                return sum(update is not None for _, update in updates)
             applied = 0
-            for result in wanted:
-                current = rows.get(result.recipient_id)
-                if current is None:
-                    continue
-                update = apply_result(recipient_facts(current), message, result, policy, at)
+            for current, update in updates:
                 if update is None:
                     self._clear_lease(connection, current.id)
                     continue
@@ -1616,6 +1638,30 @@ class SQLiteQueueStore(ChangeWaiting):
                 detail,
             ),
         )
+
+    def _finished_by(
+        self,
+        updates: Sequence[tuple[RecipientInfo, RecipientUpdate | None]],
+        others: Sequence[RecipientInfo],
+        now: float,
+    ) -> bool:
+        """Whether these updates leave the message finished for long enough to be
+        removed now (what :meth:`_purge_if_finished` would find after applying them)."""
+        cutoff = now - self.policy.keep_finished
+        last_final: float | None = None
+        for _, update in updates:
+            if update is None:
+                return False  # a result not applied: the recipient stays as it was
+            if update.state not in _FINAL or update.dsn_pending is not None:
+                return False
+            if update.final_at is not None:
+                last_final = max(last_final or update.final_at, update.final_at)
+        for recipient in others:
+            if recipient.state not in _FINAL or recipient.dsn_pending is not None:
+                return False
+            if recipient.final_at is not None:
+                last_final = max(last_final or recipient.final_at, recipient.final_at)
+        return last_final is not None and last_final <= cutoff
 
     def _purge_if_finished(
         self, connection: sqlite3.Connection, ids: Sequence[str], now: float

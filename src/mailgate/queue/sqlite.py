@@ -1075,7 +1075,8 @@ class SQLiteQueueStore(ChangeWaiting):
             return applied
 
         def after_commit(result: Any) -> None:
-            if result is not None:
+            # A body that came with the claim was in the row: there is no file to remove.
+            if result is not None and batch.body is None:
                 for message_id in removed:
                     self.bodies.remove(message_id)
 

@@ -1,5 +1,6 @@
-"""The local queue store: SQLite (WAL, synchronous=FULL) for the state, one file per
-message body in the queue directory.
+"""The local queue store: SQLite (WAL, synchronous=FULL) for the state and the small
+bodies (:data:`INLINE_BODY_LIMIT`), one file per larger message body in the queue
+directory.
 
 Threads: writes go through one connection, reads through a second one in a reader thread
 (WAL lets them see committed data while the writer works). Group commit: the writer takes

@@ -219,13 +219,24 @@ async def send_message(
             chunk = await loop.run_in_executor(None, file.read, CHUNK_SIZE)
         if not chunk:
             break
-        transport.write(dot_stuff(chunk, before) if dot_stuffed else chunk)
+        data = dot_stuff(chunk, before) if dot_stuffed else chunk
         before = (before + chunk)[-2:]
-        await receiver.drain()
+        # A regular file gives a short read only at its end.
         if len(chunk) < CHUNK_SIZE:
-            break  # a regular file gives a short read only at its end
+            if dot_stuffed:  # the end of the message in the same write (one send)
+                data += _end_of_data(before)
+                dot_stuffed = False
+            transport.write(data)
+            break
+        transport.write(data)
+        await receiver.drain()
     if dot_stuffed:
-        transport.write(b".\r\n" if before == b"\r\n" else b"\r\n.\r\n")
+        transport.write(_end_of_data(before))
+
+
+def _end_of_data(before: bytes) -> bytes:
+    """The line with the single dot, after a message whose last bytes were ``before``."""
+    return b".\r\n" if before == b"\r\n" else b"\r\n.\r\n"
 
 
 def dot_stuff(chunk: bytes, before: bytes) -> bytes:

@@ -284,7 +284,13 @@ def test_delete_removes_the_message_and_its_body(
     queue: Queue, capsys: pytest.CaptureFixture[str]
 ) -> None:
     async def body_exists(store: Any) -> bool:
-        return bool(store.body_path(queue.old).exists())
+        # A small body is in the database, a large one a file: read_body finds either.
+        try:
+            async for _ in store.read_body(queue.old):
+                pass
+        except KeyError:
+            return bool(store.body_path(queue.old).exists())
+        return True
 
     assert queue.read(body_exists)
     status, out, _ = main(capsys, "queue", "delete", queue.old, "--config", str(queue.config))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from tests.dns_server import DNSTestServer
 from tests.outbound.helpers import MESSAGE, body, make_engine, new_domain, publish_mx, request, run
-from tests.outbound.receivers import RawServer, Receiver, greeting, sink
+from tests.outbound.receivers import Behaviour, RawServer, Receiver, greeting, sink
 
 from mailgate.queue.outbound import Forward, OutboundOptions, Outcome, Recipient, Relay
 from mailgate.queue.outbound.session import Session
@@ -390,3 +390,114 @@ def test_a_bug_inside_defers_and_is_logged_instead_of_raising(
     with caplog.at_level(logging.ERROR, logger="mailgate.queue.outbound"):
         run(main())
     assert any("failed unexpectedly" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+def scripted(log: list[list[bytes]], *, pipelining: bool, drop_second_mail: bool) -> Behaviour:
+    """An SMTP server that records each connection's command verbs; with
+    ``drop_second_mail`` the first connection closes without a word at its second MAIL
+    (as a server does whose idle timeout struck just then)."""
+
+    async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        verbs: list[bytes] = []
+        log.append(verbs)
+        first_connection = len(log) == 1
+        accepted = 0  # recipients of the open transaction
+        writer.write(b"220 scripted.test ESMTP\r\n")
+        for _ in range(200):
+            line = await reader.readline()
+            if not line:
+                return
+            verb = line[:4].upper()
+            verbs.append(verb)
+            if verb == b"EHLO":
+                extensions = b"250-PIPELINING\r\n" if pipelining else b""
+                writer.write(b"250-scripted.test\r\n" + extensions + b"250 8BITMIME\r\n")
+            elif verb == b"MAIL":
+                if drop_second_mail and first_connection and verbs.count(b"MAIL") == 2:
+                    return
+                accepted = 0
+                writer.write(b"250 2.1.0 ok\r\n")
+            elif verb == b"RCPT":
+                if b"<nobody@" in line:
+                    writer.write(b"550 5.1.1 no such user\r\n")
+                else:
+                    accepted += 1
+                    writer.write(b"250 2.1.5 ok\r\n")
+            elif verb == b"DATA" and not accepted:
+                writer.write(b"503 5.5.1 no valid recipients\r\n")
+            elif verb == b"DATA":
+                writer.write(b"354 go ahead\r\n")
+                while await reader.readline() not in (b".\r\n", b""):
+                    pass
+                accepted = 0
+                writer.write(b"250 2.0.0 queued\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"221 2.0.0 bye\r\n")
+                return
+            else:
+                accepted = 0
+                writer.write(b"250 2.0.0 ok\r\n")
+            await writer.drain()
+
+    return behaviour
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_a_clean_cached_session_needs_no_rset_and_an_unclean_one_gets_it(
+    tmp_path: Path, dns_server: DNSTestServer, mx_port: int, pipelining: bool
+) -> None:
+    domain = new_domain("norset")
+    publish_mx(dns_server, domain, (10, "mx", "127.0.0.47"))
+    path = body(tmp_path)
+    log: list[list[bytes]] = []
+
+    async def main() -> None:
+        behaviour = scripted(log, pipelining=pipelining, drop_second_mail=False)
+        async with RawServer("127.0.0.47", mx_port, behaviour):
+            async with make_engine(dns_server, mx_port) as engine:
+                for address in ("a", "b", "nobody", "c"):
+                    result = await engine.deliver(
+                        request(path, Relay(domain), f"{address}@{domain}")
+                    )
+                    assert result.reused == (address != "a")
+                    expected = Outcome.FAILED if address == "nobody" else Outcome.DELIVERED
+                    assert result.recipients[0].outcome is expected
+
+    run(main())
+    [verbs] = log
+    transaction = [b"MAIL", b"RCPT", b"DATA"]
+    # No DATA after a refused recipient without PIPELINING; RSET only after that one.
+    refused = transaction if pipelining else [b"MAIL", b"RCPT"]
+    assert verbs == [b"EHLO", *transaction, *transaction, *refused, b"RSET", *transaction, b"QUIT"]
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_a_cached_session_the_server_dropped_unnoticed_hands_the_message_to_a_new_one(
+    tmp_path: Path, dns_server: DNSTestServer, mx_port: int, pipelining: bool
+) -> None:
+    domain = new_domain("dropped")
+    publish_mx(dns_server, domain, (10, "mx", "127.0.0.48"))
+    path = body(tmp_path)
+    log: list[list[bytes]] = []
+
+    async def main() -> None:
+        behaviour = scripted(log, pipelining=pipelining, drop_second_mail=True)
+        async with RawServer("127.0.0.48", mx_port, behaviour) as server:
+            async with make_engine(dns_server, mx_port) as engine:
+                first = await engine.deliver(request(path, Relay(domain), f"a@{domain}"))
+                second = await engine.deliver(request(path, Relay(domain), f"b@{domain}"))
+                third = await engine.deliver(request(path, Relay(domain), f"c@{domain}"))
+            assert server.connections == 2
+        assert [r.recipients[0].outcome for r in (first, second, third)] == [Outcome.DELIVERED] * 3
+        assert (first.reused, second.reused, third.reused) == (False, False, True)
+        assert engine.sessions_opened == 2
+
+    run(main())
+    transaction = [b"MAIL", b"RCPT", b"DATA"]
+    first_connection = [b"EHLO", *transaction, b"MAIL"]
+    if pipelining:  # the rest of the group was read before the close
+        assert log[0][: len(first_connection)] == first_connection
+    else:
+        assert log[0] == first_connection
+    # The dropped message was sent once, on the new session, and the next one followed.
+    assert log[1] == [b"EHLO", *transaction, *transaction, b"QUIT"]

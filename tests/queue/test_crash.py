@@ -188,10 +188,13 @@ def test_kill_during_enqueue_loses_no_acknowledged_message(backend: str, tmp_pat
             messages = {m.id: m for m in await store.list_messages()}
             missing = set(acknowledged) - set(messages)
             assert not missing, f"{len(missing)} acknowledged messages lost"
+            as_files: set[str] = set()
             for message_id, message in messages.items():
                 # Every message in the queue, acknowledged or caught mid-commit, is whole.
                 body = await body_of(store, message_id)
                 number = int(body.split(b"\r\n", 1)[0].rsplit(b" ", 1)[1])
+                if number % 3:  # a path or a stream; bytes this small are in the row
+                    as_files.add(message_id)
                 if message_id in acknowledged:
                     assert number == acknowledged[message_id]
                 assert body == expected_body(number)
@@ -204,7 +207,7 @@ def test_kill_during_enqueue_loses_no_acknowledged_message(backend: str, tmp_pat
             assert len(due) == 2 * len(messages)
             if backend == "sqlite":
                 # No orphan body and no staging leftovers.
-                assert set(os.listdir(location / "bodies")) == set(messages)
+                assert set(os.listdir(location / "bodies")) == as_files
         finally:
             await store.aclose()
 

@@ -24,6 +24,7 @@ from tests.outbound.receivers import (
 
 from mailgate import Accept, Server
 from mailgate.queue import RecipientState, SQLiteQueueStore
+from mailgate.queue.sqlite import INLINE_BODY_LIMIT
 
 from .e2e import (
     Client,
@@ -321,9 +322,11 @@ def test_a_queue_that_cannot_be_written_answers_451(
     async def main() -> None:
         async with serving(**settings(tmp_path, dns_server, mx_port, RELAY_ALL)) as server:
             # The queue's body directory is gone (a disk pulled, an operator's rm): the
-            # enqueue cannot write, and the client must not get a 250.
+            # enqueue of a body kept as a file cannot write, and the client must not get
+            # a 250.
             shutil.rmtree(tmp_path / "state" / "queue" / "bodies")
-            _, final = await Client(server).send("alice@example.org", [f"bob@{domain}"])
+            large = message_bytes() + (b"x" * 78 + b"\r\n") * (INLINE_BODY_LIMIT // 80 + 1)
+            _, final = await Client(server).send("alice@example.org", [f"bob@{domain}"], large)
             assert final is not None
             assert final[0] == 451 and final[1].startswith("4.3.0"), final
 

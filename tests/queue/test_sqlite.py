@@ -1,5 +1,5 @@
-"""What only the SQLite backend has: body files in the queue directory, their crash
-recovery across processes, the database settings."""
+"""What only the SQLite backend has: body files in the queue directory (and small bodies
+in their rows), their crash recovery across processes, the database settings."""
 
 from __future__ import annotations
 
@@ -13,11 +13,14 @@ from pathlib import Path
 
 import pytest
 from tests.queue.conftest import Clock, fixed_policy
-from tests.queue.test_store import new_message, rcpt
+from tests.queue.test_store import body_of, new_message, rcpt
 
 from mailgate.queue import NewMessage, NewRecipient, QueueError, RecipientState, SQLiteQueueStore
 from mailgate.queue.bodies import BodyDirectory
-from mailgate.queue.sqlite import new_message_id
+from mailgate.queue.sqlite import INLINE_BODY_LIMIT, SCHEMA_VERSION, new_message_id
+
+#: A body given as bytes that is too large for its row: a file in bodies/.
+LARGE = b"L" * (INLINE_BODY_LIMIT + 1)
 
 
 async def _open(path: Path, clock: Clock) -> SQLiteQueueStore:
@@ -77,7 +80,7 @@ def test_open_removes_bodies_of_enqueues_that_never_committed(tmp_path: Path, cl
 
     async def main() -> None:
         store = await _open(queue, clock)
-        kept = await store.enqueue(new_message(), b"kept")
+        kept = await store.enqueue(new_message(), LARGE)
         await store.aclose()
         # A process that died after linking a body but before its commit: its lock is
         # free, its staging directory still names the body.
@@ -140,7 +143,7 @@ def test_a_message_whose_body_vanished_is_held(tmp_path: Path, clock: Clock) -> 
 
     async def main() -> None:
         store = await _open(queue, clock)
-        message_id = await store.enqueue(new_message(), b"x")
+        message_id = await store.enqueue(new_message(), LARGE)  # a file, not in the row
         await store.aclose()
         (queue / "bodies" / message_id).unlink()
         store = await _open(queue, clock)
@@ -179,7 +182,7 @@ def test_a_version_1_queue_is_migrated_and_keeps_its_messages(tmp_path: Path, cl
         try:
             return await store.enqueue(
                 NewMessage("a@example.org", [NewRecipient("b@example.net", "relay:example.net")]),
-                b"old",
+                LARGE,
             )
         finally:
             await store.aclose()
@@ -189,6 +192,7 @@ def test_a_version_1_queue_is_migrated_and_keeps_its_messages(tmp_path: Path, cl
     with sqlite3.connect(queue / "queue.db") as connection:
         connection.execute("ALTER TABLE messages DROP COLUMN require_tls")
         connection.execute("ALTER TABLE messages DROP COLUMN tls_optional")
+        connection.execute("ALTER TABLE messages DROP COLUMN body")
         connection.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
 
     async def reopen() -> None:
@@ -204,6 +208,8 @@ def test_a_version_1_queue_is_migrated_and_keeps_its_messages(tmp_path: Path, cl
             )
             flags = {m.id: m.info.require_tls for m in await store.list_messages()}
             assert flags == {old_id: False, new_id: True}
+            # The version 1 body (a file then, as every body was) is still read.
+            assert await body_of(store, old_id) == LARGE
         finally:
             await store.aclose()
 
@@ -212,7 +218,7 @@ def test_a_version_1_queue_is_migrated_and_keeps_its_messages(tmp_path: Path, cl
         (version,) = connection.execute(
             "SELECT value FROM meta WHERE key = 'schema_version'"
         ).fetchone()
-    assert version == "2"
+    assert version == str(SCHEMA_VERSION)
 
 
 def test_message_ids_sort_by_time_and_are_unique() -> None:
@@ -281,3 +287,74 @@ def test_instances_opening_at_the_same_moment_never_reap_each_other(tmp_path: Pa
         thread.join(timeout=60)
     assert errors == []
     assert not any(thread.is_alive() for thread in threads)
+
+
+def test_a_small_body_is_kept_in_its_row_and_comes_with_the_claim(
+    tmp_path: Path, clock: Clock
+) -> None:
+    queue = tmp_path / "queue"
+    small = b"Subject: small\r\n\r\n" + b"s" * 1000
+    largest = b"x" * INLINE_BODY_LIMIT
+
+    async def main() -> None:
+        store = await _open(queue, clock)
+        try:
+            in_row = await store.enqueue(new_message(), small)
+            at_limit = await store.enqueue(new_message(), largest)
+            as_file = await store.enqueue(new_message(), LARGE)
+            # Only the large one is a file; nothing is left in the staging directory.
+            assert sorted(os.listdir(queue / "bodies")) == [as_file]
+            assert list((queue / "tmp" / store.instance).iterdir()) == []
+            assert await body_of(store, in_row) == small
+            assert await body_of(store, at_limit) == largest
+            assert await body_of(store, as_file) == LARGE
+            sizes = {m.id: m.info.size for m in await store.list_messages()}
+            assert sizes == {in_row: len(small), at_limit: len(largest), as_file: len(LARGE)}
+            bodies = {batch.message.id: batch.body for batch in await store.claim_due()}
+            assert bodies == {in_row: small, at_limit: largest, as_file: None}
+        finally:
+            await store.aclose()
+        # After a restart (recovery looks for missing files): nothing is held.
+        store = await _open(queue, clock)
+        try:
+            states = {m.id: [r.state for r in m.recipients] for m in await store.list_messages()}
+            assert all(RecipientState.HELD not in s for s in states.values()), states
+            assert await body_of(store, in_row) == small
+            await store.delete([in_row, as_file])
+            assert sorted(os.listdir(queue / "bodies")) == []
+            with pytest.raises(KeyError):
+                await body_of(store, in_row)
+        finally:
+            await store.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_write_waits_for_another_process_holding_the_write_lock(
+    tmp_path: Path, clock: Clock
+) -> None:
+    queue = tmp_path / "queue"
+
+    async def main() -> None:
+        store = await _open(queue, clock)
+        try:
+            await store.enqueue(new_message(), b"first")
+            # Another process (a `mailgate queue` command) in a write transaction.
+            other = sqlite3.connect(queue / "queue.db", isolation_level=None)
+            other.execute("BEGIN IMMEDIATE")
+            try:
+                waiting = asyncio.ensure_future(store.enqueue(new_message(), b"second"))
+                # The loop is not blocked while the write waits in the thread.
+                for _ in range(5):
+                    await asyncio.sleep(0.05)
+                    assert not waiting.done()
+            finally:
+                other.execute("COMMIT")
+                other.close()
+            second = await asyncio.wait_for(waiting, 10)
+            assert await body_of(store, second) == b"second"
+            assert len(await store.list_messages()) == 2
+        finally:
+            await store.aclose()
+
+    asyncio.run(main())

@@ -325,6 +325,9 @@ class DeliveryBatch:
     destination: str
     recipients: tuple[RecipientInfo, ...]
     lease: Lease
+    #: The message itself when the store keeps it in its database (a small message in
+    #: the SQLite store), read with the claim; ``None``: read it from the store.
+    body: bytes | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

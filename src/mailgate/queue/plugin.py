@@ -47,8 +47,8 @@ from .outbound import Forward, OutboundEngine, OutboundOptions
 from .runner import BounceRoute, QueueRunner
 from .settings import QueueSettings, redacted_dsn
 from .signing import MessageSigner
+from .sqlite import INLINE_BODY_LIMIT, SQLiteQueueStore
 from .sqlite import SCHEMA_VERSION as SQLITE_SCHEMA_VERSION
-from .sqlite import SQLiteQueueStore
 from .sqlite import migrate as sqlite_migrate
 from .sqlite import schema_version as sqlite_schema_version
 from .store import QueueError, QueueStore
@@ -249,14 +249,23 @@ class QueuePlugin:
             path = message.path or Path()
 
             def sync_and_read_header() -> bool:
-                # One trip to a worker thread: the spool file is fsynced once (the server
-                # would anyway before its 250; Maildir then finds it synced), and the
-                # header read for TLS-Required (RFC 8689 4.1: it counts only without the
-                # MAIL parameter).
+                # One trip to a worker thread: the spool file is fsynced once, to be
+                # hard-linked into the queue (Maildir then finds it synced too), and
+                # the header read for TLS-Required (RFC 8689 4.1: it counts only without
+                # the MAIL parameter).
                 message.sync()
                 return not require_tls and tls_required_no(path)
 
-            tls_optional = await loop.run_in_executor(None, sync_and_read_header)
+            # A small message is queued as bytes: the store makes them durable with its
+            # commit (the SQLite store keeps them in the row), so the spool file needs no
+            # fsync of its own. It was written and flushed through this loop just now,
+            # so it is read back here, from the page cache, as the server writes it: a
+            # trip to a thread would cost more than the read.
+            data = _small_message(path) if message.size <= INLINE_BODY_LIMIT else None
+            if data is not None:
+                tls_optional = not require_tls and _says_tls_not_required(data)
+            else:
+                tls_optional = await loop.run_in_executor(None, sync_and_read_header)
             new = NewMessage(
                 envelope.sender,
                 recipients,
@@ -272,6 +281,8 @@ class QueuePlugin:
             signed = await self._signed(session, envelope, message)
             if signed is not None:
                 queue_id = await store.enqueue(new, signed)
+            elif data is not None:
+                queue_id = await store.enqueue(new, data)
             else:
                 # Synced above: hard-linked into the queue, no copy.
                 queue_id = await store.enqueue(new, path, synced=True)
@@ -470,6 +481,14 @@ class QueuePlugin:
             raise TempFail(451, _QUEUE_FAILED, enhanced="4.3.0") from None
 
 
+def _small_message(path: Path) -> bytes | None:
+    """The message in ``path`` when it is at most :data:`INLINE_BODY_LIMIT` bytes long
+    (the server may have added a header since ``Message.size`` was counted)."""
+    with open(path, "rb") as file:
+        data = file.read(INLINE_BODY_LIMIT + 1)
+    return data if len(data) <= INLINE_BODY_LIMIT else None
+
+
 #: How far into a message the header is looked at for ``TLS-Required``.
 _HEADER_SCAN = 256 * 1024
 
@@ -482,6 +501,12 @@ def tls_required_no(path: Path) -> bool:
             head = file.read(_HEADER_SCAN)
     except OSError:
         return False
+    return _says_tls_not_required(head)
+
+
+def _says_tls_not_required(head: bytes) -> bool:
+    """:func:`tls_required_no` of the message's first bytes."""
+    head = head[:_HEADER_SCAN]
     end = head.find(b"\r\n\r\n")
     header = head[: end if end >= 0 else len(head)]
     # Unfold (RFC 5322 2.2.3), then look at each field by name.

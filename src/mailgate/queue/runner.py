@@ -140,21 +140,26 @@ def _running(pid: int) -> bool:
 
 @contextlib.asynccontextmanager
 async def body_file(
-    store: QueueStore, message_id: str, spool: Path | None = None
+    store: QueueStore, message_id: str, spool: Path | None = None, *, file_known: bool = False
 ) -> AsyncIterator[Path]:
     """A local file holding the body of ``message_id``, for as long as the block runs.
 
     A store whose bodies are files (``body_path``, the SQLite store) gives its own file:
-    no copy. Any other store (PostgreSQL) has its body streamed with ``read_body`` into
+    no copy (``file_known``: the caller knows there is one; otherwise it is looked for,
+    as a small body may be in the database instead). Any other body (a PostgreSQL
+    store's, a small one of the SQLite store) is streamed with ``read_body`` into
     a temporary file in ``spool`` (the system's temporary directory when None), removed
     when the block ends: the engine and the DSN builder read files, and a copy on disk
     keeps memory flat whatever the message's size.
     """
     path_of = getattr(store, "body_path", None)
-    if callable(path_of):
-        yield Path(path_of(message_id))
-        return
     loop = asyncio.get_running_loop()
+    if callable(path_of):
+        path = Path(path_of(message_id))
+        # A small body the store keeps in its database has no file: copied out below.
+        if file_known or await loop.run_in_executor(None, path.exists):
+            yield path
+            return
     # The pid in the name tells whose copy it is (remove_stale_bodies).
     fd, name = tempfile.mkstemp(
         prefix=f"{_COPY_PREFIX}{os.getpid()}-{message_id}-", suffix=".eml", dir=spool
@@ -325,6 +330,11 @@ class QueueRunner:
     async def _wait_time(self, claimed: int) -> float:
         if len(self._in_flight) >= self._settings.max_deliveries:
             return _IDLE_WAIT  # a slot freeing wakes the loop
+        if claimed:
+            # Everything due was claimed just now (fewer batches than asked for); what
+            # is due next is leased or later. A delivery ending wakes the loop, which
+            # looks again then; under load that is soon, and saves a read per claim.
+            return _LEASED_WAIT
         due = await self.store.next_due()
         if due is None:
             return _IDLE_WAIT
@@ -404,7 +414,12 @@ class QueueRunner:
         async with contextlib.AsyncExitStack() as stack:
             if self.destination_concurrency is not None:
                 await self._wait_for_slot(stack, batch.destination, self.destination_concurrency)
-            async with body_file(self.store, message.id, self.spool) as body_path:
+            if batch.body is not None:  # read with the claim: no file, no trip
+                path = Path(message.id)  # not read: the request carries the body
+                return await self.engine.deliver(self._request(batch, destination, path))
+            # A claim without a body: the store keeps it as a file, or (PostgreSQL) a
+            # copy is made for the delivery.
+            async with body_file(self.store, message.id, self.spool, file_known=True) as body_path:
                 return await self.engine.deliver(self._request(batch, destination, body_path))
         raise AssertionError("unreachable")  # mypy: the stack swallows no exception
 
@@ -443,6 +458,7 @@ class QueueRunner:
             attempt=1 + max(r.attempts for r in batch.recipients),
             require_tls=message.require_tls,
             tls_optional=message.tls_optional,
+            body=batch.body,
         )
 
     async def _with_lease(

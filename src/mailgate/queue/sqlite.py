@@ -1,14 +1,18 @@
-"""The local queue store: SQLite (WAL, synchronous=FULL) for the state, one file per
-message body in the queue directory.
+"""The local queue store: SQLite (WAL, synchronous=FULL) for the state and the small
+bodies (:data:`INLINE_BODY_LIMIT`), one file per larger message body in the queue
+directory.
 
-Threads: every write runs in one database thread with its own connection; reads run in a
-second thread with another connection (WAL lets them see committed data while the writer
-works). The event loop never touches the database or the disk.
-
-Group commit: the database thread takes every write waiting for it, runs each in its own
-savepoint inside one transaction, fsyncs ``bodies/`` once for all enqueues among them and
-commits once, so under load one WAL fsync and one directory fsync serve many messages.
-Each caller is answered after that commit.
+Threads: writes go through one connection, reads through a second one in a reader thread
+(WAL lets them see committed data while the writer works). Group commit: the writer takes
+every write waiting, runs each in its own savepoint inside one transaction, fsyncs
+``bodies/`` once for all enqueues among them and commits once, so under load one WAL
+fsync and one directory fsync serve many messages. Each caller is answered after that
+commit. What may wait for the disk or another process runs in the database thread
+(BEGIN, which may wait for the write lock; COMMIT, which writes and syncs the WAL; the
+fsyncs and removals of body files); the statements of the frequent writes (enqueue,
+claim, results) run on the event loop between the two, against pages in memory (see
+:class:`_Writer` for why). Reads, and operators' writes over the whole queue, never
+run on the loop.
 
 Several processes may open the same queue (the server and ``mailgate queue`` commands):
 SQLite serializes their writes (``busy_timeout``), ``PRAGMA data_version`` tells one
@@ -19,6 +23,7 @@ process that another committed, and the body directory tells live enqueues from 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import errno
@@ -28,13 +33,11 @@ import itertools
 import json
 import logging
 import os
-import queue as thread_queue
 import secrets
 import sqlite3
-import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Collection, Iterable, Sequence
-from dataclasses import asdict
+from dataclasses import fields
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -42,6 +45,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from .bodies import BodyDirectory, run_to_end
 from .changes import ChangeWaiting
 from .model import (
+    ClientInfo,
     DeliveryBatch,
     DeliveryResult,
     DsnKind,
@@ -91,9 +95,12 @@ _NOTICE_LOCK_NAME = "dsn-producer.lock"
 _SLOTS_DIRECTORY = "slots"
 # Writes gathered into one transaction at most (bounds the latency of the first).
 _MAX_GROUP = 512
+#: How long a write waits for another process's write lock.
+_BUSY_TIMEOUT_MS = 30000
 # SQLite's default limit of host parameters is 32766; chunks stay far below.
 _IN_CHUNK = 500
 _PENDING = ("queued", "deferred")
+_FINAL = (RecipientState.DELIVERED, RecipientState.FAILED)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -173,6 +180,8 @@ MIGRATIONS: tuple[str, ...] = (
     # 2: RFC 8689 REQUIRETLS and "TLS-Required: No", per message.
     "ALTER TABLE messages ADD COLUMN require_tls INTEGER NOT NULL DEFAULT 0;"
     "ALTER TABLE messages ADD COLUMN tls_optional INTEGER NOT NULL DEFAULT 0",
+    # 3: small bodies in the row (NULL: the body is a file in bodies/).
+    "ALTER TABLE messages ADD COLUMN body BLOB",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -272,6 +281,14 @@ _MESSAGE_COLUMNS = (
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
+#: A body given as bytes up to this size is kept in its message's row, not in a file:
+#: the commit that makes the rows durable (one WAL fsync for a whole group) makes it
+#: durable too, where a file costs its own fsync, two links, the fsync of ``bodies/``
+#: and a removal (each a trip to a thread, and work for the file system's journal).
+#: Deliveries read it with their claim. Larger bodies, and those given as a path (a
+#: spool file is linked, not copied) or a stream, are files.
+INLINE_BODY_LIMIT = 64 * 1024
+
 
 #: The last 5 characters of a queue id: a counter that starts at a random point in each
 #: process. Ids made in one process never collide (2**25 of them would have to fall in
@@ -299,6 +316,17 @@ def new_message_id(now: float) -> str:
     return stamp + "".join(reversed(suffix))
 
 
+_CLIENT_FIELDS = tuple(field.name for field in fields(ClientInfo))
+
+
+def _client_json(client: ClientInfo) -> str:
+    """The client's facts as the ``client`` column keeps them (``asdict`` without its
+    deep copy: the fields are flat)."""
+    return json.dumps(
+        {name: getattr(client, name) for name in _CLIENT_FIELDS}, separators=(",", ":")
+    )
+
+
 def _chunks(items: Sequence[T], size: int = _IN_CHUNK) -> Iterable[Sequence[T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -312,7 +340,7 @@ def _connect(path: Path) -> sqlite3.Connection:
     # Autocommit mode: transactions are begun and ended explicitly.
     connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     connection.row_factory = sqlite3.Row
-    connection.execute("PRAGMA busy_timeout = 30000")
+    connection.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
     connection.execute("PRAGMA journal_mode = WAL")
     # FULL: the WAL is fsynced at every commit, so a commit survives power loss.
     connection.execute("PRAGMA synchronous = FULL")
@@ -320,96 +348,168 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 class _Job:
-    """A write for the database thread; ``run`` executes inside the group's transaction,
-    ``after_commit`` once it is durable (removing files, dropping staged names)."""
+    """A write for the writer; ``run`` executes inside the group's transaction (on the
+    event loop, or in the database thread when ``in_thread``), ``after_commit`` in the
+    database thread once it is durable (removing files, dropping staged names)."""
 
-    __slots__ = ("after_commit", "future", "loop", "run", "signals", "sync_bodies")
+    __slots__ = ("after_commit", "future", "in_thread", "run", "signals", "sync_bodies")
 
     def __init__(
         self,
         run: Callable[[sqlite3.Connection], Any],
-        loop: asyncio.AbstractEventLoop,
+        future: asyncio.Future[Any],
         *,
         sync_bodies: bool = False,
         signals: bool = True,
         after_commit: Callable[[Any], None] | None = None,
+        in_thread: bool = False,
     ) -> None:
         self.run = run
-        self.loop = loop
-        self.future: asyncio.Future[Any] = loop.create_future()
+        self.future = future
         self.sync_bodies = sync_bodies
         self.signals = signals
         self.after_commit = after_commit
+        self.in_thread = in_thread
 
 
-def _resolve(future: asyncio.Future[Any], outcome: Any, failed: bool) -> None:
-    if future.done():  # the caller was cancelled; the write happened anyway
-        return
-    if failed:
-        future.set_exception(outcome)
-    else:
-        future.set_result(outcome)
+#: What became of one job: its result, or the exception it raised (``True``).
+_Outcome = tuple[Any, bool]
 
 
-class _DatabaseThread:
-    """The one thread that writes, committing waiting writes together."""
+def _run_jobs(connection: sqlite3.Connection, group: Sequence[_Job]) -> list[_Outcome]:
+    """Each job in its own savepoint: one that fails is undone alone."""
+    outcomes: list[_Outcome] = []
+    for job in group:
+        connection.execute("SAVEPOINT job")
+        try:
+            outcome = job.run(connection)
+        except Exception as exc:
+            connection.execute("ROLLBACK TO job")
+            connection.execute("RELEASE job")
+            outcomes.append((exc, True))
+        else:
+            connection.execute("RELEASE job")
+            outcomes.append((outcome, False))
+    return outcomes
+
+
+def _begin_now(connection: sqlite3.Connection) -> bool:
+    """BEGIN IMMEDIATE if the write lock is free at once (the usual case: one process
+    writes); False when another holds it, with the busy timeout back as it was."""
+    connection.execute("PRAGMA busy_timeout = 0")
+    try:
+        connection.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        connection.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+    return True
+
+
+class _Writer:
+    """The one connection that writes, committing waiting writes together.
+
+    A cycle: BEGIN IMMEDIATE (on the loop when the write lock is free; in the database
+    thread when it must wait for another process's), then every write waiting runs,
+    each in its own savepoint, then in the thread one fsync of ``bodies/`` for the
+    enqueues among them, COMMIT (the WAL's fsync) and the jobs' file work: one trip to
+    the thread per cycle.
+
+    The jobs' statements run on the event loop: inside the open transaction they only
+    touch pages already in memory (the WAL is written and synced at COMMIT, in the
+    thread), microseconds each; run in the thread, each statement had to take the GIL
+    back from the busy loop, which cost far more than the statement and made this
+    writer the queue's bottleneck. Jobs that may touch many rows (an operator's command
+    on the whole queue) set ``in_thread``; a group holding one runs in the thread.
+    """
 
     def __init__(
-        self, connection: sqlite3.Connection, bodies: BodyDirectory, on_change: Callable[[], None]
+        self,
+        connection: sqlite3.Connection,
+        bodies: BodyDirectory,
+        on_change: Callable[[], None],
+        loop: asyncio.AbstractEventLoop,
     ) -> None:
         self._connection = connection
         self._bodies = bodies
         self._on_change = on_change
-        self._jobs: thread_queue.SimpleQueue[_Job | None] = thread_queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._main, name="mailgate-queue-db", daemon=True)
-        self._thread.start()
+        self._loop = loop
+        self._jobs: collections.deque[_Job] = collections.deque()
+        self._thread = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="mailgate-queue-db"
+        )
+        self._task: asyncio.Task[None] | None = None
 
     def submit(self, job: _Job) -> None:
-        self._jobs.put(job)
+        self._jobs.append(job)
+        if self._task is None:
+            self._task = self._loop.create_task(self._drain(), name="mailgate-queue-writer")
 
-    def stop(self) -> None:
-        self._jobs.put(None)
-        self._thread.join()
+    async def stop(self) -> None:
+        """Finish the writes handed over, then close the connection."""
+        while (task := self._task) is not None:
+            await asyncio.wait({task})
+        connection = self._connection
 
-    def _main(self) -> None:
-        stopping = False
-        while not stopping:
-            first = self._jobs.get()
-            if first is None:
-                break
-            group = [first]
-            while len(group) < _MAX_GROUP:
-                try:
-                    job = self._jobs.get_nowait()
-                except thread_queue.Empty:
-                    break
-                if job is None:
-                    stopping = True
-                    break
-                group.append(job)
-            self._run_group(group)
-        self._connection.close()
+        await self._loop.run_in_executor(self._thread, connection.close)
+        self._thread.shutdown(wait=True)
 
-    def _run_group(self, group: list[_Job]) -> None:
-        outcomes: list[tuple[Any, bool]] = []
+    async def _drain(self) -> None:
+        try:
+            while self._jobs:
+                await self._cycle()
+        finally:
+            self._task = None
+
+    def _take(self) -> list[_Job]:
+        jobs = self._jobs
+        return [jobs.popleft() for _ in range(min(len(jobs), _MAX_GROUP))]
+
+    async def _cycle(self) -> None:
+        loop = self._loop
+        connection = self._connection
+        if not _begin_now(connection):
+            try:
+                # Another process (a ``mailgate queue`` command) holds the write lock:
+                # wait for it in the thread, up to the busy timeout.
+                await loop.run_in_executor(self._thread, connection.execute, "BEGIN IMMEDIATE")
+            except Exception as exc:
+                log.error("queue database write failed: %s", exc)
+                group = self._take()
+                self._finish(group, [(exc, True)] * len(group))
+                return
+        # Taken now, not before BEGIN: the writes that came meanwhile join this commit.
+        group = self._take()
+        outcomes: list[_Outcome] | None = None
+        if not any(job.in_thread for job in group):
+            try:
+                outcomes = _run_jobs(connection, group)
+            except BaseException as exc:
+                # A statement of the savepoint handling failed: the transaction is lost.
+                with contextlib.suppress(sqlite3.Error):
+                    connection.execute("ROLLBACK")
+                log.error("queue database write failed: %s", exc)
+                self._finish(group, [(exc, True)] * len(group))
+                if not isinstance(exc, Exception):
+                    raise
+                return
+        sync = any(job.sync_bodies for job in group)
+        committed = await loop.run_in_executor(self._thread, self._commit, group, outcomes, sync)
+        self._finish(group, committed)
+
+    def _commit(
+        self, group: list[_Job], outcomes: list[_Outcome] | None, sync: bool
+    ) -> list[_Outcome]:
+        """In the thread: the jobs (when not run on the loop), then bodies/ fsync and
+        COMMIT, then each job's after-commit work."""
         connection = self._connection
         try:
-            if any(job.sync_bodies for job in group):
-                # Bodies linked by these enqueues become durable before their rows commit.
-                self._bodies.sync()
-            connection.execute("BEGIN IMMEDIATE")
             try:
-                for job in group:
-                    connection.execute("SAVEPOINT job")
-                    try:
-                        outcome = job.run(connection)
-                    except Exception as exc:
-                        connection.execute("ROLLBACK TO job")
-                        connection.execute("RELEASE job")
-                        outcomes.append((exc, True))
-                    else:
-                        connection.execute("RELEASE job")
-                        outcomes.append((outcome, False))
+                if outcomes is None:
+                    outcomes = _run_jobs(connection, group)
+                if sync:
+                    # Bodies linked by these enqueues become durable before their rows.
+                    self._bodies.sync()
                 connection.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
@@ -418,17 +518,25 @@ class _DatabaseThread:
         except Exception as exc:
             log.error("queue database write failed: %s", exc)
             outcomes = [(exc, True)] * len(group)
-        changed = False
         for job, (outcome, failed) in zip(group, outcomes, strict=True):
             if job.after_commit is not None:
                 try:
                     job.after_commit(None if failed else outcome)
                 except Exception:
                     log.exception("queue clean-up after a commit failed")
+        return outcomes
+
+    def _finish(self, group: list[_Job], outcomes: list[_Outcome]) -> None:
+        changed = False
+        for job, (outcome, failed) in zip(group, outcomes, strict=True):
             changed = changed or (job.signals and not failed)
-            # A closed loop has nobody left to answer; the thread must live on regardless.
-            with contextlib.suppress(RuntimeError):
-                job.loop.call_soon_threadsafe(_resolve, job.future, outcome, failed)
+            future = job.future
+            if future.done():  # the caller was cancelled; the write happened anyway
+                continue
+            if failed:
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
         if changed:
             self._on_change()
 
@@ -455,7 +563,7 @@ class SQLiteQueueStore(ChangeWaiting):
     _reader: concurrent.futures.ThreadPoolExecutor
     _files: concurrent.futures.ThreadPoolExecutor
     _reader_connection: sqlite3.Connection
-    _writer: _DatabaseThread
+    _writer: _Writer
     _migrate: bool
     _notice_lock_fd: int | None
     _slot_gate: SlotGate[int]
@@ -521,7 +629,7 @@ class SQLiteQueueStore(ChangeWaiting):
             self._files.shutdown(wait=False)
             await asyncio.to_thread(self.bodies.close)
             raise
-        self._writer = _DatabaseThread(writer, self.bodies, self._changed_threadsafe)
+        self._writer = _Writer(writer, self.bodies, self._changed, self._loop)
         self._poller = asyncio.create_task(self._poll(), name="mailgate-queue-poll")
         return self
 
@@ -542,7 +650,10 @@ class SQLiteQueueStore(ChangeWaiting):
         return self.bodies.instance
 
     def body_path(self, message_id: str) -> Path:
-        """Where the body of a queued message is (for senders that stream a file)."""
+        """Where the body of a queued message is when it is a file (for senders that
+        stream a file); a small one given as bytes is in the database instead
+        (:data:`INLINE_BODY_LIMIT`: there is no file, read it with :meth:`read_body`, or
+        take ``DeliveryBatch.body``)."""
         return self.bodies.path(message_id)
 
     async def aclose(self) -> None:
@@ -557,7 +668,7 @@ class SQLiteQueueStore(ChangeWaiting):
         if self._notice_lock_fd is not None:
             os.close(self._notice_lock_fd)  # closing drops the flock
             self._notice_lock_fd = None
-        await asyncio.to_thread(self._writer.stop)
+        await self._writer.stop()
         await self._read(self._reader_connection.close)
         self._reader.shutdown(wait=True)
         await asyncio.to_thread(self._files.shutdown, True)
@@ -576,10 +687,16 @@ class SQLiteQueueStore(ChangeWaiting):
         sync_bodies: bool = False,
         signals: bool = True,
         after_commit: Callable[[Any], None] | None = None,
+        in_thread: bool = False,
     ) -> T:
         self._check_open()
         job = _Job(
-            run, self._loop, sync_bodies=sync_bodies, signals=signals, after_commit=after_commit
+            run,
+            self._loop.create_future(),
+            sync_bodies=sync_bodies,
+            signals=signals,
+            after_commit=after_commit,
+            in_thread=in_thread,
         )
         self._writer.submit(job)
         # Shielded: a cancelled caller does not undo a write already handed over.
@@ -658,7 +775,9 @@ class SQLiteQueueStore(ChangeWaiting):
         if orphans:
             log.info("queue recovery: %d bodies of unfinished enqueues removed", len(orphans))
         missing = [
-            row[0] for row in connection.execute("SELECT id FROM messages") if row[0] not in bodies
+            row[0]
+            for row in connection.execute("SELECT id FROM messages WHERE body IS NULL")
+            if row[0] not in bodies
         ]
         for chunk in _chunks(missing):
             connection.execute(
@@ -671,10 +790,6 @@ class SQLiteQueueStore(ChangeWaiting):
             log.error("queue recovery: message %s has no body file; held", message_id)
 
     # --- change notification ----------------------------------------------------------------
-
-    def _changed_threadsafe(self) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop closed
-            self._loop.call_soon_threadsafe(self._changed)
 
     def _read_data_version(self) -> int:
         row = self._reader_connection.execute("PRAGMA data_version").fetchone()
@@ -712,9 +827,14 @@ class SQLiteQueueStore(ChangeWaiting):
         received_at = self._now(message.received_at)
         message_id = new_message_id(received_at)
         bodies = self.bodies
+        inline: bytes | None = None
+        if isinstance(body, bytes | bytearray | memoryview) and len(body) <= INLINE_BODY_LIMIT:
+            inline = bytes(body)
         try:
             files = self._files
-            if isinstance(body, bytes | bytearray | memoryview):
+            if inline is not None:
+                size = len(inline)
+            elif isinstance(body, bytes | bytearray | memoryview):
                 size = await run_to_end(files, bodies.stage_bytes, message_id, body)
             elif isinstance(body, os.PathLike):
                 size = await run_to_end(
@@ -734,7 +854,8 @@ class SQLiteQueueStore(ChangeWaiting):
 
         def insert(connection: sqlite3.Connection) -> str:
             connection.execute(
-                f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT INTO messages ({_MESSAGE_COLUMNS}, body) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     message_id,
                     message.sender,
@@ -745,9 +866,10 @@ class SQLiteQueueStore(ChangeWaiting):
                     message.ret,
                     int(message.smtputf8),
                     message.body_type,
-                    json.dumps(asdict(message.client), separators=(",", ":")),
+                    _client_json(message.client),
                     int(message.require_tls),
                     int(message.tls_optional),
+                    inline,
                 ),
             )
             connection.executemany(
@@ -780,6 +902,8 @@ class SQLiteQueueStore(ChangeWaiting):
             else:
                 bodies.unstage(message_id)
 
+        if inline is not None:
+            return await self._write(insert)
         return await self._write(insert, sync_bodies=True, after_commit=after_commit)
 
     # --- delivery workers ---------------------------------------------------------------------
@@ -822,7 +946,9 @@ class SQLiteQueueStore(ChangeWaiting):
                     break
             if not keys:
                 return []
-            messages = self._messages(connection, sorted({key[0] for key in keys}))
+            message_ids = sorted({key[0] for key in keys})
+            messages = self._messages(connection, message_ids)
+            inline = self._inline_bodies(connection, message_ids)
             sequence = connection.execute(
                 "UPDATE meta SET value = CAST(value AS INTEGER) + ? WHERE key = 'lease_seq' "
                 "RETURNING CAST(value AS INTEGER)",
@@ -853,7 +979,9 @@ class SQLiteQueueStore(ChangeWaiting):
                         tuple(ids),
                     )
                 )
-                batches.append(DeliveryBatch(message, destination, recipients, lease))
+                batches.append(
+                    DeliveryBatch(message, destination, recipients, lease, inline.get(message_id))
+                )
             return batches
 
         return await self._write(claim, signals=False)
@@ -910,26 +1038,35 @@ class SQLiteQueueStore(ChangeWaiting):
         removed: list[str] = []
 
         def record(connection: sqlite3.Connection) -> int:
-            ids = [result.recipient_id for result in wanted]
-            rows = {
-                row["id"]: recipient_info(row, dsn_kinds(row["dsn_sent"].split(",")))
-                for row in connection.execute(
-                    f"SELECT {_RECIPIENT_COLUMNS} FROM recipients WHERE lease_owner = ? "
-                    f"AND lease_id = ? AND id IN ({_marks(len(ids))})",
-                    (lease.owner, lease.id, *ids),
-                )
-            }
-            if not rows:
-                return 0
-            message = self._messages(connection, [batch.message.id]).get(batch.message.id)
-            if message is None:
-                return 0
+            # Every recipient of the message: those under this lease get the results;
+            # the others tell whether the message is finished after them.
+            held: dict[int, RecipientInfo] = {}
+            others: list[RecipientInfo] = []
+            for row in connection.execute(
+                f"SELECT {_RECIPIENT_COLUMNS} FROM recipients WHERE message_id = ?",
+                (batch.message.id,),
+            ):
+                info = recipient_info(row, dsn_kinds(row["dsn_sent"].split(",")))
+                if row["lease_owner"] == lease.owner and row["lease_id"] == lease.id:
+                    held[info.id] = info
+                else:
+                    others.append(info)
+            if not held:
+                return 0  # the lease was lost, or the message deleted meanwhile
+            # The message's row does not change once queued: the claim's copy will do.
+            message = batch.message
+            updates: list[tuple[RecipientInfo, RecipientUpdate | None]] = [
+                (current, apply_result(recipient_facts(current), message, result, policy, at))
+                for result in wanted
+                if (current := held.get(result.recipient_id)) is not None
+            ]
+            if self._finished_by(updates, others, at):
+                # Removed at once (keep_finished): its rows, with the history they would
+                # have got, go now; nothing is written only to be deleted.
+                removed.extend(self._delete_rows(connection, [message.id]))
+                return sum(update is not None for _, update in updates)
             applied = 0
-            for result in wanted:
-                current = rows.get(result.recipient_id)
-                if current is None:
-                    continue
-                update = apply_result(recipient_facts(current), message, result, policy, at)
+            for current, update in updates:
                 if update is None:
                     self._clear_lease(connection, current.id)
                     continue
@@ -939,7 +1076,8 @@ class SQLiteQueueStore(ChangeWaiting):
             return applied
 
         def after_commit(result: Any) -> None:
-            if result is not None:
+            # A body that came with the claim was in the row: there is no file to remove.
+            if result is not None and batch.body is None:
                 for message_id in removed:
                     self.bodies.remove(message_id)
 
@@ -1101,6 +1239,18 @@ class SQLiteQueueStore(ChangeWaiting):
 
     async def read_body(self, message_id: str, chunk_size: int = 65536) -> AsyncIterator[bytes]:
         self._check_open()
+
+        def query(connection: sqlite3.Connection) -> bytes | None:
+            row = connection.execute(
+                "SELECT body FROM messages WHERE id = ?", (message_id,)
+            ).fetchone()
+            return None if row is None or row[0] is None else bytes(row[0])
+
+        inline = await self._read_transaction(query)
+        if inline is not None:
+            for start in range(0, len(inline), chunk_size):
+                yield inline[start : start + chunk_size]
+            return
         path = self.bodies.path(message_id)
         try:
             reader = await asyncio.to_thread(open, path, "rb")
@@ -1207,7 +1357,7 @@ class SQLiteQueueStore(ChangeWaiting):
                     self._history(connection, row[0], at, "flushed")
             return total
 
-        return await self._write(flush)
+        return await self._write(flush, in_thread=True)
 
     async def hold(self, ids: Collection[str], reason: str = "held by the operator") -> int:
         at = self.clock()
@@ -1261,7 +1411,7 @@ class SQLiteQueueStore(ChangeWaiting):
                     self._history(connection, row[0], at, event, detail=detail)
             return total
 
-        return await self._write(change)
+        return await self._write(change, in_thread=True)
 
     async def delete(self, ids: Collection[str]) -> int:
         id_list = list(ids)
@@ -1277,7 +1427,7 @@ class SQLiteQueueStore(ChangeWaiting):
                 for message_id in removed:
                     self.bodies.remove(message_id)
 
-        return await self._write(delete, after_commit=after_commit)
+        return await self._write(delete, after_commit=after_commit, in_thread=True)
 
     async def bounce(self, ids: Collection[str], reason: str = "", now: float | None = None) -> int:
         at = self._now(now)
@@ -1305,7 +1455,7 @@ class SQLiteQueueStore(ChangeWaiting):
                 for message_id in removed:
                     self.bodies.remove(message_id)
 
-        return await self._write(bounce, after_commit=after_commit)
+        return await self._write(bounce, after_commit=after_commit, in_thread=True)
 
     async def stats(self, now: float | None = None) -> QueueStats:
         at = self._now(now)
@@ -1360,7 +1510,7 @@ class SQLiteQueueStore(ChangeWaiting):
                 for message_id in removed:
                     self.bodies.remove(message_id)
 
-        return await self._write(purge, after_commit=after_commit)
+        return await self._write(purge, after_commit=after_commit, in_thread=True)
 
     # --- row helpers (database thread or reader thread) ------------------------------------------
 
@@ -1374,6 +1524,19 @@ class SQLiteQueueStore(ChangeWaiting):
                 tuple(chunk),
             ):
                 result[row["id"]] = message_info(row)
+        return result
+
+    @staticmethod
+    def _inline_bodies(connection: sqlite3.Connection, ids: Sequence[str]) -> dict[str, bytes]:
+        """The bodies of these messages that are kept in their rows."""
+        result: dict[str, bytes] = {}
+        for chunk in _chunks(ids):
+            for row in connection.execute(
+                f"SELECT id, body FROM messages WHERE id IN ({_marks(len(chunk))}) "
+                "AND body IS NOT NULL",
+                tuple(chunk),
+            ):
+                result[row[0]] = bytes(row[1])
         return result
 
     def _recipients_of(
@@ -1477,6 +1640,30 @@ class SQLiteQueueStore(ChangeWaiting):
                 detail,
             ),
         )
+
+    def _finished_by(
+        self,
+        updates: Sequence[tuple[RecipientInfo, RecipientUpdate | None]],
+        others: Sequence[RecipientInfo],
+        now: float,
+    ) -> bool:
+        """Whether these updates leave the message finished for long enough to be
+        removed now (what :meth:`_purge_if_finished` would find after applying them)."""
+        cutoff = now - self.policy.keep_finished
+        last_final: float | None = None
+        for _, update in updates:
+            if update is None:
+                return False  # a result not applied: the recipient stays as it was
+            if update.state not in _FINAL or update.dsn_pending is not None:
+                return False
+            if update.final_at is not None:
+                last_final = max(last_final or update.final_at, update.final_at)
+        for recipient in others:
+            if recipient.state not in _FINAL or recipient.dsn_pending is not None:
+                return False
+            if recipient.final_at is not None:
+                last_final = max(last_final or recipient.final_at, recipient.final_at)
+        return last_final is not None and last_final <= cutoff
 
     def _purge_if_finished(
         self, connection: sqlite3.Connection, ids: Sequence[str], now: float

@@ -15,7 +15,14 @@ It knows nothing of hooks, sessions or queues: callers pass plain strings and ma
 replies to their own answers.
 """
 
-from .body import CHUNK_SIZE, BodyProtocol, borrowed_transport, dot_stuff, send_message
+from .body import (
+    CHUNK_SIZE,
+    BodyProtocol,
+    MessageFile,
+    borrowed_transport,
+    dot_stuff,
+    send_message,
+)
 from .commands import lhlo, quit_politely
 from .params import mail_params, rcpt_params
 from .replies import split_reply
@@ -25,6 +32,7 @@ from .tls import opportunistic_context, ssl_error
 __all__ = [
     "CHUNK_SIZE",
     "BodyProtocol",
+    "MessageFile",
     "SmartHost",
     "borrowed_transport",
     "display_host",

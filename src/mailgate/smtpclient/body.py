@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import os
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import IO, Final, cast
@@ -19,12 +21,62 @@ from typing import IO, Final, cast
 import aiosmtplib
 from aiosmtplib import SMTPResponse
 
-__all__ = ["CHUNK_SIZE", "BodyProtocol", "borrowed_transport", "dot_stuff", "send_message"]
+__all__ = [
+    "CHUNK_SIZE",
+    "BodyProtocol",
+    "MessageFile",
+    "borrowed_transport",
+    "dot_stuff",
+    "send_message",
+]
 
 #: How much of the message is read (by a worker thread) and written at a time.
 CHUNK_SIZE: Final = 256 * 1024
 # A reply longer than this (all its lines) is not SMTP; stop buffering it.
 _MAX_REPLY: Final = 64 * 1024
+
+
+class MessageFile:
+    """A message file opened for sending, its first block read in the same trip to a
+    worker thread as the opening: a message of up to :data:`CHUNK_SIZE` bytes then costs
+    one trip, not two (each trip wakes a thread and hands the GIL back and forth).
+
+    :meth:`open` and :meth:`rewind` block: call them in a worker thread.
+    """
+
+    __slots__ = ("_first", "file")
+
+    def __init__(self, file: IO[bytes], first: bytes | None = None) -> None:
+        self.file = file
+        self._first = first
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> MessageFile:
+        file = open(path, "rb")  # noqa: SIM115  # closed by the caller (close())
+        try:
+            return cls(file, file.read(CHUNK_SIZE))
+        except BaseException:
+            file.close()
+            raise
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> MessageFile:
+        """A message held in memory (no thread needed to read it)."""
+        file = io.BytesIO(data)
+        return cls(file, file.read(CHUNK_SIZE))
+
+    def rewind(self) -> None:
+        """Back to the start, for sending the message again (the next transaction)."""
+        self.file.seek(0)
+        self._first = self.file.read(CHUNK_SIZE)
+
+    def take_first(self) -> bytes | None:
+        """The block read ahead (once), or None: read on from :attr:`file`."""
+        first, self._first = self._first, None
+        return first
+
+    def close(self) -> None:
+        self.file.close()
 
 
 class BodyProtocol(asyncio.Protocol):
@@ -145,24 +197,46 @@ async def borrowed_transport(
 async def send_message(
     transport: asyncio.Transport,
     receiver: BodyProtocol,
-    file: IO[bytes],
+    file: IO[bytes] | MessageFile,
     *,
     dot_stuffed: bool = True,
 ) -> None:
-    """The message from ``file`` (a regular file), in chunks read by a worker thread,
-    honouring the transport's flow control (so memory stays flat whatever the size).
-    ``dot_stuffed``: after DATA, dot-stuffed and ended with ``.``; otherwise (after
-    ``BDAT n LAST``) the bytes as they are."""
+    """The message from ``file`` (a regular file, or a :class:`MessageFile` with its
+    first block read already), in chunks read by a worker thread, honouring the
+    transport's flow control (so memory stays flat whatever the size). ``dot_stuffed``:
+    after DATA, dot-stuffed and ended with ``.``; otherwise (after ``BDAT n LAST``) the
+    bytes as they are."""
     loop = asyncio.get_running_loop()
+    first: bytes | None = None
+    if isinstance(file, MessageFile):
+        first = file.take_first()
+        file = file.file
     before = b"\r\n"  # a message starts at the beginning of a line
-    while chunk := await loop.run_in_executor(None, file.read, CHUNK_SIZE):
-        transport.write(dot_stuff(chunk, before) if dot_stuffed else chunk)
+    while True:
+        if first is not None:
+            chunk, first = first, None
+        else:
+            chunk = await loop.run_in_executor(None, file.read, CHUNK_SIZE)
+        if not chunk:
+            break
+        data = dot_stuff(chunk, before) if dot_stuffed else chunk
         before = (before + chunk)[-2:]
-        await receiver.drain()
+        # A regular file gives a short read only at its end.
         if len(chunk) < CHUNK_SIZE:
-            break  # a regular file gives a short read only at its end
+            if dot_stuffed:  # the end of the message in the same write (one send)
+                data += _end_of_data(before)
+                dot_stuffed = False
+            transport.write(data)
+            break
+        transport.write(data)
+        await receiver.drain()
     if dot_stuffed:
-        transport.write(b".\r\n" if before == b"\r\n" else b"\r\n.\r\n")
+        transport.write(_end_of_data(before))
+
+
+def _end_of_data(before: bytes) -> bytes:
+    """The line with the single dot, after a message whose last bytes were ``before``."""
+    return b".\r\n" if before == b"\r\n" else b"\r\n.\r\n"
 
 
 def dot_stuff(chunk: bytes, before: bytes) -> bytes:

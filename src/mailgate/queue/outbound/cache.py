@@ -3,7 +3,9 @@
 A session goes back to the cache after a transaction unless it is broken, older than
 ``connection_reuse_time`` or has carried ``connection_reuse_count`` transactions; an
 idle one is closed (QUIT) after ``connection_idle_time``. The engine sends RSET before
-reusing one.
+reusing one only when its last transaction did not end cleanly (a refused MAIL or every
+RCPT refused); one the server closed unnoticed is found by the next transaction before
+any reply, and the message goes on a new session.
 """
 
 from __future__ import annotations

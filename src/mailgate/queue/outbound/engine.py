@@ -18,10 +18,10 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 from mailgate.dns import Resolver
+from mailgate.smtpclient import MessageFile
 
 from .cache import SessionCache
 from .destinations import Admission, DestinationState
@@ -265,7 +265,11 @@ class OutboundEngine:
         n = len(request.recipients)
         loop = asyncio.get_running_loop()
         try:
-            body = await loop.run_in_executor(None, _open, request.body_path)
+            if request.body is not None:
+                body = MessageFile.from_bytes(request.body)
+            else:
+                # Opened with its first block read (all of a small message): one trip.
+                body = await loop.run_in_executor(None, MessageFile.open, request.body_path)
         except OSError as exc:
             answer = Answer(
                 Outcome.DEFERRED, "4.3.0", f"cannot read the message: {exc.strerror or exc}"
@@ -276,7 +280,9 @@ class OutboundEngine:
         finally:
             body.close()  # read-only: nothing to flush, closing does not block
 
-    async def _with_session(self, request: DeliveryRequest, key: str, body: IO[bytes]) -> _Attempt:
+    async def _with_session(
+        self, request: DeliveryRequest, key: str, body: MessageFile
+    ) -> _Attempt:
         n = len(request.recipients)
         # The hosts and their TLS requirements first, also for a cached session: a
         # policy that changed (an MTA-STS policy now in force) must not ride on a
@@ -303,7 +309,18 @@ class OutboundEngine:
             return _Attempt([_final_failure(failures)] * n, policy=policy, counts=counts)
         keep = False
         try:
-            answers = await self._transactions(session, request, body)
+            answers, unanswered = await self._transactions(session, request, body)
+            if reused and unanswered:
+                # A cached session the server had closed meanwhile, found out by the
+                # first transaction before any reply (no RSET checked it first): the
+                # server took nothing, so the message goes on a new session.
+                session.abort()
+                reused = False
+                fresh = await self._open_any(endpoints, failures, require_tls=request.require_tls)
+                if fresh is not None:
+                    session = fresh
+                    await asyncio.get_running_loop().run_in_executor(None, body.rewind)
+                    answers, _ = await self._transactions(session, request, body)
             keep = session.usable
         finally:
             if keep:
@@ -319,19 +336,23 @@ class OutboundEngine:
         )
 
     async def _transactions(
-        self, session: Session, request: DeliveryRequest, body: IO[bytes]
-    ) -> list[Answer]:
+        self, session: Session, request: DeliveryRequest, body: MessageFile
+    ) -> tuple[list[Answer], bool]:
         """One transaction per ``max_recipients_per_transaction`` recipients, one after
-        the other on ``session`` (RSET and the message from its start between them)."""
+        the other on ``session`` (RSET unless the last ended cleanly, and the message
+        from its start between them). Also whether the first one lost the session
+        before any reply."""
         limit = self.options.max_recipients_per_transaction
         recipients = request.recipients
         if len(recipients) <= limit:
-            return await session.transact(request, body)
+            answers = await session.transact(request, body)
+            return answers, session.unanswered
         loop = asyncio.get_running_loop()
-        answers: list[Answer] = []
+        answers = []
+        unanswered = False
         for start in range(0, len(recipients), limit):
             if start:
-                if not await session.reset():
+                if not (session.clean and session.usable) and not await session.reset():
                     lost = Answer(
                         Outcome.DEFERRED,
                         "4.4.2",
@@ -340,10 +361,12 @@ class OutboundEngine:
                     )
                     answers += [lost] * (len(recipients) - start)
                     break
-                await loop.run_in_executor(None, body.seek, 0)
+                await loop.run_in_executor(None, body.rewind)
             part = recipients[start : start + limit]
             answers += await session.transact(replace(request, recipients=part), body)
-        return answers
+            if not start:
+                unanswered = session.unanswered
+        return answers, unanswered
 
     async def _cached(self, key: str, endpoints: list[Endpoint]) -> Session | None:
         """A cached session for the destination that survives RSET, opened with one of
@@ -357,7 +380,10 @@ class OutboundEngine:
             if (endpoint.host, endpoint.address, endpoint.port, endpoint.tls) not in wanted:
                 self._cache.discard(session)
                 continue
-            if await session.reset():
+            # A session whose last transaction ended cleanly needs no RSET (a round
+            # trip per message); one the server closed meanwhile is caught by the
+            # caller (see _with_session).
+            if session.clean or await session.reset():
                 self._cache.reused += 1
                 return session
         return None
@@ -623,10 +649,6 @@ def _final_failure(failures: list[HostFailure]) -> Answer:
         return Answer(Outcome.DEFERRED, "4.4.1", "no host to connect to")
     temporary = [f.answer for f in failures if f.answer.outcome is not Outcome.FAILED]
     return temporary[-1] if temporary else failures[-1].answer
-
-
-def _open(path: Path) -> IO[bytes]:
-    return open(path, "rb")  # closed by the caller after the attempt
 
 
 def _log_attempt(result: DeliveryResult) -> None:

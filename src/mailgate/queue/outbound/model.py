@@ -155,13 +155,18 @@ class DeliveryRequest:
     #: smarthost, DANE or MTA-STS) to a server that offers REQUIRETLS, which is passed on;
     #: anything else fails the recipient (5.7.30) instead of deferring it.
     require_tls: bool = False
-    #: RFC 8689 5 ``TLS-Required: No``: the recipient domain's DANE and MTA-STS policies
+    #: RFC 8689 5 ``TLS-Required: No``: the recipient domains' DANE and MTA-STS policies
     #: are not applied (TLS is still used when offered).
     tls_optional: bool = False
+    #: The message in memory (a small queued message, read with its claim): sent from
+    #: here, and ``body_path`` is not read.
+    body: bytes | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.recipients:
             raise ValueError("a delivery request needs at least one recipient")
+        if self.body is not None and len(self.body) != self.size:
+            raise ValueError("the size of a delivery request must be its body's length")
         if self.sender:
             check_address(self.sender, "sender")
         if self.envid is not None and _CONTROL.search(self.envid):

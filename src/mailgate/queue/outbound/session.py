@@ -17,13 +17,14 @@ import asyncio
 import socket
 import time
 from dataclasses import dataclass
-from typing import IO, Final
+from typing import Final
 
 import aiosmtplib
 from aiosmtplib import SMTPResponse
 
 from mailgate.smtpclient import (
     BodyProtocol,
+    MessageFile,
     borrowed_transport,
     lhlo,
     mail_params,
@@ -146,6 +147,13 @@ class Session:
         self.options = options
         self.opened_at = time.monotonic()
         self.transactions = 0
+        #: No transaction is open on the server: the last one ended with the reply to
+        #: the message (RFC 5321 4.1.1.4: that ends it, whatever the reply), or RSET
+        #: was accepted. A clean cached session needs no RSET before the next one.
+        self.clean = True
+        #: The last transaction lost the session before any reply came: the server
+        #: took nothing (a cached connection it had closed meanwhile).
+        self.unanswered = False
 
     @property
     def usable(self) -> bool:
@@ -167,6 +175,7 @@ class Session:
         if response.code != 250:
             await self.quit()
             return False
+        self.clean = True
         return True
 
     async def quit(self) -> None:
@@ -178,12 +187,13 @@ class Session:
 
     # --- one transaction --------------------------------------------------------------------
 
-    async def transact(self, request: DeliveryRequest, body: IO[bytes]) -> list[Answer]:
+    async def transact(self, request: DeliveryRequest, body: MessageFile) -> list[Answer]:
         """MAIL, one RCPT per recipient, DATA and the message: one answer per recipient
         of ``request``. Pipelined (RFC 2920) when the server offers it. Never raises for
         the remote side; afterwards :attr:`usable` says whether the session may carry
         another transaction."""
         self.transactions += 1
+        self.unanswered = False
         refusal = self._cannot_take(request)
         if refusal is not None:
             return [refusal] * len(request.recipients)
@@ -211,16 +221,19 @@ class Session:
             for recipient in request.recipients
         ]
         transaction = _Transaction(len(rcpts), self.where, lmtp=self.endpoint.lmtp)
+        self.clean = False
         try:
             if self.smtp.supports_extension("pipelining"):
                 await self._pipelined(transaction, mail, rcpts, body)
             else:
                 await self._step_by_step(transaction, mail, rcpts, body)
         except _SESSION_ERRORS as exc:
+            self.unanswered = transaction.replies == 0
             self.abort()
             stage = transaction.stage
             during = "sending the message" if stage == "end of DATA" else f"sending {stage}"
             return transaction.answers(_lost(exc, self.where, during))
+        self.clean = transaction.complete
         return transaction.answers(None)
 
     async def _step_by_step(
@@ -228,7 +241,7 @@ class Session:
         transaction: _Transaction,
         mail: list[bytes],
         rcpts: list[list[bytes]],
-        body: IO[bytes],
+        body: MessageFile,
     ) -> None:
         """One command, one reply, as RFC 5321 has it without PIPELINING."""
         smtp = self.smtp
@@ -254,7 +267,7 @@ class Session:
         transaction: _Transaction,
         mail: list[bytes],
         rcpts: list[list[bytes]],
-        body: IO[bytes],
+        body: MessageFile,
     ) -> None:
         """MAIL, every RCPT and DATA in one write, then their replies (RFC 2920 3.1:
         DATA ends the group); the message follows if DATA got its 354."""
@@ -314,6 +327,10 @@ class _Transaction:
         self.where = where
         self.lmtp = lmtp
         self.stage = "MAIL FROM"
+        #: Replies read so far.
+        self.replies = 0
+        #: Every reply to the message was read: the transaction is over.
+        self.complete = False
 
     @property
     def final_replies(self) -> int:
@@ -321,6 +338,7 @@ class _Transaction:
         return len(self.accepted) if self.lmtp else 1
 
     def mail(self, reply: SMTPResponse) -> bool:
+        self.replies += 1
         if reply.code == 250:
             return True
         answer = _not_success(answer_from_reply(reply, self.where, "MAIL FROM"))
@@ -328,12 +346,14 @@ class _Transaction:
         return False
 
     def rcpt(self, index: int, reply: SMTPResponse) -> None:
+        self.replies += 1
         if reply.code in (250, 251):
             self.accepted.append(index)
         else:
             self._answers[index] = _not_success(answer_from_reply(reply, self.where, "RCPT TO"))
 
     def data(self, reply: SMTPResponse) -> bool:
+        self.replies += 1
         if reply.code == 354:
             return True
         answer = _not_success(answer_from_reply(reply, self.where, "DATA"))
@@ -345,6 +365,7 @@ class _Transaction:
         """The ``number``-th reply to the message: LMTP's is for the ``number``-th
         accepted recipient, recorded at once so a session lost halfway keeps it;
         SMTP's one reply is for every accepted recipient."""
+        self.replies += 1
         answer = answer_from_reply(reply, self.where, "end of DATA")
         for index in [self.accepted[number]] if self.lmtp else self.accepted:
             self._answers[index] = answer
@@ -371,13 +392,14 @@ async def _message(
     transaction: _Transaction,
     transport: asyncio.Transport,
     receiver: BodyProtocol,
-    body: IO[bytes],
+    body: MessageFile,
 ) -> None:
     """The message after DATA's 354, and the replies to it as they come."""
     transaction.stage = "end of DATA"
     await send_message(transport, receiver, body)
     for number in range(transaction.final_replies):
         transaction.final(number, await receiver.reply())
+    transaction.complete = True
 
 
 def _line(command: list[bytes]) -> bytes:

@@ -30,6 +30,7 @@ from mailgate.dns import Resolver
 from mailgate.hooks import Message, Reject, Session, TempFail
 from mailgate.hooks.logs import LogLimiter
 from mailgate.protocol import Reply
+from mailgate.server.logs import log_line
 from mailgate.server.options import Network, PolicySection, ServerOptions
 from mailgate.settings import ConfigError
 
@@ -83,7 +84,7 @@ def decide(
         return
     if log.isEnabledFor(level):
         args, extra = _decision_line(session, policy, verdict, why, fields)
-        log.log(level, *args, extra=extra)
+        log_line(log, level, args[0], args[1:], extra)
 
 
 def _decision_line(

@@ -69,6 +69,7 @@ from mailgate.protocol.replies import (
 )
 
 from .host import ConnectionHost, SessionRecorder
+from .logs import log_line
 from .received import received_header, with_protocol
 from .spool import SpoolFile
 from .tls import SERVER_NAME_ATTRIBUTE
@@ -1163,17 +1164,21 @@ class ConnectionDriver(asyncio.Protocol):
         rcpts = [str(r) for r in envelope.rcpt_tos]
         shown = rcpts[:_LOGGED_RECIPIENTS]
         more = f" (+{len(rcpts) - len(shown)})" if len(rcpts) > len(shown) else ""
-        log.info(
+        log_line(
+            log,
+            logging.INFO,
             "session %s: message %s %s from=<%s> to=%s%s size=%d client=%s",
-            session.id,
-            self.message_id or "-",
-            outcome,
-            _printable(envelope.sender),
-            ",".join(f"<{_printable(r)}>" for r in shown),
-            more,
-            size,
-            session.peer_host,
-            extra={
+            (
+                session.id,
+                self.message_id or "-",
+                outcome,
+                _printable(envelope.sender),
+                ",".join(f"<{_printable(r)}>" for r in shown),
+                more,
+                size,
+                session.peer_host,
+            ),
+            {
                 "session": session.id,
                 "client": session.peer_host,
                 "helo": session.helo,
@@ -1195,18 +1200,22 @@ class ConnectionDriver(asyncio.Protocol):
             return
         duration = self.loop.time() - self._started_at if self._started_at else 0.0
         tls = session.tls.version if session.tls is not None else None
-        log.info(
+        log_line(
+            log,
+            logging.INFO,
             "session %s: closed (%s) client=%s helo=%s tls=%s transactions=%d messages=%d "
             "duration=%.1fs",
-            session.id,
-            reason,
-            session.peer_host,
-            _printable(session.helo or "-"),
-            tls or "no",
-            session.transactions,
-            session.messages,
-            duration,
-            extra={
+            (
+                session.id,
+                reason,
+                session.peer_host,
+                _printable(session.helo or "-"),
+                tls or "no",
+                session.transactions,
+                session.messages,
+                duration,
+            ),
+            {
                 "session": session.id,
                 "client": session.peer_host,
                 "helo": session.helo,

@@ -55,6 +55,18 @@ def test_postmaster_without_domain_is_always_local() -> None:
     assert not relay.is_local(Address("x@[192.0.2.1]"))
 
 
+def test_the_relay_networks_answer_is_remembered_and_follows_a_new_value() -> None:
+    relay = RelayControl(["example.com"], relay_networks=(ipaddress.ip_network("10.0.0.0/8"),))
+    assert relay.may_relay("10.1.2.3") and relay.may_relay("10.1.2.3")
+    assert not relay.may_relay("192.0.2.7") and not relay.may_relay("not an address")
+    relay.relay_networks = (ipaddress.ip_network("192.0.2.0/24"),)
+    assert not relay.may_relay("10.1.2.3")
+    assert relay.may_relay("192.0.2.7")
+    for n in range(3000):  # bounded: the table starts over
+        relay.may_relay(f"10.0.{n // 256}.{n % 256}")
+    assert relay.may_relay("192.0.2.7") and not relay.may_relay("10.1.2.3")
+
+
 def test_decisions_for_each_kind_of_client() -> None:
     relay = RelayControl(["example.com"], relay_networks=(ipaddress.ip_network("10.0.0.0/8"),))
     envelope = Envelope()  # what the server passes: relay control does not look at it

@@ -132,6 +132,52 @@ class Session:
     submission: bool = False
     notes: dict[str, Any] = field(default_factory=dict)
 
+    # Made for every connection: an __init__ mypyc compiles in the optional compiled build,
+    # where the one dataclass writes stays interpreted (about ten times slower; see
+    # protocol/events.py). The same fields, order and defaults; a factory's field (the
+    # start time, the dicts) made anew when not given.
+    def __init__(
+        self,
+        id: str,
+        peer_host: str,
+        peer_port: int,
+        local_host: str,
+        local_port: int,
+        started_at: float | None = None,
+        tls: TLSInfo | None = None,
+        helo: str | None = None,
+        esmtp: bool = False,
+        user: str | None = None,
+        auth_mechanism: str | None = None,
+        forwarded: bool = False,
+        xforward: dict[str, str | None] | None = None,
+        transactions: int = 0,
+        messages: int = 0,
+        auth_failures: int = 0,
+        lmtp: bool = False,
+        submission: bool = False,
+        notes: dict[str, Any] | None = None,
+    ) -> None:
+        self.id = id
+        self.peer_host = peer_host
+        self.peer_port = peer_port
+        self.local_host = local_host
+        self.local_port = local_port
+        self.started_at = time.time() if started_at is None else started_at
+        self.tls = tls
+        self.helo = helo
+        self.esmtp = esmtp
+        self.user = user
+        self.auth_mechanism = auth_mechanism
+        self.forwarded = forwarded
+        self.xforward = {} if xforward is None else xforward
+        self.transactions = transactions
+        self.messages = messages
+        self.auth_failures = auth_failures
+        self.lmtp = lmtp
+        self.submission = submission
+        self.notes = {} if notes is None else notes
+
     @property
     def peer(self) -> tuple[str, int]:
         return (self.peer_host, self.peer_port)

@@ -15,7 +15,7 @@ import ssl
 import time
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from mailgate.hooks import (
     Accept,
@@ -102,6 +102,9 @@ _COMMAND_TIMEOUT = Reply(421, "4.4.2", ("Command not received in time, closing c
 _DATA_TOO_SLOW = Reply(421, "4.4.2", ("Message data received too slowly, closing connection",))
 _SESSION_TOO_LONG = Reply(421, "4.4.2", ("Session too long, closing connection",))
 _RECEIVING_DATA = frozenset({State.DATA, State.BDAT})
+#: The same two, for the test on every command line: an Enum's hash is a Python-level call.
+_DATA: Final = State.DATA
+_BDAT: Final = State.BDAT
 _STORAGE_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 #: Read no more while this much unparsed input waits for a slow hook.
 _MAX_BUFFERED = 256 * 1024
@@ -266,7 +269,7 @@ class ConnectionDriver(asyncio.Protocol):
             self._process()
         elif conn.buffered > _MAX_BUFFERED:
             self._pause_reading()
-        if not self._data_started and conn.state in _RECEIVING_DATA:
+        if not self._data_started and ((state := conn.state) is _DATA or state is _BDAT):
             # The message data began: min_data_rate counts from here.
             self._data_started = now
             self._data_base = self._bytes_in

@@ -161,15 +161,14 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         ``fields``, its extra attributes) would give, without making the record: for
         :func:`log_line`, once :func:`lean_handler` said this handler alone would see it."""
         created, msecs = _now()
+        levelname = _LEVEL_NAMES.get(level) or logging.getLevelName(level)
         formatter = self.formatter
         try:
             if type(formatter) is TextFormatter:
-                line = formatter.line(created, msecs, _level_name(level), _pid, name, message)
+                line = formatter.line(created, msecs, levelname, _pid, name, message)
             else:
                 assert isinstance(formatter, JSONFormatter)
-                line = formatter.line(
-                    created, msecs, _level_name(level), _pid, name, message, fields
-                )
+                line = formatter.line(created, msecs, levelname, _pid, name, message, fields)
         except Exception:
             # What the stdlib path does with a line that cannot be formatted.
             record = logging.LogRecord(name, level, "", 0, message, None, None)
@@ -270,7 +269,8 @@ def _after_fork_in_child() -> None:
 
 #: The pid the lines show: asked once, and again in a forked worker.
 _pid: int | None = os.getpid()
-_level_name = logging.getLevelName
+#: getLevelName's table (read, never copied: addLevelName changes it in place).
+_LEVEL_NAMES: dict[int, str] = logging._levelToName
 
 
 def _now() -> tuple[float, float]:

@@ -29,6 +29,7 @@ HOT_MODULES = (
     "mailgate.hooks.session",
     "mailgate.plugins.relay",
     "mailgate.server.connection",
+    "mailgate.server.logs",
 )
 
 

@@ -41,6 +41,10 @@ def _python_class(cls: _Class) -> _Class:
     return cls
 
 
+#: The parameters of an address given none: one read-only empty mapping for them all.
+_NO_PARAMS: Mapping[str, str | None] = MappingProxyType({})
+
+
 @_python_class
 class Address(str):
     """An envelope address as hooks see it: the address text (``str``) plus ``local``,
@@ -66,7 +70,8 @@ class Address(str):
         self = str.__new__(cls, text)
         local, at, domain = text.rpartition("@")
         self.local, self.domain = (local, domain) if at else (text, "")
-        self.params = MappingProxyType(dict(params or {}))
+        # A read-only copy; no parameters (the usual case) share one empty view.
+        self.params = MappingProxyType(dict(params)) if params else _NO_PARAMS
         self.written = written
         return self
 
@@ -79,8 +84,11 @@ class Address(str):
     ) -> Address:
         if address is None:
             return cls("", params, written)
-        self = cls(str(address), params, written)
+        # The parts as parsed (made at every MAIL and RCPT): no second split of the text.
+        self = str.__new__(cls, str(address))
         self.local, self.domain = address.local_part, address.domain
+        self.params = MappingProxyType(dict(params)) if params else _NO_PARAMS
+        self.written = written
         return self
 
     def __repr__(self) -> str:

@@ -62,13 +62,16 @@ class DomainSet:
         return bool(self.exact or self.parents)
 
     def __contains__(self, domain: object) -> bool:
-        if not isinstance(domain, str):
+        exact, parents = self.exact, self.parents
+        if not isinstance(domain, str) or not (exact or parents):
             return False
         name = normalise_domain(domain)
-        if name in self.exact:
+        if name in exact:
             return True
+        if not parents:
+            return False
         labels = name.split(".")
-        return any(".".join(labels[i:]) in self.parents for i in range(1, len(labels)))
+        return any(".".join(labels[i:]) in parents for i in range(1, len(labels)))
 
 
 class RelayControl:

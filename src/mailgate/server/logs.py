@@ -322,6 +322,9 @@ def lean_handler(logger: logging.Logger, level: int) -> BatchingStreamHandler | 
 
 
 _LEAN_FORMATTERS = (TextFormatter, JSONFormatter)
+#: The record's place (funcName, lineno) is log_line's caller: one frame up, unless this
+#: module is compiled (the optional mypyc build), where log_line has no frame of its own.
+_CALLER = 2 if __file__.endswith(".py") else 1
 
 
 def log_line(
@@ -336,7 +339,7 @@ def log_line(
     would see the record (see :func:`lean_handler`), else logged as usual."""
     handler = lean_handler(logger, level)
     if handler is None:
-        logger.log(level, msg, *args, extra=extra, stacklevel=2)
+        logger.log(level, msg, *args, extra=extra, stacklevel=_CALLER)
         return
     if args and len(args) == 1 and isinstance(args[0], Mapping) and args[0]:
         message = msg % args[0]  # what LogRecord does with a lone mapping

@@ -116,6 +116,11 @@ class RelayControl:
         return answer
 
     async def on_rcpt(self, session: Session, envelope: Envelope, address: Address) -> None:
+        self._rcpt_now(session, envelope, address)
+
+    def _rcpt_now(self, session: Session, envelope: Envelope, address: Address) -> None:
+        """on_rcpt's decision, as a plain call (the server's inline path calls this one:
+        see hooks.registry._now_method)."""
         if self.open_relay or self.is_local(address):
             return
         if session.user is not None:

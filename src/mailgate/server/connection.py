@@ -109,6 +109,8 @@ _STORAGE_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 #: Read no more while this much unparsed input waits for a slow hook.
 _MAX_BUFFERED = 256 * 1024
 _NO_ENVELOPE = Envelope()
+#: [options, _longest_sleep() for them]: asked at every connection and every timer check.
+_LONGEST_SLEEP: list[Any] = [None, 0.0]
 
 
 class ConnectionDriver(asyncio.Protocol):
@@ -1305,8 +1307,14 @@ class ConnectionDriver(asyncio.Protocol):
         """How long the timer may sleep without a check: no deadline that could begin
         meanwhile (a command line, message data) is then missed by more than its length."""
         options = self.host.options
+        known = _LONGEST_SLEEP
+        if known[0] is options:  # the options are frozen: computed once per (re)load
+            return cast(float, known[1])
         sleep = min(options.idle_timeout, options.data_timeout, options.command_timeout)
-        return min(sleep, options.session_timeout) if options.session_timeout else sleep
+        if options.session_timeout:
+            sleep = min(sleep, options.session_timeout)
+        known[0], known[1] = options, sleep
+        return sleep
 
     def _wake_by(self, when: float) -> None:
         """Have the timer fire by ``when`` (loop time): re-armed only if it would be later."""

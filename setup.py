@@ -47,9 +47,7 @@ PROTOCOL_MODULES = [
 ]
 # The server's hot path above the protocol (issue 14): running a stage's chain of hooks
 # and the objects hooks see, relay control (the one policy step of every configuration),
-# the asyncio protocol driving one connection, and the lines it logs per message and per
-# session (server/logs: its handler and formatters stay subclasses of logging's Python
-# classes, as the driver of asyncio.Protocol). See docs/benchmarks.md for what each
+# and the asyncio protocol driving one connection. See docs/benchmarks.md for what each
 # needed; a compiled module may import pure ones (those are ordinary Python to it). Left
 # pure: hooks.outcomes (Reject and TempFail, exceptions plugins subclass; compiled, the class
 # attributes a subclass overrides were lost), hooks.stages (constants) and hooks.chunks (an
@@ -60,12 +58,11 @@ SERVER_MODULES = [
     "hooks/session",
     "plugins/relay",
     "server/connection",
-    "server/logs",
 ]
 COMPILED_MODULES = [f"protocol/{name}" for name in PROTOCOL_MODULES] + SERVER_MODULES
 # What mypy reads to type the compiled modules: their packages' modules (for the types
 # they use from each other) and nothing outside them (see mypyc_extensions).
-CHECKED = ["protocol", "hooks", "plugins/relay", "server/connection", "server/logs"]
+CHECKED = ["protocol", "hooks", "plugins/relay", "server/connection"]
 FALLBACK_HINT = "unset MAILGATE_COMPILE for the pure-Python build"
 
 

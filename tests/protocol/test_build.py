@@ -29,7 +29,6 @@ HOT_MODULES = (
     "mailgate.hooks.session",
     "mailgate.plugins.relay",
     "mailgate.server.connection",
-    "mailgate.server.logs",
 )
 
 

@@ -55,6 +55,18 @@ def test_postmaster_without_domain_is_always_local() -> None:
     assert not relay.is_local(Address("x@[192.0.2.1]"))
 
 
+def test_the_relay_networks_answer_is_remembered_and_follows_a_new_value() -> None:
+    relay = RelayControl(["example.com"], relay_networks=(ipaddress.ip_network("10.0.0.0/8"),))
+    assert relay.may_relay("10.1.2.3") and relay.may_relay("10.1.2.3")
+    assert not relay.may_relay("192.0.2.7") and not relay.may_relay("not an address")
+    relay.relay_networks = (ipaddress.ip_network("192.0.2.0/24"),)
+    assert not relay.may_relay("10.1.2.3")
+    assert relay.may_relay("192.0.2.7")
+    for n in range(3000):  # bounded: the table starts over
+        relay.may_relay(f"10.0.{n // 256}.{n % 256}")
+    assert relay.may_relay("192.0.2.7") and not relay.may_relay("10.1.2.3")
+
+
 def test_decisions_for_each_kind_of_client() -> None:
     relay = RelayControl(["example.com"], relay_networks=(ipaddress.ip_network("10.0.0.0/8"),))
     envelope = Envelope()  # what the server passes: relay control does not look at it
@@ -191,3 +203,42 @@ def test_open_relay_flag_warns_at_start_from_the_command_line(tmp_path: Path) ->
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_the_inline_path_answers_as_the_coroutine_does() -> None:
+    """The server runs relay control through Hooks.run_now, which calls its plain twin
+    (_rcpt_now) instead of stepping on_rcpt: the same answers; a subclass's own on_rcpt is
+    run as it is."""
+    from mailgate.hooks import Hooks
+
+    relay = RelayControl(["example.com"], relay_networks=(ipaddress.ip_network("10.0.0.0/8"),))
+    hooks = Hooks()
+    hooks.add(relay)
+    assert hooks.runs_inline("rcpt")
+    (step,) = hooks._chain("rcpt", required=True)
+    assert step.now is not None
+    envelope = Envelope()
+    assert hooks.run_now("rcpt", session(), envelope, Address("a@example.com")) is None
+    assert hooks.run_now("rcpt", session("10.1.2.3"), envelope, Address("a@elsewhere.test")) is None
+    refused = hooks.run_now("rcpt", session(), envelope, Address("a@elsewhere.test"))
+    assert isinstance(refused, Reject) and refused.code == 554
+
+    class Stricter:
+        name = "stricter"
+
+        async def on_rcpt(self, s: Session, e: Envelope, a: Address) -> None:
+            raise Reject(550, "no")
+
+        def _rcpt_now(self, s: Session, e: Envelope, a: Address) -> None:
+            return None
+
+    class Inheriting(Stricter):
+        async def on_rcpt(self, s: Session, e: Envelope, a: Address) -> None:
+            raise Reject(551, "no")
+
+    other = Hooks()
+    other.add(Inheriting())
+    (step,) = other._chain("rcpt", required=True)
+    assert step.now is None
+    refused = other.run_now("rcpt", session(), envelope, Address("a@example.com"))
+    assert isinstance(refused, Reject) and refused.code == 551

@@ -11,7 +11,7 @@ import inspect
 import itertools
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from mailgate.hooks.outcomes import HookError, Outcome
 from mailgate.hooks.runner import Middleware, _Step, never_waits, run_chain, run_chain_now
@@ -238,6 +238,7 @@ class Hooks:
                         _as_async(method),
                         bool(getattr(p.obj, "required", True)),
                         never_waits(method),
+                        _now_method(p.obj, s) if never_waits(method) else None,
                     )
                     for p in ordered
                     if callable(method := getattr(p.obj, f"on_{s}", None)) and _takes_part(p.obj, s)
@@ -311,6 +312,22 @@ def _earliest_successor(edges: Mapping[int, set[int]]) -> dict[int, int]:
                 rank[i] = best
                 changed = True
     return rank
+
+
+def _now_method(plugin: Any, stage: str) -> Step | None:
+    """A built-in plugin's plain ``_<stage>_now`` twin of its ``on_<stage>`` (same
+    arguments, same answer, raised refusals included), which run_chain_now calls instead of
+    stepping the coroutine. Only when the class that defines ``on_<stage>`` defines the
+    twin too: a subclass's own on_<stage>, or one replaced on the instance (a test's
+    stand-in), is run as it is."""
+    name = f"on_{stage}"
+    if name in getattr(plugin, "__dict__", {}):
+        return None
+    owner = next((c for c in type(plugin).__mro__ if name in vars(c)), None)
+    if owner is None or f"_{stage}_now" not in vars(owner):
+        return None
+    now = getattr(plugin, f"_{stage}_now", None)
+    return cast(Step, now) if callable(now) else None
 
 
 def _takes_part(plugin: Any, stage: str) -> bool:

@@ -51,6 +51,10 @@ class _Step:
     call: Callable[..., Awaitable[Any]]
     required: bool
     never_waits: bool = False
+    #: A plain function giving what ``call`` would, at once (a built-in plugin's check on
+    #: data at hand: relay control at RCPT), for run_chain_now: no coroutine to make and
+    #: step to its StopIteration. Found as the plugin's ``_<stage>_now`` method.
+    now: Callable[..., Any] | None = None
 
 
 #: Opcodes by which a coroutine's own code can suspend: await (and the awaits inside
@@ -202,18 +206,26 @@ def run_chain_now(
     try:
         for step in steps:
             step_name = step.plugin
-            running = step.call(session, *args)
-            try:
-                running.send(None)  # type: ignore[attr-defined]
-            except StopIteration as stop:
-                result = stop.value
-            except _Refusal as refusal:
-                return refusal
+            now = step.now
+            if now is not None:
+                try:
+                    result = now(session, *args)
+                except _Refusal as refusal:
+                    return refusal
             else:
-                # never_waits() read the step's code: it has no await. Waiting anyway can
-                # only be a bug (a replaced method); the step fails, as a timeout would.
-                running.close()  # type: ignore[attr-defined]
-                raise RuntimeError(f"{stage} hook {step.plugin} waited, which it cannot")
+                running = step.call(session, *args)
+                try:
+                    running.send(None)  # type: ignore[attr-defined]
+                except StopIteration as stop:
+                    result = stop.value
+                except _Refusal as refusal:
+                    return refusal
+                else:
+                    # never_waits() read the step's code: it has no await. Waiting anyway
+                    # can only be a bug (a replaced method); the step fails, as a timeout
+                    # would.
+                    running.close()  # type: ignore[attr-defined]
+                    raise RuntimeError(f"{stage} hook {step.plugin} waited, which it cannot")
             outcome = _outcome(stage, step.plugin, result)
             if outcome is not None:
                 return outcome

@@ -41,6 +41,10 @@ def _python_class(cls: _Class) -> _Class:
     return cls
 
 
+#: The parameters of an address given none: one read-only empty mapping for them all.
+_NO_PARAMS: Mapping[str, str | None] = MappingProxyType({})
+
+
 @_python_class
 class Address(str):
     """An envelope address as hooks see it: the address text (``str``) plus ``local``,
@@ -66,7 +70,8 @@ class Address(str):
         self = str.__new__(cls, text)
         local, at, domain = text.rpartition("@")
         self.local, self.domain = (local, domain) if at else (text, "")
-        self.params = MappingProxyType(dict(params or {}))
+        # A read-only copy; no parameters (the usual case) share one empty view.
+        self.params = MappingProxyType(dict(params)) if params else _NO_PARAMS
         self.written = written
         return self
 
@@ -79,8 +84,11 @@ class Address(str):
     ) -> Address:
         if address is None:
             return cls("", params, written)
-        self = cls(str(address), params, written)
+        # The parts as parsed (made at every MAIL and RCPT): no second split of the text.
+        self = str.__new__(cls, str(address))
         self.local, self.domain = address.local_part, address.domain
+        self.params = MappingProxyType(dict(params)) if params else _NO_PARAMS
+        self.written = written
         return self
 
     def __repr__(self) -> str:
@@ -131,6 +139,52 @@ class Session:
     #: it must authenticate before MAIL (set at connect, from the listener).
     submission: bool = False
     notes: dict[str, Any] = field(default_factory=dict)
+
+    # Made for every connection: an __init__ mypyc compiles in the optional compiled build,
+    # where the one dataclass writes stays interpreted (about ten times slower; see
+    # protocol/events.py). The same fields, order and defaults; a factory's field (the
+    # start time, the dicts) made anew when not given.
+    def __init__(
+        self,
+        id: str,
+        peer_host: str,
+        peer_port: int,
+        local_host: str,
+        local_port: int,
+        started_at: float | None = None,
+        tls: TLSInfo | None = None,
+        helo: str | None = None,
+        esmtp: bool = False,
+        user: str | None = None,
+        auth_mechanism: str | None = None,
+        forwarded: bool = False,
+        xforward: dict[str, str | None] | None = None,
+        transactions: int = 0,
+        messages: int = 0,
+        auth_failures: int = 0,
+        lmtp: bool = False,
+        submission: bool = False,
+        notes: dict[str, Any] | None = None,
+    ) -> None:
+        self.id = id
+        self.peer_host = peer_host
+        self.peer_port = peer_port
+        self.local_host = local_host
+        self.local_port = local_port
+        self.started_at = time.time() if started_at is None else started_at
+        self.tls = tls
+        self.helo = helo
+        self.esmtp = esmtp
+        self.user = user
+        self.auth_mechanism = auth_mechanism
+        self.forwarded = forwarded
+        self.xforward = {} if xforward is None else xforward
+        self.transactions = transactions
+        self.messages = messages
+        self.auth_failures = auth_failures
+        self.lmtp = lmtp
+        self.submission = submission
+        self.notes = {} if notes is None else notes
 
     @property
     def peer(self) -> tuple[str, int]:

@@ -30,6 +30,7 @@ from mailgate.dns import Resolver
 from mailgate.hooks import Message, Reject, Session, TempFail
 from mailgate.hooks.logs import LogLimiter
 from mailgate.protocol import Reply
+from mailgate.server.logs import log_line
 from mailgate.server.options import Network, PolicySection, ServerOptions
 from mailgate.settings import ConfigError
 
@@ -66,24 +67,25 @@ def decide(
     """Log and count one policy decision."""
     with _decisions_lock:
         DECISIONS[(policy, verdict)] += 1
-    if level < logging.WARNING and not log.isEnabledFor(level):
-        return
-    if logging.INFO <= level < logging.WARNING:
-        logged = session.notes.get(_LOGGED, 0)
-        if logged >= DECISIONS_LOGGED_PER_SESSION:
-            level = logging.DEBUG
-        else:
-            session.notes[_LOGGED] = logged + 1
-            if logged + 1 == DECISIONS_LOGGED_PER_SESSION and log.isEnabledFor(level):
-                why = f"{why}; further decisions of this session at DEBUG level"
-    elif level >= logging.WARNING:
+    if level >= logging.WARNING:
         # A failing lookup would warn on every command: a few a minute per session.
         args, extra = _decision_line(session, policy, verdict, why, fields)
         _warnings.log(log, level, (session.id, policy, verdict), *args, extra=extra)
         return
-    if log.isEnabledFor(level):
-        args, extra = _decision_line(session, policy, verdict, why, fields)
-        log.log(level, *args, extra=extra)
+    if not log.isEnabledFor(level):
+        return
+    if level >= logging.INFO:
+        logged = session.notes.get(_LOGGED, 0)
+        if logged >= DECISIONS_LOGGED_PER_SESSION:
+            if not log.isEnabledFor(logging.DEBUG):
+                return
+            level = logging.DEBUG
+        else:
+            session.notes[_LOGGED] = logged + 1
+            if logged + 1 == DECISIONS_LOGGED_PER_SESSION:
+                why = f"{why}; further decisions of this session at DEBUG level"
+    args, extra = _decision_line(session, policy, verdict, why, fields)
+    log_line(log, level, args[0], args[1:], extra)
 
 
 def _decision_line(

@@ -37,6 +37,8 @@ from mailgate.server.options import LOOPBACK, Network
 log = logging.getLogger("mailgate.policy")
 
 RELAY_DENIED = "Relay access denied"
+#: Client addresses whose relay_networks answer RelayControl keeps.
+_KNOWN_CLIENTS = 1024
 #: The relay policy's table (see the module documentation).
 TABLE = "relay"
 
@@ -60,13 +62,16 @@ class DomainSet:
         return bool(self.exact or self.parents)
 
     def __contains__(self, domain: object) -> bool:
-        if not isinstance(domain, str):
+        exact, parents = self.exact, self.parents
+        if not isinstance(domain, str) or not (exact or parents):
             return False
         name = normalise_domain(domain)
-        if name in self.exact:
+        if name in exact:
             return True
+        if not parents:
+            return False
         labels = name.split(".")
-        return any(".".join(labels[i:]) in self.parents for i in range(1, len(labels)))
+        return any(".".join(labels[i:]) in parents for i in range(1, len(labels)))
 
 
 class RelayControl:
@@ -85,6 +90,10 @@ class RelayControl:
         self.local_domains = DomainSet(local_domains)
         self.relay_networks = tuple(relay_networks)
         self.open_relay = open_relay
+        #: Client address -> in relay_networks, for the networks in _known_networks: asked
+        #: at every RCPT for another domain, and an ipaddress lookup is Python code.
+        self._known_clients: dict[str, bool] = {}
+        self._known_networks = self.relay_networks
 
     def is_local(self, address: Address) -> bool:
         # RFC 5321 4.5.1: "postmaster" without a domain must be accepted.
@@ -92,13 +101,32 @@ class RelayControl:
             return address.local.lower() == "postmaster"
         return address.domain in self.local_domains
 
+    def may_relay(self, ip: str) -> bool:
+        """Whether client ``ip`` is in ``relay_networks`` (remembered for a bounded number
+        of addresses; forgotten when ``relay_networks`` is given a new value)."""
+        known = self._known_clients
+        if self._known_networks is not self.relay_networks:
+            known.clear()
+            self._known_networks = self.relay_networks
+        answer = known.get(ip)
+        if answer is None:
+            if len(known) >= _KNOWN_CLIENTS:
+                known.clear()
+            answer = known[ip] = in_networks(ip, self.relay_networks)
+        return answer
+
     async def on_rcpt(self, session: Session, envelope: Envelope, address: Address) -> None:
+        self._rcpt_now(session, envelope, address)
+
+    def _rcpt_now(self, session: Session, envelope: Envelope, address: Address) -> None:
+        """on_rcpt's decision, as a plain call (the server's inline path calls this one:
+        see hooks.registry._now_method)."""
         if self.open_relay or self.is_local(address):
             return
         if session.user is not None:
             decide(session, "relay", "accept", f"{address}: authenticated as {session.user}")
             return
-        if in_networks(session.peer_host, self.relay_networks):
+        if self.may_relay(session.peer_host):
             decide(session, "relay", "accept", f"{address}: client in relay_networks")
             return
         decide(session, "relay", "reject", f"{address}: relay access denied", rcpt=str(address))

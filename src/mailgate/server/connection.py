@@ -15,7 +15,7 @@ import ssl
 import time
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from mailgate.hooks import (
     Accept,
@@ -69,6 +69,7 @@ from mailgate.protocol.replies import (
 )
 
 from .host import ConnectionHost, SessionRecorder
+from .logs import log_line
 from .received import received_header, with_protocol
 from .spool import SpoolFile
 from .tls import SERVER_NAME_ATTRIBUTE
@@ -101,10 +102,15 @@ _COMMAND_TIMEOUT = Reply(421, "4.4.2", ("Command not received in time, closing c
 _DATA_TOO_SLOW = Reply(421, "4.4.2", ("Message data received too slowly, closing connection",))
 _SESSION_TOO_LONG = Reply(421, "4.4.2", ("Session too long, closing connection",))
 _RECEIVING_DATA = frozenset({State.DATA, State.BDAT})
+#: The same two, for the test on every command line: an Enum's hash is a Python-level call.
+_DATA: Final = State.DATA
+_BDAT: Final = State.BDAT
 _STORAGE_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 #: Read no more while this much unparsed input waits for a slow hook.
 _MAX_BUFFERED = 256 * 1024
 _NO_ENVELOPE = Envelope()
+#: [options, _longest_sleep() for them]: asked at every connection and every timer check.
+_LONGEST_SLEEP: list[Any] = [None, 0.0]
 
 
 class ConnectionDriver(asyncio.Protocol):
@@ -265,7 +271,7 @@ class ConnectionDriver(asyncio.Protocol):
             self._process()
         elif conn.buffered > _MAX_BUFFERED:
             self._pause_reading()
-        if not self._data_started and conn.state in _RECEIVING_DATA:
+        if not self._data_started and ((state := conn.state) is _DATA or state is _BDAT):
             # The message data began: min_data_rate counts from here.
             self._data_started = now
             self._data_base = self._bytes_in
@@ -1163,17 +1169,21 @@ class ConnectionDriver(asyncio.Protocol):
         rcpts = [str(r) for r in envelope.rcpt_tos]
         shown = rcpts[:_LOGGED_RECIPIENTS]
         more = f" (+{len(rcpts) - len(shown)})" if len(rcpts) > len(shown) else ""
-        log.info(
+        log_line(
+            log,
+            logging.INFO,
             "session %s: message %s %s from=<%s> to=%s%s size=%d client=%s",
-            session.id,
-            self.message_id or "-",
-            outcome,
-            _printable(envelope.sender),
-            ",".join(f"<{_printable(r)}>" for r in shown),
-            more,
-            size,
-            session.peer_host,
-            extra={
+            (
+                session.id,
+                self.message_id or "-",
+                outcome,
+                _printable(envelope.sender),
+                ",".join(f"<{_printable(r)}>" for r in shown),
+                more,
+                size,
+                session.peer_host,
+            ),
+            {
                 "session": session.id,
                 "client": session.peer_host,
                 "helo": session.helo,
@@ -1195,18 +1205,22 @@ class ConnectionDriver(asyncio.Protocol):
             return
         duration = self.loop.time() - self._started_at if self._started_at else 0.0
         tls = session.tls.version if session.tls is not None else None
-        log.info(
+        log_line(
+            log,
+            logging.INFO,
             "session %s: closed (%s) client=%s helo=%s tls=%s transactions=%d messages=%d "
             "duration=%.1fs",
-            session.id,
-            reason,
-            session.peer_host,
-            _printable(session.helo or "-"),
-            tls or "no",
-            session.transactions,
-            session.messages,
-            duration,
-            extra={
+            (
+                session.id,
+                reason,
+                session.peer_host,
+                _printable(session.helo or "-"),
+                tls or "no",
+                session.transactions,
+                session.messages,
+                duration,
+            ),
+            {
                 "session": session.id,
                 "client": session.peer_host,
                 "helo": session.helo,
@@ -1293,8 +1307,14 @@ class ConnectionDriver(asyncio.Protocol):
         """How long the timer may sleep without a check: no deadline that could begin
         meanwhile (a command line, message data) is then missed by more than its length."""
         options = self.host.options
+        known = _LONGEST_SLEEP
+        if known[0] is options:  # the options are frozen: computed once per (re)load
+            return cast(float, known[1])
         sleep = min(options.idle_timeout, options.data_timeout, options.command_timeout)
-        return min(sleep, options.session_timeout) if options.session_timeout else sleep
+        if options.session_timeout:
+            sleep = min(sleep, options.session_timeout)
+        known[0], known[1] = options, sleep
+        return sleep
 
     def _wake_by(self, when: float) -> None:
         """Have the timer fire by ``when`` (loop time): re-armed only if it would be later."""

@@ -10,7 +10,8 @@ import sys
 import threading
 import time
 import weakref
-from typing import TextIO
+from collections.abc import Mapping
+from typing import Any, TextIO
 
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {
     "message",
@@ -19,20 +20,58 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()
 
 
 class JSONFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._second = -1
+        self._stamp = ""
+
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "pid": record.process,
-            "msg": record.getMessage(),
+        fields = {
+            key: value
+            for key, value in vars(record).items()
+            if key not in _STANDARD and not key.startswith("_")
         }
-        for key, value in vars(record).items():
-            if key not in _STANDARD and not key.startswith("_"):
-                entry[key] = value
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+        exception = self.formatException(record.exc_info) if record.exc_info else None
+        return self.line(
+            record.created,
+            record.msecs,
+            record.levelname,
+            record.process,
+            record.name,
+            record.getMessage(),
+            fields,
+            exception,
+        )
+
+    def line(
+        self,
+        created: float,
+        msecs: float,
+        levelname: str,
+        pid: int | None,
+        name: str,
+        message: str,
+        fields: Mapping[str, Any] | None,
+        exception: str | None = None,
+    ) -> str:
+        """One line from a record's parts (``fields``: its extra attributes)."""
+        second = int(created)
+        if second != self._second:
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        entry = {
+            "ts": f"{self._stamp}.{int(msecs):03d}Z",
+            "level": levelname.lower(),
+            "logger": name,
+            "pid": pid,
+            "msg": message,
+        }
+        if fields:
+            for key, value in fields.items():
+                if key not in _STANDARD and not key.startswith("_"):
+                    entry[key] = value
+        if exception:
+            entry["exception"] = exception
         return json.dumps(entry, default=str)
 
 
@@ -57,11 +96,27 @@ class TextFormatter(logging.Formatter):
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         if datefmt is not None:
             return super().formatTime(record, datefmt)
-        second = int(record.created)
+        return self._asctime(record.created, record.msecs)
+
+    def _asctime(self, created: float, msecs: float) -> str:
+        second = int(created)
         if second != self._second:
             self._stamp = time.strftime(self.default_time_format, self.converter(second))
             self._second = second
-        return f"{self._stamp},{int(record.msecs):03d}"
+        return f"{self._stamp},{int(msecs):03d}"
+
+    def line(
+        self,
+        created: float,
+        msecs: float,
+        levelname: str,
+        pid: int | None,
+        name: str,
+        message: str,
+        fields: Mapping[str, Any] | None = None,
+    ) -> str:
+        """One line from a record's parts (the text format shows no extra fields)."""
+        return f"{self._asctime(created, msecs)} {levelname} [{pid}] {name}: {message}"
 
 
 class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -93,13 +148,42 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def emit(self, record: logging.LogRecord) -> None:
         # Called with the handler's lock held (Handler.handle), as flush() takes it.
         try:
-            line = self.format(record) + self.terminator
+            line = self.format(record)
         except Exception:
             self.handleError(record)
             return
+        self._add(line + self.terminator, record.levelno)
+
+    def write_line(
+        self, level: int, name: str, message: str, fields: Mapping[str, Any] | None
+    ) -> None:
+        """Write what a record of ``level`` from logger ``name`` with ``message`` (and
+        ``fields``, its extra attributes) would give, without making the record: for
+        :func:`log_line`, once :func:`lean_handler` said this handler alone would see it."""
+        created, msecs = _now()
+        levelname = _LEVEL_NAMES.get(level) or logging.getLevelName(level)
+        formatter = self.formatter
+        try:
+            if type(formatter) is TextFormatter:
+                line = formatter.line(created, msecs, levelname, _pid, name, message)
+            else:
+                assert isinstance(formatter, JSONFormatter)
+                line = formatter.line(created, msecs, levelname, _pid, name, message, fields)
+        except Exception:
+            # What the stdlib path does with a line that cannot be formatted.
+            record = logging.LogRecord(name, level, "", 0, message, None, None)
+            if fields:
+                record.__dict__.update(fields)
+            self.handle(record)
+            return
+        with self.lock:  # type: ignore[union-attr]
+            self._add(line + self.terminator, level)
+
+    def _add(self, line: str, level: int) -> None:
+        """Queue ``line`` (the handler's lock held)."""
         self._pending.append(line)
         self._pending_size += len(line)
-        if record.levelno >= logging.WARNING or self._pending_size >= self.max_pending:
+        if level >= logging.WARNING or self._pending_size >= self.max_pending:
             self._write_pending()
         elif len(self._pending) == 1:
             self._start_writer()
@@ -167,8 +251,101 @@ def flush_logs() -> None:
 
 
 def _after_fork_in_child() -> None:
+    global _pid
+    _pid = os.getpid()
     for handler in list(_batching):
         handler._forget_parent()
+
+
+# --- lines written without a LogRecord ---------------------------------------------------------
+#
+# The server logs a line per message and per session (and a policy decision or two). Made
+# the stdlib way, each line is a LogRecord (a dozen attributes, the time, a getpid system
+# call, the thread), a walk of the logger tree, a handler lock and a format. When the
+# command line's handler is the only one the line would reach, log_line() formats the
+# documented text or JSON line itself, byte for byte what the formatters above make of the
+# record; whenever anything else might see it (a handler or filter of an embedding program,
+# pytest's caplog, another record factory), it is an ordinary record as before.
+
+#: The pid the lines show: asked once, and again in a forked worker.
+_pid: int | None = os.getpid()
+#: getLevelName's table (read, never copied: addLevelName changes it in place).
+_LEVEL_NAMES: dict[int, str] = logging._levelToName
+
+
+def _now() -> tuple[float, float]:
+    """``(created, msecs)`` as LogRecord computes them on this Python."""
+    if sys.version_info >= (3, 13):
+        ns = time.time_ns()
+        created = ns / 1e9
+        msecs = (ns % 1_000_000_000) // 1_000_000 + 0.0
+        if msecs == 999.0 and int(created) != ns // 1_000_000_000:
+            msecs = 0.0  # as LogRecord: created rounded up to the next second
+        return created, msecs
+    created = time.time()
+    return created, int((created - int(created)) * 1000) + 0.0
+
+
+def lean_handler(logger: logging.Logger, level: int) -> BatchingStreamHandler | None:
+    """The command line's handler when it alone would write a line of ``level`` from
+    ``logger``, as set up by :func:`setup_logging` (its own formatter, no filter anywhere,
+    the standard logger class and record factory); None when anything else could see the
+    record. Read on every line (a handful of attribute reads): handlers added later, by an
+    embedding program or a test, are seen at the next line."""
+    if (
+        logger.filters
+        or logger.disabled
+        or type(logger) is not logging.Logger
+        or logging.getLogRecordFactory() is not logging.LogRecord
+        or not logging.logProcesses
+    ):
+        return None
+    found = None
+    current: logging.Logger | None = logger
+    while current is not None:
+        handlers = current.handlers
+        if handlers:
+            if found is not None or len(handlers) != 1:
+                return None
+            found = handlers[0]
+        if not current.propagate:
+            break
+        current = current.parent
+    if (
+        type(found) is not BatchingStreamHandler
+        or found.filters
+        or level < found.level
+        or type(found.formatter) not in _LEAN_FORMATTERS
+    ):
+        return None
+    return found
+
+
+_LEAN_FORMATTERS = (TextFormatter, JSONFormatter)
+#: The record's place (funcName, lineno) is log_line's caller: one frame up, unless this
+#: module is compiled (the optional mypyc build), where log_line has no frame of its own.
+_CALLER = 2 if __file__.endswith(".py") else 1
+
+
+def log_line(
+    logger: logging.Logger,
+    level: int,
+    msg: str,
+    args: tuple[Any, ...],
+    extra: Mapping[str, Any] | None = None,
+) -> None:
+    """``logger.log(level, msg, *args, extra=extra)`` for a logger the caller found
+    enabled for ``level``: written by the command line's handler directly when it alone
+    would see the record (see :func:`lean_handler`), else logged as usual."""
+    handler = lean_handler(logger, level)
+    if handler is None:
+        logger.log(level, msg, *args, extra=extra, stacklevel=_CALLER)
+        return
+    if args and len(args) == 1 and isinstance(args[0], Mapping) and args[0]:
+        message = msg % args[0]  # what LogRecord does with a lone mapping
+    else:
+        message = msg % args if args else msg
+    handler.write_line(level, logger.name, message, extra)
 
 
 atexit.register(flush_logs)

@@ -60,18 +60,24 @@ def _fsync_path(path: bytes) -> None:
         os.close(fd)
 
 
-class _DirectorySync:
-    """fsync of new/ shared by the threads: a caller needs an fsync that began after its
-    change; one running fsync's waiters share the next one."""
+class GroupSync:
+    """fsync of one directory, shared by concurrent callers (group commit).
 
-    def __init__(self, path: bytes) -> None:
+    A caller that made a change needs *an* fsync that started after its change. While one
+    fsync runs, later callers wait for it to end and then let one of them run the next one,
+    which covers all their changes at once: under load, one fsync serves many deliveries.
+    The server's own commit threads (``maildir.GroupCommitter``) use this class too.
+    """
+
+    def __init__(self, path: bytes | str | os.PathLike[str]) -> None:
         self._fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._cond = threading.Condition()
-        self._changes = 0
-        self._synced = 0
+        self._changes = 0  # changes made so far (sequence numbers)
+        self._synced = 0  # every change up to this one is durable
         self._running = False
 
     def sync(self) -> None:
+        """Call after changing the directory; returns once that change is durable."""
         with self._cond:
             self._changes += 1
             mine = self._changes
@@ -80,7 +86,7 @@ class _DirectorySync:
                     self._cond.wait()
                     continue
                 self._running = True
-                covered = self._changes
+                covered = self._changes  # this fsync starts after all of these
                 self._cond.release()
                 try:
                     os.fsync(self._fd)
@@ -90,12 +96,15 @@ class _DirectorySync:
                     self._cond.notify_all()
                 self._synced = max(self._synced, covered)
 
+    def close(self) -> None:
+        os.close(self._fd)
+
 
 class Committer:
     def __init__(self, new_dir: bytes, channel: socket.socket) -> None:
         self.new_dir = new_dir
         self.channel = channel
-        self.directory = _DirectorySync(new_dir)
+        self.directory = GroupSync(new_dir)
         self.cond = threading.Condition(threading.Lock())
         self.send_lock = threading.Lock()
         self.waiting: list[tuple[bytes, int, bytes, bytes]] = []

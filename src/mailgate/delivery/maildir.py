@@ -22,6 +22,9 @@ from pathlib import Path
 
 from mailgate.server.spool import SpoolFile, unique_name
 
+# The commit process's module is stdlib-only and importable: one group-sync for both.
+from ._maildir_commitd import GroupSync as _GroupSync
+
 __all__ = ["GroupCommitter", "MaildirStore", "fsync_directory", "fsync_file"]
 
 log = logging.getLogger(__name__)
@@ -49,45 +52,6 @@ def fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-class _GroupSync:
-    """fsync of one directory, shared by concurrent callers (group commit).
-
-    A caller that made a change needs *a* fsync that started after its change. While one
-    fsync runs, later callers wait for it to end and then let one of them run the next one,
-    which covers all their changes at once: under load, one fsync serves many deliveries.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self._fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        self._cond = threading.Condition()
-        self._changes = 0  # changes made so far (sequence numbers)
-        self._synced = 0  # every change up to this one is durable
-        self._running = False
-
-    def sync(self) -> None:
-        """Call after changing the directory; returns once that change is durable."""
-        with self._cond:
-            self._changes += 1
-            mine = self._changes
-            while self._synced < mine:
-                if self._running:
-                    self._cond.wait()
-                    continue
-                self._running = True
-                covered = self._changes  # this fsync starts after all of these
-                self._cond.release()
-                try:
-                    os.fsync(self._fd)
-                finally:
-                    self._cond.acquire()
-                    self._running = False
-                    self._cond.notify_all()
-                self._synced = max(self._synced, covered)
-
-    def close(self) -> None:
-        os.close(self._fd)
 
 
 class MaildirStore:

@@ -6,10 +6,10 @@ names, order and defaults; the frozen ones frozen all the same."""
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import Any
 
 import pytest
+from tests.init_checks import check_own_init
 
 from mailgate.hooks import Address as HookAddress
 from mailgate.hooks import Envelope
@@ -67,23 +67,7 @@ CLASSES = list(SAMPLES)
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda cls: cls.__name__)
 def test_the_own_init_takes_the_fields_in_order(cls: type[Any]) -> None:
-    fields = dataclasses.fields(cls)
-    sample = SAMPLES[cls]
-    assert list(sample) == [f.name for f in fields]
-    try:
-        signature = inspect.signature(cls)
-    except ValueError:  # a compiled __init__ may have no signature to show
-        signature = None
-    if signature is not None:
-        assert list(signature.parameters) == [f.name for f in fields]
-        for parameter, field in zip(signature.parameters.values(), fields, strict=True):
-            missing = field.default is dataclasses.MISSING
-            assert parameter.default == (inspect.Parameter.empty if missing else field.default)
-    by_position = cls(*sample.values())
-    by_keyword = cls(**sample)
-    for obj in (by_position, by_keyword):
-        assert {f.name: getattr(obj, f.name) for f in fields} == sample
-    assert repr(by_position) == repr(by_keyword)
+    check_own_init(cls, SAMPLES[cls])
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda cls: cls.__name__)

@@ -5,9 +5,10 @@ order with their defaults, and make a factory's value anew for each session."""
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import time
 from typing import Any
+
+from tests.init_checks import check_own_init
 
 from mailgate.hooks import Session, TLSInfo
 
@@ -36,23 +37,7 @@ REQUIRED = ("id", "peer_host", "peer_port", "local_host", "local_port")
 
 
 def test_the_init_takes_the_fields_in_order() -> None:
-    fields = dataclasses.fields(Session)
-    assert list(SAMPLE) == [f.name for f in fields]
-    try:
-        signature = inspect.signature(Session)
-    except ValueError:  # a compiled __init__ may have no signature to show
-        signature = None
-    if signature is not None:
-        assert list(signature.parameters) == [f.name for f in fields]
-        for parameter, field in zip(signature.parameters.values(), fields, strict=True):
-            if field.default is not dataclasses.MISSING:
-                assert parameter.default == field.default, field.name
-            elif field.default_factory is not dataclasses.MISSING:
-                assert parameter.default is None, field.name  # None: made anew
-            else:
-                assert parameter.default is inspect.Parameter.empty, field.name
-    for session in (Session(*SAMPLE.values()), Session(**SAMPLE)):
-        assert {f.name: getattr(session, f.name) for f in fields} == SAMPLE
+    check_own_init(Session, SAMPLE)
 
 
 def test_the_defaults_are_the_dataclass_s_and_factories_make_new_values() -> None:

@@ -15,7 +15,7 @@ import ssl
 import time
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import Any, Final
 
 from mailgate.hooks import (
     Accept,
@@ -109,8 +109,9 @@ _STORAGE_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 #: Read no more while this much unparsed input waits for a slow hook.
 _MAX_BUFFERED = 256 * 1024
 _NO_ENVELOPE = Envelope()
-#: [options, _longest_sleep() for them]: asked at every connection and every timer check.
-_LONGEST_SLEEP: list[Any] = [None, 0.0]
+#: (options, _longest_sleep() for them): asked at every connection and every timer check;
+#: replaced whole.
+_LONGEST_SLEEP: tuple[object, float] = (None, 0.0)
 
 
 class ConnectionDriver(asyncio.Protocol):
@@ -185,8 +186,10 @@ class ConnectionDriver(asyncio.Protocol):
             self._internal_error("accepting the connection")
 
     def _connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement asyncio.Transport without subclassing it.
-        self.transport = stream = cast(asyncio.Transport, transport)
+        # uvloop's transports implement asyncio.Transport without subclassing it (not a
+        # typing.cast: a Python-level call in the pure build, at every connection).
+        stream: asyncio.Transport = transport  # type: ignore[assignment]
+        self.transport = stream
         peer = stream.get_extra_info("peername") or ("", 0)
         local = stream.get_extra_info("sockname") or ("", 0)
         self.peer_ip = str(peer[0])
@@ -440,7 +443,8 @@ class ConnectionDriver(asyncio.Protocol):
         )
         if tapped:
             self._record("opened")
-        self._arm_timer(None)
+        known = _LONGEST_SLEEP  # _longest_sleep() without the call, when known
+        self._arm_timer(known[1] if known[0] is options else None)
         delay = options.greeting_delay
         if delay > 0:
             self._greeting_timer = self.loop.call_later(delay, self._process)
@@ -1339,14 +1343,15 @@ class ConnectionDriver(asyncio.Protocol):
     def _longest_sleep(self) -> float:
         """How long the timer may sleep without a check: no deadline that could begin
         meanwhile (a command line, message data) is then missed by more than its length."""
+        global _LONGEST_SLEEP
         options = self.host.options
         known = _LONGEST_SLEEP
         if known[0] is options:  # the options are frozen: computed once per (re)load
-            return cast(float, known[1])
+            return known[1]
         sleep = min(options.idle_timeout, options.data_timeout, options.command_timeout)
         if options.session_timeout:
             sleep = min(sleep, options.session_timeout)
-        known[0], known[1] = options, sleep
+        _LONGEST_SLEEP = (options, sleep)
         return sleep
 
     def _wake_by(self, when: float) -> None:

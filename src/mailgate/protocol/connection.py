@@ -1414,6 +1414,27 @@ class ServerConnection:
 
     # --- answers to policy points --------------------------------------------------------
 
+    def greet(self) -> bytes | None:
+        """Answer the connection's :class:`Greeting` with the default banner now, when that
+        banner is made once per configuration (no date or client address in it): the
+        Greeting is taken (:meth:`next_event` will not return it), the session is
+        CONNECTED, and the banner's bytes are returned for the caller to send (they are not
+        queued for :meth:`data_to_send`). None, with nothing done, when the banner is made
+        for each connection or the Greeting is no longer the one thing waiting: take it
+        from :meth:`next_event` and :meth:`respond` as usual. For a caller with nothing to
+        decide at connect (no hook): the same as ``next_event()`` then ``respond(None)``,
+        without the event's round trip on every connection."""
+        wire = self._look.banner_wire
+        events = self._events
+        if wire is None or len(events) != 1 or events[0] is not self._pending:
+            return None
+        if type(self._pending) is not Greeting or self.state is not State.GREETING:
+            return None
+        events.clear()
+        self._pending = None
+        self.state = State.CONNECTED
+        return wire
+
     def _answer_greeting(self, point: Greeting, reply: Reply | None) -> None:
         if reply is None:
             wire = self._look.banner_wire

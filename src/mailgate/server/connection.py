@@ -15,7 +15,7 @@ import ssl
 import time
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import Any, Final
 
 from mailgate.hooks import (
     Accept,
@@ -109,8 +109,9 @@ _STORAGE_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 #: Read no more while this much unparsed input waits for a slow hook.
 _MAX_BUFFERED = 256 * 1024
 _NO_ENVELOPE = Envelope()
-#: [options, _longest_sleep() for them]: asked at every connection and every timer check.
-_LONGEST_SLEEP: list[Any] = [None, 0.0]
+#: (options, _longest_sleep() for them): asked at every connection and every timer check;
+#: replaced whole.
+_LONGEST_SLEEP: tuple[object, float] = (None, 0.0)
 
 
 class ConnectionDriver(asyncio.Protocol):
@@ -126,9 +127,12 @@ class ConnectionDriver(asyncio.Protocol):
         implicit_tls: bool = False,
         expect_proxy: bool = False,
         submission: bool = False,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.host = host
-        self.loop = host.loop
+        #: The listener's factory passes its loop: ``host.loop`` asks asyncio for the
+        #: running loop, once per connection otherwise.
+        self.loop = host.loop if loop is None else loop
         self.implicit_tls = implicit_tls
         self.submission = submission
         self.expect_proxy = expect_proxy
@@ -182,8 +186,10 @@ class ConnectionDriver(asyncio.Protocol):
             self._internal_error("accepting the connection")
 
     def _connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement asyncio.Transport without subclassing it.
-        self.transport = stream = cast(asyncio.Transport, transport)
+        # uvloop's transports implement asyncio.Transport without subclassing it (not a
+        # typing.cast: a Python-level call in the pure build, at every connection).
+        stream: asyncio.Transport = transport  # type: ignore[assignment]
+        self.transport = stream
         peer = stream.get_extra_info("peername") or ("", 0)
         local = stream.get_extra_info("sockname") or ("", 0)
         self.peer_ip = str(peer[0])
@@ -225,7 +231,11 @@ class ConnectionDriver(asyncio.Protocol):
             # and a ClientHello read by this protocol would be lost to the handshake.
             self._task = _start_eagerly(self.loop, self._implicit_tls())
             return
-        self._after_connect()
+        # _after_connect, written out for the plain connection (a call less per connection).
+        if self.expect_proxy:
+            self._arm_timer(self.host.options.proxy_timeout)
+        else:
+            self._start_session()  # arms the timer itself
 
     def _after_connect(self) -> None:
         """The connection is admitted (and for SMTPS, encrypted): wait for the PROXY
@@ -318,26 +328,29 @@ class ConnectionDriver(asyncio.Protocol):
             return  # called by _handshake already
         self._lost = True
         reason = self._close_reason or ("peer-closed" if exc is None else "connection-lost")
-        if self._admitted and self.session is not None:
-            tls = self.session.tls
+        admitted = self._admitted
+        session = self.session
+        if admitted and session is not None:
+            tls = session.tls
             self.host.stats.session_ended(
                 reason, tls.version if tls is not None else None, self._bytes_in
             )
             self._log_session(reason)
         if self.recorder is not None:
             self._record("closed", reason)
-        if self._timer is not None:
-            self._timer.cancel()
+        timer = self._timer
+        if timer is not None:
+            timer.cancel()
         if self._greeting_timer is not None:
             self._greeting_timer.cancel()
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-        self._drop_spool()
-        if self._admitted:
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+        if self.spool is not None:
+            self._drop_spool()
+        if admitted:
             self._admitted = False
-            self.host.release(self)
-            if self.session is not None:
-                self.host.session_closed(self.session)
+            self.host.release(self)  # and the close hooks of the session
         self.transport = None
 
     def pause_writing(self) -> None:
@@ -413,24 +426,46 @@ class ConnectionDriver(asyncio.Protocol):
         return self.host.protocol_config.persona.behaviour.early_talkers != "greet"
 
     def _start_session(self) -> None:
-        assert self.session is not None
+        session = self.session
+        assert session is not None
+        host = self.host
+        options = host.options
         tapped = self.recorder is not None
-        self.conn = ServerConnection(
-            self.host.protocol_config,
+        peer = session.peer_host
+        conn = self.conn = ServerConnection(
+            host.protocol_config,
             tls_active=self.implicit_tls,
-            peer_trusted=self.host.is_trusted(self.session.peer_host),
-            client_ip=self.session.peer_host,
+            # Without trusted networks nobody is: not asked then (a call less per connection).
+            peer_trusted=bool(options.trusted_networks) and host.is_trusted(peer),
+            client_ip=peer,
             # Only with a recorder: without one, the protocol pays nothing for observing.
             on_line=self._line_received if tapped else None,
         )
         if tapped:
             self._record("opened")
-        self._arm_timer(None)
-        delay = self.host.options.greeting_delay
+        known = _LONGEST_SLEEP  # _longest_sleep() without the call, when known
+        self._arm_timer(known[1] if known[0] is options else None)
+        delay = options.greeting_delay
         if delay > 0:
             self._greeting_timer = self.loop.call_later(delay, self._process)
-        else:
-            self._process()
+            return
+        hooks = host.hooks
+        if not hooks.has("connect") and not (self.implicit_tls and hooks.has("tls")):
+            # Nothing to decide at connect (what _answer_inline does for the Greeting): the
+            # banner, when the same for every connection, goes out without the event's
+            # round trip through _process.
+            banner = conn.greet()
+            if banner is not None:
+                self._greeted = True
+                transport = self.transport
+                assert transport is not None
+                if self._debug:
+                    log.debug("session %s: >>> %s", session.id, _shown(banner))
+                transport.write(banner)
+                if tapped:
+                    self._record("sent", banner)
+                return
+        self._process()
 
     # --- the event loop of one connection ----------------------------------------------------
 
@@ -1205,6 +1240,7 @@ class ConnectionDriver(asyncio.Protocol):
             return
         duration = self.loop.time() - self._started_at if self._started_at else 0.0
         tls = session.tls.version if session.tls is not None else None
+        helo = session.helo or "-"
         log_line(
             log,
             logging.INFO,
@@ -1214,7 +1250,8 @@ class ConnectionDriver(asyncio.Protocol):
                 session.id,
                 reason,
                 session.peer_host,
-                _printable(session.helo or "-"),
+                # _printable's test written out: the usual name needs no escaping.
+                helo if len(helo) <= 256 and helo.isprintable() else _printable(helo),
                 tls or "no",
                 session.transactions,
                 session.messages,
@@ -1278,8 +1315,8 @@ class ConnectionDriver(asyncio.Protocol):
 
     def _close_transport(self) -> None:
         transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.close()
+        if transport is not None:
+            transport.close()  # a no-op on a closing transport (asyncio's and uvloop's)
 
     def _pause_reading(self) -> None:
         if not self._read_paused and self.transport is not None:
@@ -1306,14 +1343,15 @@ class ConnectionDriver(asyncio.Protocol):
     def _longest_sleep(self) -> float:
         """How long the timer may sleep without a check: no deadline that could begin
         meanwhile (a command line, message data) is then missed by more than its length."""
+        global _LONGEST_SLEEP
         options = self.host.options
         known = _LONGEST_SLEEP
         if known[0] is options:  # the options are frozen: computed once per (re)load
-            return cast(float, known[1])
+            return known[1]
         sleep = min(options.idle_timeout, options.data_timeout, options.command_timeout)
         if options.session_timeout:
             sleep = min(sleep, options.session_timeout)
-        known[0], known[1] = options, sleep
+        _LONGEST_SLEEP = (options, sleep)
         return sleep
 
     def _wake_by(self, when: float) -> None:

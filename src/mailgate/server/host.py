@@ -125,10 +125,8 @@ class ConnectionHost(Protocol):
         address is over its limit."""
 
     def release(self, connection: HostedConnection) -> None:
-        """The connection is gone: uncount it."""
-
-    def session_closed(self, session: Session) -> None:
-        """Run the close hooks for ``session`` (in the background)."""
+        """The connection is gone: uncount it, and run the close hooks for its session
+        (in the background)."""
 
     def is_trusted(self, ip: str) -> bool:
         """Whether ``ip`` may send XCLIENT/XFORWARD."""

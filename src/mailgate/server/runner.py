@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -88,6 +89,33 @@ async def serve(
     log.info("stopped; %d messages accepted", server.messages_accepted)
 
 
+def _settle_heap(_server: RunnableServer) -> None:
+    """Tune the garbage collector for serving, once the server has started (``serve``'s
+    ``started`` when this module runs the process: an embedding program that awaits
+    ``serve()`` itself keeps its own collector settings).
+
+    Every connection and message allocates a few dozen container objects that reference
+    counting frees; the cyclic collector still runs on the count of allocations. Measured
+    with 100 clients and a connection per message (the defaults: a collection of the
+    youngest generation every 700 net allocations): about 5 us of collector time per
+    message, a third of it full collections walking the ~47,000 objects made at start-up
+    (modules, settings, plugins, their tables), which never become garbage. So: collect
+    once, then gc.freeze() moves those out of the collector's sight (frozen objects are
+    still freed by reference counting; only a cycle among them would wait for exit), and
+    the youngest generation is collected every 7,000 allocations instead of 700: it holds
+    the objects of the connections open at that moment whatever its threshold, so fewer
+    collections walk about the same number each. Together under 1 us per message."""
+    gc.collect()
+    gc.freeze()
+    _, middle, oldest = gc.get_threshold()
+    gc.set_threshold(_YOUNGEST_THRESHOLD, middle, oldest)
+
+
+#: Allocations between two collections of the youngest generation once serving (see
+#: _settle_heap; Python's default is 700).
+_YOUNGEST_THRESHOLD = 7000
+
+
 def run_server(server: RunnableServer) -> int:
     """``SMTPServer.run()``: one process, until SIGINT/SIGTERM. Start-up problems are
     logged and give exit status 2."""
@@ -95,7 +123,7 @@ def run_server(server: RunnableServer) -> int:
     setup_logging(options.log_format, options.log_level)
     _install_uvloop()
     try:
-        asyncio.run(serve(server))
+        asyncio.run(serve(server, started=_settle_heap))
     except StartupError as exc:
         log.error("cannot start: %s", exc)
         return 2
@@ -152,7 +180,12 @@ async def _serve_new(
 ) -> None:
     # Made inside the running loop, as a server made by serve() always was: plugins that
     # look for the loop when they are built find this one.
-    await serve(factory(options), reload_options=reload_options, reuse_port=reuse_port)
+    await serve(
+        factory(options),
+        reload_options=reload_options,
+        reuse_port=reuse_port,
+        started=_settle_heap,
+    )
 
 
 def _run_workers(

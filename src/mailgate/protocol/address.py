@@ -146,10 +146,15 @@ def split_path_and_params(argument: str) -> tuple[str, str]:
 #: no quoted local part, source route or address literal. Labels are 1-63 LDH characters.
 #: Whatever this takes, the full parser (split_path_and_params, then parse_reverse_path or
 #: parse_forward_path) takes too, as the same Address; only the lengths are left to check.
+#: Possessive repeats and a label written as 1-63 LDH characters neither starting (look-ahead)
+#: nor ending (look-behind) with a hyphen: the same language as the textbook
+#: ``(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9]...`` (kept in the tests as
+#: the reference), without its backtracking (a label matched twice, the last one thrice),
+#: about half the cost of a MAIL or RCPT path. Nothing needs giving back: the local part
+#: is followed by "@", not atext or ".", and each label by "." or ">".
 _PLAIN_PATH = re.compile(
-    rf" *(<([{_ATEXT}]+(?:\.[{_ATEXT}]+)*)@"
-    r"((?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
-    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)>)"
+    rf" *(<([{_ATEXT}]++(?:\.[{_ATEXT}]++)*+)@"
+    r"((?!-)[A-Za-z0-9-]{1,63}+(?<!-)(?:\.(?!-)[A-Za-z0-9-]{1,63}+(?<!-))*+)>)"
 )
 
 
@@ -163,17 +168,17 @@ def parse_plain_path(argument: str, long_local_parts: bool) -> tuple[Address, st
     if match is None:
         return None
     end = match.end()
-    if end < len(argument) and argument[end] != " ":
-        return None  # text glued to the path: the full way refuses it
-    path = match[1]
-    local = match[2]
-    domain = match[3]
+    path, local, domain = match.groups()
     if (
         len(path) > _MAX_PATH
         or len(local) > (_MAX_PATH if long_local_parts else _MAX_LOCAL)
         or len(domain) > _MAX_DOMAIN
     ):
         return None  # too long: the full way says which limit
+    if end == len(argument):
+        return Address(local, domain), path, ""  # no parameters: the common MAIL and RCPT
+    if argument[end] != " ":
+        return None  # text glued to the path: the full way refuses it
     return Address(local, domain), path, argument[end:].strip(" ")
 
 

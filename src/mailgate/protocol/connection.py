@@ -521,7 +521,10 @@ class ServerConnection:
         self.authenticated_as: str | None = None
         self.transaction: Transaction | None = None
 
-        self._buf = bytearray()
+        #: Received bytes not yet parsed from ``_pos`` on: the bytes of one receive_data as
+        #: they came (most reads hold whole commands, or a whole small message: nothing
+        #: is copied to parse them), a bytearray while bytes are left over to add to.
+        self._buf: bytes | bytearray = b""
         self._pos = 0
         self._eof = False
         self._out = bytearray()
@@ -583,10 +586,26 @@ class ServerConnection:
         state = self.state
         if state is State.TLS_PENDING or state is State.CLOSED:
             return  # plaintext after STARTTLS is an injection attempt; after close, noise
-        if self._pos:
-            del self._buf[: self._pos]
+        buf = self._buf
+        pos = self._pos
+        if pos >= len(buf):
+            # Everything before is parsed: these bytes are the buffer, not copied into one
+            # (a line or a message then costs one copy, its slice, instead of three).
+            self._buf = data if type(data) is bytes else bytes(data)
             self._pos = 0
-        self._buf += data
+        elif isinstance(buf, bytearray):
+            # A bytearray grows in place: a long message or a pipelined burst arriving in
+            # many small reads is not copied again at each read.
+            if pos:
+                del buf[:pos]
+                self._pos = 0
+            buf += data
+        else:
+            with memoryview(buf) as view:
+                rest = bytearray(view[pos:])
+            rest += data
+            self._buf = rest
+            self._pos = 0
 
     def next_event(self) -> Event:
         """The next event, ``NEED_DATA`` or ``PAUSED``."""
@@ -674,7 +693,7 @@ class ServerConnection:
         if self.state is not State.TLS_PENDING:
             raise ProtocolError("tls_established() outside a STARTTLS upgrade")
         self.tls_active = True
-        self._buf.clear()
+        self._buf = b""
         self._pos = 0
         if self._look.behaviour.hello_kept_after_tls and self.helo_name is not None:
             # Sendmail keeps the greeting across the upgrade: MAIL needs no new EHLO.
@@ -762,6 +781,8 @@ class ServerConnection:
                 self._line_too_long()
                 return _ANSWERED
         stop = end - 1 if end > pos and buf[end - 1] == 13 else end
+        if type(buf) is bytes:
+            return buf[pos:stop]
         return bytes(buf[pos:stop])
 
     def _line_limit(self, start: int, length: int) -> int:
@@ -1650,7 +1671,7 @@ class ServerConnection:
         self._send(reply)
         if reply.code == 220:
             # CVE-2024-34083 class: whatever followed STARTTLS in plaintext is dropped.
-            self._buf.clear()
+            self._buf = b""
             self._pos = 0
             self.state = State.TLS_PENDING
 

@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal
 
 from . import replies
 from .address import (
@@ -106,6 +105,16 @@ _BDAT_MAX_DIGITS = 18
 
 #: _take_line's answer for a line that was too long and has been answered already.
 _ANSWERED = b"<answered>"
+
+# The states the hot paths test, as module constants: a native global in the compiled
+# build, one lookup fewer than State.X in the interpreter.
+_AUTH: Final = State.AUTH
+_BDAT: Final = State.BDAT
+_CLOSED: Final = State.CLOSED
+_DATA: Final = State.DATA
+_MAIL: Final = State.MAIL
+_RCPT: Final = State.RCPT
+_READY: Final = State.READY
 
 _XCLIENT_CAPS = "XCLIENT NAME ADDR PORT PROTO HELO LOGIN DESTADDR DESTPORT"
 _XFORWARD_CAPS = "XFORWARD NAME ADDR PORT PROTO HELO IDENT SOURCE"
@@ -528,7 +537,9 @@ class ServerConnection:
         self._pos = 0
         self._eof = False
         self._out = bytearray()
-        self._events: deque[Event] = deque()
+        #: Events not yet taken by next_event, oldest first: a list, not a deque (a few at
+        #: most, and a list's len, append and pop(0) are native calls in the compiled build).
+        self._events: list[Event] = []
         self._pending: PolicyPoint | None = Greeting()
         self._events.append(self._pending)
 
@@ -609,21 +620,38 @@ class ServerConnection:
 
     def next_event(self) -> Event:
         """The next event, ``NEED_DATA`` or ``PAUSED``."""
+        events = self._events
         while True:
-            if self._events:
-                return self._events.popleft()
+            if events:
+                return events.pop(0)
             if self._pending is not None:
                 return PAUSED
             state = self.state
-            if state is State.CLOSED:
+            if state is _CLOSED:
                 return NEED_DATA
-            if self._pos >= len(self._buf) and state is not State.BDAT and not self._eof:
+            if self._pos >= len(self._buf) and state is not _BDAT and not self._eof:
                 # Everything received is parsed (asked once after every command): only a
                 # BDAT chunk (a BDAT 0 completes without a byte) goes on without input.
                 return NEED_DATA
-            if not self._step():
+            # One unit of input: a command line, an AUTH line, or message data. (Written
+            # out here rather than in a method: this runs for every command.)
+            if state is _DATA:
+                parsed = self._step_data()
+            elif state is _BDAT:
+                parsed = self._step_bdat()
+            else:
+                line = self._take_line()
+                parsed = line is not None
+                if line is not None and line is not _ANSWERED:
+                    if self._on_line is not None:
+                        self._on_line(line)
+                    if state is _AUTH:
+                        self._auth_line(line)
+                    else:
+                        self._command(line)
+            if not parsed:
                 if self._eof:
-                    # _step() found nothing more to parse; the peer's close ends the session.
+                    # Nothing more to parse; the peer's close ends the session.
                     self._peer_closed()
                     continue
                 return NEED_DATA
@@ -726,26 +754,6 @@ class ServerConnection:
         return len(self._buf) > self._pos and self.state not in (State.DATA, State.BDAT)
 
     # --- the parser ----------------------------------------------------------------------
-
-    def _step(self) -> bool:
-        """Parse one unit of input. Returns False when more data is needed."""
-        state = self.state
-        if state is State.DATA:
-            return self._step_data()
-        if state is State.BDAT:
-            return self._step_bdat()
-        line = self._take_line()
-        if line is None:
-            return False
-        if line is _ANSWERED:
-            return True
-        if self._on_line is not None:
-            self._on_line(line)
-        if state is State.AUTH:
-            self._auth_line(line)
-        else:
-            self._command(line)
-        return True
 
     def _take_line(self) -> bytes | None:
         """The next line without its line end; None if incomplete; _ANSWERED if the line

@@ -543,7 +543,9 @@ class ServerConnection:
         self._buf: bytes | bytearray = b""
         self._pos = 0
         self._eof = False
-        self._out = bytearray()
+        #: Replies not yet taken by data_to_send, as rendered: most often one pre-rendered
+        #: answer, handed on as it is (no bytearray to grow, copy and clear per command).
+        self._out: list[bytes] = []
         #: Events not yet taken by next_event, oldest first: a list, not a deque (a few at
         #: most, and a list's len, append and pop(0) are native calls in the compiled build).
         self._events: list[Event] = []
@@ -709,9 +711,12 @@ class ServerConnection:
 
     def data_to_send(self) -> bytes:
         """Bytes to write to the peer; call after handling events. Empty if none."""
-        out = bytes(self._out)
-        self._out.clear()
-        return out
+        out = self._out
+        if not out:
+            return b""
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        return data
 
     def close(self, reply: Reply | None = replies.SHUTTING_DOWN) -> None:
         """Close from the server side (idle timeout, shutdown): queue ``reply`` (421).
@@ -1159,7 +1164,7 @@ class ServerConnection:
     def _note_own_refusal(self, mark: int) -> None:
         """The engine's own refusal of a RCPT, as sent from ``_out[mark]`` on: its first
         line, code included (Exim keeps what its smtp_printf() wrote)."""
-        first = bytes(self._out[mark:]).split(b"\r\n", 1)[0]
+        first = b"".join(self._out[mark:]).split(b"\r\n", 1)[0]
         if first:
             self._note_rcpt_error(first.decode("ascii", "replace"))
 
@@ -1335,7 +1340,7 @@ class ServerConnection:
             return
         wire = self._look.bye_wire
         if wire is not None:
-            self._out += wire
+            self._out.append(wire)
         else:
             self._send(self._r("bye"))
         self._enter_closed("quit")
@@ -1454,11 +1459,11 @@ class ServerConnection:
         if reply is None:
             wire = self._look.banner_wire
             if wire is not None:
-                self._out += wire
+                self._out.append(wire)
                 self.state = _CONNECTED
                 return
             reply = self._banner()
-        self._out += reply.render(enhanced=False)
+        self._out.append(reply.render(enhanced=False))
         if reply.code == 220:
             self.state = _CONNECTED
         elif reply.code == 421:
@@ -1483,7 +1488,7 @@ class ServerConnection:
             key = (esmtp, point.domain, self.client_ip, self.tls_active, self.peer_trusted)
             known = look.hellos.get(key)
             if known is not None:
-                self._out += known[0]
+                self._out.append(known[0])
                 self._extensions = known[1]
                 return
         capabilities = self._capabilities() if esmtp else []
@@ -1497,7 +1502,7 @@ class ServerConnection:
             first = persona.greeting_line(self.esmtp, self._values({"helo": point.domain}))
         code = reply.code if reply is not None else 250
         wire = Reply(code, None, (first, *capabilities)).render(enhanced=False)
-        self._out += wire
+        self._out.append(wire)
         if key is not None:
             if len(look.hellos) >= _MAX_HELLOS:
                 look.hellos.clear()
@@ -1511,7 +1516,7 @@ class ServerConnection:
             if wire is not None:
                 self.transaction = Transaction(point.address, params, False, [])
                 self.state = _MAIL
-                self._out += wire
+                self._out.append(wire)
                 return
         if reply is None and "PRDR" in params:
             reply = self._r("prdr_sender_ok", address=point.address)
@@ -1535,7 +1540,7 @@ class ServerConnection:
             if wire is not None:
                 tx.recipients.append(point.address)
                 self.state = _RCPT
-                self._out += wire
+                self._out.append(wire)
                 return
         if reply is None and look.echoes_recipients:
             reply = self._r("recipient_ok", address=point.address, path=self._recipient_echo(point))
@@ -1596,7 +1601,7 @@ class ServerConnection:
                 self._send(reply)
                 return
             wire = reply.render(enhanced=False)
-        self._out += wire
+        self._out.append(wire)
         look = self._look
         self._dot = DotReader(
             max_size=look.max_size, max_line=look.max_data_line, bare_newline=look.bare_newline
@@ -1616,7 +1621,7 @@ class ServerConnection:
                 and (tx is None or "PRDR" not in tx.params)
             ):
                 # Hot path: what _complete_data does for one default SMTP answer.
-                self._out += wire
+                self._out.append(wire)
                 self.transaction = None
                 self.state = _READY
                 return
@@ -1676,7 +1681,7 @@ class ServerConnection:
         if point.mechanism == "XOAUTH2" and reply.is_permanent:
             # The client must see the JSON error and answer it before the final reply.
             self._sasl_final_reply = reply
-            self._out += b"334 " + encode_challenge(xoauth2_error_challenge()) + b"\r\n"
+            self._out.append(b"334 " + encode_challenge(xoauth2_error_challenge()) + b"\r\n")
             self.state = _AUTH
             return
         self._auth_failed(reply)
@@ -1709,7 +1714,7 @@ class ServerConnection:
         self.state = _CONNECTED
         if reply is None:
             reply = self._banner()
-        self._out += reply.render(enhanced=False)
+        self._out.append(reply.render(enhanced=False))
 
     def _answer_xforward(self, point: Xforward, reply: Reply | None) -> None:
         self._send(reply or self._r("ok"))
@@ -1820,7 +1825,7 @@ class ServerConnection:
     def _sasl_result(self, result: Challenge | AuthCredentials) -> None:
         if isinstance(result, Challenge):
             self.state = _AUTH
-            self._out += b"334 " + encode_challenge(result.data) + b"\r\n"
+            self._out.append(b"334 " + encode_challenge(result.data) + b"\r\n")
             return
         self.state = self._after_auth()
         self._pause(result)
@@ -1909,7 +1914,7 @@ class ServerConnection:
     # --- helpers -----------------------------------------------------------------------------
 
     def _send(self, reply: Reply) -> None:
-        self._out += reply.render(self._look.enhanced)
+        self._out.append(reply.render(self._look.enhanced))
 
     # --- the persona ---------------------------------------------------------------------
 

@@ -106,7 +106,7 @@ _BDAT_MAX_DIGITS = 18
 #: _take_line's answer for a line that was too long and has been answered already.
 _ANSWERED = b"<answered>"
 
-# The states, as module constants: ``State.X`` is a Python-level descriptor call on the
+# The states (and Arg's members), as module constants: ``State.X`` is a Python-level descriptor call on the
 # enum class in CPython 3.11 (~190 ns, in the compiled build too), a constant is one
 # global lookup (a native global when compiled). Every state change and test of a command
 # reads some.
@@ -122,6 +122,8 @@ _RCPT: Final = State.RCPT
 _READY: Final = State.READY
 _REFUSED: Final = State.REFUSED
 _TLS_PENDING: Final = State.TLS_PENDING
+_ARG_NONE: Final = Arg.NONE
+_ARG_REQUIRED: Final = Arg.REQUIRED
 
 _XCLIENT_CAPS = "XCLIENT NAME ADDR PORT PROTO HELO LOGIN DESTADDR DESTPORT"
 _XFORWARD_CAPS = "XFORWARD NAME ADDR PORT PROTO HELO IDENT SOURCE"
@@ -867,10 +869,10 @@ class ServerConnection:
         arg = arg.strip(" ")
         if look.sequence_first and verb != "BDAT" and not self._sequence_ok(rule, line):
             return
-        if rule.arg is Arg.NONE and arg:
+        if rule.arg is _ARG_NONE and arg:
             self._reject(line, self._r("argument_not_allowed", verb=verb), bad=True)
             return
-        if rule.arg is Arg.REQUIRED and not arg:
+        if rule.arg is _ARG_REQUIRED and not arg:
             name = ARGUMENT_REPLIES.get(verb, "argument_required")
             self._reject(line, self._r(name, verb=verb), bad=True)
             return

@@ -456,3 +456,9 @@ def test_plain_path_pattern_edges(argument: str) -> None:
     textbook = _TEXTBOOK_PLAIN_PATH.match(argument)
     assert fast is not None and textbook is not None
     assert fast.groups() == textbook.groups()
+
+
+@given(st.one_of(plain_noise, st.text(max_size=40)), st.sampled_from(["FROM:", "TO:", "x"]))
+def test_plain_path_read_in_place(text: str, keyword: str) -> None:
+    # MAIL and RCPT hand over their whole argument and where the path text starts.
+    assert parse_plain_path(keyword + text, False, len(keyword)) == parse_plain_path(text, False)

@@ -158,13 +158,17 @@ _PLAIN_PATH = re.compile(
 )
 
 
-def parse_plain_path(argument: str, long_local_parts: bool) -> tuple[Address, str, str] | None:
+def parse_plain_path(
+    argument: str, long_local_parts: bool, start: int = 0
+) -> tuple[Address, str, str] | None:
     """The fast way through what follows ``MAIL FROM:`` or ``RCPT TO:`` for a path of the
     common shape (``_PLAIN_PATH``): ``(address, path, parameter text)``, as
     :func:`split_path_and_params` and the path parsers give them. None for anything else
     (including every path they refuse): the caller then takes the full way, which gives
-    the same answer for every path this accepts and the right refusal for the rest."""
-    match = _PLAIN_PATH.match(argument)
+    the same answer for every path this accepts and the right refusal for the rest.
+    ``start``: where in ``argument`` that text begins (the command's argument is read in
+    place, after its ``FROM:`` or ``TO:``)."""
+    match = _PLAIN_PATH.match(argument, start)
     if match is None:
         return None
     end = match.end()

@@ -848,12 +848,14 @@ class ServerConnection:
             self._reject(line, self._r("invalid_utf8"), unknown=True)
             return
         verb, _, arg = text.partition(" ")
-        verb = verb.upper()
+        rule = look.ready.get(verb)  # the verb as clients write it: no upper-case copy
+        if rule is None:
+            verb = verb.upper()
+            rule = look.ready.get(verb)
         self._said_verb = verb
         self._said = arg
         if look.first_checks and self._first_checks(line, text, verb):
             return
-        rule = look.ready.get(verb)
         if rule is None:
             if not text.strip(" \t"):
                 empty = self._r("empty_line", verb="", command=echo(text[:_MAX_ECHO]))
@@ -1182,7 +1184,8 @@ class ServerConnection:
         (501), the sequence (503), the parameters' meaning (555), then whether a UTF-8
         address is allowed (553). Answers and returns None on the first failure."""
         is_mail = rule.verb == "MAIL"
-        if arg[: len(keyword)].upper() != keyword:
+        start = len(keyword)
+        if not arg.startswith(keyword) and arg[:start].upper() != keyword:
             # Sendmail's skipword(): the word it scanned, up to a ":" or a space.
             scanned = _FIRST_WORD.match(arg)
             word = self._echo(scanned[0] if scanned is not None else "")
@@ -1193,9 +1196,10 @@ class ServerConnection:
         behaviour = look.behaviour
         lenient = look.lenient_paths
         try:
-            after = arg[len(keyword) :]
             address: Address | None
-            plain = parse_plain_path(after, look.long_local_parts)
+            # What follows the keyword, read where it is (no copy of it is made).
+            plain = parse_plain_path(arg, look.long_local_parts, start)
+            after = "" if plain is not None else arg[start:]
             if plain is not None:
                 # The common <local@host.name>: what the full way below would make of it.
                 address, written, rest = plain

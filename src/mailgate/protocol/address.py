@@ -6,6 +6,7 @@ import ipaddress
 import re
 import unicodedata
 from dataclasses import dataclass
+from typing import Final
 
 from .replies import SMTPUTF8_REQUIRED, Reply
 
@@ -54,12 +55,12 @@ class AddressError(ValueError):
 
 # Controls have no place in an address and would corrupt logs and headers downstream.
 # Lone surrogates are not UTF-8 at all; U+2028/U+2029 are line breaks to str.splitlines().
-_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_FORBIDDEN: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 
-_MAX_PATH = 256  # RFC 5321 4.5.3.1.3, octets including "<", ">" and separators
-_MAX_LOCAL = 64  # RFC 5321 4.5.3.1.1
-_MAX_DOMAIN = 255  # RFC 5321 4.5.3.1.2
-_MAX_LABEL = 63  # RFC 1035 2.3.4
+_MAX_PATH: Final = 256  # RFC 5321 4.5.3.1.3, octets including "<", ">" and separators
+_MAX_LOCAL: Final = 64  # RFC 5321 4.5.3.1.1
+_MAX_DOMAIN: Final = 255  # RFC 5321 4.5.3.1.2
+_MAX_LABEL: Final = 63  # RFC 1035 2.3.4
 
 _ATEXT = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~"
 _DOT_STRING_ASCII = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*")
@@ -152,7 +153,7 @@ def split_path_and_params(argument: str) -> tuple[str, str]:
 #: the reference), without its backtracking (a label matched twice, the last one thrice),
 #: about half the cost of a MAIL or RCPT path. Nothing needs giving back: the local part
 #: is followed by "@", not atext or ".", and each label by "." or ">".
-_PLAIN_PATH = re.compile(
+_PLAIN_PATH: Final = re.compile(
     rf" *(<([{_ATEXT}]++(?:\.[{_ATEXT}]++)*+)@"
     r"((?!-)[A-Za-z0-9-]{1,63}+(?<!-)(?:\.(?!-)[A-Za-z0-9-]{1,63}+(?<!-))*+)>)"
 )

@@ -97,11 +97,11 @@ from .sasl import (
 from .xclient import XclientError, parse_xclient, parse_xforward
 
 #: Longest piece of an unknown command line echoed in the reply ({command}).
-_MAX_ECHO = 200
+_MAX_ECHO: Final = 200
 #: Characters of an unknown HELP topic echoed ({topic}; Sendmail's "%.10s").
 _HELP_TOPIC_ECHO = 10
-_NOTHING: frozenset[str] = frozenset()
-_BDAT_MAX_DIGITS = 18
+_NOTHING: Final[frozenset[str]] = frozenset()
+_BDAT_MAX_DIGITS: Final = 18
 
 #: _take_line's answer for a line that was too long and has been answered already.
 _ANSWERED = b"<answered>"
@@ -2053,7 +2053,7 @@ class ServerConnection:
 
 
 #: C0 controls (TAB aside), DEL and C1 controls: never valid in a command line.
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+_CONTROL: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
 
 def _has_control(text: str) -> bool:
@@ -2103,7 +2103,7 @@ def _shortened(text: str, limit: int) -> str:
 
 
 #: The first word of MAIL's or RCPT's argument, up to a colon or a space (never fails).
-_FIRST_WORD = re.compile(r"[^: ]*")
+_FIRST_WORD: Final = re.compile(r"[^: ]*")
 #: An unqualified mailbox (``<root>``): a dot-string local part alone.
 _UNQUALIFIED = re.compile(
     r"<([A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+(?:\.[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+)*)>"
@@ -2160,7 +2160,7 @@ __all__ = [
 
 # Dispatch tables: module level, not class attributes, so that mypyc (the optional compiled
 # build, setup.py) can compile ServerConnection as a native class.
-_COMMANDS: dict[str, Callable[[ServerConnection, Rule, bytes, str], None]] = {
+_COMMANDS: Final[dict[str, Callable[[ServerConnection, Rule, bytes, str], None]]] = {
     "HELO": ServerConnection._cmd_hello,
     "EHLO": ServerConnection._cmd_hello,
     "LHLO": ServerConnection._cmd_hello,
@@ -2182,7 +2182,7 @@ _COMMANDS: dict[str, Callable[[ServerConnection, Rule, bytes, str], None]] = {
     "VERB": ServerConnection._cmd_verb,
 }
 
-_ANSWERS: dict[type[PolicyPoint], Callable[..., None]] = {
+_ANSWERS: Final[dict[type[PolicyPoint], Callable[..., None]]] = {
     Greeting: ServerConnection._answer_greeting,
     Hello: ServerConnection._answer_hello,
     MailFrom: ServerConnection._answer_mail,

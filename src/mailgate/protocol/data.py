@@ -68,29 +68,31 @@ from .replies import Reply
 
 __all__ = ["BdatReader", "DotReader", "dot_stuff"]
 
-_TERMINATOR = b"\r\n.\r\n"
+_TERMINATOR: Final = b"\r\n.\r\n"
 # Proper prefixes of the terminator, longest first: a slice ending in one is not consumed.
 _PARTIAL_TERMINATORS = (b"\r\n.\r", b"\r\n.", b"\r\n", b"\r")
 # The whole terminator when its CRLF is the one that ended the DATA command line.
-_DOT_LINE_END = b".\r\n"
+_DOT_LINE_END: Final = b".\r\n"
 
 # A dot after CRLF on a line of its own: the end of the data.
-_TERMINATOR_RE = re.compile(re.escape(_TERMINATOR))
+_TERMINATOR_RE: Final = re.compile(re.escape(_TERMINATOR))
 # The end of data, or a dot right after a bare CR or bare LF (REJECT), whichever comes first.
 # Starting with the literal dot lets the regex engine skip ahead at C speed, which is faster
 # than several bytes.find passes.
-_END_OR_SMUGGLING_RE = re.compile(rb"\.(?:(?<=\r\n\.)(?=\r\n|\n|\r[^\n])|(?<=\r\.)|(?<=[^\r]\n\.))")
+_END_OR_SMUGGLING_RE: Final = re.compile(
+    rb"\.(?:(?<=\r\n\.)(?=\r\n|\n|\r[^\n])|(?<=\r\.)|(?<=[^\r]\n\.))"
+)
 # REJECT's second pattern: a line holding only "." but ended by a bare LF or bare CR
 # ("\r\n.\n", "\r\n.\r" + not LF), which a lenient receiver would take as end of data.
-_LONE_DOT_BARE_END_RE = re.compile(rb"\r\n\.(?:\n|\r[^\n])")
-_STUFFED_DOT_RE = re.compile(rb"\r\n\.")
-_BARE_LF_RE = re.compile(rb"\n(?<!\r\n)")
+_LONE_DOT_BARE_END_RE: Final = re.compile(rb"\r\n\.(?:\n|\r[^\n])")
+_STUFFED_DOT_RE: Final = re.compile(rb"\r\n\.")
+_BARE_LF_RE: Final = re.compile(rb"\n(?<!\r\n)")
 # A dot right after a CR or an LF: what the one-piece way of DotReader.feed must not see
 # (nothing to unstuff, no earlier end, nothing REJECT refuses). One search that starts
 # with its literal dot: the engine skips to each dot in C and looks one byte back, about
 # 4x cheaper than two bytes.find passes for "\n." and "\r." over a 1 KiB body, and never
 # worse however many dots the headers hold.
-_LINE_START_DOT_RE = re.compile(rb"\.(?<=[\r\n]\.)")
+_LINE_START_DOT_RE: Final = re.compile(rb"\.(?<=[\r\n]\.)")
 
 # Above one candidate byte (dot, LF) in this many, plain bytes methods beat the regexes.
 _DENSE = 16
@@ -109,11 +111,11 @@ _REASON_TOO_BIG: Final = DiscardReason.TOO_BIG
 _REASON_LINE_TOO_LONG: Final = DiscardReason.LINE_TOO_LONG
 _REASON_BARE_NEWLINE: Final = DiscardReason.BARE_NEWLINE
 
-_CR = 0x0D
-_LF = 0x0A
-_DOT = 0x2E
+_CR: Final = 0x0D
+_LF: Final = 0x0A
+_DOT: Final = 0x2E
 
-_RANK = {
+_RANK: Final = {
     _REASON_TOO_BIG: 1,
     _REASON_LINE_TOO_LONG: 2,
     _REASON_BARE_NEWLINE: 3,

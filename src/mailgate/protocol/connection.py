@@ -765,7 +765,8 @@ class ServerConnection:
         true for message data."""
         if self._skipping_long_line:
             return True
-        return len(self._buf) > self._pos and self.state not in (_DATA, _BDAT)
+        state = self.state
+        return len(self._buf) > self._pos and state is not _DATA and state is not _BDAT
 
     # --- the parser ----------------------------------------------------------------------
 

@@ -1245,6 +1245,12 @@ class ServerConnection:
             )
             self._reject(line, refusal, bad=True)
             return None
+        if plain is not None and not pairs:
+            # The common MAIL and RCPT: a plain path (a host name, no address literal;
+            # ASCII, no UTF-8 to judge) and no parameter: only the sequence is left.
+            if not self._sequence_ok(rule, line):
+                return None
+            return address, {}, written
         if (
             address is not None
             and address.domain.startswith("[")

@@ -1143,7 +1143,9 @@ class ServerConnection:
             self._forget_rcpt_errors()  # Exim's smtp_reset() at MAIL
         parsed = self._envelope_command(rule, line, arg, "FROM:", parse_reverse_path)
         if parsed is not None:
-            self._pause(MailFrom(*parsed))
+            point = MailFrom(*parsed)
+            self._pending = point  # _pause, written out: once per message
+            self._events.append(point)
 
     def _cmd_rcpt(self, rule: Rule, line: bytes, arg: str) -> None:
         noting = self._look.repeat_rcpt_error
@@ -1164,7 +1166,9 @@ class ServerConnection:
             if noting:
                 self._note_own_refusal(mark)
             return
-        self._pause(RcptTo(address, params, written))
+        point = RcptTo(address, params, written)
+        self._pending = point  # _pause, written out: once per recipient
+        self._events.append(point)
 
     def _note_own_refusal(self, mark: int) -> None:
         """The engine's own refusal of a RCPT, as sent from ``_out[mark]`` on: its first
@@ -1247,8 +1251,11 @@ class ServerConnection:
             return None
         if plain is not None and not pairs:
             # The common MAIL and RCPT: a plain path (a host name, no address literal;
-            # ASCII, no UTF-8 to judge) and no parameter: only the sequence is left.
-            if not self._sequence_ok(rule, line):
+            # ASCII, no UTF-8 to judge) and no parameter: only the sequence is left, and
+            # in sequence without a guard (what _sequence_ok finds first) it holds.
+            if (
+                self.state not in rule.allowed or look.sequence_needs_ehlo or rule.guard is not None
+            ) and not self._sequence_ok(rule, line):
                 return None
             return address, {}, written
         if (
@@ -1306,7 +1313,9 @@ class ServerConnection:
         self._data_seen = True
         if not self._sequence_ok(rule, line):
             return
-        self._pause(DataStart(bdat=False))
+        point = DataStart(bdat=False)
+        self._pending = point  # _pause, written out: once per message
+        self._events.append(point)
 
     def _cmd_bdat(self, rule: Rule, line: bytes, arg: str) -> None:
         words = arg.split(" ")

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from mailgate.protocol import (
+    COMPILED,
     NEED_DATA,
     Persona,
     PolicyPoint,
@@ -210,6 +211,10 @@ WHOLE_MESSAGES = [
     b"x" * 30 + b"\r\n.\r\n",
     b".a\r\n.\r\n",  # a stuffed dot at the very start
     b"a.b.c\r\nd.e\r\n.\r\n",  # dots, none at a line start
+    b"\n.a\r\n.\r\n",  # a bare LF first, then a dot: refused
+    b"\r.a\r\n.\r\n",  # a bare CR first, then a dot: refused
+    b"a." * 40 + b"\r\n.\r\n",  # many dots, none at a line start
+    b"a." * 40 + b"\r\n..b\r\n.\r\n",  # ... and a stuffed one after them
 ]
 
 
@@ -232,3 +237,46 @@ def test_one_piece_reads_as_in_pieces(wire: bytes, limits: dict[str, object]) ->
     data = b"".join(chunks) if reader.error is None else b""
     found = (data, reader.error, reader.size, reader.done, wire[end - 6 :])
     assert found == read([wire], **limits)
+    # The same from a bytearray (the connection's buffer while bytes are left over).
+    reader = DotReader(
+        max_size=limits.get("max_size"),  # type: ignore[arg-type]
+        max_line=limits.get("max_line"),  # type: ignore[arg-type]
+        bare_newline=BareNewline.REJECT,
+    )
+    chunks, end, _ = reader.feed(bytearray(b"DATA\r\n" + wire), 6)
+    assert all(type(chunk) is bytes for chunk in chunks)
+    data = b"".join(chunks) if reader.error is None else b""
+    found = (data, reader.error, reader.size, reader.done, wire[end - 6 :])
+    assert found == read([wire], **limits)
+
+
+@pytest.mark.skipif(COMPILED, reason="the compiled build takes bytes alone (TypeError)")
+def test_received_bytes_are_not_shared_with_the_caller() -> None:
+    # The connection keeps the received bytes object as its buffer: anything else (a
+    # reused bytearray, a memoryview of one) is copied, so the caller may change it.
+    conn = ServerConnection(ProtocolConfig(hostname="mx.test"))
+    run_with_defaults(conn, b"HELO c.test\r\n")
+    incoming = bytearray(b"NOOP\r\nNO")
+    conn.receive_data(incoming)  # type: ignore[arg-type]
+    incoming[:] = b"QUIT\r\nQU"
+    assert answered(conn) == b"250 2.0.0 OK\r\n"
+    view = bytearray(b"OP\r\n")
+    conn.receive_data(memoryview(view))  # type: ignore[arg-type]
+    view[:] = b"IT\r\n"
+    assert answered(conn) == b"250 2.0.0 OK\r\n"
+
+
+def test_received_bytes_left_over_then_more() -> None:
+    # A line left over from one read, completed by the next while a policy point waits.
+    conn = ServerConnection(ProtocolConfig(hostname="mx.test"))
+    run_with_defaults(conn, b"HELO c.test\r\n")
+    conn.receive_data(b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@")
+    assert isinstance(conn.next_event(), PolicyPoint)  # MAIL waits for its answer
+    conn.receive_data(b"y.test>\r\nDATA\r\n")
+    conn.receive_data(b"Subject: x\r\n\r\nbody\r\n.\r\nNOOP\r\n")
+    assert conn.buffered > 0
+    conn.respond(None)
+    assert answered(conn) == (
+        b"250 2.1.0 Sender OK\r\n250 2.1.5 Recipient OK\r\n354 End data with <CR><LF>.<CR><LF>\r\n"
+        b"250 2.0.0 Message accepted\r\n250 2.0.0 OK\r\n"
+    )

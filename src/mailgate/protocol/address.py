@@ -6,6 +6,7 @@ import ipaddress
 import re
 import unicodedata
 from dataclasses import dataclass
+from typing import Final
 
 from .replies import SMTPUTF8_REQUIRED, Reply
 
@@ -54,12 +55,12 @@ class AddressError(ValueError):
 
 # Controls have no place in an address and would corrupt logs and headers downstream.
 # Lone surrogates are not UTF-8 at all; U+2028/U+2029 are line breaks to str.splitlines().
-_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_FORBIDDEN: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 
-_MAX_PATH = 256  # RFC 5321 4.5.3.1.3, octets including "<", ">" and separators
-_MAX_LOCAL = 64  # RFC 5321 4.5.3.1.1
-_MAX_DOMAIN = 255  # RFC 5321 4.5.3.1.2
-_MAX_LABEL = 63  # RFC 1035 2.3.4
+_MAX_PATH: Final = 256  # RFC 5321 4.5.3.1.3, octets including "<", ">" and separators
+_MAX_LOCAL: Final = 64  # RFC 5321 4.5.3.1.1
+_MAX_DOMAIN: Final = 255  # RFC 5321 4.5.3.1.2
+_MAX_LABEL: Final = 63  # RFC 1035 2.3.4
 
 _ATEXT = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~"
 _DOT_STRING_ASCII = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*")
@@ -146,34 +147,43 @@ def split_path_and_params(argument: str) -> tuple[str, str]:
 #: no quoted local part, source route or address literal. Labels are 1-63 LDH characters.
 #: Whatever this takes, the full parser (split_path_and_params, then parse_reverse_path or
 #: parse_forward_path) takes too, as the same Address; only the lengths are left to check.
-_PLAIN_PATH = re.compile(
-    rf" *(<([{_ATEXT}]+(?:\.[{_ATEXT}]+)*)@"
-    r"((?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
-    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)>)"
+#: Possessive repeats and a label written as 1-63 LDH characters neither starting (look-ahead)
+#: nor ending (look-behind) with a hyphen: the same language as the textbook
+#: ``(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9]...`` (kept in the tests as
+#: the reference), without its backtracking (a label matched twice, the last one thrice),
+#: about half the cost of a MAIL or RCPT path. Nothing needs giving back: the local part
+#: is followed by "@", not atext or ".", and each label by "." or ">".
+_PLAIN_PATH: Final = re.compile(
+    rf" *(<([{_ATEXT}]++(?:\.[{_ATEXT}]++)*+)@"
+    r"((?!-)[A-Za-z0-9-]{1,63}+(?<!-)(?:\.(?!-)[A-Za-z0-9-]{1,63}+(?<!-))*+)>)"
 )
 
 
-def parse_plain_path(argument: str, long_local_parts: bool) -> tuple[Address, str, str] | None:
+def parse_plain_path(
+    argument: str, long_local_parts: bool, start: int = 0
+) -> tuple[Address, str, str] | None:
     """The fast way through what follows ``MAIL FROM:`` or ``RCPT TO:`` for a path of the
     common shape (``_PLAIN_PATH``): ``(address, path, parameter text)``, as
     :func:`split_path_and_params` and the path parsers give them. None for anything else
     (including every path they refuse): the caller then takes the full way, which gives
-    the same answer for every path this accepts and the right refusal for the rest."""
-    match = _PLAIN_PATH.match(argument)
+    the same answer for every path this accepts and the right refusal for the rest.
+    ``start``: where in ``argument`` that text begins (the command's argument is read in
+    place, after its ``FROM:`` or ``TO:``)."""
+    match = _PLAIN_PATH.match(argument, start)
     if match is None:
         return None
     end = match.end()
-    if end < len(argument) and argument[end] != " ":
-        return None  # text glued to the path: the full way refuses it
-    path = match[1]
-    local = match[2]
-    domain = match[3]
+    path, local, domain = match.groups()
     if (
         len(path) > _MAX_PATH
         or len(local) > (_MAX_PATH if long_local_parts else _MAX_LOCAL)
         or len(domain) > _MAX_DOMAIN
     ):
         return None  # too long: the full way says which limit
+    if end == len(argument):
+        return Address(local, domain), path, ""  # no parameters: the common MAIL and RCPT
+    if argument[end] != " ":
+        return None  # text glued to the path: the full way refuses it
     return Address(local, domain), path, argument[end:].strip(" ")
 
 

@@ -16,6 +16,7 @@ import hashlib
 import hmac
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Final
 
 from .address import Address
 from .replies import Reply
@@ -44,9 +45,9 @@ class _Sentinel(Event):
 
 
 #: No complete event in the buffer: feed more bytes with ``receive_data``.
-NEED_DATA = _Sentinel("NEED_DATA")
+NEED_DATA: Final = _Sentinel("NEED_DATA")
 #: A policy point is waiting for ``respond``; nothing else will come out until then.
-PAUSED = _Sentinel("PAUSED")
+PAUSED: Final = _Sentinel("PAUSED")
 
 
 # --- policy points -------------------------------------------------------------------

@@ -58,11 +58,13 @@ SERVER_MODULES = [
     "hooks/session",
     "plugins/relay",
     "server/connection",
+    "server/logs",
+    "server/stats",
 ]
 COMPILED_MODULES = [f"protocol/{name}" for name in PROTOCOL_MODULES] + SERVER_MODULES
 # What mypy reads to type the compiled modules: their packages' modules (for the types
 # they use from each other) and nothing outside them (see mypyc_extensions).
-CHECKED = ["protocol", "hooks", "plugins/relay", "server/connection"]
+CHECKED = ["protocol", "hooks", "plugins/relay", "server/connection", "server/logs", "server/stats"]
 FALLBACK_HINT = "unset MAILGATE_COMPILE for the pure-Python build"
 
 

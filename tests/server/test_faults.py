@@ -405,7 +405,7 @@ def test_exception_in_the_driver_is_logged_with_the_session(
 ) -> None:
     from mailgate.hooks import Hooks
 
-    def broken(self: Hooks, stage: str) -> bool:
+    def broken(self: Hooks, stage: str) -> int:
         raise RuntimeError("parser bug")
 
     caplog.set_level(logging.INFO)
@@ -415,7 +415,7 @@ def test_exception_in_the_driver_is_logged_with_the_session(
         # class the driver reaches through a Python attribute (the host's hooks), so the
         # patch takes in the compiled build too: calls from one compiled class to another
         # (the driver to its ServerConnection) do not look the method up on the class.
-        monkeypatch.setattr(Hooks, "has", broken)
+        monkeypatch.setattr(Hooks, "mode", broken)
         client.send(b"EHLO c.test\r\n")
         assert client.code() == 421
         client.close()

@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias, TypeVar
 
 from mailgate.dns import Resolver
 from mailgate.hooks import Message, Reject, Session, TempFail
@@ -51,6 +51,10 @@ _decisions_lock = threading.Lock()  # --workers are processes, but tests run thr
 #: client sending RCPT after RCPT cannot make the log grow with its input. Every decision
 #: is still counted in DECISIONS.
 DECISIONS_LOGGED_PER_SESSION = 10
+#: The levels decide() compares with (module attribute reads less per decision).
+_DEBUG: Final = logging.DEBUG
+_INFO: Final = logging.INFO
+_WARNING: Final = logging.WARNING
 _LOGGED = "policy.logged"  # session.notes: decisions of the session logged at INFO so far
 
 #: session.notes keys plugins read from each other.
@@ -67,23 +71,28 @@ def decide(
     """Log and count one policy decision."""
     with _decisions_lock:
         DECISIONS[(policy, verdict)] += 1
-    if level >= logging.WARNING:
+    if level >= _WARNING:
         # A failing lookup would warn on every command: a few a minute per session.
         args, extra = _decision_line(session, policy, verdict, why, fields)
         _warnings.log(log, level, (session.id, policy, verdict), *args, extra=extra)
         return
-    if not log.isEnabledFor(level):
-        return
-    if level >= logging.INFO:
+    if level >= _INFO:
+        # Past the session's share of INFO lines (relay control at every RCPT of a long
+        # session), the one question is whether DEBUG is on: enabled for DEBUG is
+        # enabled for INFO too.
         logged = session.notes.get(_LOGGED, 0)
         if logged >= DECISIONS_LOGGED_PER_SESSION:
-            if not log.isEnabledFor(logging.DEBUG):
+            if not log.isEnabledFor(_DEBUG):
                 return
-            level = logging.DEBUG
+            level = _DEBUG
+        elif not log.isEnabledFor(level):
+            return
         else:
             session.notes[_LOGGED] = logged + 1
             if logged + 1 == DECISIONS_LOGGED_PER_SESSION:
                 why = f"{why}; further decisions of this session at DEBUG level"
+    elif not log.isEnabledFor(level):
+        return
     args, extra = _decision_line(session, policy, verdict, why, fields)
     log_line(log, level, args[0], args[1:], extra)
 

@@ -11,7 +11,24 @@ import threading
 import time
 import weakref
 from collections.abc import Mapping
-from typing import Any, TextIO
+from typing import Any, Final, TextIO, TypeVar
+
+_Class = TypeVar("_Class", bound=type)
+
+
+def _python_class(cls: _Class) -> _Class:
+    """Leaves a class an ordinary Python class in the optional compiled build (mypyc makes
+    no native class of one with a decorator it does not know; its methods are compiled all
+    the same). The classes here subclass ``logging`` classes whose instances have a
+    ``__dict__``: a native subclass would lay that dict out a second time, in its own
+    place, and the garbage collector then crashed now and then (docs/benchmarks.md)."""
+    return cls
+
+
+#: The milliseconds of a timestamp as written ("007"): looked up, not formatted. In the
+#: compiled build an f-string with a format spec (or a piece not known to be text) formats
+#: every piece with a call of str.format; one of text pieces only is joined at once.
+_MILLIS: Final = tuple(f"{n:03d}" for n in range(1000))
 
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {
     "message",
@@ -19,6 +36,7 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()
 }
 
 
+@_python_class
 class JSONFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__()
@@ -60,7 +78,7 @@ class JSONFormatter(logging.Formatter):
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
             self._second = second
         entry = {
-            "ts": f"{self._stamp}.{int(msecs):03d}Z",
+            "ts": f"{self._stamp}.{_MILLIS[int(msecs)]}Z",
             "level": levelname.lower(),
             "logger": name,
             "pid": pid,
@@ -75,6 +93,7 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+@_python_class
 class TextFormatter(logging.Formatter):
     """The text format, its timestamp formatted once a second: the server writes a line
     per message and per session, and strftime was a good part of each line's cost."""
@@ -103,7 +122,7 @@ class TextFormatter(logging.Formatter):
         if second != self._second:
             self._stamp = time.strftime(self.default_time_format, self.converter(second))
             self._second = second
-        return f"{self._stamp},{int(msecs):03d}"
+        return f"{self._stamp},{_MILLIS[int(msecs)]}"
 
     def line(
         self,
@@ -116,9 +135,17 @@ class TextFormatter(logging.Formatter):
         fields: Mapping[str, Any] | None = None,
     ) -> str:
         """One line from a record's parts (the text format shows no extra fields)."""
-        return f"{self._asctime(created, msecs)} {levelname} [{pid}] {name}: {message}"
+        # _asctime written out: a line per message, and a call less for each.
+        second = int(created)
+        if second != self._second:
+            self._stamp = time.strftime(self.default_time_format, self.converter(second))
+            self._second = second
+        stamp: str = self._stamp
+        process = str(pid)
+        return f"{stamp},{_MILLIS[int(msecs)]} {levelname} [{process}] {name}: {message}"
 
 
+@_python_class
 class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """A stream handler that writes lines in batches instead of one write (and one
     flush, a system call) per line.
@@ -160,7 +187,11 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         """Write what a record of ``level`` from logger ``name`` with ``message`` (and
         ``fields``, its extra attributes) would give, without making the record: for
         :func:`log_line`, once :func:`lean_handler` said this handler alone would see it."""
-        created, msecs = _now()
+        if _TIME_NS:
+            created, msecs = _now()
+        else:  # _now() written out for this Python: a call less per line
+            created = time.time()
+            msecs = int((created - int(created)) * 1000) + 0.0
         levelname = _LEVEL_NAMES.get(level) or logging.getLevelName(level)
         formatter = self.formatter
         try:
@@ -273,9 +304,13 @@ _pid: int | None = os.getpid()
 _LEVEL_NAMES: dict[int, str] = logging._levelToName
 
 
+#: Whether LogRecord takes its time from time_ns() (3.13 on): _now() and write_line.
+_TIME_NS = sys.version_info >= (3, 13)
+
+
 def _now() -> tuple[float, float]:
     """``(created, msecs)`` as LogRecord computes them on this Python."""
-    if sys.version_info >= (3, 13):
+    if _TIME_NS:
         ns = time.time_ns()
         created = ns / 1e9
         msecs = (ns % 1_000_000_000) // 1_000_000 + 0.0
@@ -296,7 +331,8 @@ def lean_handler(logger: logging.Logger, level: int) -> BatchingStreamHandler | 
         logger.filters
         or logger.disabled
         or type(logger) is not logging.Logger
-        or logging.getLogRecordFactory() is not logging.LogRecord
+        # getLogRecordFactory() without its call (a Python function, on every line).
+        or logging._logRecordFactory is not logging.LogRecord  # type: ignore[attr-defined]
         or not logging.logProcesses
     ):
         return None

@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import io
 import logging
+import os
 import smtplib
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -30,6 +32,7 @@ from mailgate.protocol import (
     ServerConnection,
 )
 from mailgate.server.connection import _resume
+from mailgate.server.logs import BatchingStreamHandler, TextFormatter, flush_logs, lean_handler
 
 from .harness import running_server
 
@@ -358,29 +361,68 @@ def test_mode_is_has_and_runs_inline_in_one_answer() -> None:
         hooks.run_now("rcpt", session, Envelope(), Address("a@example.com"))
 
 
+def _send_the_two_messages(port: int) -> list[str]:
+    """A lone recipient and twelve (ten named, the rest counted), client text to escape:
+    the recipients of the second message."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.ehlo("c.test")
+        client.sendmail(
+            "a\u00a0b@example.org", ["x\u00a0y@example.com"], b"\r\nhi\r\n", ["SMTPUTF8"]
+        )
+        many = [f"r{n}@example.com" for n in range(12)]
+        client.sendmail("", many, b"\r\nhi\r\n")
+    return many
+
+
+def _expected_lines(many: list[str]) -> list[str]:
+    return [
+        r"from=<a\xa0b@example.org> to=<x\xa0y@example.com> size=6 client=127.0.0.1",
+        "from=<> to=" + ",".join(f"<{r}>" for r in many[:10]) + " (+2) size=6 client=127.0.0.1",
+    ]
+
+
 def test_the_message_line_names_recipients_and_escapes_what_is_not_printable(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The line of a message answered inline (sink, no hooks), written without a call per
-    address: a lone recipient, ten named and the rest counted, escaped client text."""
+    address, as an ordinary record (caplog sees it): its text and its fields."""
     caplog.set_level(logging.INFO, "mailgate.session")
     with running_server(
         tmp_path, log_level="INFO", delivery="sink", local_domains=("example.com",)
     ) as srv:
-        with smtplib.SMTP("127.0.0.1", srv.port(), timeout=10) as client:
-            client.ehlo("c.test")
-            client.sendmail(
-                "a\u00a0b@example.org", ["x\u00a0y@example.com"], b"\r\nhi\r\n", ["SMTPUTF8"]
-            )
-            many = [f"r{n}@example.com" for n in range(12)]
-            client.sendmail("", many, b"\r\nhi\r\n")
+        many = _send_the_two_messages(srv.port())
         srv.call(lambda: None)
     lines = [r for r in caplog.records if " accepted from=" in r.getMessage()]
-    assert [r.getMessage().split(" accepted ")[1] for r in lines] == [
-        r"from=<a\xa0b@example.org> to=<x\xa0y@example.com> size=6 client=127.0.0.1",
-        "from=<> to=" + ",".join(f"<{r}>" for r in many[:10]) + " (+2) size=6 client=127.0.0.1",
-    ]
+    assert [r.getMessage().split(" accepted ")[1] for r in lines] == _expected_lines(many)
     # The fields carry the addresses as given.
     assert lines[0].sender == "a\u00a0b@example.org"  # type: ignore[attr-defined]
     assert lines[0].recipients == ["x\u00a0y@example.com"]  # type: ignore[attr-defined]
     assert lines[1].recipients == many[:10] and lines[1].rcpt_count == 12  # type: ignore[attr-defined]
+
+
+def test_the_message_line_written_directly_is_the_same_text(tmp_path: Path) -> None:
+    """With the command line's handler alone above it, the message line is written without
+    a record, from the text the driver made itself (not by %-formatting): the same text."""
+    stream = io.StringIO()
+    handler = BatchingStreamHandler(stream, interval=60)
+    handler.setFormatter(TextFormatter())
+    top = logging.getLogger("mailgate")
+    saved = top.handlers[:], top.propagate, top.level
+    top.handlers[:] = [handler]
+    top.propagate = False
+    top.setLevel(logging.INFO)
+    try:
+        with running_server(
+            tmp_path, log_level="INFO", delivery="sink", local_domains=("example.com",)
+        ) as srv:
+            assert lean_handler(logging.getLogger("mailgate.session"), logging.INFO) is handler
+            many = _send_the_two_messages(srv.port())
+            srv.call(lambda: None)
+        flush_logs()
+    finally:
+        top.handlers[:], top.propagate = saved[0], saved[1]
+        top.setLevel(saved[2])
+        handler.close()
+    lines = [line for line in stream.getvalue().splitlines() if " accepted from=" in line]
+    assert [line.split(" accepted ")[1] for line in lines] == _expected_lines(many)
+    assert all(f" INFO [{os.getpid()}] mailgate.session: session " in line for line in lines)

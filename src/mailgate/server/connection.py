@@ -84,6 +84,8 @@ _limited = LogLimiter(burst=5, interval=60.0)
 _LOGGED_RECIPIENTS = 10
 #: The level of the lines per message and per session (a module attribute read less).
 _INFO: Final = logging.INFO
+#: The line of a message (its arguments: _log_message).
+_MESSAGE_LINE: Final = "session %s: message %s %s from=<%s> to=%s%s size=%d client=%s"
 
 _STAGE_OF: dict[type[PolicyPoint], str] = {
     Greeting: "connect",
@@ -1232,20 +1234,12 @@ class ConnectionDriver(asyncio.Protocol):
             shown = [str(r) for r in rcpts[:_LOGGED_RECIPIENTS]]
             to = ",".join(f"<{_printable(r)}>" for r in shown)
             more = f" (+{count - len(shown)})" if count > len(shown) else ""
+        message_id = self.message_id or "-"
         log_line(
             log,
             _INFO,
-            "session %s: message %s %s from=<%s> to=%s%s size=%d client=%s",
-            (
-                session.id,
-                self.message_id or "-",
-                outcome,
-                shown_sender,
-                to,
-                more,
-                size,
-                session.peer_host,
-            ),
+            _MESSAGE_LINE,
+            (session.id, message_id, outcome, shown_sender, to, more, size, session.peer_host),
             {
                 "session": session.id,
                 "client": session.peer_host,
@@ -1258,6 +1252,9 @@ class ConnectionDriver(asyncio.Protocol):
                 "user": session.user,
                 "outcome": outcome,
             },
+            # _MESSAGE_LINE % the arguments above, made without the %-formatting.
+            f"session {session.id}: message {message_id} {outcome} from=<{shown_sender}> "
+            f"to={to}{more} size={size} client={session.peer_host}",
         )
 
     def _log_session(self, reason: str) -> None:

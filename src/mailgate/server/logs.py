@@ -30,6 +30,8 @@ def _python_class(cls: _Class) -> _Class:
 #: every piece with a call of str.format; one of text pieces only is joined at once.
 _MILLIS: Final = tuple(f"{n:03d}" for n in range(1000))
 
+_WARNING: Final = logging.WARNING
+
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {
     "message",
     "asctime",
@@ -135,14 +137,27 @@ class TextFormatter(logging.Formatter):
         fields: Mapping[str, Any] | None = None,
     ) -> str:
         """One line from a record's parts (the text format shows no extra fields)."""
-        # _asctime written out: a line per message, and a call less for each.
-        second = int(created)
-        if second != self._second:
-            self._stamp = time.strftime(self.default_time_format, self.converter(second))
-            self._second = second
-        stamp: str = self._stamp
-        process = str(pid)
-        return f"{stamp},{_MILLIS[int(msecs)]} {levelname} [{process}] {name}: {message}"
+        return _text_line(self, created, msecs, levelname, str(pid), name, message)
+
+
+def _text_line(
+    formatter: TextFormatter,
+    created: float,
+    msecs: float,
+    levelname: str,
+    process: str,
+    name: str,
+    message: str,
+) -> str:
+    """TextFormatter.line, as a function: write_line calls it directly (compiled, a call
+    of a module function needs no look-up of a method on a Python class)."""
+    # _asctime written out: a line per message, and a call less for each.
+    second = int(created)
+    if second != formatter._second:
+        formatter._stamp = time.strftime(formatter.default_time_format, formatter.converter(second))
+        formatter._second = second
+    stamp: str = formatter._stamp
+    return f"{stamp},{_MILLIS[int(msecs)]} {levelname} [{process}] {name}: {message}"
 
 
 @_python_class
@@ -196,7 +211,7 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         formatter = self.formatter
         try:
             if type(formatter) is TextFormatter:
-                line = formatter.line(created, msecs, levelname, _pid, name, message)
+                line = _text_line(formatter, created, msecs, levelname, _pid_text, name, message)
             else:
                 assert isinstance(formatter, JSONFormatter)
                 line = formatter.line(created, msecs, levelname, _pid, name, message, fields)
@@ -208,17 +223,11 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.handle(record)
             return
         with self.lock:  # type: ignore[union-attr]
-            self._add(line + self.terminator, level)
+            _queue(self, line + self.terminator, level)
 
     def _add(self, line: str, level: int) -> None:
         """Queue ``line`` (the handler's lock held)."""
-        self._pending.append(line)
-        self._pending_size += len(line)
-        if level >= logging.WARNING or self._pending_size >= self.max_pending:
-            self._write_pending()
-        elif len(self._pending) == 1:
-            self._start_writer()
-            self._due.set()
+        _queue(self, line, level)
 
     def flush(self) -> None:
         self.acquire()
@@ -269,6 +278,18 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._due = threading.Event()
 
 
+def _queue(handler: BatchingStreamHandler, line: str, level: int) -> None:
+    """BatchingStreamHandler._add, as a function (see _text_line)."""
+    pending = handler._pending
+    pending.append(line)
+    handler._pending_size += len(line)
+    if level >= _WARNING or handler._pending_size >= handler.max_pending:
+        handler._write_pending()
+    elif len(pending) == 1:
+        handler._start_writer()
+        handler._due.set()
+
+
 #: Every batching handler of the process: flushed before a fork (or a worker would write
 #: its parent's waiting lines again) and at exit.
 _batching: weakref.WeakSet[BatchingStreamHandler] = weakref.WeakSet()
@@ -282,8 +303,9 @@ def flush_logs() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _pid
+    global _pid, _pid_text
     _pid = os.getpid()
+    _pid_text = str(_pid)
     for handler in list(_batching):
         handler._forget_parent()
 
@@ -300,6 +322,7 @@ def _after_fork_in_child() -> None:
 
 #: The pid the lines show: asked once, and again in a forked worker.
 _pid: int | None = os.getpid()
+_pid_text = str(_pid)  # as the text format shows it
 #: getLevelName's table (read, never copied: addLevelName changes it in place).
 _LEVEL_NAMES: dict[int, str] = logging._levelToName
 
@@ -369,15 +392,20 @@ def log_line(
     msg: str,
     args: tuple[Any, ...],
     extra: Mapping[str, Any] | None = None,
+    text: str | None = None,
 ) -> None:
     """``logger.log(level, msg, *args, extra=extra)`` for a logger the caller found
     enabled for ``level``: written by the command line's handler directly when it alone
-    would see the record (see :func:`lean_handler`), else logged as usual."""
+    would see the record (see :func:`lean_handler`), else logged as usual. ``text``, when
+    given, is ``msg % args`` made by the caller (an f-string of the parts costs less than
+    the %-formatting): the direct path writes it; an ordinary record keeps msg and args."""
     handler = lean_handler(logger, level)
     if handler is None:
         logger.log(level, msg, *args, extra=extra, stacklevel=_CALLER)
         return
-    if args and len(args) == 1 and isinstance(args[0], Mapping) and args[0]:
+    if text is not None:
+        message = text
+    elif args and len(args) == 1 and isinstance(args[0], Mapping) and args[0]:
         message = msg % args[0]  # what LogRecord does with a lone mapping
     else:
         message = msg % args if args else msg

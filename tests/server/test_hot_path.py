@@ -426,3 +426,20 @@ def test_the_message_line_written_directly_is_the_same_text(tmp_path: Path) -> N
     lines = [line for line in stream.getvalue().splitlines() if " accepted from=" in line]
     assert [line.split(" accepted ")[1] for line in lines] == _expected_lines(many)
     assert all(f" INFO [{os.getpid()}] mailgate.session: session " in line for line in lines)
+
+
+def test_address_from_wire_as_a_function_is_the_classmethod() -> None:
+    from mailgate.hooks.session import address_from_wire
+    from mailgate.protocol.address import Address as WireAddress
+
+    wire = WireAddress("Bob.Smith", "Example.COM")
+    for args in [
+        (wire, {"NOTIFY": "SUCCESS", "ORCPT": None}, "<Bob.Smith@Example.COM>"),
+        (wire, None, ""),
+        (None, {"SIZE": "100"}, "<>"),
+    ]:
+        made, classmethod_made = address_from_wire(*args), Address.from_wire(*args)
+        assert type(made) is Address and made == classmethod_made
+        for name in ("local", "domain", "params", "written"):
+            assert getattr(made, name) == getattr(classmethod_made, name), name
+    assert address_from_wire(wire).local == "Bob.Smith" and not address_from_wire(None)

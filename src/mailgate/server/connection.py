@@ -33,7 +33,7 @@ from mailgate.hooks import (
 )
 from mailgate.hooks.logs import LogLimiter
 from mailgate.hooks.registry import INLINE, NOTHING
-from mailgate.hooks.session import SpoolRewrite
+from mailgate.hooks.session import SpoolRewrite, address_from_wire
 from mailgate.protocol import (
     NEED_DATA,
     PAUSED,
@@ -565,7 +565,7 @@ class ConnectionDriver(asyncio.Protocol):
             # _begin_transaction and Envelope.with_recipient below written out: a call less
             # at every MAIL and RCPT.
             self.envelope = Envelope(
-                Address.from_wire(point.address, point.params, point.written)  # type: ignore[attr-defined]
+                address_from_wire(point.address, point.params, point.written)  # type: ignore[attr-defined]
             )
             session = self.session
             assert session is not None
@@ -577,7 +577,7 @@ class ConnectionDriver(asyncio.Protocol):
                 envelope.mail_from,
                 (
                     *envelope.rcpt_tos,
-                    Address.from_wire(point.address, point.params, point.written),  # type: ignore[attr-defined]
+                    address_from_wire(point.address, point.params, point.written),  # type: ignore[attr-defined]
                 ),
             )
             conn.respond(None)
@@ -670,7 +670,7 @@ class ConnectionDriver(asyncio.Protocol):
         hooks = self.host.hooks
         try:
             began = self.loop.time()
-            address = Address.from_wire(point.address, point.params, point.written)
+            address = address_from_wire(point.address, point.params, point.written)
             reply: Reply | None
             if type(point) is MailFrom:
                 stage = "mail"
@@ -740,11 +740,11 @@ class ConnectionDriver(asyncio.Protocol):
                 session.esmtp = was_esmtp
             return reply
         if isinstance(point, MailFrom):
-            address = Address.from_wire(point.address, point.params, point.written)
+            address = address_from_wire(point.address, point.params, point.written)
             outcome = await hooks.run("mail", session, Envelope(address), address)
             return self._mail_verdict(point, address, outcome)
         if isinstance(point, RcptTo):
-            address = Address.from_wire(point.address, point.params, point.written)
+            address = address_from_wire(point.address, point.params, point.written)
             outcome = await hooks.run("rcpt", session, self.envelope, address)
             return self._rcpt_verdict(address, outcome)
         if isinstance(point, DataStart):
@@ -1063,7 +1063,7 @@ class ConnectionDriver(asyncio.Protocol):
 
     def _begin_transaction(self, point: MailFrom, address: Address | None = None) -> None:
         if address is None:
-            address = Address.from_wire(point.address, point.params, point.written)
+            address = address_from_wire(point.address, point.params, point.written)
         self.envelope = Envelope(address)
         assert self.session is not None
         self.session.transactions += 1

@@ -46,9 +46,11 @@ PROTOCOL_MODULES = [
     "xtext",
 ]
 # The server's hot path above the protocol (issue 14): running a stage's chain of hooks
-# and the objects hooks see, relay control (the one policy step of every configuration),
-# and the asyncio protocol driving one connection. See docs/benchmarks.md for what each
-# needed; a compiled module may import pure ones (those are ordinary Python to it). Left
+# and the objects hooks see, relay control (the one policy step of every configuration)
+# and the line and count of its decisions, the asyncio protocol driving one connection,
+# its log lines (the logging subclasses there stay Python classes) and counters. See
+# docs/benchmarks.md for what each needed; a compiled module may import pure ones (those
+# are ordinary Python to it). Left
 # pure: hooks.outcomes (Reject and TempFail, exceptions plugins subclass; compiled, the class
 # attributes a subclass overrides were lost), hooks.stages (constants) and hooks.chunks (an
 # async generator: mypyc compiles none).
@@ -56,13 +58,27 @@ SERVER_MODULES = [
     "hooks/registry",
     "hooks/runner",
     "hooks/session",
+    "plugins/decisions",
     "plugins/relay",
     "server/connection",
+    "server/logs",
+    "server/stats",
 ]
 COMPILED_MODULES = [f"protocol/{name}" for name in PROTOCOL_MODULES] + SERVER_MODULES
 # What mypy reads to type the compiled modules: their packages' modules (for the types
 # they use from each other) and nothing outside them (see mypyc_extensions).
-CHECKED = ["protocol", "hooks", "plugins/relay", "server/connection"]
+CHECKED = [
+    "protocol",
+    "hooks",
+    "plugins/decisions",
+    "plugins/relay",
+    "server/connection",
+    # Typed, not compiled: the driver's host interface, so that what the driver reads from
+    # its host (the hooks, the counters) is known to be compiled and called directly.
+    "server/host",
+    "server/logs",
+    "server/stats",
+]
 FALLBACK_HINT = "unset MAILGATE_COMPILE for the pure-Python build"
 
 

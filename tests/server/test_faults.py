@@ -403,22 +403,24 @@ def test_full_filesystem_is_answered_452(tmp_path: Path, caplog: pytest.LogCaptu
 def test_exception_in_the_driver_is_logged_with_the_session(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from mailgate.hooks import Hooks
-
-    def broken(self: Hooks, stage: str) -> bool:
+    def broken(self: object) -> object:
         raise RuntimeError("parser bug")
 
     caplog.set_level(logging.INFO)
     with running_server(tmp_path) as srv:
         client = Client(srv.port())
-        # A fault the driver meets while it handles the EHLO line it received. Patched on a
-        # class the driver reaches through a Python attribute (the host's hooks), so the
-        # patch takes in the compiled build too: calls from one compiled class to another
-        # (the driver to its ServerConnection) do not look the method up on the class.
-        monkeypatch.setattr(Hooks, "has", broken)
+        # A fault the driver meets while it handles the EHLO line it received: reading the
+        # host's hooks (asked at every policy point). Patched on the server's class, a
+        # Python class, so the patch takes in the compiled build too: calls from one
+        # compiled class to another (the driver to its ServerConnection, to the Hooks) do
+        # not look the method up on the class.
+        assert srv.server is not None
+        monkeypatch.setattr(type(srv.server), "hooks", property(broken), raising=False)
         client.send(b"EHLO c.test\r\n")
         assert client.code() == 421
         client.close()
+        assert wait_for(lambda: srv.server is not None and not srv.server.connections)
+        monkeypatch.undo()  # the server's own shutdown reads its hooks
     (record,) = _session_ids(caplog.records, "internal error receiving data")
     assert record.exc_info is not None and "parser bug" in str(record.exc_info[1])
     assert record.getMessage().split()[1].endswith(":")  # "session <id>: ..."

@@ -7,6 +7,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import io
+import logging
+import os
+import smtplib
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -16,6 +20,7 @@ from typing import Any
 import pytest
 
 from mailgate.hooks import Accept, Address, Envelope, HookError, Hooks, Reject, Session
+from mailgate.hooks.registry import INLINE, NOTHING, WAITS
 from mailgate.hooks.runner import never_waits
 from mailgate.protocol import (
     NEED_DATA,
@@ -27,6 +32,7 @@ from mailgate.protocol import (
     ServerConnection,
 )
 from mailgate.server.connection import _resume
+from mailgate.server.logs import BatchingStreamHandler, TextFormatter, flush_logs, lean_handler
 
 from .harness import running_server
 
@@ -328,3 +334,112 @@ def test_verbs_offered_to_some_clients_only_still_take_the_checks_of_the_client(
             if isinstance(event, PolicyPoint):
                 conn.respond(None)
         assert conn.data_to_send().split(b"\r\n")[-2][:3] == code
+
+
+def test_mode_is_has_and_runs_inline_in_one_answer() -> None:
+    hooks = Hooks()
+    assert hooks.mode("rcpt") == NOTHING and not hooks.has("rcpt")
+    hooks.on("rcpt", checks_only, name="checks")
+    assert hooks.mode("rcpt") == INLINE and hooks.runs_inline("rcpt")
+    assert hooks.mode("mail") == NOTHING
+    hooks.on("rcpt", awaits, name="waits")
+    assert hooks.mode("rcpt") == WAITS and not hooks.runs_inline("rcpt")
+    hooks.remove("waits")
+    assert hooks.mode("rcpt") == INLINE
+
+    async def middleware(ctx: Any, call_next: Callable[[], Awaitable[Any]]) -> Any:
+        return await call_next()
+
+    # Middleware may wait, around every stage: added after the chains were built, it is
+    # seen at once, and run_now() refuses a stage it wraps.
+    hooks.use(middleware)
+    assert hooks.mode("rcpt") == WAITS and hooks.mode("mail") == WAITS
+    session = Session(
+        id="S1", peer_host="192.0.2.7", peer_port=4321, local_host="127.0.0.1", local_port=25
+    )
+    with pytest.raises(HookError):
+        hooks.run_now("rcpt", session, Envelope(), Address("a@example.com"))
+
+
+def _send_the_two_messages(port: int) -> list[str]:
+    """A lone recipient and twelve (ten named, the rest counted), client text to escape:
+    the recipients of the second message."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.ehlo("c.test")
+        client.sendmail(
+            "a\u00a0b@example.org", ["x\u00a0y@example.com"], b"\r\nhi\r\n", ["SMTPUTF8"]
+        )
+        many = [f"r{n}@example.com" for n in range(12)]
+        client.sendmail("", many, b"\r\nhi\r\n")
+    return many
+
+
+def _expected_lines(many: list[str]) -> list[str]:
+    return [
+        r"from=<a\xa0b@example.org> to=<x\xa0y@example.com> size=6 client=127.0.0.1",
+        "from=<> to=" + ",".join(f"<{r}>" for r in many[:10]) + " (+2) size=6 client=127.0.0.1",
+    ]
+
+
+def test_the_message_line_names_recipients_and_escapes_what_is_not_printable(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The line of a message answered inline (sink, no hooks), written without a call per
+    address, as an ordinary record (caplog sees it): its text and its fields."""
+    caplog.set_level(logging.INFO, "mailgate.session")
+    with running_server(
+        tmp_path, log_level="INFO", delivery="sink", local_domains=("example.com",)
+    ) as srv:
+        many = _send_the_two_messages(srv.port())
+        srv.call(lambda: None)
+    lines = [r for r in caplog.records if " accepted from=" in r.getMessage()]
+    assert [r.getMessage().split(" accepted ")[1] for r in lines] == _expected_lines(many)
+    # The fields carry the addresses as given.
+    assert lines[0].sender == "a\u00a0b@example.org"  # type: ignore[attr-defined]
+    assert lines[0].recipients == ["x\u00a0y@example.com"]  # type: ignore[attr-defined]
+    assert lines[1].recipients == many[:10] and lines[1].rcpt_count == 12  # type: ignore[attr-defined]
+
+
+def test_the_message_line_written_directly_is_the_same_text(tmp_path: Path) -> None:
+    """With the command line's handler alone above it, the message line is written without
+    a record, from the text the driver made itself (not by %-formatting): the same text."""
+    stream = io.StringIO()
+    handler = BatchingStreamHandler(stream, interval=60)
+    handler.setFormatter(TextFormatter())
+    top = logging.getLogger("mailgate")
+    saved = top.handlers[:], top.propagate, top.level
+    top.handlers[:] = [handler]
+    top.propagate = False
+    top.setLevel(logging.INFO)
+    try:
+        with running_server(
+            tmp_path, log_level="INFO", delivery="sink", local_domains=("example.com",)
+        ) as srv:
+            assert lean_handler(logging.getLogger("mailgate.session"), logging.INFO) is handler
+            many = _send_the_two_messages(srv.port())
+            srv.call(lambda: None)
+        flush_logs()
+    finally:
+        top.handlers[:], top.propagate = saved[0], saved[1]
+        top.setLevel(saved[2])
+        handler.close()
+    lines = [line for line in stream.getvalue().splitlines() if " accepted from=" in line]
+    assert [line.split(" accepted ")[1] for line in lines] == _expected_lines(many)
+    assert all(f" INFO [{os.getpid()}] mailgate.session: session " in line for line in lines)
+
+
+def test_address_from_wire_as_a_function_is_the_classmethod() -> None:
+    from mailgate.hooks.session import address_from_wire
+    from mailgate.protocol.address import Address as WireAddress
+
+    wire = WireAddress("Bob.Smith", "Example.COM")
+    for args in [
+        (wire, {"NOTIFY": "SUCCESS", "ORCPT": None}, "<Bob.Smith@Example.COM>"),
+        (wire, None, ""),
+        (None, {"SIZE": "100"}, "<>"),
+    ]:
+        made, classmethod_made = address_from_wire(*args), Address.from_wire(*args)
+        assert type(made) is Address and made == classmethod_made
+        for name in ("local", "domain", "params", "written"):
+            assert getattr(made, name) == getattr(classmethod_made, name), name
+    assert address_from_wire(wire).local == "Bob.Smith" and not address_from_wire(None)

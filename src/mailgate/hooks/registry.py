@@ -11,7 +11,7 @@ import inspect
 import itertools
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from mailgate.hooks.outcomes import HookError, Outcome
 from mailgate.hooks.runner import Middleware, _Step, never_waits, run_chain, run_chain_now
@@ -20,6 +20,12 @@ from mailgate.hooks.stages import NOTIFICATIONS, STAGES
 
 #: A plugin's stage method or a callback: async or plain, called with the stage's arguments.
 Step = Callable[..., Any]
+
+#: How a stage is answered (:meth:`Hooks.mode`): nothing runs there; its chain runs to its
+#: end at once (:meth:`Hooks.runs_inline`, :meth:`Hooks.run_now`); it may wait (a task).
+NOTHING: Final = 0
+INLINE: Final = 1
+WAITS: Final = 2
 
 
 @dataclass(eq=False)
@@ -63,6 +69,11 @@ class Hooks:
         #: Per stage: whether its required steps never wait (see runs_inline); built with
         #: the chains. (Not ``_inline``: mypyc names the C field ``__inline``, a C keyword.)
         self._inline_stages: dict[str, bool] | None = None
+        #: Per stage: NOTHING, INLINE or WAITS (see mode); built with the chains, and made
+        #: anew when a plugin or a middleware comes or goes.
+        self._modes: dict[str, int] = {}
+        #: The required steps of each stage that runs inline (no notification): run_now's.
+        self._now_chains: dict[str, tuple[_Step, ...]] = {}
 
     # --- registration -------------------------------------------------------------------
 
@@ -101,7 +112,7 @@ class Hooks:
         except HookError:
             self._plugins.remove(entry)
             raise
-        self._chains = None
+        self._forget_chains()
         return plugin
 
     def replace(self, old: Sequence[Any], new: Sequence[Any]) -> None:
@@ -136,14 +147,14 @@ class Hooks:
         except HookError:
             self._plugins = previous
             raise
-        self._chains = None
+        self._forget_chains()
 
     def remove(self, name: str) -> None:
         before = len(self._plugins)
         self._plugins = [p for p in self._plugins if p.name != name]
         if len(self._plugins) == before:
             raise HookError(f"no plugin named {name!r}")
-        self._chains = None
+        self._forget_chains()
 
     def on(self, stage: str, func: Step, *, name: str | None = None, **order: Any) -> Step:
         """Register one callback (async or plain) for one stage: a one-step plugin."""
@@ -165,6 +176,7 @@ class Hooks:
         if not inspect.iscoroutinefunction(middleware) and not callable(middleware):
             raise HookError(f"middleware must be an async function, not {middleware!r}")
         self._middleware.append(middleware)
+        self._forget_chains()  # no stage runs inline any more
         return middleware
 
     def names(self) -> list[str]:
@@ -186,6 +198,16 @@ class Hooks:
     def has(self, stage: str) -> bool:
         """Whether anything runs at ``stage`` (the server skips the await when not)."""
         return bool(self._middleware) or bool(self._chain(stage))
+
+    def mode(self, stage: str) -> int:
+        """How ``stage`` is answered, in one question (the server asks at every command):
+        :data:`NOTHING` (not :meth:`has`), :data:`INLINE` (:meth:`has` and
+        :meth:`runs_inline`: :meth:`run_now` gives the answer) or :data:`WAITS`."""
+        modes = self._modes
+        if not modes:
+            self._chain(stage)  # builds the chains and the modes
+            modes = self._modes
+        return modes[stage]
 
     def has_steps(self, stage: str) -> bool:
         """Whether some plugin (not only middleware) has a step at ``stage``."""
@@ -220,9 +242,20 @@ class Hooks:
     def run_now(self, stage: str, session: Session, *args: Any) -> Outcome:
         """What :meth:`run` answers, computed at once, for a stage that
         :meth:`runs_inline` (the caller checks that first; anything else is a bug)."""
-        if not self.runs_inline(stage) or stage in NOTIFICATIONS:
-            raise HookError(f"{stage}: run_now() is only for a stage that runs inline")
-        return run_chain_now(stage, self._chain(stage, required=True), session, args)
+        steps = self._now_chains.get(stage)
+        if steps is None:
+            self._chain(stage)  # the chains may not be built yet
+            steps = self._now_chains.get(stage)
+            if steps is None:
+                raise HookError(f"{stage}: run_now() is only for a stage that runs inline")
+        return run_chain_now(stage, steps, session, args)
+
+    def _forget_chains(self) -> None:
+        """The plugins or the middleware changed: the chains are built anew when next
+        asked for."""
+        self._chains = None
+        self._modes = {}
+        self._now_chains = {}
 
     def _chain(self, stage: str, *, required: bool = False) -> tuple[_Step, ...]:
         """The steps of ``stage`` in order (``required``: only those the reply waits for).
@@ -246,8 +279,18 @@ class Hooks:
                 chains[s] = steps
                 chains["required:" + s] = tuple(step for step in steps if step.required)
             # Asked on every command: answered once per change of the plugin set.
-            self._inline_stages = {
+            inline = self._inline_stages = {
                 s: all(step.never_waits for step in chains["required:" + s]) for s in STAGES
+            }
+            waits = bool(self._middleware)  # middleware may wait, at every stage
+            self._modes = {
+                s: WAITS if waits else NOTHING if not chains[s] else INLINE if inline[s] else WAITS
+                for s in STAGES
+            }
+            self._now_chains = {
+                s: chains["required:" + s]
+                for s in STAGES
+                if inline[s] and not waits and s not in NOTIFICATIONS
             }
             self._chains = chains
         return chains["required:" + stage if required else stage]

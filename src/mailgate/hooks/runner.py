@@ -226,9 +226,10 @@ def run_chain_now(
                     # would.
                     running.close()  # type: ignore[attr-defined]
                     raise RuntimeError(f"{stage} hook {step.plugin} waited, which it cannot")
-            outcome = _outcome(stage, step.plugin, result)
-            if outcome is not None:
-                return outcome
+            if result is not None:  # a step letting it through (the usual answer) needs no call
+                outcome = _outcome(stage, step.plugin, result)
+                if outcome is not None:
+                    return outcome
     except Exception as exc:
         _log_failure(stage, step_name, session, args, exc)
         return _HOOK_FAILED

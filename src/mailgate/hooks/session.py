@@ -98,6 +98,23 @@ class Address(str):
         return (type(self), (str(self), dict(self.params), self.written))
 
 
+def address_from_wire(
+    address: WireAddress | None,
+    params: Mapping[str, str | None] | None = None,
+    written: str = "",
+) -> Address:
+    """``Address.from_wire(...)``, as the server makes it at every MAIL and RCPT: a module
+    function, which the compiled driver calls directly (a classmethod of a Python class is
+    looked up and given its arguments through Python). The same steps, for Address only."""
+    if address is None:
+        return Address("", params, written)
+    made = str.__new__(Address, str(address))
+    made.local, made.domain = address.local_part, address.domain
+    made.params = MappingProxyType(dict(params)) if params else _NO_PARAMS
+    made.written = written
+    return made
+
+
 @dataclass(frozen=True, slots=True)
 class TLSInfo:
     """The TLS state of a session: protocol version, cipher name and bits, the name the

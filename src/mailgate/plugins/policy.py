@@ -6,7 +6,9 @@ attached to the record (``extra``) so the JSON log format carries them as keys::
 
     session 5K2J...0001: policy dnsbl: reject (127.0.0.2 in zen.example: listed)
 
-and counted in :data:`DECISIONS` by (policy, verdict), which applications may read.
+and counted in :data:`DECISIONS` by (policy, verdict), which applications may read
+(:func:`decide` and :data:`DECISIONS` live in :mod:`mailgate.plugins.decisions`, compiled
+in the optional compiled build; they are the same objects here).
 """
 
 from __future__ import annotations
@@ -17,10 +19,8 @@ import ipaddress
 import logging
 import math
 import re
-import threading
 import time
 import unicodedata
-from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,30 +28,17 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeVar
 
 from mailgate.dns import Resolver
 from mailgate.hooks import Message, Reject, Session, TempFail
-from mailgate.hooks.logs import LogLimiter
 from mailgate.protocol import Reply
-from mailgate.server.logs import log_line
 from mailgate.server.options import Network, PolicySection, ServerOptions
 from mailgate.settings import ConfigError
 
+from .decisions import DECISIONS, DECISIONS_LOGGED_PER_SESSION, decide
 from .state import REDIS_MISSING, StateSettings, state_settings
 
 if TYPE_CHECKING:
     from .redis_state import RedisState
 
 log = logging.getLogger("mailgate.policy")
-_warnings = LogLimiter(burst=5, interval=60.0)
-
-#: (policy, verdict) -> how many times. Verdicts: accept, reject, tempfail, annotate, skip,
-#: error (a lookup failed and the policy let the mail through).
-DECISIONS: Counter[tuple[str, str]] = Counter()
-_decisions_lock = threading.Lock()  # --workers are processes, but tests run threads
-
-#: Decisions of one session logged at their own level (INFO); later ones go to DEBUG, so a
-#: client sending RCPT after RCPT cannot make the log grow with its input. Every decision
-#: is still counted in DECISIONS.
-DECISIONS_LOGGED_PER_SESSION = 10
-_LOGGED = "policy.logged"  # session.notes: decisions of the session logged at INFO so far
 
 #: session.notes keys plugins read from each other.
 ALLOWLISTED = "policy.allowlisted"  # why the client is on an allow list (skips checks)
@@ -59,48 +46,6 @@ ANNOTATIONS = "policy.annotations"  # {policy: [(header, value)]} for the next m
 
 T = TypeVar("T")
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-def decide(
-    session: Session, policy: str, verdict: str, why: str, level: int = logging.INFO, **fields: Any
-) -> None:
-    """Log and count one policy decision."""
-    with _decisions_lock:
-        DECISIONS[(policy, verdict)] += 1
-    if level >= logging.WARNING:
-        # A failing lookup would warn on every command: a few a minute per session.
-        args, extra = _decision_line(session, policy, verdict, why, fields)
-        _warnings.log(log, level, (session.id, policy, verdict), *args, extra=extra)
-        return
-    if not log.isEnabledFor(level):
-        return
-    if level >= logging.INFO:
-        logged = session.notes.get(_LOGGED, 0)
-        if logged >= DECISIONS_LOGGED_PER_SESSION:
-            if not log.isEnabledFor(logging.DEBUG):
-                return
-            level = logging.DEBUG
-        else:
-            session.notes[_LOGGED] = logged + 1
-            if logged + 1 == DECISIONS_LOGGED_PER_SESSION:
-                why = f"{why}; further decisions of this session at DEBUG level"
-    args, extra = _decision_line(session, policy, verdict, why, fields)
-    log_line(log, level, args[0], args[1:], extra)
-
-
-def _decision_line(
-    session: Session, policy: str, verdict: str, why: str, fields: dict[str, Any]
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The log line of a decision: its format with its arguments, and the JSON fields."""
-    extra = {
-        "session": session.id,
-        "policy": policy,
-        "verdict": verdict,
-        "why": why,
-        "client": session.peer_host,
-        **fields,
-    }
-    return ("session %s: policy %s: %s (%s)", session.id, policy, verdict, why), extra
 
 
 #: A reply a plugin is told to refuse with instead of its own words (honeypot personas):
@@ -469,6 +414,7 @@ __all__ = [
     "ALLOWLISTED",
     "ANNOTATIONS",
     "DECISIONS",
+    "DECISIONS_LOGGED_PER_SESSION",
     "LazyResolver",
     "PolicyConfigError",
     "PolicyEnv",

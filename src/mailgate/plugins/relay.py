@@ -25,10 +25,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from mailgate.hooks import Address, Envelope, Reject, Session
+from mailgate.plugins.decisions import decide
 from mailgate.plugins.policy import (
     PolicyEnv,
     SectionReader,
-    decide,
     in_networks,
     normalise_domain,
 )

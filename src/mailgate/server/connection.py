@@ -32,7 +32,8 @@ from mailgate.hooks import (
     TLSInfo,
 )
 from mailgate.hooks.logs import LogLimiter
-from mailgate.hooks.session import SpoolRewrite
+from mailgate.hooks.registry import INLINE, NOTHING
+from mailgate.hooks.session import SpoolRewrite, address_from_wire
 from mailgate.protocol import (
     NEED_DATA,
     PAUSED,
@@ -81,6 +82,10 @@ log = logging.getLogger("mailgate.session")
 _limited = LogLimiter(burst=5, interval=60.0)
 #: Recipients named in a message's log line; the rest are counted.
 _LOGGED_RECIPIENTS = 10
+#: The level of the lines per message and per session (a module attribute read less).
+_INFO: Final = logging.INFO
+#: The line of a message (its arguments: _log_message).
+_MESSAGE_LINE: Final = "session %s: message %s %s from=<%s> to=%s%s size=%d client=%s"
 
 _STAGE_OF: dict[type[PolicyPoint], str] = {
     Greeting: "connect",
@@ -105,6 +110,7 @@ _RECEIVING_DATA = frozenset({State.DATA, State.BDAT})
 #: The same two, for the test on every command line: an Enum's hash is a Python-level call.
 _DATA: Final = State.DATA
 _BDAT: Final = State.BDAT
+_CLOSED: Final = State.CLOSED
 _STORAGE_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 #: Read no more while this much unparsed input waits for a slow hook.
 _MAX_BUFFERED = 256 * 1024
@@ -246,47 +252,51 @@ class ConnectionDriver(asyncio.Protocol):
             self._start_session()  # arms the timer itself
 
     def data_received(self, data: bytes) -> None:
+        # The work inside the try, not in a method it calls: a call less for every read
+        # (a try costs nothing until something is raised).
         try:
-            self._data_received(data)
+            now = self._last_activity = self.loop.time()
+            self._bytes_in += len(data)
+            if self._debug:
+                log.debug("session %s: <<< %s", self._sid(), _shown(data))
+            conn = self.conn
+            if conn is None:
+                if self._tls_pending is not None:
+                    self._tls_pending += data  # decrypted before the SMTPS handshake returned
+                elif self.expect_proxy and not self._greeted:
+                    self._proxy_data(data)
+                return
+            if not self._greeted and self._refuses_early_talkers():
+                # Bytes before our banner: a client that does not wait its turn (often spam).
+                if self.recorder is not None:
+                    self._record("received", data)
+                self._refuse(self._outside("early_talker"), "early-talker")
+                return
+            if self._tls_pending is not None:
+                # Decrypted bytes can arrive before start_tls() returns to us; they belong to the
+                # new session, which begins once tls_established() has run.
+                self._tls_pending += data
+                return
+            if not self._line_started:
+                self._line_started = now  # _process clears it once no partial line is left
+            conn.receive_data(data)
+            if self._task is None:
+                self._process()
+            elif conn.buffered > _MAX_BUFFERED:
+                self._pause_reading()
+            if not self._data_started and ((state := conn.state) is _DATA or state is _BDAT):
+                # The message data began: min_data_rate counts from here.
+                self._data_started = now
+                self._data_base = self._bytes_in
+                options = self.host.options
+                if options.min_data_rate:
+                    # Have the timer fire by ``when``: re-armed only if it would be later.
+                    when = now + options.data_rate_grace
+                    timer = self._timer
+                    if timer is None or timer.when() > when:
+                        self._arm_timer(max(0.0, when - self.loop.time()))
         except Exception:
             self._internal_error("receiving data")
-
-    def _data_received(self, data: bytes) -> None:
-        now = self._last_activity = self.loop.time()
-        self._bytes_in += len(data)
-        if self._debug:
-            log.debug("session %s: <<< %s", self._sid(), _shown(data))
-        conn = self.conn
-        if conn is None:
-            if self._tls_pending is not None:
-                self._tls_pending += data  # decrypted before the SMTPS handshake returned
-            elif self.expect_proxy and not self._greeted:
-                self._proxy_data(data)
-            return
-        if not self._greeted and self._refuses_early_talkers():
-            # Bytes before our banner: a client that does not wait its turn (often spam).
-            if self.recorder is not None:
-                self._record("received", data)
-            self._refuse(self._outside("early_talker"), "early-talker")
-            return
-        if self._tls_pending is not None:
-            # Decrypted bytes can arrive before start_tls() returns to us; they belong to the
-            # new session, which begins once tls_established() has run.
-            self._tls_pending += data
-            return
-        if not self._line_started:
-            self._line_started = now  # _process clears it once no partial line is left
-        conn.receive_data(data)
-        if self._task is None:
-            self._process()
-        elif conn.buffered > _MAX_BUFFERED:
-            self._pause_reading()
-        if not self._data_started and ((state := conn.state) is _DATA or state is _BDAT):
-            # The message data began: min_data_rate counts from here.
-            self._data_started = now
-            self._data_base = self._bytes_in
-            if self.host.options.min_data_rate:
-                self._wake_by(now + self.host.options.data_rate_grace)
 
     def eof_received(self) -> bool | None:
         try:
@@ -496,29 +506,34 @@ class ConnectionDriver(asyncio.Protocol):
                     self._after_message()
                     continue
             if isinstance(event, PolicyPoint):
-                if not self._answer_inline(event):
-                    if (cls is RcptTo or cls is MailFrom) and self._runs_inline(event):
-                        self._answer_now(event)  # type: ignore[arg-type]
+                # One question to the hooks per policy point: does anything run, and may
+                # it wait?
+                stage = _STAGE_OF.get(type(event))
+                mode = self.host.hooks.mode(stage) if stage is not None else NOTHING
+                if mode == NOTHING:
+                    if self._answer_inline(event):
                         continue
-                    answer = self._answer(event)
-                    if self._runs_inline(event):
-                        # The hooks cannot wait (checks on data at hand): run them here,
-                        # and only what waits after all (a spool file being made) goes on
-                        # in a task.
-                        try:
-                            yielded = answer.send(None)
-                        except StopIteration:
-                            continue
-                        answer = _resume(answer, yielded)
-                    # Replies queued so far wait for this answer and leave in the same
-                    # write: the client already sent the commands they answer (RFC 2920
-                    # asks for a flush before waiting for input, not before our own work).
-                    task = self._task = self.loop.create_task(self._answer_async(answer))
-                    # A task cancelled before its first step never starts ``answer``:
-                    # closed here, it is not reported as never awaited.
-                    task.add_done_callback(functools.partial(_close_coroutine, answer))
-                    return
-                continue
+                elif mode == INLINE and (cls is RcptTo or cls is MailFrom):
+                    self._answer_now(event)  # type: ignore[arg-type]
+                    continue
+                answer = self._answer(event)
+                if self._runs_inline(event):
+                    # The hooks cannot wait (checks on data at hand): run them here,
+                    # and only what waits after all (a spool file being made) goes on
+                    # in a task.
+                    try:
+                        yielded = answer.send(None)
+                    except StopIteration:
+                        continue
+                    answer = _resume(answer, yielded)
+                # Replies queued so far wait for this answer and leave in the same
+                # write: the client already sent the commands they answer (RFC 2920
+                # asks for a flush before waiting for input, not before our own work).
+                task = self._task = self.loop.create_task(self._answer_async(answer))
+                # A task cancelled before its first step never starts ``answer``:
+                # closed here, it is not reported as never awaited.
+                task.add_done_callback(functools.partial(_close_coroutine, answer))
+                return
             if cls is ConnectionClosed:
                 self._note_close(event.reason)  # type: ignore[attr-defined]
                 self._flush()
@@ -541,7 +556,16 @@ class ConnectionDriver(asyncio.Protocol):
                 log.debug("session %s: limit exceeded: %s", self._sid(), event.limit.value)  # type: ignore[attr-defined]
         if not conn.mid_line:
             self._line_started = 0.0
-        self._flush()
+        # _flush written out (after every batch of command lines): a call less each time.
+        transport = self.transport
+        if transport is not None:
+            out = conn.data_to_send()
+            if out:
+                if self._debug:
+                    log.debug("session %s: >>> %s", self._sid(), _shown(out))
+                transport.write(out)
+                if self.recorder is not None:
+                    self._record("sent", out)
 
     def _spool_failed(self, exc: OSError) -> None:
         """A write to the spool failed (disk full, I/O error): keep reading the message
@@ -559,14 +583,11 @@ class ConnectionDriver(asyncio.Protocol):
         self._drop_spool()
 
     def _answer_inline(self, point: PolicyPoint) -> bool:
-        """Answer a policy point without awaiting, when nothing needs to run. Returns False
-        when the answer needs a task (hooks, disk sync, TLS)."""
+        """Answer a policy point without awaiting, when no hook runs at its stage (the
+        caller asked). Returns False when the answer needs a task (disk sync, TLS...)."""
         conn = self.conn
         assert conn is not None
         cls = type(point)
-        stage = _STAGE_OF.get(cls)
-        if stage is not None and self.host.hooks.has(stage):
-            return False
         if cls is Greeting:
             if self.implicit_tls and self.host.hooks.has("tls"):
                 return False  # the tls stage of an SMTPS connection runs before connect
@@ -576,11 +597,23 @@ class ConnectionDriver(asyncio.Protocol):
             self._note_hello(point)  # type: ignore[arg-type]
             conn.respond(None)
         elif cls is MailFrom:
-            self._begin_transaction(point)  # type: ignore[arg-type]
+            # _begin_transaction and Envelope.with_recipient below written out: a call less
+            # at every MAIL and RCPT.
+            self.envelope = Envelope(
+                address_from_wire(point.address, point.params, point.written)  # type: ignore[attr-defined]
+            )
+            session = self.session
+            assert session is not None
+            session.transactions += 1
             conn.respond(None)
         elif cls is RcptTo:
-            self.envelope = self.envelope.with_recipient(
-                Address.from_wire(point.address, point.params, point.written)  # type: ignore[attr-defined]
+            envelope = self.envelope
+            self.envelope = Envelope(
+                envelope.mail_from,
+                (
+                    *envelope.rcpt_tos,
+                    address_from_wire(point.address, point.params, point.written),  # type: ignore[attr-defined]
+                ),
             )
             conn.respond(None)
         elif cls is DataStart:
@@ -589,12 +622,19 @@ class ConnectionDriver(asyncio.Protocol):
             self.message_id = self.host.new_id()
             conn.respond(None)
         elif cls is DataComplete:
-            if self.host.spooling:
+            host = self.host
+            if host.spooling:
                 return False  # fsync and delivery happen in a task
-            self._finish_message_count()
+            session = self.session
+            assert session is not None
+            # _finish_message_count and _after_message written out (at every message).
+            session.messages += 1
+            host.message_accepted()
             self._log_message("accepted", point.size)  # type: ignore[attr-defined]
             conn.respond(None)
-            self._after_message()
+            self.envelope = _NO_ENVELOPE
+            if self._closing:
+                self._shutdown_now()
         elif cls is AuthCredentials:
             return False  # refused after the failure delay
         elif cls is StartTLS:
@@ -646,7 +686,7 @@ class ConnectionDriver(asyncio.Protocol):
             else:
                 began = self.loop.time()
                 reply = await self._policy(point, session)
-                self._send_verdict(point, reply, began)
+                self._send_verdict(_STAGE_OF.get(type(point)), reply, began)
                 if isinstance(point, Greeting):
                     self._greeted = True
                 elif isinstance(point, DataComplete):
@@ -665,27 +705,38 @@ class ConnectionDriver(asyncio.Protocol):
         hooks = self.host.hooks
         try:
             began = self.loop.time()
-            address = Address.from_wire(point.address, point.params, point.written)
+            address = address_from_wire(point.address, point.params, point.written)
+            reply: Reply | None
             if type(point) is MailFrom:
+                stage = "mail"
                 outcome = hooks.run_now("mail", session, Envelope(address), address)
-                reply = self._mail_verdict(point, address, outcome)
+                if outcome is None:  # let through, the usual answer: no verdict to make
+                    self._begin_transaction(point, address)
+                    reply = None
+                else:
+                    reply = self._mail_verdict(point, address, outcome)
             else:
+                stage = "rcpt"
                 outcome = hooks.run_now("rcpt", session, self.envelope, address)
-                reply = self._rcpt_verdict(address, outcome)
-            self._send_verdict(point, reply, began)
+                if outcome is None:
+                    envelope = self.envelope  # with_recipient, without the call
+                    self.envelope = Envelope(envelope.mail_from, (*envelope.rcpt_tos, address))
+                    reply = None
+                else:
+                    reply = self._rcpt_verdict(address, outcome)
+            self._send_verdict(stage, reply, began)
         except Exception:
             self._answer_failed(point)
 
     def _send_verdict(
-        self, point: PolicyPoint, reply: Reply | list[Reply] | None, began: float
+        self, stage: str | None, reply: Reply | list[Reply] | None, began: float
     ) -> None:
         """Time the stage, and send its reply unless the connection closed meanwhile."""
-        stage = _STAGE_OF.get(type(point))
         if stage is not None:
             self.host.stats.stage_took(stage, self.loop.time() - began)
         conn = self.conn
         assert conn is not None
-        if conn.state is not State.CLOSED:
+        if conn.state is not _CLOSED:
             conn.respond(reply)
             if self._disconnect:
                 self._note_close("policy")
@@ -724,11 +775,11 @@ class ConnectionDriver(asyncio.Protocol):
                 session.esmtp = was_esmtp
             return reply
         if isinstance(point, MailFrom):
-            address = Address.from_wire(point.address, point.params, point.written)
+            address = address_from_wire(point.address, point.params, point.written)
             outcome = await hooks.run("mail", session, Envelope(address), address)
             return self._mail_verdict(point, address, outcome)
         if isinstance(point, RcptTo):
-            address = Address.from_wire(point.address, point.params, point.written)
+            address = address_from_wire(point.address, point.params, point.written)
             outcome = await hooks.run("rcpt", session, self.envelope, address)
             return self._rcpt_verdict(address, outcome)
         if isinstance(point, DataStart):
@@ -1047,7 +1098,7 @@ class ConnectionDriver(asyncio.Protocol):
 
     def _begin_transaction(self, point: MailFrom, address: Address | None = None) -> None:
         if address is None:
-            address = Address.from_wire(point.address, point.params, point.written)
+            address = address_from_wire(point.address, point.params, point.written)
         self.envelope = Envelope(address)
         assert self.session is not None
         self.session.transactions += 1
@@ -1196,40 +1247,49 @@ class ConnectionDriver(asyncio.Protocol):
         refused, discarded). Transactions that end before DATA (RSET, refused recipients)
         are counted in the session's line; their commands are logged at DEBUG."""
         self.host.stats.message_done(outcome, size)
-        if not log.isEnabledFor(logging.INFO):
+        if not log.isEnabledFor(_INFO):
             return
         session = self.session
         assert session is not None
         envelope = envelope or self.envelope
-        rcpts = [str(r) for r in envelope.rcpt_tos]
-        shown = rcpts[:_LOGGED_RECIPIENTS]
-        more = f" (+{len(rcpts) - len(shown)})" if len(rcpts) > len(shown) else ""
+        rcpts = envelope.rcpt_tos
+        count = len(rcpts)
+        sender = str(envelope.mail_from or "")  # Envelope.sender, without the property
+        # _printable's test written out for the sender and a lone recipient (the usual
+        # message, with addresses that need no escaping): no call for each.
+        shown_sender = sender if len(sender) <= 256 and sender.isprintable() else _printable(sender)
+        if count == 1:
+            recipient = str(rcpts[0])
+            shown = [recipient]
+            if len(recipient) > 256 or not recipient.isprintable():
+                recipient = _printable(recipient)
+            to = f"<{recipient}>"
+            more = ""
+        else:
+            shown = [str(r) for r in rcpts[:_LOGGED_RECIPIENTS]]
+            to = ",".join(f"<{_printable(r)}>" for r in shown)
+            more = f" (+{count - len(shown)})" if count > len(shown) else ""
+        message_id = self.message_id or "-"
         log_line(
             log,
-            logging.INFO,
-            "session %s: message %s %s from=<%s> to=%s%s size=%d client=%s",
-            (
-                session.id,
-                self.message_id or "-",
-                outcome,
-                _printable(envelope.sender),
-                ",".join(f"<{_printable(r)}>" for r in shown),
-                more,
-                size,
-                session.peer_host,
-            ),
+            _INFO,
+            _MESSAGE_LINE,
+            (session.id, message_id, outcome, shown_sender, to, more, size, session.peer_host),
             {
                 "session": session.id,
                 "client": session.peer_host,
                 "helo": session.helo,
-                "sender": str(envelope.sender),
+                "sender": sender,
                 "recipients": shown,
-                "rcpt_count": len(rcpts),
+                "rcpt_count": count,
                 "size": size,
                 "queue_id": self.message_id,
                 "user": session.user,
                 "outcome": outcome,
             },
+            # _MESSAGE_LINE % the arguments above, made without the %-formatting.
+            f"session {session.id}: message {message_id} {outcome} from=<{shown_sender}> "
+            f"to={to}{more} size={size} client={session.peer_host}",
         )
 
     def _log_session(self, reason: str) -> None:
@@ -1353,12 +1413,6 @@ class ConnectionDriver(asyncio.Protocol):
             sleep = min(sleep, options.session_timeout)
         _LONGEST_SLEEP = (options, sleep)
         return sleep
-
-    def _wake_by(self, when: float) -> None:
-        """Have the timer fire by ``when`` (loop time): re-armed only if it would be later."""
-        timer = self._timer
-        if timer is None or timer.when() > when:
-            self._arm_timer(max(0.0, when - self.loop.time()))
 
     def _check_deadlines(self) -> None:
         try:

@@ -11,7 +11,26 @@ import threading
 import time
 import weakref
 from collections.abc import Mapping
-from typing import Any, TextIO
+from typing import Any, Final, TextIO, TypeVar
+
+_Class = TypeVar("_Class", bound=type)
+
+
+def _python_class(cls: _Class) -> _Class:
+    """Leaves a class an ordinary Python class in the optional compiled build (mypyc makes
+    no native class of one with a decorator it does not know; its methods are compiled all
+    the same). The classes here subclass ``logging`` classes whose instances have a
+    ``__dict__``: a native subclass would lay that dict out a second time, in its own
+    place, and the garbage collector then crashed now and then (docs/benchmarks.md)."""
+    return cls
+
+
+#: The milliseconds of a timestamp as written ("007"): looked up, not formatted. In the
+#: compiled build an f-string with a format spec (or a piece not known to be text) formats
+#: every piece with a call of str.format; one of text pieces only is joined at once.
+_MILLIS: Final = tuple(f"{n:03d}" for n in range(1000))
+
+_WARNING: Final = logging.WARNING
 
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {
     "message",
@@ -19,6 +38,7 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()
 }
 
 
+@_python_class
 class JSONFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__()
@@ -60,7 +80,7 @@ class JSONFormatter(logging.Formatter):
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
             self._second = second
         entry = {
-            "ts": f"{self._stamp}.{int(msecs):03d}Z",
+            "ts": f"{self._stamp}.{_MILLIS[int(msecs)]}Z",
             "level": levelname.lower(),
             "logger": name,
             "pid": pid,
@@ -75,6 +95,7 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+@_python_class
 class TextFormatter(logging.Formatter):
     """The text format, its timestamp formatted once a second: the server writes a line
     per message and per session, and strftime was a good part of each line's cost."""
@@ -103,7 +124,7 @@ class TextFormatter(logging.Formatter):
         if second != self._second:
             self._stamp = time.strftime(self.default_time_format, self.converter(second))
             self._second = second
-        return f"{self._stamp},{int(msecs):03d}"
+        return f"{self._stamp},{_MILLIS[int(msecs)]}"
 
     def line(
         self,
@@ -116,9 +137,30 @@ class TextFormatter(logging.Formatter):
         fields: Mapping[str, Any] | None = None,
     ) -> str:
         """One line from a record's parts (the text format shows no extra fields)."""
-        return f"{self._asctime(created, msecs)} {levelname} [{pid}] {name}: {message}"
+        return _text_line(self, created, msecs, levelname, str(pid), name, message)
 
 
+def _text_line(
+    formatter: TextFormatter,
+    created: float,
+    msecs: float,
+    levelname: str,
+    process: str,
+    name: str,
+    message: str,
+) -> str:
+    """TextFormatter.line, as a function: write_line calls it directly (compiled, a call
+    of a module function needs no look-up of a method on a Python class)."""
+    # _asctime written out: a line per message, and a call less for each.
+    second = int(created)
+    if second != formatter._second:
+        formatter._stamp = time.strftime(formatter.default_time_format, formatter.converter(second))
+        formatter._second = second
+    stamp: str = formatter._stamp
+    return f"{stamp},{_MILLIS[int(msecs)]} {levelname} [{process}] {name}: {message}"
+
+
+@_python_class
 class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """A stream handler that writes lines in batches instead of one write (and one
     flush, a system call) per line.
@@ -160,12 +202,16 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         """Write what a record of ``level`` from logger ``name`` with ``message`` (and
         ``fields``, its extra attributes) would give, without making the record: for
         :func:`log_line`, once :func:`lean_handler` said this handler alone would see it."""
-        created, msecs = _now()
+        if _TIME_NS:
+            created, msecs = _now()
+        else:  # _now() written out for this Python: a call less per line
+            created = time.time()
+            msecs = int((created - int(created)) * 1000) + 0.0
         levelname = _LEVEL_NAMES.get(level) or logging.getLevelName(level)
         formatter = self.formatter
         try:
             if type(formatter) is TextFormatter:
-                line = formatter.line(created, msecs, levelname, _pid, name, message)
+                line = _text_line(formatter, created, msecs, levelname, _pid_text, name, message)
             else:
                 assert isinstance(formatter, JSONFormatter)
                 line = formatter.line(created, msecs, levelname, _pid, name, message, fields)
@@ -177,17 +223,11 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.handle(record)
             return
         with self.lock:  # type: ignore[union-attr]
-            self._add(line + self.terminator, level)
+            _queue(self, line + self.terminator, level)
 
     def _add(self, line: str, level: int) -> None:
         """Queue ``line`` (the handler's lock held)."""
-        self._pending.append(line)
-        self._pending_size += len(line)
-        if level >= logging.WARNING or self._pending_size >= self.max_pending:
-            self._write_pending()
-        elif len(self._pending) == 1:
-            self._start_writer()
-            self._due.set()
+        _queue(self, line, level)
 
     def flush(self) -> None:
         self.acquire()
@@ -238,6 +278,18 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._due = threading.Event()
 
 
+def _queue(handler: BatchingStreamHandler, line: str, level: int) -> None:
+    """BatchingStreamHandler._add, as a function (see _text_line)."""
+    pending = handler._pending
+    pending.append(line)
+    handler._pending_size += len(line)
+    if level >= _WARNING or handler._pending_size >= handler.max_pending:
+        handler._write_pending()
+    elif len(pending) == 1:
+        handler._start_writer()
+        handler._due.set()
+
+
 #: Every batching handler of the process: flushed before a fork (or a worker would write
 #: its parent's waiting lines again) and at exit.
 _batching: weakref.WeakSet[BatchingStreamHandler] = weakref.WeakSet()
@@ -251,8 +303,9 @@ def flush_logs() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _pid
+    global _pid, _pid_text
     _pid = os.getpid()
+    _pid_text = str(_pid)
     for handler in list(_batching):
         handler._forget_parent()
 
@@ -269,13 +322,18 @@ def _after_fork_in_child() -> None:
 
 #: The pid the lines show: asked once, and again in a forked worker.
 _pid: int | None = os.getpid()
+_pid_text = str(_pid)  # as the text format shows it
 #: getLevelName's table (read, never copied: addLevelName changes it in place).
 _LEVEL_NAMES: dict[int, str] = logging._levelToName
 
 
+#: Whether LogRecord takes its time from time_ns() (3.13 on): _now() and write_line.
+_TIME_NS = sys.version_info >= (3, 13)
+
+
 def _now() -> tuple[float, float]:
     """``(created, msecs)`` as LogRecord computes them on this Python."""
-    if sys.version_info >= (3, 13):
+    if _TIME_NS:
         ns = time.time_ns()
         created = ns / 1e9
         msecs = (ns % 1_000_000_000) // 1_000_000 + 0.0
@@ -296,7 +354,8 @@ def lean_handler(logger: logging.Logger, level: int) -> BatchingStreamHandler | 
         logger.filters
         or logger.disabled
         or type(logger) is not logging.Logger
-        or logging.getLogRecordFactory() is not logging.LogRecord
+        # getLogRecordFactory() without its call (a Python function, on every line).
+        or logging._logRecordFactory is not logging.LogRecord  # type: ignore[attr-defined]
         or not logging.logProcesses
     ):
         return None
@@ -333,15 +392,20 @@ def log_line(
     msg: str,
     args: tuple[Any, ...],
     extra: Mapping[str, Any] | None = None,
+    text: str | None = None,
 ) -> None:
     """``logger.log(level, msg, *args, extra=extra)`` for a logger the caller found
     enabled for ``level``: written by the command line's handler directly when it alone
-    would see the record (see :func:`lean_handler`), else logged as usual."""
+    would see the record (see :func:`lean_handler`), else logged as usual. ``text``, when
+    given, is ``msg % args`` made by the caller (an f-string of the parts costs less than
+    the %-formatting): the direct path writes it; an ordinary record keeps msg and args."""
     handler = lean_handler(logger, level)
     if handler is None:
         logger.log(level, msg, *args, extra=extra, stacklevel=_CALLER)
         return
-    if args and len(args) == 1 and isinstance(args[0], Mapping) and args[0]:
+    if text is not None:
+        message = text
+    elif args and len(args) == 1 and isinstance(args[0], Mapping) and args[0]:
         message = msg % args[0]  # what LogRecord does with a lone mapping
     else:
         message = msg % args if args else msg

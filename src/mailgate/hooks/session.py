@@ -82,14 +82,7 @@ class Address(str):
         params: Mapping[str, str | None] | None = None,
         written: str = "",
     ) -> Address:
-        if address is None:
-            return cls("", params, written)
-        # The parts as parsed (made at every MAIL and RCPT): no second split of the text.
-        self = str.__new__(cls, str(address))
-        self.local, self.domain = address.local_part, address.domain
-        self.params = MappingProxyType(dict(params)) if params else _NO_PARAMS
-        self.written = written
-        return self
+        return _wire_address(cls, address, params, written)
 
     def __repr__(self) -> str:
         return f"Address({str.__repr__(self)}, params={dict(self.params)!r})"
@@ -105,10 +98,21 @@ def address_from_wire(
 ) -> Address:
     """``Address.from_wire(...)``, as the server makes it at every MAIL and RCPT: a module
     function, which the compiled driver calls directly (a classmethod of a Python class is
-    looked up and given its arguments through Python). The same steps, for Address only."""
+    looked up and given its arguments through Python)."""
+    return _wire_address(Address, address, params, written)
+
+
+def _wire_address(
+    cls: type[Address],
+    address: WireAddress | None,
+    params: Mapping[str, str | None] | None,
+    written: str,
+) -> Address:
+    """The one body of ``Address.from_wire`` and :func:`address_from_wire`."""
     if address is None:
-        return Address("", params, written)
-    made = str.__new__(Address, str(address))
+        return cls("", params, written)
+    # The parts as parsed (made at every MAIL and RCPT): no second split of the text.
+    made = str.__new__(cls, str(address))
     made.local, made.domain = address.local_part, address.domain
     made.params = MappingProxyType(dict(params)) if params else _NO_PARAMS
     made.written = written
